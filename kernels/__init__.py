@@ -1,0 +1,29 @@
+"""zipage.kernels: one file per operation that touches KV.
+
+Each file holds the operation's plain-PyTorch reference (``*_reference``), which
+is what runs on a CPU and what the Triton kernels are tested against, and a
+public entry point that picks the implementation for the tensors it is given.
+Kernels know nothing of requests, pages tables' owners or scorers' policies.
+"""
+
+from .compact import compact, compact_reference
+from .paged_kv import gather_kv, gather_kv_reference, slot_indices, store_kv, store_kv_reference
+from .pooling import pool_scores, pool_scores_reference
+from .redundancy import redundancy_scores, redundancy_scores_reference
+from .window_score import window_scores, window_scores_reference
+
+__all__ = [
+    "compact",
+    "compact_reference",
+    "gather_kv",
+    "gather_kv_reference",
+    "pool_scores",
+    "pool_scores_reference",
+    "redundancy_scores",
+    "redundancy_scores_reference",
+    "slot_indices",
+    "store_kv",
+    "store_kv_reference",
+    "window_scores",
+    "window_scores_reference",
+]

@@ -1,0 +1,353 @@
+"""ZipageCache: a transformers ``Cache`` that stores KV in pages and evicts tokens to a budget.
+
+Layout: one growable ``PagePool`` and one page table per batch row, shared by
+all layers; per layer, pool tensors ``[num_pages, page_size, H_kv, D]`` for keys
+and values (plus a float32 score state for stateful scorers). Every row of a
+``generate()`` batch receives the same number of tokens per step, so all rows
+store the same number ``S`` of tokens and compress at the same step.
+
+Lengths: ``get_seq_length()`` is the logical length ``L`` (tokens seen, which
+positions come from); ``stored_length()`` is ``S <= L``. The mask is built for
+the last ``S + q`` logical positions (``get_mask_sizes`` returns
+``(S + q, L - S)``). Left padding is evicted before any real token and kept
+padding stays in front, so that mask is exact for padded rows too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import capture
+from .compress import LayerPages, compress_layer
+from .config import ZipageConfig
+from .kernels import gather_kv, slot_indices, store_kv
+from .memory.pool import PagePool
+from .scoring import get_scorer
+
+
+
+def check_model_config(config: Any) -> None:
+    """Raise a clear error for models whose attention ZipageCache cannot serve correctly."""
+    name = type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"zipage supports decoder-only models; {name} is an encoder-decoder")
+    if getattr(config, "num_hidden_layers", None) is None or getattr(config, "num_attention_heads", None) is None:
+        raise ValueError(f"zipage needs num_hidden_layers and num_attention_heads in the model config ({name})")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if other:
+            raise ValueError(
+                f"zipage does not support {name} yet: its layers include {other}; only full-attention layers "
+                "can be compressed (sliding-window, linear-attention and hybrid models are refused)"
+            )
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        raise ValueError(
+            f"zipage does not support sliding-window attention ({name}.sliding_window={config.sliding_window}); "
+            "set config.sliding_window=None if the model was trained with full attention"
+        )
+    for attr in ("kv_lora_rank", "num_kv_shared_layers"):
+        if getattr(config, attr, None):
+            raise ValueError(f"zipage does not support {name}: {attr}={getattr(config, attr)} (latent/shared KV)")
+
+
+class ZipageLayer(CacheLayerMixin):
+    """One layer of a ``ZipageCache``: its pool tensors, lengths and captured window queries."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: ZipageCache, layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.seen = 0  # logical length L
+        self.stored = 0  # stored length S
+        self.state: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
+        self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
+        self.scaling: float | None = None
+        self.compressions = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        n, p = self.cache.pool.num_pages, self.cache.zipage_config.page_size
+        self.keys = torch.zeros(n, p, H, D, dtype=key_states.dtype, device=self.device)
+        self.values = torch.zeros(n, p, H, value_states.shape[-1], dtype=value_states.dtype, device=self.device)
+        if self.cache.scorer.stateful:
+            self.state = torch.zeros(n, p, H, dtype=torch.float32, device=self.device)
+        self.valid = torch.ones(B, 0, dtype=torch.bool, device=self.device)
+        self.is_initialized = True
+
+    def grow(self, num_pages: int) -> None:
+        extra = num_pages - self.keys.shape[0]
+        if extra <= 0:
+            return
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(extra, *self.keys.shape[1:])])
+        self.values = torch.cat([self.values, self.values.new_zeros(extra, *self.values.shape[1:])])
+        if self.state is not None:
+            self.state = torch.cat([self.state, self.state.new_zeros(extra, *self.state.shape[1:])])
+
+    def pages(self) -> LayerPages:
+        return LayerPages(self.keys, self.values, self.state)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.cache._update_layer(self, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.cache._stored_after_compression(self.stored, query_length)
+        return stored + query_length, self.seen - stored
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.seen = self.stored = self.compressions = 0
+        self.valid = self.window_queries = None
+        self.keys = self.values = self.state = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "ZipageCache cannot be cropped: evicted tokens cannot be restored. Generation modes that roll the "
+            "cache back (assisted / prompt-lookup decoding) are not supported with zipage."
+        )
+
+
+class ZipageCache(Cache):
+    """A compressed paged KV cache for ``model.generate``.
+
+    Args:
+        config: the model's config (pass ``model.config`` itself: the cache uses that object to capture
+            the queries it needs for scoring).
+        zipage_config: a ``ZipageConfig``; or give its fields as keyword arguments instead.
+
+    Example::
+
+        cache = zipage.ZipageCache(config=model.config, budget=256, page_size=16)
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=512)
+        cache.stored_length()  # <= budget + buffer
+    """
+
+    def __init__(self, config: Any = None, zipage_config: ZipageConfig | None = None, **fields: Any) -> None:
+        if config is None:
+            raise TypeError("ZipageCache needs the model config: ZipageCache(config=model.config, ...)")
+        if zipage_config is not None and fields:
+            raise TypeError(f"give ZipageCache either zipage_config= or its fields, not both (got {sorted(fields)})")
+        if zipage_config is not None and not isinstance(zipage_config, ZipageConfig):
+            raise TypeError(f"zipage_config must be a ZipageConfig, got {type(zipage_config).__name__}")
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config(decoder=True)
+        check_model_config(config)
+        self.zipage_config = zipage_config if zipage_config is not None else ZipageConfig.from_dict(fields)
+        self.model_config = config
+        self.scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
+        self.pool = PagePool(0, growable=True)
+        self.row_pages: list[list[int]] = []
+        self.page_table: torch.Tensor | None = None  # [B, max_pages] int64
+        self.batch_size_ = 0
+        self._step_slots: torch.Tensor | None = None
+        self.num_compressions = 0
+        self.tokens_evicted = 0
+        layers = [ZipageLayer(self, i) for i in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
+
+    # ------------------------------------------------------------------ public introspection
+    def stored_length(self, layer_idx: int = 0) -> int:
+        """Tokens physically stored per row (and per KV head) in ``layer_idx``."""
+        return self.layers[layer_idx].stored
+
+    def stats(self) -> dict[str, int | float]:
+        """Memory accounting: tokens seen vs stored, pages in use, and KV bytes against a full cache."""
+        layer = self.layers[0]
+        bytes_per_token = 0
+        for lyr in self.layers:
+            if lyr.is_initialized:
+                bytes_per_token += (lyr.keys[0, 0].numel() * lyr.keys.element_size()) * 2
+        page = self.zipage_config.page_size
+        rows = max(self.batch_size_, 1)
+        return {
+            "batch_size": self.batch_size_,
+            "tokens_seen": layer.seen,
+            "tokens_stored": layer.stored,
+            "pages_in_use": self.pool.num_used,
+            "pages_free": self.pool.num_free,
+            "pages_total": self.pool.num_pages,
+            "peak_pages": self.pool.peak_used,
+            "compressions": self.num_compressions,
+            "kv_bytes_in_use": self.pool.num_used * page * bytes_per_token,
+            "kv_bytes_full": rows * layer.seen * bytes_per_token,
+            "kv_bytes_pool": self.pool.num_pages * page * bytes_per_token,
+        }
+
+    # ------------------------------------------------------------------ the update path
+    def _stored_after_compression(self, stored: int, q: int) -> int:
+        cfg = self.zipage_config
+        if stored > cfg.budget and stored + q > cfg.capacity:
+            return cfg.budget
+        return stored
+
+    def _begin_step(self, batch: int, q: int, device: torch.device) -> None:
+        """Before layer 0 stores a step: make every row hold the pages this step needs."""
+        if self.page_table is None:
+            self.batch_size_ = batch
+            self.row_pages = [[] for _ in range(batch)]
+        elif batch != self.batch_size_:
+            raise ValueError(f"ZipageCache was filled with batch size {self.batch_size_}, got {batch} now")
+        cfg = self.zipage_config
+        stored = self.layers[0].stored
+        after = self._stored_after_compression(stored, q)
+        need = -(-max(stored, after + q) // cfg.page_size)
+        have = len(self.row_pages[0])
+        if need > have:
+            for pages in self.row_pages:
+                pages.extend(self.pool.allocate(need - have))
+            for layer in self.layers:
+                if layer.is_initialized:
+                    layer.grow(self.pool.num_pages)
+            self.page_table = torch.tensor(self.row_pages, dtype=torch.long, device=device)
+        self._step_slots = slot_indices(self.page_table, 0, after + q, cfg.page_size)
+
+    def _end_step(self) -> None:
+        """After the last layer: give back the pages no layer needs any more."""
+        page = self.zipage_config.page_size
+        need = -(-max(layer.stored for layer in self.layers) // page)
+        if need < len(self.row_pages[0]):
+            for pages in self.row_pages:
+                self.pool.free(pages[need:])
+                del pages[need:]
+            self.page_table = self.page_table[:, :need].contiguous()
+
+    def _update_layer(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
+        B, _, q, _ = key_states.shape
+        if layer.layer_idx == 0:
+            self._begin_step(B, q, key_states.device)
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        after = self._stored_after_compression(layer.stored, q)
+        if after != layer.stored:
+            self._compress(layer)
+        slots = self._step_slots
+        new = slots[:, after : after + q]
+        store_kv(layer.keys, new, key_states.transpose(1, 2))
+        store_kv(layer.values, new, value_states.transpose(1, 2))
+        if layer.state is not None:
+            store_kv(layer.state, new, torch.zeros(B, q, layer.state.shape[-1], device=layer.state.device))
+        layer.stored = after + q
+        layer.seen += q
+        # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
+        layer.valid = torch.cat([layer.valid[:, :after], layer.valid.new_ones(B, q)], dim=1)
+        keys = gather_kv(layer.keys, slots).transpose(1, 2)
+        values = gather_kv(layer.values, slots).transpose(1, 2)
+        capture.arm(self, layer.layer_idx, self.model_config)
+        if layer.layer_idx == len(self.layers) - 1:
+            self._end_step()
+        return keys, values
+
+    def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling) -> None:
+        """Called by the capture wrapper with the layer's queries and mask, right after its update."""
+        layer = self.layers[layer_idx]
+        w = self.zipage_config.window
+        q = query.shape[2]
+        recent = query[:, :, -w:, :].detach()
+        if layer.window_queries is None or q >= w:
+            layer.window_queries = recent.clone()
+        else:
+            layer.window_queries = torch.cat([layer.window_queries, recent], dim=2)[:, :, -w:, :]
+        if scaling is not None:
+            layer.scaling = float(scaling)
+        layer.valid[:, layer.stored - q :] = _new_token_validity(attention_mask, query.shape[0], q, query.device)
+
+    def _compress(self, layer: ZipageLayer) -> None:
+        cfg = self.zipage_config
+        S = layer.stored
+        if self.scorer.needs_queries and (layer.window_queries is None or layer.window_queries.shape[2] < cfg.window):
+            raise RuntimeError(
+                f"zipage could not capture the queries of layer {layer.layer_idx}: build ZipageCache with "
+                "config=model.config (the very object the model holds), and use a model whose attention goes "
+                "through transformers' AttentionInterface"
+            )
+        if layer.valid is None or layer.valid.shape[1] != S:
+            raise RuntimeError(f"zipage lost track of the padding of layer {layer.layer_idx}")
+        slots = slot_indices(self.page_table, 0, S, cfg.page_size)
+        scaling = layer.scaling if layer.scaling is not None else layer.keys.shape[-1] ** -0.5
+        keep = compress_layer(
+            layer.pages(),
+            slots,
+            layer.valid,
+            layer.window_queries,
+            self.scorer,
+            k=cfg.budget,
+            window=cfg.window,
+            sinks=cfg.sinks,
+            scaling=scaling,
+            page_size=cfg.page_size,
+            first=layer.compressions == 0,
+            layer_idx=layer.layer_idx,
+        )
+        layer.valid = layer.valid.gather(1, keep[:, 0])
+        layer.stored = cfg.budget
+        layer.compressions += 1
+        if layer.layer_idx == 0:
+            self.num_compressions += 1
+            self.tokens_evicted += (S - cfg.budget) * self.batch_size_
+
+    # ------------------------------------------------------------------ generate() plumbing
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]`` (all rows store the same length)."""
+        if self.page_table is None:
+            return
+        for layer in self.layers:
+            if not layer.is_initialized or layer.stored == 0:
+                continue
+            idx = beam_idx.to(layer.device)
+            slots = slot_indices(self.page_table, 0, layer.stored, self.zipage_config.page_size)
+            for cache in (layer.keys, layer.values, layer.state):
+                if cache is not None:
+                    store_kv(cache, slots, gather_kv(cache, slots).index_select(0, idx))
+            layer.valid = layer.valid.index_select(0, idx)
+            if layer.window_queries is not None:
+                layer.window_queries = layer.window_queries.index_select(0, idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("ZipageCache cannot change its batch size after it has been filled")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("ZipageCache cannot change its batch size after it has been filled")
+
+    def reset(self) -> None:
+        super().reset()
+        if self.row_pages:
+            for pages in self.row_pages:
+                self.pool.free(pages)
+        self.row_pages, self.page_table, self.batch_size_ = [], None, 0
+        self.num_compressions = self.tokens_evicted = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_ if self.page_table is not None else -1
+
+    def __repr__(self) -> str:
+        return f"ZipageCache({self.zipage_config}, stored={self.stored_length()}, seen={self.get_seq_length()})"
+
+
+def _new_token_validity(mask, batch: int, q: int, device) -> torch.Tensor:
+    """Which of the ``q`` new tokens are real (not padding), read off the mask the model built."""
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return torch.ones(batch, q, dtype=torch.bool, device=device)
+    if mask.dim() == 2:  # flash-style [B, L] padding mask
+        return mask[:, -q:].to(device=device, dtype=torch.bool)
+    row = mask[:, 0, -1, -q:]  # the last query sees every real key
+    if row.dtype == torch.bool:
+        valid = row
+    else:
+        valid = row > torch.finfo(row.dtype).min / 2
+    return valid.expand(batch, q).to(device)

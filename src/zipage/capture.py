@@ -1,0 +1,99 @@
+"""Capture of the (post-RoPE) queries a scorer needs, whatever attention the model was loaded with.
+
+transformers' attention modules call ``past_key_values.update(...)`` and then
+look their attention function up by ``config._attn_implementation``. Right
+after a ``ZipageCache`` update, the cache points that name, on the model's
+own config object and for that one lookup, at a thin wrapper registered with
+``AttentionInterface``. The wrapper hands the queries and the mask to the
+cache, puts the name back, and calls the model's original implementation
+(eager, sdpa, flash, flex, a hub kernel...) unchanged. The wrapper is
+registered under its own name together with the original's mask function, so
+masks are built exactly as before. Nothing global is patched.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any, Callable
+
+import torch
+
+PREFIX = "zipage_capture:"
+
+_pending = threading.local()
+_registered: set[str] = set()
+
+
+def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain attention, used only when a model module has no ``eager_attention_forward`` of its own."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask[..., : key.shape[-2]], float("-inf"))
+        else:
+            weights = weights + attention_mask[..., : key.shape[-2]]
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def _original_function(module, name: str | None) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    default = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", _eager_fallback)
+    if name is None or name == "eager":
+        return default
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, default)
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> Any:
+    item = getattr(_pending, "item", None)
+    original = None
+    if item is not None and item[1] == getattr(module, "layer_idx", None):
+        cache, layer_idx, config, original = item
+        _pending.item = None
+        config._attn_implementation_internal = original
+        cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"))
+    else:
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or ""
+        original = impl[len(PREFIX) :] if impl.startswith(PREFIX) else impl
+    return _original_function(module, original or None)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register(original: str | None) -> str:
+    """Register (once) the capturing wrapper for ``original`` and return its name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    name = PREFIX + (original or "eager")
+    if name not in _registered:
+        AttentionInterface.register(name, _capture_attention)
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original or "eager")
+        if mask_fn is not None:
+            AttentionMaskInterface.register(name, mask_fn)
+        _registered.add(name)
+    return name
+
+
+def arm(cache, layer_idx: int, config) -> None:
+    """Route the next attention lookup of ``config`` (for ``layer_idx``) through the capture wrapper."""
+    original = config._attn_implementation
+    if original is not None and original.startswith(PREFIX):
+        # A previous update's attention never ran (an exception, or a model that bypasses the
+        # AttentionInterface): restore the original name from the prefixed one.
+        original = original[len(PREFIX) :]
+    name = _register(original)
+    _pending.item = (cache, layer_idx, config, original)
+    config._attn_implementation_internal = name
+
+
+def disarm() -> None:
+    item = getattr(_pending, "item", None)
+    if item is not None:
+        item[2]._attn_implementation_internal = item[3]
+        _pending.item = None

@@ -1,0 +1,145 @@
+"""ZipageConfig: every knob of Compressed PagedAttention, validated up front.
+
+Defaults follow the Zipage paper (budget 2048 tokens, observation window 16,
+G-KV decay 0.8, lightning redundancy with lambda 0.2 and tau 0.4, max-pooling
+over 5 neighbours at the first compression).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+REDUNDANCY_MODES = ("lightning", "full", "none")
+POOLING_MODES = ("max", "avg", "none")
+
+
+def _fail(name: str, value: Any, allowed: str, exc: type[Exception] = ValueError) -> None:
+    raise exc(f"ZipageConfig.{name}={value!r} is invalid: {allowed}")
+
+
+def _check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, f"expected an int, got {type(value).__name__}", TypeError)
+    if low is not None and value < low:
+        _fail(name, value, f"must be >= {low}")
+    if high is not None and value > high:
+        _fail(name, value, f"must be <= {high}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float | None, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, value, f"expected a number, got {type(value).__name__}", TypeError)
+    bad_low = value <= low if low_open else value < low
+    if bad_low or (high is not None and value > high):
+        lo = f"({low}" if low_open else f"[{low}"
+        hi = f"{high}]" if high is not None else "inf)"
+        _fail(name, value, f"must lie in {lo}, {hi}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str):
+        _fail(name, value, f"expected one of {choices}, got {type(value).__name__}", TypeError)
+    if value not in choices:
+        _fail(name, value, f"expected one of {choices}")
+
+
+@dataclass
+class ZipageConfig:
+    """Configuration of a compressed paged KV cache.
+
+    Args:
+        budget: tokens kept per sequence (per layer and KV head) after a compression.
+        page_size: tokens per KV page (a power of two; the Triton kernels take 16..256).
+        buffer: tokens that may accumulate beyond the budget before the next
+            compression (defaults to one page). A sequence never stores more than
+            ``budget + buffer`` tokens once its prompt has been compressed.
+        window: observation window: the last ``window`` queries score the cache
+            and the last ``window`` tokens are always kept.
+        scorer: a scorer name (see ``zipage.list_scorers()``) or a ``Scorer`` object.
+        sinks: the first ``sinks`` tokens are always kept (0 disables).
+        use_global: keep a decayed global score across compressions (G-KV).
+        global_decay: the decay ``alpha`` of the global score: s = max(s_now, alpha * s_prev).
+        redundancy: ``"lightning"`` (keys compared within their page), ``"full"``
+            (all pairs) or ``"none"``.
+        redundancy_lambda: final = lambda * attention - (1 - lambda) * redundancy.
+        redundancy_tau: temperature of the redundancy softmax.
+        similarity_threshold: cosine similarity above which two keys are near-duplicates.
+        pooling: ``"max"``, ``"avg"`` or ``"none"``: pooling of the attention score
+            over neighbouring positions.
+        pooling_kernel: odd pooling width.
+        seed: seed of the ``random`` scorer.
+    """
+
+    budget: int = 2048
+    page_size: int = 256
+    buffer: int | None = None
+    window: int = 16
+    scorer: Any = "zipage"
+    sinks: int = 0
+    use_global: bool = True
+    global_decay: float = 0.8
+    redundancy: str = "lightning"
+    redundancy_lambda: float = 0.2
+    redundancy_tau: float = 0.4
+    similarity_threshold: float = 0.5
+    pooling: str = "max"
+    pooling_kernel: int = 5
+    seed: int = 0
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.buffer is None:
+            self.buffer = self.page_size if isinstance(self.page_size, int) else 0
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the first invalid field."""
+        _check_int("budget", self.budget, low=1)
+        _check_int("page_size", self.page_size, low=1, high=1024)
+        if self.page_size & (self.page_size - 1):
+            _fail("page_size", self.page_size, "must be a power of two (1, 2, 4, ..., 1024)")
+        _check_int("buffer", self.buffer, low=1)
+        _check_int("window", self.window, low=1)
+        _check_int("sinks", self.sinks, low=0)
+        if self.window > self.budget:
+            _fail("window", self.window, f"the observation window must fit in the budget ({self.budget} tokens)")
+        if self.sinks + self.window > self.budget:
+            _fail("sinks", self.sinks, f"sinks + window ({self.sinks} + {self.window}) must fit in budget={self.budget}")
+        if not isinstance(self.use_global, bool):
+            _fail("use_global", self.use_global, "expected a bool", TypeError)
+        _check_float("global_decay", self.global_decay, 0.0, 1.0)
+        _check_choice("redundancy", self.redundancy, REDUNDANCY_MODES)
+        _check_float("redundancy_lambda", self.redundancy_lambda, 0.0, 1.0)
+        _check_float("redundancy_tau", self.redundancy_tau, 0.0, None, low_open=True)
+        _check_float("similarity_threshold", self.similarity_threshold, -1.0, 1.0)
+        _check_choice("pooling", self.pooling, POOLING_MODES)
+        _check_int("pooling_kernel", self.pooling_kernel, low=1)
+        if self.pooling_kernel % 2 == 0:
+            _fail("pooling_kernel", self.pooling_kernel, "must be odd so the pooling stays centred")
+        _check_int("seed", self.seed)
+        if not isinstance(self.extra, dict):
+            _fail("extra", self.extra, "expected a dict", TypeError)
+        # Imported here: scoring depends on config, not the other way round.
+        from .scoring import resolve_scorer_name
+
+        resolve_scorer_name(self.scorer)
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens a sequence stores between two compressions (budget + buffer)."""
+        return self.budget + self.buffer
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> ZipageConfig:
+        """Build from a dict such as ``generate(cache_config=...)``; unknown keys are an error."""
+        values = dict(values or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown ZipageConfig field(s) {unknown}; valid fields: {sorted(names - {'extra'})}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ZipageConfig:
+        return dataclasses.replace(self, **changes)

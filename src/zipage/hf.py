@@ -1,0 +1,120 @@
+"""``model.generate(..., cache_implementation="zipage")``.
+
+transformers has no registry of cache implementations: ``generate`` validates
+the name against ``generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS``
+and builds the cache in ``GenerationMixin._prepare_cache_for_generation``.
+``import zipage`` adds "zipage" to that tuple and wraps that method (once,
+reversibly); everything else in ``generate`` is untouched. The hook is
+checked against transformers 5.17 through 5.23.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import transformers
+from packaging.version import Version
+
+from .cache import ZipageCache
+from .config import ZipageConfig
+
+CACHE_IMPLEMENTATION = "zipage"
+MIN_VERSION, MAX_VERSION = Version("5.17.0"), Version("5.24.0")  # [min, max)
+_ORIGINAL: dict[str, Any] = {}
+
+# Modes that roll the cache back or change its batch size: an evicting cache cannot serve them.
+_REFUSED_MODES = {
+    "assisted_generation": "assisted / prompt-lookup decoding crops the cache, and evicted tokens cannot be restored",
+    "contrastive_search": "contrastive search re-batches and crops the cache",
+    "dola_generation": "DoLa is not supported with zipage",
+    "group_beam_search": "group beam search is not supported with zipage",
+    "constrained_beam_search": "constrained beam search is not supported with zipage",
+}
+
+
+def transformers_version() -> Version:
+    return Version(Version(transformers.__version__).base_version)
+
+
+def check_transformers_version(version: Version | None = None) -> None:
+    """Raise RuntimeError unless transformers is a version the generate() hook was checked against."""
+    version = version if version is not None else transformers_version()
+    if not MIN_VERSION <= version < MAX_VERSION:
+        raise RuntimeError(
+            f"zipage's generate() integration supports transformers >={MIN_VERSION},<{MAX_VERSION}; found "
+            f"{transformers.__version__}. Install a supported version (pip install 'transformers>=5.17,<5.24')."
+        )
+
+
+def _zipage_config_from(cache_config: Any) -> ZipageConfig:
+    if cache_config is None:
+        return ZipageConfig()
+    if isinstance(cache_config, ZipageConfig):
+        return cache_config
+    if isinstance(cache_config, dict):
+        return ZipageConfig.from_dict(cache_config)
+    raise TypeError(f"cache_config must be a dict of ZipageConfig fields or a ZipageConfig, got {type(cache_config)}")
+
+
+def _check_mode(generation_mode: Any) -> None:
+    mode = getattr(generation_mode, "value", generation_mode)
+    if mode in _REFUSED_MODES:
+        raise ValueError(f"generate() mode {mode!r} cannot run on a ZipageCache: {_REFUSED_MODES[mode]}")
+
+
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
+    original = _ORIGINAL["prepare"]
+    user_cache = model_kwargs.get("past_key_values")
+    wants_zipage = generation_config.cache_implementation == CACHE_IMPLEMENTATION
+    if not wants_zipage and not isinstance(user_cache, ZipageCache):
+        return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
+    check_transformers_version()
+    _check_mode(generation_mode)
+    text_config = self.config.get_text_config(decoder=True)
+    if isinstance(user_cache, ZipageCache):
+        # The cache captures queries through the config object the attention modules read.
+        user_cache.model_config = text_config
+        if not wants_zipage:
+            return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
+    if user_cache is not None:
+        raise ValueError(
+            "Passing both cache_implementation='zipage' and past_key_values is unsupported; use one of the two"
+        )
+    if generation_config.use_cache is False:
+        raise ValueError("cache_implementation='zipage' needs use_cache=True")
+    zipage_config = _zipage_config_from(generation_config.cache_config)
+    model_kwargs["past_key_values"] = ZipageCache(config=text_config, zipage_config=zipage_config)
+
+
+def register() -> None:
+    """Make ``cache_implementation="zipage"`` available (idempotent; done by ``import zipage``)."""
+    if _ORIGINAL:
+        return
+    from transformers.generation import configuration_utils as gen_cfg
+    from transformers.generation.utils import GenerationMixin
+
+    if not hasattr(gen_cfg, "ALL_CACHE_IMPLEMENTATIONS") or not hasattr(
+        GenerationMixin, "_prepare_cache_for_generation"
+    ):
+        raise RuntimeError(
+            f"transformers {transformers.__version__} lacks the generate() internals zipage hooks into; "
+            f"supported: >={MIN_VERSION},<{MAX_VERSION}. ZipageCache itself still works with past_key_values=."
+        )
+    _ORIGINAL["all_cache_implementations"] = gen_cfg.ALL_CACHE_IMPLEMENTATIONS
+    _ORIGINAL["prepare"] = GenerationMixin._prepare_cache_for_generation
+    if CACHE_IMPLEMENTATION not in gen_cfg.ALL_CACHE_IMPLEMENTATIONS:
+        gen_cfg.ALL_CACHE_IMPLEMENTATIONS = (*gen_cfg.ALL_CACHE_IMPLEMENTATIONS, CACHE_IMPLEMENTATION)
+    wrapped = functools.wraps(_ORIGINAL["prepare"])(_prepare_cache_for_generation)
+    GenerationMixin._prepare_cache_for_generation = wrapped
+
+
+def unregister() -> None:
+    """Undo ``register()``."""
+    if not _ORIGINAL:
+        return
+    from transformers.generation import configuration_utils as gen_cfg
+    from transformers.generation.utils import GenerationMixin
+
+    gen_cfg.ALL_CACHE_IMPLEMENTATIONS = _ORIGINAL.pop("all_cache_implementations")
+    GenerationMixin._prepare_cache_for_generation = _ORIGINAL.pop("prepare")

@@ -1,0 +1,95 @@
+"""Page pool: ids of fixed-size KV pages, with reference counts.
+
+The pool only hands out integers; the tensors that hold the pages live with
+whoever owns the storage (``PagedKVStore``). A page is free when its
+reference count is zero. Shared pages (prefix caching) have a count above one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class OutOfPagesError(RuntimeError):
+    """Raised when a pool of fixed size has fewer free pages than requested."""
+
+
+class PagePool:
+    """A pool of ``num_pages`` page ids with reference counts.
+
+    Args:
+        num_pages: initial number of pages.
+        growable: when True, ``allocate`` grows the pool instead of failing
+            (the ``generate()`` path, whose peak is only known at run time);
+            the engine uses a fixed pool.
+    """
+
+    def __init__(self, num_pages: int = 0, growable: bool = False) -> None:
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 0:
+            raise ValueError(f"PagePool(num_pages={num_pages!r}): expected an int >= 0")
+        self.growable = growable
+        self._refs: list[int] = [0] * num_pages
+        self._free: deque[int] = deque(range(num_pages))
+        self.peak_used = 0
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return len(self._refs)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._refs) - len(self._free)
+
+    def refcount(self, page: int) -> int:
+        self._check(page)
+        return self._refs[page]
+
+    # -- changes -----------------------------------------------------------------------------
+    def grow(self, extra: int) -> None:
+        """Add ``extra`` free pages at the end of the id range."""
+        start = len(self._refs)
+        self._refs.extend([0] * extra)
+        self._free.extend(range(start, start + extra))
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free pages (reference count 1 each)."""
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} pages")
+        if n > len(self._free):
+            if not self.growable:
+                raise OutOfPagesError(f"asked for {n} pages, only {len(self._free)} of {self.num_pages} are free")
+            self.grow(max(n - len(self._free), self.num_pages // 2, 1))
+        pages = [self._free.popleft() for _ in range(n)]
+        for p in pages:
+            self._refs[p] = 1
+        self.peak_used = max(self.peak_used, self.num_used)
+        return pages
+
+    def share(self, page: int) -> None:
+        """Add a reference to a page that is already in use."""
+        self._check(page)
+        if self._refs[page] == 0:
+            raise ValueError(f"page {page} is free and cannot be shared")
+        self._refs[page] += 1
+
+    def free(self, pages: list[int]) -> None:
+        """Drop one reference to each page; pages reaching zero go back to the pool."""
+        for p in pages:
+            self._check(p)
+            if self._refs[p] == 0:
+                raise ValueError(f"page {p} freed twice")
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                self._free.append(p)
+
+    def _check(self, page: int) -> None:
+        if not 0 <= page < len(self._refs):
+            raise IndexError(f"page id {page} outside the pool (0..{len(self._refs) - 1})")
+
+    def __repr__(self) -> str:
+        return f"PagePool(num_pages={self.num_pages}, used={self.num_used}, free={self.num_free})"

@@ -1,0 +1,51 @@
+"""Scorers: one small class each, all behind ``Scorer.score``; looked up by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Scorer, ScoreInputs
+
+_REGISTRY: dict[str, type[Scorer]] = {}
+
+
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: make a scorer available by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_scorers() -> list[str]:
+    """Names accepted by ``ZipageConfig(scorer=...)``."""
+    return sorted(_REGISTRY)
+
+
+def resolve_scorer_name(spec: Any) -> str:
+    """Validate a scorer spec (a registered name, a Scorer subclass or instance)."""
+    if isinstance(spec, Scorer):
+        return spec.name or type(spec).__name__
+    if isinstance(spec, type) and issubclass(spec, Scorer):
+        return spec.name or spec.__name__
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"ZipageConfig.scorer={spec!r} is invalid: expected a scorer name {list_scorers()} or a Scorer object"
+        )
+    if spec not in _REGISTRY:
+        raise ValueError(f"ZipageConfig.scorer={spec!r} is invalid: unknown scorer; known scorers: {list_scorers()}")
+    return spec
+
+
+def get_scorer(spec: Any, config=None) -> Scorer:
+    """Instantiate a scorer from a name or class, or pass an instance through."""
+    resolve_scorer_name(spec)
+    if isinstance(spec, Scorer):
+        return spec
+    cls = spec if isinstance(spec, type) else _REGISTRY[spec]
+    return cls(config)
+
+
+from . import h2o, knorm, random, snapkv, streaming, zipage  # noqa: E402,F401  (registers the built-ins)
+
+__all__ = ["Scorer", "ScoreInputs", "get_scorer", "list_scorers", "register_scorer", "resolve_scorer_name"]
