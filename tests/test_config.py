@@ -1,0 +1,129 @@
+"""Bad configurations and unsupported models get errors that name the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import GPT2Config, MistralConfig, Qwen2Config, T5Config
+
+import zipage
+from zipage import ZipageCache, ZipageConfig
+
+
+def test_defaults_follow_the_paper():
+    cfg = ZipageConfig()
+    assert (cfg.budget, cfg.window, cfg.global_decay, cfg.redundancy) == (2048, 16, 0.8, "lightning")
+    assert (cfg.redundancy_lambda, cfg.redundancy_tau, cfg.pooling_kernel) == (0.2, 0.4, 5)
+    assert cfg.buffer == cfg.page_size and cfg.capacity == cfg.budget + cfg.buffer
+
+
+@pytest.mark.parametrize(
+    "fields, exc, words",
+    [
+        ({"budget": 0}, ValueError, ["budget", "0", ">= 1"]),
+        ({"budget": 8.5}, TypeError, ["budget", "int"]),
+        ({"budget": True}, TypeError, ["budget"]),
+        ({"page_size": 24}, ValueError, ["page_size", "24", "power of two"]),
+        ({"page_size": 2048}, ValueError, ["page_size", "<= 1024"]),
+        ({"buffer": 0}, ValueError, ["buffer", ">= 1"]),
+        ({"window": 0}, ValueError, ["window"]),
+        ({"budget": 8, "window": 16}, ValueError, ["window", "16", "budget"]),
+        ({"budget": 20, "window": 16, "sinks": 8}, ValueError, ["sinks", "budget=20"]),
+        ({"sinks": -1}, ValueError, ["sinks"]),
+        ({"global_decay": 1.5}, ValueError, ["global_decay", "1.5", "[0.0, 1.0]"]),
+        ({"redundancy": "pairs"}, ValueError, ["redundancy", "lightning", "full", "none"]),
+        ({"redundancy": None}, TypeError, ["redundancy"]),
+        ({"redundancy_lambda": -0.1}, ValueError, ["redundancy_lambda"]),
+        ({"redundancy_tau": 0.0}, ValueError, ["redundancy_tau"]),
+        ({"similarity_threshold": 2}, ValueError, ["similarity_threshold"]),
+        ({"pooling": "median"}, ValueError, ["pooling", "max", "avg"]),
+        ({"pooling_kernel": 4}, ValueError, ["pooling_kernel", "odd"]),
+        ({"use_global": 1}, TypeError, ["use_global", "bool"]),
+        ({"scorer": "snapkv2"}, ValueError, ["scorer", "snapkv2", "h2o", "knorm", "random", "snapkv", "streaming"]),
+        ({"scorer": 3}, TypeError, ["scorer"]),
+    ],
+)
+def test_invalid_fields_are_named(fields, exc, words):
+    with pytest.raises(exc) as err:
+        ZipageConfig(**fields)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_field_from_dict_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown ZipageConfig field\(s\) \['bugdet'\].*budget"):
+        ZipageConfig.from_dict({"bugdet": 3})
+
+
+def test_cache_constructor_errors():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="config=model.config"):
+        ZipageCache(budget=8)
+    with pytest.raises(TypeError, match="not both"):
+        ZipageCache(config=model.config, zipage_config=ZipageConfig(), budget=8)
+    with pytest.raises(TypeError, match="ZipageConfig"):
+        ZipageCache(config=model.config, zipage_config={"budget": 8})
+    cache = ZipageCache(config=model.config, zipage_config=ZipageConfig(budget=32, page_size=8))
+    assert cache.zipage_config.budget == 32 and len(cache.layers) == 2
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        (MistralConfig(num_hidden_layers=2, sliding_window=4096), ["sliding", "4096"]),
+        (
+            Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64, max_window_layers=1),
+            ["sliding"],
+        ),
+        (T5Config(num_layers=2), ["encoder-decoder"]),
+    ],
+)
+def test_unsupported_models_are_refused(config, words):
+    with pytest.raises(ValueError) as err:
+        ZipageCache(config=config)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_model_without_interface_attention_fails_clearly():
+    """A cache built on a copy of the config cannot capture queries: compression says why."""
+    import copy
+
+    model = tiny_model("llama")
+    cache = ZipageCache(config=copy.deepcopy(model.config), budget=16, page_size=4, buffer=4)
+    ids = torch.randint(3, 96, (1, 30))
+    with pytest.raises(RuntimeError, match="could not capture the queries"):
+        model(ids, past_key_values=cache)
+        model(ids[:, :1], past_key_values=cache)
+
+
+def test_multi_head_model_with_learned_positions_works():
+    """GPT-2: no GQA, no RoPE, its own attention module; positions still come from the logical length."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96, n_positions=512, bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(3, 96, (2, 10))
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    out = model.generate(ids, cache_implementation="zipage", cache_config={"budget": 64, "page_size": 8}, **kw)
+    assert torch.equal(ref, out)
+    cache = ZipageCache(config=model.config, budget=16, page_size=8)
+    model.generate(ids, past_key_values=cache, **{**kw, "max_new_tokens": 100})
+    assert cache.stored_length() <= 24 and cache.num_compressions > 0
+
+
+def test_custom_scorer_object():
+    class Newest(zipage.Scorer):
+        name = "newest-test"
+
+        def score(self, x):
+            return torch.arange(x.keys.shape[2], dtype=torch.float32).expand(*x.keys.shape[:3])
+
+    model = tiny_model("llama")
+    cache = ZipageCache(config=model.config, budget=16, page_size=4, buffer=4, scorer=Newest())
+    ids = torch.randint(3, 96, (1, 10))
+    model.generate(ids, past_key_values=cache, max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert cache.stored_length() <= 20 and cache.num_compressions > 0

@@ -1,0 +1,252 @@
+"""model.generate(cache_implementation="zipage") against plain generate() and its own invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, left_padded_batch, tiny_model
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+import zipage
+
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_large_budget_is_token_identical(family, attn):
+    model = tiny_model(family, attn=attn)
+    ids, mask = left_padded_batch()
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=40, **GREEDY)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=40,
+        cache_implementation="zipage",
+        cache_config={"budget": 64, "page_size": 8, "buffer": 8},
+        **GREEDY,
+    )
+    assert torch.equal(ref, out)
+    assert model.config._attn_implementation == attn  # the capture leaves the model as it found it
+
+
+@pytest.mark.parametrize("scorer", zipage.list_scorers())
+def test_small_budget_bounded_and_pages_freed(scorer):
+    model = tiny_model("qwen3")
+    ids, mask = left_padded_batch(lengths=(20, 9, 14))
+    cache = zipage.ZipageCache(config=model.config, budget=32, page_size=8, buffer=8, scorer=scorer)
+    seen_stored = []
+
+    class Probe(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            seen_stored.append([cache.stored_length(i) for i in range(len(cache.layers))])
+            seen_stored[-1].append(cache.pool.num_used)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=220,
+        min_new_tokens=220,
+        stopping_criteria=StoppingCriteriaList([Probe()]),
+        **GREEDY,
+    )
+    assert out.shape == (3, 20 + 220)
+    assert cache.get_seq_length() == 20 + 219  # the last token is sampled, never fed back
+    per_step = torch.tensor(seen_stored)
+    assert per_step[:, :-1].max().item() <= 32 + 8
+    # pages: 3 rows x ceil(40 / 8) at most, once the prompt has been compressed
+    assert per_step[:, -1].max().item() <= 3 * 5
+    stats = cache.stats()
+    assert stats["compressions"] == (20 + 219 - 40 + 7) // 8  # one every `buffer` tokens past budget + buffer
+    assert stats["pages_in_use"] == 3 * -(-cache.stored_length() // 8)
+    assert stats["pages_in_use"] + stats["pages_free"] == stats["pages_total"]
+    assert stats["kv_bytes_in_use"] * 4 < stats["kv_bytes_full"]
+    cache.reset()
+    assert cache.pool.num_used == 0
+
+
+def test_prompt_longer_than_budget_is_compressed_after_prefill():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (2, 100), generator=torch.Generator().manual_seed(1))
+    cache = zipage.ZipageCache(config=model.config, budget=24, page_size=8, buffer=8)
+    model.generate(ids, past_key_values=cache, max_new_tokens=3, **GREEDY)
+    assert cache.get_seq_length() == 102
+    assert cache.stored_length() <= 32
+    assert cache.pool.peak_used >= 2 * 100 // 8  # the prompt itself was stored in full once
+
+
+def test_padding_is_evicted_first_and_mask_stays_exact():
+    """A row with less real text than the budget keeps all of it; padding never displaces real tokens."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch(lengths=(60, 5, 30))
+    cache = zipage.ZipageCache(config=model.config, budget=16, page_size=4, buffer=4, scorer="random")
+    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, **GREEDY)
+    valid = cache.layers[0].valid
+    # row 1: 5 prompt tokens + 1 generated token fed back = 6 real tokens, all kept, padding first
+    n_real = valid.sum(dim=1).tolist()
+    assert n_real[1] == 6
+    assert n_real[0] == n_real[2] == cache.stored_length()
+    assert not valid[1, : valid.shape[1] - 6].any() and valid[1, -6:].all()
+
+
+def test_sampling_is_reproducible_and_budget_independent_when_large():
+    model = tiny_model("mistral")
+    ids, mask = left_padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=True, top_k=20, temperature=0.9, pad_token_id=0)
+    torch.manual_seed(7)
+    ref = model.generate(ids, **kw)
+    torch.manual_seed(7)
+    big = model.generate(ids, cache_implementation="zipage", cache_config={"budget": 64, "page_size": 8}, **kw)
+    small_runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        small_runs.append(
+            model.generate(ids, cache_implementation="zipage", cache_config={"budget": 16, "page_size": 4}, **kw)
+        )
+    assert torch.equal(ref, big)
+    assert torch.equal(small_runs[0], small_runs[1])
+
+
+def test_logits_processor_stopping_criteria_streamer_and_scores():
+    model = tiny_model("qwen2")
+    ids, mask = left_padded_batch()
+
+    class BanToken(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, 5] = float("-inf")
+            return scores
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= ids.shape[1] + 25)
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.chunks.append("end")
+
+    results = []
+    for extra in ({}, {"cache_implementation": "zipage", "cache_config": {"budget": 16, "page_size": 4}}):
+        streamer = Collect()
+        out = model.generate(
+            ids[:1],
+            attention_mask=mask[:1],
+            max_new_tokens=100,
+            logits_processor=LogitsProcessorList([BanToken()]),
+            stopping_criteria=StoppingCriteriaList([StopAt()]),
+            streamer=streamer,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **GREEDY,
+            **extra,
+        )
+        assert out.sequences.shape[1] == ids.shape[1] + 25
+        assert (out.sequences[:, ids.shape[1] :] != 5).all()
+        assert len(out.scores) == 25 and torch.isinf(out.scores[0][:, 5]).all()
+        assert streamer.chunks[-1] == "end" and len(streamer.chunks) == 1 + 25 + 1
+        results.append(out)
+    with_zipage = results[1]
+    assert isinstance(with_zipage.past_key_values, zipage.ZipageCache)
+    assert with_zipage.past_key_values.stored_length() <= 20
+
+
+def test_beam_search_matches_full_kv_with_large_budget():
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    out = model.generate(ids, cache_implementation="zipage", cache_config={"budget": 64, "page_size": 8}, **kw)
+    assert torch.equal(ref, out)
+    small = model.generate(ids, cache_implementation="zipage", cache_config={"budget": 16, "page_size": 4}, **kw)
+    assert small.shape == ref.shape
+
+
+def test_continue_generation_from_returned_cache():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(3))
+    full = model.generate(ids, max_new_tokens=20, **GREEDY)
+    cache = zipage.ZipageCache(config=model.config, budget=64, page_size=8)
+    first = model.generate(ids, past_key_values=cache, max_new_tokens=10, **GREEDY)
+    second = model.generate(first, past_key_values=cache, max_new_tokens=10, **GREEDY)
+    assert torch.equal(second, full)
+
+
+def test_assisted_decoding_is_refused():
+    model = tiny_model("llama")
+    assistant = tiny_model("llama", seed=1)
+    ids = torch.randint(3, 96, (1, 8))
+    with pytest.raises(ValueError, match="assisted"):
+        model.generate(ids, assistant_model=assistant, cache_implementation="zipage", max_new_tokens=4, **GREEDY)
+    with pytest.raises(ValueError, match="assisted"):
+        model.generate(ids, prompt_lookup_num_tokens=2, cache_implementation="zipage", max_new_tokens=4, **GREEDY)
+
+
+def test_bad_cache_config_in_generate():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 8))
+    with pytest.raises(ValueError, match="budget"):
+        model.generate(ids, cache_implementation="zipage", cache_config={"budget": 0}, max_new_tokens=2, **GREEDY)
+    with pytest.raises(ValueError, match="bugdet"):
+        model.generate(ids, cache_implementation="zipage", cache_config={"bugdet": 8}, max_new_tokens=2, **GREEDY)
+    with pytest.raises(ValueError, match="both"):
+        cache = zipage.ZipageCache(config=model.config)
+        model.generate(ids, cache_implementation="zipage", past_key_values=cache, max_new_tokens=2, **GREEDY)
+
+
+def test_crop_is_refused_clearly():
+    model = tiny_model("llama")
+    cache = zipage.ZipageCache(config=model.config, budget=16, page_size=4)
+    with pytest.raises(NotImplementedError, match="evicted tokens cannot be restored"):
+        cache.crop(-1)
+
+
+def test_unsupported_transformers_version_is_a_clear_error(monkeypatch):
+    from packaging.version import Version
+
+    from zipage import hf
+
+    with pytest.raises(RuntimeError, match="supports transformers >=5.17.0,<5.24.0"):
+        hf.check_transformers_version(Version("5.12.0"))
+    monkeypatch.setattr(hf, "transformers_version", lambda: Version("6.0.0"))
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="found"):
+        model.generate(torch.randint(3, 96, (1, 8)), cache_implementation="zipage", max_new_tokens=2, **GREEDY)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_captured_window_queries_are_the_models_post_rope_queries(attn):
+    """The capture hands the scorer exactly the queries the model attends with (here: Qwen3, q_norm + RoPE)."""
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    model = tiny_model("qwen3", attn=attn)
+    attn_module = model.model.layers[1].self_attn
+    seen = []
+    handle = attn_module.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((kwargs["hidden_states"], kwargs["position_embeddings"])),
+        with_kwargs=True,
+    )
+    cache = zipage.ZipageCache(config=model.config, budget=32, page_size=8)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        for t in range(6):
+            model(ids[:, t : t + 1], past_key_values=cache)
+    handle.remove()
+    queries = []
+    for hidden, (cos, sin) in seen:
+        B, T, _ = hidden.shape
+        q = attn_module.q_norm(attn_module.q_proj(hidden).view(B, T, -1, attn_module.head_dim)).transpose(1, 2)
+        queries.append(apply_rotary_pos_emb(q, q, cos, sin)[0])
+    expected = torch.cat(queries, dim=2)[:, :, -16:]
+    got = cache.layers[1].window_queries
+    assert got.shape == expected.shape == (2, 4, 16, 16)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert cache.layers[1].scaling == pytest.approx(16**-0.5)
