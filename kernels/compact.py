@@ -2,32 +2,52 @@
 
 Every head keeps the same number ``k`` of tokens, so after compaction token
 slot ``j < k`` of a sequence holds, for head ``h``, the ``j``-th kept token of
-that head (kept indices sorted ascending). Because ``keep[j] >= j``, a single
-forward pass that writes slot ``j`` from slot ``keep[j]`` never overwrites a
-token it still has to read: the Triton kernel does exactly that in place.
+that head (kept indices sorted ascending). Because ``keep[j] >= j``, one pass
+that writes slot ``j`` from slot ``keep[j]``, in increasing ``j``, never
+overwrites a token it still has to read: the Triton kernel does exactly that
+in place, one program per (sequence, head), a barrier between each chunk's
+loads and stores. ``dst_slots`` may point elsewhere (fresh pages, when the
+source pages are shared through prefix caching).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ._triton import HAS_TRITON, next_pow2, use_triton
 from .paged_kv import _flat
 
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
-def compact_reference(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor) -> None:
+
+def _check(caches, slots, keep, dst_slots):
+    if keep.dim() != 3 or slots.dim() != 2 or keep.shape[0] != slots.shape[0]:
+        raise ValueError(f"compact: keep {tuple(keep.shape)} must be [B, H, k] and slots {tuple(slots.shape)} [B, S]")
+    k = keep.shape[-1]
+    if k > slots.shape[1]:
+        raise ValueError(f"compact: cannot keep {k} of {slots.shape[1]} tokens")
+    if dst_slots is not None and (dst_slots.shape[0] != slots.shape[0] or dst_slots.shape[1] < k):
+        raise ValueError(f"compact: dst_slots {tuple(dst_slots.shape)} must be [B, >= {k}]")
+    for c in caches:
+        if c.shape[2] != keep.shape[1]:
+            raise ValueError(f"compact: cache with {c.shape[2]} heads, keep has {keep.shape[1]}")
+
+
+def compact_reference(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor,
+                      dst_slots: torch.Tensor | None = None) -> None:
     """Compact each cache in ``caches`` (``[num_pages, page_size, H, ...]``).
 
     Args:
         caches: pool tensors sharing the same page layout (keys, values, score state, ...).
         slots: ``[B, S]`` flat slot ids of the stored tokens, in order.
         keep: ``[B, H, k]`` indices into ``0..S-1`` of the tokens to keep, ascending per head.
+        dst_slots: ``[B, >=k]`` where the kept tokens go (default: ``slots[:, :k]``, in place).
     """
-    if keep.dim() != 3 or slots.dim() != 2 or keep.shape[0] != slots.shape[0]:
-        raise ValueError(f"compact: keep {tuple(keep.shape)} must be [B, H, k] and slots {tuple(slots.shape)} [B, S]")
+    _check(caches, slots, keep, dst_slots)
     k = keep.shape[-1]
-    if k > slots.shape[1]:
-        raise ValueError(f"compact: cannot keep {k} of {slots.shape[1]} tokens")
-    dest = slots[:, :k]
+    dest = (dst_slots if dst_slots is not None else slots)[:, :k]
     idx = keep.transpose(1, 2)  # [B, k, H]
     for cache in caches:
         flat = _flat(cache)
@@ -36,5 +56,72 @@ def compact_reference(caches: list[torch.Tensor], slots: torch.Tensor, keep: tor
         flat[dest] = rows.gather(1, gidx)
 
 
-def compact(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor) -> None:
-    compact_reference(caches, slots, keep)
+if HAS_TRITON:
+
+    @triton.jit
+    def _compact_kernel(
+        A, B_, SLOTS, DST, KEEP,
+        stride_a_slot, stride_a_head, stride_b_slot, stride_b_head,
+        stride_sb, stride_db, stride_kb, stride_kh,
+        K: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, HAS_B: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        w = tl.arange(0, BLOCK_W)
+        wmask = w < W
+        for j0 in range(0, K, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            jmask = j < K
+            src_idx = tl.load(KEEP + b * stride_kb + h * stride_kh + j, mask=jmask, other=0)
+            src = tl.load(SLOTS + b * stride_sb + src_idx, mask=jmask, other=0).to(tl.int64)
+            dst = tl.load(DST + b * stride_db + j, mask=jmask, other=0).to(tl.int64)
+            m = jmask[:, None] & wmask[None, :]
+            a = tl.load(A + src[:, None] * stride_a_slot + h * stride_a_head + w[None, :], mask=m)
+            if HAS_B:
+                bb = tl.load(B_ + src[:, None] * stride_b_slot + h * stride_b_head + w[None, :], mask=m)
+            tl.debug_barrier()  # every read of this chunk happens before any of its writes
+            tl.store(A + dst[:, None] * stride_a_slot + h * stride_a_head + w[None, :], a, mask=m)
+            if HAS_B:
+                tl.store(B_ + dst[:, None] * stride_b_slot + h * stride_b_head + w[None, :], bb, mask=m)
+
+
+def _as_rows(cache: torch.Tensor) -> torch.Tensor:
+    """[P, page, H, ...] -> [P * page, H, W] view."""
+    return cache.reshape(cache.shape[0] * cache.shape[1], cache.shape[2], -1)
+
+
+def compact_triton(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor,
+                   dst_slots: torch.Tensor | None = None, block_j: int = 32) -> None:
+    _check(caches, slots, keep, dst_slots)
+    B, H, K = keep.shape
+    if K == 0 or B == 0:
+        return
+    dst = dst_slots if dst_slots is not None else slots
+    keep = keep.contiguous()
+    pending = list(caches)
+    while pending:
+        a = pending.pop(0)
+        # pair caches of the same shape and dtype (keys with values) into one launch
+        partner = next((c for c in pending if c.shape == a.shape and c.dtype == a.dtype), None)
+        if partner is not None:
+            pending.remove(partner)
+        ra = _as_rows(a)
+        rb = _as_rows(partner) if partner is not None else ra
+        if ra.stride(-1) != 1 or rb.stride(-1) != 1:
+            raise ValueError("compact: pool rows must be contiguous in their last dimension")
+        W = ra.shape[-1]
+        _compact_kernel[(B, H)](
+            ra, rb, slots, dst, keep,
+            ra.stride(0), ra.stride(1), rb.stride(0), rb.stride(1),
+            slots.stride(0), dst.stride(0), keep.stride(0), keep.stride(1),
+            K=K, W=W, BLOCK_W=next_pow2(W), BLOCK_J=block_j, HAS_B=partner is not None, num_warps=4,
+        )
+
+
+def compact(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor,
+            dst_slots: torch.Tensor | None = None) -> None:
+    """Move the kept tokens of every cache to the front (or to ``dst_slots``), in order, per head."""
+    if use_triton(slots, *caches):
+        compact_triton(caches, slots, keep, dst_slots)
+    else:
+        compact_reference(caches, slots, keep, dst_slots)

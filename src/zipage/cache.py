@@ -23,7 +23,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import capture
 from .compress import LayerPages, compress_layer
 from .config import ZipageConfig
-from .kernels import gather_kv, slot_indices, store_kv
+from .kernels import gather_kv, paged_decode_attention, slot_indices, store_kv
+from .kernels._triton import use_triton
 from .memory.pool import PagePool
 from .scoring import get_scorer
 
@@ -72,6 +73,8 @@ class ZipageLayer(CacheLayerMixin):
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
         self.scaling: float | None = None
         self.compressions = 0
+        self.paged_ok = False  # the capture reached this layer's attention with plain softmax attention
+        self.paged_step = False  # this step's attention reads the pages directly
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -113,6 +116,7 @@ class ZipageLayer(CacheLayerMixin):
         self.seen = self.stored = self.compressions = 0
         self.valid = self.window_queries = None
         self.keys = self.values = self.state = None
+        self.paged_ok = self.paged_step = False
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -237,23 +241,30 @@ class ZipageCache(Cache):
             self._compress(layer)
         slots = self._step_slots
         new = slots[:, after : after + q]
-        store_kv(layer.keys, new, key_states.transpose(1, 2))
-        store_kv(layer.values, new, value_states.transpose(1, 2))
+        store_kv(layer.keys, new, key_states.transpose(1, 2), layer.values, value_states.transpose(1, 2))
         if layer.state is not None:
             store_kv(layer.state, new, torch.zeros(B, q, layer.state.shape[-1], device=layer.state.device))
         layer.stored = after + q
         layer.seen += q
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
         layer.valid = torch.cat([layer.valid[:, :after], layer.valid.new_ones(B, q)], dim=1)
-        keys = gather_kv(layer.keys, slots).transpose(1, 2)
-        values = gather_kv(layer.values, slots).transpose(1, 2)
         capture.arm(self, layer.layer_idx, self.model_config)
         if layer.layer_idx == len(self.layers) - 1:
             self._end_step()
+        # Decode on CUDA: once the capture is known to reach this layer's attention, the wrapper
+        # attends straight from the pages (Triton paged attention), so no dense copy is made.
+        layer.paged_step = q == 1 and layer.paged_ok and use_triton(layer.keys)
+        if layer.paged_step:
+            return key_states, value_states
+        keys = gather_kv(layer.keys, slots).transpose(1, 2)
+        values = gather_kv(layer.values, slots).transpose(1, 2)
         return keys, values
 
-    def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling) -> None:
-        """Called by the capture wrapper with the layer's queries and mask, right after its update."""
+    def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling, kwargs: dict):
+        """Called by the capture wrapper with the layer's queries and mask, right after its update.
+
+        Returns the attention output ``[B, q, H, D]`` when it computed it from the pages itself
+        (paged decode), else None (the model's own attention then runs on the dense K/V)."""
         layer = self.layers[layer_idx]
         w = self.zipage_config.window
         q = query.shape[2]
@@ -265,6 +276,19 @@ class ZipageCache(Cache):
         if scaling is not None:
             layer.scaling = float(scaling)
         layer.valid[:, layer.stored - q :] = _new_token_validity(attention_mask, query.shape[0], q, query.device)
+        # Paged attention only where nothing beyond plain softmax attention is asked for.
+        layer.paged_ok = not any(kwargs.get(name) is not None for name in _NON_PLAIN_ATTENTION_KWARGS)
+        if not layer.paged_step:
+            return None
+        B, H, _, D = query.shape
+        scale = layer.scaling if layer.scaling is not None else D**-0.5
+        lens = torch.full((B,), layer.stored, dtype=torch.int32, device=query.device)
+        starts = (~layer.valid).sum(dim=1, dtype=torch.int32)
+        out = paged_decode_attention(
+            query[:, :, 0, :].contiguous(), layer.keys, layer.values, self.page_table, lens, scale, starts,
+            max_len_hint=layer.stored,
+        )
+        return out.view(B, 1, H, D)
 
     def _compress(self, layer: ZipageLayer) -> None:
         cfg = self.zipage_config
@@ -337,6 +361,9 @@ class ZipageCache(Cache):
 
     def __repr__(self) -> str:
         return f"ZipageCache({self.zipage_config}, stored={self.stored_length()}, seen={self.get_seq_length()})"
+
+
+_NON_PLAIN_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "sliding_window", "output_attentions")
 
 
 def _new_token_validity(mask, batch: int, q: int, device) -> torch.Tensor:

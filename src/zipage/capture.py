@@ -58,7 +58,9 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
         cache, layer_idx, config, original = item
         _pending.item = None
         config._attn_implementation_internal = original
-        cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"))
+        out = cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"), kwargs)
+        if out is not None:
+            return out, None
     else:
         impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or ""
         original = impl[len(PREFIX) :] if impl.startswith(PREFIX) else impl

