@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter (must be set before they are defined).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,

@@ -1,0 +1,258 @@
+"""Every Triton kernel against its PyTorch reference.
+
+On a CPU machine these run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest)
+with fp16/fp32 (the interpreter's ``tl.dot`` is wrong on bf16 operands); the ``gpu`` cases run
+the compiled kernels in bf16 and fp16 at sizes of tens of thousands of tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zipage.kernels import (
+    compact_reference,
+    compact_triton,
+    lightning_redundancy_triton,
+    paged_decode_attention_reference,
+    paged_decode_attention_triton,
+    paged_prefill_attention_reference,
+    paged_prefill_attention_triton,
+    redundancy_scores_reference,
+    slot_indices,
+    store_kv_reference,
+    store_kv_triton,
+    window_scores_reference,
+    window_scores_triton,
+)
+from zipage.kernels._triton import HAS_TRITON, interpreting
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_TRITON or not (CUDA or interpreting()), reason="needs triton (GPU or interpreter)")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+cpu_only = pytest.mark.skipif(CUDA, reason="interpreter case (the GPU runs the gpu cases)")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in kernel output"
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def random_pages(B: int, lens: list[int], page: int, H: int, D: int, dtype, device, extra_pages: int = 3):
+    """A pool holding ``B`` sequences on shuffled, non-contiguous pages (last pages partly filled)."""
+    per_row = max(-(-n // page) for n in lens)
+    P = B * per_row + extra_pages
+    perm = torch.randperm(P, device=device)
+    table = perm[: B * per_row].view(B, per_row).to(torch.int32)
+    k = torch.randn(P, page, H, D, device=device).to(dtype)
+    v = torch.randn(P, page, H, D, device=device).to(dtype)
+    return k, v, table
+
+
+def _decode_case(device, dtype, B, Hq, Hkv, D, page, lens, starts=None, num_splits=None):
+    torch.manual_seed(B * 1000 + D + page)
+    k, v, table = random_pages(B, lens, page, Hkv, D, dtype, device)
+    q = torch.randn(B, Hq, D, device=device).to(dtype)
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    kv_starts = torch.tensor(starts or [0] * B, dtype=torch.int32, device=device)
+    scale = D**-0.5
+    ref = paged_decode_attention_reference(q.float(), k.float(), v.float(), table, kv_lens, scale, kv_starts)
+    out = paged_decode_attention_triton(q, k, v, table, kv_lens, scale, kv_starts, num_splits=num_splits)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def _prefill_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, block=64):
+    torch.manual_seed(sum(lens) + D)
+    B = len(lens)
+    k, v, table = random_pages(B, lens, page, Hkv, D, dtype, device)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
+    q = torch.randn(int(cu[-1]), Hq, D, device=device).to(dtype)
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    kv_starts = torch.tensor(starts or [0] * B, dtype=torch.int32, device=device)
+    ref = paged_prefill_attention_reference(q.float(), k.float(), v.float(), table, cu, kv_lens, D**-0.5, kv_starts)
+    out = paged_prefill_attention_triton(q, k, v, table, cu, kv_lens, D**-0.5, kv_starts, block_m=block, block_n=block)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def _store_case(device, dtype, N, H, D, page):
+    torch.manual_seed(N + H)
+    P = -(-N // page) + 2
+    kc = torch.randn(P, page, H, D, device=device).to(dtype)
+    vc = torch.randn(P, page, H, D, device=device).to(dtype)
+    slots = torch.randperm(P * page, device=device)[:N].view(1, N)
+    k = torch.randn(1, H, N, D, device=device).to(dtype).transpose(1, 2)  # strided, as models hand them over
+    v = torch.randn(1, N, H, D, device=device).to(dtype)
+    rk, rv = kc.clone(), vc.clone()
+    store_kv_reference(rk, slots, k)
+    store_kv_reference(rv, slots, v)
+    store_kv_triton(kc, slots, k, vc, v)
+    assert torch.equal(kc, rk) and torch.equal(vc, rv)
+
+
+def _window_case(device, dtype, B, Hq, Hkv, w, D, S, pad=0, prev=False):
+    torch.manual_seed(S + Hq)
+    q = torch.randn(B, Hq, w, D, device=device).to(dtype)
+    keys = torch.randn(B, Hkv, S, D, device=device).to(dtype)
+    km = torch.ones(B, S, dtype=torch.bool, device=device)
+    km[-1, :pad] = False
+    qm = km[:, S - w :]
+    pv = torch.rand(B, Hkv, S, device=device) * 0.05 if prev else None
+    for group, window in (("max", "mean"), ("mean", "sum")):
+        ref = window_scores_reference(q.float(), keys.float(), km, qm, D**-0.5, group, window, pv, 0.8)
+        out = window_scores_triton(q, keys, km, qm, D**-0.5, group, window, pv, 0.8)
+        assert rel_err(out, ref) < TOL[dtype] * 2
+        if pad:  # padding draws no attention: only the decayed previous score can remain
+            expected = 0.8 * pv[-1, :, :pad] if prev else torch.zeros_like(out[-1, :, :pad])
+            torch.testing.assert_close(out[-1, :, :pad], expected)
+
+
+def _redundancy_case(device, dtype, B, H, S, D, block, pad=0):
+    torch.manual_seed(S + block)
+    keys = torch.randn(B, H, S, D, device=device)
+    keys[:, :, 3] = keys[:, :, 1] * 2  # near-duplicates inside a page
+    keys[:, :, S - 2] = keys[:, :, S - 5]
+    keys = keys.to(dtype)
+    km = torch.ones(B, S, dtype=torch.bool, device=device)
+    km[0, :pad] = False
+    ref = redundancy_scores_reference(keys.float(), km, block, 0.5, 0.4)
+    out = lightning_redundancy_triton(keys, km, block, 0.5, 0.4)
+    assert rel_err(out, ref) < TOL[dtype] * 2
+    assert torch.allclose(out.sum(-1), torch.ones(B, H, device=device), atol=1e-4)
+
+
+def _compact_case(device, dtype, B, H, D, page, S, k):
+    torch.manual_seed(S * 7 + k)
+    per_row = -(-S // page)
+    P = B * per_row + 4
+    table = torch.randperm(P, device=device)[: B * per_row].view(B, per_row)
+    slots = slot_indices(table, 0, S, page)
+    keys = torch.randn(P, page, H, D, device=device).to(dtype)
+    values = torch.randn(P, page, H, D, device=device).to(dtype)
+    state = torch.rand(P, page, H, device=device)
+    keep = torch.stack([torch.stack([torch.randperm(S, device=device)[:k] for _ in range(H)]) for _ in range(B)])
+    keep = keep.sort(dim=-1).values
+    want = [keys.clone(), values.clone(), state.clone()]
+    got = [keys.clone(), values.clone(), state.clone()]
+    compact_reference(want, slots, keep)
+    compact_triton(got, slots, keep)
+    for w_, g_ in zip(want, got):
+        assert torch.equal(w_, g_)
+
+
+# --------------------------------------------------------------------------- interpreter cases (CPU)
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("page, num_splits", [(16, 1), (16, 3), (32, 2)])
+def test_decode_interpreter(dtype, page, num_splits):
+    _decode_case("cpu", dtype, 3, 8, 2, 32, page, [5, 70, 33], starts=[0, 4, 0], num_splits=num_splits)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_interpreter(dtype):
+    _prefill_case("cpu", dtype, 4, 2, 32, 16, lens=[9, 40, 23], q_lens=[9, 17, 1], starts=[2, 0, 0], block=16)
+
+
+@cpu_only
+def test_store_interpreter():
+    _store_case("cpu", torch.float16, 37, 2, 16, 8)
+
+
+@cpu_only
+@pytest.mark.parametrize("prev", [False, True])
+def test_window_score_interpreter(prev):
+    _window_case("cpu", torch.float32, 2, 8, 2, 16, 32, 75, pad=9, prev=prev)
+
+
+@cpu_only
+@pytest.mark.parametrize("block", [16, 32])
+def test_lightning_redundancy_interpreter(block):
+    _redundancy_case("cpu", torch.float32, 2, 2, 70, 16, block, pad=5)
+
+
+@cpu_only
+def test_compact_interpreter():
+    _compact_case("cpu", torch.float16, 2, 3, 8, 4, 37, 13)
+
+
+# --------------------------------------------------------------------------- GPU cases
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("page", [16, 64, 256])
+def test_decode_gpu(dtype, D, page):
+    _decode_case("cuda", dtype, 5, 32, 8, D, page, [1, 300, 4097, 20000, 33000], starts=[0, 7, 0, 100, 0])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page", [16, 256])
+def test_prefill_gpu(dtype, page):
+    _prefill_case("cuda", dtype, 32, 8, 128, page, lens=[700, 12000, 3000, 65], q_lens=[700, 1500, 1, 64],
+                  starts=[0, 0, 5, 3])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_store_gpu(dtype):
+    _store_case("cuda", dtype, 20000, 8, 128, 16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S", [2064, 30000])
+def test_window_score_gpu(dtype, S):
+    _window_case("cuda", dtype, 2, 32, 8, 16, 128, S, pad=33, prev=S > 3000)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [16, 64, 256])
+def test_lightning_redundancy_gpu(dtype, block):
+    _redundancy_case("cuda", dtype, 2, 8, 20000, 128, block, pad=17)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page, S, k", [(16, 2304, 2048), (256, 40000, 2048), (64, 30000, 29000)])
+def test_compact_gpu_in_place(dtype, page, S, k):
+    _compact_case("cuda", dtype, 3, 8, 128, page, S, k)
+
+
+@gpu
+@needs_cuda
+def test_decode_is_cuda_graph_safe():
+    """Captured once, replayed with new queries and new lengths: no host syncs, no data-dependent shapes."""
+    torch.manual_seed(0)
+    B, page, D = 8, 64, 128
+    k, v, table = random_pages(B, [4096] * B, page, 8, D, torch.bfloat16, "cuda")
+    q = torch.randn(B, 32, D, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((B,), 1000, dtype=torch.int32, device="cuda")
+    starts = torch.zeros(B, dtype=torch.int32, device="cuda")
+    run = lambda: paged_decode_attention_triton(q, k, v, table, lens, D**-0.5, starts, num_splits=8)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for trial in range(3):
+        q.copy_(torch.randn_like(q))
+        lens.copy_(torch.randint(1, 4097, (B,), device="cuda", dtype=torch.int32))
+        starts.copy_(torch.randint(0, 5, (B,), device="cuda", dtype=torch.int32))
+        graph.replay()
+        ref = paged_decode_attention_reference(q.float(), k.float(), v.float(), table, lens, D**-0.5, starts)
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
