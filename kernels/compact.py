@@ -6,7 +6,8 @@ that head (kept indices sorted ascending). Because ``keep[j] >= j``, one pass
 that writes slot ``j`` from slot ``keep[j]``, in increasing ``j``, never
 overwrites a token it still has to read: the Triton kernel does exactly that
 in place, one program per (sequence, head), a barrier between each chunk's
-loads and stores. ``dst_slots`` may point elsewhere (fresh pages, when the
+loads and stores, and each program taking a slice of the head dim (columns
+never interact, so the cursor argument holds per column). ``dst_slots`` may point elsewhere (fresh pages, when the
 source pages are shared through prefix caching).
 """
 
@@ -67,7 +68,7 @@ if HAS_TRITON:
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        w = tl.arange(0, BLOCK_W)
+        w = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)  # columns are independent: split them
         wmask = w < W
         for j0 in range(0, K, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
@@ -91,7 +92,7 @@ def _as_rows(cache: torch.Tensor) -> torch.Tensor:
 
 
 def compact_triton(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor,
-                   dst_slots: torch.Tensor | None = None, block_j: int = 32) -> None:
+                   dst_slots: torch.Tensor | None = None, block_j: int = 64, block_w: int = 32) -> None:
     _check(caches, slots, keep, dst_slots)
     B, H, K = keep.shape
     if K == 0 or B == 0:
@@ -110,11 +111,12 @@ def compact_triton(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.
         if ra.stride(-1) != 1 or rb.stride(-1) != 1:
             raise ValueError("compact: pool rows must be contiguous in their last dimension")
         W = ra.shape[-1]
-        _compact_kernel[(B, H)](
+        bw = min(next_pow2(W), block_w)
+        _compact_kernel[(B, H, triton.cdiv(W, bw))](
             ra, rb, slots, dst, keep,
             ra.stride(0), ra.stride(1), rb.stride(0), rb.stride(1),
             slots.stride(0), dst.stride(0), keep.stride(0), keep.stride(1),
-            K=K, W=W, BLOCK_W=next_pow2(W), BLOCK_J=block_j, HAS_B=partner is not None, num_warps=4,
+            K=K, W=W, BLOCK_W=bw, BLOCK_J=block_j, HAS_B=partner is not None, num_warps=4,
         )
 
 

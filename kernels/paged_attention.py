@@ -285,7 +285,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
 
 
 def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
-                                   max_q_len: int | None = None, block_m: int = 64, block_n: int = 64):
+                                   max_q_len: int | None = None, block_m: int | None = None, block_n: int = 64):
     _check_paged(q, k_cache, v_cache, page_table)
     T, Hq, D = q.shape
     B = kv_lens.shape[0]
@@ -297,6 +297,8 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
     out = torch.empty_like(q)
     if B == 0 or T == 0:
         return out
+    if block_m is None:
+        block_m = 128 if q.is_cuda and D <= 128 else 64
     _prefill_kernel[(B, triton.cdiv(max_q_len, block_m), Hq)](
         q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
         scale * LOG2E,
@@ -306,7 +308,7 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
         page_table.stride(0),
         out.stride(0), out.stride(1),
         G=Hq // Hkv, D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        PRECISION=dot_precision(q.dtype), num_warps=8 if block_m >= 128 else 4, num_stages=3 if q.is_cuda else 1,
     )
     return out
 

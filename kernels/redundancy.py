@@ -78,48 +78,53 @@ if HAS_TRITON:
         S, H, BLK: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """One program: rows ``BLOCK_I`` of one page-block of one (row, head); writes r / (tau * n)."""
+        """Rows ``BLOCK_I`` of one page-block of one (row, head), against the block's columns in tiles
+        of ``BLOCK_J``; writes r / (tau * n). The most recent near-duplicate is the last column tile's
+        candidate, so one pass keeps the running sum and the similarity of the latest candidate."""
         b = tl.program_id(0) // H
         h = tl.program_id(0) % H
         base = tl.program_id(1) * BLK
         i = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)  # rows, relative to the block
-        j = tl.arange(0, BLOCK_J)  # columns, relative to the block
         d = tl.arange(0, BLOCK_D)
         ti = base + i
-        tj = base + j
         imask = (i < BLK) & (ti < S)
-        jmask = (j < BLK) & (tj < S)
         ivalid = imask & (tl.load(KMASK + b * stride_mb + ti, mask=imask, other=0) != 0)
-        jvalid = jmask & (tl.load(KMASK + b * stride_mb + tj, mask=jmask, other=0) != 0)
         kp = K + b * stride_kb + h * stride_kh
         ki = tl.load(kp + ti[:, None] * stride_ks + d[None, :], mask=ivalid[:, None] & (d[None, :] < D), other=0.0)
-        kj = tl.load(kp + tj[:, None] * stride_ks + d[None, :], mask=jvalid[:, None] & (d[None, :] < D), other=0.0)
-        ki = ki.to(tl.float32)
-        kj = kj.to(tl.float32)
-        ni = tl.sqrt(tl.sum(ki * ki, 1))
-        nj = tl.sqrt(tl.sum(kj * kj, 1))
-        ki = ki / tl.maximum(ni, 1e-12)[:, None]
-        kj = kj / tl.maximum(nj, 1e-12)[:, None]
-        sim = tl.dot(ki, tl.trans(kj), input_precision=PRECISION)  # [BLOCK_I, BLOCK_J]
-        pair = ivalid[:, None] & jvalid[None, :] & (i[:, None] != j[None, :])
-        sim = tl.where(pair, sim, 0.0)
-        near = pair & (sim > threshold)
-        last = tl.max(tl.where(near, j[None, :], -1), 1)
-        drop = (j[None, :] == last[:, None]) & (last[:, None] >= 0)
-        r = tl.sum(tl.where(drop, 0.0, sim), 1) * inv_norm
+        kif = ki.to(tl.float32)
+        inv_ni = 1.0 / tl.maximum(tl.sqrt(tl.sum(kif * kif, 1)), 1e-12)
+        total = tl.zeros([BLOCK_I], tl.float32)
+        last_sim = tl.zeros([BLOCK_I], tl.float32)
+        for j0 in range(0, BLK, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            tj = base + j
+            jmask = (j < BLK) & (tj < S)
+            jvalid = jmask & (tl.load(KMASK + b * stride_mb + tj, mask=jmask, other=0) != 0)
+            kj = tl.load(kp + tj[:, None] * stride_ks + d[None, :], mask=jvalid[:, None] & (d[None, :] < D), other=0.0)
+            kjf = kj.to(tl.float32)
+            inv_nj = 1.0 / tl.maximum(tl.sqrt(tl.sum(kjf * kjf, 1)), 1e-12)
+            sim = tl.dot(ki, tl.trans(kj), input_precision=PRECISION) * inv_ni[:, None] * inv_nj[None, :]
+            pair = ivalid[:, None] & jvalid[None, :] & (i[:, None] != j[None, :])
+            sim = tl.where(pair, sim, 0.0)
+            total += tl.sum(sim, 1)
+            near = pair & (sim > threshold)
+            cand = tl.max(tl.where(near, j[None, :], -1), 1)
+            cand_sim = tl.sum(tl.where(j[None, :] == cand[:, None], sim, 0.0), 1)
+            last_sim = tl.where(cand >= 0, cand_sim, last_sim)
+        r = (total - last_sim) * inv_norm
         tl.store(R + b * stride_rb + h * stride_rh + ti, r, mask=imask)
 
 
 def lightning_redundancy_triton(keys, key_mask, block: int, threshold: float = 0.5, tau: float = 0.4,
-                                block_i: int | None = None):
+                                block_i: int | None = None, block_j: int | None = None):
     """Lightning redundancy (keys compared within blocks of ``block`` tokens); the softmax over the
     context runs in PyTorch (one fused kernel)."""
     B, H, S, D = keys.shape
     if keys.stride(-1) != 1:
         raise ValueError("redundancy: the head dim of keys must be contiguous")
-    block_j = max(16, next_pow2(block))
-    if block_i is None:
-        block_i = max(16, min(block_j, 4096 // block_j * 4))
+    full = max(16, next_pow2(block))
+    block_j = block_j or min(full, 64)
+    block_i = block_i or min(full, 64)
     r = torch.empty(B, H, S, dtype=torch.float32, device=keys.device)
     km = key_mask.to(torch.int8).contiguous()
     grid = (B * H, triton.cdiv(S, block), triton.cdiv(block, block_i))
@@ -128,7 +133,7 @@ def lightning_redundancy_triton(keys, key_mask, block: int, threshold: float = 0
         float(threshold), 1.0 / (tau * block),
         keys.stride(0), keys.stride(1), keys.stride(2), km.stride(0), r.stride(0), r.stride(1),
         S, H, BLK=block, BLOCK_J=block_j, BLOCK_I=block_i, D=D, BLOCK_D=next_pow2(D),
-        PRECISION=dot_precision(torch.float32), num_warps=4 if block_j <= 64 else 8,
+        PRECISION=dot_precision(keys.dtype), num_warps=4,
     )
     logits = r.masked_fill(~key_mask[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)

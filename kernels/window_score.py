@@ -75,20 +75,12 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _window_score_kernel(
-        Q, K, KMASK, QMASK, PREV, OUT,
-        scale_log2, decay,
-        stride_qb, stride_qh, stride_qw,
-        stride_kb, stride_kh, stride_ks,
-        stride_mb, stride_qmb,
-        stride_pb, stride_ph, stride_ob, stride_oh,
-        S, G: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        GROUP_MAX: tl.constexpr, WINDOW_MEAN: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        hk = tl.program_id(1)
-        r = tl.arange(0, BLOCK_R)  # row r = g * W + i
+    def _window_logits(Q, K, KMASK, b, hk, t0, S,
+                       stride_qb, stride_qh, stride_qw, stride_kb, stride_kh, stride_ks, stride_mb,
+                       G: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, scale_log2):
+        """log2-scaled logits of the window rows (row r = g * W + i) against keys t0..t0+BLOCK_N-1."""
+        r = tl.arange(0, BLOCK_R)
         g = r // W
         i = r % W
         rmask = r < G * W
@@ -96,56 +88,84 @@ if HAS_TRITON:
         dmask = d < D
         q = tl.load(Q + b * stride_qb + (hk * G + g)[:, None] * stride_qh + i[:, None] * stride_qw + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
-        qvalid = tl.load(QMASK + b * stride_qmb + i, mask=rmask, other=0) != 0
-        qpos = S - W + i
-        offs = tl.arange(0, BLOCK_N)
-        # pass 1: softmax normalisers of every (head, window query) row
+        t = t0 + tl.arange(0, BLOCK_N)
+        tmask = t < S
+        kvalid = tmask & (tl.load(KMASK + b * stride_mb + t, mask=tmask, other=0) != 0)
+        k = tl.load(K + b * stride_kb + hk * stride_kh + t[:, None] * stride_ks + d[None, :],
+                    mask=kvalid[:, None] & dmask[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        ok = kvalid[None, :] & (t[None, :] <= (S - W + i)[:, None])
+        return tl.where(ok, qk, float("-inf")), t, tmask
+
+    @triton.jit
+    def _window_norm_kernel(
+        Q, K, KMASK, M_PART, L_PART, scale_log2,
+        stride_qb, stride_qh, stride_qw, stride_kb, stride_kh, stride_ks, stride_mb,
+        S, CHUNK, NCHUNK,
+        G: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Pass 1: per chunk of the context, the running max and sum of every window row's softmax."""
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        c = tl.program_id(2)
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
-        for t0 in range(0, S, BLOCK_N):
-            t = t0 + offs
-            kvalid = (t < S) & (tl.load(KMASK + b * stride_mb + t, mask=t < S, other=0) != 0)
-            k = tl.load(K + b * stride_kb + hk * stride_kh + t[:, None] * stride_ks + d[None, :],
-                        mask=kvalid[:, None] & dmask[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            ok = kvalid[None, :] & (t[None, :] <= qpos[:, None])
-            qk = tl.where(ok, qk, float("-inf"))
+        lo = c * CHUNK
+        hi = tl.minimum(lo + CHUNK, S)
+        for t0 in range(lo, hi, BLOCK_N):
+            qk, t, tmask = _window_logits(Q, K, KMASK, b, hk, t0, S, stride_qb, stride_qh, stride_qw,
+                                          stride_kb, stride_kh, stride_ks, stride_mb, G, W, D, BLOCK_D,
+                                          BLOCK_R, BLOCK_N, PRECISION, scale_log2)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(qk - m_safe[:, None]), 1)
             m_i = m_new
-        m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-        inv_l = tl.where((l_i > 0) & qvalid & rmask, 1.0 / l_i, 0.0)
-        if WINDOW_MEAN:
-            count = tl.sum(tl.where((g == 0) & rmask & qvalid, 1.0, 0.0), 0)
-            inv_count = 1.0 / tl.maximum(count, 1.0)
+        r = tl.arange(0, BLOCK_R)
+        off = ((b * tl.num_programs(1) + hk) * NCHUNK + c) * BLOCK_R + r
+        tl.store(M_PART + off, m_i)
+        tl.store(L_PART + off, l_i)
+
+    @triton.jit
+    def _window_score_kernel(
+        Q, K, KMASK, M, INV_L, INV_COUNT, PREV, OUT, scale_log2, decay,
+        stride_qb, stride_qh, stride_qw, stride_kb, stride_kh, stride_ks, stride_mb,
+        stride_pb, stride_ph, stride_ob, stride_oh,
+        S, G: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        GROUP_MAX: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """Pass 2: one tile of keys: probabilities, max (or mean) over the GQA group, sum over the
+        window times 1/count, then the optional decayed-global max."""
+        b = tl.program_id(0)
+        hk = tl.program_id(1)
+        t0 = tl.program_id(2) * BLOCK_N
+        r = tl.arange(0, BLOCK_R)
+        row = (b * tl.num_programs(1) + hk) * BLOCK_R + r
+        m = tl.load(M + row)
+        inv_l = tl.load(INV_L + row)
+        qk, t, tmask = _window_logits(Q, K, KMASK, b, hk, t0, S, stride_qb, stride_qh, stride_qw,
+                                      stride_kb, stride_kh, stride_ks, stride_mb, G, W, D, BLOCK_D,
+                                      BLOCK_R, BLOCK_N, PRECISION, scale_log2)
+        p = tl.math.exp2(qk - m[:, None]) * inv_l[:, None]  # masked logits give exp2(-inf) = 0
+        p3 = tl.reshape(p, (BLOCK_R // W, W, BLOCK_N))
+        if GROUP_MAX:
+            red = tl.max(p3, 0)
         else:
-            inv_count = 1.0
-        # pass 2: probabilities, reduced over the GQA group then over the window
-        for t0 in range(0, S, BLOCK_N):
-            t = t0 + offs
-            tmask = t < S
-            kvalid = tmask & (tl.load(KMASK + b * stride_mb + t, mask=tmask, other=0) != 0)
-            k = tl.load(K + b * stride_kb + hk * stride_kh + t[:, None] * stride_ks + d[None, :],
-                        mask=kvalid[:, None] & dmask[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            ok = kvalid[None, :] & (t[None, :] <= qpos[:, None])
-            p = tl.where(ok, tl.math.exp2(qk - m_fin[:, None]) * inv_l[:, None], 0.0)  # [BLOCK_R, BLOCK_N]
-            p3 = tl.reshape(p, (BLOCK_R // W, W, BLOCK_N))
-            if GROUP_MAX:
-                red = tl.max(p3, 0)
-            else:
-                red = tl.sum(p3, 0) / G
-            score = tl.sum(red, 0) * inv_count  # [BLOCK_N]
-            if HAS_PREV:
-                prev = tl.load(PREV + b * stride_pb + hk * stride_ph + t, mask=tmask, other=0.0)
-                score = tl.maximum(score, decay * prev)
-            tl.store(OUT + b * stride_ob + hk * stride_oh + t, score, mask=tmask)
+            red = tl.sum(p3, 0) / G
+        score = tl.sum(red, 0) * tl.load(INV_COUNT + b)
+        if HAS_PREV:
+            prev = tl.load(PREV + b * stride_pb + hk * stride_ph + t, mask=tmask, other=0.0)
+            score = tl.maximum(score, decay * prev)
+        tl.store(OUT + b * stride_ob + hk * stride_oh + t, score, mask=tmask)
 
 
 def window_scores_triton(queries, keys, key_mask, query_mask, scaling, group_reduce="max", window_reduce="mean",
-                         prev=None, decay: float = 1.0, block_n: int = 64):
-    """Same as the reference; with ``prev`` it also applies ``max(score, decay * prev)`` (the G-KV update)."""
+                         prev=None, decay: float = 1.0, block_n: int = 64, num_chunks: int | None = None):
+    """Same as the reference; with ``prev`` it also applies ``max(score, decay * prev)`` (the G-KV update).
+
+    Two passes split over the context: softmax normalisers per chunk (merged in PyTorch), then one
+    program per tile of keys."""
     B, Hq, w, D = queries.shape
     Hkv, S = keys.shape[1], keys.shape[2]
     if Hq % Hkv or w > S:
@@ -154,25 +174,44 @@ def window_scores_triton(queries, keys, key_mask, query_mask, scaling, group_red
         raise ValueError(f"window_scores: group_reduce={group_reduce!r}, window_reduce={window_reduce!r}")
     if queries.stride(-1) != 1 or keys.stride(-1) != 1:
         raise ValueError("window_scores: the head dim must be contiguous")
-    G = Hq // Hkv
-    w_pad = next_pow2(w)
-    if w_pad != w:
+    if next_pow2(w) != w:
         raise ValueError(f"window_scores (Triton) needs a power-of-two window, got {w}")
-    out = torch.empty(B, Hkv, S, dtype=torch.float32, device=keys.device)
+    G = Hq // Hkv
+    BLOCK_R = max(16, next_pow2(G * w))
+    dev = keys.device
+    tiles = triton.cdiv(S, block_n)
+    if num_chunks is None:
+        num_chunks = max(1, min(tiles, triton.cdiv(264, B * Hkv)))
+    chunk = triton.cdiv(tiles, num_chunks) * block_n
+    num_chunks = triton.cdiv(S, chunk)
     km = key_mask.to(torch.int8).contiguous()
-    qm = query_mask.to(torch.int8).contiguous()
-    pv = prev if prev is not None else out
+    common = (queries.stride(0), queries.stride(1), queries.stride(2), keys.stride(0), keys.stride(1),
+              keys.stride(2), km.stride(0))
+    consts = dict(G=G, W=w, D=D, BLOCK_D=next_pow2(D), BLOCK_R=BLOCK_R, BLOCK_N=block_n,
+                  PRECISION=dot_precision(queries.dtype))
     LOG2E = 1.4426950408889634
-    _window_score_kernel[(B, Hkv)](
-        queries, keys, km, qm, pv, out,
-        scaling * LOG2E, float(decay),
-        queries.stride(0), queries.stride(1), queries.stride(2),
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        km.stride(0), qm.stride(0),
-        pv.stride(0), pv.stride(1), out.stride(0), out.stride(1),
-        S, G=G, W=w, D=D, BLOCK_D=next_pow2(D), BLOCK_R=max(16, next_pow2(G * w)), BLOCK_N=block_n,
-        GROUP_MAX=group_reduce == "max", WINDOW_MEAN=window_reduce == "mean", HAS_PREV=prev is not None,
-        PRECISION=dot_precision(queries.dtype), num_warps=4,
+    m_part = torch.empty(B, Hkv, num_chunks, BLOCK_R, dtype=torch.float32, device=dev)
+    l_part = torch.empty_like(m_part)
+    _window_norm_kernel[(B, Hkv, num_chunks)](
+        queries, keys, km, m_part, l_part, scaling * LOG2E, *common, S, chunk, num_chunks, **consts, num_warps=4,
+    )
+    m = m_part.amax(dim=2)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    l = (l_part * torch.exp2(m_part - m_safe[:, :, None])).sum(dim=2)
+    rows = torch.arange(BLOCK_R, device=dev)
+    qvalid = torch.zeros(B, BLOCK_R, dtype=torch.bool, device=dev)
+    qvalid[:, : G * w] = query_mask[:, rows[: G * w] % w]
+    inv_l = torch.where((l > 0) & qvalid[:, None, :], 1.0 / l.clamp(min=1e-30), torch.zeros_like(l))
+    if window_reduce == "mean":
+        inv_count = 1.0 / query_mask.sum(dim=1).clamp(min=1).float()
+    else:
+        inv_count = torch.ones(B, dtype=torch.float32, device=dev)
+    out = torch.empty(B, Hkv, S, dtype=torch.float32, device=dev)
+    pv = prev if prev is not None else out
+    _window_score_kernel[(B, Hkv, tiles)](
+        queries, keys, km, m_safe.contiguous(), inv_l.contiguous(), inv_count, pv, out, scaling * LOG2E,
+        float(decay), *common, pv.stride(0), pv.stride(1), out.stride(0), out.stride(1),
+        S, GROUP_MAX=group_reduce == "max", HAS_PREV=prev is not None, **consts, num_warps=4,
     )
     return out
 

@@ -74,7 +74,7 @@ def compress_layer(
     Returns the ``[B, H, k]`` kept indices (into ``0..S-1``).
     """
     keys = gather_kv(pages.keys, slots).transpose(1, 2)  # [B, H, S, D]
-    values = gather_kv(pages.values, slots).transpose(1, 2)
+    values = gather_kv(pages.values, slots).transpose(1, 2) if scorer.needs_values else None
     state = None
     if scorer.stateful and pages.state is not None:
         state = gather_kv(pages.state, slots).transpose(1, 2)

@@ -21,7 +21,8 @@ class ScoreInputs:
     """What a scorer may look at, for one layer of ``B`` sequences with ``S`` stored tokens each.
 
     Attributes:
-        keys, values: ``[B, H_kv, S, D]`` stored keys (post-RoPE) and values, in position order.
+        keys, values: ``[B, H_kv, S, D]`` stored keys (post-RoPE) and values, in position order
+            (``values`` is None for scorers that set ``needs_values = False``).
         queries: ``[B, H_q, w, D]`` the last ``w`` queries (post-RoPE); they belong to the last ``w`` stored tokens.
         key_mask: ``[B, S]`` bool, False for padding tokens.
         query_mask: ``[B, w]`` bool, False for padding queries.
@@ -34,7 +35,7 @@ class ScoreInputs:
     """
 
     keys: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None
     queries: torch.Tensor | None
     key_mask: torch.Tensor
     query_mask: torch.Tensor | None
@@ -56,6 +57,7 @@ class Scorer:
     name: ClassVar[str] = ""
     stateful: ClassVar[bool] = False
     needs_queries: ClassVar[bool] = False
+    needs_values: ClassVar[bool] = True  # built-ins that never read values set False (saves a copy)
 
     def __init__(self, config: ZipageConfig | None = None) -> None:
         self.config = config if config is not None else ZipageConfig()

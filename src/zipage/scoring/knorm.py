@@ -9,6 +9,7 @@ from .base import Scorer, ScoreInputs
 @register_scorer
 class KNormScorer(Scorer):
     name = "knorm"
+    needs_values = False
 
     def score(self, x: ScoreInputs):
         return -x.keys.float().norm(dim=-1)

@@ -11,6 +11,7 @@ from .base import Scorer, ScoreInputs
 @register_scorer
 class RandomScorer(Scorer):
     name = "random"
+    needs_values = False
 
     def __init__(self, config=None) -> None:
         super().__init__(config)

@@ -14,6 +14,7 @@ class StreamingScorer(Scorer):
     tokens (4 when the config sets none) score above everything."""
 
     name = "streaming"
+    needs_values = False
 
     def score(self, x: ScoreInputs):
         B, H, S = x.keys.shape[:3]

@@ -16,6 +16,7 @@ class ZipageScorer(Scorer):
     minus lightning redundancy (R-KV within pages): ``lambda * attn - (1 - lambda) * redundancy``."""
 
     name = "zipage"
+    needs_values = False
     stateful = True
     needs_queries = True
 
