@@ -228,6 +228,27 @@ def test_window_scores_causal_and_mean_over_window():
     assert total[0, 0, -1].item() > 0.9
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 1, 4, 9, 8), (3, 8, 2, 4, 13, 8)])
+@pytest.mark.parametrize("decay", [0.8, 0.5])
+def test_window_scores_fused_global_score(shape, decay):
+    """``prev``/``decay``: the G-KV global score max(score, decay * prev), element by element."""
+    B, Hq, Hkv, w, S, D = shape
+    queries, keys, key_mask, query_mask = _window_inputs(17, *shape)
+    torch.manual_seed(18)
+    prev = torch.rand(B, Hkv, S) * 0.3
+    got = window_scores_reference(queries, keys, key_mask, query_mask, D**-0.5, "max", "mean", prev=prev, decay=decay)
+    plain = ref_window_scores(queries, keys, key_mask, query_mask, D**-0.5, "max", "mean")
+    P = prev.double().tolist()
+    Q = plain.tolist()
+    exp = torch.tensor(
+        [[[max(Q[b][h][j], decay * P[b][h][j]) for j in range(S)] for h in range(Hkv)] for b in range(B)],
+        dtype=torch.float64,
+    )
+    from_prev = decay * prev.double() > plain
+    assert from_prev.any() and (~from_prev).any()  # both branches of the max are exercised
+    torch.testing.assert_close(got.double(), exp, atol=ATOL, rtol=1e-5)
+
+
 def test_window_scores_rejects_bad_shapes():
     q = torch.randn(1, 3, 2, 4)
     k = torch.randn(1, 2, 5, 4)
@@ -324,7 +345,7 @@ def test_redundancy_drops_most_recent_near_duplicate():
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_pool_scores_matches_dense_loops(shape, kernel, mode):
     torch.manual_seed(sum(shape) * 10 + kernel)
-    scores = torch.rand(*shape)
+    scores = torch.randn(*shape)  # negative values too: out-of-range positions must not count as 0
     got = pool_scores_reference(scores, kernel, mode)
     exp = ref_pool(scores, kernel, mode)
     assert got.shape == scores.shape
@@ -334,6 +355,7 @@ def test_pool_scores_matches_dense_loops(shape, kernel, mode):
 def test_pool_scores_edges_and_modes():
     scores = torch.tensor([[[1.0, 5.0, 2.0, 0.0, 3.0, 4.0]]])
     torch.testing.assert_close(pool_scores_reference(scores, 5, "max"), torch.tensor([[[5.0, 5.0, 5.0, 5.0, 4.0, 4.0]]]))
+    torch.testing.assert_close(pool_scores_reference(-scores, 3, "max"), torch.tensor([[[-1.0, -1.0, 0.0, 0.0, 0.0, -3.0]]]))
     avg = pool_scores_reference(scores, 3, "avg")
     torch.testing.assert_close(avg, torch.tensor([[[3.0, 8 / 3, 7 / 3, 5 / 3, 7 / 3, 3.5]]]))
     assert torch.equal(pool_scores_reference(scores, 5, "none"), scores)
@@ -467,6 +489,36 @@ def test_compact_against_page_dict(case):
         assert torch.equal(cache[untouched], old[untouched])
 
 
+@pytest.mark.parametrize("B,ps,S,H,k", [(1, 4, 10, 2, 6), (3, 4, 13, 3, 7)])
+def test_compact_into_fresh_pages(B, ps, S, H, k):
+    """``dst_slots``: the kept tokens go, in order, into other pages; the source pages are untouched."""
+    seed = 77 + B + S
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    n_src, n_dst = -(-S // ps), -(-k // ps)
+    num_pages = B * (n_src + n_dst) + 2
+    perm = list(range(num_pages))
+    rng.shuffle(perm)
+    src_tables = [perm[b * n_src : (b + 1) * n_src] for b in range(B)]
+    dst_tables = [perm[B * n_src + b * n_dst : B * n_src + (b + 1) * n_dst] for b in range(B)]
+    slots = slot_indices(torch.tensor(src_tables), 0, S, ps)
+    dst = slot_indices(torch.tensor(dst_tables), 0, k, ps)
+    keys = torch.randn(num_pages, ps, H, 4)
+    state = torch.rand(num_pages, ps, H)
+    caches = [keys, state]
+    models = [pool_to_dict(c) for c in caches]
+    keep = _random_keep(B, H, S, k, rng)
+    for model in models:
+        old = {key: [list(v) if isinstance(v, list) else v for v in val] for key, val in model.items()}
+        for b in range(B):
+            for h in range(H):
+                for j, src in enumerate(keep[b][h]):
+                    model[(dst_tables[b][j // ps], j % ps)][h] = old[(src_tables[b][src // ps], src % ps)][h]
+    compact_reference(caches, slots, torch.tensor(keep), dst)
+    for cache, model in zip(caches, models):
+        assert_pool_equals_dict(cache, model)
+
+
 def test_compact_rejects_bad_arguments():
     cache = torch.zeros(4, 2, 1, 1)
     slots = torch.arange(6)[None]
@@ -474,3 +526,5 @@ def test_compact_rejects_bad_arguments():
         compact_reference([cache], slots, torch.arange(7)[None, None])  # keeps more than stored
     with pytest.raises(ValueError):
         compact_reference([cache], slots, torch.arange(3)[None])  # keep must be [B, H, k]
+    with pytest.raises(ValueError):
+        compact_reference([cache], slots, torch.arange(3).repeat(1, 2, 1))  # 2 heads in keep, 1 in the cache
