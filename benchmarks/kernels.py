@@ -188,10 +188,14 @@ def run_compact(rows, bw):
 
 def run_compression(rows, bw):
     """One sequence compressed from budget + buffer to budget in every layer (score, redundancy, top-k,
-    compaction), through the library's own compress_layer, against its reference path."""
-    import zipage.kernels._triton as tri
+    compaction), through the library's own compress_layers on pools stacked over layers, ``stride``
+    layers per batch; against the PyTorch reference path of the same code."""
+    import zipage.kernels.compact as c_mod
+    import zipage.kernels.paged_kv as kv_mod
+    import zipage.kernels.redundancy as r_mod
+    import zipage.kernels.window_score as w_mod
     from zipage import ZipageConfig
-    from zipage.compress import LayerPages, compress_layer
+    from zipage.compress import LayerPages, compress_layers
     from zipage.kernels import slot_indices
     from zipage.scoring import get_scorer
 
@@ -200,36 +204,29 @@ def run_compression(rows, bw):
     cfg = ZipageConfig(budget=budget, page_size=page)
     scorer = get_scorer("zipage", cfg)
     per_row = -(-S // page)
-    layers = []
-    for _ in range(LAYERS):
-        k = torch.randn(per_row, page, HKV, D, device="cuda", dtype=DT)
-        layers.append(LayerPages(k, torch.randn_like(k), torch.rand(per_row, page, HKV, device="cuda")))
-    table = torch.arange(per_row, device="cuda")[None]
-    slots = slot_indices(table, 0, S, page)
-    km = torch.ones(1, S, dtype=torch.bool, device="cuda")
-    q = torch.randn(1, HQ, 16, D, device="cuda", dtype=DT)
+    k = torch.randn(LAYERS, per_row, page, HKV, D, device="cuda", dtype=DT)
+    pools = LayerPages(k, torch.randn_like(k), torch.rand(LAYERS, per_row, page, HKV, device="cuda"))
+    slots = slot_indices(torch.arange(per_row, device="cuda")[None], 0, S, page)
+    km = torch.ones(LAYERS, 1, S, dtype=torch.bool, device="cuda")
+    q = torch.randn(LAYERS, 1, HQ, 16, D, device="cuda", dtype=DT)
 
-    def compress_all():
-        for i, lp in enumerate(layers):
-            compress_layer(lp, slots, km, q, scorer, k=budget, window=16, sinks=0, scaling=D**-0.5,
-                           page_size=page, first=False, layer_idx=i)
-
-    t_ours = bench(compress_all, warmup=3, rep=30)
-    saved = tri.use_triton
-    tri_off = lambda *t: False  # noqa: E731
-    import zipage.kernels.compact as c_mod
-    import zipage.kernels.paged_kv as kv_mod
-    import zipage.kernels.redundancy as r_mod
-    import zipage.kernels.window_score as w_mod
+    def compress_all(stride):
+        for l0 in range(0, LAYERS, stride):
+            sl = slice(l0, min(l0 + stride, LAYERS))
+            compress_layers(LayerPages(pools.keys[sl], pools.values[sl], pools.state[sl]), slots, km[sl], q[sl],
+                            scorer, k=budget, window=16, sinks=0, scaling=D**-0.5, page_size=page, first=False)
 
     mods = (c_mod, kv_mod, r_mod, w_mod)
-    for m in mods:
-        m.use_triton = tri_off
-    t_ref = bench(compress_all, warmup=2, rep=20)
-    for m in mods:
-        m.use_triton = saved
-    rows.append(dict(kernel="compression_all_layers", layers=LAYERS, budget=budget, page=page, context=S,
-                     ms=t_ours, baseline_ms=t_ref, speedup=t_ref / t_ours))
+    saved = [m.use_triton for m in mods]
+    for stride in (1, 8, LAYERS):
+        t_ours = bench(lambda: compress_all(stride), warmup=3, rep=30)
+        for m in mods:
+            m.use_triton = lambda *t: False
+        t_ref = bench(lambda: compress_all(stride), warmup=2, rep=20)
+        for m, f in zip(mods, saved):
+            m.use_triton = f
+        rows.append(dict(kernel="compression_all_layers", layers=LAYERS, layer_stride=stride, budget=budget,
+                         page=page, context=S, ms=t_ours, baseline_ms=t_ref, speedup=t_ref / t_ours))
 
 
 def main() -> None:
@@ -254,7 +251,7 @@ def main() -> None:
     run_compression(rows, bw)
     # one decode step of a 128-sequence batch: attention of every layer at budget + buffer, plus the weights
     dec = [r for r in rows if r["kernel"] == "decode_attention" and r["batch"] == 128 and r["context"] == 2048]
-    comp = [r for r in rows if r["kernel"] == "compression_all_layers"]
+    comp = [r for r in rows if r["kernel"] == "compression_all_layers" and r["layer_stride"] == 8]
     summary = {"copy_bandwidth_gbps": bw, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "python": platform.python_version(), "seconds": time.time() - t0}
     if dec and comp:
@@ -312,7 +309,7 @@ def print_table(rows, summary):
     print(f"\ncopy bandwidth {summary['copy_bandwidth_gbps']:.0f} GB/s on {summary['device']}")
     print(f"{'kernel':24s} {'B':>4s} {'ctx':>6s} {'page':>4s} {'ms':>8s} {'base ms':>8s} {'x':>6s} {'GB/s':>7s} {'%bw':>5s}")
     for r in rows:
-        print(f"{r['kernel']:24s} {r.get('batch', r.get('tokens', '')):>4} {r.get('context', ''):>6} "
+        print(f"{r['kernel']:24s} {r.get('batch', r.get('tokens', r.get('layer_stride', ''))):>4} {r.get('context', ''):>6} "
               f"{r.get('page', ''):>4} {r['ms']:8.3f} {r['baseline_ms']:8.3f} {r['speedup']:6.2f} "
               f"{r.get('gbps', math.nan):7.0f} {100 * r.get('frac_copy_bw', math.nan):5.1f}")
     for k, v in summary.items():

@@ -44,7 +44,7 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overrides):
+def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", scale: float = 2.0, **overrides):
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
     config = config_cls(**{**_COMMON, **extra, **overrides})
@@ -54,7 +54,7 @@ def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overr
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(2.0)
+                p.mul_(scale)
     return model
 
 

@@ -183,7 +183,7 @@ def test_compact_interpreter():
 # --------------------------------------------------------------------------- GPU cases
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("page", [16, 64, 256])
 def test_decode_gpu(dtype, D, page):

@@ -1,10 +1,13 @@
 """ZipageCache: a transformers ``Cache`` that stores KV in pages and evicts tokens to a budget.
 
 Layout: one growable ``PagePool`` and one page table per batch row, shared by
-all layers; per layer, pool tensors ``[num_pages, page_size, H_kv, D]`` for keys
-and values (plus a float32 score state for stateful scorers). Every row of a
-``generate()`` batch receives the same number of tokens per step, so all rows
-store the same number ``S`` of tokens and compress at the same step.
+all layers; keys and values in pools stacked over layers,
+``[L, num_pages, page_size, H_kv, D]`` (plus a float32 score state for stateful
+scorers), each layer's ``keys``/``values`` being a view of its slice. Every row
+of a ``generate()`` batch receives the same number of tokens per step, so all
+rows and layers store the same number ``S`` of tokens and compress at the same
+step: at the first layer's update, every layer at once, in groups of
+``layer_stride`` layers (a layer is just more batch rows for the kernels).
 
 Lengths: ``get_seq_length()`` is the logical length ``L`` (tokens seen, which
 positions come from); ``stored_length()`` is ``S <= L``. The mask is built for
@@ -21,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import capture
-from .compress import LayerPages, compress_layer
+from .compress import LayerPages, compress_layers
 from .config import ZipageConfig
 from .kernels import gather_kv, paged_decode_attention, slot_indices, store_kv
 from .kernels._triton import use_triton
@@ -56,7 +59,7 @@ def check_model_config(config: Any) -> None:
 
 
 class ZipageLayer(CacheLayerMixin):
-    """One layer of a ``ZipageCache``: its pool tensors, lengths and captured window queries."""
+    """One layer of a ``ZipageCache``: views of its pools, its lengths and its captured window queries."""
 
     is_sliding = False
     is_compileable = False
@@ -72,29 +75,21 @@ class ZipageLayer(CacheLayerMixin):
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
         self.scaling: float | None = None
-        self.compressions = 0
         self.paged_ok = False  # the capture reached this layer's attention with plain softmax attention
         self.paged_step = False  # this step's attention reads the pages directly
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        B, H, _, D = key_states.shape
-        n, p = self.cache.pool.num_pages, self.cache.zipage_config.page_size
-        self.keys = torch.zeros(n, p, H, D, dtype=key_states.dtype, device=self.device)
-        self.values = torch.zeros(n, p, H, value_states.shape[-1], dtype=value_states.dtype, device=self.device)
-        if self.cache.scorer.stateful:
-            self.state = torch.zeros(n, p, H, dtype=torch.float32, device=self.device)
-        self.valid = torch.ones(B, 0, dtype=torch.bool, device=self.device)
-        self.is_initialized = True
+        self.cache._init_pools(key_states, value_states)
 
-    def grow(self, num_pages: int) -> None:
-        extra = num_pages - self.keys.shape[0]
-        if extra <= 0:
-            return
-        self.keys = torch.cat([self.keys, self.keys.new_zeros(extra, *self.keys.shape[1:])])
-        self.values = torch.cat([self.values, self.values.new_zeros(extra, *self.values.shape[1:])])
-        if self.state is not None:
-            self.state = torch.cat([self.state, self.state.new_zeros(extra, *self.state.shape[1:])])
+    def bind(self) -> None:
+        """Point this layer's tensors at its slice of the stacked pools."""
+        c = self.cache
+        self.keys, self.values = c.k_pool[self.layer_idx], c.v_pool[self.layer_idx]
+        self.state = c.state_pool[self.layer_idx] if c.state_pool is not None else None
+        self.dtype, self.device = self.keys.dtype, self.keys.device
+        if self.valid is None:
+            self.valid = torch.ones(c.batch_size_, 0, dtype=torch.bool, device=self.device)
+        self.is_initialized = True
 
     def pages(self) -> LayerPages:
         return LayerPages(self.keys, self.values, self.state)
@@ -113,7 +108,7 @@ class ZipageLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.seen = self.stored = self.compressions = 0
+        self.seen = self.stored = 0
         self.valid = self.window_queries = None
         self.keys = self.values = self.state = None
         self.paged_ok = self.paged_step = False
@@ -157,6 +152,9 @@ class ZipageCache(Cache):
         self.pool = PagePool(0, growable=True)
         self.row_pages: list[list[int]] = []
         self.page_table: torch.Tensor | None = None  # [B, max_pages] int64
+        self.k_pool: torch.Tensor | None = None  # [L, num_pages, page_size, H_kv, D]
+        self.v_pool: torch.Tensor | None = None
+        self.state_pool: torch.Tensor | None = None  # [L, num_pages, page_size, H_kv] float32
         self.batch_size_ = 0
         self._step_slots: torch.Tensor | None = None
         self.num_compressions = 0
@@ -173,9 +171,9 @@ class ZipageCache(Cache):
         """Memory accounting: tokens seen vs stored, pages in use, and KV bytes against a full cache."""
         layer = self.layers[0]
         bytes_per_token = 0
-        for lyr in self.layers:
-            if lyr.is_initialized:
-                bytes_per_token += (lyr.keys[0, 0].numel() * lyr.keys.element_size()) * 2
+        if self.k_pool is not None:
+            per_layer = self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+            bytes_per_token = 2 * per_layer * self.k_pool.shape[0]
         page = self.zipage_config.page_size
         rows = max(self.batch_size_, 1)
         return {
@@ -192,6 +190,40 @@ class ZipageCache(Cache):
             "kv_bytes_pool": self.pool.num_pages * page * bytes_per_token,
         }
 
+    # ------------------------------------------------------------------ storage
+    def _init_pools(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self.k_pool is not None:
+            if key_states.shape[1] != self.k_pool.shape[3] or key_states.shape[3] != self.k_pool.shape[4]:
+                raise ValueError(
+                    "zipage needs the same number of KV heads and head dim in every layer; got "
+                    f"{tuple(key_states.shape[1::2])} after {tuple(self.k_pool.shape[3:])}"
+                )
+            for layer in self.layers:
+                layer.bind()
+            return
+        _, H, _, D = key_states.shape
+        L, n, p = len(self.layers), self.pool.num_pages, self.zipage_config.page_size
+        dev = key_states.device
+        self.k_pool = torch.zeros(L, n, p, H, D, dtype=key_states.dtype, device=dev)
+        self.v_pool = torch.zeros(L, n, p, H, value_states.shape[-1], dtype=value_states.dtype, device=dev)
+        if self.scorer.stateful:
+            self.state_pool = torch.zeros(L, n, p, H, dtype=torch.float32, device=dev)
+        for layer in self.layers:
+            layer.bind()
+
+    def _grow_pools(self) -> None:
+        if self.k_pool is None:
+            return
+        extra = self.pool.num_pages - self.k_pool.shape[1]
+        if extra <= 0:
+            return
+        grow = lambda t: torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)  # noqa: E731
+        self.k_pool, self.v_pool = grow(self.k_pool), grow(self.v_pool)
+        if self.state_pool is not None:
+            self.state_pool = grow(self.state_pool)
+        for layer in self.layers:
+            layer.bind()
+
     # ------------------------------------------------------------------ the update path
     def _stored_after_compression(self, stored: int, q: int) -> int:
         cfg = self.zipage_config
@@ -199,8 +231,9 @@ class ZipageCache(Cache):
             return cfg.budget
         return stored
 
-    def _begin_step(self, batch: int, q: int, device: torch.device) -> None:
-        """Before layer 0 stores a step: make every row hold the pages this step needs."""
+    def _begin_step(self, batch: int, q: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Before the first layer stores a step: compress every layer if due, free the pages no
+        layer needs any more, and give every row the pages this step needs."""
         if self.page_table is None:
             self.batch_size_ = batch
             self.row_pages = [[] for _ in range(batch)]
@@ -209,21 +242,22 @@ class ZipageCache(Cache):
         cfg = self.zipage_config
         stored = self.layers[0].stored
         after = self._stored_after_compression(stored, q)
-        need = -(-max(stored, after + q) // cfg.page_size)
+        if after != stored:
+            self._compress_all(stored)
+            self._trim_pages(after)
+        need = -(-(after + q) // cfg.page_size)
         have = len(self.row_pages[0])
         if need > have:
             for pages in self.row_pages:
                 pages.extend(self.pool.allocate(need - have))
-            for layer in self.layers:
-                if layer.is_initialized:
-                    layer.grow(self.pool.num_pages)
-            self.page_table = torch.tensor(self.row_pages, dtype=torch.long, device=device)
+            self._grow_pools()
+            self.page_table = torch.tensor(self.row_pages, dtype=torch.long, device=key_states.device)
+        if self.k_pool is None:
+            self._init_pools(key_states, value_states)
         self._step_slots = slot_indices(self.page_table, 0, after + q, cfg.page_size)
 
-    def _end_step(self) -> None:
-        """After the last layer: give back the pages no layer needs any more."""
-        page = self.zipage_config.page_size
-        need = -(-max(layer.stored for layer in self.layers) // page)
+    def _trim_pages(self, stored: int) -> None:
+        need = -(-stored // self.zipage_config.page_size)
         if need < len(self.row_pages[0]):
             for pages in self.row_pages:
                 self.pool.free(pages[need:])
@@ -233,14 +267,14 @@ class ZipageCache(Cache):
     def _update_layer(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
         B, _, q, _ = key_states.shape
         if layer.layer_idx == 0:
-            self._begin_step(B, q, key_states.device)
+            self._begin_step(B, q, key_states, value_states)
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
-        after = self._stored_after_compression(layer.stored, q)
-        if after != layer.stored:
-            self._compress(layer)
+        after = layer.stored
         slots = self._step_slots
-        new = slots[:, after : after + q]
+        if slots.shape[1] != after + q:
+            raise RuntimeError(f"zipage: layer {layer.layer_idx} updated out of step with layer 0")
+        new = slots[:, after:]
         store_kv(layer.keys, new, key_states.transpose(1, 2), layer.values, value_states.transpose(1, 2))
         if layer.state is not None:
             store_kv(layer.state, new, torch.zeros(B, q, layer.state.shape[-1], device=layer.state.device))
@@ -249,8 +283,6 @@ class ZipageCache(Cache):
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
         layer.valid = torch.cat([layer.valid[:, :after], layer.valid.new_ones(B, q)], dim=1)
         capture.arm(self, layer.layer_idx, self.model_config)
-        if layer.layer_idx == len(self.layers) - 1:
-            self._end_step()
         # Decode on CUDA: once the capture is known to reach this layer's attention, the wrapper
         # attends straight from the pages (Triton paged attention), so no dense copy is made.
         layer.paged_step = q == 1 and layer.paged_ok and use_triton(layer.keys)
@@ -290,54 +322,69 @@ class ZipageCache(Cache):
         )
         return out.view(B, 1, H, D)
 
-    def _compress(self, layer: ZipageLayer) -> None:
+    def _compress_all(self, stored: int) -> None:
+        """Compress every layer from ``stored`` tokens to the budget, ``layer_stride`` layers per batch."""
         cfg = self.zipage_config
-        S = layer.stored
-        if self.scorer.needs_queries and (layer.window_queries is None or layer.window_queries.shape[2] < cfg.window):
-            raise RuntimeError(
-                f"zipage could not capture the queries of layer {layer.layer_idx}: build ZipageCache with "
-                "config=model.config (the very object the model holds), and use a model whose attention goes "
-                "through transformers' AttentionInterface"
-            )
-        if layer.valid is None or layer.valid.shape[1] != S:
-            raise RuntimeError(f"zipage lost track of the padding of layer {layer.layer_idx}")
-        slots = slot_indices(self.page_table, 0, S, cfg.page_size)
-        scaling = layer.scaling if layer.scaling is not None else layer.keys.shape[-1] ** -0.5
-        keep = compress_layer(
-            layer.pages(),
-            slots,
-            layer.valid,
-            layer.window_queries,
-            self.scorer,
-            k=cfg.budget,
-            window=cfg.window,
-            sinks=cfg.sinks,
-            scaling=scaling,
-            page_size=cfg.page_size,
-            first=layer.compressions == 0,
-            layer_idx=layer.layer_idx,
+        for layer in self.layers:
+            if layer.stored != stored or layer.valid is None or layer.valid.shape[1] != stored:
+                raise RuntimeError(f"zipage lost track of layer {layer.layer_idx} ({layer.stored} vs {stored})")
+            if self.scorer.needs_queries and (
+                layer.window_queries is None or layer.window_queries.shape[2] < cfg.window
+            ):
+                raise RuntimeError(
+                    f"zipage could not capture the queries of layer {layer.layer_idx}: build ZipageCache with "
+                    "config=model.config (the very object the model holds), and use a model whose attention goes "
+                    "through transformers' AttentionInterface"
+                )
+        slots = slot_indices(self.page_table, 0, stored, cfg.page_size)
+        L = len(self.layers)
+        for l0 in range(0, L, cfg.layer_stride):
+            group = self.layers[l0 : l0 + cfg.layer_stride]
+            l1 = l0 + len(group)
+            scales = {lyr.scaling for lyr in group}
+            scaling = scales.pop() if len(scales) == 1 and None not in scales else None
+            if scaling is None:  # layers with their own scales (or none captured): one at a time
+                for lyr in group:
+                    self._compress_group([lyr], slots, lyr.scaling or self.k_pool.shape[-1] ** -0.5)
+            else:
+                self._compress_group(group, slots, scaling)
+        for layer in self.layers:
+            layer.stored = cfg.budget
+        self.num_compressions += 1
+        self.tokens_evicted += (stored - cfg.budget) * self.batch_size_
+
+    def _compress_group(self, group: list[ZipageLayer], slots: torch.Tensor, scaling: float) -> None:
+        cfg = self.zipage_config
+        l0, l1 = group[0].layer_idx, group[-1].layer_idx + 1
+        pools = LayerPages(
+            self.k_pool[l0:l1], self.v_pool[l0:l1], self.state_pool[l0:l1] if self.state_pool is not None else None
         )
-        layer.valid = layer.valid.gather(1, keep[:, 0])
-        layer.stored = cfg.budget
-        layer.compressions += 1
-        if layer.layer_idx == 0:
-            self.num_compressions += 1
-            self.tokens_evicted += (S - cfg.budget) * self.batch_size_
+        queries = torch.stack([lyr.window_queries for lyr in group]) if self.scorer.needs_queries else None
+        key_mask = torch.stack([lyr.valid for lyr in group])
+        keep = compress_layers(
+            pools, slots, key_mask, queries, self.scorer, k=cfg.budget, window=cfg.window, sinks=cfg.sinks,
+            scaling=scaling, page_size=cfg.page_size, first=self.num_compressions == 0,
+            layer_idx=l0 if len(group) == 1 else -1,
+        )
+        for lyr, kept in zip(group, keep):
+            lyr.valid = lyr.valid.gather(1, kept[:, 0])
 
     # ------------------------------------------------------------------ generate() plumbing
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``i`` becomes old row ``beam_idx[i]`` (all rows store the same length)."""
         if self.page_table is None:
             return
+        stored = self.layers[0].stored
+        slots = slot_indices(self.page_table, 0, stored, self.zipage_config.page_size)
+        idx = beam_idx.to(slots.device)
+        L, P, p = self.k_pool.shape[:3]
+        for pool in (self.k_pool, self.v_pool, self.state_pool):
+            if pool is not None:
+                flat = pool.view(L, P * p, *pool.shape[3:])
+                flat[:, slots] = flat[:, slots].index_select(1, idx)
         for layer in self.layers:
-            if not layer.is_initialized or layer.stored == 0:
-                continue
-            idx = beam_idx.to(layer.device)
-            slots = slot_indices(self.page_table, 0, layer.stored, self.zipage_config.page_size)
-            for cache in (layer.keys, layer.values, layer.state):
-                if cache is not None:
-                    store_kv(cache, slots, gather_kv(cache, slots).index_select(0, idx))
-            layer.valid = layer.valid.index_select(0, idx)
+            if layer.valid is not None:
+                layer.valid = layer.valid.index_select(0, idx)
             if layer.window_queries is not None:
                 layer.window_queries = layer.window_queries.index_select(0, idx)
 
@@ -349,10 +396,10 @@ class ZipageCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        if self.row_pages:
-            for pages in self.row_pages:
-                self.pool.free(pages)
+        for pages in self.row_pages:
+            self.pool.free(pages)
         self.row_pages, self.page_table, self.batch_size_ = [], None, 0
+        self.k_pool = self.v_pool = self.state_pool = None
         self.num_compressions = self.tokens_evicted = 0
 
     @property

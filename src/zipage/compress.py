@@ -1,4 +1,4 @@
-"""Compression of one layer: score, protect, pick top-k per KV head, compact in place.
+"""Compression: score, protect, pick top-k per KV head, compact in place (one layer or a stack of layers).
 
 Every head keeps the same number of tokens, so one page table per sequence
 still serves all layers and heads after compression.
@@ -47,11 +47,76 @@ def select_keep(
 
 @dataclass
 class LayerPages:
-    """The pool tensors of one layer: keys, values and (for stateful scorers) the score state."""
+    """Pool tensors of one layer (``[num_pages, page_size, H, D]``) or of a stack of layers
+    (``[L, num_pages, page_size, H, D]``): keys, values and, for stateful scorers, the score state
+    (``[..., num_pages, page_size, H]`` float32)."""
 
-    keys: torch.Tensor  # [num_pages, page_size, H, D]
-    values: torch.Tensor  # [num_pages, page_size, H, D]
-    state: torch.Tensor | None = None  # [num_pages, page_size, H] float32
+    keys: torch.Tensor
+    values: torch.Tensor
+    state: torch.Tensor | None = None
+
+
+def compress_layers(
+    pools: LayerPages,
+    slots: torch.Tensor,
+    key_mask: torch.Tensor,
+    queries: torch.Tensor | None,
+    scorer: Scorer,
+    *,
+    k: int,
+    window: int,
+    sinks: int,
+    scaling: float,
+    page_size: int,
+    first: bool,
+    layer_idx: int = -1,
+) -> torch.Tensor:
+    """Compress ``L`` stacked layers of ``B`` sequences at once, from ``S = slots.shape[1]`` stored
+    tokens down to ``k``, in place: one gather, one scoring pass, one top-k and one compaction
+    for all of them (a layer is just more batch rows for the kernels).
+
+    Args:
+        pools: stacked pools, ``[L, num_pages, page_size, H, D]`` (contiguous in their layer slice).
+        slots: ``[B, S]`` flat slot ids of the stored tokens (one page table serves every layer).
+        key_mask: ``[L, B, S]`` bool, False for padding.
+        queries: ``[L, B, H_q, w, D]`` window queries, or None for scorers that need none.
+    Returns:
+        ``[L, B, H, k]`` kept indices (into ``0..S-1``).
+    """
+    L, P, page = pools.keys.shape[:3]
+    B, S = slots.shape
+    offsets = torch.arange(L, device=slots.device)[:, None, None] * (P * page)
+    rows = (slots[None] + offsets).reshape(L * B, S)
+    flat = lambda t: t.reshape(L * P, *t.shape[2:])  # noqa: E731  (a view: the pools are contiguous)
+    keys_pool, values_pool = flat(pools.keys), flat(pools.values)
+    state_pool = flat(pools.state) if pools.state is not None else None
+    keys = gather_kv(keys_pool, rows).transpose(1, 2)  # [L*B, H, S, D]
+    values = gather_kv(values_pool, rows).transpose(1, 2) if scorer.needs_values else None
+    state = None
+    if scorer.stateful and state_pool is not None:
+        state = gather_kv(state_pool, rows).transpose(1, 2)
+    mask = key_mask.reshape(L * B, S)
+    q = queries.reshape(L * B, *queries.shape[2:]) if queries is not None else None
+    inputs = ScoreInputs(
+        keys=keys,
+        values=values,
+        queries=q,
+        key_mask=mask,
+        query_mask=mask[:, S - q.shape[2] :] if q is not None else None,
+        scaling=scaling,
+        page_size=page_size,
+        state=state,
+        first=first,
+        layer_idx=layer_idx,
+    )
+    scores, new_state = scorer(inputs)
+    caches = [keys_pool, values_pool]
+    if state_pool is not None and new_state is not None:
+        store_kv(state_pool, rows, new_state.transpose(1, 2).float())
+        caches.append(state_pool)
+    keep = select_keep(scores, mask, k, window, sinks)
+    compact(caches, rows, keep)
+    return keep.view(L, B, *keep.shape[1:])
 
 
 def compress_layer(
@@ -69,34 +134,10 @@ def compress_layer(
     first: bool,
     layer_idx: int,
 ) -> torch.Tensor:
-    """Compress the ``S = slots.shape[1]`` stored tokens of each row down to ``k``, in place.
-
-    Returns the ``[B, H, k]`` kept indices (into ``0..S-1``).
-    """
-    keys = gather_kv(pages.keys, slots).transpose(1, 2)  # [B, H, S, D]
-    values = gather_kv(pages.values, slots).transpose(1, 2) if scorer.needs_values else None
-    state = None
-    if scorer.stateful and pages.state is not None:
-        state = gather_kv(pages.state, slots).transpose(1, 2)
-    S = slots.shape[1]
-    query_mask = key_mask[:, S - queries.shape[2] :] if queries is not None else None
-    inputs = ScoreInputs(
-        keys=keys,
-        values=values,
-        queries=queries,
-        key_mask=key_mask,
-        query_mask=query_mask,
-        scaling=scaling,
-        page_size=page_size,
-        state=state,
-        first=first,
-        layer_idx=layer_idx,
+    """Compress one layer (pools ``[num_pages, page_size, H, D]``); returns ``[B, H, k]`` kept indices."""
+    one = LayerPages(pages.keys[None], pages.values[None], pages.state[None] if pages.state is not None else None)
+    keep = compress_layers(
+        one, slots, key_mask[None], queries[None] if queries is not None else None, scorer, k=k, window=window,
+        sinks=sinks, scaling=scaling, page_size=page_size, first=first, layer_idx=layer_idx,
     )
-    scores, new_state = scorer(inputs)
-    caches = [pages.keys, pages.values]
-    if pages.state is not None and new_state is not None:
-        store_kv(pages.state, slots, new_state.transpose(1, 2).float())
-        caches.append(pages.state)
-    keep = select_keep(scores, key_mask, k, window, sinks)
-    compact(caches, slots, keep)
-    return keep
+    return keep[0]

@@ -70,6 +70,8 @@ class ZipageConfig:
             over neighbouring positions.
         pooling_kernel: odd pooling width.
         seed: seed of the ``random`` scorer.
+        layer_stride: layers compressed together in one batch of kernel launches (bounds the
+            scratch memory of a compression, as in the paper, which uses 8).
     """
 
     budget: int = 2048
@@ -87,6 +89,7 @@ class ZipageConfig:
     pooling: str = "max"
     pooling_kernel: int = 5
     seed: int = 0
+    layer_stride: int = 8
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +122,7 @@ class ZipageConfig:
         if self.pooling_kernel % 2 == 0:
             _fail("pooling_kernel", self.pooling_kernel, "must be odd so the pooling stays centred")
         _check_int("seed", self.seed)
+        _check_int("layer_stride", self.layer_stride, low=1)
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "expected a dict", TypeError)
         # Imported here: scoring depends on config, not the other way round.

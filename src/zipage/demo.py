@@ -153,15 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt_len = inputs["input_ids"].shape[1]
     cfg = model.config
     print(_rule("zipage demo: full KV cache vs compressed paged KV cache"))
+    dtype = str(model.dtype).replace("torch.", "")
     print(
-        f"  model     SmolLM2-135M-Instruct ({cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query / "
-        f"{cfg.num_key_value_heads} KV heads, {model.dtype}), loaded in {load_s:.1f} s"
+        f"  model     SmolLM2-135M-Instruct: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query /"
+        f" {cfg.num_key_value_heads} KV heads,\n            {dtype}, loaded in {load_s:.1f} s"
     )
     print(
-        f"  zipage    budget={zipage_config.budget}  page_size={zipage_config.page_size}  "
-        f"buffer={zipage_config.buffer}  window={zipage_config.window}  scorer={zipage_config.scorer}"
+        f"  zipage    budget={zipage_config.budget} page_size={zipage_config.page_size} "
+        f"buffer={zipage_config.buffer} window={zipage_config.window} scorer={zipage_config.scorer}"
     )
-    print(f"  decoding  greedy, at most {args.max_new_tokens} new tokens, torch threads={torch.get_num_threads()}")
+    print(f"  decoding  greedy, at most {args.max_new_tokens} new tokens; torch threads: {torch.get_num_threads()}")
     print(_rule(f"prompt ({source}, {prompt_len} tokens with the chat template)", "-"))
     print(_block(user_text))
     if reference is not None:
@@ -195,9 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stored = [cache.stored_length(i) for i in range(len(cache.layers))]
     stored_text = (
-        f"{stored[0]} in each of {len(stored)} layers"
+        f"{stored[0]} (all {len(stored)} layers alike)"
         if len(set(stored)) == 1
-        else f"{min(stored)}..{max(stored)} across {len(stored)} layers"
+        else f"{min(stored)}..{max(stored)} (across {len(stored)} layers)"
     )
     same = _leading_matches(full_ids, zip_ids)
     zip_bytes = stats["kv_bytes_in_use"]
@@ -214,19 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(_row("tokens stored per layer", full_seen, stats["tokens_stored"]))
     print(_row("KV bytes at the end", _mib(full_bytes), _mib(zip_bytes)))
     print(_rule("", "-"))
-    print(f"  zipage stores {stored_text} (per KV head),")
-    print(f"  i.e. {stats['tokens_stored']} of {stats['tokens_seen']} tokens seen; never more than budget + buffer")
-    print(f"  = {zipage_config.capacity} after the prompt.")
+    print(f"  tokens seen / stored per layer: {stats['tokens_seen']} / {stored_text}")
+    print(f"  after the prompt zipage stores at most budget + buffer = {zipage_config.capacity} tokens")
     print(
-        f"  pages in use: {stats['pages_in_use']} of {zipage_config.page_size} tokens "
+        f"  pages in use: {stats['pages_in_use']} pages of {zipage_config.page_size} tokens "
         f"(peak {stats['peak_pages']}, pool {stats['pages_total']})"
     )
-    print(
-        f"  KV bytes: a full cache of the same {stats['tokens_seen']} tokens holds {_mib(full_same_len)}, "
-        f"zipage {_mib(zip_bytes)}"
-    )
-    print(f"  -> {saved:.1f}% saved")
-    print(f"  compressions: {stats['compressions']} (tokens evicted per sequence: {cache.tokens_evicted})")
+    print(f"  KV bytes for {stats['tokens_seen']} tokens: full cache {_mib(full_same_len)}, zipage {_mib(zip_bytes)}")
+    print(f"  -> {saved:.1f}% of the KV memory saved")
+    print(f"  compressions: {stats['compressions']} ({cache.tokens_evicted} tokens evicted from every layer)")
     print(f"  identical leading generated tokens: {same} of {min(len(full_ids), len(zip_ids))}")
     print(_rule())
     return 0
