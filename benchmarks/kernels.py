@@ -190,10 +190,8 @@ def run_compression(rows, bw):
     """One sequence compressed from budget + buffer to budget in every layer (score, redundancy, top-k,
     compaction), through the library's own compress_layers on pools stacked over layers, ``stride``
     layers per batch; against the PyTorch reference path of the same code."""
-    import zipage.kernels.compact as c_mod
-    import zipage.kernels.paged_kv as kv_mod
-    import zipage.kernels.redundancy as r_mod
-    import zipage.kernels.window_score as w_mod
+    import sys
+
     from zipage import ZipageConfig
     from zipage.compress import LayerPages, compress_layers
     from zipage.kernels import slot_indices
@@ -216,7 +214,8 @@ def run_compression(rows, bw):
             compress_layers(LayerPages(pools.keys[sl], pools.values[sl], pools.state[sl]), slots, km[sl], q[sl],
                             scorer, k=budget, window=16, sinks=0, scaling=D**-0.5, page_size=page, first=False)
 
-    mods = (c_mod, kv_mod, r_mod, w_mod)
+    # the package exports functions named like some of its modules: take the modules themselves
+    mods = [sys.modules[f"zipage.kernels.{name}"] for name in ("compact", "paged_kv", "redundancy", "window_score")]
     saved = [m.use_triton for m in mods]
     for stride in (1, 8, LAYERS):
         t_ours = bench(lambda: compress_all(stride), warmup=3, rep=30)

@@ -63,7 +63,7 @@ def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tens
     if not cache.is_contiguous() or (cache_b is not None and not cache_b.is_contiguous()):
         raise ValueError("store_kv: pools must be contiguous")
     row = cache[0, 0].numel()
-    flat_slots = slots.reshape(-1)
+    flat_slots = slots.reshape(-1).contiguous()  # a column slice of a slot table reshapes to a strided view
     n = flat_slots.numel()
     if n == 0:
         return

@@ -81,12 +81,13 @@ def _prefill_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, bl
 
 def _store_case(device, dtype, N, H, D, page):
     torch.manual_seed(N + H)
-    P = -(-N // page) + 2
+    P = -(-2 * N // page) + 2
     kc = torch.randn(P, page, H, D, device=device).to(dtype)
     vc = torch.randn(P, page, H, D, device=device).to(dtype)
-    slots = torch.randperm(P * page, device=device)[:N].view(1, N)
-    k = torch.randn(1, H, N, D, device=device).to(dtype).transpose(1, 2)  # strided, as models hand them over
-    v = torch.randn(1, N, H, D, device=device).to(dtype)
+    # a column slice of a wider slot table ([N, 1] with stride 2), as the cache hands it over
+    slots = torch.randperm(P * page, device=device)[: 2 * N].view(N, 2)[:, 1:]
+    k = torch.randn(1, H, N, D, device=device).to(dtype).permute(2, 0, 1, 3)  # [N, 1, H, D], strided
+    v = torch.randn(N, 1, H, D, device=device).to(dtype)
     rk, rv = kc.clone(), vc.clone()
     store_kv_reference(rk, slots, k)
     store_kv_reference(rv, slots, v)
