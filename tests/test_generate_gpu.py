@@ -16,8 +16,8 @@ def assert_same_until_a_tie(cpu, cuda, prompt_len: int, tol: float = 2e-3) -> in
     """Greedy outputs agree token for token, except that a row may part ways at a near-tie of the
     CPU logits (fp32 sums in another order can flip those); before that, the logits agree.
     Returns how many rows parted at a tie."""
-    seq_c, seq_g = cpu.sequences, cuda.sequences.cpu()
-    log_c = torch.stack(cpu.logits, 1)
+    seq_c, seq_g = cpu.sequences.cpu(), cuda.sequences.cpu()
+    log_c = torch.stack(cpu.logits, 1).cpu()
     log_g = torch.stack(cuda.logits, 1).cpu()
     ties = 0
     for b in range(seq_c.shape[0]):
