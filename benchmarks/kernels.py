@@ -293,6 +293,7 @@ def plot(rows, bw, path):
     a.legend(fontsize=7, ncol=2)
     other = [r for r in rows if r["kernel"] != "decode_attention"]
     labels = [f"{r['kernel']}\n{r.get('context', r.get('tokens', ''))}" + (f" p{r['page']}" if "page" in r else "")
+              + (f" stride {r['layer_stride']}" if "layer_stride" in r else "") + (f" B{r['batch']}" if "batch" in r else "")
               for r in other]
     b.barh(range(len(other)), [r["speedup"] for r in other], color="tab:green")
     b.set_yticks(range(len(other)), labels, fontsize=6)

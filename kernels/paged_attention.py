@@ -80,6 +80,33 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlen
 if HAS_TRITON:
 
     @triton.jit
+    def _load_paged_tile(K, V, PT, b, hk, t, in_range, kv_ok, d, dmask,
+                         stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                         PAGE: tl.constexpr):
+        """Keys and values of token positions ``t`` of sequence ``b``, head ``hk``, through its page table."""
+        page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
+        slot = t % PAGE
+        m = kv_ok[:, None] & dmask[None, :]
+        k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                    mask=m, other=0.0)
+        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                    mask=m, other=0.0)
+        return k, v
+
+    @triton.jit
+    def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
+        """One tile of flash attention in the log2 domain: running max, sum and weighted values."""
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _decode_split_kernel(
         Q, K, V, PT, LENS, STARTS, MID_O, MID_LSE,
         scale_log2,
@@ -117,21 +144,9 @@ if HAS_TRITON:
             t = t0 + offs_n
             in_range = t < hi
             valid = in_range & (t >= start)
-            page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
-            slot = t % PAGE
-            k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                        mask=valid[:, None] & dmask[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            qk = tl.where(valid[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :],
-                        mask=valid[:, None] & dmask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            k, v = _load_paged_tile(K, V, PT, b, hk, t, in_range, valid, d, dmask, stride_ptb, stride_kp, stride_kt,
+                                    stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -202,23 +217,11 @@ if HAS_TRITON:
         for t0 in range(lo, hi, BLOCK_N):
             t = t0 + offs_n
             in_range = t < hi
-            page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
-            slot = t % PAGE
             kv_ok = in_range & (t >= start)
-            k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                        mask=kv_ok[:, None] & dmask[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            k, v = _load_paged_tile(K, V, PT, b, hk, t, in_range, kv_ok, d, dmask, stride_ptb, stride_kp, stride_kt,
+                                    stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
             allowed = kv_ok[None, :] & (t[None, :] <= qpos[:, None])
-            qk = tl.where(allowed, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :],
-                        mask=kv_ok[:, None] & dmask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, PRECISION)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(OUT + (q0 + i)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  out.to(OUT.dtype.element_ty), mask=imask[:, None] & dmask[None, :])

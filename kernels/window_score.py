@@ -128,22 +128,32 @@ if HAS_TRITON:
 
     @triton.jit
     def _window_score_kernel(
-        Q, K, KMASK, M, INV_L, INV_COUNT, PREV, OUT, scale_log2, decay,
-        stride_qb, stride_qh, stride_qw, stride_kb, stride_kh, stride_ks, stride_mb,
+        Q, K, KMASK, QMASK, M_PART, L_PART, PREV, OUT, scale_log2, decay,
+        stride_qb, stride_qh, stride_qw, stride_kb, stride_kh, stride_ks, stride_mb, stride_qmb,
         stride_pb, stride_ph, stride_ob, stride_oh,
-        S, G: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        GROUP_MAX: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
+        S, NCHUNK, G: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        GROUP_MAX: tl.constexpr, WINDOW_MEAN: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """Pass 2: one tile of keys: probabilities, max (or mean) over the GQA group, sum over the
-        window times 1/count, then the optional decayed-global max."""
+        """Pass 2: merge the chunks' normalisers, then one tile of keys: probabilities, max (or mean)
+        over the GQA group, sum (or mean) over the valid window queries, then the optional
+        decayed-global max."""
         b = tl.program_id(0)
         hk = tl.program_id(1)
         t0 = tl.program_id(2) * BLOCK_N
         r = tl.arange(0, BLOCK_R)
-        row = (b * tl.num_programs(1) + hk) * BLOCK_R + r
-        m = tl.load(M + row)
-        inv_l = tl.load(INV_L + row)
+        i = r % W
+        c = tl.arange(0, BLOCK_C)
+        base = (b * tl.num_programs(1) + hk) * NCHUNK
+        part = (base + c)[:, None] * BLOCK_R + r[None, :]
+        cmask = (c < NCHUNK)[:, None]
+        m_c = tl.load(M_PART + part, mask=cmask, other=float("-inf"))
+        l_c = tl.load(L_PART + part, mask=cmask, other=0.0)
+        m = tl.max(m_c, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.sum(l_c * tl.math.exp2(m_c - m[None, :]), 0)
+        qvalid = (r < G * W) & (tl.load(QMASK + b * stride_qmb + i) != 0)
+        inv_l = tl.where(qvalid & (l > 0), 1.0 / l, 0.0)
         qk, t, tmask = _window_logits(Q, K, KMASK, b, hk, t0, S, stride_qb, stride_qh, stride_qw,
                                       stride_kb, stride_kh, stride_ks, stride_mb, G, W, D, BLOCK_D,
                                       BLOCK_R, BLOCK_N, PRECISION, scale_log2)
@@ -153,7 +163,10 @@ if HAS_TRITON:
             red = tl.max(p3, 0)
         else:
             red = tl.sum(p3, 0) / G
-        score = tl.sum(red, 0) * tl.load(INV_COUNT + b)
+        score = tl.sum(red, 0)
+        if WINDOW_MEAN:
+            w_ok = tl.load(QMASK + b * stride_qmb + tl.arange(0, W)) != 0
+            score = score / tl.maximum(tl.sum(w_ok.to(tl.float32), 0), 1.0)
         if HAS_PREV:
             prev = tl.load(PREV + b * stride_pb + hk * stride_ph + t, mask=tmask, other=0.0)
             score = tl.maximum(score, decay * prev)
@@ -164,8 +177,8 @@ def window_scores_triton(queries, keys, key_mask, query_mask, scaling, group_red
                          prev=None, decay: float = 1.0, block_n: int = 64, num_chunks: int | None = None):
     """Same as the reference; with ``prev`` it also applies ``max(score, decay * prev)`` (the G-KV update).
 
-    Two passes split over the context: softmax normalisers per chunk (merged in PyTorch), then one
-    program per tile of keys."""
+    Two passes split over the context: softmax normalisers per chunk, then one program per tile of
+    keys, which merges the chunks' normalisers itself (no PyTorch glue between the launches)."""
     B, Hq, w, D = queries.shape
     Hkv, S = keys.shape[1], keys.shape[2]
     if Hq % Hkv or w > S:
@@ -195,23 +208,14 @@ def window_scores_triton(queries, keys, key_mask, query_mask, scaling, group_red
     _window_norm_kernel[(B, Hkv, num_chunks)](
         queries, keys, km, m_part, l_part, scaling * LOG2E, *common, S, chunk, num_chunks, **consts, num_warps=4,
     )
-    m = m_part.amax(dim=2)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    l = (l_part * torch.exp2(m_part - m_safe[:, :, None])).sum(dim=2)
-    rows = torch.arange(BLOCK_R, device=dev)
-    qvalid = torch.zeros(B, BLOCK_R, dtype=torch.bool, device=dev)
-    qvalid[:, : G * w] = query_mask[:, rows[: G * w] % w]
-    inv_l = torch.where((l > 0) & qvalid[:, None, :], 1.0 / l.clamp(min=1e-30), torch.zeros_like(l))
-    if window_reduce == "mean":
-        inv_count = 1.0 / query_mask.sum(dim=1).clamp(min=1).float()
-    else:
-        inv_count = torch.ones(B, dtype=torch.float32, device=dev)
+    qm = query_mask.to(torch.int8).contiguous()
     out = torch.empty(B, Hkv, S, dtype=torch.float32, device=dev)
     pv = prev if prev is not None else out
     _window_score_kernel[(B, Hkv, tiles)](
-        queries, keys, km, m_safe.contiguous(), inv_l.contiguous(), inv_count, pv, out, scaling * LOG2E,
-        float(decay), *common, pv.stride(0), pv.stride(1), out.stride(0), out.stride(1),
-        S, GROUP_MAX=group_reduce == "max", HAS_PREV=prev is not None, **consts, num_warps=4,
+        queries, keys, km, qm, m_part, l_part, pv, out, scaling * LOG2E, float(decay), *common, qm.stride(0),
+        pv.stride(0), pv.stride(1), out.stride(0), out.stride(1), S, num_chunks,
+        BLOCK_C=max(2, next_pow2(num_chunks)), GROUP_MAX=group_reduce == "max",
+        WINDOW_MEAN=window_reduce == "mean", HAS_PREV=prev is not None, **consts, num_warps=4,
     )
     return out
 
