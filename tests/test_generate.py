@@ -281,3 +281,15 @@ def test_paged_decode_path_matches_dense_path(monkeypatch):
     assert len(calls) == 2 * (40 - 1) + 2 * (60 - 1)  # every decode step of both layers went through the pages
     assert torch.equal(big, ref)
     assert torch.equal(small, small_dense)
+
+
+@pytest.mark.parametrize("stride", [1, 2, None])
+def test_layer_stride_does_not_change_the_result(stride):
+    """Compressing layers one by one, in pairs or all at once is the same computation."""
+    model = tiny_model("qwen3", num_hidden_layers=3)
+    ids, mask = left_padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=50, cache_implementation="zipage", **GREEDY)
+    base = {"budget": 16, "page_size": 4, "buffer": 4}
+    ref = model.generate(ids, cache_config={**base, "layer_stride": 3}, **kw)
+    out = model.generate(ids, cache_config={**base, "layer_stride": stride}, **kw)
+    assert torch.equal(ref, out)

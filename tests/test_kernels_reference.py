@@ -1,7 +1,8 @@
 """The plain-PyTorch reference ops of ``zipage.kernels`` against independent dense references.
 
-Every reference below is written the most obvious way: Python loops over rows, heads, queries
-and tokens, with Python floats (double precision), and none of the library's functions.
+Every reference (here and in ``loop_reference``) is written the most obvious way: Python loops
+over rows, heads, queries and tokens, with Python floats (double precision), and none of the
+library's functions.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import random
 
 import pytest
 import torch
+from loop_reference import dot, ref_pool, ref_redundancy, ref_window_scores, softmax
 
 from zipage.kernels import (
     compact_reference,
@@ -23,103 +25,6 @@ from zipage.kernels import (
 )
 
 ATOL = 1e-5
-
-
-def _dot(a, b):
-    return math.fsum(x * y for x, y in zip(a, b))
-
-
-def _softmax(logits: dict) -> dict:
-    m = max(logits.values())
-    e = {j: math.exp(v - m) for j, v in logits.items()}
-    z = math.fsum(e.values())
-    return {j: v / z for j, v in e.items()}
-
-
-# ---------------------------------------------------------------------------------------- references
-
-
-def ref_window_scores(queries, keys, key_mask, query_mask, scaling, group_reduce, window_reduce):
-    """Dense loop reference of the window attention score -> float64 [B, Hkv, S]."""
-    Q = queries.double().tolist()
-    K = keys.double().tolist()
-    km = key_mask.tolist()
-    qm = query_mask.tolist()
-    B, Hq, w, _ = queries.shape
-    Hkv, S = keys.shape[1], keys.shape[2]
-    G = Hq // Hkv
-    out = torch.zeros(B, Hkv, S, dtype=torch.float64)
-    for b in range(B):
-        n_valid_q = sum(1 for i in range(w) if qm[b][i])
-        for h in range(Hkv):
-            total = [0.0] * S
-            for i in range(w):
-                if not qm[b][i]:
-                    continue
-                pos = S - w + i  # where window query i sits among the stored tokens
-                visible = [j for j in range(S) if km[b][j] and j <= pos]
-                per_head = []
-                for g in range(G):
-                    qv = Q[b][h * G + g][i]  # query heads h*G .. h*G+G-1 share KV head h
-                    p = _softmax({j: scaling * _dot(qv, K[b][h][j]) for j in visible})
-                    per_head.append([p.get(j, 0.0) for j in range(S)])
-                for j in range(S):
-                    col = [p[j] for p in per_head]
-                    total[j] += max(col) if group_reduce == "max" else sum(col) / G
-            for j in range(S):
-                if window_reduce == "mean":
-                    out[b, h, j] = total[j] / n_valid_q if n_valid_q else 0.0
-                else:
-                    out[b, h, j] = total[j]
-    return out
-
-
-def ref_redundancy(keys, key_mask, block, threshold, tau):
-    """Dense loop reference of the R-KV redundancy -> (float64 [B, H, S], coverage stats)."""
-    K = keys.double().tolist()
-    km = key_mask.tolist()
-    B, H, S, _ = keys.shape
-    n = block if block is not None else S
-    out = torch.zeros(B, H, S, dtype=torch.float64)
-    stats = {"with_near": 0, "multi_near": 0, "margin": math.inf}
-    for b in range(B):
-        valid = [j for j in range(S) if km[b][j]]
-        for h in range(H):
-            unit = []
-            for j in range(S):
-                v = K[b][h][j]
-                norm = math.sqrt(math.fsum(x * x for x in v))
-                unit.append([x / norm for x in v])
-            r = {}
-            for i in valid:
-                comp = [j for j in valid if j != i and (block is None or j // block == i // block)]
-                sims = {j: _dot(unit[i], unit[j]) for j in comp}
-                near = [j for j in comp if sims[j] > threshold]
-                for j in comp:
-                    stats["margin"] = min(stats["margin"], abs(sims[j] - threshold))
-                stats["with_near"] += bool(near)
-                stats["multi_near"] += len(near) >= 2
-                jstar = max(near) if near else None  # the most recent near-duplicate
-                r[i] = math.fsum(s for j, s in sims.items() if j != jstar)
-            if not valid:
-                continue
-            p = _softmax({i: r[i] / (tau * n) for i in valid})
-            for i in valid:
-                out[b, h, i] = p[i]
-    return out, stats
-
-
-def ref_pool(scores, kernel, mode):
-    X = scores.double().tolist()
-    B, H, S = scores.shape
-    half = kernel // 2
-    out = torch.zeros(B, H, S, dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            for i in range(S):
-                win = [X[b][h][j] for j in range(i - half, i + half + 1) if 0 <= j < S]
-                out[b, h, i] = max(win) if mode == "max" else math.fsum(win) / len(win)
-    return out
 
 
 def make_page_tables(B, n_pages_per_row, num_pages, rng):
@@ -220,8 +125,8 @@ def test_window_scores_causal_and_mean_over_window():
     assert total.sum().item() == pytest.approx(w, abs=1e-5)  # each query's softmax sums to 1
     torch.testing.assert_close(mean, total / w)
     # token S-1 is visible only to query w-1: its score is that query's single probability (< 1)
-    logits = [D**-0.5 * _dot(queries[0, 0, w - 1].tolist(), keys[0, 0, j].tolist()) for j in range(S)]
-    p_last = _softmax(dict(enumerate(logits)))[S - 1]
+    logits = [D**-0.5 * dot(queries[0, 0, w - 1].tolist(), keys[0, 0, j].tolist()) for j in range(S)]
+    p_last = softmax(dict(enumerate(logits)))[S - 1]
     assert total[0, 0, -1].item() == pytest.approx(p_last, abs=1e-5)
     # had the earlier queries seen it, each would have put ~1 on it too
     assert total[0, 0, -1].item() < 1.0 + 1e-5
@@ -325,14 +230,14 @@ def test_redundancy_drops_most_recent_near_duplicate():
         s12,  # token 2: near {0} -> drop it, keep sim(2, 1)
         0.0,  # token 3: orthogonal to everything
     ]
-    p = _softmax({i: r[i] / (0.4 * 4) for i in range(4)})
+    p = softmax({i: r[i] / (0.4 * 4) for i in range(4)})
     exp = torch.tensor([p[i] for i in range(4)], dtype=torch.float64)
     got = redundancy_scores_reference(keys, mask, 4, 0.5, 0.4)
     torch.testing.assert_close(got[0, 0].double(), exp, atol=1e-6, rtol=1e-5)
     # all pairs over a single page is the same comparison set but n = S = 4 as well
     torch.testing.assert_close(redundancy_scores_reference(keys, mask, None, 0.5, 0.4)[0, 0].double(), exp, atol=1e-6, rtol=1e-5)
     # with two pages of 2 tokens: token 0 only sees 1 (near, dropped) -> r = 0, etc.
-    p2 = _softmax({i: 0.0 for i in range(4)})
+    p2 = softmax({i: 0.0 for i in range(4)})
     torch.testing.assert_close(redundancy_scores_reference(keys, mask, 2, 0.5, 0.4)[0, 0].double(),
                                torch.tensor([p2[i] for i in range(4)], dtype=torch.float64), atol=1e-6, rtol=1e-5)
 

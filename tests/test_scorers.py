@@ -1,7 +1,8 @@
 """Scorers, ``select_keep`` and ``compress_layer`` against independent dense references.
 
-The references are written with Python loops and Python floats (double precision) from what the
-docstrings and ALGORITHM.md say; none of the library's kernels is reused.
+The references (here and in ``loop_reference``) are written with Python loops and Python floats
+(double precision) from what the docstrings and ALGORITHM.md say; none of the library's kernels
+is reused.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import random
 
 import pytest
 import torch
+from loop_reference import ref_pool, ref_redundancy, ref_window_scores
 
 import zipage
 import zipage.scoring as scoring_module
@@ -24,84 +26,9 @@ ATOL = 1e-5
 # ---------------------------------------------------------------------------------------- references
 
 
-def _dot(a, b):
-    return math.fsum(x * y for x, y in zip(a, b))
-
-
-def _softmax(logits: dict) -> dict:
-    m = max(logits.values())
-    e = {j: math.exp(v - m) for j, v in logits.items()}
-    z = math.fsum(e.values())
-    return {j: v / z for j, v in e.items()}
-
-
-def ref_window(queries, keys, key_mask, query_mask, scaling, group_reduce, window_reduce):
-    """Window attention: query i at stored index S-w+i, causal, softmax over valid keys,
-    reduce over the GQA group (max/mean), then over the valid queries (mean/sum)."""
-    Q, K = queries.double().tolist(), keys.double().tolist()
-    km, qm = key_mask.tolist(), query_mask.tolist()
-    B, Hq, w, _ = queries.shape
-    Hkv, S = keys.shape[1], keys.shape[2]
-    G = Hq // Hkv
-    out = [[[0.0] * S for _ in range(Hkv)] for _ in range(B)]
-    for b in range(B):
-        nq = sum(1 for i in range(w) if qm[b][i])
-        for h in range(Hkv):
-            for i in range(w):
-                if not qm[b][i]:
-                    continue
-                visible = [j for j in range(S) if km[b][j] and j <= S - w + i]
-                probs = [_softmax({j: scaling * _dot(Q[b][h * G + g][i], K[b][h][j]) for j in visible}) for g in range(G)]
-                for j in visible:
-                    col = [p[j] for p in probs]
-                    out[b][h][j] += max(col) if group_reduce == "max" else sum(col) / G
-            if window_reduce == "mean":
-                out[b][h] = [x / nq if nq else 0.0 for x in out[b][h]]
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def ref_pool(scores, kernel, mode):
-    X = scores.double().tolist()
-    B, H, S = scores.shape
-    half = kernel // 2
-    out = [[[0.0] * S for _ in range(H)] for _ in range(B)]
-    for b in range(B):
-        for h in range(H):
-            for i in range(S):
-                win = [X[b][h][j] for j in range(i - half, i + half + 1) if 0 <= j < S]
-                out[b][h][i] = max(win) if mode == "max" else math.fsum(win) / len(win)
-    return torch.tensor(out, dtype=torch.float64)
-
-
-def ref_redundancy(keys, key_mask, block, threshold, tau):
-    K, km = keys.double().tolist(), key_mask.tolist()
-    B, H, S, _ = keys.shape
-    n = block if block is not None else S
-    out = [[[0.0] * S for _ in range(H)] for _ in range(B)]
-    for b in range(B):
-        valid = [j for j in range(S) if km[b][j]]
-        for h in range(H):
-            unit = []
-            for v in K[b][h]:
-                nrm = math.sqrt(math.fsum(x * x for x in v))
-                unit.append([x / nrm for x in v])
-            r = {}
-            for i in valid:
-                comp = [j for j in valid if j != i and (block is None or j // block == i // block)]
-                sims = {j: _dot(unit[i], unit[j]) for j in comp}
-                near = [j for j in comp if sims[j] > threshold]
-                jstar = max(near) if near else None
-                r[i] = math.fsum(s for j, s in sims.items() if j != jstar)
-            if valid:
-                p = _softmax({i: r[i] / (tau * n) for i in valid})
-                for i in valid:
-                    out[b][h][i] = p[i]
-    return torch.tensor(out, dtype=torch.float64)
-
-
 def ref_zipage(cfg: ZipageConfig, x: ScoreInputs):
     """-> (final score, state) in float64, from ALGORITHM.md steps 1-4."""
-    attn = ref_window(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
+    attn = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
     if x.first and cfg.pooling != "none":
         attn = ref_pool(attn, cfg.pooling_kernel, cfg.pooling)
     if cfg.use_global and x.state is not None:
@@ -114,18 +41,18 @@ def ref_zipage(cfg: ZipageConfig, x: ScoreInputs):
     if cfg.redundancy == "none":
         return attn, attn
     block = x.page_size if cfg.redundancy == "lightning" else None
-    red = ref_redundancy(x.keys, x.key_mask, block, cfg.similarity_threshold, cfg.redundancy_tau)
+    red, _ = ref_redundancy(x.keys, x.key_mask, block, cfg.similarity_threshold, cfg.redundancy_tau)
     lam = cfg.redundancy_lambda
     return lam * attn - (1 - lam) * red, attn
 
 
 def ref_snapkv(cfg, x):
-    attn = ref_window(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "mean", "mean")
+    attn = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "mean", "mean")
     return ref_pool(attn, cfg.pooling_kernel, "avg"), None
 
 
 def ref_h2o(cfg, x):
-    acc = ref_window(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "mean", "sum")
+    acc = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "mean", "sum")
     if x.state is not None:
         acc = acc + x.state.double()
     return acc, acc
@@ -346,7 +273,7 @@ def test_zipage_scorer_matches_dense_reference(shape, overrides, first, with_sta
         assert not torch.allclose(scores.double(), cfg.redundancy_lambda * exp_state, atol=1e-4)
     if with_state and cfg.use_global:
         # the inputs exercise both branches of the max
-        raw = ref_window(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
+        raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
         if first and cfg.pooling != "none":
             raw = ref_pool(raw, cfg.pooling_kernel, cfg.pooling)
         from_prev = cfg.global_decay * x.state.double() > raw
@@ -356,7 +283,7 @@ def test_zipage_scorer_matches_dense_reference(shape, overrides, first, with_sta
 def test_zipage_pooling_only_at_first_compression():
     cfg = ZipageConfig(budget=8, page_size=4, window=4, redundancy="none")
     x = make_inputs(5, 1, 4, 1, 12, 8, 4, 4)
-    raw = ref_window(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
+    raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
     first, _ = get_scorer("zipage", cfg)(x)
     x.first = False
     later, _ = get_scorer("zipage", cfg)(x)

@@ -7,7 +7,8 @@ scorers), each layer's ``keys``/``values`` being a view of its slice. Every row
 of a ``generate()`` batch receives the same number of tokens per step, so all
 rows and layers store the same number ``S`` of tokens and compress at the same
 step: at the first layer's update, every layer at once, in groups of
-``layer_stride`` layers (a layer is just more batch rows for the kernels).
+``layer_stride`` layers (a layer is just more batch rows for the kernels; by
+default as many as ``compress_scratch_bytes`` of gathered keys allow).
 
 Lengths: ``get_seq_length()`` is the logical length ``L`` (tokens seen, which
 positions come from); ``stored_length()`` is ``S <= L``. The mask is built for
@@ -338,9 +339,12 @@ class ZipageCache(Cache):
                 )
         slots = slot_indices(self.page_table, 0, stored, cfg.page_size)
         L = len(self.layers)
-        for l0 in range(0, L, cfg.layer_stride):
-            group = self.layers[l0 : l0 + cfg.layer_stride]
-            l1 = l0 + len(group)
+        stride = cfg.layer_stride
+        if stride is None:  # as many layers as the scratch budget allows (their gathered keys dominate)
+            per_layer = self.batch_size_ * stored * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+            stride = max(1, min(L, cfg.compress_scratch_bytes // max(per_layer, 1)))
+        for l0 in range(0, L, stride):
+            group = self.layers[l0 : l0 + stride]
             scales = {lyr.scaling for lyr in group}
             scaling = scales.pop() if len(scales) == 1 and None not in scales else None
             if scaling is None:  # layers with their own scales (or none captured): one at a time

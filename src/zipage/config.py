@@ -70,8 +70,10 @@ class ZipageConfig:
             over neighbouring positions.
         pooling_kernel: odd pooling width.
         seed: seed of the ``random`` scorer.
-        layer_stride: layers compressed together in one batch of kernel launches (bounds the
-            scratch memory of a compression, as in the paper, which uses 8).
+        layer_stride: layers compressed together in one batch of kernel launches. None (default)
+            takes as many as fit in ``compress_scratch_bytes`` of gathered keys; fewer layers per
+            batch bound the scratch memory (the paper uses 8), more cut launch overhead.
+        compress_scratch_bytes: scratch memory a compression may use when ``layer_stride`` is None.
     """
 
     budget: int = 2048
@@ -89,7 +91,8 @@ class ZipageConfig:
     pooling: str = "max"
     pooling_kernel: int = 5
     seed: int = 0
-    layer_stride: int = 8
+    layer_stride: int | None = None
+    compress_scratch_bytes: int = 512 * 2**20
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -122,7 +125,9 @@ class ZipageConfig:
         if self.pooling_kernel % 2 == 0:
             _fail("pooling_kernel", self.pooling_kernel, "must be odd so the pooling stays centred")
         _check_int("seed", self.seed)
-        _check_int("layer_stride", self.layer_stride, low=1)
+        if self.layer_stride is not None:
+            _check_int("layer_stride", self.layer_stride, low=1)
+        _check_int("compress_scratch_bytes", self.compress_scratch_bytes, low=1)
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "expected a dict", TypeError)
         # Imported here: scoring depends on config, not the other way round.
