@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m zipage.demo",
         description="Greedy generation with the full KV cache vs a zipage cache on SmolLM2-135M-Instruct.",
     )
-    parser.add_argument("--budget", type=int, default=64, help="tokens kept per layer and KV head (default 64)")
+    parser.add_argument("--budget", type=int, default=128, help="tokens kept per layer and KV head (default 128: the 112-token question stays whole until the answer grows)")
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
     parser.add_argument("--buffer", type=int, default=16, help="tokens allowed beyond the budget (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
