@@ -474,7 +474,7 @@ def _paged_layout(rng, keys, values, page_size, state=None, spare_pages=3):
 COMPRESS_CASES = [
     # scorer, first, with_state, B, S, k, sinks
     ("zipage", True, False, 1, 13, 7, 0),
-    ("zipage", True, True, 3, 18, 9, 1),
+    ("zipage", True, True, 3, 18, 9, 1),  # a first compression has no history: the stored state is ignored
     ("zipage", False, True, 3, 18, 9, 0),
     ("zipage", False, True, 1, 13, 6, 2),
     ("snapkv", True, False, 3, 18, 9, 0),
@@ -499,7 +499,7 @@ def test_compress_layer_against_dense_reference(case):
 
     # dense reference: score -> protect -> top-k -> gather
     ref_inputs = ScoreInputs(x.keys, x.values, x.queries, x.key_mask, x.query_mask, x.scaling, ps,
-                             state=x.state if scorer.stateful else None, first=first)
+                             state=x.state if scorer.stateful and not first else None, first=first)
     exp_scores, exp_state = REFS[name](cfg, ref_inputs)
     if name != "streaming":
         assert selection_margin(exp_scores, x.key_mask, k, w, sinks) > 1e-5, "near-tie in the test inputs"

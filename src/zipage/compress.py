@@ -70,16 +70,20 @@ def compress_layers(
     page_size: int,
     first: bool,
     layer_idx: int = -1,
+    dst_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Compress ``L`` stacked layers of ``B`` sequences at once, from ``S = slots.shape[1]`` stored
-    tokens down to ``k``, in place: one gather, one scoring pass, one top-k and one compaction
-    for all of them (a layer is just more batch rows for the kernels).
+    tokens down to ``k``: one gather, one scoring pass, one top-k and one compaction for all of
+    them (a layer is just more batch rows for the kernels). In place, or into ``dst_slots``
+    (fresh pages, when the source pages may be shared with other sequences: they are only read).
 
     Args:
         pools: stacked pools, ``[L, num_pages, page_size, H, D]`` (contiguous in their layer slice).
         slots: ``[B, S]`` flat slot ids of the stored tokens (one page table serves every layer).
         key_mask: ``[L, B, S]`` bool, False for padding.
         queries: ``[L, B, H_q, w, D]`` window queries, or None for scorers that need none.
+        first: True at the sequences' first compression (a stateful scorer then has no history).
+        dst_slots: ``[B, >= k]`` where the kept tokens go (default: the first ``k`` of ``slots``).
     Returns:
         ``[L, B, H, k]`` kept indices (into ``0..S-1``).
     """
@@ -87,13 +91,14 @@ def compress_layers(
     B, S = slots.shape
     offsets = torch.arange(L, device=slots.device)[:, None, None] * (P * page)
     rows = (slots[None] + offsets).reshape(L * B, S)
+    dst_rows = rows if dst_slots is None else (dst_slots[None] + offsets).reshape(L * B, dst_slots.shape[1])
     flat = lambda t: t.reshape(L * P, *t.shape[2:])  # noqa: E731  (a view: the pools are contiguous)
     keys_pool, values_pool = flat(pools.keys), flat(pools.values)
     state_pool = flat(pools.state) if pools.state is not None else None
     keys = gather_kv(keys_pool, rows).transpose(1, 2)  # [L*B, H, S, D]
     values = gather_kv(values_pool, rows).transpose(1, 2) if scorer.needs_values else None
     state = None
-    if scorer.stateful and state_pool is not None:
+    if scorer.stateful and state_pool is not None and not first:
         state = gather_kv(state_pool, rows).transpose(1, 2)
     mask = key_mask.reshape(L * B, S)
     q = queries.reshape(L * B, *queries.shape[2:]) if queries is not None else None
@@ -110,12 +115,12 @@ def compress_layers(
         layer_idx=layer_idx,
     )
     scores, new_state = scorer(inputs)
-    caches = [keys_pool, values_pool]
-    if state_pool is not None and new_state is not None:
-        store_kv(state_pool, rows, new_state.transpose(1, 2).float())
-        caches.append(state_pool)
     keep = select_keep(scores, mask, k, window, sinks)
-    compact(caches, rows, keep)
+    compact([keys_pool, values_pool], rows, keep, None if dst_slots is None else dst_rows)
+    if state_pool is not None:
+        # The state of the kept tokens goes straight to their new slots (never into the source pages).
+        kept_state = new_state.gather(2, keep) if new_state is not None else torch.zeros_like(keep, dtype=torch.float32)
+        store_kv(state_pool, dst_rows[:, :k], kept_state.transpose(1, 2).float())
     return keep.view(L, B, *keep.shape[1:])
 
 
