@@ -5,6 +5,7 @@
 
 from .cache import ZipageCache, ZipageLayer
 from .config import ZipageConfig
+from .engine import LLM, RequestOutput, SamplingParams
 from .hf import register as _register_generate_hook
 from .memory import OutOfPagesError, PagePool
 from .scoring import Scorer, ScoreInputs, get_scorer, list_scorers, register_scorer
@@ -14,6 +15,9 @@ __version__ = "0.1.0.dev0"
 _register_generate_hook()
 
 __all__ = [
+    "LLM",
+    "RequestOutput",
+    "SamplingParams",
     "OutOfPagesError",
     "PagePool",
     "ScoreInputs",

@@ -1,5 +1,6 @@
-"""Where KV lives: the page pool (ids and reference counts)."""
+"""Where KV lives: page pools (ids and reference counts) and prefix caching."""
 
+from .block_manager import BlockManager, page_hash
 from .pool import OutOfPagesError, PagePool
 
-__all__ = ["OutOfPagesError", "PagePool"]
+__all__ = ["BlockManager", "OutOfPagesError", "PagePool", "page_hash"]

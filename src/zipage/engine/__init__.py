@@ -1,0 +1,7 @@
+"""The continuous-batching engine: ``LLM`` and ``SamplingParams``."""
+
+from .llm import LLM
+from .sampling import SamplingParams
+from .sequence import RequestOutput
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,339 @@
+"""``zipage.LLM``: the continuous-batching engine, offline and online.
+
+    llm = zipage.LLM(model, tokenizer, budget=2048)
+    outs = llm.generate(["Prove that ..."], zipage.SamplingParams(max_tokens=8192))
+
+    rid = llm.add_request("Solve ...", SamplingParams(max_tokens=512))
+    for tokens in llm.stream(rid): ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterator, Sequence as Seq
+from typing import Any
+
+import torch
+
+from ..cache import check_model_config
+from ..config import ZipageConfig
+from ..memory.block_manager import BlockManager
+from ..scoring import get_scorer
+from .runner import ModelRunner
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import RequestOutput, Sequence, Status
+
+_ENGINE_FIELDS = {
+    "enable_prefix_caching", "enforce_eager", "async_compression", "max_num_seqs", "max_num_batched_tokens",
+    "gpu_memory_utilization", "num_pages", "max_model_len", "dtype", "device",
+}
+
+
+class LLM:
+    """A continuous-batching engine with Compressed PagedAttention.
+
+    Args:
+        model: a loaded transformers causal LM, or a local path to one.
+        tokenizer: a tokenizer (loaded from ``model`` when it is a path); needed for string
+            prompts, ``text`` outputs and ``stop`` strings.
+        budget: tokens kept per sequence after a compression; ``None`` runs a plain full-KV paged
+            engine (the baseline). Other ``ZipageConfig`` fields (``page_size``, ``buffer``,
+            ``window``, ``scorer``, ...) are accepted as keyword arguments too.
+        enable_prefix_caching: share full prompt pages between requests with the same prefix.
+        enforce_eager: must be True for now (CUDA graphs for decode come later).
+        async_compression: must be False for now (compression runs on the main stream).
+        max_num_seqs: most sequences running at once (the budget may lower it further).
+        max_num_batched_tokens: most tokens in one step (chunked prefill).
+        gpu_memory_utilization: share of the GPU memory the model + pools may take (CUDA).
+        num_pages: explicit pool size in pages (required on a CPU).
+        max_model_len: longest logical length (default: the model's max_position_embeddings).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, budget: int | None = 2048,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = True, async_compression: bool = False,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
+                 num_pages: int | None = None, max_model_len: int | None = None, dtype: Any = None,
+                 device: Any = None, **zipage_fields: Any) -> None:
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto", device_map=device)
+        if not enforce_eager:
+            raise NotImplementedError("CUDA graphs are not implemented yet: use LLM(..., enforce_eager=True)")
+        if async_compression:
+            raise NotImplementedError("asynchronous compression is not implemented yet: use async_compression=False")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LLM({name}={value!r}) is invalid: expected an int >= 1")
+        config = model.config.get_text_config(decoder=True)
+        check_model_config(config)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        page_size = zipage_fields.get("page_size", ZipageConfig.page_size)
+        if budget is None:
+            unknown = set(zipage_fields) - {"page_size"}
+            if unknown:
+                raise ValueError(f"budget=None (full KV) takes no compression settings, got {sorted(unknown)}")
+            self.zipage_config = None
+            scorer = None
+        else:
+            self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields})
+            scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
+        self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 1 << 30
+        device = next(model.parameters()).device
+        stateful = scorer is not None and scorer.stateful
+        if num_pages is None:
+            if device.type != "cuda":
+                raise ValueError("on a CPU give the pool size explicitly: LLM(..., num_pages=N)")
+            num_pages = self._pages_from_memory(config, page_size, stateful, max_num_seqs, gpu_memory_utilization)
+        self.blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
+                                  self.scheduler.max_concurrency)
+        gen = getattr(model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if eos is not None else getattr(config, "eos_token_id", None)
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.generated_tokens = 0
+
+    def _pages_from_memory(self, config, page_size, stateful, max_num_seqs, utilization) -> int:
+        free, total = torch.cuda.mem_get_info()
+        used_elsewhere = total - free
+        available = total * utilization - used_elsewhere - 512 * 2**20  # activations headroom
+        page_bytes = ModelRunner.bytes_per_page(config, page_size, self.model.dtype, stateful)
+        if self.zipage_config is not None:
+            available -= ModelRunner.bytes_per_slot(config, self.zipage_config.window, self.model.dtype) * max_num_seqs
+        if available < page_bytes:
+            raise RuntimeError(f"no GPU memory left for the KV pool (gpu_memory_utilization={utilization})")
+        return int(available // page_bytes)
+
+    # ----------------------------------------------------------------------------- requests
+    def _tokenize(self, prompt: Any, chat: bool) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer: LLM(model, tokenizer) or pass token ids")
+            if chat:
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            else:
+                ids = self.tokenizer(prompt)["input_ids"]
+            return [int(t) for t in ids], prompt
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt), None
+        raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+
+    def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
+                    chat: bool = False) -> str:
+        """Queue a request (string or token ids); returns its id. Bad requests raise here and
+        leave every request in flight untouched."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        ids, text = self._tokenize(prompt, chat)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        page = self.blocks.page_size
+        if self.zipage_config is None:
+            peak = -(-min(len(ids) + params.max_tokens, self.max_model_len) // page)
+        else:
+            peak = max(-(-(len(ids) + 1) // page), -(-self.zipage_config.capacity // page))
+        if peak > self.blocks.num_pages:
+            raise ValueError(
+                f"this request needs up to {peak} pages of {page} tokens but the KV pool has "
+                f"{self.blocks.num_pages}: shorten it, lower max_tokens or give the engine more pages"
+            )
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self.requests and not self.requests[rid].finished:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        seq = Sequence(request_id=rid, prompt_token_ids=ids, params=params, prompt=text, arrival=next(self._arrivals))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        self.requests[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request now; its pages go back to the pool."""
+        seq = self._get(request_id)
+        if not seq.finished:
+            self.scheduler.finish(seq, "cancelled")
+
+    def _get(self, request_id: str) -> Sequence:
+        if request_id not in self.requests:
+            raise KeyError(f"unknown request id {request_id!r}")
+        return self.requests[request_id]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ----------------------------------------------------------------------------- one step
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns the requests that got new tokens or finished."""
+        plan = self.scheduler.schedule()
+        if plan.compress:
+            self._compress(plan)
+        if plan.empty:
+            return []
+        logits = self.runner.forward(plan.prefill, plan.decode)
+        changed = []
+        rows, seqs = [], []
+        for i, (seq, _) in enumerate(plan.prefill + [(s, 1) for s in plan.decode]):
+            self.scheduler.register_prefix(seq)
+            if seq.num_computed == seq.num_tokens:  # a whole prompt (or decode token) went through
+                rows.append(i)
+                seqs.append(seq)
+        if seqs:
+            tokens = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
+            for seq, token in zip(seqs, tokens):
+                self._append(seq, token)
+                changed.append(seq.output())
+        return changed
+
+    def _compress(self, plan) -> None:
+        groups: dict[tuple, list[Sequence]] = {}
+        for seq in plan.compress:
+            key = (seq.stored, seq.compressions == 0, id(seq) in plan.fresh_pages)
+            groups.setdefault(key, []).append(seq)
+        budget = self.zipage_config.budget
+        keep_pages = self.scheduler.pages_for(budget + 1)
+        for (_, first, fresh), seqs in groups.items():
+            dst = [plan.fresh_pages[id(s)] for s in seqs] if fresh else None
+            self.runner.compress(seqs, dst, first)
+            for seq in seqs:
+                if fresh:
+                    self.blocks.release(seq.pages)
+                    seq.pages = plan.fresh_pages[id(seq)]
+                else:  # compacted in place (the scheduler already forgot those pages' hashes)
+                    self.blocks.release(seq.pages[keep_pages:])
+                    del seq.pages[keep_pages:]
+                seq.stored = budget
+                seq.compressions += 1
+                seq.cached_pages = 0
+        self.scheduler.compressions += len(plan.compress)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.output_ids.append(token)
+        self.generated_tokens += 1
+        p = seq.params
+        n = len(seq.output_ids)
+        reason = None
+        if n >= p.min_tokens and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
+            reason = "stop"
+        if self.tokenizer is not None and (p.stop or reason or n >= p.max_tokens):
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            if p.stop and n >= p.min_tokens:
+                hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
+                if hits:
+                    seq.text = seq.text[: min(hits)]
+                    reason = "stop"
+        if reason is None and (n >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if self.tokenizer is not None and seq.text is None:
+                seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            self.scheduler.finish(seq, reason)
+
+    # ----------------------------------------------------------------------------- front ends
+    def generate(self, prompts: Any, params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True, chat: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; one output per prompt, in order."""
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        )
+        prompts = [prompts] if single else list(prompts)
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+            plist = list(params)
+        else:
+            plist = [params] * len(prompts)
+        ids = []
+        try:
+            for prompt, p in zip(prompts, plist):
+                ids.append(self.add_request(prompt, p, chat=chat))
+        except Exception:
+            for rid in ids:
+                self.cancel(rid)
+            raise
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="zipage", unit="req", dynamic_ncols=True)
+        start, start_tokens = time.perf_counter(), self.generated_tokens
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                if out.finished and out.request_id in pending:
+                    pending.discard(out.request_id)
+                    if bar is not None:
+                        bar.update(1)
+            if bar is not None:
+                rate = (self.generated_tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            if not self.has_unfinished() and pending:
+                raise RuntimeError(f"requests {sorted(pending)} were lost")  # never expected
+        if bar is not None:
+            bar.close()
+        return [self.requests.pop(rid).output() for rid in ids]
+
+    def stream(self, request_id: str) -> Iterator[list[int]]:
+        """New token ids of one request as they come, driving the engine (other requests advance too)."""
+        seq = self._get(request_id)
+        while True:
+            if seq.streamed < len(seq.output_ids):
+                new = seq.output_ids[seq.streamed :]
+                seq.streamed = len(seq.output_ids)
+                yield new
+            if seq.finished:
+                return
+            self.step()
+
+    def output(self, request_id: str) -> RequestOutput:
+        return self._get(request_id).output()
+
+    async def agenerate(self, prompt: Any, params: SamplingParams | None = None, chat: bool = False) -> RequestOutput:
+        """Await one request; steps run in a worker thread so the event loop stays free. Several
+        concurrent ``agenerate`` calls share the engine (one step at a time)."""
+        rid = self.add_request(prompt, params, chat=chat)
+        seq = self.requests[rid]
+        lock = self.__dict__.setdefault("_async_lock", asyncio.Lock())
+        while not seq.finished:
+            async with lock:
+                if not seq.finished:
+                    await asyncio.to_thread(self.step)
+            await asyncio.sleep(0)
+        return self.requests.pop(rid).output()
+
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "free_pages": self.blocks.num_free,
+            "total_pages": self.blocks.num_pages,
+            "page_size": self.blocks.page_size,
+            "max_concurrency": s.max_concurrency,
+            "preemptions": s.preemptions,
+            "compressions": s.compressions,
+            "prefix_cache_hits": self.blocks.hits,
+            "generated_tokens": self.generated_tokens,
+        }

@@ -1,0 +1,238 @@
+"""ModelRunner: the KV pools, the per-step metadata, the attention and the compressions.
+
+The engine runs the Hugging Face model's own forward on packed tokens
+(``input_ids`` of shape ``[1, T]``: the chunks of sequences in prefill first,
+then one token per decoding sequence) with ``position_ids`` set to each
+token's logical position. Its attention is registered with transformers'
+``AttentionInterface`` under ``"zipage_engine"`` (and deliberately not with the
+mask interface, so no dense mask is built): for every layer it stores the new
+keys and values into the pages, keeps the last ``window`` queries of each
+sequence in its query slot, and attends through the paged kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..compress import LayerPages, compress_layers
+from ..config import ZipageConfig
+from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from ..scoring import Scorer
+from .sequence import Sequence
+
+ATTENTION_NAME = "zipage_engine"
+_context = threading.local()
+
+
+@dataclass
+class StepMeta:
+    """What the attention of every layer needs for one forward over packed tokens."""
+
+    runner: ModelRunner
+    slot_mapping: torch.Tensor  # [T] flat KV slot of each token
+    ring_index: torch.Tensor  # [T] row of the query-slot ring (a scratch row for tokens outside the window)
+    num_prefill_tokens: int
+    cu_seqlens_q: torch.Tensor | None  # [Bp + 1] int32
+    prefill_lens: torch.Tensor | None  # [Bp] int32, stored tokens after this step
+    prefill_table: torch.Tensor | None  # [Bp, P] int32
+    max_q_len: int
+    decode_lens: torch.Tensor | None  # [Bd] int32
+    decode_table: torch.Tensor | None  # [Bd, P] int32
+    max_decode_len: int
+
+
+def engine_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers attention function for packed engine steps (batch dim 1)."""
+    meta: StepMeta = _context.meta
+    r = meta.runner
+    layer = module.layer_idx
+    q = query[0].transpose(0, 1)  # [T, Hq, D]
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    kp, vp = r.k_pool[layer], r.v_pool[layer]
+    store_kv(kp, meta.slot_mapping, k, vp, v)
+    if r.state_pool is not None:
+        r.state_pool[layer].view(-1, r.state_pool.shape[-1])[meta.slot_mapping] = 0.0
+    if r.q_cache is not None:
+        r.q_cache[layer].view(-1, *q.shape[1:])[meta.ring_index] = q.to(r.q_cache.dtype)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    r.scaling[layer] = float(scale)
+    out = torch.empty_like(q)
+    n_p = meta.num_prefill_tokens
+    if n_p:
+        out[:n_p] = paged_prefill_attention(
+            q[:n_p], kp, vp, meta.prefill_table, meta.cu_seqlens_q, meta.prefill_lens, scale, max_q_len=meta.max_q_len
+        )
+    if n_p < q.shape[0]:
+        out[n_p:] = paged_decode_attention(
+            q[n_p:].contiguous(), kp, vp, meta.decode_table, meta.decode_lens, scale,
+            max_len_hint=meta.max_decode_len,
+        )
+    return out[None], None
+
+
+_registered = False
+
+
+def register_attention() -> None:
+    global _registered
+    if not _registered:
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, engine_attention)
+        _registered = True
+
+
+class ModelRunner:
+    """Owns the pools and turns scheduled steps into model forwards and compressions."""
+
+    def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
+                 scorer: Scorer | None, num_slots: int) -> None:
+        register_attention()
+        self.model = model
+        self.config = model.config.get_text_config(decoder=True)
+        cfg = self.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        L = cfg.num_hidden_layers
+        Hq = cfg.num_attention_heads
+        Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        self.page_size = page_size
+        self.zipage_config = zipage_config
+        self.scorer = scorer
+        shape = (L, num_pages, page_size, Hkv, D)
+        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.state_pool = None
+        self.q_cache = None
+        if zipage_config is not None:
+            if scorer is not None and scorer.stateful:
+                self.state_pool = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
+            w = zipage_config.window
+            # one ring of `window` queries per slot, plus a scratch slot for tokens outside any window
+            self.q_cache = torch.zeros(L, num_slots + 1, w, Hq, D, dtype=self.dtype, device=self.device)
+        self.num_slots = num_slots
+        self.scaling = [None] * L
+
+    @staticmethod
+    def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool) -> int:
+        cfg = config.get_text_config(decoder=True)
+        Hq = cfg.num_attention_heads
+        Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        elem = torch.empty((), dtype=dtype).element_size()
+        per_token = cfg.num_hidden_layers * Hkv * (2 * D * elem + (4 if stateful else 0))
+        return per_token * page_size
+
+    @staticmethod
+    def bytes_per_slot(config, window: int, dtype: torch.dtype) -> int:
+        cfg = config.get_text_config(decoder=True)
+        Hq = cfg.num_attention_heads
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        return cfg.num_hidden_layers * window * Hq * D * torch.empty((), dtype=dtype).element_size()
+
+    # ----------------------------------------------------------------------------- forward
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        p = self.page_size
+        return [seq.pages[j // p] * p + j % p for j in range(start, end)]
+
+    def _table(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.pages) for s in seqs)
+        rows = [s.pages + [0] * (width - len(s.pages)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    def forward(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> torch.Tensor:
+        """Run one packed step; returns the logits of each sequence's last token, prefill first."""
+        ids, pos, slots, ring, last = [], [], [], [], []
+        w = self.zipage_config.window if self.zipage_config is not None else 0
+        scratch = self.num_slots * w  # first row of the scratch slot
+        for seq, n in prefill + [(s, 1) for s in decode]:
+            start = seq.num_computed
+            ids.extend(seq.tokens[start : start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(self._slots(seq, seq.stored, seq.stored + n))
+            if w:
+                ring.extend(seq.slot * w + t % w if t >= start + n - w else scratch for t in range(start, start + n))
+            last.append(len(ids) - 1)
+        dev = self.device
+        prefill_seqs = [s for s, _ in prefill]
+        n_p = sum(n for _, n in prefill)
+        cu = None
+        if prefill:
+            cu = torch.tensor([0] + list(torch.tensor([n for _, n in prefill]).cumsum(0).tolist()),
+                              dtype=torch.int32, device=dev)
+        meta = StepMeta(
+            runner=self,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            ring_index=torch.tensor(ring if w else [0] * len(ids), dtype=torch.long, device=dev),
+            num_prefill_tokens=n_p,
+            cu_seqlens_q=cu,
+            prefill_lens=torch.tensor([s.stored + n for s, n in prefill], dtype=torch.int32, device=dev)
+            if prefill else None,
+            prefill_table=self._table(prefill_seqs) if prefill else None,
+            max_q_len=max((n for _, n in prefill), default=0),
+            decode_lens=torch.tensor([s.stored + 1 for s in decode], dtype=torch.int32, device=dev) if decode else None,
+            decode_table=self._table(decode) if decode else None,
+            max_decode_len=max((s.stored + 1 for s in decode), default=0),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)[None]
+        position_ids = torch.tensor(pos, dtype=torch.long, device=dev)[None]
+        keep = torch.tensor(last, dtype=torch.long, device=dev)
+        cfg = self.config
+        original = cfg._attn_implementation
+        _context.meta = meta
+        cfg._attn_implementation_internal = ATTENTION_NAME
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                 logits_to_keep=keep)
+        finally:
+            cfg._attn_implementation_internal = original
+            _context.meta = None
+        for seq, n in prefill + [(s, 1) for s in decode]:
+            seq.num_computed += n
+            seq.stored += n
+        return out.logits[0]
+
+    # ----------------------------------------------------------------------------- compression
+    def window_queries(self, seqs: list[Sequence]) -> torch.Tensor:
+        """``[L, n, Hq, w, D]``: each sequence's last ``window`` queries, oldest first."""
+        w = self.zipage_config.window
+        idx = torch.tensor([[(s.num_computed - w + i) % w for i in range(w)] for s in seqs], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        q = self.q_cache[:, slots]  # [L, n, w, Hq, D] in ring order
+        order = idx[None, :, :, None, None].expand(q.shape[0], -1, -1, *q.shape[3:])
+        return q.gather(2, order).transpose(2, 3)
+
+    def compress(self, seqs: list[Sequence], dst_pages: list[list[int]] | None, first: bool) -> None:
+        """Compress ``seqs`` (same stored length) in every layer to the budget, in place or into
+        ``dst_pages`` (one list of fresh pages per sequence)."""
+        cfg = self.zipage_config
+        S = seqs[0].stored
+        slots = torch.tensor([self._slots(s, 0, S) for s in seqs], dtype=torch.long, device=self.device)
+        dst = None
+        if dst_pages is not None:
+            p = self.page_size
+            dst = torch.tensor([[pg[j // p] * p + j % p for j in range(cfg.budget)] for pg in dst_pages],
+                               dtype=torch.long, device=self.device)
+        L = self.k_pool.shape[0]
+        mask = torch.ones(L, len(seqs), S, dtype=torch.bool, device=self.device)
+        queries = self.window_queries(seqs) if self.scorer.needs_queries else None
+        stride = cfg.layer_stride
+        if stride is None:  # as many layers as the scratch budget allows (their gathered keys dominate)
+            per_layer = len(seqs) * S * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+            stride = max(1, min(L, cfg.compress_scratch_bytes // max(per_layer, 1)))
+        if len(set(self.scaling)) > 1:
+            stride = 1  # layers with their own softmax scales are scored one at a time
+        for g in (range(i, min(i + stride, L)) for i in range(0, L, stride)):
+            sl = slice(g.start, g.stop)
+            compress_layers(
+                LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None),
+                slots, mask[sl], queries[sl] if queries is not None else None, self.scorer, k=cfg.budget,
+                window=cfg.window, sinks=cfg.sinks, scaling=self.scaling[g.start] or 1.0, page_size=cfg.page_size,
+                first=first, dst_slots=dst,
+            )

@@ -1,0 +1,88 @@
+"""SamplingParams (vLLM's names) and the sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop.
+
+    Args:
+        max_tokens: tokens to generate at most (>= 1).
+        temperature: 0 for greedy decoding.
+        top_p, top_k: nucleus and top-k filtering (top_k=-1 or 0 disables).
+        seed: per-request seed: the same seed gives the same tokens whatever else runs alongside.
+        stop: strings that end the output (needs a tokenizer); not included in the text.
+        stop_token_ids: token ids that end the output (included in ``token_ids``).
+        ignore_eos: keep going past the end-of-sequence token (benchmarks with forced lengths).
+        min_tokens: do not stop (on EOS or stop ids) before this many tokens.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, allowed, exc=ValueError):
+            raise exc(f"SamplingParams.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            bad("max_tokens", "expected an int", TypeError)
+        if self.max_tokens < 1:
+            bad("max_tokens", "must be >= 1")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            bad("temperature", "must be a number >= 0 (0 is greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "must lie in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "must be an int >= -1 (-1 or 0 disables)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", "expected an int or None", TypeError)
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "expected a string or a list of non-empty strings", TypeError)
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids
+        ):
+            bad("stop_token_ids", "expected a list of ints", TypeError)
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", "must be an int >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of ``logits`` ([n, V]); greedy rows in one argmax, sampled rows one by one."""
+    logits = logits.float()
+    out = logits.argmax(dim=-1)
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        row = logits[i] / p.temperature
+        if p.top_k > 0 and p.top_k < row.shape[-1]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            drop = probs.cumsum(dim=-1) - probs > p.top_p
+            row = row.scatter(0, order[drop], float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return out.tolist()

@@ -1,0 +1,82 @@
+"""A request's state inside the engine, and what the user gets back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """One finished (or, while streaming, in-progress) request."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None  # "stop", "length", "cancelled" or None while running
+    finished: bool
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request: its tokens, its pages and where it is in its life.
+
+    ``num_computed`` is the logical length L (tokens whose KV went through the model; positions
+    come from it); ``stored`` is S <= L, the tokens kept in its pages."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    arrival: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    stored: int = 0
+    compressions: int = 0
+    slot: int = -1  # query-slot index while running
+    finish_reason: str | None = None
+    text: str | None = None  # decoded output, when the engine has a tokenizer
+    cached_pages: int = 0  # leading pages whose hashes are registered (shared or shareable)
+    generator: torch.Generator | None = None
+    streamed: int = 0  # output tokens already handed to a stream
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_token_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.num_tokens - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            token_ids=list(self.output_ids),
+            text=self.text,
+            finish_reason=self.finish_reason,
+            finished=self.finished,
+        )
