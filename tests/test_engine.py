@@ -21,8 +21,9 @@ def prompts_of(lengths, seed=0, prefix=()):
 
 def reference(model, prompt, max_tokens, **kw):
     """Per-prompt greedy generate(); eos_token_id=None matches ignore_eos (never stop, never suppress)."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
-                         eos_token_id=None, **kw)
+    device = next(model.parameters()).device
+    out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=max_tokens, do_sample=False,
+                         pad_token_id=0, eos_token_id=None, **kw)
     return out[0, len(prompt):].tolist()
 
 
