@@ -19,7 +19,8 @@ def test_engine_on_cuda_matches_generate(family, budget):
     shared = prompts_of((17,), seed=3)[0]
     prompts = prompts_of((12, 30, 7, 50), seed=1) + prompts_of((5, 9), seed=2, prefix=shared)
     cfg = {} if budget is None else {"budget": budget, "page_size": 4, "buffer": 4}
-    llm = LLM(model, budget=budget, page_size=4, num_pages=256, enable_prefix_caching=True, max_num_seqs=3, **cfg)
+    llm = LLM(model, page_size=4, num_pages=256, enable_prefix_caching=True, max_num_seqs=3,
+              **({"budget": None} if budget is None else {k: v for k, v in cfg.items() if k != "page_size"}))
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     kw = {} if budget is None else {"cache_implementation": "zipage", "cache_config": cfg}
