@@ -181,8 +181,8 @@ def test_bad_requests_are_refused_without_disturbing_others():
         LLM(model, budget=8, window=16, num_pages=8)
     with pytest.raises(ValueError, match="num_pages"):
         LLM(model, budget=16, page_size=4)
-    with pytest.raises(NotImplementedError, match="CUDA graphs"):
-        LLM(model, budget=16, num_pages=8, enforce_eager=False)
+    with pytest.raises(NotImplementedError, match="asynchronous compression"):
+        LLM(model, budget=16, num_pages=8, async_compression=True)
     while llm.has_unfinished():
         llm.step()
     out = llm.output(good)

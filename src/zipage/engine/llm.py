@@ -43,7 +43,8 @@ class LLM:
             engine (the baseline). Other ``ZipageConfig`` fields (``page_size``, ``buffer``,
             ``window``, ``scorer``, ...) are accepted as keyword arguments too.
         enable_prefix_caching: share full prompt pages between requests with the same prefix.
-        enforce_eager: must be True for now (CUDA graphs for decode come later).
+        enforce_eager: no CUDA graphs. Otherwise (on CUDA) decode-only steps replay a CUDA graph of
+            the whole forward, captured for a ladder of batch sizes at the first decode step.
         async_compression: must be False for now (compression runs on the main stream).
         max_num_seqs: most sequences running at once (the budget may lower it further).
         max_num_batched_tokens: most tokens in one step (chunked prefill).
@@ -53,7 +54,7 @@ class LLM:
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, budget: int | None = 2048,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = True, async_compression: bool = False,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, async_compression: bool = False,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
                  num_pages: int | None = None, max_model_len: int | None = None, dtype: Any = None,
                  device: Any = None, **zipage_fields: Any) -> None:
@@ -62,8 +63,6 @@ class LLM:
 
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto", device_map=device)
-        if not enforce_eager:
-            raise NotImplementedError("CUDA graphs are not implemented yet: use LLM(..., enforce_eager=True)")
         if async_compression:
             raise NotImplementedError("asynchronous compression is not implemented yet: use async_compression=False")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -98,6 +97,7 @@ class LLM:
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.use_graphs = not enforce_eager and device.type == "cuda"
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -192,7 +192,13 @@ class LLM:
             self._compress(plan)
         if plan.empty:
             return []
-        logits = self.runner.forward(plan.prefill, plan.decode)
+        logits = None
+        if self.use_graphs and not plan.prefill:
+            if not self.runner.graphs:
+                self._capture()
+            logits = self.runner.decode_with_graph(plan.decode)
+        if logits is None:
+            logits = self.runner.forward(plan.prefill, plan.decode)
         changed = []
         rows, seqs = [], []
         for i, (seq, _) in enumerate(plan.prefill + [(s, 1) for s in plan.decode]):
@@ -206,6 +212,14 @@ class LLM:
                 self._append(seq, token)
                 changed.append(seq.output())
         return changed
+
+    def _capture(self) -> None:
+        page = self.blocks.page_size
+        if self.zipage_config is not None:
+            width = -(-(self.zipage_config.capacity + 1) // page)
+        else:
+            width = -(-self.max_model_len // page)
+        self.runner.capture_graphs(self.scheduler.max_concurrency, width)
 
     def _compress(self, plan) -> None:
         groups: dict[tuple, list[Sequence]] = {}

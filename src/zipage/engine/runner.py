@@ -104,7 +104,8 @@ class ModelRunner:
         self.page_size = page_size
         self.zipage_config = zipage_config
         self.scorer = scorer
-        shape = (L, num_pages, page_size, Hkv, D)
+        self.scratch_page = num_pages  # one extra page, never handed out: padding rows of graph batches use it
+        shape = (L, num_pages + 1, page_size, Hkv, D)
         self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.state_pool = None
@@ -117,6 +118,8 @@ class ModelRunner:
             self.q_cache = torch.zeros(L, num_slots + 1, w, Hq, D, dtype=self.dtype, device=self.device)
         self.num_slots = num_slots
         self.scaling = [None] * L
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_table_width = 0
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool) -> int:
@@ -182,6 +185,14 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)[None]
         position_ids = torch.tensor(pos, dtype=torch.long, device=dev)[None]
         keep = torch.tensor(last, dtype=torch.long, device=dev)
+        logits = self._model_call(meta, input_ids, position_ids, keep)
+        for seq, n in prefill + [(s, 1) for s in decode]:
+            seq.num_computed += n
+            seq.stored += n
+        return logits[0]
+
+    def _model_call(self, meta: StepMeta, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
+        """The model's own forward with the engine attention in place (restored afterwards)."""
         cfg = self.config
         original = cfg._attn_implementation
         _context.meta = meta
@@ -189,14 +200,85 @@ class ModelRunner:
         try:
             with torch.inference_mode():
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                 logits_to_keep=keep)
+                                 logits_to_keep=logits_to_keep)
         finally:
             cfg._attn_implementation_internal = original
             _context.meta = None
-        for seq, n in prefill + [(s, 1) for s in decode]:
-            seq.num_computed += n
-            seq.stored += n
-        return out.logits[0]
+        return out.logits
+
+    # ----------------------------------------------------------------------------- CUDA graphs
+    GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+    def capture_graphs(self, max_batch: int, table_width: int) -> None:
+        """Capture the decode forward (one token per sequence) for a ladder of batch sizes.
+
+        Every per-step input lives in a static buffer; padding rows of a batch write to and read
+        from a scratch page and a scratch query row. The split count of the decode kernel is
+        fixed by ``table_width`` pages, the longest context a decoding sequence can have."""
+        dev = self.device
+        sizes = [b for b in self.GRAPH_SIZES if b < max_batch] + [max_batch]
+        n = max(sizes)
+        self.graph_table_width = table_width
+        self.g_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((n,), self.scratch_page * self.page_size, dtype=torch.long, device=dev)
+        self.g_ring = torch.full((n,), self._scratch_ring(), dtype=torch.long, device=dev)
+        self.g_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.g_table = torch.full((n, table_width), self.scratch_page, dtype=torch.int32, device=dev)
+        pool = torch.cuda.graph_pool_handle()
+        for b in sorted(sizes, reverse=True):
+            meta = StepMeta(
+                runner=self, slot_mapping=self.g_slots[:b], ring_index=self.g_ring[:b], num_prefill_tokens=0,
+                cu_seqlens_q=None, prefill_lens=None, prefill_table=None, max_q_len=0,
+                decode_lens=self.g_lens[:b], decode_table=self.g_table[:b],
+                max_decode_len=table_width * self.page_size,
+            )
+            run = lambda: self._model_call(meta, self.g_ids[:b][None], self.g_pos[:b][None], 0)  # noqa: E731
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = run()
+            self.graphs[b] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def _scratch_ring(self) -> int:
+        w = self.zipage_config.window if self.zipage_config is not None else 0
+        return self.num_slots * w
+
+    def graph_batch(self, n: int) -> int | None:
+        return min((b for b in self.graphs if b >= n), default=None)
+
+    def decode_with_graph(self, decode: list[Sequence]) -> torch.Tensor | None:
+        """Replay the captured decode graph for these sequences; None when no graph fits."""
+        b = self.graph_batch(len(decode))
+        if b is None or any(len(s.pages) > self.graph_table_width for s in decode):
+            return None
+        n = len(decode)
+        w = self.zipage_config.window if self.zipage_config is not None else 0
+        p, pad = self.page_size, b - n
+        scratch_slot, width = self.scratch_page * p, self.graph_table_width
+        ids = [s.tokens[s.num_computed] for s in decode] + [0] * pad
+        pos = [s.num_computed for s in decode] + [0] * pad
+        slots = [s.pages[s.stored // p] * p + s.stored % p for s in decode] + [scratch_slot] * pad
+        ring = ([s.slot * w + s.num_computed % w for s in decode] if w else [0] * n) + [self._scratch_ring()] * pad
+        lens = [s.stored + 1 for s in decode] + [1] * pad
+        table = [s.pages + [self.scratch_page] * (width - len(s.pages)) for s in decode]
+        table += [[self.scratch_page] * width] * pad
+        host = (torch.tensor(ids), torch.tensor(pos), torch.tensor(slots), torch.tensor(ring),
+                torch.tensor(lens, dtype=torch.int32), torch.tensor(table, dtype=torch.int32))
+        for dst, src in zip((self.g_ids, self.g_pos, self.g_slots, self.g_ring, self.g_lens, self.g_table), host):
+            dst[:b].copy_(src, non_blocking=True)
+        graph, logits = self.graphs[b]
+        graph.replay()
+        for s in decode:
+            s.num_computed += 1
+            s.stored += 1
+        return logits[0, :n]
 
     # ----------------------------------------------------------------------------- compression
     def window_queries(self, seqs: list[Sequence]) -> torch.Tensor:
