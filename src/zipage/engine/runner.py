@@ -155,7 +155,7 @@ class ModelRunner:
         scratch = self.num_slots * w  # first row of the scratch slot
         for seq, n in prefill + [(s, 1) for s in decode]:
             start = seq.num_computed
-            ids.extend(seq.tokens[start : start + n])
+            ids.extend(seq.token_at(t) for t in range(start, start + n))
             pos.extend(range(start, start + n))
             slots.extend(self._slots(seq, seq.stored, seq.stored + n))
             if w:
@@ -262,7 +262,7 @@ class ModelRunner:
         w = self.zipage_config.window if self.zipage_config is not None else 0
         p, pad = self.page_size, b - n
         scratch_slot, width = self.scratch_page * p, self.graph_table_width
-        ids = [s.tokens[s.num_computed] for s in decode] + [0] * pad
+        ids = [s.token_at(s.num_computed) for s in decode] + [0] * pad
         pos = [s.num_computed for s in decode] + [0] * pad
         slots = [s.pages[s.stored // p] * p + s.stored % p for s in decode] + [scratch_slot] * pad
         ring = ([s.slot * w + s.num_computed % w for s in decode] if w else [0] * n) + [self._scratch_ring()] * pad

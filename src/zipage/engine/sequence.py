@@ -58,6 +58,10 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_token_ids + self.output_ids
 
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_ids[i - n]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_ids)
