@@ -55,9 +55,9 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     kp, vp = r.k_pool[layer], r.v_pool[layer]
     store_kv(kp, meta.slot_mapping, k, vp, v)
     if r.state_pool is not None:
-        r.state_pool[layer].view(-1, r.state_pool.shape[-1])[meta.slot_mapping] = 0.0
-    if r.q_cache is not None:
-        r.q_cache[layer].view(-1, *q.shape[1:])[meta.ring_index] = q.to(r.q_cache.dtype)
+        r.state_pool[layer].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
+    if r.q_cache is not None:  # (index_fill_/index_copy_: no host values, so CUDA-graph capture works)
+        r.q_cache[layer].view(-1, *q.shape[1:]).index_copy_(0, meta.ring_index, q.to(r.q_cache.dtype))
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     r.scaling[layer] = float(scale)
     out = torch.empty_like(q)
