@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2048, help="0 for the full-KV engine")
     ap.add_argument("--page-size", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--async-compression", action="store_true")
+    ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/engine_run.json")
     args = ap.parse_args()
 
@@ -72,7 +74,9 @@ def main() -> None:
     prompts = workload(args.requests, model.config.vocab_size)
     budget = args.budget or None
     t0 = time.perf_counter()
-    llm = zipage.LLM(model, budget=budget, page_size=args.page_size, max_num_seqs=args.max_num_seqs)
+    llm = zipage.LLM(model, budget=budget, page_size=args.page_size, max_num_seqs=args.max_num_seqs,
+                     async_compression=args.async_compression and budget is not None,
+                     enforce_eager=args.enforce_eager)
     setup = time.perf_counter() - t0
     params = zipage.SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     ids = [llm.add_request(p, params) for p in prompts]
@@ -96,7 +100,8 @@ def main() -> None:
     tokens = sum(len(o.token_ids) for o in outs)
     steady = sorted(step_ms[len(step_ms) // 10 :])
     result = dict(
-        model=args.model, requests=args.requests, max_tokens=args.max_tokens, budget=budget,
+        model=args.model, async_compression=llm.async_compression, cuda_graphs=llm.use_graphs,
+        requests=args.requests, max_tokens=args.max_tokens, budget=budget,
         page_size=args.page_size, setup_s=setup, wall_s=wall, steps=steps, output_tokens=tokens,
         tokens_per_s=tokens / wall, mean_running=sum(running_hist) / len(running_hist), max_running=max(running_hist),
         median_step_ms=steady[len(steady) // 2], p90_step_ms=steady[int(len(steady) * 0.9)],

@@ -56,13 +56,16 @@ def test_budget_larger_than_every_sequence_matches_generate():
     assert_pool_clean(llm)
 
 
-@pytest.mark.parametrize("scorer", ["zipage", "snapkv", "streaming"])
-def test_small_budget_matches_generate_with_zipage_cache(scorer):
+@pytest.mark.parametrize("scorer, family, async_compression", [
+    ("zipage", "qwen3", False), ("snapkv", "qwen3", False), ("streaming", "qwen3", False),
+    ("zipage", "qwen2", True), ("zipage", "mistral", True),
+])
+def test_small_budget_matches_generate_with_zipage_cache(scorer, family, async_compression):
     """One algorithm, two front ends: the engine and generate(cache_implementation="zipage")."""
-    model = tiny_model("qwen3")
+    model = tiny_model(family)
     cfg = {"budget": 16, "page_size": 4, "buffer": 4, "scorer": scorer}
     prompts = prompts_of((12, 30, 7, 50), seed=1)
-    llm = LLM(model, num_pages=128, **cfg)
+    llm = LLM(model, num_pages=128, async_compression=async_compression, **cfg)
     params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
@@ -102,10 +105,11 @@ def test_chunked_prefill_and_preemption_keep_outputs():
     assert_pool_clean(small)
 
 
-def test_streaming_and_cancel_return_every_page():
+@pytest.mark.parametrize("async_compression", [False, True])
+def test_streaming_and_cancel_return_every_page(async_compression):
     model = tiny_model("llama")
     prompts = prompts_of((10, 20, 30), seed=3)
-    llm = LLM(model, budget=16, page_size=4, buffer=4, num_pages=64)
+    llm = LLM(model, budget=16, page_size=4, buffer=4, num_pages=64, async_compression=async_compression)
     ids = [llm.add_request(p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)) for p in prompts]
     got = []
     for i, chunk in enumerate(llm.stream(ids[0])):
@@ -181,8 +185,6 @@ def test_bad_requests_are_refused_without_disturbing_others():
         LLM(model, budget=8, window=16, num_pages=8)
     with pytest.raises(ValueError, match="num_pages"):
         LLM(model, budget=16, page_size=4)
-    with pytest.raises(NotImplementedError, match="asynchronous compression"):
-        LLM(model, budget=16, num_pages=8, async_compression=True)
     while llm.has_unfinished():
         llm.step()
     out = llm.output(good)

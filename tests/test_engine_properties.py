@@ -67,7 +67,8 @@ def check_invariants(llm: LLM, added: set[str]) -> None:
     assert len(ids) == len(set(ids)), "a request is queued twice"
     finished = {rid for rid, q in llm.requests.items() if q.finished}
     assert set(ids) | finished == added and not set(ids) & finished, "a request was lost"
-    llm.blocks.check([q.pages for q in live])
+    in_flight = [pages for _, groups in llm.pending for _, fresh in groups if fresh for pages in fresh.values()]
+    llm.blocks.check([q.pages for q in live] + in_flight)
     for q in llm.requests.values():
         if q.finished:
             assert q.pages == [] and q.slot == -1
@@ -107,13 +108,15 @@ def model():
     prefix=st.booleans(),
     max_seqs=st.integers(1, 6),
     chunk=st.sampled_from([4, 16, 64]),
+    async_compression=st.booleans(),
 )
-def test_scheduler_and_pool_invariants(monkeypatch, model, acts, budget, page, pages, prefix, max_seqs, chunk):
+def test_scheduler_and_pool_invariants(monkeypatch, model, acts, budget, page, pages, prefix, max_seqs, chunk,
+                                       async_compression):
     monkeypatch.setattr(llm_mod, "ModelRunner", CheckingRunner)
     kw = {} if budget is None else {"buffer": page, "window": 2}
     try:
         llm = LLM(model, budget=budget, page_size=page, num_pages=pages, enable_prefix_caching=prefix,
-                  max_num_seqs=max_seqs, max_num_batched_tokens=chunk, **kw)
+                  max_num_seqs=max_seqs, max_num_batched_tokens=chunk, async_compression=async_compression, **kw)
     except ValueError:
         return
     llm.runner.blocks = llm.blocks

@@ -45,7 +45,9 @@ class LLM:
         enable_prefix_caching: share full prompt pages between requests with the same prefix.
         enforce_eager: no CUDA graphs. Otherwise (on CUDA) decode-only steps replay a CUDA graph of
             the whole forward, captured for a ladder of batch sizes at the first decode step.
-        async_compression: must be False for now (compression runs on the main stream).
+        async_compression: compress on a side CUDA stream while the other requests decode; the
+            requests being compressed sit out the steps until their compression event completes.
+            On a CPU the same bookkeeping runs with compressions that complete at once.
         max_num_seqs: most sequences running at once (the budget may lower it further).
         max_num_batched_tokens: most tokens in one step (chunked prefill).
         gpu_memory_utilization: share of the GPU memory the model + pools may take (CUDA).
@@ -63,8 +65,6 @@ class LLM:
 
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
             model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto", device_map=device)
-        if async_compression:
-            raise NotImplementedError("asynchronous compression is not implemented yet: use async_compression=False")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LLM({name}={value!r}) is invalid: expected an int >= 1")
@@ -98,6 +98,9 @@ class LLM:
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.use_graphs = not enforce_eager and device.type == "cuda"
+        self.async_compression = bool(async_compression) and self.zipage_config is not None
+        self.side_stream = torch.cuda.Stream(device) if self.async_compression and device.type == "cuda" else None
+        self.pending: list[tuple[Any, list[tuple[list[Sequence], dict | None]]]] = []
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -173,7 +176,9 @@ class LLM:
     def cancel(self, request_id: str) -> None:
         """Stop a request now; its pages go back to the pool."""
         seq = self._get(request_id)
-        if not seq.finished:
+        if seq.compressing:  # its pages are still being read and written on the side stream
+            seq.cancel_requested = True
+        elif not seq.finished:
             self.scheduler.finish(seq, "cancelled")
 
     def _get(self, request_id: str) -> Sequence:
@@ -182,15 +187,21 @@ class LLM:
         return self.requests[request_id]
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self.pending)
 
     # ----------------------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the requests that got new tokens or finished."""
+        self._collect_compressions(block=False)
         plan = self.scheduler.schedule()
         if plan.compress:
-            self._compress(plan)
+            if self.async_compression:
+                self._start_compressions(plan)
+            else:
+                self._compress(plan)
         if plan.empty:
+            if self.pending:  # nothing else to run: wait for a compression to land
+                self._collect_compressions(block=True)
             return []
         logits = None
         if self.use_graphs and not plan.prefill:
@@ -221,27 +232,75 @@ class LLM:
             width = -(-self.max_model_len // page)
         self.runner.capture_graphs(self.scheduler.max_concurrency, width)
 
-    def _compress(self, plan) -> None:
+    def _groups(self, plan) -> list[tuple[list[Sequence], bool, dict | None]]:
+        """Sequences compressed together: same stored length, same first-ness, same destination kind."""
         groups: dict[tuple, list[Sequence]] = {}
         for seq in plan.compress:
             key = (seq.stored, seq.compressions == 0, id(seq) in plan.fresh_pages)
             groups.setdefault(key, []).append(seq)
+        return [(seqs, first, {id(s): plan.fresh_pages[id(s)] for s in seqs} if fresh else None)
+                for (_, first, fresh), seqs in groups.items()]
+
+    def _compress(self, plan) -> None:
+        for seqs, first, fresh in self._groups(plan):
+            self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
+            self._compressed(seqs, fresh)
+
+    def _start_compressions(self, plan) -> None:
+        """Launch the plan's compressions on the side stream; their sequences sit out until they land."""
+        groups = self._groups(plan)
+        for seqs, _, _ in groups:
+            for seq in seqs:
+                seq.compressing = True
+        plan.decode = [s for s in plan.decode if not s.compressing]
+        event = None
+        if self.side_stream is not None:
+            self.side_stream.wait_stream(torch.cuda.current_stream())  # their last tokens are written
+            with torch.cuda.stream(self.side_stream):
+                for seqs, first, fresh in groups:
+                    self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
+                event = torch.cuda.Event()
+                event.record(self.side_stream)
+        else:
+            for seqs, first, fresh in groups:
+                self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
+        self.pending.append((event, [(seqs, fresh) for seqs, _, fresh in groups]))
+
+    def _collect_compressions(self, block: bool) -> None:
+        """Book the compressions whose event completed (or all of them, with ``block``)."""
+        still = []
+        for event, groups in self.pending:
+            if event is not None and not event.query():
+                if not block:
+                    still.append((event, groups))
+                    continue
+                event.synchronize()
+            for seqs, fresh in groups:
+                for seq in seqs:
+                    seq.compressing = False
+                self._compressed(seqs, fresh)
+                for seq in seqs:
+                    if seq.cancel_requested:
+                        self.scheduler.finish(seq, "cancelled")
+            if event is not None:  # the main stream must see the compacted pages before using them
+                torch.cuda.current_stream().wait_event(event)
+        self.pending = still
+
+    def _compressed(self, seqs: list[Sequence], fresh: dict | None) -> None:
+        """Page bookkeeping once a compression has landed."""
         budget = self.zipage_config.budget
         keep_pages = self.scheduler.pages_for(budget + 1)
-        for (_, first, fresh), seqs in groups.items():
-            dst = [plan.fresh_pages[id(s)] for s in seqs] if fresh else None
-            self.runner.compress(seqs, dst, first)
-            for seq in seqs:
-                if fresh:
-                    self.blocks.release(seq.pages)
-                    seq.pages = plan.fresh_pages[id(seq)]
-                else:  # compacted in place (the scheduler already forgot those pages' hashes)
-                    self.blocks.release(seq.pages[keep_pages:])
-                    del seq.pages[keep_pages:]
-                seq.stored = budget
-                seq.compressions += 1
-                seq.cached_pages = 0
-        self.scheduler.compressions += len(plan.compress)
+        for seq in seqs:
+            if fresh is not None:
+                self.blocks.release(seq.pages)
+                seq.pages = fresh[id(seq)]
+            else:  # compacted in place (the scheduler already forgot those pages' hashes)
+                self.blocks.release(seq.pages[keep_pages:])
+                del seq.pages[keep_pages:]
+            seq.stored = budget
+            seq.compressions += 1
+            seq.cached_pages = 0
+        self.scheduler.compressions += len(seqs)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)

@@ -101,7 +101,7 @@ class Scheduler:
     def _preempt_for(self, pages_needed: int, protect: set[int]) -> bool:
         """Preempt the newest uncompressed running sequences (not in ``protect``) until enough pages are free."""
         while self.blocks.num_free < pages_needed:
-            victims = [s for s in self.running if s.compressions == 0 and id(s) not in protect]
+            victims = [s for s in self.running if s.compressions == 0 and not s.compressing and id(s) not in protect]
             if not victims:
                 return False
             self.preempt(max(victims, key=lambda s: s.arrival))
@@ -145,7 +145,7 @@ class Scheduler:
     def schedule(self) -> Step:
         step = Step()
         budget_tokens = self.max_num_batched_tokens
-        decoding = [s for s in self.running if not s.in_prefill]
+        decoding = [s for s in self.running if not s.in_prefill and not s.compressing]
         # 1. compressions due before this step, and the pages each decoding sequence needs
         need = {}
         for seq in decoding:

@@ -47,6 +47,8 @@ class Sequence:
     num_computed: int = 0
     stored: int = 0
     compressions: int = 0
+    compressing: bool = False  # an asynchronous compression of this sequence is in flight
+    cancel_requested: bool = False  # cancelled while compressing: finished once the compression lands
     slot: int = -1  # query-slot index while running
     finish_reason: str | None = None
     text: str | None = None  # decoded output, when the engine has a tokenizer
