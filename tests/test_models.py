@@ -127,3 +127,31 @@ def test_zipage_generation_stays_within_budget(smollm2):
     stats = cache.stats()
     assert stats["compressions"] >= 5
     assert stats["kv_bytes_in_use"] < stats["kv_bytes_full"] / 3
+
+
+@pytest.mark.slow
+@needs_smollm2
+@needs_math
+def test_engine_with_a_real_tokenizer(smollm2):
+    """String prompts through the chat template, decoded text, stop strings, seeded sampling."""
+    model, tokenizer = smollm2
+    question = models.math_problems("gsm8k", limit=1)[0]["problem"]
+    llm = zipage.LLM(model, tokenizer, budget=64, page_size=16, buffer=16, num_pages=64)
+    greedy = zipage.SamplingParams(max_tokens=40, temperature=0)
+    out = llm.generate([question], greedy, use_tqdm=False, chat=True)[0]
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    assert out.prompt_token_ids == inputs["input_ids"][0].tolist()
+    ref = model.generate(**inputs, max_new_tokens=40, do_sample=False, cache_implementation="zipage",
+                         cache_config={"budget": 64, "page_size": 16, "buffer": 16})[0, inputs["input_ids"].shape[1]:]
+    assert out.token_ids == ref.tolist()[: len(out.token_ids)]
+    assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    word = out.text.split()[3]
+    stopped = llm.generate([question], zipage.SamplingParams(max_tokens=40, temperature=0, stop=[word]),
+                           use_tqdm=False, chat=True)[0]
+    assert stopped.finish_reason == "stop" and word not in stopped.text and out.text.startswith(stopped.text)
+    sampled = [llm.generate([question], zipage.SamplingParams(max_tokens=20, seed=3), use_tqdm=False, chat=True)[0]
+               for _ in range(2)]
+    assert sampled[0].token_ids == sampled[1].token_ids
+    assert llm.stats()["free_pages"] == llm.stats()["total_pages"]
