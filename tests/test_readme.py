@@ -21,3 +21,11 @@ def test_ci_runs_the_readme_test_command():
     assert "zipage.demo" in demo and "pytest" in tests
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci, ".ci/run must call the README's test command verbatim"
+
+
+def test_cli_info_lists_the_scorers(capsys):
+    from zipage.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "scorers:" in out and "zipage" in out and "snapkv" in out

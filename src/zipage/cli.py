@@ -19,18 +19,15 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from . import demo
-
-    return demo.main(args.rest) or 0
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":  # the demo parses its own options (zipage demo --help)
+        from . import demo
+
+        return demo.main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="zipage", description="Compressed PagedAttention for LLM reasoning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="full KV vs zipage on SmolLM2-135M-Instruct (no download)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_demo)
+    sub.add_parser("demo", help="full KV vs zipage on SmolLM2-135M-Instruct (no download); see zipage demo --help")
     p = sub.add_parser("info", help="versions, devices and the scorers available")
     p.set_defaults(func=_info)
     args = parser.parse_args(argv)
