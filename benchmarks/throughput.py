@@ -1,12 +1,19 @@
-"""Throughput of zipage against full-KV systems, same model, same GPU, same run.
+"""Throughput of zipage against full-KV systems, same model, same GPU, same KV memory, same run.
 
 Reasoning-shaped workload: short prompts (100-300 tokens, every fourth sharing a 128-token
 prefix) and long forced outputs (EOS ignored), on a random-weight model built from a real
 config. Systems: zipage at two budgets, zipage's own full-KV paged engine (budget=None),
 transformers' continuous batching (``generate_batch``) and plain ``generate`` with a
-DynamicCache at the largest batch that fits (one batch, timed).
+DynamicCache at the largest batch whose full KV fits the same memory (one batch, timed).
 
-    python benchmarks/throughput.py --model qwen3-8b --requests 256 --max-tokens 4096
+Every system gets the same KV memory (``--kv-gib``, pages and state included). The workload is
+chosen so that full KV cannot hold every request at once while zipage can: with ``--kv-gib 8``
+on Qwen3-8B a zipage request at budget 2048 needs at most 9 pages of 256 tokens (25 requests in
+8 GiB), a full-KV one grows to 65 pages (3 at the end). The transformers peers are an order of
+magnitude slower, so they run the same prompts for ``--peer-max-tokens`` tokens only: their
+tokens/s at that shorter length is an upper bound on theirs at the full length.
+
+    python benchmarks/throughput.py --model qwen3-8b --requests 24 --max-tokens 16384 --kv-gib 8
     python benchmarks/throughput.py --model qwen3-0.6b --requests 64 --max-tokens 1024   # quick
 """
 
@@ -16,10 +23,12 @@ import argparse
 import gc
 import json
 import math
+import sys
 import time
 
 import torch
-from engine_run import build, workload
+import transformers
+from engine_run import MODELS, build, workload
 
 import zipage
 
@@ -47,28 +56,44 @@ def kv_bytes_per_token(model) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2
 
 
-def run_engine(model, prompts, max_tokens, budget, bw, **kw) -> dict:
-    llm = zipage.LLM(model, budget=budget, page_size=256, **kw)
-    compress_s = [0.0]
+def kv_pages(model, kv_gib: float, page_size: int, stateful: bool) -> int:
+    from zipage.engine.runner import ModelRunner
+
+    return int(kv_gib * 2**30 // ModelRunner.bytes_per_page(model.config, page_size, model.dtype, stateful))
+
+
+def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, max_num_seqs=256, time_limit=None,
+               **kw) -> dict:
+    stateful = budget is not None and zipage.get_scorer(zipage.ZipageConfig(budget=budget).scorer).stateful
+    num_pages = kv_pages(model, kv_gib, page_size, stateful)
+    llm = zipage.LLM(model, budget=budget, page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs, **kw)
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     inner = llm.runner.compress
 
-    def timed(*a, **k):  # compression time on its own stream/timeline (host-side launch + sync)
-        t = time.perf_counter()
+    def timed(*a, **k):  # GPU time of each compression, on whichever stream launches it
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
         inner(*a, **k)
-        torch.cuda.synchronize()
-        compress_s[0] += time.perf_counter() - t
+        e.record()
+        events.append((s, e))
 
     # warm-up outside the timing: kernel compilation and CUDA-graph capture (a compression included)
     warm = zipage.SamplingParams(max_tokens=min(max_tokens, (budget or 256) + 300), temperature=0, ignore_eos=True)
     llm.generate(prompts[:2], warm, use_tqdm=False)
     llm.scheduler.compressions = 0
+    llm.scheduler.preemptions = 0
     llm.runner.compress = timed
     params = zipage.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     ids = [llm.add_request(p, params) for p in prompts]
     torch.cuda.reset_peak_memory_stats()
     running, steps, decode_ms, stored = [], 0, [], []
-    start = last = time.perf_counter()
+    first_token = llm.generated_tokens
+    start = last = report = time.perf_counter()
+    truncated = False
     while llm.has_unfinished():
+        if time_limit is not None and last - start > time_limit:
+            truncated = True  # out of time: tokens/s over the part that ran, the rest cancelled
+            break
         llm.step()
         torch.cuda.synchronize()
         now = time.perf_counter()
@@ -79,102 +104,160 @@ def run_engine(model, prompts, max_tokens, budget, bw, **kw) -> dict:
             stored.append(sum(s.stored for s in r))
         last = now
         steps += 1
+        if now - report > 60:
+            report = now
+            print(f"  {now - start:5.0f} s: {llm.generated_tokens} tokens, {len(r)} running, "
+                  f"{len(llm.scheduler.waiting)} waiting", flush=True)
     wall = time.perf_counter() - start
-    outs = [llm.requests.pop(i).output() for i in ids]
-    assert all(len(o.token_ids) == max_tokens for o in outs)
+    produced = llm.generated_tokens - first_token
+    if truncated:
+        for i in ids:
+            if not llm.requests[i].finished:
+                llm.cancel(i)
+        llm._collect_compressions(block=True)
+    else:
+        outs = [llm.requests.pop(i).output() for i in ids]
+        assert all(len(o.token_ids) == max_tokens for o in outs)
+        assert produced == len(prompts) * max_tokens
     stats = llm.stats()
-    assert stats["free_pages"] == stats["total_pages"]
+    assert stats["free_pages"] == stats["total_pages"], "pages lost"
+    compress_ms = sum(s.elapsed_time(e) for s, e in events)
     med = sorted(decode_ms)[len(decode_ms) // 2] if decode_ms else math.nan
     med_stored = sorted(stored)[len(stored) // 2] if stored else 0
     floor_ms = (weight_bytes(model) + med_stored * kv_bytes_per_token(model)) / (bw * 1e9) * 1000
-    res = dict(tokens_per_s=len(prompts) * max_tokens / wall, wall_s=wall, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-               mean_running=sum(running) / len(running), max_running=max(running), median_decode_step_ms=med,
+    res = dict(tokens_per_s=produced / wall, wall_s=wall, output_tokens=produced, truncated=truncated, requests=len(prompts), max_tokens=max_tokens,
+               kv_pages=num_pages, page_size=page_size, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+               mean_running=sum(running) / len(running), max_running=max(running), steps=steps,
+               median_decode_step_ms=med, median_decode_kv_tokens=med_stored,
                decode_floor_ms=floor_ms, step_over_floor=med / floor_ms if decode_ms else math.nan,
-               compression_share=compress_s[0] / wall, preemptions=stats["preemptions"],
-               compressions=stats["compressions"], total_pages=stats["total_pages"])
+               compression_share=compress_ms / 1000 / wall, compression_gpu_s=compress_ms / 1000,
+               preemptions=stats["preemptions"], compressions=stats["compressions"],
+               async_compression=llm.async_compression)
     del llm
     gc.collect()
     torch.cuda.empty_cache()
     return res
 
 
-def run_generate_batch(model, prompts, max_tokens) -> dict:
-    from transformers import GenerationConfig
+def run_generate_batch(model, prompts, max_tokens, kv_gib) -> dict:
+    """transformers' continuous batching (paged, full KV) with the same KV memory."""
+    import dataclasses
 
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    page = 256
+    blocks = int(kv_gib * 2**30 // (page * kv_bytes_per_token(model)))
+    cb = dict(num_blocks=blocks)
+    cb["page_size" if "page_size" in fields else "block_size"] = page
     cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=model.config.vocab_size + 1,
                            pad_token_id=0)
     model.config._attn_implementation = "sdpa"
+    # warm-up (graph capture, allocation) outside the timing
+    model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(
+        max_new_tokens=16, do_sample=False, eos_token_id=model.config.vocab_size + 1, pad_token_id=0),
+        continuous_batching_config=ContinuousBatchingConfig(**cb), progress_bar=False)
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    out = model.generate_batch(inputs=prompts, generation_config=cfg, progress_bar=False)
+    out = model.generate_batch(inputs=prompts, generation_config=cfg,
+                               continuous_batching_config=ContinuousBatchingConfig(**cb), progress_bar=False)
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
     tokens = sum(len(o.generated_tokens) for o in out.values())
-    return dict(tokens_per_s=tokens / wall, wall_s=wall, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    return dict(tokens_per_s=tokens / wall, wall_s=wall, requests=len(prompts), max_tokens=max_tokens,
+                kv_blocks=blocks, page_size=page, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 output_tokens=tokens)
 
 
-def run_generate(model, prompts, max_tokens) -> dict:
-    """Plain generate() with a DynamicCache: the largest batch whose full KV fits, one batch timed."""
-    free = torch.cuda.mem_get_info()[0] * 0.85
-    per_seq = (300 + max_tokens) * kv_bytes_per_token(model) * 1.3  # KV plus activation slack
-    batch = max(1, min(len(prompts), int(free // per_seq)))
+def run_generate(model, prompts, max_tokens, kv_gib, full_tokens) -> dict:
+    """Plain generate() with a DynamicCache: the largest batch whose full KV at the full output
+    length (``full_tokens``) fits the KV memory, timed over ``max_tokens``."""
+    per_seq = (max(len(p) for p in prompts) + full_tokens) * kv_bytes_per_token(model)
+    batch = max(1, min(len(prompts), int(kv_gib * 2**30 // per_seq)))
     width = max(len(p) for p in prompts[:batch])
     ids = torch.zeros(batch, width, dtype=torch.long)
     mask = torch.zeros(batch, width, dtype=torch.long)
     for i, p in enumerate(prompts[:batch]):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    ids, mask = ids.cuda(), mask.cuda()
+    model.config._attn_implementation = "sdpa"
+    model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)  # warm-up
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+    model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                    do_sample=False, pad_token_id=0)
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return dict(tokens_per_s=batch * max_tokens / wall, wall_s=wall, batch=batch,
+    return dict(tokens_per_s=batch * max_tokens / wall, wall_s=wall, batch=batch, requests=batch, max_tokens=max_tokens,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="qwen3-8b")
-    ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen3-8b", choices=sorted(MODELS))
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--kv-gib", type=float, default=8.0, help="KV memory every system gets (GiB)")
+    ap.add_argument("--peer-max-tokens", type=int, default=2048,
+                    help="output tokens per request for the transformers peers (they are much slower)")
     ap.add_argument("--systems", default="zipage-2048,zipage-1024,zipage-fullkv,hf-generate_batch,hf-generate")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="stop an engine run after this many seconds (tokens/s over the part that ran; marked truncated)")
+    ap.add_argument("--sync-compression", action="store_true", help="compress on the main stream")
     ap.add_argument("--out", default="benchmarks/results/throughput.json")
     args = ap.parse_args()
     model = build(args.model)
     prompts = workload(args.requests, model.config.vocab_size)
     bw = copy_bandwidth()
-    results = {}
+    summary = dict(model=args.model, requests=args.requests, max_tokens=args.max_tokens, kv_gib=args.kv_gib,
+                   peer_max_tokens=args.peer_max_tokens, copy_bandwidth_gbps=bw, weight_gib=weight_bytes(model) / 2**30,
+                   kv_bytes_per_token=kv_bytes_per_token(model), device=torch.cuda.get_device_name(),
+                   torch=torch.__version__, transformers=transformers.__version__,
+                   command="python benchmarks/throughput.py " + " ".join(sys.argv[1:]), systems={})
+    results = summary["systems"]
     for name in args.systems.split(","):
         t = time.perf_counter()
         try:
             if name.startswith("zipage-"):
                 budget = None if name.endswith("fullkv") else int(name.split("-")[1])
-                results[name] = run_engine(model, prompts, args.max_tokens, budget, bw,
-                                           async_compression=budget is not None)
+                results[name] = run_engine(model, prompts, args.max_tokens, budget, bw, args.kv_gib,
+                                           async_compression=budget is not None and not args.sync_compression,
+                                           time_limit=args.time_limit)
             elif name == "hf-generate_batch":
-                results[name] = run_generate_batch(model, prompts, args.max_tokens)
+                results[name] = run_generate_batch(model, prompts, min(args.peer_max_tokens, args.max_tokens), args.kv_gib)
             elif name == "hf-generate":
-                results[name] = run_generate(model, prompts, args.max_tokens)
+                results[name] = run_generate(model, prompts, min(args.peer_max_tokens, args.max_tokens), args.kv_gib,
+                                             args.max_tokens)
+            else:
+                raise ValueError(f"unknown system {name!r}")
         except Exception as err:  # a peer that fails is reported, not fatal
             results[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
         print(f"{name}: {time.perf_counter() - t:.0f} s {results[name]}", flush=True)
         gc.collect()
         torch.cuda.empty_cache()
-    summary = dict(model=args.model, requests=args.requests, max_tokens=args.max_tokens, copy_bandwidth_gbps=bw,
-                   device=torch.cuda.get_device_name(), torch=torch.__version__, systems=results)
-    with open(args.out, "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"\n{'system':20s} {'tok/s':>9s} {'peak GiB':>9s} {'conc':>6s} {'step ms':>8s} {'floor':>7s} {'x':>5s}")
-    for name, r in results.items():
+        with open(args.out, "w") as f:  # after every system: a run cut short keeps what it measured
+            json.dump(summary, f, indent=1)
+    print(table(summary))
+
+
+def table(summary: dict) -> str:
+    lines = [f"{'system':18s} {'req x tok':>11s} {'tok/s':>8s} {'peak GiB':>8s} {'conc':>5s} {'max':>4s} "
+             f"{'step ms':>8s} {'floor':>6s} {'x':>5s} {'compr%':>6s} {'preempt':>7s}"]
+    for name, r in summary["systems"].items():
         if "error" in r:
-            print(f"{name:20s} {r['error'][:80]}")
+            lines.append(f"{name:18s} {r['error'][:100]}")
             continue
-        print(f"{name:20s} {r['tokens_per_s']:9.0f} {r['peak_gib']:9.1f} {r.get('mean_running', r.get('batch', 0)):6.0f} "
-              f"{r.get('median_decode_step_ms', math.nan):8.1f} {r.get('decode_floor_ms', math.nan):7.1f} "
-              f"{r.get('step_over_floor', math.nan):5.2f}")
+        lines.append(
+            f"{name:18s} {str(r['requests']) + 'x' + str(r['max_tokens']):>11s} {r['tokens_per_s']:8.0f} "
+            f"{r['peak_gib']:8.1f} {r.get('mean_running', r.get('batch', 0)):5.1f} {r.get('max_running', r.get('batch', 0)):4d} "
+            f"{r.get('median_decode_step_ms', math.nan):8.1f} {r.get('decode_floor_ms', math.nan):6.1f} "
+            f"{r.get('step_over_floor', math.nan):5.2f} {100 * r.get('compression_share', 0):6.1f} "
+            f"{r.get('preemptions', 0):7d}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
