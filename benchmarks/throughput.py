@@ -28,7 +28,11 @@ import time
 
 import torch
 import transformers
-from engine_run import MODELS, build, workload
+
+try:  # run as a script (python benchmarks/throughput.py) or imported as a module
+    from engine_run import MODELS, build, workload
+except ImportError:
+    from .engine_run import MODELS, build, workload
 
 import zipage
 
@@ -196,8 +200,8 @@ def run_generate(model, prompts, max_tokens, kv_gib, full_tokens) -> dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="zipage bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen3-8b", choices=sorted(MODELS))
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--max-tokens", type=int, default=16384)
@@ -209,7 +213,9 @@ def main() -> None:
                     help="stop an engine run after this many seconds (tokens/s over the part that ran; marked truncated)")
     ap.add_argument("--sync-compression", action="store_true", help="compress on the main stream")
     ap.add_argument("--out", default="benchmarks/results/throughput.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the throughput benchmark needs a CUDA GPU (it builds random-weight models on it)")
     model = build(args.model)
     prompts = workload(args.requests, model.config.vocab_size)
     bw = copy_bandwidth()
@@ -217,7 +223,7 @@ def main() -> None:
                    peer_max_tokens=args.peer_max_tokens, copy_bandwidth_gbps=bw, weight_gib=weight_bytes(model) / 2**30,
                    kv_bytes_per_token=kv_bytes_per_token(model), device=torch.cuda.get_device_name(),
                    torch=torch.__version__, transformers=transformers.__version__,
-                   command="python benchmarks/throughput.py " + " ".join(sys.argv[1:]), systems={})
+                   command="python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv), systems={})
     results = summary["systems"]
     for name in args.systems.split(","):
         t = time.perf_counter()
@@ -242,6 +248,7 @@ def main() -> None:
         with open(args.out, "w") as f:  # after every system: a run cut short keeps what it measured
             json.dump(summary, f, indent=1)
     print(table(summary))
+    return 0
 
 
 def table(summary: dict) -> str:
@@ -261,4 +268,4 @@ def table(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
