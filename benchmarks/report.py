@@ -1,11 +1,16 @@
-"""Render docs/benchmarks.md from the committed JSON results (run after a benchmark).
+"""Render docs/benchmarks.md and its charts (docs/assets/) from the committed results (run after a benchmark).
 
     python benchmarks/report.py
+
+Reads, when present, under benchmarks/results/: every throughput*.json (benchmarks/throughput.py; a
+table and a bar chart each), quality*.json with the .md and .png that benchmarks/quality.py writes next
+to it, and kernels.json + kernels.png (benchmarks/kernels.py). Missing files or keys leave their part out.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -53,16 +58,305 @@ def kernels_section(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+# ----------------------------------------------------------------------------- throughput
+FULL_KV = "zipage-fullkv"
+
+
+def _num(v, spec: str) -> str:
+    """A number for a table cell; empty when missing or not finite."""
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return ""
+    return format(v, spec)
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _workload(summary: dict, r: dict) -> tuple:
+    """(requests, output tokens per request) of one system; older files keep them at the top level only."""
+    return r.get("requests", r.get("batch", summary.get("requests"))), r.get("max_tokens", summary.get("max_tokens"))
+
+
+def _ok(r) -> bool:
+    return isinstance(r, dict) and "error" not in r and isinstance(r.get("tokens_per_s"), (int, float))
+
+
+def _command(summary: dict) -> tuple[str, bool]:
+    """The command that produced a file, and whether it was stored in it (older files did not)."""
+    if summary.get("command"):
+        return summary["command"], True
+    args = [f"--{k.replace('_', '-')} {summary[k]}" for k in ("model", "requests", "max_tokens", "kv_gib") if k in summary]
+    return "python benchmarks/throughput.py " + " ".join(args), False
+
+
+def throughput_title(summary: dict) -> str:
+    t = str(summary.get("model", "unknown model"))
+    if "requests" in summary and "max_tokens" in summary:
+        t += f", {summary['requests']} requests x {summary['max_tokens']} output tokens"
+    if "kv_gib" in summary:
+        t += f", {summary['kv_gib']:g} GiB of KV memory per system"
+    return t
+
+
+def throughput_chart(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no throughput chart")
+        return False
+    systems = {n: r for n, r in summary.get("systems", {}).items() if _ok(r)}
+    if not systems:
+        return False
+    full = systems.get(FULL_KV)
+    full_tokens = _workload(summary, full)[1] if full else None
+    names = list(systems)
+    values = [systems[n]["tokens_per_s"] for n in names]
+    labels, colors = [], []
+    for n in names:
+        req, tok = _workload(summary, systems[n])
+        labels.append(f"{n}\n{req} x {tok}" if req is not None and tok is not None else n)
+        colors.append("#2b6cb0" if n.startswith("zipage-") and n != FULL_KV else "#718096" if n == FULL_KV else "#cbd5e0")
+    fig, ax = plt.subplots(figsize=(8, 0.7 * len(names) + 1.6))
+    y = list(range(len(names)))[::-1]
+    ax.barh(y, values, color=colors)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel("output tokens / s")
+    top = max(values)
+    for yi, n, v in zip(y, names, values):
+        text = f"{v:,.0f}"
+        if full:
+            text += f"  ({v / full['tokens_per_s']:.2f}x full KV"
+            text += ", shorter outputs)" if _workload(summary, systems[n])[1] != full_tokens else ")"
+        if systems[n].get("truncated"):
+            text += "  stopped by time limit"
+        ax.text(v + top * 0.01, yi, text, va="center", fontsize=8)
+    ax.set_xlim(0, top * 1.45)
+    title = throughput_title(summary)
+    if summary.get("device"):
+        title += f"\n{summary['device']}"
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def throughput_section(path: Path, chart: str | None) -> str:
+    summary = json.loads(path.read_text())
+    systems = summary.get("systems", {})
+    command, stored = _command(summary)
+    out = [f"### {throughput_title(summary)}", "", f"`{path.relative_to(ROOT)}`", ""]
+    env = [f"{k} {summary[k]}" for k in ("torch", "transformers") if k in summary]
+    facts = [summary.get("device", "")] + env
+    if "copy_bandwidth_gbps" in summary:
+        facts.append(f"copy bandwidth {summary['copy_bandwidth_gbps']:.0f} GB/s")
+    if "weight_gib" in summary:
+        facts.append(f"weights {summary['weight_gib']:.2f} GiB")
+    facts = [f for f in facts if f]
+    if facts:
+        out += [", ".join(facts) + ".", ""]
+    if stored:
+        out += ["```bash", command, "```", ""]
+    else:
+        out += ["This file was written by an earlier version of the harness, which did not store its command and "
+                "did not give every system the same KV memory (each engine sized its KV pool from the GPU memory, "
+                "the engine's default; compare the peak GiB column). Its recorded settings correspond to:", "",
+                "```bash", command, "```", ""]
+    peer = summary.get("peer_max_tokens")
+    if isinstance(peer, int) and isinstance(summary.get("max_tokens"), int) and peer < summary["max_tokens"]:
+        out += [f"The transformers peers run the same prompts for {peer} output tokens only (marked †): their tokens/s "
+                f"at that length is an upper bound on theirs at {summary['max_tokens']} tokens.", ""]
+    if chart:
+        out += [f"![throughput, {throughput_title(summary)}](assets/{chart})", ""]
+    full = systems.get(FULL_KV) if _ok(systems.get(FULL_KV)) else None
+    full_tokens = _workload(summary, full)[1] if full else None
+    out += ["| system | requests x tokens | tokens/s | vs full KV | wall s | peak GiB | running mean / max | "
+            "decode step ms | floor ms | step / floor | compression share | preemptions | note |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in systems.items():
+        if not _ok(r):
+            err = r.get("error", "no result") if isinstance(r, dict) else "no result"
+            out.append(f"| {_cell(name)} |  |  |  |  |  |  |  |  |  |  |  | failed: {_cell(err)} |")
+            continue
+        req, tok = _workload(summary, r)
+        shorter = full is not None and tok != full_tokens
+        ratio = f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}x" + (" †" if shorter else "") if full else ""
+        if "mean_running" in r:
+            running = f"{_num(r['mean_running'], '.1f')} / {_num(r.get('max_running'), 'd')}"
+        elif "batch" in r:
+            running = f"batch {r['batch']}"
+        else:
+            running = ""
+        notes = []
+        if r.get("truncated"):
+            notes.append("stopped by --time-limit: tokens/s over the part that ran")
+        if r.get("async_compression") is False and name != FULL_KV and name.startswith("zipage-"):
+            notes.append("synchronous compression")
+        share = r.get("compression_share")
+        out.append(
+            f"| {_cell(name)} | {req} x {tok}{' †' if shorter else ''} | {_num(r['tokens_per_s'], ',.0f')} | {ratio} | "
+            f"{_num(r.get('wall_s'), '.1f')} | {_num(r.get('peak_gib'), '.1f')} | {running} | "
+            f"{_num(r.get('median_decode_step_ms'), '.2f')} | {_num(r.get('decode_floor_ms'), '.2f')} | "
+            f"{_num(r.get('step_over_floor'), '.2f')} | "
+            f"{_num(100 * share, '.1f') + '%' if isinstance(share, (int, float)) else ''} | "
+            f"{_num(r.get('preemptions'), 'd')} | {'; '.join(notes)} |")
+    out += ["", "*running*: requests decoded together per step (plain `generate`: its one batch). *decode step*: median "
+            "wall time of a step in which every running request decodes; *floor*: weights plus the stored KV of that "
+            "step read once at the measured copy bandwidth. *compression share*: GPU time of compressions over the "
+            "wall time (asynchronous compressions overlap decoding)." if any(_ok(r) and "decode_floor_ms" in r
+                                                                            for r in systems.values()) else ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _throughput_files(results: Path) -> list[Path]:
+    """Files that store their command (current harness) first, then older ones; by name within each."""
+    files = []
+    for p in sorted(results.glob("throughput*.json")):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"skipping {p.name}: {err}")
+            continue
+        if isinstance(d, dict) and isinstance(d.get("systems"), dict):
+            files.append((not d.get("command"), p.name, p))
+        else:
+            print(f"skipping {p.name}: no systems")
+    return [p for *_, p in sorted(files)]
+
+
+# ----------------------------------------------------------------------------- quality
+def quality_section(path: Path, assets: Path) -> tuple[str, str | None]:
+    """The tables quality.py wrote to the .md next to ``path``, headings moved two levels down, and its chart."""
+    result = json.loads(path.read_text())
+    md_path = path.with_suffix(".md")
+    png = path.with_suffix(".png")
+    lines = md_path.read_text().splitlines() if md_path.exists() else []
+    title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else "zipage quality"
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]  # the title becomes the heading below
+    preset = result.get("preset")
+    if preset and preset != "default":
+        title += f", {preset} preset"
+    out = [f"### {title}", "", f"`{path.relative_to(ROOT)}`", ""]
+    if result.get("command"):
+        out += ["```bash", result["command"], "```", ""]
+    chart = None
+    if png.exists():
+        chart = f"{path.stem}.png"
+        shutil.copy(png, assets / chart)
+        out += [f"![{path.stem}](assets/{chart})", ""]
+    if md_path.exists():
+        out += [("##" + ln) if ln.startswith("#") else ln for ln in lines]
+    else:
+        out.append(f"(no {md_path.name} next to the JSON: run `python benchmarks/quality.py --replot {path.relative_to(ROOT)}`)")
+    return "\n".join(out).rstrip() + "\n", chart
+
+
+def _quality_files(results: Path) -> list[Path]:
+    """quality.json first, then the presets (quality_quick, quality_ablations, quality_full, ...)."""
+    files = sorted(results.glob("quality*.json"), key=lambda p: (p.stem != "quality", p.stem))
+    good = []
+    for p in files:
+        try:
+            json.loads(p.read_text())
+            good.append(p)
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"skipping {p.name}: {err}")
+    return good
+
+
+# ----------------------------------------------------------------------------- page
+INTRO = """\
+# Benchmarks
+
+Every number on this page comes from a committed script and its committed JSON under
+`benchmarks/results/`; `python benchmarks/report.py` rewrites this page (and the charts under
+`docs/assets/`) from them.
+
+What is measured:
+
+- **Throughput** (`benchmarks/throughput.py`, a CUDA GPU): output tokens per second of zipage at
+  two token budgets against full-KV systems on the same model, the same GPU and in the same run:
+  zipage's own paged engine with compression off (`zipage-fullkv`, the reference of the "vs full KV"
+  column), transformers' continuous batching (`generate_batch`) and plain `generate`. The model has
+  random weights built from a real config (Qwen3-8B or Qwen3-0.6B shapes); outputs are forced to
+  their full length (EOS ignored), so every request of a system produces exactly its output tokens.
+- **Quality** (`benchmarks/quality.py`, the CPU): how closely zipage follows a full KV cache on a
+  real model (SmolLM2-135M-Instruct) and real text (MATH-500, GSM8K): teacher-forced top-1 agreement,
+  perplexity ratio and KL divergence at budgets that are fractions of the sequence length, and free
+  greedy generation at fixed token budgets; the other scorers run in the same table.
+- **Kernels** (`benchmarks/kernels.py`, a CUDA GPU): the Triton kernels against their PyTorch
+  references, and against the device's copy bandwidth.
+
+How the throughput workload is chosen. Every system gets the same KV memory (`--kv-gib`, pages and
+scorer state included). Prompts are short (100-300 tokens, every fourth sharing a 128-token prefix)
+and outputs long and forced, so that a full KV cache cannot hold every request at once while zipage,
+whose requests never store more than `budget + buffer` tokens, can: with `--kv-gib 8` on Qwen3-8B and 16,384
+output tokens a zipage request at budget 2048 needs at most 9 pages of 256 tokens (25 requests fit), a
+full-KV request grows to about 65 pages (3 fit at the end). The transformers peers are an order of magnitude slower, so
+they run the same prompts for `--peer-max-tokens` tokens only; their tokens/s at that shorter length
+is an upper bound on theirs at the full length.
+
+How to reproduce (from a checkout, or with the installed `zipage` command, which runs the same
+scripts: `zipage bench ARGS` is `python benchmarks/throughput.py ARGS`, `zipage eval ARGS` is
+`python benchmarks/quality.py ARGS`):
+
+```bash
+zipage bench --model qwen3-8b --requests 24 --max-tokens 16384 --kv-gib 8 --out benchmarks/results/throughput_qwen3-8b.json
+zipage eval                      # writes benchmarks/results/quality.{json,md,png}; --quick for a few minutes
+python benchmarks/report.py      # rewrites this page from benchmarks/results/
+```
+
+The command that produced each table is shown above it.
+"""
+
+
 def main() -> None:
-    parts = ["# Benchmarks", "",
-             "Every number on this page comes from a committed script and its committed JSON under "
-             "`benchmarks/results/`; `python benchmarks/report.py` rewrites this page from them.", ""]
-    kernels = ROOT / "benchmarks" / "results" / "kernels.json"
+    results = ROOT / "benchmarks" / "results"
+    assets = ROOT / "docs" / "assets"
+    assets.mkdir(parents=True, exist_ok=True)
+    parts = [INTRO]
+    written: set[str] = set()
+
+    files = _throughput_files(results)
+    if files:
+        parts += ["## Throughput", ""]
+        for path in files:
+            chart = f"{path.stem}.png"
+            ok = throughput_chart(json.loads(path.read_text()), assets / chart)
+            if ok:
+                written.add(chart)
+            parts.append(throughput_section(path, chart if ok else None))
+
+    qfiles = _quality_files(results)
+    if qfiles:
+        parts += ["## Quality", ""]
+        for path in qfiles:
+            text, chart = quality_section(path, assets)
+            if chart:
+                written.add(chart)
+            parts.append(text)
+
+    kernels = results / "kernels.json"
     if kernels.exists():
         parts.append(kernels_section(kernels))
-        (ROOT / "docs" / "assets").mkdir(exist_ok=True)
-        shutil.copy(kernels.with_suffix(".png"), ROOT / "docs" / "assets" / "kernels.png")
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(parts))
+        if kernels.with_suffix(".png").exists():
+            shutil.copy(kernels.with_suffix(".png"), assets / "kernels.png")
+            written.add("kernels.png")
+
+    # charts of results that are gone (renamed or removed) would linger in the docs: drop them
+    for stale in list(assets.glob("throughput_*.png")) + list(assets.glob("quality*.png")):
+        if stale.name not in written:
+            stale.unlink()
+    page = ROOT / "docs" / "benchmarks.md"
+    page.write_text("\n".join(parts))
+    print(f"wrote {page.relative_to(ROOT)} ({len(files)} throughput, {len(qfiles)} quality file(s)); "
+          f"charts: {', '.join(sorted(written)) or 'none'}")
 
 
 if __name__ == "__main__":
