@@ -20,6 +20,8 @@ import torch
 from ..compress import LayerPages, compress_layers
 from ..config import ZipageConfig
 from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from ..kernels._triton import use_triton
+from ..kernels.rmsnorm import fused_rms_norms, fusable_rms_norms
 from ..scoring import Scorer
 from .sequence import Sequence
 
@@ -90,7 +92,7 @@ class ModelRunner:
     """Owns the pools and turns scheduled steps into model forwards and compressions."""
 
     def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
-                 scorer: Scorer | None, num_slots: int) -> None:
+                 scorer: Scorer | None, num_slots: int, fuse_norms: bool = True) -> None:
         register_attention()
         self.model = model
         self.config = model.config.get_text_config(decoder=True)
@@ -120,6 +122,8 @@ class ModelRunner:
         self.scaling = [None] * L
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_table_width = 0
+        # the model's RMSNorms as one fused kernel each, inside the engine's forwards (CUDA only)
+        self.fused_norms = fusable_rms_norms(model) if fuse_norms and use_triton(self.k_pool) else []
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool) -> int:
@@ -198,7 +202,7 @@ class ModelRunner:
         _context.meta = meta
         cfg._attn_implementation_internal = ATTENTION_NAME
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), fused_rms_norms(self.fused_norms):
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                  logits_to_keep=logits_to_keep)
         finally:
