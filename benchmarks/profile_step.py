@@ -14,8 +14,8 @@ from engine_run import build, workload
 import zipage
 
 
-def step_ms(model, requests: int, fuse_norms: bool, n: int = 20):
-    llm = zipage.LLM(model, budget=2048, page_size=256, fuse_norms=fuse_norms)
+def step_ms(model, requests: int, fuse_ops: bool, n: int = 20):
+    llm = zipage.LLM(model, budget=2048, page_size=256, fuse_ops=fuse_ops)
     params = zipage.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
     for p in workload(requests, model.config.vocab_size):
         llm.add_request(p, params)
@@ -38,7 +38,7 @@ def main() -> None:
     model = build(args.model)
     for fuse in (False, True):
         ms, llm = step_ms(model, args.requests, fuse)
-        print(f"engine step, fuse_norms={fuse}: {ms:.2f} ms with {len(llm.scheduler.running)} running", flush=True)
+        print(f"engine step, fuse_ops={fuse}: {ms:.2f} ms with {len(llm.scheduler.running)} running", flush=True)
         if fuse and not args.no_profile:
             from torch.profiler import ProfilerActivity, profile
 

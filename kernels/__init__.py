@@ -18,6 +18,7 @@ from .paged_attention import (
 from .paged_kv import gather_kv, gather_kv_reference, slot_indices, store_kv, store_kv_reference, store_kv_triton
 from .pooling import pool_scores, pool_scores_reference
 from .rmsnorm import fusable_rms_norms, fused_rms_norms, rms_norm, rms_norm_reference, rms_norm_triton
+from .rope import fusable_rope, fused_rope, rope_reference, rope_triton
 from .redundancy import lightning_redundancy_triton, redundancy_scores, redundancy_scores_reference
 from .window_score import window_scores, window_scores_reference, window_scores_triton
 
@@ -42,6 +43,10 @@ __all__ = [
     "rms_norm",
     "rms_norm_reference",
     "rms_norm_triton",
+    "fusable_rope",
+    "fused_rope",
+    "rope_reference",
+    "rope_triton",
     "redundancy_scores_reference",
     "slot_indices",
     "store_kv",

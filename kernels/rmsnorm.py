@@ -36,10 +36,14 @@ if HAS_TRITON:
         x = tl.load(x_ptr + row * x_stride + cols, mask=m, other=0.0)
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / n_cols
-        y = (xf * (1.0 / tl.sqrt(var + eps))).to(x.dtype)  # back to the input dtype, as the module does
+        y = xf * (1.0 / tl.sqrt(var + eps))
+        if x.dtype != tl.float32:  # back to the input dtype (to nearest even, as torch rounds), as the module does
+            y = y.to(x.dtype, fp_downcast_rounding="rtne").to(tl.float32)
         w = tl.load(w_ptr + cols, mask=m, other=0.0)
-        out = w.to(tl.float32) * y.to(tl.float32)
-        tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=m)
+        out = w.to(tl.float32) * y
+        if out_ptr.dtype.element_ty != tl.float32:
+            out = out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(out_ptr + row * out_stride + cols, out, mask=m)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .sequence import RequestOutput, Sequence, Status
 
 _ENGINE_FIELDS = {
     "enable_prefix_caching", "enforce_eager", "async_compression", "max_num_seqs", "max_num_batched_tokens",
-    "gpu_memory_utilization", "num_pages", "max_model_len", "dtype", "device", "fuse_norms",
+    "gpu_memory_utilization", "num_pages", "max_model_len", "dtype", "device", "fuse_ops",
 }
 
 
@@ -53,16 +53,17 @@ class LLM:
         gpu_memory_utilization: share of the GPU memory the model + pools may take (CUDA).
         num_pages: explicit pool size in pages (required on a CPU).
         max_model_len: longest logical length (default: the model's max_position_embeddings).
-        fuse_norms: on CUDA, run the model's RMSNorm modules through one fused Triton kernel inside
-            the engine's forwards (only the modules whose math the kernel reproduces on a probe;
-            the model is left as it was outside the engine's steps).
+        fuse_ops: on CUDA, run the model's RMSNorm modules and its rotary embedding through fused
+            Triton kernels (one kernel per norm, one per rotated tensor) inside the engine's forwards.
+            Only what the kernels reproduce on a probe is swapped, and the model is left as it was
+            outside the engine's steps.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, budget: int | None = 2048,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, async_compression: bool = False,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
                  num_pages: int | None = None, max_model_len: int | None = None, dtype: Any = None,
-                 device: Any = None, fuse_norms: bool = True, **zipage_fields: Any) -> None:
+                 device: Any = None, fuse_ops: bool = True, **zipage_fields: Any) -> None:
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +96,7 @@ class LLM:
         self.blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
-                                  self.scheduler.max_concurrency, fuse_norms=fuse_norms)
+                                  self.scheduler.max_concurrency, fuse_ops=fuse_ops)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)

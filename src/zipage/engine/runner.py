@@ -21,7 +21,8 @@ from ..compress import LayerPages, compress_layers
 from ..config import ZipageConfig
 from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels._triton import use_triton
-from ..kernels.rmsnorm import fused_rms_norms, fusable_rms_norms
+from ..kernels.rmsnorm import fusable_rms_norms, fused_rms_norms
+from ..kernels.rope import fusable_rope, fused_rope
 from ..scoring import Scorer
 from .sequence import Sequence
 
@@ -92,7 +93,7 @@ class ModelRunner:
     """Owns the pools and turns scheduled steps into model forwards and compressions."""
 
     def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
-                 scorer: Scorer | None, num_slots: int, fuse_norms: bool = True) -> None:
+                 scorer: Scorer | None, num_slots: int, fuse_ops: bool = True) -> None:
         register_attention()
         self.model = model
         self.config = model.config.get_text_config(decoder=True)
@@ -122,8 +123,10 @@ class ModelRunner:
         self.scaling = [None] * L
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_table_width = 0
-        # the model's RMSNorms as one fused kernel each, inside the engine's forwards (CUDA only)
-        self.fused_norms = fusable_rms_norms(model) if fuse_norms and use_triton(self.k_pool) else []
+        # the model's RMSNorms and RoPE as fused kernels, inside the engine's forwards (CUDA only)
+        fuse = fuse_ops and use_triton(self.k_pool)
+        self.fused_norms = fusable_rms_norms(model) if fuse else []
+        self.rope_module = fusable_rope(model) if fuse else None
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool) -> int:
@@ -202,7 +205,7 @@ class ModelRunner:
         _context.meta = meta
         cfg._attn_implementation_internal = ATTENTION_NAME
         try:
-            with torch.inference_mode(), fused_rms_norms(self.fused_norms):
+            with torch.inference_mode(), fused_rms_norms(self.fused_norms), fused_rope(self.rope_module):
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                  logits_to_keep=logits_to_keep)
         finally:

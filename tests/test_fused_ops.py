@@ -1,4 +1,4 @@
-"""The fused RMSNorm kernel against the transformers modules it stands in for.
+"""The fused RMSNorm and RoPE kernels against the transformers code they stand in for.
 
 On a CPU machine the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by
 conftest); the ``gpu`` cases run it compiled, in bf16 too, and inside the engine.
@@ -11,7 +11,16 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from zipage.kernels import fusable_rms_norms, fused_rms_norms, rms_norm_reference, rms_norm_triton
+from zipage.kernels import (
+    fusable_rms_norms,
+    fusable_rope,
+    fused_rms_norms,
+    fused_rope,
+    rms_norm_reference,
+    rms_norm_triton,
+    rope_reference,
+    rope_triton,
+)
 from zipage.kernels._triton import HAS_TRITON, interpreting
 
 CUDA = torch.cuda.is_available()
@@ -86,3 +95,64 @@ def test_only_modules_the_kernel_reproduces_are_fused_and_forwards_come_back():
     assert all("forward" not in vars(m) for m in model)  # the model is as it was
     model[0](x)
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------- RoPE
+def _rope_inputs(B, H, T, D, dtype, transposed=True):
+    g = torch.Generator().manual_seed(1)
+    # the layout the attention modules produce: [B, T, H, D] projections viewed as [B, H, T, D]
+    x = torch.randn(B, T, H, D, generator=g).to(DEV, dtype)
+    x = x.transpose(1, 2) if transposed else x.permute(0, 2, 1, 3).contiguous()
+    angle = torch.rand(B, T, D // 2, generator=g) * 20
+    cos = torch.cat([angle.cos()] * 2, -1).to(DEV, dtype)
+    sin = torch.cat([angle.sin()] * 2, -1).to(DEV, dtype)
+    return x, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("D", [64, 128, 96])
+def test_rope_kernel_matches_the_transformers_function(dtype, transposed, D):
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    q, cos, sin = _rope_inputs(2, 4, 5, D, dtype, transposed)
+    k, _, _ = _rope_inputs(2, 2, 5, D, dtype, transposed)
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
+    out_q, out_k = rope_triton(q, cos, sin), rope_triton(k, cos, sin)
+    for out, ref in ((out_q, ref_q), (out_k, ref_k)):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        # the same roundings: equal up to an fp32 multiply-add contraction
+        tol = 1e-6 if dtype == torch.float32 else 0
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(rope_reference(q, cos, sin), ref_q, rtol=0, atol=0)
+
+
+def test_rope_swap_covers_the_model_and_falls_back_elsewhere():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.models.qwen3 import modeling_qwen3
+
+    cfg = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = Qwen3ForCausalLM(cfg).to(DEV)
+    module = fusable_rope(model)
+    assert module is modeling_qwen3
+    original = modeling_qwen3.apply_rotary_pos_emb
+    calls = []
+
+    def counting(x, cos, sin):
+        calls.append(x.shape)
+        return rope_triton(x, cos, sin)
+
+    ids = torch.randint(0, 64, (2, 7), device=DEV)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with fused_rope(module, kernel=counting):
+            assert modeling_qwen3.apply_rotary_pos_emb is not original
+            out = model(ids).logits
+            q, cos, sin = _rope_inputs(1, 2, 3, 16, torch.float32)
+            q = q.transpose(1, 2)  # [B, T, H, D] with unsqueeze_dim=2: not covered, the original runs
+            got = modeling_qwen3.apply_rotary_pos_emb(q, q, cos, sin, unsqueeze_dim=2)
+            torch.testing.assert_close(got[0], original(q, q, cos, sin, unsqueeze_dim=2)[0], rtol=0, atol=0)
+    assert modeling_qwen3.apply_rotary_pos_emb is original
+    assert len(calls) == 2 * cfg.num_hidden_layers  # q and k of every layer, nothing else
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
