@@ -2,8 +2,10 @@
 
 transformers applies RoPE as ``q * cos + rotate_half(q) * sin`` (and the same for k): a
 slice, a negation, a concatenation, two products and a sum per tensor, each its own kernel.
-``rope_triton`` computes one tensor's rotation in a single kernel with the same roundings
-(each product and the sum are rounded to the input dtype, as the eager ops do).
+``rope_triton`` computes one tensor's rotation in a single kernel, in float32 with one rounding
+at the end (the eager ops round each product and the sum to the input dtype, so in half
+precision the two differ by at most about one unit in the last place; in float32 they agree
+to rounding).
 ``fusable_rope`` checks a model's modeling module's ``apply_rotary_pos_emb`` against the
 kernel on a probe and ``fused_rope`` swaps it for the duration of a ``with`` block; calls the
 kernel does not cover (other broadcast layouts, mixed dtypes) go to the original function.
@@ -25,13 +27,6 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _round(v, dt: tl.constexpr):
-        """``v`` rounded to ``dt`` to nearest even (as torch's ops round), kept in float32."""
-        if dt != tl.float32:
-            v = v.to(dt, fp_downcast_rounding="rtne").to(tl.float32)
-        return v
-
-    @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, sxb, sxh, sxt, sob, soh, sot, scb, sct,
                      HALF: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
@@ -43,16 +38,16 @@ if HAS_TRITON:
         x = x_ptr + b * sxb + h * sxh + t * sxt
         c = cos_ptr + b * scb + t * sct
         s = sin_ptr + b * scb + t * sct
-        dt: tl.constexpr = x_ptr.dtype.element_ty
+        dt = x_ptr.dtype.element_ty
         x1 = tl.load(x + i, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(x + HALF + i, mask=m, other=0.0).to(tl.float32)
         c1 = tl.load(c + i, mask=m, other=0.0).to(tl.float32)
         c2 = tl.load(c + HALF + i, mask=m, other=0.0).to(tl.float32)
         s1 = tl.load(s + i, mask=m, other=0.0).to(tl.float32)
         s2 = tl.load(s + HALF + i, mask=m, other=0.0).to(tl.float32)
-        # rotate_half(x) = cat(-x2, x1); every product and the sum rounded like the eager ops
-        o1 = _round(_round(x1 * c1, dt) + _round(-x2 * s1, dt), dt)
-        o2 = _round(_round(x2 * c2, dt) + _round(x1 * s2, dt), dt)
+        # rotate_half(x) = cat(-x2, x1); products and sum in float32, one rounding at the end
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
         o = out_ptr + b * sob + h * soh + t * sot
         tl.store(o + i, o1.to(dt), mask=m)
         tl.store(o + HALF + i, o2.to(dt), mask=m)
