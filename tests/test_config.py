@@ -11,10 +11,23 @@ import zipage
 from zipage import ZipageCache, ZipageConfig
 
 
-def test_defaults_follow_the_paper():
-    cfg = ZipageConfig()
+def test_paper_settings_stay_reachable():
+    cfg = ZipageConfig.paper()
     assert (cfg.budget, cfg.window, cfg.global_decay, cfg.redundancy) == (2048, 16, 0.8, "lightning")
     assert (cfg.redundancy_lambda, cfg.redundancy_tau, cfg.pooling_kernel) == (0.2, 0.4, 5)
+    assert cfg.use_global and (cfg.pooling, cfg.pooling_scope, cfg.group_reduce, cfg.recent) == ("max", "first", "max", 0)
+    assert cfg.buffer == cfg.page_size and cfg.capacity == cfg.budget + cfg.buffer
+    assert ZipageConfig.paper(budget=64, page_size=16).budget == 64
+
+
+def test_defaults():
+    """Memory defaults from the paper; scorer defaults as measured (benchmarks/results/quality.md):
+    window attention only, without the redundancy term and the global score, plus a recency floor."""
+    cfg = ZipageConfig()
+    assert (cfg.budget, cfg.window, cfg.page_size) == (2048, 16, 256)
+    assert (cfg.redundancy, cfg.use_global) == ("none", False)
+    assert (cfg.pooling, cfg.pooling_kernel, cfg.pooling_scope, cfg.group_reduce) == ("max", 5, "first", "max")
+    assert cfg.recent == 64
     assert cfg.buffer == cfg.page_size and cfg.capacity == cfg.budget + cfg.buffer
 
 
@@ -40,6 +53,12 @@ def test_defaults_follow_the_paper():
         ({"pooling": "median"}, ValueError, ["pooling", "max", "avg"]),
         ({"pooling_kernel": 4}, ValueError, ["pooling_kernel", "odd"]),
         ({"use_global": 1}, TypeError, ["use_global", "bool"]),
+        ({"pooling_scope": "every"}, ValueError, ["pooling_scope", "first", "all"]),
+        ({"group_reduce": "sum"}, ValueError, ["group_reduce", "max", "mean"]),
+        ({"window_reduce": "sum"}, ValueError, ["window_reduce", "mean", "max"]),
+        ({"global_mode": "min"}, ValueError, ["global_mode", "max", "sum"]),
+        ({"value_weight": 1}, TypeError, ["value_weight", "bool"]),
+        ({"recent": -1}, ValueError, ["recent", ">= 0"]),
         ({"scorer": "snapkv2"}, ValueError, ["scorer", "snapkv2", "h2o", "knorm", "random", "snapkv", "streaming"]),
         ({"scorer": 3}, TypeError, ["scorer"]),
     ],

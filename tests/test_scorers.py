@@ -27,23 +27,41 @@ ATOL = 1e-5
 
 
 def ref_zipage(cfg: ZipageConfig, x: ScoreInputs):
-    """-> (final score, state) in float64, from ALGORITHM.md steps 1-4."""
-    attn = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
-    if x.first and cfg.pooling != "none":
+    """-> (final score, state) in float64, from ALGORITHM.md steps 1-4 (plus the non-paper knobs
+    group_reduce, pooling_scope, value_weight and global_mode)."""
+    attn = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, cfg.group_reduce, "mean")
+    if (x.first or cfg.pooling_scope == "all") and cfg.pooling != "none":
         attn = ref_pool(attn, cfg.pooling_kernel, cfg.pooling)
+    if cfg.value_weight:
+        V = x.values.double().tolist()
+        vn = torch.tensor([[[math.sqrt(math.fsum(v * v for v in tok)) for tok in head] for head in row] for row in V], dtype=torch.float64)
+        attn = attn * vn
     if cfg.use_global and x.state is not None:
         prev = x.state.double().tolist()
         a = attn.tolist()
+        op = max if cfg.global_mode == "max" else (lambda u, v: u + v)
         attn = torch.tensor(
-            [[[max(a[b][h][j], cfg.global_decay * prev[b][h][j]) for j in range(len(a[b][h]))] for h in range(len(a[b]))] for b in range(len(a))],
+            [[[op(a[b][h][j], cfg.global_decay * prev[b][h][j]) for j in range(len(a[b][h]))] for h in range(len(a[b]))] for b in range(len(a))],
             dtype=torch.float64,
         )
     if cfg.redundancy == "none":
-        return attn, attn
+        return ref_recent(attn, min(cfg.recent, cfg.budget // 2)), attn
     block = x.page_size if cfg.redundancy == "lightning" else None
     red, _ = ref_redundancy(x.keys, x.key_mask, block, cfg.similarity_threshold, cfg.redundancy_tau)
     lam = cfg.redundancy_lambda
-    return lam * attn - (1 - lam) * red, attn
+    return ref_recent(lam * attn - (1 - lam) * red, min(cfg.recent, cfg.budget // 2)), attn
+
+
+def ref_recent(scores, recent):
+    """The last `recent` positions of each (row, head) move above all others, keeping their order."""
+    out = scores.clone()
+    S = scores.shape[-1]
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            lift = 2 * max(abs(v) for v in scores[b, h].tolist()) + 1
+            for j in range(max(S - recent, 0), S):
+                out[b, h, j] += lift
+    return out
 
 
 def ref_snapkv(cfg, x):
@@ -255,14 +273,43 @@ ZIPAGE_VARIANTS = [
     ({"redundancy": "full"}, False, True),
     ({"redundancy_lambda": 0.5, "redundancy_tau": 0.1, "global_decay": 0.5}, False, True),
     ({"pooling": "none"}, True, False),
+    ({"group_reduce": "mean"}, False, True),
+    ({"pooling_scope": "all", "pooling": "avg"}, False, True),
+    ({"value_weight": True}, True, True),
+    ({"value_weight": True, "redundancy": "none"}, False, True),
+    ({"global_mode": "sum", "redundancy": "none"}, False, True),
+    ({"global_mode": "sum"}, True, True),
+    ({"recent": 3}, False, True),
+    ({"recent": 3, "redundancy": "none", "use_global": False}, True, False),
+    ({"recent": 100, "redundancy": "none", "use_global": False}, False, True),  # capped at budget // 2
 ]
+
+
+def test_default_zipage_is_window_attention_plus_recency_floor():
+    """The default scorer: max-group window attention, no redundancy, no global score, and the last
+    `recent` tokens ranked first (so a top-k keeps them), in both directions of the check."""
+    B, Hq, Hkv, S, D, w, ps = 2, 8, 2, 40, 8, 4, 4
+    cfg = ZipageConfig(budget=16, page_size=ps, window=w, recent=6)
+    x = make_inputs(11, B, Hq, Hkv, S, D, w, ps, state=True, first=False)
+    scores, state = get_scorer("zipage", cfg)(x)
+    raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
+    torch.testing.assert_close(state.double(), raw, atol=ATOL, rtol=1e-5)  # the state is ignored
+    assert (scores[..., S - 6 :].amin(-1) > scores[..., : S - 6].amax(-1)).all()
+    torch.testing.assert_close(scores[..., : S - 6].double(), raw[..., : S - 6], atol=ATOL, rtol=1e-5)
+    keep = select_keep(scores, x.key_mask, 16, w, 0)
+    for b in range(B):
+        for h in range(Hkv):
+            kept = set(keep[b, h].tolist())
+            assert set(range(S - 6, S)) <= kept
+            rest = sorted(range(S - 6), key=lambda j: -raw[b, h, j].item())[:10]
+            assert set(rest) <= kept
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("overrides,first,with_state", ZIPAGE_VARIANTS)
 def test_zipage_scorer_matches_dense_reference(shape, overrides, first, with_state):
     B, Hq, Hkv, S, D, w, ps = shape
-    cfg = ZipageConfig(budget=8, page_size=ps, window=w, **overrides)
+    cfg = ZipageConfig.paper(budget=8, page_size=ps, window=w, **overrides)
     x = make_inputs(S * 7 + B, B, Hq, Hkv, S, D, w, ps, state=with_state, first=first)
     scores, state = get_scorer("zipage", cfg)(x)
     exp_scores, exp_state = ref_zipage(cfg, x)
@@ -271,17 +318,17 @@ def test_zipage_scorer_matches_dense_reference(shape, overrides, first, with_sta
     torch.testing.assert_close(state.double(), exp_state, atol=ATOL, rtol=1e-5)
     if cfg.redundancy != "none":
         assert not torch.allclose(scores.double(), cfg.redundancy_lambda * exp_state, atol=1e-4)
-    if with_state and cfg.use_global:
+    if with_state and cfg.use_global and cfg.global_mode == "max" and not cfg.value_weight:
         # the inputs exercise both branches of the max
-        raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
-        if first and cfg.pooling != "none":
+        raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, cfg.group_reduce, "mean")
+        if (first or cfg.pooling_scope == "all") and cfg.pooling != "none":
             raw = ref_pool(raw, cfg.pooling_kernel, cfg.pooling)
         from_prev = cfg.global_decay * x.state.double() > raw
         assert from_prev.any() and (~from_prev).any()
 
 
 def test_zipage_pooling_only_at_first_compression():
-    cfg = ZipageConfig(budget=8, page_size=4, window=4, redundancy="none")
+    cfg = ZipageConfig(budget=8, page_size=4, window=4, recent=0)
     x = make_inputs(5, 1, 4, 1, 12, 8, 4, 4)
     raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
     first, _ = get_scorer("zipage", cfg)(x)
@@ -491,7 +538,10 @@ def test_compress_layer_against_dense_reference(case):
     assert S % ps  # partly filled last page
     seed = S * 31 + B * 7 + k + sinks + (13 if first else 0)
     x = make_inputs(seed, B, Hq, Hkv, S, D, w, ps, state=with_state, first=first)
-    cfg = ZipageConfig(budget=k, page_size=ps, window=w, sinks=sinks, scorer=name)
+    # zipage: the paper's settings (its redundancy term leaves no ties after max-pooling); the default
+    # scorer's selection is checked in test_default_zipage_is_window_attention_plus_recency_floor
+    make = ZipageConfig.paper if name == "zipage" else ZipageConfig
+    cfg = make(budget=k, page_size=ps, window=w, sinks=sinks, scorer=name)
     scorer = get_scorer(name, cfg)
     rng = random.Random(seed)
     pages, slots, tables = _paged_layout(rng, x.keys, x.values, ps, state=x.state if with_state else None)
@@ -535,7 +585,7 @@ def test_compress_layer_keeps_padding_rows_consistent():
     x = make_inputs(21, B, Hq, Hkv, S, D, w, ps, padding=False)
     x.key_mask[1, :7] = False  # 6 real tokens < k
     x.query_mask = x.key_mask[:, S - w :]
-    cfg = ZipageConfig(budget=k, page_size=ps, window=w)
+    cfg = ZipageConfig.paper(budget=k, page_size=ps, window=w)  # no ties after pooling (see above)
     pages, slots, tables = _paged_layout(random.Random(3), x.keys, x.values, ps)
     keep = compress_layer(pages, slots, x.key_mask, x.queries, get_scorer("zipage", cfg), k=k, window=w, sinks=0,
                           scaling=x.scaling, page_size=ps, first=True, layer_idx=0)

@@ -1,8 +1,14 @@
 """ZipageConfig: every knob of Compressed PagedAttention, validated up front.
 
-Defaults follow the Zipage paper (budget 2048 tokens, observation window 16,
-G-KV decay 0.8, lightning redundancy with lambda 0.2 and tau 0.4, max-pooling
-over 5 neighbours at the first compression).
+The memory defaults follow the Zipage paper (budget 2048 tokens, observation
+window 16). The scorer defaults do not: measured on SmolLM2-135M over MATH-500
+text (benchmarks/results/quality.md), the paper's redundancy term (lambda 0.2,
+tau 0.4) and decayed global score (G-KV, alpha 0.8) both lowered fidelity to
+full KV, so the default ``zipage`` scorer uses the window attention alone
+(max over a GQA group, max-pooled over 5 neighbours at the first compression)
+plus a recency floor: the last ``recent`` tokens (at most half the budget) are
+always kept.
+``ZipageConfig.paper()`` (fields ``PAPER_SCORER``) gives the paper's settings.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ from typing import Any
 
 REDUNDANCY_MODES = ("lightning", "full", "none")
 POOLING_MODES = ("max", "avg", "none")
+GROUP_REDUCES = ("max", "mean")
+POOLING_SCOPES = ("first", "all")
+GLOBAL_MODES = ("max", "sum")
+WINDOW_REDUCES = ("mean", "max")
 
 
 def _fail(name: str, value: Any, allowed: str, exc: type[Exception] = ValueError) -> None:
@@ -45,6 +55,14 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         _fail(name, value, f"expected one of {choices}")
 
 
+# The Zipage paper's scorer settings (ALGORITHM.md), kept reachable as ``ZipageConfig.paper()``.
+PAPER_SCORER: dict[str, Any] = dict(
+    window=16, use_global=True, global_decay=0.8, redundancy="lightning", redundancy_lambda=0.2,
+    redundancy_tau=0.4, similarity_threshold=0.5, pooling="max", pooling_kernel=5, pooling_scope="first",
+    group_reduce="max", window_reduce="mean", global_mode="max", value_weight=False, recent=0,
+)
+
+
 @dataclass
 class ZipageConfig:
     """Configuration of a compressed paged KV cache.
@@ -69,6 +87,19 @@ class ZipageConfig:
         pooling: ``"max"``, ``"avg"`` or ``"none"``: pooling of the attention score
             over neighbouring positions.
         pooling_kernel: odd pooling width.
+        pooling_scope: ``"first"`` (the paper: pool only at a sequence's first compression) or
+            ``"all"`` (pool the window attention at every compression).
+        group_reduce: how the zipage scorer reduces the query heads of a GQA group: ``"max"``
+            (the paper) or ``"mean"``.
+        window_reduce: how the zipage scorer reduces the window queries: ``"mean"`` (the paper) or
+            ``"max"`` (a token counts as much as the window query that needs it most).
+        recent: the zipage scorer ranks the last ``min(recent, budget // 2)`` stored tokens above
+            every other token (a recency floor beyond the observation window; 0 disables).
+        global_mode: how the zipage scorer folds in the previous score: ``"max"`` (G-KV,
+            ``max(s_now, alpha * s_prev)``) or ``"sum"`` (``s_now + alpha * s_prev``, a decayed
+            accumulation).
+        value_weight: multiply the zipage attention score of a token by the L2 norm of its value
+            (a token that draws attention but writes a tiny value matters little).
         seed: seed of the ``random`` scorer.
         layer_stride: layers compressed together in one batch of kernel launches. None (default)
             takes as many as fit in ``compress_scratch_bytes`` of gathered keys; fewer layers per
@@ -82,14 +113,20 @@ class ZipageConfig:
     window: int = 16
     scorer: Any = "zipage"
     sinks: int = 0
-    use_global: bool = True
+    use_global: bool = False
     global_decay: float = 0.8
-    redundancy: str = "lightning"
+    redundancy: str = "none"
     redundancy_lambda: float = 0.2
     redundancy_tau: float = 0.4
     similarity_threshold: float = 0.5
     pooling: str = "max"
     pooling_kernel: int = 5
+    pooling_scope: str = "first"
+    group_reduce: str = "max"
+    window_reduce: str = "mean"
+    recent: int = 64
+    global_mode: str = "max"
+    value_weight: bool = False
     seed: int = 0
     layer_stride: int | None = None
     compress_scratch_bytes: int = 512 * 2**20
@@ -124,6 +161,13 @@ class ZipageConfig:
         _check_int("pooling_kernel", self.pooling_kernel, low=1)
         if self.pooling_kernel % 2 == 0:
             _fail("pooling_kernel", self.pooling_kernel, "must be odd so the pooling stays centred")
+        _check_choice("pooling_scope", self.pooling_scope, POOLING_SCOPES)
+        _check_choice("group_reduce", self.group_reduce, GROUP_REDUCES)
+        _check_choice("global_mode", self.global_mode, GLOBAL_MODES)
+        _check_choice("window_reduce", self.window_reduce, WINDOW_REDUCES)
+        _check_int("recent", self.recent, low=0)
+        if not isinstance(self.value_weight, bool):
+            _fail("value_weight", self.value_weight, "expected a bool", TypeError)
         _check_int("seed", self.seed)
         if self.layer_stride is not None:
             _check_int("layer_stride", self.layer_stride, low=1)
@@ -149,6 +193,11 @@ class ZipageConfig:
         if unknown:
             raise ValueError(f"unknown ZipageConfig field(s) {unknown}; valid fields: {sorted(names - {'extra'})}")
         return cls(**values)
+
+    @classmethod
+    def paper(cls, **changes: Any) -> ZipageConfig:
+        """The Zipage paper's scorer settings (``PAPER_SCORER``), with ``changes`` on top."""
+        return cls(**{**PAPER_SCORER, **changes})
 
     def replace(self, **changes: Any) -> ZipageConfig:
         return dataclasses.replace(self, **changes)
