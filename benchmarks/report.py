@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -82,10 +83,15 @@ def _ok(r) -> bool:
     return isinstance(r, dict) and "error" not in r and isinstance(r.get("tokens_per_s"), (int, float))
 
 
-def _command(summary: dict) -> tuple[str, bool]:
-    """The command that produced a file, and whether it was stored in it (older files did not)."""
+def _command(summary: dict, path: Path | None = None) -> tuple[str, bool]:
+    """The command that produced a file, and whether it was stored in it (older files did not).
+
+    Runs on the GPU machine write to its output folder; the ``--out`` shown is the committed file."""
     if summary.get("command"):
-        return summary["command"], True
+        cmd = summary["command"]
+        if path is not None:
+            cmd = re.sub(r"--out \S+", f"--out {path.relative_to(ROOT)}", cmd)
+        return cmd, True
     args = [f"--{k.replace('_', '-')} {summary[k]}" for k in ("model", "requests", "max_tokens", "kv_gib") if k in summary]
     return "python benchmarks/throughput.py " + " ".join(args), False
 
@@ -149,7 +155,7 @@ def throughput_chart(summary: dict, path: Path) -> bool:
 def throughput_section(path: Path, chart: str | None) -> str:
     summary = json.loads(path.read_text())
     systems = summary.get("systems", {})
-    command, stored = _command(summary)
+    command, stored = _command(summary, path)
     out = [f"### {throughput_title(summary)}", "", f"`{path.relative_to(ROOT)}`", ""]
     env = [f"{k} {summary[k]}" for k in ("torch", "transformers") if k in summary]
     facts = [summary.get("device", "")] + env
@@ -168,7 +174,8 @@ def throughput_section(path: Path, chart: str | None) -> str:
                 "the engine's default; compare the peak GiB column). Its recorded settings correspond to:", "",
                 "```bash", command, "```", ""]
     peer = summary.get("peer_max_tokens")
-    if isinstance(peer, int) and isinstance(summary.get("max_tokens"), int) and peer < summary["max_tokens"]:
+    has_peers = any(n.startswith("hf-") for n in systems)
+    if has_peers and isinstance(peer, int) and isinstance(summary.get("max_tokens"), int) and peer < summary["max_tokens"]:
         out += [f"The transformers peers run the same prompts for {peer} output tokens only (marked †): their tokens/s "
                 f"at that length is an upper bound on theirs at {summary['max_tokens']} tokens.", ""]
     if chart:
@@ -211,6 +218,58 @@ def throughput_section(path: Path, chart: str | None) -> str:
             "wall time (asynchronous compressions overlap decoding)." if any(_ok(r) and "decode_floor_ms" in r
                                                                             for r in systems.values()) else ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+TARGETS_FILE = "throughput_qwen3-8b.json"
+
+
+def targets_section(path: Path) -> str:
+    """The issue's throughput targets, checked on the Qwen3-8B run."""
+    summary = json.loads(path.read_text())
+    sy = summary.get("systems", {})
+    z, f, cb = sy.get("zipage-2048"), sy.get(FULL_KV), sy.get("hf-generate_batch")
+    if not (_ok(z) and _ok(f)):
+        return ""
+    rows = []
+
+    def row(target: str, value: float, ok: bool, how: str) -> None:
+        rows.append(f"| {target} | {value:.2f} | {'pass' if ok else '**miss**'} | {how} |")
+
+    row("full-KV engine decode step <= 1.5x its floor", f["step_over_floor"], f["step_over_floor"] <= 1.5,
+        f"{f['median_decode_step_ms']:.2f} ms vs {f['decode_floor_ms']:.2f} ms")
+    ratio = z["tokens_per_s"] / f["tokens_per_s"]
+    row("zipage (budget 2048) >= 2.5x the full-KV engine's tokens/s", ratio, ratio >= 2.5,
+        f"{z['tokens_per_s']:,.0f} vs {f['tokens_per_s']:,.0f} tokens/s"
+        + (" (full KV: first part of its run, an upper bound)" if f.get("truncated") else ""))
+    if _ok(cb):
+        r = z["tokens_per_s"] / cb["tokens_per_s"]
+        row("zipage (budget 2048) >= 8x transformers' continuous batching", r, r >= 8,
+            f"{z['tokens_per_s']:,.0f} vs {cb['tokens_per_s']:,.0f} tokens/s ({cb.get('max_tokens')} tokens per request, "
+            "an upper bound on its rate)")
+    row("zipage decode step <= 1.5x its floor", z["step_over_floor"], z["step_over_floor"] <= 1.5,
+        f"{z['median_decode_step_ms']:.2f} ms vs {z['decode_floor_ms']:.2f} ms")
+    out = [f"### Targets (Qwen3-8B, `{path.relative_to(ROOT)}`)", "",
+           "| target | value | verdict | measured |", "|---|---:|---|---|", *rows, ""]
+    out += [
+        "Where the decode step goes (`python benchmarks/profile_step.py --model qwen3-8b --requests 15`, "
+        "`benchmarks/results/profile_step_qwen3-8b.txt`, 15 requests at short contexts): 8.5 ms per step, of "
+        "which the GPU is busy 7.6 ms. The weight GEMMs take 6.2 ms against a 5.5 ms floor for their bytes "
+        "(cuBLAS skinny GEMMs at about 88% of the copy bandwidth); the paged decode attention, the KV store and "
+        "the fused RMSNorm and RoPE kernels 0.7 ms; the model's remaining eager elementwise ops (SiLU, products, "
+        "residual adds, about 200 small kernels) 0.5 ms; about 0.9 ms of each step is host work the GPU waits "
+        "for (scheduling, step metadata, sampling). Fusing the norms and RoPE took this step from 12.2 to 8.5 ms; "
+        "the next levers are overlapping the host work with the previous step (keeping sampled tokens on the "
+        "device) and fusing the MLP activation and residual adds.",
+        "",
+        "Plain `generate` is host-bound on this machine: one eager forward of Qwen3-8B over 15 tokens with no KV "
+        "took 36.8 ms (0.6B: 22.6 ms) in the same profile, so its rate is set by per-op launches, not by memory.",
+        "",
+        f"For scale: the issue quotes about 380 tokens/s for `generate_batch` with 64 requests x 1,024 tokens and "
+        f"its default memory on this H100; zipage at budget 2048 ran {z['tokens_per_s'] / 380:.1f}x that here, "
+        "with 5 GiB of KV.",
+        "",
+    ]
+    return "\n".join(out)
 
 
 def _throughput_files(results: Path) -> list[Path]:
@@ -296,9 +355,15 @@ What is measured:
 How the throughput workload is chosen. Every system gets the same KV memory (`--kv-gib`, pages and
 scorer state included). Prompts are short (100-300 tokens, every fourth sharing a 128-token prefix)
 and outputs long and forced, so that a full KV cache cannot hold every request at once while zipage,
-whose requests never store more than `budget + buffer` tokens, can: with `--kv-gib 8` on Qwen3-8B and 16,384
-output tokens a zipage request at budget 2048 needs at most 9 pages of 256 tokens (25 requests fit), a
-full-KV request grows to about 65 pages (3 fit at the end). The transformers peers are an order of magnitude slower, so
+whose requests never store more than `budget + buffer` tokens, can. With `--kv-gib 5` on Qwen3-8B
+(142 pages of 256 tokens) and 16,384 output tokens, a zipage request at budget 2048 needs at most 9
+pages, so all 15 requests run at once; a full-KV request grows to 65 pages, so full KV runs about 4-7
+at a time and preempts (recomputes) the newest when the pool runs out. A small KV memory keeps each
+system's run to a few minutes (a request lives 16,384 decode steps whatever the pool size); the
+tokens/s ratio follows from how many requests each system holds at once, which depends on tokens
+per request over the budget, not on the pool size. The full-KV engine is stopped after
+`--time-limit` seconds: its tokens/s over that first part (short requests, fewer preemptions) is an
+upper bound on its end-to-end rate. The transformers peers are an order of magnitude slower, so
 they run the same prompts for `--peer-max-tokens` tokens only; their tokens/s at that shorter length
 is an upper bound on theirs at the full length.
 
@@ -307,7 +372,7 @@ scripts: `zipage bench ARGS` is `python benchmarks/throughput.py ARGS`, `zipage 
 `python benchmarks/quality.py ARGS`):
 
 ```bash
-zipage bench --model qwen3-8b --requests 24 --max-tokens 16384 --kv-gib 8 --out benchmarks/results/throughput_qwen3-8b.json
+zipage bench --model qwen3-8b --requests 15 --max-tokens 16384 --kv-gib 5 --time-limit 200 --peer-max-tokens 256 --out benchmarks/results/throughput_qwen3-8b.json
 zipage eval                      # writes benchmarks/results/quality.{json,md,png}; --quick for a few minutes
 python benchmarks/report.py      # rewrites this page from benchmarks/results/
 ```
@@ -332,6 +397,8 @@ def main() -> None:
             if ok:
                 written.add(chart)
             parts.append(throughput_section(path, chart if ok else None))
+            if path.name == TARGETS_FILE:
+                parts.append(targets_section(path))
 
     qfiles = _quality_files(results)
     if qfiles:
