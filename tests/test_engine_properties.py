@@ -27,7 +27,7 @@ VOCAB = 96
 class CheckingRunner(ModelRunner):
     """Bookkeeping like the real runner; instead of tensors, assertions about what would be written."""
 
-    def __init__(self, model, num_pages, page_size, zipage_config, scorer, num_slots):
+    def __init__(self, model, num_pages, page_size, zipage_config, scorer, num_slots, fuse_ops=True):
         self.page_size = page_size
         self.zipage_config = zipage_config
         self.scorer = scorer
