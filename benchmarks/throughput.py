@@ -20,6 +20,7 @@ tokens/s at that shorter length is an upper bound on theirs at the full length.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -136,7 +137,9 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
                decode_floor_ms=floor_ms, step_over_floor=med / floor_ms if decode_ms else math.nan,
                compression_share=compress_ms / 1000 / wall, compression_gpu_s=compress_ms / 1000,
                preemptions=stats["preemptions"], compressions=stats["compressions"],
-               async_compression=llm.async_compression)
+               async_compression=llm.async_compression,
+               zipage_config=None if llm.zipage_config is None else dataclasses.asdict(llm.zipage_config),
+               fused_ops=bool(llm.runner.fused_norms) or llm.runner.rope_module is not None)
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -145,7 +148,6 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
 
 def run_generate_batch(model, prompts, max_tokens, kv_gib) -> dict:
     """transformers' continuous batching (paged, full KV) with the same KV memory."""
-    import dataclasses
 
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
