@@ -69,7 +69,8 @@ def kv_pages(model, kv_gib: float, page_size: int, stateful: bool) -> int:
 
 def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, max_num_seqs=256, time_limit=None,
                **kw) -> dict:
-    stateful = budget is not None and zipage.get_scorer(zipage.ZipageConfig(budget=budget).scorer).stateful
+    cfg = zipage.ZipageConfig(budget=budget) if budget is not None else None
+    stateful = cfg is not None and zipage.get_scorer(cfg.scorer, cfg).stateful
     num_pages = kv_pages(model, kv_gib, page_size, stateful)
     llm = zipage.LLM(model, budget=budget, page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs, **kw)
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []

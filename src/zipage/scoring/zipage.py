@@ -18,8 +18,12 @@ class ZipageScorer(Scorer):
     pages): ``lambda * attn - (1 - lambda) * redundancy``."""
 
     name = "zipage"
-    stateful = True
     needs_queries = True
+
+    @property
+    def stateful(self) -> bool:  # type: ignore[override]
+        """Only the global score keeps a per-token state: without it there is no state pool to fill."""
+        return bool(self.config.use_global)
 
     @property
     def needs_values(self) -> bool:  # type: ignore[override]
@@ -45,12 +49,13 @@ class ZipageScorer(Scorer):
         if has_prev and not fuse_global:
             prev = cfg.global_decay * x.state
             attn = torch.maximum(attn, prev) if cfg.global_mode == "max" else attn + prev
+        state = attn if cfg.use_global else None
         if cfg.redundancy == "none":
-            return _recent_first(attn, min(cfg.recent, cfg.budget // 2)), attn
+            return _recent_first(attn, min(cfg.recent, cfg.budget // 2)), state
         block = x.page_size if cfg.redundancy == "lightning" else None
         red = redundancy_scores(x.keys, x.key_mask, block, cfg.similarity_threshold, cfg.redundancy_tau)
         lam = cfg.redundancy_lambda
-        return _recent_first(lam * attn - (1.0 - lam) * red, min(cfg.recent, cfg.budget // 2)), attn
+        return _recent_first(lam * attn - (1.0 - lam) * red, min(cfg.recent, cfg.budget // 2)), state
 
 
 def _recent_first(scores: torch.Tensor, recent: int) -> torch.Tensor:
