@@ -233,12 +233,9 @@ def is_correct(output: str, reference: str, dataset: str) -> bool:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    from zipage.models import common_prefix_length
+
+    return common_prefix_length(a, b)
 
 
 # ----------------------------------------------------------------------------- model and data

@@ -64,15 +64,6 @@ def _quiet_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _leading_matches(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _dynamic_cache_bytes(cache: Any) -> int:
     """Bytes held by a DynamicCache's key and value tensors."""
     total = 0
@@ -127,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import zipage
 
-    from .models import convert_smollm2, load_smollm2
+    from .models import common_prefix_length, convert_smollm2, load_smollm2
 
     try:
         zipage_config = zipage.ZipageConfig(
@@ -200,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(set(stored)) == 1
         else f"{min(stored)}..{max(stored)} (across {len(stored)} layers)"
     )
-    same = _leading_matches(full_ids, zip_ids)
+    same = common_prefix_length(full_ids, zip_ids)
     zip_bytes = stats["kv_bytes_in_use"]
     # What a full cache holds after the same number of tokens as run (b):
     full_same_len = stats["kv_bytes_full"]

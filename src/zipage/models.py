@@ -236,6 +236,16 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLik
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
+def common_prefix_length(a, b) -> int:
+    """How many leading tokens two generations share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def last_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` in ``text`` (nested braces handled), or None."""
     starts = [m.end() for m in _BOXED.finditer(text)]
