@@ -1,6 +1,10 @@
 """Where an engine decode step spends its time (host vs device), on a random-weight model.
 
+Times the decode step (mean over 20 steps, no compression among them) with the fused ops off and
+on, and with synchronous and asynchronous scheduling, then profiles the last variant.
+
     python benchmarks/profile_step.py --requests 32
+    python benchmarks/profile_step.py --requests 15 --prompt-tokens 2000   # contexts like the throughput run
 """
 
 from __future__ import annotations
@@ -14,10 +18,16 @@ from engine_run import build, workload
 import zipage
 
 
-def step_ms(model, requests: int, fuse_ops: bool, n: int = 20):
-    llm = zipage.LLM(model, budget=2048, page_size=256, fuse_ops=fuse_ops)
+def step_ms(model, requests: int, fuse_ops: bool, async_scheduling: bool, prompt_tokens: int | None, n: int = 20):
+    llm = zipage.LLM(model, budget=2048, page_size=256, fuse_ops=fuse_ops, async_scheduling=async_scheduling)
     params = zipage.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-    for p in workload(requests, model.config.vocab_size):
+    if prompt_tokens is None:
+        prompts = workload(requests, model.config.vocab_size)
+    else:  # long prompts: decode steps read contexts of about that length (below budget + buffer)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(10, model.config.vocab_size, (prompt_tokens,), generator=g).tolist()
+                   for _ in range(requests)]
+    for p in prompts:
         llm.add_request(p, params)
     for _ in range(30):
         llm.step()
@@ -33,13 +43,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen3-8b")
     ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=None, help="random prompts of this length instead of the workload")
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     model = build(args.model)
-    for fuse in (False, True):
-        ms, llm = step_ms(model, args.requests, fuse)
-        print(f"engine step, fuse_ops={fuse}: {ms:.2f} ms with {len(llm.scheduler.running)} running", flush=True)
-        if fuse and not args.no_profile:
+    variants = [(False, False), (True, False), (True, True)]  # (fuse_ops, async_scheduling)
+    for fuse, overlap in variants:
+        ms, llm = step_ms(model, args.requests, fuse, overlap, args.prompt_tokens)
+        ctx = sum(s.stored for s in llm.scheduler.running) / max(len(llm.scheduler.running), 1)
+        print(f"engine step, fuse_ops={fuse}, async_scheduling={overlap}: {ms:.2f} ms with "
+              f"{len(llm.scheduler.running)} running, mean context {ctx:.0f}", flush=True)
+        if (fuse, overlap) == variants[-1] and not args.no_profile:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -100,8 +100,7 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
         if time_limit is not None and last - start > time_limit:
             truncated = True  # out of time: tokens/s over the part that ran, the rest cancelled
             break
-        llm.step()
-        torch.cuda.synchronize()
+        llm.step()  # (no device sync here: with async scheduling the next step's host work overlaps this one's GPU work)
         now = time.perf_counter()
         r = llm.scheduler.running
         running.append(len(r))
@@ -114,6 +113,7 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
             report = now
             print(f"  {now - start:5.0f} s: {llm.generated_tokens} tokens, {len(r)} running, "
                   f"{len(llm.scheduler.waiting)} waiting", flush=True)
+    torch.cuda.synchronize()
     wall = time.perf_counter() - start
     produced = llm.generated_tokens - first_token
     if truncated:
@@ -138,7 +138,7 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
                decode_floor_ms=floor_ms, step_over_floor=med / floor_ms if decode_ms else math.nan,
                compression_share=compress_ms / 1000 / wall, compression_gpu_s=compress_ms / 1000,
                preemptions=stats["preemptions"], compressions=stats["compressions"],
-               async_compression=llm.async_compression,
+               async_compression=llm.async_compression, async_scheduling=llm.async_scheduling,
                zipage_config=None if llm.zipage_config is None else dataclasses.asdict(llm.zipage_config),
                fused_ops=bool(llm.runner.fused_norms) or llm.runner.rope_module is not None)
     del llm
@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-gib", type=float, default=8.0, help="KV memory every system gets (GiB)")
     ap.add_argument("--peer-max-tokens", type=int, default=2048,
                     help="output tokens per request for the transformers peers (they are much slower)")
-    ap.add_argument("--systems", default="zipage-2048,zipage-1024,zipage-fullkv,hf-generate_batch,hf-generate")
+    ap.add_argument("--systems", default="zipage-2048,zipage-1024,zipage-fullkv,hf-generate_batch,hf-generate",
+                    help="comma list: zipage-<budget>, zipage-fullkv (add -sync for async_scheduling=False), "
+                         "hf-generate_batch, hf-generate")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="stop an engine run after this many seconds (tokens/s over the part that ran; marked truncated)")
     ap.add_argument("--sync-compression", action="store_true", help="compress on the main stream")
@@ -232,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             if name.startswith("zipage-"):
-                budget = None if name.endswith("fullkv") else int(name.split("-")[1])
+                parts = name.split("-")  # zipage-<budget|fullkv>[-sync]
+                budget = None if parts[1] == "fullkv" else int(parts[1])
                 results[name] = run_engine(model, prompts, args.max_tokens, budget, bw, args.kv_gib,
                                            async_compression=budget is not None and not args.sync_compression,
-                                           time_limit=args.time_limit)
+                                           async_scheduling="sync" not in parts[2:], time_limit=args.time_limit)
             elif name == "hf-generate_batch":
                 results[name] = run_generate_batch(model, prompts, min(args.peer_max_tokens, args.max_tokens), args.kv_gib)
             elif name == "hf-generate":

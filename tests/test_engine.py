@@ -206,3 +206,55 @@ def test_concurrency_from_the_memory_formula():
 
 def test_exports():
     assert zipage.LLM is LLM and zipage.SamplingParams is SamplingParams
+
+
+@pytest.mark.parametrize("budget", [None, 16])
+@pytest.mark.parametrize("async_compression", [False, True])
+def test_async_scheduling_gives_the_same_tokens_and_stops(budget, async_compression):
+    """Tokens fed on the device and read a step late: the same outputs, stops and finish reasons as
+    the synchronous engine, and against per-prompt generate() for the greedy requests."""
+    model = tiny_model("llama")
+    prompts = prompts_of((9, 23, 14, 31, 5), seed=21)
+    refs = [reference(model, p, 30) for p in prompts]
+    params = [
+        SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[refs[1][6]]),  # stops early
+        SamplingParams(max_tokens=25, temperature=0.9, top_k=20, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),  # its only token is its last
+        SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[refs[4][0]]),  # stops at once
+    ]
+    kw = dict(budget=budget, page_size=4, num_pages=80, async_compression=async_compression)
+    if budget is not None:
+        kw.update(buffer=4, window=2)
+    runs = {}
+    for mode in (False, True):
+        llm = LLM(model, async_scheduling=mode, **kw)
+        runs[mode] = llm.generate(prompts, params, use_tqdm=False)
+        assert_pool_clean(llm)
+        assert llm.stats()["generated_tokens"] == sum(len(o.token_ids) for o in runs[mode])
+    for sync, overlapped in zip(runs[False], runs[True]):
+        assert overlapped.token_ids == sync.token_ids and overlapped.finish_reason == sync.finish_reason
+    got = runs[True]
+    if budget is None:
+        assert got[0].token_ids == refs[0]
+    assert got[1].finish_reason == "stop" and got[1].token_ids == refs[1][: refs[1].index(refs[1][6]) + 1]
+    assert got[3].token_ids == refs[3][:1] and got[3].finish_reason == "length"
+    assert got[4].token_ids == refs[4][:1] and got[4].finish_reason == "stop"
+
+
+def test_async_scheduling_streams_and_cancels_without_losing_pages():
+    model = tiny_model("llama")
+    prompts = prompts_of((10, 20, 30), seed=3)
+    llm = LLM(model, budget=16, page_size=4, buffer=4, num_pages=64, async_scheduling=True)
+    ids = [llm.add_request(p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)) for p in prompts]
+    llm.step()
+    llm.step()  # the second step's tokens are still on the device
+    assert llm.inflight is not None and all(llm.requests[i].pending == 1 for i in ids)
+    llm.cancel(ids[1])  # cancelled with a token in flight: that token is dropped
+    streamed = [t for chunk in llm.stream(ids[0]) for t in chunk]
+    assert streamed == llm.output(ids[0]).token_ids and len(streamed) == 30
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.output(ids[1]).finish_reason == "cancelled" and len(llm.output(ids[1]).token_ids) == 1
+    assert llm.output(ids[2]).finish_reason == "length"
+    assert_pool_clean(llm)

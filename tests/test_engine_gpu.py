@@ -33,3 +33,31 @@ def test_engine_on_cuda_matches_generate(family, budget):
     assert llm.runner.graphs, "decode steps did not use CUDA graphs"
     if budget is not None:
         assert stats["compressions"] > 0 and llm.side_stream is not None
+
+
+@pytest.mark.parametrize("budget", [None, 16])
+def test_async_scheduling_on_cuda_gives_the_same_tokens(budget):
+    """CUDA graphs fed from the device with the host a step behind: the same tokens, stops and
+    finish reasons as the synchronous engine (greedy, seeded sampling, stop ids, max_tokens=1)."""
+    model = tiny_model("qwen3", scale=1.0).cuda()
+    prompts = prompts_of((12, 30, 7, 50, 9), seed=4)
+    refs = [reference(model, p, 40) for p in prompts]
+    params = [
+        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[refs[1][9]]),
+        SamplingParams(max_tokens=35, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[refs[4][2]]),
+    ]
+    cfg = {"budget": None} if budget is None else {"budget": budget, "buffer": 4, "async_compression": True}
+    runs = {}
+    for mode in (False, True):
+        llm = LLM(model, page_size=4, num_pages=256, max_num_seqs=4, async_scheduling=mode, **cfg)
+        runs[mode] = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.stats()
+        assert stats["free_pages"] == stats["total_pages"] and llm.runner.graphs
+    for sync, overlapped in zip(runs[False], runs[True]):
+        assert overlapped.token_ids == sync.token_ids and overlapped.finish_reason == sync.finish_reason
+    if budget is None:
+        assert runs[True][0].token_ids == refs[0]
+    assert runs[True][1].finish_reason == "stop" and runs[True][4].finish_reason == "stop"

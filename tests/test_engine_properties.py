@@ -22,6 +22,7 @@ from zipage.engine.sequence import Status
 from zipage.memory import BlockManager, OutOfPagesError, page_hash
 
 VOCAB = 96
+STOP_IDS = [3, 7, 11, 13, 17]  # random logits pick one of them every ~20 tokens
 
 
 class CheckingRunner(ModelRunner):
@@ -36,7 +37,12 @@ class CheckingRunner(ModelRunner):
         self.blocks = None  # set by the test
         self.writes = 0
 
-    def forward(self, prefill, decode):
+    def forward(self, prefill, decode, feed=None):
+        for seq, n in prefill:
+            assert seq.num_computed + n <= seq.num_tokens - seq.pending, "prefill of a token still on the device"
+        for seq in decode:
+            if seq.pending:
+                assert feed is not None and id(seq) in feed.rows, "a pending input token with nothing to feed it"
         for seq, n in prefill + [(s, 1) for s in decode]:
             assert seq.status is Status.RUNNING and 0 <= seq.slot < self.num_slots
             assert len(seq.pages) * self.page_size >= seq.stored + n, "writing past the sequence's pages"
@@ -109,14 +115,17 @@ def model():
     max_seqs=st.integers(1, 6),
     chunk=st.sampled_from([4, 16, 64]),
     async_compression=st.booleans(),
+    async_scheduling=st.booleans(),
+    stops=st.booleans(),
 )
 def test_scheduler_and_pool_invariants(monkeypatch, model, acts, budget, page, pages, prefix, max_seqs, chunk,
-                                       async_compression):
+                                       async_compression, async_scheduling, stops):
     monkeypatch.setattr(llm_mod, "ModelRunner", CheckingRunner)
     kw = {} if budget is None else {"buffer": page, "window": 2}
     try:
         llm = LLM(model, budget=budget, page_size=page, num_pages=pages, enable_prefix_caching=prefix,
-                  max_num_seqs=max_seqs, max_num_batched_tokens=chunk, async_compression=async_compression, **kw)
+                  max_num_seqs=max_seqs, max_num_batched_tokens=chunk, async_compression=async_compression,
+                  async_scheduling=async_scheduling, **kw)
     except ValueError:
         return
     llm.runner.blocks = llm.blocks
@@ -127,7 +136,9 @@ def test_scheduler_and_pool_invariants(monkeypatch, model, acts, budget, page, p
             _, n, max_tokens, kind = act
             prompt = (shared[: n % len(shared)] if kind == 0 else []) + [20 + (n * 7 + i) % 70 for i in range(n)]
             try:
-                rid = llm.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+                params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True,
+                                        stop_token_ids=STOP_IDS if stops else [])
+                rid = llm.add_request(prompt, params)
             except ValueError as err:  # a request that could never fit in the pool is refused up front
                 assert "KV pool has" in str(err)
                 continue
@@ -161,9 +172,14 @@ def test_scheduler_and_pool_invariants(monkeypatch, model, acts, budget, page, p
     event(f"cancelled: {any(q.finish_reason == 'cancelled' for q in llm.requests.values())}")
     for rid in added:
         q = llm.requests[rid]
-        assert q.finish_reason in ("length", "cancelled")
+        assert q.finish_reason in ("length", "cancelled", "stop")
+        assert q.pending == 0 or q.finish_reason != "length"
         if q.finish_reason == "length":
             assert len(q.output_ids) == q.params.max_tokens
+            assert not set(q.output_ids) & set(q.params.stop_token_ids)
+        if q.finish_reason == "stop":  # the stop token ends the output, nothing after it
+            assert q.output_ids[-1] in STOP_IDS and not set(q.output_ids[:-1]) & set(STOP_IDS)
+            assert len(q.output_ids) <= q.params.max_tokens
     assert llm.blocks.num_free == llm.blocks.num_pages
 
 

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,15 +22,25 @@ from ..cache import check_model_config
 from ..config import ZipageConfig
 from ..memory.block_manager import BlockManager
 from ..scoring import get_scorer
-from .runner import ModelRunner
-from .sampling import SamplingParams, sample
+from .runner import Feed, ModelRunner
+from .sampling import SamplingParams, sample_tensor
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status
 
 _ENGINE_FIELDS = {
-    "enable_prefix_caching", "enforce_eager", "async_compression", "max_num_seqs", "max_num_batched_tokens",
+    "enable_prefix_caching", "enforce_eager", "async_compression", "async_scheduling", "max_num_seqs", "max_num_batched_tokens",
     "gpu_memory_utilization", "num_pages", "max_model_len", "dtype", "device", "fuse_ops",
 }
+
+
+@dataclass
+class _Inflight:
+    """A step's sampled tokens on their way to the host."""
+
+    seqs: list[Sequence]
+    feed: Feed  # the tokens on the device, for the next step's inputs
+    host: torch.Tensor  # their copy on the host (pinned), valid once ``event`` completed
+    event: Any  # torch.cuda.Event, or None on a CPU
 
 
 class LLM:
@@ -57,13 +68,19 @@ class LLM:
             Triton kernels (one kernel per norm, one per rotated tensor) inside the engine's forwards.
             Only what the kernels reproduce on a probe is swapped, and the model is left as it was
             outside the engine's steps.
+        async_scheduling: keep each step's sampled tokens on the device, feed them straight into
+            the next step and read them on the host while that step runs (the scheduling and the
+            bookkeeping then overlap the GPU). Outputs and stops arrive one step late; a request
+            stopped by a token runs one extra step whose token is dropped. Tokens are the same
+            either way.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, budget: int | None = 2048,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False, async_compression: bool = False,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
                  num_pages: int | None = None, max_model_len: int | None = None, dtype: Any = None,
-                 device: Any = None, fuse_ops: bool = True, **zipage_fields: Any) -> None:
+                 device: Any = None, fuse_ops: bool = True, async_scheduling: bool = True,
+                 **zipage_fields: Any) -> None:
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,6 +122,8 @@ class LLM:
         self.async_compression = bool(async_compression) and self.zipage_config is not None
         self.side_stream = torch.cuda.Stream(device) if self.async_compression and device.type == "cuda" else None
         self.pending: list[tuple[Any, list[tuple[list[Sequence], dict | None]]]] = []
+        self.async_scheduling = bool(async_scheduling)
+        self.inflight: _Inflight | None = None  # the last step's tokens, not yet on the host
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -195,38 +214,93 @@ class LLM:
 
     # ----------------------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns the requests that got new tokens or finished."""
+        """Run one scheduling step; returns the requests that got new tokens or finished.
+
+        With ``async_scheduling`` the tokens a step samples stay on the device and feed the next
+        step directly; the host reads them while the GPU runs that next step, so scheduling and
+        bookkeeping overlap the GPU's work. Outputs therefore arrive one step late, and a request
+        stopped by a token (EOS, a stop id or string) has run one more step, whose token is dropped."""
         self._collect_compressions(block=False)
         plan = self.scheduler.schedule()
+        changed: list[RequestOutput] = []
+        if self.inflight is not None and any(s.pending for s, _ in plan.prefill):
+            # a request preempted and readmitted at once: its prompt must be complete on the host
+            changed += self._resolve(self.inflight)
+            self.inflight = None
+            self._drop_finished(plan)
         if plan.compress:
             if self.async_compression:
                 self._start_compressions(plan)
             else:
                 self._compress(plan)
         if plan.empty:
-            if self.pending:  # nothing else to run: wait for a compression to land
+            if self.inflight is not None:
+                changed += self._resolve(self.inflight)
+                self.inflight = None
+            elif self.pending:  # nothing else to run: wait for a compression to land
                 self._collect_compressions(block=True)
-            return []
+            return changed
+        feed = self.inflight.feed if self.inflight is not None else None
         logits = None
         if self.use_graphs and not plan.prefill:
             if not self.runner.graphs:
                 self._capture()
-            logits = self.runner.decode_with_graph(plan.decode)
+            logits = self.runner.decode_with_graph(plan.decode, feed)
         if logits is None:
-            logits = self.runner.forward(plan.prefill, plan.decode)
-        changed = []
+            logits = self.runner.forward(plan.prefill, plan.decode, feed)
         rows, seqs = [], []
         for i, (seq, _) in enumerate(plan.prefill + [(s, 1) for s in plan.decode]):
             self.scheduler.register_prefix(seq)
             if seq.num_computed == seq.num_tokens:  # a whole prompt (or decode token) went through
                 rows.append(i)
                 seqs.append(seq)
-        if seqs:
-            tokens = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
-            for seq, token in zip(seqs, tokens):
-                self._append(seq, token)
-                changed.append(seq.output())
+        launched = self._launch_sampling(logits, rows, seqs) if seqs else None
+        if self.inflight is not None:  # the previous step's tokens: the GPU is busy with this one meanwhile
+            changed += self._resolve(self.inflight)
+        self.inflight = launched
+        if not self.async_scheduling and launched is not None:
+            changed += self._resolve(launched)
+            self.inflight = None
         return changed
+
+    def _launch_sampling(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> _Inflight:
+        """Sample on the device and start copying the tokens to the host; the tokens stay pending."""
+        if len(rows) < logits.shape[0]:
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        tokens = sample_tensor(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        host, event = tokens, None
+        if tokens.device.type == "cuda":
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        for seq in seqs:
+            seq.pending += 1
+            if (len(seq.output_ids) + seq.pending >= seq.params.max_tokens
+                    or seq.num_tokens >= self.max_model_len):
+                seq.last_pending = True  # that token ends it whatever its value: schedule it no more
+        return _Inflight(seqs, Feed(tokens, {id(s): i for i, s in enumerate(seqs)}), host, event)
+
+    def _resolve(self, flight: _Inflight) -> list[RequestOutput]:
+        """Wait for a step's tokens on the host and book them (stop checks included)."""
+        if flight.event is not None:
+            flight.event.synchronize()
+        changed = []
+        for seq, token in zip(flight.seqs, flight.host.tolist()):
+            seq.pending -= 1
+            if seq.finished or seq.finish_requested is not None or seq.cancel_requested:
+                continue  # stopped earlier (cancelled, or by an earlier token): this token is dropped
+            self._append(seq, token)
+            changed.append(seq.output())
+        return changed
+
+    def _drop_finished(self, plan) -> None:
+        """Take requests that finished while the plan was made out of it (their fresh pages back)."""
+        for seq in [s for s in plan.compress if s.finished]:
+            plan.compress.remove(seq)
+            self.blocks.release(plan.fresh_pages.pop(id(seq), []))
+        plan.decode = [s for s in plan.decode if not s.finished]
+        plan.prefill = [(s, n) for s, n in plan.prefill if not s.finished]
 
     def _capture(self) -> None:
         page = self.blocks.page_size
@@ -286,6 +360,8 @@ class LLM:
                 for seq in seqs:
                     if seq.cancel_requested:
                         self.scheduler.finish(seq, "cancelled")
+                    elif seq.finish_requested is not None:
+                        self.scheduler.finish(seq, seq.finish_requested)
             if event is not None:  # the main stream must see the compacted pages before using them
                 torch.cuda.current_stream().wait_event(event)
         self.pending = still
@@ -321,12 +397,15 @@ class LLM:
                 if hits:
                     seq.text = seq.text[: min(hits)]
                     reason = "stop"
-        if reason is None and (n >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if reason is None and (n >= p.max_tokens or len(seq.prompt_token_ids) + n >= self.max_model_len):
             reason = "length"
         if reason is not None:
             if self.tokenizer is not None and seq.text is None:
                 seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            self.scheduler.finish(seq, reason)
+            if seq.compressing:  # its pages are still being read and written on the side stream
+                seq.finish_requested = reason
+            else:
+                self.scheduler.finish(seq, reason)
 
     # ----------------------------------------------------------------------------- front ends
     def generate(self, prompts: Any, params: SamplingParams | Seq[SamplingParams] | None = None,

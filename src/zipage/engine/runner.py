@@ -31,6 +31,15 @@ _context = threading.local()
 
 
 @dataclass
+class Feed:
+    """Tokens sampled by a step that are still on the device: ``tokens[rows[id(seq)]]`` is the
+    pending token of ``seq`` (asynchronous scheduling feeds them to the next step without a host trip)."""
+
+    tokens: torch.Tensor  # [n] int64
+    rows: dict[int, int]
+
+
+@dataclass
 class StepMeta:
     """What the attention of every layer needs for one forward over packed tokens."""
 
@@ -155,14 +164,32 @@ class ModelRunner:
         rows = [s.pages + [0] * (width - len(s.pages)) for s in seqs]
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
-    def forward(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]) -> torch.Tensor:
-        """Run one packed step; returns the logits of each sequence's last token, prefill first."""
+    @staticmethod
+    def _feed_ids(ids: torch.Tensor, decode: list[Sequence], offset: int, feed: Feed | None) -> None:
+        """Write the input token of decoding sequences whose token is still on the device (pending)."""
+        if feed is None:
+            return
+        dst = [offset + i for i, s in enumerate(decode) if s.pending]
+        if dst:
+            src = [feed.rows[id(s)] for s in decode if s.pending]
+            index = torch.tensor(dst, device=ids.device)
+            ids.index_copy_(0, index, feed.tokens.index_select(0, torch.tensor(src, device=ids.device)))
+
+    def forward(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence], feed: Feed | None = None) -> torch.Tensor:
+        """Run one packed step; returns the logits of each sequence's last token, prefill first.
+
+        A decoding sequence whose input token is pending (sampled by the previous step, not yet
+        on the host) takes it from ``feed`` on the device."""
         ids, pos, slots, ring, last = [], [], [], [], []
         w = self.zipage_config.window if self.zipage_config is not None else 0
         scratch = self.num_slots * w  # first row of the scratch slot
+        for seq, n in prefill:
+            if seq.num_computed + n > seq.num_tokens - seq.pending:
+                raise RuntimeError("a prefill chunk reaches a token that is still on the device")
         for seq, n in prefill + [(s, 1) for s in decode]:
             start = seq.num_computed
-            ids.extend(seq.token_at(t) for t in range(start, start + n))
+            known = seq.num_tokens - seq.pending  # tokens with a value on the host
+            ids.extend(seq.token_at(t) if t < known else 0 for t in range(start, start + n))
             pos.extend(range(start, start + n))
             slots.extend(self._slots(seq, seq.stored, seq.stored + n))
             if w:
@@ -189,7 +216,9 @@ class ModelRunner:
             decode_table=self._table(decode) if decode else None,
             max_decode_len=max((s.stored + 1 for s in decode), default=0),
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)[None]
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        self._feed_ids(input_ids, decode, n_p, feed)
+        input_ids = input_ids[None]
         position_ids = torch.tensor(pos, dtype=torch.long, device=dev)[None]
         keep = torch.tensor(last, dtype=torch.long, device=dev)
         logits = self._model_call(meta, input_ids, position_ids, keep)
@@ -260,7 +289,7 @@ class ModelRunner:
     def graph_batch(self, n: int) -> int | None:
         return min((b for b in self.graphs if b >= n), default=None)
 
-    def decode_with_graph(self, decode: list[Sequence]) -> torch.Tensor | None:
+    def decode_with_graph(self, decode: list[Sequence], feed: Feed | None = None) -> torch.Tensor | None:
         """Replay the captured decode graph for these sequences; None when no graph fits."""
         b = self.graph_batch(len(decode))
         if b is None or any(len(s.pages) > self.graph_table_width for s in decode):
@@ -269,7 +298,7 @@ class ModelRunner:
         w = self.zipage_config.window if self.zipage_config is not None else 0
         p, pad = self.page_size, b - n
         scratch_slot, width = self.scratch_page * p, self.graph_table_width
-        ids = [s.token_at(s.num_computed) for s in decode] + [0] * pad
+        ids = [0 if s.pending else s.token_at(s.num_computed) for s in decode] + [0] * pad
         pos = [s.num_computed for s in decode] + [0] * pad
         slots = [s.pages[s.stored // p] * p + s.stored % p for s in decode] + [scratch_slot] * pad
         ring = ([s.slot * w + s.num_computed % w for s in decode] if w else [0] * n) + [self._scratch_ring()] * pad
@@ -280,6 +309,7 @@ class ModelRunner:
                 torch.tensor(lens, dtype=torch.int32), torch.tensor(table, dtype=torch.int32))
         for dst, src in zip((self.g_ids, self.g_pos, self.g_slots, self.g_ring, self.g_lens, self.g_table), host):
             dst[:b].copy_(src, non_blocking=True)
+        self._feed_ids(self.g_ids, decode, 0, feed)
         graph, logits = self.graphs[b]
         graph.replay()
         for s in decode:

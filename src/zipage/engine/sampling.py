@@ -69,6 +69,12 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of ``logits`` ([n, V]); greedy rows in one argmax, sampled rows one by one."""
+    return sample_tensor(logits, params, generators).tolist()
+
+
+def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """``sample`` without leaving the device: ``[n]`` int64 token ids on ``logits``' device."""
     logits = logits.float()
     out = logits.argmax(dim=-1)
     for i, p in enumerate(params):
@@ -85,4 +91,4 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             row = row.scatter(0, order[drop], float("-inf"))
         probs = torch.softmax(row, dim=-1)
         out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return out.tolist()
+    return out

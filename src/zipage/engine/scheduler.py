@@ -145,7 +145,8 @@ class Scheduler:
     def schedule(self) -> Step:
         step = Step()
         budget_tokens = self.max_num_batched_tokens
-        decoding = [s for s in self.running if not s.in_prefill and not s.compressing]
+        # (a sequence whose last token is still on the device is done: it takes no further step)
+        decoding = [s for s in self.running if not s.in_prefill and not s.compressing and not s.last_pending]
         # 1. compressions due before this step, and the pages each decoding sequence needs
         need = {}
         for seq in decoding:

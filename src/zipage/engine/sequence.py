@@ -49,6 +49,9 @@ class Sequence:
     compressions: int = 0
     compressing: bool = False  # an asynchronous compression of this sequence is in flight
     cancel_requested: bool = False  # cancelled while compressing: finished once the compression lands
+    finish_requested: str | None = None  # stopped (by a token) while compressing: finished once it lands
+    pending: int = 0  # sampled tokens still on the device (asynchronous scheduling): not yet in output_ids
+    last_pending: bool = False  # the pending token is the last one (max_tokens / max_model_len): no more steps
     slot: int = -1  # query-slot index while running
     finish_reason: str | None = None
     text: str | None = None  # decoded output, when the engine has a tokenizer
@@ -61,12 +64,14 @@ class Sequence:
         return self.prompt_token_ids + self.output_ids
 
     def token_at(self, i: int) -> int:
+        """Token ``i`` of prompt + output (a pending token has no value on the host yet)."""
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_ids[i - n]
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_ids)
+        """Prompt + output tokens, the pending ones (sampled, still on the device) included."""
+        return len(self.prompt_token_ids) + len(self.output_ids) + self.pending
 
     @property
     def in_prefill(self) -> bool:
