@@ -215,7 +215,8 @@ def throughput_section(path: Path, chart: str | None) -> str:
             f"{_num(100 * share, '.1f') + '%' if isinstance(share, (int, float)) else ''} | "
             f"{_num(r.get('preemptions'), 'd')} | {'; '.join(notes)} |")
     out += ["", "*running*: requests decoded together per step (plain `generate`: its one batch). *decode step*: median "
-            "wall time of a step in which every running request decodes; *floor*: weights plus the stored KV of that "
+            "wall time of a step in which every running request decodes (the interval between two returns of "
+            "`step()`, which with asynchronous scheduling is the pipelined step); *floor*: weights plus the stored KV of that "
             "step read once at the measured copy bandwidth. *compression share*: GPU time of compressions over the "
             "wall time (asynchronous compressions overlap decoding)." if any(_ok(r) and "decode_floor_ms" in r
                                                                             for r in systems.values()) else ""]
