@@ -169,11 +169,15 @@ class ModelRunner:
         """Write the input token of decoding sequences whose token is still on the device (pending)."""
         if feed is None:
             return
-        dst = [offset + i for i, s in enumerate(decode) if s.pending]
-        if dst:
-            src = [feed.rows[id(s)] for s in decode if s.pending]
-            index = torch.tensor(dst, device=ids.device)
-            ids.index_copy_(0, index, feed.tokens.index_select(0, torch.tensor(src, device=ids.device)))
+        pend = [i for i, s in enumerate(decode) if s.pending]
+        if not pend:
+            return
+        src = [feed.rows[id(decode[i])] for i in pend]
+        if pend == src == list(range(len(pend))):  # the previous step's requests, same order: one copy
+            ids[offset : offset + len(pend)].copy_(feed.tokens[: len(pend)])
+            return
+        dst = torch.tensor([offset + i for i in pend], device=ids.device)
+        ids.index_copy_(0, dst, feed.tokens.index_select(0, torch.tensor(src, device=ids.device)))
 
     def forward(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence], feed: Feed | None = None) -> torch.Tensor:
         """Run one packed step; returns the logits of each sequence's last token, prefill first.
