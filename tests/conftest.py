@@ -22,6 +22,12 @@ from transformers import (
 )
 
 import zipage  # noqa: F401  (registers cache_implementation="zipage")
+from zipage.kernels._triton import HAS_TRITON, interpreting
+
+CUDA = torch.cuda.is_available()
+# Triton kernel tests: compiled on a GPU, in Triton's interpreter on a CPU, skipped without Triton.
+requires_triton = pytest.mark.skipif(not HAS_TRITON or not (CUDA or interpreting()),
+                                     reason="needs triton (GPU or interpreter)")
 
 _COMMON = dict(
     vocab_size=96,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CUDA, requires_triton
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
@@ -21,10 +22,8 @@ from zipage.kernels import (
     rope_reference,
     rope_triton,
 )
-from zipage.kernels._triton import HAS_TRITON, interpreting
 
-CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_TRITON or not (CUDA or interpreting()), reason="needs triton (GPU or interpreter)")
+pytestmark = requires_triton
 DEV = "cuda" if CUDA else "cpu"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CUDA, requires_triton
 
 from zipage.kernels import (
     compact_reference,
@@ -25,10 +26,8 @@ from zipage.kernels import (
     window_scores_reference,
     window_scores_triton,
 )
-from zipage.kernels._triton import HAS_TRITON, interpreting
 
-CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_TRITON or not (CUDA or interpreting()), reason="needs triton (GPU or interpreter)")
+pytestmark = requires_triton
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 cpu_only = pytest.mark.skipif(CUDA, reason="interpreter case (the GPU runs the gpu cases)")
