@@ -1,7 +1,8 @@
 """Where an engine decode step spends its time (host vs device), on a random-weight model.
 
 Times the decode step (mean over 20 steps, no compression among them) with the fused ops off and
-on, and with synchronous and asynchronous scheduling, then profiles the last variant.
+on (without and with the merged q/k/v and gate/up GEMMs), and with synchronous and asynchronous
+scheduling, then profiles the last variant.
 
     python benchmarks/profile_step.py --requests 32
     python benchmarks/profile_step.py --requests 15 --prompt-tokens 2000   # contexts like the throughput run
@@ -18,8 +19,11 @@ from engine_run import build, workload
 import zipage
 
 
-def step_ms(model, requests: int, fuse_ops: bool, async_scheduling: bool, prompt_tokens: int | None, n: int = 20):
+def step_ms(model, requests: int, fuse_ops: bool, async_scheduling: bool, prompt_tokens: int | None, n: int = 20,
+            merge: bool = True):
     llm = zipage.LLM(model, budget=2048, page_size=256, fuse_ops=fuse_ops, async_scheduling=async_scheduling)
+    if not merge:  # norms and RoPE fused, projections as the model runs them (graphs are captured later)
+        llm.runner.merged = []
     params = zipage.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
     if prompt_tokens is None:
         prompts = workload(requests, model.config.vocab_size)
@@ -47,13 +51,14 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     model = build(args.model)
-    variants = [(False, False), (True, False), (True, True)]  # (fuse_ops, async_scheduling)
-    for fuse, overlap in variants:
-        ms, llm = step_ms(model, args.requests, fuse, overlap, args.prompt_tokens)
+    # (fuse_ops, merged projections, async_scheduling)
+    variants = [(False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)]
+    for fuse, merge, overlap in variants:
+        ms, llm = step_ms(model, args.requests, fuse, overlap, args.prompt_tokens, merge=merge)
         ctx = sum(s.stored for s in llm.scheduler.running) / max(len(llm.scheduler.running), 1)
-        print(f"engine step, fuse_ops={fuse}, async_scheduling={overlap}: {ms:.2f} ms with "
-              f"{len(llm.scheduler.running)} running, mean context {ctx:.0f}", flush=True)
-        if (fuse, overlap) == variants[-1] and not args.no_profile:
+        print(f"engine step, fuse_ops={fuse}, merged GEMMs={merge and fuse}, async_scheduling={overlap}: {ms:.2f} ms "
+              f"with {len(llm.scheduler.running)} running, mean context {ctx:.0f}", flush=True)
+        if (fuse, merge, overlap) == variants[-1] and not args.no_profile:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -158,3 +158,96 @@ def test_rope_swap_covers_the_model_and_falls_back_elsewhere():
     assert modeling_qwen3.apply_rotary_pos_emb is original
     assert len(calls) == 2 * cfg.num_hidden_layers  # q and k of every layer, nothing else
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- merged projections
+from conftest import FAMILIES, tiny_model  # noqa: E402
+
+from zipage.kernels.projections import (  # noqa: E402
+    merge_projections,
+    merged_projections,
+    silu_mul_reference,
+    silu_mul_triton,
+)
+
+
+@pytest.mark.parametrize("n", [64, 100, 1500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+def test_silu_mul_kernel_matches_the_module_math(n, dtype):
+    h = (torch.randn(3, 5, 2 * n, device=DEV) * 4).to(dtype)
+    ref = torch.nn.functional.silu(h[..., :n]) * h[..., n:]
+    out = silu_mul_triton(h)
+    assert out.dtype == dtype and out.shape == ref.shape
+    # the same two roundings as the module; exp may differ by an ulp in float32, so one unit at most
+    tol = 1e-6 if dtype == torch.float32 else (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(silu_mul_reference(h), ref, rtol=0, atol=0)
+    strided = torch.randn(4, 4 * n, device=DEV).to(dtype)[:, ::2]
+    torch.testing.assert_close(silu_mul_triton(strided).float(), silu_mul_reference(strided).float(), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="gate and up"):
+        silu_mul_triton(h[..., :-1])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_merged_projections_keep_the_model_and_its_outputs(family):
+    model = tiny_model(family).to(DEV)
+    L = model.config.num_hidden_layers
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    ids = torch.randint(3, 96, (2, 9), device=DEV)
+    with torch.no_grad():
+        ref = model(ids).logits
+    calls = []
+
+    def counting(h):
+        calls.append(h.shape)
+        return silu_mul_reference(h)
+
+    groups = merge_projections(model, kernel=counting)
+    calls.clear()  # the probe of each MLP class ran once
+    assert sorted(g.mlp for g in groups) == [False] * L + [True] * L
+    # same parameters, same values, no copies: q/k/v (and gate/up) are slices of one tensor
+    assert dict(model.named_parameters()) == params
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight[attn.q_proj.weight.shape[0] - 1].data_ptr() + \
+        attn.q_proj.weight.shape[1] * attn.q_proj.weight.element_size()
+    with torch.no_grad(), merged_projections(groups, kernel=counting):
+        out = model(ids).logits
+        assert "forward" in vars(attn.k_proj)
+        x = torch.randn(3, model.config.hidden_size, device=DEV)  # another input: the plain projection
+        torch.testing.assert_close(attn.v_proj(x), torch.nn.functional.linear(x, attn.v_proj.weight, attn.v_proj.bias))
+    assert len(calls) == L
+    assert all(not g.stash for g in groups)
+    assert all("forward" not in vars(m) for m in model.modules())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_groups_whose_weights_moved_or_other_mlps_are_left_alone():
+    model = tiny_model("llama", hidden_act="gelu").to(DEV)  # a GELU MLP: its gate/up stay separate GEMMs
+    groups = merge_projections(model, kernel=silu_mul_reference)
+    assert [g.mlp for g in groups] == [False] * model.config.num_hidden_layers
+
+    class SumMLP(torch.nn.Module):  # silu act_fn, but another formula: the probe rejects it
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(8, 16), torch.nn.Linear(8, 16),
+                                                            torch.nn.Linear(16, 8))
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    assert merge_projections(SumMLP().to(DEV), kernel=silu_mul_reference) == []
+    # weights pointed elsewhere after merging (a reload, a move): that group runs its own forwards
+    attn = model.model.layers[1].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight.data = attn.k_proj.weight.data.clone()
+    ids = torch.randint(3, 96, (1, 6), device=DEV)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with merged_projections(groups, kernel=silu_mul_reference):
+            assert "forward" not in vars(attn.q_proj) and "forward" in vars(model.model.layers[0].self_attn.q_proj)
+            out = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

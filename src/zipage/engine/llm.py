@@ -66,8 +66,10 @@ class LLM:
         max_model_len: longest logical length (default: the model's max_position_embeddings).
         fuse_ops: on CUDA, run the model's RMSNorm modules and its rotary embedding through fused
             Triton kernels (one kernel per norm, one per rotated tensor) inside the engine's forwards.
-            Only what the kernels reproduce on a probe is swapped, and the model is left as it was
-            outside the engine's steps.
+            It also merges each attention's q/k/v projections and each SiLU-gated MLP's gate/up
+            projections into one GEMM (the weights become row slices of one tensor, in place: same
+            values, no extra memory) and fuses the SiLU gate. Only what the kernels reproduce on a
+            probe is swapped, and the modules' own forwards are back outside the engine's steps.
         async_scheduling: keep each step's sampled tokens on the device, feed them straight into
             the next step and read them on the host while that step runs (the scheduling and the
             bookkeeping then overlap the GPU). Outputs and stops arrive one step late; a request

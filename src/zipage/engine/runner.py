@@ -22,6 +22,7 @@ from ..config import ZipageConfig
 from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels._triton import use_triton
 from ..kernels.rmsnorm import fusable_rms_norms, fused_rms_norms
+from ..kernels.projections import merge_projections, merged_projections
 from ..kernels.rope import fusable_rope, fused_rope
 from ..scoring import Scorer
 from .sequence import Sequence
@@ -136,6 +137,8 @@ class ModelRunner:
         fuse = fuse_ops and use_triton(self.k_pool)
         self.fused_norms = fusable_rms_norms(model) if fuse else []
         self.rope_module = fusable_rope(model) if fuse else None
+        # q/k/v and gate/up GEMMs merged (the weights become slices of one tensor), SiLU-gate fused
+        self.merged = merge_projections(model) if fuse else []
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool) -> int:
@@ -238,7 +241,8 @@ class ModelRunner:
         _context.meta = meta
         cfg._attn_implementation_internal = ATTENTION_NAME
         try:
-            with torch.inference_mode(), fused_rms_norms(self.fused_norms), fused_rope(self.rope_module):
+            with torch.inference_mode(), fused_rms_norms(self.fused_norms), fused_rope(self.rope_module), \
+                    merged_projections(self.merged):
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                  logits_to_keep=logits_to_keep)
         finally:
