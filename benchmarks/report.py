@@ -306,7 +306,16 @@ CEILING = (
     "attention cannot reach them: what is missing is tokens that later queries need. Causal signals tried "
     "(256 or all past queries, separator tokens) do not predict that need; keeping the current problem "
     "statement (plus 4 sinks) helps most, 92.65% / 96.18% at 1/8 / 1/4. Commands, all rows and findings: "
-    "`benchmarks/results/quality_experiments.md`, section *Oracle ceiling*."
+    "`benchmarks/results/quality_experiments.md`, section *Oracle ceiling*.\n\n"
+    "#### Head-wise budgets and merging (simulated)\n\n"
+    "`benchmarks/quality_alloc.py` evicts by masking a full cache, so heads can keep different numbers of "
+    "tokens and kept tokens can carry a logit bias (its uniform row reproduces the zipage row within 0.4 "
+    "points). Spending the same tokens on the highest window scores across a layer's heads (AdaKV-style) or "
+    "across all layers loses 0.6-2.0 points of top-1 at every budget (1/8: 91.2-91.8% against 92.34%). Folding "
+    "each evicted token into the kept token with the nearest key, with a log-mass bias that keeps the window's "
+    "softmax mass, gains 0.67 and 0.56 points at 1/8 and 1/4 (93.01% / 1.0543, 96.14% / 1.0283) and loses 0.12 "
+    "at 1/16; the bias alone does most of it. Neither reaches the targets. Table and findings: "
+    "`quality_experiments.md`, section *Head-wise and layer-wise budgets, and merging*."
 )
 
 

@@ -182,8 +182,6 @@ def merge_projections(model: torch.nn.Module, kernel=silu_mul_triton) -> list[Me
 
 
 def _query_forward(group: MergedGroup):
-    q_proj = group.linears[0]
-
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, group.weight, group.bias)
         parts = out.split(group.sizes, dim=-1)
@@ -191,7 +189,6 @@ def _query_forward(group: MergedGroup):
         group.stash["parts"] = list(parts[1:])
         return parts[0]
 
-    del q_proj
     return forward
 
 
