@@ -26,7 +26,7 @@ def test_defaults():
     cfg = ZipageConfig()
     assert (cfg.budget, cfg.window, cfg.page_size) == (2048, 16, 256)
     assert (cfg.redundancy, cfg.use_global) == ("none", False)
-    assert (cfg.pooling, cfg.pooling_kernel, cfg.pooling_scope, cfg.group_reduce) == ("max", 5, "first", "max")
+    assert (cfg.pooling, cfg.pooling_kernel, cfg.pooling_scope, cfg.group_reduce) == ("max", 5, "first", "mean")
     assert cfg.recent == 64
     assert cfg.buffer == cfg.page_size and cfg.capacity == cfg.budget + cfg.buffer
 

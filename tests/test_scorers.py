@@ -286,13 +286,13 @@ ZIPAGE_VARIANTS = [
 
 
 def test_default_zipage_is_window_attention_plus_recency_floor():
-    """The default scorer: max-group window attention, no redundancy, no global score, and the last
+    """The default scorer: mean-group window attention, no redundancy, no global score, and the last
     `recent` tokens ranked first (so a top-k keeps them), in both directions of the check."""
     B, Hq, Hkv, S, D, w, ps = 2, 8, 2, 40, 8, 4, 4
     cfg = ZipageConfig(budget=16, page_size=ps, window=w, recent=6)
     x = make_inputs(11, B, Hq, Hkv, S, D, w, ps, state=True, first=False)
     scores, state = get_scorer("zipage", cfg)(x)
-    raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
+    raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "mean", "mean")
     # no global score: no state comes back and none is kept (no state pool); the one passed in is ignored
     assert state is None and not get_scorer("zipage", cfg).stateful
     assert get_scorer("zipage", ZipageConfig.paper(budget=16)).stateful
@@ -335,7 +335,7 @@ def test_zipage_scorer_matches_dense_reference(shape, overrides, first, with_sta
 def test_zipage_pooling_only_at_first_compression():
     cfg = ZipageConfig(budget=8, page_size=4, window=4, recent=0)
     x = make_inputs(5, 1, 4, 1, 12, 8, 4, 4)
-    raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, "max", "mean")
+    raw = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, cfg.group_reduce, "mean")
     first, _ = get_scorer("zipage", cfg)(x)
     x.first = False
     later, _ = get_scorer("zipage", cfg)(x)
