@@ -113,18 +113,34 @@ def _plain_linears(mods: list) -> bool:
     return all(has_bias) or not any(has_bias)
 
 
+def _adjacent(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A view over ``tensors`` concatenated along dim 0 when they already lie back to back in one
+    storage (merged before, e.g. by another engine on the same model), else None."""
+    first = tensors[0]
+    if not all(t.is_contiguous() and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+               for t in tensors):
+        return None
+    for a, b in zip(tensors, tensors[1:]):
+        if b.data_ptr() != a.data_ptr() + a.numel() * a.element_size():
+            return None
+    rows = sum(t.shape[0] for t in tensors)
+    return torch.as_strided(first, (rows, *first.shape[1:]), first.stride())
+
+
 def _merge(owner: torch.nn.Module, mods: list[torch.nn.Linear], mlp: bool) -> MergedGroup:
+    sizes = [m.weight.shape[0] for m in mods]
     with torch.no_grad():
-        weight = torch.cat([m.weight for m in mods], dim=0)
-        bias = torch.cat([m.bias for m in mods], dim=0) if mods[0].bias is not None else None
-        sizes, row = [], 0
-        for m in mods:
-            n = m.weight.shape[0]
-            m.weight.data = weight[row : row + n]
-            if bias is not None:
-                m.bias.data = bias[row : row + n]
-            sizes.append(n)
-            row += n
+        weight = _adjacent([m.weight.data for m in mods])
+        bias = _adjacent([m.bias.data for m in mods]) if mods[0].bias is not None else None
+        if weight is None or (mods[0].bias is not None and bias is None):
+            weight = torch.cat([m.weight for m in mods], dim=0)
+            bias = torch.cat([m.bias for m in mods], dim=0) if mods[0].bias is not None else None
+            row = 0
+            for m, n in zip(mods, sizes):
+                m.weight.data = weight[row : row + n]
+                if bias is not None:
+                    m.bias.data = bias[row : row + n]
+                row += n
     return MergedGroup(owner, list(mods), weight, bias, sizes, mlp)
 
 

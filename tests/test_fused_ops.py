@@ -220,6 +220,10 @@ def test_merged_projections_keep_the_model_and_its_outputs(family):
         torch.testing.assert_close(attn.v_proj(x), torch.nn.functional.linear(x, attn.v_proj.weight, attn.v_proj.bias))
     assert len(calls) == L
     assert all(not g.stash for g in groups)
+    # a second engine on the same model finds the weights merged already: no copy, both groups intact
+    again = merge_projections(model, kernel=counting)
+    assert [g.weight.data_ptr() for g in again] == [g.weight.data_ptr() for g in groups]
+    assert all(g.intact() for g in groups + again)
     assert all("forward" not in vars(m) for m in model.modules())
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
