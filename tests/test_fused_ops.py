@@ -255,3 +255,17 @@ def test_groups_whose_weights_moved_or_other_mlps_are_left_alone():
             assert "forward" not in vars(attn.q_proj) and "forward" in vars(model.model.layers[0].self_attn.q_proj)
             out = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_merged_model_still_saves_and_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("qwen2")  # q/k/v with biases
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert merge_projections(model, kernel=silu_mul_reference)
+    model.save_pretrained(tmp_path)  # slices of one storage: safetensors must still accept them
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ref, rtol=1e-6, atol=1e-6)
