@@ -87,16 +87,26 @@ class MergedGroup:
     sizes: list[int]
     mlp: bool = False  # owner is an MLP whose whole forward is fused
     stash: dict = field(default_factory=dict)
+    forwards: dict = field(default_factory=dict)  # kernel -> [(module, forward)], built once
+
+    def __post_init__(self) -> None:
+        # where each module's weight and bias start inside the merged tensors (checked at every entry)
+        w, b, row = self.weight, self.bias, 0
+        self._expected = []
+        for n in self.sizes:
+            self._expected.append((w.data_ptr() + row * w.stride(0) * w.element_size(),
+                                   None if b is None else b.data_ptr() + row * b.element_size(), n))
+            row += n
 
     def intact(self) -> bool:
         """True while every module's weight (and bias) is still its slice of the merged tensors."""
-        row = 0
-        for lin, n in zip(self.linears, self.sizes):
-            if lin.weight.data_ptr() != self.weight[row].data_ptr() or lin.weight.shape[0] != n:
+        for lin, (wp, bp, n) in zip(self.linears, self._expected):
+            params = lin._parameters  # direct: this runs for every group at every eager forward
+            w, b = params["weight"], params.get("bias")
+            if w.data_ptr() != wp or w.shape[0] != n:
                 return False
-            if self.bias is not None and (lin.bias is None or lin.bias.data_ptr() != self.bias[row:].data_ptr()):
+            if bp is not None and (b is None or b.data_ptr() != bp):
                 return False
-            row += n
         return True
 
 
@@ -233,14 +243,17 @@ def merged_projections(groups: list[MergedGroup], kernel=silu_mul_triton) -> Ite
     for group in groups:
         if not group.intact():
             continue
-        if group.mlp:
-            group.owner.forward = _mlp_forward(group, kernel)
-            patched.append(group.owner)
-        else:
-            group.linears[0].forward = _query_forward(group)
-            for i in range(1, len(group.linears)):
-                group.linears[i].forward = _slice_forward(group, i)
-            patched.extend(group.linears)
+        pairs = group.forwards.get(kernel)
+        if pairs is None:  # the closures are made once per group, not at every forward
+            if group.mlp:
+                pairs = [(group.owner, _mlp_forward(group, kernel))]
+            else:
+                pairs = [(group.linears[0], _query_forward(group))]
+                pairs += [(group.linears[i], _slice_forward(group, i)) for i in range(1, len(group.linears))]
+            group.forwards[kernel] = pairs
+        for module, forward in pairs:
+            vars(module)["forward"] = forward  # what Module.__setattr__ ends up doing, without its checks
+            patched.append(module)
     try:
         yield
     finally:
