@@ -114,7 +114,6 @@ def merge(layer_cache, layer: int, old: torch.Tensor, new: torch.Tensor, probs: 
     best, j = cos.max(-1)
     target = kp_idx.gather(2, j)  # [B, H, e] positions
     a_e = probs.gather(2, ev_idx) * (best >= tau)
-    a_t = probs.gather(2, target)
     ve = vals.gather(2, ev_idx[..., None].expand(-1, -1, -1, D)).float()
     # Accumulate per target: sum a_e and sum a_e * v_e.
     B, H = new.shape[:2]
