@@ -19,7 +19,11 @@ queries (or ``all``), causal, optionally decayed per 64 tokens and divided by th
 that see each key; ``zipage_prompt``: the zipage scorer plus the current problem statement ranked
 first (use it with ``sinks=4``, else the statement can push out the first tokens);
 ``zipage_nl`` / ``zipage_sep`` / ``zipage_sep2``: the zipage scorer plus +1 for newline /
-separator tokens; ``zipage_tracked``: the zipage scorer unchanged. Every row of this script logs what
+separator tokens; ``zipage_tracked``: the zipage scorer unchanged;
+``future{H}_p{P}[_mix][_max]``: expected attention of the future, causal: the last P queries (P = 0:
+the cache's own window queries) re-placed by RoPE at the positions ``pos .. pos+H-1`` (every 32nd)
+score the keys by the attention mass they would give them (``_mix``: plus the window score,
+``_max``: max over the GQA group instead of the sum). Every row of this script logs what
 its kept tokens are (window, first 4, current statement, current solution, earlier problems). Any
 ZipageConfig field may be set in brackets as in quality.py (``window`` matters: it is the
 protected tail; ``zipage_*`` rows pass the config to the zipage scorer). All other rows and options
@@ -232,6 +236,54 @@ class PastScorer(TrackedScorer):
         return mass
 
 
+def _rotate_by(q: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rotate post-RoPE queries ``q`` ``[..., D]`` further by ``offsets`` positions (broadcast over
+    the leading dims): RoPE rotations of one pair commute, so this is the query re-placed at
+    ``position + offset``."""
+    ang = offsets.to(torch.float32)[..., None] * STATE.inv_freq  # [..., D/2]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    half = q.shape[-1] // 2
+    rot = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
+    return q * cos + rot * sin
+
+
+class FutureScorer(TrackedScorer):
+    """Not an oracle: expected attention of the future. The last ``past`` queries (the cache's own
+    window queries for ``past=0``, else the full-KV run's) are re-placed at future positions
+    ``pos + j`` for ``j`` in ``0, step, ..., horizon - step`` (their content as a sample of the
+    future queries' content; RoPE moves them), and each stored key is scored by the attention mass
+    those re-placed queries give it (softmax over the stored keys). ``mix`` adds ``mix`` times the
+    zipage scorer's window score (both are masses summed over queries; each is normalised to a
+    mean-over-queries first). The zipage recency floor applies."""
+
+    needs_queries = True
+    past: int = 0
+    horizon: int = 256
+    step: int = 32
+    mix: float = 0.0
+    group: str = "sum"
+
+    def raw_score(self, x: ScoreInputs, pos: int, positions: torch.Tensor) -> torch.Tensor:
+        from zipage.scoring.zipage import _recent_first
+
+        if self.past == 0:
+            q = x.queries  # [B, Hq, w, D], positions pos-w .. pos-1
+            qpos = torch.arange(pos - q.shape[2], pos)
+        else:
+            q = STATE.queries[x.layer_idx][:, :, max(pos - self.past, 0):pos]
+            qpos = torch.arange(max(pos - self.past, 0), pos)
+        js = torch.arange(0, self.horizon, self.step)
+        offsets = (pos + js[:, None] - qpos[None, :]).reshape(-1)  # [J * P]
+        qq = q.to(torch.float32)[:, :, None].expand(-1, -1, len(js), -1, -1).reshape(q.shape[0], q.shape[1], -1, q.shape[-1])
+        qq = _rotate_by(qq, offsets)
+        mass = _attention_mass(qq, x, None, self.group, "sum") / qq.shape[2]
+        if self.mix:
+            win = _attention_mass(x.queries.float(), x, (positions[:, :, None, :] <= torch.arange(pos - x.queries.shape[2], pos)[None, None, :, None]), self.group, "sum")
+            mass = mass + self.mix * win / x.queries.shape[2]
+        cfg = STATE.cache.zipage_config
+        return _recent_first(mass, min(cfg.recent, cfg.budget // 2))
+
+
 class ZipagePlusScorer(TrackedScorer):
     """Not an oracle: the zipage scorer (this row's config), plus a bonus for some tokens.
 
@@ -291,6 +343,12 @@ def _register() -> list[str]:
                 for avg in (False, True):
                     name = f"past{'all' if past is None else past}_{red}" + ("" if decay == 1.0 else f"_d{int(decay * 10)}")
                     add(name + ("_avg" if avg else ""), PastScorer, past=past, group=red, decay=decay, per_query=avg)
+    for past in (0, 64, 256):
+        for hor in (64, 256, 512, 1024):
+            for mix in (0.0, 1.0):
+                for red in ("sum", "max"):
+                    name = f"future{hor}_p{past}" + ("_mix" if mix else "") + ("" if red == "sum" else "_max")
+                    add(name, FutureScorer, past=past, horizon=hor, mix=mix, group=red)
     add("zipage_prompt", ZipagePlusScorer)
     add("zipage_nl", ZipagePlusScorer, protect=(198, 1116))  # "\n", "\n\n"
     add("zipage_sep", ZipagePlusScorer, protect=(198, 1116, 42, 30, 33348, 37500))  # + ":", ".", "Problem", "Solution"
@@ -374,6 +432,7 @@ def reference_with_queries(model, ids: torch.Tensor) -> Q.Reference:
         ref = _orig_reference(model, ids)
     STATE.queries = cap.queries()
     STATE.ids = ids.clone()
+    STATE.inv_freq = model.model.rotary_emb.inv_freq.float().clone()
     STATE.spans = problem_spans(ids)
     for layer, diff, scale in cap.checks:
         Q.log(f"oracle capture check, layer {layer}: recomputed attention output vs the model's, max |diff| "
