@@ -148,6 +148,7 @@ class ZipageCache(Cache):
             config = config.get_text_config(decoder=True)
         check_model_config(config)
         self.zipage_config = zipage_config if zipage_config is not None else ZipageConfig.from_dict(fields)
+        self.zipage_config.validate()  # a config object may have been edited since it was built
         self.model_config = config
         self.scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
         self.pool = PagePool(0, growable=True)
@@ -160,6 +161,8 @@ class ZipageCache(Cache):
         self._step_slots: torch.Tensor | None = None
         self.num_compressions = 0
         self.tokens_evicted = 0
+        self.padding_gap = False  # padding inside a sequence seen: masks come from the cache's validity
+        self.capture_ok = True  # False once a layer's attention was seen to bypass the capture wrapper
         layers = [ZipageLayer(self, i) for i in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
 
@@ -283,10 +286,23 @@ class ZipageCache(Cache):
         layer.seen += q
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
         layer.valid = torch.cat([layer.valid[:, :after], layer.valid.new_ones(B, q)], dim=1)
-        capture.arm(self, layer.layer_idx, self.model_config)
+        stale = capture.pending_layer(self)
+        if stale is not None:
+            capture.disarm()  # put the model's attention name back
+            if stale < layer.layer_idx:  # same forward: that layer's attention bypassed the AttentionInterface
+                self.capture_ok = False
+                if self.scorer.needs_queries:
+                    raise RuntimeError(
+                        f"zipage could not capture the queries of layer {stale}: this model's attention does not "
+                        "go through transformers' AttentionInterface, and the scorer "
+                        f"{self.scorer.name!r} needs them. Use a scorer that reads no queries "
+                        "(e.g. 'streaming' or 'knorm') with this model."
+                    )
+        if self.capture_ok:
+            capture.arm(self, layer.layer_idx, self.model_config)
         # Decode on CUDA: once the capture is known to reach this layer's attention, the wrapper
         # attends straight from the pages (Triton paged attention), so no dense copy is made.
-        layer.paged_step = q == 1 and layer.paged_ok and use_triton(layer.keys)
+        layer.paged_step = q == 1 and layer.paged_ok and not self.padding_gap and use_triton(layer.keys)
         if layer.paged_step:
             return key_states, value_states
         keys = gather_kv(layer.keys, slots).transpose(1, 2)
@@ -296,8 +312,10 @@ class ZipageCache(Cache):
     def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling, kwargs: dict):
         """Called by the capture wrapper with the layer's queries and mask, right after its update.
 
-        Returns the attention output ``[B, q, H, D]`` when it computed it from the pages itself
-        (paged decode), else None (the model's own attention then runs on the dense K/V)."""
+        Returns ``(output, mask)``: the attention output ``[B, q, H, D]`` when it computed it from the
+        pages itself (paged decode), else None (the model's own attention then runs on the dense K/V
+        with ``mask``, the model's mask, or, once padding inside a sequence was seen, that mask with
+        the stored tokens' columns taken from the cache's own validity)."""
         layer = self.layers[layer_idx]
         w = self.zipage_config.window
         q = query.shape[2]
@@ -309,10 +327,22 @@ class ZipageCache(Cache):
         if scaling is not None:
             layer.scaling = float(scaling)
         layer.valid[:, layer.stored - q :] = _new_token_validity(attention_mask, query.shape[0], q, query.device)
+        if q > 1 and not self.padding_gap and _has_gap(layer.valid):
+            # Padding inside a sequence: the mask the model builds covers the last ``stored`` positions,
+            # which stop matching the stored tokens once a compression has run, and the paged kernel
+            # only skips leading padding. From now on the dense path with the cache's own validity runs.
+            self.padding_gap = True
+        if self.padding_gap and not layer.paged_step:
+            impl = getattr(self.model_config, "_attn_implementation", None)
+            attention_mask = _mask_from_validity(
+                attention_mask, layer.valid[:, : layer.stored - q], q, impl, query.dtype
+            )
         # Paged attention only where nothing beyond plain softmax attention is asked for.
-        layer.paged_ok = not any(kwargs.get(name) is not None for name in _NON_PLAIN_ATTENTION_KWARGS)
+        layer.paged_ok = not self.padding_gap and not any(
+            kwargs.get(name) is not None for name in _NON_PLAIN_ATTENTION_KWARGS
+        )
         if not layer.paged_step:
-            return None
+            return None, attention_mask
         B, H, _, D = query.shape
         scale = layer.scaling if layer.scaling is not None else D**-0.5
         lens = torch.full((B,), layer.stored, dtype=torch.int32, device=query.device)
@@ -321,7 +351,7 @@ class ZipageCache(Cache):
             query[:, :, 0, :].contiguous(), layer.keys, layer.values, self.page_table, lens, scale, starts,
             max_len_hint=layer.stored,
         )
-        return out.view(B, 1, H, D)
+        return out.view(B, 1, H, D), attention_mask
 
     def _compress_all(self, stored: int) -> None:
         """Compress every layer from ``stored`` tokens to the budget, ``layer_stride`` layers per batch."""
@@ -405,6 +435,7 @@ class ZipageCache(Cache):
         self.row_pages, self.page_table, self.batch_size_ = [], None, 0
         self.k_pool = self.v_pool = self.state_pool = None
         self.num_compressions = self.tokens_evicted = 0
+        self.padding_gap = False
 
     @property
     def batch_size(self) -> int:
@@ -419,6 +450,13 @@ _NON_PLAIN_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "sliding_window", "o
 
 def _new_token_validity(mask, batch: int, q: int, device) -> torch.Tensor:
     """Which of the ``q`` new tokens are real (not padding), read off the mask the model built."""
+    if mask is not None and _is_block_mask(mask):  # flex attention: ask its mask function
+        q_len, kv_len = mask.seq_lengths
+        rows = torch.arange(batch, device=device) if mask.shape[0] == batch else torch.zeros(batch, dtype=torch.long, device=device)
+        rows = rows[:, None]
+        cols = torch.arange(kv_len - q, kv_len, device=device)[None, :]
+        valid = mask.mask_mod(rows, torch.zeros_like(rows), torch.full_like(rows, q_len - 1), cols)
+        return torch.as_tensor(valid, device=device).to(torch.bool).expand(batch, q).clone()
     if mask is None or not isinstance(mask, torch.Tensor):
         return torch.ones(batch, q, dtype=torch.bool, device=device)
     if mask.dim() == 2:  # flash-style [B, L] padding mask
@@ -429,3 +467,51 @@ def _new_token_validity(mask, batch: int, q: int, device) -> torch.Tensor:
     else:
         valid = row > torch.finfo(row.dtype).min / 2
     return valid.expand(batch, q).to(device)
+
+
+def _is_block_mask(mask) -> bool:
+    return hasattr(mask, "mask_mod") and hasattr(mask, "seq_lengths") and not isinstance(mask, torch.Tensor)
+
+
+def _has_gap(valid: torch.Tensor) -> bool:
+    """True if some row has a padding token after a real one (padding inside the sequence, as when a
+    continuation is left-padded), i.e. the invalid tokens are not a prefix of the row."""
+    return valid.shape[1] > 1 and bool((valid[:, :-1] & ~valid[:, 1:]).any())
+
+
+def _mask_from_validity(mask, valid: torch.Tensor, q: int, impl: str | None, dtype: torch.dtype):
+    """``mask`` (the model's attention mask of this step) with its first ``valid.shape[1]`` key columns,
+    the tokens stored before this step, set from the cache's own record of which are real. Where the
+    model passed no mask, one is built in the form its attention implementation ``impl`` takes."""
+    n = valid.shape[1]
+    if n == 0:
+        return mask
+    if mask is None:  # nothing to mask among the positions the model thinks are stored
+        if bool(valid.all()):
+            return None
+        B = valid.shape[0]
+        new = torch.ones(B, q, dtype=torch.bool, device=valid.device)
+        if impl is not None and impl.startswith("flash"):
+            return torch.cat([valid, new], dim=1).long()
+        causal = torch.ones(q, q, dtype=torch.bool, device=valid.device).tril()
+        allowed = torch.cat([valid[:, None, None, :].expand(B, 1, q, n), causal.expand(B, 1, q, q)], dim=-1)
+        if impl in (None, "eager"):  # eager attention adds its mask
+            return torch.zeros((), dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return allowed
+    if _is_block_mask(mask):
+        raise NotImplementedError(
+            "zipage: padding inside a sequence (a left-padded continuation of a cache that has been compressed) "
+            "is not supported with attn_implementation='flex_attention'; use 'sdpa' or 'eager'"
+        )
+    if not isinstance(mask, torch.Tensor):
+        return mask
+    out = mask.clone()
+    if mask.dim() == 2:  # flash-style [B, L] padding mask
+        out[:, :n] = valid.to(out.dtype)
+        return out
+    v = valid[:, None, None, :].expand(out.shape[0], out.shape[1], out.shape[2], n)
+    if out.dtype == torch.bool:
+        out[..., :n] = v
+    else:
+        out[..., :n] = torch.zeros((), dtype=out.dtype, device=out.device).masked_fill(~v, torch.finfo(out.dtype).min)
+    return out

@@ -58,7 +58,7 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
         cache, layer_idx, config, original = item
         _pending.item = None
         config._attn_implementation_internal = original
-        out = cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"), kwargs)
+        out, attention_mask = cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"), kwargs)
         if out is not None:
             return out, None
     else:
@@ -99,3 +99,9 @@ def disarm() -> None:
     if item is not None:
         item[2]._attn_implementation_internal = item[3]
         _pending.item = None
+
+
+def pending_layer(cache) -> int | None:
+    """The layer ``cache`` armed whose attention has not run yet (None if there is none)."""
+    item = getattr(_pending, "item", None)
+    return item[1] if item is not None and item[0] is cache else None

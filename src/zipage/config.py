@@ -201,4 +201,8 @@ class ZipageConfig:
         return cls(**{**PAPER_SCORER, **changes})
 
     def replace(self, **changes: Any) -> ZipageConfig:
+        """A copy with ``changes``. A buffer that follows the page size (the default, one page) follows
+        a new ``page_size`` too, as it would in a config built with that page size."""
+        if "page_size" in changes and "buffer" not in changes and self.buffer == self.page_size:
+            changes["buffer"] = None
         return dataclasses.replace(self, **changes)
