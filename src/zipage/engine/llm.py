@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import numbers
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +94,10 @@ class LLM:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LLM({name}={value!r}) is invalid: expected an int >= 1")
+        if max_model_len is not None and (not isinstance(max_model_len, numbers.Integral)
+                                          or isinstance(max_model_len, bool) or max_model_len < 1):
+            raise ValueError(f"LLM(max_model_len={max_model_len!r}) is invalid: "
+                             "expected an int >= 1, or None for the model's")
         config = model.config.get_text_config(decoder=True)
         check_model_config(config)
         self.model = model.eval()
@@ -105,7 +112,8 @@ class LLM:
         else:
             self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields})
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
-        self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 1 << 30
+        self.max_model_len = (int(max_model_len) if max_model_len is not None
+                              else getattr(config, "max_position_embeddings", None) or 1 << 30)
         device = next(model.parameters()).device
         stateful = scorer is not None and scorer.stateful
         if num_pages is None:
@@ -130,6 +138,10 @@ class LLM:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.generated_tokens = 0
+        # One step at a time, whichever thread (agenerate's workers) or event loop drives the engine.
+        self._step_lock = threading.RLock()
+        self._to_cancel: list[Sequence] = []  # cancellations waiting for the step in progress to end
+        self._async_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> asyncio.Lock
 
     def _pages_from_memory(self, config, page_size, stateful, max_num_seqs, utilization) -> int:
         free, total = torch.cuda.mem_get_info()
@@ -154,11 +166,17 @@ class LLM:
             else:
                 ids = self.tokenizer(prompt)["input_ids"]
             return [int(t) for t in ids], prompt
-        if isinstance(prompt, torch.Tensor):
+        if _is_array(prompt):  # a torch tensor or a numpy array of token ids
+            if prompt.ndim != 1:
+                raise TypeError(f"a tensor prompt must be 1-D token ids, got prompt of shape {tuple(prompt.shape)}")
             prompt = prompt.tolist()
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt), None
-        raise TypeError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if isinstance(prompt, (list, tuple)):
+            for i, t in enumerate(prompt):
+                if not _is_token(t):
+                    raise TypeError(f"prompt token ids must be ints, got prompt[{i}]={t!r} ({type(t).__name__})")
+            return [int(t) for t in prompt], None
+        raise TypeError(f"a prompt is a string or a list of token ids, "
+                        f"got prompt={prompt!r:.80} ({type(prompt).__name__})")
 
     def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
                     chat: bool = False) -> str:
@@ -168,14 +186,22 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
+        if request_id is not None and not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got request_id={request_id!r} ({type(request_id).__name__})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         ids, text = self._tokenize(prompt, chat)
         if not ids:
             raise ValueError("the prompt is empty")
         vocab = self.model.config.get_text_config(decoder=True).vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}")
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}, got {outside[0]} "
+                             f"at position {ids.index(outside[0])}")
+        outside = [t for t in params.stop_token_ids if t >= vocab]
+        if outside:
+            raise ValueError(f"SamplingParams.stop_token_ids={params.stop_token_ids!r} is invalid: "
+                             f"token id {outside[0]} is outside the vocabulary 0..{vocab - 1}")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
         page = self.blocks.page_size
@@ -188,7 +214,9 @@ class LLM:
                 f"this request needs up to {peak} pages of {page} tokens but the KV pool has "
                 f"{self.blocks.num_pages}: shorten it, lower max_tokens or give the engine more pages"
             )
-        rid = request_id if request_id is not None else str(next(self._ids))
+        rid = request_id
+        while rid is None or (request_id is None and rid in self.requests):
+            rid = str(next(self._ids))  # an automatic id never takes one the caller chose (or one still known)
         if rid in self.requests and not self.requests[rid].finished:
             raise ValueError(f"request id {rid!r} is already in flight")
         seq = Sequence(request_id=rid, prompt_token_ids=ids, params=params, prompt=text, arrival=next(self._arrivals))
@@ -199,12 +227,32 @@ class LLM:
         return rid
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request now; its pages go back to the pool."""
-        seq = self._get(request_id)
-        if seq.compressing:  # its pages are still being read and written on the side stream
-            seq.cancel_requested = True
-        elif not seq.finished:
-            self.scheduler.finish(seq, "cancelled")
+        """Stop a request now; its pages go back to the pool. While another thread is inside
+        ``step()`` (``agenerate``'s workers) it is stopped as soon as that step returns."""
+        self._cancel(self._get(request_id))
+
+    def _cancel(self, seq: Sequence) -> None:
+        self._to_cancel.append(seq)
+        self._apply_cancels()
+
+    def _apply_cancels(self) -> None:
+        """Carry out the queued cancellations unless another thread is stepping (it does them when
+        it is done: every full release of the step lock is followed by this call)."""
+        while self._to_cancel and self._step_lock.acquire(blocking=False):
+            try:
+                while self._to_cancel:
+                    seq = self._to_cancel.pop(0)
+                    if seq.compressing:  # its pages are still being read and written on the side stream
+                        seq.cancel_requested = True
+                    elif not seq.finished:
+                        self.scheduler.finish(seq, "cancelled")
+            finally:
+                self._step_lock.release()
+
+    def _forget(self, seq: Sequence) -> None:
+        """Drop a request handed back to its caller (never a newer request that took its id)."""
+        if self.requests.get(seq.request_id) is seq:
+            del self.requests[seq.request_id]
 
     def _get(self, request_id: str) -> Sequence:
         if request_id not in self.requests:
@@ -212,7 +260,7 @@ class LLM:
         return self.requests[request_id]
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running or self.pending)
+        return bool(self.scheduler.waiting or self.scheduler.running or self.pending or self._to_cancel)
 
     # ----------------------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
@@ -221,10 +269,19 @@ class LLM:
         With ``async_scheduling`` the tokens a step samples stay on the device and feed the next
         step directly; the host reads them while the GPU runs that next step, so scheduling and
         bookkeeping overlap the GPU's work. Outputs therefore arrive one step late, and a request
-        stopped by a token (EOS, a stop id or string) has run one more step, whose token is dropped."""
-        self._collect_compressions(block=False)
+        stopped by a token (EOS, a stop id or string) has run one more step, whose token is dropped.
+
+        A request stopped while its (asynchronous) compression is in flight is reported finished
+        by the step that collects that compression. Steps never overlap: a call made while another
+        thread is inside ``step()`` waits for it."""
+        with self._step_lock:
+            changed = self._step()
+        self._apply_cancels()
+        return changed
+
+    def _step(self) -> list[RequestOutput]:
+        changed = self._collect_compressions(block=False)
         plan = self.scheduler.schedule()
-        changed: list[RequestOutput] = []
         if self.inflight is not None and any(s.pending for s, _ in plan.prefill):
             # a request preempted and readmitted at once: its prompt must be complete on the host
             changed += self._resolve(self.inflight)
@@ -240,7 +297,7 @@ class LLM:
                 changed += self._resolve(self.inflight)
                 self.inflight = None
             elif self.pending:  # nothing else to run: wait for a compression to land
-                self._collect_compressions(block=True)
+                changed += self._collect_compressions(block=True)
             return changed
         feed = self.inflight.feed if self.inflight is not None else None
         logits = None
@@ -346,9 +403,10 @@ class LLM:
                 self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
         self.pending.append((event, [(seqs, fresh) for seqs, _, fresh in groups]))
 
-    def _collect_compressions(self, block: bool) -> None:
-        """Book the compressions whose event completed (or all of them, with ``block``)."""
-        still = []
+    def _collect_compressions(self, block: bool) -> list[RequestOutput]:
+        """Book the compressions whose event completed (or all of them, with ``block``); returns the
+        outputs of the requests that could only finish now (stopped or cancelled meanwhile)."""
+        still, finished = [], []
         for event, groups in self.pending:
             if event is not None and not event.query():
                 if not block:
@@ -360,13 +418,19 @@ class LLM:
                     seq.compressing = False
                 self._compressed(seqs, fresh)
                 for seq in seqs:
+                    if seq.finished:
+                        continue
                     if seq.cancel_requested:
                         self.scheduler.finish(seq, "cancelled")
                     elif seq.finish_requested is not None:
                         self.scheduler.finish(seq, seq.finish_requested)
+                    else:
+                        continue
+                    finished.append(seq.output())
             if event is not None:  # the main stream must see the compacted pages before using them
                 torch.cuda.current_stream().wait_event(event)
         self.pending = still
+        return finished
 
     def _compressed(self, seqs: list[Sequence], fresh: dict | None) -> None:
         """Page bookkeeping once a compression has landed."""
@@ -412,46 +476,60 @@ class LLM:
     # ----------------------------------------------------------------------------- front ends
     def generate(self, prompts: Any, params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True, chat: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion; one output per prompt, in order."""
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
-        )
-        prompts = [prompts] if single else list(prompts)
+        """Run every prompt to completion; one output per prompt, in order. A prompt is a string,
+        a list of token ids or a 1-D tensor / array of them; a 2-D one is a batch of prompts."""
+        if isinstance(prompts, str) or (_is_array(prompts) and prompts.ndim <= 1) or (
+            isinstance(prompts, (list, tuple)) and prompts and _is_token(prompts[0])
+        ):
+            prompts = [prompts]
+        else:
+            try:
+                prompts = list(prompts)
+            except TypeError:
+                raise TypeError(f"generate() takes a prompt or a list of prompts, got prompts={prompts!r:.80} "
+                                f"({type(prompts).__name__})") from None
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
             plist = list(params)
         else:
             plist = [params] * len(prompts)
-        ids = []
+        seqs: list[Sequence] = []
+        bar = None
         try:
             for prompt, p in zip(prompts, plist):
-                ids.append(self.add_request(prompt, p, chat=chat))
-        except Exception:
-            for rid in ids:
-                self.cancel(rid)
-            raise
-        bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
+                seqs.append(self.requests[self.add_request(prompt, p, chat=chat)])
+            if use_tqdm:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(ids), desc="zipage", unit="req", dynamic_ncols=True)
-        start, start_tokens = time.perf_counter(), self.generated_tokens
-        pending = set(ids)
-        while pending:
-            for out in self.step():
-                if out.finished and out.request_id in pending:
-                    pending.discard(out.request_id)
-                    if bar is not None:
-                        bar.update(1)
+                bar = tqdm(total=len(seqs), desc="zipage", unit="req", dynamic_ncols=True)
+            start, start_tokens = time.perf_counter(), self.generated_tokens
+            pending = {s.request_id for s in seqs if not s.finished}
+            while pending:
+                for out in self.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        if bar is not None:
+                            bar.update(1)
+                if pending and not self.has_unfinished():
+                    pending -= {s.request_id for s in seqs if s.finished}  # e.g. cancelled by another thread
+                    if pending:
+                        raise RuntimeError(f"requests {sorted(pending)} were lost")  # never expected
+                if bar is not None:
+                    rate = (self.generated_tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+        except BaseException:  # a bad prompt, an interrupt, a failing step: leave nothing behind
+            for seq in seqs:
+                self._cancel(seq)
+                self._forget(seq)
+            raise
+        finally:
             if bar is not None:
-                rate = (self.generated_tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-            if not self.has_unfinished() and pending:
-                raise RuntimeError(f"requests {sorted(pending)} were lost")  # never expected
-        if bar is not None:
-            bar.close()
-        return [self.requests.pop(rid).output() for rid in ids]
+                bar.close()
+        outs = [seq.output() for seq in seqs]
+        for seq in seqs:
+            self._forget(seq)
+        return outs
 
     def stream(self, request_id: str) -> Iterator[list[int]]:
         """New token ids of one request as they come, driving the engine (other requests advance too)."""
@@ -470,16 +548,40 @@ class LLM:
 
     async def agenerate(self, prompt: Any, params: SamplingParams | None = None, chat: bool = False) -> RequestOutput:
         """Await one request; steps run in a worker thread so the event loop stays free. Several
-        concurrent ``agenerate`` calls share the engine (one step at a time)."""
+        concurrent ``agenerate`` calls share the engine (one step at a time), from one event loop
+        or several in turn. A cancelled call cancels its request (its pages go back to the pool
+        once the step in progress, if any, returns)."""
         rid = self.add_request(prompt, params, chat=chat)
         seq = self.requests[rid]
-        lock = self.__dict__.setdefault("_async_lock", asyncio.Lock())
-        while not seq.finished:
-            async with lock:
-                if not seq.finished:
-                    await asyncio.to_thread(self.step)
-            await asyncio.sleep(0)
-        return self.requests.pop(rid).output()
+        try:
+            lock = self._loop_lock()
+            while not seq.finished:
+                async with lock:  # one worker thread at a time per loop; ``_step_lock`` orders the rest
+                    if not seq.finished:
+                        await asyncio.to_thread(self._step_for, seq)
+                await asyncio.sleep(0)
+            return seq.output()
+        except BaseException:  # cancelled (client gone, timeout) or failed: the request goes too
+            self._cancel(seq)
+            raise
+        finally:
+            self._forget(seq)
+
+    def _loop_lock(self) -> asyncio.Lock:
+        """The running event loop's lock (an asyncio.Lock is bound to the loop it first waited in)."""
+        loop = asyncio.get_running_loop()
+        lock = self._async_locks.get(loop)
+        if lock is None:
+            lock = self._async_locks[loop] = asyncio.Lock()
+        return lock
+
+    def _step_for(self, seq: Sequence) -> None:
+        """A worker thread's step, unless ``seq`` finished meanwhile. Holding the step lock while
+        it runs, a step abandoned by a cancelled ``agenerate`` still blocks the next one."""
+        with self._step_lock:
+            if not seq.finished:
+                self.step()
+        self._apply_cancels()
 
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
@@ -495,3 +597,13 @@ class LLM:
             "prefix_cache_hits": self.blocks.hits,
             "generated_tokens": self.generated_tokens,
         }
+
+
+def _is_array(x: Any) -> bool:
+    """A torch tensor or a numpy array (numpy is not imported for the check)."""
+    return isinstance(x, torch.Tensor) or (hasattr(x, "ndim") and hasattr(x, "shape") and hasattr(x, "tolist")
+                                          and hasattr(x, "dtype"))
+
+
+def _is_token(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

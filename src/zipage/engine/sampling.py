@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (dividing by them would overflow)
 
 
 @dataclass
@@ -13,7 +17,7 @@ class SamplingParams:
 
     Args:
         max_tokens: tokens to generate at most (>= 1).
-        temperature: 0 for greedy decoding.
+        temperature: 0 for greedy decoding (so is any temperature below 1e-5); finite.
         top_p, top_k: nucleus and top-k filtering (top_k=-1 or 0 disables).
         seed: per-request seed: the same seed gives the same tokens whatever else runs alongside.
         stop: strings that end the output (needs a tokenizer); not included in the text.
@@ -41,30 +45,55 @@ class SamplingParams:
         def bad(name, allowed, exc=ValueError):
             raise exc(f"SamplingParams.{name}={getattr(self, name)!r} is invalid: {allowed}")
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+        def integral(x) -> bool:
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        def real(x) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+        if not integral(self.max_tokens):
             bad("max_tokens", "expected an int", TypeError)
+        self.max_tokens = int(self.max_tokens)
         if self.max_tokens < 1:
             bad("max_tokens", "must be >= 1")
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            bad("temperature", "must be a number >= 0 (0 is greedy)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not real(self.temperature):
+            bad("temperature", "expected a number (0 is greedy)", TypeError)
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            bad("temperature", "must be a finite number >= 0 (0 is greedy)")
+        if not real(self.top_p):
+            bad("top_p", "expected a number in (0, 1]", TypeError)
+        if not 0 < self.top_p <= 1:  # (NaN fails this too)
             bad("top_p", "must lie in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+        if not integral(self.top_k):
+            bad("top_k", "expected an int (-1 or 0 disables)", TypeError)
+        self.top_k = int(self.top_k)
+        if self.top_k < -1:
             bad("top_k", "must be an int >= -1 (-1 or 0 disables)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and not integral(self.seed):
             bad("seed", "expected an int or None", TypeError)
+        if self.seed is not None:
+            self.seed = int(self.seed)
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "expected a string or a list of non-empty strings", TypeError)
-        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids
-        ):
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(integral(t) for t in self.stop_token_ids):
             bad("stop_token_ids", "expected a list of ints", TypeError)
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not all(type(t) is int for t in self.stop_token_ids):  # numpy ints
+            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        negative = [t for t in self.stop_token_ids if t < 0]
+        if negative:
+            bad("stop_token_ids", f"token ids are >= 0, got {negative[0]}")
+        if not integral(self.min_tokens):
+            bad("min_tokens", "expected an int >= 0", TypeError)
+        self.min_tokens = int(self.min_tokens)
+        if self.min_tokens < 0:
             bad("min_tokens", "must be an int >= 0")
+        if self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Greedy decoding: temperature 0, or one so small (< 1e-5, as in vLLM) that sampling is argmax."""
+        return self.temperature < GREEDY_BELOW
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
@@ -90,5 +119,10 @@ def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
             drop = probs.cumsum(dim=-1) - probs > p.top_p
             row = row.scatter(0, order[drop], float("-inf"))
         probs = torch.softmax(row, dim=-1)
-        out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+        # Non-finite logits (e.g. a model overflowing in half precision) make NaN probabilities,
+        # which torch.multinomial rejects (on CUDA with a device-side assert that kills the
+        # process): such a row falls back to its argmax, decided on the device (no sync).
+        broken = probs.isnan().any()
+        token = torch.multinomial(probs.nan_to_num(1.0), 1, generator=generators[i])[0]
+        out[i] = torch.where(broken, out[i], token)
     return out
