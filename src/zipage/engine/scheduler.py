@@ -6,15 +6,24 @@ Rules (the Zipage paper's, plus chunked prefill):
   admitted request can finish. Without a budget (full KV) concurrency is bounded by
   ``max_num_seqs`` and pages run out: then the newest uncompressed sequences are preempted
   (freed, recomputed later).
-- A sequence is compressed before the step in which its next token would pass
-  ``budget + buffer``; compressed sequences are never preempted (recomputing them would not
-  reproduce the same cache).
+- A sequence is compressed exactly where ``generate(cache_implementation="zipage")`` compresses
+  it, whatever the chunking: generate prefills the whole prompt in one step and then stores one
+  token per step, compressing before a step when ``stored > budget`` and ``stored + 1 > budget +
+  buffer``; so the first compression comes at ``max(len(prompt), budget + 1, budget + buffer)``
+  stored tokens, later ones at ``max(budget + 1, budget + buffer)`` (``compress_at``). A prefill
+  chunk never carries a sequence past that point (a prompt prefill never reaches it; a recompute
+  after a preemption stops there, is compressed, then goes on), and a sequence is never compressed
+  before it (a prompt whose chunk stops one token short is not compressed early).
+  Compressed sequences are never preempted (recomputing them would not reproduce the same cache).
 - Prefill is chunked: each step carries at most ``max_num_batched_tokens`` tokens, decoding
   sequences first, so a long prompt never stalls decoding.
 - Prefix caching: full prompt pages are shared through chained hashes; shared pages are
   never written. A first compression of a sequence holding shared pages compacts into fresh
   pages; so does one holding cached (shareable) pages while the pool has room, which keeps
   the prefix for later requests; otherwise it compacts in place and forgets those hashes.
+  When the scorer reads the window queries, the last ``window`` prompt tokens are always
+  recomputed (never taken from the cache): the query ring of the request's slot must hold their
+  queries, not those of the slot's previous occupant.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from dataclasses import dataclass, field
 
 from ..config import ZipageConfig
 from ..memory.block_manager import BlockManager, page_hash
+from ..scoring import get_scorer
 from .sequence import Sequence, Status
 
 
@@ -53,6 +63,10 @@ class Scheduler:
             self.max_concurrency = max(1, min(max_num_seqs, blocks.num_pages // n_max))
         else:
             self.max_concurrency = max_num_seqs
+        # tokens at the end of a prompt that prefix caching must recompute: the scorer reads their queries
+        self.recompute_tail = 0
+        if zipage_config is not None and get_scorer(zipage_config.scorer, zipage_config).needs_queries:
+            self.recompute_tail = zipage_config.window
         self.free_slots = list(range(self.max_concurrency))[::-1]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -66,9 +80,16 @@ class Scheduler:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page)
 
-    def needs_compression(self, seq: Sequence) -> bool:
+    def compress_at(self, seq: Sequence) -> int:
+        """Stored length at which ``seq`` is compressed before it stores another token: where
+        generate() compresses (the whole prompt first, then ``stored > budget`` and
+        ``stored + 1 > capacity``), independent of how its tokens were chunked."""
         c = self.cfg
-        return c is not None and seq.stored > c.budget and seq.stored + 1 > c.capacity
+        at = max(c.budget + 1, c.capacity)
+        return at if seq.compressions else max(at, len(seq.prompt_token_ids))
+
+    def needs_compression(self, seq: Sequence) -> bool:
+        return self.cfg is not None and seq.stored >= self.compress_at(seq)
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's pages and query slot."""
@@ -98,15 +119,6 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def _preempt_for(self, pages_needed: int, protect: set[int]) -> bool:
-        """Preempt the newest uncompressed running sequences (not in ``protect``) until enough pages are free."""
-        while self.blocks.num_free < pages_needed:
-            victims = [s for s in self.running if s.compressions == 0 and not s.compressing and id(s) not in protect]
-            if not victims:
-                return False
-            self.preempt(max(victims, key=lambda s: s.arrival))
-        return True
-
     # ----------------------------------------------------------------------------- prefix cache
     def prompt_hashes(self, seq: Sequence, upto: int) -> list[bytes]:
         hashes, prev = [], None
@@ -118,7 +130,9 @@ class Scheduler:
     def _reuse_prefix(self, seq: Sequence) -> None:
         if not self.blocks.enable_prefix_caching:
             return
-        reusable = (len(seq.prompt_token_ids) - 1) // self.page  # always compute the last token
+        n = len(seq.prompt_token_ids)
+        # always compute the last token, and the last `window` ones when the scorer reads their queries
+        reusable = max(0, min(n - 1, n - self.recompute_tail)) // self.page
         for h in self.prompt_hashes(seq, reusable):
             page = self.blocks.cached(h)
             if page is None:
@@ -146,47 +160,37 @@ class Scheduler:
         step = Step()
         budget_tokens = self.max_num_batched_tokens
         # (a sequence whose last token is still on the device is done: it takes no further step)
-        decoding = [s for s in self.running if not s.in_prefill and not s.compressing and not s.last_pending]
-        # 1. compressions due before this step, and the pages each decoding sequence needs
-        need = {}
-        for seq in decoding:
-            stored = seq.stored
-            if self.needs_compression(seq):
-                step.compress.append(seq)
-                stored = self.cfg.budget
-                shared = any(self.blocks.refs[p] > 1 for p in seq.pages)
-                cached = any(self.blocks.is_registered(p) for p in seq.pages)
-                fresh_n = self.pages_for(stored + 1)
-                # Shared pages are only ever read: compact into fresh pages. Pages that are merely
-                # cached are kept intact too while the pool has room, so later requests still find them.
-                if shared or (cached and fresh_n + sum(need.values()) <= self.blocks.num_free):
-                    step.fresh_pages[id(seq)] = []
-                    need[id(seq)] = fresh_n
-                    continue
-                for p in seq.pages[:fresh_n]:  # rewritten in place: no request may find them cached now
-                    self.blocks.unregister(p)
-            need[id(seq)] = max(0, self.pages_for(stored + 1) - len(seq.pages))
+        # A sequence due for compression goes this way even with several tokens left to compute (a
+        # recompute whose prefill stopped at its compression point): compressed, then one token.
+        decoding = [s for s in self.running if not s.compressing and not s.last_pending
+                    and (not s.in_prefill or self.needs_compression(s))]
+        # 1. compressions due before this step, and the pages each decoding sequence needs; short of
+        # pages, preempt one sequence at a time (the newest uncompressed one not due for compression,
+        # else the newest due for compression) and plan again: freeing a sequence may end the sharing
+        # of another's pages, which can then be compacted in place.
+        need = self._plan_pages(decoding, step)
         total = sum(need.values())
-        if total > self.blocks.num_free:
-            protect = {id(s) for s in decoding if s.compressions or s in step.compress}
-            self._preempt_for(total, protect)
-            decoding = [s for s in decoding if s.status is Status.RUNNING]
-            step.compress = [s for s in step.compress if s.status is Status.RUNNING]
-            total = sum(need[id(s)] for s in decoding)
-            if total > self.blocks.num_free:
-                # only sequences being compressed are left to free: preempt the newest of them
-                while total > self.blocks.num_free and step.compress:
-                    victim = max(step.compress, key=lambda s: s.arrival)
-                    step.compress.remove(victim)
-                    decoding.remove(victim)
-                    step.fresh_pages.pop(id(victim), None)
-                    total -= need[id(victim)]
-                    self.preempt(victim)
-                if total > self.blocks.num_free:
-                    raise RuntimeError(
-                        f"the KV pool ({self.blocks.num_pages} pages of {self.page}) cannot hold the running "
-                        "requests; give the engine more pages or a smaller budget"
-                    )
+        while total > self.blocks.num_free:
+            protect = {id(s) for s in decoding if s.compressions}
+            protect.update(id(s) for s in step.compress)
+            victims = [s for s in self.running if s.compressions == 0 and not s.compressing and id(s) not in protect]
+            if not victims:
+                victims = step.compress  # only sequences due for compression are left to free
+            if not victims:
+                raise RuntimeError(
+                    f"the KV pool ({self.blocks.num_pages} pages of {self.page}) cannot hold the running "
+                    "requests; give the engine more pages or a smaller budget"
+                )
+            victim = max(victims, key=lambda s: s.arrival)
+            self.preempt(victim)
+            decoding = [s for s in decoding if s is not victim]
+            need = self._plan_pages(decoding, step)
+            total = sum(need.values())
+        keep = self.pages_for(self.cfg.budget + 1) if self.cfg is not None else 0
+        for seq in step.compress:
+            if id(seq) not in step.fresh_pages:
+                for p in seq.pages[:keep]:  # rewritten in place: no request may find them cached now
+                    self.blocks.unregister(p)
         for seq in decoding:
             if id(seq) in step.fresh_pages:
                 step.fresh_pages[id(seq)] = self.blocks.allocate(need[id(seq)])
@@ -195,7 +199,7 @@ class Scheduler:
         step.decode = decoding
         budget_tokens -= len(decoding)
         # 2. prefill chunks: running sequences still in prefill, then new admissions
-        for seq in [s for s in self.running if s.in_prefill]:
+        for seq in [s for s in self.running if s.in_prefill and not s.compressing and not self.needs_compression(s)]:
             if budget_tokens <= 0:
                 break
             n = self._chunk(seq, budget_tokens)
@@ -218,11 +222,54 @@ class Scheduler:
             self.running.append(seq)
             step.prefill.append((seq, n))
             budget_tokens -= n
+        if step.empty and len(self.running) > 1 and not any(s.compressing or s.pending for s in self.running):
+            # nothing runs, nothing is in flight: every running sequence is stuck in its prefill for
+            # want of pages the others hold. Free the newest so the older ones can go on.
+            victim = max((s for s in self.running if s.compressions == 0), key=lambda s: s.arrival, default=None)
+            if victim is not None:
+                self.preempt(victim)
+                return self.schedule()
         return step
 
+    def _plan_pages(self, decoding: list[Sequence], step: Step) -> dict[int, int]:
+        """Fill ``step.compress`` / ``step.fresh_pages`` for ``decoding``; returns the pages each needs."""
+        step.compress, step.fresh_pages = [], {}
+        need: dict[int, int] = {}
+        optional = []
+        for seq in decoding:
+            if self.needs_compression(seq):
+                step.compress.append(seq)
+                fresh_n = self.pages_for(self.cfg.budget + 1)
+                if any(self.blocks.refs[p] > 1 for p in seq.pages):
+                    # shared pages are only ever read: compact into fresh pages
+                    step.fresh_pages[id(seq)] = []
+                    need[id(seq)] = fresh_n
+                    continue
+                if any(self.blocks.is_registered(p) for p in seq.pages):
+                    optional.append(seq)
+                need[id(seq)] = max(0, fresh_n - len(seq.pages))
+            else:
+                need[id(seq)] = max(0, self.pages_for(seq.stored + 1) - len(seq.pages))
+        # Pages that are merely cached are kept intact too (compaction into fresh pages) while the
+        # pool has room to spare, so later requests still find them; never at the cost of a preemption.
+        spare = self.blocks.num_free - sum(need.values())
+        for seq in optional:
+            fresh_n = self.pages_for(self.cfg.budget + 1)
+            if fresh_n > spare:
+                break
+            step.fresh_pages[id(seq)] = []
+            spare -= fresh_n - need[id(seq)]
+            need[id(seq)] = fresh_n
+        return need
+
     def _chunk(self, seq: Sequence, budget_tokens: int) -> int:
-        """Tokens of ``seq`` to prefill now (allocating their pages), limited by the token budget and free pages."""
+        """Tokens of ``seq`` to prefill now (allocating their pages), limited by the token budget, free
+        pages and the sequence's next compression point (a chunk never stores past it)."""
         n = min(seq.num_tokens - seq.num_computed, budget_tokens)
+        if self.cfg is not None:
+            n = min(n, self.compress_at(seq) - seq.stored)
+            if n <= 0:
+                return 0
         have = len(seq.pages) * self.page - seq.stored
         if n > have:
             extra = min(self.pages_for(n - have), self.blocks.num_free)
