@@ -130,7 +130,7 @@ if HAS_TRITON:
     def _window_score_kernel(
         Q, K, KMASK, QMASK, M_PART, L_PART, PREV, OUT, scale_log2, decay,
         stride_qb, stride_qh, stride_qw, stride_kb, stride_kh, stride_ks, stride_mb, stride_qmb,
-        stride_pb, stride_ph, stride_ob, stride_oh,
+        stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
         S, NCHUNK, G: tl.constexpr, W: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
         GROUP_MAX: tl.constexpr, WINDOW_MEAN: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
@@ -168,7 +168,7 @@ if HAS_TRITON:
             w_ok = tl.load(QMASK + b * stride_qmb + tl.arange(0, W)) != 0
             score = score / tl.maximum(tl.sum(w_ok.to(tl.float32), 0), 1.0)
         if HAS_PREV:
-            prev = tl.load(PREV + b * stride_pb + hk * stride_ph + t, mask=tmask, other=0.0)
+            prev = tl.load(PREV + b * stride_pb + hk * stride_ph + t * stride_ps, mask=tmask, other=0.0)
             score = tl.maximum(score, decay * prev)
         tl.store(OUT + b * stride_ob + hk * stride_oh + t, score, mask=tmask)
 
@@ -213,7 +213,7 @@ def window_scores_triton(queries, keys, key_mask, query_mask, scaling, group_red
     pv = prev if prev is not None else out
     _window_score_kernel[(B, Hkv, tiles)](
         queries, keys, km, qm, m_part, l_part, pv, out, scaling * LOG2E, float(decay), *common, qm.stride(0),
-        pv.stride(0), pv.stride(1), out.stride(0), out.stride(1), S, num_chunks,
+        pv.stride(0), pv.stride(1), pv.stride(2), out.stride(0), out.stride(1), S, num_chunks,
         BLOCK_C=max(2, next_pow2(num_chunks)), GROUP_MAX=group_reduce == "max",
         WINDOW_MEAN=window_reduce == "mean", HAS_PREV=prev is not None, **consts, num_warps=4,
     )

@@ -606,3 +606,33 @@ def test_compress_layer_keeps_padding_rows_consistent():
 
 def test_zipage_module_exports():
     assert zipage.get_scorer is get_scorer and zipage.ScoreInputs is ScoreInputs
+
+
+def test_select_keep_non_finite_scores_never_beat_protection_or_lose_to_padding():
+    S, k, window, sinks = 12, 6, 2, 1
+    key_mask = torch.ones(1, S, dtype=torch.bool)
+    key_mask[0, 1:3] = False  # two padding tokens after the first real one
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        scores = torch.zeros(1, 1, S)
+        scores[0, 0, 3:8] = bad  # five real tokens with a non-finite score
+        keep = select_keep(scores, key_mask, k, window, sinks)[0, 0].tolist()
+        assert 0 in keep and S - 2 in keep and S - 1 in keep, (bad, keep)  # sinks and window
+        assert 1 not in keep and 2 not in keep, (bad, keep)  # padding goes before any real token
+        assert len(keep) == k
+
+
+def test_scorer_object_without_config_follows_the_cache_config():
+    from zipage.scoring.zipage import ZipageScorer
+
+    cfg = zipage.ZipageConfig.paper(budget=64, page_size=8)
+    plain = ZipageScorer()
+    bound = get_scorer(plain, cfg)
+    assert bound.config is cfg and bound.stateful  # the paper's global score is on
+    assert plain.config is not cfg  # the object given is left as it is
+    own = ZipageScorer(zipage.ZipageConfig(budget=32, page_size=8))
+    assert get_scorer(own, cfg) is own  # built with its own config: kept
+    model_cfg = zipage.ZipageConfig.paper(budget=64, page_size=8, scorer=ZipageScorer())
+    from conftest import tiny_model
+
+    cache_scorer = zipage.ZipageCache(config=tiny_model("llama").config, zipage_config=model_cfg).scorer
+    assert cache_scorer.config is model_cfg and cache_scorer.stateful

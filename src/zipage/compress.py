@@ -24,7 +24,8 @@ def select_keep(
     """Indices of the ``k`` tokens to keep per (row, head), ascending.
 
     The last ``window`` tokens and the first ``sinks`` real tokens are always kept;
-    padding (``key_mask`` False) goes first, so real tokens never lose their place to it.
+    padding (``key_mask`` False) goes first, so real tokens never lose their place to it,
+    whatever the scores (an infinite or NaN score ranks among the real tokens).
 
     Args:
         scores: ``[B, H, S]``; key_mask: ``[B, S]`` bool.
@@ -34,7 +35,10 @@ def select_keep(
     B, H, S = scores.shape
     if not 0 < k <= S:
         raise ValueError(f"select_keep: k={k} must lie in 1..{S}")
-    s = scores.float().clone()
+    # Scores a scorer may return as +-inf or NaN stay strictly between the protected tokens (+inf)
+    # and padding (-inf): NaN and -inf rank as the lowest real score, +inf as the highest.
+    big = torch.finfo(torch.float32).max / 2
+    s = torch.nan_to_num(scores.float(), nan=-big, posinf=big, neginf=-big).clamp_(-big, big)
     if window > 0:
         s[..., max(S - window, 0) :] = float("inf")
     if sinks > 0:

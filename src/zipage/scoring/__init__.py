@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from .base import Scorer, ScoreInputs
@@ -38,9 +39,15 @@ def resolve_scorer_name(spec: Any) -> str:
 
 
 def get_scorer(spec: Any, config=None) -> Scorer:
-    """Instantiate a scorer from a name or class, or pass an instance through."""
+    """Instantiate a scorer from a name or class with ``config``. An instance built with its own
+    config is passed through; one built without a config (``ZipageScorer()``) follows ``config``:
+    a copy of it bound to ``config`` is returned (the object given is left as it is)."""
     resolve_scorer_name(spec)
     if isinstance(spec, Scorer):
+        if config is not None and getattr(spec, "follows_cache_config", False) and spec.config is not config:
+            bound = copy.copy(spec)
+            bound.config = config
+            return bound
         return spec
     cls = spec if isinstance(spec, type) else _REGISTRY[spec]
     return cls(config)

@@ -61,6 +61,8 @@ class Scorer:
 
     def __init__(self, config: ZipageConfig | None = None) -> None:
         self.config = config if config is not None else ZipageConfig()
+        # built without a config: a cache or engine given this object binds a copy to its own config
+        self.follows_cache_config = config is None
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
