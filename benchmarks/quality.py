@@ -845,7 +845,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: pathlib.Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        log(f"matplotlib is not installed: no chart {path.name} (pip install matplotlib; then --replot the .json)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -956,9 +960,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.replot:
         path = pathlib.Path(args.replot)
+        if not path.is_file():
+            parser.error(f"--replot {args.replot}: no such file")
         result = json.loads(path.read_text())
         path.with_suffix(".md").write_text(markdown(result))
         plot(result, path.with_suffix(".png"))
@@ -973,20 +980,42 @@ def main(argv: list[str] | None = None) -> int:
 
     import zipage
 
+    # Every argument is checked before the model loads: a mistake costs nothing.
+    try:
+        scorer_rows = args.scorers
+        if scorer_rows is None:
+            scorer_rows = ",".join(zipage.list_scorers()) + ("," + args.variants if args.variants else "")
+        rows = [parse_row(s) for s in split_rows(scorer_rows)]
+        if args.gen_scorers == "all":
+            gen_rows = rows
+        else:
+            gen_rows = [parse_row(s) for s in split_rows(args.gen_scorers)]
+        for label, fields in rows + gen_rows:
+            zipage.ZipageConfig.from_dict({"page_size": args.page_size, "buffer": args.buffer, "window": args.window,
+                                           **fields, "budget": 4096})
+        budgets = [parse_fraction(b) for b in args.budgets.split(",") if b.strip()]
+        try:
+            gen_budgets = [int(b) for b in args.gen_budgets.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"--gen-budgets {args.gen_budgets!r}: expected token counts such as 128,256") from None
+        if any(b < 1 for b in gen_budgets):
+            raise ValueError(f"--gen-budgets {args.gen_budgets!r}: budgets must be >= 1")
+        if not args.no_tf:
+            if args.seqs < 1:
+                raise ValueError(f"--seqs {args.seqs}: at least one teacher-forced sequence is needed (or --no-tf)")
+            if not budgets:
+                raise ValueError("--budgets: at least one budget fraction is needed (or --no-tf)")
+        if args.verify:
+            if args.decode != "chunk":
+                raise ValueError("--verify needs --decode chunk")
+            if parse_fraction(args.verify_budget) not in budgets:
+                raise ValueError(f"--verify needs --verify-budget {args.verify_budget} among --budgets {args.budgets}")
+            unknown = set(split_rows(args.verify)) - {label for label, _ in rows} - {"all"}
+            if unknown:
+                raise ValueError(f"--verify {args.verify!r}: {sorted(unknown)} are not rows of this run")
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
     model, tok = load_model(args.threads)
-    scorer_rows = args.scorers
-    if scorer_rows is None:
-        scorer_rows = ",".join(zipage.list_scorers()) + ("," + args.variants if args.variants else "")
-    rows = [parse_row(s) for s in split_rows(scorer_rows)]
-    for label, fields in rows:  # fail fast on a bad field
-        zipage.ZipageConfig(**{"page_size": args.page_size, "buffer": args.buffer, "window": args.window,
-                               **fields, "budget": 4096})
-    budgets = [parse_fraction(b) for b in args.budgets.split(",") if b.strip()]
-    if args.gen_scorers == "all":
-        gen_rows = rows
-    else:
-        gen_rows = [parse_row(s) for s in split_rows(args.gen_scorers)]
-    gen_budgets = [int(b) for b in args.gen_budgets.split(",") if b.strip()]
     stem = pathlib.Path(args.out) if args.out else RESULTS / ("quality" if preset == "default" else f"quality_{preset}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     log(f"preset {preset}: {len(rows)} rows x {len(budgets)} budgets x {args.seqs} sequences of {args.seq_len} "

@@ -65,3 +65,37 @@ def test_info_runs(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "CUDA available" in out and "scorers:" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budgets", "2"], "must lie in (0, 1)"),
+    (["--scorers", "foo"], "unknown scorer"),
+    (["--scorers", "zipage[budgett=3]"], "unknown ZipageConfig field"),
+    (["--gen-budgets", "x", "--no-tf"], "--gen-budgets"),
+    (["--seqs", "0", "--no-gen"], "--seqs 0"),
+    (["--replot", "/nonexistent/q.json"], "no such file"),
+    (["--verify", "zipage", "--budgets", "1/4"], "--verify-budget"),
+    (["--verify", "nope", "--budgets", "1/8", "--scorers", "zipage"], "not rows of this run"),
+])
+def test_eval_refuses_bad_arguments_before_loading_the_model(args, message, capsys, monkeypatch, tmp_path):
+    import zipage.bench.quality as quality
+
+    monkeypatch.setattr(quality, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *args, "--out", str(tmp_path / "q")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_a_negative_index_and_takes_window_and_seed(capsys, monkeypatch):
+    from zipage import demo
+
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--index", "-5"])
+    assert "--index -5" in str(e.value.code)
+    args = demo.build_parser().parse_args(["--budget", "8", "--window", "4", "--seed", "3"])
+    assert (args.window, args.seed) == (4, 3)
+    with pytest.raises(SystemExit) as e:  # a window larger than the budget names the option to change
+        demo.main(["--budget", "8"])
+    assert e.value.code == 2
+    assert "window" in capsys.readouterr().err

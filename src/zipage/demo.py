@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", default="gsm8k", choices=("gsm8k", "math500"), help="where the problem comes from"
     )
     parser.add_argument("--index", type=int, default=0, help="which problem of the data set (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (decoding is greedy)")
+    parser.add_argument("--window", type=int, default=16, help="observation window: queries that score, tokens always kept (default 16; at most the budget)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random scorer (ZipageConfig.seed) and torch.manual_seed; decoding is greedy")
     return parser
 
 
@@ -102,9 +103,11 @@ def _problem(args: argparse.Namespace) -> tuple[str, str | None, str]:
         return args.prompt, None, "--prompt"
     from .models import math_problems
 
+    if args.index < 0:
+        raise SystemExit(f"--index {args.index} is out of range for {args.dataset}: it must be >= 0")
     problems = math_problems(args.dataset, limit=args.index + 1)
-    if args.index < 0 or args.index >= len(problems):
-        raise SystemExit(f"--index {args.index} is out of range for {args.dataset}")
+    if args.index >= len(problems):
+        raise SystemExit(f"--index {args.index} is out of range for {args.dataset} ({len(problems)} problems)")
     item = problems[args.index]
     name = {"gsm8k": "GSM8K test", "math500": "MATH-500"}[args.dataset]
     return item["problem"], item["answer"], f"{name} #{args.index}"
@@ -122,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         zipage_config = zipage.ZipageConfig(
-            budget=args.budget, page_size=args.page_size, buffer=args.buffer, scorer=args.scorer
+            budget=args.budget, page_size=args.page_size, buffer=args.buffer, scorer=args.scorer,
+            window=args.window, seed=args.seed,
         )
     except (TypeError, ValueError) as error:
         parser.error(str(error))
@@ -213,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(peak {stats['peak_pages']}, pool {stats['pages_total']})"
     )
     print(f"  KV bytes for {stats['tokens_seen']} tokens: full cache {_mib(full_same_len)}, zipage {_mib(zip_bytes)}")
-    print(f"  -> {saved:.1f}% of the KV memory saved")
+    if saved >= 0:
+        print(f"  -> {saved:.1f}% of the KV memory saved")
+    else:  # too short to evict: whole pages hold a few more bytes than the tokens need
+        print(f"  -> no KV memory saved (whole pages hold {-saved:.1f}% more than the tokens need; nothing to evict yet)")
     print(f"  compressions: {stats['compressions']} ({cache.tokens_evicted} tokens evicted from every layer)")
     print(f"  identical leading generated tokens: {same} of {min(len(full_ids), len(zip_ids))}")
     print(_rule())
