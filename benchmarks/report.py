@@ -405,7 +405,7 @@ scripts: `zipage bench ARGS` is `python benchmarks/throughput.py ARGS`, `zipage 
 `python benchmarks/quality.py ARGS`):
 
 ```bash
-zipage bench --model qwen3-8b --requests 15 --max-tokens 16384 --kv-gib 5 --time-limit 200 --peer-max-tokens 256 --out benchmarks/results/throughput_qwen3-8b.json
+zipage bench --model qwen3-8b --requests 15 --max-tokens 16384 --kv-gib 5 --systems zipage-2048,zipage-fullkv,hf-generate_batch,hf-generate --time-limit 170 --peer-max-tokens 256 --out benchmarks/results/throughput_qwen3-8b.json
 zipage eval                      # writes benchmarks/results/quality.{json,md,png}; --quick for a few minutes
 python benchmarks/report.py      # rewrites this page from benchmarks/results/
 ```
