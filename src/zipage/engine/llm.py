@@ -141,6 +141,8 @@ class LLM:
         # One step at a time, whichever thread (agenerate's workers) or event loop drives the engine.
         self._step_lock = threading.RLock()
         self._to_cancel: list[Sequence] = []  # cancellations waiting for the step in progress to end
+        # the outputs of the step in progress, as they come; those of a step that raised stay for the next
+        self._undelivered: list[RequestOutput] = []
         self._async_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> asyncio.Lock
 
     def _pages_from_memory(self, config, page_size, stateful, max_num_seqs, utilization) -> int:
@@ -273,54 +275,88 @@ class LLM:
 
         A request stopped while its (asynchronous) compression is in flight is reported finished
         by the step that collects that compression. Steps never overlap: a call made while another
-        thread is inside ``step()`` waits for it."""
+        thread is inside ``step()`` waits for it.
+
+        A step that raises (the model, the sampler, an interrupt) leaves the engine consistent: the
+        forward and the sampling are undone (every request scheduled by that step is where it was
+        before it, its pages kept), so the next ``step()`` goes on and produces the same tokens; a
+        request whose state cannot be restored (its compression failed half-way, its tokens were
+        lost with the device) is finished with reason ``"error"`` and its pages are freed. Outputs
+        the failed step had already produced are returned by the next step."""
         with self._step_lock:
-            changed = self._step()
+            changed = self._undelivered
+            self._step(changed)
+            self._undelivered = []
         self._apply_cancels()
         return changed
 
-    def _step(self) -> list[RequestOutput]:
-        changed = self._collect_compressions(block=False)
+    def _step(self, changed: list[RequestOutput]) -> None:
+        """One step; its outputs go to ``changed`` (``self._undelivered``) as they come."""
+        changed += self._collect_compressions(block=False)
         plan = self.scheduler.schedule()
-        if self.inflight is not None and any(s.pending for s, _ in plan.prefill):
-            # a request preempted and readmitted at once: its prompt must be complete on the host
-            changed += self._resolve(self.inflight)
-            self.inflight = None
-            self._drop_finished(plan)
-        if plan.compress:
-            if self.async_compression:
-                self._start_compressions(plan)
-            else:
-                self._compress(plan)
+        try:
+            if self.inflight is not None and any(s.pending for s, _ in plan.prefill):
+                # a request preempted and readmitted at once: its prompt must be complete on the host
+                flight, self.inflight = self.inflight, None
+                self._resolve(flight, changed)
+                self._drop_finished(plan)
+            if plan.compress:
+                if self.async_compression:
+                    self._start_compressions(plan)
+                else:
+                    self._compress(plan)
+        finally:  # destination pages of compressions that never ran (the step failed first): back
+            for pages in plan.fresh_pages.values():
+                self.blocks.release(pages)
+            plan.fresh_pages.clear()
         if plan.empty:
             if self.inflight is not None:
-                changed += self._resolve(self.inflight)
-                self.inflight = None
+                flight, self.inflight = self.inflight, None
+                self._resolve(flight, changed)
             elif self.pending:  # nothing else to run: wait for a compression to land
                 changed += self._collect_compressions(block=True)
-            return changed
-        feed = self.inflight.feed if self.inflight is not None else None
-        logits = None
-        if self.use_graphs and not plan.prefill:
-            if not self.runner.graphs:
-                self._capture()
-            logits = self.runner.decode_with_graph(plan.decode, feed)
-        if logits is None:
-            logits = self.runner.forward(plan.prefill, plan.decode, feed)
-        rows, seqs = [], []
-        for i, (seq, _) in enumerate(plan.prefill + [(s, 1) for s in plan.decode]):
+            return
+        scheduled = [s for s, _ in plan.prefill] + plan.decode
+        # What the forward and the sampling advance, to undo them if either raises (host values only).
+        saved = [(s.num_computed, s.stored, s.pending, s.last_pending) for s in scheduled]
+        previous = self.inflight
+        committed = False
+        try:
+            feed = previous.feed if previous is not None else None
+            logits = None
+            if self.use_graphs and not plan.prefill:
+                if not self.runner.graphs:
+                    self._capture()
+                logits = self.runner.decode_with_graph(plan.decode, feed)
+            if logits is None:
+                logits = self.runner.forward(plan.prefill, plan.decode, feed)
+            rows, seqs = [], []
+            for i, seq in enumerate(scheduled):
+                if seq.num_computed == seq.num_tokens:  # a whole prompt (or decode token) went through
+                    rows.append(i)
+                    seqs.append(seq)
+            self.inflight = self._launch_sampling(logits, rows, seqs) if seqs else None
+            committed = True
+        except BaseException:
+            if not committed:
+                # Undo the step: the KV it wrote lies past each sequence's stored length (rewritten
+                # before it is read), its query-ring rows are rewritten before a compression reads
+                # them, and the tokens of ``previous`` are still on the device to be fed again.
+                self.inflight = previous
+                for seq, (computed, stored, pending, last) in zip(scheduled, saved):
+                    seq.num_computed, seq.stored, seq.pending, seq.last_pending = computed, stored, pending, last
+            raise
+        for seq in scheduled:  # (only once committed: a page registered is shared, never rewritten)
             self.scheduler.register_prefix(seq)
-            if seq.num_computed == seq.num_tokens:  # a whole prompt (or decode token) went through
-                rows.append(i)
-                seqs.append(seq)
-        launched = self._launch_sampling(logits, rows, seqs) if seqs else None
-        if self.inflight is not None:  # the previous step's tokens: the GPU is busy with this one meanwhile
-            changed += self._resolve(self.inflight)
-        self.inflight = launched
-        if not self.async_scheduling and launched is not None:
-            changed += self._resolve(launched)
+        launched = self.inflight
+        if not self.async_scheduling:
             self.inflight = None
-        return changed
+        try:
+            if previous is not None:  # the previous step's tokens: the GPU is busy with this one meanwhile
+                self._resolve(previous, changed)
+        finally:
+            if not self.async_scheduling and launched is not None:
+                self._resolve(launched, changed)
 
     def _launch_sampling(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> _Inflight:
         """Sample on the device and start copying the tokens to the host; the tokens stay pending."""
@@ -340,18 +376,55 @@ class LLM:
                 seq.last_pending = True  # that token ends it whatever its value: schedule it no more
         return _Inflight(seqs, Feed(tokens, {id(s): i for i, s in enumerate(seqs)}), host, event)
 
-    def _resolve(self, flight: _Inflight) -> list[RequestOutput]:
-        """Wait for a step's tokens on the host and book them (stop checks included)."""
-        if flight.event is not None:
-            flight.event.synchronize()
-        changed = []
-        for seq, token in zip(flight.seqs, flight.host.tolist()):
+    def _resolve(self, flight: _Inflight, changed: list[RequestOutput]) -> None:
+        """Wait for a step's tokens on the host and book them (stop checks included). Every token
+        of the flight is accounted for even when something raises: a request whose token cannot be
+        read or booked is finished with reason "error"; the first exception is raised at the end."""
+        try:
+            if flight.event is not None:
+                flight.event.synchronize()
+            tokens = flight.host.tolist()
+        except BaseException:  # the tokens are lost: their requests cannot go on
+            for seq in flight.seqs:
+                seq.pending -= 1
+                self._fail(seq)
+            raise
+        error = None
+        for seq, token in zip(flight.seqs, tokens):
             seq.pending -= 1
             if seq.finished or seq.finish_requested is not None or seq.cancel_requested:
                 continue  # stopped earlier (cancelled, or by an earlier token): this token is dropped
-            self._append(seq, token)
-            changed.append(seq.output())
-        return changed
+            try:
+                self._append(seq, token)
+                changed.append(seq.output())
+            except BaseException as e:  # (e.g. the tokenizer's decode): this request only
+                error = error if error is not None else e
+                self._fail(seq)
+        if error is not None:
+            raise error
+
+    def _fail(self, seq: Sequence) -> None:
+        """Finish a request a failure left in an unknown state (reason "error"; its pages freed); its
+        output goes with the step's."""
+        if seq.finished or seq.cancel_requested or seq.finish_requested is not None:
+            return  # finishing anyway
+        if seq.compressing:  # its pages are still being read and written on the side stream
+            seq.finish_requested = "error"
+            return
+        self.scheduler.finish(seq, "error")
+        self._undelivered.append(seq.output())
+
+    def _abort_compressions(self, failed, skipped) -> None:
+        """Compressions that raised (``failed`` groups: pages possibly compacted half-way, the sequences
+        are finished with reason "error") or never ran (``skipped``: planned again by a later step)."""
+        for groups, fail in ((failed, True), (skipped, False)):
+            for seqs, _, fresh in groups:
+                for seq in seqs:
+                    seq.compressing = False
+                    if fresh is not None and fresh[id(seq)] is not seq.pages:
+                        self.blocks.release(fresh[id(seq)])  # not handed to the sequence yet
+                    if fail:
+                        self._fail(seq)
 
     def _drop_finished(self, plan) -> None:
         """Take requests that finished while the plan was made out of it (their fresh pages back)."""
@@ -379,28 +452,51 @@ class LLM:
                 for (_, first, fresh), seqs in groups.items()]
 
     def _compress(self, plan) -> None:
-        for seqs, first, fresh in self._groups(plan):
-            self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
-            self._compressed(seqs, fresh)
+        groups = self._groups(plan)
+        plan.fresh_pages.clear()  # (now held by ``groups``)
+        for k, (seqs, first, fresh) in enumerate(groups):
+            try:
+                self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
+                self._compressed(seqs, fresh)
+            except BaseException:
+                self._abort_compressions(groups[k : k + 1], groups[k + 1 :])
+                raise
 
     def _start_compressions(self, plan) -> None:
         """Launch the plan's compressions on the side stream; their sequences sit out until they land."""
         groups = self._groups(plan)
+        plan.fresh_pages.clear()  # (now held by ``groups``)
         for seqs, _, _ in groups:
             for seq in seqs:
                 seq.compressing = True
         plan.decode = [s for s in plan.decode if not s.compressing]
-        event = None
-        if self.side_stream is not None:
-            self.side_stream.wait_stream(torch.cuda.current_stream())  # their last tokens are written
-            with torch.cuda.stream(self.side_stream):
+        event, launched = None, 0
+        try:
+            if self.side_stream is not None:
+                self.side_stream.wait_stream(torch.cuda.current_stream())  # their last tokens are written
+                with torch.cuda.stream(self.side_stream):
+                    for seqs, first, fresh in groups:
+                        self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
+                        launched += 1
+                    event = torch.cuda.Event()
+                    event.record(self.side_stream)
+            else:
                 for seqs, first, fresh in groups:
                     self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
-                event = torch.cuda.Event()
-                event.record(self.side_stream)
-        else:
-            for seqs, first, fresh in groups:
-                self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
+                    launched += 1
+        except BaseException:
+            self._abort_compressions(groups[launched : launched + 1], groups[launched + 1 :])
+            if self.side_stream is not None:
+                try:  # pages just freed are reused on the main stream only after the side stream's work
+                    torch.cuda.current_stream().wait_stream(self.side_stream)
+                    event = torch.cuda.Event()
+                    event.record(self.side_stream)
+                except BaseException:  # (a dead device): the launched ones cannot be trusted either
+                    self._abort_compressions(groups[:launched], [])
+                    launched = 0
+            if launched:  # the groups launched before the failure land as usual
+                self.pending.append((event, [(seqs, fresh) for seqs, _, fresh in groups[:launched]]))
+            raise
         self.pending.append((event, [(seqs, fresh) for seqs, _, fresh in groups]))
 
     def _collect_compressions(self, block: bool) -> list[RequestOutput]:
@@ -522,6 +618,7 @@ class LLM:
             for seq in seqs:
                 self._cancel(seq)
                 self._forget(seq)
+            self._drop_abandoned()
             raise
         finally:
             if bar is not None:
@@ -530,6 +627,27 @@ class LLM:
         for seq in seqs:
             self._forget(seq)
         return outs
+
+    def _drop_abandoned(self) -> None:
+        """After a failed ``generate()``: let go at once of what only its cancelled requests still hold
+        (a token flight of finished requests, compressions of cancelled ones, outputs of forgotten
+        ones) rather than at the next step. Skipped while another thread is stepping."""
+        if not self._step_lock.acquire(blocking=False):
+            return
+        try:
+            flight = self.inflight
+            if flight is not None and all(s.finished for s in flight.seqs):
+                self.inflight = None  # their tokens are dropped anyway: nothing to wait for
+                for seq in flight.seqs:
+                    seq.pending -= 1
+            if self.pending and all(s.cancel_requested for _, groups in self.pending
+                                    for seqs, _ in groups for s in seqs):
+                self._collect_compressions(block=True)
+            self._undelivered = [o for o in self._undelivered if o.request_id in self.requests]
+        except Exception:  # (a dead device): the next step deals with it; the original error goes up
+            pass
+        finally:
+            self._step_lock.release()
 
     def stream(self, request_id: str) -> Iterator[list[int]]:
         """New token ids of one request as they come, driving the engine (other requests advance too)."""

@@ -25,7 +25,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str | None
-    finish_reason: str | None  # "stop", "length", "cancelled" or None while running
+    finish_reason: str | None  # "stop", "length", "cancelled", "error" (a failed step) or None while running
     finished: bool
 
 

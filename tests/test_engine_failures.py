@@ -1,0 +1,215 @@
+"""A step that raises (the model, the sampler, a compression, an interrupt) must leave the engine
+consistent: the next steps produce the tokens an undisturbed run produces, or the requests whose
+state is lost finish with reason "error"; no page leaks and no request is lost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import zipage.compress
+import zipage.engine.llm as engine_llm
+import zipage.engine.runner as engine_runner
+from zipage import LLM, SamplingParams
+
+PARAMS = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+SETUPS = {
+    # full KV: chunked prefill, a shared prefix (prefix caching), a small pool (preemptions)
+    "full": dict(budget=None, page_size=4, num_pages=18, max_num_batched_tokens=12),
+    # compressions every few tokens, booked at once or (CPU stand-in for the side stream) one step later
+    "compress": dict(budget=8, page_size=4, buffer=4, window=2, num_pages=64, max_num_batched_tokens=16),
+    "async_compress": dict(budget=8, page_size=4, buffer=4, window=2, num_pages=64, max_num_batched_tokens=16,
+                           async_compression=True),
+}
+
+
+class Injected(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen3")
+
+
+def prompts_of(lengths, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+PROMPTS = prompts_of((9, 21, 5), seed=3, prefix=prompts_of((8,), seed=9)[0])
+
+
+def assert_pool_clean(llm):
+    stats = llm.stats()
+    assert stats["free_pages"] == stats["total_pages"], stats
+    assert stats["running"] == stats["waiting"] == 0
+    assert not llm.has_unfinished() and llm.inflight is None
+    llm.blocks.check([])
+
+
+class Faults:
+    """Raise ``exc`` from the model forward / the sampler on chosen attempts (``attempt`` is set by the
+    driver: one per ``step()`` call, failed ones included)."""
+
+    def __init__(self, llm, monkeypatch, forward=(), sample=(), exc=Injected):
+        self.attempt, self.forward, self.sample, self.exc, self.raised = 0, set(forward), set(sample), exc, []
+        model_call, sample_tensor = llm.runner._model_call, engine_llm.sample_tensor
+
+        def failing_model_call(*a, **kw):
+            out = model_call(*a, **kw)  # (the forward ran: its KV and query-ring writes are in the pools)
+            self._maybe("forward", self.forward)
+            return out
+
+        def failing_sample(*a, **kw):
+            self._maybe("sample", self.sample)
+            return sample_tensor(*a, **kw)
+
+        monkeypatch.setattr(llm.runner, "_model_call", failing_model_call)
+        monkeypatch.setattr(engine_llm, "sample_tensor", failing_sample)
+
+    def _maybe(self, where, attempts):
+        if self.attempt in attempts:
+            attempts.discard(self.attempt)
+            self.raised.append((where, self.attempt))
+            raise self.exc(f"injected failure in {where} at attempt {self.attempt}")
+
+
+def drive(llm, prompts, faults=None, params=PARAMS):
+    """Run ``prompts`` with ``step()`` until nothing is left; failed steps are retried. Returns the
+    outputs and the number of steps that succeeded; checks that ``step()`` reported each request
+    finished exactly once."""
+    ids = [llm.add_request(p, params) for p in prompts]
+    reported, steps = {}, 0
+    for attempt in range(400):
+        if not llm.has_unfinished():
+            break
+        if faults is not None:
+            faults.attempt = attempt
+        try:
+            outs = llm.step()
+        except Injected:
+            continue
+        steps += 1
+        for out in outs:
+            if out.finished:
+                assert out.request_id not in reported, f"{out.request_id} reported finished twice"
+                reported[out.request_id] = out
+    else:
+        pytest.fail("the engine never finished (a request is wedged)")
+    outs = [llm.output(i) for i in ids]
+    assert set(reported) == set(ids), "a request finished without step() reporting it"
+    assert [reported[i].token_ids for i in ids] == [o.token_ids for o in outs]
+    return outs, steps
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_failed_steps_are_rolled_back(model, monkeypatch, setup, async_scheduling):
+    """The forward or the sampler raising on many different steps (prefill chunks, decode steps,
+    steps that compress, preempt or readmit): retrying gives the undisturbed tokens."""
+    cfg = dict(SETUPS[setup], async_scheduling=async_scheduling)
+    ref = LLM(model, **cfg)
+    expected, expected_steps = drive(ref, PROMPTS)
+    assert all(o.finish_reason == "length" and len(o.token_ids) == PARAMS.max_tokens for o in expected)
+
+    llm = LLM(model, **cfg)
+    faults = Faults(llm, monkeypatch, forward=range(2, 60, 5), sample=range(1, 60, 3))
+    outs, steps = drive(llm, PROMPTS, faults)
+    assert len(faults.raised) >= 10, faults.raised
+    assert {w for w, _ in faults.raised} == {"forward", "sample"}
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    # no work beyond the undisturbed run's (a request left past its tokens would spin until preempted)
+    assert steps <= expected_steps
+    assert llm.stats()["preemptions"] == ref.stats()["preemptions"]
+    assert llm.generated_tokens == ref.generated_tokens
+    assert [o.finish_reason for o in outs] == ["length"] * len(PROMPTS)
+    if setup != "full":
+        assert llm.stats()["compressions"] > 0
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_failed_step_twice_in_a_row_and_on_every_attempt(model, monkeypatch, async_scheduling):
+    """Consecutive failures of the same step (the sampler, then the forward, then the sampler again)."""
+    cfg = dict(SETUPS["compress"], async_scheduling=async_scheduling)
+    expected, expected_steps = drive(LLM(model, **cfg), PROMPTS)
+    llm = LLM(model, **cfg)
+    faults = Faults(llm, monkeypatch, forward=[5, 6, 12], sample=[3, 4, 7, 8, 9, 10, 11, 13, 14])
+    outs, steps = drive(llm, PROMPTS, faults)
+    assert len(faults.raised) == 12
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert steps == expected_steps
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_failing_generate_leaves_nothing_behind_and_others_go_on(model, monkeypatch, async_scheduling):
+    """generate() raises the original exception (here an interrupt in the sampler), removes its own
+    requests and frees their pages; a request of another caller goes on with the undisturbed tokens,
+    and the engine serves later generate() calls."""
+    cfg = dict(SETUPS["full"], async_scheduling=async_scheduling, num_pages=64)  # (no preemption)
+    other_prompt, own = PROMPTS[0], PROMPTS[1:]
+    ref = LLM(model, **cfg)
+    expected_other = drive(ref, [other_prompt])[0][0]
+    expected_own = ref.generate(own, PARAMS, use_tqdm=False)
+
+    llm = LLM(model, **cfg)
+    other = llm.add_request(other_prompt, PARAMS)
+    llm.step()
+    llm.step()
+    faults = Faults(llm, monkeypatch, sample=[0], exc=KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt, match="injected failure in sample"):
+        llm.generate(own, PARAMS, use_tqdm=False)
+    assert faults.raised == [("sample", 0)]
+    assert list(llm.requests) == [other]
+    for _ in range(PARAMS.max_tokens + 1):
+        if llm.output(other).finished:
+            break
+        llm.step()
+    out = llm.output(other)
+    assert out.token_ids == expected_other.token_ids and out.finish_reason == "length"
+    assert [o.token_ids for o in llm.generate(own, PARAMS, use_tqdm=False)] == [o.token_ids for o in expected_own]
+    llm.cancel(other)
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("async_compression", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_compression_failing_half_way_finishes_its_requests_with_error(model, monkeypatch, shared, async_compression,
+                                                                      async_scheduling):
+    """A compression raising after it compacted some layers in place cannot be retried: its requests
+    finish with reason "error" (their tokens a prefix of the undisturbed ones, their pages freed) while
+    the others go on undisturbed; nothing stays wedged in a compression."""
+    cfg = dict(SETUPS["compress"], layer_stride=1, async_scheduling=async_scheduling,
+               async_compression=async_compression, enable_prefix_caching=shared)  # (else: compacted in place)
+    # different lengths: compressed at different steps; a shared prefix: compacted into fresh pages
+    prompts = PROMPTS if shared else prompts_of((6, 12, 30), seed=4)
+    expected, _ = drive(LLM(model, **cfg), prompts)
+
+    llm = LLM(model, **cfg)
+    calls, into_fresh = [], []
+    compress_layers = engine_runner.compress_layers
+
+    def failing_compress_layers(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # the second layer of the second compression (one layer at a time)
+            into_fresh.append(kw["dst_slots"] is not None)
+            raise Injected("injected failure in a compression")
+        return compress_layers(*a, **kw)
+
+    monkeypatch.setattr(engine_runner, "compress_layers", failing_compress_layers)
+    assert zipage.compress.compress_layers is not failing_compress_layers
+    outs, _ = drive(llm, prompts)
+    assert into_fresh == [shared]
+    failed = [i for i, o in enumerate(outs) if o.finish_reason == "error"]
+    assert 1 <= len(failed) < len(prompts), [o.finish_reason for o in outs]
+    for i, (out, exp) in enumerate(zip(outs, expected)):
+        if i in failed:
+            assert out.finished and out.token_ids == exp.token_ids[: len(out.token_ids)]
+            assert len(out.token_ids) < PARAMS.max_tokens
+        else:
+            assert out.token_ids == exp.token_ids and out.finish_reason == "length"
+    assert_pool_clean(llm)
