@@ -61,3 +61,29 @@ def test_async_scheduling_on_cuda_gives_the_same_tokens(budget):
     if budget is None:
         assert runs[True][0].token_ids == refs[0]
     assert runs[True][1].finish_reason == "stop" and runs[True][4].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("budget", [None, 16])
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_failed_steps_on_cuda_are_rolled_back(monkeypatch, budget, async_scheduling):
+    """CUDA graphs, the sampler on the device and (with a budget) compressions on the side stream:
+    the sampler and the eager forward failing on many steps; retrying gives the undisturbed tokens
+    and every page comes back."""
+    from test_engine_failures import Faults, assert_pool_clean, drive
+
+    model = tiny_model("qwen3", scale=1.0).cuda()
+    prompts = prompts_of((12, 30, 7, 50), seed=5)
+    extra = {"budget": None} if budget is None else {"budget": budget, "buffer": 4, "async_compression": True}
+    cfg = dict(page_size=4, num_pages=256, max_num_seqs=3, enforce_eager=False, async_scheduling=async_scheduling,
+               **extra)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected, _ = drive(LLM(model, **cfg), prompts, params=params)
+    llm = LLM(model, **cfg)
+    faults = Faults(llm, monkeypatch, forward=range(2, 80, 7), sample=range(1, 80, 4))
+    outs, _ = drive(llm, prompts, faults, params=params)
+    assert len(faults.raised) >= 10, faults.raised
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert llm.runner.graphs, "decode steps did not use CUDA graphs"
+    if budget is not None:
+        assert llm.stats()["compressions"] > 0 and llm.side_stream is not None
+    assert_pool_clean(llm)
