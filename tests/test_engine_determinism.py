@@ -15,7 +15,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
+from test_engine import assert_pool_clean
 
 from zipage import LLM, SamplingParams
 
@@ -44,18 +44,6 @@ def record_compressions(llm) -> list[tuple[str, int, int]]:
 
     llm.runner.compress = compress
     return points
-
-
-def assert_pool_clean(llm):
-    stats = llm.stats()
-    assert stats["free_pages"] == stats["total_pages"], stats
-    assert stats["running"] == stats["waiting"] == 0
-    llm.blocks.check([])
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
 
 
 # ------------------------------------------------------------------------------ 1. chunk boundary

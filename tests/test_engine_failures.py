@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from test_engine import assert_pool_clean as pool_clean
 
 import zipage.compress
 import zipage.engine.llm as engine_llm
@@ -42,11 +43,8 @@ PROMPTS = prompts_of((9, 21, 5), seed=3, prefix=prompts_of((8,), seed=9)[0])
 
 
 def assert_pool_clean(llm):
-    stats = llm.stats()
-    assert stats["free_pages"] == stats["total_pages"], stats
-    assert stats["running"] == stats["waiting"] == 0
+    pool_clean(llm)
     assert not llm.has_unfinished() and llm.inflight is None
-    llm.blocks.check([])
 
 
 class Faults:

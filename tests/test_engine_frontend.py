@@ -10,24 +10,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from test_engine import assert_pool_clean
 
 from zipage import LLM, SamplingParams
 from zipage.engine.sampling import sample_tensor
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-
-
-def assert_pool_clean(llm):
-    stats = llm.stats()
-    assert stats["free_pages"] == stats["total_pages"], stats
-    assert stats["running"] == stats["waiting"] == 0
-    llm.blocks.check([])
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_model("llama")
 
 
 # ------------------------------------------------------------------ a stop read while compressing

@@ -332,7 +332,7 @@ class ZipageCache(Cache):
             # which stop matching the stored tokens once a compression has run, and the paged kernel
             # only skips leading padding. From now on the dense path with the cache's own validity runs.
             self.padding_gap = True
-        if self.padding_gap and not layer.paged_step:
+        if self.padding_gap and self.num_compressions and not layer.paged_step:  # (before one, the model's mask is right)
             impl = getattr(self.model_config, "_attn_implementation", None)
             attention_mask = _mask_from_validity(
                 attention_mask, layer.valid[:, : layer.stored - q], q, impl, query.dtype
@@ -452,8 +452,9 @@ def _new_token_validity(mask, batch: int, q: int, device) -> torch.Tensor:
     """Which of the ``q`` new tokens are real (not padding), read off the mask the model built."""
     if mask is not None and _is_block_mask(mask):  # flex attention: ask its mask function
         q_len, kv_len = mask.seq_lengths
-        rows = torch.arange(batch, device=device) if mask.shape[0] == batch else torch.zeros(batch, dtype=torch.long, device=device)
-        rows = rows[:, None]
+        rows = torch.arange(batch, device=device)[:, None]
+        if mask.shape[0] != batch:  # one mask for every row
+            rows = torch.zeros_like(rows)
         cols = torch.arange(kv_len - q, kv_len, device=device)[None, :]
         valid = mask.mask_mod(rows, torch.zeros_like(rows), torch.full_like(rows, q_len - 1), cols)
         return torch.as_tensor(valid, device=device).to(torch.bool).expand(batch, q).clone()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import numbers
 import threading
@@ -28,7 +29,7 @@ from ..scoring import get_scorer
 from .runner import Feed, ModelRunner
 from .sampling import SamplingParams, sample_tensor
 from .scheduler import Scheduler
-from .sequence import RequestOutput, Sequence, Status
+from .sequence import RequestOutput, Sequence
 
 _ENGINE_FIELDS = {
     "enable_prefix_caching", "enforce_eager", "async_compression", "async_scheduling", "max_num_seqs", "max_num_batched_tokens",
@@ -471,19 +472,17 @@ class LLM:
                 seq.compressing = True
         plan.decode = [s for s in plan.decode if not s.compressing]
         event, launched = None, 0
+        side = self.side_stream
         try:
-            if self.side_stream is not None:
-                self.side_stream.wait_stream(torch.cuda.current_stream())  # their last tokens are written
-                with torch.cuda.stream(self.side_stream):
-                    for seqs, first, fresh in groups:
-                        self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
-                        launched += 1
-                    event = torch.cuda.Event()
-                    event.record(self.side_stream)
-            else:
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream())  # their last tokens are written
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 for seqs, first, fresh in groups:
                     self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
                     launched += 1
+                if side is not None:
+                    event = torch.cuda.Event()
+                    event.record(side)
         except BaseException:
             self._abort_compressions(groups[launched : launched + 1], groups[launched + 1 :])
             if self.side_stream is not None:
