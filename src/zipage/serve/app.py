@@ -24,6 +24,26 @@ from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
 
+class APIKey:
+    """Every ``/v1`` route needs ``Authorization: Bearer KEY`` when the server has a key (a plain ASGI
+    middleware: FastAPI's ``@app.middleware`` would hide client disconnects from the handlers)."""
+
+    def __init__(self, app, config: ServeConfig) -> None:
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope, receive, send) -> None:
+        key = self.config.api_key
+        if key and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                what = "Missing" if not given else "Incorrect"
+                response = error_response(401, f"{what} API key: send 'Authorization: Bearer <key>'",
+                                          code="invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     """An app serving ``engine`` (whose loop it starts and stops) as ``args.model_names``."""
     if engine.metrics is None:
@@ -44,16 +64,7 @@ def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     app.state.config = args
     install(app)
 
-    @app.middleware("http")
-    async def api_key(request: Request, call_next):
-        key = args.api_key
-        if key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                what = "Missing" if not given else "Incorrect"
-                return error_response(401, f"{what} API key: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    app.add_middleware(APIKey, config=args)
 
     @app.get("/health")
     async def health() -> Response:

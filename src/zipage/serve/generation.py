@@ -104,9 +104,10 @@ def close_all(streams: list[RequestStream]) -> None:
 
 async def merged(streams: list[RequestStream], raw: Request) -> AsyncIterator[tuple[int, list[Delta]]]:
     """``(prompt index, deltas)`` of several streams as they come. Every stream is cancelled when the
-    iteration ends early: the client went away (checked while no tokens come), the consumer stopped
-    or was cancelled."""
+    iteration ends early: the client went away (checked every ``DISCONNECT_POLL_S``), the consumer
+    stopped or was cancelled."""
     inbox: asyncio.Queue = asyncio.Queue()
+    gone = object()
 
     async def pump(i: int, stream: RequestStream) -> None:
         try:
@@ -116,16 +117,19 @@ async def merged(streams: list[RequestStream], raw: Request) -> AsyncIterator[tu
         except BaseException as e:  # (EngineDead, or cancelled below)
             inbox.put_nowait((i, e))
 
+    async def watch() -> None:
+        while not await raw.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        inbox.put_nowait((-1, gone))
+
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks.append(asyncio.create_task(watch()))
     left = len(streams)
     try:
         while left:
-            try:
-                i, item = await asyncio.wait_for(inbox.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await raw.is_disconnected():
-                    return
-                continue
+            i, item = await inbox.get()
+            if item is gone:
+                return
             if item is None:
                 left -= 1
             elif isinstance(item, BaseException):

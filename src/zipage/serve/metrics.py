@@ -72,6 +72,8 @@ class ServerMetrics:
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from arrival to the last token.",
                              buckets=REQUEST_BUCKETS, **labels)
         self.model_name = model_name
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.itl, self.e2e):
+            metric.labels(model_name)  # (exported as 0 before the first request)
 
     # called from the engine loop
     def request_added(self, prompt_tokens: int) -> None:
