@@ -91,10 +91,11 @@ async def _stream(req: ChatCompletionRequest, raw: Request, streams, choices: li
                     seen = len(c.logprobs)
                     text = c.add(d)
                     lp = chat_logprobs(c.since(seen), strings) if req.logprobs and d.token_ids else None
-                    if text or lp is not None or d.finish_reason is not None:
+                    ids = d.token_ids if req.return_token_ids else None
+                    if text or lp is not None or d.finish_reason is not None or ids:
                         out.append(ChatStreamChoice(index=d.index, delta=DeltaMessage(content=text or None),
                                                     logprobs=lp, finish_reason=d.finish_reason,
-                                                    token_ids=d.token_ids if req.return_token_ids else None))
+                                                    token_ids=ids))
                 if out:
                     yield chunk(out)
         if req.stream_options is not None and req.stream_options.include_usage:

@@ -92,10 +92,11 @@ async def _stream(req: CompletionRequest, raw: Request, streams, choices: dict, 
                     if req.logprobs is not None:
                         lp = completion_logprobs(c.since(seen), strings, offsets[i, d.index])
                         offsets[i, d.index] += sum(len(t) for t in lp.tokens)
-                    if text or d.finish_reason is not None or d.token_ids:
+                    ids = d.token_ids if req.return_token_ids else None
+                    if text or lp is not None or d.finish_reason is not None or ids:
                         out.append(CompletionChoice(index=i * n + d.index, text=text, logprobs=lp,
                                                     finish_reason=d.finish_reason,
-                                                    token_ids=d.token_ids if req.return_token_ids else None))
+                                                    token_ids=ids))
                 if out:
                     yield sse(CompletionChunk(id=cid, created=created, model=model, choices=out))
         if req.stream_options is not None and req.stream_options.include_usage:
