@@ -27,6 +27,7 @@ class RequestOutput:
     text: str | None
     finish_reason: str | None  # "stop", "length", "cancelled", "error" (a failed step) or None while running
     finished: bool
+    error: str | None = None  # why the engine ended it, when it did (finish_reason "error")
 
 
 @dataclass(eq=False)
@@ -58,6 +59,7 @@ class Sequence:
     cached_pages: int = 0  # leading pages whose hashes are registered (shared or shareable)
     generator: torch.Generator | None = None
     streamed: int = 0  # output tokens already handed to a stream
+    error: str | None = None  # why the scheduler ended it (finish_reason "error")
 
     @property
     def tokens(self) -> list[int]:
@@ -90,4 +92,5 @@ class Sequence:
             text=self.text,
             finish_reason=self.finish_reason,
             finished=self.finished,
+            error=self.error,
         )
