@@ -25,38 +25,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import capture
+from .attention_checks import check_model_config  # noqa: F401  (the engine imports it from here too)
 from .compress import LayerPages, compress_layers
 from .config import ZipageConfig
 from .kernels import gather_kv, paged_decode_attention, slot_indices, store_kv
 from .kernels._triton import use_triton
 from .memory.pool import PagePool
 from .scoring import get_scorer
-
-
-
-def check_model_config(config: Any) -> None:
-    """Raise a clear error for models whose attention ZipageCache cannot serve correctly."""
-    name = type(config).__name__
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"zipage supports decoder-only models; {name} is an encoder-decoder")
-    if getattr(config, "num_hidden_layers", None) is None or getattr(config, "num_attention_heads", None) is None:
-        raise ValueError(f"zipage needs num_hidden_layers and num_attention_heads in the model config ({name})")
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        other = sorted({t for t in layer_types if t != "full_attention"})
-        if other:
-            raise ValueError(
-                f"zipage does not support {name} yet: its layers include {other}; only full-attention layers "
-                "can be compressed (sliding-window, linear-attention and hybrid models are refused)"
-            )
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        raise ValueError(
-            f"zipage does not support sliding-window attention ({name}.sliding_window={config.sliding_window}); "
-            "set config.sliding_window=None if the model was trained with full attention"
-        )
-    for attr in ("kv_lora_rank", "num_kv_shared_layers"):
-        if getattr(config, attr, None):
-            raise ValueError(f"zipage does not support {name}: {attr}={getattr(config, attr)} (latent/shared KV)")
 
 
 class ZipageLayer(CacheLayerMixin):

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from .attention_checks import check_attention_call
+
 PREFIX = "zipage_capture:"
 
 _pending = threading.local()
@@ -58,6 +60,7 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
         cache, layer_idx, config, original = item
         _pending.item = None
         config._attn_implementation_internal = original
+        check_attention_call(module, kwargs, "ZipageCache")
         out, attention_mask = cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"), kwargs)
         if out is not None:
             return out, None

@@ -7,16 +7,20 @@ token's logical position. Its attention is registered with transformers'
 ``AttentionInterface`` under ``"zipage_engine"`` (and deliberately not with the
 mask interface, so no dense mask is built): for every layer it stores the new
 keys and values into the pages, keeps the last ``window`` queries of each
-sequence in its query slot, and attends through the paged kernels.
+sequence in its query slot, and attends through the paged kernels. It serves plain causal
+softmax attention only: a model whose config or modules ask for more is refused when the runner
+is built, an attention call that asks for more (or receives a mask or bias the engine did not
+build) when the step runs, and so is a forward in which a layer's attention bypassed it.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..attention_checks import check_attention_call, check_model
 from ..compress import LayerPages, compress_layers
 from ..config import ZipageConfig
 from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
@@ -55,13 +59,21 @@ class StepMeta:
     decode_lens: torch.Tensor | None  # [Bd] int32
     decode_table: torch.Tensor | None  # [Bd, P] int32
     max_decode_len: int
+    layers: set[int] = field(default_factory=set)  # the layers whose attention ran through the engine
 
 
 def engine_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """transformers attention function for packed engine steps (batch dim 1)."""
+    check_attention_call(module, kwargs, "the zipage engine")
+    if attention_mask is not None:
+        raise NotImplementedError(
+            f"the zipage engine serves plain causal softmax attention only; layer {module.layer_idx} "
+            f"({type(module).__name__}) received an attention mask or additive bias the engine did not build"
+        )
     meta: StepMeta = _context.meta
     r = meta.runner
     layer = module.layer_idx
+    meta.layers.add(layer)
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
@@ -104,6 +116,7 @@ class ModelRunner:
 
     def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
                  scorer: Scorer | None, num_slots: int, fuse_ops: bool = True) -> None:
+        check_model(model)
         register_attention()
         self.model = model
         self.config = model.config.get_text_config(decoder=True)
@@ -248,6 +261,13 @@ class ModelRunner:
         finally:
             cfg._attn_implementation_internal = original
             _context.meta = None
+        missing = sorted(set(range(cfg.num_hidden_layers)) - meta.layers)
+        if missing:  # its attention ran the model's own code: over the packed tokens, not the pages
+            raise NotImplementedError(
+                f"the attention of layers {missing[:8]}{' ...' if len(missing) > 8 else ''} of this "
+                f"{type(self.model).__name__} does not go through transformers' AttentionInterface, so the "
+                "zipage engine cannot serve it"
+            )
         return out.logits
 
     # ----------------------------------------------------------------------------- CUDA graphs
