@@ -114,9 +114,10 @@ class Episode:
         limit = max(1, min(self.llm.blocks.num_pages * page, self.max_model_len - 1))
         n = rng.randint(1, limit) if rng.random() < 0.2 else rng.randint(1, min(limit, 3 * page + 2))
         prompt = [rng.randrange(3, VOCAB) for _ in range(n)]
-        if rng.random() < 0.5:
-            prompt = (rng.choice(self.prefixes) + prompt)[: max(n, 1)] if rng.random() < 0.3 else \
-                rng.choice(self.prefixes) + prompt
+        if rng.random() < 0.5:  # a shared prefix (which some prompts end inside)
+            prompt = rng.choice(self.prefixes) + prompt
+            if rng.random() < 0.3:
+                prompt = prompt[:n]
         return prompt
 
     def random_params(self) -> SamplingParams:

@@ -103,3 +103,20 @@ def test_a_request_that_can_never_run_ends_with_an_error_instead_of_spinning():
     step = s.schedule()
     assert step.empty and a.finish_reason == "error" and "cannot hold" in a.output().error
     assert a.pages == [] and not s.running
+    assert s.ended == [a]
+
+
+@pytest.mark.xfail(strict=True, reason="needs fix in llm.py: LLM._step must report the requests in "
+                   "scheduler.ended (the scheduler ended them inside schedule()) with the step's outputs")
+def test_the_engine_reports_a_request_the_scheduler_ended(llama):
+    from zipage import LLM
+
+    llm = LLM(llama, num_pages=6, max_num_batched_tokens=4, async_scheduling=False, **{
+        "budget": 4, "buffer": 4, "page_size": 2, "window": 1})
+    rid = llm.add_request(list(range(20, 27)), SamplingParams(max_tokens=5, temperature=0))
+    llm.step()  # a first chunk of its prompt
+    llm.blocks.allocate(llm.blocks.num_free)  # (behind the scheduler's back)
+    outs = llm.step()
+    assert llm.output(rid).finish_reason == "error"
+    assert [(o.request_id, o.finish_reason) for o in outs] == [(rid, "error")]
+    assert "cannot hold" in outs[0].error

@@ -84,6 +84,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self.compressions = 0
+        self.ended: list[Sequence] = []  # requests the scheduler itself ended, for the engine to report
 
     # ----------------------------------------------------------------------------- bookkeeping
     def add(self, seq: Sequence) -> None:
@@ -241,6 +242,7 @@ class Scheduler:
                 victim.error = (f"the KV pool ({self.blocks.num_pages} pages of {self.page}) cannot hold the "
                                 "running requests; give the engine more pages or a smaller budget")
                 self.finish(victim, "error")
+                self.ended.append(victim)
             else:
                 self.preempt(victim)
             return self.schedule()
