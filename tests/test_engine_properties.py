@@ -148,8 +148,8 @@ class Episode:
             llm_mod.sample_tensor = previous
 
     def cancel(self) -> None:
-        live = [q for q in self.seqs if not q.finished]
-        if live:
+        live = [q for q in self.seqs if not q.finished and self.llm.requests.get(q.request_id) is q]
+        if live:  # (not those of an interrupted generate() still waiting for their compression to land)
             self.llm.cancel(self.rng.choice(live).request_id)
 
     def interrupted_generate(self) -> None:
@@ -249,6 +249,15 @@ class Episode:
         assert all(r == 0 for r in llm.blocks.refs)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: more threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def stub_model():
     return tiny_model("llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -267,7 +276,7 @@ def test_random_operations_keep_the_engine_consistent(monkeypatch, stub_model):
 
 def test_random_operations_with_the_real_runner(stub_model):
     """The same on a tiny model: its KV pages, query rings and compressions (fewer operations)."""
-    total, stats, reasons, _ = drive(stub_model, range(1000, 1008), 40, symbolic=False)
+    total, stats, reasons, _ = drive(stub_model, range(1000, 1012), 50, symbolic=False)
     assert stats["compressions"] > 0 and stats["preemptions"] > 0 and stats["prefix_cache_hits"] > 0, stats
     assert {"length", "cancelled"} <= reasons
 
