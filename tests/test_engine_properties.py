@@ -209,6 +209,7 @@ class Episode:
             assert q.finished != (id(q) in ids), f"request {q.request_id} lost or finished yet queued"
             if q.finished:
                 assert q.pages == [] and q.slot == -1 and not q.compressing and q.finish_reason in REASONS
+            assert q.error is None, q.error  # (the scheduler never ends a request for want of pages)
             assert len(q.output_ids) <= q.params.max_tokens
             ref = self.expected.get(id(q))
             if ref is not None:
@@ -282,13 +283,13 @@ def test_random_operations_with_the_real_runner(stub_model):
 
 
 def drive(model, seeds, ops: int, symbolic: bool):
-    total, stats = 0, {"preemptions": 0, "compressions": 0, "prefix_cache_hits": 0}
+    total, stats = 0, {"preemptions": 0, "compressions": 0, "prefix_cache_hits": 0, "waits": 0}
     reasons, injected = set(), {"forward": 0, "sample": 0, "compress": 0}
     for seed in seeds:
         ep = Episode(model, random.Random(seed), symbolic)
         total += ep.run(ops)
         for k in stats:
-            stats[k] += ep.llm.stats()[k]
+            stats[k] += ep.llm.stats()[k] if k != "waits" else ep.llm.scheduler.waits
         reasons |= {q.finish_reason for q in ep.seqs}
         for k in injected:
             injected[k] += ep.injected[k]

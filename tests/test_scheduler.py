@@ -73,7 +73,7 @@ def test_a_compressed_sequence_waits_for_a_compression_in_flight():
     assert s.blocks.num_free == 0
     pages = list(a.pages)
     step = s.schedule()
-    assert step.empty and not step.compress and a.pages == pages and s.preemptions == 0
+    assert step.empty and not step.compress and a.pages == pages and s.preemptions == 0 and s.waits == 1
     assert [q.request_id for q in s.running] == ["A", "B"] and len(s.waiting) == 1
     # B's compression lands (what the engine books then): 3 pages kept, 2 freed
     s.blocks.release(b.pages[3:])

@@ -84,6 +84,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self.compressions = 0
+        self.waits = 0  # times a compressed sequence sat out a step for want of pages
         self.ended: list[Sequence] = []  # requests the scheduler itself ended, for the engine to report
 
     # ----------------------------------------------------------------------------- bookkeeping
@@ -191,6 +192,7 @@ class Scheduler:
             if victim is None:
                 victim = max((s for s in decoding if need[id(s)]), key=lambda s: s.arrival)
                 deferred = True
+                self.waits += 1
             else:
                 self.preempt(victim)
             decoding = [s for s in decoding if s is not victim]
