@@ -29,8 +29,16 @@ class Injected(Exception):
     """A failure the tests inject into a step."""
 
 
-def next_token(stored: list[tuple[int, int]], vocab: int) -> int:
+def preferred(stored: list[tuple[int, int]], vocab: int) -> int:
+    """The token the stored pairs prefer; the logits rank the others after it: ``t+1``, ``t+2``, ..."""
     return hash(tuple(stored)) % vocab
+
+
+def next_token(stored: list[tuple[int, int]], vocab: int, banned=()) -> int:
+    t = preferred(stored, vocab)
+    while t in banned:
+        t = (t + 1) % vocab
+    return t
 
 
 def compact(stored: list, window: list, cfg: ZipageConfig) -> list:
@@ -49,7 +57,7 @@ def alone(prompt: list[int], params, cfg: ZipageConfig | None, vocab: int, max_m
         stored.append((len(seen), tok))
         seen.append((len(seen), tok))
     while True:
-        tok = next_token(stored, vocab)
+        tok = next_token(stored, vocab, params.stop_token_ids if len(out) < params.min_tokens else ())
         out.append(tok)
         n = len(out)
         if n >= params.min_tokens and tok in params.stop_token_ids:
@@ -96,7 +104,8 @@ class NoStream:
 
 
 class SymbolicRunner(ModelRunner):
-    """The runner's interface on a symbolic pool (set ``blocks``, ``vocab``, ``rng`` after building)."""
+    """The runner's interface on a symbolic pool (set ``blocks``, ``vocab``, ``rng`` after building).
+    Like the real runner it changes no sequence: the step loop books what a forward wrote."""
 
     def __init__(self, model, num_pages, page_size, zipage_config, scorer, num_slots, fuse_ops=True):
         self.page_size = page_size
@@ -144,16 +153,11 @@ class SymbolicRunner(ModelRunner):
                 self.kv[self.slot(seq, j)] = (t, tok)
                 if w and t >= start + n - w:
                     self.ring[seq.slot][t % w] = (t, tok)
-            rows.append(next_token(self.stored_pairs(seq, seq.stored + n), self.vocab))
+            rows.append(preferred(self.stored_pairs(seq, seq.stored + n), self.vocab))
         self.forwards += 1
         if self.rng.random() < self.fail_forward:  # (after the writes, as a model failing late would)
             raise Injected("injected failure in forward")
-        for seq, n in prefill + [(s, 1) for s in decode]:
-            seq.num_computed += n
-            seq.stored += n
-        logits = torch.zeros(len(rows), self.vocab)
-        logits[torch.arange(len(rows)), torch.tensor(rows, dtype=torch.long)] = 1.0
-        return logits
+        return -((torch.arange(self.vocab)[None] - torch.tensor(rows)[:, None]) % self.vocab).float()
 
     def compress(self, seqs, dst_pages, first):
         cfg = self.zipage_config

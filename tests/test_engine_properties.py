@@ -19,6 +19,7 @@ A smaller run does the same with the real runner on a tiny model.
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,9 +27,10 @@ from conftest import tiny_model
 from symbolic_engine import FakeEvent, Injected, NoStream, SymbolicRunner, alone
 from test_engine import assert_pool_clean
 
+import zipage.engine.core as core_mod
 import zipage.engine.llm as llm_mod
 from zipage import LLM, SamplingParams
-from zipage.memory import BlockManager, OutOfPagesError, page_hash
+from zipage.memory import BlockManager, OutOfPagesError
 
 VOCAB = 64
 REASONS = {"length", "stop", "cancelled", "error"}
@@ -90,23 +92,23 @@ class Episode:
 
     def _delay_compressions(self) -> None:
         """Compressions land when a FakeEvent says so, 0 to 3 steps after their launch."""
-        llm, runner = self.llm, self.llm.runner
-        start = llm._start_compressions
+        compressions, runner = self.llm.core.compressions, self.llm.runner
+        launch = compressions.launch
 
-        def delayed_start(plan):
-            runner.launched, before = [], len(llm.pending)
+        def delayed_launch(plan):
+            runner.launched, before = [], len(compressions.pending)
             try:
-                start(plan)
+                launch(plan)
             finally:
                 jobs, runner.launched = runner.launched, None
-                if len(llm.pending) > before:
-                    event, groups = llm.pending[-1]
+                if len(compressions.pending) > before:
+                    event, groups = compressions.pending[-1]
                     assert event is None
-                    llm.pending[-1] = (FakeEvent(jobs, self.rng.randint(0, 3)), groups)
+                    compressions.pending[-1] = (FakeEvent(jobs, self.rng.randint(0, 3)), groups)
                 else:
                     assert not jobs
 
-        llm._start_compressions = delayed_start
+        compressions.launch = delayed_launch
 
     # ------------------------------------------------------------------------- operations
     def random_prompt(self) -> list[int]:
@@ -134,18 +136,18 @@ class Episode:
             assert "KV pool has" in str(err) or "context" in str(err), err
 
     def step(self) -> None:
-        previous = llm_mod.sample_tensor
+        previous = core_mod.sample_tensor
         if self.rng.random() < self.fail:
             def sample(*a, **k):
                 raise Injected("injected failure in sample")
 
-            llm_mod.sample_tensor = sample
+            core_mod.sample_tensor = sample
         try:
             self.llm.step()
         except Injected as err:
             self.injected[str(err).split()[3]] += 1
         finally:
-            llm_mod.sample_tensor = previous
+            core_mod.sample_tensor = previous
 
     def cancel(self) -> None:
         live = [q for q in self.seqs if not q.finished and self.llm.requests.get(q.request_id) is q]
@@ -155,7 +157,7 @@ class Episode:
     def interrupted_generate(self) -> None:
         """generate() on new prompts, its sampler raising at a random call: its requests are cancelled."""
         calls, fail_at = [0], self.rng.randint(0, 12)
-        previous = llm_mod.sample_tensor
+        previous = core_mod.sample_tensor
 
         def sample(*a, **k):
             calls[0] += 1
@@ -163,7 +165,7 @@ class Episode:
                 raise Injected("injected failure in sample")
             return previous(*a, **k)
 
-        llm_mod.sample_tensor = sample
+        core_mod.sample_tensor = sample
         try:
             self.llm.generate([self.random_prompt() for _ in range(self.rng.randint(1, 2))], self.random_params(),
                               use_tqdm=False)
@@ -172,7 +174,7 @@ class Episode:
         except ValueError as err:
             assert "KV pool has" in str(err) or "context" in str(err), err
         finally:
-            llm_mod.sample_tensor = previous
+            core_mod.sample_tensor = previous
 
     def run(self, ops: int) -> int:
         rng, done = self.rng, 0
@@ -214,7 +216,8 @@ class Episode:
             ref = self.expected.get(id(q))
             if ref is not None:
                 assert q.output_ids == ref[: len(q.output_ids)], f"request {q.request_id}: tokens differ"
-        in_flight = [pages for _, groups in llm.pending for _, fresh in groups if fresh for pages in fresh.values()]
+        in_flight = [pages for _, groups in llm.core.compressions.pending for _, _, fresh in groups if fresh
+                     for pages in fresh.values()]
         llm.blocks.check([q.pages for q in queued] + in_flight)
         for q in s.waiting:
             assert q.pages == [] and q.num_computed == q.stored == 0 and q.slot == -1, "a waiting request holds pages"
@@ -242,10 +245,10 @@ class Episode:
                     assert q.output_ids == ref, f"request {q.request_id} ({q.finish_reason})"
                 else:
                     assert q.output_ids == ref[: len(q.output_ids)], f"request {q.request_id} ({q.finish_reason})"
-        if llm.inflight is not None:  # the token of a request cancelled after it was sampled: dropped
-            assert all(q.finished for q in llm.inflight.seqs)
+        if llm.core.inflight is not None:  # the token of a request cancelled after it was sampled: dropped
+            assert all(q.finished for q in llm.core.inflight.seqs)
             llm.step()
-        assert not llm.pending and llm.inflight is None
+        assert not llm.core.compressions and llm.core.inflight is None
         assert_pool_clean(llm)
         assert all(r == 0 for r in llm.blocks.refs)
 
@@ -314,12 +317,16 @@ def test_block_manager_invariants():
             elif op == "release" and owners:
                 blocks.release(owners.pop(x % len(owners)))
             elif op == "register" and owners and owners[x % len(owners)]:
-                blocks.register(owners[x % len(owners)][0], page_hash(None, [x]))
+                # the first page of an owner holds the prompt page [x] * 4 (plus one token to compute)
+                seq = SimpleNamespace(request_id="r", prompt_token_ids=[x] * 5, pages=owners[x % len(owners)][:1],
+                                      num_computed=4, stored=4, compressions=0, cached_pages=0)
+                blocks.register_prefix(seq)
             elif op == "hit":
-                page = blocks.cached(page_hash(None, [x]))
-                if page is not None:
-                    blocks.acquire(page)
-                    owners.append([page])
+                seq = SimpleNamespace(request_id="r", prompt_token_ids=[x] * 5, pages=[], num_computed=0, stored=0,
+                                      cached_pages=0)
+                blocks.match_prefix(seq)
+                if seq.pages:
+                    owners.append(seq.pages)
             blocks.check(owners)
         for pages in owners:
             blocks.release(pages)

@@ -29,7 +29,7 @@ def running(s: Scheduler, rid: str, prompt: list[int], outputs: int, stored: int
     seq.output_ids = [7] * outputs
     seq.num_computed, seq.stored, seq.compressions = seq.num_tokens - 1, stored, compressions
     for p in shared:
-        s.blocks.acquire(p)
+        s.blocks.pool.share(p)
     seq.pages = list(shared) + s.blocks.allocate(s.pages_for(stored) - len(shared))
     seq.cached_pages = len(shared)
     seq.status, seq.slot = Status.RUNNING, s.free_slots.pop()
@@ -50,7 +50,7 @@ def test_short_of_pages_a_compressed_sequence_is_never_preempted():
     s = scheduler(12)
     prompt = list(range(10, 19))
     d = running(s, "D", prompt, outputs=1, stored=9, arrival=0)
-    s.register_prefix(d)  # its 4 full prompt pages become shareable
+    s.blocks.register_prefix(d)  # its 4 full prompt pages become shareable
     b = running(s, "B", prompt, outputs=1, stored=9, arrival=1, shared=d.pages[:4])
     c = running(s, "C", [3, 4, 5], outputs=11, stored=8, arrival=2, compressions=1)
     assert s.blocks.num_free == 2 and s.max_concurrency == 3
@@ -106,8 +106,8 @@ def test_a_request_that_can_never_run_ends_with_an_error_instead_of_spinning():
     assert s.ended == [a]
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix in llm.py: LLM._step must report the requests in "
-                   "scheduler.ended (the scheduler ended them inside schedule()) with the step's outputs")
+@pytest.mark.xfail(strict=True, reason="needs fix in the step loop split from llm.py (EngineCore._step, core.py): "
+                   "report the requests in scheduler.ended (ended inside schedule()) with the step's outputs")
 def test_the_engine_reports_a_request_the_scheduler_ended(llama):
     from zipage import LLM
 
