@@ -140,7 +140,7 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
                preemptions=stats["preemptions"], compressions=stats["compressions"],
                async_compression=llm.async_compression, async_scheduling=llm.async_scheduling,
                zipage_config=None if llm.zipage_config is None else dataclasses.asdict(llm.zipage_config),
-               fused_ops=bool(llm.runner.fused_norms) or llm.runner.rope_module is not None)
+               fused_ops=bool(llm.runner.fusion.norms) or llm.runner.fusion.rope_module is not None)
     del llm
     gc.collect()
     torch.cuda.empty_cache()

@@ -21,10 +21,8 @@ from ..compress import LayerPages, compress_layers
 from ..config import ZipageConfig
 from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels._triton import use_triton
-from ..kernels.rmsnorm import fusable_rms_norms, fused_rms_norms
-from ..kernels.projections import merge_projections, merged_projections
-from ..kernels.rope import fusable_rope, fused_rope
 from ..scoring import Scorer
+from .fusion import ModelFusion
 from .sequence import Sequence
 
 ATTENTION_NAME = "zipage_engine"
@@ -133,12 +131,9 @@ class ModelRunner:
         self.scaling = [None] * L
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_table_width = 0
-        # the model's RMSNorms and RoPE as fused kernels, inside the engine's forwards (CUDA only)
-        fuse = fuse_ops and use_triton(self.k_pool)
-        self.fused_norms = fusable_rms_norms(model) if fuse else []
-        self.rope_module = fusable_rope(model) if fuse else None
-        # q/k/v and gate/up GEMMs merged (the weights become slices of one tensor), SiLU-gate fused
-        self.merged = merge_projections(model) if fuse else []
+        # the model's RMSNorms and RoPE as fused kernels inside the engine's forwards, its q/k/v and
+        # gate/up GEMMs merged (the weights become slices of one tensor), SiLU-gate fused (CUDA only)
+        self.fusion = ModelFusion.find(model) if fuse_ops and use_triton(self.k_pool) else ModelFusion()
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool) -> int:
@@ -241,8 +236,7 @@ class ModelRunner:
         _context.meta = meta
         cfg._attn_implementation_internal = ATTENTION_NAME
         try:
-            with torch.inference_mode(), fused_rms_norms(self.fused_norms), fused_rope(self.rope_module), \
-                    merged_projections(self.merged):
+            with torch.inference_mode(), self.fusion.applied():
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                  logits_to_keep=logits_to_keep)
         finally:
