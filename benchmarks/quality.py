@@ -991,8 +991,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             gen_rows = [parse_row(s) for s in split_rows(args.gen_scorers)]
         for label, fields in rows + gen_rows:
-            zipage.ZipageConfig.from_dict({"page_size": args.page_size, "buffer": args.buffer, "window": args.window,
-                                           **fields, "budget": 4096})
+            zcfg = zipage.ZipageConfig.from_dict({"page_size": args.page_size, "buffer": args.buffer,
+                                                  "window": args.window, **fields, "budget": 4096})
+            zipage.get_scorer(zcfg.scorer, zcfg)  # an unknown scorer name is refused here, not after the model loads
         budgets = [parse_fraction(b) for b in args.budgets.split(",") if b.strip()]
         try:
             gen_budgets = [int(b) for b in args.gen_budgets.split(",") if b.strip()]

@@ -192,8 +192,8 @@ def test_get_scorer_unknown_name_lists_known_ones():
     assert "nope" in msg
     for name in list_scorers():
         assert name in msg
-    with pytest.raises(ValueError):
-        ZipageConfig(scorer="nope")
+    with pytest.raises(ValueError, match="nope"):  # a config holding the name is refused where it is resolved
+        get_scorer(ZipageConfig(scorer="nope").scorer)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import capture
-from .compress import LayerPages, compress_layers
+from .compress import LayerPages, compress_layers, layer_batches
 from .config import ZipageConfig
 from .kernels import gather_kv, paged_decode_attention, slot_indices, store_kv
 from .kernels._triton import use_triton
@@ -231,9 +231,7 @@ class ZipageCache(Cache):
     # ------------------------------------------------------------------ the update path
     def _stored_after_compression(self, stored: int, q: int) -> int:
         cfg = self.zipage_config
-        if stored > cfg.budget and stored + q > cfg.capacity:
-            return cfg.budget
-        return stored
+        return cfg.budget if cfg.compresses(stored, q) else stored
 
     def _begin_step(self, batch: int, q: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Before the first layer stores a step: compress every layer if due, free the pages no
@@ -368,20 +366,10 @@ class ZipageCache(Cache):
                     "through transformers' AttentionInterface"
                 )
         slots = slot_indices(self.page_table, 0, stored, cfg.page_size)
-        L = len(self.layers)
-        stride = cfg.layer_stride
-        if stride is None:  # as many layers as the scratch budget allows (their gathered keys dominate)
-            per_layer = self.batch_size_ * stored * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
-            stride = max(1, min(L, cfg.compress_scratch_bytes // max(per_layer, 1)))
-        for l0 in range(0, L, stride):
-            group = self.layers[l0 : l0 + stride]
-            scales = {lyr.scaling for lyr in group}
-            scaling = scales.pop() if len(scales) == 1 and None not in scales else None
-            if scaling is None:  # layers with their own scales (or none captured): one at a time
-                for lyr in group:
-                    self._compress_group([lyr], slots, lyr.scaling or self.k_pool.shape[-1] ** -0.5)
-            else:
-                self._compress_group(group, slots, scaling)
+        per_layer = self.batch_size_ * stored * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+        scales = [lyr.scaling for lyr in self.layers]
+        for start, stop, scaling in layer_batches(cfg, scales, self.k_pool.shape[-1], per_layer):
+            self._compress_group(self.layers[start:stop], slots, scaling)
         for layer in self.layers:
             layer.stored = cfg.budget
         self.num_compressions += 1

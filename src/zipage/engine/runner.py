@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compress import LayerPages, compress_layers
+from ..compress import LayerPages, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels._triton import use_triton
@@ -343,17 +343,12 @@ class ModelRunner:
         L = self.k_pool.shape[0]
         mask = torch.ones(L, len(seqs), S, dtype=torch.bool, device=self.device)
         queries = self.window_queries(seqs) if self.scorer.needs_queries else None
-        stride = cfg.layer_stride
-        if stride is None:  # as many layers as the scratch budget allows (their gathered keys dominate)
-            per_layer = len(seqs) * S * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
-            stride = max(1, min(L, cfg.compress_scratch_bytes // max(per_layer, 1)))
-        if len(set(self.scaling)) > 1:
-            stride = 1  # layers with their own softmax scales are scored one at a time
-        for g in (range(i, min(i + stride, L)) for i in range(0, L, stride)):
-            sl = slice(g.start, g.stop)
+        per_layer = len(seqs) * S * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+        for start, stop, scaling in layer_batches(cfg, self.scaling, self.k_pool.shape[-1], per_layer):
+            sl = slice(start, stop)
             compress_layers(
                 LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None),
                 slots, mask[sl], queries[sl] if queries is not None else None, self.scorer, k=cfg.budget,
-                window=cfg.window, sinks=cfg.sinks, scaling=self.scaling[g.start] or 1.0, page_size=cfg.page_size,
-                first=first, dst_slots=dst,
+                window=cfg.window, sinks=cfg.sinks, scaling=scaling, page_size=cfg.page_size, first=first,
+                layer_idx=start if stop - start == 1 else -1, dst_slots=dst,
             )
