@@ -68,6 +68,9 @@ PAPER_SCORER: dict[str, Any] = dict(
 )
 
 
+_DEFAULT_WINDOW = 16
+
+
 @dataclass
 class ZipageConfig:
     """Configuration of a compressed paged KV cache.
@@ -117,7 +120,7 @@ class ZipageConfig:
     budget: int = 2048
     page_size: int = 256
     buffer: int | None = None
-    window: int = 16
+    window: int = _DEFAULT_WINDOW
     scorer: Any = "zipage"
     sinks: int = 0
     use_global: bool = False
@@ -154,7 +157,11 @@ class ZipageConfig:
         _check_int("window", self.window, low=1)
         _check_int("sinks", self.sinks, low=0)
         if self.window > self.budget:
-            _fail("window", self.window, f"the observation window must fit in the budget ({self.budget} tokens)")
+            if self.window == _DEFAULT_WINDOW:  # a window left at its default: the budget is what was set too small
+                _fail("budget", self.budget, f"it is smaller than the observation window (window={self.window}): "
+                      f"give a budget >= {self.window} or a smaller window")
+            _fail("window", self.window, f"the observation window must fit in the budget (budget={self.budget}): "
+                  f"give a window <= {self.budget} or a larger budget")
         if self.sinks + self.window > self.budget:
             _fail("sinks", self.sinks, f"sinks + window ({self.sinks} + {self.window}) must fit in budget={self.budget}")
         if not isinstance(self.use_global, bool):
