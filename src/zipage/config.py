@@ -60,7 +60,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         _fail(name, value, f"expected one of {choices}")
 
 
-# The Zipage paper's scorer settings (ALGORITHM.md), kept reachable as ``ZipageConfig.paper()``.
+# The Zipage paper's scorer settings (docs/method.md), kept reachable as ``ZipageConfig.paper()``.
 PAPER_SCORER: dict[str, Any] = dict(
     window=16, use_global=True, global_decay=0.8, redundancy="lightning", redundancy_lambda=0.2,
     redundancy_tau=0.4, similarity_threshold=0.5, pooling="max", pooling_kernel=5, pooling_scope="first",
