@@ -383,7 +383,7 @@ def prefill(model, ids: torch.Tensor, zcfg, n: int):
 def run_chunked(model, ids, zcfg, tracker: Tracker, cache) -> dict[str, Any]:
     """Decode-time compression, ``buffer`` tokens per forward, from a cache holding ``budget + buffer`` tokens."""
     N = ids.shape[1]
-    first = zcfg.budget + zcfg.buffer
+    first = zcfg.capacity
     if cache.get_seq_length() != first:
         raise RuntimeError(f"expected a cache prefilled with {first} tokens, got {cache.get_seq_length()}")
     pos, peak = first, 0
@@ -403,9 +403,9 @@ def run_stepwise(model, ids, zcfg, tracker: Tracker, prefix: int) -> dict[str, A
 
     N = ids.shape[1]
     cache = zipage.ZipageCache(config=model.config, zipage_config=zcfg)
-    prefix = min(prefix, zcfg.budget + zcfg.buffer)
+    prefix = min(prefix, zcfg.capacity)
     model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    first = zcfg.budget + zcfg.buffer
+    first = zcfg.capacity
     peak = 0
     for t in range(prefix, N - 1):
         out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
@@ -480,7 +480,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
             prefilled: dict[int, Any] = {}
             for label, fields in rows:
                 zcfg = zipage.ZipageConfig(**{**base, **fields, "budget": B})
-                first = zcfg.budget + zcfg.buffer
+                first = zcfg.capacity
                 if first >= N - 1:
                     raise SystemExit(f"budget {B} + buffer {zcfg.buffer} leaves no position to score in {N} tokens")
                 check = gi == 0 and f == verify_budget and (verify_all or label in verify)
@@ -541,7 +541,7 @@ def verify_against_steps(model, ids, ref_all: Reference, zcfg, batched: Tracker,
     cloned-prefill run isolates batching and the prefill clone (float rounding of a batch of 1 vs of
     several rows may resolve a near-tie of the eviction ranking differently)."""
     ref = Reference(ref_all.logp[:1], ref_all.top[:1], ref_all.nll[:1])
-    N, first = ids.shape[1], zcfg.budget + zcfg.buffer
+    N, first = ids.shape[1], zcfg.capacity
     step = Tracker(ids, ref, keep_row0=True)
     t0 = time.perf_counter()
     meta = run_stepwise(model, ids, zcfg, step, args.prefix)

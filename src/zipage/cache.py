@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import capture
-from .compress import LayerPages, compress_layers, layer_batches
+from .compress import LayerPages, attention_scale, compress_layers, layer_batches
 from .config import ZipageConfig
 from .kernels import gather_kv, paged_decode_attention, slot_indices, store_kv
 from .kernels._triton import use_triton
@@ -342,7 +342,7 @@ class ZipageCache(Cache):
         if not layer.paged_step:
             return None, attention_mask
         B, H, _, D = query.shape
-        scale = layer.scaling if layer.scaling is not None else D**-0.5
+        scale = attention_scale(layer.scaling, D)
         lens = torch.full((B,), layer.stored, dtype=torch.int32, device=query.device)
         starts = (~layer.valid).sum(dim=1, dtype=torch.int32)
         out = paged_decode_attention(

@@ -154,6 +154,12 @@ def compress_layer(
     return keep[0]
 
 
+def attention_scale(scaling: float | None, head_dim: int) -> float:
+    """The softmax scale of an attention call: the ``scaling`` its module passed, or ``head_dim ** -0.5``
+    when it passed none (what transformers' attention functions then use)."""
+    return head_dim**-0.5 if scaling is None else float(scaling)
+
+
 def layer_batches(cfg: ZipageConfig, scales: Sequence[float | None], head_dim: int,
                   bytes_per_layer: int) -> list[tuple[int, int, float]]:
     """How the layers of a compression are batched: ``(start, stop, scale)`` for each run of
@@ -163,15 +169,15 @@ def layer_batches(cfg: ZipageConfig, scales: Sequence[float | None], head_dim: i
     A batch holds at most ``cfg.layer_stride`` layers; with ``layer_stride`` None, as many as
     ``cfg.compress_scratch_bytes`` of gathered keys allow (``bytes_per_layer`` each; at least one).
     ``scales[l]`` is the scale layer ``l``'s attention used at its last forward (the ``scaling`` its
-    module passed); a layer whose attention was not seen takes ``head_dim ** -0.5``, the scale
-    transformers' attention functions use when a module passes none. A batch takes one scale, so
-    it ends where the scale changes: layers with their own scales are scored apart.
+    module passed); a layer whose attention was not seen takes ``head_dim ** -0.5``
+    (``attention_scale``). A batch takes one scale, so it ends where the scale changes: layers with
+    their own scales are scored apart.
     """
     L = len(scales)
     stride = cfg.layer_stride
     if stride is None:  # as many layers as the scratch budget allows (their gathered keys dominate)
         stride = max(1, min(L, cfg.compress_scratch_bytes // max(bytes_per_layer, 1)))
-    scale = [head_dim**-0.5 if s is None else float(s) for s in scales]
+    scale = [attention_scale(s, head_dim) for s in scales]
     batches, start = [], 0
     for stop in range(1, L + 1):
         if stop == L or stop - start == stride or scale[stop] != scale[start]:

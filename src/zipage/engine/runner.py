@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compress import LayerPages, compress_layers, layer_batches
+from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels._triton import use_triton
@@ -69,7 +69,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         r.state_pool[layer].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
     if r.q_cache is not None:  # (index_fill_/index_copy_: no host values, so CUDA-graph capture works)
         r.q_cache[layer].view(-1, *q.shape[1:]).index_copy_(0, meta.ring_index, q.to(r.q_cache.dtype))
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scale = attention_scale(scaling, q.shape[-1])
     r.scaling[layer] = float(scale)
     out = torch.empty_like(q)
     n_p = meta.num_prefill_tokens
