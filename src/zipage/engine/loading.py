@@ -27,7 +27,7 @@ def looks_like_path(name: str | os.PathLike) -> bool:
     return not _REPO_ID.match(text) or ".." in text or "--" in text
 
 
-def load_model(name: str | os.PathLike, dtype: Any = None, device: Any = None, tokenizer: Any = None):
+def load_model(name: str | os.PathLike, tokenizer: Any = None, *, dtype: Any = None, device: Any = None):
     """``(model, tokenizer)`` for a Hub repo id or a local folder; the tokenizer is loaded unless given.
 
     Raises FileNotFoundError naming the path when ``name`` is a path (see ``looks_like_path``) and
