@@ -152,7 +152,8 @@ class LLM:
         available = total * utilization - used_elsewhere - 512 * 2**20  # activations headroom
         page_bytes = ModelRunner.bytes_per_page(config, page_size, self.model.dtype, stateful)
         if self.zipage_config is not None:
-            available -= ModelRunner.bytes_per_slot(config, self.zipage_config.window, self.model.dtype) * max_num_seqs
+            available -= ModelRunner.bytes_per_slot(config, self.zipage_config.window, self.model.dtype,
+                                                    self.zipage_config.budget) * max_num_seqs
         if available < page_bytes:
             raise RuntimeError(f"no GPU memory left for the KV pool (gpu_memory_utilization={utilization})")
         return int(available // page_bytes)
@@ -714,6 +715,13 @@ class LLM:
             "prefix_cache_hits": self.blocks.hits,
             "generated_tokens": self.generated_tokens,
         }
+
+    def kept_positions(self, request_id: str, layer_idx: int) -> torch.Tensor:
+        """Which logical positions (prompt tokens first, then outputs) request ``request_id`` keeps in layer
+        ``layer_idx``: ``[kv_heads, stored]`` int64 on the engine's device, per KV head in slot order.
+        Available between steps while the request waits or runs (before a compression lands, slot ``j``
+        holds position ``j``); a finished request, or one whose compression is in flight, raises ValueError."""
+        return self.runner.kept_positions(self._get(request_id), layer_idx)
 
 
 def _is_array(x: Any) -> bool:

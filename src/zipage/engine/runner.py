@@ -25,6 +25,7 @@ from ..kernels.rmsnorm import fusable_rms_norms, fused_rms_norms
 from ..kernels.projections import merge_projections, merged_projections
 from ..kernels.rope import fusable_rope, fused_rope
 from ..scoring import Scorer
+from .positions import KeptPositions, kept_positions
 from .sequence import Sequence
 
 ATTENTION_NAME = "zipage_engine"
@@ -123,12 +124,14 @@ class ModelRunner:
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.state_pool = None
         self.q_cache = None
+        self.kept: KeptPositions | None = None
         if zipage_config is not None:
             if scorer is not None and scorer.stateful:
                 self.state_pool = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
             w = zipage_config.window
             # one ring of `window` queries per slot, plus a scratch slot for tokens outside any window
             self.q_cache = torch.zeros(L, num_slots + 1, w, Hq, D, dtype=self.dtype, device=self.device)
+            self.kept = KeptPositions(L, num_slots, Hkv, zipage_config.budget, self.device)
         self.num_slots = num_slots
         self.scaling = [None] * L
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -151,11 +154,17 @@ class ModelRunner:
         return per_token * page_size
 
     @staticmethod
-    def bytes_per_slot(config, window: int, dtype: torch.dtype) -> int:
+    def bytes_per_slot(config, window: int, dtype: torch.dtype, budget: int = 0) -> int:
+        """A query slot's share: its ring of ``window`` queries and its kept-position map of ``budget``."""
         cfg = config.get_text_config(decoder=True)
         Hq = cfg.num_attention_heads
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-        return cfg.num_hidden_layers * window * Hq * D * torch.empty((), dtype=dtype).element_size()
+        ring = cfg.num_hidden_layers * window * Hq * D * torch.empty((), dtype=dtype).element_size()
+        return ring + KeptPositions.bytes_per_slot(config, budget)
+
+    def kept_positions(self, seq: Sequence, layer_idx: int) -> torch.Tensor:
+        """``[H_kv, stored]`` logical positions that ``seq`` keeps in layer ``layer_idx`` (see ``LLM``)."""
+        return kept_positions(seq, layer_idx, self.k_pool.shape[0], self.k_pool.shape[3], self.kept, self.device)
 
     # ----------------------------------------------------------------------------- forward
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
@@ -357,9 +366,10 @@ class ModelRunner:
             stride = 1  # layers with their own softmax scales are scored one at a time
         for g in (range(i, min(i + stride, L)) for i in range(0, L, stride)):
             sl = slice(g.start, g.stop)
-            compress_layers(
+            keep = compress_layers(
                 LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None),
                 slots, mask[sl], queries[sl] if queries is not None else None, self.scorer, k=cfg.budget,
                 window=cfg.window, sinks=cfg.sinks, scaling=self.scaling[g.start] or 1.0, page_size=cfg.page_size,
                 first=first, dst_slots=dst,
             )
+            self.kept.compressed(seqs, sl, keep, first)
