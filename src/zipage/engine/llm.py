@@ -719,8 +719,8 @@ class LLM:
     def kept_positions(self, request_id: str, layer_idx: int) -> torch.Tensor:
         """Which logical positions (prompt tokens first, then outputs) request ``request_id`` keeps in layer
         ``layer_idx``: ``[kv_heads, stored]`` int64 on the engine's device, per KV head in slot order.
-        Available between steps while the request waits or runs (before a compression lands, slot ``j``
-        holds position ``j``); a finished request, or one whose compression is in flight, raises ValueError."""
+        Available between steps while the request waits or runs; a finished request (its pages are gone),
+        or one whose asynchronous compression is in flight, raises ValueError."""
         return self.runner.kept_positions(self._get(request_id), layer_idx)
 
 

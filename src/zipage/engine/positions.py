@@ -27,19 +27,21 @@ class KeptPositions:
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         return cfg.num_hidden_layers * heads * budget * 4
 
-    def compressed(self, seqs: list[Sequence], layers: slice, keep: torch.Tensor, first: bool) -> None:
-        """Follow a compression of ``seqs`` (same stored length) in ``layers``: ``keep`` is its
-        ``[L_g, n, H, budget]`` kept indices into the stored slots."""
-        dev = keep.device
+    def compressed(self, seqs: list[Sequence], keeps: list[tuple[slice, torch.Tensor]], first: bool) -> None:
+        """Follow a compression of ``seqs`` (same stored length): ``keeps`` holds, per group of layers,
+        its ``[L_g, n, H, budget]`` kept indices into the stored slots."""
+        dev = keeps[0][1].device
         stored = seqs[0].stored
-        Lg, n, H, _ = keep.shape
-        base = torch.tensor([s.num_computed - stored for s in seqs], device=dev)
+        slot_base = torch.tensor([[s.slot, s.num_computed - stored] for s in seqs], device=dev)
+        slots, base = slot_base[:, 0], slot_base[:, 1]
         start = 0 if first else self.budget
-        tail = (base[:, None] + torch.arange(start, stored, device=dev))[None, :, None, :].expand(Lg, n, H, -1)
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        view = self.map[layers]
-        before = tail if first else torch.cat([view.index_select(1, slots).long(), tail], dim=3)
-        view.index_copy_(1, slots, before.gather(3, keep).to(view.dtype))
+        positions = base[:, None] + torch.arange(start, stored, device=dev)  # [n, stored - start]
+        for layers, keep in keeps:
+            Lg, n, H, _ = keep.shape
+            view = self.map[layers]
+            tail = positions[None, :, None, :].expand(Lg, n, H, -1)
+            before = tail if first else torch.cat([view.index_select(1, slots).long(), tail], dim=3)
+            view.index_copy_(1, slots, before.gather(3, keep).to(view.dtype))
 
 
 def kept_positions(seq: Sequence, layer_idx: int, num_layers: int, heads: int, kept: KeptPositions | None,

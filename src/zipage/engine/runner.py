@@ -7,7 +7,8 @@ token's logical position. Its attention is registered with transformers'
 ``AttentionInterface`` under ``"zipage_engine"`` (and deliberately not with the
 mask interface, so no dense mask is built): for every layer it stores the new
 keys and values into the pages, keeps the last ``window`` queries of each
-sequence in its query slot, and attends through the paged kernels.
+sequence in its query slot, and attends through the paged kernels. Compressions also
+update each query slot's map of kept positions (``positions.py``).
 """
 
 from __future__ import annotations
@@ -364,12 +365,13 @@ class ModelRunner:
             stride = max(1, min(L, cfg.compress_scratch_bytes // max(per_layer, 1)))
         if len(set(self.scaling)) > 1:
             stride = 1  # layers with their own softmax scales are scored one at a time
+        keeps = []
         for g in (range(i, min(i + stride, L)) for i in range(0, L, stride)):
             sl = slice(g.start, g.stop)
-            keep = compress_layers(
+            keeps.append((sl, compress_layers(
                 LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None),
                 slots, mask[sl], queries[sl] if queries is not None else None, self.scorer, k=cfg.budget,
                 window=cfg.window, sinks=cfg.sinks, scaling=self.scaling[g.start] or 1.0, page_size=cfg.page_size,
                 first=first, dst_slots=dst,
-            )
-            self.kept.compressed(seqs, sl, keep, first)
+            )))
+        self.kept.compressed(seqs, keeps, first)
