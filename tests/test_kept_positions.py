@@ -95,25 +95,38 @@ def test_cache_kept_positions_follow_reordered_rows_and_reset():
 
 
 # ------------------------------------------------------------------------------ the engine
-def record_engine(llm: LLM) -> list[tuple[str, int, torch.Tensor, list[torch.Tensor]]]:
-    """(request id, tokens computed, logits, kept positions per layer) of every sampled row of every step,
-    read right after its forward (test-only wrappers around the runner's forwards)."""
-    records, runner = [], llm.runner
-    layers = llm.model.config.num_hidden_layers
+class EngineRecorder:
+    """Steps an engine and records, for every sampled row of every forward, (request id, tokens computed,
+    logits, kept positions per layer). The logits come from test-only wrappers around the runner's
+    forwards; the kept positions are read once ``step()`` has booked the forward (its compressions ran
+    before it), or are None when the request finished within that step."""
 
-    def book(seqs, logits):
+    def __init__(self, llm: LLM) -> None:
+        self.llm, self.records, self.fresh = llm, [], []
+        runner = llm.runner
+        forward, decode_with_graph = runner.forward, runner.decode_with_graph
+        runner.forward = lambda prefill, decode, feed=None: self._stash(
+            list(prefill) + [(s, 1) for s in decode], forward(prefill, decode, feed))
+        runner.decode_with_graph = lambda decode, feed=None: self._stash(
+            [(s, 1) for s in decode], decode_with_graph(decode, feed))
+
+    def _stash(self, scheduled, logits):
         if logits is not None:
-            for seq, row in zip(seqs, logits):
-                if seq.num_computed == seq.num_tokens:  # a whole prompt or decode token: sampled
-                    kept = [llm.kept_positions(seq.request_id, layer).cpu() for layer in range(layers)]
-                    records.append((seq.request_id, seq.num_computed, row.float().cpu(), kept))
+            for (seq, n), row in zip(scheduled, logits):
+                if seq.num_computed + n == seq.num_tokens:  # a whole prompt or decode token: sampled
+                    self.fresh.append((seq, seq.num_computed + n, row.float().cpu()))
         return logits
 
-    forward, decode_with_graph = runner.forward, runner.decode_with_graph
-    runner.forward = lambda prefill, decode, feed=None: book(
-        [s for s, _ in prefill] + list(decode), forward(prefill, decode, feed))
-    runner.decode_with_graph = lambda decode, feed=None: book(list(decode), decode_with_graph(decode, feed))
-    return records
+    def step(self) -> None:
+        self.llm.step()
+        layers = self.llm.model.config.num_hidden_layers
+        for seq, n, row in self.fresh:
+            kept = None
+            if not seq.finished:
+                assert seq.num_computed == n
+                kept = [self.llm.kept_positions(seq.request_id, layer).cpu() for layer in range(layers)]
+            self.records.append((seq.request_id, n, row, kept))
+        self.fresh = []
 
 
 def shared_prefix_prompts(page: int, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -125,7 +138,7 @@ def shared_prefix_prompts(page: int, seed: int = 0) -> tuple[list[int], list[int
 
 def check_engine(model, cfg, new, atol, rtol, **engine):
     llm = LLM(model, enable_prefix_caching=True, **cfg, **engine)
-    records = record_engine(llm)
+    recorder = EngineRecorder(llm)
     into_fresh, compress = [], llm.runner.compress
 
     def record_destination(seqs, dst, first):
@@ -136,28 +149,32 @@ def check_engine(model, cfg, new, atol, rtol, **engine):
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     a, b = shared_prefix_prompts(cfg["page_size"])
     ids = [llm.add_request(a, params)]
-    llm.step()  # a's prompt pages are registered: b finds them
+    recorder.step()  # a's prompt pages are registered: b finds them
     ids.append(llm.add_request(b, params))
     while llm.has_unfinished():
-        llm.step()
+        recorder.step()
     assert llm.stats()["prefix_cache_hits"] >= 4 and any(into_fresh)  # shared pages compacted into fresh ones
     for rid, prompt in zip(ids, (a, b)):
         seq = llm.requests[rid]
         assert seq.compressions >= 4 and len(seq.output_ids) == new
         tokens = prompt + seq.output_ids
-        mine = [r for r in records if r[0] == rid]
+        mine = [r for r in recorder.records if r[0] == rid]
         assert [n for _, n, _, _ in mine] == list(range(len(prompt), len(tokens)))
         logits = torch.stack([row for _, _, row, _ in mine])
         # greedy: each sampled token is the argmax of the logits recorded for it
         assert logits.argmax(-1).tolist() == seq.output_ids
-        for _, n, _, kept in mine:
+        # the kept positions of the last forward are gone when the request finished within its step
+        read = [i for i, (_, _, _, k) in enumerate(mine) if k is not None]
+        assert read[: len(mine) - 1] == list(range(len(mine) - 1))
+        for _, n, _, kept in mine[:-1]:
             for layer in kept:
                 assert_well_formed(layer, layer.shape[-1], n - 1)
-        kept = [{n - 1: k for _, n, _, k in mine}]
+        kept = [{n - 1: k for _, n, _, k in mine if k is not None}]
         real = torch.ones(1, len(tokens) - 1, dtype=torch.bool)
-        ref = reference_logits(model, torch.tensor([tokens[:-1]]), real, kept)[0, len(prompt) - 1 :]
+        ref = reference_logits(model, torch.tensor([tokens[:-1]]), real, kept)[0, len(prompt) - 1 :][read]
+        logits = logits[read]
         torch.testing.assert_close(logits, ref, atol=atol, rtol=rtol)
-        full = reference_logits(model, torch.tensor([tokens[:-1]]), real, [{}])[0, len(prompt) - 1 :]
+        full = reference_logits(model, torch.tensor([tokens[:-1]]), real, [{}])[0, len(prompt) - 1 :][read]
         assert (full - logits).abs().max() > max(0.1, 5 * (ref - logits).abs().max())
     return llm, ids
 
