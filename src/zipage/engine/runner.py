@@ -7,7 +7,8 @@ token's logical position. Its attention is registered with transformers'
 ``AttentionInterface`` under ``"zipage_engine"`` (and deliberately not with the
 mask interface, so no dense mask is built): for every layer it stores the new
 keys and values into the pages, keeps the last ``window`` queries of each
-sequence in its query slot, and attends through the paged kernels.
+sequence in its query slot, and attends through the paged kernels. Compressions also
+update each query slot's map of kept positions (``positions.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels._triton import use_triton
 from ..scoring import Scorer
 from .fusion import ModelFusion
+from .positions import KeptPositions, kept_positions
 from .sequence import Sequence
 
 ATTENTION_NAME = "zipage_engine"
@@ -121,12 +123,14 @@ class ModelRunner:
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.state_pool = None
         self.q_cache = None
+        self.kept: KeptPositions | None = None
         if zipage_config is not None:
             if scorer is not None and scorer.stateful:
                 self.state_pool = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
             w = zipage_config.window
             # one ring of `window` queries per slot, plus a scratch slot for tokens outside any window
             self.q_cache = torch.zeros(L, num_slots + 1, w, Hq, D, dtype=self.dtype, device=self.device)
+            self.kept = KeptPositions(L, num_slots, Hkv, zipage_config.budget, self.device)
         self.num_slots = num_slots
         self.scaling = [None] * L
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -146,11 +150,17 @@ class ModelRunner:
         return per_token * page_size
 
     @staticmethod
-    def bytes_per_slot(config, window: int, dtype: torch.dtype) -> int:
+    def bytes_per_slot(config, window: int, dtype: torch.dtype, budget: int = 0) -> int:
+        """A query slot's share: its ring of ``window`` queries and its kept-position map of ``budget``."""
         cfg = config.get_text_config(decoder=True)
         Hq = cfg.num_attention_heads
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-        return cfg.num_hidden_layers * window * Hq * D * torch.empty((), dtype=dtype).element_size()
+        ring = cfg.num_hidden_layers * window * Hq * D * torch.empty((), dtype=dtype).element_size()
+        return ring + KeptPositions.bytes_per_slot(config, budget)
+
+    def kept_positions(self, seq: Sequence, layer_idx: int) -> torch.Tensor:
+        """``[H_kv, stored]`` logical positions that ``seq`` keeps in layer ``layer_idx`` (see ``LLM``)."""
+        return kept_positions(seq, layer_idx, self.k_pool.shape[0], self.k_pool.shape[3], self.kept, self.device)
 
     # ----------------------------------------------------------------------------- forward
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
@@ -338,11 +348,13 @@ class ModelRunner:
         mask = torch.ones(L, len(seqs), S, dtype=torch.bool, device=self.device)
         queries = self.window_queries(seqs) if self.scorer.needs_queries else None
         per_layer = len(seqs) * S * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+        keeps = []
         for start, stop, scaling in layer_batches(cfg, self.scaling, self.k_pool.shape[-1], per_layer):
             sl = slice(start, stop)
-            compress_layers(
+            keeps.append((sl, compress_layers(
                 LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None),
                 slots, mask[sl], queries[sl] if queries is not None else None, self.scorer, k=cfg.budget,
                 window=cfg.window, sinks=cfg.sinks, scaling=scaling, page_size=cfg.page_size, first=first,
                 layer_idx=start if stop - start == 1 else -1, dst_slots=dst,
-            )
+            )))
+        self.kept.compressed(seqs, keeps, first)
