@@ -96,11 +96,9 @@ class Scheduler:
 
     def compress_at(self, seq: Sequence) -> int:
         """Stored length at which ``seq`` is compressed before it stores another token: where
-        generate() compresses (the whole prompt first, then ``stored > budget`` and
-        ``stored + 1 > capacity``), independent of how its tokens were chunked."""
-        c = self.cfg
-        at = max(c.budget + 1, c.capacity)
-        return at if seq.compressions else max(at, len(seq.prompt_token_ids))
+        generate() compresses (``ZipageConfig.next_compression``: the whole prompt first, then
+        ``stored > budget`` and ``stored + 1 > capacity``), independent of how its tokens were chunked."""
+        return self.cfg.next_compression(self.cfg.budget if seq.compressions else len(seq.prompt_token_ids))
 
     def needs_compression(self, seq: Sequence) -> bool:
         return self.cfg is not None and seq.stored >= self.compress_at(seq)
