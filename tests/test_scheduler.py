@@ -106,8 +106,6 @@ def test_a_request_that_can_never_run_ends_with_an_error_instead_of_spinning():
     assert s.ended == [a]
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix in the step loop split from llm.py (EngineCore._step, core.py): "
-                   "report the requests in scheduler.ended (ended inside schedule()) with the step's outputs")
 def test_the_engine_reports_a_request_the_scheduler_ended(llama):
     from zipage import LLM
 
