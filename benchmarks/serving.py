@@ -228,7 +228,7 @@ def start_server(args, budget: str, folder: Path | None) -> tuple[subprocess.Pop
 
     port = free_port()
     if args.model == "tiny":
-        cmd = [sys.executable, "-m", "zipage.cli", "serve", str(folder), "--served-model-name", "tiny",
+        cmd = [sys.executable, "-m", "zipage", "serve", str(folder), "--served-model-name", "tiny",
                "--port", str(port), "--budget", budget, "--page-size", str(args.page_size),
                "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         if args.num_pages:

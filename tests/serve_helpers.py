@@ -52,7 +52,7 @@ def subprocess_server(args: list[str], env: dict | None = None, timeout: float =
     """``zipage serve ARGS --port P`` in a subprocess; yields ``(base_url, process)``. The process gets
     SIGTERM at the end (and SIGKILL if it does not stop)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "zipage.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "zipage", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     log = open(os.devnull, "w") if env is None or not env.get("ZIPAGE_TEST_LOG") else None
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT if log else None)
     url = f"http://127.0.0.1:{port}"

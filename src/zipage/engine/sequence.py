@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling import ENGINE_BUDGET, SamplingParams
 
 
 class Status(enum.Enum):
@@ -52,6 +52,7 @@ class RequestOutput:
     text: str | None
     finish_reason: str | None  # "stop", "length", "cancelled", "error" (a failed step) or None while running
     finished: bool
+    error: str | None = None  # why the engine ended it, when it did (finish_reason "error")
     logprobs: list[TokenLogprobs] | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
 
@@ -68,6 +69,7 @@ class RequestOutput:
             text=outputs[0].text,
             finish_reason=outputs[0].finish_reason,
             finished=all(s.finished for s in seqs),
+            error=next((s.error for s in seqs if s.error is not None), None),
             logprobs=outputs[0].logprobs,
             outputs=outputs,
         )
@@ -103,7 +105,9 @@ class Sequence:
     generator: torch.Generator | None = None
     streamed: int = 0  # output tokens already handed to a stream
     detokenizer: Any = None  # the incremental text, while stop strings are checked (outputs.IncrementalText)
-    budget: int | None = None  # tokens kept after a compression; None: full KV (never compressed)
+    error: str | None = None  # why the scheduler ended it (finish_reason "error")
+    # tokens kept after a compression; None: full KV (never compressed); the scheduler resolves the default
+    budget: Any = ENGINE_BUDGET
     reserved: int = 0  # pages the scheduler set aside for this sequence's worst case while it runs
     parent: str | None = None  # the request id of a sample of a request with n > 1 (None: the request itself)
     index: int = 0  # which sample of its request
