@@ -103,9 +103,13 @@ class Scheduler:
 
     # ----------------------------------------------------------------------------- bookkeeping
     def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def budget(self, seq: Sequence) -> int | None:
+        """``seq``'s budget, the engine's unless it has its own (resolved once, here)."""
         if seq.budget is ENGINE_BUDGET:
             seq.budget = self.cfg.budget if self.cfg is not None else None
-        self.waiting.append(seq)
+        return seq.budget
 
     def pages_for(self, tokens: int) -> int:
         return self.blocks.pages_for(tokens)
@@ -115,16 +119,16 @@ class Scheduler:
         generate() compresses (``ZipageConfig.next_compression`` at the sequence's own budget: the whole
         prompt first, then ``stored > budget`` and ``stored + 1 > budget + buffer``), independent of how
         its tokens were chunked."""
-        b = seq.budget
+        b = self.budget(seq)
         return max(b if seq.compressions else len(seq.prompt_token_ids), b + 1, b + self.cfg.buffer)
 
     def needs_compression(self, seq: Sequence) -> bool:
-        return seq.budget is not None and seq.stored >= self.compress_at(seq)
+        return self.budget(seq) is not None and seq.stored >= self.compress_at(seq)
 
     def worst_case_pages(self, seq: Sequence) -> int:
         """Pages set aside for ``seq`` while it runs: with a budget, ``budget + buffer`` tokens or its
         prompt, whichever is longer; full KV, its whole length (prompt + ``max_tokens``)."""
-        if seq.budget is None:
+        if self.budget(seq) is None:
             return self.pages_for(min(len(seq.prompt_token_ids) + seq.params.max_tokens, self.max_model_len))
         return max(self.pages_for(len(seq.prompt_token_ids) + 1), self.pages_for(seq.budget + self.cfg.buffer))
 
@@ -299,7 +303,7 @@ class Scheduler:
         """Tokens of ``seq`` to prefill now (allocating their pages), limited by the token budget, free
         pages and the sequence's next compression point (a chunk never stores past it)."""
         n = min(seq.num_tokens - seq.num_computed, budget_tokens)
-        if seq.budget is not None:
+        if self.budget(seq) is not None:
             n = min(n, self.compress_at(seq) - seq.stored)
             if n <= 0:
                 return 0
