@@ -154,3 +154,29 @@ def test_stop_string_kept_in_the_text_on_request(model, include):
                                                 include_stop_str_in_output=include), use_tqdm=False)[0]
     assert out.finish_reason == "stop"
     assert out.text == (whole[: at + 2] if include else whole[:at])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_per_request_budgets_samples_and_logprobs_on_cuda():
+    """CUDA graphs, asynchronous scheduling and compression: each request's own budget, n samples
+    and log-probabilities as on the CPU."""
+    model = tiny_model("qwen3", scale=1.0).cuda()
+    llm = LLM(model, budget=32, page_size=4, buffer=4, num_pages=256, async_compression=True)
+    prompts = prompts_of((20, 9, 30), seed=11)
+    budgets = [16, None, 24]
+    params = [SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, budget=b, logprobs=2) for b in budgets]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, b, out in zip(prompts, budgets, outs):
+        kw = {} if b is None else dict(cache_implementation="zipage",
+                                       cache_config={"budget": b, "page_size": 4, "buffer": 4})
+        assert out.token_ids == reference(model, prompt, 60, **kw), b
+        assert [e.token_id for e in out.logprobs] == out.token_ids
+    assert llm.runner.graphs and llm.stats()["compressions"] > 0
+    n = llm.generate([prompts[2]], SamplingParams(max_tokens=20, temperature=0.8, seed=4, n=3, ignore_eos=True),
+                     use_tqdm=False)[0]
+    for c in n.outputs:
+        alone = llm.generate([prompts[2]], SamplingParams(max_tokens=20, temperature=0.8, seed=4 + c.index,
+                                                          ignore_eos=True), use_tqdm=False)[0]
+        assert c.token_ids == alone.token_ids
+    assert_pool_clean(llm)
