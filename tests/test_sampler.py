@@ -14,7 +14,7 @@ from zipage.engine.sampler import Penalties, sample
 
 def reference_row(logits, p: SamplingParams, gen, suppress=(), prompt=(), output=()):
     """One row, spelled out: masks, penalties, greedy or temperature / min_p / top_k / top_p, then
-    an exponential race with noise from the row's own generator."""
+    the inverse of the cumulative distribution at a uniform number from the row's own generator."""
     x = logits.float().clone()
     V = x.shape[0]
     for t in suppress:
@@ -39,8 +39,10 @@ def reference_row(logits, p: SamplingParams, gen, suppress=(), prompt=(), output
         probs = torch.softmax(ordered, dim=0)
         x[order[probs.cumsum(0) - probs > p.top_p]] = -math.inf
     probs = torch.softmax(x, dim=0)
-    noise = torch.empty(V).exponential_(generator=gen).clamp_(min=1e-20)
-    return int((probs / noise).argmax())
+    r = torch.empty(1, device=x.device).uniform_(generator=gen)
+    cdf = probs.cumsum(0)
+    u = (1.0 - r) * cdf[-1]
+    return next(i for i in range(V) if cdf[i] >= u)
 
 
 PARAMS = [
@@ -85,8 +87,8 @@ def test_batched_sampler_matches_the_per_row_reference(PARAMS):
         for g, r in zip(gens, ref_gens):  # several steps in: the generators have moved on
             for _ in range(step % 3):
                 if g is not None:
-                    torch.empty(V).exponential_(generator=g)
-                    torch.empty(V).exponential_(generator=r)
+                    torch.empty(1).uniform_(generator=g)
+                    torch.empty(1).uniform_(generator=r)
         got = sample(logits, PARAMS, gens, suppress, Penalties(penalized, in_prompt, counts)).tokens.tolist()
         want = [reference_row(logits[i], p, ref_gens[i], suppress[i] or (),
                               prompts[i] if p.penalized else (), outputs[i] if p.penalized else ())
