@@ -265,7 +265,10 @@ class AsyncEngine:
 
     def _forget(self, req: _Request) -> None:
         del self._requests[req.rid]
-        self.llm.forget(req.rid)
+        try:
+            self.llm.forget(req.rid)
+        except (KeyError, ValueError):  # (never expected: the loop must go on whatever happens to one request)
+            log.exception("forgetting %s failed", req.rid)
 
     def _end_all(self, error: BaseException | None) -> None:
         """Cancel every request in flight and tell its handler (``error``, or an "abort" finish)."""
