@@ -102,14 +102,31 @@ def test_demo_refuses_a_negative_index_and_takes_window_and_seed(capsys, monkeyp
     assert "window" in capsys.readouterr().err
 
 
-def test_help_imports_neither_torch_nor_the_library():
-    """``zipage --help`` answers without importing torch, transformers or the zipage package."""
-    code = ("import sys, zipage_cli\n"
-            "try:\n    zipage_cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'zipage') if m in sys.modules))")
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--help"]])
+def test_help_imports_neither_torch_nor_the_library(argv):
+    """``zipage --help`` and ``zipage serve --help`` answer without importing torch, transformers, the
+    zipage package or the server's packages."""
+    code = (f"import sys, zipage_cli\n"
+            f"try:\n    zipage_cli.main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'zipage', 'fastapi', 'uvicorn') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "usage: zipage" in r.stdout and r.stdout.strip().endswith("[]")
+    assert f"usage: zipage{' serve' if argv[0] == 'serve' else ''}" in r.stdout and r.stdout.strip().endswith("[]")
+    if argv[0] == "serve":
+        for flag in ("--served-model-name", "--api-key", "--max-num-seqs", "--enable-prefix-caching",
+                     "--no-enable-prefix-caching", "--enforce-eager", "--budget", "--page-size", "--scorer",
+                     "--max-budget", "--max-waiting", "--gpu-memory-utilization", "--num-pages", "--dtype"):
+            assert flag in r.stdout, flag
+
+
+def test_serve_refuses_bad_options_before_loading(capsys):
+    from zipage_cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--budget", "0"])
+    assert e.value.code == 2 and "--budget" in capsys.readouterr().err
+    assert main(["serve", "--budget", "none", "--max-budget", "64"]) == 2
+    assert "--max-budget" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["-m", "zipage", "--help"], ["-m", "zipage.cli", "--help"]])
