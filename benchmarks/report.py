@@ -4,7 +4,9 @@
 
 Reads, when present, under benchmarks/results/: every throughput*.json (benchmarks/throughput.py; a
 table and a bar chart each), quality*.json with the .md and .png that benchmarks/quality.py writes next
-to it, and kernels.json + kernels.png (benchmarks/kernels.py). Missing files or keys leave their part out.
+to it, kernels.json + kernels.png (benchmarks/kernels.py), and the serving reports that compare zipage
+with full KV (serving_*.json with both systems and the .png beside it, benchmarks/serving.py). Missing
+files or keys leave their part out.
 """
 
 from __future__ import annotations
@@ -414,6 +416,38 @@ The command that produced each table is shown above it.
 """
 
 
+def serving_section(path: Path, chart: str | None) -> str:
+    """A serving report (benchmarks/serving.py): its table, the sustained rates and the chart."""
+    try:  # as a script or as zipage.bench.report
+        from serving_report import table
+    except ImportError:
+        from .serving_report import table
+    r = json.loads(path.read_text())
+    memory = f", {r['kv_gib']:g} GiB of KV memory per system" if r.get("kv_gib") else ""
+    lines = [f"### {r['model']}: prompts of {r['input_len'][0]}-{r['input_len'][1]} tokens, {r['output_len']} forced "
+             f"output tokens{memory}", "",
+             f"Poisson arrivals for {r['duration_s']:g} s per rate, measured {r['drain_s']:g} s more "
+             f"(`{path.relative_to(ROOT)}`).", "", table(r), ""]
+    if r.get("sustained_rate_ratio") is not None:
+        lines += [f"zipage sustains {r['sustained_rate_ratio']:g}x the full-KV rate.", ""]
+    if chart:
+        lines += [f"![serving {r['model']}](assets/{chart})", ""]
+    return "\n".join(lines)
+
+
+def _serving_files(results: Path) -> list[Path]:
+    """Serving reports that compare zipage with full KV (the per-system partial runs are left out)."""
+    out = []
+    for path in sorted(results.glob("serving_*.json")):
+        try:
+            systems = json.loads(path.read_text()).get("systems", {})
+        except ValueError:
+            continue
+        if {"zipage", "full"} <= set(systems):
+            out.append(path)
+    return out
+
+
 def main() -> None:
     results = ROOT / "benchmarks" / "results"
     assets = ROOT / "docs" / "assets"
@@ -442,6 +476,17 @@ def main() -> None:
                 written.add(chart)
             parts.append(text)
 
+    sfiles = _serving_files(results)
+    if sfiles:
+        parts += ["## Serving", ""]
+        for path in sfiles:
+            chart = None
+            if path.with_suffix(".png").exists():
+                chart = path.with_suffix(".png").name
+                shutil.copy(path.with_suffix(".png"), assets / chart)
+                written.add(chart)
+            parts.append(serving_section(path, chart))
+
     kernels = results / "kernels.json"
     if kernels.exists():
         parts.append(kernels_section(kernels))
@@ -450,7 +495,8 @@ def main() -> None:
             written.add("kernels.png")
 
     # charts of results that are gone (renamed or removed) would linger in the docs: drop them
-    for stale in list(assets.glob("throughput_*.png")) + list(assets.glob("quality*.png")):
+    for stale in list(assets.glob("throughput_*.png")) + list(assets.glob("quality*.png")) + list(
+            assets.glob("serving_*.png")):
         if stale.name not in written:
             stale.unlink()
     page = ROOT / "docs" / "benchmarks.md"

@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         args.budget = "32"  # (a budget the tiny model's short outputs go past)
     out = Path(args.out or f"benchmarks/results/serving_{args.model}.json")
     report = dict(model=args.model, input_len=args.input_len, output_len=args.output_len, rates=args.rates,
-                  duration_s=args.duration, drain_s=args.drain, itl_slo_ms=args.itl_slo_ms, kv_gib=args.kv_gib,
+                  duration_s=args.duration, drain_s=args.drain, itl_slo_ms=args.itl_slo_ms,
+                  kv_gib=None if args.model == "tiny" else args.kv_gib,
                   budget=args.budget, page_size=args.page_size, systems={})
     vocab = 256 if args.model == "tiny" else 151_000
     with tempfile.TemporaryDirectory() as tmp:
