@@ -266,8 +266,22 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def warm_up(url: str, name: str, args, vocab: int) -> None:
-    """One short request first: kernel compilation and CUDA-graph capture stay out of the timing."""
-    asyncio.run(run_rate(url, name, 1000.0, 0.002, 600, min(args.output_len, 64), tuple(args.input_len), vocab, 7))
+    """Two requests first, long enough for a compression: kernel compilation and CUDA-graph capture stay
+    out of the timing."""
+    import httpx
+
+    length = min(args.output_len, 64 if args.model == "tiny" else 2400)
+    prompts = prompts_for(2, tuple(args.input_len), vocab, seed=7)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(None)) as client:
+            results = [Result(time.perf_counter(), len(p)) for p in prompts]
+            await asyncio.gather(*(one_request(client, url, name, p, length, r) for p, r in zip(prompts, results)))
+            errors = [r.error for r in results if r.error]
+            if errors:
+                raise RuntimeError(f"the warm-up failed: {errors[0]}")
+
+    asyncio.run(run())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,13 @@
 #   WHEELS=/path/to/wheels SYSTEMS=zipage bash benchmarks/serving_gpu.sh
 #   WHEELS=/path/to/wheels SYSTEMS=full   bash benchmarks/serving_gpu.sh
 #   COMBINE=1 bash benchmarks/serving_gpu.sh          # one table + plot from the runs above
-# Knobs: RATES ("0.05 0.1 0.2 0.4"), DURATION (75 s of arrivals per rate), DRAIN (25 s),
+# Knobs: RATES ("0.1 0.2 0.3 0.4"), DURATION (70 s of arrivals per rate), DRAIN (20 s),
 #        OUTPUT_LEN (16384 forced tokens), KV_GIB (8), MODEL (qwen3-8b), TAG (file name suffix).
+# A 16,384-token request lives about 3 minutes, so 70 s windows measure how each system copes with
+# the first minutes of a load (full KV fills its 8 GiB there and starts preempting). Closer to the
+# steady state, one rate per call with a longer window (~9 minutes a call), then COMBINE=1:
+#   for r in 0.1 0.2 0.3; do for s in zipage full; do
+#     SYSTEMS=$s RATES=$r DURATION=360 DRAIN=90 TAG=_r$r bash benchmarks/serving_gpu.sh; done; done
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 MODEL=${MODEL:-qwen3-8b}
@@ -36,7 +41,7 @@ python3 -c "import fastapi, uvicorn, pydantic, prometheus_client, httpx, torch; 
 SYSTEMS=${SYSTEMS:-zipage full}
 for system in $SYSTEMS; do
   python3 benchmarks/serving.py --model "$MODEL" --systems "$system" --budget 2048 --kv-gib "${KV_GIB:-8}" \
-    --rates ${RATES:-0.05 0.1 0.2 0.4} --duration "${DURATION:-75}" --drain "${DRAIN:-25}" \
+    --rates ${RATES:-0.1 0.2 0.3 0.4} --duration "${DURATION:-70}" --drain "${DRAIN:-20}" \
     --output-len "${OUTPUT_LEN:-16384}" --input-len 100 300 \
     --out "$OUT/serving_${MODEL}_${system}${TAG:-}.json" 2>&1 | tee "$OUT/serving_${MODEL}_${system}${TAG:-}.log" | tail -20
 done
