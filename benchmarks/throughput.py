@@ -120,7 +120,7 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
         for i in ids:
             if not llm.requests[i].finished:
                 llm.cancel(i)
-        llm._collect_compressions(block=True)
+        llm.core.compressions.collect(block=True)
     else:
         outs = [llm.requests.pop(i).output() for i in ids]
         assert all(len(o.token_ids) == max_tokens for o in outs)

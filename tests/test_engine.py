@@ -184,7 +184,7 @@ def test_bad_requests_are_refused_without_disturbing_others():
     with pytest.raises(ValueError, match="window"):
         LLM(model, budget=8, window=16, num_pages=8)
     with pytest.raises(ValueError, match="num_pages"):
-        LLM(model, budget=16, page_size=4)
+        LLM(model, budget=16, page_size=4, num_pages=0)
     while llm.has_unfinished():
         llm.step()
     out = llm.output(good)
@@ -249,7 +249,7 @@ def test_async_scheduling_streams_and_cancels_without_losing_pages():
     ids = [llm.add_request(p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)) for p in prompts]
     llm.step()
     llm.step()  # the second step's tokens are still on the device
-    assert llm.inflight is not None and all(llm.requests[i].pending == 1 for i in ids)
+    assert llm.core.inflight is not None and all(llm.requests[i].pending == 1 for i in ids)
     llm.cancel(ids[1])  # cancelled with a token in flight: that token is dropped
     streamed = [t for chunk in llm.stream(ids[0]) for t in chunk]
     assert streamed == llm.output(ids[0]).token_ids and len(streamed) == 30
@@ -257,4 +257,20 @@ def test_async_scheduling_streams_and_cancels_without_losing_pages():
         llm.step()
     assert llm.output(ids[1]).finish_reason == "cancelled" and len(llm.output(ids[1]).token_ids) == 1
     assert llm.output(ids[2]).finish_reason == "length"
+    assert_pool_clean(llm)
+
+
+def test_pool_is_sized_by_default_on_a_cpu(llama):
+    model = llama
+    """``LLM(model, tok, budget=...)`` works on a CPU without ``num_pages``: the pool holds what
+    ``max_num_seqs`` requests need at most (``budget + buffer`` tokens each, or the context with
+    full KV), no more."""
+    llm = LLM(model, budget=16, page_size=4, buffer=4, max_num_seqs=3)
+    assert llm.stats()["total_pages"] == 3 * 6  # ceil((16 + 4 + 1) / 4) pages per request
+    prompt = prompts_of((10,))[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert out.token_ids == reference(model, prompt, 20, cache_implementation="zipage",
+                                      cache_config={"budget": 16, "page_size": 4, "buffer": 4})
+    full = LLM(model, budget=None, page_size=4, max_num_seqs=2, max_model_len=64)
+    assert full.stats()["total_pages"] == 2 * 16
     assert_pool_clean(llm)

@@ -10,7 +10,7 @@ from conftest import tiny_model
 from test_engine import assert_pool_clean as pool_clean
 
 import zipage.compress
-import zipage.engine.llm as engine_llm
+import zipage.engine.core as engine_core
 import zipage.engine.runner as engine_runner
 from zipage import LLM, SamplingParams
 
@@ -44,16 +44,17 @@ PROMPTS = prompts_of((9, 21, 5), seed=3, prefix=prompts_of((8,), seed=9)[0])
 
 def assert_pool_clean(llm):
     pool_clean(llm)
-    assert not llm.has_unfinished() and llm.inflight is None
+    assert not llm.has_unfinished() and llm.core.inflight is None
 
 
 class Faults:
     """Raise ``exc`` from the model forward / the sampler on chosen attempts (``attempt`` is set by the
     driver: one per ``step()`` call, failed ones included)."""
 
-    def __init__(self, llm, monkeypatch, forward=(), sample=(), exc=Injected):
+    def __init__(self, llm, monkeypatch, forward=(), sample=(), sampled=(), exc=Injected):
         self.attempt, self.forward, self.sample, self.exc, self.raised = 0, set(forward), set(sample), exc, []
-        model_call, sample_tensor = llm.runner._model_call, engine_llm.sample_tensor
+        self.sampled = set(sampled)  # raise after the sampler drew (its generators advanced)
+        model_call, sample_tensor = llm.runner._model_call, engine_core.sample_tensor
 
         def failing_model_call(*a, **kw):
             out = model_call(*a, **kw)  # (the forward ran: its KV and query-ring writes are in the pools)
@@ -62,10 +63,12 @@ class Faults:
 
         def failing_sample(*a, **kw):
             self._maybe("sample", self.sample)
-            return sample_tensor(*a, **kw)
+            out = sample_tensor(*a, **kw)
+            self._maybe("sampled", self.sampled)
+            return out
 
         monkeypatch.setattr(llm.runner, "_model_call", failing_model_call)
-        monkeypatch.setattr(engine_llm, "sample_tensor", failing_sample)
+        monkeypatch.setattr(engine_core, "sample_tensor", failing_sample)
 
     def _maybe(self, where, attempts):
         if self.attempt in attempts:
@@ -78,7 +81,8 @@ def drive(llm, prompts, faults=None, params=PARAMS):
     """Run ``prompts`` with ``step()`` until nothing is left; failed steps are retried. Returns the
     outputs and the number of steps that succeeded; checks that ``step()`` reported each request
     finished exactly once."""
-    ids = [llm.add_request(p, params) for p in prompts]
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [llm.add_request(p, q) for p, q in zip(prompts, plist)]
     reported, steps = {}, 0
     for attempt in range(400):
         if not llm.has_unfinished():
@@ -125,6 +129,21 @@ def test_failed_steps_are_rolled_back(model, monkeypatch, setup, async_schedulin
     assert [o.finish_reason for o in outs] == ["length"] * len(PROMPTS)
     if setup != "full":
         assert llm.stats()["compressions"] > 0
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_seeded_sampling_is_the_same_with_a_failure_after_the_draw(model, monkeypatch, async_scheduling):
+    """A step that fails after the sampler drew from the seeded generators is undone with them: the
+    retried step draws the same random numbers, so seeded requests give the undisturbed tokens."""
+    cfg = dict(SETUPS["compress"], async_scheduling=async_scheduling)
+    params = [SamplingParams(max_tokens=14, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    expected, _ = drive(LLM(model, **cfg), PROMPTS, params=params)
+    llm = LLM(model, **cfg)
+    faults = Faults(llm, monkeypatch, sampled=range(1, 40, 3))
+    outs, _ = drive(llm, PROMPTS, faults, params=params)
+    assert len(faults.raised) >= 4, faults.raised
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
     assert_pool_clean(llm)
 
 

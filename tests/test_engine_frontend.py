@@ -33,9 +33,9 @@ def _stop_during_compression(model):
         llm = LLM(model, **COMPRESS)
         seq = llm.requests[llm.add_request(prompt, free)]
         hit = []
-        start = llm._start_compressions
-        llm._start_compressions = lambda plan, start=start, seq=seq, hit=hit: (hit.append(len(seq.output_ids)),
-                                                                                start(plan))[1]
+        start = llm.core.compressions.launch
+        llm.core.compressions.launch = lambda plan, start=start, seq=seq, hit=hit: (hit.append(len(seq.output_ids)),
+                                                                                     start(plan))[1]
         while llm.has_unfinished():
             llm.step()
         ref = seq.output_ids

@@ -1,23 +1,24 @@
-"""``zipage.LLM``: the continuous-batching engine, offline and online.
+"""``zipage.LLM``: the continuous-batching engine, offline and online (the user-facing API).
 
     llm = zipage.LLM(model, tokenizer, budget=2048)
     outs = llm.generate(["Prove that ..."], zipage.SamplingParams(max_tokens=8192))
 
     rid = llm.add_request("Solve ...", SamplingParams(max_tokens=512))
     for tokens in llm.stream(rid): ...
+
+This file holds what users call: building the engine, adding, streaming, awaiting and cancelling
+requests. The steps themselves run in ``EngineCore`` (core.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import numbers
-import threading
+import os
 import time
 import weakref
 from collections.abc import Iterator, Sequence as Seq
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,25 +27,15 @@ from ..cache import check_model_config
 from ..config import ZipageConfig
 from ..memory.block_manager import BlockManager
 from ..scoring import get_scorer
-from .runner import Feed, ModelRunner
-from .sampling import SamplingParams, sample_tensor
+from .core import EngineCore
+from .inputs import as_prompt_list, check_request, tokenize
+from .outputs import OutputProcessor
+from .runner import ModelRunner
+from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 
-_ENGINE_FIELDS = {
-    "enable_prefix_caching", "enforce_eager", "async_compression", "async_scheduling", "max_num_seqs", "max_num_batched_tokens",
-    "gpu_memory_utilization", "num_pages", "max_model_len", "dtype", "device", "fuse_ops",
-}
-
-
-@dataclass
-class _Inflight:
-    """A step's sampled tokens on their way to the host."""
-
-    seqs: list[Sequence]
-    feed: Feed  # the tokens on the device, for the next step's inputs
-    host: torch.Tensor  # their copy on the host (pinned), valid once ``event`` completed
-    event: Any  # torch.cuda.Event, or None on a CPU
+CPU_MEMORY_SHARE = 0.2  # of the available RAM, at most, for a default-sized pool on a CPU
 
 
 class LLM:
@@ -66,7 +57,10 @@ class LLM:
         max_num_seqs: most sequences running at once (the budget may lower it further).
         max_num_batched_tokens: most tokens in one step (chunked prefill).
         gpu_memory_utilization: share of the GPU memory the model + pools may take (CUDA).
-        num_pages: explicit pool size in pages (required on a CPU).
+        num_pages: explicit pool size in pages. By default the pool is sized from the memory:
+            on CUDA ``gpu_memory_utilization`` of the GPU; on a CPU what ``max_num_seqs``
+            requests need (each at most ``budget + buffer`` tokens, or ``max_model_len`` with full
+            KV), capped at a fifth of the available RAM.
         max_model_len: longest logical length (default: the model's max_position_embeddings).
         fuse_ops: on CUDA, run the model's RMSNorm modules and its rotary embedding through fused
             Triton kernels (one kernel per norm, one per rotated tensor) inside the engine's forwards.
@@ -87,11 +81,10 @@ class LLM:
                  num_pages: int | None = None, max_model_len: int | None = None, dtype: Any = None,
                  device: Any = None, fuse_ops: bool = True, async_scheduling: bool = True,
                  **zipage_fields: Any) -> None:
-        if isinstance(model, str):
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+        if isinstance(model, (str, os.PathLike)):
+            from .loading import load_model
 
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or "auto", device_map=device)
+            model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device)
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LLM({name}={value!r}) is invalid: expected an int >= 1")
@@ -99,6 +92,9 @@ class LLM:
                                           or isinstance(max_model_len, bool) or max_model_len < 1):
             raise ValueError(f"LLM(max_model_len={max_model_len!r}) is invalid: "
                              "expected an int >= 1, or None for the model's")
+        if num_pages is not None and (isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 1):
+            raise ValueError(f"LLM(num_pages={num_pages!r}) is invalid: expected an int >= 1, or None to size "
+                             "the pool from the memory")
         config = model.config.get_text_config(decoder=True)
         check_model_config(config)
         self.model = model.eval()
@@ -118,104 +114,78 @@ class LLM:
         device = next(model.parameters()).device
         stateful = scorer is not None and scorer.stateful
         if num_pages is None:
-            if device.type != "cuda":
-                raise ValueError("on a CPU give the pool size explicitly: LLM(..., num_pages=N)")
-            num_pages = self._pages_from_memory(config, page_size, stateful, max_num_seqs, gpu_memory_utilization)
-        self.blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
-                                  self.scheduler.max_concurrency, fuse_ops=fuse_ops)
+            num_pages = self._pages_from_memory(config, device, page_size, stateful, max_num_seqs,
+                                                gpu_memory_utilization)
+        blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
+        scheduler = Scheduler(blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
+        runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
+                             scheduler.max_concurrency, fuse_ops=fuse_ops)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
-        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        self.use_graphs = not enforce_eager and device.type == "cuda"
-        self.async_compression = bool(async_compression) and self.zipage_config is not None
-        self.side_stream = torch.cuda.Stream(device) if self.async_compression and device.type == "cuda" else None
-        self.pending: list[tuple[Any, list[tuple[list[Sequence], dict | None]]]] = []
-        self.async_scheduling = bool(async_scheduling)
-        self.inflight: _Inflight | None = None  # the last step's tokens, not yet on the host
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        capacity = self.zipage_config.capacity + 1 if self.zipage_config is not None else self.max_model_len
+        self.core = EngineCore(
+            scheduler, blocks, runner, OutputProcessor(tokenizer, eos_ids, self.max_model_len),
+            budget=budget, async_compression=bool(async_compression) and budget is not None,
+            async_scheduling=bool(async_scheduling), use_graphs=not enforce_eager and device.type == "cuda",
+            graph_table_width=blocks.pages_for(capacity),
+        )
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._arrivals = itertools.count()
-        self.generated_tokens = 0
-        # One step at a time, whichever thread (agenerate's workers) or event loop drives the engine.
-        self._step_lock = threading.RLock()
-        self._to_cancel: list[Sequence] = []  # cancellations waiting for the step in progress to end
-        # the outputs of the step in progress, as they come; those of a step that raised stay for the next
-        self._undelivered: list[RequestOutput] = []
         self._async_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> asyncio.Lock
 
-    def _pages_from_memory(self, config, page_size, stateful, max_num_seqs, utilization) -> int:
-        free, total = torch.cuda.mem_get_info()
-        used_elsewhere = total - free
-        available = total * utilization - used_elsewhere - 512 * 2**20  # activations headroom
-        page_bytes = ModelRunner.bytes_per_page(config, page_size, self.model.dtype, stateful)
+    # the engine's parts (read-only views, for stats, tests and tools)
+    scheduler = property(lambda self: self.core.scheduler)
+    blocks = property(lambda self: self.core.blocks)
+    runner = property(lambda self: self.core.runner)
+    eos_ids = property(lambda self: self.core.outputs.eos_ids)
+    async_compression = property(lambda self: self.core.async_compression)
+    async_scheduling = property(lambda self: self.core.async_scheduling)
+    use_graphs = property(lambda self: self.core.use_graphs)
+    generated_tokens = property(lambda self: self.core.outputs.generated_tokens)
+
+    def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization) -> int:
+        dtype = self.model.dtype
+        page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful)
+        slot_bytes = 0
         if self.zipage_config is not None:
-            available -= ModelRunner.bytes_per_slot(config, self.zipage_config.window, self.model.dtype) * max_num_seqs
+            slot_bytes = ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype) * max_num_seqs
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            available = total * utilization - (total - free) - 512 * 2**20  # activations headroom
+            where = f"GPU memory (gpu_memory_utilization={utilization})"
+        else:
+            available = _available_ram() * CPU_MEMORY_SHARE
+            where = f"RAM ({CPU_MEMORY_SHARE:.0%} of the available memory)"
+        available -= slot_bytes
+        longest = self.zipage_config.capacity + 1 if self.zipage_config is not None else self.max_model_len
+        per_request = -(-longest // page_size)
+        if device.type != "cuda":  # what the requests need, no more
+            available = min(available, per_request * max_num_seqs * page_bytes)
         if available < page_bytes:
-            raise RuntimeError(f"no GPU memory left for the KV pool (gpu_memory_utilization={utilization})")
+            raise RuntimeError(f"no {where} left for the KV pool: give LLM(..., num_pages=N)")
         return int(available // page_bytes)
 
     # ----------------------------------------------------------------------------- requests
-    def _tokenize(self, prompt: Any, chat: bool) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("string prompts need a tokenizer: LLM(model, tokenizer) or pass token ids")
-            if chat:
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                         add_generation_prompt=True, tokenize=True)
-                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            else:
-                ids = self.tokenizer(prompt)["input_ids"]
-            return [int(t) for t in ids], prompt
-        if _is_array(prompt):  # a torch tensor or a numpy array of token ids
-            if prompt.ndim != 1:
-                raise TypeError(f"a tensor prompt must be 1-D token ids, got prompt of shape {tuple(prompt.shape)}")
-            prompt = prompt.tolist()
-        if isinstance(prompt, (list, tuple)):
-            for i, t in enumerate(prompt):
-                if not _is_token(t):
-                    raise TypeError(f"prompt token ids must be ints, got prompt[{i}]={t!r} ({type(t).__name__})")
-            return [int(t) for t in prompt], None
-        raise TypeError(f"a prompt is a string or a list of token ids, "
-                        f"got prompt={prompt!r:.80} ({type(prompt).__name__})")
-
     def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
                     chat: bool = False) -> str:
         """Queue a request (string or token ids); returns its id. Bad requests raise here and
         leave every request in flight untouched."""
         params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        params.validate()
-        if request_id is not None and not isinstance(request_id, str):
-            raise TypeError(f"request_id must be a str, got request_id={request_id!r} ({type(request_id).__name__})")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        ids, text = self._tokenize(prompt, chat)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.config.get_text_config(decoder=True).vocab_size
-        outside = [t for t in ids if not 0 <= t < vocab]
-        if outside:
-            raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}, got {outside[0]} "
-                             f"at position {ids.index(outside[0])}")
-        outside = [t for t in params.stop_token_ids if t >= vocab]
-        if outside:
-            raise ValueError(f"SamplingParams.stop_token_ids={params.stop_token_ids!r} is invalid: "
-                             f"token id {outside[0]} is outside the vocabulary 0..{vocab - 1}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
-        page = self.blocks.page_size
+        ids, text = tokenize(self.tokenizer, prompt, chat)
+        check_request(ids, params, request_id, vocab=self.model.config.get_text_config(decoder=True).vocab_size,
+                      max_model_len=self.max_model_len, has_tokenizer=self.tokenizer is not None)
+        blocks = self.blocks
         if self.zipage_config is None:
-            peak = -(-min(len(ids) + params.max_tokens, self.max_model_len) // page)
+            peak = blocks.pages_for(min(len(ids) + params.max_tokens, self.max_model_len))
         else:
-            peak = max(-(-(len(ids) + 1) // page), -(-self.zipage_config.capacity // page))
-        if peak > self.blocks.num_pages:
+            peak = max(blocks.pages_for(len(ids) + 1), blocks.pages_for(self.zipage_config.capacity))
+        if peak > blocks.num_pages:
             raise ValueError(
-                f"this request needs up to {peak} pages of {page} tokens but the KV pool has "
-                f"{self.blocks.num_pages}: shorten it, lower max_tokens or give the engine more pages"
+                f"this request needs up to {peak} pages of {blocks.page_size} tokens but the KV pool has "
+                f"{blocks.num_pages}: shorten it, lower max_tokens or give the engine more pages"
             )
         rid = request_id
         while rid is None or (request_id is None and rid in self.requests):
@@ -232,25 +202,7 @@ class LLM:
     def cancel(self, request_id: str) -> None:
         """Stop a request now; its pages go back to the pool. While another thread is inside
         ``step()`` (``agenerate``'s workers) it is stopped as soon as that step returns."""
-        self._cancel(self._get(request_id))
-
-    def _cancel(self, seq: Sequence) -> None:
-        self._to_cancel.append(seq)
-        self._apply_cancels()
-
-    def _apply_cancels(self) -> None:
-        """Carry out the queued cancellations unless another thread is stepping (it does them when
-        it is done: every full release of the step lock is followed by this call)."""
-        while self._to_cancel and self._step_lock.acquire(blocking=False):
-            try:
-                while self._to_cancel:
-                    seq = self._to_cancel.pop(0)
-                    if seq.compressing:  # its pages are still being read and written on the side stream
-                        seq.cancel_requested = True
-                    elif not seq.finished:
-                        self.scheduler.finish(seq, "cancelled")
-            finally:
-                self._step_lock.release()
+        self.core.cancel(self._get(request_id))
 
     def _forget(self, seq: Sequence) -> None:
         """Drop a request handed back to its caller (never a newer request that took its id)."""
@@ -263,326 +215,25 @@ class LLM:
         return self.requests[request_id]
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running or self.pending or self._to_cancel)
+        return self.core.has_unfinished()
 
-    # ----------------------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the requests that got new tokens or finished.
 
-        With ``async_scheduling`` the tokens a step samples stay on the device and feed the next
-        step directly; the host reads them while the GPU runs that next step, so scheduling and
-        bookkeeping overlap the GPU's work. Outputs therefore arrive one step late, and a request
-        stopped by a token (EOS, a stop id or string) has run one more step, whose token is dropped.
-
-        A request stopped while its (asynchronous) compression is in flight is reported finished
-        by the step that collects that compression. Steps never overlap: a call made while another
-        thread is inside ``step()`` waits for it.
-
-        A step that raises (the model, the sampler, an interrupt) leaves the engine consistent: the
-        forward and the sampling are undone (every request scheduled by that step is where it was
-        before it, its pages kept), so the next ``step()`` goes on and produces the same tokens; a
-        request whose state cannot be restored (its compression failed half-way, its tokens were
-        lost with the device) is finished with reason ``"error"`` and its pages are freed. Outputs
-        the failed step had already produced are returned by the next step."""
-        with self._step_lock:
-            changed = self._undelivered
-            self._step(changed)
-            self._undelivered = []
-        self._apply_cancels()
-        return changed
-
-    def _step(self, changed: list[RequestOutput]) -> None:
-        """One step; its outputs go to ``changed`` (``self._undelivered``) as they come."""
-        changed += self._collect_compressions(block=False)
-        plan = self.scheduler.schedule()
-        try:
-            if self.inflight is not None and any(s.pending for s, _ in plan.prefill):
-                # a request preempted and readmitted at once: its prompt must be complete on the host
-                flight, self.inflight = self.inflight, None
-                self._resolve(flight, changed)
-                self._drop_finished(plan)
-            if plan.compress:
-                if self.async_compression:
-                    self._start_compressions(plan)
-                else:
-                    self._compress(plan)
-        finally:  # destination pages of compressions that never ran (the step failed first): back
-            for pages in plan.fresh_pages.values():
-                self.blocks.release(pages)
-            plan.fresh_pages.clear()
-        if plan.empty:
-            if self.inflight is not None:
-                flight, self.inflight = self.inflight, None
-                self._resolve(flight, changed)
-            elif self.pending:  # nothing else to run: wait for a compression to land
-                changed += self._collect_compressions(block=True)
-            return
-        scheduled = [s for s, _ in plan.prefill] + plan.decode
-        # What the forward and the sampling advance, to undo them if either raises (host values only).
-        saved = [(s.num_computed, s.stored, s.pending, s.last_pending) for s in scheduled]
-        previous = self.inflight
-        committed = False
-        try:
-            feed = previous.feed if previous is not None else None
-            logits = None
-            if self.use_graphs and not plan.prefill:
-                if not self.runner.graphs:
-                    self._capture()
-                logits = self.runner.decode_with_graph(plan.decode, feed)
-            if logits is None:
-                logits = self.runner.forward(plan.prefill, plan.decode, feed)
-            rows, seqs = [], []
-            for i, seq in enumerate(scheduled):
-                if seq.num_computed == seq.num_tokens:  # a whole prompt (or decode token) went through
-                    rows.append(i)
-                    seqs.append(seq)
-            self.inflight = self._launch_sampling(logits, rows, seqs) if seqs else None
-            committed = True
-        except BaseException:
-            if not committed:
-                # Undo the step: the KV it wrote lies past each sequence's stored length (rewritten
-                # before it is read), its query-ring rows are rewritten before a compression reads
-                # them, and the tokens of ``previous`` are still on the device to be fed again.
-                self.inflight = previous
-                for seq, (computed, stored, pending, last) in zip(scheduled, saved):
-                    seq.num_computed, seq.stored, seq.pending, seq.last_pending = computed, stored, pending, last
-            raise
-        for seq in scheduled:  # (only once committed: a page registered is shared, never rewritten)
-            self.scheduler.register_prefix(seq)
-        launched = self.inflight
-        if not self.async_scheduling:
-            self.inflight = None
-        try:
-            if previous is not None:  # the previous step's tokens: the GPU is busy with this one meanwhile
-                self._resolve(previous, changed)
-        finally:
-            if not self.async_scheduling and launched is not None:
-                self._resolve(launched, changed)
-
-    def _launch_sampling(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> _Inflight:
-        """Sample on the device and start copying the tokens to the host; the tokens stay pending."""
-        if len(rows) < logits.shape[0]:
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        tokens = sample_tensor(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        host, event = tokens, None
-        if tokens.device.type == "cuda":
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        for seq in seqs:
-            seq.pending += 1
-            if (len(seq.output_ids) + seq.pending >= seq.params.max_tokens
-                    or seq.num_tokens >= self.max_model_len):
-                seq.last_pending = True  # that token ends it whatever its value: schedule it no more
-        return _Inflight(seqs, Feed(tokens, {id(s): i for i, s in enumerate(seqs)}), host, event)
-
-    def _resolve(self, flight: _Inflight, changed: list[RequestOutput]) -> None:
-        """Wait for a step's tokens on the host and book them (stop checks included). Every token
-        of the flight is accounted for even when something raises: a request whose token cannot be
-        read or booked is finished with reason "error"; the first exception is raised at the end."""
-        try:
-            if flight.event is not None:
-                flight.event.synchronize()
-            tokens = flight.host.tolist()
-        except BaseException:  # the tokens are lost: their requests cannot go on
-            for seq in flight.seqs:
-                seq.pending -= 1
-                self._fail(seq)
-            raise
-        error = None
-        for seq, token in zip(flight.seqs, tokens):
-            seq.pending -= 1
-            if seq.finished or seq.finish_requested is not None or seq.cancel_requested:
-                continue  # stopped earlier (cancelled, or by an earlier token): this token is dropped
-            try:
-                self._append(seq, token)
-                changed.append(seq.output())
-            except BaseException as e:  # (e.g. the tokenizer's decode): this request only
-                error = error if error is not None else e
-                self._fail(seq)
-        if error is not None:
-            raise error
-
-    def _fail(self, seq: Sequence) -> None:
-        """Finish a request a failure left in an unknown state (reason "error"; its pages freed); its
-        output goes with the step's."""
-        if seq.finished or seq.cancel_requested or seq.finish_requested is not None:
-            return  # finishing anyway
-        if seq.compressing:  # its pages are still being read and written on the side stream
-            seq.finish_requested = "error"
-            return
-        self.scheduler.finish(seq, "error")
-        self._undelivered.append(seq.output())
-
-    def _abort_compressions(self, failed, skipped) -> None:
-        """Compressions that raised (``failed`` groups: pages possibly compacted half-way, the sequences
-        are finished with reason "error") or never ran (``skipped``: planned again by a later step)."""
-        for groups, fail in ((failed, True), (skipped, False)):
-            for seqs, _, fresh in groups:
-                for seq in seqs:
-                    seq.compressing = False
-                    if fresh is not None and fresh[id(seq)] is not seq.pages:
-                        self.blocks.release(fresh[id(seq)])  # not handed to the sequence yet
-                    if fail:
-                        self._fail(seq)
-
-    def _drop_finished(self, plan) -> None:
-        """Take requests that finished while the plan was made out of it (their fresh pages back)."""
-        for seq in [s for s in plan.compress if s.finished]:
-            plan.compress.remove(seq)
-            self.blocks.release(plan.fresh_pages.pop(id(seq), []))
-        plan.decode = [s for s in plan.decode if not s.finished]
-        plan.prefill = [(s, n) for s, n in plan.prefill if not s.finished]
-
-    def _capture(self) -> None:
-        page = self.blocks.page_size
-        if self.zipage_config is not None:
-            width = -(-(self.zipage_config.capacity + 1) // page)
-        else:
-            width = -(-self.max_model_len // page)
-        self.runner.capture_graphs(self.scheduler.max_concurrency, width)
-
-    def _groups(self, plan) -> list[tuple[list[Sequence], bool, dict | None]]:
-        """Sequences compressed together: same stored length, same first-ness, same destination kind."""
-        groups: dict[tuple, list[Sequence]] = {}
-        for seq in plan.compress:
-            key = (seq.stored, seq.compressions == 0, id(seq) in plan.fresh_pages)
-            groups.setdefault(key, []).append(seq)
-        return [(seqs, first, {id(s): plan.fresh_pages[id(s)] for s in seqs} if fresh else None)
-                for (_, first, fresh), seqs in groups.items()]
-
-    def _compress(self, plan) -> None:
-        groups = self._groups(plan)
-        plan.fresh_pages.clear()  # (now held by ``groups``)
-        for k, (seqs, first, fresh) in enumerate(groups):
-            try:
-                self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
-                self._compressed(seqs, fresh)
-            except BaseException:
-                self._abort_compressions(groups[k : k + 1], groups[k + 1 :])
-                raise
-
-    def _start_compressions(self, plan) -> None:
-        """Launch the plan's compressions on the side stream; their sequences sit out until they land."""
-        groups = self._groups(plan)
-        plan.fresh_pages.clear()  # (now held by ``groups``)
-        for seqs, _, _ in groups:
-            for seq in seqs:
-                seq.compressing = True
-        plan.decode = [s for s in plan.decode if not s.compressing]
-        event, launched = None, 0
-        side = self.side_stream
-        try:
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream())  # their last tokens are written
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                for seqs, first, fresh in groups:
-                    self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
-                    launched += 1
-                if side is not None:
-                    event = torch.cuda.Event()
-                    event.record(side)
-        except BaseException:
-            self._abort_compressions(groups[launched : launched + 1], groups[launched + 1 :])
-            if self.side_stream is not None:
-                try:  # pages just freed are reused on the main stream only after the side stream's work
-                    torch.cuda.current_stream().wait_stream(self.side_stream)
-                    event = torch.cuda.Event()
-                    event.record(self.side_stream)
-                except BaseException:  # (a dead device): the launched ones cannot be trusted either
-                    self._abort_compressions(groups[:launched], [])
-                    launched = 0
-            if launched:  # the groups launched before the failure land as usual
-                self.pending.append((event, [(seqs, fresh) for seqs, _, fresh in groups[:launched]]))
-            raise
-        self.pending.append((event, [(seqs, fresh) for seqs, _, fresh in groups]))
-
-    def _collect_compressions(self, block: bool) -> list[RequestOutput]:
-        """Book the compressions whose event completed (or all of them, with ``block``); returns the
-        outputs of the requests that could only finish now (stopped or cancelled meanwhile)."""
-        still, finished = [], []
-        for event, groups in self.pending:
-            if event is not None and not event.query():
-                if not block:
-                    still.append((event, groups))
-                    continue
-                event.synchronize()
-            for seqs, fresh in groups:
-                for seq in seqs:
-                    seq.compressing = False
-                self._compressed(seqs, fresh)
-                for seq in seqs:
-                    if seq.finished:
-                        continue
-                    if seq.cancel_requested:
-                        self.scheduler.finish(seq, "cancelled")
-                    elif seq.finish_requested is not None:
-                        self.scheduler.finish(seq, seq.finish_requested)
-                    else:
-                        continue
-                    finished.append(seq.output())
-            if event is not None:  # the main stream must see the compacted pages before using them
-                torch.cuda.current_stream().wait_event(event)
-        self.pending = still
-        return finished
-
-    def _compressed(self, seqs: list[Sequence], fresh: dict | None) -> None:
-        """Page bookkeeping once a compression has landed."""
-        budget = self.zipage_config.budget
-        keep_pages = self.scheduler.pages_for(budget + 1)
-        for seq in seqs:
-            if fresh is not None:
-                self.blocks.release(seq.pages)
-                seq.pages = fresh[id(seq)]
-            else:  # compacted in place (the scheduler already forgot those pages' hashes)
-                self.blocks.release(seq.pages[keep_pages:])
-                del seq.pages[keep_pages:]
-            seq.stored = budget
-            seq.compressions += 1
-            seq.cached_pages = 0
-        self.scheduler.compressions += len(seqs)
-
-    def _append(self, seq: Sequence, token: int) -> None:
-        seq.output_ids.append(token)
-        self.generated_tokens += 1
-        p = seq.params
-        n = len(seq.output_ids)
-        reason = None
-        if n >= p.min_tokens and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
-            reason = "stop"
-        if self.tokenizer is not None and (p.stop or reason or n >= p.max_tokens):
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            if p.stop and n >= p.min_tokens:
-                hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
-                if hits:
-                    seq.text = seq.text[: min(hits)]
-                    reason = "stop"
-        if reason is None and (n >= p.max_tokens or len(seq.prompt_token_ids) + n >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            if self.tokenizer is not None and seq.text is None:
-                seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            if seq.compressing:  # its pages are still being read and written on the side stream
-                seq.finish_requested = reason
-            else:
-                self.scheduler.finish(seq, reason)
+        With ``async_scheduling`` outputs arrive one step late, and a request stopped by a token
+        (EOS, a stop id or string) has run one more step, whose token is dropped. A request stopped
+        while its (asynchronous) compression is in flight is reported finished by the step that
+        collects that compression. Steps never overlap: a call made while another thread is inside
+        ``step()`` waits for it. A step that raises is undone (see ``EngineCore.step``): the next
+        ``step()`` goes on and produces the same tokens."""
+        return self.core.step()
 
     # ----------------------------------------------------------------------------- front ends
     def generate(self, prompts: Any, params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True, chat: bool = False) -> list[RequestOutput]:
         """Run every prompt to completion; one output per prompt, in order. A prompt is a string,
         a list of token ids or a 1-D tensor / array of them; a 2-D one is a batch of prompts."""
-        if isinstance(prompts, str) or (_is_array(prompts) and prompts.ndim <= 1) or (
-            isinstance(prompts, (list, tuple)) and prompts and _is_token(prompts[0])
-        ):
-            prompts = [prompts]
-        else:
-            try:
-                prompts = list(prompts)
-            except TypeError:
-                raise TypeError(f"generate() takes a prompt or a list of prompts, got prompts={prompts!r:.80} "
-                                f"({type(prompts).__name__})") from None
+        prompts = as_prompt_list(prompts)
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
@@ -615,9 +266,9 @@ class LLM:
                     bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
         except BaseException:  # a bad prompt, an interrupt, a failing step: leave nothing behind
             for seq in seqs:
-                self._cancel(seq)
+                self.core.cancel(seq)
                 self._forget(seq)
-            self._drop_abandoned()
+            self.core.drop_abandoned(set(self.requests))
             raise
         finally:
             if bar is not None:
@@ -626,27 +277,6 @@ class LLM:
         for seq in seqs:
             self._forget(seq)
         return outs
-
-    def _drop_abandoned(self) -> None:
-        """After a failed ``generate()``: let go at once of what only its cancelled requests still hold
-        (a token flight of finished requests, compressions of cancelled ones, outputs of forgotten
-        ones) rather than at the next step. Skipped while another thread is stepping."""
-        if not self._step_lock.acquire(blocking=False):
-            return
-        try:
-            flight = self.inflight
-            if flight is not None and all(s.finished for s in flight.seqs):
-                self.inflight = None  # their tokens are dropped anyway: nothing to wait for
-                for seq in flight.seqs:
-                    seq.pending -= 1
-            if self.pending and all(s.cancel_requested for _, groups in self.pending
-                                    for seqs, _ in groups for s in seqs):
-                self._collect_compressions(block=True)
-            self._undelivered = [o for o in self._undelivered if o.request_id in self.requests]
-        except Exception:  # (a dead device): the next step deals with it; the original error goes up
-            pass
-        finally:
-            self._step_lock.release()
 
     def stream(self, request_id: str) -> Iterator[list[int]]:
         """New token ids of one request as they come, driving the engine (other requests advance too)."""
@@ -673,13 +303,13 @@ class LLM:
         try:
             lock = self._loop_lock()
             while not seq.finished:
-                async with lock:  # one worker thread at a time per loop; ``_step_lock`` orders the rest
+                async with lock:  # one worker thread at a time per loop; the core's lock orders the rest
                     if not seq.finished:
                         await asyncio.to_thread(self._step_for, seq)
                 await asyncio.sleep(0)
             return seq.output()
         except BaseException:  # cancelled (client gone, timeout) or failed: the request goes too
-            self._cancel(seq)
+            self.core.cancel(seq)
             raise
         finally:
             self._forget(seq)
@@ -695,10 +325,10 @@ class LLM:
     def _step_for(self, seq: Sequence) -> None:
         """A worker thread's step, unless ``seq`` finished meanwhile. Holding the step lock while
         it runs, a step abandoned by a cancelled ``agenerate`` still blocks the next one."""
-        with self._step_lock:
+        with self.core.lock:
             if not seq.finished:
-                self.step()
-        self._apply_cancels()
+                self.core.step()
+        self.core.apply_cancels()
 
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
@@ -716,11 +346,13 @@ class LLM:
         }
 
 
-def _is_array(x: Any) -> bool:
-    """A torch tensor or a numpy array (numpy is not imported for the check)."""
-    return isinstance(x, torch.Tensor) or (hasattr(x, "ndim") and hasattr(x, "shape") and hasattr(x, "tolist")
-                                          and hasattr(x, "dtype"))
-
-
-def _is_token(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+def _available_ram() -> int:
+    """Bytes of RAM available now (Linux), or the total where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -184,6 +184,7 @@ class ModelRunner:
 
     def forward(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence], feed: Feed | None = None) -> torch.Tensor:
         """Run one packed step; returns the logits of each sequence's last token, prefill first.
+        The sequences are not changed: the step loop books what the forward wrote once it stands.
 
         A decoding sequence whose input token is pending (sampled by the previous step, not yet
         on the host) takes it from ``feed`` on the device."""
@@ -228,11 +229,7 @@ class ModelRunner:
         input_ids = input_ids[None]
         position_ids = torch.tensor(pos, dtype=torch.long, device=dev)[None]
         keep = torch.tensor(last, dtype=torch.long, device=dev)
-        logits = self._model_call(meta, input_ids, position_ids, keep)
-        for seq, n in prefill + [(s, 1) for s in decode]:
-            seq.num_computed += n
-            seq.stored += n
-        return logits[0]
+        return self._model_call(meta, input_ids, position_ids, keep)[0]
 
     def _model_call(self, meta: StepMeta, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
         """The model's own forward with the engine attention in place (restored afterwards)."""
@@ -320,9 +317,6 @@ class ModelRunner:
         self._feed_ids(self.g_ids, decode, 0, feed)
         graph, logits = self.graphs[b]
         graph.replay()
-        for s in decode:
-            s.num_computed += 1
-            s.stored += 1
         return logits[0, :n]
 
     # ----------------------------------------------------------------------------- compression

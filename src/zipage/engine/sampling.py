@@ -96,15 +96,23 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` ([n, V]); greedy rows in one argmax, sampled rows one by one."""
-    return sample_tensor(logits, params, generators).tolist()
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           suppress: list[list[int] | None] | None = None) -> list[int]:
+    """One token per row of ``logits`` ([n, V]); greedy rows in one argmax, sampled rows one by one.
+    ``suppress[i]`` lists token ids row ``i`` may not take (EOS and stop ids before ``min_tokens``)."""
+    return sample_tensor(logits, params, generators, suppress).tolist()
 
 
 def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> torch.Tensor:
+                  generators: list[torch.Generator | None],
+                  suppress: list[list[int] | None] | None = None) -> torch.Tensor:
     """``sample`` without leaving the device: ``[n]`` int64 token ids on ``logits``' device."""
     logits = logits.float()
+    if suppress is not None and any(suppress):
+        rows = [i for i, ids in enumerate(suppress) if ids for _ in ids]
+        cols = [t for ids in suppress if ids for t in ids]
+        logits = logits.index_put((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
+                                  torch.tensor(float("-inf"), device=logits.device))
     out = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if p.greedy:

@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..config import ZipageConfig
-from ..memory.block_manager import BlockManager, page_hash
+from ..memory.block_manager import BlockManager
 from ..scoring import get_scorer
 from .sequence import Sequence, Status
 
@@ -78,7 +78,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page)
+        return self.blocks.pages_for(tokens)
 
     def compress_at(self, seq: Sequence) -> int:
         """Stored length at which ``seq`` is compressed before it stores another token: where
@@ -93,9 +93,7 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's pages and query slot."""
-        self.blocks.release(seq.pages)
-        seq.pages = []
-        seq.cached_pages = 0
+        self.blocks.free(seq)
         if seq.slot >= 0:
             self.free_slots.append(seq.slot)
             seq.slot = -1
@@ -118,42 +116,6 @@ class Scheduler:
         seq.num_computed = seq.stored = 0
         self.waiting.appendleft(seq)
         self.preemptions += 1
-
-    # ----------------------------------------------------------------------------- prefix cache
-    def prompt_hashes(self, seq: Sequence, upto: int) -> list[bytes]:
-        hashes, prev = [], None
-        for i in range(upto):
-            prev = page_hash(prev, seq.prompt_token_ids[i * self.page : (i + 1) * self.page])
-            hashes.append(prev)
-        return hashes
-
-    def _reuse_prefix(self, seq: Sequence) -> None:
-        if not self.blocks.enable_prefix_caching:
-            return
-        n = len(seq.prompt_token_ids)
-        # always compute the last token, and the last `window` ones when the scorer reads their queries
-        reusable = max(0, min(n - 1, n - self.recompute_tail)) // self.page
-        for h in self.prompt_hashes(seq, reusable):
-            page = self.blocks.cached(h)
-            if page is None:
-                break
-            self.blocks.acquire(page)
-            seq.pages.append(page)
-            seq.num_computed += self.page
-            seq.stored += self.page
-            seq.cached_pages += 1
-
-    def register_prefix(self, seq: Sequence) -> None:
-        """After a prefill chunk: make the sequence's newly completed prompt pages shareable."""
-        if not self.blocks.enable_prefix_caching or seq.compressions:
-            return
-        full = min(seq.num_computed, len(seq.prompt_token_ids)) // self.page
-        if full <= seq.cached_pages:
-            return
-        hashes = self.prompt_hashes(seq, full)
-        for i in range(seq.cached_pages, full):
-            self.blocks.register(seq.pages[i], hashes[i])
-        seq.cached_pages = full
 
     # ----------------------------------------------------------------------------- the decision
     def schedule(self) -> Step:
@@ -186,16 +148,15 @@ class Scheduler:
             decoding = [s for s in decoding if s is not victim]
             need = self._plan_pages(decoding, step)
             total = sum(need.values())
-        keep = self.pages_for(self.cfg.budget + 1) if self.cfg is not None else 0
-        for seq in step.compress:
-            if id(seq) not in step.fresh_pages:
-                for p in seq.pages[:keep]:  # rewritten in place: no request may find them cached now
-                    self.blocks.unregister(p)
+        compress = {id(s) for s in step.compress}
         for seq in decoding:
             if id(seq) in step.fresh_pages:
-                step.fresh_pages[id(seq)] = self.blocks.allocate(need[id(seq)])
-            elif need[id(seq)]:
-                seq.pages.extend(self.blocks.allocate(need[id(seq)]))
+                step.fresh_pages[id(seq)] = self.blocks.fresh_pages(self.cfg.budget + 1)
+            elif id(seq) in compress:
+                self.blocks.prepare_in_place(seq, self.cfg.budget)
+                self.blocks.reserve(seq, self.cfg.budget + 1)
+            else:
+                self.blocks.reserve(seq, seq.stored + 1)
         step.decode = decoding
         budget_tokens -= len(decoding)
         # 2. prefill chunks: running sequences still in prefill, then new admissions
@@ -209,7 +170,7 @@ class Scheduler:
         while self.waiting and budget_tokens > 0 and len(self.running) < self.max_concurrency and self.free_slots:
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.pages:
-                self._reuse_prefix(seq)
+                self.blocks.match_prefix(seq, self.recompute_tail)
             n = self._chunk(seq, budget_tokens)
             if n == 0:
                 if seq.pages:  # waiting sequences hold no pages: give back the prefix it just found
@@ -240,7 +201,7 @@ class Scheduler:
             if self.needs_compression(seq):
                 step.compress.append(seq)
                 fresh_n = self.pages_for(self.cfg.budget + 1)
-                if any(self.blocks.refs[p] > 1 for p in seq.pages):
+                if any(self.blocks.is_shared(p) for p in seq.pages):
                     # shared pages are only ever read: compact into fresh pages
                     step.fresh_pages[id(seq)] = []
                     need[id(seq)] = fresh_n
@@ -276,5 +237,5 @@ class Scheduler:
             n = min(n, have + extra * self.page)
             if n <= 0:
                 return 0
-            seq.pages.extend(self.blocks.allocate(self.pages_for(n - have) if n > have else 0))
+            self.blocks.reserve(seq, seq.stored + n)
         return n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,6 +59,7 @@ class Sequence:
     cached_pages: int = 0  # leading pages whose hashes are registered (shared or shareable)
     generator: torch.Generator | None = None
     streamed: int = 0  # output tokens already handed to a stream
+    detokenizer: Any = None  # the incremental text, while stop strings are checked (outputs.IncrementalText)
 
     @property
     def tokens(self) -> list[int]:

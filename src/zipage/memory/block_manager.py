@@ -1,21 +1,28 @@
-"""The engine's page pool: fixed size, reference counts, and prefix caching.
+"""The engine's page owner: every change to a sequence's pages goes through ``BlockManager``.
 
-Prefix caching (vLLM / nano-vllm style): every full prompt page gets a hash
-chained from the previous page's hash and its own token ids. A page whose hash
-is registered can be shared by later requests with the same prefix (reference
-count above one). A page whose count drops to zero goes back to the free list
-but keeps its hash, so a later request can revive it until the page is handed
-out for something else. Shared pages are never written: new tokens always go
-to pages of their own, and a sequence's first compression writes its kept
-tokens into fresh pages.
+It wraps the one allocator (``PagePool``, fixed size) and keeps prefix caching beside it
+(vLLM / nano-vllm style): every full prompt page gets a hash chained from the previous page's
+hash and its own token ids. A page whose hash is registered can be shared by later requests
+with the same prefix (reference count above one). A page whose count drops to zero goes back
+to the free list but keeps its hash, so a later request can revive it until the page is handed
+out for something else. Shared pages are never written: new tokens always go to pages of their
+own, and a sequence whose pages are shared is compacted into fresh pages.
+
+Who calls what: the scheduler decides (``reserve``, ``free``, ``match_prefix``,
+``fresh_pages``, ``prepare_in_place``), the step loop records what a forward wrote
+(``append``, ``register_prefix``) and what a compaction left (``compacted``). Nothing else
+writes ``seq.pages``, ``seq.stored`` or ``seq.cached_pages``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-from .pool import OutOfPagesError
+from .pool import PagePool
+
+if TYPE_CHECKING:  # (the engine's Sequence; memory/ imports nothing from the engine at run time)
+    from ..engine.sequence import Sequence
 
 
 def page_hash(prev: bytes | None, tokens: list[int]) -> bytes:
@@ -27,73 +34,141 @@ def page_hash(prev: bytes | None, tokens: list[int]) -> bytes:
 
 
 class BlockManager:
-    """Page ids with reference counts, an LRU free list and a hash table of cached pages."""
+    """Pages of the engine's sequences: allocation, reference counts, prefix hashes."""
 
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
         if num_pages < 1:
             raise ValueError(f"the KV pool needs at least one page, got num_pages={num_pages}")
-        self.num_pages = num_pages
+        self.pool = PagePool(num_pages)
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.refs = [0] * num_pages
-        self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))
         self.hash_of: list[bytes | None] = [None] * num_pages
         self.page_of: dict[bytes, int] = {}
         self.hits = 0  # prompt pages served from the cache
 
+    # ----------------------------------------------------------------------------- pages
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return self.pool.num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self.free)
+        return self.pool.num_used
+
+    @property
+    def refs(self) -> list[int]:
+        return self.pool.refs
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
 
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` pages (least recently freed first); their old hashes are forgotten."""
-        if n > len(self.free):
-            raise OutOfPagesError(f"asked for {n} pages, only {len(self.free)} of {self.num_pages} are free")
-        pages = []
-        for _ in range(n):
-            p, _ = self.free.popitem(last=False)
+        pages = self.pool.allocate(n)
+        for p in pages:
             self._forget(p)
-            self.refs[p] = 1
-            pages.append(p)
         return pages
 
     def release(self, pages: list[int]) -> None:
         """Drop one reference to each page; at zero it is free again (its hash stays, for revival)."""
-        for p in pages:
-            if self.refs[p] <= 0:
-                raise ValueError(f"page {p} released more often than it was taken")
-            self.refs[p] -= 1
-            if self.refs[p] == 0:
-                self.free[p] = None
+        self.pool.free(pages)
 
-    def cached(self, h: bytes) -> int | None:
-        """The page holding the prefix with hash ``h``, if any (in use or free but not yet reused)."""
-        return self.page_of.get(h) if self.enable_prefix_caching else None
-
-    def acquire(self, page: int) -> None:
-        """Take a reference to a cached page (reviving it from the free list if needed)."""
-        if self.refs[page] == 0:
-            del self.free[page]
-        self.refs[page] += 1
-        self.hits += 1
-
-    def register(self, page: int, h: bytes) -> None:
-        """Record that ``page`` holds the full prompt page with hash ``h``."""
-        if not self.enable_prefix_caching or h in self.page_of or self.hash_of[page] is not None:
-            return
-        self.hash_of[page] = h
-        self.page_of[h] = page
+    def is_shared(self, page: int) -> bool:
+        return self.pool.refcount(page) > 1
 
     def is_registered(self, page: int) -> bool:
         return self.hash_of[page] is not None
 
-    def unregister(self, page: int) -> None:
-        """Forget a page's hash (its content is about to change)."""
-        self._forget(page)
+    # ----------------------------------------------------------------------------- sequences
+    def reserve(self, seq: Sequence, tokens: int) -> None:
+        """Make ``seq`` hold pages for ``tokens`` stored tokens (it may already hold more)."""
+        need = self.pages_for(tokens) - len(seq.pages)
+        if need > 0:
+            seq.pages.extend(self.allocate(need))
+
+    def free(self, seq: Sequence) -> None:
+        """Give back every page of ``seq``."""
+        self.release(seq.pages)
+        seq.pages = []
+        seq.cached_pages = 0
+
+    def append(self, seq: Sequence, n: int) -> None:
+        """Record that a forward wrote the KV of ``seq``'s next ``n`` tokens into its pages."""
+        if seq.stored + n > len(seq.pages) * self.page_size:
+            raise RuntimeError(f"request {seq.request_id!r} wrote past its pages")
+        seq.num_computed += n
+        seq.stored += n
+
+    def fresh_pages(self, tokens: int) -> list[int]:
+        """Destination pages of a compaction into fresh pages."""
+        return self.allocate(self.pages_for(tokens))
+
+    def prepare_in_place(self, seq: Sequence, kept: int) -> None:
+        """Before compacting ``seq`` in place: the pages it keeps are rewritten (the tail page
+        too, by the next token), so no request may find them cached any more."""
+        for p in seq.pages[: self.pages_for(kept + 1)]:
+            self._forget(p)
+
+    def compacted(self, seq: Sequence, kept: int, fresh: list[int] | None) -> None:
+        """After a compaction that kept ``kept`` tokens (in place, or into ``fresh`` pages)."""
+        if fresh is not None:
+            self.release(seq.pages)
+            seq.pages = fresh
+        else:  # the surplus pages go back (the tail page keeps room for the next token)
+            keep = self.pages_for(kept + 1)
+            self.release(seq.pages[keep:])
+            del seq.pages[keep:]
+        seq.stored = kept
+        seq.cached_pages = 0
+
+    # ----------------------------------------------------------------------------- prefix cache
+    def prompt_hashes(self, prompt: list[int], pages: int) -> list[bytes]:
+        hashes, prev = [], None
+        p = self.page_size
+        for i in range(pages):
+            prev = page_hash(prev, prompt[i * p : (i + 1) * p])
+            hashes.append(prev)
+        return hashes
+
+    def match_prefix(self, seq: Sequence, recompute_tail: int = 0) -> None:
+        """Give a new sequence the cached pages of its prompt's longest cached prefix. The last
+        prompt token, and the last ``recompute_tail`` ones, are always computed again."""
+        if not self.enable_prefix_caching:
+            return
+        n = len(seq.prompt_token_ids)
+        reusable = max(0, min(n - 1, n - recompute_tail)) // self.page_size
+        for h in self.prompt_hashes(seq.prompt_token_ids, reusable):
+            page = self.page_of.get(h)
+            if page is None:
+                break
+            if self.pool.is_free(page):
+                self.pool.revive(page)
+            else:
+                self.pool.share(page)
+            self.hits += 1
+            seq.pages.append(page)
+            seq.num_computed += self.page_size
+            seq.stored += self.page_size
+            seq.cached_pages += 1
+
+    def register_prefix(self, seq: Sequence) -> None:
+        """After a prefill chunk: make the sequence's newly completed prompt pages shareable."""
+        if not self.enable_prefix_caching or seq.compressions:
+            return
+        full = min(seq.num_computed, len(seq.prompt_token_ids)) // self.page_size
+        if full <= seq.cached_pages:
+            return
+        hashes = self.prompt_hashes(seq.prompt_token_ids, full)
+        for i in range(seq.cached_pages, full):
+            page, h = seq.pages[i], hashes[i]
+            if h not in self.page_of and self.hash_of[page] is None:
+                self.hash_of[page] = h
+                self.page_of[h] = page
+        seq.cached_pages = full
 
     def _forget(self, page: int) -> None:
         h = self.hash_of[page]
@@ -104,11 +179,6 @@ class BlockManager:
 
     def check(self, owners: list[list[int]]) -> None:
         """Assert the invariants against the page lists of every live sequence (tests use this)."""
-        counts = [0] * self.num_pages
-        for pages in owners:
-            for p in pages:
-                counts[p] += 1
-        assert counts == self.refs, "reference counts differ from the owners' page lists"
-        assert set(self.free) == {p for p in range(self.num_pages) if self.refs[p] == 0}, "free list out of sync"
+        self.pool.check(owners)
         for h, p in self.page_of.items():
             assert self.hash_of[p] == h, "hash table out of sync"

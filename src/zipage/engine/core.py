@@ -1,0 +1,263 @@
+"""The step loop: schedule, compress, run the model, sample, book; undone when a step fails.
+
+One ``EngineCore.step()`` at a time (a lock orders the threads that drive it). Its parts:
+the ``Scheduler`` decides who runs and who is compressed, the ``BlockManager`` owns the pages,
+``Compressions`` runs and lands compressions, the ``ModelRunner`` runs the forward, and the
+``OutputProcessor`` books each sampled token.
+
+With asynchronous scheduling the tokens a step samples stay on the device and feed the next
+step directly; the host reads them while the GPU runs that next step, so scheduling and
+bookkeeping overlap the GPU's work. Outputs therefore arrive one step late, and a request
+stopped by a token (EOS, a stop id or string) has run one more step, whose token is dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..memory.block_manager import BlockManager
+from .compressions import Compressions
+from .outputs import OutputProcessor
+from .runner import Feed, ModelRunner
+from .sampling import sample_tensor
+from .scheduler import Scheduler, Step
+from .sequence import RequestOutput, Sequence
+
+
+@dataclass
+class Flight:
+    """A step's sampled tokens on their way to the host."""
+
+    seqs: list[Sequence]
+    feed: Feed  # the tokens on the device, for the next step's inputs
+    host: torch.Tensor  # their copy on the host (pinned), valid once ``event`` completed
+    event: Any  # torch.cuda.Event, or None on a CPU
+
+
+class EngineCore:
+    """Drives the steps of one engine; every part is built by ``LLM`` and handed in."""
+
+    def __init__(self, scheduler: Scheduler, blocks: BlockManager, runner: ModelRunner,
+                 outputs: OutputProcessor, *, budget: int | None, async_compression: bool,
+                 async_scheduling: bool, use_graphs: bool, graph_table_width: int) -> None:
+        self.scheduler = scheduler
+        self.blocks = blocks
+        self.runner = runner
+        self.outputs = outputs
+        self.async_compression = async_compression
+        self.async_scheduling = async_scheduling
+        self.use_graphs = use_graphs
+        self.graph_table_width = graph_table_width
+        side = None
+        if async_compression and runner.device.type == "cuda":
+            side = torch.cuda.Stream(runner.device)
+        self.compressions = Compressions(runner, scheduler, blocks, budget or 0, side, self.fail)
+        self.inflight: Flight | None = None  # the last step's tokens, not yet on the host
+        # One step at a time, whichever thread (agenerate's workers, a server loop) drives the engine.
+        self.lock = threading.RLock()
+        self.to_cancel: list[Sequence] = []  # cancellations waiting for the step in progress to end
+        # the outputs of the step in progress, as they come; those of a step that raised stay for the next
+        self.undelivered: list[RequestOutput] = []
+
+    def has_unfinished(self) -> bool:
+        s = self.scheduler
+        return bool(s.waiting or s.running or self.compressions or self.to_cancel)
+
+    # ----------------------------------------------------------------------------- cancellation
+    def cancel(self, seq: Sequence) -> None:
+        """Stop ``seq`` now, or as soon as the step in progress (another thread's) returns."""
+        self.to_cancel.append(seq)
+        self.apply_cancels()
+
+    def apply_cancels(self) -> None:
+        """Carry out the queued cancellations unless another thread is stepping (it does them when
+        it is done: every full release of the lock is followed by this call)."""
+        while self.to_cancel and self.lock.acquire(blocking=False):
+            try:
+                while self.to_cancel:
+                    seq = self.to_cancel.pop(0)
+                    if seq.compressing:  # its pages are still being read and written on the side stream
+                        seq.cancel_requested = True
+                    elif not seq.finished:
+                        self.scheduler.finish(seq, "cancelled")
+            finally:
+                self.lock.release()
+
+    def fail(self, seq: Sequence) -> None:
+        """Finish a request a failure left in an unknown state (reason "error"; its pages freed); its
+        output goes with the step's."""
+        if seq.finished or seq.cancel_requested or seq.finish_requested is not None:
+            return  # finishing anyway
+        if seq.compressing:  # its pages are still being read and written on the side stream
+            seq.finish_requested = "error"
+            return
+        self.scheduler.finish(seq, "error")
+        self.undelivered.append(seq.output())
+
+    def drop_abandoned(self, known: set[str]) -> None:
+        """After a failed ``generate()``: let go at once of what only cancelled requests still hold
+        (a token flight of finished requests, compressions of cancelled ones, outputs of requests
+        not in ``known``) rather than at the next step. Skipped while another thread is stepping."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            flight = self.inflight
+            if flight is not None and all(s.finished for s in flight.seqs):
+                self.inflight = None  # their tokens are dropped anyway: nothing to wait for
+                for seq in flight.seqs:
+                    seq.pending -= 1
+            self.compressions.drop_cancelled()
+            self.undelivered = [o for o in self.undelivered if o.request_id in known]
+        except Exception:  # (a dead device): the next step deals with it; the original error goes up
+            pass
+        finally:
+            self.lock.release()
+
+    # ----------------------------------------------------------------------------- one step
+    def step(self) -> list[RequestOutput]:
+        """One scheduling step; returns the requests that got new tokens or finished.
+
+        A step that raises (the model, the sampler, an interrupt) leaves the engine consistent:
+        nothing it scheduled has moved (every request keeps its counters, pages and seeded
+        generator), so the next ``step()`` goes on and produces the same tokens; a request whose
+        state cannot be restored (its compression failed half-way, its tokens were lost with the
+        device) is finished with reason ``"error"`` and its pages are freed. Outputs the failed
+        step had already produced are returned by the next step."""
+        with self.lock:
+            changed = self.undelivered
+            self._step(changed)
+            self.undelivered = []
+        self.apply_cancels()
+        return changed
+
+    def _step(self, changed: list[RequestOutput]) -> None:
+        changed += [s.output() for s in self.compressions.collect(block=False)]
+        plan = self.scheduler.schedule()
+        try:
+            if self.inflight is not None and any(s.pending for s, _ in plan.prefill):
+                # a request preempted and readmitted at once: its prompt must be complete on the host
+                flight, self.inflight = self.inflight, None
+                self._resolve(flight, changed)
+                self._drop_finished(plan)
+            if plan.compress:
+                if self.async_compression:
+                    self.compressions.launch(plan)
+                else:
+                    self.compressions.run(plan)
+        finally:  # destination pages of compressions that never ran (the step failed first): back
+            for pages in plan.fresh_pages.values():
+                self.blocks.release(pages)
+            plan.fresh_pages.clear()
+        if plan.empty:
+            if self.inflight is not None:
+                flight, self.inflight = self.inflight, None
+                self._resolve(flight, changed)
+            elif self.compressions:  # nothing else to run: wait for a compression to land
+                changed += [s.output() for s in self.compressions.collect(block=True)]
+            return
+        previous = self.inflight
+        launched = self._forward_and_sample(plan, previous)
+        if not self.async_scheduling:
+            self.inflight = None
+        try:
+            if previous is not None:  # the previous step's tokens: the GPU is busy with this one meanwhile
+                self._resolve(previous, changed)
+        finally:
+            if not self.async_scheduling and launched is not None:
+                self._resolve(launched, changed)
+
+    def _forward_and_sample(self, plan: Step, previous: Flight | None) -> Flight | None:
+        """Run the plan's forward and sample; nothing is booked on the host unless both succeed
+        (the KV a failed forward wrote lies past each sequence's stored length and is rewritten
+        before it is read; its query-ring rows are rewritten before a compression reads them; the
+        tokens of ``previous`` are still on the device to be fed again)."""
+        scheduled = [(s, n) for s, n in plan.prefill] + [(s, 1) for s in plan.decode]
+        feed = previous.feed if previous is not None else None
+        logits = None
+        if self.use_graphs and not plan.prefill:
+            if not self.runner.graphs:
+                self.runner.capture_graphs(self.scheduler.max_concurrency, self.graph_table_width)
+            logits = self.runner.decode_with_graph(plan.decode, feed)
+        if logits is None:
+            logits = self.runner.forward(plan.prefill, plan.decode, feed)
+        # a sequence whose whole prompt (or decode token) went through gets a token
+        rows = [i for i, (s, n) in enumerate(scheduled) if s.num_computed + n == s.num_tokens]
+        seqs = [scheduled[i][0] for i in rows]
+        flight = self._launch_sampling(logits, rows, seqs) if seqs else None
+        # committed: from here on the step's work stands
+        for seq, n in scheduled:
+            self.blocks.append(seq, n)
+            self.blocks.register_prefix(seq)  # (a page registered is shared, never rewritten)
+        for seq in seqs:
+            seq.pending += 1
+            if (len(seq.output_ids) + seq.pending >= seq.params.max_tokens
+                    or seq.num_tokens >= self.outputs.max_model_len):
+                seq.last_pending = True  # that token ends it whatever its value: schedule it no more
+        self.inflight = flight
+        return flight
+
+    def _launch_sampling(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> Flight:
+        """Sample on the device and start copying the tokens to the host. A failure leaves each seeded
+        request's generator where it was."""
+        if len(rows) < logits.shape[0]:
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        gens = [s.generator for s in seqs]
+        saved = [(g, g.get_state()) for g in gens if g is not None]
+        try:
+            tokens = sample_tensor(logits, [s.params for s in seqs], gens,
+                                   [self.outputs.suppressed(s) for s in seqs])
+            host, event = tokens, None
+            if tokens.device.type == "cuda":
+                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+        except BaseException:
+            for g, state in saved:
+                g.set_state(state)
+            raise
+        return Flight(seqs, Feed(tokens, {id(s): i for i, s in enumerate(seqs)}), host, event)
+
+    def _resolve(self, flight: Flight, changed: list[RequestOutput]) -> None:
+        """Wait for a step's tokens on the host and book them (stop checks included). Every token
+        of the flight is accounted for even when something raises: a request whose token cannot be
+        read or booked is finished with reason "error"; the first exception is raised at the end."""
+        try:
+            if flight.event is not None:
+                flight.event.synchronize()
+            tokens = flight.host.tolist()
+        except BaseException:  # the tokens are lost: their requests cannot go on
+            for seq in flight.seqs:
+                seq.pending -= 1
+                self.fail(seq)
+            raise
+        error = None
+        for seq, token in zip(flight.seqs, tokens):
+            seq.pending -= 1
+            if seq.finished or seq.finish_requested is not None or seq.cancel_requested:
+                continue  # stopped earlier (cancelled, or by an earlier token): this token is dropped
+            try:
+                reason = self.outputs.append(seq, token)
+                if reason is not None:
+                    if seq.compressing:  # its pages are still being read and written on the side stream
+                        seq.finish_requested = reason
+                    else:
+                        self.scheduler.finish(seq, reason)
+                changed.append(seq.output())
+            except BaseException as e:  # (e.g. the tokenizer's decode): this request only
+                error = error if error is not None else e
+                self.fail(seq)
+        if error is not None:
+            raise error
+
+    def _drop_finished(self, plan: Step) -> None:
+        """Take requests that finished while the plan was made out of it (their fresh pages back)."""
+        for seq in [s for s in plan.compress if s.finished]:
+            plan.compress.remove(seq)
+            self.blocks.release(plan.fresh_pages.pop(id(seq), []))
+        plan.decode = [s for s in plan.decode if not s.finished]
+        plan.prefill = [(s, n) for s, n in plan.prefill if not s.finished]

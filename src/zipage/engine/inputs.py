@@ -1,0 +1,82 @@
+"""What a request may be: prompts as strings, token ids, tensors or arrays; checked by name."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+from .sampling import SamplingParams
+
+
+def is_array(x: Any) -> bool:
+    """A torch tensor or a numpy array (numpy is not imported for the check)."""
+    return isinstance(x, torch.Tensor) or (hasattr(x, "ndim") and hasattr(x, "shape") and hasattr(x, "tolist")
+                                          and hasattr(x, "dtype"))
+
+
+def is_token(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def as_prompt_list(prompts: Any) -> list[Any]:
+    """``generate()``'s prompts as a list: one prompt (a string, token ids, a 1-D tensor) or many."""
+    if isinstance(prompts, str) or (is_array(prompts) and prompts.ndim <= 1) or (
+        isinstance(prompts, (list, tuple)) and prompts and is_token(prompts[0])
+    ):
+        return [prompts]
+    try:
+        return list(prompts)
+    except TypeError:
+        raise TypeError(f"generate() takes a prompt or a list of prompts, got prompts={prompts!r:.80} "
+                        f"({type(prompts).__name__})") from None
+
+
+def tokenize(tokenizer: Any, prompt: Any, chat: bool) -> tuple[list[int], str | None]:
+    """Token ids of a prompt, and its text when it was a string."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("string prompts need a tokenizer: LLM(model, tokenizer) or pass token ids")
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        return [int(t) for t in ids], prompt
+    if is_array(prompt):  # a torch tensor or a numpy array of token ids
+        if prompt.ndim != 1:
+            raise TypeError(f"a tensor prompt must be 1-D token ids, got prompt of shape {tuple(prompt.shape)}")
+        prompt = prompt.tolist()
+    if isinstance(prompt, (list, tuple)):
+        for i, t in enumerate(prompt):
+            if not is_token(t):
+                raise TypeError(f"prompt token ids must be ints, got prompt[{i}]={t!r} ({type(t).__name__})")
+        return [int(t) for t in prompt], None
+    raise TypeError(f"a prompt is a string or a list of token ids, "
+                    f"got prompt={prompt!r:.80} ({type(prompt).__name__})")
+
+
+def check_request(ids: list[int], params: Any, request_id: Any, *, vocab: int, max_model_len: int,
+                  has_tokenizer: bool) -> None:
+    """Refuse a request before it touches the engine; every error names what is wrong."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    params.validate()
+    if request_id is not None and not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a str, got request_id={request_id!r} ({type(request_id).__name__})")
+    if params.stop and not has_tokenizer:
+        raise ValueError("stop strings need a tokenizer")
+    if not ids:
+        raise ValueError("the prompt is empty")
+    outside = [t for t in ids if not 0 <= t < vocab]
+    if outside:
+        raise ValueError(f"prompt token ids must lie in 0..{vocab - 1}, got {outside[0]} "
+                         f"at position {ids.index(outside[0])}")
+    outside = [t for t in params.stop_token_ids if t >= vocab]
+    if outside:
+        raise ValueError(f"SamplingParams.stop_token_ids={params.stop_token_ids!r} is invalid: "
+                         f"token id {outside[0]} is outside the vocabulary 0..{vocab - 1}")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {max_model_len}")

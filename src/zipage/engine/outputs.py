@@ -1,0 +1,117 @@
+"""Output processing: each sampled token is booked here (stop ids, stop strings, lengths, text).
+
+Text is decoded incrementally: each token decodes only a few tokens around it (a window that
+starts a few tokens back, so a word split over tokens and multi-byte characters come out right),
+and stop strings are searched only in the new text plus the tail of the old one that a stop
+string could straddle. A 32K-token output therefore costs O(n), not O(n^2). The final text is
+decoded once, whole, when the request finishes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .sequence import Sequence
+
+_UNFINISHED = "\ufffd"  # what a tokenizer decodes the first bytes of a multi-byte character to
+
+
+class IncrementalText:
+    """A request's output text, decoded a few tokens at a time."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.prefix_offset = 0  # tokens decoded only as the context of the next piece
+        self.read_offset = 0  # tokens whose text is already in ``pieces``
+        self.length = 0  # characters in ``pieces``
+
+    def add(self, tokenizer: Any, ids: list[int]) -> str:
+        """Decode what ``ids`` (the whole output so far) adds; returns the new text ('' while a
+        character is still incomplete)."""
+        prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith(_UNFINISHED):
+            return ""
+        new = full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        self.pieces.append(new)
+        self.length += len(new)
+        return new
+
+    def tail(self, n: int) -> str:
+        """The last ``n`` characters of the text so far."""
+        out = ""
+        for piece in reversed(self.pieces):
+            if len(out) >= n:
+                break
+            out = piece + out
+        return out[len(out) - n :] if n and len(out) > n else out if n else ""
+
+    def text(self) -> str:
+        if len(self.pieces) > 1:
+            self.pieces = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
+
+
+class OutputProcessor:
+    """Books sampled tokens into their requests and says when a request stops."""
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int], max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+        self.generated_tokens = 0
+
+    def suppressed(self, seq: Sequence) -> list[int] | None:
+        """Token ids the next token of ``seq`` may not be (EOS and stop ids before ``min_tokens``)."""
+        p = seq.params
+        if len(seq.output_ids) + seq.pending >= p.min_tokens:
+            return None
+        ids = list(p.stop_token_ids)
+        if not p.ignore_eos:
+            ids += [t for t in self.eos_ids if t not in ids]
+        return ids or None
+
+    def append(self, seq: Sequence, token: int) -> str | None:
+        """Book ``token`` for ``seq``; returns the reason it stops now ("stop", "length") or None."""
+        seq.output_ids.append(token)
+        self.generated_tokens += 1
+        p = seq.params
+        n = len(seq.output_ids)
+        reason = None
+        if n > p.min_tokens and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
+            reason = "stop"
+        stop_at = None
+        if self.tokenizer is not None and p.stop:
+            stop_at = self._find_stop(seq, n >= p.min_tokens)
+            if stop_at is not None:
+                reason = "stop"
+        if reason is None and (n >= p.max_tokens or len(seq.prompt_token_ids) + n >= self.max_model_len):
+            reason = "length"
+        if reason is not None and self.tokenizer is not None:
+            seq.text = self._final_text(seq, stop_at)
+        return reason
+
+    def _find_stop(self, seq: Sequence, may_stop: bool) -> int | None:
+        """Decode the new token's text; the index in the whole text where a stop string starts."""
+        if seq.detokenizer is None:
+            seq.detokenizer = IncrementalText()
+        d = seq.detokenizer
+        longest = max(len(s) for s in seq.params.stop)
+        before = d.length
+        overlap = d.tail(longest - 1)
+        new = d.add(self.tokenizer, seq.output_ids)
+        if not new or not may_stop:
+            return None
+        window = overlap + new
+        hits = [i for i in (window.find(s) for s in seq.params.stop) if i >= 0]
+        return before - len(overlap) + min(hits) if hits else None
+
+    def _final_text(self, seq: Sequence, stop_at: int | None) -> str:
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        if stop_at is None:
+            return text
+        # the whole decode and the incremental one agree but for rare tokenizer clean-ups: cut at
+        # the first stop string of the whole text, and at the incremental position otherwise
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        return text[: min(hits)] if hits else seq.detokenizer.text()[:stop_at]
