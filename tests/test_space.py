@@ -227,8 +227,10 @@ def test_space_in_a_browser(space_app, tmp_path):
 
             _set(page, "budget", "0")
             page.locator("#generate").click()
-            error = page.get_by_text("ZipageConfig.budget=0 is invalid")
-            error.first.wait_for(timeout=30_000)  # visible in the page
+            error = page.locator("[data-testid=toast-text]", has_text="ZipageConfig.budget=0 is invalid")
+            error.first.wait_for(timeout=30_000)  # shown in the page, as gradio shows errors
+            page.wait_for_timeout(500)  # let the toast finish sliding in before the screenshot
+            assert error.first.is_visible()
             page.screenshot(path=str(shots / "space_error.png"))
             assert "Traceback" not in page.content()
         finally:
