@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import zipage
 from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,9 +221,13 @@ def test_space_in_a_browser(space_app, tmp_path):
             compressions = int(re.search(r"compressions\s+(\d+)", stats).group(1))
             assert compressions >= 1, stats
             assert "memory saved" in stats and "answers first differ" in stats
-            shaded = page.locator("#kept-tokens span[title$='of heads keep this token']")
-            assert shaded.count() > 50
-            assert "James" in page.locator("#kept-tokens").inner_text()
+            kept = page.locator("#kept-tokens")
+            if hasattr(zipage.ZipageCache, "kept_positions"):
+                shaded = kept.locator("span[title$='of heads keep this token']")
+                assert shaded.count() > 50
+                assert "James" in kept.inner_text()
+            else:  # an older zipage: the app says so instead of shading
+                assert "not available" in kept.inner_text()
             page.screenshot(path=str(shots / "space.png"), full_page=True)
 
             _set(page, "budget", "0")
