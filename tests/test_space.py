@@ -3,6 +3,7 @@ real browser (Debian's chromium driven by Playwright, headless, against the app 
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -112,6 +114,29 @@ def test_examples_are_the_real_problems():
     for label, text in app.EXAMPLES.items():
         name, index = label.rsplit(" #", 1)
         assert math_problems(splits[name], int(index) + 1)[int(index)]["problem"] == text
+
+
+def test_zero_gpu_decorates_the_generating_function(monkeypatch):
+    """With the ``spaces`` package importable (ZeroGPU), compare() runs under spaces.GPU; without it,
+    undecorated."""
+    pytest.importorskip("gradio")
+    decorated = []
+
+    def gpu(duration=None):
+        def wrap(fn):
+            decorated.append(fn.__name__)
+            fn.zero_gpu = duration
+            return fn
+        return wrap
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=gpu))
+    monkeypatch.delitem(sys.modules, "app", raising=False)
+    on_zero_gpu = importlib.import_module("app")
+    assert decorated == ["compare"] and on_zero_gpu.compare.zero_gpu
+    monkeypatch.delitem(sys.modules, "spaces")
+    monkeypatch.delitem(sys.modules, "app")
+    plain = importlib.import_module("app")
+    assert not hasattr(plain.compare, "zero_gpu")
 
 
 # --------------------------------------------------------------------------- the app in a browser

@@ -101,7 +101,7 @@ def compare(model_id, prompt, budget, scorer, page_size, max_new_tokens, decodin
         raise gr.Error(f"could not load {model_id!r}: {error}") from None
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in recent versions
     else:
         ids = tokenizer(prompt)["input_ids"]
 
