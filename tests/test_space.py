@@ -116,6 +116,19 @@ def test_examples_are_the_real_problems():
         assert math_problems(splits[name], int(index) + 1)[int(index)]["problem"] == text
 
 
+def test_space_front_matter():
+    """README.md's front matter is what Hugging Face reads to build the Space."""
+    yaml = pytest.importorskip("yaml")
+    meta = yaml.safe_load((SPACE / "README.md").read_text().split("---")[1])
+    for key in ("title", "emoji", "sdk", "sdk_version", "app_file", "license", "models", "tags"):
+        assert meta.get(key), key
+    assert meta["sdk"] == "gradio" and (SPACE / meta["app_file"]).is_file()
+    assert len(meta["short_description"]) <= 60
+    gradio = pytest.importorskip("gradio")
+    assert meta["sdk_version"].split(".")[0] == gradio.__version__.split(".")[0]  # the major the app is written for
+    assert (SPACE / "requirements.txt").read_text().count("zipage") >= 1
+
+
 def test_zero_gpu_decorates_the_generating_function(monkeypatch):
     """With the ``spaces`` package importable (ZeroGPU), compare() runs under spaces.GPU; without it,
     undecorated."""
