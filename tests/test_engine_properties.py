@@ -9,6 +9,8 @@ pages nobody holds, no request is lost or duplicated, finished requests hold not
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -19,14 +21,14 @@ import zipage.engine.llm as llm_mod
 from zipage import LLM, SamplingParams
 from zipage.engine.runner import ModelRunner
 from zipage.engine.sequence import Status
-from zipage.memory import BlockManager, OutOfPagesError, page_hash
+from zipage.memory import BlockManager, OutOfPagesError
 
 VOCAB = 96
 STOP_IDS = [3, 7, 11, 13, 17]  # random logits pick one of them every ~20 tokens
 
 
 class CheckingRunner(ModelRunner):
-    """Bookkeeping like the real runner; instead of tensors, assertions about what would be written."""
+    """Like the real runner (it changes no sequence); instead of tensors, assertions about what would be written."""
 
     def __init__(self, model, num_pages, page_size, zipage_config, scorer, num_slots, fuse_ops=True):
         self.page_size = page_size
@@ -50,8 +52,6 @@ class CheckingRunner(ModelRunner):
                 page = seq.pages[j // self.page_size]
                 assert self.blocks.refs[page] == 1, "a shared page was written"
                 self.writes += 1
-            seq.num_computed += n
-            seq.stored += n
         g = torch.Generator().manual_seed(self.writes)
         return torch.randn(len(prefill) + len(decode), VOCAB, generator=g)
 
@@ -73,7 +73,8 @@ def check_invariants(llm: LLM, added: set[str]) -> None:
     assert len(ids) == len(set(ids)), "a request is queued twice"
     finished = {rid for rid, q in llm.requests.items() if q.finished}
     assert set(ids) | finished == added and not set(ids) & finished, "a request was lost"
-    in_flight = [pages for _, groups in llm.pending for _, fresh in groups if fresh for pages in fresh.values()]
+    in_flight = [pages for _, groups in llm.core.compressions.pending for _, _, fresh in groups if fresh
+                 for pages in fresh.values()]
     llm.blocks.check([q.pages for q in live] + in_flight)
     for q in llm.requests.values():
         if q.finished:
@@ -200,13 +201,16 @@ def test_block_manager_invariants(ops):
         elif op == "release" and owners:
             blocks.release(owners.pop(x % len(owners)))
         elif op == "register" and owners and owners[x % len(owners)]:
-            pages = owners[x % len(owners)]
-            blocks.register(pages[0], page_hash(None, [x]))
+            # the first page of an owner holds the prompt page [x] * 4 (plus one token to compute)
+            seq = SimpleNamespace(request_id="r", prompt_token_ids=[x] * 5, pages=owners[x % len(owners)][:1],
+                                  num_computed=4, stored=4, compressions=0, cached_pages=0)
+            blocks.register_prefix(seq)
         elif op == "hit":
-            page = blocks.cached(page_hash(None, [x]))
-            if page is not None:
-                blocks.acquire(page)
-                owners.append([page])
+            seq = SimpleNamespace(request_id="r", prompt_token_ids=[x] * 5, pages=[], num_computed=0, stored=0,
+                                  cached_pages=0)
+            blocks.match_prefix(seq)
+            if seq.pages:
+                owners.append(seq.pages)
         blocks.check(owners)
     for pages in owners:
         blocks.release(pages)

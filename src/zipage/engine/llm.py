@@ -327,7 +327,7 @@ class LLM:
         it runs, a step abandoned by a cancelled ``agenerate`` still blocks the next one."""
         with self.core.lock:
             if not seq.finished:
-                self.core.step()
+                self.step()
         self.core.apply_cancels()
 
     def stats(self) -> dict[str, Any]:
