@@ -23,7 +23,7 @@ def step_ms(model, requests: int, fuse_ops: bool, async_scheduling: bool, prompt
             merge: bool = True):
     llm = zipage.LLM(model, budget=2048, page_size=256, fuse_ops=fuse_ops, async_scheduling=async_scheduling)
     if not merge:  # norms and RoPE fused, projections as the model runs them (graphs are captured later)
-        llm.runner.merged = []
+        llm.runner.fusion.merged = []
     params = zipage.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
     if prompt_tokens is None:
         prompts = workload(requests, model.config.vocab_size)

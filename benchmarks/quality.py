@@ -383,7 +383,7 @@ def prefill(model, ids: torch.Tensor, zcfg, n: int):
 def run_chunked(model, ids, zcfg, tracker: Tracker, cache) -> dict[str, Any]:
     """Decode-time compression, ``buffer`` tokens per forward, from a cache holding ``budget + buffer`` tokens."""
     N = ids.shape[1]
-    first = zcfg.budget + zcfg.buffer
+    first = zcfg.capacity
     if cache.get_seq_length() != first:
         raise RuntimeError(f"expected a cache prefilled with {first} tokens, got {cache.get_seq_length()}")
     pos, peak = first, 0
@@ -403,9 +403,9 @@ def run_stepwise(model, ids, zcfg, tracker: Tracker, prefix: int) -> dict[str, A
 
     N = ids.shape[1]
     cache = zipage.ZipageCache(config=model.config, zipage_config=zcfg)
-    prefix = min(prefix, zcfg.budget + zcfg.buffer)
+    prefix = min(prefix, zcfg.capacity)
     model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    first = zcfg.budget + zcfg.buffer
+    first = zcfg.capacity
     peak = 0
     for t in range(prefix, N - 1):
         out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
@@ -480,7 +480,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
             prefilled: dict[int, Any] = {}
             for label, fields in rows:
                 zcfg = zipage.ZipageConfig(**{**base, **fields, "budget": B})
-                first = zcfg.budget + zcfg.buffer
+                first = zcfg.capacity
                 if first >= N - 1:
                     raise SystemExit(f"budget {B} + buffer {zcfg.buffer} leaves no position to score in {N} tokens")
                 check = gi == 0 and f == verify_budget and (verify_all or label in verify)
@@ -541,7 +541,7 @@ def verify_against_steps(model, ids, ref_all: Reference, zcfg, batched: Tracker,
     cloned-prefill run isolates batching and the prefill clone (float rounding of a batch of 1 vs of
     several rows may resolve a near-tie of the eviction ranking differently)."""
     ref = Reference(ref_all.logp[:1], ref_all.top[:1], ref_all.nll[:1])
-    N, first = ids.shape[1], zcfg.budget + zcfg.buffer
+    N, first = ids.shape[1], zcfg.capacity
     step = Tracker(ids, ref, keep_row0=True)
     t0 = time.perf_counter()
     meta = run_stepwise(model, ids, zcfg, step, args.prefix)
@@ -922,8 +922,17 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+def _by_preset(key: str) -> str:
+    """The default of an option that the preset decides, for its help text."""
+    flags = {"default": "", "quick": "--quick ", "full": "--full ", "ablations": "--ablations "}
+    values = [f"{flags[name]}{PRESETS[name][key]}" for name in flags if key in PRESETS[name]]
+    return "default: " + "; ".join(values)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from zipage_cli import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="a few minutes: 1 sequence, 7 rows, 8 prompts")
     g.add_argument("--full", action="store_true", help="16 sequences, 64 prompts, 9 rows generate, all verified")
@@ -931,31 +940,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher forcing only, 2 sequences: zipage, snapkv, streaming and every variant in ABLATIONS")
     p.add_argument("--scorers", default=None, help="rows: comma list of scorers and variants NAME[field=value,...] "
                    "(default: every scorer in zipage.list_scorers() plus the preset's zipage variants)")
-    p.add_argument("--variants", default=None, help="zipage variants appended to the default rows")
+    p.add_argument("--variants", default=None, help="zipage variants appended to the default rows (default: set by "
+                   "the preset, see PRESETS in benchmarks/quality.py)")
     p.add_argument("--budgets", default="1/16,1/8,1/4,1/2", help="budget fractions of the sequence length")
-    p.add_argument("--seqs", type=int, default=None, help="teacher-forced sequences (default 4; quick 1; ablations 2; full 16)")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seqs", type=int, default=None, help=f"teacher-forced sequences ({_by_preset('seqs')})")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per teacher-forced sequence")
     p.add_argument("--tf-batch", type=int, default=4, help="sequences decoded together in one cache")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--buffer", type=int, default=64)
-    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--buffer", type=int, default=64, help="tokens stored beyond the budget before a compression")
+    p.add_argument("--window", type=int, default=16, help="observation window of the scorers")
     p.add_argument("--decode", choices=("chunk", "step"), default="chunk",
                    help="chunk: buffer tokens per forward (same cache states as one at a time); step: one token per forward")
     p.add_argument("--prefix", type=int, default=64, help="prefill length of --decode step")
-    p.add_argument("--verify", default=None, help="rows re-run token by token on sequence 0 ('all', or a comma list)")
-    p.add_argument("--verify-budget", default="1/8")
+    p.add_argument("--verify", default=None, help="rows re-run token by token on sequence 0 ('all', or a comma "
+                   "list; default: none, all with --full)")
+    p.add_argument("--verify-budget", default="1/8", help="the budget fraction of the --verify runs")
     p.add_argument("--no-reuse-prefill", action="store_true", help="prefill every run afresh instead of cloning")
-    p.add_argument("--gen-n", type=int, default=None)
-    p.add_argument("--gen-batch", type=int, default=None)
-    p.add_argument("--gen-budgets", default=None, help="token budgets of the generation runs")
-    p.add_argument("--gen-scorers", default=None, help="rows that generate ('all': every teacher-forced row)")
-    p.add_argument("--gen-dataset", default="gsm8k", choices=("gsm8k", "math500"))
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--gen-n", type=int, default=None, help=f"prompts generated ({_by_preset('gen_n')})")
+    p.add_argument("--gen-batch", type=int, default=None,
+                   help=f"prompts per generate() batch ({_by_preset('gen_batch')})")
+    p.add_argument("--gen-budgets", default=None,
+                   help=f"token budgets of the generation runs ({_by_preset('gen_budgets')})")
+    p.add_argument("--gen-scorers", default=None, help="rows that generate ('all': every teacher-forced row; "
+                   "default: set by the preset, see PRESETS in benchmarks/quality.py)")
+    p.add_argument("--gen-dataset", default="gsm8k", choices=("gsm8k", "math500"),
+                   help="where the generation prompts come from")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens generated per prompt ({_by_preset('max_new_tokens')})")
     p.add_argument("--no-tf", action="store_true", help="skip teacher forcing")
-    p.add_argument("--no-gen", action="store_true", help="skip generation")
+    p.add_argument("--no-gen", action="store_true", help="skip generation (default: off; on with --ablations)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_PRESET])")
-    p.add_argument("--replot", default=None, metavar="JSON", help="only rewrite the .md and .png of a results JSON")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="only rewrite the .md and .png of a results JSON (default: run the benchmark)")
     return p
 
 
@@ -991,8 +1008,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             gen_rows = [parse_row(s) for s in split_rows(args.gen_scorers)]
         for label, fields in rows + gen_rows:
-            zipage.ZipageConfig.from_dict({"page_size": args.page_size, "buffer": args.buffer, "window": args.window,
-                                           **fields, "budget": 4096})
+            zcfg = zipage.ZipageConfig.from_dict({"page_size": args.page_size, "buffer": args.buffer,
+                                                  "window": args.window, **fields, "budget": 4096})
+            zipage.get_scorer(zcfg.scorer, zcfg)  # an unknown scorer name is refused here, not after the model loads
         budgets = [parse_fraction(b) for b in args.budgets.split(",") if b.strip()]
         try:
             gen_budgets = [int(b) for b in args.gen_budgets.split(",") if b.strip()]

@@ -281,7 +281,7 @@ class FutureScorer(TrackedScorer):
             win = _attention_mass(x.queries.float(), x, (positions[:, :, None, :] <= torch.arange(pos - x.queries.shape[2], pos)[None, None, :, None]), self.group, "sum")
             mass = mass + self.mix * win / x.queries.shape[2]
         cfg = STATE.cache.zipage_config
-        return _recent_first(mass, min(cfg.recent, cfg.budget // 2))
+        return _recent_first(mass, cfg.recent_kept)
 
 
 class ZipagePlusScorer(TrackedScorer):

@@ -36,6 +36,7 @@ except ImportError:
     from .engine_run import MODELS, build, workload
 
 import zipage
+from zipage_cli import HelpFormatter
 
 
 def copy_bandwidth() -> float:
@@ -140,7 +141,7 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
                preemptions=stats["preemptions"], compressions=stats["compressions"],
                async_compression=llm.async_compression, async_scheduling=llm.async_scheduling,
                zipage_config=None if llm.zipage_config is None else dataclasses.asdict(llm.zipage_config),
-               fused_ops=bool(llm.runner.fused_norms) or llm.runner.rope_module is not None)
+               fused_ops=bool(llm.runner.fusion.norms) or llm.runner.fusion.rope_module is not None)
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -203,11 +204,13 @@ def run_generate(model, prompts, max_tokens, kv_gib, full_tokens) -> dict:
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="zipage bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="qwen3-8b", choices=sorted(MODELS))
-    ap.add_argument("--requests", type=int, default=24)
-    ap.add_argument("--max-tokens", type=int, default=16384)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zipage bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--model", default="qwen3-8b", choices=sorted(MODELS),
+                    help="model shapes: a real config with random weights")
+    ap.add_argument("--requests", type=int, default=24, help="requests in the workload, all submitted at once")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="output tokens per request (EOS ignored)")
     ap.add_argument("--kv-gib", type=float, default=8.0, help="KV memory every system gets (GiB)")
     ap.add_argument("--peer-max-tokens", type=int, default=2048,
                     help="output tokens per request for the transformers peers (they are much slower)")
@@ -215,10 +218,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list: zipage-<budget>, zipage-fullkv (add -sync for async_scheduling=False), "
                          "hf-generate_batch, hf-generate")
     ap.add_argument("--time-limit", type=float, default=None,
-                    help="stop an engine run after this many seconds (tokens/s over the part that ran; marked truncated)")
+                    help="stop an engine run after this many seconds (tokens/s over the part that ran; marked "
+                         "truncated; default: no limit)")
     ap.add_argument("--sync-compression", action="store_true", help="compress on the main stream")
-    ap.add_argument("--out", default="benchmarks/results/throughput.json")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default="benchmarks/results/throughput.json", help="where the results JSON goes")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the throughput benchmark needs a CUDA GPU (it builds random-weight models on it)")
     model = build(args.model)

@@ -1,9 +1,11 @@
-"""zipage.kernels: one file per operation that touches KV.
+"""zipage.kernels: one file per operation (on KV, and the fused ops of the engine's forwards).
 
 Each file holds the operation's plain-PyTorch reference (``*_reference``), which
 is what runs on a CPU and what the Triton kernels are tested against, and a
 public entry point that picks the implementation for the tensors it is given.
-Kernels know nothing of requests, pages tables' owners or scorers' policies.
+Kernels are pure operations, tensors in and tensors out: they know nothing of models,
+requests, page tables' owners or scorers' policies (which model modules the engine runs
+through them is ``zipage.engine.fusion``'s business).
 """
 
 from .compact import compact, compact_reference, compact_triton
@@ -17,9 +19,10 @@ from .paged_attention import (
 )
 from .paged_kv import gather_kv, gather_kv_reference, slot_indices, store_kv, store_kv_reference, store_kv_triton
 from .pooling import pool_scores, pool_scores_reference
-from .rmsnorm import fusable_rms_norms, fused_rms_norms, rms_norm, rms_norm_reference, rms_norm_triton
-from .rope import fusable_rope, fused_rope, rope_reference, rope_triton
 from .redundancy import lightning_redundancy_triton, redundancy_scores, redundancy_scores_reference
+from .rmsnorm import rms_norm, rms_norm_reference, rms_norm_triton
+from .rope import rope, rope_reference, rope_triton
+from .silu_mul import silu_mul, silu_mul_reference, silu_mul_triton
 from .window_score import window_scores, window_scores_reference, window_scores_triton
 
 __all__ = [
@@ -38,16 +41,16 @@ __all__ = [
     "pool_scores",
     "pool_scores_reference",
     "redundancy_scores",
-    "fusable_rms_norms",
-    "fused_rms_norms",
     "rms_norm",
     "rms_norm_reference",
     "rms_norm_triton",
-    "fusable_rope",
-    "fused_rope",
+    "rope",
     "rope_reference",
     "rope_triton",
     "redundancy_scores_reference",
+    "silu_mul",
+    "silu_mul_reference",
+    "silu_mul_triton",
     "slot_indices",
     "store_kv",
     "store_kv_reference",

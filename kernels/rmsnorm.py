@@ -1,4 +1,4 @@
-"""Fused RMSNorm for the engine's forwards.
+"""Fused RMSNorm: one kernel per call instead of half a dozen elementwise and reduction ones.
 
 A Hugging Face decoder runs about four RMSNorms per layer (input, post-attention, and the
 per-head q/k norms of Qwen3-style models), each written as half a dozen elementwise and
@@ -9,16 +9,11 @@ same math in one kernel per call:
     y = weight * (x_fp32 * rsqrt(mean(x_fp32 ** 2) + eps)).to(x.dtype)
 
 which is the Llama/Qwen/Mistral formulation (normalise in float32, cast back to the input
-dtype, then scale). ``fusable_rms_norms`` finds the modules of a model that compute exactly
-this, by checking each distinct norm class against the kernel on a probe input (so a
-variant such as ``x * (1 + weight)`` is left alone), and ``fused_rms_norms`` swaps their
-forwards for the duration of a ``with`` block.
+dtype, then scale). Which modules of a model it may stand in for is the engine's business
+(``zipage.engine.fusion``).
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 
@@ -73,59 +68,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
-
-def _eps(module: torch.nn.Module) -> float | None:
-    for name in ("variance_epsilon", "eps", "epsilon"):
-        value = getattr(module, name, None)
-        if isinstance(value, float):
-            return value
-    return None
-
-
-def fusable_rms_norms(model: torch.nn.Module, kernel=rms_norm_triton) -> list[torch.nn.Module]:
-    """The RMSNorm modules of ``model`` that ``kernel`` reproduces.
-
-    A candidate is a module whose class name ends in ``RMSNorm`` with a 1-D ``weight`` and a
-    float epsilon. Each (class, width, dtype) is checked once on a probe input against the
-    module's own forward; a class that disagrees (another formula) is not fused."""
-    verdict: dict[tuple, bool] = {}
-    found = []
-    for module in model.modules():
-        if not type(module).__name__.endswith("RMSNorm"):
-            continue
-        w, eps = getattr(module, "weight", None), _eps(module)
-        if not isinstance(w, torch.Tensor) or w.dim() != 1 or eps is None or "forward" in vars(module):
-            continue
-        key = (type(module), w.shape[0], w.dtype, w.device)
-        if key not in verdict:
-            g = torch.Generator(device="cpu").manual_seed(0)
-            probe = (torch.randn(8, w.shape[0], generator=g) * 3).to(w.device, w.dtype)
-            with torch.no_grad():
-                ref, got = module(probe), kernel(probe, w, eps)
-            tol = 1e-5 if w.dtype == torch.float32 else 2e-2
-            verdict[key] = ref.dtype == got.dtype and ref.shape == got.shape and torch.allclose(
-                ref.float(), got.float(), rtol=tol, atol=tol)
-        if verdict[key]:
-            found.append(module)
-    return found
-
-
-@contextlib.contextmanager
-def fused_rms_norms(modules: list[torch.nn.Module], kernel=rms_norm_triton) -> Iterator[None]:
-    """Run ``modules`` through ``kernel`` inside the block; their own forwards come back after."""
-    for module in modules:
-        module.forward = _fused_forward(module, kernel)
-    try:
-        yield
-    finally:
-        for module in modules:
-            vars(module).pop("forward", None)
-
-
-def _fused_forward(module: torch.nn.Module, kernel):
-    w, eps = module.weight, _eps(module)
-
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        return kernel(hidden_states, w, eps)
-
-    return forward

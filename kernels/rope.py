@@ -1,26 +1,19 @@
-"""Fused rotary position embedding for the engine's forwards.
+"""Fused rotary position embedding: one kernel per rotated tensor.
 
 transformers applies RoPE as ``q * cos + rotate_half(q) * sin`` (and the same for k): a
 slice, a negation, a concatenation, two products and a sum per tensor, each its own kernel.
 ``rope_triton`` computes one tensor's rotation in a single kernel, in float32 with one rounding
 at the end (the eager ops round each product and the sum to the input dtype, so in half
 precision the two differ by at most about one unit in the last place; in float32 they agree
-to rounding).
-``fusable_rope`` checks a model's modeling module's ``apply_rotary_pos_emb`` against the
-kernel on a probe and ``fused_rope`` swaps it for the duration of a ``with`` block; calls the
-kernel does not cover (other broadcast layouts, mixed dtypes) go to the original function.
+to rounding). Where a model's ``apply_rotary_pos_emb`` may be swapped for it is the engine's
+business (``zipage.engine.fusion``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
-from types import ModuleType
-
 import torch
 
-from ._triton import HAS_TRITON, next_pow2
+from ._triton import HAS_TRITON, next_pow2, use_triton
 
 if HAS_TRITON:
     import triton
@@ -76,62 +69,9 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return out
 
 
-def _covered(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    return (t.dim() == 4 and cos.dim() == 3 and t.dtype == cos.dtype == sin.dtype and t.shape[-1] % 2 == 0
-            and cos.shape[1:] == (t.shape[2], t.shape[3]) and cos.shape[0] in (1, t.shape[0]) and sin.shape == cos.shape
-            and cos.stride() == sin.stride() and t.stride(-1) == 1 and cos.stride(-1) == 1)
 
-
-def make_fused_apply(original, kernel=rope_triton):
-    """An ``apply_rotary_pos_emb`` that runs ``kernel`` where it applies and ``original`` elsewhere."""
-
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        unsqueeze = kwargs.get("unsqueeze_dim", args[0] if args else 1)
-        if unsqueeze != 1 or len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} \
-                or not (_covered(q, cos, sin) and _covered(k, cos, sin)):
-            return original(q, k, cos, sin, *args, **kwargs)
-        return kernel(q, cos, sin), kernel(k, cos, sin)
-
-    apply_rotary_pos_emb.zipage_fused = True
-    return apply_rotary_pos_emb
-
-
-def fusable_rope(model: torch.nn.Module, kernel=rope_triton) -> ModuleType | None:
-    """The modeling module of ``model`` when its ``apply_rotary_pos_emb`` matches ``kernel``."""
-    module = sys.modules.get(type(model).__module__)
-    original = getattr(module, "apply_rotary_pos_emb", None)
-    if module is None or not callable(original) or getattr(original, "zipage_fused", False):
-        return None
-    cfg = model.config.get_text_config(decoder=True)
-    p = next(model.parameters())
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if D % 2:
-        return None
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q, k = (torch.randn(2, h, 3, D, generator=g).to(p.device, p.dtype) for h in (4, 2))
-    angle = torch.rand(2, 3, D // 2, generator=g) * 6
-    cos = torch.cat([angle.cos()] * 2, -1).to(p.device, p.dtype)
-    sin = torch.cat([angle.sin()] * 2, -1).to(p.device, p.dtype)
-    try:
-        with torch.no_grad():
-            ref, got = original(q, k, cos, sin), (kernel(q, cos, sin), kernel(k, cos, sin))
-    except Exception:  # another signature or layout: leave it alone
-        return None
-    tol = 1e-5 if p.dtype == torch.float32 else 1e-2
-    ok = all(r.shape == o.shape and r.dtype == o.dtype and torch.allclose(r.float(), o.float(), rtol=tol, atol=tol)
-             for r, o in zip(ref, got))
-    return module if ok else None
-
-
-@contextlib.contextmanager
-def fused_rope(module: ModuleType | None, kernel=rope_triton) -> Iterator[None]:
-    """Inside the block, ``module.apply_rotary_pos_emb`` runs the fused kernel."""
-    if module is None:
-        yield
-        return
-    original = module.apply_rotary_pos_emb
-    module.apply_rotary_pos_emb = make_fused_apply(original, kernel)
-    try:
-        yield
-    finally:
-        module.apply_rotary_pos_emb = original
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, H, T, D]`` by ``cos``/``sin`` ``[B or 1, T, D]``: the kernel on CUDA, the reference elsewhere."""
+    if use_triton(x, cos, sin):
+        return rope_triton(x, cos, sin)
+    return rope_reference(x, cos, sin)

@@ -1,7 +1,7 @@
 """Dense loop references that the library's score operations are checked against.
 
 Each one is written the most obvious way: Python loops over rows, heads, queries and tokens,
-with Python floats (double precision), from what the docstrings and ALGORITHM.md say. They use
+with Python floats (double precision), from what the docstrings and docs/method.md say. They use
 only ``math`` and ``torch`` (for the tensors going in and out), never the library itself.
 """
 

@@ -29,7 +29,7 @@ def test_benchmarks_are_packaged():
 
 
 @pytest.mark.parametrize("command, option", [("bench", "--kv-gib"), ("bench", "--max-tokens"),
-                                             ("eval", "--budgets"), ("eval", "--no-gen")])
+                                             ("eval", "--budgets"), ("eval", "--no-gen"), ("demo", "--budget")])
 def test_help_shows_the_script_options(command, option, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -91,11 +91,51 @@ def test_demo_refuses_a_negative_index_and_takes_window_and_seed(capsys, monkeyp
     from zipage import demo
 
     with pytest.raises(SystemExit) as e:
-        demo.main(["--index", "-5"])
-    assert "--index -5" in str(e.value.code)
+        main(["demo", "--index", "-5"])
+    assert e.value.code == 2
+    assert "zipage demo: error: --index -5" in capsys.readouterr().err
     args = demo.build_parser().parse_args(["--budget", "8", "--window", "4", "--seed", "3"])
     assert (args.window, args.seed) == (4, 3)
     with pytest.raises(SystemExit) as e:  # a window larger than the budget names the option to change
         demo.main(["--budget", "8"])
     assert e.value.code == 2
     assert "window" in capsys.readouterr().err
+
+
+def test_help_imports_neither_torch_nor_the_library():
+    """``zipage --help`` answers without importing torch, transformers or the zipage package."""
+    code = ("import sys, zipage_cli\n"
+            "try:\n    zipage_cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'zipage') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage: zipage" in r.stdout and r.stdout.strip().endswith("[]")
+
+
+@pytest.mark.parametrize("argv", [["-m", "zipage", "--help"], ["-m", "zipage.cli", "--help"]])
+def test_python_dash_m_runs_the_command(argv):
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "usage: zipage" in r.stdout and "info" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_every_benchmark_option_has_a_help_text_that_shows_its_default(command):
+    import argparse
+
+    from zipage_cli import HelpFormatter
+
+    import zipage.bench.quality as quality
+    import zipage.bench.throughput as throughput
+
+    parser = (quality if command == "eval" else throughput).build_parser()
+    assert parser.formatter_class is HelpFormatter
+    formatter = HelpFormatter(prog="zipage")
+    options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert len(options) > 5
+    for action in options:
+        assert action.help, f"{action.option_strings} has no help text"
+        shown = formatter._get_help_string(action)
+        assert "default" in shown, f"{action.option_strings} does not show its default"
+        if action.default not in (None, False):
+            assert "%(default)s" in shown or str(action.default) in shown

@@ -41,7 +41,8 @@ def test_defaults():
         ({"page_size": 2048}, ValueError, ["page_size", "<= 1024"]),
         ({"buffer": 0}, ValueError, ["buffer", ">= 1"]),
         ({"window": 0}, ValueError, ["window"]),
-        ({"budget": 8, "window": 16}, ValueError, ["window", "16", "budget"]),
+        ({"budget": 8}, ValueError, ["ZipageConfig.budget=8", "window=16", "budget >= 16"]),
+        ({"budget": 8, "window": 12}, ValueError, ["ZipageConfig.window=12", "budget=8", "window <= 8"]),
         ({"budget": 20, "window": 16, "sinks": 8}, ValueError, ["sinks", "budget=20"]),
         ({"sinks": -1}, ValueError, ["sinks"]),
         ({"global_decay": 1.5}, ValueError, ["global_decay", "1.5", "[0.0, 1.0]"]),
@@ -59,8 +60,7 @@ def test_defaults():
         ({"global_mode": "min"}, ValueError, ["global_mode", "max", "sum"]),
         ({"value_weight": 1}, TypeError, ["value_weight", "bool"]),
         ({"recent": -1}, ValueError, ["recent", ">= 0"]),
-        ({"scorer": "snapkv2"}, ValueError, ["scorer", "snapkv2", "h2o", "knorm", "random", "snapkv", "streaming"]),
-        ({"scorer": 3}, TypeError, ["scorer"]),
+        ({"scorer": 3}, TypeError, ["scorer", "Scorer object"]),
     ],
 )
 def test_invalid_fields_are_named(fields, exc, words):
@@ -68,6 +68,58 @@ def test_invalid_fields_are_named(fields, exc, words):
         ZipageConfig(**fields)
     for word in words:
         assert word in str(err.value)
+
+
+def test_an_unknown_scorer_is_refused_where_the_scorer_is_built():
+    """The config only checks the form of ``scorer``; the cache and the engine look the name up."""
+    words = ["scorer", "snapkv2", "h2o", "knorm", "random", "snapkv", "streaming"]
+    model = tiny_model("llama")
+    cfg = ZipageConfig(scorer="snapkv2", budget=16, page_size=4)
+    for build in (lambda: ZipageCache(config=model.config, zipage_config=cfg),
+                  lambda: zipage.LLM(model, scorer="snapkv2", budget=16, page_size=4, num_pages=16),
+                  lambda: model.generate(torch.tensor([[5, 6]]), cache_implementation="zipage", max_new_tokens=2,
+                                         cache_config={"scorer": "snapkv2"}, pad_token_id=0)):
+        with pytest.raises(ValueError) as err:
+            build()
+        for word in words:
+            assert word in str(err.value)
+
+
+def test_config_imports_nothing_of_the_library():
+    """One-way: scoring (and everything else) depends on config, config on none of them."""
+    import ast
+    import inspect
+
+    import zipage.config
+
+    tree = ast.parse(inspect.getsource(zipage.config))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("zipage") or m.startswith(".") or m == ""], imported
+    levels = [n.level for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not any(levels), "config.py has a relative import"
+
+
+@pytest.mark.parametrize("budget, buffer", [(1, 1), (8, 4), (16, 1), (16, 16), (5, 64)])
+def test_compression_trigger_is_one_rule(budget, buffer):
+    """``compresses`` is the rule generate() applies before every step, and ``next_compression``
+    (which the engine's scheduler uses) is where a sequence storing one token per step meets it."""
+    cfg = ZipageConfig(budget=budget, buffer=buffer, window=1, page_size=1)
+    for stored in range(0, budget + buffer + 8):
+        for q in (1, 2, 7):
+            assert cfg.compresses(stored, q) == (stored > budget and stored + q > budget + buffer)
+        first = next(s for s in range(stored, stored + budget + buffer + 2) if cfg.compresses(s, 1))
+        assert cfg.next_compression(stored) == first
+    # generate(): a prompt stored in one step, then one token per step
+    for prompt in (1, budget, budget + buffer + 3):
+        stored, points = 0, []
+        for q in [prompt] + [1] * (3 * (budget + buffer)):
+            if cfg.compresses(stored, q):
+                points.append(stored)
+                stored = budget
+            stored += q
+        assert points[0] == cfg.next_compression(prompt)
+        assert set(points[1:]) == {cfg.next_compression(budget)}
 
 
 def test_unknown_field_from_dict_lists_valid_ones():

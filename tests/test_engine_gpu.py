@@ -32,7 +32,7 @@ def test_engine_on_cuda_matches_generate(family, budget):
     assert stats["free_pages"] == stats["total_pages"]
     assert llm.runner.graphs, "decode steps did not use CUDA graphs"
     if budget is not None:
-        assert stats["compressions"] > 0 and llm.side_stream is not None
+        assert stats["compressions"] > 0 and llm.core.compressions.side_stream is not None
 
 
 @pytest.mark.parametrize("budget", [None, 16])
@@ -85,5 +85,5 @@ def test_failed_steps_on_cuda_are_rolled_back(monkeypatch, budget, async_schedul
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
     assert llm.runner.graphs, "decode steps did not use CUDA graphs"
     if budget is not None:
-        assert llm.stats()["compressions"] > 0 and llm.side_stream is not None
+        assert llm.stats()["compressions"] > 0 and llm.core.compressions.side_stream is not None
     assert_pool_clean(llm)

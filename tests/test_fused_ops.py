@@ -1,26 +1,38 @@
-"""The fused RMSNorm and RoPE kernels against the transformers code they stand in for.
+"""The fused RMSNorm, RoPE and SiLU-gate kernels against the transformers code they stand in for,
+and the model surgery that puts them in a model's forwards (``zipage.engine.fusion``).
 
-On a CPU machine the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by
-conftest); the ``gpu`` cases run it compiled, in bf16 too, and inside the engine.
+On a CPU machine the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by
+conftest); on a GPU the same tests run them compiled, in bf16 too, and the ``gpu`` case runs
+them inside the engine.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CUDA, requires_triton
+from conftest import CUDA, FAMILIES, requires_triton, tiny_model
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from zipage.kernels import (
+from zipage.engine.fusion import (
+    ModelFusion,
     fusable_rms_norms,
     fusable_rope,
     fused_rms_norms,
     fused_rope,
+    merge_projections,
+    merged_projections,
+)
+from zipage.kernels import (
+    rms_norm,
     rms_norm_reference,
     rms_norm_triton,
+    rope,
     rope_reference,
     rope_triton,
+    silu_mul,
+    silu_mul_reference,
+    silu_mul_triton,
 )
 
 pytestmark = requires_triton
@@ -161,14 +173,6 @@ def test_rope_swap_covers_the_model_and_falls_back_elsewhere():
 
 
 # ----------------------------------------------------------------------------- merged projections
-from conftest import FAMILIES, tiny_model  # noqa: E402
-
-from zipage.kernels.projections import (  # noqa: E402
-    merge_projections,
-    merged_projections,
-    silu_mul_reference,
-    silu_mul_triton,
-)
 
 
 @pytest.mark.parametrize("n", [64, 100, 1500])
@@ -269,3 +273,60 @@ def test_a_merged_model_still_saves_and_reloads(tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, ref, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- dispatch, surgery
+def test_dispatch_functions_pick_the_kernel_for_cuda_and_the_reference_elsewhere():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(3, 64, generator=g).to(DEV), torch.randn(64, generator=g).to(DEV)
+    q, cos, sin = _rope_inputs(2, 4, 5, 32, torch.float32)
+    h = torch.randn(3, 128, generator=g).to(DEV)
+    pairs = [(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)), (rope(q, cos, sin), rope_reference(q, cos, sin)),
+             (silu_mul(h), silu_mul_reference(h))]
+    for got, ref in pairs:
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_fusion_applies_every_kernel_and_undoes_every_patch():
+    from transformers.models.qwen3 import modeling_qwen3
+
+    model = tiny_model("qwen3").to(DEV)
+    L = model.config.num_hidden_layers
+    ids = torch.randint(3, 96, (1, 6), device=DEV)
+    original = modeling_qwen3.apply_rotary_pos_emb
+    with torch.no_grad():
+        ref = model(ids).logits
+        fusion = ModelFusion.find(model)
+        # per layer: input, post-attention, q and k norms; plus the final norm
+        assert len(fusion.norms) == 4 * L + 1 and fusion.rope_module is modeling_qwen3
+        assert sorted(g.mlp for g in fusion.merged) == [False] * L + [True] * L
+        with fusion.applied():
+            assert modeling_qwen3.apply_rotary_pos_emb is not original
+            assert all("forward" in vars(m) for m in fusion.norms)
+            out = model(ids).logits
+        assert modeling_qwen3.apply_rotary_pos_emb is original
+        assert all("forward" not in vars(m) for m in model.modules())
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)  # the model computes as before
+    assert not ModelFusion() and fusion
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_engine_with_fused_ops_on_cuda_gives_the_tokens_of_the_plain_model(family):
+    from zipage import LLM, SamplingParams
+
+    model = tiny_model(family, scale=1.0).cuda()
+    prompts = [torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 23, 40)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    outs = {}
+    for fuse in (False, True):
+        llm = LLM(model, budget=16, page_size=4, buffer=4, num_pages=128, fuse_ops=fuse)
+        assert bool(llm.runner.fusion) is fuse
+        if fuse:
+            assert llm.runner.fusion.norms and llm.runner.fusion.rope_module and llm.runner.fusion.merged
+        outs[fuse] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert all("forward" not in vars(m) for m in model.modules())
+    assert outs[True] == outs[False]

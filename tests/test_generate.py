@@ -293,3 +293,34 @@ def test_layer_stride_does_not_change_the_result(stride):
     ref = model.generate(ids, cache_config={**base, "layer_stride": 3}, **kw)
     out = model.generate(ids, cache_config={**base, "layer_stride": stride}, **kw)
     assert torch.equal(ref, out)
+
+
+def test_layer_batches_follow_the_stride_and_the_softmax_scales():
+    from zipage.compress import layer_batches
+
+    cfg = zipage.ZipageConfig(budget=16, page_size=4, layer_stride=2)
+    assert layer_batches(cfg, [0.25] * 5, 64, 100) == [(0, 2, 0.25), (2, 4, 0.25), (4, 5, 0.25)]
+    # a batch ends where the scale changes; a layer whose attention was not seen takes head_dim ** -0.5
+    assert layer_batches(cfg, [0.25, None, None, 0.5, 0.5], 64, 100) == [
+        (0, 1, 0.25), (1, 3, 0.125), (3, 5, 0.5)]
+    auto = cfg.replace(layer_stride=None, compress_scratch_bytes=300)  # as many as 300 bytes of keys allow
+    assert layer_batches(auto, [0.1] * 7, 64, 100) == [(0, 3, 0.1), (3, 6, 0.1), (6, 7, 0.1)]
+    assert layer_batches(auto, [0.1] * 2, 64, 10**9) == [(0, 1, 0.1), (1, 2, 0.1)]  # never fewer than one
+    assert layer_batches(auto, [0.1] * 4, 64, 0) == [(0, 4, 0.1)]
+
+
+def test_layers_with_their_own_softmax_scales_are_scored_with_them():
+    """generate() and the engine take each layer's scale from its attention, and agree."""
+    from test_engine import reference
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    model.model.layers[1].self_attn.scaling = 0.3
+    prompt = torch.randint(3, 96, (23,), generator=torch.Generator().manual_seed(4)).tolist()
+    cfg = {"budget": 16, "page_size": 4, "buffer": 4}
+    cache = zipage.ZipageCache(config=model.config, **cfg)
+    ref = reference(model, prompt, 30, past_key_values=cache)
+    assert cache.num_compressions > 0 and [lyr.scaling for lyr in cache.layers][1] == pytest.approx(0.3)
+    llm = zipage.LLM(model, num_pages=64, **cfg)
+    out = llm.generate([prompt], zipage.SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert llm.runner.scaling[1] == pytest.approx(0.3) and llm.runner.scaling[0] == pytest.approx(16**-0.5)
+    assert out[0].token_ids == ref

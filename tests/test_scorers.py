@@ -1,7 +1,7 @@
 """Scorers, ``select_keep`` and ``compress_layer`` against independent dense references.
 
 The references (here and in ``loop_reference``) are written with Python loops and Python floats
-(double precision) from what the docstrings and ALGORITHM.md say; none of the library's kernels
+(double precision) from what the docstrings and docs/method.md say; none of the library's kernels
 is reused.
 """
 
@@ -27,8 +27,9 @@ ATOL = 1e-5
 
 
 def ref_zipage(cfg: ZipageConfig, x: ScoreInputs):
-    """-> (final score, state) in float64, from ALGORITHM.md steps 1-4 (plus the non-paper knobs
-    group_reduce, pooling_scope, value_weight and global_mode)."""
+    """-> (final score, state) in float64, from the scoring in docs/method.md (window attention,
+    pooling, the decayed global score, redundancy; plus the non-paper knobs group_reduce,
+    pooling_scope, value_weight and global_mode)."""
     attn = ref_window_scores(x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, cfg.group_reduce, "mean")
     if (x.first or cfg.pooling_scope == "all") and cfg.pooling != "none":
         attn = ref_pool(attn, cfg.pooling_kernel, cfg.pooling)
@@ -192,8 +193,8 @@ def test_get_scorer_unknown_name_lists_known_ones():
     assert "nope" in msg
     for name in list_scorers():
         assert name in msg
-    with pytest.raises(ValueError):
-        ZipageConfig(scorer="nope")
+    with pytest.raises(ValueError, match="nope"):  # a config holding the name is refused where it is resolved
+        get_scorer(ZipageConfig(scorer="nope").scorer)
 
 
 @pytest.fixture

@@ -15,6 +15,12 @@ positions come from); ``stored_length()`` is ``S <= L``. The mask is built for
 the last ``S + q`` logical positions (``get_mask_sizes`` returns
 ``(S + q, L - S)``). Left padding is evicted before any real token and kept
 padding stays in front, so that mask is exact for padded rows too.
+
+Kept positions: stored slot ``j >= budget`` (and every slot before the first
+compression) holds logical position ``L - S + j``; only the compacted prefix
+``[0, budget)`` needs a map, ``[B, H_kv, budget]`` per layer, which each
+compression gathers with its kept indices (``kept_positions`` reads it; decode
+steps never touch it).
 """
 
 from __future__ import annotations
@@ -25,38 +31,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import capture
-from .compress import LayerPages, compress_layers
+from .attention_checks import check_model_config  # noqa: F401  (the engine imports it from here too)
+from .compress import LayerPages, attention_scale, compress_layers, layer_batches
 from .config import ZipageConfig
 from .kernels import gather_kv, paged_decode_attention, slot_indices, store_kv
 from .kernels._triton import use_triton
 from .memory.pool import PagePool
 from .scoring import get_scorer
-
-
-
-def check_model_config(config: Any) -> None:
-    """Raise a clear error for models whose attention ZipageCache cannot serve correctly."""
-    name = type(config).__name__
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"zipage supports decoder-only models; {name} is an encoder-decoder")
-    if getattr(config, "num_hidden_layers", None) is None or getattr(config, "num_attention_heads", None) is None:
-        raise ValueError(f"zipage needs num_hidden_layers and num_attention_heads in the model config ({name})")
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        other = sorted({t for t in layer_types if t != "full_attention"})
-        if other:
-            raise ValueError(
-                f"zipage does not support {name} yet: its layers include {other}; only full-attention layers "
-                "can be compressed (sliding-window, linear-attention and hybrid models are refused)"
-            )
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        raise ValueError(
-            f"zipage does not support sliding-window attention ({name}.sliding_window={config.sliding_window}); "
-            "set config.sliding_window=None if the model was trained with full attention"
-        )
-    for attr in ("kv_lora_rank", "num_kv_shared_layers"):
-        if getattr(config, attr, None):
-            raise ValueError(f"zipage does not support {name}: {attr}={getattr(config, attr)} (latent/shared KV)")
 
 
 class ZipageLayer(CacheLayerMixin):
@@ -75,6 +56,7 @@ class ZipageLayer(CacheLayerMixin):
         self.state: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
+        self.prefix_positions: torch.Tensor | None = None  # [B, H_kv, budget] logical positions of slots < budget
         self.scaling: float | None = None
         self.paged_ok = False  # the capture reached this layer's attention with plain softmax attention
         self.paged_step = False  # this step's attention reads the pages directly
@@ -110,7 +92,7 @@ class ZipageLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.seen = self.stored = 0
-        self.valid = self.window_queries = None
+        self.valid = self.window_queries = self.prefix_positions = None
         self.keys = self.values = self.state = None
         self.paged_ok = self.paged_step = False
         self.is_initialized = False
@@ -170,6 +152,24 @@ class ZipageCache(Cache):
     def stored_length(self, layer_idx: int = 0) -> int:
         """Tokens physically stored per row (and per KV head) in ``layer_idx``."""
         return self.layers[layer_idx].stored
+
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """Which logical positions layer ``layer_idx`` keeps: ``[batch, kv_heads, stored]`` int64, per KV
+        head in slot order (ascending), so slot ``j`` of head ``h`` in row ``b`` holds the token at
+        ``[b, h, j]``.
+
+        A position is the token's index in the row's stream as the model saw it (prompt columns, then one
+        per generated token), left padding included: position ``p`` of row ``b`` is padding where that
+        column of the attention mask is 0. Padding is evicted before any real token, and the padding that
+        is kept (a budget larger than the real tokens) is masked out of the attention all the same."""
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
+            raise IndexError(f"layer_idx={layer_idx!r} is out of range: the model has {len(self.layers)} layers")
+        layer = self.layers[layer_idx]
+        if self.k_pool is None:
+            heads = getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads
+            return torch.empty(max(self.batch_size_, 0), heads, 0, dtype=torch.long)
+        B, H = self.batch_size_, self.k_pool.shape[3]
+        return _slot_positions(layer.prefix_positions, B, H, layer.seen, layer.stored, self.k_pool.device)
 
     def stats(self) -> dict[str, int | float]:
         """Memory accounting: tokens seen vs stored, pages in use, and KV bytes against a full cache."""
@@ -231,9 +231,7 @@ class ZipageCache(Cache):
     # ------------------------------------------------------------------ the update path
     def _stored_after_compression(self, stored: int, q: int) -> int:
         cfg = self.zipage_config
-        if stored > cfg.budget and stored + q > cfg.capacity:
-            return cfg.budget
-        return stored
+        return cfg.budget if cfg.compresses(stored, q) else stored
 
     def _begin_step(self, batch: int, q: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Before the first layer stores a step: compress every layer if due, free the pages no
@@ -344,7 +342,7 @@ class ZipageCache(Cache):
         if not layer.paged_step:
             return None, attention_mask
         B, H, _, D = query.shape
-        scale = layer.scaling if layer.scaling is not None else D**-0.5
+        scale = attention_scale(layer.scaling, D)
         lens = torch.full((B,), layer.stored, dtype=torch.int32, device=query.device)
         starts = (~layer.valid).sum(dim=1, dtype=torch.int32)
         out = paged_decode_attention(
@@ -368,20 +366,10 @@ class ZipageCache(Cache):
                     "through transformers' AttentionInterface"
                 )
         slots = slot_indices(self.page_table, 0, stored, cfg.page_size)
-        L = len(self.layers)
-        stride = cfg.layer_stride
-        if stride is None:  # as many layers as the scratch budget allows (their gathered keys dominate)
-            per_layer = self.batch_size_ * stored * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
-            stride = max(1, min(L, cfg.compress_scratch_bytes // max(per_layer, 1)))
-        for l0 in range(0, L, stride):
-            group = self.layers[l0 : l0 + stride]
-            scales = {lyr.scaling for lyr in group}
-            scaling = scales.pop() if len(scales) == 1 and None not in scales else None
-            if scaling is None:  # layers with their own scales (or none captured): one at a time
-                for lyr in group:
-                    self._compress_group([lyr], slots, lyr.scaling or self.k_pool.shape[-1] ** -0.5)
-            else:
-                self._compress_group(group, slots, scaling)
+        per_layer = self.batch_size_ * stored * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+        scales = [lyr.scaling for lyr in self.layers]
+        for start, stop, scaling in layer_batches(cfg, scales, self.k_pool.shape[-1], per_layer):
+            self._compress_group(self.layers[start:stop], slots, scaling)
         for layer in self.layers:
             layer.stored = cfg.budget
         self.num_compressions += 1
@@ -402,6 +390,8 @@ class ZipageCache(Cache):
         )
         for lyr, kept in zip(group, keep):
             lyr.valid = lyr.valid.gather(1, kept[:, 0])
+            before = _slot_positions(lyr.prefix_positions, *kept.shape[:2], lyr.seen, lyr.stored, kept.device)
+            lyr.prefix_positions = before.gather(2, kept)
 
     # ------------------------------------------------------------------ generate() plumbing
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -421,6 +411,8 @@ class ZipageCache(Cache):
                 layer.valid = layer.valid.index_select(0, idx)
             if layer.window_queries is not None:
                 layer.window_queries = layer.window_queries.index_select(0, idx)
+            if layer.prefix_positions is not None:
+                layer.prefix_positions = layer.prefix_positions.index_select(0, idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("ZipageCache cannot change its batch size after it has been filled")
@@ -443,6 +435,16 @@ class ZipageCache(Cache):
 
     def __repr__(self) -> str:
         return f"ZipageCache({self.zipage_config}, stored={self.stored_length()}, seen={self.get_seq_length()})"
+
+
+def _slot_positions(prefix: torch.Tensor | None, batch: int, heads: int, seen: int, stored: int,
+                    device) -> torch.Tensor:
+    """``[batch, heads, stored]`` logical positions of the stored slots: the compacted ``prefix`` map
+    (``[batch, heads, n]``, None before the first compression), then the slots stored since, one
+    position each, up to ``seen``."""
+    n = 0 if prefix is None else prefix.shape[2]
+    tail = torch.arange(seen - stored + n, seen, device=device).expand(batch, heads, stored - n)
+    return tail.clone() if prefix is None else torch.cat([prefix, tail], dim=2)
 
 
 _NON_PLAIN_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "sliding_window", "output_attentions")

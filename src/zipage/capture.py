@@ -19,6 +19,9 @@ from typing import Any, Callable
 
 import torch
 
+from .attention_checks import check_attention_call
+from .compress import attention_scale
+
 PREFIX = "zipage_capture:"
 
 _pending = threading.local()
@@ -30,7 +33,7 @@ def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dro
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scaling = attention_scale(scaling, query.shape[-1])
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
@@ -58,6 +61,7 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
         cache, layer_idx, config, original = item
         _pending.item = None
         config._attn_implementation_internal = original
+        check_attention_call(module, kwargs, "ZipageCache")
         out, attention_mask = cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"), kwargs)
         if out is not None:
             return out, None

@@ -6,10 +6,12 @@ still serves all layers and heads after compression.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .config import ZipageConfig
 from .kernels import compact, gather_kv, store_kv
 from .scoring import Scorer, ScoreInputs
 
@@ -150,3 +152,35 @@ def compress_layer(
         sinks=sinks, scaling=scaling, page_size=page_size, first=first, layer_idx=layer_idx,
     )
     return keep[0]
+
+
+def attention_scale(scaling: float | None, head_dim: int) -> float:
+    """The softmax scale of an attention call: the ``scaling`` its module passed, or ``head_dim ** -0.5``
+    when it passed none (what transformers' attention functions then use)."""
+    return head_dim**-0.5 if scaling is None else float(scaling)
+
+
+def layer_batches(cfg: ZipageConfig, scales: Sequence[float | None], head_dim: int,
+                  bytes_per_layer: int) -> list[tuple[int, int, float]]:
+    """How the layers of a compression are batched: ``(start, stop, scale)`` for each run of
+    consecutive layers ``start..stop-1`` compressed in one ``compress_layers`` call, with the softmax
+    scale its scorer gets. ``generate()`` (``ZipageCache``) and the engine both batch this way.
+
+    A batch holds at most ``cfg.layer_stride`` layers; with ``layer_stride`` None, as many as
+    ``cfg.compress_scratch_bytes`` of gathered keys allow (``bytes_per_layer`` each; at least one).
+    ``scales[l]`` is the scale layer ``l``'s attention used at its last forward (the ``scaling`` its
+    module passed); a layer whose attention was not seen takes ``head_dim ** -0.5``
+    (``attention_scale``). A batch takes one scale, so it ends where the scale changes: layers with
+    their own scales are scored apart.
+    """
+    L = len(scales)
+    stride = cfg.layer_stride
+    if stride is None:  # as many layers as the scratch budget allows (their gathered keys dominate)
+        stride = max(1, min(L, cfg.compress_scratch_bytes // max(bytes_per_layer, 1)))
+    scale = [attention_scale(s, head_dim) for s in scales]
+    batches, start = [], 0
+    for stop in range(1, L + 1):
+        if stop == L or stop - start == stride or scale[stop] != scale[start]:
+            batches.append((start, stop, scale[start]))
+            start = stop
+    return batches

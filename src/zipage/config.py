@@ -9,6 +9,11 @@ full KV, so the default ``zipage`` scorer uses the window attention alone
 plus a recency floor: the last ``recent`` tokens (at most half the budget) are
 always kept.
 ``ZipageConfig.paper()`` (fields ``PAPER_SCORER``) gives the paper's settings.
+
+This module imports nothing of the library (scoring depends on config, not the other way
+round): a scorer name is checked where the scorer is built (``zipage.scoring.get_scorer``, by
+``ZipageCache`` and ``LLM`` when they are constructed). ``compresses`` and ``next_compression``
+hold the compression trigger that ``generate()`` and the engine share.
 """
 
 from __future__ import annotations
@@ -55,12 +60,15 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         _fail(name, value, f"expected one of {choices}")
 
 
-# The Zipage paper's scorer settings (ALGORITHM.md), kept reachable as ``ZipageConfig.paper()``.
+# The Zipage paper's scorer settings (docs/method.md), kept reachable as ``ZipageConfig.paper()``.
 PAPER_SCORER: dict[str, Any] = dict(
     window=16, use_global=True, global_decay=0.8, redundancy="lightning", redundancy_lambda=0.2,
     redundancy_tau=0.4, similarity_threshold=0.5, pooling="max", pooling_kernel=5, pooling_scope="first",
     group_reduce="max", window_reduce="mean", global_mode="max", value_weight=False, recent=0,
 )
+
+
+_DEFAULT_WINDOW = 16
 
 
 @dataclass
@@ -75,7 +83,8 @@ class ZipageConfig:
             ``budget + buffer`` tokens once its prompt has been compressed.
         window: observation window: the last ``window`` queries score the cache
             and the last ``window`` tokens are always kept.
-        scorer: a scorer name (see ``zipage.list_scorers()``) or a ``Scorer`` object.
+        scorer: a scorer name (see ``zipage.list_scorers()``; an unknown one is refused when the
+            cache or engine builds the scorer) or a ``Scorer`` object.
         sinks: the first ``sinks`` tokens are always kept (0 disables).
         use_global: keep a decayed global score across compressions (G-KV).
         global_decay: the decay ``alpha`` of the global score: s = max(s_now, alpha * s_prev).
@@ -111,7 +120,7 @@ class ZipageConfig:
     budget: int = 2048
     page_size: int = 256
     buffer: int | None = None
-    window: int = 16
+    window: int = _DEFAULT_WINDOW
     scorer: Any = "zipage"
     sinks: int = 0
     use_global: bool = False
@@ -148,7 +157,11 @@ class ZipageConfig:
         _check_int("window", self.window, low=1)
         _check_int("sinks", self.sinks, low=0)
         if self.window > self.budget:
-            _fail("window", self.window, f"the observation window must fit in the budget ({self.budget} tokens)")
+            if self.window == _DEFAULT_WINDOW:  # a window left at its default: the budget is what was set too small
+                _fail("budget", self.budget, f"it is smaller than the observation window (window={self.window}): "
+                      f"give a budget >= {self.window} or a smaller window")
+            _fail("window", self.window, f"the observation window must fit in the budget (budget={self.budget}): "
+                  f"give a window <= {self.budget} or a larger budget")
         if self.sinks + self.window > self.budget:
             _fail("sinks", self.sinks, f"sinks + window ({self.sinks} + {self.window}) must fit in budget={self.budget}")
         if not isinstance(self.use_global, bool):
@@ -175,15 +188,36 @@ class ZipageConfig:
         _check_int("compress_scratch_bytes", self.compress_scratch_bytes, low=1)
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "expected a dict", TypeError)
-        # Imported here: scoring depends on config, not the other way round.
-        from .scoring import resolve_scorer_name
-
-        resolve_scorer_name(self.scorer)
+        # Only the form of the scorer: its name is looked up where the scorer is built
+        # (zipage.scoring.get_scorer), as scoring depends on config and not the other way round.
+        if not isinstance(self.scorer, str) and not callable(getattr(self.scorer, "score", None)):
+            _fail("scorer", self.scorer, "expected a scorer name (see zipage.list_scorers()) or a Scorer object",
+                  TypeError)
 
     @property
     def capacity(self) -> int:
         """Most tokens a sequence stores between two compressions (budget + buffer)."""
         return self.budget + self.buffer
+
+    @property
+    def recent_kept(self) -> int:
+        """Last stored tokens the zipage scorer ranks above every other token: ``min(recent, budget // 2)``."""
+        return min(self.recent, self.budget // 2)
+
+    # The compression trigger: the one rule generate() and the engine both follow.
+    def compresses(self, stored: int, new_tokens: int) -> bool:
+        """True when a step storing ``new_tokens`` more must first compress the ``stored`` tokens to the
+        budget: there are more than the budget and the step would go past ``budget + buffer``."""
+        return stored > self.budget and stored + new_tokens > self.capacity
+
+    def next_compression(self, stored: int) -> int:
+        """The stored length at which a sequence that now stores ``stored`` tokens and then one more per
+        step is next compressed (``stored`` itself when it is compressed before its next token): the
+        least ``s >= stored`` with ``compresses(s, 1)``, i.e. ``max(stored, budget + 1, budget + buffer)``.
+
+        generate() stores a whole prompt in one step, so a sequence's first compression comes at
+        ``next_compression(len(prompt))`` and each later one at ``next_compression(budget)``."""
+        return max(stored, self.budget + 1, self.capacity)
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ZipageConfig:

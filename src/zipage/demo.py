@@ -75,11 +75,12 @@ def _dynamic_cache_bytes(cache: Any) -> int:
     return total
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m zipage.demo") -> argparse.ArgumentParser:
+    """The demo's options; ``prog`` is how usage lines and errors name the command."""
     from . import list_scorers
 
     parser = argparse.ArgumentParser(
-        prog="python -m zipage.demo",
+        prog=prog,
         description="Greedy generation with the full KV cache vs a zipage cache on SmolLM2-135M-Instruct.",
     )
     parser.add_argument("--budget", type=int, default=128, help="tokens kept per layer and KV head (default 128: the 112-token question stays whole until the answer grows)")
@@ -104,17 +105,17 @@ def _problem(args: argparse.Namespace) -> tuple[str, str | None, str]:
     from .models import math_problems
 
     if args.index < 0:
-        raise SystemExit(f"--index {args.index} is out of range for {args.dataset}: it must be >= 0")
+        raise ValueError(f"--index {args.index} is out of range for {args.dataset}: it must be >= 0")
     problems = math_problems(args.dataset, limit=args.index + 1)
     if args.index >= len(problems):
-        raise SystemExit(f"--index {args.index} is out of range for {args.dataset} ({len(problems)} problems)")
+        raise ValueError(f"--index {args.index} is out of range for {args.dataset} ({len(problems)} problems)")
     item = problems[args.index]
     name = {"gsm8k": "GSM8K test", "math500": "MATH-500"}[args.dataset]
     return item["problem"], item["answer"], f"{name} #{args.index}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = "python -m zipage.demo") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
@@ -123,16 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .models import common_prefix_length, convert_smollm2, load_smollm2
 
-    try:
+    try:  # bad options are reported as the command's usage errors (exit status 2), before any loading
         zipage_config = zipage.ZipageConfig(
             budget=args.budget, page_size=args.page_size, buffer=args.buffer, scorer=args.scorer,
             window=args.window, seed=args.seed,
         )
+        question, reference, source = _problem(args)
     except (TypeError, ValueError) as error:
         parser.error(str(error))
 
     torch.manual_seed(args.seed)
-    question, reference, source = _problem(args)
 
     t0 = time.perf_counter()
     convert_smollm2()  # first run only: GGUF -> ~/.cache/zipage (shows its own progress)

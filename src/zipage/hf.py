@@ -16,6 +16,7 @@ from typing import Any
 import transformers
 from packaging.version import Version
 
+from .attention_checks import check_model
 from .cache import ZipageCache
 from .config import ZipageConfig
 
@@ -71,6 +72,7 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
         return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     check_transformers_version()
     _check_mode(generation_mode)
+    check_model(self)
     text_config = self.config.get_text_config(decoder=True)
     if isinstance(user_cache, ZipageCache):
         # The cache captures queries through the config object the attention modules read.

@@ -137,6 +137,9 @@ class EngineCore:
     def _step(self, changed: list[RequestOutput]) -> None:
         changed += [s.output() for s in self.compressions.collect(block=False)]
         plan = self.scheduler.schedule()
+        if self.scheduler.ended:  # requests the scheduler itself had to end (reason "error")
+            changed += [s.output() for s in self.scheduler.ended]
+            self.scheduler.ended.clear()
         try:
             if self.inflight is not None and any(s.pending for s, _ in plan.prefill):
                 # a request preempted and readmitted at once: its prompt must be complete on the host

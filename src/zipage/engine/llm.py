@@ -151,7 +151,8 @@ class LLM:
         page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful)
         slot_bytes = 0
         if self.zipage_config is not None:
-            slot_bytes = ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype) * max_num_seqs
+            slot_bytes = ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,
+                                                    self.zipage_config.budget) * max_num_seqs
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             available = total * utilization - (total - free) - 512 * 2**20  # activations headroom
@@ -344,6 +345,13 @@ class LLM:
             "prefix_cache_hits": self.blocks.hits,
             "generated_tokens": self.generated_tokens,
         }
+
+    def kept_positions(self, request_id: str, layer_idx: int) -> torch.Tensor:
+        """Which logical positions (prompt tokens first, then outputs) request ``request_id`` keeps in layer
+        ``layer_idx``: ``[kv_heads, stored]`` int64 on the engine's device, per KV head in slot order.
+        Available between steps while the request waits or runs; a finished request (its pages are gone),
+        or one whose asynchronous compression is in flight, raises ValueError."""
+        return self.runner.kept_positions(self._get(request_id), layer_idx)
 
 
 def _available_ram() -> int:

@@ -1,21 +1,46 @@
-"""Loading a model by Hub id or local path, with errors that say what is wrong."""
+"""Loading a model by name for ``LLM("...")``: a Hub id, or a local folder that must exist.
+
+transformers treats any string that is not an existing folder as a Hub repo id, so a mistyped
+local path comes back as "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+``load_model`` says instead that the path does not exist when the string can only be a path.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Any
+
+# A Hub repo id: "name" or "namespace/name" (letters, digits, '-', '_', '.'; no '--' or '..').
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_path(name: str | os.PathLike) -> bool:
+    """True when ``name`` can only be a filesystem path, not a Hub repo id (``/x``, ``./x``, ``~/x``,
+    ``a/b/c``, ``C:\\x``, anything with characters a repo id cannot hold)."""
+    if isinstance(name, os.PathLike):
+        return True
+    text = str(name)
+    if text.startswith(("/", ".", "~")) or "\\" in text or text.endswith("/"):
+        return True
+    return not _REPO_ID.match(text) or ".." in text or "--" in text
 
 
 def load_model(name: str | os.PathLike, tokenizer: Any = None, *, dtype: Any = None, device: Any = None):
-    """``(model, tokenizer)`` from a Hub id or a local folder; a path that does not exist is named."""
-    name = os.fspath(name)
-    looks_like_path = (os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1
-                       or os.sep in name and os.path.exists(os.path.dirname(name) or "."))
-    if looks_like_path and not os.path.exists(os.path.expanduser(name)):
-        raise FileNotFoundError(f"model path {name!r} does not exist")
+    """``(model, tokenizer)`` for a Hub repo id or a local folder; the tokenizer is loaded unless given.
+
+    Raises FileNotFoundError naming the path when ``name`` is a path (see ``looks_like_path``) and
+    nothing is there. ``dtype`` None loads the checkpoint's own (``"auto"``); ``device`` is passed
+    to transformers as ``device_map``."""
+    local = Path(os.path.expanduser(str(name)))
+    if not local.exists() and looks_like_path(name):
+        raise FileNotFoundError(f"model path {str(name)!r} does not exist")
+    if local.exists() and not local.is_dir():
+        raise NotADirectoryError(f"model path {str(name)!r} is a file: give the folder holding the checkpoint")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = os.path.expanduser(name)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", device_map=device)
+    source = str(local) if local.exists() else str(name)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", device_map=device)
     return model, tokenizer

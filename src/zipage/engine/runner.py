@@ -7,24 +7,28 @@ token's logical position. Its attention is registered with transformers'
 ``AttentionInterface`` under ``"zipage_engine"`` (and deliberately not with the
 mask interface, so no dense mask is built): for every layer it stores the new
 keys and values into the pages, keeps the last ``window`` queries of each
-sequence in its query slot, and attends through the paged kernels.
+sequence in its query slot, and attends through the paged kernels. Compressions also
+update each query slot's map of kept positions (``positions.py``). It serves plain causal
+softmax attention only: a model whose config or modules ask for more is refused when the runner
+is built, an attention call that asks for more (or receives a mask or bias the engine did not
+build) when the step runs, and so is a forward in which a layer's attention bypassed it.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..compress import LayerPages, compress_layers
+from ..attention_checks import check_attention_call, check_model
+from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels._triton import use_triton
-from ..kernels.rmsnorm import fusable_rms_norms, fused_rms_norms
-from ..kernels.projections import merge_projections, merged_projections
-from ..kernels.rope import fusable_rope, fused_rope
 from ..scoring import Scorer
+from .fusion import ModelFusion
+from .positions import KeptPositions, kept_positions
 from .sequence import Sequence
 
 ATTENTION_NAME = "zipage_engine"
@@ -55,13 +59,21 @@ class StepMeta:
     decode_lens: torch.Tensor | None  # [Bd] int32
     decode_table: torch.Tensor | None  # [Bd, P] int32
     max_decode_len: int
+    layers: set[int] = field(default_factory=set)  # the layers whose attention ran through the engine
 
 
 def engine_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """transformers attention function for packed engine steps (batch dim 1)."""
+    check_attention_call(module, kwargs, "the zipage engine")
+    if attention_mask is not None:
+        raise NotImplementedError(
+            f"the zipage engine serves plain causal softmax attention only; layer {module.layer_idx} "
+            f"({type(module).__name__}) received an attention mask or additive bias the engine did not build"
+        )
     meta: StepMeta = _context.meta
     r = meta.runner
     layer = module.layer_idx
+    meta.layers.add(layer)
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
@@ -71,7 +83,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         r.state_pool[layer].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
     if r.q_cache is not None:  # (index_fill_/index_copy_: no host values, so CUDA-graph capture works)
         r.q_cache[layer].view(-1, *q.shape[1:]).index_copy_(0, meta.ring_index, q.to(r.q_cache.dtype))
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scale = attention_scale(scaling, q.shape[-1])
     r.scaling[layer] = float(scale)
     out = torch.empty_like(q)
     n_p = meta.num_prefill_tokens
@@ -104,6 +116,7 @@ class ModelRunner:
 
     def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
                  scorer: Scorer | None, num_slots: int, fuse_ops: bool = True) -> None:
+        check_model(model)
         register_attention()
         self.model = model
         self.config = model.config.get_text_config(decoder=True)
@@ -123,22 +136,21 @@ class ModelRunner:
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.state_pool = None
         self.q_cache = None
+        self.kept: KeptPositions | None = None
         if zipage_config is not None:
             if scorer is not None and scorer.stateful:
                 self.state_pool = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
             w = zipage_config.window
             # one ring of `window` queries per slot, plus a scratch slot for tokens outside any window
             self.q_cache = torch.zeros(L, num_slots + 1, w, Hq, D, dtype=self.dtype, device=self.device)
+            self.kept = KeptPositions(L, num_slots, Hkv, zipage_config.budget, self.device)
         self.num_slots = num_slots
         self.scaling = [None] * L
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_table_width = 0
-        # the model's RMSNorms and RoPE as fused kernels, inside the engine's forwards (CUDA only)
-        fuse = fuse_ops and use_triton(self.k_pool)
-        self.fused_norms = fusable_rms_norms(model) if fuse else []
-        self.rope_module = fusable_rope(model) if fuse else None
-        # q/k/v and gate/up GEMMs merged (the weights become slices of one tensor), SiLU-gate fused
-        self.merged = merge_projections(model) if fuse else []
+        # the model's RMSNorms and RoPE as fused kernels inside the engine's forwards, its q/k/v and
+        # gate/up GEMMs merged (the weights become slices of one tensor), SiLU-gate fused (CUDA only)
+        self.fusion = ModelFusion.find(model) if fuse_ops and use_triton(self.k_pool) else ModelFusion()
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool) -> int:
@@ -151,11 +163,17 @@ class ModelRunner:
         return per_token * page_size
 
     @staticmethod
-    def bytes_per_slot(config, window: int, dtype: torch.dtype) -> int:
+    def bytes_per_slot(config, window: int, dtype: torch.dtype, budget: int = 0) -> int:
+        """A query slot's share: its ring of ``window`` queries and its kept-position map of ``budget``."""
         cfg = config.get_text_config(decoder=True)
         Hq = cfg.num_attention_heads
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-        return cfg.num_hidden_layers * window * Hq * D * torch.empty((), dtype=dtype).element_size()
+        ring = cfg.num_hidden_layers * window * Hq * D * torch.empty((), dtype=dtype).element_size()
+        return ring + KeptPositions.bytes_per_slot(config, budget)
+
+    def kept_positions(self, seq: Sequence, layer_idx: int) -> torch.Tensor:
+        """``[H_kv, stored]`` logical positions that ``seq`` keeps in layer ``layer_idx`` (see ``LLM``)."""
+        return kept_positions(seq, layer_idx, self.k_pool.shape[0], self.k_pool.shape[3], self.kept, self.device)
 
     # ----------------------------------------------------------------------------- forward
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
@@ -238,13 +256,19 @@ class ModelRunner:
         _context.meta = meta
         cfg._attn_implementation_internal = ATTENTION_NAME
         try:
-            with torch.inference_mode(), fused_rms_norms(self.fused_norms), fused_rope(self.rope_module), \
-                    merged_projections(self.merged):
+            with torch.inference_mode(), self.fusion.applied():
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                  logits_to_keep=logits_to_keep)
         finally:
             cfg._attn_implementation_internal = original
             _context.meta = None
+        missing = sorted(set(range(cfg.num_hidden_layers)) - meta.layers)
+        if missing:  # its attention ran the model's own code: over the packed tokens, not the pages
+            raise NotImplementedError(
+                f"the attention of layers {missing[:8]}{' ...' if len(missing) > 8 else ''} of this "
+                f"{type(self.model).__name__} does not go through transformers' AttentionInterface, so the "
+                "zipage engine cannot serve it"
+            )
         return out.logits
 
     # ----------------------------------------------------------------------------- CUDA graphs
@@ -343,17 +367,14 @@ class ModelRunner:
         L = self.k_pool.shape[0]
         mask = torch.ones(L, len(seqs), S, dtype=torch.bool, device=self.device)
         queries = self.window_queries(seqs) if self.scorer.needs_queries else None
-        stride = cfg.layer_stride
-        if stride is None:  # as many layers as the scratch budget allows (their gathered keys dominate)
-            per_layer = len(seqs) * S * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
-            stride = max(1, min(L, cfg.compress_scratch_bytes // max(per_layer, 1)))
-        if len(set(self.scaling)) > 1:
-            stride = 1  # layers with their own softmax scales are scored one at a time
-        for g in (range(i, min(i + stride, L)) for i in range(0, L, stride)):
-            sl = slice(g.start, g.stop)
-            compress_layers(
+        per_layer = len(seqs) * S * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+        keeps = []
+        for start, stop, scaling in layer_batches(cfg, self.scaling, self.k_pool.shape[-1], per_layer):
+            sl = slice(start, stop)
+            keeps.append((sl, compress_layers(
                 LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None),
                 slots, mask[sl], queries[sl] if queries is not None else None, self.scorer, k=cfg.budget,
-                window=cfg.window, sinks=cfg.sinks, scaling=self.scaling[g.start] or 1.0, page_size=cfg.page_size,
-                first=first, dst_slots=dst,
-            )
+                window=cfg.window, sinks=cfg.sinks, scaling=scaling, page_size=cfg.page_size, first=first,
+                layer_idx=start if stop - start == 1 else -1, dst_slots=dst,
+            )))
+        self.kept.compressed(seqs, keeps, first)

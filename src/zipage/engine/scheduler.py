@@ -2,10 +2,23 @@
 
 Rules (the Zipage paper's, plus chunked prefill):
 - With a budget, a sequence never needs more than ``N_max = ceil((budget + buffer) / page)``
-  pages once its prompt is compressed, so at most ``num_pages // N_max`` run at once and every
-  admitted request can finish. Without a budget (full KV) concurrency is bounded by
-  ``max_num_seqs`` and pages run out: then the newest uncompressed sequences are preempted
-  (freed, recomputed later).
+  pages once its prompt is compressed, so at most ``num_pages // N_max`` run at once. Without a
+  budget (full KV) concurrency is bounded by ``max_num_seqs``.
+- Short of pages, the newest uncompressed sequence is preempted (freed, recomputed later): one
+  not yet due for compression first, else one due for it. A compressed sequence is never
+  preempted (recomputing it would not reproduce its cache), nor one whose compression is in
+  flight. Before its first compression a sequence may hold more than ``N_max`` pages (a prompt
+  longer than ``budget + buffer``, or a first compression compacting into fresh pages while it
+  still holds the old ones); once no uncompressed sequence is left to preempt, the only ones
+  beyond ``N_max`` pages are those whose compression is in flight, and they give pages back when
+  it lands. Until then the newest compressed sequences that need a page sit out, keeping their
+  pages, and no request is admitted. Without compressions in flight, the running sequences (at
+  most ``num_pages // N_max``, each within ``N_max`` pages) always fit, so nobody waits forever.
+  Without a budget every sequence can be preempted, and one alone always fits (``add_request``
+  refuses a request whose peak exceeds the pool). So the scheduler never fails for want of pages;
+  were nothing ever able to run with nothing in flight, it would end the newest request with
+  reason ``"error"`` and say why in ``RequestOutput.error`` rather than spin (the property tests
+  check that this does not happen).
 - A sequence is compressed exactly where ``generate(cache_implementation="zipage")`` compresses
   it, whatever the chunking: generate prefills the whole prompt in one step and then stores one
   token per step, compressing before a step when ``stored > budget`` and ``stored + 1 > budget +
@@ -14,7 +27,6 @@ Rules (the Zipage paper's, plus chunked prefill):
   chunk never carries a sequence past that point (a prompt prefill never reaches it; a recompute
   after a preemption stops there, is compressed, then goes on), and a sequence is never compressed
   before it (a prompt whose chunk stops one token short is not compressed early).
-  Compressed sequences are never preempted (recomputing them would not reproduce the same cache).
 - Prefill is chunked: each step carries at most ``max_num_batched_tokens`` tokens, decoding
   sequences first, so a long prompt never stalls decoding.
 - Prefix caching: full prompt pages are shared through chained hashes; shared pages are
@@ -72,6 +84,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self.compressions = 0
+        self.waits = 0  # times a compressed sequence sat out a step for want of pages
+        self.ended: list[Sequence] = []  # requests the scheduler itself ended, for the engine to report
 
     # ----------------------------------------------------------------------------- bookkeeping
     def add(self, seq: Sequence) -> None:
@@ -82,11 +96,9 @@ class Scheduler:
 
     def compress_at(self, seq: Sequence) -> int:
         """Stored length at which ``seq`` is compressed before it stores another token: where
-        generate() compresses (the whole prompt first, then ``stored > budget`` and
-        ``stored + 1 > capacity``), independent of how its tokens were chunked."""
-        c = self.cfg
-        at = max(c.budget + 1, c.capacity)
-        return at if seq.compressions else max(at, len(seq.prompt_token_ids))
+        generate() compresses (``ZipageConfig.next_compression``: the whole prompt first, then
+        ``stored > budget`` and ``stored + 1 > capacity``), independent of how its tokens were chunked."""
+        return self.cfg.next_compression(self.cfg.budget if seq.compressions else len(seq.prompt_token_ids))
 
     def needs_compression(self, seq: Sequence) -> bool:
         return self.cfg is not None and seq.stored >= self.compress_at(seq)
@@ -109,7 +121,9 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         """Free an uncompressed sequence; it is recomputed from its tokens when readmitted."""
-        assert seq.compressions == 0, "compressed sequences are never preempted"
+        if seq.compressions or seq.compressing:
+            raise ValueError(f"request {seq.request_id!r} cannot be preempted: it has been compressed or its "
+                             "compression is in flight (a recompute would not reproduce its cache)")
         self.running.remove(seq)
         self.release(seq)
         seq.status = Status.WAITING
@@ -127,27 +141,22 @@ class Scheduler:
         decoding = [s for s in self.running if not s.compressing and not s.last_pending
                     and (not s.in_prefill or self.needs_compression(s))]
         # 1. compressions due before this step, and the pages each decoding sequence needs; short of
-        # pages, preempt one sequence at a time (the newest uncompressed one not due for compression,
-        # else the newest due for compression) and plan again: freeing a sequence may end the sharing
-        # of another's pages, which can then be compacted in place.
+        # pages, free one uncompressed sequence at a time (``_victim``) and plan again: freeing a
+        # sequence may end the sharing of another's pages, which can then be compacted in place. With
+        # none left to free, the pages are held by compressions in flight: the newest compressed
+        # sequence that needs a page sits out this step, keeping its pages, and no request is admitted.
         need = self._plan_pages(decoding, step)
-        total = sum(need.values())
-        while total > self.blocks.num_free:
-            protect = {id(s) for s in decoding if s.compressions}
-            protect.update(id(s) for s in step.compress)
-            victims = [s for s in self.running if s.compressions == 0 and not s.compressing and id(s) not in protect]
-            if not victims:
-                victims = step.compress  # only sequences due for compression are left to free
-            if not victims:
-                raise RuntimeError(
-                    f"the KV pool ({self.blocks.num_pages} pages of {self.page}) cannot hold the running "
-                    "requests; give the engine more pages or a smaller budget"
-                )
-            victim = max(victims, key=lambda s: s.arrival)
-            self.preempt(victim)
+        deferred = False
+        while sum(need.values()) > self.blocks.num_free:
+            victim = self._victim(step)
+            if victim is None:
+                victim = max((s for s in decoding if need[id(s)]), key=lambda s: s.arrival)
+                deferred = True
+                self.waits += 1
+            else:
+                self.preempt(victim)
             decoding = [s for s in decoding if s is not victim]
             need = self._plan_pages(decoding, step)
-            total = sum(need.values())
         compress = {id(s) for s in step.compress}
         for seq in decoding:
             if id(seq) in step.fresh_pages:
@@ -167,7 +176,8 @@ class Scheduler:
             if n:
                 step.prefill.append((seq, n))
                 budget_tokens -= n
-        while self.waiting and budget_tokens > 0 and len(self.running) < self.max_concurrency and self.free_slots:
+        while (self.waiting and not deferred and budget_tokens > 0 and len(self.running) < self.max_concurrency
+               and self.free_slots):
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.pages:
                 self.blocks.match_prefix(seq, self.recompute_tail)
@@ -183,14 +193,29 @@ class Scheduler:
             self.running.append(seq)
             step.prefill.append((seq, n))
             budget_tokens -= n
-        if step.empty and len(self.running) > 1 and not any(s.compressing or s.pending for s in self.running):
-            # nothing runs, nothing is in flight: every running sequence is stuck in its prefill for
-            # want of pages the others hold. Free the newest so the older ones can go on.
-            victim = max((s for s in self.running if s.compressions == 0), key=lambda s: s.arrival, default=None)
-            if victim is not None:
+        if step.empty and self.running and not any(s.compressing or s.pending for s in self.running):
+            # Nothing runs, nothing is in flight: every running sequence is stuck in its prefill for
+            # want of pages the others hold. Free the newest uncompressed one so the older ones go on.
+            victim = self._victim(step) if len(self.running) > 1 else None
+            if victim is None:
+                # Cannot happen (see the module docstring); rather than spin, end one request.
+                victim = max(self.running, key=lambda s: s.arrival)
+                victim.error = (f"the KV pool ({self.blocks.num_pages} pages of {self.page}) cannot hold the "
+                                "running requests; give the engine more pages or a smaller budget")
+                self.finish(victim, "error")
+                self.ended.append(victim)
+            else:
                 self.preempt(victim)
-                return self.schedule()
+            return self.schedule()
         return step
+
+    def _victim(self, step: Step) -> Sequence | None:
+        """The sequence to preempt: the newest uncompressed one not due for compression, else the
+        newest uncompressed one due for it; never a compressed one (recomputing it would not
+        reproduce its cache), nor one whose compression is in flight (its pages are being read)."""
+        due = {id(s) for s in step.compress}
+        free = [s for s in self.running if s.compressions == 0 and not s.compressing]
+        return max([s for s in free if id(s) not in due] or free, key=lambda s: s.arrival, default=None)
 
     def _plan_pages(self, decoding: list[Sequence], step: Step) -> dict[int, int]:
         """Fill ``step.compress`` / ``step.fresh_pages`` for ``decoding``; returns the pages each needs."""

@@ -28,6 +28,7 @@ class RequestOutput:
     text: str | None
     finish_reason: str | None  # "stop", "length", "cancelled", "error" (a failed step) or None while running
     finished: bool
+    error: str | None = None  # why the engine ended it, when it did (finish_reason "error")
 
 
 @dataclass(eq=False)
@@ -60,6 +61,7 @@ class Sequence:
     generator: torch.Generator | None = None
     streamed: int = 0  # output tokens already handed to a stream
     detokenizer: Any = None  # the incremental text, while stop strings are checked (outputs.IncrementalText)
+    error: str | None = None  # why the scheduler ended it (finish_reason "error")
 
     @property
     def tokens(self) -> list[int]:
@@ -92,4 +94,5 @@ class Sequence:
             text=self.text,
             finish_reason=self.finish_reason,
             finished=self.finished,
+            error=self.error,
         )

@@ -51,11 +51,11 @@ class ZipageScorer(Scorer):
             attn = torch.maximum(attn, prev) if cfg.global_mode == "max" else attn + prev
         state = attn if cfg.use_global else None
         if cfg.redundancy == "none":
-            return _recent_first(attn, min(cfg.recent, cfg.budget // 2)), state
+            return _recent_first(attn, cfg.recent_kept), state
         block = x.page_size if cfg.redundancy == "lightning" else None
         red = redundancy_scores(x.keys, x.key_mask, block, cfg.similarity_threshold, cfg.redundancy_tau)
         lam = cfg.redundancy_lambda
-        return _recent_first(lam * attn - (1.0 - lam) * red, min(cfg.recent, cfg.budget // 2)), state
+        return _recent_first(lam * attn - (1.0 - lam) * red, cfg.recent_kept), state
 
 
 def _recent_first(scores: torch.Tensor, recent: int) -> torch.Tensor:

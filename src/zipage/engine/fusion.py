@@ -1,81 +1,163 @@
-"""Merged input projections and a fused SiLU-gate for the engine's forwards.
+"""Model surgery for the fused kernels: which modules of a model they stand in for, applied and undone.
 
-At decode batch sizes a layer's GEMMs are thin (a few dozen rows) and mostly read weights, so
-each extra launch and each narrow output costs time: the key and value projections of a GQA
-model are a quarter of the query's width, and the MLP's gate and up projections read the same
-input. ``merge_projections`` concatenates, once, the weights of ``q_proj``/``k_proj``/``v_proj``
-and of ``gate_proj``/``up_proj`` into one tensor per group and points each module's weight at its
-row slice of it (the values, the ``Parameter`` objects and the state dict stay the same; no
-memory is duplicated). Inside ``merged_projections``:
+The kernels in ``zipage.kernels`` (``rms_norm``, ``rope``, ``silu_mul``) are pure operations; this
+module is the only place that walks a model to use them. ``ModelFusion.find(model)`` picks, once:
+
+* the RMSNorm modules whose math ``rms_norm_triton`` reproduces (each distinct class checked on a
+  probe input against its own forward, so a variant such as ``x * (1 + weight)`` is left alone);
+* the modeling module whose ``apply_rotary_pos_emb`` ``rope_triton`` reproduces (checked on a probe);
+* the q/k/v and gate/up projections, whose weights it merges, in place, into one tensor per group
+  (each module's weight becomes its row slice of it: the values, the ``Parameter`` objects and the
+  state dict stay the same and no memory is duplicated; this is not undone, as nothing changes for
+  the model's own forward). An MLP is fused only if ``down(silu_mul(gate_up(x)))`` reproduces its
+  forward on a probe input.
+
+``ModelFusion.applied()`` patches the forwards (and the modeling module's ``apply_rotary_pos_emb``)
+for the duration of a ``with`` block and puts the originals back after it, so the model computes as
+before outside the engine's forwards. Inside it:
 
 * the query projection runs one GEMM for all three and hands the key and value projections their
   slices when they are called on the same input (any other input takes the plain path);
-* an MLP whose forward is ``down(silu(gate(x)) * up(x))`` (checked on a probe input) runs one GEMM
-  for gate and up and ``silu_mul`` for the gate: one kernel instead of two, with the module's
-  roundings (``silu`` rounded to the input dtype, then the product rounded).
-
-A group whose weights no longer lie in their merged tensor (the model was moved or reloaded)
-is left alone.
+* a fused MLP runs one GEMM for gate and up and ``silu_mul`` for the gate;
+* a merged group whose weights no longer lie in their merged tensor (the model was moved or
+  reloaded) is left alone, and rotary calls the kernel does not cover go to the original function.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, use_triton
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _silu_mul_kernel(h_ptr, out_ptr, n, h_stride, out_stride, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = cols < n
-        g = tl.load(h_ptr + row * h_stride + cols, mask=m, other=0.0)
-        u = tl.load(h_ptr + row * h_stride + n + cols, mask=m, other=0.0).to(tl.float32)
-        gf = g.to(tl.float32)
-        s = gf / (1.0 + tl.exp(-gf))
-        if g.dtype != tl.float32:  # silu's output is rounded to the input dtype, as the module's is
-            s = s.to(g.dtype, fp_downcast_rounding="rtne").to(tl.float32)
-        out = s * u
-        tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-                 mask=m)
+from ..kernels import rms_norm_triton, rope_triton, silu_mul_triton
 
 
-def silu_mul_reference(h: torch.Tensor) -> torch.Tensor:
-    """``silu(h[..., :n]) * h[..., n:]`` for ``h`` of width ``2n``, in plain PyTorch."""
-    n = h.shape[-1] // 2
-    return F.silu(h[..., :n]) * h[..., n:]
+# ----------------------------------------------------------------------------------------- RMSNorm
+def _eps(module: torch.nn.Module) -> float | None:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    return None
 
 
-def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
-    if h.shape[-1] % 2:
-        raise ValueError(f"silu_mul: the last dimension ({h.shape[-1]}) must hold gate and up halves")
-    n = h.shape[-1] // 2
-    rows = h.reshape(-1, 2 * n)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=h.dtype, device=h.device)
-    if rows.shape[0] and n:
-        block = 1024
-        _silu_mul_kernel[(rows.shape[0], triton.cdiv(n, block))](rows, out, n, rows.stride(0), out.stride(0),
-                                                               BLOCK=block, num_warps=4)
-    return out.view(*h.shape[:-1], n)
+def fusable_rms_norms(model: torch.nn.Module, kernel=rms_norm_triton) -> list[torch.nn.Module]:
+    """The RMSNorm modules of ``model`` that ``kernel`` reproduces.
+
+    A candidate is a module whose class name ends in ``RMSNorm`` with a 1-D ``weight`` and a
+    float epsilon. Each (class, width, dtype) is checked once on a probe input against the
+    module's own forward; a class that disagrees (another formula) is not fused."""
+    verdict: dict[tuple, bool] = {}
+    found = []
+    for module in model.modules():
+        if not type(module).__name__.endswith("RMSNorm"):
+            continue
+        w, eps = getattr(module, "weight", None), _eps(module)
+        if not isinstance(w, torch.Tensor) or w.dim() != 1 or eps is None or "forward" in vars(module):
+            continue
+        key = (type(module), w.shape[0], w.dtype, w.device)
+        if key not in verdict:
+            g = torch.Generator(device="cpu").manual_seed(0)
+            probe = (torch.randn(8, w.shape[0], generator=g) * 3).to(w.device, w.dtype)
+            with torch.no_grad():
+                ref, got = module(probe), kernel(probe, w, eps)
+            tol = 1e-5 if w.dtype == torch.float32 else 2e-2
+            verdict[key] = ref.dtype == got.dtype and ref.shape == got.shape and torch.allclose(
+                ref.float(), got.float(), rtol=tol, atol=tol)
+        if verdict[key]:
+            found.append(module)
+    return found
 
 
-def silu_mul(h: torch.Tensor) -> torch.Tensor:
-    if use_triton(h):
-        return silu_mul_triton(h)
-    return silu_mul_reference(h)
+@contextlib.contextmanager
+def fused_rms_norms(modules: list[torch.nn.Module], kernel=rms_norm_triton) -> Iterator[None]:
+    """Run ``modules`` through ``kernel`` inside the block; their own forwards come back after."""
+    for module in modules:
+        module.forward = _fused_forward(module, kernel)
+    try:
+        yield
+    finally:
+        for module in modules:
+            vars(module).pop("forward", None)
 
 
+def _fused_forward(module: torch.nn.Module, kernel):
+    w, eps = module.weight, _eps(module)
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        return kernel(hidden_states, w, eps)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------------------- RoPE
+def _covered(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    return (t.dim() == 4 and cos.dim() == 3 and t.dtype == cos.dtype == sin.dtype and t.shape[-1] % 2 == 0
+            and cos.shape[1:] == (t.shape[2], t.shape[3]) and cos.shape[0] in (1, t.shape[0]) and sin.shape == cos.shape
+            and cos.stride() == sin.stride() and t.stride(-1) == 1 and cos.stride(-1) == 1)
+
+
+def make_fused_apply(original, kernel=rope_triton):
+    """An ``apply_rotary_pos_emb`` that runs ``kernel`` where it applies and ``original`` elsewhere."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        unsqueeze = kwargs.get("unsqueeze_dim", args[0] if args else 1)
+        if unsqueeze != 1 or len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} \
+                or not (_covered(q, cos, sin) and _covered(k, cos, sin)):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return kernel(q, cos, sin), kernel(k, cos, sin)
+
+    apply_rotary_pos_emb.zipage_fused = True
+    return apply_rotary_pos_emb
+
+
+def fusable_rope(model: torch.nn.Module, kernel=rope_triton) -> ModuleType | None:
+    """The modeling module of ``model`` when its ``apply_rotary_pos_emb`` matches ``kernel``."""
+    module = sys.modules.get(type(model).__module__)
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    if module is None or not callable(original) or getattr(original, "zipage_fused", False):
+        return None
+    cfg = model.config.get_text_config(decoder=True)
+    p = next(model.parameters())
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if D % 2:
+        return None
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k = (torch.randn(2, h, 3, D, generator=g).to(p.device, p.dtype) for h in (4, 2))
+    angle = torch.rand(2, 3, D // 2, generator=g) * 6
+    cos = torch.cat([angle.cos()] * 2, -1).to(p.device, p.dtype)
+    sin = torch.cat([angle.sin()] * 2, -1).to(p.device, p.dtype)
+    try:
+        with torch.no_grad():
+            ref, got = original(q, k, cos, sin), (kernel(q, cos, sin), kernel(k, cos, sin))
+    except Exception:  # another signature or layout: leave it alone
+        return None
+    tol = 1e-5 if p.dtype == torch.float32 else 1e-2
+    ok = all(r.shape == o.shape and r.dtype == o.dtype and torch.allclose(r.float(), o.float(), rtol=tol, atol=tol)
+             for r, o in zip(ref, got))
+    return module if ok else None
+
+
+@contextlib.contextmanager
+def fused_rope(module: ModuleType | None, kernel=rope_triton) -> Iterator[None]:
+    """Inside the block, ``module.apply_rotary_pos_emb`` runs the fused kernel."""
+    if module is None:
+        yield
+        return
+    original = module.apply_rotary_pos_emb
+    module.apply_rotary_pos_emb = make_fused_apply(original, kernel)
+    try:
+        yield
+    finally:
+        module.apply_rotary_pos_emb = original
+
+
+# ------------------------------------------------------------------------------ merged projections
 @dataclass
 class MergedGroup:
     """Linear modules whose weights (and biases) are row slices of one merged tensor."""
@@ -261,3 +343,28 @@ def merged_projections(groups: list[MergedGroup], kernel=silu_mul_triton) -> Ite
             vars(module).pop("forward", None)
         for group in groups:
             group.stash.clear()
+
+
+# ------------------------------------------------------------------------------------ all together
+@dataclass
+class ModelFusion:
+    """What of one model runs through the fused kernels (see the module docstring)."""
+
+    norms: list[torch.nn.Module] = field(default_factory=list)
+    rope_module: ModuleType | None = None
+    merged: list[MergedGroup] = field(default_factory=list)
+
+    @classmethod
+    def find(cls, model: torch.nn.Module) -> ModelFusion:
+        """Check ``model``'s norms, rotary function and projections against the kernels (merging the
+        projections' weights in place; see the module docstring)."""
+        return cls(fusable_rms_norms(model), fusable_rope(model), merge_projections(model))
+
+    def __bool__(self) -> bool:
+        return bool(self.norms) or self.rope_module is not None or bool(self.merged)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Inside the block the model runs the fused kernels; its own forwards come back after."""
+        with fused_rms_norms(self.norms), fused_rope(self.rope_module), merged_projections(self.merged):
+            yield
