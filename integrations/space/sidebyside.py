@@ -38,7 +38,8 @@ class Settings:
 
     def check(self) -> None:
         """Raise ValueError/TypeError naming the first bad setting."""
-        self.zipage_config()
+        config = self.zipage_config()
+        zipage.get_scorer(config.scorer, config)  # an unknown scorer name is refused here
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max new tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.sample and not (self.temperature > 0):
