@@ -29,7 +29,7 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
     kv_of = torch.arange(Hq, device=query.device) // (Hq // Hkv)
-    k, v, mask = key[:, kv_of].float(), value[:, kv_of].float(), allowed[:, kv_of].to(query.device)
+    k, v, mask = key[:, kv_of].float(), value[:, kv_of].float(), allowed.to(query.device)[:, kv_of]
     scale = scaling if scaling is not None else D**-0.5
     scores = torch.einsum("bhqd,bhkd->bhqk", query.float(), k) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -84,4 +84,4 @@ def reference_logits(model, ids: torch.Tensor, real: torch.Tensor, kept: list[di
             out = ref(input_ids=ids.to(dev), position_ids=position_ids.to(dev), use_cache=False)
     finally:
         _allowed.masks = None
-    return out.logits.float()
+    return out.logits.float().cpu()

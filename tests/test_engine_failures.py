@@ -58,7 +58,8 @@ class Faults:
 
         def failing_model_call(*a, **kw):
             out = model_call(*a, **kw)  # (the forward ran: its KV and query-ring writes are in the pools)
-            self._maybe("forward", self.forward)
+            if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+                self._maybe("forward", self.forward)  # (eager forwards: a graph capture is not a step's forward)
             return out
 
         def failing_sample(*a, **kw):

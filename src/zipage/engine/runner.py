@@ -16,6 +16,7 @@ build) when the step runs, and so is a forward in which a layer's attention bypa
 
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import dataclass, field
 
@@ -291,6 +292,24 @@ class ModelRunner:
         self.g_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.g_table = torch.full((n, table_width), self.scratch_page, dtype=torch.int32, device=dev)
         pool = torch.cuda.graph_pool_handle()
+        graphs = {}
+        # No garbage collection while capturing: an old engine's graphs, events or pinned buffers
+        # released mid-capture would invalidate it.
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture_sizes(sizes, table_width, pool, graphs)
+        except BaseException:  # (an interrupt, a failing model): no graph at all, captured again next time
+            torch.cuda.synchronize()
+            raise
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        self.graphs = graphs
+        torch.cuda.synchronize()
+
+    def _capture_sizes(self, sizes: list[int], table_width: int, pool, graphs: dict) -> None:
         for b in sorted(sizes, reverse=True):
             meta = StepMeta(
                 runner=self, slot_mapping=self.g_slots[:b], ring_index=self.g_ring[:b], num_prefill_tokens=0,
@@ -308,8 +327,7 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = run()
-            self.graphs[b] = (graph, logits)
-        torch.cuda.synchronize()
+            graphs[b] = (graph, logits)
 
     def _scratch_ring(self) -> int:
         w = self.zipage_config.window if self.zipage_config is not None else 0
