@@ -4,6 +4,7 @@
     zipage demo [options]       full KV vs zipage on SmolLM2-135M-Instruct (zipage demo --help)
     zipage bench [options]      throughput benchmark on a CUDA GPU (zipage bench --help)
     zipage eval [options]       quality benchmark on the CPU (zipage eval --help)
+    zipage serve [MODEL]        an OpenAI-compatible server (zipage serve --help; needs zipage[serve])
 
 This module lies outside the ``zipage`` package on purpose: ``import zipage`` registers
 ``cache_implementation="zipage"`` with transformers, which loads torch and transformers (seconds),
@@ -11,7 +12,8 @@ and importing any ``zipage.*`` module runs that first. Here nothing of the libra
 until a subcommand runs, so ``zipage --help`` answers at once. ``python -m zipage`` and
 ``python -m zipage.cli`` run the same ``main``.
 
-``demo``, ``bench`` and ``eval`` parse their own options: everything after the subcommand is passed
+``serve``'s options are defined here (its ``--help`` is instant); the server itself is
+``zipage.serve.server``. ``demo``, ``bench`` and ``eval`` parse their own options: everything after the subcommand is passed
 to them unparsed. ``bench`` and ``eval`` run ``benchmarks/throughput.py`` and ``benchmarks/quality.py``,
 packaged as ``zipage.bench.throughput`` and ``zipage.bench.quality``.
 """
@@ -105,12 +107,71 @@ def run_benchmark(command: str, argv: list[str]) -> int:
         return mod.main(argv) or 0
 
 
+def _budget(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'none', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'none', got {value}")
+    return value
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """``zipage serve``'s options (vLLM's names where vLLM has the option)."""
+    p = argparse.ArgumentParser(
+        prog="zipage serve", formatter_class=HelpFormatter,
+        description="An OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+        "/version, /metrics) with Compressed PagedAttention. Needs the serve extra: pip install 'zipage[serve]'.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a Hub id or a local folder (default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="the name(s) clients give as 'model' (default: MODEL)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $ZIPAGE_API_KEY, else open)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights and KV (auto: the checkpoint's on CUDA, float32 on a CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="most tokens in one step")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of the GPU for model + KV")
+    p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: sized from the memory)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share prompt pages between requests with the same prefix")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--budget", type=_budget, default=2048,
+                   help="tokens of KV kept per request after a compression, unless a request asks for its own; "
+                   "'none': full KV only (requests cannot ask for a budget then)")
+    p.add_argument("--page-size", type=int, default=256, help="tokens per KV page")
+    p.add_argument("--scorer", default=None, help="which tokens to keep (default: zipage; `zipage info` lists them)")
+    p.add_argument("--max-budget", type=int, default=None,
+                   help="largest budget a request may ask for; full KV is refused then too (default: no limit)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="waiting requests beyond which new ones get a 429 (default: no limit)")
+    return p
+
+
+def serve(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)  # (--help answers here, before anything heavy is imported)
+    try:
+        from zipage.serve.server import main as run
+    except ImportError as e:
+        print(f"zipage serve needs the serve extra: pip install 'zipage[serve]' ({e})", file=sys.stderr)
+        return 1
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zipage", description="Compressed PagedAttention for LLM reasoning.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="full KV vs zipage on SmolLM2-135M-Instruct (no download); see zipage demo --help")
     for command, (_, text) in BENCHMARKS.items():
         sub.add_parser(command, help=text)
+    sub.add_parser("serve", help="an OpenAI-compatible server (needs zipage[serve]); see zipage serve --help")
     p = sub.add_parser("info", help="versions, devices and the scorers available")
     p.set_defaults(func=_info)
     return parser
@@ -124,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main(argv[1:], prog="zipage demo") or 0
     if argv and argv[0] in BENCHMARKS:  # so do the benchmarks (zipage bench --help, zipage eval --help)
         return run_benchmark(argv[0], argv[1:])
+    if argv and argv[0] == "serve":
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -160,12 +160,12 @@ class SymbolicRunner(ModelRunner):
         return -((torch.arange(self.vocab)[None] - torch.tensor(rows)[:, None]) % self.vocab).float()
 
     def compress(self, seqs, dst_pages, first):
-        cfg = self.zipage_config
+        cfg = self.zipage_config.replace(budget=seqs[0].budget)  # (a request may have a budget of its own)
         w, p = cfg.window, self.page_size
         jobs = []
         for i, seq in enumerate(seqs):
             S, L = seq.stored, seq.num_computed
-            assert S == seqs[0].stored and len(seq.pages) * p >= S
+            assert S == seqs[0].stored and seq.budget == cfg.budget and len(seq.pages) * p >= S
             ring = [self.ring[seq.slot][(L - w + k) % w] for k in range(w)]
             assert [r[0] if r else None for r in ring] == list(range(L - w, L)), "the ring holds other queries"
             if dst_pages is not None:

@@ -105,10 +105,10 @@ def test_preempting_a_sequence_due_for_compression_keeps_its_tokens(llama, async
 
 
 def test_scheduler_preemptions_keep_tokens(llama):
-    """A tight pool where the scheduler itself preempts sequences (one of them due for its first
-    compression), with chunked prefill, async compression and prefix caching: same tokens as a
-    roomy engine that never preempts."""
-    rnd = random.Random(1050)
+    """A tight pool where the scheduler itself preempts sequences (admission sets aside each request's
+    worst case, so here for the fresh pages of first compressions of shared prefixes), with chunked
+    prefill, async compression and prefix caching: same tokens as a roomy engine that never preempts."""
+    rnd = random.Random(12)
     budget = rnd.choice([None, 16])
     assert budget == 16
     shared = [rnd.randrange(3, 96) for _ in range(rnd.choice([0, 8, 13]))]
@@ -118,7 +118,7 @@ def test_scheduler_preemptions_keep_tokens(llama):
     want = [o.token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
     assert roomy.stats()["preemptions"] == 0
     for async_compression in (True, False):
-        tight = LLM(llama, num_pages=21, enable_prefix_caching=True, max_num_seqs=4, max_num_batched_tokens=4,
+        tight = LLM(llama, num_pages=15, enable_prefix_caching=True, max_num_seqs=4, max_num_batched_tokens=4,
                     async_compression=async_compression, async_scheduling=False, **CFG)
         got = [o.token_ids for o in tight.generate(prompts, params, use_tqdm=False)]
         assert tight.stats()["preemptions"] > 0

@@ -54,7 +54,7 @@ class Faults:
     def __init__(self, llm, monkeypatch, forward=(), sample=(), sampled=(), exc=Injected):
         self.attempt, self.forward, self.sample, self.exc, self.raised = 0, set(forward), set(sample), exc, []
         self.sampled = set(sampled)  # raise after the sampler drew (its generators advanced)
-        model_call, sample_tensor = llm.runner._model_call, engine_core.sample_tensor
+        model_call, sample = llm.runner._model_call, engine_core.sample
 
         def failing_model_call(*a, **kw):
             out = model_call(*a, **kw)  # (the forward ran: its KV and query-ring writes are in the pools)
@@ -64,12 +64,12 @@ class Faults:
 
         def failing_sample(*a, **kw):
             self._maybe("sample", self.sample)
-            out = sample_tensor(*a, **kw)
+            out = sample(*a, **kw)
             self._maybe("sampled", self.sampled)
             return out
 
         monkeypatch.setattr(llm.runner, "_model_call", failing_model_call)
-        monkeypatch.setattr(engine_core, "sample_tensor", failing_sample)
+        monkeypatch.setattr(engine_core, "sample", failing_sample)
 
     def _maybe(self, where, attempts):
         if self.attempt in attempts:

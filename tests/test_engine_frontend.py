@@ -13,7 +13,7 @@ import torch
 from test_engine import assert_pool_clean
 
 from zipage import LLM, SamplingParams
-from zipage.engine.sampling import sample_tensor
+from zipage.engine.sampler import sample_tensor
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 

@@ -84,8 +84,9 @@ class Episode:
             seq = self.llm.requests[rid]
             self.seqs.append(seq)
             if symbolic:
-                self.expected[id(seq)] = alone(seq.prompt_token_ids, seq.params, self.llm.zipage_config, VOCAB,
-                                               self.max_model_len)
+                cfg = self.llm.zipage_config
+                own = cfg.replace(budget=seq.budget) if seq.budget is not None else None  # (resolved by add)
+                self.expected[id(seq)] = alone(seq.prompt_token_ids, seq.params, own, VOCAB, self.max_model_len)
             return rid
 
         self.llm.add_request = tracked_add
@@ -126,8 +127,12 @@ class Episode:
         rng = self.rng
         stops = rng.sample(range(3, VOCAB), rng.choice([0, 0, 1, 2]))
         max_tokens = rng.randint(1, 40)
+        own = {}
+        cfg = self.llm.zipage_config
+        if cfg is not None and rng.random() < 0.4:  # a budget of its own: smaller, larger, or full KV
+            own["budget"] = rng.choice([None] + [b for b in (4, 5, 6, 8, 12) if b >= cfg.window + cfg.sinks])
         return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, stop_token_ids=stops,
-                              min_tokens=min(max_tokens, rng.choice([0, 0, 2])))
+                              min_tokens=min(max_tokens, rng.choice([0, 0, 2])), **own)
 
     def add(self) -> None:
         try:
@@ -136,18 +141,18 @@ class Episode:
             assert "KV pool has" in str(err) or "context" in str(err), err
 
     def step(self) -> None:
-        previous = core_mod.sample_tensor
+        previous = core_mod.sample
         if self.rng.random() < self.fail:
             def sample(*a, **k):
                 raise Injected("injected failure in sample")
 
-            core_mod.sample_tensor = sample
+            core_mod.sample = sample
         try:
             self.llm.step()
         except Injected as err:
             self.injected[str(err).split()[3]] += 1
         finally:
-            core_mod.sample_tensor = previous
+            core_mod.sample = previous
 
     def cancel(self) -> None:
         live = [q for q in self.seqs if not q.finished and self.llm.requests.get(q.request_id) is q]
@@ -157,7 +162,7 @@ class Episode:
     def interrupted_generate(self) -> None:
         """generate() on new prompts, its sampler raising at a random call: its requests are cancelled."""
         calls, fail_at = [0], self.rng.randint(0, 12)
-        previous = core_mod.sample_tensor
+        previous = core_mod.sample
 
         def sample(*a, **k):
             calls[0] += 1
@@ -165,7 +170,7 @@ class Episode:
                 raise Injected("injected failure in sample")
             return previous(*a, **k)
 
-        core_mod.sample_tensor = sample
+        core_mod.sample = sample
         try:
             self.llm.generate([self.random_prompt() for _ in range(self.rng.randint(1, 2))], self.random_params(),
                               use_tqdm=False)
@@ -174,7 +179,7 @@ class Episode:
         except ValueError as err:
             assert "KV pool has" in str(err) or "context" in str(err), err
         finally:
-            core_mod.sample_tensor = previous
+            core_mod.sample = previous
 
     def run(self, ops: int) -> int:
         rng, done = self.rng, 0
@@ -222,12 +227,12 @@ class Episode:
         for q in s.waiting:
             assert q.pages == [] and q.num_computed == q.stored == 0 and q.slot == -1, "a waiting request holds pages"
         slots = [q.slot for q in s.running]
-        assert sorted(slots + s.free_slots) == list(range(s.max_concurrency)), "query slots lost or doubled"
+        assert sorted(slots + s.free_slots) == list(range(s.num_slots)), "query slots lost or doubled"
         page = llm.blocks.page_size
         for q in s.running:
             assert len(q.pages) * page >= q.stored
             if q.compressions:
-                cap = llm.zipage_config.capacity
+                cap = q.budget + llm.zipage_config.buffer
                 assert q.stored <= cap and len(q.pages) <= -(-cap // page)
 
     def check_final(self) -> None:

@@ -1,7 +1,7 @@
 """Compressions in flight: launched by a step, landed (booked) by a later one.
 
 A step's plan names the sequences due for compression. They are compressed in groups (same
-stored length, same first-ness, same kind of destination), either at once on the current
+stored length, same budget, same first-ness, same kind of destination), either at once on the current
 stream or, with asynchronous compression, on a side CUDA stream while the other requests go on
 decoding: a sequence being compressed sits out the steps until its group's event completes.
 On a CPU the same bookkeeping runs with compressions that complete at once.
@@ -31,12 +31,11 @@ Group = tuple[list[Sequence], bool, "dict[int, list[int]] | None"]
 class Compressions:
     """Runs the plan's compressions and books them when they land."""
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, blocks: BlockManager, budget: int,
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, blocks: BlockManager,
                  side_stream: Any, on_error: Callable[[Sequence], None]) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.blocks = blocks
-        self.budget = budget
         self.side_stream = side_stream  # a torch.cuda.Stream, or None: compress on the current stream
         self.on_error = on_error  # finishes a sequence whose pages a failed compression left unknown
         self.pending: list[tuple[Any, list[Group]]] = []  # (event or None, groups) not yet booked
@@ -53,9 +52,10 @@ class Compressions:
         """The plan's compressions, grouped; the plan's destination pages move into the groups."""
         by_key: dict[tuple, list[Sequence]] = {}
         for seq in plan.compress:
-            by_key.setdefault((seq.stored, seq.compressions == 0, id(seq) in plan.fresh_pages), []).append(seq)
+            key = (seq.stored, seq.budget, seq.compressions == 0, id(seq) in plan.fresh_pages)
+            by_key.setdefault(key, []).append(seq)
         groups = [(seqs, first, {id(s): plan.fresh_pages[id(s)] for s in seqs} if fresh else None)
-                  for (_, first, fresh), seqs in by_key.items()]
+                  for (_, _, first, fresh), seqs in by_key.items()]
         plan.fresh_pages.clear()
         return groups
 
@@ -142,7 +142,8 @@ class Compressions:
     def _landed(self, group: Group) -> None:
         seqs, _, fresh = group
         for seq in seqs:
-            self.blocks.compacted(seq, self.budget, fresh[id(seq)] if fresh is not None else None)
+            self.scheduler.evicted_tokens += seq.stored - seq.budget
+            self.blocks.compacted(seq, seq.budget, fresh[id(seq)] if fresh is not None else None)
             seq.compressions += 1
         self.scheduler.compressions += len(seqs)
 

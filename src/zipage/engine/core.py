@@ -23,9 +23,9 @@ from ..memory.block_manager import BlockManager
 from .compressions import Compressions
 from .outputs import OutputProcessor
 from .runner import Feed, ModelRunner
-from .sampling import sample_tensor
+from .sampler import Sampled, TokenHistory, sample
 from .scheduler import Scheduler, Step
-from .sequence import RequestOutput, Sequence
+from .sequence import RequestOutput, Sequence, TokenLogprobs
 
 
 @dataclass
@@ -36,13 +36,15 @@ class Flight:
     feed: Feed  # the tokens on the device, for the next step's inputs
     host: torch.Tensor  # their copy on the host (pinned), valid once ``event`` completed
     event: Any  # torch.cuda.Event, or None on a CPU
+    logprobs: Sampled | None = None  # host copies of the log-probabilities, when a request asked
+    penalized: tuple[list[Sequence], torch.Tensor] | None = None  # their tokens count once the step stands
 
 
 class EngineCore:
     """Drives the steps of one engine; every part is built by ``LLM`` and handed in."""
 
     def __init__(self, scheduler: Scheduler, blocks: BlockManager, runner: ModelRunner,
-                 outputs: OutputProcessor, *, budget: int | None, async_compression: bool,
+                 outputs: OutputProcessor, *, async_compression: bool,
                  async_scheduling: bool, use_graphs: bool, graph_table_width: int) -> None:
         self.scheduler = scheduler
         self.blocks = blocks
@@ -55,8 +57,9 @@ class EngineCore:
         side = None
         if async_compression and runner.device.type == "cuda":
             side = torch.cuda.Stream(runner.device)
-        self.compressions = Compressions(runner, scheduler, blocks, budget or 0, side, self.fail)
+        self.compressions = Compressions(runner, scheduler, blocks, side, self.fail)
         self.inflight: Flight | None = None  # the last step's tokens, not yet on the host
+        self.history = TokenHistory(runner.device)  # token counts of the requests with penalties
         # One step at a time, whichever thread (agenerate's workers, a server loop) drives the engine.
         self.lock = threading.RLock()
         self.to_cancel: list[Sequence] = []  # cancellations waiting for the step in progress to end
@@ -183,7 +186,7 @@ class EngineCore:
         logits = None
         if self.use_graphs and not plan.prefill:
             if not self.runner.graphs:
-                self.runner.capture_graphs(self.scheduler.max_concurrency, self.graph_table_width)
+                self.runner.capture_graphs(self.scheduler.num_slots, self.graph_table_width)
             logits = self.runner.decode_with_graph(plan.decode, feed)
         if logits is None:
             logits = self.runner.forward(plan.prefill, plan.decode, feed)
@@ -195,6 +198,8 @@ class EngineCore:
         for seq, n in scheduled:
             self.blocks.append(seq, n)
             self.blocks.register_prefix(seq)  # (a page registered is shared, never rewritten)
+        if flight is not None and flight.penalized is not None:
+            self.history.add(*flight.penalized)
         for seq in seqs:
             seq.pending += 1
             if (len(seq.output_ids) + seq.pending >= seq.params.max_tokens
@@ -211,19 +216,26 @@ class EngineCore:
         gens = [s.generator for s in seqs]
         saved = [(g, g.get_state()) for g in gens if g is not None]
         try:
-            tokens = sample_tensor(logits, [s.params for s in seqs], gens,
-                                   [self.outputs.suppressed(s) for s in seqs])
-            host, event = tokens, None
+            history = self.history.penalties(seqs, logits.shape[-1])
+            sampled = sample(logits, [s.params for s in seqs], gens, [self.outputs.suppressed(s) for s in seqs],
+                             history[0] if history is not None else None)
+            tokens = sampled.tokens
+            host, logprobs, event = _to_host(tokens), None, None
+            if sampled.logprobs is not None:
+                logprobs = Sampled(host, _to_host(sampled.logprobs),
+                                   *(_to_host(t) if t is not None else None for t in (sampled.top_ids,
+                                                                                       sampled.top_logprobs)))
             if tokens.device.type == "cuda":
-                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-                host.copy_(tokens, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
+            penalized = None
+            if history is not None:
+                penalized = (history[1], tokens.index_select(0, torch.tensor(history[0].rows, device=tokens.device)))
         except BaseException:
             for g, state in saved:
                 g.set_state(state)
             raise
-        return Flight(seqs, Feed(tokens, {id(s): i for i, s in enumerate(seqs)}), host, event)
+        return Flight(seqs, Feed(tokens, {id(s): i for i, s in enumerate(seqs)}), host, event, logprobs, penalized)
 
     def _resolve(self, flight: Flight, changed: list[RequestOutput]) -> None:
         """Wait for a step's tokens on the host and book them (stop checks included). Every token
@@ -233,18 +245,19 @@ class EngineCore:
             if flight.event is not None:
                 flight.event.synchronize()
             tokens = flight.host.tolist()
+            logprobs = _logprobs(flight.logprobs, [s.params.logprobs for s in flight.seqs])
         except BaseException:  # the tokens are lost: their requests cannot go on
             for seq in flight.seqs:
                 seq.pending -= 1
                 self.fail(seq)
             raise
         error = None
-        for seq, token in zip(flight.seqs, tokens):
+        for seq, token, lp in zip(flight.seqs, tokens, logprobs):
             seq.pending -= 1
             if seq.finished or seq.finish_requested is not None or seq.cancel_requested:
                 continue  # stopped earlier (cancelled, or by an earlier token): this token is dropped
             try:
-                reason = self.outputs.append(seq, token)
+                reason = self.outputs.append(seq, token, lp)
                 if reason is not None:
                     if seq.compressing:  # its pages are still being read and written on the side stream
                         seq.finish_requested = reason
@@ -264,3 +277,23 @@ class EngineCore:
             self.blocks.release(plan.fresh_pages.pop(id(seq), []))
         plan.decode = [s for s in plan.decode if not s.finished]
         plan.prefill = [(s, n) for s, n in plan.prefill if not s.finished]
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying a device tensor to (pinned) host memory; a CPU tensor is its own copy."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def _logprobs(sampled: Sampled | None, wanted: list[int | None]) -> list[TokenLogprobs | None]:
+    """Each row's log-probabilities as the requests asked for them (``wanted[i]`` top tokens, or None)."""
+    if sampled is None:
+        return [None] * len(wanted)
+    tokens, lps = sampled.tokens.tolist(), sampled.logprobs.tolist()
+    ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+    tops = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+    return [None if k is None else TokenLogprobs(tokens[i], lps[i], list(zip(ids[i][:k], tops[i][:k])) if k else [])
+            for i, k in enumerate(wanted)]

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from .sampling import SamplingParams
+from ..config import ZipageConfig
+from .sampling import ENGINE_BUDGET, SamplingParams
 
 
 def is_array(x: Any) -> bool:
@@ -80,3 +81,27 @@ def check_request(ids: list[int], params: Any, request_id: Any, *, vocab: int, m
                          f"token id {outside[0]} is outside the vocabulary 0..{vocab - 1}")
     if len(ids) >= max_model_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {max_model_len}")
+    if params.logprobs is not None and params.logprobs > vocab:
+        raise ValueError(f"SamplingParams.logprobs={params.logprobs} is invalid: the vocabulary has {vocab} tokens")
+
+
+def resolve_budget(params: SamplingParams, config: ZipageConfig | None) -> int | None:
+    """A request's KV budget: its own (``None``: full KV) or, by default, the engine's.
+
+    An engine built with ``budget=None`` has no compression machinery (query slots, scorer), so
+    it serves full KV only: a request asking for a budget is refused rather than silently
+    served in full."""
+    budget = params.budget
+    if budget is ENGINE_BUDGET:
+        return config.budget if config is not None else None
+    if budget is None:
+        return None
+    if config is None:
+        raise ValueError(f"SamplingParams.budget={budget} is invalid: this engine was built with budget=None "
+                         "(full KV) and cannot compress; build it with LLM(budget=B) to serve per-request "
+                         "budgets (budget=None, full KV, is accepted)")
+    low = config.window + config.sinks
+    if budget < low:
+        raise ValueError(f"SamplingParams.budget={budget} is invalid: must be >= window + sinks = {low} "
+                         "(the tokens a compression always keeps)")
+    return int(budget)

@@ -28,7 +28,7 @@ from ..config import ZipageConfig
 from ..memory.block_manager import BlockManager
 from ..scoring import get_scorer
 from .core import EngineCore
-from .inputs import as_prompt_list, check_request, tokenize
+from .inputs import as_prompt_list, check_request, resolve_budget, tokenize
 from .outputs import OutputProcessor
 from .runner import ModelRunner
 from .sampling import SamplingParams
@@ -45,9 +45,11 @@ class LLM:
         model: a loaded transformers causal LM, or a local path to one.
         tokenizer: a tokenizer (loaded from ``model`` when it is a path); needed for string
             prompts, ``text`` outputs and ``stop`` strings.
-        budget: tokens kept per sequence after a compression; ``None`` runs a plain full-KV paged
-            engine (the baseline). Other ``ZipageConfig`` fields (``page_size``, ``buffer``,
-            ``window``, ``scorer``, ...) are accepted as keyword arguments too.
+        budget: tokens kept per sequence after a compression, for requests that do not set their
+            own (``SamplingParams.budget``: smaller, larger, or ``None`` for full KV). ``None``
+            runs a plain full-KV paged engine (the baseline), which has no compression machinery
+            and refuses per-request budgets. Other ``ZipageConfig`` fields (``page_size``,
+            ``buffer``, ``window``, ``scorer``, ...) are accepted as keyword arguments too.
         enable_prefix_caching: share full prompt pages between requests with the same prefix.
         enforce_eager: no CUDA graphs. Otherwise (on CUDA) decode-only steps replay a CUDA graph of
             the whole forward, captured for a ladder of batch sizes at the first decode step.
@@ -118,8 +120,9 @@ class LLM:
                                                 gpu_memory_utilization)
         blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
         scheduler = Scheduler(blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
+        scheduler.max_model_len = self.max_model_len
         runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
-                             scheduler.max_concurrency, fuse_ops=fuse_ops)
+                             scheduler.num_slots, fuse_ops=fuse_ops)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
@@ -127,11 +130,12 @@ class LLM:
         capacity = self.zipage_config.capacity + 1 if self.zipage_config is not None else self.max_model_len
         self.core = EngineCore(
             scheduler, blocks, runner, OutputProcessor(tokenizer, eos_ids, self.max_model_len),
-            budget=budget, async_compression=bool(async_compression) and budget is not None,
+            async_compression=bool(async_compression) and budget is not None,
             async_scheduling=bool(async_scheduling), use_graphs=not enforce_eager and device.type == "cuda",
             graph_table_width=blocks.pages_for(capacity),
         )
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, Sequence] = {}  # request id -> its (first) sample
+        self._samples: dict[str, list[Sequence]] = {}  # request id -> every sample, for requests with n > 1
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._async_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> asyncio.Lock
@@ -173,42 +177,66 @@ class LLM:
     def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
                     chat: bool = False) -> str:
         """Queue a request (string or token ids); returns its id. Bad requests raise here and
-        leave every request in flight untouched."""
+        leave every request in flight untouched. A request with ``n > 1`` runs as ``n`` samples
+        that share the prompt's pages: the first computes the prompt, the others then find its
+        pages in the prefix cache."""
         params = params if params is not None else SamplingParams()
         ids, text = tokenize(self.tokenizer, prompt, chat)
         check_request(ids, params, request_id, vocab=self.model.config.get_text_config(decoder=True).vocab_size,
                       max_model_len=self.max_model_len, has_tokenizer=self.tokenizer is not None)
-        blocks = self.blocks
-        if self.zipage_config is None:
-            peak = blocks.pages_for(min(len(ids) + params.max_tokens, self.max_model_len))
-        else:
-            peak = max(blocks.pages_for(len(ids) + 1), blocks.pages_for(self.zipage_config.capacity))
-        if peak > blocks.num_pages:
-            raise ValueError(
-                f"this request needs up to {peak} pages of {blocks.page_size} tokens but the KV pool has "
-                f"{blocks.num_pages}: shorten it, lower max_tokens or give the engine more pages"
-            )
+        budget = resolve_budget(params, self.zipage_config)
         rid = request_id
         while rid is None or (request_id is None and rid in self.requests):
             rid = str(next(self._ids))  # an automatic id never takes one the caller chose (or one still known)
-        if rid in self.requests and not self.requests[rid].finished:
+        if rid in self.requests and not all(s.finished for s in self.samples(rid)):
             raise ValueError(f"request id {rid!r} is already in flight")
-        seq = Sequence(request_id=rid, prompt_token_ids=ids, params=params, prompt=text, arrival=next(self._arrivals))
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        self.requests[rid] = seq
-        self.scheduler.add(seq)
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            seq = Sequence(request_id=rid if i == 0 else f"{rid}#{i}", prompt_token_ids=ids, params=params,
+                           prompt=text, arrival=next(self._arrivals), budget=budget,
+                           parent=rid if params.n > 1 else None, index=i, leader=seqs[0] if seqs else None)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seqs.append(seq)
+        peak = self.scheduler.worst_case_pages(seqs[0])
+        if peak > self.blocks.num_pages:
+            raise ValueError(
+                f"this request needs up to {peak} pages of {self.blocks.page_size} tokens but the KV pool has "
+                f"{self.blocks.num_pages}: shorten it, lower max_tokens or its budget, or give the engine more pages"
+            )
+        self._samples.pop(rid, None)
+        self.requests[rid] = seqs[0]
+        if len(seqs) > 1:
+            self._samples[rid] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
         return rid
 
+    def samples(self, request_id: str) -> list[Sequence]:
+        """The sequences of a request: one, or ``n`` for a request with ``n`` samples."""
+        return self._samples.get(request_id) or [self._get(request_id)]
+
     def cancel(self, request_id: str) -> None:
-        """Stop a request now; its pages go back to the pool. While another thread is inside
-        ``step()`` (``agenerate``'s workers) it is stopped as soon as that step returns."""
-        self.core.cancel(self._get(request_id))
+        """Stop a request (every sample) now; its pages go back to the pool. While another thread
+        is inside ``step()`` (``agenerate``'s workers) it is stopped as soon as that step returns."""
+        for seq in self.samples(request_id):
+            self.core.cancel(seq)
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request whose output was taken (``generate`` and ``agenerate`` do this
+        themselves; a loop over ``step()`` calls it to keep ``requests`` from growing)."""
+        seqs = self.samples(request_id)
+        if not all(s.finished for s in seqs):
+            raise ValueError(f"request {request_id!r} is still running: cancel it first")
+        self._forget(seqs[0])
 
     def _forget(self, seq: Sequence) -> None:
         """Drop a request handed back to its caller (never a newer request that took its id)."""
-        if self.requests.get(seq.request_id) is seq:
-            del self.requests[seq.request_id]
+        rid = seq.parent if seq.parent is not None else seq.request_id
+        seqs = self._samples.get(rid, [seq]) if seq.parent is not None else [seq]
+        if seq in seqs and self.requests.get(rid) is seqs[0]:
+            del self.requests[rid]
+            self._samples.pop(rid, None)
 
     def _get(self, request_id: str) -> Sequence:
         if request_id not in self.requests:
@@ -241,47 +269,56 @@ class LLM:
             plist = list(params)
         else:
             plist = [params] * len(prompts)
-        seqs: list[Sequence] = []
+        groups: list[list[Sequence]] = []
         bar = None
         try:
             for prompt, p in zip(prompts, plist):
-                seqs.append(self.requests[self.add_request(prompt, p, chat=chat)])
+                groups.append(self.samples(self.add_request(prompt, p, chat=chat)))
             if use_tqdm:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(seqs), desc="zipage", unit="req", dynamic_ncols=True)
+                bar = tqdm(total=len(groups), desc="zipage", unit="req", dynamic_ncols=True)
             start, start_tokens = time.perf_counter(), self.generated_tokens
-            pending = {s.request_id for s in seqs if not s.finished}
+            left = {g[0].request_id: sum(not s.finished for s in g) for g in groups}
+            pending = {(g[0].request_id, s.index) for g in groups for s in g if not s.finished}
             while pending:
                 for out in self.step():
-                    if out.finished and out.request_id in pending:
-                        pending.discard(out.request_id)
-                        if bar is not None:
+                    key = (out.request_id, out.outputs[0].index)
+                    if out.outputs[0].finish_reason is not None and key in pending:
+                        pending.discard(key)
+                        left[key[0]] -= 1
+                        if bar is not None and not left[key[0]]:
                             bar.update(1)
                 if pending and not self.has_unfinished():
-                    pending -= {s.request_id for s in seqs if s.finished}  # e.g. cancelled by another thread
-                    if pending:
+                    pending -= {(g[0].request_id, s.index) for g in groups for s in g if s.finished}
+                    if pending:  # e.g. cancelled by another thread
                         raise RuntimeError(f"requests {sorted(pending)} were lost")  # never expected
                 if bar is not None:
                     rate = (self.generated_tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
         except BaseException:  # a bad prompt, an interrupt, a failing step: leave nothing behind
-            for seq in seqs:
-                self.core.cancel(seq)
-                self._forget(seq)
+            for seqs in groups:
+                for seq in seqs:
+                    self.core.cancel(seq)
+                self._forget(seqs[0])
             self.core.drop_abandoned(set(self.requests))
             raise
         finally:
             if bar is not None:
                 bar.close()
-        outs = [seq.output() for seq in seqs]
-        for seq in seqs:
-            self._forget(seq)
+        outs = [RequestOutput.of(seqs) for seqs in groups]
+        for seqs in groups:
+            self._forget(seqs[0])
         return outs
 
     def stream(self, request_id: str) -> Iterator[list[int]]:
-        """New token ids of one request as they come, driving the engine (other requests advance too)."""
+        """New token ids of one request as they come, driving the engine (other requests advance too).
+        A request with ``n > 1`` samples has no single stream: drive ``step()`` and read each
+        output's ``outputs[0].index``."""
         seq = self._get(request_id)
+        if request_id in self._samples:
+            raise ValueError(f"request {request_id!r} has n={seq.params.n} samples: stream() follows one; "
+                             "drive step() and read each output's outputs[0].index")
         while True:
             if seq.streamed < len(seq.output_ids):
                 new = seq.output_ids[seq.streamed :]
@@ -292,7 +329,7 @@ class LLM:
             self.step()
 
     def output(self, request_id: str) -> RequestOutput:
-        return self._get(request_id).output()
+        return RequestOutput.of(self.samples(request_id))
 
     async def agenerate(self, prompt: Any, params: SamplingParams | None = None, chat: bool = False) -> RequestOutput:
         """Await one request; steps run in a worker thread so the event loop stays free. Several
@@ -300,20 +337,21 @@ class LLM:
         or several in turn. A cancelled call cancels its request (its pages go back to the pool
         once the step in progress, if any, returns)."""
         rid = self.add_request(prompt, params, chat=chat)
-        seq = self.requests[rid]
+        seqs = self.samples(rid)
         try:
             lock = self._loop_lock()
-            while not seq.finished:
+            while not all(s.finished for s in seqs):
                 async with lock:  # one worker thread at a time per loop; the core's lock orders the rest
-                    if not seq.finished:
-                        await asyncio.to_thread(self._step_for, seq)
+                    if not all(s.finished for s in seqs):
+                        await asyncio.to_thread(self._step_for, seqs)
                 await asyncio.sleep(0)
-            return seq.output()
+            return RequestOutput.of(seqs)
         except BaseException:  # cancelled (client gone, timeout) or failed: the request goes too
-            self.core.cancel(seq)
+            for seq in seqs:
+                self.core.cancel(seq)
             raise
         finally:
-            self._forget(seq)
+            self._forget(seqs[0])
 
     def _loop_lock(self) -> asyncio.Lock:
         """The running event loop's lock (an asyncio.Lock is bound to the loop it first waited in)."""
@@ -323,11 +361,11 @@ class LLM:
             lock = self._async_locks[loop] = asyncio.Lock()
         return lock
 
-    def _step_for(self, seq: Sequence) -> None:
-        """A worker thread's step, unless ``seq`` finished meanwhile. Holding the step lock while
+    def _step_for(self, seqs: list[Sequence]) -> None:
+        """A worker thread's step, unless ``seqs`` finished meanwhile. Holding the step lock while
         it runs, a step abandoned by a cancelled ``agenerate`` still blocks the next one."""
         with self.core.lock:
-            if not seq.finished:
+            if not all(s.finished for s in seqs):
                 self.step()
         self.core.apply_cancels()
 
@@ -342,6 +380,7 @@ class LLM:
             "max_concurrency": s.max_concurrency,
             "preemptions": s.preemptions,
             "compressions": s.compressions,
+            "evicted_tokens": s.evicted_tokens,
             "prefix_cache_hits": self.blocks.hits,
             "generated_tokens": self.generated_tokens,
         }

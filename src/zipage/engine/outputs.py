@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .sequence import Sequence
+from .sequence import Sequence, TokenLogprobs
 
 _UNFINISHED = "\ufffd"  # what a tokenizer decodes the first bytes of a multi-byte character to
 
@@ -72,9 +72,14 @@ class OutputProcessor:
             ids += [t for t in self.eos_ids if t not in ids]
         return ids or None
 
-    def append(self, seq: Sequence, token: int) -> str | None:
-        """Book ``token`` for ``seq``; returns the reason it stops now ("stop", "length") or None."""
+    def append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> str | None:
+        """Book ``token`` (and its log-probabilities, when the request asked for them) for ``seq``;
+        returns the reason it stops now ("stop", "length") or None."""
         seq.output_ids.append(token)
+        if logprobs is not None:
+            if seq.logprobs is None:
+                seq.logprobs = []
+            seq.logprobs.append(logprobs)
         self.generated_tokens += 1
         p = seq.params
         n = len(seq.output_ids)
@@ -113,5 +118,9 @@ class OutputProcessor:
             return text
         # the whole decode and the incremental one agree but for rare tokenizer clean-ups: cut at
         # the first stop string of the whole text, and at the incremental position otherwise
-        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
-        return text[: min(hits)] if hits else seq.detokenizer.text()[:stop_at]
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            text = seq.detokenizer.text()
+            hits = [(stop_at, s) for s in seq.params.stop if text.startswith(s, stop_at)] or [(stop_at, "")]
+        at, stop = min(hits, key=lambda h: (h[0], -len(h[1])))  # the first; the longest of those starting there
+        return text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]

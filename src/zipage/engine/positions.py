@@ -4,7 +4,8 @@ Before a request's first compression, stored slot ``j`` holds position ``j``; af
 past the compacted prefix ``[0, budget)`` hold one new token each, so slot ``j >= budget`` holds
 position ``num_computed - stored + j``. Only the compacted prefix needs a map: one
 ``[L, H_kv, budget]`` int32 map per query slot, gathered with the kept indices at every
-compression (on the stream the compression runs on), never touched by a decode step.
+compression (on the stream the compression runs on), never touched by a decode step. A request
+with a budget of its own (``SamplingParams.budget``) keeps its map apart, of its own width.
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ class KeptPositions:
     def __init__(self, layers: int, num_slots: int, heads: int, budget: int, device: torch.device) -> None:
         self.budget = budget
         self.map = torch.zeros(layers, num_slots, heads, budget, dtype=torch.int32, device=device)
+        self.own: dict[int, torch.Tensor] = {}  # slot -> [L, H, b]: a request with a budget b of its own
+
+    def of(self, seq: Sequence) -> torch.Tensor:
+        """``[L, H, budget]`` map of ``seq``'s query slot (a view)."""
+        if seq.budget == self.budget:
+            return self.map[:, seq.slot]
+        own = self.own.get(seq.slot)
+        if own is None or own.shape[-1] != seq.budget:
+            L, _, H, _ = self.map.shape
+            own = self.own[seq.slot] = torch.zeros(L, H, seq.budget, dtype=self.map.dtype, device=self.map.device)
+        return own
 
     @staticmethod
     def bytes_per_slot(config, budget: int) -> int:
@@ -31,7 +43,11 @@ class KeptPositions:
         """Follow a compression of ``seqs`` (same stored length): ``keeps`` holds, per group of layers,
         its ``[L_g, n, H, budget]`` kept indices into the stored slots."""
         dev = keeps[0][1].device
-        stored = seqs[0].stored
+        stored, budget = seqs[0].stored, seqs[0].budget
+        if budget != self.budget:  # (maps of their own: one request at a time)
+            for i, seq in enumerate(seqs):
+                self._compressed_own(seq, [(layers, keep[:, i : i + 1]) for layers, keep in keeps], first)
+            return
         slot_base = torch.tensor([[s.slot, s.num_computed - stored] for s in seqs], device=dev)
         slots, base = slot_base[:, 0], slot_base[:, 1]
         start = 0 if first else self.budget
@@ -42,6 +58,17 @@ class KeptPositions:
             tail = positions[None, :, None, :].expand(Lg, n, H, -1)
             before = tail if first else torch.cat([view.index_select(1, slots).long(), tail], dim=3)
             view.index_copy_(1, slots, before.gather(3, keep).to(view.dtype))
+
+    def _compressed_own(self, seq: Sequence, keeps: list[tuple[slice, torch.Tensor]], first: bool) -> None:
+        own = self.of(seq)
+        dev = own.device
+        start = 0 if first else seq.budget
+        positions = seq.num_computed - seq.stored + torch.arange(start, seq.stored, device=dev)
+        for layers, keep in keeps:  # keep: [L_g, 1, H, budget]
+            view = own[layers]
+            tail = positions[None, None, :].expand(view.shape[0], view.shape[1], -1)
+            before = tail if first else torch.cat([view.long(), tail], dim=2)
+            view.copy_(before.gather(2, keep[:, 0]).to(view.dtype))
 
 
 def kept_positions(seq: Sequence, layer_idx: int, num_layers: int, heads: int, kept: KeptPositions | None,
@@ -56,8 +83,8 @@ def kept_positions(seq: Sequence, layer_idx: int, num_layers: int, heads: int, k
         raise ValueError(f"request {seq.request_id!r} is being compressed: its kept positions are known once "
                          "the compression lands (a later step)")
     end, stored = seq.num_computed, seq.stored
-    n = kept.budget if seq.compressions and kept is not None else 0
+    n = seq.budget if seq.compressions and kept is not None else 0
     tail = torch.arange(end - stored + n, end, device=device).expand(heads, -1)
     if n == 0:
         return tail.clone()
-    return torch.cat([kept.map[layer_idx, seq.slot].long(), tail], dim=1)
+    return torch.cat([kept.of(seq)[layer_idx].long().to(device), tail], dim=1)

@@ -27,7 +27,7 @@ from ..compress import LayerPages, attention_scale, compress_layers, layer_batch
 from ..config import ZipageConfig
 from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels._triton import use_triton
-from ..scoring import Scorer
+from ..scoring import Scorer, get_scorer
 from .fusion import ModelFusion
 from .positions import KeptPositions, kept_positions
 from .sequence import Sequence
@@ -146,6 +146,7 @@ class ModelRunner:
             self.q_cache = torch.zeros(L, num_slots + 1, w, Hq, D, dtype=self.dtype, device=self.device)
             self.kept = KeptPositions(L, num_slots, Hkv, zipage_config.budget, self.device)
         self.num_slots = num_slots
+        self._scorers: dict[int, Scorer] = {}  # per-request budgets other than the engine's
         self.scaling = [None] * L
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_table_width = 0
@@ -371,27 +372,38 @@ class ModelRunner:
         order = idx[None, :, :, None, None].expand(q.shape[0], -1, -1, *q.shape[3:])
         return q.gather(2, order).transpose(2, 3)
 
+    def scorer_for(self, budget: int) -> Scorer:
+        """The scorer of sequences with this budget (a scorer may read the budget, e.g. to bound the
+        tokens it always keeps)."""
+        if budget == self.zipage_config.budget:
+            return self.scorer
+        if budget not in self._scorers:
+            self._scorers[budget] = get_scorer(self.zipage_config.scorer, self.zipage_config.replace(budget=budget))
+        return self._scorers[budget]
+
     def compress(self, seqs: list[Sequence], dst_pages: list[list[int]] | None, first: bool) -> None:
-        """Compress ``seqs`` (same stored length) in every layer to the budget, in place or into
-        ``dst_pages`` (one list of fresh pages per sequence)."""
+        """Compress ``seqs`` (same stored length, same budget) in every layer to their budget, in place
+        or into ``dst_pages`` (one list of fresh pages per sequence)."""
         cfg = self.zipage_config
+        budget = seqs[0].budget
+        scorer = self.scorer_for(budget)
         S = seqs[0].stored
         slots = torch.tensor([self._slots(s, 0, S) for s in seqs], dtype=torch.long, device=self.device)
         dst = None
         if dst_pages is not None:
             p = self.page_size
-            dst = torch.tensor([[pg[j // p] * p + j % p for j in range(cfg.budget)] for pg in dst_pages],
+            dst = torch.tensor([[pg[j // p] * p + j % p for j in range(budget)] for pg in dst_pages],
                                dtype=torch.long, device=self.device)
         L = self.k_pool.shape[0]
         mask = torch.ones(L, len(seqs), S, dtype=torch.bool, device=self.device)
-        queries = self.window_queries(seqs) if self.scorer.needs_queries else None
+        queries = self.window_queries(seqs) if scorer.needs_queries else None
         per_layer = len(seqs) * S * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
         keeps = []
         for start, stop, scaling in layer_batches(cfg, self.scaling, self.k_pool.shape[-1], per_layer):
             sl = slice(start, stop)
             keeps.append((sl, compress_layers(
                 LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None),
-                slots, mask[sl], queries[sl] if queries is not None else None, self.scorer, k=cfg.budget,
+                slots, mask[sl], queries[sl] if queries is not None else None, scorer, k=budget,
                 window=cfg.window, sinks=cfg.sinks, scaling=scaling, page_size=cfg.page_size, first=first,
                 layer_idx=start if stop - start == 1 else -1, dst_slots=dst,
             )))

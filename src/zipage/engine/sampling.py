@@ -1,14 +1,42 @@
-"""SamplingParams (vLLM's names) and the sampler."""
+"""SamplingParams: how a request picks its tokens and when it stops (vLLM's names and meanings).
+
+The sampler itself (batched, on the device) is in ``sampler.py``.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (dividing by them would overflow)
+
+
+class _EngineBudget:
+    """The default of ``SamplingParams.budget``: the engine's own budget (``LLM(budget=...)``)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ENGINE_BUDGET"
+
+    def __reduce__(self):
+        return (_EngineBudget, ())
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+ENGINE_BUDGET: Any = _EngineBudget()
 
 
 @dataclass
@@ -20,10 +48,25 @@ class SamplingParams:
         temperature: 0 for greedy decoding (so is any temperature below 1e-5); finite.
         top_p, top_k: nucleus and top-k filtering (top_k=-1 or 0 disables).
         seed: per-request seed: the same seed gives the same tokens whatever else runs alongside.
-        stop: strings that end the output (needs a tokenizer); not included in the text.
+            With ``n > 1`` sample ``i`` uses ``seed + i`` (as vLLM does).
+        stop: strings that end the output (needs a tokenizer); not in the text unless
+            ``include_stop_str_in_output``.
         stop_token_ids: token ids that end the output (included in ``token_ids``).
         ignore_eos: keep going past the end-of-sequence token (benchmarks with forced lengths).
         min_tokens: do not stop (on EOS or stop ids) before this many tokens.
+        n: samples of the prompt; they share its pages through the prefix cache.
+        min_p: drop tokens whose probability is below ``min_p`` times the most likely one's.
+        repetition_penalty: > 1 discourages every token already in the prompt or the output (a
+            positive logit is divided by it, a negative one multiplied); 1 disables.
+        presence_penalty: subtracted from the logit of every token the output already holds
+            (-2..2; negative values encourage them).
+        frequency_penalty: subtracted once per occurrence in the output so far (-2..2).
+        logprobs: report the sampled token's log-probability and the ``logprobs`` most likely
+            tokens' (0: the sampled one only; None: nothing). They are the model's own
+            distribution, before penalties, temperature and filtering (vLLM's default).
+        include_stop_str_in_output: keep the stop string that ended the output in its text.
+        budget: tokens kept in this request's KV cache after a compression; None for full KV
+            (never compressed); by default the engine's budget.
     """
 
     max_tokens: int = 16
@@ -35,6 +78,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    n: int = 1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    budget: Any = ENGINE_BUDGET
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,24 +102,26 @@ class SamplingParams:
         def real(x) -> bool:
             return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
-        if not integral(self.max_tokens):
-            bad("max_tokens", "expected an int", TypeError)
-        self.max_tokens = int(self.max_tokens)
-        if self.max_tokens < 1:
-            bad("max_tokens", "must be >= 1")
-        if not real(self.temperature):
-            bad("temperature", "expected a number (0 is greedy)", TypeError)
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            bad("temperature", "must be a finite number >= 0 (0 is greedy)")
-        if not real(self.top_p):
-            bad("top_p", "expected a number in (0, 1]", TypeError)
-        if not 0 < self.top_p <= 1:  # (NaN fails this too)
-            bad("top_p", "must lie in (0, 1]")
-        if not integral(self.top_k):
-            bad("top_k", "expected an int (-1 or 0 disables)", TypeError)
-        self.top_k = int(self.top_k)
-        if self.top_k < -1:
-            bad("top_k", "must be an int >= -1 (-1 or 0 disables)")
+        def check_int(name, low, what):
+            value = getattr(self, name)
+            if not integral(value):
+                bad(name, f"expected {what}", TypeError)
+            setattr(self, name, int(value))
+            if value < low:
+                bad(name, f"must be {what}")
+
+        def check_real(name, ok, what):
+            value = getattr(self, name)
+            if not real(value):
+                bad(name, f"expected {what}", TypeError)
+            setattr(self, name, float(value))
+            if not ok(float(value)):  # (NaN fails every range check)
+                bad(name, f"must be {what}")
+
+        check_int("max_tokens", 1, "an int >= 1")
+        check_real("temperature", lambda t: math.isfinite(t) and t >= 0, "a finite number >= 0 (0 is greedy)")
+        check_real("top_p", lambda p: 0 < p <= 1, "a number in (0, 1]")
+        check_int("top_k", -1, "an int >= -1 (-1 or 0 disables)")
         if self.seed is not None and not integral(self.seed):
             bad("seed", "expected an int or None", TypeError)
         if self.seed is not None:
@@ -82,55 +135,28 @@ class SamplingParams:
         negative = [t for t in self.stop_token_ids if t < 0]
         if negative:
             bad("stop_token_ids", f"token ids are >= 0, got {negative[0]}")
-        if not integral(self.min_tokens):
-            bad("min_tokens", "expected an int >= 0", TypeError)
-        self.min_tokens = int(self.min_tokens)
-        if self.min_tokens < 0:
-            bad("min_tokens", "must be an int >= 0")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "expected a bool", TypeError)
+        check_int("min_tokens", 0, "an int >= 0")
         if self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
+        check_int("n", 1, "an int >= 1")
+        check_real("min_p", lambda p: 0 <= p <= 1, "a number in [0, 1]")
+        check_real("repetition_penalty", lambda r: math.isfinite(r) and r > 0, "a finite number > 0 (1 disables)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check_real(name, lambda x: -2 <= x <= 2, "a number in [-2, 2]")
+        if self.logprobs is not None:
+            check_int("logprobs", 0, "an int >= 0, or None")
+        if self.budget is not ENGINE_BUDGET and self.budget is not None:
+            check_int("budget", 1, "an int >= 1, None for full KV, or left out for the engine's")
 
     @property
     def greedy(self) -> bool:
         """Greedy decoding: temperature 0, or one so small (< 1e-5, as in vLLM) that sampling is argmax."""
         return self.temperature < GREEDY_BELOW
 
-
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           suppress: list[list[int] | None] | None = None) -> list[int]:
-    """One token per row of ``logits`` ([n, V]); greedy rows in one argmax, sampled rows one by one.
-    ``suppress[i]`` lists token ids row ``i`` may not take (EOS and stop ids before ``min_tokens``)."""
-    return sample_tensor(logits, params, generators, suppress).tolist()
-
-
-def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None],
-                  suppress: list[list[int] | None] | None = None) -> torch.Tensor:
-    """``sample`` without leaving the device: ``[n]`` int64 token ids on ``logits``' device."""
-    logits = logits.float()
-    if suppress is not None and any(suppress):
-        rows = [i for i, ids in enumerate(suppress) if ids for _ in ids]
-        cols = [t for ids in suppress if ids for t in ids]
-        logits = logits.index_put((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
-                                  torch.tensor(float("-inf"), device=logits.device))
-    out = logits.argmax(dim=-1)
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = logits[i] / p.temperature
-        if p.top_k > 0 and p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            drop = probs.cumsum(dim=-1) - probs > p.top_p
-            row = row.scatter(0, order[drop], float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        # Non-finite logits (e.g. a model overflowing in half precision) make NaN probabilities,
-        # which torch.multinomial rejects (on CUDA with a device-side assert that kills the
-        # process): such a row falls back to its argmax, decided on the device (no sync).
-        broken = probs.isnan().any()
-        token = torch.multinomial(probs.nan_to_num(1.0), 1, generator=generators[i])[0]
-        out[i] = torch.where(broken, out[i], token)
-    return out
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits depend on the tokens seen so far."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

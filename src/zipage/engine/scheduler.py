@@ -29,6 +29,14 @@ Rules (the Zipage paper's, plus chunked prefill):
   before it (a prompt whose chunk stops one token short is not compressed early).
 - Prefill is chunked: each step carries at most ``max_num_batched_tokens`` tokens, decoding
   sequences first, so a long prompt never stalls decoding.
+- Per-request budgets: each sequence has its own budget (``SamplingParams.budget``; None is full
+  KV), so its own compression point and worst case. With an engine budget, a request is admitted
+  only if the pages set aside for the worst cases of the running ones plus its own fit in the
+  pool (``worst_case_pages``), so every admitted request can finish; full-KV requests among them
+  are preempted like the requests of a full-KV engine when pages run short. A full-KV engine
+  (no budget) admits as long as its prefill fits and preempts when pages run out.
+- ``n`` samples of one prompt: the later samples wait until the first has registered its prompt
+  pages, then find them in the prefix cache.
 - Prefix caching: full prompt pages are shared through chained hashes; shared pages are
   never written. A first compression of a sequence holding shared pages compacts into fresh
   pages; so does one holding cached (shareable) pages while the pool has room, which keeps
@@ -46,6 +54,7 @@ from dataclasses import dataclass, field
 from ..config import ZipageConfig
 from ..memory.block_manager import BlockManager
 from ..scoring import get_scorer
+from .sampling import ENGINE_BUDGET
 from .sequence import Sequence, Status
 
 
@@ -72,18 +81,23 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         if zipage_config is not None:
             n_max = -(-zipage_config.capacity // self.page)
+            # requests at the engine's budget that run at once; smaller budgets let more run
             self.max_concurrency = max(1, min(max_num_seqs, blocks.num_pages // n_max))
+            self.num_slots = max(1, min(max_num_seqs, blocks.num_pages))
         else:
-            self.max_concurrency = max_num_seqs
+            self.max_concurrency = self.num_slots = max_num_seqs
+        self.max_model_len = 1 << 62  # set by the engine (the longest logical length)
+        self.reserved = 0  # pages set aside for the worst cases of the running sequences
         # tokens at the end of a prompt that prefix caching must recompute: the scorer reads their queries
         self.recompute_tail = 0
         if zipage_config is not None and get_scorer(zipage_config.scorer, zipage_config).needs_queries:
             self.recompute_tail = zipage_config.window
-        self.free_slots = list(range(self.max_concurrency))[::-1]
+        self.free_slots = list(range(self.num_slots))[::-1]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
         self.compressions = 0
+        self.evicted_tokens = 0  # tokens dropped by compressions
         self.waits = 0  # times a compressed sequence sat out a step for want of pages
         self.ended: list[Sequence] = []  # requests the scheduler itself ended, for the engine to report
 
@@ -91,17 +105,32 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def budget(self, seq: Sequence) -> int | None:
+        """``seq``'s budget, the engine's unless it has its own (resolved once, here)."""
+        if seq.budget is ENGINE_BUDGET:
+            seq.budget = self.cfg.budget if self.cfg is not None else None
+        return seq.budget
+
     def pages_for(self, tokens: int) -> int:
         return self.blocks.pages_for(tokens)
 
     def compress_at(self, seq: Sequence) -> int:
         """Stored length at which ``seq`` is compressed before it stores another token: where
-        generate() compresses (``ZipageConfig.next_compression``: the whole prompt first, then
-        ``stored > budget`` and ``stored + 1 > capacity``), independent of how its tokens were chunked."""
-        return self.cfg.next_compression(self.cfg.budget if seq.compressions else len(seq.prompt_token_ids))
+        generate() compresses (``ZipageConfig.next_compression`` at the sequence's own budget: the whole
+        prompt first, then ``stored > budget`` and ``stored + 1 > budget + buffer``), independent of how
+        its tokens were chunked."""
+        b = self.budget(seq)
+        return max(b if seq.compressions else len(seq.prompt_token_ids), b + 1, b + self.cfg.buffer)
 
     def needs_compression(self, seq: Sequence) -> bool:
-        return self.cfg is not None and seq.stored >= self.compress_at(seq)
+        return self.budget(seq) is not None and seq.stored >= self.compress_at(seq)
+
+    def worst_case_pages(self, seq: Sequence) -> int:
+        """Pages set aside for ``seq`` while it runs: with a budget, ``budget + buffer`` tokens or its
+        prompt, whichever is longer; full KV, its whole length (prompt + ``max_tokens``)."""
+        if self.budget(seq) is None:
+            return self.pages_for(min(len(seq.prompt_token_ids) + seq.params.max_tokens, self.max_model_len))
+        return max(self.pages_for(len(seq.prompt_token_ids) + 1), self.pages_for(seq.budget + self.cfg.buffer))
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's pages and query slot."""
@@ -110,7 +139,12 @@ class Scheduler:
             self.free_slots.append(seq.slot)
             seq.slot = -1
 
+    def _unreserve(self, seq: Sequence) -> None:
+        self.reserved -= seq.reserved
+        seq.reserved = 0
+
     def finish(self, seq: Sequence, reason: str) -> None:
+        self._unreserve(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -125,6 +159,7 @@ class Scheduler:
             raise ValueError(f"request {seq.request_id!r} cannot be preempted: it has been compressed or its "
                              "compression is in flight (a recompute would not reproduce its cache)")
         self.running.remove(seq)
+        self._unreserve(seq)
         self.release(seq)
         seq.status = Status.WAITING
         seq.num_computed = seq.stored = 0
@@ -160,10 +195,10 @@ class Scheduler:
         compress = {id(s) for s in step.compress}
         for seq in decoding:
             if id(seq) in step.fresh_pages:
-                step.fresh_pages[id(seq)] = self.blocks.fresh_pages(self.cfg.budget + 1)
+                step.fresh_pages[id(seq)] = self.blocks.fresh_pages(seq.budget + 1)
             elif id(seq) in compress:
-                self.blocks.prepare_in_place(seq, self.cfg.budget)
-                self.blocks.reserve(seq, self.cfg.budget + 1)
+                self.blocks.prepare_in_place(seq, seq.budget)
+                self.blocks.reserve(seq, seq.budget + 1)
             else:
                 self.blocks.reserve(seq, seq.stored + 1)
         step.decode = decoding
@@ -176,9 +211,15 @@ class Scheduler:
             if n:
                 step.prefill.append((seq, n))
                 budget_tokens -= n
-        while (self.waiting and not deferred and budget_tokens > 0 and len(self.running) < self.max_concurrency
-               and self.free_slots):
+        held: list[Sequence] = []  # samples waiting for their first sibling's prompt pages
+        while self.waiting and not deferred and budget_tokens > 0 and self.free_slots:
             seq = self.waiting[0]
+            if self._held(seq):
+                held.append(self.waiting.popleft())
+                continue
+            worst = self.worst_case_pages(seq) if self.cfg is not None else 0
+            if self.reserved + worst > self.blocks.num_pages:
+                break  # admitted, it might not finish: it waits for running requests to end
             if seq.num_computed == 0 and not seq.pages:
                 self.blocks.match_prefix(seq, self.recompute_tail)
             n = self._chunk(seq, budget_tokens)
@@ -188,11 +229,14 @@ class Scheduler:
                     seq.num_computed = seq.stored = 0
                 break
             self.waiting.popleft()
+            seq.reserved = worst
+            self.reserved += worst
             seq.status = Status.RUNNING
             seq.slot = self.free_slots.pop()
             self.running.append(seq)
             step.prefill.append((seq, n))
             budget_tokens -= n
+        self.waiting.extendleft(reversed(held))
         if step.empty and self.running and not any(s.compressing or s.pending for s in self.running):
             # Nothing runs, nothing is in flight: every running sequence is stuck in its prefill for
             # want of pages the others hold. Free the newest uncompressed one so the older ones go on.
@@ -208,6 +252,13 @@ class Scheduler:
                 self.preempt(victim)
             return self.schedule()
         return step
+
+    def _held(self, seq: Sequence) -> bool:
+        """A later sample of a request waits while its first sample computes the prompt (whose
+        pages it will then share through the prefix cache)."""
+        lead = seq.leader
+        return (lead is not None and self.blocks.enable_prefix_caching and lead.status is Status.RUNNING
+                and lead.num_computed < len(lead.prompt_token_ids) - 1)
 
     def _victim(self, step: Step) -> Sequence | None:
         """The sequence to preempt: the newest uncompressed one not due for compression, else the
@@ -225,7 +276,7 @@ class Scheduler:
         for seq in decoding:
             if self.needs_compression(seq):
                 step.compress.append(seq)
-                fresh_n = self.pages_for(self.cfg.budget + 1)
+                fresh_n = self.pages_for(seq.budget + 1)
                 if any(self.blocks.is_shared(p) for p in seq.pages):
                     # shared pages are only ever read: compact into fresh pages
                     step.fresh_pages[id(seq)] = []
@@ -240,7 +291,7 @@ class Scheduler:
         # pool has room to spare, so later requests still find them; never at the cost of a preemption.
         spare = self.blocks.num_free - sum(need.values())
         for seq in optional:
-            fresh_n = self.pages_for(self.cfg.budget + 1)
+            fresh_n = self.pages_for(seq.budget + 1)
             if fresh_n > spare:
                 break
             step.fresh_pages[id(seq)] = []
@@ -252,7 +303,7 @@ class Scheduler:
         """Tokens of ``seq`` to prefill now (allocating their pages), limited by the token budget, free
         pages and the sequence's next compression point (a chunk never stores past it)."""
         n = min(seq.num_tokens - seq.num_computed, budget_tokens)
-        if self.cfg is not None:
+        if self.budget(seq) is not None:
             n = min(n, self.compress_at(seq) - seq.stored)
             if n <= 0:
                 return 0

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling import ENGINE_BUDGET, SamplingParams
 
 
 class Status(enum.Enum):
@@ -18,8 +18,32 @@ class Status(enum.Enum):
 
 
 @dataclass
+class TokenLogprobs:
+    """Log-probabilities at one output position (``SamplingParams.logprobs``)."""
+
+    token_id: int  # the sampled token
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability) of the most likely tokens, best first
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request (vLLM's name): a request with ``n`` samples has ``n`` of them."""
+
+    index: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
 class RequestOutput:
-    """One finished (or, while streaming, in-progress) request."""
+    """One finished (or, while streaming, in-progress) request.
+
+    ``token_ids``, ``text``, ``finish_reason`` and ``logprobs`` are those of its first sample;
+    ``outputs`` holds every sample (``n`` of them). An output that ``step()`` returns for one
+    sample of a request with ``n > 1`` holds that sample alone (``outputs[0].index`` says which)."""
 
     request_id: str
     prompt: str | None
@@ -29,6 +53,26 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "cancelled", "error" (a failed step) or None while running
     finished: bool
     error: str | None = None  # why the engine ended it, when it did (finish_reason "error")
+    logprobs: list[TokenLogprobs] | None = None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, seqs: list[Sequence]) -> RequestOutput:
+        """The output of a request from its samples' sequences (one for ``n = 1``)."""
+        first = seqs[0]
+        outputs = [s.completion() for s in seqs]
+        return cls(
+            request_id=first.parent if first.parent is not None else first.request_id,
+            prompt=first.prompt,
+            prompt_token_ids=list(first.prompt_token_ids),
+            token_ids=outputs[0].token_ids,
+            text=outputs[0].text,
+            finish_reason=outputs[0].finish_reason,
+            finished=all(s.finished for s in seqs),
+            error=next((s.error for s in seqs if s.error is not None), None),
+            logprobs=outputs[0].logprobs,
+            outputs=outputs,
+        )
 
 
 @dataclass(eq=False)
@@ -62,6 +106,13 @@ class Sequence:
     streamed: int = 0  # output tokens already handed to a stream
     detokenizer: Any = None  # the incremental text, while stop strings are checked (outputs.IncrementalText)
     error: str | None = None  # why the scheduler ended it (finish_reason "error")
+    # tokens kept after a compression; None: full KV (never compressed); the scheduler resolves the default
+    budget: Any = ENGINE_BUDGET
+    reserved: int = 0  # pages the scheduler set aside for this sequence's worst case while it runs
+    parent: str | None = None  # the request id of a sample of a request with n > 1 (None: the request itself)
+    index: int = 0  # which sample of its request
+    leader: Sequence | None = None  # the sample whose prompt pages this one waits for (n > 1)
+    logprobs: list[TokenLogprobs] | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -85,14 +136,9 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(self.index, list(self.output_ids), self.text, self.finish_reason,
+                                list(self.logprobs) if self.logprobs is not None else None)
+
     def output(self) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=list(self.prompt_token_ids),
-            token_ids=list(self.output_ids),
-            text=self.text,
-            finish_reason=self.finish_reason,
-            finished=self.finished,
-            error=self.error,
-        )
+        return RequestOutput.of([self])

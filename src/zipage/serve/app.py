@@ -1,0 +1,96 @@
+"""The FastAPI app: OpenAI's endpoints over one engine loop, plus health, version and metrics.
+
+    app = build_app(AsyncEngine(llm), ServeConfig(model_names=["m"], ...))
+
+The app starts the engine loop when it starts (lifespan) and stops it when it stops, aborting
+what is still in flight. Every ``/v1`` route needs the API key when one is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from .chat import create_chat_completion
+from .completions import create_completion
+from .engine_client import AsyncEngine
+from .errors import error_response, install
+from .generation import ServeConfig
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+
+class APIKey:
+    """Every ``/v1`` route needs ``Authorization: Bearer KEY`` when the server has a key (a plain ASGI
+    middleware: FastAPI's ``@app.middleware`` would hide client disconnects from the handlers)."""
+
+    def __init__(self, app, config: ServeConfig) -> None:
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope, receive, send) -> None:
+        key = self.config.api_key
+        if key and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                what = "Missing" if not given else "Incorrect"
+                response = error_response(401, f"{what} API key: send 'Authorization: Bearer <key>'",
+                                          code="invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
+    """An app serving ``engine`` (whose loop it starts and stops) as ``args.model_names``."""
+    if engine.metrics is None:
+        engine.metrics = ServerMetrics(lambda: engine.stats, args.model_names[0])
+    metrics: ServerMetrics = engine.metrics
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if not engine.thread.is_alive() and engine.dead is None:
+            engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="zipage", version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.config = args
+    install(app)
+
+    app.add_middleware(APIKey, config=args)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.dead is not None or not engine.thread.is_alive():
+            return error_response(503, f"the engine is not running: {engine.dead or 'not started'}")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": __version__})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, root=args.model_root, max_model_len=args.max_model_len)
+                               for name in args.model_names])
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        return await create_completion(req, raw, engine, args)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request):
+        return await create_chat_completion(req, raw, engine, args)
+
+    return app

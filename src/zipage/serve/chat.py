@@ -1,0 +1,107 @@
+"""``POST /v1/chat/completions``: messages through the tokenizer's chat template; ``n`` choices."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from .choices import ChoiceState, TokenStrings, chat_logprobs
+from .engine_client import AsyncEngine
+from .errors import APIError
+from .generation import DONE, ServeConfig, add_all, check_length, check_model, merged, sampling_params, sse
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatStreamChoice,
+    DeltaMessage,
+    Usage,
+    random_id,
+)
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
+    """The messages as token ids, through the tokenizer's chat template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions", param="messages")
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=True)
+    except Exception as e:  # a template that refuses these messages (roles out of order, ...)
+        raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return [int(t) for t in ids]
+
+
+async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engine: AsyncEngine,
+                                 config: ServeConfig) -> ChatCompletionResponse | StreamingResponse:
+    check_model(config, req.model)
+    prompt = chat_prompt(req, config.tokenizer)
+    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, config.max_model_len - len(prompt))
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    params = sampling_params(req, config, max_tokens, logprobs)
+    check_length(prompt, params, config, "messages")
+    streams = await add_all(engine, config, [prompt], [params], "messages")
+    model = req.model or config.model_names[0]
+    choices = [ChoiceState(config.tokenizer, params.stop) for _ in range(params.n)]
+    strings = TokenStrings(config.tokenizer)
+    if req.stream:
+        return StreamingResponse(_stream(req, raw, streams, choices, strings, model, len(prompt)),
+                                 media_type="text/event-stream")
+    async with aclosing(merged(streams, raw)) as deltas_of:
+        async for _, deltas in deltas_of:
+            for d in deltas:
+                choices[d.index].add(d)
+    completion_tokens = sum(len(c.token_ids) for c in choices)
+    return ChatCompletionResponse(
+        model=model,
+        choices=[ChatChoice(index=k, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                            logprobs=chat_logprobs(c.logprobs, strings) if req.logprobs else None,
+                            token_ids=c.token_ids if req.return_token_ids else None)
+                 for k, c in enumerate(choices)],
+        usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                    total_tokens=len(prompt) + completion_tokens),
+        prompt_token_ids=prompt if req.return_token_ids else None,
+    )
+
+
+async def _stream(req: ChatCompletionRequest, raw: Request, streams, choices: list[ChoiceState],
+                  strings: TokenStrings, model: str, prompt_tokens: int) -> AsyncIterator[str]:
+    cid, created = random_id("chatcmpl"), int(time.time())
+
+    def chunk(out: list[ChatStreamChoice], usage: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(id=cid, created=created, model=model, choices=out, usage=usage))
+
+    yield chunk([ChatStreamChoice(index=k, delta=DeltaMessage(role="assistant", content=""))
+                 for k in range(len(choices))])
+    try:
+        async with aclosing(merged(streams, raw)) as deltas_of:
+            async for _, deltas in deltas_of:
+                out = []
+                for d in deltas:
+                    c = choices[d.index]
+                    seen = len(c.logprobs)
+                    text = c.add(d)
+                    lp = chat_logprobs(c.since(seen), strings) if req.logprobs and d.token_ids else None
+                    ids = d.token_ids if req.return_token_ids else None
+                    if text or lp is not None or d.finish_reason is not None or ids:
+                        out.append(ChatStreamChoice(index=d.index, delta=DeltaMessage(content=text or None),
+                                                    logprobs=lp, finish_reason=d.finish_reason,
+                                                    token_ids=ids))
+                if out:
+                    yield chunk(out)
+        if req.stream_options is not None and req.stream_options.include_usage:
+            completion_tokens = sum(len(c.token_ids) for c in choices)
+            yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                  total_tokens=prompt_tokens + completion_tokens))
+    except APIError as e:  # the engine stopped mid-stream: say so in the stream
+        yield sse({"error": {"message": e.message, "type": "service_unavailable", "param": None, "code": None}})
+    yield DONE

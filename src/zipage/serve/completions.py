@@ -1,0 +1,109 @@
+"""``POST /v1/completions``: text in, text out; several prompts and ``n`` samples per prompt."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from .choices import ChoiceState, TokenStrings, completion_logprobs
+from .engine_client import AsyncEngine
+from .errors import APIError
+from .generation import DONE, ServeConfig, add_all, check_length, check_model, merged, sampling_params, sse
+from .protocol import (
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    random_id,
+)
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+def prompt_ids(req: CompletionRequest, tokenizer) -> list[list[int]]:
+    """Token ids of each prompt: a string, a list of strings, token ids, or a list of token id lists."""
+    p = req.prompt
+    if isinstance(p, str):
+        texts = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        return [list(p)]
+    elif p and all(isinstance(x, str) for x in p):
+        texts = list(p)
+    elif p and all(isinstance(x, list) for x in p):
+        return [list(x) for x in p]
+    else:
+        raise APIError(400, "prompt must be a string, a list of strings, token ids or a list of token id lists",
+                       param="prompt")
+    return [list(tokenizer(t)["input_ids"]) for t in texts]
+
+
+async def create_completion(req: CompletionRequest, raw: Request, engine: AsyncEngine,
+                            config: ServeConfig) -> CompletionResponse | StreamingResponse:
+    check_model(config, req.model)
+    prompts = prompt_ids(req, config.tokenizer)
+    params = sampling_params(req, config, req.max_tokens or DEFAULT_MAX_TOKENS, req.logprobs)
+    for ids in prompts:
+        check_length(ids, params, config, "prompt")
+    streams = await add_all(engine, config, prompts, [params] * len(prompts), "prompt")
+    model = req.model or config.model_names[0]
+    n = params.n
+    choices = {(i, k): ChoiceState(config.tokenizer, params.stop) for i in range(len(prompts)) for k in range(n)}
+    strings = TokenStrings(config.tokenizer)
+    prompt_tokens = sum(len(p) for p in prompts)
+    if req.stream:
+        body = _stream(req, raw, streams, choices, strings, model, n, prompt_tokens)
+        return StreamingResponse(body, media_type="text/event-stream")
+    async with aclosing(merged(streams, raw)) as deltas_of:
+        async for i, deltas in deltas_of:
+            for d in deltas:
+                choices[i, d.index].add(d)
+    out = []
+    for (i, k), c in sorted(choices.items()):
+        lp = completion_logprobs(c.logprobs, strings, 0) if req.logprobs is not None else None
+        out.append(CompletionChoice(index=i * n + k, text=c.text, logprobs=lp, finish_reason=c.finish_reason,
+                                    token_ids=c.token_ids if req.return_token_ids else None))
+    completion_tokens = sum(len(c.token_ids) for c in choices.values())
+    return CompletionResponse(
+        model=model, choices=out,
+        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens),
+        prompt_token_ids=prompts if req.return_token_ids else None,
+    )
+
+
+async def _stream(req: CompletionRequest, raw: Request, streams, choices: dict, strings: TokenStrings, model: str,
+                  n: int, prompt_tokens: int) -> AsyncIterator[str]:
+    cid, created = random_id("cmpl"), int(time.time())
+    offsets = {key: 0 for key in choices}
+    try:
+        async with aclosing(merged(streams, raw)) as deltas_of:
+            async for i, deltas in deltas_of:
+                out = []
+                for d in deltas:
+                    c = choices[i, d.index]
+                    seen = len(c.logprobs)
+                    text = c.add(d)
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = completion_logprobs(c.since(seen), strings, offsets[i, d.index])
+                        offsets[i, d.index] += sum(len(t) for t in lp.tokens)
+                    ids = d.token_ids if req.return_token_ids else None
+                    if text or lp is not None or d.finish_reason is not None or ids:
+                        out.append(CompletionChoice(index=i * n + d.index, text=text, logprobs=lp,
+                                                    finish_reason=d.finish_reason,
+                                                    token_ids=ids))
+                if out:
+                    yield sse(CompletionChunk(id=cid, created=created, model=model, choices=out))
+        if req.stream_options is not None and req.stream_options.include_usage:
+            completion_tokens = sum(len(c.token_ids) for c in choices.values())
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          total_tokens=prompt_tokens + completion_tokens)
+            yield sse(CompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage))
+    except APIError as e:  # the engine stopped mid-stream: say so in the stream
+        yield sse({"error": {"message": e.message, "type": "service_unavailable", "param": None, "code": None}})
+    yield DONE

@@ -1,0 +1,310 @@
+"""The server's one engine loop: a thread that owns the engine and drives ``LLM.step()``.
+
+Requests enter and leave through a thread-safe queue of operations (add, cancel) applied between
+steps, so nothing touches the engine while a step runs. Each step's new tokens go to the
+requests' asyncio queues on the event loop (``call_soon_threadsafe``, one call per step). A
+request whose consumer goes away (client disconnected, stream cancelled) is cancelled, and its
+pages are back in the pool after the step in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine import LLM, RequestOutput, SamplingParams
+from ..engine.sequence import TokenLogprobs
+
+log = logging.getLogger("zipage.serve")
+MAX_FAILED_STEPS = 3  # consecutive failing steps before the in-flight requests are ended with an error
+
+
+class EngineDead(RuntimeError):
+    """The engine loop stopped (shutdown) or its steps keep failing."""
+
+
+@dataclass
+class Delta:
+    """What one step added to one sample of a request."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None  # set on the sample's last delta
+    text: str | None = None  # the sample's final text (stop strings cut), on its last delta
+
+
+@dataclass
+class _Request:
+    rid: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    n: int
+    arrival: float
+    sent: list[int] = field(default_factory=list)  # tokens delivered per sample
+    last: list[float] = field(default_factory=list)  # when each sample last got tokens
+    ended: list[bool] = field(default_factory=list)  # samples finished
+    first_token: bool = False  # the request's first token was delivered (time to first token)
+    cancelled: bool = False
+
+
+class RequestStream:
+    """One request's deltas as they come (``async for``). ``close()`` cancels it unless it finished:
+    call it when the consumer goes away (a ``finally`` around the iteration)."""
+
+    def __init__(self, engine: AsyncEngine, req: _Request) -> None:
+        self.engine = engine
+        self.req = req
+        self.done = 0  # samples finished (seen by this side)
+        self.finished = False
+        self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> list[Delta]:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.req.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True  # the engine has let go of it already
+            raise item
+        self.done += sum(d.finish_reason is not None for d in item)
+        self.finished = self.done >= self.req.n
+        return item
+
+    def close(self) -> None:
+        if not self.finished and not self.closed:
+            self.closed = True
+            self.engine._submit(("cancel", self.req))
+
+
+class AsyncEngine:
+    """Owns an ``LLM`` and one thread that steps it; ``add`` is the asyncio side.
+
+    Args:
+        llm: the engine (nothing else may touch it once this starts).
+        metrics: an object with ``request_added(prompt_tokens)``, ``tokens(n, ttft, itl)`` and
+            ``request_finished(reason, seconds)`` (``metrics.ServerMetrics``), or None.
+    """
+
+    def __init__(self, llm: LLM, metrics: Any = None) -> None:
+        self.llm = llm
+        self.metrics = metrics
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._requests: dict[str, _Request] = {}  # engine thread only
+        self._ids = itertools.count()
+        self._incoming = 0  # adds submitted and not yet applied (read by the handlers for --max-waiting)
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.dead: str | None = None  # why the loop stopped
+        self.stats: dict[str, Any] = llm.stats()  # published after every step, read by /metrics
+        self.thread = threading.Thread(target=self._run, name="zipage-engine", daemon=True)
+
+    # ----------------------------------------------------------------------------- life
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Abort every request in flight (their streams end with finish reason "abort") and let the
+        loop end, without waiting for it (a signal handler calls this)."""
+        self._stopping = True
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """``stop()`` and wait for the loop to end."""
+        self.stop()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not running yet (their samples counted one by one)."""
+        return self.stats.get("waiting", 0) + self._incoming
+
+    # ----------------------------------------------------------------------------- the asyncio side
+    async def add(self, prompt: list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request; returns its stream once the engine took it, or raises what
+        ``LLM.add_request`` raised for a bad request (``ValueError``, ``TypeError``)."""
+        if self.dead is not None:
+            raise EngineDead(self.dead)
+        req = _Request(f"req-{next(self._ids)}", asyncio.get_running_loop(), asyncio.Queue(), params.n,
+                       time.monotonic())
+        with self._lock:
+            self._incoming += 1
+        self._submit(("add", req, prompt, params))
+        try:
+            answer = await req.queue.get()  # None (taken), or why not
+        except BaseException:  # (cancelled while waiting for the engine thread)
+            self._submit(("cancel", req))
+            raise
+        if isinstance(answer, BaseException):
+            raise answer
+        return RequestStream(self, req)
+
+    def _submit(self, op: tuple) -> None:
+        self._ops.put(op)
+        self._wake.set()
+
+    # ----------------------------------------------------------------------------- the engine thread
+    def _run(self) -> None:
+        failures = 0
+        try:
+            while True:
+                self._apply_ops()
+                if self._stopping:
+                    break
+                if not self.llm.has_unfinished():
+                    self._publish()
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                try:
+                    outs = self.llm.step()
+                    failures = 0
+                except Exception as e:  # the step is undone; a few in a row end what is in flight
+                    failures += 1
+                    log.exception("engine step failed (%d in a row)", failures)
+                    if failures >= MAX_FAILED_STEPS:
+                        self._end_all(EngineDead(f"the engine's steps keep failing: {e!r}"))
+                        failures = 0
+                    continue
+                self._deliver(outs)
+                self._publish()
+        except BaseException as e:  # never expected: say so to every waiting client
+            self.dead = f"the engine loop stopped: {e!r}"
+            log.exception("engine loop stopped")
+        finally:
+            self.dead = self.dead or "the server is shutting down"
+            self._end_all(None)
+            while True:  # anything submitted meanwhile is refused
+                try:
+                    op = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if op[0] == "add":
+                    self._send(op[1], EngineDead(self.dead))
+
+    def _apply_ops(self) -> None:
+        while True:
+            try:
+                op = self._ops.get_nowait()
+            except queue.Empty:
+                return
+            if op[0] == "add":
+                _, req, prompt, params = op
+                with self._lock:
+                    self._incoming -= 1
+                try:
+                    self.llm.add_request(prompt, params, request_id=req.rid)
+                except Exception as e:  # a bad request: its handler answers 400
+                    self._send(req, e)
+                    continue
+                self._requests[req.rid] = req
+                req.sent, req.last, req.ended = [0] * req.n, [0.0] * req.n, [False] * req.n
+                self._send(req, None)
+                if self.metrics is not None:
+                    self.metrics.request_added(len(prompt))
+            elif op[0] == "cancel":
+                req = op[1]
+                if self._requests.get(req.rid) is req:
+                    req.cancelled = True
+                    self.llm.cancel(req.rid)
+                    self._maybe_forget(req)
+
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        per_request: dict[str, list[Delta]] = {}
+        for out in outs:
+            req = self._requests.get(out.request_id)
+            if req is None:
+                continue
+            if req.cancelled:  # (its compression was in flight when it was cancelled)
+                self._maybe_forget(req)
+                continue
+            c = out.outputs[0]
+            new = c.token_ids[req.sent[c.index]:]
+            if (not new and c.finish_reason is None) or req.ended[c.index]:
+                continue
+            lps = c.logprobs[req.sent[c.index]:] if c.logprobs is not None else None
+            if self.metrics is not None and new:
+                if req.sent[c.index]:
+                    self.metrics.tokens(len(new), ttft=None, itl=(now - req.last[c.index]) / len(new))
+                else:
+                    self.metrics.tokens(len(new), ttft=None if req.first_token else now - req.arrival, itl=None)
+                    req.first_token = True
+            req.sent[c.index] += len(new)
+            req.last[c.index] = now
+            req.ended[c.index] = c.finish_reason is not None
+            per_request.setdefault(req.rid, []).append(
+                Delta(c.index, new, lps, c.finish_reason, c.text if c.finish_reason is not None else None))
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid, deltas in per_request.items():
+            req = self._requests[rid]
+            by_loop.setdefault(req.loop, []).append((req.queue, deltas))
+            if all(req.ended):
+                if self.metrics is not None:
+                    self.metrics.request_finished(deltas[-1].finish_reason, now - req.arrival)
+                self._forget(req)
+        for loop, items in by_loop.items():
+            _call(loop, _put_all, items)
+
+    def _maybe_forget(self, req: _Request) -> None:
+        if all(s.finished for s in self.llm.samples(req.rid)):
+            if self.metrics is not None:
+                self.metrics.request_finished("cancelled", time.monotonic() - req.arrival)
+            self._forget(req)
+
+    def _forget(self, req: _Request) -> None:
+        del self._requests[req.rid]
+        self.llm.forget(req.rid)
+
+    def _end_all(self, error: BaseException | None) -> None:
+        """Cancel every request in flight and tell its handler (``error``, or an "abort" finish)."""
+        for req in list(self._requests.values()):
+            try:
+                self.llm.cancel(req.rid)
+            except Exception:
+                log.exception("cancelling %s failed", req.rid)
+            if not req.cancelled:
+                aborted = [Delta(i, [], None, "abort") for i in range(req.n) if not req.ended[i]]
+                self._send(req, error if error is not None else aborted)
+                if self.metrics is not None:
+                    self.metrics.request_finished("abort", time.monotonic() - req.arrival)
+            del self._requests[req.rid]
+        try:  # let compressions in flight land so every page is back
+            for _ in range(1000):
+                if not self.llm.has_unfinished():
+                    break
+                self.llm.step()
+            for rid in [r for r, s in self.llm.requests.items() if s.finished]:
+                self.llm.forget(rid)
+        except Exception:
+            log.exception("draining the engine failed")
+        self._publish()
+
+    def _send(self, req: _Request, item: Any) -> None:
+        _call(req.loop, req.queue.put_nowait, item)
+
+    def _publish(self) -> None:
+        self.stats = self.llm.stats()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, list[Delta]]]) -> None:
+    for q, deltas in items:
+        q.put_nowait(deltas)
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass

@@ -1,0 +1,153 @@
+"""What both endpoints share: the request's sampling parameters, adding its prompts to the engine,
+and reading their deltas while watching for the client to go away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from ..engine import SamplingParams
+from ..engine.sampling import ENGINE_BUDGET
+from .engine_client import AsyncEngine, Delta, EngineDead, RequestStream
+from .errors import APIError, bad_request
+from .protocol import SamplingFields
+
+DISCONNECT_POLL_S = 0.5  # how often a request waiting for tokens checks that its client is still there
+
+
+@dataclass
+class ServeConfig:
+    """What the endpoints need to know beyond the engine."""
+
+    model_names: list[str]
+    model_root: str
+    tokenizer: Any
+    max_model_len: int
+    api_key: str | None = None
+    max_waiting: int | None = None  # requests (samples) waiting beyond which new ones get a 429
+    max_budget: int | None = None  # largest per-request budget; full KV (null) is then refused too
+
+
+def check_model(config: ServeConfig, model: str | None) -> None:
+    if model is not None and model not in config.model_names:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves {config.model_names}",
+                       param="model", code="model_not_found")
+
+
+def sampling_params(req: SamplingFields, config: ServeConfig, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """The engine's SamplingParams for a request (a 400 naming the field when they are invalid)."""
+    field = req.unsupported()
+    if field is not None:
+        raise APIError(400, f"`{field}` is not supported by this server", param=field, code="unsupported")
+    budget: Any = ENGINE_BUDGET
+    if "budget" in req.model_fields_set:
+        budget = req.budget
+        if config.max_budget is not None and (budget is None or budget > config.max_budget):
+            asked = "full KV (null)" if budget is None else str(budget)
+            raise APIError(400, f"budget {asked} is above this server's --max-budget={config.max_budget}",
+                           param="budget")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=-1 if req.top_k is None else req.top_k,
+            seed=req.seed, stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+            n=req.n, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output, budget=budget,
+        )
+    except (ValueError, TypeError) as e:
+        raise bad_request(e, "prompt") from None
+
+
+def check_length(prompt: list[int], params: SamplingParams, config: ServeConfig, prompt_field: str) -> None:
+    if len(prompt) + params.max_tokens > config.max_model_len:
+        raise APIError(400, f"this model's maximum context length is {config.max_model_len} tokens; the request "
+                            f"asks for {len(prompt) + params.max_tokens} ({len(prompt)} in the {prompt_field}, "
+                            f"{params.max_tokens} in the completion)", param="max_tokens")
+
+
+async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[int]],
+                  params: list[SamplingParams], prompt_field: str) -> list[RequestStream]:
+    """Add every prompt of a request (all or none: a refused one cancels those already added)."""
+    if engine.dead is not None:
+        raise APIError(503, f"the engine is not running: {engine.dead}")
+    samples = sum(p.n for p in params)
+    if config.max_waiting is not None and engine.waiting + samples > config.max_waiting:
+        raise APIError(429, f"the server's waiting queue is full ({config.max_waiting} requests); retry later",
+                       code="queue_full")
+    streams: list[RequestStream] = []
+    try:
+        for prompt, p in zip(prompts, params):
+            streams.append(await engine.add(prompt, p))
+    except (ValueError, TypeError) as e:
+        close_all(streams)
+        raise bad_request(e, prompt_field) from None
+    except EngineDead as e:
+        close_all(streams)
+        raise APIError(503, str(e)) from None
+    except BaseException:
+        close_all(streams)
+        raise
+    return streams
+
+
+def close_all(streams: list[RequestStream]) -> None:
+    for s in streams:
+        s.close()
+
+
+async def merged(streams: list[RequestStream], raw: Request) -> AsyncIterator[tuple[int, list[Delta]]]:
+    """``(prompt index, deltas)`` of several streams as they come. Every stream is cancelled when the
+    iteration ends early: the client went away (checked every ``DISCONNECT_POLL_S``), the consumer
+    stopped or was cancelled."""
+    inbox: asyncio.Queue = asyncio.Queue()
+    gone = object()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for deltas in stream:
+                inbox.put_nowait((i, deltas))
+            inbox.put_nowait((i, None))
+        except BaseException as e:  # (EngineDead, or cancelled below)
+            inbox.put_nowait((i, e))
+
+    async def watch() -> None:
+        while not await raw.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        inbox.put_nowait((-1, gone))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    tasks.append(asyncio.create_task(watch()))
+    left = len(streams)
+    try:
+        while left:
+            i, item = await inbox.get()
+            if item is gone:
+                return
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                if isinstance(item, asyncio.CancelledError):
+                    raise item
+                raise APIError(503, str(item)) if isinstance(item, EngineDead) else item
+            else:
+                yield i, item
+    finally:
+        close_all(streams)
+        for t in tasks:
+            t.cancel()
+
+
+def sse(payload: Any) -> str:
+    """One server-sent event."""
+    data = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+DONE = "data: [DONE]\n\n"

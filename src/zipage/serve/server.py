@@ -1,0 +1,104 @@
+"""``zipage serve``: load a model, build the engine and run the app under uvicorn until a signal.
+
+The options are parsed by the ``zipage`` command (``zipage serve --help`` imports nothing heavy);
+``main(args)`` does the work. SIGINT / SIGTERM stop accepting connections, abort the requests in
+flight (their streams end with finish reason ``"abort"``) and join the engine loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+
+from ..engine import LLM
+from .app import build_app
+from .engine_client import AsyncEngine
+from .generation import ServeConfig
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+log = logging.getLogger("zipage.serve")
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, root)``: the MODEL argument (a Hub id or a local folder), or the offline
+    SmolLM2-135M-Instruct without one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    dtype = names.get(args.dtype)
+    if dtype is None and device.type == "cpu":
+        dtype = torch.float32  # ("auto": half precision is slow on a CPU)
+    if args.model is None:
+        from ..models import load_smollm2
+
+        model, tokenizer = load_smollm2(dtype=dtype or torch.bfloat16)
+        return model.to(device), tokenizer, DEFAULT_NAME
+    from ..engine.loading import load_model
+
+    model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
+    return model, tokenizer, args.model
+
+
+def engine_from_args(model: Any, tokenizer: Any, args: argparse.Namespace) -> LLM:
+    fields = {"page_size": args.page_size}
+    if args.budget is not None and args.scorer is not None:
+        fields["scorer"] = args.scorer
+    return LLM(model, tokenizer, budget=args.budget, enable_prefix_caching=args.enable_prefix_caching,
+               enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens,
+               gpu_memory_utilization=args.gpu_memory_utilization, num_pages=args.num_pages,
+               max_model_len=args.max_model_len, **fields)
+
+
+def config_from_args(llm: LLM, root: str, args: argparse.Namespace) -> ServeConfig:
+    names = args.served_model_name or [root if args.model is not None else DEFAULT_NAME]
+    return ServeConfig(model_names=list(names), model_root=root, tokenizer=llm.tokenizer,
+                       max_model_len=llm.max_model_len, api_key=args.api_key or os.environ.get("ZIPAGE_API_KEY"),
+                       max_waiting=args.max_waiting, max_budget=args.max_budget)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, before anything loads."""
+    if args.max_budget is not None and args.budget is None:
+        return "--max-budget needs an engine with a budget (--budget none serves full KV only)"
+    if args.max_budget is not None and args.budget > args.max_budget:
+        return f"--budget {args.budget} is above --max-budget {args.max_budget}"
+    return None
+
+
+def serve(llm: LLM, config: ServeConfig, host: str, port: int, log_level: str = "info") -> None:
+    """Run the app on ``host:port`` until SIGINT / SIGTERM (blocking)."""
+    import uvicorn
+
+    engine = AsyncEngine(llm)
+    app = build_app(engine, config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.stop()  # in-flight streams end now; the app's shutdown joins the loop
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10))
+    server.run()
+
+
+def main(args: argparse.Namespace) -> int:
+    problem = check_args(args)
+    if problem:
+        print(f"zipage serve: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model, tokenizer, root = load(args)
+    llm = engine_from_args(model, tokenizer, args)
+    config = config_from_args(llm, root, args)
+    stats = llm.stats()
+    budget = "full KV" if args.budget is None else f"budget {args.budget}"
+    log.info("serving %s (%s) on %s: %s, %d KV pages of %d tokens, up to %d requests at the budget",
+             config.model_names[0], root, llm.runner.device, budget, stats["total_pages"], stats["page_size"],
+             stats["max_concurrency"])
+    serve(llm, config, args.host, args.port)
+    return 0

