@@ -39,7 +39,7 @@ def reference_row(logits, p: SamplingParams, gen, suppress=(), prompt=(), output
         probs = torch.softmax(ordered, dim=0)
         x[order[probs.cumsum(0) - probs > p.top_p]] = -math.inf
     probs = torch.softmax(x, dim=0)
-    noise = torch.empty(V).exponential_(generator=gen).clamp_(min=1e-20)
+    noise = torch.empty(V, device=gen.device).exponential_(generator=gen).clamp_(min=1e-20).to(probs.device)
     return int((probs / noise).argmax())
 
 
