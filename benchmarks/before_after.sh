@@ -12,14 +12,16 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 ARGS=${ARGS:---model qwen3-8b --requests 64 --max-tokens 4096 --kv-gib 24 --time-limit 60}
 SYSTEMS=${SYSTEMS:-zipage-2048 zipage-fullkv}
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-python3 -m venv --system-site-packages /tmp/before
-/tmp/before/bin/python -m pip install -q --no-deps --no-build-isolation -e .before >> "$OUT/install.log" 2>&1 \
-  || { cat "$OUT/install.log"; exit 1; }
+use() {  # install one tree (editable) as the zipage that python3 imports
+  python3 -m pip install -q --no-deps --no-build-isolation -e "$1" >> "$OUT/install.log" 2>&1 \
+    || { cat "$OUT/install.log"; exit 1; }
+}
 for system in $SYSTEMS; do
-  (cd .before && /tmp/before/bin/python benchmarks/throughput.py $ARGS --systems "$system" \
-     --out "$OUT/before_$system.json") 2>&1 | tail -4
-  python3 benchmarks/throughput.py $ARGS --systems "$system" --out "$OUT/after_$system.json" 2>&1 | tail -4
+  use .before
+  (cd .before && python3 benchmarks/throughput.py $ARGS --systems "$system" --out "$OUT/before_$system.json") 2>&1 \
+    | tail -2
+  use .
+  python3 benchmarks/throughput.py $ARGS --systems "$system" --out "$OUT/after_$system.json" 2>&1 | tail -2
 done
 python3 - "$OUT" $SYSTEMS <<'EOF'
 import json, sys

@@ -84,4 +84,4 @@ def reference_logits(model, ids: torch.Tensor, real: torch.Tensor, kept: list[di
             out = ref(input_ids=ids.to(dev), position_ids=position_ids.to(dev), use_cache=False)
     finally:
         _allowed.masks = None
-    return out.logits.float()
+    return out.logits.float().cpu()

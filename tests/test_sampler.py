@@ -39,7 +39,7 @@ def reference_row(logits, p: SamplingParams, gen, suppress=(), prompt=(), output
         probs = torch.softmax(ordered, dim=0)
         x[order[probs.cumsum(0) - probs > p.top_p]] = -math.inf
     probs = torch.softmax(x, dim=0)
-    r = torch.empty(1, device=x.device).uniform_(generator=gen)
+    r = torch.empty(1, device=gen.device if gen is not None else x.device).uniform_(generator=gen).to(x.device)
     cdf = probs.cumsum(0)
     u = (1.0 - r) * cdf[-1]
     return next(i for i in range(V) if cdf[i] >= u)

@@ -155,7 +155,7 @@ class ZipageCache(Cache):
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """Which logical positions layer ``layer_idx`` keeps: ``[batch, kv_heads, stored]`` int64, per KV
-        head in slot order (ascending), so slot ``j`` of head ``h`` in row ``b`` holds the token at
+        head in slot order (ascending): slot ``j`` of head ``h`` in row ``b`` holds the token at position
         ``[b, h, j]``.
 
         A position is the token's index in the row's stream as the model saw it (prompt columns, then one

@@ -16,6 +16,7 @@ build) when the step runs, and so is a forward in which a layer's attention bypa
 
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import dataclass, field
 
@@ -293,11 +294,19 @@ class ModelRunner:
         self.g_table = torch.full((n, table_width), self.scratch_page, dtype=torch.int32, device=dev)
         pool = torch.cuda.graph_pool_handle()
         graphs = {}
+        # No garbage collection while capturing: an old engine's graphs, events or pinned buffers
+        # released mid-capture would invalidate it.
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             self._capture_sizes(sizes, table_width, pool, graphs)
         except BaseException:  # (an interrupt, a failing model): no graph at all, captured again next time
             torch.cuda.synchronize()
             raise
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         self.graphs = graphs
         torch.cuda.synchronize()
 

@@ -1,0 +1,54 @@
+"""zipage as a transformers ``custom_generate`` method: Compressed PagedAttention for ``model.generate``.
+
+    model.generate(**inputs, custom_generate="<this repo>", trust_remote_code=True, budget=1024)
+
+Every field of ``zipage.ZipageConfig`` (``budget``, ``page_size``, ``scorer``, ``buffer``, ``window``,
+...) may be given as a keyword, or all of them as ``zipage_config=`` (or ``cache_config=``) a dict or a
+``ZipageConfig``; the rest goes to ``generate()`` unchanged. The result is exactly
+``model.generate(..., cache_implementation="zipage", cache_config=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import zipage  # registers cache_implementation="zipage"
+from transformers import GenerationMixin
+
+ZIPAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(zipage.ZipageConfig))
+
+
+def _zipage_config(kwargs: dict[str, Any]) -> zipage.ZipageConfig:
+    """Take the zipage arguments out of ``kwargs`` (in place) and build their validated config."""
+    given = kwargs.pop("zipage_config", None)
+    if kwargs.get("cache_config") is not None:  # generate()'s own spelling of the same thing
+        if given is not None:
+            raise TypeError("give the zipage settings as zipage_config= or cache_config=, not both")
+        given = kwargs.pop("cache_config")
+    keywords = {name: kwargs.pop(name) for name in sorted(ZIPAGE_FIELDS & kwargs.keys())}
+    if given is None:
+        return zipage.ZipageConfig.from_dict(keywords)
+    if isinstance(given, zipage.ZipageConfig):
+        return given.replace(**keywords) if keywords else given
+    if isinstance(given, dict):
+        both = sorted(set(given) & set(keywords))
+        if both:
+            raise TypeError(f"{both} given both as keywords and in zipage_config")
+        return zipage.ZipageConfig.from_dict({**given, **keywords})
+    raise TypeError(f"zipage_config must be a dict or a zipage.ZipageConfig, got {type(given).__name__}")
+
+
+def generate(model, *args, **kwargs):
+    """``model.generate`` with a zipage cache: the same arguments, plus zipage's (see the module docstring)."""
+    config = _zipage_config(kwargs)  # a bad field raises here, named
+    if kwargs.get("past_key_values") is not None:
+        raise ValueError("custom_generate='zipage' builds its own ZipageCache: do not pass past_key_values "
+                         "(or call model.generate(past_key_values=zipage.ZipageCache(...)) directly)")
+    if kwargs.get("cache_implementation") not in (None, "zipage"):
+        raise ValueError(f"custom_generate='zipage' uses cache_implementation='zipage', got "
+                         f"{kwargs['cache_implementation']!r}")
+    kwargs.update(cache_implementation="zipage", cache_config=config)
+    # GenerationMixin.generate itself: the model's own generate may be this function (a repo loaded
+    # with trust_remote_code replaces it), which would recurse.
+    return GenerationMixin.generate(model, *args, **kwargs)

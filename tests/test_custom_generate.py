@@ -1,0 +1,74 @@
+"""The Hub custom_generate repo (integrations/hub/custom_generate/), loaded from its folder the way
+transformers loads one from the Hub: its output is generate(cache_implementation="zipage")'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import zipage
+from conftest import tiny_model
+
+REPO = Path(__file__).resolve().parents[1] / "integrations" / "hub" / "custom_generate"
+PROMPT = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(1))
+
+
+def _reference(model, inputs, **settings):
+    return model.generate(inputs, cache_implementation="zipage", cache_config=settings, max_new_tokens=30,
+                          do_sample=False, return_dict_in_generate=True)
+
+
+def test_layout_is_what_transformers_loads():
+    assert (REPO / "custom_generate" / "generate.py").is_file()
+    assert (REPO / "custom_generate" / "requirements.txt").is_file()
+    readme = (REPO / "README.md").read_text()
+    front = readme.split("---")[1]
+    assert "custom_generate" in front and "library_name: transformers" in front
+    for argument in ("budget", "page_size", "scorer", "buffer", "window", "zipage_config"):
+        assert f"`{argument}`" in readme, argument
+
+
+@pytest.mark.parametrize("settings", [dict(budget=16, page_size=4), dict(budget=12, page_size=4, window=4, scorer="snapkv")])
+def test_output_equals_cache_implementation_zipage(settings):
+    model = tiny_model("llama")
+    out = model.generate(PROMPT, custom_generate=str(REPO), trust_remote_code=True, max_new_tokens=30,
+                         do_sample=False, return_dict_in_generate=True, **settings)
+    ref = _reference(model, PROMPT, **settings)
+    assert torch.equal(out.sequences, ref.sequences)
+    cache = out.past_key_values
+    assert isinstance(cache, zipage.ZipageCache)
+    assert cache.stats()["compressions"] >= 2  # the budget is small enough for compressions to run
+    assert cache.zipage_config.budget == settings["budget"] and cache.zipage_config.scorer == settings.get("scorer", "zipage")
+    # ... and differs from full KV there, so the comparison is not trivially true.
+    plain = model.generate(PROMPT, max_new_tokens=30, do_sample=False)
+    assert not torch.equal(plain, out.sequences)
+
+
+def test_settings_as_one_config_and_sampling():
+    model = tiny_model("llama")
+    common = dict(max_new_tokens=20, do_sample=True, top_k=20)
+    torch.manual_seed(5)
+    out = model.generate(PROMPT, custom_generate=str(REPO), trust_remote_code=True,
+                         zipage_config=zipage.ZipageConfig(budget=16, page_size=4), **common)
+    torch.manual_seed(5)
+    ref = model.generate(PROMPT, cache_implementation="zipage", cache_config={"budget": 16, "page_size": 4}, **common)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(budget=0), "budget"), (dict(page_size=12), "page_size"), (dict(scorer="nope"), "nope"),
+     (dict(zipage_config={"budget": 16}, budget=32), "both"), (dict(zipage_config=3), "zipage_config")],
+)
+def test_bad_settings_are_named(kwargs, message):
+    model = tiny_model("llama")
+    with pytest.raises((ValueError, TypeError), match=message):
+        model.generate(PROMPT, custom_generate=str(REPO), trust_remote_code=True, max_new_tokens=4, **kwargs)
+
+
+def test_needs_trust_remote_code():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        model.generate(PROMPT, custom_generate=str(REPO), max_new_tokens=4, budget=16)
