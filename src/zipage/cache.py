@@ -155,6 +155,7 @@ class ZipageCache(Cache):
         self.peak_stored = 0
         self.page_table: torch.Tensor | None = None  # [B, capacity / KERNEL_PAGE], for the CUDA paged kernels
         self._step_stored = 0  # tokens every layer stores once this step's update is done
+        self._mask_read: tuple = (None, None)  # (the last attention mask seen, which of its new tokens are real)
         self.num_compressions = 0
         self.tokens_evicted = 0
         self.padding_gap = False  # padding inside a sequence seen: masks come from the cache's validity
@@ -247,6 +248,7 @@ class ZipageCache(Cache):
             self.capacity_ = capacity
             self.page_table = row_page_table(batch, capacity, key_states.device) if paged else None
         self._step_stored = after + q
+        self._mask_read = (None, None)
         self.peak_capacity = max(self.peak_capacity, capacity)
         self.peak_stored = max(self.peak_stored, after + q)
 
@@ -310,7 +312,9 @@ class ZipageCache(Cache):
         if scaling is not None:
             layer.scaling = float(scaling)
         if attention_mask is not None:  # without a mask every new token is real, as the update assumed
-            layer.valid[:, layer.stored - q :] = _new_token_validity(attention_mask, query.shape[0], q, query.device)
+            if attention_mask is not self._mask_read[0]:  # the layers of a forward share one mask: read it once
+                self._mask_read = (attention_mask, _new_token_validity(attention_mask, query.shape[0], q, query.device))
+            layer.valid[:, layer.stored - q :] = self._mask_read[1]
         if q > 1 and not self.padding_gap and _has_gap(layer.valid):
             # Padding inside a sequence: the mask the model builds covers the last ``stored`` positions,
             # which stop matching the stored tokens once a compression has run, and the paged kernel

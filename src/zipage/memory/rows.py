@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 KERNEL_PAGE = 16  # tokens per page as the CUDA paged kernels see a row (the smallest they take)
+MIN_SLACK = 16  # a growth adds at least this many tokens, so short rows do not regrow every step
 
 
 def stored_limit(stored: int, q: int, capacity: int, remaining: int | None) -> int:
@@ -41,11 +42,11 @@ def stored_limit(stored: int, q: int, capacity: int, remaining: int | None) -> i
 
 def plan_capacity(current: int, need: int, limit: int, layers: int, granule: int = 1) -> int:
     """Tokens per row to hold this step, rounded up to a multiple of ``granule`` (the kernels' page):
-    ``need`` plus slack (``need / (2 * layers)``), capped at ``limit``, when ``need`` does not fit in
+    ``need`` plus slack (``need / (2 * layers)``, at least ``MIN_SLACK``), capped at ``limit``, when ``need`` does not fit in
     ``current``; ``limit`` when ``current`` holds more than the same slack beyond it (a compression
     left less to hold); else ``current``."""
     up = lambda n: -(-n // granule) * granule  # noqa: E731
-    slack = lambda n: max(n // (2 * layers), 1)  # noqa: E731
+    slack = lambda n: max(n // (2 * layers), MIN_SLACK)  # noqa: E731
     cap = up(limit)
     if need > current:
         return min(up(need + slack(need)), cap)
