@@ -74,8 +74,11 @@ class ZipageLayer(CacheLayerMixin):
         self.values = value_states.new_empty(B, 0, H, value_states.shape[-1])
         if self.cache.scorer.stateful:
             self.state = torch.empty(B, 0, H, dtype=torch.float32, device=dev)
-        if self.valid is None:
-            self.valid = torch.ones(B, 0, dtype=torch.bool, device=dev)
+        if self.valid is None:  # layer 0's empty record for every layer, so that they share the next ones
+            shared = self.cache._shared_valid if first is not self else None
+            if shared is None or shared.shape[1] != 0:
+                shared = torch.ones(B, 0, dtype=torch.bool, device=dev)
+            self.valid = shared
         self.dtype, self.device = key_states.dtype, dev
         self.is_initialized = True
 
@@ -156,6 +159,8 @@ class ZipageCache(Cache):
         self.page_table: torch.Tensor | None = None  # [B, capacity / KERNEL_PAGE], for the CUDA paged kernels
         self._step_stored = 0  # tokens every layer stores once this step's update is done
         self._mask_read: tuple = (None, None)  # (the last attention mask seen, which of its new tokens are real)
+        self._keep_queries = True  # this step's queries may be needed by the next compression
+        self._shared_valid: torch.Tensor | None = None  # layer 0's validity record before this step
         self.num_compressions = 0
         self.tokens_evicted = 0
         self.padding_gap = False  # padding inside a sequence seen: masks come from the cache's validity
@@ -243,14 +248,29 @@ class ZipageCache(Cache):
         remaining = None if self.max_cache_len is None else self.max_cache_len - first.seen
         limit = stored_limit(after, q, cfg.capacity, remaining)
         paged = use_triton(key_states)
-        capacity = plan_capacity(self.capacity_, after + q, limit, len(self.layers), KERNEL_PAGE if paged else 1)
+        capacity = plan_capacity(self.capacity_, after + q, limit, len(self.layers), KERNEL_PAGE if paged else 1,
+                                 decode=q == 1)
         if capacity != self.capacity_ or (paged and self.page_table is None):
             self.capacity_ = capacity
             self.page_table = row_page_table(batch, capacity, key_states.device) if paged else None
         self._step_stored = after + q
+        self._keep_queries = self._queries_needed(after + q, first.seen + q)
         self._mask_read = (None, None)
         self.peak_capacity = max(self.peak_capacity, capacity)
         self.peak_stored = max(self.peak_stored, after + q)
+
+    def _queries_needed(self, stored: int, seen: int) -> bool:
+        """Whether the queries of a step that leaves ``stored`` tokens stored (``seen`` seen) may be
+        among the last ``window`` before a compression: only then are they kept (they weigh as much
+        as ``window * H_q / H_kv`` tokens of KV per layer)."""
+        cfg = self.zipage_config
+        if not self.scorer.needs_queries:
+            return False
+        fires_at = cfg.next_compression(stored)  # the stored length the next compression starts from
+        if stored <= fires_at - cfg.window:
+            return False
+        # The run ends before that compression (it needs fires_at - stored more tokens, then one).
+        return self.max_cache_len is None or seen + fires_at - stored + 1 <= self.max_cache_len
 
     def _update_layer(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
         B, _, q, _ = key_states.shape
@@ -271,7 +291,15 @@ class ZipageCache(Cache):
         layer.stored = stored
         layer.seen += q
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
-        layer.valid = torch.cat([layer.valid[:, :after], layer.valid.new_ones(B, q)], dim=1)
+        # Layers whose records are the same object (every layer until a compression or a beam
+        # reorder) share this step's record as well: one mask, one record.
+        prev = layer.valid
+        if layer.layer_idx and prev is self._shared_valid:
+            layer.valid = self.layers[0].valid
+        else:
+            layer.valid = torch.cat([prev[:, :after], prev.new_ones(B, q)], dim=1)
+        if layer.layer_idx == 0:
+            self._shared_valid = prev
         stale = capture.pending_layer(self)
         if stale is not None:
             capture.disarm()  # put the model's attention name back
@@ -304,11 +332,12 @@ class ZipageCache(Cache):
         layer = self.layers[layer_idx]
         w = self.zipage_config.window
         q = query.shape[2]
-        recent = query[:, :, -w:, :].detach()
-        if layer.window_queries is None or q >= w:
-            layer.window_queries = recent.clone()
+        if not self._keep_queries:
+            layer.window_queries = None
+        elif layer.window_queries is None or q >= w:
+            layer.window_queries = query[:, :, -w:, :].detach().clone()
         else:
-            layer.window_queries = torch.cat([layer.window_queries, recent], dim=2)[:, :, -w:, :]
+            layer.window_queries = torch.cat([layer.window_queries, query.detach()], dim=2)[:, :, -w:, :]
         if scaling is not None:
             layer.scaling = float(scaling)
         if attention_mask is not None:  # without a mask every new token is real, as the update assumed
@@ -351,6 +380,11 @@ class ZipageCache(Cache):
             if self.scorer.needs_queries and (
                 layer.window_queries is None or layer.window_queries.shape[2] < cfg.window
             ):
+                if self.max_cache_len is not None and layer.seen >= self.max_cache_len:
+                    raise RuntimeError(
+                        f"ZipageCache saw {layer.seen} tokens, more than its max_cache_len={self.max_cache_len}, "
+                        "so it did not keep the queries this compression needs: raise max_cache_len or set it to None"
+                    )
                 raise RuntimeError(
                     f"zipage could not capture the queries of layer {layer.layer_idx}: build ZipageCache with "
                     "config=model.config (the very object the model holds), and use a model whose attention goes "

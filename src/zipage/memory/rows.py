@@ -40,16 +40,17 @@ def stored_limit(stored: int, q: int, capacity: int, remaining: int | None) -> i
     return max(peak, limit)
 
 
-def plan_capacity(current: int, need: int, limit: int, layers: int, granule: int = 1) -> int:
+def plan_capacity(current: int, need: int, limit: int, layers: int, granule: int = 1, decode: bool = True) -> int:
     """Tokens per row to hold this step, rounded up to a multiple of ``granule`` (the kernels' page):
-    ``need`` plus slack (``need / (2 * layers)``, at least ``MIN_SLACK``), capped at ``limit``, when ``need`` does not fit in
-    ``current``; ``limit`` when ``current`` holds more than the same slack beyond it (a compression
-    left less to hold); else ``current``."""
+    when ``need`` does not fit in ``current``, ``need`` plus slack (``need / (2 * layers)``, at least
+    ``MIN_SLACK``; none for a prefill, ``decode`` False, whose activations make the peak) capped at
+    ``limit``; ``limit`` when ``current`` holds more than that slack beyond it (a compression left
+    less to hold); else ``current``."""
     up = lambda n: -(-n // granule) * granule  # noqa: E731
     slack = lambda n: max(n // (2 * layers), MIN_SLACK)  # noqa: E731
     cap = up(limit)
     if need > current:
-        return min(up(need + slack(need)), cap)
+        return min(up(need + slack(need)) if decode else up(need), cap)
     if current > cap + slack(cap):
         return cap
     return current
