@@ -49,9 +49,8 @@ class Variant:
     cache_config: dict = field(default_factory=dict)  # zipage fields besides the budget
 
 
-CPU_PLAN = [
-    Variant("smollm2", 1, 112, 256, (None, 4096, 128), {"page_size": 16, "buffer": 16}),
-    Variant("smollm2", 4, 112, 256, (None, 4096, 64), {"page_size": 16, "buffer": 16}),
+CPU_PLAN = [  # short: the CI machine has 2 cores (budget 4096 never evicts; 64 keeps 80 of up to 240 tokens)
+    Variant("smollm2", 1, 112, 128, (None, 4096, 64), {"page_size": 16, "buffer": 16}),
 ]
 GPU_PLAN = [
     Variant("qwen3-0.6b", 16, 200, 1024, (None, 512, 2048)),
