@@ -116,7 +116,7 @@ class ModelRunner:
     """Owns the pools and turns scheduled steps into model forwards and compressions."""
 
     def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
-                 scorer: Scorer | None, num_slots: int, fuse_ops: bool = True) -> None:
+                 scorer: Scorer | None, num_slots: int, fuse_ops: bool = True, tp_size: int = 1) -> None:
         check_model(model)
         register_attention()
         self.model = model
@@ -128,6 +128,7 @@ class ModelRunner:
         Hq = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        Hq, Hkv = Hq // tp_size, Hkv // tp_size  # tensor parallelism: this rank's heads (sharding.py)
         self.page_size = page_size
         self.zipage_config = zipage_config
         self.scorer = scorer
@@ -155,23 +156,25 @@ class ModelRunner:
         self.fusion = ModelFusion.find(model) if fuse_ops and use_triton(self.k_pool) else ModelFusion()
 
     @staticmethod
-    def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool) -> int:
+    def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool, tp_size: int = 1) -> int:
+        """A page's bytes on each rank (a rank holds ``1 / tp_size`` of the KV heads)."""
         cfg = config.get_text_config(decoder=True)
         Hq = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
         elem = torch.empty((), dtype=dtype).element_size()
-        per_token = cfg.num_hidden_layers * Hkv * (2 * D * elem + (4 if stateful else 0))
+        per_token = cfg.num_hidden_layers * (Hkv // tp_size) * (2 * D * elem + (4 if stateful else 0))
         return per_token * page_size
 
     @staticmethod
-    def bytes_per_slot(config, window: int, dtype: torch.dtype, budget: int = 0) -> int:
-        """A query slot's share: its ring of ``window`` queries and its kept-position map of ``budget``."""
+    def bytes_per_slot(config, window: int, dtype: torch.dtype, budget: int = 0, tp_size: int = 1) -> int:
+        """A query slot's share: its ring of ``window`` queries and its kept-position map of ``budget``
+        (on each rank, with ``tp_size`` ranks)."""
         cfg = config.get_text_config(decoder=True)
         Hq = cfg.num_attention_heads
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-        ring = cfg.num_hidden_layers * window * Hq * D * torch.empty((), dtype=dtype).element_size()
-        return ring + KeptPositions.bytes_per_slot(config, budget)
+        ring = cfg.num_hidden_layers * window * (Hq // tp_size) * D * torch.empty((), dtype=dtype).element_size()
+        return ring + KeptPositions.bytes_per_slot(config, budget) // tp_size
 
     def kept_positions(self, seq: Sequence, layer_idx: int) -> torch.Tensor:
         """``[H_kv, stored]`` logical positions that ``seq`` keeps in layer ``layer_idx`` (see ``LLM``)."""
