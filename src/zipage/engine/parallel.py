@@ -110,10 +110,12 @@ class Ranks:
             raise TensorParallelError(self.dead) from e
 
     def fail(self, why: str) -> None:
-        """Mark the group dead and stop the workers (they may be blocked in a collective)."""
+        """Mark the group dead, stop the workers (they may be blocked in a collective) and let go of
+        torch.distributed (this process may start another engine)."""
         if self.dead is None:
             self.dead = why
         self._stop_workers(grace=0.0)
+        self._release(abort=True)
 
     def close(self) -> None:
         """Stop the workers (a clean ``stop`` message first when the group is healthy) and leave
@@ -123,10 +125,33 @@ class Ranks:
                 dist.broadcast_object_list([("stop",)], src=0, group=self.control)
             self.dead = "the engine was closed"
         self._stop_workers(grace=10.0)
+        self._release(abort=False)
+
+    def _release(self, abort: bool) -> None:
+        """Tear down the process groups this engine made (an NCCL group with a dead peer is aborted:
+        destroying it could wait on that peer)."""
         if self.owns_default and dist.is_initialized():
             with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+                if abort and self.device.type == "cuda":
+                    dist.distributed_c10d._abort_process_group()
+                else:
+                    dist.destroy_process_group()
         self.owns_default = False
+
+    def watch(self) -> None:
+        """Rank 0 of spawned GPU ranks: a thread that aborts the NCCL groups as soon as a worker exits
+        unasked, so that a collective waiting for it raises now rather than at the timeout (gloo
+        notices a closed socket by itself)."""
+        def loop() -> None:
+            while self.dead is None:
+                if any(p.exitcode is not None for p in self.procs):
+                    if self.dead is None:
+                        with contextlib.suppress(Exception):
+                            dist.distributed_c10d._abort_process_group(self.data)
+                    return
+                time.sleep(0.5)
+
+        threading.Thread(target=loop, name="zipage-tp-watch", daemon=True).start()
 
     def _stop_workers(self, grace: float) -> None:
         deadline = time.monotonic() + grace
@@ -222,6 +247,8 @@ def spawn(size: int, base: torch.device, timeout: float, work: Any) -> Ranks:
             p.kill()
         raise
     ranks.procs, ranks.reports = procs, reports
+    if base.type == "cuda":
+        ranks.watch()
     return ranks
 
 
