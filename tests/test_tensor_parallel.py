@@ -9,6 +9,12 @@ than that rounding, and the log-probabilities are compared with a tolerance. One
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -138,6 +144,35 @@ def test_full_kv_two_ranks_then_close_stops_every_rank():
     assert worker.exitcode == 0  # a clean stop, not a kill
     with pytest.raises(TensorParallelError, match="closed"):
         two.generate(prompts, params, use_tqdm=False)
+
+
+TORCHRUN_SCRIPT = """
+    import os
+    from conftest import tiny_model
+    from test_engine import prompts_of
+    from zipage import LLM, SamplingParams
+
+    kw = dict(budget=None, page_size=8, num_pages=32, max_num_seqs=2)
+    llm = LLM(tiny_model("mistral"), tensor_parallel_size=2, **kw)  # rank 1 serves inside this call, then exits
+    assert os.environ["RANK"] == "0"
+    prompts, params = prompts_of((9, 21), seed=10), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    two = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    llm.close()
+    one = [o.token_ids for o in LLM(tiny_model("mistral"), **kw).generate(prompts, params, use_tqdm=False)]
+    print("SAME TOKENS" if one == two else f"DIFFERENT {one} {two}")
+"""
+
+
+def test_under_torchrun_every_rank_builds_the_engine(tmp_path):
+    """``torchrun --nproc-per-node 2 script.py``: rank 0 drives, rank 1's LLM(...) serves until it closes."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(TORCHRUN_SCRIPT))
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "SAME TOKENS" in run.stdout
 
 
 # ------------------------------------------------------------------------------------ bad sizes
