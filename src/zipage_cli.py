@@ -143,6 +143,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share prompt pages between requests with the same prefix")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many GPUs (one process each; the model's heads must divide by it)")
     p.add_argument("--budget", type=_budget, default=2048,
                    help="tokens of KV kept per request after a compression, unless a request asks for its own; "
                    "'none': full KV only (requests cannot ask for a budget then)")

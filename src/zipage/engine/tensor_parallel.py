@@ -37,6 +37,11 @@ def start_ranks(model: torch.nn.Module, source: Any, dtype: Any, device: Any, si
         ranks = spawn(size, base, timeout, WorkerJob(source if by_name else model, dtype))
     try:
         prepare(model, ranks)
+        with ranks.guard("sharding the model"):
+            ranks.gather(None)  # every rank holds its shard
+        if ranks.device.type == "cuda":  # a model object sent by CUDA IPC: its full weights are free now
+            torch.cuda.ipc_collect()
+            torch.cuda.empty_cache()
     except BaseException:
         ranks.close()
         raise
