@@ -182,6 +182,11 @@ def test_invalid_sizes_are_refused(size):
         LLM(tiny_model("qwen3"), num_pages=8, tensor_parallel_size=size)
 
 
+def test_an_invalid_timeout_is_refused():
+    with pytest.raises(ValueError, match="tensor_parallel_timeout=0 is invalid"):
+        LLM(tiny_model("qwen3"), num_pages=8, tensor_parallel_size=2, tensor_parallel_timeout=0)
+
+
 def test_heads_must_divide_by_the_size():
     with pytest.raises(ValueError, match="does not divide the model's 2 KV heads"):
         LLM(tiny_model("qwen3", num_attention_heads=6, num_key_value_heads=2), num_pages=8, tensor_parallel_size=3)
@@ -204,3 +209,12 @@ def test_more_ranks_than_gpus_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="needs 4 GPUs from cuda:1, but only 4 GPUs are present"):
         parallel.check_devices(torch.device("cuda", 1), 4)
     parallel.check_devices(torch.device("cuda", 0), 4)
+
+
+def test_serve_takes_a_tensor_parallel_size():
+    from zipage.serve.server import check_args
+    from zipage_cli import serve_parser
+
+    assert serve_parser().parse_args(["m"]).tensor_parallel_size == 1
+    assert serve_parser().parse_args(["m", "--tensor-parallel-size", "2"]).tensor_parallel_size == 2
+    assert "--tensor-parallel-size 0 is invalid" in check_args(serve_parser().parse_args(["m", "-tp", "0"]))
