@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, tp in RUNS:
         for extra in ([], ["--profile-only", "--profile-batch", str(args.profile_batch),
                            "--profile-steps", str(args.profile_steps)]):
-            cmd = [sys.executable, "-m", "zipage.bench.tensor_parallel", "--one", name, "--tp", str(tp), *common, *extra]
+            cmd = [sys.executable, "-m", "zipage.bench.tensor_parallel", "--one", name, "--tp", str(tp),
+                   *common, *extra]
             run = subprocess.run(cmd, capture_output=True, text=True)
             lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
             result = json.loads(lines[-1][7:]) if lines else {"model": name, "tp": tp, "error": run.stderr[-2000:]}

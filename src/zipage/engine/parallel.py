@@ -99,15 +99,24 @@ class Ranks:
             yield
         except BaseException as e:
             if self.dead is None:
-                time.sleep(0.2)  # a dying worker's exit code and report arrive a moment after its sockets close
-                dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if p.exitcode is not None]
+                dead = self._exited(wait=2.0 if self.procs else 0.0)
                 if dead:
                     why = ", ".join(f"rank {r} exited (code {c})" for r, c in dead)
                     self.fail(f"tensor-parallel {why} during {what}{self._report(dead[0][0], wait=2.0)}")
                 else:
-                    self.fail(f"tensor-parallel {what} failed on rank 0 ({type(e).__name__}: {e}); the engine "
-                              "stopped every rank")
+                    self.fail(f"tensor-parallel {what} failed ({type(e).__name__}: {e}); the engine stopped "
+                              "every rank")
             raise TensorParallelError(self.dead) from e
+
+    def _exited(self, wait: float) -> list[tuple[int, int]]:
+        """``(rank, exit code)`` of the spawned ranks that exited, waiting up to ``wait`` seconds for one
+        (a dying rank's sockets close a moment before its process is gone)."""
+        deadline = time.monotonic() + wait
+        while True:
+            dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if p.exitcode is not None]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
 
     def fail(self, why: str) -> None:
         """Mark the group dead, stop the workers (they may be blocked in a collective) and let go of

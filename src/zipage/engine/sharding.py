@@ -40,10 +40,11 @@ def check_tensor_parallel(config, size: int) -> None:
         return
     cfg = config.get_text_config(decoder=True)
     hq, hkv, _ = head_counts(config)
-    for what, n in (("attention heads", hq), ("KV heads", hkv)):
+    for what, n in (("KV heads", hkv), ("attention heads", hq)):
         if n % size:
-            raise ValueError(f"tensor_parallel_size={size} does not divide the model's {n} {what}: each rank "
-                             f"holds the pages of its own heads, so the heads must split evenly (try a divisor of {hkv})")
+            raise ValueError(f"tensor_parallel_size={size} does not divide the model's {n} {what}: each "
+                             "rank holds the pages of its own heads, so the heads must split evenly "
+                             f"(try a divisor of {hkv})")
     inter = getattr(cfg, "intermediate_size", None)
     if isinstance(inter, int) and inter % size:
         raise ValueError(f"tensor_parallel_size={size} does not divide the model's intermediate_size {inter}")
@@ -119,7 +120,8 @@ def shard_model(model: torch.nn.Module, rank: int, size: int, group, device=None
             part = _rows(w.t(), rank, size, device or w.device).t().contiguous()
             parent_name, _, child = name.rpartition(".")
             parent = base.get_submodule(parent_name) if parent_name else base
-            setattr(parent, child, RowParallelLinear(part, b.to(part.device, copy=True) if b is not None else None, group))
+            bias = b.to(part.device, copy=True) if b is not None else None
+            setattr(parent, child, RowParallelLinear(part, bias, group))
         done += 1
     if not done:
         raise NotImplementedError(f"no module of {type(model).__name__} matches its tensor-parallel plan")

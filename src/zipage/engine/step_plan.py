@@ -162,7 +162,10 @@ def _feed(ranks: Ranks, decode: list[Replica], rows: tuple[int, dict[int, int]] 
 def serve(ranks: Ranks, model: torch.nn.Module) -> None:
     """A worker's loop: build its runner as rank 0 says, then replay every call until ``stop``."""
     ranks.gather(None)  # sharded: what it received of rank 0's model is let go (see tensor_parallel.start_ranks)
-    _, setup = _receive(ranks)
+    message = _receive(ranks)
+    if message[0] == "stop":  # rank 0 gave up before building its runner
+        return
+    setup = message[1]
     cfg = setup["zipage_config"]
     scorer = get_scorer(cfg.scorer, cfg) if cfg is not None else None
     runner = ModelRunner(model, setup["num_pages"], setup["page_size"], cfg, scorer, setup["num_slots"],
