@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, source = load(args.model, device, args.dtype)
+    try:
+        model, tokenizer, source = load(args.model, device, args.dtype)
+    except OSError as error:  # a path that is not there, a folder without a model, an id not on the Hub
+        parser.error(f"--model {args.model}: {error}")
     if tokenizer is None:
         parser.error(f"--model {args.model}: no tokenizer found next to the model")
     prompts = [chat_prompt(tokenizer, p.prompt) for p in problems]

@@ -148,9 +148,12 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
         e.record()
         events.append((s, e))
 
-    # warm-up outside the timing: kernel compilation and CUDA-graph capture (a compression included)
-    warm = zipage.SamplingParams(max_tokens=min(max_tokens, (budget or 256) + 300), temperature=0, ignore_eos=True)
-    llm.generate(prompts[:2], warm, use_tqdm=False)
+    # warm-up outside the timing: kernel compilation and CUDA-graph capture (a compression included;
+    # a CPU has neither)
+    if device.type == "cuda":
+        warm = zipage.SamplingParams(max_tokens=min(max_tokens, (budget or 256) + 300), temperature=0,
+                                     ignore_eos=True)
+        llm.generate(prompts[:2], warm, use_tqdm=False)
     llm.scheduler.compressions = 0
     llm.scheduler.preemptions = 0
     llm.runner.compress = timed
@@ -272,7 +275,8 @@ def run_generate(model, work: Workload, max_tokens, kv_gib, full_tokens) -> dict
         sampling.update(temperature=work.temperature, top_p=work.top_p)
     if work.ignore_eos:
         sampling["min_new_tokens"] = max_tokens
-    model.generate(ids, attention_mask=mask, max_new_tokens=8, **{**sampling, "min_new_tokens": 0})  # warm-up
+    if device.type == "cuda":  # warm-up
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, **{**sampling, "min_new_tokens": 0})
     sync(device)
     reset_peak(device)
     start = time.perf_counter()
@@ -338,7 +342,12 @@ def real_workload(args, parser) -> tuple:
                               n=args.n).validate()
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
         parser.error(str(error))
-    model, tokenizer, source = load(args.model, device, args.dtype)
+    try:
+        model, tokenizer, source = load(args.model, device, args.dtype)
+    except OSError as error:  # a path that is not there, a folder without a model, an id not on the Hub
+        parser.error(f"--model {args.model}: {error}")
+    if tokenizer is None:
+        parser.error(f"--model {args.model}: no tokenizer found next to the model")
     prompts = [chat_prompt(tokenizer, p.prompt) for p in problems]
     work = Workload(prompts, args.max_tokens, n=args.n, ignore_eos=args.ignore_eos, temperature=args.temperature,
                     top_p=args.top_p)

@@ -18,7 +18,10 @@ def resolve_device(device: str | None) -> torch.device:
     """``None``/``auto``: CUDA when there is one, else the CPU. ``cuda`` without a GPU is refused."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: expected cuda, cpu or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
     if dev.type not in ("cuda", "cpu"):
