@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads on a CPU (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None, help="output stem (default: benchmarks/results/eval_MODEL_DATASET)")
-    p.add_argument("--replot", default=None, metavar="JSON", help="only rewrite the .md and .png of a results JSON")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only rewrite the .md and .png of a results JSON (default: run the evaluation)")
     return p
 
 
