@@ -1039,7 +1039,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--verify {args.verify!r}: {sorted(unknown)} are not rows of this run")
     except (TypeError, ValueError) as error:
         parser.error(str(error))
-    model, tok = load_model(args.threads, args.model)
+    # (the default model is not passed: tests replace load_model with a one-argument stand-in)
+    model, tok = load_model(args.threads) if args.model == "smollm2" else load_model(args.threads, args.model)
     stem = pathlib.Path(args.out) if args.out else RESULTS / ("quality" if preset == "default" else f"quality_{preset}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     log(f"preset {preset}: {len(rows)} rows x {len(budgets)} budgets x {args.seqs} sequences of {args.seq_len} "

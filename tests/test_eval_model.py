@@ -90,3 +90,26 @@ def test_bench_on_a_local_model(folder, dataset, tmp_path):
     assert natural["hf-generate"]["batch"] == 2
     assert natural["zipage-fullkv"]["output_tokens"] == natural["hf-generate"]["output_tokens"]
     assert natural["zipage-fullkv"]["output_tokens"] < 2 * 24  # at least one answer ended at EOS
+
+
+def test_fidelity_mode_on_a_local_model(folder, tmp_path):
+    """`zipage eval --mode fidelity --model PATH`: the teacher-forced benchmark on another model (a tiny
+    random Llama with SmolLM2's tokenizer); its no-eviction control agrees with the full-KV forward."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=2048, eos_token_id=tok.eos_token_id))
+    tiny = tmp_path / "tiny"
+    model.save_pretrained(tiny)
+    tok.save_pretrained(tiny)
+    stem = tmp_path / "fidelity"
+    assert main(["eval", "--mode", "fidelity", "--model", str(tiny), "--seq-len", "160", "--seqs", "1",
+                 "--budgets", "1/4", "--buffer", "32", "--scorers", "zipage,streaming", "--no-gen",
+                 "--out", str(stem)]) == 0
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["model"] == f"{tiny}, float32" and data["settings"]["model"] == str(tiny)
+    assert [r["config"] for r in data["teacher_forced"]["rows"]] == ["zipage", "streaming"]
+    assert data["teacher_forced"]["control"][0]["top1"] > 0.99
+    assert str(tiny) in stem.with_suffix(".md").read_text().splitlines()[0]
