@@ -181,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [chat_prompt(tokenizer, p.prompt) for p in problems]
     stem = pathlib.Path(args.out) if args.out else RESULTS / f"eval_{_slug(args.model)}_{_slug(args.dataset)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    engine = dict(max_num_seqs=args.max_num_seqs, num_pages=args.num_pages, enforce_eager=args.enforce_eager)
+    # max_model_len: the longest request of this run (a CPU pool is sized by it, not by the model's context)
+    # (and max_num_seqs: no more than the samples there are)
+    engine = dict(max_num_seqs=min(args.max_num_seqs, len(prompts) * args.n), num_pages=args.num_pages, enforce_eager=args.enforce_eager,
+                  max_model_len=min(max(map(len, prompts)) + args.max_tokens,
+                                    getattr(model.config.get_text_config(decoder=True), "max_position_embeddings",
+                                            None) or 1 << 30))
     warmup = device.type == "cuda" if args.warmup is None else args.warmup
     result: dict[str, Any] = {
         "command": "zipage eval " + " ".join(sys.argv[1:] if argv is None else argv),

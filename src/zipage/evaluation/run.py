@@ -68,12 +68,20 @@ def run_configuration(model: Any, tokenizer: Any, prompts: list[list[int]], para
         first = llm.generated_tokens
         start = time.perf_counter()
         ids = [llm.add_request(p, sp) for p, sp in zip(prompts, seeded)]
+        shown, done = start, set()
         while llm.has_unfinished():
-            finished = sum(1 for out in llm.step() if out.outputs and out.outputs[0].finish_reason is not None)
-            if bar is not None and finished:
-                bar.update(finished)
-                bar.set_postfix_str(f"{(llm.generated_tokens - first) / (time.perf_counter() - start):,.0f} tok/s",
-                                    refresh=False)
+            ended = {(o.request_id, o.outputs[0].index) for o in llm.step()
+                     if o.outputs and o.outputs[0].finish_reason is not None}
+            finished = len(ended - done)
+            done |= ended
+            now = time.perf_counter()
+            if bar is not None and (finished or now - shown > 1.0):  # the rate moves even while no sample ends
+                bar.set_postfix_str(f"{(llm.generated_tokens - first) / (now - start):,.0f} tok/s", refresh=False)
+                if finished:
+                    bar.update(finished)
+                else:
+                    bar.refresh()
+                shown = now
         _sync(device)
         wall = time.perf_counter() - start
         outs = [llm.output(i) for i in ids]
