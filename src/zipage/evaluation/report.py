@@ -59,8 +59,13 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
         for r in full:
             if r[key] is not None:
                 ax.axhline(scale * r[key], color="black", linestyle="--", linewidth=1, label="full KV")
-        if by_scorer:
+        budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
+        if budgets:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.minorticks_off()
+        values = [scale * r[key] for r in rows if r[key] is not None]
+        ax.set_ylim(0, 1.12 * max(values) if values and max(values) > 0 else 1)
         ax.set_xlabel("KV budget (tokens per sequence)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
