@@ -74,6 +74,14 @@ def configurations(budgets: list[int | None], scorers: str, page_size: int | Non
     return out
 
 
+def engine_settings(args: argparse.Namespace, model: Any, prompts: list[list[int]]) -> dict[str, Any]:
+    """``zipage.LLM`` options for this run: ``max_model_len`` is its longest request and ``max_num_seqs`` at
+    most its samples (a pool on a CPU is sized by them, not by the model's whole context)."""
+    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30
+    return dict(max_num_seqs=min(args.max_num_seqs, len(prompts) * args.n), num_pages=args.num_pages,
+                enforce_eager=args.enforce_eager, max_model_len=min(max(map(len, prompts)) + args.max_tokens, context))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zipage_cli import HelpFormatter
 
@@ -181,12 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [chat_prompt(tokenizer, p.prompt) for p in problems]
     stem = pathlib.Path(args.out) if args.out else RESULTS / f"eval_{_slug(args.model)}_{_slug(args.dataset)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    # max_model_len: the longest request of this run (a CPU pool is sized by it, not by the model's context)
-    # (and max_num_seqs: no more than the samples there are)
-    engine = dict(max_num_seqs=min(args.max_num_seqs, len(prompts) * args.n), num_pages=args.num_pages, enforce_eager=args.enforce_eager,
-                  max_model_len=min(max(map(len, prompts)) + args.max_tokens,
-                                    getattr(model.config.get_text_config(decoder=True), "max_position_embeddings",
-                                            None) or 1 << 30))
+    engine = engine_settings(args, model, prompts)
     warmup = device.type == "cuda" if args.warmup is None else args.warmup
     result: dict[str, Any] = {
         "command": "zipage eval " + " ".join(sys.argv[1:] if argv is None else argv),
