@@ -23,6 +23,15 @@ SCALE_DTYPE = torch.float32
 MIN_SCALE = 1e-12  # an all-zero row gets this scale (its codes are 0 either way)
 
 
+def kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pools' dtype for a ``kv_cache_dtype`` name (``"auto"``: the model's; ``"fp8"``: e4m3)."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype == "fp8":
+        return FP8
+    raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is invalid: expected 'auto' or 'fp8'")
+
+
 def is_fp8(t: torch.Tensor) -> bool:
     """True for FP8 KV codes (``torch.float8_e4m3fn``)."""
     return t.dtype == FP8
