@@ -75,7 +75,10 @@ if HAS_TRITON:
         (127.6 becomes 64, checked with triton 3.9); compiled kernels cast directly."""
         e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # e4m3: 3 mantissa bits
-        return tl.floor(x / ulp + 0.5) * ulp
+        y = tl.abs(x) / ulp  # exact (a power of two)
+        r = tl.floor(y + 0.5)
+        r = tl.where((r - y == 0.5) & (r - 2.0 * tl.floor(r / 2.0) != 0.0), r - 1.0, r)  # ties to even
+        return tl.where(x < 0, -r * ulp, r * ulp)  # (keeps the sign of a negative that rounds to 0)
 
     @triton.jit
     def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, H: tl.constexpr, D: tl.constexpr,
