@@ -1,6 +1,6 @@
-"""The engine with FP8 KV pages (kv_cache_dtype="fp8"): its tokens against generate() on a cache that
-rounds every stored key and value through e4m3 the same way, and its page and scale bookkeeping
-through compaction and prefix caching."""
+"""FP8 KV pages (kv_cache_dtype="fp8") in the engine and in generate(): their tokens against
+generate() on a cache that rounds every stored key and value through e4m3 the same way (dense
+float32 pools), and the page and scale bookkeeping through compaction and prefix caching."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ def fake_fp8_generate(monkeypatch):
     with per-token, per-head scales (dense float32 pools): the independent reference of the engine."""
     store = zipage.cache.store_kv
 
-    def rounded(cache, slots, values, cache_b=None, values_b=None):
-        if cache_b is None:  # a scorer's state, not keys and values
-            return store(cache, slots, values)
+    def rounded(cache, slots, values, cache_b=None, values_b=None, scale=None, scale_b=None):
+        if cache_b is None or cache.dtype == FP8:  # a scorer's state, or the FP8 cache under test
+            return store(cache, slots, values, cache_b, values_b, scale, scale_b)
         fq = lambda x: dequantize_reference(*quantize_reference(x), x.dtype)  # noqa: E731
         return store(cache, slots, fq(values), cache_b, fq(values_b))
 
@@ -62,6 +62,25 @@ def test_compressing_fp8_engine_matches_fp8_rounded_generate(scorer, redundancy,
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == reference(model, prompt, 30, cache_implementation="zipage", cache_config=fields)
     assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_fp8_generate_matches_fp8_rounded_generate(num_beams, fake_fp8_generate):
+    """generate(cache_implementation="zipage") with FP8 pages, compressions and (beam search) reordered
+    rows included; the cache's memory accounting counts codes and scales."""
+    model = tiny_model("qwen3")
+    ids = torch.tensor(prompts_of((24, 24), seed=8))
+    cfg = dict(budget=12, page_size=4, buffer=4, window=4)
+    kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None, num_beams=num_beams,
+              cache_implementation="zipage", return_dict_in_generate=True)
+    want = model.generate(ids, cache_config=cfg, **kw)
+    got = model.generate(ids, cache_config={**cfg, "kv_cache_dtype": "fp8"}, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    cache = got.past_key_values
+    assert cache.k_pool.dtype == FP8 and cache.num_compressions > 0
+    stats, dense = cache.stats(), want.past_key_values.stats()
+    assert stats["kv_bytes_full"] == dense["kv_bytes_full"]
+    assert stats["kv_bytes_in_use"] * (4 * 16) == dense["kv_bytes_in_use"] * (16 + 4)  # float32 -> e4m3 + scale
 
 
 def _stored(llm, seq, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
