@@ -87,8 +87,10 @@ if HAS_TRITON:
         hmask = h < H
         m = hmask[:, None] & (d[None, :] < D)
         x = tl.load(SRC + h[:, None] * stride_h + d[None, :], mask=m, other=0.0).to(tl.float32)
-        s = tl.maximum(tl.max(tl.abs(x), 1) / 448.0, 1e-12)  # fp8.FP8_MAX, fp8.MIN_SCALE
-        c = tl.minimum(tl.maximum(x / s[:, None], -448.0), 448.0)
+        # IEEE divisions (``/`` compiles to an approximate one), so codes and scales match the reference
+        amax = tl.max(tl.abs(x), 1)
+        s = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1e-12)  # FP8_MAX, MIN_SCALE
+        c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -448.0), 448.0)
         if ROUND_FIRST:
             c = _round_to_e4m3(c)
         tl.store(DST + (slot * H + h)[:, None] * D + d[None, :], c.to(DST.dtype.element_ty), mask=m)
