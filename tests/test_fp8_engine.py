@@ -157,3 +157,23 @@ def test_cli_flags_take_the_kv_cache_dtype():
     assert demo.build_parser().parse_args(["--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
     with pytest.raises(SystemExit):
         serve_parser().parse_args(["--kv-cache-dtype", "int8"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("budget", [None, 16])
+def test_fp8_engine_on_cuda_matches_fp8_rounded_generate(budget, fake_fp8_generate):
+    """The compiled FP8 kernels with everything on (CUDA graphs, prefix caching, asynchronous
+    compression): the tokens of generate() on e4m3-rounded keys and values (float32 model)."""
+    model = tiny_model("qwen3", scale=1.0).cuda()
+    shared = prompts_of((17,), seed=3)[0]
+    prompts = prompts_of((12, 30, 7, 50), seed=1) + prompts_of((5, 9), seed=2, prefix=shared)
+    fields = {} if budget is None else dict(budget=budget, buffer=4, window=4)
+    llm = LLM(model, page_size=4, num_pages=256, max_num_seqs=3, kv_cache_dtype="fp8",
+              async_compression=budget is not None, **({"budget": None} if budget is None else fields))
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    cfg = {"budget": 4096, "page_size": 4} if budget is None else {**fields, "page_size": 4}
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference(model, prompt, 30, cache_implementation="zipage", cache_config=cfg)
+    assert llm.runner.graphs and llm.stats()["prefix_cache_hits"] > 0
+    assert_pool_clean(llm)
