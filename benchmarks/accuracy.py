@@ -79,7 +79,7 @@ def engine_settings(args: argparse.Namespace, model: Any, prompts: list[list[int
     most its samples (a pool on a CPU is sized by them, not by the model's whole context)."""
     context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30
     return dict(max_num_seqs=min(args.max_num_seqs, len(prompts) * args.n), num_pages=args.num_pages,
-                enforce_eager=args.enforce_eager, max_model_len=min(max(map(len, prompts)) + args.max_tokens, context))
+                enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, max_model_len=min(max(map(len, prompts)) + args.max_tokens, context))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default: ZipageConfig's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
     p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: sized from memory)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="KV pages in the model's dtype (auto) or FP8, in every configuration")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="an untimed run through a compression before each configuration (default: on with CUDA)")
