@@ -133,12 +133,13 @@ def test_a_rank_that_fails_stops_the_engine(engines):
         two.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
 
 
-def test_full_kv_two_ranks_then_close_stops_every_rank():
+def test_full_kv_fp8_two_ranks_then_close_stops_every_rank():
+    """FP8 pages scale per token and KV head, so each rank quantizes its heads as one process does."""
     prompts = prompts_of((10, 19), seed=8)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    ref = LLM(tiny_model("llama"), budget=None, page_size=8, num_pages=32, max_num_seqs=2)
-    with LLM(tiny_model("llama"), budget=None, page_size=8, num_pages=32, max_num_seqs=2,
-             tensor_parallel_size=2) as two:
+    kw = dict(budget=None, page_size=8, num_pages=32, max_num_seqs=2, kv_cache_dtype="fp8")
+    ref = LLM(tiny_model("llama"), **kw)
+    with LLM(tiny_model("llama"), tensor_parallel_size=2, **kw) as two:
         assert [o.token_ids for o in two.generate(prompts, params, use_tqdm=False)] == \
             [o.token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
         worker = two.ranks.procs[0]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..cache import check_model_config
-from ..config import ZipageConfig
+from ..config import ZipageConfig, check_kv_cache_dtype
 from ..memory.block_manager import BlockManager
 from ..scoring import get_scorer
 from .core import EngineCore
@@ -76,6 +76,10 @@ class LLM:
             bookkeeping then overlap the GPU). Outputs and stops arrive one step late; a request
             stopped by a token runs one extra step whose token is dropped. Tokens are the same
             either way.
+        kv_cache_dtype: ``"auto"`` (the model's dtype) or ``"fp8"``: the KV pages hold e4m3 codes
+            with a float32 scale per token and KV head (quantized where they are stored, read in
+            registers by every kernel), so a page costs about half of bf16 and twice the tokens fit
+            in the same memory. With ``budget=None`` it gives a full-KV FP8 engine.
         tensor_parallel_size: split the model over this many ranks (GPUs from the model's, or
             CPU processes): each holds its share of every projection and the KV pages of its
             heads, which must divide by it. The engine starts ranks 1..N-1 itself (spawned
@@ -91,8 +95,9 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
                  num_pages: int | None = None, max_model_len: int | None = None, dtype: Any = None,
                  device: Any = None, fuse_ops: bool = True, async_scheduling: bool = True,
-                 tensor_parallel_size: int = 1, tensor_parallel_timeout: float = 600.0,
+                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, tensor_parallel_timeout: float = 600.0,
                  **zipage_fields: Any) -> None:
+        check_kv_cache_dtype(kv_cache_dtype, "LLM(kv_cache_dtype)")
         source = model
         if isinstance(model, (str, os.PathLike)):
             from .loading import load_model
@@ -113,24 +118,6 @@ class LLM:
         check_model_config(config)
         check_tensor_parallel(model.config, tensor_parallel_size)
         self.tensor_parallel_size = tensor_parallel_size
-        self.ranks = None
-        if tensor_parallel_size > 1:  # from here on this process is rank 0 (other ranks never return)
-            from .tensor_parallel import start_ranks
-
-            self.ranks = start_ranks(model, source, dtype, device, tensor_parallel_size, tensor_parallel_timeout)
-            self._closer = weakref.finalize(self, self.ranks.close)
-        try:
-            self._build(model, tokenizer, budget, enable_prefix_caching, enforce_eager, async_compression,
-                        max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, num_pages, max_model_len,
-                        fuse_ops, async_scheduling, zipage_fields)
-        except BaseException:
-            self.close()
-            raise
-
-    def _build(self, model, tokenizer, budget, enable_prefix_caching, enforce_eager, async_compression,
-               max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, num_pages, max_model_len,
-               fuse_ops, async_scheduling, zipage_fields) -> None:
-        config = model.config.get_text_config(decoder=True)
         self.model = model.eval()
         self.tokenizer = tokenizer
         page_size = zipage_fields.get("page_size", ZipageConfig.page_size)
@@ -141,12 +128,20 @@ class LLM:
             self.zipage_config = None
             scorer = None
         else:
-            self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields})
+            self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields,
+                                                         "kv_cache_dtype": kv_cache_dtype})
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
         self.max_model_len = (int(max_model_len) if max_model_len is not None
                               else getattr(config, "max_position_embeddings", None) or 1 << 30)
+        self.ranks = None
+        if tensor_parallel_size > 1:  # from here on this process is rank 0 (the other ranks never get here)
+            from .tensor_parallel import start_ranks
+
+            self.ranks = start_ranks(model, source, dtype, device, tensor_parallel_size, tensor_parallel_timeout)
+            weakref.finalize(self, self.ranks.close)  # (also when this constructor raises from here on)
         device = next(model.parameters()).device
         stateful = scorer is not None and scorer.stateful
+        self.kv_cache_dtype = kv_cache_dtype
         if num_pages is None:
             num_pages = self._pages_from_memory(config, device, page_size, stateful, max_num_seqs,
                                                 gpu_memory_utilization)
@@ -155,12 +150,12 @@ class LLM:
         scheduler.max_model_len = self.max_model_len
         if self.ranks is None:
             runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
-                                 scheduler.num_slots, fuse_ops=fuse_ops)
+                                 scheduler.num_slots, fuse_ops=fuse_ops, kv_cache_dtype=kv_cache_dtype)
         else:
             from .tensor_parallel import driver_runner
 
             runner = driver_runner(self.ranks, model, num_pages, page_size, self.zipage_config, scorer,
-                                   scheduler.num_slots, fuse_ops)
+                                   scheduler.num_slots, fuse_ops, kv_cache_dtype)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
@@ -191,7 +186,7 @@ class LLM:
     def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization) -> int:
         dtype = self.model.dtype
         tp = self.tensor_parallel_size
-        page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful, tp)
+        page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful, self.kv_cache_dtype, tp)
         slot_bytes = 0
         if self.zipage_config is not None:
             slot_bytes = ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,

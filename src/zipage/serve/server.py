@@ -64,7 +64,8 @@ def engine_from_args(model: Any, tokenizer: Any, args: argparse.Namespace) -> LL
                enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                gpu_memory_utilization=args.gpu_memory_utilization, num_pages=args.num_pages,
-               max_model_len=args.max_model_len, tensor_parallel_size=tp, **fields)
+               max_model_len=args.max_model_len, kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=tp,
+               **fields)
 
 
 def config_from_args(llm: LLM, root: str, args: argparse.Namespace) -> ServeConfig:
