@@ -303,7 +303,7 @@ def _check_paged(q, k_cache, v_cache, page_table):
 
 def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
                                   num_splits: int | None = None, max_len_hint: int | None = None, block_n: int = 64,
-                                  k_scale=None, v_scale=None):
+                                  k_scale=None, v_scale=None, num_warps: int = 4, num_stages: int = 2):
     _check_paged(q, k_cache, v_cache, page_table)
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
     B, Hq, D = q.shape
@@ -328,7 +328,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), FP8=fp8, num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), FP8=fp8, num_warps=num_warps,
+        num_stages=num_stages,
     )
     _decode_merge_kernel[(B, Hq)](
         mid_o, mid_lse, out,
