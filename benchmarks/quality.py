@@ -142,6 +142,8 @@ def _value(text: str) -> Any:
 
 def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
     """``"zipage[redundancy=none,sinks=4]"`` -> (label, {"scorer": "zipage", "redundancy": "none", "sinks": 4}).
+    Names that are no ZipageConfig field are a scorer's own knobs and go to ``extra``:
+    ``rkv[rkv_lambda=0.2]`` -> {"scorer": "rkv", "extra": {"rkv_lambda": 0.2}}.
 
     The bare item ``paper`` stands for the Zipage paper's scorer settings (``zipage.config.PAPER_SCORER``);
     items after it override them: ``zipage[paper,use_global=False]``."""
@@ -165,6 +167,14 @@ def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
                 raise ValueError(f"cannot parse {item!r} in row {spec!r}: expected field=value or 'paper'")
             fields[key.strip()] = _value(val)
             shown.append(f"{key.strip()}={fields[key.strip()]}")
+    import dataclasses
+
+    from zipage.config import ZipageConfig
+
+    known = {f.name for f in dataclasses.fields(ZipageConfig)}
+    knobs = {k: fields.pop(k) for k in list(fields) if k not in known}  # a scorer's own knobs (rkv_lambda=0.2, ...)
+    if knobs:
+        fields["extra"] = {**fields.get("extra", {}), **knobs}
     extra = ",".join(shown)
     return (f"{fields['scorer']}[{extra}]" if extra else fields["scorer"]), fields
 
@@ -451,7 +461,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
     import zipage
 
     N = args.seq_len
-    seqs, seq_info = build_sequences(tok, args.seqs, N)
+    seqs, seq_info = build_sequences(tok, args.seqs, N, getattr(args, "dataset", "math500"))
     base = dict(page_size=args.page_size, buffer=args.buffer, window=args.window)
     budget_tokens = {f: int(f * N) for f in budgets}
     verify = set(split_rows(args.verify)) if args.verify and args.verify != "all" else set()
