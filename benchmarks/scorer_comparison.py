@@ -98,7 +98,11 @@ def run(args) -> dict[str, Any]:
 
     import zipage
 
-    rows_spec = ",".join(zipage.list_scorers()) + ("," + args.variants if args.variants else "")
+    for path in filter(None, args.imports.split(",")):
+        import runpy
+
+        runpy.run_path(path)
+    rows_spec = (args.only or ",".join(zipage.list_scorers())) + ("," + args.variants if args.variants else "")
     rows = [Q.parse_row(s) for s in Q.split_rows(rows_spec)]
     budgets = [Q.parse_fraction(b) for b in args.budgets.split(",")]
     for _, fields in rows:  # unknown names and bad knobs fail before the model loads
@@ -214,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     p.add_argument("--dataset", default="math_train", choices=sorted(DATASETS))
+    p.add_argument("--import", dest="imports", default="", help="comma list of .py files to run first (scorers "
+                   "they register become rows)")
+    p.add_argument("--only", default="", help="rows instead of every registered scorer (comma list)")
     p.add_argument("--variants", default="", help="rows added to every registered scorer: NAME[field=value,...]")
     p.add_argument("--budgets", default="1/16,1/8,1/4,1/2")
     p.add_argument("--seqs", type=int, default=2)
