@@ -128,7 +128,9 @@ DEFAULT_CHOICE = (
     "(ablations: `benchmarks/results/quality_experiments.md`). They were then checked on text they were not tuned "
     "on, MATH train solutions, and again on MATH-500, against every registered scorer (the published `keydiff`, "
     "`rkv` and `expected_attention` included) on top-1 agreement, KL and perplexity ratio, at 1/16 to 1/2 of the "
-    "length (`benchmarks/scorer_comparison.py`):"
+    "length (`benchmarks/scorer_comparison.py`). On that (small) sample the default is not at least as good as "
+    "every scorer everywhere, and no scorer or combination tried is either, so the default is unchanged; "
+    "`benchmarks/results/scorers.md` gives the tables, the decision and what is open:"
 )
 
 
