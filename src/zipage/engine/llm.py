@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from ..attention_checks import sliding_layers
 from ..cache import check_model_config
 from ..config import ZipageConfig
 from ..memory.block_manager import BlockManager
+from ..memory.window_blocks import WindowBlocks
 from ..scoring import get_scorer
 from .core import EngineCore
 from .inputs import as_prompt_list, check_request, resolve_budget, tokenize
@@ -50,7 +52,9 @@ class LLM:
             runs a plain full-KV paged engine (the baseline), which has no compression machinery
             and refuses per-request budgets. Other ``ZipageConfig`` fields (``page_size``,
             ``buffer``, ``window``, ``scorer``, ...) are accepted as keyword arguments too.
-        enable_prefix_caching: share full prompt pages between requests with the same prefix.
+        enable_prefix_caching: share full prompt pages between requests with the same prefix (off for
+            models with sliding-window layers: those keep only their window, so a cached prefix
+            would lack the sliding layers' KV of its last tokens).
         enforce_eager: no CUDA graphs. Otherwise (on CUDA) decode-only steps replay a CUDA graph of
             the whole forward, captured for a ladder of batch sizes at the first decode step.
         async_compression: compress on a side CUDA stream while the other requests decode; the
@@ -59,7 +63,9 @@ class LLM:
         max_num_seqs: most sequences running at once (the budget may lower it further).
         max_num_batched_tokens: most tokens in one step (chunked prefill).
         gpu_memory_utilization: share of the GPU memory the model + pools may take (CUDA).
-        num_pages: explicit pool size in pages. By default the pool is sized from the memory:
+        num_pages: explicit pool size in pages (of the full-attention layers; sliding-window layers,
+            which keep only their window, get a pool of their own sized for ``max_num_seqs``
+            windows and one step's tokens). By default the pool is sized from the memory:
             on CUDA ``gpu_memory_utilization`` of the GPU; on a CPU what ``max_num_seqs``
             requests need (each at most ``budget + buffer`` tokens, or ``max_model_len`` with full
             KV), capped at a fifth of the available RAM.
@@ -115,14 +121,19 @@ class LLM:
                               else getattr(config, "max_position_embeddings", None) or 1 << 30)
         device = next(model.parameters()).device
         stateful = scorer is not None and scorer.stateful
+        window, sliding = sliding_layers(config)
+        window_blocks = None
+        if any(sliding):  # sliding-window layers: a pool of their own, sized so it never runs out
+            window_blocks = WindowBlocks(WindowBlocks.pool_pages(max_num_seqs, max_num_batched_tokens, page_size,
+                                                                 window), page_size, window)
         if num_pages is None:
             num_pages = self._pages_from_memory(config, device, page_size, stateful, max_num_seqs,
-                                                gpu_memory_utilization)
-        blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
+                                                gpu_memory_utilization, window_blocks)
+        blocks = BlockManager(num_pages, page_size, enable_prefix_caching, window=window_blocks)
         scheduler = Scheduler(blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
         scheduler.max_model_len = self.max_model_len
         runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
-                             scheduler.num_slots, fuse_ops=fuse_ops)
+                             scheduler.num_slots, fuse_ops=fuse_ops, window_blocks=window_blocks)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
@@ -150,13 +161,17 @@ class LLM:
     use_graphs = property(lambda self: self.core.use_graphs)
     generated_tokens = property(lambda self: self.core.outputs.generated_tokens)
 
-    def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization) -> int:
+    def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization,
+                           window_blocks: WindowBlocks | None = None) -> int:
         dtype = self.model.dtype
         page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful)
         slot_bytes = 0
+        if window_blocks is not None:  # the sliding-window layers' pool comes first
+            slot_bytes += ModelRunner.bytes_per_page(config, page_size, dtype, False, sliding=True) * (
+                window_blocks.pool.num_pages + 1)
         if self.zipage_config is not None:
-            slot_bytes = ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,
-                                                    self.zipage_config.budget) * max_num_seqs
+            slot_bytes += ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,
+                                                     self.zipage_config.budget) * max_num_seqs
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             available = total * utilization - (total - free) - 512 * 2**20  # activations headroom
