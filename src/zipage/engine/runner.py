@@ -78,10 +78,10 @@ class StepMeta:
 
 def engine_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """transformers attention function for packed engine steps (batch dim 1)."""
-    meta: StepMeta = _context.meta
-    r = meta.runner
+    meta: StepMeta | None = getattr(_context, "meta", None)
+    r = meta.runner if meta is not None else None
     layer = module.layer_idx
-    sliding = layer in r.window_index
+    sliding = r is not None and layer in r.window_index
     check_attention_call(module, kwargs, "the zipage engine", r.window if sliding else None)
     if attention_mask is not None:
         raise NotImplementedError(
