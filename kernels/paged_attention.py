@@ -4,11 +4,12 @@ Pools are ``[num_pages, page_size, H_kv, D]``; ``page_table`` is ``[B, max_pages
 sequence ``b`` attends to its stored tokens ``kv_starts[b] .. kv_lens[b]-1`` (``kv_starts`` skips
 left padding kept in front; 0 when there is none).
 
-Two optional features, both off by default (keyword arguments, compile-time constants in the
+Three optional features, all off by default (keyword arguments, compile-time constants in the
 kernels): ``window`` (a sliding window of that many keys: the query at position ``p`` sees keys
-``p - window + 1 .. p`` only, as in ``sliding_attention`` layers) and ``sinks`` (``[Hq]`` float32
+``p - window + 1 .. p`` only, as in ``sliding_attention`` layers), ``sinks`` (``[Hq]`` float32
 learned sink logits, one per query head: a column that joins every softmax's denominator and
-contributes no value, as in GPT-OSS).
+contributes no value, as in GPT-OSS) and ``softcap`` (logits become ``softcap * tanh(logits /
+softcap)`` before the softmax, as in Gemma 2).
 
 Decode is split-K (flash-decoding): each (sequence, KV head, split) program reads one slice of
 the context for all query heads of its GQA group, and a second small kernel merges the splits by
@@ -37,6 +38,10 @@ def _dense_kv(k_cache, v_cache, page_table, b: int, length: int):
     return flat_k[slots], flat_v[slots]  # [L, Hkv, D]
 
 
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
 def _softmax(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last dim of ``[H, ..., L]`` logits; with ``sinks`` ``[H]``, each head's sink
     logit joins the denominator (and its column is dropped). Rows with nothing allowed give zeros."""
@@ -47,7 +52,8 @@ def _softmax(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
 
 
 def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None, *,
-                                     window: int | None = None, sinks: torch.Tensor | None = None):
+                                     window: int | None = None, sinks: torch.Tensor | None = None,
+                                     softcap: float | None = None):
     """``q`` [B, Hq, D] -> [B, Hq, D] (float32 math, output in q's dtype)."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -63,13 +69,14 @@ def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, s
             continue
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # [L, Hq, D]
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-        logits = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        logits = _capped(torch.einsum("hd,lhd->hl", q[b].float(), k) * scale, softcap)
         out[b] = torch.einsum("hl,lhd->hd", _softmax(logits, sinks), v).to(q.dtype)
     return out
 
 
 def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
-                                      *, window: int | None = None, sinks: torch.Tensor | None = None):
+                                      *, window: int | None = None, sinks: torch.Tensor | None = None,
+                                      softcap: float | None = None):
     """Packed queries ``q`` [T, Hq, D]; sequence ``b`` owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
     which are its last tokens: query ``i`` of ``n_q`` sits at position ``kv_lens[b] - n_q + i``
     and attends causally to stored positions ``kv_starts[b]..`` up to its own (and, with ``window``,
@@ -86,7 +93,7 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlen
         k, v = _dense_kv(k_cache, v_cache, page_table, b, n)
         k = k.float().repeat_interleave(Hq // Hkv, dim=1)
         v = v.float().repeat_interleave(Hq // Hkv, dim=1)
-        logits = torch.einsum("qhd,lhd->hql", q[q0:q1].float(), k) * scale
+        logits = _capped(torch.einsum("qhd,lhd->hql", q[q0:q1].float(), k) * scale, softcap)
         qpos = torch.arange(n - nq, n, device=q.device)
         kpos = torch.arange(n, device=q.device)
         allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= s0)
@@ -116,9 +123,12 @@ if HAS_TRITON:
         return k, v
 
     @triton.jit
-    def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
+    def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr,
+                             SOFTCAP_LOG2: tl.constexpr = 0.0):
         """One tile of flash attention in the log2 domain: running max, sum and weighted values."""
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if SOFTCAP_LOG2 > 0:  # softcap * tanh(x / softcap), in the log2 domain (tanh through exp)
+            qk = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * qk / SOFTCAP_LOG2) + 1.0))
         qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -139,7 +149,7 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_os,
         HQ: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-        WINDOW: tl.constexpr = 0,
+        WINDOW: tl.constexpr = 0, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         b = tl.program_id(0)
         hk = tl.program_id(1)
@@ -172,7 +182,8 @@ if HAS_TRITON:
             valid = in_range & (t >= start)
             k, v = _load_paged_tile(K, V, PT, b, hk, t, in_range, valid, d, dmask, stride_ptb, stride_kp, stride_kt,
                                     stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION,
+                                                 SOFTCAP_LOG2)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -221,7 +232,7 @@ if HAS_TRITON:
         stride_ot, stride_oh,
         G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-        WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False,
+        WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         b = tl.program_id(0)
         mblk = tl.program_id(1)
@@ -258,7 +269,8 @@ if HAS_TRITON:
             allowed = kv_ok[None, :] & (t[None, :] <= qpos[:, None])
             if WINDOW > 0:
                 allowed = allowed & (t[None, :] > qpos[:, None] - WINDOW)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, PRECISION)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, PRECISION,
+                                                 SOFTCAP_LOG2)
         if HAS_SINKS:  # the head's sink logit joins the denominator (log2 domain)
             sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
             m_safe = tl.where(m_i == float("-inf"), sink, m_i)
@@ -300,7 +312,8 @@ def _check_sinks(sinks: torch.Tensor | None, heads: int) -> None:
 
 def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
                                   num_splits: int | None = None, max_len_hint: int | None = None, block_n: int = 64,
-                                  *, window: int | None = None, sinks: torch.Tensor | None = None):
+                                  *, window: int | None = None, sinks: torch.Tensor | None = None,
+                                  softcap: float | None = None):
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
     B, Hq, D = q.shape
@@ -325,7 +338,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), WINDOW=int(window or 0), num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), WINDOW=int(window or 0),
+        SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(B, Hq)](
         mid_o, mid_lse, out, sinks if sinks is not None else mid_lse,
@@ -339,7 +353,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
 
 def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
                                    max_q_len: int | None = None, block_m: int | None = None, block_n: int = 64,
-                                   *, window: int | None = None, sinks: torch.Tensor | None = None):
+                                   *, window: int | None = None, sinks: torch.Tensor | None = None,
+                                   softcap: float | None = None):
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
     T, Hq, D = q.shape
@@ -364,27 +379,31 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
         out.stride(0), out.stride(1),
         G=Hq // Hkv, D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION=dot_precision(q.dtype), WINDOW=int(window or 0), HAS_SINKS=sinks is not None,
+        SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E,
         num_warps=8 if block_m >= 128 else 4, num_stages=3 if q.is_cuda else 1,
     )
     return out
 
 
 def paged_decode_attention(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None, *,
-                           window: int | None = None, sinks: torch.Tensor | None = None, **kwargs):
+                           window: int | None = None, sinks: torch.Tensor | None = None,
+                           softcap: float | None = None, **kwargs):
     """One query token per sequence against its pages; Triton on CUDA, the reference elsewhere."""
+    features = dict(window=window, sinks=sinks, softcap=softcap)
     if use_triton(q, k_cache):
         return paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts,
-                                             window=window, sinks=sinks, **kwargs)
-    return paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts,
-                                            window=window, sinks=sinks)
+                                             **features, **kwargs)
+    return paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts, **features)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None, *,
-                            window: int | None = None, sinks: torch.Tensor | None = None, **kwargs):
+                            window: int | None = None, sinks: torch.Tensor | None = None,
+                            softcap: float | None = None, **kwargs):
     """Packed variable-length queries against paged KV (which already holds them and any cached prefix)."""
+    features = dict(window=window, sinks=sinks, softcap=softcap)
     if use_triton(q, k_cache):
         return paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
-                                              kv_starts, window=window, sinks=sinks, **kwargs)
+                                              kv_starts, **features, **kwargs)
     return paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts,
-                                             window=window, sinks=sinks)
+                                             **features)
 

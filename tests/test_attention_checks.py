@@ -1,13 +1,12 @@
 """Attention beyond causal softmax (full or sliding-window layers, sinks) is refused by both front
 ends, naming the feature.
 
-Real transformers model classes with tiny configs: Gemma2 (logit softcapping, bidirectional
-attention), Falcon and Bloom (ALiBi), Mistral with a window on every layer. The config checks
+Real transformers model classes with tiny configs: Gemma2 (bidirectional attention), Falcon and Bloom (ALiBi), Mistral with a window on every layer. The config checks
 refuse them when an ``LLM`` is built and when ``generate(cache_implementation="zipage")`` starts;
 with those checks switched off, the attention call itself refuses them when a step runs. Windows
 that never mask anything and softcapping of the final logits only are not refused (same tokens as
-without them); neither are mixed sliding/full layers (Gemma2 without softcapping, Qwen2 with
-``max_window_layers``) nor GPT-OSS's sinks: tests/test_sliding_*.py check those against
+without them); neither are mixed sliding/full layers (Gemma2, Qwen2 with ``max_window_layers``),
+Gemma2's logit softcapping nor GPT-OSS's sinks: tests/test_sliding_*.py check those against
 transformers.
 """
 
@@ -48,8 +47,6 @@ ZIPAGE = {"budget": 8, "page_size": 4, "buffer": 4, "window": 2}
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 MODELS = {  # name: (model class, config, words the error must contain)
-    "gemma2 softcapping": (Gemma2ForCausalLM, lambda: Gemma2Config(**TINY, head_dim=16, **FULL),
-                           ["logit softcapping", "50.0"]),
     "gemma2 bidirectional": (Gemma2ForCausalLM, lambda: Gemma2Config(**TINY, head_dim=16, **FULL,
                                                                      attn_logit_softcapping=None,
                                                                      use_bidirectional_attention=True),
@@ -108,7 +105,6 @@ def without_config_checks(monkeypatch):
 
 
 @pytest.mark.parametrize("name, words", [
-    ("gemma2 softcapping", ["softcap=50.0"]),
     ("gemma2 bidirectional", ["is_causal=False"]),
     ("mistral window", ["sliding_window=16"]),
 ])
@@ -181,12 +177,14 @@ def test_final_logit_softcapping_alone_is_not_refused():
 
 @pytest.mark.parametrize("model_cls, config", [
     (Gemma2ForCausalLM, lambda: Gemma2Config(**TINY, head_dim=16, sliding_window=8, attn_logit_softcapping=None)),
+    (Gemma2ForCausalLM, lambda: Gemma2Config(**TINY, head_dim=16, sliding_window=8, attn_logit_softcapping=1.0,
+                                             query_pre_attn_scalar=4)),
     (Qwen2ForCausalLM, lambda: Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=1)),
     (GptOssForCausalLM, lambda: GptOssConfig(**TINY, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
                                              sliding_window=8)),
 ])
-def test_mixed_sliding_and_full_layers_and_sinks_are_served(model_cls, config):
-    """Sliding layers next to full ones, and sink logits: the engine's tokens are generate()'s with a
+def test_mixed_sliding_and_full_layers_sinks_and_softcapping_are_served(model_cls, config):
+    """Sliding layers next to full ones, sink logits, logit softcapping: the engine's tokens are generate()'s with a
     DynamicCache (budget above the length), and so are those of generate() with the zipage cache."""
     from transformers import DynamicCache
 

@@ -1,13 +1,13 @@
-"""What attention zipage serves: causal softmax attention, full or sliding-window, with or without sinks.
+"""What attention zipage serves: causal softmax attention, full or sliding-window, sinks, softcapping.
 
 Both front ends keep a subset of a sequence's past tokens in its full-attention layers and attend
 over it with causal softmax, scored the same way (the engine through its paged kernels,
 ``generate()`` through ``ZipageCache``). Layers typed ``sliding_attention`` in
 ``config.layer_types`` (Gemma 3, GPT-OSS, Qwen2 with ``use_sliding_window``) keep exactly their
 window instead, never scored; learned per-head sink logits (GPT-OSS's ``sinks``, passed to the
-attention as ``s_aux``) are served too. A model whose attention needs more is refused with an
-error naming the feature: logit softcapping, ALiBi or any other additive bias, a sliding window on
-every layer (nothing left to compress; no ``layer_types`` naming full-attention layers),
+attention as ``s_aux``) and logit softcapping (Gemma 2's ``attn_logit_softcapping``, passed as
+``softcap``) are served too. A model whose attention needs more is refused with an error naming
+the feature: ALiBi or any other additive bias, a sliding window on every layer (nothing left to compress; no ``layer_types`` naming full-attention layers),
 non-causal attention, requests for the attention weights. Three places look:
 
 - ``check_model_config``: the config, when an ``LLM`` or a ``ZipageCache`` is built;
@@ -59,9 +59,6 @@ def sliding_layers(config: Any) -> tuple[int | None, list[bool]]:
 def config_features(config: Any) -> list[str]:
     """The unsupported attention features a (text) model config asks for, in words."""
     found = []
-    softcap = getattr(config, "attn_logit_softcapping", None)
-    if softcap is not None:
-        found.append(f"attention logit softcapping (attn_logit_softcapping={softcap})")
     window = _window(config)
     layer_types = getattr(config, "layer_types", None)
     if window is not None and (layer_types is None or "full_attention" not in layer_types):
@@ -101,7 +98,7 @@ def check_model_config(config: Any) -> None:
     found = config_features(config)
     if found:
         raise ValueError(f"zipage does not support {name}: its attention uses {'; '.join(found)}. zipage serves "
-                         "causal softmax attention (full or sliding-window layers, with or without sink logits) only")
+                         "causal softmax attention (full or sliding-window layers, sink logits, softcapping) only")
 
 
 def check_model(model: Any) -> None:
@@ -127,10 +124,8 @@ def sink_logits(kwargs: dict) -> torch.Tensor | None:
 
 def check_attention_call(module: Any, kwargs: dict, where: str, window: int | None = None) -> None:
     """Raise NotImplementedError when an attention call asks for more than causal softmax attention with
-    sink logits and, where the caller applies one to this layer, the sliding ``window``."""
+    sink logits, softcapping and, where the caller applies one to this layer, the sliding ``window``."""
     found = []
-    if kwargs.get("softcap") is not None:
-        found.append(f"logit softcapping (softcap={kwargs['softcap']})")
     asked = kwargs.get("sliding_window")
     bound = getattr(getattr(module, "config", None), "max_position_embeddings", None)
     if asked is not None and (bound is None or asked < bound) and asked != window:

@@ -379,7 +379,7 @@ class ZipageCache(Cache):
         starts = (~layer.valid).sum(dim=1, dtype=torch.int32)
         out = paged_decode_attention(
             query[:, :, 0, :].contiguous(), layer.keys, layer.values, self.page_table, lens, scale, starts,
-            max_len_hint=layer.stored, sinks=sink_logits(kwargs),
+            max_len_hint=layer.stored, sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
         )
         return out.view(B, 1, H, D), attention_mask
 
@@ -483,7 +483,7 @@ def _slot_positions(prefix: torch.Tensor | None, batch: int, heads: int, seen: i
     return tail.clone() if prefix is None else torch.cat([prefix, tail], dim=2)
 
 
-_NON_PLAIN_ATTENTION_KWARGS = ("softcap", "sliding_window", "output_attentions")
+_NON_PLAIN_ATTENTION_KWARGS = ("sliding_window", "output_attentions")
 
 
 def _new_token_validity(mask, batch: int, q: int, device) -> torch.Tensor:

@@ -386,7 +386,11 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
+        window = self.blocks.window  # the sliding-window layers' pool, for models that have such layers
+        extra = {} if window is None else {"window_free_pages": window.pool.num_free,
+                                           "window_total_pages": window.pool.num_pages}
         return {
+            **extra,
             "running": len(s.running),
             "waiting": len(s.waiting),
             "free_pages": self.blocks.num_free,

@@ -17,7 +17,7 @@ Layers typed ``sliding_attention`` in ``config.layer_types`` keep their KV in po
 addressed through each sequence's sliding-window pages (``memory/window_blocks.py``) and attended
 with the kernels' ``window``; they are never scored nor compacted, and hold no query ring. The
 full-attention layers' pools, query rings, kept-position maps and scales are indexed by their
-rank among the full layers. Learned sink logits (``s_aux``) go to the kernels as ``sinks``.
+rank among the full layers. Learned sink logits (``s_aux``) go to the kernels as ``sinks``, logit softcapping as ``softcap``.
 """
 
 from __future__ import annotations
@@ -108,19 +108,16 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             r.q_cache[j].view(-1, *q.shape[1:]).index_copy_(0, meta.ring_index, q.to(r.q_cache.dtype))
         r.scaling[j] = float(scale)
         tables = (meta.prefill_table, meta.prefill_lens, meta.decode_table, meta.decode_lens)
-    window = r.window if sliding else None
-    sinks = sink_logits(kwargs)
+    features = dict(window=r.window if sliding else None, sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"))
     out = torch.empty_like(q)
     n_p = meta.num_prefill_tokens
     if n_p:
         out[:n_p] = paged_prefill_attention(
-            q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
-            window=window, sinks=sinks,
+            q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len, **features
         )
     if n_p < q.shape[0]:
         out[n_p:] = paged_decode_attention(
-            q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
-            window=window, sinks=sinks,
+            q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len, **features
         )
     return out[None], None
 
