@@ -404,7 +404,8 @@ is an upper bound on theirs at the full length.
 
 How to reproduce (from a checkout, or with the installed `zipage` command, which runs the same
 scripts: `zipage bench ARGS` is `python benchmarks/throughput.py ARGS`, `zipage eval ARGS` is
-`python benchmarks/quality.py ARGS`):
+`python benchmarks/quality.py ARGS` without `--dataset`; with `--dataset` it is the task-accuracy
+run `python benchmarks/accuracy.py ARGS`, see [Evaluate your model](guide/evaluate.md)):
 
 ```bash
 zipage bench --model qwen3-8b --requests 15 --max-tokens 16384 --kv-gib 5 --systems zipage-2048,zipage-fullkv,hf-generate_batch,hf-generate --time-limit 170 --peer-max-tokens 256 --out benchmarks/results/throughput_qwen3-8b.json

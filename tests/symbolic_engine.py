@@ -108,7 +108,7 @@ class SymbolicRunner(ModelRunner):
     Like the real runner it changes no sequence: the step loop books what a forward wrote."""
 
     def __init__(self, model, num_pages, page_size, zipage_config, scorer, num_slots, fuse_ops=True,
-                 window_blocks=None):
+                 **options):  # (kv_cache_dtype, window_blocks: nothing to store symbolically)
         self.page_size = page_size
         self.zipage_config = zipage_config
         self.scorer = scorer

@@ -38,7 +38,8 @@ from . import capture
 from .attention_checks import check_model_config, sink_logits, sliding_layers
 from .compress import LayerPages, attention_scale, compress_layers, layer_batches
 from .config import ZipageConfig
-from .kernels import gather_kv, paged_decode_attention, slot_indices, store_kv
+from .kernels import dequantize_reference, gather_kv, kv_dtype, paged_decode_attention, slot_indices, store_kv
+from .kernels.fp8 import SCALE_DTYPE, is_fp8
 from .kernels._triton import use_triton
 from .memory.pool import PagePool
 from .scoring import get_scorer
@@ -60,6 +61,7 @@ class ZipageLayer(CacheLayerMixin):
         self.seen = 0  # logical length L
         self.stored = 0  # stored length S
         self.state: torch.Tensor | None = None
+        self.key_scales = self.value_scales = None  # FP8 pages: [num_pages, page_size, H_kv] float32
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
         self.prefix_positions: torch.Tensor | None = None  # [B, H_kv, budget] logical positions of slots < budget
@@ -75,13 +77,15 @@ class ZipageLayer(CacheLayerMixin):
         c = self.cache
         self.keys, self.values = c.k_pool[self.index], c.v_pool[self.index]
         self.state = c.state_pool[self.index] if c.state_pool is not None else None
-        self.dtype, self.device = self.keys.dtype, self.keys.device
+        if c.k_scale is not None:
+            self.key_scales, self.value_scales = c.k_scale[self.index], c.v_scale[self.index]
+        self.dtype, self.device = c.model_dtype, self.keys.device
         if self.valid is None:
             self.valid = torch.ones(c.batch_size_, 0, dtype=torch.bool, device=self.device)
         self.is_initialized = True
 
     def pages(self) -> LayerPages:
-        return LayerPages(self.keys, self.values, self.state)
+        return LayerPages(self.keys, self.values, self.state, self.key_scales, self.value_scales, self.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self.cache._update_layer(self, key_states, value_states)
@@ -99,7 +103,7 @@ class ZipageLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen = self.stored = 0
         self.valid = self.window_queries = self.prefix_positions = None
-        self.keys = self.values = self.state = None
+        self.keys = self.values = self.state = self.key_scales = self.value_scales = None
         self.paged_ok = self.paged_step = False
         self.is_initialized = False
 
@@ -116,7 +120,8 @@ class ZipageCache(Cache):
     Args:
         config: the model's config (pass ``model.config`` itself: the cache uses that object to capture
             the queries it needs for scoring).
-        zipage_config: a ``ZipageConfig``; or give its fields as keyword arguments instead.
+        zipage_config: a ``ZipageConfig``; or give its fields as keyword arguments instead
+            (``kv_cache_dtype="fp8"``: FP8 pages with a scale per token and KV head).
 
     Example::
 
@@ -145,6 +150,9 @@ class ZipageCache(Cache):
         self.k_pool: torch.Tensor | None = None  # [L, num_pages, page_size, H_kv, D]
         self.v_pool: torch.Tensor | None = None
         self.state_pool: torch.Tensor | None = None  # [L, num_pages, page_size, H_kv] float32
+        self.k_scale: torch.Tensor | None = None  # FP8 pages: [L, num_pages, page_size, H_kv] float32
+        self.v_scale: torch.Tensor | None = None
+        self.model_dtype: torch.dtype | None = None  # the keys' dtype as the model hands them over
         self.batch_size_ = 0
         self._step_slots: torch.Tensor | None = None
         self.num_compressions = 0
@@ -194,17 +202,22 @@ class ZipageCache(Cache):
         """Memory accounting: tokens seen vs stored, pages in use, and KV bytes against a full cache."""
         layer = self.full[0]
         bytes_per_token = per_layer = 0
+        full_per_token = full_layer = 0  # a full cache holds the model's dtype
         if self.k_pool is not None:
-            per_layer = 2 * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
-            bytes_per_token = per_layer * self.k_pool.shape[0]
+            per_layer = self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+            if self.k_scale is not None:
+                per_layer += self.k_scale[0, 0, 0].numel() * SCALE_DTYPE.itemsize
+            bytes_per_token = 2 * per_layer * self.k_pool.shape[0]
+            full_layer = 2 * self.k_pool[0, 0, 0].numel() * self.model_dtype.itemsize
+            full_per_token = full_layer * self.k_pool.shape[0]
         page = self.zipage_config.page_size
         rows = max(self.batch_size_, 1)
         window = {}
         if self.window_pages is not None:  # sliding layers: their window's pages, in bytes too
             w, n = self.window_pages, len(self.layers) - len(self.full)
             window = {"window_pages_in_use": w.pool.num_used, "window_pages_total": w.pool.num_pages,
-                      "window_kv_bytes_in_use": w.pool.num_used * page * per_layer * n,
-                      "window_kv_bytes_full": rows * layer.seen * per_layer * n}
+                      "window_kv_bytes_in_use": w.pool.num_used * page * full_layer * n,
+                      "window_kv_bytes_full": rows * layer.seen * full_layer * n}
         return {**window,
             "batch_size": self.batch_size_,
             "tokens_seen": layer.seen,
@@ -215,7 +228,7 @@ class ZipageCache(Cache):
             "peak_pages": self.pool.peak_used,
             "compressions": self.num_compressions,
             "kv_bytes_in_use": self.pool.num_used * page * bytes_per_token,
-            "kv_bytes_full": rows * layer.seen * bytes_per_token,
+            "kv_bytes_full": rows * layer.seen * full_per_token,
             "kv_bytes_pool": self.pool.num_pages * page * bytes_per_token,
         }
 
@@ -233,8 +246,13 @@ class ZipageCache(Cache):
         _, H, _, D = key_states.shape
         L, n, p = len(self.full), self.pool.num_pages, self.zipage_config.page_size
         dev = key_states.device
-        self.k_pool = torch.zeros(L, n, p, H, D, dtype=key_states.dtype, device=dev)
-        self.v_pool = torch.zeros(L, n, p, H, value_states.shape[-1], dtype=value_states.dtype, device=dev)
+        self.model_dtype = key_states.dtype
+        dtype = kv_dtype(self.zipage_config.kv_cache_dtype, key_states.dtype)
+        self.k_pool = torch.zeros(L, n, p, H, D, dtype=dtype, device=dev)
+        self.v_pool = torch.zeros(L, n, p, H, value_states.shape[-1], dtype=dtype, device=dev)
+        if self.zipage_config.kv_cache_dtype == "fp8":
+            self.k_scale = torch.zeros(L, n, p, H, dtype=SCALE_DTYPE, device=dev)
+            self.v_scale = torch.zeros_like(self.k_scale)
         if self.scorer.stateful:
             self.state_pool = torch.zeros(L, n, p, H, dtype=torch.float32, device=dev)
         for layer in self.full:
@@ -250,6 +268,8 @@ class ZipageCache(Cache):
         self.k_pool, self.v_pool = grow(self.k_pool), grow(self.v_pool)
         if self.state_pool is not None:
             self.state_pool = grow(self.state_pool)
+        if self.k_scale is not None:
+            self.k_scale, self.v_scale = grow(self.k_scale), grow(self.v_scale)
         for layer in self.full:
             layer.bind()
 
@@ -309,7 +329,8 @@ class ZipageCache(Cache):
         if slots.shape[1] != after + q:
             raise RuntimeError(f"zipage: layer {layer.layer_idx} updated out of step with layer 0")
         new = slots[:, after:]
-        store_kv(layer.keys, new, key_states.transpose(1, 2), layer.values, value_states.transpose(1, 2))
+        store_kv(layer.keys, new, key_states.transpose(1, 2), layer.values, value_states.transpose(1, 2),
+                 layer.key_scales, layer.value_scales)
         if layer.state is not None:
             store_kv(layer.state, new, torch.zeros(B, q, layer.state.shape[-1], device=layer.state.device))
         layer.stored = after + q
@@ -337,6 +358,10 @@ class ZipageCache(Cache):
             return key_states, value_states
         keys = gather_kv(layer.keys, slots).transpose(1, 2)
         values = gather_kv(layer.values, slots).transpose(1, 2)
+        if layer.key_scales is not None:  # FP8 pages: the model's attention gets their values
+            keys = dequantize_reference(keys, gather_kv(layer.key_scales, slots).transpose(1, 2), key_states.dtype)
+            values = dequantize_reference(values, gather_kv(layer.value_scales, slots).transpose(1, 2),
+                                          value_states.dtype)
         return keys, values
 
     def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling, kwargs: dict):
@@ -379,7 +404,8 @@ class ZipageCache(Cache):
         starts = (~layer.valid).sum(dim=1, dtype=torch.int32)
         out = paged_decode_attention(
             query[:, :, 0, :].contiguous(), layer.keys, layer.values, self.page_table, lens, scale, starts,
-            max_len_hint=layer.stored, sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
+            max_len_hint=layer.stored, k_scale=layer.key_scales, v_scale=layer.value_scales,
+            sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
         )
         return out.view(B, 1, H, D), attention_mask
 
@@ -398,7 +424,7 @@ class ZipageCache(Cache):
                     "through transformers' AttentionInterface"
                 )
         slots = slot_indices(self.page_table, 0, stored, cfg.page_size)
-        per_layer = self.batch_size_ * stored * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+        per_layer = self.batch_size_ * stored * self.k_pool[0, 0, 0].numel() * self.model_dtype.itemsize
         scales = [lyr.scaling for lyr in self.full]
         for start, stop, scaling in layer_batches(cfg, scales, self.k_pool.shape[-1], per_layer):
             self._compress_group(self.full[start:stop], slots, scaling)
@@ -410,9 +436,9 @@ class ZipageCache(Cache):
     def _compress_group(self, group: list[ZipageLayer], slots: torch.Tensor, scaling: float) -> None:
         cfg = self.zipage_config
         l0, l1 = group[0].index, group[-1].index + 1
-        pools = LayerPages(
-            self.k_pool[l0:l1], self.v_pool[l0:l1], self.state_pool[l0:l1] if self.state_pool is not None else None
-        )
+        part = lambda t: t[l0:l1] if t is not None else None  # noqa: E731
+        pools = LayerPages(self.k_pool[l0:l1], self.v_pool[l0:l1], part(self.state_pool), part(self.k_scale),
+                           part(self.v_scale), self.model_dtype)
         queries = torch.stack([lyr.window_queries for lyr in group]) if self.scorer.needs_queries else None
         key_mask = torch.stack([lyr.valid for lyr in group])
         keep = compress_layers(
@@ -436,8 +462,9 @@ class ZipageCache(Cache):
         if self.window_pages is not None:
             self.window_pages.reorder(idx)
         L, P, p = self.k_pool.shape[:3]
-        for pool in (self.k_pool, self.v_pool, self.state_pool):
+        for pool in (self.k_pool, self.v_pool, self.state_pool, self.k_scale, self.v_scale):
             if pool is not None:
+                pool = pool.view(torch.uint8) if is_fp8(pool) else pool  # (moved as bytes)
                 flat = pool.view(L, P * p, *pool.shape[3:])
                 flat[:, slots] = flat[:, slots].index_select(1, idx)
         for layer in self.full:
@@ -459,7 +486,7 @@ class ZipageCache(Cache):
         for pages in self.row_pages:
             self.pool.free(pages)
         self.row_pages, self.page_table, self.batch_size_ = [], None, 0
-        self.k_pool = self.v_pool = self.state_pool = None
+        self.k_pool = self.v_pool = self.state_pool = self.k_scale = self.v_scale = None
         if self.window_pages is not None:
             self.window_pages.reset()
         self.num_compressions = self.tokens_evicted = 0

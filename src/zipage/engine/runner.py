@@ -31,7 +31,8 @@ import torch
 from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
-from ..kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
+from ..kernels.fp8 import SCALE_DTYPE
 from ..kernels._triton import use_triton
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import Scorer, get_scorer
@@ -93,7 +94,8 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     scale = attention_scale(scaling, q.shape[-1])
-    if sliding:  # its window, in the sliding layers' pool; never scored
+    ks = vs = None
+    if sliding:  # its window, in the sliding layers' pool (the model's dtype); never scored
         j = r.window_index[layer]
         kp, vp = r.window_k_pool[j], r.window_v_pool[j]
         store_kv(kp, meta.window_slots, k, vp, v)
@@ -101,7 +103,9 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     else:
         j = r.full_index[layer]
         kp, vp = r.k_pool[j], r.v_pool[j]
-        store_kv(kp, meta.slot_mapping, k, vp, v)
+        if r.k_scale is not None:  # FP8 pages: the store quantizes, the attention kernels dequantize
+            ks, vs = r.k_scale[j], r.v_scale[j]
+        store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs)
         if r.state_pool is not None:
             r.state_pool[j].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
         if r.q_cache is not None:  # (index_fill_/index_copy_: no host values, so CUDA-graph capture works)
@@ -113,11 +117,13 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     n_p = meta.num_prefill_tokens
     if n_p:
         out[:n_p] = paged_prefill_attention(
-            q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len, **features
+            q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
+            k_scale=ks, v_scale=vs, **features
         )
     if n_p < q.shape[0]:
         out[n_p:] = paged_decode_attention(
-            q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len, **features
+            q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
+            k_scale=ks, v_scale=vs, **features
         )
     return out[None], None
 
@@ -138,8 +144,8 @@ class ModelRunner:
     """Owns the pools and turns scheduled steps into model forwards and compressions."""
 
     def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
-                 scorer: Scorer | None, num_slots: int, fuse_ops: bool = True,
-                 window_blocks: WindowBlocks | None = None) -> None:
+                 scorer: Scorer | None, num_slots: int, fuse_ops: bool = True, kv_cache_dtype: str = "auto",
+                 tp_size: int = 1, window_blocks: WindowBlocks | None = None) -> None:
         check_model(model)
         register_attention()
         self.model = model
@@ -151,6 +157,7 @@ class ModelRunner:
         Hq = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        Hq, Hkv = Hq // tp_size, Hkv // tp_size  # tensor parallelism: this rank's heads (sharding.py)
         self.page_size = page_size
         self.zipage_config = zipage_config
         self.scorer = scorer
@@ -171,8 +178,14 @@ class ModelRunner:
             self.window_v_pool = torch.zeros(wshape, dtype=self.dtype, device=self.device)
         L = len(self.full_layers)
         shape = (L, num_pages + 1, page_size, Hkv, D)
-        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.k_pool = torch.zeros(shape, dtype=kv_dtype(kv_cache_dtype, self.dtype), device=self.device)
+        self.v_pool = torch.zeros_like(self.k_pool)
+        # FP8 pages: a float32 scale per token and KV head, on the same pages and slots as the codes
+        self.k_scale = self.v_scale = None
+        if kv_cache_dtype == "fp8":
+            self.k_scale = torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device)
+            self.v_scale = torch.zeros_like(self.k_scale)
         self.state_pool = None
         self.q_cache = None
         self.kept: KeptPositions | None = None
@@ -193,26 +206,34 @@ class ModelRunner:
         self.fusion = ModelFusion.find(model) if fuse_ops and use_triton(self.k_pool) else ModelFusion()
 
     @staticmethod
-    def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool, sliding: bool = False) -> int:
-        """A page of the full-attention layers' pools (``sliding``: of the sliding-window layers' pools)."""
+    def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool, kv_cache_dtype: str = "auto",
+                       tp_size: int = 1, sliding: bool = False) -> int:
+        """A page's bytes over the full-attention layers: keys and values (FP8: codes plus a float32
+        scale per token and head each), and a stateful scorer's float32 state; on each rank, with
+        ``tp_size`` ranks (a rank holds ``1 / tp_size`` of the KV heads). ``sliding``: a page of the
+        sliding-window layers' pool instead (the model's dtype, no state)."""
         cfg = config.get_text_config(decoder=True)
         Hq = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-        elem = torch.empty((), dtype=dtype).element_size()
         slides = sum(sliding_layers(cfg)[1])
+        if sliding:
+            kv_cache_dtype, stateful = "auto", False
         layers = slides if sliding else cfg.num_hidden_layers - slides
-        per_token = layers * Hkv * (2 * D * elem + (4 if stateful and not sliding else 0))
+        elem = torch.empty((), dtype=kv_dtype(kv_cache_dtype, dtype)).element_size()
+        scales = 2 * SCALE_DTYPE.itemsize if kv_cache_dtype == "fp8" else 0
+        per_token = layers * (Hkv // tp_size) * (2 * D * elem + scales + (4 if stateful else 0))
         return per_token * page_size
 
     @staticmethod
-    def bytes_per_slot(config, window: int, dtype: torch.dtype, budget: int = 0) -> int:
-        """A query slot's share: its ring of ``window`` queries and its kept-position map of ``budget``."""
+    def bytes_per_slot(config, window: int, dtype: torch.dtype, budget: int = 0, tp_size: int = 1) -> int:
+        """A query slot's share: its ring of ``window`` queries and its kept-position map of ``budget``
+        (on each rank, with ``tp_size`` ranks)."""
         cfg = config.get_text_config(decoder=True)
         Hq = cfg.num_attention_heads
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-        ring = cfg.num_hidden_layers * window * Hq * D * torch.empty((), dtype=dtype).element_size()
-        return ring + KeptPositions.bytes_per_slot(config, budget)
+        ring = cfg.num_hidden_layers * window * (Hq // tp_size) * D * torch.empty((), dtype=dtype).element_size()
+        return ring + KeptPositions.bytes_per_slot(config, budget) // tp_size
 
     def kept_positions(self, seq: Sequence, layer_idx: int) -> torch.Tensor:
         """``[H_kv, stored]`` logical positions that ``seq`` keeps in layer ``layer_idx`` (see ``LLM``); a
@@ -478,12 +499,15 @@ class ModelRunner:
         L = self.k_pool.shape[0]
         mask = torch.ones(L, len(seqs), S, dtype=torch.bool, device=self.device)
         queries = self.window_queries(seqs) if scorer.needs_queries else None
-        per_layer = len(seqs) * S * self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
+        # gathered keys in the model's dtype (what FP8 reads back as for a scorer that does not read it)
+        per_layer = len(seqs) * S * self.k_pool[0, 0, 0].numel() * self.dtype.itemsize
+        fp8 = self.k_scale is not None
         keeps = []
         for start, stop, scaling in layer_batches(cfg, self.scaling, self.k_pool.shape[-1], per_layer):
             sl = slice(start, stop)
             keeps.append((sl, compress_layers(
-                LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None),
+                LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None,
+                           self.k_scale[sl] if fp8 else None, self.v_scale[sl] if fp8 else None, self.dtype),
                 slots, mask[sl], queries[sl] if queries is not None else None, scorer, k=budget,
                 window=cfg.window, sinks=cfg.sinks, scaling=scaling, page_size=cfg.page_size, first=first,
                 layer_idx=self.full_layers[start] if stop - start == 1 else -1, dst_slots=dst,
