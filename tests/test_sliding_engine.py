@@ -93,6 +93,20 @@ def test_below_the_budget_matches_the_reference_and_generate(family, scorer):
     assert llm.stats()["window_free_pages"] == llm.stats()["window_total_pages"]
 
 
+def test_fp8_pages_for_the_full_layers_with_sliding_layers():
+    """FP8 applies to the full layers' pages; the sliding layers' window stays in the model's dtype. The
+    engine's tokens are generate()'s (both quantize the same way) below the budget."""
+    model = tiny_sliding_model("gpt_oss", seed=3)
+    prompt = prompts((17,), seed=3)[0]
+    cfg = dict(budget=10, page_size=4, buffer=4, window=3, kv_cache_dtype="fp8")
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, cache_implementation="zipage", cache_config=cfg)[0, 17:].tolist()
+    llm = LLM(model, num_pages=64, **cfg)
+    got = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert got[0].token_ids == out
+    assert llm.runner.k_pool.dtype == torch.float8_e4m3fn and llm.runner.window_k_pool.dtype == torch.float32
+
+
 def test_sliding_kept_positions_are_the_window():
     model = tiny_sliding_model("gemma3")
     llm = LLM(model, budget=16, page_size=4, buffer=4, window=2, num_pages=32)
