@@ -54,7 +54,7 @@ def main() -> None:
         for fp8 in (False, True):
             for block_n in (64, 128):
                 for warps in (4, 8):
-                    for stages in (2, 3, 4):
+                    for stages in (2, 3):
                         if fp8:
                             fn = lambda: paged_decode_attention_triton(  # noqa: E731
                                 q, kq, vq, table, lens, scale, max_len_hint=ctx, block_n=block_n, k_scale=ks,
