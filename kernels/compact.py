@@ -9,6 +9,9 @@ in place, one program per (sequence, head), a barrier between each chunk's
 loads and stores, and each program taking a slice of the head dim (columns
 never interact, so the cursor argument holds per column). ``dst_slots`` may point elsewhere (fresh pages, when the
 source pages are shared through prefix caching).
+
+FP8 pools are moved as bytes, and their scale pools (``[num_pages, page_size, H]``) are just more
+caches in the list: a token's scale goes wherever its codes go.
 """
 
 from __future__ import annotations
@@ -16,11 +19,17 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, next_pow2, use_triton
+from .fp8 import is_fp8
 from .paged_kv import _flat
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+
+def _as_bytes(caches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """FP8 codes are only moved, never read as numbers: move them as bytes (any op supports uint8)."""
+    return [c.view(torch.uint8) if is_fp8(c) else c for c in caches]
 
 
 def _check(caches, slots, keep, dst_slots):
@@ -47,6 +56,7 @@ def compact_reference(caches: list[torch.Tensor], slots: torch.Tensor, keep: tor
         dst_slots: ``[B, >=k]`` where the kept tokens go (default: ``slots[:, :k]``, in place).
     """
     _check(caches, slots, keep, dst_slots)
+    caches = _as_bytes(caches)
     k = keep.shape[-1]
     dest = (dst_slots if dst_slots is not None else slots)[:, :k]
     idx = keep.transpose(1, 2)  # [B, k, H]
@@ -99,7 +109,7 @@ def compact_triton(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.
         return
     dst = dst_slots if dst_slots is not None else slots
     keep = keep.contiguous()
-    pending = list(caches)
+    pending = _as_bytes(caches)
     while pending:
         a = pending.pop(0)
         # pair caches of the same shape and dtype (keys with values) into one launch

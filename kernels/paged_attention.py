@@ -8,6 +8,18 @@ Decode is split-K (flash-decoding): each (sequence, KV head, split) program read
 the context for all query heads of its GQA group, and a second small kernel merges the splits by
 their log-sum-exp. No host syncs and no data-dependent shapes, so both launches can be captured
 in a CUDA graph (the split count is fixed by the caller's length hint, not by the data).
+
+FP8 pools (``kernels/fp8.py``) come with their scale pools ``k_scale`` / ``v_scale``
+(``[num_pages, page_size, H_kv]``): the kernels load the codes, upcast them in registers and fold
+the scales in exactly (the key scale into each logit column, the value scale into each
+probability), so no dequantized copy is ever written.
+
+Three more optional features, all off by default (keyword arguments, compile-time constants in
+the kernels): ``window`` (a sliding window of that many keys: the query at position ``p`` sees keys
+``p - window + 1 .. p`` only, as in ``sliding_attention`` layers), ``sinks`` (``[Hq]`` float32
+learned sink logits, one per query head: a column that joins every softmax's denominator and
+contributes no value, as in GPT-OSS) and ``softcap`` (logits become ``softcap * tanh(logits /
+softcap)`` before the softmax, as in Gemma 2).
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
+from .fp8 import check_scales, dequantize_reference
 
 if HAS_TRITON:
     import triton
@@ -22,38 +35,63 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- references
-def _dense_kv(k_cache, v_cache, page_table, b: int, length: int):
+def _dense_kv(k_cache, v_cache, page_table, b: int, length: int, k_scale=None, v_scale=None):
+    """Float32 keys and values ``[length, Hkv, D]`` of sequence ``b`` (FP8 pools dequantized)."""
     page = k_cache.shape[1]
     pos = torch.arange(length, device=k_cache.device)
     slots = page_table[b, pos // page].long() * page + pos % page
-    flat_k = k_cache.reshape(-1, *k_cache.shape[2:])
-    flat_v = v_cache.reshape(-1, *v_cache.shape[2:])
-    return flat_k[slots], flat_v[slots]  # [L, Hkv, D]
+    flat = lambda t: t.reshape(-1, *t.shape[2:])[slots] if t is not None else None  # noqa: E731
+    return dequantize_reference(flat(k_cache), flat(k_scale)), dequantize_reference(flat(v_cache), flat(v_scale))
 
 
-def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None):
-    """``q`` [B, Hq, D] -> [B, Hq, D] (float32 math, output in q's dtype)."""
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def _softmax(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim of ``[H, ..., L]`` logits; with ``sinks`` ``[H]``, each head's sink
+    logit joins the denominator (and its column is dropped). Rows with nothing allowed give zeros."""
+    if sinks is not None:
+        sink = sinks.float().view(-1, *([1] * (logits.dim() - 1))).expand(*logits.shape[:-1], 1)
+        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1].nan_to_num(0.0)
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
+                                     k_scale=None, v_scale=None, *, window: int | None = None,
+                                     sinks: torch.Tensor | None = None, softcap: float | None = None):
+    """``q`` [B, Hq, D] -> [B, Hq, D] (float32 math, output in q's dtype); FP8 pools take their
+    scale pools ``k_scale`` / ``v_scale``."""
+    check_scales("paged attention", k_cache, k_scale)
+    check_scales("paged attention", v_cache, v_scale)
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = torch.zeros_like(q)
     for b in range(B):
         n = int(kv_lens[b])
         s0 = int(kv_starts[b]) if kv_starts is not None else 0
-        k, v = _dense_kv(k_cache, v_cache, page_table, b, n)
-        k, v = k[s0:].float(), v[s0:].float()
+        if window:
+            s0 = max(s0, n - window)
+        k, v = _dense_kv(k_cache, v_cache, page_table, b, n, k_scale, v_scale)
+        k, v = k[s0:], v[s0:]
         if k.shape[0] == 0:
             continue
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # [L, Hq, D]
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-        logits = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
-        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(logits, dim=-1), v).to(q.dtype)
+        logits = _capped(torch.einsum("hd,lhd->hl", q[b].float(), k) * scale, softcap)
+        out[b] = torch.einsum("hl,lhd->hd", _softmax(logits, sinks), v).to(q.dtype)
     return out
 
 
-def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None):
+def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
+                                      k_scale=None, v_scale=None, *, window: int | None = None,
+                                      sinks: torch.Tensor | None = None, softcap: float | None = None):
     """Packed queries ``q`` [T, Hq, D]; sequence ``b`` owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
     which are its last tokens: query ``i`` of ``n_q`` sits at position ``kv_lens[b] - n_q + i``
-    and attends causally to stored positions ``kv_starts[b]..`` up to its own."""
+    and attends causally to stored positions ``kv_starts[b]..`` up to its own (and, with ``window``,
+    to the last ``window`` of them only)."""
+    check_scales("paged attention", k_cache, k_scale)
+    check_scales("paged attention", v_cache, v_scale)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = torch.zeros_like(q)
@@ -63,15 +101,17 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlen
         s0 = int(kv_starts[b]) if kv_starts is not None else 0
         if nq == 0:
             continue
-        k, v = _dense_kv(k_cache, v_cache, page_table, b, n)
-        k = k.float().repeat_interleave(Hq // Hkv, dim=1)
-        v = v.float().repeat_interleave(Hq // Hkv, dim=1)
-        logits = torch.einsum("qhd,lhd->hql", q[q0:q1].float(), k) * scale
+        k, v = _dense_kv(k_cache, v_cache, page_table, b, n, k_scale, v_scale)
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+        logits = _capped(torch.einsum("qhd,lhd->hql", q[q0:q1].float(), k) * scale, softcap)
         qpos = torch.arange(n - nq, n, device=q.device)
         kpos = torch.arange(n, device=q.device)
         allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= s0)
+        if window:
+            allowed &= kpos[None, :] > qpos[:, None] - window
         logits = logits.masked_fill(~allowed[None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        probs = _softmax(logits, sinks)
         out[q0:q1] = torch.einsum("hql,lhd->qhd", probs, v).to(q.dtype)
     return out
 
@@ -80,10 +120,11 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlen
 if HAS_TRITON:
 
     @triton.jit
-    def _load_paged_tile(K, V, PT, b, hk, t, in_range, kv_ok, d, dmask,
+    def _load_paged_tile(K, V, KS, VS, PT, b, hk, t, in_range, kv_ok, d, dmask,
                          stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                         PAGE: tl.constexpr):
-        """Keys and values of token positions ``t`` of sequence ``b``, head ``hk``, through its page table."""
+                         stride_sp, stride_st, PAGE: tl.constexpr, FP8: tl.constexpr):
+        """Keys and values of token positions ``t`` of sequence ``b``, head ``hk``, through its page table;
+        with ``FP8``, the codes and their per-token scales (otherwise the scales are unused ones)."""
         page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
         slot = t % PAGE
         m = kv_ok[:, None] & dmask[None, :]
@@ -91,41 +132,65 @@ if HAS_TRITON:
                     mask=m, other=0.0)
         v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :],
                     mask=m, other=0.0)
-        return k, v
+        if FP8:
+            s_off = page * stride_sp + slot * stride_st + hk
+            ks = tl.load(KS + s_off, mask=kv_ok, other=0.0)
+            vs = tl.load(VS + s_off, mask=kv_ok, other=0.0)
+        else:
+            ks = t
+            vs = t
+        return k, v, ks, vs
 
     @triton.jit
-    def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr):
-        """One tile of flash attention in the log2 domain: running max, sum and weighted values."""
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    def _online_softmax_step(q, k, v, ks, vs, allowed, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr,
+                             FP8: tl.constexpr, SOFTCAP_LOG2: tl.constexpr = 0.0):
+        """One tile of flash attention in the log2 domain: running max, sum and weighted values.
+        FP8 codes are upcast to the queries' dtype (exact) and their scales folded in: ``ks`` into
+        the logit columns, ``vs`` into the probabilities of the values they weight."""
+        if FP8:
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks[None, :] * scale_log2)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if SOFTCAP_LOG2 > 0:  # softcap * tanh(x / softcap), in the log2 domain (tanh through exp)
+            qk = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * qk / SOFTCAP_LOG2) + 1.0))
         qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if FP8:
+            pv = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        else:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + pv
         return m_new, l_i, acc
 
     @triton.jit
     def _decode_split_kernel(
-        Q, K, V, PT, LENS, STARTS, MID_O, MID_LSE,
+        Q, K, V, KS, VS, PT, LENS, STARTS, MID_O, MID_LSE,
         scale_log2,
         stride_qb, stride_qh,
         stride_kp, stride_kt, stride_kh,
         stride_vp, stride_vt, stride_vh,
+        stride_sp, stride_st,
         stride_ptb,
         stride_ob, stride_oh, stride_os,
         HQ: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        FP8: tl.constexpr, WINDOW: tl.constexpr = 0, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         b = tl.program_id(0)
         hk = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(LENS + b).to(tl.int32)
         start = tl.load(STARTS + b).to(tl.int32)
-        n_blocks = tl.cdiv(seq_len, BLOCK_N)
+        if WINDOW > 0:  # a sliding window: only the last WINDOW keys (the splits cover just those)
+            start = tl.maximum(start, seq_len - WINDOW)
+        base = (start // BLOCK_N) * BLOCK_N
+        n_blocks = tl.cdiv(seq_len - base, BLOCK_N)
         per_split = tl.cdiv(n_blocks, NUM_SPLITS)
-        lo = split * per_split * BLOCK_N
+        lo = base + split * per_split * BLOCK_N
         hi = tl.minimum(lo + per_split * BLOCK_N, seq_len)
 
         g = tl.arange(0, BLOCK_G)
@@ -144,9 +209,11 @@ if HAS_TRITON:
             t = t0 + offs_n
             in_range = t < hi
             valid = in_range & (t >= start)
-            k, v = _load_paged_tile(K, V, PT, b, hk, t, in_range, valid, d, dmask, stride_ptb, stride_kp, stride_kt,
-                                    stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, PRECISION)
+            k, v, ks, vs = _load_paged_tile(K, V, KS, VS, PT, b, hk, t, in_range, valid, d, dmask, stride_ptb,
+                                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                            stride_sp, stride_st, PAGE, FP8)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, ks, vs, valid[None, :], m_i, l_i, acc, scale_log2,
+                                                 PRECISION, FP8, SOFTCAP_LOG2)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -157,11 +224,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_merge_kernel(
-        MID_O, MID_LSE, OUT,
+        MID_O, MID_LSE, OUT, SINKS,
         stride_ob, stride_oh, stride_os,
         stride_outb, stride_outh,
         HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr = False,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -170,9 +237,15 @@ if HAS_TRITON:
         smask = s < NUM_SPLITS
         lse = tl.load(MID_LSE + (b * HQ + h) * NUM_SPLITS + s, mask=smask, other=float("-inf"))
         m = tl.max(lse, 0)
+        if HAS_SINKS:  # the head's sink logit joins the denominator (log2 domain, like lse)
+            sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            m = tl.maximum(m, sink)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         w = tl.math.exp2(lse - m_safe)
-        w = w / tl.maximum(tl.sum(w, 0), 1e-30)
+        denom = tl.sum(w, 0)
+        if HAS_SINKS:
+            denom += tl.math.exp2(sink - m_safe)
+        w = w / tl.maximum(denom, 1e-30)
         o = tl.load(MID_O + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
                     mask=smask[:, None] & (d[None, :] < D), other=0.0)
         out = tl.sum(o * w[:, None], 0)
@@ -180,15 +253,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _prefill_kernel(
-        Q, K, V, PT, CU_Q, LENS, STARTS, OUT,
+        Q, K, V, KS, VS, PT, CU_Q, LENS, STARTS, OUT, SINKS,
         scale_log2,
         stride_qt, stride_qh,
         stride_kp, stride_kt, stride_kh,
         stride_vp, stride_vt, stride_vh,
+        stride_sp, stride_st,
         stride_ptb,
         stride_ot, stride_oh,
         G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+        WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         b = tl.program_id(0)
         mblk = tl.program_id(1)
@@ -212,16 +287,27 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         hi = tl.minimum(seq_len, seq_len - nq + (mblk + 1) * BLOCK_M)
+        if WINDOW > 0:  # a sliding window: nothing before the block's first query's window
+            start = tl.maximum(start, seq_len - nq + mblk * BLOCK_M - WINDOW + 1)
         lo = (start // BLOCK_N) * BLOCK_N
         offs_n = tl.arange(0, BLOCK_N)
         for t0 in range(lo, hi, BLOCK_N):
             t = t0 + offs_n
             in_range = t < hi
             kv_ok = in_range & (t >= start)
-            k, v = _load_paged_tile(K, V, PT, b, hk, t, in_range, kv_ok, d, dmask, stride_ptb, stride_kp, stride_kt,
-                                    stride_kh, stride_vp, stride_vt, stride_vh, PAGE)
+            k, v, ks, vs = _load_paged_tile(K, V, KS, VS, PT, b, hk, t, in_range, kv_ok, d, dmask, stride_ptb,
+                                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                            stride_sp, stride_st, PAGE, FP8)
             allowed = kv_ok[None, :] & (t[None, :] <= qpos[:, None])
-            m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, scale_log2, PRECISION)
+            if WINDOW > 0:
+                allowed = allowed & (t[None, :] > qpos[:, None] - WINDOW)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, ks, vs, allowed, m_i, l_i, acc, scale_log2, PRECISION,
+                                                 FP8, SOFTCAP_LOG2)
+        if HAS_SINKS:  # the head's sink logit joins the denominator (log2 domain)
+            sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            m_safe = tl.where(m_i == float("-inf"), sink, m_i)
+            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.math.exp2(sink - m_safe)
+            acc = acc * tl.math.exp2(m_i - m_safe)[:, None]
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(OUT + (q0 + i)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  out.to(OUT.dtype.element_ty), mask=imask[:, None] & dmask[None, :])
@@ -238,6 +324,18 @@ def decode_num_splits(batch: int, kv_heads: int, max_len: int, num_sms: int = 13
     return int(min(next_pow2(want), next_pow2(blocks), 64))
 
 
+def _scale_args(k_cache, v_cache, k_scale, v_scale):
+    """Scale pools and their (page, token) strides for the kernels; the key pool stands in for both
+    when the pools are not FP8 (never read then)."""
+    check_scales("paged attention", k_cache, k_scale)
+    check_scales("paged attention", v_cache, v_scale)
+    if k_scale is None:
+        return k_cache, k_cache, 0, 0, False
+    if k_scale.stride() != v_scale.stride() or k_scale.stride(-1) != 1:
+        raise ValueError("paged attention: k_scale and v_scale must share one layout, heads contiguous")
+    return k_scale, v_scale, k_scale.stride(0), k_scale.stride(1), True
+
+
 def _check_paged(q, k_cache, v_cache, page_table):
     if k_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"pools must be [num_pages, page_size, H_kv, D]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -251,9 +349,21 @@ def _check_paged(q, k_cache, v_cache, page_table):
         raise ValueError(f"page_table must be [B, max_pages], got {tuple(page_table.shape)}")
 
 
+def _check_sinks(sinks: torch.Tensor | None, heads: int) -> None:
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != heads):
+        raise ValueError(f"sinks must be [{heads}] (one logit per query head), got {tuple(sinks.shape)}")
+
+
 def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
-                                  num_splits: int | None = None, max_len_hint: int | None = None, block_n: int = 64):
+                                  num_splits: int | None = None, max_len_hint: int | None = None,
+                                  block_n: int | None = None, k_scale=None, v_scale=None, *, window: int | None = None,
+                                  sinks: torch.Tensor | None = None, softcap: float | None = None,
+                                  num_warps: int = 4, num_stages: int = 2):
     _check_paged(q, k_cache, v_cache, page_table)
+    _check_sinks(sinks, q.shape[1])
+    ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
+    if block_n is None:  # FP8 tiles carry half the bytes: twice the tokens per tile (H200: 25% faster at 256-512
+        block_n = 128 if fp8 else 64  # requests, benchmarks/fp8_decode_tune.py); bf16 is at the copy bandwidth at 64
     B, Hq, D = q.shape
     Hkv, page = k_cache.shape[2], k_cache.shape[1]
     G = Hq // Hkv
@@ -261,35 +371,42 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         kv_starts = torch.zeros(B, dtype=torch.int32, device=q.device)
     if num_splits is None:
         hint = max_len_hint if max_len_hint is not None else page_table.shape[1] * page
+        hint = min(hint, window + block_n) if window else hint
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         num_splits = decode_num_splits(B, Hkv, hint, sms, block_n)
     mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, page_table, kv_lens, kv_starts, mid_o, mid_lse,
+        q, k_cache, v_cache, ks, vs, page_table, kv_lens, kv_starts, mid_o, mid_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_sp, stride_st,
         page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), FP8=fp8, WINDOW=int(window or 0),
+        SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_merge_kernel[(B, Hq)](
-        mid_o, mid_lse, out,
+        mid_o, mid_lse, out, sinks if sinks is not None else mid_lse,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         out.stride(0), out.stride(1),
         HQ=Hq, D=D, BLOCK_D=next_pow2(D), NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
-        num_warps=4,
+        HAS_SINKS=sinks is not None, num_warps=4,
     )
     return out
 
 
 def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
-                                   max_q_len: int | None = None, block_m: int | None = None, block_n: int = 64):
+                                   max_q_len: int | None = None, block_m: int | None = None, block_n: int = 64,
+                                   k_scale=None, v_scale=None, *, window: int | None = None,
+                                   sinks: torch.Tensor | None = None, softcap: float | None = None):
     _check_paged(q, k_cache, v_cache, page_table)
+    _check_sinks(sinks, q.shape[1])
+    ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
     T, Hq, D = q.shape
     B = kv_lens.shape[0]
     Hkv, page = k_cache.shape[2], k_cache.shape[1]
@@ -303,30 +420,43 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
     if block_m is None:
         block_m = 128 if q.is_cuda and D <= 128 else 64
     _prefill_kernel[(B, triton.cdiv(max_q_len, block_m), Hq)](
-        q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
-        scale * LOG2E,
+        q, k_cache, v_cache, ks, vs, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
+        sinks if sinks is not None else q, scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_sp, stride_st,
         page_table.stride(0),
         out.stride(0), out.stride(1),
         G=Hq // Hkv, D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), num_warps=8 if block_m >= 128 else 4, num_stages=3 if q.is_cuda else 1,
+        PRECISION=dot_precision(q.dtype), FP8=fp8, WINDOW=int(window or 0), HAS_SINKS=sinks is not None,
+        SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, num_warps=8 if block_m >= 128 else 4,
+        num_stages=3 if q.is_cuda else 1,
     )
     return out
 
 
-def paged_decode_attention(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None, **kwargs):
-    """One query token per sequence against its pages; Triton on CUDA, the reference elsewhere."""
+def paged_decode_attention(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None, k_scale=None,
+                           v_scale=None, *, window: int | None = None, sinks: torch.Tensor | None = None,
+                           softcap: float | None = None, **kwargs):
+    """One query token per sequence against its pages; Triton on CUDA, the reference elsewhere.
+    FP8 pools take their scale pools ``k_scale`` / ``v_scale``."""
+    features = dict(window=window, sinks=sinks, softcap=softcap)
     if use_triton(q, k_cache):
-        return paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts, **kwargs)
-    return paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts)
+        return paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts,
+                                             k_scale=k_scale, v_scale=v_scale, **features, **kwargs)
+    return paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts,
+                                            k_scale, v_scale, **features)
 
 
-def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None, **kwargs):
+def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
+                            k_scale=None, v_scale=None, *, window: int | None = None,
+                            sinks: torch.Tensor | None = None, softcap: float | None = None, **kwargs):
     """Packed variable-length queries against paged KV (which already holds them and any cached prefix)."""
+    features = dict(window=window, sinks=sinks, softcap=softcap)
     if use_triton(q, k_cache):
         return paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
-                                              kv_starts, **kwargs)
-    return paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts)
+                                              kv_starts, k_scale=k_scale, v_scale=v_scale, **features, **kwargs)
+    return paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
+                                             kv_starts, k_scale, v_scale, **features)
 

@@ -3,13 +3,17 @@
 A pool tensor has shape ``[num_pages, page_size, H, ...]``. Token ``j`` of a
 sequence whose page table is ``table`` lives in flat slot
 ``table[j // page_size] * page_size + j % page_size``.
+
+An FP8 pool (``kernels/fp8.py``) comes with a scale pool ``[num_pages, page_size, H]``: the store
+quantizes each new token and head and writes its codes and its scale in the same kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, use_triton
+from ._triton import HAS_TRITON, interpreting, next_pow2, use_triton
+from .fp8 import check_scales, quantize_reference
 
 if HAS_TRITON:
     import triton
@@ -27,9 +31,17 @@ def _flat(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
 
 
-def store_kv_reference(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
-    """Write ``values`` (``[..., H, ...]`` with leading dims matching ``slots``) into ``cache`` at ``slots``."""
-    _flat(cache)[slots] = values.to(cache.dtype)
+def store_kv_reference(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
+                       scale: torch.Tensor | None = None) -> None:
+    """Write ``values`` (``[..., H, ...]`` with leading dims matching ``slots``) into ``cache`` at ``slots``;
+    into an FP8 ``cache``, their codes, and their per-token, per-head scales into ``scale``."""
+    check_scales("store_kv", cache, scale)
+    if scale is None:
+        _flat(cache)[slots] = values.to(cache.dtype)
+        return
+    codes, s = quantize_reference(values)
+    _flat(cache)[slots] = codes
+    _flat(scale)[slots] = s
 
 
 def gather_kv_reference(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -56,12 +68,88 @@ if HAS_TRITON:
             b = tl.load(SRC_B + n * stride_src_b + offs, mask=m)
             tl.store(DST_B + slot * ROW + offs, b.to(DST_B.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _round_to_e4m3(x):
+        """``x`` (float32) rounded to the nearest e4m3 value, so that the cast after it is exact.
+        Only under the interpreter, whose float32 -> fp8 cast drops the carry into the exponent
+        (127.6 becomes 64, checked with triton 3.9); compiled kernels cast directly."""
+        e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # e4m3: 3 mantissa bits
+        y = tl.abs(x) / ulp  # exact (a power of two)
+        r = tl.floor(y + 0.5)
+        r = tl.where((r - y == 0.5) & (r - 2.0 * tl.floor(r / 2.0) != 0.0), r - 1.0, r)  # ties to even
+        return tl.where(x < 0, -r * ulp, r * ulp)  # (keeps the sign of a negative that rounds to 0)
+
+    @triton.jit
+    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, H: tl.constexpr, D: tl.constexpr,
+                       ROUND_FIRST: tl.constexpr):
+        """Heads ``h`` of one token: scale = max|x| / 448 per head, codes = x / scale, both stored."""
+        hmask = h < H
+        m = hmask[:, None] & (d[None, :] < D)
+        x = tl.load(SRC + h[:, None] * stride_h + d[None, :], mask=m, other=0.0).to(tl.float32)
+        # IEEE divisions (``/`` compiles to an approximate one), so codes and scales match the reference
+        amax = tl.max(tl.abs(x), 1)
+        s = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1e-12)  # FP8_MAX, MIN_SCALE
+        c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -448.0), 448.0)
+        if ROUND_FIRST:
+            c = _round_to_e4m3(c)
+        tl.store(DST + (slot * H + h)[:, None] * D + d[None, :], c.to(DST.dtype.element_ty), mask=m)
+        tl.store(SCALE + slot * H + h, s, mask=hmask)
+
+    @triton.jit
+    def _store_fp8_kernel(
+        DST_A, SCALE_A, SRC_A, DST_B, SCALE_B, SRC_B, SLOTS,
+        stride_at, stride_ah, stride_bt, stride_bh,
+        H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HAS_B: tl.constexpr,
+        ROUND_FIRST: tl.constexpr,
+    ):
+        n = tl.program_id(0)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        slot = tl.load(SLOTS + n).to(tl.int64)
+        _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, H, D, ROUND_FIRST)
+        if HAS_B:
+            _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, H, D, ROUND_FIRST)
+
+
+def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -> None:
+    """The quantizing store: one program per (token, group of heads), keys with values."""
+    H, D = cache.shape[2], cache.shape[3]
+    if cache.dim() != 4 or not scale.is_contiguous() or (scale_b is not None and not scale_b.is_contiguous()):
+        raise ValueError("store_kv: FP8 pools must be [num_pages, page_size, H, D] with contiguous scales")
+    flat_slots = slots.reshape(-1).contiguous()
+    n = flat_slots.numel()
+    if n == 0:
+        return
+    src_a = values.reshape(n, H, D)
+    src_b = values_b.reshape(n, H, D) if values_b is not None else src_a
+    if src_a.stride(-1) != 1:
+        src_a = src_a.contiguous()
+    if src_b.stride(-1) != 1:
+        src_b = src_b.contiguous()
+    block_d = next_pow2(D)
+    block_h = min(next_pow2(H), max(1, 2048 // block_d))
+    has_b = cache_b is not None
+    _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
+        cache, scale, src_a, cache_b if has_b else cache, scale_b if has_b else scale, src_b, flat_slots,
+        src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
+        H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d, HAS_B=has_b, ROUND_FIRST=interpreting(), num_warps=4,
+    )
+
 
 def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
-                    cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None) -> None:
-    """Store ``values`` (and, in the same launch, ``values_b`` into ``cache_b``: keys with values)."""
+                    cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None,
+                    scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None) -> None:
+    """Store ``values`` (and, in the same launch, ``values_b`` into ``cache_b``: keys with values);
+    FP8 pools are quantized on the way, their scales written to ``scale`` / ``scale_b``."""
     if not cache.is_contiguous() or (cache_b is not None and not cache_b.is_contiguous()):
         raise ValueError("store_kv: pools must be contiguous")
+    check_scales("store_kv", cache, scale)
+    if cache_b is not None:
+        check_scales("store_kv", cache_b, scale_b)
+    if scale is not None:
+        _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b)
+        return
     row = cache[0, 0].numel()
     flat_slots = slots.reshape(-1).contiguous()  # a column slice of a slot table reshapes to a strided view
     n = flat_slots.numel()
@@ -82,14 +170,16 @@ def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tens
 
 
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
-             cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None) -> None:
-    """Write new tokens into their slots (keys and values in one launch on CUDA)."""
+             cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None) -> None:
+    """Write new tokens into their slots (keys and values in one launch on CUDA); FP8 pools take
+    the tokens' codes and their scales ``scale`` / ``scale_b`` take the per-token, per-head scales."""
     if use_triton(cache, slots, values):
-        store_kv_triton(cache, slots, values, cache_b, values_b)
+        store_kv_triton(cache, slots, values, cache_b, values_b, scale, scale_b)
         return
-    store_kv_reference(cache, slots, values)
+    store_kv_reference(cache, slots, values, scale)
     if cache_b is not None:
-        store_kv_reference(cache_b, slots, values_b)
+        store_kv_reference(cache_b, slots, values_b, scale_b)
 
 
 def gather_kv(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,17 @@ similarity of L2-normalised keys:
 with ``n`` the comparison width (page size, or the context length). The most
 recent near-duplicate is not counted, so of a run of repeated keys the latest
 copies look least redundant.
+
+FP8 keys come as codes with ``key_scales``; a cosine similarity does not see a positive per-token
+scale, so the kernel compares the codes themselves (upcast in registers) and never reads the scales.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .fp8 import FP8, check_scales, dequantize_reference
 
 
 def redundancy_scores_reference(
@@ -25,12 +30,14 @@ def redundancy_scores_reference(
     block: int | None,
     threshold: float = 0.5,
     tau: float = 0.4,
+    key_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Args:
         keys: ``[B, H, S, D]``.
         key_mask: ``[B, S]`` bool, False for padding (never compared, zero redundancy mass).
         block: compare only within consecutive blocks of this many tokens (the
             page size, for the lightning variant); None compares all pairs.
+        key_scales: ``[B, H, S]`` float32 scales when ``keys`` are FP8 codes.
     Returns:
         ``[B, H, S]`` float32, a distribution over the valid tokens of each (row, head).
     """
@@ -39,7 +46,8 @@ def redundancy_scores_reference(
     blk = block if block is not None else S
     nb = -(-S // blk)
     pad = nb * blk - S
-    kn = F.normalize(keys.float(), dim=-1)
+    check_scales("redundancy", keys, key_scales)
+    kn = F.normalize(dequantize_reference(keys, key_scales), dim=-1)
     mask = key_mask
     if pad:
         kn = F.pad(kn, (0, 0, 0, pad))
@@ -58,8 +66,8 @@ def redundancy_scores_reference(
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
-def redundancy_scores(keys, key_mask, block, threshold=0.5, tau=0.4):
-    return redundancy_scores_reference(keys, key_mask, block, threshold, tau)
+def redundancy_scores(keys, key_mask, block, threshold=0.5, tau=0.4, key_scales=None):
+    return redundancy_scores_reference(keys, key_mask, block, threshold, tau, key_scales)
 
 
 
@@ -76,7 +84,7 @@ if HAS_TRITON:
         threshold, inv_norm,
         stride_kb, stride_kh, stride_ks, stride_mb, stride_rb, stride_rh,
         S, H, BLK: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
     ):
         """Rows ``BLOCK_I`` of one page-block of one (row, head), against the block's columns in tiles
         of ``BLOCK_J``; writes r / (tau * n). The most recent near-duplicate is the last column tile's
@@ -91,6 +99,8 @@ if HAS_TRITON:
         ivalid = imask & (tl.load(KMASK + b * stride_mb + ti, mask=imask, other=0) != 0)
         kp = K + b * stride_kb + h * stride_kh
         ki = tl.load(kp + ti[:, None] * stride_ks + d[None, :], mask=ivalid[:, None] & (d[None, :] < D), other=0.0)
+        if FP8:  # codes: a positive per-token scale cancels in the cosine
+            ki = ki.to(tl.float16)
         kif = ki.to(tl.float32)
         inv_ni = 1.0 / tl.maximum(tl.sqrt(tl.sum(kif * kif, 1)), 1e-12)
         total = tl.zeros([BLOCK_I], tl.float32)
@@ -101,6 +111,8 @@ if HAS_TRITON:
             jmask = (j < BLK) & (tj < S)
             jvalid = jmask & (tl.load(KMASK + b * stride_mb + tj, mask=jmask, other=0) != 0)
             kj = tl.load(kp + tj[:, None] * stride_ks + d[None, :], mask=jvalid[:, None] & (d[None, :] < D), other=0.0)
+            if FP8:
+                kj = kj.to(tl.float16)
             kjf = kj.to(tl.float32)
             inv_nj = 1.0 / tl.maximum(tl.sqrt(tl.sum(kjf * kjf, 1)), 1e-12)
             sim = tl.dot(ki, tl.trans(kj), input_precision=PRECISION) * inv_ni[:, None] * inv_nj[None, :]
@@ -116,12 +128,14 @@ if HAS_TRITON:
 
 
 def lightning_redundancy_triton(keys, key_mask, block: int, threshold: float = 0.5, tau: float = 0.4,
-                                block_i: int | None = None, block_j: int | None = None):
+                                block_i: int | None = None, block_j: int | None = None, key_scales=None):
     """Lightning redundancy (keys compared within blocks of ``block`` tokens); the softmax over the
-    context runs in PyTorch (one fused kernel)."""
+    context runs in PyTorch (one fused kernel). FP8 keys are compared as codes (see above)."""
     B, H, S, D = keys.shape
     if keys.stride(-1) != 1:
         raise ValueError("redundancy: the head dim of keys must be contiguous")
+    check_scales("redundancy", keys, key_scales)
+    fp8 = keys.dtype == FP8
     full = max(16, next_pow2(block))
     block_j = block_j or min(full, 64)
     block_i = block_i or min(full, 64)
@@ -133,14 +147,15 @@ def lightning_redundancy_triton(keys, key_mask, block: int, threshold: float = 0
         float(threshold), 1.0 / (tau * block),
         keys.stride(0), keys.stride(1), keys.stride(2), km.stride(0), r.stride(0), r.stride(1),
         S, H, BLK=block, BLOCK_J=block_j, BLOCK_I=block_i, D=D, BLOCK_D=next_pow2(D),
-        PRECISION=dot_precision(keys.dtype), num_warps=4,
+        PRECISION=dot_precision(torch.float16 if fp8 else keys.dtype), FP8=fp8, num_warps=4,
     )
     logits = r.masked_fill(~key_mask[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
-def redundancy_scores(keys, key_mask, block, threshold=0.5, tau=0.4):  # noqa: F811
-    """Redundancy scores; the lightning variant runs as a Triton kernel on CUDA."""
+def redundancy_scores(keys, key_mask, block, threshold=0.5, tau=0.4, key_scales=None):  # noqa: F811
+    """Redundancy scores; the lightning variant runs as a Triton kernel on CUDA (FP8 keys with their
+    ``key_scales``)."""
     if block is not None and use_triton(keys):
-        return lightning_redundancy_triton(keys, key_mask, block, threshold, tau)
-    return redundancy_scores_reference(keys, key_mask, block, threshold, tau)
+        return lightning_redundancy_triton(keys, key_mask, block, threshold, tau, key_scales=key_scales)
+    return redundancy_scores_reference(keys, key_mask, block, threshold, tau, key_scales)

@@ -2,8 +2,8 @@
 
     zipage info                 versions, devices and the scorers available
     zipage demo [options]       full KV vs zipage on SmolLM2-135M-Instruct (zipage demo --help)
-    zipage bench [options]      throughput benchmark on a CUDA GPU (zipage bench --help)
-    zipage eval [options]       quality benchmark on the CPU (zipage eval --help)
+    zipage bench [options]      throughput against full-KV systems, random weights or --model (zipage bench --help)
+    zipage eval [options]       task accuracy on a data set, or --mode fidelity (zipage eval --help)
     zipage serve [MODEL]        an OpenAI-compatible server (zipage serve --help; needs zipage[serve])
 
 This module lies outside the ``zipage`` package on purpose: ``import zipage`` registers
@@ -14,8 +14,9 @@ until a subcommand runs, so ``zipage --help`` answers at once. ``python -m zipag
 
 ``serve``'s options are defined here (its ``--help`` is instant); the server itself is
 ``zipage.serve.server``. ``demo``, ``bench`` and ``eval`` parse their own options: everything after the subcommand is passed
-to them unparsed. ``bench`` and ``eval`` run ``benchmarks/throughput.py`` and ``benchmarks/quality.py``,
-packaged as ``zipage.bench.throughput`` and ``zipage.bench.quality``.
+to them unparsed. ``bench`` runs ``benchmarks/throughput.py``; ``eval`` runs ``benchmarks/accuracy.py``
+(task accuracy; the default when ``--dataset`` is given) or, with ``--mode fidelity`` or without
+``--dataset``, ``benchmarks/quality.py`` (teacher-forced fidelity); they are packaged as ``zipage.bench.*``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,26 @@ from pathlib import Path
 
 # subcommand -> (module under zipage.bench, help line)
 BENCHMARKS = {
-    "bench": ("throughput", "throughput against full-KV systems, same KV memory (needs CUDA); see zipage bench --help"),
-    "eval": ("quality", "quality against full KV on SmolLM2-135M-Instruct (CPU); see zipage eval --help"),
+    "bench": ("throughput", "throughput against full-KV systems, same KV memory: random-weight configs (CUDA) or "
+              "--model ID|PATH on a data set; see zipage bench --help"),
+    "eval": ("accuracy", "task accuracy against full KV on any model and data set (--dataset), or the teacher-forced "
+             "fidelity benchmark (--mode fidelity); see zipage eval --help"),
 }
+EVAL_MODES = {"accuracy": "accuracy", "fidelity": "quality"}  # zipage eval --mode X -> module under zipage.bench
+
+
+def eval_module(argv: list[str]) -> str:
+    """Which script ``zipage eval ARGV`` runs: ``--mode`` says; without it, accuracy when ``--dataset`` is
+    given (or only ``--help`` is asked), else the teacher-forced fidelity benchmark (``zipage eval`` as it
+    always was)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--mode", choices=sorted(EVAL_MODES), default=None)
+    pre.add_argument("--dataset", default=None)
+    args, _ = pre.parse_known_args(argv)
+    if args.mode is None:
+        asks_help = any(a in ("-h", "--help") for a in argv)
+        args.mode = "accuracy" if args.dataset is not None or (asks_help and len(argv) == 1) else "fidelity"
+    return EVAL_MODES[args.mode]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -84,27 +102,30 @@ def _results_dir(mod) -> None:
         mod.RESULTS = Path.cwd() / "benchmarks" / "results"
 
 
-def _out_parent(argv: list[str], default: str) -> None:
-    """Create the folder of --out before a run that would only write it at its end."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--out", default=default)
-    args, _ = pre.parse_known_args(argv)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-
-
 def run_benchmark(command: str, argv: list[str]) -> int:
     name, _ = BENCHMARKS[command]
+    if command == "eval":
+        name = eval_module(argv)
+        if name == "quality":  # quality.py has no --mode option of its own
+            argv = _without_option(argv, "--mode")
     mod = importlib.import_module(f"zipage.bench.{name}")
-    wants_help = any(a in ("-h", "--help") for a in argv)
     if command == "eval":
         _results_dir(mod)
-    elif not wants_help:
-        import torch
-
-        if torch.cuda.is_available():  # without CUDA the script itself stops with its message
-            _out_parent(argv, "benchmarks/results/throughput.json")
     with _prog(f"zipage {command}"):
         return mod.main(argv) or 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def _budget(text: str) -> int | None:
@@ -143,10 +164,15 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share prompt pages between requests with the same prefix")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many GPUs (one process each; the model's heads must divide by it)")
     p.add_argument("--budget", type=_budget, default=2048,
                    help="tokens of KV kept per request after a compression, unless a request asks for its own; "
                    "'none': full KV only (requests cannot ask for a budget then)")
     p.add_argument("--page-size", type=int, default=256, help="tokens per KV page")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV pages: auto (the model's dtype) or fp8 (e4m3 with a scale per token and head: "
+                   "about twice the tokens in the same memory)")
     p.add_argument("--scorer", default=None, help="which tokens to keep (default: zipage; `zipage info` lists them)")
     p.add_argument("--max-budget", type=int, default=None,
                    help="largest budget a request may ask for; full KV is refused then too (default: no limit)")

@@ -21,21 +21,24 @@ def test_subcommands_are_listed(capsys):
 
 
 def test_benchmarks_are_packaged():
+    import zipage.bench.accuracy as accuracy
     import zipage.bench.quality as quality
     import zipage.bench.throughput as throughput
 
-    assert callable(quality.main) and callable(throughput.main)
+    assert callable(quality.main) and callable(throughput.main) and callable(accuracy.main)
     assert set(BENCHMARKS) == {"bench", "eval"}
 
 
-@pytest.mark.parametrize("command, option", [("bench", "--kv-gib"), ("bench", "--max-tokens"),
-                                             ("eval", "--budgets"), ("eval", "--no-gen"), ("demo", "--budget")])
+@pytest.mark.parametrize("command, option", [("bench", "--kv-gib"), ("bench", "--max-tokens"), ("bench", "--dataset"),
+                                             ("bench", "--ignore-eos"), ("eval", "--budgets"), ("eval", "--dataset"),
+                                             ("eval", "--mode"), ("eval --mode fidelity", "--no-gen"),
+                                             ("eval --mode fidelity", "--model"), ("demo", "--budget")])
 def test_help_shows_the_script_options(command, option, capsys):
     with pytest.raises(SystemExit) as e:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert f"usage: zipage {command}" in out
+    assert f"usage: zipage {command.split()[0]}" in out
     assert option in out
 
 
@@ -135,16 +138,17 @@ def test_python_dash_m_zipage_runs_the_command():  # (python -m zipage.cli: test
     assert "usage: zipage" in r.stdout and "info" in r.stdout
 
 
-@pytest.mark.parametrize("command", ["bench", "eval"])
+@pytest.mark.parametrize("command", ["bench", "eval", "eval --mode fidelity"])
 def test_every_benchmark_option_has_a_help_text_that_shows_its_default(command):
     import argparse
 
     from zipage_cli import HelpFormatter
 
+    import zipage.bench.accuracy as accuracy
     import zipage.bench.quality as quality
     import zipage.bench.throughput as throughput
 
-    parser = (quality if command == "eval" else throughput).build_parser()
+    parser = {"bench": throughput, "eval": accuracy, "eval --mode fidelity": quality}[command].build_parser()
     assert parser.formatter_class is HelpFormatter
     formatter = HelpFormatter(prog="zipage")
     options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]

@@ -5,7 +5,7 @@
 
 from .cache import ZipageCache, ZipageLayer
 from .config import ZipageConfig
-from .engine import LLM, RequestOutput, SamplingParams
+from .engine import LLM, RequestOutput, SamplingParams, TensorParallelError
 from .hf import register as _register_generate_hook
 from .memory import OutOfPagesError, PagePool
 from .scoring import Scorer, ScoreInputs, get_scorer, list_scorers, register_scorer
@@ -18,6 +18,7 @@ __all__ = [
     "LLM",
     "RequestOutput",
     "SamplingParams",
+    "TensorParallelError",
     "OutOfPagesError",
     "PagePool",
     "ScoreInputs",

@@ -8,6 +8,11 @@ them as views, compaction keeps their order, and the CUDA paged kernels read the
 pages. The capacity follows from the config (at most ``budget + buffer`` once the prompt is in)
 and ``max_cache_len``, grows one layer at a time and shrinks after a compression that leaves
 less to hold. Compressions run at the first layer's update, one layer after another.
+FP8 pages (``kv_cache_dtype="fp8"``) keep a float32 scale per token and KV head beside them.
+
+Sliding-window layers (``sliding_attention`` in ``config.layer_types``) are not compressed: they
+keep exactly their window in pages of their own (``sliding_cache.py``), and everything below
+speaks of the full-attention layers.
 
 Lengths: ``get_seq_length()`` is the logical length ``L`` (tokens seen, which
 positions come from); ``stored_length()`` is ``S <= L``. The mask is built for
@@ -30,13 +35,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import capture
-from .attention_checks import check_model_config  # noqa: F401  (the engine imports it from here too)
+from .attention_checks import check_model_config, sink_logits, sliding_layers
 from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
-from .kernels import paged_decode_attention
+from .kernels import dequantize_reference, kv_dtype, paged_decode_attention, store_kv
 from .kernels._triton import use_triton
+from .kernels.fp8 import SCALE_DTYPE, is_fp8
 from .memory.rows import KERNEL_PAGE, as_pages, plan_capacity, resized, row_page_table, row_slots, stored_limit
 from .scoring import get_scorer
+from .sliding_cache import SlidingLayer, WindowPages
 
 
 class ZipageLayer(CacheLayerMixin):
@@ -46,13 +53,15 @@ class ZipageLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, cache: ZipageCache, layer_idx: int) -> None:
+    def __init__(self, cache: ZipageCache, layer_idx: int, index: int | None = None) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        self.index = layer_idx if index is None else index  # this layer's place among the full layers
         self.seen = 0  # logical length L
         self.stored = 0  # stored length S
         self.state: torch.Tensor | None = None  # [B, capacity, H_kv] float32 score state (stateful scorers)
+        self.key_scales = self.value_scales = None  # FP8 pages: [B, capacity, H_kv] float32
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
         self.prefix_positions: torch.Tensor | None = None  # [B, H_kv, budget] logical positions of slots < budget
@@ -63,15 +72,20 @@ class ZipageLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Empty storage (``[B, 0, H_kv, D]``) in the dtype and on the device of the first keys."""
         B, H, _, D = key_states.shape
-        first = self.cache.layers[0]
+        first = self.cache.full[0]
         if first.keys is not None and first is not self and (H, D) != tuple(first.keys.shape[2:]):
             raise ValueError(
                 "zipage needs the same number of KV heads and head dim in every layer; got "
                 f"{(H, D)} after {tuple(first.keys.shape[2:])}"
             )
         dev = key_states.device
-        self.keys = key_states.new_empty(B, 0, H, D)
-        self.values = value_states.new_empty(B, 0, H, value_states.shape[-1])
+        dtype = kv_dtype(self.cache.zipage_config.kv_cache_dtype, key_states.dtype)
+        self.cache.model_dtype = key_states.dtype
+        self.keys = torch.empty(B, 0, H, D, dtype=dtype, device=dev)
+        self.values = torch.empty(B, 0, H, value_states.shape[-1], dtype=dtype, device=dev)
+        if self.cache.zipage_config.kv_cache_dtype == "fp8":
+            self.key_scales = torch.empty(B, 0, H, dtype=SCALE_DTYPE, device=dev)
+            self.value_scales = torch.empty(B, 0, H, dtype=SCALE_DTYPE, device=dev)
         if self.cache.scorer.stateful:
             self.state = torch.empty(B, 0, H, dtype=torch.float32, device=dev)
         if self.valid is None:  # layer 0's empty record for every layer, so that they share the next ones
@@ -87,10 +101,12 @@ class ZipageLayer(CacheLayerMixin):
         self.keys = resized(self.keys, capacity, self.stored)
         self.values = resized(self.values, capacity, self.stored)
         self.state = resized(self.state, capacity, self.stored)
+        self.key_scales = resized(self.key_scales, capacity, self.stored)
+        self.value_scales = resized(self.value_scales, capacity, self.stored)
 
     def pages(self) -> LayerPages:
         """The storage as ``B`` pages of ``capacity`` tokens (what ``compress_layer`` takes)."""
-        return LayerPages(self.keys, self.values, self.state)
+        return LayerPages(self.keys, self.values, self.state, self.key_scales, self.value_scales, self.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self.cache._update_layer(self, key_states, value_states)
@@ -108,7 +124,7 @@ class ZipageLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen = self.stored = 0
         self.valid = self.window_queries = self.prefix_positions = None
-        self.keys = self.values = self.state = None
+        self.keys = self.values = self.state = self.key_scales = self.value_scales = None
         self.paged_ok = self.paged_step = False
         self.is_initialized = False
 
@@ -125,7 +141,8 @@ class ZipageCache(Cache):
     Args:
         config: the model's config (pass ``model.config`` itself: the cache uses that object to capture
             the queries it needs for scoring).
-        zipage_config: a ``ZipageConfig``; or give its fields as keyword arguments instead.
+        zipage_config: a ``ZipageConfig``; or give its fields as keyword arguments instead
+            (``kv_cache_dtype="fp8"``: FP8 pages with a scale per token and KV head).
         max_cache_len: the most tokens the cache will see, if known (``generate()`` sets it from its
             ``max_length``): the storage then never grows past what those tokens need.
 
@@ -152,12 +169,14 @@ class ZipageCache(Cache):
         self.model_config = config
         self.scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
         self.max_cache_len = max_cache_len
+        self.model_dtype: torch.dtype | None = None  # the keys' dtype as the model hands them over
         self.batch_size_ = 0
         self.capacity_ = 0  # tokens per row each layer holds (after its update this step)
         self.peak_capacity = 0
         self.peak_stored = 0
         self.page_table: torch.Tensor | None = None  # [B, capacity / KERNEL_PAGE], for the CUDA paged kernels
         self._step_stored = 0  # tokens every layer stores once this step's update is done
+        self._step_slots: torch.Tensor | None = None  # [B, q] flat slots of this step's tokens in every layer
         self._mask_read: tuple = (None, None)  # (the last attention mask seen, which of its new tokens are real)
         self._keep_queries = True  # this step's queries may be needed by the next compression
         self._shared_valid: torch.Tensor | None = None  # layer 0's validity record before this step
@@ -165,7 +184,15 @@ class ZipageCache(Cache):
         self.tokens_evicted = 0
         self.padding_gap = False  # padding inside a sequence seen: masks come from the cache's validity
         self.capture_ok = True  # False once a layer's attention was seen to bypass the capture wrapper
-        layers = [ZipageLayer(self, i) for i in range(config.num_hidden_layers)]
+        window, sliding = sliding_layers(config)
+        self.window_pages = WindowPages(sum(sliding), window, self.zipage_config.page_size) if any(sliding) else None
+        layers: list[ZipageLayer | SlidingLayer] = []
+        for i, slides in enumerate(sliding):
+            if slides:
+                layers.append(SlidingLayer(self, i, sum(sliding[:i]), self.window_pages))
+            else:
+                layers.append(ZipageLayer(self, i, i - sum(sliding[:i])))
+        self.full: list[ZipageLayer] = [lyr for lyr in layers if isinstance(lyr, ZipageLayer)]  # compressed
         super().__init__(layers=layers)
 
     @property
@@ -180,9 +207,11 @@ class ZipageCache(Cache):
         self._max_cache_len = value
 
     # ------------------------------------------------------------------ public introspection
-    def stored_length(self, layer_idx: int = 0) -> int:
-        """Tokens physically stored per row (and per KV head) in ``layer_idx``."""
-        return self.layers[layer_idx].stored
+    def stored_length(self, layer_idx: int | None = None) -> int:
+        """Tokens physically stored per row (and per KV head) in ``layer_idx`` (default: the first
+        full-attention layer; a sliding-window layer stores its window)."""
+        layer = self.full[0] if layer_idx is None else self.layers[layer_idx]
+        return layer.stored() if isinstance(layer, SlidingLayer) else layer.stored
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """Which logical positions layer ``layer_idx`` keeps: ``[batch, kv_heads, stored]`` int64, per KV
@@ -196,24 +225,38 @@ class ZipageCache(Cache):
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
             raise IndexError(f"layer_idx={layer_idx!r} is out of range: the model has {len(self.layers)} layers")
         layer = self.layers[layer_idx]
-        if layer.keys is None:
+        first = self.full[0]
+        if first.keys is None:
             heads = getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads
             return torch.empty(max(self.batch_size_, 0), heads, 0, dtype=torch.long)
-        B, H = self.batch_size_, layer.keys.shape[2]
+        B, H = self.batch_size_, first.keys.shape[2]
+        if isinstance(layer, SlidingLayer):  # the window its last query attended (older stored slots are not read)
+            start = max(layer.seen - layer.sliding_window, 0)
+            return torch.arange(start, layer.seen, device=first.keys.device).expand(B, H, -1).clone()
         return _slot_positions(layer.prefix_positions, B, H, layer.seen, layer.stored, layer.keys.device)
 
     def stats(self) -> dict[str, int | float]:
         """Memory accounting: tokens seen vs stored, and KV bytes stored, held and at most held, against
         a full cache. ``pages_in_use`` counts pages of the config's ``page_size`` over the stored tokens."""
-        layer = self.layers[0]
-        bytes_per_token = 0
+        layer = self.full[0]
+        bytes_per_token = full_per_token = full_layer = 0  # a full cache holds the model's dtype
         if layer.keys is not None:
             per_layer = layer.keys[0, 0].numel() * layer.keys.element_size()
             per_layer += layer.values[0, 0].numel() * layer.values.element_size()
-            bytes_per_token = per_layer * len(self.layers)
+            if layer.key_scales is not None:
+                per_layer += 2 * layer.key_scales[0, 0].numel() * SCALE_DTYPE.itemsize
+            bytes_per_token = per_layer * len(self.full)
+            full_layer = (layer.keys[0, 0].numel() + layer.values[0, 0].numel()) * self.model_dtype.itemsize
+            full_per_token = full_layer * len(self.full)
         page = self.zipage_config.page_size
         rows = max(self.batch_size_, 1)
-        return {
+        window = {}
+        if self.window_pages is not None:  # sliding layers: their window's pages, in bytes too
+            w, n = self.window_pages, len(self.layers) - len(self.full)
+            window = {"window_pages_in_use": w.pool.num_used, "window_pages_total": w.pool.num_pages,
+                      "window_kv_bytes_in_use": w.pool.num_used * page * full_layer * n,
+                      "window_kv_bytes_full": rows * layer.seen * full_layer * n}
+        return {**window,
             "batch_size": self.batch_size_,
             "tokens_seen": layer.seen,
             "tokens_stored": layer.stored,
@@ -222,7 +265,7 @@ class ZipageCache(Cache):
             "peak_pages": self.batch_size_ * -(-self.peak_stored // page),
             "compressions": self.num_compressions,
             "kv_bytes_in_use": rows * layer.stored * bytes_per_token,
-            "kv_bytes_full": rows * layer.seen * bytes_per_token,
+            "kv_bytes_full": rows * layer.seen * full_per_token,
             "kv_bytes_pool": rows * self.capacity_ * bytes_per_token,
             "kv_bytes_peak": rows * self.peak_capacity * bytes_per_token,
         }
@@ -240,8 +283,10 @@ class ZipageCache(Cache):
         elif batch != self.batch_size_:
             raise ValueError(f"ZipageCache was filled with batch size {self.batch_size_}, got {batch} now")
         cfg = self.zipage_config
-        first = self.layers[0]
+        first = self.full[0]
         stored = first.stored
+        if self.window_pages is not None:
+            self.window_pages.begin(batch, q, first.seen, key_states)
         after = self._stored_after_compression(stored, q)
         if after != stored:
             self._compress_all(stored)
@@ -254,6 +299,7 @@ class ZipageCache(Cache):
             self.capacity_ = capacity
             self.page_table = row_page_table(batch, capacity, key_states.device) if paged else None
         self._step_stored = after + q
+        self._step_slots = row_slots(batch, capacity, after + q, key_states.device)[:, after:]
         self._keep_queries = self._queries_needed(after + q, first.seen + q)
         self._mask_read = (None, None)
         self.peak_capacity = max(self.peak_capacity, capacity)
@@ -272,10 +318,15 @@ class ZipageCache(Cache):
         # The run ends before that compression (it needs fires_at - stored more tokens, then one).
         return self.max_cache_len is None or seen + fires_at - stored + 1 <= self.max_cache_len
 
+    def _before_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The model's first layer starts a step (whichever its type)."""
+        if layer_idx == 0:
+            B, _, q, _ = key_states.shape
+            self._begin_step(B, q, key_states)
+
     def _update_layer(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
         B, _, q, _ = key_states.shape
-        if layer.layer_idx == 0:
-            self._begin_step(B, q, key_states)
+        self._before_update(layer.layer_idx, key_states, value_states)
         if layer.keys is None:
             layer.lazy_initialization(key_states, value_states)
         after = layer.stored
@@ -284,8 +335,9 @@ class ZipageCache(Cache):
             raise RuntimeError(f"zipage: layer {layer.layer_idx} updated out of step with layer 0")
         if layer.keys.shape[1] != self.capacity_:
             layer.resize(self.capacity_)
-        layer.keys[:, after:stored] = key_states.transpose(1, 2)
-        layer.values[:, after:stored] = value_states.transpose(1, 2)
+        # Into the rows' slots (one launch for keys and values on CUDA; FP8 pages get codes and scales).
+        store_kv(layer.keys, self._step_slots, key_states.transpose(1, 2), layer.values, value_states.transpose(1, 2),
+                 layer.key_scales, layer.value_scales)
         if layer.state is not None:
             layer.state[:, after:stored] = 0
         layer.stored = stored
@@ -294,11 +346,12 @@ class ZipageCache(Cache):
         # Layers whose records are the same object (every layer until a compression or a beam
         # reorder) share this step's record as well: one mask, one record.
         prev = layer.valid
-        if layer.layer_idx and prev is self._shared_valid:
-            layer.valid = self.layers[0].valid
+        first = self.full[0]
+        if layer is not first and prev is self._shared_valid:
+            layer.valid = first.valid
         else:
             layer.valid = torch.cat([prev[:, :after], prev.new_ones(B, q)], dim=1)
-        if layer.layer_idx == 0:
+        if layer is first:
             self._shared_valid = prev
         stale = capture.pending_layer(self)
         if stale is not None:
@@ -319,8 +372,12 @@ class ZipageCache(Cache):
         layer.paged_step = q == 1 and layer.paged_ok and not self.padding_gap and self.page_table is not None
         if layer.paged_step:
             return key_states, value_states
-        # The stored tokens of every row, in order: views, nothing is copied.
-        return layer.keys[:, :stored].transpose(1, 2), layer.values[:, :stored].transpose(1, 2)
+        # The stored tokens of every row, in order: views, nothing is copied (FP8: their values).
+        keys, values = layer.keys[:, :stored].transpose(1, 2), layer.values[:, :stored].transpose(1, 2)
+        if layer.key_scales is not None:
+            keys = dequantize_reference(keys, layer.key_scales[:, :stored].transpose(1, 2), key_states.dtype)
+            values = dequantize_reference(values, layer.value_scales[:, :stored].transpose(1, 2), value_states.dtype)
+        return keys, values
 
     def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling, kwargs: dict):
         """Called by the capture wrapper with the layer's queries and mask, right after its update.
@@ -367,6 +424,9 @@ class ZipageCache(Cache):
         out = paged_decode_attention(
             query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values), self.page_table, lens,
             scale, starts, max_len_hint=layer.stored,
+            k_scale=as_pages(layer.key_scales) if layer.key_scales is not None else None,
+            v_scale=as_pages(layer.value_scales) if layer.value_scales is not None else None,
+            sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
         )
         return out.view(B, 1, H, D), attention_mask
 
@@ -374,7 +434,7 @@ class ZipageCache(Cache):
         """Compress every layer from ``stored`` tokens to the budget, one layer at a time (the scratch
         a compression needs is one layer's)."""
         cfg = self.zipage_config
-        for layer in self.layers:
+        for layer in self.full:
             if layer.stored != stored or layer.valid is None or layer.valid.shape[1] != stored:
                 raise RuntimeError(f"zipage lost track of layer {layer.layer_idx} ({layer.stored} vs {stored})")
             if self.scorer.needs_queries and (
@@ -390,9 +450,9 @@ class ZipageCache(Cache):
                     "config=model.config (the very object the model holds), and use a model whose attention goes "
                     "through transformers' AttentionInterface"
                 )
-        first = self.layers[0]
+        first = self.full[0]
         slots = row_slots(self.batch_size_, first.keys.shape[1], stored, first.keys.device)
-        for layer in self.layers:
+        for layer in self.full:
             keep = compress_layer(
                 layer.pages(), slots, layer.valid, layer.window_queries if self.scorer.needs_queries else None,
                 self.scorer, k=cfg.budget, window=cfg.window, sinks=cfg.sinks,
@@ -411,13 +471,16 @@ class ZipageCache(Cache):
         """Beam search: row ``i`` becomes old row ``beam_idx[i]`` (all rows store the same length)."""
         if not self.batch_size_:
             return
-        for layer in self.layers:
+        if self.window_pages is not None:
+            self.window_pages.reorder(beam_idx.to(self.full[0].keys.device))
+        moved = lambda t: t if t is None else (  # noqa: E731  (FP8 moved as bytes)
+            t.view(torch.uint8).index_select(0, idx).view(t.dtype) if is_fp8(t) else t.index_select(0, idx))
+        for layer in self.full:
             if layer.keys is None:
                 continue
             idx = beam_idx.to(layer.keys.device)
-            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
-            if layer.state is not None:
-                layer.state = layer.state.index_select(0, idx)
+            layer.keys, layer.values, layer.state = moved(layer.keys), moved(layer.values), moved(layer.state)
+            layer.key_scales, layer.value_scales = moved(layer.key_scales), moved(layer.value_scales)
             for name in ("valid", "window_queries", "prefix_positions"):
                 value = getattr(layer, name)
                 if value is not None:
@@ -433,6 +496,8 @@ class ZipageCache(Cache):
         super().reset()
         self.batch_size_ = self.capacity_ = self.peak_capacity = self.peak_stored = self._step_stored = 0
         self.page_table = None
+        if self.window_pages is not None:
+            self.window_pages.reset()
         self.num_compressions = self.tokens_evicted = 0
         self.padding_gap = False
 
@@ -454,7 +519,7 @@ def _slot_positions(prefix: torch.Tensor | None, batch: int, heads: int, seen: i
     return tail.clone() if prefix is None else torch.cat([prefix, tail], dim=2)
 
 
-_NON_PLAIN_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "sliding_window", "output_attentions")
+_NON_PLAIN_ATTENTION_KWARGS = ("sliding_window", "output_attentions")
 
 
 def _new_token_validity(mask, batch: int, q: int, device) -> torch.Tensor:

@@ -55,11 +55,16 @@ def select_keep(
 class LayerPages:
     """Pool tensors of one layer (``[num_pages, page_size, H, D]``) or of a stack of layers
     (``[L, num_pages, page_size, H, D]``): keys, values and, for stateful scorers, the score state
-    (``[..., num_pages, page_size, H]`` float32)."""
+    (``[..., num_pages, page_size, H]`` float32). FP8 keys and values come with their scale pools
+    (``[..., num_pages, page_size, H]`` float32), which compaction moves with them; ``dtype`` is
+    what they read back as for a scorer that does not read FP8 (the model's dtype)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     state: torch.Tensor | None = None
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32
 
 
 def compress_layers(
@@ -103,6 +108,12 @@ def compress_layers(
     state_pool = flat(pools.state) if pools.state is not None else None
     keys = gather_kv(keys_pool, rows).transpose(1, 2)  # [L*B, H, S, D]
     values = gather_kv(values_pool, rows).transpose(1, 2) if scorer.needs_values else None
+    scale_pools = []
+    key_scales = value_scales = None
+    if pools.key_scales is not None:  # FP8: codes and their scales, [L*B, H, S]
+        scale_pools = [flat(pools.key_scales), flat(pools.value_scales)]
+        key_scales = gather_kv(scale_pools[0], rows).transpose(1, 2)
+        value_scales = gather_kv(scale_pools[1], rows).transpose(1, 2) if values is not None else None
     state = None
     if scorer.stateful and state_pool is not None and not first:
         state = gather_kv(state_pool, rows).transpose(1, 2)
@@ -119,10 +130,12 @@ def compress_layers(
         state=state,
         first=first,
         layer_idx=layer_idx,
+        key_scales=key_scales,
+        value_scales=value_scales,
     )
-    scores, new_state = scorer(inputs)
+    scores, new_state = scorer(inputs, pools.dtype)
     keep = select_keep(scores, mask, k, window, sinks)
-    compact([keys_pool, values_pool], rows, keep, None if dst_slots is None else dst_rows)
+    compact([keys_pool, values_pool, *scale_pools], rows, keep, None if dst_slots is None else dst_rows)
     if state_pool is not None:
         # The state of the kept tokens goes straight to their new slots (never into the source pages).
         kept_state = new_state.gather(2, keep) if new_state is not None else torch.zeros_like(keep, dtype=torch.float32)
@@ -146,7 +159,9 @@ def compress_layer(
     layer_idx: int,
 ) -> torch.Tensor:
     """Compress one layer (pools ``[num_pages, page_size, H, D]``); returns ``[B, H, k]`` kept indices."""
-    one = LayerPages(pages.keys[None], pages.values[None], pages.state[None] if pages.state is not None else None)
+    lift = lambda t: t[None] if t is not None else None  # noqa: E731
+    one = LayerPages(pages.keys[None], pages.values[None], lift(pages.state), lift(pages.key_scales),
+                     lift(pages.value_scales), pages.dtype)
     keep = compress_layers(
         one, slots, key_mask[None], queries[None] if queries is not None else None, scorer, k=k, window=window,
         sinks=sinks, scaling=scaling, page_size=page_size, first=first, layer_idx=layer_idx,

@@ -28,6 +28,15 @@ GROUP_REDUCES = ("max", "mean")
 POOLING_SCOPES = ("first", "all")
 GLOBAL_MODES = ("max", "sum")
 WINDOW_REDUCES = ("mean", "max")
+KV_CACHE_DTYPES = ("auto", "fp8")  # vLLM's names: the model's dtype, or e4m3 with per-token scales
+
+
+def check_kv_cache_dtype(value: Any, where: str = "ZipageConfig.kv_cache_dtype") -> str:
+    """``value`` if it names a KV cache dtype (``KV_CACHE_DTYPES``), else a ValueError naming ``where``."""
+    if not isinstance(value, str) or value not in KV_CACHE_DTYPES:
+        raise ValueError(f"{where}={value!r} is invalid: expected one of {KV_CACHE_DTYPES} (\"auto\": the model's "
+                         "dtype; \"fp8\": e4m3 codes with a float32 scale per token and KV head)")
+    return value
 
 
 def _fail(name: str, value: Any, allowed: str, exc: type[Exception] = ValueError) -> None:
@@ -115,6 +124,9 @@ class ZipageConfig:
             takes as many as fit in ``compress_scratch_bytes`` of gathered keys; fewer layers per
             batch bound the scratch memory (the paper uses 8), more cut launch overhead.
         compress_scratch_bytes: scratch memory a compression may use when ``layer_stride`` is None.
+        kv_cache_dtype: how stored keys and values are kept: ``"auto"`` (the model's dtype) or
+            ``"fp8"`` (e4m3 codes with a float32 scale per token and KV head: half the bytes of bf16
+            per kept token, so twice the tokens or requests in the same memory).
     """
 
     budget: int = 2048
@@ -140,6 +152,7 @@ class ZipageConfig:
     seed: int = 0
     layer_stride: int | None = None
     compress_scratch_bytes: int = 512 * 2**20
+    kv_cache_dtype: str = "auto"
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -186,6 +199,7 @@ class ZipageConfig:
         if self.layer_stride is not None:
             _check_int("layer_stride", self.layer_stride, low=1)
         _check_int("compress_scratch_bytes", self.compress_scratch_bytes, low=1)
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "expected a dict", TypeError)
         # Only the form of the scorer: its name is looked up where the scorer is built

@@ -88,6 +88,8 @@ def build_parser(prog: str = "python -m zipage.demo") -> argparse.ArgumentParser
     parser.add_argument("--buffer", type=int, default=16, help="tokens allowed beyond the budget (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
     parser.add_argument("--scorer", default="zipage", choices=list_scorers(), help="eviction scorer")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="zipage's KV pages: auto (the model's dtype) or fp8 (e4m3, a scale per token and head)")
     parser.add_argument("--prompt", default=None, help="your own question instead of a real math problem")
     parser.add_argument(
         "--dataset", default="gsm8k", choices=("gsm8k", "math500"), help="where the problem comes from"
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m zipage.demo")
     try:  # bad options are reported as the command's usage errors (exit status 2), before any loading
         zipage_config = zipage.ZipageConfig(
             budget=args.budget, page_size=args.page_size, buffer=args.buffer, scorer=args.scorer,
-            window=args.window, seed=args.seed,
+            window=args.window, seed=args.seed, kv_cache_dtype=args.kv_cache_dtype,
         )
         question, reference, source = _problem(args)
     except (TypeError, ValueError) as error:
@@ -156,7 +158,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m zipage.demo")
     )
     print(
         f"  zipage    budget={zipage_config.budget} page_size={zipage_config.page_size} "
-        f"buffer={zipage_config.buffer} window={zipage_config.window} scorer={zipage_config.scorer}"
+        f"buffer={zipage_config.buffer} window={zipage_config.window} scorer={zipage_config.scorer} "
+        f"kv_cache_dtype={zipage_config.kv_cache_dtype}"
     )
     print(f"  decoding  greedy, at most {args.max_new_tokens} new tokens; torch threads: {torch.get_num_threads()}")
     print(_rule(f"prompt ({source}, {prompt_len} tokens with the chat template)", "-"))

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from ..attention_checks import sliding_layers
 from ..cache import check_model_config
-from ..config import ZipageConfig
+from ..config import ZipageConfig, check_kv_cache_dtype
 from ..memory.block_manager import BlockManager
+from ..memory.window_blocks import WindowBlocks
 from ..scoring import get_scorer
 from .core import EngineCore
 from .inputs import as_prompt_list, check_request, resolve_budget, tokenize
@@ -34,6 +36,7 @@ from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
+from .sharding import check_tensor_parallel
 
 CPU_MEMORY_SHARE = 0.2  # of the available RAM, at most, for a default-sized pool on a CPU
 
@@ -50,7 +53,9 @@ class LLM:
             runs a plain full-KV paged engine (the baseline), which has no compression machinery
             and refuses per-request budgets. Other ``ZipageConfig`` fields (``page_size``,
             ``buffer``, ``window``, ``scorer``, ...) are accepted as keyword arguments too.
-        enable_prefix_caching: share full prompt pages between requests with the same prefix.
+        enable_prefix_caching: share full prompt pages between requests with the same prefix (off for
+            models with sliding-window layers: those keep only their window, so a cached prefix
+            would lack the sliding layers' KV of its last tokens).
         enforce_eager: no CUDA graphs. Otherwise (on CUDA) decode-only steps replay a CUDA graph of
             the whole forward, captured for a ladder of batch sizes at the first decode step.
         async_compression: compress on a side CUDA stream while the other requests decode; the
@@ -59,7 +64,9 @@ class LLM:
         max_num_seqs: most sequences running at once (the budget may lower it further).
         max_num_batched_tokens: most tokens in one step (chunked prefill).
         gpu_memory_utilization: share of the GPU memory the model + pools may take (CUDA).
-        num_pages: explicit pool size in pages. By default the pool is sized from the memory:
+        num_pages: explicit pool size in pages (of the full-attention layers; sliding-window layers,
+            which keep only their window, get a pool of their own sized for ``max_num_seqs``
+            windows and one step's tokens). By default the pool is sized from the memory:
             on CUDA ``gpu_memory_utilization`` of the GPU; on a CPU what ``max_num_seqs``
             requests need (each at most ``budget + buffer`` tokens, or ``max_model_len`` with full
             KV), capped at a fifth of the available RAM.
@@ -75,6 +82,18 @@ class LLM:
             bookkeeping then overlap the GPU). Outputs and stops arrive one step late; a request
             stopped by a token runs one extra step whose token is dropped. Tokens are the same
             either way.
+        kv_cache_dtype: ``"auto"`` (the model's dtype) or ``"fp8"``: the KV pages hold e4m3 codes
+            with a float32 scale per token and KV head (quantized where they are stored, read in
+            registers by every kernel), so a page costs about half of bf16 and twice the tokens fit
+            in the same memory. With ``budget=None`` it gives a full-KV FP8 engine.
+        tensor_parallel_size: split the model over this many ranks (GPUs from the model's, or
+            CPU processes): each holds its share of every projection and the KV pages of its
+            heads, which must divide by it. The engine starts ranks 1..N-1 itself (spawned
+            processes; this process is rank 0), or joins the ranks ``torchrun`` started. A model
+            object is sharded in place and sent to the other ranks; with a Hub id or a folder
+            each rank loads it. See the "Several GPUs" guide.
+        tensor_parallel_timeout: seconds a rank waits for the others inside a step before the
+            engine stops with ``TensorParallelError``.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, budget: int | None = 2048,
@@ -82,11 +101,15 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
                  num_pages: int | None = None, max_model_len: int | None = None, dtype: Any = None,
                  device: Any = None, fuse_ops: bool = True, async_scheduling: bool = True,
+                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, tensor_parallel_timeout: float = 600.0,
                  **zipage_fields: Any) -> None:
+        check_kv_cache_dtype(kv_cache_dtype, "LLM(kv_cache_dtype)")
+        source = model
         if isinstance(model, (str, os.PathLike)):
             from .loading import load_model
 
-            model, tokenizer = load_model(model, tokenizer, dtype=dtype, device=device)
+            model, tokenizer = load_model(model, tokenizer, dtype=dtype,
+                                          device=device if tensor_parallel_size == 1 else None)
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LLM({name}={value!r}) is invalid: expected an int >= 1")
@@ -99,6 +122,8 @@ class LLM:
                              "the pool from the memory")
         config = model.config.get_text_config(decoder=True)
         check_model_config(config)
+        check_tensor_parallel(model.config, tensor_parallel_size)
+        self.tensor_parallel_size = tensor_parallel_size
         self.model = model.eval()
         self.tokenizer = tokenizer
         page_size = zipage_fields.get("page_size", ZipageConfig.page_size)
@@ -109,20 +134,42 @@ class LLM:
             self.zipage_config = None
             scorer = None
         else:
-            self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields})
+            self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields,
+                                                         "kv_cache_dtype": kv_cache_dtype})
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
         self.max_model_len = (int(max_model_len) if max_model_len is not None
                               else getattr(config, "max_position_embeddings", None) or 1 << 30)
+        window, sliding = sliding_layers(config)
+        if any(sliding) and tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported for models with sliding-window layers "
+                             f"({type(model).__name__}): run them on one GPU")
+        self.ranks = None
+        if tensor_parallel_size > 1:  # from here on this process is rank 0 (the other ranks never get here)
+            from .tensor_parallel import start_ranks
+
+            self.ranks = start_ranks(model, source, dtype, device, tensor_parallel_size, tensor_parallel_timeout)
+            weakref.finalize(self, self.ranks.close)  # (also when this constructor raises from here on)
         device = next(model.parameters()).device
         stateful = scorer is not None and scorer.stateful
+        self.kv_cache_dtype = kv_cache_dtype
+        window_blocks = None
+        if any(sliding):  # sliding-window layers: a pool of their own, sized so it never runs out
+            window_blocks = WindowBlocks(WindowBlocks.pool_pages(max_num_seqs, max_num_batched_tokens, page_size,
+                                                                 window), page_size, window)
         if num_pages is None:
             num_pages = self._pages_from_memory(config, device, page_size, stateful, max_num_seqs,
-                                                gpu_memory_utilization)
-        blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
+                                                gpu_memory_utilization, window_blocks)
+        blocks = BlockManager(num_pages, page_size, enable_prefix_caching, window=window_blocks)
         scheduler = Scheduler(blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
         scheduler.max_model_len = self.max_model_len
-        runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
-                             scheduler.num_slots, fuse_ops=fuse_ops)
+        if self.ranks is None:
+            runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer, scheduler.num_slots,
+                                 fuse_ops=fuse_ops, kv_cache_dtype=kv_cache_dtype, window_blocks=window_blocks)
+        else:
+            from .tensor_parallel import driver_runner
+
+            runner = driver_runner(self.ranks, model, num_pages, page_size, self.zipage_config, scorer,
+                                   scheduler.num_slots, fuse_ops, kv_cache_dtype)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
@@ -150,13 +197,18 @@ class LLM:
     use_graphs = property(lambda self: self.core.use_graphs)
     generated_tokens = property(lambda self: self.core.outputs.generated_tokens)
 
-    def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization) -> int:
+    def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization,
+                           window_blocks: WindowBlocks | None = None) -> int:
         dtype = self.model.dtype
-        page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful)
+        tp = self.tensor_parallel_size
+        page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful, self.kv_cache_dtype, tp)
         slot_bytes = 0
+        if window_blocks is not None:  # the sliding-window layers' pool comes first
+            slot_bytes += ModelRunner.bytes_per_page(config, page_size, dtype, False, tp_size=tp, sliding=True) * (
+                window_blocks.pool.num_pages + 1)
         if self.zipage_config is not None:
-            slot_bytes = ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,
-                                                    self.zipage_config.budget) * max_num_seqs
+            slot_bytes += ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,
+                                                     self.zipage_config.budget, tp) * max_num_seqs
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             available = total * utilization - (total - free) - 512 * 2**20  # activations headroom
@@ -245,6 +297,18 @@ class LLM:
 
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one rank). The engine cannot
+        step afterwards. Also done when the engine is garbage-collected or the process exits."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; returns the requests that got new tokens or finished.
@@ -371,7 +435,11 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
+        window = self.blocks.window  # the sliding-window layers' pool, for models that have such layers
+        extra = {} if window is None else {"window_free_pages": window.pool.num_free,
+                                           "window_total_pages": window.pool.num_pages}
         return {
+            **extra,
             "running": len(s.running),
             "waiting": len(s.waiting),
             "free_pages": self.blocks.num_free,
@@ -383,6 +451,7 @@ class LLM:
             "evicted_tokens": s.evicted_tokens,
             "prefix_cache_hits": self.blocks.hits,
             "generated_tokens": self.generated_tokens,
+            "tensor_parallel_size": self.tensor_parallel_size,
         }
 
     def kept_positions(self, request_id: str, layer_idx: int) -> torch.Tensor:

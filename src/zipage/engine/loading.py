@@ -27,8 +27,10 @@ def looks_like_path(name: str | os.PathLike) -> bool:
     return not _REPO_ID.match(text) or ".." in text or "--" in text
 
 
-def load_model(name: str | os.PathLike, tokenizer: Any = None, *, dtype: Any = None, device: Any = None):
-    """``(model, tokenizer)`` for a Hub repo id or a local folder; the tokenizer is loaded unless given.
+def load_model(name: str | os.PathLike, tokenizer: Any = None, *, dtype: Any = None, device: Any = None,
+               with_tokenizer: bool = True):
+    """``(model, tokenizer)`` for a Hub repo id or a local folder; the tokenizer is loaded unless given
+    (or unless ``with_tokenizer`` is False: a tensor-parallel rank other than 0 needs none).
 
     Raises FileNotFoundError naming the path when ``name`` is a path (see ``looks_like_path``) and
     nothing is there. ``dtype`` None loads the checkpoint's own (``"auto"``); ``device`` is passed
@@ -41,6 +43,7 @@ def load_model(name: str | os.PathLike, tokenizer: Any = None, *, dtype: Any = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(local) if local.exists() else str(name)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(source)
+    if with_tokenizer:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", device_map=device)
     return model, tokenizer

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .sampling import ENGINE_BUDGET, SamplingParams
+from .views import ListView
 
 
 class Status(enum.Enum):
@@ -61,14 +62,15 @@ class RequestOutput:
         """The output of a request from its samples' sequences (one for ``n = 1``)."""
         first = seqs[0]
         outputs = [s.completion() for s in seqs]
+        done = all(s.finished for s in seqs)
         return cls(
             request_id=first.parent if first.parent is not None else first.request_id,
             prompt=first.prompt,
-            prompt_token_ids=list(first.prompt_token_ids),
+            prompt_token_ids=list(first.prompt_token_ids) if done else ListView(first.prompt_token_ids),
             token_ids=outputs[0].token_ids,
             text=outputs[0].text,
             finish_reason=outputs[0].finish_reason,
-            finished=all(s.finished for s in seqs),
+            finished=done,
             error=next((s.error for s in seqs if s.error is not None), None),
             logprobs=outputs[0].logprobs,
             outputs=outputs,
@@ -102,6 +104,8 @@ class Sequence:
     finish_reason: str | None = None
     text: str | None = None  # decoded output, when the engine has a tokenizer
     cached_pages: int = 0  # leading pages whose hashes are registered (shared or shareable)
+    window_pages: list[int] = field(default_factory=list)  # sliding-window layers' pages (memory/window_blocks.py)
+    window_offset: int = 0  # logical position of slot 0 of ``window_pages``
     generator: torch.Generator | None = None
     streamed: int = 0  # output tokens already handed to a stream
     detokenizer: Any = None  # the incremental text, while stop strings are checked (outputs.IncrementalText)
@@ -137,8 +141,13 @@ class Sequence:
         return self.status is Status.FINISHED
 
     def completion(self) -> CompletionOutput:
-        return CompletionOutput(self.index, list(self.output_ids), self.text, self.finish_reason,
-                                list(self.logprobs) if self.logprobs is not None else None)
+        """This sample's output: views of its lists while it runs (a step reports every running
+        request; copies would cost O(n) each time), plain lists once it is finished."""
+        if self.finished:
+            return CompletionOutput(self.index, list(self.output_ids), self.text, self.finish_reason,
+                                    list(self.logprobs) if self.logprobs is not None else None)
+        return CompletionOutput(self.index, ListView(self.output_ids), self.text, self.finish_reason,
+                                ListView(self.logprobs) if self.logprobs is not None else None)
 
     def output(self) -> RequestOutput:
         return RequestOutput.of([self])

@@ -8,12 +8,14 @@ so a scorer only writes ``score``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..config import ZipageConfig
+from ..kernels.fp8 import dequantize_reference
 
 
 @dataclass
@@ -32,6 +34,10 @@ class ScoreInputs:
             since the last compression), or None.
         first: True at the first compression of these sequences.
         layer_idx: the layer being compressed.
+        key_scales, value_scales: ``[B, H_kv, S]`` float32 when the cache stores FP8 and the scorer
+            reads it (``Scorer.reads_fp8``): ``keys`` and ``values`` are then e4m3 codes and
+            ``codes * scale`` their values (``dense_keys()`` / ``dense_values()``). Any other
+            scorer gets dequantized keys and values and None here.
     """
 
     keys: torch.Tensor
@@ -44,6 +50,24 @@ class ScoreInputs:
     state: torch.Tensor | None = None
     first: bool = True
     layer_idx: int = 0
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
+
+    def dense_keys(self) -> torch.Tensor:
+        """Keys as float32 values (FP8 codes times their scales)."""
+        return dequantize_reference(self.keys, self.key_scales)
+
+    def dense_values(self) -> torch.Tensor | None:
+        """Values as float32 values (FP8 codes times their scales), or None."""
+        return dequantize_reference(self.values, self.value_scales) if self.values is not None else None
+
+    def dequantized(self, dtype: torch.dtype) -> ScoreInputs:
+        """These inputs with FP8 keys and values turned into ``dtype`` values (no scales left)."""
+        if self.key_scales is None and self.value_scales is None:
+            return self
+        values = None if self.values is None else dequantize_reference(self.values, self.value_scales, dtype)
+        return dataclasses.replace(self, keys=dequantize_reference(self.keys, self.key_scales, dtype), values=values,
+                                   key_scales=None, value_scales=None)
 
 
 class Scorer:
@@ -58,6 +82,9 @@ class Scorer:
     stateful: ClassVar[bool] = False
     needs_queries: ClassVar[bool] = False
     needs_values: ClassVar[bool] = True  # built-ins that never read values set False (saves a copy)
+    # True: a scorer takes FP8 keys and values as codes plus ``key_scales`` / ``value_scales`` (its
+    # kernels dequantize in registers); otherwise it gets them dequantized to the model's dtype.
+    reads_fp8: ClassVar[bool] = False
 
     def __init__(self, config: ZipageConfig | None = None) -> None:
         self.config = config if config is not None else ZipageConfig()
@@ -67,7 +94,11 @@ class Scorer:
     def score(self, inputs: ScoreInputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def __call__(self, inputs: ScoreInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, inputs: ScoreInputs, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores (and the new state) of ``inputs``; FP8 inputs reach a scorer that does not read FP8
+        as ``dtype`` values."""
+        if not self.reads_fp8:
+            inputs = inputs.dequantized(dtype)
         out = self.score(inputs)
         scores, state = out if isinstance(out, tuple) else (out, None)
         B, H, S = inputs.keys.shape[:3]

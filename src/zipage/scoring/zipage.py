@@ -19,6 +19,7 @@ class ZipageScorer(Scorer):
 
     name = "zipage"
     needs_queries = True
+    reads_fp8 = True  # its window-score and redundancy kernels dequantize FP8 keys in registers
 
     @property
     def stateful(self) -> bool:  # type: ignore[override]
@@ -40,12 +41,12 @@ class ZipageScorer(Scorer):
         else:
             attn = window_scores(
                 x.queries, x.keys, x.key_mask, x.query_mask, x.scaling, cfg.group_reduce, "mean",
-                prev=x.state if fuse_global else None, decay=cfg.global_decay,
+                prev=x.state if fuse_global else None, decay=cfg.global_decay, key_scales=x.key_scales,
             )
         if pool:
             attn = pool_scores(attn, cfg.pooling_kernel, cfg.pooling)
         if cfg.value_weight:
-            attn = attn * x.values.float().norm(dim=-1)
+            attn = attn * x.dense_values().norm(dim=-1)
         if has_prev and not fuse_global:
             prev = cfg.global_decay * x.state
             attn = torch.maximum(attn, prev) if cfg.global_mode == "max" else attn + prev
@@ -53,7 +54,8 @@ class ZipageScorer(Scorer):
         if cfg.redundancy == "none":
             return _recent_first(attn, cfg.recent_kept), state
         block = x.page_size if cfg.redundancy == "lightning" else None
-        red = redundancy_scores(x.keys, x.key_mask, block, cfg.similarity_threshold, cfg.redundancy_tau)
+        red = redundancy_scores(x.keys, x.key_mask, block, cfg.similarity_threshold, cfg.redundancy_tau,
+                                key_scales=x.key_scales)
         lam = cfg.redundancy_lambda
         return _recent_first(lam * attn - (1.0 - lam) * red, cfg.recent_kept), state
 
@@ -74,7 +76,7 @@ def _window_max(x: ScoreInputs, group_reduce: str) -> torch.Tensor:
     B, Hq, w, D = x.queries.shape
     Hkv, S = x.keys.shape[1], x.keys.shape[2]
     q = x.queries.float().view(B, Hkv, Hq // Hkv, w, D)
-    logits = torch.einsum("bhgwd,bhsd->bhgws", q, x.keys.float()) * x.scaling
+    logits = torch.einsum("bhgwd,bhsd->bhgws", q, x.dense_keys()) * x.scaling
     pos = torch.arange(S, device=x.keys.device)
     allowed = (pos[None, :] <= torch.arange(S - w, S, device=x.keys.device)[:, None])[None] & x.key_mask[:, None, :]
     probs = torch.softmax(logits.masked_fill(~allowed[:, None, None], float("-inf")), dim=-1).nan_to_num(0.0)

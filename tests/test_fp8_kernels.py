@@ -1,0 +1,372 @@
+"""FP8 KV pages, kernel by kernel: the references against dense math on the dequantized values, and
+the Triton kernels against the references (in the interpreter on a CPU, compiled on a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CUDA, requires_triton
+
+from zipage.kernels import (
+    compact_reference,
+    compact_triton,
+    dequantize_reference,
+    lightning_redundancy_triton,
+    paged_decode_attention_reference,
+    paged_decode_attention_triton,
+    paged_prefill_attention_reference,
+    paged_prefill_attention_triton,
+    quantize_reference,
+    redundancy_scores_reference,
+    slot_indices,
+    store_kv_reference,
+    store_kv_triton,
+    window_scores_reference,
+    window_scores_triton,
+)
+from zipage.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+cpu_only = pytest.mark.skipif(CUDA, reason="interpreter case (the GPU runs the gpu cases)")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in kernel output"
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def fp8_pages(P: int, page: int, H: int, D: int, device, spread: float = 3.0):
+    """FP8 key and value pools with their scales; rows of very different magnitudes (scales matter)."""
+    mag = torch.exp(torch.randn(P, page, H, 1, device=device) * spread / 3)
+    k, ks = quantize_reference(torch.randn(P, page, H, D, device=device) * mag)
+    v, vs = quantize_reference(torch.randn(P, page, H, D, device=device) * mag)
+    return k, v, ks, vs
+
+
+def dense_attention(q, k, v, scale, causal_from: int | None = None):
+    """Plain softmax attention ``q`` [Q, H, D] over ``k``, ``v`` [S, H, D] (float32), the last query at
+    the last key when ``causal_from`` is set (queries at positions causal_from..S-1)."""
+    logits = torch.einsum("qhd,shd->hqs", q.double(), k.double()) * scale
+    if causal_from is not None:
+        qpos = torch.arange(causal_from, causal_from + q.shape[0])
+        logits = logits.masked_fill(torch.arange(k.shape[0])[None, :] > qpos[:, None], float("-inf"))
+    return torch.einsum("hqs,shd->qhd", torch.softmax(logits, dim=-1), v.double())
+
+
+# ----------------------------------------------------------------------------- references
+def test_quantize_is_per_row_and_within_e4m3_rounding():
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, 3, 64) * torch.exp(torch.randn(5, 7, 3, 1) * 2)
+    x[0, 0, 0] = 0.0  # an all-zero row
+    codes, scales = quantize_reference(x)
+    assert codes.dtype == FP8 and scales.dtype == torch.float32 and scales.shape == x.shape[:-1]
+    torch.testing.assert_close(scales[1:], x[1:].abs().amax(-1) / FP8_MAX)
+    assert scales[0, 0, 0] == MIN_SCALE and not codes[0, 0, 0].float().any()
+    back = dequantize_reference(codes, scales)
+    # e4m3 keeps 3 mantissa bits: half an ulp is 1/16 of the value (normals) or 2^-10 * scale (subnormals)
+    bound = torch.maximum(x.abs() / 16, scales[..., None] * 2.0**-10) * (1 + 1e-5)
+    assert ((back - x).abs() <= bound).all()
+    # the largest element of every row is stored as +-448 exactly
+    top = x.abs().argmax(-1, keepdim=True)
+    assert (codes.float().gather(-1, top).abs()[1:] == FP8_MAX).all()
+
+
+def test_store_reference_quantizes_at_the_slots_only():
+    torch.manual_seed(1)
+    cache = torch.zeros(4, 8, 2, 16, dtype=FP8)
+    scale = torch.zeros(4, 8, 2)
+    slots = torch.tensor([[3, 17], [30, 8]])
+    values = torch.randn(2, 2, 2, 16) * 5
+    store_kv_reference(cache, slots, values, scale)
+    flat, flat_s = cache.view(32, 2, 16), scale.view(32, 2)
+    codes, s = quantize_reference(values)
+    assert torch.equal(flat[slots].view(torch.uint8), codes.view(torch.uint8)) and torch.equal(flat_s[slots], s)
+    others = torch.ones(32, dtype=torch.bool)
+    others[slots.reshape(-1)] = False
+    assert not flat[others].float().any() and not flat_s[others].any()
+
+
+def test_scales_are_checked():
+    cache = torch.zeros(2, 4, 2, 8, dtype=FP8)
+    values = torch.randn(1, 2, 8)
+    with pytest.raises(ValueError, match="needs its per-token scales"):
+        store_kv_reference(cache, torch.tensor([0]), values)
+    with pytest.raises(ValueError, match="scales must be"):
+        store_kv_reference(cache, torch.tensor([0]), values, torch.zeros(2, 4, 2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="FP8 KV only"):
+        store_kv_reference(torch.zeros(2, 4, 2, 8), torch.tensor([0]), values, torch.zeros(2, 4, 2))
+
+
+def test_paged_attention_references_match_dense_attention_on_dequantized_values():
+    torch.manual_seed(2)
+    P, page, Hq, Hkv, D = 10, 4, 4, 2, 16
+    k, v, ks, vs = fp8_pages(P, page, Hkv, D, "cpu")
+    table = torch.randperm(P)[:8].view(2, 4).int()
+    lens, starts = [13, 16], [0, 3]
+    kd, vd = dequantize_reference(k, ks), dequantize_reference(v, vs)
+    q = torch.randn(2, Hq, D)
+    out = paged_decode_attention_reference(q, k, v, table, torch.tensor(lens), 0.3, torch.tensor(starts),
+                                           k_scale=ks, v_scale=vs)
+    qp = torch.randn(7, Hq, D)
+    cu = torch.tensor([0, 5, 7])
+    outp = paged_prefill_attention_reference(qp, k, v, table, cu, torch.tensor(lens), 0.3, torch.tensor(starts),
+                                             k_scale=ks, v_scale=vs)
+    for b in range(2):
+        slots = slot_indices(table[b : b + 1].long(), starts[b], lens[b], page)[0]
+        kb = kd.view(-1, Hkv, D)[slots].repeat_interleave(2, dim=1)
+        vb = vd.view(-1, Hkv, D)[slots].repeat_interleave(2, dim=1)
+        torch.testing.assert_close(out[b], dense_attention(q[b : b + 1], kb, vb, 0.3)[0].float(), rtol=1e-5, atol=1e-5)
+        q0, q1 = int(cu[b]), int(cu[b + 1])
+        n = lens[b] - starts[b]
+        want = dense_attention(qp[q0:q1], kb, vb, 0.3, causal_from=n - (q1 - q0))
+        torch.testing.assert_close(outp[q0:q1], want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_window_and_redundancy_references_read_dequantized_keys():
+    torch.manual_seed(3)
+    B, Hq, Hkv, w, S, D = 2, 4, 2, 4, 21, 16
+    kx = torch.randn(B, Hkv, S, D) * torch.exp(torch.randn(B, Hkv, S, 1))
+    codes, scales = quantize_reference(kx)
+    dense = dequantize_reference(codes, scales)
+    q = torch.randn(B, Hq, w, D)
+    km = torch.ones(B, S, dtype=torch.bool)
+    km[1, :2] = False
+    qm = km[:, S - w:]
+    got = window_scores_reference(q, codes, km, qm, 0.25, "mean", "mean", key_scales=scales)
+    torch.testing.assert_close(got, window_scores_reference(q, dense, km, qm, 0.25, "mean", "mean"))
+    for block in (8, None):
+        got = redundancy_scores_reference(codes, km, block, key_scales=scales)
+        torch.testing.assert_close(got, redundancy_scores_reference(dense, km, block))
+
+
+def test_compaction_moves_codes_with_their_scales():
+    """Reference compaction of FP8 pools (codes moved as bytes) and their scale pools: every kept
+    token reads back exactly as before, in place and into fresh pages."""
+    torch.manual_seed(4)
+    P, page, H, D, S, k = 8, 4, 2, 8, 14, 6
+    keys, values, ks, vs = fp8_pages(P, page, H, D, "cpu")
+    table = torch.randperm(P)[:4].view(1, 4)
+    slots = slot_indices(table, 0, S, page)
+    keep = torch.stack([torch.randperm(S)[:k] for _ in range(H)])[None].sort(dim=-1).values
+    before_k, before_v = dequantize_reference(keys, ks).view(-1, H, D), dequantize_reference(values, vs).view(-1, H, D)
+    for dst in (None, torch.tensor([[28, 29, 30, 31, 24, 25]])):
+        pools = [keys.clone(), values.clone(), ks.clone(), vs.clone()]
+        compact_reference(pools, slots, keep, dst)
+        after_k = dequantize_reference(pools[0], pools[2]).view(-1, H, D)
+        after_v = dequantize_reference(pools[1], pools[3]).view(-1, H, D)
+        target = (dst if dst is not None else slots)[0, :k]
+        for h in range(H):
+            src = slots[0, keep[0, h]]
+            assert torch.equal(after_k[target, h], before_k[src, h])
+            assert torch.equal(after_v[target, h], before_v[src, h])
+
+
+# ----------------------------------------------------------------------------- Triton against the references
+def _store_case(device, dtype, N, H, D, page):
+    torch.manual_seed(N + H)
+    P = -(-2 * N // page) + 2
+    kc, vc, kss, vss = fp8_pages(P, page, H, D, device)
+    slots = torch.randperm(P * page, device=device)[: 2 * N].view(N, 2)[:, 1:]  # a strided column
+    k = (torch.randn(1, H, N, D, device=device) * 4).to(dtype).permute(2, 0, 1, 3)  # [N, 1, H, D], strided
+    v = torch.randn(N, 1, H, D, device=device).to(dtype)
+    want = [kc.clone(), vc.clone(), kss.clone(), vss.clone()]
+    store_kv_reference(want[0], slots, k, want[2])
+    store_kv_reference(want[1], slots, v, want[3])
+    store_kv_triton(kc, slots, k, vc, v, kss, vss)
+    for got, ref in ((kss, want[2]), (vss, want[3])):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    for got, ref in ((kc, want[0]), (vc, want[1])):
+        differ = (got.view(torch.uint8) != ref.view(torch.uint8)).float().mean().item()
+        assert differ <= (0 if not CUDA else 1e-3)  # compiled: a division may round the other way, rarely
+        assert rel_err(got.float(), ref.float()) < 1e-2
+
+
+def _decode_case(device, dtype, B, Hq, Hkv, D, page, lens, starts=None, num_splits=None):
+    torch.manual_seed(B * 1000 + D + page)
+    per_row = max(-(-n // page) for n in lens)
+    P = B * per_row + 3
+    k, v, ks, vs = fp8_pages(P, page, Hkv, D, device)
+    table = torch.randperm(P, device=device)[: B * per_row].view(B, per_row).to(torch.int32)
+    q = torch.randn(B, Hq, D, device=device).to(dtype)
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    kv_starts = torch.tensor(starts or [0] * B, dtype=torch.int32, device=device)
+    ref = paged_decode_attention_reference(q.float(), k, v, table, kv_lens, D**-0.5, kv_starts, ks, vs)
+    out = paged_decode_attention_triton(q, k, v, table, kv_lens, D**-0.5, kv_starts, num_splits=num_splits,
+                                        k_scale=ks, v_scale=vs)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def _prefill_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, block=64):
+    torch.manual_seed(sum(lens) + D)
+    B = len(lens)
+    per_row = max(-(-n // page) for n in lens)
+    P = B * per_row + 3
+    k, v, ks, vs = fp8_pages(P, page, Hkv, D, device)
+    table = torch.randperm(P, device=device)[: B * per_row].view(B, per_row).to(torch.int32)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
+    q = torch.randn(int(cu[-1]), Hq, D, device=device).to(dtype)
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    kv_starts = torch.tensor(starts or [0] * B, dtype=torch.int32, device=device)
+    ref = paged_prefill_attention_reference(q.float(), k, v, table, cu, kv_lens, D**-0.5, kv_starts, ks, vs)
+    out = paged_prefill_attention_triton(q, k, v, table, cu, kv_lens, D**-0.5, kv_starts, block_m=block,
+                                         block_n=block, k_scale=ks, v_scale=vs)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def _window_case(device, dtype, B, Hq, Hkv, w, D, S, pad=0):
+    torch.manual_seed(S + Hq)
+    q = torch.randn(B, Hq, w, D, device=device).to(dtype)
+    codes, scales = quantize_reference(torch.randn(B, S, Hkv, D, device=device) * 3)
+    keys, key_scales = codes.transpose(1, 2), scales.transpose(1, 2)  # strided, as a gather of the pools gives
+    km = torch.ones(B, S, dtype=torch.bool, device=device)
+    km[-1, :pad] = False
+    qm = km[:, S - w:]
+    pv = torch.rand(B, Hkv, S, device=device) * 0.05
+    for group, window, prev in (("max", "mean", None), ("mean", "sum", pv)):
+        ref = window_scores_reference(q.float(), keys, km, qm, D**-0.5, group, window, prev, 0.8, key_scales)
+        out = window_scores_triton(q, keys, km, qm, D**-0.5, group, window, prev, 0.8, key_scales=key_scales)
+        assert rel_err(out, ref) < TOL[dtype] * 2
+
+
+def _redundancy_case(device, B, H, S, D, block, pad=0):
+    torch.manual_seed(S + block)
+    x = torch.randn(B, H, S, D, device=device)
+    x[:, :, 3] = x[:, :, 1] * 2  # near-duplicates inside a page, at another scale
+    x[:, :, S - 2] = x[:, :, S - 5] * 0.1
+    codes, scales = quantize_reference(x)
+    km = torch.ones(B, S, dtype=torch.bool, device=device)
+    km[0, :pad] = False
+    ref = redundancy_scores_reference(codes, km, block, 0.5, 0.4, key_scales=scales)
+    out = lightning_redundancy_triton(codes, km, block, 0.5, 0.4, key_scales=scales)
+    assert rel_err(out, ref) < 3e-3
+
+
+def _compact_case(device, B, H, D, page, S, k):
+    torch.manual_seed(S * 7 + k)
+    per_row = -(-S // page)
+    P = B * per_row + 4
+    table = torch.randperm(P, device=device)[: B * per_row].view(B, per_row)
+    slots = slot_indices(table, 0, S, page)
+    pools = list(fp8_pages(P, page, H, D, device))
+    keep = torch.stack([torch.stack([torch.randperm(S, device=device)[:k] for _ in range(H)]) for _ in range(B)])
+    keep = keep.sort(dim=-1).values
+    want = [p.clone() for p in pools]
+    got = [p.clone() for p in pools]
+    compact_reference(want, slots, keep)
+    compact_triton(got, slots, keep)
+    for w_, g_ in zip(want, got):
+        assert torch.equal(w_.view(torch.uint8), g_.view(torch.uint8))
+
+
+@cpu_only
+@requires_triton
+def test_store_interpreter():
+    _store_case("cpu", torch.float32, 9, 3, 20, 4)
+    _store_case("cpu", torch.float16, 5, 2, 16, 8)
+
+
+@cpu_only
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_interpreter(dtype):
+    _decode_case("cpu", dtype, 3, 4, 2, 32, 16, [40, 17, 33], starts=[0, 5, 0], num_splits=2)
+
+
+@cpu_only
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_interpreter(dtype):
+    _prefill_case("cpu", dtype, 4, 2, 16, 16, [40, 17, 33], [9, 17, 1], starts=[0, 3, 0], block=16)
+
+
+@cpu_only
+@requires_triton
+def test_window_score_interpreter():
+    _window_case("cpu", torch.float16, 2, 4, 2, 4, 16, 37, pad=3)
+
+
+@cpu_only
+@requires_triton
+def test_lightning_redundancy_interpreter():
+    _redundancy_case("cpu", 2, 2, 40, 16, 16, pad=3)
+
+
+@cpu_only
+@requires_triton
+def test_compact_interpreter():
+    _compact_case("cpu", 2, 2, 8, 4, 14, 9)
+
+
+# ----------------------------------------------------------------------------- on the GPU (compiled, bf16)
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D, page", [(64, 16), (128, 256), (128, 64)])
+def test_fp8_decode_gpu(dtype, D, page):
+    _decode_case("cuda", dtype, 5, 32, 8, D, page, [3000, 1, 257, 2048 + 256, 20000], starts=[0, 0, 7, 0, 100])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page", [16, 256])
+def test_fp8_prefill_gpu(dtype, page):
+    _prefill_case("cuda", dtype, 32, 8, 128, page, [4096, 700, 1300], [4096, 1, 513], starts=[0, 0, 9])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_store_gpu(dtype):
+    _store_case("cuda", dtype, 4096, 8, 128, 256)
+    _store_case("cuda", dtype, 300, 3, 64, 16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S", [2064, 30000])
+def test_fp8_window_score_gpu(dtype, S):
+    _window_case("cuda", dtype, 3, 32, 8, 16, 128, S, pad=5)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block", [16, 256])
+def test_fp8_lightning_redundancy_gpu(block):
+    _redundancy_case("cuda", 3, 8, 4000, 128, block, pad=7)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("page, S, k", [(16, 2304, 2048), (256, 40000, 2048)])
+def test_fp8_compact_gpu(page, S, k):
+    _compact_case("cuda", 2, 8, 128, page, S, k)
+
+
+@gpu
+@needs_cuda
+def test_fp8_decode_is_cuda_graph_safe():
+    """The FP8 decode kernel replayed from a CUDA graph after the pages changed gives the fresh answer."""
+    torch.manual_seed(5)
+    k, v, ks, vs = fp8_pages(40, 16, 2, 64, "cuda")
+    table = torch.arange(40, device="cuda", dtype=torch.int32).view(4, 10)
+    lens = torch.tensor([150, 3, 160, 77], dtype=torch.int32, device="cuda")
+    q = torch.randn(4, 8, 64, device="cuda", dtype=torch.bfloat16)
+    run = lambda: paged_decode_attention_triton(q, k, v, table, lens, 0.125, num_splits=4,  # noqa: E731
+                                                k_scale=ks, v_scale=vs)
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    nk, nv, nks, nvs = fp8_pages(40, 16, 2, 64, "cuda")
+    for dst, src in ((k, nk), (v, nv), (ks, nks), (vs, nvs)):
+        dst.copy_(src)
+    graph.replay()
+    ref = paged_decode_attention_reference(q.float(), k, v, table, lens, 0.125, k_scale=ks, v_scale=vs)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
