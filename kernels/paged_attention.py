@@ -355,12 +355,15 @@ def _check_sinks(sinks: torch.Tensor | None, heads: int) -> None:
 
 
 def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
-                                  num_splits: int | None = None, max_len_hint: int | None = None, block_n: int = 64,
-                                  k_scale=None, v_scale=None, *, window: int | None = None,
-                                  sinks: torch.Tensor | None = None, softcap: float | None = None):
+                                  num_splits: int | None = None, max_len_hint: int | None = None,
+                                  block_n: int | None = None, k_scale=None, v_scale=None, *, window: int | None = None,
+                                  sinks: torch.Tensor | None = None, softcap: float | None = None,
+                                  num_warps: int = 4, num_stages: int = 2):
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
+    if block_n is None:  # FP8 tiles carry half the bytes: twice the tokens per tile (H200: 25% faster at 256-512
+        block_n = 128 if fp8 else 64  # requests, benchmarks/fp8_decode_tune.py); bf16 is at the copy bandwidth at 64
     B, Hq, D = q.shape
     Hkv, page = k_cache.shape[2], k_cache.shape[1]
     G = Hq // Hkv
@@ -385,7 +388,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_N=block_n,
         NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), FP8=fp8, WINDOW=int(window or 0),
-        SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, num_warps=4, num_stages=2,
+        SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_merge_kernel[(B, Hq)](
         mid_o, mid_lse, out, sinks if sinks is not None else mid_lse,
