@@ -133,11 +133,12 @@ def _slug(text: str) -> str:
 def _write(stem: pathlib.Path, result: dict[str, Any], figure: bool = True) -> str:
     from zipage.evaluation.report import markdown, plot
 
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    # (a stem may hold dots, e.g. "eval_qwen3-0.6b": add the suffixes, never replace one)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
+    stem.with_name(stem.name + ".md").write_text(md)
     if figure:
-        plot(result, stem.with_suffix(".png"))
+        plot(result, stem.with_name(stem.name + ".png"))
     return md
 
 

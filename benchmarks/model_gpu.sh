@@ -22,7 +22,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
 python3 benchmarks/make_model.py --shape qwen3-0.6b --tokenizer "$ASSETS/tokenizer" --out "$MODEL_DIR"
 python3 -m zipage bench --model "$MODEL_DIR" --dataset "$ASSETS/gsm8k.jsonl" --num-prompts 64 --n 2 \
   --max-tokens 2048 --ignore-eos --kv-gib 4 --systems zipage-1024,zipage-fullkv,hf-generate_batch,hf-generate \
-  --peer-max-tokens 256 --time-limit 45 --out "$OUT/bench_model_qwen3-0.6b-random.json" 2>&1 \
+  --peer-max-tokens 256 --time-limit ${BENCH_LIMIT:-45} --out "$OUT/bench_model_qwen3-0.6b-random.json" 2>&1 \
   | grep -v "^zipage-\|^hf-" | tail -8
 python3 -m zipage eval --model "$MODEL_DIR" --dataset "$ASSETS/gsm8k.jsonl" --answer-check number \
   --num-prompts 32 --n 2 --max-tokens 512 --budgets 128,256,none --scorers zipage,snapkv --no-progress \

@@ -100,7 +100,6 @@ ABLATIONS = DEFAULT_VARIANTS + (
     "zipage[use_global=True,global_mode=sum]",
     "zipage[paper,redundancy_lambda=0.8]",
 )
-BASELINES = ("snapkv", "streaming", "random")  # the default scorer must never fall below these
 GEN_ROWS = "zipage,zipage[paper],snapkv,streaming"
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -126,6 +125,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# How the default was chosen: shown in every report (see default_choice).
+DEFAULT_CHOICE = (
+    "The default `zipage` settings (window attention averaged over the GQA group and the window, max-pooled at "
+    "the first compression, the last `min(64, budget / 2)` tokens always kept; the paper's global score and "
+    "redundancy off) were chosen on SmolLM2-135M-Instruct over MATH-500 solutions, the sequences of this page "
+    "(ablations: `benchmarks/results/quality_experiments.md`). They were then checked on text they were not tuned "
+    "on, MATH train solutions, and again on MATH-500, against every registered scorer (the published `keydiff`, "
+    "`rkv` and `expected_attention` included) on top-1 agreement, KL and perplexity ratio, at 1/16 to 1/2 of the "
+    "length (`benchmarks/scorer_comparison.py`). On that (small) sample the default is not at least as good as "
+    "every scorer everywhere, and no scorer or combination tried is either, so the default is unchanged; "
+    "`benchmarks/results/scorers.md` gives the tables, the decision and what is open:"
+)
+
+
 # ----------------------------------------------------------------------------- small helpers
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -147,6 +160,8 @@ def _value(text: str) -> Any:
 
 def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
     """``"zipage[redundancy=none,sinks=4]"`` -> (label, {"scorer": "zipage", "redundancy": "none", "sinks": 4}).
+    Names that are no ZipageConfig field are a scorer's own knobs and go to ``extra``:
+    ``rkv[rkv_lambda=0.2]`` -> {"scorer": "rkv", "extra": {"rkv_lambda": 0.2}}.
 
     The bare item ``paper`` stands for the Zipage paper's scorer settings (``zipage.config.PAPER_SCORER``);
     items after it override them: ``zipage[paper,use_global=False]``."""
@@ -170,6 +185,14 @@ def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
                 raise ValueError(f"cannot parse {item!r} in row {spec!r}: expected field=value or 'paper'")
             fields[key.strip()] = _value(val)
             shown.append(f"{key.strip()}={fields[key.strip()]}")
+    import dataclasses
+
+    from zipage.config import ZipageConfig
+
+    known = {f.name for f in dataclasses.fields(ZipageConfig)}
+    knobs = {k: fields.pop(k) for k in list(fields) if k not in known}  # a scorer's own knobs (rkv_lambda=0.2, ...)
+    if knobs:
+        fields["extra"] = {**fields.get("extra", {}), **knobs}
     extra = ",".join(shown)
     return (f"{fields['scorer']}[{extra}]" if extra else fields["scorer"]), fields
 
@@ -459,7 +482,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
     import zipage
 
     N = args.seq_len
-    seqs, seq_info = build_sequences(tok, args.seqs, N)
+    seqs, seq_info = build_sequences(tok, args.seqs, N, getattr(args, "dataset", "math500"))
     base = dict(page_size=args.page_size, buffer=args.buffer, window=args.window)
     budget_tokens = {f: int(f * N) for f in budgets}
     verify = set(split_rows(args.verify)) if args.verify and args.verify != "all" else set()
@@ -727,16 +750,18 @@ def check_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
     fracs = sorted({r["budget_frac"] for r in tf["rows"]}, key=lambda s: Fraction(s))
     if not any(c == "zipage" for c, _ in by):
         return out + fp8_targets(tf)
+    others = [c for c in dict.fromkeys(c for c, _ in by) if "[" not in c and c != "zipage"]  # every plain scorer
     for fl in fracs:
         z = by.get(("zipage", fl))
-        for base in BASELINES:
+        for base in others:
             b = by.get((base, fl))
             if z is None or b is None:
                 continue
-            ok = z["top1"] >= b["top1"] and z["ppl_ratio"] <= b["ppl_ratio"]
+            ok = z["top1"] >= b["top1"] and z["ppl_ratio"] <= b["ppl_ratio"] and z["kl"] <= b["kl"]
             out.append({
                 "target": f"zipage >= {base} at {fl}", "passed": ok,
-                "value": f"top1 {100 * z['top1']:.2f}% vs {100 * b['top1']:.2f}%, ppl x{z['ppl_ratio']:.4f} vs x{b['ppl_ratio']:.4f}",
+                "value": f"top1 {100 * z['top1']:.2f}% vs {100 * b['top1']:.2f}%, ppl x{z['ppl_ratio']:.4f} vs "
+                         f"x{b['ppl_ratio']:.4f}, KL {z['kl']:.4f} vs {b['kl']:.4f}",
             })
     for fl, top1, ppl in (("1/8", 0.95, 1.03), ("1/4", 0.97, 1.015)):
         z = by.get(("zipage", fl))
@@ -802,6 +827,30 @@ def _defaults_note() -> str:
     return (f"**zipage** is the library's default scorer (`ZipageConfig()`: {diff or 'the paper settings'}); "
             f"`zipage[paper]` is the Zipage paper's scorer (`ZipageConfig.paper()`: {paper}); the rows in between "
             "switch off one paper component at a time. The benchmark's window applies to every row that does not set one.")
+
+
+def default_choice() -> list[str]:
+    """How the default scorer was chosen, and the check of it against every scorer on other text
+    (``benchmarks/scorer_comparison.py``'s results, when they are there)."""
+    lines = ["## How the default scorer was chosen", "", DEFAULT_CHOICE, ""]
+    runs = sorted((RESULTS / "scorers").glob("*.json"))
+    if runs:
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        import scorer_comparison
+
+        lines += ["| model | text | sequences x tokens | (budget, metric) cells where the default is at least as good "
+                  "as every other scorer | cells where it is not |", "|---|---|---|---|---|"]
+        for path in runs:
+            res = json.loads(path.read_text())
+            checks = scorer_comparison.compare_default(res["teacher_forced"], res.get("default", "zipage"))
+            miss = [c for c in checks if not c["ok"]]
+            tf = res["teacher_forced"]
+            lines.append(f"| {res['model_title']} | {scorer_comparison.DATASETS[res['dataset']]} | "
+                         f"{len(tf['sequences'])} x {tf['seq_len']} | {len(checks) - len(miss)} of {len(checks)} | "
+                         + ("; ".join(f"{m['budget_frac']} {m['metric']} ({', '.join(m['beaten_by'])})" for m in miss)
+                            or "none") + " |")
+        lines += ["", "Tables: `benchmarks/results/scorers.md`.", ""]
+    return lines
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -880,6 +929,7 @@ def markdown(result: dict[str, Any]) -> str:
         for t in targets:
             lines.append(f"| {t['target']} | {'pass' if t['passed'] else '**MISS**'} | {t['value']} |")
         lines.append("")
+    lines += default_choice()
     gen = result.get("generation")
     if gen:
         lines.append("## Free generation")

@@ -351,6 +351,15 @@ def quality_section(path: Path, assets: Path) -> tuple[str, str | None]:
     return "\n".join(out).rstrip() + "\n", chart
 
 
+def scorers_section(md_path: Path) -> str:
+    """benchmarks/scorer_comparison.py's report (every scorer against the default), headings two levels down."""
+    lines = md_path.read_text().splitlines()
+    title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else "Every scorer against the default"
+    out = [f"### {title}", "", f"`{md_path.relative_to(ROOT)}`", ""]
+    out += [("##" + ln) if ln.startswith("#") else ln for ln in lines[1:]]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def _quality_files(results: Path) -> list[Path]:
     """quality.json first, then the presets (quality_quick, quality_ablations, quality_full, ...)."""
     files = sorted(results.glob("quality*.json"), key=lambda p: (p.stem != "quality", p.stem))
@@ -476,6 +485,8 @@ def main() -> None:
             if chart:
                 written.add(chart)
             parts.append(text)
+    if (results / "scorers.md").exists():
+        parts.append(scorers_section(results / "scorers.md"))
 
     sfiles = _serving_files(results)
     if sfiles:

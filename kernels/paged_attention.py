@@ -13,6 +13,13 @@ FP8 pools (``kernels/fp8.py``) come with their scale pools ``k_scale`` / ``v_sca
 (``[num_pages, page_size, H_kv]``): the kernels load the codes, upcast them in registers and fold
 the scales in exactly (the key scale into each logit column, the value scale into each
 probability), so no dequantized copy is ever written.
+
+Three more optional features, all off by default (keyword arguments, compile-time constants in
+the kernels): ``window`` (a sliding window of that many keys: the query at position ``p`` sees keys
+``p - window + 1 .. p`` only, as in ``sliding_attention`` layers), ``sinks`` (``[Hq]`` float32
+learned sink logits, one per query head: a column that joins every softmax's denominator and
+contributes no value, as in GPT-OSS) and ``softcap`` (logits become ``softcap * tanh(logits /
+softcap)`` before the softmax, as in Gemma 2).
 """
 
 from __future__ import annotations
@@ -37,8 +44,22 @@ def _dense_kv(k_cache, v_cache, page_table, b: int, length: int, k_scale=None, v
     return dequantize_reference(flat(k_cache), flat(k_scale)), dequantize_reference(flat(v_cache), flat(v_scale))
 
 
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return softcap * torch.tanh(logits / softcap) if softcap else logits
+
+
+def _softmax(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim of ``[H, ..., L]`` logits; with ``sinks`` ``[H]``, each head's sink
+    logit joins the denominator (and its column is dropped). Rows with nothing allowed give zeros."""
+    if sinks is not None:
+        sink = sinks.float().view(-1, *([1] * (logits.dim() - 1))).expand(*logits.shape[:-1], 1)
+        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1].nan_to_num(0.0)
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
 def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
-                                     k_scale=None, v_scale=None):
+                                     k_scale=None, v_scale=None, *, window: int | None = None,
+                                     sinks: torch.Tensor | None = None, softcap: float | None = None):
     """``q`` [B, Hq, D] -> [B, Hq, D] (float32 math, output in q's dtype); FP8 pools take their
     scale pools ``k_scale`` / ``v_scale``."""
     check_scales("paged attention", k_cache, k_scale)
@@ -49,22 +70,26 @@ def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, s
     for b in range(B):
         n = int(kv_lens[b])
         s0 = int(kv_starts[b]) if kv_starts is not None else 0
+        if window:
+            s0 = max(s0, n - window)
         k, v = _dense_kv(k_cache, v_cache, page_table, b, n, k_scale, v_scale)
         k, v = k[s0:], v[s0:]
         if k.shape[0] == 0:
             continue
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # [L, Hq, D]
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-        logits = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
-        out[b] = torch.einsum("hl,lhd->hd", torch.softmax(logits, dim=-1), v).to(q.dtype)
+        logits = _capped(torch.einsum("hd,lhd->hl", q[b].float(), k) * scale, softcap)
+        out[b] = torch.einsum("hl,lhd->hd", _softmax(logits, sinks), v).to(q.dtype)
     return out
 
 
 def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
-                                      k_scale=None, v_scale=None):
+                                      k_scale=None, v_scale=None, *, window: int | None = None,
+                                      sinks: torch.Tensor | None = None, softcap: float | None = None):
     """Packed queries ``q`` [T, Hq, D]; sequence ``b`` owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
     which are its last tokens: query ``i`` of ``n_q`` sits at position ``kv_lens[b] - n_q + i``
-    and attends causally to stored positions ``kv_starts[b]..`` up to its own."""
+    and attends causally to stored positions ``kv_starts[b]..`` up to its own (and, with ``window``,
+    to the last ``window`` of them only)."""
     check_scales("paged attention", k_cache, k_scale)
     check_scales("paged attention", v_cache, v_scale)
     T, Hq, D = q.shape
@@ -79,12 +104,14 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlen
         k, v = _dense_kv(k_cache, v_cache, page_table, b, n, k_scale, v_scale)
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-        logits = torch.einsum("qhd,lhd->hql", q[q0:q1].float(), k) * scale
+        logits = _capped(torch.einsum("qhd,lhd->hql", q[q0:q1].float(), k) * scale, softcap)
         qpos = torch.arange(n - nq, n, device=q.device)
         kpos = torch.arange(n, device=q.device)
         allowed = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= s0)
+        if window:
+            allowed &= kpos[None, :] > qpos[:, None] - window
         logits = logits.masked_fill(~allowed[None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        probs = _softmax(logits, sinks)
         out[q0:q1] = torch.einsum("hql,lhd->qhd", probs, v).to(q.dtype)
     return out
 
@@ -116,7 +143,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _online_softmax_step(q, k, v, ks, vs, allowed, m_i, l_i, acc, scale_log2, PRECISION: tl.constexpr,
-                             FP8: tl.constexpr):
+                             FP8: tl.constexpr, SOFTCAP_LOG2: tl.constexpr = 0.0):
         """One tile of flash attention in the log2 domain: running max, sum and weighted values.
         FP8 codes are upcast to the queries' dtype (exact) and their scales folded in: ``ks`` into
         the logit columns, ``vs`` into the probabilities of the values they weight."""
@@ -124,6 +151,8 @@ if HAS_TRITON:
             qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks[None, :] * scale_log2)
         else:
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if SOFTCAP_LOG2 > 0:  # softcap * tanh(x / softcap), in the log2 domain (tanh through exp)
+            qk = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * qk / SOFTCAP_LOG2) + 1.0))
         qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -149,16 +178,19 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_os,
         HQ: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-        FP8: tl.constexpr,
+        FP8: tl.constexpr, WINDOW: tl.constexpr = 0, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         b = tl.program_id(0)
         hk = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(LENS + b).to(tl.int32)
         start = tl.load(STARTS + b).to(tl.int32)
-        n_blocks = tl.cdiv(seq_len, BLOCK_N)
+        if WINDOW > 0:  # a sliding window: only the last WINDOW keys (the splits cover just those)
+            start = tl.maximum(start, seq_len - WINDOW)
+        base = (start // BLOCK_N) * BLOCK_N
+        n_blocks = tl.cdiv(seq_len - base, BLOCK_N)
         per_split = tl.cdiv(n_blocks, NUM_SPLITS)
-        lo = split * per_split * BLOCK_N
+        lo = base + split * per_split * BLOCK_N
         hi = tl.minimum(lo + per_split * BLOCK_N, seq_len)
 
         g = tl.arange(0, BLOCK_G)
@@ -181,7 +213,7 @@ if HAS_TRITON:
                                             stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                                             stride_sp, stride_st, PAGE, FP8)
             m_i, l_i, acc = _online_softmax_step(q, k, v, ks, vs, valid[None, :], m_i, l_i, acc, scale_log2,
-                                                 PRECISION, FP8)
+                                                 PRECISION, FP8, SOFTCAP_LOG2)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -192,11 +224,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_merge_kernel(
-        MID_O, MID_LSE, OUT,
+        MID_O, MID_LSE, OUT, SINKS,
         stride_ob, stride_oh, stride_os,
         stride_outb, stride_outh,
         HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr = False,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -205,9 +237,15 @@ if HAS_TRITON:
         smask = s < NUM_SPLITS
         lse = tl.load(MID_LSE + (b * HQ + h) * NUM_SPLITS + s, mask=smask, other=float("-inf"))
         m = tl.max(lse, 0)
+        if HAS_SINKS:  # the head's sink logit joins the denominator (log2 domain, like lse)
+            sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            m = tl.maximum(m, sink)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         w = tl.math.exp2(lse - m_safe)
-        w = w / tl.maximum(tl.sum(w, 0), 1e-30)
+        denom = tl.sum(w, 0)
+        if HAS_SINKS:
+            denom += tl.math.exp2(sink - m_safe)
+        w = w / tl.maximum(denom, 1e-30)
         o = tl.load(MID_O + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
                     mask=smask[:, None] & (d[None, :] < D), other=0.0)
         out = tl.sum(o * w[:, None], 0)
@@ -215,7 +253,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _prefill_kernel(
-        Q, K, V, KS, VS, PT, CU_Q, LENS, STARTS, OUT,
+        Q, K, V, KS, VS, PT, CU_Q, LENS, STARTS, OUT, SINKS,
         scale_log2,
         stride_qt, stride_qh,
         stride_kp, stride_kt, stride_kh,
@@ -225,6 +263,7 @@ if HAS_TRITON:
         stride_ot, stride_oh,
         G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+        WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         b = tl.program_id(0)
         mblk = tl.program_id(1)
@@ -248,6 +287,8 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         hi = tl.minimum(seq_len, seq_len - nq + (mblk + 1) * BLOCK_M)
+        if WINDOW > 0:  # a sliding window: nothing before the block's first query's window
+            start = tl.maximum(start, seq_len - nq + mblk * BLOCK_M - WINDOW + 1)
         lo = (start // BLOCK_N) * BLOCK_N
         offs_n = tl.arange(0, BLOCK_N)
         for t0 in range(lo, hi, BLOCK_N):
@@ -258,8 +299,15 @@ if HAS_TRITON:
                                             stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                                             stride_sp, stride_st, PAGE, FP8)
             allowed = kv_ok[None, :] & (t[None, :] <= qpos[:, None])
+            if WINDOW > 0:
+                allowed = allowed & (t[None, :] > qpos[:, None] - WINDOW)
             m_i, l_i, acc = _online_softmax_step(q, k, v, ks, vs, allowed, m_i, l_i, acc, scale_log2, PRECISION,
-                                                 FP8)
+                                                 FP8, SOFTCAP_LOG2)
+        if HAS_SINKS:  # the head's sink logit joins the denominator (log2 domain)
+            sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            m_safe = tl.where(m_i == float("-inf"), sink, m_i)
+            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.math.exp2(sink - m_safe)
+            acc = acc * tl.math.exp2(m_i - m_safe)[:, None]
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(OUT + (q0 + i)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  out.to(OUT.dtype.element_ty), mask=imask[:, None] & dmask[None, :])
@@ -301,11 +349,21 @@ def _check_paged(q, k_cache, v_cache, page_table):
         raise ValueError(f"page_table must be [B, max_pages], got {tuple(page_table.shape)}")
 
 
+def _check_sinks(sinks: torch.Tensor | None, heads: int) -> None:
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != heads):
+        raise ValueError(f"sinks must be [{heads}] (one logit per query head), got {tuple(sinks.shape)}")
+
+
 def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
-                                  num_splits: int | None = None, max_len_hint: int | None = None, block_n: int = 64,
-                                  k_scale=None, v_scale=None):
+                                  num_splits: int | None = None, max_len_hint: int | None = None,
+                                  block_n: int | None = None, k_scale=None, v_scale=None, *, window: int | None = None,
+                                  sinks: torch.Tensor | None = None, softcap: float | None = None,
+                                  num_warps: int = 4, num_stages: int = 2):
     _check_paged(q, k_cache, v_cache, page_table)
+    _check_sinks(sinks, q.shape[1])
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
+    if block_n is None:  # FP8 tiles carry half the bytes: twice the tokens per tile (H200: 25% faster at 256-512
+        block_n = 128 if fp8 else 64  # requests, benchmarks/fp8_decode_tune.py); bf16 is at the copy bandwidth at 64
     B, Hq, D = q.shape
     Hkv, page = k_cache.shape[2], k_cache.shape[1]
     G = Hq // Hkv
@@ -313,6 +371,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         kv_starts = torch.zeros(B, dtype=torch.int32, device=q.device)
     if num_splits is None:
         hint = max_len_hint if max_len_hint is not None else page_table.shape[1] * page
+        hint = min(hint, window + block_n) if window else hint
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         num_splits = decode_num_splits(B, Hkv, hint, sms, block_n)
     mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
@@ -328,22 +387,25 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), FP8=fp8, num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), FP8=fp8, WINDOW=int(window or 0),
+        SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_merge_kernel[(B, Hq)](
-        mid_o, mid_lse, out,
+        mid_o, mid_lse, out, sinks if sinks is not None else mid_lse,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         out.stride(0), out.stride(1),
         HQ=Hq, D=D, BLOCK_D=next_pow2(D), NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
-        num_warps=4,
+        HAS_SINKS=sinks is not None, num_warps=4,
     )
     return out
 
 
 def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
                                    max_q_len: int | None = None, block_m: int | None = None, block_n: int = 64,
-                                   k_scale=None, v_scale=None):
+                                   k_scale=None, v_scale=None, *, window: int | None = None,
+                                   sinks: torch.Tensor | None = None, softcap: float | None = None):
     _check_paged(q, k_cache, v_cache, page_table)
+    _check_sinks(sinks, q.shape[1])
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
     T, Hq, D = q.shape
     B = kv_lens.shape[0]
@@ -359,7 +421,7 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
         block_m = 128 if q.is_cuda and D <= 128 else 64
     _prefill_kernel[(B, triton.cdiv(max_q_len, block_m), Hq)](
         q, k_cache, v_cache, ks, vs, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
-        scale * LOG2E,
+        sinks if sinks is not None else q, scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -367,29 +429,34 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
         page_table.stride(0),
         out.stride(0), out.stride(1),
         G=Hq // Hkv, D=D, BLOCK_D=next_pow2(D), PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=dot_precision(q.dtype), FP8=fp8, num_warps=8 if block_m >= 128 else 4,
+        PRECISION=dot_precision(q.dtype), FP8=fp8, WINDOW=int(window or 0), HAS_SINKS=sinks is not None,
+        SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, num_warps=8 if block_m >= 128 else 4,
         num_stages=3 if q.is_cuda else 1,
     )
     return out
 
 
 def paged_decode_attention(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None, k_scale=None,
-                           v_scale=None, **kwargs):
+                           v_scale=None, *, window: int | None = None, sinks: torch.Tensor | None = None,
+                           softcap: float | None = None, **kwargs):
     """One query token per sequence against its pages; Triton on CUDA, the reference elsewhere.
     FP8 pools take their scale pools ``k_scale`` / ``v_scale``."""
+    features = dict(window=window, sinks=sinks, softcap=softcap)
     if use_triton(q, k_cache):
         return paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts,
-                                             k_scale=k_scale, v_scale=v_scale, **kwargs)
+                                             k_scale=k_scale, v_scale=v_scale, **features, **kwargs)
     return paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts,
-                                            k_scale, v_scale)
+                                            k_scale, v_scale, **features)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
-                            k_scale=None, v_scale=None, **kwargs):
+                            k_scale=None, v_scale=None, *, window: int | None = None,
+                            sinks: torch.Tensor | None = None, softcap: float | None = None, **kwargs):
     """Packed variable-length queries against paged KV (which already holds them and any cached prefix)."""
+    features = dict(window=window, sinks=sinks, softcap=softcap)
     if use_triton(q, k_cache):
         return paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
-                                              kv_starts, k_scale=k_scale, v_scale=v_scale, **kwargs)
+                                              kv_starts, k_scale=k_scale, v_scale=v_scale, **features, **kwargs)
     return paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
-                                             kv_starts, k_scale, v_scale)
+                                             kv_starts, k_scale, v_scale, **features)
 

@@ -64,6 +64,42 @@ def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", scale: 
     return model
 
 
+SLIDING_WINDOW = 6
+
+
+def tiny_sliding_model(family: str, seed: int = 0, scale: float = 2.0, **overrides):
+    """A tiny model whose layers mix ``sliding_attention`` (window ``SLIDING_WINDOW``) and
+    ``full_attention``: ``"gemma3"`` (query pre-scaling, a RoPE base per layer type, (1 + w) norms,
+    sdpa) or ``"gpt_oss"`` (learned sink logits, a mixture of experts, eager attention)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GptOssConfig, GptOssForCausalLM
+
+    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, sliding_window=SLIDING_WINDOW, max_position_embeddings=512, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    if family == "gemma3":
+        config = Gemma3TextConfig(**{**common, "intermediate_size": 128, "query_pre_attn_scalar": 24,
+                                     "layer_types": ["sliding_attention", "sliding_attention", "full_attention",
+                                                     "sliding_attention"], **overrides})
+        config._attn_implementation = "sdpa"
+        model = Gemma3ForCausalLM(config).eval()
+    elif family == "gpt_oss":
+        config = GptOssConfig(**{**common, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **overrides})
+        config._attn_implementation = "eager"
+        model = GptOssForCausalLM(config).eval()
+    else:
+        raise ValueError(f"no tiny sliding-window model {family!r}")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):  # learned sink logits: large enough to matter
+                p.copy_(torch.randn(p.shape, generator=g) * 1.5)
+            elif p.dim() >= 2:
+                p.mul_(scale)
+    return model
+
+
 def left_padded_batch(seed: int = 0, lengths=(12, 7, 10), vocab: int = 96):
     """A left-padded batch of 3 prompts of different lengths (pad id 0)."""
     g = torch.Generator().manual_seed(seed)

@@ -107,7 +107,8 @@ class SymbolicRunner(ModelRunner):
     """The runner's interface on a symbolic pool (set ``blocks``, ``vocab``, ``rng`` after building).
     Like the real runner it changes no sequence: the step loop books what a forward wrote."""
 
-    def __init__(self, model, num_pages, page_size, zipage_config, scorer, num_slots, fuse_ops=True):
+    def __init__(self, model, num_pages, page_size, zipage_config, scorer, num_slots, fuse_ops=True,
+                 **options):  # (kv_cache_dtype, window_blocks: nothing to store symbolically)
         self.page_size = page_size
         self.zipage_config = zipage_config
         self.scorer = scorer

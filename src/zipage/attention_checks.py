@@ -1,22 +1,26 @@
-"""What attention zipage serves: plain causal softmax attention, nothing more.
+"""What attention zipage serves: causal softmax attention, full or sliding-window, sinks, softcapping.
 
-Both front ends keep a subset of a sequence's past tokens and attend over it with plain causal
-softmax, scored the same way (the engine through its paged kernels, ``generate()`` through
-``ZipageCache``). A model whose attention needs more is refused with an error naming the
-feature: logit softcapping, attention sinks (``s_aux``), ALiBi or any other additive bias, a
-sliding window that is actually applied, non-causal attention, requests for the attention
-weights. Three places look:
+Both front ends keep a subset of a sequence's past tokens in its full-attention layers and attend
+over it with causal softmax, scored the same way (the engine through its paged kernels,
+``generate()`` through ``ZipageCache``). Layers typed ``sliding_attention`` in
+``config.layer_types`` (Gemma 3, GPT-OSS, Qwen2 with ``use_sliding_window``) keep exactly their
+window instead, never scored; learned per-head sink logits (GPT-OSS's ``sinks``, passed to the
+attention as ``s_aux``) and logit softcapping (Gemma 2's ``attn_logit_softcapping``, passed as
+``softcap``) are served too. A model whose attention needs more is refused with an error naming
+the feature: ALiBi or any other additive bias, a sliding window on every layer (nothing left to compress; no ``layer_types`` naming full-attention layers),
+non-causal attention, requests for the attention weights. Three places look:
 
 - ``check_model_config``: the config, when an ``LLM`` or a ``ZipageCache`` is built;
-- ``check_model``: the modules too (learned sink logits have no config flag), when an ``LLM`` is
-  built or ``generate(cache_implementation="zipage")`` starts;
+- ``check_model``: the modules too, when an ``LLM`` is built or
+  ``generate(cache_implementation="zipage")`` starts;
 - ``check_attention_call``: the keyword arguments each attention call receives, for whatever
   neither of them shows (``output_attentions=True`` given to ``generate``, a model passing a
   window or a softcap its config does not name).
 
 A sliding window of at least ``max_position_embeddings`` tokens never masks anything, and is not
-refused; neither is a ``sliding_window`` field that the model's layers do not use (Qwen2 and
-Qwen3 without ``use_sliding_window``, layers typed ``full_attention``).
+refused (its layers count as full attention); neither is a ``sliding_window`` field that the
+model's layers do not use (Qwen2 and Qwen3 without ``use_sliding_window``, layers typed
+``full_attention``).
 """
 
 from __future__ import annotations
@@ -40,19 +44,30 @@ def _window(config: Any) -> int | None:
     return None if bound is not None and window >= bound else window
 
 
+def sliding_layers(config: Any) -> tuple[int | None, list[bool]]:
+    """``(window, is_sliding)``: the window the model's ``sliding_attention`` layers apply and which
+    layers they are (``(None, all False)`` when no layer applies a window). A window without
+    ``layer_types`` (every layer slides) is no mixed model: ``config_features`` refuses it."""
+    n = config.num_hidden_layers
+    window = _window(config)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None or layer_types is None:
+        return None, [False] * n
+    return int(window), [t == "sliding_attention" for t in layer_types[:n]]
+
+
 def config_features(config: Any) -> list[str]:
     """The unsupported attention features a (text) model config asks for, in words."""
     found = []
-    softcap = getattr(config, "attn_logit_softcapping", None)
-    if softcap is not None:
-        found.append(f"attention logit softcapping (attn_logit_softcapping={softcap})")
     window = _window(config)
-    if window is not None:
-        found.append(f"sliding-window attention (sliding_window={window} < max_position_embeddings="
-                     f"{getattr(config, 'max_position_embeddings', None)}; set config.sliding_window=None if the "
-                     "model was trained with full attention)")
-    layer_types = getattr(config, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+    layer_types = getattr(config, "layer_types", None)
+    if window is not None and (layer_types is None or "full_attention" not in layer_types):
+        found.append(f"sliding-window attention on every layer (sliding_window={window} < max_position_embeddings="
+                     f"{getattr(config, 'max_position_embeddings', None)}, and no layer_types naming full-attention "
+                     "layers): zipage compresses full-attention layers and keeps sliding ones as they are, so such a "
+                     "model has nothing to compress; set config.sliding_window=None if the model was trained with "
+                     "full attention")
+    other = sorted({t for t in layer_types or [] if t not in ("full_attention", "sliding_attention")})
     if other:
         found.append(f"layers of type {other} (only full-attention layers can be compressed: linear-attention "
                      "and hybrid models are refused)")
@@ -83,32 +98,39 @@ def check_model_config(config: Any) -> None:
     found = config_features(config)
     if found:
         raise ValueError(f"zipage does not support {name}: its attention uses {'; '.join(found)}. zipage serves "
-                         "plain causal softmax attention only")
+                         "causal softmax attention (full or sliding-window layers, sink logits, softcapping) only")
 
 
 def check_model(model: Any) -> None:
-    """``check_model_config`` on the model's text config, then its modules: learned attention sinks."""
+    """``check_model_config`` on the model's text config, then its modules: sink logits must be one per
+    query head (what the kernels take)."""
     config = model.config.get_text_config(decoder=True)
     check_model_config(config)
+    heads = config.num_attention_heads
     for path, module in model.named_modules():
-        if isinstance(getattr(module, "sinks", None), torch.Tensor):
-            raise ValueError(f"zipage does not support {type(config).__name__}: its attention uses attention sinks "
-                             f"(learned sink logits, s_aux, at {path}.sinks). zipage serves plain causal softmax "
-                             "attention only")
+        sinks = getattr(module, "sinks", None)
+        if isinstance(sinks, torch.Tensor) and tuple(sinks.shape) != (heads,):
+            raise ValueError(f"zipage does not support {type(config).__name__}: its attention sinks at {path}.sinks "
+                             f"have shape {tuple(sinks.shape)}, not one logit per query head ({heads},)")
 
 
-def check_attention_call(module: Any, kwargs: dict, where: str) -> None:
-    """Raise NotImplementedError when an attention call asks for more than plain causal softmax."""
-    found = []
-    if kwargs.get("softcap") is not None:
-        found.append(f"logit softcapping (softcap={kwargs['softcap']})")
+def sink_logits(kwargs: dict) -> torch.Tensor | None:
+    """The per-head sink logits an attention call received (GPT-OSS passes them as ``s_aux``)."""
     for name in ("s_aux", "sinks"):
         if kwargs.get(name) is not None:
-            found.append(f"attention sinks ({name})")
-    window = kwargs.get("sliding_window")
+            return kwargs[name]
+    return None
+
+
+def check_attention_call(module: Any, kwargs: dict, where: str, window: int | None = None) -> None:
+    """Raise NotImplementedError when an attention call asks for more than causal softmax attention with
+    sink logits, softcapping and, where the caller applies one to this layer, the sliding ``window``."""
+    found = []
+    asked = kwargs.get("sliding_window")
     bound = getattr(getattr(module, "config", None), "max_position_embeddings", None)
-    if window is not None and (bound is None or window < bound):
-        found.append(f"a sliding window (sliding_window={window})")
+    if asked is not None and (bound is None or asked < bound) and asked != window:
+        found.append(f"a sliding window (sliding_window={asked}) on a layer that config.layer_types does not "
+                     "type sliding_attention")
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         found.append("non-causal attention (is_causal=False)")
     if kwargs.get("output_attentions"):

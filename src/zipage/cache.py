@@ -10,6 +10,10 @@ step: at the first layer's update, every layer at once, in groups of
 ``layer_stride`` layers (a layer is just more batch rows for the kernels; by
 default as many as ``compress_scratch_bytes`` of gathered keys allow).
 
+Sliding-window layers (``sliding_attention`` in ``config.layer_types``) are not compressed: they
+keep exactly their window in pages of their own (``sliding_cache.py``), and everything below
+speaks of the full-attention layers.
+
 Lengths: ``get_seq_length()`` is the logical length ``L`` (tokens seen, which
 positions come from); ``stored_length()`` is ``S <= L``. The mask is built for
 the last ``S + q`` logical positions (``get_mask_sizes`` returns
@@ -31,7 +35,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import capture
-from .attention_checks import check_model_config  # noqa: F401  (the engine imports it from here too)
+from .attention_checks import check_model_config, sink_logits, sliding_layers
 from .compress import LayerPages, attention_scale, compress_layers, layer_batches
 from .config import ZipageConfig
 from .kernels import dequantize_reference, gather_kv, kv_dtype, paged_decode_attention, slot_indices, store_kv
@@ -39,6 +43,7 @@ from .kernels.fp8 import SCALE_DTYPE, is_fp8
 from .kernels._triton import use_triton
 from .memory.pool import PagePool
 from .scoring import get_scorer
+from .sliding_cache import SlidingLayer, WindowPages
 
 
 class ZipageLayer(CacheLayerMixin):
@@ -48,10 +53,11 @@ class ZipageLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, cache: ZipageCache, layer_idx: int) -> None:
+    def __init__(self, cache: ZipageCache, layer_idx: int, index: int | None = None) -> None:
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        self.index = layer_idx if index is None else index  # this layer's slice of the (full-layer) pools
         self.seen = 0  # logical length L
         self.stored = 0  # stored length S
         self.state: torch.Tensor | None = None
@@ -69,10 +75,10 @@ class ZipageLayer(CacheLayerMixin):
     def bind(self) -> None:
         """Point this layer's tensors at its slice of the stacked pools."""
         c = self.cache
-        self.keys, self.values = c.k_pool[self.layer_idx], c.v_pool[self.layer_idx]
-        self.state = c.state_pool[self.layer_idx] if c.state_pool is not None else None
+        self.keys, self.values = c.k_pool[self.index], c.v_pool[self.index]
+        self.state = c.state_pool[self.index] if c.state_pool is not None else None
         if c.k_scale is not None:
-            self.key_scales, self.value_scales = c.k_scale[self.layer_idx], c.v_scale[self.layer_idx]
+            self.key_scales, self.value_scales = c.k_scale[self.index], c.v_scale[self.index]
         self.dtype, self.device = c.model_dtype, self.keys.device
         if self.valid is None:
             self.valid = torch.ones(c.batch_size_, 0, dtype=torch.bool, device=self.device)
@@ -153,13 +159,23 @@ class ZipageCache(Cache):
         self.tokens_evicted = 0
         self.padding_gap = False  # padding inside a sequence seen: masks come from the cache's validity
         self.capture_ok = True  # False once a layer's attention was seen to bypass the capture wrapper
-        layers = [ZipageLayer(self, i) for i in range(config.num_hidden_layers)]
+        window, sliding = sliding_layers(config)
+        self.window_pages = WindowPages(sum(sliding), window, self.zipage_config.page_size) if any(sliding) else None
+        layers: list[ZipageLayer | SlidingLayer] = []
+        for i, slides in enumerate(sliding):
+            if slides:
+                layers.append(SlidingLayer(self, i, sum(sliding[:i]), self.window_pages))
+            else:
+                layers.append(ZipageLayer(self, i, i - sum(sliding[:i])))
+        self.full: list[ZipageLayer] = [lyr for lyr in layers if isinstance(lyr, ZipageLayer)]  # compressed
         super().__init__(layers=layers)
 
     # ------------------------------------------------------------------ public introspection
-    def stored_length(self, layer_idx: int = 0) -> int:
-        """Tokens physically stored per row (and per KV head) in ``layer_idx``."""
-        return self.layers[layer_idx].stored
+    def stored_length(self, layer_idx: int | None = None) -> int:
+        """Tokens physically stored per row (and per KV head) in ``layer_idx`` (default: the first
+        full-attention layer; a sliding-window layer stores its window)."""
+        layer = self.full[0] if layer_idx is None else self.layers[layer_idx]
+        return layer.stored() if isinstance(layer, SlidingLayer) else layer.stored
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """Which logical positions layer ``layer_idx`` keeps: ``[batch, kv_heads, stored]`` int64, per KV
@@ -177,22 +193,32 @@ class ZipageCache(Cache):
             heads = getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads
             return torch.empty(max(self.batch_size_, 0), heads, 0, dtype=torch.long)
         B, H = self.batch_size_, self.k_pool.shape[3]
+        if isinstance(layer, SlidingLayer):  # the window its last query attended (older stored slots are not read)
+            first = max(layer.seen - layer.sliding_window, 0)
+            return torch.arange(first, layer.seen, device=self.k_pool.device).expand(B, H, -1).clone()
         return _slot_positions(layer.prefix_positions, B, H, layer.seen, layer.stored, self.k_pool.device)
 
     def stats(self) -> dict[str, int | float]:
         """Memory accounting: tokens seen vs stored, pages in use, and KV bytes against a full cache."""
-        layer = self.layers[0]
-        bytes_per_token = 0
-        full_per_token = 0  # a full cache holds the model's dtype
+        layer = self.full[0]
+        bytes_per_token = per_layer = 0
+        full_per_token = full_layer = 0  # a full cache holds the model's dtype
         if self.k_pool is not None:
             per_layer = self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
             if self.k_scale is not None:
                 per_layer += self.k_scale[0, 0, 0].numel() * SCALE_DTYPE.itemsize
             bytes_per_token = 2 * per_layer * self.k_pool.shape[0]
-            full_per_token = 2 * self.k_pool[0, 0, 0].numel() * self.model_dtype.itemsize * self.k_pool.shape[0]
+            full_layer = 2 * self.k_pool[0, 0, 0].numel() * self.model_dtype.itemsize
+            full_per_token = full_layer * self.k_pool.shape[0]
         page = self.zipage_config.page_size
         rows = max(self.batch_size_, 1)
-        return {
+        window = {}
+        if self.window_pages is not None:  # sliding layers: their window's pages, in bytes too
+            w, n = self.window_pages, len(self.layers) - len(self.full)
+            window = {"window_pages_in_use": w.pool.num_used, "window_pages_total": w.pool.num_pages,
+                      "window_kv_bytes_in_use": w.pool.num_used * page * full_layer * n,
+                      "window_kv_bytes_full": rows * layer.seen * full_layer * n}
+        return {**window,
             "batch_size": self.batch_size_,
             "tokens_seen": layer.seen,
             "tokens_stored": layer.stored,
@@ -214,11 +240,11 @@ class ZipageCache(Cache):
                     "zipage needs the same number of KV heads and head dim in every layer; got "
                     f"{tuple(key_states.shape[1::2])} after {tuple(self.k_pool.shape[3:])}"
                 )
-            for layer in self.layers:
+            for layer in self.full:
                 layer.bind()
             return
         _, H, _, D = key_states.shape
-        L, n, p = len(self.layers), self.pool.num_pages, self.zipage_config.page_size
+        L, n, p = len(self.full), self.pool.num_pages, self.zipage_config.page_size
         dev = key_states.device
         self.model_dtype = key_states.dtype
         dtype = kv_dtype(self.zipage_config.kv_cache_dtype, key_states.dtype)
@@ -229,7 +255,7 @@ class ZipageCache(Cache):
             self.v_scale = torch.zeros_like(self.k_scale)
         if self.scorer.stateful:
             self.state_pool = torch.zeros(L, n, p, H, dtype=torch.float32, device=dev)
-        for layer in self.layers:
+        for layer in self.full:
             layer.bind()
 
     def _grow_pools(self) -> None:
@@ -244,7 +270,7 @@ class ZipageCache(Cache):
             self.state_pool = grow(self.state_pool)
         if self.k_scale is not None:
             self.k_scale, self.v_scale = grow(self.k_scale), grow(self.v_scale)
-        for layer in self.layers:
+        for layer in self.full:
             layer.bind()
 
     # ------------------------------------------------------------------ the update path
@@ -261,7 +287,9 @@ class ZipageCache(Cache):
         elif batch != self.batch_size_:
             raise ValueError(f"ZipageCache was filled with batch size {self.batch_size_}, got {batch} now")
         cfg = self.zipage_config
-        stored = self.layers[0].stored
+        stored = self.full[0].stored
+        if self.window_pages is not None:
+            self.window_pages.begin(batch, q, self.full[0].seen, key_states)
         after = self._stored_after_compression(stored, q)
         if after != stored:
             self._compress_all(stored)
@@ -285,10 +313,15 @@ class ZipageCache(Cache):
                 del pages[need:]
             self.page_table = self.page_table[:, :need].contiguous()
 
+    def _before_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The model's first layer starts a step (whichever its type)."""
+        if layer_idx == 0:
+            B, _, q, _ = key_states.shape
+            self._begin_step(B, q, key_states, value_states)
+
     def _update_layer(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
         B, _, q, _ = key_states.shape
-        if layer.layer_idx == 0:
-            self._begin_step(B, q, key_states, value_states)
+        self._before_update(layer.layer_idx, key_states, value_states)
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, value_states)
         after = layer.stored
@@ -372,13 +405,14 @@ class ZipageCache(Cache):
         out = paged_decode_attention(
             query[:, :, 0, :].contiguous(), layer.keys, layer.values, self.page_table, lens, scale, starts,
             max_len_hint=layer.stored, k_scale=layer.key_scales, v_scale=layer.value_scales,
+            sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
         )
         return out.view(B, 1, H, D), attention_mask
 
     def _compress_all(self, stored: int) -> None:
         """Compress every layer from ``stored`` tokens to the budget, ``layer_stride`` layers per batch."""
         cfg = self.zipage_config
-        for layer in self.layers:
+        for layer in self.full:
             if layer.stored != stored or layer.valid is None or layer.valid.shape[1] != stored:
                 raise RuntimeError(f"zipage lost track of layer {layer.layer_idx} ({layer.stored} vs {stored})")
             if self.scorer.needs_queries and (
@@ -391,17 +425,17 @@ class ZipageCache(Cache):
                 )
         slots = slot_indices(self.page_table, 0, stored, cfg.page_size)
         per_layer = self.batch_size_ * stored * self.k_pool[0, 0, 0].numel() * self.model_dtype.itemsize
-        scales = [lyr.scaling for lyr in self.layers]
+        scales = [lyr.scaling for lyr in self.full]
         for start, stop, scaling in layer_batches(cfg, scales, self.k_pool.shape[-1], per_layer):
-            self._compress_group(self.layers[start:stop], slots, scaling)
-        for layer in self.layers:
+            self._compress_group(self.full[start:stop], slots, scaling)
+        for layer in self.full:
             layer.stored = cfg.budget
         self.num_compressions += 1
         self.tokens_evicted += (stored - cfg.budget) * self.batch_size_
 
     def _compress_group(self, group: list[ZipageLayer], slots: torch.Tensor, scaling: float) -> None:
         cfg = self.zipage_config
-        l0, l1 = group[0].layer_idx, group[-1].layer_idx + 1
+        l0, l1 = group[0].index, group[-1].index + 1
         part = lambda t: t[l0:l1] if t is not None else None  # noqa: E731
         pools = LayerPages(self.k_pool[l0:l1], self.v_pool[l0:l1], part(self.state_pool), part(self.k_scale),
                            part(self.v_scale), self.model_dtype)
@@ -410,7 +444,7 @@ class ZipageCache(Cache):
         keep = compress_layers(
             pools, slots, key_mask, queries, self.scorer, k=cfg.budget, window=cfg.window, sinks=cfg.sinks,
             scaling=scaling, page_size=cfg.page_size, first=self.num_compressions == 0,
-            layer_idx=l0 if len(group) == 1 else -1,
+            layer_idx=group[0].layer_idx if len(group) == 1 else -1,
         )
         for lyr, kept in zip(group, keep):
             lyr.valid = lyr.valid.gather(1, kept[:, 0])
@@ -422,16 +456,18 @@ class ZipageCache(Cache):
         """Beam search: row ``i`` becomes old row ``beam_idx[i]`` (all rows store the same length)."""
         if self.page_table is None:
             return
-        stored = self.layers[0].stored
+        stored = self.full[0].stored
         slots = slot_indices(self.page_table, 0, stored, self.zipage_config.page_size)
         idx = beam_idx.to(slots.device)
+        if self.window_pages is not None:
+            self.window_pages.reorder(idx)
         L, P, p = self.k_pool.shape[:3]
         for pool in (self.k_pool, self.v_pool, self.state_pool, self.k_scale, self.v_scale):
             if pool is not None:
                 pool = pool.view(torch.uint8) if is_fp8(pool) else pool  # (moved as bytes)
                 flat = pool.view(L, P * p, *pool.shape[3:])
                 flat[:, slots] = flat[:, slots].index_select(1, idx)
-        for layer in self.layers:
+        for layer in self.full:
             if layer.valid is not None:
                 layer.valid = layer.valid.index_select(0, idx)
             if layer.window_queries is not None:
@@ -451,6 +487,8 @@ class ZipageCache(Cache):
             self.pool.free(pages)
         self.row_pages, self.page_table, self.batch_size_ = [], None, 0
         self.k_pool = self.v_pool = self.state_pool = self.k_scale = self.v_scale = None
+        if self.window_pages is not None:
+            self.window_pages.reset()
         self.num_compressions = self.tokens_evicted = 0
         self.padding_gap = False
 
@@ -472,7 +510,7 @@ def _slot_positions(prefix: torch.Tensor | None, batch: int, heads: int, seen: i
     return tail.clone() if prefix is None else torch.cat([prefix, tail], dim=2)
 
 
-_NON_PLAIN_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "sliding_window", "output_attentions")
+_NON_PLAIN_ATTENTION_KWARGS = ("sliding_window", "output_attentions")
 
 
 def _new_token_validity(mask, batch: int, q: int, device) -> torch.Tensor:

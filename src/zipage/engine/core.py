@@ -182,6 +182,8 @@ class EngineCore:
         before it is read; its query-ring rows are rewritten before a compression reads them; the
         tokens of ``previous`` are still on the device to be fed again)."""
         scheduled = [(s, n) for s, n in plan.prefill] + [(s, 1) for s in plan.decode]
+        for seq, n in scheduled:  # (sliding-window layers: the pages of the new tokens)
+            self.blocks.reserve_window(seq, n)
         feed = previous.feed if previous is not None else None
         logits = None
         if self.use_graphs and not plan.prefill:

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from ..attention_checks import sliding_layers
 from ..cache import check_model_config
 from ..config import ZipageConfig, check_kv_cache_dtype
 from ..memory.block_manager import BlockManager
+from ..memory.window_blocks import WindowBlocks
 from ..scoring import get_scorer
 from .core import EngineCore
 from .inputs import as_prompt_list, check_request, resolve_budget, tokenize
@@ -51,7 +53,9 @@ class LLM:
             runs a plain full-KV paged engine (the baseline), which has no compression machinery
             and refuses per-request budgets. Other ``ZipageConfig`` fields (``page_size``,
             ``buffer``, ``window``, ``scorer``, ...) are accepted as keyword arguments too.
-        enable_prefix_caching: share full prompt pages between requests with the same prefix.
+        enable_prefix_caching: share full prompt pages between requests with the same prefix (off for
+            models with sliding-window layers: those keep only their window, so a cached prefix
+            would lack the sliding layers' KV of its last tokens).
         enforce_eager: no CUDA graphs. Otherwise (on CUDA) decode-only steps replay a CUDA graph of
             the whole forward, captured for a ladder of batch sizes at the first decode step.
         async_compression: compress on a side CUDA stream while the other requests decode; the
@@ -60,7 +64,9 @@ class LLM:
         max_num_seqs: most sequences running at once (the budget may lower it further).
         max_num_batched_tokens: most tokens in one step (chunked prefill).
         gpu_memory_utilization: share of the GPU memory the model + pools may take (CUDA).
-        num_pages: explicit pool size in pages. By default the pool is sized from the memory:
+        num_pages: explicit pool size in pages (of the full-attention layers; sliding-window layers,
+            which keep only their window, get a pool of their own sized for ``max_num_seqs``
+            windows and one step's tokens). By default the pool is sized from the memory:
             on CUDA ``gpu_memory_utilization`` of the GPU; on a CPU what ``max_num_seqs``
             requests need (each at most ``budget + buffer`` tokens, or ``max_model_len`` with full
             KV), capped at a fifth of the available RAM.
@@ -133,6 +139,10 @@ class LLM:
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
         self.max_model_len = (int(max_model_len) if max_model_len is not None
                               else getattr(config, "max_position_embeddings", None) or 1 << 30)
+        window, sliding = sliding_layers(config)
+        if any(sliding) and tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported for models with sliding-window layers "
+                             f"({type(model).__name__}): run them on one GPU")
         self.ranks = None
         if tensor_parallel_size > 1:  # from here on this process is rank 0 (the other ranks never get here)
             from .tensor_parallel import start_ranks
@@ -142,15 +152,19 @@ class LLM:
         device = next(model.parameters()).device
         stateful = scorer is not None and scorer.stateful
         self.kv_cache_dtype = kv_cache_dtype
+        window_blocks = None
+        if any(sliding):  # sliding-window layers: a pool of their own, sized so it never runs out
+            window_blocks = WindowBlocks(WindowBlocks.pool_pages(max_num_seqs, max_num_batched_tokens, page_size,
+                                                                 window), page_size, window)
         if num_pages is None:
             num_pages = self._pages_from_memory(config, device, page_size, stateful, max_num_seqs,
-                                                gpu_memory_utilization)
-        blocks = BlockManager(num_pages, page_size, enable_prefix_caching)
+                                                gpu_memory_utilization, window_blocks)
+        blocks = BlockManager(num_pages, page_size, enable_prefix_caching, window=window_blocks)
         scheduler = Scheduler(blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
         scheduler.max_model_len = self.max_model_len
         if self.ranks is None:
-            runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer,
-                                 scheduler.num_slots, fuse_ops=fuse_ops, kv_cache_dtype=kv_cache_dtype)
+            runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer, scheduler.num_slots,
+                                 fuse_ops=fuse_ops, kv_cache_dtype=kv_cache_dtype, window_blocks=window_blocks)
         else:
             from .tensor_parallel import driver_runner
 
@@ -183,14 +197,18 @@ class LLM:
     use_graphs = property(lambda self: self.core.use_graphs)
     generated_tokens = property(lambda self: self.core.outputs.generated_tokens)
 
-    def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization) -> int:
+    def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization,
+                           window_blocks: WindowBlocks | None = None) -> int:
         dtype = self.model.dtype
         tp = self.tensor_parallel_size
         page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful, self.kv_cache_dtype, tp)
         slot_bytes = 0
+        if window_blocks is not None:  # the sliding-window layers' pool comes first
+            slot_bytes += ModelRunner.bytes_per_page(config, page_size, dtype, False, tp_size=tp, sliding=True) * (
+                window_blocks.pool.num_pages + 1)
         if self.zipage_config is not None:
-            slot_bytes = ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,
-                                                    self.zipage_config.budget, tp) * max_num_seqs
+            slot_bytes += ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,
+                                                     self.zipage_config.budget, tp) * max_num_seqs
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             available = total * utilization - (total - free) - 512 * 2**20  # activations headroom
@@ -417,7 +435,11 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
+        window = self.blocks.window  # the sliding-window layers' pool, for models that have such layers
+        extra = {} if window is None else {"window_free_pages": window.pool.num_free,
+                                           "window_total_pages": window.pool.num_pages}
         return {
+            **extra,
             "running": len(s.running),
             "waiting": len(s.waiting),
             "free_pages": self.blocks.num_free,

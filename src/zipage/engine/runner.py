@@ -12,6 +12,12 @@ update each query slot's map of kept positions (``positions.py``). It serves pla
 softmax attention only: a model whose config or modules ask for more is refused when the runner
 is built, an attention call that asks for more (or receives a mask or bias the engine did not
 build) when the step runs, and so is a forward in which a layer's attention bypassed it.
+
+Layers typed ``sliding_attention`` in ``config.layer_types`` keep their KV in pools of their own,
+addressed through each sequence's sliding-window pages (``memory/window_blocks.py``) and attended
+with the kernels' ``window``; they are never scored nor compacted, and hold no query ring. The
+full-attention layers' pools, query rings, kept-position maps and scales are indexed by their
+rank among the full layers. Learned sink logits (``s_aux``) go to the kernels as ``sinks``, logit softcapping as ``softcap``.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention_checks import check_attention_call, check_model
+from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels.fp8 import SCALE_DTYPE
 from ..kernels._triton import use_triton
+from ..memory.window_blocks import WindowBlocks
 from ..scoring import Scorer, get_scorer
 from .fusion import ModelFusion
 from .positions import KeptPositions, kept_positions
@@ -61,46 +68,62 @@ class StepMeta:
     decode_lens: torch.Tensor | None  # [Bd] int32
     decode_table: torch.Tensor | None  # [Bd, P] int32
     max_decode_len: int
+    # the sliding-window layers' pool: slots, stored lengths and page tables (None without such layers)
+    window_slots: torch.Tensor | None = None  # [T]
+    window_prefill_lens: torch.Tensor | None = None  # [Bp] int32
+    window_prefill_table: torch.Tensor | None = None  # [Bp, P'] int32
+    window_decode_lens: torch.Tensor | None = None  # [Bd] int32
+    window_decode_table: torch.Tensor | None = None  # [Bd, P'] int32
     layers: set[int] = field(default_factory=set)  # the layers whose attention ran through the engine
 
 
 def engine_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """transformers attention function for packed engine steps (batch dim 1)."""
-    check_attention_call(module, kwargs, "the zipage engine")
+    meta: StepMeta | None = getattr(_context, "meta", None)
+    r = meta.runner if meta is not None else None
+    layer = module.layer_idx
+    sliding = r is not None and layer in r.window_index
+    check_attention_call(module, kwargs, "the zipage engine", r.window if sliding else None)
     if attention_mask is not None:
         raise NotImplementedError(
             f"the zipage engine serves plain causal softmax attention only; layer {module.layer_idx} "
             f"({type(module).__name__}) received an attention mask or additive bias the engine did not build"
         )
-    meta: StepMeta = _context.meta
-    r = meta.runner
-    layer = module.layer_idx
     meta.layers.add(layer)
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    kp, vp = r.k_pool[layer], r.v_pool[layer]
-    ks = vs = None
-    if r.k_scale is not None:  # FP8 pages: the store quantizes, the attention kernels dequantize
-        ks, vs = r.k_scale[layer], r.v_scale[layer]
-    store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs)
-    if r.state_pool is not None:
-        r.state_pool[layer].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
-    if r.q_cache is not None:  # (index_fill_/index_copy_: no host values, so CUDA-graph capture works)
-        r.q_cache[layer].view(-1, *q.shape[1:]).index_copy_(0, meta.ring_index, q.to(r.q_cache.dtype))
     scale = attention_scale(scaling, q.shape[-1])
-    r.scaling[layer] = float(scale)
+    ks = vs = None
+    if sliding:  # its window, in the sliding layers' pool (the model's dtype); never scored
+        j = r.window_index[layer]
+        kp, vp = r.window_k_pool[j], r.window_v_pool[j]
+        store_kv(kp, meta.window_slots, k, vp, v)
+        tables = (meta.window_prefill_table, meta.window_prefill_lens, meta.window_decode_table, meta.window_decode_lens)
+    else:
+        j = r.full_index[layer]
+        kp, vp = r.k_pool[j], r.v_pool[j]
+        if r.k_scale is not None:  # FP8 pages: the store quantizes, the attention kernels dequantize
+            ks, vs = r.k_scale[j], r.v_scale[j]
+        store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs)
+        if r.state_pool is not None:
+            r.state_pool[j].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
+        if r.q_cache is not None:  # (index_fill_/index_copy_: no host values, so CUDA-graph capture works)
+            r.q_cache[j].view(-1, *q.shape[1:]).index_copy_(0, meta.ring_index, q.to(r.q_cache.dtype))
+        r.scaling[j] = float(scale)
+        tables = (meta.prefill_table, meta.prefill_lens, meta.decode_table, meta.decode_lens)
+    features = dict(window=r.window if sliding else None, sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"))
     out = torch.empty_like(q)
     n_p = meta.num_prefill_tokens
     if n_p:
         out[:n_p] = paged_prefill_attention(
-            q[:n_p], kp, vp, meta.prefill_table, meta.cu_seqlens_q, meta.prefill_lens, scale, max_q_len=meta.max_q_len,
-            k_scale=ks, v_scale=vs,
+            q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
+            k_scale=ks, v_scale=vs, **features
         )
     if n_p < q.shape[0]:
         out[n_p:] = paged_decode_attention(
-            q[n_p:].contiguous(), kp, vp, meta.decode_table, meta.decode_lens, scale,
-            max_len_hint=meta.max_decode_len, k_scale=ks, v_scale=vs,
+            q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
+            k_scale=ks, v_scale=vs, **features
         )
     return out[None], None
 
@@ -122,7 +145,7 @@ class ModelRunner:
 
     def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
                  scorer: Scorer | None, num_slots: int, fuse_ops: bool = True, kv_cache_dtype: str = "auto",
-                 tp_size: int = 1) -> None:
+                 tp_size: int = 1, window_blocks: WindowBlocks | None = None) -> None:
         check_model(model)
         register_attention()
         self.model = model
@@ -139,6 +162,21 @@ class ModelRunner:
         self.zipage_config = zipage_config
         self.scorer = scorer
         self.scratch_page = num_pages  # one extra page, never handed out: padding rows of graph batches use it
+        self.window, sliding = sliding_layers(cfg)
+        if any(sliding) and window_blocks is None:
+            raise ValueError("a model with sliding-window layers needs the engine's WindowBlocks")
+        self.window_blocks = window_blocks if any(sliding) else None
+        self.full_layers = [i for i in range(L) if not sliding[i]]  # their rank indexes the full-layer pools
+        self.full_index = {layer: j for j, layer in enumerate(self.full_layers)}
+        self.window_index = {layer: j for j, layer in enumerate(i for i in range(L) if sliding[i])}
+        self.window_k_pool = self.window_v_pool = None
+        self.window_scratch = 0
+        if self.window_blocks is not None:  # one extra page for graph padding rows here too
+            self.window_scratch = self.window_blocks.pool.num_pages
+            wshape = (len(self.window_index), self.window_scratch + 1, page_size, Hkv, D)
+            self.window_k_pool = torch.zeros(wshape, dtype=self.dtype, device=self.device)
+            self.window_v_pool = torch.zeros(wshape, dtype=self.dtype, device=self.device)
+        L = len(self.full_layers)
         shape = (L, num_pages + 1, page_size, Hkv, D)
         self.kv_cache_dtype = kv_cache_dtype
         self.k_pool = torch.zeros(shape, dtype=kv_dtype(kv_cache_dtype, self.dtype), device=self.device)
@@ -169,17 +207,22 @@ class ModelRunner:
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool, kv_cache_dtype: str = "auto",
-                       tp_size: int = 1) -> int:
-        """A page's bytes over all layers: keys and values (FP8: codes plus a float32 scale per
-        token and head each), and a stateful scorer's float32 state; on each rank, with
-        ``tp_size`` ranks (a rank holds ``1 / tp_size`` of the KV heads)."""
+                       tp_size: int = 1, sliding: bool = False) -> int:
+        """A page's bytes over the full-attention layers: keys and values (FP8: codes plus a float32
+        scale per token and head each), and a stateful scorer's float32 state; on each rank, with
+        ``tp_size`` ranks (a rank holds ``1 / tp_size`` of the KV heads). ``sliding``: a page of the
+        sliding-window layers' pool instead (the model's dtype, no state)."""
         cfg = config.get_text_config(decoder=True)
         Hq = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
+        slides = sum(sliding_layers(cfg)[1])
+        if sliding:
+            kv_cache_dtype, stateful = "auto", False
+        layers = slides if sliding else cfg.num_hidden_layers - slides
         elem = torch.empty((), dtype=kv_dtype(kv_cache_dtype, dtype)).element_size()
         scales = 2 * SCALE_DTYPE.itemsize if kv_cache_dtype == "fp8" else 0
-        per_token = cfg.num_hidden_layers * (Hkv // tp_size) * (2 * D * elem + scales + (4 if stateful else 0))
+        per_token = layers * (Hkv // tp_size) * (2 * D * elem + scales + (4 if stateful else 0))
         return per_token * page_size
 
     @staticmethod
@@ -193,17 +236,24 @@ class ModelRunner:
         return ring + KeptPositions.bytes_per_slot(config, budget) // tp_size
 
     def kept_positions(self, seq: Sequence, layer_idx: int) -> torch.Tensor:
-        """``[H_kv, stored]`` logical positions that ``seq`` keeps in layer ``layer_idx`` (see ``LLM``)."""
-        return kept_positions(seq, layer_idx, self.k_pool.shape[0], self.k_pool.shape[3], self.kept, self.device)
+        """``[H_kv, stored]`` logical positions that ``seq`` keeps in layer ``layer_idx`` (see ``LLM``); a
+        sliding-window layer: the window its last query attended, ``[H_kv, <= window]``."""
+        L, heads = self.config.num_hidden_layers, self.k_pool.shape[3]
+        if type(layer_idx) is not int or layer_idx in self.window_index:
+            kept_positions(seq, layer_idx, L, heads, None, self.device)  # the checks: index, status
+            first = max(0, seq.num_computed - self.window)
+            return torch.arange(first, seq.num_computed, device=self.device).expand(heads, -1).clone()
+        kept_positions(seq, layer_idx, L, heads, None, self.device)  # (the index against the model's layers)
+        return kept_positions(seq, self.full_index[layer_idx], len(self.full_layers), heads, self.kept, self.device)
 
     # ----------------------------------------------------------------------------- forward
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         p = self.page_size
         return [seq.pages[j // p] * p + j % p for j in range(start, end)]
 
-    def _table(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.pages) for s in seqs)
-        rows = [s.pages + [0] * (width - len(s.pages)) for s in seqs]
+    def _table(self, pages: list[list[int]]) -> torch.Tensor:
+        width = max(len(p) for p in pages)
+        rows = [p + [0] * (width - len(p)) for p in pages]
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
     @staticmethod
@@ -227,7 +277,8 @@ class ModelRunner:
 
         A decoding sequence whose input token is pending (sampled by the previous step, not yet
         on the host) takes it from ``feed`` on the device."""
-        ids, pos, slots, ring, last = [], [], [], [], []
+        ids, pos, slots, ring, last, wslots = [], [], [], [], [], []
+        wb = self.window_blocks
         w = self.zipage_config.window if self.zipage_config is not None else 0
         scratch = self.num_slots * w  # first row of the scratch slot
         for seq, n in prefill:
@@ -239,6 +290,8 @@ class ModelRunner:
             ids.extend(seq.token_at(t) if t < known else 0 for t in range(start, start + n))
             pos.extend(range(start, start + n))
             slots.extend(self._slots(seq, seq.stored, seq.stored + n))
+            if wb is not None:
+                wslots.extend(wb.slots(seq, start, start + n))
             if w:
                 ring.extend(seq.slot * w + t % w if t >= start + n - w else scratch for t in range(start, start + n))
             last.append(len(ids) - 1)
@@ -257,12 +310,21 @@ class ModelRunner:
             cu_seqlens_q=cu,
             prefill_lens=torch.tensor([s.stored + n for s, n in prefill], dtype=torch.int32, device=dev)
             if prefill else None,
-            prefill_table=self._table(prefill_seqs) if prefill else None,
+            prefill_table=self._table([s.pages for s in prefill_seqs]) if prefill else None,
             max_q_len=max((n for _, n in prefill), default=0),
             decode_lens=torch.tensor([s.stored + 1 for s in decode], dtype=torch.int32, device=dev) if decode else None,
-            decode_table=self._table(decode) if decode else None,
+            decode_table=self._table([s.pages for s in decode]) if decode else None,
             max_decode_len=max((s.stored + 1 for s in decode), default=0),
         )
+        if wb is not None:
+            i32 = dict(dtype=torch.int32, device=dev)
+            meta.window_slots = torch.tensor(wslots, dtype=torch.long, device=dev)
+            if prefill:
+                meta.window_prefill_lens = torch.tensor([s.num_computed + n - s.window_offset for s, n in prefill], **i32)
+                meta.window_prefill_table = self._table([s.window_pages for s in prefill_seqs])
+            if decode:
+                meta.window_decode_lens = torch.tensor([s.num_computed + 1 - s.window_offset for s in decode], **i32)
+                meta.window_decode_table = self._table([s.window_pages for s in decode])
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         self._feed_ids(input_ids, decode, n_p, feed)
         input_ids = input_ids[None]
@@ -311,6 +373,11 @@ class ModelRunner:
         self.g_ring = torch.full((n,), self._scratch_ring(), dtype=torch.long, device=dev)
         self.g_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.g_table = torch.full((n, table_width), self.scratch_page, dtype=torch.int32, device=dev)
+        if self.window_blocks is not None:  # the sliding-window layers' slots, lengths and pages
+            width = self.window_blocks.table_width()
+            self.g_wslots = torch.full((n,), self.window_scratch * self.page_size, dtype=torch.long, device=dev)
+            self.g_wlens = torch.ones(n, dtype=torch.int32, device=dev)
+            self.g_wtable = torch.full((n, width), self.window_scratch, dtype=torch.int32, device=dev)
         pool = torch.cuda.graph_pool_handle()
         graphs = {}
         # No garbage collection while capturing: an old engine's graphs, events or pinned buffers
@@ -337,6 +404,9 @@ class ModelRunner:
                 decode_lens=self.g_lens[:b], decode_table=self.g_table[:b],
                 max_decode_len=table_width * self.page_size,
             )
+            if self.window_blocks is not None:
+                meta.window_slots, meta.window_decode_lens = self.g_wslots[:b], self.g_wlens[:b]
+                meta.window_decode_table = self.g_wtable[:b]
             run = lambda: self._model_call(meta, self.g_ids[:b][None], self.g_pos[:b][None], 0)  # noqa: E731
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -361,6 +431,9 @@ class ModelRunner:
         b = self.graph_batch(len(decode))
         if b is None or any(len(s.pages) > self.graph_table_width for s in decode):
             return None
+        wb = self.window_blocks
+        if wb is not None and any(len(s.window_pages) > self.g_wtable.shape[1] for s in decode):
+            return None
         n = len(decode)
         w = self.zipage_config.window if self.zipage_config is not None else 0
         p, pad = self.page_size, b - n
@@ -376,6 +449,16 @@ class ModelRunner:
                 torch.tensor(lens, dtype=torch.int32), torch.tensor(table, dtype=torch.int32))
         for dst, src in zip((self.g_ids, self.g_pos, self.g_slots, self.g_ring, self.g_lens, self.g_table), host):
             dst[:b].copy_(src, non_blocking=True)
+        if wb is not None:
+            wwidth, wscratch = self.g_wtable.shape[1], self.window_scratch
+            wslots = [wb.slots(s, s.num_computed, s.num_computed + 1)[0] for s in decode] + [wscratch * p] * pad
+            wlens = [s.num_computed + 1 - s.window_offset for s in decode] + [1] * pad
+            wtable = [s.window_pages + [wscratch] * (wwidth - len(s.window_pages)) for s in decode]
+            wtable += [[wscratch] * wwidth] * pad
+            for dst, src in zip((self.g_wslots, self.g_wlens, self.g_wtable),
+                                (torch.tensor(wslots), torch.tensor(wlens, dtype=torch.int32),
+                                 torch.tensor(wtable, dtype=torch.int32))):
+                dst[:b].copy_(src, non_blocking=True)
         self._feed_ids(self.g_ids, decode, 0, feed)
         graph, logits = self.graphs[b]
         graph.replay()
@@ -427,6 +510,6 @@ class ModelRunner:
                            self.k_scale[sl] if fp8 else None, self.v_scale[sl] if fp8 else None, self.dtype),
                 slots, mask[sl], queries[sl] if queries is not None else None, scorer, k=budget,
                 window=cfg.window, sinks=cfg.sinks, scaling=scaling, page_size=cfg.page_size, first=first,
-                layer_idx=start if stop - start == 1 else -1, dst_slots=dst,
+                layer_idx=self.full_layers[start] if stop - start == 1 else -1, dst_slots=dst,
             )))
         self.kept.compressed(seqs, keeps, first)

@@ -104,6 +104,8 @@ class Sequence:
     finish_reason: str | None = None
     text: str | None = None  # decoded output, when the engine has a tokenizer
     cached_pages: int = 0  # leading pages whose hashes are registered (shared or shareable)
+    window_pages: list[int] = field(default_factory=list)  # sliding-window layers' pages (memory/window_blocks.py)
+    window_offset: int = 0  # logical position of slot 0 of ``window_pages``
     generator: torch.Generator | None = None
     streamed: int = 0  # output tokens already handed to a stream
     detokenizer: Any = None  # the incremental text, while stop strings are checked (outputs.IncrementalText)

@@ -8,6 +8,11 @@ to the free list but keeps its hash, so a later request can revive it until the 
 out for something else. Shared pages are never written: new tokens always go to pages of their
 own, and a sequence whose pages are shared is compacted into fresh pages.
 
+A model with sliding-window layers keeps their pages apart (``window_blocks.WindowBlocks``, in
+``self.window``): reserved before each step, trimmed to the window when a step stands, freed with
+the sequence. Prefix caching is off for such models (a cached prefix would need the sliding layers'
+KV of the tokens just before its end, which they dropped).
+
 Who calls what: the scheduler decides (``reserve``, ``free``, ``match_prefix``,
 ``fresh_pages``, ``prepare_in_place``), the step loop records what a forward wrote
 (``append``, ``register_prefix``) and what a compaction left (``compacted``). Nothing else
@@ -20,6 +25,7 @@ import hashlib
 from typing import TYPE_CHECKING
 
 from .pool import PagePool
+from .window_blocks import WindowBlocks
 
 if TYPE_CHECKING:  # (the engine's Sequence; memory/ imports nothing from the engine at run time)
     from ..engine.sequence import Sequence
@@ -36,12 +42,14 @@ def page_hash(prev: bytes | None, tokens: list[int]) -> bytes:
 class BlockManager:
     """Pages of the engine's sequences: allocation, reference counts, prefix hashes."""
 
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
+                 window: WindowBlocks | None = None) -> None:
         if num_pages < 1:
             raise ValueError(f"the KV pool needs at least one page, got num_pages={num_pages}")
         self.pool = PagePool(num_pages)
         self.page_size = page_size
-        self.enable_prefix_caching = enable_prefix_caching
+        self.window = window  # the sliding-window layers' pages, for a model that has such layers
+        self.enable_prefix_caching = enable_prefix_caching and window is None
         self.hash_of: list[bytes | None] = [None] * num_pages
         self.page_of: dict[bytes, int] = {}
         self.hits = 0  # prompt pages served from the cache
@@ -95,6 +103,13 @@ class BlockManager:
         self.release(seq.pages)
         seq.pages = []
         seq.cached_pages = 0
+        if self.window is not None:
+            self.window.free(seq)
+
+    def reserve_window(self, seq: Sequence, n: int) -> None:
+        """Before a forward that computes ``seq``'s next ``n`` tokens: their sliding-window pages."""
+        if self.window is not None:
+            self.window.reserve(seq, seq.num_computed + n)
 
     def append(self, seq: Sequence, n: int) -> None:
         """Record that a forward wrote the KV of ``seq``'s next ``n`` tokens into its pages."""
@@ -102,6 +117,8 @@ class BlockManager:
             raise RuntimeError(f"request {seq.request_id!r} wrote past its pages")
         seq.num_computed += n
         seq.stored += n
+        if self.window is not None:  # the pages that left the window of its next query go back
+            self.window.trim(seq)
 
     def fresh_pages(self, tokens: int) -> list[int]:
         """Destination pages of a compaction into fresh pages."""

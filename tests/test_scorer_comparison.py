@@ -1,0 +1,63 @@
+"""benchmarks/scorer_comparison.py: the default-against-every-scorer check and its report, on
+hand-made results (the runs themselves are the quality benchmark's, smoke-tested elsewhere)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def sc():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("zipage_bench_scorer_comparison", BENCH / "scorer_comparison.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(config, frac, top1, kl, ppl):
+    return {"config": config, "budget_frac": frac, "budget": 64, "top1": top1, "kl": kl, "ppl_ratio": ppl}
+
+
+TF = {"seq_len": 1024, "sequences": [{"problems": [0, 3]}], "rows": [
+    row("zipage", "1/8", 0.90, 0.10, 1.10), row("zipage", "1/4", 0.95, 0.05, 1.05),
+    row("snapkv", "1/8", 0.89, 0.09, 1.11), row("snapkv", "1/4", 0.94, 0.06, 1.06),
+    row("rkv", "1/8", 0.90, 0.12, 1.12), row("rkv", "1/4", 0.96, 0.05, 1.04),
+    row("zipage[recent=0]", "1/8", 0.99, 0.01, 1.01), row("zipage[recent=0]", "1/4", 0.99, 0.01, 1.01),
+]}
+
+
+def test_compare_default_names_every_scorer_that_beats_it(sc):
+    checks = {(c["budget_frac"], c["metric"]): c for c in sc.compare_default(TF)}
+    assert len(checks) == 6
+    assert checks[("1/8", "top-1")]["ok"]  # a tie is at least as good; variants (name[...]) are not scorers
+    assert checks[("1/8", "KL")]["beaten_by"] == ["snapkv"]
+    assert checks[("1/8", "ppl ratio")]["ok"]
+    assert checks[("1/4", "top-1")]["beaten_by"] == ["rkv"]
+    assert checks[("1/4", "KL")]["ok"]
+    assert checks[("1/4", "ppl ratio")]["beaten_by"] == ["rkv"] and checks[("1/4", "ppl ratio")]["best_other_value"] == 1.04
+
+
+def test_report_states_the_misses(sc, tmp_path):
+    res = {"model": "smollm2", "model_title": "SmolLM2-135M-Instruct", "dataset": "math_train", "default": "zipage",
+           "command": "python benchmarks/scorer_comparison.py", "seconds": 1.0, "environment": {"threads": 2},
+           "teacher_forced": TF}
+    path = tmp_path / "smollm2_math_train.json"
+    path.write_text(json.dumps(res))
+    md = sc.report([path])
+    assert "| **zipage** (default) |" in md
+    assert "1/8 KL: snapkv" in md and "1/4 top-1: rkv" in md
+    assert "| SmolLM2-135M-Instruct | MATH train solutions | 3 of 6 |" in md
+
+
+def test_rows_take_scorer_knobs(sc):
+    label, fields = sc.Q.parse_row("rkv[rkv_lambda=0.2,pooling=none]")
+    assert label == "rkv[rkv_lambda=0.2,pooling=none]"
+    assert fields == {"scorer": "rkv", "pooling": "none", "extra": {"rkv_lambda": 0.2}}
