@@ -5,8 +5,9 @@
 Reads, when present, under benchmarks/results/: every throughput*.json (benchmarks/throughput.py; a
 table and a bar chart each), quality*.json with the .md and .png that benchmarks/quality.py writes next
 to it, kernels.json + kernels.png (benchmarks/kernels.py), and the serving reports that compare zipage
-with full KV (serving_*.json with both systems and the .png beside it, benchmarks/serving.py). Missing
-files or keys leave their part out.
+with full KV (serving_*.json with both systems and the .png beside it, benchmarks/serving.py), and
+generate_speed_*.json (benchmarks/generate_speed.py, via generate_report.py). Missing files or keys
+leave their part out.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import math
 import re
 import shutil
 from pathlib import Path
+
+try:
+    from .generate_report import generate_sections
+except ImportError:  # run as a script from benchmarks/
+    from generate_report import generate_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -498,6 +504,10 @@ def main() -> None:
                 shutil.copy(path.with_suffix(".png"), assets / chart)
                 written.add(chart)
             parts.append(serving_section(path, chart))
+
+    gen_parts = generate_sections(results)
+    if gen_parts:
+        parts += ["## generate() speed and peak memory", "", *gen_parts]
 
     kernels = results / "kernels.json"
     if kernels.exists():

@@ -77,7 +77,7 @@ def test_fp8_generate_matches_fp8_rounded_generate(num_beams, fake_fp8_generate)
     got = model.generate(ids, cache_config={**cfg, "kv_cache_dtype": "fp8"}, **kw)
     assert torch.equal(got.sequences, want.sequences)
     cache = got.past_key_values
-    assert cache.k_pool.dtype == FP8 and cache.num_compressions > 0
+    assert cache.full[0].keys.dtype == FP8 and cache.num_compressions > 0
     stats, dense = cache.stats(), want.past_key_values.stats()
     assert stats["kv_bytes_full"] == dense["kv_bytes_full"]
     assert stats["kv_bytes_in_use"] * (4 * 16) == dense["kv_bytes_in_use"] * (16 + 4)  # float32 -> e4m3 + scale

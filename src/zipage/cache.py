@@ -1,14 +1,14 @@
-"""ZipageCache: a transformers ``Cache`` that stores KV in pages and evicts tokens to a budget.
+"""ZipageCache: a transformers ``Cache`` that stores KV row by row and evicts tokens to a budget.
 
-Layout: one growable ``PagePool`` and one page table per batch row, shared by
-all layers; keys and values in pools stacked over layers,
-``[L, num_pages, page_size, H_kv, D]`` (plus a float32 score state for stateful
-scorers), each layer's ``keys``/``values`` being a view of its slice. Every row
-of a ``generate()`` batch receives the same number of tokens per step, so all
-rows and layers store the same number ``S`` of tokens and compress at the same
-step: at the first layer's update, every layer at once, in groups of
-``layer_stride`` layers (a layer is just more batch rows for the kernels; by
-default as many as ``compress_scratch_bytes`` of gathered keys allow).
+Layout (``zipage.memory.rows``): every row of a ``generate()`` batch receives the same number of
+tokens per step, so all rows and layers store the same number ``S`` of tokens and compress at
+the same step. Each layer holds its keys and values as ``[B, capacity, H_kv, D]`` (plus a float32
+score state for stateful scorers), row ``b``'s tokens at ``[b, :S]`` in order: attention reads
+them as views, compaction keeps their order, and the CUDA paged kernels read the same memory as
+pages. The capacity follows from the config (at most ``budget + buffer`` once the prompt is in)
+and ``max_cache_len``, grows one layer at a time and shrinks after a compression that leaves
+less to hold. Compressions run at the first layer's update, one layer after another.
+FP8 pages (``kv_cache_dtype="fp8"``) keep a float32 scale per token and KV head beside them.
 
 Sliding-window layers (``sliding_attention`` in ``config.layer_types``) are not compressed: they
 keep exactly their window in pages of their own (``sliding_cache.py``), and everything below
@@ -36,18 +36,18 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import capture
 from .attention_checks import check_model_config, sink_logits, sliding_layers
-from .compress import LayerPages, attention_scale, compress_layers, layer_batches
+from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
-from .kernels import dequantize_reference, gather_kv, kv_dtype, paged_decode_attention, slot_indices, store_kv
-from .kernels.fp8 import SCALE_DTYPE, is_fp8
+from .kernels import dequantize_reference, kv_dtype, paged_decode_attention, store_kv
 from .kernels._triton import use_triton
-from .memory.pool import PagePool
+from .kernels.fp8 import SCALE_DTYPE, is_fp8
+from .memory.rows import KERNEL_PAGE, as_pages, plan_capacity, resized, row_page_table, row_slots, stored_limit
 from .scoring import get_scorer
 from .sliding_cache import SlidingLayer, WindowPages
 
 
 class ZipageLayer(CacheLayerMixin):
-    """One layer of a ``ZipageCache``: views of its pools, its lengths and its captured window queries."""
+    """One layer of a ``ZipageCache``: its row-contiguous storage, its lengths and its captured window queries."""
 
     is_sliding = False
     is_compileable = False
@@ -57,11 +57,11 @@ class ZipageLayer(CacheLayerMixin):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.index = layer_idx if index is None else index  # this layer's slice of the (full-layer) pools
+        self.index = layer_idx if index is None else index  # this layer's place among the full layers
         self.seen = 0  # logical length L
         self.stored = 0  # stored length S
-        self.state: torch.Tensor | None = None
-        self.key_scales = self.value_scales = None  # FP8 pages: [num_pages, page_size, H_kv] float32
+        self.state: torch.Tensor | None = None  # [B, capacity, H_kv] float32 score state (stateful scorers)
+        self.key_scales = self.value_scales = None  # FP8 pages: [B, capacity, H_kv] float32
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
         self.prefix_positions: torch.Tensor | None = None  # [B, H_kv, budget] logical positions of slots < budget
@@ -70,21 +70,42 @@ class ZipageLayer(CacheLayerMixin):
         self.paged_step = False  # this step's attention reads the pages directly
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.cache._init_pools(key_states, value_states)
-
-    def bind(self) -> None:
-        """Point this layer's tensors at its slice of the stacked pools."""
-        c = self.cache
-        self.keys, self.values = c.k_pool[self.index], c.v_pool[self.index]
-        self.state = c.state_pool[self.index] if c.state_pool is not None else None
-        if c.k_scale is not None:
-            self.key_scales, self.value_scales = c.k_scale[self.index], c.v_scale[self.index]
-        self.dtype, self.device = c.model_dtype, self.keys.device
-        if self.valid is None:
-            self.valid = torch.ones(c.batch_size_, 0, dtype=torch.bool, device=self.device)
+        """Empty storage (``[B, 0, H_kv, D]``) in the dtype and on the device of the first keys."""
+        B, H, _, D = key_states.shape
+        first = self.cache.full[0]
+        if first.keys is not None and first is not self and (H, D) != tuple(first.keys.shape[2:]):
+            raise ValueError(
+                "zipage needs the same number of KV heads and head dim in every layer; got "
+                f"{(H, D)} after {tuple(first.keys.shape[2:])}"
+            )
+        dev = key_states.device
+        dtype = kv_dtype(self.cache.zipage_config.kv_cache_dtype, key_states.dtype)
+        self.cache.model_dtype = key_states.dtype
+        self.keys = torch.empty(B, 0, H, D, dtype=dtype, device=dev)
+        self.values = torch.empty(B, 0, H, value_states.shape[-1], dtype=dtype, device=dev)
+        if self.cache.zipage_config.kv_cache_dtype == "fp8":
+            self.key_scales = torch.empty(B, 0, H, dtype=SCALE_DTYPE, device=dev)
+            self.value_scales = torch.empty(B, 0, H, dtype=SCALE_DTYPE, device=dev)
+        if self.cache.scorer.stateful:
+            self.state = torch.empty(B, 0, H, dtype=torch.float32, device=dev)
+        if self.valid is None:  # layer 0's empty record for every layer, so that they share the next ones
+            shared = self.cache._shared_valid if first is not self else None
+            if shared is None or shared.shape[1] != 0:
+                shared = torch.ones(B, 0, dtype=torch.bool, device=dev)
+            self.valid = shared
+        self.dtype, self.device = key_states.dtype, dev
         self.is_initialized = True
 
+    def resize(self, capacity: int) -> None:
+        """Hold ``capacity`` tokens per row, keeping the stored ones (one layer's copy in flight)."""
+        self.keys = resized(self.keys, capacity, self.stored)
+        self.values = resized(self.values, capacity, self.stored)
+        self.state = resized(self.state, capacity, self.stored)
+        self.key_scales = resized(self.key_scales, capacity, self.stored)
+        self.value_scales = resized(self.value_scales, capacity, self.stored)
+
     def pages(self) -> LayerPages:
+        """The storage as ``B`` pages of ``capacity`` tokens (what ``compress_layer`` takes)."""
         return LayerPages(self.keys, self.values, self.state, self.key_scales, self.value_scales, self.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -122,6 +143,8 @@ class ZipageCache(Cache):
             the queries it needs for scoring).
         zipage_config: a ``ZipageConfig``; or give its fields as keyword arguments instead
             (``kv_cache_dtype="fp8"``: FP8 pages with a scale per token and KV head).
+        max_cache_len: the most tokens the cache will see, if known (``generate()`` sets it from its
+            ``max_length``): the storage then never grows past what those tokens need.
 
     Example::
 
@@ -130,7 +153,8 @@ class ZipageCache(Cache):
         cache.stored_length()  # <= budget + buffer
     """
 
-    def __init__(self, config: Any = None, zipage_config: ZipageConfig | None = None, **fields: Any) -> None:
+    def __init__(self, config: Any = None, zipage_config: ZipageConfig | None = None,
+                 max_cache_len: int | None = None, **fields: Any) -> None:
         if config is None:
             raise TypeError("ZipageCache needs the model config: ZipageCache(config=model.config, ...)")
         if zipage_config is not None and fields:
@@ -144,17 +168,18 @@ class ZipageCache(Cache):
         self.zipage_config.validate()  # a config object may have been edited since it was built
         self.model_config = config
         self.scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
-        self.pool = PagePool(0, growable=True)
-        self.row_pages: list[list[int]] = []
-        self.page_table: torch.Tensor | None = None  # [B, max_pages] int64
-        self.k_pool: torch.Tensor | None = None  # [L, num_pages, page_size, H_kv, D]
-        self.v_pool: torch.Tensor | None = None
-        self.state_pool: torch.Tensor | None = None  # [L, num_pages, page_size, H_kv] float32
-        self.k_scale: torch.Tensor | None = None  # FP8 pages: [L, num_pages, page_size, H_kv] float32
-        self.v_scale: torch.Tensor | None = None
+        self.max_cache_len = max_cache_len
         self.model_dtype: torch.dtype | None = None  # the keys' dtype as the model hands them over
         self.batch_size_ = 0
-        self._step_slots: torch.Tensor | None = None
+        self.capacity_ = 0  # tokens per row each layer holds (after its update this step)
+        self.peak_capacity = 0
+        self.peak_stored = 0
+        self.page_table: torch.Tensor | None = None  # [B, capacity / KERNEL_PAGE], for the CUDA paged kernels
+        self._step_stored = 0  # tokens every layer stores once this step's update is done
+        self._step_slots: torch.Tensor | None = None  # [B, q] flat slots of this step's tokens in every layer
+        self._mask_read: tuple = (None, None)  # (the last attention mask seen, which of its new tokens are real)
+        self._keep_queries = True  # this step's queries may be needed by the next compression
+        self._shared_valid: torch.Tensor | None = None  # layer 0's validity record before this step
         self.num_compressions = 0
         self.tokens_evicted = 0
         self.padding_gap = False  # padding inside a sequence seen: masks come from the cache's validity
@@ -169,6 +194,17 @@ class ZipageCache(Cache):
                 layers.append(ZipageLayer(self, i, i - sum(sliding[:i])))
         self.full: list[ZipageLayer] = [lyr for lyr in layers if isinstance(lyr, ZipageLayer)]  # compressed
         super().__init__(layers=layers)
+
+    @property
+    def max_cache_len(self) -> int | None:
+        """The most tokens the cache will see (None: unknown); bounds how far its storage grows."""
+        return self._max_cache_len
+
+    @max_cache_len.setter
+    def max_cache_len(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"ZipageCache.max_cache_len={value!r} is invalid: expected an int >= 1 or None")
+        self._max_cache_len = value
 
     # ------------------------------------------------------------------ public introspection
     def stored_length(self, layer_idx: int | None = None) -> int:
@@ -189,27 +225,29 @@ class ZipageCache(Cache):
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
             raise IndexError(f"layer_idx={layer_idx!r} is out of range: the model has {len(self.layers)} layers")
         layer = self.layers[layer_idx]
-        if self.k_pool is None:
+        first = self.full[0]
+        if first.keys is None:
             heads = getattr(self.model_config, "num_key_value_heads", None) or self.model_config.num_attention_heads
             return torch.empty(max(self.batch_size_, 0), heads, 0, dtype=torch.long)
-        B, H = self.batch_size_, self.k_pool.shape[3]
+        B, H = self.batch_size_, first.keys.shape[2]
         if isinstance(layer, SlidingLayer):  # the window its last query attended (older stored slots are not read)
-            first = max(layer.seen - layer.sliding_window, 0)
-            return torch.arange(first, layer.seen, device=self.k_pool.device).expand(B, H, -1).clone()
-        return _slot_positions(layer.prefix_positions, B, H, layer.seen, layer.stored, self.k_pool.device)
+            start = max(layer.seen - layer.sliding_window, 0)
+            return torch.arange(start, layer.seen, device=first.keys.device).expand(B, H, -1).clone()
+        return _slot_positions(layer.prefix_positions, B, H, layer.seen, layer.stored, layer.keys.device)
 
     def stats(self) -> dict[str, int | float]:
-        """Memory accounting: tokens seen vs stored, pages in use, and KV bytes against a full cache."""
+        """Memory accounting: tokens seen vs stored, and KV bytes stored, held and at most held, against
+        a full cache. ``pages_in_use`` counts pages of the config's ``page_size`` over the stored tokens."""
         layer = self.full[0]
-        bytes_per_token = per_layer = 0
-        full_per_token = full_layer = 0  # a full cache holds the model's dtype
-        if self.k_pool is not None:
-            per_layer = self.k_pool[0, 0, 0].numel() * self.k_pool.element_size()
-            if self.k_scale is not None:
-                per_layer += self.k_scale[0, 0, 0].numel() * SCALE_DTYPE.itemsize
-            bytes_per_token = 2 * per_layer * self.k_pool.shape[0]
-            full_layer = 2 * self.k_pool[0, 0, 0].numel() * self.model_dtype.itemsize
-            full_per_token = full_layer * self.k_pool.shape[0]
+        bytes_per_token = full_per_token = full_layer = 0  # a full cache holds the model's dtype
+        if layer.keys is not None:
+            per_layer = layer.keys[0, 0].numel() * layer.keys.element_size()
+            per_layer += layer.values[0, 0].numel() * layer.values.element_size()
+            if layer.key_scales is not None:
+                per_layer += 2 * layer.key_scales[0, 0].numel() * SCALE_DTYPE.itemsize
+            bytes_per_token = per_layer * len(self.full)
+            full_layer = (layer.keys[0, 0].numel() + layer.values[0, 0].numel()) * self.model_dtype.itemsize
+            full_per_token = full_layer * len(self.full)
         page = self.zipage_config.page_size
         rows = max(self.batch_size_, 1)
         window = {}
@@ -222,121 +260,99 @@ class ZipageCache(Cache):
             "batch_size": self.batch_size_,
             "tokens_seen": layer.seen,
             "tokens_stored": layer.stored,
-            "pages_in_use": self.pool.num_used,
-            "pages_free": self.pool.num_free,
-            "pages_total": self.pool.num_pages,
-            "peak_pages": self.pool.peak_used,
+            "capacity_tokens": self.capacity_,
+            "pages_in_use": self.batch_size_ * -(-layer.stored // page),
+            "peak_pages": self.batch_size_ * -(-self.peak_stored // page),
             "compressions": self.num_compressions,
-            "kv_bytes_in_use": self.pool.num_used * page * bytes_per_token,
+            "kv_bytes_in_use": rows * layer.stored * bytes_per_token,
             "kv_bytes_full": rows * layer.seen * full_per_token,
-            "kv_bytes_pool": self.pool.num_pages * page * bytes_per_token,
+            "kv_bytes_pool": rows * self.capacity_ * bytes_per_token,
+            "kv_bytes_peak": rows * self.peak_capacity * bytes_per_token,
         }
-
-    # ------------------------------------------------------------------ storage
-    def _init_pools(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if self.k_pool is not None:
-            if key_states.shape[1] != self.k_pool.shape[3] or key_states.shape[3] != self.k_pool.shape[4]:
-                raise ValueError(
-                    "zipage needs the same number of KV heads and head dim in every layer; got "
-                    f"{tuple(key_states.shape[1::2])} after {tuple(self.k_pool.shape[3:])}"
-                )
-            for layer in self.full:
-                layer.bind()
-            return
-        _, H, _, D = key_states.shape
-        L, n, p = len(self.full), self.pool.num_pages, self.zipage_config.page_size
-        dev = key_states.device
-        self.model_dtype = key_states.dtype
-        dtype = kv_dtype(self.zipage_config.kv_cache_dtype, key_states.dtype)
-        self.k_pool = torch.zeros(L, n, p, H, D, dtype=dtype, device=dev)
-        self.v_pool = torch.zeros(L, n, p, H, value_states.shape[-1], dtype=dtype, device=dev)
-        if self.zipage_config.kv_cache_dtype == "fp8":
-            self.k_scale = torch.zeros(L, n, p, H, dtype=SCALE_DTYPE, device=dev)
-            self.v_scale = torch.zeros_like(self.k_scale)
-        if self.scorer.stateful:
-            self.state_pool = torch.zeros(L, n, p, H, dtype=torch.float32, device=dev)
-        for layer in self.full:
-            layer.bind()
-
-    def _grow_pools(self) -> None:
-        if self.k_pool is None:
-            return
-        extra = self.pool.num_pages - self.k_pool.shape[1]
-        if extra <= 0:
-            return
-        grow = lambda t: torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)  # noqa: E731
-        self.k_pool, self.v_pool = grow(self.k_pool), grow(self.v_pool)
-        if self.state_pool is not None:
-            self.state_pool = grow(self.state_pool)
-        if self.k_scale is not None:
-            self.k_scale, self.v_scale = grow(self.k_scale), grow(self.v_scale)
-        for layer in self.full:
-            layer.bind()
 
     # ------------------------------------------------------------------ the update path
     def _stored_after_compression(self, stored: int, q: int) -> int:
         cfg = self.zipage_config
         return cfg.budget if cfg.compresses(stored, q) else stored
 
-    def _begin_step(self, batch: int, q: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Before the first layer stores a step: compress every layer if due, free the pages no
-        layer needs any more, and give every row the pages this step needs."""
-        if self.page_table is None:
+    def _begin_step(self, batch: int, q: int, key_states: torch.Tensor) -> None:
+        """Before the first layer stores a step: compress every layer if due, and decide how many
+        tokens per row every layer holds for this step (each layer resizes in its own update)."""
+        if not self.batch_size_:
             self.batch_size_ = batch
-            self.row_pages = [[] for _ in range(batch)]
         elif batch != self.batch_size_:
             raise ValueError(f"ZipageCache was filled with batch size {self.batch_size_}, got {batch} now")
         cfg = self.zipage_config
-        stored = self.full[0].stored
+        first = self.full[0]
+        stored = first.stored
         if self.window_pages is not None:
-            self.window_pages.begin(batch, q, self.full[0].seen, key_states)
+            self.window_pages.begin(batch, q, first.seen, key_states)
         after = self._stored_after_compression(stored, q)
         if after != stored:
             self._compress_all(stored)
-            self._trim_pages(after)
-        need = -(-(after + q) // cfg.page_size)
-        have = len(self.row_pages[0])
-        if need > have:
-            for pages in self.row_pages:
-                pages.extend(self.pool.allocate(need - have))
-            self._grow_pools()
-            self.page_table = torch.tensor(self.row_pages, dtype=torch.long, device=key_states.device)
-        if self.k_pool is None:
-            self._init_pools(key_states, value_states)
-        self._step_slots = slot_indices(self.page_table, 0, after + q, cfg.page_size)
+        remaining = None if self.max_cache_len is None else self.max_cache_len - first.seen
+        limit = stored_limit(after, q, cfg.capacity, remaining)
+        paged = use_triton(key_states)
+        capacity = plan_capacity(self.capacity_, after + q, limit, len(self.layers), KERNEL_PAGE if paged else 1,
+                                 decode=q == 1)
+        if capacity != self.capacity_ or (paged and self.page_table is None):
+            self.capacity_ = capacity
+            self.page_table = row_page_table(batch, capacity, key_states.device) if paged else None
+        self._step_stored = after + q
+        self._step_slots = row_slots(batch, capacity, after + q, key_states.device)[:, after:]
+        self._keep_queries = self._queries_needed(after + q, first.seen + q)
+        self._mask_read = (None, None)
+        self.peak_capacity = max(self.peak_capacity, capacity)
+        self.peak_stored = max(self.peak_stored, after + q)
 
-    def _trim_pages(self, stored: int) -> None:
-        need = -(-stored // self.zipage_config.page_size)
-        if need < len(self.row_pages[0]):
-            for pages in self.row_pages:
-                self.pool.free(pages[need:])
-                del pages[need:]
-            self.page_table = self.page_table[:, :need].contiguous()
+    def _queries_needed(self, stored: int, seen: int) -> bool:
+        """Whether the queries of a step that leaves ``stored`` tokens stored (``seen`` seen) may be
+        among the last ``window`` before a compression: only then are they kept (they weigh as much
+        as ``window * H_q / H_kv`` tokens of KV per layer)."""
+        cfg = self.zipage_config
+        if not self.scorer.needs_queries:
+            return False
+        fires_at = cfg.next_compression(stored)  # the stored length the next compression starts from
+        if stored <= fires_at - cfg.window:
+            return False
+        # The run ends before that compression (it needs fires_at - stored more tokens, then one).
+        return self.max_cache_len is None or seen + fires_at - stored + 1 <= self.max_cache_len
 
     def _before_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """The model's first layer starts a step (whichever its type)."""
         if layer_idx == 0:
             B, _, q, _ = key_states.shape
-            self._begin_step(B, q, key_states, value_states)
+            self._begin_step(B, q, key_states)
 
     def _update_layer(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
         B, _, q, _ = key_states.shape
         self._before_update(layer.layer_idx, key_states, value_states)
-        if not layer.is_initialized:
+        if layer.keys is None:
             layer.lazy_initialization(key_states, value_states)
         after = layer.stored
-        slots = self._step_slots
-        if slots.shape[1] != after + q:
+        stored = after + q
+        if stored != self._step_stored:
             raise RuntimeError(f"zipage: layer {layer.layer_idx} updated out of step with layer 0")
-        new = slots[:, after:]
-        store_kv(layer.keys, new, key_states.transpose(1, 2), layer.values, value_states.transpose(1, 2),
+        if layer.keys.shape[1] != self.capacity_:
+            layer.resize(self.capacity_)
+        # Into the rows' slots (one launch for keys and values on CUDA; FP8 pages get codes and scales).
+        store_kv(layer.keys, self._step_slots, key_states.transpose(1, 2), layer.values, value_states.transpose(1, 2),
                  layer.key_scales, layer.value_scales)
         if layer.state is not None:
-            store_kv(layer.state, new, torch.zeros(B, q, layer.state.shape[-1], device=layer.state.device))
-        layer.stored = after + q
+            layer.state[:, after:stored] = 0
+        layer.stored = stored
         layer.seen += q
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
-        layer.valid = torch.cat([layer.valid[:, :after], layer.valid.new_ones(B, q)], dim=1)
+        # Layers whose records are the same object (every layer until a compression or a beam
+        # reorder) share this step's record as well: one mask, one record.
+        prev = layer.valid
+        first = self.full[0]
+        if layer is not first and prev is self._shared_valid:
+            layer.valid = first.valid
+        else:
+            layer.valid = torch.cat([prev[:, :after], prev.new_ones(B, q)], dim=1)
+        if layer is first:
+            self._shared_valid = prev
         stale = capture.pending_layer(self)
         if stale is not None:
             capture.disarm()  # put the model's attention name back
@@ -352,16 +368,15 @@ class ZipageCache(Cache):
         if self.capture_ok:
             capture.arm(self, layer.layer_idx, self.model_config)
         # Decode on CUDA: once the capture is known to reach this layer's attention, the wrapper
-        # attends straight from the pages (Triton paged attention), so no dense copy is made.
-        layer.paged_step = q == 1 and layer.paged_ok and not self.padding_gap and use_triton(layer.keys)
+        # attends straight from the pages (Triton paged attention).
+        layer.paged_step = q == 1 and layer.paged_ok and not self.padding_gap and self.page_table is not None
         if layer.paged_step:
             return key_states, value_states
-        keys = gather_kv(layer.keys, slots).transpose(1, 2)
-        values = gather_kv(layer.values, slots).transpose(1, 2)
-        if layer.key_scales is not None:  # FP8 pages: the model's attention gets their values
-            keys = dequantize_reference(keys, gather_kv(layer.key_scales, slots).transpose(1, 2), key_states.dtype)
-            values = dequantize_reference(values, gather_kv(layer.value_scales, slots).transpose(1, 2),
-                                          value_states.dtype)
+        # The stored tokens of every row, in order: views, nothing is copied (FP8: their values).
+        keys, values = layer.keys[:, :stored].transpose(1, 2), layer.values[:, :stored].transpose(1, 2)
+        if layer.key_scales is not None:
+            keys = dequantize_reference(keys, layer.key_scales[:, :stored].transpose(1, 2), key_states.dtype)
+            values = dequantize_reference(values, layer.value_scales[:, :stored].transpose(1, 2), value_states.dtype)
         return keys, values
 
     def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling, kwargs: dict):
@@ -374,14 +389,18 @@ class ZipageCache(Cache):
         layer = self.layers[layer_idx]
         w = self.zipage_config.window
         q = query.shape[2]
-        recent = query[:, :, -w:, :].detach()
-        if layer.window_queries is None or q >= w:
-            layer.window_queries = recent.clone()
+        if not self._keep_queries:
+            layer.window_queries = None
+        elif layer.window_queries is None or q >= w:
+            layer.window_queries = query[:, :, -w:, :].detach().clone()
         else:
-            layer.window_queries = torch.cat([layer.window_queries, recent], dim=2)[:, :, -w:, :]
+            layer.window_queries = torch.cat([layer.window_queries, query.detach()], dim=2)[:, :, -w:, :]
         if scaling is not None:
             layer.scaling = float(scaling)
-        layer.valid[:, layer.stored - q :] = _new_token_validity(attention_mask, query.shape[0], q, query.device)
+        if attention_mask is not None:  # without a mask every new token is real, as the update assumed
+            if attention_mask is not self._mask_read[0]:  # the layers of a forward share one mask: read it once
+                self._mask_read = (attention_mask, _new_token_validity(attention_mask, query.shape[0], q, query.device))
+            layer.valid[:, layer.stored - q :] = self._mask_read[1]
         if q > 1 and not self.padding_gap and _has_gap(layer.valid):
             # Padding inside a sequence: the mask the model builds covers the last ``stored`` positions,
             # which stop matching the stored tokens once a compression has run, and the paged kernel
@@ -403,14 +422,17 @@ class ZipageCache(Cache):
         lens = torch.full((B,), layer.stored, dtype=torch.int32, device=query.device)
         starts = (~layer.valid).sum(dim=1, dtype=torch.int32)
         out = paged_decode_attention(
-            query[:, :, 0, :].contiguous(), layer.keys, layer.values, self.page_table, lens, scale, starts,
-            max_len_hint=layer.stored, k_scale=layer.key_scales, v_scale=layer.value_scales,
+            query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values), self.page_table, lens,
+            scale, starts, max_len_hint=layer.stored,
+            k_scale=as_pages(layer.key_scales) if layer.key_scales is not None else None,
+            v_scale=as_pages(layer.value_scales) if layer.value_scales is not None else None,
             sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
         )
         return out.view(B, 1, H, D), attention_mask
 
     def _compress_all(self, stored: int) -> None:
-        """Compress every layer from ``stored`` tokens to the budget, ``layer_stride`` layers per batch."""
+        """Compress every layer from ``stored`` tokens to the budget, one layer at a time (the scratch
+        a compression needs is one layer's)."""
         cfg = self.zipage_config
         for layer in self.full:
             if layer.stored != stored or layer.valid is None or layer.valid.shape[1] != stored:
@@ -418,62 +440,51 @@ class ZipageCache(Cache):
             if self.scorer.needs_queries and (
                 layer.window_queries is None or layer.window_queries.shape[2] < cfg.window
             ):
+                if self.max_cache_len is not None and layer.seen >= self.max_cache_len:
+                    raise RuntimeError(
+                        f"ZipageCache saw {layer.seen} tokens, more than its max_cache_len={self.max_cache_len}, "
+                        "so it did not keep the queries this compression needs: raise max_cache_len or set it to None"
+                    )
                 raise RuntimeError(
                     f"zipage could not capture the queries of layer {layer.layer_idx}: build ZipageCache with "
                     "config=model.config (the very object the model holds), and use a model whose attention goes "
                     "through transformers' AttentionInterface"
                 )
-        slots = slot_indices(self.page_table, 0, stored, cfg.page_size)
-        per_layer = self.batch_size_ * stored * self.k_pool[0, 0, 0].numel() * self.model_dtype.itemsize
-        scales = [lyr.scaling for lyr in self.full]
-        for start, stop, scaling in layer_batches(cfg, scales, self.k_pool.shape[-1], per_layer):
-            self._compress_group(self.full[start:stop], slots, scaling)
+        first = self.full[0]
+        slots = row_slots(self.batch_size_, first.keys.shape[1], stored, first.keys.device)
         for layer in self.full:
+            keep = compress_layer(
+                layer.pages(), slots, layer.valid, layer.window_queries if self.scorer.needs_queries else None,
+                self.scorer, k=cfg.budget, window=cfg.window, sinks=cfg.sinks,
+                scaling=attention_scale(layer.scaling, layer.keys.shape[-1]), page_size=cfg.page_size,
+                first=self.num_compressions == 0, layer_idx=layer.layer_idx,
+            )
+            layer.valid = layer.valid.gather(1, keep[:, 0])
+            before = _slot_positions(layer.prefix_positions, *keep.shape[:2], layer.seen, layer.stored, keep.device)
+            layer.prefix_positions = before.gather(2, keep)
             layer.stored = cfg.budget
         self.num_compressions += 1
         self.tokens_evicted += (stored - cfg.budget) * self.batch_size_
 
-    def _compress_group(self, group: list[ZipageLayer], slots: torch.Tensor, scaling: float) -> None:
-        cfg = self.zipage_config
-        l0, l1 = group[0].index, group[-1].index + 1
-        part = lambda t: t[l0:l1] if t is not None else None  # noqa: E731
-        pools = LayerPages(self.k_pool[l0:l1], self.v_pool[l0:l1], part(self.state_pool), part(self.k_scale),
-                           part(self.v_scale), self.model_dtype)
-        queries = torch.stack([lyr.window_queries for lyr in group]) if self.scorer.needs_queries else None
-        key_mask = torch.stack([lyr.valid for lyr in group])
-        keep = compress_layers(
-            pools, slots, key_mask, queries, self.scorer, k=cfg.budget, window=cfg.window, sinks=cfg.sinks,
-            scaling=scaling, page_size=cfg.page_size, first=self.num_compressions == 0,
-            layer_idx=group[0].layer_idx if len(group) == 1 else -1,
-        )
-        for lyr, kept in zip(group, keep):
-            lyr.valid = lyr.valid.gather(1, kept[:, 0])
-            before = _slot_positions(lyr.prefix_positions, *kept.shape[:2], lyr.seen, lyr.stored, kept.device)
-            lyr.prefix_positions = before.gather(2, kept)
-
     # ------------------------------------------------------------------ generate() plumbing
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row ``i`` becomes old row ``beam_idx[i]`` (all rows store the same length)."""
-        if self.page_table is None:
+        if not self.batch_size_:
             return
-        stored = self.full[0].stored
-        slots = slot_indices(self.page_table, 0, stored, self.zipage_config.page_size)
-        idx = beam_idx.to(slots.device)
         if self.window_pages is not None:
-            self.window_pages.reorder(idx)
-        L, P, p = self.k_pool.shape[:3]
-        for pool in (self.k_pool, self.v_pool, self.state_pool, self.k_scale, self.v_scale):
-            if pool is not None:
-                pool = pool.view(torch.uint8) if is_fp8(pool) else pool  # (moved as bytes)
-                flat = pool.view(L, P * p, *pool.shape[3:])
-                flat[:, slots] = flat[:, slots].index_select(1, idx)
+            self.window_pages.reorder(beam_idx.to(self.full[0].keys.device))
+        moved = lambda t: t if t is None else (  # noqa: E731  (FP8 moved as bytes)
+            t.view(torch.uint8).index_select(0, idx).view(t.dtype) if is_fp8(t) else t.index_select(0, idx))
         for layer in self.full:
-            if layer.valid is not None:
-                layer.valid = layer.valid.index_select(0, idx)
-            if layer.window_queries is not None:
-                layer.window_queries = layer.window_queries.index_select(0, idx)
-            if layer.prefix_positions is not None:
-                layer.prefix_positions = layer.prefix_positions.index_select(0, idx)
+            if layer.keys is None:
+                continue
+            idx = beam_idx.to(layer.keys.device)
+            layer.keys, layer.values, layer.state = moved(layer.keys), moved(layer.values), moved(layer.state)
+            layer.key_scales, layer.value_scales = moved(layer.key_scales), moved(layer.value_scales)
+            for name in ("valid", "window_queries", "prefix_positions"):
+                value = getattr(layer, name)
+                if value is not None:
+                    setattr(layer, name, value.index_select(0, idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("ZipageCache cannot change its batch size after it has been filled")
@@ -483,10 +494,8 @@ class ZipageCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        for pages in self.row_pages:
-            self.pool.free(pages)
-        self.row_pages, self.page_table, self.batch_size_ = [], None, 0
-        self.k_pool = self.v_pool = self.state_pool = self.k_scale = self.v_scale = None
+        self.batch_size_ = self.capacity_ = self.peak_capacity = self.peak_stored = self._step_stored = 0
+        self.page_table = None
         if self.window_pages is not None:
             self.window_pages.reset()
         self.num_compressions = self.tokens_evicted = 0
@@ -494,7 +503,7 @@ class ZipageCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return self.batch_size_ if self.page_table is not None else -1
+        return self.batch_size_ if self.batch_size_ else -1
 
     def __repr__(self) -> str:
         return f"ZipageCache({self.zipage_config}, stored={self.stored_length()}, seen={self.get_seq_length()})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,23 @@ PREFIX = "zipage_capture:"
 
 _pending = threading.local()
 _registered: set[str] = set()
+_originals: dict[tuple[type, str | None], Callable] = {}
+_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> what it last passed the checks with
+_last_vars: tuple = (None, None)  # (config, its __dict__): every layer of a forward arms the same config
+
+
+def _config_vars(config) -> dict:
+    """The instance dict of ``config``: the attention name is read and written there directly, as
+    transformers' config attribute hooks cost more than the rest of a decode step's capture."""
+    global _last_vars
+    last = _last_vars
+    if last[0] is not config:
+        last = _last_vars = (config, vars(config))
+    return last[1]
+
+
+def _set_attn(config, name: str | None) -> None:
+    _config_vars(config)["_attn_implementation_internal"] = name
 
 
 def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -46,12 +64,24 @@ def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dro
 
 
 def _original_function(module, name: str | None) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    key = (type(module), name)
+    fn = _originals.get(key)
+    if fn is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    default = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", _eager_fallback)
-    if name is None or name == "eager":
-        return default
-    return ALL_ATTENTION_FUNCTIONS.get_interface(name, default)
+        default = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", _eager_fallback)
+        fn = default if name is None or name == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(name, default)
+        _originals[key] = fn
+    return fn
+
+
+def _check_call(module, kwargs: dict) -> None:
+    """``check_attention_call`` once per module and set of attention arguments (not every step)."""
+    sig = tuple(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks", "output_attentions"))
+    sig += (kwargs.get("sliding_window"), kwargs.get("is_causal"), getattr(module, "is_causal", True))
+    if _checked.get(module) != sig:
+        check_attention_call(module, kwargs, "ZipageCache")
+        _checked[module] = sig
 
 
 def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> Any:
@@ -60,8 +90,8 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
     if item is not None and item[1] == getattr(module, "layer_idx", None):
         cache, layer_idx, config, original = item
         _pending.item = None
-        config._attn_implementation_internal = original
-        check_attention_call(module, kwargs, "ZipageCache")
+        _set_attn(config, original)
+        _check_call(module, kwargs)
         out, attention_mask = cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"), kwargs)
         if out is not None:
             return out, None
@@ -73,10 +103,12 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
 
 def _register(original: str | None) -> str:
     """Register (once) the capturing wrapper for ``original`` and return its name."""
+    name = PREFIX + (original or "eager")
+    if name in _registered:
+        return name
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
-    name = PREFIX + (original or "eager")
     if name not in _registered:
         AttentionInterface.register(name, _capture_attention)
         mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(original or "eager")
@@ -88,20 +120,20 @@ def _register(original: str | None) -> str:
 
 def arm(cache, layer_idx: int, config) -> None:
     """Route the next attention lookup of ``config`` (for ``layer_idx``) through the capture wrapper."""
-    original = config._attn_implementation
+    original = _config_vars(config).get("_attn_implementation_internal")
     if original is not None and original.startswith(PREFIX):
         # A previous update's attention never ran (an exception, or a model that bypasses the
         # AttentionInterface): restore the original name from the prefixed one.
         original = original[len(PREFIX) :]
     name = _register(original)
     _pending.item = (cache, layer_idx, config, original)
-    config._attn_implementation_internal = name
+    _set_attn(config, name)
 
 
 def disarm() -> None:
     item = getattr(_pending, "item", None)
     if item is not None:
-        item[2]._attn_implementation_internal = item[3]
+        _set_attn(item[2], item[3])
         _pending.item = None
 
 

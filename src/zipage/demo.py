@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m zipage.demo")
     print(f"  after the prompt zipage stores at most budget + buffer = {zipage_config.capacity} tokens")
     print(
         f"  pages in use: {stats['pages_in_use']} pages of {zipage_config.page_size} tokens "
-        f"(peak {stats['peak_pages']}, pool {stats['pages_total']})"
+        f"(peak {stats['peak_pages']}); storage held: {stats['capacity_tokens']} tokens per layer and row"
     )
     print(f"  KV bytes for {stats['tokens_seen']} tokens: full cache {_mib(full_same_len)}, zipage {_mib(zip_bytes)}")
     if saved >= 0:

@@ -74,9 +74,11 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     _check_mode(generation_mode)
     check_model(self)
     text_config = self.config.get_text_config(decoder=True)
+    max_cache_len = _max_cache_length(generation_config, args, kwargs)
     if isinstance(user_cache, ZipageCache):
         # The cache captures queries through the config object the attention modules read.
         user_cache.model_config = text_config
+        user_cache.max_cache_len = max_cache_len
         if not wants_zipage:
             return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     if user_cache is not None:
@@ -86,7 +88,19 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     if generation_config.use_cache is False:
         raise ValueError("cache_implementation='zipage' needs use_cache=True")
     zipage_config = _zipage_config_from(generation_config.cache_config)
-    model_kwargs["past_key_values"] = ZipageCache(config=text_config, zipage_config=zipage_config)
+    model_kwargs["past_key_values"] = ZipageCache(
+        config=text_config, zipage_config=zipage_config, max_cache_len=max_cache_len
+    )
+
+
+def _max_cache_length(generation_config, args: tuple, kwargs: dict) -> int | None:
+    """The most tokens this generate() call feeds the cache (its storage never grows past what they
+    need): transformers passes it after the batch size; else ``max_length - 1`` (the last token
+    sampled is never fed back)."""
+    value = kwargs.get("max_cache_length", args[1] if len(args) > 1 else None)
+    if value is None and isinstance(getattr(generation_config, "max_length", None), int):
+        value = generation_config.max_length - 1
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def register() -> None:

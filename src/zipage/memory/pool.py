@@ -1,7 +1,8 @@
 """The page allocator: ids of fixed-size KV pages, with reference counts.
 
-This is the one allocator of the project. ``generate()``'s cache uses it growable (its peak is
-only known at run time); the engine's ``BlockManager`` wraps a fixed one and adds prefix caching.
+This is the one page allocator of the project: the engine's ``BlockManager`` wraps a fixed one and
+adds prefix caching. (``generate()``'s cache needs no allocator: its rows are contiguous, see
+``zipage.memory.rows``.)
 The pool only hands out integers: the tensors that hold the pages live with whoever owns the
 storage. A page is free when its reference count is zero; shared pages (prefix caching) have a
 count above one. Free pages are handed out least recently freed first, so a freed page that
@@ -22,8 +23,8 @@ class PagePool:
 
     Args:
         num_pages: initial number of pages.
-        growable: when True, ``allocate`` grows the pool instead of failing
-            (the ``generate()`` path); the engine uses a fixed pool.
+        growable: when True, ``allocate`` grows the pool by exactly the missing pages instead of
+            failing; the engine uses a fixed pool.
     """
 
     def __init__(self, num_pages: int = 0, growable: bool = False) -> None:
@@ -73,7 +74,7 @@ class PagePool:
         if n > len(self._free):
             if not self.growable:
                 raise OutOfPagesError(f"asked for {n} pages, only {len(self._free)} of {self.num_pages} are free")
-            self.grow(max(n - len(self._free), self.num_pages // 2, 1))
+            self.grow(n - len(self._free))
         pages = [self._free.popitem(last=False)[0] for _ in range(n)]
         for p in pages:
             self._refs[p] = 1
