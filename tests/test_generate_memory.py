@@ -58,3 +58,19 @@ def test_far_less_than_dynamic_cache_and_flat_past_the_budget(model):
     # (what still grows is generate()'s own token ids and mask), a DynamicCache's grows with the KV.
     assert zipage[400] <= 1.05 * zipage[200] and full[400] > 1.8 * full[200]
     assert zipage[200] < 0.75 * full[200] and zipage[400] < 0.4 * full[400], (zipage, full)
+
+
+def test_queries_are_kept_only_within_a_window_of_a_compression(model):
+    """A layer's last ``window`` queries weigh ``window * H_q / H_kv`` tokens of KV: the cache keeps
+    them only for the steps whose queries the next compression reads."""
+    import zipage
+
+    cache = zipage.ZipageCache(config=model.config, budget=32, page_size=8)  # compresses at 40 stored, window 16
+    ids = torch.randint(3, 96, (2, 30), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        model(ids[:, :12], past_key_values=cache)
+        for t in range(12, 30):
+            model(ids[:, t : t + 1], past_key_values=cache)
+            kept = cache.layers[0].window_queries
+            assert (kept is None) == (t + 1 <= 40 - 16), t
+    assert kept.shape[2] == 30 - 24
