@@ -397,6 +397,8 @@ def clone_prefilled(prefilled, model, zcfg):
     elif not c.scorer.stateful:
         c.state_pool = None
     for layer in c.layers:
+        if not hasattr(layer, "bind"):  # a sliding-window layer keeps its window: never scored, nothing to rebind
+            continue
         layer.state = None
         layer.bind()
         if layer.window_queries is not None:  # the prefill kept the last max-window queries
