@@ -191,6 +191,12 @@ def parse_row(spec: str) -> tuple[str, dict[str, Any]]:
 
     known = {f.name for f in dataclasses.fields(ZipageConfig)}
     knobs = {k: fields.pop(k) for k in list(fields) if k not in known}  # a scorer's own knobs (rkv_lambda=0.2, ...)
+    from zipage.scoring import _REGISTRY
+
+    own = set(getattr(_REGISTRY.get(fields["scorer"]), "knobs", ()))
+    if set(knobs) - own:
+        raise ValueError(f"unknown ZipageConfig field(s) {sorted(set(knobs) - own)} in row {spec!r}"
+                         + (f" (scorer {fields['scorer']!r} has the knobs {sorted(own)})" if own else ""))
     if knobs:
         fields["extra"] = {**fields.get("extra", {}), **knobs}
     extra = ",".join(shown)
@@ -391,6 +397,8 @@ def clone_prefilled(prefilled, model, zcfg):
     elif not c.scorer.stateful:
         c.state_pool = None
     for layer in c.layers:
+        if not hasattr(layer, "bind"):  # a sliding-window layer keeps its window: never scored, nothing to rebind
+            continue
         layer.state = None
         layer.bind()
         if layer.window_queries is not None:  # the prefill kept the last max-window queries

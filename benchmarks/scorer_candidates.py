@@ -20,6 +20,7 @@ from zipage.scoring.zipage import _recent_first
 @register_scorer
 class WindowPlusExpected(Scorer):
     name = "zmix"
+    knobs = ("beta", "vn")
     needs_queries = True
 
     @property

@@ -144,8 +144,9 @@ def test_cache_constructor_errors():
     [
         (MistralConfig(num_hidden_layers=2, sliding_window=4096), ["sliding", "4096"]),
         (
-            Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64, max_window_layers=1),
-            ["sliding"],
+            # every layer slides (layers from max_window_layers on do): nothing to compress
+            Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=64, max_window_layers=0),
+            ["sliding", "every layer"],
         ),
         (T5Config(num_layers=2), ["encoder-decoder"]),
     ],

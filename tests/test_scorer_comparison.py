@@ -61,3 +61,7 @@ def test_rows_take_scorer_knobs(sc):
     label, fields = sc.Q.parse_row("rkv[rkv_lambda=0.2,pooling=none]")
     assert label == "rkv[rkv_lambda=0.2,pooling=none]"
     assert fields == {"scorer": "rkv", "pooling": "none", "extra": {"rkv_lambda": 0.2}}
+    with pytest.raises(ValueError, match="unknown ZipageConfig field.*rkv_lambda"):  # a knob of another scorer
+        sc.Q.parse_row("snapkv[rkv_lambda=0.2]")
+    with pytest.raises(ValueError, match="has the knobs"):
+        sc.Q.parse_row("rkv[rkv_lamda=0.2]")

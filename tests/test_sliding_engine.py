@@ -119,7 +119,7 @@ def test_sliding_kept_positions_are_the_window():
 
 
 # ------------------------------------------------------------------------------ the GPU
-def gpt_oss_shaped(layers: int = 4):
+def gpt_oss_shaped(layers: int = 4, dtype: torch.dtype = torch.bfloat16):
     """GPT-OSS-20B's attention and expert shapes (64 query heads over 8 KV heads of 64, window 128,
     learned sinks, 32 experts of which 4 per token), with fewer layers and a smaller vocabulary."""
     from transformers import GptOssConfig, GptOssForCausalLM
@@ -135,15 +135,14 @@ def gpt_oss_shaped(layers: int = 4):
         for name, p in model.named_parameters():
             if name.endswith("sinks"):
                 p.normal_(0.0, 1.0)
-    return model.to(torch.bfloat16)
+    return model.to(dtype)
 
 
 def check_against_reference(model, llm, prompts_: list[list[int]], new: int, min_compressions: int,
-                            routed: bool = False) -> None:
+                            strict: bool = False) -> None:
     """Run ``prompts_`` through ``llm`` and compare each sampled row's logits with the reference (a plain
-    forward with the kept positions and windows), with bf16 tolerances. ``routed`` (a mixture of experts):
-    a bf16 rounding difference can flip a near-tied expert choice and move that row's logits far, so
-    most rows, not every row, must agree closely (on the H200, 3 rows of 200 fell to 0.88-0.95)."""
+    forward with the kept positions and windows): every row with bf16 tolerances, or (``strict``, for
+    float32) nearly every row to 1e-3."""
     recorder = EngineRecorder(llm)
     ids = [llm.add_request(p, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)) for p in prompts_]
     while llm.has_unfinished():
@@ -160,8 +159,8 @@ def check_against_reference(model, llm, prompts_: list[list[int]], new: int, min
         real = torch.ones(1, len(tokens) - 1, dtype=torch.bool)
         ref = reference_logits(model, torch.tensor([tokens[:-1]]), real, kept)[0, len(prompt) - 1 :][read]
         cos = torch.nn.functional.cosine_similarity(logits, ref, dim=-1)
-        if routed:
-            assert cos.median() > 0.99 and (cos > 0.99).float().mean() > 0.9, cos
+        if strict:
+            assert cos.median() > 0.9999 and (cos > 0.999).float().mean() > 0.98, cos
         else:
             assert cos.min() > 0.99, cos.min()
         assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
@@ -170,14 +169,18 @@ def check_against_reference(model, llm, prompts_: list[list[int]], new: int, min
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpt_oss_shaped_engine_on_cuda_matches_the_reference():
-    """Fused kernels, asynchronous compression, bf16, Triton window/sink kernels. Eager steps: the MoE's
-    routing reads expert counts on the host, which a CUDA graph cannot capture."""
-    model = gpt_oss_shaped()
+    """Fused kernels, asynchronous compression, Triton window/sink kernels, in float32 (IEEE dots): in
+    bf16 a rounding difference flips near-tied expert choices of this random mixture of experts and
+    moves whole rows (on the H200: median cosine 0.996, a third of the rows below 0.99), which says
+    nothing about the attention; the bf16 attention path is checked by the Gemma 3 case below and the
+    kernel tests. Eager steps: the MoE's routing reads expert counts on the host, which a CUDA graph
+    cannot capture."""
+    model = gpt_oss_shaped(dtype=torch.float32)
     llm = LLM(model, budget=256, page_size=16, buffer=32, window=16, async_compression=True, num_pages=512,
               max_num_batched_tokens=512, max_num_seqs=16, enforce_eager=True)
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(3, 8192, (n,), generator=g).tolist() for n in (700, 300, 90)]
-    check_against_reference(model, llm, ps, 200, min_compressions=2, routed=True)
+    check_against_reference(model, llm, ps, 200, min_compressions=2, strict=True)
 
 
 @pytest.mark.gpu

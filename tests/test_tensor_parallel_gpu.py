@@ -43,8 +43,8 @@ def test_two_gpus_give_the_tokens_of_one(enforce_eager, async_compression):
 def test_more_ranks_than_gpus_is_refused():
     n = torch.cuda.device_count()
     with pytest.raises(ValueError, match=f"needs {n + 1} GPUs from cuda:0, but only {n} GPUs are present"):
-        LLM(tiny_model("qwen3", num_attention_heads=8 * (n + 1), num_key_value_heads=n + 1, head_dim=16).cuda(),
-            num_pages=8, tensor_parallel_size=n + 1)
+        LLM(tiny_model("qwen3", num_attention_heads=8 * (n + 1), num_key_value_heads=n + 1, head_dim=16,
+                       intermediate_size=32 * (n + 1)).cuda(), num_pages=8, tensor_parallel_size=n + 1)
 
 
 def test_a_failing_gpu_rank_stops_the_engine_without_waiting_for_the_timeout():

@@ -82,6 +82,7 @@ class Scorer:
     stateful: ClassVar[bool] = False
     needs_queries: ClassVar[bool] = False
     needs_values: ClassVar[bool] = True  # built-ins that never read values set False (saves a copy)
+    knobs: ClassVar[tuple[str, ...]] = ()  # the scorer's own settings in ZipageConfig.extra (rkv_lambda, ...)
     # True: a scorer takes FP8 keys and values as codes plus ``key_scales`` / ``value_scales`` (its
     # kernels dequantize in registers); otherwise it gets them dequantized to the model's dtype.
     reads_fp8: ClassVar[bool] = False
