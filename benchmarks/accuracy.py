@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     import zipage
     from zipage.evaluation.datasets import chat_prompt, load_problems
     from zipage.evaluation.evaluate import evaluate
-    from zipage.evaluation.loading import load, resolve_device
+    from zipage.evaluation.loading import load_for_cli, resolve_device
 
     # Every argument is checked before the model loads: a mistake costs nothing.
     try:
@@ -183,12 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        model, tokenizer, source = load(args.model, device, args.dtype)
-    except OSError as error:  # a path that is not there, a folder without a model, an id not on the Hub
-        parser.error(f"--model {args.model}: {error}")
-    if tokenizer is None:
-        parser.error(f"--model {args.model}: no tokenizer found next to the model")
+    model, tokenizer, source = load_for_cli(parser, args.model, device, args.dtype)
     prompts = [chat_prompt(tokenizer, p.prompt) for p in problems]
     stem = pathlib.Path(args.out) if args.out else RESULTS / f"eval_{_slug(args.model)}_{_slug(args.dataset)}"
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -344,7 +344,7 @@ def real_workload(args, parser) -> tuple:
     """``(model, tokenizer, workload, facts)`` of a real-weight ``--model`` on ``--dataset`` prompts.
     Every option is checked before the model loads."""
     from zipage.evaluation.datasets import chat_prompt, load_problems
-    from zipage.evaluation.loading import load, resolve_device
+    from zipage.evaluation.loading import load_for_cli, resolve_device
 
     try:
         device = resolve_device(args.device)
@@ -353,12 +353,7 @@ def real_workload(args, parser) -> tuple:
                               n=args.n).validate()
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
         parser.error(str(error))
-    try:
-        model, tokenizer, source = load(args.model, device, args.dtype)
-    except OSError as error:  # a path that is not there, a folder without a model, an id not on the Hub
-        parser.error(f"--model {args.model}: {error}")
-    if tokenizer is None:
-        parser.error(f"--model {args.model}: no tokenizer found next to the model")
+    model, tokenizer, source = load_for_cli(parser, args.model, device, args.dtype)
     prompts = [chat_prompt(tokenizer, p.prompt) for p in problems]
     work = Workload(prompts, args.max_tokens, n=args.n, ignore_eos=args.ignore_eos, temperature=args.temperature,
                     top_p=args.top_p)

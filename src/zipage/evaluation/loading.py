@@ -52,3 +52,15 @@ def load(name: str, device: torch.device, dtype: str = "auto") -> tuple[Any, Any
     if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer, source
+
+
+def load_for_cli(parser, name: str, device: torch.device, dtype: str = "auto") -> tuple[Any, Any, str]:
+    """``load`` for a command line: a model that cannot be loaded, or has no tokenizer beside it,
+    ends in ``parser.error`` naming ``--model``."""
+    try:
+        model, tokenizer, source = load(name, device, dtype)
+    except OSError as error:  # a path that is not there, a folder without a model, an id not on the Hub
+        parser.error(f"--model {name}: {error}")
+    if tokenizer is None:
+        parser.error(f"--model {name}: no tokenizer found next to the model")
+    return model, tokenizer, source
