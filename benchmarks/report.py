@@ -24,6 +24,7 @@ except ImportError:  # run as a script from benchmarks/
     from generate_report import generate_sections
 
 ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "docs" / "assets"
 
 
 def kernels_section(path: Path) -> str:
@@ -446,8 +447,15 @@ def serving_section(path: Path, chart: str | None) -> str:
              f"(`{path.relative_to(ROOT)}`).", "", table(r), ""]
     if r.get("sustained_rate_ratio") is not None:
         lines += [f"zipage sustains {r['sustained_rate_ratio']:g}x the full-KV rate.", ""]
+    if r.get("mode") == "staircase":
+        lines += ["A staircase run: the rates follow each other in one arrival stream, each judged on its own "
+                  "window; see the [serving guide](guide/serving.md#what-sets-the-ratio) for how to read it.", ""]
     if chart:
         lines += [f"![serving {r['model']}](assets/{chart})", ""]
+        timeline = path.with_name(path.stem + "_timeline.png")
+        if timeline.exists():
+            shutil.copy(timeline, ASSETS / timeline.name)
+            lines += [f"![serving {r['model']} over time](assets/{timeline.name})", ""]
     return "\n".join(lines)
 
 
@@ -503,6 +511,7 @@ def main() -> None:
                 chart = path.with_suffix(".png").name
                 shutil.copy(path.with_suffix(".png"), assets / chart)
                 written.add(chart)
+                written.add(path.stem + "_timeline.png")
             parts.append(serving_section(path, chart))
 
     gen_parts = generate_sections(results)
@@ -517,9 +526,12 @@ def main() -> None:
             written.add("kernels.png")
 
     # charts of results that are gone (renamed or removed) would linger in the docs: drop them
+    # (charts that other pages use, drawn by docs/figures.py, stay)
+    used_elsewhere = {name for md in (ROOT / "docs").rglob("*.md") if md.name != "benchmarks.md"
+                      for name in re.findall(r"assets/([\w.-]+\.png)", md.read_text())}
     for stale in list(assets.glob("throughput_*.png")) + list(assets.glob("quality*.png")) + list(
             assets.glob("serving_*.png")):
-        if stale.name not in written:
+        if stale.name not in written and stale.name not in used_elsewhere:
             stale.unlink()
     page = ROOT / "docs" / "benchmarks.md"
     page.write_text("\n".join(parts))

@@ -20,10 +20,12 @@
 # the first minutes of a load (full KV fills its 8 GiB there and starts preempting). Closer to the
 # steady state in one call per system: STAIRCASE=1 runs the rates back to back (each from the load
 # the previous one left), stopping after the first not sustained or at TIME_LIMIT seconds; the
-# committed run (benchmarks/results/issue13/) was
-#   STAIRCASE=1 SYSTEMS=full   RATES="0.05 0.1 0.15 0.2 0.3" DURATION=90 OUTPUT_LEN=8192 bash benchmarks/serving_gpu.sh
-#   STAIRCASE=1 SYSTEMS=zipage RATES="0.1 0.2 0.3 0.4 0.5"   DURATION=90 OUTPUT_LEN=8192 bash benchmarks/serving_gpu.sh
-#   COMBINE=1 bash benchmarks/serving_gpu.sh
+# committed runs (benchmarks/results/issue13/staircase_12288/, one call each) were
+#   STAIRCASE=1 SYSTEMS=full   RATES="0.1 0.14 0.18 0.22" DURATION=140 OUTPUT_LEN=12288 KV_GIB=16 DRAIN=10 \
+#     TIME_LIMIT=565 TAG=_12k bash benchmarks/serving_gpu.sh
+#   STAIRCASE=1 SYSTEMS=zipage RATES="0.3 0.38 0.45 0.55" DURATION=140 OUTPUT_LEN=12288 KV_GIB=16 DRAIN=10 \
+#     TIME_LIMIT=565 TAG=_12k bash benchmarks/serving_gpu.sh
+#   python benchmarks/serving.py --combine <the two JSON files> --out benchmarks/results/serving_qwen3-8b.json
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 MODEL=${MODEL:-qwen3-8b}

@@ -47,15 +47,19 @@ def timeline_plot(report: dict, path: Path) -> None:
         line, = axes[0].plot(t, [s[1] for s in samples], label=f"{system}: running")
         axes[0].plot(t, [s[2] for s in samples], ls="--", color=line.get_color(), label=f"{system}: waiting")
         axes[1].plot(t, [100 * (s[3] or 0) for s in samples], color=line.get_color(), label=system)
-    edges, at = [], 0.0
-    for _ in report["rates"]:
-        at += report["duration_s"]
-        edges.append(at)
+    # each system's own stages (a combined report holds systems run with different rates)
+    stages = {system: [r["rate"] for r in rows] for system, rows in report["systems"].items()}
+    same = len({tuple(v) for v in stages.values()}) <= 1
     for ax in axes:
-        for e in edges[:-1]:
-            ax.axvline(e, color="gray", lw=0.6, alpha=0.5)
-        ax.set_xlabel("seconds (the rate steps up at each gray line: " + ", ".join(f"{r:g}" for r in report["rates"])
-                      + " req/s)")
+        for system, rates in stages.items():
+            if system not in report["timeline"]:
+                continue
+            color = next(ln.get_color() for ln in ax.get_lines() if ln.get_label().split(":")[0] == system)
+            for k in range(1, len(rates)):
+                ax.axvline(k * report["duration_s"], color="gray" if same else color, lw=0.6, alpha=0.5, ls=":")
+        label = "; ".join(f"{s}: " + ", ".join(f"{r:g}" for r in rates) for s, rates in stages.items()
+                          if s in report["timeline"])
+        ax.set_xlabel(f"seconds (rate steps every {report['duration_s']:g} s, req/s: {label})", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_title("requests in the server")
