@@ -1,0 +1,303 @@
+"""Prefill and chunked prefill over a paged KV pool, tuned for speed (the second prefill kernel).
+
+Same contract as ``paged_prefill_attention_triton`` in ``paged_attention.py`` (packed queries
+``[T, Hq, D]``, sequence ``b`` owning rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``, which are its
+last tokens; FP8 pages with per-token scales, ``window``, ``sinks``, ``softcap``, ``kv_starts``),
+reworked where the first kernel loses time:
+
+- GQA packing: one program serves ``P`` query heads of one KV head (``P`` the largest power of
+  two dividing the group, capped by the tile), its rows are ``block_m / P`` queries x ``P`` heads,
+  so each key/value tile is read once for the group instead of once per head.
+- Mask-free tiles: the key loop is split into the tiles before the block's diagonal (and inside
+  its window), which need no causal/window/range mask, and the few edge tiles that do.
+- Longest-first order: query blocks are launched from the last (the most keys) to the first, so
+  the cheap blocks fill the tail of the grid instead of the expensive ones.
+- One page lookup per key tile when a tile lies within one page (``page_size % block_n == 0``).
+- Launch parameters (rows, key tile, warps, stages) in a :class:`PrefillConfig`.
+
+Head dims above 256 are not tiled here: they fall back to the first kernel, explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ._triton import HAS_TRITON, dot_precision, next_pow2
+from .paged_attention import LOG2E, _check_paged, _check_sinks, _scale_args, paged_prefill_attention_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+MAX_HEAD_DIM = 256  # larger head dims go to the first kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    """Launch choices of the second prefill kernel; ``block_m`` counts tile rows (queries x packed heads)."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    pack_gqa: bool = True  # rows = queries x query heads of one KV head
+    split_mask: bool = True  # mask-free tiles below the diagonal
+    longest_first: bool = True  # launch the query blocks with the most keys first
+
+    def validate(self) -> None:
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"PrefillConfig.{name}={v}: must be a power of two >= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"PrefillConfig: num_warps={self.num_warps} (1-16, a power of two), "
+                             f"num_stages={self.num_stages} (>= 1)")
+
+
+def default_config(head_dim: int, on_gpu: bool) -> PrefillConfig:
+    """A reasonable config before tuning: large tiles for head dims up to 128 on a GPU."""
+    if not on_gpu:
+        return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    if head_dim > 128:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return PrefillConfig()
+
+
+def heads_per_program(group: int, block_m: int, pack: bool) -> int:
+    """Query heads a program packs: the largest power of two dividing the GQA group, at most
+    ``block_m / 16`` (so a tile keeps 16+ queries); 1 without packing."""
+    if not pack:
+        return 1
+    p = group & -group  # largest power-of-two divisor
+    return max(1, min(p, block_m // 16))
+
+
+# ----------------------------------------------------------------------------- the kernel
+if HAS_TRITON:
+
+    @triton.jit
+    def _kv_tile(K, V, KS, VS, PT, b, hk, t0, offs_n, d, dmask, start, hi,
+                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_sp, stride_st,
+                 PAGE: tl.constexpr, TILE_IN_PAGE: tl.constexpr, FP8: tl.constexpr, MASKED: tl.constexpr,
+                 EVEN_D: tl.constexpr):
+        """Keys, values (and FP8 scales) of tokens ``t0 + offs_n`` of sequence ``b``, KV head ``hk``.
+        Unmasked tiles lie wholly in ``[start, hi)``: no mask on the loads when the head dim is a
+        power of two. Masked tiles read zeros outside it."""
+        t = t0 + offs_n
+        if TILE_IN_PAGE:  # the whole tile in one page: one page-table read
+            page = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
+            slot = (t0 % PAGE) + offs_n
+            ko = page * stride_kp + slot * stride_kt
+            vo = page * stride_vp + slot * stride_vt
+            so = page * stride_sp + slot * stride_st
+        else:
+            page = tl.load(PT + b * stride_ptb + t // PAGE, mask=t < hi, other=0).to(tl.int64)
+            slot = t % PAGE
+            ko = page * stride_kp + slot * stride_kt
+            vo = page * stride_vp + slot * stride_vt
+            so = page * stride_sp + slot * stride_st
+        kp = K + ko[:, None] + hk * stride_kh + d[None, :]
+        vp = V + vo[:, None] + hk * stride_vh + d[None, :]
+        if MASKED:
+            ok = (t < hi) & (t >= start)
+            k = tl.load(kp, mask=ok[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(vp, mask=ok[:, None] & dmask[None, :], other=0.0)
+            if FP8:
+                ks = tl.load(KS + so + hk, mask=ok, other=0.0)
+                vs = tl.load(VS + so + hk, mask=ok, other=0.0)
+            else:
+                ks = ok.to(tl.float32)
+                vs = ks
+        else:
+            if EVEN_D:
+                k = tl.load(kp)
+                v = tl.load(vp)
+            else:
+                k = tl.load(kp, mask=dmask[None, :], other=0.0)
+                v = tl.load(vp, mask=dmask[None, :], other=0.0)
+            if FP8:
+                ks = tl.load(KS + so + hk)
+                vs = tl.load(VS + so + hk)
+            else:
+                ks = t.to(tl.float32)
+                vs = ks
+        return k, v, ks, vs
+
+    @triton.jit
+    def _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t, qpos, start, hi, scale_log2, PRECISION: tl.constexpr,
+                     FP8: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP_LOG2: tl.constexpr):
+        """One key tile of flash attention (log2 domain). Unmasked tiles skip the mask and the
+        empty-row guard (every row sees a finite logit there)."""
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
+        if FP8:
+            s = qk * (ks * scale_log2)[None, :]
+        else:
+            s = qk * scale_log2
+        if SOFTCAP_LOG2 > 0:  # softcap * tanh(x / softcap), in the log2 domain (tanh through exp)
+            s = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * s / SOFTCAP_LOG2) + 1.0))
+        if MASKED:
+            allowed = ((t < hi) & (t >= start))[None, :] & (t[None, :] <= qpos[:, None])
+            if WINDOW > 0:
+                allowed = allowed & (t[None, :] > qpos[:, None] - WINDOW)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if FP8:
+            acc = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _prefill_v2_kernel(
+        Q, K, V, KS, VS, PT, CU_Q, LENS, STARTS, OUT, SINKS,
+        scale_log2,
+        stride_qt, stride_qh,
+        stride_kp, stride_kt, stride_kh,
+        stride_vp, stride_vt, stride_vh,
+        stride_sp, stride_st,
+        stride_ptb,
+        stride_ot, stride_oh,
+        G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+        TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+        WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
+    ):
+        BLOCK_Q: tl.constexpr = BLOCK_M // P  # queries per program; rows are (query, head) pairs, query-major
+        hg = tl.program_id(0)  # group of P query heads (one KV head)
+        b = tl.program_id(1)
+        if LONGEST_FIRST:
+            mblk = tl.num_programs(2) - 1 - tl.program_id(2)
+        else:
+            mblk = tl.program_id(2)
+        q0 = tl.load(CU_Q + b).to(tl.int32)
+        nq = tl.load(CU_Q + b + 1).to(tl.int32) - q0
+        if mblk * BLOCK_Q >= nq:
+            return
+        seq_len = tl.load(LENS + b).to(tl.int32)
+        start = tl.load(STARTS + b).to(tl.int32)
+        hk = (hg * P) // G
+
+        r = tl.arange(0, BLOCK_M)
+        i = mblk * BLOCK_Q + r // P  # query index in the sequence
+        h = hg * P + r % P  # query head
+        imask = i < nq
+        qpos = seq_len - nq + i
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        row_q = (q0 + i).to(tl.int64) * stride_qt + h * stride_qh
+        q = tl.load(Q + row_q[:, None] + d[None, :], mask=imask[:, None] & dmask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+
+        p_lo = seq_len - nq + mblk * BLOCK_Q  # the block's first and last query positions
+        p_hi = seq_len - nq + tl.minimum(mblk * BLOCK_Q + BLOCK_Q, nq) - 1
+        hi = p_hi + 1
+        first = start  # first key any row needs, and first key every row needs
+        every = start
+        if WINDOW > 0:
+            first = tl.maximum(start, p_lo - WINDOW + 1)
+            every = tl.maximum(start, p_hi - WINDOW + 1)
+        lo = (first // BLOCK_N) * BLOCK_N
+        if SPLIT_MASK:
+            full_lo = tl.cdiv(every, BLOCK_N) * BLOCK_N
+            full_hi = tl.maximum(((p_lo + 1) // BLOCK_N) * BLOCK_N, full_lo)
+            edge_hi = tl.minimum(full_lo, hi)
+        else:
+            full_lo = hi
+            full_hi = hi
+            edge_hi = hi
+        for t0 in range(lo, edge_hi, BLOCK_N):  # edge tiles in front (range start, window)
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
+                                    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                    stride_sp, stride_st, PAGE, TILE_IN_PAGE, FP8, True, BLOCK_D == D)
+            m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
+                                         PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
+        for t0 in range(full_lo, full_hi, BLOCK_N):  # tiles every row sees whole: no mask
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
+                                    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                    stride_sp, stride_st, PAGE, TILE_IN_PAGE, FP8, False, BLOCK_D == D)
+            m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
+                                         PRECISION, FP8, False, WINDOW, SOFTCAP_LOG2)
+        for t0 in range(full_hi, hi, BLOCK_N):  # the diagonal
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
+                                    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                    stride_sp, stride_st, PAGE, TILE_IN_PAGE, FP8, True, BLOCK_D == D)
+            m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
+                                         PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
+
+        if HAS_SINKS:  # each row's head sink logit joins the denominator (log2 domain)
+            sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            m_safe = tl.where(m_i == float("-inf"), sink, tl.maximum(m_i, sink))
+            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.math.exp2(sink - m_safe)
+            acc = acc * tl.math.exp2(m_i - m_safe)[:, None]
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        row_o = (q0 + i).to(tl.int64) * stride_ot + h * stride_oh
+        tl.store(OUT + row_o[:, None] + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=imask[:, None] & dmask[None, :])
+
+
+# ----------------------------------------------------------------------------- the wrapper
+def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
+                               max_q_len: int | None = None, block_m: int | None = None, block_n: int | None = None,
+                               k_scale=None, v_scale=None, *, window: int | None = None,
+                               sinks: torch.Tensor | None = None, softcap: float | None = None,
+                               config: PrefillConfig | None = None):
+    """Packed variable-length queries against paged KV, as ``paged_prefill_attention_triton``;
+    ``config`` picks the launch (``block_m`` / ``block_n``, when given, override its tiles)."""
+    _check_paged(q, k_cache, v_cache, page_table)
+    _check_sinks(sinks, q.shape[1])
+    T, Hq, D = q.shape
+    if D > MAX_HEAD_DIM:  # explicit fallback: the first kernel tiles any head dim
+        return paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
+                                              kv_starts, max_q_len, block_m, block_n or 64, k_scale, v_scale,
+                                              window=window, sinks=sinks, softcap=softcap)
+    ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
+    cfg = config or default_config(D, q.is_cuda)
+    if block_m is not None or block_n is not None:
+        cfg = dataclasses.replace(cfg, block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
+    cfg.validate()
+    if window is not None and window < 1:
+        raise ValueError(f"window={window}: must be >= 1 (or None for no window)")
+    B = kv_lens.shape[0]
+    if cu_seqlens_q.shape[0] != B + 1:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {B} sequences (expected {B + 1})")
+    Hkv, page = k_cache.shape[2], k_cache.shape[1]
+    G = Hq // Hkv
+    P = heads_per_program(G, cfg.block_m, cfg.pack_gqa)
+    if kv_starts is None:
+        kv_starts = torch.zeros(B, dtype=torch.int32, device=q.device)
+    if max_q_len is None:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+    out = torch.empty_like(q)
+    if B == 0 or T == 0 or max_q_len == 0:
+        return out
+    block_q = cfg.block_m // P
+    _prefill_v2_kernel[(Hq // P, B, triton.cdiv(max_q_len, block_q))](
+        q, k_cache, v_cache, ks, vs, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
+        sinks if sinks is not None else q, scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_sp, stride_st,
+        page_table.stride(0),
+        out.stride(0), out.stride(1),
+        G=G, P=P, D=D, BLOCK_D=max(16, next_pow2(D)), PAGE=page, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        PRECISION=dot_precision(q.dtype), FP8=fp8, TILE_IN_PAGE=page % cfg.block_n == 0,
+        SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, WINDOW=int(window or 0),
+        HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages if q.is_cuda else 1,
+    )
+    return out

@@ -1,0 +1,176 @@
+"""The second prefill kernel (kernels/paged_prefill.py) against the PyTorch reference: in the Triton
+interpreter on a CPU (small shapes, every launch variant's code path), compiled on a GPU (every
+variant the tuning benchmark times)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import CUDA, requires_triton
+
+from zipage.kernels import paged_prefill_attention_reference, quantize_reference
+from zipage.kernels.paged_prefill import PrefillConfig, heads_per_program, paged_prefill_attention_v2
+
+cpu_only = pytest.mark.skipif(CUDA, reason="interpreter case (the GPU runs the gpu cases)")
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in kernel output"
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()
+
+
+def make_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, fp8=False, seed=0):
+    """Pools (uninitialized slots filled with NaN: a kernel reading outside its range shows), a
+    shuffled page table, packed queries; every sequence's queries are its last ``q_lens[b]`` tokens."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B = len(lens)
+    per_row = max(-(-n // page) for n in lens)
+    P = B * per_row + 2
+    mag = torch.exp(torch.randn(P, page, Hkv, 1, generator=g))
+    k = torch.randn(P, page, Hkv, D, generator=g) * mag
+    v = torch.randn(P, page, Hkv, D, generator=g)
+    table = torch.randperm(P, generator=g)[: B * per_row].view(B, per_row).to(torch.int32)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), Hq, D, generator=g)
+    ks = vs = None
+    if fp8:
+        (k, ks), (v, vs) = quantize_reference(k), quantize_reference(v)
+    else:
+        k, v = k.to(dtype), v.to(dtype)
+        stored = torch.zeros(P, page, dtype=torch.bool)
+        for b, n in enumerate(lens):
+            pos = torch.arange(n)
+            stored[table[b, pos // page].long(), pos % page] = True
+        k[~stored] = float("nan")
+        v[~stored] = float("nan")
+    kv_lens = torch.tensor(lens, dtype=torch.int32)
+    kv_starts = torch.tensor(starts or [0] * B, dtype=torch.int32)
+    to = lambda t: t.to(device) if t is not None else None  # noqa: E731
+    return dict(q=to(q.to(dtype)), k_cache=to(k), v_cache=to(v), page_table=to(table), cu_seqlens_q=to(cu),
+                kv_lens=to(kv_lens), kv_starts=to(kv_starts), k_scale=to(ks), v_scale=to(vs))
+
+
+def check(case, dtype, config=None, tol_scale=1.0, **features):
+    D = case["q"].shape[-1]
+    args = (case["k_cache"], case["v_cache"], case["page_table"], case["cu_seqlens_q"], case["kv_lens"], D**-0.5,
+            case["kv_starts"])
+    ref = paged_prefill_attention_reference(case["q"].float(), *args, k_scale=case["k_scale"], v_scale=case["v_scale"],
+                                            **features)
+    out = paged_prefill_attention_v2(case["q"], *args, k_scale=case["k_scale"], v_scale=case["v_scale"],
+                                     config=config, **features)
+    assert out.dtype == case["q"].dtype and out.shape == case["q"].shape
+    assert rel_err(out, ref) < TOL[dtype] * tol_scale, config
+
+
+# every code path of the kernel at interpreter sizes: packing 1/2/4/8, split or not, both grid orders,
+# tiles inside one page and tiles spanning pages
+CPU_CONFIGS = [
+    PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
+    PrefillConfig(block_m=64, block_n=16, num_warps=4, num_stages=1, longest_first=False),
+    PrefillConfig(block_m=128, block_n=32, num_warps=4, num_stages=1),
+    PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, pack_gqa=False, split_mask=False),
+]
+LENS, QLENS = [70, 17, 45, 33, 9], [70, 17, 13, 1, 1]  # a full prompt, prefix-cached ones, single queries
+
+
+def test_heads_per_program():
+    assert [heads_per_program(g, 128, True) for g in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 1, 4, 2, 8, 8]
+    assert heads_per_program(8, 32, True) == 2 and heads_per_program(8, 128, False) == 1
+
+
+def test_config_is_checked():
+    case = make_case("cpu", torch.float32, 2, 1, 16, 16, [5], [5])
+    with pytest.raises(ValueError, match="block_n"):
+        paged_prefill_attention_v2(case["q"], case["k_cache"], case["v_cache"], case["page_table"],
+                                   case["cu_seqlens_q"], case["kv_lens"], 0.25, config=PrefillConfig(block_n=24))
+    with pytest.raises(ValueError, match="window"):
+        paged_prefill_attention_v2(case["q"], case["k_cache"], case["v_cache"], case["page_table"],
+                                   case["cu_seqlens_q"], case["kv_lens"], 0.25, window=0)
+
+
+@cpu_only
+@requires_triton
+@pytest.mark.parametrize("Hq, Hkv", [(4, 4), (8, 2), (8, 1)])
+def test_interpreter_gqa_groups(Hq, Hkv):
+    case = make_case("cpu", torch.float32, Hq, Hkv, 16, 16, LENS, QLENS, starts=[0, 0, 3, 0, 2], seed=Hq + Hkv)
+    for config in CPU_CONFIGS:
+        check(case, torch.float32, config)
+
+
+@cpu_only
+@requires_triton
+def test_interpreter_fp16_page_smaller_than_tile_and_odd_head_dim():
+    case = make_case("cpu", torch.float16, 6, 2, 24, 8, LENS, QLENS, seed=3)  # G=3 (no packing), D=24 (padded)
+    for config in CPU_CONFIGS[:3]:
+        check(case, torch.float16, config)
+
+
+@cpu_only
+@requires_triton
+def test_interpreter_fp8_pages():
+    case = make_case("cpu", torch.float16, 8, 2, 16, 16, LENS, QLENS, starts=[0, 4, 0, 0, 0], fp8=True, seed=5)
+    for config in CPU_CONFIGS[:3]:
+        check(case, torch.float16, config)
+
+
+@cpu_only
+@requires_triton
+@pytest.mark.parametrize("window", [1, 5, 20])
+def test_interpreter_window_sinks_softcap(window):
+    case = make_case("cpu", torch.float32, 8, 2, 16, 16, LENS, QLENS, starts=[0, 2, 0, 0, 0], seed=window)
+    sinks = torch.randn(8) * 2
+    for config in CPU_CONFIGS[:2]:
+        check(case, torch.float32, config, window=window)
+    check(case, torch.float32, CPU_CONFIGS[2], window=window, sinks=sinks, softcap=3.0)
+    check(case, torch.float32, CPU_CONFIGS[0], sinks=sinks)
+    check(case, torch.float32, CPU_CONFIGS[1], softcap=2.0)
+
+
+@cpu_only
+@requires_triton
+def test_interpreter_empty_rows_and_no_queries():
+    """A sequence with no queries in the batch, and a window of one at a start past the diagonal
+    of nothing: rows that see no key give zeros (the reference's convention)."""
+    case = make_case("cpu", torch.float32, 4, 2, 16, 16, [20, 30, 12], [5, 0, 12], starts=[0, 0, 5], seed=9)
+    for config in CPU_CONFIGS[:2]:
+        check(case, torch.float32, config)
+    sinks = torch.randn(4)
+    check(case, torch.float32, CPU_CONFIGS[0], sinks=sinks, window=1)
+
+
+# ----------------------------------------------------------------------------- compiled, on the GPU
+def gpu_configs() -> list[PrefillConfig]:
+    """Every variant benchmarks/prefill_tune.py times (and the default)."""
+    try:
+        from zipage.bench.prefill_tune import VARIANTS
+    except ImportError:  # run from a checkout without the package installed
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        from prefill_tune import VARIANTS
+    return list(VARIANTS.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_variant_gpu(dtype):
+    lens, q_lens = [1100, 700, 1300, 2048, 515], [1100, 1, 513, 64, 515]
+    case = make_case("cuda", dtype, 32, 8, 128, 256, lens, q_lens, starts=[0, 0, 9, 0, 0], seed=1)
+    fp8 = make_case("cuda", dtype, 32, 8, 128, 64, lens, q_lens, starts=[0, 0, 9, 0, 0], fp8=True, seed=2)
+    small_page = make_case("cuda", dtype, 16, 2, 64, 16, lens, q_lens, seed=3)
+    d256 = make_case("cuda", dtype, 8, 4, 256, 256, lens, q_lens, seed=4)
+    sinks = torch.randn(32, device="cuda")
+    for config in gpu_configs() + [None]:
+        check(case, dtype, config)
+        check(fp8, dtype, config, tol_scale=1.5)
+        check(small_page, dtype, config)
+        check(case, dtype, config, window=300, sinks=sinks, softcap=30.0)
+    for config in (None, PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)):
+        check(d256, dtype, config)
+        check(d256, dtype, dataclasses.replace(config or PrefillConfig(block_m=64, block_n=32), pack_gqa=False))
