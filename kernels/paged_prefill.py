@@ -21,6 +21,8 @@ Head dims above 256 are not tiled here: they fall back to the first kernel, expl
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 
 import torch
 
@@ -54,6 +56,36 @@ class PrefillConfig:
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"PrefillConfig: num_warps={self.num_warps} (1-16, a power of two), "
                              f"num_stages={self.num_stages} (>= 1)")
+
+
+def parse_config(name: str) -> PrefillConfig:
+    """A config from its name, ``m<block_m>n<block_n>w<warps>s<stages>`` and any of the suffixes
+    ``-nopack``, ``-nosplit``, ``-inorder`` (what :func:`config_name` writes)."""
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder)*)", name)
+    if m is None:
+        raise ValueError(f"prefill config {name!r}: expected m<block_m>n<block_n>w<warps>s<stages>[-nopack]"
+                         "[-nosplit][-inorder], e.g. m128n64w8s3")
+    flags = m.group(5)
+    cfg = PrefillConfig(block_m=int(m.group(1)), block_n=int(m.group(2)), num_warps=int(m.group(3)),
+                        num_stages=int(m.group(4)), pack_gqa="-nopack" not in flags,
+                        split_mask="-nosplit" not in flags, longest_first="-inorder" not in flags)
+    cfg.validate()
+    return cfg
+
+
+def config_name(cfg: PrefillConfig) -> str:
+    return (f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + ("" if cfg.pack_gqa else "-nopack")
+            + ("" if cfg.split_mask else "-nosplit") + ("" if cfg.longest_first else "-inorder"))
+
+
+@functools.lru_cache(maxsize=16)
+def kernel_for(choice: str):
+    """The prefill entry point ``ZIPAGE_PREFILL_KERNEL`` names: ``v2`` (default config) or ``v2:<config name>``."""
+    if choice == "v2":
+        return paged_prefill_attention_v2
+    if choice.startswith("v2:"):
+        return functools.partial(paged_prefill_attention_v2, config=parse_config(choice[3:]))
+    raise ValueError(f"ZIPAGE_PREFILL_KERNEL={choice!r}: expected v1, v2 or v2:<config name> (e.g. v2:m128n64w8s3)")
 
 
 def default_config(head_dim: int, on_gpu: bool) -> PrefillConfig:
