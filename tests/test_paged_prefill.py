@@ -206,3 +206,19 @@ def test_config_names_round_trip_and_the_switch(monkeypatch):
         paged_attention.paged_prefill_attention(*args)
     kernel_for.cache_clear()
     assert seen == ["v1", "v1", ("v2", None), ("v2", parse_config("m64n32w4s2-nosplit"))]
+
+
+@cpu_only
+@requires_triton
+def test_tuning_benchmark_smoke(tmp_path):
+    """benchmarks/prefill_tune.py end to end at toy sizes: every kernel agrees with gather + SDPA."""
+    import json
+
+    import zipage.bench.prefill_tune as tune
+
+    assert tune.main(["--smoke", "--out", str(tmp_path / "t.json")]) == 0
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["case"].split()[0] for r in rows] == ["prompt", "prefix", "fp8", "chunk"]
+    for r in rows:
+        assert r["kernels"] and all(k["ok"] and k["rel_err"] < 1e-5 for k in r["kernels"].values()), r
+    assert "v1-prefill+decode" in rows[-1]["kernels"]
