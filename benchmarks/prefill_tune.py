@@ -51,8 +51,9 @@ VARIANTS = {name: v2.parse_config(name) for name in (
     "m128n64w8s2",
     "m128n64w4s3",
     "m64n64w4s3",
-    "m128n32w4s4",
     "m256n64w8s2",
+    "m128n64w8s3-tma",
+    "m128n128w8s3-tma",
     "m128n64w8s3-nopack",
     "m128n64w8s3-nosplit-inorder",
 )}

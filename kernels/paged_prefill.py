@@ -13,7 +13,8 @@ reworked where the first kernel loses time:
 - Longest-first order: query blocks are launched from the last (the most keys) to the first, so
   the cheap blocks fill the tail of the grid instead of the expensive ones.
 - One page lookup per key tile when a tile lies within one page (``page_size % block_n == 0``).
-- Launch parameters (rows, key tile, warps, stages) in a :class:`PrefillConfig`.
+- Launch parameters (rows, key tile, warps, stages, and key/value tiles through tensor
+  descriptors, ``tma``) in a :class:`PrefillConfig`.
 
 Head dims above 256 are not tiled here: they fall back to the first kernel, explicitly.
 """
@@ -29,9 +30,17 @@ import torch
 from ._triton import HAS_TRITON, dot_precision, next_pow2
 from .paged_attention import LOG2E, _check_paged, _check_sinks, _scale_args, paged_prefill_attention_triton
 
+HAS_TENSOR_DESCRIPTOR = False
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    try:  # triton >= 3.4
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        HAS_TENSOR_DESCRIPTOR = True
+    except ImportError:  # pragma: no cover - older triton: the tma config falls back to pointer loads
+        pass
 
 MAX_HEAD_DIM = 256  # larger head dims go to the first kernel
 
@@ -47,6 +56,7 @@ class PrefillConfig:
     pack_gqa: bool = True  # rows = queries x query heads of one KV head
     split_mask: bool = True  # mask-free tiles below the diagonal
     longest_first: bool = True  # launch the query blocks with the most keys first
+    tma: bool = False  # key/value tiles through tensor descriptors (where a tile lies in one page)
 
     def validate(self) -> None:
         for name in ("block_m", "block_n"):
@@ -60,22 +70,24 @@ class PrefillConfig:
 
 def parse_config(name: str) -> PrefillConfig:
     """A config from its name, ``m<block_m>n<block_n>w<warps>s<stages>`` and any of the suffixes
-    ``-nopack``, ``-nosplit``, ``-inorder`` (what :func:`config_name` writes)."""
-    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder)*)", name)
+    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma`` (what :func:`config_name` writes)."""
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma)*)", name)
     if m is None:
         raise ValueError(f"prefill config {name!r}: expected m<block_m>n<block_n>w<warps>s<stages>[-nopack]"
-                         "[-nosplit][-inorder], e.g. m128n64w8s3")
+                         "[-nosplit][-inorder][-tma], e.g. m128n64w8s3")
     flags = m.group(5)
     cfg = PrefillConfig(block_m=int(m.group(1)), block_n=int(m.group(2)), num_warps=int(m.group(3)),
                         num_stages=int(m.group(4)), pack_gqa="-nopack" not in flags,
-                        split_mask="-nosplit" not in flags, longest_first="-inorder" not in flags)
+                        split_mask="-nosplit" not in flags, longest_first="-inorder" not in flags,
+                        tma="-tma" in flags)
     cfg.validate()
     return cfg
 
 
 def config_name(cfg: PrefillConfig) -> str:
     return (f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + ("" if cfg.pack_gqa else "-nopack")
-            + ("" if cfg.split_mask else "-nosplit") + ("" if cfg.longest_first else "-inorder"))
+            + ("" if cfg.split_mask else "-nosplit") + ("" if cfg.longest_first else "-inorder")
+            + ("-tma" if cfg.tma else ""))
 
 
 @functools.lru_cache(maxsize=16)
@@ -106,18 +118,51 @@ def heads_per_program(group: int, block_m: int, pack: bool) -> int:
     return max(1, min(p, block_m // 16))
 
 
+def tma_applies(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> bool:
+    """Tensor-descriptor tiles need a tile inside one page, a power-of-two head dim (no padding
+    columns) and pools that are one contiguous [slots, H_kv * D] matrix each; otherwise the
+    ``tma`` config falls back to pointer loads."""
+    page, D = k_cache.shape[1], k_cache.shape[-1]
+    return (HAS_TENSOR_DESCRIPTOR and page % block_n == 0 and D == next_pow2(D) and D >= 16
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
 # ----------------------------------------------------------------------------- the kernel
 if HAS_TRITON:
 
     @triton.jit
-    def _kv_tile(K, V, KS, VS, PT, b, hk, t0, offs_n, d, dmask, start, hi,
+    def _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, start, hi,
                  stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_sp, stride_st,
-                 PAGE: tl.constexpr, TILE_IN_PAGE: tl.constexpr, FP8: tl.constexpr, MASKED: tl.constexpr,
-                 EVEN_D: tl.constexpr):
+                 PAGE: tl.constexpr, D: tl.constexpr, TILE_IN_PAGE: tl.constexpr, FP8: tl.constexpr,
+                 MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
         """Keys, values (and FP8 scales) of tokens ``t0 + offs_n`` of sequence ``b``, KV head ``hk``.
         Unmasked tiles lie wholly in ``[start, hi)``: no mask on the loads when the head dim is a
-        power of two. Masked tiles read zeros outside it."""
+        power of two. Masked tiles read zeros outside it (keys there may be anything: their logits
+        are masked)."""
         t = t0 + offs_n
+        if TMA:  # the tile is rows page * PAGE + slot.. of the pool seen as [slots, H_kv * D]
+            page = tl.load(PT + b * stride_ptb + t0 // PAGE)
+            row = page * PAGE + t0 % PAGE
+            k = KD.load([row, hk * D])
+            v = VD.load([row, hk * D])
+            so = page.to(tl.int64) * stride_sp + ((t0 % PAGE) + offs_n) * stride_st
+            if MASKED:
+                ok = (t < hi) & (t >= start)
+                v = tl.where(ok[:, None], v, tl.zeros_like(v))
+                if FP8:
+                    ks = tl.load(KS + so + hk, mask=ok, other=0.0)
+                    vs = tl.load(VS + so + hk, mask=ok, other=0.0)
+                else:
+                    ks = ok.to(tl.float32)
+                    vs = ks
+            else:
+                if FP8:
+                    ks = tl.load(KS + so + hk)
+                    vs = tl.load(VS + so + hk)
+                else:
+                    ks = t.to(tl.float32)
+                    vs = ks
+            return k, v, ks, vs
         if TILE_IN_PAGE:  # the whole tile in one page: one page-table read
             page = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
             slot = (t0 % PAGE) + offs_n
@@ -191,7 +236,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _prefill_v2_kernel(
-        Q, K, V, KS, VS, PT, CU_Q, LENS, STARTS, OUT, SINKS,
+        Q, K, V, KS, VS, KD, VD, PT, CU_Q, LENS, STARTS, OUT, SINKS,
         scale_log2,
         stride_qt, stride_qh,
         stride_kp, stride_kt, stride_kh,
@@ -201,7 +246,7 @@ if HAS_TRITON:
         stride_ot, stride_oh,
         G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-        TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+        TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr, TMA: tl.constexpr,
         WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         BLOCK_Q: tl.constexpr = BLOCK_M // P  # queries per program; rows are (query, head) pairs, query-major
@@ -252,21 +297,21 @@ if HAS_TRITON:
             full_hi = hi
             edge_hi = hi
         for t0 in range(lo, edge_hi, BLOCK_N):  # edge tiles in front (range start, window)
-            k, v, ks, vs = _kv_tile(K, V, KS, VS, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
                                     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                                    stride_sp, stride_st, PAGE, TILE_IN_PAGE, FP8, True, BLOCK_D == D)
+                                    stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True, BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
         for t0 in range(full_lo, full_hi, BLOCK_N):  # tiles every row sees whole: no mask
-            k, v, ks, vs = _kv_tile(K, V, KS, VS, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
                                     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                                    stride_sp, stride_st, PAGE, TILE_IN_PAGE, FP8, False, BLOCK_D == D)
+                                    stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False, BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, False, WINDOW, SOFTCAP_LOG2)
         for t0 in range(full_hi, hi, BLOCK_N):  # the diagonal
-            k, v, ks, vs = _kv_tile(K, V, KS, VS, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
                                     stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                                    stride_sp, stride_st, PAGE, TILE_IN_PAGE, FP8, True, BLOCK_D == D)
+                                    stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True, BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
 
@@ -317,8 +362,12 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
     if B == 0 or T == 0 or max_q_len == 0:
         return out
     block_q = cfg.block_m // P
+    tile_in_page = page % cfg.block_n == 0
+    kd = vd = k_cache
+    if cfg.tma and tma_applies(k_cache, v_cache, cfg.block_n):
+        kd, vd = (TensorDescriptor.from_tensor(c.view(-1, Hkv * D), [cfg.block_n, D]) for c in (k_cache, v_cache))
     _prefill_v2_kernel[(Hq // P, B, triton.cdiv(max_q_len, block_q))](
-        q, k_cache, v_cache, ks, vs, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
+        q, k_cache, v_cache, ks, vs, kd, vd, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
         sinks if sinks is not None else q, scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -327,8 +376,8 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         page_table.stride(0),
         out.stride(0), out.stride(1),
         G=G, P=P, D=D, BLOCK_D=max(16, next_pow2(D)), PAGE=page, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        PRECISION=dot_precision(q.dtype), FP8=fp8, TILE_IN_PAGE=page % cfg.block_n == 0,
-        SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, WINDOW=int(window or 0),
+        PRECISION=dot_precision(q.dtype), FP8=fp8, TILE_IN_PAGE=tile_in_page,
+        SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, TMA=kd is not k_cache, WINDOW=int(window or 0),
         HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if q.is_cuda else 1,
     )

@@ -67,9 +67,9 @@ def check(case, dtype, config=None, tol_scale=1.0, **features):
 
 
 # every code path of the kernel at interpreter sizes: packing 1/2/4/8, split or not, both grid orders,
-# tiles inside one page and tiles spanning pages
+# tiles inside one page and tiles spanning pages, tensor-descriptor tiles (where they apply) and pointer tiles
 CPU_CONFIGS = [
-    PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
+    PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, tma=True),
     PrefillConfig(block_m=64, block_n=16, num_warps=4, num_stages=1, longest_first=False),
     PrefillConfig(block_m=128, block_n=32, num_warps=4, num_stages=1),
     PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, pack_gqa=False, split_mask=False),
