@@ -131,7 +131,7 @@ def tma_applies(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> b
 if HAS_TRITON:
 
     @triton.jit
-    def _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, start, hi,
+    def _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, start, hi,
                  stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_sp, stride_st,
                  PAGE: tl.constexpr, D: tl.constexpr, TILE_IN_PAGE: tl.constexpr, FP8: tl.constexpr,
                  MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
@@ -163,20 +163,18 @@ if HAS_TRITON:
                     ks = t.to(tl.float32)
                     vs = ks
             return k, v, ks, vs
-        if TILE_IN_PAGE:  # the whole tile in one page: one page-table read
+        if TILE_IN_PAGE:  # the whole tile in one page: one page-table read, a scalar base + fixed offsets
             page = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
-            slot = (t0 % PAGE) + offs_n
-            ko = page * stride_kp + slot * stride_kt
-            vo = page * stride_vp + slot * stride_vt
-            so = page * stride_sp + slot * stride_st
+            slot0 = t0 % PAGE
+            kp = K + (page * stride_kp + slot0 * stride_kt + hk * stride_kh) + k_off
+            vp = V + (page * stride_vp + slot0 * stride_vt + hk * stride_vh) + v_off
+            so = page * stride_sp + (slot0 + offs_n) * stride_st
         else:
             page = tl.load(PT + b * stride_ptb + t // PAGE, mask=t < hi, other=0).to(tl.int64)
             slot = t % PAGE
-            ko = page * stride_kp + slot * stride_kt
-            vo = page * stride_vp + slot * stride_vt
+            kp = K + (page * stride_kp + slot * stride_kt)[:, None] + hk * stride_kh + d[None, :]
+            vp = V + (page * stride_vp + slot * stride_vt)[:, None] + hk * stride_vh + d[None, :]
             so = page * stride_sp + slot * stride_st
-        kp = K + ko[:, None] + hk * stride_kh + d[None, :]
-        vp = V + vo[:, None] + hk * stride_vh + d[None, :]
         if MASKED:
             ok = (t < hi) & (t >= start)
             k = tl.load(kp, mask=ok[:, None] & dmask[None, :], other=0.0)
@@ -278,6 +276,8 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         offs_n = tl.arange(0, BLOCK_N)
+        k_off = offs_n[:, None] * stride_kt + d[None, :]  # a tile's offsets from its first token (in one page)
+        v_off = offs_n[:, None] * stride_vt + d[None, :]
 
         p_lo = seq_len - nq + mblk * BLOCK_Q  # the block's first and last query positions
         p_hi = seq_len - nq + tl.minimum(mblk * BLOCK_Q + BLOCK_Q, nq) - 1
@@ -297,21 +297,24 @@ if HAS_TRITON:
             full_hi = hi
             edge_hi = hi
         for t0 in range(lo, edge_hi, BLOCK_N):  # edge tiles in front (range start, window)
-            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
-                                    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                                    stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True, BLOCK_D == D, TMA)
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
+                                    hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                                    stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
+                                    BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
         for t0 in range(full_lo, full_hi, BLOCK_N):  # tiles every row sees whole: no mask
-            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
-                                    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                                    stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False, BLOCK_D == D, TMA)
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
+                                    hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                                    stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False,
+                                    BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, False, WINDOW, SOFTCAP_LOG2)
         for t0 in range(full_hi, hi, BLOCK_N):  # the diagonal
-            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, first, hi, stride_ptb,
-                                    stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-                                    stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True, BLOCK_D == D, TMA)
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
+                                    hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                                    stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
+                                    BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
 
