@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CUDA, requires_triton
+from conftest import CUDA, requires_triton, tiny_model
 
 from zipage.kernels import paged_prefill_attention_reference, quantize_reference
 from zipage.kernels.paged_prefill import PrefillConfig, heads_per_program, paged_prefill_attention_v2
@@ -222,3 +222,24 @@ def test_tuning_benchmark_smoke(tmp_path):
     for r in rows:
         assert r["kernels"] and all(k["ok"] and k["rel_err"] < 1e-5 for k in r["kernels"].values()), r
     assert "v1-prefill+decode" in rows[-1]["kernels"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("choice, page", [("v2", 16), ("v2:m64n32w4s2-tma", 64)])
+def test_engine_with_the_second_kernel_matches_generate_gpu(choice, page, monkeypatch):
+    """ZIPAGE_PREFILL_KERNEL runs the engine's prefill (prefix caching and chunked prefill included)
+    through the second kernel: the same greedy tokens as generate() (float32)."""
+    from test_engine import prompts_of, reference
+
+    from zipage import LLM, SamplingParams
+
+    monkeypatch.setenv("ZIPAGE_PREFILL_KERNEL", choice)
+    model = tiny_model("qwen3", scale=1.0).cuda()
+    shared = prompts_of((40,), seed=3)[0]
+    prompts = prompts_of((12, 90, 7, 150), seed=1) + prompts_of((5, 33), seed=2, prefix=shared)
+    llm = LLM(model, budget=None, page_size=page, num_pages=256, enable_prefix_caching=True, max_num_seqs=3,
+              max_num_batched_tokens=64)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference(model, torch.tensor(prompt).tolist(), 20)
