@@ -248,6 +248,8 @@ def causal_flops(kv_lens, q_lens) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import triton
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/prefill_tune.json")
     ap.add_argument("--budget-s", type=float, default=95.0, help="stop timing new kernels after this many seconds")
@@ -263,37 +265,34 @@ def main(argv: list[str] | None = None) -> int:
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     variants = {n: VARIANTS.get(n) or v2.parse_config(n) for n in names}
     rows = []
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
+    summary = dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                   python=platform.python_version(), heads=[HQ, HKV], head_dim=D, page=PAGE, dtype=str(DT))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every case: a run cut short keeps what it measured
+        summary["seconds"] = time.perf_counter() - t0
+        with open(args.out, "w") as f:
+            json.dump(dict(summary=summary, variants={n: vars(c) for n, c in variants.items()}, rows=rows), f,
+                      indent=1)
+
+    mname, n_c, q_c, rows_n, ctx_r = MIXED
+    fname, fb, fn, fq = FP8_CASE
     cases = [(name, [n] * B, [nq] * B, False) for name, B, n, nq in CASES]
-    name, B, n, nq = FP8_CASE
-    cases.append((name, [n] * B, [nq] * B, True))
+    cases += [(mname, [n_c] + [ctx_r] * rows_n, [q_c] + [1] * rows_n, False), (fname, [fn] * fb, [fq] * fb, True)]
     for name, kv_lens, q_lens, fp8 in cases:
         step = Step(kv_lens, q_lens, fp8=fp8)
         kernels = {"v1": step.run_v1}
+        if name == mname:
+            kernels["v1-prefill+decode"] = engine_path(step, q_c)
         for vname, cfg in (variants if not fp8 else {k: variants[k] for k in list(variants)[:2]}).items():
             kernels[vname] = lambda cfg=cfg, step=step: step.run_v2(cfg)
         rows.append(measure(name, step, kernels, deadline, causal_flops(kv_lens, q_lens)))
         print(f"{time.perf_counter() - t0:5.1f} s  {name}", flush=True)
+        save()
         del step
-    mname, n_c, q_c, rows_n, ctx_r = MIXED
-    step = Step([n_c] + [ctx_r] * rows_n, [q_c] + [1] * rows_n)
-    kernels = {"v1": step.run_v1, "v1-prefill+decode": engine_path(step, q_c)}
-    for vname, cfg in variants.items():
-        kernels[vname] = lambda cfg=cfg: step.run_v2(cfg)
-    rows.append(measure(mname, step, kernels, deadline, causal_flops(step.kv_lens_list, step.q_lens_list)))
-    print(f"{time.perf_counter() - t0:5.1f} s  {mname}", flush=True)
-
-    import triton
-
-    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
-    result = dict(summary=dict(device=device, torch=torch.__version__, triton=triton.__version__,
-                               python=platform.python_version(), seconds=time.perf_counter() - t0,
-                               heads=[HQ, HKV], head_dim=D, page=PAGE, dtype=str(DT)),
-                  variants={n: vars(c) for n, c in variants.items()}, rows=rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
     print(table(rows))
-    print(f"{result['summary']['seconds']:.0f} s on {result['summary']['device']}, triton {triton.__version__}")
+    print(f"{summary['seconds']:.0f} s on {device}, triton {triton.__version__}")
     return 0
 
 

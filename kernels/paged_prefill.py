@@ -204,25 +204,36 @@ if HAS_TRITON:
     def _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t, qpos, start, hi, scale_log2, PRECISION: tl.constexpr,
                      FP8: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP_LOG2: tl.constexpr):
         """One key tile of flash attention (log2 domain). Unmasked tiles skip the mask and the
-        empty-row guard (every row sees a finite logit there)."""
+        empty-row guard (every row sees a finite logit there). Plain logits keep the scale out of
+        the row max (a max of raw logits times the scale) so that each element costs one fused
+        multiply-add before its exp2."""
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-        if FP8:
-            s = qk * (ks * scale_log2)[None, :]
-        else:
-            s = qk * scale_log2
-        if SOFTCAP_LOG2 > 0:  # softcap * tanh(x / softcap), in the log2 domain (tanh through exp)
-            s = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * s / SOFTCAP_LOG2) + 1.0))
         if MASKED:
             allowed = ((t < hi) & (t >= start))[None, :] & (t[None, :] <= qpos[:, None])
             if WINDOW > 0:
                 allowed = allowed & (t[None, :] > qpos[:, None] - WINDOW)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
+        if FP8 or SOFTCAP_LOG2 > 0:  # per-column scales / a nonlinear cap: scale every logit first
+            if FP8:
+                s = qk * (ks * scale_log2)[None, :]
+            else:
+                s = qk * scale_log2
+            if SOFTCAP_LOG2 > 0:  # softcap * tanh(x / softcap), in the log2 domain (tanh through exp)
+                s = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * s / SOFTCAP_LOG2) + 1.0))
+            if MASKED:
+                s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
+            if MASKED:  # a row with nothing allowed yet keeps -inf: exp2 of -inf - 0, not of nan
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+        else:
+            if MASKED:
+                qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)  # (the scale is positive)
+            m_use = m_new
+            if MASKED:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk * scale_log2 - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -243,11 +254,12 @@ if HAS_TRITON:
         stride_ptb,
         stride_ot, stride_oh,
         G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-        TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr, TMA: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        FP8: tl.constexpr, TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+        TMA: tl.constexpr,
         WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
-        BLOCK_Q: tl.constexpr = BLOCK_M // P  # queries per program; rows are (query, head) pairs, query-major
+        # rows are (query, head) pairs, query-major: BLOCK_Q = BLOCK_M / P queries x P heads
         hg = tl.program_id(0)  # group of P query heads (one KV head)
         b = tl.program_id(1)
         if LONGEST_FIRST:
@@ -349,6 +361,8 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
     if block_m is not None or block_n is not None:
         cfg = dataclasses.replace(cfg, block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
     cfg.validate()
+    if not scale > 0:
+        raise ValueError(f"scale={scale}: the softmax scale must be positive")
     if window is not None and window < 1:
         raise ValueError(f"window={window}: must be >= 1 (or None for no window)")
     B = kv_lens.shape[0]
@@ -378,7 +392,8 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         stride_sp, stride_st,
         page_table.stride(0),
         out.stride(0), out.stride(1),
-        G=G, P=P, D=D, BLOCK_D=max(16, next_pow2(D)), PAGE=page, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        G=G, P=P, D=D, BLOCK_D=max(16, next_pow2(D)), PAGE=page, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
+        BLOCK_N=cfg.block_n,
         PRECISION=dot_precision(q.dtype), FP8=fp8, TILE_IN_PAGE=tile_in_page,
         SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, TMA=kd is not k_cache, WINDOW=int(window or 0),
         HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E,
