@@ -6,8 +6,9 @@ last tokens; FP8 pages with per-token scales, ``window``, ``sinks``, ``softcap``
 reworked where the first kernel loses time:
 
 - GQA packing: one program serves ``P`` query heads of one KV head (``P`` the largest power of
-  two dividing the group, capped by the tile), its rows are ``block_m / P`` queries x ``P`` heads,
-  so each key/value tile is read once for the group instead of once per head.
+  two dividing the group, capped by the tile), its rows are ``block_m / P`` queries x ``P`` heads:
+  each key/value tile it reads serves ``P`` heads, so short query runs (chunks, single-query rows)
+  still fill the tile, and the causal diagonal crosses ``P`` times fewer keys per row block.
 - Mask-free tiles: the key loop is split into the tiles before the block's diagonal (and inside
   its window), which need no causal/window/range mask, and the few edge tiles that do.
 - Longest-first order: query blocks are launched from the last (the most keys) to the first, so
