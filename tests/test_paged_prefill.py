@@ -142,6 +142,19 @@ def test_interpreter_empty_rows_and_no_queries():
     check(case, torch.float32, CPU_CONFIGS[0], sinks=sinks, window=1)
 
 
+@cpu_only
+@requires_triton
+def test_interpreter_head_dims_past_256_take_the_first_kernel(monkeypatch):
+    import zipage.kernels.paged_prefill as pp
+
+    ran = []
+    first = pp.paged_prefill_attention_triton
+    monkeypatch.setattr(pp, "paged_prefill_attention_triton", lambda *a, **k: ran.append(1) or first(*a, **k))
+    case = make_case("cpu", torch.float32, 2, 1, 288, 16, [20, 9], [20, 3], seed=11)
+    check(case, torch.float32, CPU_CONFIGS[0], softcap=5.0)
+    assert ran == [1]
+
+
 # ----------------------------------------------------------------------------- compiled, on the GPU
 def gpu_configs() -> list[PrefillConfig]:
     """Every variant benchmarks/prefill_tune.py times (and the default)."""
