@@ -179,7 +179,7 @@ def test_every_variant_gpu(dtype):
     small_page = make_case("cuda", dtype, 16, 2, 64, 16, lens, q_lens, seed=3)
     d256 = make_case("cuda", dtype, 8, 4, 256, 256, lens, q_lens, seed=4)
     sinks = torch.randn(32, device="cuda")
-    for config in gpu_configs() + [None]:
+    for config in (gpu_configs() if dtype == torch.bfloat16 else []) + [None]:  # fp16: the default launch
         check(case, dtype, config)
         check(fp8, dtype, config, tol_scale=1.5)
         check(small_page, dtype, config)
