@@ -142,7 +142,7 @@ if HAS_TRITON:
         are masked)."""
         t = t0 + offs_n
         if TMA:  # the tile is rows page * PAGE + slot.. of the pool seen as [slots, H_kv * D]
-            page = tl.load(PT + b * stride_ptb + t0 // PAGE)
+            page = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int32)  # (descriptor coordinates are 32-bit)
             row = page * PAGE + t0 % PAGE
             k = KD.load([row, hk * D])
             v = VD.load([row, hk * D])

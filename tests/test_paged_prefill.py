@@ -23,7 +23,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()
 
 
-def make_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, fp8=False, seed=0):
+def make_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, fp8=False, seed=0, index=torch.int32):
     """Pools (uninitialized slots filled with NaN: a kernel reading outside its range shows), a
     shuffled page table, packed queries; every sequence's queries are its last ``q_lens[b]`` tokens."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -33,8 +33,8 @@ def make_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, fp8=Fa
     mag = torch.exp(torch.randn(P, page, Hkv, 1, generator=g))
     k = torch.randn(P, page, Hkv, D, generator=g) * mag
     v = torch.randn(P, page, Hkv, D, generator=g)
-    table = torch.randperm(P, generator=g)[: B * per_row].view(B, per_row).to(torch.int32)
-    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    table = torch.randperm(P, generator=g)[: B * per_row].view(B, per_row).to(index)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=index)
     q = torch.randn(int(cu[-1]), Hq, D, generator=g)
     ks = vs = None
     if fp8:
@@ -47,8 +47,8 @@ def make_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, fp8=Fa
             stored[table[b, pos // page].long(), pos % page] = True
         k[~stored] = float("nan")
         v[~stored] = float("nan")
-    kv_lens = torch.tensor(lens, dtype=torch.int32)
-    kv_starts = torch.tensor(starts or [0] * B, dtype=torch.int32)
+    kv_lens = torch.tensor(lens, dtype=index)
+    kv_starts = torch.tensor(starts or [0] * B, dtype=index)
     to = lambda t: t.to(device) if t is not None else None  # noqa: E731
     return dict(q=to(q.to(dtype)), k_cache=to(k), v_cache=to(v), page_table=to(table), cu_seqlens_q=to(cu),
                 kv_lens=to(kv_lens), kv_starts=to(kv_starts), k_scale=to(ks), v_scale=to(vs))
@@ -133,9 +133,10 @@ def test_interpreter_window_sinks_softcap(window):
 @cpu_only
 @requires_triton
 def test_interpreter_empty_rows_and_no_queries():
-    """A sequence with no queries in the batch, and a window of one at a start past the diagonal
-    of nothing: rows that see no key give zeros (the reference's convention)."""
-    case = make_case("cpu", torch.float32, 4, 2, 16, 16, [20, 30, 12], [5, 0, 12], starts=[0, 0, 5], seed=9)
+    """A sequence with no queries in the batch, and queries before their sequence's first stored
+    key: rows that see no key give zeros (the reference's convention). int64 tables and lengths."""
+    case = make_case("cpu", torch.float32, 4, 2, 16, 16, [20, 30, 12], [5, 0, 12], starts=[0, 0, 5], seed=9,
+                     index=torch.int64)
     for config in CPU_CONFIGS[:2]:
         check(case, torch.float32, config)
     sinks = torch.randn(4)
