@@ -147,9 +147,13 @@ if HAS_TRITON:
             k = KD.load([row, hk * D])
             v = VD.load([row, hk * D])
             so = page.to(tl.int64) * stride_sp + ((t0 % PAGE) + offs_n) * stride_st
-            if MASKED:
+            if MASKED:  # rows outside the range hold other slots' bytes: zero the values (FP8: as bytes)
                 ok = (t < hi) & (t >= start)
-                v = tl.where(ok[:, None], v, tl.zeros_like(v))
+                if FP8:
+                    vb = v.to(tl.uint8, bitcast=True)
+                    v = tl.where(ok[:, None], vb, tl.zeros_like(vb)).to(v.dtype, bitcast=True)
+                else:
+                    v = tl.where(ok[:, None], v, tl.zeros_like(v))
                 if FP8:
                     ks = tl.load(KS + so + hk, mask=ok, other=0.0)
                     vs = tl.load(VS + so + hk, mask=ok, other=0.0)

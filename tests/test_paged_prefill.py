@@ -37,14 +37,17 @@ def make_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, fp8=Fa
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=index)
     q = torch.randn(int(cu[-1]), Hq, D, generator=g)
     ks = vs = None
+    stored = torch.zeros(P, page, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        stored[table[b, pos // page].long(), pos % page] = True
     if fp8:
         (k, ks), (v, vs) = quantize_reference(k), quantize_reference(v)
+        for codes, scales in ((k, ks), (v, vs)):
+            codes.view(torch.uint8)[~stored] = 0x7F  # an e4m3 NaN (compiled; the interpreter reads it as 480)
+            scales[~stored] = float("nan")
     else:
         k, v = k.to(dtype), v.to(dtype)
-        stored = torch.zeros(P, page, dtype=torch.bool)
-        for b, n in enumerate(lens):
-            pos = torch.arange(n)
-            stored[table[b, pos // page].long(), pos % page] = True
         k[~stored] = float("nan")
         v[~stored] = float("nan")
     kv_lens = torch.tensor(lens, dtype=index)
