@@ -99,7 +99,7 @@ def main() -> None:
         base = batch * ctx * hkv * d * 2  # bytes of bf16 keys (or of FP8 keys and values)
         variants = [("bf16", "general", dict(block_n=64, num_warps=4, num_stages=2), None),
                     ("fp8", "general", dict(block_n=128, num_warps=4, num_stages=3), None)]
-        if args.all:  # the sweep of benchmarks/results/issue15/fp8_decode_variants.json
+        if args.all:  # the sweep of benchmarks/results/fp8/fp8_decode_variants.json
             for convert in ("bf16", "fp16", "bits"):
                 for head_fast in (0, 1):
                     for block_n, warps, stages in FP8_LAUNCHES:

@@ -77,7 +77,7 @@ def main() -> None:
             return torch.log_softmax(model(ids).logits.float(), -1)
 
     ref = log_probs(None)
-    print(f"SmolLM2-135M-Instruct, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted")
+    print(f"SmolLM2-135M-Instruct, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted\n")
     print("| rounded through e4m3 | top-1 agreement | mean KL (nats) |")
     print("|---|---|---|")
     for name in VARIANTS:
