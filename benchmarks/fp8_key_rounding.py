@@ -9,7 +9,8 @@ top-1 agreement and mean KL of the next-token distributions. Variants of the key
 * ``keys/channel``: each channel first divided by a power of two near its maximum over the
   sequence (so outlier channels stop setting the token's scale), multiplied back after rounding;
 * ``keys/channel-sqrt``: the same with the square root of the maximum (half the smoothing);
-* ``values``: the values rounded, the keys exact.
+* ``values``: the values rounded, the keys exact;
+* for scale, both rounded to bf16 (what a bf16 deployment stores; 8 significant bits to e4m3's 4).
 
     python benchmarks/fp8_key_rounding.py [--model smollm2|gemma3] [--seqs 2 --seq-len 1024]
 """
@@ -43,6 +44,7 @@ VARIANTS = {
     "keys/channel": lambda k, v: (channel_smoothed(k, 1.0), v),
     "keys/channel-sqrt": lambda k, v: (channel_smoothed(k, 0.5), v),
     "values": lambda k, v: (k, e4m3(v)),
+    "keys and values in bf16 (for scale)": lambda k, v: (k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)),
 }
 
 
