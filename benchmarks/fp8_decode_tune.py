@@ -6,8 +6,10 @@ the share of the copy bandwidth it moves (keys, values and, for FP8, their float
 
 * bf16 pages, the general kernel (the reference point: it runs at the copy bandwidth);
 * FP8 pages, the general kernel (``kernel=general``, e4m3 -> bf16 casts in the tile loop);
-* FP8 pages, ``kernels/paged_decode_fp8.py`` with every ``convert`` (bf16 / fp16 / bits), grid
-  order (``head_fast``) and a few tiles and launches.
+* FP8 pages, ``kernels/paged_decode_fp8.py``: by default its fastest earlier choice (fp16 dots)
+  and FP8 tensor cores on the stored codes (``convert=fp8mma``) with a few tiles and launches;
+  ``--all`` adds every ``convert`` (bf16 / fp16 / bits) x grid order (``head_fast``) x launch and
+  head-major scale pools.
 
 Each FP8 row's output is checked against the general kernel's (relative error). The fastest FP8
 variant at the largest batch is written to ``--best-env`` as ``ZIPAGE_FP8_DECODE=...``, so the
@@ -76,6 +78,7 @@ def main() -> None:
     ap.add_argument("--best-env", default=None, help="write the fastest FP8 variant as ZIPAGE_FP8_DECODE=... here")
     ap.add_argument("--bandwidth", type=float, default=4.25e12)
     ap.add_argument("--batches", default="256,512")
+    ap.add_argument("--all", action="store_true", help="every conversion x grid order x launch (slower)")
     args = ap.parse_args()
     hq, hkv, d, page, ctx = 32, 8, 128, 256, 2176
     rows = []
@@ -96,14 +99,23 @@ def main() -> None:
         base = batch * ctx * hkv * d * 2  # bytes of bf16 keys (or of FP8 keys and values)
         variants = [("bf16", "general", dict(block_n=64, num_warps=4, num_stages=2), None),
                     ("fp8", "general", dict(block_n=128, num_warps=4, num_stages=3), None)]
-        for convert in ("bf16", "fp16", "bits"):
-            for head_fast in (0, 1):
-                for block_n, warps, stages in FP8_LAUNCHES:
-                    variants.append(("fp8", f"fp8/{convert}/hf{head_fast}", dict(block_n=block_n, num_warps=warps,
-                                     num_stages=stages), dict(convert=convert, head_fast=head_fast)))
-        for convert in ("fp16", "bits"):
-            variants.append(("fp8", f"fp8/{convert}/hf1/hm", dict(block_n=128, num_warps=4, num_stages=3),
-                             dict(convert=convert, head_fast=1, head_major=True)))
+        if args.all:  # the sweep of benchmarks/results/fp8/fp8_decode_variants.json
+            for convert in ("bf16", "fp16", "bits"):
+                for head_fast in (0, 1):
+                    for block_n, warps, stages in FP8_LAUNCHES:
+                        variants.append(("fp8", f"fp8/{convert}/hf{head_fast}", dict(
+                            block_n=block_n, num_warps=warps, num_stages=stages),
+                            dict(convert=convert, head_fast=head_fast)))
+            for convert in ("fp16", "bits"):
+                variants.append(("fp8", f"fp8/{convert}/hf1/hm", dict(block_n=128, num_warps=4, num_stages=3),
+                                 dict(convert=convert, head_fast=1, head_major=True)))
+        else:  # the best of that sweep, against FP8 tensor cores on the stored codes
+            variants.append(("fp8", "fp8/fp16/hf1", dict(block_n=128, num_warps=4, num_stages=2),
+                             dict(convert="fp16", head_fast=1)))
+        for head_fast in (0, 1):
+            for block_n, warps, stages in FP8_LAUNCHES if head_fast else FP8_LAUNCHES[:1]:
+                variants.append(("fp8", f"fp8/fp8mma/hf{head_fast}", dict(block_n=block_n, num_warps=warps,
+                                 num_stages=stages), dict(convert="fp8mma", head_fast=head_fast)))
         want = paged_decode_attention_triton(q, kq, vq, table, lens, scale, max_len_hint=ctx, k_scale=ks, v_scale=vs,
                                              fp8_kernel=None, block_n=128, num_stages=3).float()
         for kv, kernel, launch, choice in variants:

@@ -13,7 +13,11 @@ speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
   once per program, so both dots run on fp16 tensor cores. ``"bits"``: the code's bits are moved
   into a bf16's (sign to the top bit, exponent and mantissa shifted by 4): that bf16 is exactly
   the code times 2^-120 (e4m3's subnormals land on bf16 subnormals), and 2^120 is folded into the
-  scales: integer shifts instead of float conversions.
+  scales: integer shifts instead of float conversions. ``"fp8mma"``: no key or value is
+  converted at all; the dots run on FP8 tensor cores on the codes as stored, with the query (once
+  per program) and the probabilities (per tile, 16 x ``block_n`` values instead of the tile's
+  ``2 x block_n x D`` codes) each split into two e4m3 parts, ``hi + lo``, so together they keep
+  about the 7-8 significant bits a bf16 operand has.
 * ``head_fast``: the grid's fastest axis. The scales of one token sit together for all KV heads
   (``[num_pages, page_size, H_kv]``), so the programs of one sequence's heads read the same
   sectors; running them next to each other keeps those sectors in L2.
@@ -36,7 +40,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-CONVERTS = ("bf16", "fp16", "bits")
+CONVERTS = ("bf16", "fp16", "bits", "fp8mma")
 TWO_POW_120 = 2.0 ** 120  # "bits": a code's bf16 image is the code times 2^-120
 
 if HAS_TRITON:
@@ -91,6 +95,13 @@ if HAS_TRITON:
         heads = hk * G + g
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=gmask[:, None] & dmask[None, :], other=0.0)
+        if CONVERT == 3:  # the query as two e4m3 parts (hi + lo), each with a per-head scale
+            qf = q.to(tl.float32)
+            sq_hi = tl.maximum(tl.max(tl.abs(qf), 1) / 448.0, 1e-30)
+            q_hi = (qf / sq_hi[:, None]).to(tl.float8e4nv)
+            rest = qf - q_hi.to(tl.float32) * sq_hi[:, None]
+            sq_lo = tl.maximum(tl.max(tl.abs(rest), 1) / 448.0, 1e-30)
+            q_lo = (rest / sq_lo[:, None]).to(tl.float8e4nv)
         if CONVERT == 1:
             q = q.to(tl.float16)
         else:
@@ -116,7 +127,12 @@ if HAS_TRITON:
             ks = tl.load(KS + s_off, mask=valid, other=0.0) * code_scale
             vs = tl.load(VS + s_off, mask=valid, other=0.0) * code_scale
 
-            qk = tl.dot(q, tl.trans(_fp8_operand(k, CONVERT))) * (ks[None, :] * scale_log2)
+            if CONVERT == 3:  # FP8 tensor cores on the codes as stored: nothing converted per key
+                kt = tl.trans(k)
+                qk = tl.dot(q_hi, kt) * sq_hi[:, None] + tl.dot(q_lo, kt) * sq_lo[:, None]
+                qk = qk * (ks[None, :] * scale_log2)
+            else:
+                qk = tl.dot(q, tl.trans(_fp8_operand(k, CONVERT))) * (ks[None, :] * scale_log2)
             if SOFTCAP_LOG2 > 0:
                 qk = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * qk / SOFTCAP_LOG2) + 1.0))
             qk = tl.where(valid[None, :], qk, float("-inf"))
@@ -126,7 +142,13 @@ if HAS_TRITON:
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             vs_max = tl.maximum(tl.max(vs, 0), 1e-30)  # p * vs / vs_max stays in [0, 1]
-            pv = tl.dot((p * (vs / vs_max)[None, :]).to(op_dtype), _fp8_operand(v, CONVERT))
+            if CONVERT == 3:  # p * vs / vs_max in [0, 1], times 256, as two e4m3 parts (lo: the rest x 8)
+                pw = p * (vs * (256.0 / vs_max))[None, :]
+                p_hi = pw.to(tl.float8e4nv)
+                p_lo = ((pw - p_hi.to(tl.float32)) * 8.0).to(tl.float8e4nv)  # (|rest| <= one ulp of hi: <= 32)
+                pv = (tl.dot(p_hi, v) + tl.dot(p_lo, v) * 0.125) * (1.0 / 256.0)
+            else:
+                pv = tl.dot((p * (vs / vs_max)[None, :]).to(op_dtype), _fp8_operand(v, CONVERT))
             acc = acc * alpha[:, None] + pv * vs_max
             m_i = m_new
 

@@ -19,7 +19,7 @@ bf16_dots = pytest.mark.skipif(not CUDA, reason="bf16 dots: GPU only (the interp
 
 
 def _needs_gpu(convert: str, dtype=torch.float16):
-    marks = [pytest.mark.gpu, bf16_dots] if convert != "fp16" or dtype == torch.bfloat16 else []
+    marks = [pytest.mark.gpu, bf16_dots] if convert in ("bf16", "bits") or dtype == torch.bfloat16 else []
     return marks
 TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -60,7 +60,7 @@ def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=
 
 VARIANTS = [pytest.param(dtype, dict(convert=c, head_fast=h, block_n=16), id=f"{str(dtype)[6:]}-{c}-hf{h}",
                          marks=_needs_gpu(c, dtype))
-            for dtype in (torch.float16, torch.bfloat16) for c in ("bf16", "fp16", "bits") for h in (0, 1)]
+            for dtype in (torch.float16, torch.bfloat16) for c in ("bf16", "fp16", "bits", "fp8mma") for h in (0, 1)]
 
 
 @requires_triton
@@ -70,14 +70,14 @@ def test_every_variant_matches_the_reference(dtype, choice):
 
 
 @requires_triton
-@pytest.mark.parametrize("convert", [pytest.param(c, marks=_needs_gpu(c)) for c in ("fp16", "bits")])
+@pytest.mark.parametrize("convert", [pytest.param(c, marks=_needs_gpu(c)) for c in ("fp16", "bits", "fp8mma")])
 def test_subnormal_codes_and_splits(convert):
     """Codes in e4m3's subnormal range read back exactly (the "bits" image is a bf16 subnormal)."""
     _case(torch.float16, dict(convert=convert, head_fast=1, block_n=16, num_warps=4), tiny=True, lens=(90, 33))
 
 
 @requires_triton
-@pytest.mark.parametrize("convert", [pytest.param(c, marks=_needs_gpu(c)) for c in ("bf16", "fp16", "bits")])
+@pytest.mark.parametrize("convert", [pytest.param(c, marks=_needs_gpu(c)) for c in ("bf16", "fp16", "bits", "fp8mma")])
 def test_window_sinks_softcap(convert):
     _case(torch.float16, dict(convert=convert, head_fast=1, block_n=16), window=20, softcap=30.0, sinks=True,
           Hq=4, Hkv=4, lens=(50, 9))
@@ -85,7 +85,7 @@ def test_window_sinks_softcap(convert):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("convert", ["bf16", "fp16", "bits"])
+@pytest.mark.parametrize("convert", ["bf16", "fp16", "bits", "fp8mma"])
 def test_qwen3_shapes_on_the_gpu(convert):
     """The benchmark's shapes: GQA 32/8, head dim 128, 256-token pages, 128-token tiles, several splits."""
     _case(torch.bfloat16, dict(convert=convert, head_fast=1, block_n=128, num_stages=3), Hq=32, Hkv=8, D=128,
