@@ -64,10 +64,10 @@ CASES = [
     ("prompt 1024 x8", 8, 1024, 1024),
     ("prompt 2048 x4", 4, 2048, 2048),
     ("prompt 4096 x4", 4, 4096, 4096),
-    ("prefix 4096 x4 (q 2048)", 4, 4096, 2048),
+    ("prefix 4K q2K x4", 4, 4096, 2048),
 ]
-MIXED = ("chunk 2048@4096 + 64x1@2048", 4096, 2048, 64, 2048)  # name, chunk context, chunk queries, rows, row ctx
-FP8_CASE = ("fp8 prompt 2048 x4", 4, 2048, 2048)
+MIXED = ("chunk 2K + 64x1", 4096, 2048, 64, 2048)  # name, chunk context, chunk queries, rows, row ctx
+FP8_CASE = ("fp8 prompt 2K x4", 4, 2048, 2048)
 
 
 def smoke_setup() -> None:
