@@ -167,42 +167,42 @@ if HAS_TRITON:
                 else:
                     ks = t.to(tl.float32)
                     vs = ks
-            return k, v, ks, vs
-        if TILE_IN_PAGE:  # the whole tile in one page: one page-table read, a scalar base + fixed offsets
-            page = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
-            slot0 = t0 % PAGE
-            kp = K + (page * stride_kp + slot0 * stride_kt + hk * stride_kh) + k_off
-            vp = V + (page * stride_vp + slot0 * stride_vt + hk * stride_vh) + v_off
-            so = page * stride_sp + (slot0 + offs_n) * stride_st
-        else:
-            page = tl.load(PT + b * stride_ptb + t // PAGE, mask=t < hi, other=0).to(tl.int64)
-            slot = t % PAGE
-            kp = K + (page * stride_kp + slot * stride_kt)[:, None] + hk * stride_kh + d[None, :]
-            vp = V + (page * stride_vp + slot * stride_vt)[:, None] + hk * stride_vh + d[None, :]
-            so = page * stride_sp + slot * stride_st
-        if MASKED:
-            ok = (t < hi) & (t >= start)
-            k = tl.load(kp, mask=ok[:, None] & dmask[None, :], other=0.0)
-            v = tl.load(vp, mask=ok[:, None] & dmask[None, :], other=0.0)
-            if FP8:
-                ks = tl.load(KS + so + hk, mask=ok, other=0.0)
-                vs = tl.load(VS + so + hk, mask=ok, other=0.0)
+        else:  # pointer loads
+            if TILE_IN_PAGE:  # the whole tile in one page: one page-table read, a scalar base + fixed offsets
+                page = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
+                slot0 = t0 % PAGE
+                kp = K + (page * stride_kp + slot0 * stride_kt + hk * stride_kh) + k_off
+                vp = V + (page * stride_vp + slot0 * stride_vt + hk * stride_vh) + v_off
+                so = page * stride_sp + (slot0 + offs_n) * stride_st
             else:
-                ks = ok.to(tl.float32)
-                vs = ks
-        else:
-            if EVEN_D:
-                k = tl.load(kp)
-                v = tl.load(vp)
+                page = tl.load(PT + b * stride_ptb + t // PAGE, mask=t < hi, other=0).to(tl.int64)
+                slot = t % PAGE
+                kp = K + (page * stride_kp + slot * stride_kt)[:, None] + hk * stride_kh + d[None, :]
+                vp = V + (page * stride_vp + slot * stride_vt)[:, None] + hk * stride_vh + d[None, :]
+                so = page * stride_sp + slot * stride_st
+            if MASKED:
+                ok = (t < hi) & (t >= start)
+                k = tl.load(kp, mask=ok[:, None] & dmask[None, :], other=0.0)
+                v = tl.load(vp, mask=ok[:, None] & dmask[None, :], other=0.0)
+                if FP8:
+                    ks = tl.load(KS + so + hk, mask=ok, other=0.0)
+                    vs = tl.load(VS + so + hk, mask=ok, other=0.0)
+                else:
+                    ks = ok.to(tl.float32)
+                    vs = ks
             else:
-                k = tl.load(kp, mask=dmask[None, :], other=0.0)
-                v = tl.load(vp, mask=dmask[None, :], other=0.0)
-            if FP8:
-                ks = tl.load(KS + so + hk)
-                vs = tl.load(VS + so + hk)
-            else:
-                ks = t.to(tl.float32)
-                vs = ks
+                if EVEN_D:
+                    k = tl.load(kp)
+                    v = tl.load(vp)
+                else:
+                    k = tl.load(kp, mask=dmask[None, :], other=0.0)
+                    v = tl.load(vp, mask=dmask[None, :], other=0.0)
+                if FP8:
+                    ks = tl.load(KS + so + hk)
+                    vs = tl.load(VS + so + hk)
+                else:
+                    ks = t.to(tl.float32)
+                    vs = ks
         return k, v, ks, vs
 
     @triton.jit
