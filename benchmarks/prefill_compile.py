@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=None, help="comma list of config names (default: prefill_tune's VARIANTS)")
     ap.add_argument("--features", default=",".join(FEATURES), help=f"comma list of {', '.join(FEATURES)}")
+    ap.add_argument("--only-v2", action="store_true", help="skip the first kernel")
     args = ap.parse_args(argv)
     if args.variants:
         names = args.variants.split(",")
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     print(f"{'kernel':30s} {'features':22s} {'s':>5s} {'regs':>5s} {'stack':>6s} {'smem':>7s} {'wgmma':>5s} "
           f"{'async':>5s} {'tma':>4s}")
-    jobs = [("v1 m128n64w8s3", v1._prefill_kernel, None, 8, 3)] + [(n, v2._prefill_v2_kernel, v2.parse_config(n),
-                                                                    None, None) for n in names]
+    jobs = [] if args.only_v2 else [("v1 m128n64w8s3", v1._prefill_kernel, None, 8, 3)]
+    jobs += [(n, v2._prefill_v2_kernel, v2.parse_config(n), None, None) for n in names]
     for name, fn, cfg, warps, stages in jobs:
         for feat in args.features.split(","):
             t = time.perf_counter()
