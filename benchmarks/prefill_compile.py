@@ -44,6 +44,11 @@ FEATURES = {"bf16": {}, "fp8": {"FP8": True}, "window+sinks+softcap": {"WINDOW":
                                                                        "SOFTCAP_LOG2": 40.0}}
 
 
+def set_shape(head_dim: int, page: int, group: int) -> None:
+    global D, PAGE, G
+    D, PAGE, G = head_dim, page, group
+
+
 def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, tma_block: int | None = None, arch=90):
     """Compile ``fn`` with the given constexprs; every pointer bf16 (FP8 pools e4m3, scales fp32)."""
     fp8 = constexprs.get("FP8", False)
@@ -91,8 +96,8 @@ def describe(kernel) -> dict:
 
 def v2_constexprs(cfg: v2.PrefillConfig, features: dict) -> tuple[dict, int | None]:
     P = v2.heads_per_program(G, cfg.block_m, cfg.pack_gqa)
-    tma = cfg.tma and PAGE % cfg.block_n == 0
-    c = dict(G=G, P=P, D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // P, BLOCK_N=cfg.block_n,
+    tma = cfg.tma and PAGE % cfg.block_n == 0 and D == v2.next_pow2(D)
+    c = dict(G=G, P=P, D=D, BLOCK_D=max(16, v2.next_pow2(D)), PAGE=PAGE, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // P, BLOCK_N=cfg.block_n,
              PRECISION="tf32", FP8=False, TILE_IN_PAGE=PAGE % cfg.block_n == 0, SPLIT_MASK=cfg.split_mask,
              LONGEST_FIRST=cfg.longest_first, TMA=tma, WINDOW=0, HAS_SINKS=False, SOFTCAP_LOG2=0.0)
     c.update(features)
@@ -104,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=None, help="comma list of config names (default: prefill_tune's VARIANTS)")
     ap.add_argument("--features", default=",".join(FEATURES), help=f"comma list of {', '.join(FEATURES)}")
     ap.add_argument("--only-v2", action="store_true", help="skip the first kernel")
+    ap.add_argument("--shape", default=f"{D},{PAGE},{G}", help="head dim, page size, GQA group (default %(default)s)")
     args = ap.parse_args(argv)
+    set_shape(*(int(x) for x in args.shape.split(",")))
     if args.variants:
         names = args.variants.split(",")
     else:
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             try:
                 if cfg is None:  # the first kernel
-                    c = dict(G=G, D=D, BLOCK_D=D, PAGE=PAGE, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", FP8=False,
+                    c = dict(G=G, D=D, BLOCK_D=v2.next_pow2(D), PAGE=PAGE, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", FP8=False,
                              WINDOW=0, HAS_SINKS=False, SOFTCAP_LOG2=0.0)
                     c.update(FEATURES[feat])
                     k = compile_kernel(fn, c, warps, stages)
