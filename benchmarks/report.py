@@ -21,9 +21,11 @@ from pathlib import Path
 try:
     from .fp8_report import fp8_section
     from .generate_report import generate_sections
+    from .prefill_report import prefill_section
 except ImportError:  # run as a script from benchmarks/
     from fp8_report import fp8_section
     from generate_report import generate_sections
+    from prefill_report import prefill_section
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "docs" / "assets"
@@ -519,6 +521,9 @@ def main() -> None:
     fp8 = fp8_section(results)
     if fp8:
         parts.append(fp8)
+    prefill = prefill_section(results)
+    if prefill:
+        parts.append(prefill)
 
     gen_parts = generate_sections(results)
     if gen_parts:

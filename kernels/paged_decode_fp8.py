@@ -170,6 +170,8 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
         raise ValueError(f"convert={convert!r} is invalid: expected one of {CONVERTS}")
     if k_scale.stride() != v_scale.stride():
         raise ValueError("the FP8 decode kernel needs k_scale and v_scale in one layout")
+    if convert == "fp8mma" and block_n < 32:
+        raise ValueError(f"convert='fp8mma' needs block_n >= 32 (FP8 dots take K >= 32), got block_n={block_n}")
     if q.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the FP8 decode kernel takes bf16 or fp16 queries, got {q.dtype}")
     B, Hq, D = q.shape

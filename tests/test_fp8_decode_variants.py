@@ -58,7 +58,8 @@ def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=
     assert rel_err(out, ref) < TOL[dtype]
 
 
-VARIANTS = [pytest.param(dtype, dict(convert=c, head_fast=h, block_n=16), id=f"{str(dtype)[6:]}-{c}-hf{h}",
+VARIANTS = [pytest.param(dtype, dict(convert=c, head_fast=h, block_n=32 if c == "fp8mma" else 16),
+                         id=f"{str(dtype)[6:]}-{c}-hf{h}",
                          marks=_needs_gpu(c, dtype))
             for dtype in (torch.float16, torch.bfloat16) for c in ("bf16", "fp16", "bits", "fp8mma") for h in (0, 1)]
 
@@ -73,13 +74,13 @@ def test_every_variant_matches_the_reference(dtype, choice):
 @pytest.mark.parametrize("convert", [pytest.param(c, marks=_needs_gpu(c)) for c in ("fp16", "bits", "fp8mma")])
 def test_subnormal_codes_and_splits(convert):
     """Codes in e4m3's subnormal range read back exactly (the "bits" image is a bf16 subnormal)."""
-    _case(torch.float16, dict(convert=convert, head_fast=1, block_n=16, num_warps=4), tiny=True, lens=(90, 33))
+    _case(torch.float16, dict(convert=convert, head_fast=1, block_n=32, num_warps=4), tiny=True, lens=(90, 33))
 
 
 @requires_triton
 @pytest.mark.parametrize("convert", [pytest.param(c, marks=_needs_gpu(c)) for c in ("bf16", "fp16", "bits", "fp8mma")])
 def test_window_sinks_softcap(convert):
-    _case(torch.float16, dict(convert=convert, head_fast=1, block_n=16), window=20, softcap=30.0, sinks=True,
+    _case(torch.float16, dict(convert=convert, head_fast=1, block_n=32), window=20, softcap=30.0, sinks=True,
           Hq=4, Hkv=4, lens=(50, 9))
 
 
@@ -106,3 +107,5 @@ def test_choice_from_the_environment(monkeypatch):
 def test_bad_convert_is_named():
     with pytest.raises(ValueError, match="convert='fp4'"):
         _case(torch.float16, dict(convert="fp4", block_n=16))
+    with pytest.raises(ValueError, match="block_n >= 32"):
+        _case(torch.float16, dict(convert="fp8mma", block_n=16))
