@@ -383,29 +383,50 @@ def clone_prefilled(prefilled, model, zcfg):
     """A copy of a prefilled (never compressed) ZipageCache that will run with ``zcfg``.
 
     Prefilling stores every token and evicts none, whatever the scorer, so one prefill serves every
-    row of a budget. The copy keeps ``model.config`` itself (the cache captures queries through it)."""
+    row of a budget: the copy gets ``zcfg``'s scorer, a zero score state per full layer if that
+    scorer keeps one (a token's state is 0 until the first compression), and the last
+    ``zcfg.window`` of the queries the prefill kept. The prefill must be made with the same budget,
+    buffer and page size, and with a window at least as wide and a scorer that reads queries (else
+    it keeps none; ``prefill_config`` builds such a config). The copy keeps ``model.config`` itself
+    (the cache captures queries through it)."""
     import zipage
 
+    src = prefilled.zipage_config
+    for name in ("budget", "buffer", "page_size", "kv_cache_dtype"):
+        if getattr(src, name) != getattr(zcfg, name):
+            raise ValueError(f"clone_prefilled: the prefill has {name}={getattr(src, name)!r}, the run "
+                             f"{name}={getattr(zcfg, name)!r}")
+    if prefilled.num_compressions:
+        raise RuntimeError("clone_prefilled: the prefilled cache was already compressed")
+    if prefilled.stored_length() != prefilled.get_seq_length():
+        raise RuntimeError("clone_prefilled: the prefilled cache does not store every token it saw")
     memo = {id(prefilled.model_config): prefilled.model_config}
     c = copy.deepcopy(prefilled, memo)
-    if c.num_compressions:
-        raise RuntimeError("clone_prefilled: the prefilled cache was already compressed")
     c.zipage_config = zcfg
     c.scorer = zipage.get_scorer(zcfg.scorer, zcfg)
-    if c.scorer.stateful and c.state_pool is None:
-        c.state_pool = torch.zeros(c.k_pool.shape[:4], dtype=torch.float32, device=c.k_pool.device)
-    elif not c.scorer.stateful:
-        c.state_pool = None
-    for layer in c.layers:
-        if not hasattr(layer, "bind"):  # a sliding-window layer keeps its window: never scored, nothing to rebind
-            continue
-        layer.state = None
-        layer.bind()
-        if layer.window_queries is not None:  # the prefill kept the last max-window queries
-            if layer.window_queries.shape[2] < zcfg.window:
-                raise RuntimeError(f"prefilled with a window of {layer.window_queries.shape[2]} < {zcfg.window}")
+    for layer in c.full:  # the sliding-window layers keep their window: never scored, nothing to change
+        if c.scorer.stateful:
+            layer.state = torch.zeros(layer.keys.shape[:3], dtype=torch.float32, device=layer.keys.device)
+        else:
+            layer.state = None
+        if not c.scorer.needs_queries:
+            layer.window_queries = None
+        elif layer.window_queries is None or layer.window_queries.shape[2] < zcfg.window:
+            have = 0 if layer.window_queries is None else layer.window_queries.shape[2]
+            raise RuntimeError(f"clone_prefilled: the prefill kept {have} queries of layer {layer.layer_idx}, "
+                               f"the run's window is {zcfg.window} (prefill with prefill_config)")
+        else:
             layer.window_queries = layer.window_queries[:, :, -zcfg.window :].clone()
     return c
+
+
+def prefill_config(zcfg, window: int):
+    """``zcfg`` with a ``window``-query window and a stateless scorer that reads queries: a prefill
+    with it keeps the last ``window`` queries, which ``clone_prefilled`` hands to any scorer."""
+    import zipage
+
+    return zipage.ZipageConfig(budget=zcfg.budget, buffer=zcfg.buffer, page_size=zcfg.page_size,
+                               kv_cache_dtype=zcfg.kv_cache_dtype, window=window, scorer="snapkv")
 
 
 @torch.inference_mode()
@@ -543,8 +564,8 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
                     else:
                         key = (first, zcfg.kv_cache_dtype)  # one prefill per budget and KV dtype,
                         if key not in prefilled:  # with the widest window of the rows
-                            wide = zcfg.replace(window=max(zcfg.window, *(fl.get("window", args.window) for _, fl in rows)))
-                            prefilled[key] = prefill(model, ids, wide, first)
+                            widest = max(zcfg.window, *(fl.get("window", args.window) for _, fl in rows))
+                            prefilled[key] = prefill(model, ids, prefill_config(zcfg, widest), first)
                         cache = clone_prefilled(prefilled[key], model, zcfg)
                     meta = run_chunked(model, ids, zcfg, tracker, cache)
                     del cache
