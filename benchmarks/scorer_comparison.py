@@ -148,8 +148,13 @@ def _one_dataset(args, tf: dict[str, Any], dataset: str, seconds: float) -> dict
         rows.append({**r, "per_sequence": per, "kl": sum(p["kl"] for p in per) / len(per),
                      "top1": sum(p["top1"] for p in per) / len(per),
                      "ppl_ratio": math.exp(sum(math.log(p["ppl_ratio"]) for p in per) / len(per))})
-    tf = {**tf, "sequences": [tf["sequences"][i] for i in pick], "rows": rows}
-    tf.pop("control", None)
+    control = []  # the full-KV control (DynamicCache fed in the same chunks): the numerical floor
+    for r in tf.get("control", []):
+        per = [r["per_sequence"][i] for i in pick]
+        control.append({**r, "per_sequence": per, "kl": sum(p["kl"] for p in per) / len(per),
+                        "top1": sum(p["top1"] for p in per) / len(per),
+                        "ppl_ratio": math.exp(sum(math.log(p["ppl_ratio"]) for p in per) / len(per))})
+    tf = {**tf, "sequences": [tf["sequences"][i] for i in pick], "rows": rows, "control": control}
     return {
         "command": "python benchmarks/scorer_comparison.py " + " ".join(sys.argv[1:]),
         "model": args.model, "model_title": MODELS[args.model],
@@ -164,11 +169,18 @@ def _one_dataset(args, tf: dict[str, Any], dataset: str, seconds: float) -> dict
 
 
 # ----------------------------------------------------------------------------- the report
-def compare_default(tf: dict[str, Any], default: str = "zipage") -> list[dict[str, Any]]:
-    """For every budget and metric: the default's value, the best other plain scorer, and whether the
-    default is at least as good as every other plain scorer (variants ``name[...]`` are not scorers)."""
+def is_scorer(config: str, library: set[str] | None = None) -> bool:
+    """Whether a row is a scorer the default must match: a plain name (variants ``name[...]`` are
+    not), registered by the library itself when ``library`` is given (candidates that a run
+    registered with ``--import``, such as ``zmix``, are not)."""
+    return "[" not in config and (library is None or config in library)
+
+
+def compare_default(tf: dict[str, Any], default: str = "zipage", library: set[str] | None = None) -> list[dict[str, Any]]:
+    """For every budget and metric: the default's value, the best other scorer, and whether the
+    default is at least as good as every other scorer (``is_scorer``: variants and candidates are not)."""
     by = {(r["config"], r["budget_frac"]): r for r in tf["rows"]}
-    plain = [c for c in dict.fromkeys(r["config"] for r in tf["rows"]) if "[" not in c and c != default]
+    plain = [c for c in dict.fromkeys(r["config"] for r in tf["rows"]) if is_scorer(c, library) and c != default]
     out = []
     for fl in sorted({r["budget_frac"] for r in tf["rows"]}, key=Fraction):
         d = by[(default, fl)]
@@ -202,7 +214,26 @@ def _cell(r: dict[str, Any]) -> str:
     return f"{100 * r['top1']:.2f}% / {r['kl']:.4f} / {r['ppl_ratio']:.4f}"
 
 
+def standing(tf: dict[str, Any], config: str, default: str, library: set[str] | None = None) -> tuple[int, int, int]:
+    """``config``'s (budget, metric) cells: how many, in how many it is at least as good as every
+    scorer other than itself (the default's claim, if it were the default), and in how many at
+    least as good as ``default``."""
+    by = {(r["config"], r["budget_frac"]): r for r in tf["rows"]}
+    others = [c for c in dict.fromkeys(r["config"] for r in tf["rows"]) if is_scorer(c, library) and c != config]
+    cells = every = vs_default = 0
+    for fl in sorted({r["budget_frac"] for r in tf["rows"]}, key=Fraction):
+        for key, _, sign in METRICS:
+            v = by[(config, fl)][key]
+            cells += 1
+            every += all(sign * (v - by[(o, fl)][key]) >= 0 for o in others)
+            vs_default += sign * (v - by[(default, fl)][key]) >= 0
+    return cells, every, vs_default
+
+
 def report(paths: list[pathlib.Path]) -> str:
+    import zipage
+
+    library = set(zipage.list_scorers())  # the library's own scorers (a report process imports no candidates)
     results = [json.loads(p.read_text()) for p in paths]
     results.sort(key=lambda r: (list(MODELS).index(r["model"]), list(DATASETS).index(r["dataset"])))
     lines = ["# Every scorer against the default, on two texts and two models", ""]
@@ -220,7 +251,7 @@ def report(paths: list[pathlib.Path]) -> str:
         fracs = sorted({r["budget_frac"] for r in tf["rows"]}, key=Fraction)
         by = {(r["config"], r["budget_frac"]): r for r in tf["rows"]}
         configs = list(dict.fromkeys(r["config"] for r in tf["rows"]))
-        plain = [c for c in configs if "[" not in c]
+        plain = [c for c in configs if is_scorer(c, library)]
         lines.append(f"## {res['model_title']}, {DATASETS[res['dataset']]}")
         lines.append("")
         spans = ", ".join(f"{s['problems'][0]}-{s['problems'][1]}" for s in tf["sequences"])
@@ -240,13 +271,17 @@ def report(paths: list[pathlib.Path]) -> str:
                 r = by[(c, fl)]
                 parts = [f"{100 * r['top1']:.2f}%", f"{r['kl']:.4f}", f"{r['ppl_ratio']:.4f}"]
                 for i, (key, _, sign) in enumerate(METRICS):
-                    if "[" not in c and sign * r[key] >= best[(fl, key)]:
+                    if c in plain and sign * r[key] >= best[(fl, key)]:
                         parts[i] = f"**{parts[i]}**"
                 cells.append(" / ".join(parts))
             name = f"**{c}** (default)" if c == default else c
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for r in tf.get("control") or []:  # the same value at every budget up to where scoring starts
+            if r["budget_frac"] == fracs[0]:
+                lines.append(f"| full KV (control: DynamicCache, same chunks) | " + " | ".join(
+                    _cell(c) for c in sorted(tf["control"], key=lambda c: Fraction(c["budget_frac"]))) + " |")
         lines.append("")
-        checks = compare_default(tf, default)
+        checks = compare_default(tf, default, library)
         misses = [c for c in checks if not c["ok"]]
         verdicts.append((res, misses, len(checks)))
         if misses:
@@ -263,8 +298,29 @@ def report(paths: list[pathlib.Path]) -> str:
     lines.append("|---|---|---|")
     for res, misses, n in verdicts:
         lines.append(f"| {res['model_title']} | {DATASETS[res['dataset']]} | {n - len(misses)} of {n} |")
-    lines += ["", "Rows written `name[...]` are variants and candidates, not registered scorers: shown, not counted.", "",
-              DECISION, ""]
+    lines += ["", "Rows written `name[...]` and names the library does not register (candidates a run added with "
+              "`--import`, such as `zmix`) are not scorers the default must match: shown, not counted.", ""]
+    configs = list(dict.fromkeys(r["config"] for res, _, _ in verdicts for r in res["teacher_forced"]["rows"]))
+    lines.append("Could another row be the default? For every row, the (budget, metric) cells where it is at least as "
+                 "good as every registered scorer other than itself (the claim the default must meet), and in "
+                 "parentheses those where it is at least as good as the default:")
+    lines.append("")
+    lines.append("| row | " + " | ".join(f"{res['model_title']}, {DATASETS[res['dataset']]}" for res, _, _ in verdicts)
+                 + " | all |")
+    lines.append("|" + "---|" * (len(verdicts) + 2))
+    for c in configs:
+        cells, total = [], [0, 0, 0]
+        for res, _, _ in verdicts:
+            tf = res["teacher_forced"]
+            if not any(r["config"] == c for r in tf["rows"]):
+                cells.append("-")
+                continue
+            n, every, vs = standing(tf, c, res.get("default", "zipage"), library)
+            total = [total[0] + n, total[1] + every, total[2] + vs]
+            cells.append(f"{every} of {n} ({vs})")
+        name = c if c in library else f"{c} (candidate)" if "[" not in c else c
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {total[1]} of {total[0]} ({total[2]}) |")
+    lines += ["", DECISION, ""]
     notes = [r["note"] for r in results if r.get("note")]
     if notes:
         lines += ["Notes: " + notes[0], ""]

@@ -65,3 +65,15 @@ def test_rows_take_scorer_knobs(sc):
         sc.Q.parse_row("snapkv[rkv_lambda=0.2]")
     with pytest.raises(ValueError, match="has the knobs"):
         sc.Q.parse_row("rkv[rkv_lamda=0.2]")
+
+
+def test_candidates_are_shown_not_counted(sc):
+    tf = {**TF, "rows": TF["rows"] + [row("zmix", "1/8", 0.99, 0.01, 1.01), row("zmix", "1/4", 0.99, 0.01, 1.01)]}
+    library = {"zipage", "snapkv", "rkv"}
+    checks = {(c["budget_frac"], c["metric"]): c for c in sc.compare_default(tf, "zipage", library)}
+    assert checks[("1/8", "top-1")]["ok"] and checks[("1/8", "KL")]["beaten_by"] == ["snapkv"]
+    assert sc.compare_default(tf)[0]["beaten_by"] == ["zmix"]  # without the library, any plain name counts
+    # (cells, cells at least as good as every other scorer, cells at least as good as the default)
+    assert sc.standing(tf, "rkv", "zipage", library) == (6, 4, 4)
+    assert sc.standing(tf, "zipage", "zipage", library) == (6, 3, 6)
+    assert sc.standing(tf, "zmix", "zipage", library) == (6, 6, 6)
