@@ -122,9 +122,9 @@ def run(args) -> dict[str, Any]:
     build = Q.build_sequences
 
     def build_all(tok, count, length, split="math500"):  # the texts' sequences side by side in one batch
-        parts = [build(tok, count, length, d) for d in datasets]
-        info = [{**i, "dataset": d} for d, (_, inf) in zip(datasets, parts) for i in inf]
-        return torch.cat([ids for ids, _ in parts]), info
+        parts = [build(tok, args.skip + count, length, d) for d in datasets]  # the first --skip left out
+        info = [{**i, "dataset": d} for d, (_, inf) in zip(datasets, parts) for i in inf[args.skip :]]
+        return torch.cat([ids[args.skip :] for ids, _ in parts]), info
 
     Q.build_sequences = build_all
     try:
@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="rows added to every registered scorer: NAME[field=value,...]")
     p.add_argument("--budgets", default="1/16,1/8,1/4,1/2")
     p.add_argument("--seqs", type=int, default=1, help="sequences per text")
+    p.add_argument("--skip", type=int, default=0, help="sequences of each text left out first (another sample: "
+                   "--skip 1 --seqs 1 reads the sequence after the one --seqs 1 reads)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--tf-batch", type=int, default=2, help="sequences decoded together in one cache")
     p.add_argument("--page-size", type=int, default=16)
@@ -358,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / "scorers.md").write_text(md)
         print(md)
         return 0
+    if args.seqs < 1 or args.skip < 0:
+        p.error(f"--seqs {args.seqs} --skip {args.skip}: at least one sequence, and no negative skip")
     unknown = set(args.dataset.split(",")) - set(DATASETS)
     if unknown:
         p.error(f"--dataset: unknown {sorted(unknown)}; expected some of {sorted(DATASETS)}")
