@@ -4,7 +4,18 @@ At Qwen3-8B's shapes (32 query heads over 8 KV heads, head dim 128, 256-token pa
 engine's decode batch sizes, it times the split kernel plus its merge and prints milliseconds and
 the share of the copy bandwidth it moves (keys, values and, for FP8, their float32 scales):
 
-    python benchmarks/fp8_decode_tune.py [--out benchmarks/results/fp8_decode_tune.json]
+* bf16 pages, the general kernel (the reference point: it runs at the copy bandwidth);
+* FP8 pages, the general kernel (``kernel=general``, e4m3 -> bf16 casts in the tile loop);
+* FP8 pages, ``kernels/paged_decode_fp8.py``: by default its fastest earlier choice (fp16 dots)
+  and FP8 tensor cores on the stored codes (``convert=fp8mma``) with a few tiles and launches;
+  ``--all`` adds every ``convert`` (bf16 / fp16 / bits) x grid order (``head_fast``) x launch and
+  head-major scale pools.
+
+Each FP8 row's output is checked against the general kernel's (relative error). The fastest FP8
+variant at the largest batch is written to ``--best-env`` as ``ZIPAGE_FP8_DECODE=...``, so the
+same GPU call can run the engine with it:
+
+    python benchmarks/fp8_decode_tune.py [--out benchmarks/results/fp8_decode_tune.json] [--best-env F]
 """
 
 from __future__ import annotations
@@ -29,17 +40,50 @@ def timed(fn, rep: int = 30) -> float:
     return a.elapsed_time(b) / rep
 
 
+FP8_LAUNCHES = [  # (block_n, num_warps, num_stages)
+    (128, 4, 2), (128, 4, 3), (64, 4, 3), (256, 8, 3),
+]
+
+
+def head_major_call(q, kq, vq, ks, vs, table, lens, scale, ctx, choice, launch):
+    """The FP8 kernel with head-major scale pools (one head's scales contiguous along the page),
+    called below the library's wrapper (which takes the pools' token-major layout only)."""
+    from zipage.kernels.paged_attention import LOG2E, _merge_splits, decode_num_splits
+    from zipage.kernels.paged_decode_fp8 import launch_decode_split_fp8
+
+    ks_h = ks.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    vs_h = vs.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    B, Hq, D = q.shape
+    splits = decode_num_splits(B, kq.shape[2], ctx, torch.cuda.get_device_properties(0).multi_processor_count,
+                               launch["block_n"])
+    starts = torch.zeros(B, dtype=torch.int32, device=q.device)
+
+    def run():
+        mid_o = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+        out = torch.empty_like(q)
+        launch_decode_split_fp8(q, kq, vq, ks_h, vs_h, table, lens, starts, mid_o, mid_lse, scale * LOG2E,
+                                num_splits=splits, **launch, **choice)
+        _merge_splits(mid_o, mid_lse, out, None, splits)
+        return out
+    return run
+
+
 def main() -> None:
     from zipage.kernels.fp8 import quantize_reference
     from zipage.kernels.paged_attention import paged_decode_attention_triton
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/fp8_decode_tune.json")
+    ap.add_argument("--best-env", default=None, help="write the fastest FP8 variant as ZIPAGE_FP8_DECODE=... here")
     ap.add_argument("--bandwidth", type=float, default=4.25e12)
+    ap.add_argument("--batches", default="256,512")
+    ap.add_argument("--all", action="store_true", help="every conversion x grid order x launch (slower)")
     args = ap.parse_args()
     hq, hkv, d, page, ctx = 32, 8, 128, 256, 2176
     rows = []
-    for batch in (256, 512):
+    batches = [int(b) for b in args.batches.split(",")]
+    for batch in batches:
         pages_per = -(-ctx // page)
         n_pages = batch * pages_per
         k = torch.randn(n_pages, page, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -49,36 +93,76 @@ def main() -> None:
         q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
         kq, ks = quantize_reference(k)
         vq, vs = quantize_reference(v)
+        del k, v
+        k, v = kq.float().mul_(ks[..., None]).bfloat16(), vq.float().mul_(vs[..., None]).bfloat16()
         scale = d ** -0.5
-        base = batch * ctx * hkv * d * 2
-        for fp8 in (False, True):
-            for block_n in (64, 128):
-                for warps in (4, 8):
-                    for stages in (2, 3):
-                        if fp8:
-                            fn = lambda: paged_decode_attention_triton(  # noqa: E731
-                                q, kq, vq, table, lens, scale, max_len_hint=ctx, block_n=block_n, k_scale=ks,
-                                v_scale=vs, num_warps=warps, num_stages=stages)
-                            nbytes = base + batch * ctx * hkv * 4 * 2
-                        else:
-                            fn = lambda: paged_decode_attention_triton(  # noqa: E731
-                                q, k, v, table, lens, scale, max_len_hint=ctx, block_n=block_n, num_warps=warps,
-                                num_stages=stages)
-                            nbytes = base * 2
-                        try:
-                            ms = timed(fn)
-                        except Exception as e:  # noqa: BLE001 (a variant that does not compile)
-                            print(f"batch {batch} fp8={fp8} block_n={block_n} warps={warps} stages={stages}: {e!r}"[:200])
-                            continue
-                        rows.append(dict(batch=batch, kv="fp8" if fp8 else "bf16", block_n=block_n, warps=warps,
-                                         stages=stages, ms=round(ms, 4),
-                                         bw_share=round(nbytes / (ms * 1e-3) / args.bandwidth, 3)))
+        base = batch * ctx * hkv * d * 2  # bytes of bf16 keys (or of FP8 keys and values)
+        variants = [("bf16", "general", dict(block_n=64, num_warps=4, num_stages=2), None),
+                    ("fp8", "general", dict(block_n=128, num_warps=4, num_stages=3), None)]
+        if args.all:  # the sweep of benchmarks/results/fp8/fp8_decode_variants.json
+            for convert in ("bf16", "fp16", "bits"):
+                for head_fast in (0, 1):
+                    for block_n, warps, stages in FP8_LAUNCHES:
+                        variants.append(("fp8", f"fp8/{convert}/hf{head_fast}", dict(
+                            block_n=block_n, num_warps=warps, num_stages=stages),
+                            dict(convert=convert, head_fast=head_fast)))
+            for convert in ("fp16", "bits"):
+                variants.append(("fp8", f"fp8/{convert}/hf1/hm", dict(block_n=128, num_warps=4, num_stages=3),
+                                 dict(convert=convert, head_fast=1, head_major=True)))
+        else:  # the best of that sweep, against FP8 tensor cores on the stored codes
+            variants.append(("fp8", "fp8/fp16/hf1", dict(block_n=128, num_warps=4, num_stages=2),
+                             dict(convert="fp16", head_fast=1)))
+        for head_fast in (0, 1):
+            for block_n, warps, stages in FP8_LAUNCHES if head_fast else FP8_LAUNCHES[:1]:
+                variants.append(("fp8", f"fp8/fp8mma/hf{head_fast}", dict(block_n=block_n, num_warps=warps,
+                                 num_stages=stages), dict(convert="fp8mma", head_fast=head_fast)))
+        want = paged_decode_attention_triton(q, kq, vq, table, lens, scale, max_len_hint=ctx, k_scale=ks, v_scale=vs,
+                                             fp8_kernel=None, block_n=128, num_stages=3).float()
+        for kv, kernel, launch, choice in variants:
+            if choice is not None and choice.get("head_major"):
+                fn = head_major_call(q, kq, vq, ks, vs, table, lens, scale, ctx,
+                                     {k_: v_ for k_, v_ in choice.items() if k_ != "head_major"}, launch)
+                nbytes = base + batch * ctx * hkv * 4 * 2
+            elif kv == "fp8":
+                fn = lambda: paged_decode_attention_triton(  # noqa: E731
+                    q, kq, vq, table, lens, scale, max_len_hint=ctx, k_scale=ks, v_scale=vs,
+                    fp8_kernel=None if choice is None else dict(choice, **launch),
+                    **({} if choice is not None else launch))
+                nbytes = base + batch * ctx * hkv * 4 * 2
+            else:
+                fn = lambda: paged_decode_attention_triton(  # noqa: E731
+                    q, k, v, table, lens, scale, max_len_hint=ctx, **launch)
+                nbytes = base * 2
+            try:
+                err = ((fn().float() - want).norm() / want.norm()).item()
+                ms = timed(fn)
+            except Exception as e:  # noqa: BLE001 (a variant that does not compile)
+                print(f"batch {batch} {kv} {kernel} {launch}: {e!r}"[:300])
+                continue
+            rows.append(dict(batch=batch, kv=kv, kernel=kernel, **launch, choice=choice, ms=round(ms, 4),
+                             bw_share=round(nbytes / (ms * 1e-3) / args.bandwidth, 3), rel_err=round(err, 5)))
+        del k, v, kq, vq, ks, vs
+        torch.cuda.empty_cache()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")  # (what a timeout leaves)
+    out = {"rows": rows}
+    fp8 = [r for r in rows if r["kv"] == "fp8" and r["choice"] is not None and r["batch"] == batches[-1]
+           and r["rel_err"] < 2e-2 and not r["choice"].get("head_major")]  # (the engine's pools are token-major)
+    if fp8:
+        best = min(fp8, key=lambda r: r["ms"])
+        env = ",".join([f"{k}={v}" for k, v in best["choice"].items()]
+                       + [f"{k}={best[k]}" for k in ("block_n", "num_warps", "num_stages")])
+        out["best"] = dict(best, env=env)
+        if args.best_env:
+            Path(args.best_env).write_text(f"ZIPAGE_FP8_DECODE={env}\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"{'batch':>5} {'kv':>4} {'block_n':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'bw share':>8}")
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"{'batch':>5} {'kv':>4} {'kernel':>16} {'block_n':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'bw':>5} {'err':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['kv']:>4} {r['block_n']:>7} {r['warps']:>5} {r['stages']:>6} {r['ms']:>8.3f} "
-              f"{r['bw_share']:>8.2f}")
+        print(f"{r['batch']:>5} {r['kv']:>4} {r['kernel']:>16} {r['block_n']:>7} {r['num_warps']:>5} "
+              f"{r['num_stages']:>6} {r['ms']:>8.3f} {r['bw_share']:>5.2f} {r['rel_err']:>8.1e}")
+    if "best" in out:
+        print(f"fastest FP8 variant at batch {batches[-1]}: {out['best']['env']} ({out['best']['ms']:.3f} ms)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@
 #   PART=final the decode kernel on FP8 vs bf16 pages with launch variants, the GPU tests of FP8 and
 #              sliding-window models, and `zipage bench/eval --model PATH` (benchmarks/model_gpu.sh;
 #              carry .cache/issue16, made by `python benchmarks/make_model.py --assets .cache/issue16`)
+#   PART=fp8kernel  every FP8 decode kernel variant timed (benchmarks/fp8_decode_tune.py), then the engine
+#              with the fastest one: zipage-2048 vs zipage-2048-fp8 (512 requests, 80 GiB of KV) and full KV
+#              bf16 vs fp8 (20 GiB of KV, so the pool limits both), the GPU tests of the FP8, sliding-window
+#              and generate() paths, the prefill kernel variants (benchmarks/prefill_tune.py, if present),
+#              and generate() against DynamicCache (benchmarks/generate_speed.py gpu) with what time is left
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -22,5 +27,46 @@ case "${PART:-final}" in
     timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_engine.py tests/test_sliding_engine.py \
       tests/test_kernels_window_sinks.py tests/test_views.py 2>&1 | tee "$OUT/gpu_tests_final.log" | tail -6
     OUT="$OUT/issue16" timeout 250 bash benchmarks/model_gpu.sh 2>&1 | tail -25 ;;
-  *) echo "PART must be fp8 or final" >&2; exit 2 ;;
+  fp8kernel)
+    timeout 120 python3 benchmarks/fp8_decode_tune.py --out "$OUT/fp8_decode_tune.json" --best-env "$OUT/fp8_best.env" \
+      2>&1 | tail -62
+    FP8ENV=$(cat "$OUT/fp8_best.env" 2>/dev/null | sed 's/^ZIPAGE_FP8_DECODE=//')
+    echo "engine FP8 decode kernel: ${FP8ENV:-general}"
+    ZIPAGE_FP8_DECODE="$FP8ENV" timeout 150 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
+      --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-40}" \
+      --systems zipage-2048,zipage-2048-fp8 --out "$OUT/throughput_qwen3-8b_fp8_kernel.json" 2>&1 | tail -6
+    timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
+      tests/test_fp8_engine.py tests/test_sliding_engine.py tests/test_generate_gpu.py tests/test_kept_positions.py \
+      $(ls tests/test_paged_prefill.py 2>/dev/null) 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+    [ -f benchmarks/prefill_tune.py ] && timeout 110 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" \
+      2>&1 | tail -30
+    ZIPAGE_FP8_DECODE="$FP8ENV" timeout 110 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
+      --max-num-seqs 512 --max-tokens 4096 --kv-gib 20 --time-limit 30 \
+      --systems zipage-fullkv,zipage-fullkv-fp8 --out "$OUT/throughput_qwen3-8b_fp8_fullkv.json" 2>&1 | tail -6
+    timeout 100 python3 benchmarks/generate_speed.py gpu --time-budget 80 --out "$OUT/generate_speed_gpu.json" \
+      2>&1 | tail -14 ;;
+  last)  # the last GPU minutes of a session: what must be checked first comes first
+    timeout 80 python3 benchmarks/fp8_decode_tune.py --out "$OUT/fp8_decode_tune.json" --best-env "$OUT/fp8_best.env" \
+      2>&1 | tail -20
+    [ -f benchmarks/prefill_tune.py ] && timeout 100 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" \
+      2>&1 | tail -30
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_engine.py tests/test_sliding_engine.py \
+      tests/test_generate_gpu.py tests/test_kept_positions.py $(ls tests/test_paged_prefill.py 2>/dev/null) \
+      2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+    # the engine pair only when the fastest FP8 kernel beats the general one by 15% or more
+    FAST=$(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); r=[x for x in d['rows'] if x['batch']==512 \
+and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and d['best']['ms'] < 0.85*r[0]['ms']))" \
+      "$OUT/fp8_decode_tune.json" 2>/dev/null)
+    if [ "$FAST" = 1 ]; then
+      FP8ENV=$(sed 's/^ZIPAGE_FP8_DECODE=//' "$OUT/fp8_best.env")
+      echo "engine FP8 decode kernel: $FP8ENV"
+      ZIPAGE_FP8_DECODE="$FP8ENV" timeout 130 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
+        --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit 25 \
+        --systems zipage-2048-fp8,zipage-2048 --out "$OUT/throughput_qwen3-8b_fp8_kernel.json" 2>&1 | tail -4
+    else
+      echo "no FP8 kernel variant 15% faster than the general one: engine pair skipped"
+    fi
+    timeout 40 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
+      -k "fp8mma or qwen3 or subnormal" 2>&1 | tee "$OUT/gpu_tests_fp8_decode.log" | tail -4 ;;
+  *) echo "PART must be fp8, final, fp8kernel or last" >&2; exit 2 ;;
 esac

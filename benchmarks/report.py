@@ -19,8 +19,10 @@ import shutil
 from pathlib import Path
 
 try:
+    from .fp8_report import fp8_section
     from .generate_report import generate_sections
 except ImportError:  # run as a script from benchmarks/
+    from fp8_report import fp8_section
     from generate_report import generate_sections
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -513,6 +515,10 @@ def main() -> None:
                 written.add(chart)
                 written.add(path.stem + "_timeline.png")
             parts.append(serving_section(path, chart))
+
+    fp8 = fp8_section(results)
+    if fp8:
+        parts.append(fp8)
 
     gen_parts = generate_sections(results)
     if gen_parts:

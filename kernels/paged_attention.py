@@ -24,10 +24,13 @@ softcap)`` before the softmax, as in Gemma 2).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
 from .fp8 import check_scales, dequantize_reference
+from .paged_decode_fp8 import launch_decode_split_fp8
 
 if HAS_TRITON:
     import triton
@@ -358,10 +361,23 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
                                   num_splits: int | None = None, max_len_hint: int | None = None,
                                   block_n: int | None = None, k_scale=None, v_scale=None, *, window: int | None = None,
                                   sinks: torch.Tensor | None = None, softcap: float | None = None,
-                                  num_warps: int = 4, num_stages: int = 2):
+                                  num_warps: int = 4, num_stages: int = 2, fp8_kernel: dict | None = None):
+    """``fp8_kernel``: FP8 pages through ``paged_decode_fp8``'s kernel with these launch choices
+    (``convert``, ``head_fast``; ``block_n``/``num_warps``/``num_stages`` come from the arguments);
+    None reads ``ZIPAGE_FP8_DECODE`` (e.g. ``convert=fp16,head_fast=1,block_n=128,num_stages=3``)
+    and, when that is unset, keeps the general kernel."""
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
+    if fp8 and fp8_kernel is None:
+        fp8_kernel = fp8_decode_choice()
+    if fp8_kernel is not None and fp8 and q.dtype in (torch.bfloat16, torch.float16):
+        fp8_kernel = dict(fp8_kernel)
+        block_n = int(fp8_kernel.pop("block_n", block_n or 128))
+        num_warps = int(fp8_kernel.pop("num_warps", num_warps))
+        num_stages = int(fp8_kernel.pop("num_stages", num_stages))
+    else:
+        fp8_kernel = None
     if block_n is None:  # FP8 tiles carry half the bytes: twice the tokens per tile (H200: 25% faster at 256-512
         block_n = 128 if fp8 else 64  # requests, benchmarks/fp8_decode_tune.py); bf16 is at the copy bandwidth at 64
     B, Hq, D = q.shape
@@ -377,6 +393,24 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
     mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
+    if fp8_kernel is not None:
+        launch_decode_split_fp8(q, k_cache, v_cache, ks, vs, page_table, kv_lens, kv_starts, mid_o, mid_lse,
+                                scale * LOG2E, num_splits=num_splits, block_n=block_n,
+                                window=int(window or 0), softcap_log2=float(softcap or 0.0) * LOG2E,
+                                num_warps=num_warps, num_stages=num_stages, **fp8_kernel)
+    else:
+        _launch_decode_split(q, k_cache, v_cache, ks, vs, page_table, kv_lens, kv_starts, mid_o, mid_lse, scale,
+                             stride_sp, stride_st, G, page, block_n, num_splits, fp8, window, softcap, num_warps,
+                             num_stages)
+    _merge_splits(mid_o, mid_lse, out, sinks, num_splits)
+    return out
+
+
+def _launch_decode_split(q, k_cache, v_cache, ks, vs, page_table, kv_lens, kv_starts, mid_o, mid_lse, scale,
+                         stride_sp, stride_st, G, page, block_n, num_splits, fp8, window, softcap, num_warps,
+                         num_stages):
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, ks, vs, page_table, kv_lens, kv_starts, mid_o, mid_lse,
         scale * LOG2E,
@@ -390,6 +424,10 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), FP8=fp8, WINDOW=int(window or 0),
         SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def _merge_splits(mid_o, mid_lse, out, sinks, num_splits):
+    B, Hq, D = out.shape
     _decode_merge_kernel[(B, Hq)](
         mid_o, mid_lse, out, sinks if sinks is not None else mid_lse,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -397,7 +435,25 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         HQ=Hq, D=D, BLOCK_D=next_pow2(D), NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
         HAS_SINKS=sinks is not None, num_warps=4,
     )
-    return out
+
+
+def fp8_decode_choice() -> dict | None:
+    """The FP8 decode kernel's launch choices from ``ZIPAGE_FP8_DECODE`` (``key=value,...``), or None."""
+    text = os.environ.get("ZIPAGE_FP8_DECODE", "").strip()
+    if not text:
+        return None
+    choice: dict = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "convert":
+            choice[key] = value
+        elif key in ("head_fast", "block_n", "num_warps", "num_stages"):
+            choice[key] = int(value)
+        else:
+            raise ValueError(f"ZIPAGE_FP8_DECODE: unknown key {key!r} (convert, head_fast, block_n, num_warps, "
+                             "num_stages)")
+    return choice
 
 
 def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,

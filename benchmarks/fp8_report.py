@@ -1,0 +1,63 @@
+"""The FP8 section of the benchmarks page: the engine with FP8 pages against bf16 pages, the decode
+kernel's variants, and where FP8 loses quality (results under ``benchmarks/results/fp8/``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _engine_table(paths: list[Path]) -> list[str]:
+    lines = ["| run | system | running (mean) | tok/s | decode step (ms) | floor (ms) | step / floor | fp8 / bf16 tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        systems = json.loads(path.read_text()).get("systems", {})
+        pairs = [(b, f) for b, f in (("zipage-2048", "zipage-2048-fp8"), ("zipage-fullkv", "zipage-fullkv-fp8"))
+                 if "tokens_per_s" in systems.get(b, {}) and "tokens_per_s" in systems.get(f, {})]
+        for bf16, fp8 in pairs:
+            ratio = systems[fp8]["tokens_per_s"] / systems[bf16]["tokens_per_s"]
+            for name in (bf16, fp8):
+                r = systems[name]
+                lines.append(f"| `{path.name}` | {name} | {r['mean_running']:.0f} | {r['tokens_per_s']:,.0f} | "
+                             f"{r['median_decode_step_ms']:.1f} | {r['decode_floor_ms']:.1f} | "
+                             f"{r['step_over_floor']:.2f} | {f'{ratio:.2f}x' if name == fp8 else ''} |")
+    return lines if len(lines) > 2 else []
+
+
+def _kernel_table(path: Path) -> list[str]:
+    rows = json.loads(path.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["batch"], r["kv"], r.get("kernel", "general"))
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    lines = ["| requests x tokens | pages | kernel (fastest launch) | block_n / warps / stages | ms | share of copy bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for (batch, kv, kernel), r in sorted(best.items(), key=lambda kv_: (kv_[0][0], kv_[1]["ms"])):
+        lines.append(f"| {batch} x 2,176 | {kv} | {kernel} | {r['block_n']} / {r.get('warps', r.get('num_warps'))} / "
+                     f"{r.get('stages', r.get('num_stages'))} | {r['ms']:.3f} | {r['bw_share']:.2f} |")
+    return lines
+
+
+def fp8_section(results: Path) -> str:
+    folder = results / "fp8"
+    if not folder.is_dir():
+        return ""
+    parts = ["## FP8 KV pages", "",
+             "Random-weight Qwen3-8B on the H200, the same 80 GiB of KV for both page types, 512 requests "
+             "(`benchmarks/throughput.py --systems zipage-2048,zipage-2048-fp8`); the floor is the step's bytes "
+             "(weights and KV, scales included) at the copy bandwidth.", ""]
+    engine = _engine_table(sorted(folder.glob("throughput_*.json")))
+    parts += engine + [""] if engine else ["(no engine pair yet)", ""]
+    for path in sorted(folder.glob("fp8_decode_*.json")):
+        parts += [f"### Decode kernel on FP8 pages against bf16 pages (`{path.name}`)", "",
+                  "Qwen3-8B attention shapes (32 query heads over 8 KV heads, head dim 128, 256-token pages); "
+                  "`python benchmarks/fp8_decode_tune.py` (`--all` for the full sweep). Kernel names: `general` is "
+                  "the split kernel every page type uses; `fp8/<convert>/hf<head_fast>` is "
+                  "`kernels/paged_decode_fp8.py` (`/hm`: head-major scale pools).", ""]
+        parts += _kernel_table(path) + [""]
+    rounding = folder / "fp8_key_rounding.md"
+    if rounding.exists():
+        parts += ["### Where FP8 loses quality", "", rounding.read_text().split("\n", 2)[-1].strip(), ""]
+    return "\n".join(parts)

@@ -1,0 +1,191 @@
+"""Decode attention over FP8 pages, tuned apart from the bf16 kernel.
+
+The general split kernel (``paged_attention._decode_split_kernel``) reads FP8 codes the way it
+reads bf16 ones and converts each tile with Triton's e4m3 -> bf16 cast. On the H200 that path
+moved only 0.35-0.47 of the copy bandwidth (bf16: 1.0), so FP8 pages read half the bytes and
+still decoded slower. This kernel keeps the same split-K structure and the same results (the
+same reference, ``paged_decode_attention_reference``) and exposes the choices that decide its
+speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
+
+* ``convert``: how codes become dot operands.
+  ``"bf16"``: Triton's cast (e4m3 -> f16 -> bf16). ``"fp16"``: the codes become fp16 (one
+  hardware conversion per pair of codes; e4m3 is exact in fp16) and the queries are cast to fp16
+  once per program, so both dots run on fp16 tensor cores. ``"bits"``: the code's bits are moved
+  into a bf16's (sign to the top bit, exponent and mantissa shifted by 4): that bf16 is exactly
+  the code times 2^-120 (e4m3's subnormals land on bf16 subnormals), and 2^120 is folded into the
+  scales: integer shifts instead of float conversions. ``"fp8mma"``: no key or value is
+  converted at all; the dots run on FP8 tensor cores on the codes as stored, with the query (once
+  per program) and the probabilities (per tile, 16 x ``block_n`` values instead of the tile's
+  ``2 x block_n x D`` codes) each split into two e4m3 parts, ``hi + lo``, so together they keep
+  about the 7-8 significant bits a bf16 operand has.
+* ``head_fast``: the grid's fastest axis. The scales of one token sit together for all KV heads
+  (``[num_pages, page_size, H_kv]``), so the programs of one sequence's heads read the same
+  sectors; running them next to each other keeps those sectors in L2.
+* ``block_n``, ``num_warps``, ``num_stages``: the tile and the launch.
+* The scale pools' layout is read from their strides, so a benchmark can time a head-major
+  layout (``[num_pages, H_kv, page_size]`` viewed as ``[num_pages, page_size, H_kv]``: one head's
+  scales contiguous along the page) against the pools' token-major one.
+
+The values are scaled per tile so the probabilities fed to the value dot stay in [0, 1] (fp16
+keeps its precision there): ``p * vs / max(vs)`` in the dot, ``max(vs)`` applied to its result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import HAS_TRITON, next_pow2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+CONVERTS = ("bf16", "fp16", "bits", "fp8mma")
+TWO_POW_120 = 2.0 ** 120  # "bits": a code's bf16 image is the code times 2^-120
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _fp8_operand(x, CONVERT: tl.constexpr):
+        """FP8 codes -> a dot operand: bf16 (exact), fp16 (exact) or bf16 bits (code * 2^-120)."""
+        if CONVERT == 1:
+            return x.to(tl.float16)
+        elif CONVERT == 2:
+            u = x.to(tl.uint8, bitcast=True).to(tl.uint16)
+            return (((u & 0x80) << 8) | ((u & 0x7F) << 4)).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(tl.bfloat16)
+
+    @triton.jit
+    def _decode_split_fp8_kernel(
+        Q, K, V, KS, VS, PT, LENS, STARTS, MID_O, MID_LSE,
+        scale_log2, code_scale,
+        stride_qb, stride_qh,
+        stride_kp, stride_kt, stride_kh,
+        stride_vp, stride_vt, stride_vh,
+        stride_sp, stride_st, stride_sh,
+        stride_ptb,
+        stride_ob, stride_oh, stride_os,
+        B, HKV: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+        BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        CONVERT: tl.constexpr, HEAD_FAST: tl.constexpr, WINDOW: tl.constexpr = 0,
+        SOFTCAP_LOG2: tl.constexpr = 0.0,
+    ):
+        if HEAD_FAST:  # the KV heads of one (sequence, split) side by side: they share the scale sectors
+            hk = tl.program_id(0)
+            b = tl.program_id(1)
+        else:
+            b = tl.program_id(0)
+            hk = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(LENS + b).to(tl.int32)
+        start = tl.load(STARTS + b).to(tl.int32)
+        if WINDOW > 0:
+            start = tl.maximum(start, seq_len - WINDOW)
+        base = (start // BLOCK_N) * BLOCK_N
+        n_blocks = tl.cdiv(seq_len - base, BLOCK_N)
+        per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+        lo = base + split * per_split * BLOCK_N
+        hi = tl.minimum(lo + per_split * BLOCK_N, seq_len)
+
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        gmask = g < G
+        dmask = d < D
+        heads = hk * G + g
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        if CONVERT == 3:  # the query as two e4m3 parts (hi + lo), each with a per-head scale
+            qf = q.to(tl.float32)
+            sq_hi = tl.maximum(tl.max(tl.abs(qf), 1) / 448.0, 1e-30)
+            q_hi = (qf / sq_hi[:, None]).to(tl.float8e4nv)
+            rest = qf - q_hi.to(tl.float32) * sq_hi[:, None]
+            sq_lo = tl.maximum(tl.max(tl.abs(rest), 1) / 448.0, 1e-30)
+            q_lo = (rest / sq_lo[:, None]).to(tl.float8e4nv)
+        if CONVERT == 1:
+            q = q.to(tl.float16)
+        else:
+            q = q.to(tl.bfloat16)
+        op_dtype = q.dtype
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        for t0 in range(lo, hi, BLOCK_N):
+            t = t0 + offs_n
+            in_range = t < hi
+            valid = in_range & (t >= start)
+            page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
+            slot = t % PAGE
+            m2 = valid[:, None] & dmask[None, :]
+            k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                        mask=m2, other=0.0)
+            v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                        mask=m2, other=0.0)
+            s_off = page * stride_sp + slot * stride_st + hk * stride_sh
+            ks = tl.load(KS + s_off, mask=valid, other=0.0) * code_scale
+            vs = tl.load(VS + s_off, mask=valid, other=0.0) * code_scale
+
+            if CONVERT == 3:  # FP8 tensor cores on the codes as stored: nothing converted per key
+                kt = tl.trans(k)
+                qk = tl.dot(q_hi, kt) * sq_hi[:, None] + tl.dot(q_lo, kt) * sq_lo[:, None]
+                qk = qk * (ks[None, :] * scale_log2)
+            else:
+                qk = tl.dot(q, tl.trans(_fp8_operand(k, CONVERT))) * (ks[None, :] * scale_log2)
+            if SOFTCAP_LOG2 > 0:
+                qk = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * qk / SOFTCAP_LOG2) + 1.0))
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vs_max = tl.maximum(tl.max(vs, 0), 1e-30)  # p * vs / vs_max stays in [0, 1]
+            if CONVERT == 3:  # p * vs / vs_max in [0, 1], times 256, as two e4m3 parts (lo: the rest x 8)
+                pw = p * (vs * (256.0 / vs_max))[None, :]
+                p_hi = pw.to(tl.float8e4nv)
+                p_lo = ((pw - p_hi.to(tl.float32)) * 8.0).to(tl.float8e4nv)  # (|rest| <= one ulp of hi: <= 32)
+                pv = (tl.dot(p_hi, v) + tl.dot(p_lo, v) * 0.125) * (1.0 / 256.0)
+            else:
+                pv = tl.dot((p * (vs / vs_max)[None, :]).to(op_dtype), _fp8_operand(v, CONVERT))
+            acc = acc * alpha[:, None] + pv * vs_max
+            m_i = m_new
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        o_ptr = MID_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+        tl.store(o_ptr, out, mask=gmask[:, None] & dmask[None, :])
+        tl.store(MID_LSE + (b * HQ + heads) * NUM_SPLITS + split, lse, mask=gmask)
+
+
+def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, kv_lens, kv_starts, mid_o, mid_lse,
+                            scale_log2: float, *, num_splits: int, block_n: int, convert: str = "bf16",
+                            head_fast: bool = False, window: int = 0, softcap_log2: float = 0.0,
+                            num_warps: int = 4, num_stages: int = 2) -> None:
+    """The split pass over FP8 pages into ``mid_o`` / ``mid_lse`` (``paged_attention``'s merge kernel
+    finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path)."""
+    if convert not in CONVERTS:
+        raise ValueError(f"convert={convert!r} is invalid: expected one of {CONVERTS}")
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError("the FP8 decode kernel needs k_scale and v_scale in one layout")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the FP8 decode kernel takes bf16 or fp16 queries, got {q.dtype}")
+    B, Hq, D = q.shape
+    Hkv, page = k_cache.shape[2], k_cache.shape[1]
+    G = Hq // Hkv
+    grid = (Hkv, B, num_splits) if head_fast else (B, Hkv, num_splits)
+    _decode_split_fp8_kernel[grid](
+        q, k_cache, v_cache, k_scale, v_scale, page_table, kv_lens, kv_starts, mid_o, mid_lse,
+        scale_log2, TWO_POW_120 if convert == "bits" else 1.0,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
+        page_table.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        B, HKV=Hkv, HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, CONVERT=CONVERTS.index(convert), HEAD_FAST=bool(head_fast),
+        WINDOW=int(window), SOFTCAP_LOG2=float(softcap_log2), num_warps=num_warps, num_stages=num_stages,
+    )

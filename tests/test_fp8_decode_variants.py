@@ -1,0 +1,108 @@
+"""The FP8 decode kernel's launch choices (``kernels/paged_decode_fp8.py``): every conversion and grid
+order gives the reference's attention on FP8 pages (interpreter on a CPU, compiled on a GPU).
+
+Triton's interpreter computes bf16 dots wrongly (numpy has no bf16; the library's other CPU kernel
+tests use float32 and fp16 for that reason), so the choices that feed bf16 operands to the dots
+("bf16", "bits") run on the GPU only; "fp16" runs everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CUDA, requires_triton
+
+from zipage.kernels import paged_decode_attention_reference, paged_decode_attention_triton, quantize_reference
+from zipage.kernels.paged_attention import fp8_decode_choice
+
+DEVICE = "cuda" if CUDA else "cpu"
+bf16_dots = pytest.mark.skipif(not CUDA, reason="bf16 dots: GPU only (the interpreter computes them wrongly)")
+
+
+def _needs_gpu(convert: str, dtype=torch.float16):
+    marks = [pytest.mark.gpu, bf16_dots] if convert in ("bf16", "bits") or dtype == torch.bfloat16 else []
+    return marks
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in kernel output"
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()
+
+
+def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=None, window=None, softcap=None,
+          sinks=False, tiny=False):
+    torch.manual_seed(len(lens) + D + Hq)
+    B = len(lens)
+    per_row = max(-(-n // page) for n in lens)
+    P = B * per_row + 2
+    mag = torch.exp(torch.randn(P, page, Hkv, 1) * 1.5)  # rows of very different sizes: the scales matter
+    if tiny:  # codes in e4m3's subnormal range next to large ones in the same tile
+        mag = mag * torch.where(torch.rand(P, page, Hkv, 1) < 0.5, 1.0, 1e-3)
+    k, ks = quantize_reference(torch.randn(P, page, Hkv, D) * mag)
+    v, vs = quantize_reference(torch.randn(P, page, Hkv, D) * mag)
+    if tiny:  # force some codes to subnormals (|code| < 2^-6) in every row
+        k[..., : D // 4] = (torch.rand(P, page, Hkv, D // 4) * 0.015).to(k.dtype)
+        v[..., : D // 4] = (torch.rand(P, page, Hkv, D // 4) * 0.015).to(v.dtype)
+    k, v, ks, vs = (t.to(DEVICE) for t in (k, v, ks, vs))
+    table = torch.randperm(P, device=DEVICE)[: B * per_row].view(B, per_row).to(torch.int32)
+    q = torch.randn(B, Hq, D, device=DEVICE).to(dtype)
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    kv_starts = torch.tensor(starts or [0] * B, dtype=torch.int32, device=DEVICE)
+    sink = torch.randn(Hq, device=DEVICE) if sinks else None
+    features = dict(window=window, softcap=softcap, sinks=sink)
+    ref = paged_decode_attention_reference(q.float(), k, v, table, kv_lens, D**-0.5, kv_starts, ks, vs, **features)
+    out = paged_decode_attention_triton(q, k, v, table, kv_lens, D**-0.5, kv_starts, k_scale=ks, v_scale=vs,
+                                        fp8_kernel=dict(choice), **features)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+VARIANTS = [pytest.param(dtype, dict(convert=c, head_fast=h, block_n=16), id=f"{str(dtype)[6:]}-{c}-hf{h}",
+                         marks=_needs_gpu(c, dtype))
+            for dtype in (torch.float16, torch.bfloat16) for c in ("bf16", "fp16", "bits", "fp8mma") for h in (0, 1)]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype,choice", VARIANTS)
+def test_every_variant_matches_the_reference(dtype, choice):
+    _case(dtype, choice, starts=[3, 0, 17])
+
+
+@requires_triton
+@pytest.mark.parametrize("convert", [pytest.param(c, marks=_needs_gpu(c)) for c in ("fp16", "bits", "fp8mma")])
+def test_subnormal_codes_and_splits(convert):
+    """Codes in e4m3's subnormal range read back exactly (the "bits" image is a bf16 subnormal)."""
+    _case(torch.float16, dict(convert=convert, head_fast=1, block_n=16, num_warps=4), tiny=True, lens=(90, 33))
+
+
+@requires_triton
+@pytest.mark.parametrize("convert", [pytest.param(c, marks=_needs_gpu(c)) for c in ("bf16", "fp16", "bits", "fp8mma")])
+def test_window_sinks_softcap(convert):
+    _case(torch.float16, dict(convert=convert, head_fast=1, block_n=16), window=20, softcap=30.0, sinks=True,
+          Hq=4, Hkv=4, lens=(50, 9))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("convert", ["bf16", "fp16", "bits", "fp8mma"])
+def test_qwen3_shapes_on_the_gpu(convert):
+    """The benchmark's shapes: GQA 32/8, head dim 128, 256-token pages, 128-token tiles, several splits."""
+    _case(torch.bfloat16, dict(convert=convert, head_fast=1, block_n=128, num_stages=3), Hq=32, Hkv=8, D=128,
+          page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100])
+
+
+def test_choice_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16, head_fast=1,block_n=128,num_stages=3")
+    assert fp8_decode_choice() == dict(convert="fp16", head_fast=1, block_n=128, num_stages=3)
+    monkeypatch.setenv("ZIPAGE_FP8_DECODE", "")
+    assert fp8_decode_choice() is None
+    monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16,tiles=4")
+    with pytest.raises(ValueError, match="unknown key 'tiles'"):
+        fp8_decode_choice()
+
+
+@requires_triton
+def test_bad_convert_is_named():
+    with pytest.raises(ValueError, match="convert='fp4'"):
+        _case(torch.float16, dict(convert="fp4", block_n=16))
