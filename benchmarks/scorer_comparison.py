@@ -233,11 +233,50 @@ def standing(tf: dict[str, Any], config: str, default: str, library: set[str] | 
     return cells, every, vs_default
 
 
+def _pool_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of several runs on disjoint sequences: the runs' sequences pooled as ``_one_dataset`` does."""
+    import math
+
+    per = [p for r in rows for p in r["per_sequence"]]
+    return {**rows[0], "per_sequence": per, "kl": sum(p["kl"] for p in per) / len(per),
+            "top1": sum(p["top1"] for p in per) / len(per), "positions": sum(r["positions"] for r in rows),
+            "ppl_ratio": math.exp(sum(math.log(p["ppl_ratio"]) for p in per) / len(per))}
+
+
+def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of one model on one text over different sequences (``--skip``) as one result; only the
+    rows (and control budgets) every run has are kept."""
+    if len(results) == 1:
+        return results[0]
+    tfs = [r["teacher_forced"] for r in results]
+    if len({tf["seq_len"] for tf in tfs}) != 1:
+        raise ValueError(f"cannot pool runs of {results[0]['model']} on {results[0]['dataset']}: different lengths")
+    spans = [tuple(s["problems"]) for tf in tfs for s in tf["sequences"]]
+    if len(set(spans)) != len(spans):
+        raise ValueError(f"runs of {results[0]['model']} on {results[0]['dataset']} share sequences {spans}")
+
+    def pooled(key: str) -> list[dict[str, Any]]:
+        groups: dict[tuple, list] = {}
+        for tf in tfs:
+            for r in tf.get(key) or []:
+                groups.setdefault((r["config"], r["budget_frac"]), []).append(r)
+        return [_pool_rows(g) for g in groups.values() if len(g) == len(tfs)]
+
+    tf = {**tfs[0], "sequences": [s for t in tfs for s in t["sequences"]], "rows": pooled("rows"),
+          "control": pooled("control")}
+    return {**results[0], "teacher_forced": tf, "seconds": sum(r["seconds"] for r in results),
+            "command": " and ".join(f"`{r['command']}`" for r in results).strip("`")}
+
+
 def report(paths: list[pathlib.Path]) -> str:
     import zipage
 
     library = set(zipage.list_scorers())  # the library's own scorers (a report process imports no candidates)
-    results = [json.loads(p.read_text()) for p in paths]
+    runs: dict[tuple[str, str], list] = {}
+    for p in paths:
+        res = json.loads(p.read_text())
+        runs.setdefault((res["model"], res["dataset"]), []).append(res)
+    results = [pool(sorted(rs, key=lambda r: r.get("settings", {}).get("skip", 0))) for rs in runs.values()]
     results.sort(key=lambda r: (list(MODELS).index(r["model"]), list(DATASETS).index(r["dataset"])))
     lines = ["# Every scorer against the default, on two texts and two models", ""]
     lines.append(
@@ -367,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--dataset: unknown {sorted(unknown)}; expected some of {sorted(DATASETS)}")
     out_dir = pathlib.Path(args.out) if args.out else RUNS
     for result in run(args):
-        out = out_dir / f"{args.model}_{result['dataset']}.json"
+        out = out_dir / (f"{args.model}_{result['dataset']}" + (f"_skip{args.skip}" if args.skip else "") + ".json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         Q.log(f"wrote {out} ({result['seconds']:.0f} s for the run)")

@@ -77,3 +77,25 @@ def test_candidates_are_shown_not_counted(sc):
     assert sc.standing(tf, "rkv", "zipage", library) == (6, 4, 4)
     assert sc.standing(tf, "zipage", "zipage", library) == (6, 3, 6)
     assert sc.standing(tf, "zmix", "zipage", library) == (6, 6, 6)
+
+
+def test_runs_on_other_sequences_are_pooled(sc, tmp_path):
+    def result(skip, top1, spans):
+        tf = {"seq_len": 1024, "sequences": [{"problems": spans}], "rows": [
+            {**row(c, "1/8", top1, 0.1, 1.1), "positions": 10, "per_sequence": [{"top1": top1, "kl": 0.1, "ppl_ratio": 1.1}]}
+            for c in ("zipage", "snapkv")]}
+        return {"model": "smollm2", "model_title": "SmolLM2-135M-Instruct", "dataset": "math500", "default": "zipage",
+                "command": f"run {skip}", "seconds": 1.0, "environment": {"threads": 1}, "settings": {"skip": skip},
+                "teacher_forced": tf}
+
+    pooled = sc.pool([result(0, 0.9, [0, 3]), result(1, 0.8, [4, 7])])
+    rows = pooled["teacher_forced"]["rows"]
+    assert [r["config"] for r in rows] == ["zipage", "snapkv"]
+    assert rows[0]["top1"] == pytest.approx(0.85) and rows[0]["positions"] == 20 and len(rows[0]["per_sequence"]) == 2
+    assert len(pooled["teacher_forced"]["sequences"]) == 2 and pooled["seconds"] == 2.0
+    with pytest.raises(ValueError, match="share sequences"):
+        sc.pool([result(0, 0.9, [0, 3]), result(0, 0.9, [0, 3])])
+    for skip, top1 in ((0, 0.9), (1, 0.8)):
+        (tmp_path / f"r{skip}.json").write_text(json.dumps(result(skip, top1, [4 * skip, 4 * skip + 3])))
+    md = sc.report(sorted(tmp_path.glob("*.json")))
+    assert "2 sequences x 1024 tokens (problems 0-3, 4-7 of `math500`)" in md and "Command: `run 0` and `run 1`" in md
