@@ -280,8 +280,9 @@ def second_sample(paths: list[pathlib.Path], first: dict[tuple[str, str], dict],
              "default is at least as good as every other scorer of that run:", "",
              "| model | text | rows | second sample alone | both samples pooled | where it is beaten (pooled) |",
              "|---|---|---|---|---|---|"]
-    for path in paths:
-        res = json.loads(path.read_text())
+    results = [json.loads(path.read_text()) for path in paths]
+    results.sort(key=lambda r: (list(MODELS).index(r["model"]), list(DATASETS).index(r["dataset"])))
+    for res in results:
         default = res.get("default", "zipage")
         alone = compare_default(res["teacher_forced"], default, library)
         main = first.get((res["model"], res["dataset"]))
@@ -295,7 +296,9 @@ def second_sample(paths: list[pathlib.Path], first: dict[tuple[str, str], dict],
     return lines
 
 
-def report(paths: list[pathlib.Path]) -> str:
+def report(paths: list[pathlib.Path], sample2: list[pathlib.Path] | None = None) -> str:
+    """scorers.md from the runs ``paths`` (several runs of one model and text are pooled) and the
+    second-sample runs ``sample2``."""
     import zipage
 
     library = set(zipage.list_scorers())  # the library's own scorers (a report process imports no candidates)
@@ -390,7 +393,7 @@ def report(paths: list[pathlib.Path]) -> str:
             cells.append(f"{every} of {n} ({vs})")
         name = c if c in library else f"{c} (candidate)" if "[" not in c else c
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {total[1]} of {total[0]} ({total[2]}) |")
-    lines += second_sample(sorted(SAMPLE2.glob("*.json")), {(r["model"], r["dataset"]): r for r, _, _ in verdicts},
+    lines += second_sample(sample2 or [], {(r["model"], r["dataset"]): r for r, _, _ in verdicts},
                            library)
     lines += ["", DECISION, ""]
     notes = [r["note"] for r in results if r.get("note")]
@@ -425,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = sorted(RUNS.glob("*.json"))
         if not paths:
             p.error(f"--report: no results in {RUNS}")
-        md = report(paths)
+        md = report(paths, sorted(SAMPLE2.glob("*.json")))
         (RESULTS / "scorers.md").write_text(md)
         print(md)
         return 0
