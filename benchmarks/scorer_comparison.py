@@ -345,7 +345,8 @@ def report(paths: list[pathlib.Path], sample2: list[pathlib.Path] | None = None)
         spans = ", ".join(f"{s['problems'][0]}-{s['problems'][1]}" for s in tf["sequences"])
         n = len(tf["sequences"])
         lines.append(f"{n} sequence{'s' if n > 1 else ''} x {tf['seq_len']} tokens (problems {spans} of "
-                     f"`{res['dataset']}`); {res['seconds']:.0f} s on {res['environment']['threads']} CPU threads. "
+                     f"`{res['dataset']}`); {res['seconds']:.0f} s on {res['environment']['threads']} CPU "
+                     f"thread{'s' if res['environment']['threads'] > 1 else ''}. "
                      f"Command: `{res['command']}`")
         lines.append("")
         lines.append("| scorer | " + " | ".join(f"{fl} ({by[(default, fl)]['budget']} tok)" for fl in fracs) + " |")
