@@ -1,7 +1,7 @@
 """Where FP8 KV loses quality: keys or values, and whether rescaling key channels helps (CPU).
 
 One teacher-forced forward of real math text (``benchmarks/quality.py``'s sequences) through
-SmolLM2-135M-Instruct with its keys or values rounded through e4m3 (per token and head, as the
+SmolLM2-135M-Instruct (or Gemma 3 270M, ``--model gemma3``: its keys pass an RMSNorm) with its keys or values rounded through e4m3 (per token and head, as the
 FP8 pages store them) right before attention, nothing evicted, against the same forward unrounded:
 top-1 agreement and mean KL of the next-token distributions. Variants of the keys:
 
@@ -9,9 +9,10 @@ top-1 agreement and mean KL of the next-token distributions. Variants of the key
 * ``keys/channel``: each channel first divided by a power of two near its maximum over the
   sequence (so outlier channels stop setting the token's scale), multiplied back after rounding;
 * ``keys/channel-sqrt``: the same with the square root of the maximum (half the smoothing);
-* ``values``: the values rounded, the keys exact.
+* ``values``: the values rounded, the keys exact;
+* for scale, both rounded to bf16 (what a bf16 deployment stores; 8 significant bits to e4m3's 4).
 
-    python benchmarks/fp8_key_rounding.py [--seqs 2 --seq-len 1024]
+    python benchmarks/fp8_key_rounding.py [--model smollm2|gemma3] [--seqs 2 --seq-len 1024]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ VARIANTS = {
     "keys/channel": lambda k, v: (channel_smoothed(k, 1.0), v),
     "keys/channel-sqrt": lambda k, v: (channel_smoothed(k, 0.5), v),
     "values": lambda k, v: (k, e4m3(v)),
+    "keys and values in bf16 (for scale)": lambda k, v: (k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)),
 }
 
 
@@ -51,15 +53,15 @@ def main() -> None:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from zipage.models import load_smollm2
+    from scorer_comparison import MODELS, load
 
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", choices=sorted(MODELS))
     ap.add_argument("--seqs", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok = load_smollm2()
+    model, tok = load(args.model, args.threads)
     ids, _ = quality.build_sequences(tok, args.seqs, args.seq_len)
     state = {"variant": None}
 
@@ -77,7 +79,7 @@ def main() -> None:
             return torch.log_softmax(model(ids).logits.float(), -1)
 
     ref = log_probs(None)
-    print(f"SmolLM2-135M-Instruct, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted\n")
+    print(f"{MODELS[args.model]}, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted\n")
     print("| rounded through e4m3 | top-1 agreement | mean KL (nats) |")
     print("|---|---|---|")
     for name in VARIANTS:

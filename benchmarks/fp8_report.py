@@ -57,7 +57,12 @@ def fp8_section(results: Path) -> str:
                   "the split kernel every page type uses; `fp8/<convert>/hf<head_fast>` is "
                   "`kernels/paged_decode_fp8.py` (`/hm`: head-major scale pools).", ""]
         parts += _kernel_table(path) + [""]
-    rounding = folder / "fp8_key_rounding.md"
-    if rounding.exists():
-        parts += ["### Where FP8 loses quality", "", rounding.read_text().split("\n", 2)[-1].strip(), ""]
+    roundings = sorted(folder.glob("fp8_key_rounding*.md"))
+    if roundings:
+        parts += ["### Where FP8 loses quality", "",
+                  "Keys or values rounded through e4m3 (per token and head, as stored) in one teacher-forced "
+                  "forward, nothing evicted, against the same forward unrounded "
+                  "(`python benchmarks/fp8_key_rounding.py [--model gemma3]`).", ""]
+        for path in roundings:
+            parts += [path.read_text().split("\n", 2)[-1].strip(), ""]
     return "\n".join(parts)

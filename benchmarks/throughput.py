@@ -8,6 +8,11 @@ DynamicCache at the largest batch whose full KV fits the same memory (one batch,
 Any engine system takes ``-fp8`` (``zipage-2048-fp8``, ``zipage-fullkv-fp8``): FP8 KV pages, so
 the same memory holds about twice the pages.
 
+``--workload long-prompt`` swaps the prompts for long documents (``--prompt-len MIN,MAX`` random
+tokens, default 8K-32K, drawn uniformly per request) followed by ``--max-tokens`` outputs (a few
+hundred): prefill-bound, and every engine system reports time to first token (mean, p50, p99,
+from submission to the first output token the host sees) beside tokens/s.
+
 Every system gets the same KV memory (``--kv-gib``, pages and state included). The workload is
 chosen so that full KV cannot hold every request at once while zipage can: with ``--kv-gib 8``
 on Qwen3-8B a zipage request at budget 2048 needs at most 9 pages of 256 tokens (25 requests in
@@ -26,6 +31,8 @@ runs on a CUDA GPU or, small, on the CPU (``--device cpu``).
     python benchmarks/throughput.py --requests 512 --max-num-seqs 512 --max-tokens 4096 --kv-gib 24 \
         --systems zipage-2048,zipage-2048-fp8,zipage-fullkv,zipage-fullkv-fp8   # FP8 against bf16
     python benchmarks/throughput.py --model Qwen/Qwen3-1.7B --dataset math500 --num-prompts 64 --n 4 --max-tokens 8192
+    python benchmarks/throughput.py --workload long-prompt --requests 32 --max-tokens 256 --kv-gib 40 \
+        --systems zipage-2048,zipage-fullkv   # time to first token on 8K-32K-token prompts
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +104,52 @@ class Workload:
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = eos if eos is not None else model.config.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+WORKLOADS = ("reasoning", "long-prompt")
+LONG_PROMPT = (8192, 32768)  # default prompt lengths of the long-prompt workload
+
+
+def parse_prompt_len(text: str | None) -> tuple[int, int]:
+    """``--prompt-len``: ``MIN,MAX`` (or one length) -> (min, max); bad input names the problem."""
+    if text is None:
+        return LONG_PROMPT
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--prompt-len {text!r}: expected MIN,MAX token counts (or one), e.g. 8192,32768") from None
+    if len(parts) not in (1, 2) or min(parts) < 1 or parts[0] > parts[-1]:
+        raise ValueError(f"--prompt-len {text!r}: expected MIN,MAX with 1 <= MIN <= MAX (or one length)")
+    return parts[0], parts[-1]
+
+
+def long_prompts(n: int, vocab: int, lengths: tuple[int, int], seed: int = 0) -> list[list[int]]:
+    """``n`` documents of random token ids (avoiding the first and last 100 ids, where special
+    tokens live), each of a length drawn uniformly from ``lengths`` (inclusive)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = lengths
+    margin = min(100, max(0, (vocab - 2) // 4))
+    return [torch.randint(margin, vocab - margin, (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
+                          generator=g).tolist() for _ in range(n)]
+
+
+def first_tokens(running, waiting: set, ttft: dict, elapsed: float) -> None:
+    """Book ``elapsed`` as the time to first token of every request in ``waiting`` that has one of
+    its samples among ``running`` with an output token on the host now."""
+    for s in running:
+        rid = s.parent or s.request_id
+        if rid in waiting and s.output_ids:
+            waiting.discard(rid)
+            ttft[rid] = elapsed
+
+
+def ttft_stats(values) -> dict:
+    """Mean, median and 99th percentile of times to first token (seconds), and how many were seen."""
+    v = sorted(values)
+    if not v:
+        return dict(ttft_mean_s=math.nan, ttft_p50_s=math.nan, ttft_p99_s=math.nan, ttft_count=0)
+    pick = lambda q: v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]  # noqa: E731  (nearest rank)
+    return dict(ttft_mean_s=sum(v) / len(v), ttft_p50_s=pick(0.5), ttft_p99_s=pick(0.99), ttft_count=len(v))
 
 
 def copy_bandwidth() -> float:
@@ -170,6 +224,7 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
     running, steps, decode_ms, stored = [], 0, [], []
     first_token = llm.generated_tokens
     start = last = report = time.perf_counter()
+    waiting_first, ttft = set(ids), {}  # requests without an output token yet; time to first token (s)
     truncated = False
     while llm.has_unfinished():
         if time_limit is not None and last - start > time_limit:
@@ -178,6 +233,8 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
         llm.step()  # (no device sync here: with async scheduling the next step's host work overlaps this one's GPU work)
         now = time.perf_counter()
         r = llm.scheduler.running
+        if waiting_first:
+            first_tokens(r, waiting_first, ttft, now - start)
         running.append(len(r))
         if r and all(not s.in_prefill for s in r):
             decode_ms.append((now - last) * 1000)
@@ -217,7 +274,7 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
                median_decode_step_ms=med, median_decode_kv_tokens=med_stored,
                decode_floor_ms=floor_ms, step_over_floor=med / floor_ms if decode_ms else math.nan,
                compression_share=compress_ms / 1000 / wall, compression_gpu_s=compress_ms / 1000,
-               preemptions=stats["preemptions"], compressions=stats["compressions"],
+               preemptions=stats["preemptions"], compressions=stats["compressions"], **ttft_stats(ttft.values()),
                async_compression=llm.async_compression, async_scheduling=llm.async_scheduling,
                zipage_config=None if llm.zipage_config is None else dataclasses.asdict(llm.zipage_config),
                fused_ops=bool(llm.runner.fusion.norms) or llm.runner.fusion.rope_module is not None)
@@ -311,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", "--num-prompts", dest="requests", type=int, default=24,
                     help="prompts in the workload, all submitted at once")
     ap.add_argument("--n", type=int, default=1, help="samples per prompt (they share the prompt's pages)")
+    ap.add_argument("--workload", default="reasoning", choices=WORKLOADS,
+                    help="reasoning: short prompts (100-300 tokens, random weights) or data-set prompts (real "
+                    "weights), long outputs; long-prompt: --prompt-len random-token documents, then --max-tokens "
+                    "outputs (give a few hundred), time to first token reported")
+    ap.add_argument("--prompt-len", default=None,
+                    help="long-prompt: MIN,MAX prompt tokens, each request's length drawn uniformly "
+                    f"(default {LONG_PROMPT[0]},{LONG_PROMPT[1]}); one number: every prompt that long")
     ap.add_argument("--max-tokens", type=int, default=16384,
                     help="output tokens per sample (exactly that many with random weights or --ignore-eos)")
     ap.add_argument("--ignore-eos", action="store_true",
@@ -368,6 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("requests", "n", "max_tokens", "peer_max_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    try:
+        lengths = parse_prompt_len(args.prompt_len)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.workload != "long-prompt" and args.prompt_len is not None:
+        parser.error("--prompt-len is for --workload long-prompt")
+    if args.workload == "long-prompt" and args.dataset is not None:
+        parser.error("--workload long-prompt brings its own prompts (random-token documents): drop --dataset")
     if args.model in MODELS:  # random weights, synthetic prompts, forced lengths
         if args.dataset is not None:
             parser.error(f"--dataset needs a model with real weights and its tokenizer; --model {args.model} is a "
@@ -381,16 +453,22 @@ def main(argv: list[str] | None = None) -> int:
         facts: dict = {}
     else:
         model, tokenizer, work, facts = real_workload(args, parser)
+    if args.workload == "long-prompt":  # the same systems, long random-token documents as prompts
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        work = dataclasses.replace(work, prompts=long_prompts(args.requests, vocab, lengths))
+        facts = {**facts, "dataset": None, "prompt_len": list(lengths),
+                 "mean_prompt_tokens": sum(map(len, work.prompts)) / len(work.prompts)}
     device = next(model.parameters()).device
     kv_gib = args.kv_gib if args.kv_gib is not None else KV_GIB[device.type]
     bw = copy_bandwidth() if device.type == "cuda" else math.nan
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    summary = dict(model=args.model, **facts, requests=len(work.prompts), n=work.n, max_tokens=args.max_tokens,
+    summary = dict(model=args.model, workload=args.workload, **facts, requests=len(work.prompts), n=work.n, max_tokens=args.max_tokens,
                    ignore_eos=work.ignore_eos, temperature=work.temperature, kv_gib=kv_gib,
                    peer_max_tokens=args.peer_max_tokens, copy_bandwidth_gbps=bw, weight_gib=weight_bytes(model) / 2**30,
                    kv_bytes_per_token=kv_bytes_per_token(model),
                    device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
                    torch=torch.__version__, transformers=transformers.__version__,
+                   prefill_kernel=os.environ.get("ZIPAGE_PREFILL_KERNEL", "v1"),
                    command="python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv), systems={})
     results = summary["systems"]
     for name in args.systems.split(","):
@@ -426,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(summary: dict) -> str:
     lines = [f"{'system':18s} {'req x tok':>11s} {'mean out':>8s} {'tok/s':>8s} {'peak GiB':>8s} {'conc':>5s} {'max':>4s} "
-             f"{'step ms':>8s} {'floor':>6s} {'x':>5s} {'compr%':>6s} {'preempt':>7s}"]
+             f"{'step ms':>8s} {'floor':>6s} {'x':>5s} {'compr%':>6s} {'preempt':>7s} {'ttft s':>7s} {'p50':>6s} "
+             f"{'p99':>6s}"]
     for name, r in summary["systems"].items():
         if "error" in r:
             lines.append(f"{name:18s} {r['error'][:100]}")
@@ -437,7 +516,8 @@ def table(summary: dict) -> str:
             f"{r['peak_gib']:8.1f} {r.get('mean_running', r.get('batch', 0)):5.1f} {r.get('max_running', r.get('batch', 0)):4d} "
             f"{r.get('median_decode_step_ms', math.nan):8.1f} {r.get('decode_floor_ms', math.nan):6.1f} "
             f"{r.get('step_over_floor', math.nan):5.2f} {100 * r.get('compression_share', 0):6.1f} "
-            f"{r.get('preemptions', 0):7d}")
+            f"{r.get('preemptions', 0):7d} {r.get('ttft_mean_s', math.nan):7.2f} {r.get('ttft_p50_s', math.nan):6.2f} "
+            f"{r.get('ttft_p99_s', math.nan):6.2f}")
     return "\n".join(lines)
 
 

@@ -511,6 +511,12 @@ def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_le
     """Packed variable-length queries against paged KV (which already holds them and any cached prefix)."""
     features = dict(window=window, sinks=sinks, softcap=softcap)
     if use_triton(q, k_cache):
+        choice = os.environ.get("ZIPAGE_PREFILL_KERNEL", "v1")
+        if choice != "v1":  # opt-in: "v2" or "v2:<config name>", the second kernel (paged_prefill.py)
+            from .paged_prefill import kernel_for
+
+            return kernel_for(choice)(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts,
+                                      k_scale=k_scale, v_scale=v_scale, **features, **kwargs)
         return paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
                                               kv_starts, k_scale=k_scale, v_scale=v_scale, **features, **kwargs)
     return paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,

@@ -1,0 +1,407 @@
+"""Prefill and chunked prefill over a paged KV pool, tuned for speed (the second prefill kernel).
+
+Same contract as ``paged_prefill_attention_triton`` in ``paged_attention.py`` (packed queries
+``[T, Hq, D]``, sequence ``b`` owning rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``, which are its
+last tokens; FP8 pages with per-token scales, ``window``, ``sinks``, ``softcap``, ``kv_starts``),
+reworked where the first kernel loses time:
+
+- GQA packing: one program serves ``P`` query heads of one KV head (``P`` the largest power of
+  two dividing the group, capped by the tile), its rows are ``block_m / P`` queries x ``P`` heads:
+  each key/value tile it reads serves ``P`` heads, so short query runs (chunks, single-query rows)
+  still fill the tile, and the causal diagonal crosses ``P`` times fewer keys per row block.
+- Mask-free tiles: the key loop is split into the tiles before the block's diagonal (and inside
+  its window), which need no causal/window/range mask, and the few edge tiles that do.
+- Longest-first order: query blocks are launched from the last (the most keys) to the first, so
+  the cheap blocks fill the tail of the grid instead of the expensive ones.
+- One page lookup per key tile when a tile lies within one page (``page_size % block_n == 0``).
+- Launch parameters (rows, key tile, warps, stages, and key/value tiles through tensor
+  descriptors, ``tma``) in a :class:`PrefillConfig`.
+
+Head dims above 256 are not tiled here: they fall back to the first kernel, explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import torch
+
+from ._triton import HAS_TRITON, dot_precision, next_pow2
+from .paged_attention import LOG2E, _check_paged, _check_sinks, _scale_args, paged_prefill_attention_triton
+
+HAS_TENSOR_DESCRIPTOR = False
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    try:  # triton >= 3.4
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        HAS_TENSOR_DESCRIPTOR = True
+    except ImportError:  # pragma: no cover - older triton: the tma config falls back to pointer loads
+        pass
+
+MAX_HEAD_DIM = 256  # larger head dims go to the first kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    """Launch choices of the second prefill kernel; ``block_m`` counts tile rows (queries x packed heads)."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    pack_gqa: bool = True  # rows = queries x query heads of one KV head
+    split_mask: bool = True  # mask-free tiles below the diagonal
+    longest_first: bool = True  # launch the query blocks with the most keys first
+    tma: bool = False  # key/value tiles through tensor descriptors (where a tile lies in one page)
+
+    def validate(self) -> None:
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"PrefillConfig.{name}={v}: must be a power of two >= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"PrefillConfig: num_warps={self.num_warps} (1-16, a power of two), "
+                             f"num_stages={self.num_stages} (>= 1)")
+
+
+def parse_config(name: str) -> PrefillConfig:
+    """A config from its name, ``m<block_m>n<block_n>w<warps>s<stages>`` and any of the suffixes
+    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma`` (what :func:`config_name` writes)."""
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma)*)", name)
+    if m is None:
+        raise ValueError(f"prefill config {name!r}: expected m<block_m>n<block_n>w<warps>s<stages>[-nopack]"
+                         "[-nosplit][-inorder][-tma], e.g. m128n64w8s3")
+    flags = m.group(5)
+    cfg = PrefillConfig(block_m=int(m.group(1)), block_n=int(m.group(2)), num_warps=int(m.group(3)),
+                        num_stages=int(m.group(4)), pack_gqa="-nopack" not in flags,
+                        split_mask="-nosplit" not in flags, longest_first="-inorder" not in flags,
+                        tma="-tma" in flags)
+    cfg.validate()
+    return cfg
+
+
+def config_name(cfg: PrefillConfig) -> str:
+    return (f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + ("" if cfg.pack_gqa else "-nopack")
+            + ("" if cfg.split_mask else "-nosplit") + ("" if cfg.longest_first else "-inorder")
+            + ("-tma" if cfg.tma else ""))
+
+
+@functools.lru_cache(maxsize=16)
+def kernel_for(choice: str):
+    """The prefill entry point ``ZIPAGE_PREFILL_KERNEL`` names: ``v2`` (default config) or ``v2:<config name>``."""
+    if choice == "v2":
+        return paged_prefill_attention_v2
+    if choice.startswith("v2:"):
+        return functools.partial(paged_prefill_attention_v2, config=parse_config(choice[3:]))
+    raise ValueError(f"ZIPAGE_PREFILL_KERNEL={choice!r}: expected v1, v2 or v2:<config name> (e.g. v2:m128n64w8s3)")
+
+
+def default_config(head_dim: int, on_gpu: bool) -> PrefillConfig:
+    """A reasonable config before tuning: large tiles for head dims up to 128 on a GPU."""
+    if not on_gpu:
+        return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    if head_dim > 128:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return PrefillConfig()
+
+
+def heads_per_program(group: int, block_m: int, pack: bool) -> int:
+    """Query heads a program packs: the largest power of two dividing the GQA group, at most
+    ``block_m / 16`` (so a tile keeps 16+ queries); 1 without packing."""
+    if not pack:
+        return 1
+    p = group & -group  # largest power-of-two divisor
+    return max(1, min(p, block_m // 16))
+
+
+def tma_applies(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> bool:
+    """Tensor-descriptor tiles need a tile inside one page, a power-of-two head dim (no padding
+    columns) and pools that are one contiguous [slots, H_kv * D] matrix each; otherwise the
+    ``tma`` config falls back to pointer loads."""
+    page, D = k_cache.shape[1], k_cache.shape[-1]
+    return (HAS_TENSOR_DESCRIPTOR and page % block_n == 0 and D == next_pow2(D) and D >= 16
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+# ----------------------------------------------------------------------------- the kernel
+if HAS_TRITON:
+
+    @triton.jit
+    def _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, start, hi,
+                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_sp, stride_st,
+                 PAGE: tl.constexpr, D: tl.constexpr, TILE_IN_PAGE: tl.constexpr, FP8: tl.constexpr,
+                 MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
+        """Keys, values (and FP8 scales) of tokens ``t0 + offs_n`` of sequence ``b``, KV head ``hk``.
+        Unmasked tiles lie wholly in ``[start, hi)``: no mask on the loads when the head dim is a
+        power of two. Masked tiles read zeros outside it (keys there may be anything: their logits
+        are masked)."""
+        t = t0 + offs_n
+        if TMA:  # the tile is rows page * PAGE + slot.. of the pool seen as [slots, H_kv * D]
+            page = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int32)  # (descriptor coordinates are 32-bit)
+            row = page * PAGE + t0 % PAGE
+            k = KD.load([row, hk * D])
+            v = VD.load([row, hk * D])
+            so = page.to(tl.int64) * stride_sp + ((t0 % PAGE) + offs_n) * stride_st
+            if MASKED:  # rows outside the range hold other slots' bytes: zero the values (FP8: as bytes)
+                ok = (t < hi) & (t >= start)
+                if FP8:
+                    vb = v.to(tl.uint8, bitcast=True)
+                    v = tl.where(ok[:, None], vb, tl.zeros_like(vb)).to(v.dtype, bitcast=True)
+                else:
+                    v = tl.where(ok[:, None], v, tl.zeros_like(v))
+                if FP8:
+                    ks = tl.load(KS + so + hk, mask=ok, other=0.0)
+                    vs = tl.load(VS + so + hk, mask=ok, other=0.0)
+                else:
+                    ks = ok.to(tl.float32)
+                    vs = ks
+            else:
+                if FP8:
+                    ks = tl.load(KS + so + hk)
+                    vs = tl.load(VS + so + hk)
+                else:
+                    ks = t.to(tl.float32)
+                    vs = ks
+        else:  # pointer loads
+            if TILE_IN_PAGE:  # the whole tile in one page: one page-table read, a scalar base + fixed offsets
+                page = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
+                slot0 = t0 % PAGE
+                kp = K + (page * stride_kp + slot0 * stride_kt + hk * stride_kh) + k_off
+                vp = V + (page * stride_vp + slot0 * stride_vt + hk * stride_vh) + v_off
+                so = page * stride_sp + (slot0 + offs_n) * stride_st
+            else:
+                page = tl.load(PT + b * stride_ptb + t // PAGE, mask=t < hi, other=0).to(tl.int64)
+                slot = t % PAGE
+                kp = K + (page * stride_kp + slot * stride_kt)[:, None] + hk * stride_kh + d[None, :]
+                vp = V + (page * stride_vp + slot * stride_vt)[:, None] + hk * stride_vh + d[None, :]
+                so = page * stride_sp + slot * stride_st
+            if MASKED:
+                ok = (t < hi) & (t >= start)
+                k = tl.load(kp, mask=ok[:, None] & dmask[None, :], other=0.0)
+                v = tl.load(vp, mask=ok[:, None] & dmask[None, :], other=0.0)
+                if FP8:
+                    ks = tl.load(KS + so + hk, mask=ok, other=0.0)
+                    vs = tl.load(VS + so + hk, mask=ok, other=0.0)
+                else:
+                    ks = ok.to(tl.float32)
+                    vs = ks
+            else:
+                if EVEN_D:
+                    k = tl.load(kp)
+                    v = tl.load(vp)
+                else:
+                    k = tl.load(kp, mask=dmask[None, :], other=0.0)
+                    v = tl.load(vp, mask=dmask[None, :], other=0.0)
+                if FP8:
+                    ks = tl.load(KS + so + hk)
+                    vs = tl.load(VS + so + hk)
+                else:
+                    ks = t.to(tl.float32)
+                    vs = ks
+        return k, v, ks, vs
+
+    @triton.jit
+    def _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t, qpos, start, hi, scale_log2, PRECISION: tl.constexpr,
+                     FP8: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP_LOG2: tl.constexpr):
+        """One key tile of flash attention (log2 domain). Unmasked tiles skip the mask and the
+        empty-row guard (every row sees a finite logit there). Plain logits keep the scale out of
+        the row max (a max of raw logits times the scale) so that each element costs one fused
+        multiply-add before its exp2."""
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
+        if MASKED:
+            allowed = ((t < hi) & (t >= start))[None, :] & (t[None, :] <= qpos[:, None])
+            if WINDOW > 0:
+                allowed = allowed & (t[None, :] > qpos[:, None] - WINDOW)
+        if FP8 or SOFTCAP_LOG2 > 0:  # per-column scales / a nonlinear cap: scale every logit first
+            if FP8:
+                s = qk * (ks * scale_log2)[None, :]
+            else:
+                s = qk * scale_log2
+            if SOFTCAP_LOG2 > 0:  # softcap * tanh(x / softcap), in the log2 domain (tanh through exp)
+                s = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * s / SOFTCAP_LOG2) + 1.0))
+            if MASKED:
+                s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+            if MASKED:  # a row with nothing allowed yet keeps -inf: exp2 of -inf - 0, not of nan
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+        else:
+            if MASKED:
+                qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)  # (the scale is positive)
+            m_use = m_new
+            if MASKED:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk * scale_log2 - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if FP8:
+            acc = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _prefill_v2_kernel(
+        Q, K, V, KS, VS, KD, VD, PT, CU_Q, LENS, STARTS, OUT, SINKS,
+        scale_log2,
+        stride_qt, stride_qh,
+        stride_kp, stride_kt, stride_kh,
+        stride_vp, stride_vt, stride_vh,
+        stride_sp, stride_st,
+        stride_ptb,
+        stride_ot, stride_oh,
+        G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        FP8: tl.constexpr, TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+        TMA: tl.constexpr,
+        WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
+    ):
+        # rows are (query, head) pairs, query-major: BLOCK_Q = BLOCK_M / P queries x P heads
+        hg = tl.program_id(0)  # group of P query heads (one KV head)
+        b = tl.program_id(1)
+        if LONGEST_FIRST:
+            mblk = tl.num_programs(2) - 1 - tl.program_id(2)
+        else:
+            mblk = tl.program_id(2)
+        q0 = tl.load(CU_Q + b).to(tl.int32)
+        nq = tl.load(CU_Q + b + 1).to(tl.int32) - q0
+        if mblk * BLOCK_Q >= nq:
+            return
+        seq_len = tl.load(LENS + b).to(tl.int32)
+        start = tl.load(STARTS + b).to(tl.int32)
+        hk = (hg * P) // G
+
+        r = tl.arange(0, BLOCK_M)
+        i = mblk * BLOCK_Q + r // P  # query index in the sequence
+        h = hg * P + r % P  # query head
+        imask = i < nq
+        qpos = seq_len - nq + i
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        row_q = (q0 + i).to(tl.int64) * stride_qt + h * stride_qh
+        q = tl.load(Q + row_q[:, None] + d[None, :], mask=imask[:, None] & dmask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        k_off = offs_n[:, None] * stride_kt + d[None, :]  # a tile's offsets from its first token (in one page)
+        v_off = offs_n[:, None] * stride_vt + d[None, :]
+
+        p_lo = seq_len - nq + mblk * BLOCK_Q  # the block's first and last query positions
+        p_hi = seq_len - nq + tl.minimum(mblk * BLOCK_Q + BLOCK_Q, nq) - 1
+        hi = p_hi + 1
+        first = start  # first key any row needs, and first key every row needs
+        every = start
+        if WINDOW > 0:
+            first = tl.maximum(start, p_lo - WINDOW + 1)
+            every = tl.maximum(start, p_hi - WINDOW + 1)
+        lo = (first // BLOCK_N) * BLOCK_N
+        if SPLIT_MASK:
+            full_lo = tl.cdiv(every, BLOCK_N) * BLOCK_N
+            full_hi = tl.maximum(((p_lo + 1) // BLOCK_N) * BLOCK_N, full_lo)
+            edge_hi = tl.minimum(full_lo, hi)
+        else:
+            full_lo = hi
+            full_hi = hi
+            edge_hi = hi
+        for t0 in range(lo, edge_hi, BLOCK_N):  # edge tiles in front (range start, window)
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
+                                    hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                                    stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
+                                    BLOCK_D == D, TMA)
+            m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
+                                         PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
+        for t0 in range(full_lo, full_hi, BLOCK_N):  # tiles every row sees whole: no mask
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
+                                    hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                                    stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False,
+                                    BLOCK_D == D, TMA)
+            m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
+                                         PRECISION, FP8, False, WINDOW, SOFTCAP_LOG2)
+        for t0 in range(full_hi, hi, BLOCK_N):  # the diagonal
+            k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
+                                    hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
+                                    stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
+                                    BLOCK_D == D, TMA)
+            m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
+                                         PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
+
+        if HAS_SINKS:  # each row's head sink logit joins the denominator (log2 domain)
+            sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+            m_safe = tl.where(m_i == float("-inf"), sink, tl.maximum(m_i, sink))
+            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.math.exp2(sink - m_safe)
+            acc = acc * tl.math.exp2(m_i - m_safe)[:, None]
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        row_o = (q0 + i).to(tl.int64) * stride_ot + h * stride_oh
+        tl.store(OUT + row_o[:, None] + d[None, :], out.to(OUT.dtype.element_ty),
+                 mask=imask[:, None] & dmask[None, :])
+
+
+# ----------------------------------------------------------------------------- the wrapper
+def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
+                               max_q_len: int | None = None, block_m: int | None = None, block_n: int | None = None,
+                               k_scale=None, v_scale=None, *, window: int | None = None,
+                               sinks: torch.Tensor | None = None, softcap: float | None = None,
+                               config: PrefillConfig | None = None):
+    """Packed variable-length queries against paged KV, as ``paged_prefill_attention_triton``;
+    ``config`` picks the launch (``block_m`` / ``block_n``, when given, override its tiles)."""
+    _check_paged(q, k_cache, v_cache, page_table)
+    _check_sinks(sinks, q.shape[1])
+    T, Hq, D = q.shape
+    if D > MAX_HEAD_DIM:  # explicit fallback: the first kernel tiles any head dim
+        return paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
+                                              kv_starts, max_q_len, block_m, block_n or 64, k_scale, v_scale,
+                                              window=window, sinks=sinks, softcap=softcap)
+    ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
+    cfg = config or default_config(D, q.is_cuda)
+    if block_m is not None or block_n is not None:
+        cfg = dataclasses.replace(cfg, block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
+    cfg.validate()
+    if not scale > 0:
+        raise ValueError(f"scale={scale}: the softmax scale must be positive")
+    if window is not None and window < 1:
+        raise ValueError(f"window={window}: must be >= 1 (or None for no window)")
+    B = kv_lens.shape[0]
+    if cu_seqlens_q.shape[0] != B + 1:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {B} sequences (expected {B + 1})")
+    Hkv, page = k_cache.shape[2], k_cache.shape[1]
+    G = Hq // Hkv
+    P = heads_per_program(G, cfg.block_m, cfg.pack_gqa)
+    if kv_starts is None:
+        kv_starts = torch.zeros(B, dtype=torch.int32, device=q.device)
+    if max_q_len is None:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+    out = torch.empty_like(q)
+    if B == 0 or T == 0 or max_q_len == 0:
+        return out
+    block_q = cfg.block_m // P
+    tile_in_page = page % cfg.block_n == 0
+    kd = vd = k_cache
+    if cfg.tma and tma_applies(k_cache, v_cache, cfg.block_n):
+        kd, vd = (TensorDescriptor.from_tensor(c.view(-1, Hkv * D), [cfg.block_n, D]) for c in (k_cache, v_cache))
+    _prefill_v2_kernel[(Hq // P, B, triton.cdiv(max_q_len, block_q))](
+        q, k_cache, v_cache, ks, vs, kd, vd, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
+        sinks if sinks is not None else q, scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        stride_sp, stride_st,
+        page_table.stride(0),
+        out.stride(0), out.stride(1),
+        G=G, P=P, D=D, BLOCK_D=max(16, next_pow2(D)), PAGE=page, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
+        BLOCK_N=cfg.block_n,
+        PRECISION=dot_precision(q.dtype), FP8=fp8, TILE_IN_PAGE=tile_in_page,
+        SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, TMA=kd is not k_cache, WINDOW=int(window or 0),
+        HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages if q.is_cuda else 1,
+    )
+    return out
