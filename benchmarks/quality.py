@@ -134,7 +134,7 @@ DEFAULT_CHOICE = (
     "on, MATH train solutions, and again on MATH-500, on SmolLM2-135M-Instruct and on Gemma 3 270M (another "
     "family, with sliding-window layers), against every registered scorer (the published `keydiff`, `rkv` and "
     "`expected_attention` included) on top-1 agreement, KL and perplexity ratio, at 1/16 to 1/2 of the length, "
-    "one 2,048-token sequence per model and text plus a second for the closest rows "
+    "one 2,048-token sequence per model and text (plus a second on SmolLM2 for the closest rows) "
     "(`benchmarks/scorer_comparison.py`). The default is at least as good as every scorer in 31 of those 48 cells "
     "(the clear misses: SmolLM2 at 1/4 and 1/2, mostly to `snapkv`, and `expected_attention`'s KL at 1/4 on Gemma "
     "3's MATH-500; the rest are one or two tokens), and no other scorer or candidate is in more than 16, "
