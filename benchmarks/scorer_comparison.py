@@ -206,7 +206,7 @@ DECISION = (
     "the `zmix` candidate at 1/16 to 1/2 of the length; then, on SmolLM2, the next 2,048-token sequence of each "
     "text for the default and the five rows closest to it (second sample). At these sizes one token is about 0.05 points of "
     "top-1. On Gemma 3 270M (sliding-window layers keep their 512-token window; only its three full-attention "
-    "layers are compressed; checked first on a 1,024-token sequence, the checks of `benchmarks/window_check.py`: full KV "
+    "layers are compressed; checked first, by hand, on a 1,024-token sequence with the checks `benchmarks/window_check.py` now makes: full KV "
     "fed in chunks and a `ZipageCache` that never evicts both agree with the one-forward reference at 100% top-1, "
     "KL 3e-8, and every sliding layer holds exactly its window) the default holds 10 of 12 cells on MATH train and 8 of 12 on MATH-500; the misses "
     "are one or two tokens of top-1 to `snapkv` (MATH train 1/8: 91.08% against 90.97%; MATH-500 1/16: 85.66% "
