@@ -56,9 +56,6 @@ def test_row_specs_and_answers(quality):
 
 
 @needs_real
-@pytest.mark.xfail(reason="known regression, open: since generate()'s row storage keeps window queries only near a "
-                   "compression, quality.clone_prefilled's copy of a prefilled cache no longer matches a fresh "
-                   "prefill; the quality benchmark's clone shortcut must be rebuilt on the new storage", strict=True)
 def test_chunked_decoding_matches_token_by_token(quality, smollm2):
     """The shortcut the benchmark relies on: chunks of `buffer` tokens give the same predictions as
     one token per forward, and a cloned prefilled cache behaves like a freshly prefilled one."""

@@ -65,3 +65,51 @@ def test_rows_take_scorer_knobs(sc):
         sc.Q.parse_row("snapkv[rkv_lambda=0.2]")
     with pytest.raises(ValueError, match="has the knobs"):
         sc.Q.parse_row("rkv[rkv_lamda=0.2]")
+
+
+def test_candidates_are_shown_not_counted(sc):
+    tf = {**TF, "rows": TF["rows"] + [row("zmix", "1/8", 0.99, 0.01, 1.01), row("zmix", "1/4", 0.99, 0.01, 1.01)]}
+    library = {"zipage", "snapkv", "rkv"}
+    checks = {(c["budget_frac"], c["metric"]): c for c in sc.compare_default(tf, "zipage", library)}
+    assert checks[("1/8", "top-1")]["ok"] and checks[("1/8", "KL")]["beaten_by"] == ["snapkv"]
+    assert sc.compare_default(tf)[0]["beaten_by"] == ["zmix"]  # without the library, any plain name counts
+    # (cells, cells at least as good as every other scorer, cells at least as good as the default)
+    assert sc.standing(tf, "rkv", "zipage", library) == (6, 4, 4)
+    assert sc.standing(tf, "zipage", "zipage", library) == (6, 3, 6)
+    assert sc.standing(tf, "zmix", "zipage", library) == (6, 6, 6)
+
+
+def test_runs_on_other_sequences_are_pooled(sc, tmp_path):
+    def result(skip, top1, spans):
+        tf = {"seq_len": 1024, "sequences": [{"problems": spans}], "rows": [
+            {**row(c, "1/8", top1, 0.1, 1.1), "positions": 10, "per_sequence": [{"top1": top1, "kl": 0.1, "ppl_ratio": 1.1}]}
+            for c in ("zipage", "snapkv")]}
+        return {"model": "smollm2", "model_title": "SmolLM2-135M-Instruct", "dataset": "math500", "default": "zipage",
+                "command": f"run {skip}", "seconds": 1.0, "environment": {"threads": 1}, "settings": {"skip": skip},
+                "teacher_forced": tf}
+
+    pooled = sc.pool([result(0, 0.9, [0, 3]), result(1, 0.8, [4, 7])])
+    rows = pooled["teacher_forced"]["rows"]
+    assert [r["config"] for r in rows] == ["zipage", "snapkv"]
+    assert rows[0]["top1"] == pytest.approx(0.85) and rows[0]["positions"] == 20 and len(rows[0]["per_sequence"]) == 2
+    assert len(pooled["teacher_forced"]["sequences"]) == 2 and pooled["seconds"] == 2.0
+    with pytest.raises(ValueError, match="share sequences"):
+        sc.pool([result(0, 0.9, [0, 3]), result(0, 0.9, [0, 3])])
+    for skip, top1 in ((0, 0.9), (1, 0.8)):
+        (tmp_path / f"r{skip}.json").write_text(json.dumps(result(skip, top1, [4 * skip, 4 * skip + 3])))
+    md = sc.report(sorted(tmp_path.glob("*.json")))
+    assert "2 sequences x 1024 tokens (problems 0-3, 4-7 of `math500`)" in md and "Command: `run 0` and `run 1`" in md
+
+
+def test_second_sample_alone_and_pooled(sc, tmp_path):
+    def result(top1_snapkv, spans):
+        tf = {"seq_len": 1024, "sequences": [{"problems": spans}], "rows": [
+            {**row(c, "1/8", t, 0.1, 1.1), "positions": 10, "per_sequence": [{"top1": t, "kl": 0.1, "ppl_ratio": 1.1}]}
+            for c, t in (("zipage", 0.90), ("snapkv", top1_snapkv))]}
+        return {"model": "smollm2", "model_title": "SmolLM2-135M-Instruct", "dataset": "math500", "default": "zipage",
+                "command": "run", "seconds": 1.0, "environment": {"threads": 1}, "teacher_forced": tf}
+
+    path = tmp_path / "smollm2_math500_skip1.json"
+    path.write_text(json.dumps(result(0.92, [4, 7])))  # snapkv ahead on the second sample, behind on the pooled one
+    lines = sc.second_sample([path], {("smollm2", "math500"): result(0.80, [0, 3])}, {"zipage", "snapkv"})
+    assert lines[-1] == "| SmolLM2-135M-Instruct | MATH-500 solutions | zipage, snapkv | 2 of 3 | 3 of 3 | nowhere |"
