@@ -26,6 +26,13 @@
 #   STAIRCASE=1 SYSTEMS=zipage RATES="0.3 0.38 0.45 0.55" DURATION=140 OUTPUT_LEN=12288 KV_GIB=16 DRAIN=10 \
 #     TIME_LIMIT=565 TAG=_12k bash benchmarks/serving_gpu.sh
 #   python benchmarks/serving.py --combine <the two JSON files> --out benchmarks/results/serving_qwen3-8b.json
+# A request of 12,288 tokens lives ~130 s, about one 140 s window, so full KV's last stage above was judged
+# before its queue grew. The steady-state check (about two lifetimes per rate, 230 s, rates on both sides of each
+# system's capacity: full KV ~0.156 req/s, zipage ~0.433 by Little's law from those runs), one call each:
+#   STAIRCASE=1 SYSTEMS=full   RATES="0.15 0.17" DURATION=230 OUTPUT_LEN=12288 KV_GIB=16 DRAIN=10 \
+#     TIME_LIMIT=565 TAG=_12k_steady bash benchmarks/serving_gpu.sh
+#   STAIRCASE=1 SYSTEMS=zipage RATES="0.40 0.43" DURATION=230 OUTPUT_LEN=12288 KV_GIB=16 DRAIN=10 \
+#     TIME_LIMIT=565 TAG=_12k_steady bash benchmarks/serving_gpu.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 MODEL=${MODEL:-qwen3-8b}
