@@ -24,6 +24,7 @@ softcap)`` before the softmax, as in Gemma 2).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,6 +32,9 @@ import torch
 from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
 from .fp8 import check_scales, dequantize_reference
 from .paged_decode_fp8 import launch_decode_split_fp8
+
+if HAS_TRITON:
+    from .paged_decode_fp8 import _split_setup
 
 if HAS_TRITON:
     import triton
@@ -186,23 +190,8 @@ if HAS_TRITON:
         b = tl.program_id(0)
         hk = tl.program_id(1)
         split = tl.program_id(2)
-        seq_len = tl.load(LENS + b).to(tl.int32)
-        start = tl.load(STARTS + b).to(tl.int32)
-        if WINDOW > 0:  # a sliding window: only the last WINDOW keys (the splits cover just those)
-            start = tl.maximum(start, seq_len - WINDOW)
-        base = (start // BLOCK_N) * BLOCK_N
-        n_blocks = tl.cdiv(seq_len - base, BLOCK_N)
-        per_split = tl.cdiv(n_blocks, NUM_SPLITS)
-        lo = base + split * per_split * BLOCK_N
-        hi = tl.minimum(lo + per_split * BLOCK_N, seq_len)
-
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        gmask = g < G
-        dmask = d < D
-        heads = hk * G + g
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        start, lo, hi, heads, gmask, d, dmask, q = _split_setup(
+            Q, LENS, STARTS, b, hk, split, stride_qb, stride_qh, G, BLOCK_G, D, BLOCK_D, BLOCK_N, NUM_SPLITS, WINDOW)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -439,7 +428,13 @@ def _merge_splits(mid_o, mid_lse, out, sinks, num_splits):
 
 def fp8_decode_choice() -> dict | None:
     """The FP8 decode kernel's launch choices from ``ZIPAGE_FP8_DECODE`` (``key=value,...``), or None."""
-    text = os.environ.get("ZIPAGE_FP8_DECODE", "").strip()
+    parsed = _parse_fp8_choice(os.environ.get("ZIPAGE_FP8_DECODE", "").strip())
+    return None if parsed is None else dict(parsed)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_fp8_choice(text: str) -> tuple | None:
+    """(parsed once per distinct setting: the decode wrapper asks on every layer of every step)"""
     if not text:
         return None
     choice: dict = {}
@@ -453,7 +448,7 @@ def fp8_decode_choice() -> dict | None:
         else:
             raise ValueError(f"ZIPAGE_FP8_DECODE: unknown key {key!r} (convert, head_fast, block_n, num_warps, "
                              "num_stages)")
-    return choice
+    return tuple(choice.items())
 
 
 def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,

@@ -46,6 +46,31 @@ TWO_POW_120 = 2.0 ** 120  # "bits": a code's bf16 image is the code times 2^-120
 if HAS_TRITON:
 
     @triton.jit
+    def _split_setup(Q, LENS, STARTS, b, hk, split, stride_qb, stride_qh, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                     WINDOW: tl.constexpr):
+        """A decode split program's key range ``lo .. hi`` (in whole ``BLOCK_N`` tiles from the first
+        stored key, or from the window's first key) and its GQA group's queries ``[BLOCK_G, BLOCK_D]``;
+        shared by the general split kernel and the FP8 one (``paged_decode_fp8.py``)."""
+        seq_len = tl.load(LENS + b).to(tl.int32)
+        start = tl.load(STARTS + b).to(tl.int32)
+        if WINDOW > 0:  # a sliding window: only the last WINDOW keys (the splits cover just those)
+            start = tl.maximum(start, seq_len - WINDOW)
+        base = (start // BLOCK_N) * BLOCK_N
+        n_blocks = tl.cdiv(seq_len - base, BLOCK_N)
+        per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+        lo = base + split * per_split * BLOCK_N
+        hi = tl.minimum(lo + per_split * BLOCK_N, seq_len)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        gmask = g < G
+        dmask = d < D
+        heads = hk * G + g
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        return start, lo, hi, heads, gmask, d, dmask, q
+
+    @triton.jit
     def _fp8_operand(x, CONVERT: tl.constexpr):
         """FP8 codes -> a dot operand: bf16 (exact), fp16 (exact) or bf16 bits (code * 2^-120)."""
         if CONVERT == 1:
@@ -78,23 +103,8 @@ if HAS_TRITON:
             b = tl.program_id(0)
             hk = tl.program_id(1)
         split = tl.program_id(2)
-        seq_len = tl.load(LENS + b).to(tl.int32)
-        start = tl.load(STARTS + b).to(tl.int32)
-        if WINDOW > 0:
-            start = tl.maximum(start, seq_len - WINDOW)
-        base = (start // BLOCK_N) * BLOCK_N
-        n_blocks = tl.cdiv(seq_len - base, BLOCK_N)
-        per_split = tl.cdiv(n_blocks, NUM_SPLITS)
-        lo = base + split * per_split * BLOCK_N
-        hi = tl.minimum(lo + per_split * BLOCK_N, seq_len)
-
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, BLOCK_D)
-        gmask = g < G
-        dmask = d < D
-        heads = hk * G + g
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=gmask[:, None] & dmask[None, :], other=0.0)
+        start, lo, hi, heads, gmask, d, dmask, q = _split_setup(
+            Q, LENS, STARTS, b, hk, split, stride_qb, stride_qh, G, BLOCK_G, D, BLOCK_D, BLOCK_N, NUM_SPLITS, WINDOW)
         if CONVERT == 3:  # the query as two e4m3 parts (hi + lo), each with a per-head scale
             qf = q.to(tl.float32)
             sq_hi = tl.maximum(tl.max(tl.abs(qf), 1) / 448.0, 1e-30)
