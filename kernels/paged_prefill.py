@@ -154,19 +154,6 @@ if HAS_TRITON:
                     v = tl.where(ok[:, None], vb, tl.zeros_like(vb)).to(v.dtype, bitcast=True)
                 else:
                     v = tl.where(ok[:, None], v, tl.zeros_like(v))
-                if FP8:
-                    ks = tl.load(KS + so + hk, mask=ok, other=0.0)
-                    vs = tl.load(VS + so + hk, mask=ok, other=0.0)
-                else:
-                    ks = ok.to(tl.float32)
-                    vs = ks
-            else:
-                if FP8:
-                    ks = tl.load(KS + so + hk)
-                    vs = tl.load(VS + so + hk)
-                else:
-                    ks = t.to(tl.float32)
-                    vs = ks
         else:  # pointer loads
             if TILE_IN_PAGE:  # the whole tile in one page: one page-table read, a scalar base + fixed offsets
                 page = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
@@ -184,12 +171,6 @@ if HAS_TRITON:
                 ok = (t < hi) & (t >= start)
                 k = tl.load(kp, mask=ok[:, None] & dmask[None, :], other=0.0)
                 v = tl.load(vp, mask=ok[:, None] & dmask[None, :], other=0.0)
-                if FP8:
-                    ks = tl.load(KS + so + hk, mask=ok, other=0.0)
-                    vs = tl.load(VS + so + hk, mask=ok, other=0.0)
-                else:
-                    ks = ok.to(tl.float32)
-                    vs = ks
             else:
                 if EVEN_D:
                     k = tl.load(kp)
@@ -197,12 +178,18 @@ if HAS_TRITON:
                 else:
                     k = tl.load(kp, mask=dmask[None, :], other=0.0)
                     v = tl.load(vp, mask=dmask[None, :], other=0.0)
-                if FP8:
-                    ks = tl.load(KS + so + hk)
-                    vs = tl.load(VS + so + hk)
-                else:
-                    ks = t.to(tl.float32)
-                    vs = ks
+        # the scales (FP8) or their stand-ins, in one place for both kinds of load
+        if FP8:
+            if MASKED:
+                ok = (t < hi) & (t >= start)
+                ks = tl.load(KS + so + hk, mask=ok, other=0.0)
+                vs = tl.load(VS + so + hk, mask=ok, other=0.0)
+            else:
+                ks = tl.load(KS + so + hk)
+                vs = tl.load(VS + so + hk)
+        else:
+            ks = t.to(tl.float32)
+            vs = ks
         return k, v, ks, vs
 
     @triton.jit
