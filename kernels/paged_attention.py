@@ -444,6 +444,8 @@ def _parse_fp8_choice(text: str) -> tuple | None:
         if key == "convert":
             choice[key] = value
         elif key in ("head_fast", "block_n", "num_warps", "num_stages"):
+            if not value.isdigit():
+                raise ValueError(f"ZIPAGE_FP8_DECODE: {key}={value!r} must be a whole number")
             choice[key] = int(value)
         else:
             raise ValueError(f"ZIPAGE_FP8_DECODE: unknown key {key!r} (convert, head_fast, block_n, num_warps, "

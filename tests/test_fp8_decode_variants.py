@@ -101,6 +101,9 @@ def test_choice_from_the_environment(monkeypatch):
     monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16,tiles=4")
     with pytest.raises(ValueError, match="unknown key 'tiles'"):
         fp8_decode_choice()
+    monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16,block_n=big")
+    with pytest.raises(ValueError, match="block_n='big' must be a whole number"):
+        fp8_decode_choice()
 
 
 @requires_triton
