@@ -27,12 +27,14 @@
 #     TIME_LIMIT=565 TAG=_12k bash benchmarks/serving_gpu.sh
 #   python benchmarks/serving.py --combine <the two JSON files> --out benchmarks/results/serving_qwen3-8b.json
 # A request of 12,288 tokens lives ~130 s, about one 140 s window, so full KV's last stage above was judged
-# before its queue grew. The steady-state check (about two lifetimes per rate, 230 s, rates on both sides of each
-# system's capacity: full KV ~0.156 req/s, zipage ~0.433 by Little's law from those runs), one call each:
-#   STAIRCASE=1 SYSTEMS=full   RATES="0.15 0.17" DURATION=230 OUTPUT_LEN=12288 KV_GIB=16 DRAIN=10 \
+# before its queue grew. The committed comparison (benchmarks/results/issue13/steady_12288/, combined into
+# benchmarks/results/serving_qwen3-8b.json): 145 s per rate, ~3.4 lifetimes in all, rates at ~0.77, 0.9 and
+# 1.03 of each system's capacity by Little's law (full KV ~0.156 req/s, zipage ~0.433), one call each:
+#   STAIRCASE=1 SYSTEMS=full   RATES="0.12 0.14 0.16" DURATION=145 OUTPUT_LEN=12288 KV_GIB=16 DRAIN=10 \
 #     TIME_LIMIT=565 TAG=_12k_steady bash benchmarks/serving_gpu.sh
-#   STAIRCASE=1 SYSTEMS=zipage RATES="0.40 0.43" DURATION=230 OUTPUT_LEN=12288 KV_GIB=16 DRAIN=10 \
+#   STAIRCASE=1 SYSTEMS=zipage RATES="0.33 0.39 0.45" DURATION=145 OUTPUT_LEN=12288 KV_GIB=16 DRAIN=10 \
 #     TIME_LIMIT=565 TAG=_12k_steady bash benchmarks/serving_gpu.sh
+# Result: full KV sustains 0.14, zipage 0.39 (2.8x).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 MODEL=${MODEL:-qwen3-8b}
