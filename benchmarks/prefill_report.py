@@ -18,8 +18,8 @@ def prefill_section(results: Path) -> str:
              f"{s['heads'][1]} KV, head dim {s['head_dim']}), {s['page']}-token pages, bf16 "
              f"(`python benchmarks/prefill_tune.py`, `{path.relative_to(results.parent.parent)}`). The baseline gathers "
              "the pages into contiguous keys and values and calls SDPA (its fastest formulation; gather "
-             "included). `v1` is the engine's prefill kernel, the others `kernels/paged_prefill.py`'s "
-             "(`ZIPAGE_PREFILL_KERNEL=v2:<name>`); a ratio above 1 is faster than the baseline. The chunked step "
+             "included). `v1` is the first prefill kernel, the others `kernels/paged_prefill.py`'s "
+             "(`ZIPAGE_PREFILL_KERNEL=v2:<name>`; the engine's default launch follows this sweep); a ratio above 1 is faster than the baseline. The chunked step "
              "is timed as the engine runs it: the chunk through the prefill kernel, the 64 single-query rows "
              "through the decode kernel.", "",
              "| case | baseline ms | v1 | fastest v2 | v2 / v1 |", "|---|---|---|---|---|"]
@@ -37,4 +37,32 @@ def prefill_section(results: Path) -> str:
         best = min(done, key=lambda n: done[n]["ms"])
         lines.append(f"| {r['case']} | {base:.3f} | {base / v1['ms']:.2f}x | {best}: {base / done[best]['ms']:.2f}x "
                      f"({done[best]['ms']:.3f} ms) | {v1['ms'] / done[best]['ms']:.2f}x |")
-    return "\n".join(lines + [""])
+    return "\n".join(lines + [""] + engine_rows(results))
+
+
+def engine_rows(results: Path) -> list[str]:
+    """The engine with each prefill kernel on the long-prompt workload (``benchmarks/throughput.py
+    --workload long-prompt``, one GPU call, ``ZIPAGE_PREFILL_KERNEL`` set per run)."""
+    folder = results / "prefill" / "engine_longprompt"
+    runs = []
+    for name in ("v1", "v2", "v1_warm", "v2_warm"):
+        path = folder / f"longprompt_{name}.json"
+        if path.exists():
+            d = json.loads(path.read_text())
+            runs.append((name, d, d["systems"][0] if isinstance(d["systems"], list) else next(iter(d["systems"].values()))))
+    if not runs:
+        return []
+    d0 = runs[0][1]
+    lines = ["### The engine's prefill kernel on long prompts", "",
+             f"{d0['device']}, random-weight {d0['model']}, {d0['requests']} requests of "
+             f"{d0['prompt_len'][0]:,}-{d0['prompt_len'][1]:,}-token prompts (mean {d0['mean_prompt_tokens']:,.0f}) "
+             f"and {d0['max_tokens']} new tokens, budget 2048 (`{folder.relative_to(results.parent.parent)}`). "
+             "The pairs ran one after the other in two GPU calls on the same machine: in the first pair the v1 run "
+             "also paid for compiling the kernels both runs share, so the second pair (every kernel compiled) is "
+             "the comparison. TTFT includes the wait behind other requests' prefills.", "",
+             "| run | prefill kernel | TTFT mean / p50 / p99 (s) | tok/s | wall (s) |", "|---|---|---|---|---|"]
+    for name, d, r in runs:
+        lines.append(f"| {'second' if name.endswith('warm') else 'first'} | {d['prefill_kernel']} | "
+                     f"{r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['wall_s']:.1f} |")
+    return lines + [""]

@@ -508,8 +508,8 @@ def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_le
     """Packed variable-length queries against paged KV (which already holds them and any cached prefix)."""
     features = dict(window=window, sinks=sinks, softcap=softcap)
     if use_triton(q, k_cache):
-        choice = os.environ.get("ZIPAGE_PREFILL_KERNEL", "v1")
-        if choice != "v1":  # opt-in: "v2" or "v2:<config name>", the second kernel (paged_prefill.py)
+        choice = os.environ.get("ZIPAGE_PREFILL_KERNEL", "v2")
+        if choice != "v1":  # the second kernel (paged_prefill.py), "v2" or "v2:<config name>"; "v1": the first
             from .paged_prefill import kernel_for
 
             return kernel_for(choice)(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts,

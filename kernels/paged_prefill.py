@@ -101,13 +101,22 @@ def kernel_for(choice: str):
     raise ValueError(f"ZIPAGE_PREFILL_KERNEL={choice!r}: expected v1, v2 or v2:<config name> (e.g. v2:m128n64w8s3)")
 
 
-def default_config(head_dim: int, on_gpu: bool) -> PrefillConfig:
-    """A reasonable config before tuning: large tiles for head dims up to 128 on a GPU."""
+def default_config(head_dim: int, on_gpu: bool, max_q_len: int = 0, fp8: bool = False) -> PrefillConfig:
+    """The launch the engine uses, from the H200 sweep (``benchmarks/prefill_tune.py``,
+    ``benchmarks/results/prefill/prefill_tune.json``, Qwen3-8B heads, 256-token pages): for head dims
+    up to 128, 64 x 64 tiles with 4 warps up to 2,048 queries per sequence (prompts of 512-2,048 and
+    2K chunks beside decode rows), 128 x 128 tiles with 8 warps above (4K prompts, prefix-cached
+    4K); FP8 pages keep 128 x 64 (the only tile measured on them). Tensor-descriptor tiles where
+    ``tma_applies`` allows them (Hopper or newer)."""
     if not on_gpu:
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
     if head_dim > 128:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    return PrefillConfig()
+    if fp8:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, tma=True)
+    if max_q_len > 2048:
+        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True)
+    return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True)
 
 
 def heads_per_program(group: int, block_m: int, pack: bool) -> int:
@@ -124,8 +133,14 @@ def tma_applies(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> b
     columns) and pools that are one contiguous [slots, H_kv * D] matrix each; otherwise the
     ``tma`` config falls back to pointer loads."""
     page, D = k_cache.shape[1], k_cache.shape[-1]
-    return (HAS_TENSOR_DESCRIPTOR and page % block_n == 0 and D == next_pow2(D) and D >= 16
-            and k_cache.is_contiguous() and v_cache.is_contiguous())
+    return (HAS_TENSOR_DESCRIPTOR and k_cache.is_cuda and _has_tma(k_cache.device) and page % block_n == 0
+            and D == next_pow2(D) and D >= 16 and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    """Tensor descriptors need the Hopper copy engine (compute capability 9.0 or newer)."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -349,7 +364,12 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
                                               kv_starts, max_q_len, block_m, block_n or 64, k_scale, v_scale,
                                               window=window, sinks=sinks, softcap=softcap)
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
-    cfg = config or default_config(D, q.is_cuda)
+    B = kv_lens.shape[0]
+    if cu_seqlens_q.shape[0] != B + 1:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {B} sequences (expected {B + 1})")
+    if max_q_len is None:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+    cfg = config or default_config(D, q.is_cuda, max_q_len, fp8)
     if block_m is not None or block_n is not None:
         cfg = dataclasses.replace(cfg, block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
     cfg.validate()
@@ -357,16 +377,11 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         raise ValueError(f"scale={scale}: the softmax scale must be positive")
     if window is not None and window < 1:
         raise ValueError(f"window={window}: must be >= 1 (or None for no window)")
-    B = kv_lens.shape[0]
-    if cu_seqlens_q.shape[0] != B + 1:
-        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {B} sequences (expected {B + 1})")
     Hkv, page = k_cache.shape[2], k_cache.shape[1]
     G = Hq // Hkv
     P = heads_per_program(G, cfg.block_m, cfg.pack_gqa)
     if kv_starts is None:
         kv_starts = torch.zeros(B, dtype=torch.int32, device=q.device)
-    if max_q_len is None:
-        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
     out = torch.empty_like(q)
     if B == 0 or T == 0 or max_q_len == 0:
         return out
