@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=None, help="tokens per KV page (default: ZipageConfig's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
     p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: sized from memory)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
-                   help="KV pages in the model's dtype (auto) or FP8, in every configuration")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "int8"),
+                   help="KV pages in the model's dtype (auto), FP8 or INT8, in every configuration")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="an untimed run through a compression before each configuration (default: on with CUDA)")

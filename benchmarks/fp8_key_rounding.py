@@ -1,18 +1,22 @@
-"""Where FP8 KV loses quality: keys or values, and whether rescaling key channels helps (CPU).
+"""Where 8-bit KV pages lose quality: keys or values, e4m3 or int8 codes, and what helps (CPU).
 
 One teacher-forced forward of real math text (``benchmarks/quality.py``'s sequences) through
-SmolLM2-135M-Instruct (or Gemma 3 270M, ``--model gemma3``: its keys pass an RMSNorm) with its keys or values rounded through e4m3 (per token and head, as the
-FP8 pages store them) right before attention, nothing evicted, against the same forward unrounded:
-top-1 agreement and mean KL of the next-token distributions. Variants of the keys:
+SmolLM2-135M-Instruct (or Gemma 3 270M, ``--model gemma3``: its keys pass an RMSNorm) with its keys
+or values rounded right before attention (per token and head, as the quantized pages store them),
+nothing evicted, against the same forward unrounded: top-1 agreement and mean KL of the next-token
+distributions. Variants (``VARIANTS``; ``--variants`` picks some):
 
-* ``keys``: per-token scales, as stored;
-* ``keys/channel``: each channel first divided by a power of two near its maximum over the
-  sequence (so outlier channels stop setting the token's scale), multiplied back after rounding;
-* ``keys/channel-sqrt``: the same with the square root of the maximum (half the smoothing);
+* ``keys``: e4m3 codes with per-token scales, as ``kv_cache_dtype="fp8"`` stores them;
+* ``keys/channel``, ``keys/channel-sqrt``: each channel first divided by a power of two near its
+  maximum over the sequence (or its square root), multiplied back after rounding;
+* ``keys - mean of ...``: a per-channel mean subtracted before rounding and kept exactly (of the
+  first tokens: one offset per sequence and head, which softmax ignores; of each page: one per page;
+  of the whole sequence: an oracle);
+* ``int8``: int8 codes, ``round(x / s)`` with ``s = max|x| / 127`` (``kv_cache_dtype="int8"``);
 * ``values``: the values rounded, the keys exact;
 * for scale, both rounded to bf16 (what a bf16 deployment stores; 8 significant bits to e4m3's 4).
 
-    python benchmarks/fp8_key_rounding.py [--model smollm2|gemma3] [--seqs 2 --seq-len 1024]
+    python benchmarks/fp8_key_rounding.py [--model smollm2|gemma3] [--seqs 2 --seq-len 1024] [--variants 'a;b']
 """
 
 from __future__ import annotations
@@ -39,11 +43,53 @@ def channel_smoothed(k: torch.Tensor, power: float) -> torch.Tensor:
     return e4m3(k / c) * c
 
 
+def mean_offset(k: torch.Tensor, span: int | None, per_block: bool, rounding=None) -> torch.Tensor:
+    """Keys rounded as ``rounding(k - m) + m`` (e4m3 by default), ``m`` a per-channel mean kept exactly
+    beside the pages: of the first ``span`` tokens (one offset per sequence and head: a query's logits
+    all shift by the same ``q . m``, which softmax ignores, so attention needs no change), of every
+    ``span``-token block (one per page: a query adds ``q . m`` back per page), or of the whole
+    sequence (``span=None``, an oracle)."""
+    rounding = rounding or e4m3
+    S = k.shape[2]
+    if span is None:
+        m = k.mean(dim=2, keepdim=True)
+        return rounding(k - m) + m
+    if not per_block:
+        m = k[:, :, :span].mean(dim=2, keepdim=True)
+        return rounding(k - m) + m
+    out = torch.empty_like(k)
+    for a in range(0, S, span):
+        blk = k[:, :, a:a + span]
+        m = blk.mean(dim=2, keepdim=True)
+        out[:, :, a:a + span] = rounding(blk - m) + m
+    return out
+
+
+def int8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [..., D] rounded through int8 codes with one scale per row (max|x| / 127; the INT8
+    pages' rounding, ``kv_cache_dtype="int8"``): the same bytes as e4m3."""
+    from zipage.kernels.fp8 import INT8, dequantize_reference, quantize_reference
+
+    return dequantize_reference(*quantize_reference(x, INT8)).to(x.dtype)
+
+
 VARIANTS = {
     "keys": lambda k, v: (e4m3(k), v),
     "keys/channel": lambda k, v: (channel_smoothed(k, 1.0), v),
     "keys/channel-sqrt": lambda k, v: (channel_smoothed(k, 0.5), v),
+    "keys - mean of the first 256 tokens": lambda k, v: (mean_offset(k, 256, False), v),
+    "keys - mean of the first 16 tokens": lambda k, v: (mean_offset(k, 16, False), v),
+    "keys - mean of each 256-token page": lambda k, v: (mean_offset(k, 256, True), v),
+    "keys - mean of each 16-token page": lambda k, v: (mean_offset(k, 16, True), v),
+    "keys - sequence mean (oracle)": lambda k, v: (mean_offset(k, None, False), v),
     "values": lambda k, v: (k, e4m3(v)),
+    "keys and values e4m3": lambda k, v: (e4m3(k), e4m3(v)),
+    "keys as int8": lambda k, v: (int8(k), v),
+    "keys as int8, values e4m3": lambda k, v: (int8(k), e4m3(v)),
+    "keys and values int8": lambda k, v: (int8(k), int8(v)),
+    "keys int8 - mean of the first 256 tokens, values int8": lambda k, v: (mean_offset(k, 256, False, int8), int8(v)),
+    "keys int8 - mean of each 16-token page, values int8": lambda k, v: (mean_offset(k, 16, True, int8), int8(v)),
+    "keys int8 - sequence mean (oracle), values int8": lambda k, v: (mean_offset(k, None, False, int8), int8(v)),
     "keys and values in bf16 (for scale)": lambda k, v: (k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)),
 }
 
@@ -60,6 +106,7 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default="", help="variant names separated by ';' (default: all of VARIANTS)")
     args = ap.parse_args()
     model, tok = load(args.model, args.threads)
     ids, _ = quality.build_sequences(tok, args.seqs, args.seq_len)
@@ -80,9 +127,13 @@ def main() -> None:
 
     ref = log_probs(None)
     print(f"{MODELS[args.model]}, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted\n")
-    print("| rounded through e4m3 | top-1 agreement | mean KL (nats) |")
+    print("| rounded | top-1 agreement | mean KL (nats) |")
     print("|---|---|---|")
-    for name in VARIANTS:
+    names = [n.strip() for n in args.variants.split(";") if n.strip()] or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    for name in names:
         lp = log_probs(name)
         top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
         kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()

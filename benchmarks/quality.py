@@ -35,14 +35,15 @@ Rows are scorers (``zipage.list_scorers()``) and variants written ``name[field=v
 any ZipageConfig field, e.g. ``zipage[redundancy=none]`` or ``zipage[use_global=False]``.
 ``--fp8`` adds an FP8-pages twin of every teacher-forced row (``name[...,kv_cache_dtype=fp8]``)
 and a full-KV FP8 control (FP8 pages, nothing evicted), and checks that FP8 costs at most 0.5
-points of top-1 against the same row in the model's dtype.
+points of top-1 against the same row in the model's dtype; ``--int8`` does the same with INT8
+pages (``kv_cache_dtype=int8``).
 
     python benchmarks/quality.py              # default: 4 sequences, 12 rows, 56 prompts (~35 min, 2 cores)
     python benchmarks/quality.py --quick      # a few minutes: 1 sequence, 7 rows, 8 prompts
     python benchmarks/quality.py --ablations  # teacher forcing only, 2 sequences, 26 rows (~15 min)
     python benchmarks/quality.py --full       # 16 sequences, 64 prompts, everything verified (hours)
     python benchmarks/quality.py --scorers zipage,snapkv --budgets 1/8,1/4 --no-gen   # filters
-    python benchmarks/quality.py --scorers zipage --budgets 1/8,1/4 --no-gen --fp8 --out benchmarks/results/quality_fp8
+    python benchmarks/quality.py --scorers zipage --budgets 1/8,1/4 --no-gen --fp8 --int8 --out benchmarks/results/quality_fp8
 
 Outputs in benchmarks/results/: quality.{json,md,png} (default), quality_quick.*, quality_ablations.*,
 quality_full.*; ``--out STEM`` writes STEM.json, STEM.md and STEM.png instead.
@@ -523,8 +524,8 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
     parts: dict[tuple[str, Fraction], list] = {}
     runs: dict[tuple[str, Fraction], dict] = {}
     control_parts: dict[Fraction, list] = {}
-    fp8_parts: dict[Fraction, list] = {}
-    any_fp8 = any(fields.get("kv_cache_dtype") == "fp8" for _, fields in rows)
+    fp8_parts: dict[tuple[str, Fraction], list] = {}
+    kinds = [k for k in QUANTIZED if any(fields.get("kv_cache_dtype") == k for _, fields in rows)]
     checks: list[dict[str, Any]] = []
     t_ref = t_runs = 0.0
     groups = [list(range(i, min(i + args.tf_batch, len(seqs)))) for i in range(0, len(seqs), args.tf_batch)]
@@ -540,14 +541,14 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         run_full_chunked(model, ids, ctrl, start, args.buffer)
         for f, B in budget_tokens.items():
             control_parts.setdefault(f, []).append(ctrl.summary(B + args.buffer, N - 1))
-        if any_fp8:  # full KV in FP8 pages: a ZipageCache whose budget is never reached
+        for kind in kinds:  # full KV in FP8 (INT8) pages: a ZipageCache whose budget is never reached
             ctrl8 = Tracker(ids, ref)
-            cache8 = zipage.ZipageCache(config=model.config, budget=N, page_size=args.page_size, kv_cache_dtype="fp8")
+            cache8 = zipage.ZipageCache(config=model.config, budget=N, page_size=args.page_size, kv_cache_dtype=kind)
             run_full_chunked(model, ids, ctrl8, start, args.buffer, cache8)
             assert cache8.num_compressions == 0
             del cache8
             for f, B in budget_tokens.items():
-                fp8_parts.setdefault(f, []).append(ctrl8.summary(B + args.buffer, N - 1))
+                fp8_parts.setdefault((kind, f), []).append(ctrl8.summary(B + args.buffer, N - 1))
         for f in budgets:
             B = budget_tokens[f]
             prefilled: dict[tuple[int, str], Any] = {}
@@ -604,10 +605,11 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         for f in budgets
     ]
     control_fp8 = [
-        {"config": "full KV, FP8 pages (no eviction, control)", "budget_frac": frac_label(f),
-         "budget_fraction": float(f), "budget": budget_tokens[f], **_merge(fp8_parts[f])}
-        for f in budgets
-    ] if any_fp8 else []
+        {"config": f"full KV, {kind.upper()} pages (no eviction, control)", "kv_cache_dtype": kind,
+         "budget_frac": frac_label(f), "budget_fraction": float(f), "budget": budget_tokens[f],
+         **_merge(fp8_parts[(kind, f)])}
+        for kind in kinds for f in budgets
+    ]
     return {
         "sequences": seq_info, "seq_len": N, "rows": out_rows, "control": control, "control_fp8": control_fp8,
         "verification": checks, "seconds_reference": t_ref, "seconds_runs": t_runs,
@@ -807,13 +809,14 @@ def check_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
     return out + fp8_targets(tf)
 
 
-FP8_TOP1_POINTS = 0.5  # FP8 pages may cost at most this many points of top-1 at the same budget
+FP8_TOP1_POINTS = 0.5  # FP8 (INT8) pages may cost at most this many points of top-1 at the same budget
+QUANTIZED = ("fp8", "int8")  # the quantized page types (kv_cache_dtype)
 
 
-def fp8_twin(spec: str) -> str:
-    """The row ``spec`` with FP8 pages: ``zipage`` -> ``zipage[kv_cache_dtype=fp8]``."""
+def fp8_twin(spec: str, kind: str = "fp8") -> str:
+    """The row ``spec`` with FP8 (``kind="int8"``: INT8) pages: ``zipage`` -> ``zipage[kv_cache_dtype=fp8]``."""
     spec = spec.strip()
-    return spec[:-1] + ",kv_cache_dtype=fp8]" if spec.endswith("]") else spec + "[kv_cache_dtype=fp8]"
+    return spec[:-1] + f",kv_cache_dtype={kind}]" if spec.endswith("]") else spec + f"[kv_cache_dtype={kind}]"
 
 
 def fp8_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
@@ -822,7 +825,7 @@ def fp8_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
     plain = {(tuple(sorted(r["fields"].items())), r["budget_frac"]): r for r in tf["rows"]
              if r["fields"].get("kv_cache_dtype", "auto") == "auto"}
     for r in tf["rows"]:
-        if r["fields"].get("kv_cache_dtype") != "fp8":
+        if r["fields"].get("kv_cache_dtype") not in QUANTIZED:
             continue
         fields = {k: v for k, v in r["fields"].items() if k != "kv_cache_dtype"}
         twin = plain.get((tuple(sorted(fields.items())), r["budget_frac"]))
@@ -836,8 +839,9 @@ def fp8_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
                      f"ppl x{r['ppl_ratio']:.4f} vs x{twin['ppl_ratio']:.4f}, KL {r['kl']:.4f} vs {twin['kl']:.4f}",
         })
     for c in tf.get("control_fp8", []):
+        kind = c.get("kv_cache_dtype", "fp8").upper()
         out.append({
-            "target": f"full KV in FP8 pages, positions of {c['budget_frac']}: top-1 within {FP8_TOP1_POINTS} points "
+            "target": f"full KV in {kind} pages, positions of {c['budget_frac']}: top-1 within {FP8_TOP1_POINTS} points "
                       "of full KV",
             "passed": 100 * (1 - c["top1"]) <= FP8_TOP1_POINTS,
             "value": f"top1 {100 * c['top1']:.2f}%, ppl x{c['ppl_ratio']:.4f}, KL {c['kl']:.4f}",
@@ -923,16 +927,19 @@ def markdown(result: dict[str, Any]) -> str:
         ctrl = {r["budget_frac"]: r for r in tf["control"]}
         lines.append("| full KV, chunked (numerical floor) | " + " | ".join(
             f"{100 * ctrl[fl]['top1']:.2f}% / {ctrl[fl]['ppl_ratio']:.4f} / {ctrl[fl]['kl']:.1e}" for fl in fracs) + " |")
-        ctrl8 = {r["budget_frac"]: r for r in tf.get("control_fp8", [])}
-        if ctrl8:
-            lines.append("| full KV, FP8 pages (no eviction) | " + " | ".join(
+        ctrls8 = {}
+        for r in tf.get("control_fp8", []):
+            ctrls8.setdefault(r.get("kv_cache_dtype", "fp8"), {})[r["budget_frac"]] = r
+        for kind, ctrl8 in ctrls8.items():
+            lines.append(f"| full KV, {kind.upper()} pages (no eviction) | " + " | ".join(
                 f"{100 * ctrl8[fl]['top1']:.2f}% / {ctrl8[fl]['ppl_ratio']:.4f} / {ctrl8[fl]['kl']:.4f}" for fl in fracs)
                 + " |")
         lines.append("")
-        if ctrl8:
-            lines.append("FP8 rows (`kv_cache_dtype=fp8`: e4m3 pages with a float32 scale per token and KV head) are "
-                         "scored against the same full KV in the model's dtype as every other row; the FP8 control "
-                         "keeps every token, so it shows what FP8 alone costs.")
+        if ctrls8:
+            lines.append("FP8 rows (`kv_cache_dtype=fp8`: e4m3 pages with a float32 scale per token and KV head) and "
+                         "INT8 rows (`kv_cache_dtype=int8`: int8 codes, the same bytes) are scored against the same "
+                         "full KV in the model's dtype as every other row; their controls keep every token, so they "
+                         "show what the page type alone costs.")
             lines.append("")
         lines.append("Full-KV perplexity over the scored positions: " + ", ".join(
             f"{fl}: {ctrl[fl]['ppl_full']:.3f}" for fl in fracs) + ".")
@@ -1130,6 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tf", action="store_true", help="skip teacher forcing")
     p.add_argument("--fp8", action="store_true", help="add an FP8-pages twin of every teacher-forced row and a "
                    "full-KV FP8 control; check FP8 costs <= 0.5 points of top-1 at the same budget")
+    p.add_argument("--int8", action="store_true", help="the same with INT8 pages (kv_cache_dtype=int8)")
     p.add_argument("--no-gen", action="store_true", help="skip generation (default: off; on with --ablations)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_PRESET])")
@@ -1165,8 +1173,8 @@ def main(argv: list[str] | None = None) -> int:
         if scorer_rows is None:
             scorer_rows = ",".join(zipage.list_scorers()) + ("," + args.variants if args.variants else "")
         rows = [parse_row(s) for s in split_rows(scorer_rows)]
-        if args.fp8:  # every row again with FP8 pages
-            rows += [parse_row(fp8_twin(s)) for s in split_rows(scorer_rows) if "kv_cache_dtype" not in s]
+        for kind in [k for k in QUANTIZED if getattr(args, k, False)]:  # every row again with FP8 / INT8 pages
+            rows += [parse_row(fp8_twin(s, kind)) for s in split_rows(scorer_rows) if "kv_cache_dtype" not in s]
         if args.gen_scorers == "all":
             gen_rows = rows
         else:

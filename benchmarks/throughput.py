@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--systems", default="zipage-2048,zipage-1024,zipage-fullkv,hf-generate_batch,hf-generate",
                     help="comma list: zipage-<budget>, zipage-fullkv (add -sync for async_scheduling=False, -fp8 "
                          "for FP8 KV pages), hf-generate_batch, hf-generate")
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"],
                     help="KV pages of every engine system (a system's -fp8 suffix asks for fp8 on its own)")
     ap.add_argument("--max-num-seqs", type=int, default=256,
                     help="most requests an engine runs at once (FP8 pages fit about twice as many)")

@@ -9,7 +9,7 @@ through them is ``zipage.engine.fusion``'s business).
 """
 
 from .compact import compact, compact_reference, compact_triton
-from .fp8 import FP8, dequantize_reference, kv_dtype, quantize_reference
+from .fp8 import FP8, INT8, dequantize_reference, kv_dtype, quantize_reference
 from .paged_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -28,6 +28,7 @@ from .window_score import window_scores, window_scores_reference, window_scores_
 
 __all__ = [
     "FP8",
+    "INT8",
     "dequantize_reference",
     "kv_dtype",
     "quantize_reference",

@@ -30,7 +30,7 @@ import os
 import torch
 
 from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
-from .fp8 import check_scales, dequantize_reference
+from .fp8 import FP8, check_scales, dequantize_reference
 from .paged_decode_fp8 import launch_decode_split_fp8
 
 if HAS_TRITON:
@@ -358,7 +358,10 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
-    if fp8 and fp8_kernel is None:
+    if fp8 and k_cache.dtype != FP8:  # INT8 pages: the general kernel (the FP8 kernel's choices are e4m3's)
+        if fp8_kernel is not None:
+            raise ValueError(f"fp8_kernel: the FP8 decode kernel reads e4m3 pages, these are {k_cache.dtype}")
+    elif fp8 and fp8_kernel is None:
         fp8_kernel = fp8_decode_choice()
     if fp8_kernel is not None and fp8 and q.dtype in (torch.bfloat16, torch.float16):
         fp8_kernel = dict(fp8_kernel)

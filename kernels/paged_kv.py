@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, interpreting, next_pow2, use_triton
-from .fp8 import check_scales, quantize_reference
+from .fp8 import INT8, check_scales, quantize_reference
 
 if HAS_TRITON:
     import triton
@@ -39,7 +39,7 @@ def store_kv_reference(cache: torch.Tensor, slots: torch.Tensor, values: torch.T
     if scale is None:
         _flat(cache)[slots] = values.to(cache.dtype)
         return
-    codes, s = quantize_reference(values)
+    codes, s = quantize_reference(values, cache.dtype)
     _flat(cache)[slots] = codes
     _flat(scale)[slots] = s
 
@@ -82,16 +82,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, H: tl.constexpr, D: tl.constexpr,
-                       ROUND_FIRST: tl.constexpr):
-        """Heads ``h`` of one token: scale = max|x| / 448 per head, codes = x / scale, both stored."""
+                       ROUND_FIRST: tl.constexpr, INT8: tl.constexpr):
+        """Heads ``h`` of one token: scale = max|x| / 448 per head (INT8: / 127), codes = x / scale
+        (INT8: rounded to the nearest integer, halves away from zero), both stored."""
         hmask = h < H
         m = hmask[:, None] & (d[None, :] < D)
         x = tl.load(SRC + h[:, None] * stride_h + d[None, :], mask=m, other=0.0).to(tl.float32)
+        top = 127.0 if INT8 else 448.0  # INT8_MAX, FP8_MAX
         # IEEE divisions (``/`` compiles to an approximate one), so codes and scales match the reference
         amax = tl.max(tl.abs(x), 1)
-        s = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1e-12)  # FP8_MAX, MIN_SCALE
-        c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -448.0), 448.0)
-        if ROUND_FIRST:
+        s = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, top, tl.float32)), 1e-12)  # MIN_SCALE
+        c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -top), top)
+        if INT8:
+            c = tl.where(c < 0, -tl.floor(0.5 - c), tl.floor(c + 0.5))
+        elif ROUND_FIRST:
             c = _round_to_e4m3(c)
         tl.store(DST + (slot * H + h)[:, None] * D + d[None, :], c.to(DST.dtype.element_ty), mask=m)
         tl.store(SCALE + slot * H + h, s, mask=hmask)
@@ -101,20 +105,22 @@ if HAS_TRITON:
         DST_A, SCALE_A, SRC_A, DST_B, SCALE_B, SRC_B, SLOTS,
         stride_at, stride_ah, stride_bt, stride_bh,
         H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HAS_B: tl.constexpr,
-        ROUND_FIRST: tl.constexpr,
+        ROUND_FIRST: tl.constexpr, INT8: tl.constexpr,
     ):
         n = tl.program_id(0)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         slot = tl.load(SLOTS + n).to(tl.int64)
-        _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, H, D, ROUND_FIRST)
+        _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, H, D, ROUND_FIRST, INT8)
         if HAS_B:
-            _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, H, D, ROUND_FIRST)
+            _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, H, D, ROUND_FIRST, INT8)
 
 
 def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -> None:
     """The quantizing store: one program per (token, group of heads), keys with values."""
     H, D = cache.shape[2], cache.shape[3]
+    if cache_b is not None and cache_b.dtype != cache.dtype:
+        raise ValueError(f"store_kv: keys and values must share one page type, got {cache.dtype} and {cache_b.dtype}")
     if cache.dim() != 4 or not scale.is_contiguous() or (scale_b is not None and not scale_b.is_contiguous()):
         raise ValueError("store_kv: FP8 pools must be [num_pages, page_size, H, D] with contiguous scales")
     flat_slots = slots.reshape(-1).contiguous()
@@ -133,7 +139,8 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -
     _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
         cache, scale, src_a, cache_b if has_b else cache, scale_b if has_b else scale, src_b, flat_slots,
         src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
-        H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d, HAS_B=has_b, ROUND_FIRST=interpreting(), num_warps=4,
+        H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d, HAS_B=has_b, ROUND_FIRST=interpreting(),
+        INT8=cache.dtype == INT8, num_warps=4,
     )
 
 

@@ -170,9 +170,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="tokens of KV kept per request after a compression, unless a request asks for its own; "
                    "'none': full KV only (requests cannot ask for a budget then)")
     p.add_argument("--page-size", type=int, default=256, help="tokens per KV page")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                   help="KV pages: auto (the model's dtype) or fp8 (e4m3 with a scale per token and head: "
-                   "about twice the tokens in the same memory)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"],
+                   help="KV pages: auto (the model's dtype), fp8 (e4m3 with a scale per token and head: "
+                   "about twice the tokens in the same memory) or int8 (int8 codes, the same bytes, less rounding)")
     p.add_argument("--scorer", default=None, help="which tokens to keep (default: zipage; `zipage info` lists them)")
     p.add_argument("--max-budget", type=int, default=None,
                    help="largest budget a request may ask for; full KV is refused then too (default: no limit)")

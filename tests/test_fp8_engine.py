@@ -1,6 +1,6 @@
-"""FP8 KV pages (kv_cache_dtype="fp8") in the engine and in generate(): their tokens against
-generate() on a cache that rounds every stored key and value through e4m3 the same way (dense
-float32 pools), and the page and scale bookkeeping through compaction and prefix caching."""
+"""FP8 and INT8 KV pages (kv_cache_dtype="fp8" / "int8") in the engine and in generate(): their tokens
+against generate() on a cache that rounds every stored key and value through e4m3 (or int8 codes) the
+same way (dense float32 pools), and the page and scale bookkeeping through compaction and prefix caching."""
 
 from __future__ import annotations
 
@@ -13,31 +13,41 @@ import zipage
 import zipage.cache
 from zipage import LLM, SamplingParams, ZipageConfig
 from zipage.kernels import FP8, dequantize_reference, quantize_reference, slot_indices
+from zipage.kernels.fp8 import QUANTIZED_KV, is_fp8
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+KV = pytest.mark.parametrize("kv", ["fp8", "int8"])
 
 
 @pytest.fixture
-def fake_fp8_generate(monkeypatch):
-    """generate(cache_implementation="zipage") whose stored keys and values are rounded through e4m3
-    with per-token, per-head scales (dense float32 pools): the independent reference of the engine."""
+def fake_rounded_generate(monkeypatch):
+    """``install(kv)``: generate(cache_implementation="zipage") whose stored keys and values are rounded
+    through ``kv``'s codes (e4m3 or int8) with per-token, per-head scales (dense float32 pools): the
+    independent reference of the engine."""
     store = zipage.cache.store_kv
 
-    def rounded(cache, slots, values, cache_b=None, values_b=None, scale=None, scale_b=None):
-        if cache_b is None or cache.dtype == FP8:  # a scorer's state, or the FP8 cache under test
-            return store(cache, slots, values, cache_b, values_b, scale, scale_b)
-        fq = lambda x: dequantize_reference(*quantize_reference(x), x.dtype)  # noqa: E731
-        return store(cache, slots, fq(values), cache_b, fq(values_b))
+    def install(kv: str = "fp8") -> None:
+        codes = QUANTIZED_KV[kv]
 
-    monkeypatch.setattr(zipage.cache, "store_kv", rounded)
+        def rounded(cache, slots, values, cache_b=None, values_b=None, scale=None, scale_b=None):
+            if cache_b is None or is_fp8(cache):  # a scorer's state, or the quantized cache under test
+                return store(cache, slots, values, cache_b, values_b, scale, scale_b)
+            fq = lambda x: dequantize_reference(*quantize_reference(x, codes), x.dtype)  # noqa: E731
+            return store(cache, slots, fq(values), cache_b, fq(values_b))
+
+        monkeypatch.setattr(zipage.cache, "store_kv", rounded)
+
+    return install
 
 
+@KV
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_full_kv_fp8_engine_matches_fp8_rounded_generate(family, fake_fp8_generate):
+def test_full_kv_fp8_engine_matches_fp8_rounded_generate(family, kv, fake_rounded_generate):
+    fake_rounded_generate(kv)
     model = tiny_model(family)
     prompts = prompts_of((12, 30, 7))
-    llm = LLM(model, budget=None, page_size=8, num_pages=64, kv_cache_dtype="fp8")
-    assert llm.runner.k_pool.dtype == FP8 and llm.runner.k_scale.shape == llm.runner.k_pool.shape[:-1]
+    llm = LLM(model, budget=None, page_size=8, num_pages=64, kv_cache_dtype=kv)
+    assert llm.runner.k_pool.dtype == QUANTIZED_KV[kv] and llm.runner.k_scale.shape == llm.runner.k_pool.shape[:-1]
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     cfg = {"budget": 4096, "page_size": 8}  # a budget never reached: full KV through the rounding cache
     for prompt, out in zip(prompts, outs):
@@ -45,10 +55,14 @@ def test_full_kv_fp8_engine_matches_fp8_rounded_generate(family, fake_fp8_genera
     assert_pool_clean(llm)
 
 
-@pytest.mark.parametrize("scorer, redundancy", [("zipage", "none"), ("zipage", "lightning"), ("snapkv", "none")])
-def test_compressing_fp8_engine_matches_fp8_rounded_generate(scorer, redundancy, fake_fp8_generate):
+@pytest.mark.parametrize("scorer, redundancy, kv", [("zipage", "none", "fp8"), ("zipage", "lightning", "fp8"),
+                                                   ("snapkv", "none", "fp8"), ("zipage", "lightning", "int8"),
+                                                   ("snapkv", "none", "int8")])
+def test_compressing_fp8_engine_matches_fp8_rounded_generate(scorer, redundancy, kv, fake_rounded_generate):
     """Compressions included: the zipage scorer reads the FP8 codes and scales itself, snapkv gets
-    them dequantized; either way the tokens are those of generate() on e4m3-rounded keys and values."""
+    them dequantized; either way the tokens are those of generate() on e4m3-rounded keys and values
+    (INT8: int8-rounded)."""
+    fake_rounded_generate(kv)
     model = tiny_model("qwen3")
     shared = prompts_of((13,), seed=7)[0]  # prefix-cached pages: compaction then writes to fresh pages
     a, b = prompts_of((5, 9), seed=2, prefix=shared)
@@ -56,7 +70,7 @@ def test_compressing_fp8_engine_matches_fp8_rounded_generate(scorer, redundancy,
     fields = dict(budget=16, page_size=4, buffer=4, window=4, scorer=scorer)
     if scorer == "zipage":
         fields["redundancy"] = redundancy
-    llm = LLM(model, num_pages=128, kv_cache_dtype="fp8", max_num_seqs=3, **fields)
+    llm = LLM(model, num_pages=128, kv_cache_dtype=kv, max_num_seqs=3, **fields)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert llm.stats()["compressions"] > 0 and llm.stats()["prefix_cache_hits"] > 0
     for prompt, out in zip(prompts, outs):
@@ -64,20 +78,22 @@ def test_compressing_fp8_engine_matches_fp8_rounded_generate(scorer, redundancy,
     assert_pool_clean(llm)
 
 
+@KV
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_fp8_generate_matches_fp8_rounded_generate(num_beams, fake_fp8_generate):
+def test_fp8_generate_matches_fp8_rounded_generate(num_beams, kv, fake_rounded_generate):
     """generate(cache_implementation="zipage") with FP8 pages, compressions and (beam search) reordered
     rows included; the cache's memory accounting counts codes and scales."""
+    fake_rounded_generate(kv)
     model = tiny_model("qwen3")
     ids = torch.tensor(prompts_of((24, 24), seed=8))
     cfg = dict(budget=12, page_size=4, buffer=4, window=4)
     kw = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None, num_beams=num_beams,
               cache_implementation="zipage", return_dict_in_generate=True)
     want = model.generate(ids, cache_config=cfg, **kw)
-    got = model.generate(ids, cache_config={**cfg, "kv_cache_dtype": "fp8"}, **kw)
+    got = model.generate(ids, cache_config={**cfg, "kv_cache_dtype": kv}, **kw)
     assert torch.equal(got.sequences, want.sequences)
     cache = got.past_key_values
-    assert cache.full[0].keys.dtype == FP8 and cache.num_compressions > 0
+    assert cache.full[0].keys.dtype == QUANTIZED_KV[kv] and cache.num_compressions > 0
     stats, dense = cache.stats(), want.past_key_values.stats()
     assert stats["kv_bytes_full"] == dense["kv_bytes_full"]
     assert stats["kv_bytes_in_use"] * (4 * 16) == dense["kv_bytes_in_use"] * (16 + 4)  # float32 -> e4m3 + scale
@@ -153,23 +169,27 @@ def test_cli_flags_take_the_kv_cache_dtype():
     from zipage import demo
     from zipage_cli import serve_parser
 
-    assert serve_parser().parse_args(["--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
-    assert demo.build_parser().parse_args(["--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
+    for kv in ("fp8", "int8"):
+        assert serve_parser().parse_args(["--kv-cache-dtype", kv]).kv_cache_dtype == kv
+        assert demo.build_parser().parse_args(["--kv-cache-dtype", kv]).kv_cache_dtype == kv
     with pytest.raises(SystemExit):
-        serve_parser().parse_args(["--kv-cache-dtype", "int8"])
+        serve_parser().parse_args(["--kv-cache-dtype", "int4"])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@KV
 @pytest.mark.parametrize("budget", [None, 16])
-def test_fp8_engine_on_cuda_matches_fp8_rounded_generate(budget, fake_fp8_generate):
+def test_fp8_engine_on_cuda_matches_fp8_rounded_generate(budget, kv, fake_rounded_generate):
     """The compiled FP8 kernels with everything on (CUDA graphs, prefix caching, asynchronous
-    compression): the tokens of generate() on e4m3-rounded keys and values (float32 model)."""
+    compression): the tokens of generate() on e4m3-rounded (INT8: int8-rounded) keys and values
+    (float32 model)."""
+    fake_rounded_generate(kv)
     model = tiny_model("qwen3", scale=1.0).cuda()
     shared = prompts_of((17,), seed=3)[0]
     prompts = prompts_of((12, 30, 7, 50), seed=1) + prompts_of((5, 9), seed=2, prefix=shared)
     fields = {} if budget is None else dict(budget=budget, buffer=4, window=4)
-    llm = LLM(model, page_size=4, num_pages=256, max_num_seqs=3, kv_cache_dtype="fp8",
+    llm = LLM(model, page_size=4, num_pages=256, max_num_seqs=3, kv_cache_dtype=kv,
               async_compression=budget is not None, **({"budget": None} if budget is None else fields))
     # the last prompt after the others have finished: its shared prefix is in the cache by then
     outs = llm.generate(prompts[:-1], GREEDY, use_tqdm=False) + llm.generate(prompts[-1:], GREEDY, use_tqdm=False)

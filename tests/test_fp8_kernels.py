@@ -1,4 +1,4 @@
-"""FP8 KV pages, kernel by kernel: the references against dense math on the dequantized values, and
+"""FP8 (and INT8) KV pages, kernel by kernel: the references against dense math on the dequantized values, and
 the Triton kernels against the references (in the interpreter on a CPU, compiled on a GPU)."""
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from zipage.kernels import (
     window_scores_reference,
     window_scores_triton,
 )
-from zipage.kernels.fp8 import FP8, FP8_MAX, MIN_SCALE
+from zipage.kernels.fp8 import FP8, FP8_MAX, INT8, INT8_MAX, MIN_SCALE
+
+CODES = pytest.mark.parametrize("codes", [FP8, INT8], ids=["fp8", "int8"])
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -40,11 +42,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def fp8_pages(P: int, page: int, H: int, D: int, device, spread: float = 3.0):
-    """FP8 key and value pools with their scales; rows of very different magnitudes (scales matter)."""
+def fp8_pages(P: int, page: int, H: int, D: int, device, spread: float = 3.0, codes: torch.dtype = FP8):
+    """FP8 (or INT8) key and value pools with their scales; rows of very different magnitudes (scales matter)."""
     mag = torch.exp(torch.randn(P, page, H, 1, device=device) * spread / 3)
-    k, ks = quantize_reference(torch.randn(P, page, H, D, device=device) * mag)
-    v, vs = quantize_reference(torch.randn(P, page, H, D, device=device) * mag)
+    k, ks = quantize_reference(torch.randn(P, page, H, D, device=device) * mag, codes)
+    v, vs = quantize_reference(torch.randn(P, page, H, D, device=device) * mag, codes)
     return k, v, ks, vs
 
 
@@ -76,6 +78,30 @@ def test_quantize_is_per_row_and_within_e4m3_rounding():
     assert (codes.float().gather(-1, top).abs()[1:] == FP8_MAX).all()
 
 
+def test_int8_quantize_rounds_to_the_nearest_code():
+    """INT8 codes: one scale per row (max|x| / 127), every element within half a step of its value,
+    the largest at +-127, halves rounded away from zero."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 7, 3, 64) * torch.exp(torch.randn(5, 7, 3, 1) * 2)
+    x[0, 0, 0] = 0.0
+    codes, scales = quantize_reference(x, INT8)
+    assert codes.dtype == INT8 and scales.dtype == torch.float32 and scales.shape == x.shape[:-1]
+    torch.testing.assert_close(scales[1:], x[1:].abs().amax(-1) / INT8_MAX)
+    assert scales[0, 0, 0] == MIN_SCALE and not codes[0, 0, 0].any()
+    back = dequantize_reference(codes, scales)
+    assert ((back - x).abs() <= scales[..., None] * (0.5 + 1e-5)).all()
+    top = x.abs().argmax(-1, keepdim=True)
+    assert (codes.float().gather(-1, top).abs()[1:] == INT8_MAX).all()
+    half = torch.tensor([[2.5, -2.5, 0.5, -0.5, 1.49, -1.51, 127.0]])
+    c, s = quantize_reference(half, INT8)
+    assert s.item() == 1.0 and c.tolist() == [[3, -3, 1, -1, 1, -2, 127]]
+    # far less rounding than e4m3 for the same bytes (the reason INT8 pages exist)
+    err8 = (dequantize_reference(*quantize_reference(x, FP8)) - x).norm()
+    assert (back - x).norm() < err8 / 3
+    with pytest.raises(ValueError, match="codes are"):
+        quantize_reference(x, torch.int16)
+
+
 def test_store_reference_quantizes_at_the_slots_only():
     torch.manual_seed(1)
     cache = torch.zeros(4, 8, 2, 16, dtype=FP8)
@@ -94,11 +120,11 @@ def test_store_reference_quantizes_at_the_slots_only():
 def test_scales_are_checked():
     cache = torch.zeros(2, 4, 2, 8, dtype=FP8)
     values = torch.randn(1, 2, 8)
-    with pytest.raises(ValueError, match="needs its per-token scales"):
+    with pytest.raises(ValueError, match="need their per-token scales"):
         store_kv_reference(cache, torch.tensor([0]), values)
     with pytest.raises(ValueError, match="scales must be"):
         store_kv_reference(cache, torch.tensor([0]), values, torch.zeros(2, 4, 2, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="FP8 KV only"):
+    with pytest.raises(ValueError, match="FP8 or INT8 KV only"):
         store_kv_reference(torch.zeros(2, 4, 2, 8), torch.tensor([0]), values, torch.zeros(2, 4, 2))
 
 
@@ -167,10 +193,10 @@ def test_compaction_moves_codes_with_their_scales():
 
 
 # ----------------------------------------------------------------------------- Triton against the references
-def _store_case(device, dtype, N, H, D, page):
+def _store_case(device, dtype, N, H, D, page, codes=FP8):
     torch.manual_seed(N + H)
     P = -(-2 * N // page) + 2
-    kc, vc, kss, vss = fp8_pages(P, page, H, D, device)
+    kc, vc, kss, vss = fp8_pages(P, page, H, D, device, codes=codes)
     slots = torch.randperm(P * page, device=device)[: 2 * N].view(N, 2)[:, 1:]  # a strided column
     k = (torch.randn(1, H, N, D, device=device) * 4).to(dtype).permute(2, 0, 1, 3)  # [N, 1, H, D], strided
     v = torch.randn(N, 1, H, D, device=device).to(dtype)
@@ -186,11 +212,11 @@ def _store_case(device, dtype, N, H, D, page):
         assert rel_err(got.float(), ref.float()) < 1e-2
 
 
-def _decode_case(device, dtype, B, Hq, Hkv, D, page, lens, starts=None, num_splits=None):
+def _decode_case(device, dtype, B, Hq, Hkv, D, page, lens, starts=None, num_splits=None, codes=FP8):
     torch.manual_seed(B * 1000 + D + page)
     per_row = max(-(-n // page) for n in lens)
     P = B * per_row + 3
-    k, v, ks, vs = fp8_pages(P, page, Hkv, D, device)
+    k, v, ks, vs = fp8_pages(P, page, Hkv, D, device, codes=codes)
     table = torch.randperm(P, device=device)[: B * per_row].view(B, per_row).to(torch.int32)
     q = torch.randn(B, Hq, D, device=device).to(dtype)
     kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
@@ -201,12 +227,12 @@ def _decode_case(device, dtype, B, Hq, Hkv, D, page, lens, starts=None, num_spli
     assert rel_err(out, ref) < TOL[dtype]
 
 
-def _prefill_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, block=64):
+def _prefill_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, block=64, codes=FP8):
     torch.manual_seed(sum(lens) + D)
     B = len(lens)
     per_row = max(-(-n // page) for n in lens)
     P = B * per_row + 3
-    k, v, ks, vs = fp8_pages(P, page, Hkv, D, device)
+    k, v, ks, vs = fp8_pages(P, page, Hkv, D, device, codes=codes)
     table = torch.randperm(P, device=device)[: B * per_row].view(B, per_row).to(torch.int32)
     cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
     q = torch.randn(int(cu[-1]), Hq, D, device=device).to(dtype)
@@ -218,11 +244,11 @@ def _prefill_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, bl
     assert rel_err(out, ref) < TOL[dtype]
 
 
-def _window_case(device, dtype, B, Hq, Hkv, w, D, S, pad=0):
+def _window_case(device, dtype, B, Hq, Hkv, w, D, S, pad=0, codes=FP8):
     torch.manual_seed(S + Hq)
     q = torch.randn(B, Hq, w, D, device=device).to(dtype)
-    codes, scales = quantize_reference(torch.randn(B, S, Hkv, D, device=device) * 3)
-    keys, key_scales = codes.transpose(1, 2), scales.transpose(1, 2)  # strided, as a gather of the pools gives
+    stored, scales = quantize_reference(torch.randn(B, S, Hkv, D, device=device) * 3, codes)
+    keys, key_scales = stored.transpose(1, 2), scales.transpose(1, 2)  # strided, as a gather of the pools gives
     km = torch.ones(B, S, dtype=torch.bool, device=device)
     km[-1, :pad] = False
     qm = km[:, S - w:]
@@ -233,26 +259,26 @@ def _window_case(device, dtype, B, Hq, Hkv, w, D, S, pad=0):
         assert rel_err(out, ref) < TOL[dtype] * 2
 
 
-def _redundancy_case(device, B, H, S, D, block, pad=0):
+def _redundancy_case(device, B, H, S, D, block, pad=0, codes=FP8):
     torch.manual_seed(S + block)
     x = torch.randn(B, H, S, D, device=device)
     x[:, :, 3] = x[:, :, 1] * 2  # near-duplicates inside a page, at another scale
     x[:, :, S - 2] = x[:, :, S - 5] * 0.1
-    codes, scales = quantize_reference(x)
+    stored, scales = quantize_reference(x, codes)
     km = torch.ones(B, S, dtype=torch.bool, device=device)
     km[0, :pad] = False
-    ref = redundancy_scores_reference(codes, km, block, 0.5, 0.4, key_scales=scales)
-    out = lightning_redundancy_triton(codes, km, block, 0.5, 0.4, key_scales=scales)
+    ref = redundancy_scores_reference(stored, km, block, 0.5, 0.4, key_scales=scales)
+    out = lightning_redundancy_triton(stored, km, block, 0.5, 0.4, key_scales=scales)
     assert rel_err(out, ref) < 3e-3
 
 
-def _compact_case(device, B, H, D, page, S, k):
+def _compact_case(device, B, H, D, page, S, k, codes=FP8):
     torch.manual_seed(S * 7 + k)
     per_row = -(-S // page)
     P = B * per_row + 4
     table = torch.randperm(P, device=device)[: B * per_row].view(B, per_row)
     slots = slot_indices(table, 0, S, page)
-    pools = list(fp8_pages(P, page, H, D, device))
+    pools = list(fp8_pages(P, page, H, D, device, codes=codes))
     keep = torch.stack([torch.stack([torch.randperm(S, device=device)[:k] for _ in range(H)]) for _ in range(B)])
     keep = keep.sort(dim=-1).values
     want = [p.clone() for p in pools]
@@ -265,41 +291,47 @@ def _compact_case(device, B, H, D, page, S, k):
 
 @cpu_only
 @requires_triton
-def test_store_interpreter():
-    _store_case("cpu", torch.float32, 9, 3, 20, 4)
-    _store_case("cpu", torch.float16, 5, 2, 16, 8)
+@CODES
+def test_store_interpreter(codes):
+    _store_case("cpu", torch.float32, 9, 3, 20, 4, codes)
+    _store_case("cpu", torch.float16, 5, 2, 16, 8, codes)
 
 
 @cpu_only
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_interpreter(dtype):
-    _decode_case("cpu", dtype, 3, 4, 2, 32, 16, [40, 17, 33], starts=[0, 5, 0], num_splits=2)
+@CODES
+def test_decode_interpreter(dtype, codes):
+    _decode_case("cpu", dtype, 3, 4, 2, 32, 16, [40, 17, 33], starts=[0, 5, 0], num_splits=2, codes=codes)
 
 
 @cpu_only
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_prefill_interpreter(dtype):
-    _prefill_case("cpu", dtype, 4, 2, 16, 16, [40, 17, 33], [9, 17, 1], starts=[0, 3, 0], block=16)
+@CODES
+def test_prefill_interpreter(dtype, codes):
+    _prefill_case("cpu", dtype, 4, 2, 16, 16, [40, 17, 33], [9, 17, 1], starts=[0, 3, 0], block=16, codes=codes)
 
 
 @cpu_only
 @requires_triton
-def test_window_score_interpreter():
-    _window_case("cpu", torch.float16, 2, 4, 2, 4, 16, 37, pad=3)
+@CODES
+def test_window_score_interpreter(codes):
+    _window_case("cpu", torch.float16, 2, 4, 2, 4, 16, 37, pad=3, codes=codes)
 
 
 @cpu_only
 @requires_triton
-def test_lightning_redundancy_interpreter():
-    _redundancy_case("cpu", 2, 2, 40, 16, 16, pad=3)
+@CODES
+def test_lightning_redundancy_interpreter(codes):
+    _redundancy_case("cpu", 2, 2, 40, 16, 16, pad=3, codes=codes)
 
 
 @cpu_only
 @requires_triton
-def test_compact_interpreter():
-    _compact_case("cpu", 2, 2, 8, 4, 14, 9)
+@CODES
+def test_compact_interpreter(codes):
+    _compact_case("cpu", 2, 2, 8, 4, 14, 9, codes)
 
 
 # ----------------------------------------------------------------------------- on the GPU (compiled, bf16)
@@ -307,46 +339,53 @@ def test_compact_interpreter():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D, page", [(64, 16), (128, 256), (128, 64)])
-def test_fp8_decode_gpu(dtype, D, page):
-    _decode_case("cuda", dtype, 5, 32, 8, D, page, [3000, 1, 257, 2048 + 256, 20000], starts=[0, 0, 7, 0, 100])
+@CODES
+def test_fp8_decode_gpu(dtype, D, page, codes):
+    _decode_case("cuda", dtype, 5, 32, 8, D, page, [3000, 1, 257, 2048 + 256, 20000], starts=[0, 0, 7, 0, 100],
+                 codes=codes)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("page", [16, 256])
-def test_fp8_prefill_gpu(dtype, page):
-    _prefill_case("cuda", dtype, 32, 8, 128, page, [4096, 700, 1300], [4096, 1, 513], starts=[0, 0, 9])
+@CODES
+def test_fp8_prefill_gpu(dtype, page, codes):
+    _prefill_case("cuda", dtype, 32, 8, 128, page, [4096, 700, 1300], [4096, 1, 513], starts=[0, 0, 9], codes=codes)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp8_store_gpu(dtype):
-    _store_case("cuda", dtype, 4096, 8, 128, 256)
-    _store_case("cuda", dtype, 300, 3, 64, 16)
+@CODES
+def test_fp8_store_gpu(dtype, codes):
+    _store_case("cuda", dtype, 4096, 8, 128, 256, codes)
+    _store_case("cuda", dtype, 300, 3, 64, 16, codes)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("S", [2064, 30000])
-def test_fp8_window_score_gpu(dtype, S):
-    _window_case("cuda", dtype, 3, 32, 8, 16, 128, S, pad=5)
+@CODES
+def test_fp8_window_score_gpu(dtype, S, codes):
+    _window_case("cuda", dtype, 3, 32, 8, 16, 128, S, pad=5, codes=codes)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("block", [16, 256])
-def test_fp8_lightning_redundancy_gpu(block):
-    _redundancy_case("cuda", 3, 8, 4000, 128, block, pad=7)
+@CODES
+def test_fp8_lightning_redundancy_gpu(block, codes):
+    _redundancy_case("cuda", 3, 8, 4000, 128, block, pad=7, codes=codes)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("page, S, k", [(16, 2304, 2048), (256, 40000, 2048)])
-def test_fp8_compact_gpu(page, S, k):
-    _compact_case("cuda", 2, 8, 128, page, S, k)
+@CODES
+def test_fp8_compact_gpu(page, S, k, codes):
+    _compact_case("cuda", 2, 8, 128, page, S, k, codes)
 
 
 @gpu

@@ -56,6 +56,26 @@ def test_row_specs_and_answers(quality):
 
 
 @needs_real
+def test_quantized_page_rows_are_checked_against_their_twins(quality):
+    """--fp8 / --int8 rows: each quantized row is held to FP8_TOP1_POINTS against the same row in the
+    model's dtype, and each page type's full-KV control against full KV."""
+    assert quality.fp8_twin("zipage") == "zipage[kv_cache_dtype=fp8]"
+    assert quality.fp8_twin("zipage[redundancy=none]", "int8") == "zipage[redundancy=none,kv_cache_dtype=int8]"
+    row = lambda config, kv, top1: {"config": config, "budget_frac": "1/8", "top1": top1, "ppl_ratio": 1.01,  # noqa: E731
+                                    "kl": 0.01, "fields": {} if kv is None else {"kv_cache_dtype": kv}}
+    tf = {"rows": [row("zipage", None, 0.950), row("zipage[kv_cache_dtype=fp8]", "fp8", 0.930),
+                   row("zipage[kv_cache_dtype=int8]", "int8", 0.947)],
+          "control_fp8": [{"kv_cache_dtype": kind, "budget_frac": "1/8", "top1": top1, "ppl_ratio": 1.0, "kl": 0.0}
+                          for kind, top1 in (("fp8", 0.97), ("int8", 0.996))]}
+    got = {t["target"]: t["passed"] for t in quality.fp8_targets(tf)}
+    assert got == {
+        "zipage[kv_cache_dtype=fp8] at 1/8: top-1 within 0.5 points of zipage": False,
+        "zipage[kv_cache_dtype=int8] at 1/8: top-1 within 0.5 points of zipage": True,
+        "full KV in FP8 pages, positions of 1/8: top-1 within 0.5 points of full KV": False,
+        "full KV in INT8 pages, positions of 1/8: top-1 within 0.5 points of full KV": True,
+    }
+
+
 def test_chunked_decoding_matches_token_by_token(quality, smollm2):
     """The shortcut the benchmark relies on: chunks of `buffer` tokens give the same predictions as
     one token per forward, and a cloned prefilled cache behaves like a freshly prefilled one."""

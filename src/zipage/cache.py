@@ -8,7 +8,7 @@ them as views, compaction keeps their order, and the CUDA paged kernels read the
 pages. The capacity follows from the config (at most ``budget + buffer`` once the prompt is in)
 and ``max_cache_len``, grows one layer at a time and shrinks after a compression that leaves
 less to hold. Compressions run at the first layer's update, one layer after another.
-FP8 pages (``kv_cache_dtype="fp8"``) keep a float32 scale per token and KV head beside them.
+FP8 and INT8 pages (``kv_cache_dtype="fp8"`` / ``"int8"``) keep a float32 scale per token and KV head beside them.
 
 Sliding-window layers (``sliding_attention`` in ``config.layer_types``) are not compressed: they
 keep exactly their window in pages of their own (``sliding_cache.py``), and everything below
@@ -40,7 +40,7 @@ from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
 from .kernels import dequantize_reference, kv_dtype, paged_decode_attention, store_kv
 from .kernels._triton import use_triton
-from .kernels.fp8 import SCALE_DTYPE, is_fp8
+from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_fp8
 from .memory.rows import KERNEL_PAGE, as_pages, plan_capacity, resized, row_page_table, row_slots, stored_limit
 from .scoring import get_scorer
 from .sliding_cache import SlidingLayer, WindowPages
@@ -83,7 +83,7 @@ class ZipageLayer(CacheLayerMixin):
         self.cache.model_dtype = key_states.dtype
         self.keys = torch.empty(B, 0, H, D, dtype=dtype, device=dev)
         self.values = torch.empty(B, 0, H, value_states.shape[-1], dtype=dtype, device=dev)
-        if self.cache.zipage_config.kv_cache_dtype == "fp8":
+        if self.cache.zipage_config.kv_cache_dtype in QUANTIZED_KV:
             self.key_scales = torch.empty(B, 0, H, dtype=SCALE_DTYPE, device=dev)
             self.value_scales = torch.empty(B, 0, H, dtype=SCALE_DTYPE, device=dev)
         if self.cache.scorer.stateful:

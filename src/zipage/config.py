@@ -28,14 +28,14 @@ GROUP_REDUCES = ("max", "mean")
 POOLING_SCOPES = ("first", "all")
 GLOBAL_MODES = ("max", "sum")
 WINDOW_REDUCES = ("mean", "max")
-KV_CACHE_DTYPES = ("auto", "fp8")  # vLLM's names: the model's dtype, or e4m3 with per-token scales
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # the model's dtype, e4m3 (vLLM's name) or int8 codes with per-token scales
 
 
 def check_kv_cache_dtype(value: Any, where: str = "ZipageConfig.kv_cache_dtype") -> str:
     """``value`` if it names a KV cache dtype (``KV_CACHE_DTYPES``), else a ValueError naming ``where``."""
     if not isinstance(value, str) or value not in KV_CACHE_DTYPES:
         raise ValueError(f"{where}={value!r} is invalid: expected one of {KV_CACHE_DTYPES} (\"auto\": the model's "
-                         "dtype; \"fp8\": e4m3 codes with a float32 scale per token and KV head)")
+                         "dtype; \"fp8\": e4m3 codes, \"int8\": int8 codes, each with a float32 scale per token and KV head)")
     return value
 
 
@@ -126,7 +126,9 @@ class ZipageConfig:
         compress_scratch_bytes: scratch memory a compression may use when ``layer_stride`` is None.
         kv_cache_dtype: how stored keys and values are kept: ``"auto"`` (the model's dtype) or
             ``"fp8"`` (e4m3 codes with a float32 scale per token and KV head: half the bytes of bf16
-            per kept token, so twice the tokens or requests in the same memory).
+            per kept token, so twice the tokens or requests in the same memory) or ``"int8"`` (int8
+            codes, the same bytes and scales; about 4x less rounding error in attention logits than
+            e4m3, ``benchmarks/results/fp8/``).
     """
 
     budget: int = 2048

@@ -88,8 +88,9 @@ def build_parser(prog: str = "python -m zipage.demo") -> argparse.ArgumentParser
     parser.add_argument("--buffer", type=int, default=16, help="tokens allowed beyond the budget (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
     parser.add_argument("--scorer", default="zipage", choices=list_scorers(), help="eviction scorer")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                        help="zipage's KV pages: auto (the model's dtype) or fp8 (e4m3, a scale per token and head)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"],
+                        help="zipage's KV pages: auto (the model's dtype), fp8 (e4m3) or int8, "
+                             "each with a scale per token and head")
     parser.add_argument("--prompt", default=None, help="your own question instead of a real math problem")
     parser.add_argument(
         "--dataset", default="gsm8k", choices=("gsm8k", "math500"), help="where the problem comes from"

@@ -32,7 +32,7 @@ from ..attention_checks import check_attention_call, check_model, sink_logits, s
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
-from ..kernels.fp8 import SCALE_DTYPE
+from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE
 from ..kernels._triton import use_triton
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import Scorer, get_scorer
@@ -181,9 +181,9 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype
         self.k_pool = torch.zeros(shape, dtype=kv_dtype(kv_cache_dtype, self.dtype), device=self.device)
         self.v_pool = torch.zeros_like(self.k_pool)
-        # FP8 pages: a float32 scale per token and KV head, on the same pages and slots as the codes
+        # FP8 / INT8 pages: a float32 scale per token and KV head, on the same pages and slots as the codes
         self.k_scale = self.v_scale = None
-        if kv_cache_dtype == "fp8":
+        if kv_cache_dtype in QUANTIZED_KV:
             self.k_scale = torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device)
             self.v_scale = torch.zeros_like(self.k_scale)
         self.state_pool = None
@@ -221,7 +221,7 @@ class ModelRunner:
             kv_cache_dtype, stateful = "auto", False
         layers = slides if sliding else cfg.num_hidden_layers - slides
         elem = torch.empty((), dtype=kv_dtype(kv_cache_dtype, dtype)).element_size()
-        scales = 2 * SCALE_DTYPE.itemsize if kv_cache_dtype == "fp8" else 0
+        scales = 2 * SCALE_DTYPE.itemsize if kv_cache_dtype in QUANTIZED_KV else 0
         per_token = layers * (Hkv // tp_size) * (2 * D * elem + scales + (4 if stateful else 0))
         return per_token * page_size
 
