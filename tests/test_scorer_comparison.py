@@ -113,3 +113,45 @@ def test_second_sample_alone_and_pooled(sc, tmp_path):
     path.write_text(json.dumps(result(0.92, [4, 7])))  # snapkv ahead on the second sample, behind on the pooled one
     lines = sc.second_sample([path], {("smollm2", "math500"): result(0.80, [0, 3])}, {"zipage", "snapkv"})
     assert lines[-1] == "| SmolLM2-135M-Instruct | MATH-500 solutions | zipage, snapkv | 2 of 3 | 3 of 3 | nowhere |"
+
+
+def test_budget_share_candidate_switches_per_sequence():
+    """benchmarks/scorer_candidates.py's ``zbudget``: a sequence whose budget is at least
+    ``pooling_all_from`` of its stored tokens gets the pooled window attention at every compression,
+    the others the default scorer's unpooled one; below the share it reads ``early_window`` queries."""
+    import torch
+
+    from zipage import ZipageConfig
+    from zipage.kernels import pool_scores, window_scores
+    from zipage.scoring import get_scorer
+    from zipage.scoring.base import ScoreInputs
+    from zipage.scoring.zipage import _recent_first
+
+    from zipage.scoring import _REGISTRY
+
+    saved = dict(_REGISTRY)
+    try:  # the candidates register themselves; the library's registry is put back after
+        spec = importlib.util.spec_from_file_location("zipage_bench_candidates", BENCH / "scorer_candidates.py")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        _check_zbudget(torch, ZipageConfig, pool_scores, window_scores, get_scorer, ScoreInputs, _recent_first)
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
+
+
+def _check_zbudget(torch, ZipageConfig, pool_scores, window_scores, get_scorer, ScoreInputs, _recent_first):
+    torch.manual_seed(0)
+    B, H, G, S, D, w = 2, 2, 2, 40, 8, 4
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, :10] = False  # row 1 stores 30 tokens: 24 / 30 = 0.8; row 0: 24 / 40 = 0.6
+    x = ScoreInputs(keys=torch.randn(B, H, S, D), values=None, queries=torch.randn(B, H * G, w, D), key_mask=mask,
+                    query_mask=torch.ones(B, w, dtype=torch.bool), scaling=D**-0.5, page_size=8, first=False)
+    cfg = ZipageConfig(budget=24, page_size=8, window=w, recent=0,
+                       extra={"pooling_all_from": 0.75, "early_window": 2})
+    got, _ = get_scorer("zbudget", cfg)(x)
+    full = window_scores(x.queries, x.keys, mask, x.query_mask, x.scaling, "mean", "mean")
+    narrow = window_scores(x.queries[:, :, -2:], x.keys, mask, x.query_mask[:, -2:], x.scaling, "mean", "mean")
+    torch.testing.assert_close(got[1], _recent_first(pool_scores(full, 5, "max"), 0)[1])  # large share: pooled
+    torch.testing.assert_close(got[0], narrow[0])  # small share: unpooled, the last 2 queries
+    with pytest.raises(ValueError, match="pooling_all_from"):
+        get_scorer("zbudget", ZipageConfig(budget=24, page_size=8))(x)
