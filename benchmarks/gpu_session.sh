@@ -10,6 +10,9 @@
 #              bf16 vs fp8 (20 GiB of KV, so the pool limits both), the GPU tests of the FP8, sliding-window
 #              and generate() paths, the prefill kernel variants (benchmarks/prefill_tune.py, if present),
 #              and generate() against DynamicCache (benchmarks/generate_speed.py gpu) with what time is left
+#   PART=int8  INT8 pages and the engine's prefill launch on the GPU: the GPU tests of the 8-bit kernels,
+#              engine and prefill, then the engine three ways (zipage-2048 in bf16, FP8 and INT8 pages,
+#              Qwen3-8B shapes, 512 requests, the same 80 GiB of KV), then generate() against DynamicCache
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -68,5 +71,13 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     fi
     timeout 40 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       -k "fp8mma or qwen3 or subnormal" 2>&1 | tee "$OUT/gpu_tests_fp8_decode.log" | tail -4 ;;
-  *) echo "PART must be fp8, final, fp8kernel or last" >&2; exit 2 ;;
+  int8)
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_kernels.py tests/test_fp8_engine.py \
+      tests/test_paged_prefill.py 2>&1 | tee "$OUT/gpu_tests_int8.log" | tail -8
+    timeout 200 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 --max-tokens 4096 \
+      --kv-gib 80 --time-limit "${TIME_LIMIT:-30}" --systems zipage-2048,zipage-2048-fp8,zipage-2048-int8 \
+      --out "$OUT/throughput_qwen3-8b_int8.json" 2>&1 | tail -6
+    timeout 120 python3 benchmarks/generate_speed.py gpu --time-budget 100 --out "$OUT/generate_speed_gpu.json" \
+      2>&1 | tail -14 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last or int8" >&2; exit 2 ;;
 esac

@@ -6,7 +6,7 @@ config. Systems: zipage at two budgets, zipage's own full-KV paged engine (budge
 transformers' continuous batching (``generate_batch``) and plain ``generate`` with a
 DynamicCache at the largest batch whose full KV fits the same memory (one batch, timed).
 Any engine system takes ``-fp8`` (``zipage-2048-fp8``, ``zipage-fullkv-fp8``): FP8 KV pages, so
-the same memory holds about twice the pages.
+the same memory holds about twice the pages; ``-int8`` the same with INT8 pages.
 
 ``--workload long-prompt`` swaps the prompts for long documents (``--prompt-len MIN,MAX`` random
 tokens, default 8K-32K, drawn uniformly per request) followed by ``--max-tokens`` outputs (a few
@@ -391,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output tokens per request for the transformers peers (they are much slower)")
     ap.add_argument("--systems", default="zipage-2048,zipage-1024,zipage-fullkv,hf-generate_batch,hf-generate",
                     help="comma list: zipage-<budget>, zipage-fullkv (add -sync for async_scheduling=False, -fp8 "
-                         "for FP8 KV pages), hf-generate_batch, hf-generate")
+                         "or -int8 for 8-bit KV pages), hf-generate_batch, hf-generate")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"],
-                    help="KV pages of every engine system (a system's -fp8 suffix asks for fp8 on its own)")
+                    help="KV pages of every engine system (a system's -fp8 / -int8 suffix asks for its own)")
     ap.add_argument("--max-num-seqs", type=int, default=256,
                     help="most requests an engine runs at once (FP8 pages fit about twice as many)")
     ap.add_argument("--time-limit", type=float, default=None,
@@ -475,14 +475,16 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             if name.startswith("zipage-"):
-                parts = name.split("-")  # zipage-<budget|fullkv>[-sync][-fp8]
+                parts = name.split("-")  # zipage-<budget|fullkv>[-sync][-fp8|-int8]
                 budget = None if parts[1] == "fullkv" else int(parts[1])
-                unknown = set(parts[2:]) - {"sync", "fp8"}
-                if unknown:
-                    raise ValueError(f"unknown system flag(s) {sorted(unknown)} in {name!r}: expected -sync, -fp8")
+                unknown = set(parts[2:]) - {"sync", "fp8", "int8"}
+                if unknown or {"fp8", "int8"} <= set(parts[2:]):
+                    raise ValueError(f"unknown system flag(s) {sorted(unknown) or ['fp8 with int8']} in {name!r}: "
+                                     "expected -sync and one of -fp8, -int8")
+                kv = next((k for k in ("fp8", "int8") if k in parts[2:]), args.kv_cache_dtype)
                 results[name] = run_engine(model, work, budget, bw, kv_gib, page_size=args.page_size,
                                            tokenizer=tokenizer, max_num_seqs=args.max_num_seqs,
-                                           kv_cache_dtype="fp8" if "fp8" in parts[2:] else args.kv_cache_dtype,
+                                           kv_cache_dtype=kv,
                                            async_compression=budget is not None and not args.sync_compression,
                                            async_scheduling="sync" not in parts[2:], time_limit=args.time_limit)
             elif name == "hf-generate_batch":
