@@ -57,12 +57,37 @@ def fp8_section(results: Path) -> str:
                   "the split kernel every page type uses; `fp8/<convert>/hf<head_fast>` is "
                   "`kernels/paged_decode_fp8.py` (`/hm`: head-major scale pools).", ""]
         parts += _kernel_table(path) + [""]
+    quality = results / "quality_fp8.md"
+    if quality.exists():
+        parts += ["### FP8 and INT8 pages with eviction (quality report)", "",
+                  "Teacher-forced fidelity of the default scorer with each page type against full KV in the "
+                  "model's dtype (`benchmarks/results/quality_fp8.md`; its command is in the file).", ""]
+        parts += _quality_rows(quality.read_text()) + [""]
     roundings = sorted(folder.glob("fp8_key_rounding*.md"))
     if roundings:
-        parts += ["### Where FP8 loses quality", "",
-                  "Keys or values rounded through e4m3 (per token and head, as stored) in one teacher-forced "
-                  "forward, nothing evicted, against the same forward unrounded "
+        parts += ["### Where 8-bit pages lose quality", "",
+                  "Keys or values rounded through e4m3 or int8 (per token and head, as stored) in one "
+                  "teacher-forced forward, nothing evicted, against the same forward unrounded "
                   "(`python benchmarks/fp8_key_rounding.py [--model gemma3]`).", ""]
         for path in roundings:
             parts += [path.read_text().split("\n", 2)[-1].strip(), ""]
     return "\n".join(parts)
+
+
+def _quality_rows(text: str) -> list[str]:
+    """The teacher-forced table and the page types' target rows of a quality report."""
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith("| config |"):
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                out.append(lines[j])
+                j += 1
+            out.append("")
+        elif line.startswith("| target |"):
+            out += [line, lines[i + 1]]
+            out += [row for row in lines[i + 2:] if row.startswith("|") and "kv_cache_dtype" in row or "pages" in row
+                    and row.startswith("|")]
+            break
+    return out

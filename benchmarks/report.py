@@ -372,8 +372,10 @@ def scorers_section(md_path: Path) -> str:
 
 
 def _quality_files(results: Path) -> list[Path]:
-    """quality.json first, then the presets (quality_quick, quality_ablations, quality_full, ...)."""
-    files = sorted(results.glob("quality*.json"), key=lambda p: (p.stem != "quality", p.stem))
+    """quality.json first, then the presets (quality_quick, quality_ablations, quality_full, ...);
+    quality_fp8 (the page types' report) is shown in the FP8 section instead."""
+    files = sorted((p for p in results.glob("quality*.json") if p.stem != "quality_fp8"),
+                   key=lambda p: (p.stem != "quality", p.stem))
     good = []
     for p in files:
         try:
