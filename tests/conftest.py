@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -25,6 +28,18 @@ import zipage  # noqa: F401  (registers cache_implementation="zipage")
 from zipage.kernels._triton import HAS_TRITON, interpreting
 
 CUDA = torch.cuda.is_available()
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_bench(name: str):
+    """A fresh module object of ``benchmarks/<name>.py`` (the folder on ``sys.path``, so a script's
+    own imports of its neighbours resolve); executing it again re-runs whatever it registers."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"zipage_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 # Triton kernel tests: compiled on a GPU, in Triton's interpreter on a CPU, skipped without Triton.
 requires_triton = pytest.mark.skipif(not HAS_TRITON or not (CUDA or interpreting()),
                                      reason="needs triton (GPU or interpreter)")

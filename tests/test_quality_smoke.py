@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+from conftest import load_bench
 
 
 def _installed(name: str) -> bool:
@@ -30,10 +28,7 @@ needs_real = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("zipage_bench_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("quality")
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,15 @@ hand-made results (the runs themselves are the quality benchmark's, smoke-tested
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
-
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def sc():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("zipage_bench_scorer_comparison", BENCH / "scorer_comparison.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("scorer_comparison")
 
 
 def row(config, frac, top1, kl, ppl):
@@ -131,8 +123,7 @@ def test_budget_share_candidate_switches_per_sequence():
 
     saved = dict(_REGISTRY)
     try:  # the candidates register themselves; the library's registry is put back after
-        spec = importlib.util.spec_from_file_location("zipage_bench_candidates", BENCH / "scorer_candidates.py")
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        load_bench("scorer_candidates")
         _check_zbudget(torch, ZipageConfig, pool_scores, window_scores, get_scorer, ScoreInputs, _recent_first)
     finally:
         _REGISTRY.clear()

@@ -3,24 +3,13 @@ model with sliding layers, on a tiny random Gemma 3 (the real one: the benchmark
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
-from conftest import SLIDING_WINDOW, tiny_sliding_model
-
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-
+from conftest import SLIDING_WINDOW, load_bench, tiny_sliding_model
 
 @pytest.fixture(scope="module")
 def wc():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("zipage_bench_window_check", BENCH / "window_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("window_check")
 
 
 def test_sliding_layers_keep_their_window_and_match_full_kv(wc):
