@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, next_pow2, use_triton
-from .fp8 import is_fp8
+from .fp8 import is_quantized
 from .paged_kv import _flat
 
 if HAS_TRITON:
@@ -28,8 +28,8 @@ if HAS_TRITON:
 
 
 def _as_bytes(caches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """FP8 codes are only moved, never read as numbers: move them as bytes (any op supports uint8)."""
-    return [c.view(torch.uint8) if is_fp8(c) else c for c in caches]
+    """8-bit codes (FP8, INT8) are only moved, never read as numbers: move them as bytes (any op supports uint8)."""
+    return [c.view(torch.uint8) if is_quantized(c) else c for c in caches]
 
 
 def _check(caches, slots, keep, dst_slots):

@@ -44,7 +44,7 @@ def kv_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is invalid: expected 'auto', 'fp8' or 'int8'")
 
 
-def is_fp8(t: torch.Tensor) -> bool:
+def is_quantized(t: torch.Tensor) -> bool:
     """True for quantized KV codes, FP8 (``torch.float8_e4m3fn``) or INT8 (``torch.int8``): pools
     that come with per-token scales."""
     return t.dtype in CODE_MAX
@@ -75,7 +75,7 @@ def dequantize_reference(codes: torch.Tensor, scales: torch.Tensor | None,
 def check_scales(name: str, codes: torch.Tensor, scales: torch.Tensor | None) -> None:
     """Quantized codes (FP8 or INT8) need their scales (one per row, the codes' shape without the head
     dim) and only they do."""
-    if is_fp8(codes):
+    if is_quantized(codes):
         if scales is None:
             raise ValueError(f"{name}: {codes.dtype} KV codes need their per-token scales")
         if tuple(scales.shape) != tuple(codes.shape[:-1]) or scales.dtype != SCALE_DTYPE:

@@ -106,15 +106,21 @@ def default_config(head_dim: int, on_gpu: bool, max_q_len: int = 0, fp8: bool = 
     ``benchmarks/results/prefill/prefill_tune.json``, Qwen3-8B heads, 256-token pages): for head dims
     up to 128, 64 x 64 tiles with 4 warps up to 2,048 queries per sequence (prompts of 512-2,048 and
     2K chunks beside decode rows), 128 x 128 tiles with 8 warps above (4K prompts, prefix-cached
-    4K); FP8 pages keep 128 x 64 (the only tile measured on them). Tensor-descriptor tiles where
+    4K); 8-bit pages (FP8, INT8) keep 128 x 64 (the only tile measured on FP8). Tensor-descriptor tiles where
     ``tma_applies`` allows them (Hopper or newer)."""
+    return _default_config(head_dim, on_gpu, max_q_len > 2048, fp8)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_config(head_dim: int, on_gpu: bool, long: bool, fp8: bool) -> PrefillConfig:
+    """(cached: called for every layer of every prefill step; the returned config is shared, not to be mutated)"""
     if not on_gpu:
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
     if head_dim > 128:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if fp8:
         return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, tma=True)
-    if max_q_len > 2048:
+    if long:
         return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True)
     return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fp8 import check_scales, dequantize_reference, is_fp8
+from .fp8 import check_scales, dequantize_reference, is_quantized
 
 
 def redundancy_scores_reference(
@@ -135,7 +135,7 @@ def lightning_redundancy_triton(keys, key_mask, block: int, threshold: float = 0
     if keys.stride(-1) != 1:
         raise ValueError("redundancy: the head dim of keys must be contiguous")
     check_scales("redundancy", keys, key_scales)
-    fp8 = is_fp8(keys)  # FP8 or INT8 codes
+    fp8 = is_quantized(keys)  # FP8 or INT8 codes (the kernels' FP8 switch covers both)
     full = max(16, next_pow2(block))
     block_j = block_j or min(full, 64)
     block_i = block_i or min(full, 64)

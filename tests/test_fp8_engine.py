@@ -13,7 +13,7 @@ import zipage
 import zipage.cache
 from zipage import LLM, SamplingParams, ZipageConfig
 from zipage.kernels import FP8, dequantize_reference, quantize_reference, slot_indices
-from zipage.kernels.fp8 import QUANTIZED_KV, is_fp8
+from zipage.kernels.fp8 import QUANTIZED_KV, is_quantized
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
 KV = pytest.mark.parametrize("kv", ["fp8", "int8"])
@@ -30,7 +30,7 @@ def fake_rounded_generate(monkeypatch):
         codes = QUANTIZED_KV[kv]
 
         def rounded(cache, slots, values, cache_b=None, values_b=None, scale=None, scale_b=None):
-            if cache_b is None or is_fp8(cache):  # a scorer's state, or the quantized cache under test
+            if cache_b is None or is_quantized(cache):  # a scorer's state, or the quantized cache under test
                 return store(cache, slots, values, cache_b, values_b, scale, scale_b)
             fq = lambda x: dequantize_reference(*quantize_reference(x, codes), x.dtype)  # noqa: E731
             return store(cache, slots, fq(values), cache_b, fq(values_b))

@@ -334,6 +334,17 @@ def test_compact_interpreter(codes):
     _compact_case("cpu", 2, 2, 8, 4, 14, 9, codes)
 
 
+@requires_triton
+def test_the_fp8_decode_kernel_refuses_int8_pages():
+    """The FP8 decode kernel's choices are e4m3's: asked for on INT8 pages, it says so (before any launch)."""
+    k, v, ks, vs = fp8_pages(4, 8, 2, 16, "cpu", codes=INT8)
+    q = torch.randn(2, 4, 16)
+    table = torch.arange(4, dtype=torch.int32).view(2, 2)
+    with pytest.raises(ValueError, match="e4m3 pages, these are torch.int8"):
+        paged_decode_attention_triton(q, k, v, table, torch.tensor([10, 16], dtype=torch.int32), 0.25,
+                                      k_scale=ks, v_scale=vs, fp8_kernel={"convert": "fp16"})
+
+
 # ----------------------------------------------------------------------------- on the GPU (compiled, bf16)
 @gpu
 @needs_cuda

@@ -40,7 +40,7 @@ from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
 from .kernels import dequantize_reference, kv_dtype, paged_decode_attention, store_kv
 from .kernels._triton import use_triton
-from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_fp8
+from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_quantized
 from .memory.rows import KERNEL_PAGE, as_pages, plan_capacity, resized, row_page_table, row_slots, stored_limit
 from .scoring import get_scorer
 from .sliding_cache import SlidingLayer, WindowPages
@@ -474,7 +474,7 @@ class ZipageCache(Cache):
         if self.window_pages is not None:
             self.window_pages.reorder(beam_idx.to(self.full[0].keys.device))
         moved = lambda t: t if t is None else (  # noqa: E731  (FP8 moved as bytes)
-            t.view(torch.uint8).index_select(0, idx).view(t.dtype) if is_fp8(t) else t.index_select(0, idx))
+            t.view(torch.uint8).index_select(0, idx).view(t.dtype) if is_quantized(t) else t.index_select(0, idx))
         for layer in self.full:
             if layer.keys is None:
                 continue
