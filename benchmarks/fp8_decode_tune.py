@@ -6,10 +6,12 @@ the share of the copy bandwidth it moves (keys, values and, for FP8, their float
 
 * bf16 pages, the general kernel (the reference point: it runs at the copy bandwidth);
 * FP8 pages, the general kernel (``kernel=general``, e4m3 -> bf16 casts in the tile loop);
-* FP8 pages, ``kernels/paged_decode_fp8.py``: by default its fastest earlier choice (fp16 dots)
-  and FP8 tensor cores on the stored codes (``convert=fp8mma``) with a few tiles and launches;
-  ``--all`` adds every ``convert`` (bf16 / fp16 / bits) x grid order (``head_fast``) x launch and
-  head-major scale pools.
+* FP8 pages, ``kernels/paged_decode_fp8.py``: by default its fastest earlier choice (fp16 dots,
+  gather loads) against tiles read from one page (``load=page``: a page-table read per tile, a
+  scalar base) and through tensor descriptors (``load=tma``), each with fp16 dots and with FP8
+  tensor cores on the stored codes (``convert=fp8mma``), over a few tiles and launches;
+  ``--all`` instead sweeps every ``convert`` (bf16 / fp16 / bits / fp8mma) x grid order
+  (``head_fast``) x launch with gather loads, and head-major scale pools.
 
 Each FP8 row's output is checked against the general kernel's (relative error). The fastest FP8
 variant at the largest batch is written to ``--best-env`` as ``ZIPAGE_FP8_DECODE=...``, so the
@@ -45,6 +47,11 @@ FP8_LAUNCHES = [  # (block_n, num_warps, num_stages)
 ]
 
 
+LOAD_LAUNCHES = [  # (block_n, num_warps, num_stages) for page-base and tensor-descriptor tiles
+    (128, 4, 2), (128, 4, 3), (128, 4, 4), (256, 8, 3), (64, 4, 4),
+]
+
+
 def head_major_call(q, kq, vq, ks, vs, table, lens, scale, ctx, choice, launch):
     """The FP8 kernel with head-major scale pools (one head's scales contiguous along the page),
     called below the library's wrapper (which takes the pools' token-major layout only)."""
@@ -70,7 +77,7 @@ def head_major_call(q, kq, vq, ks, vs, table, lens, scale, ctx, choice, launch):
 
 
 def main() -> None:
-    from zipage.kernels.fp8 import quantize_reference
+    from zipage.kernels.fp8 import INT8, quantize_reference
     from zipage.kernels.paged_attention import paged_decode_attention_triton
 
     ap = argparse.ArgumentParser()
@@ -98,7 +105,10 @@ def main() -> None:
         scale = d ** -0.5
         base = batch * ctx * hkv * d * 2  # bytes of bf16 keys (or of FP8 keys and values)
         variants = [("bf16", "general", dict(block_n=64, num_warps=4, num_stages=2), None),
-                    ("fp8", "general", dict(block_n=128, num_warps=4, num_stages=3), None)]
+                    ("fp8", "general", dict(block_n=128, num_warps=4, num_stages=3), None),
+                    ("int8", "general", dict(block_n=128, num_warps=4, num_stages=3), None)]
+        kq8, ks8 = quantize_reference(k, INT8)
+        vq8, vs8 = quantize_reference(v, INT8)
         if args.all:  # the sweep of benchmarks/results/fp8/fp8_decode_variants.json
             for convert in ("bf16", "fp16", "bits"):
                 for head_fast in (0, 1):
@@ -109,13 +119,19 @@ def main() -> None:
             for convert in ("fp16", "bits"):
                 variants.append(("fp8", f"fp8/{convert}/hf1/hm", dict(block_n=128, num_warps=4, num_stages=3),
                                  dict(convert=convert, head_fast=1, head_major=True)))
-        else:  # the best of that sweep, against FP8 tensor cores on the stored codes
+            for head_fast in (0, 1):
+                for block_n, warps, stages in FP8_LAUNCHES if head_fast else FP8_LAUNCHES[:1]:
+                    variants.append(("fp8", f"fp8/fp8mma/hf{head_fast}", dict(block_n=block_n, num_warps=warps,
+                                     num_stages=stages), dict(convert="fp8mma", head_fast=head_fast)))
+        else:  # the best of that sweep (gather loads) against page-base and tensor-descriptor tiles
             variants.append(("fp8", "fp8/fp16/hf1", dict(block_n=128, num_warps=4, num_stages=2),
                              dict(convert="fp16", head_fast=1)))
-        for head_fast in (0, 1):
-            for block_n, warps, stages in FP8_LAUNCHES if head_fast else FP8_LAUNCHES[:1]:
-                variants.append(("fp8", f"fp8/fp8mma/hf{head_fast}", dict(block_n=block_n, num_warps=warps,
-                                 num_stages=stages), dict(convert="fp8mma", head_fast=head_fast)))
+            for load in ("page", "tma"):
+                for convert in ("fp16", "fp8mma"):
+                    for block_n, warps, stages in LOAD_LAUNCHES:
+                        variants.append(("fp8", f"fp8/{convert}/hf1/{load}", dict(
+                            block_n=block_n, num_warps=warps, num_stages=stages),
+                            dict(convert=convert, head_fast=1, load=load)))
         want = paged_decode_attention_triton(q, kq, vq, table, lens, scale, max_len_hint=ctx, k_scale=ks, v_scale=vs,
                                              fp8_kernel=None, block_n=128, num_stages=3).float()
         for kv, kernel, launch, choice in variants:
@@ -129,6 +145,10 @@ def main() -> None:
                     fp8_kernel=None if choice is None else dict(choice, **launch),
                     **({} if choice is not None else launch))
                 nbytes = base + batch * ctx * hkv * 4 * 2
+            elif kv == "int8":  # (the general kernel; its error is INT8's rounding of the FP8-exact pages)
+                fn = lambda: paged_decode_attention_triton(  # noqa: E731
+                    q, kq8, vq8, table, lens, scale, max_len_hint=ctx, k_scale=ks8, v_scale=vs8, **launch)
+                nbytes = base + batch * ctx * hkv * 4 * 2
             else:
                 fn = lambda: paged_decode_attention_triton(  # noqa: E731
                     q, k, v, table, lens, scale, max_len_hint=ctx, **launch)
@@ -141,7 +161,7 @@ def main() -> None:
                 continue
             rows.append(dict(batch=batch, kv=kv, kernel=kernel, **launch, choice=choice, ms=round(ms, 4),
                              bw_share=round(nbytes / (ms * 1e-3) / args.bandwidth, 3), rel_err=round(err, 5)))
-        del k, v, kq, vq, ks, vs
+        del k, v, kq, vq, ks, vs, kq8, vq8, ks8, vs8
         torch.cuda.empty_cache()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")  # (what a timeout leaves)
@@ -157,9 +177,9 @@ def main() -> None:
             Path(args.best_env).write_text(f"ZIPAGE_FP8_DECODE={env}\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{'batch':>5} {'kv':>4} {'kernel':>16} {'block_n':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'bw':>5} {'err':>8}")
+    print(f"{'batch':>5} {'kv':>4} {'kernel':>22} {'block_n':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'bw':>5} {'err':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['kv']:>4} {r['kernel']:>16} {r['block_n']:>7} {r['num_warps']:>5} "
+        print(f"{r['batch']:>5} {r['kv']:>4} {r['kernel']:>22} {r['block_n']:>7} {r['num_warps']:>5} "
               f"{r['num_stages']:>6} {r['ms']:>8.3f} {r['bw_share']:>5.2f} {r['rel_err']:>8.1e}")
     if "best" in out:
         print(f"fastest FP8 variant at batch {batches[-1]}: {out['best']['env']} ({out['best']['ms']:.3f} ms)")

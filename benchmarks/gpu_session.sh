@@ -13,6 +13,9 @@
 #   PART=int8  INT8 pages and the engine's prefill launch on the GPU: the GPU tests of the 8-bit kernels,
 #              engine and prefill, then the engine three ways (zipage-2048 in bf16, FP8 and INT8 pages,
 #              Qwen3-8B shapes, 512 requests, the same 80 GiB of KV), then generate() against DynamicCache
+#   PART=tma   the FP8 decode kernel with tiles read from one page and through tensor descriptors
+#              (benchmarks/fp8_decode_tune.py), its GPU tests, then zipage-2048 in FP8 (the fastest
+#              variant) and bf16 pages (Qwen3-8B shapes, 512 requests, 80 GiB of KV)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -79,5 +82,15 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/throughput_qwen3-8b_int8.json" 2>&1 | tail -6
     timeout 120 python3 benchmarks/generate_speed.py gpu --time-budget 100 --out "$OUT/generate_speed_gpu.json" \
       2>&1 | tail -14 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last or int8" >&2; exit 2 ;;
+  tma)  # FP8 decode tiles from one page / through tensor descriptors, then the engine pair with the fastest
+    timeout 150 python3 benchmarks/fp8_decode_tune.py --batches 512 --out "$OUT/fp8_decode_tma.json" --best-env "$OUT/fp8_best.env" \
+      2>&1 | tail -40
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py 2>&1 \
+      | tee "$OUT/gpu_tests_fp8_decode.log" | tail -4
+    FP8ENV=$(sed 's/^ZIPAGE_FP8_DECODE=//' "$OUT/fp8_best.env" 2>/dev/null)
+    echo "engine FP8 decode kernel: ${FP8ENV:-general}"
+    ZIPAGE_FP8_DECODE="$FP8ENV" timeout 260 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
+      --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-75}" \
+      --systems zipage-2048-fp8,zipage-2048 --out "$OUT/throughput_qwen3-8b_fp8_tma.json" 2>&1 | tail -4 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8 or tma" >&2; exit 2 ;;
 esac

@@ -444,15 +444,15 @@ def _parse_fp8_choice(text: str) -> tuple | None:
     for item in text.split(","):
         key, _, value = item.partition("=")
         key, value = key.strip(), value.strip()
-        if key == "convert":
+        if key in ("convert", "load"):
             choice[key] = value
         elif key in ("head_fast", "block_n", "num_warps", "num_stages"):
             if not value.isdigit():
                 raise ValueError(f"ZIPAGE_FP8_DECODE: {key}={value!r} must be a whole number")
             choice[key] = int(value)
         else:
-            raise ValueError(f"ZIPAGE_FP8_DECODE: unknown key {key!r} (convert, head_fast, block_n, num_warps, "
-                             "num_stages)")
+            raise ValueError(f"ZIPAGE_FP8_DECODE: unknown key {key!r} (convert, head_fast, load, block_n, "
+                             "num_warps, num_stages)")
     return tuple(choice.items())
 
 

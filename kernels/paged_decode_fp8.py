@@ -21,6 +21,12 @@ speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
 * ``head_fast``: the grid's fastest axis. The scales of one token sit together for all KV heads
   (``[num_pages, page_size, H_kv]``), so the programs of one sequence's heads read the same
   sectors; running them next to each other keeps those sectors in L2.
+* ``load``: how a tile's codes are fetched. ``"gather"``: one page-table read and one 64-bit address
+  per token and column (any page size). ``"page"``: the tile lies in one page (``page_size`` a
+  multiple of ``block_n``), so one page-table read per tile and a scalar base plus fixed offsets.
+  ``"tma"``: the same tile through a tensor descriptor (the Hopper copy engine; compute capability
+  9.0 or newer, contiguous pools, a power-of-two head dim); rows outside the sequence's range are
+  then other slots' bytes, so a partial tile's values are zeroed (as bytes) before the value dot.
 * ``block_n``, ``num_warps``, ``num_stages``: the tile and the launch.
 * The scale pools' layout is read from their strides, so a benchmark can time a head-major
   layout (``[num_pages, H_kv, page_size]`` viewed as ``[num_pages, page_size, H_kv]``: one head's
@@ -40,7 +46,13 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    try:  # triton >= 3.4
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - older triton: load="tma" is refused
+        TensorDescriptor = None
+
 CONVERTS = ("bf16", "fp16", "bits", "fp8mma")
+LOADS = ("gather", "page", "tma")
 TWO_POW_120 = 2.0 ** 120  # "bits": a code's bf16 image is the code times 2^-120
 
 if HAS_TRITON:
@@ -83,7 +95,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_split_fp8_kernel(
-        Q, K, V, KS, VS, PT, LENS, STARTS, MID_O, MID_LSE,
+        Q, K, V, KS, VS, KD, VD, PT, LENS, STARTS, MID_O, MID_LSE,
         scale_log2, code_scale,
         stride_qb, stride_qh,
         stride_kp, stride_kt, stride_kh,
@@ -93,7 +105,7 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_os,
         B, HKV: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        CONVERT: tl.constexpr, HEAD_FAST: tl.constexpr, WINDOW: tl.constexpr = 0,
+        CONVERT: tl.constexpr, HEAD_FAST: tl.constexpr, LOAD: tl.constexpr = 0, WINDOW: tl.constexpr = 0,
         SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         if HEAD_FAST:  # the KV heads of one (sequence, split) side by side: they share the scale sectors
@@ -126,14 +138,33 @@ if HAS_TRITON:
             t = t0 + offs_n
             in_range = t < hi
             valid = in_range & (t >= start)
-            page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
-            slot = t % PAGE
             m2 = valid[:, None] & dmask[None, :]
-            k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                        mask=m2, other=0.0)
-            v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :],
-                        mask=m2, other=0.0)
-            s_off = page * stride_sp + slot * stride_st + hk * stride_sh
+            if LOAD == 2:  # the tile is rows page * PAGE + slot0.. of the pool seen as [slots, H_kv * D]
+                page1 = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int32)  # (descriptor coordinates: 32-bit)
+                row = page1 * PAGE + t0 % PAGE
+                k = KD.load([row, hk * D])
+                v = VD.load([row, hk * D])
+                if (t0 < start) | (t0 + BLOCK_N > hi):  # rows outside [start, hi) hold other slots' bytes
+                    vb = v.to(tl.uint8, bitcast=True)
+                    v = tl.where(valid[:, None], vb, tl.zeros_like(vb)).to(v.dtype, bitcast=True)
+                s_off = page1.to(tl.int64) * stride_sp + (t0 % PAGE + offs_n) * stride_st + hk * stride_sh
+            elif LOAD == 1:  # the tile in one page: one page-table read, a scalar base and fixed offsets
+                page1 = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
+                slot0 = t0 % PAGE
+                rows = offs_n[:, None]
+                k = tl.load(K + (page1 * stride_kp + slot0 * stride_kt + hk * stride_kh) + rows * stride_kt
+                            + d[None, :], mask=m2, other=0.0)
+                v = tl.load(V + (page1 * stride_vp + slot0 * stride_vt + hk * stride_vh) + rows * stride_vt
+                            + d[None, :], mask=m2, other=0.0)
+                s_off = page1 * stride_sp + (slot0 + offs_n) * stride_st + hk * stride_sh
+            else:
+                page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
+                slot = t % PAGE
+                k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh
+                            + d[None, :], mask=m2, other=0.0)
+                v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh
+                            + d[None, :], mask=m2, other=0.0)
+                s_off = page * stride_sp + slot * stride_st + hk * stride_sh
             ks = tl.load(KS + s_off, mask=valid, other=0.0) * code_scale
             vs = tl.load(VS + s_off, mask=valid, other=0.0) * code_scale
 
@@ -172,12 +203,22 @@ if HAS_TRITON:
 
 def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, kv_lens, kv_starts, mid_o, mid_lse,
                             scale_log2: float, *, num_splits: int, block_n: int, convert: str = "bf16",
-                            head_fast: bool = False, window: int = 0, softcap_log2: float = 0.0,
-                            num_warps: int = 4, num_stages: int = 2) -> None:
+                            head_fast: bool = False, load: str = "gather", window: int = 0,
+                            softcap_log2: float = 0.0, num_warps: int = 4, num_stages: int = 2) -> None:
     """The split pass over FP8 pages into ``mid_o`` / ``mid_lse`` (``paged_attention``'s merge kernel
     finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path)."""
     if convert not in CONVERTS:
         raise ValueError(f"convert={convert!r} is invalid: expected one of {CONVERTS}")
+    if load not in LOADS:
+        raise ValueError(f"load={load!r} is invalid: expected one of {LOADS}")
+    page_size = k_cache.shape[1]
+    if load != "gather" and page_size % block_n:
+        raise ValueError(f"load={load!r} needs whole tiles in a page: page_size {page_size} is not a multiple of "
+                         f"block_n {block_n}")
+    if load == "tma":
+        problem = tma_problem(k_cache, v_cache)
+        if problem:
+            raise ValueError(f"load='tma': {problem}")
     if k_scale.stride() != v_scale.stride():
         raise ValueError("the FP8 decode kernel needs k_scale and v_scale in one layout")
     if convert == "fp8mma" and block_n < 32:
@@ -188,8 +229,11 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
     Hkv, page = k_cache.shape[2], k_cache.shape[1]
     G = Hq // Hkv
     grid = (Hkv, B, num_splits) if head_fast else (B, Hkv, num_splits)
+    kd = vd = k_cache
+    if load == "tma":
+        kd, vd = (TensorDescriptor.from_tensor(c.view(-1, Hkv * D), [block_n, D]) for c in (k_cache, v_cache))
     _decode_split_fp8_kernel[grid](
-        q, k_cache, v_cache, k_scale, v_scale, page_table, kv_lens, kv_starts, mid_o, mid_lse,
+        q, k_cache, v_cache, k_scale, v_scale, kd, vd, page_table, kv_lens, kv_starts, mid_o, mid_lse,
         scale_log2, TWO_POW_120 if convert == "bits" else 1.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -199,5 +243,19 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         B, HKV=Hkv, HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, CONVERT=CONVERTS.index(convert), HEAD_FAST=bool(head_fast),
-        WINDOW=int(window), SOFTCAP_LOG2=float(softcap_log2), num_warps=num_warps, num_stages=num_stages,
+        LOAD=LOADS.index(load), WINDOW=int(window), SOFTCAP_LOG2=float(softcap_log2), num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
+    """Why tensor-descriptor tiles cannot read these pools, or None when they can."""
+    D = k_cache.shape[-1]
+    if not HAS_TRITON or TensorDescriptor is None:
+        return "this Triton has no tensor descriptors"
+    if not k_cache.is_cuda or torch.cuda.get_device_capability(k_cache.device)[0] < 9:
+        return "tensor descriptors need a GPU of compute capability 9.0 or newer"
+    if D != next_pow2(D) or D < 16:
+        return f"head dim {D} is not a power of two >= 16"
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return "the pools must be contiguous"
+    return None

@@ -31,7 +31,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=None, window=None, softcap=None,
-          sinks=False, tiny=False):
+          sinks=False, tiny=False, poison=False):
     torch.manual_seed(len(lens) + D + Hq)
     B = len(lens)
     per_row = max(-(-n // page) for n in lens)
@@ -44,8 +44,18 @@ def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=
     if tiny:  # force some codes to subnormals (|code| < 2^-6) in every row
         k[..., : D // 4] = (torch.rand(P, page, Hkv, D // 4) * 0.015).to(k.dtype)
         v[..., : D // 4] = (torch.rand(P, page, Hkv, D // 4) * 0.015).to(v.dtype)
-    k, v, ks, vs = (t.to(DEVICE) for t in (k, v, ks, vs))
-    table = torch.randperm(P, device=DEVICE)[: B * per_row].view(B, per_row).to(torch.int32)
+    table = torch.randperm(P)[: B * per_row].view(B, per_row).to(torch.int32)
+    if poison:  # every slot no sequence reads holds NaN codes (0x7f) and a NaN scale
+        used = torch.zeros(P, page, dtype=torch.bool)
+        for b, n in enumerate(lens):
+            s0 = (starts or [0] * B)[b]
+            pos = torch.arange(s0, n)
+            used[table[b, pos // page].long(), pos % page] = True
+        for t in (k, v):
+            t.view(torch.uint8)[~used] = 0x7F
+        ks[~used] = float("nan")
+        vs[~used] = float("nan")
+    k, v, ks, vs, table = (t.to(DEVICE) for t in (k, v, ks, vs, table))
     q = torch.randn(B, Hq, D, device=DEVICE).to(dtype)
     kv_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     kv_starts = torch.tensor(starts or [0] * B, dtype=torch.int32, device=DEVICE)
@@ -82,6 +92,38 @@ def test_subnormal_codes_and_splits(convert):
 def test_window_sinks_softcap(convert):
     _case(torch.float16, dict(convert=convert, head_fast=1, block_n=32), window=20, softcap=30.0, sinks=True,
           Hq=4, Hkv=4, lens=(50, 9))
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=_needs_gpu("bf16"))])
+def test_page_loads(dtype):
+    """load="page": one page-table read per tile (tiles of 16 in pages of 32), with splits, tiles
+    that start before ``kv_starts`` and end past the length, and a window."""
+    for window in (None, 40):
+        _case(dtype, dict(convert="fp16", head_fast=1, block_n=16, load="page"), page=32, lens=(150, 1, 33, 97),
+              starts=[5, 0, 17, 0], window=window)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("load", ["page", "tma"])
+@pytest.mark.parametrize("convert", ["fp16", "bf16", "fp8mma"])
+def test_page_and_tma_loads_on_the_gpu(load, convert):
+    """Tensor-descriptor tiles read other slots' bytes past the range (possibly NaN codes): the
+    partial tiles' values must be zeroed, so poison the pools' unused rows with NaN codes."""
+    _case(torch.bfloat16, dict(convert=convert, head_fast=1, block_n=128, num_stages=3, load=load), Hq=32, Hkv=8,
+          D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True)
+
+
+def test_bad_load_is_named():
+    from zipage.kernels.paged_decode_fp8 import tma_problem
+
+    with pytest.raises(ValueError, match="load='bulk'"):
+        _case(torch.float16, dict(convert="fp16", block_n=16, load="bulk"))
+    with pytest.raises(ValueError, match="page_size 8 is not a multiple of block_n 16"):
+        _case(torch.float16, dict(convert="fp16", block_n=16, load="page"), page=8)
+    if not CUDA:
+        assert "compute capability" in tma_problem(torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 1, 16))
 
 
 @pytest.mark.gpu
