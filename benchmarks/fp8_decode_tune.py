@@ -48,7 +48,7 @@ FP8_LAUNCHES = [  # (block_n, num_warps, num_stages)
 
 
 LOAD_LAUNCHES = [  # (block_n, num_warps, num_stages) for page-base and tensor-descriptor tiles
-    (128, 4, 2), (128, 4, 3), (128, 4, 4), (256, 8, 3), (64, 4, 4),
+    (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (128, 2, 3), (64, 4, 4),
 ]
 
 
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=4.25e12)
     ap.add_argument("--batches", default="256,512")
     ap.add_argument("--all", action="store_true", help="every conversion x grid order x launch (slower)")
+    ap.add_argument("--fp8mma", action="store_true", help="also FP8 tensor cores with page / tma loads")
     args = ap.parse_args()
     hq, hkv, d, page, ctx = 32, 8, 128, 256, 2176
     rows = []
@@ -127,13 +128,15 @@ def main() -> None:
             variants.append(("fp8", "fp8/fp16/hf1", dict(block_n=128, num_warps=4, num_stages=2),
                              dict(convert="fp16", head_fast=1)))
             for load in ("page", "tma"):
-                for convert in ("fp16", "fp8mma"):
+                for convert in ("fp16", "fp8mma") if args.fp8mma else ("fp16",):
                     for block_n, warps, stages in LOAD_LAUNCHES:
                         variants.append(("fp8", f"fp8/{convert}/hf1/{load}", dict(
                             block_n=block_n, num_warps=warps, num_stages=stages),
                             dict(convert=convert, head_fast=1, load=load)))
+                variants.append(("int8", f"int8/fp16/hf1/{load}", dict(block_n=128, num_warps=4, num_stages=3),
+                                 dict(convert="fp16", head_fast=1, load=load)))
         want = paged_decode_attention_triton(q, kq, vq, table, lens, scale, max_len_hint=ctx, k_scale=ks, v_scale=vs,
-                                             fp8_kernel=None, block_n=128, num_stages=3).float()
+                                             fp8_kernel=dict(convert="general"), block_n=128, num_stages=3).float()
         for kv, kernel, launch, choice in variants:
             if choice is not None and choice.get("head_major"):
                 fn = head_major_call(q, kq, vq, ks, vs, table, lens, scale, ctx,
@@ -142,12 +145,14 @@ def main() -> None:
             elif kv == "fp8":
                 fn = lambda: paged_decode_attention_triton(  # noqa: E731
                     q, kq, vq, table, lens, scale, max_len_hint=ctx, k_scale=ks, v_scale=vs,
-                    fp8_kernel=None if choice is None else dict(choice, **launch),
+                    fp8_kernel=dict(convert="general") if choice is None else dict(choice, **launch),
                     **({} if choice is not None else launch))
                 nbytes = base + batch * ctx * hkv * 4 * 2
             elif kv == "int8":  # (the general kernel; its error is INT8's rounding of the FP8-exact pages)
                 fn = lambda: paged_decode_attention_triton(  # noqa: E731
-                    q, kq8, vq8, table, lens, scale, max_len_hint=ctx, k_scale=ks8, v_scale=vs8, **launch)
+                    q, kq8, vq8, table, lens, scale, max_len_hint=ctx, k_scale=ks8, v_scale=vs8,
+                    fp8_kernel=dict(convert="general") if choice is None else dict(choice, **launch),
+                    **({} if choice is not None else launch))
                 nbytes = base + batch * ctx * hkv * 4 * 2
             else:
                 fn = lambda: paged_decode_attention_triton(  # noqa: E731

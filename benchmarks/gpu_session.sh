@@ -16,6 +16,8 @@
 #   PART=tma   the FP8 decode kernel with tiles read from one page and through tensor descriptors
 #              (benchmarks/fp8_decode_tune.py), its GPU tests, then zipage-2048 in FP8 (the fastest
 #              variant) and bf16 pages (Qwen3-8B shapes, 512 requests, 80 GiB of KV)
+#   PART=tma2  the 8-bit decode default (tensor-descriptor tiles) on FP8 and INT8 pages: kernel rows, the
+#              8-bit GPU tests, then zipage-2048 with INT8, FP8 and bf16 pages (512 requests, 80 GiB of KV)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -92,5 +94,12 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     ZIPAGE_FP8_DECODE="$FP8ENV" timeout 260 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
       --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-75}" \
       --systems zipage-2048-fp8,zipage-2048 --out "$OUT/throughput_qwen3-8b_fp8_tma.json" 2>&1 | tail -4 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8 or tma" >&2; exit 2 ;;
+  tma2)  # the 8-bit decode default (tensor-descriptor tiles) for FP8 and INT8: kernel rows, GPU tests, engine
+    timeout 100 python3 benchmarks/fp8_decode_tune.py --batches 512 --out "$OUT/fp8_decode_tma2.json" 2>&1 | tail -22
+    timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
+      tests/test_fp8_kernels.py tests/test_fp8_engine.py 2>&1 | tee "$OUT/gpu_tests_8bit_default.log" | tail -4
+    timeout 290 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+      --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-60}" --systems zipage-2048-int8,zipage-2048-fp8,zipage-2048 \
+      --out "$OUT/throughput_qwen3-8b_8bit_default.json" 2>&1 | tail -5 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma or tma2" >&2; exit 2 ;;
 esac

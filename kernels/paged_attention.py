@@ -31,6 +31,7 @@ import torch
 
 from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
 from .fp8 import FP8, check_scales, dequantize_reference
+from .paged_decode_fp8 import default_choice as default_fp8_choice
 from .paged_decode_fp8 import launch_decode_split_fp8
 
 if HAS_TRITON:
@@ -351,18 +352,20 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
                                   block_n: int | None = None, k_scale=None, v_scale=None, *, window: int | None = None,
                                   sinks: torch.Tensor | None = None, softcap: float | None = None,
                                   num_warps: int = 4, num_stages: int = 2, fp8_kernel: dict | None = None):
-    """``fp8_kernel``: FP8 pages through ``paged_decode_fp8``'s kernel with these launch choices
-    (``convert``, ``head_fast``; ``block_n``/``num_warps``/``num_stages`` come from the arguments);
-    None reads ``ZIPAGE_FP8_DECODE`` (e.g. ``convert=fp16,head_fast=1,block_n=128,num_stages=3``)
-    and, when that is unset, keeps the general kernel."""
+    """``fp8_kernel``: 8-bit pages (FP8 or INT8) through ``paged_decode_fp8``'s kernel with these
+    launch choices (``convert``, ``head_fast``, ``load``, ``block_n``, ``num_warps``, ``num_stages``);
+    None reads ``ZIPAGE_FP8_DECODE`` (e.g. ``convert=fp16,head_fast=1,load=tma,block_n=128``;
+    ``convert=general`` keeps the general kernel) and, when that is unset, takes that kernel's
+    tuned default on a GPU (``paged_decode_fp8.default_choice``), the general kernel elsewhere."""
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
-    if fp8 and k_cache.dtype != FP8:  # INT8 pages: the general kernel (the FP8 kernel's choices are e4m3's)
-        if fp8_kernel is not None:
-            raise ValueError(f"fp8_kernel: the FP8 decode kernel reads e4m3 pages, these are {k_cache.dtype}")
-    elif fp8 and fp8_kernel is None:
+    if fp8 and fp8_kernel is None:  # 8-bit pages: ZIPAGE_FP8_DECODE, else the tuned default on a GPU
         fp8_kernel = fp8_decode_choice()
+        if fp8_kernel is None:
+            fp8_kernel = default_fp8_choice(q, k_cache, v_cache)
+    if fp8_kernel is not None and fp8_kernel.get("convert") == "general":  # the general kernel, asked for
+        fp8_kernel = None
     if fp8_kernel is not None and fp8 and q.dtype in (torch.bfloat16, torch.float16):
         fp8_kernel = dict(fp8_kernel)
         block_n = int(fp8_kernel.pop("block_n", block_n or 128))

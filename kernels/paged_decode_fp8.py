@@ -1,4 +1,4 @@
-"""Decode attention over FP8 pages, tuned apart from the bf16 kernel.
+"""Decode attention over 8-bit pages (FP8 or INT8 codes), tuned apart from the bf16 kernel.
 
 The general split kernel (``paged_attention._decode_split_kernel``) reads FP8 codes the way it
 reads bf16 ones and converts each tile with Triton's e4m3 -> bf16 cast. On the H200 that path
@@ -28,6 +28,12 @@ speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
   9.0 or newer, contiguous pools, a power-of-two head dim); rows outside the sequence's range are
   then other slots' bytes, so a partial tile's values are zeroed (as bytes) before the value dot.
 * ``block_n``, ``num_warps``, ``num_stages``: the tile and the launch.
+
+INT8 pages take the ``"fp16"`` and ``"bf16"`` conversions (every int8 code is exact in both).
+:func:`default_choice` is what the engine uses on a GPU: fp16 dots, heads side by side, 128-token
+tiles through tensor descriptors where they apply (else from one page), which moved 0.69 of the
+copy bandwidth on the H200 at 512 requests against 0.48 for the general kernel
+(``benchmarks/results/issue15/fp8_decode_tma.json``).
 * The scale pools' layout is read from their strides, so a benchmark can time a head-major
   layout (``[num_pages, H_kv, page_size]`` viewed as ``[num_pages, page_size, H_kv]``: one head's
   scales contiguous along the page) against the pools' token-major one.
@@ -52,6 +58,7 @@ if HAS_TRITON:
         TensorDescriptor = None
 
 CONVERTS = ("bf16", "fp16", "bits", "fp8mma")
+INT8_CONVERTS = ("bf16", "fp16")  # int8 codes are exact in both; "bits" and "fp8mma" are e4m3's
 LOADS = ("gather", "page", "tma")
 TWO_POW_120 = 2.0 ** 120  # "bits": a code's bf16 image is the code times 2^-120
 
@@ -209,6 +216,8 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
     finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path)."""
     if convert not in CONVERTS:
         raise ValueError(f"convert={convert!r} is invalid: expected one of {CONVERTS}")
+    if k_cache.dtype == torch.int8 and convert not in INT8_CONVERTS:
+        raise ValueError(f"convert={convert!r} reads e4m3 codes; INT8 pages take {INT8_CONVERTS}")
     if load not in LOADS:
         raise ValueError(f"load={load!r} is invalid: expected one of {LOADS}")
     page_size = k_cache.shape[1]
@@ -259,3 +268,17 @@ def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return "the pools must be contiguous"
     return None
+
+
+DEFAULT_BLOCK_N = 128
+
+
+def default_choice(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> dict | None:
+    """This kernel's launch for 8-bit pages on a GPU, or None where the general kernel should read
+    them (CPU, float32 queries, pages that do not hold whole 128-token tiles)."""
+    if not (HAS_TRITON and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+        return None
+    if k_cache.shape[1] % DEFAULT_BLOCK_N:
+        return None
+    load = "tma" if tma_problem(k_cache, v_cache) is None else "page"
+    return dict(convert="fp16", head_fast=1, load=load, block_n=DEFAULT_BLOCK_N, num_warps=4, num_stages=3)

@@ -31,7 +31,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=None, window=None, softcap=None,
-          sinks=False, tiny=False, poison=False):
+          sinks=False, tiny=False, poison=False, codes=torch.float8_e4m3fn):
     torch.manual_seed(len(lens) + D + Hq)
     B = len(lens)
     per_row = max(-(-n // page) for n in lens)
@@ -39,8 +39,8 @@ def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=
     mag = torch.exp(torch.randn(P, page, Hkv, 1) * 1.5)  # rows of very different sizes: the scales matter
     if tiny:  # codes in e4m3's subnormal range next to large ones in the same tile
         mag = mag * torch.where(torch.rand(P, page, Hkv, 1) < 0.5, 1.0, 1e-3)
-    k, ks = quantize_reference(torch.randn(P, page, Hkv, D) * mag)
-    v, vs = quantize_reference(torch.randn(P, page, Hkv, D) * mag)
+    k, ks = quantize_reference(torch.randn(P, page, Hkv, D) * mag, codes)
+    v, vs = quantize_reference(torch.randn(P, page, Hkv, D) * mag, codes)
     if tiny:  # force some codes to subnormals (|code| < 2^-6) in every row
         k[..., : D // 4] = (torch.rand(P, page, Hkv, D // 4) * 0.015).to(k.dtype)
         v[..., : D // 4] = (torch.rand(P, page, Hkv, D // 4) * 0.015).to(v.dtype)
@@ -63,9 +63,10 @@ def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=
     features = dict(window=window, softcap=softcap, sinks=sink)
     ref = paged_decode_attention_reference(q.float(), k, v, table, kv_lens, D**-0.5, kv_starts, ks, vs, **features)
     out = paged_decode_attention_triton(q, k, v, table, kv_lens, D**-0.5, kv_starts, k_scale=ks, v_scale=vs,
-                                        fp8_kernel=dict(choice), **features)
+                                        fp8_kernel=dict(choice) if choice else None, **features)
     assert out.dtype == dtype
-    assert rel_err(out, ref) < TOL[dtype]
+    bf16_operands = dtype == torch.bfloat16 or choice.get("convert") in ("bf16", "bits")  # (the dots' precision)
+    assert rel_err(out, ref) < TOL[torch.bfloat16 if bf16_operands else torch.float16]
 
 
 VARIANTS = [pytest.param(dtype, dict(convert=c, head_fast=h, block_n=32 if c == "fp8mma" else 16),
@@ -107,12 +108,32 @@ def test_page_loads(dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("load", ["page", "tma"])
-@pytest.mark.parametrize("convert", ["fp16", "bf16", "fp8mma"])
-def test_page_and_tma_loads_on_the_gpu(load, convert):
+@pytest.mark.parametrize("convert,codes", [("fp16", torch.float8_e4m3fn), ("bf16", torch.float8_e4m3fn),
+                                           ("fp8mma", torch.float8_e4m3fn), ("fp16", torch.int8)],
+                         ids=["fp16", "bf16", "fp8mma", "int8-fp16"])
+def test_page_and_tma_loads_on_the_gpu(load, convert, codes):
     """Tensor-descriptor tiles read other slots' bytes past the range (possibly NaN codes): the
     partial tiles' values must be zeroed, so poison the pools' unused rows with NaN codes."""
     _case(torch.bfloat16, dict(convert=convert, head_fast=1, block_n=128, num_stages=3, load=load), Hq=32, Hkv=8,
-          D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True)
+          D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True, codes=codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
+def test_the_default_on_the_gpu(codes, monkeypatch):
+    """With no choice and no ZIPAGE_FP8_DECODE, 8-bit pages of 256 tokens take this kernel's default
+    (tensor-descriptor tiles on Hopper), with a window too."""
+    from zipage.kernels.paged_decode_fp8 import default_choice
+
+    monkeypatch.delenv("ZIPAGE_FP8_DECODE", raising=False)
+    q = torch.zeros(1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    pool = torch.zeros(2, 256, 8, 128, device="cuda", dtype=codes)
+    choice = default_choice(q, pool, pool)
+    assert choice is not None and choice["convert"] == "fp16"
+    for window in (None, 300):
+        _case(torch.bfloat16, {}, Hq=32, Hkv=8, D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100],
+              poison=True, codes=codes, window=window)
 
 
 def test_bad_load_is_named():

@@ -335,14 +335,22 @@ def test_compact_interpreter(codes):
 
 
 @requires_triton
-def test_the_fp8_decode_kernel_refuses_int8_pages():
-    """The FP8 decode kernel's choices are e4m3's: asked for on INT8 pages, it says so (before any launch)."""
+def test_the_8bit_decode_kernel_on_int8_pages():
+    """The 8-bit decode kernel reads INT8 pages with fp16 dots (exact codes) and refuses its
+    e4m3-only conversions on them by name (before any launch)."""
     k, v, ks, vs = fp8_pages(4, 8, 2, 16, "cpu", codes=INT8)
-    q = torch.randn(2, 4, 16)
+    q = torch.randn(2, 4, 16).half()
     table = torch.arange(4, dtype=torch.int32).view(2, 2)
-    with pytest.raises(ValueError, match="e4m3 pages, these are torch.int8"):
-        paged_decode_attention_triton(q, k, v, table, torch.tensor([10, 16], dtype=torch.int32), 0.25,
-                                      k_scale=ks, v_scale=vs, fp8_kernel={"convert": "fp16"})
+    lens = torch.tensor([10, 16], dtype=torch.int32)
+    for convert in ("bits", "fp8mma"):
+        with pytest.raises(ValueError, match=f"convert='{convert}' reads e4m3 codes; INT8 pages take"):
+            paged_decode_attention_triton(q, k, v, table, lens, 0.25, k_scale=ks, v_scale=vs,
+                                          fp8_kernel={"convert": convert, "block_n": 32})
+    ref = paged_decode_attention_reference(q.float(), k, v, table, lens, 0.25, None, ks, vs)
+    for load in ("gather", "page"):
+        out = paged_decode_attention_triton(q, k, v, table, lens, 0.25, k_scale=ks, v_scale=vs,
+                                            fp8_kernel={"convert": "fp16", "head_fast": 1, "block_n": 8, "load": load})
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 3e-3
 
 
 # ----------------------------------------------------------------------------- on the GPU (compiled, bf16)
