@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--batches", default="256,512")
     ap.add_argument("--all", action="store_true", help="every conversion x grid order x launch (slower)")
     ap.add_argument("--fp8mma", action="store_true", help="also FP8 tensor cores with page / tma loads")
+    ap.add_argument("--match", default=None, help="comma list: time only the general kernels and the variants "
+                    "whose name contains one of these (e.g. int8)")
     args = ap.parse_args()
     hq, hkv, d, page, ctx = 32, 8, 128, 256, 2176
     rows = []
@@ -135,6 +137,9 @@ def main() -> None:
                             dict(convert=convert, head_fast=1, load=load)))
                 variants.append(("int8", f"int8/fp16/hf1/{load}", dict(block_n=128, num_warps=4, num_stages=3),
                                  dict(convert="fp16", head_fast=1, load=load)))
+        if args.match:
+            keys = args.match.split(",")
+            variants = [x for x in variants if x[1] == "general" or any(m in x[1] for m in keys)]
         want = paged_decode_attention_triton(q, kq, vq, table, lens, scale, max_len_hint=ctx, k_scale=ks, v_scale=vs,
                                              fp8_kernel=dict(convert="general"), block_n=128, num_stages=3).float()
         for kv, kernel, launch, choice in variants:

@@ -101,5 +101,10 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     timeout 290 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-60}" --systems zipage-2048-int8,zipage-2048-fp8,zipage-2048 \
       --out "$OUT/throughput_qwen3-8b_8bit_default.json" 2>&1 | tail -5 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma or tma2" >&2; exit 2 ;;
+  int8fast)  # INT8 codes to fp16 by bits in the 8-bit decode kernel, then generate() on the GPU (Qwen3-0.6B shapes)
+    timeout 60 python3 benchmarks/fp8_decode_tune.py --batches 512 --match int8 --out "$OUT/int8_decode.json" \
+      2>&1 | tail -7
+    timeout 110 python3 benchmarks/generate_speed.py gpu --only qwen3-0.6b --max-new-tokens 512 --time-budget 80 \
+      --out "$OUT/generate_speed_gpu.json" 2>&1 | tail -16 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2 or int8fast" >&2; exit 2 ;;
 esac

@@ -90,9 +90,14 @@ if HAS_TRITON:
         return start, lo, hi, heads, gmask, d, dmask, q
 
     @triton.jit
-    def _fp8_operand(x, CONVERT: tl.constexpr):
-        """FP8 codes -> a dot operand: bf16 (exact), fp16 (exact) or bf16 bits (code * 2^-120)."""
+    def _fp8_operand(x, CONVERT: tl.constexpr, INT8_CODES: tl.constexpr = False):
+        """8-bit codes -> a dot operand: bf16 (exact), fp16 (exact) or bf16 bits (code * 2^-120).
+        INT8 codes become fp16 without an integer-to-float conversion: ``c + 128`` in the low byte
+        of fp16 1024 (bits 0x6400) is the fp16 ``1152 + c``, and subtracting 1152 is exact."""
         if CONVERT == 1:
+            if INT8_CODES:
+                u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400
+                return u.to(tl.float16, bitcast=True) - 1152.0
             return x.to(tl.float16)
         elif CONVERT == 2:
             u = x.to(tl.uint8, bitcast=True).to(tl.uint16)
@@ -112,7 +117,8 @@ if HAS_TRITON:
         stride_ob, stride_oh, stride_os,
         B, HKV: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        CONVERT: tl.constexpr, HEAD_FAST: tl.constexpr, LOAD: tl.constexpr = 0, WINDOW: tl.constexpr = 0,
+        CONVERT: tl.constexpr, HEAD_FAST: tl.constexpr, LOAD: tl.constexpr = 0, INT8_CODES: tl.constexpr = False,
+        WINDOW: tl.constexpr = 0,
         SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         if HEAD_FAST:  # the KV heads of one (sequence, split) side by side: they share the scale sectors
@@ -180,7 +186,7 @@ if HAS_TRITON:
                 qk = tl.dot(q_hi, kt) * sq_hi[:, None] + tl.dot(q_lo, kt) * sq_lo[:, None]
                 qk = qk * (ks[None, :] * scale_log2)
             else:
-                qk = tl.dot(q, tl.trans(_fp8_operand(k, CONVERT))) * (ks[None, :] * scale_log2)
+                qk = tl.dot(q, tl.trans(_fp8_operand(k, CONVERT, INT8_CODES))) * (ks[None, :] * scale_log2)
             if SOFTCAP_LOG2 > 0:
                 qk = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * qk / SOFTCAP_LOG2) + 1.0))
             qk = tl.where(valid[None, :], qk, float("-inf"))
@@ -196,7 +202,7 @@ if HAS_TRITON:
                 p_lo = ((pw - p_hi.to(tl.float32)) * 8.0).to(tl.float8e4nv)  # (|rest| <= one ulp of hi: <= 32)
                 pv = (tl.dot(p_hi, v) + tl.dot(p_lo, v) * 0.125) * (1.0 / 256.0)
             else:
-                pv = tl.dot((p * (vs / vs_max)[None, :]).to(op_dtype), _fp8_operand(v, CONVERT))
+                pv = tl.dot((p * (vs / vs_max)[None, :]).to(op_dtype), _fp8_operand(v, CONVERT, INT8_CODES))
             acc = acc * alpha[:, None] + pv * vs_max
             m_i = m_new
 
@@ -252,7 +258,7 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         B, HKV=Hkv, HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, CONVERT=CONVERTS.index(convert), HEAD_FAST=bool(head_fast),
-        LOAD=LOADS.index(load), WINDOW=int(window), SOFTCAP_LOG2=float(softcap_log2), num_warps=num_warps, num_stages=num_stages,
+        LOAD=LOADS.index(load), INT8_CODES=k_cache.dtype == torch.int8, WINDOW=int(window), SOFTCAP_LOG2=float(softcap_log2), num_warps=num_warps, num_stages=num_stages,
     )
 
 
