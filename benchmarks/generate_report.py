@@ -46,12 +46,14 @@ def generate_sections(results: Path) -> list[str]:
         memory = ("peak of the tensor storage the call allocates (`StoragePeak`)" if device == "cpu"
                   else "`torch.cuda.max_memory_allocated` above the weights")
         parts += [f"### generate(): zipage against DynamicCache, {meta['device']}", "",
-                  f"`{COMMAND.get(device, path.name)}` ({meta['threads']} thread(s), torch {meta['torch']}, "
+                  f"`{meta.get('command') or COMMAND.get(device, path.name)}` ({meta['threads']} thread(s), torch {meta['torch']}, "
                   f"transformers {meta['transformers']}). Same prompts and the same number of new tokens for "
                   f"every cache; tok/s: new tokens per second of {speed}, prefill included; peak: {memory}.", "",
                   table(rows, device), ""]
         for s in data.get("skipped", []):
             parts.append(f"- skipped: {s['model']}, batch {s['batch']}, {s['new_tokens']} new tokens ({s['reason']})")
+        if data.get("skipped"):
+            parts.append("")
         before = path.with_name(f"{path.stem}_before.json")
         if before.exists():
             parts += ["", f"Before and after this tree's generate() changes (`{before.name}`: the same plan on the "

@@ -206,6 +206,7 @@ def main(argv=None) -> int:
         rows.extend(got)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "command": " ".join(["python benchmarks/generate_speed.py", *(sys.argv[1:] if argv is None else argv)]),
             "zipage": getattr(zipage, "__version__", "?"), "label": args.label, "repeats": repeats,
             "seconds": time.perf_counter() - start}
     out = Path(args.out) if args.out else RESULTS / f"generate_speed_{args.device}.json"
