@@ -14,6 +14,9 @@ distributions. Variants (``VARIANTS``; ``--variants`` picks some):
   of the whole sequence: an oracle);
 * ``int8``: int8 codes, ``round(x / s)`` with ``s = max|x| / 127`` (``kv_cache_dtype="int8"``);
 * ``values``: the values rounded, the keys exact;
+* ``rotated``: rounded in a Hadamard-rotated basis (``round(x H) H``): pages that store ``x H``, with
+  the queries rotated the same way, give every dot product and norm unchanged, and an outlier
+  channel's size is spread over all channels before the per-token scale is taken;
 * for scale, both rounded to bf16 (what a bf16 deployment stores; 8 significant bits to e4m3's 4).
 
     python benchmarks/fp8_key_rounding.py [--model smollm2|gemma3] [--seqs 2 --seq-len 1024] [--variants 'a;b']
@@ -73,6 +76,15 @@ def int8(x: torch.Tensor) -> torch.Tensor:
     return dequantize_reference(*quantize_reference(x, INT8)).to(x.dtype)
 
 
+def rotated(x: torch.Tensor, rounding) -> torch.Tensor:
+    """``x`` rounded in a rotated basis: ``round(x H) H``. Storing ``x H`` and rotating the queries
+    the same way leaves every dot product, norm and cosine unchanged, so only the rounding differs."""
+    from zipage.kernels.fp8 import _hadamard
+
+    h = _hadamard(x.shape[-1], str(x.device)).to(x.dtype)  # (the INT8 pages' rotation)
+    return rounding(x @ h) @ h
+
+
 VARIANTS = {
     "keys": lambda k, v: (e4m3(k), v),
     "keys/channel": lambda k, v: (channel_smoothed(k, 1.0), v),
@@ -90,6 +102,10 @@ VARIANTS = {
     "keys int8 - mean of the first 256 tokens, values int8": lambda k, v: (mean_offset(k, 256, False, int8), int8(v)),
     "keys int8 - mean of each 16-token page, values int8": lambda k, v: (mean_offset(k, 16, True, int8), int8(v)),
     "keys int8 - sequence mean (oracle), values int8": lambda k, v: (mean_offset(k, None, False, int8), int8(v)),
+    "keys rotated (Hadamard), e4m3": lambda k, v: (rotated(k, e4m3), v),
+    "keys and values rotated, e4m3": lambda k, v: (rotated(k, e4m3), rotated(v, e4m3)),
+    "keys rotated, int8": lambda k, v: (rotated(k, int8), v),
+    "keys and values rotated, int8": lambda k, v: (rotated(k, int8), rotated(v, int8)),
     "keys and values in bf16 (for scale)": lambda k, v: (k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)),
 }
 

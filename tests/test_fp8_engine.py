@@ -13,7 +13,7 @@ import zipage
 import zipage.cache
 from zipage import LLM, SamplingParams, ZipageConfig
 from zipage.kernels import FP8, dequantize_reference, quantize_reference, slot_indices
-from zipage.kernels.fp8 import QUANTIZED_KV, is_quantized
+from zipage.kernels.fp8 import QUANTIZED_KV, is_quantized, kv_rotation, rotate
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
 KV = pytest.mark.parametrize("kv", ["fp8", "int8"])
@@ -22,8 +22,8 @@ KV = pytest.mark.parametrize("kv", ["fp8", "int8"])
 @pytest.fixture
 def fake_rounded_generate(monkeypatch):
     """``install(kv)``: generate(cache_implementation="zipage") whose stored keys and values are rounded
-    through ``kv``'s codes (e4m3 or int8) with per-token, per-head scales (dense float32 pools): the
-    independent reference of the engine."""
+    through ``kv``'s codes (e4m3 or int8, the latter in the Hadamard-rotated basis) with per-token,
+    per-head scales (dense float32 pools): the independent reference of the engine."""
     store = zipage.cache.store_kv
 
     def install(kv: str = "fp8") -> None:
@@ -32,7 +32,10 @@ def fake_rounded_generate(monkeypatch):
         def rounded(cache, slots, values, cache_b=None, values_b=None, scale=None, scale_b=None):
             if cache_b is None or is_quantized(cache):  # a scorer's state, or the quantized cache under test
                 return store(cache, slots, values, cache_b, values_b, scale, scale_b)
-            fq = lambda x: dequantize_reference(*quantize_reference(x, codes), x.dtype)  # noqa: E731
+            def fq(x):  # (INT8 pages round in the rotated basis: kernels/fp8.py)
+                rot = kv_rotation(kv, x.shape[-1], x.device)
+                return rotate(dequantize_reference(*quantize_reference(rotate(x, rot), codes)), rot).to(x.dtype)
+
             return store(cache, slots, fq(values), cache_b, fq(values_b))
 
         monkeypatch.setattr(zipage.cache, "store_kv", rounded)

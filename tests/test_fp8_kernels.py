@@ -428,3 +428,31 @@ def test_fp8_decode_is_cuda_graph_safe():
     graph.replay()
     ref = paged_decode_attention_reference(q.float(), k, v, table, lens, 0.125, k_scale=ks, v_scale=vs)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_int8_rotation(monkeypatch):
+    """INT8 pages' rotation: an orthonormal, symmetric Hadamard matrix (its own inverse), for int8 and
+    power-of-two head dims only; ZIPAGE_INT8_ROTATION=0 turns it off; rotate() keeps dot products."""
+    from zipage.kernels.fp8 import kv_rotation, rotate
+
+    monkeypatch.delenv("ZIPAGE_INT8_ROTATION", raising=False)
+    h = kv_rotation("int8", 64, "cpu")
+    assert h.shape == (64, 64) and torch.equal(h, h.T)
+    assert torch.allclose(h @ h, torch.eye(64), atol=1e-6)
+    assert torch.allclose(h.abs(), torch.full((64, 64), 64 ** -0.5))
+    assert kv_rotation("fp8", 64, "cpu") is None and kv_rotation("auto", 64, "cpu") is None
+    assert kv_rotation("int8", 80, "cpu") is None  # (not a power of two: stored as it is)
+    q, k = torch.randn(3, 64), torch.randn(5, 64)
+    assert torch.allclose(rotate(q, h) @ rotate(k, h).T, q @ k.T, atol=1e-5)
+    assert torch.allclose(rotate(rotate(k, h), h), k, atol=1e-6)
+    assert rotate(k, None) is k
+    # an outlier channel: rotated, int8 rounding error in a logit is far smaller
+    k = torch.randn(256, 64)
+    k[:, 3] += 40.0
+    qv = torch.randn(64)
+    qv[3] = 5.0
+    plain = dequantize_reference(*quantize_reference(k, INT8))
+    turned = rotate(dequantize_reference(*quantize_reference(rotate(k, h), INT8)), h)
+    assert (turned @ qv - k @ qv).abs().mean() < 0.25 * (plain @ qv - k @ qv).abs().mean()
+    monkeypatch.setenv("ZIPAGE_INT8_ROTATION", "0")
+    assert kv_rotation("int8", 64, "cpu") is None

@@ -40,7 +40,7 @@ from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
 from .kernels import dequantize_reference, kv_dtype, paged_decode_attention, store_kv
 from .kernels._triton import use_triton
-from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_quantized
+from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_quantized, kv_rotation, rotate
 from .memory.rows import KERNEL_PAGE, as_pages, plan_capacity, resized, row_page_table, row_slots, stored_limit
 from .scoring import get_scorer
 from .sliding_cache import SlidingLayer, WindowPages
@@ -336,8 +336,9 @@ class ZipageCache(Cache):
         if layer.keys.shape[1] != self.capacity_:
             layer.resize(self.capacity_)
         # Into the rows' slots (one launch for keys and values on CUDA; FP8 pages get codes and scales).
-        store_kv(layer.keys, self._step_slots, key_states.transpose(1, 2), layer.values, value_states.transpose(1, 2),
-                 layer.key_scales, layer.value_scales)
+        rot = self._rotation(key_states)  # INT8 pages: stored in the rotated basis (kernels/fp8.py)
+        store_kv(layer.keys, self._step_slots, rotate(key_states, rot).transpose(1, 2), layer.values,
+                 rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales, layer.value_scales)
         if layer.state is not None:
             layer.state[:, after:stored] = 0
         layer.stored = stored
@@ -374,10 +375,16 @@ class ZipageCache(Cache):
             return key_states, value_states
         # The stored tokens of every row, in order: views, nothing is copied (FP8: their values).
         keys, values = layer.keys[:, :stored].transpose(1, 2), layer.values[:, :stored].transpose(1, 2)
-        if layer.key_scales is not None:
-            keys = dequantize_reference(keys, layer.key_scales[:, :stored].transpose(1, 2), key_states.dtype)
-            values = dequantize_reference(values, layer.value_scales[:, :stored].transpose(1, 2), value_states.dtype)
+        if layer.key_scales is not None:  # (INT8: rotated back, for the model's own attention)
+            keys = rotate(dequantize_reference(keys, layer.key_scales[:, :stored].transpose(1, 2)), rot,
+                          key_states.dtype).to(key_states.dtype)
+            values = rotate(dequantize_reference(values, layer.value_scales[:, :stored].transpose(1, 2)),
+                            self._rotation(value_states), value_states.dtype).to(value_states.dtype)
         return keys, values
+
+    def _rotation(self, states: torch.Tensor) -> torch.Tensor | None:
+        """The rotation the pages store ``states``' head dim in (INT8 pages), or None."""
+        return kv_rotation(self.zipage_config.kv_cache_dtype, states.shape[-1], states.device)
 
     def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling, kwargs: dict):
         """Called by the capture wrapper with the layer's queries and mask, right after its update.
@@ -389,6 +396,8 @@ class ZipageCache(Cache):
         layer = self.layers[layer_idx]
         w = self.zipage_config.window
         q = query.shape[2]
+        rot = self._rotation(query)
+        query = rotate(query, rot, query.dtype)  # INT8 pages: the scorers and the paged kernel see rotated queries
         if not self._keep_queries:
             layer.window_queries = None
         elif layer.window_queries is None or q >= w:
@@ -428,7 +437,7 @@ class ZipageCache(Cache):
             v_scale=as_pages(layer.value_scales) if layer.value_scales is not None else None,
             sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
         )
-        return out.view(B, 1, H, D), attention_mask
+        return rotate(out, rot, out.dtype).view(B, 1, H, D), attention_mask
 
     def _compress_all(self, stored: int) -> None:
         """Compress every layer from ``stored`` tokens to the budget, one layer at a time (the scratch

@@ -32,7 +32,7 @@ from ..attention_checks import check_attention_call, check_model, sink_logits, s
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
-from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE
+from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, rotate
 from ..kernels._triton import use_triton
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import Scorer, get_scorer
@@ -105,6 +105,8 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         kp, vp = r.k_pool[j], r.v_pool[j]
         if r.k_scale is not None:  # FP8 pages: the store quantizes, the attention kernels dequantize
             ks, vs = r.k_scale[j], r.v_scale[j]
+        if r.rotation is not None:  # INT8 pages: keys, values and queries in the rotated basis (fp8.py)
+            q, k, v = rotate(q, r.rotation, q.dtype), rotate(k, r.rotation), rotate(v, r.rotation)
         store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs)
         if r.state_pool is not None:
             r.state_pool[j].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
@@ -125,6 +127,8 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
             k_scale=ks, v_scale=vs, **features
         )
+    if r.rotation is not None and not sliding:  # the output back from the rotated basis
+        out = rotate(out, r.rotation, out.dtype)
     return out[None], None
 
 
@@ -186,6 +190,7 @@ class ModelRunner:
         if kv_cache_dtype in QUANTIZED_KV:
             self.k_scale = torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device)
             self.v_scale = torch.zeros_like(self.k_scale)
+        self.rotation = kv_rotation(kv_cache_dtype, D, self.device)  # INT8 pages: stored rotated
         self.state_pool = None
         self.q_cache = None
         self.kept: KeptPositions | None = None
