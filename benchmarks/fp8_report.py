@@ -73,18 +73,25 @@ def fp8_section(results: Path) -> str:
                   "`kernels/paged_decode_fp8.py` (`/hm`: head-major scale pools; `/page`: one page-table read per "
                   "tile; `/tma`: tiles through tensor descriptors, the default on Hopper).", ""]
         parts += _kernel_table(path) + [""]
-    quality = results / "quality_fp8.md"
-    if quality.exists():
-        parts += ["### FP8 and INT8 pages with eviction (quality report)", "",
-                  "Teacher-forced fidelity of the default scorer with each page type against full KV in the "
-                  "model's dtype (`benchmarks/results/quality_fp8.md`; its command is in the file).", ""]
-        parts += _quality_rows(quality.read_text()) + [""]
+    reports = [("quality_fp8.md", "FP8 and INT8 pages with eviction (quality report)",
+                "INT8 pages here are unrotated (measured before INT8 pages were stored rotated; "
+                "`ZIPAGE_INT8_ROTATION=0` gives them back)."),
+               ("quality_int8_rotated.md", "INT8 pages, rotated, with eviction (quality report)",
+                "INT8 pages as they are stored now, in the Hadamard-rotated basis.")]
+    for name, title, note in reports:
+        quality = results / name
+        if quality.exists():
+            parts += [f"### {title}", "",
+                      "Teacher-forced fidelity of the default scorer with each page type against full KV in the "
+                      f"model's dtype (`benchmarks/results/{name}`; its command is in the file). {note}", ""]
+            parts += _quality_rows(quality.read_text()) + [""]
     roundings = sorted(folder.glob("fp8_key_rounding*.md"))
     if roundings:
         parts += ["### Where 8-bit pages lose quality", "",
                   "Keys or values rounded through e4m3 or int8 (per token and head, as stored) in one "
                   "teacher-forced forward, nothing evicted, against the same forward unrounded "
-                  "(`python benchmarks/fp8_key_rounding.py [--model gemma3]`).", ""]
+                  "(`python benchmarks/fp8_key_rounding.py [--model gemma3]`). `rotated` rows round in the "
+                  "Hadamard basis INT8 pages are stored in (`x H`, queries rotated the same way).", ""]
         for path in roundings:
             parts += [path.read_text().split("\n", 2)[-1].strip(), ""]
     return "\n".join(parts)
