@@ -127,8 +127,8 @@ class ZipageConfig:
         kv_cache_dtype: how stored keys and values are kept: ``"auto"`` (the model's dtype) or
             ``"fp8"`` (e4m3 codes with a float32 scale per token and KV head: half the bytes of bf16
             per kept token, so twice the tokens or requests in the same memory) or ``"int8"`` (int8
-            codes, the same bytes and scales; about 4x less rounding error in attention logits than
-            e4m3, ``benchmarks/results/fp8/``).
+            codes of keys and values in a Hadamard-rotated basis, the same bytes and scales; far less
+            rounding error in attention logits than e4m3, ``benchmarks/results/fp8/``).
     """
 
     budget: int = 2048

@@ -86,8 +86,9 @@ class LLM:
             with a float32 scale per token and KV head (quantized where they are stored, read in
             registers by every kernel), so a page costs about half of bf16 and twice the tokens fit
             in the same memory. With ``budget=None`` it gives a full-KV FP8 engine. ``"int8"``: the
-            same with int8 codes (``round(x / s)``, ``s = max|x| / 127``): the same bytes, with far
-            less rounding in the attention logits than e4m3.
+            same with int8 codes (``round(x / s)``, ``s = max|x| / 127``) of keys and values in a
+            Hadamard-rotated basis (attention unchanged): the same bytes, with far less rounding in
+            the attention logits than e4m3.
         tensor_parallel_size: split the model over this many ranks (GPUs from the model's, or
             CPU processes): each holds its share of every projection and the KV pages of its
             heads, which must divide by it. The engine starts ranks 1..N-1 itself (spawned
