@@ -120,9 +120,9 @@ def _hadamard(d: int, device: str) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, rotation: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x @ rotation`` over the last dim in float32 (cast to ``dtype`` if given); ``x`` unchanged
-    without a rotation. ``H`` is its own inverse, so the same call rotates back."""
+    """``x @ rotation`` over the last dim in float32 (cast to ``dtype`` if given); ``x`` itself
+    (in ``dtype``) without a rotation. ``H`` is its own inverse, so the same call rotates back."""
     if rotation is None:
-        return x
+        return x if dtype is None else x.to(dtype)
     out = torch.matmul(x.float(), rotation)
     return out if dtype is None else out.to(dtype)

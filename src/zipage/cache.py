@@ -377,9 +377,9 @@ class ZipageCache(Cache):
         keys, values = layer.keys[:, :stored].transpose(1, 2), layer.values[:, :stored].transpose(1, 2)
         if layer.key_scales is not None:  # (INT8: rotated back, for the model's own attention)
             keys = rotate(dequantize_reference(keys, layer.key_scales[:, :stored].transpose(1, 2)), rot,
-                          key_states.dtype).to(key_states.dtype)
+                          key_states.dtype)
             values = rotate(dequantize_reference(values, layer.value_scales[:, :stored].transpose(1, 2)),
-                            self._rotation(value_states), value_states.dtype).to(value_states.dtype)
+                            self._rotation(value_states), value_states.dtype)
         return keys, values
 
     def _rotation(self, states: torch.Tensor) -> torch.Tensor | None:
