@@ -18,7 +18,15 @@ from .paged_attention import (
     paged_prefill_attention_reference,
     paged_prefill_attention_triton,
 )
-from .paged_kv import gather_kv, gather_kv_reference, slot_indices, store_kv, store_kv_reference, store_kv_triton
+from .paged_kv import (
+    gather_kv,
+    gather_kv_reference,
+    slot_indices,
+    store_kv,
+    store_kv_reference,
+    store_kv_span_reference,
+    store_kv_triton,
+)
 from .pooling import pool_scores, pool_scores_reference
 from .redundancy import lightning_redundancy_triton, redundancy_scores, redundancy_scores_reference
 from .rmsnorm import rms_norm, rms_norm_reference, rms_norm_triton
@@ -60,6 +68,7 @@ __all__ = [
     "slot_indices",
     "store_kv",
     "store_kv_reference",
+    "store_kv_span_reference",
     "store_kv_triton",
     "window_scores",
     "window_scores_reference",

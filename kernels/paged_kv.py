@@ -176,11 +176,36 @@ def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tens
     )
 
 
-def store_kv(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
+def store_kv_span_reference(cache: torch.Tensor, start: int, values: torch.Tensor,
+                            scale: torch.Tensor | None = None) -> None:
+    """``store_kv_reference`` for slots that are ``start .. start + n - 1`` of every page (``values``
+    ``[num_pages, n, H, ...]``): the same writes as a slice copy, without an index tensor."""
+    check_scales("store_kv", cache, scale)
+    n = values.shape[1]
+    if scale is None:
+        cache.narrow(1, start, n).copy_(values)
+        return
+    codes, s = quantize_reference(values, cache.dtype)
+    cache.narrow(1, start, n).copy_(codes)
+    scale.narrow(1, start, n).copy_(s)
+
+
+def store_kv(cache: torch.Tensor, slots: torch.Tensor | None, values: torch.Tensor,
              cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None,
-             scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None) -> None:
+             scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None,
+             *, span_start: int | None = None) -> None:
     """Write new tokens into their slots (keys and values in one launch on CUDA); FP8 pools take
-    the tokens' codes and their scales ``scale`` / ``scale_b`` take the per-token, per-head scales."""
+    the tokens' codes and their scales ``scale`` / ``scale_b`` take the per-token, per-head scales.
+
+    ``span_start``: a hint that ``slots`` are ``[b * page_size + span_start + i]`` for every page ``b``
+    of the pool (``values`` ``[num_pages, n, H, ...]``, token ``i`` of page ``b`` at ``[b, i]``), as a
+    ``generate()`` cache's rows are. The PyTorch path then copies into that slice of every page, the
+    same writes as indexing (``slots`` may be None there); the Triton path still takes ``slots``."""
+    if span_start is not None and (slots is None or not use_triton(cache, slots, values)):
+        store_kv_span_reference(cache, span_start, values, scale)
+        if cache_b is not None:
+            store_kv_span_reference(cache_b, span_start, values_b, scale_b)
+        return
     if use_triton(cache, slots, values):
         store_kv_triton(cache, slots, values, cache_b, values_b, scale, scale_b)
         return

@@ -29,14 +29,15 @@ def fake_rounded_generate(monkeypatch):
     def install(kv: str = "fp8") -> None:
         codes = QUANTIZED_KV[kv]
 
-        def rounded(cache, slots, values, cache_b=None, values_b=None, scale=None, scale_b=None):
+        def rounded(cache, slots, values, cache_b=None, values_b=None, scale=None, scale_b=None, **hint):
+            # ``hint`` (the cache's ``span_start``: where its rows take the tokens) goes through as is.
             if cache_b is None or is_quantized(cache):  # a scorer's state, or the quantized cache under test
-                return store(cache, slots, values, cache_b, values_b, scale, scale_b)
+                return store(cache, slots, values, cache_b, values_b, scale, scale_b, **hint)
             def fq(x):  # (INT8 pages round in the rotated basis: kernels/fp8.py)
                 rot = kv_rotation(kv, x.shape[-1], x.device)
                 return rotate(dequantize_reference(*quantize_reference(rotate(x, rot), codes)), rot).to(x.dtype)
 
-            return store(cache, slots, fq(values), cache_b, fq(values_b))
+            return store(cache, slots, fq(values), cache_b, fq(values_b), **hint)
 
         monkeypatch.setattr(zipage.cache, "store_kv", rounded)
 

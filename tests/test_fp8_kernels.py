@@ -19,6 +19,7 @@ from zipage.kernels import (
     quantize_reference,
     redundancy_scores_reference,
     slot_indices,
+    store_kv,
     store_kv_reference,
     store_kv_triton,
     window_scores_reference,
@@ -115,6 +116,33 @@ def test_store_reference_quantizes_at_the_slots_only():
     others = torch.ones(32, dtype=torch.bool)
     others[slots.reshape(-1)] = False
     assert not flat[others].float().any() and not flat_s[others].any()
+
+
+@pytest.mark.parametrize("codes", [None, FP8, INT8])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_store_span_hint_writes_what_the_slots_do(codes, head_major):
+    """``store_kv(..., span_start=a)`` (slots ``a .. a + n - 1`` of every page, a ``generate()`` cache's
+    rows) copies into that slice: the very bytes the indexed store writes, whatever the pool's strides."""
+    torch.manual_seed(3)
+    B, cap, H, D, a, n = 3, 10, 2, 16, 4, 3
+
+    def pool(dtype):
+        if head_major:  # [B, H, cap, D] memory seen as [B, cap, H, D], as ZipageCache holds it on the CPU
+            return torch.zeros(B, H, cap, D, dtype=dtype).transpose(1, 2)
+        return torch.zeros(B, cap, H, D, dtype=dtype)
+
+    dtype = torch.float32 if codes is None else codes
+    want_k, want_v, got_k, got_v = pool(dtype).contiguous(), pool(dtype).contiguous(), pool(dtype), pool(dtype)
+    scales = [torch.zeros(B, cap, H) if codes is not None else None for _ in range(4)]
+    keys, values = torch.randn(B, n, H, D) * 3, torch.randn(B, n, H, D)
+    slots = (torch.arange(B) * cap)[:, None] + torch.arange(a, a + n)
+    store_kv_reference(want_k, slots, keys, scales[0])
+    store_kv_reference(want_v, slots, values, scales[1])
+    store_kv(got_k, None, keys, got_v, values, scales[2], scales[3], span_start=a)
+    as_bits = (lambda t: t) if codes is None else (lambda t: t.contiguous().view(torch.uint8))  # noqa: E731
+    assert torch.equal(as_bits(want_k), as_bits(got_k)) and torch.equal(as_bits(want_v), as_bits(got_v))
+    if codes is not None:
+        assert torch.equal(scales[0], scales[2]) and torch.equal(scales[1], scales[3])
 
 
 def test_scales_are_checked():

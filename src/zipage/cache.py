@@ -5,9 +5,10 @@ tokens per step, so all rows and layers store the same number ``S`` of tokens an
 the same step. Each layer holds its keys and values as ``[B, capacity, H_kv, D]`` (plus a float32
 score state for stateful scorers), row ``b``'s tokens at ``[b, :S]`` in order: attention reads
 them as views, compaction keeps their order, and the CUDA paged kernels read the same memory as
-pages. The capacity follows from the config (at most ``budget + buffer`` once the prompt is in)
-and ``max_cache_len``, grows one layer at a time and shrinks after a compression that leaves
-less to hold. Compressions run at the first layer's update, one layer after another.
+pages (where none do, on the CPU, that is a view of ``[B, H_kv, capacity, D]`` memory, which
+attention reads a head at a time). The capacity follows from the config (at most ``budget + buffer``
+once the prompt is in) and ``max_cache_len``, grows one layer at a time and shrinks after a
+compression that leaves less to hold. Compressions run at the first layer's update, one layer after another.
 FP8 and INT8 pages (``kv_cache_dtype="fp8"`` / ``"int8"``) keep a float32 scale per token and KV head beside them.
 
 Sliding-window layers (``sliding_attention`` in ``config.layer_types``) are not compressed: they
@@ -41,7 +42,16 @@ from .config import ZipageConfig
 from .kernels import dequantize_reference, kv_dtype, paged_decode_attention, store_kv
 from .kernels._triton import use_triton
 from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_quantized, kv_rotation, rotate
-from .memory.rows import KERNEL_PAGE, as_pages, plan_capacity, resized, row_page_table, row_slots, stored_limit
+from .memory.rows import (
+    KERNEL_PAGE,
+    as_pages,
+    head_major_copy,
+    plan_capacity,
+    resized,
+    row_page_table,
+    row_slots,
+    stored_limit,
+)
 from .scoring import get_scorer
 from .sliding_cache import SlidingLayer, WindowPages
 
@@ -60,13 +70,15 @@ class ZipageLayer(CacheLayerMixin):
         self.index = layer_idx if index is None else index  # this layer's place among the full layers
         self.seen = 0  # logical length L
         self.stored = 0  # stored length S
-        self.state: torch.Tensor | None = None  # [B, capacity, H_kv] float32 score state (stateful scorers)
+        self.state: torch.Tensor | None = None  # [B, capacity, H_kv] float32 score state (stateful scorers), 0 past S
+        self._transposed: tuple | None = None  # (keys, values, both as [B, H_kv, capacity, D] views): see stored_kv
         self.key_scales = self.value_scales = None  # FP8 pages: [B, capacity, H_kv] float32
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
         self.prefix_positions: torch.Tensor | None = None  # [B, H_kv, budget] logical positions of slots < budget
         self.scaling: float | None = None
         self.paged_ok = False  # the capture reached this layer's attention with plain softmax attention
+        self.captured = False  # the capture wrapper has seen this layer's attention (its scaling and arguments)
         self.paged_step = False  # this step's attention reads the pages directly
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -98,15 +110,40 @@ class ZipageLayer(CacheLayerMixin):
 
     def resize(self, capacity: int) -> None:
         """Hold ``capacity`` tokens per row, keeping the stored ones (one layer's copy in flight)."""
-        self.keys = resized(self.keys, capacity, self.stored)
-        self.values = resized(self.values, capacity, self.stored)
-        self.state = resized(self.state, capacity, self.stored)
+        self._transposed = None
+        head_major = self.cache._head_major  # (keys and values only: scales and state are small)
+        self.keys = resized(self.keys, capacity, self.stored, head_major)
+        self.values = resized(self.values, capacity, self.stored, head_major)
+        if self.state is not None and self.state.shape[1] != capacity:
+            self.state = resized(self.state, capacity, self.stored)
+            self.state[:, self.stored :].zero_()  # the state of tokens yet to come
         self.key_scales = resized(self.key_scales, capacity, self.stored)
         self.value_scales = resized(self.value_scales, capacity, self.stored)
+
+    def stored_kv(self, stored: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``stored`` tokens of every row as ``[B, H_kv, stored, D]`` keys and values (views)."""
+        t = self._transposed
+        if t is None or t[0] is not self.keys or t[1] is not self.values:  # new storage: new views
+            t = self._transposed = (self.keys, self.values, self.keys.transpose(1, 2), self.values.transpose(1, 2))
+        return t[2].narrow(2, 0, stored), t[3].narrow(2, 0, stored)
 
     def pages(self) -> LayerPages:
         """The storage as ``B`` pages of ``capacity`` tokens (what ``compress_layer`` takes)."""
         return LayerPages(self.keys, self.values, self.state, self.key_scales, self.value_scales, self.dtype)
+
+    def compress(self, slots: torch.Tensor, queries: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        """``compress_layer`` on this layer's storage: its first ``k`` slots of every row then hold the
+        kept tokens. Returns the kept indices ``[B, H_kv, k]``."""
+        head_major = not self.keys.is_contiguous()
+        if head_major:  # into page layout for the compaction and back, one tensor at a time (as a resize)
+            self._transposed = None
+            self.keys = self.keys.contiguous()
+            self.values = self.values.contiguous()
+        keep = compress_layer(self.pages(), slots, self.valid, queries, **kwargs)
+        if head_major:
+            self.keys = head_major_copy(self.keys, keep.shape[-1])
+            self.values = head_major_copy(self.values, keep.shape[-1])
+        return keep
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self.cache._update_layer(self, key_states, value_states)
@@ -125,7 +162,8 @@ class ZipageLayer(CacheLayerMixin):
         self.seen = self.stored = 0
         self.valid = self.window_queries = self.prefix_positions = None
         self.keys = self.values = self.state = self.key_scales = self.value_scales = None
-        self.paged_ok = self.paged_step = False
+        self._transposed = None
+        self.paged_ok = self.paged_step = self.captured = False
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -177,9 +215,14 @@ class ZipageCache(Cache):
         self.page_table: torch.Tensor | None = None  # [B, capacity / KERNEL_PAGE], for the CUDA paged kernels
         self._step_stored = 0  # tokens every layer stores once this step's update is done
         self._step_slots: torch.Tensor | None = None  # [B, q] flat slots of this step's tokens in every layer
-        self._mask_read: tuple = (None, None)  # (the last attention mask seen, which of its new tokens are real)
+        # (the last attention mask seen, which of its new tokens are real, the last record they were written to)
+        self._mask_read: tuple = (None, None, None)
         self._keep_queries = True  # this step's queries may be needed by the next compression
+        self._capture_all = True  # every layer's attention goes through the capture this step (see _on_attention)
         self._shared_valid: torch.Tensor | None = None  # layer 0's validity record before this step
+        # Keys and values in [B, H_kv, capacity, D] memory (seen as [B, capacity, H_kv, D]): where no paged
+        # kernel reads them (decided at the first update), so that attention reads each head as one block.
+        self._head_major: bool | None = None
         self.num_compressions = 0
         self.tokens_evicted = 0
         self.padding_gap = False  # padding inside a sequence seen: masks come from the cache's validity
@@ -292,16 +335,20 @@ class ZipageCache(Cache):
             self._compress_all(stored)
         remaining = None if self.max_cache_len is None else self.max_cache_len - first.seen
         limit = stored_limit(after, q, cfg.capacity, remaining)
-        paged = use_triton(key_states)
+        if self._head_major is None:
+            self._head_major = not use_triton(key_states)
+        paged = not self._head_major
         capacity = plan_capacity(self.capacity_, after + q, limit, len(self.layers), KERNEL_PAGE if paged else 1,
                                  decode=q == 1)
         if capacity != self.capacity_ or (paged and self.page_table is None):
             self.capacity_ = capacity
             self.page_table = row_page_table(batch, capacity, key_states.device) if paged else None
         self._step_stored = after + q
-        self._step_slots = row_slots(batch, capacity, after + q, key_states.device)[:, after:]
+        # The paged store takes slot ids; the PyTorch store copies into ``[:, after:after + q]`` of every row.
+        self._step_slots = row_slots(batch, capacity, after + q, key_states.device)[:, after:] if paged else None
         self._keep_queries = self._queries_needed(after + q, first.seen + q)
-        self._mask_read = (None, None)
+        self._capture_all = True
+        self._mask_read = (None, None, None)
         self.peak_capacity = max(self.peak_capacity, capacity)
         self.peak_stored = max(self.peak_stored, after + q)
 
@@ -325,8 +372,10 @@ class ZipageCache(Cache):
             self._begin_step(B, q, key_states)
 
     def _update_layer(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
+        # Every layer of every decode step runs this: per-step work belongs in ``_begin_step``.
         B, _, q, _ = key_states.shape
-        self._before_update(layer.layer_idx, key_states, value_states)
+        if layer.layer_idx == 0:
+            self._begin_step(B, q, key_states)
         if layer.keys is None:
             layer.lazy_initialization(key_states, value_states)
         after = layer.stored
@@ -335,12 +384,12 @@ class ZipageCache(Cache):
             raise RuntimeError(f"zipage: layer {layer.layer_idx} updated out of step with layer 0")
         if layer.keys.shape[1] != self.capacity_:
             layer.resize(self.capacity_)
-        # Into the rows' slots (one launch for keys and values on CUDA; FP8 pages get codes and scales).
-        rot = self._rotation(key_states)  # INT8 pages: stored in the rotated basis (kernels/fp8.py)
+        # Into the rows' slots ``[:, after:stored]`` (one launch for keys and values on CUDA, a slice
+        # copy each otherwise; FP8 pages get codes and scales; INT8 pages the rotated basis, kernels/fp8.py).
+        rot = self._rotation(key_states)
         store_kv(layer.keys, self._step_slots, rotate(key_states, rot).transpose(1, 2), layer.values,
-                 rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales, layer.value_scales)
-        if layer.state is not None:
-            layer.state[:, after:stored] = 0
+                 rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales,
+                 layer.value_scales, span_start=after)
         layer.stored = stored
         layer.seen += q
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
@@ -366,7 +415,7 @@ class ZipageCache(Cache):
                         f"{self.scorer.name!r} needs them. Use a scorer that reads no queries "
                         "(e.g. 'streaming' or 'knorm') with this model."
                     )
-        if self.capture_ok:
+        if self.capture_ok and (self._capture_all or not layer.captured):
             capture.arm(self, layer.layer_idx, self.model_config)
         # Decode on CUDA: once the capture is known to reach this layer's attention, the wrapper
         # attends straight from the pages (Triton paged attention).
@@ -374,7 +423,7 @@ class ZipageCache(Cache):
         if layer.paged_step:
             return key_states, value_states
         # The stored tokens of every row, in order: views, nothing is copied (FP8: their values).
-        keys, values = layer.keys[:, :stored].transpose(1, 2), layer.values[:, :stored].transpose(1, 2)
+        keys, values = layer.stored_kv(stored)
         if layer.key_scales is not None:  # (INT8: rotated back, for the model's own attention)
             keys = rotate(dequantize_reference(keys, layer.key_scales[:, :stored].transpose(1, 2)), rot,
                           key_states.dtype)
@@ -394,10 +443,19 @@ class ZipageCache(Cache):
         with ``mask``, the model's mask, or, once padding inside a sequence was seen, that mask with
         the stored tokens' columns taken from the cache's own validity)."""
         layer = self.layers[layer_idx]
+        layer.captured = True
         w = self.zipage_config.window
         q = query.shape[2]
         rot = self._rotation(query)
         query = rotate(query, rot, query.dtype)  # INT8 pages: the scorers and the paged kernel see rotated queries
+        if (layer is self.full[0] and q == 1 and attention_mask is None and not self._keep_queries
+                and not self.padding_gap and self.page_table is None):
+            # A decode step that needs nothing from the attention of the other layers: no queries to keep,
+            # no mask to read (every new token is real, as their updates assumed), no paged attention.
+            # Their updates do not arm the capture (those it has seen once: it knows their scaling).
+            self._capture_all = False
+            for other in self.full:
+                other.window_queries = None
         if not self._keep_queries:
             layer.window_queries = None
         elif layer.window_queries is None or q >= w:
@@ -407,9 +465,13 @@ class ZipageCache(Cache):
         if scaling is not None:
             layer.scaling = float(scaling)
         if attention_mask is not None:  # without a mask every new token is real, as the update assumed
-            if attention_mask is not self._mask_read[0]:  # the layers of a forward share one mask: read it once
-                self._mask_read = (attention_mask, _new_token_validity(attention_mask, query.shape[0], q, query.device))
-            layer.valid[:, layer.stored - q :] = self._mask_read[1]
+            read = self._mask_read
+            if attention_mask is not read[0]:  # the layers of a forward share one mask: read it once
+                read = (attention_mask, _new_token_validity(attention_mask, query.shape[0], q, query.device), None)
+            if layer.valid is not read[2]:  # (layers that share a record share its write too)
+                layer.valid[:, layer.stored - q :] = read[1]
+                read = (read[0], read[1], layer.valid)
+            self._mask_read = read
         if q > 1 and not self.padding_gap and _has_gap(layer.valid):
             # Padding inside a sequence: the mask the model builds covers the last ``stored`` positions,
             # which stop matching the stored tokens once a compression has run, and the paged kernel
@@ -421,9 +483,8 @@ class ZipageCache(Cache):
                 attention_mask, layer.valid[:, : layer.stored - q], q, impl, query.dtype
             )
         # Paged attention only where nothing beyond plain softmax attention is asked for.
-        layer.paged_ok = not self.padding_gap and not any(
-            kwargs.get(name) is not None for name in _NON_PLAIN_ATTENTION_KWARGS
-        )
+        layer.paged_ok = not self.padding_gap and kwargs.get("sliding_window") is None and (
+            kwargs.get("output_attentions") is None)
         if not layer.paged_step:
             return None, attention_mask
         B, H, _, D = query.shape
@@ -461,14 +522,25 @@ class ZipageCache(Cache):
                 )
         first = self.full[0]
         slots = row_slots(self.batch_size_, first.keys.shape[1], stored, first.keys.device)
+        shared = None
         for layer in self.full:
-            keep = compress_layer(
-                layer.pages(), slots, layer.valid, layer.window_queries if self.scorer.needs_queries else None,
-                self.scorer, k=cfg.budget, window=cfg.window, sinks=cfg.sinks,
+            keep = layer.compress(
+                slots, layer.window_queries if self.scorer.needs_queries else None,
+                scorer=self.scorer, k=cfg.budget, window=cfg.window, sinks=cfg.sinks,
                 scaling=attention_scale(layer.scaling, layer.keys.shape[-1]), page_size=cfg.page_size,
                 first=self.num_compressions == 0, layer_idx=layer.layer_idx,
             )
-            layer.valid = layer.valid.gather(1, keep[:, 0])
+            valid = layer.valid.gather(1, keep[:, 0])
+            # Layers whose kept tokens are alike real or padding share one record again, so that the
+            # decode steps extend one record, not one per layer (compared on the host: not on CUDA,
+            # where it would wait for the device).
+            if shared is None:
+                shared = valid
+            elif not valid.is_cuda and torch.equal(valid, shared):
+                valid = shared
+            layer.valid = valid
+            if layer.state is not None:  # the slots past the kept tokens take new tokens, whose state starts at 0
+                layer.state[:, cfg.budget :].zero_()
             before = _slot_positions(layer.prefix_positions, *keep.shape[:2], layer.seen, layer.stored, keep.device)
             layer.prefix_positions = before.gather(2, keep)
             layer.stored = cfg.budget
@@ -484,11 +556,14 @@ class ZipageCache(Cache):
             self.window_pages.reorder(beam_idx.to(self.full[0].keys.device))
         moved = lambda t: t if t is None else (  # noqa: E731  (FP8 moved as bytes)
             t.view(torch.uint8).index_select(0, idx).view(t.dtype) if is_quantized(t) else t.index_select(0, idx))
+        # (head-major keys and values are moved in their own layout, which they keep)
+        moved_kv = (lambda t: moved(t.transpose(1, 2)).transpose(1, 2)) if self._head_major else moved  # noqa: E731
         for layer in self.full:
             if layer.keys is None:
                 continue
             idx = beam_idx.to(layer.keys.device)
-            layer.keys, layer.values, layer.state = moved(layer.keys), moved(layer.values), moved(layer.state)
+            layer._transposed = None
+            layer.keys, layer.values, layer.state = moved_kv(layer.keys), moved_kv(layer.values), moved(layer.state)
             layer.key_scales, layer.value_scales = moved(layer.key_scales), moved(layer.value_scales)
             for name in ("valid", "window_queries", "prefix_positions"):
                 value = getattr(layer, name)
@@ -509,6 +584,7 @@ class ZipageCache(Cache):
             self.window_pages.reset()
         self.num_compressions = self.tokens_evicted = 0
         self.padding_gap = False
+        self._head_major = None
 
     @property
     def batch_size(self) -> int:
@@ -526,9 +602,6 @@ def _slot_positions(prefix: torch.Tensor | None, batch: int, heads: int, seen: i
     n = 0 if prefix is None else prefix.shape[2]
     tail = torch.arange(seen - stored + n, seen, device=device).expand(batch, heads, stored - n)
     return tail.clone() if prefix is None else torch.cat([prefix, tail], dim=2)
-
-
-_NON_PLAIN_ATTENTION_KWARGS = ("sliding_window", "output_attentions")
 
 
 def _new_token_validity(mask, batch: int, q: int, device) -> torch.Tensor:

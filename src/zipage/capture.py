@@ -77,8 +77,10 @@ def _original_function(module, name: str | None) -> Callable:
 
 def _check_call(module, kwargs: dict) -> None:
     """``check_attention_call`` once per module and set of attention arguments (not every step)."""
-    sig = tuple(kwargs.get(name) is not None for name in ("softcap", "s_aux", "sinks", "output_attentions"))
-    sig += (kwargs.get("sliding_window"), kwargs.get("is_causal"), getattr(module, "is_causal", True))
+    get = kwargs.get  # (every layer of every step passes here: no generator, no tuple concatenation)
+    sig = (get("softcap") is not None, get("s_aux") is not None, get("sinks") is not None,
+           get("output_attentions") is not None, get("sliding_window"), get("is_causal"),
+           getattr(module, "is_causal", True))
     if _checked.get(module) != sig:
         check_attention_call(module, kwargs, "ZipageCache")
         _checked[module] = sig
@@ -118,16 +120,23 @@ def _register(original: str | None) -> str:
     return name
 
 
+_wrapper_names: dict[str | None, str] = {}  # the model's attention name -> its registered wrapper's
+
+
 def arm(cache, layer_idx: int, config) -> None:
     """Route the next attention lookup of ``config`` (for ``layer_idx``) through the capture wrapper."""
-    original = _config_vars(config).get("_attn_implementation_internal")
-    if original is not None and original.startswith(PREFIX):
-        # A previous update's attention never ran (an exception, or a model that bypasses the
-        # AttentionInterface): restore the original name from the prefixed one.
-        original = original[len(PREFIX) :]
-    name = _register(original)
+    attrs = _config_vars(config)
+    original = attrs.get("_attn_implementation_internal")
+    name = _wrapper_names.get(original)
+    if name is None:
+        if original is not None and original.startswith(PREFIX):
+            # A previous update's attention never ran (an exception, or a model that bypasses the
+            # AttentionInterface): restore the original name from the prefixed one.
+            original = original[len(PREFIX) :]
+        name = _register(original)
+        _wrapper_names[original] = name
     _pending.item = (cache, layer_idx, config, original)
-    _set_attn(config, name)
+    attrs["_attn_implementation_internal"] = name
 
 
 def disarm() -> None:

@@ -9,6 +9,10 @@ values as ``[B, capacity, H, D]`` with row ``b``'s tokens at ``[b, :S]``, in ord
 - the paged kernels read the same memory as pages of ``KERNEL_PAGE`` tokens (``as_pages``)
   through a page table that only counts (``row_page_table``).
 
+Where no paged kernel reads them (the CPU), keys and values are ``[B, H, capacity, D]`` in memory
+and the layer holds them as the ``[B, capacity, H, D]`` view of that (``resized(..., head_major=True)``):
+the same indexing, but attention reads each head's ``[:S]`` as one block, as from a ``DynamicCache``.
+
 How much to hold (``plan_capacity``): a row never stores more than ``budget + buffer`` tokens
 once its prompt is in (a longer prompt is compressed before the next token), nor more than the
 tokens it will ever see, which ``generate()`` knows (``max_length``). Growth reallocates one
@@ -56,14 +60,31 @@ def plan_capacity(current: int, need: int, limit: int, layers: int, granule: int
     return current
 
 
-def resized(t: torch.Tensor | None, capacity: int, keep: int) -> torch.Tensor | None:
+def resized(t: torch.Tensor | None, capacity: int, keep: int, head_major: bool = False) -> torch.Tensor | None:
     """``t`` (``[B, cap, ...]``) reallocated to ``capacity`` tokens per row, its first ``keep``
-    copied. The slots past ``keep`` are left uninitialised: nothing reads beyond the stored tokens."""
+    copied. The slots past ``keep`` are left uninitialised: nothing reads beyond the stored tokens.
+    ``head_major`` (``t`` ``[B, cap, H, D]``): the new memory is ``[B, H, capacity, D]``, returned as
+    its ``[B, capacity, H, D]`` view."""
     if t is None or t.shape[1] == capacity:
         return t
-    out = torch.empty(t.shape[0], capacity, *t.shape[2:], dtype=t.dtype, device=t.device)
+    out = _empty(t, capacity, head_major)
     out[:, :keep] = t[:, :keep]
     return out
+
+
+def head_major_copy(t: torch.Tensor, keep: int) -> torch.Tensor:
+    """``t`` (``[B, cap, H, D]``) moved to new ``[B, H, cap, D]`` memory (returned as its ``[B, cap, H, D]``
+    view), its first ``keep`` tokens per row copied, the rest uninitialised (as in ``resized``)."""
+    out = _empty(t, t.shape[1], True)
+    out[:, :keep] = t[:, :keep]
+    return out
+
+
+def _empty(t: torch.Tensor, capacity: int, head_major: bool) -> torch.Tensor:
+    if head_major:
+        B, _, H, D = t.shape
+        return torch.empty(B, H, capacity, D, dtype=t.dtype, device=t.device).transpose(1, 2)
+    return torch.empty(t.shape[0], capacity, *t.shape[2:], dtype=t.dtype, device=t.device)
 
 
 def as_pages(t: torch.Tensor, page: int = KERNEL_PAGE) -> torch.Tensor:
