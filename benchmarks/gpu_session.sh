@@ -18,6 +18,9 @@
 #              variant) and bf16 pages (Qwen3-8B shapes, 512 requests, 80 GiB of KV)
 #   PART=tma2  the 8-bit decode default (tensor-descriptor tiles) on FP8 and INT8 pages: kernel rows, the
 #              8-bit GPU tests, then zipage-2048 with INT8, FP8 and bf16 pages (512 requests, 80 GiB of KV)
+#   PART=gen   the GPU tests of generate() (peak memory, rows sized to the run's end), of 8-bit pages
+#              (INT8 rotated; FP8 with and without ZIPAGE_FP8_ROTATION=1), then generate() against
+#              DynamicCache over the GPU plan (benchmarks/generate_speed.py gpu)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -106,5 +109,12 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       2>&1 | tail -7
     timeout 110 python3 benchmarks/generate_speed.py gpu --only qwen3-0.6b --max-new-tokens 512 --time-budget 80 \
       --out "$OUT/generate_speed_gpu.json" 2>&1 | tail -16 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2 or int8fast" >&2; exit 2 ;;
+  gen)
+    timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_memory.py tests/test_generate_gpu.py \
+      tests/test_fp8_engine.py tests/test_kept_positions.py 2>&1 | tee "$OUT/gpu_tests_gen.log" | tail -5
+    ZIPAGE_FP8_ROTATION=1 timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_engine.py \
+      2>&1 | tee "$OUT/gpu_tests_fp8_rotated.log" | tail -3
+    timeout 370 python3 benchmarks/generate_speed.py gpu --time-budget "${GEN_BUDGET:-330}" \
+      --out "$OUT/generate_speed_gpu.json" 2>&1 | tail -16 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast or gen" >&2; exit 2 ;;
 esac

@@ -103,7 +103,9 @@ def check_scales(name: str, codes: torch.Tensor, scales: torch.Tensor | None) ->
 def kv_rotation(kv_cache_dtype: str, head_dim: int, device) -> torch.Tensor | None:
     """The float32 rotation ``H`` ``[D, D]`` that pages of this type store keys and values in (INT8
     pages with a power-of-two head dim, unless ``ZIPAGE_INT8_ROTATION=0``), or None."""
-    if kv_cache_dtype != "int8" or head_dim < 2 or head_dim & (head_dim - 1):
+    if kv_cache_dtype not in ("int8", "fp8") or head_dim < 2 or head_dim & (head_dim - 1):
+        return None
+    if kv_cache_dtype == "fp8" and os.environ.get("ZIPAGE_FP8_ROTATION", "0").strip() != "1":
         return None
     if os.environ.get("ZIPAGE_INT8_ROTATION", "1").strip() == "0":
         return None

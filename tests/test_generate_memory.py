@@ -51,6 +51,39 @@ def test_never_more_than_dynamic_cache_before_the_budget(model, new_tokens):
     assert zipage <= full + record, f"zipage {zipage} B against DynamicCache {full} B"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("new_tokens", [9, 30, 41])  # PROMPT + new_tokens: not whole 16-token kernel pages
+def test_never_more_than_dynamic_cache_on_cuda(model, new_tokens):
+    """The paged kernels read rows as 16-token pages; where the run ends inside a page, rows still
+    take exactly the tokens the run will store (no page of every layer rounded up), so the peak
+    stays within DynamicCache's as on the CPU."""
+    import zipage
+
+    cuda = model.to("cuda")
+    ids, mask = (t.cuda() for t in left_padded_batch(lengths=(PROMPT, 17, 20)))
+    full, ref = _peak(cuda, ids, mask, new_tokens)
+    cache = zipage.ZipageCache(config=cuda.config, **ZIPAGE["cache_config"])
+    zipage_peak, out = _peak(cuda, ids, mask, new_tokens, past_key_values=cache)
+    cuda.to("cpu")
+    assert torch.equal(ref, out)
+    assert cache.stats()["capacity_tokens"] == PROMPT + new_tokens  # generate()'s max_length, not rounded up
+    # As on the CPU, plus the page table and slot ids of the paged steps (int32 / int64 per page and token).
+    record = ids.shape[0] * (PROMPT + new_tokens) * 9 + ids.shape[0] * PROMPT * 8
+    assert zipage_peak <= full + record, f"zipage {zipage_peak} B against DynamicCache {full} B"
+
+
+def test_plan_capacity_never_rounds_past_the_runs_end():
+    from zipage.memory.rows import plan_capacity
+
+    # Growth: need plus slack, rounded up to the page, capped at the limit (rounded up, or exact).
+    assert plan_capacity(0, 40, 1000, layers=4, granule=16) == 64
+    assert plan_capacity(64, 700, 712, layers=28, granule=16) == 720
+    assert plan_capacity(64, 700, 712, layers=28, granule=16, exact=True) == 712
+    assert plan_capacity(712, 711, 712, layers=28, granule=16, exact=True) == 712  # holds: no regrowth
+    assert plan_capacity(64, 65, 712, layers=28, granule=16, exact=True) == 96  # short of the end: whole pages
+
+
 def test_far_less_than_dynamic_cache_and_flat_past_the_budget(model):
     ids, mask = left_padded_batch(lengths=(PROMPT, 17, 20))
     full = {n: _peak(model, ids, mask, n)[0] for n in (200, 400)}

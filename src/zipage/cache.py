@@ -337,9 +337,12 @@ class ZipageCache(Cache):
         limit = stored_limit(after, q, cfg.capacity, remaining)
         if self._head_major is None:
             self._head_major = not use_triton(key_states)
-        paged = not self._head_major
-        capacity = plan_capacity(self.capacity_, after + q, limit, len(self.layers), KERNEL_PAGE if paged else 1,
-                                 decode=q == 1)
+        # The run's end, not the budget, sets the limit: rows hold exactly that many tokens.
+        exact = remaining is not None and limit < cfg.capacity
+        capacity = plan_capacity(self.capacity_, after + q, limit, len(self.layers),
+                                 1 if self._head_major else KERNEL_PAGE, decode=q == 1, exact=exact)
+        # Paged kernels read whole pages; rows sized to the run's end otherwise attend densely (its last steps).
+        paged = not self._head_major and capacity % KERNEL_PAGE == 0
         if capacity != self.capacity_ or (paged and self.page_table is None):
             self.capacity_ = capacity
             self.page_table = row_page_table(batch, capacity, key_states.device) if paged else None

@@ -20,7 +20,10 @@ layer at a time in that layer's own update, so at most one layer's copy is in fl
 concatenation a ``DynamicCache`` does for one layer at every step; it adds ``1 / (2 * layers)``
 of the length as slack, about one layer's worth of tokens across the model, and never goes past
 the limit, so once the run reaches ``max_length`` the storage is exactly what the longest stored
-state needs. A compression that leaves less to hold (a long prompt compressed to the budget)
+state needs. That holds on the GPU too: where the run's end sets the limit and it is not a whole
+number of kernel pages, the rows take exactly the limit and the last few steps attend densely from
+the same storage (``plan_capacity(..., exact=True)``), rather than round every row of every layer
+up to a page no token will fill. A compression that leaves less to hold (a long prompt compressed to the budget)
 shrinks the storage the same way.
 """
 
@@ -44,15 +47,17 @@ def stored_limit(stored: int, q: int, capacity: int, remaining: int | None) -> i
     return max(peak, limit)
 
 
-def plan_capacity(current: int, need: int, limit: int, layers: int, granule: int = 1, decode: bool = True) -> int:
+def plan_capacity(current: int, need: int, limit: int, layers: int, granule: int = 1, decode: bool = True,
+                  exact: bool = False) -> int:
     """Tokens per row to hold this step, rounded up to a multiple of ``granule`` (the kernels' page):
     when ``need`` does not fit in ``current``, ``need`` plus slack (``need / (2 * layers)``, at least
     ``MIN_SLACK``; none for a prefill, ``decode`` False, whose activations make the peak) capped at
     ``limit``; ``limit`` when ``current`` holds more than that slack beyond it (a compression left
-    less to hold); else ``current``."""
+    less to hold); else ``current``. ``exact``: ``limit`` is the last token the run will store, so it
+    is never rounded up (the one result that may not be a multiple of ``granule``)."""
     up = lambda n: -(-n // granule) * granule  # noqa: E731
     slack = lambda n: max(n // (2 * layers), MIN_SLACK)  # noqa: E731
-    cap = up(limit)
+    cap = limit if exact else up(limit)
     if need > current:
         return min(up(need + slack(need)) if decode else up(need), cap)
     if current > cap + slack(cap):
