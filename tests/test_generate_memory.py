@@ -79,7 +79,8 @@ def test_plan_capacity_never_rounds_past_the_runs_end():
     # Growth: need plus slack, rounded up to the page, capped at the limit (rounded up, or exact).
     assert plan_capacity(0, 40, 1000, layers=4, granule=16) == 64
     assert plan_capacity(64, 700, 712, layers=28, granule=16) == 720
-    assert plan_capacity(64, 700, 712, layers=28, granule=16, exact=True) == 712
+    assert plan_capacity(64, 700, 712, layers=28, granule=16, exact=True) == 704  # the last whole page that fits
+    assert plan_capacity(704, 705, 712, layers=28, granule=16, exact=True) == 712  # past it: exactly the end
     assert plan_capacity(712, 711, 712, layers=28, granule=16, exact=True) == 712  # holds: no regrowth
     assert plan_capacity(64, 65, 712, layers=28, granule=16, exact=True) == 96  # short of the end: whole pages
 

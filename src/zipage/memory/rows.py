@@ -54,11 +54,17 @@ def plan_capacity(current: int, need: int, limit: int, layers: int, granule: int
     ``MIN_SLACK``; none for a prefill, ``decode`` False, whose activations make the peak) capped at
     ``limit``; ``limit`` when ``current`` holds more than that slack beyond it (a compression left
     less to hold); else ``current``. ``exact``: ``limit`` is the last token the run will store, so it
-    is never rounded up (the one result that may not be a multiple of ``granule``)."""
+    is never rounded up: rows grow in whole granules up to the last one that fits, and take exactly
+    ``limit`` (the one result that may not be a multiple of ``granule``) only for the tokens past it;
+    it only changes how rows grow."""
     up = lambda n: -(-n // granule) * granule  # noqa: E731
     slack = lambda n: max(n // (2 * layers), MIN_SLACK)  # noqa: E731
-    cap = limit if exact else up(limit)
+    cap = up(limit)
     if need > current:
+        if exact:
+            cap = limit // granule * granule
+            if need > cap:
+                return limit
         return min(up(need + slack(need)) if decode else up(need), cap)
     if current > cap + slack(cap):
         return cap
