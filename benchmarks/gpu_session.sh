@@ -21,6 +21,9 @@
 #   PART=gen   the GPU tests of generate() (peak memory, rows sized to the run's end), of 8-bit pages
 #              (INT8 rotated; FP8 with and without ZIPAGE_FP8_ROTATION=1), then generate() against
 #              DynamicCache over the GPU plan (benchmarks/generate_speed.py gpu)
+#   PART=steady the GPU peak-memory tests of generate() and the rotated 8-bit engine tests, then zipage-2048
+#              with INT8 (rotated), FP8 and bf16 pages run long enough to pass the budget (Qwen3-8B shapes,
+#              512 requests, 80 GiB of KV, TIME_LIMIT s each)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -116,5 +119,13 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       2>&1 | tee "$OUT/gpu_tests_fp8_rotated.log" | tail -3
     timeout 370 python3 benchmarks/generate_speed.py gpu --time-budget "${GEN_BUDGET:-330}" \
       --out "$OUT/generate_speed_gpu.json" 2>&1 | tail -16 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast or gen" >&2; exit 2 ;;
+  steady)
+    timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_memory.py tests/test_fp8_engine.py \
+      2>&1 | tee "$OUT/gpu_tests_steady.log" | tail -3
+    ZIPAGE_FP8_ROTATION=1 timeout 40 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_engine.py \
+      2>&1 | tail -1
+    timeout 470 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+      --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-125}" --systems zipage-2048-int8,zipage-2048-fp8,zipage-2048 \
+      --out "$OUT/throughput_qwen3-8b_8bit_steady.json" 2>&1 | tail -6 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen or steady" >&2; exit 2 ;;
 esac

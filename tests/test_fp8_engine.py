@@ -61,11 +61,15 @@ def test_full_kv_fp8_engine_matches_fp8_rounded_generate(family, kv, fake_rounde
 
 @pytest.mark.parametrize("scorer, redundancy, kv", [("zipage", "none", "fp8"), ("zipage", "lightning", "fp8"),
                                                    ("snapkv", "none", "fp8"), ("zipage", "lightning", "int8"),
-                                                   ("snapkv", "none", "int8")])
-def test_compressing_fp8_engine_matches_fp8_rounded_generate(scorer, redundancy, kv, fake_rounded_generate):
+                                                   ("snapkv", "none", "int8"), ("zipage", "lightning", "fp8-rotated")])
+def test_compressing_fp8_engine_matches_fp8_rounded_generate(scorer, redundancy, kv, fake_rounded_generate,
+                                                             monkeypatch):
     """Compressions included: the zipage scorer reads the FP8 codes and scales itself, snapkv gets
     them dequantized; either way the tokens are those of generate() on e4m3-rounded keys and values
-    (INT8: int8-rounded)."""
+    (INT8: int8-rounded; fp8-rotated: FP8 pages stored rotated, ``ZIPAGE_FP8_ROTATION=1``)."""
+    if kv == "fp8-rotated":
+        monkeypatch.setenv("ZIPAGE_FP8_ROTATION", "1")
+        kv = "fp8"
     fake_rounded_generate(kv)
     model = tiny_model("qwen3")
     shared = prompts_of((13,), seed=7)[0]  # prefix-cached pages: compaction then writes to fresh pages

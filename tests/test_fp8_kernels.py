@@ -464,6 +464,7 @@ def test_int8_rotation(monkeypatch):
     from zipage.kernels.fp8 import kv_rotation, rotate
 
     monkeypatch.delenv("ZIPAGE_INT8_ROTATION", raising=False)
+    monkeypatch.delenv("ZIPAGE_FP8_ROTATION", raising=False)
     h = kv_rotation("int8", 64, "cpu")
     assert h.shape == (64, 64) and torch.equal(h, h.T)
     assert torch.allclose(h @ h, torch.eye(64), atol=1e-6)
@@ -484,3 +485,5 @@ def test_int8_rotation(monkeypatch):
     assert (turned @ qv - k @ qv).abs().mean() < 0.25 * (plain @ qv - k @ qv).abs().mean()
     monkeypatch.setenv("ZIPAGE_INT8_ROTATION", "0")
     assert kv_rotation("int8", 64, "cpu") is None
+    monkeypatch.setenv("ZIPAGE_FP8_ROTATION", "1")  # FP8 pages: rotated only when asked
+    assert torch.equal(kv_rotation("fp8", 64, "cpu"), h) and kv_rotation("fp8", 80, "cpu") is None
