@@ -24,6 +24,8 @@
 #   PART=steady the GPU peak-memory tests of generate() and the rotated 8-bit engine tests, then zipage-2048
 #              with INT8 (rotated), FP8 and bf16 pages run long enough to pass the budget (Qwen3-8B shapes,
 #              512 requests, 80 GiB of KV, TIME_LIMIT s each)
+#   PART=gen8b the GPU peak-memory tests of generate(), then generate() against DynamicCache on Qwen3-8B
+#              shapes (batch 16 and 1, 512 new tokens)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -127,5 +129,10 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     timeout 470 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-125}" --systems zipage-2048-int8,zipage-2048-fp8,zipage-2048 \
       --out "$OUT/throughput_qwen3-8b_8bit_steady.json" 2>&1 | tail -6 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen or steady" >&2; exit 2 ;;
+  gen8b)
+    timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_memory.py 2>&1 \
+      | tee "$OUT/gpu_tests_memory.log" | tail -3
+    timeout 330 python3 benchmarks/generate_speed.py gpu --only qwen3-8b --max-new-tokens 512 --time-budget 290 \
+      --out "$OUT/generate_speed_gpu_8b.json" 2>&1 | tail -12 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady or gen8b" >&2; exit 2 ;;
 esac
