@@ -62,7 +62,9 @@ def fp8_section(results: Path) -> str:
              "listed oldest first: `fp8_block128` decoded 8-bit pages with the general kernel, the `tma` runs "
              "with `kernels/paged_decode_fp8.py` reading tiles through tensor descriptors (the default since). "
              "Within a time limit the 8-bit runs, with twice the requests running, reach the budget later "
-             "(mean output below 2,048 tokens: no compression yet), so their tok/s still includes the ramp.", ""]
+             "(mean output below 2,048 tokens: no compression yet), so their tok/s still includes the ramp. "
+             "`throughput_qwen3-8b_z_8bit_steady.json` runs each system 115 s, past the budget (INT8 pages "
+             "rotated there, as they are stored now).", ""]
     engine = _engine_table(sorted(folder.glob("throughput_*.json")))
     parts += engine + [""] if engine else ["(no engine pair yet)", ""]
     for path in sorted(folder.glob("fp8_decode_*.json")):
@@ -77,7 +79,10 @@ def fp8_section(results: Path) -> str:
                 "INT8 pages here are unrotated (measured before INT8 pages were stored rotated; "
                 "`ZIPAGE_INT8_ROTATION=0` gives them back)."),
                ("quality_int8_rotated.md", "INT8 pages, rotated, with eviction (quality report)",
-                "INT8 pages as they are stored now, in the Hadamard-rotated basis.")]
+                "INT8 pages as they are stored now, in the Hadamard-rotated basis."),
+               ("quality_fp8_rotated.md", "FP8 pages, rotated (`ZIPAGE_FP8_ROTATION=1`), with eviction (quality report)",
+                "FP8 pages stored in the Hadamard-rotated basis, as INT8 pages are. Not the default: on Gemma 3 "
+                "270M a rotation makes e4m3 rounding worse (see the rounding tables below).")]
     for name, title, note in reports:
         quality = results / name
         if quality.exists():

@@ -50,6 +50,8 @@ def generate_sections(results: Path) -> list[str]:
                   f"transformers {meta['transformers']}). Same prompts and the same number of new tokens for "
                   f"every cache; tok/s: new tokens per second of {speed}, prefill included; peak: {memory}.", "",
                   table(rows, device), ""]
+        if meta.get("note"):
+            parts += [meta["note"], ""]
         for s in data.get("skipped", []):
             parts.append(f"- skipped: {s['model']}, batch {s['batch']}, {s['new_tokens']} new tokens ({s['reason']})")
         if data.get("skipped"):
