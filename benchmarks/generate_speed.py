@@ -154,13 +154,14 @@ def run_variant(model, variant: Variant, device: str, repeats: int) -> list[dict
 GUESS_MS_PER_STEP = {"qwen3-0.6b": 100.0, "qwen3-8b": 130.0}
 
 
-def estimate_seconds(variant: Variant, ms_per_step: dict) -> float | None:
+def estimate_seconds(variant: Variant, ms_per_step: dict, warmup: int = 0) -> float | None:
     known = ms_per_step.get((variant.model, variant.batch), GUESS_MS_PER_STEP.get(variant.model))
     if known is None:
         return None
     # DynamicCache slows as its context grows; a generous factor for the longer runs.
     longer = max(1.0, variant.new_tokens / 1024)
-    return variant.new_tokens * known / 1000 * len(variant.budgets) * (1 + 0.15 * longer)
+    steps = variant.new_tokens * (1 + 0.15 * longer) + min(warmup, variant.new_tokens)
+    return steps * known / 1000 * len(variant.budgets)
 
 
 def _out_path(args) -> Path:
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="runs per cache (default 2 on the CPU, 1 on the GPU)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadier on a shared machine)")
     parser.add_argument("--time-budget", type=float, default=420.0, help="GPU: seconds the variants may take")
+    parser.add_argument("--warmup", type=int, default=128, help="gpu: new tokens of an untimed run of every cache "
+                        "before each variant (0: none)")
     parser.add_argument("--long", action="store_true", help="cpu: 1,024 new tokens, mostly past the budget (minutes)")
     parser.add_argument("--only", default=None, help="run only the variants whose model name contains this")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap every variant's new tokens")
@@ -213,7 +216,7 @@ def main(argv=None) -> int:
     rows, skipped, ms_per_step, models = [], [], {}, {}
     for v in plan:
         left = args.time_budget - (time.perf_counter() - start)
-        guess = estimate_seconds(v, ms_per_step)
+        guess = estimate_seconds(v, ms_per_step, args.warmup if device == "cuda" else 0)
         if device == "cuda" and (left < 20 or (guess is not None and guess > left)):
             skipped.append({**asdict(v), "reason": f"estimated {guess or 0:.0f} s, {left:.0f} s left"})
             print(f"skip {v.model} batch {v.batch} {v.new_tokens} new tokens ({skipped[-1]['reason']})", flush=True)
@@ -222,6 +225,10 @@ def main(argv=None) -> int:
             models[v.model] = load(v.model, device)
             warm = Variant(v.model, 2, 64, 48, (None, 32), {"page_size": 16, "buffer": 16})
             run_variant(models[v.model], warm, device, 1)  # compiles the kernels, fills the allocator
+        if device == "cuda" and args.warmup:  # every cache once at this variant's batch and prompt, untimed:
+            # a cache's first run at new sizes pays for kernels and allocator segments the later ones reuse
+            run_variant(models[v.model], Variant(**{**asdict(v), "new_tokens": min(v.new_tokens, args.warmup)}),
+                        device, 1)
         got = run_variant(models[v.model], v, device, repeats)
         full = [r for r in got if r["budget"] is None]
         if full:

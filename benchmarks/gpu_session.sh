@@ -26,6 +26,9 @@
 #              512 requests, 80 GiB of KV, TIME_LIMIT s each)
 #   PART=gen8b the GPU peak-memory tests of generate(), then generate() against DynamicCache on Qwen3-8B
 #              shapes (batch 16 and 1, 512 new tokens)
+#   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
+#              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
+#              generate_speed.py gpu with an untimed run of every cache before each variant
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -134,5 +137,12 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       | tee "$OUT/gpu_tests_memory.log" | tail -3
     timeout 330 python3 benchmarks/generate_speed.py gpu --only qwen3-8b --max-new-tokens 512 --time-budget 290 \
       --out "$OUT/generate_speed_gpu_8b.json" 2>&1 | tail -12 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady or gen8b" >&2; exit 2 ;;
+  profile)
+    for m in qwen3-0.6b qwen3-8b; do
+      timeout 150 python3 benchmarks/profile_generate.py --model "$m" --batch 16 --new-tokens 256 \
+        --budgets none,512,2048 2>&1 | grep -v USDT | tee "$OUT/profile_generate_$m.txt" | head -40
+    done
+    timeout 280 python3 benchmarks/generate_speed.py gpu --time-budget 240 --out "$OUT/generate_speed_gpu.json" \
+      2>&1 | tail -14 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b or profile" >&2; exit 2 ;;
 esac

@@ -511,7 +511,14 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list[Fraction]) -> dict[str, Any]:
+def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list[Fraction],
+                   positions: dict | None = None) -> dict[str, Any]:
+    """The teacher-forced comparison of every row at every budget. With ``positions`` (a dict), it
+    also gets, for every (row label, budget label), one entry per group of sequences (in the
+    sequences' order) of the scored positions' values: ``start`` (the first scored position),
+    ``top1`` (bool), ``kl``, ``logp_comp`` and ``logp_full`` (the reference next token's log-prob
+    under the compressed cache and under full KV), each ``[sequences, positions]``: the values
+    ``Tracker.summary`` averages (its nll is ``-logp_comp``, the reference's ``-logp_full``)."""
     import zipage
 
     N = args.seq_len
@@ -577,6 +584,11 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
                 t_runs += dt
                 summ = tracker.summary(first, N - 1)
                 parts.setdefault((label, f), []).append(summ)
+                if positions is not None:
+                    positions.setdefault((label, frac_label(f)), []).append({
+                        "start": first, "top1": tracker.agree[:, first : N - 1] == 1,
+                        "kl": tracker.kl[:, first : N - 1].clone(), "logp_comp": -tracker.nll[:, first : N - 1],
+                        "logp_full": -ref.nll[:, first : N - 1]})
                 r = runs.setdefault((label, f), {"seconds": 0.0, "compressions": [], "peak_stored": 0})
                 r["seconds"] += dt
                 r["compressions"].append(meta["compressions"])

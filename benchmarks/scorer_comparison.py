@@ -97,7 +97,9 @@ def load(name: str, threads: int | None):
     raise ValueError(f"--model {name!r}: expected one of {sorted(MODELS)}")
 
 
-def run(args) -> dict[str, Any]:
+def run(args, positions: dict | None = None) -> list[dict[str, Any]]:
+    """One run: every row at every budget on every text of ``args.dataset``, one result per text.
+    With ``positions`` (a dict), it also gets the per-position values (``positions_by_dataset``)."""
     import transformers
 
     import zipage
@@ -129,10 +131,13 @@ def run(args) -> dict[str, Any]:
 
     Q.build_sequences = build_all
     try:
-        tf = Q.teacher_forced(model, tok, tf_args, rows, budgets)
+        raw: dict | None = {} if positions is not None else None
+        tf = Q.teacher_forced(model, tok, tf_args, rows, budgets, **({} if raw is None else {"positions": raw}))
     finally:
         Q.build_sequences = build
     seconds = time.perf_counter() - t0
+    if positions is not None:
+        positions.update(positions_by_dataset(raw, tf["sequences"], datasets))
     return [_one_dataset(args, tf, d, seconds) for d in datasets]
 
 
@@ -163,7 +168,8 @@ def _one_dataset(args, tf: dict[str, Any], dataset: str, seconds: float) -> dict
     return {
         "command": "python benchmarks/scorer_comparison.py " + " ".join(sys.argv[1:]),
         "model": args.model, "model_title": MODELS[args.model],
-        "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))
+                     and k not in _ANALYSIS_ONLY and not (k == "positions" and v is None)},
         "default": zipage.ZipageConfig().scorer if isinstance(zipage.ZipageConfig().scorer, str) else "?",
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "zipage": zipage.__version__, "python": platform.python_version(),
@@ -171,6 +177,202 @@ def _one_dataset(args, tf: dict[str, Any], dataset: str, seconds: float) -> dict
         "seconds": seconds, "datasets_decoded_together": args.dataset, "teacher_forced": tf,
         "dataset": dataset,
     }
+
+
+# ----------------------------------------------------------------------------- per-position values
+# options of --significance alone (and --positions when unused): not among a run's settings
+_ANALYSIS_ONLY = ("significance", "significance_out", "resamples", "block", "seed", "default")
+POSITION_VALUES = ("top1", "kl", "logp_comp", "logp_full")
+
+
+def positions_by_dataset(raw: dict, sequences: list[dict], datasets: list[str]) -> dict[str, Any]:
+    """``teacher_forced``'s per-position values (``raw``: (row, budget) -> one entry per group of
+    sequences) split by text: ``{dataset: {"sequences": [...], "rows": {row: {budget: entry}}}}``, each
+    entry ``start`` plus ``[sequences of the text, positions]`` tensors of ``POSITION_VALUES``."""
+    out: dict[str, Any] = {}
+    for d in datasets:
+        pick = torch.tensor([i for i, s in enumerate(sequences) if s["dataset"] == d])
+        rows: dict[str, dict] = {}
+        for (label, frac), groups in raw.items():
+            starts = {g["start"] for g in groups}
+            if len(starts) != 1:
+                raise RuntimeError(f"{label} at {frac}: groups scored from different positions {sorted(starts)}")
+            rows.setdefault(label, {})[frac] = {"start": starts.pop(), **{
+                k: torch.cat([g[k] for g in groups])[pick].contiguous() for k in POSITION_VALUES}}
+        out[d] = {"sequences": [sequences[i] for i in pick.tolist()], "rows": rows}
+    return out
+
+
+def save_positions(path: pathlib.Path, args, results: list[dict[str, Any]], positions: dict[str, Any]) -> None:
+    """The per-position values of a run (every text of it) in one ``torch.save`` file."""
+    first = results[0]
+    data = {"format": "zipage scorer positions v1", "model": args.model, "model_title": MODELS[args.model],
+            "command": first["command"], "settings": first["settings"], "default": first["default"],
+            "seq_len": first["teacher_forced"]["seq_len"], "datasets": positions}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, path)
+
+
+def load_positions(path: str | os.PathLike) -> dict[str, Any]:
+    data = torch.load(path, weights_only=True)
+    if data.get("format") != "zipage scorer positions v1":
+        raise ValueError(f"{path}: not a positions file of scorer_comparison.py --positions")
+    return data
+
+
+def position_aggregates(entry: dict[str, Any]) -> dict[str, Any]:
+    """A row's top-1, KL and perplexity ratio from its per-position values, computed exactly as the
+    run computes them: per sequence (``Tracker.summary``), then pooled over the text's sequences
+    (``_one_dataset``: means; the perplexity ratio's geometric mean)."""
+    import math
+
+    per = []
+    for r in range(entry["kl"].shape[0]):
+        nll, ref_nll = -entry["logp_comp"][r], -entry["logp_full"][r]
+        per.append({"kl": entry["kl"][r].double().mean().item(), "top1": entry["top1"][r].double().mean().item(),
+                    "ppl_ratio": math.exp((nll.double().mean() - ref_nll.double().mean()).item())})
+    return {"positions": entry["kl"].numel(), "kl": sum(p["kl"] for p in per) / len(per),
+            "top1": sum(p["top1"] for p in per) / len(per),
+            "ppl_ratio": math.exp(sum(math.log(p["ppl_ratio"]) for p in per) / len(per)), "per_sequence": per}
+
+
+# ----------------------------------------------------------------------------- significance
+def _block_starts(rng, resamples: int, sequences: int, n: int, block: int):
+    """Moving-block bootstrap draws for ``sequences`` sequences of ``n`` positions: the start of every
+    block (uniform over the ``n - block + 1`` windows of ``block`` consecutive positions of one
+    sequence) and every block's length (``ceil(n / block)`` blocks; the last one cut so that they
+    cover exactly ``n`` positions)."""
+    import numpy as np
+
+    block = min(block, n)
+    count = -(-n // block)
+    lengths = np.full(count, block)
+    lengths[-1] = n - block * (count - 1)
+    return rng.integers(0, n - block + 1, size=(resamples, sequences, count)), lengths
+
+
+def _resampled_means(x, starts, lengths):
+    """Per resample and sequence, the mean of ``x`` ([sequences, n], float64) over the resampled
+    positions: [resamples, sequences]."""
+    import numpy as np
+
+    s, n = x.shape
+    cs = np.concatenate([np.zeros((s, 1)), np.cumsum(x, axis=1)], axis=1)
+    rows = np.arange(s)[None, :, None]
+    return (cs[rows, starts + lengths] - cs[rows, starts]).sum(-1) / n
+
+
+def significance(paths: list[str | os.PathLike], default: str = "zipage", resamples: int = 10000, block: int = 64,
+                 seed: int = 0, level: float = 0.95) -> list[dict[str, Any]]:
+    """For every positions file, text, budget, metric and row other than ``default``: the paired
+    difference other minus default, oriented so that positive = the other row is better (top-1:
+    other - default; KL and perplexity ratio: default - other), its point estimate (from the run's
+    own aggregates) and a ``level`` confidence interval from a paired moving-block bootstrap over
+    positions (``block`` consecutive positions of one sequence; the same draws for both rows and for
+    every metric and row of a (text, budget); each sequence resampled on its own; percentile
+    interval; deterministic: numpy's generator seeded from ``seed``, the model, text and budget).
+    Verdict: "other significantly better" when the whole interval is above 0, "default significantly
+    better" when it is below 0, else "not significant"."""
+    import zlib
+
+    import numpy as np
+
+    alpha = (1 - level) / 2
+    cells = []
+    for path in paths:
+        data = load_positions(path)
+        for dataset, part in data["datasets"].items():
+            rows = part["rows"]
+            if default not in rows:
+                raise ValueError(f"{path}: {dataset} has no row {default!r} (rows: {sorted(rows)})")
+            for frac in sorted(rows[default], key=Fraction):
+                d = rows[default][frac]
+                s, n = d["kl"].shape
+                rng = np.random.default_rng([seed, zlib.crc32(f"{data['model']}/{dataset}/{frac}".encode())])
+                starts, lengths = _block_starts(rng, resamples, s, n, block)
+                series = lambda e: {  # noqa: E731  (per position, float64: what each metric averages)
+                    "top1": e["top1"].double().numpy(), "kl": e["kl"].double().numpy(),
+                    "ppl_ratio": (e["logp_full"].double() - e["logp_comp"].double()).numpy()}
+                boot = {k: _resampled_means(v, starts, lengths) for k, v in series(d).items()}
+                point = position_aggregates(d)
+                for other in (c for c in rows if c != default):
+                    o = rows[other][frac]
+                    if o["start"] != d["start"] or not torch.equal(o["logp_full"], d["logp_full"]):
+                        raise ValueError(f"{path}: {dataset} {frac}: {other} and {default} are not paired "
+                                         "(other positions or another reference)")
+                    ob = {k: _resampled_means(v, starts, lengths) for k, v in series(o).items()}
+                    opoint = position_aggregates(o)
+                    for key, label, sign in METRICS:
+                        if key == "ppl_ratio":  # the ratio of each resample: exp(mean over sequences of log ratios)
+                            a, b = np.exp(ob[key].mean(1)), np.exp(boot[key].mean(1))
+                        else:
+                            a, b = ob[key].mean(1), boot[key].mean(1)
+                        diffs = sign * (a - b)
+                        lo, hi = (float(v) for v in np.quantile(diffs, [alpha, 1 - alpha]))
+                        verdict = ("other significantly better" if lo > 0 else
+                                   "default significantly better" if hi < 0 else "not significant")
+                        cells.append({
+                            "model": data["model"], "model_title": data["model_title"], "dataset": dataset,
+                            "budget_frac": frac, "metric": label, "key": key, "default": default, "other": other,
+                            "default_value": point[key], "other_value": opoint[key],
+                            "diff": sign * (opoint[key] - point[key]), "ci_low": lo, "ci_high": hi,
+                            "share_other_better": float((diffs > 0).mean()), "verdict": verdict,
+                            "sequences": s, "positions_per_sequence": n, "block": min(block, n),
+                            "resamples": resamples, "seed": seed, "level": level, "source": str(path)})
+    return cells
+
+
+def _fmt(key: str, v: float, diff: bool = False) -> str:
+    if key == "top1":
+        return f"{100 * v:+.2f}" if diff else f"{100 * v:.2f}%"
+    return f"{v:+.4f}" if diff else f"{v:.4f}"
+
+
+def significance_markdown(cells: list[dict[str, Any]]) -> str:
+    """The summary (per model and text: the (budget, metric) cells where some row is significantly
+    better than the default) and every comparison, as markdown."""
+    if not cells:
+        return "No comparisons.\n"
+    c0 = cells[0]
+    groups: dict[tuple[str, str], list] = {}
+    for c in cells:
+        groups.setdefault((c["model"], c["dataset"]), []).append(c)
+    order = sorted(groups, key=lambda g: (list(MODELS).index(g[0]) if g[0] in MODELS else 99,
+                                          list(DATASETS).index(g[1]) if g[1] in DATASETS else 99))
+    lines = [f"Paired moving-block bootstrap over positions: blocks of {c0['block']} consecutive positions of a "
+             f"sequence, {c0['resamples']} resamples, seed {c0['seed']}, {100 * c0['level']:.0f}% percentile "
+             "intervals. Differences are other minus default, oriented so that positive = the other row is "
+             "better (top-1 in points; KL and perplexity ratio: default minus other).", "",
+             "| model | text | rows against the default | cells (budget x metric) where a row is significantly "
+             "better | which | cells where the point estimate has a row ahead | cells where the default is "
+             "significantly better than every other row |", "|---|---|---|---|---|---|---|"]
+    for g in order:
+        cs = groups[g]
+        by_cell: dict[tuple[str, str], list] = {}
+        for c in cs:
+            by_cell.setdefault((c["budget_frac"], c["metric"]), []).append(c)
+        better = {k: [c for c in v if c["verdict"] == "other significantly better"] for k, v in by_cell.items()}
+        which = "; ".join(f"{k[0]} {k[1]}: " + ", ".join(f"{c['other']} ({_fmt(c['key'], c['diff'], True)})"
+                                                          for c in v) for k, v in better.items() if v) or "none"
+        ahead = sum(any(c["diff"] > 0 for c in v) for v in by_cell.values())
+        dominant = sum(all(c["verdict"] == "default significantly better" for c in v) for v in by_cell.values())
+        others = ", ".join(dict.fromkeys(c["other"] for c in cs))
+        lines.append(f"| {cs[0]['model_title']} | {DATASETS.get(g[1], g[1])} | {others} | "
+                     f"{sum(bool(v) for v in better.values())} of {len(by_cell)} | {which} | {ahead} of {len(by_cell)} "
+                     f"| {dominant} of {len(by_cell)} |")
+    for g in order:
+        cs = groups[g]
+        lines += ["", f"### {cs[0]['model_title']}, {DATASETS.get(g[1], g[1])}", "",
+                  f"{cs[0]['sequences']} sequence(s); default `{cs[0]['default']}`.", "",
+                  "| budget | metric | other | default | other's value | difference (+ = other better) | 95% CI | "
+                  "share of resamples with other better | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in cs:
+            verdict = f"**{c['verdict']}**" if c["verdict"] == "other significantly better" else c["verdict"]
+            lines.append(f"| {c['budget_frac']} | {c['metric']} | {c['other']} | {_fmt(c['key'], c['default_value'])} | "
+                         f"{_fmt(c['key'], c['other_value'])} | {_fmt(c['key'], c['diff'], True)} | "
+                         f"[{_fmt(c['key'], c['ci_low'], True)}, {_fmt(c['key'], c['ci_high'], True)}] | "
+                         f"{c['share_other_better']:.3f} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- the report
@@ -442,7 +644,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="folder of the result JSONs, MODEL_DATASET.json (default results/scorers)")
     p.add_argument("--report", action="store_true", help="only gather results/scorers/*.json into results/scorers.md")
+    p.add_argument("--positions", default=None, metavar="PATH", help="also save every row's per-position values "
+                   "(top-1 match, KL, the next token's log-prob under the compressed cache and under full KV) of "
+                   "every text of the run in PATH (torch.save), for --significance")
+    p.add_argument("--significance", nargs="+", default=None, metavar="PATH", help="only compare the default with "
+                   "every other row of these --positions files (paired moving-block bootstrap) and write "
+                   "--significance-out .md and .json")
+    p.add_argument("--significance-out", default=str(RESULTS / "scorers_significance" / "significance"),
+                   metavar="STEM", help="where --significance writes STEM.md and STEM.json")
+    p.add_argument("--resamples", type=int, default=10000, help="--significance: bootstrap resamples")
+    p.add_argument("--block", type=int, default=64, help="--significance: positions per bootstrap block")
+    p.add_argument("--seed", type=int, default=0, help="--significance: seed of the bootstrap draws")
+    p.add_argument("--default", default="zipage", help="--significance: the row the others are compared with")
     args = p.parse_args(argv)
+    if args.significance:
+        if args.resamples < 2000 or args.block < 1:
+            p.error("--significance: at least 2000 resamples and a block of at least 1 position")
+        cells = significance(args.significance, args.default, args.resamples, args.block, args.seed)
+        stem = pathlib.Path(args.significance_out)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        md = significance_markdown(cells)
+        stem.with_suffix(".md").write_text(md)
+        stem.with_suffix(".json").write_text(json.dumps({"sources": args.significance, "cells": cells}, indent=1) + "\n")
+        print(md)
+        return 0
     if args.report:
         paths = sorted(RUNS.glob("*.json"))
         if not paths:
@@ -457,11 +682,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--dataset: unknown {sorted(unknown)}; expected some of {sorted(DATASETS)}")
     out_dir = pathlib.Path(args.out) if args.out else RUNS
-    for result in run(args):
+    positions: dict | None = {} if args.positions else None
+    results = run(args) if positions is None else run(args, positions)
+    for result in results:
         out = out_dir / (f"{args.model}_{result['dataset']}" + (f"_skip{args.skip}" if args.skip else "") + ".json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         Q.log(f"wrote {out} ({result['seconds']:.0f} s for the run)")
+    if positions is not None:
+        save_positions(pathlib.Path(args.positions), args, results, positions)
+        Q.log(f"wrote {args.positions}")
     return 0
 
 

@@ -146,3 +146,108 @@ def _check_zbudget(torch, ZipageConfig, pool_scores, window_scores, get_scorer, 
     torch.testing.assert_close(got[0], narrow[0])  # small share: unpooled, the last 2 queries
     with pytest.raises(ValueError, match="pooling_all_from"):
         get_scorer("zbudget", ZipageConfig(budget=24, page_size=8))(x)
+
+
+def _tiny_run(sc, monkeypatch):
+    """scorer_comparison.py's run on a tiny random Llama and random token sequences (one per text and
+    seed: the run's own code from the sequences on, no model or text package needed)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048))
+    model.eval()
+
+    def sequences(tok, count, length, split="math500"):
+        g = torch.Generator().manual_seed(len(split))
+        return (torch.randint(3, 96, (count, length), generator=g),
+                [{"problems": [i, i], "unique_id_first": None} for i in range(count)])
+
+    def load(name, threads):
+        if threads:
+            torch.set_num_threads(threads)
+        return model, None
+
+    monkeypatch.setattr(sc, "load", load)
+    monkeypatch.setattr(sc.Q, "build_sequences", sequences)
+
+
+def test_positions_recompute_the_reported_aggregates(sc, tmp_path, monkeypatch):
+    """--positions saves every scored position's values; the run's top-1, KL and perplexity ratio
+    recomputed from them are exactly the reported ones; --significance reads them."""
+    import torch
+
+    _tiny_run(sc, monkeypatch)
+    pos = tmp_path / "pos.pt"
+    common = ["--model", "smollm2", "--seq-len", "256", "--seqs", "2", "--budgets", "1/4,1/2", "--buffer", "32",
+              "--only", "zipage,snapkv,streaming", "--threads", "1"]
+    assert sc.main(common + ["--out", str(tmp_path / "with"), "--positions", str(pos)]) == 0
+    data = sc.load_positions(pos)
+    assert set(data["datasets"]) == {"math_train", "math500"} and data["seq_len"] == 256
+    for dataset in ("math_train", "math500"):
+        res = json.loads((tmp_path / "with" / f"smollm2_{dataset}.json").read_text())
+        assert "positions" in res["settings"] and "seed" not in res["settings"]
+        part = data["datasets"][dataset]
+        assert part["sequences"] == res["teacher_forced"]["sequences"]
+        for r in res["teacher_forced"]["rows"]:
+            entry = part["rows"][r["config"]][r["budget_frac"]]
+            assert entry["start"] == r["budget"] + 32 and entry["kl"].shape == (2, 256 - 1 - entry["start"])
+            assert entry["top1"].dtype == torch.bool
+            got = sc.position_aggregates(entry)
+            for key in ("positions", "top1", "kl", "ppl_ratio", "per_sequence"):
+                assert got[key] == r[key], (dataset, r["config"], r["budget_frac"], key)
+    # without --positions: the same numbers, and the settings of before (no analysis options)
+    assert sc.main(common + ["--out", str(tmp_path / "without")]) == 0
+    for dataset in ("math_train", "math500"):
+        a = json.loads((tmp_path / "with" / f"smollm2_{dataset}.json").read_text())
+        b = json.loads((tmp_path / "without" / f"smollm2_{dataset}.json").read_text())
+        assert not set(b["settings"]) & {"positions", "significance", "significance_out", "resamples", "block",
+                                         "seed", "default"}
+        strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+        assert strip(a["teacher_forced"]["rows"]) == strip(b["teacher_forced"]["rows"])
+
+    stem = tmp_path / "sig"
+    assert sc.main(["--significance", str(pos), "--significance-out", str(stem), "--resamples", "2000"]) == 0
+    cells = json.loads(stem.with_suffix(".json").read_text())["cells"]
+    assert len(cells) == 2 * 2 * 2 * 3  # texts x budgets x other rows x metrics
+    assert cells == json.loads(json.dumps(sc.significance([pos], resamples=2000)))  # deterministic
+    res = json.loads((tmp_path / "with" / "smollm2_math500.json").read_text())
+    by = {(r["config"], r["budget_frac"]): r for r in res["teacher_forced"]["rows"]}
+    for c in cells:
+        if c["dataset"] == "math500":
+            sign = 1 if c["key"] == "top1" else -1
+            assert c["diff"] == pytest.approx(sign * (by[(c["other"], c["budget_frac"])][c["key"]]
+                                                      - by[("zipage", c["budget_frac"])][c["key"]]), abs=1e-12)
+        assert c["ci_low"] <= c["ci_high"]
+    assert "| model | text |" in stem.with_suffix(".md").read_text()
+
+
+def test_significance_verdicts_on_made_up_positions(sc, tmp_path):
+    """A row identical to the default is never significant; one better at every position is; the
+    interval comes from the paired bootstrap (a shared offset cancels)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    s, n = 2, 640
+    full = -torch.rand(s, n, generator=g) * 3
+    noise = torch.rand(s, n, generator=g)
+
+    def entry(top1_p, kl_scale, gap):
+        return {"start": 100, "top1": noise < top1_p, "kl": (noise * kl_scale).float(),
+                "logp_comp": (full - gap - noise * 0.1).float(), "logp_full": full}
+
+    d = entry(0.8, 0.10, 0.05)
+    rows = {"zipage": {"1/4": d}, "same": {"1/4": {k: (v.clone() if torch.is_tensor(v) else v) for k, v in d.items()}},
+            "better": {"1/4": entry(0.9, 0.05, 0.01)}, "worse": {"1/4": entry(0.7, 0.20, 0.10)}}
+    path = tmp_path / "made_up.pt"
+    torch.save({"format": "zipage scorer positions v1", "model": "smollm2", "model_title": "m", "seq_len": n + 101,
+                "datasets": {"math500": {"sequences": [{}, {}], "rows": rows}}}, path)
+    cells = {(c["other"], c["key"]): c for c in sc.significance([path], resamples=2000)}
+    for key in ("top1", "kl", "ppl_ratio"):
+        assert cells[("same", key)]["verdict"] == "not significant" and cells[("same", key)]["diff"] == 0
+        assert cells[("better", key)]["verdict"] == "other significantly better" and cells[("better", key)]["ci_low"] > 0
+        assert cells[("worse", key)]["verdict"] == "default significantly better"
+    assert cells[("better", "top1")]["diff"] == pytest.approx(0.1, abs=0.03)
+    md = sc.significance_markdown(list(cells.values()))
+    assert "| m | MATH-500 solutions | same, better, worse | 3 of 3 | 1/4 top-1: better (+" in md

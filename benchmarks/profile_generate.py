@@ -1,0 +1,98 @@
+"""Where a generate() decode step spends its time: zipage against DynamicCache, under torch.profiler.
+
+    python benchmarks/profile_generate.py                          # SmolLM2-135M shapes on the CPU
+    python benchmarks/profile_generate.py --model qwen3-8b --batch 16  # random-weight Qwen3 shapes, on CUDA
+
+Each cache first runs untimed at the same sizes (kernels compiled, allocator filled), then runs
+``--new-tokens`` tokens twice, interleaved, and the faster run's wall time per step is reported; then one
+more run of each is profiled and the ops that take the most host (CPU) time are listed, with the number
+of calls per decode step: at the sizes generate() is used, a decode step on the GPU is bound by the host
+work of launching it, so the host time per op is where a difference between caches shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+try:
+    from .generate_speed import QWEN3
+except ImportError:  # run as a script
+    from generate_speed import QWEN3
+
+
+def build(name: str, device: str):
+    if name == "smollm2":
+        from zipage.models import load_smollm2
+
+        return load_smollm2()[0].to(device)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6, **QWEN3[name])
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Qwen3ForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def generate(model, ids, new_tokens: int, budget: int | None):
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+              attention_mask=torch.ones_like(ids))
+    if budget is not None:
+        kw.update(cache_implementation="zipage", cache_config={"budget": budget})
+    with torch.inference_mode():
+        out = model.generate(ids, **kw)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", *QWEN3])
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=200)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--budgets", default="none,2048", help="comma list: none (DynamicCache) or zipage budgets")
+    p.add_argument("--top", type=int, default=25, help="ops listed per cache")
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(args.model, device)
+    ids = torch.randint(100, 20000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    budgets = [None if b.strip() == "none" else int(b) for b in args.budgets.split(",")]
+    name = lambda b: "DynamicCache" if b is None else f"zipage-{b}"  # noqa: E731
+    for b in budgets:  # untimed, at these sizes
+        generate(model, ids, min(args.new_tokens, 64), b)
+    best = {}
+    for _ in range(2):
+        for b in budgets:
+            t = time.perf_counter()
+            generate(model, ids, args.new_tokens, b)
+            best[b] = min(best.get(b, float("inf")), time.perf_counter() - t)
+    print(f"{args.model} on {device}, batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens "
+          "(best of 2, prefill included):")
+    for b in budgets:
+        print(f"  {name(b):14s} {1000 * best[b] / args.new_tokens:8.2f} ms/token step"
+              f"  ({best[b] / best[budgets[0]]:.2f}x the first)")
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for b in budgets:
+        with profile(activities=activities) as prof:
+            generate(model, ids, args.new_tokens, b)
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        events.sort(key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"\n{name(b)}: host time {total / 1000 / args.new_tokens:.2f} ms per step under the profiler; "
+              f"top {args.top} ops by self host time (per step: ms, calls)")
+        for e in events[: args.top]:
+            print(f"  {e.self_cpu_time_total / 1000 / args.new_tokens:8.3f} ms {e.count / args.new_tokens:8.1f}  "
+                  f"{e.key[:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
