@@ -40,6 +40,7 @@ def generate_sections(results: Path) -> list[str]:
         if path.stem.endswith("_before"):
             continue
         device = path.stem.removeprefix("generate_speed_")
+        device = "cpu" if device.startswith("cpu") else device  # (generate_speed_cpu_long.json: --long)
         data = json.loads(path.read_text())
         meta, rows = data["meta"], data["rows"]
         speed = "CPU time of the process" if device == "cpu" else "wall time"

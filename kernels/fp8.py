@@ -127,6 +127,6 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor | None, dtype: torch.dtype | 
     """``x @ rotation`` over the last dim in float32 (cast to ``dtype`` if given); ``x`` itself
     (in ``dtype``) without a rotation. ``H`` is its own inverse, so the same call rotates back."""
     if rotation is None:
-        return x if dtype is None else x.to(dtype)
+        return x if dtype is None or x.dtype == dtype else x.to(dtype)
     out = torch.matmul(x.float(), rotation)
     return out if dtype is None else out.to(dtype)

@@ -217,6 +217,7 @@ class ZipageCache(Cache):
         self._step_slots: torch.Tensor | None = None  # [B, q] flat slots of this step's tokens in every layer
         # (the last attention mask seen, which of its new tokens are real, the last record they were written to)
         self._mask_read: tuple = (None, None, None)
+        self._lens_key: tuple | None = None  # (validity record, stored, kv_lens, kv_starts) of the paged kernel
         self._keep_queries = True  # this step's queries may be needed by the next compression
         self._capture_all = True  # every layer's attention goes through the capture this step (see _on_attention)
         self._shared_valid: torch.Tensor | None = None  # layer 0's validity record before this step
@@ -352,6 +353,7 @@ class ZipageCache(Cache):
         self._keep_queries = self._queries_needed(after + q, first.seen + q)
         self._capture_all = True
         self._mask_read = (None, None, None)
+        self._lens_key = None
         self.peak_capacity = max(self.peak_capacity, capacity)
         self.peak_stored = max(self.peak_stored, after + q)
 
@@ -492,8 +494,7 @@ class ZipageCache(Cache):
             return None, attention_mask
         B, H, _, D = query.shape
         scale = attention_scale(layer.scaling, D)
-        lens = torch.full((B,), layer.stored, dtype=torch.int32, device=query.device)
-        starts = (~layer.valid).sum(dim=1, dtype=torch.int32)
+        lens, starts = self._paged_lens(layer, B, query.device)
         out = paged_decode_attention(
             query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values), self.page_table, lens,
             scale, starts, max_len_hint=layer.stored,
@@ -502,6 +503,16 @@ class ZipageCache(Cache):
             sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
         )
         return rotate(out, rot, out.dtype).view(B, 1, H, D), attention_mask
+
+    def _paged_lens(self, layer: ZipageLayer, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paged kernel's ``kv_lens`` and ``kv_starts`` (leading padding) for ``layer``: made once per
+        step for every layer that shares its validity record and stored count (all of them in most steps)."""
+        key = self._lens_key
+        if key is None or key[0] is not layer.valid or key[1] != layer.stored:
+            lens = torch.full((batch,), layer.stored, dtype=torch.int32, device=device)
+            starts = (~layer.valid).sum(dim=1, dtype=torch.int32)
+            key = self._lens_key = (layer.valid, layer.stored, lens, starts)
+        return key[2], key[3]
 
     def _compress_all(self, stored: int) -> None:
         """Compress every layer from ``stored`` tokens to the budget, one layer at a time (the scratch
