@@ -24,6 +24,16 @@ Texts: ``math_train`` (MATH train worked solutions) and ``math500`` (MATH-500), 
     python benchmarks/scorer_comparison.py --report      # results/scorers/*.json -> results/scorers.md
 
 Each run writes ``benchmarks/results/scorers/MODEL_DATASET.json``; ``--report`` gathers them.
+
+Which differences are more than sampling noise: ``--positions PATH`` also saves every scored
+position's values (top-1 match, KL, the next token's log-prob under the compressed cache and under
+full KV), from which the reported metrics are recomputed exactly; ``--significance`` compares the
+default with every other row of such files (paired moving-block bootstrap over positions):
+
+    python benchmarks/scorer_comparison.py --model smollm2 --seqs 1 --seq-len 2048 --threads 1 \
+        --only zipage,snapkv,expected_attention,rkv,streaming --out benchmarks/results/scorers_significance \
+        --positions benchmarks/results/scorers_significance/smollm2_positions.pt
+    python benchmarks/scorer_comparison.py --significance benchmarks/results/scorers_significance/*.pt
 """
 
 from __future__ import annotations
@@ -132,7 +142,7 @@ def run(args, positions: dict | None = None) -> list[dict[str, Any]]:
     Q.build_sequences = build_all
     try:
         raw: dict | None = {} if positions is not None else None
-        tf = Q.teacher_forced(model, tok, tf_args, rows, budgets, **({} if raw is None else {"positions": raw}))
+        tf = Q.teacher_forced(model, tok, tf_args, rows, budgets, positions=raw)
     finally:
         Q.build_sequences = build
     seconds = time.perf_counter() - t0
