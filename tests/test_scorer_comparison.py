@@ -251,3 +251,27 @@ def test_significance_verdicts_on_made_up_positions(sc, tmp_path):
     assert cells[("better", "top1")]["diff"] == pytest.approx(0.1, abs=0.03)
     md = sc.significance_markdown(list(cells.values()))
     assert "| m | MATH-500 solutions | same, better, worse | 3 of 3 | 1/4 top-1: better (+" in md
+
+
+def test_significance_summary_counts_cells_and_the_corrected_level():
+    """The report's significance section: a marginal win is significant at 95% but not after a
+    Bonferroni correction over the comparisons; a wide margin survives it and fails the claim."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "scorer_comparison_summary", Path(__file__).resolve().parents[1] / "benchmarks" / "scorer_comparison.py")
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+
+    def cell(diff, low, high, verdict, budget="1/4"):
+        return dict(model_title="M", dataset="math500", budget_frac=budget, metric="KL", other="snapkv", diff=diff,
+                    ci_low=low, ci_high=high, verdict=verdict, level=0.95)
+
+    filler = [cell(-0.01, -0.02, -0.001, "default significantly better", "1/16") for _ in range(98)]
+    marginal = sc.significance_summary([cell(0.0083, 0.0001, 0.0196, "other significantly better")] + filler)
+    text = "\n".join(marginal)
+    assert "| M | MATH-500 solutions | 1 of 12 | 1 of 12 |" in text and text.count("| 0 |") == 1
+    assert "holds on these data" in text
+    wide = sc.significance_summary([cell(0.05, 0.04, 0.06, "other significantly better")] + filler)
+    assert "fails in 1 cell(s)" in "\n".join(wide)
