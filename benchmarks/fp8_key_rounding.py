@@ -104,6 +104,7 @@ VARIANTS = {
     "keys int8 - sequence mean (oracle), values int8": lambda k, v: (mean_offset(k, None, False, int8), int8(v)),
     "keys rotated (Hadamard), e4m3": lambda k, v: (rotated(k, e4m3), v),
     "keys and values rotated, e4m3": lambda k, v: (rotated(k, e4m3), rotated(v, e4m3)),
+    "keys rotated, values e4m3": lambda k, v: (rotated(k, e4m3), e4m3(v)),
     "keys rotated, int8": lambda k, v: (rotated(k, int8), v),
     "keys and values rotated, int8": lambda k, v: (rotated(k, int8), rotated(v, int8)),
     "keys and values in bf16 (for scale)": lambda k, v: (k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)),
