@@ -140,7 +140,7 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
   profile)
     for m in qwen3-0.6b qwen3-8b; do
       timeout 150 python3 benchmarks/profile_generate.py --model "$m" --batch 16 --new-tokens 256 \
-        --budgets none,512,2048 2>&1 | grep -v USDT | tee "$OUT/profile_generate_$m.txt" | head -40
+        --budgets none,512,2048,2048d 2>&1 | grep -v USDT | tee "$OUT/profile_generate_$m.txt" | head -40
     done
     timeout 280 python3 benchmarks/generate_speed.py gpu --time-budget 240 --out "$OUT/generate_speed_gpu.json" \
       2>&1 | tail -14 ;;

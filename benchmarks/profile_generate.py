@@ -37,13 +37,23 @@ def build(name: str, device: str):
         return Qwen3ForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
 
 
-def generate(model, ids, new_tokens: int, budget: int | None):
+def generate(model, ids, new_tokens: int, budget: str | None):
+    """``budget``: None (DynamicCache), ``"N"`` (zipage, budget N) or ``"Nd"`` (zipage, budget N, its rows kept
+    head-major and attended densely by the model's own attention, as on the CPU, instead of by the paged kernel)."""
+    import zipage.cache as cache_mod
+
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(ids))
     if budget is not None:
-        kw.update(cache_implementation="zipage", cache_config={"budget": budget})
-    with torch.inference_mode():
-        out = model.generate(ids, **kw)
+        kw.update(cache_implementation="zipage", cache_config={"budget": int(budget.rstrip("d"))})
+    real = cache_mod.use_triton
+    if budget is not None and budget.endswith("d"):
+        cache_mod.use_triton = lambda *tensors: False  # only the cache's layout choice reads it
+    try:
+        with torch.inference_mode():
+            out = model.generate(ids, **kw)
+    finally:
+        cache_mod.use_triton = real
     if ids.is_cuda:
         torch.cuda.synchronize()
     return out
@@ -56,14 +66,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=200)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--budgets", default="none,2048", help="comma list: none (DynamicCache) or zipage budgets")
+    p.add_argument("--budgets", default="none,2048", help="comma list: none (DynamicCache), zipage budgets, or "
+                   "budgets with a 'd' (e.g. 2048d: zipage attended densely, without the paged kernel)")
     p.add_argument("--top", type=int, default=25, help="ops listed per cache")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build(args.model, device)
     ids = torch.randint(100, 20000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    budgets = [None if b.strip() == "none" else int(b) for b in args.budgets.split(",")]
-    name = lambda b: "DynamicCache" if b is None else f"zipage-{b}"  # noqa: E731
+    budgets = [None if b.strip() == "none" else b.strip() for b in args.budgets.split(",")]
+    name = lambda b: "DynamicCache" if b is None else f"zipage-{b.rstrip('d')}" + (" dense" if b.endswith("d") else "")  # noqa: E731
     for b in budgets:  # untimed, at these sizes
         generate(model, ids, min(args.new_tokens, 64), b)
     best = {}
