@@ -108,8 +108,11 @@ def kv_rotation(kv_cache_dtype: str, head_dim: int, device) -> torch.Tensor | No
     ``ZIPAGE_FP8_ROTATION=1``), or None."""
     if kv_cache_dtype not in ("int8", "fp8") or head_dim < 2 or head_dim & (head_dim - 1):
         return None
-    default = "1" if kv_cache_dtype == "int8" else "0"
-    if os.environ.get(f"ZIPAGE_{kv_cache_dtype.upper()}_ROTATION", default).strip() != "1":
+    name = f"ZIPAGE_{kv_cache_dtype.upper()}_ROTATION"
+    value = os.environ.get(name, "1" if kv_cache_dtype == "int8" else "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 1 (store {kv_cache_dtype} pages rotated) or 0 (as they are)")
+    if value == "0":
         return None
     return _hadamard(head_dim, str(device))
 

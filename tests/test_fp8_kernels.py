@@ -487,3 +487,6 @@ def test_int8_rotation(monkeypatch):
     assert kv_rotation("int8", 64, "cpu") is None
     monkeypatch.setenv("ZIPAGE_FP8_ROTATION", "1")  # FP8 pages: rotated only when asked
     assert torch.equal(kv_rotation("fp8", 64, "cpu"), h) and kv_rotation("fp8", 80, "cpu") is None
+    monkeypatch.setenv("ZIPAGE_INT8_ROTATION", "yes")  # neither 1 nor 0: refused by name
+    with pytest.raises(ValueError, match="ZIPAGE_INT8_ROTATION='yes'"):
+        kv_rotation("int8", 64, "cpu")

@@ -390,7 +390,7 @@ class ZipageCache(Cache):
         if layer.keys.shape[1] != self.capacity_:
             layer.resize(self.capacity_)
         # Into the rows' slots ``[:, after:stored]`` (one launch for keys and values on CUDA, a slice
-        # copy each otherwise; FP8 pages get codes and scales; INT8 pages the rotated basis, kernels/fp8.py).
+        # copy each otherwise; FP8 pages get codes and scales; rotated 8-bit pages that basis, kernels/fp8.py).
         rot = self._rotation(key_states)
         store_kv(layer.keys, self._step_slots, rotate(key_states, rot).transpose(1, 2), layer.values,
                  rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales,
@@ -437,7 +437,7 @@ class ZipageCache(Cache):
         return keys, values
 
     def _rotation(self, states: torch.Tensor) -> torch.Tensor | None:
-        """The rotation the pages store ``states``' head dim in (INT8 pages), or None."""
+        """The rotation the pages store ``states``' head dim in (INT8 pages; FP8 if asked), or None."""
         return kv_rotation(self.zipage_config.kv_cache_dtype, states.shape[-1], states.device)
 
     def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling, kwargs: dict):
@@ -452,7 +452,7 @@ class ZipageCache(Cache):
         w = self.zipage_config.window
         q = query.shape[2]
         rot = self._rotation(query)
-        query = rotate(query, rot, query.dtype)  # INT8 pages: the scorers and the paged kernel see rotated queries
+        query = rotate(query, rot, query.dtype)  # rotated pages: the scorers and the paged kernel see rotated queries
         if (layer is self.full[0] and q == 1 and attention_mask is None and not self._keep_queries
                 and not self.padding_gap and self.page_table is None):
             # A decode step that needs nothing from the attention of the other layers: no queries to keep,

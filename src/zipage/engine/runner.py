@@ -105,7 +105,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         kp, vp = r.k_pool[j], r.v_pool[j]
         if r.k_scale is not None:  # FP8 pages: the store quantizes, the attention kernels dequantize
             ks, vs = r.k_scale[j], r.v_scale[j]
-        if r.rotation is not None:  # INT8 pages: keys, values and queries in the rotated basis (fp8.py)
+        if r.rotation is not None:  # rotated 8-bit pages: keys, values and queries in that basis (fp8.py)
             q, k, v = rotate(q, r.rotation, q.dtype), rotate(k, r.rotation), rotate(v, r.rotation)
         store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs)
         if r.state_pool is not None:
@@ -190,7 +190,7 @@ class ModelRunner:
         if kv_cache_dtype in QUANTIZED_KV:
             self.k_scale = torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device)
             self.v_scale = torch.zeros_like(self.k_scale)
-        self.rotation = kv_rotation(kv_cache_dtype, D, self.device)  # INT8 pages: stored rotated
+        self.rotation = kv_rotation(kv_cache_dtype, D, self.device)  # INT8 (FP8 if asked): stored rotated
         self.state_pool = None
         self.q_cache = None
         self.kept: KeptPositions | None = None

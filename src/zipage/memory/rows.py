@@ -78,24 +78,23 @@ def resized(t: torch.Tensor | None, capacity: int, keep: int, head_major: bool =
     its ``[B, capacity, H, D]`` view."""
     if t is None or t.shape[1] == capacity:
         return t
-    out = _empty(t, capacity, head_major)
-    out[:, :keep] = t[:, :keep]
-    return out
+    return _copied(t, capacity, keep, head_major)
 
 
 def head_major_copy(t: torch.Tensor, keep: int) -> torch.Tensor:
     """``t`` (``[B, cap, H, D]``) moved to new ``[B, H, cap, D]`` memory (returned as its ``[B, cap, H, D]``
     view), its first ``keep`` tokens per row copied, the rest uninitialised (as in ``resized``)."""
-    out = _empty(t, t.shape[1], True)
-    out[:, :keep] = t[:, :keep]
-    return out
+    return _copied(t, t.shape[1], keep, True)
 
 
-def _empty(t: torch.Tensor, capacity: int, head_major: bool) -> torch.Tensor:
+def _copied(t: torch.Tensor, capacity: int, keep: int, head_major: bool) -> torch.Tensor:
     if head_major:
         B, _, H, D = t.shape
-        return torch.empty(B, H, capacity, D, dtype=t.dtype, device=t.device).transpose(1, 2)
-    return torch.empty(t.shape[0], capacity, *t.shape[2:], dtype=t.dtype, device=t.device)
+        out = torch.empty(B, H, capacity, D, dtype=t.dtype, device=t.device).transpose(1, 2)
+    else:
+        out = torch.empty(t.shape[0], capacity, *t.shape[2:], dtype=t.dtype, device=t.device)
+    out[:, :keep] = t[:, :keep]
+    return out
 
 
 def as_pages(t: torch.Tensor, page: int = KERNEL_PAGE) -> torch.Tensor:
