@@ -26,6 +26,8 @@
 #              512 requests, 80 GiB of KV, TIME_LIMIT s each)
 #   PART=gen8b the GPU peak-memory tests of generate(), then generate() against DynamicCache on Qwen3-8B
 #              shapes (batch 16 and 1, 512 new tokens)
+#   PART=flash the GPU tests of prefill through PyTorch's FlashAttention and of generate(), the prefill sweep with
+#              its flash rows, then profile_generate.py (Qwen3-0.6B and -8B shapes, batch 16)
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
 #              generate_speed.py gpu with an untimed run of every cache before each variant
@@ -144,5 +146,15 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     done
     timeout 280 python3 benchmarks/generate_speed.py gpu --time-budget 240 --out "$OUT/generate_speed_gpu.json" \
       2>&1 | tail -14 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b or profile" >&2; exit 2 ;;
+  flash)  # prefill through PyTorch's FlashAttention: its GPU tests and the generate() GPU tests, the prefill sweep
+          # with the flash rows beside the Triton kernels, then where generate()'s decode step spends host time
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_flash_prefill.py tests/test_paged_prefill.py \
+      tests/test_generate_gpu.py tests/test_generate_memory.py 2>&1 | tee "$OUT/gpu_tests_flash.log" | tail -8
+    timeout 120 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" \
+      --variants m64n64w4s3-tma,m128n128w8s3-tma 2>&1 | tail -16
+    for m in qwen3-0.6b qwen3-8b; do
+      timeout 100 python3 benchmarks/profile_generate.py --model "$m" --batch 16 --new-tokens 128 \
+        --budgets none,512,2048,2048d 2>&1 | grep -v USDT | tee "$OUT/profile_generate_$m.txt" | head -45
+    done ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile or flash" >&2; exit 2 ;;
 esac

@@ -32,11 +32,13 @@ import torch
 import torch.nn.functional as F
 
 try:
+    from zipage.kernels import flash_prefill as fa
     from zipage.kernels import paged_attention as v1
     from zipage.kernels import paged_prefill as v2
     from zipage.kernels.fp8 import quantize_reference
 except ImportError:  # a checkout without the package installed: the kernels folder is self-contained
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import flash_prefill as fa
     from kernels import paged_attention as v1
     from kernels import paged_prefill as v2
     from kernels.fp8 import quantize_reference
@@ -188,6 +190,28 @@ class Step:
         return v2.paged_prefill_attention_v2(*self.args(), max_q_len=self.max_q, k_scale=self.ks, v_scale=self.vs,
                                              config=config)
 
+    def fresh(self) -> bool:
+        """Whole prompts: every sequence's stored tokens are exactly its queries'."""
+        return self.ks is None and self.kv_lens_list == self.q_lens_list
+
+    def fresh_kv(self):
+        """The step's own keys and values packed [T, Hkv, D], as the engine holds them (built untimed)."""
+        if not hasattr(self, "_fresh"):
+            slots = []
+            for b, n in enumerate(self.kv_lens_list):
+                pos = torch.arange(n, device=DEVICE)
+                slots.append(self.table[b, pos // PAGE].long() * PAGE + pos % PAGE)
+            slots = torch.cat(slots)
+            self._fresh = (self.k.view(-1, HKV, D)[slots].contiguous(), self.v.view(-1, HKV, D)[slots].contiguous())
+        return self._fresh
+
+    def run_flash_fresh(self):
+        k, v = self.fresh_kv()
+        return fa.flash_prefill_fresh(self.q, k, v, self.cu, self.max_q, self.scale)
+
+    def run_flash_paged(self):
+        return fa.flash_prefill_paged(*self.args(), max_q_len=self.max_q, max_kv_len=max(self.kv_lens_list))
+
 
 def engine_path(step: Step, n_chunk: int, prefill=None):
     """What the engine runs for a mixed step: a prefill kernel (the first one unless given) on the
@@ -289,12 +313,20 @@ def main(argv: list[str] | None = None) -> int:
             kernels["v2-prefill+decode"] = engine_path(step, q_c, v2.paged_prefill_attention_v2)
         for vname, cfg in (variants if not fp8 else {k: variants[k] for k in list(variants)[:2]}).items():
             kernels[vname] = lambda cfg=cfg, step=step: step.run_v2(cfg)
+        if not args.smoke and step.fresh():  # PyTorch's FlashAttention (kernels/flash_prefill.py), CUDA only
+            kernels["flash-fresh"] = step.run_flash_fresh
+        if not args.smoke and not fp8:
+            kernels["flash-paged"] = step.run_flash_paged
+            if name == mname:
+                kernels["flash-paged+decode"] = engine_path(step, q_c, lambda *a, **kw: fa.flash_prefill_paged(
+                    *a[:7], max_q_len=q_c, max_kv_len=n_c))
         rows.append(measure(name, step, kernels, deadline, causal_flops(kv_lens, q_lens)))
         print(f"{time.perf_counter() - t0:5.1f} s  {name}", flush=True)
         save()
         del step
     print(table(rows))
-    print(f"{summary['seconds']:.0f} s on {device}, triton {triton.__version__}")
+    print(f"{summary['seconds']:.0f} s on {device}, triton {triton.__version__}; flash-attention op arguments: "
+          f"{'block_table' if 'block_table' in fa.op_arguments() else 'no block_table'}")
     return 0
 
 

@@ -97,7 +97,9 @@ def main(argv=None) -> int:
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
         events.sort(key=lambda e: -e.self_cpu_time_total)
         total = sum(e.self_cpu_time_total for e in events)
-        print(f"\n{name(b)}: host time {total / 1000 / args.new_tokens:.2f} ms per step under the profiler; "
+        gpu = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+        print(f"\n{name(b)}: host time {total / 1000 / args.new_tokens:.2f} ms per step under the profiler, "
+              f"device time {gpu / 1000 / args.new_tokens:.2f} ms; "
               f"top {args.top} ops by self host time (per step: ms, calls)")
         for e in events[: args.top]:
             print(f"  {e.self_cpu_time_total / 1000 / args.new_tokens:8.3f} ms {e.count / args.new_tokens:8.1f}  "
