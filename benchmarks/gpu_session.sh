@@ -156,5 +156,12 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       timeout 100 python3 benchmarks/profile_generate.py --model "$m" --batch 16 --new-tokens 128 \
         --budgets none,512,2048,2048d 2>&1 | grep -v USDT | tee "$OUT/profile_generate_$m.txt" | head -45
     done ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile or flash" >&2; exit 2 ;;
+  probe)  # the prefill sweep with every PyTorch attention over the step's own K/V, then generate()'s host profile
+    timeout 120 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" --variants m64n64w4s3-tma \
+      2>&1 | tail -16
+    for m in qwen3-0.6b qwen3-8b; do
+      timeout 150 python3 benchmarks/profile_generate.py --model "$m" --batch 16 --new-tokens 64 --top 30 \
+        --budgets none,2048,2048d > "$OUT/profile_generate_$m.txt" 2>&1; grep -v USDT "$OUT/profile_generate_$m.txt" | head -5
+    done ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash or probe" >&2; exit 2 ;;
 esac

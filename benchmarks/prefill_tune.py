@@ -113,7 +113,8 @@ class Step:
             self.k = (self.k8.float() * self.ks[..., None]).to(DT)
             self.v = (self.v8.float() * self.vs[..., None]).to(DT)
         self.table = torch.randperm(P, device=DEVICE, generator=g).view(B, per_row).to(torch.int32)
-        self.cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+        self.cu_host = [0] + torch.tensor(q_lens).cumsum(0).tolist()
+        self.cu = torch.tensor(self.cu_host, dtype=torch.int32, device=DEVICE)
         self.lens = torch.tensor(kv_lens, dtype=torch.int32, device=DEVICE)
         self.q = torch.randn(sum(q_lens), HQ, D, device=DEVICE, dtype=DT, generator=g)
         self.max_q = max(q_lens)
@@ -144,6 +145,11 @@ class Step:
         ``lower_right`` (torch's lower-right causal bias instead of the explicit mask, which the
         fused backends take) or ``expand`` (K/V gathered already repeated to the query heads, no
         ``enable_gqa``, lower-right causal): the fastest of them is reported too."""
+        if how in ("cudnn", "flash"):  # the "mask" formulation with SDPA held to one backend
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if how == "cudnn" else SDPBackend.FLASH_ATTENTION):
+                return self.baseline("mask")
         outs = []
         for nb, n, nq, slots, rows, mask in self.groups:
             qd = self.q[rows].view(nb, nq, HQ, D).transpose(1, 2)
@@ -209,6 +215,23 @@ class Step:
         k, v = self.fresh_kv()
         return fa.flash_prefill_fresh(self.q, k, v, self.cu, self.max_q, self.scale)
 
+    def run_sdpa_fresh(self):
+        """SDPA once per sequence over the step's own keys/values (no gather; torch picks the backend)."""
+        k, v = self.fresh_kv()
+        out = torch.empty_like(self.q)
+        for b, n in enumerate(self.q_lens_list):
+            a, e = int(self.cu_host[b]), int(self.cu_host[b + 1])
+            t = lambda x: x[a:e].unsqueeze(0).transpose(1, 2)  # noqa: E731  [1, H, n, D]
+            out[a:e] = F.scaled_dot_product_attention(t(self.q), t(k), t(v), is_causal=True, enable_gqa=True,
+                                                      scale=self.scale)[0].transpose(0, 1)
+        return out
+
+    def run_cudnn_varlen(self):
+        """cuDNN attention over the packed step in one launch (its ragged, cumulative-length form)."""
+        k, v = self.fresh_kv()
+        return torch.ops.aten._cudnn_attention_forward(self.q, k, v, None, self.cu, self.cu, self.max_q, self.max_q,
+                                                       False, 0.0, True, False, scale=self.scale)[0]
+
     def run_flash_paged(self):
         return fa.flash_prefill_paged(*self.args(), max_q_len=self.max_q, max_kv_len=max(self.kv_lens_list))
 
@@ -240,9 +263,11 @@ def measure(name: str, step: Step, kernels: dict, deadline: float, flops: float)
     ref = step.packed(step.baseline())
     base_ms = bench(step.baseline)
     others = {}
-    for how in ("lower_right", "expand"):
+    for how in ("lower_right", "expand", "cudnn", "flash"):
         if how == "lower_right" and all(g[5] is None for g in step.groups):
             continue  # whole prompts: the same call as "mask"
+        if how in ("cudnn", "flash") and DEVICE != "cuda":
+            continue
         try:
             rel, _ = rel_err(step.packed(step.baseline(how)), ref)
             others[how] = bench(lambda how=how: step.baseline(how)) if rel < 1e-2 else f"disagrees: {rel:.3g}"
@@ -313,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
             kernels["v2-prefill+decode"] = engine_path(step, q_c, v2.paged_prefill_attention_v2)
         for vname, cfg in (variants if not fp8 else {k: variants[k] for k in list(variants)[:2]}).items():
             kernels[vname] = lambda cfg=cfg, step=step: step.run_v2(cfg)
-        if not args.smoke and step.fresh():  # PyTorch's FlashAttention (kernels/flash_prefill.py), CUDA only
+        if not args.smoke and step.fresh():  # PyTorch's attention over the step's own K/V, CUDA only
             kernels["flash-fresh"] = step.run_flash_fresh
+            kernels["sdpa-fresh"] = step.run_sdpa_fresh
+            kernels["cudnn-varlen"] = step.run_cudnn_varlen
         if not args.smoke and not fp8:
             kernels["flash-paged"] = step.run_flash_paged
             if name == mname:

@@ -5,8 +5,9 @@
 
 Each cache first runs untimed at the same sizes (kernels compiled, allocator filled), then runs
 ``--new-tokens`` tokens twice, interleaved, and the faster run's wall time per step is reported; then one
-more run of each is profiled and the ops that take the most host (CPU) time are listed, with the number
-of calls per decode step: at the sizes generate() is used, a decode step on the GPU is bound by the host
+more short run of each is profiled (host activity only) and the ops that take the most host (CPU) time are
+listed, with the number of calls per decode step, then the Python functions with the most own time
+(cProfile): at the sizes generate() is used, a decode step on the GPU is bound by the host
 work of launching it, so the host time per op is where a difference between caches shows.
 """
 
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="none,2048", help="comma list: none (DynamicCache), zipage budgets, or "
                    "budgets with a 'd' (e.g. 2048d: zipage attended densely, without the paged kernel)")
     p.add_argument("--top", type=int, default=25, help="ops listed per cache")
+    p.add_argument("--profile-tokens", type=int, default=24, help="new tokens of each profiled run")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build(args.model, device)
@@ -88,22 +90,32 @@ def main(argv=None) -> int:
     for b in budgets:
         print(f"  {name(b):14s} {1000 * best[b] / args.new_tokens:8.2f} ms/token step"
               f"  ({best[b] / best[budgets[0]]:.2f}x the first)")
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    for b in budgets:
-        with profile(activities=activities) as prof:
-            generate(model, ids, args.new_tokens, b)
+    n = args.profile_tokens
+    for b in budgets:  # host work only (tracing the device makes a run of these sizes take minutes)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            generate(model, ids, n, b)
         events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
         events.sort(key=lambda e: -e.self_cpu_time_total)
         total = sum(e.self_cpu_time_total for e in events)
-        gpu = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
-        print(f"\n{name(b)}: host time {total / 1000 / args.new_tokens:.2f} ms per step under the profiler, "
-              f"device time {gpu / 1000 / args.new_tokens:.2f} ms; "
+        print(f"\n{name(b)}: aten host time {total / 1000 / n:.2f} ms per step under the profiler; "
               f"top {args.top} ops by self host time (per step: ms, calls)")
         for e in events[: args.top]:
-            print(f"  {e.self_cpu_time_total / 1000 / args.new_tokens:8.3f} ms {e.count / args.new_tokens:8.1f}  "
-                  f"{e.key[:90]}")
+            print(f"  {e.self_cpu_time_total / 1000 / n:8.3f} ms {e.count / n:8.1f}  {e.key[:90]}")
+        pr = cProfile.Profile()
+        pr.enable()
+        generate(model, ids, n, b)
+        pr.disable()
+        st = pstats.Stats(pr)
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[: args.top]  # by own (tottime) Python time
+        print(f"{name(b)}: Python functions by own time under cProfile (per step: ms own, ms with callees, calls)")
+        for (file, line, fn), (cc, nc, tt, ct, _) in rows:
+            where = "/".join(file.split("/")[-2:])
+            print(f"  {1000 * tt / n:8.3f} {1000 * ct / n:8.3f} {nc / n:8.1f}  {where}:{line} {fn}")
     return 0
 
 
