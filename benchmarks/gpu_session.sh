@@ -163,5 +163,15 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       timeout 150 python3 benchmarks/profile_generate.py --model "$m" --batch 16 --new-tokens 64 --top 30 \
         --budgets none,2048,2048d > "$OUT/profile_generate_$m.txt" 2>&1; grep -v USDT "$OUT/profile_generate_$m.txt" | head -5
     done ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash or probe" >&2; exit 2 ;;
+  nocudnn)  # SDPA's host time by K/V layout and backend, generate() with dense steps held off cuDNN against
+            # letting SDPA pick it (budgets with a c), the generate() GPU tests, then generate_speed.py gpu
+    timeout 60 python3 benchmarks/sdpa_host.py --out "$OUT/sdpa_host.json" 2>&1 | tail -16
+    timeout 150 python3 benchmarks/profile_generate.py --model qwen3-0.6b --batch 16 --new-tokens 64 --top 14 \
+      --budgets none,2048,2048c,2048d,2048dc > "$OUT/profile_generate_qwen3-0.6b.txt" 2>&1
+    grep -v USDT "$OUT/profile_generate_qwen3-0.6b.txt" | head -7
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py tests/test_generate_memory.py \
+      2>&1 | tee "$OUT/gpu_tests_gen.log" | tail -3
+    timeout 250 python3 benchmarks/generate_speed.py gpu --time-budget "${GEN_BUDGET:-220}" \
+      --out "$OUT/generate_speed_gpu.json" 2>&1 | tail -16 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe or nocudnn" >&2; exit 2 ;;
 esac

@@ -14,6 +14,7 @@ work of launching it, so the host time per op is where a difference between cach
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -40,21 +41,29 @@ def build(name: str, device: str):
 
 def generate(model, ids, new_tokens: int, budget: str | None):
     """``budget``: None (DynamicCache), ``"N"`` (zipage, budget N) or ``"Nd"`` (zipage, budget N, its rows kept
-    head-major and attended densely by the model's own attention, as on the CPU, instead of by the paged kernel)."""
+    head-major and attended densely by the model's own attention, as on the CPU, instead of by the paged kernel);
+    a ``c`` (``Nc``, ``Ndc``) lets the model's SDPA pick cuDNN on dense decode steps (``ZIPAGE_DENSE_CUDNN=1``)."""
     import zipage.cache as cache_mod
 
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(ids))
     if budget is not None:
-        kw.update(cache_implementation="zipage", cache_config={"budget": int(budget.rstrip("d"))})
+        kw.update(cache_implementation="zipage", cache_config={"budget": int(budget.rstrip("dc"))})
     real = cache_mod.use_triton
-    if budget is not None and budget.endswith("d"):
+    if budget is not None and "d" in budget:
         cache_mod.use_triton = lambda *tensors: False  # only the cache's layout choice reads it
+    old = os.environ.get("ZIPAGE_DENSE_CUDNN")
+    if budget is not None and "c" in budget:  # the model's SDPA may pick cuDNN on dense steps (as before)
+        os.environ["ZIPAGE_DENSE_CUDNN"] = "1"
     try:
         with torch.inference_mode():
             out = model.generate(ids, **kw)
     finally:
         cache_mod.use_triton = real
+        if old is None:
+            os.environ.pop("ZIPAGE_DENSE_CUDNN", None)
+        else:
+            os.environ["ZIPAGE_DENSE_CUDNN"] = old
     if ids.is_cuda:
         torch.cuda.synchronize()
     return out
@@ -76,7 +85,10 @@ def main(argv=None) -> int:
     model = build(args.model, device)
     ids = torch.randint(100, 20000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
     budgets = [None if b.strip() == "none" else b.strip() for b in args.budgets.split(",")]
-    name = lambda b: "DynamicCache" if b is None else f"zipage-{b.rstrip('d')}" + (" dense" if b.endswith("d") else "")  # noqa: E731
+    def name(b):
+        if b is None:
+            return "DynamicCache"
+        return f"zipage-{b.rstrip('dc')}" + (" dense" if "d" in b else "") + (" cudnn" if "c" in b else "")
     for b in budgets:  # untimed, at these sizes
         generate(model, ids, min(args.new_tokens, 64), b)
     best = {}

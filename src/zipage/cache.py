@@ -30,6 +30,7 @@ steps never touch it).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -54,6 +55,15 @@ from .memory.rows import (
 )
 from .scoring import get_scorer
 from .sliding_cache import SlidingLayer, WindowPages
+
+
+def _avoid_cudnn() -> bool:
+    """``ZIPAGE_DENSE_CUDNN``: 0 (default) holds the model's SDPA off cuDNN on dense CUDA decode steps; 1 lets
+    torch choose (to compare)."""
+    value = os.environ.get("ZIPAGE_DENSE_CUDNN", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"ZIPAGE_DENSE_CUDNN={value!r}: expected 0 or 1")
+    return value == "0"
 
 
 class ZipageLayer(CacheLayerMixin):
@@ -220,6 +230,8 @@ class ZipageCache(Cache):
         self._lens_key: tuple | None = None  # (validity record, stored, kv_lens, kv_starts) of the paged kernel
         self._keep_queries = True  # this step's queries may be needed by the next compression
         self._capture_all = True  # every layer's attention goes through the capture this step (see _on_attention)
+        # CUDA steps whose attention the model's SDPA runs over the rows (strided views): held off cuDNN's backend
+        self.dense_without_cudnn = False
         self._shared_valid: torch.Tensor | None = None  # layer 0's validity record before this step
         # Keys and values in [B, H_kv, capacity, D] memory (seen as [B, capacity, H_kv, D]): where no paged
         # kernel reads them (decided at the first update), so that attention reads each head as one block.
@@ -352,6 +364,10 @@ class ZipageCache(Cache):
         self._step_slots = row_slots(batch, capacity, after + q, key_states.device)[:, after:] if paged else None
         self._keep_queries = self._queries_needed(after + q, first.seen + q)
         self._capture_all = True
+        # The model's SDPA over the rows' strided views: cuDNN's backend spends ~0.3-1.2 ms of host time a call
+        # on them (a plan per shape; H200, benchmarks/sdpa_host.py) against ~30 us on DynamicCache's contiguous
+        # tensors, more than a decode step's whole GPU work; FlashAttention and the others take the views as they are.
+        self.dense_without_cudnn = q == 1 and not paged and key_states.is_cuda and _avoid_cudnn()
         self._mask_read = (None, None, None)
         self._lens_key = None
         self.peak_capacity = max(self.peak_capacity, capacity)
@@ -454,7 +470,7 @@ class ZipageCache(Cache):
         rot = self._rotation(query)
         query = rotate(query, rot, query.dtype)  # rotated pages: the scorers and the paged kernel see rotated queries
         if (layer is self.full[0] and q == 1 and attention_mask is None and not self._keep_queries
-                and not self.padding_gap and self.page_table is None):
+                and not self.padding_gap and self.page_table is None and not self.dense_without_cudnn):
             # A decode step that needs nothing from the attention of the other layers: no queries to keep,
             # no mask to read (every new token is real, as their updates assumed), no paged attention.
             # Their updates do not arm the capture (those it has seen once: it knows their scaling).

@@ -97,10 +97,23 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
         out, attention_mask = cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"), kwargs)
         if out is not None:
             return out, None
+        if cache.dense_without_cudnn:
+            return _without_cudnn(_original_function(module, original or None), module, query, key, value,
+                                  attention_mask, kwargs)
     else:
         impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or ""
         original = impl[len(PREFIX) :] if impl.startswith(PREFIX) else impl
     return _original_function(module, original or None)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _without_cudnn(fn, module, query, key, value, attention_mask, kwargs):
+    """``fn`` with SDPA's cuDNN backend off for this one call (its previous setting put back)."""
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return fn(module, query, key, value, attention_mask, **kwargs)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
 def _register(original: str | None) -> str:
