@@ -173,5 +173,11 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       2>&1 | tee "$OUT/gpu_tests_gen.log" | tail -3
     timeout 250 python3 benchmarks/generate_speed.py gpu --time-budget "${GEN_BUDGET:-220}" \
       --out "$OUT/generate_speed_gpu.json" 2>&1 | tail -16 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe or nocudnn" >&2; exit 2 ;;
+  dense)  # generate() with 16-bit rows attended densely on CUDA (the new default): its GPU tests, then against
+          # DynamicCache with every length warmed first (WARMUP new tokens) and cold (a second, shorter pass)
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py tests/test_generate_memory.py \
+      2>&1 | tee "$OUT/gpu_tests_dense.log" | tail -3
+    timeout 330 python3 benchmarks/generate_speed.py gpu --max-new-tokens 512 --warmup "${WARMUP:-512}" \
+      --time-budget "${GEN_BUDGET:-290}" --out "$OUT/generate_speed_gpu_warm.json" 2>&1 | tail -9 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn or dense" >&2; exit 2 ;;
 esac

@@ -330,3 +330,38 @@ def test_layers_with_their_own_softmax_scales_are_scored_with_them():
     out = llm.generate([prompt], zipage.SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), use_tqdm=False)
     assert llm.runner.scaling[1] == pytest.approx(0.3) and llm.runner.scaling[0] == pytest.approx(16**-0.5)
     assert out[0].token_ids == ref
+
+
+def test_gpu_attention_switches_refuse_bad_values_and_cudnn_comes_back(monkeypatch):
+    """ZIPAGE_DENSE_CUDNN and ZIPAGE_GENERATE_ATTENTION name themselves when given a bad value; the
+    capture's cuDNN-off call puts the backend setting back, also when the attention raises."""
+    import zipage.cache as cache_mod
+    import zipage.capture as capture_mod
+
+    monkeypatch.setenv("ZIPAGE_DENSE_CUDNN", "yes")
+    with pytest.raises(ValueError, match="ZIPAGE_DENSE_CUDNN='yes'"):
+        cache_mod._avoid_cudnn()
+    monkeypatch.setenv("ZIPAGE_DENSE_CUDNN", "1")
+    assert cache_mod._avoid_cudnn() is False
+    monkeypatch.delenv("ZIPAGE_DENSE_CUDNN")
+    assert cache_mod._avoid_cudnn() is True
+    config = tiny_model("qwen3").config
+    cache = zipage.ZipageCache(config=config, budget=64)
+    k = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
+    assert cache._dense_on_gpu(k) and not cache._dense_on_gpu(k.float())
+    assert not zipage.ZipageCache(config=config, budget=64, kv_cache_dtype="fp8")._dense_on_gpu(k)
+    monkeypatch.setenv("ZIPAGE_GENERATE_ATTENTION", "paged")
+    assert not cache._dense_on_gpu(k)
+    monkeypatch.setenv("ZIPAGE_GENERATE_ATTENTION", "always")
+    with pytest.raises(ValueError, match="ZIPAGE_GENERATE_ATTENTION='always'"):
+        cache._dense_on_gpu(k)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    seen = []
+
+    def attention(module, q, k, v, mask, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        capture_mod._without_cudnn(attention, None, None, None, None, None, {})
+    assert seen == [False] and torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -78,3 +78,42 @@ def test_cuda_bf16_small_budget_runs_and_frees_pages():
     assert out.shape[1] == ids.shape[1] + 300
     assert cache.stored_length() <= 48 and cache.stats()["pages_in_use"] == 3 * -(-cache.stored_length() // 16)
     assert cache.stats()["capacity_tokens"] == 48  # rows hold budget + buffer, a multiple of the kernels' page
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_cuda_16bit_rows_attend_densely_as_the_paged_kernel_would(family, monkeypatch):
+    """bf16 rows on CUDA: head-major, attended by the model's SDPA with cuDNN held off (never the paged
+    kernel), through compressions and left padding; the logits those steps give are the paged kernel's
+    (ZIPAGE_GENERATE_ATTENTION=paged) up to bf16 rounding, and the SDPA calls ran with cuDNN off and
+    left it on afterwards."""
+    import zipage.capture as capture_mod
+
+    calls, cudnn_during = [], []
+    real = cache_mod.paged_decode_attention
+    monkeypatch.setattr(cache_mod, "paged_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(*a, **k):
+        cudnn_during.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real_sdpa(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    model = tiny_model(family, scale=1.0).to(torch.bfloat16)
+    ids, mask = left_padded_batch(lengths=(20, 7, 13))
+    cfg = {"budget": 16, "page_size": 4, "buffer": 4}
+    P = ids.shape[1]
+    dense = _run(model, ids, mask, "cuda", cfg)
+    assert not calls and cudnn_during and torch.backends.cuda.cudnn_sdp_enabled()
+    decode_calls = cudnn_during[2 * model.config.num_hidden_layers:]  # after the prefill
+    assert decode_calls and not any(decode_calls[-model.config.num_hidden_layers:])
+    assert capture_mod.pending_layer(dense.past_key_values) is None
+    monkeypatch.setenv("ZIPAGE_GENERATE_ATTENTION", "paged")
+    paged = _run(model, ids, mask, "cuda", cfg)
+    assert calls
+    assert dense.past_key_values.num_compressions > 0
+    gap = _max_logit_gap(dense, paged, P)
+    print(f"{family}: bf16 dense vs paged logit gap {gap:.3e}")
+    assert gap < 0.1
+    monkeypatch.setenv("ZIPAGE_GENERATE_ATTENTION", "sometimes")
+    with pytest.raises(ValueError, match="ZIPAGE_GENERATE_ATTENTION='sometimes'"):
+        _run(model, ids, mask, "cuda", cfg)

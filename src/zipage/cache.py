@@ -349,7 +349,7 @@ class ZipageCache(Cache):
         remaining = None if self.max_cache_len is None else self.max_cache_len - first.seen
         limit = stored_limit(after, q, cfg.capacity, remaining)
         if self._head_major is None:
-            self._head_major = not use_triton(key_states)
+            self._head_major = not use_triton(key_states) or self._dense_on_gpu(key_states)
         # The run's end, not the budget, sets the limit: rows hold exactly that many tokens.
         exact = remaining is not None and limit < cfg.capacity
         capacity = plan_capacity(self.capacity_, after + q, limit, len(self.layers),
@@ -372,6 +372,21 @@ class ZipageCache(Cache):
         self._lens_key = None
         self.peak_capacity = max(self.peak_capacity, capacity)
         self.peak_stored = max(self.peak_stored, after + q)
+
+    def _dense_on_gpu(self, key_states: torch.Tensor) -> bool:
+        """On CUDA, 16-bit rows keep the CPU's head-major layout and the model's SDPA (FlashAttention, cuDNN held
+        off) attends over them: a decode step at generate()'s sizes is bound by the host's launch work, and one SDPA
+        call costs less of it than the paged kernel's launches (H200, Qwen3-0.6B shapes, batch 16: 22.6 ms a step
+        against 28.6 paged and 22.1 for DynamicCache; benchmarks/results/issue15/s24). 8-bit rows stay paged
+        (SDPA would read a dequantized copy), as does float32 (no FlashAttention). ``ZIPAGE_GENERATE_ATTENTION``:
+        ``auto`` (this), ``paged`` or ``dense``."""
+        choice = os.environ.get("ZIPAGE_GENERATE_ATTENTION", "auto")
+        if choice not in ("auto", "paged", "dense"):
+            raise ValueError(f"ZIPAGE_GENERATE_ATTENTION={choice!r}: expected auto, paged or dense")
+        if choice != "auto":
+            return choice == "dense"
+        return key_states.dtype in (torch.float16, torch.bfloat16) and (
+            self.zipage_config.kv_cache_dtype not in QUANTIZED_KV)
 
     def _queries_needed(self, stored: int, seen: int) -> bool:
         """Whether the queries of a step that leaves ``stored`` tokens stored (``seen`` seen) may be
