@@ -6,7 +6,10 @@ prompts (the queries are the second half of the stored context); a chunked-prefi
 2048-token chunk beside 64 single-query rows). Kernels: the first prefill kernel
 (``paged_attention.py``), each launch variant of the second (``paged_prefill.py``) and, for the
 chunked step, the engine's split of it (a prefill kernel on the chunk + the decode kernel on the
-rows, with either prefill kernel). The baseline gathers each sequence's pages into contiguous K/V and runs
+rows, with either prefill kernel); for whole prompts also PyTorch's own attention over the step's keys and
+values with no gather (what a prefill with nothing stored before it could call instead of reading the pool):
+``flash-fresh`` (its FlashAttention forward, variable-length, one launch), ``sdpa-fresh`` (SDPA once per
+sequence) and ``cudnn-varlen`` (cuDNN's ragged form, one launch). The baseline gathers each sequence's pages into contiguous K/V and runs
 ``torch.nn.functional.scaled_dot_product_attention`` (``is_causal`` for whole prompts, an explicit
 mask where queries are the last tokens of a longer context), gather included, as
 ``benchmarks/kernels.py`` does. Every kernel's output is checked against the baseline's.
@@ -14,7 +17,8 @@ mask where queries are the last tokens of a longer context), gather included, as
     python3 benchmarks/prefill_tune.py --out $OUT/prefill_tune.json
 
 Prints one table: the baseline's milliseconds (and the fastest of its other formulations: a
-lower-right causal bias instead of the explicit mask, K/V repeated to the query heads), then per
+lower-right causal bias instead of the explicit mask, K/V repeated to the query heads, SDPA held to cuDNN or
+to FlashAttention), then per
 kernel ``baseline_ms / kernel_ms`` (above 1: faster than the baseline; ``!`` marks an output that
 disagrees with the baseline). The JSON has the ratio to the fastest formulation too (``ratio_best``).
 """
@@ -32,13 +36,11 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from zipage.kernels import flash_prefill as fa
     from zipage.kernels import paged_attention as v1
     from zipage.kernels import paged_prefill as v2
     from zipage.kernels.fp8 import quantize_reference
 except ImportError:  # a checkout without the package installed: the kernels folder is self-contained
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels import flash_prefill as fa
     from kernels import paged_attention as v1
     from kernels import paged_prefill as v2
     from kernels.fp8 import quantize_reference
@@ -212,8 +214,10 @@ class Step:
         return self._fresh
 
     def run_flash_fresh(self):
+        """PyTorch's FlashAttention forward in its variable-length form over the step's own K/V, one launch."""
         k, v = self.fresh_kv()
-        return fa.flash_prefill_fresh(self.q, k, v, self.cu, self.max_q, self.scale)
+        return torch.ops.aten._flash_attention_forward(self.q, k, v, self.cu, self.cu, self.max_q, self.max_q, 0.0,
+                                                       True, False, scale=self.scale)[0]
 
     def run_sdpa_fresh(self):
         """SDPA once per sequence over the step's own keys/values (no gather; torch picks the backend)."""
@@ -231,9 +235,6 @@ class Step:
         k, v = self.fresh_kv()
         return torch.ops.aten._cudnn_attention_forward(self.q, k, v, None, self.cu, self.cu, self.max_q, self.max_q,
                                                        False, 0.0, True, False, scale=self.scale)[0]
-
-    def run_flash_paged(self):
-        return fa.flash_prefill_paged(*self.args(), max_q_len=self.max_q, max_kv_len=max(self.kv_lens_list))
 
 
 def engine_path(step: Step, n_chunk: int, prefill=None):
@@ -338,22 +339,16 @@ def main(argv: list[str] | None = None) -> int:
             kernels["v2-prefill+decode"] = engine_path(step, q_c, v2.paged_prefill_attention_v2)
         for vname, cfg in (variants if not fp8 else {k: variants[k] for k in list(variants)[:2]}).items():
             kernels[vname] = lambda cfg=cfg, step=step: step.run_v2(cfg)
-        if not args.smoke and step.fresh():  # PyTorch's attention over the step's own K/V, CUDA only
+        if not args.smoke and step.fresh():  # PyTorch's own attention over the step's K/V (no gather), CUDA only
             kernels["flash-fresh"] = step.run_flash_fresh
             kernels["sdpa-fresh"] = step.run_sdpa_fresh
             kernels["cudnn-varlen"] = step.run_cudnn_varlen
-        if not args.smoke and not fp8:
-            kernels["flash-paged"] = step.run_flash_paged
-            if name == mname:
-                kernels["flash-paged+decode"] = engine_path(step, q_c, lambda *a, **kw: fa.flash_prefill_paged(
-                    *a[:7], max_q_len=q_c, max_kv_len=n_c))
         rows.append(measure(name, step, kernels, deadline, causal_flops(kv_lens, q_lens)))
         print(f"{time.perf_counter() - t0:5.1f} s  {name}", flush=True)
         save()
         del step
     print(table(rows))
-    print(f"{summary['seconds']:.0f} s on {device}, triton {triton.__version__}; flash-attention op arguments: "
-          f"{'block_table' if 'block_table' in fa.op_arguments() else 'no block_table'}")
+    print(f"{summary['seconds']:.0f} s on {device}, triton {triton.__version__}")
     return 0
 
 

@@ -508,48 +508,13 @@ def paged_decode_attention(q, k_cache, v_cache, page_table, kv_lens, scale, kv_s
                                             k_scale, v_scale, **features)
 
 
-PREFILL_CHOICES = "auto, flash, v1, v2 or v2:<config name>"
-
-
-def prefill_choice() -> str:
-    """``ZIPAGE_PREFILL_KERNEL``: ``auto`` (the default: PyTorch's FlashAttention on steps whose prefill
-    sequences have nothing stored before them, the second Triton kernel otherwise), ``flash`` (also
-    over stored pages where this torch's FlashAttention takes a page table), ``v1``, ``v2`` or
-    ``v2:<config name>`` (always that Triton kernel)."""
-    choice = os.environ.get("ZIPAGE_PREFILL_KERNEL", "auto")
-    if choice not in ("auto", "flash", "v1", "v2") and not choice.startswith("v2:"):
-        raise ValueError(f"ZIPAGE_PREFILL_KERNEL={choice!r}: expected {PREFILL_CHOICES} (e.g. v2:m128n64w8s3)")
-    return choice
-
-
 def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
                             k_scale=None, v_scale=None, *, window: int | None = None,
-                            sinks: torch.Tensor | None = None, softcap: float | None = None,
-                            new_kv: tuple[torch.Tensor, torch.Tensor] | None = None, max_kv_len: int | None = None,
-                            **kwargs):
-    """Packed variable-length queries against paged KV (which already holds them and any cached prefix).
-
-    ``new_kv``: the queries' own keys and values ``[T, Hkv, D]``, given only when every sequence's
-    stored tokens are exactly its queries' (nothing stored before this step); on CUDA the attention
-    then runs over them through PyTorch's FlashAttention (``flash_prefill.py``) instead of reading the
-    pool (the values are the same; on 8-bit pages they are the exact ones the pool holds rounded).
-    ``max_kv_len``: the longest ``kv_lens`` as a host int, for the paged FlashAttention launch."""
+                            sinks: torch.Tensor | None = None, softcap: float | None = None, **kwargs):
+    """Packed variable-length queries against paged KV (which already holds them and any cached prefix)."""
     features = dict(window=window, sinks=sinks, softcap=softcap)
     if use_triton(q, k_cache):
-        choice = prefill_choice()
-        if choice in ("auto", "flash"):
-            from . import flash_prefill as fa
-
-            max_q_len = kwargs.get("max_q_len")
-            if new_kv is not None and max_q_len is not None and fa.applies(q, "fresh", kv_starts=kv_starts,
-                                                                           **features):
-                return fa.flash_prefill_fresh(q, new_kv[0], new_kv[1], cu_seqlens_q, max_q_len, scale)
-            if (choice == "flash" and max_q_len is not None and max_kv_len is not None
-                    and fa.applies(q, "paged", page_size=k_cache.shape[1], pool_dtype=k_cache.dtype,
-                                   kv_starts=kv_starts, **features)):
-                return fa.flash_prefill_paged(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
-                                              max_q_len, max_kv_len)
-            choice = "v2"
+        choice = os.environ.get("ZIPAGE_PREFILL_KERNEL", "v2")
         if choice != "v1":  # the second kernel (paged_prefill.py), "v2" or "v2:<config name>"; "v1": the first
             from .paged_prefill import kernel_for
 
@@ -559,3 +524,4 @@ def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_le
                                               kv_starts, k_scale=k_scale, v_scale=v_scale, **features, **kwargs)
     return paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
                                              kv_starts, k_scale, v_scale, **features)
+

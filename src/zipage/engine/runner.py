@@ -75,10 +75,6 @@ class StepMeta:
     window_decode_lens: torch.Tensor | None = None  # [Bd] int32
     window_decode_table: torch.Tensor | None = None  # [Bd, P'] int32
     layers: set[int] = field(default_factory=set)  # the layers whose attention ran through the engine
-    # every prefill sequence has nothing stored before this step (its keys/values are the step's own);
-    # the longest stored length of a prefill sequence after this step
-    prefill_fresh: bool = False
-    max_prefill_len: int = 0
 
 
 def engine_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -124,8 +120,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     if n_p:
         out[:n_p] = paged_prefill_attention(
             q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
-            k_scale=ks, v_scale=vs, new_kv=(k[:n_p], v[:n_p]) if meta.prefill_fresh and not sliding else None,
-            max_kv_len=meta.max_prefill_len, **features
+            k_scale=ks, v_scale=vs, **features
         )
     if n_p < q.shape[0]:
         out[n_p:] = paged_decode_attention(
@@ -322,8 +317,6 @@ class ModelRunner:
             if prefill else None,
             prefill_table=self._table([s.pages for s in prefill_seqs]) if prefill else None,
             max_q_len=max((n for _, n in prefill), default=0),
-            prefill_fresh=bool(prefill) and all(s.stored == 0 for s in prefill_seqs),
-            max_prefill_len=max((s.stored + n for s, n in prefill), default=0),
             decode_lens=torch.tensor([s.stored + 1 for s in decode], dtype=torch.int32, device=dev) if decode else None,
             decode_table=self._table([s.pages for s in decode]) if decode else None,
             max_decode_len=max((s.stored + 1 for s in decode), default=0),
