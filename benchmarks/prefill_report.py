@@ -37,7 +37,40 @@ def prefill_section(results: Path) -> str:
         best = min(done, key=lambda n: done[n]["ms"])
         lines.append(f"| {r['case']} | {base:.3f} | {base / v1['ms']:.2f}x | {best}: {base / done[best]['ms']:.2f}x "
                      f"({done[best]['ms']:.3f} ms) | {v1['ms'] / done[best]['ms']:.2f}x |")
-    return "\n".join(lines + [""] + engine_rows(results))
+    return "\n".join(lines + [""] + torch_rows(results) + engine_rows(results))
+
+
+TORCH_RUN = "issue15/s24/call2/prefill_tune.json"  # the sweep run with PyTorch's own attention beside the kernel
+
+
+def torch_rows(results: Path) -> list[str]:
+    """Whole prompts through PyTorch's own attention over the step's keys and values (no gather):
+    what a prefill with nothing stored before it could call instead of the paged kernel."""
+    path = results / TORCH_RUN
+    if not path.exists():
+        return []
+    rows = [r for r in json.loads(path.read_text())["rows"] if "sdpa-fresh" in r["kernels"]]
+    names = ("m64n64w4s3-tma", "flash-fresh", "sdpa-fresh", "cudnn-varlen")
+    label = {"m64n64w4s3-tma": "Triton kernel (m64n64w4s3-tma)", "flash-fresh": "FlashAttention, variable length",
+             "sdpa-fresh": "SDPA per sequence", "cudnn-varlen": "cuDNN, ragged"}
+    lines = ["### PyTorch's own attention on whole prompts", "",
+             f"The same baseline, from a later run of the sweep (`{path.relative_to(results.parent.parent)}`): "
+             "PyTorch's own attention over the step's keys and values as the engine holds them (no gather), "
+             "which a prefill with nothing stored before it could call instead of reading the pool. None "
+             "reaches the baseline, whose SDPA takes each case's equal-length prompts in one cuDNN call. "
+             "FlashAttention stays below the Triton kernel. SDPA per sequence (cuDNN) beats the kernel at 2K-4K "
+             "here only because each case repeats one length, so its plans are built once: cuDNN builds a plan "
+             "for every new shape (34-49 ms of host time, the ragged column and `benchmarks/sdpa_host.py`), "
+             "which an engine's prompts, each of its own length, would pay every time. "
+             "The engine keeps the Triton kernel.", "",
+             "| case | " + " | ".join(label[n] for n in names) + " |", "|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = []
+        for n in names:
+            k = r["kernels"].get(n, {})
+            cells.append(f"{k['ratio']:.2f}x ({k['ms']:.3f} ms)" if "ms" in k else "-")
+        lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def engine_rows(results: Path) -> list[str]:
