@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("sdpa_host times CUDA launches: it needs a CUDA GPU")
     B, D = args.batch, args.dim
     Hq, Hkv = (int(x) for x in args.heads.split(","))
     dev, dt = "cuda", torch.bfloat16
@@ -87,20 +89,20 @@ def main(argv=None) -> int:
     table = torch.arange(B * cap // page, device=dev, dtype=torch.int32).view(B, cap // page)
     qd = q[:, :, 0].contiguous()
     new = torch.randn(B, Hkv, D, device=dev, dtype=dt)
-    if True:
-        def paged(n):
-            lens = torch.full((B,), n, dtype=torch.int32, device=dev)
-            return paged_decode_attention(qd, pages, pages, table, lens, D**-0.5, max_len_hint=n)
 
-        def store(n):
-            store_kv(pages, torch.arange(B, device=dev) * cap + n, new, pages, new)
+    def paged(n):
+        lens = torch.full((B,), n, dtype=torch.int32, device=dev)
+        return paged_decode_attention(qd, pages, pages, table, lens, D**-0.5, max_len_hint=n)
 
-        for name, fn in (("paged decode kernel", paged), ("paged store", store)):
-            try:
-                host, wall = per_call_us(fn, lengths)
-                rows.append(dict(layout="token-major rows", backend=name, host_us=host, wall_us=wall))
-            except Exception as err:
-                rows.append(dict(layout="token-major rows", backend=name, error=f"{type(err).__name__}: {err}"[:160]))
+    def store(n):
+        store_kv(pages, torch.arange(B, device=dev) * cap + n, new, pages, new)
+
+    for name, fn in (("paged decode kernel", paged), ("paged store", store)):
+        try:
+            host, wall = per_call_us(fn, lengths)
+            rows.append(dict(layout="token-major rows", backend=name, host_us=host, wall_us=wall))
+        except Exception as err:
+            rows.append(dict(layout="token-major rows", backend=name, error=f"{type(err).__name__}: {err}"[:160]))
     print(f"B {B}, heads {Hq}/{Hkv}, D {D}, K/V length {args.start}..{lengths[-1]} (one more each call); "
           "microseconds per call")
     print(f"{'layout':18s} {'backend':20s} {'host':>8s} {'wall':>8s}")
