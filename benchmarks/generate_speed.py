@@ -149,9 +149,10 @@ def run_variant(model, variant: Variant, device: str, repeats: int) -> list[dict
     return out
 
 
-# Before a variant of that model and batch has run: DynamicCache's step on the H200 (generate()'s Python
-# overhead sets it at these sizes: ~95 ms for Qwen3-0.6B shapes at batch 16 and 1,024 new tokens).
-GUESS_MS_PER_STEP = {"qwen3-0.6b": 100.0, "qwen3-8b": 130.0}
+# Before a variant of that model and batch has run: DynamicCache's step on the H200 with every length warmed
+# (generate()'s Python and launch overhead sets it at these sizes: 20-22 ms for Qwen3-0.6B shapes and 28-33 ms
+# for Qwen3-8B at batch 16, benchmarks/results/issue15/s24), with room for the runs that are slower.
+GUESS_MS_PER_STEP = {"qwen3-0.6b": 30.0, "qwen3-8b": 40.0}
 
 
 def estimate_seconds(variant: Variant, ms_per_step: dict, warmup: int = 0) -> float | None:
@@ -194,6 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--long", action="store_true", help="cpu: 1,024 new tokens, mostly past the budget (minutes)")
     parser.add_argument("--only", default=None, help="run only the variants whose model name contains this")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap every variant's new tokens")
+    parser.add_argument("--batch", type=int, default=None, help="run only the variants of this batch size")
     parser.add_argument("--label", default="", help="a tag stored with the results (e.g. before / after)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/generate_speed_<device>.json)")
     args = parser.parse_args(argv)
@@ -210,6 +212,8 @@ def main(argv=None) -> int:
     plan = (CPU_LONG_PLAN if args.long else CPU_PLAN) if device == "cpu" else GPU_PLAN
     if args.only:
         plan = [v for v in plan if args.only in v.model]
+    if args.batch:
+        plan = [v for v in plan if v.batch == args.batch]
     if args.max_new_tokens:
         plan = [Variant(**{**asdict(v), "new_tokens": min(v.new_tokens, args.max_new_tokens)}) for v in plan]
     start = time.perf_counter()

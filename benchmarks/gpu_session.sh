@@ -186,5 +186,9 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     grep -v USDT "$OUT/profile_generate_qwen3-0.6b_256.txt" | head -4
     timeout 230 python3 benchmarks/generate_speed.py gpu --only qwen3-8b --max-new-tokens 512 --warmup 512 \
       --time-budget 900 --out "$OUT/generate_speed_gpu_8b_warm.json" 2>&1 | tail -6 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense or dense2" >&2; exit 2 ;;
+  batch1)  # generate() at batch 1 (Qwen3-0.6B shapes) against DynamicCache, every length warmed
+    timeout "${GEN_LIMIT:-90}" python3 benchmarks/generate_speed.py gpu --only qwen3-0.6b --batch 1 \
+      --max-new-tokens "${NEW:-512}" --warmup "${NEW:-512}" --time-budget 900 \
+      --out "$OUT/generate_speed_gpu_b1.json" 2>&1 | tail -5 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2 or batch1" >&2; exit 2 ;;
 esac
