@@ -364,9 +364,9 @@ class ZipageCache(Cache):
         self._step_slots = row_slots(batch, capacity, after + q, key_states.device)[:, after:] if paged else None
         self._keep_queries = self._queries_needed(after + q, first.seen + q)
         self._capture_all = True
-        # The model's SDPA over the rows' strided views: cuDNN's backend spends ~0.3-1.2 ms of host time a call
-        # on them (a plan per shape; H200, benchmarks/sdpa_host.py) against ~30 us on DynamicCache's contiguous
-        # tensors, more than a decode step's whole GPU work; FlashAttention and the others take the views as they are.
+        # Dense decode steps on CUDA: SDPA's cuDNN backend builds a plan for every new K/V shape it meets (~34 ms
+        # of host time on an H200, benchmarks/sdpa_host.py) and a decode step meets a new length every time;
+        # FlashAttention takes the rows' views with no plan (~50 us a call either way once cuDNN's plans exist).
         self.dense_without_cudnn = q == 1 and not paged and key_states.is_cuda and _avoid_cudnn()
         self._mask_read = (None, None, None)
         self._lens_key = None
