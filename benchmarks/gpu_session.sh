@@ -28,6 +28,7 @@
 #              shapes (batch 16 and 1, 512 new tokens)
 #   PART=flash the GPU tests of prefill through PyTorch's FlashAttention and of generate(), the prefill sweep with
 #              its flash rows, then profile_generate.py (Qwen3-0.6B and -8B shapes, batch 16)
+#   PART=genlong generate() at batch 1 (both models) and well past the budget (Qwen3-0.6B, 2,048 tokens), warmed
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
 #              generate_speed.py gpu with an untimed run of every cache before each variant
@@ -190,5 +191,13 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     timeout "${GEN_LIMIT:-90}" python3 benchmarks/generate_speed.py gpu --only qwen3-0.6b --batch 1 \
       --max-new-tokens "${NEW:-512}" --warmup "${NEW:-512}" --time-budget 900 \
       --out "$OUT/generate_speed_gpu_b1.json" 2>&1 | tail -5 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2 or batch1" >&2; exit 2 ;;
+  genlong)  # what generate() on the GPU still lacks: batch 1 (both models, 512 tokens), then well past the budget
+            # (Qwen3-0.6B shapes, batch 16, 2,048 new tokens, budget 512), every length warmed for DynamicCache
+    timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py tests/test_generate_memory.py \
+      2>&1 | tee "$OUT/gpu_tests_gen.log" | tail -2
+    timeout 150 python3 benchmarks/generate_speed.py gpu --batch 1 --max-new-tokens 512 --warmup 512 --time-budget 900 \
+      --out "$OUT/generate_speed_gpu_b1.json" 2>&1 | tail -6
+    timeout 330 python3 benchmarks/generate_speed.py gpu --only qwen3-0.6b --batch 16 --max-new-tokens 2048 \
+      --warmup 2048 --time-budget 900 --out "$OUT/generate_speed_gpu_long.json" 2>&1 | tail -4 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1 or genlong" >&2; exit 2 ;;
 esac
