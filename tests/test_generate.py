@@ -365,3 +365,44 @@ def test_gpu_attention_switches_refuse_bad_values_and_cudnn_comes_back(monkeypat
     with pytest.raises(RuntimeError, match="boom"):
         capture_mod._without_cudnn(attention, None, None, None, None, None, {})
     assert seen == [False] and torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_cudnn_switch_overlapping_threads_put_back_what_they_found():
+    """Two threads inside the cuDNN-off call at once (their windows interleaved: A enters, B enters, A leaves,
+    B leaves): cuDNN is off while either is inside and comes back on after both, not left off by B having
+    found A's setting."""
+    import threading
+
+    import zipage.capture as capture_mod
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def attention_a(*a, **k):
+        a_in.set()
+        b_in.wait(5)
+        seen["a"] = torch.backends.cuda.cudnn_sdp_enabled()
+
+    def attention_b(*a, **k):
+        b_in.set()
+        a_out.wait(5)
+        seen["b"] = torch.backends.cuda.cudnn_sdp_enabled()
+
+    def run_a():
+        capture_mod._without_cudnn(attention_a, None, None, None, None, None, {})
+        a_out.set()
+
+    try:
+        ta = threading.Thread(target=run_a)
+        ta.start()
+        a_in.wait(5)
+        tb = threading.Thread(target=capture_mod._without_cudnn, args=(attention_b, None, None, None, None, None, {}))
+        tb.start()
+        ta.join(10)
+        tb.join(10)
+        assert seen == {"a": False, "b": False}
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

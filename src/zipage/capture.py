@@ -106,14 +106,26 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
     return _original_function(module, original or None)(module, query, key, value, attention_mask, **kwargs)
 
 
+_cudnn_off = {"depth": 0, "saved": True}  # calls inside _without_cudnn, and the setting they found
+_cudnn_lock = threading.Lock()
+
+
 def _without_cudnn(fn, module, query, key, value, attention_mask, kwargs):
-    """``fn`` with SDPA's cuDNN backend off for this one call (its previous setting put back)."""
-    enabled = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(False)
+    """``fn`` with SDPA's cuDNN backend off for this one call. The flag is global in torch, so calls that
+    overlap (generate() in several threads) share one switch: the first turns it off, the last puts back
+    what the first found; another thread's SDPA meanwhile may run without cuDNN, never with a wrong result."""
+    with _cudnn_lock:
+        if _cudnn_off["depth"] == 0:
+            _cudnn_off["saved"] = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        _cudnn_off["depth"] += 1
     try:
         return fn(module, query, key, value, attention_mask, **kwargs)
     finally:
-        torch.backends.cuda.enable_cudnn_sdp(enabled)
+        with _cudnn_lock:
+            _cudnn_off["depth"] -= 1
+            if _cudnn_off["depth"] == 0:
+                torch.backends.cuda.enable_cudnn_sdp(_cudnn_off["saved"])
 
 
 def _register(original: str | None) -> str:
