@@ -57,13 +57,18 @@ from .scoring import get_scorer
 from .sliding_cache import SlidingLayer, WindowPages
 
 
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """The value of environment variable ``name`` (``default`` when unset), refused by name unless in ``choices``."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected {', '.join(choices[:-1])} or {choices[-1]}")
+    return value
+
+
 def _avoid_cudnn() -> bool:
     """``ZIPAGE_DENSE_CUDNN``: 0 (default) holds the model's SDPA off cuDNN on dense CUDA decode steps; 1 lets
     torch choose (to compare)."""
-    value = os.environ.get("ZIPAGE_DENSE_CUDNN", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"ZIPAGE_DENSE_CUDNN={value!r}: expected 0 or 1")
-    return value == "0"
+    return _env_choice("ZIPAGE_DENSE_CUDNN", "0", ("0", "1")) == "0"
 
 
 class ZipageLayer(CacheLayerMixin):
@@ -380,9 +385,7 @@ class ZipageCache(Cache):
         against 28.6 paged and 22.1 for DynamicCache; benchmarks/results/issue15/s24). 8-bit rows stay paged
         (SDPA would read a dequantized copy), as does float32 (no FlashAttention). ``ZIPAGE_GENERATE_ATTENTION``:
         ``auto`` (this), ``paged`` or ``dense``."""
-        choice = os.environ.get("ZIPAGE_GENERATE_ATTENTION", "auto")
-        if choice not in ("auto", "paged", "dense"):
-            raise ValueError(f"ZIPAGE_GENERATE_ATTENTION={choice!r}: expected auto, paged or dense")
+        choice = _env_choice("ZIPAGE_GENERATE_ATTENTION", "auto", ("auto", "paged", "dense"))
         if choice != "auto":
             return choice == "dense"
         return key_states.dtype in (torch.float16, torch.bfloat16) and (
