@@ -107,6 +107,12 @@ VARIANTS = {
     "keys rotated, values e4m3": lambda k, v: (rotated(k, e4m3), e4m3(v)),
     "keys rotated, int8": lambda k, v: (rotated(k, int8), v),
     "keys and values rotated, int8": lambda k, v: (rotated(k, int8), rotated(v, int8)),
+    "keys - mean of the first 16 tokens, values e4m3": lambda k, v: (mean_offset(k, 16, False), e4m3(v)),
+    "keys - mean of the first 64 tokens, values e4m3": lambda k, v: (mean_offset(k, 64, False), e4m3(v)),
+    "keys - mean of the first 16 tokens, rotated, values e4m3":
+        lambda k, v: (mean_offset(k, 16, False, lambda x: rotated(x, e4m3)), e4m3(v)),
+    "keys - mean of the first 16 tokens, keys and values rotated":
+        lambda k, v: (mean_offset(k, 16, False, lambda x: rotated(x, e4m3)), rotated(v, e4m3)),
     "keys and values in bf16 (for scale)": lambda k, v: (k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)),
 }
 

@@ -196,6 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=None, help="run only the variants whose model name contains this")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap every variant's new tokens")
     parser.add_argument("--batch", type=int, default=None, help="run only the variants of this batch size")
+    parser.add_argument("--min-new-tokens", type=int, default=None,
+                        help="run only the variants of at least this many new tokens (after --max-new-tokens)")
     parser.add_argument("--label", default="", help="a tag stored with the results (e.g. before / after)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/generate_speed_<device>.json)")
     args = parser.parse_args(argv)
@@ -216,6 +218,8 @@ def main(argv=None) -> int:
         plan = [v for v in plan if v.batch == args.batch]
     if args.max_new_tokens:
         plan = [Variant(**{**asdict(v), "new_tokens": min(v.new_tokens, args.max_new_tokens)}) for v in plan]
+    if args.min_new_tokens:
+        plan = [v for v in plan if v.new_tokens >= args.min_new_tokens]
     start = time.perf_counter()
     rows, skipped, ms_per_step, models = [], [], {}, {}
     for v in plan:

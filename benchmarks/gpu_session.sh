@@ -29,6 +29,8 @@
 #   PART=flash the GPU tests of prefill through PyTorch's FlashAttention and of generate(), the prefill sweep with
 #              its flash rows, then profile_generate.py (Qwen3-0.6B and -8B shapes, batch 16)
 #   PART=genlong generate() at batch 1 (both models) and well past the budget (Qwen3-0.6B, 2,048 tokens), warmed
+#   PART=genlong2 the rows genlong's limits cut: batch 16 at 2,048 tokens past a 512 budget, Qwen3-8B at batch 1
+#   PART=swap   the FP8 decode kernel with keys (and values) as the dots' first operand, and the engine with it
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
 #              generate_speed.py gpu with an untimed run of every cache before each variant
@@ -199,5 +201,29 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_speed_gpu_b1.json" 2>&1 | tail -6
     timeout 330 python3 benchmarks/generate_speed.py gpu --only qwen3-0.6b --batch 16 --max-new-tokens 2048 \
       --warmup 2048 --time-budget 900 --out "$OUT/generate_speed_gpu_long.json" 2>&1 | tail -4 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1 or genlong" >&2; exit 2 ;;
+  genlong2)  # genlong's rows its time limits cut: Qwen3-0.6B shapes at batch 16 well past the budget (2,048 new
+             # tokens, budget 512) alone, then Qwen3-8B shapes at batch 1 (512 tokens); every length warmed
+    timeout 320 python3 benchmarks/generate_speed.py gpu --only qwen3-0.6b --batch 16 --max-new-tokens 2048 \
+      --min-new-tokens 2048 --warmup 2048 --time-budget 900 --out "$OUT/generate_speed_gpu_long.json" 2>&1 | tail -4
+    timeout 250 python3 benchmarks/generate_speed.py gpu --only qwen3-8b --batch 1 --max-new-tokens 512 \
+      --warmup 512 --time-budget 900 --out "$OUT/generate_speed_gpu_8b_b1.json" 2>&1 | tail -5 ;;
+  swap)  # the FP8 decode kernel with the tile as the dots' first operand (swap=1/2) against the default,
+         # then the engine with the fastest variant against the default, in the same run
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py -k "swap or tma or default" \
+      2>&1 | tee "$OUT/gpu_tests_swap.log" | tail -3
+    timeout 170 python3 benchmarks/fp8_decode_tune.py --match tma --out "$OUT/fp8_decode_swap.json" \
+      --best-env "$OUT/fp8_best.env" 2>&1 | tail -45
+    FP8ENV=$(cat "$OUT/fp8_best.env" 2>/dev/null | sed 's/^ZIPAGE_FP8_DECODE=//')
+    case "$FP8ENV" in
+      *swap=*)
+        echo "engine FP8 decode kernel: default, then $FP8ENV"
+        timeout 150 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+          --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-45}" --systems zipage-2048,zipage-2048-fp8 \
+          --out "$OUT/throughput_qwen3-8b_fp8_default.json" 2>&1 | tail -5
+        ZIPAGE_FP8_DECODE="$FP8ENV" timeout 100 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
+          --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-45}" \
+          --systems zipage-2048-fp8 --out "$OUT/throughput_qwen3-8b_fp8_swap.json" 2>&1 | tail -4 ;;
+      *) echo "no swap variant is the fastest ($FP8ENV): engine run skipped" ;;
+    esac ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2 or swap" >&2; exit 2 ;;
 esac
