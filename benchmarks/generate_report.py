@@ -34,11 +34,39 @@ def _before_after(rows: list[dict], before: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
+def _shape(rows: list[dict]) -> str:
+    """``qwen3-8b, batch 1, 512 new tokens`` for the variants of one results file."""
+    seen = dict.fromkeys(f"{r['model']}, batch {r['batch']}, {r['new_tokens']} new tokens" for r in rows)
+    return "; ".join(seen)
+
+
+def _summary(files: list[tuple[Path, dict]]) -> list[str]:
+    """One line per GPU variant and zipage cache over every GPU file: speed and peak against DynamicCache."""
+    lines = ["| model | batch | new tokens | cache | stored at the end (full) | compressions | tok/s vs full | "
+             "peak vs full | file |", "|---|---|---|---|---|---|---|---|---|"]
+    for path, data in files:
+        rows = data["rows"]
+        for r in rows:
+            full = next((f for f in rows if f["budget"] is None and all(
+                f[k] == r[k] for k in ("model", "batch", "prompt", "new_tokens"))), None)
+            if r["budget"] is None or full is None:
+                continue
+            peak = f"{r['peak_bytes'] / full['peak_bytes']:.2f}x" if full.get("peak_bytes") else "-"
+            lines.append(f"| {r['model']} | {r['batch']} | {r['new_tokens']} | {r['cache']} | "
+                         f"{r.get('stored', '-')} ({full.get('stored', '-')}) | {r.get('compressions', '-')} | "
+                         f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}x | {peak} | `{path.name}` |")
+    return lines
+
+
 def generate_sections(results: Path) -> list[str]:
     parts = []
-    for path in sorted(results.glob("generate_speed_*.json")):
-        if path.stem.endswith("_before"):
-            continue
+    paths = [p for p in sorted(results.glob("generate_speed_*.json")) if not p.stem.endswith("_before")]
+    gpu = [(p, json.loads(p.read_text())) for p in paths if not p.stem.startswith("generate_speed_cpu")]
+    if gpu:
+        parts += [f"### generate() on the GPU at a glance ({gpu[0][1]['meta']['device']})", "",
+                  "Every zipage row of the GPU files below against DynamicCache in the same run (each file's own "
+                  "section has its command and notes):", "", *_summary(gpu), ""]
+    for path in paths:
         device = path.stem.removeprefix("generate_speed_")
         device = "cpu" if device.startswith("cpu") else device  # (generate_speed_cpu_long.json: --long)
         data = json.loads(path.read_text())
@@ -46,7 +74,7 @@ def generate_sections(results: Path) -> list[str]:
         speed = "CPU time of the process" if device == "cpu" else "wall time"
         memory = ("peak of the tensor storage the call allocates (`StoragePeak`)" if device == "cpu"
                   else "`torch.cuda.max_memory_allocated` above the weights")
-        parts += [f"### generate(): zipage against DynamicCache, {meta['device']}", "",
+        parts += [f"### generate(): zipage against DynamicCache, {meta['device']}: {_shape(rows)}", "",
                   f"`{meta.get('command') or COMMAND.get(device, path.name)}` ({meta['threads']} thread(s), torch {meta['torch']}, "
                   f"transformers {meta['transformers']}). Same prompts and the same number of new tokens for "
                   f"every cache; tok/s: new tokens per second of {speed}, prefill included; peak: {memory}.", "",
