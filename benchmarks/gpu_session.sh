@@ -210,8 +210,11 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --warmup 512 --time-budget 900 --out "$OUT/generate_speed_gpu_8b_b1.json" 2>&1 | tail -5 ;;
   gen4k)  # generate() far past the budget: Qwen3-0.6B shapes, batch 16, 4,096 new tokens, budget 512 against
           # DynamicCache (whose torch.cat copies its whole cache every step), both warmed over the same lengths
-    timeout 570 python3 benchmarks/generate_speed.py gpu --only qwen3-0.6b --batch 16 --max-new-tokens 4096 \
-      --min-new-tokens 4096 --warmup 4096 --time-budget 900 --out "$OUT/generate_speed_gpu_4k.json" 2>&1 | tail -4 ;;
+    # (A first try ran past 570 s with nothing written: the JSON comes after all of a variant's caches, which
+    # with the untimed runs is 4 x 4,096 decode steps. Its progress now goes to the log as it happens.)
+    timeout 570 python3 -u benchmarks/generate_speed.py gpu --only qwen3-0.6b --batch 16 --max-new-tokens 4096 \
+      --min-new-tokens 4096 --warmup 4096 --time-budget 900 --out "$OUT/generate_speed_gpu_4k.json" \
+      > "$OUT/generate_speed_gpu_4k.log" 2>&1; tail -4 "$OUT/generate_speed_gpu_4k.log" ;;
   swap)  # the FP8 decode kernel with the tile as the dots' first operand (swap=1/2) against the default,
          # then the engine with the fastest variant against the default, in the same run
     timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py -k "swap or tma or default" \
