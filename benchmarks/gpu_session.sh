@@ -31,6 +31,7 @@
 #   PART=genlong generate() at batch 1 (both models) and well past the budget (Qwen3-0.6B, 2,048 tokens), warmed
 #   PART=genlong2 the rows genlong's limits cut: batch 16 at 2,048 tokens past a 512 budget, Qwen3-8B at batch 1
 #   PART=gen4k  generate() at batch 16, 4,096 new tokens past a 512 budget (Qwen3-0.6B shapes), warmed
+#   PART=peak1  generate()'s peak at batch 1, zipage against DynamicCache, after 1, 64 and 512 new tokens
 #   PART=swap   the FP8 decode kernel with keys (and values) as the dots' first operand, and the engine with it
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
@@ -215,6 +216,8 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     timeout 570 python3 -u benchmarks/generate_speed.py gpu --only qwen3-0.6b --batch 16 --max-new-tokens 4096 \
       --min-new-tokens 4096 --warmup 4096 --time-budget 900 --out "$OUT/generate_speed_gpu_4k.json" \
       > "$OUT/generate_speed_gpu_4k.log" 2>&1; tail -4 "$OUT/generate_speed_gpu_4k.log" ;;
+  peak1)  # where zipage's batch-1 peak differs from DynamicCache's (prefill or decode): 1, 64 and 512 new tokens
+    timeout 200 python3 benchmarks/generate_peak_probe.py --out "$OUT/generate_peak_probe.json" 2>&1 | tail -12 ;;
   swap)  # the FP8 decode kernel with the tile as the dots' first operand (swap=1/2) against the default,
          # then the engine with the fastest variant against the default, in the same run
     timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py -k "swap or tma or default" \
@@ -233,5 +236,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
           --systems zipage-2048-fp8 --out "$OUT/throughput_qwen3-8b_fp8_swap.json" 2>&1 | tail -4 ;;
       *) echo "no swap variant is the fastest ($FP8ENV): engine run skipped" ;;
     esac ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k or swap" >&2; exit 2 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1 or swap" >&2; exit 2 ;;
 esac
