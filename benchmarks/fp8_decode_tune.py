@@ -9,9 +9,7 @@ the share of the copy bandwidth it moves (keys, values and, for FP8, their float
 * FP8 pages, ``kernels/paged_decode_fp8.py``: by default its fastest earlier choice (fp16 dots,
   gather loads) against tiles read from one page (``load=page``: a page-table read per tile, a
   scalar base) and through tensor descriptors (``load=tma``), each with fp16 dots and with FP8
-  tensor cores on the stored codes (``convert=fp8mma``), over a few tiles and launches, and with
-  the tile as the dots' first operand (``swap=1``: the logits transposed; ``swap=2``: the output
-  too);
+  tensor cores on the stored codes (``convert=fp8mma``), over a few tiles and launches;
   ``--all`` instead sweeps every ``convert`` (bf16 / fp16 / bits / fp8mma) x grid order
   (``head_fast``) x launch with gather loads, and head-major scale pools.
 
@@ -139,13 +137,6 @@ def main() -> None:
                             dict(convert=convert, head_fast=1, load=load)))
                 variants.append(("int8", f"int8/fp16/hf1/{load}", dict(block_n=128, num_warps=4, num_stages=3),
                                  dict(convert="fp16", head_fast=1, load=load)))
-            for swap in (1, 2):  # the tile as the dots' first operand (keys; with 2 the values too)
-                for block_n, warps, stages in LOAD_LAUNCHES:
-                    variants.append(("fp8", f"fp8/fp16/hf1/tma/swap{swap}", dict(
-                        block_n=block_n, num_warps=warps, num_stages=stages),
-                        dict(convert="fp16", head_fast=1, load="tma", swap=swap)))
-                variants.append(("int8", f"int8/fp16/hf1/tma/swap{swap}", dict(block_n=128, num_warps=4, num_stages=3),
-                                 dict(convert="fp16", head_fast=1, load="tma", swap=swap)))
         if args.match:
             keys = args.match.split(",")
             variants = [x for x in variants if x[1] == "general" or any(m in x[1] for m in keys)]

@@ -74,7 +74,7 @@ def fp8_section(results: Path) -> str:
                   "the split kernel every page type uses; `fp8/<convert>/hf<head_fast>` is "
                   "`kernels/paged_decode_fp8.py` (`/hm`: head-major scale pools; `/page`: one page-table read per "
                   "tile; `/tma`: tiles through tensor descriptors, the default on Hopper; `/swap1`, `/swap2`: the key "
-                  "tile, then the value tile too, as the dots' first operand, measured slower and kept off).", ""]
+                  "tile, then the value tile too, as the dots' first operand, measured slower and removed since).", ""]
         parts += _kernel_table(path) + [""]
     reports = [("quality_fp8.md", "FP8 and INT8 pages with eviction (quality report)",
                 "INT8 pages here are unrotated (measured before INT8 pages were stored rotated; "

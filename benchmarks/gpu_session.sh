@@ -32,7 +32,6 @@
 #   PART=genlong2 the rows genlong's limits cut: batch 16 at 2,048 tokens past a 512 budget, Qwen3-8B at batch 1
 #   PART=gen4k  generate() at batch 16, 4,096 new tokens past a 512 budget (Qwen3-0.6B shapes), warmed
 #   PART=peak1  generate()'s peak at batch 1, zipage against DynamicCache, after 1, 64 and 512 new tokens
-#   PART=swap   the FP8 decode kernel with keys (and values) as the dots' first operand, and the engine with it
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
 #              generate_speed.py gpu with an untimed run of every cache before each variant
@@ -218,23 +217,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       > "$OUT/generate_speed_gpu_4k.log" 2>&1; tail -4 "$OUT/generate_speed_gpu_4k.log" ;;
   peak1)  # where zipage's batch-1 peak differs from DynamicCache's (prefill or decode): 1, 64 and 512 new tokens
     timeout 200 python3 benchmarks/generate_peak_probe.py --out "$OUT/generate_peak_probe.json" 2>&1 | tail -12 ;;
-  swap)  # the FP8 decode kernel with the tile as the dots' first operand (swap=1/2) against the default,
-         # then the engine with the fastest variant against the default, in the same run
-    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py -k "swap or tma or default" \
-      2>&1 | tee "$OUT/gpu_tests_swap.log" | tail -3
-    timeout 170 python3 benchmarks/fp8_decode_tune.py --match tma --out "$OUT/fp8_decode_swap.json" \
-      --best-env "$OUT/fp8_best.env" 2>&1 | tail -45
-    FP8ENV=$(cat "$OUT/fp8_best.env" 2>/dev/null | sed 's/^ZIPAGE_FP8_DECODE=//')
-    case "$FP8ENV" in
-      *swap=*)
-        echo "engine FP8 decode kernel: default, then $FP8ENV"
-        timeout 150 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
-          --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-45}" --systems zipage-2048,zipage-2048-fp8 \
-          --out "$OUT/throughput_qwen3-8b_fp8_default.json" 2>&1 | tail -5
-        ZIPAGE_FP8_DECODE="$FP8ENV" timeout 100 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
-          --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-45}" \
-          --systems zipage-2048-fp8 --out "$OUT/throughput_qwen3-8b_fp8_swap.json" 2>&1 | tail -4 ;;
-      *) echo "no swap variant is the fastest ($FP8ENV): engine run skipped" ;;
-    esac ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1 or swap" >&2; exit 2 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k or peak1" >&2; exit 2 ;;
 esac

@@ -449,12 +449,12 @@ def _parse_fp8_choice(text: str) -> tuple | None:
         key, value = key.strip(), value.strip()
         if key in ("convert", "load"):
             choice[key] = value
-        elif key in ("head_fast", "block_n", "num_warps", "num_stages", "swap"):
+        elif key in ("head_fast", "block_n", "num_warps", "num_stages"):
             if not value.isdigit():
                 raise ValueError(f"ZIPAGE_FP8_DECODE: {key}={value!r} must be a whole number")
             choice[key] = int(value)
         else:
-            raise ValueError(f"ZIPAGE_FP8_DECODE: unknown key {key!r} (convert, head_fast, load, swap, block_n, "
+            raise ValueError(f"ZIPAGE_FP8_DECODE: unknown key {key!r} (convert, head_fast, load, block_n, "
                              "num_warps, num_stages)")
     return tuple(choice.items())
 

@@ -28,13 +28,12 @@ speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
   9.0 or newer, contiguous pools, a power-of-two head dim); rows outside the sequence's range are
   then other slots' bytes, so a partial tile's values are zeroed (as bytes) before the value dot.
 * ``block_n``, ``num_warps``, ``num_stages``: the tile and the launch.
-* ``swap``: which operand the tile is. ``0``: the queries are the dots' first operand (logits
-  ``[G, N] = q @ k^T``). ``1``: the logits are computed transposed, ``[N, G] = k @ q^T``, so the
-  key tile is the first operand (the tensor cores' M side: 128 rows instead of a 16-row padded
-  query group). ``2``: the output too, ``[D, G] += v^T @ p^T``. On the H200 both were slower than
-  ``0`` at 256 and 512 requests (512 x 2176 tokens, best launch of each: 0.92 ms for 1 and 0.89 ms for 2 against 0.80 ms,
-  ``benchmarks/results/issue15/s26/call1/fp8_decode_swap.json``); they are kept as tested,
-  measured choices for other GPUs and head layouts.
+
+Tried and removed: the key tile (and the value tile) as the dots' first operand, the logits computed
+as ``k @ q^T`` (and the output as ``v^T @ p^T``) so the 128-token tile fills the tensor cores' M side
+instead of a query group padded to 16 rows. On the H200 it was 7-15% slower than this kernel at 256
+and 512 requests (512 x 2,176 tokens: 0.89-0.92 ms against 0.80 ms,
+``benchmarks/results/issue15/s26/call1/``; the variant is commit de2706b).
 
 INT8 pages take the ``"fp16"`` and ``"bf16"`` conversions (every int8 code is exact in both).
 :func:`default_choice` is what the engine uses on a GPU: fp16 dots, heads side by side, 128-token
@@ -126,7 +125,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
         CONVERT: tl.constexpr, HEAD_FAST: tl.constexpr, LOAD: tl.constexpr = 0, INT8_CODES: tl.constexpr = False,
         WINDOW: tl.constexpr = 0,
-        SOFTCAP_LOG2: tl.constexpr = 0.0, SWAP: tl.constexpr = 0,
+        SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         if HEAD_FAST:  # the KV heads of one (sequence, split) side by side: they share the scale sectors
             hk = tl.program_id(0)
@@ -152,12 +151,7 @@ if HAS_TRITON:
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
-        if SWAP == 2:  # the output transposed, [D, G]: the value tile is the dot's first operand
-            acc = tl.zeros([BLOCK_D, BLOCK_G], tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        if SWAP > 0:  # the logits transposed, [N, G]: the key tile is the dot's first operand
-            q_t = tl.trans(q)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         offs_n = tl.arange(0, BLOCK_N)
         for t0 in range(lo, hi, BLOCK_N):
             t = t0 + offs_n
@@ -193,65 +187,43 @@ if HAS_TRITON:
             ks = tl.load(KS + s_off, mask=valid, other=0.0) * code_scale
             vs = tl.load(VS + s_off, mask=valid, other=0.0) * code_scale
 
-            if SWAP > 0:  # the tile's keys (and with SWAP == 2 its values) as the dots' first operand
-                s_t = tl.dot(_fp8_operand(k, CONVERT, INT8_CODES), q_t) * (ks[:, None] * scale_log2)  # [N, G]
-                if SOFTCAP_LOG2 > 0:
-                    s_t = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * s_t / SOFTCAP_LOG2) + 1.0))
-                s_t = tl.where(valid[:, None], s_t, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s_t, 0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p_t = tl.math.exp2(s_t - m_safe[None, :])
-                alpha = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p_t, 0)
-                vs_max = tl.maximum(tl.max(vs, 0), 1e-30)
-                pw_t = (p_t * (vs / vs_max)[:, None]).to(op_dtype)
-                if SWAP == 2:
-                    acc = acc * alpha[None, :] + tl.dot(tl.trans(_fp8_operand(v, CONVERT, INT8_CODES)), pw_t) * vs_max
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(tl.trans(pw_t), _fp8_operand(v, CONVERT, INT8_CODES)) * vs_max
-                m_i = m_new
+            if CONVERT == 3:  # FP8 tensor cores on the codes as stored: nothing converted per key
+                kt = tl.trans(k)
+                qk = tl.dot(q_hi, kt) * sq_hi[:, None] + tl.dot(q_lo, kt) * sq_lo[:, None]
+                qk = qk * (ks[None, :] * scale_log2)
             else:
-                if CONVERT == 3:  # FP8 tensor cores on the codes as stored: nothing converted per key
-                    kt = tl.trans(k)
-                    qk = tl.dot(q_hi, kt) * sq_hi[:, None] + tl.dot(q_lo, kt) * sq_lo[:, None]
-                    qk = qk * (ks[None, :] * scale_log2)
-                else:
-                    qk = tl.dot(q, tl.trans(_fp8_operand(k, CONVERT, INT8_CODES))) * (ks[None, :] * scale_log2)
-                if SOFTCAP_LOG2 > 0:
-                    qk = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * qk / SOFTCAP_LOG2) + 1.0))
-                qk = tl.where(valid[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(qk - m_safe[:, None])
-                alpha = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vs_max = tl.maximum(tl.max(vs, 0), 1e-30)  # p * vs / vs_max stays in [0, 1]
-                if CONVERT == 3:  # p * vs / vs_max in [0, 1], times 256, as two e4m3 parts (lo: the rest x 8)
-                    pw = p * (vs * (256.0 / vs_max))[None, :]
-                    p_hi = pw.to(tl.float8e4nv)
-                    p_lo = ((pw - p_hi.to(tl.float32)) * 8.0).to(tl.float8e4nv)  # (|rest| <= one ulp of hi: <= 32)
-                    pv = (tl.dot(p_hi, v) + tl.dot(p_lo, v) * 0.125) * (1.0 / 256.0)
-                else:
-                    pv = tl.dot((p * (vs / vs_max)[None, :]).to(op_dtype), _fp8_operand(v, CONVERT, INT8_CODES))
-                acc = acc * alpha[:, None] + pv * vs_max
-                m_i = m_new
+                qk = tl.dot(q, tl.trans(_fp8_operand(k, CONVERT, INT8_CODES))) * (ks[None, :] * scale_log2)
+            if SOFTCAP_LOG2 > 0:
+                qk = SOFTCAP_LOG2 * (1.0 - 2.0 / (tl.math.exp(2.0 * qk / SOFTCAP_LOG2) + 1.0))
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vs_max = tl.maximum(tl.max(vs, 0), 1e-30)  # p * vs / vs_max stays in [0, 1]
+            if CONVERT == 3:  # p * vs / vs_max in [0, 1], times 256, as two e4m3 parts (lo: the rest x 8)
+                pw = p * (vs * (256.0 / vs_max))[None, :]
+                p_hi = pw.to(tl.float8e4nv)
+                p_lo = ((pw - p_hi.to(tl.float32)) * 8.0).to(tl.float8e4nv)  # (|rest| <= one ulp of hi: <= 32)
+                pv = (tl.dot(p_hi, v) + tl.dot(p_lo, v) * 0.125) * (1.0 / 256.0)
+            else:
+                pv = tl.dot((p * (vs / vs_max)[None, :]).to(op_dtype), _fp8_operand(v, CONVERT, INT8_CODES))
+            acc = acc * alpha[:, None] + pv * vs_max
+            m_i = m_new
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-        if SWAP == 2:
-            o_ptr = MID_O + b * stride_ob + heads[None, :] * stride_oh + split * stride_os + d[:, None]
-            tl.store(o_ptr, acc / l_safe[None, :], mask=gmask[None, :] & dmask[:, None])
-        else:
-            o_ptr = MID_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
-            tl.store(o_ptr, acc / l_safe[:, None], mask=gmask[:, None] & dmask[None, :])
+        o_ptr = MID_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+        tl.store(o_ptr, out, mask=gmask[:, None] & dmask[None, :])
         tl.store(MID_LSE + (b * HQ + heads) * NUM_SPLITS + split, lse, mask=gmask)
 
 
 def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, kv_lens, kv_starts, mid_o, mid_lse,
                             scale_log2: float, *, num_splits: int, block_n: int, convert: str = "bf16",
                             head_fast: bool = False, load: str = "gather", window: int = 0,
-                            softcap_log2: float = 0.0, swap: int = 0, num_warps: int = 4,
-                            num_stages: int = 2) -> None:
+                            softcap_log2: float = 0.0, num_warps: int = 4, num_stages: int = 2) -> None:
     """The split pass over FP8 pages into ``mid_o`` / ``mid_lse`` (``paged_attention``'s merge kernel
     finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path)."""
     if convert not in CONVERTS:
@@ -270,10 +242,6 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
             raise ValueError(f"load='tma': {problem}")
     if k_scale.stride() != v_scale.stride():
         raise ValueError("the FP8 decode kernel needs k_scale and v_scale in one layout")
-    if swap not in (0, 1, 2):
-        raise ValueError(f"swap={swap!r} is invalid: expected 0, 1 (keys as the first dot operand) or 2 (values too)")
-    if swap and convert == "fp8mma":
-        raise ValueError("swap=1/2 takes converted operands; convert='fp8mma' dots the codes as stored")
     if convert == "fp8mma" and block_n < 32:
         raise ValueError(f"convert='fp8mma' needs block_n >= 32 (FP8 dots take K >= 32), got block_n={block_n}")
     if q.dtype not in (torch.bfloat16, torch.float16):
@@ -296,8 +264,7 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         B, HKV=Hkv, HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, CONVERT=CONVERTS.index(convert), HEAD_FAST=bool(head_fast),
-        LOAD=LOADS.index(load), INT8_CODES=k_cache.dtype == torch.int8, WINDOW=int(window), SOFTCAP_LOG2=float(softcap_log2), SWAP=int(swap),
-        num_warps=num_warps, num_stages=num_stages,
+        LOAD=LOADS.index(load), INT8_CODES=k_cache.dtype == torch.int8, WINDOW=int(window), SOFTCAP_LOG2=float(softcap_log2), num_warps=num_warps, num_stages=num_stages,
     )
 
 

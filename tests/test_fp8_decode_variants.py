@@ -96,24 +96,6 @@ def test_window_sinks_softcap(convert):
 
 
 @requires_triton
-@pytest.mark.parametrize("swap", [1, 2])
-@pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
-def test_swapped_operands(swap, codes):
-    """swap=1: the logits computed transposed (keys as the first dot operand); swap=2: the output
-    too (values first). Same attention, with splits, starts, a window, sinks and a softcap."""
-    _case(torch.float16, dict(convert="fp16", head_fast=1, block_n=16, swap=swap), starts=[3, 0, 17], codes=codes)
-    _case(torch.float16, dict(convert="fp16", head_fast=0, block_n=32, swap=swap), window=20, softcap=30.0,
-          sinks=True, Hq=4, Hkv=4, lens=(50, 9), codes=codes)
-
-
-def test_bad_swap_is_named():
-    with pytest.raises(ValueError, match="swap=3"):
-        _case(torch.float16, dict(convert="fp16", block_n=16, swap=3))
-    with pytest.raises(ValueError, match="fp8mma"):
-        _case(torch.float16, dict(convert="fp8mma", block_n=32, swap=1))
-
-
-@requires_triton
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=_needs_gpu("bf16"))])
 def test_page_loads(dtype):
     """load="page": one page-table read per tile (tiles of 16 in pages of 32), with splits, tiles
@@ -126,16 +108,14 @@ def test_page_loads(dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("load", ["page", "tma"])
-@pytest.mark.parametrize("convert,codes,swap", [("fp16", torch.float8_e4m3fn, 0), ("bf16", torch.float8_e4m3fn, 0),
-                                                ("fp8mma", torch.float8_e4m3fn, 0), ("fp16", torch.int8, 0),
-                                                ("fp16", torch.float8_e4m3fn, 1), ("fp16", torch.float8_e4m3fn, 2),
-                                                ("fp16", torch.int8, 2)],
-                         ids=["fp16", "bf16", "fp8mma", "int8-fp16", "fp16-swap1", "fp16-swap2", "int8-fp16-swap2"])
-def test_page_and_tma_loads_on_the_gpu(load, convert, codes, swap):
+@pytest.mark.parametrize("convert,codes", [("fp16", torch.float8_e4m3fn), ("bf16", torch.float8_e4m3fn),
+                                           ("fp8mma", torch.float8_e4m3fn), ("fp16", torch.int8)],
+                         ids=["fp16", "bf16", "fp8mma", "int8-fp16"])
+def test_page_and_tma_loads_on_the_gpu(load, convert, codes):
     """Tensor-descriptor tiles read other slots' bytes past the range (possibly NaN codes): the
     partial tiles' values must be zeroed, so poison the pools' unused rows with NaN codes."""
-    _case(torch.bfloat16, dict(convert=convert, head_fast=1, block_n=128, num_stages=3, load=load, swap=swap), Hq=32,
-          Hkv=8, D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True, codes=codes)
+    _case(torch.bfloat16, dict(convert=convert, head_fast=1, block_n=128, num_stages=3, load=load), Hq=32, Hkv=8,
+          D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True, codes=codes)
 
 
 @pytest.mark.gpu
