@@ -406,3 +406,102 @@ def test_cudnn_switch_overlapping_threads_put_back_what_they_found():
         assert torch.backends.cuda.cudnn_sdp_enabled() is True
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def _force_dense_cudnn_off(monkeypatch):
+    """Run the CUDA dense decode path's cuDNN switching on the CPU (the switch is a global flag either way)."""
+    import zipage.cache as cache_mod
+
+    begin = cache_mod.ZipageCache._begin_step
+
+    def begin_step(self, batch, q, key_states):
+        begin(self, batch, q, key_states)
+        self.dense_without_cudnn = q == 1
+
+    monkeypatch.setattr(cache_mod.ZipageCache, "_begin_step", begin_step)
+
+
+def test_dense_decode_holds_cudnn_off_from_the_first_to_the_last_layer(monkeypatch):
+    """Dense decode steps that need no queries: only the first and the last layer go through the capture, every
+    layer's SDPA runs with cuDNN off, the setting comes back after each forward, and the tokens are
+    DynamicCache's (the budget is never reached)."""
+    import zipage.cache as cache_mod
+
+    _force_dense_cudnn_off(monkeypatch)
+    model = tiny_model("qwen3", num_hidden_layers=5)
+    ids, mask = left_padded_batch(lengths=(12, 12))
+    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    during, captured = [], []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    real_on = cache_mod.ZipageCache._on_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: during.append(torch.backends.cuda.cudnn_sdp_enabled()) or real_sdpa(*a, **k))
+    monkeypatch.setattr(cache_mod.ZipageCache, "_on_attention",
+                        lambda self, i, *a: captured.append(i) or real_on(self, i, *a))
+    try:
+        cache = zipage.ZipageCache(config=model.config, budget=256)
+        out = model.generate(ids, past_key_values=cache, **kw)
+        assert torch.equal(out, ref)
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True and not cache.cudnn_hold.held
+        decode = during[5:]  # after the prefill's five layers
+        assert len(decode) == 5 * 11 and not any(decode)
+        assert captured[:5] == list(range(5)) and captured[5:] == [0, 4] * 11
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+@pytest.mark.parametrize("recover", ["next step", "reset", "collected"])
+def test_dense_decode_gives_cudnn_back_after_a_layer_raises(monkeypatch, recover):
+    """A forward that raises between the first and the last layer leaves cuDNN off only until the cache's next
+    step, its reset or its collection; a raise inside a captured layer's attention gives it back at once."""
+    import gc
+
+    _force_dense_cudnn_off(monkeypatch)
+    model = tiny_model("qwen3", num_hidden_layers=4)
+    ids = torch.randint(3, 96, (1, 8))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = {"n": 0, "raise_at": None}
+
+    def sdpa(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == calls["raise_at"]:
+            raise RuntimeError("boom")
+        return real_sdpa(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    def fresh_cache():
+        cache = zipage.ZipageCache(config=model.config, budget=256)
+        nxt = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)  # prefill: 4 SDPA calls
+        model(input_ids=nxt, past_key_values=cache)  # a decode step: 4 calls
+        return cache, nxt
+
+    try:
+        with torch.no_grad():
+            cache, nxt = fresh_cache()
+            calls["raise_at"] = calls["n"] + 1  # the first layer's (captured) attention
+            with pytest.raises(RuntimeError, match="boom"):
+                model(input_ids=nxt, past_key_values=cache)
+            assert torch.backends.cuda.cudnn_sdp_enabled() is True and not cache.cudnn_hold.held
+            calls["raise_at"] = None
+            cache, nxt = fresh_cache()
+            calls["raise_at"] = calls["n"] + 2  # a middle layer's (not captured) attention
+            with pytest.raises(RuntimeError, match="boom"):
+                model(input_ids=nxt, past_key_values=cache)
+            assert torch.backends.cuda.cudnn_sdp_enabled() is False and cache.cudnn_hold.held
+            calls["raise_at"] = None
+            if recover == "next step":  # (the raise left the later layers a token behind layer 0)
+                with pytest.raises(RuntimeError, match="out of step"):
+                    model(input_ids=nxt, past_key_values=cache)
+            elif recover == "reset":
+                cache.reset()
+            else:
+                del cache
+                gc.collect()
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -31,6 +31,7 @@ steps never touch it).
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -135,12 +136,17 @@ class ZipageLayer(CacheLayerMixin):
         self.key_scales = resized(self.key_scales, capacity, self.stored)
         self.value_scales = resized(self.value_scales, capacity, self.stored)
 
-    def stored_kv(self, stored: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``stored`` tokens of every row as ``[B, H_kv, stored, D]`` keys and values (views)."""
+    def head_major_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as ``[B, H_kv, capacity, D]`` views (made once per storage)."""
         t = self._transposed
         if t is None or t[0] is not self.keys or t[1] is not self.values:  # new storage: new views
             t = self._transposed = (self.keys, self.values, self.keys.transpose(1, 2), self.values.transpose(1, 2))
-        return t[2].narrow(2, 0, stored), t[3].narrow(2, 0, stored)
+        return t[2], t[3]
+
+    def stored_kv(self, stored: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``stored`` tokens of every row as ``[B, H_kv, stored, D]`` keys and values (views)."""
+        keys, values = self.head_major_views()
+        return keys.narrow(2, 0, stored), values.narrow(2, 0, stored)
 
     def pages(self) -> LayerPages:
         """The storage as ``B`` pages of ``capacity`` tokens (what ``compress_layer`` takes)."""
@@ -230,6 +236,7 @@ class ZipageCache(Cache):
         self.page_table: torch.Tensor | None = None  # [B, capacity / KERNEL_PAGE], for the CUDA paged kernels
         self._step_stored = 0  # tokens every layer stores once this step's update is done
         self._step_slots: torch.Tensor | None = None  # [B, q] flat slots of this step's tokens in every layer
+        self._step_index: torch.Tensor | None = None  # [q] their positions in every row (unquantized, unpaged rows)
         # (the last attention mask seen, which of its new tokens are real, the last record they were written to)
         self._mask_read: tuple = (None, None, None)
         self._lens_key: tuple | None = None  # (validity record, stored, kv_lens, kv_starts) of the paged kernel
@@ -237,6 +244,10 @@ class ZipageCache(Cache):
         self._capture_all = True  # every layer's attention goes through the capture this step (see _on_attention)
         # CUDA steps whose attention the model's SDPA runs over the rows (strided views): held off cuDNN's backend
         self.dense_without_cudnn = False
+        # Such steps that capture only the first and last full layers hold cuDNN off between them (capture.py);
+        # a forward that raised in between gives the switch back at the next step, a reset or collection.
+        self.cudnn_hold = capture.CudnnHold()
+        weakref.finalize(self, self.cudnn_hold.give)
         self._shared_valid: torch.Tensor | None = None  # layer 0's validity record before this step
         # Keys and values in [B, H_kv, capacity, D] memory (seen as [B, capacity, H_kv, D]): where no paged
         # kernel reads them (decided at the first update), so that attention reads each head as one block.
@@ -339,6 +350,7 @@ class ZipageCache(Cache):
     def _begin_step(self, batch: int, q: int, key_states: torch.Tensor) -> None:
         """Before the first layer stores a step: compress every layer if due, and decide how many
         tokens per row every layer holds for this step (each layer resizes in its own update)."""
+        self.cudnn_hold.give()  # (held only if the last step's forward raised between its first and last layers)
         if not self.batch_size_:
             self.batch_size_ = batch
         elif batch != self.batch_size_:
@@ -367,6 +379,9 @@ class ZipageCache(Cache):
         self._step_stored = after + q
         # The paged store takes slot ids; the PyTorch store copies into ``[:, after:after + q]`` of every row.
         self._step_slots = row_slots(batch, capacity, after + q, key_states.device)[:, after:] if paged else None
+        # Unquantized rows written by the PyTorch store: positions ``after .. after + q - 1`` of every row.
+        self._step_index = None if paged or cfg.kv_cache_dtype in QUANTIZED_KV else torch.arange(
+            after, after + q, device=key_states.device)
         self._keep_queries = self._queries_needed(after + q, first.seen + q)
         self._capture_all = True
         # Dense decode steps on CUDA: SDPA's cuDNN backend builds a plan for every new K/V shape it meets (~34 ms
@@ -420,15 +435,23 @@ class ZipageCache(Cache):
         after = layer.stored
         stored = after + q
         if stored != self._step_stored:
+            self.cudnn_hold.give()
             raise RuntimeError(f"zipage: layer {layer.layer_idx} updated out of step with layer 0")
         if layer.keys.shape[1] != self.capacity_:
             layer.resize(self.capacity_)
         # Into the rows' slots ``[:, after:stored]`` (one launch for keys and values on CUDA, a slice
         # copy each otherwise; FP8 pages get codes and scales; rotated 8-bit pages that basis, kernels/fp8.py).
-        rot = self._rotation(key_states)
-        store_kv(layer.keys, self._step_slots, rotate(key_states, rot).transpose(1, 2), layer.values,
-                 rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales,
-                 layer.value_scales, span_start=after)
+        index = self._step_index
+        if index is not None and key_states.dtype == layer.keys.dtype == value_states.dtype:  # 16/32-bit rows
+            rot = None
+            keys_hm, values_hm = layer.head_major_views()
+            keys_hm.index_copy_(2, index, key_states)  # (one op each: less host time than a slice's view and copy)
+            values_hm.index_copy_(2, index, value_states)
+        else:
+            rot = self._rotation(key_states)
+            store_kv(layer.keys, self._step_slots, rotate(key_states, rot).transpose(1, 2), layer.values,
+                     rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales,
+                     layer.value_scales, span_start=after)
         layer.stored = stored
         layer.seen += q
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
@@ -454,7 +477,8 @@ class ZipageCache(Cache):
                         f"{self.scorer.name!r} needs them. Use a scorer that reads no queries "
                         "(e.g. 'streaming' or 'knorm') with this model."
                     )
-        if self.capture_ok and (self._capture_all or not layer.captured):
+        if self.capture_ok and (self._capture_all or not layer.captured or (
+                self.cudnn_hold.held and layer is self.full[-1])):  # (the last full layer gives cuDNN back)
             capture.arm(self, layer.layer_idx, self.model_config)
         # Decode on CUDA: once the capture is known to reach this layer's attention, the wrapper
         # attends straight from the pages (Triton paged attention).
@@ -488,10 +512,13 @@ class ZipageCache(Cache):
         rot = self._rotation(query)
         query = rotate(query, rot, query.dtype)  # rotated pages: the scorers and the paged kernel see rotated queries
         if (layer is self.full[0] and q == 1 and attention_mask is None and not self._keep_queries
-                and not self.padding_gap and self.page_table is None and not self.dense_without_cudnn):
+                and not self.padding_gap and self.page_table is None
+                and not (self.dense_without_cudnn and self.window_pages is not None)):
             # A decode step that needs nothing from the attention of the other layers: no queries to keep,
             # no mask to read (every new token is real, as their updates assumed), no paged attention.
-            # Their updates do not arm the capture (those it has seen once: it knows their scaling).
+            # Their updates do not arm the capture (those it has seen once: it knows their scaling). Dense
+            # CUDA steps: cuDNN is held off from here to the last full layer, which still arms to give it
+            # back (models with sliding-window layers, which would run in between, keep one switch per layer).
             self._capture_all = False
             for other in self.full:
                 other.window_queries = None
@@ -625,6 +652,7 @@ class ZipageCache(Cache):
         raise NotImplementedError("ZipageCache cannot change its batch size after it has been filled")
 
     def reset(self) -> None:
+        self.cudnn_hold.give()
         super().reset()
         self.batch_size_ = self.capacity_ = self.peak_capacity = self.peak_stored = self._step_stored = 0
         self.page_table = None

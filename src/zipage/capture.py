@@ -98,8 +98,10 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
         if out is not None:
             return out, None
         if cache.dense_without_cudnn:
-            return _without_cudnn(_original_function(module, original or None), module, query, key, value,
-                                  attention_mask, kwargs)
+            fn = _original_function(module, original or None)
+            if cache._capture_all:  # every layer of this step comes through here: one switch per call
+                return _without_cudnn(fn, module, query, key, value, attention_mask, kwargs)
+            return _with_cudnn_held(cache, layer_idx, fn, module, query, key, value, attention_mask, kwargs)
     else:
         impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or ""
         original = impl[len(PREFIX) :] if impl.startswith(PREFIX) else impl
@@ -114,18 +116,64 @@ def _without_cudnn(fn, module, query, key, value, attention_mask, kwargs):
     """``fn`` with SDPA's cuDNN backend off for this one call. The flag is global in torch, so calls that
     overlap (generate() in several threads) share one switch: the first turns it off, the last puts back
     what the first found; another thread's SDPA meanwhile may run without cuDNN, never with a wrong result."""
+    cudnn_off()
+    try:
+        return fn(module, query, key, value, attention_mask, **kwargs)
+    finally:
+        cudnn_restore()
+
+
+def cudnn_off() -> None:
+    """Turn SDPA's cuDNN backend off until the matching ``cudnn_restore`` (calls may nest and overlap)."""
     with _cudnn_lock:
         if _cudnn_off["depth"] == 0:
             _cudnn_off["saved"] = torch.backends.cuda.cudnn_sdp_enabled()
             torch.backends.cuda.enable_cudnn_sdp(False)
         _cudnn_off["depth"] += 1
+
+
+def cudnn_restore() -> None:
+    """Undo one ``cudnn_off``: the last one puts back the setting the first found."""
+    with _cudnn_lock:
+        _cudnn_off["depth"] -= 1
+        if _cudnn_off["depth"] == 0:
+            torch.backends.cuda.enable_cudnn_sdp(_cudnn_off["saved"])
+
+
+class CudnnHold:
+    """One cache's share of the switch across a forward (see ``_with_cudnn_held``)."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def take(self) -> None:
+        if not self.held:
+            cudnn_off()
+            self.held = True
+
+    def give(self) -> None:
+        if self.held:
+            self.held = False
+            cudnn_restore()
+
+
+def _with_cudnn_held(cache, layer_idx: int, fn, module, query, key, value, attention_mask, kwargs):
+    """A dense decode step whose middle layers skip the capture: cuDNN goes off at the first full layer's
+    attention and stays off through the layers in between (they call the model's SDPA directly) until the
+    last full layer's attention has run. An exception inside the forward gives the switch back at once here,
+    or, if it was raised between these two layers, at the cache's next step, reset or collection."""
+    hold = cache.cudnn_hold
+    hold.take()
     try:
-        return fn(module, query, key, value, attention_mask, **kwargs)
-    finally:
-        with _cudnn_lock:
-            _cudnn_off["depth"] -= 1
-            if _cudnn_off["depth"] == 0:
-                torch.backends.cuda.enable_cudnn_sdp(_cudnn_off["saved"])
+        out = fn(module, query, key, value, attention_mask, **kwargs)
+    except BaseException:
+        hold.give()
+        raise
+    if layer_idx == cache.full[-1].layer_idx:
+        hold.give()
+    return out
 
 
 def _register(original: str | None) -> str:
