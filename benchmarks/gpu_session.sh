@@ -31,6 +31,7 @@
 #   PART=genlong generate() at batch 1 (both models) and well past the budget (Qwen3-0.6B, 2,048 tokens), warmed
 #   PART=genlong2 the rows genlong's limits cut: batch 16 at 2,048 tokens past a 512 budget, Qwen3-8B at batch 1
 #   PART=gen4k  generate() at batch 16, 4,096 new tokens past a 512 budget (Qwen3-0.6B shapes), warmed
+#   PART=host   generate()'s dense decode steps before (.before, carried) and after a change: batch 16 and 1
 #   PART=peak1  generate()'s peak at batch 1, zipage against DynamicCache, after 1, 64 and 512 new tokens
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
@@ -217,5 +218,21 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       > "$OUT/generate_speed_gpu_4k.log" 2>&1; tail -4 "$OUT/generate_speed_gpu_4k.log" ;;
   peak1)  # where zipage's batch-1 peak differs from DynamicCache's (prefill or decode): 1, 64 and 512 new tokens
     timeout 200 python3 benchmarks/generate_peak_probe.py --out "$OUT/generate_peak_probe.json" 2>&1 | tail -12 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k or peak1" >&2; exit 2 ;;
+  host)  # generate()'s dense decode host work, before (the tree in .before, carried) and after, same GPU, same
+         # run: the GPU tests of generate(), then Qwen3-0.6B shapes at batch 16 and 1, 512 new tokens, every
+         # cache warmed first; each tree in its own process
+    # (.before: git archive <rev> | (mkdir -p .before && tar -x -C .before), here, before the call)
+    timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py tests/test_generate_memory.py \
+      2>&1 | tee "$OUT/gpu_tests_gen.log" | tail -2
+    for batch in 16 1; do
+      for tree in .before .; do
+        tag=$([ "$tree" = . ] && echo after || echo before)
+        python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+        (cd "$tree" && timeout 150 python3 benchmarks/generate_speed.py gpu --only qwen3-0.6b --batch "$batch" \
+          --max-new-tokens 512 --warmup 512 --time-budget 900 --label "$tag" \
+          --out "$OUT/generate_speed_gpu_b${batch}_$tag.json" 2>&1 | tail -4)
+      done
+    done
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1 or host" >&2; exit 2 ;;
 esac
