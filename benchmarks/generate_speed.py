@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="run only the variants of this batch size")
     parser.add_argument("--min-new-tokens", type=int, default=None,
                         help="run only the variants of at least this many new tokens (after --max-new-tokens)")
+    parser.add_argument("--budgets", default=None,
+                        help="run only these caches, comma-separated: none (DynamicCache) and zipage budgets")
     parser.add_argument("--label", default="", help="a tag stored with the results (e.g. before / after)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/generate_speed_<device>.json)")
     args = parser.parse_args(argv)
@@ -220,6 +222,13 @@ def main(argv=None) -> int:
         plan = [Variant(**{**asdict(v), "new_tokens": min(v.new_tokens, args.max_new_tokens)}) for v in plan]
     if args.min_new_tokens:
         plan = [v for v in plan if v.new_tokens >= args.min_new_tokens]
+    if args.budgets:
+        try:
+            keep = [None if b.strip() == "none" else int(b) for b in args.budgets.split(",")]
+        except ValueError:
+            parser.error(f"--budgets {args.budgets!r}: expected none and/or integers, comma-separated")
+        plan = [Variant(**{**asdict(v), "budgets": tuple(b for b in v.budgets if b in keep)}) for v in plan]
+        plan = [v for v in plan if v.budgets]
     start = time.perf_counter()
     rows, skipped, ms_per_step, models = [], [], {}, {}
     for v in plan:

@@ -234,5 +234,18 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       done
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1 or host" >&2; exit 2 ;;
+  host2)  # host's comparison made steadier (a first try drifted: each process's later runs slower), then peak1:
+          # DynamicCache and zipage-512 interleaved 3 times (best of each), 256 new tokens, batch 16 and 1
+    for batch in 16 1; do
+      for tree in .before .; do
+        tag=$([ "$tree" = . ] && echo after || echo before)
+        python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+        (cd "$tree" && timeout 100 python3 "$OLDPWD/benchmarks/generate_speed.py" gpu --only qwen3-0.6b --batch "$batch" \
+          --max-new-tokens 256 --warmup 256 --repeats 3 --budgets none,512 --time-budget 900 --label "$tag" \
+          --out "$OUT/generate_speed_gpu_b${batch}_$tag.json" 2>&1 | tail -2)
+      done
+    done
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
+    timeout 250 python3 benchmarks/generate_peak_probe.py --out "$OUT/generate_peak_probe.json" 2>&1 | tail -40 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host or host2" >&2; exit 2 ;;
 esac
