@@ -84,7 +84,7 @@ def main() -> None:
             name = "full" if budget is None else f"zipage-{budget}" + (f" {env}" if env else "")
             if budget is None:
                 full_peak = r["peak_bytes"]
-            rows.append(dict(new_tokens=new, cache=name, **r))
+            rows.append({**r, "cache": name})
             print(f"{new:4d} new  {name:18s} peak {r['peak_bytes'] / 2**20:8.2f} MiB "
                   f"({(r['peak_bytes'] - full_peak) / 2**20:+.2f} vs full)  stored {r['stored']}  "
                   f"{r['new_tokens'] / r['seconds']:.1f} tok/s", flush=True)

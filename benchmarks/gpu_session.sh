@@ -217,7 +217,7 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --min-new-tokens 4096 --warmup 4096 --time-budget 900 --out "$OUT/generate_speed_gpu_4k.json" \
       > "$OUT/generate_speed_gpu_4k.log" 2>&1; tail -4 "$OUT/generate_speed_gpu_4k.log" ;;
   peak1)  # where zipage's batch-1 peak differs from DynamicCache's (prefill or decode): 1, 64 and 512 new tokens
-    timeout 280 python3 benchmarks/generate_peak_probe.py --out "$OUT/generate_peak_probe.json" 2>&1 | tail -40 ;;
+    timeout 280 python3 benchmarks/generate_peak_probe.py --new "${NEW:-1,64,512}" --out "$OUT/generate_peak_probe.json" 2>&1 | tail -40 ;;
   host)  # generate()'s dense decode host work, before (the tree in .before, carried) and after, same GPU, same
          # run: the GPU tests of generate(), then Qwen3-0.6B shapes at batch 16 and 1, 512 new tokens, every
          # cache warmed first; each tree in its own process
@@ -246,6 +246,6 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       done
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
-    timeout 250 python3 benchmarks/generate_peak_probe.py --out "$OUT/generate_peak_probe.json" 2>&1 | tail -40 ;;
+    timeout 250 python3 benchmarks/generate_peak_probe.py --new "${NEW:-1,64,512}" --out "$OUT/generate_peak_probe.json" 2>&1 | tail -40 ;;
   *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host or host2" >&2; exit 2 ;;
 esac
