@@ -32,6 +32,7 @@
 #   PART=genlong2 the rows genlong's limits cut: batch 16 at 2,048 tokens past a 512 budget, Qwen3-8B at batch 1
 #   PART=gen4k  generate() at batch 16, 4,096 new tokens past a 512 budget (Qwen3-0.6B shapes), warmed
 #   PART=host   generate()'s dense decode steps before (.before, carried) and after a change: batch 16 and 1
+#   PART=steps  generate()'s decode step, zipage vs DynamicCache taking turns, before (.before) and after; peak1
 #   PART=peak1  generate()'s peak at batch 1, zipage against DynamicCache, after 1, 64 and 512 new tokens
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
@@ -247,5 +248,18 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
     timeout 250 python3 benchmarks/generate_peak_probe.py --new "${NEW:-1,64,512}" --out "$OUT/generate_peak_probe.json" 2>&1 | tail -40 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host or host2" >&2; exit 2 ;;
+  steps)  # host2's comparison step by step (benchmarks/generate_steps.py: DynamicCache and zipage-512 take turns,
+          # one decode step each, in one process), before (.before, carried) and after, batch 16 and 1; then peak1
+    for batch in 16 1; do
+      for tree in .before .; do
+        tag=$([ "$tree" = . ] && echo after || echo before)
+        python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+        (cd "$tree" && timeout 75 python3 "$OLDPWD/benchmarks/generate_steps.py" --batch "$batch" --new 512 \
+          --label "$tag" --out "$OUT/generate_steps_b${batch}_$tag.json" 2>&1 | tail -1)
+      done
+    done
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
+    timeout 200 python3 benchmarks/generate_peak_probe.py --new "${NEW:-512}" --out "$OUT/generate_peak_probe.json" \
+      2>&1 | tail -40 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2 or steps" >&2; exit 2 ;;
 esac
