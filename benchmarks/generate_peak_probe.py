@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen3-0.6b")
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--new", default="1,64,512", help="new-token counts, comma-separated")
+    ap.add_argument("--envs", default="default,cudnn,paged", help="zipage's runs: default, cudnn and/or paged")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = load(args.model, "cuda")
@@ -73,7 +74,11 @@ def main() -> None:
     news = [int(n) for n in args.new.split(",")]
     for new in news:
         v = Variant(args.model, 1, 200, new, (None, args.budget))
-        for budget, env in [(None, "")] + [(args.budget, e) for e in ENV_VARIANTS]:
+        envs = ["" if e == "default" else e for e in args.envs.split(",")]
+        bad = [e for e in envs if e not in ENV_VARIANTS]
+        if bad:
+            ap.error(f"--envs: unknown {bad}; expected default, cudnn or paged")
+        for budget, env in [(None, "")] + [(args.budget, e) for e in envs]:
             os.environ.update(ENV_VARIANTS[env])
             try:
                 run_once(model, ids, v, budget, True)

@@ -250,7 +250,7 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     timeout 250 python3 benchmarks/generate_peak_probe.py --new "${NEW:-1,64,512}" --out "$OUT/generate_peak_probe.json" 2>&1 | tail -40 ;;
   steps)  # host2's comparison step by step (benchmarks/generate_steps.py: DynamicCache and zipage-512 take turns,
           # one decode step each, in one process), before (.before, carried) and after, batch 16 and 1; then peak1
-    for batch in 16 1; do
+    for batch in ${BATCHES:-16 1}; do
       for tree in .before .; do
         tag=$([ "$tree" = . ] && echo after || echo before)
         python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
@@ -259,7 +259,7 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       done
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
-    timeout 200 python3 benchmarks/generate_peak_probe.py --new "${NEW:-512}" --out "$OUT/generate_peak_probe.json" \
+    timeout 200 python3 benchmarks/generate_peak_probe.py --new "${NEW:-512}" --envs "${ENVS:-default,cudnn,paged}" --out "$OUT/generate_peak_probe.json" \
       2>&1 | tail -40 ;;
   *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2 or steps" >&2; exit 2 ;;
 esac
