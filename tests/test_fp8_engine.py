@@ -24,22 +24,24 @@ def fake_rounded_generate(monkeypatch):
     """``install(kv)``: generate(cache_implementation="zipage") whose stored keys and values are rounded
     through ``kv``'s codes (e4m3 or int8, the latter in the Hadamard-rotated basis) with per-token,
     per-head scales (dense float32 pools): the independent reference of the engine."""
-    store = zipage.cache.store_kv
+    store, store_rows = zipage.cache.store_kv, zipage.cache.store_rows
 
     def install(kv: str = "fp8") -> None:
         codes = QUANTIZED_KV[kv]
+
+        def fq(x):  # (INT8 pages round in the rotated basis: kernels/fp8.py)
+            rot = kv_rotation(kv, x.shape[-1], x.device)
+            return rotate(dequantize_reference(*quantize_reference(rotate(x, rot), codes)), rot).to(x.dtype)
 
         def rounded(cache, slots, values, cache_b=None, values_b=None, scale=None, scale_b=None, **hint):
             # ``hint`` (the cache's ``span_start``: where its rows take the tokens) goes through as is.
             if cache_b is None or is_quantized(cache):  # a scorer's state, or the quantized cache under test
                 return store(cache, slots, values, cache_b, values_b, scale, scale_b, **hint)
-            def fq(x):  # (INT8 pages round in the rotated basis: kernels/fp8.py)
-                rot = kv_rotation(kv, x.shape[-1], x.device)
-                return rotate(dequantize_reference(*quantize_reference(rotate(x, rot), codes)), rot).to(x.dtype)
-
             return store(cache, slots, fq(values), cache_b, fq(values_b), **hint)
 
-        monkeypatch.setattr(zipage.cache, "store_kv", rounded)
+        monkeypatch.setattr(zipage.cache, "store_kv", rounded)  # (rows a paged kernel reads, and the scorers' state)
+        monkeypatch.setattr(zipage.cache, "store_rows",  # (unquantized rows: the dense float32 pools here)
+                            lambda keys, values, index, k, v: store_rows(keys, values, index, fq(k), fq(v)))
 
     return install
 

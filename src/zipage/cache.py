@@ -444,9 +444,7 @@ class ZipageCache(Cache):
         index = self._step_index
         if index is not None and key_states.dtype == layer.keys.dtype == value_states.dtype:  # 16/32-bit rows
             rot = None
-            keys_hm, values_hm = layer.head_major_views()
-            keys_hm.index_copy_(2, index, key_states)  # (one op each: less host time than a slice's view and copy)
-            values_hm.index_copy_(2, index, value_states)
+            store_rows(*layer.head_major_views(), index, key_states, value_states)
         else:
             rot = self._rotation(key_states)
             store_kv(layer.keys, self._step_slots, rotate(key_states, rot).transpose(1, 2), layer.values,
@@ -668,6 +666,14 @@ class ZipageCache(Cache):
 
     def __repr__(self) -> str:
         return f"ZipageCache({self.zipage_config}, stored={self.stored_length()}, seen={self.get_seq_length()})"
+
+
+def store_rows(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, new_keys: torch.Tensor,
+               new_values: torch.Tensor) -> None:
+    """New tokens into unquantized rows: ``keys[:, :, index] = new_keys`` (``[B, H_kv, capacity, D]`` views), the
+    same for values; one op each, which costs less host time than a slice's view and copy."""
+    keys.index_copy_(2, index, new_keys)
+    values.index_copy_(2, index, new_values)
 
 
 def _slot_positions(prefix: torch.Tensor | None, batch: int, heads: int, seen: int, stored: int,
