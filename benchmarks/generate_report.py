@@ -58,6 +58,30 @@ def _summary(files: list[tuple[Path, dict]]) -> list[str]:
     return lines
 
 
+def _steps(results: Path) -> list[str]:
+    """``generate_steps_*.json`` (benchmarks/generate_steps.py): the decode step, the two caches taking turns."""
+    files = [json.loads(p.read_text()) for p in sorted(results.glob("generate_steps_*.json"))]
+    if not files:
+        return []
+    lines = ["### generate()'s decode step, zipage and DynamicCache taking turns", "",
+             "`python benchmarks/generate_steps.py --batch B --new N --label L` (run on each tree by "
+             "`PART=steps bash benchmarks/gpu_session.sh`, the earlier tree carried as `.before`): the model's "
+             "forward with each cache, one decode step each in turn, the same tokens, after an untimed pass "
+             "over the same lengths; the ratio is the median of the per-step ratios, which a slow spell of "
+             "the host hits alike (whole runs of one cache after the other drifted by 10-20% on the H200's "
+             "host: `benchmarks/results/issue15/s27/`). Trees: `before` is aaf36fc, `after` the tree that holds "
+             "cuDNN off from the first to the last full layer of a dense decode step and stores new tokens with "
+             "`index_copy_` (`ZipageCache.store_rows`).", "",
+             "| tree | device | model | batch | steps | stored | DynamicCache ms | zipage ms | zipage / full per step "
+             "(first half, second half) |", "|---|---|---|---|---|---|---|---|---|"]
+    for d in files:
+        lines.append(f"| {d.get('label') or '-'} | {d['device']} | {d['model']} | {d['batch']} | {d['new']} | "
+                     f"{d['stored']} | {d['full_ms_median']:.2f} | {d['zipage_ms_median']:.2f} | "
+                     f"**{d['step_ratio_median']:.3f}** ({d['step_ratio_first_half']:.3f}, "
+                     f"{d['step_ratio_second_half']:.3f}) |")
+    return lines + [""]
+
+
 def generate_sections(results: Path) -> list[str]:
     parts = []
     paths = [p for p in sorted(results.glob("generate_speed_*.json")) if not p.stem.endswith("_before")]
@@ -66,6 +90,7 @@ def generate_sections(results: Path) -> list[str]:
         parts += [f"### generate() on the GPU at a glance ({gpu[0][1]['meta']['device']})", "",
                   "Every zipage row of the GPU files below against DynamicCache in the same run (each file's own "
                   "section has its command and notes):", "", *_summary(gpu), ""]
+    parts += _steps(results)
     for path in paths:
         device = path.stem.removeprefix("generate_speed_")
         device = "cpu" if device.startswith("cpu") else device  # (generate_speed_cpu_long.json: --long)
