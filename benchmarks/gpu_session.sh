@@ -33,6 +33,7 @@
 #   PART=gen4k  generate() at batch 16, 4,096 new tokens past a 512 budget (Qwen3-0.6B shapes), warmed
 #   PART=host   generate()'s dense decode steps before (.before, carried) and after a change: batch 16 and 1
 #   PART=steps  generate()'s decode step, zipage vs DynamicCache taking turns, before (.before) and after; peak1
+#   PART=longsteps generate()'s decode step far past the budget (long prompts), the two caches taking turns
 #   PART=peak1  generate()'s peak at batch 1, zipage against DynamicCache, after 1, 64 and 512 new tokens
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
@@ -261,5 +262,16 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
     timeout 200 python3 benchmarks/generate_peak_probe.py --new "${NEW:-512}" --envs "${ENVS:-default,cudnn,paged}" --out "$OUT/generate_peak_probe.json" \
       2>&1 | tail -40 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2 or steps" >&2; exit 2 ;;
+  longsteps)  # generate()'s decode step far past the budget, the two caches taking turns (generate_steps.py): the
+              # stored length set by a long prompt (1K, 4K, 16K tokens) and 512 decode steps (two compressions at
+              # budget 512), Qwen3-0.6B shapes at batch 16, then batch 1 and Qwen3-8B shapes at 4K
+    for p in ${PROMPTS:-1024 4096 16384}; do
+      timeout 150 python3 benchmarks/generate_steps.py --batch 16 --prompt "$p" --new 512 \
+        --out "$OUT/generate_steps_b16_p$p.json" 2>&1 | tail -1
+    done
+    timeout 120 python3 benchmarks/generate_steps.py --batch 1 --prompt 16384 --new 512 \
+      --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
+    timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new 512 \
+      --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps or longsteps" >&2; exit 2 ;;
 esac
