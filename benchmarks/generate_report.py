@@ -72,13 +72,15 @@ def _steps(results: Path) -> list[str]:
              "host: `benchmarks/results/issue15/s27/`). Trees: `before` is aaf36fc, `after` the tree that holds "
              "cuDNN off from the first to the last full layer of a dense decode step and stores new tokens with "
              "`index_copy_` (`ZipageCache.store_rows`).", "",
-             "| tree | device | model | batch | steps | stored | DynamicCache ms | zipage ms | zipage / full per step "
-             "(first half, second half) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| tree | device | model | batch | prompt | steps | budget | zipage stored (compressions) | "
+             "DynamicCache ms | zipage ms | zipage / full per step (first half, second half) | all steps' time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in files:
-        lines.append(f"| {d.get('label') or '-'} | {d['device']} | {d['model']} | {d['batch']} | {d['new']} | "
-                     f"{d['stored']} | {d['full_ms_median']:.2f} | {d['zipage_ms_median']:.2f} | "
-                     f"**{d['step_ratio_median']:.3f}** ({d['step_ratio_first_half']:.3f}, "
-                     f"{d['step_ratio_second_half']:.3f}) |")
+        total = f"{d['total_ratio']:.3f}" if "total_ratio" in d else "-"
+        lines.append(f"| {d.get('label') or '-'} | {d['device']} | {d['model']} | {d['batch']} | {d['prompt']} | "
+                     f"{d['new']} | {d['budget']} | {d['stored']} ({d['compressions']}) | {d['full_ms_median']:.2f} | "
+                     f"{d['zipage_ms_median']:.2f} | **{d['step_ratio_median']:.3f}** "
+                     f"({d['step_ratio_first_half']:.3f}, {d['step_ratio_second_half']:.3f}) | {total} |")
     return lines + [""]
 
 
