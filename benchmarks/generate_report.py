@@ -76,7 +76,8 @@ def _steps(results: Path) -> list[str]:
              "DynamicCache ms | zipage ms | zipage / full per step (first half, second half) | all steps' time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in files:
-        total = f"{d['total_ratio']:.3f}" if "total_ratio" in d else "-"
+        total = d.get("total_ratio") or (sum(d["zipage_s"]) / sum(d["full_s"]) if d.get("full_s") else None)
+        total = f"{total:.3f}" if total else "-"
         lines.append(f"| {d.get('label') or '-'} | {d['device']} | {d['model']} | {d['batch']} | {d['prompt']} | "
                      f"{d['new']} | {d['budget']} | {d['stored']} ({d['compressions']}) | {d['full_ms_median']:.2f} | "
                      f"{d['zipage_ms_median']:.2f} | **{d['step_ratio_median']:.3f}** "
