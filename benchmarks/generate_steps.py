@@ -28,12 +28,12 @@ import zipage
 from generate_speed import load
 
 
-def run(model, ids, steps: int, budget: int, timed: bool) -> dict:
+def run(model, ids, steps: int, budget: int, timed: bool, fields: dict | None = None) -> dict:
     device = ids.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     caches = {"full": DynamicCache(config=model.config),
               "zipage": zipage.ZipageCache(config=model.config, budget=budget,
-                                           max_cache_len=ids.shape[1] + steps + 1)}
+                                           max_cache_len=ids.shape[1] + steps + 1, **(fields or {}))}
     times = {name: [] for name in caches}
     with torch.inference_mode():
         nxt = None
@@ -63,19 +63,23 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=200)
     ap.add_argument("--new", type=int, default=512, help="decode steps")
     ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--buffer", type=int, default=None, help="zipage's buffer (default: ZipageConfig's)")
+    ap.add_argument("--page-size", type=int, default=None, help="zipage's page size (default: ZipageConfig's)")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load(args.model, device)
     ids = torch.randint(100, 20000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    run(model, ids, args.new, args.budget, timed=False)
-    r = run(model, ids, args.new, args.budget, timed=True)
+    fields = {k: v for k, v in (("buffer", args.buffer), ("page_size", args.page_size)) if v is not None}
+    run(model, ids, args.new, args.budget, timed=False, fields=fields)
+    r = run(model, ids, args.new, args.budget, timed=True, fields=fields)
     full, zp = r["times"]["full"], r["times"]["zipage"]
     ratios = [z / f for z, f in zip(zp, full)]
     half = len(ratios) // 2
     row = {
         "model": args.model, "batch": args.batch, "prompt": args.prompt, "new": args.new, "budget": args.budget,
+        "cache_fields": fields,
         "label": args.label, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "full_ms_median": statistics.median(full) * 1e3, "zipage_ms_median": statistics.median(zp) * 1e3,
         "step_ratio_median": statistics.median(ratios), "total_ratio": sum(zp) / sum(full),
