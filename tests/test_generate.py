@@ -453,6 +453,41 @@ def test_dense_decode_holds_cudnn_off_from_the_first_to_the_last_layer(monkeypat
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
+def test_dense_decode_with_sliding_layers_switches_cudnn_per_full_layer(monkeypatch):
+    """A model with sliding-window layers (Gemma 3's pattern) keeps one switch per captured call: every full layer
+    goes through the capture each decode step, the sliding layers between them run with the setting they found,
+    and nothing is left held."""
+    from conftest import tiny_sliding_model
+
+    import zipage.cache as cache_mod
+
+    _force_dense_cudnn_off(monkeypatch)
+    model = tiny_sliding_model("gemma3", layer_types=["full_attention", "sliding_attention", "full_attention",
+                                                      "sliding_attention"])
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    during, captured = [], []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    real_on = cache_mod.ZipageCache._on_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: during.append(torch.backends.cuda.cudnn_sdp_enabled()) or real_sdpa(*a, **k))
+    monkeypatch.setattr(cache_mod.ZipageCache, "_on_attention",
+                        lambda self, i, *a: captured.append(i) or real_on(self, i, *a))
+    try:
+        cache = zipage.ZipageCache(config=model.config, budget=256)
+        out = model.generate(ids, past_key_values=cache, **kw)
+        assert torch.equal(out, ref)
+        assert captured == [0, 2] * 8 and not cache.cudnn_hold.held
+        decode = during[4:]  # after the prefill's four layers (held across layer 1, it would read False there)
+        assert decode == [False, True, False, True] * 7
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 @pytest.mark.parametrize("recover", ["next step", "reset", "collected"])
 def test_dense_decode_gives_cudnn_back_after_a_layer_raises(monkeypatch, recover):
     """A forward that raises between the first and the last layer leaves cuDNN off only until the cache's next
