@@ -421,16 +421,13 @@ def _force_dense_cudnn_off(monkeypatch):
     monkeypatch.setattr(cache_mod.ZipageCache, "_begin_step", begin_step)
 
 
-def test_dense_decode_holds_cudnn_off_from_the_first_to_the_last_layer(monkeypatch):
-    """Dense decode steps that need no queries: only the first and the last layer go through the capture, every
-    layer's SDPA runs with cuDNN off, the setting comes back after each forward, and the tokens are
-    DynamicCache's (the budget is never reached)."""
+def _generate_recording_cudnn(monkeypatch, model, ids, **kw):
+    """generate() with zipage (budget 256) and with DynamicCache: whether cuDNN was on at each SDPA call of the
+    zipage run, which layers its capture saw, and checks that both gave the same tokens and left cuDNN on."""
     import zipage.cache as cache_mod
 
     _force_dense_cudnn_off(monkeypatch)
-    model = tiny_model("qwen3", num_hidden_layers=5)
-    ids, mask = left_padded_batch(lengths=(12, 12))
-    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
     ref = model.generate(ids, **kw)
     before = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(True)
@@ -446,11 +443,21 @@ def test_dense_decode_holds_cudnn_off_from_the_first_to_the_last_layer(monkeypat
         out = model.generate(ids, past_key_values=cache, **kw)
         assert torch.equal(out, ref)
         assert torch.backends.cuda.cudnn_sdp_enabled() is True and not cache.cudnn_hold.held
-        decode = during[5:]  # after the prefill's five layers
-        assert len(decode) == 5 * 11 and not any(decode)
-        assert captured[:5] == list(range(5)) and captured[5:] == [0, 4] * 11
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+    return during, captured
+
+
+def test_dense_decode_holds_cudnn_off_from_the_first_to_the_last_layer(monkeypatch):
+    """Dense decode steps that need no queries: only the first and the last layer go through the capture, every
+    layer's SDPA runs with cuDNN off, the setting comes back after each forward, and the tokens are
+    DynamicCache's (the budget is never reached)."""
+    ids, mask = left_padded_batch(lengths=(12, 12))
+    during, captured = _generate_recording_cudnn(monkeypatch, tiny_model("qwen3", num_hidden_layers=5), ids,
+                                                 attention_mask=mask)
+    decode = during[5:]  # after the prefill's five layers
+    assert len(decode) == 5 * 11 and not any(decode)
+    assert captured[:5] == list(range(5)) and captured[5:] == [0, 4] * 11
 
 
 def test_dense_decode_with_sliding_layers_switches_cudnn_per_full_layer(monkeypatch):
@@ -459,33 +466,13 @@ def test_dense_decode_with_sliding_layers_switches_cudnn_per_full_layer(monkeypa
     and nothing is left held."""
     from conftest import tiny_sliding_model
 
-    import zipage.cache as cache_mod
-
-    _force_dense_cudnn_off(monkeypatch)
     model = tiny_sliding_model("gemma3", layer_types=["full_attention", "sliding_attention", "full_attention",
                                                       "sliding_attention"])
     ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    ref = model.generate(ids, **kw)
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    during, captured = [], []
-    real_sdpa = torch.nn.functional.scaled_dot_product_attention
-    real_on = cache_mod.ZipageCache._on_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: during.append(torch.backends.cuda.cudnn_sdp_enabled()) or real_sdpa(*a, **k))
-    monkeypatch.setattr(cache_mod.ZipageCache, "_on_attention",
-                        lambda self, i, *a: captured.append(i) or real_on(self, i, *a))
-    try:
-        cache = zipage.ZipageCache(config=model.config, budget=256)
-        out = model.generate(ids, past_key_values=cache, **kw)
-        assert torch.equal(out, ref)
-        assert captured == [0, 2] * 8 and not cache.cudnn_hold.held
-        decode = during[4:]  # after the prefill's four layers (held across layer 1, it would read False there)
-        assert decode == [False, True, False, True] * 7
-        assert torch.backends.cuda.cudnn_sdp_enabled() is True
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(before)
+    during, captured = _generate_recording_cudnn(monkeypatch, model, ids)
+    assert captured == [0, 2] * 12
+    decode = during[4:]  # after the prefill's four layers (held across layer 1, it would read False there)
+    assert decode == [False, True, False, True] * 11
 
 
 @pytest.mark.parametrize("recover", ["next step", "reset", "collected"])
