@@ -68,16 +68,19 @@ def main() -> None:
     ap.add_argument("--envs", default="default,cudnn,paged", help="zipage's runs: default, cudnn and/or paged")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    try:
+        news = [int(n) for n in args.new.split(",")]
+    except ValueError:
+        ap.error(f"--new {args.new!r}: expected integers, comma-separated")
+    envs = ["" if e == "default" else e for e in args.envs.split(",")]
+    bad = [e for e in envs if e not in ENV_VARIANTS]
+    if bad:
+        ap.error(f"--envs: unknown {bad}; expected default, cudnn or paged")
     model = load(args.model, "cuda")
     ids = torch.randint(100, 20000, (1, 200), generator=torch.Generator().manual_seed(0)).cuda()
     rows = []
-    news = [int(n) for n in args.new.split(",")]
     for new in news:
         v = Variant(args.model, 1, 200, new, (None, args.budget))
-        envs = ["" if e == "default" else e for e in args.envs.split(",")]
-        bad = [e for e in envs if e not in ENV_VARIANTS]
-        if bad:
-            ap.error(f"--envs: unknown {bad}; expected default, cudnn or paged")
         for budget, env in [(None, "")] + [(args.budget, e) for e in envs]:
             os.environ.update(ENV_VARIANTS[env])
             try:

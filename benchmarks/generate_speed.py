@@ -229,6 +229,9 @@ def main(argv=None) -> int:
             parser.error(f"--budgets {args.budgets!r}: expected none and/or integers, comma-separated")
         plan = [Variant(**{**asdict(v), "budgets": tuple(b for b in v.budgets if b in keep)}) for v in plan]
         plan = [v for v in plan if v.budgets]
+        if not plan:
+            parser.error(f"--budgets {args.budgets!r}: no variant left (their caches: none and zipage budgets "
+                         "of the plan, after the other filters)")
     start = time.perf_counter()
     rows, skipped, ms_per_step, models = [], [], {}, {}
     for v in plan:
