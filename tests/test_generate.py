@@ -527,3 +527,40 @@ def test_dense_decode_gives_cudnn_back_after_a_layer_raises(monkeypatch, recover
         assert torch.backends.cuda.cudnn_sdp_enabled() is True
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+
+def test_dense_decode_steps_store_the_later_layers_by_the_lean_update(monkeypatch):
+    """A decode step whose first layer's attention finds nothing else to do (no queries to keep, no mask, no pages)
+    stores every later layer by ``_update_lean``: the tokens are DynamicCache's while nothing is evicted. Across
+    compressions (budget 16) the steps in a compression's window keep their queries and take the general update
+    for every layer, and the tokens equal those of a run with the lean update turned off."""
+    import zipage.cache as cache_mod
+
+    model = tiny_model("qwen3", num_hidden_layers=5)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+    real = cache_mod.ZipageCache._update_lean
+    lean = []
+
+    def recording(self, layer, k, v):
+        out = real(self, layer, k, v)
+        lean.append((layer.layer_idx, out is not None))
+        return out
+
+    monkeypatch.setattr(cache_mod.ZipageCache, "_update_lean", recording)
+    out = model.generate(ids, past_key_values=zipage.ZipageCache(config=model.config, budget=256), **kw)
+    assert torch.equal(out, model.generate(ids, **kw))
+    # every decode step reaches it in layers 1-4; it stores all but the steps that grow the rows (every 16 tokens)
+    assert [i for i, _ in lean] == list(range(1, 5)) * 39
+    grew = [ok for _, ok in lean[::4]].count(False)
+    assert 1 <= grew <= 3 and all(ok == lean[s * 4][1] for s in range(39) for _, ok in lean[s * 4:s * 4 + 4])
+
+    lean.clear()
+    cfg = dict(budget=16, buffer=8, window=4)
+    cache = zipage.ZipageCache(config=model.config, **cfg)
+    out = model.generate(ids, past_key_values=cache, **kw)
+    steps = [ok for _, ok in lean].count(True) // 4
+    assert cache.num_compressions >= 3 and 10 < steps < 39
+    monkeypatch.setattr(cache_mod.ZipageCache, "_update_lean", lambda self, layer, k, v: None)
+    assert torch.equal(out, model.generate(ids, past_key_values=zipage.ZipageCache(config=model.config, **cfg), **kw))

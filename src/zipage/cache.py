@@ -146,7 +146,7 @@ class ZipageLayer(CacheLayerMixin):
     def stored_kv(self, stored: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``stored`` tokens of every row as ``[B, H_kv, stored, D]`` keys and values (views)."""
         keys, values = self.head_major_views()
-        return keys.narrow(2, 0, stored), values.narrow(2, 0, stored)
+        return stored_view(keys, stored), stored_view(values, stored)
 
     def pages(self) -> LayerPages:
         """The storage as ``B`` pages of ``capacity`` tokens (what ``compress_layer`` takes)."""
@@ -242,6 +242,9 @@ class ZipageCache(Cache):
         self._lens_key: tuple | None = None  # (validity record, stored, kv_lens, kv_starts) of the paged kernel
         self._keep_queries = True  # this step's queries may be needed by the next compression
         self._capture_all = True  # every layer's attention goes through the capture this step (see _on_attention)
+        # This step's ``_step_index`` once the first full layer's attention found that the others need nothing
+        # but their store and views (``_update_lean``); None until then and in every other step
+        self._lean_index: torch.Tensor | None = None
         # CUDA steps whose attention the model's SDPA runs over the rows (strided views): held off cuDNN's backend
         self.dense_without_cudnn = False
         # Such steps that capture only the first and last full layers hold cuDNN off between them (capture.py);
@@ -384,6 +387,7 @@ class ZipageCache(Cache):
             after, after + q, device=key_states.device)
         self._keep_queries = self._queries_needed(after + q, first.seen + q)
         self._capture_all = True
+        self._lean_index = None
         # Dense decode steps on CUDA: SDPA's cuDNN backend builds a plan for every new K/V shape it meets (~34 ms
         # of host time on an H200, benchmarks/sdpa_host.py) and a decode step meets a new length every time;
         # FlashAttention takes the rows' views with no plan (~50 us a call either way once cuDNN's plans exist).
@@ -427,6 +431,10 @@ class ZipageCache(Cache):
 
     def _update_layer(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
         # Every layer of every decode step runs this: per-step work belongs in ``_begin_step``.
+        if self._lean_index is not None and layer.captured and layer.layer_idx:
+            out = self._update_lean(layer, key_states, value_states)
+            if out is not None:
+                return out
         B, _, q, _ = key_states.shape
         if layer.layer_idx == 0:
             self._begin_step(B, q, key_states)
@@ -492,6 +500,26 @@ class ZipageCache(Cache):
                             self._rotation(value_states), value_states.dtype)
         return keys, values
 
+    def _update_lean(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
+        """``_update_layer`` for the layers after the first in a decode step that needs only their store and their
+        views (set by the first full layer's attention): unquantized, unpaged rows of this step's capacity, every
+        layer's record the first's, no capture armed but the last full layer's while cuDNN is held off. It is the
+        host work of every layer of such a step, so it does nothing else; None where a check fails (the general
+        path then runs, and raises for what is wrong)."""
+        keys, values = layer.head_major_views()
+        stored = layer.stored + 1
+        if (stored != self._step_stored or keys.shape[2] != self.capacity_ or layer.valid is not self._shared_valid
+                or key_states.dtype != keys.dtype or value_states.dtype != values.dtype):
+            return None
+        store_rows(keys, values, self._lean_index, key_states, value_states)
+        layer.stored = stored
+        layer.seen += 1
+        layer.valid = self.full[0].valid
+        layer.paged_step = False
+        if layer is self.full[-1] and self.cudnn_hold.held:  # (it gives cuDNN back after its attention)
+            capture.arm(self, layer.layer_idx, self.model_config)
+        return stored_view(keys, stored), stored_view(values, stored)
+
     def _rotation(self, states: torch.Tensor) -> torch.Tensor | None:
         """The rotation the pages store ``states``' head dim in (INT8 pages; FP8 if asked), or None."""
         return kv_rotation(self.zipage_config.kv_cache_dtype, states.shape[-1], states.device)
@@ -520,6 +548,8 @@ class ZipageCache(Cache):
             self._capture_all = False
             for other in self.full:
                 other.window_queries = None
+            if self.capture_ok and self._step_index is not None:  # (unquantized rows, the store by index)
+                self._lean_index = self._step_index
         if not self._keep_queries:
             layer.window_queries = None
         elif layer.window_queries is None or q >= w:
@@ -666,6 +696,15 @@ class ZipageCache(Cache):
 
     def __repr__(self) -> str:
         return f"ZipageCache({self.zipage_config}, stored={self.stored_length()}, seen={self.get_seq_length()})"
+
+
+def stored_view(rows: torch.Tensor, stored: int) -> torch.Tensor:
+    """``rows.narrow(2, 0, stored)`` of ``[B, H_kv, capacity, D]`` rows by one ``as_strided`` (half a narrow's host
+    time, which goes through slice; generate() takes two such views per layer and step)."""
+    b, h, capacity, d = rows.shape
+    if stored > capacity:  # (as_strided would read past the row, into the next head's)
+        raise RuntimeError(f"zipage: {stored} tokens stored in rows of {capacity}")
+    return rows.as_strided((b, h, stored, d), rows.stride())
 
 
 def store_rows(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, new_keys: torch.Tensor,
