@@ -33,6 +33,7 @@
 #   PART=gen4k  generate() at batch 16, 4,096 new tokens past a 512 budget (Qwen3-0.6B shapes), warmed
 #   PART=host   generate()'s dense decode steps before (.before, carried) and after a change: batch 16 and 1
 #   PART=steps  generate()'s decode step, zipage vs DynamicCache taking turns, before (.before) and after; peak1
+#   PART=lean   generate()'s GPU tests, steps at batch 16 and the peak probe (default and cuDNN)
 #   PART=longsteps generate()'s decode step far past the budget (long prompts), the two caches taking turns
 #   PART=peak1  generate()'s peak at batch 1, zipage against DynamicCache, after 1, 64 and 512 new tokens
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
@@ -262,6 +263,10 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
     timeout 200 python3 benchmarks/generate_peak_probe.py --new "${NEW:-512}" --envs "${ENVS:-default,cudnn,paged}" --out "$OUT/generate_peak_probe.json" \
       2>&1 | tail -40 ;;
+  lean)  # generate()'s GPU tests, then steps' comparison (before: .before, carried) at batch 16, then peak1's probe
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py tests/test_generate_memory.py \
+      2>&1 | tee "$OUT/gpu_tests_gen.log" | tail -2
+    BATCHES=16 ENVS=${ENVS:-default,cudnn} PART=steps bash "$0" ;;
   longsteps)  # generate()'s decode step far past the budget, the two caches taking turns (generate_steps.py): the
               # stored length set by a long prompt (1K, 4K, 16K tokens) and 512 decode steps (two compressions at
               # budget 512), Qwen3-0.6B shapes at batch 16, then batch 1 and Qwen3-8B shapes at 4K
@@ -273,5 +278,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new 512 \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps or longsteps" >&2; exit 2 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean or longsteps" >&2; exit 2 ;;
 esac
