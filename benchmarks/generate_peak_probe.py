@@ -25,6 +25,7 @@ import os
 
 import torch
 
+import zipage  # noqa: F401  (registers cache_implementation="zipage" with transformers)
 from generate_speed import Variant, load, run_once
 
 ENV_VARIANTS = {"": {}, "cudnn": {"ZIPAGE_DENSE_CUDNN": "1"}, "paged": {"ZIPAGE_GENERATE_ATTENTION": "paged"}}

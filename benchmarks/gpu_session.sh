@@ -256,7 +256,7 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       for tree in .before .; do
         tag=$([ "$tree" = . ] && echo after || echo before)
         python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
-        (cd "$tree" && timeout 90 python3 "$OLDPWD/benchmarks/generate_steps.py" --batch "$batch" --new 384 \
+        (cd "$tree" && timeout "${STEPS_LIMIT:-160}" python3 "$OLDPWD/benchmarks/generate_steps.py" --batch "$batch" --new 384 \
           --label "$tag" --out "$OUT/generate_steps_b${batch}_$tag.json" 2>&1 | tail -1)
       done
     done
