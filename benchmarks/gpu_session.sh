@@ -35,6 +35,7 @@
 #   PART=steps  generate()'s decode step, zipage vs DynamicCache taking turns, before (.before) and after; peak1
 #   PART=lean   generate()'s GPU tests, steps at batch 16 and the peak probe (default and cuDNN)
 #   PART=longsteps generate()'s decode step far past the budget (long prompts), the two caches taking turns
+#              (LS_NEW decode steps, default 512; PROMPTS at batch 16, default 1024 4096 16384)
 #   PART=peak1  generate()'s peak at batch 1, zipage against DynamicCache, after 1, 64 and 512 new tokens
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
@@ -270,13 +271,14 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
   longsteps)  # generate()'s decode step far past the budget, the two caches taking turns (generate_steps.py): the
               # stored length set by a long prompt (1K, 4K, 16K tokens) and 512 decode steps (two compressions at
               # budget 512), Qwen3-0.6B shapes at batch 16, then batch 1 and Qwen3-8B shapes at 4K
+    n=${LS_NEW:-512}
     for p in ${PROMPTS:-1024 4096 16384}; do
-      timeout 150 python3 benchmarks/generate_steps.py --batch 16 --prompt "$p" --new 512 \
+      timeout 150 python3 benchmarks/generate_steps.py --batch 16 --prompt "$p" --new "$n" \
         --out "$OUT/generate_steps_b16_p$p.json" 2>&1 | tail -1
     done
-    timeout 120 python3 benchmarks/generate_steps.py --batch 1 --prompt 16384 --new 512 \
+    timeout 120 python3 benchmarks/generate_steps.py --batch 1 --prompt 16384 --new "$n" \
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
-    timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new 512 \
+    timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "$n" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
   *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean or longsteps" >&2; exit 2 ;;
 esac
