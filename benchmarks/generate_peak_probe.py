@@ -146,6 +146,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--new", default="1,64,512", help="new-token counts, comma-separated")
     ap.add_argument("--envs", default="default,cudnn,paged", help="zipage's runs: default, cudnn and/or paged")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only the step-by-step peaks and the trace of the highest (at the last --new)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:
@@ -159,7 +161,7 @@ def main() -> None:
     model = load(args.model, "cuda")
     ids = torch.randint(100, 20000, (1, 200), generator=torch.Generator().manual_seed(0)).cuda()
     rows = []
-    for new in news:
+    for new in [] if args.steps_only else news:
         v = Variant(args.model, 1, 200, new, (None, args.budget))
         for budget, env in [(None, "")] + [(args.budget, e) for e in envs]:
             os.environ.update(ENV_VARIANTS[env])

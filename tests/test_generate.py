@@ -564,3 +564,36 @@ def test_dense_decode_steps_store_the_later_layers_by_the_lean_update(monkeypatc
     assert cache.num_compressions >= 3 and 10 < steps < 39
     monkeypatch.setattr(cache_mod.ZipageCache, "_update_lean", lambda self, layer, k, v: None)
     assert torch.equal(out, model.generate(ids, past_key_values=zipage.ZipageCache(config=model.config, **cfg), **kw))
+
+
+def test_compressions_share_one_validity_record_where_no_mask_was_seen(monkeypatch):
+    """Where no attention mask ever reached the capture (no padding), every layer shares one validity record after
+    each compression, decided on the host (no device compare, which would wait for a GPU), so that the decode steps
+    after it take the lean update; with left padding the records are compared as before. Tokens: the same as with
+    records never shared."""
+    import zipage.cache as cache_mod
+
+    model = tiny_model("qwen3", num_hidden_layers=4)
+    kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+    cfg = dict(budget=16, buffer=8, window=4)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    real_equal = torch.equal
+    compared = []
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(a.dtype) or real_equal(a, b))
+    cache = zipage.ZipageCache(config=model.config, **cfg)
+    out = model.generate(ids, past_key_values=cache, **kw)
+    assert cache.all_real and cache.num_compressions >= 3 and torch.bool not in compared
+    assert len({id(layer.valid) for layer in cache.full}) == 1
+
+    padded, mask = left_padded_batch(lengths=(12, 7))
+    cache = zipage.ZipageCache(config=model.config, **cfg)
+    model.generate(padded, attention_mask=mask, past_key_values=cache, **kw)
+    assert not cache.all_real and torch.bool in compared
+
+    # records never shared: the mask flag off and every compare false (each layer then extends its own record)
+    monkeypatch.setattr(torch, "equal", lambda a, b: a.dtype != torch.bool and real_equal(a, b))
+    monkeypatch.setattr(cache_mod.ZipageCache, "all_real", property(lambda self: False, lambda self, v: None),
+                        raising=False)
+    cache = zipage.ZipageCache(config=model.config, **cfg)
+    again = model.generate(ids, past_key_values=cache, **kw)
+    assert len({id(layer.valid) for layer in cache.full}) == 4 and real_equal(out, again)

@@ -258,6 +258,9 @@ class ZipageCache(Cache):
         self.num_compressions = 0
         self.tokens_evicted = 0
         self.padding_gap = False  # padding inside a sequence seen: masks come from the cache's validity
+        # No attention mask reached the capture yet, so every stored token is real (known on the host: after a
+        # compression every layer shares one validity record again without comparing them on the device)
+        self.all_real = True
         self.capture_ok = True  # False once a layer's attention was seen to bypass the capture wrapper
         window, sliding = sliding_layers(config)
         self.window_pages = WindowPages(sum(sliding), window, self.zipage_config.page_size) if any(sliding) else None
@@ -559,6 +562,7 @@ class ZipageCache(Cache):
         if scaling is not None:
             layer.scaling = float(scaling)
         if attention_mask is not None:  # without a mask every new token is real, as the update assumed
+            self.all_real = False
             read = self._mask_read
             if attention_mask is not read[0]:  # the layers of a forward share one mask: read it once
                 read = (attention_mask, _new_token_validity(attention_mask, query.shape[0], q, query.device), None)
@@ -635,11 +639,12 @@ class ZipageCache(Cache):
             )
             valid = layer.valid.gather(1, keep[:, 0])
             # Layers whose kept tokens are alike real or padding share one record again, so that the
-            # decode steps extend one record, not one per layer (compared on the host: not on CUDA,
-            # where it would wait for the device).
+            # decode steps extend one record, not one per layer (and take ``_update_lean``): all of them
+            # where no mask was ever seen, else those equal to the first's, compared where that costs no
+            # wait for the device (not on CUDA).
             if shared is None:
                 shared = valid
-            elif not valid.is_cuda and torch.equal(valid, shared):
+            elif self.all_real or (not valid.is_cuda and torch.equal(valid, shared)):
                 valid = shared
             layer.valid = valid
             if layer.state is not None:  # the slots past the kept tokens take new tokens, whose state starts at 0
@@ -688,6 +693,7 @@ class ZipageCache(Cache):
             self.window_pages.reset()
         self.num_compressions = self.tokens_evicted = 0
         self.padding_gap = False
+        self.all_real = True
         self._head_major = None
 
     @property
