@@ -104,13 +104,22 @@ def _start_history() -> None:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
 
 
-def step_peaks(model, ids, variant: Variant, budget) -> list[tuple[int, int]]:
-    """Per forward of generate(): (bytes allocated after it, the allocator's peak during it), above the start."""
-    out: list[tuple[int, int]] = []
+def step_peaks(model, ids, variant: Variant, budget) -> list[tuple[int, int, int, int]]:
+    """Per forward of generate(), above the start: (bytes allocated after it, the allocator's peak during it, the
+    bytes the live tensors requested after it, their peak during it). Allocated bytes are the allocator's block
+    sizes, which can exceed the request by up to 1 MiB per block (a block it does not split); the run before
+    the measured one puts one-time allocations (cuBLAS's workspace) into the base."""
+    out: list[tuple[int, int, int, int]] = []
+    _fresh()
+    _generate(model, ids, variant, budget, _EachStep(lambda i: None))  # once unmeasured: one-time allocations
     base = _fresh()
+    requested = torch.cuda.memory_stats().get("requested_bytes.all.current", 0)
 
     def record(i: int) -> None:
-        out.append((torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base))
+        stats = torch.cuda.memory_stats()
+        out.append((torch.cuda.memory_allocated() - base, torch.cuda.max_memory_allocated() - base,
+                    stats.get("requested_bytes.all.current", 0) - requested,
+                    stats.get("requested_bytes.all.peak", 0) - requested))
         torch.cuda.reset_peak_memory_stats()
 
     _generate(model, ids, variant, budget, _EachStep(record))
@@ -177,7 +186,8 @@ def main() -> None:
             rows.append({**r, "cache": name})
             print(f"{new:4d} new  {name:18s} peak {r['peak_bytes'] / 2**20:8.2f} MiB "
                   f"({(r['peak_bytes'] - full_peak) / 2**20:+.2f} vs full)  stored {r['stored']}  "
-                  f"{r['new_tokens'] / r['seconds']:.1f} tok/s", flush=True)
+                  f"{r['new_tokens'] / r['seconds']:.1f} tok/s; requested bytes' peak "
+                  f"{r.get('peak_requested_bytes', 0) / 2**20:.2f} MiB", flush=True)
     # Step by step: the peak inside each decode step (the allocator's peak, reset after every step) against what
     # is allocated between steps, for each cache; then the step with the highest peak run again with the
     # allocator's history recorded over that step alone, and what is live at its peak listed by call site.
@@ -192,7 +202,8 @@ def main() -> None:
         print(f"\n{name}: highest in-step peak at call {top} of the stopping criteria "
               f"(0: the prefill): {per_step[top][1] / 2**20:.2f} MiB, with {before / 2**20:.2f} MiB allocated "
               f"before that step (+{(per_step[top][1] - before) / 2**20:.2f} MiB inside it); between steps at most "
-              f"{max(a for a, _ in per_step) / 2**20:.2f} MiB")
+              f"{max(r[0] for r in per_step) / 2**20:.2f} MiB; requested bytes: peak "
+              f"{max(r[3] for r in per_step) / 2**20:.2f} MiB")
         peak, untraced, by_site = step_trace(model, ids, v, budget, top)
         sites[name] = {"step": top, "peak": peak, "untraced": untraced, "sites": by_site}
         print(f"  traced step {top}: peak {peak / 2**20:.2f} MiB above the {untraced / 2**20:.2f} MiB allocated "

@@ -11,8 +11,9 @@ budget, the caches interleaved, best of ``--repeats``.
 - Speed: new tokens per second of the whole ``generate()`` call (prefill included). On the CPU
   also from the process's CPU time, which a shared machine disturbs far less than wall time.
 - Peak memory: on the GPU ``torch.cuda.max_memory_allocated`` above what was allocated before the
-  call (weights); on the CPU the peak of the tensor storage the call allocates
-  (``StoragePeak``, deterministic; in a separate, untimed run).
+  call (weights), and beside it the peak of the bytes the tensors requested (``peak_requested_bytes``:
+  the allocator may hand a tensor a block up to 1 MiB larger, which the first counts); on the CPU the
+  peak of the tensor storage the call allocates (``StoragePeak``, deterministic; in a separate, untimed run).
 
 The GPU plan runs variants in order and skips (and records) those its time estimate says will not
 fit in ``--time-budget`` seconds, so one call fits a fixed window. Results go to
@@ -102,6 +103,7 @@ def run_once(model, ids, variant: Variant, budget, measure_memory: bool) -> dict
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        requested = torch.cuda.memory_stats().get("requested_bytes.all.current", 0)
     tracker = StoragePeak() if measure_memory and not cuda else None
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
@@ -116,6 +118,12 @@ def run_once(model, ids, variant: Variant, budget, measure_memory: bool) -> dict
     row = {"seconds": wall, "cpu_seconds": cpu, "new_tokens": out.sequences.shape[1] - ids.shape[1]}
     if cuda:
         row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        # The bytes the tensors asked for: the allocator's block sizes above (what max_memory_allocated counts)
+        # can exceed them by up to 1 MiB per block, a block it hands out whole when what is left would be smaller
+        # (benchmarks/results/issue15/s28/call4: zipage's rows, regrown every few steps, land in such blocks)
+        stats = torch.cuda.memory_stats()
+        if "requested_bytes.all.peak" in stats:
+            row["peak_requested_bytes"] = stats["requested_bytes.all.peak"] - requested
     elif tracker is not None:
         row["peak_bytes"] = tracker.peak
     cache = out.past_key_values
