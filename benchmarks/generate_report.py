@@ -58,27 +58,53 @@ def _summary(files: list[tuple[Path, dict]]) -> list[str]:
     return lines
 
 
+# The tree each generate_steps file ran (by file name; each pair ran in one GPU call, each tree in its own process)
+STEPS_TREES = {
+    "generate_steps_gpu_b16_before.json": "aaf36fc",
+    "generate_steps_gpu_b16_after.json": "35e3427 (cuDNN held)",
+    "generate_steps_gpu_b16_s28_before.json": "35e3427 (cuDNN held)",
+    "generate_steps_gpu_b16_s28_after.json": "dc5ba05 (lean update)",
+    "generate_steps_gpu_b16_p4096_s28_lean.json": "2fd7d55 (lean update)",
+    "generate_steps_gpu_b16_p16384_s28_lean.json": "2fd7d55 (lean update)",
+    "generate_steps_gpu_b1_p16384_s28_lean.json": "2fd7d55 (lean update)",
+    "generate_steps_gpu_8b_b16_p4096_s28_lean.json": "2fd7d55 (lean update)",
+    "generate_steps_gpu_b16_p4096_s28_before.json": "35e3427 (cuDNN held)",
+    "generate_steps_gpu_b16_p4096_s28_after.json": "f956b3c (one record after compressions)",
+}
+STEPS_ORDER = list(STEPS_TREES)
+
+
 def _steps(results: Path) -> list[str]:
     """``generate_steps_*.json`` (benchmarks/generate_steps.py): the decode step, the two caches taking turns."""
-    files = [json.loads(p.read_text()) for p in sorted(results.glob("generate_steps_*.json"))]
-    if not files:
+    paths = sorted(results.glob("generate_steps_*.json"),
+                   key=lambda p: (STEPS_ORDER.index(p.name) if p.name in STEPS_ORDER else len(STEPS_ORDER), p.name))
+    if not paths:
         return []
     lines = ["### generate()'s decode step, zipage and DynamicCache taking turns", "",
-             "`python benchmarks/generate_steps.py --batch B --new N --label L` (run on each tree by "
-             "`PART=steps bash benchmarks/gpu_session.sh`, the earlier tree carried as `.before`): the model's "
-             "forward with each cache, one decode step each in turn, the same tokens, after an untimed pass "
-             "over the same lengths; the ratio is the median of the per-step ratios, which a slow spell of "
-             "the host hits alike (whole runs of one cache after the other drifted by 10-20% on the H200's "
-             "host: `benchmarks/results/issue15/s27/`). Trees: `before` is aaf36fc, `after` the tree that holds "
-             "cuDNN off from the first to the last full layer of a dense decode step and stores new tokens with "
-             "`index_copy_` (`ZipageCache.store_rows`).", "",
+             "`python benchmarks/generate_steps.py --batch B --prompt P --new N` (run by `bash "
+             "benchmarks/gpu_session.sh` with `PART=steps`, `longsteps` or `pastbudget`; for a before/after pair "
+             "each tree in its own process, the earlier tree carried as `.before`): the model's forward with each "
+             "cache, one decode step each in turn, the same tokens, after an untimed pass over the same lengths; "
+             "the ratio is the median of the per-step ratios, which a slow spell of the host hits alike (whole "
+             "runs of one cache after the other drifted by 10-20% on the H200's host: "
+             "`benchmarks/results/issue15/s27/`), and \"all steps' time\" counts zipage's compressions. A long "
+             "prompt puts the stored length past the budget (zipage compresses it after the prefill; "
+             "DynamicCache holds it all). Trees: aaf36fc, before generate()'s dense decode work was cut; "
+             "35e3427, cuDNN held off from the first to the last full layer of a dense decode step, new tokens "
+             "stored by `index_copy_`; dc5ba05 and 2fd7d55, the layers after the first take a lean update "
+             "(`ZipageCache._update_lean`); f956b3c, after a compression every layer shares one validity record "
+             "where no attention mask was seen (on CUDA each layer had extended its own every step, so no step "
+             "after the first compression took the lean update). Only ratios within one pair compare: the "
+             "host's speed differs between processes and calls.", "",
              "| tree | device | model | batch | prompt | steps | budget | zipage stored (compressions) | "
              "DynamicCache ms | zipage ms | zipage / full per step (first half, second half) | all steps' time |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for d in files:
+    for path in paths:
+        d = json.loads(path.read_text())
+        tree = STEPS_TREES.get(path.name) or d.get("label") or "-"
         total = d.get("total_ratio") or (sum(d["zipage_s"]) / sum(d["full_s"]) if d.get("full_s") else None)
         total = f"{total:.3f}" if total else "-"
-        lines.append(f"| {d.get('label') or '-'} | {d['device']} | {d['model']} | {d['batch']} | {d['prompt']} | "
+        lines.append(f"| {tree} | {d['device']} | {d['model']} | {d['batch']} | {d['prompt']} | "
                      f"{d['new']} | {d['budget']} | {d['stored']} ({d['compressions']}) | {d['full_ms_median']:.2f} | "
                      f"{d['zipage_ms_median']:.2f} | **{d['step_ratio_median']:.3f}** "
                      f"({d['step_ratio_first_half']:.3f}, {d['step_ratio_second_half']:.3f}) | {total} |")
