@@ -529,7 +529,6 @@ def test_dense_decode_gives_cudnn_back_after_a_layer_raises(monkeypatch, recover
         torch.backends.cuda.enable_cudnn_sdp(before)
 
 
-
 def test_dense_decode_steps_store_the_later_layers_by_the_lean_update(monkeypatch):
     """A decode step whose first layer's attention finds nothing else to do (no queries to keep, no mask, no pages)
     stores every later layer by ``_update_lean``: the tokens are DynamicCache's while nothing is evicted. Across
