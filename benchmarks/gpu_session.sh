@@ -35,6 +35,7 @@
 #   PART=steps  generate()'s decode step, zipage vs DynamicCache taking turns, before (.before) and after; peak1
 #   PART=lean   generate()'s GPU tests, steps at batch 16 and the peak probe (default and cuDNN)
 #   PART=pastbudget the 4K-prompt step at batch 16, before and after, then the step-by-step peak probe
+#   PART=afterfix the batch-1 peak as requested bytes, then batch 1 at 16K and Qwen3-8B at 4K past the budget
 #   PART=longsteps generate()'s decode step far past the budget (long prompts), the two caches taking turns
 #              (LS_NEW decode steps, default 512; PROMPTS at batch 16, default 1024 4096 16384)
 #   PART=peak1  generate()'s peak at batch 1, zipage against DynamicCache, after 1, 64 and 512 new tokens
@@ -280,6 +281,14 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
     timeout 150 python3 benchmarks/generate_peak_probe.py --new 512 --steps-only --out "$OUT/generate_peak_probe.json" \
       2>&1 | tail -30 ;;
+  afterfix)  # what session 28 left unmeasured: the batch-1 peak as requested bytes (the probe, step by step),
+             # then batch 1 at 16K and Qwen3-8B shapes at 4K past the budget with one validity record (f956b3c)
+    timeout 150 python3 benchmarks/generate_peak_probe.py --new 512 --steps-only --out "$OUT/generate_peak_probe.json" \
+      2>&1 | tail -12
+    timeout 120 python3 benchmarks/generate_steps.py --batch 1 --prompt 16384 --new "${LS_NEW:-256}" \
+      --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
+    timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "${LS_NEW:-256}" \
+      --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
   longsteps)  # generate()'s decode step far past the budget, the two caches taking turns (generate_steps.py): the
               # stored length set by a long prompt (1K, 4K, 16K tokens) and 512 decode steps (two compressions at
               # budget 512), Qwen3-0.6B shapes at batch 16, then batch 1 and Qwen3-8B shapes at 4K
@@ -292,5 +301,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "$n" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget or longsteps" >&2; exit 2 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix or longsteps" >&2; exit 2 ;;
 esac
