@@ -68,6 +68,9 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    for name in ("batch", "prompt", "new"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} {getattr(args, name)}: must be at least 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load(args.model, device)
     ids = torch.randint(100, 20000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
