@@ -72,17 +72,21 @@ CASES = [
 ]
 MIXED = ("chunk 2K + 64x1", 4096, 2048, 64, 2048)  # name, chunk context, chunk queries, rows, row ctx
 FP8_CASE = ("fp8 prompt 2K x4", 4, 2048, 2048)
+# launches timed on FP8 pages: fp16 dots (the default for 8-bit pages with 16-bit queries) beside bf16 dots
+FP8_VARIANTS = ("m128n64w8s3-tma", "m128n64w8s3-tma-bf16dots", "m64n64w4s3-tma", "m64n64w4s3-tma-bf16dots",
+                "m128n128w8s3-tma")
 
 
 def smoke_setup() -> None:
     """``--smoke``: the same script at toy sizes on the CPU (Triton's interpreter, float32, one timed call
     each), so CI checks its plumbing; the numbers mean nothing."""
-    global HQ, HKV, D, PAGE, DT, DEVICE, CASES, MIXED, FP8_CASE, VARIANTS, bench
+    global HQ, HKV, D, PAGE, DT, DEVICE, CASES, MIXED, FP8_CASE, VARIANTS, FP8_VARIANTS, bench
     HQ, HKV, D, PAGE, DT, DEVICE = 4, 2, 16, 16, torch.float32, "cpu"
     CASES = [("prompt 24 x2", 2, 24, 24), ("prefix 24 x2 (q 12)", 2, 24, 12)]
     MIXED = ("chunk 12@24 + 2x1@16", 24, 12, 2, 16)
     FP8_CASE = ("fp8 prompt 16 x1", 1, 16, 16)
     VARIANTS = {n: v2.parse_config(n) for n in ("m32n16w4s1", "m16n16w4s1-nopack-nosplit-inorder")}
+    FP8_VARIANTS = tuple(VARIANTS)
 
     def once(fn, **_):
         t = time.perf_counter()
@@ -305,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/prefill_tune.json")
     ap.add_argument("--budget-s", type=float, default=95.0, help="stop timing new kernels after this many seconds")
     ap.add_argument("--variants", default=None, help="comma list of variant names to time (default: all of VARIANTS)")
+    ap.add_argument("--fp8-variants", default=None, help="comma list for the FP8 case (default: FP8_VARIANTS)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU under TRITON_INTERPRET=1 (CI)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -315,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t0 + args.budget_s
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     variants = {n: VARIANTS.get(n) or v2.parse_config(n) for n in names}
+    fp8_names = args.fp8_variants.split(",") if args.fp8_variants else list(FP8_VARIANTS)
+    fp8_variants = {n: v2.parse_config(n) for n in fp8_names}
     rows = []
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
     summary = dict(device=device, torch=torch.__version__, triton=triton.__version__,
@@ -324,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every case: a run cut short keeps what it measured
         summary["seconds"] = time.perf_counter() - t0
         with open(args.out, "w") as f:
-            json.dump(dict(summary=summary, variants={n: vars(c) for n, c in variants.items()}, rows=rows), f,
-                      indent=1)
+            json.dump(dict(summary=summary, variants={n: vars(c) for n, c in {**variants, **fp8_variants}.items()},
+                           rows=rows), f, indent=1)
 
     mname, n_c, q_c, rows_n, ctx_r = MIXED
     fname, fb, fn, fq = FP8_CASE
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == mname:  # the engine's split: prefill kernel on the chunk, decode kernel on the rows
             kernels["v1-prefill+decode"] = engine_path(step, q_c)
             kernels["v2-prefill+decode"] = engine_path(step, q_c, v2.paged_prefill_attention_v2)
-        for vname, cfg in (variants if not fp8 else {k: variants[k] for k in list(variants)[:2]}).items():
+        for vname, cfg in (fp8_variants if fp8 else variants).items():
             kernels[vname] = lambda cfg=cfg, step=step: step.run_v2(cfg)
         if not args.smoke and step.fresh():  # PyTorch's own attention over the step's K/V (no gather), CUDA only
             kernels["flash-fresh"] = step.run_flash_fresh

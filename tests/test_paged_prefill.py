@@ -23,9 +23,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp(min=1e-12)).item()
 
 
-def make_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, fp8=False, seed=0, index=torch.int32):
+def make_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, fp8=False, seed=0, index=torch.int32,
+              codes=torch.float8_e4m3fn):
     """Pools (uninitialized slots filled with NaN: a kernel reading outside its range shows), a
-    shuffled page table, packed queries; every sequence's queries are its last ``q_lens[b]`` tokens."""
+    shuffled page table, packed queries; every sequence's queries are its last ``q_lens[b]`` tokens.
+    ``fp8``: 8-bit pages of ``codes`` (e4m3 or int8) with a scale per token and head."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     B = len(lens)
     per_row = max(-(-n // page) for n in lens)
@@ -42,7 +44,7 @@ def make_case(device, dtype, Hq, Hkv, D, page, lens, q_lens, starts=None, fp8=Fa
         pos = torch.arange(n)
         stored[table[b, pos // page].long(), pos % page] = True
     if fp8:
-        (k, ks), (v, vs) = quantize_reference(k), quantize_reference(v)
+        (k, ks), (v, vs) = quantize_reference(k, codes), quantize_reference(v, codes)
         for codes, scales in ((k, ks), (v, vs)):
             codes.view(torch.uint8)[~stored] = 0x7F  # an e4m3 NaN (compiled; the interpreter reads it as 480)
             scales[~stored] = float("nan")
@@ -114,10 +116,39 @@ def test_interpreter_fp16_page_smaller_than_tile_and_odd_head_dim():
 
 @cpu_only
 @requires_triton
-def test_interpreter_fp8_pages():
-    case = make_case("cpu", torch.float16, 8, 2, 16, 16, LENS, QLENS, starts=[0, 4, 0, 0, 0], fp8=True, seed=5)
+@pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8])
+def test_interpreter_fp8_pages(codes):
+    case = make_case("cpu", torch.float16, 8, 2, 16, 16, LENS, QLENS, starts=[0, 4, 0, 0, 0], fp8=True, seed=5,
+                     codes=codes)
     for config in CPU_CONFIGS[:3]:
         check(case, torch.float16, config)
+
+
+@cpu_only
+@requires_triton
+def test_interpreter_fp8_fp16_dots_keep_tiny_and_zero_value_scales():
+    """8-bit pages with 16-bit queries take fp16 dots. Values a thousandth of the usual size (``p * vs`` alone would be
+    zero in fp16: the interpreter's fp16 is exact, so fp16 dots without the per-tile normalization give zeros),
+    value scales over nine decades with a run of all-zero values (zero scales), fp16 and bf16 queries: every
+    output matches the reference, sequence by sequence."""
+    g = torch.Generator().manual_seed(8)
+    for dtype, spread in ((torch.float16, False), (torch.float16, True), (torch.bfloat16, True)):
+        case = make_case("cpu", dtype, 8, 2, 16, 16, LENS, QLENS, starts=[0, 4, 0, 0, 0], fp8=True, seed=7)
+        vs = case["v_scale"]
+        vs.mul_(1e-3)
+        if spread:
+            vs.mul_(10.0 ** (torch.rand(vs.shape, generator=g) * 9 - 3))
+            vs[:, :5] = 0.0  # the first 5 slots of every page: zero values
+        D = case["q"].shape[-1]
+        args = (case["k_cache"], case["v_cache"], case["page_table"], case["cu_seqlens_q"], case["kv_lens"],
+                D**-0.5, case["kv_starts"])
+        ref = paged_prefill_attention_reference(case["q"].float(), *args, k_scale=case["k_scale"], v_scale=vs)
+        cu = case["cu_seqlens_q"].tolist()
+        for config in CPU_CONFIGS[:3]:
+            out = paged_prefill_attention_v2(case["q"], *args, k_scale=case["k_scale"], v_scale=vs, config=config)
+            for b in range(len(LENS)):
+                rows = slice(cu[b], cu[b + 1])
+                assert rel_err(out[rows], ref[rows]) < TOL[dtype], (dtype, spread, config, b)
 
 
 @cpu_only
@@ -181,12 +212,16 @@ def test_every_variant_gpu(dtype):
     lens, q_lens = [1100, 700, 1300, 2048, 515], [1100, 1, 513, 64, 515]
     case = make_case("cuda", dtype, 32, 8, 128, 256, lens, q_lens, starts=[0, 0, 9, 0, 0], seed=1)
     fp8 = make_case("cuda", dtype, 32, 8, 128, 64, lens, q_lens, starts=[0, 0, 9, 0, 0], fp8=True, seed=2)
+    int8 = make_case("cuda", dtype, 32, 8, 128, 256, lens, q_lens, starts=[0, 0, 9, 0, 0], fp8=True, seed=6,
+                     codes=torch.int8)
     small_page = make_case("cuda", dtype, 16, 2, 64, 16, lens, q_lens, seed=3)
     d256 = make_case("cuda", dtype, 8, 4, 256, 256, lens, q_lens, seed=4)
     sinks = torch.randn(32, device="cuda")
     for config in (gpu_configs() if dtype == torch.bfloat16 else []) + [None]:  # fp16: the default launch
         check(case, dtype, config)
         check(fp8, dtype, config, tol_scale=1.5)
+        check(fp8, dtype, dataclasses.replace(config or PrefillConfig(), fp16_dots=False), tol_scale=1.5)
+        check(int8, dtype, config, tol_scale=1.5)
         check(small_page, dtype, config)
         check(case, dtype, config, window=300, sinks=sinks, softcap=30.0)
     # the default launch above 2,048 queries per sequence (128 x 128 tiles), with a cached prefix
