@@ -70,6 +70,8 @@ STEPS_TREES = {
     "generate_steps_gpu_8b_b16_p4096_s28_lean.json": "2fd7d55 (lean update)",
     "generate_steps_gpu_b16_p4096_s28_before.json": "35e3427 (cuDNN held)",
     "generate_steps_gpu_b16_p4096_s28_after.json": "f956b3c (one record after compressions)",
+    "generate_steps_gpu_b1_p16384_s29_after.json": "07e3582 (one record after compressions)",
+    "generate_steps_gpu_8b_b16_p4096_s29_after.json": "07e3582 (one record after compressions)",
 }
 STEPS_ORDER = list(STEPS_TREES)
 
@@ -92,9 +94,9 @@ def _steps(results: Path) -> list[str]:
              "DynamicCache holds it all). Trees: aaf36fc, before generate()'s dense decode work was cut; "
              "35e3427, cuDNN held off from the first to the last full layer of a dense decode step, new tokens "
              "stored by `index_copy_`; dc5ba05 and 2fd7d55, the layers after the first take a lean update "
-             "(`ZipageCache._update_lean`); f956b3c, after a compression every layer shares one validity record "
-             "where no attention mask was seen (on CUDA each layer had extended its own every step, so no step "
-             "after the first compression took the lean update). Only ratios within one pair compare: the "
+             "(`ZipageCache._update_lean`); f956b3c and 07e3582 (the same generate() code), after a compression every "
+             "layer shares one validity record where no attention mask was seen (on CUDA each layer had extended "
+             "its own every step, so no step after the first compression took the lean update). Only ratios within one pair compare: the "
              "host's speed differs between processes and calls.", "",
              "| tree | device | model | batch | prompt | steps | budget | zipage stored (compressions) | "
              "DynamicCache ms | zipage ms | zipage / full per step (first half, second half) | all steps' time |",
