@@ -35,7 +35,6 @@
 #   PART=steps  generate()'s decode step, zipage vs DynamicCache taking turns, before (.before) and after; peak1
 #   PART=lean   generate()'s GPU tests, steps at batch 16 and the peak probe (default and cuDNN)
 #   PART=pastbudget the 4K-prompt step at batch 16, before and after, then the step-by-step peak probe
-#   PART=f16prefill 8-bit pages' prefill: fp16 dots against bf16 dots (tests, kernel sweep, engine long-prompt TTFT)
 #   PART=afterfix the batch-1 peak as requested bytes, then batch 1 at 16K and Qwen3-8B at 4K past the budget
 #   PART=longsteps generate()'s decode step far past the budget (long prompts), the two caches taking turns
 #              (LS_NEW decode steps, default 512; PROMPTS at batch 16, default 1024 4096 16384)
@@ -290,18 +289,6 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "${LS_NEW:-256}" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  f16prefill)  # 8-bit pages' prefill on fp16 dots (the default) against bf16 dots: GPU tests, the kernel sweep,
-               # then the engine's long-prompt TTFT on FP8 pages with either launch, two pairs in turn
-    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_paged_prefill.py 2>&1 \
-      | tee "$OUT/gpu_tests_f16prefill.log" | tail -4
-    timeout 130 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" 2>&1 | tail -16
-    for run in 1 2; do
-      for cfg in m128n64w8s3-tma-bf16dots m128n64w8s3-tma; do
-        ZIPAGE_PREFILL_KERNEL="v2:$cfg" timeout 100 python3 benchmarks/throughput.py --workload long-prompt \
-          --requests 16 --max-tokens 64 --kv-gib 40 --systems zipage-2048-fp8 \
-          --out "$OUT/longprompt_fp8_${cfg}_$run.json" 2>&1 | tail -2
-      done
-    done ;;
   longsteps)  # generate()'s decode step far past the budget, the two caches taking turns (generate_steps.py): the
               # stored length set by a long prompt (1K, 4K, 16K tokens) and 512 decode steps (two compressions at
               # budget 512), Qwen3-0.6B shapes at batch 16, then batch 1 and Qwen3-8B shapes at 4K
@@ -314,5 +301,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "$n" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, f16prefill or longsteps" >&2; exit 2 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix or longsteps" >&2; exit 2 ;;
 esac

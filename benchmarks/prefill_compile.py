@@ -101,7 +101,6 @@ def v2_constexprs(cfg: v2.PrefillConfig, features: dict) -> tuple[dict, int | No
              PRECISION="tf32", FP8=False, TILE_IN_PAGE=PAGE % cfg.block_n == 0, SPLIT_MASK=cfg.split_mask,
              LONGEST_FIRST=cfg.longest_first, TMA=tma, WINDOW=0, HAS_SINKS=False, SOFTCAP_LOG2=0.0)
     c.update(features)
-    c["F16"] = c["FP8"] and cfg.fp16_dots  # (bf16 queries: 8-bit pages take fp16 dots unless the config says not)
     return c, (cfg.block_n if tma else None)
 
 

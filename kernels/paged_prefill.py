@@ -14,16 +14,18 @@ reworked where the first kernel loses time:
 - Longest-first order: query blocks are launched from the last (the most keys) to the first, so
   the cheap blocks fill the tail of the grid instead of the expensive ones.
 - One page lookup per key tile when a tile lies within one page (``page_size % block_n == 0``).
-- 8-bit pages (FP8, INT8) with 16-bit queries: both dots on fp16 operands (``fp16_dots``). Every
-  e4m3 and int8 code is exact in fp16 and becomes one in a single hardware conversion (bf16 takes
-  two: e4m3 -> f16 -> bf16); the queries are cast once per program, the softmax scale folded in
-  first; the probabilities fed to the value dot are ``p * vs / max(vs)`` of the tile, in [0, 1]
-  where fp16 keeps its precision, and ``max(vs)`` multiplies the dot's result (the FP8 decode
-  kernel's scheme).
-- Launch parameters (rows, key tile, warps, stages, key/value tiles through tensor
-  descriptors, ``tma``, and ``fp16_dots``) in a :class:`PrefillConfig`.
+- Launch parameters (rows, key tile, warps, stages, and key/value tiles through tensor
+  descriptors, ``tma``) in a :class:`PrefillConfig`.
 
 Head dims above 256 are not tiled here: they fall back to the first kernel, explicitly.
+
+Tried and removed: fp16 dots for 8-bit pages (each e4m3 or int8 code exact in fp16 with one hardware
+conversion where bf16 takes two; queries cast once with the softmax scale folded in; ``p * vs / max(vs)``
+per tile into the value dot). On the H200 (FP8, 4 x 2,048-token prompts) it was 3-4% slower than these
+bf16 dots (0.772 against 0.744 ms at 128 x 64 tiles, 0.758 against 0.736 at 64 x 64), and the engine's
+long-prompt TTFT on FP8 pages did not move (9.74-9.79 s against 9.63 s): the conversion's instructions
+are not what makes 8-bit pages' prefill slower than 16-bit ones (``benchmarks/results/issue15/s29/call2/``;
+the variant is commit 554d229).
 """
 
 from __future__ import annotations
@@ -64,7 +66,6 @@ class PrefillConfig:
     split_mask: bool = True  # mask-free tiles below the diagonal
     longest_first: bool = True  # launch the query blocks with the most keys first
     tma: bool = False  # key/value tiles through tensor descriptors (where a tile lies in one page)
-    fp16_dots: bool = True  # 8-bit pages, 16-bit queries: both dots on fp16 operands (see ``uses_fp16_dots``)
 
     def validate(self) -> None:
         for name in ("block_m", "block_n"):
@@ -78,16 +79,16 @@ class PrefillConfig:
 
 def parse_config(name: str) -> PrefillConfig:
     """A config from its name, ``m<block_m>n<block_n>w<warps>s<stages>`` and any of the suffixes
-    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma``, ``-bf16dots`` (what :func:`config_name` writes)."""
-    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma|-bf16dots)*)", name)
+    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma`` (what :func:`config_name` writes)."""
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma)*)", name)
     if m is None:
         raise ValueError(f"prefill config {name!r}: expected m<block_m>n<block_n>w<warps>s<stages>[-nopack]"
-                         "[-nosplit][-inorder][-tma][-bf16dots], e.g. m128n64w8s3")
+                         "[-nosplit][-inorder][-tma], e.g. m128n64w8s3")
     flags = m.group(5)
     cfg = PrefillConfig(block_m=int(m.group(1)), block_n=int(m.group(2)), num_warps=int(m.group(3)),
                         num_stages=int(m.group(4)), pack_gqa="-nopack" not in flags,
                         split_mask="-nosplit" not in flags, longest_first="-inorder" not in flags,
-                        tma="-tma" in flags, fp16_dots="-bf16dots" not in flags)
+                        tma="-tma" in flags)
     cfg.validate()
     return cfg
 
@@ -95,7 +96,7 @@ def parse_config(name: str) -> PrefillConfig:
 def config_name(cfg: PrefillConfig) -> str:
     return (f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + ("" if cfg.pack_gqa else "-nopack")
             + ("" if cfg.split_mask else "-nosplit") + ("" if cfg.longest_first else "-inorder")
-            + ("-tma" if cfg.tma else "") + ("" if cfg.fp16_dots else "-bf16dots"))
+            + ("-tma" if cfg.tma else ""))
 
 
 @functools.lru_cache(maxsize=16)
@@ -130,13 +131,6 @@ def _default_config(head_dim: int, on_gpu: bool, long: bool, fp8: bool) -> Prefi
     if long:
         return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True)
     return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True)
-
-
-def uses_fp16_dots(cfg: PrefillConfig, q: torch.Tensor, eight_bit: bool) -> bool:
-    """fp16 dots apply to 8-bit pages with 16-bit queries (float32 queries keep exact dots). A query
-    times the softmax scale (in log2 units) must then fit fp16: ``|q| * scale * log2(e)`` below 65,504,
-    which the caller of a model's attention never comes near (about 500,000 for head dim 128)."""
-    return cfg.fp16_dots and eight_bit and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def heads_per_program(group: int, block_m: int, pack: bool) -> int:
@@ -228,15 +222,12 @@ if HAS_TRITON:
         return k, v, ks, vs
 
     @triton.jit
-    def _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, acc_scale, t, qpos, start, hi, scale_log2, PRECISION: tl.constexpr,
-                     FP8: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP_LOG2: tl.constexpr,
-                     F16: tl.constexpr = False):
+    def _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t, qpos, start, hi, scale_log2, PRECISION: tl.constexpr,
+                     FP8: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP_LOG2: tl.constexpr):
         """One key tile of flash attention (log2 domain). Unmasked tiles skip the mask and the
         empty-row guard (every row sees a finite logit there). Plain logits keep the scale out of
         the row max (a max of raw logits times the scale) so that each element costs one fused
-        multiply-add before its exp2. ``F16`` (8-bit codes, fp16 queries with the scale folded in): codes
-        become fp16 operands, and the value dot takes ``p * vs / max(vs)``; the accumulator then holds the
-        output over ``acc_scale`` (the last tile's ``max(vs)``), so the dot still accumulates in place."""
+        multiply-add before its exp2."""
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
         if MASKED:
             allowed = ((t < hi) & (t >= start))[None, :] & (t[None, :] <= qpos[:, None])
@@ -266,17 +257,12 @@ if HAS_TRITON:
             p = tl.math.exp2(qk * scale_log2 - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if F16:  # p * vs / max(vs) in [0, 1], where fp16 keeps its precision (p * vs alone can be subnormal)
-            top = tl.max(vs, 0)
-            top = tl.where(top > 0.0, top, acc_scale)  # (a tile of zero scales adds nothing: keep the scale)
-            acc = acc * (alpha * (acc_scale / top))[:, None]
-            acc = tl.dot((p * (vs / top)[None, :]).to(tl.float16), v.to(tl.float16), acc)
-            acc_scale = top
-        elif FP8:
-            acc = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
+        acc = acc * alpha[:, None]
+        if FP8:
+            acc = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), acc, input_precision=PRECISION)
         else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        return m_new, l_i, acc, acc_scale
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        return m_new, l_i, acc
 
     @triton.jit
     def _prefill_v2_kernel(
@@ -293,7 +279,6 @@ if HAS_TRITON:
         FP8: tl.constexpr, TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
         TMA: tl.constexpr,
         WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
-        F16: tl.constexpr = False, q_mul=1.0,
     ):
         # rows are (query, head) pairs, query-major: BLOCK_Q = BLOCK_M / P queries x P heads
         hg = tl.program_id(0)  # group of P query heads (one KV head)
@@ -319,13 +304,10 @@ if HAS_TRITON:
         dmask = d < D
         row_q = (q0 + i).to(tl.int64) * stride_qt + h * stride_qh
         q = tl.load(Q + row_q[:, None] + d[None, :], mask=imask[:, None] & dmask[None, :], other=0.0)
-        if F16:  # the softmax scale folded in (scale_log2 is then 1), fp16 operands for both dots
-            q = (q.to(tl.float32) * q_mul).to(tl.float16)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc_scale = tl.full([], 1.0, tl.float32)  # (F16: the output is acc * acc_scale / l_i)
         offs_n = tl.arange(0, BLOCK_N)
         k_off = offs_n[:, None] * stride_kt + d[None, :]  # a tile's offsets from its first token (in one page)
         v_off = offs_n[:, None] * stride_vt + d[None, :]
@@ -352,30 +334,28 @@ if HAS_TRITON:
                                     hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
                                     stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
                                     BLOCK_D == D, TMA)
-            m_i, l_i, acc, acc_scale = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, acc_scale, t0 + offs_n, qpos, first, hi, scale_log2,
-                                         PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2, F16)
+            m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
+                                         PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
         for t0 in range(full_lo, full_hi, BLOCK_N):  # tiles every row sees whole: no mask
             k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
                                     hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
                                     stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False,
                                     BLOCK_D == D, TMA)
-            m_i, l_i, acc, acc_scale = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, acc_scale, t0 + offs_n, qpos, first, hi, scale_log2,
-                                         PRECISION, FP8, False, WINDOW, SOFTCAP_LOG2, F16)
+            m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
+                                         PRECISION, FP8, False, WINDOW, SOFTCAP_LOG2)
         for t0 in range(full_hi, hi, BLOCK_N):  # the diagonal
             k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
                                     hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
                                     stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
                                     BLOCK_D == D, TMA)
-            m_i, l_i, acc, acc_scale = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, acc_scale, t0 + offs_n, qpos, first, hi, scale_log2,
-                                         PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2, F16)
+            m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
+                                         PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
 
         if HAS_SINKS:  # each row's head sink logit joins the denominator (log2 domain)
             sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
             m_safe = tl.where(m_i == float("-inf"), sink, tl.maximum(m_i, sink))
             l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.math.exp2(sink - m_safe)
             acc = acc * tl.math.exp2(m_i - m_safe)[:, None]
-        if F16:
-            acc = acc * acc_scale
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         row_o = (q0 + i).to(tl.int64) * stride_ot + h * stride_oh
         tl.store(OUT + row_o[:, None] + d[None, :], out.to(OUT.dtype.element_ty),
@@ -420,14 +400,13 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
     if B == 0 or T == 0 or max_q_len == 0:
         return out
     block_q = cfg.block_m // P
-    f16 = uses_fp16_dots(cfg, q, fp8)
     tile_in_page = page % cfg.block_n == 0
     kd = vd = k_cache
     if cfg.tma and tma_applies(k_cache, v_cache, cfg.block_n):
         kd, vd = (TensorDescriptor.from_tensor(c.view(-1, Hkv * D), [cfg.block_n, D]) for c in (k_cache, v_cache))
     _prefill_v2_kernel[(Hq // P, B, triton.cdiv(max_q_len, block_q))](
         q, k_cache, v_cache, ks, vs, kd, vd, page_table, cu_seqlens_q, kv_lens, kv_starts, out,
-        sinks if sinks is not None else q, 1.0 if f16 else scale * LOG2E,
+        sinks if sinks is not None else q, scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -438,7 +417,7 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         BLOCK_N=cfg.block_n,
         PRECISION=dot_precision(q.dtype), FP8=fp8, TILE_IN_PAGE=tile_in_page,
         SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, TMA=kd is not k_cache, WINDOW=int(window or 0),
-        HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, F16=f16, q_mul=scale * LOG2E,
+        HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if q.is_cuda else 1,
     )
     return out
