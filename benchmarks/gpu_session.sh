@@ -35,6 +35,7 @@
 #   PART=steps  generate()'s decode step, zipage vs DynamicCache taking turns, before (.before) and after; peak1
 #   PART=lean   generate()'s GPU tests, steps at batch 16 and the peak probe (default and cuDNN)
 #   PART=pastbudget the 4K-prompt step at batch 16, before and after, then the step-by-step peak probe
+#   PART=fp8prefill 8-bit pages' prefill dequantized first against codes in the kernel (tests, sweep, engine TTFT)
 #   PART=afterfix the batch-1 peak as requested bytes, then batch 1 at 16K and Qwen3-8B at 4K past the budget
 #   PART=longsteps generate()'s decode step far past the budget (long prompts), the two caches taking turns
 #              (LS_NEW decode steps, default 512; PROMPTS at batch 16, default 1024 4096 16384)
@@ -289,6 +290,21 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "${LS_NEW:-256}" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
+  fp8prefill)  # 8-bit pages' prefill dequantized first (the default) against the kernel reading codes: GPU tests,
+               # the kernel sweep, then the engine's long-prompt TTFT on FP8 pages both ways (two pairs) and on bf16
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_paged_prefill.py \
+      -k "dequantized_first or (every_variant and not bfloat16)" 2>&1 | tee "$OUT/gpu_tests_fp8prefill.log" | tail -4
+    timeout 90 python3 benchmarks/prefill_tune.py --variants m64n64w4s3-tma,m128n128w8s3-tma \
+      --out "$OUT/prefill_tune.json" 2>&1 | tail -12
+    lp="--workload long-prompt --requests 16 --max-tokens 64 --kv-gib 40"
+    for run in 1 2; do
+      for cfg in v2:m128n64w8s3-tma-codes v2; do
+        ZIPAGE_PREFILL_KERNEL="$cfg" timeout 100 python3 benchmarks/throughput.py $lp --systems zipage-2048-fp8 \
+          --out "$OUT/longprompt_fp8_${cfg#v2:}_$run.json" 2>&1 | tail -1
+      done
+    done
+    timeout 100 python3 benchmarks/throughput.py $lp --systems zipage-2048 --out "$OUT/longprompt_bf16.json" 2>&1 \
+      | tail -1 ;;
   longsteps)  # generate()'s decode step far past the budget, the two caches taking turns (generate_steps.py): the
               # stored length set by a long prompt (1K, 4K, 16K tokens) and 512 decode steps (two compressions at
               # budget 512), Qwen3-0.6B shapes at batch 16, then batch 1 and Qwen3-8B shapes at 4K
@@ -301,5 +317,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "$n" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix or longsteps" >&2; exit 2 ;;
+  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill or longsteps" >&2; exit 2 ;;
 esac

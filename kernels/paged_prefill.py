@@ -14,8 +14,14 @@ reworked where the first kernel loses time:
 - Longest-first order: query blocks are launched from the last (the most keys) to the first, so
   the cheap blocks fill the tail of the grid instead of the expensive ones.
 - One page lookup per key tile when a tile lies within one page (``page_size % block_n == 0``).
-- Launch parameters (rows, key tile, warps, stages, and key/value tiles through tensor
-  descriptors, ``tma``) in a :class:`PrefillConfig`.
+- 8-bit pages (FP8, INT8) with 16-bit queries: the pages the step reads are first dequantized
+  into a scratch pool in the queries' dtype (one pass, :func:`dequantize_pages`), and the kernel
+  reads that as 16-bit pages. A prefill reads each key and value tile once per query block, so
+  converting codes inside the kernel repeats each token's conversion and scaling for every block
+  of queries after it (1.8x the 16-bit kernel's time on the H200); once per step it is a copy.
+  Above :data:`DEQUANTIZE_LIMIT_BYTES` of scratch the kernel reads the codes itself.
+- Launch parameters (rows, key tile, warps, stages, key/value tiles through tensor
+  descriptors, ``tma``, and ``dequantize``) in a :class:`PrefillConfig`.
 
 Head dims above 256 are not tiled here: they fall back to the first kernel, explicitly.
 
@@ -36,7 +42,7 @@ import re
 
 import torch
 
-from ._triton import HAS_TRITON, dot_precision, next_pow2
+from ._triton import HAS_TRITON, dot_precision, interpreting, next_pow2
 from .paged_attention import LOG2E, _check_paged, _check_sinks, _scale_args, paged_prefill_attention_triton
 
 HAS_TENSOR_DESCRIPTOR = False
@@ -52,6 +58,9 @@ if HAS_TRITON:
         pass
 
 MAX_HEAD_DIM = 256  # larger head dims go to the first kernel
+# Most scratch (keys and values of the pages a prefill step reads, in 16 bits) that 8-bit pages are dequantized into
+# for one layer; above it the kernel reads the codes (the engine leaves 512 MiB beside its pools for activations).
+DEQUANTIZE_LIMIT_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +75,7 @@ class PrefillConfig:
     split_mask: bool = True  # mask-free tiles below the diagonal
     longest_first: bool = True  # launch the query blocks with the most keys first
     tma: bool = False  # key/value tiles through tensor descriptors (where a tile lies in one page)
+    dequantize: bool = True  # 8-bit pages, 16-bit queries: dequantize the step's pages first (see dequantizes)
 
     def validate(self) -> None:
         for name in ("block_m", "block_n"):
@@ -79,16 +89,17 @@ class PrefillConfig:
 
 def parse_config(name: str) -> PrefillConfig:
     """A config from its name, ``m<block_m>n<block_n>w<warps>s<stages>`` and any of the suffixes
-    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma`` (what :func:`config_name` writes)."""
-    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma)*)", name)
+    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma``, ``-codes`` (what :func:`config_name` writes; ``-codes``:
+    8-bit pages read as codes by the kernel, not dequantized first)."""
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma|-codes)*)", name)
     if m is None:
         raise ValueError(f"prefill config {name!r}: expected m<block_m>n<block_n>w<warps>s<stages>[-nopack]"
-                         "[-nosplit][-inorder][-tma], e.g. m128n64w8s3")
+                         "[-nosplit][-inorder][-tma][-codes], e.g. m128n64w8s3")
     flags = m.group(5)
     cfg = PrefillConfig(block_m=int(m.group(1)), block_n=int(m.group(2)), num_warps=int(m.group(3)),
                         num_stages=int(m.group(4)), pack_gqa="-nopack" not in flags,
                         split_mask="-nosplit" not in flags, longest_first="-inorder" not in flags,
-                        tma="-tma" in flags)
+                        tma="-tma" in flags, dequantize="-codes" not in flags)
     cfg.validate()
     return cfg
 
@@ -96,7 +107,7 @@ def parse_config(name: str) -> PrefillConfig:
 def config_name(cfg: PrefillConfig) -> str:
     return (f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + ("" if cfg.pack_gqa else "-nopack")
             + ("" if cfg.split_mask else "-nosplit") + ("" if cfg.longest_first else "-inorder")
-            + ("-tma" if cfg.tma else ""))
+            + ("-tma" if cfg.tma else "") + ("" if cfg.dequantize else "-codes"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -114,8 +125,8 @@ def default_config(head_dim: int, on_gpu: bool, max_q_len: int = 0, fp8: bool = 
     ``benchmarks/results/prefill/prefill_tune.json``, Qwen3-8B heads, 256-token pages): for head dims
     up to 128, 64 x 64 tiles with 4 warps up to 2,048 queries per sequence (prompts of 512-2,048 and
     2K chunks beside decode rows), 128 x 128 tiles with 8 warps above (4K prompts, prefix-cached
-    4K); 8-bit pages (FP8, INT8) keep 128 x 64 (the only tile measured on FP8). Tensor-descriptor tiles where
-    ``tma_applies`` allows them (Hopper or newer)."""
+    4K); 8-bit pages (FP8, INT8) read as codes by the kernel keep 128 x 64 (dequantized first, they are 16-bit
+    pages). Tensor-descriptor tiles where ``tma_applies`` allows them (Hopper or newer)."""
     return _default_config(head_dim, on_gpu, max_q_len > 2048, fp8)
 
 
@@ -131,6 +142,45 @@ def _default_config(head_dim: int, on_gpu: bool, long: bool, fp8: bool) -> Prefi
     if long:
         return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True)
     return PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, tma=True)
+
+
+def dequantizes(cfg: PrefillConfig, q: torch.Tensor, eight_bit: bool, page_table: torch.Tensor, page_size: int,
+                kv_heads: int, head_dim: int) -> bool:
+    """Whether a prefill dequantizes its 8-bit pages first: 16-bit queries (float32 ones keep exact dots over
+    the codes), the config's ``dequantize``, and a scratch pool (keys and values of every page-table entry, in
+    16 bits) within :data:`DEQUANTIZE_LIMIT_BYTES`. Decided from shapes alone (no device sync)."""
+    if not (eight_bit and cfg.dequantize and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    return page_table.numel() * page_size * kv_heads * head_dim * 2 * q.element_size() <= DEQUANTIZE_LIMIT_BYTES
+
+
+def dequantize_pages(k_cache, v_cache, k_scale, v_scale, page_table, dtype):
+    """The pages ``page_table`` names, dequantized (``code * scale``) into a scratch pool of ``dtype``: returns
+    ``(keys, values, table)``, the pools ``[B * W, page_size, H_kv, D]`` with entry ``(b, w)`` of the table at
+    page ``b * W + w`` and ``table`` the identity map ``[B, W]``. Every entry is copied, padding entries and
+    slots past a sequence's length included (their bytes are never attended). One Triton launch on a GPU (or
+    under the interpreter), PyTorch otherwise."""
+    B, W = page_table.shape
+    _, page, Hkv, D = k_cache.shape
+    ko = torch.empty(B * W, page, Hkv, D, dtype=dtype, device=k_cache.device)
+    vo = torch.empty_like(ko)
+    table = torch.arange(B * W, dtype=page_table.dtype, device=page_table.device).view(B, W)
+    if B * W == 0:
+        return ko, vo, table
+    if HAS_TRITON and (k_cache.is_cuda or interpreting()):
+        block_t = min(page, 64)
+        _dequantize_pages_kernel[(B * W, Hkv, triton.cdiv(page, block_t))](
+            k_cache, v_cache, k_scale, v_scale, page_table, ko, vo, W,
+            page_table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
+            ko.stride(0), ko.stride(1), ko.stride(2),
+            PAGE=page, D=D, BLOCK_T=block_t, BLOCK_D=next_pow2(D), num_warps=4,
+        )
+    else:
+        pages = page_table.reshape(-1).long()
+        ko.copy_((k_cache[pages].float() * k_scale[pages][..., None]).to(dtype))
+        vo.copy_((v_cache[pages].float() * v_scale[pages][..., None]).to(dtype))
+    return ko, vo, table
 
 
 def heads_per_program(group: int, block_m: int, pack: bool) -> int:
@@ -157,8 +207,29 @@ def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-# ----------------------------------------------------------------------------- the kernel
+# ----------------------------------------------------------------------------- the kernels
 if HAS_TRITON:
+
+    @triton.jit
+    def _dequantize_pages_kernel(K, V, KS, VS, PT, KO, VO, W,
+                                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                 stride_sp, stride_st, stride_op, stride_ot, stride_oh,
+                                 PAGE: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Tokens ``BLOCK_T`` of one page-table entry (program 0: ``b * W + w``), one KV head (program 1):
+        ``code * scale`` of keys and values into page ``b * W + w`` of the scratch pools."""
+        e = tl.program_id(0)
+        h = tl.program_id(1)
+        t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, BLOCK_D)
+        m = (t < PAGE)[:, None] & (d < D)[None, :]
+        page = tl.load(PT + (e // W) * stride_ptb + e % W).to(tl.int64)
+        ks = tl.load(KS + page * stride_sp + t * stride_st + h, mask=t < PAGE, other=0.0)
+        vs = tl.load(VS + page * stride_sp + t * stride_st + h, mask=t < PAGE, other=0.0)
+        k = tl.load(K + page * stride_kp + (t * stride_kt + h * stride_kh)[:, None] + d[None, :], mask=m, other=0.0)
+        v = tl.load(V + page * stride_vp + (t * stride_vt + h * stride_vh)[:, None] + d[None, :], mask=m, other=0.0)
+        o = e.to(tl.int64) * stride_op + (t * stride_ot + h * stride_oh)[:, None] + d[None, :]
+        tl.store(KO + o, (k.to(tl.float32) * ks[:, None]).to(KO.dtype.element_ty), mask=m)
+        tl.store(VO + o, (v.to(tl.float32) * vs[:, None]).to(VO.dtype.element_ty), mask=m)
 
     @triton.jit
     def _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, start, hi,
@@ -383,7 +454,13 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {B} sequences (expected {B + 1})")
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
-    cfg = config or default_config(D, q.is_cuda, max_q_len, fp8)
+    cfg = config or default_config(D, q.is_cuda, max_q_len)
+    if fp8 and dequantizes(cfg, q, fp8, page_table, k_cache.shape[1], k_cache.shape[2], D):
+        # 8-bit pages: the step's pages dequantized once, then read as 16-bit pages
+        k_cache, v_cache, page_table = dequantize_pages(k_cache, v_cache, ks, vs, page_table, q.dtype)
+        ks, vs, stride_sp, stride_st, fp8 = k_cache, k_cache, 0, 0, False
+    elif fp8 and config is None:
+        cfg = default_config(D, q.is_cuda, max_q_len, fp8=True)
     if block_m is not None or block_n is not None:
         cfg = dataclasses.replace(cfg, block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
     cfg.validate()

@@ -117,11 +117,54 @@ def test_interpreter_fp16_page_smaller_than_tile_and_odd_head_dim():
 @cpu_only
 @requires_triton
 @pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8])
-def test_interpreter_fp8_pages(codes):
+def test_interpreter_fp8_pages(codes, monkeypatch):
+    """8-bit pages: dequantized first into a scratch pool (the default, spied on), and read as codes by the kernel
+    (``-codes`` configs, and any config once the scratch would pass its limit)."""
+    import zipage.kernels.paged_prefill as pp
+
     case = make_case("cpu", torch.float16, 8, 2, 16, 16, LENS, QLENS, starts=[0, 4, 0, 0, 0], fp8=True, seed=5,
                      codes=codes)
+    calls = []
+    real = pp.dequantize_pages
+    monkeypatch.setattr(pp, "dequantize_pages", lambda *a: calls.append(1) or real(*a))
     for config in CPU_CONFIGS[:3]:
         check(case, torch.float16, config)
+        assert len(calls) == 1, "the 16-bit queries' prefill did not dequantize the pages"
+        check(case, torch.float16, dataclasses.replace(config, dequantize=False))
+        assert len(calls) == 1
+        calls.clear()
+    monkeypatch.setattr(pp, "DEQUANTIZE_LIMIT_BYTES", 0)
+    check(case, torch.float16, CPU_CONFIGS[0])
+    assert not calls, "dequantized past the scratch limit"
+
+
+@pytest.mark.parametrize("interpret", [True, False])
+def test_dequantize_pages_equals_the_reference(interpret, monkeypatch):
+    """The scratch pool: entry (b, w) of the table at page b * W + w, each slot ``code * scale`` in the queries'
+    dtype, as ``dequantize_reference``: bit for bit in PyTorch, within one bf16 step under the interpreter (whose
+    float32 -> bf16 cast truncates where the GPU's rounds to nearest)."""
+    from zipage.kernels import dequantize_reference
+    from zipage.kernels.paged_prefill import HAS_TRITON, dequantize_pages
+
+    if interpret and not HAS_TRITON:
+        pytest.skip("needs triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if interpret else "0")
+    for codes in (torch.float8_e4m3fn, torch.int8):
+        case = make_case("cpu", torch.bfloat16, 4, 2, 24, 8, [20, 9, 17], [20, 9, 1], fp8=True, seed=9, codes=codes)
+        k, v, table = dequantize_pages(case["k_cache"], case["v_cache"], case["k_scale"], case["v_scale"],
+                                       case["page_table"], torch.bfloat16)
+        B, W = case["page_table"].shape
+        assert k.shape == (B * W, 8, 2, 24) and k.dtype == v.dtype == torch.bfloat16
+        assert torch.equal(table, torch.arange(B * W, dtype=table.dtype).view(B, W))
+        pages = case["page_table"].reshape(-1).long()
+        for got, pool, scales in ((k, case["k_cache"], case["k_scale"]), (v, case["v_cache"], case["v_scale"])):
+            want = dequantize_reference(pool[pages], scales[pages], torch.bfloat16)
+            assert torch.equal(got.isnan(), want.isnan())
+            got, want = got.nan_to_num().float(), want.nan_to_num().float()
+            if interpret:
+                torch.testing.assert_close(got, want, rtol=2**-7, atol=0)
+            else:
+                assert torch.equal(got, want)
 
 
 @cpu_only
@@ -180,7 +223,7 @@ def gpu_configs() -> list[PrefillConfig]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_every_variant_gpu(dtype):
     lens, q_lens = [1100, 700, 1300, 2048, 515], [1100, 1, 513, 64, 515]
     case = make_case("cuda", dtype, 32, 8, 128, 256, lens, q_lens, starts=[0, 0, 9, 0, 0], seed=1)
@@ -194,6 +237,7 @@ def test_every_variant_gpu(dtype):
         check(case, dtype, config)
         check(fp8, dtype, config, tol_scale=1.5)
         check(int8, dtype, config, tol_scale=1.5)
+        check(fp8, dtype, dataclasses.replace(config or PrefillConfig(), dequantize=False), tol_scale=1.5)
         check(small_page, dtype, config)
         check(case, dtype, config, window=300, sinks=sinks, softcap=30.0)
     # the default launch above 2,048 queries per sequence (128 x 128 tiles), with a cached prefix
@@ -203,6 +247,30 @@ def test_every_variant_gpu(dtype):
     for config in (None, PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)):
         check(d256, dtype, config)
         check(d256, dtype, dataclasses.replace(config or PrefillConfig(block_m=64, block_n=32), pack_gqa=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_8bit_pages_dequantized_first_gpu(dtype, monkeypatch):
+    """FP8 and INT8 pages at the engine's shapes: the default launch dequantizes the step's pages (spied on) and
+    matches the reference, as the kernel reading the codes does; long prompts with a cached prefix, and a
+    window with sinks and a softcap."""
+    import zipage.kernels.paged_prefill as pp
+
+    calls = []
+    real = pp.dequantize_pages
+    monkeypatch.setattr(pp, "dequantize_pages", lambda *a: calls.append(1) or real(*a))
+    sinks = torch.randn(32, device="cuda")
+    for codes in (torch.float8_e4m3fn, torch.int8):
+        case = make_case("cuda", dtype, 32, 8, 128, 256, [3000, 2600, 700, 515], [2100, 2600, 1, 515],
+                         starts=[0, 0, 9, 0], fp8=True, seed=11, codes=codes)
+        for features in ({}, dict(window=1000, sinks=sinks, softcap=30.0)):
+            calls.clear()
+            check(case, dtype, None, tol_scale=1.5, **features)
+            assert calls == [1]
+            check(case, dtype, pp.parse_config("m128n64w8s3-tma-codes"), tol_scale=1.5, **features)
+            assert calls == [1]
 
 
 def test_default_launch_follows_the_sweep():
