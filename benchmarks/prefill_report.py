@@ -37,7 +37,7 @@ def prefill_section(results: Path) -> str:
         best = min(done, key=lambda n: done[n]["ms"])
         lines.append(f"| {r['case']} | {base:.3f} | {base / v1['ms']:.2f}x | {best}: {base / done[best]['ms']:.2f}x "
                      f"({done[best]['ms']:.3f} ms) | {v1['ms'] / done[best]['ms']:.2f}x |")
-    return "\n".join(lines + [""] + torch_rows(results) + engine_rows(results))
+    return "\n".join(lines + [""] + torch_rows(results) + engine_rows(results) + fp8_rows(results))
 
 
 TORCH_RUN = "issue15/s24/call2/prefill_tune.json"  # the sweep run with PyTorch's own attention beside the kernel
@@ -98,4 +98,50 @@ def engine_rows(results: Path) -> list[str]:
         lines.append(f"| {'second' if name.endswith('warm') else 'first'} | {d['prefill_kernel']} | "
                      f"{r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['wall_s']:.1f} |")
+    return lines + [""]
+
+
+FP8_RUN = "issue15/s29/call3"  # the prefill over 8-bit pages dequantized first against the kernel reading codes
+FP8_ORDER = ("longprompt_fp8_m128n64w8s3-tma-codes_1", "longprompt_fp8_v2_1", "longprompt_fp8_m128n64w8s3-tma-codes_2",
+             "longprompt_fp8_v2_2", "longprompt_bf16")  # the order they ran in
+
+
+def fp8_rows(results: Path) -> list[str]:
+    """8-bit pages: the step's pages dequantized into a 16-bit scratch pool first (the default) against the kernel
+    reading the codes (``-codes``): the sweep's FP8 case, then the engine's long-prompt TTFT in run order."""
+    folder = results / FP8_RUN
+    tune = folder / "prefill_tune.json"
+    if not tune.exists():
+        return []
+    rows = [r for r in json.loads(tune.read_text())["rows"] if r["case"].startswith("fp8")]
+    lines = ["### Prefill over FP8 pages: dequantized first, or read as codes by the kernel", "",
+             "By default a prefill over 8-bit pages (FP8, INT8) with 16-bit queries first dequantizes the pages the "
+             "step reads into a 16-bit scratch pool (one pass, `dequantize_pages` in `kernels/paged_prefill.py`), "
+             "then runs the 16-bit kernel and launch on it; `-codes` launches read the codes in the kernel, "
+             "converting each key and value tile for every block of queries that reads it. Same baseline as above "
+             f"(gather + SDPA on bf16 pages), same machine and call (`{folder.relative_to(results.parent.parent)}`).",
+             "", "| case | launch | ms | against the baseline |", "|---|---|---|---|"]
+    for r in rows:
+        for name, k in r["kernels"].items():
+            if "ms" in k and name != "v1":
+                kind = "codes in the kernel" if name.endswith("-codes") else "dequantized first"
+                lines.append(f"| {r['case']} | {name} ({kind}) | {k['ms']:.3f} | {k['ratio']:.2f}x |")
+    runs = []
+    for name in FP8_ORDER:
+        path = folder / f"{name}.json"
+        if path.exists():
+            d = json.loads(path.read_text())
+            runs.append((name, d, next(iter(d["systems"].items()))))
+    if runs:
+        d0 = runs[0][1]
+        lines += ["", f"The engine on the long-prompt workload ({d0['device']}, random-weight {d0['model']}, "
+                  f"{d0['requests']} requests of {d0['prompt_len'][0]:,}-{d0['prompt_len'][1]:,}-token prompts, "
+                  f"{d0['max_tokens']} new tokens, {d0['kv_gib']} GiB of KV), in the order the runs went; the first "
+                  "run also compiled the kernels:", "",
+                  "| run | system | prefill over 8-bit pages | TTFT mean / p50 / p99 (s) | tok/s | wall (s) |",
+                  "|---|---|---|---|---|---|"]
+        for i, (name, d, (system, r)) in enumerate(runs, 1):
+            how = "-" if "fp8" not in system else ("codes in the kernel" if "codes" in name else "dequantized first")
+            lines.append(f"| {i} | {system} | {how} | {r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f} / "
+                         f"{r['ttft_p99_s']:.2f} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} |")
     return lines + [""]
