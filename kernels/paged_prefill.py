@@ -158,10 +158,11 @@ def dequantize_pages(k_cache, v_cache, k_scale, v_scale, page_table, dtype):
     """The pages ``page_table`` names, dequantized (``code * scale``) into a scratch pool of ``dtype``: returns
     ``(keys, values, table)``, the pools ``[B * W, page_size, H_kv, D]`` with entry ``(b, w)`` of the table at
     page ``b * W + w`` and ``table`` the identity map ``[B, W]``. Every entry is copied, padding entries and
-    slots past a sequence's length included (their bytes are never attended). One Triton launch on a GPU (or
-    under the interpreter), PyTorch otherwise."""
+    slots past a sequence's length included (their bytes are never attended; an entry outside the pool, such
+    as a -1 for padding, reads its nearest page instead of memory past the pool). One Triton launch on a GPU
+    (or under the interpreter), PyTorch otherwise."""
     B, W = page_table.shape
-    _, page, Hkv, D = k_cache.shape
+    num_pages, page, Hkv, D = k_cache.shape
     ko = torch.empty(B * W, page, Hkv, D, dtype=dtype, device=k_cache.device)
     vo = torch.empty_like(ko)
     table = torch.arange(B * W, dtype=page_table.dtype, device=page_table.device).view(B, W)
@@ -170,14 +171,14 @@ def dequantize_pages(k_cache, v_cache, k_scale, v_scale, page_table, dtype):
     if HAS_TRITON and (k_cache.is_cuda or interpreting()):
         block_t = min(page, 64)
         _dequantize_pages_kernel[(B * W, Hkv, triton.cdiv(page, block_t))](
-            k_cache, v_cache, k_scale, v_scale, page_table, ko, vo, W,
+            k_cache, v_cache, k_scale, v_scale, page_table, ko, vo, W, num_pages,
             page_table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
             ko.stride(0), ko.stride(1), ko.stride(2),
             PAGE=page, D=D, BLOCK_T=block_t, BLOCK_D=next_pow2(D), num_warps=4,
         )
     else:
-        pages = page_table.reshape(-1).long()
+        pages = page_table.reshape(-1).long().clamp(0, num_pages - 1)
         ko.copy_((k_cache[pages].float() * k_scale[pages][..., None]).to(dtype))
         vo.copy_((v_cache[pages].float() * v_scale[pages][..., None]).to(dtype))
     return ko, vo, table
@@ -211,7 +212,7 @@ def _has_tma(device: torch.device) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _dequantize_pages_kernel(K, V, KS, VS, PT, KO, VO, W,
+    def _dequantize_pages_kernel(K, V, KS, VS, PT, KO, VO, W, NUM_PAGES,
                                  stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
                                  stride_sp, stride_st, stride_op, stride_ot, stride_oh,
                                  PAGE: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -223,6 +224,7 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)
         m = (t < PAGE)[:, None] & (d < D)[None, :]
         page = tl.load(PT + (e // W) * stride_ptb + e % W).to(tl.int64)
+        page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1)  # (padding entries: never attended)
         ks = tl.load(KS + page * stride_sp + t * stride_st + h, mask=t < PAGE, other=0.0)
         vs = tl.load(VS + page * stride_sp + t * stride_st + h, mask=t < PAGE, other=0.0)
         k = tl.load(K + page * stride_kp + (t * stride_kt + h * stride_kh)[:, None] + d[None, :], mask=m, other=0.0)

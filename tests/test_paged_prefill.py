@@ -156,6 +156,13 @@ def test_dequantize_pages_equals_the_reference(interpret, monkeypatch):
         B, W = case["page_table"].shape
         assert k.shape == (B * W, 8, 2, 24) and k.dtype == v.dtype == torch.bfloat16
         assert torch.equal(table, torch.arange(B * W, dtype=table.dtype).view(B, W))
+        padded = case["page_table"].clone()
+        padded[1, -1] = -1  # a padding entry outside the pool: read as page 0, nothing past the pool
+        kp, _, _ = dequantize_pages(case["k_cache"], case["v_cache"], case["k_scale"], case["v_scale"], padded,
+                                    torch.bfloat16)
+        assert torch.equal(kp[W * 2 - 1].nan_to_num(), dequantize_pages(
+            case["k_cache"], case["v_cache"], case["k_scale"], case["v_scale"], padded.clamp(min=0),
+            torch.bfloat16)[0][W * 2 - 1].nan_to_num())
         pages = case["page_table"].reshape(-1).long()
         for got, pool, scales in ((k, case["k_cache"], case["k_scale"]), (v, case["v_cache"], case["v_scale"])):
             want = dequantize_reference(pool[pages], scales[pages], torch.bfloat16)
