@@ -166,8 +166,41 @@ def copy_bandwidth() -> float:
     return 2 * n * 2 * 20 / (time.perf_counter() - t) / 1e9
 
 
+def matmul_tflops() -> float:
+    """The GPU's bf16 matrix-product rate (TFLOP/s): 8192^3 products, random data."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * 10 / (time.perf_counter() - t) / 1e12
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def linear_weights(model) -> tuple[int, int]:
+    """(multiply-adds x 2 per token, bytes) of the model's linear layers (the LM head included): what every
+    running request computes in a decode step, and what the step reads for it."""
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return (2 * sum(w.numel() for w in weights.values()), sum(w.numel() * w.element_size() for w in weights.values()))
+
+
+def compute_floor_ms(floor_ms: float, running: float, flops_per_token: float, linear_bytes: float, bw_gbps: float,
+                     tflops: float) -> float:
+    """The decode step's floor counting the linear layers' arithmetic as well as the bytes: ``floor_ms`` (weights and
+    KV at the copy bandwidth) plus what the linear layers' products at ``running`` requests take beyond reading their
+    weights, at the measured matrix rate. With many requests a step's products are compute-bound (Qwen3-8B shapes
+    at 4.25 TB/s and 790 TFLOP/s: past about 190 requests), which the byte floor leaves out."""
+    gemm_ms = running * flops_per_token / (tflops * 1e12) * 1000
+    read_ms = linear_bytes / (bw_gbps * 1e9) * 1000
+    return floor_ms + max(0.0, gemm_ms - read_ms)
 
 
 def kv_bytes_per_token(model, kv_cache_dtype: str = "auto") -> int:
@@ -186,7 +219,7 @@ def kv_pages(model, kv_gib: float, page_size: int, stateful: bool, kv_cache_dtyp
 
 
 def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num_seqs=256, time_limit=None,
-               tokenizer=None, kv_cache_dtype: str = "auto", **kw) -> dict:
+               tokenizer=None, kv_cache_dtype: str = "auto", tflops: float = math.nan, **kw) -> dict:
     prompts, max_tokens = work.prompts, work.max_tokens
     device = next(model.parameters()).device
     cfg = zipage.ZipageConfig(budget=budget, page_size=page_size) if budget is not None else None
@@ -221,7 +254,7 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
     ids = [llm.add_request(p, dataclasses.replace(work.params(), seed=work.seed + i * work.n))
            for i, p in enumerate(prompts)]
     reset_peak(device)
-    running, steps, decode_ms, stored = [], 0, [], []
+    running, steps, decode_ms, stored, decode_running = [], 0, [], [], []
     first_token = llm.generated_tokens
     start = last = report = time.perf_counter()
     waiting_first, ttft = set(ids), {}  # requests without an output token yet; time to first token (s)
@@ -239,6 +272,7 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
         if r and all(not s.in_prefill for s in r):
             decode_ms.append((now - last) * 1000)
             stored.append(sum(s.stored for s in r))
+            decode_running.append(len(r))
         last = now
         steps += 1
         if now - report > 60:
@@ -267,12 +301,16 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
     med = sorted(decode_ms)[len(decode_ms) // 2] if decode_ms else math.nan
     med_stored = sorted(stored)[len(stored) // 2] if stored else 0
     floor_ms = (weight_bytes(model) + med_stored * kv_bytes_per_token(model, kv_cache_dtype)) / (bw * 1e9) * 1000
+    med_running = sorted(decode_running)[len(decode_running) // 2] if decode_running else 0
+    cfloor_ms = compute_floor_ms(floor_ms, med_running, *linear_weights(model), bw, tflops)
     res = dict(tokens_per_s=produced / wall, wall_s=wall, output_tokens=produced, truncated=truncated, requests=len(prompts), max_tokens=max_tokens,
                n=work.n, mean_output_tokens=produced / (len(prompts) * work.n),
                kv_pages=num_pages, page_size=page_size, kv_cache_dtype=kv_cache_dtype, peak_gib=peak_gib(device),
                mean_running=sum(running) / len(running), max_running=max(running), steps=steps,
                median_decode_step_ms=med, median_decode_kv_tokens=med_stored,
                decode_floor_ms=floor_ms, step_over_floor=med / floor_ms if decode_ms else math.nan,
+               median_decode_running=med_running, decode_compute_floor_ms=cfloor_ms,
+               step_over_compute_floor=med / cfloor_ms if decode_ms else math.nan,
                compression_share=compress_ms / 1000 / wall, compression_gpu_s=compress_ms / 1000,
                preemptions=stats["preemptions"], compressions=stats["compressions"], **ttft_stats(ttft.values()),
                async_compression=llm.async_compression, async_scheduling=llm.async_scheduling,
@@ -461,10 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     device = next(model.parameters()).device
     kv_gib = args.kv_gib if args.kv_gib is not None else KV_GIB[device.type]
     bw = copy_bandwidth() if device.type == "cuda" else math.nan
+    tflops = matmul_tflops() if device.type == "cuda" else math.nan
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     summary = dict(model=args.model, workload=args.workload, **facts, requests=len(work.prompts), n=work.n, max_tokens=args.max_tokens,
                    ignore_eos=work.ignore_eos, temperature=work.temperature, kv_gib=kv_gib,
-                   peer_max_tokens=args.peer_max_tokens, copy_bandwidth_gbps=bw, weight_gib=weight_bytes(model) / 2**30,
+                   peer_max_tokens=args.peer_max_tokens, copy_bandwidth_gbps=bw, matmul_tflops=tflops, weight_gib=weight_bytes(model) / 2**30,
                    kv_bytes_per_token=kv_bytes_per_token(model),
                    device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
                    torch=torch.__version__, transformers=transformers.__version__,
@@ -486,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                                            tokenizer=tokenizer, max_num_seqs=args.max_num_seqs,
                                            kv_cache_dtype=kv,
                                            async_compression=budget is not None and not args.sync_compression,
-                                           async_scheduling="sync" not in parts[2:], time_limit=args.time_limit)
+                                           async_scheduling="sync" not in parts[2:], time_limit=args.time_limit,
+                                           tflops=tflops)
             elif name == "hf-generate_batch":
                 results[name] = run_generate_batch(model, work, min(args.peer_max_tokens, args.max_tokens), kv_gib)
             elif name == "hf-generate":
@@ -506,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(summary: dict) -> str:
     lines = [f"{'system':18s} {'req x tok':>11s} {'mean out':>8s} {'tok/s':>8s} {'peak GiB':>8s} {'conc':>5s} {'max':>4s} "
-             f"{'step ms':>8s} {'floor':>6s} {'x':>5s} {'compr%':>6s} {'preempt':>7s} {'ttft s':>7s} {'p50':>6s} "
+             f"{'step ms':>8s} {'floor':>6s} {'x':>5s} {'cfloor':>6s} {'x':>5s} {'compr%':>6s} {'preempt':>7s} {'ttft s':>7s} {'p50':>6s} "
              f"{'p99':>6s}"]
     for name, r in summary["systems"].items():
         if "error" in r:
@@ -517,7 +557,8 @@ def table(summary: dict) -> str:
             f"{r.get('mean_output_tokens', r['max_tokens']):8.0f} {r['tokens_per_s']:8.0f} "
             f"{r['peak_gib']:8.1f} {r.get('mean_running', r.get('batch', 0)):5.1f} {r.get('max_running', r.get('batch', 0)):4d} "
             f"{r.get('median_decode_step_ms', math.nan):8.1f} {r.get('decode_floor_ms', math.nan):6.1f} "
-            f"{r.get('step_over_floor', math.nan):5.2f} {100 * r.get('compression_share', 0):6.1f} "
+            f"{r.get('step_over_floor', math.nan):5.2f} {r.get('decode_compute_floor_ms', math.nan):6.1f} "
+            f"{r.get('step_over_compute_floor', math.nan):5.2f} {100 * r.get('compression_share', 0):6.1f} "
             f"{r.get('preemptions', 0):7d} {r.get('ttft_mean_s', math.nan):7.2f} {r.get('ttft_p50_s', math.nan):6.2f} "
             f"{r.get('ttft_p99_s', math.nan):6.2f}")
     return "\n".join(lines)

@@ -60,3 +60,35 @@ def test_engine_run_reports_time_to_first_token(budget):
     assert 0 < res["ttft_p50_s"] < res["ttft_p99_s"] <= res["wall_s"]
     assert res["ttft_mean_s"] <= res["ttft_p99_s"]
     assert "ttft s" in tp.table({"systems": {"zipage": res}})
+    # the decode steps' median concurrency beside the floors (no bandwidth or matrix rate measured on the CPU)
+    assert 1 <= res["median_decode_running"] <= 3 and math.isnan(res["decode_compute_floor_ms"])
+    assert "cfloor" in tp.table({"systems": {"zipage": res}})
+
+
+def test_compute_floor_adds_the_products_beyond_reading_the_weights():
+    """The decode floor with the linear layers' arithmetic: below the rate's crossover the byte floor stands; above
+    it the products' time replaces the weights' reading time. Qwen3-8B's FP8 run of the benchmarks page (489
+    requests, byte floor 18.4 ms) at 4,250 GB/s and 790 TFLOP/s: 23.9 ms, not 18.4."""
+    flops, linear = 2 * 7.57e9, 2 * 7.57e9  # Qwen3-8B's linear layers: 7.57e9 bf16 weights
+    assert tp.compute_floor_ms(18.4, 100, flops, linear, 4250, 790) == 18.4  # reading the weights takes longer
+    got = tp.compute_floor_ms(18.4, 489, flops, linear, 4250, 790)
+    assert got == pytest.approx(18.4 + 489 * flops / 790e12 * 1e3 - linear / 4250e9 * 1e3)
+    assert 23.5 < got < 24.3
+    assert math.isnan(tp.compute_floor_ms(math.nan, 4, flops, linear, math.nan, math.nan))
+
+
+def test_linear_weights_count_each_weight_once():
+    """Multiply-adds per token and bytes of the linear layers: every nn.Linear weight once (a head tied to the
+    embedding is the embedding's weight, counted once as the head's)."""
+    import torch
+
+    model = tiny_model("qwen3")
+    linears = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    n = sum(w.numel() for w in linears.values())
+    assert n > 0
+    assert tp.linear_weights(model) == (2 * n, n * next(iter(linears.values())).element_size())
+    layer = model.model.layers[0]
+    parts = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+             layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    per_layer = sum(m.weight.numel() for m in parts)
+    assert n == per_layer * len(model.model.layers) + model.lm_head.weight.numel()
