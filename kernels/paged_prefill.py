@@ -43,6 +43,7 @@ import re
 import torch
 
 from ._triton import HAS_TRITON, dot_precision, interpreting, next_pow2
+from .fp8 import dequantize_reference
 from .paged_attention import LOG2E, _check_paged, _check_sinks, _scale_args, paged_prefill_attention_triton
 
 HAS_TENSOR_DESCRIPTOR = False
@@ -179,8 +180,8 @@ def dequantize_pages(k_cache, v_cache, k_scale, v_scale, page_table, dtype):
         )
     else:
         pages = page_table.reshape(-1).long().clamp(0, num_pages - 1)
-        ko.copy_((k_cache[pages].float() * k_scale[pages][..., None]).to(dtype))
-        vo.copy_((v_cache[pages].float() * v_scale[pages][..., None]).to(dtype))
+        ko.copy_(dequantize_reference(k_cache[pages], k_scale[pages], dtype))
+        vo.copy_(dequantize_reference(v_cache[pages], v_scale[pages], dtype))
     return ko, vo, table
 
 
