@@ -318,9 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     deadline = t0 + args.budget_s
     names = args.variants.split(",") if args.variants else list(VARIANTS)
-    variants = {n: VARIANTS.get(n) or v2.parse_config(n) for n in names}
     fp8_names = args.fp8_variants.split(",") if args.fp8_variants else list(FP8_VARIANTS)
-    fp8_variants = {n: v2.parse_config(n) for n in fp8_names}
+    try:  # a bad launch name is a usage error, before any GPU work
+        variants = {n: VARIANTS.get(n) or v2.parse_config(n) for n in names}
+        fp8_variants = {n: v2.parse_config(n) for n in fp8_names}
+    except ValueError as err:
+        ap.error(str(err))
     rows = []
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)"
     summary = dict(device=device, torch=torch.__version__, triton=triton.__version__,

@@ -343,6 +343,16 @@ def test_tuning_benchmark_smoke(tmp_path):
     assert {"v1-prefill+decode", "v2-prefill+decode"} <= set(rows[2]["kernels"])
 
 
+@pytest.mark.parametrize("flag", ["--variants", "--fp8-variants"])
+def test_tuning_benchmark_refuses_a_bad_launch_name(flag, tmp_path, capsys):
+    import zipage.bench.prefill_tune as tune
+
+    with pytest.raises(SystemExit) as e:
+        tune.main(["--smoke", flag, "m64n64w4s3,m64x", "--out", str(tmp_path / "t.json")])
+    assert e.value.code == 2 and "prefill config 'm64x'" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("choice, page", [("v2", 16), ("v2:m64n32w4s2-tma", 64)])
