@@ -43,12 +43,20 @@
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
 #              generate_speed.py gpu with an untimed run of every cache before each variant
+#   PART=prefetch the FP8 decode kernel with each tile's page read one tile ahead (prefetch=1: multi-buffered
+#              tile loads) against without: its GPU tests, then the kernel sweep of tensor-descriptor tiles
+#              (benchmarks/fp8_decode_tune.py --match tma; the fastest variant written to fp8_best.env)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 case "${PART:-final}" in
+  prefetch)
+    timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_kernels.py \
+      2>&1 | tee "$OUT/gpu_tests_prefetch.log" | tail -4
+    timeout 260 python3 benchmarks/fp8_decode_tune.py --match tma --out "$OUT/fp8_decode_prefetch.json" \
+      --best-env "$OUT/fp8_best.env" 2>&1 | tail -45 ;;
   fp8)
     timeout "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_fp8_kernels.py \
       tests/test_fp8_engine.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/gpu_tests_session.log" | tail -6
