@@ -55,18 +55,18 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 case "${PART:-final}" in
   ncu)
-    for kind in fp8 bf16; do
+    for kind in ${KINDS:-fp8 bf16}; do  # (the reports stay on the machine: only text comes back)
       if [ $kind = fp8 ]; then K="regex:_decode_split_fp8"; else K="regex:^_decode_split_kernel"; fi
       timeout 200 ncu --clock-control none --set full --import-source yes -k "$K" --launch-skip 3 --launch-count 1 \
-        -f -o "$OUT/ncu_$kind" python3 benchmarks/fp8_decode_profile.py \
+        -f -o "/tmp/ncu_$kind" python3 benchmarks/fp8_decode_profile.py \
         ${FP8_CHOICE:+--fp8-choice "$FP8_CHOICE"} > "$OUT/ncu_$kind.log" 2>&1
       tail -3 "$OUT/ncu_$kind.log"
-      ncu -i "$OUT/ncu_$kind.ncu-rep" --page details > "$OUT/ncu_${kind}_details.txt" 2>&1
-      ncu -i "$OUT/ncu_$kind.ncu-rep" --page source --print-source sass --csv > "$OUT/ncu_${kind}_sass.csv" 2>&1
+      ncu -i "/tmp/ncu_$kind.ncu-rep" --page details > "$OUT/ncu_${kind}_details.txt" 2>&1
+      ncu -i "/tmp/ncu_$kind.ncu-rep" --page source --print-source sass --csv > "$OUT/ncu_${kind}_sass.csv" 2>&1
       ls -la "$OUT"/ncu_${kind}*
     done
-    grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Shared Memory Configuration|Dynamic Shared" \
-      "$OUT/ncu_fp8_details.txt" "$OUT/ncu_bf16_details.txt" | head -40 ;;
+    grep -hE "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Shared Memory Configuration|Dynamic Shared" \
+      "$OUT"/ncu_*_details.txt | head -40 ;;
   prefetch)
     timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_kernels.py \
       2>&1 | tee "$OUT/gpu_tests_prefetch.log" | tail -4
