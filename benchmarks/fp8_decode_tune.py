@@ -149,6 +149,11 @@ def main() -> None:
                         dict(convert="fp16", head_fast=1, load=load, prefetch=1)))
                 variants.append(("int8", f"int8/fp16/hf1/{load}/pf", dict(block_n=128, num_warps=4, num_stages=3),
                                  dict(convert="fp16", head_fast=1, load=load, prefetch=1)))
+            for head_fast in (1, 0):  # head-major scale pools: a tile's 128 scales in 16 sectors, not 128
+                for stages in (3, 4):
+                    variants.append(("fp8", f"fp8/fp16/hf{head_fast}/tma/hm", dict(block_n=128, num_warps=4,
+                                     num_stages=stages), dict(convert="fp16", head_fast=head_fast, load="tma",
+                                                              head_major=True)))
         if args.match:
             keys = args.match.split(",")
             variants = [x for x in variants if x[1] == "general" or any(m in x[1] for m in keys)]

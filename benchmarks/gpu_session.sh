@@ -46,6 +46,7 @@
 #   PART=prefetch the FP8 decode kernel with each tile's page read one tile ahead (prefetch=1: multi-buffered
 #              tile loads) against without: its GPU tests, then the kernel sweep of tensor-descriptor tiles
 #              (benchmarks/fp8_decode_tune.py --match tma; the fastest variant written to fp8_best.env)
+#   PART=hm    the FP8 decode kernel with head-major scale pools against token-major ones (tensor-descriptor tiles)
 #   PART=ncu   Nsight Compute on the FP8 decode kernel and on the bf16 one (benchmarks/fp8_decode_profile.py,
 #              512 x 2,176 tokens): details and per-instruction SASS pages as text (FP8_CHOICE picks the launch)
 set -uo pipefail
@@ -67,6 +68,8 @@ case "${PART:-final}" in
     done
     grep -hE "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Shared Memory Configuration|Dynamic Shared" \
       "$OUT"/ncu_*_details.txt | head -40 ;;
+  hm)
+    timeout 200 python3 benchmarks/fp8_decode_tune.py --match hf1/tma,hm --out "$OUT/fp8_decode_hm.json" 2>&1 | tail -30 ;;
   prefetch)
     timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_kernels.py \
       2>&1 | tee "$OUT/gpu_tests_prefetch.log" | tail -4
