@@ -46,6 +46,8 @@
 #   PART=prefetch the FP8 decode kernel with each tile's page read one tile ahead (prefetch=1: multi-buffered
 #              tile loads) against without: its GPU tests, then the kernel sweep of tensor-descriptor tiles
 #              (benchmarks/fp8_decode_tune.py --match tma; the fastest variant written to fp8_best.env)
+#   PART=cfloor zipage-2048 with FP8 and bf16 pages (Qwen3-8B shapes, 512 requests, 80 GiB of KV) run past the budget,
+#              with the step's floor counting the linear layers' products at the measured matrix rate
 #   PART=hm    the FP8 decode kernel with head-major scale pools against token-major ones (tensor-descriptor tiles)
 #   PART=ncu   Nsight Compute on the FP8 decode kernel and on the bf16 one (benchmarks/fp8_decode_profile.py,
 #              512 x 2,176 tokens): details and per-instruction SASS pages as text (FP8_CHOICE picks the launch)
@@ -68,6 +70,10 @@ case "${PART:-final}" in
     done
     grep -hE "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Shared Memory Configuration|Dynamic Shared" \
       "$OUT"/ncu_*_details.txt | head -40 ;;
+  cfloor)
+    timeout 450 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 --max-tokens 4096 \
+      --kv-gib 80 --time-limit "${TIME_LIMIT:-100}" --systems zipage-2048-fp8,zipage-2048 \
+      --out "$OUT/throughput_qwen3-8b_fp8_cfloor.json" 2>&1 | tail -8 ;;
   hm)
     timeout 200 python3 benchmarks/fp8_decode_tune.py --match hf1/tma,hm --out "$OUT/fp8_decode_hm.json" 2>&1 | tail -30 ;;
   prefetch)
