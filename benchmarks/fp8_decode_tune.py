@@ -9,8 +9,8 @@ the share of the copy bandwidth it moves (keys, values and, for FP8, their float
 * FP8 pages, ``kernels/paged_decode_fp8.py``: by default its fastest earlier choice (fp16 dots,
   gather loads) against tiles read from one page (``load=page``: a page-table read per tile, a
   scalar base) and through tensor descriptors (``load=tma``), each with fp16 dots and with FP8
-  tensor cores on the stored codes (``convert=fp8mma``), over a few tiles and launches, and each with
-  the next tile's page read one tile ahead (``prefetch=1``, names ending ``/pf``);
+  tensor cores on the stored codes (``convert=fp8mma``), over a few tiles and launches, and
+  tensor-descriptor tiles with head-major scale pools (names ending ``/hm``);
   ``--all`` instead sweeps every ``convert`` (bf16 / fp16 / bits / fp8mma) x grid order
   (``head_fast``) x launch with gather loads, and head-major scale pools.
 
@@ -50,11 +50,6 @@ FP8_LAUNCHES = [  # (block_n, num_warps, num_stages)
 
 LOAD_LAUNCHES = [  # (block_n, num_warps, num_stages) for page-base and tensor-descriptor tiles
     (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (128, 2, 3), (64, 4, 4),
-]
-
-
-PREFETCH_LAUNCHES = [  # with the next tile's page read a tile ahead (prefetch=1): the pipeliner's buffers apply
-    (128, 4, 3), (128, 4, 4), (128, 8, 3), (128, 8, 4), (64, 4, 3), (64, 4, 4), (64, 4, 5), (64, 8, 4),
 ]
 
 
@@ -143,12 +138,6 @@ def main() -> None:
                             dict(convert=convert, head_fast=1, load=load)))
                 variants.append(("int8", f"int8/fp16/hf1/{load}", dict(block_n=128, num_warps=4, num_stages=3),
                                  dict(convert="fp16", head_fast=1, load=load)))
-                for block_n, warps, stages in PREFETCH_LAUNCHES if load == "tma" else PREFETCH_LAUNCHES[:1]:
-                    variants.append(("fp8", f"fp8/fp16/hf1/{load}/pf", dict(
-                        block_n=block_n, num_warps=warps, num_stages=stages),
-                        dict(convert="fp16", head_fast=1, load=load, prefetch=1)))
-                variants.append(("int8", f"int8/fp16/hf1/{load}/pf", dict(block_n=128, num_warps=4, num_stages=3),
-                                 dict(convert="fp16", head_fast=1, load=load, prefetch=1)))
             for head_fast in (1, 0):  # head-major scale pools: a tile's 128 scales in 16 sectors, not 128
                 for stages in (3, 4):
                     variants.append(("fp8", f"fp8/fp16/hf{head_fast}/tma/hm", dict(block_n=128, num_warps=4,

@@ -43,14 +43,6 @@
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
 #              generate_speed.py gpu with an untimed run of every cache before each variant
-#   PART=prefetch the FP8 decode kernel with each tile's page read one tile ahead (prefetch=1: multi-buffered
-#              tile loads) against without: its GPU tests, then the kernel sweep of tensor-descriptor tiles
-#              (benchmarks/fp8_decode_tune.py --match tma; the fastest variant written to fp8_best.env)
-#   PART=cfloor zipage-2048 with FP8 and bf16 pages (Qwen3-8B shapes, 512 requests, 80 GiB of KV) run past the budget,
-#              with the step's floor counting the linear layers' products at the measured matrix rate
-#   PART=hm    the FP8 decode kernel with head-major scale pools against token-major ones (tensor-descriptor tiles)
-#   PART=ncu   Nsight Compute on the FP8 decode kernel and on the bf16 one (benchmarks/fp8_decode_profile.py,
-#              512 x 2,176 tokens): details and per-instruction SASS pages as text (FP8_CHOICE picks the launch)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -76,11 +68,6 @@ case "${PART:-final}" in
       --out "$OUT/throughput_qwen3-8b_fp8_cfloor.json" 2>&1 | tail -8 ;;
   hm)
     timeout 200 python3 benchmarks/fp8_decode_tune.py --match hf1/tma,hm --out "$OUT/fp8_decode_hm.json" 2>&1 | tail -30 ;;
-  prefetch)
-    timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_kernels.py \
-      2>&1 | tee "$OUT/gpu_tests_prefetch.log" | tail -4
-    timeout 260 python3 benchmarks/fp8_decode_tune.py --match tma --out "$OUT/fp8_decode_prefetch.json" \
-      --best-env "$OUT/fp8_best.env" 2>&1 | tail -45 ;;
   fp8)
     timeout "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_fp8_kernels.py \
       tests/test_fp8_engine.py tests/test_engine_gpu.py 2>&1 | tee "$OUT/gpu_tests_session.log" | tail -6

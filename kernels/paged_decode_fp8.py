@@ -27,12 +27,6 @@ speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
   ``"tma"``: the same tile through a tensor descriptor (the Hopper copy engine; compute capability
   9.0 or newer, contiguous pools, a power-of-two head dim); rows outside the sequence's range are
   then other slots' bytes, so a partial tile's values are zeroed (as bytes) before the value dot.
-* ``prefetch`` (``load`` "page" or "tma"): each tile's page is read from the page table one tile
-  ahead, as a value the loop carries. Read in the tile's own iteration, the page is a load feeding the
-  tile's address, and Triton's software pipeliner then gives the tile loads a single buffer (the next
-  tile's copy is issued only after this tile's dots: nothing overlaps within a program). Carried, the
-  page is known an iteration early and ``num_stages=s`` gets ``s - 1`` buffers (seen in the compiled
-  TTGIR of Triton 3.6 and 3.9: one 128 x 128 buffer per pool at every ``num_stages`` without it).
 * ``block_n``, ``num_warps``, ``num_stages``: the tile and the launch.
 
 Tried and removed: the key tile (and the value tile) as the dots' first operand, the logits computed
@@ -40,6 +34,17 @@ as ``k @ q^T`` (and the output as ``v^T @ p^T``) so the 128-token tile fills the
 instead of a query group padded to 16 rows. On the H200 it was 7-15% slower than this kernel at 256
 and 512 requests (512 x 2,176 tokens: 0.89-0.92 ms against 0.80 ms,
 ``benchmarks/results/issue15/s26/call1/``; the variant is commit de2706b).
+
+Also tried and removed: each tile's page read from the page table one tile ahead (commit 16c3e73). Read in
+the tile's own iteration, the page is a load feeding the tile copy's address, and Triton's pipeliner then
+gives the tensor-descriptor tiles one buffer per pool at any ``num_stages`` (the compiled TTGIR of Triton 3.6
+and 3.9); carried one tile ahead, ``num_stages=3`` got two. It was no faster on the H200 (512 requests:
+0.808 ms both ways; more stages, one program per multiprocessor: 1.15 ms), since the copies' latency is
+already hidden across the three programs a multiprocessor holds. Nsight Compute places the time in the
+tile's chain of dependent work instead (``benchmarks/results/issue15/s30/``): ~830 instructions per warp
+and tile at ~9 cycles each, waiting on shared memory (the value tile's fp16 copy, the row maxima across
+warps, the probabilities moved to the second dot's layout), with 12 warps per multiprocessor (168
+registers and 75 KB of shared memory a program).
 
 INT8 pages take the ``"fp16"`` and ``"bf16"`` conversions (every int8 code is exact in both).
 :func:`default_choice` is what the engine uses on a GPU: fp16 dots, heads side by side, 128-token
@@ -131,7 +136,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
         CONVERT: tl.constexpr, HEAD_FAST: tl.constexpr, LOAD: tl.constexpr = 0, INT8_CODES: tl.constexpr = False,
         WINDOW: tl.constexpr = 0,
-        SOFTCAP_LOG2: tl.constexpr = 0.0, PREFETCH: tl.constexpr = False,
+        SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         if HEAD_FAST:  # the KV heads of one (sequence, split) side by side: they share the scale sectors
             hk = tl.program_id(0)
@@ -159,21 +164,13 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         offs_n = tl.arange(0, BLOCK_N)
-        if PREFETCH:  # the page of the loop's next tile, read one tile ahead (see ``prefetch`` above)
-            last_page = tl.maximum(tl.cdiv(hi, PAGE) - 1, 0)
-            page_nx = tl.load(PT + b * stride_ptb + lo // PAGE, mask=lo < hi, other=0).to(tl.int32)
         for t0 in range(lo, hi, BLOCK_N):
             t = t0 + offs_n
             in_range = t < hi
             valid = in_range & (t >= start)
             m2 = valid[:, None] & dmask[None, :]
-            if LOAD != 0:  # the tile's page (descriptor coordinates are 32-bit)
-                if PREFETCH:
-                    page1 = page_nx
-                    page_nx = tl.load(PT + b * stride_ptb + tl.minimum((t0 + BLOCK_N) // PAGE, last_page)).to(tl.int32)
-                else:
-                    page1 = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int32)
             if LOAD == 2:  # the tile is rows page * PAGE + slot0.. of the pool seen as [slots, H_kv * D]
+                page1 = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int32)  # (descriptor coordinates: 32-bit)
                 row = page1 * PAGE + t0 % PAGE
                 k = KD.load([row, hk * D])
                 v = VD.load([row, hk * D])
@@ -182,14 +179,14 @@ if HAS_TRITON:
                     v = tl.where(valid[:, None], vb, tl.zeros_like(vb)).to(v.dtype, bitcast=True)
                 s_off = page1.to(tl.int64) * stride_sp + (t0 % PAGE + offs_n) * stride_st + hk * stride_sh
             elif LOAD == 1:  # the tile in one page: one page-table read, a scalar base and fixed offsets
-                page_l = page1.to(tl.int64)
+                page1 = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
                 slot0 = t0 % PAGE
                 rows = offs_n[:, None]
-                k = tl.load(K + (page_l * stride_kp + slot0 * stride_kt + hk * stride_kh) + rows * stride_kt
+                k = tl.load(K + (page1 * stride_kp + slot0 * stride_kt + hk * stride_kh) + rows * stride_kt
                             + d[None, :], mask=m2, other=0.0)
-                v = tl.load(V + (page_l * stride_vp + slot0 * stride_vt + hk * stride_vh) + rows * stride_vt
+                v = tl.load(V + (page1 * stride_vp + slot0 * stride_vt + hk * stride_vh) + rows * stride_vt
                             + d[None, :], mask=m2, other=0.0)
-                s_off = page_l * stride_sp + (slot0 + offs_n) * stride_st + hk * stride_sh
+                s_off = page1 * stride_sp + (slot0 + offs_n) * stride_st + hk * stride_sh
             else:
                 page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
                 slot = t % PAGE
@@ -237,8 +234,7 @@ if HAS_TRITON:
 def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, kv_lens, kv_starts, mid_o, mid_lse,
                             scale_log2: float, *, num_splits: int, block_n: int, convert: str = "bf16",
                             head_fast: bool = False, load: str = "gather", window: int = 0,
-                            softcap_log2: float = 0.0, num_warps: int = 4, num_stages: int = 2,
-                            prefetch: bool = False) -> None:
+                            softcap_log2: float = 0.0, num_warps: int = 4, num_stages: int = 2) -> None:
     """The split pass over FP8 pages into ``mid_o`` / ``mid_lse`` (``paged_attention``'s merge kernel
     finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path)."""
     if convert not in CONVERTS:
@@ -279,9 +275,7 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         B, HKV=Hkv, HQ=Hq, G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_D=next_pow2(D), PAGE=page,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, CONVERT=CONVERTS.index(convert), HEAD_FAST=bool(head_fast),
-        LOAD=LOADS.index(load), INT8_CODES=k_cache.dtype == torch.int8, WINDOW=int(window),
-        SOFTCAP_LOG2=float(softcap_log2), PREFETCH=bool(prefetch) and load != "gather", num_warps=num_warps,
-        num_stages=num_stages,
+        LOAD=LOADS.index(load), INT8_CODES=k_cache.dtype == torch.int8, WINDOW=int(window), SOFTCAP_LOG2=float(softcap_log2), num_warps=num_warps, num_stages=num_stages,
     )
 
 
