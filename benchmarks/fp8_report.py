@@ -9,8 +9,9 @@ from pathlib import Path
 
 def _engine_table(paths: list[Path]) -> list[str]:
     lines = ["| run | system | time limit (s) | running (mean) | mean output | tok/s | decode step (ms) | floor (ms) "
-             "| step / floor | 8-bit / bf16 tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| step / floor | floor with products (ms) | step / that floor | 8-bit / bf16 tok/s "
+             "| 8-bit / bf16 decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         data = json.loads(path.read_text())
         systems = data.get("systems", {})
@@ -22,11 +23,25 @@ def _engine_table(paths: list[Path]) -> list[str]:
             for name in [bf16] + quantized:
                 r = systems[name]
                 ratio = r["tokens_per_s"] / systems[bf16]["tokens_per_s"]
+                cfloor = r.get("decode_compute_floor_ms")
+                over = f"{r['step_over_compute_floor']:.2f}" if cfloor else ""
+                rate = _decode_rate(r)
+                base_rate = _decode_rate(systems[bf16])
+                decode_ratio = f"{rate / base_rate:.2f}x" if rate and base_rate and name != bf16 else ""
                 lines.append(f"| `{path.name}` | {name} | {limit} | {r['mean_running']:.0f} | "
                              f"{r['mean_output_tokens']:,.0f} | {r['tokens_per_s']:,.0f} | "
                              f"{r['median_decode_step_ms']:.1f} | {r['decode_floor_ms']:.1f} | "
-                             f"{r['step_over_floor']:.2f} | {f'{ratio:.2f}x' if name != bf16 else ''} |")
+                             f"{r['step_over_floor']:.2f} | {f'{cfloor:.1f}' if cfloor else ''} | "
+                             f"{over} | "
+                             f"{f'{ratio:.2f}x' if name != bf16 else ''} | {decode_ratio} |")
     return lines if len(lines) > 2 else []
+
+
+def _decode_rate(r: dict) -> float | None:
+    """Tokens a millisecond of the median decode step: the requests it runs over its time (runs that record
+    ``median_decode_running``)."""
+    running = r.get("median_decode_running")
+    return running / r["median_decode_step_ms"] if running and r.get("median_decode_step_ms") else None
 
 
 def _time_limit(command: str) -> str:
@@ -61,14 +76,27 @@ def fp8_section(results: Path) -> str:
              "the floor is the step's bytes (weights and KV, scales included) at the copy bandwidth. It leaves out "
              "the linear layers' arithmetic, which at the 8-bit runs' ~490 requests takes longer than reading "
              "their weights (15 GFLOP per Qwen3-8B token: 7.4 TFLOP a step), so those steps cannot reach it; "
-             "`benchmarks/throughput.py` now also measures the GPU's bf16 matrix rate and records a floor with "
-             "the products (`decode_compute_floor_ms`, `step_over_compute_floor`) for the runs to come. Runs are "
+             "`benchmarks/throughput.py` also measures the GPU's bf16 matrix rate and records a floor with "
+             "the products (`decode_compute_floor_ms`, `step_over_compute_floor`; the last run is the first to "
+             "have them). The last column compares the decode steps alone (requests running over the median "
+             "step's time): tok/s over a time limit also counts the prefill of every admitted prompt, twice as "
+             "many for 8-bit pages, which a run to completion spreads over 4,096 tokens each. Runs are "
              "listed oldest first: `fp8_block128` decoded 8-bit pages with the general kernel, the `tma` runs "
              "with `kernels/paged_decode_fp8.py` reading tiles through tensor descriptors (the default since). "
              "Within a time limit the 8-bit runs, with twice the requests running, reach the budget later "
              "(mean output below 2,048 tokens: no compression yet), so their tok/s still includes the ramp. "
              "`throughput_qwen3-8b_z_8bit_steady.json` runs each system 115 s, past the budget (INT8 pages "
-             "rotated there, as they are stored now).", ""]
+             "rotated there, as they are stored now); `throughput_qwen3-8b_zz_fp8_cfloor.json` 100 s, FP8 "
+             "against bf16 (`PART=cfloor` of `benchmarks/gpu_session.sh`).", "",
+             "What holds the FP8 step above its floor is the decode kernel on FP8 pages, at 0.69 of the copy "
+             "bandwidth where the bf16 kernel reaches 1.0. Nsight Compute (`PART=ncu`, "
+             "`benchmarks/results/issue15/s30/`) finds it bound neither by memory (DRAM 63%) nor by issue slots "
+             "(31% busy) but by each tile's chain of dependent work: ~830 instructions per warp and 128-token "
+             "tile at ~9 cycles each, mostly waiting on shared memory (the value tile's fp16 copy for the second "
+             "dot, 7-way bank-conflicted; the row maxima across the 4 warps; the probabilities moved to the "
+             "second dot's layout), with 3 programs (12 warps) per multiprocessor, limited by 168 registers and "
+             "75 KB of shared memory each. Double-buffered tile copies (`/pf` below, taken back out) and "
+             "head-major scale pools (`/hm`) each moved it by at most 1.5%.", ""]
     engine = _engine_table(sorted(folder.glob("throughput_*.json")))
     parts += engine + [""] if engine else ["(no engine pair yet)", ""]
     for path in sorted(folder.glob("fp8_decode_*.json")):
@@ -78,7 +106,9 @@ def fp8_section(results: Path) -> str:
                   "the split kernel every page type uses; `fp8/<convert>/hf<head_fast>` is "
                   "`kernels/paged_decode_fp8.py` (`/hm`: head-major scale pools; `/page`: one page-table read per "
                   "tile; `/tma`: tiles through tensor descriptors, the default on Hopper; `/swap1`, `/swap2`: the key "
-                  "tile, then the value tile too, as the dots' first operand, measured slower and removed since).", ""]
+                  "tile, then the value tile too, as the dots' first operand, measured slower and removed since; "
+                  "`/pf`: each tile's page read one tile ahead so the tile copies are double-buffered, no faster "
+                  "and removed since).", ""]
         parts += _kernel_table(path) + [""]
     reports = [("quality_fp8.md", "FP8 and INT8 pages with eviction (quality report)",
                 "INT8 pages here are unrotated (measured before INT8 pages were stored rotated; "
