@@ -138,6 +138,8 @@ def main() -> None:
                             dict(convert=convert, head_fast=1, load=load)))
                 variants.append(("int8", f"int8/fp16/hf1/{load}", dict(block_n=128, num_warps=4, num_stages=3),
                                  dict(convert="fp16", head_fast=1, load=load)))
+            variants.append(("int8", "int8/fp16/hf1/tma/noptx", dict(block_n=128, num_warps=4, num_stages=3),
+                             dict(convert="fp16", head_fast=1, load="tma", int8_ptx=False)))  # (per-element form)
             for head_fast in (1, 0):  # head-major scale pools: a tile's 128 scales in 16 sectors, not 128
                 for stages in (3, 4):
                     variants.append(("fp8", f"fp8/fp16/hf{head_fast}/tma/hm", dict(block_n=128, num_warps=4,

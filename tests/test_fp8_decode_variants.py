@@ -175,3 +175,31 @@ def test_bad_convert_is_named():
         _case(torch.float16, dict(convert="fp4", block_n=16))
     with pytest.raises(ValueError, match="block_n >= 32"):
         _case(torch.float16, dict(convert="fp8mma", block_n=16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("load", ["gather", "tma"])
+def test_int8_codes_on_packed_registers_match_the_per_element_form(load):
+    """INT8 codes become fp16 four at a time in PTX (``int8_ptx``, the default on a GPU): the same fp16
+    operands as the per-element form, so the same output bit for bit, over every code (-128..127)."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, D, page = 3, 32, 8, 128, 256
+    lens = torch.tensor([700, 256, 1], dtype=torch.int32, device="cuda")
+    P = 3 * 3
+    k = torch.randint(-128, 128, (P, page, Hkv, D), dtype=torch.int8, device="cuda")
+    v = torch.randint(-128, 128, (P, page, Hkv, D), dtype=torch.int8, device="cuda")
+    k[0, 0, 0] = torch.arange(-128, 0, dtype=torch.int8)
+    v[0, 0, 0] = torch.arange(0, 128, dtype=torch.int8)
+    ks = torch.rand(P, page, Hkv, device="cuda") * 0.02 + 0.001
+    vs = torch.rand(P, page, Hkv, device="cuda") * 0.02 + 0.001
+    table = torch.randperm(P, device="cuda", dtype=torch.int32).view(B, 3)
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for ptx in (True, False):
+        choice = dict(convert="fp16", head_fast=1, load=load, block_n=128, num_stages=3, int8_ptx=ptx)
+        outs.append(paged_decode_attention_triton(q, k, v, table, lens, D**-0.5, k_scale=ks, v_scale=vs,
+                                                  fp8_kernel=choice))
+    assert torch.equal(outs[0], outs[1])
+    ref = paged_decode_attention_reference(q.float(), k, v, table, lens, D**-0.5, None, ks, vs)
+    assert rel_err(outs[0], ref) < TOL[torch.bfloat16]
