@@ -108,7 +108,8 @@ def fp8_section(results: Path) -> str:
                   "tile; `/tma`: tiles through tensor descriptors, the default on Hopper; `/swap1`, `/swap2`: the key "
                   "tile, then the value tile too, as the dots' first operand, measured slower and removed since; "
                   "`/pf`: each tile's page read one tile ahead so the tile copies are double-buffered, no faster "
-                  "and removed since).", ""]
+                  "and removed since; `/noptx`: INT8 codes converted per element, as before they were converted four "
+                  "at a time in PTX).", ""]
         parts += _kernel_table(path) + [""]
     reports = [("quality_fp8.md", "FP8 and INT8 pages with eviction (quality report)",
                 "INT8 pages here are unrotated (measured before INT8 pages were stored rotated; "
