@@ -258,7 +258,9 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
                             softcap_log2: float = 0.0, num_warps: int = 4, num_stages: int = 2,
                             int8_ptx: bool = True) -> None:
     """The split pass over FP8 pages into ``mid_o`` / ``mid_lse`` (``paged_attention``'s merge kernel
-    finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path)."""
+    finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path).
+    ``int8_ptx``: INT8 codes to fp16 four at a time in PTX (compiled launches; the interpreter and
+    ``int8_ptx=False`` use the per-element form, which gives the same operands)."""
     if convert not in CONVERTS:
         raise ValueError(f"convert={convert!r} is invalid: expected one of {CONVERTS}")
     if k_cache.dtype == torch.int8 and convert not in INT8_CONVERTS:
