@@ -92,3 +92,31 @@ def test_linear_weights_count_each_weight_once():
              layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
     per_layer = sum(m.weight.numel() for m in parts)
     assert n == per_layer * len(model.model.layers) + model.lm_head.weight.numel()
+
+
+def test_fp8_page_compares_decode_steps_as_well_as_tok_s(tmp_path):
+    """The benchmarks page's 8-bit table: tok/s over the run, and the decode steps alone (requests running over
+    the median step), against the bf16 run beside it; runs before the compute floor was recorded leave it blank."""
+    import json
+
+    from zipage.bench.fp8_report import _engine_table
+
+    def system(tok_s, running, step, cfloor=None):
+        r = dict(tokens_per_s=tok_s, mean_running=running, mean_output_tokens=1000, median_decode_step_ms=step,
+                 decode_floor_ms=10.0, step_over_floor=step / 10.0)
+        if cfloor:
+            r.update(median_decode_running=running, decode_compute_floor_ms=cfloor, step_over_compute_floor=step / cfloor)
+        return r
+
+    new = tmp_path / "throughput_new.json"
+    new.write_text(json.dumps(dict(command="x --time-limit 100", systems={
+        "zipage-2048": system(1000.0, 250, 25.0, 20.0), "zipage-2048-fp8": system(1300.0, 500, 40.0, 25.0)})))
+    old = tmp_path / "throughput_old.json"
+    old.write_text(json.dumps(dict(command="x", systems={
+        "zipage-2048": system(1000.0, 250, 25.0), "zipage-2048-fp8": system(1200.0, 500, 40.0)})))
+    rows = {line.split(" | ")[1]: line for line in _engine_table([new]) if "throughput_new" in line}
+    fp8 = rows["zipage-2048-fp8"].rstrip(" |").split(" | ")
+    assert fp8[-2:] == ["1.30x", f"{(500 / 40.0) / (250 / 25.0):.2f}x"]  # 1.25x per decode step
+    assert fp8[-4:-2] == ["25.0", "1.60"]  # 40 ms against a floor of 25 with the products
+    old_fp8 = [line for line in _engine_table([old]) if "zipage-2048-fp8" in line][0].rstrip(" |").split(" | ")
+    assert old_fp8[-3:] == ["", "", "1.20x"]  # (no floor with the products, no decode ratio: the last cell empty)
