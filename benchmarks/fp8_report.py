@@ -96,7 +96,7 @@ def fp8_section(results: Path) -> str:
              "dot, 7-way bank-conflicted; the row maxima across the 4 warps; the probabilities moved to the "
              "second dot's layout), with 3 programs (12 warps) per multiprocessor, limited by 168 registers and "
              "75 KB of shared memory each. Double-buffered tile copies (`/pf` below, taken back out) and "
-             "head-major scale pools (`/hm`) each moved it by at most 1.5%.", ""]
+             "head-major scale pools (`/hm`) each moved it by 2% or less.", ""]
     engine = _engine_table(sorted(folder.glob("throughput_*.json")))
     parts += engine + [""] if engine else ["(no engine pair yet)", ""]
     for path in sorted(folder.glob("fp8_decode_*.json")):
