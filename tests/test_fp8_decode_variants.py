@@ -159,6 +159,8 @@ def test_qwen3_shapes_on_the_gpu(convert):
 def test_choice_from_the_environment(monkeypatch):
     monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16, head_fast=1,block_n=128,num_stages=3")
     assert fp8_decode_choice() == dict(convert="fp16", head_fast=1, block_n=128, num_stages=3)
+    monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16,load=tma,int8_ptx=0")  # INT8 codes per element
+    assert fp8_decode_choice() == dict(convert="fp16", load="tma", int8_ptx=0)
     monkeypatch.setenv("ZIPAGE_FP8_DECODE", "")
     assert fp8_decode_choice() is None
     monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16,tiles=4")
