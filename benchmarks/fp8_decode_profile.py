@@ -26,7 +26,10 @@ def main() -> None:
     args = ap.parse_args()
     from zipage.kernels.paged_attention import _parse_fp8_choice
 
-    choice = dict(_parse_fp8_choice(args.fp8_choice))
+    parsed = _parse_fp8_choice(args.fp8_choice.strip())
+    if parsed is None:
+        ap.error("--fp8-choice is empty: give the launch as ZIPAGE_FP8_DECODE takes it")
+    choice = dict(parsed)
     hq, hkv, d, page, ctx = 32, 8, 128, 256, 2176
     pages_per = -(-ctx // page)
     n_pages = args.batch * pages_per
