@@ -205,3 +205,24 @@ def test_int8_codes_on_packed_registers_match_the_per_element_form(load):
     assert torch.equal(outs[0], outs[1])
     ref = paged_decode_attention_reference(q.float(), k, v, table, lens, D**-0.5, None, ks, vs)
     assert rel_err(outs[0], ref) < TOL[torch.bfloat16]
+
+
+@requires_triton
+@pytest.mark.skipif(CUDA, reason="compiles for sm_90 without a GPU (a GPU runs the kernels themselves)")
+def test_8bit_decode_kernel_compiles_for_hopper_without_a_gpu():
+    """The interpreter never reads the PTX the INT8 conversion writes by hand, nor builds tensor-descriptor
+    tiles: benchmarks/decode_compile.py compiles the engine's default launch for sm_90 here (ptxas included)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_compile.py"
+    r = subprocess.run([sys.executable, str(script), "--launches", "fp16/tma/128/4/3"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {line.split()[1]: line.split() for line in r.stdout.splitlines() if line.startswith("fp16/tma")}
+    assert set(rows) == {"fp8", "int8"}, r.stdout
+    for row in rows.values():
+        assert int(row[5]) > 0 and int(row[6]) >= 1, r.stdout  # shared memory, and at least one tile buffer
+    bad = subprocess.run([sys.executable, str(script), "--launches", "fp16/tma/128"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "convert/load/block_n/warps/stages" in bad.stderr
