@@ -22,17 +22,12 @@ import argparse
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # before the kernels are defined: compiled functions, not interpreted
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefill_compile import describe  # noqa: E402
+from prefill_compile import compile_for, describe, timed_row  # noqa: E402
 
 try:
     from zipage.kernels import paged_decode_fp8 as fp8
@@ -42,7 +37,6 @@ except ImportError:  # a checkout without the package installed
 
 HQ, HKV, D, PAGE = 32, 8, 128, 256
 LAUNCHES = ("fp16/tma/128/4/3", "fp16/page/128/4/3", "fp16/gather/128/4/3")  # convert/load/block_n/warps/stages
-POINTERS = ("Q", "K", "V", "KS", "VS", "KD", "VD", "PT", "LENS", "STARTS", "MID_O", "MID_LSE")
 NOT_ALIGNED = ("stride_st", "stride_sh")  # a scale pool's token stride is the KV head count (8): no 16 hint
 
 
@@ -58,23 +52,8 @@ def compile_decode(convert: str, load: str, block_n: int, warps: int, stages: in
                       PAGE=PAGE, BLOCK_N=block_n, NUM_SPLITS=1, CONVERT=fp8.CONVERTS.index(convert), HEAD_FAST=True,
                       LOAD=fp8.LOADS.index(load), INT8_CODES=int8, WINDOW=0, SOFTCAP_LOG2=0.0,
                       INT8_PTX=int8 and convert == "fp16")
-    fn = fp8._decode_split_fp8_kernel
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in POINTERS:
-            sig[name] = types[name]
-        elif name in ("scale_log2", "code_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"  # strides and the batch size
-        aligned = (name in POINTERS and not sig[name].startswith("tensordesc")) or (
-            name.startswith("stride_") and name not in NOT_ALIGNED)
-        if aligned:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+    return compile_for(fp8._decode_split_fp8_kernel, constexprs, types, warps, stages, NOT_ALIGNED,
+                       lambda name: "fp32" if name in ("scale_log2", "code_scale") else "i32", arch)
 
 
 def tile_facts(kernel, block_n: int) -> dict:
@@ -105,20 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     print(f"{'launch':22s} {'codes':5s} {'s':>5s} {'regs':>5s} {'stack':>6s} {'smem':>7s} {'bufs':>4s} {'v16':>4s} "
           f"{'lds8':>5s}")
-    for convert, load, block_n, warps, stages in launches:
+    def build(launch, c) -> str:
+        k = compile_decode(*launch, c)
+        d, f = describe(k), tile_facts(k, launch[2])
+        return (f"{d['regs']:5d} {d['stack']:6d} {d['smem']:7d} {f['bufs']:4d} {'yes' if f['v16'] else 'no':>4s} "
+                f"{f['lds8']:5d}")
+
+    for launch in launches:
         for c in codes:
-            name = f"{convert}/{load}/{block_n}/{warps}/{stages}"
-            if c == "int8" and convert not in fp8.INT8_CONVERTS:
+            if c == "int8" and launch[0] not in fp8.INT8_CONVERTS:
                 continue
-            t = time.perf_counter()
-            try:
-                k = compile_decode(convert, load, block_n, warps, stages, c)
-                d, f = describe(k), tile_facts(k, block_n)
-                print(f"{name:22s} {c:5s} {time.perf_counter() - t:5.1f} {d['regs']:5d} {d['stack']:6d} "
-                      f"{d['smem']:7d} {f['bufs']:4d} {'yes' if f['v16'] else 'no':>4s} {f['lds8']:5d}", flush=True)
-            except Exception as err:
-                failures += 1
-                print(f"{name:22s} {c:5s} FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+            name = "/".join(str(x) for x in launch)
+            failures += not timed_row(f"{name:22s} {c:5s}", lambda: build(launch, c))  # noqa: B023
     return 1 if failures else 0
 
 

@@ -58,23 +58,43 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, tma_bl
              "PT": "*i32", "CU_Q": "*i32", "LENS": "*i32", "STARTS": "*i32"}
     if tma_block is not None:
         types["KD"] = types["VD"] = f"tensordesc<{kv}[{tma_block}, {D}]>"
+    return compile_for(fn, constexprs, types, num_warps, num_stages, NOT_ALIGNED, "fp32", arch)
+
+
+def compile_for(fn, constexprs: dict, pointers: dict, num_warps: int, num_stages: int, not_aligned=(),
+                other: str = "fp32", arch: int = 90):
+    """Compile ``fn`` for ``sm_<arch>``: ``pointers`` maps its pointer (and tensor-descriptor) arguments to their
+    types, ``stride_*`` arguments are i32 and any other non-constexpr argument ``other``. Pointers and strides get
+    the divisibility-by-16 hint a real launch gives them (strides in ``not_aligned`` excepted)."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in POINTERS:
-            sig[name] = types[name]
+        elif name in pointers:
+            sig[name] = pointers[name]
         elif name.startswith("stride_"):
             sig[name] = "i32"
         else:
-            sig[name] = "fp32"  # the softmax scale
-        aligned = (name in POINTERS and not sig[name].startswith("tensordesc")) or (
-            name.startswith("stride_") and name not in NOT_ALIGNED)
+            sig[name] = other(name) if callable(other) else other
+        aligned = (name in pointers and not sig[name].startswith("tensordesc")) or (
+            name.startswith("stride_") and name not in not_aligned)
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
                                                                                   num_stages=num_stages))
+
+
+def timed_row(label: str, build) -> bool:
+    """Print ``label``, the seconds ``build()`` took and the columns it returns, or FAILED and why; True on success."""
+    t = time.perf_counter()
+    try:
+        columns = build()
+    except Exception as err:
+        print(f"{label} FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+        return False
+    print(f"{label} {time.perf_counter() - t:5.1f} {columns}", flush=True)
+    return True
 
 
 def describe(kernel) -> dict:
@@ -124,24 +144,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{'async':>5s} {'tma':>4s}")
     jobs = [] if args.only_v2 else [("v1 m128n64w8s3", v1._prefill_kernel, None, 8, 3)]
     jobs += [(n, v2._prefill_v2_kernel, v2.parse_config(n), None, None) for n in names]
+    def build(fn, cfg, warps, stages, feat) -> str:
+        if cfg is None:  # the first kernel
+            c = dict(G=G, D=D, BLOCK_D=v2.next_pow2(D), PAGE=PAGE, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", FP8=False,
+                     WINDOW=0, HAS_SINKS=False, SOFTCAP_LOG2=0.0)
+            c.update(FEATURES[feat])
+            k = compile_kernel(fn, c, warps, stages)
+        else:
+            c, block = v2_constexprs(cfg, FEATURES[feat])
+            k = compile_kernel(fn, c, cfg.num_warps, cfg.num_stages, block)
+        d = describe(k)
+        return (f"{d['regs']:5d} {d['stack']:6d} {d['smem']:7d} {d['wgmma']:5d} {d['async_copies']:5d} "
+                f"{d['tma_copies']:4d}")
+
     for name, fn, cfg, warps, stages in jobs:
         for feat in args.features.split(","):
-            t = time.perf_counter()
-            try:
-                if cfg is None:  # the first kernel
-                    c = dict(G=G, D=D, BLOCK_D=v2.next_pow2(D), PAGE=PAGE, BLOCK_M=128, BLOCK_N=64, PRECISION="tf32", FP8=False,
-                             WINDOW=0, HAS_SINKS=False, SOFTCAP_LOG2=0.0)
-                    c.update(FEATURES[feat])
-                    k = compile_kernel(fn, c, warps, stages)
-                else:
-                    c, block = v2_constexprs(cfg, FEATURES[feat])
-                    k = compile_kernel(fn, c, cfg.num_warps, cfg.num_stages, block)
-                d = describe(k)
-                print(f"{name:30s} {feat:22s} {time.perf_counter() - t:5.1f} {d['regs']:5d} {d['stack']:6d} "
-                      f"{d['smem']:7d} {d['wgmma']:5d} {d['async_copies']:5d} {d['tma_copies']:4d}", flush=True)
-            except Exception as err:
-                failures += 1
-                print(f"{name:30s} {feat:22s} FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+            ok = timed_row(f"{name:30s} {feat:22s}", lambda: build(fn, cfg, warps, stages, feat))  # noqa: B023
+            failures += not ok
     return 1 if failures else 0
 
 
