@@ -457,7 +457,12 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {B} sequences (expected {B + 1})")
     if max_q_len is None:
         max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+    if not scale > 0:
+        raise ValueError(f"scale={scale}: the softmax scale must be positive")
+    if window is not None and window < 1:
+        raise ValueError(f"window={window}: must be >= 1 (or None for no window)")
     cfg = config or default_config(D, q.is_cuda, max_q_len)
+    cfg.validate()  # (a bad config is named before any scratch is allocated)
     if fp8 and dequantizes(cfg, q, fp8, page_table, k_cache.shape[1], k_cache.shape[2], D):
         # 8-bit pages: the step's pages dequantized once, then read as 16-bit pages
         k_cache, v_cache, page_table = dequantize_pages(k_cache, v_cache, ks, vs, page_table, q.dtype)
@@ -466,11 +471,7 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         cfg = default_config(D, q.is_cuda, max_q_len, fp8=True)
     if block_m is not None or block_n is not None:
         cfg = dataclasses.replace(cfg, block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
-    cfg.validate()
-    if not scale > 0:
-        raise ValueError(f"scale={scale}: the softmax scale must be positive")
-    if window is not None and window < 1:
-        raise ValueError(f"window={window}: must be >= 1 (or None for no window)")
+        cfg.validate()
     Hkv, page = k_cache.shape[2], k_cache.shape[1]
     G = Hq // Hkv
     P = heads_per_program(G, cfg.block_m, cfg.pack_gqa)

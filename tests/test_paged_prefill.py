@@ -138,6 +138,24 @@ def test_interpreter_fp8_pages(codes, monkeypatch):
     assert not calls, "dequantized past the scratch limit"
 
 
+def test_bad_arguments_are_refused_before_8bit_pages_are_dequantized(monkeypatch):
+    """A bad softmax scale or window on 8-bit pages is named before any scratch pool is allocated or filled."""
+    import zipage.kernels.paged_prefill as pp
+
+    case = make_case("cpu", torch.float16, 8, 2, 16, 16, LENS, QLENS, fp8=True, seed=5)
+    calls = []
+    monkeypatch.setattr(pp, "dequantize_pages", lambda *a: calls.append(1))
+    args = (case["q"], case["k_cache"], case["v_cache"], case["page_table"], case["cu_seqlens_q"], case["kv_lens"])
+    scales = dict(k_scale=case["k_scale"], v_scale=case["v_scale"])
+    with pytest.raises(ValueError, match="scale=0.0: the softmax scale must be positive"):
+        paged_prefill_attention_v2(*args, 0.0, **scales)
+    with pytest.raises(ValueError, match="window=0: must be >= 1"):
+        paged_prefill_attention_v2(*args, 0.25, window=0, **scales)
+    with pytest.raises(ValueError, match="block_m"):
+        paged_prefill_attention_v2(*args, 0.25, config=pp.PrefillConfig(block_m=0, block_n=16), **scales)
+    assert not calls
+
+
 @pytest.mark.parametrize("interpret", [True, False])
 def test_dequantize_pages_equals_the_reference(interpret, monkeypatch):
     """The scratch pool: entry (b, w) of the table at page b * W + w, each slot ``code * scale`` in the queries'
