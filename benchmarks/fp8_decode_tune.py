@@ -53,14 +53,18 @@ LOAD_LAUNCHES = [  # (block_n, num_warps, num_stages) for page-base and tensor-d
 ]
 
 
-def head_major_call(q, kq, vq, ks, vs, table, lens, scale, ctx, choice, launch):
-    """The FP8 kernel with head-major scale pools (one head's scales contiguous along the page),
-    called below the library's wrapper (which takes the pools' token-major layout only)."""
+def direct_call(q, kq, vq, ks, vs, table, lens, scale, ctx, choice, launch, head_major=False, v_dim_major=False):
+    """The 8-bit kernel called below the library's wrapper (which takes the pools' layouts only): with
+    head-major scale pools (one head's scales contiguous along the page) or values stored dimension-major
+    (``[pages, H_kv, D, page]``: ``v_dim_major``)."""
     from zipage.kernels.paged_attention import LOG2E, _merge_splits, decode_num_splits
     from zipage.kernels.paged_decode_fp8 import launch_decode_split_fp8
 
-    ks_h = ks.permute(0, 2, 1).contiguous().permute(0, 2, 1)
-    vs_h = vs.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    if head_major:
+        ks = ks.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+        vs = vs.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    if v_dim_major:
+        vq = vq.permute(0, 2, 3, 1).contiguous()
     B, Hq, D = q.shape
     splits = decode_num_splits(B, kq.shape[2], ctx, torch.cuda.get_device_properties(0).multi_processor_count,
                                launch["block_n"])
@@ -70,8 +74,8 @@ def head_major_call(q, kq, vq, ks, vs, table, lens, scale, ctx, choice, launch):
         mid_o = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
         out = torch.empty_like(q)
-        launch_decode_split_fp8(q, kq, vq, ks_h, vs_h, table, lens, starts, mid_o, mid_lse, scale * LOG2E,
-                                num_splits=splits, **launch, **choice)
+        launch_decode_split_fp8(q, kq, vq, ks, vs, table, lens, starts, mid_o, mid_lse, scale * LOG2E,
+                                num_splits=splits, v_dim_major=v_dim_major, **launch, **choice)
         _merge_splits(mid_o, mid_lse, out, None, splits)
         return out
     return run
@@ -145,15 +149,23 @@ def main() -> None:
                     variants.append(("fp8", f"fp8/fp16/hf{head_fast}/tma/hm", dict(block_n=128, num_warps=4,
                                      num_stages=stages), dict(convert="fp16", head_fast=head_fast, load="tma",
                                                               head_major=True)))
+            for kv in ("fp8", "int8"):  # a partial tile's stale value rows, and values stored dimension-major
+                for edge, vdim in (("none", False), ("bytes", True), ("none", True)):
+                    variants.append((kv, f"{kv}/fp16/hf1/tma/{edge}" + "/vdim" * vdim, dict(
+                        block_n=128, num_warps=4, num_stages=3), dict(convert="fp16", head_fast=1, load="tma",
+                                                                     v_edge=edge, v_dim_major=vdim)))
         if args.match:
             keys = args.match.split(",")
             variants = [x for x in variants if x[1] == "general" or any(m in x[1] for m in keys)]
         want = paged_decode_attention_triton(q, kq, vq, table, lens, scale, max_len_hint=ctx, k_scale=ks, v_scale=vs,
                                              fp8_kernel=dict(convert="general"), block_n=128, num_stages=3).float()
         for kv, kernel, launch, choice in variants:
-            if choice is not None and choice.get("head_major"):
-                fn = head_major_call(q, kq, vq, ks, vs, table, lens, scale, ctx,
-                                     {k_: v_ for k_, v_ in choice.items() if k_ != "head_major"}, launch)
+            if choice is not None and (choice.get("head_major") or choice.get("v_dim_major")):
+                pools = (kq, vq, ks, vs) if kv == "fp8" else (kq8, vq8, ks8, vs8)
+                fn = direct_call(q, *pools, table, lens, scale, ctx,
+                                 {k_: v_ for k_, v_ in choice.items() if k_ not in ("head_major", "v_dim_major")},
+                                 launch, head_major=bool(choice.get("head_major")),
+                                 v_dim_major=bool(choice.get("v_dim_major")))
                 nbytes = base + batch * ctx * hkv * 4 * 2
             elif kv == "fp8":
                 fn = lambda: paged_decode_attention_triton(  # noqa: E731
@@ -185,7 +197,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")  # (what a timeout leaves)
     out = {"rows": rows}
     fp8 = [r for r in rows if r["kv"] == "fp8" and r["choice"] is not None and r["batch"] == batches[-1]
-           and r["rel_err"] < 2e-2 and not r["choice"].get("head_major")]  # (the engine's pools are token-major)
+           and r["rel_err"] < 2e-2 and not r["choice"].get("head_major") and not r["choice"].get("v_dim_major")]
+    # (the engine's pools are token-major)
     if fp8:
         best = min(fp8, key=lambda r: r["ms"])
         env = ",".join([f"{k}={v}" for k, v in best["choice"].items()]

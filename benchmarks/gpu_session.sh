@@ -43,6 +43,8 @@
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
 #              generate_speed.py gpu with an untimed run of every cache before each variant
+#   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
+#              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -62,6 +64,10 @@ case "${PART:-final}" in
     done
     grep -hE "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Shared Memory Configuration|Dynamic Shared" \
       "$OUT"/ncu_*_details.txt | head -40 ;;
+  vedge)
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
+      2>&1 | tee "$OUT/gpu_tests_vedge.log" | tail -4
+    timeout 300 python3 benchmarks/fp8_decode_tune.py --match tma --out "$OUT/fp8_decode_vedge.json" 2>&1 | tail -45 ;;
   int8ptx)
     timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_int8ptx.log" | tail -4

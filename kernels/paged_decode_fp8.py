@@ -77,6 +77,7 @@ if HAS_TRITON:
 CONVERTS = ("bf16", "fp16", "bits", "fp8mma")
 INT8_CONVERTS = ("bf16", "fp16")  # int8 codes are exact in both; "bits" and "fp8mma" are e4m3's
 LOADS = ("gather", "page", "tma")
+V_EDGES = ("bytes", "none", "operand")  # load="tma": how a partial tile's outside value rows are cleared
 TWO_POW_120 = 2.0 ** 120  # "bits": a code's bf16 image is the code times 2^-120
 
 if HAS_TRITON:
@@ -125,6 +126,36 @@ if HAS_TRITON:
             constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
 
     @triton.jit
+    def _e4m3_finite_to_fp16_ptx(x):
+        """e4m3 codes -> fp16, four at a time, the two NaN codes (0x7F, 0xFF) read as +-448: a code whose low
+        7 bits are all ones loses its last bit (``((c & 0x7F) + 1) & 0x80`` marks it, shifted down to 1), then
+        two paired conversions. A stale slot's bytes then give a finite value, which a zero probability clears."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, a;
+            .reg .b16 lo, hi;
+            and.b32 t, $2, 0x7F7F7F7F;
+            add.u32 t, t, 0x01010101;
+            and.b32 t, t, 0x80808080;
+            shr.u32 t, t, 7;
+            sub.u32 a, $2, t;
+            mov.b32 {lo, hi}, a;
+            cvt.rn.f16x2.e4m3x2 $0, lo;
+            cvt.rn.f16x2.e4m3x2 $1, hi;
+            }""",
+            constraints="=r,=r,r", args=[x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _fp8_finite_operand(x, PTX: tl.constexpr):
+        """e4m3 codes -> fp16 with the NaN codes read as +-448 (``_e4m3_finite_to_fp16_ptx``; the interpreter:
+        the same steps per element)."""
+        if PTX:
+            return _e4m3_finite_to_fp16_ptx(x)
+        u = x.to(tl.uint8, bitcast=True)
+        u = u - ((((u & 0x7F) + 1) & 0x80) >> 7).to(tl.uint8)
+        return u.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+
+    @triton.jit
     def _fp8_operand(x, CONVERT: tl.constexpr, INT8_CODES: tl.constexpr = False, PTX: tl.constexpr = False):
         """8-bit codes -> a dot operand: bf16 (exact), fp16 (exact) or bf16 bits (code * 2^-120).
         INT8 codes become fp16 without an integer-to-float conversion: ``c + 128`` in the low byte
@@ -157,7 +188,8 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
         CONVERT: tl.constexpr, HEAD_FAST: tl.constexpr, LOAD: tl.constexpr = 0, INT8_CODES: tl.constexpr = False,
         WINDOW: tl.constexpr = 0,
-        SOFTCAP_LOG2: tl.constexpr = 0.0, INT8_PTX: tl.constexpr = False,
+        SOFTCAP_LOG2: tl.constexpr = 0.0, INT8_PTX: tl.constexpr = False, V_EDGE: tl.constexpr = 0,
+        V_DIM_MAJOR: tl.constexpr = False, FP8_PTX: tl.constexpr = False,
     ):
         if HEAD_FAST:  # the KV heads of one (sequence, split) side by side: they share the scale sectors
             hk = tl.program_id(0)
@@ -194,10 +226,14 @@ if HAS_TRITON:
                 page1 = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int32)  # (descriptor coordinates: 32-bit)
                 row = page1 * PAGE + t0 % PAGE
                 k = KD.load([row, hk * D])
-                v = VD.load([row, hk * D])
-                if (t0 < start) | (t0 + BLOCK_N > hi):  # rows outside [start, hi) hold other slots' bytes
-                    vb = v.to(tl.uint8, bitcast=True)
-                    v = tl.where(valid[:, None], vb, tl.zeros_like(vb)).to(v.dtype, bitcast=True)
+                if V_DIM_MAJOR:  # values stored [pages, H_kv, D, PAGE]: the tile read as [D, BLOCK_N]
+                    v = tl.trans(VD.load([(page1 * HKV + hk) * D, t0 % PAGE]))
+                else:
+                    v = VD.load([row, hk * D])
+                if V_EDGE == 0:
+                    if (t0 < start) | (t0 + BLOCK_N > hi):  # rows outside [start, hi) hold other slots' bytes
+                        vb = v.to(tl.uint8, bitcast=True)
+                        v = tl.where(valid[:, None], vb, tl.zeros_like(vb)).to(v.dtype, bitcast=True)
                 s_off = page1.to(tl.int64) * stride_sp + (t0 % PAGE + offs_n) * stride_st + hk * stride_sh
             elif LOAD == 1:  # the tile in one page: one page-table read, a scalar base and fixed offsets
                 page1 = tl.load(PT + b * stride_ptb + t0 // PAGE).to(tl.int64)
@@ -240,7 +276,14 @@ if HAS_TRITON:
                 p_lo = ((pw - p_hi.to(tl.float32)) * 8.0).to(tl.float8e4nv)  # (|rest| <= one ulp of hi: <= 32)
                 pv = (tl.dot(p_hi, v) + tl.dot(p_lo, v) * 0.125) * (1.0 / 256.0)
             else:
-                pv = tl.dot((p * (vs / vs_max)[None, :]).to(op_dtype), _fp8_operand(v, CONVERT, INT8_CODES, INT8_PTX))
+                if V_EDGE == 1 and not INT8_CODES:  # stale rows left in place: their NaN codes read as finite
+                    vop = _fp8_finite_operand(v, FP8_PTX)
+                else:
+                    vop = _fp8_operand(v, CONVERT, INT8_CODES, INT8_PTX)
+                if LOAD == 2 and V_EDGE == 2:  # the edge tile's outside rows zeroed after conversion
+                    if (t0 < start) | (t0 + BLOCK_N > hi):
+                        vop = tl.where(valid[:, None], vop, tl.zeros_like(vop))
+                pv = tl.dot((p * (vs / vs_max)[None, :]).to(op_dtype), vop)
             acc = acc * alpha[:, None] + pv * vs_max
             m_i = m_new
 
@@ -256,17 +299,27 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
                             scale_log2: float, *, num_splits: int, block_n: int, convert: str = "bf16",
                             head_fast: bool = False, load: str = "gather", window: int = 0,
                             softcap_log2: float = 0.0, num_warps: int = 4, num_stages: int = 2,
-                            int8_ptx: bool = True) -> None:
+                            int8_ptx: bool = True, v_edge: str = "bytes", v_dim_major: bool = False) -> None:
     """The split pass over FP8 pages into ``mid_o`` / ``mid_lse`` (``paged_attention``'s merge kernel
     finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path).
     ``int8_ptx``: INT8 codes to fp16 four at a time in PTX (compiled launches; the interpreter and
-    ``int8_ptx=False`` use the per-element form, which gives the same operands)."""
+    ``int8_ptx=False`` use the per-element form, which gives the same operands).
+
+    ``v_edge`` (``load="tma"``, whose partial tiles hold rows of other slots): ``"bytes"`` zeroes those rows'
+    codes before conversion; ``"operand"`` zeroes them after conversion; ``"none"`` leaves them: their probabilities and
+    value scales are 0, every INT8 code is finite, and FP8 value codes are converted with e4m3's two NaN codes
+    read as +-448 (``convert="fp16"`` only), so a stale slot's bytes never reach the output."""
     if convert not in CONVERTS:
         raise ValueError(f"convert={convert!r} is invalid: expected one of {CONVERTS}")
     if k_cache.dtype == torch.int8 and convert not in INT8_CONVERTS:
         raise ValueError(f"convert={convert!r} reads e4m3 codes; INT8 pages take {INT8_CONVERTS}")
     if load not in LOADS:
         raise ValueError(f"load={load!r} is invalid: expected one of {LOADS}")
+    if v_edge not in V_EDGES:
+        raise ValueError(f"v_edge={v_edge!r} is invalid: expected one of {V_EDGES}")
+    if v_edge == "none" and k_cache.dtype != torch.int8 and convert != "fp16":
+        raise ValueError(f"v_edge='none' on FP8 pages needs convert='fp16' (its value codes read NaN as finite), "
+                         f"got convert={convert!r}")
     page_size = k_cache.shape[1]
     if load != "gather" and page_size % block_n:
         raise ValueError(f"load={load!r} needs whole tiles in a page: page_size {page_size} is not a multiple of "
@@ -286,8 +339,13 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
     G = Hq // Hkv
     grid = (Hkv, B, num_splits) if head_fast else (B, Hkv, num_splits)
     kd = vd = k_cache
+    if v_dim_major and (load != "tma" or tuple(v_cache.shape) != (k_cache.shape[0], Hkv, D, page)):
+        raise ValueError(f"v_dim_major needs load='tma' and values stored [pages, H_kv, D, page] "
+                         f"({k_cache.shape[0]}, {Hkv}, {D}, {page}), got load={load!r}, {tuple(v_cache.shape)}")
     if load == "tma":
-        kd, vd = (TensorDescriptor.from_tensor(c.view(-1, Hkv * D), [block_n, D]) for c in (k_cache, v_cache))
+        kd = TensorDescriptor.from_tensor(k_cache.view(-1, Hkv * D), [block_n, D])
+        vd = (TensorDescriptor.from_tensor(v_cache.view(-1, page), [D, block_n]) if v_dim_major
+              else TensorDescriptor.from_tensor(v_cache.view(-1, Hkv * D), [block_n, D]))
     _decode_split_fp8_kernel[grid](
         q, k_cache, v_cache, k_scale, v_scale, kd, vd, page_table, kv_lens, kv_starts, mid_o, mid_lse,
         scale_log2, TWO_POW_120 if convert == "bits" else 1.0,
@@ -301,6 +359,8 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
         BLOCK_N=block_n, NUM_SPLITS=num_splits, CONVERT=CONVERTS.index(convert), HEAD_FAST=bool(head_fast),
         LOAD=LOADS.index(load), INT8_CODES=k_cache.dtype == torch.int8, WINDOW=int(window),
         SOFTCAP_LOG2=float(softcap_log2), INT8_PTX=int8_ptx and k_cache.dtype == torch.int8 and not interpreting(),
+        V_EDGE=V_EDGES.index(v_edge), V_DIM_MAJOR=bool(v_dim_major),
+        FP8_PTX=k_cache.dtype != torch.int8 and not interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )
 

@@ -12,6 +12,7 @@ import torch
 from conftest import CUDA, requires_triton
 
 from zipage.kernels import paged_decode_attention_reference, paged_decode_attention_triton, quantize_reference
+from zipage.kernels._triton import HAS_TRITON
 from zipage.kernels.paged_attention import fp8_decode_choice
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -62,11 +63,40 @@ def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=
     sink = torch.randn(Hq, device=DEVICE) if sinks else None
     features = dict(window=window, softcap=softcap, sinks=sink)
     ref = paged_decode_attention_reference(q.float(), k, v, table, kv_lens, D**-0.5, kv_starts, ks, vs, **features)
-    out = paged_decode_attention_triton(q, k, v, table, kv_lens, D**-0.5, kv_starts, k_scale=ks, v_scale=vs,
-                                        fp8_kernel=dict(choice) if choice else None, **features)
+    if choice.get("v_dim_major"):  # values stored [pages, H_kv, D, page]: the kernel below the wrapper
+        out = _dim_major_call(q, k, v, ks, vs, table, kv_lens, kv_starts, D**-0.5, dict(choice))
+    else:
+        out = paged_decode_attention_triton(q, k, v, table, kv_lens, D**-0.5, kv_starts, k_scale=ks, v_scale=vs,
+                                            fp8_kernel=dict(choice) if choice else None, **features)
     assert out.dtype == dtype
     bf16_operands = dtype == torch.bfloat16 or choice.get("convert") in ("bf16", "bits")  # (the dots' precision)
     assert rel_err(out, ref) < TOL[torch.bfloat16 if bf16_operands else torch.float16]
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from zipage.kernels.paged_decode_fp8 import _fp8_finite_operand
+
+    @triton.jit
+    def _finite_convert(X, Y, PTX: tl.constexpr):
+        i = tl.arange(0, 256)
+        tl.store(Y + i, _fp8_finite_operand(tl.load(X + i), PTX))
+
+
+def _dim_major_call(q, k, v, ks, vs, table, lens, starts, scale, choice, splits=3):
+    from zipage.kernels.paged_attention import LOG2E, _merge_splits
+    from zipage.kernels.paged_decode_fp8 import launch_decode_split_fp8
+
+    B, Hq, D = q.shape
+    mid_o = torch.empty(B, Hq, splits, D, device=q.device)
+    mid_lse = torch.empty(B, Hq, splits, device=q.device)
+    out = torch.empty_like(q)
+    launch_decode_split_fp8(q, k, v.permute(0, 2, 3, 1).contiguous(), ks, vs, table, lens, starts, mid_o, mid_lse,
+                            scale * LOG2E, num_splits=splits, **choice)
+    _merge_splits(mid_o, mid_lse, out, None, splits)
+    return out
 
 
 VARIANTS = [pytest.param(dtype, dict(convert=c, head_fast=h, block_n=32 if c == "fp8mma" else 16),
@@ -116,6 +146,30 @@ def test_page_and_tma_loads_on_the_gpu(load, convert, codes):
     partial tiles' values must be zeroed, so poison the pools' unused rows with NaN codes."""
     _case(torch.bfloat16, dict(convert=convert, head_fast=1, block_n=128, num_stages=3, load=load), Hq=32, Hkv=8,
           D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True, codes=codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("v_edge", ["operand", "none"])
+@pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
+def test_stale_value_rows_never_reach_the_output(v_edge, codes):
+    """Tensor-descriptor tiles whose outside value rows are zeroed after conversion (``operand``) or left
+    in place (``none``: INT8 codes are finite, FP8 NaN codes read as +-448, their probabilities are 0),
+    with every slot outside the sequences poisoned with NaN codes and NaN scales."""
+    _case(torch.bfloat16, dict(convert="fp16", head_fast=1, block_n=128, num_stages=3, load="tma", v_edge=v_edge),
+          Hq=32, Hkv=8, D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True, codes=codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("v_edge", ["bytes", "none"])
+@pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
+def test_values_stored_dimension_major(v_edge, codes):
+    """Values stored ``[pages, H_kv, D, page]`` (``v_dim_major``, read as ``[D, block_n]`` tiles): the
+    reference's attention, with partial tiles over NaN-poisoned slots."""
+    _case(torch.bfloat16, dict(convert="fp16", head_fast=1, block_n=128, num_stages=3, load="tma", v_edge=v_edge,
+                               v_dim_major=True),
+          Hq=32, Hkv=8, D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True, codes=codes)
 
 
 @pytest.mark.gpu
@@ -226,3 +280,33 @@ def test_8bit_decode_kernel_compiles_for_hopper_without_a_gpu():
         assert int(row[5]) > 0 and int(row[6]) >= 1, r.stdout  # shared memory, and at least one tile buffer
     bad = subprocess.run([sys.executable, str(script), "--launches", "fp16/tma/128"], capture_output=True, text=True)
     assert bad.returncode == 2 and "convert/load/block_n/warps/stages" in bad.stderr
+
+
+@requires_triton
+def test_fp8_value_codes_read_nan_as_finite():
+    """``v_edge="none"`` on FP8 pages: the value codes' conversion reads e4m3's two NaN codes (0x7F, 0xFF) as
+    +-448 and every other code exactly (interpreter: the per-element form; GPU: the PTX form too)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(DEVICE)
+    want = codes.float()
+    want[127], want[255] = 448.0, -448.0
+    assert torch.isnan(codes.float()[[127, 255]]).all() and torch.isfinite(want).all()
+    for ptx in (False, True) if CUDA else (False,):
+        out = torch.empty(256, dtype=torch.float16, device=DEVICE)
+        _finite_convert[(1,)](codes, out, PTX=ptx)
+        assert torch.equal(out.float(), want), ptx
+
+
+def test_bad_v_edge_is_named():
+    from zipage.kernels.paged_decode_fp8 import launch_decode_split_fp8
+
+    q = torch.zeros(1, 2, 16, dtype=torch.float16)
+    pool = torch.zeros(1, 16, 1, 16, dtype=torch.float8_e4m3fn)
+    s = torch.ones(1, 16, 1)
+    args = (q, pool, pool, s, s, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32), None, None, 1.0)
+    with pytest.raises(ValueError, match="v_edge='zero' is invalid"):
+        launch_decode_split_fp8(*args, num_splits=1, block_n=16, convert="fp16", v_edge="zero")
+    with pytest.raises(ValueError, match="needs convert='fp16'"):
+        launch_decode_split_fp8(*args, num_splits=1, block_n=16, convert="bits", v_edge="none")
+    with pytest.raises(ValueError, match="v_dim_major needs load='tma'"):
+        launch_decode_split_fp8(*args, num_splits=1, block_n=16, convert="fp16", v_dim_major=True)
