@@ -63,8 +63,8 @@ def direct_call(q, kq, vq, ks, vs, table, lens, scale, ctx, choice, launch, head
     if head_major:
         ks = ks.permute(0, 2, 1).contiguous().permute(0, 2, 1)
         vs = vs.permute(0, 2, 1).contiguous().permute(0, 2, 1)
-    if v_dim_major:
-        vq = vq.permute(0, 2, 3, 1).contiguous()
+    if v_dim_major:  # the same logical [pages, page, H_kv, D] pool, each page stored [H_kv, D, page]
+        vq = vq.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     B, Hq, D = q.shape
     splits = decode_num_splits(B, kq.shape[2], ctx, torch.cuda.get_device_properties(0).multi_processor_count,
                                launch["block_n"])
@@ -75,7 +75,7 @@ def direct_call(q, kq, vq, ks, vs, table, lens, scale, ctx, choice, launch, head
         mid_lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
         out = torch.empty_like(q)
         launch_decode_split_fp8(q, kq, vq, ks, vs, table, lens, starts, mid_o, mid_lse, scale * LOG2E,
-                                num_splits=splits, v_dim_major=v_dim_major, **launch, **choice)
+                                num_splits=splits, **launch, **choice)
         _merge_splits(mid_o, mid_lse, out, None, splits)
         return out
     return run

@@ -43,6 +43,8 @@
 #   PART=profile where generate()'s decode step spends host time, zipage against DynamicCache
 #              (benchmarks/profile_generate.py, Qwen3-0.6B and -8B shapes, batch 16), then
 #              generate_speed.py gpu with an untimed run of every cache before each variant
+#   PART=vdim  8-bit values stored dimension-major (the engine's default): the 8-bit GPU tests, then zipage-2048-fp8
+#              with ZIPAGE_DIM_MAJOR_VALUES=1 and =0 (token-major, as before), TIME_LIMIT s each, same GPU
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -64,6 +66,14 @@ case "${PART:-final}" in
     done
     grep -hE "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Shared Memory Configuration|Dynamic Shared" \
       "$OUT"/ncu_*_details.txt | head -40 ;;
+  vdim)
+    timeout 260 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_kernels.py \
+      tests/test_fp8_engine.py tests/test_paged_prefill.py 2>&1 | tee "$OUT/gpu_tests_vdim.log" | tail -4
+    for dm in 1 0; do
+      ZIPAGE_DIM_MAJOR_VALUES=$dm timeout 160 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
+        --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-60}" --systems zipage-2048-fp8 \
+        --out "$OUT/throughput_qwen3-8b_fp8_dm$dm.json" 2>&1 | tail -3
+    done ;;
   vedge)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vedge.log" | tail -4

@@ -20,7 +20,7 @@ import torch
 
 from ._triton import HAS_TRITON, next_pow2, use_triton
 from .fp8 import is_quantized
-from .paged_kv import _flat
+from .paged_kv import read_slots, write_slots
 
 if HAS_TRITON:
     import triton
@@ -61,10 +61,9 @@ def compact_reference(caches: list[torch.Tensor], slots: torch.Tensor, keep: tor
     dest = (dst_slots if dst_slots is not None else slots)[:, :k]
     idx = keep.transpose(1, 2)  # [B, k, H]
     for cache in caches:
-        flat = _flat(cache)
-        rows = flat[slots]  # [B, S, H, ...]
+        rows = read_slots(cache, slots)  # [B, S, H, ...]
         gidx = idx.reshape(*idx.shape, *([1] * (rows.dim() - 3))).expand(-1, -1, -1, *rows.shape[3:])
-        flat[dest] = rows.gather(1, gidx)
+        write_slots(cache, dest, rows.gather(1, gidx))
 
 
 if HAS_TRITON:
@@ -72,9 +71,10 @@ if HAS_TRITON:
     @triton.jit
     def _compact_kernel(
         A, B_, SLOTS, DST, KEEP,
-        stride_a_slot, stride_a_head, stride_b_slot, stride_b_head,
-        stride_sb, stride_db, stride_kb, stride_kh,
-        K: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, HAS_B: tl.constexpr,
+        stride_a_page, stride_a_slot, stride_a_head, stride_a_w, stride_b_page, stride_b_slot, stride_b_head,
+        stride_b_w, stride_sb, stride_db, stride_kb, stride_kh,
+        PAGE: tl.constexpr, K: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr,
+        HAS_B: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -87,18 +87,28 @@ if HAS_TRITON:
             src = tl.load(SLOTS + b * stride_sb + src_idx, mask=jmask, other=0).to(tl.int64)
             dst = tl.load(DST + b * stride_db + j, mask=jmask, other=0).to(tl.int64)
             m = jmask[:, None] & wmask[None, :]
-            a = tl.load(A + src[:, None] * stride_a_slot + h * stride_a_head + w[None, :], mask=m)
+            # a flat slot is (page, slot in page): a pool's page stride need not be PAGE slots (values stored
+            # dimension-major, fp8.value_pool)
+            sa = (src // PAGE) * stride_a_page + (src % PAGE) * stride_a_slot
+            da = (dst // PAGE) * stride_a_page + (dst % PAGE) * stride_a_slot
+            a = tl.load(A + sa[:, None] + h * stride_a_head + w[None, :] * stride_a_w, mask=m)
             if HAS_B:
-                bb = tl.load(B_ + src[:, None] * stride_b_slot + h * stride_b_head + w[None, :], mask=m)
+                sb = (src // PAGE) * stride_b_page + (src % PAGE) * stride_b_slot
+                db = (dst // PAGE) * stride_b_page + (dst % PAGE) * stride_b_slot
+                bb = tl.load(B_ + sb[:, None] + h * stride_b_head + w[None, :] * stride_b_w, mask=m)
             tl.debug_barrier()  # every read of this chunk happens before any of its writes
-            tl.store(A + dst[:, None] * stride_a_slot + h * stride_a_head + w[None, :], a, mask=m)
+            tl.store(A + da[:, None] + h * stride_a_head + w[None, :] * stride_a_w, a, mask=m)
             if HAS_B:
-                tl.store(B_ + dst[:, None] * stride_b_slot + h * stride_b_head + w[None, :], bb, mask=m)
+                tl.store(B_ + db[:, None] + h * stride_b_head + w[None, :] * stride_b_w, bb, mask=m)
 
 
 def _as_rows(cache: torch.Tensor) -> torch.Tensor:
-    """[P, page, H, ...] -> [P * page, H, W] view."""
-    return cache.reshape(cache.shape[0] * cache.shape[1], cache.shape[2], -1)
+    """[P, page, H, ...] -> [P, page, H, W] view (``.view``: a layout that has none is refused, never copied)."""
+    if cache.dim() == 3:
+        return cache.unsqueeze(-1)
+    if cache.dim() == 4:
+        return cache
+    return cache.view(*cache.shape[:3], -1)
 
 
 def compact_triton(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.Tensor,
@@ -118,15 +128,13 @@ def compact_triton(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.
             pending.remove(partner)
         ra = _as_rows(a)
         rb = _as_rows(partner) if partner is not None else ra
-        if ra.stride(-1) != 1 or rb.stride(-1) != 1:
-            raise ValueError("compact: pool rows must be contiguous in their last dimension")
         W = ra.shape[-1]
         bw = min(next_pow2(W), block_w)
         _compact_kernel[(B, H, triton.cdiv(W, bw))](
             ra, rb, slots, dst, keep,
-            ra.stride(0), ra.stride(1), rb.stride(0), rb.stride(1),
+            *ra.stride(), *rb.stride(),
             slots.stride(0), dst.stride(0), keep.stride(0), keep.stride(1),
-            K=K, W=W, BLOCK_W=bw, BLOCK_J=block_j, HAS_B=partner is not None, num_warps=4,
+            PAGE=ra.shape[1], K=K, W=W, BLOCK_W=bw, BLOCK_J=block_j, HAS_B=partner is not None, num_warps=4,
         )
 
 

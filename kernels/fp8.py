@@ -67,6 +67,29 @@ def is_quantized(t: torch.Tensor) -> bool:
     return t.dtype in CODE_MAX
 
 
+def value_pool(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """A zeroed value pool of logical shape ``[..., num_pages, page_size, H, D]`` stored dimension-major:
+    each page holds ``[H, D, page_size]`` (a head's column of one dimension is contiguous along the page).
+    8-bit decode tiles then reach the value dot's operand layout without a transpose through shared
+    memory (``kernels/paged_decode_fp8.py``). The tensor returned is a view with the logical shape, so
+    indexing code needs no change; kernels read its strides, and flattening the page and slot dims into
+    one slot dim is not a view (``.view`` refuses it; ``kernels/paged_kv.py`` indexes pages and slots apart)."""
+    *lead, pages, page, heads, dim = shape
+    n = len(lead)
+    storage = torch.zeros(*lead, pages, heads, dim, page, dtype=dtype, device=device)
+    return storage.permute(*range(n), n, n + 3, n + 1, n + 2)
+
+
+def dim_major(pool: torch.Tensor) -> bool:
+    """True for a pool ``[..., num_pages, page_size, H, D]`` laid out as :func:`value_pool` makes it
+    (each page ``[H, D, page_size]``, contiguous)."""
+    if pool.dim() < 4:
+        return False
+    page, heads, dim = pool.shape[-3:]
+    return (pool.stride(-3) == 1 and pool.stride(-1) == page and pool.stride(-2) == dim * page
+            and pool.stride(-4) == heads * dim * page)
+
+
 def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[..., D]`` -> (codes ``[..., D]`` of ``dtype`` (e4m3 or int8), scales ``[...]`` float32),
     one scale per row."""

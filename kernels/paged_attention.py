@@ -30,7 +30,7 @@ import os
 import torch
 
 from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
-from .fp8 import FP8, check_scales, dequantize_reference
+from .fp8 import FP8, check_scales, dequantize_reference, dim_major
 from .paged_decode_fp8 import default_choice as default_fp8_choice
 from .paged_decode_fp8 import launch_decode_split_fp8
 
@@ -47,9 +47,9 @@ def _dense_kv(k_cache, v_cache, page_table, b: int, length: int, k_scale=None, v
     """Float32 keys and values ``[length, Hkv, D]`` of sequence ``b`` (FP8 pools dequantized)."""
     page = k_cache.shape[1]
     pos = torch.arange(length, device=k_cache.device)
-    slots = page_table[b, pos // page].long() * page + pos % page
-    flat = lambda t: t.reshape(-1, *t.shape[2:])[slots] if t is not None else None  # noqa: E731
-    return dequantize_reference(flat(k_cache), flat(k_scale)), dequantize_reference(flat(v_cache), flat(v_scale))
+    pages, slots = page_table[b, pos // page].long(), pos % page
+    at = lambda t: t[pages, slots] if t is not None else None  # noqa: E731  (any layout: no flat view needed)
+    return dequantize_reference(at(k_cache), at(k_scale)), dequantize_reference(at(v_cache), at(v_scale))
 
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -129,7 +129,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _load_paged_tile(K, V, KS, VS, PT, b, hk, t, in_range, kv_ok, d, dmask,
-                         stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                         stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_vd,
                          stride_sp, stride_st, PAGE: tl.constexpr, FP8: tl.constexpr):
         """Keys and values of token positions ``t`` of sequence ``b``, head ``hk``, through its page table;
         with ``FP8``, the codes and their per-token scales (otherwise the scales are unused ones)."""
@@ -138,7 +138,7 @@ if HAS_TRITON:
         m = kv_ok[:, None] & dmask[None, :]
         k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh + d[None, :],
                     mask=m, other=0.0)
-        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :],
+        v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh + d[None, :] * stride_vd,
                     mask=m, other=0.0)
         if FP8:
             s_off = page * stride_sp + slot * stride_st + hk
@@ -180,7 +180,7 @@ if HAS_TRITON:
         scale_log2,
         stride_qb, stride_qh,
         stride_kp, stride_kt, stride_kh,
-        stride_vp, stride_vt, stride_vh,
+        stride_vp, stride_vt, stride_vh, stride_vd,
         stride_sp, stride_st,
         stride_ptb,
         stride_ob, stride_oh, stride_os,
@@ -203,7 +203,7 @@ if HAS_TRITON:
             in_range = t < hi
             valid = in_range & (t >= start)
             k, v, ks, vs = _load_paged_tile(K, V, KS, VS, PT, b, hk, t, in_range, valid, d, dmask, stride_ptb,
-                                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_vd,
                                             stride_sp, stride_st, PAGE, FP8)
             m_i, l_i, acc = _online_softmax_step(q, k, v, ks, vs, valid[None, :], m_i, l_i, acc, scale_log2,
                                                  PRECISION, FP8, SOFTCAP_LOG2)
@@ -250,7 +250,7 @@ if HAS_TRITON:
         scale_log2,
         stride_qt, stride_qh,
         stride_kp, stride_kt, stride_kh,
-        stride_vp, stride_vt, stride_vh,
+        stride_vp, stride_vt, stride_vh, stride_vd,
         stride_sp, stride_st,
         stride_ptb,
         stride_ot, stride_oh,
@@ -289,7 +289,7 @@ if HAS_TRITON:
             in_range = t < hi
             kv_ok = in_range & (t >= start)
             k, v, ks, vs = _load_paged_tile(K, V, KS, VS, PT, b, hk, t, in_range, kv_ok, d, dmask, stride_ptb,
-                                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_vd,
                                             stride_sp, stride_st, PAGE, FP8)
             allowed = kv_ok[None, :] & (t[None, :] <= qpos[:, None])
             if WINDOW > 0:
@@ -336,8 +336,9 @@ def _check_paged(q, k_cache, v_cache, page_table):
         raise ValueError(f"{q.shape[-2]} query heads are not a multiple of {k_cache.shape[2]} KV heads")
     if q.shape[-1] != k_cache.shape[-1]:
         raise ValueError(f"head dim of q ({q.shape[-1]}) and of the pool ({k_cache.shape[-1]}) differ")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError("the last dimension of q and of the pools must be contiguous")
+    if k_cache.stride(-1) != 1 or q.stride(-1) != 1 or not (v_cache.stride(-1) == 1 or dim_major(v_cache)):
+        raise ValueError("the last dimension of q and of the pools must be contiguous (values may instead be "
+                         "stored dimension-major, fp8.value_pool)")
     if page_table.dim() != 2:
         raise ValueError(f"page_table must be [B, max_pages], got {tuple(page_table.shape)}")
 
@@ -411,7 +412,7 @@ def _launch_decode_split(q, k_cache, v_cache, ks, vs, page_table, kv_lens, kv_st
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         stride_sp, stride_st,
         page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -483,7 +484,7 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
         sinks if sinks is not None else q, scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         stride_sp, stride_st,
         page_table.stride(0),
         out.stride(0), out.stride(1),

@@ -64,6 +64,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, interpreting, next_pow2
+from .fp8 import dim_major
 
 if HAS_TRITON:
     import triton
@@ -180,7 +181,7 @@ if HAS_TRITON:
         scale_log2, code_scale,
         stride_qb, stride_qh,
         stride_kp, stride_kt, stride_kh,
-        stride_vp, stride_vt, stride_vh,
+        stride_vp, stride_vt, stride_vh, stride_vd,
         stride_sp, stride_st, stride_sh,
         stride_ptb,
         stride_ob, stride_oh, stride_os,
@@ -242,7 +243,7 @@ if HAS_TRITON:
                 k = tl.load(K + (page1 * stride_kp + slot0 * stride_kt + hk * stride_kh) + rows * stride_kt
                             + d[None, :], mask=m2, other=0.0)
                 v = tl.load(V + (page1 * stride_vp + slot0 * stride_vt + hk * stride_vh) + rows * stride_vt
-                            + d[None, :], mask=m2, other=0.0)
+                            + d[None, :] * stride_vd, mask=m2, other=0.0)
                 s_off = page1 * stride_sp + (slot0 + offs_n) * stride_st + hk * stride_sh
             else:
                 page = tl.load(PT + b * stride_ptb + t // PAGE, mask=in_range, other=0).to(tl.int64)
@@ -250,7 +251,7 @@ if HAS_TRITON:
                 k = tl.load(K + page[:, None] * stride_kp + slot[:, None] * stride_kt + hk * stride_kh
                             + d[None, :], mask=m2, other=0.0)
                 v = tl.load(V + page[:, None] * stride_vp + slot[:, None] * stride_vt + hk * stride_vh
-                            + d[None, :], mask=m2, other=0.0)
+                            + d[None, :] * stride_vd, mask=m2, other=0.0)
                 s_off = page * stride_sp + slot * stride_st + hk * stride_sh
             ks = tl.load(KS + s_off, mask=valid, other=0.0) * code_scale
             vs = tl.load(VS + s_off, mask=valid, other=0.0) * code_scale
@@ -299,7 +300,7 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
                             scale_log2: float, *, num_splits: int, block_n: int, convert: str = "bf16",
                             head_fast: bool = False, load: str = "gather", window: int = 0,
                             softcap_log2: float = 0.0, num_warps: int = 4, num_stages: int = 2,
-                            int8_ptx: bool = True, v_edge: str = "bytes", v_dim_major: bool = False) -> None:
+                            int8_ptx: bool = True, v_edge: str = "bytes") -> None:
     """The split pass over FP8 pages into ``mid_o`` / ``mid_lse`` (``paged_attention``'s merge kernel
     finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path).
     ``int8_ptx``: INT8 codes to fp16 four at a time in PTX (compiled launches; the interpreter and
@@ -339,19 +340,17 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
     G = Hq // Hkv
     grid = (Hkv, B, num_splits) if head_fast else (B, Hkv, num_splits)
     kd = vd = k_cache
-    if v_dim_major and (load != "tma" or tuple(v_cache.shape) != (k_cache.shape[0], Hkv, D, page)):
-        raise ValueError(f"v_dim_major needs load='tma' and values stored [pages, H_kv, D, page] "
-                         f"({k_cache.shape[0]}, {Hkv}, {D}, {page}), got load={load!r}, {tuple(v_cache.shape)}")
+    v_dim_major = dim_major(v_cache)
     if load == "tma":
         kd = TensorDescriptor.from_tensor(k_cache.view(-1, Hkv * D), [block_n, D])
-        vd = (TensorDescriptor.from_tensor(v_cache.view(-1, page), [D, block_n]) if v_dim_major
+        vd = (TensorDescriptor.from_tensor(v_cache.permute(0, 2, 3, 1).view(-1, page), [D, block_n]) if v_dim_major
               else TensorDescriptor.from_tensor(v_cache.view(-1, Hkv * D), [block_n, D]))
     _decode_split_fp8_kernel[grid](
         q, k_cache, v_cache, k_scale, v_scale, kd, vd, page_table, kv_lens, kv_starts, mid_o, mid_lse,
         scale_log2, TWO_POW_120 if convert == "bits" else 1.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         page_table.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -359,7 +358,7 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
         BLOCK_N=block_n, NUM_SPLITS=num_splits, CONVERT=CONVERTS.index(convert), HEAD_FAST=bool(head_fast),
         LOAD=LOADS.index(load), INT8_CODES=k_cache.dtype == torch.int8, WINDOW=int(window),
         SOFTCAP_LOG2=float(softcap_log2), INT8_PTX=int8_ptx and k_cache.dtype == torch.int8 and not interpreting(),
-        V_EDGE=V_EDGES.index(v_edge), V_DIM_MAJOR=bool(v_dim_major),
+        V_EDGE=V_EDGES.index(v_edge), V_DIM_MAJOR=load == "tma" and v_dim_major,
         FP8_PTX=k_cache.dtype != torch.int8 and not interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -374,8 +373,8 @@ def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
         return "tensor descriptors need a GPU of compute capability 9.0 or newer"
     if D != next_pow2(D) or D < 16:
         return f"head dim {D} is not a power of two >= 16"
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        return "the pools must be contiguous"
+    if not (k_cache.is_contiguous() and (v_cache.is_contiguous() or dim_major(v_cache))):
+        return "the pools must be contiguous (values: or dimension-major, fp8.value_pool)"
     return None
 
 
@@ -390,4 +389,7 @@ def default_choice(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if k_cache.shape[1] % DEFAULT_BLOCK_N:
         return None
     load = "tma" if tma_problem(k_cache, v_cache) is None else "page"
-    return dict(convert="fp16", head_fast=1, load=load, block_n=DEFAULT_BLOCK_N, num_warps=4, num_stages=3)
+    choice = dict(convert="fp16", head_fast=1, load=load, block_n=DEFAULT_BLOCK_N, num_warps=4, num_stages=3)
+    if load == "tma" and dim_major(v_cache):  # value tiles straight to the dot's operand layout (see above)
+        choice["v_edge"] = "none"
+    return choice

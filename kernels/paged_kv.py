@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, interpreting, next_pow2, use_triton
-from .fp8 import INT8, check_scales, quantize_reference
+from .fp8 import INT8, check_scales, dim_major, quantize_reference
 
 if HAS_TRITON:
     import triton
@@ -31,22 +31,41 @@ def _flat(cache: torch.Tensor) -> torch.Tensor:
     return cache.view(cache.shape[0] * cache.shape[1], *cache.shape[2:])
 
 
+def read_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``cache``'s tokens at flat ``slots`` (``[..., H, ...]`` per slot), for any pool layout: a flat view
+    where the pool has one (token-major), pages and slots indexed apart where it has not (dimension-major
+    values, ``kernels/fp8.py``'s ``value_pool``)."""
+    if dim_major(cache):
+        page = cache.shape[1]
+        return cache[slots // page, slots % page]
+    return _flat(cache)[slots]
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """``cache``'s tokens at flat ``slots`` set to ``values``, in place, for any pool layout."""
+    if dim_major(cache):
+        page = cache.shape[1]
+        cache[slots // page, slots % page] = values
+    else:
+        _flat(cache)[slots] = values
+
+
 def store_kv_reference(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
                        scale: torch.Tensor | None = None) -> None:
     """Write ``values`` (``[..., H, ...]`` with leading dims matching ``slots``) into ``cache`` at ``slots``;
     into an FP8 ``cache``, their codes, and their per-token, per-head scales into ``scale``."""
     check_scales("store_kv", cache, scale)
     if scale is None:
-        _flat(cache)[slots] = values.to(cache.dtype)
+        write_slots(cache, slots, values.to(cache.dtype))
         return
     codes, s = quantize_reference(values, cache.dtype)
-    _flat(cache)[slots] = codes
+    write_slots(cache, slots, codes)
     _flat(scale)[slots] = s
 
 
 def gather_kv_reference(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Read the tokens at ``slots`` ([B, S]) -> [B, S, H, ...]."""
-    return _flat(cache)[slots]
+    return read_slots(cache, slots)
 
 
 if HAS_TRITON:
@@ -81,8 +100,8 @@ if HAS_TRITON:
         return tl.where(x < 0, -r * ulp, r * ulp)  # (keeps the sign of a negative that rounds to 0)
 
     @triton.jit
-    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, H: tl.constexpr, D: tl.constexpr,
-                       ROUND_FIRST: tl.constexpr, INT8: tl.constexpr):
+    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, dst_p, dst_t, dst_h, dst_d, PAGE: tl.constexpr,
+                       H: tl.constexpr, D: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr):
         """Heads ``h`` of one token: scale = max|x| / 448 per head (INT8: / 127), codes = x / scale
         (INT8: rounded to the nearest integer, halves away from zero), both stored."""
         hmask = h < H
@@ -97,23 +116,27 @@ if HAS_TRITON:
             c = tl.where(c < 0, -tl.floor(0.5 - c), tl.floor(c + 0.5))
         elif ROUND_FIRST:
             c = _round_to_e4m3(c)
-        tl.store(DST + (slot * H + h)[:, None] * D + d[None, :], c.to(DST.dtype.element_ty), mask=m)
+        row = (slot // PAGE) * dst_p + (slot % PAGE) * dst_t  # (the pool's strides: values may be dimension-major)
+        tl.store(DST + row + h[:, None] * dst_h + d[None, :] * dst_d, c.to(DST.dtype.element_ty), mask=m)
         tl.store(SCALE + slot * H + h, s, mask=hmask)
 
     @triton.jit
     def _store_fp8_kernel(
         DST_A, SCALE_A, SRC_A, DST_B, SCALE_B, SRC_B, SLOTS,
         stride_at, stride_ah, stride_bt, stride_bh,
-        H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HAS_B: tl.constexpr,
-        ROUND_FIRST: tl.constexpr, INT8: tl.constexpr,
+        a_p, a_t, a_h, a_d, b_p, b_t, b_h, b_d,
+        PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_B: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr,
     ):
         n = tl.program_id(0)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         slot = tl.load(SLOTS + n).to(tl.int64)
-        _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, H, D, ROUND_FIRST, INT8)
+        _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, a_p, a_t, a_h, a_d, PAGE, H, D,
+                       ROUND_FIRST, INT8)
         if HAS_B:
-            _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, H, D, ROUND_FIRST, INT8)
+            _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, b_p, b_t, b_h, b_d, PAGE, H,
+                           D, ROUND_FIRST, INT8)
 
 
 def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -> None:
@@ -136,10 +159,14 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -
     block_d = next_pow2(D)
     block_h = min(next_pow2(H), max(1, 2048 // block_d))
     has_b = cache_b is not None
+    for c in (cache, cache_b) if has_b else (cache,):
+        if not (c.is_contiguous() or dim_major(c)):
+            raise ValueError("store_kv: 8-bit pools must be contiguous or dimension-major (fp8.value_pool)")
+    other = cache_b if has_b else cache
     _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
-        cache, scale, src_a, cache_b if has_b else cache, scale_b if has_b else scale, src_b, flat_slots,
+        cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots,
         src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
-        H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d, HAS_B=has_b, ROUND_FIRST=interpreting(),
+        *cache.stride(), *other.stride(), PAGE=cache.shape[1], H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d, HAS_B=has_b, ROUND_FIRST=interpreting(),
         INT8=cache.dtype == INT8, num_warps=4,
     )
 
@@ -149,14 +176,14 @@ def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tens
                     scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None) -> None:
     """Store ``values`` (and, in the same launch, ``values_b`` into ``cache_b``: keys with values);
     FP8 pools are quantized on the way, their scales written to ``scale`` / ``scale_b``."""
-    if not cache.is_contiguous() or (cache_b is not None and not cache_b.is_contiguous()):
-        raise ValueError("store_kv: pools must be contiguous")
     check_scales("store_kv", cache, scale)
     if cache_b is not None:
         check_scales("store_kv", cache_b, scale_b)
     if scale is not None:
         _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b)
         return
+    if not cache.is_contiguous() or (cache_b is not None and not cache_b.is_contiguous()):
+        raise ValueError("store_kv: pools must be contiguous")
     row = cache[0, 0].numel()
     flat_slots = slots.reshape(-1).contiguous()  # a column slice of a slot table reshapes to a strided view
     n = flat_slots.numel()

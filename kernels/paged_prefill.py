@@ -174,7 +174,7 @@ def dequantize_pages(k_cache, v_cache, k_scale, v_scale, page_table, dtype):
         _dequantize_pages_kernel[(B * W, Hkv, triton.cdiv(page, block_t))](
             k_cache, v_cache, k_scale, v_scale, page_table, ko, vo, W, num_pages,
             page_table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scale.stride(0), k_scale.stride(1),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), k_scale.stride(0), k_scale.stride(1),
             ko.stride(0), ko.stride(1), ko.stride(2),
             PAGE=page, D=D, BLOCK_T=block_t, BLOCK_D=next_pow2(D), num_warps=4,
         )
@@ -214,7 +214,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _dequantize_pages_kernel(K, V, KS, VS, PT, KO, VO, W, NUM_PAGES,
-                                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_vd,
                                  stride_sp, stride_st, stride_op, stride_ot, stride_oh,
                                  PAGE: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """Tokens ``BLOCK_T`` of one page-table entry (program 0: ``b * W + w``), one KV head (program 1):
@@ -229,14 +229,14 @@ if HAS_TRITON:
         ks = tl.load(KS + page * stride_sp + t * stride_st + h, mask=t < PAGE, other=0.0)
         vs = tl.load(VS + page * stride_sp + t * stride_st + h, mask=t < PAGE, other=0.0)
         k = tl.load(K + page * stride_kp + (t * stride_kt + h * stride_kh)[:, None] + d[None, :], mask=m, other=0.0)
-        v = tl.load(V + page * stride_vp + (t * stride_vt + h * stride_vh)[:, None] + d[None, :], mask=m, other=0.0)
+        v = tl.load(V + page * stride_vp + (t * stride_vt + h * stride_vh)[:, None] + d[None, :] * stride_vd, mask=m, other=0.0)
         o = e.to(tl.int64) * stride_op + (t * stride_ot + h * stride_oh)[:, None] + d[None, :]
         tl.store(KO + o, (k.to(tl.float32) * ks[:, None]).to(KO.dtype.element_ty), mask=m)
         tl.store(VO + o, (v.to(tl.float32) * vs[:, None]).to(VO.dtype.element_ty), mask=m)
 
     @triton.jit
     def _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, start, hi,
-                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_sp, stride_st,
+                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_vd, stride_sp, stride_st,
                  PAGE: tl.constexpr, D: tl.constexpr, TILE_IN_PAGE: tl.constexpr, FP8: tl.constexpr,
                  MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
         """Keys, values (and FP8 scales) of tokens ``t0 + offs_n`` of sequence ``b``, KV head ``hk``.
@@ -268,7 +268,7 @@ if HAS_TRITON:
                 page = tl.load(PT + b * stride_ptb + t // PAGE, mask=t < hi, other=0).to(tl.int64)
                 slot = t % PAGE
                 kp = K + (page * stride_kp + slot * stride_kt)[:, None] + hk * stride_kh + d[None, :]
-                vp = V + (page * stride_vp + slot * stride_vt)[:, None] + hk * stride_vh + d[None, :]
+                vp = V + (page * stride_vp + slot * stride_vt)[:, None] + hk * stride_vh + d[None, :] * stride_vd
                 so = page * stride_sp + slot * stride_st
             if MASKED:
                 ok = (t < hi) & (t >= start)
@@ -344,7 +344,7 @@ if HAS_TRITON:
         scale_log2,
         stride_qt, stride_qh,
         stride_kp, stride_kt, stride_kh,
-        stride_vp, stride_vt, stride_vh,
+        stride_vp, stride_vt, stride_vh, stride_vd,
         stride_sp, stride_st,
         stride_ptb,
         stride_ot, stride_oh,
@@ -384,7 +384,7 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         offs_n = tl.arange(0, BLOCK_N)
         k_off = offs_n[:, None] * stride_kt + d[None, :]  # a tile's offsets from its first token (in one page)
-        v_off = offs_n[:, None] * stride_vt + d[None, :]
+        v_off = offs_n[:, None] * stride_vt + d[None, :] * stride_vd
 
         p_lo = seq_len - nq + mblk * BLOCK_Q  # the block's first and last query positions
         p_hi = seq_len - nq + tl.minimum(mblk * BLOCK_Q + BLOCK_Q, nq) - 1
@@ -406,21 +406,21 @@ if HAS_TRITON:
         for t0 in range(lo, edge_hi, BLOCK_N):  # edge tiles in front (range start, window)
             k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
                                     hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                                    stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
+                                    stride_vh, stride_vd, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
                                     BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
         for t0 in range(full_lo, full_hi, BLOCK_N):  # tiles every row sees whole: no mask
             k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
                                     hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                                    stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False,
+                                    stride_vh, stride_vd, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False,
                                     BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, False, WINDOW, SOFTCAP_LOG2)
         for t0 in range(full_hi, hi, BLOCK_N):  # the diagonal
             k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
                                     hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
-                                    stride_vh, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
+                                    stride_vh, stride_vd, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, True,
                                     BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
@@ -490,7 +490,7 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         sinks if sinks is not None else q, scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         stride_sp, stride_st,
         page_table.stride(0),
         out.stride(0), out.stride(1),

@@ -13,6 +13,7 @@ from conftest import CUDA, requires_triton
 
 from zipage.kernels import paged_decode_attention_reference, paged_decode_attention_triton, quantize_reference
 from zipage.kernels._triton import HAS_TRITON
+from zipage.kernels.fp8 import dim_major
 from zipage.kernels.paged_attention import fp8_decode_choice
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -63,11 +64,12 @@ def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=
     sink = torch.randn(Hq, device=DEVICE) if sinks else None
     features = dict(window=window, softcap=softcap, sinks=sink)
     ref = paged_decode_attention_reference(q.float(), k, v, table, kv_lens, D**-0.5, kv_starts, ks, vs, **features)
-    if choice.get("v_dim_major"):  # values stored [pages, H_kv, D, page]: the kernel below the wrapper
-        out = _dim_major_call(q, k, v, ks, vs, table, kv_lens, kv_starts, D**-0.5, dict(choice))
-    else:
-        out = paged_decode_attention_triton(q, k, v, table, kv_lens, D**-0.5, kv_starts, k_scale=ks, v_scale=vs,
-                                            fp8_kernel=dict(choice) if choice else None, **features)
+    choice = dict(choice)
+    if choice.pop("v_dim_major", False):  # the same pool, each page stored [H_kv, D, page] (fp8.value_pool)
+        v = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        assert dim_major(v)
+    out = paged_decode_attention_triton(q, k, v, table, kv_lens, D**-0.5, kv_starts, k_scale=ks, v_scale=vs,
+                                        fp8_kernel=choice or None, **features)
     assert out.dtype == dtype
     bf16_operands = dtype == torch.bfloat16 or choice.get("convert") in ("bf16", "bits")  # (the dots' precision)
     assert rel_err(out, ref) < TOL[torch.bfloat16 if bf16_operands else torch.float16]
@@ -83,20 +85,6 @@ if HAS_TRITON:
     def _finite_convert(X, Y, PTX: tl.constexpr):
         i = tl.arange(0, 256)
         tl.store(Y + i, _fp8_finite_operand(tl.load(X + i), PTX))
-
-
-def _dim_major_call(q, k, v, ks, vs, table, lens, starts, scale, choice, splits=3):
-    from zipage.kernels.paged_attention import LOG2E, _merge_splits
-    from zipage.kernels.paged_decode_fp8 import launch_decode_split_fp8
-
-    B, Hq, D = q.shape
-    mid_o = torch.empty(B, Hq, splits, D, device=q.device)
-    mid_lse = torch.empty(B, Hq, splits, device=q.device)
-    out = torch.empty_like(q)
-    launch_decode_split_fp8(q, k, v.permute(0, 2, 3, 1).contiguous(), ks, vs, table, lens, starts, mid_o, mid_lse,
-                            scale * LOG2E, num_splits=splits, **choice)
-    _merge_splits(mid_o, mid_lse, out, None, splits)
-    return out
 
 
 VARIANTS = [pytest.param(dtype, dict(convert=c, head_fast=h, block_n=32 if c == "fp8mma" else 16),
@@ -133,6 +121,21 @@ def test_page_loads(dtype):
     for window in (None, 40):
         _case(dtype, dict(convert="fp16", head_fast=1, block_n=16, load="page"), page=32, lens=(150, 1, 33, 97),
               starts=[5, 0, 17, 0], window=window)
+
+
+@requires_triton
+@pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
+@pytest.mark.parametrize("choice", [dict(convert="fp16", head_fast=1, block_n=16, load="gather"),
+                                    dict(convert="fp16", head_fast=1, block_n=16, load="page"),
+                                    dict(convert="fp16", head_fast=1, block_n=16, load="page", v_edge="none"),
+                                    dict(convert="general", block_n=16)],
+                         ids=["gather", "page", "page-none", "general"])
+def test_values_stored_dimension_major_everywhere(choice, codes):
+    """Values stored dimension-major (``fp8.value_pool``: each page ``[H_kv, D, page]``) read through their
+    strides by every decode load and by the general kernel, over tiles that start before ``kv_starts`` and
+    end past the length, slots outside every sequence poisoned."""
+    _case(torch.float16, dict(choice, v_dim_major=True), page=32, lens=(150, 1, 33, 97), starts=[5, 0, 17, 0],
+          poison=True, codes=codes)
 
 
 @pytest.mark.gpu
@@ -308,5 +311,3 @@ def test_bad_v_edge_is_named():
         launch_decode_split_fp8(*args, num_splits=1, block_n=16, convert="fp16", v_edge="zero")
     with pytest.raises(ValueError, match="needs convert='fp16'"):
         launch_decode_split_fp8(*args, num_splits=1, block_n=16, convert="bits", v_edge="none")
-    with pytest.raises(ValueError, match="v_dim_major needs load='tma'"):
-        launch_decode_split_fp8(*args, num_splits=1, block_n=16, convert="fp16", v_dim_major=True)

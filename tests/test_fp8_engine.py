@@ -13,6 +13,7 @@ import zipage
 import zipage.cache
 from zipage import LLM, SamplingParams, ZipageConfig
 from zipage.kernels import FP8, dequantize_reference, quantize_reference, slot_indices
+from zipage.kernels.paged_kv import read_slots
 from zipage.kernels.fp8 import QUANTIZED_KV, is_quantized, kv_rotation, rotate
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
@@ -113,7 +114,7 @@ def _stored(llm, seq, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized keys and values ``[stored, H, D]`` of ``seq`` in ``layer``, read through its pages."""
     r = llm.runner
     slots = slot_indices(torch.tensor([seq.pages]), 0, seq.stored, r.page_size)[0]
-    flat = lambda t: t[layer].reshape(-1, *t.shape[3:])[slots]  # noqa: E731
+    flat = lambda t: read_slots(t[layer], slots)  # noqa: E731  (values may be stored dimension-major)
     return dequantize_reference(flat(r.k_pool), flat(r.k_scale)), dequantize_reference(flat(r.v_pool), flat(r.v_scale))
 
 

@@ -490,3 +490,69 @@ def test_int8_rotation(monkeypatch):
     monkeypatch.setenv("ZIPAGE_INT8_ROTATION", "yes")  # neither 1 nor 0: refused by name
     with pytest.raises(ValueError, match="ZIPAGE_INT8_ROTATION='yes'"):
         kv_rotation("int8", 64, "cpu")
+
+
+def _dim_major(v: torch.Tensor) -> torch.Tensor:
+    """The same logical pool, each page stored ``[H, D, page]`` (what ``fp8.value_pool`` allocates)."""
+    from zipage.kernels.fp8 import dim_major
+
+    out = v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert dim_major(out) and torch.equal(out.view(torch.uint8), v.view(torch.uint8))
+    return out
+
+
+@requires_triton
+@pytest.mark.parametrize("codes", [FP8, INT8], ids=["fp8", "int8"])
+def test_dimension_major_values_through_every_kernel(codes):
+    """Values stored dimension-major (the engine's 8-bit value pools): the quantizing store, compaction, the
+    dequantizing copy and both prefill kernels give bit for bit what they give on token-major pools (the same
+    arithmetic, other addresses); the PyTorch store and compaction too."""
+    from zipage.kernels import compact_reference, compact_triton, paged_prefill_attention_triton, store_kv_reference
+    from zipage.kernels.paged_kv import read_slots, store_kv_triton
+    from zipage.kernels.paged_prefill import PrefillConfig, dequantize_pages, paged_prefill_attention_v2
+
+    torch.manual_seed(3)
+    dev = "cuda" if CUDA else "cpu"
+    P, page, H, D = 12, 16, 2, 32
+    k = torch.zeros(P, page, H, D, dtype=codes, device=dev)
+    ks = torch.zeros(P, page, H, device=dev)
+    v_tm, v_dm = torch.zeros_like(k), _dim_major(torch.zeros_like(k))
+    vs_tm, vs_dm = torch.zeros_like(ks), torch.zeros_like(ks)
+    slots = torch.randperm(P * page, device=dev)[:70]
+    kn, vn = torch.randn(70, H, D, device=dev), torch.randn(70, H, D, device=dev) * 3
+    store_kv_triton(k, slots, kn, v_tm, vn, ks, vs_tm)
+    k2, ks2 = torch.zeros_like(k), torch.zeros_like(ks)
+    store_kv_triton(k2, slots, kn, v_dm, vn, ks2, vs_dm)
+    assert torch.equal(v_dm.view(torch.uint8), v_tm.view(torch.uint8)) and torch.equal(vs_dm, vs_tm)
+    v_ref, vs_ref = _dim_major(torch.zeros_like(k)), torch.zeros_like(ks)
+    store_kv_reference(v_ref, slots, vn, vs_ref)
+    assert torch.equal(read_slots(v_ref, slots).view(torch.uint8), read_slots(v_tm, slots).view(torch.uint8))
+
+    # compaction (the kernel and PyTorch) moves the same bytes
+    table = slots[:64].view(2, 32)
+    keep = torch.sort(torch.randperm(32, device=dev)[:20].repeat(2, H, 1), dim=-1).values
+    pools = {}
+    for name, fn in (("triton", compact_triton), ("torch", compact_reference)):
+        for layout, v in (("tm", v_tm.clone()), ("dm", _dim_major(v_tm))):
+            s = vs_tm.clone()
+            fn([v, s], table, keep)
+            pools[name, layout] = (v.contiguous().view(torch.uint8), s)
+    for key, (v, s) in pools.items():
+        assert torch.equal(v, pools["torch", "tm"][0]) and torch.equal(s, pools["torch", "tm"][1]), key
+
+    # the dequantizing copy and both prefill kernels
+    page_table = torch.randperm(P, device=dev)[:8].view(2, 4).to(torch.int32)
+    for dtype in (torch.float16,):
+        a = dequantize_pages(k, v_tm, ks, vs_tm, page_table, dtype)
+        b = dequantize_pages(k, _dim_major(v_tm), ks, vs_tm, page_table, dtype)
+        assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    lens = torch.tensor([50, 37], dtype=torch.int32, device=dev)
+    cu = torch.tensor([0, 20, 27], dtype=torch.int32, device=dev)
+    q = torch.randn(27, 4, D, device=dev, dtype=torch.float16)
+    for fn, kw in ((paged_prefill_attention_triton, dict(block_m=16, block_n=16)),
+                   (paged_prefill_attention_v2, dict(config=PrefillConfig(block_m=16, block_n=16, num_warps=4,
+                                                                          dequantize=False))),
+                   (paged_prefill_attention_v2, dict(config=PrefillConfig(block_m=16, block_n=16, num_warps=4)))):
+        outs = [fn(q, k, v, page_table, cu, lens, D**-0.5, k_scale=ks, v_scale=vs_tm, max_q_len=20, **kw)
+                for v in (v_tm, _dim_major(v_tm))]
+        assert torch.isfinite(outs[0].float()).all() and torch.equal(outs[0], outs[1]), fn.__name__

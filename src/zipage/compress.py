@@ -103,7 +103,7 @@ def compress_layers(
     offsets = torch.arange(L, device=slots.device)[:, None, None] * (P * page)
     rows = (slots[None] + offsets).reshape(L * B, S)
     dst_rows = rows if dst_slots is None else (dst_slots[None] + offsets).reshape(L * B, dst_slots.shape[1])
-    flat = lambda t: t.reshape(L * P, *t.shape[2:])  # noqa: E731  (a view: the pools are contiguous)
+    flat = lambda t: t.view(L * P, *t.shape[2:])  # noqa: E731  (layer and page merge in every pool layout)
     keys_pool, values_pool = flat(pools.keys), flat(pools.values)
     state_pool = flat(pools.state) if pools.state is not None else None
     keys = gather_kv(keys_pool, rows).transpose(1, 2)  # [L*B, H, S, D]

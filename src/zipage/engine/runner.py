@@ -23,6 +23,7 @@ rank among the full layers. Learned sink logits (``s_aux``) go to the kernels as
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from ..attention_checks import check_attention_call, check_model, sink_logits, s
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
-from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, rotate
+from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, rotate, value_pool
 from ..kernels._triton import use_triton
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import Scorer, get_scorer
@@ -42,6 +43,14 @@ from .sequence import Sequence
 
 ATTENTION_NAME = "zipage_engine"
 _context = threading.local()
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A 0/1 environment switch; anything else is refused by name."""
+    value = os.environ.get(name, "1" if default else "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 @dataclass
@@ -184,7 +193,12 @@ class ModelRunner:
         shape = (L, num_pages + 1, page_size, Hkv, D)
         self.kv_cache_dtype = kv_cache_dtype
         self.k_pool = torch.zeros(shape, dtype=kv_dtype(kv_cache_dtype, self.dtype), device=self.device)
-        self.v_pool = torch.zeros_like(self.k_pool)
+        # 8-bit values stored dimension-major (each page [H_kv, D, page]): the decode kernel's value tiles reach
+        # the dot's operand layout without a transpose through shared memory (kernels/paged_decode_fp8.py)
+        # (ZIPAGE_DIM_MAJOR_VALUES=0: token-major like the keys, to compare against)
+        dim_major_values = kv_cache_dtype in QUANTIZED_KV and env_flag("ZIPAGE_DIM_MAJOR_VALUES", True)
+        self.v_pool = (value_pool(shape, self.k_pool.dtype, self.device) if dim_major_values
+                       else torch.zeros_like(self.k_pool))
         # FP8 / INT8 pages: a float32 scale per token and KV head, on the same pages and slots as the codes
         self.k_scale = self.v_scale = None
         if kv_cache_dtype in QUANTIZED_KV:
