@@ -45,6 +45,8 @@
 #              generate_speed.py gpu with an untimed run of every cache before each variant
 #   PART=vdim  8-bit values stored dimension-major (the engine's default): the 8-bit GPU tests, then zipage-2048-fp8
 #              with ZIPAGE_DIM_MAJOR_VALUES=1 and =0 (token-major, as before), TIME_LIMIT s each, same GPU
+#   PART=vdim2 the GPU tests vdim's time limit cut (8-bit engine, prefill), then zipage-2048 with FP8 (values
+#              dimension-major) and bf16 pages past the budget (TIME_LIMIT s each, default 125)
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -74,6 +76,12 @@ case "${PART:-final}" in
         --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-60}" --systems zipage-2048-fp8 \
         --out "$OUT/throughput_qwen3-8b_fp8_dm$dm.json" 2>&1 | tail -3
     done ;;
+  vdim2)
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_engine.py tests/test_paged_prefill.py \
+      2>&1 | tee "$OUT/gpu_tests_vdim2.log" | tail -4
+    timeout 400 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+      --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-125}" --systems zipage-2048-fp8,zipage-2048 \
+      --out "$OUT/throughput_qwen3-8b_fp8_vdim_steady.json" 2>&1 | tail -4 ;;
   vedge)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vedge.log" | tail -4
