@@ -47,6 +47,8 @@
 #              with ZIPAGE_DIM_MAJOR_VALUES=1 and =0 (token-major, as before), TIME_LIMIT s each, same GPU
 #   PART=vdim2 the GPU tests vdim's time limit cut (8-bit engine, prefill), then zipage-2048 with FP8 (values
 #              dimension-major) and bf16 pages past the budget (TIME_LIMIT s each, default 125)
+#   PART=vdimab zipage-2048-fp8 with values dimension-major (ZIPAGE_DIM_MAJOR_VALUES=1) and token-major (=0), past
+#              the budget (TIME_LIMIT s each, default 100), same GPU
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -82,6 +84,12 @@ case "${PART:-final}" in
     timeout 400 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-125}" --systems zipage-2048-fp8,zipage-2048 \
       --out "$OUT/throughput_qwen3-8b_fp8_vdim_steady.json" 2>&1 | tail -4 ;;
+  vdimab)
+    for dm in 1 0; do
+      ZIPAGE_DIM_MAJOR_VALUES=$dm timeout 200 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
+        --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-100}" --systems zipage-2048-fp8 \
+        --out "$OUT/throughput_qwen3-8b_fp8_steady_dm$dm.json" 2>&1 | tail -2
+    done ;;
   vedge)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vedge.log" | tail -4
