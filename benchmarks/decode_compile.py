@@ -36,7 +36,8 @@ except ImportError:  # a checkout without the package installed
     from kernels import paged_decode_fp8 as fp8
 
 HQ, HKV, D, PAGE = 32, 8, 128, 256
-LAUNCHES = ("fp16/tma/128/4/3", "fp16/page/128/4/3", "fp16/gather/128/4/3")  # convert/load/block_n/warps/stages
+LAUNCHES = ("fp16/tma/128/4/3/none/vdim", "fp16/tma/128/4/3", "fp16/page/128/4/3",
+            "fp16/gather/128/4/3")  # convert/load/block_n/warps/stages[/v_edge][/vdim: values dimension-major]
 NOT_ALIGNED = ("stride_st", "stride_sh")  # a scale pool's token stride is the KV head count (8): no 16 hint
 
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for launch in launches:
         for c in codes:
-            if (c == "int8" and launch[0] not in fp8.INT8_CONVERTS) or (c != "int8" and launch[5] == "none" and launch[0] != "fp16"):
+            if (c == "int8" and launch[0] not in fp8.INT8_CONVERTS) or (
+                    c != "int8" and launch[5] == "none" and launch[0] != "fp16"):
                 continue
             name = "/".join([str(x) for x in launch[:5]] + [launch[5]] * (launch[5] != "bytes")
                             + ["vdim"] * launch[6])

@@ -354,7 +354,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
                                   sinks: torch.Tensor | None = None, softcap: float | None = None,
                                   num_warps: int = 4, num_stages: int = 2, fp8_kernel: dict | None = None):
     """``fp8_kernel``: 8-bit pages (FP8 or INT8) through ``paged_decode_fp8``'s kernel with these
-    launch choices (``convert``, ``head_fast``, ``load``, ``int8_ptx``, ``v_edge``, ``block_n``, ``num_warps``, ``num_stages``);
+    launch choices (``convert``, ``head_fast``, ``load``, ``int8_ptx``, ``v_edge``, ``block_n``, ``num_warps``,
+    ``num_stages``);
     None reads ``ZIPAGE_FP8_DECODE`` (e.g. ``convert=fp16,head_fast=1,load=tma,block_n=128``;
     ``convert=general`` keeps the general kernel) and, when that is unset, takes that kernel's
     tuned default on a GPU (``paged_decode_fp8.default_choice``), the general kernel elsewhere."""

@@ -26,7 +26,19 @@ speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
   multiple of ``block_n``), so one page-table read per tile and a scalar base plus fixed offsets.
   ``"tma"``: the same tile through a tensor descriptor (the Hopper copy engine; compute capability
   9.0 or newer, contiguous pools, a power-of-two head dim); rows outside the sequence's range are
-  then other slots' bytes, so a partial tile's values are zeroed (as bytes) before the value dot.
+  then other slots' bytes, which ``v_edge`` clears (below).
+* ``v_edge`` (``load="tma"``): a partial tile's outside value rows zeroed as bytes before conversion
+  (``"bytes"``), after it (``"operand"``), or left in place (``"none"``: their probabilities and value
+  scales are 0, INT8 codes are all finite, and FP8 value codes are converted in PTX with e4m3's two NaN
+  codes read as +-448, so no stale byte reaches the output).
+* Values stored dimension-major (``fp8.value_pool``: each page ``[H_kv, D, page]``, seen through strides as
+  the usual ``[page, H_kv, D]``), detected from the pool's strides: tensor-descriptor tiles then read values
+  as ``[D, block_n]``, already in the layout the value dot's operand needs (two consecutive tokens of one
+  dimension per register). Token-major value tiles had to be converted and sent through shared memory again
+  as 16-bit values (``bytes``, ``operand``) or loaded a byte at a time (``none``). With ``v_edge="none"``
+  that was 18% faster on the H200 at 256 and 512 requests (512 x 2,176 tokens: 0.65 against 0.79 ms, 0.85
+  of the copy bandwidth, FP8 and INT8 alike, ``benchmarks/results/issue15/s31/call1/``), and it is what the
+  engine runs.
 * ``block_n``, ``num_warps``, ``num_stages``: the tile and the launch.
 
 Tried and removed: the key tile (and the value tile) as the dots' first operand, the logits computed
@@ -48,9 +60,10 @@ registers and 75 KB of shared memory a program).
 
 INT8 pages take the ``"fp16"`` and ``"bf16"`` conversions (every int8 code is exact in both).
 :func:`default_choice` is what the engine uses on a GPU: fp16 dots, heads side by side, 128-token
-tiles through tensor descriptors where they apply (else from one page), which moved 0.69 of the
-copy bandwidth on the H200 at 512 requests against 0.48 for the general kernel
-(``benchmarks/results/issue15/fp8_decode_tma.json``).
+tiles through tensor descriptors where they apply (else from one page), stale value rows left in place
+when values are stored dimension-major. Token-major, that moved 0.69 of the copy bandwidth on the H200
+at 512 requests against 0.48 for the general kernel (``benchmarks/results/issue15/fp8_decode_tma.json``);
+dimension-major, 0.85.
 * The scale pools' layout is read from their strides, so a benchmark can time a head-major
   layout (``[num_pages, H_kv, page_size]`` viewed as ``[num_pages, page_size, H_kv]``: one head's
   scales contiguous along the page) against the pools' token-major one.

@@ -166,7 +166,8 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -
     _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
         cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots,
         src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
-        *cache.stride(), *other.stride(), PAGE=cache.shape[1], H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d, HAS_B=has_b, ROUND_FIRST=interpreting(),
+        *cache.stride(), *other.stride(), PAGE=cache.shape[1], H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d,
+        HAS_B=has_b, ROUND_FIRST=interpreting(),
         INT8=cache.dtype == INT8, num_warps=4,
     )
 

@@ -174,7 +174,8 @@ def dequantize_pages(k_cache, v_cache, k_scale, v_scale, page_table, dtype):
         _dequantize_pages_kernel[(B * W, Hkv, triton.cdiv(page, block_t))](
             k_cache, v_cache, k_scale, v_scale, page_table, ko, vo, W, num_pages,
             page_table.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), k_scale.stride(0), k_scale.stride(1),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+            k_scale.stride(0), k_scale.stride(1),
             ko.stride(0), ko.stride(1), ko.stride(2),
             PAGE=page, D=D, BLOCK_T=block_t, BLOCK_D=next_pow2(D), num_warps=4,
         )
@@ -214,8 +215,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _dequantize_pages_kernel(K, V, KS, VS, PT, KO, VO, W, NUM_PAGES,
-                                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_vd,
-                                 stride_sp, stride_st, stride_op, stride_ot, stride_oh,
+                                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+                                 stride_vd, stride_sp, stride_st, stride_op, stride_ot, stride_oh,
                                  PAGE: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """Tokens ``BLOCK_T`` of one page-table entry (program 0: ``b * W + w``), one KV head (program 1):
         ``code * scale`` of keys and values into page ``b * W + w`` of the scratch pools."""
@@ -229,14 +230,16 @@ if HAS_TRITON:
         ks = tl.load(KS + page * stride_sp + t * stride_st + h, mask=t < PAGE, other=0.0)
         vs = tl.load(VS + page * stride_sp + t * stride_st + h, mask=t < PAGE, other=0.0)
         k = tl.load(K + page * stride_kp + (t * stride_kt + h * stride_kh)[:, None] + d[None, :], mask=m, other=0.0)
-        v = tl.load(V + page * stride_vp + (t * stride_vt + h * stride_vh)[:, None] + d[None, :] * stride_vd, mask=m, other=0.0)
+        v = tl.load(V + page * stride_vp + (t * stride_vt + h * stride_vh)[:, None] + d[None, :] * stride_vd,
+                    mask=m, other=0.0)
         o = e.to(tl.int64) * stride_op + (t * stride_ot + h * stride_oh)[:, None] + d[None, :]
         tl.store(KO + o, (k.to(tl.float32) * ks[:, None]).to(KO.dtype.element_ty), mask=m)
         tl.store(VO + o, (v.to(tl.float32) * vs[:, None]).to(VO.dtype.element_ty), mask=m)
 
     @triton.jit
     def _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, start, hi,
-                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_vd, stride_sp, stride_st,
+                 stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, stride_vd, stride_sp,
+                 stride_st,
                  PAGE: tl.constexpr, D: tl.constexpr, TILE_IN_PAGE: tl.constexpr, FP8: tl.constexpr,
                  MASKED: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr):
         """Keys, values (and FP8 scales) of tokens ``t0 + offs_n`` of sequence ``b``, KV head ``hk``.

@@ -218,6 +218,8 @@ def test_choice_from_the_environment(monkeypatch):
     assert fp8_decode_choice() == dict(convert="fp16", head_fast=1, block_n=128, num_stages=3)
     monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16,load=tma,int8_ptx=0")  # INT8 codes per element
     assert fp8_decode_choice() == dict(convert="fp16", load="tma", int8_ptx=0)
+    monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16,load=tma,v_edge=bytes")  # stale value rows zeroed
+    assert fp8_decode_choice() == dict(convert="fp16", load="tma", v_edge="bytes")
     monkeypatch.setenv("ZIPAGE_FP8_DECODE", "")
     assert fp8_decode_choice() is None
     monkeypatch.setenv("ZIPAGE_FP8_DECODE", "convert=fp16,tiles=4")
@@ -274,13 +276,17 @@ def test_8bit_decode_kernel_compiles_for_hopper_without_a_gpu():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_compile.py"
-    r = subprocess.run([sys.executable, str(script), "--launches", "fp16/tma/128/4/3"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run([sys.executable, str(script), "--launches", "fp16/tma/128/4/3,fp16/tma/128/4/3/none/vdim"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = {line.split()[1]: line.split() for line in r.stdout.splitlines() if line.startswith("fp16/tma")}
-    assert set(rows) == {"fp8", "int8"}, r.stdout
-    for row in rows.values():
+    rows = {(line.split()[0], line.split()[1]): line.split() for line in r.stdout.splitlines()
+            if line.startswith("fp16/tma")}
+    assert set(rows) == {(launch, codes) for launch in ("fp16/tma/128/4/3", "fp16/tma/128/4/3/none/vdim")
+                         for codes in ("fp8", "int8")}, r.stdout
+    for (launch, _), row in rows.items():
         assert int(row[5]) > 0 and int(row[6]) >= 1, r.stdout  # shared memory, and at least one tile buffer
+        if launch.endswith("vdim"):  # the engine's launch: no 16-bit round trip, no byte loads for the values
+            assert row[7] == "no" and int(row[8]) == 0, r.stdout
     bad = subprocess.run([sys.executable, str(script), "--launches", "fp16/tma/128"], capture_output=True, text=True)
     assert bad.returncode == 2 and "convert/load/block_n/warps/stages" in bad.stderr
 

@@ -13,8 +13,8 @@ import zipage
 import zipage.cache
 from zipage import LLM, SamplingParams, ZipageConfig
 from zipage.kernels import FP8, dequantize_reference, quantize_reference, slot_indices
-from zipage.kernels.paged_kv import read_slots
 from zipage.kernels.fp8 import QUANTIZED_KV, is_quantized, kv_rotation, rotate
+from zipage.kernels.paged_kv import read_slots
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
 KV = pytest.mark.parametrize("kv", ["fp8", "int8"])
@@ -209,3 +209,23 @@ def test_fp8_engine_on_cuda_matches_fp8_rounded_generate(budget, kv, fake_rounde
         assert out.token_ids == reference(model, prompt, 30, cache_implementation="zipage", cache_config=cfg)
     assert llm.runner.graphs and llm.stats()["prefix_cache_hits"] > 0
     assert_pool_clean(llm)
+
+
+def test_engine_value_pools_are_dimension_major_unless_asked(monkeypatch):
+    """8-bit value pools are stored dimension-major (each page [H_kv, D, page]) by default, token-major with
+    ZIPAGE_DIM_MAJOR_VALUES=0, and both engines give the same tokens; a bad setting is named."""
+    from zipage.kernels.fp8 import dim_major
+
+    model = tiny_model("qwen3")
+    prompts = prompts_of((12, 5), seed=3)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ZIPAGE_DIM_MAJOR_VALUES", flag)
+        llm = LLM(model, budget=16, page_size=4, buffer=4, window=4, num_pages=64, kv_cache_dtype="int8")
+        assert dim_major(llm.runner.v_pool[0]) == (flag == "1") and not dim_major(llm.runner.k_pool[0])
+        outs[flag] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert outs["1"] == outs["0"] and all(len(t) == 24 for t in outs["1"])
+    monkeypatch.setenv("ZIPAGE_DIM_MAJOR_VALUES", "yes")
+    with pytest.raises(ValueError, match="ZIPAGE_DIM_MAJOR_VALUES='yes'"):
+        LLM(model, budget=16, page_size=4, buffer=4, window=4, num_pages=64, kv_cache_dtype="int8")
