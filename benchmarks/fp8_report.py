@@ -87,7 +87,9 @@ def fp8_section(results: Path) -> str:
              "(mean output below 2,048 tokens: no compression yet), so their tok/s still includes the ramp. "
              "`throughput_qwen3-8b_z_8bit_steady.json` runs each system 115 s, past the budget (INT8 pages "
              "rotated there, as they are stored now); `throughput_qwen3-8b_zz_fp8_cfloor.json` 100 s, FP8 "
-             "against bf16 (`PART=cfloor` of `benchmarks/gpu_session.sh`).", "",
+             "against bf16 (`PART=cfloor` of `benchmarks/gpu_session.sh`); "
+             "`throughput_qwen3-8b_zzz_fp8_vdim_steady.json` 125 s, FP8 pages with values stored "
+             "dimension-major (the default since) against bf16 (`PART=vdim2`).", "",
              "What holds the FP8 step above its floor is the decode kernel on FP8 pages, at 0.69 of the copy "
              "bandwidth where the bf16 kernel reaches 1.0. Nsight Compute (`PART=ncu`, "
              "`benchmarks/results/issue15/s30/`) finds it bound neither by memory (DRAM 63%) nor by issue slots "
@@ -96,7 +98,12 @@ def fp8_section(results: Path) -> str:
              "dot, 7-way bank-conflicted; the row maxima across the 4 warps; the probabilities moved to the "
              "second dot's layout), with 3 programs (12 warps) per multiprocessor, limited by 168 registers and "
              "75 KB of shared memory each. Double-buffered tile copies (`/pf` below, taken back out) and "
-             "head-major scale pools (`/hm`) each moved it by 2% or less.", ""]
+             "head-major scale pools (`/hm`) each moved it by 2% or less. Storing values dimension-major "
+             "(each page `[H_kv, D, page]`, `/vdim` below) lets the value tile reach the second dot's operand "
+             "layout without that copy; with a partial tile's stale rows left in place (`/none`) the kernel "
+             "reads 8-bit pages at 0.85 of the copy bandwidth (0.65 ms at 512 requests, against 0.79), and the "
+             "engine's FP8 decode step past the budget fell from 35.9 to 34.4 ms, 1.55x to 1.44x its floor with "
+             "products (`benchmarks/results/issue15/s31/`).", ""]
     engine = _engine_table(sorted(folder.glob("throughput_*.json")))
     parts += engine + [""] if engine else ["(no engine pair yet)", ""]
     for path in sorted(folder.glob("fp8_decode_*.json")):
@@ -109,7 +116,9 @@ def fp8_section(results: Path) -> str:
                   "tile, then the value tile too, as the dots' first operand, measured slower and removed since; "
                   "`/pf`: each tile's page read one tile ahead so the tile copies are double-buffered, no faster "
                   "and removed since; `/noptx`: INT8 codes converted per element, as before they were converted four "
-                  "at a time in PTX).", ""]
+                  "at a time in PTX; `/bytes`, `/operand`, `/none`: a partial tile's stale value rows zeroed as "
+                  "bytes, zeroed after conversion, or left in place; `/vdim`: values stored dimension-major, the "
+                  "engine's layout since).", ""]
         parts += _kernel_table(path) + [""]
     reports = [("quality_fp8.md", "FP8 and INT8 pages with eviction (quality report)",
                 "INT8 pages here are unrotated (measured before INT8 pages were stored rotated; "
