@@ -42,7 +42,7 @@ NOT_ALIGNED = ("stride_st", "stride_sh")  # a scale pool's token stride is the K
 
 
 def compile_decode(convert: str, load: str, block_n: int, warps: int, stages: int, codes: str, arch: int = 90,
-                   v_edge: str = "bytes", v_dim_major: bool = False):
+                   v_edge: str = "bytes", v_dim_major: bool = False, maxnreg: int | None = None):
     """``_decode_split_fp8_kernel`` for one launch, ``codes`` "fp8" (e4m3) or "int8", bf16 queries."""
     kv = "fp8e4nv" if codes == "fp8" else "i8"
     types = {"Q": "*bf16", "K": f"*{kv}", "V": f"*{kv}", "KS": "*fp32", "VS": "*fp32", "KD": f"*{kv}", "VD": f"*{kv}",
@@ -57,8 +57,10 @@ def compile_decode(convert: str, load: str, block_n: int, warps: int, stages: in
                       LOAD=fp8.LOADS.index(load), INT8_CODES=int8, WINDOW=0, SOFTCAP_LOG2=0.0,
                       INT8_PTX=int8 and convert == "fp16", V_EDGE=fp8.V_EDGES.index(v_edge),
                       V_DIM_MAJOR=v_dim_major, FP8_PTX=not int8)
+    if not v_dim_major:  # token-major values: a launch specializes their dimension stride of 1 away
+        constexprs["stride_vd"] = 1
     return compile_for(fp8._decode_split_fp8_kernel, constexprs, types, warps, stages, NOT_ALIGNED,
-                       lambda name: "fp32" if name in ("scale_log2", "code_scale") else "i32", arch)
+                       lambda name: "fp32" if name in ("scale_log2", "code_scale") else "i32", arch, maxnreg)
 
 
 def tile_facts(kernel, block_n: int) -> dict:
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launches", default=",".join(LAUNCHES),
                     help="comma list of convert/load/block_n/warps/stages[/v_edge] (default %(default)s)")
     ap.add_argument("--codes", default="fp8,int8", help="comma list of fp8, int8")
+    ap.add_argument("--maxnreg", type=int, default=None, help="a register cap per thread for every launch")
     args = ap.parse_args(argv)
     launches = []
     for text in args.launches.split(","):
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'launch':22s} {'codes':5s} {'s':>5s} {'regs':>5s} {'stack':>6s} {'smem':>7s} {'bufs':>4s} {'v16':>4s} "
           f"{'lds8':>5s}")
     def build(launch, c) -> str:
-        k = compile_decode(*launch[:5], c, v_edge=launch[5], v_dim_major=launch[6])
+        k = compile_decode(*launch[:5], c, v_edge=launch[5], v_dim_major=launch[6], maxnreg=args.maxnreg)
         d, f = describe(k), tile_facts(k, launch[2])
         return (f"{d['regs']:5d} {d['stack']:6d} {d['smem']:7d} {f['bufs']:4d} {'yes' if f['v16'] else 'no':>4s} "
                 f"{f['lds8']:5d}")

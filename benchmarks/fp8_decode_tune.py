@@ -154,6 +154,17 @@ def main() -> None:
                     variants.append((kv, f"{kv}/fp16/hf1/tma/{edge}" + "/vdim" * vdim, dict(
                         block_n=128, num_warps=4, num_stages=3), dict(convert="fp16", head_fast=1, load="tma",
                                                                      v_edge=edge, v_dim_major=vdim)))
+                # the engine's launch (values dimension-major) over launches, and with a register cap (168 -> 128:
+                # four programs a multiprocessor instead of three; ptxas spills 48-64 bytes, decode_compile.py)
+                for block_n, warps, stages in LOAD_LAUNCHES:
+                    if (block_n, warps, stages) != (128, 4, 3):
+                        variants.append((kv, f"{kv}/fp16/hf1/tma/none/vdim", dict(
+                            block_n=block_n, num_warps=warps, num_stages=stages), dict(
+                                convert="fp16", head_fast=1, load="tma", v_edge="none", v_dim_major=True)))
+                for cap in (128, 96):
+                    variants.append((kv, f"{kv}/fp16/hf1/tma/none/vdim/r{cap}", dict(
+                        block_n=128, num_warps=4, num_stages=3), dict(
+                            convert="fp16", head_fast=1, load="tma", v_edge="none", v_dim_major=True, maxnreg=cap)))
         if args.match:
             keys = args.match.split(",")
             variants = [x for x in variants if x[1] == "general" or any(m in x[1] for m in keys)]

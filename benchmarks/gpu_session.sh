@@ -49,6 +49,8 @@
 #              dimension-major) and bf16 pages past the budget (TIME_LIMIT s each, default 125)
 #   PART=vdimab zipage-2048-fp8 with values dimension-major (ZIPAGE_DIM_MAJOR_VALUES=1) and token-major (=0), past
 #              the budget (TIME_LIMIT s each, default 100), same GPU
+#   PART=vdimtune the engine's 8-bit decode launch (values dimension-major) over tiles, warps, stages and a
+#              register cap (maxnreg 128 / 96: more programs per multiprocessor), after the 8-bit decode GPU tests
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -90,6 +92,10 @@ case "${PART:-final}" in
         --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-100}" --systems zipage-2048-fp8 \
         --out "$OUT/throughput_qwen3-8b_fp8_steady_dm$dm.json" 2>&1 | tail -2
     done ;;
+  vdimtune)
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
+      2>&1 | tee "$OUT/gpu_tests_vdimtune.log" | tail -3
+    timeout 300 python3 benchmarks/fp8_decode_tune.py --match vdim --out "$OUT/fp8_decode_vdimtune.json" 2>&1 | tail -30 ;;
   vedge)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vedge.log" | tail -4

@@ -62,7 +62,7 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, tma_bl
 
 
 def compile_for(fn, constexprs: dict, pointers: dict, num_warps: int, num_stages: int, not_aligned=(),
-                other: str = "fp32", arch: int = 90):
+                other: str = "fp32", arch: int = 90, maxnreg: int | None = None):
     """Compile ``fn`` for ``sm_<arch>``: ``pointers`` maps its pointer (and tensor-descriptor) arguments to their
     types, ``stride_*`` arguments are i32 and any other non-constexpr argument ``other``. Pointers and strides get
     the divisibility-by-16 hint a real launch gives them (strides in ``not_aligned`` excepted)."""
@@ -81,8 +81,10 @@ def compile_for(fn, constexprs: dict, pointers: dict, num_warps: int, num_stages
         if aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps,
-                                                                                  num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:  # a register cap per thread (ptxas .maxnreg), as a launch's maxnreg= asks
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def timed_row(label: str, build) -> bool:

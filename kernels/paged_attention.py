@@ -451,13 +451,13 @@ def _parse_fp8_choice(text: str) -> tuple | None:
         key, value = key.strip(), value.strip()
         if key in ("convert", "load", "v_edge"):
             choice[key] = value
-        elif key in ("head_fast", "int8_ptx", "block_n", "num_warps", "num_stages"):
+        elif key in ("head_fast", "int8_ptx", "block_n", "num_warps", "num_stages", "maxnreg"):
             if not value.isdigit():
                 raise ValueError(f"ZIPAGE_FP8_DECODE: {key}={value!r} must be a whole number")
             choice[key] = int(value)
         else:
             raise ValueError(f"ZIPAGE_FP8_DECODE: unknown key {key!r} (convert, head_fast, load, int8_ptx, v_edge, "
-                             "block_n, num_warps, num_stages)")
+                             "block_n, num_warps, num_stages, maxnreg)")
     return tuple(choice.items())
 
 

@@ -313,7 +313,7 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
                             scale_log2: float, *, num_splits: int, block_n: int, convert: str = "bf16",
                             head_fast: bool = False, load: str = "gather", window: int = 0,
                             softcap_log2: float = 0.0, num_warps: int = 4, num_stages: int = 2,
-                            int8_ptx: bool = True, v_edge: str = "bytes") -> None:
+                            int8_ptx: bool = True, v_edge: str = "bytes", maxnreg: int | None = None) -> None:
     """The split pass over FP8 pages into ``mid_o`` / ``mid_lse`` (``paged_attention``'s merge kernel
     finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path).
     ``int8_ptx``: INT8 codes to fp16 four at a time in PTX (compiled launches; the interpreter and
@@ -322,7 +322,10 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
     ``v_edge`` (``load="tma"``, whose partial tiles hold rows of other slots): ``"bytes"`` zeroes those rows'
     codes before conversion; ``"operand"`` zeroes them after conversion; ``"none"`` leaves them: their probabilities and
     value scales are 0, every INT8 code is finite, and FP8 value codes are converted with e4m3's two NaN codes
-    read as +-448 (``convert="fp16"`` only), so a stale slot's bytes never reach the output."""
+    read as +-448 (``convert="fp16"`` only), so a stale slot's bytes never reach the output.
+
+    ``maxnreg``: a register cap per thread for the compiled kernel (more programs per multiprocessor, possibly
+    spilling); the interpreter ignores it."""
     if convert not in CONVERTS:
         raise ValueError(f"convert={convert!r} is invalid: expected one of {CONVERTS}")
     if k_cache.dtype == torch.int8 and convert not in INT8_CONVERTS:
@@ -374,6 +377,7 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
         V_EDGE=V_EDGES.index(v_edge), V_DIM_MAJOR=load == "tma" and v_dim_major,
         FP8_PTX=k_cache.dtype != torch.int8 and not interpreting(),
         num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": int(maxnreg)} if maxnreg and not interpreting() else {}),
     )
 
 
