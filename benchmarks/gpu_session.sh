@@ -58,6 +58,14 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+# zipage-2048-fp8 with 8-bit values dimension-major, then token-major, the same GPU: time limit, timeout, file tag
+fp8_value_layouts() {
+  for dm in 1 0; do
+    ZIPAGE_DIM_MAJOR_VALUES=$dm timeout "$2" python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
+      --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "$1" --systems zipage-2048-fp8 \
+      --out "$OUT/throughput_qwen3-8b_$3_dm$dm.json" 2>&1 | tail -3
+  done
+}
 case "${PART:-final}" in
   ncu)
     for kind in ${KINDS:-fp8 bf16}; do  # (the reports stay on the machine: only text comes back)
@@ -75,11 +83,7 @@ case "${PART:-final}" in
   vdim)
     timeout 260 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_kernels.py \
       tests/test_fp8_engine.py tests/test_paged_prefill.py 2>&1 | tee "$OUT/gpu_tests_vdim.log" | tail -4
-    for dm in 1 0; do
-      ZIPAGE_DIM_MAJOR_VALUES=$dm timeout 160 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
-        --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-60}" --systems zipage-2048-fp8 \
-        --out "$OUT/throughput_qwen3-8b_fp8_dm$dm.json" 2>&1 | tail -3
-    done ;;
+    fp8_value_layouts "${TIME_LIMIT:-60}" 160 fp8 ;;
   vdim2)
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_engine.py tests/test_paged_prefill.py \
       2>&1 | tee "$OUT/gpu_tests_vdim2.log" | tail -4
@@ -87,11 +91,7 @@ case "${PART:-final}" in
       --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-125}" --systems zipage-2048-fp8,zipage-2048 \
       --out "$OUT/throughput_qwen3-8b_fp8_vdim_steady.json" 2>&1 | tail -4 ;;
   vdimab)
-    for dm in 1 0; do
-      ZIPAGE_DIM_MAJOR_VALUES=$dm timeout 200 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
-        --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-100}" --systems zipage-2048-fp8 \
-        --out "$OUT/throughput_qwen3-8b_fp8_steady_dm$dm.json" 2>&1 | tail -2
-    done ;;
+    fp8_value_layouts "${TIME_LIMIT:-100}" 200 fp8_steady ;;
   vdimtune)
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vdimtune.log" | tail -3
