@@ -51,6 +51,8 @@
 #              the budget (TIME_LIMIT s each, default 100), same GPU
 #   PART=vdimtune the engine's 8-bit decode launch (values dimension-major) over tiles, warps, stages and a
 #              register cap (maxnreg 128 / 96: more programs per multiprocessor), after the 8-bit decode GPU tests
+#   PART=vdimlong the long-prompt workload's time to first token on FP8 pages with values dimension-major and
+#              token-major (ZIPAGE_DIM_MAJOR_VALUES=1 / 0), prefill dequantized first (the default) and reading codes
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -96,6 +98,14 @@ case "${PART:-final}" in
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vdimtune.log" | tail -3
     timeout 300 python3 benchmarks/fp8_decode_tune.py --match vdim --out "$OUT/fp8_decode_vdimtune.json" 2>&1 | tail -30 ;;
+  vdimlong)
+    lp="--workload long-prompt --requests 16 --max-tokens 64 --kv-gib 40"
+    for cfg in v2 v2:m128n64w8s3-tma-codes; do
+      for dm in 1 0; do
+        ZIPAGE_DIM_MAJOR_VALUES=$dm ZIPAGE_PREFILL_KERNEL="$cfg" timeout 110 python3 benchmarks/throughput.py $lp \
+          --systems zipage-2048-fp8 --out "$OUT/longprompt_fp8_${cfg#v2:}_dm$dm.json" 2>&1 | tail -1
+      done
+    done ;;
   vedge)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vedge.log" | tail -4
