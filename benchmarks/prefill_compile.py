@@ -58,6 +58,8 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, tma_bl
              "PT": "*i32", "CU_Q": "*i32", "LENS": "*i32", "STARTS": "*i32"}
     if tma_block is not None:
         types["KD"] = types["VD"] = f"tensordesc<{kv}[{tma_block}, {D}]>"
+    if "stride_vd" in fn.arg_names:  # token-major values: a launch specializes their dimension stride of 1 away
+        constexprs = dict(constexprs, stride_vd=1)
     return compile_for(fn, constexprs, types, num_warps, num_stages, NOT_ALIGNED, "fp32", arch)
 
 
