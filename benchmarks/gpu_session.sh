@@ -53,6 +53,8 @@
 #              register cap (maxnreg 128 / 96: more programs per multiprocessor), after the 8-bit decode GPU tests
 #   PART=vdimlong the long-prompt workload's time to first token on FP8 pages with values dimension-major and
 #              token-major (ZIPAGE_DIM_MAJOR_VALUES=1 / 0), prefill dequantized first (the default) and reading codes
+#   PART=stepprofile where the FP8 decode step's time goes past the 8-bit kernel (0.85 of the copy bandwidth now,
+#              yet the step is 1.44x its compute floor): profile_step.py at 490 requests in FP8 and 252 in bf16
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -106,6 +108,11 @@ case "${PART:-final}" in
           --systems zipage-2048-fp8 --out "$OUT/longprompt_fp8_${cfg#v2:}_dm$dm.json" 2>&1 | tail -1
       done
     done ;;
+  stepprofile)
+    timeout 280 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 --kv-cache-dtype fp8 \
+      --default-only 2>&1 | tee "$OUT/profile_step_fp8_490.txt" | tail -45
+    timeout 250 python3 benchmarks/profile_step.py --requests 252 --prompt-tokens 1024 --default-only 2>&1 \
+      | tee "$OUT/profile_step_bf16_252.txt" | tail -45 ;;
   vedge)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vedge.log" | tail -4

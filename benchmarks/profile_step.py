@@ -6,6 +6,7 @@ scheduling, then profiles the last variant.
 
     python benchmarks/profile_step.py --requests 32
     python benchmarks/profile_step.py --requests 15 --prompt-tokens 2000   # contexts like the throughput run
+    python benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 --kv-cache-dtype fp8 --default-only
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import zipage
 
 
 def step_ms(model, requests: int, fuse_ops: bool, async_scheduling: bool, prompt_tokens: int | None, n: int = 20,
-            merge: bool = True):
-    llm = zipage.LLM(model, budget=2048, page_size=256, fuse_ops=fuse_ops, async_scheduling=async_scheduling)
+            merge: bool = True, kv_cache_dtype: str = "auto"):
+    llm = zipage.LLM(model, budget=2048, page_size=256, fuse_ops=fuse_ops, async_scheduling=async_scheduling,
+                     kv_cache_dtype=kv_cache_dtype, max_num_seqs=max(requests, 256))
     if not merge:  # norms and RoPE fused, projections as the model runs them (graphs are captured later)
         llm.runner.fusion.merged = []
     params = zipage.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
@@ -49,12 +51,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=None, help="random prompts of this length instead of the workload")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"])
+    ap.add_argument("--default-only", action="store_true", help="time and profile the engine's defaults only")
     args = ap.parse_args()
     model = build(args.model)
     # (fuse_ops, merged projections, async_scheduling)
     variants = [(False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)]
+    if args.default_only:
+        variants = variants[-1:]
     for fuse, merge, overlap in variants:
-        ms, llm = step_ms(model, args.requests, fuse, overlap, args.prompt_tokens, merge=merge)
+        ms, llm = step_ms(model, args.requests, fuse, overlap, args.prompt_tokens, merge=merge,
+                          kv_cache_dtype=args.kv_cache_dtype)
         ctx = sum(s.stored for s in llm.scheduler.running) / max(len(llm.scheduler.running), 1)
         print(f"engine step, fuse_ops={fuse}, merged GEMMs={merge and fuse}, async_scheduling={overlap}: {ms:.2f} ms "
               f"with {len(llm.scheduler.running)} running, mean context {ctx:.0f}", flush=True)
@@ -66,7 +73,7 @@ def main() -> None:
                     llm.step()
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
         del llm
         torch.cuda.empty_cache()
 
