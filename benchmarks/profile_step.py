@@ -37,6 +37,10 @@ def step_ms(model, requests: int, fuse_ops: bool, async_scheduling: bool, prompt
         llm.add_request(p, params)
     for _ in range(30):
         llm.step()
+    for _ in range(400):  # many long prompts: step until every admitted one has been prefilled (decode steps only)
+        if not llm.scheduler.waiting and not any(seq.in_prefill for seq in llm.scheduler.running):
+            break
+        llm.step()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(n):
