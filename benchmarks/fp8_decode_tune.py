@@ -10,7 +10,10 @@ the share of the copy bandwidth it moves (keys, values and, for FP8, their float
   gather loads) against tiles read from one page (``load=page``: a page-table read per tile, a
   scalar base) and through tensor descriptors (``load=tma``), each with fp16 dots and with FP8
   tensor cores on the stored codes (``convert=fp8mma``), over a few tiles and launches, and
-  tensor-descriptor tiles with head-major scale pools (names ending ``/hm``);
+  tensor-descriptor tiles with head-major scale pools (names ending ``/hm``), a partial tile's stale
+  value rows zeroed as bytes, after conversion or left in place (``/bytes``, ``/operand``, ``/none``),
+  and values stored dimension-major (``/vdim``, the engine's layout: each page ``[H_kv, D, page]``)
+  over launches and register caps (``/r128``, ``/r96``);
   ``--all`` instead sweeps every ``convert`` (bf16 / fp16 / bits / fp8mma) x grid order
   (``head_fast``) x launch with gather loads, and head-major scale pools.
 
