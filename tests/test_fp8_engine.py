@@ -229,3 +229,22 @@ def test_engine_value_pools_are_dimension_major_unless_asked(monkeypatch):
     monkeypatch.setenv("ZIPAGE_DIM_MAJOR_VALUES", "yes")
     with pytest.raises(ValueError, match="ZIPAGE_DIM_MAJOR_VALUES='yes'"):
         LLM(model, budget=16, page_size=4, buffer=4, window=4, num_pages=64, kv_cache_dtype="int8")
+
+
+def test_where_the_engine_stores_values_dimension_major(monkeypatch):
+    """Unset, 8-bit values are dimension-major where tensor-descriptor tiles read them (compute capability 9+,
+    pages of whole 128-token tiles, a power-of-two head dim) and on a CPU; token-major on other GPUs and for
+    16-bit pages; ZIPAGE_DIM_MAJOR_VALUES decides when set."""
+    from zipage.engine.runner import dim_major_values
+
+    monkeypatch.delenv("ZIPAGE_DIM_MAJOR_VALUES", raising=False)
+    assert dim_major_values("fp8", 256, 128, (9, 0)) and dim_major_values("int8", 128, 64, (10, 0))
+    assert dim_major_values("int8", 16, 64, None)  # a CPU
+    assert not dim_major_values("fp8", 256, 128, (8, 0))  # no tensor descriptors
+    assert not dim_major_values("fp8", 64, 128, (9, 0))  # pages smaller than a tile
+    assert not dim_major_values("fp8", 256, 96, (9, 0))  # head dim not a power of two
+    assert not dim_major_values("auto", 256, 128, (9, 0)) and not dim_major_values("auto", 16, 64, None)
+    monkeypatch.setenv("ZIPAGE_DIM_MAJOR_VALUES", "1")
+    assert dim_major_values("fp8", 64, 96, (8, 0)) and not dim_major_values("auto", 256, 128, (9, 0))
+    monkeypatch.setenv("ZIPAGE_DIM_MAJOR_VALUES", "0")
+    assert not dim_major_values("fp8", 256, 128, (9, 0))

@@ -35,6 +35,7 @@ from ..config import ZipageConfig
 from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, rotate, value_pool
 from ..kernels._triton import use_triton
+from ..kernels.paged_decode_fp8 import DEFAULT_BLOCK_N as DECODE_TILE
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import Scorer, get_scorer
 from .fusion import ModelFusion
@@ -45,12 +46,24 @@ ATTENTION_NAME = "zipage_engine"
 _context = threading.local()
 
 
-def env_flag(name: str, default: bool) -> bool:
-    """A 0/1 environment switch; anything else is refused by name."""
-    value = os.environ.get(name, "1" if default else "0").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: expected 0 or 1")
-    return value == "1"
+def dim_major_values(kv_cache_dtype: str, page_size: int, head_dim: int,
+                     capability: tuple[int, int] | None) -> bool:
+    """Whether the engine stores 8-bit values dimension-major (``fp8.value_pool``): where the 8-bit decode
+    kernel reads them through tensor descriptors (compute capability 9.0 or newer, pages of whole 128-token
+    tiles, a power-of-two head dim), the layout measured faster; on other GPUs token-major, where their
+    per-token loads would read values with a stride; on a CPU dimension-major (the GPU layout, tested).
+    ``capability``: the CUDA device's, None off CUDA. ``ZIPAGE_DIM_MAJOR_VALUES=1`` / ``0`` decides instead."""
+    if kv_cache_dtype not in QUANTIZED_KV:
+        return False
+    value = os.environ.get("ZIPAGE_DIM_MAJOR_VALUES", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"ZIPAGE_DIM_MAJOR_VALUES={value!r}: expected 1 (8-bit values dimension-major), 0 "
+                         "(token-major) or unset (dimension-major where tensor-descriptor tiles read them)")
+    if value:
+        return value == "1"
+    if capability is None:
+        return True
+    return capability[0] >= 9 and page_size % DECODE_TILE == 0 and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
 @dataclass
@@ -195,10 +208,9 @@ class ModelRunner:
         self.k_pool = torch.zeros(shape, dtype=kv_dtype(kv_cache_dtype, self.dtype), device=self.device)
         # 8-bit values stored dimension-major (each page [H_kv, D, page]): the decode kernel's value tiles reach
         # the dot's operand layout without a transpose through shared memory (kernels/paged_decode_fp8.py)
-        # (ZIPAGE_DIM_MAJOR_VALUES=0: token-major like the keys, to compare against)
-        dim_major_values = kv_cache_dtype in QUANTIZED_KV and env_flag("ZIPAGE_DIM_MAJOR_VALUES", True)
-        self.v_pool = (value_pool(shape, self.k_pool.dtype, self.device) if dim_major_values
-                       else torch.zeros_like(self.k_pool))
+        capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
+        self.v_pool = (value_pool(shape, self.k_pool.dtype, self.device)
+                       if dim_major_values(kv_cache_dtype, page_size, D, capability) else torch.zeros_like(self.k_pool))
         # FP8 / INT8 pages: a float32 scale per token and KV head, on the same pages and slots as the codes
         self.k_scale = self.v_scale = None
         if kv_cache_dtype in QUANTIZED_KV:
