@@ -60,8 +60,9 @@ registers and 75 KB of shared memory a program).
 
 INT8 pages take the ``"fp16"`` and ``"bf16"`` conversions (every int8 code is exact in both).
 :func:`default_choice` is what the engine uses on a GPU: fp16 dots, heads side by side, 128-token
-tiles through tensor descriptors where they apply (else from one page), stale value rows left in place
-when values are stored dimension-major. Token-major, that moved 0.69 of the copy bandwidth on the H200
+tiles through tensor descriptors where they apply (else from one page); the launch leaves stale value rows
+in place when values are stored dimension-major (``v_edge=None``), whoever chose the rest. Token-major,
+that moved 0.69 of the copy bandwidth on the H200
 at 512 requests against 0.48 for the general kernel (``benchmarks/results/issue15/fp8_decode_tma.json``);
 dimension-major, 0.85.
 * The scale pools' layout is read from their strides, so a benchmark can time a head-major
@@ -313,13 +314,14 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
                             scale_log2: float, *, num_splits: int, block_n: int, convert: str = "bf16",
                             head_fast: bool = False, load: str = "gather", window: int = 0,
                             softcap_log2: float = 0.0, num_warps: int = 4, num_stages: int = 2,
-                            int8_ptx: bool = True, v_edge: str = "bytes", maxnreg: int | None = None) -> None:
+                            int8_ptx: bool = True, v_edge: str | None = None, maxnreg: int | None = None) -> None:
     """The split pass over FP8 pages into ``mid_o`` / ``mid_lse`` (``paged_attention``'s merge kernel
     finishes it). ``q`` is bf16 or fp16 (float32 queries take the general kernel's exact path).
     ``int8_ptx``: INT8 codes to fp16 four at a time in PTX (compiled launches; the interpreter and
     ``int8_ptx=False`` use the per-element form, which gives the same operands).
 
-    ``v_edge`` (``load="tma"``, whose partial tiles hold rows of other slots): ``"bytes"`` zeroes those rows'
+    ``v_edge`` (``load="tma"``, whose partial tiles hold rows of other slots; None: ``"none"`` where values are
+    stored dimension-major and the codes allow it, the fastest there, else ``"bytes"``): ``"bytes"`` zeroes those rows'
     codes before conversion; ``"operand"`` zeroes them after conversion; ``"none"`` leaves them: their probabilities and
     value scales are 0, every INT8 code is finite, and FP8 value codes are converted with e4m3's two NaN codes
     read as +-448 (``convert="fp16"`` only), so a stale slot's bytes never reach the output.
@@ -332,6 +334,8 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
         raise ValueError(f"convert={convert!r} reads e4m3 codes; INT8 pages take {INT8_CONVERTS}")
     if load not in LOADS:
         raise ValueError(f"load={load!r} is invalid: expected one of {LOADS}")
+    if v_edge is None:
+        v_edge = default_v_edge(load, convert, k_cache, v_cache)
     if v_edge not in V_EDGES:
         raise ValueError(f"v_edge={v_edge!r} is invalid: expected one of {V_EDGES}")
     if v_edge == "none" and k_cache.dtype != torch.int8 and convert != "fp16":
@@ -381,6 +385,14 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
     )
 
 
+def default_v_edge(load: str, convert: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str:
+    """The launch's ``v_edge`` when none is given: the measured-fastest exact choice for the pools' layout,
+    ``"none"`` for dimension-major values through tensor descriptors (INT8 codes, or FP8 with fp16 dots),
+    ``"bytes"`` otherwise."""
+    leave = load == "tma" and dim_major(v_cache) and (k_cache.dtype == torch.int8 or convert == "fp16")
+    return "none" if leave else "bytes"
+
+
 def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
     """Why tensor-descriptor tiles cannot read these pools, or None when they can."""
     D = k_cache.shape[-1]
@@ -406,7 +418,4 @@ def default_choice(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if k_cache.shape[1] % DEFAULT_BLOCK_N:
         return None
     load = "tma" if tma_problem(k_cache, v_cache) is None else "page"
-    choice = dict(convert="fp16", head_fast=1, load=load, block_n=DEFAULT_BLOCK_N, num_warps=4, num_stages=3)
-    if load == "tma" and dim_major(v_cache):  # value tiles straight to the dot's operand layout (see above)
-        choice["v_edge"] = "none"
-    return choice
+    return dict(convert="fp16", head_fast=1, load=load, block_n=DEFAULT_BLOCK_N, num_warps=4, num_stages=3)

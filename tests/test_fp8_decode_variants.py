@@ -166,7 +166,7 @@ def test_stale_value_rows_never_reach_the_output(v_edge, codes):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("v_edge", ["bytes", "none"])
+@pytest.mark.parametrize("v_edge", ["bytes", "none", None])
 @pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
 def test_values_stored_dimension_major(v_edge, codes):
     """Values stored ``[pages, H_kv, D, page]`` (``v_dim_major``, read as ``[D, block_n]`` tiles): the
@@ -318,3 +318,19 @@ def test_bad_v_edge_is_named():
         launch_decode_split_fp8(*args, num_splits=1, block_n=16, convert="fp16", v_edge="zero")
     with pytest.raises(ValueError, match="needs convert='fp16'"):
         launch_decode_split_fp8(*args, num_splits=1, block_n=16, convert="bits", v_edge="none")
+
+
+def test_default_v_edge_follows_the_value_layout():
+    """With no ``v_edge``, stale value rows are left in place only where that is exact and measured fastest:
+    dimension-major values through tensor descriptors, INT8 codes or FP8 with fp16 dots."""
+    from zipage.kernels.fp8 import value_pool
+    from zipage.kernels.paged_decode_fp8 import default_v_edge
+
+    for codes in (torch.float8_e4m3fn, torch.int8):
+        k = torch.zeros(2, 16, 1, 16, dtype=codes)
+        v_dm, v_tm = value_pool(tuple(k.shape), codes, "cpu"), torch.zeros_like(k)
+        assert default_v_edge("tma", "fp16", k, v_dm) == "none"
+        assert default_v_edge("tma", "fp16", k, v_tm) == "bytes"
+        assert default_v_edge("page", "fp16", k, v_dm) == "bytes"  # (only tensor-descriptor tiles read v_edge)
+    k8 = torch.zeros(2, 16, 1, 16, dtype=torch.float8_e4m3fn)
+    assert default_v_edge("tma", "bits", k8, value_pool(tuple(k8.shape), k8.dtype, "cpu")) == "bytes"

@@ -105,7 +105,8 @@ def test_fp8_page_compares_decode_steps_as_well_as_tok_s(tmp_path):
         r = dict(tokens_per_s=tok_s, mean_running=running, mean_output_tokens=1000, median_decode_step_ms=step,
                  decode_floor_ms=10.0, step_over_floor=step / 10.0)
         if cfloor:
-            r.update(median_decode_running=running, decode_compute_floor_ms=cfloor, step_over_compute_floor=step / cfloor)
+            r.update(median_decode_running=running, decode_compute_floor_ms=cfloor,
+                     step_over_compute_floor=step / cfloor)
         return r
 
     new = tmp_path / "throughput_new.json"
