@@ -93,15 +93,16 @@ def main() -> None:
     ap.add_argument("--best-env", default=None, help="write the fastest FP8 variant as ZIPAGE_FP8_DECODE=... here")
     ap.add_argument("--bandwidth", type=float, default=4.25e12)
     ap.add_argument("--batches", default="256,512")
+    ap.add_argument("--ctx", default="2176", help="comma list of context lengths (every request's)")
     ap.add_argument("--all", action="store_true", help="every conversion x grid order x launch (slower)")
     ap.add_argument("--fp8mma", action="store_true", help="also FP8 tensor cores with page / tma loads")
     ap.add_argument("--match", default=None, help="comma list: time only the general kernels and the variants "
                     "whose name contains one of these (e.g. int8)")
     args = ap.parse_args()
-    hq, hkv, d, page, ctx = 32, 8, 128, 256, 2176
+    hq, hkv, d, page = 32, 8, 128, 256
     rows = []
     batches = [int(b) for b in args.batches.split(",")]
-    for batch in batches:
+    for ctx, batch in [(c, b) for c in map(int, args.ctx.split(",")) for b in batches]:
         pages_per = -(-ctx // page)
         n_pages = batch * pages_per
         k = torch.randn(n_pages, page, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -203,7 +204,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 (a variant that does not compile)
                 print(f"batch {batch} {kv} {kernel} {launch}: {e!r}"[:300])
                 continue
-            rows.append(dict(batch=batch, kv=kv, kernel=kernel, **launch, choice=choice, ms=round(ms, 4),
+            rows.append(dict(batch=batch, ctx=ctx, kv=kv, kernel=kernel, **launch, choice=choice, ms=round(ms, 4),
                              bw_share=round(nbytes / (ms * 1e-3) / args.bandwidth, 3), rel_err=round(err, 5)))
         del k, v, kq, vq, ks, vs, kq8, vq8, ks8, vs8
         torch.cuda.empty_cache()
@@ -211,7 +212,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")  # (what a timeout leaves)
     out = {"rows": rows}
     fp8 = [r for r in rows if r["kv"] == "fp8" and r["choice"] is not None and r["batch"] == batches[-1]
-           and r["rel_err"] < 2e-2 and not r["choice"].get("head_major") and not r["choice"].get("v_dim_major")]
+           and r["ctx"] == ctx and r["rel_err"] < 2e-2 and not r["choice"].get("head_major") and not r["choice"].get("v_dim_major")]
     # (the engine's pools are token-major)
     if fp8:
         best = min(fp8, key=lambda r: r["ms"])
@@ -222,9 +223,9 @@ def main() -> None:
             Path(args.best_env).write_text(f"ZIPAGE_FP8_DECODE={env}\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{'batch':>5} {'kv':>4} {'kernel':>22} {'block_n':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'bw':>5} {'err':>8}")
+    print(f"{'ctx':>5} {'batch':>5} {'kv':>4} {'kernel':>22} {'block_n':>7} {'warps':>5} {'stages':>6} {'ms':>8} {'bw':>5} {'err':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['kv']:>4} {r['kernel']:>22} {r['block_n']:>7} {r['num_warps']:>5} "
+        print(f"{r['ctx']:>5} {r['batch']:>5} {r['kv']:>4} {r['kernel']:>22} {r['block_n']:>7} {r['num_warps']:>5} "
               f"{r['num_stages']:>6} {r['ms']:>8.3f} {r['bw_share']:>5.2f} {r['rel_err']:>8.1e}")
     if "best" in out:
         print(f"fastest FP8 variant at batch {batches[-1]}: {out['best']['env']} ({out['best']['ms']:.3f} ms)")

@@ -55,6 +55,9 @@
 #              token-major (ZIPAGE_DIM_MAJOR_VALUES=1 / 0), prefill dequantized first (the default) and reading codes
 #   PART=stepprofile where the FP8 decode step's time goes past the 8-bit kernel (0.85 of the copy bandwidth now,
 #              yet the step is 1.44x its compute floor): profile_step.py at 490 requests in FP8 and 252 in bf16
+#   PART=storetune the decode step's KV store per layer (benchmarks/store_bench.py: bf16, 8-bit values token- and
+#              dimension-major, keys alone), the 8-bit decode GPU tests, then the engine's 8-bit decode launch over
+#              tiles, warps, stages and register caps at 490 requests, contexts 1,076 and 2,176 (vdimtune's rows)
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -100,6 +103,12 @@ case "${PART:-final}" in
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vdimtune.log" | tail -3
     timeout 300 python3 benchmarks/fp8_decode_tune.py --match vdim --out "$OUT/fp8_decode_vdimtune.json" 2>&1 | tail -30 ;;
+  storetune)
+    timeout 120 python3 benchmarks/store_bench.py --out "$OUT/store_bench.json" 2>&1 | tail -12
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
+      2>&1 | tee "$OUT/gpu_tests_storetune.log" | tail -3
+    timeout 300 python3 benchmarks/fp8_decode_tune.py --match vdim --ctx 1076,2176 --batches 490 \
+      --out "$OUT/fp8_decode_storetune.json" 2>&1 | tail -45 ;;
   vdimlong)
     lp="--workload long-prompt --requests 16 --max-tokens 64 --kv-gib 40"
     for cfg in v2 v2:m128n64w8s3-tma-codes; do

@@ -1,0 +1,81 @@
+"""The decode step's KV store (``store_kv``: one new token per request per layer) on the GPU.
+
+Each request owns one 256-token page in each of ``--layers`` layers' pools (so, as in the engine, one
+step's writes reach far more bytes than the L2 holds); a step stores one token per request into every
+layer, at the next position of its page. Times a step's stores per layer, for bf16 pages, 8-bit pages
+with values token-major, and 8-bit values dimension-major (the engine's layout on compute capability
+9+: each byte of a token's values lands in its own 32-byte sector, which the memory then reads and
+writes back whole), and keys alone. Prints a table and writes JSON:
+
+    python benchmarks/store_bench.py [--requests 490] [--out benchmarks/results/store_bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    from zipage.kernels import store_kv
+    from zipage.kernels.fp8 import FP8, INT8, value_pool
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", default="256,490")
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/results/store_bench.json")
+    args = ap.parse_args()
+    H, D, page, L = 8, 128, 256, args.layers
+    rows = []
+    for B in map(int, args.requests.split(",")):
+        k = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        for name, dtype, vdim, with_values in (("bf16", torch.bfloat16, False, True),
+                                               ("fp8 values token-major", FP8, False, True),
+                                               ("fp8 values dimension-major", FP8, True, True),
+                                               ("int8 values dimension-major", INT8, True, True),
+                                               ("fp8 keys only", FP8, False, False)):
+            kp = [torch.zeros(B, page, H, D, device="cuda", dtype=dtype) for _ in range(L)]
+            vp = [value_pool((B, page, H, D), dtype, "cuda") if vdim else torch.zeros(B, page, H, D, device="cuda",
+                                                                                      dtype=dtype) for _ in range(L)]
+            q8 = dtype != torch.bfloat16
+            ks = [torch.zeros(B, page, H, device="cuda") for _ in range(L)] if q8 else [None] * L
+            vs = [torch.zeros(B, page, H, device="cuda") for _ in range(L)] if q8 else [None] * L
+            base = torch.arange(B, device="cuda") * page
+
+            def step(pos):
+                slots = base + pos
+                for i in range(L):
+                    if with_values:
+                        store_kv(kp[i], slots, k, vp[i], v, ks[i], vs[i])
+                    else:
+                        store_kv(kp[i], slots, k, scale=ks[i])
+
+            for pos in range(3):
+                step(pos)
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for pos in range(3, 3 + args.steps):
+                step(pos)
+            b.record()
+            torch.cuda.synchronize()
+            us = a.elapsed_time(b) * 1000 / (args.steps * L)
+            # check the last step's tokens landed (the codes of one request and layer, against a direct read)
+            got = vp[-1][:, 2 + args.steps] if with_values else kp[-1][:, 2 + args.steps]
+            ok = bool(got.float().abs().sum() > 0)
+            rows.append(dict(requests=B, pages=name, us_per_layer=round(us, 2), ms_per_step=round(us * L / 1000, 3),
+                             stored=ok))
+            print(f"{B:>5} {name:>28} {us:8.2f} us/layer {us * L / 1000:7.3f} ms/step  stored={ok}", flush=True)
+            del kp, vp, ks, vs
+            torch.cuda.empty_cache()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
