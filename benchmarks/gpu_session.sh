@@ -103,6 +103,23 @@ case "${PART:-final}" in
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
       2>&1 | tee "$OUT/gpu_tests_vdimtune.log" | tail -3
     timeout 300 python3 benchmarks/fp8_decode_tune.py --match vdim --out "$OUT/fp8_decode_vdimtune.json" 2>&1 | tail -30 ;;
+  smallops)  # the step's small ops: per-head norms read in place, greedy argmax without a float copy, the query ring
+             # stored by the store kernel; GPU tests, the store per layer (graphs), then profile_step before (.before,
+             # carried, with this tree's profile_step.py) and after: FP8 at 490 requests and bf16 at 252
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fused_ops.py tests/test_sampler.py \
+      tests/test_fp8_engine.py 2>&1 | tee "$OUT/gpu_tests_smallops.log" | tail -3
+    timeout 100 python3 benchmarks/store_bench.py --out "$OUT/store_bench.json" 2>&1 | tail -12
+    for tree in .before .; do
+      tag=$([ "$tree" = . ] && echo after || echo before)
+      python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+      (cd "$tree" && timeout 100 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
+        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_$tag.json" > "$OUT/profile_fp8_490_$tag.txt" 2>&1
+       grep -a 'engine step\|device time' "$OUT/profile_fp8_490_$tag.txt")
+      (cd "$tree" && timeout 80 python3 benchmarks/profile_step.py --requests 252 --prompt-tokens 1024 \
+        --default-only --out "$OUT/profile_bf16_252_$tag.json" > "$OUT/profile_bf16_252_$tag.txt" 2>&1
+       grep -a 'engine step\|device time' "$OUT/profile_bf16_252_$tag.txt")
+    done
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
   storetune)
     timeout 120 python3 benchmarks/store_bench.py --out "$OUT/store_bench.json" 2>&1 | tail -12
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \

@@ -41,6 +41,8 @@ def step_ms(model, requests: int, fuse_ops: bool, async_scheduling: bool, prompt
         if not llm.scheduler.waiting and not any(seq.in_prefill for seq in llm.scheduler.running):
             break
         llm.step()
+    for _ in range(5):  # decode steps only from here: the first of them may capture the step's CUDA graphs
+        llm.step()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(n):
@@ -57,7 +59,10 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"])
     ap.add_argument("--default-only", action="store_true", help="time and profile the engine's defaults only")
+    ap.add_argument("--out", default=None, help="timings and profiled kernels (JSON)")
     args = ap.parse_args()
+    record = dict(model=args.model, requests=args.requests, prompt_tokens=args.prompt_tokens,
+                  kv_cache_dtype=args.kv_cache_dtype, variants=[])
     model = build(args.model)
     # (fuse_ops, merged projections, async_scheduling)
     variants = [(False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)]
@@ -67,6 +72,8 @@ def main() -> None:
         ms, llm = step_ms(model, args.requests, fuse, overlap, args.prompt_tokens, merge=merge,
                           kv_cache_dtype=args.kv_cache_dtype)
         ctx = sum(s.stored for s in llm.scheduler.running) / max(len(llm.scheduler.running), 1)
+        record["variants"].append(dict(fuse_ops=fuse, merged=merge and fuse, async_scheduling=overlap,
+                                       step_ms=round(ms, 3), running=len(llm.scheduler.running), mean_context=ctx))
         print(f"engine step, fuse_ops={fuse}, merged GEMMs={merge and fuse}, async_scheduling={overlap}: {ms:.2f} ms "
               f"with {len(llm.scheduler.running)} running, mean context {ctx:.0f}", flush=True)
         if (fuse, merge, overlap) == variants[-1] and not args.no_profile:
@@ -78,8 +85,20 @@ def main() -> None:
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+            kernels = sorted(((e.key, e.self_device_time_total / 5 / 1000, e.count // 5) for e in prof.key_averages()
+                              if e.self_device_time_total > 0 and str(getattr(e, "device_type", "")).endswith("CUDA")),
+                             key=lambda x: -x[1])
+            device_ms = sum(k[1] for k in kernels)
+            print(f"device time a step: {device_ms:.2f} ms (the profile's 5 steps)")
+            record["variants"][-1].update(device_ms_per_step=round(device_ms, 3), kernels=[
+                dict(name=n[:80], ms_per_step=round(m, 4), calls_per_step=c) for n, m, c in kernels[:30]])
         del llm
         torch.cuda.empty_cache()
+    if args.out:
+        import json
+
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,27 @@ def test_kernel_handles_strided_rows_and_mixed_dtypes():
         rms_norm_triton(x, torch.ones(5, device=DEV), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+def test_per_head_norm_reads_a_merged_projection_slice_in_place(dtype):
+    """q_norm / k_norm over the query part of a merged q/k/v output, viewed as heads ([1, T, H, D], rows 48 heads
+    apart): read where it lies (no copy first), several rows a program, each row as the module normalises it."""
+    from zipage.kernels.rmsnorm import _row_view
+
+    T, H, D = 37, 32, 64
+    m = _module(Qwen3RMSNorm, D, dtype)
+    qkv = torch.randn(1, T, 48 * D, device=DEV).to(dtype)
+    x = qkv[..., : H * D].view(1, T, H, D)
+    assert not x.is_contiguous() and _row_view(x, D)[0] is x  # folds to [T, H] rows in place
+    out = rms_norm_triton(x, m.weight, m.variance_epsilon)
+    assert out.shape == x.shape and out.is_contiguous()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), m(x).float(), rtol=tol, atol=tol)
+    y = torch.randn(3, 2, T, D, device=DEV).to(dtype).transpose(0, 1)  # leading dims that do not fold: a copy
+    assert _row_view(y, D)[0] is not y
+    torch.testing.assert_close(rms_norm_triton(y, m.weight, m.variance_epsilon).float(), m(y).float(), rtol=tol,
+                               atol=tol)
+
+
 def test_only_modules_the_kernel_reproduces_are_fused_and_forwards_come_back():
     model = torch.nn.Sequential(_module(Qwen3RMSNorm, 64, torch.float32), OnePlusRMSNorm(64).to(DEV),
                                 torch.nn.Linear(64, 64).to(DEV), _module(LlamaRMSNorm, 32, torch.float32))

@@ -51,6 +51,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            suppress: list[list[int] | None] | None = None, penalties: Penalties | None = None) -> Sampled:
     """One token per row of ``logits`` ([n, V]). ``suppress[i]`` lists token ids row ``i`` may not take
     (EOS and stop ids before ``min_tokens``)."""
+    if all(p.greedy and p.logprobs is None for p in params) and penalties is None and not (suppress and any(suppress)):
+        return Sampled(logits.argmax(dim=-1))  # (each float upcast is exact: the same argmax, without a copy)
     raw = logits.float()
     dev = raw.device
     x = raw
