@@ -212,7 +212,7 @@ if HAS_TRITON:
         out = acc / l_safe[:, None]
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         o_ptr = MID_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
-        tl.store(o_ptr, out, mask=gmask[:, None] & dmask[None, :])
+        tl.store(o_ptr, out.to(MID_O.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])  # (one split: the output)
         tl.store(MID_LSE + (b * HQ + heads) * NUM_SPLITS + split, lse, mask=gmask)
 
     @triton.jit
@@ -387,9 +387,12 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         hint = min(hint, window + block_n) if window else hint
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         num_splits = decode_num_splits(B, Hkv, hint, sms, block_n)
-    mid_o = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
+    # one split and no sinks: the split pass's normalized output is the answer (the merge would multiply it by
+    # exp2(0) / 1), so it stores it into ``out`` itself, rounded as the merge rounds, and no merge runs
+    direct = num_splits == 1 and sinks is None
+    mid_o = out.unsqueeze(2) if direct else torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     if fp8_kernel is not None:
         launch_decode_split_fp8(q, k_cache, v_cache, ks, vs, page_table, kv_lens, kv_starts, mid_o, mid_lse,
                                 scale * LOG2E, num_splits=num_splits, block_n=block_n,
@@ -399,7 +402,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
         _launch_decode_split(q, k_cache, v_cache, ks, vs, page_table, kv_lens, kv_starts, mid_o, mid_lse, scale,
                              stride_sp, stride_st, G, page, block_n, num_splits, fp8, window, softcap, num_warps,
                              num_stages)
-    _merge_splits(mid_o, mid_lse, out, sinks, num_splits)
+    if not direct:
+        _merge_splits(mid_o, mid_lse, out, sinks, num_splits)
     return out
 
 

@@ -306,7 +306,7 @@ if HAS_TRITON:
         out = acc / l_safe[:, None]
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         o_ptr = MID_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
-        tl.store(o_ptr, out, mask=gmask[:, None] & dmask[None, :])
+        tl.store(o_ptr, out.to(MID_O.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])  # (one split: the output)
         tl.store(MID_LSE + (b * HQ + heads) * NUM_SPLITS + split, lse, mask=gmask)
 
 

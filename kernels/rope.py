@@ -21,29 +21,31 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, T, sxb, sxh, sxt, sob, soh, sot, scb, sct,
-                     HALF: tl.constexpr, BLOCK: tl.constexpr):
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
+        """One token (``b``, ``t``) and ``BLOCK_H`` of its heads a program: its cos/sin rows read once."""
         pid = tl.program_id(0).to(tl.int64)
         t = pid % T
-        h = (pid // T) % H
-        b = pid // (T * H)
+        b = pid // T
+        h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
         i = tl.arange(0, BLOCK)
-        m = i < HALF
-        x = x_ptr + b * sxb + h * sxh + t * sxt
+        im = i < HALF
+        m = (h < H)[:, None] & im[None, :]
         c = cos_ptr + b * scb + t * sct
         s = sin_ptr + b * scb + t * sct
+        c1 = tl.load(c + i, mask=im, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(c + HALF + i, mask=im, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(s + i, mask=im, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(s + HALF + i, mask=im, other=0.0).to(tl.float32)[None, :]
+        x = x_ptr + b * sxb + t * sxt + h[:, None] * sxh + i[None, :]
         dt = x_ptr.dtype.element_ty
-        x1 = tl.load(x + i, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(x + HALF + i, mask=m, other=0.0).to(tl.float32)
-        c1 = tl.load(c + i, mask=m, other=0.0).to(tl.float32)
-        c2 = tl.load(c + HALF + i, mask=m, other=0.0).to(tl.float32)
-        s1 = tl.load(s + i, mask=m, other=0.0).to(tl.float32)
-        s2 = tl.load(s + HALF + i, mask=m, other=0.0).to(tl.float32)
+        x1 = tl.load(x, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(x + HALF, mask=m, other=0.0).to(tl.float32)
         # rotate_half(x) = cat(-x2, x1); products and sum in float32, one rounding at the end
         o1 = x1 * c1 - x2 * s1
         o2 = x2 * c2 + x1 * s2
-        o = out_ptr + b * sob + h * soh + t * sot
-        tl.store(o + i, o1.to(dt), mask=m)
-        tl.store(o + HALF + i, o2.to(dt), mask=m)
+        o = out_ptr + b * sob + t * sot + h[:, None] * soh + i[None, :]
+        tl.store(o, o1.to(dt), mask=m)
+        tl.store(o + HALF, o2.to(dt), mask=m)
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -63,9 +65,12 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     if out.stride(-1) != 1:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel():
-        _rope_kernel[(B * H * T,)](x, cos, sin, out, H, T, x.stride(0), x.stride(1), x.stride(2), out.stride(0),
-                                   out.stride(1), out.stride(2), cos.stride(0) if cos.shape[0] == B else 0, cos.stride(1), HALF=D // 2,
-                                   BLOCK=next_pow2(D // 2), num_warps=1)
+        block = next_pow2(D // 2)
+        block_h = min(next_pow2(H), max(1, 2048 // block))  # a token's heads together (up to 2,048 elements)
+        _rope_kernel[(B * T, triton.cdiv(H, block_h))](
+            x, cos, sin, out, H, T, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            cos.stride(0) if cos.shape[0] == B else 0, cos.stride(1), HALF=D // 2, BLOCK=block, BLOCK_H=block_h,
+            num_warps=4 if block_h * block >= 1024 else 1)
     return out
 
 

@@ -143,11 +143,11 @@ def _rope_inputs(B, H, T, D, dtype, transposed=True):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
 @pytest.mark.parametrize("transposed", [True, False])
-@pytest.mark.parametrize("D", [64, 128, 96])
-def test_rope_kernel_matches_the_transformers_function(dtype, transposed, D):
+@pytest.mark.parametrize("D, Hq", [(64, 4), (128, 4), (96, 4), (128, 40)])  # 40 heads: two programs a token
+def test_rope_kernel_matches_the_transformers_function(dtype, transposed, D, Hq):
     from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
-    q, cos, sin = _rope_inputs(2, 4, 5, D, dtype, transposed)
+    q, cos, sin = _rope_inputs(2, Hq, 5, D, dtype, transposed)
     k, _, _ = _rope_inputs(2, 2, 5, D, dtype, transposed)
     ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
     out_q, out_k = rope_triton(q, cos, sin), rope_triton(k, cos, sin)

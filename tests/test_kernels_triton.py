@@ -154,6 +154,34 @@ def test_decode_interpreter(dtype, page, num_splits):
     _decode_case("cpu", dtype, 3, 8, 2, 32, page, [5, 70, 33], starts=[0, 4, 0], num_splits=num_splits)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_one_split_stores_what_the_merge_would(fp8):
+    """With one split (and no sinks) the split pass writes the output itself and no merge runs: bit for bit what the
+    split pass into float32 partials plus the merge give, on 16-bit and 8-bit pages (an empty row included)."""
+    from zipage.kernels.fp8 import quantize_reference
+    from zipage.kernels.paged_attention import LOG2E, _launch_decode_split, _merge_splits, _scale_args
+
+    dev, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float16)
+    torch.manual_seed(7)
+    k, v, table = random_pages(3, [40, 0, 33], 16, 2, 32, dtype, dev)
+    q = torch.randn(3, 8, 32, device=dev).to(dtype)
+    lens = torch.tensor([40, 0, 33], dtype=torch.int32, device=dev)
+    starts = torch.zeros(3, dtype=torch.int32, device=dev)
+    kw = {}
+    if fp8:
+        (k, ks), (v, vs) = quantize_reference(k), quantize_reference(v)
+        kw = dict(k_scale=ks, v_scale=vs, fp8_kernel=dict(convert="general"))
+    out = paged_decode_attention_triton(q, k, v, table, lens, 0.25, starts, num_splits=1, block_n=32, **kw)
+    ks_, vs_, sp, st, is8 = _scale_args(k, v, kw.get("k_scale"), kw.get("v_scale"))
+    mid_o = torch.empty(3, 8, 1, 32, dtype=torch.float32, device=dev)
+    mid_lse = torch.empty(3, 8, 1, dtype=torch.float32, device=dev)
+    _launch_decode_split(q, k, v, ks_, vs_, table, lens, starts, mid_o, mid_lse, 0.25, sp, st, 4, 16, 32, 1, is8,
+                         None, None, 4, 2)
+    want = torch.empty_like(q)
+    _merge_splits(mid_o, mid_lse, want, None, 1)
+    assert torch.equal(out, want) and not out[1].any()
+
+
 @cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_prefill_interpreter(dtype):
