@@ -130,11 +130,11 @@ case "${PART:-final}" in
       tag=$([ "$tree" = . ] && echo after || echo before)
       python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
       (cd "$tree" && timeout 100 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
-        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_$tag.json" > "$OUT/profile_fp8_490_$tag.txt" 2>&1
-       grep -a 'engine step\|device time' "$OUT/profile_fp8_490_$tag.txt")
+        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_$tag.json" > "/tmp/profile_fp8_490_$tag.txt" 2>&1
+       grep -a 'engine step\|device time' "/tmp/profile_fp8_490_$tag.txt")
       (cd "$tree" && timeout 80 python3 benchmarks/profile_step.py --requests 252 --prompt-tokens 1024 \
-        --default-only --out "$OUT/profile_bf16_252_$tag.json" > "$OUT/profile_bf16_252_$tag.txt" 2>&1
-       grep -a 'engine step\|device time' "$OUT/profile_bf16_252_$tag.txt")
+        --default-only --out "$OUT/profile_bf16_252_$tag.json" > "/tmp/profile_bf16_252_$tag.txt" 2>&1
+       grep -a 'engine step\|device time' "/tmp/profile_bf16_252_$tag.txt")
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
   storetune)
