@@ -97,6 +97,12 @@ case "${PART:-final}" in
     timeout 400 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-125}" --systems zipage-2048-fp8,zipage-2048 \
       --out "$OUT/throughput_qwen3-8b_fp8_vdim_steady.json" 2>&1 | tail -4 ;;
+  final32)  # after session 32's small-op changes: the engine's GPU tests, then vdim2's FP8 / bf16 pair (125 s each)
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_engine.py tests/test_engine_gpu.py \
+      2>&1 | tee "$OUT/gpu_tests_final32.log" | tail -3
+    timeout 400 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+      --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-125}" --systems zipage-2048-fp8,zipage-2048 \
+      --out "$OUT/throughput_qwen3-8b_fp8_smallops_steady.json" 2>&1 | tail -4 ;;
   vdimab)
     fp8_value_layouts "${TIME_LIMIT:-100}" 200 fp8_steady ;;
   vdimtune)

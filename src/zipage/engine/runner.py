@@ -138,18 +138,23 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         r.scaling[j] = float(scale)
         tables = (meta.prefill_table, meta.prefill_lens, meta.decode_table, meta.decode_lens)
     features = dict(window=r.window if sliding else None, sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"))
-    out = torch.empty_like(q)
     n_p = meta.num_prefill_tokens
+    decode = None
+    if n_p < q.shape[0]:
+        decode = paged_decode_attention(
+            q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
+            k_scale=ks, v_scale=vs, **features
+        )
     if n_p:
+        out = torch.empty_like(q)
         out[:n_p] = paged_prefill_attention(
             q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
             k_scale=ks, v_scale=vs, **features
         )
-    if n_p < q.shape[0]:
-        out[n_p:] = paged_decode_attention(
-            q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
-            k_scale=ks, v_scale=vs, **features
-        )
+        if decode is not None:
+            out[n_p:] = decode
+    else:  # a decode-only step: the decode kernel's output as it is (no copy)
+        out = decode
     if r.rotation is not None and not sliding:  # the output back from the rotated basis
         out = rotate(out, r.rotation, out.dtype)
     return out[None], None
