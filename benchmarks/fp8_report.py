@@ -49,6 +49,38 @@ def _time_limit(command: str) -> str:
     return words[words.index("--time-limit") + 1] if "--time-limit" in words[:-1] else ""
 
 
+_STEP_GROUPS = [("decode attention (split pass, merge)", ("_decode_split", "_decode_merge")),
+                ("linear layers (cuBLAS)", ("nvjet", "cublas", "cutlass", "gemm", "sm90_xmma")),
+                ("KV store (and the query ring)", ("_store",)),
+                ("RMSNorms, RoPE, SiLU gate", ("_rms_norm", "_rope", "_silu_mul")),
+                ("other (residual adds, argmax, copies, fills)", ("",))]
+
+
+def _step_profile_table(folder: Path) -> list[str]:
+    """The decode step's device time by kind of kernel, from ``profile_step.py --out`` files."""
+    runs = []
+    for path in sorted(folder.glob("profile_step_*.json")):
+        data = json.loads(path.read_text())
+        v = data["variants"][-1]
+        groups = dict.fromkeys([name for name, _ in _STEP_GROUPS], 0.0)
+        for k in v.get("kernels", []):
+            for name, keys in _STEP_GROUPS:
+                if any(key in k["name"] for key in keys):
+                    groups[name] += k["ms_per_step"]
+                    break
+        pages = "bf16" if data.get("kv_cache_dtype", "auto") == "auto" else data["kv_cache_dtype"].upper()
+        runs.append((f"{pages}, {v['running']} requests, context {v['mean_context']:.0f}", groups,
+                     v["device_ms_per_step"], v["running"]))
+    if not runs:
+        return []
+    lines = ["| kernels | " + " | ".join(r[0] for r in runs) + " |", "|---|" + "---|" * len(runs)]
+    for name, _ in _STEP_GROUPS:
+        lines.append(f"| {name} | " + " | ".join(f"{r[1][name]:.2f} ms" for r in runs) + " |")
+    lines.append("| **device time a step** | " + " | ".join(f"**{r[2]:.2f} ms**" for r in runs) + " |")
+    lines.append("| tokens a millisecond | " + " | ".join(f"{r[3] / r[2]:.1f}" for r in runs) + " |")
+    return lines
+
+
 def _kernel_table(path: Path) -> list[str]:
     rows = json.loads(path.read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
@@ -89,7 +121,9 @@ def fp8_section(results: Path) -> str:
              "rotated there, as they are stored now); `throughput_qwen3-8b_zz_fp8_cfloor.json` 100 s, FP8 "
              "against bf16 (`PART=cfloor` of `benchmarks/gpu_session.sh`); "
              "`throughput_qwen3-8b_zzz_fp8_vdim_steady.json` 125 s, FP8 pages with values stored "
-             "dimension-major (the default since) against bf16 (`PART=vdim2`).", "",
+             "dimension-major (the default since) against bf16 (`PART=vdim2`); "
+             "`throughput_qwen3-8b_zzzz_fp8_smallops_steady.json` the same pair after the cuts to the "
+             "step's small kernels (`PART=final32`, below).", "",
              "What holds the FP8 step above its floor is the decode kernel on FP8 pages, at 0.69 of the copy "
              "bandwidth where the bf16 kernel reaches 1.0. Nsight Compute (`PART=ncu`, "
              "`benchmarks/results/issue15/s30/`) finds it bound neither by memory (DRAM 63%) nor by issue slots "
@@ -106,6 +140,41 @@ def fp8_section(results: Path) -> str:
              "products (`benchmarks/results/issue15/s31/`).", ""]
     engine = _engine_table(sorted(folder.glob("throughput_*.json")))
     parts += engine + [""] if engine else ["(no engine pair yet)", ""]
+    profile = _step_profile_table(folder)
+    if profile:
+        parts += ["### Where the decode step's time goes, and why 8-bit pages stop near 1.3x", "",
+                  "`python benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 --kv-cache-dtype fp8 "
+                  "--default-only --out ...` and `--requests 252` on bf16 pages (`profile_step_*.json`, "
+                  "`benchmarks/results/issue15/s32/call4`): the same memory holds 490 requests on FP8 pages and "
+                  "252 on bf16 pages at these contexts; each column is the device time of one decode step "
+                  "(5 profiled steps, CUDA graphs, no compression among them) by kind of kernel.", ""]
+        parts += profile + ["",
+                  "Twice the requests double the linear layers' arithmetic as well as the KV they read: past about "
+                  "190 requests Qwen3-8B's linear layers are bound by the tensor cores, not by reading their "
+                  "weights, so they cost 10.4 ms a step at 490 requests against 6.0 ms at 252. With the FP8 decode "
+                  "kernel at the full copy bandwidth (40.3 GB of codes and scales a step here: 9.5 ms, against "
+                  "12.6 ms measured, 0.75 of it) and no store cost, the step would take about 21.6 ms: 22.7 tokens "
+                  "a millisecond, 1.52x the bf16 step's 15.0. FP8 pages with bf16 weights cannot reach 1.6x on "
+                  "this GPU at these contexts; the rest of the gap is the kernel's own (above) and the "
+                  "dimension-major value store, whose bytes each land in a 32-byte sector of their own that the "
+                  "memory reads and writes back whole: `benchmarks/store_bench.py` (one CUDA graph of a step's "
+                  "stores over 36 layers' pools) times it at 30.6 us a layer at 490 requests against 3.0 us with "
+                  "values token-major (1.1 against 0.1 ms a step; `benchmarks/results/issue15/s32/call3`), "
+                  "while the kernel reads dimension-major values 5 ms a step faster.", "",
+                  "Then the step's small kernels were cut (`benchmarks/results/issue15/s32/call3`, `call4`, each "
+                  "a before/after pair in one GPU call): per-head RMSNorms read the merged q/k/v projection in "
+                  "place (no strided copy of the queries and keys first) and several rows a program; an all-greedy "
+                  "batch takes the argmax of the logits as they are (no float32 copy of 490 x 151,936); the query "
+                  "ring is stored by the store kernel (3.6 us a layer against index_copy_'s 9.1); RoPE takes a "
+                  "token's heads in one program (0.52 to 0.19 ms a step); a decode with one split writes its "
+                  "output from the split pass and skips the merge kernel (0.43 ms a step); a decode-only step "
+                  "returns the kernel's output without a copy. FP8 at 490 requests: 26.88 to 25.75 ms of device "
+                  "time a step, then 26.27 to 25.75 ms (the second pair's before is the first pair's after, "
+                  "re-measured); bf16 at 252: 17.47 to 16.91 ms, then 17.26 to 16.85 ms. End to end "
+                  "(`throughput_qwen3-8b_zzzz_fp8_smallops_steady.json`, `PART=final32`, the vdim2 workload): "
+                  "13,123 against 10,612 tok/s (1.24x), FP8 step 35.7 ms (1.37x its floor with products, 1.44x "
+                  "before), bf16 step 22.8 ms (1.15x, 1.21x before); the earlier run's 13,051 and 10,289 tok/s "
+                  "came from another call.", ""]
     for path in sorted(folder.glob("fp8_decode_*.json")):
         parts += [f"### Decode kernel on 8-bit pages against bf16 pages (`{path.name}`)", "",
                   "Qwen3-8B attention shapes (32 query heads over 8 KV heads, head dim 128, 256-token pages); "
