@@ -152,6 +152,26 @@ def test_greedy_rows_are_the_exact_argmax_and_non_finite_rows_fall_back():
     assert tokens[1] == 4 and tokens[2] == 9
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_an_all_greedy_batch_takes_the_argmax_of_its_logits_as_they_are(dtype):
+    """No float32 copy of the logits when every row is greedy: the same tokens as the upcast's argmax (exact), ties
+    and non-finite rows included; a suppressed id or log-probabilities still go the full way."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 64, generator=g) * 4).to(dtype)
+    logits[0, 7] = logits[0, 40] = logits[0].max() + 1  # a tie: the first index, both ways
+    logits[1, 5] = math.nan
+    logits[2, 11] = -math.inf
+    params = [SamplingParams(temperature=0)] * 5
+    got = sample(logits, params, [None] * 5)
+    assert got.tokens.dtype == torch.int64 and got.logprobs is None
+    assert got.tokens.tolist() == logits.float().argmax(-1).tolist() and got.tokens[0] == 7 and got.tokens[1] == 5
+    want = int(logits[3].float().topk(2).indices[1])  # the best id suppressed: the runner-up
+    suppressed = sample(logits, params, [None] * 5, [None, None, None, [int(logits[3].float().argmax())], None])
+    assert suppressed.tokens[3] == want
+    with_lp = sample(logits, [SamplingParams(temperature=0, logprobs=0)] * 5, [None] * 5)
+    assert with_lp.tokens.tolist() == got.tokens.tolist() and with_lp.logprobs is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_batched_sampler_matches_the_per_row_reference_on_cuda():
