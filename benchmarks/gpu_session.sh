@@ -117,17 +117,7 @@ case "${PART:-final}" in
     timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fused_ops.py tests/test_sampler.py \
       tests/test_fp8_engine.py 2>&1 | tee "$OUT/gpu_tests_smallops.log" | tail -3
     timeout 100 python3 benchmarks/store_bench.py --out "$OUT/store_bench.json" 2>&1 | tail -12
-    for tree in .before .; do
-      tag=$([ "$tree" = . ] && echo after || echo before)
-      python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
-      (cd "$tree" && timeout 100 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
-        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_$tag.json" > "$OUT/profile_fp8_490_$tag.txt" 2>&1
-       grep -a 'engine step\|device time' "$OUT/profile_fp8_490_$tag.txt")
-      (cd "$tree" && timeout 80 python3 benchmarks/profile_step.py --requests 252 --prompt-tokens 1024 \
-        --default-only --out "$OUT/profile_bf16_252_$tag.json" > "$OUT/profile_bf16_252_$tag.txt" 2>&1
-       grep -a 'engine step\|device time' "$OUT/profile_bf16_252_$tag.txt")
-    done
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
+    PART=smallops_pairs bash "$0" ;;  # (session 32's call 3 wrote the profiles' text under $OUT as well)
   smallops2)  # smallops' comparison for the next change (one split: no merge; RoPE a token's heads a program), before
               # (.before, carried) and after, after the GPU tests of the decode kernels, RoPE and norms
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_fused_ops.py \
