@@ -160,11 +160,13 @@ def fp8_section(results: Path) -> str:
                   "memory reads and writes back whole: `benchmarks/store_bench.py` (one CUDA graph of a step's "
                   "stores over 36 layers' pools) times it at 30.6 us a layer at 490 requests against 3.0 us with "
                   "values token-major (1.1 against 0.1 ms a step; `benchmarks/results/issue15/s32/call3`), "
-                  "while the kernel reads dimension-major values 5 ms a step faster. Storing the new token's value from "
+                  "while the kernel reads dimension-major values 5 ms a step faster. Storing the new token's "
+                  "value from "
                   "the decode kernel instead (its codes put into the last tile, which holds the rest of the 32-token "
                   "segment, and the segment written back as whole sectors) was compiled for sm_90 and dropped "
                   "unmeasured: patching the tile inside the loop takes every value tile through shared memory "
-                  "(Triton 3.9: 255 registers and 1 KB of spills against 152 and none, `benchmarks/decode_compile.py`).", "",
+                  "(Triton 3.9: 255 registers and 1 KB of spills against 152 and none, "
+                  "`benchmarks/decode_compile.py`).", "",
                   "Then the step's small kernels were cut (`benchmarks/results/issue15/s32/call3`, `call4`, each "
                   "a before/after pair in one GPU call): per-head RMSNorms read the merged q/k/v projection in "
                   "place (no strided copy of the queries and keys first) and several rows a program; an all-greedy "

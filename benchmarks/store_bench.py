@@ -2,8 +2,8 @@
 
 Each request owns one 256-token page in each of ``--layers`` layers' pools (so, as in the engine, one
 step's writes reach far more bytes than the L2 holds); a step stores one token per request into every
-layer, at the next position of its page. Times a step's stores (one CUDA graph, median) per layer, for bf16 pages, 8-bit pages
-with values token-major, and 8-bit values dimension-major (the engine's layout on compute capability
+layer, at the next position of its page. Times a step's stores (one CUDA graph, median) per layer, for
+bf16 pages, 8-bit pages with values token-major, and 8-bit values dimension-major (the engine's layout on compute capability
 9+: each byte of a token's values lands in its own 32-byte sector, which the memory then reads and
 writes back whole; and written as whole 32-token segments, ``store_kv(..., whole_sectors=True)``), and keys
 alone. Prints a table and writes JSON:
