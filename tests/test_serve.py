@@ -330,3 +330,22 @@ def test_zipage_serve_without_a_model_serves_smollm2():
     want = LLM(model, tok, **engine).generate([ids], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0]
     assert r.choices[0].token_ids == want.token_ids
     assert r.choices[0].message.content == want.text and "5" in want.text
+
+
+def test_stream_events_stay_one_line_for_splitlines_readers():
+    """Text holding U+0085, U+2028 or U+2029 (JSON may leave them raw) is sent escaped, so a reader that splits
+    lines like ``str.splitlines`` (httpx's ``aiter_lines``) still gets one event a line, and the same text back."""
+    from httpx._decoders import LineDecoder
+
+    from zipage.serve.generation import sse
+    from zipage.serve.protocol import CompletionChoice, CompletionChunk
+
+    text = "a\u2028b\x85c\u2029d\u00e9"
+    chunk = CompletionChunk(id="cmpl-1", created=0, model="tiny", choices=[CompletionChoice(index=0, text=text)])
+    assert "\u2028" in chunk.model_dump_json()  # (what the model's own JSON leaves raw)
+    event = sse(chunk)
+    decoder = LineDecoder()
+    lines = [line for line in decoder.decode(event) + decoder.flush() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:])["choices"][0]["text"] == text
+    assert json.loads(sse({"text": text})[6:])["text"] == text

@@ -144,10 +144,16 @@ async def merged(streams: list[RequestStream], raw: Request) -> AsyncIterator[tu
             t.cancel()
 
 
+# Characters that JSON may leave raw inside a string but that line readers splitting like Python's
+# ``str.splitlines`` (httpx's ``aiter_lines``, among others) take for line ends, cutting an event in two.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: Any) -> str:
-    """One server-sent event."""
+    """One server-sent event, on one line for every line reader (text holding U+0085, U+2028 or U+2029
+    is sent with those escaped: the same JSON value)."""
     data = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
-    return f"data: {data}\n\n"
+    return f"data: {data.translate(_LINE_BREAKS)}\n\n"
 
 
 DONE = "data: [DONE]\n\n"
