@@ -58,8 +58,6 @@
 #   PART=storetune the decode step's KV store per layer (benchmarks/store_bench.py: bf16, 8-bit values token- and
 #              dimension-major, keys alone), the 8-bit decode GPU tests, then the engine's 8-bit decode launch over
 #              tiles, warps, stages and register caps at 490 requests, contexts 1,076 and 2,176 (vdimtune's rows)
-#   PART=wholesector decode steps storing 8-bit values as whole 32-token segments (ZIPAGE_WHOLE_SECTOR_STORE=1)
-#              against one byte a row: GPU tests, store_bench.py, profile_step at 490 FP8 requests, engine runs
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -135,22 +133,6 @@ case "${PART:-final}" in
        grep -a 'engine step\|device time' "/tmp/profile_bf16_252_$tag.txt")
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
-  wholesector)  # 8-bit values stored as whole 32-token segments in decode steps (ZIPAGE_WHOLE_SECTOR_STORE=1) against
-                # one byte a row: the GPU tests of the store and the engine, the store per layer, then profile_step at
-                # 490 FP8 requests with the setting off and on (the same tree), then the engine pair (TIME_LIMIT s each)
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kernels.py tests/test_fp8_engine.py \
-      -k "whole_sector or gpu or dimension_major" 2>&1 | tee "$OUT/gpu_tests_wholesector.log" | tail -3  # (compiled)
-    timeout 100 python3 benchmarks/store_bench.py --out "$OUT/store_bench_wholesector.json" 2>&1 | tail -14
-    for flag in 0 1; do
-      ZIPAGE_WHOLE_SECTOR_STORE=$flag timeout 100 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
-        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_ws$flag.json" > /tmp/ws$flag.txt 2>&1
-      grep -a 'engine step\|device time' /tmp/ws$flag.txt
-    done
-    for flag in 0 1; do
-      ZIPAGE_WHOLE_SECTOR_STORE=$flag timeout 200 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
-        --max-num-seqs 512 --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-90}" --systems zipage-2048-fp8 \
-        --out "$OUT/throughput_qwen3-8b_fp8_ws$flag.json" 2>&1 | tail -1
-    done ;;
   storetune)
     timeout 120 python3 benchmarks/store_bench.py --out "$OUT/store_bench.json" 2>&1 | tail -12
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \

@@ -3,10 +3,9 @@
 Each request owns one 256-token page in each of ``--layers`` layers' pools (so, as in the engine, one
 step's writes reach far more bytes than the L2 holds); a step stores one token per request into every
 layer, at the next position of its page. Times a step's stores (one CUDA graph, median) per layer, for
-bf16 pages, 8-bit pages with values token-major, and 8-bit values dimension-major (the engine's layout on compute capability
-9+: each byte of a token's values lands in its own 32-byte sector, which the memory then reads and
-writes back whole; and written as whole 32-token segments, ``store_kv(..., whole_sectors=True)``), and keys
-alone. Prints a table and writes JSON:
+bf16 pages, 8-bit pages with values token-major, and 8-bit values dimension-major (the engine's layout
+on compute capability 9+: each byte of a token's values lands in its own 32-byte sector, which the
+memory then reads and writes back whole), and keys alone. Prints a table and writes JSON:
 
     python benchmarks/store_bench.py [--requests 490] [--out benchmarks/results/store_bench.json]
 """
@@ -35,14 +34,11 @@ def main() -> None:
     for B in map(int, args.requests.split(",")):
         k = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        for name, dtype, vdim, with_values, whole in (
-                ("bf16", torch.bfloat16, False, True, False),
-                ("fp8 values token-major", FP8, False, True, False),
-                ("fp8 values dimension-major", FP8, True, True, False),
-                ("fp8 dimension-major, whole sectors", FP8, True, True, True),
-                ("int8 values dimension-major", INT8, True, True, False),
-                ("int8 dimension-major, whole sectors", INT8, True, True, True),
-                ("fp8 keys only", FP8, False, False, False)):
+        for name, dtype, vdim, with_values in (("bf16", torch.bfloat16, False, True),
+                                               ("fp8 values token-major", FP8, False, True),
+                                               ("fp8 values dimension-major", FP8, True, True),
+                                               ("int8 values dimension-major", INT8, True, True),
+                                               ("fp8 keys only", FP8, False, False)):
             kp = [torch.zeros(B, page, H, D, device="cuda", dtype=dtype) for _ in range(L)]
             vp = [value_pool((B, page, H, D), dtype, "cuda") if vdim else torch.zeros(B, page, H, D, device="cuda",
                                                                                       dtype=dtype) for _ in range(L)]
@@ -54,7 +50,7 @@ def main() -> None:
             def step():
                 for i in range(L):
                     if with_values:
-                        store_kv(kp[i], slots, k, vp[i], v, ks[i], vs[i], whole_sectors=whole)
+                        store_kv(kp[i], slots, k, vp[i], v, ks[i], vs[i])
                     else:
                         store_kv(kp[i], slots, k, scale=ks[i])
 
@@ -80,7 +76,7 @@ def main() -> None:
             ok = bool(got.float().abs().sum() > 0)
             rows.append(dict(requests=B, pages=name, us_per_layer=round(us, 2), ms_per_step=round(us * L / 1000, 3),
                              stored=ok))
-            print(f"{B:>5} {name:>36} {us:8.2f} us/layer {us * L / 1000:7.3f} ms/step  stored={ok}", flush=True)
+            print(f"{B:>5} {name:>28} {us:8.2f} us/layer {us * L / 1000:7.3f} ms/step  stored={ok}", flush=True)
             del kp, vp, ks, vs
             torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

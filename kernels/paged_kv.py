@@ -100,10 +100,13 @@ if HAS_TRITON:
         return tl.where(x < 0, -r * ulp, r * ulp)  # (keeps the sign of a negative that rounds to 0)
 
     @triton.jit
-    def _quantize_codes(x, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr):
-        """Rows of ``x`` (float32, ``[R, C]``, padding zeros): scale = max|x| / 448 per row (INT8: / 127) and the
-        codes ``x / scale`` (INT8: rounded to the nearest integer, halves away from zero) as float32, exactly as
-        ``fp8.quantize_reference`` computes them."""
+    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, dst_p, dst_t, dst_h, dst_d, PAGE: tl.constexpr,
+                       H: tl.constexpr, D: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr):
+        """Heads ``h`` of one token: scale = max|x| / 448 per head (INT8: / 127), codes = x / scale
+        (INT8: rounded to the nearest integer, halves away from zero), both stored."""
+        hmask = h < H
+        m = hmask[:, None] & (d[None, :] < D)
+        x = tl.load(SRC + h[:, None] * stride_h + d[None, :], mask=m, other=0.0).to(tl.float32)
         top = 127.0 if INT8 else 448.0  # INT8_MAX, FP8_MAX
         # IEEE divisions (``/`` compiles to an approximate one), so codes and scales match the reference
         amax = tl.max(tl.abs(x), 1)
@@ -113,16 +116,6 @@ if HAS_TRITON:
             c = tl.where(c < 0, -tl.floor(0.5 - c), tl.floor(c + 0.5))
         elif ROUND_FIRST:
             c = _round_to_e4m3(c)
-        return c, s
-
-    @triton.jit
-    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, dst_p, dst_t, dst_h, dst_d, PAGE: tl.constexpr,
-                       H: tl.constexpr, D: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr):
-        """Heads ``h`` of one token quantized (``_quantize_codes``), codes and scales stored."""
-        hmask = h < H
-        m = hmask[:, None] & (d[None, :] < D)
-        x = tl.load(SRC + h[:, None] * stride_h + d[None, :], mask=m, other=0.0).to(tl.float32)
-        c, s = _quantize_codes(x, ROUND_FIRST, INT8)
         row = (slot // PAGE) * dst_p + (slot % PAGE) * dst_t  # (the pool's strides: values may be dimension-major)
         tl.store(DST + row + h[:, None] * dst_h + d[None, :] * dst_d, c.to(DST.dtype.element_ty), mask=m)
         tl.store(SCALE + slot * H + h, s, mask=hmask)
@@ -146,52 +139,7 @@ if HAS_TRITON:
                            D, ROUND_FIRST, INT8)
 
 
-    @triton.jit
-    def _store_segments_kernel(DST, SCALE, SRC, SLOTS, stride_st, stride_sh, stride_dp, stride_dh, stride_dd,
-                               PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                               SEGMENT: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr):
-        """One token's head (program ``(n, h)``) into a dimension-major 8-bit pool: its codes put into the
-        ``SEGMENT`` tokens of the page around its slot, read and written back whole (each 32-byte sector of the
-        page's rows written entire, not merged into by the memory), its scale stored."""
-        n = tl.program_id(0)
-        h = tl.program_id(1)
-        slot = tl.load(SLOTS + n).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        dm = d < D
-        x = tl.load(SRC + n * stride_st + h * stride_sh + d, mask=dm, other=0.0).to(tl.float32)
-        c, sc = _quantize_codes(x[None, :], ROUND_FIRST, INT8)  # [1, BLOCK_D], [1]
-        off = slot % PAGE
-        j = tl.arange(0, SEGMENT)
-        base = DST + (slot // PAGE) * stride_dp + h * stride_dh + (off // SEGMENT) * SEGMENT
-        ptr = base + d[:, None] * stride_dd + j[None, :]  # (dimension-major: a page's token stride is 1)
-        seg = tl.load(ptr, mask=dm[:, None])
-        seg = tl.where(j[None, :] == off % SEGMENT, tl.trans(c).to(DST.dtype.element_ty), seg)
-        tl.store(ptr, seg, mask=dm[:, None])
-        tl.store(SCALE + slot * H + h + tl.arange(0, 1), sc)
-
-
-SEGMENT = 32  # tokens of a dimension-major 8-bit row in one 32-byte sector
-
-
-def _store_segments_triton(cache, slots, values, scale) -> None:
-    """``whole_sectors``: each token's value into its segment of a dimension-major 8-bit pool, read and written
-    back whole. Only where no two of ``slots`` share a page (two tokens' segments would overwrite each other)."""
-    H, D = cache.shape[2], cache.shape[3]
-    flat_slots = slots.reshape(-1).contiguous()
-    n = flat_slots.numel()
-    if n == 0:
-        return
-    src = values.reshape(n, H, D)
-    if src.stride(-1) != 1:
-        src = src.contiguous()
-    _store_segments_kernel[(n, H)](
-        cache, scale, src, flat_slots, src.stride(0), src.stride(1), cache.stride(0), cache.stride(2),
-        cache.stride(3), PAGE=cache.shape[1], H=H, D=D, BLOCK_D=next_pow2(D), SEGMENT=SEGMENT,
-        ROUND_FIRST=interpreting(), INT8=cache.dtype == INT8, num_warps=4,
-    )
-
-
-def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, whole_sectors: bool = False) -> None:
+def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -> None:
     """The quantizing store: one program per (token, group of heads), keys with values."""
     H, D = cache.shape[2], cache.shape[3]
     if cache_b is not None and cache_b.dtype != cache.dtype:
@@ -214,10 +162,6 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, w
     for c in (cache, cache_b) if has_b else (cache,):
         if not (c.is_contiguous() or dim_major(c)):
             raise ValueError("store_kv: 8-bit pools must be contiguous or dimension-major (fp8.value_pool)")
-    if whole_sectors and has_b and dim_major(cache_b) and cache_b.shape[1] % SEGMENT == 0:
-        _store_fp8_triton(cache, slots, values, scale, None, None, None)  # the keys as they are
-        _store_segments_triton(cache_b, slots, values_b, scale_b)
-        return
     other = cache_b if has_b else cache
     _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
         cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots,
@@ -230,16 +174,14 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, w
 
 def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
                     cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None,
-                    scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None,
-                    whole_sectors: bool = False) -> None:
+                    scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None) -> None:
     """Store ``values`` (and, in the same launch, ``values_b`` into ``cache_b``: keys with values);
-    FP8 pools are quantized on the way, their scales written to ``scale`` / ``scale_b``. ``whole_sectors``:
-    as ``store_kv``."""
+    FP8 pools are quantized on the way, their scales written to ``scale`` / ``scale_b``."""
     check_scales("store_kv", cache, scale)
     if cache_b is not None:
         check_scales("store_kv", cache_b, scale_b)
     if scale is not None:
-        _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, whole_sectors)
+        _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b)
         return
     if not cache.is_contiguous() or (cache_b is not None and not cache_b.is_contiguous()):
         raise ValueError("store_kv: pools must be contiguous")
@@ -279,14 +221,9 @@ def store_kv_span_reference(cache: torch.Tensor, start: int, values: torch.Tenso
 def store_kv(cache: torch.Tensor, slots: torch.Tensor | None, values: torch.Tensor,
              cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None,
              scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None,
-             *, span_start: int | None = None, whole_sectors: bool = False) -> None:
+             *, span_start: int | None = None) -> None:
     """Write new tokens into their slots (keys and values in one launch on CUDA); FP8 pools take
     the tokens' codes and their scales ``scale`` / ``scale_b`` take the per-token, per-head scales.
-
-    ``whole_sectors`` (a promise that no two of ``slots`` share a page, as in a decode step): on CUDA, values in
-    a dimension-major 8-bit pool (``fp8.value_pool``) are written as their page's 32-token segments, read and
-    written back whole, instead of one byte into each of ``H * D`` sectors that the memory must then read and
-    write back itself (``benchmarks/store_bench.py``); the bytes stored are the same.
 
     ``span_start``: a hint that ``slots`` are ``[b * page_size + span_start + i]`` for every page ``b``
     of the pool (``values`` ``[num_pages, n, H, ...]``, token ``i`` of page ``b`` at ``[b, i]``), as a
@@ -298,7 +235,7 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor | None, values: torch.Tens
             store_kv_span_reference(cache_b, span_start, values_b, scale_b)
         return
     if use_triton(cache, slots, values):
-        store_kv_triton(cache, slots, values, cache_b, values_b, scale, scale_b, whole_sectors)
+        store_kv_triton(cache, slots, values, cache_b, values_b, scale, scale_b)
         return
     store_kv_reference(cache, slots, values, scale)
     if cache_b is not None:

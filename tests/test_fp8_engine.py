@@ -231,24 +231,6 @@ def test_engine_value_pools_are_dimension_major_unless_asked(monkeypatch):
         LLM(model, budget=16, page_size=4, buffer=4, window=4, num_pages=64, kv_cache_dtype="int8")
 
 
-def test_whole_sector_store_is_asked_for_by_its_setting(monkeypatch):
-    """ZIPAGE_WHOLE_SECTOR_STORE=1: decode-only steps store 8-bit values as whole segments (off unset and at 0);
-    the same tokens either way; a bad setting is named."""
-    model = tiny_model("qwen3")
-    prompts = prompts_of((12, 5), seed=4)
-    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    outs = {}
-    for flag in ("1", "0", ""):
-        monkeypatch.setenv("ZIPAGE_WHOLE_SECTOR_STORE", flag)
-        llm = LLM(model, budget=16, page_size=4, buffer=4, window=4, num_pages=64, kv_cache_dtype="fp8")
-        assert llm.runner.whole_sectors == (flag == "1")
-        outs[flag] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
-    assert outs["1"] == outs["0"] == outs[""]
-    monkeypatch.setenv("ZIPAGE_WHOLE_SECTOR_STORE", "on")
-    with pytest.raises(ValueError, match="ZIPAGE_WHOLE_SECTOR_STORE='on'"):
-        LLM(model, budget=16, page_size=4, buffer=4, window=4, num_pages=64, kv_cache_dtype="fp8")
-
-
 def test_where_the_engine_stores_values_dimension_major(monkeypatch):
     """Unset, 8-bit values are dimension-major where tensor-descriptor tiles read them (compute capability 9+,
     pages of whole 128-token tiles, a power-of-two head dim) and on a CPU; token-major on other GPUs and for

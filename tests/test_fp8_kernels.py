@@ -503,32 +503,6 @@ def _dim_major(v: torch.Tensor) -> torch.Tensor:
 
 @requires_triton
 @pytest.mark.parametrize("codes", [FP8, INT8], ids=["fp8", "int8"])
-def test_whole_sector_store_writes_the_bytes_the_per_byte_store_writes(codes):
-    """``whole_sectors`` (one token a page, as a decode step stores): values dimension-major written as their
-    page's 32-token segments, read and written back whole; keys, values and scales bit for bit those of the
-    per-byte store, slots at a segment's first and last rows, a page's last, a page's first; the other bytes of
-    each segment (random here) left as they were. Token-major value pools take the per-byte store."""
-    from zipage.kernels.paged_kv import store_kv_triton
-
-    torch.manual_seed(4)
-    dev = "cuda" if CUDA else "cpu"
-    P, page, H, D = 6, 64, 2, 32
-    slots = torch.tensor([0 * 64 + 5, 1 * 64 + 31, 2 * 64 + 32, 3 * 64 + 63, 5 * 64 + 0], device=dev)
-    kn, vn = torch.randn(5, H, D, device=dev) * 3, torch.randn(5, H, D, device=dev)
-    for layout in (_dim_major, lambda t: t):
-        pools = []
-        for whole in (True, False):
-            k = torch.zeros(P, page, H, D, dtype=codes, device=dev)
-            v = layout(torch.zeros_like(k))
-            v.view(torch.uint8).copy_(torch.randint(0, 120, v.shape, generator=torch.Generator().manual_seed(0),
-                                                    dtype=torch.uint8))
-            ks, vs = torch.zeros(P, page, H, device=dev), torch.zeros(P, page, H, device=dev)
-            store_kv_triton(k, slots, kn, v, vn, ks, vs, whole_sectors=whole)
-            pools.append((k.view(torch.uint8), v.contiguous().view(torch.uint8), ks, vs))
-        assert all(torch.equal(a, b) for a, b in zip(*pools))  # (the per-byte store leaves the other bytes)
-
-
-@pytest.mark.parametrize("codes", [FP8, INT8], ids=["fp8", "int8"])
 def test_dimension_major_values_through_every_kernel(codes):
     """Values stored dimension-major (the engine's 8-bit value pools): the quantizing store, compaction, the
     dequantizing copy and both prefill kernels give bit for bit what they give on token-major pools (the same

@@ -66,17 +66,6 @@ def dim_major_values(kv_cache_dtype: str, page_size: int, head_dim: int,
     return capability[0] >= 9 and page_size % DECODE_TILE == 0 and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-def whole_sector_store() -> bool:
-    """Whether decode-only steps store 8-bit values dimension-major as whole 32-token segments (``store_kv``'s
-    ``whole_sectors``). ``ZIPAGE_WHOLE_SECTOR_STORE=1`` turns it on; off by default until the H200 has timed it
-    against the per-byte store (``benchmarks/store_bench.py``)."""
-    value = os.environ.get("ZIPAGE_WHOLE_SECTOR_STORE", "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"ZIPAGE_WHOLE_SECTOR_STORE={value!r}: expected 1 (decode steps write whole segments), "
-                         "0 or unset (one byte a row)")
-    return value == "1"
-
-
 @dataclass
 class Feed:
     """Tokens sampled by a step that are still on the device: ``tokens[rows[id(seq)]]`` is the
@@ -140,9 +129,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             ks, vs = r.k_scale[j], r.v_scale[j]
         if r.rotation is not None:  # rotated 8-bit pages: keys, values and queries in that basis (fp8.py)
             q, k, v = rotate(q, r.rotation, q.dtype), rotate(k, r.rotation), rotate(v, r.rotation)
-        # (a decode-only step stores one token a page: whole segments may be written where asked)
-        whole = r.whole_sectors and not meta.num_prefill_tokens
-        store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs, whole_sectors=whole)
+        store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs)
         if r.state_pool is not None:
             r.state_pool[j].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
         if r.q_cache is not None:  # the queries' ring rows, stored as tokens into one-row pages (no host values,
@@ -228,7 +215,6 @@ class ModelRunner:
         # 8-bit values stored dimension-major (each page [H_kv, D, page]): the decode kernel's value tiles reach
         # the dot's operand layout without a transpose through shared memory (kernels/paged_decode_fp8.py)
         capability = torch.cuda.get_device_capability(self.device) if self.device.type == "cuda" else None
-        self.whole_sectors = whole_sector_store()
         self.v_pool = (value_pool(shape, self.k_pool.dtype, self.device)
                        if dim_major_values(kv_cache_dtype, page_size, D, capability) else torch.zeros_like(self.k_pool))
         # FP8 / INT8 pages: a float32 scale per token and KV head, on the same pages and slots as the codes
