@@ -180,6 +180,48 @@ def test_continue_generation_from_returned_cache():
     assert torch.equal(second, full)
 
 
+def _keep_every_query(monkeypatch):
+    """The reference for the rule that drops queries no compression can need: keep them all."""
+    monkeypatch.setattr(zipage.ZipageCache, "_queries_needed", lambda self, stored: self.scorer.needs_queries)
+
+
+@pytest.mark.parametrize("first_new,second_new", [(10, 10), (5, 40), (30, 10)])
+def test_continued_generation_compresses_as_one_call_would(monkeypatch, first_new, second_new):
+    """A cache handed back to a second generate() that compresses (the first call's max_cache_len must not
+    have dropped the queries its last steps left): the same tokens as one call of the same length, and as
+    with every query kept."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(3))
+    cfg = dict(budget=16, page_size=8, buffer=8)
+
+    def run():
+        cache = zipage.ZipageCache(config=model.config, **cfg)
+        first = model.generate(ids, past_key_values=cache, max_new_tokens=first_new, **GREEDY)
+        second = model.generate(first, past_key_values=cache, max_new_tokens=second_new, **GREEDY)
+        assert cache.num_compressions > 0 and cache.stored_length() <= 24
+        return second
+
+    got = run()
+    one = model.generate(ids, past_key_values=zipage.ZipageCache(config=model.config, **cfg),
+                         max_new_tokens=first_new + second_new, **GREEDY)
+    assert torch.equal(got, one)
+    _keep_every_query(monkeypatch)
+    assert torch.equal(got, run())
+
+
+@pytest.mark.parametrize("chunk", [4, 12, 20])
+def test_chunked_prefill_keeps_the_queries_its_compressions_need(monkeypatch, chunk):
+    """prefill_chunk_size stores several tokens a step, so a compression can come sooner than one token a step
+    would bring it: the prompt's chunks keep the queries it scores with (the same tokens as with all kept)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 60), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=5, prefill_chunk_size=chunk, cache_implementation="zipage",
+              cache_config=dict(budget=32, page_size=8, buffer=8), **GREEDY)
+    got = model.generate(ids, **kw)
+    _keep_every_query(monkeypatch)
+    assert torch.equal(got, model.generate(ids, **kw))
+
+
 def test_assisted_decoding_is_refused():
     model = tiny_model("llama")
     assistant = tiny_model("llama", seed=1)

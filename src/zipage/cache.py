@@ -388,7 +388,7 @@ class ZipageCache(Cache):
         # Unquantized rows written by the PyTorch store: positions ``after .. after + q - 1`` of every row.
         self._step_index = None if paged or cfg.kv_cache_dtype in QUANTIZED_KV else torch.arange(
             after, after + q, device=key_states.device)
-        self._keep_queries = self._queries_needed(after + q, first.seen + q)
+        self._keep_queries = self._queries_needed(after + q)
         self._capture_all = True
         self._lean_index = None
         # Dense decode steps on CUDA: SDPA's cuDNN backend builds a plan for every new K/V shape it meets (~34 ms
@@ -413,18 +413,14 @@ class ZipageCache(Cache):
         return key_states.dtype in (torch.float16, torch.bfloat16) and (
             self.zipage_config.kv_cache_dtype not in QUANTIZED_KV)
 
-    def _queries_needed(self, stored: int, seen: int) -> bool:
-        """Whether the queries of a step that leaves ``stored`` tokens stored (``seen`` seen) may be
-        among the last ``window`` before a compression: only then are they kept (they weigh as much
-        as ``window * H_q / H_kv`` tokens of KV per layer)."""
+    def _queries_needed(self, stored: int) -> bool:
+        """Whether the queries of a step that leaves ``stored`` tokens stored may be among the last ``window``
+        before a compression: only then are they kept (they weigh as much as ``window * H_q / H_kv`` tokens of
+        KV per layer). A compression comes only once more than ``budget`` tokens are stored, so a step leaving
+        at most ``budget - window`` never needs its queries kept, whatever the sizes of the steps after it
+        (chunked prefill) and whether this generate() call or a later one that continues the cache runs them."""
         cfg = self.zipage_config
-        if not self.scorer.needs_queries:
-            return False
-        fires_at = cfg.next_compression(stored)  # the stored length the next compression starts from
-        if stored <= fires_at - cfg.window:
-            return False
-        # The run ends before that compression (it needs fires_at - stored more tokens, then one).
-        return self.max_cache_len is None or seen + fires_at - stored + 1 <= self.max_cache_len
+        return self.scorer.needs_queries and stored > cfg.budget - cfg.window
 
     def _before_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """The model's first layer starts a step (whichever its type)."""
@@ -617,11 +613,6 @@ class ZipageCache(Cache):
             if self.scorer.needs_queries and (
                 layer.window_queries is None or layer.window_queries.shape[2] < cfg.window
             ):
-                if self.max_cache_len is not None and layer.seen >= self.max_cache_len:
-                    raise RuntimeError(
-                        f"ZipageCache saw {layer.seen} tokens, more than its max_cache_len={self.max_cache_len}, "
-                        "so it did not keep the queries this compression needs: raise max_cache_len or set it to None"
-                    )
                 raise RuntimeError(
                     f"zipage could not capture the queries of layer {layer.layer_idx}: build ZipageCache with "
                     "config=model.config (the very object the model holds), and use a model whose attention goes "
