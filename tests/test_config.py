@@ -51,6 +51,11 @@ def test_defaults():
         ({"redundancy_lambda": -0.1}, ValueError, ["redundancy_lambda"]),
         ({"redundancy_tau": 0.0}, ValueError, ["redundancy_tau"]),
         ({"similarity_threshold": 2}, ValueError, ["similarity_threshold"]),
+        # NaN fails every comparison: it must fail the range checks too, not pass them
+        ({"global_decay": float("nan"), "use_global": True}, ValueError, ["global_decay", "nan"]),
+        ({"redundancy_lambda": float("nan")}, ValueError, ["redundancy_lambda", "nan"]),
+        ({"redundancy_tau": float("nan")}, ValueError, ["redundancy_tau", "nan"]),
+        ({"similarity_threshold": float("nan")}, ValueError, ["similarity_threshold", "nan"]),
         ({"pooling": "median"}, ValueError, ["pooling", "max", "avg"]),
         ({"pooling_kernel": 4}, ValueError, ["pooling_kernel", "odd"]),
         ({"use_global": 1}, TypeError, ["use_global", "bool"]),

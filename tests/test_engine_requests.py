@@ -156,6 +156,88 @@ def test_stop_string_kept_in_the_text_on_request(model, include):
     assert out.text == (whole[: at + 2] if include else whole[:at])
 
 
+class SpecialLetterTokenizer(LetterTokenizer):
+    """Ids divisible by 5 are special tokens: ``<k>`` in the text unless skipped."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("" if skip_special_tokens else f"<{t}>" if t % 5 == 0 else chr(ord("a") + t % 26)
+                       for t in ids if not (skip_special_tokens and t % 5 == 0))
+
+
+def _free_text(llm, tok, prompt, n=40):
+    out = llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    return tok.decode(out.token_ids)
+
+
+def test_stop_strings_count_only_past_min_tokens(model):
+    """A stop string the first ``min_tokens`` tokens' text holds neither stops the output nor cuts its text
+    (vLLM's meaning); one that ends later does, and the text is the tokens' text up to it."""
+    tok = LetterTokenizer()
+    llm = LLM(model, tok, budget=None, page_size=4, num_pages=64)
+    prompt = prompts_of((9,), seed=2)[0]
+    whole = _free_text(llm, tok, prompt)
+    early = next(i for i in range(4) if whole.find(whole[i], 8) > 0)  # a letter early that comes again past 8
+    stop, again = whole[early], whole.find(whole[early], 8)
+    params = dict(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop, "zzzzz"], min_tokens=early + 2)
+    out = llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0]
+    first_after = whole.find(stop, early + 1)  # one character a token: the min_tokens-th may stop
+    assert out.finish_reason == "stop" and first_after <= again
+    assert out.text == whole[:first_after] == tok.decode(out.token_ids[:first_after])
+    # a stop string only the first min_tokens tokens hold: the output runs to its length
+    only_early = next((c for c in whole[:3] if c not in whole[3:]), None)
+    if only_early is not None:
+        params.update(stop=[only_early, "zzzzz"], min_tokens=4)
+        out = llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0]
+        assert out.finish_reason == "length" and out.text == whole
+    assert_pool_clean(llm)
+
+
+def test_skip_special_tokens_decides_the_text(model):
+    tok = SpecialLetterTokenizer()
+    llm = LLM(model, tok, budget=None, page_size=4, num_pages=64)
+    prompt = prompts_of((9,), seed=2)[0]
+    ids = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                       use_tqdm=False)[0].token_ids
+    assert any(t % 5 == 0 for t in ids), "the test needs a special token in the output"
+    for skip in (True, False):
+        out = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=["zzzzz"],
+                                                    skip_special_tokens=skip), use_tqdm=False)[0]
+        assert out.token_ids == ids and out.text == tok.decode(ids, skip_special_tokens=skip)
+    with pytest.raises(TypeError, match="skip_special_tokens"):
+        SamplingParams(skip_special_tokens="no")
+
+
+def test_a_cancelled_request_has_the_text_of_its_tokens(model):
+    tok = LetterTokenizer()
+    llm = LLM(model, tok, budget=None, page_size=4, num_pages=32, async_scheduling=False)
+    for stop in ([], ["zzzz"]):
+        rid = llm.add_request([5, 6, 7], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=stop))
+        for _ in range(6):
+            llm.step()
+        llm.cancel(rid)
+        out = llm.output(rid)
+        assert out.finish_reason == "cancelled" and len(out.token_ids) >= 3
+        assert out.text == tok.decode(out.token_ids)
+    assert_pool_clean(llm)
+
+
+def test_seeds_a_generator_cannot_take_are_refused():
+    with pytest.raises(ValueError, match="SamplingParams.seed"):
+        SamplingParams(seed=2**64)
+    with pytest.raises(ValueError, match="SamplingParams.seed"):
+        SamplingParams(seed=2**64 - 1, n=2)  # the second sample's seed + 1
+    with pytest.raises(ValueError, match="SamplingParams.seed"):
+        SamplingParams(seed=-(2**63) - 1)
+    SamplingParams(seed=2**64 - 2, n=2)
+    SamplingParams(seed=-(2**63))
+
+
+def test_full_kv_page_size_is_checked(model):
+    for bad in (0, -4, 3, True):
+        with pytest.raises(ValueError, match="page_size"):
+            LLM(model, budget=None, page_size=bad, num_pages=8)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_per_request_budgets_samples_and_logprobs_on_cuda():

@@ -120,6 +120,82 @@ def test_streaming_gives_the_same_text_and_the_usage(client, chat):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_stream_chunks_carry_openai_s_nulls(server, chat):
+    """Each streamed choice has ``finish_reason`` and ``logprobs`` (null until set), and with include_usage
+    every chunk has ``usage`` (null but in the last), as OpenAI's stream has them; zipage's extras stay out."""
+    url = server[0]
+    body = {"model": NAME, "max_tokens": 5, "stream": True, "ignore_eos": True, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "abc"})
+    path = "chat/completions" if chat else "completions"
+    with httpx.stream("POST", f"{url}/v1/{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    choices = [c for chunk in chunks for c in chunk["choices"]]
+    assert choices and all("finish_reason" in c and "logprobs" in c and "token_ids" not in c for c in choices)
+    assert [c["finish_reason"] for c in choices if c["finish_reason"] is not None] == ["length"]
+    assert all(chunk["usage"] is None for chunk in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] == 5
+    body.pop("stream_options")
+    with httpx.stream("POST", f"{url}/v1/{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks and all("usage" not in chunk for chunk in chunks)
+
+
+def test_min_tokens_with_stop_strings_streams_the_text_it_returns(client):
+    """A stop string the first min_tokens tokens' text holds does not stop or cut the output; the
+    streamed text is the returned one."""
+    kw = dict(model=NAME, prompt="Hello", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].text
+    ch = next(c for c in whole[:2] if c != "\ufffd" and whole.find(c, 6) > 0)
+    kw["extra_body"] = {"ignore_eos": True, "min_tokens": 6}
+    r = client.completions.create(stop=[ch], **kw).choices[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=[ch], stream=True, **kw)
+                       if c.choices)
+    assert r.finish_reason == "stop" and r.text == streamed and len(r.text) >= 5 and ch not in r.text[5:]
+    assert whole.startswith(r.text) and whole[len(r.text)] == ch
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(server, checkpoint):
+    tok = checkpoint[1]
+    body = {"model": NAME, "prompt": "x", "max_tokens": 300, "temperature": 2.0, "seed": 1, "n": 4,
+            "ignore_eos": True, "return_token_ids": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for skip in (True, False):
+        for stream in (False, True):
+            r = httpx.post(f"{server[0]}/v1/completions", json={**body, "skip_special_tokens": skip, "stream": stream},
+                           headers=headers, timeout=120)
+            if stream:
+                texts, ids = {}, {}
+                for line in r.text.splitlines():
+                    if line.startswith("data: {"):
+                        for c in json.loads(line[6:])["choices"]:
+                            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+                            ids[c["index"]] = ids.get(c["index"], []) + (c.get("token_ids") or [])
+                choices = [{"text": texts[i], "token_ids": ids[i]} for i in sorted(texts)]
+            else:
+                choices = r.json()["choices"]
+            special = [c for c in choices if set(c["token_ids"]) & set(tok.all_special_ids)]
+            assert special, "the test needs a special token sampled"
+            for c in choices:
+                assert c["text"] == tok.decode(c["token_ids"], skip_special_tokens=skip)
+
+
+def test_chat_without_max_tokens_gets_what_the_full_kv_pool_holds(checkpoint):
+    """A full-KV server whose pool holds fewer tokens than the context: a chat request without max_tokens
+    is given what the pool holds (not refused for a max_tokens it never sent)."""
+    model, tok = checkpoint
+    llm = LLM(model, tok, budget=None, page_size=16, num_pages=8, max_num_seqs=4)  # 128 tokens, context 4096
+    config = ServeConfig(model_names=[NAME], model_root="tiny", tokenizer=tok, max_model_len=llm.max_model_len)
+    with thread_server(llm, config) as (url, _):
+        body = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 128
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 200}, timeout=120)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 def test_sse_wire_format_ends_with_done(server):
     url = server[0]
     body = {"model": NAME, "prompt": "abc", "max_tokens": 3, "stream": True, "ignore_eos": True}
@@ -228,6 +304,8 @@ BAD = [  # (body, status, param); the model is added where missing
     ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"prompt": "x", "min_p": 2}, 400, "min_p"),
     ({"prompt": "x", "seed": "s"}, 400, "seed"),
+    ({"prompt": "x", "seed": 2**64}, 400, "seed"),  # beyond a generator's 64 bits
+    ({"prompt": "x", "seed": 2**64 - 1, "n": 2}, 400, "seed"),  # the second sample's seed + 1 is
     ({"prompt": "x", "budget": 4}, 400, "budget"),
     ({"prompt": "x", "budget": 0}, 400, "budget"),
     ({"prompt": "x", "budget": 10_000}, 400, "budget"),  # above --max-budget (256 here)

@@ -55,8 +55,8 @@ def _check_int(name: str, value: Any, low: int | None = None, high: int | None =
 def _check_float(name: str, value: Any, low: float, high: float | None, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(name, value, f"expected a number, got {type(value).__name__}", TypeError)
-    bad_low = value <= low if low_open else value < low
-    if bad_low or (high is not None and value > high):
+    bad_low = not value > low if low_open else not value >= low  # (NaN fails both)
+    if bad_low or (high is not None and not value <= high):
         lo = f"({low}" if low_open else f"[{low}"
         hi = f"{high}]" if high is not None else "inf)"
         _fail(name, value, f"must lie in {lo}, {hi}")

@@ -50,6 +50,7 @@ class EngineCore:
         self.blocks = blocks
         self.runner = runner
         self.outputs = outputs
+        scheduler.on_finish = outputs.finished  # cancelled and failed requests get their text too
         self.async_compression = async_compression
         self.async_scheduling = async_scheduling
         self.use_graphs = use_graphs

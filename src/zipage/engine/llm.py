@@ -130,7 +130,10 @@ class LLM:
         self.model = model.eval()
         self.tokenizer = tokenizer
         page_size = zipage_fields.get("page_size", ZipageConfig.page_size)
-        if budget is None:
+        if budget is None:  # (with a budget ZipageConfig checks it)
+            if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1024 or (
+                    page_size & (page_size - 1)):
+                raise ValueError(f"LLM(page_size={page_size!r}) is invalid: expected a power of two in 1..1024")
             unknown = set(zipage_fields) - {"page_size"}
             if unknown:
                 raise ValueError(f"budget=None (full KV) takes no compression settings, got {sorted(unknown)}")
@@ -266,6 +269,15 @@ class LLM:
         for seq in seqs:
             self.scheduler.add(seq)
         return rid
+
+    def max_new_tokens(self, prompt_len: int, params: SamplingParams | None = None) -> int:
+        """The most tokens a request with a ``prompt_len``-token prompt may ask for (``max_tokens``): what
+        ``max_model_len`` leaves and, for a full-KV request (its budget None), what the KV pool holds (a
+        compressed request keeps only its budget, so the pool does not bound its length). May be < 1."""
+        limit = self.max_model_len - prompt_len
+        if resolve_budget(params if params is not None else SamplingParams(), self.zipage_config) is None:
+            limit = min(limit, self.blocks.num_pages * self.blocks.page_size - prompt_len)
+        return limit
 
     def samples(self, request_id: str) -> list[Sequence]:
         """The sequences of a request: one, or ``n`` for a request with ``n`` samples."""

@@ -25,11 +25,11 @@ class IncrementalText:
         self.read_offset = 0  # tokens whose text is already in ``pieces``
         self.length = 0  # characters in ``pieces``
 
-    def add(self, tokenizer: Any, ids: list[int]) -> str:
+    def add(self, tokenizer: Any, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Decode what ``ids`` (the whole output so far) adds; returns the new text ('' while a
         character is still incomplete)."""
-        prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip_special_tokens)
+        full = tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=skip_special_tokens)
         if len(full) <= len(prefix) or full.endswith(_UNFINISHED):
             return ""
         new = full[len(prefix) :]
@@ -97,6 +97,11 @@ class OutputProcessor:
             seq.text = self._final_text(seq, stop_at)
         return reason
 
+    def finished(self, seq: Sequence) -> None:
+        """``seq`` is finished: its text, if no stop or length decoded it (cancelled, failed)."""
+        if seq.text is None and self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+
     def _find_stop(self, seq: Sequence, may_stop: bool) -> int | None:
         """Decode the new token's text; the index in the whole text where a stop string starts."""
         if seq.detokenizer is None:
@@ -105,20 +110,25 @@ class OutputProcessor:
         longest = max(len(s) for s in seq.params.stop)
         before = d.length
         overlap = d.tail(longest - 1)
-        new = d.add(self.tokenizer, seq.output_ids)
+        new = d.add(self.tokenizer, seq.output_ids, seq.params.skip_special_tokens)
         if not new or not may_stop:
             return None
+        if seq.stop_from is None:  # stop strings count from here on (the text of the first min_tokens tokens is out)
+            seq.stop_from = before
+        # only a stop string that ends in the new text (one ending before was seen, or did not count, already)
         window = overlap + new
-        hits = [i for i in (window.find(s) for s in seq.params.stop) if i >= 0]
+        hits = [i for i in (window.find(s, max(0, len(overlap) - len(s) + 1)) for s in seq.params.stop) if i >= 0]
         return before - len(overlap) + min(hits) if hits else None
 
     def _final_text(self, seq: Sequence, stop_at: int | None) -> str:
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
         if stop_at is None:
             return text
         # the whole decode and the incremental one agree but for rare tokenizer clean-ups: cut at
-        # the first stop string of the whole text, and at the incremental position otherwise
-        hits = [(i, s) for i, s in ((text.find(s), s) for s in seq.params.stop) if i >= 0]
+        # the first stop string of the whole text that ends where stop strings count (past the text
+        # of the first ``min_tokens`` tokens), and at the incremental position otherwise
+        start = seq.stop_from or 0  # (a stop string must end past it)
+        hits = [(i, s) for i, s in ((text.find(s, max(0, start - len(s) + 1)), s) for s in seq.params.stop) if i >= 0]
         if not hits:
             text = seq.detokenizer.text()
             hits = [(stop_at, s) for s in seq.params.stop if text.startswith(s, stop_at)] or [(stop_at, "")]

@@ -65,6 +65,8 @@ class SamplingParams:
             tokens' (0: the sampled one only; None: nothing). They are the model's own
             distribution, before penalties, temperature and filtering (vLLM's default).
         include_stop_str_in_output: keep the stop string that ended the output in its text.
+        skip_special_tokens: leave special tokens (end of turn, ...) out of the output's text
+            (stop strings are searched in that text); ``token_ids`` hold every token either way.
         budget: tokens kept in this request's KV cache after a compression; None for full KV
             (never compressed); by default the engine's budget.
     """
@@ -86,6 +88,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     budget: Any = ENGINE_BUDGET
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -135,13 +138,16 @@ class SamplingParams:
         negative = [t for t in self.stop_token_ids if t < 0]
         if negative:
             bad("stop_token_ids", f"token ids are >= 0, got {negative[0]}")
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "expected a bool", TypeError)
         check_int("min_tokens", 0, "an int >= 0")
         if self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
         check_int("n", 1, "an int >= 1")
+        # sample i of n seeds a torch.Generator with seed + i, which takes a 64-bit integer
+        if self.seed is not None and not -(2**63) <= self.seed <= 2**64 - self.n:
+            bad("seed", f"must be in [-2**63, 2**64 - n] (n={self.n}: the samples use seed .. seed + n - 1)")
         check_real("min_p", lambda p: 0 <= p <= 1, "a number in [0, 1]")
         check_real("repetition_penalty", lambda r: math.isfinite(r) and r > 0, "a finite number > 0 (1 disables)")
         for name in ("presence_penalty", "frequency_penalty"):

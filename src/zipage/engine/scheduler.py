@@ -49,6 +49,7 @@ Rules (the Zipage paper's, plus chunked prefill):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import ZipageConfig
@@ -78,6 +79,7 @@ class Scheduler:
         self.blocks = blocks
         self.cfg = zipage_config
         self.page = blocks.page_size
+        self.on_finish: Callable[[Sequence], None] | None = None  # (the engine's: the text of every finished one)
         self.max_num_batched_tokens = max_num_batched_tokens
         if zipage_config is not None:
             n_max = -(-zipage_config.capacity // self.page)
@@ -152,6 +154,8 @@ class Scheduler:
         self.release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        if self.on_finish is not None:
+            self.on_finish(seq)
 
     def preempt(self, seq: Sequence) -> None:
         """Free an uncompressed sequence; it is recomputed from its tokens when readmitted."""

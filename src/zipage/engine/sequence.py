@@ -109,6 +109,7 @@ class Sequence:
     generator: torch.Generator | None = None
     streamed: int = 0  # output tokens already handed to a stream
     detokenizer: Any = None  # the incremental text, while stop strings are checked (outputs.IncrementalText)
+    stop_from: int | None = None  # characters of text before stop strings count (those of the first min_tokens)
     error: str | None = None  # why the scheduler ended it (finish_reason "error")
     # tokens kept after a compression; None: full KV (never compressed); the scheduler resolves the default
     budget: Any = ENGINE_BUDGET

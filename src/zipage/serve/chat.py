@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from .choices import ChoiceState, TokenStrings, chat_logprobs
 from .engine_client import AsyncEngine
-from .errors import APIError
+from .errors import APIError, bad_request
 from .generation import DONE, ServeConfig, add_all, check_length, check_model, merged, sampling_params, sse
 from .protocol import (
     AssistantMessage,
@@ -43,15 +43,22 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
                                  config: ServeConfig) -> ChatCompletionResponse | StreamingResponse:
     check_model(config, req.model)
     prompt = chat_prompt(req, config.tokenizer)
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, config.max_model_len - len(prompt))
+    asked = req.max_completion_tokens or req.max_tokens
+    max_tokens = asked or max(1, config.max_model_len - len(prompt))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     params = sampling_params(req, config, max_tokens, logprobs)
+    if asked is None:  # by default as many tokens as fit: in the context and, for full KV, in the KV pool
+        try:
+            params.max_tokens = max(1, min(max_tokens, engine.llm.max_new_tokens(len(prompt), params)))
+            params.validate()  # (min_tokens against the smaller max_tokens)
+        except (ValueError, TypeError) as e:
+            raise bad_request(e, "messages") from None
     check_length(prompt, params, config, "messages")
     streams = await add_all(engine, config, [prompt], [params], "messages")
     model = req.model or config.model_names[0]
-    choices = [ChoiceState(config.tokenizer, params.stop) for _ in range(params.n)]
+    choices = [ChoiceState(config.tokenizer, params.stop, params.skip_special_tokens) for _ in range(params.n)]
     strings = TokenStrings(config.tokenizer)
     if req.stream:
         return StreamingResponse(_stream(req, raw, streams, choices, strings, model, len(prompt)),
@@ -77,8 +84,11 @@ async def _stream(req: ChatCompletionRequest, raw: Request, streams, choices: li
                   strings: TokenStrings, model: str, prompt_tokens: int) -> AsyncIterator[str]:
     cid, created = random_id("chatcmpl"), int(time.time())
 
+    # with include_usage every chunk has a usage field, null until the last (OpenAI's stream)
+    keep = frozenset({"usage"}) if req.stream_options is not None and req.stream_options.include_usage else frozenset()
+
     def chunk(out: list[ChatStreamChoice], usage: Usage | None = None) -> str:
-        return sse(ChatCompletionChunk(id=cid, created=created, model=model, choices=out, usage=usage))
+        return sse(ChatCompletionChunk(id=cid, created=created, model=model, choices=out, usage=usage), keep)
 
     yield chunk([ChatStreamChoice(index=k, delta=DeltaMessage(role="assistant", content=""))
                  for k in range(len(choices))])

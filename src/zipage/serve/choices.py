@@ -39,8 +39,9 @@ class TokenStrings:
 class ChoiceState:
     """Tokens, text sent so far and log-probabilities of one choice."""
 
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
         self.detokenizer = IncrementalText()
@@ -57,7 +58,7 @@ class ChoiceState:
             self.logprobs += delta.logprobs
         if delta.finish_reason is None:
             if delta.token_ids:
-                self.unsent += self.detokenizer.add(self.tokenizer, self.token_ids)
+                self.unsent += self.detokenizer.add(self.tokenizer, self.token_ids, self.skip_special_tokens)
             ready = len(self.unsent) - self.hold
             if ready <= 0:
                 return ""
@@ -69,7 +70,7 @@ class ChoiceState:
             final = delta.text
         else:  # (aborted or cancelled: no final text from the engine) what decodes so far
             if delta.token_ids:
-                self.unsent += self.detokenizer.add(self.tokenizer, self.token_ids)
+                self.unsent += self.detokenizer.add(self.tokenizer, self.token_ids, self.skip_special_tokens)
             final = self.detokenizer.text()
         self.text = final
         out = final[self.sent:]

@@ -52,7 +52,8 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: AsyncE
     streams = await add_all(engine, config, prompts, [params] * len(prompts), "prompt")
     model = req.model or config.model_names[0]
     n = params.n
-    choices = {(i, k): ChoiceState(config.tokenizer, params.stop) for i in range(len(prompts)) for k in range(n)}
+    choices = {(i, k): ChoiceState(config.tokenizer, params.stop, params.skip_special_tokens)
+               for i in range(len(prompts)) for k in range(n)}
     strings = TokenStrings(config.tokenizer)
     prompt_tokens = sum(len(p) for p in prompts)
     if req.stream:
@@ -80,6 +81,8 @@ async def _stream(req: CompletionRequest, raw: Request, streams, choices: dict, 
                   n: int, prompt_tokens: int) -> AsyncIterator[str]:
     cid, created = random_id("cmpl"), int(time.time())
     offsets = {key: 0 for key in choices}
+    # with include_usage every chunk has a usage field, null until the last (OpenAI's stream)
+    keep = frozenset({"usage"}) if req.stream_options is not None and req.stream_options.include_usage else frozenset()
     try:
         async with aclosing(merged(streams, raw)) as deltas_of:
             async for i, deltas in deltas_of:
@@ -98,12 +101,12 @@ async def _stream(req: CompletionRequest, raw: Request, streams, choices: dict, 
                                                     finish_reason=d.finish_reason,
                                                     token_ids=ids))
                 if out:
-                    yield sse(CompletionChunk(id=cid, created=created, model=model, choices=out))
+                    yield sse(CompletionChunk(id=cid, created=created, model=model, choices=out), keep)
         if req.stream_options is not None and req.stream_options.include_usage:
             completion_tokens = sum(len(c.token_ids) for c in choices.values())
             usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                           total_tokens=prompt_tokens + completion_tokens)
-            yield sse(CompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage))
+            yield sse(CompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage), keep)
     except APIError as e:  # the engine stopped mid-stream: say so in the stream
         yield sse({"error": {"message": e.message, "type": "service_unavailable", "param": None, "code": None}})
     yield DONE

@@ -60,6 +60,7 @@ def sampling_params(req: SamplingFields, config: ServeConfig, max_tokens: int, l
             n=req.n, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output, budget=budget,
+            skip_special_tokens=req.skip_special_tokens,
         )
     except (ValueError, TypeError) as e:
         raise bad_request(e, "prompt") from None
@@ -149,10 +150,28 @@ async def merged(streams: list[RequestStream], raw: Request) -> AsyncIterator[tu
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
-def sse(payload: Any) -> str:
+# Fields left out of a stream chunk when they are null: zipage's extras, the chunk's usage unless the
+# request asked for it, a delta's role and content. Every other null is sent as OpenAI sends it
+# (a choice's ``finish_reason`` and ``logprobs``).
+_OMITTED_WHEN_NULL = frozenset({"token_ids", "prompt_token_ids", "usage", "role", "content"})
+
+
+def _prune(value: Any, keep: frozenset) -> Any:
+    if isinstance(value, dict):
+        return {k: _prune(v, keep) for k, v in value.items()
+                if v is not None or k not in _OMITTED_WHEN_NULL or k in keep}
+    if isinstance(value, list):
+        return [_prune(v, keep) for v in value]
+    return value
+
+
+def sse(payload: Any, keep_null: frozenset = frozenset()) -> str:
     """One server-sent event, on one line for every line reader (text holding U+0085, U+2028 or U+2029
-    is sent with those escaped: the same JSON value)."""
-    data = payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    is sent with those escaped: the same JSON value). ``keep_null``: fields sent as null all the same
+    (``usage`` in every chunk of a stream whose request asked for it)."""
+    if hasattr(payload, "model_dump_json"):  # (pydantic's JSON: infinities and NaN become null)
+        payload = _prune(json.loads(payload.model_dump_json()), keep_null)
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data.translate(_LINE_BREAKS)}\n\n"
 
 
