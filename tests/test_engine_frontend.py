@@ -241,6 +241,14 @@ def test_request_input_checks(llama):
     with pytest.raises(ValueError, match="max_model_len=0"):
         LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=0)
     assert LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=64).max_model_len == 64
+
+
+def test_max_model_len_beyond_the_trained_positions_needs_a_say_so(llama, monkeypatch):
+    trained = llama.config.max_position_embeddings
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=trained + 1)
+    monkeypatch.setenv("ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    assert LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=trained + 1).max_model_len == trained + 1
     llm = LLM(llama, budget=None, page_size=4, num_pages=32)
     with pytest.raises(TypeError, match="request_id=5"):
         llm.add_request([5, 6], request_id=5)

@@ -70,7 +70,8 @@ class LLM:
             on CUDA ``gpu_memory_utilization`` of the GPU; on a CPU what ``max_num_seqs``
             requests need (each at most ``budget + buffer`` tokens, or ``max_model_len`` with full
             KV), capped at a fifth of the available RAM.
-        max_model_len: longest logical length (default: the model's max_position_embeddings).
+        max_model_len: longest logical length (default: the model's max_position_embeddings; longer
+            only with ``ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN=1``).
         fuse_ops: on CUDA, run the model's RMSNorm modules and its rotary embedding through fused
             Triton kernels (one kernel per norm, one per rotated tensor) inside the engine's forwards.
             It also merges each attention's q/k/v projections and each SiLU-gated MLP's gate/up
@@ -143,8 +144,13 @@ class LLM:
             self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields,
                                                          "kv_cache_dtype": kv_cache_dtype})
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
-        self.max_model_len = (int(max_model_len) if max_model_len is not None
-                              else getattr(config, "max_position_embeddings", None) or 1 << 30)
+        trained = getattr(config, "max_position_embeddings", None)
+        if (max_model_len is not None and isinstance(trained, int) and max_model_len > trained
+                and os.environ.get("ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN", "") != "1"):
+            raise ValueError(f"LLM(max_model_len={max_model_len}) is beyond the model's max_position_embeddings="
+                             f"{trained}: positions past it were never trained and its answers there may be "
+                             "wrong; set ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN=1 to allow it anyway")
+        self.max_model_len = int(max_model_len) if max_model_len is not None else trained or 1 << 30
         window, sliding = sliding_layers(config)
         if any(sliding) and tensor_parallel_size > 1:
             raise ValueError("tensor_parallel_size > 1 is not supported for models with sliding-window layers "
