@@ -50,12 +50,13 @@ class Episode:
             kw = dict(buffer=rng.randint(1, 2 * page), window=rng.randint(1, min(3, budget)))
             n_max = -(-(budget + kw["buffer"]) // page)
             pages = rng.randint(n_max, 4 * n_max + 2)
-        self.max_model_len = rng.choice([1 << 20, 1 << 20, rng.randint(8, 60)])
+        self.max_model_len = rng.choice([None, None, rng.randint(8, 60)])  # (None: the model's)
         self.settings = dict(budget=budget, page_size=page, num_pages=pages, enable_prefix_caching=rng.random() < 0.7,
                              max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.choice([1, 3, 8, 16, 64]),
                              max_model_len=self.max_model_len, async_compression=rng.random() < 0.5,
                              async_scheduling=rng.random() < 0.5, **kw)
         self.llm = LLM(model, **self.settings)
+        self.max_model_len = self.llm.max_model_len
         self.seqs = []  # every request added, in order
         self.expected = {}  # id(seq) -> its tokens on its own (symbolic runs)
         self.prefixes = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(page, 3 * page))] for _ in range(2)]

@@ -182,7 +182,7 @@ def test_continue_generation_from_returned_cache():
 
 def _keep_every_query(monkeypatch):
     """The reference for the rule that drops queries no compression can need: keep them all."""
-    monkeypatch.setattr(zipage.ZipageCache, "_queries_needed", lambda self, stored: self.scorer.needs_queries)
+    monkeypatch.setattr(zipage.ZipageCache, "_queries_needed", lambda self, *args: self.scorer.needs_queries)
 
 
 @pytest.mark.parametrize("first_new,second_new", [(10, 10), (5, 40), (30, 10)])
@@ -205,6 +205,27 @@ def test_continued_generation_compresses_as_one_call_would(monkeypatch, first_ne
     one = model.generate(ids, past_key_values=zipage.ZipageCache(config=model.config, **cfg),
                          max_new_tokens=first_new + second_new, **GREEDY)
     assert torch.equal(got, one)
+    _keep_every_query(monkeypatch)
+    assert torch.equal(got, run())
+
+
+def test_a_continuation_that_adds_a_turn_compresses_with_the_last_call_s_queries(monkeypatch):
+    """The second call's first step stores a new 12-token turn at once, so it may compress before any query
+    of its own: it reads the first call's last queries (the same tokens as with every query kept)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(3))
+    turn = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(4))
+    cfg = dict(budget=16, page_size=8, buffer=8, window=4)
+
+    def run():
+        cache = zipage.ZipageCache(config=model.config, **cfg)
+        first = model.generate(ids, past_key_values=cache, max_new_tokens=9, **GREEDY)  # 18 stored, past 16
+        before = cache.num_compressions
+        out = model.generate(torch.cat([first, turn], 1), past_key_values=cache, max_new_tokens=6, **GREEDY)
+        assert cache.num_compressions > before
+        return out
+
+    got = run()
     _keep_every_query(monkeypatch)
     assert torch.equal(got, run())
 

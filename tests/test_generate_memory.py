@@ -107,17 +107,24 @@ def test_far_less_than_dynamic_cache_and_flat_past_the_budget(model):
     assert zipage[200] < 0.75 * full[200] and zipage[400] < 0.4 * full[400], (zipage, full)
 
 
-def test_queries_are_kept_only_within_a_window_of_a_compression(model):
-    """A layer's last ``window`` queries weigh ``window * H_q / H_kv`` tokens of KV: the cache keeps
-    them only for the steps whose queries the next compression reads."""
+@pytest.mark.parametrize("max_cache_len", [60, 34, None])
+def test_queries_are_kept_only_within_a_window_of_a_compression(model, max_cache_len):
+    """A layer's last ``window`` queries weigh ``window * H_q / H_kv`` tokens of KV: the cache keeps them only
+    for the steps whose queries a compression may read. With the run's length known (generate()), one token a
+    step after the prompt: the window before the next compression (at 40 stored here), and the run's last
+    ``window`` steps, which a later call continuing the cache may compress after at once; with no length (a
+    caller's own loop, whose next step may be of any size), every step past ``budget - window``."""
     import zipage
 
-    cache = zipage.ZipageCache(config=model.config, budget=32, page_size=8)  # compresses at 40 stored, window 16
+    cache = zipage.ZipageCache(config=model.config, budget=32, page_size=8, max_cache_len=max_cache_len)
     ids = torch.randint(3, 96, (2, 30), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         model(ids[:, :12], past_key_values=cache)
         for t in range(12, 30):
             model(ids[:, t : t + 1], past_key_values=cache)
             kept = cache.layers[0].window_queries
-            assert (kept is None) == (t + 1 <= 40 - 16), t
-    assert kept.shape[2] == 30 - 24
+            if max_cache_len is None or t + 1 > max_cache_len - 16:
+                expected = t + 1 > 32 - 16
+            else:
+                expected = t + 1 > 40 - 16 and (t + 1) + (40 - (t + 1)) + 1 <= max_cache_len
+            assert (kept is not None) == expected, t

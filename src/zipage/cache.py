@@ -388,7 +388,7 @@ class ZipageCache(Cache):
         # Unquantized rows written by the PyTorch store: positions ``after .. after + q - 1`` of every row.
         self._step_index = None if paged or cfg.kv_cache_dtype in QUANTIZED_KV else torch.arange(
             after, after + q, device=key_states.device)
-        self._keep_queries = self._queries_needed(after + q)
+        self._keep_queries = self._queries_needed(after + q, first.seen + q, q)
         self._capture_all = True
         self._lean_index = None
         # Dense decode steps on CUDA: SDPA's cuDNN backend builds a plan for every new K/V shape it meets (~34 ms
@@ -413,14 +413,23 @@ class ZipageCache(Cache):
         return key_states.dtype in (torch.float16, torch.bfloat16) and (
             self.zipage_config.kv_cache_dtype not in QUANTIZED_KV)
 
-    def _queries_needed(self, stored: int) -> bool:
-        """Whether the queries of a step that leaves ``stored`` tokens stored may be among the last ``window``
-        before a compression: only then are they kept (they weigh as much as ``window * H_q / H_kv`` tokens of
-        KV per layer). A compression comes only once more than ``budget`` tokens are stored, so a step leaving
-        at most ``budget - window`` never needs its queries kept, whatever the sizes of the steps after it
-        (chunked prefill) and whether this generate() call or a later one that continues the cache runs them."""
+    def _queries_needed(self, stored: int, seen: int, q: int) -> bool:
+        """Whether the queries of a step of ``q`` tokens that leaves ``stored`` tokens stored (``seen`` seen) may
+        be among the last ``window`` before a compression: only then are they kept (they weigh as much as
+        ``window * H_q / H_kv`` tokens of KV per layer, and keeping them costs a copy a layer)."""
         cfg = self.zipage_config
-        return self.scorer.needs_queries and stored > cfg.budget - cfg.window
+        if not self.scorer.needs_queries:
+            return False
+        anytime = stored > cfg.budget - cfg.window  # (a compression comes only past the budget, whatever the steps)
+        if self.max_cache_len is None or seen > self.max_cache_len - cfg.window:
+            # steps of any size may follow: a loop of the caller's, or a later generate() continuing this cache
+            # after the last ``window`` steps of this one (its first step may compress at once)
+            return anytime
+        # Within one generate() call no step is longer than the one before it (the prompt or its chunks, then
+        # one token a step), so the next compression comes no sooner than steps of ``q`` tokens would bring it;
+        # the call may end before it.
+        fires_at = cfg.next_compression(stored, q)
+        return stored > fires_at - cfg.window and seen + fires_at - stored + 1 <= self.max_cache_len
 
     def _before_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """The model's first layer starts a step (whichever its type)."""

@@ -226,14 +226,15 @@ class ZipageConfig:
         budget: there are more than the budget and the step would go past ``budget + buffer``."""
         return stored > self.budget and stored + new_tokens > self.capacity
 
-    def next_compression(self, stored: int) -> int:
-        """The stored length at which a sequence that now stores ``stored`` tokens and then one more per
-        step is next compressed (``stored`` itself when it is compressed before its next token): the
-        least ``s >= stored`` with ``compresses(s, 1)``, i.e. ``max(stored, budget + 1, budget + buffer)``.
+    def next_compression(self, stored: int, new_tokens: int = 1) -> int:
+        """The stored length at which a sequence that now stores ``stored`` tokens and then ``new_tokens``
+        more per step is next compressed (``stored`` itself when it is compressed before its next step): the
+        least ``s >= stored`` with ``compresses(s, new_tokens)``, i.e. ``max(stored, budget + 1, budget +
+        buffer - new_tokens + 1)``; with one token a step, ``max(stored, budget + 1, budget + buffer)``.
 
         generate() stores a whole prompt in one step, so a sequence's first compression comes at
         ``next_compression(len(prompt))`` and each later one at ``next_compression(budget)``."""
-        return max(stored, self.budget + 1, self.capacity)
+        return max(stored, self.budget + 1, self.capacity - new_tokens + 1)
 
     @classmethod
     def from_dict(cls, values: dict | None) -> ZipageConfig:
