@@ -58,6 +58,8 @@
 #   PART=storetune the decode step's KV store per layer (benchmarks/store_bench.py: bf16, 8-bit values token- and
 #              dimension-major, keys alone), the 8-bit decode GPU tests, then the engine's 8-bit decode launch over
 #              tiles, warps, stages and register caps at 490 requests, contexts 1,076 and 2,176 (vdimtune's rows)
+#   PART=ladder the engine's and generate()'s GPU tests, then the FP8 decode step at 490 requests padded to a captured
+#              graph (max_num_seqs 512) before (.before) and after the graph ladder every 16 from 192
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -121,6 +123,20 @@ case "${PART:-final}" in
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_fused_ops.py \
       tests/test_fp8_kernels.py -k "decode or rope or norm or one_split" 2>&1 | tee "$OUT/gpu_tests_smallops2.log" | tail -3
     PART=smallops_pairs bash "$0" ;;
+  ladder)  # session 33: the GPU tests of the engine and generate(), then the decode step at 490 FP8 requests
+           # with max_num_seqs 512 (padded to a captured graph, as in a throughput run), before (.before,
+           # carried, with this tree's profile_step.py) and after the graph ladder every 16 from 192
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine.py tests/test_engine_requests.py \
+      tests/test_fp8_engine.py tests/test_generate_gpu.py 2>&1 | tee "$OUT/gpu_tests_ladder.log" | tail -3
+    cp benchmarks/profile_step.py .before/benchmarks/profile_step.py
+    for tree in .before .; do
+      tag=$([ "$tree" = . ] && echo after || echo before)
+      python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+      (cd "$tree" && timeout 110 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
+        --max-num-seqs 512 --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_ms512_$tag.json" > "/tmp/lad_fp8_$tag.txt" 2>&1
+       grep -a 'engine step\|device time' "/tmp/lad_fp8_$tag.txt")
+    done
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
   smallops_pairs)
     for tree in .before .; do
       tag=$([ "$tree" = . ] && echo after || echo before)

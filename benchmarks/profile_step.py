@@ -21,9 +21,9 @@ import zipage
 
 
 def step_ms(model, requests: int, fuse_ops: bool, async_scheduling: bool, prompt_tokens: int | None, n: int = 20,
-            merge: bool = True, kv_cache_dtype: str = "auto"):
+            merge: bool = True, kv_cache_dtype: str = "auto", max_num_seqs: int | None = None):
     llm = zipage.LLM(model, budget=2048, page_size=256, fuse_ops=fuse_ops, async_scheduling=async_scheduling,
-                     kv_cache_dtype=kv_cache_dtype, max_num_seqs=max(requests, 256))
+                     kv_cache_dtype=kv_cache_dtype, max_num_seqs=max_num_seqs or max(requests, 256))
     if not merge:  # norms and RoPE fused, projections as the model runs them (graphs are captured later)
         llm.runner.fusion.merged = []
     params = zipage.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
@@ -60,9 +60,12 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"])
     ap.add_argument("--default-only", action="store_true", help="time and profile the engine's defaults only")
     ap.add_argument("--out", default=None, help="timings and profiled kernels (JSON)")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="the engine's (default: max(requests, 256)); above --requests, steps run the smallest "
+                         "captured graph that holds them, padded, as in a throughput run")
     args = ap.parse_args()
     record = dict(model=args.model, requests=args.requests, prompt_tokens=args.prompt_tokens,
-                  kv_cache_dtype=args.kv_cache_dtype, variants=[])
+                  kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, variants=[])
     model = build(args.model)
     # (fuse_ops, merged projections, async_scheduling)
     variants = [(False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)]
@@ -70,7 +73,7 @@ def main() -> None:
         variants = variants[-1:]
     for fuse, merge, overlap in variants:
         ms, llm = step_ms(model, args.requests, fuse, overlap, args.prompt_tokens, merge=merge,
-                          kv_cache_dtype=args.kv_cache_dtype)
+                          kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs)
         ctx = sum(s.stored for s in llm.scheduler.running) / max(len(llm.scheduler.running), 1)
         record["variants"].append(dict(fuse_ops=fuse, merged=merge and fuse, async_scheduling=overlap,
                                        step_ms=round(ms, 3), running=len(llm.scheduler.running), mean_context=ctx))
