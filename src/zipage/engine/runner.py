@@ -392,10 +392,11 @@ class ModelRunner:
         return out.logits
 
     # ----------------------------------------------------------------------------- CUDA graphs
-    # Batch sizes with a captured decode graph; a step runs the smallest that holds its batch, padded. From
-    # ~190 rows a large model's linear layers are bound by the tensor cores, not by reading their weights, so
-    # padded rows cost time there: every 16 from 192 (490 requests run the 496 graph, not 512).
-    GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160) + tuple(range(192, 513, 16))
+    # Batch sizes with a captured decode graph; a step runs the smallest that holds its batch, padded. A finer
+    # ladder above 192 (every 16) was no faster on the H200: 490 FP8 requests in the 496 graph took what they
+    # take in the 512 one (26.15 against 26.11 ms; the GEMMs' 128-row tiles cover both alike;
+    # benchmarks/results/issue15/s33/call2).
+    GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
     def capture_graphs(self, max_batch: int, table_width: int) -> None:
         """Capture the decode forward (one token per sequence) for a ladder of batch sizes.
