@@ -60,6 +60,8 @@
 #              tiles, warps, stages and register caps at 490 requests, contexts 1,076 and 2,176 (vdimtune's rows)
 #   PART=ladder the engine's and generate()'s GPU tests, then the FP8 decode step at 490 requests padded to a captured
 #              graph (max_num_seqs 512) before (.before) and after the graph ladder every 16 from 192
+#   PART=querykeep generate()'s decode step against DynamicCache before (.before) and after a change to which
+#              steps keep their queries (200- and 4,096-token prompts, batch 16)
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -135,6 +137,18 @@ case "${PART:-final}" in
       (cd "$tree" && timeout 110 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
         --max-num-seqs 512 --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_ms512_$tag.json" > "/tmp/lad_fp8_$tag.txt" 2>&1
        grep -a 'engine step\|device time' "/tmp/lad_fp8_$tag.txt")
+    done
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
+  querykeep)  # session 33: generate()'s decode step (zipage-512 and DynamicCache taking turns) before (.before, carried)
+              # and after the rule for which steps keep their queries changed: a 200-token prompt (nothing evicted;
+              # the call's last window steps now keep them) and a 4,096-token one (past the budget), batch 16
+    for args in "--prompt 200 --new 384" "--prompt 4096 --new 256"; do
+      for tree in .before .; do
+        tag=$([ "$tree" = . ] && echo after || echo before)
+        python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+        (cd "$tree" && timeout 140 python3 "$OLDPWD/benchmarks/generate_steps.py" --batch 16 $args --label "$tag" \
+          --out "$OUT/generate_steps_b16_p$(echo $args | cut -d' ' -f2)_$tag.json" 2>&1 | tail -1)
+      done
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
   smallops_pairs)
