@@ -72,6 +72,10 @@ STEPS_TREES = {
     "generate_steps_gpu_b16_p4096_s28_after.json": "f956b3c (one record after compressions)",
     "generate_steps_gpu_b1_p16384_s29_after.json": "07e3582 (one record after compressions)",
     "generate_steps_gpu_8b_b16_p4096_s29_after.json": "07e3582 (one record after compressions)",
+    "generate_steps_gpu_b16_p200_s33_before.json": "4ea5f04",
+    "generate_steps_gpu_b16_p200_s33_after.json": "a05442d (a call's last window steps keep their queries)",
+    "generate_steps_gpu_b16_p4096_s33_before.json": "4ea5f04",
+    "generate_steps_gpu_b16_p4096_s33_after.json": "a05442d (a call's last window steps keep their queries)",
 }
 STEPS_ORDER = list(STEPS_TREES)
 
@@ -96,7 +100,10 @@ def _steps(results: Path) -> list[str]:
              "stored by `index_copy_`; dc5ba05 and 2fd7d55, the layers after the first take a lean update "
              "(`ZipageCache._update_lean`); f956b3c and 07e3582 (the same generate() code), after a compression every "
              "layer shares one validity record where no attention mask was seen (on CUDA each layer had extended "
-             "its own every step, so no step after the first compression took the lean update). Only ratios within one pair compare: the "
+             "its own every step, so no step after the first compression took the lean update); a05442d, the "
+             "last `window` steps of a call keep their queries (a later call continuing the cache may compress at once: it "
+             "failed before), as does every chunk of a chunked prefill that a compression may read. Only ratios "
+             "within one pair compare: the "
              "host's speed differs between processes and calls.", "",
              "| tree | device | model | batch | prompt | steps | budget | zipage stored (compressions) | "
              "DynamicCache ms | zipage ms | zipage / full per step (first half, second half) | all steps' time |",
