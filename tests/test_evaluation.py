@@ -34,6 +34,21 @@ needs_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is Non
     ("\\boxed{180}", "18", False),
     ("I do not know.", "18", False),
     ("", "7", False),
+    # a box is read whole: the number it holds, not the last digits in it
+    ("\\boxed{\\frac{1}{4}}", "4", False),
+    ("\\boxed{\\dfrac{15}{2}}", "2", False),
+    ("\\boxed{\\frac{3}{4}}", "0.75", True),
+    ("\\boxed{25\\text{ m}^2}", "2", False),
+    ("\\boxed{25\\text{ m}^2}", "25", True),
+    ("\\boxed{\u22125}", "5", False),  # a Unicode minus
+    ("\\boxed{\u22125}", "-5", True),
+    ("\\boxed{ 1 000 }", "1000", True),
+    ("\\boxed{\\text{42}}", "42", True),
+    ("\\boxed{x = 42}", "42", True),
+    ("\\boxed{5\\%}", "5", True),
+    ("First \\boxed{3}, final \\boxed{7}", "7", True),
+    ("First \\boxed{3}, final \\boxed{7}", "3", False),
+    ("answer is 0.5", ".5", True),
 ])
 def test_gsm8k_answers_are_exact_numbers(output, reference, right):
     assert answers.is_correct(output, reference, "number") is right
@@ -43,9 +58,22 @@ def test_final_number_and_a_reference_that_is_not_a_number():
     assert answers.final_number("a \\boxed{\\$1,234.5} b 7") == Decimal("1234.5")
     assert answers.final_number("nothing") is None
     with pytest.raises(ValueError, match="not a number"):
-        answers.numbers_match("\\boxed{2}", "\\frac{1}{2}")
+        answers.numbers_match("\\boxed{2}", "\\left( 3, \\frac{\\pi}{2} \\right)")
+    assert answers.numbers_match("\\boxed{0.5}", "\\frac{1}{2}") and not answers.numbers_match("\\boxed{2}", "1/2")
     with pytest.raises(ValueError, match="unknown answer kind"):
         answers.is_correct("1", "1", "exact")
+
+
+def test_number_checks_need_number_references_before_any_run(tmp_path):
+    from zipage.evaluation.datasets import load_problems
+
+    with pytest.raises(ValueError, match="problem 0's reference answer .* is not a number"):
+        load_problems("math500", 2, "number")
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "answer": "3"}\n{"prompt": "b", "answer": "x^2"}\n')
+    with pytest.raises(ValueError, match="problem 1's reference answer 'x\\^2'"):
+        load_problems(str(path), kind="number")
+    assert len(load_problems(str(path))) == 2  # ('math' by default)
 
 
 # ----------------------------------------------------------------------------- MATH: math-verify
@@ -65,6 +93,10 @@ def test_final_number_and_a_reference_that_is_not_a_number():
     ("\\boxed{2\\sqrt{2}}", "2\\sqrt{3}", False),
     ("\\boxed{x^2-1}", "x^2+1", False),
     ("no answer here", "5", False),
+    # the last box is the answer (math-verify alone would take every box as one set)
+    ("First \\boxed{3}, final \\boxed{7}", "7", True),
+    ("Step 1 gives \\boxed{12}. ... the final answer is \\boxed{6}.", "6", True),
+    ("\\boxed{3}\n\nWait, I made an error. \\boxed{7}", "3", False),
 ])
 def test_math_answers_are_checked_by_equivalence(output, reference, right):
     assert answers.is_correct(output, reference, "math") is right

@@ -1,10 +1,12 @@
 """Is a model's answer right? Exact numbers for GSM8K, mathematical equivalence for MATH-style answers.
 
-* ``number``: the final answer is the content of the output's last ``\\boxed{}`` (else its last
-  number); it is right when it is the same number as the reference (commas, ``$`` and trailing zeros
-  do not matter: ``1,000`` = ``1000`` = ``1000.00``).
-* ``math``: the reference and the output are parsed by ``math-verify`` (Hugging Face's answer
-  checker: LaTeX and plain expressions to sympy, ``\\boxed{}`` first) and compared symbolically, so
+* ``number``: the final answer is the number the output's last ``\\boxed{}`` holds (a plain number, a
+  fraction of two, the right side of an ``=``, units in text after it; anything else is no number),
+  else its last number; it is right when it is the same number as the reference (commas, ``$`` and
+  trailing zeros do not matter: ``1,000`` = ``1000`` = ``1000.00``).
+* ``math``: the reference and the output's last ``\\boxed{}`` (the whole output if it has none) are
+  parsed by ``math-verify`` (Hugging Face's answer checker: LaTeX and plain expressions to sympy) and
+  compared symbolically, so
   ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` are one answer. It needs the ``eval`` extra:
   ``pip install 'zipage[eval]'``.
 """
@@ -14,21 +16,55 @@ from __future__ import annotations
 import re
 import threading
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 from ..models import last_boxed
 
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+_PLAIN = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
+_FRACTION = re.compile(r"(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}|(-?[\d.,]+)/(-?[\d.,]+)")
+# a unit written as text, with any power after it (``25\text{ m}^2``), and other marks around a number
+_UNIT = re.compile(r"\\(?:text|mathrm|mbox|textbf)\s*\{[^{}]*\}(?:\^\{[^{}]*\}|\^\S)?")
+_TEXT_NUMBER = re.compile(r"\\(?:text|mathrm|mbox|textbf)\s*\{\s*(-?[\d.,]+)\s*\}")
+_MARKS = (("\\$", ""), ("$", ""), ("\\!", ""), ("{,}", ","), ("\\,", ""), ("\\%", ""), ("%", ""), ("^\\circ", ""),
+          ("^{\\circ}", ""), ("\u2212", "-"), ("\\left", ""), ("\\right", ""))
 EVAL_INSTALL = "pip install 'zipage[eval]'   (or: pip install 'math-verify[antlr4_13_2]')"
 
 
-def final_number(text: str) -> Decimal | None:
-    """The number an output ends on: inside its last ``\\boxed{}`` if there is one, else its last number."""
-    boxed = last_boxed(text)
-    for source in (boxed, text) if boxed is not None else (text,):
-        found = _NUMBER.findall(source.replace("$", "").replace("\\!", "").replace("{,}", ","))
-        if found:
-            return as_number(found[-1])
+def _boxed_number(content: str) -> Decimal | Fraction | None:
+    """The number a ``\\boxed{}`` holds: a plain number (``1,000``, ``$18``, ``5\\%``, ``-5``, a unit in
+    ``\\text{}`` after it), a fraction of two (``\\frac{1}{2}``, ``3/4``), or the right side of its last ``=``;
+    None for anything else (an expression is not read as the last digits in it)."""
+    for old, new in _MARKS:
+        content = content.replace(old, new)
+    content = _TEXT_NUMBER.sub(r"\1", content)  # ``\text{42}``: the number itself
+    content = _UNIT.sub("", content)
+    content = content.rpartition("=")[2]
+    content = re.sub(r"(?<=\d)[ ~](?=\d{3}\b)", "", content.strip())  # "1 000": digits grouped by spaces
+    content = re.sub(r"\s+(?:[a-zA-Z]+\s*)+$", "", content).strip().rstrip(".")  # a unit in words after it
+    while content.startswith("{") and content.endswith("}"):
+        content = content[1:-1].strip()
+    if _PLAIN.fullmatch(content):
+        return as_number(content)
+    m = _FRACTION.fullmatch(content)
+    if m:
+        sign, num, den = (m.group(1), m.group(2), m.group(3)) if m.group(2) is not None else ("", m.group(4),
+                                                                                            m.group(5))
+        a, b = as_number(num), as_number(den)
+        if a is not None and b is not None and b != 0:
+            value = Fraction(a) / Fraction(b)
+            return -value if sign else value
     return None
+
+
+def final_number(text: str) -> Decimal | Fraction | None:
+    """The number an output ends on: the number its last ``\\boxed{}`` holds if there is one (None if that is
+    not a number), else its last number."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return _boxed_number(boxed)
+    found = _NUMBER.findall(text.replace("$", "").replace("\\!", "").replace("{,}", ",").replace("\u2212", "-"))
+    return as_number(found[-1]) if found else None
 
 
 def as_number(text: str) -> Decimal | None:
@@ -39,12 +75,23 @@ def as_number(text: str) -> Decimal | None:
         return None
 
 
+def reference_number(reference: str) -> Decimal | Fraction | None:
+    """A reference answer as the ``number`` checker reads it (a plain number or a fraction of two), or None."""
+    return _boxed_number(reference)
+
+
 def numbers_match(output: str, reference: str) -> bool:
-    """GSM8K's rule: the output's final number is the reference number, exactly."""
-    want = as_number(reference)
+    """GSM8K's rule: the output's final number is the reference number, exactly. A box holding an expression
+    (``10^3``, ``2\\cdot 3``) is compared by ``math-verify`` when it is installed, and is wrong otherwise."""
+    want = reference_number(reference)
     if want is None:
         raise ValueError(f"the reference answer {reference!r} is not a number (use the 'math' checker)")
     got = final_number(output)
+    if got is None and last_boxed(output) is not None:
+        try:
+            return math_equal(output, reference)
+        except ImportError:
+            return False
     return got is not None and got == want
 
 
@@ -59,7 +106,8 @@ def math_equal(output: str, reference: str) -> bool:
     gold = parse(f"${reference}$", parsing_timeout=timeout)
     if not gold:
         gold = parse(reference, parsing_timeout=timeout)
-    pred = parse(output, parsing_timeout=timeout)
+    boxed = last_boxed(output)  # the last box only: math-verify would take every box of the output as one set
+    pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else output, parsing_timeout=timeout)
     if not gold or not pred:
         return False
     return bool(verify(gold, pred, timeout_seconds=timeout))

@@ -44,8 +44,8 @@ def load_problems(dataset: str, limit: int | None = None, kind: str | None = Non
         from ..models import math_problems
 
         rows = math_problems(dataset, limit)
-        return [Problem(f"{r['problem']}\n{INSTRUCTION}", str(r["answer"]), kind or BUILTIN[dataset], i)
-                for i, r in enumerate(rows)]
+        return _numbers_checked([Problem(f"{r['problem']}\n{INSTRUCTION}", str(r["answer"]), kind or BUILTIN[dataset],
+                                         i) for i, r in enumerate(rows)], dataset)
     path = pathlib.Path(dataset).expanduser()
     if not path.suffix == ".jsonl" and not path.exists():
         raise ValueError(f"unknown dataset {dataset!r}: give gsm8k, math500 or the path of a .jsonl file "
@@ -53,7 +53,19 @@ def load_problems(dataset: str, limit: int | None = None, kind: str | None = Non
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
     problems = read_jsonl(path, kind or "math")
-    return problems[:limit] if limit is not None else problems
+    return _numbers_checked(problems[:limit] if limit is not None else problems, str(path))
+
+
+def _numbers_checked(problems: list[Problem], source: str) -> list[Problem]:
+    """``problems`` if every reference the ``number`` checker is to read is a number (else a ValueError now,
+    not after the runs)."""
+    from .answers import reference_number
+
+    for p in problems:
+        if p.kind == "number" and p.answer is not None and reference_number(p.answer) is None:
+            raise ValueError(f"{source}: problem {p.index}'s reference answer {p.answer!r} is not a number, which "
+                             "the 'number' answer check needs: check it with 'math' (--answer-check math)")
+    return problems
 
 
 def read_jsonl(path: pathlib.Path, kind: str) -> list[Problem]:
