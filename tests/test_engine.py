@@ -264,9 +264,17 @@ def test_pool_is_sized_by_default_on_a_cpu(llama):
     model = llama
     """``LLM(model, tok, budget=...)`` works on a CPU without ``num_pages``: the pool holds what
     ``max_num_seqs`` requests need at most (``budget + buffer`` tokens each, or the context with
-    full KV), no more."""
-    llm = LLM(model, budget=16, page_size=4, buffer=4, max_num_seqs=3)
+    full KV), and at least what one prompt of ``max_model_len`` tokens needs before its first
+    compression, no more."""
+    llm = LLM(model, budget=16, page_size=4, buffer=4, max_num_seqs=3, max_model_len=64)
     assert llm.stats()["total_pages"] == 3 * 6  # ceil((16 + 4 + 1) / 4) pages per request
+    long = LLM(model, budget=16, page_size=4, buffer=4, max_num_seqs=1, max_model_len=120)
+    assert long.stats()["total_pages"] == 31  # ceil(121 / 4): a 100-token prompt is stored whole first
+    prompt = prompts_of((100,))[0]
+    out = long.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert out.token_ids == reference(model, prompt, 8, cache_implementation="zipage",
+                                      cache_config={"budget": 16, "page_size": 4, "buffer": 4})
+    assert_pool_clean(long)
     prompt = prompts_of((10,))[0]
     out = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), use_tqdm=False)[0]
     assert out.token_ids == reference(model, prompt, 20, cache_implementation="zipage",

@@ -231,8 +231,10 @@ class LLM:
         available -= slot_bytes
         longest = self.zipage_config.capacity + 1 if self.zipage_config is not None else self.max_model_len
         per_request = -(-longest // page_size)
-        if device.type != "cuda":  # what the requests need, no more
-            available = min(available, per_request * max_num_seqs * page_bytes)
+        if device.type != "cuda":  # what the requests need, no more: a compressed request holds budget + buffer
+            # tokens, but its prompt, up to max_model_len, is stored whole before its first compression
+            need = max(per_request * max_num_seqs, -(-(self.max_model_len + 1) // page_size))
+            available = min(available, need * page_bytes)
         if available < page_bytes:
             raise RuntimeError(f"no {where} left for the KV pool: give LLM(..., num_pages=N)")
         return int(available // page_bytes)
