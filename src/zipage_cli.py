@@ -44,11 +44,27 @@ def eval_module(argv: list[str]) -> str:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--mode", choices=sorted(EVAL_MODES), default=None)
     pre.add_argument("--dataset", default=None)
+    pre.add_argument("--replot", default=None)
     args, _ = pre.parse_known_args(argv)
     if args.mode is None:
         asks_help = any(a in ("-h", "--help") for a in argv)
         args.mode = "accuracy" if args.dataset is not None or (asks_help and len(argv) == 1) else "fidelity"
+        if args.replot is not None and _accuracy_result(args.replot):  # the result says which benchmark made it
+            args.mode = "accuracy"
     return EVAL_MODES[args.mode]
+
+
+def _accuracy_result(path: str) -> bool:
+    """Whether ``path`` is an accuracy result (its ``configurations``); False when it cannot be read (the
+    benchmark that gets it says why)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "configurations" in data
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

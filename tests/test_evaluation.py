@@ -191,6 +191,33 @@ def test_eval_mode_is_chosen_from_the_arguments():
     assert eval_module(["--mode", "fidelity", "--dataset", "x.jsonl"]) == "quality"
 
 
+def test_replot_goes_to_the_benchmark_that_wrote_the_result(tmp_path):
+    accuracy, fidelity = tmp_path / "a.json", tmp_path / "f.json"
+    accuracy.write_text('{"configurations": []}')
+    fidelity.write_text('{"threads": 1}')
+    assert eval_module(["--replot", str(accuracy)]) == "accuracy"
+    assert eval_module(["--replot", str(fidelity)]) == "quality"
+    assert eval_module(["--replot", str(tmp_path / "missing.json")]) == "quality"
+    assert eval_module(["--mode", "fidelity", "--replot", str(accuracy)]) == "quality"
+
+
+def test_serve_options_are_checked_before_anything_loads():
+    pytest.importorskip("fastapi")
+    from zipage.serve.server import check_args
+    from zipage_cli import serve_parser
+
+    for flags, words in ((["--page-size", "3"], "power of two"), (["--scorer", "bogus"], "--scorer 'bogus'"),
+                         (["--max-num-seqs", "0"], "--max-num-seqs 0"), (["--num-pages", "0"], "--num-pages 0"),
+                         (["--max-model-len", "0"], "--max-model-len 0"), (["--port", "99999"], "--port 99999"),
+                         (["--max-waiting", "0"], "--max-waiting 0"), (["--budget", "8"], "observation window"),
+                         (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
+                         (["--budget", "none", "--page-size", "0"], "page_size")):
+        problem = check_args(serve_parser().parse_args(flags))
+        assert problem is not None and words in problem, (flags, problem)
+    assert check_args(serve_parser().parse_args(["--budget", "none", "--page-size", "16"])) is None
+    assert check_args(serve_parser().parse_args(["--scorer", "snapkv", "--kv-cache-dtype", "fp8"])) is None
+
+
 @pytest.fixture
 def no_model_load(monkeypatch):
     import zipage.evaluation.loading as loading

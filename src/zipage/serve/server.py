@@ -79,6 +79,26 @@ def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with the options, before anything loads."""
     if getattr(args, "tensor_parallel_size", 1) < 1:
         return f"--tensor-parallel-size {args.tensor_parallel_size} is invalid: expected an int >= 1"
+    if not 0 <= args.port <= 65535:
+        return f"--port {args.port} is invalid: expected a port number, 0..65535"
+    for name in ("max_num_seqs", "max_num_batched_tokens", "num_pages", "max_model_len", "max_budget", "max_waiting"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} {value} is invalid: expected an int >= 1"
+    if not 0 < args.gpu_memory_utilization <= 1:
+        return f"--gpu-memory-utilization {args.gpu_memory_utilization} is invalid: expected a share in (0, 1]"
+    from ..config import ZipageConfig
+    from ..scoring import list_scorers
+
+    try:
+        if args.budget is not None:
+            ZipageConfig(budget=args.budget, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype)
+        else:
+            ZipageConfig(page_size=args.page_size)
+    except (TypeError, ValueError) as e:
+        return f"--budget {args.budget} / --page-size {args.page_size}: {e}"
+    if args.scorer is not None and args.scorer not in list_scorers():
+        return f"--scorer {args.scorer!r} is unknown: choose one of {list_scorers()}"
     if args.max_budget is not None and args.budget is None:
         return "--max-budget needs an engine with a budget (--budget none serves full KV only)"
     if args.max_budget is not None and args.budget > args.max_budget:
@@ -109,7 +129,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model, tokenizer, root = load(args)
-    llm = engine_from_args(model, tokenizer, args)
+    try:
+        llm = engine_from_args(model, tokenizer, args)
+    except (TypeError, ValueError) as e:  # an option this model cannot take (its context, its heads, ...)
+        print(f"zipage serve: {e}", file=sys.stderr)
+        return 2
     config = config_from_args(llm, root, args)
     stats = llm.stats()
     budget = "full KV" if args.budget is None else f"budget {args.budget}"
