@@ -464,12 +464,37 @@ def real_workload(args, parser) -> tuple:
     return model, tokenizer, work, facts
 
 
+def check_system(name: str) -> None:
+    """A ValueError naming what is wrong with a ``--systems`` entry."""
+    if name in ("hf-generate_batch", "hf-generate"):
+        return
+    parts = name.split("-")  # zipage-<budget|fullkv>[-sync][-fp8|-int8]
+    if parts[0] != "zipage" or len(parts) < 2:
+        raise ValueError(f"unknown system {name!r}: expected zipage-<budget|fullkv>[-sync][-fp8|-int8], "
+                         "hf-generate_batch or hf-generate")
+    if parts[1] != "fullkv" and not (parts[1].isdigit() and int(parts[1]) >= 1):
+        raise ValueError(f"system {name!r}: the budget {parts[1]!r} is not an int >= 1 (or fullkv)")
+    unknown = set(parts[2:]) - {"sync", "fp8", "int8"}
+    if unknown or {"fp8", "int8"} <= set(parts[2:]):
+        raise ValueError(f"unknown system flag(s) {sorted(unknown) or ['fp8 with int8']} in {name!r}: "
+                         "expected -sync and one of -fp8, -int8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("requests", "n", "max_tokens", "peer_max_tokens"):
+    for name in ("requests", "n", "max_tokens", "peer_max_tokens", "max_num_seqs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.kv_gib is not None and not args.kv_gib > 0:
+        parser.error(f"--kv-gib {args.kv_gib}: must be > 0")
+    if args.page_size is not None and (args.page_size < 1 or args.page_size & (args.page_size - 1)):
+        parser.error(f"--page-size {args.page_size}: must be a power of two")
+    try:
+        for name in args.systems.split(","):
+            check_system(name)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         lengths = parse_prompt_len(args.prompt_len)
     except ValueError as error:
@@ -514,12 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             if name.startswith("zipage-"):
-                parts = name.split("-")  # zipage-<budget|fullkv>[-sync][-fp8|-int8]
+                parts = name.split("-")  # zipage-<budget|fullkv>[-sync][-fp8|-int8] (checked: check_system)
                 budget = None if parts[1] == "fullkv" else int(parts[1])
-                unknown = set(parts[2:]) - {"sync", "fp8", "int8"}
-                if unknown or {"fp8", "int8"} <= set(parts[2:]):
-                    raise ValueError(f"unknown system flag(s) {sorted(unknown) or ['fp8 with int8']} in {name!r}: "
-                                     "expected -sync and one of -fp8, -int8")
                 kv = next((k for k in ("fp8", "int8") if k in parts[2:]), args.kv_cache_dtype)
                 results[name] = run_engine(model, work, budget, bw, kv_gib, page_size=args.page_size,
                                            tokenizer=tokenizer, max_num_seqs=args.max_num_seqs,

@@ -25,6 +25,12 @@ def test_prompt_len_parsing():
     (["--prompt-len", "100"], "for --workload long-prompt"),
     (["--workload", "long-prompt", "--dataset", "gsm8k"], "drop --dataset"),
     (["--workload", "short"], "invalid choice"),
+    (["--systems", "bogus"], "unknown system 'bogus'"),
+    (["--systems", "zipage-2048,zipage-abc"], "the budget 'abc'"),
+    (["--systems", "zipage-64-fp8-int8"], "fp8 with int8"),
+    (["--page-size", "3"], "--page-size 3"),
+    (["--kv-gib", "0"], "--kv-gib 0"),
+    (["--max-num-seqs", "0"], "--max-num-seqs 0"),
 ])
 def test_bad_workload_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
