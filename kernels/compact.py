@@ -117,7 +117,9 @@ def compact_triton(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.
     B, H, K = keep.shape
     if K == 0 or B == 0:
         return
+    slots = slots if slots.stride(-1) == 1 else slots.contiguous()  # (the kernel takes the row strides only)
     dst = dst_slots if dst_slots is not None else slots
+    dst = dst if dst.stride(-1) == 1 else dst.contiguous()
     keep = keep.contiguous()
     pending = _as_bytes(caches)
     while pending:

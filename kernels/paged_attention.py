@@ -58,11 +58,14 @@ def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 def _softmax(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last dim of ``[H, ..., L]`` logits; with ``sinks`` ``[H]``, each head's sink
-    logit joins the denominator (and its column is dropped). Rows with nothing allowed give zeros."""
+    logit joins the denominator (and its column is dropped). Rows with nothing allowed give zeros; a NaN
+    in the logits stays NaN (as in the kernels and dense math)."""
     if sinks is not None:
         sink = sinks.float().view(-1, *([1] * (logits.dim() - 1))).expand(*logits.shape[:-1], 1)
-        return torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1].nan_to_num(0.0)
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        probs = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    return probs.masked_fill((logits == float("-inf")).all(dim=-1, keepdim=True), 0.0)
 
 
 def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
@@ -343,6 +346,16 @@ def _check_paged(q, k_cache, v_cache, page_table):
         raise ValueError(f"page_table must be [B, max_pages], got {tuple(page_table.shape)}")
 
 
+def index_args(page_table, *vectors):
+    """The index tensors as the kernels read them: the page table's rows contiguous (the kernels take its row
+    stride), and the per-sequence vectors (lengths, starts, ``cu_seqlens_q``, sinks; None passes) contiguous.
+    A view with other strides is copied; one that already has them is returned as it is (nothing copied, so
+    captured CUDA graphs keep reading the caller's buffers)."""
+    if page_table.stride(-1) != 1:
+        page_table = page_table.contiguous()
+    return (page_table, *(v if v is None or v.is_contiguous() else v.contiguous() for v in vectors))
+
+
 def _check_sinks(sinks: torch.Tensor | None, heads: int) -> None:
     if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != heads):
         raise ValueError(f"sinks must be [{heads}] (one logit per query head), got {tuple(sinks.shape)}")
@@ -361,6 +374,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
     tuned default on a GPU (``paged_decode_fp8.default_choice``), the general kernel elsewhere."""
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
+    page_table, kv_lens, kv_starts, sinks = index_args(page_table, kv_lens, kv_starts, sinks)
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
     if fp8 and fp8_kernel is None:  # 8-bit pages: ZIPAGE_FP8_DECODE, else the tuned default on a GPU
         fp8_kernel = fp8_decode_choice()
@@ -471,6 +485,8 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
                                    sinks: torch.Tensor | None = None, softcap: float | None = None):
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
+    page_table, cu_seqlens_q, kv_lens, kv_starts, sinks = index_args(page_table, cu_seqlens_q, kv_lens, kv_starts,
+                                                                     sinks)
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
     T, Hq, D = q.shape
     B = kv_lens.shape[0]

@@ -111,6 +111,10 @@ if HAS_TRITON:
         # IEEE divisions (``/`` compiles to an approximate one), so codes and scales match the reference
         amax = tl.max(tl.abs(x), 1)
         s = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, top, tl.float32)), 1e-12)  # MIN_SCALE
+        # a NaN or an infinity: the row reads back as NaN, as the reference's does (the max and the clamps
+        # below would drop a NaN and store the rest as finite codes under a finite scale)
+        bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), 1) > 0
+        s = tl.where(bad, float("nan"), s)
         c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -top), top)
         if INT8:
             c = tl.where(c < 0, -tl.floor(0.5 - c), tl.floor(c + 0.5))

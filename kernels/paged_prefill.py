@@ -44,7 +44,7 @@ import torch
 
 from ._triton import HAS_TRITON, dot_precision, interpreting, next_pow2
 from .fp8 import dequantize_reference
-from .paged_attention import LOG2E, _check_paged, _check_sinks, _scale_args, paged_prefill_attention_triton
+from .paged_attention import LOG2E, _check_paged, _check_sinks, _scale_args, index_args, paged_prefill_attention_triton
 
 HAS_TENSOR_DESCRIPTOR = False
 if HAS_TRITON:
@@ -449,6 +449,8 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
     ``config`` picks the launch (``block_m`` / ``block_n``, when given, override its tiles)."""
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
+    page_table, cu_seqlens_q, kv_lens, kv_starts, sinks = index_args(page_table, cu_seqlens_q, kv_lens, kv_starts,
+                                                                     sinks)
     T, Hq, D = q.shape
     if D > MAX_HEAD_DIM:  # explicit fallback: the first kernel tiles any head dim
         return paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,

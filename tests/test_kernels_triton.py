@@ -210,6 +210,105 @@ def test_compact_interpreter():
     _compact_case("cpu", torch.float16, 2, 3, 8, 4, 37, 13)
 
 
+def _strided_views(*tensors):
+    """The same values with other strides: a page table stored column-major, vectors as every other
+    element of a wider buffer."""
+    out = []
+    for t in tensors:
+        if t.dim() == 2:
+            out.append(t.t().contiguous().t())
+        else:
+            wide = torch.stack([t, torch.full_like(t, 10**6)], -1)  # (a neighbour that would be read by mistake)
+            out.append(wide[..., 0])
+    assert all(torch.equal(a, b) and not a.is_contiguous() for a, b in zip(out, tensors))
+    return out
+
+
+def test_kernels_read_index_tensors_of_any_strides():
+    """A page table, lengths, starts, query offsets, sinks and compaction slots that are strided views give
+    what contiguous ones give (the kernels index them as contiguous: the wrappers make them so)."""
+    torch.manual_seed(0)
+    dev = "cuda" if CUDA else "cpu"
+    torch.set_default_device(dev)
+    try:
+        _strides_case(dev)
+    finally:
+        torch.set_default_device(None)
+
+
+def _strides_case(dev):
+    from zipage.kernels.paged_prefill import PrefillConfig, paged_prefill_attention_v2
+
+    lens, page, Hkv, G, D = [9, 14, 5], 4, 2, 2, 32
+    k, v, table = random_pages(3, lens, page, Hkv, D, torch.float32, dev)
+    kl, ks = torch.tensor(lens, dtype=torch.int32), torch.tensor([0, 2, 1], dtype=torch.int32)
+    sinks = torch.randn(Hkv * G)
+    q = torch.randn(3, Hkv * G, D)
+    ref = paged_decode_attention_reference(q, k, v, table, kl, D**-0.5, ks, sinks=sinks)
+    t2, kl2, ks2, sinks2 = _strided_views(table, kl, ks, sinks)
+    for splits in (None, 2):
+        out = paged_decode_attention_triton(q, k, v, t2, kl2, D**-0.5, ks2, num_splits=splits, sinks=sinks2)
+        assert rel_err(out, ref) < TOL[torch.float32]
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    qp = torch.randn(9, Hkv * G, D)
+    ref = paged_prefill_attention_reference(qp, k, v, table, cu, kl, D**-0.5, ks, sinks=sinks)
+    (cu2,) = _strided_views(cu)
+    out = paged_prefill_attention_triton(qp, k, v, t2, cu2, kl2, D**-0.5, ks2, block_m=16, block_n=16, sinks=sinks2)
+    assert rel_err(out, ref) < TOL[torch.float32]
+    cfg = PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    assert rel_err(paged_prefill_attention_v2(qp, k, v, t2, cu2, kl2, D**-0.5, ks2, config=cfg, sinks=sinks2),
+                   ref) < TOL[torch.float32]
+    # compaction in place through column-major slots
+    P, S, kk, H = 12, 10, 6, 2
+    slots = slot_indices(torch.randperm(P)[:6].view(2, 3), 0, S, page)
+    keep = torch.stack([torch.stack([torch.randperm(S)[:kk].sort().values for _ in range(H)]) for _ in range(2)])
+    cache = torch.randn(P, page, H, 8)
+    want, got = [cache.clone()], [cache.clone()]
+    compact_reference(want, slots, keep)
+    compact_triton(got, _strided_views(slots)[0], keep)
+    assert torch.equal(want[0], got[0])
+
+
+def test_a_nan_stays_nan_through_attention_and_the_8bit_store():
+    """NaN in a key: dense math, the kernels and the PyTorch path (the CPU's) all give NaN for the heads that
+    read it (the reference once turned them into zeros); rows with nothing allowed still give zeros. A row
+    with a NaN or an infinity stored as 8-bit codes reads back as NaN from the kernel as from the reference."""
+    torch.manual_seed(1)
+    dev = "cuda" if CUDA else "cpu"
+    torch.set_default_device(dev)
+    try:
+        _nan_case(dev)
+    finally:
+        torch.set_default_device(None)
+
+
+def _nan_case(dev):
+    from zipage.kernels import dequantize_reference, quantize_reference
+    from zipage.kernels.fp8 import FP8, INT8
+
+    lens, page, Hkv, G, D = [10], 4, 1, 2, 16
+    k, v, table = random_pages(1, lens, page, Hkv, D, torch.float32, dev)
+    k[table[0, 1], 2, 0, 5] = float("nan")
+    q, kl = torch.randn(1, Hkv * G, D), torch.tensor(lens, dtype=torch.int32)
+    for out in (paged_decode_attention_reference(q, k, v, table, kl, D**-0.5),
+                paged_decode_attention_triton(q, k, v, table, kl, D**-0.5)):
+        assert torch.isnan(out).all()
+    empty = paged_decode_attention_reference(q, k, v, table, kl, D**-0.5, torch.tensor([10], dtype=torch.int32))
+    assert torch.equal(empty, torch.zeros_like(empty))  # (every key before the start: nothing allowed)
+    x = torch.randn(3, 2, 8)
+    x[0, 1, 3] = float("nan")
+    x[2, 0, 0] = float("inf")
+    for codes_dtype in (FP8, INT8):
+        cache = torch.zeros(2, 4, 2, 8, dtype=codes_dtype)
+        scale = torch.zeros(2, 4, 2)
+        store_kv_triton(cache, torch.tensor([1, 2, 6]), x, scale=scale)
+        got = dequantize_reference(cache.view(8, 2, 8)[[1, 2, 6]], scale.view(8, 2)[[1, 2, 6]])
+        want = dequantize_reference(*quantize_reference(x, codes_dtype))
+        bad = torch.isnan(want)
+        assert torch.equal(bad, torch.isnan(got)) and bad[0, 1].all() and bad[2, 0].all() and not bad[1].any()
+        assert torch.equal(got[~bad], want[~bad])
+
+
 # --------------------------------------------------------------------------- GPU cases
 @gpu
 @needs_cuda
