@@ -101,8 +101,8 @@ def _steps(results: Path) -> list[str]:
              "(`ZipageCache._update_lean`); f956b3c and 07e3582 (the same generate() code), after a compression every "
              "layer shares one validity record where no attention mask was seen (on CUDA each layer had extended "
              "its own every step, so no step after the first compression took the lean update); a05442d, the "
-             "last `window` steps of a call keep their queries (a later call continuing the cache may compress at once: it "
-             "failed before), as does every chunk of a chunked prefill that a compression may read. Only ratios "
+             "last `window` steps of a call keep their queries (a later call continuing the cache may compress "
+             "at once: it failed before), as does every chunk of a chunked prefill that a compression may read. Only ratios "
              "within one pair compare: the "
              "host's speed differs between processes and calls.", "",
              "| tree | device | model | batch | prompt | steps | budget | zipage stored (compressions) | "
