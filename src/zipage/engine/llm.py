@@ -41,6 +41,20 @@ from .sharding import check_tensor_parallel
 CPU_MEMORY_SHARE = 0.2  # of the available RAM, at most, for a default-sized pool on a CPU
 
 
+def _rope_reach(config: Any, trained: Any) -> int | None:
+    """The positions a model takes: ``max_position_embeddings``, times a RoPE scaling factor that stretches
+    it (YaRN, linear, dynamic; llama3's and longrope's configs state the stretched length already)."""
+    if not isinstance(trained, int) or isinstance(trained, bool):
+        return None
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict):
+        kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+        if kind in ("yarn", "linear", "dynamic") and isinstance(factor, (int, float)) and factor > 1:
+            base = rope.get("original_max_position_embeddings", trained)
+            return max(trained, int(base * factor))
+    return trained
+
+
 class LLM:
     """A continuous-batching engine with Compressed PagedAttention.
 
@@ -69,7 +83,8 @@ class LLM:
             windows and one step's tokens). By default the pool is sized from the memory:
             on CUDA ``gpu_memory_utilization`` of the GPU; on a CPU what ``max_num_seqs``
             requests need (each at most ``budget + buffer`` tokens, or ``max_model_len`` with full
-            KV), capped at a fifth of the available RAM.
+            KV; and at least one prompt of ``max_model_len``, stored whole before its first
+            compression), capped at a fifth of the available RAM.
         max_model_len: longest logical length (default: the model's max_position_embeddings; longer
             only with ``ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN=1``).
         fuse_ops: on CUDA, run the model's RMSNorm modules and its rotary embedding through fused
@@ -145,11 +160,13 @@ class LLM:
                                                          "kv_cache_dtype": kv_cache_dtype})
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
         trained = getattr(config, "max_position_embeddings", None)
-        if (max_model_len is not None and isinstance(trained, int) and max_model_len > trained
+        reach = _rope_reach(config, trained)
+        if (max_model_len is not None and isinstance(reach, int) and max_model_len > reach
                 and os.environ.get("ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN", "") != "1"):
-            raise ValueError(f"LLM(max_model_len={max_model_len}) is beyond the model's max_position_embeddings="
-                             f"{trained}: positions past it were never trained and its answers there may be "
-                             "wrong; set ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN=1 to allow it anyway")
+            raise ValueError(f"LLM(max_model_len={max_model_len}) is beyond the {reach} positions the model "
+                             f"takes (max_position_embeddings={trained}, with its RoPE scaling if any): positions "
+                             "past them were never trained and its answers there may be wrong; set "
+                             "ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN=1 to allow it anyway")
         self.max_model_len = int(max_model_len) if max_model_len is not None else trained or 1 << 30
         window, sliding = sliding_layers(config)
         if any(sliding) and tensor_parallel_size > 1:
