@@ -241,27 +241,6 @@ def test_request_input_checks(llama):
     with pytest.raises(ValueError, match="max_model_len=0"):
         LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=0)
     assert LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=64).max_model_len == 64
-
-
-def test_max_model_len_beyond_the_trained_positions_needs_a_say_so(llama, monkeypatch):
-    trained = llama.config.max_position_embeddings
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=trained + 1)
-    monkeypatch.setenv("ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN", "1")
-    assert LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=trained + 1).max_model_len == trained + 1
-
-
-def test_rope_scaling_stretches_the_positions_a_model_takes():
-    from types import SimpleNamespace
-
-    from zipage.engine.llm import _rope_reach
-
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
-    assert _rope_reach(SimpleNamespace(rope_scaling=yarn), 32768) == 131072
-    assert _rope_reach(SimpleNamespace(rope_scaling={"type": "linear", "factor": 2.0}), 2048) == 4096
-    assert _rope_reach(SimpleNamespace(rope_scaling={"rope_type": "llama3", "factor": 8.0}), 131072) == 131072
-    assert _rope_reach(SimpleNamespace(rope_scaling=None), 2048) == 2048
-    assert _rope_reach(SimpleNamespace(), None) is None
     llm = LLM(llama, budget=None, page_size=4, num_pages=32)
     with pytest.raises(TypeError, match="request_id=5"):
         llm.add_request([5, 6], request_id=5)
@@ -288,6 +267,27 @@ def test_rope_scaling_stretches_the_positions_a_model_takes():
     outs = llm.generate(torch.tensor([[5, 6, 7], [5, 6, 7]]), GREEDY, use_tqdm=False)  # a batch of two
     assert [o.token_ids for o in outs] == [want, want]
     assert_pool_clean(llm)
+
+
+def test_max_model_len_beyond_the_trained_positions_needs_a_say_so(llama, monkeypatch):
+    trained = llama.config.max_position_embeddings
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=trained + 1)
+    monkeypatch.setenv("ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    assert LLM(llama, budget=None, page_size=4, num_pages=8, max_model_len=trained + 1).max_model_len == trained + 1
+
+
+def test_rope_scaling_stretches_the_positions_a_model_takes():
+    from types import SimpleNamespace
+
+    from zipage.engine.llm import _rope_reach
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert _rope_reach(SimpleNamespace(rope_scaling=yarn), 32768) == 131072
+    assert _rope_reach(SimpleNamespace(rope_scaling={"type": "linear", "factor": 2.0}), 2048) == 4096
+    assert _rope_reach(SimpleNamespace(rope_scaling={"rope_type": "llama3", "factor": 8.0}), 131072) == 131072
+    assert _rope_reach(SimpleNamespace(rope_scaling=None), 2048) == 2048
+    assert _rope_reach(SimpleNamespace(), None) is None
 
 
 def test_a_bad_prompt_in_generate_leaves_nothing_behind(llama):
