@@ -59,7 +59,8 @@ class LLM:
     """A continuous-batching engine with Compressed PagedAttention.
 
     Args:
-        model: a loaded transformers causal LM, or a local path to one.
+        model: a loaded transformers causal LM, or a Hub id or local folder of one (loaded with ``dtype``
+            and ``device``).
         tokenizer: a tokenizer (loaded from ``model`` when it is a path); needed for string
             prompts, ``text`` outputs and ``stop`` strings.
         budget: tokens kept per sequence after a compression, for requests that do not set their
@@ -113,6 +114,9 @@ class LLM:
             each rank loads it. See the "Several GPUs" guide.
         tensor_parallel_timeout: seconds a rank waits for the others inside a step before the
             engine stops with ``TensorParallelError``.
+        dtype: with a Hub id or a folder for ``model``, the weights' dtype (default: the checkpoint's).
+        device: with a Hub id or a folder, where the weights load (``"cuda"`` for the GPU; default:
+            the CPU).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, budget: int | None = 2048,
