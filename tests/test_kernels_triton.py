@@ -227,11 +227,16 @@ def _strided_views(*tensors):
 def test_kernels_read_index_tensors_of_any_strides():
     """A page table, lengths, starts, query offsets, sinks and compaction slots that are strided views give
     what contiguous ones give (the kernels index them as contiguous: the wrappers make them so)."""
-    torch.manual_seed(0)
+    _on_the_test_device(_strides_case, seed=0)
+
+
+def _on_the_test_device(case, seed: int) -> None:
+    """``case(device)`` with tensors made on the GPU when there is one (compiled kernels), else the CPU."""
+    torch.manual_seed(seed)
     dev = "cuda" if CUDA else "cpu"
     torch.set_default_device(dev)
     try:
-        _strides_case(dev)
+        case(dev)
     finally:
         torch.set_default_device(None)
 
@@ -273,13 +278,7 @@ def test_a_nan_stays_nan_through_attention_and_the_8bit_store():
     """NaN in a key: dense math, the kernels and the PyTorch path (the CPU's) all give NaN for the heads that
     read it (the reference once turned them into zeros); rows with nothing allowed still give zeros. A row
     with a NaN or an infinity stored as 8-bit codes reads back as NaN from the kernel as from the reference."""
-    torch.manual_seed(1)
-    dev = "cuda" if CUDA else "cpu"
-    torch.set_default_device(dev)
-    try:
-        _nan_case(dev)
-    finally:
-        torch.set_default_device(None)
+    _on_the_test_device(_nan_case, seed=1)
 
 
 def _nan_case(dev):
