@@ -62,6 +62,7 @@
 #              graph (max_num_seqs 512) before (.before) and after the graph ladder every 16 from 192
 #   PART=querykeep generate()'s decode step against DynamicCache before (.before) and after a change to which
 #              steps keep their queries (200- and 4,096-token prompts, batch 16)
+#   PART=nanstore the KV store per layer before (.before = fae3c3e) and after the 8-bit store's NaN check
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -149,6 +150,16 @@ case "${PART:-final}" in
         (cd "$tree" && timeout 140 python3 "$OLDPWD/benchmarks/generate_steps.py" --batch 16 $args --label "$tag" \
           --out "$OUT/generate_steps_b16_p$(echo $args | cut -d' ' -f2)_$tag.json" 2>&1 | tail -1)
       done
+    done
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
+  nanstore)  # prepared in session 33, not yet run: the KV store per layer (benchmarks/store_bench.py, 490 requests)
+             # before (.before = fae3c3e, carried) and after the 8-bit store gave rows with a NaN or an infinity a
+             # NaN scale (one more reduction in the store kernel)
+    for tree in .before .; do
+      tag=$([ "$tree" = . ] && echo after || echo before)
+      python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+      (cd "$tree" && timeout 80 python3 benchmarks/store_bench.py --requests 490 --out "$OUT/store_nan_$tag.json" \
+        2>&1 | tail -5)
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 ;;
   smallops_pairs)
