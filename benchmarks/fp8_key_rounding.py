@@ -116,6 +116,31 @@ VARIANTS = {
     "keys and values in bf16 (for scale)": lambda k, v: (k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)),
 }
 
+# Variants whose last ``W`` tokens before each query (itself included) stay exact, the rest rounded as
+# the named variant: pages that keep a short tail of recent tokens in the model's dtype until it is
+# quantized. Name: "<variant>, last W exact".
+RECENT = {f"{base}, last {w} exact": (base, w)
+          for base in ("keys and values e4m3", "keys and values rotated, e4m3") for w in (1, 2, 4, 8, 16, 64, 256)}
+
+
+def recent_exact_attention(q, k, v, mask, scaling, rounded, w):
+    """Causal attention of ``q`` [B, Hq, S, D] over keys/values [B, Hkv, S, D] where a query at
+    position ``i`` reads keys ``j > i - w`` exactly and the earlier ones as ``rounded(k, v)`` does."""
+    kr, vr = rounded(k, v)
+    g = q.shape[1] // k.shape[1]
+    k, v, kr, vr = (t.repeat_interleave(g, dim=1) for t in (k, v, kr, vr))
+    S = q.shape[2]
+    i = torch.arange(S).view(-1, 1)
+    j = torch.arange(S).view(1, -1)
+    near = (j <= i) & (j > i - w)
+    allowed = j <= i
+    if mask is not None:
+        allowed = allowed & (mask if mask.dtype == torch.bool else mask > -1e30)[..., -S:]
+    logits = torch.where(near, q @ k.transpose(-1, -2), q @ kr.transpose(-1, -2)) * scaling
+    p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    out = (p * near) @ v + (p * ~near) @ vr
+    return out.transpose(1, 2).contiguous()
+
 
 def main() -> None:
     import quality
@@ -136,6 +161,10 @@ def main() -> None:
     state = {"variant": None}
 
     def attention(module, q, k, v, mask, **kw):
+        if state["variant"] in RECENT:
+            base, w = RECENT[state["variant"]]
+            scaling = kw.get("scaling") or module.scaling
+            return recent_exact_attention(q, k, v, mask, scaling, VARIANTS[base], w), None
         if state["variant"] is not None:
             k, v = VARIANTS[state["variant"]](k, v)
         return sdpa_attention_forward(module, q, k, v, mask, **kw)
@@ -153,9 +182,9 @@ def main() -> None:
     print("| rounded | top-1 agreement | mean KL (nats) |")
     print("|---|---|---|")
     names = [n.strip() for n in args.variants.split(";") if n.strip()] or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and n not in RECENT]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS) + list(RECENT)}")
     for name in names:
         lp = log_probs(name)
         top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()

@@ -553,8 +553,10 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
             control_parts.setdefault(f, []).append(ctrl.summary(B + args.buffer, N - 1))
         for kind in kinds:  # full KV in FP8 (INT8) pages: a ZipageCache whose budget is never reached
             ctrl8 = Tracker(ids, ref)
-            cache8 = zipage.ZipageCache(config=model.config, budget=N, page_size=args.page_size, kv_cache_dtype=kind)
-            run_full_chunked(model, ids, ctrl8, start, args.buffer, cache8)
+            cache8 = zipage.ZipageCache(config=model.config, budget=N, page_size=args.page_size, kv_cache_dtype=kind,
+                                        exact_tail=args.exact_tail)
+            # (exact tails: one token a forward, as decoding reads them; a chunk would read its own tokens exactly)
+            run_full_chunked(model, ids, ctrl8, start, 1 if args.exact_tail else args.buffer, cache8)
             assert cache8.num_compressions == 0
             del cache8
             for f, B in budget_tokens.items():
@@ -620,7 +622,8 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         for f in budgets
     ]
     control_fp8 = [
-        {"config": f"full KV, {kind.upper()} pages (no eviction, control)", "kv_cache_dtype": kind,
+        {"config": f"full KV, {kind.upper()} pages{f' (exact_tail={args.exact_tail})' if args.exact_tail else ''} "
+                   "(no eviction, control)", "kv_cache_dtype": kind, "exact_tail": args.exact_tail,
          "budget_frac": frac_label(f), "budget_fraction": float(f), "budget": budget_tokens[f],
          **_merge(fp8_parts[(kind, f)])}
         for kind in kinds for f in budgets
@@ -828,8 +831,11 @@ FP8_TOP1_POINTS = 0.5  # FP8 (INT8) pages may cost at most this many points of t
 QUANTIZED = ("fp8", "int8")  # the quantized page types (kv_cache_dtype)
 
 
-def fp8_twin(spec: str, kind: str = "fp8") -> str:
-    """The row ``spec`` with FP8 (``kind="int8"``: INT8) pages: ``zipage`` -> ``zipage[kv_cache_dtype=fp8]``."""
+def fp8_twin(spec: str, kind: str = "fp8", exact_tail: int = 0) -> str:
+    """The row ``spec`` with FP8 (``kind="int8"``: INT8) pages: ``zipage`` -> ``zipage[kv_cache_dtype=fp8]``
+    (and ``exact_tail``, if not 0: ``zipage[kv_cache_dtype=fp8,exact_tail=16]``)."""
+    if exact_tail:
+        kind += f",exact_tail={exact_tail}"
     spec = spec.strip()
     return spec[:-1] + f",kv_cache_dtype={kind}]" if spec.endswith("]") else spec + f"[kv_cache_dtype={kind}]"
 
@@ -842,7 +848,7 @@ def fp8_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
     for r in tf["rows"]:
         if r["fields"].get("kv_cache_dtype") not in QUANTIZED:
             continue
-        fields = {k: v for k, v in r["fields"].items() if k != "kv_cache_dtype"}
+        fields = {k: v for k, v in r["fields"].items() if k not in ("kv_cache_dtype", "exact_tail")}
         twin = plain.get((tuple(sorted(fields.items())), r["budget_frac"]))
         if twin is None:
             continue
@@ -855,6 +861,8 @@ def fp8_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
         })
     for c in tf.get("control_fp8", []):
         kind = c.get("kv_cache_dtype", "fp8").upper()
+        if c.get("exact_tail"):
+            kind += f" (exact_tail={c['exact_tail']})"
         out.append({
             "target": f"full KV in {kind} pages, positions of {c['budget_frac']}: top-1 within {FP8_TOP1_POINTS} points "
                       "of full KV",
@@ -1153,6 +1161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", action="store_true", help="add an FP8-pages twin of every teacher-forced row and a "
                    "full-KV FP8 control; check FP8 costs <= 0.5 points of top-1 at the same budget")
     p.add_argument("--int8", action="store_true", help="the same with INT8 pages (kv_cache_dtype=int8)")
+    p.add_argument("--exact-tail", type=int, default=0,
+                   help="the --fp8/--int8 rows and controls with ZipageConfig.exact_tail (needs --decode step)")
     p.add_argument("--no-gen", action="store_true", help="skip generation (default: off; on with --ablations)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_PRESET])")
@@ -1189,7 +1199,11 @@ def main(argv: list[str] | None = None) -> int:
             scorer_rows = ",".join(zipage.list_scorers()) + ("," + args.variants if args.variants else "")
         rows = [parse_row(s) for s in split_rows(scorer_rows)]
         for kind in [k for k in QUANTIZED if getattr(args, k, False)]:  # every row again with FP8 / INT8 pages
-            rows += [parse_row(fp8_twin(s, kind)) for s in split_rows(scorer_rows) if "kv_cache_dtype" not in s]
+            rows += [parse_row(fp8_twin(s, kind, args.exact_tail)) for s in split_rows(scorer_rows)
+                     if "kv_cache_dtype" not in s]
+        if (args.exact_tail or any(f.get("exact_tail") for _, f in rows)) and args.decode != "step":
+            raise ValueError("--exact-tail needs --decode step: a forward of several tokens reads all of them "
+                             "exactly, which one-token decode steps do not")
         if args.gen_scorers == "all":
             gen_rows = rows
         else:

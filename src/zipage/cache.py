@@ -89,6 +89,9 @@ class ZipageLayer(CacheLayerMixin):
         self.state: torch.Tensor | None = None  # [B, capacity, H_kv] float32 score state (stateful scorers), 0 past S
         self._transposed: tuple | None = None  # (keys, values, both as [B, H_kv, capacity, D] views): see stored_kv
         self.key_scales = self.value_scales = None  # FP8 pages: [B, capacity, H_kv] float32
+        # ZipageConfig.exact_tail: the last exact_tail - 1 stored tokens' keys and values in the model's dtype
+        # ([B, H_kv, <= exact_tail - 1, D]), unrotated: the stored sequence's last tokens (compression keeps them).
+        self.tail: tuple[torch.Tensor, torch.Tensor] | None = None
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
         self.prefix_positions: torch.Tensor | None = None  # [B, H_kv, budget] logical positions of slots < budget
@@ -148,6 +151,21 @@ class ZipageLayer(CacheLayerMixin):
         keys, values = self.head_major_views()
         return stored_view(keys, stored), stored_view(values, stored)
 
+    def exact_tail(self, keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+                   keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys``/``values`` (``[B, H_kv, stored, D]``, read back from 8-bit pages, this step's ``q`` tokens
+        last) with their last tokens exact: the ``keep`` stored before this step (as far as kept) and this
+        step's. Keeps the last ``keep`` of them for the next step (``ZipageConfig.exact_tail``)."""
+        if self.tail is not None:
+            new_keys = torch.cat([self.tail[0], new_keys], dim=2)
+            new_values = torch.cat([self.tail[1], new_values], dim=2)
+        n = new_keys.shape[2]
+        keys[:, :, -n:] = new_keys
+        values[:, :, -n:] = new_values
+        # (copies: a view would hold a whole prompt's keys alive)
+        self.tail = (new_keys[:, :, -keep:].clone(), new_values[:, :, -keep:].clone()) if keep else None
+        return keys, values
+
     def pages(self) -> LayerPages:
         """The storage as ``B`` pages of ``capacity`` tokens (what ``compress_layer`` takes)."""
         return LayerPages(self.keys, self.values, self.state, self.key_scales, self.value_scales, self.dtype)
@@ -182,7 +200,7 @@ class ZipageLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen = self.stored = 0
         self.valid = self.window_queries = self.prefix_positions = None
-        self.keys = self.values = self.state = self.key_scales = self.value_scales = None
+        self.keys = self.values = self.state = self.key_scales = self.value_scales = self.tail = None
         self._transposed = None
         self.paged_ok = self.paged_step = self.captured = False
         self.is_initialized = False
@@ -496,7 +514,8 @@ class ZipageCache(Cache):
             capture.arm(self, layer.layer_idx, self.model_config)
         # Decode on CUDA: once the capture is known to reach this layer's attention, the wrapper
         # attends straight from the pages (Triton paged attention).
-        layer.paged_step = q == 1 and layer.paged_ok and not self.padding_gap and self.page_table is not None
+        layer.paged_step = (q == 1 and layer.paged_ok and not self.padding_gap and self.page_table is not None
+                            and not self.zipage_config.exact_tail)  # (exact tails: the dense path for now)
         if layer.paged_step:
             return key_states, value_states
         # The stored tokens of every row, in order: views, nothing is copied (FP8: their values).
@@ -506,6 +525,9 @@ class ZipageCache(Cache):
                           key_states.dtype)
             values = rotate(dequantize_reference(values, layer.value_scales[:, :stored].transpose(1, 2)),
                             self._rotation(value_states), value_states.dtype)
+            if self.zipage_config.exact_tail:
+                keys, values = layer.exact_tail(keys, values, key_states, value_states,
+                                                self.zipage_config.exact_tail - 1)
         return keys, values
 
     def _update_lean(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -677,6 +699,8 @@ class ZipageCache(Cache):
                 value = getattr(layer, name)
                 if value is not None:
                     setattr(layer, name, value.index_select(0, idx))
+            if layer.tail is not None:
+                layer.tail = tuple(t.index_select(0, idx) for t in layer.tail)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("ZipageCache cannot change its batch size after it has been filled")

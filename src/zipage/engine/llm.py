@@ -162,6 +162,10 @@ class LLM:
         else:
             self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields,
                                                          "kv_cache_dtype": kv_cache_dtype})
+            if self.zipage_config.exact_tail:
+                raise NotImplementedError(
+                    f"LLM(exact_tail={self.zipage_config.exact_tail}): the engine reads every token from its 8-bit "
+                    "pages; exact tails are implemented for generate(cache_implementation='zipage') only so far")
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
         trained = getattr(config, "max_position_embeddings", None)
         reach = _rope_reach(config, trained)
