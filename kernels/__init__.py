@@ -11,6 +11,8 @@ through them is ``zipage.engine.fusion``'s business).
 from .compact import compact, compact_reference, compact_triton
 from .fp8 import FP8, INT8, dequantize_reference, kv_dtype, quantize_reference
 from .paged_attention import (
+    exact_attention,
+    merge_attention,
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_decode_attention_triton,

@@ -70,14 +70,18 @@ def _softmax(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
 
 def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None,
                                      k_scale=None, v_scale=None, *, window: int | None = None,
-                                     sinks: torch.Tensor | None = None, softcap: float | None = None):
+                                     sinks: torch.Tensor | None = None, softcap: float | None = None,
+                                     return_lse: bool = False):
     """``q`` [B, Hq, D] -> [B, Hq, D] (float32 math, output in q's dtype); FP8 pools take their
-    scale pools ``k_scale`` / ``v_scale``."""
+    scale pools ``k_scale`` / ``v_scale``. ``return_lse``: also the log-sum-exp of each row's logits
+    ``[B, Hq]`` float32 (natural log; -inf where nothing is attended), without sinks."""
     check_scales("paged attention", k_cache, k_scale)
     check_scales("paged attention", v_cache, v_scale)
+    _check_lse(return_lse, sinks)
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = torch.zeros_like(q)
+    lse = torch.full((B, Hq), float("-inf"), dtype=torch.float32, device=q.device)
     for b in range(B):
         n = int(kv_lens[b])
         s0 = int(kv_starts[b]) if kv_starts is not None else 0
@@ -91,7 +95,44 @@ def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, s
         v = v.repeat_interleave(Hq // Hkv, dim=1)
         logits = _capped(torch.einsum("hd,lhd->hl", q[b].float(), k) * scale, softcap)
         out[b] = torch.einsum("hl,lhd->hd", _softmax(logits, sinks), v).to(q.dtype)
-    return out
+        lse[b] = torch.logsumexp(logits, dim=-1)
+    return (out, lse) if return_lse else out
+
+
+def _check_lse(return_lse: bool, sinks: torch.Tensor | None) -> None:
+    if return_lse and sinks is not None:
+        raise ValueError("paged_decode_attention(return_lse=True) takes no sinks: merge them with the other parts "
+                         "(merge_attention)")
+
+
+def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over a union of key sets from each set's ``(output [B, Hq, D], lse [B, Hq])`` (natural log,
+    -inf for an empty set); ``sinks`` ``[Hq]`` join the denominator once. Float32 math, the first output's dtype."""
+    lses = torch.stack([lse.float() for _, lse in parts])  # [P, B, Hq]
+    if sinks is not None:
+        lses = torch.cat([lses, sinks.float().view(1, 1, -1).expand(1, *lses.shape[1:])])
+    m = lses.amax(dim=0)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    w = torch.exp(lses - m)  # (an empty part weighs 0)
+    w = w / w.sum(dim=0).clamp(min=1e-30)
+    out = sum(w[i, ..., None] * o.float() for i, (o, _) in enumerate(parts))
+    return out.to(parts[0][0].dtype)
+
+
+def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None,
+                    scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row ``q`` [B, Hq, D] over a few keys and values ``[B, H_kv, n, D]`` (``valid`` ``[B, n]``
+    bool, or None for all): ``(output [B, Hq, D], lse [B, Hq])`` for ``merge_attention``."""
+    B, Hq, D = q.shape
+    G = Hq // keys.shape[1]
+    qg = q.float().view(B, keys.shape[1], G, D)
+    logits = _capped(torch.einsum("bhgd,bhnd->bhgn", qg, keys.float()) * scale, softcap)
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [B, H_kv, G]
+    probs = torch.exp(logits - torch.where(lse == float("-inf"), 0.0, lse)[..., None])
+    out = torch.einsum("bhgn,bhnd->bhgd", probs, values.float())
+    return out.reshape(B, Hq, -1).to(q.dtype), lse.reshape(B, Hq)
 
 
 def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale, kv_starts=None,
@@ -310,6 +351,7 @@ if HAS_TRITON:
 
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 def decode_num_splits(batch: int, kv_heads: int, max_len: int, num_sms: int = 132, block_n: int = 64) -> int:
@@ -365,7 +407,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
                                   num_splits: int | None = None, max_len_hint: int | None = None,
                                   block_n: int | None = None, k_scale=None, v_scale=None, *, window: int | None = None,
                                   sinks: torch.Tensor | None = None, softcap: float | None = None,
-                                  num_warps: int = 4, num_stages: int = 2, fp8_kernel: dict | None = None):
+                                  num_warps: int = 4, num_stages: int = 2, fp8_kernel: dict | None = None,
+                                  return_lse: bool = False):
     """``fp8_kernel``: 8-bit pages (FP8 or INT8) through ``paged_decode_fp8``'s kernel with these
     launch choices (``convert``, ``head_fast``, ``load``, ``int8_ptx``, ``v_edge``, ``block_n``, ``num_warps``,
     ``num_stages``);
@@ -374,6 +417,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
     tuned default on a GPU (``paged_decode_fp8.default_choice``), the general kernel elsewhere."""
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
+    _check_lse(return_lse, sinks)
     page_table, kv_lens, kv_starts, sinks = index_args(page_table, kv_lens, kv_starts, sinks)
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
     if fp8 and fp8_kernel is None:  # 8-bit pages: ZIPAGE_FP8_DECODE, else the tuned default on a GPU
@@ -418,6 +462,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
                              num_stages)
     if not direct:
         _merge_splits(mid_o, mid_lse, out, sinks, num_splits)
+    if return_lse:  # the splits' log2-domain sums, as one natural-log lse per row
+        return out, torch.logsumexp(mid_lse * LN2, dim=-1)
     return out
 
 
@@ -519,10 +565,11 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
 
 def paged_decode_attention(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts=None, k_scale=None,
                            v_scale=None, *, window: int | None = None, sinks: torch.Tensor | None = None,
-                           softcap: float | None = None, **kwargs):
+                           softcap: float | None = None, return_lse: bool = False, **kwargs):
     """One query token per sequence against its pages; Triton on CUDA, the reference elsewhere.
-    FP8 pools take their scale pools ``k_scale`` / ``v_scale``."""
-    features = dict(window=window, sinks=sinks, softcap=softcap)
+    FP8 pools take their scale pools ``k_scale`` / ``v_scale``. ``return_lse``: ``(output, lse)``, the
+    second ``[B, Hq]`` float32 for ``merge_attention`` (no sinks then)."""
+    features = dict(window=window, sinks=sinks, softcap=softcap, return_lse=return_lse)
     if use_triton(q, k_cache):
         return paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scale, kv_starts,
                                              k_scale=k_scale, v_scale=v_scale, **features, **kwargs)

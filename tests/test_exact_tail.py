@@ -110,3 +110,97 @@ def test_exact_tail_refuses_what_it_cannot_keep(fields, words):
 def test_the_engine_refuses_exact_tail():
     with pytest.raises(NotImplementedError, match="exact_tail"):
         LLM(tiny_model("qwen3"), budget=16, page_size=4, window=4, num_pages=16, kv_cache_dtype="fp8", exact_tail=4)
+
+
+def test_paged_decode_steps_merge_the_tail_as_the_dense_path_does(monkeypatch):
+    """The CUDA path (paged kernel over the pages but the tail, the tail exactly, merged; here with the
+    reference kernels on the CPU): the dense path's logits, compressions included, and the band reference's."""
+    import zipage.cache as cache_mod
+
+    model = tiny_model("qwen3")
+    ids = torch.tensor(prompts_of((16, 16), seed=5))
+    kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+              return_dict_in_generate=True, cache_implementation="zipage")
+    evicting = dict(budget=32, page_size=16, buffer=16, window=8, kv_cache_dtype="fp8", exact_tail=6)
+    full = {**evicting, "budget": 4096}
+    dense = {name: model.generate(ids, cache_config=cfg, **kw) for name, cfg in (("evicting", evicting),
+                                                                                   ("full", full))}
+    calls = []
+    real = cache_mod.paged_decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("return_lse"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(cache_mod, "paged_decode_attention", spy)
+    for name, cfg in (("evicting", evicting), ("full", full)):
+        calls.clear()
+        paged = model.generate(ids, cache_config=cfg, **kw)
+        assert len(calls) > 2 * 30 and all(calls), (name, len(calls))  # (decode steps of both layers, paged)
+        torch.testing.assert_close(torch.stack(paged.logits), torch.stack(dense[name].logits), atol=1e-4, rtol=1e-4)
+        assert torch.equal(paged.sequences, dense[name].sequences)
+    assert dense["evicting"].past_key_values.num_compressions > 0
+    want = reference_logits(model, dense["full"].sequences, ids.shape[1], "fp8", 6)[:, ids.shape[1] - 1:-1]
+    torch.testing.assert_close(torch.stack(dense["full"].logits, dim=1), want, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_attention_is_attention_over_the_union():
+    """Two key sets (one empty for a row) and sink logits merged: softmax over all their logits at once."""
+    from zipage.kernels import exact_attention, merge_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, D = 3, 2, 2, 8
+    q = torch.randn(B, Hkv * G, D, generator=g)
+    k = torch.randn(B, Hkv, 9, D, generator=g)
+    v = torch.randn(B, Hkv, 9, D, generator=g)
+    valid = torch.ones(B, 9, dtype=torch.bool)
+    valid[1, :4] = False  # row 1's first set holds nothing real
+    sinks = torch.randn(Hkv * G, generator=g)
+    first = exact_attention(q, k[:, :, :4], v[:, :, :4], valid[:, :4], 0.5, softcap=3.0)
+    second = exact_attention(q, k[:, :, 4:], v[:, :, 4:], valid[:, 4:], 0.5, softcap=3.0)
+    got = merge_attention([first, second], sinks)
+    kk, vv = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    logits = 3.0 * torch.tanh(torch.einsum("bhd,bhnd->bhn", q, kk) * 0.5 / 3.0)
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    logits = torch.cat([logits, sinks.view(1, -1, 1).expand(B, -1, 1)], dim=-1)
+    want = torch.einsum("bhn,bhnd->bhd", torch.softmax(logits, dim=-1)[..., :-1], vv)
+    torch.testing.assert_close(got, want)
+    assert torch.isinf(first[1][1]).all()
+
+
+@pytest.mark.parametrize("triton", [False, True])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_paged_decode_returns_the_logsumexp(triton, splits):
+    """``return_lse``: the output unchanged and ``logsumexp`` of each row's logits (-inf for a row with nothing
+    to attend), from the reference and from the Triton kernel (its interpreter on a CPU), FP8 pages included."""
+    from zipage.kernels import FP8, paged_decode_attention_reference, paged_decode_attention_triton
+    from zipage.kernels.paged_attention import _dense_kv
+
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, D, page = 3, 4, 2, 16, 8
+    k = torch.randn(6, page, Hkv, D, generator=g)
+    v = torch.randn(6, page, Hkv, D, generator=g)
+    kq, ks = quantize_reference(k, FP8)
+    vq, vs = quantize_reference(v, FP8)
+    table = torch.tensor([[0, 1, 2], [3, 4, 5], [5, 4, 3]], dtype=torch.int32)
+    lens = torch.tensor([20, 9, 3], dtype=torch.int32)
+    starts = torch.tensor([0, 2, 3], dtype=torch.int32)  # (row 2: nothing to attend)
+    q = torch.randn(B, Hq, D, generator=g)
+    for scales in ((None, None), (ks, vs)):
+        kc, vc = (k, v) if scales[0] is None else (kq, vq)
+        if triton:
+            run = lambda **kw: paged_decode_attention_triton(  # noqa: E731
+                q, kc, vc, table, lens, 0.25, starts, num_splits=splits, k_scale=scales[0], v_scale=scales[1], **kw)
+        else:
+            run = lambda **kw: paged_decode_attention_reference(  # noqa: E731
+                q, kc, vc, table, lens, 0.25, starts, *scales, **kw)
+        out, lse = run(return_lse=True)
+        torch.testing.assert_close(out, run(), atol=0, rtol=0)
+        for b in range(B):
+            kd, _ = _dense_kv(kc, vc, table, b, int(lens[b]), *scales)
+            logits = torch.einsum("hd,lhd->hl", q[b], kd[int(starts[b]):].repeat_interleave(Hq // Hkv, dim=1)) * 0.25
+            torch.testing.assert_close(lse[b], torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=1e-5)
+        assert torch.isinf(lse[2]).all()
+    with pytest.raises(ValueError, match="sinks"):
+        paged_decode_attention_reference(q, k, v, table, lens, 0.25, return_lse=True, sinks=torch.zeros(Hq))

@@ -230,6 +230,49 @@ def test_a_continuation_that_adds_a_turn_compresses_with_the_last_call_s_queries
     assert torch.equal(got, run())
 
 
+class _StopAt(StoppingCriteria):
+    """Stops every row once the sequence holds ``n`` tokens (an EOS without choosing a token)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.n, dtype=torch.bool)
+
+
+def test_a_continuation_after_a_call_that_stopped_early_waits_for_its_own_queries(monkeypatch):
+    """A call stopped early (an EOS past the budget, long before max_new_tokens) keeps no queries; a second call
+    whose first step must compress waits one step and scores with its new turn's last ``window`` queries."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(3))
+    turn = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(4))
+    cache = zipage.ZipageCache(config=model.config, budget=16, page_size=8, buffer=8, window=4)
+    first = model.generate(ids, past_key_values=cache, max_new_tokens=50,
+                           stopping_criteria=StoppingCriteriaList([_StopAt(19)]), **GREEDY)
+    assert first.shape[1] == 19 and cache.stored_length() == 18 and cache.num_compressions == 0
+    seen, scored = [], []
+    on_attention, compress = cache._on_attention, zipage.cache.ZipageLayer.compress
+
+    def spy_attention(layer_idx, query, *args):
+        if layer_idx == 0:
+            seen.append(query.detach().clone())
+        return on_attention(layer_idx, query, *args)
+
+    def spy_compress(layer, slots, queries, **kwargs):
+        if layer.layer_idx == 0:
+            scored.append((len(seen), queries.clone()))
+        return compress(layer, slots, queries, **kwargs)
+
+    monkeypatch.setattr(cache, "_on_attention", spy_attention)
+    monkeypatch.setattr(zipage.cache.ZipageLayer, "compress", spy_compress)
+    out = model.generate(torch.cat([first, turn], 1), past_key_values=cache, max_new_tokens=6, **GREEDY)
+    assert out.shape[1] == 19 + 12 + 6
+    steps, queries = scored[0]
+    assert steps == 1 and seen[0].shape[2] == 13  # (the turn and the first call's last token, in one step)
+    torch.testing.assert_close(queries, seen[0][:, :, -4:])
+    assert cache.stored_length() <= 16 + 8
+
+
 @pytest.mark.parametrize("chunk", [4, 12, 20])
 def test_chunked_prefill_keeps_the_queries_its_compressions_need(monkeypatch, chunk):
     """prefill_chunk_size stores several tokens a step, so a compression can come sooner than one token a step

@@ -41,7 +41,8 @@ from . import capture
 from .attention_checks import check_model_config, sink_logits, sliding_layers
 from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
-from .kernels import dequantize_reference, kv_dtype, paged_decode_attention, store_kv
+from .kernels import (dequantize_reference, exact_attention, kv_dtype, merge_attention, paged_decode_attention,
+                      store_kv)
 from .kernels._triton import use_triton
 from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_quantized, kv_rotation, rotate
 from .memory.rows import (
@@ -92,6 +93,7 @@ class ZipageLayer(CacheLayerMixin):
         # ZipageConfig.exact_tail: the last exact_tail - 1 stored tokens' keys and values in the model's dtype
         # ([B, H_kv, <= exact_tail - 1, D]), unrotated: the stored sequence's last tokens (compression keeps them).
         self.tail: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.step_exact: tuple[torch.Tensor, torch.Tensor] | None = None  # exact_recent's, for a paged decode step
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
         self.prefix_positions: torch.Tensor | None = None  # [B, H_kv, budget] logical positions of slots < budget
@@ -151,20 +153,17 @@ class ZipageLayer(CacheLayerMixin):
         keys, values = self.head_major_views()
         return stored_view(keys, stored), stored_view(values, stored)
 
-    def exact_tail(self, keys: torch.Tensor, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
-                   keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``keys``/``values`` (``[B, H_kv, stored, D]``, read back from 8-bit pages, this step's ``q`` tokens
-        last) with their last tokens exact: the ``keep`` stored before this step (as far as kept) and this
-        step's. Keeps the last ``keep`` of them for the next step (``ZipageConfig.exact_tail``)."""
+    def exact_recent(self, new_keys: torch.Tensor, new_values: torch.Tensor,
+                     keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values ``[B, H_kv, n, D]`` this step's queries read exactly (``ZipageConfig.exact_tail``):
+        the ``keep`` last stored before this step (as many as there are) and this step's ``new_keys`` /
+        ``new_values``, the stored sequence's last ``n`` tokens. The last ``keep`` of them stay for the next step."""
         if self.tail is not None:
             new_keys = torch.cat([self.tail[0], new_keys], dim=2)
             new_values = torch.cat([self.tail[1], new_values], dim=2)
-        n = new_keys.shape[2]
-        keys[:, :, -n:] = new_keys
-        values[:, :, -n:] = new_values
         # (copies: a view would hold a whole prompt's keys alive)
         self.tail = (new_keys[:, :, -keep:].clone(), new_values[:, :, -keep:].clone()) if keep else None
-        return keys, values
+        return new_keys, new_values
 
     def pages(self) -> LayerPages:
         """The storage as ``B`` pages of ``capacity`` tokens (what ``compress_layer`` takes)."""
@@ -274,6 +273,7 @@ class ZipageCache(Cache):
         # kernel reads them (decided at the first update), so that attention reads each head as one block.
         self._head_major: bool | None = None
         self.num_compressions = 0
+        self._waited = 0  # steps a due compression has waited for its window queries (_stored_after_compression)
         self.tokens_evicted = 0
         self.padding_gap = False  # padding inside a sequence seen: masks come from the cache's validity
         # No attention mask reached the capture yet, so every stored token is real (known on the host: after a
@@ -369,7 +369,18 @@ class ZipageCache(Cache):
     # ------------------------------------------------------------------ the update path
     def _stored_after_compression(self, stored: int, q: int) -> int:
         cfg = self.zipage_config
-        return cfg.budget if cfg.compresses(stored, q) else stored
+        if not cfg.compresses(stored, q):
+            return stored
+        # A compression due before the window queries are there waits for them: a generate() call that ended
+        # early (an EOS past the budget) kept none, and the next call's steps supply them. After ``window``
+        # steps without them (each step brings at least one) it compresses, and raises if they never came.
+        return cfg.budget if self._has_queries() or self._waited >= cfg.window else stored
+
+    def _has_queries(self) -> bool:
+        """Whether every full layer holds the ``window`` queries a compression scores with (or none are read)."""
+        w = self.zipage_config.window
+        return not self.scorer.needs_queries or all(
+            layer.window_queries is not None and layer.window_queries.shape[2] >= w for layer in self.full)
 
     def _begin_step(self, batch: int, q: int, key_states: torch.Tensor) -> None:
         """Before the first layer stores a step: compress every layer if due, and decide how many
@@ -387,6 +398,9 @@ class ZipageCache(Cache):
         after = self._stored_after_compression(stored, q)
         if after != stored:
             self._compress_all(stored)
+            self._waited = 0
+        elif cfg.compresses(stored, q):  # (waiting for the window queries)
+            self._waited += 1
         remaining = None if self.max_cache_len is None else self.max_cache_len - first.seen
         limit = stored_limit(after, q, cfg.capacity, remaining)
         if self._head_major is None:
@@ -514,9 +528,10 @@ class ZipageCache(Cache):
             capture.arm(self, layer.layer_idx, self.model_config)
         # Decode on CUDA: once the capture is known to reach this layer's attention, the wrapper
         # attends straight from the pages (Triton paged attention).
-        layer.paged_step = (q == 1 and layer.paged_ok and not self.padding_gap and self.page_table is not None
-                            and not self.zipage_config.exact_tail)  # (exact tails: the dense path for now)
+        layer.paged_step = q == 1 and layer.paged_ok and not self.padding_gap and self.page_table is not None
         if layer.paged_step:
+            if self.zipage_config.exact_tail:  # (read by this layer's attention, _on_attention)
+                layer.step_exact = layer.exact_recent(key_states, value_states, self.zipage_config.exact_tail - 1)
             return key_states, value_states
         # The stored tokens of every row, in order: views, nothing is copied (FP8: their values).
         keys, values = layer.stored_kv(stored)
@@ -525,9 +540,10 @@ class ZipageCache(Cache):
                           key_states.dtype)
             values = rotate(dequantize_reference(values, layer.value_scales[:, :stored].transpose(1, 2)),
                             self._rotation(value_states), value_states.dtype)
-            if self.zipage_config.exact_tail:
-                keys, values = layer.exact_tail(keys, values, key_states, value_states,
-                                                self.zipage_config.exact_tail - 1)
+            if self.zipage_config.exact_tail:  # the last tokens as the model computed them
+                exact_k, exact_v = layer.exact_recent(key_states, value_states, self.zipage_config.exact_tail - 1)
+                keys[:, :, -exact_k.shape[2]:] = exact_k
+                values[:, :, -exact_v.shape[2]:] = exact_v
         return keys, values
 
     def _update_lean(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -566,6 +582,7 @@ class ZipageCache(Cache):
         w = self.zipage_config.window
         q = query.shape[2]
         rot = self._rotation(query)
+        exact_query = query
         query = rotate(query, rot, query.dtype)  # rotated pages: the scorers and the paged kernel see rotated queries
         if (layer is self.full[0] and q == 1 and attention_mask is None and not self._keep_queries
                 and not self.padding_gap and self.page_table is None
@@ -615,14 +632,23 @@ class ZipageCache(Cache):
         B, H, _, D = query.shape
         scale = attention_scale(layer.scaling, D)
         lens, starts = self._paged_lens(layer, B, query.device)
-        out = paged_decode_attention(
-            query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values), self.page_table, lens,
-            scale, starts, max_len_hint=layer.stored,
-            k_scale=as_pages(layer.key_scales) if layer.key_scales is not None else None,
-            v_scale=as_pages(layer.value_scales) if layer.value_scales is not None else None,
-            sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
-        )
-        return rotate(out, rot, out.dtype).view(B, 1, H, D), attention_mask
+        sinks, softcap = sink_logits(kwargs), kwargs.get("softcap")
+        pages = dict(k_scale=as_pages(layer.key_scales) if layer.key_scales is not None else None,
+                     v_scale=as_pages(layer.value_scales) if layer.value_scales is not None else None,
+                     softcap=softcap, max_len_hint=layer.stored)
+        exact = layer.step_exact
+        if exact is None:
+            out = paged_decode_attention(query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values),
+                                         self.page_table, lens, scale, starts, sinks=sinks, **pages)
+            return rotate(out, rot, out.dtype).view(B, 1, H, D), attention_mask
+        # Exact tails: the pages but their last n tokens, and those n as the model computed them, merged.
+        layer.step_exact = None
+        n = exact[0].shape[2]
+        out, lse = paged_decode_attention(query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values),
+                                          self.page_table, lens - n, scale, starts, return_lse=True, **pages)
+        recent = exact_attention(exact_query[:, :, 0, :], *exact, layer.valid[:, layer.stored - n:], scale, softcap)
+        out = merge_attention([(rotate(out, rot, out.dtype), lse), recent], sinks)
+        return out.view(B, 1, H, D), attention_mask
 
     def _paged_lens(self, layer: ZipageLayer, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The paged kernel's ``kv_lens`` and ``kv_starts`` (leading padding) for ``layer``: made once per
@@ -715,7 +741,7 @@ class ZipageCache(Cache):
         self.page_table = None
         if self.window_pages is not None:
             self.window_pages.reset()
-        self.num_compressions = self.tokens_evicted = 0
+        self.num_compressions = self.tokens_evicted = self._waited = 0
         self.padding_gap = False
         self.all_real = True
         self._head_major = None
