@@ -536,6 +536,8 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
     control_parts: dict[Fraction, list] = {}
     fp8_parts: dict[tuple[str, Fraction], list] = {}
     kinds = [k for k in QUANTIZED if any(fields.get("kv_cache_dtype") == k for _, fields in rows)]
+    if args.no_fp8_control:
+        kinds = []
     checks: list[dict[str, Any]] = []
     t_ref = t_runs = 0.0
     groups = [list(range(i, min(i + args.tf_batch, len(seqs)))) for i in range(0, len(seqs), args.tf_batch)]
@@ -1161,6 +1163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", action="store_true", help="add an FP8-pages twin of every teacher-forced row and a "
                    "full-KV FP8 control; check FP8 costs <= 0.5 points of top-1 at the same budget")
     p.add_argument("--int8", action="store_true", help="the same with INT8 pages (kv_cache_dtype=int8)")
+    p.add_argument("--no-fp8-control", action="store_true",
+                   help="skip the full-KV control of the --fp8/--int8 rows (with --exact-tail and --decode step "
+                        "it reads every stored token back each step, the slowest part on a CPU)")
     p.add_argument("--exact-tail", type=int, default=0,
                    help="the --fp8/--int8 rows and controls with ZipageConfig.exact_tail (needs --decode step)")
     p.add_argument("--no-gen", action="store_true", help="skip generation (default: off; on with --ablations)")

@@ -702,3 +702,68 @@ def test_compressions_share_one_validity_record_where_no_mask_was_seen(monkeypat
     cache = zipage.ZipageCache(config=model.config, **cfg)
     again = model.generate(ids, past_key_values=cache, **kw)
     assert len({id(layer.valid) for layer in cache.full}) == 4 and real_equal(out, again)
+
+
+def test_a_capture_armed_in_one_thread_survives_another_thread_s_capture():
+    """Two threads arm the capture on one model's config: B's wrapper running first must not put the model's
+    attention name back under A, whose attention then would not reach its cache (A enters, B runs, A runs)."""
+    import threading
+
+    import zipage.capture as capture_mod
+
+    model = tiny_model("llama")
+    config = model.config
+    original = config._attn_implementation
+    a_armed, b_done = threading.Event(), threading.Event()
+    seen = {}
+
+    def run_a():
+        capture_mod.arm("cache a", 0, config)
+        a_armed.set()
+        b_done.wait(5)
+        seen["a"] = config._attn_implementation  # what A's attention lookup finds
+        capture_mod.disarm()
+
+    def run_b():
+        a_armed.wait(5)
+        capture_mod.arm("cache b", 0, config)
+        capture_mod.disarm()  # (as its wrapper does once its attention ran)
+        seen["b"] = config._attn_implementation
+        b_done.set()
+
+    threads = [threading.Thread(target=run_a), threading.Thread(target=run_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["a"].startswith(capture_mod.PREFIX) and seen["b"].startswith(capture_mod.PREFIX)
+    assert config._attn_implementation == original
+
+
+def test_generate_in_two_threads_on_one_model():
+    """generate() with compressions in two threads at once on the same model: each thread's tokens are those of
+    a run alone, and the model's attention name is its own afterwards."""
+    import threading
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    ids, mask = left_padded_batch(lengths=(40, 25, 33))
+    kw = dict(attention_mask=mask, max_new_tokens=40, cache_implementation="zipage",
+              cache_config={"budget": 16, "page_size": 4, "buffer": 4}, **GREEDY)
+    want = model.generate(ids, **kw)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(2):
+                results.append(model.generate(ids, **kw))
+        except Exception as error:  # (reported below: a thread's exception would otherwise vanish)
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert len(results) == 4 and all(torch.equal(r, want) for r in results)
+    assert model.config._attn_implementation == "sdpa"

@@ -46,6 +46,28 @@ def _set_attn(config, name: str | None) -> None:
     _config_vars(config)["_attn_implementation_internal"] = name
 
 
+# Threads with an armed capture on a config (its id -> how many). The name on the config is shared by every
+# thread that runs the model; the wrapper passes the calls it was not armed for straight to the original, so
+# the name stays the wrapper's until the last thread's armed call has run (generate() in several threads).
+_armed: dict[int, int] = {}
+_armed_lock = threading.Lock()
+
+
+def _release(config, original: str | None) -> None:
+    """One armed capture on ``config`` ran or was dropped: the last one puts the model's name back."""
+    with _armed_lock:
+        _release_locked(config, original)
+
+
+def _release_locked(config, original: str | None) -> None:
+    left = _armed.get(id(config), 1) - 1
+    if left > 0:
+        _armed[id(config)] = left
+        return
+    _armed.pop(id(config), None)
+    _set_attn(config, original)
+
+
 def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Plain attention, used only when a model module has no ``eager_attention_forward`` of its own."""
     groups = query.shape[1] // key.shape[1]
@@ -92,7 +114,7 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
     if item is not None and item[1] == getattr(module, "layer_idx", None):
         cache, layer_idx, config, original = item
         _pending.item = None
-        _set_attn(config, original)
+        _release(config, original)
         _check_call(module, kwargs)
         out, attention_mask = cache._on_attention(layer_idx, query, attention_mask, kwargs.get("scaling"), kwargs)
         if out is not None:
@@ -208,15 +230,21 @@ def arm(cache, layer_idx: int, config) -> None:
             original = original[len(PREFIX) :]
         name = _register(original)
         _wrapper_names[original] = name
-    _pending.item = (cache, layer_idx, config, original)
-    attrs["_attn_implementation_internal"] = name
+    with _armed_lock:
+        prev = getattr(_pending, "item", None)
+        if prev is None or prev[2] is not config:
+            if prev is not None:  # (this thread's capture armed on another model, never run)
+                _release_locked(prev[2], prev[3])
+            _armed[id(config)] = _armed.get(id(config), 0) + 1
+        _pending.item = (cache, layer_idx, config, original)
+        attrs["_attn_implementation_internal"] = name
 
 
 def disarm() -> None:
     item = getattr(_pending, "item", None)
     if item is not None:
-        _set_attn(item[2], item[3])
         _pending.item = None
+        _release(item[2], item[3])
 
 
 def pending_layer(cache) -> int | None:
