@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=200)
     ap.add_argument("--new", type=int, default=512, help="decode steps")
     ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--kv-cache-dtype", default=None, help="zipage's page type (default: ZipageConfig's)")
+    ap.add_argument("--exact-tail", type=int, default=0, help="zipage's exact_tail (8-bit pages)")
     ap.add_argument("--buffer", type=int, default=None, help="zipage's buffer (default: ZipageConfig's)")
     ap.add_argument("--page-size", type=int, default=None, help="zipage's page size (default: ZipageConfig's)")
     ap.add_argument("--label", default="")
@@ -74,7 +76,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load(args.model, device)
     ids = torch.randint(100, 20000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
-    fields = {k: v for k, v in (("buffer", args.buffer), ("page_size", args.page_size)) if v is not None}
+    fields = {k: v for k, v in (("buffer", args.buffer), ("page_size", args.page_size),
+                                ("kv_cache_dtype", args.kv_cache_dtype), ("exact_tail", args.exact_tail)) if v}
     run(model, ids, args.new, args.budget, timed=False, fields=fields)
     r = run(model, ids, args.new, args.budget, timed=True, fields=fields)
     full, zp = r["times"]["full"], r["times"]["zipage"]

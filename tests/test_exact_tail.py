@@ -177,6 +177,8 @@ def test_paged_decode_returns_the_logsumexp(triton, splits):
     from zipage.kernels import FP8, paged_decode_attention_reference, paged_decode_attention_triton
     from zipage.kernels.paged_attention import _dense_kv
 
+    if triton and torch.cuda.is_available():
+        pytest.skip("interpreter case (the GPU runs the gpu cases)")
     g = torch.Generator().manual_seed(1)
     B, Hq, Hkv, D, page = 3, 4, 2, 16, 8
     k = torch.randn(6, page, Hkv, D, generator=g)
@@ -204,3 +206,63 @@ def test_paged_decode_returns_the_logsumexp(triton, splits):
         assert torch.isinf(lse[2]).all()
     with pytest.raises(ValueError, match="sinks"):
         paged_decode_attention_reference(q, k, v, table, lens, 0.25, return_lse=True, sinks=torch.zeros(Hq))
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv, dtype", [("fp8", torch.float32), ("int8", torch.float32), ("fp8", torch.bfloat16)])
+def test_exact_tail_on_cuda_takes_the_paged_path_and_matches_the_band_reference(kv, dtype, monkeypatch):
+    """On the GPU the decode steps run the Triton paged kernel (the general kernel for float32 queries, the 8-bit
+    decode kernel for bf16 ones) with ``return_lse`` and merge the tail: the band reference's logits (float32:
+    to 1e-3; bf16: to its rounding)."""
+    import zipage.cache as cache_mod
+
+    model = tiny_model("qwen3").to("cuda", dtype)
+    ids = torch.tensor(prompts_of((40, 40), seed=4), device="cuda")
+    calls = []
+    real = cache_mod.paged_decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("return_lse"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "paged_decode_attention", spy)
+    out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None,
+                         output_logits=True, return_dict_in_generate=True, cache_implementation="zipage",
+                         cache_config=dict(budget=4096, page_size=16, window=16, kv_cache_dtype=kv, exact_tail=16))
+    assert calls and all(calls)
+    want = reference_logits(model, out.sequences, ids.shape[1], kv, 16)[:, ids.shape[1] - 1:-1].float()
+    got = torch.stack(out.logits, dim=1).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    else:
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("splits", [1, 4])
+def test_paged_decode_returns_the_logsumexp_on_cuda(splits):
+    """The compiled kernels' ``return_lse`` (the general kernel on float32 queries, the 8-bit decode kernel on
+    bf16 ones) against the reference's."""
+    from zipage.kernels import FP8, paged_decode_attention_reference, paged_decode_attention_triton
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, Hq, Hkv, D, page = 4, 8, 2, 128, 64
+    k = torch.randn(12, page, Hkv, D, generator=g, device="cuda")
+    v = torch.randn(12, page, Hkv, D, generator=g, device="cuda")
+    kq, ks = quantize_reference(k, FP8)
+    vq, vs = quantize_reference(v, FP8)
+    table = torch.arange(12, dtype=torch.int32, device="cuda").view(4, 3)
+    lens = torch.tensor([150, 64, 1, 192], dtype=torch.int32, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(B, Hq, D, generator=g, device="cuda").to(dtype)
+        out, lse = paged_decode_attention_triton(q, kq, vq, table, lens, 0.1, num_splits=splits, k_scale=ks,
+                                                 v_scale=vs, return_lse=True)
+        want_out, want_lse = paged_decode_attention_reference(q, kq, vq, table, lens, 0.1, None, ks, vs,
+                                                              return_lse=True)
+        torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=1e-3)
+        torch.testing.assert_close(out.float(), want_out.float(), atol=2e-2, rtol=2e-2)
