@@ -12,6 +12,7 @@ from conftest import tiny_model
 from test_engine import prompts_of
 from transformers import AttentionInterface
 
+import zipage
 from zipage import LLM, ZipageConfig
 from zipage.kernels import dequantize_reference, quantize_reference
 from zipage.kernels.fp8 import QUANTIZED_KV, kv_rotation, rotate
@@ -266,3 +267,27 @@ def test_paged_decode_returns_the_logsumexp_on_cuda(splits):
                                                               return_lse=True)
         torch.testing.assert_close(lse, want_lse, atol=2e-2, rtol=1e-3)
         torch.testing.assert_close(out.float(), want_out.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_exact_tail_follows_the_tokens_when_a_compression_evicts_padding_from_the_window():
+    """Padding inside a sequence, within the observation window at a compression: the compression evicts it and
+    older tokens move into the last slots. The tail then holds the tokens of those slots (their page values where
+    they were not in it), never the evicted padding's keys and values."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (2, 18), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 18, dtype=torch.long)
+    ids[1, 12:15], mask[1, 12:15] = 0, 0  # row 1: 12 real tokens, 3 of padding, 3 real
+    cfg = dict(budget=12, page_size=4, buffer=4, window=8, kv_cache_dtype="fp8", exact_tail=9)
+    cache = zipage.ZipageCache(config=model.config, **cfg)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=1, past_key_values=cache)
+    model.generate(ids, attention_mask=mask, **kw)
+    more = torch.cat([ids, torch.full((2, 1), 5)], 1)
+    model.generate(more, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), **kw)
+    assert cache.num_compressions == 1 and cache.padding_gap
+    for layer in cache.full:
+        stored, (tk, tv) = layer.stored, layer.tail
+        real = layer.valid[:, stored - 8:stored]  # (evicted padding leaves only real tokens there)
+        assert real.all()
+        for tail, codes, scales in ((tk, layer.keys, layer.key_scales), (tv, layer.values, layer.value_scales)):
+            want_codes, _ = quantize_reference(tail.transpose(1, 2), QUANTIZED_KV["fp8"])
+            assert torch.equal(codes[:, stored - 8:stored].view(torch.uint8), want_codes.view(torch.uint8))

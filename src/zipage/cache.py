@@ -91,7 +91,8 @@ class ZipageLayer(CacheLayerMixin):
         self._transposed: tuple | None = None  # (keys, values, both as [B, H_kv, capacity, D] views): see stored_kv
         self.key_scales = self.value_scales = None  # FP8 pages: [B, capacity, H_kv] float32
         # ZipageConfig.exact_tail: the last exact_tail - 1 stored tokens' keys and values in the model's dtype
-        # ([B, H_kv, <= exact_tail - 1, D]), unrotated: the stored sequence's last tokens (compression keeps them).
+        # ([B, H_kv, <= exact_tail - 1, D]), unrotated: those of the tokens in the last stored slots (a compression
+        # keeps them there, but for padding it evicts from the window: ``realign_tail``).
         self.tail: tuple[torch.Tensor, torch.Tensor] | None = None
         self.step_exact: tuple[torch.Tensor, torch.Tensor] | None = None  # exact_recent's, for a paged decode step
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
@@ -164,6 +165,22 @@ class ZipageLayer(CacheLayerMixin):
         # (copies: a view would hold a whole prompt's keys alive)
         self.tail = (new_keys[:, :, -keep:].clone(), new_values[:, :, -keep:].clone()) if keep else None
         return new_keys, new_values
+
+    def realign_tail(self, keep: torch.Tensor, stored: int, rotation: torch.Tensor | None) -> None:
+        """After a compression from ``stored`` slots (``keep`` ``[B, H_kv, k]``, the old slots now in slots
+        ``0..k-1``): the tail again holds the tokens of the last slots. Each is the tail entry of its token where
+        the token was in the tail (always, but where padding inside the window was evicted and older tokens moved
+        up), else the token as the pages hold it."""
+        tk, tv = self.tail
+        n, k = tk.shape[2], keep.shape[2]
+        n = min(n, k)
+        old = keep[:, :, k - n:] - (stored - tk.shape[2])  # [B, H, n]: index into the old tail, < 0 if not in it
+        inside = (old >= 0)[..., None]
+        idx = old.clamp(min=0)[..., None].expand(-1, -1, -1, tk.shape[-1])
+        keys, values = self.stored_kv(k)
+        paged = [rotate(dequantize_reference(t[:, :, k - n:], scales[:, k - n:k].transpose(1, 2)), rotation, tk.dtype)
+                 for t, scales in ((keys, self.key_scales), (values, self.value_scales))]
+        self.tail = (torch.where(inside, tk.gather(2, idx), paged[0]), torch.where(inside, tv.gather(2, idx), paged[1]))
 
     def pages(self) -> LayerPages:
         """The storage as ``B`` pages of ``capacity`` tokens (what ``compress_layer`` takes)."""
@@ -685,6 +702,8 @@ class ZipageCache(Cache):
                 scaling=attention_scale(layer.scaling, layer.keys.shape[-1]), page_size=cfg.page_size,
                 first=self.num_compressions == 0, layer_idx=layer.layer_idx,
             )
+            if layer.tail is not None:
+                layer.realign_tail(keep, stored, self._rotation(layer.tail[0]))
             valid = layer.valid.gather(1, keep[:, 0])
             # Layers whose kept tokens are alike real or padding share one record again, so that the
             # decode steps extend one record, not one per layer (and take ``_update_lean``): all of them

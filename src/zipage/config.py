@@ -133,9 +133,11 @@ class ZipageConfig:
             in the model's dtype, the older ones from the pages (0: every token from the pages). The
             rounding error that matters most is the recent tokens': with 16 on SmolLM2 FP8 pages lose a
             quarter of the top-1 agreement they lose without it (``benchmarks/results/fp8/``). The cache
-            keeps the last ``exact_tail - 1`` tokens' keys and values beside the pages (the observation
-            window, which compression always keeps, must hold them: ``exact_tail - 1 <= window``).
-            generate() only for now (the engine refuses it), on the dense attention path.
+            keeps the last ``exact_tail - 1`` tokens' keys and values beside the pages, so they must fit in
+            the observation window, which compression keeps (``exact_tail - 1 <= window``; where it evicts
+            padding from the window, the older tokens that move into the last slots are read from the
+            pages). A step of several tokens (a prompt, a chunk) reads all of its own tokens exactly.
+            generate() only for now: the engine refuses it.
     """
 
     budget: int = 2048
