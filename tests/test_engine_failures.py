@@ -231,3 +231,74 @@ def test_compression_failing_half_way_finishes_its_requests_with_error(model, mo
         else:
             assert out.token_ids == exp.token_ids and out.finish_reason == "length"
     assert_pool_clean(llm)
+
+
+class _Tokenizer:
+    """Decodes ids as letters; raises for any id in ``bad`` (a tokenizer given an id past its vocabulary)."""
+
+    def __init__(self, bad=()):
+        self.bad = set(bad)
+
+    def decode(self, ids, skip_special_tokens=True):
+        if self.bad & set(ids):
+            raise IndexError("piece id out of range")
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_a_request_its_tokenizer_cannot_decode_fails_alone(model, async_scheduling):
+    """The tokenizer raises on a token one request samples: that request finishes with "error" (its tokens whole,
+    its text as far as decoded), and the request that shared its steps gets every token of an undisturbed run."""
+    a, b = prompts_of((7, 4), seed=5)
+    ref = LLM(model, budget=None, page_size=4, num_pages=64).generate([a, b], PARAMS, use_tqdm=False)
+    bad = next(t for t in ref[0].token_ids[3:] if t not in ref[1].token_ids)
+    llm = LLM(model, _Tokenizer([bad]), budget=None, page_size=4, num_pages=64, async_scheduling=async_scheduling)
+    ra = llm.add_request(a, SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, stop=["zzzz"]))
+    rb = llm.add_request(b, PARAMS)
+    raised = 0
+    for _ in range(100):
+        if not llm.has_unfinished():
+            break
+        try:
+            llm.step()
+        except IndexError:
+            raised += 1
+    assert raised == 1
+    out_a, out_b = llm.output(ra), llm.output(rb)
+    assert out_a.finish_reason == "error" and out_a.token_ids == ref[0].token_ids[:len(out_a.token_ids)]
+    assert bad in out_a.token_ids and isinstance(out_a.text, str)
+    assert out_b.finish_reason == "length" and out_b.token_ids == ref[1].token_ids
+    assert_pool_clean(llm)
+
+
+def test_a_compression_lands_once_when_finishing_a_request_raises(model, monkeypatch):
+    """Two requests compressed in one group into fresh pages; one is cancelled meanwhile and finishing it raises
+    as the group lands: the group is not landed again at the next step (which would free the other's pages)."""
+    setup = dict(budget=8, buffer=4, window=2, page_size=4, num_pages=64, async_compression=True,
+                 async_scheduling=False)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    prompts = prompts_of((16, 16, 3), seed=1)
+    alone = LLM(model, **setup).generate([prompts[1]], params, use_tqdm=False)[0].token_ids
+    llm = LLM(model, **setup)
+    x, y, _ = (llm.add_request(p, params) for p in prompts)
+    llm.step()  # the 16-token prompts stored: both due for their first compression
+    llm.step()  # their compression launched (one group)
+    X, Y = llm.requests[x], llm.requests[y]
+    assert X.compressing and Y.compressing
+    llm.cancel(x)
+    finish = llm.scheduler.finish
+
+    def failing(seq, reason):
+        if seq is X:
+            monkeypatch.setattr(llm.scheduler, "finish", finish)  # (once)
+            finish(seq, reason)
+            raise Injected("finishing failed")
+        return finish(seq, reason)
+
+    monkeypatch.setattr(llm.scheduler, "finish", failing)
+    with pytest.raises(Injected):
+        llm.step()
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.output(y).finish_reason == "length" and llm.output(y).token_ids == alone
+    assert_pool_clean(llm)

@@ -112,31 +112,40 @@ class Compressions:
     # ----------------------------------------------------------------------------- landing
     def collect(self, block: bool) -> list[Sequence]:
         """Book the compressions whose event completed (or all of them, with ``block``); returns the
-        sequences that could only finish now (stopped or cancelled while compressing)."""
-        still, finished = [], []
-        for event, groups in self.pending:
+        sequences that could only finish now (stopped or cancelled while compressing). An entry leaves
+        ``pending`` as it lands, before anything that may raise, so that no compression lands twice; a
+        sequence that fails to finish does not keep the others from finishing (the first error is raised)."""
+        finished: list[Sequence] = []
+        error = None
+        i = 0
+        while i < len(self.pending):
+            event, groups = self.pending[i]
             if event is not None and not event.query():
                 if not block:
-                    still.append((event, groups))
+                    i += 1
                     continue
                 event.synchronize()
+            del self.pending[i]  # (landed from here on)
             for group in groups:
                 for seq in group[0]:
                     seq.compressing = False
                 self._landed(group)
-                for seq in group[0]:
-                    if seq.finished:
-                        continue
-                    if seq.cancel_requested:
-                        self.scheduler.finish(seq, "cancelled")
-                    elif seq.finish_requested is not None:
-                        self.scheduler.finish(seq, seq.finish_requested)
-                    else:
-                        continue
-                    finished.append(seq)
             if event is not None:  # the main stream must see the compacted pages before using them
                 torch.cuda.current_stream().wait_event(event)
-        self.pending = still
+            for seq in (seq for group in groups for seq in group[0]):
+                if seq.finished:
+                    continue
+                reason = "cancelled" if seq.cancel_requested else seq.finish_requested
+                if reason is None:
+                    continue
+                try:
+                    self.scheduler.finish(seq, reason)
+                except BaseException as e:
+                    error = error if error is not None else e
+                    continue
+                finished.append(seq)
+        if error is not None:
+            raise error
         return finished
 
     def _landed(self, group: Group) -> None:

@@ -252,7 +252,7 @@ class EngineCore:
         except BaseException:  # the tokens are lost: their requests cannot go on
             for seq in flight.seqs:
                 seq.pending -= 1
-                self.fail(seq)
+                self._fail_booking(seq)
             raise
         error = None
         for seq, token, lp in zip(flight.seqs, tokens, logprobs):
@@ -269,9 +269,18 @@ class EngineCore:
                 changed.append(seq.output())
             except BaseException as e:  # (e.g. the tokenizer's decode): this request only
                 error = error if error is not None else e
-                self.fail(seq)
+                error = self._fail_booking(seq) or error
         if error is not None:
             raise error
+
+    def _fail_booking(self, seq: Sequence) -> BaseException | None:
+        """``fail(seq)`` while a flight is booked: what it raises is returned, not raised, so that the other
+        requests' tokens are still booked."""
+        try:
+            self.fail(seq)
+        except BaseException as e:
+            return e
+        return None
 
     def _drop_finished(self, plan: Step) -> None:
         """Take requests that finished while the plan was made out of it (their fresh pages back)."""

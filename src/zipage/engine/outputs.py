@@ -98,9 +98,13 @@ class OutputProcessor:
         return reason
 
     def finished(self, seq: Sequence) -> None:
-        """``seq`` is finished: its text, if no stop or length decoded it (cancelled, failed)."""
+        """``seq`` is finished: its text, if no stop or length decoded it (cancelled, failed). Never raises: a
+        request failed by its own tokens' decode keeps the text decoded so far (its tokens stay whole)."""
         if seq.text is None and self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+            try:
+                seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+            except Exception:  # (this runs while finishing, with other requests' tokens still to book)
+                seq.text = seq.detokenizer.text() if seq.detokenizer is not None else ""
 
     def _find_stop(self, seq: Sequence, may_stop: bool) -> int | None:
         """Decode the new token's text; the index in the whole text where a stop string starts."""
