@@ -262,3 +262,28 @@ def test_per_request_budgets_samples_and_logprobs_on_cuda():
                                                           ignore_eos=True), use_tqdm=False)[0]
         assert c.token_ids == alone.token_ids
     assert_pool_clean(llm)
+
+
+def test_generate_returns_when_its_request_is_cancelled_from_another_thread():
+    """A request of generate() cancelled by another thread (which gives no output of its own) ends the call at
+    once, not when the engine's other requests are done."""
+    import threading
+    import time
+
+    llm = LLM(tiny_model("llama"), budget=None, page_size=4, num_pages=256, max_model_len=2048)
+    other = llm.add_request([5, 6, 7], SamplingParams(max_tokens=600, temperature=0, ignore_eos=True))
+
+    def cancel_the_call_s_request():
+        while not any(r != other for r in list(llm.requests)):
+            time.sleep(0.001)
+        rid = next(r for r in list(llm.requests) if r != other)
+        while len(llm.requests[rid].output_ids) < 3:
+            time.sleep(0.001)
+        llm.cancel(rid)
+
+    t = threading.Thread(target=cancel_the_call_s_request)
+    t.start()
+    out = llm.generate([[8, 9, 10]], SamplingParams(max_tokens=400, temperature=0, ignore_eos=True), use_tqdm=False)
+    t.join(30)
+    assert out[0].finish_reason == "cancelled" and 3 <= len(out[0].outputs[0].token_ids) < 400
+    assert not llm.requests[other].finished and len(llm.requests[other].output_ids) < 100

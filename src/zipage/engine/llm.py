@@ -392,19 +392,18 @@ class LLM:
                 bar = tqdm(total=len(groups), desc="zipage", unit="req", dynamic_ncols=True)
             start, start_tokens = time.perf_counter(), self.generated_tokens
             left = {g[0].request_id: sum(not s.finished for s in g) for g in groups}
-            pending = {(g[0].request_id, s.index) for g in groups for s in g if not s.finished}
+            # Each sample counts as done when it is finished, whoever saw its last output: another thread's
+            # step() may return it, and a request cancelled from elsewhere has none.
+            pending = {(g[0].request_id, s.index): s for g in groups for s in g if not s.finished}
             while pending:
-                for out in self.step():
-                    key = (out.request_id, out.outputs[0].index)
-                    if out.outputs[0].finish_reason is not None and key in pending:
-                        pending.discard(key)
-                        left[key[0]] -= 1
-                        if bar is not None and not left[key[0]]:
-                            bar.update(1)
-                if pending and not self.has_unfinished():
-                    pending -= {(g[0].request_id, s.index) for g in groups for s in g if s.finished}
-                    if pending:  # e.g. cancelled by another thread
-                        raise RuntimeError(f"requests {sorted(pending)} were lost")  # never expected
+                self.step()
+                for key in [k for k, seq in pending.items() if seq.finished]:
+                    del pending[key]
+                    left[key[0]] -= 1
+                    if bar is not None and not left[key[0]]:
+                        bar.update(1)
+                if pending and not self.has_unfinished():  # never expected
+                    raise RuntimeError(f"requests {sorted(pending)} were lost")
                 if bar is not None:
                     rate = (self.generated_tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
