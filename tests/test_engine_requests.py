@@ -287,3 +287,39 @@ def test_generate_returns_when_its_request_is_cancelled_from_another_thread():
     t.join(30)
     assert out[0].finish_reason == "cancelled" and 3 <= len(out[0].outputs[0].token_ids) < 400
     assert not llm.requests[other].finished and len(llm.requests[other].output_ids) < 100
+
+
+def _longrope_phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=32,
+                     rope_scaling={"type": "longrope", "short_factor": [1.0] * 8,
+                                   "long_factor": [1.0, 3, 9, 27, 81, 243, 729, 2187]},
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    return Phi3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["dynamic", "longrope"])
+def test_a_rope_that_switches_with_the_longest_position_is_refused_past_it(family):
+    """Dynamic NTK and LongRoPE take their frequencies from the largest position of a forward, which in the
+    engine holds every running request: past that point a request's tokens would depend on the others'. Up to
+    it, the engine's tokens are transformers' own, alone or beside a longer request."""
+    if family == "dynamic":
+        model = tiny_model("llama", max_position_embeddings=32, rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+        limit = 32
+    else:
+        model, limit = _longrope_phi3(), 32
+    with pytest.raises(ValueError, match=f"{family} RoPE.*max_model_len <= {limit}"):
+        LLM(model, budget=None, page_size=4, num_pages=64, max_model_len=limit + 1)
+    llm = LLM(model, budget=None, page_size=4, num_pages=64, max_model_len=limit)
+    g = torch.Generator().manual_seed(1)
+    short, longer = (torch.randint(3, 96, (n,), generator=g).tolist() for n in (6, 20))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    both = llm.generate([short, longer], params, use_tqdm=False)
+    for prompt, out in zip((short, longer), both):
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == want

@@ -41,13 +41,33 @@ from .sharding import check_tensor_parallel
 CPU_MEMORY_SHARE = 0.2  # of the available RAM, at most, for a default-sized pool on a CPU
 
 
+def _rope(config: Any) -> dict:
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
+    return rope if isinstance(rope, dict) else {}
+
+
+def _switching_rope(config: Any, trained: Any) -> tuple[str, int] | None:
+    """``(rope type, positions)`` for a RoPE whose frequencies transformers picks per forward from the largest
+    position in it (dynamic NTK, LongRoPE) past a number of positions; None for any other."""
+    rope = _rope(config)
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind not in ("dynamic", "longrope"):
+        return None
+    # (dynamic: it grows past max_position_embeddings; longrope: long factors past the original length)
+    original = trained if kind == "dynamic" else rope.get(
+        "original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
+    if not isinstance(original, int) or isinstance(original, bool):
+        return None
+    return kind, original
+
+
 def _rope_reach(config: Any, trained: Any) -> int | None:
     """The positions a model takes: ``max_position_embeddings``, times a RoPE scaling factor that stretches
     it (YaRN, linear, dynamic; llama3's and longrope's configs state the stretched length already)."""
     if not isinstance(trained, int) or isinstance(trained, bool):
         return None
-    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
-    if isinstance(rope, dict):
+    rope = _rope(config)
+    if rope:
         kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
         if kind in ("yarn", "linear", "dynamic") and isinstance(factor, (int, float)) and factor > 1:
             base = rope.get("original_max_position_embeddings", trained)
@@ -176,6 +196,14 @@ class LLM:
                              "past them were never trained and its answers there may be wrong; set "
                              "ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN=1 to allow it anyway")
         self.max_model_len = int(max_model_len) if max_model_len is not None else trained or 1 << 30
+        switching = _switching_rope(config, trained)
+        if switching is not None and self.max_model_len > switching[1]:
+            # (generate() runs one batch at a time; the engine packs every running request into one forward)
+            raise ValueError(
+                f"LLM(max_model_len={self.max_model_len}): this model's {switching[0]} RoPE takes its frequencies "
+                f"from the largest position of each forward past {switching[1]} positions, and the engine runs "
+                "every request in one forward, so a request's tokens would depend on the others'; give "
+                f"max_model_len <= {switching[1]} (or use model.generate())")
         window, sliding = sliding_layers(config)
         if any(sliding) and tensor_parallel_size > 1:
             raise ValueError("tensor_parallel_size > 1 is not supported for models with sliding-window layers "
