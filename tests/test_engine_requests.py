@@ -323,3 +323,23 @@ def test_a_rope_that_switches_with_the_longest_position_is_refused_past_it(famil
         want = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
                               eos_token_id=None)[0, len(prompt):].tolist()
         assert out.outputs[0].token_ids == want
+
+
+def test_a_request_keeps_its_own_sampling_params():
+    """A caller that changes (or reuses) its SamplingParams after add_request changes no request in flight."""
+    llm = LLM(tiny_model("llama"), budget=None, page_size=4, num_pages=64)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[])
+    rid = llm.add_request([5, 6, 7], params)
+    params.max_tokens = 3
+    params.stop_token_ids.append(int(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=1, temperature=0),
+                                                  use_tqdm=False)[0].outputs[0].token_ids[0]))
+    while llm.has_unfinished():
+        llm.step()
+    assert len(llm.output(rid).outputs[0].token_ids) == 20
+
+
+def test_chat_with_token_ids_is_refused():
+    llm = LLM(tiny_model("llama"), budget=None, page_size=4, num_pages=64)
+    with pytest.raises(ValueError, match="chat=True"):
+        llm.add_request([5, 6, 7], SamplingParams(max_tokens=2), chat=True)
+    assert not llm.requests

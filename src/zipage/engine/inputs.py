@@ -46,6 +46,9 @@ def tokenize(tokenizer: Any, prompt: Any, chat: bool) -> tuple[list[int], str | 
         else:
             ids = tokenizer(prompt)["input_ids"]
         return [int(t) for t in ids], prompt
+    if chat:
+        raise ValueError("chat=True applies the chat template to a string prompt; this prompt is token ids "
+                         f"({type(prompt).__name__}): apply the template yourself, or pass the text")
     if is_array(prompt):  # a torch tensor or a numpy array of token ids
         if prompt.ndim != 1:
             raise TypeError(f"a tensor prompt must be 1-D token ids, got prompt of shape {tuple(prompt.shape)}")

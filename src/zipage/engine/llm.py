@@ -13,6 +13,8 @@ requests. The steps themselves run in ``EngineCore`` (core.py).
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import itertools
 import numbers
 import os
@@ -73,6 +75,18 @@ def _rope_reach(config: Any, trained: Any) -> int | None:
             base = rope.get("original_max_position_embeddings", trained)
             return max(trained, int(base * factor))
     return trained
+
+
+def _own_copy(params: Any) -> Any:
+    """A request's own ``SamplingParams``: the object and its lists, dicts and sets copied (their items shared)."""
+    if not dataclasses.is_dataclass(params) or isinstance(params, type):
+        return params  # (check_request names what is wrong with it)
+    own = copy.copy(params)
+    for f in dataclasses.fields(own):
+        value = getattr(own, f.name)
+        if isinstance(value, (list, dict, set)):
+            setattr(own, f.name, copy.copy(value))
+    return own
 
 
 class LLM:
@@ -299,7 +313,8 @@ class LLM:
         leave every request in flight untouched. A request with ``n > 1`` runs as ``n`` samples
         that share the prompt's pages: the first computes the prompt, the others then find its
         pages in the prefix cache."""
-        params = params if params is not None else SamplingParams()
+        # (a copy: a caller reusing or changing its object must not change requests already in flight)
+        params = _own_copy(params) if params is not None else SamplingParams()
         ids, text = tokenize(self.tokenizer, prompt, chat)
         check_request(ids, params, request_id, vocab=self.model.config.get_text_config(decoder=True).vocab_size,
                       max_model_len=self.max_model_len, has_tokenizer=self.tokenizer is not None)
