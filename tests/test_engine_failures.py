@@ -302,3 +302,38 @@ def test_a_compression_lands_once_when_finishing_a_request_raises(model, monkeyp
         llm.step()
     assert llm.output(y).finish_reason == "length" and llm.output(y).token_ids == alone
     assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("case", ["fresh pages", "held sample"])
+def test_an_interrupt_inside_the_scheduler_loses_no_page_and_no_sample(model, monkeypatch, case):
+    """An exception (an interrupt) while the scheduler admits a request: the destination pages it took for a
+    compression go back, samples held for their sibling's prompt stay in line, and every request finishes."""
+    from zipage.memory.block_manager import BlockManager
+
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    if case == "fresh pages":  # a compression into fresh pages is planned before the admission fails
+        llm = LLM(model, budget=8, buffer=4, window=2, page_size=4, num_pages=64, async_scheduling=False)
+        first = llm.add_request(prompts_of((16,), seed=2)[0], params)
+    else:  # sample 1 of an n=2 request waits for sample 0's prompt while the admission fails
+        llm = LLM(model, budget=None, page_size=4, num_pages=64, max_num_batched_tokens=8)
+        first = llm.add_request(prompts_of((30,), seed=2)[0], SamplingParams(max_tokens=6, temperature=0,
+                                                                               ignore_eos=True, n=2))
+    llm.step()
+    late = llm.add_request(prompts_of((5,), seed=3)[0], params)
+    match = BlockManager.match_prefix
+
+    def interrupted(self, seq, *args):
+        if seq.request_id == late:
+            monkeypatch.setattr(BlockManager, "match_prefix", match)
+            raise Injected("interrupted")
+        return match(self, seq, *args)
+
+    monkeypatch.setattr(BlockManager, "match_prefix", interrupted)
+    with pytest.raises(Injected):
+        for _ in range(20):
+            llm.step()
+    while llm.has_unfinished():
+        llm.step()
+    assert all(s.finish_reason == "length" and len(s.output_ids) == 6 for s in llm.samples(first))
+    assert llm.output(late).finish_reason == "length"
+    assert_pool_clean(llm)

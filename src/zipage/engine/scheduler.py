@@ -172,7 +172,17 @@ class Scheduler:
 
     # ----------------------------------------------------------------------------- the decision
     def schedule(self) -> Step:
-        step = Step()
+        step, held = Step(), []
+        try:
+            return self._schedule(step, held)
+        except BaseException:  # (an interrupt): the pages it took for nobody yet back, held samples back in line
+            for pages in step.fresh_pages.values():
+                if pages:
+                    self.blocks.release(pages)
+            self.waiting.extendleft(reversed(held))
+            raise
+
+    def _schedule(self, step: Step, held: list[Sequence]) -> Step:
         budget_tokens = self.max_num_batched_tokens
         # (a sequence whose last token is still on the device is done: it takes no further step)
         # A sequence due for compression goes this way even with several tokens left to compute (a
@@ -215,7 +225,7 @@ class Scheduler:
             if n:
                 step.prefill.append((seq, n))
                 budget_tokens -= n
-        held: list[Sequence] = []  # samples waiting for their first sibling's prompt pages
+        # ``held``: samples waiting for their first sibling's prompt pages
         while self.waiting and not deferred and budget_tokens > 0 and self.free_slots:
             seq = self.waiting[0]
             if self._held(seq):
@@ -241,6 +251,7 @@ class Scheduler:
             step.prefill.append((seq, n))
             budget_tokens -= n
         self.waiting.extendleft(reversed(held))
+        held.clear()
         if step.empty and self.running and not any(s.compressing or s.pending for s in self.running):
             # Nothing runs, nothing is in flight: every running sequence is stuck in its prefill for
             # want of pages the others hold. Free the newest uncompressed one so the older ones go on.
