@@ -78,6 +78,9 @@ def test_exact_tail_holds_the_last_kept_tokens_through_compressions(kv):
                          cache_implementation="zipage", cache_config=cfg, return_dict_in_generate=True)
     cache = out.past_key_values
     assert cache.num_compressions > 1
+    layer = cache.full[0]
+    assert cache.stats()["exact_tail_bytes"] == 2 * 4 * 2 * layer.keys.shape[2] * layer.keys.shape[3] * 4 * len(
+        cache.full)  # (rows x tail tokens x keys and values x heads x head dim x float32 x layers)
     for layer in cache.full:
         stored = layer.stored
         tk, tv = layer.tail

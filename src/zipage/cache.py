@@ -381,6 +381,8 @@ class ZipageCache(Cache):
             "kv_bytes_full": rows * layer.seen * full_per_token,
             "kv_bytes_pool": rows * self.capacity_ * bytes_per_token,
             "kv_bytes_peak": rows * self.peak_capacity * bytes_per_token,
+            # (ZipageConfig.exact_tail: the last tokens' keys and values kept beside the pages, the model's dtype)
+            "exact_tail_bytes": rows * (layer.tail[0].shape[2] if layer.tail is not None else 0) * full_per_token,
         }
 
     # ------------------------------------------------------------------ the update path
