@@ -651,22 +651,27 @@ class ZipageCache(Cache):
         B, H, _, D = query.shape
         scale = attention_scale(layer.scaling, D)
         lens, starts = self._paged_lens(layer, B, query.device)
-        sinks, softcap = sink_logits(kwargs), kwargs.get("softcap")
-        pages = dict(k_scale=as_pages(layer.key_scales) if layer.key_scales is not None else None,
-                     v_scale=as_pages(layer.value_scales) if layer.value_scales is not None else None,
-                     softcap=softcap, max_len_hint=layer.stored)
+        k_scale = as_pages(layer.key_scales) if layer.key_scales is not None else None
+        v_scale = as_pages(layer.value_scales) if layer.value_scales is not None else None
         exact = layer.step_exact
         if exact is None:
-            out = paged_decode_attention(query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values),
-                                         self.page_table, lens, scale, starts, sinks=sinks, **pages)
+            out = paged_decode_attention(
+                query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values), self.page_table, lens,
+                scale, starts, max_len_hint=layer.stored, k_scale=k_scale, v_scale=v_scale,
+                sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"),
+            )
             return rotate(out, rot, out.dtype).view(B, 1, H, D), attention_mask
         # Exact tails: the pages but their last n tokens, and those n as the model computed them, merged.
         layer.step_exact = None
         n = exact[0].shape[2]
-        out, lse = paged_decode_attention(query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values),
-                                          self.page_table, lens - n, scale, starts, return_lse=True, **pages)
-        recent = exact_attention(exact_query[:, :, 0, :], *exact, layer.valid[:, layer.stored - n:], scale, softcap)
-        out = merge_attention([(rotate(out, rot, out.dtype), lse), recent], sinks)
+        out, lse = paged_decode_attention(
+            query[:, :, 0, :].contiguous(), as_pages(layer.keys), as_pages(layer.values), self.page_table, lens - n,
+            scale, starts, max_len_hint=layer.stored, k_scale=k_scale, v_scale=v_scale, softcap=kwargs.get("softcap"),
+            return_lse=True,
+        )
+        recent = exact_attention(exact_query[:, :, 0, :], *exact, layer.valid[:, layer.stored - n:], scale,
+                                 kwargs.get("softcap"))
+        out = merge_attention([(rotate(out, rot, out.dtype), lse), recent], sink_logits(kwargs))
         return out.view(B, 1, H, D), attention_mask
 
     def _paged_lens(self, layer: ZipageLayer, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
