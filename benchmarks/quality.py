@@ -536,7 +536,8 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
     control_parts: dict[Fraction, list] = {}
     fp8_parts: dict[tuple[str, Fraction], list] = {}
     kinds = [k for k in QUANTIZED if any(fields.get("kv_cache_dtype") == k for _, fields in rows)]
-    if args.no_fp8_control:
+    tail = getattr(args, "exact_tail", 0)  # (callers that build their own argument namespace may leave these out)
+    if getattr(args, "no_fp8_control", False):
         kinds = []
     checks: list[dict[str, Any]] = []
     t_ref = t_runs = 0.0
@@ -556,9 +557,9 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         for kind in kinds:  # full KV in FP8 (INT8) pages: a ZipageCache whose budget is never reached
             ctrl8 = Tracker(ids, ref)
             cache8 = zipage.ZipageCache(config=model.config, budget=N, page_size=args.page_size, kv_cache_dtype=kind,
-                                        exact_tail=args.exact_tail)
+                                        exact_tail=tail)
             # (exact tails: one token a forward, as decoding reads them; a chunk would read its own tokens exactly)
-            run_full_chunked(model, ids, ctrl8, start, 1 if args.exact_tail else args.buffer, cache8)
+            run_full_chunked(model, ids, ctrl8, start, 1 if tail else args.buffer, cache8)
             assert cache8.num_compressions == 0
             del cache8
             for f, B in budget_tokens.items():
@@ -624,8 +625,8 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         for f in budgets
     ]
     control_fp8 = [
-        {"config": f"full KV, {kind.upper()} pages{f' (exact_tail={args.exact_tail})' if args.exact_tail else ''} "
-                   "(no eviction, control)", "kv_cache_dtype": kind, "exact_tail": args.exact_tail,
+        {"config": f"full KV, {kind.upper()} pages{f' (exact_tail={tail})' if tail else ''} "
+                   "(no eviction, control)", "kv_cache_dtype": kind, "exact_tail": tail,
          "budget_frac": frac_label(f), "budget_fraction": float(f), "budget": budget_tokens[f],
          **_merge(fp8_parts[(kind, f)])}
         for kind in kinds for f in budgets
