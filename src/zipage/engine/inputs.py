@@ -47,7 +47,7 @@ def tokenize(tokenizer: Any, prompt: Any, chat: bool) -> tuple[list[int], str | 
             ids = tokenizer(prompt)["input_ids"]
         return [int(t) for t in ids], prompt
     if chat:
-        raise ValueError("chat=True applies the chat template to a string prompt; this prompt is token ids "
+        raise ValueError("chat=True applies the chat template to a string prompt; this prompt is not a string "
                          f"({type(prompt).__name__}): apply the template yourself, or pass the text")
     if is_array(prompt):  # a torch tensor or a numpy array of token ids
         if prompt.ndim != 1:

@@ -121,7 +121,10 @@ class LLM:
             KV; and at least one prompt of ``max_model_len``, stored whole before its first
             compression), capped at a fifth of the available RAM.
         max_model_len: longest logical length (default: the model's max_position_embeddings; longer
-            only with ``ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN=1``).
+            only with ``ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN=1``). Dynamic-NTK and LongRoPE models: at most
+            ``max_position_embeddings`` (dynamic) or ``original_max_position_embeddings`` (LongRoPE), whatever
+            that variable says: transformers picks their frequencies from a forward's largest position and the
+            engine runs every request in one forward (LongRoPE models so need an explicit ``max_model_len``).
         fuse_ops: on CUDA, run the model's RMSNorm modules and its rotary embedding through fused
             Triton kernels (one kernel per norm, one per rotated tensor) inside the engine's forwards.
             It also merges each attention's q/k/v projections and each SiLU-gated MLP's gate/up
@@ -213,8 +216,9 @@ class LLM:
         switching = _switching_rope(config, trained)
         if switching is not None and self.max_model_len > switching[1]:
             # (generate() runs one batch at a time; the engine packs every running request into one forward)
+            given = "" if max_model_len is not None else ", the model's max_position_embeddings"
             raise ValueError(
-                f"LLM(max_model_len={self.max_model_len}): this model's {switching[0]} RoPE takes its frequencies "
+                f"LLM(max_model_len={self.max_model_len}{given}): this model's {switching[0]} RoPE takes its frequencies "
                 f"from the largest position of each forward past {switching[1]} positions, and the engine runs "
                 "every request in one forward, so a request's tokens would depend on the others'; give "
                 f"max_model_len <= {switching[1]} (or use model.generate())")
