@@ -166,7 +166,18 @@ class ZipageLayer(CacheLayerMixin):
         self.tail = (new_keys[:, :, -keep:].clone(), new_values[:, :, -keep:].clone()) if keep else None
         return new_keys, new_values
 
-    def realign_tail(self, keep: torch.Tensor, stored: int, rotation: torch.Tensor | None) -> None:
+    def read_back(self, lo: int, hi: int, key_rotation: torch.Tensor | None, value_rotation: torch.Tensor | None,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots ``lo..hi-1`` of every row of 8-bit pages as ``[B, H_kv, hi - lo, D]`` keys and values in ``dtype``,
+        rotated back from the basis the pages store them in."""
+        keys, values = self.stored_kv(hi)
+        return (rotate(dequantize_reference(keys[:, :, lo:], self.key_scales[:, lo:hi].transpose(1, 2)), key_rotation,
+                       dtype),
+                rotate(dequantize_reference(values[:, :, lo:], self.value_scales[:, lo:hi].transpose(1, 2)),
+                       value_rotation, dtype))
+
+    def realign_tail(self, keep: torch.Tensor, stored: int, key_rotation: torch.Tensor | None,
+                     value_rotation: torch.Tensor | None) -> None:
         """After a compression from ``stored`` slots (``keep`` ``[B, H_kv, k]``, the old slots now in slots
         ``0..k-1``): the tail again holds the tokens of the last slots. Each is the tail entry of its token where
         the token was in the tail (always, but where padding inside the window was evicted and older tokens moved
@@ -176,11 +187,10 @@ class ZipageLayer(CacheLayerMixin):
         n = min(n, k)
         old = keep[:, :, k - n:] - (stored - tk.shape[2])  # [B, H, n]: index into the old tail, < 0 if not in it
         inside = (old >= 0)[..., None]
-        idx = old.clamp(min=0)[..., None].expand(-1, -1, -1, tk.shape[-1])
-        keys, values = self.stored_kv(k)
-        paged = [rotate(dequantize_reference(t[:, :, k - n:], scales[:, k - n:k].transpose(1, 2)), rotation, tk.dtype)
-                 for t, scales in ((keys, self.key_scales), (values, self.value_scales))]
-        self.tail = (torch.where(inside, tk.gather(2, idx), paged[0]), torch.where(inside, tv.gather(2, idx), paged[1]))
+        idx = old.clamp(min=0)[..., None]
+        paged_k, paged_v = self.read_back(k - n, k, key_rotation, value_rotation, tk.dtype)
+        self.tail = (torch.where(inside, tk.gather(2, idx.expand(-1, -1, -1, tk.shape[-1])), paged_k),
+                     torch.where(inside, tv.gather(2, idx.expand(-1, -1, -1, tv.shape[-1])), paged_v))
 
     def pages(self) -> LayerPages:
         """The storage as ``B`` pages of ``capacity`` tokens (what ``compress_layer`` takes)."""
@@ -553,16 +563,14 @@ class ZipageCache(Cache):
                 layer.step_exact = layer.exact_recent(key_states, value_states, self.zipage_config.exact_tail - 1)
             return key_states, value_states
         # The stored tokens of every row, in order: views, nothing is copied (FP8: their values).
-        keys, values = layer.stored_kv(stored)
-        if layer.key_scales is not None:  # (INT8: rotated back, for the model's own attention)
-            keys = rotate(dequantize_reference(keys, layer.key_scales[:, :stored].transpose(1, 2)), rot,
-                          key_states.dtype)
-            values = rotate(dequantize_reference(values, layer.value_scales[:, :stored].transpose(1, 2)),
-                            self._rotation(value_states), value_states.dtype)
-            if self.zipage_config.exact_tail:  # the last tokens as the model computed them
-                exact_k, exact_v = layer.exact_recent(key_states, value_states, self.zipage_config.exact_tail - 1)
-                keys[:, :, -exact_k.shape[2]:] = exact_k
-                values[:, :, -exact_v.shape[2]:] = exact_v
+        if layer.key_scales is None:
+            return layer.stored_kv(stored)
+        # 8-bit pages: read back (rotated back, for the model's own attention)
+        keys, values = layer.read_back(0, stored, rot, self._rotation(value_states), key_states.dtype)
+        if self.zipage_config.exact_tail:  # the last tokens as the model computed them
+            exact_k, exact_v = layer.exact_recent(key_states, value_states, self.zipage_config.exact_tail - 1)
+            keys[:, :, -exact_k.shape[2]:] = exact_k
+            values[:, :, -exact_v.shape[2]:] = exact_v
         return keys, values
 
     def _update_lean(self, layer: ZipageLayer, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -710,7 +718,7 @@ class ZipageCache(Cache):
                 first=self.num_compressions == 0, layer_idx=layer.layer_idx,
             )
             if layer.tail is not None:
-                layer.realign_tail(keep, stored, self._rotation(layer.tail[0]))
+                layer.realign_tail(keep, stored, self._rotation(layer.tail[0]), self._rotation(layer.tail[1]))
             valid = layer.valid.gather(1, keep[:, 0])
             # Layers whose kept tokens are alike real or padding share one record again, so that the
             # decode steps extend one record, not one per layer (and take ``_update_lean``): all of them
