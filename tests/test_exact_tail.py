@@ -111,11 +111,6 @@ def test_exact_tail_refuses_what_it_cannot_keep(fields, words):
         ZipageConfig(**fields)
 
 
-def test_the_engine_refuses_exact_tail():
-    with pytest.raises(NotImplementedError, match="exact_tail"):
-        LLM(tiny_model("qwen3"), budget=16, page_size=4, window=4, num_pages=16, kv_cache_dtype="fp8", exact_tail=4)
-
-
 def test_paged_decode_steps_merge_the_tail_as_the_dense_path_does(monkeypatch):
     """The CUDA path (paged kernel over the pages but the tail, the tail exactly, merged; here with the
     reference kernels on the CPU): the dense path's logits, compressions included, and the band reference's."""

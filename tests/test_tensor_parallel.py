@@ -148,6 +148,24 @@ def test_full_kv_fp8_two_ranks_then_close_stops_every_rank():
         two.generate(prompts, params, use_tqdm=False)
 
 
+def test_exact_tails_on_two_ranks_match_one_process():
+    """FP8 pages with exact tails, compressions and prefix-cache hits: each rank keeps its heads' ring of exact
+    keys and values, and reads it from where the sequence's slot began (``ring_from``, sent with each step)."""
+    shared = prompts_of((13,), seed=7)[0]
+    prompts = prompts_of((9, 14, 3), seed=1, prefix=shared)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=0)
+    kw = dict(budget=16, page_size=4, buffer=4, window=6, num_pages=64, max_num_seqs=1, kv_cache_dtype="fp8",
+              exact_tail=5)
+    ref = LLM(tiny_model("qwen3"), **kw)
+    want = ref.generate(prompts, params, use_tqdm=False)
+    assert ref.stats()["prefix_cache_hits"] > 0 and ref.stats()["compressions"] > 0
+    with LLM(tiny_model("qwen3"), tensor_parallel_size=2, **kw) as two:
+        got = two.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for a, b in zip(got, want):
+        assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-4)
+
+
 TORCHRUN_SCRIPT = """
     import os
     from conftest import tiny_model

@@ -199,10 +199,6 @@ class LLM:
         else:
             self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields,
                                                          "kv_cache_dtype": kv_cache_dtype})
-            if self.zipage_config.exact_tail:
-                raise NotImplementedError(
-                    f"LLM(exact_tail={self.zipage_config.exact_tail}): the engine reads every token from its 8-bit "
-                    "pages; exact tails are implemented for generate(cache_implementation='zipage') only so far")
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
         trained = getattr(config, "max_position_embeddings", None)
         reach = _rope_reach(config, trained)
@@ -290,8 +286,8 @@ class LLM:
             slot_bytes += ModelRunner.bytes_per_page(config, page_size, dtype, False, tp_size=tp, sliding=True) * (
                 window_blocks.pool.num_pages + 1)
         if self.zipage_config is not None:
-            slot_bytes += ModelRunner.bytes_per_slot(config, self.zipage_config.window, dtype,
-                                                     self.zipage_config.budget, tp) * max_num_seqs
+            zc = self.zipage_config
+            slot_bytes += ModelRunner.bytes_per_slot(config, zc.window, dtype, zc.budget, tp, zc.exact_tail) * max_num_seqs
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             available = total * utilization - (total - free) - 512 * 2**20  # activations headroom
@@ -528,7 +524,7 @@ class LLM:
         self.core.apply_cancels()
 
     def stats(self) -> dict[str, Any]:
-        s = self.scheduler
+        s, r = self.scheduler, self.runner
         window = self.blocks.window  # the sliding-window layers' pool, for models that have such layers
         extra = {} if window is None else {"window_free_pages": window.pool.num_free,
                                            "window_total_pages": window.pool.num_pages}
@@ -544,6 +540,8 @@ class LLM:
             "compressions": s.compressions,
             "evicted_tokens": s.evicted_tokens,
             "prefix_cache_hits": self.blocks.hits,
+            # the ring of exact keys and values of each query slot (exact_tail), on this rank
+            "exact_tail_bytes": sum(x.numel() * x.element_size() for x in (r.exact_k, r.exact_v) if x is not None),
             "generated_tokens": self.generated_tokens,
             "tensor_parallel_size": self.tensor_parallel_size,
         }

@@ -32,10 +32,12 @@ import torch
 from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
-from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
+from ..kernels import (exact_attention, kv_dtype, merge_attention, paged_decode_attention, paged_prefill_attention,
+                       store_kv)
 from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, rotate, value_pool
 from ..kernels._triton import use_triton
 from ..kernels.paged_decode_fp8 import DEFAULT_BLOCK_N as DECODE_TILE
+from ..kernels.paged_prefill import dequantize_pages
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import Scorer, get_scorer
 from .fusion import ModelFusion
@@ -96,7 +98,27 @@ class StepMeta:
     window_prefill_table: torch.Tensor | None = None  # [Bp, P'] int32
     window_decode_lens: torch.Tensor | None = None  # [Bd] int32
     window_decode_table: torch.Tensor | None = None  # [Bd, P'] int32
+    # exact tails (ZipageConfig.exact_tail): each token's row in its slot's ring of exact keys and values, and
+    # for each prefill chunk the ring rows of the tokens before it and where they and its own land in the scratch
+    # pool its pages are dequantized into; for each decoding row its position and how many tokens it reads exactly
+    exact_index: torch.Tensor | None = None  # [T]
+    prefill_exact_src: torch.Tensor | None = None  # [X]
+    prefill_exact_dst: torch.Tensor | None = None  # [X + num_prefill_tokens]
+    decode_pos: torch.Tensor | None = None  # [Bd]
+    decode_exact: torch.Tensor | None = None  # [Bd] int32
+    tail: tuple | None = None  # (made by the first layer of each forward: rows, valid, paged lens)
     layers: set[int] = field(default_factory=set)  # the layers whose attention ran through the engine
+
+    def decode_tail(self, r: ModelRunner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows [Bd, e], valid [Bd, e], paged lens [Bd])`` of the decoding rows' exact tails: the ring rows
+        of each row's slot, which of them hold its last ``decode_exact`` positions, and the pages' tokens before
+        those. Made once per forward (inside a captured graph too: ``_model_call`` clears it)."""
+        if self.tail is None:
+            e, ages = r.exact_tail, r.exact_ages
+            first = self.exact_index[self.num_prefill_tokens:] // e * e
+            valid = (self.decode_pos[:, None] - ages) % e < self.decode_exact[:, None]
+            self.tail = (first[:, None] + ages, valid, self.decode_lens - self.decode_exact)
+        return self.tail
 
 
 def engine_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -116,7 +138,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     scale = attention_scale(scaling, q.shape[-1])
-    ks = vs = None
+    ks = vs = before = None
     if sliding:  # its window, in the sliding layers' pool (the model's dtype); never scored
         j = r.window_index[layer]
         kp, vp = r.window_k_pool[j], r.window_v_pool[j]
@@ -135,18 +157,32 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         if r.q_cache is not None:  # the queries' ring rows, stored as tokens into one-row pages (no host values,
             # so CUDA-graph capture works; a third of index_copy_'s time on the H200)
             store_kv(r.q_cache[j].view(-1, 1, *q.shape[1:]), meta.ring_index, q)
+        if r.exact_k is not None:  # exact tails: the tokens before each prefill chunk read before the ring takes it
+            if meta.num_prefill_tokens:
+                before = [x[j].view(-1, *k.shape[1:]).index_select(0, meta.prefill_exact_src)
+                          for x in (r.exact_k, r.exact_v)]
+            store_kv(r.exact_k[j], meta.exact_index, k, r.exact_v[j], v)
         r.scaling[j] = float(scale)
         tables = (meta.prefill_table, meta.prefill_lens, meta.decode_table, meta.decode_lens)
     features = dict(window=r.window if sliding else None, sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"))
     n_p = meta.num_prefill_tokens
+    exact = r.exact_k is not None and not sliding
     decode = None
-    if n_p < q.shape[0]:
+    if n_p < q.shape[0] and exact:
+        decode = _decode_with_exact_tails(r, meta, j, q[n_p:].contiguous(), kp, vp, ks, vs, scale, features)
+    elif n_p < q.shape[0]:
         decode = paged_decode_attention(
             q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
             k_scale=ks, v_scale=vs, **features
         )
     if n_p:
         out = torch.empty_like(q)
+        if exact:  # the chunk's pages dequantized, their exact tokens written over their codes' values
+            kp, vp, table = dequantize_pages(kp, vp, ks, vs, tables[0], q.dtype)
+            for pool, x, b in zip((kp, vp), (k, v), before):
+                x = torch.cat([b.to(pool.dtype), x[:n_p].to(pool.dtype)])
+                pool.view(-1, *pool.shape[2:]).index_copy_(0, meta.prefill_exact_dst, x)
+            tables, ks, vs = (table,) + tables[1:], None, None
         out[:n_p] = paged_prefill_attention(
             q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
             k_scale=ks, v_scale=vs, **features
@@ -158,6 +194,18 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     if r.rotation is not None and not sliding:  # the output back from the rotated basis
         out = rotate(out, r.rotation, out.dtype)
     return out[None], None
+
+
+def _decode_with_exact_tails(r: ModelRunner, meta: StepMeta, j: int, q, kp, vp, ks, vs, scale, features):
+    """Decoding rows with exact tails: each row's pages but their last ``decode_exact`` tokens, and those
+    tokens from the slot's ring as the model computed them, merged (``sinks`` join once, in the merge)."""
+    rows, valid, lens = meta.decode_tail(r)
+    H, D = r.exact_k.shape[-2:]
+    keys, values = (x[j].view(-1, H, D)[rows].transpose(1, 2) for x in (r.exact_k, r.exact_v))  # [Bd, H, e, D]
+    out, lse = paged_decode_attention(q, kp, vp, meta.decode_table, lens, scale, max_len_hint=meta.max_decode_len,
+                                      k_scale=ks, v_scale=vs, softcap=features["softcap"], return_lse=True)
+    recent = exact_attention(q, keys, values, valid, scale, features["softcap"])
+    return merge_attention([(out, lse), recent], features["sinks"])
 
 
 _registered = False
@@ -226,6 +274,16 @@ class ModelRunner:
         self.state_pool = None
         self.q_cache = None
         self.kept: KeptPositions | None = None
+        self.exact_tail = zipage_config.exact_tail if zipage_config is not None else 0
+        self.exact_k = self.exact_v = self.exact_ages = None
+        if self.exact_tail:
+            # exact tails: each slot's last ``exact_tail`` keys and values as the model computed them (in the
+            # pages' basis), position t at ring row ``slot * exact_tail + t % exact_tail``; the scratch slot takes
+            # the tokens outside any tail and graph padding rows
+            e = self.exact_tail
+            self.exact_k = torch.zeros(L, (num_slots + 1) * e, 1, Hkv, D, dtype=self.dtype, device=self.device)
+            self.exact_v = torch.zeros_like(self.exact_k)
+            self.exact_ages = torch.arange(e, device=self.device)
         if zipage_config is not None:
             if scorer is not None and scorer.stateful:
                 self.state_pool = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
@@ -263,14 +321,19 @@ class ModelRunner:
         return per_token * page_size
 
     @staticmethod
-    def bytes_per_slot(config, window: int, dtype: torch.dtype, budget: int = 0, tp_size: int = 1) -> int:
-        """A query slot's share: its ring of ``window`` queries and its kept-position map of ``budget``
-        (on each rank, with ``tp_size`` ranks)."""
+    def bytes_per_slot(config, window: int, dtype: torch.dtype, budget: int = 0, tp_size: int = 1,
+                       exact_tail: int = 0) -> int:
+        """A query slot's share: its ring of ``window`` queries, its kept-position map of ``budget`` and, with
+        exact tails, its ring of ``exact_tail`` keys and values (on each rank, with ``tp_size`` ranks)."""
         cfg = config.get_text_config(decoder=True)
         Hq = cfg.num_attention_heads
+        Hkv = getattr(cfg, "num_key_value_heads", None) or Hq
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-        ring = cfg.num_hidden_layers * window * (Hq // tp_size) * D * torch.empty((), dtype=dtype).element_size()
-        return ring + KeptPositions.bytes_per_slot(config, budget) // tp_size
+        elem = torch.empty((), dtype=dtype).element_size()
+        ring = cfg.num_hidden_layers * window * (Hq // tp_size) * D * elem
+        full = cfg.num_hidden_layers - sum(sliding_layers(cfg)[1])
+        tail = full * exact_tail * (Hkv // tp_size) * D * 2 * elem
+        return ring + tail + KeptPositions.bytes_per_slot(config, budget) // tp_size
 
     def kept_positions(self, seq: Sequence, layer_idx: int) -> torch.Tensor:
         """``[H_kv, stored]`` logical positions that ``seq`` keeps in layer ``layer_idx`` (see ``LLM``); a
@@ -318,6 +381,8 @@ class ModelRunner:
         wb = self.window_blocks
         w = self.zipage_config.window if self.zipage_config is not None else 0
         scratch = self.num_slots * w  # first row of the scratch slot
+        e = self.exact_tail
+        exact, e_scratch = [], self.num_slots * e
         for seq, n in prefill:
             if seq.num_computed + n > seq.num_tokens - seq.pending:
                 raise RuntimeError("a prefill chunk reaches a token that is still on the device")
@@ -331,6 +396,8 @@ class ModelRunner:
                 wslots.extend(wb.slots(seq, start, start + n))
             if w:
                 ring.extend(seq.slot * w + t % w if t >= start + n - w else scratch for t in range(start, start + n))
+            if e:
+                exact.extend(seq.slot * e + t % e if t >= start + n - e else e_scratch for t in range(start, start + n))
             last.append(len(ids) - 1)
         dev = self.device
         prefill_seqs = [s for s, _ in prefill]
@@ -366,13 +433,39 @@ class ModelRunner:
         self._feed_ids(input_ids, decode, n_p, feed)
         input_ids = input_ids[None]
         position_ids = torch.tensor(pos, dtype=torch.long, device=dev)[None]
+        if e:
+            self._exact_meta(meta, prefill, decode, exact, position_ids[0, n_p:])
         keep = torch.tensor(last, dtype=torch.long, device=dev)
         return self._model_call(meta, input_ids, position_ids, keep)[0]
+
+    def _exact_meta(self, meta: StepMeta, prefill: list[tuple[Sequence, int]], decode: list[Sequence],
+                    exact: list[int], decode_pos: torch.Tensor) -> None:
+        """The step's exact-tail metadata (``StepMeta``): a prefill chunk reads, besides its own tokens, the last
+        ``exact_tail - 1`` before it that its slot's ring holds (from ``ring_from``, where its slot began: a
+        prefix-cache hit's tokens were never computed in it); a decoding row its last ``exact_tail`` tokens."""
+        e, dev, p = self.exact_tail, self.device, self.page_size
+        meta.exact_index = torch.tensor(exact, dtype=torch.long, device=dev)
+        if prefill:
+            width = max(len(s.pages) for s, _ in prefill)  # (the prefill table's, so the scratch pool's pages)
+            src, dst, own = [], [], []
+            for b, (seq, n) in enumerate(prefill):
+                start, first = seq.num_computed, b * width * p
+                k = min(start - seq.ring_from, e - 1)
+                src.extend(seq.slot * e + t % e for t in range(start - k, start))
+                dst.extend(range(first + seq.stored - k, first + seq.stored))
+                own.extend(range(first + seq.stored, first + seq.stored + n))
+            meta.prefill_exact_src = torch.tensor(src, dtype=torch.long, device=dev)
+            meta.prefill_exact_dst = torch.tensor(dst + own, dtype=torch.long, device=dev)
+        if decode:
+            meta.decode_pos = decode_pos
+            meta.decode_exact = torch.tensor([min(s.num_computed - s.ring_from + 1, e) for s in decode],
+                                             dtype=torch.int32, device=dev)
 
     def _model_call(self, meta: StepMeta, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
         """The model's own forward with the engine attention in place (restored afterwards)."""
         cfg = self.config
         original = cfg._attn_implementation
+        meta.tail = None  # (each forward makes its own, a captured one included)
         _context.meta = meta
         cfg._attn_implementation_internal = ATTENTION_NAME
         try:
@@ -414,6 +507,9 @@ class ModelRunner:
         self.g_ring = torch.full((n,), self._scratch_ring(), dtype=torch.long, device=dev)
         self.g_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.g_table = torch.full((n, table_width), self.scratch_page, dtype=torch.int32, device=dev)
+        if self.exact_tail:  # padding rows: the scratch slot's ring, their one token exact
+            self.g_exact = torch.full((n,), self.num_slots * self.exact_tail, dtype=torch.long, device=dev)
+            self.g_exact_n = torch.ones(n, dtype=torch.int32, device=dev)
         if self.window_blocks is not None:  # the sliding-window layers' slots, lengths and pages
             width = self.window_blocks.table_width()
             self.g_wslots = torch.full((n,), self.window_scratch * self.page_size, dtype=torch.long, device=dev)
@@ -448,6 +544,9 @@ class ModelRunner:
             if self.window_blocks is not None:
                 meta.window_slots, meta.window_decode_lens = self.g_wslots[:b], self.g_wlens[:b]
                 meta.window_decode_table = self.g_wtable[:b]
+            if self.exact_tail:
+                meta.exact_index, meta.decode_pos = self.g_exact[:b], self.g_pos[:b]
+                meta.decode_exact = self.g_exact_n[:b]
             run = lambda: self._model_call(meta, self.g_ids[:b][None], self.g_pos[:b][None], 0)  # noqa: E731
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -500,6 +599,12 @@ class ModelRunner:
                                 (torch.tensor(wslots), torch.tensor(wlens, dtype=torch.int32),
                                  torch.tensor(wtable, dtype=torch.int32))):
                 dst[:b].copy_(src, non_blocking=True)
+        if self.exact_tail:
+            e = self.exact_tail
+            rows = [s.slot * e + s.num_computed % e for s in decode] + [self.num_slots * e] * pad
+            counts = [min(s.num_computed - s.ring_from + 1, e) for s in decode] + [1] * pad
+            self.g_exact[:b].copy_(torch.tensor(rows), non_blocking=True)
+            self.g_exact_n[:b].copy_(torch.tensor(counts, dtype=torch.int32), non_blocking=True)
         self._feed_ids(self.g_ids, decode, 0, feed)
         graph, logits = self.graphs[b]
         graph.replay()

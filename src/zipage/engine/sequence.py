@@ -101,6 +101,7 @@ class Sequence:
     pending: int = 0  # sampled tokens still on the device (asynchronous scheduling): not yet in output_ids
     last_pending: bool = False  # the pending token is the last one (max_tokens / max_model_len): no more steps
     slot: int = -1  # query-slot index while running
+    ring_from: int = 0  # first position computed in this slot (after a prefix-cache hit): its rings hold no earlier
     finish_reason: str | None = None
     text: str | None = None  # decoded output, when the engine has a tokenizer
     cached_pages: int = 0  # leading pages whose hashes are registered (shared or shareable)

@@ -40,6 +40,7 @@ class Replica:
     pending: int
     pages: list[int]
     slot: int
+    ring_from: int
     budget: Any
     compressions: int
     compressing: bool
@@ -54,8 +55,8 @@ class Replica:
         """``seq`` as the runner sees it, with the ids of the ``n`` tokens a step feeds (those on the
         host), as a plain tuple (it pickles several times faster than an object)."""
         start, known = seq.num_computed, seq.num_tokens - seq.pending
-        return (seq.request_id, start, seq.stored, seq.num_tokens, seq.pending, seq.pages, seq.slot, seq.budget,
-                seq.compressions, seq.compressing, seq.status.value,
+        return (seq.request_id, start, seq.stored, seq.num_tokens, seq.pending, seq.pages, seq.slot, seq.ring_from,
+                seq.budget, seq.compressions, seq.compressing, seq.status.value,
                 [seq.token_at(t) for t in range(start, min(start + n, known))])
 
     @classmethod

@@ -1,0 +1,210 @@
+"""Exact tails in the engine (``LLM(exact_tail=...)``): each query reads its last ``exact_tail`` tokens as the
+model computed them, every older one through the 8-bit page codes.
+
+Two independent references: ``generate(cache_implementation="zipage")`` with the same exact tails (tested
+against a band-masked forward in ``test_exact_tail.py``), compressions included, and here the model's own
+forward with an attention that rounds every key and value but, for query ``i``, those at positions
+``>= exact_from[i]``: a prefill chunk starting at ``c`` reads its own tokens and the ``exact_tail - 1``
+before it exactly, back to where its query slot began (after a prefix-cache hit, the first recomputed
+token), and a decoding token its last ``exact_tail``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_sliding_model
+from test_engine import assert_pool_clean, prompts_of, reference
+from test_exact_tail import rounded
+from transformers import AttentionInterface
+
+from zipage import LLM, SamplingParams
+from zipage.engine.runner import ModelRunner
+
+REF = "zipage_exact_tail_engine_reference"
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def reference_logprobs(model, ids: list[int], exact_from: list[int], kv: str) -> torch.Tensor:
+    """Log-softmax ``[T, V]`` of one forward of ``ids`` in which query ``i`` reads keys and values at positions
+    ``j >= exact_from[i]`` exactly and older ones rounded through ``kv``'s page codes."""
+    start = torch.tensor(exact_from).view(-1, 1)
+
+    def attention(module, q, k, v, mask, scaling=None, **kw):
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        T = q.shape[2]
+        i, j = torch.arange(T).view(-1, 1), torch.arange(T).view(1, -1)
+        exact = j >= start
+        logits = torch.where(exact, q @ k.transpose(-1, -2), q @ rounded(k, kv).transpose(-1, -2)) * scaling
+        p = torch.softmax(logits.masked_fill(j > i, float("-inf")), dim=-1)
+        out = (p * exact) @ v + (p * ~exact) @ rounded(v, kv)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(REF, attention)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(REF)
+    try:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    finally:
+        model.set_attn_implementation(before)
+
+
+def exact_from(prompt_len: int, total: int, tail: int, chunk: int, ring_from: int = 0) -> list[int]:
+    """Where each position's exact keys start: prompt chunks of ``chunk`` tokens from ``ring_from``, then one
+    token a step; the ``ring_from`` tokens before come from the prefix cache, where a prompt prefilled in one
+    chunk left them (reading one another exactly)."""
+    starts = [ring_from + (i - ring_from) // chunk * chunk for i in range(ring_from, prompt_len)]
+    return [0] * ring_from + [max(ring_from, s - tail + 1) for s in starts] + [
+        max(ring_from, i - tail + 1) for i in range(prompt_len, total)]
+
+
+def engine_logprobs(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
+    outs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0),
+                        use_tqdm=False)
+    return [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs]
+
+
+def assert_logprobs_match(model, prompt, got, kv, rule):
+    tokens, logprobs = got
+    ids = prompt + tokens
+    want = reference_logprobs(model, ids, rule, kv)[len(prompt) - 1:-1]
+    assert tokens == want.argmax(-1).tolist()
+    torch.testing.assert_close(torch.tensor(logprobs), want.gather(1, torch.tensor(tokens)[:, None])[:, 0],
+                               atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("kv, tail, chunk", [("fp8", 5, 64), ("fp8", 3, 4), ("int8", 4, 6), ("fp8", 1, 64)])
+def test_engine_logprobs_follow_the_exact_tail_rule(kv, tail, chunk):
+    """No eviction: every sampled token's log-probability is the band reference's, whole prompts in one
+    chunk and prompts in chunks (each reading the ``tail - 1`` tokens before it exactly)."""
+    model = tiny_model("qwen3")
+    prompts = prompts_of((13, 9), seed=3)
+    llm = LLM(model, budget=64, page_size=4, window=8, num_pages=128, kv_cache_dtype=kv, exact_tail=tail,
+              max_num_seqs=1, max_num_batched_tokens=chunk)
+    plain = LLM(model, budget=64, page_size=4, window=8, num_pages=128, kv_cache_dtype=kv, max_num_seqs=1,
+                max_num_batched_tokens=chunk)
+    for prompt, got, without in zip(prompts, engine_logprobs(llm, prompts), engine_logprobs(plain, prompts)):
+        rule = exact_from(len(prompt), len(prompt) + 20, tail, chunk)
+        assert_logprobs_match(model, prompt, got, kv, rule)
+        # (the test can tell: pages read whole give other log-probabilities)
+        if tail > 1:
+            assert max(abs(a - b) for a, b in zip(got[1], without[1])) > 1e-3
+    assert_pool_clean(llm)
+
+
+def test_a_prefix_cache_hit_reads_exactly_from_its_first_recomputed_token():
+    """A prompt whose first pages come from the prefix cache: its slot's ring holds nothing before the first
+    recomputed token (the last ``max(window, exact_tail)`` prompt tokens, whole pages), so reads from there."""
+    kv, tail = "fp8", 5
+    model = tiny_model("qwen3")
+    shared = prompts_of((13,), seed=7)[0]
+    a, b = prompts_of((5, 6), seed=2, prefix=shared)
+    llm = LLM(model, budget=64, page_size=4, window=4, num_pages=128, kv_cache_dtype=kv, exact_tail=tail,
+              max_num_seqs=1)
+    engine_logprobs(llm, [a])
+    got = engine_logprobs(llm, [b])[0]
+    assert llm.stats()["prefix_cache_hits"] > 0
+    ring_from = (len(b) - tail) // 4 * 4  # the pages before the last `tail` tokens (window 4 < tail)
+    assert ring_from == 12
+    assert_logprobs_match(model, b, got, kv, exact_from(len(b), len(b) + 20, tail, 64, ring_from))
+    with pytest.raises(AssertionError):  # (the test can tell where the ring begins)
+        assert_logprobs_match(model, b, got, kv, exact_from(len(b), len(b) + 20, tail, 64))
+
+
+@pytest.mark.parametrize("scorer, kv", [("zipage", "fp8"), ("snapkv", "fp8"), ("zipage", "int8"),
+                                        ("zipage", "fp8-rotated")])
+def test_compressing_engine_with_exact_tails_matches_generate(scorer, kv, monkeypatch):
+    """Compressions included: the engine's tokens are generate()'s with the same exact tails (whole prompts
+    in one chunk, no prefix cache: where both read the same tokens exactly), and differ from pages read whole."""
+    if kv == "fp8-rotated":
+        monkeypatch.setenv("ZIPAGE_FP8_ROTATION", "1")
+        kv = "fp8"
+    model = tiny_model("qwen3")
+    prompts = prompts_of((12, 30, 7, 21), seed=1)
+    fields = dict(budget=16, page_size=4, buffer=4, window=6, scorer=scorer, kv_cache_dtype=kv, exact_tail=5)
+    llm = LLM(model, num_pages=128, max_num_seqs=3, enable_prefix_caching=False, **fields)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert llm.stats()["compressions"] > 0
+    plain = {**fields, "exact_tail": 0}
+    differs = 0
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference(model, prompt, 24, cache_implementation="zipage", cache_config=fields)
+        differs += out.token_ids != reference(model, prompt, 24, cache_implementation="zipage", cache_config=plain)
+    assert differs
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "gemma3"])
+def test_exact_tails_with_sinks_and_sliding_layers_match_generate(family):
+    """Learned sinks join the merged softmax once; sliding-window layers (16-bit pools) read every token as it
+    is already."""
+    model = tiny_sliding_model(family)
+    prompts = prompts_of((12, 25), seed=5)
+    fields = dict(budget=12, page_size=4, buffer=4, window=4, kv_cache_dtype="fp8", exact_tail=4)
+    llm = LLM(model, num_pages=64, max_num_seqs=2, enable_prefix_caching=False, **fields)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert llm.stats()["compressions"] > 0
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference(model, prompt, 24, cache_implementation="zipage", cache_config=fields)
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_exact_tails_survive_preemption_and_samples_of_one_prompt(caching):
+    """Short of pages (with the prefix cache: preemptions for the fresh pages of shared prompts' first
+    compressions, recomputed prompts) and ``n`` samples of one prompt: nothing lost, every sample gets its
+    tokens. Without the prefix cache greedy samples are equal; with it a later sample reads its prompt's cached
+    pages through their codes (the exact values are gone), so it may differ slightly."""
+    model = tiny_model("qwen3")
+    prompts = prompts_of((2, 3, 3, 12, 6), seed=2, prefix=prompts_of((8,), seed=10)[0])
+    for async_compression in (True, False):
+        llm = LLM(model, budget=16, page_size=4, buffer=4, window=4, num_pages=12, max_num_seqs=4,
+                  max_num_batched_tokens=4, kv_cache_dtype="fp8", exact_tail=5, enable_prefix_caching=caching,
+                  async_compression=async_compression)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, n=2), use_tqdm=False)
+        assert llm.stats()["compressions"] > 0 and (llm.stats()["preemptions"] > 0) == caching
+        assert all(len(c.token_ids) == 30 for o in outs for c in o.outputs)
+        if not caching:
+            assert all(c.token_ids == o.outputs[0].token_ids for o in outs for c in o.outputs)
+        assert_pool_clean(llm)
+
+
+def test_the_exact_tails_ring_is_counted_in_the_slot_bytes():
+    model = tiny_model("qwen3")
+    cfg = model.config
+    plain = ModelRunner.bytes_per_slot(cfg, 8, torch.float32, 16)
+    with_tail = ModelRunner.bytes_per_slot(cfg, 8, torch.float32, 16, exact_tail=5)
+    heads, dim = cfg.num_key_value_heads, cfg.head_dim
+    assert with_tail - plain == cfg.num_hidden_layers * 5 * heads * dim * 2 * 4
+    llm = LLM(model, budget=16, page_size=4, window=8, num_pages=16, kv_cache_dtype="fp8", exact_tail=5)
+    r = llm.runner
+    assert r.exact_k.shape == (cfg.num_hidden_layers, (r.num_slots + 1) * 5, 1, heads, dim)
+    assert llm.stats()["exact_tail_bytes"] == 2 * r.exact_k.numel() * 4
+
+
+def test_the_engine_refuses_an_exact_tail_it_cannot_keep():
+    with pytest.raises(ValueError, match="window=4"):
+        LLM(tiny_model("qwen3"), budget=16, page_size=4, window=4, num_pages=16, kv_cache_dtype="fp8", exact_tail=6)
+    with pytest.raises(ValueError, match="8-bit pages"):
+        LLM(tiny_model("qwen3"), budget=16, page_size=4, window=4, num_pages=16, exact_tail=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", ["fp8", "int8"])
+def test_exact_tails_on_cuda_with_graphs_match_eager_and_generate(kv):
+    """The CUDA-graph decode (ring rows and counts in static buffers, padding rows in the scratch ring) gives
+    the eager forward's tokens, and both generate()'s, in float32 (bf16 is checked by the quality benchmark)."""
+    model = tiny_model("qwen3").cuda()
+    prompts = prompts_of((12, 30, 7, 21, 40), seed=1)
+    fields = dict(budget=16, page_size=4, buffer=4, window=6, kv_cache_dtype=kv, exact_tail=5)
+    outs = {}
+    for eager in (False, True):
+        llm = LLM(model, num_pages=256, max_num_seqs=3, enable_prefix_caching=False, enforce_eager=eager, **fields)
+        outs[eager] = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert llm.use_graphs != eager
+        assert_pool_clean(llm)
+    assert outs[False] == outs[True]
+    for prompt, tokens in zip(prompts, outs[False]):
+        assert tokens == reference(model, prompt, 24, cache_implementation="zipage", cache_config=fields)
