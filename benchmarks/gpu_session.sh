@@ -64,7 +64,8 @@
 #              steps keep their queries (200- and 4,096-token prompts, batch 16)
 #   PART=nanstore the KV store per layer before (.before = fae3c3e) and after the 8-bit store's NaN check
 #   PART=exacttail GPU tests of exact tails, then generate()'s decode step on FP8 pages with and without
-#              exact_tail=16 (and bf16 pages), against DynamicCache: what the paged path's merge costs
+#              exact_tail=16 (and bf16 pages), against DynamicCache: what the paged path's merge costs; then the
+#              engine's throughput on FP8 pages with and without exact_tail=16
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -167,12 +168,17 @@ case "${PART:-final}" in
   exacttail)  # prepared in session 34, not yet run: exact tails' GPU tests, then generate()'s decode step (zipage-512
               # against DynamicCache taking turns, batch 16, 4,096-token prompt past the budget) on bf16 pages, FP8
               # pages, and FP8 pages with exact_tail=16 (the paged kernel with return_lse plus the merge)
-    timeout 200 python3 -m pytest -q -m gpu tests/test_exact_tail.py 2>&1 | tail -3
+    timeout 200 python3 -m pytest -q -m gpu tests/test_exact_tail.py tests/test_exact_tail_engine.py 2>&1 | tail -3
     for kv in "" "--kv-cache-dtype fp8" "--kv-cache-dtype fp8 --exact-tail 16"; do
       tag=$(echo "bf16 $kv" | awk '{print ($2 == "" ? "bf16" : ($4 == "" ? "fp8" : "fp8_tail16"))}')
       timeout 120 python3 benchmarks/generate_steps.py --batch 16 --prompt 4096 --new 256 $kv --label "$tag" \
         --out "$OUT/generate_steps_b16_p4096_$tag.json" 2>&1 | tail -1
-    done ;;
+    done
+    # the engine (session 35): FP8 pages with and without exact_tail=16, the same run and memory (the ring's
+    # extra memory is beside the pages)
+    timeout 280 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 --max-tokens 4096 \
+      --kv-gib 80 --time-limit 100 --systems zipage-2048-fp8,zipage-2048-fp8-tail16 \
+      --out "$OUT/throughput_qwen3-8b_fp8_tail16.json" 2>&1 | tail -4 ;;
   smallops_pairs)
     for tree in .before .; do
       tag=$([ "$tree" = . ] && echo after || echo before)

@@ -6,7 +6,8 @@ config. Systems: zipage at two budgets, zipage's own full-KV paged engine (budge
 transformers' continuous batching (``generate_batch``) and plain ``generate`` with a
 DynamicCache at the largest batch whose full KV fits the same memory (one batch, timed).
 Any engine system takes ``-fp8`` (``zipage-2048-fp8``, ``zipage-fullkv-fp8``): FP8 KV pages, so
-the same memory holds about twice the pages; ``-int8`` the same with INT8 pages.
+the same memory holds about twice the pages; ``-int8`` the same with INT8 pages; with a budget, ``-tail<N>``
+adds exact tails of N tokens (``zipage-2048-fp8-tail16``: ``exact_tail=16``).
 
 ``--workload long-prompt`` swaps the prompts for long documents (``--prompt-len MIN,MAX`` random
 tokens, default 8K-32K, drawn uniformly per request) followed by ``--max-tokens`` outputs (a few
@@ -429,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output tokens per request for the transformers peers (they are much slower)")
     ap.add_argument("--systems", default="zipage-2048,zipage-1024,zipage-fullkv,hf-generate_batch,hf-generate",
                     help="comma list: zipage-<budget>, zipage-fullkv (add -sync for async_scheduling=False, -fp8 "
-                         "or -int8 for 8-bit KV pages), hf-generate_batch, hf-generate")
+                         "or -int8 for 8-bit KV pages, -tail<N> for exact tails), hf-generate_batch, hf-generate")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"],
                     help="KV pages of every engine system (a system's -fp8 / -int8 suffix asks for its own)")
     ap.add_argument("--max-num-seqs", type=int, default=256,
@@ -474,10 +475,26 @@ def check_system(name: str) -> None:
                          "hf-generate_batch or hf-generate")
     if parts[1] != "fullkv" and not (parts[1].isdigit() and int(parts[1]) >= 1):
         raise ValueError(f"system {name!r}: the budget {parts[1]!r} is not an int >= 1 (or fullkv)")
-    unknown = set(parts[2:]) - {"sync", "fp8", "int8"}
+    unknown = set(parts[2:]) - {"sync", "fp8", "int8"} - {p for p in parts[2:] if _tail(p)}
     if unknown or {"fp8", "int8"} <= set(parts[2:]):
         raise ValueError(f"unknown system flag(s) {sorted(unknown) or ['fp8 with int8']} in {name!r}: "
-                         "expected -sync and one of -fp8, -int8")
+                         "expected -sync, one of -fp8, -int8 and -tail<N> (exact tails of N tokens)")
+
+
+def system_options(name: str, kv_cache_dtype: str) -> tuple[int | None, dict]:
+    """The budget and engine options of a ``zipage-<budget|fullkv>[-sync][-fp8|-int8][-tail<N>]`` system
+    (checked: ``check_system``); ``kv_cache_dtype`` where it names no 8-bit pages."""
+    parts = name.split("-")
+    budget = None if parts[1] == "fullkv" else int(parts[1])
+    options = dict(kv_cache_dtype=next((k for k in ("fp8", "int8") if k in parts[2:]), kv_cache_dtype),
+                   async_scheduling="sync" not in parts[2:])
+    options.update({"exact_tail": t for t in map(_tail, parts[2:]) if t})
+    return budget, options
+
+
+def _tail(flag: str) -> int:
+    """N of a ``-tail<N>`` system flag (``exact_tail=N`` on 8-bit pages), else 0."""
+    return int(flag[4:]) if flag.startswith("tail") and flag[4:].isdigit() and int(flag[4:]) >= 1 else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,15 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             if name.startswith("zipage-"):
-                parts = name.split("-")  # zipage-<budget|fullkv>[-sync][-fp8|-int8] (checked: check_system)
-                budget = None if parts[1] == "fullkv" else int(parts[1])
-                kv = next((k for k in ("fp8", "int8") if k in parts[2:]), args.kv_cache_dtype)
-                results[name] = run_engine(model, work, budget, bw, kv_gib, page_size=args.page_size,
+                budget, options = system_options(name, args.kv_cache_dtype)
+                results[name] = run_engine(model, work, budget, bw, kv_gib, page_size=args.page_size, **options,
                                            tokenizer=tokenizer, max_num_seqs=args.max_num_seqs,
-                                           kv_cache_dtype=kv,
                                            async_compression=budget is not None and not args.sync_compression,
-                                           async_scheduling="sync" not in parts[2:], time_limit=args.time_limit,
-                                           tflops=tflops)
+                                           time_limit=args.time_limit, tflops=tflops)
             elif name == "hf-generate_batch":
                 results[name] = run_generate_batch(model, work, min(args.peer_max_tokens, args.max_tokens), kv_gib)
             elif name == "hf-generate":

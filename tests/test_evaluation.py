@@ -211,11 +211,15 @@ def test_serve_options_are_checked_before_anything_loads():
                          (["--max-model-len", "0"], "--max-model-len 0"), (["--port", "99999"], "--port 99999"),
                          (["--max-waiting", "0"], "--max-waiting 0"), (["--budget", "8"], "observation window"),
                          (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
-                         (["--budget", "none", "--page-size", "0"], "page_size")):
+                         (["--budget", "none", "--page-size", "0"], "page_size"),
+                         (["--exact-tail", "4"], "8-bit pages"), (["--kv-cache-dtype", "fp8", "--exact-tail", "-1"],
+                                                                  "exact_tail=-1"),
+                         (["--budget", "none", "--kv-cache-dtype", "fp8", "--exact-tail", "4"], "not --budget none")):
         problem = check_args(serve_parser().parse_args(flags))
         assert problem is not None and words in problem, (flags, problem)
     assert check_args(serve_parser().parse_args(["--budget", "none", "--page-size", "16"])) is None
     assert check_args(serve_parser().parse_args(["--scorer", "snapkv", "--kv-cache-dtype", "fp8"])) is None
+    assert check_args(serve_parser().parse_args(["--kv-cache-dtype", "fp8", "--exact-tail", "16"])) is None
 
 
 @pytest.fixture

@@ -208,3 +208,14 @@ def test_exact_tails_on_cuda_with_graphs_match_eager_and_generate(kv):
     assert outs[False] == outs[True]
     for prompt, tokens in zip(prompts, outs[False]):
         assert tokens == reference(model, prompt, 24, cache_implementation="zipage", cache_config=fields)
+
+
+def test_zipage_serve_builds_its_engine_with_exact_tails():
+    pytest.importorskip("fastapi")
+    from zipage.serve.server import engine_from_args
+    from zipage_cli import serve_parser
+
+    args = serve_parser().parse_args(["--kv-cache-dtype", "fp8", "--exact-tail", "4", "--budget", "32", "--page-size",
+                                      "4", "--num-pages", "64", "--max-num-seqs", "2"])
+    llm = engine_from_args(tiny_model("qwen3"), None, args)
+    assert llm.zipage_config.exact_tail == 4 and llm.stats()["exact_tail_bytes"] > 0

@@ -28,6 +28,8 @@ def test_prompt_len_parsing():
     (["--systems", "bogus"], "unknown system 'bogus'"),
     (["--systems", "zipage-2048,zipage-abc"], "the budget 'abc'"),
     (["--systems", "zipage-64-fp8-int8"], "fp8 with int8"),
+    (["--systems", "zipage-64-fp8-tail"], "'tail'"),
+    (["--systems", "zipage-64-fp8-tail0"], "'tail0'"),
     (["--page-size", "3"], "--page-size 3"),
     (["--kv-gib", "0"], "--kv-gib 0"),
     (["--max-num-seqs", "0"], "--max-num-seqs 0"),
@@ -37,6 +39,13 @@ def test_bad_workload_options_are_refused(argv, message, capsys):
         tp.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_system_names_give_the_engine_options():
+    tp.check_system("zipage-64-fp8-tail16")
+    assert tp.system_options("zipage-64-fp8-tail16", "auto") == (
+        64, dict(kv_cache_dtype="fp8", async_scheduling=True, exact_tail=16))
+    assert tp.system_options("zipage-fullkv-sync", "int8") == (None, dict(kv_cache_dtype="int8", async_scheduling=False))
 
 
 def test_long_prompts_lengths_and_ids():

@@ -137,8 +137,10 @@ class ZipageConfig:
             keeps the last ``exact_tail - 1`` tokens' keys and values beside the pages, so they must fit in
             the observation window, which compression keeps (``exact_tail - 1 <= window``; where it evicts
             padding from the window, the older tokens that move into the last slots are read from the
-            pages). A step of several tokens (a prompt, a chunk) reads all of its own tokens exactly.
-            generate() only for now: the engine refuses it.
+            pages). A step of several tokens (a prompt, a chunk) reads all of its own tokens exactly. The
+            engine keeps a ring of each query slot's last ``exact_tail`` keys and values; its prefill chunks
+            read their own tokens and the ``exact_tail - 1`` before them exactly, back to the first token it
+            computed (the prefix cache's pages hold codes only).
     """
 
     budget: int = 2048

@@ -142,7 +142,9 @@ class LLM:
             in the same memory. With ``budget=None`` it gives a full-KV FP8 engine. ``"int8"``: the
             same with int8 codes (``round(x / s)``, ``s = max|x| / 127``) of keys and values in a
             Hadamard-rotated basis (attention unchanged): the same bytes, with far less rounding in
-            the attention logits than e4m3.
+            the attention logits than e4m3. With a budget, ``exact_tail=N`` (a ``ZipageConfig`` field)
+            keeps each query slot's last N keys and values in the model's dtype, read exactly by every query
+            (see the engine guide, "Exact tails").
         tensor_parallel_size: split the model over this many ranks (GPUs from the model's, or
             CPU processes): each holds its share of every projection and the KV pages of its
             heads, which must divide by it. The engine starts ranks 1..N-1 itself (spawned

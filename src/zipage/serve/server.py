@@ -56,6 +56,8 @@ def engine_from_args(model: Any, tokenizer: Any, args: argparse.Namespace) -> LL
     fields = {"page_size": args.page_size}
     if args.budget is not None and args.scorer is not None:
         fields["scorer"] = args.scorer
+    if getattr(args, "exact_tail", 0):
+        fields["exact_tail"] = args.exact_tail
     tp = getattr(args, "tensor_parallel_size", 1)
     if tp > 1 and isinstance(model, str):  # every rank loads it (see load)
         device, dtype = _placement(args)
@@ -90,13 +92,17 @@ def check_args(args: argparse.Namespace) -> str | None:
     from ..config import ZipageConfig
     from ..scoring import list_scorers
 
+    exact_tail = getattr(args, "exact_tail", 0)
+    if exact_tail and args.budget is None:
+        return f"--exact-tail {exact_tail}: exact tails go with a budget (the query slots' rings), not --budget none"
     try:
         if args.budget is not None:
-            ZipageConfig(budget=args.budget, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype)
+            ZipageConfig(budget=args.budget, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
+                         exact_tail=exact_tail)
         else:
             ZipageConfig(page_size=args.page_size)
     except (TypeError, ValueError) as e:
-        return f"--budget {args.budget} / --page-size {args.page_size}: {e}"
+        return f"--budget {args.budget} / --page-size {args.page_size} / --exact-tail {exact_tail}: {e}"
     if args.scorer is not None and args.scorer not in list_scorers():
         return f"--scorer {args.scorer!r} is unknown: choose one of {list_scorers()}"
     if args.max_budget is not None and args.budget is None:
