@@ -219,3 +219,24 @@ def test_zipage_serve_builds_its_engine_with_exact_tails():
                                       "4", "--num-pages", "64", "--max-num-seqs", "2"])
     llm = engine_from_args(tiny_model("qwen3"), None, args)
     assert llm.zipage_config.exact_tail == 4 and llm.stats()["exact_tail_bytes"] > 0
+
+
+def test_prefill_chunks_one_at_a_time_past_the_scratch_limit(monkeypatch):
+    """Where the dequantized pages of a step's chunks together would pass the scratch limit, each chunk is
+    prefilled alone: the same log-probabilities (chunks with tokens before them included)."""
+    import zipage.engine.runner as runner
+
+    model = tiny_model("qwen3")
+    prompts = prompts_of((13, 9, 17), seed=3)
+    kw = dict(budget=64, page_size=4, window=8, num_pages=128, kv_cache_dtype="fp8", exact_tail=5, max_num_seqs=3,
+              max_num_batched_tokens=12)
+    want = engine_logprobs(LLM(model, **kw), prompts)
+    calls = []
+    dequantize = runner.dequantize_pages
+    monkeypatch.setattr(runner, "dequantize_pages", lambda *a: calls.append(a[4].shape[0]) or dequantize(*a))
+    monkeypatch.setattr(runner, "DEQUANTIZE_LIMIT_BYTES", 0)
+    got = engine_logprobs(LLM(model, **kw), prompts)
+    assert set(calls) == {1} and len(calls) > len(model.model.layers) * 3
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
+        assert tokens == want_tokens
+        assert logprobs == pytest.approx(want_logprobs, abs=1e-5)

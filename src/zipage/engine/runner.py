@@ -37,7 +37,7 @@ from ..kernels import (exact_attention, kv_dtype, merge_attention, paged_decode_
 from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, rotate, value_pool
 from ..kernels._triton import use_triton
 from ..kernels.paged_decode_fp8 import DEFAULT_BLOCK_N as DECODE_TILE
-from ..kernels.paged_prefill import dequantize_pages
+from ..kernels.paged_prefill import DEQUANTIZE_LIMIT_BYTES, dequantize_pages
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import Scorer, get_scorer
 from .fusion import ModelFusion
@@ -104,6 +104,7 @@ class StepMeta:
     exact_index: torch.Tensor | None = None  # [T]
     prefill_exact_src: torch.Tensor | None = None  # [X]
     prefill_exact_dst: torch.Tensor | None = None  # [X + num_prefill_tokens]
+    prefill_exact_rows: list[tuple[int, int, int, int]] | None = None  # per chunk: tokens before, stored, own, row
     decode_pos: torch.Tensor | None = None  # [Bd]
     decode_exact: torch.Tensor | None = None  # [Bd] int32
     tail: tuple | None = None  # (made by the first layer of each forward: rows, valid, paged lens)
@@ -177,16 +178,13 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         )
     if n_p:
         out = torch.empty_like(q)
-        if exact:  # the chunk's pages dequantized, their exact tokens written over their codes' values
-            kp, vp, table = dequantize_pages(kp, vp, ks, vs, tables[0], q.dtype)
-            for pool, x, b in zip((kp, vp), (k, v), before):
-                x = torch.cat([b.to(pool.dtype), x[:n_p].to(pool.dtype)])
-                pool.view(-1, *pool.shape[2:]).index_copy_(0, meta.prefill_exact_dst, x)
-            tables, ks, vs = (table,) + tables[1:], None, None
-        out[:n_p] = paged_prefill_attention(
-            q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
-            k_scale=ks, v_scale=vs, **features
-        )
+        if exact:
+            _prefill_with_exact_tails(meta, q[:n_p], k, v, before, kp, vp, ks, vs, scale, features, out)
+        else:
+            out[:n_p] = paged_prefill_attention(
+                q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
+                k_scale=ks, v_scale=vs, **features
+            )
         if decode is not None:
             out[n_p:] = decode
     else:  # a decode-only step: the decode kernel's output as it is (no copy)
@@ -206,6 +204,33 @@ def _decode_with_exact_tails(r: ModelRunner, meta: StepMeta, j: int, q, kp, vp, 
                                       k_scale=ks, v_scale=vs, softcap=features["softcap"], return_lse=True)
     recent = exact_attention(q, keys, values, valid, scale, features["softcap"])
     return merge_attention([(out, lse), recent], features["sinks"])
+
+
+def _prefill_with_exact_tails(meta: StepMeta, q, k, v, before, kp, vp, ks, vs, scale, features, out) -> None:
+    """Prefill chunks with exact tails, into ``out[:len(q)]``: their pages dequantized into a scratch pool, each
+    chunk's own tokens and the ``exact_tail - 1`` before it written over their codes' values, then the 16-bit
+    prefill. Where the scratch of every chunk's pages together would pass ``DEQUANTIZE_LIMIT_BYTES``, one chunk
+    at a time (a chunk's own pages are dequantized whole: its context x KV heads x head dim x 4 bytes)."""
+    n_p, table = q.shape[0], meta.prefill_table
+    src = [torch.cat([b.to(q.dtype), x[:n_p].to(q.dtype)]) for b, x in zip(before, (k, v))]
+    per_page = kp[0].numel() * 2 * q.element_size()
+    if table.shape[0] == 1 or table.numel() * per_page <= DEQUANTIZE_LIMIT_BYTES:
+        groups = [(slice(0, n_p), table, meta.cu_seqlens_q, meta.prefill_lens, meta.max_q_len, meta.prefill_exact_dst,
+                   src)]
+    else:
+        groups, e0, k_count = [], 0, len(meta.prefill_exact_src)
+        for b, (before_b, stored, n, q0) in enumerate(meta.prefill_exact_rows):
+            rows = torch.arange(stored - before_b, stored + n, device=q.device)
+            chunk = [torch.cat([x[e0:e0 + before_b], x[k_count + q0:k_count + q0 + n]]) for x in src]
+            cu = torch.tensor([0, n], dtype=torch.int32, device=q.device)
+            groups.append((slice(q0, q0 + n), table[b:b + 1], cu, meta.prefill_lens[b:b + 1], n, rows, chunk))
+            e0 += before_b
+    for rows, pages, cu, lens, max_q, dst, values in groups:
+        kq, vq, scratch_table = dequantize_pages(kp, vp, ks, vs, pages, q.dtype)
+        for pool, x in zip((kq, vq), values):
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, dst, x)
+        out[rows] = paged_prefill_attention(q[rows], kq, vq, scratch_table, cu, lens, scale, max_q_len=max_q,
+                                            **features)
 
 
 _registered = False
@@ -447,12 +472,13 @@ class ModelRunner:
         meta.exact_index = torch.tensor(exact, dtype=torch.long, device=dev)
         if prefill:
             width = max(len(s.pages) for s, _ in prefill)  # (the prefill table's, so the scratch pool's pages)
-            src, dst, own = [], [], []
+            src, dst, own, meta.prefill_exact_rows = [], [], [], []
             for b, (seq, n) in enumerate(prefill):
                 start, first = seq.num_computed, b * width * p
                 k = min(start - seq.ring_from, e - 1)
                 src.extend(seq.slot * e + t % e for t in range(start - k, start))
                 dst.extend(range(first + seq.stored - k, first + seq.stored))
+                meta.prefill_exact_rows.append((k, seq.stored, n, len(own)))
                 own.extend(range(first + seq.stored, first + seq.stored + n))
             meta.prefill_exact_src = torch.tensor(src, dtype=torch.long, device=dev)
             meta.prefill_exact_dst = torch.tensor(dst + own, dtype=torch.long, device=dev)
