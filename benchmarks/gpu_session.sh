@@ -174,8 +174,15 @@ case "${PART:-final}" in
       timeout 120 python3 benchmarks/generate_steps.py --batch 16 --prompt 4096 --new 256 $kv --label "$tag" \
         --out "$OUT/generate_steps_b16_p4096_$tag.json" 2>&1 | tail -1
     done
-    # the engine (session 35): FP8 pages with and without exact_tail=16, the same run and memory (the ring's
-    # extra memory is beside the pages)
+    # the engine (session 35): its decode step on FP8 pages without exact tails, with exact_tail=16 (the merge's
+    # kernel) and with the merge in PyTorch ops; then throughput with and without, the same run and memory (the
+    # ring's extra memory is beside the pages)
+    for v in none triton torch; do
+      tail=$([ $v = none ] && echo 0 || echo 16)
+      ZIPAGE_EXACT_TAIL_KERNEL=$([ $v = none ] && echo triton || echo $v) timeout 100 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
+        --kv-cache-dtype fp8 --exact-tail $tail --default-only --out "$OUT/profile_fp8_490_tail_$v.json" 2>&1 \
+        | grep -a 'engine step\|device time'
+    done
     timeout 280 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 --max-tokens 4096 \
       --kv-gib 80 --time-limit 100 --systems zipage-2048-fp8,zipage-2048-fp8-tail16 \
       --out "$OUT/throughput_qwen3-8b_fp8_tail16.json" 2>&1 | tail -4 ;;

@@ -7,11 +7,14 @@ scheduling, then profiles the last variant.
     python benchmarks/profile_step.py --requests 32
     python benchmarks/profile_step.py --requests 15 --prompt-tokens 2000   # contexts like the throughput run
     python benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 --kv-cache-dtype fp8 --default-only
+    python benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 --kv-cache-dtype fp8 --exact-tail 16 \
+        --default-only   # (ZIPAGE_EXACT_TAIL_KERNEL=torch: the merge in PyTorch ops instead of its kernel)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -21,9 +24,10 @@ import zipage
 
 
 def step_ms(model, requests: int, fuse_ops: bool, async_scheduling: bool, prompt_tokens: int | None, n: int = 20,
-            merge: bool = True, kv_cache_dtype: str = "auto", max_num_seqs: int | None = None):
+            merge: bool = True, kv_cache_dtype: str = "auto", max_num_seqs: int | None = None, exact_tail: int = 0):
     llm = zipage.LLM(model, budget=2048, page_size=256, fuse_ops=fuse_ops, async_scheduling=async_scheduling,
-                     kv_cache_dtype=kv_cache_dtype, max_num_seqs=max_num_seqs or max(requests, 256))
+                     kv_cache_dtype=kv_cache_dtype, max_num_seqs=max_num_seqs or max(requests, 256),
+                     exact_tail=exact_tail)
     if not merge:  # norms and RoPE fused, projections as the model runs them (graphs are captured later)
         llm.runner.fusion.merged = []
     params = zipage.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
@@ -58,6 +62,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=None, help="random prompts of this length instead of the workload")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"])
+    ap.add_argument("--exact-tail", type=int, default=0, help="exact tails of this many tokens (8-bit pages)")
     ap.add_argument("--default-only", action="store_true", help="time and profile the engine's defaults only")
     ap.add_argument("--out", default=None, help="timings and profiled kernels (JSON)")
     ap.add_argument("--max-num-seqs", type=int, default=None,
@@ -65,7 +70,8 @@ def main() -> None:
                          "captured graph that holds them, padded, as in a throughput run")
     args = ap.parse_args()
     record = dict(model=args.model, requests=args.requests, prompt_tokens=args.prompt_tokens,
-                  kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, variants=[])
+                  kv_cache_dtype=args.kv_cache_dtype, exact_tail=args.exact_tail, max_num_seqs=args.max_num_seqs,
+                  exact_tail_kernel=os.environ.get("ZIPAGE_EXACT_TAIL_KERNEL", "triton"), variants=[])
     model = build(args.model)
     # (fuse_ops, merged projections, async_scheduling)
     variants = [(False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)]
@@ -73,7 +79,8 @@ def main() -> None:
         variants = variants[-1:]
     for fuse, merge, overlap in variants:
         ms, llm = step_ms(model, args.requests, fuse, overlap, args.prompt_tokens, merge=merge,
-                          kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs)
+                          kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
+                          exact_tail=args.exact_tail)
         ctx = sum(s.stored for s in llm.scheduler.running) / max(len(llm.scheduler.running), 1)
         record["variants"].append(dict(fuse_ops=fuse, merged=merge and fuse, async_scheduling=overlap,
                                        step_ms=round(ms, 3), running=len(llm.scheduler.running), mean_context=ctx))

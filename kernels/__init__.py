@@ -10,6 +10,7 @@ through them is ``zipage.engine.fusion``'s business).
 
 from .compact import compact, compact_reference, compact_triton
 from .fp8 import FP8, INT8, dequantize_reference, kv_dtype, quantize_reference
+from .exact_tail import exact_tail_merge, exact_tail_merge_reference, exact_tail_merge_triton
 from .paged_attention import (
     exact_attention,
     merge_attention,
@@ -45,9 +46,14 @@ __all__ = [
     "compact",
     "compact_reference",
     "compact_triton",
+    "exact_attention",
+    "exact_tail_merge",
+    "exact_tail_merge_reference",
+    "exact_tail_merge_triton",
     "gather_kv",
     "gather_kv_reference",
     "lightning_redundancy_triton",
+    "merge_attention",
     "paged_decode_attention",
     "paged_decode_attention_reference",
     "paged_decode_attention_triton",

@@ -240,3 +240,46 @@ def test_prefill_chunks_one_at_a_time_past_the_scratch_limit(monkeypatch):
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
         assert tokens == want_tokens
         assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+@pytest.mark.parametrize("sinks, softcap", [(False, None), (True, None), (False, 3.0), (True, 2.0)])
+def test_exact_tail_merge_is_one_softmax_over_the_pages_and_the_ring(triton, sinks, softcap):
+    """The merge of a paged part (output and log-sum-exp) with a ring's valid rows, against one softmax over
+    both key sets (sink logits in the denominator, every logit capped): the reference and the Triton kernel
+    (its interpreter on a CPU); 3 query heads per KV head and a 24-wide head (neither a power of two), rows
+    with an empty paged part, counts 1..tail, positions before the ring wrapped."""
+    from zipage.kernels.exact_tail import exact_tail_merge_reference, exact_tail_merge_triton, exact_tail_rows
+
+    if triton and torch.cuda.is_available():
+        pytest.skip("interpreter case")
+    g = torch.Generator().manual_seed(2)
+    B, H, G, D, tail, slots = 5, 2, 3, 24, 5, 4
+    q = torch.randn(B, H * G, D, generator=g)
+    ring_k, ring_v = (torch.randn((slots + 1) * tail, H, D, generator=g) for _ in range(2))
+    first = torch.tensor([0, 1, 2, 3, 4]) * tail
+    pos = torch.tensor([2, 9, 0, 13, 4])
+    count = torch.tensor([3, 5, 1, 2, 5])
+    paged = [torch.randn(n, H, D, generator=g) for n in (4, 7, 0, 3, 0)]
+    paged_v = [torch.randn(n, H, D, generator=g) for n in (4, 7, 0, 3, 0)]
+    sink = torch.randn(H * G, generator=g) if sinks else None
+    cap = (lambda x: softcap * torch.tanh(x / softcap)) if softcap else (lambda x: x)
+    rows, valid = exact_tail_rows(first, pos, count, tail)
+    assert valid.sum(1).tolist() == count.tolist()
+    out, lse, want = torch.zeros_like(q), torch.full((B, H * G), float("-inf")), torch.zeros_like(q)
+    for b in range(B):
+        keys = torch.cat([paged[b], ring_k[rows[b][valid[b]]]]).repeat_interleave(G, dim=1)  # [n, Hq, D]
+        values = torch.cat([paged_v[b], ring_v[rows[b][valid[b]]]]).repeat_interleave(G, dim=1)
+        logits = cap(torch.einsum("hd,nhd->hn", q[b], keys) * 0.3)
+        if sinks:
+            logits = torch.cat([logits, sink[:, None]], dim=1)
+        p = torch.softmax(logits, dim=1)[:, :len(keys)]
+        want[b] = torch.einsum("hn,nhd->hd", p, values)
+        n = len(paged[b])
+        if n:  # the paged part alone, as the paged kernel returns it (no sinks)
+            part = cap(torch.einsum("hd,nhd->hn", q[b], keys[:n]) * 0.3)
+            lse[b] = torch.logsumexp(part, dim=1)
+            out[b] = torch.einsum("hn,nhd->hd", torch.softmax(part, dim=1), values[:n])
+    merge = exact_tail_merge_triton if triton else exact_tail_merge_reference
+    got = merge(q, out, lse, ring_k, ring_v, first, pos, count, tail, 0.3, softcap, sink)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -32,8 +32,8 @@ import torch
 from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
-from ..kernels import (exact_attention, kv_dtype, merge_attention, paged_decode_attention, paged_prefill_attention,
-                       store_kv)
+from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
+from ..kernels.exact_tail import exact_tail_merge
 from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, rotate, value_pool
 from ..kernels._triton import use_triton
 from ..kernels.paged_decode_fp8 import DEFAULT_BLOCK_N as DECODE_TILE
@@ -107,18 +107,16 @@ class StepMeta:
     prefill_exact_rows: list[tuple[int, int, int, int]] | None = None  # per chunk: tokens before, stored, own, row
     decode_pos: torch.Tensor | None = None  # [Bd]
     decode_exact: torch.Tensor | None = None  # [Bd] int32
-    tail: tuple | None = None  # (made by the first layer of each forward: rows, valid, paged lens)
+    tail: tuple | None = None  # (made by the first layer of each forward: first ring rows, paged lens)
     layers: set[int] = field(default_factory=set)  # the layers whose attention ran through the engine
 
-    def decode_tail(self, r: ModelRunner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows [Bd, e], valid [Bd, e], paged lens [Bd])`` of the decoding rows' exact tails: the ring rows
-        of each row's slot, which of them hold its last ``decode_exact`` positions, and the pages' tokens before
-        those. Made once per forward (inside a captured graph too: ``_model_call`` clears it)."""
+    def decode_tail(self, r: ModelRunner) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(first [Bd], paged lens [Bd])`` of the decoding rows' exact tails: the first ring row of each row's
+        slot, and the pages' tokens before its last ``decode_exact``. Made once per forward (inside a captured
+        graph too: ``_model_call`` clears it)."""
         if self.tail is None:
-            e, ages = r.exact_tail, r.exact_ages
-            first = self.exact_index[self.num_prefill_tokens:] // e * e
-            valid = (self.decode_pos[:, None] - ages) % e < self.decode_exact[:, None]
-            self.tail = (first[:, None] + ages, valid, self.decode_lens - self.decode_exact)
+            e = r.exact_tail
+            self.tail = (self.exact_index[self.num_prefill_tokens:] // e * e, self.decode_lens - self.decode_exact)
         return self.tail
 
 
@@ -197,13 +195,13 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
 def _decode_with_exact_tails(r: ModelRunner, meta: StepMeta, j: int, q, kp, vp, ks, vs, scale, features):
     """Decoding rows with exact tails: each row's pages but their last ``decode_exact`` tokens, and those
     tokens from the slot's ring as the model computed them, merged (``sinks`` join once, in the merge)."""
-    rows, valid, lens = meta.decode_tail(r)
+    first, lens = meta.decode_tail(r)
     H, D = r.exact_k.shape[-2:]
-    keys, values = (x[j].view(-1, H, D)[rows].transpose(1, 2) for x in (r.exact_k, r.exact_v))  # [Bd, H, e, D]
     out, lse = paged_decode_attention(q, kp, vp, meta.decode_table, lens, scale, max_len_hint=meta.max_decode_len,
                                       k_scale=ks, v_scale=vs, softcap=features["softcap"], return_lse=True)
-    recent = exact_attention(q, keys, values, valid, scale, features["softcap"])
-    return merge_attention([(out, lse), recent], features["sinks"])
+    return exact_tail_merge(q, out, lse, r.exact_k[j].view(-1, H, D), r.exact_v[j].view(-1, H, D), first,
+                            meta.decode_pos, meta.decode_exact, r.exact_tail, scale, features["softcap"],
+                            features["sinks"])
 
 
 def _prefill_with_exact_tails(meta: StepMeta, q, k, v, before, kp, vp, ks, vs, scale, features, out) -> None:
@@ -300,7 +298,7 @@ class ModelRunner:
         self.q_cache = None
         self.kept: KeptPositions | None = None
         self.exact_tail = zipage_config.exact_tail if zipage_config is not None else 0
-        self.exact_k = self.exact_v = self.exact_ages = None
+        self.exact_k = self.exact_v = None
         if self.exact_tail:
             # exact tails: each slot's last ``exact_tail`` keys and values as the model computed them (in the
             # pages' basis), position t at ring row ``slot * exact_tail + t % exact_tail``; the scratch slot takes
@@ -308,7 +306,6 @@ class ModelRunner:
             e = self.exact_tail
             self.exact_k = torch.zeros(L, (num_slots + 1) * e, 1, Hkv, D, dtype=self.dtype, device=self.device)
             self.exact_v = torch.zeros_like(self.exact_k)
-            self.exact_ages = torch.arange(e, device=self.device)
         if zipage_config is not None:
             if scorer is not None and scorer.stateful:
                 self.state_pool = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)

@@ -1,0 +1,130 @@
+"""A decoding row's exact tail, attended and merged with the paged kernel's part, in one launch.
+
+With exact tails (``ZipageConfig.exact_tail``) a decoding row reads its pages but the last ``count`` tokens
+through the paged decode kernel (``paged_decode_attention(..., return_lse=True)``) and those tokens from its
+query slot's ring of exact keys and values: ``tail`` rows from ``first``, position ``t`` at row
+``first + t % tail``, so row ``r`` holds one of the row's last ``count`` positions when
+``(pos - r) mod tail < count`` (``pos``: the row's own position, stored already). :func:`exact_tail_merge`
+takes the paged part's output and log-sum-exp and returns the row's attention output: the softmax over the
+valid ring rows (``softcap`` applied to their logits), merged with the paged part and the sink logits
+(``sinks``, once). The Triton kernel runs one program per row and KV head, the query heads of the group
+together, over the ring rows one at a time (a handful: no tensor-core tile to fill); the reference is
+``merge_attention([(out, lse), exact_attention(...)], sinks)`` from ``paged_attention.py``, which also serves
+CPUs (``ZIPAGE_EXACT_TAIL_KERNEL=torch`` picks it on a GPU too).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._triton import HAS_TRITON, next_pow2, use_triton
+from .paged_attention import exact_attention, merge_attention
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _exact_tail_merge_kernel(
+        Q, O, LSE, RK, RV, FIRST, POS, COUNT, SINKS, OUT,
+        stride_qb, stride_qh, stride_ob, stride_oh, stride_lb, stride_lh,
+        stride_kr, stride_kh, stride_vr, stride_vh, stride_xb, stride_xh,
+        scale, softcap,
+        TAIL: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        gm, dm = g < G, d < D
+        heads = h * G + g
+        qm = gm[:, None] & dm[None, :]
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qm, other=0.0).to(tl.float32)
+        first = tl.load(FIRST + b).to(tl.int64)
+        pos = tl.load(POS + b).to(tl.int64)
+        count = tl.load(COUNT + b).to(tl.int64)
+        m = tl.full([BLOCK_G], -1.0e30, tl.float32)  # (finite: invalid rows weigh 0 through the mask, not -inf)
+        den = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for r in tl.static_range(TAIL):
+            valid = ((pos - r) % TAIL + TAIL) % TAIL < count
+            k = tl.load(RK + (first + r) * stride_kr + h * stride_kh + d, mask=dm, other=0.0).to(tl.float32)
+            v = tl.load(RV + (first + r) * stride_vr + h * stride_vh + d, mask=dm, other=0.0).to(tl.float32)
+            s = tl.sum(q * k[None, :], axis=1) * scale
+            if SOFTCAP:  # softcap * tanh(s / softcap), tanh through exp
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            m_new = tl.where(valid, tl.maximum(m, s), m)
+            alpha = tl.exp(m - m_new)
+            p = tl.where(valid, tl.exp(s - m_new), 0.0)
+            den = den * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v[None, :]
+            m = m_new
+        lse_x = m + tl.log(den)  # (count >= 1: the row's own token is always there)
+        lse_p = tl.load(LSE + b * stride_lb + heads * stride_lh, mask=gm, other=float("-inf")).to(tl.float32)
+        top = tl.maximum(lse_p, lse_x)
+        if HAS_SINKS:
+            sink = tl.load(SINKS + heads, mask=gm, other=float("-inf")).to(tl.float32)
+            top = tl.maximum(top, sink)
+        w_p = tl.exp(lse_p - top)  # (an empty paged part: lse -inf, weight 0)
+        w_x = tl.exp(lse_x - top)
+        total = w_p + w_x
+        if HAS_SINKS:
+            total += tl.exp(sink - top)
+        o = tl.load(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], mask=qm, other=0.0).to(tl.float32)
+        res = (w_p[:, None] * o + (w_x / den)[:, None] * acc) / total[:, None]
+        tl.store(OUT + b * stride_xb + heads[:, None] * stride_xh + d[None, :], res.to(OUT.dtype.element_ty), mask=qm)
+
+
+def exact_tail_rows(first: torch.Tensor, pos: torch.Tensor, count: torch.Tensor, tail: int):
+    """``(rows [B, tail], valid [B, tail])``: each row's ring rows and which hold its last ``count`` positions."""
+    ages = torch.arange(tail, device=first.device)
+    return first[:, None] + ages, (pos[:, None] - ages) % tail < count[:, None]
+
+
+def exact_tail_merge_reference(q, out, lse, ring_k, ring_v, first, pos, count, tail: int, scale: float,
+                               softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """``q`` ``[B, Hq, D]``, the paged part's ``out`` ``[B, Hq, D]`` and ``lse`` ``[B, Hq]``, the rings
+    ``[rows, H_kv, D]``, ``first`` / ``pos`` / ``count`` ``[B]``: the merged output ``[B, Hq, D]``."""
+    rows, valid = exact_tail_rows(first, pos, count, tail)
+    keys, values = ring_k[rows].transpose(1, 2), ring_v[rows].transpose(1, 2)  # [B, H_kv, tail, D]
+    return merge_attention([(out, lse), exact_attention(q, keys, values, valid, scale, softcap)], sinks)
+
+
+def exact_tail_merge_triton(q, out, lse, ring_k, ring_v, first, pos, count, tail: int, scale: float,
+                            softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    B, Hq, D = q.shape
+    H = ring_k.shape[1]
+    if Hq % H or ring_k.shape[-1] != D or ring_v.shape != ring_k.shape:
+        raise ValueError(f"exact_tail_merge: queries {tuple(q.shape)} and rings {tuple(ring_k.shape)} / "
+                         f"{tuple(ring_v.shape)} do not match")
+    if ring_k.stride(-1) != 1 or ring_v.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("exact_tail_merge: the last dim of queries, outputs and rings must be contiguous")
+    res = torch.empty_like(q)
+    if B == 0:
+        return res
+    G = Hq // H
+    _exact_tail_merge_kernel[(B, H)](
+        q, out, lse, ring_k, ring_v, first, pos, count, sinks if sinks is not None else lse, res,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        ring_k.stride(0), ring_k.stride(1), ring_v.stride(0), ring_v.stride(1), res.stride(0), res.stride(1),
+        float(scale), float(softcap or 0.0),
+        TAIL=tail, G=G, BLOCK_G=next_pow2(G), D=D, BLOCK_D=next_pow2(D), HAS_SINKS=sinks is not None,
+        SOFTCAP=bool(softcap), num_warps=2 if next_pow2(G) * next_pow2(D) <= 1024 else 4,
+    )
+    return res
+
+
+def exact_tail_merge(q, out, lse, ring_k, ring_v, first, pos, count, tail: int, scale: float,
+                     softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel on a GPU, the PyTorch reference otherwise (the CPU tests call the kernel under the
+    interpreter themselves)."""
+    choice = os.environ.get("ZIPAGE_EXACT_TAIL_KERNEL", "triton")
+    if choice not in ("triton", "torch"):
+        raise ValueError(f"ZIPAGE_EXACT_TAIL_KERNEL={choice!r}: expected triton (the kernel on a GPU) or torch "
+                         "(the PyTorch reference everywhere)")
+    if use_triton(q, ring_k) and choice == "triton":
+        return exact_tail_merge_triton(q, out, lse, ring_k, ring_v, first, pos, count, tail, scale, softcap, sinks)
+    return exact_tail_merge_reference(q, out, lse, ring_k, ring_v, first, pos, count, tail, scale, softcap, sinks)
