@@ -119,20 +119,26 @@ VARIANTS = {
 # Variants whose last ``W`` tokens before each query (itself included) stay exact, the rest rounded as
 # the named variant: pages that keep a short tail of recent tokens in the model's dtype until it is
 # quantized. Name: "<variant>, last W exact".
-RECENT = {f"{base}, last {w} exact": (base, w)
+RECENT = {f"{base}, last {w} exact": (base, w, 0)
           for base in ("keys and values e4m3", "keys and values rotated, e4m3") for w in (1, 2, 4, 8, 16, 64, 256)}
+# ... and the first ``F`` tokens of the sequence exact too (where attention sinks sit): "<variant>, first F and
+# last W exact"
+RECENT.update({f"{base}, first {f} and last {w} exact": (base, w, f)
+               for base in ("keys and values e4m3", "keys and values rotated, e4m3") for f in (1, 4, 16)
+               for w in (0, 16)})
 
 
-def recent_exact_attention(q, k, v, mask, scaling, rounded, w):
+def recent_exact_attention(q, k, v, mask, scaling, rounded, w, first=0):
     """Causal attention of ``q`` [B, Hq, S, D] over keys/values [B, Hkv, S, D] where a query at
-    position ``i`` reads keys ``j > i - w`` exactly and the earlier ones as ``rounded(k, v)`` does."""
+    position ``i`` reads keys ``j > i - w`` (and ``j < first``) exactly and the others as ``rounded(k, v)``
+    does."""
     kr, vr = rounded(k, v)
     g = q.shape[1] // k.shape[1]
     k, v, kr, vr = (t.repeat_interleave(g, dim=1) for t in (k, v, kr, vr))
     S = q.shape[2]
     i = torch.arange(S).view(-1, 1)
     j = torch.arange(S).view(1, -1)
-    near = (j <= i) & (j > i - w)
+    near = (j <= i) & ((j > i - w) | (j < first))
     allowed = j <= i
     if mask is not None:
         allowed = allowed & (mask if mask.dtype == torch.bool else mask > -1e30)[..., -S:]
@@ -162,9 +168,9 @@ def main() -> None:
 
     def attention(module, q, k, v, mask, **kw):
         if state["variant"] in RECENT:
-            base, w = RECENT[state["variant"]]
+            base, w, first = RECENT[state["variant"]]
             scaling = kw.get("scaling") or module.scaling
-            return recent_exact_attention(q, k, v, mask, scaling, VARIANTS[base], w), None
+            return recent_exact_attention(q, k, v, mask, scaling, VARIANTS[base], w, first), None
         if state["variant"] is not None:
             k, v = VARIANTS[state["variant"]](k, v)
         return sdpa_attention_forward(module, q, k, v, mask, **kw)
