@@ -283,3 +283,26 @@ def test_exact_tail_merge_is_one_softmax_over_the_pages_and_the_ring(triton, sin
     merge = exact_tail_merge_triton if triton else exact_tail_merge_reference
     got = merge(q, out, lse, ring_k, ring_v, first, pos, count, tail, 0.3, softcap, sink)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv", ["fp8", "int8"])
+def test_full_kv_engine_with_exact_tails_follows_the_rule(kv):
+    """``budget=None`` with exact tails (any length: nothing is evicted): the band reference's log-probabilities,
+    prompts in chunks included."""
+    model = tiny_model("llama")
+    prompts = prompts_of((13, 9), seed=3)
+    tail, chunk = 20, 6
+    llm = LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype=kv, exact_tail=tail, max_num_seqs=1,
+              max_num_batched_tokens=chunk)
+    assert llm.stats()["exact_tail_bytes"] > 0
+    for prompt, got in zip(prompts, engine_logprobs(llm, prompts)):
+        assert_logprobs_match(model, prompt, got, kv, exact_from(len(prompt), len(prompt) + 20, tail, chunk))
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("kw, words", [(dict(exact_tail=4), "8-bit pages"), (dict(exact_tail=-1, kv_cache_dtype="fp8"),
+                                                                            "exact_tail=-1"),
+                                       (dict(exact_tail=4, window=4, kv_cache_dtype="fp8"), "compression settings")])
+def test_a_full_kv_engine_checks_its_exact_tail(kw, words):
+    with pytest.raises(ValueError, match=words):
+        LLM(tiny_model("llama"), budget=None, page_size=4, num_pages=16, **kw)

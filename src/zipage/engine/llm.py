@@ -100,7 +100,8 @@ class LLM:
         budget: tokens kept per sequence after a compression, for requests that do not set their
             own (``SamplingParams.budget``: smaller, larger, or ``None`` for full KV). ``None``
             runs a plain full-KV paged engine (the baseline), which has no compression machinery
-            and refuses per-request budgets. Other ``ZipageConfig`` fields (``page_size``,
+            and refuses per-request budgets (of the fields below it takes ``page_size`` and, with 8-bit
+            pages, ``exact_tail``, any length: nothing is evicted). Other ``ZipageConfig`` fields (``page_size``,
             ``buffer``, ``window``, ``scorer``, ...) are accepted as keyword arguments too.
         enable_prefix_caching: share full prompt pages between requests with the same prefix (off for
             models with sliding-window layers: those keep only their window, so a cached prefix
@@ -193,15 +194,22 @@ class LLM:
             if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1024 or (
                     page_size & (page_size - 1)):
                 raise ValueError(f"LLM(page_size={page_size!r}) is invalid: expected a power of two in 1..1024")
-            unknown = set(zipage_fields) - {"page_size"}
+            unknown = set(zipage_fields) - {"page_size", "exact_tail"}
             if unknown:
                 raise ValueError(f"budget=None (full KV) takes no compression settings, got {sorted(unknown)}")
+            exact_tail = zipage_fields.get("exact_tail", 0)
+            if isinstance(exact_tail, bool) or not isinstance(exact_tail, int) or exact_tail < 0:
+                raise ValueError(f"LLM(exact_tail={exact_tail!r}) is invalid: expected an int >= 0")
+            if exact_tail and kv_cache_dtype not in ("fp8", "int8"):
+                raise ValueError(f"LLM(exact_tail={exact_tail}) applies to 8-bit pages (kv_cache_dtype='fp8' or "
+                                 f"'int8'), got kv_cache_dtype={kv_cache_dtype!r}, whose pages are exact already")
             self.zipage_config = None
             scorer = None
         else:
             self.zipage_config = ZipageConfig.from_dict({"budget": budget, **zipage_fields,
                                                          "kv_cache_dtype": kv_cache_dtype})
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
+            exact_tail = self.zipage_config.exact_tail
         trained = getattr(config, "max_position_embeddings", None)
         reach = _rope_reach(config, trained)
         if (max_model_len is not None and isinstance(reach, int) and max_model_len > reach
@@ -239,18 +247,20 @@ class LLM:
                                                                  window), page_size, window)
         if num_pages is None:
             num_pages = self._pages_from_memory(config, device, page_size, stateful, max_num_seqs,
-                                                gpu_memory_utilization, window_blocks)
+                                                gpu_memory_utilization, window_blocks, exact_tail)
         blocks = BlockManager(num_pages, page_size, enable_prefix_caching, window=window_blocks)
         scheduler = Scheduler(blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
         scheduler.max_model_len = self.max_model_len
+        scheduler.recompute_tail = max(scheduler.recompute_tail, exact_tail)  # (the ring's last tokens, full KV too)
         if self.ranks is None:
             runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer, scheduler.num_slots,
-                                 fuse_ops=fuse_ops, kv_cache_dtype=kv_cache_dtype, window_blocks=window_blocks)
+                                 fuse_ops=fuse_ops, kv_cache_dtype=kv_cache_dtype, window_blocks=window_blocks,
+                                 exact_tail=exact_tail)
         else:
             from .tensor_parallel import driver_runner
 
             runner = driver_runner(self.ranks, model, num_pages, page_size, self.zipage_config, scorer,
-                                   scheduler.num_slots, fuse_ops, kv_cache_dtype)
+                                   scheduler.num_slots, fuse_ops, kv_cache_dtype, exact_tail)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)
@@ -279,7 +289,7 @@ class LLM:
     generated_tokens = property(lambda self: self.core.outputs.generated_tokens)
 
     def _pages_from_memory(self, config, device, page_size, stateful, max_num_seqs, utilization,
-                           window_blocks: WindowBlocks | None = None) -> int:
+                           window_blocks: WindowBlocks | None = None, exact_tail: int = 0) -> int:
         dtype = self.model.dtype
         tp = self.tensor_parallel_size
         page_bytes = ModelRunner.bytes_per_page(config, page_size, dtype, stateful, self.kv_cache_dtype, tp)
@@ -289,7 +299,9 @@ class LLM:
                 window_blocks.pool.num_pages + 1)
         if self.zipage_config is not None:
             zc = self.zipage_config
-            slot_bytes += ModelRunner.bytes_per_slot(config, zc.window, dtype, zc.budget, tp, zc.exact_tail) * max_num_seqs
+            slot_bytes += ModelRunner.bytes_per_slot(config, zc.window, dtype, zc.budget, tp, exact_tail) * max_num_seqs
+        elif exact_tail:  # full KV: the exact tails' ring alone
+            slot_bytes += ModelRunner.bytes_per_slot(config, 0, dtype, 0, tp, exact_tail) * max_num_seqs
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             available = total * utilization - (total - free) - 512 * 2**20  # activations headroom

@@ -248,7 +248,7 @@ class ModelRunner:
 
     def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
                  scorer: Scorer | None, num_slots: int, fuse_ops: bool = True, kv_cache_dtype: str = "auto",
-                 tp_size: int = 1, window_blocks: WindowBlocks | None = None) -> None:
+                 tp_size: int = 1, window_blocks: WindowBlocks | None = None, exact_tail: int = 0) -> None:
         check_model(model)
         register_attention()
         self.model = model
@@ -297,7 +297,8 @@ class ModelRunner:
         self.state_pool = None
         self.q_cache = None
         self.kept: KeptPositions | None = None
-        self.exact_tail = zipage_config.exact_tail if zipage_config is not None else 0
+        # (a full-KV engine, which has no ZipageConfig, takes its exact tails as ``exact_tail``)
+        self.exact_tail = zipage_config.exact_tail if zipage_config is not None else exact_tail
         self.exact_k = self.exact_v = None
         if self.exact_tail:
             # exact tails: each slot's last ``exact_tail`` keys and values as the model computed them (in the

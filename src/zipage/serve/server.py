@@ -93,8 +93,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     from ..scoring import list_scorers
 
     exact_tail = getattr(args, "exact_tail", 0)
-    if exact_tail and args.budget is None:
-        return f"--exact-tail {exact_tail}: exact tails go with a budget (the query slots' rings), not --budget none"
+    if exact_tail < 0:
+        return f"--exact-tail {exact_tail} is invalid: expected an int >= 0"
+    if exact_tail and args.budget is None and args.kv_cache_dtype not in ("fp8", "int8"):
+        return f"--exact-tail {exact_tail}: it applies to 8-bit pages (--kv-cache-dtype fp8 or int8)"
     try:
         if args.budget is not None:
             ZipageConfig(budget=args.budget, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
