@@ -306,3 +306,54 @@ def test_full_kv_engine_with_exact_tails_follows_the_rule(kv):
 def test_a_full_kv_engine_checks_its_exact_tail(kw, words):
     with pytest.raises(ValueError, match=words):
         LLM(tiny_model("llama"), budget=None, page_size=4, num_pages=16, **kw)
+
+
+class _EagerGraph:
+    """A stand-in for a captured CUDA graph on a CPU: ``replay`` runs the same forward over the same static
+    buffers and writes the same output tensor."""
+
+    def __init__(self, run):
+        self.run = run
+        self.logits = run().clone()
+
+    def replay(self):
+        self.logits.copy_(self.run())
+
+
+def eager_graphs(llm: LLM) -> None:
+    """Make ``llm`` take its CUDA-graph decode path on a CPU: static buffers, padded batches, graphs replayed
+    eagerly (``_EagerGraph``)."""
+    r = llm.runner
+
+    def capture(max_batch, table_width):
+        r.graphs = {}
+        for b in r._graph_buffers(max_batch, table_width):
+            graph = _EagerGraph(r._graph_call(b, table_width))
+            r.graphs[b] = (graph, graph.logits)
+
+    r.capture_graphs = capture
+    llm.core.use_graphs = True
+
+
+@pytest.mark.parametrize("kw", [dict(budget=16, buffer=4, window=6, exact_tail=5),
+                                dict(budget=None, exact_tail=9),
+                                dict(budget=16, buffer=4, window=6)])
+def test_the_graph_decode_path_gives_the_eager_tokens(kw):
+    """The decode path the CUDA graphs capture (static buffers: ids, positions, slots, rings, lengths, tables,
+    exact-tail rows and counts; batches padded with scratch rows), replayed eagerly on a CPU: the eager
+    forward's tokens and log-probabilities, compressions and exact tails included."""
+    model = tiny_model("qwen3")
+    prompts = prompts_of((12, 30, 7, 21, 3), seed=1)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    runs = []
+    for graphs in (False, True):
+        llm = LLM(model, page_size=4, num_pages=128, max_num_seqs=5, kv_cache_dtype="fp8", **kw)
+        if graphs:
+            eager_graphs(llm)
+        runs.append(llm.generate(prompts, params, use_tqdm=False))
+        assert bool(llm.runner.graphs) == graphs and (kw["budget"] is None or llm.stats()["compressions"] > 0)
+        assert_pool_clean(llm)
+    assert set(llm.runner.graphs) == {1, 2, 4, 5}  # (batches of 3: one padding row)
+    for a, b in zip(*runs):
+        assert a.token_ids == b.token_ids
+        assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)

@@ -521,24 +521,7 @@ class ModelRunner:
         Every per-step input lives in a static buffer; padding rows of a batch write to and read
         from a scratch page and a scratch query row. The split count of the decode kernel is
         fixed by ``table_width`` pages, the longest context a decoding sequence can have."""
-        dev = self.device
-        sizes = [b for b in self.GRAPH_SIZES if b < max_batch] + [max_batch]
-        n = max(sizes)
-        self.graph_table_width = table_width
-        self.g_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((n,), self.scratch_page * self.page_size, dtype=torch.long, device=dev)
-        self.g_ring = torch.full((n,), self._scratch_ring(), dtype=torch.long, device=dev)
-        self.g_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.g_table = torch.full((n, table_width), self.scratch_page, dtype=torch.int32, device=dev)
-        if self.exact_tail:  # padding rows: the scratch slot's ring, their one token exact
-            self.g_exact = torch.full((n,), self.num_slots * self.exact_tail, dtype=torch.long, device=dev)
-            self.g_exact_n = torch.ones(n, dtype=torch.int32, device=dev)
-        if self.window_blocks is not None:  # the sliding-window layers' slots, lengths and pages
-            width = self.window_blocks.table_width()
-            self.g_wslots = torch.full((n,), self.window_scratch * self.page_size, dtype=torch.long, device=dev)
-            self.g_wlens = torch.ones(n, dtype=torch.int32, device=dev)
-            self.g_wtable = torch.full((n, width), self.window_scratch, dtype=torch.int32, device=dev)
+        sizes = self._graph_buffers(max_batch, table_width)
         pool = torch.cuda.graph_pool_handle()
         graphs = {}
         # No garbage collection while capturing: an old engine's graphs, events or pinned buffers
@@ -557,21 +540,47 @@ class ModelRunner:
         self.graphs = graphs
         torch.cuda.synchronize()
 
+    def _graph_buffers(self, max_batch: int, table_width: int) -> list[int]:
+        """The graphs' static input buffers (padding rows filled in); returns the batch sizes to capture."""
+        dev = self.device
+        sizes = [b for b in self.GRAPH_SIZES if b < max_batch] + [max_batch]
+        n = max(sizes)
+        self.graph_table_width = table_width
+        self.g_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((n,), self.scratch_page * self.page_size, dtype=torch.long, device=dev)
+        self.g_ring = torch.full((n,), self._scratch_ring(), dtype=torch.long, device=dev)
+        self.g_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.g_table = torch.full((n, table_width), self.scratch_page, dtype=torch.int32, device=dev)
+        if self.exact_tail:  # padding rows: the scratch slot's ring, their one token exact
+            self.g_exact = torch.full((n,), self.num_slots * self.exact_tail, dtype=torch.long, device=dev)
+            self.g_exact_n = torch.ones(n, dtype=torch.int32, device=dev)
+        if self.window_blocks is not None:  # the sliding-window layers' slots, lengths and pages
+            width = self.window_blocks.table_width()
+            self.g_wslots = torch.full((n,), self.window_scratch * self.page_size, dtype=torch.long, device=dev)
+            self.g_wlens = torch.ones(n, dtype=torch.int32, device=dev)
+            self.g_wtable = torch.full((n, width), self.window_scratch, dtype=torch.int32, device=dev)
+        return sizes
+
+    def _graph_call(self, b: int, table_width: int):
+        """The forward a graph of batch ``b`` captures: over the static buffers' first ``b`` rows."""
+        meta = StepMeta(
+            runner=self, slot_mapping=self.g_slots[:b], ring_index=self.g_ring[:b], num_prefill_tokens=0,
+            cu_seqlens_q=None, prefill_lens=None, prefill_table=None, max_q_len=0,
+            decode_lens=self.g_lens[:b], decode_table=self.g_table[:b],
+            max_decode_len=table_width * self.page_size,
+        )
+        if self.window_blocks is not None:
+            meta.window_slots, meta.window_decode_lens = self.g_wslots[:b], self.g_wlens[:b]
+            meta.window_decode_table = self.g_wtable[:b]
+        if self.exact_tail:
+            meta.exact_index, meta.decode_pos = self.g_exact[:b], self.g_pos[:b]
+            meta.decode_exact = self.g_exact_n[:b]
+        return lambda: self._model_call(meta, self.g_ids[:b][None], self.g_pos[:b][None], 0)
+
     def _capture_sizes(self, sizes: list[int], table_width: int, pool, graphs: dict) -> None:
         for b in sorted(sizes, reverse=True):
-            meta = StepMeta(
-                runner=self, slot_mapping=self.g_slots[:b], ring_index=self.g_ring[:b], num_prefill_tokens=0,
-                cu_seqlens_q=None, prefill_lens=None, prefill_table=None, max_q_len=0,
-                decode_lens=self.g_lens[:b], decode_table=self.g_table[:b],
-                max_decode_len=table_width * self.page_size,
-            )
-            if self.window_blocks is not None:
-                meta.window_slots, meta.window_decode_lens = self.g_wslots[:b], self.g_wlens[:b]
-                meta.window_decode_table = self.g_wtable[:b]
-            if self.exact_tail:
-                meta.exact_index, meta.decode_pos = self.g_exact[:b], self.g_pos[:b]
-                meta.decode_exact = self.g_exact_n[:b]
-            run = lambda: self._model_call(meta, self.g_ids[:b][None], self.g_pos[:b][None], 0)  # noqa: E731
+            run = self._graph_call(b, table_width)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
