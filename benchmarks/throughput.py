@@ -479,6 +479,9 @@ def check_system(name: str) -> None:
     if unknown or {"fp8", "int8"} <= set(parts[2:]):
         raise ValueError(f"unknown system flag(s) {sorted(unknown) or ['fp8 with int8']} in {name!r}: "
                          "expected -sync, one of -fp8, -int8 and -tail<N> (exact tails of N tokens)")
+    tails = [p for p in parts[2:] if _tail(p)]
+    if len(tails) > 1 or (tails and not {"fp8", "int8"} & set(parts[2:])):
+        raise ValueError(f"system {name!r}: one -tail<N> at most, with -fp8 or -int8 (exact tails of 8-bit pages)")
 
 
 def system_options(name: str, kv_cache_dtype: str) -> tuple[int | None, dict]:

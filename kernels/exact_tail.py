@@ -49,7 +49,7 @@ if HAS_TRITON:
         m = tl.full([BLOCK_G], -1.0e30, tl.float32)  # (finite: invalid rows weigh 0 through the mask, not -inf)
         den = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for r in tl.static_range(TAIL):
+        for r in range(TAIL):  # (a loop, not unrolled: full-KV tails may be long)
             valid = ((pos - r) % TAIL + TAIL) % TAIL < count
             k = tl.load(RK + (first + r) * stride_kr + h * stride_kh + d, mask=dm, other=0.0).to(tl.float32)
             v = tl.load(RV + (first + r) * stride_vr + h * stride_vh + d, mask=dm, other=0.0).to(tl.float32)

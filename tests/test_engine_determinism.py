@@ -7,6 +7,9 @@ whatever the prefill chunking, a preemption (recompute) or the prefix cache did 
 - a recomputed sequence is compressed at the same stored length as before its preemption;
 - with prefix caching, the window queries the scorer reads are the request's own (the tokens
   they belong to are recomputed, not taken from the cache).
+Exact tails (``exact_tail``) are the exception, by design: a chunk reads all of its own tokens exactly, so
+where chunks begin (the chunking, a recompute, the prefix cache) changes which tokens a prompt's queries read
+rounded (``test_exact_tail_engine.py``).
 """
 
 from __future__ import annotations

@@ -233,10 +233,11 @@ def test_prefill_chunks_one_at_a_time_past_the_scratch_limit(monkeypatch):
     want = engine_logprobs(LLM(model, **kw), prompts)
     calls = []
     dequantize = runner.dequantize_pages
-    monkeypatch.setattr(runner, "dequantize_pages", lambda *a: calls.append(a[4].shape[0]) or dequantize(*a))
+    monkeypatch.setattr(runner, "dequantize_pages", lambda *a: calls.append(a[4].shape) or dequantize(*a))
     monkeypatch.setattr(runner, "DEQUANTIZE_LIMIT_BYTES", 0)
     got = engine_logprobs(LLM(model, **kw), prompts)
-    assert set(calls) == {1} and len(calls) > len(model.model.layers) * 3
+    assert {rows for rows, _ in calls} == {1} and len(calls) > len(model.model.layers) * 3
+    assert len({width for _, width in calls}) > 1  # (each chunk's own pages, not the widest chunk's)
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, want):
         assert tokens == want_tokens
         assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
@@ -357,3 +358,34 @@ def test_the_graph_decode_path_gives_the_eager_tokens(kw):
     for a, b in zip(*runs):
         assert a.token_ids == b.token_ids
         assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-5)
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_the_ring_holds_the_keys_and_values_as_the_model_computed_them(kv, monkeypatch):
+    """bf16, rotated pages (INT8; FP8 with ZIPAGE_FP8_ROTATION=1): the ring keeps each token's key and value
+    bit for bit as the model's attention received them, not a rounding of their rotation."""
+    from zipage.engine import runner
+
+    monkeypatch.setenv("ZIPAGE_FP8_ROTATION", "1")
+    model = tiny_model("qwen3").to(torch.bfloat16)
+    seen = {}
+
+    def recording(module, query, key, value, *args, **kwargs):
+        if module.layer_idx == 0 and runner._context.meta.num_prefill_tokens == 0:
+            pos = int(runner._context.meta.decode_pos[0])
+            seen[pos] = (key[0, :, 0].clone(), value[0, :, 0].clone())
+        return runner.engine_attention(module, query, key, value, *args, **kwargs)
+
+    llm = LLM(model, budget=32, page_size=4, window=4, num_pages=64, kv_cache_dtype=kv, exact_tail=4, max_num_seqs=1)
+    assert llm.runner.rotation is not None
+    AttentionInterface.register(runner.ATTENTION_NAME, recording)  # (after the engine registered its own)
+    try:
+        llm.generate([prompts_of((9,), seed=1)[0]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                     use_tqdm=False)
+    finally:
+        AttentionInterface.register(runner.ATTENTION_NAME, runner.engine_attention)
+    r, slot = llm.runner, 0
+    assert len(seen) == 5
+    for pos in list(seen)[-4:]:  # (the ring's rows still hold the last 4)
+        row = slot * 4 + pos % 4
+        assert torch.equal(r.exact_k[0, row, 0], seen[pos][0]) and torch.equal(r.exact_v[0, row, 0], seen[pos][1])

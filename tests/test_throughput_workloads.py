@@ -30,6 +30,8 @@ def test_prompt_len_parsing():
     (["--systems", "zipage-64-fp8-int8"], "fp8 with int8"),
     (["--systems", "zipage-64-fp8-tail"], "'tail'"),
     (["--systems", "zipage-64-fp8-tail0"], "'tail0'"),
+    (["--systems", "zipage-64-tail4"], "with -fp8 or -int8"),
+    (["--systems", "zipage-64-fp8-tail4-tail8"], "one -tail<N> at most"),
     (["--page-size", "3"], "--page-size 3"),
     (["--kv-gib", "0"], "--kv-gib 0"),
     (["--max-num-seqs", "0"], "--max-num-seqs 0"),

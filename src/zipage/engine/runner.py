@@ -137,6 +137,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     scale = attention_scale(scaling, q.shape[-1])
+    q0, k0, v0 = q, k, v  # in the model's basis: what exact tails keep and read, rotated pages or not
     ks = vs = before = None
     if sliding:  # its window, in the sliding layers' pool (the model's dtype); never scored
         j = r.window_index[layer]
@@ -160,15 +161,17 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             if meta.num_prefill_tokens:
                 before = [x[j].view(-1, *k.shape[1:]).index_select(0, meta.prefill_exact_src)
                           for x in (r.exact_k, r.exact_v)]
-            store_kv(r.exact_k[j], meta.exact_index, k, r.exact_v[j], v)
+            store_kv(r.exact_k[j], meta.exact_index, k0, r.exact_v[j], v0)
         r.scaling[j] = float(scale)
         tables = (meta.prefill_table, meta.prefill_lens, meta.decode_table, meta.decode_lens)
     features = dict(window=r.window if sliding else None, sinks=sink_logits(kwargs), softcap=kwargs.get("softcap"))
     n_p = meta.num_prefill_tokens
     exact = r.exact_k is not None and not sliding
+    rot = r.rotation if not sliding else None
     decode = None
-    if n_p < q.shape[0] and exact:
-        decode = _decode_with_exact_tails(r, meta, j, q[n_p:].contiguous(), kp, vp, ks, vs, scale, features)
+    if n_p < q.shape[0] and exact:  # (its output in the model's basis)
+        decode = _decode_with_exact_tails(r, meta, j, q[n_p:].contiguous(), q0[n_p:].contiguous(), rot, kp, vp,
+                                          ks, vs, scale, features)
     elif n_p < q.shape[0]:
         decode = paged_decode_attention(
             q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
@@ -176,8 +179,8 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         )
     if n_p:
         out = torch.empty_like(q)
-        if exact:
-            _prefill_with_exact_tails(meta, q[:n_p], k, v, before, kp, vp, ks, vs, scale, features, out)
+        if exact:  # (in the model's basis)
+            _prefill_with_exact_tails(meta, q0[:n_p], k0, v0, before, kp, vp, ks, vs, rot, scale, features, out)
         else:
             out[:n_p] = paged_prefill_attention(
                 q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
@@ -187,27 +190,31 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             out[n_p:] = decode
     else:  # a decode-only step: the decode kernel's output as it is (no copy)
         out = decode
-    if r.rotation is not None and not sliding:  # the output back from the rotated basis
-        out = rotate(out, r.rotation, out.dtype)
+    if rot is not None and not exact:  # the output back from the rotated basis
+        out = rotate(out, rot, out.dtype)
     return out[None], None
 
 
-def _decode_with_exact_tails(r: ModelRunner, meta: StepMeta, j: int, q, kp, vp, ks, vs, scale, features):
+def _decode_with_exact_tails(r: ModelRunner, meta: StepMeta, j: int, q, q0, rot, kp, vp, ks, vs, scale, features):
     """Decoding rows with exact tails: each row's pages but their last ``decode_exact`` tokens, and those
-    tokens from the slot's ring as the model computed them, merged (``sinks`` join once, in the merge)."""
+    tokens from the slot's ring as the model computed them, merged (``sinks`` join once, in the merge). ``q``:
+    the queries in the pages' basis (rotated by ``rot``, if any), ``q0`` in the model's, the ring's and the
+    output's."""
     first, lens = meta.decode_tail(r)
     H, D = r.exact_k.shape[-2:]
     out, lse = paged_decode_attention(q, kp, vp, meta.decode_table, lens, scale, max_len_hint=meta.max_decode_len,
                                       k_scale=ks, v_scale=vs, softcap=features["softcap"], return_lse=True)
-    return exact_tail_merge(q, out, lse, r.exact_k[j].view(-1, H, D), r.exact_v[j].view(-1, H, D), first,
+    out = rotate(out, rot, out.dtype)  # (back from the pages' basis: the log-sum-exp is the same in both)
+    return exact_tail_merge(q0, out, lse, r.exact_k[j].view(-1, H, D), r.exact_v[j].view(-1, H, D), first,
                             meta.decode_pos, meta.decode_exact, r.exact_tail, scale, features["softcap"],
                             features["sinks"])
 
 
-def _prefill_with_exact_tails(meta: StepMeta, q, k, v, before, kp, vp, ks, vs, scale, features, out) -> None:
-    """Prefill chunks with exact tails, into ``out[:len(q)]``: their pages dequantized into a scratch pool, each
-    chunk's own tokens and the ``exact_tail - 1`` before it written over their codes' values, then the 16-bit
-    prefill. Where the scratch of every chunk's pages together would pass ``DEQUANTIZE_LIMIT_BYTES``, one chunk
+def _prefill_with_exact_tails(meta: StepMeta, q, k, v, before, kp, vp, ks, vs, rot, scale, features, out) -> None:
+    """Prefill chunks with exact tails, into ``out[:len(q)]``: their pages dequantized into a scratch pool (and
+    rotated back to the model's basis, that of ``q``, ``k``, ``v`` and ``out``, where they are stored rotated
+    by ``rot``), each chunk's own tokens and the ``exact_tail - 1`` before it written over their codes' values,
+    then the 16-bit prefill. Where the scratch of every chunk's pages together would pass ``DEQUANTIZE_LIMIT_BYTES``, one chunk
     at a time (a chunk's own pages are dequantized whole: its context x KV heads x head dim x 4 bytes)."""
     n_p, table = q.shape[0], meta.prefill_table
     src = [torch.cat([b.to(q.dtype), x[:n_p].to(q.dtype)]) for b, x in zip(before, (k, v))]
@@ -221,10 +228,13 @@ def _prefill_with_exact_tails(meta: StepMeta, q, k, v, before, kp, vp, ks, vs, s
             rows = torch.arange(stored - before_b, stored + n, device=q.device)
             chunk = [torch.cat([x[e0:e0 + before_b], x[k_count + q0:k_count + q0 + n]]) for x in src]
             cu = torch.tensor([0, n], dtype=torch.int32, device=q.device)
-            groups.append((slice(q0, q0 + n), table[b:b + 1], cu, meta.prefill_lens[b:b + 1], n, rows, chunk))
+            pages = table[b:b + 1, :-(-(stored + n) // kp.shape[1])]  # (its own pages, not the widest chunk's)
+            groups.append((slice(q0, q0 + n), pages, cu, meta.prefill_lens[b:b + 1], n, rows, chunk))
             e0 += before_b
     for rows, pages, cu, lens, max_q, dst, values in groups:
         kq, vq, scratch_table = dequantize_pages(kp, vp, ks, vs, pages, q.dtype)
+        if rot is not None:
+            kq, vq = rotate(kq, rot, q.dtype), rotate(vq, rot, q.dtype)
         for pool, x in zip((kq, vq), values):
             pool.view(-1, *pool.shape[2:]).index_copy_(0, dst, x)
         out[rows] = paged_prefill_attention(q[rows], kq, vq, scratch_table, cu, lens, scale, max_q_len=max_q,
