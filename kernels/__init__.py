@@ -10,7 +10,8 @@ through them is ``zipage.engine.fusion``'s business).
 
 from .compact import compact, compact_reference, compact_triton
 from .fp8 import FP8, INT8, dequantize_reference, kv_dtype, quantize_reference
-from .exact_tail import exact_tail_merge, exact_tail_merge_reference, exact_tail_merge_triton
+from .exact_tail import (exact_merge, exact_merge_reference, exact_merge_triton, exact_tail_merge,
+                         exact_tail_merge_reference, exact_tail_merge_triton)
 from .paged_attention import (
     exact_attention,
     merge_attention,
@@ -47,6 +48,9 @@ __all__ = [
     "compact_reference",
     "compact_triton",
     "exact_attention",
+    "exact_merge",
+    "exact_merge_reference",
+    "exact_merge_triton",
     "exact_tail_merge",
     "exact_tail_merge_reference",
     "exact_tail_merge_triton",

@@ -10,7 +10,8 @@ valid ring rows (``softcap`` applied to their logits), merged with the paged par
 (``sinks``, once). The Triton kernel runs one program per row and KV head, the query heads of the group
 together, over the ring rows one at a time (a handful: no tensor-core tile to fill); the reference is
 ``merge_attention([(out, lse), exact_attention(...)], sinks)`` from ``paged_attention.py``, which also serves
-CPUs (``ZIPAGE_EXACT_TAIL_KERNEL=torch`` picks it on a GPU too).
+CPUs (``ZIPAGE_EXACT_TAIL_KERNEL=torch`` picks it on a GPU too). :func:`exact_merge` is the same kernel over
+generate()'s exact tails: keys and values ``[B, H_kv, n, D]`` with a validity mask ``[B, n]`` (padding).
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _exact_tail_merge_kernel(
-        Q, O, LSE, RK, RV, FIRST, POS, COUNT, SINKS, OUT,
+        Q, O, LSE, RK, RV, FIRST, POS, COUNT, VALID, SINKS, OUT,
         stride_qb, stride_qh, stride_ob, stride_oh, stride_lb, stride_lh,
-        stride_kr, stride_kh, stride_vr, stride_vh, stride_xb, stride_xh,
+        stride_kb, stride_kr, stride_kh, stride_vb, stride_vr, stride_vh, stride_valid, stride_xb, stride_xh,
         scale, softcap,
         TAIL: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
+        HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_VALID: tl.constexpr,
     ):
+        """Row ``b``'s keys: ``RK + b * stride_kb + (FIRST[b] + r) * stride_kr`` for ``r < TAIL``; valid where
+        ``VALID[b, r]`` (``HAS_VALID``), else where ``(POS[b] - r) mod TAIL < COUNT[b]`` (a ring)."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)
@@ -43,16 +46,24 @@ if HAS_TRITON:
         heads = h * G + g
         qm = gm[:, None] & dm[None, :]
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qm, other=0.0).to(tl.float32)
-        first = tl.load(FIRST + b).to(tl.int64)
-        pos = tl.load(POS + b).to(tl.int64)
-        count = tl.load(COUNT + b).to(tl.int64)
+        if HAS_VALID:
+            first = 0
+        else:
+            first = tl.load(FIRST + b).to(tl.int64)
+            pos = tl.load(POS + b).to(tl.int64)
+            count = tl.load(COUNT + b).to(tl.int64)
         m = tl.full([BLOCK_G], -1.0e30, tl.float32)  # (finite: invalid rows weigh 0 through the mask, not -inf)
         den = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         for r in range(TAIL):  # (a loop, not unrolled: full-KV tails may be long)
-            valid = ((pos - r) % TAIL + TAIL) % TAIL < count
-            k = tl.load(RK + (first + r) * stride_kr + h * stride_kh + d, mask=dm, other=0.0).to(tl.float32)
-            v = tl.load(RV + (first + r) * stride_vr + h * stride_vh + d, mask=dm, other=0.0).to(tl.float32)
+            if HAS_VALID:
+                valid = tl.load(VALID + b * stride_valid + r) != 0
+            else:
+                valid = ((pos - r) % TAIL + TAIL) % TAIL < count
+            k = tl.load(RK + b * stride_kb + (first + r) * stride_kr + h * stride_kh + d, mask=dm,
+                        other=0.0).to(tl.float32)
+            v = tl.load(RV + b * stride_vb + (first + r) * stride_vr + h * stride_vh + d, mask=dm,
+                        other=0.0).to(tl.float32)
             s = tl.sum(q * k[None, :], axis=1) * scale
             if SOFTCAP:  # softcap * tanh(s / softcap), tanh through exp
                 s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
@@ -62,19 +73,20 @@ if HAS_TRITON:
             den = den * alpha + p
             acc = acc * alpha[:, None] + p[:, None] * v[None, :]
             m = m_new
-        lse_x = m + tl.log(den)  # (count >= 1: the row's own token is always there)
+        lse_x = m + tl.log(den)  # (-inf where nothing was valid: that part then weighs 0)
         lse_p = tl.load(LSE + b * stride_lb + heads * stride_lh, mask=gm, other=float("-inf")).to(tl.float32)
         top = tl.maximum(lse_p, lse_x)
         if HAS_SINKS:
             sink = tl.load(SINKS + heads, mask=gm, other=float("-inf")).to(tl.float32)
             top = tl.maximum(top, sink)
+        top = tl.where(top == float("-inf"), 0.0, top)  # (nothing anywhere: every weight 0, the output 0)
         w_p = tl.exp(lse_p - top)  # (an empty paged part: lse -inf, weight 0)
         w_x = tl.exp(lse_x - top)
         total = w_p + w_x
         if HAS_SINKS:
             total += tl.exp(sink - top)
         o = tl.load(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], mask=qm, other=0.0).to(tl.float32)
-        res = (w_p[:, None] * o + (w_x / den)[:, None] * acc) / total[:, None]
+        res = (w_p[:, None] * o + (w_x / tl.maximum(den, 1e-30))[:, None] * acc) / tl.maximum(total, 1e-30)[:, None]
         tl.store(OUT + b * stride_xb + heads[:, None] * stride_xh + d[None, :], res.to(OUT.dtype.element_ty), mask=qm)
 
 
@@ -93,38 +105,73 @@ def exact_tail_merge_reference(q, out, lse, ring_k, ring_v, first, pos, count, t
     return merge_attention([(out, lse), exact_attention(q, keys, values, valid, scale, softcap)], sinks)
 
 
-def exact_tail_merge_triton(q, out, lse, ring_k, ring_v, first, pos, count, tail: int, scale: float,
-                            softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+def _launch(q, out, lse, keys, values, strides_k, strides_v, tail, scale, softcap, sinks, first=None, pos=None,
+            count=None, valid=None) -> torch.Tensor:
     B, Hq, D = q.shape
-    H = ring_k.shape[1]
-    if Hq % H or ring_k.shape[-1] != D or ring_v.shape != ring_k.shape:
-        raise ValueError(f"exact_tail_merge: queries {tuple(q.shape)} and rings {tuple(ring_k.shape)} / "
-                         f"{tuple(ring_v.shape)} do not match")
-    if ring_k.stride(-1) != 1 or ring_v.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
-        raise ValueError("exact_tail_merge: the last dim of queries, outputs and rings must be contiguous")
+    H = keys.shape[1]  # (a ring [rows, H_kv, D] or tails [B, H_kv, n, D])
+    if Hq % H or keys.shape[-1] != D or values.shape != keys.shape:
+        raise ValueError(f"exact_tail_merge: queries {tuple(q.shape)} and keys / values {tuple(keys.shape)} / "
+                         f"{tuple(values.shape)} do not match")
+    if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("exact_tail_merge: the last dim of queries, outputs, keys and values must be contiguous")
     res = torch.empty_like(q)
     if B == 0:
         return res
     G = Hq // H
+    dummy = lse
     _exact_tail_merge_kernel[(B, H)](
-        q, out, lse, ring_k, ring_v, first, pos, count, sinks if sinks is not None else lse, res,
+        q, out, lse, keys, values, first if first is not None else dummy, pos if pos is not None else dummy,
+        count if count is not None else dummy, valid if valid is not None else dummy,
+        sinks if sinks is not None else dummy, res,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        ring_k.stride(0), ring_k.stride(1), ring_v.stride(0), ring_v.stride(1), res.stride(0), res.stride(1),
+        *strides_k, *strides_v, valid.stride(0) if valid is not None else 0, res.stride(0), res.stride(1),
         float(scale), float(softcap or 0.0),
         TAIL=tail, G=G, BLOCK_G=next_pow2(G), D=D, BLOCK_D=next_pow2(D), HAS_SINKS=sinks is not None,
-        SOFTCAP=bool(softcap), num_warps=2 if next_pow2(G) * next_pow2(D) <= 1024 else 4,
+        SOFTCAP=bool(softcap), HAS_VALID=valid is not None, num_warps=2 if next_pow2(G) * next_pow2(D) <= 1024 else 4,
     )
     return res
+
+
+def exact_tail_merge_triton(q, out, lse, ring_k, ring_v, first, pos, count, tail: int, scale: float,
+                            softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch(q, out, lse, ring_k, ring_v, (0, ring_k.stride(0), ring_k.stride(1)),
+                   (0, ring_v.stride(0), ring_v.stride(1)), tail, scale, softcap, sinks, first, pos, count)
+
+
+def exact_merge_reference(q, out, lse, keys, values, valid, scale: float, softcap: float | None = None,
+                          sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """The paged part (``out``, ``lse``) merged with attention over ``keys`` / ``values`` ``[B, H_kv, n, D]``
+    where ``valid`` ``[B, n]`` (generate()'s exact tails: the last stored tokens, padding invalid)."""
+    return merge_attention([(out, lse), exact_attention(q, keys, values, valid, scale, softcap)], sinks)
+
+
+def exact_merge_triton(q, out, lse, keys, values, valid, scale: float, softcap: float | None = None,
+                       sinks: torch.Tensor | None = None) -> torch.Tensor:
+    return _launch(q, out, lse, keys, values, (keys.stride(0), keys.stride(2), keys.stride(1)),
+                   (values.stride(0), values.stride(2), values.stride(1)), keys.shape[2], scale, softcap, sinks,
+                   valid=valid)
+
+
+def exact_merge(q, out, lse, keys, values, valid, scale: float, softcap: float | None = None,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """``exact_merge_triton`` on a GPU, the PyTorch reference otherwise (``ZIPAGE_EXACT_TAIL_KERNEL`` as below)."""
+    if use_triton(q, keys) and _choice() == "triton":
+        return exact_merge_triton(q, out, lse, keys, values, valid, scale, softcap, sinks)
+    return exact_merge_reference(q, out, lse, keys, values, valid, scale, softcap, sinks)
+
+
+def _choice() -> str:
+    choice = os.environ.get("ZIPAGE_EXACT_TAIL_KERNEL", "triton")
+    if choice not in ("triton", "torch"):
+        raise ValueError(f"ZIPAGE_EXACT_TAIL_KERNEL={choice!r}: expected triton (the kernel on a GPU) or torch "
+                         "(the PyTorch reference everywhere)")
+    return choice
 
 
 def exact_tail_merge(q, out, lse, ring_k, ring_v, first, pos, count, tail: int, scale: float,
                      softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel on a GPU, the PyTorch reference otherwise (the CPU tests call the kernel under the
     interpreter themselves)."""
-    choice = os.environ.get("ZIPAGE_EXACT_TAIL_KERNEL", "triton")
-    if choice not in ("triton", "torch"):
-        raise ValueError(f"ZIPAGE_EXACT_TAIL_KERNEL={choice!r}: expected triton (the kernel on a GPU) or torch "
-                         "(the PyTorch reference everywhere)")
-    if use_triton(q, ring_k) and choice == "triton":
+    if use_triton(q, ring_k) and _choice() == "triton":
         return exact_tail_merge_triton(q, out, lse, ring_k, ring_v, first, pos, count, tail, scale, softcap, sinks)
     return exact_tail_merge_reference(q, out, lse, ring_k, ring_v, first, pos, count, tail, scale, softcap, sinks)

@@ -389,3 +389,42 @@ def test_the_ring_holds_the_keys_and_values_as_the_model_computed_them(kv, monke
     for pos in list(seen)[-4:]:  # (the ring's rows still hold the last 4)
         row = slot * 4 + pos % 4
         assert torch.equal(r.exact_k[0, row, 0], seen[pos][0]) and torch.equal(r.exact_v[0, row, 0], seen[pos][1])
+
+
+@pytest.mark.parametrize("triton", [False, True])
+@pytest.mark.parametrize("sinks, softcap", [(False, None), (True, 2.5)])
+def test_exact_merge_over_masked_tails_is_one_softmax(triton, sinks, softcap):
+    """generate()'s layout: keys and values ``[B, H_kv, n, D]`` with a validity mask (padding), merged with a
+    paged part: one softmax over both sets, against dense math; a row with nothing valid anywhere gives zeros."""
+    from zipage.kernels.exact_tail import exact_merge_reference, exact_merge_triton
+
+    if triton and torch.cuda.is_available():
+        pytest.skip("interpreter case")
+    g = torch.Generator().manual_seed(5)
+    B, H, G, D, n = 4, 2, 3, 24, 6
+    q = torch.randn(B, H * G, D, generator=g)
+    keys, values = (torch.randn(B, H, n, D, generator=g) for _ in range(2))
+    valid = torch.rand(B, n, generator=g) > 0.4
+    valid[0] = True
+    valid[3] = False  # (row 3: nothing in its tail, nor in its pages)
+    paged = [torch.randn(m, H, D, generator=g) for m in (5, 0, 3, 0)]
+    paged_v = [torch.randn(m, H, D, generator=g) for m in (5, 0, 3, 0)]
+    sink = torch.randn(H * G, generator=g) if sinks else None
+    cap = (lambda x: softcap * torch.tanh(x / softcap)) if softcap else (lambda x: x)
+    out, lse, want = torch.zeros_like(q), torch.full((B, H * G), float("-inf")), torch.zeros_like(q)
+    for b in range(B):
+        ks = torch.cat([paged[b], keys[b].transpose(0, 1)[valid[b]]]).repeat_interleave(G, dim=1)
+        vs = torch.cat([paged_v[b], values[b].transpose(0, 1)[valid[b]]]).repeat_interleave(G, dim=1)
+        logits = cap(torch.einsum("hd,nhd->hn", q[b], ks) * 0.3)
+        if sinks:
+            logits = torch.cat([logits, sink[:, None]], dim=1)
+        if len(ks):
+            want[b] = torch.einsum("hn,nhd->hd", torch.softmax(logits, dim=1)[:, :len(ks)], vs)
+        m = len(paged[b])
+        if m:
+            part = cap(torch.einsum("hd,nhd->hn", q[b], ks[:m]) * 0.3)
+            lse[b] = torch.logsumexp(part, dim=1)
+            out[b] = torch.einsum("hn,nhd->hd", torch.softmax(part, dim=1), vs[:m])
+    merge = exact_merge_triton if triton else exact_merge_reference
+    got = merge(q, out, lse, keys, values, valid, 0.3, softcap, sink)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

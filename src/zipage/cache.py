@@ -41,8 +41,7 @@ from . import capture
 from .attention_checks import check_model_config, sink_logits, sliding_layers
 from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
-from .kernels import (dequantize_reference, exact_attention, kv_dtype, merge_attention, paged_decode_attention,
-                      store_kv)
+from .kernels import dequantize_reference, exact_merge, kv_dtype, paged_decode_attention, store_kv
 from .kernels._triton import use_triton
 from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_quantized, kv_rotation, rotate
 from .memory.rows import (
@@ -677,9 +676,8 @@ class ZipageCache(Cache):
             scale, starts, max_len_hint=layer.stored, k_scale=k_scale, v_scale=v_scale, softcap=kwargs.get("softcap"),
             return_lse=True,
         )
-        recent = exact_attention(exact_query[:, :, 0, :], *exact, layer.valid[:, layer.stored - n:], scale,
-                                 kwargs.get("softcap"))
-        out = merge_attention([(rotate(out, rot, out.dtype), lse), recent], sink_logits(kwargs))
+        out = exact_merge(exact_query[:, :, 0, :].contiguous(), rotate(out, rot, out.dtype), lse, *exact,
+                          layer.valid[:, layer.stored - n:], scale, kwargs.get("softcap"), sink_logits(kwargs))
         return out.view(B, 1, H, D), attention_mask
 
     def _paged_lens(self, layer: ZipageLayer, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
