@@ -428,3 +428,34 @@ def test_exact_merge_over_masked_tails_is_one_softmax(triton, sinks, softcap):
     merge = exact_merge_triton if triton else exact_merge_reference
     got = merge(q, out, lse, keys, values, valid, 0.3, softcap, sink)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_merge_kernels_match_their_references(dtype):
+    """The compiled kernels (a ring of 16 rows and masked tails; sinks, softcap, 4 query heads per KV head,
+    head dim 128) against the PyTorch references on the GPU."""
+    from zipage.kernels.exact_tail import (exact_merge_reference, exact_merge_triton, exact_tail_merge_reference,
+                                           exact_tail_merge_triton)
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    B, H, G, D, tail = 37, 8, 4, 128, 16
+    kw = dict(device="cuda", generator=g)
+    q = torch.randn(B, H * G, D, **kw).to(dtype)
+    out = torch.randn(B, H * G, D, **kw).to(dtype)
+    lse = torch.randn(B, H * G, **kw) * 3
+    lse[::5] = float("-inf")  # (rows whose paged part is empty)
+    ring_k, ring_v = (torch.randn((B + 1) * tail, H, D, **kw).to(dtype) for _ in range(2))
+    first = torch.arange(B, device="cuda") * tail
+    pos = torch.randint(0, 3000, (B,), device="cuda", generator=g)
+    count = torch.randint(1, tail + 1, (B,), device="cuda", generator=g).minimum(pos + 1)
+    sinks = torch.randn(H * G, **kw)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for softcap, s in ((None, None), (20.0, sinks)):
+        args = (q, out, lse, ring_k, ring_v, first, pos, count, tail, 0.088, softcap, s)
+        torch.testing.assert_close(exact_tail_merge_triton(*args), exact_tail_merge_reference(*args), **tol)
+        keys, values = (torch.randn(B, H, 15, D, **kw).to(dtype) for _ in range(2))
+        valid = torch.rand(B, 15, device="cuda", generator=g) > 0.3
+        args = (q, out, lse, keys, values, valid, 0.088, softcap, s)
+        torch.testing.assert_close(exact_merge_triton(*args), exact_merge_reference(*args), **tol)
