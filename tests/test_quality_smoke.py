@@ -122,3 +122,22 @@ def test_end_to_end_tiny_run(quality, smollm2, tmp_path, monkeypatch):
     assert data["generation"]["rows"][0]["config"].startswith("full KV")
     assert stem.with_suffix(".md").read_text().startswith("# zipage quality")
     assert stem.with_suffix(".png").stat().st_size > 0
+
+
+@needs_real
+def test_smollm2_engine_with_fp8_exact_tails_gives_generates_tokens(smollm2):
+    """The real model: the engine on FP8 pages with exact_tail=16, compressions included, gives the tokens of
+    generate(cache_implementation="zipage") with the same settings (whole prompts in one chunk)."""
+    from zipage import LLM, SamplingParams
+
+    model, tok = smollm2
+    cfg = dict(budget=64, page_size=16, buffer=16, window=16, kv_cache_dtype="fp8", exact_tail=16)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 17 * 23? Think step by step."}],
+                                  add_generation_prompt=True)
+    ids = list(ids if isinstance(ids, list) else ids["input_ids"])
+    llm = LLM(model, tok, max_num_seqs=1, enable_prefix_caching=False, **cfg)
+    got = llm.generate([ids], SamplingParams(max_tokens=80, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert llm.stats()["compressions"] > 0
+    want = model.generate(torch.tensor([ids]), max_new_tokens=80, do_sample=False, pad_token_id=0, eos_token_id=None,
+                          cache_implementation="zipage", cache_config=cfg)[0, len(ids):].tolist()
+    assert got.token_ids == want
