@@ -214,8 +214,9 @@ def _prefill_with_exact_tails(meta: StepMeta, q, k, v, before, kp, vp, ks, vs, r
     """Prefill chunks with exact tails, into ``out[:len(q)]``: their pages dequantized into a scratch pool (and
     rotated back to the model's basis, that of ``q``, ``k``, ``v`` and ``out``, where they are stored rotated
     by ``rot``), each chunk's own tokens and the ``exact_tail - 1`` before it written over their codes' values,
-    then the 16-bit prefill. Where the scratch of every chunk's pages together would pass ``DEQUANTIZE_LIMIT_BYTES``, one chunk
-    at a time (a chunk's own pages are dequantized whole: its context x KV heads x head dim x 4 bytes)."""
+    then the 16-bit prefill. Where the scratch of every chunk's pages together would pass
+    ``DEQUANTIZE_LIMIT_BYTES``, one chunk at a time (a chunk's own pages are dequantized whole: its context x
+    KV heads x head dim x 4 bytes)."""
     n_p, table = q.shape[0], meta.prefill_table
     src = [torch.cat([b.to(q.dtype), x[:n_p].to(q.dtype)]) for b, x in zip(before, (k, v))]
     per_page = kp[0].numel() * 2 * q.element_size()
