@@ -179,7 +179,8 @@ case "${PART:-final}" in
     # ring's extra memory is beside the pages)
     for v in none triton torch; do
       tail=$([ $v = none ] && echo 0 || echo 16)
-      ZIPAGE_EXACT_TAIL_KERNEL=$([ $v = none ] && echo triton || echo $v) timeout 100 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
+      ZIPAGE_EXACT_TAIL_KERNEL=$([ $v = none ] && echo triton || echo $v) timeout 100 \
+        python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
         --kv-cache-dtype fp8 --exact-tail $tail --default-only --out "$OUT/profile_fp8_490_tail_$v.json" 2>&1 \
         | grep -a 'engine step\|device time'
     done

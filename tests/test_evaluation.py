@@ -221,8 +221,8 @@ def test_serve_options_are_checked_before_anything_loads():
     assert check_args(serve_parser().parse_args(["--budget", "none", "--page-size", "16"])) is None
     assert check_args(serve_parser().parse_args(["--scorer", "snapkv", "--kv-cache-dtype", "fp8"])) is None
     assert check_args(serve_parser().parse_args(["--kv-cache-dtype", "fp8", "--exact-tail", "16"])) is None
-    assert check_args(serve_parser().parse_args(["--budget", "none", "--kv-cache-dtype", "int8", "--exact-tail", "32"])) \
-        is None
+    full_kv = ["--budget", "none", "--kv-cache-dtype", "int8", "--exact-tail", "32"]
+    assert check_args(serve_parser().parse_args(full_kv)) is None
 
 
 @pytest.fixture

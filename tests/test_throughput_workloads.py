@@ -47,7 +47,8 @@ def test_system_names_give_the_engine_options():
     tp.check_system("zipage-64-fp8-tail16")
     assert tp.system_options("zipage-64-fp8-tail16", "auto") == (
         64, dict(kv_cache_dtype="fp8", async_scheduling=True, exact_tail=16))
-    assert tp.system_options("zipage-fullkv-sync", "int8") == (None, dict(kv_cache_dtype="int8", async_scheduling=False))
+    assert tp.system_options("zipage-fullkv-sync", "int8") == (
+        None, dict(kv_cache_dtype="int8", async_scheduling=False))
 
 
 def test_long_prompts_lengths_and_ids():
