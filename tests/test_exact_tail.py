@@ -28,13 +28,19 @@ def rounded(x: torch.Tensor, kv: str) -> torch.Tensor:
 
 def reference_logits(model, ids: torch.Tensor, prompt_len: int, kv: str, tail: int) -> torch.Tensor:
     """Logits ``[B, T, V]`` of one forward of ``ids`` whose attention follows the exact-tail rule."""
+    return exact_forward(model, ids, kv, lambda i, j: (j > i - tail) | (i < prompt_len))
+
+
+def exact_forward(model, ids: torch.Tensor, kv: str, rule) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of one forward of ``ids`` in which query ``i`` reads key and value ``j`` exactly where
+    ``rule(i, j)`` (``[T, 1]`` and ``[1, T]`` positions) holds, and through ``kv``'s page codes elsewhere."""
 
     def attention(module, q, k, v, mask, scaling=None, **kw):
         g = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         T = q.shape[2]
         i, j = torch.arange(T).view(-1, 1), torch.arange(T).view(1, -1)
-        exact = (j > i - tail) | (i < prompt_len)
+        exact = rule(i, j)
         logits = torch.where(exact, q @ k.transpose(-1, -2), q @ rounded(k, kv).transpose(-1, -2)) * scaling
         p = torch.softmax(logits.masked_fill(j > i, float("-inf")), dim=-1)
         out = (p * exact) @ v + (p * ~exact) @ rounded(v, kv)

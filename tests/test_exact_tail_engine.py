@@ -14,13 +14,12 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_sliding_model
 from test_engine import assert_pool_clean, prompts_of, reference
-from test_exact_tail import rounded
+from test_exact_tail import exact_forward
 from transformers import AttentionInterface
 
 from zipage import LLM, SamplingParams
 from zipage.engine.runner import ModelRunner
 
-REF = "zipage_exact_tail_engine_reference"
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
@@ -28,26 +27,8 @@ def reference_logprobs(model, ids: list[int], exact_from: list[int], kv: str) ->
     """Log-softmax ``[T, V]`` of one forward of ``ids`` in which query ``i`` reads keys and values at positions
     ``j >= exact_from[i]`` exactly and older ones rounded through ``kv``'s page codes."""
     start = torch.tensor(exact_from).view(-1, 1)
-
-    def attention(module, q, k, v, mask, scaling=None, **kw):
-        g = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        T = q.shape[2]
-        i, j = torch.arange(T).view(-1, 1), torch.arange(T).view(1, -1)
-        exact = j >= start
-        logits = torch.where(exact, q @ k.transpose(-1, -2), q @ rounded(k, kv).transpose(-1, -2)) * scaling
-        p = torch.softmax(logits.masked_fill(j > i, float("-inf")), dim=-1)
-        out = (p * exact) @ v + (p * ~exact) @ rounded(v, kv)
-        return out.transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register(REF, attention)
-    before = model.config._attn_implementation
-    model.set_attn_implementation(REF)
-    try:
-        with torch.no_grad():
-            return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-    finally:
-        model.set_attn_implementation(before)
+    logits = exact_forward(model, torch.tensor([ids]), kv, lambda i, j: j >= start)
+    return torch.log_softmax(logits[0].float(), dim=-1)
 
 
 def exact_from(prompt_len: int, total: int, tail: int, chunk: int, ring_from: int = 0) -> list[int]:
