@@ -168,25 +168,31 @@ case "${PART:-final}" in
   exacttail)  # prepared in session 34, not yet run: exact tails' GPU tests, then generate()'s decode step (zipage-512
               # against DynamicCache taking turns, batch 16, 4,096-token prompt past the budget) on bf16 pages, FP8
               # pages, and FP8 pages with exact_tail=16 (the paged kernel with return_lse plus the merge)
-    timeout 200 python3 -m pytest -q -m gpu tests/test_exact_tail.py tests/test_exact_tail_engine.py 2>&1 | tail -3
-    for kv in "" "--kv-cache-dtype fp8" "--kv-cache-dtype fp8 --exact-tail 16"; do
-      tag=$(echo "bf16 $kv" | awk '{print ($2 == "" ? "bf16" : ($4 == "" ? "fp8" : "fp8_tail16"))}')
-      timeout 120 python3 benchmarks/generate_steps.py --batch 16 --prompt 4096 --new 256 $kv --label "$tag" \
-        --out "$OUT/generate_steps_b16_p4096_$tag.json" 2>&1 | tail -1
-    done
-    # the engine (session 35): its decode step on FP8 pages without exact tails, with exact_tail=16 (the merge's
-    # kernel) and with the merge in PyTorch ops; then throughput with and without, the same run and memory (the
-    # ring's extra memory is beside the pages)
-    for v in none triton torch; do
-      tail=$([ $v = none ] && echo 0 || echo 16)
-      ZIPAGE_EXACT_TAIL_KERNEL=$([ $v = none ] && echo triton || echo $v) timeout 100 \
-        python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
-        --kv-cache-dtype fp8 --exact-tail $tail --default-only --out "$OUT/profile_fp8_490_tail_$v.json" 2>&1 \
-        | grep -a 'engine step\|device time'
-    done
-    timeout 280 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 --max-tokens 4096 \
-      --kv-gib 80 --time-limit 100 --systems zipage-2048-fp8,zipage-2048-fp8-tail16 \
-      --out "$OUT/throughput_qwen3-8b_fp8_tail16.json" 2>&1 | tail -4 ;;
+    # STAGE=a: the GPU tests and the engine's decode step; STAGE=b: generate()'s decode steps and throughput
+    # (each within one 10-minute call); both by default
+    if [ "${STAGE:-ab}" != b ]; then
+      timeout 240 python3 -m pytest -q -m gpu tests/test_exact_tail.py tests/test_exact_tail_engine.py 2>&1 | tail -4
+      # the engine (session 35): its decode step on FP8 pages without exact tails, with exact_tail=16 (the merge's
+      # kernel) and with the merge in PyTorch ops
+      for v in none triton torch; do
+        tail=$([ $v = none ] && echo 0 || echo 16)
+        ZIPAGE_EXACT_TAIL_KERNEL=$([ $v = none ] && echo triton || echo $v) timeout 100 \
+          python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
+          --kv-cache-dtype fp8 --exact-tail $tail --default-only --out "$OUT/profile_fp8_490_tail_$v.json" 2>&1 \
+          | grep -a 'engine step\|device time'
+      done
+    fi
+    if [ "${STAGE:-ab}" != a ]; then
+      for kv in "" "--kv-cache-dtype fp8" "--kv-cache-dtype fp8 --exact-tail 16"; do
+        tag=$(echo "bf16 $kv" | awk '{print ($2 == "" ? "bf16" : ($4 == "" ? "fp8" : "fp8_tail16"))}')
+        timeout 100 python3 benchmarks/generate_steps.py --batch 16 --prompt 4096 --new 256 $kv --label "$tag" \
+          --out "$OUT/generate_steps_b16_p4096_$tag.json" 2>&1 | tail -1
+      done
+      # throughput with and without, the same run and memory (the ring's extra memory is beside the pages)
+      timeout 280 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+        --max-tokens 4096 --kv-gib 80 --time-limit 100 --systems zipage-2048-fp8,zipage-2048-fp8-tail16 \
+        --out "$OUT/throughput_qwen3-8b_fp8_tail16.json" 2>&1 | tail -4
+    fi ;;
   smallops_pairs)
     for tree in .before .; do
       tag=$([ "$tree" = . ] && echo after || echo before)
