@@ -39,7 +39,7 @@ def exact_forward(model, ids: torch.Tensor, kv: str, rule) -> torch.Tensor:
         g = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         T = q.shape[2]
-        i, j = torch.arange(T).view(-1, 1), torch.arange(T).view(1, -1)
+        i, j = torch.arange(T, device=q.device).view(-1, 1), torch.arange(T, device=q.device).view(1, -1)
         exact = rule(i, j)
         logits = torch.where(exact, q @ k.transpose(-1, -2), q @ rounded(k, kv).transpose(-1, -2)) * scaling
         p = torch.softmax(logits.masked_fill(j > i, float("-inf")), dim=-1)

@@ -26,8 +26,9 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 def reference_logprobs(model, ids: list[int], exact_from: list[int], kv: str) -> torch.Tensor:
     """Log-softmax ``[T, V]`` of one forward of ``ids`` in which query ``i`` reads keys and values at positions
     ``j >= exact_from[i]`` exactly and older ones rounded through ``kv``'s page codes."""
-    start = torch.tensor(exact_from).view(-1, 1)
-    logits = exact_forward(model, torch.tensor([ids]), kv, lambda i, j: j >= start)
+    device = next(model.parameters()).device
+    start = torch.tensor(exact_from, device=device).view(-1, 1)
+    logits = exact_forward(model, torch.tensor([ids], device=device), kv, lambda i, j: j >= start)
     return torch.log_softmax(logits[0].float(), dim=-1)
 
 
