@@ -100,9 +100,9 @@ class LLM:
         budget: tokens kept per sequence after a compression, for requests that do not set their
             own (``SamplingParams.budget``: smaller, larger, or ``None`` for full KV). ``None``
             runs a plain full-KV paged engine (the baseline), which has no compression machinery
-            and refuses per-request budgets (of the fields below it takes ``page_size`` and, with 8-bit
-            pages, ``exact_tail``, any length: nothing is evicted). Other ``ZipageConfig`` fields (``page_size``,
-            ``buffer``, ``window``, ``scorer``, ...) are accepted as keyword arguments too.
+            and refuses per-request budgets (of the ``ZipageConfig`` fields it takes ``page_size`` and, with
+            8-bit pages, ``exact_tail``, of any length: nothing is evicted). Other ``ZipageConfig`` fields
+            (``page_size``, ``buffer``, ``window``, ``scorer``, ...) are accepted as keyword arguments too.
         enable_prefix_caching: share full prompt pages between requests with the same prefix (off for
             models with sliding-window layers: those keep only their window, so a cached prefix
             would lack the sliding layers' KV of its last tokens).
@@ -143,7 +143,7 @@ class LLM:
             in the same memory. With ``budget=None`` it gives a full-KV FP8 engine. ``"int8"``: the
             same with int8 codes (``round(x / s)``, ``s = max|x| / 127``) of keys and values in a
             Hadamard-rotated basis (attention unchanged): the same bytes, with far less rounding in
-            the attention logits than e4m3. With a budget, ``exact_tail=N`` (a ``ZipageConfig`` field)
+            the attention logits than e4m3. ``exact_tail=N`` (a ``ZipageConfig`` field; full KV too)
             keeps each query slot's last N keys and values in the model's dtype, read exactly by every query
             (see the engine guide, "Exact tails").
         tensor_parallel_size: split the model over this many ranks (GPUs from the model's, or
@@ -251,7 +251,8 @@ class LLM:
         blocks = BlockManager(num_pages, page_size, enable_prefix_caching, window=window_blocks)
         scheduler = Scheduler(blocks, self.zipage_config, max_num_seqs, max_num_batched_tokens)
         scheduler.max_model_len = self.max_model_len
-        scheduler.recompute_tail = max(scheduler.recompute_tail, exact_tail)  # (the ring's last tokens, full KV too)
+        # exact tails: a prefix-cache hit recomputes at least the ring's last tokens (full KV too)
+        scheduler.recompute_tail = max(scheduler.recompute_tail, exact_tail)
         if self.ranks is None:
             runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer, scheduler.num_slots,
                                  fuse_ops=fuse_ops, kv_cache_dtype=kv_cache_dtype, window_blocks=window_blocks,

@@ -312,9 +312,9 @@ class ModelRunner:
         self.exact_tail = zipage_config.exact_tail if zipage_config is not None else exact_tail
         self.exact_k = self.exact_v = None
         if self.exact_tail:
-            # exact tails: each slot's last ``exact_tail`` keys and values as the model computed them (in the
-            # pages' basis), position t at ring row ``slot * exact_tail + t % exact_tail``; the scratch slot takes
-            # the tokens outside any tail and graph padding rows
+            # exact tails: each slot's last ``exact_tail`` keys and values as the model computed them (in its
+            # basis, rotated pages or not), position t at ring row ``slot * exact_tail + t % exact_tail``; the
+            # scratch slot takes the tokens outside any tail and graph padding rows
             e = self.exact_tail
             self.exact_k = torch.zeros(L, (num_slots + 1) * e, 1, Hkv, D, dtype=self.dtype, device=self.device)
             self.exact_v = torch.zeros_like(self.exact_k)
@@ -493,8 +493,11 @@ class ModelRunner:
             meta.prefill_exact_dst = torch.tensor(dst + own, dtype=torch.long, device=dev)
         if decode:
             meta.decode_pos = decode_pos
-            meta.decode_exact = torch.tensor([min(s.num_computed - s.ring_from + 1, e) for s in decode],
-                                             dtype=torch.int32, device=dev)
+            meta.decode_exact = torch.tensor([self._exact_count(s) for s in decode], dtype=torch.int32, device=dev)
+
+    def _exact_count(self, seq: Sequence) -> int:
+        """How many of its last tokens a decoding ``seq`` reads from its ring (itself included)."""
+        return min(seq.num_computed - seq.ring_from + 1, self.exact_tail)
 
     def _model_call(self, meta: StepMeta, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
         """The model's own forward with the engine attention in place (restored afterwards)."""
@@ -646,7 +649,7 @@ class ModelRunner:
         if self.exact_tail:
             e = self.exact_tail
             rows = [s.slot * e + s.num_computed % e for s in decode] + [self.num_slots * e] * pad
-            counts = [min(s.num_computed - s.ring_from + 1, e) for s in decode] + [1] * pad
+            counts = [self._exact_count(s) for s in decode] + [1] * pad
             self.g_exact[:b].copy_(torch.tensor(rows), non_blocking=True)
             self.g_exact_n[:b].copy_(torch.tensor(counts, dtype=torch.int32), non_blocking=True)
         self._feed_ids(self.g_ids, decode, 0, feed)

@@ -94,8 +94,6 @@ class Scheduler:
         self.recompute_tail = 0
         if zipage_config is not None and get_scorer(zipage_config.scorer, zipage_config).needs_queries:
             self.recompute_tail = zipage_config.window
-        if zipage_config is not None:  # and the exact tails' ring its last keys and values
-            self.recompute_tail = max(self.recompute_tail, zipage_config.exact_tail)
         self.free_slots = list(range(self.num_slots))[::-1]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
