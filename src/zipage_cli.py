@@ -191,7 +191,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    "about twice the tokens in the same memory) or int8 (int8 codes, the same bytes, less rounding)")
     p.add_argument("--exact-tail", type=int, default=0,
                    help="with --kv-cache-dtype fp8 or int8: each query reads its last N tokens in the model's dtype, "
-                   "older ones from the pages (with a budget, at most the observation window + 1; 0: none)")
+                   "older ones from the pages, and compressions keep the last N - 1 (0: none)")
     p.add_argument("--scorer", default=None, help="which tokens to keep (default: zipage; `zipage info` lists them)")
     p.add_argument("--max-budget", type=int, default=None,
                    help="largest budget a request may ask for; full KV is refused then too (default: no limit)")

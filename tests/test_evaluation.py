@@ -215,12 +215,14 @@ def test_serve_options_are_checked_before_anything_loads():
                          (["--exact-tail", "4"], "8-bit pages"), (["--kv-cache-dtype", "fp8", "--exact-tail", "-1"],
                                                                   "--exact-tail -1"),
                          (["--budget", "none", "--exact-tail", "4"], "8-bit pages"),
-                         (["--budget", "none", "--exact-tail", "-2"], "--exact-tail -2")):
+                         (["--budget", "none", "--exact-tail", "-2"], "--exact-tail -2"),
+                         (["--budget", "64", "--kv-cache-dtype", "fp8", "--exact-tail", "66"], "exact_tail <= 65")):
         problem = check_args(serve_parser().parse_args(flags))
         assert problem is not None and words in problem, (flags, problem)
     assert check_args(serve_parser().parse_args(["--budget", "none", "--page-size", "16"])) is None
     assert check_args(serve_parser().parse_args(["--scorer", "snapkv", "--kv-cache-dtype", "fp8"])) is None
     assert check_args(serve_parser().parse_args(["--kv-cache-dtype", "fp8", "--exact-tail", "16"])) is None
+    assert check_args(serve_parser().parse_args(["--kv-cache-dtype", "fp8", "--exact-tail", "64"])) is None
     full_kv = ["--budget", "none", "--kv-cache-dtype", "int8", "--exact-tail", "32"]
     assert check_args(serve_parser().parse_args(full_kv)) is None
 

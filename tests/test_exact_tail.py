@@ -110,11 +110,40 @@ def test_exact_tail_beam_search_runs_and_keeps_tails_per_beam():
 @pytest.mark.parametrize("fields, words", [
     (dict(exact_tail=4), "8-bit pages"),
     (dict(exact_tail=-1, kv_cache_dtype="fp8"), "exact_tail=-1"),
-    (dict(exact_tail=18, window=16, kv_cache_dtype="fp8"), "window=16"),
+    (dict(exact_tail=14, budget=16, window=4, sinks=4, kv_cache_dtype="fp8"), "budget=16"),
 ])
 def test_exact_tail_refuses_what_it_cannot_keep(fields, words):
     with pytest.raises(ValueError, match=words):
         ZipageConfig(**fields)
+
+
+@pytest.mark.parametrize("scorer", ["random", "snapkv"])
+def test_compressions_keep_an_exact_tail_longer_than_the_window(scorer):
+    """``exact_tail - 1`` above the window: every compression keeps the last ``exact_tail - 1`` tokens too
+    (``ZipageConfig.kept_last``), so the tail holds the last stored slots' tokens, each as the model computed it.
+    Without the tail the same scorer evicts some of them (the test would not see a compression that forgot)."""
+    model = tiny_model("qwen3")
+    ids = torch.tensor(prompts_of((24, 24), seed=8))
+    kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="zipage",
+              return_dict_in_generate=True)
+    cfg = dict(budget=16, page_size=4, buffer=4, window=2, scorer=scorer, kv_cache_dtype="fp8", exact_tail=9)
+    assert ZipageConfig(**cfg).kept_last == 8
+    caches = {tail: model.generate(ids, cache_config={**cfg, "exact_tail": tail}, **kw).past_key_values
+              for tail in (9, 0)}
+    evicted = 0
+    for tail, cache in caches.items():
+        assert cache.num_compressions > 1
+        for layer in cache.full:
+            kept = cache.kept_positions(layer.layer_idx)[:, :, -8:]  # [B, H_kv, 8]
+            last = torch.arange(layer.seen - 8, layer.seen)
+            if tail:
+                assert torch.equal(kept, last.expand_as(kept))
+                want, _ = quantize_reference(layer.tail[0].transpose(1, 2), QUANTIZED_KV["fp8"])
+                assert torch.equal(layer.keys[:, layer.stored - 8:layer.stored].view(torch.uint8),
+                                   want.view(torch.uint8))
+            else:
+                evicted += int((kept != last).any())
+    assert evicted
 
 
 def test_paged_decode_steps_merge_the_tail_as_the_dense_path_does(monkeypatch):

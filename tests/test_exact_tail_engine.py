@@ -94,9 +94,10 @@ def test_a_prefix_cache_hit_reads_exactly_from_its_first_recomputed_token():
         assert_logprobs_match(model, b, got, kv, exact_from(len(b), len(b) + 20, tail, 64))
 
 
-@pytest.mark.parametrize("scorer, kv", [("zipage", "fp8"), ("snapkv", "fp8"), ("zipage", "int8"),
-                                        ("zipage", "fp8-rotated")])
-def test_compressing_engine_with_exact_tails_matches_generate(scorer, kv, monkeypatch):
+@pytest.mark.parametrize("scorer, kv, window, tail", [("zipage", "fp8", 6, 5), ("snapkv", "fp8", 6, 5),
+                                                      ("zipage", "int8", 6, 5), ("zipage", "fp8-rotated", 6, 5),
+                                                      ("knorm", "fp8", 2, 9), ("snapkv", "int8", 2, 9), ("keydiff", "fp8", 2, 9)])
+def test_compressing_engine_with_exact_tails_matches_generate(scorer, kv, window, tail, monkeypatch):
     """Compressions included: the engine's tokens are generate()'s with the same exact tails (whole prompts
     in one chunk, no prefix cache: where both read the same tokens exactly), and differ from pages read whole."""
     if kv == "fp8-rotated":
@@ -104,7 +105,8 @@ def test_compressing_engine_with_exact_tails_matches_generate(scorer, kv, monkey
         kv = "fp8"
     model = tiny_model("qwen3")
     prompts = prompts_of((12, 30, 7, 21), seed=1)
-    fields = dict(budget=16, page_size=4, buffer=4, window=6, scorer=scorer, kv_cache_dtype=kv, exact_tail=5)
+    fields = dict(budget=16, page_size=4, buffer=4, window=window, scorer=scorer, kv_cache_dtype=kv,
+                  exact_tail=tail)  # (a tail longer than the window + 1: compressions keep it, kept_last)
     llm = LLM(model, num_pages=128, max_num_seqs=3, enable_prefix_caching=False, **fields)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert llm.stats()["compressions"] > 0
@@ -166,8 +168,13 @@ def test_the_exact_tails_ring_is_counted_in_the_slot_bytes():
 
 
 def test_the_engine_refuses_an_exact_tail_it_cannot_keep():
-    with pytest.raises(ValueError, match="window=4"):
-        LLM(tiny_model("qwen3"), budget=16, page_size=4, window=4, num_pages=16, kv_cache_dtype="fp8", exact_tail=6)
+    with pytest.raises(ValueError, match="budget=16"):
+        LLM(tiny_model("qwen3"), budget=16, page_size=4, window=4, num_pages=16, kv_cache_dtype="fp8", exact_tail=18)
+    llm = LLM(tiny_model("qwen3"), budget=16, page_size=4, window=4, num_pages=16, kv_cache_dtype="fp8",
+              exact_tail=9)
+    with pytest.raises(ValueError, match="exact_tail - 1 \\+ sinks = 8"):  # a request's own budget below the tail
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, budget=7), use_tqdm=False)
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, budget=8), use_tqdm=False)[0].token_ids
     with pytest.raises(ValueError, match="8-bit pages"):
         LLM(tiny_model("qwen3"), budget=16, page_size=4, window=4, num_pages=16, exact_tail=4)
 

@@ -711,7 +711,7 @@ class ZipageCache(Cache):
         for layer in self.full:
             keep = layer.compress(
                 slots, layer.window_queries if self.scorer.needs_queries else None,
-                scorer=self.scorer, k=cfg.budget, window=cfg.window, sinks=cfg.sinks,
+                scorer=self.scorer, k=cfg.budget, window=cfg.kept_last, sinks=cfg.sinks,
                 scaling=attention_scale(layer.scaling, layer.keys.shape[-1]), page_size=cfg.page_size,
                 first=self.num_compressions == 0, layer_idx=layer.layer_idx,
             )

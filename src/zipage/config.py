@@ -134,13 +134,15 @@ class ZipageConfig:
             rounding error that matters most is the recent tokens': with 16 on SmolLM2, nothing evicted, FP8
             pages lose 1.4 points of top-1 agreement instead of 3.2 (``benchmarks/results/fp8/``); with
             eviction 0.25 / 0.95 instead of 0.84 / 1.72 at budgets of 1/8 / 1/4 of the length. The cache
-            keeps the last ``exact_tail - 1`` tokens' keys and values beside the pages, so they must fit in
-            the observation window, which compression keeps (``exact_tail - 1 <= window``; where it evicts
+            keeps the last ``exact_tail - 1`` tokens' keys and values beside the pages, and every compression
+            keeps those tokens, as it keeps the observation window (``kept_last``; with a longer tail than
+            the window, a scorer's choice among the rest is made without them; where a compression evicts
             padding from the window, the older tokens that move into the last slots are read from the
-            pages). A step of several tokens (a prompt, a chunk) reads all of its own tokens exactly. The
-            engine keeps a ring of each query slot's last ``exact_tail`` keys and values; its prefill chunks
-            read their own tokens and the ``exact_tail - 1`` before them exactly, back to the first token it
-            computed (the prefix cache's pages hold codes only).
+            pages). ``exact_tail - 1 + sinks`` must fit in the budget. A step of several tokens (a prompt, a
+            chunk) reads all of its own tokens exactly. The engine keeps a ring of each query slot's last
+            ``exact_tail`` keys and values; its prefill chunks read their own tokens and the
+            ``exact_tail - 1`` before them exactly, back to the first token it computed (the prefix cache's
+            pages hold codes only).
     """
 
     budget: int = 2048
@@ -219,9 +221,10 @@ class ZipageConfig:
         if self.exact_tail and self.kv_cache_dtype not in ("fp8", "int8"):
             _fail("exact_tail", self.exact_tail, f"it applies to 8-bit pages (kv_cache_dtype='fp8' or 'int8'), "
                   f"got kv_cache_dtype={self.kv_cache_dtype!r}, whose pages are exact already")
-        if self.exact_tail - 1 > self.window:
-            _fail("exact_tail", self.exact_tail, f"the last exact_tail - 1 tokens must fit in the observation window "
-                  f"(window={self.window}), which compression always keeps: give exact_tail <= {self.window + 1}")
+        if self.sinks + self.kept_last > self.budget:  # (the window alone was checked above)
+            _fail("exact_tail", self.exact_tail, f"a compression keeps the last exact_tail - 1 tokens and the first "
+                  f"sinks ({self.exact_tail - 1} + {self.sinks}), which must fit in budget={self.budget}: give "
+                  f"exact_tail <= {self.budget - self.sinks + 1} or a larger budget")
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "expected a dict", TypeError)
         # Only the form of the scorer: its name is looked up where the scorer is built
@@ -234,6 +237,12 @@ class ZipageConfig:
     def capacity(self) -> int:
         """Most tokens a sequence stores between two compressions (budget + buffer)."""
         return self.budget + self.buffer
+
+    @property
+    def kept_last(self) -> int:
+        """Last stored tokens every compression keeps: the observation window, or the ``exact_tail - 1`` tokens
+        before a query that it reads in the model's dtype where those are more (they must stay where they are)."""
+        return max(self.window, self.exact_tail - 1)
 
     @property
     def recent_kept(self) -> int:

@@ -103,8 +103,9 @@ def resolve_budget(params: SamplingParams, config: ZipageConfig | None) -> int |
         raise ValueError(f"SamplingParams.budget={budget} is invalid: this engine was built with budget=None "
                          "(full KV) and cannot compress; build it with LLM(budget=B) to serve per-request "
                          "budgets (budget=None, full KV, is accepted)")
-    low = config.window + config.sinks
+    low = config.kept_last + config.sinks
     if budget < low:
-        raise ValueError(f"SamplingParams.budget={budget} is invalid: must be >= window + sinks = {low} "
+        what = "window" if config.kept_last == config.window else "exact_tail - 1"
+        raise ValueError(f"SamplingParams.budget={budget} is invalid: must be >= {what} + sinks = {low} "
                          "(the tokens a compression always keeps)")
     return int(budget)

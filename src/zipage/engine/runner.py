@@ -702,7 +702,7 @@ class ModelRunner:
                 LayerPages(self.k_pool[sl], self.v_pool[sl], self.state_pool[sl] if self.state_pool is not None else None,
                            self.k_scale[sl] if fp8 else None, self.v_scale[sl] if fp8 else None, self.dtype),
                 slots, mask[sl], queries[sl] if queries is not None else None, scorer, k=budget,
-                window=cfg.window, sinks=cfg.sinks, scaling=scaling, page_size=cfg.page_size, first=first,
+                window=cfg.kept_last, sinks=cfg.sinks, scaling=scaling, page_size=cfg.page_size, first=first,
                 layer_idx=self.full_layers[start] if stop - start == 1 else -1, dst_slots=dst,
             )))
         self.kept.compressed(seqs, keeps, first)
