@@ -66,6 +66,10 @@
 #   PART=exacttail GPU tests of exact tails, then generate()'s decode step on FP8 pages with and without
 #              exact_tail=16 (and bf16 pages), against DynamicCache: what the paged path's merge costs; then the
 #              engine's throughput on FP8 pages with and without exact_tail=16
+#   PART=longtail exact tails longer than the window (session 36) and the merge kernel's ring rows as tensor-core
+#              tiles: STAGE=a: GPU tests, the engine's FP8 decode step with exact_tail=16 before (.before, carried:
+#              the row-at-a-time merge) and after, and after with tails of 0, 16, 32 and 64; STAGE=b: throughput of
+#              zipage-2048, zipage-2048-fp8 and zipage-2048-fp8-tail32, the same run
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 set -uo pipefail
@@ -192,6 +196,25 @@ case "${PART:-final}" in
       timeout 280 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
         --max-tokens 4096 --kv-gib 80 --time-limit 100 --systems zipage-2048-fp8,zipage-2048-fp8-tail16 \
         --out "$OUT/throughput_qwen3-8b_fp8_tail16.json" 2>&1 | tail -4
+    fi ;;
+  longtail)
+    if [ "${STAGE:-a}" = a ]; then
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_exact_tail.py tests/test_exact_tail_engine.py \
+        2>&1 | tee "$OUT/gpu_tests_longtail.log" | tail -3
+      for tree in .before .; do
+        tag=$([ "$tree" = . ] && echo after || echo before)
+        tails=$([ "$tree" = . ] && echo 16,0,32,64 || echo 16)
+        python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+        (cd "$tree" && timeout 220 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
+          --kv-cache-dtype fp8 --exact-tail $tails --default-only --out "$OUT/profile_fp8_490_tails_$tag.json" \
+          > "/tmp/profile_tails_$tag.txt" 2>&1; grep -a 'engine step\|device time' "/tmp/profile_tails_$tag.txt")
+      done
+      python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
+    else
+      timeout 560 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+        --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-100}" \
+        --systems zipage-2048,zipage-2048-fp8,zipage-2048-fp8-tail32 --out "$OUT/throughput_qwen3-8b_fp8_tail32.json" \
+        2>&1 | tail -5
     fi ;;
   smallops_pairs)
     for tree in .before .; do

@@ -62,13 +62,22 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=None, help="random prompts of this length instead of the workload")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"])
-    ap.add_argument("--exact-tail", type=int, default=0, help="exact tails of this many tokens (8-bit pages)")
+    ap.add_argument("--exact-tail", default="0",
+                    help="exact tails of this many tokens (8-bit pages); a comma list runs the engine's defaults once "
+                         "for each, in one process (with --default-only)")
     ap.add_argument("--default-only", action="store_true", help="time and profile the engine's defaults only")
     ap.add_argument("--out", default=None, help="timings and profiled kernels (JSON)")
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="the engine's (default: max(requests, 256)); above --requests, steps run the smallest "
                          "captured graph that holds them, padded, as in a throughput run")
     args = ap.parse_args()
+    try:
+        tails = [int(t) for t in str(args.exact_tail).split(",")]
+    except ValueError:
+        ap.error(f"--exact-tail {args.exact_tail!r}: expected an int or a comma list of ints")
+    if len(tails) > 1 and not args.default_only:
+        ap.error("several --exact-tail values need --default-only")
+    args.exact_tail = tails[0] if len(tails) == 1 else tails
     record = dict(model=args.model, requests=args.requests, prompt_tokens=args.prompt_tokens,
                   kv_cache_dtype=args.kv_cache_dtype, exact_tail=args.exact_tail, max_num_seqs=args.max_num_seqs,
                   exact_tail_kernel=os.environ.get("ZIPAGE_EXACT_TAIL_KERNEL", "triton"), variants=[])
@@ -76,17 +85,21 @@ def main() -> None:
     # (fuse_ops, merged projections, async_scheduling)
     variants = [(False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)]
     if args.default_only:
-        variants = variants[-1:]
-    for fuse, merge, overlap in variants:
+        variants = [variants[-1] + (tail,) for tail in tails]
+    else:
+        variants = [v + (tails[0],) for v in variants]
+    for fuse, merge, overlap, tail in variants:
         ms, llm = step_ms(model, args.requests, fuse, overlap, args.prompt_tokens, merge=merge,
                           kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
-                          exact_tail=args.exact_tail)
+                          exact_tail=tail)
         ctx = sum(s.stored for s in llm.scheduler.running) / max(len(llm.scheduler.running), 1)
         record["variants"].append(dict(fuse_ops=fuse, merged=merge and fuse, async_scheduling=overlap,
-                                       step_ms=round(ms, 3), running=len(llm.scheduler.running), mean_context=ctx))
-        print(f"engine step, fuse_ops={fuse}, merged GEMMs={merge and fuse}, async_scheduling={overlap}: {ms:.2f} ms "
-              f"with {len(llm.scheduler.running)} running, mean context {ctx:.0f}", flush=True)
-        if (fuse, merge, overlap) == variants[-1] and not args.no_profile:
+                                       exact_tail=tail, step_ms=round(ms, 3), running=len(llm.scheduler.running),
+                                       mean_context=ctx))
+        print(f"engine step, fuse_ops={fuse}, merged GEMMs={merge and fuse}, async_scheduling={overlap}, "
+              f"exact_tail={tail}: {ms:.2f} ms with {len(llm.scheduler.running)} running, mean context {ctx:.0f}",
+              flush=True)
+        if (args.default_only or (fuse, merge, overlap, tail) == variants[-1]) and not args.no_profile:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

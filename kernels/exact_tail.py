@@ -8,7 +8,7 @@ query slot's ring of exact keys and values: ``tail`` rows from ``first``, positi
 takes the paged part's output and log-sum-exp and returns the row's attention output: the softmax over the
 valid ring rows (``softcap`` applied to their logits), merged with the paged part and the sink logits
 (``sinks``, once). The Triton kernel runs one program per row and KV head, the query heads of the group
-together, over the ring rows one at a time (a handful: no tensor-core tile to fill); the reference is
+together (padded to 16 rows), over the ring rows as tiles of up to 64 with two tensor-core dots; the reference is
 ``merge_attention([(out, lse), exact_attention(...)], sinks)`` from ``paged_attention.py``, which also serves
 CPUs (``ZIPAGE_EXACT_TAIL_KERNEL=torch`` picks it on a GPU too). :func:`exact_merge` is the same kernel over
 generate()'s exact tails: keys and values ``[B, H_kv, n, D]`` with a validity mask ``[B, n]`` (padding).
@@ -20,8 +20,10 @@ import os
 
 import torch
 
-from ._triton import HAS_TRITON, next_pow2, use_triton
+from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
 from .paged_attention import exact_attention, merge_attention
+
+MAX_BLOCK_ROWS = 64  # ring or tail rows one tile reads (longer tails: several tiles)
 
 if HAS_TRITON:
     import triton
@@ -33,11 +35,14 @@ if HAS_TRITON:
         stride_qb, stride_qh, stride_ob, stride_oh, stride_lb, stride_lh,
         stride_kb, stride_kr, stride_kh, stride_vb, stride_vr, stride_vh, stride_valid, stride_xb, stride_xh,
         scale, softcap,
-        TAIL: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_VALID: tl.constexpr,
+        TAIL: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, D: tl.constexpr,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
+        HAS_VALID: tl.constexpr,
     ):
         """Row ``b``'s keys: ``RK + b * stride_kb + (FIRST[b] + r) * stride_kr`` for ``r < TAIL``; valid where
-        ``VALID[b, r]`` (``HAS_VALID``), else where ``(POS[b] - r) mod TAIL < COUNT[b]`` (a ring)."""
+        ``VALID[b, r]`` (``HAS_VALID``), else where ``(POS[b] - r) mod TAIL < COUNT[b]`` (a ring). The rows are
+        read ``BLOCK_R`` at a time as one tile (one tile for tails up to ``BLOCK_R``), the group's query heads
+        padded to ``BLOCK_G >= 16`` rows so that both products are tensor-core dots."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)
@@ -45,7 +50,7 @@ if HAS_TRITON:
         gm, dm = g < G, d < D
         heads = h * G + g
         qm = gm[:, None] & dm[None, :]
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qm, other=0.0).to(tl.float32)
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
         if HAS_VALID:
             first = 0
         else:
@@ -55,23 +60,26 @@ if HAS_TRITON:
         m = tl.full([BLOCK_G], -1.0e30, tl.float32)  # (finite: invalid rows weigh 0 through the mask, not -inf)
         den = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for r in range(TAIL):  # (a loop, not unrolled: full-KV tails may be long)
+        for r0 in range(0, TAIL, BLOCK_R):  # (long tails, full KV's: several tiles, an online softmax)
+            r = r0 + tl.arange(0, BLOCK_R)
             if HAS_VALID:
-                valid = tl.load(VALID + b * stride_valid + r) != 0
+                valid = tl.load(VALID + b * stride_valid + r, mask=r < TAIL, other=0) != 0
             else:
-                valid = ((pos - r) % TAIL + TAIL) % TAIL < count
-            k = tl.load(RK + b * stride_kb + (first + r) * stride_kr + h * stride_kh + d, mask=dm,
-                        other=0.0).to(tl.float32)
-            v = tl.load(RV + b * stride_vb + (first + r) * stride_vr + h * stride_vh + d, mask=dm,
-                        other=0.0).to(tl.float32)
-            s = tl.sum(q * k[None, :], axis=1) * scale
+                valid = (r < TAIL) & (((pos - r) % TAIL + TAIL) % TAIL < count)
+            tm = valid[:, None] & dm[None, :]  # (rows not read stay 0: a ring row never written may hold NaN)
+            k = tl.load(RK + b * stride_kb + (first + r)[:, None] * stride_kr + h * stride_kh + d[None, :], mask=tm,
+                        other=0.0)
+            v = tl.load(RV + b * stride_vb + (first + r)[:, None] * stride_vr + h * stride_vh + d[None, :], mask=tm,
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK_R]
             if SOFTCAP:  # softcap * tanh(s / softcap), tanh through exp
                 s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
-            m_new = tl.where(valid, tl.maximum(m, s), m)
+            s = tl.where(valid[None, :], s, -1.0e30)
+            m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp(m - m_new)
-            p = tl.where(valid, tl.exp(s - m_new), 0.0)
-            den = den * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * v[None, :]
+            p = tl.where(valid[None, :], tl.exp(s - m_new[:, None]), 0.0)
+            den = den * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         lse_x = m + tl.log(den)  # (-inf where nothing was valid: that part then weighs 0)
         lse_p = tl.load(LSE + b * stride_lb + heads * stride_lh, mask=gm, other=float("-inf")).to(tl.float32)
@@ -126,8 +134,9 @@ def _launch(q, out, lse, keys, values, strides_k, strides_v, tail, scale, softca
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         *strides_k, *strides_v, valid.stride(0) if valid is not None else 0, res.stride(0), res.stride(1),
         float(scale), float(softcap or 0.0),
-        TAIL=tail, G=G, BLOCK_G=next_pow2(G), D=D, BLOCK_D=next_pow2(D), HAS_SINKS=sinks is not None,
-        SOFTCAP=bool(softcap), HAS_VALID=valid is not None, num_warps=2 if next_pow2(G) * next_pow2(D) <= 1024 else 4,
+        TAIL=tail, G=G, BLOCK_G=max(16, next_pow2(G)), BLOCK_R=min(max(16, next_pow2(tail)), MAX_BLOCK_ROWS), D=D,
+        BLOCK_D=max(16, next_pow2(D)), PRECISION=dot_precision(q.dtype), HAS_SINKS=sinks is not None,
+        SOFTCAP=bool(softcap), HAS_VALID=valid is not None, num_warps=4,
     )
     return res
 

@@ -233,23 +233,25 @@ def test_prefill_chunks_one_at_a_time_past_the_scratch_limit(monkeypatch):
 
 
 @pytest.mark.parametrize("triton", [False, True])
-@pytest.mark.parametrize("sinks, softcap", [(False, None), (True, None), (False, 3.0), (True, 2.0)])
-def test_exact_tail_merge_is_one_softmax_over_the_pages_and_the_ring(triton, sinks, softcap):
+@pytest.mark.parametrize("sinks, softcap, tail", [(False, None, 5), (True, None, 5), (False, 3.0, 5), (True, 2.0, 5),
+                                                  (True, None, 70)])
+def test_exact_tail_merge_is_one_softmax_over_the_pages_and_the_ring(triton, sinks, softcap, tail):
     """The merge of a paged part (output and log-sum-exp) with a ring's valid rows, against one softmax over
     both key sets (sink logits in the denominator, every logit capped): the reference and the Triton kernel
     (its interpreter on a CPU); 3 query heads per KV head and a 24-wide head (neither a power of two), rows
-    with an empty paged part, counts 1..tail, positions before the ring wrapped."""
+    with an empty paged part, counts 1..tail, positions before the ring wrapped; a tail of 70 rows takes the
+    kernel two tiles. The kernel never reads a ring row it does not attend to (here NaN)."""
     from zipage.kernels.exact_tail import exact_tail_merge_reference, exact_tail_merge_triton, exact_tail_rows
 
     if triton and torch.cuda.is_available():
         pytest.skip("interpreter case")
     g = torch.Generator().manual_seed(2)
-    B, H, G, D, tail, slots = 5, 2, 3, 24, 5, 4
+    B, H, G, D, slots = 5, 2, 3, 24, 4
     q = torch.randn(B, H * G, D, generator=g)
     ring_k, ring_v = (torch.randn((slots + 1) * tail, H, D, generator=g) for _ in range(2))
     first = torch.tensor([0, 1, 2, 3, 4]) * tail
-    pos = torch.tensor([2, 9, 0, 13, 4])
-    count = torch.tensor([3, 5, 1, 2, 5])
+    pos = torch.tensor([2, 9, 0, 13, 4]) * (tail // 5)
+    count = torch.tensor([3, 5, 1, 2, 5]) * (tail // 5)
     paged = [torch.randn(n, H, D, generator=g) for n in (4, 7, 0, 3, 0)]
     paged_v = [torch.randn(n, H, D, generator=g) for n in (4, 7, 0, 3, 0)]
     sink = torch.randn(H * G, generator=g) if sinks else None
@@ -270,6 +272,9 @@ def test_exact_tail_merge_is_one_softmax_over_the_pages_and_the_ring(triton, sin
             part = cap(torch.einsum("hd,nhd->hn", q[b], keys[:n]) * 0.3)
             lse[b] = torch.logsumexp(part, dim=1)
             out[b] = torch.einsum("hn,nhd->hd", torch.softmax(part, dim=1), values[:n])
+    if triton:
+        for b in range(B):
+            ring_k[rows[b][~valid[b]]] = ring_v[rows[b][~valid[b]]] = float("nan")
     merge = exact_tail_merge_triton if triton else exact_tail_merge_reference
     got = merge(q, out, lse, ring_k, ring_v, first, pos, count, tail, 0.3, softcap, sink)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -423,14 +428,19 @@ def test_exact_merge_over_masked_tails_is_one_softmax(triton, sinks, softcap):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_merge_kernels_match_their_references(dtype):
-    """The compiled kernels (a ring of 16 rows and masked tails; sinks, softcap, 4 query heads per KV head,
-    head dim 128) against the PyTorch references on the GPU."""
+    """The compiled kernels (rings of 16, 32 and 100 rows (two tiles) and masked tails; sinks, softcap, 4 query
+    heads per KV head, head dim 128) against the PyTorch references on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    B, H, G, D = 37, 8, 4, 128
+    kw = dict(device="cuda", generator=g)
+    for tail in (16, 32, 100):
+        _compare_compiled_merges(B, H, G, D, tail, dtype, g, kw)
+
+
+def _compare_compiled_merges(B, H, G, D, tail, dtype, g, kw):
     from zipage.kernels.exact_tail import (exact_merge_reference, exact_merge_triton, exact_tail_merge_reference,
                                            exact_tail_merge_triton)
 
-    g = torch.Generator(device="cuda").manual_seed(3)
-    B, H, G, D, tail = 37, 8, 4, 128, 16
-    kw = dict(device="cuda", generator=g)
     q = torch.randn(B, H * G, D, **kw).to(dtype)
     out = torch.randn(B, H * G, D, **kw).to(dtype)
     lse = torch.randn(B, H * G, **kw) * 3
@@ -444,7 +454,7 @@ def test_compiled_merge_kernels_match_their_references(dtype):
     for softcap, s in ((None, None), (20.0, sinks)):
         args = (q, out, lse, ring_k, ring_v, first, pos, count, tail, 0.088, softcap, s)
         torch.testing.assert_close(exact_tail_merge_triton(*args), exact_tail_merge_reference(*args), **tol)
-        keys, values = (torch.randn(B, H, 15, D, **kw).to(dtype) for _ in range(2))
-        valid = torch.rand(B, 15, device="cuda", generator=g) > 0.3
+        keys, values = (torch.randn(B, H, tail - 1, D, **kw).to(dtype) for _ in range(2))
+        valid = torch.rand(B, tail - 1, device="cuda", generator=g) > 0.3
         args = (q, out, lse, keys, values, valid, 0.088, softcap, s)
         torch.testing.assert_close(exact_merge_triton(*args), exact_merge_reference(*args), **tol)
