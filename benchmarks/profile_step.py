@@ -14,6 +14,7 @@ scheduling, then profiles the last variant.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -116,6 +117,8 @@ def main() -> None:
             record["variants"][-1].update(device_ms_per_step=round(device_ms, 3), kernels=[
                 dict(name=n[:80], ms_per_step=round(m, 4), calls_per_step=c) for n, m, c in kernels[:30]])
         del llm
+        prof = None
+        gc.collect()  # (the engine holds reference cycles: the next one sizes its pool from the free memory)
         torch.cuda.empty_cache()
     if args.out:
         import json
