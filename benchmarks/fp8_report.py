@@ -17,7 +17,8 @@ def _engine_table(paths: list[Path]) -> list[str]:
         systems = data.get("systems", {})
         limit = _time_limit(data.get("command", ""))
         for bf16 in ("zipage-2048", "zipage-fullkv"):
-            quantized = [f"{bf16}-{c}" for c in ("fp8", "int8") if "tokens_per_s" in systems.get(f"{bf16}-{c}", {})]
+            quantized = [name for name in systems if name.startswith(f"{bf16}-fp8") or name.startswith(f"{bf16}-int8")]
+            quantized = [name for name in quantized if "tokens_per_s" in systems[name]]  # (-tail<N> systems too)
             if "tokens_per_s" not in systems.get(bf16, {}) or not quantized:
                 continue
             for name in [bf16] + quantized:
@@ -123,7 +124,9 @@ def fp8_section(results: Path) -> str:
              "`throughput_qwen3-8b_zzz_fp8_vdim_steady.json` 125 s, FP8 pages with values stored "
              "dimension-major (the default since) against bf16 (`PART=vdim2`); "
              "`throughput_qwen3-8b_zzzz_fp8_smallops_steady.json` the same pair after the cuts to the "
-             "step's small kernels (`PART=final32`, below).", "",
+             "step's small kernels (`PART=final32`, below); `throughput_qwen3-8b_zzzzz_fp8_tail32.json` 100 s, "
+             "bf16, FP8, and FP8 with `exact_tail=32` (`PART=longtail STAGE=b`; the ring of exact tokens, 2.3 GB "
+             "here, is beside the 80 GiB of pages).", "",
              "What holds the FP8 step above its floor is the decode kernel on FP8 pages, at 0.69 of the copy "
              "bandwidth where the bf16 kernel reaches 1.0. Nsight Compute (`PART=ncu`, "
              "`benchmarks/results/issue15/s30/`) finds it bound neither by memory (DRAM 63%) nor by issue slots "

@@ -126,12 +126,13 @@ def test_end_to_end_tiny_run(quality, smollm2, tmp_path, monkeypatch):
 
 @needs_real
 def test_smollm2_engine_with_fp8_exact_tails_gives_generates_tokens(smollm2):
-    """The real model: the engine on FP8 pages with exact_tail=16, compressions included, gives the tokens of
-    generate(cache_implementation="zipage") with the same settings (whole prompts in one chunk)."""
+    """The real model: the engine on FP8 pages with exact_tail=32 (longer than the window: compressions keep
+    the tail), compressions included, gives the tokens of generate(cache_implementation="zipage") with the same
+    settings (whole prompts in one chunk)."""
     from zipage import LLM, SamplingParams
 
     model, tok = smollm2
-    cfg = dict(budget=64, page_size=16, buffer=16, window=16, kv_cache_dtype="fp8", exact_tail=16)
+    cfg = dict(budget=64, page_size=16, buffer=16, window=16, kv_cache_dtype="fp8", exact_tail=32)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 17 * 23? Think step by step."}],
                                   add_generation_prompt=True)
     ids = list(ids if isinstance(ids, list) else ids["input_ids"])
