@@ -129,7 +129,8 @@ def test_fp8_page_compares_decode_steps_as_well_as_tok_s(tmp_path):
 
     new = tmp_path / "throughput_new.json"
     new.write_text(json.dumps(dict(command="x --time-limit 100", systems={
-        "zipage-2048": system(1000.0, 250, 25.0, 20.0), "zipage-2048-fp8": system(1300.0, 500, 40.0, 25.0)})))
+        "zipage-2048": system(1000.0, 250, 25.0, 20.0), "zipage-2048-fp8": system(1300.0, 500, 40.0, 25.0),
+        "zipage-2048-fp8-tail32": system(1250.0, 500, 41.0, 25.0)})))
     old = tmp_path / "throughput_old.json"
     old.write_text(json.dumps(dict(command="x", systems={
         "zipage-2048": system(1000.0, 250, 25.0), "zipage-2048-fp8": system(1200.0, 500, 40.0)})))
@@ -137,5 +138,6 @@ def test_fp8_page_compares_decode_steps_as_well_as_tok_s(tmp_path):
     fp8 = rows["zipage-2048-fp8"].rstrip(" |").split(" | ")
     assert fp8[-2:] == ["1.30x", f"{(500 / 40.0) / (250 / 25.0):.2f}x"]  # 1.25x per decode step
     assert fp8[-4:-2] == ["25.0", "1.60"]  # 40 ms against a floor of 25 with the products
+    assert rows["zipage-2048-fp8-tail32"].rstrip(" |").split(" | ")[-2] == "1.25x"  # (exact-tail systems too)
     old_fp8 = [line for line in _engine_table([old]) if "zipage-2048-fp8" in line][0].rstrip(" |").split(" | ")
     assert old_fp8[-3:] == ["", "", "1.20x"]  # (no floor with the products, no decode ratio: the last cell empty)
