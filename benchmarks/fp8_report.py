@@ -125,7 +125,7 @@ def fp8_section(results: Path) -> str:
              "dimension-major (the default since) against bf16 (`PART=vdim2`); "
              "`throughput_qwen3-8b_zzzz_fp8_smallops_steady.json` the same pair after the cuts to the "
              "step's small kernels (`PART=final32`, below); `throughput_qwen3-8b_zzzzz_fp8_tail32.json` 100 s, "
-             "bf16, FP8, and FP8 with `exact_tail=32` (`PART=longtail STAGE=b`; the ring of exact tokens, 2.3 GB "
+             "bf16, FP8, and FP8 with `exact_tail=32` (`PART=longtail STAGE=b`; the ring of exact tokens, 2.4 GB "
              "here, is beside the 80 GiB of pages).", "",
              "What holds the FP8 step above its floor is the decode kernel on FP8 pages, at 0.69 of the copy "
              "bandwidth where the bf16 kernel reaches 1.0. Nsight Compute (`PART=ncu`, "

@@ -179,7 +179,7 @@ class ZipageLayer(CacheLayerMixin):
                      value_rotation: torch.Tensor | None) -> None:
         """After a compression from ``stored`` slots (``keep`` ``[B, H_kv, k]``, the old slots now in slots
         ``0..k-1``): the tail again holds the tokens of the last slots. Each is the tail entry of its token where
-        the token was in the tail (always, but where padding inside the window was evicted and older tokens moved
+        the token was in the tail (always, but where padding among the kept last tokens was evicted and older ones moved
         up), else the token as the pages hold it."""
         tk, tv = self.tail
         n, k = tk.shape[2], keep.shape[2]
