@@ -138,7 +138,7 @@ class ZipageConfig:
             keeps the last ``exact_tail - 1`` tokens' keys and values beside the pages, and every compression
             keeps those tokens, as it keeps the observation window (``kept_last``; with a longer tail than
             the window, a scorer's choice among the rest is made without them; where a compression evicts
-            padding from the window, the older tokens that move into the last slots are read from the
+            padding from those last tokens, the older tokens that move into the last slots are read from the
             pages). ``exact_tail - 1 + sinks`` must fit in the budget. A step of several tokens (a prompt, a
             chunk) reads all of its own tokens exactly. The engine keeps a ring of each query slot's last
             ``exact_tail`` keys and values; its prefill chunks read their own tokens and the
