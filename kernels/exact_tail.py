@@ -11,7 +11,8 @@ valid ring rows (``softcap`` applied to their logits), merged with the paged par
 together (padded to 16 rows), over the ring rows as tiles of up to 64 with two dots (tensor cores for 16-bit
 inputs); the reference is ``merge_attention([(out, lse), exact_attention(...)], sinks)`` from
 ``paged_attention.py``, which also serves CPUs (``ZIPAGE_EXACT_TAIL_KERNEL=torch`` picks it on a GPU too).
-:func:`exact_merge` is the same kernel over generate()'s exact tails: keys and values ``[B, H_kv, n, D]`` with a validity mask ``[B, n]`` (padding).
+:func:`exact_merge` is the same kernel over generate()'s exact tails: keys and values ``[B, H_kv, n, D]`` with a
+validity mask ``[B, n]`` (padding).
 """
 
 from __future__ import annotations
