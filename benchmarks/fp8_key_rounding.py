@@ -161,12 +161,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", default="", help="variant names separated by ';' (default: all of VARIANTS)")
+    ap.add_argument("--reference", default="float32", choices=["float32", "bf16"],
+                    help="what every variant is scored against: the model's float32 keys and values (default), or "
+                         "keys and values rounded to bf16, what a bf16 deployment stores (every variant then rounds "
+                         "the bf16 keys and values, and its exact tokens are the bf16 ones)")
     args = ap.parse_args()
     model, tok = load(args.model, args.threads)
     ids, _ = quality.build_sequences(tok, args.seqs, args.seq_len)
     state = {"variant": None}
 
     def attention(module, q, k, v, mask, **kw):
+        if args.reference == "bf16":
+            k, v = k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)
         if state["variant"] in RECENT:
             base, w, first = RECENT[state["variant"]]
             scaling = kw.get("scaling") or module.scaling
@@ -184,7 +190,9 @@ def main() -> None:
             return torch.log_softmax(model(ids).logits.float(), -1)
 
     ref = log_probs(None)
-    print(f"{MODELS[args.model]}, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted\n")
+    against = "keys and values in bf16" if args.reference == "bf16" else "float32 keys and values"
+    print(f"{MODELS[args.model]}, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted; "
+          f"scored against {against}\n")
     print("| rounded | top-1 agreement | mean KL (nats) |")
     print("|---|---|---|")
     names = [n.strip() for n in args.variants.split(";") if n.strip()] or list(VARIANTS)

@@ -66,6 +66,8 @@
 #   PART=exacttail GPU tests of exact tails, then generate()'s decode step on FP8 pages with and without
 #              exact_tail=16 (and bf16 pages), against DynamicCache: what the paged path's merge costs; then the
 #              engine's throughput on FP8 pages with and without exact_tail=16
+#   PART=scalesearch FP8 pages' scale search on the GPU: its tests, the store per layer (decode and a prompt) and the
+#               engine's FP8 decode step, with and without the search (session 37)
 #   PART=longtail exact tails longer than the window (session 36) and the merge kernel's ring rows as tensor-core
 #              tiles: STAGE=a: GPU tests, the engine's FP8 decode step with exact_tail=16 before (.before, carried:
 #              the row-at-a-time merge) and after, and after with tails of 0, 16, 32 and 64; STAGE=b: throughput of
@@ -197,6 +199,36 @@ case "${PART:-final}" in
         --max-tokens 4096 --kv-gib 80 --time-limit 100 --systems zipage-2048-fp8,zipage-2048-fp8-tail16 \
         --out "$OUT/throughput_qwen3-8b_fp8_tail16.json" 2>&1 | tail -4
     fi ;;
+  scalesearch)  # prepared in session 37, not yet run: FP8 pages' scale search (16 trial scales per stored row) on
+                # the GPU: its GPU tests, then the decode step's KV store (store_bench, 490 requests), a prompt's
+                # store (8,192 tokens) and the engine's FP8 decode step, each with the search
+                # (ZIPAGE_FP8_SCALE_STEPS unset) and without (=1), the same tree
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_kernels.py tests/test_fp8_engine.py \
+      tests/test_exact_tail.py 2>&1 | tee "$OUT/gpu_tests_scalesearch.log" | tail -3
+    for steps in 1 16; do
+      ZIPAGE_FP8_SCALE_STEPS=$steps timeout 80 python3 benchmarks/store_bench.py --requests 490 \
+        --out "$OUT/store_steps$steps.json" 2>&1 | grep -a fp8
+      ZIPAGE_FP8_SCALE_STEPS=$steps timeout 60 python3 -c "
+import torch
+from zipage.kernels import store_kv
+from zipage.kernels.fp8 import FP8, value_pool
+N, H, D, page = 8192, 8, 128, 256
+k = torch.randn(N, H, D, device='cuda', dtype=torch.bfloat16); v = torch.randn_like(k)
+kp = torch.zeros(N // page, page, H, D, device='cuda', dtype=FP8); vp = value_pool((N // page, page, H, D), FP8, 'cuda')
+ks = torch.zeros(N // page, page, H, device='cuda'); vs = torch.zeros_like(ks)
+slots = torch.arange(N, device='cuda')
+store_kv(kp, slots, k, vp, v, ks, vs); torch.cuda.synchronize()
+a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+a.record()
+for _ in range(20): store_kv(kp, slots, k, vp, v, ks, vs)
+b.record(); torch.cuda.synchronize()
+print(f'prompt store, 8192 tokens x 8 heads x 128, steps $steps: {a.elapsed_time(b) / 20 * 1000:.1f} us per layer')
+"
+      ZIPAGE_FP8_SCALE_STEPS=$steps timeout 150 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
+        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_steps$steps.json" \
+        > "$OUT/profile_steps$steps.txt" 2>&1
+      grep -a 'engine step\|device time' "$OUT/profile_steps$steps.txt"
+    done ;;
   longtail)
     if [ "${STAGE:-a}" = a ]; then
       timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_exact_tail.py tests/test_exact_tail_engine.py \

@@ -1248,7 +1248,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(decode={args.decode}); generation {args.gen_n} prompts x {len(gen_rows)} rows x {len(gen_budgets)} budgets; "
         f"torch threads {torch.get_num_threads()}")
     result: dict[str, Any] = {
-        "command": "".join(f"{k}={os.environ[k]} " for k in ("ZIPAGE_FP8_ROTATION", "ZIPAGE_INT8_ROTATION")
+        "command": "".join(f"{k}={os.environ[k]} " for k in ("ZIPAGE_FP8_ROTATION", "ZIPAGE_INT8_ROTATION",
+                                                                  "ZIPAGE_FP8_SCALE_STEPS")
                            if k in os.environ)  # (settings that change what the pages store)
                    + "python benchmarks/quality.py"
                    + ("" if argv is None and len(sys.argv) <= 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, interpreting, next_pow2, use_triton
-from .fp8 import INT8, check_scales, dim_major, quantize_reference
+from .fp8 import ERROR_BITS, INT8, check_scales, dim_major, quantize_reference, scale_steps, scale_steps_table
 
 if HAS_TRITON:
     import triton
@@ -100,10 +100,20 @@ if HAS_TRITON:
         return tl.where(x < 0, -r * ulp, r * ulp)  # (keeps the sign of a negative that rounds to 0)
 
     @triton.jit
-    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, dst_p, dst_t, dst_h, dst_d, PAGE: tl.constexpr,
-                       H: tl.constexpr, D: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr):
+    def _e4m3_value(c, ROUND_FIRST: tl.constexpr):
+        """``c`` (float32, within +-448) rounded to e4m3, kept in float32."""
+        if ROUND_FIRST:
+            return _round_to_e4m3(c)
+        return c.to(tl.float8e4nv).to(tl.float32)
+
+    @triton.jit
+    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, dst_p, dst_t, dst_h, dst_d, MULT, WEIGHT,
+                       PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, ROUND_FIRST: tl.constexpr,
+                       INT8: tl.constexpr, STEPS: tl.constexpr, ERROR_UNIT: tl.constexpr):
         """Heads ``h`` of one token: scale = max|x| / 448 per head (INT8: / 127), codes = x / scale
-        (INT8: rounded to the nearest integer, halves away from zero), both stored."""
+        (INT8: rounded to the nearest integer, halves away from zero), both stored. FP8 with ``STEPS > 1``:
+        the scale is the one of ``max|x| / 448 * MULT[i]`` whose codes have the least squared error,
+        counted exactly in integers as ``fp8.quantize_reference`` counts it (so both pick the same)."""
         hmask = h < H
         m = hmask[:, None] & (d[None, :] < D)
         x = tl.load(SRC + h[:, None] * stride_h + d[None, :], mask=m, other=0.0).to(tl.float32)
@@ -114,33 +124,55 @@ if HAS_TRITON:
         # a NaN or an infinity: the row reads back as NaN, as the reference's does (the max and the clamps
         # below would drop a NaN and store the rest as finite codes under a finite scale)
         bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), 1) > 0
-        s = tl.where(bad, float("nan"), s)
-        c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -top), top)
         if INT8:
+            s = tl.where(bad, float("nan"), s)
+            c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -top), top)
             c = tl.where(c < 0, -tl.floor(0.5 - c), tl.floor(c + 0.5))
-        elif ROUND_FIRST:
-            c = _round_to_e4m3(c)
+        elif STEPS == 1:
+            s = tl.where(bad, float("nan"), s)
+            c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -top), top)
+            if ROUND_FIRST:
+                c = _round_to_e4m3(c)
+        else:
+            base = s
+            c = tl.minimum(tl.maximum(tl.math.div_rn(x, base[:, None] + tl.zeros_like(x)), -top), top)
+            q = _e4m3_value(c, ROUND_FIRST)
+            e = ((q - c) * ERROR_UNIT).to(tl.int32).to(tl.int64)  # q - c is exact; then truncated
+            best_err = tl.sum(e * e, 1) * tl.load(WEIGHT)
+            for i in tl.static_range(1, STEPS):
+                si = base * tl.load(MULT + i)
+                ci = tl.minimum(tl.maximum(tl.math.div_rn(x, si[:, None] + tl.zeros_like(x)), -top), top)
+                qi = _e4m3_value(ci, ROUND_FIRST)
+                ei = ((qi - ci) * ERROR_UNIT).to(tl.int32).to(tl.int64)
+                err = tl.sum(ei * ei, 1) * tl.load(WEIGHT + i)
+                better = err < best_err  # the first of equal errors stays
+                best_err = tl.where(better, err, best_err)
+                s = tl.where(better, si, s)
+                q = tl.where(better[:, None], qi, q)
+            s = tl.where(bad, float("nan"), s)
+            c = tl.where(bad[:, None], float("nan"), q)
         row = (slot // PAGE) * dst_p + (slot % PAGE) * dst_t  # (the pool's strides: values may be dimension-major)
         tl.store(DST + row + h[:, None] * dst_h + d[None, :] * dst_d, c.to(DST.dtype.element_ty), mask=m)
         tl.store(SCALE + slot * H + h, s, mask=hmask)
 
     @triton.jit
     def _store_fp8_kernel(
-        DST_A, SCALE_A, SRC_A, DST_B, SCALE_B, SRC_B, SLOTS,
+        DST_A, SCALE_A, SRC_A, DST_B, SCALE_B, SRC_B, SLOTS, MULT, WEIGHT,
         stride_at, stride_ah, stride_bt, stride_bh,
         a_p, a_t, a_h, a_d, b_p, b_t, b_h, b_d,
         PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_B: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr,
+        HAS_B: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr, STEPS: tl.constexpr,
+        ERROR_UNIT: tl.constexpr,
     ):
         n = tl.program_id(0)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         slot = tl.load(SLOTS + n).to(tl.int64)
-        _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, a_p, a_t, a_h, a_d, PAGE, H, D,
-                       ROUND_FIRST, INT8)
+        _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, a_p, a_t, a_h, a_d, MULT, WEIGHT,
+                       PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT)
         if HAS_B:
-            _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, b_p, b_t, b_h, b_d, PAGE, H,
-                           D, ROUND_FIRST, INT8)
+            _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, b_p, b_t, b_h, b_d, MULT,
+                           WEIGHT, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT)
 
 
 def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -> None:
@@ -167,12 +199,14 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -
         if not (c.is_contiguous() or dim_major(c)):
             raise ValueError("store_kv: 8-bit pools must be contiguous or dimension-major (fp8.value_pool)")
     other = cache_b if has_b else cache
+    steps = 1 if cache.dtype == INT8 else scale_steps()
+    mult, weight = scale_steps_table(steps, str(cache.device))
     _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
-        cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots,
+        cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots, mult, weight,
         src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
         *cache.stride(), *other.stride(), PAGE=cache.shape[1], H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d,
         HAS_B=has_b, ROUND_FIRST=interpreting(),
-        INT8=cache.dtype == INT8, num_warps=4,
+        INT8=cache.dtype == INT8, STEPS=steps, ERROR_UNIT=float(2**ERROR_BITS), num_warps=4,
     )
 
 

@@ -40,6 +40,23 @@ def load_bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _fp8_scale(request, monkeypatch):
+    """FP8 pages' plain ``max|x| / 448`` scale in every test but those marked ``fp8_scale_search`` (which run
+    the default search, ``kernels/fp8.py``). The search picks each row's scale by comparing sums of rounding
+    errors, so a row whose two best scales nearly tie can take the other one, with every code changed, when
+    its float32 values differ in the last bits. Tests that compare two computations of the same keys (one
+    forward against decode steps, the engine's batches against generate()'s, two samples of one prompt) are
+    about the logic around the codes, and would see those last-bit differences become whole rows of other
+    codes; with one scale per row they see single codes at most, as before."""
+    if request.node.get_closest_marker("fp8_scale_search") is None:
+        monkeypatch.setenv("ZIPAGE_FP8_SCALE_STEPS", "1")
+    else:
+        monkeypatch.delenv("ZIPAGE_FP8_SCALE_STEPS", raising=False)
+
+
 # Triton kernel tests: compiled on a GPU, in Triton's interpreter on a CPU, skipped without Triton.
 requires_triton = pytest.mark.skipif(not HAS_TRITON or not (CUDA or interpreting()),
                                      reason="needs triton (GPU or interpreter)")

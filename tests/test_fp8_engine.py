@@ -47,6 +47,7 @@ def fake_rounded_generate(monkeypatch):
     return install
 
 
+@pytest.mark.fp8_scale_search  # (FP8 pages' default scale search: the rounding cache searches the same way)
 @KV
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_full_kv_fp8_engine_matches_fp8_rounded_generate(family, kv, fake_rounded_generate):
@@ -89,6 +90,7 @@ def test_compressing_fp8_engine_matches_fp8_rounded_generate(scorer, redundancy,
     assert_pool_clean(llm)
 
 
+@pytest.mark.fp8_scale_search
 @KV
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_fp8_generate_matches_fp8_rounded_generate(num_beams, kv, fake_rounded_generate):

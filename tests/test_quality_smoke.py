@@ -125,6 +125,7 @@ def test_end_to_end_tiny_run(quality, smollm2, tmp_path, monkeypatch):
 
 
 @needs_real
+@pytest.mark.fp8_scale_search  # (the real model, FP8 pages as shipped)
 def test_smollm2_engine_with_fp8_exact_tails_gives_generates_tokens(smollm2):
     """The real model: the engine on FP8 pages with exact_tail=32 (longer than the window: compressions keep
     the tail), compressions included, gives the tokens of generate(cache_implementation="zipage") with the same
