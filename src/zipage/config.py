@@ -134,7 +134,8 @@ class ZipageConfig:
             rounding error that matters most is the recent tokens': with 16 on SmolLM2, nothing evicted, FP8
             pages lose 1.4 points of top-1 agreement instead of 3.2 (``benchmarks/results/fp8/``); with
             eviction 0.25 / 0.95 instead of 0.84 / 1.72 at budgets of 1/8 / 1/4 of the length, and with 32
-            0.22 / 0.49 (the setting to use with FP8 pages). The cache
+            0.22 / 0.49; with FP8 pages' scale search (``kernels/fp8.py``) 0.39 / 0.42 with 16 and 0.23 /
+            0.27 with 32 (the setting to use with FP8 pages). The cache
             keeps the last ``exact_tail - 1`` tokens' keys and values beside the pages, and every compression
             keeps those tokens, as it keeps the observation window (``kept_last``; with a longer tail than
             the window, a scorer's choice among the rest is made without them; where a compression evicts
