@@ -213,7 +213,7 @@ def fp8_section(results: Path) -> str:
                   "all exactly), each query reading its last 16 tokens in the model's dtype; the bf16 row is run the "
                   "same way (its figures equal the chunked runs', the same cache states).")
                  for rot in ("", "_rotated") for b in ("1_8", "1_4"))]
-    parts += ["FP8 pages search each stored row's scale (16 scales from `max |x| / 448` to twice that, the least "
+    parts += ["FP8 pages search each stored row's scale (16 scales from `max |x| / 448` to 1.92 times that, the least "
               "rounding error; `kernels/fp8.py`). The FP8 quality reports measured before that, every one "
               "below and every `quality_fp8*` file without `search` in its name, stored one scale `max |x| / 448` per "
               "row: their commands reproduce them with `ZIPAGE_FP8_SCALE_STEPS=1`. "

@@ -8,9 +8,12 @@ A stored vector ``x`` (one token, one head) becomes ``codes = round(x / s)`` and
 e4m3's largest finite value, so none clips), the one whose codes read back closest to ``x`` (least
 squared error; :func:`quantize_reference`). e4m3 keeps 4 significant bits of each element wherever it
 sits, so which elements land near a code, the largest ones above all, depends on the scale; picking
-it cuts the rounding error of a row by about a quarter, and what FP8 pages cost in next-token KL on
-SmolLM2 by a quarter to a half. It costs the store 16 trial roundings of each row, and nothing where
-pages are read. ``ZIPAGE_FP8_SCALE_STEPS=1`` gives the plain ``max|x| / 448`` (for comparisons).
+it cuts the squared rounding error of Gaussian rows by a fifth to a quarter, and what FP8 pages cost in
+next-token KL by 21-44% on SmolLM2 and 5-10% on Gemma 3 (``benchmarks/results/fp8/``). It costs the
+store 16 trial roundings of each row, and nothing where pages are read. ``ZIPAGE_FP8_SCALE_STEPS=1``
+gives the plain ``max|x| / 448`` (for comparisons). Quantizing read-back values again is no longer an
+identity (their best scale is another one): whatever moves stored tokens moves codes and scales as they
+are, never through values.
 
 Why per token and head, in float32: a token's scale is known when it is stored (no page-wide
 maximum to revisit when later tokens arrive, nothing to requantize when compaction mixes tokens
@@ -130,7 +133,7 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch
     every element, and which elements land near a code depends on the scale, so each row tries
     ``steps`` scales ``max|x| / 448 * 2 ** (i / steps)`` (none clips) and keeps the one whose codes
     read back closest to the row in squared error, the smallest ``i`` among equals. On SmolLM2's keys
-    and values this cuts the next-token KL that e4m3 pages cost by about a third
+    and values this cuts the next-token KL that e4m3 pages cost by 21-44%, on Gemma 3's by 5-10%
     (``benchmarks/fp8_key_rounding.py``). The error is summed exactly in integers (every code's error
     ``code - x / s`` is exact in float32, then counted in ``2 ** -ERROR_BITS`` code units), so the store
     kernel and this reference pick the same scale whatever order they add in."""
@@ -146,14 +149,29 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch
             c = torch.where(c < 0, -torch.floor(0.5 - c), torch.floor(c + 0.5))
         return c.to(dtype), scale
     mult, weight = scale_steps_table(steps, str(xf.device))
-    s = scale[..., None] * mult  # [..., steps]
-    c = (xf[..., None, :] / s[..., None]).clamp(-top, top)  # [..., steps, D]
+    rows, scales = xf.reshape(-1, xf.shape[-1]), scale.reshape(-1)
+    chunk = max(1, SEARCH_CHUNK_ELEMENTS // (steps * max(1, rows.shape[-1])))  # rows tried at once
+    codes, chosen = torch.empty(rows.shape, dtype=FP8, device=xf.device), torch.empty_like(scales)
+    for a in range(0, rows.shape[0], chunk):
+        codes[a:a + chunk], chosen[a:a + chunk] = _search(rows[a:a + chunk], scales[a:a + chunk], mult, weight)
+    return codes.view(xf.shape), chosen.view(scale.shape)
+
+
+SEARCH_CHUNK_ELEMENTS = 1 << 22  # the reference's scale search tries this many elements at once (bounds its memory)
+
+
+def _search(rows: torch.Tensor, base: torch.Tensor, mult: torch.Tensor,
+            weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` ``[R, D]`` float32 with their ``max|x| / 448`` scales ``base`` ``[R]``: every candidate scale
+    tried at once, the codes and scale with the least weighted error kept (the first among equals)."""
+    s = base[:, None] * mult  # [R, steps]
+    c = (rows[:, None, :] / s[..., None]).clamp(-FP8_MAX, FP8_MAX)  # [R, steps, D]
     # the nearest e4m3 values (the cast's rounding; on CPUs a large cast is slow, the arithmetic is not)
     q = round_to_e4m3(c) if c.device.type == "cpu" and c.numel() >= 1 << 15 else c.to(FP8).float()
     e = ((q - c) * 2.0 ** ERROR_BITS).to(torch.int64)  # q - c is exact; then truncated
-    best = ((e * e).sum(dim=-1) * weight).argmin(dim=-1, keepdim=True)  # the first of equal errors
-    codes = q.gather(-2, best[..., None].expand(*q.shape[:-2], 1, q.shape[-1])).squeeze(-2)
-    return codes.to(FP8), s.gather(-1, best).squeeze(-1)
+    best = ((e * e).sum(dim=-1) * weight).argmin(dim=-1, keepdim=True)  # [R, 1], the first of equal errors
+    codes = q.gather(1, best[..., None].expand(-1, 1, q.shape[-1])).squeeze(1)
+    return codes.to(FP8), s.gather(1, best).squeeze(1)
 
 
 def round_to_e4m3(c: torch.Tensor) -> torch.Tensor:

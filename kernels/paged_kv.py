@@ -97,7 +97,8 @@ if HAS_TRITON:
         y = tl.abs(x) / ulp  # exact (a power of two)
         r = tl.floor(y + 0.5)
         r = tl.where((r - y == 0.5) & (r - 2.0 * tl.floor(r / 2.0) != 0.0), r - 1.0, r)  # ties to even
-        return tl.where(x < 0, -r * ulp, r * ulp)  # (keeps the sign of a negative that rounds to 0)
+        neg = x.to(tl.int32, bitcast=True) < 0  # the sign bit: -0.0 and negatives that round to 0 stay negative
+        return tl.where(neg, -r * ulp, r * ulp)
 
     @triton.jit
     def _e4m3_value(c, ROUND_FIRST: tl.constexpr):

@@ -63,6 +63,7 @@ def test_full_kv_fp8_engine_matches_fp8_rounded_generate(family, kv, fake_rounde
     assert_pool_clean(llm)
 
 
+@pytest.mark.fp8_scale_search
 @pytest.mark.parametrize("scorer, redundancy, kv", [("zipage", "none", "fp8"), ("zipage", "lightning", "fp8"),
                                                    ("snapkv", "none", "fp8"), ("zipage", "lightning", "int8"),
                                                    ("snapkv", "none", "int8"), ("zipage", "lightning", "fp8-rotated")])

@@ -368,6 +368,55 @@ def _compact_case(device, B, H, D, page, S, k, codes=FP8):
         assert torch.equal(w_.view(torch.uint8), g_.view(torch.uint8))
 
 
+@pytest.mark.fp8_scale_search
+def test_the_search_gives_the_same_bytes_in_any_batch(monkeypatch):
+    """The reference's scale search per row does not depend on what it is batched with: a large call (the
+    CPU's rounding arithmetic, several chunks of rows) gives the bytes of row-by-row calls (the cast)."""
+    import zipage.kernels.fp8 as fp8
+
+    torch.manual_seed(5)
+    x = torch.randn(40, 3, 128) * torch.exp(torch.randn(40, 3, 1) * 3)
+    x[0, 0] = 0.0
+    x[1, 1, :5] = torch.tensor([1e-30, -1e-30, 3e-39, 0.0, -0.0])
+    monkeypatch.setattr(fp8, "SEARCH_CHUNK_ELEMENTS", 16 * 128 * 7)  # 7 rows a chunk: 18 chunks
+    codes, scales = quantize_reference(x)
+    for i in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            c, s = quantize_reference(x[i, h : h + 1])
+            assert torch.equal(c.view(torch.uint8), codes[i, h : h + 1].view(torch.uint8))
+            assert torch.equal(s, scales[i, h : h + 1])
+
+
+@cpu_only
+@requires_triton
+@pytest.mark.fp8_scale_search
+@pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 128), (torch.float32, 256), (torch.float16, 80)])
+def test_store_kernel_searches_as_the_reference_on_hard_rows(dtype, D):
+    """The store kernel's scale search against the reference's, byte for byte: rows of every size (tiny,
+    huge, with e4m3 subnormals beside normals), an all-zero row, 16-bit inputs, a head dim that is not a power
+    of two, values in the dimension-major layout the engine uses."""
+    from zipage.kernels.fp8 import value_pool
+
+    torch.manual_seed(D)
+    N, H, page = 12, 3, 8
+    mag = torch.tensor([1e-30, 1e-6, 1.0, 3e4, 1e30, 1.0])[torch.arange(N * H) % 6].view(N, 1, H, 1)
+    k = torch.randn(N, 1, H, D) * mag
+    k[2, 0, 1, : D // 2] *= 1e-4  # subnormal codes beside normal ones
+    v = torch.randn(N, 1, H, D)
+    v[3, 0, 2] = 0.0
+    if dtype != torch.float32:
+        k, v = k.clamp(-6e4, 6e4).to(dtype), v.to(dtype)
+    slots = torch.randperm(4 * page)[:N].view(N, 1)
+    kc, kss = torch.zeros(4, page, H, D, dtype=FP8), torch.zeros(4, page, H)
+    vc, vss = value_pool((4, page, H, D), FP8, "cpu"), torch.zeros(4, page, H)
+    want = [kc.clone(), vc.clone(), kss.clone(), vss.clone()]
+    store_kv_reference(want[0], slots, k, want[2])
+    store_kv_reference(want[1], slots, v, want[3])
+    store_kv_triton(kc, slots, k, vc, v, kss, vss)
+    for got, ref in ((kc, want[0]), (vc, want[1]), (kss, want[2]), (vss, want[3])):
+        assert torch.equal(got.contiguous().view(torch.uint8), ref.contiguous().view(torch.uint8))
+
+
 @cpu_only
 @requires_triton
 @CODES
