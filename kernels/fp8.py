@@ -102,7 +102,12 @@ def dim_major(pool: torch.Tensor) -> bool:
 def scale_steps() -> int:
     """How many scales an FP8 row's quantization tries (:func:`quantize_reference`): ``SCALE_STEPS``,
     or ``ZIPAGE_FP8_SCALE_STEPS`` (1 to 64; 1 gives the plain ``max|x| / 448`` scale, for comparisons)."""
-    value = os.environ.get("ZIPAGE_FP8_SCALE_STEPS", "").strip()
+    return _parse_steps(os.environ.get("ZIPAGE_FP8_SCALE_STEPS", ""))  # (every store reads it: parsed once)
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_steps(raw: str) -> int:
+    value = raw.strip()
     if not value:
         return SCALE_STEPS
     if not value.isdigit() or not 1 <= int(value) <= 64:
@@ -111,7 +116,7 @@ def scale_steps() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def scale_steps_table(steps: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_steps_table(steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The FP8 scale search's candidates: float32 multipliers ``2 ** (i / steps)`` of ``max|x| / 448``
     and int64 weights ``round(m_i ** 2 * 2 ** WEIGHT_BITS)`` (a candidate's squared error is measured in
     its own code units, so it is weighted by its scale squared)."""
@@ -148,7 +153,7 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch
         if dtype == INT8:  # to the nearest integer, halves away from zero (what the store kernel does)
             c = torch.where(c < 0, -torch.floor(0.5 - c), torch.floor(c + 0.5))
         return c.to(dtype), scale
-    mult, weight = scale_steps_table(steps, str(xf.device))
+    mult, weight = scale_steps_table(steps, xf.device)
     rows, scales = xf.reshape(-1, xf.shape[-1]), scale.reshape(-1)
     chunk = max(1, SEARCH_CHUNK_ELEMENTS // (steps * max(1, rows.shape[-1])))  # rows tried at once
     codes, chosen = torch.empty(rows.shape, dtype=FP8, device=xf.device), torch.empty_like(scales)

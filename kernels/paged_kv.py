@@ -125,14 +125,12 @@ if HAS_TRITON:
         # a NaN or an infinity: the row reads back as NaN, as the reference's does (the max and the clamps
         # below would drop a NaN and store the rest as finite codes under a finite scale)
         bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), 1) > 0
-        if INT8:
+        if INT8 or STEPS == 1:
             s = tl.where(bad, float("nan"), s)
             c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -top), top)
-            c = tl.where(c < 0, -tl.floor(0.5 - c), tl.floor(c + 0.5))
-        elif STEPS == 1:
-            s = tl.where(bad, float("nan"), s)
-            c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -top), top)
-            if ROUND_FIRST:
+            if INT8:
+                c = tl.where(c < 0, -tl.floor(0.5 - c), tl.floor(c + 0.5))
+            elif ROUND_FIRST:
                 c = _round_to_e4m3(c)
         else:
             base = s
@@ -201,7 +199,7 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -
             raise ValueError("store_kv: 8-bit pools must be contiguous or dimension-major (fp8.value_pool)")
     other = cache_b if has_b else cache
     steps = 1 if cache.dtype == INT8 else scale_steps()
-    mult, weight = scale_steps_table(steps, str(cache.device))
+    mult, weight = scale_steps_table(steps, cache.device)
     _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
         cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots, mult, weight,
         src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
