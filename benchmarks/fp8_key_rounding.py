@@ -17,6 +17,10 @@ distributions. Variants (``VARIANTS``; ``--variants`` picks some):
 * ``rotated``: rounded in a Hadamard-rotated basis (``round(x H) H``): pages that store ``x H``, with
   the queries rotated the same way, give every dot product and norm unchanged, and an outlier
   channel's size is spread over all channels before the per-token scale is taken;
+* ``query-weighted``: e4m3 keys whose scale search compares candidates by what their rounding does to the
+  logits of the layer's queries, ``e^T (m m^T + diag(var)) e`` (``kernels/fp8.py``'s ``query_weights``, what FP8
+  pages do), the moments from ``--calibration`` text (queries of other text than the scored; the pages count
+  their prompts'), or, with ``own queries``, from the scored sequences' own queries;
 * for scale, both rounded to bf16 (what a bf16 deployment stores; 8 significant bits to e4m3's 4).
 
     python benchmarks/fp8_key_rounding.py [--model smollm2|gemma3] [--seqs 2 --seq-len 1024] [--variants 'a;b']
@@ -38,6 +42,21 @@ def e4m3(x: torch.Tensor) -> torch.Tensor:
     from zipage.kernels.fp8 import dequantize_reference, quantize_reference
 
     return dequantize_reference(*quantize_reference(x)).to(x.dtype)
+
+
+# The query weights of the layer being rounded (set by the attention hook: its index, and per basis the moments'
+# weights of the calibration text's queries and of the scored sequences' own)
+WEIGHTS: dict = {}
+
+
+def e4m3_weighted(k: torch.Tensor, source: str, basis: str = "plain") -> torch.Tensor:
+    """Keys ``[B, H, S, D]`` rounded through e4m3 by the query-weighted search (``source``: "calibration" or
+    "own"; ``basis``: "plain" or "rotated", the queries' moments in the basis the keys are rounded in)."""
+    from zipage.kernels.fp8 import FP8, dequantize_reference, quantize_reference
+
+    w = WEIGHTS[(source, basis)]
+    rows = k.transpose(1, 2)  # [B, S, H, D]: the weights are per head
+    return dequantize_reference(*quantize_reference(rows, FP8, w)).to(k.dtype).transpose(1, 2)
 
 
 def channel_smoothed(k: torch.Tensor, power: float) -> torch.Tensor:
@@ -114,13 +133,18 @@ VARIANTS = {
     "keys - mean of the first 16 tokens, keys and values rotated":
         lambda k, v: (mean_offset(k, 16, False, lambda x: rotated(x, e4m3)), rotated(v, e4m3)),
     "keys and values in bf16 (for scale)": lambda k, v: (k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)),
+    "keys and values e4m3, query-weighted keys": lambda k, v: (e4m3_weighted(k, "calibration"), e4m3(v)),
+    "keys and values e4m3, query-weighted keys (own queries)": lambda k, v: (e4m3_weighted(k, "own"), e4m3(v)),
+    "keys and values rotated, e4m3, query-weighted keys":
+        lambda k, v: (rotated(k, lambda x: e4m3_weighted(x, "calibration", "rotated")), rotated(v, e4m3)),
 }
 
 # Variants whose last ``W`` tokens before each query (itself included) stay exact, the rest rounded as
 # the named variant: pages that keep a short tail of recent tokens in the model's dtype until it is
 # quantized. Name: "<variant>, last W exact".
 RECENT = {f"{base}, last {w} exact": (base, w, 0)
-          for base in ("keys and values e4m3", "keys and values rotated, e4m3") for w in (1, 2, 4, 8, 16, 64, 256)}
+          for base in ("keys and values e4m3", "keys and values rotated, e4m3", "keys and values e4m3, query-weighted "
+                       "keys", "keys and values rotated, e4m3, query-weighted keys") for w in (1, 2, 4, 8, 16, 64, 256)}
 # ... and the first ``F`` tokens of the sequence exact too (where attention sinks sit): "<variant>, first F and
 # last W exact"
 RECENT.update({f"{base}, first {f} and last {w} exact": (base, w, f)
@@ -161,6 +185,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", default="", help="variant names separated by ';' (default: all of VARIANTS)")
+    ap.add_argument("--calibration", default="math_train",
+                    help="the text whose queries' moments weight the query-weighted variants (2 x 1,024 tokens)")
     ap.add_argument("--reference", default="float32", choices=["float32", "bf16"],
                     help="what every variant is scored against: the model's float32 keys and values (default), or "
                          "keys and values rounded to bf16, what a bf16 deployment stores (every variant then rounds "
@@ -168,11 +194,24 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load(args.model, args.threads)
     ids, _ = quality.build_sequences(tok, args.seqs, args.seq_len)
-    state = {"variant": None}
+    state = {"variant": None, "calibrating": False}
+    moments: dict = {}  # (layer, basis) -> the calibration text's query moments
 
     def attention(module, q, k, v, mask, **kw):
         if args.reference == "bf16":
             k, v = k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)
+        if state["calibrating"] or "query-weighted" in (state["variant"] or ""):
+            from zipage.kernels.fp8 import _hadamard, query_weights
+
+            h = _hadamard(q.shape[-1], str(q.device))
+            for basis, x in (("plain", q), ("rotated", q.float() @ h)):
+                rows = x.transpose(1, 2).reshape(-1, k.shape[1], q.shape[1] // k.shape[1], q.shape[-1]).double()
+                own = (rows.sum(dim=(0, 2)), (rows * rows).sum(dim=(0, 2)), rows.shape[0] * rows.shape[2])
+                if state["calibrating"]:
+                    moments[(module.layer_idx, basis)] = own
+                else:
+                    WEIGHTS[("own", basis)] = query_weights(*own)
+                    WEIGHTS[("calibration", basis)] = query_weights(*moments[(module.layer_idx, basis)])
         if state["variant"] in RECENT:
             base, w, first = RECENT[state["variant"]]
             scaling = kw.get("scaling") or module.scaling
@@ -184,11 +223,14 @@ def main() -> None:
     AttentionInterface.register("fp8_rounding", attention)
     model.set_attn_implementation("fp8_rounding")
 
-    def log_probs(variant):
+    def log_probs(variant, tokens=ids):
         state["variant"] = variant
         with torch.inference_mode():
-            return torch.log_softmax(model(ids).logits.float(), -1)
+            return torch.log_softmax(model(tokens).logits.float(), -1)
 
+    state["calibrating"] = True
+    log_probs(None, quality.build_sequences(tok, 2, 1024, args.calibration)[0])  # (every layer's query moments)
+    state["calibrating"] = False
     ref = log_probs(None)
     against = "keys and values in bf16" if args.reference == "bf16" else "float32 keys and values"
     print(f"{MODELS[args.model]}, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted; "

@@ -67,7 +67,8 @@
 #              exact_tail=16 (and bf16 pages), against DynamicCache: what the paged path's merge costs; then the
 #              engine's throughput on FP8 pages with and without exact_tail=16
 #   PART=scalesearch FP8 pages' scale search on the GPU: its tests, the store per layer (decode and a prompt) and the
-#               engine's FP8 decode step, with and without the search (session 37)
+#               engine's FP8 decode step, with and without the search (session 37), and with the keys' search
+#               weighted by the queries' moments (session 38)
 #   PART=longtail exact tails longer than the window (session 36) and the merge kernel's ring rows as tensor-core
 #              tiles: STAGE=a: GPU tests, the engine's FP8 decode step with exact_tail=16 before (.before, carried:
 #              the row-at-a-time merge) and after, and after with tails of 0, 16, 32 and 64; STAGE=b: throughput of
@@ -207,6 +208,7 @@ case "${PART:-final}" in
     if [ "${STAGE:-a}" = a ]; then
       timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_kernels.py tests/test_fp8_engine.py \
         tests/test_exact_tail.py 2>&1 | tee "$OUT/gpu_tests_scalesearch.log" | tail -3
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_query_weights.py 2>&1 | tail -2
     fi
     for steps in 1 16; do
       [ "${STAGE:-a}" = a ] || continue
@@ -221,20 +223,24 @@ k = torch.randn(N, H, D, device='cuda', dtype=torch.bfloat16); v = torch.randn_l
 kp = torch.zeros(N // page, page, H, D, device='cuda', dtype=FP8); vp = value_pool((N // page, page, H, D), FP8, 'cuda')
 ks = torch.zeros(N // page, page, H, device='cuda'); vs = torch.zeros_like(ks)
 slots = torch.arange(N, device='cuda')
-store_kv(kp, slots, k, vp, v, ks, vs); torch.cuda.synchronize()
-a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-a.record()
-for _ in range(20): store_kv(kp, slots, k, vp, v, ks, vs)
-b.record(); torch.cuda.synchronize()
-print(f'prompt store, 8192 tokens x 8 heads x 128, steps $steps: {a.elapsed_time(b) / 20 * 1000:.1f} us per layer')
+from zipage.kernels.fp8 import query_weights
+q = torch.randn(256, H, D, device='cuda') + 2 * torch.randn(H, D, device='cuda')
+for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weights(q.sum(0), (q * q).sum(0), 256)))):
+    store_kv(kp, slots, k, vp, v, ks, vs, **kw); torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20): store_kv(kp, slots, k, vp, v, ks, vs, **kw)
+    b.record(); torch.cuda.synchronize()
+    print(f'prompt store, 8192 tokens x 8 heads x 128, steps $steps{name}: {a.elapsed_time(b) / 20 * 1000:.1f} us per layer')
 "
     done
-    for steps in 1 16; do
+    for run in 1:0 16:0 16:1; do  # (scales tried : keys weighted by the queries' moments)
       [ "${STAGE:-a}" = b ] || continue
-      ZIPAGE_FP8_SCALE_STEPS=$steps timeout 250 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
-        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_steps$steps.json" \
-        > "$OUT/profile_steps$steps.txt" 2>&1
-      grep -a 'engine step\|device time' "$OUT/profile_steps$steps.txt"
+      steps=${run%:*}; qw=${run#*:}
+      ZIPAGE_FP8_SCALE_STEPS=$steps ZIPAGE_FP8_QUERY_WEIGHTS=$qw timeout 180 python3 benchmarks/profile_step.py \
+        --requests 490 --prompt-tokens 1024 --kv-cache-dtype fp8 --default-only \
+        --out "$OUT/profile_fp8_490_steps${steps}_qw$qw.json" > "$OUT/profile_steps${steps}_qw$qw.txt" 2>&1
+      echo "steps $steps, query weights $qw:"; grep -a 'engine step\|device time' "$OUT/profile_steps${steps}_qw$qw.txt"
     done ;;
   longtail)
     if [ "${STAGE:-a}" = a ]; then

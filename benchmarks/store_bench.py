@@ -5,7 +5,9 @@ step's writes reach far more bytes than the L2 holds); a step stores one token p
 layer, at the next position of its page. Times a step's stores (one CUDA graph, median) per layer, for
 bf16 pages, 8-bit pages with values token-major, and 8-bit values dimension-major (the engine's layout
 on compute capability 9+: each byte of a token's values lands in its own 32-byte sector, which the
-memory then reads and writes back whole), and keys alone. Prints a table and writes JSON:
+memory then reads and writes back whole), keys alone, and FP8 keys whose scale search is weighted by
+queries' moments (``fp8.query_weights``, what the engine's FP8 pages do once a prompt was seen). Prints a
+table and writes JSON:
 
     python benchmarks/store_bench.py [--requests 490] [--out benchmarks/results/store_bench.json]
 """
@@ -21,7 +23,7 @@ import torch
 
 def main() -> None:
     from zipage.kernels import store_kv
-    from zipage.kernels.fp8 import FP8, INT8, value_pool
+    from zipage.kernels.fp8 import FP8, INT8, query_weights, value_pool
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", default="256,490")
@@ -34,11 +36,15 @@ def main() -> None:
     for B in map(int, args.requests.split(",")):
         k = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
+        q = torch.randn(256, H, D, device="cuda") + torch.randn(H, D, device="cuda") * 2
+        qw = query_weights(q.sum(0), (q * q).sum(0), 256)
         for name, dtype, vdim, with_values in (("bf16", torch.bfloat16, False, True),
                                                ("fp8 values token-major", FP8, False, True),
                                                ("fp8 values dimension-major", FP8, True, True),
+                                               ("fp8 query-weighted keys", FP8, True, True),
                                                ("int8 values dimension-major", INT8, True, True),
                                                ("fp8 keys only", FP8, False, False)):
+            kw = dict(key_weights=qw) if "query-weighted" in name else {}
             kp = [torch.zeros(B, page, H, D, device="cuda", dtype=dtype) for _ in range(L)]
             vp = [value_pool((B, page, H, D), dtype, "cuda") if vdim else torch.zeros(B, page, H, D, device="cuda",
                                                                                       dtype=dtype) for _ in range(L)]
@@ -50,7 +56,7 @@ def main() -> None:
             def step():
                 for i in range(L):
                     if with_values:
-                        store_kv(kp[i], slots, k, vp[i], v, ks[i], vs[i])
+                        store_kv(kp[i], slots, k, vp[i], v, ks[i], vs[i], **kw)
                     else:
                         store_kv(kp[i], slots, k, scale=ks[i])
 

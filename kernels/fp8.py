@@ -130,7 +130,8 @@ ERROR_BITS = 14  # a code's rounding error is counted in units of 2 ** -ERROR_BI
 WEIGHT_BITS = 14  # a candidate's weight (its multiplier squared) in units of 2 ** -WEIGHT_BITS
 
 
-def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
+                       weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[..., D]`` -> (codes ``[..., D]`` of ``dtype`` (e4m3 or int8), scales ``[...]`` float32),
     one scale per row.
 
@@ -141,9 +142,15 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch
     and values this cuts the next-token KL that e4m3 pages cost by 21-44%, on Gemma 3's by 5-10%
     (``benchmarks/fp8_key_rounding.py``). The error is summed exactly in integers (every code's error
     ``code - x / s`` is exact in float32, then counted in ``2 ** -ERROR_BITS`` code units), so the store
-    kernel and this reference pick the same scale whatever order they add in."""
+    kernel and this reference pick the same scale whatever order they add in.
+
+    ``weights`` (FP8 keys, :func:`query_weights`): int64 ``[2, H, D]`` for rows ``[..., H, D]``, the
+    error a row's candidates are compared by is then what it does to attention logits, ``e^T C e`` with
+    ``C = u u^T + diag(v)`` per head (the queries' mean and variance), in place of ``|e|^2``."""
     if dtype not in CODE_MAX:
         raise ValueError(f"quantize_reference: codes are {FP8} or {INT8}, not {dtype}")
+    if weights is not None:
+        check_weights("quantize_reference", weights, x.shape[-2:])
     xf = x.float()
     top = CODE_MAX[dtype]
     scale = (xf.abs().amax(dim=-1) / top).clamp(min=MIN_SCALE)
@@ -157,24 +164,87 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8) -> tuple[torch
     rows, scales = xf.reshape(-1, xf.shape[-1]), scale.reshape(-1)
     chunk = max(1, SEARCH_CHUNK_ELEMENTS // (steps * max(1, rows.shape[-1])))  # rows tried at once
     codes, chosen = torch.empty(rows.shape, dtype=FP8, device=xf.device), torch.empty_like(scales)
+    heads = None if weights is None else torch.arange(rows.shape[0], device=xf.device) % weights.shape[1]
     for a in range(0, rows.shape[0], chunk):
-        codes[a:a + chunk], chosen[a:a + chunk] = _search(rows[a:a + chunk], scales[a:a + chunk], mult, weight)
+        w = None if heads is None else weights[:, heads[a:a + chunk]].to(xf.device)  # [2, rows, D]
+        codes[a:a + chunk], chosen[a:a + chunk] = _search(rows[a:a + chunk], scales[a:a + chunk], mult, weight, w)
     return codes.view(xf.shape), chosen.view(scale.shape)
+
+
+# Query-weighted search (keys): a code's error in units of 2 ** -WEIGHTED_ERROR_BITS codes (at most 16 codes,
+# half of e4m3's widest step, so at most 2 ** 10 units), u within +-U_MAX, v within 0..V_MAX and a candidate's
+# weight in 2 ** -WEIGHTED_WEIGHT_BITS: over up to MAX_WEIGHTED_DIM elements the error stays below 2 ** 63.
+WEIGHTED_ERROR_BITS = 6
+WEIGHTED_WEIGHT_BITS = 10
+U_MAX = 127
+V_MAX = 1023
+MAX_WEIGHTED_DIM = 256
+
+
+def query_weights(q_sum: torch.Tensor, q_sq_sum: torch.Tensor, count: torch.Tensor | float) -> torch.Tensor:
+    """Integer weights for the query-weighted scale search of keys, from the moments of the queries that
+    read them: ``q_sum`` and ``q_sq_sum`` ``[..., H, D]`` (sums of the queries of each KV head's group, and
+    of their squares, over ``count`` queries) -> int64 ``[..., 2, H, D]``: ``u`` (the mean query) and ``v`` (each
+    channel's variance), scaled per head together (a common factor changes no choice) so that the larger
+    of ``max|u|`` and ``sqrt(max v)`` uses the range. A key's rounding error ``e`` shifts a query ``q``'s
+    logit by ``q . e``, whose mean square over the queries is ``e^T (m m^T + diag(var)) e``. Before any
+    query (``count`` 0): ``u = 0``, ``v = 1``, the plain squared error."""
+    n = torch.as_tensor(count, dtype=torch.float64, device=q_sum.device).clamp(min=1.0)
+    mean = q_sum.double() / n
+    var = (q_sq_sum.double() / n - mean * mean).clamp(min=0.0)
+    top_u = mean.abs().amax(dim=-1, keepdim=True) ** 2
+    top_v = var.amax(dim=-1, keepdim=True)
+    z = torch.minimum(U_MAX ** 2 / top_u.clamp(min=1e-300), V_MAX / top_v.clamp(min=1e-300))
+    u = torch.round(mean * z.sqrt()).clamp(-U_MAX, U_MAX)
+    v = torch.round(var * z).clamp(0, V_MAX)
+    empty = (top_u + top_v) <= 0  # no query yet (or all zero): the plain squared error
+    u = torch.where(empty, 0.0, u)
+    v = torch.where(empty, 1.0, v)
+    return torch.stack([u, v], dim=-3).to(torch.int64)
+
+
+def query_weighting(kv_cache_dtype: str, head_dim: int) -> bool:
+    """Whether pages of this type search their keys' scales by the queries' moments: FP8 pages whose scale is
+    searched (``ZIPAGE_FP8_SCALE_STEPS`` not 1) with a head dim up to ``MAX_WEIGHTED_DIM``, unless
+    ``ZIPAGE_FP8_QUERY_WEIGHTS=0`` (the plain squared error, for comparisons)."""
+    value = os.environ.get("ZIPAGE_FP8_QUERY_WEIGHTS", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"ZIPAGE_FP8_QUERY_WEIGHTS={value!r}: expected 1 (weight FP8 keys' scale search by the "
+                         "queries) or 0 (the plain squared error)")
+    return value == "1" and kv_cache_dtype == "fp8" and scale_steps() > 1 and head_dim <= MAX_WEIGHTED_DIM
+
+
+def check_weights(name: str, weights: torch.Tensor, shape) -> None:
+    """Query weights (:func:`query_weights`) for rows of ``shape`` ``(H, D)``: int64 ``[2, H, D]``, D at most
+    ``MAX_WEIGHTED_DIM``."""
+    H, D = shape
+    if weights.dtype != torch.int64 or tuple(weights.shape) != (2, H, D):
+        raise ValueError(f"{name}: query weights must be int64 of shape (2, {H}, {D}), got {weights.dtype} "
+                         f"{tuple(weights.shape)}")
+    if D > MAX_WEIGHTED_DIM:
+        raise ValueError(f"{name}: query weights take head dims up to {MAX_WEIGHTED_DIM}, not {D}")
 
 
 SEARCH_CHUNK_ELEMENTS = 1 << 22  # the reference's scale search tries this many elements at once (bounds its memory)
 
 
-def _search(rows: torch.Tensor, base: torch.Tensor, mult: torch.Tensor,
-            weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(rows: torch.Tensor, base: torch.Tensor, mult: torch.Tensor, weight: torch.Tensor,
+            qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` ``[R, D]`` float32 with their ``max|x| / 448`` scales ``base`` ``[R]``: every candidate scale
-    tried at once, the codes and scale with the least weighted error kept (the first among equals)."""
+    tried at once, the codes and scale with the least weighted error kept (the first among equals). ``qw``
+    ``[2, R, D]``: each row's query weights (``u``, ``v``), the error then ``v . e^2 + (u . e)^2``."""
     s = base[:, None] * mult  # [R, steps]
     c = (rows[:, None, :] / s[..., None]).clamp(-FP8_MAX, FP8_MAX)  # [R, steps, D]
     # the nearest e4m3 values (the cast's rounding; on CPUs a large cast is slow, the arithmetic is not)
     q = round_to_e4m3(c) if c.device.type == "cpu" and c.numel() >= 1 << 15 else c.to(FP8).float()
-    e = ((q - c) * 2.0 ** ERROR_BITS).to(torch.int64)  # q - c is exact; then truncated
-    best = ((e * e).sum(dim=-1) * weight).argmin(dim=-1, keepdim=True)  # [R, 1], the first of equal errors
+    if qw is None:
+        e = ((q - c) * 2.0 ** ERROR_BITS).to(torch.int64)  # q - c is exact; then truncated
+        err = (e * e).sum(dim=-1) * weight
+    else:  # (coarser units, so that the rank-one term's square fits: see WEIGHTED_ERROR_BITS)
+        e = ((q - c) * 2.0 ** WEIGHTED_ERROR_BITS).to(torch.int64)
+        u, v = qw[0][:, None, :], qw[1][:, None, :]
+        err = ((v * e * e).sum(dim=-1) + (u * e).sum(dim=-1) ** 2) * (weight >> (WEIGHT_BITS - WEIGHTED_WEIGHT_BITS))
+    best = err.argmin(dim=-1, keepdim=True)  # [R, 1], the first of equal errors
     codes = q.gather(1, best[..., None].expand(-1, 1, q.shape[-1])).squeeze(1)
     return codes.to(FP8), s.gather(1, best).squeeze(1)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, interpreting, next_pow2, use_triton
-from .fp8 import ERROR_BITS, INT8, check_scales, dim_major, quantize_reference, scale_steps, scale_steps_table
+from .fp8 import (ERROR_BITS, INT8, WEIGHT_BITS, WEIGHTED_ERROR_BITS, WEIGHTED_WEIGHT_BITS, check_scales, check_weights,
+                  dim_major, quantize_reference, scale_steps, scale_steps_table)
 
 if HAS_TRITON:
     import triton
@@ -51,14 +52,15 @@ def write_slots(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) 
 
 
 def store_kv_reference(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
-                       scale: torch.Tensor | None = None) -> None:
+                       scale: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> None:
     """Write ``values`` (``[..., H, ...]`` with leading dims matching ``slots``) into ``cache`` at ``slots``;
-    into an FP8 ``cache``, their codes, and their per-token, per-head scales into ``scale``."""
+    into an FP8 ``cache``, their codes, and their per-token, per-head scales into ``scale`` (``weights``: the
+    query weights of the scale search, ``fp8.query_weights``)."""
     check_scales("store_kv", cache, scale)
     if scale is None:
         write_slots(cache, slots, values.to(cache.dtype))
         return
-    codes, s = quantize_reference(values, cache.dtype)
+    codes, s = quantize_reference(values, cache.dtype, weights)
     write_slots(cache, slots, codes)
     _flat(scale)[slots] = s
 
@@ -108,13 +110,27 @@ if HAS_TRITON:
         return c.to(tl.float8e4nv).to(tl.float32)
 
     @triton.jit
-    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, dst_p, dst_t, dst_h, dst_d, MULT, WEIGHT,
+    def _candidate_error(q, c, weight, qu, qv, HAS_QW: tl.constexpr, ERROR_UNIT: tl.constexpr,
+                         QW_UNIT: tl.constexpr, QW_SHIFT: tl.constexpr):
+        """One candidate scale's error per head, in int64 as ``fp8._search`` counts it: ``sum(e^2)``, or with
+        query weights ``sum(v e^2) + (sum(u e))^2`` in coarser units; times the candidate's weight."""
+        if HAS_QW:
+            e = ((q - c) * QW_UNIT).to(tl.int32).to(tl.int64)  # q - c is exact; then truncated
+            r = tl.sum(qu * e, 1)
+            return (tl.sum(qv * e * e, 1) + r * r) * (weight >> QW_SHIFT)
+        e = ((q - c) * ERROR_UNIT).to(tl.int32).to(tl.int64)
+        return tl.sum(e * e, 1) * weight
+
+    @triton.jit
+    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, dst_p, dst_t, dst_h, dst_d, MULT, WEIGHT, QW,
                        PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, ROUND_FIRST: tl.constexpr,
-                       INT8: tl.constexpr, STEPS: tl.constexpr, ERROR_UNIT: tl.constexpr):
+                       INT8: tl.constexpr, STEPS: tl.constexpr, ERROR_UNIT: tl.constexpr, HAS_QW: tl.constexpr,
+                       QW_UNIT: tl.constexpr, QW_SHIFT: tl.constexpr):
         """Heads ``h`` of one token: scale = max|x| / 448 per head (INT8: / 127), codes = x / scale
         (INT8: rounded to the nearest integer, halves away from zero), both stored. FP8 with ``STEPS > 1``:
-        the scale is the one of ``max|x| / 448 * MULT[i]`` whose codes have the least squared error,
-        counted exactly in integers as ``fp8.quantize_reference`` counts it (so both pick the same)."""
+        the scale is the one of ``max|x| / 448 * MULT[i]`` whose codes have the least squared error (with
+        ``HAS_QW``, the least error weighted by the queries' moments ``QW`` ``[2, H, D]``), counted exactly
+        in integers as ``fp8.quantize_reference`` counts it (so both pick the same)."""
         hmask = h < H
         m = hmask[:, None] & (d[None, :] < D)
         x = tl.load(SRC + h[:, None] * stride_h + d[None, :], mask=m, other=0.0).to(tl.float32)
@@ -136,14 +152,18 @@ if HAS_TRITON:
             base = s
             c = tl.minimum(tl.maximum(tl.math.div_rn(x, base[:, None] + tl.zeros_like(x)), -top), top)
             q = _e4m3_value(c, ROUND_FIRST)
-            e = ((q - c) * ERROR_UNIT).to(tl.int32).to(tl.int64)  # q - c is exact; then truncated
-            best_err = tl.sum(e * e, 1) * tl.load(WEIGHT)
+            qu = None
+            qv = None
+            if HAS_QW:
+                w = h[:, None] * D + d[None, :]
+                qu = tl.load(QW + w, mask=m, other=0)
+                qv = tl.load(QW + H * D + w, mask=m, other=0)
+            best_err = _candidate_error(q, c, tl.load(WEIGHT), qu, qv, HAS_QW, ERROR_UNIT, QW_UNIT, QW_SHIFT)
             for i in tl.static_range(1, STEPS):
                 si = base * tl.load(MULT + i)
                 ci = tl.minimum(tl.maximum(tl.math.div_rn(x, si[:, None] + tl.zeros_like(x)), -top), top)
                 qi = _e4m3_value(ci, ROUND_FIRST)
-                ei = ((qi - ci) * ERROR_UNIT).to(tl.int32).to(tl.int64)
-                err = tl.sum(ei * ei, 1) * tl.load(WEIGHT + i)
+                err = _candidate_error(qi, ci, tl.load(WEIGHT + i), qu, qv, HAS_QW, ERROR_UNIT, QW_UNIT, QW_SHIFT)
                 better = err < best_err  # the first of equal errors stays
                 best_err = tl.where(better, err, best_err)
                 s = tl.where(better, si, s)
@@ -156,26 +176,27 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_fp8_kernel(
-        DST_A, SCALE_A, SRC_A, DST_B, SCALE_B, SRC_B, SLOTS, MULT, WEIGHT,
+        DST_A, SCALE_A, SRC_A, DST_B, SCALE_B, SRC_B, SLOTS, MULT, WEIGHT, QW,
         stride_at, stride_ah, stride_bt, stride_bh,
         a_p, a_t, a_h, a_d, b_p, b_t, b_h, b_d,
         PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_B: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr, STEPS: tl.constexpr,
-        ERROR_UNIT: tl.constexpr,
+        ERROR_UNIT: tl.constexpr, HAS_QW: tl.constexpr, QW_UNIT: tl.constexpr, QW_SHIFT: tl.constexpr,
     ):
         n = tl.program_id(0)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         slot = tl.load(SLOTS + n).to(tl.int64)
         _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, a_p, a_t, a_h, a_d, MULT, WEIGHT,
-                       PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT)
-        if HAS_B:
+                       QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, HAS_QW, QW_UNIT, QW_SHIFT)
+        if HAS_B:  # (values: never query-weighted)
             _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, b_p, b_t, b_h, b_d, MULT,
-                           WEIGHT, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT)
+                           WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, False, QW_UNIT, QW_SHIFT)
 
 
-def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -> None:
-    """The quantizing store: one program per (token, group of heads), keys with values."""
+def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, weights=None) -> None:
+    """The quantizing store: one program per (token, group of heads), keys with values (``weights``: the
+    query weights of ``cache``'s search, :func:`fp8.query_weights`)."""
     H, D = cache.shape[2], cache.shape[3]
     if cache_b is not None and cache_b.dtype != cache.dtype:
         raise ValueError(f"store_kv: keys and values must share one page type, got {cache.dtype} and {cache_b.dtype}")
@@ -200,25 +221,32 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b) -
     other = cache_b if has_b else cache
     steps = 1 if cache.dtype == INT8 else scale_steps()
     mult, weight = scale_steps_table(steps, cache.device)
+    has_qw = weights is not None and steps > 1
+    if has_qw:
+        check_weights("store_kv", weights, (H, D))
+        weights = weights.contiguous()
     _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
         cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots, mult, weight,
-        src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
+        weights if has_qw else weight, src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
         *cache.stride(), *other.stride(), PAGE=cache.shape[1], H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d,
         HAS_B=has_b, ROUND_FIRST=interpreting(),
-        INT8=cache.dtype == INT8, STEPS=steps, ERROR_UNIT=float(2**ERROR_BITS), num_warps=4,
+        INT8=cache.dtype == INT8, STEPS=steps, ERROR_UNIT=float(2**ERROR_BITS), HAS_QW=has_qw,
+        QW_UNIT=float(2**WEIGHTED_ERROR_BITS), QW_SHIFT=WEIGHT_BITS - WEIGHTED_WEIGHT_BITS, num_warps=4,
     )
 
 
 def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
                     cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None,
-                    scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None) -> None:
+                    scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None,
+                    key_weights: torch.Tensor | None = None) -> None:
     """Store ``values`` (and, in the same launch, ``values_b`` into ``cache_b``: keys with values);
-    FP8 pools are quantized on the way, their scales written to ``scale`` / ``scale_b``."""
+    FP8 pools are quantized on the way, their scales written to ``scale`` / ``scale_b`` (``key_weights``:
+    the query weights of ``cache``'s scale search, ``fp8.query_weights``)."""
     check_scales("store_kv", cache, scale)
     if cache_b is not None:
         check_scales("store_kv", cache_b, scale_b)
     if scale is not None:
-        _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b)
+        _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, key_weights)
         return
     if not cache.is_contiguous() or (cache_b is not None and not cache_b.is_contiguous()):
         raise ValueError("store_kv: pools must be contiguous")
@@ -242,7 +270,7 @@ def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tens
 
 
 def store_kv_span_reference(cache: torch.Tensor, start: int, values: torch.Tensor,
-                            scale: torch.Tensor | None = None) -> None:
+                            scale: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> None:
     """``store_kv_reference`` for slots that are ``start .. start + n - 1`` of every page (``values``
     ``[num_pages, n, H, ...]``): the same writes as a slice copy, without an index tensor."""
     check_scales("store_kv", cache, scale)
@@ -250,7 +278,7 @@ def store_kv_span_reference(cache: torch.Tensor, start: int, values: torch.Tenso
     if scale is None:
         cache.narrow(1, start, n).copy_(values)
         return
-    codes, s = quantize_reference(values, cache.dtype)
+    codes, s = quantize_reference(values, cache.dtype, weights)
     cache.narrow(1, start, n).copy_(codes)
     scale.narrow(1, start, n).copy_(s)
 
@@ -258,23 +286,25 @@ def store_kv_span_reference(cache: torch.Tensor, start: int, values: torch.Tenso
 def store_kv(cache: torch.Tensor, slots: torch.Tensor | None, values: torch.Tensor,
              cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None,
              scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None,
-             *, span_start: int | None = None) -> None:
+             *, span_start: int | None = None, key_weights: torch.Tensor | None = None) -> None:
     """Write new tokens into their slots (keys and values in one launch on CUDA); FP8 pools take
     the tokens' codes and their scales ``scale`` / ``scale_b`` take the per-token, per-head scales.
+    ``key_weights`` (FP8 ``cache`` only): the query weights its scale search compares errors by
+    (``fp8.query_weights``); ``cache_b`` (the values) is searched by the plain squared error.
 
     ``span_start``: a hint that ``slots`` are ``[b * page_size + span_start + i]`` for every page ``b``
     of the pool (``values`` ``[num_pages, n, H, ...]``, token ``i`` of page ``b`` at ``[b, i]``), as a
     ``generate()`` cache's rows are. The PyTorch path then copies into that slice of every page, the
     same writes as indexing (``slots`` may be None there); the Triton path still takes ``slots``."""
     if span_start is not None and (slots is None or not use_triton(cache, slots, values)):
-        store_kv_span_reference(cache, span_start, values, scale)
+        store_kv_span_reference(cache, span_start, values, scale, key_weights)
         if cache_b is not None:
             store_kv_span_reference(cache_b, span_start, values_b, scale_b)
         return
     if use_triton(cache, slots, values):
-        store_kv_triton(cache, slots, values, cache_b, values_b, scale, scale_b)
+        store_kv_triton(cache, slots, values, cache_b, values_b, scale, scale_b, key_weights)
         return
-    store_kv_reference(cache, slots, values, scale)
+    store_kv_reference(cache, slots, values, scale, key_weights)
     if cache_b is not None:
         store_kv_reference(cache_b, slots, values_b, scale_b)
 

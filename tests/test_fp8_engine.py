@@ -29,6 +29,9 @@ def fake_rounded_generate(monkeypatch):
 
     def install(kv: str = "fp8") -> None:
         codes = QUANTIZED_KV[kv]
+        # (the rounding here searches FP8 scales by the plain squared error: so do the pages under test, whose
+        # query-weighted search, ``query_moments.py``, is tested against its own references below)
+        monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "0")
 
         def fq(x):  # (INT8 pages round in the rotated basis: kernels/fp8.py)
             rot = kv_rotation(kv, x.shape[-1], x.device)

@@ -268,7 +268,10 @@ def test_compaction_moves_codes_with_their_scales():
 
 
 # ----------------------------------------------------------------------------- Triton against the references
-def _store_case(device, dtype, N, H, D, page, codes=FP8):
+def _store_case(device, dtype, N, H, D, page, codes=FP8, weighted=False):
+    """``weighted``: the keys' scale search weighted by queries' moments (``fp8.query_weights``)."""
+    from zipage.kernels.fp8 import query_weights
+
     torch.manual_seed(N + H)
     P = -(-2 * N // page) + 2
     kc, vc, kss, vss = fp8_pages(P, page, H, D, device, codes=codes)
@@ -276,10 +279,14 @@ def _store_case(device, dtype, N, H, D, page, codes=FP8):
     k = (torch.randn(1, H, N, D, device=device) * 4).to(dtype).permute(2, 0, 1, 3)  # [N, 1, H, D], strided
     v = torch.randn(N, 1, H, D, device=device).to(dtype)
     v[0, 0, 0] = 0  # an all-zero row: every candidate scale has no error; the first (MIN_SCALE) is kept
+    w = None
+    if weighted:
+        q = torch.randn(64, H, D, device=device) + torch.randn(H, D, device=device) * 2
+        w = query_weights(q.sum(0), (q * q).sum(0), 64)
     want = [kc.clone(), vc.clone(), kss.clone(), vss.clone()]
-    store_kv_reference(want[0], slots, k, want[2])
+    store_kv_reference(want[0], slots, k, want[2], w)
     store_kv_reference(want[1], slots, v, want[3])
-    store_kv_triton(kc, slots, k, vc, v, kss, vss)
+    store_kv_triton(kc, slots, k, vc, v, kss, vss, key_weights=w)
     for got, ref in ((kss, want[2]), (vss, want[3])):
         if CUDA:  # compiled: a row whose codes round the other way may tip the scale search to another scale, rarely
             assert (~torch.isclose(got, ref, rtol=1e-6, atol=0)).float().mean().item() <= 1e-3
@@ -420,13 +427,14 @@ def test_store_kernel_searches_as_the_reference_on_hard_rows(dtype, D):
 @cpu_only
 @requires_triton
 @CODES
-@pytest.mark.parametrize("steps", ["", "1", "3"])
+@pytest.mark.parametrize("steps", ["", "1", "3", "weighted"])
 def test_store_interpreter(codes, steps, monkeypatch):
     """The quantizing store kernel writes the reference's codes and scales byte for byte: FP8 with the
-    default scale search, with none (``ZIPAGE_FP8_SCALE_STEPS=1``) and with 3 candidates."""
-    monkeypatch.setenv("ZIPAGE_FP8_SCALE_STEPS", steps)
-    _store_case("cpu", torch.float32, 9, 3, 20, 4, codes)
-    _store_case("cpu", torch.float16, 5, 2, 16, 8, codes)
+    default scale search, with none (``ZIPAGE_FP8_SCALE_STEPS=1``), with 3 candidates, and the default search
+    of keys weighted by queries' moments."""
+    monkeypatch.setenv("ZIPAGE_FP8_SCALE_STEPS", "" if steps == "weighted" else steps)
+    _store_case("cpu", torch.float32, 9, 3, 20, 4, codes, weighted=steps == "weighted")
+    _store_case("cpu", torch.float16, 5, 2, 16, 8, codes, weighted=steps == "weighted")
 
 
 @cpu_only
@@ -509,11 +517,12 @@ def test_fp8_prefill_gpu(dtype, page, codes):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @CODES
-@pytest.mark.parametrize("steps", ["", "1"])
+@pytest.mark.parametrize("steps", ["", "1", "weighted"])
 def test_fp8_store_gpu(dtype, codes, steps, monkeypatch):
-    monkeypatch.setenv("ZIPAGE_FP8_SCALE_STEPS", steps)  # FP8: the default scale search, and none
-    _store_case("cuda", dtype, 4096, 8, 128, 256, codes)
-    _store_case("cuda", dtype, 300, 3, 64, 16, codes)
+    # FP8: the default scale search, none, and the search weighted by queries' moments (keys)
+    monkeypatch.setenv("ZIPAGE_FP8_SCALE_STEPS", "" if steps == "weighted" else steps)
+    _store_case("cuda", dtype, 4096, 8, 128, 256, codes, weighted=steps == "weighted")
+    _store_case("cuda", dtype, 300, 3, 64, 16, codes, weighted=steps == "weighted")
 
 
 @gpu

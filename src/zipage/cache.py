@@ -43,7 +43,7 @@ from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
 from .kernels import dequantize_reference, exact_merge, kv_dtype, paged_decode_attention, store_kv
 from .kernels._triton import use_triton
-from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_quantized, kv_rotation, rotate
+from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_quantized, kv_rotation, query_weighting, rotate
 from .memory.rows import (
     KERNEL_PAGE,
     as_pages,
@@ -54,6 +54,7 @@ from .memory.rows import (
     row_slots,
     stored_limit,
 )
+from .query_moments import QueryMoments
 from .scoring import get_scorer
 from .sliding_cache import SlidingLayer, WindowPages
 
@@ -306,6 +307,9 @@ class ZipageCache(Cache):
         # compression every layer shares one validity record again without comparing them on the device)
         self.all_real = True
         self.capture_ok = True  # False once a layer's attention was seen to bypass the capture wrapper
+        # FP8 pages: the moments of the prompt queries the keys' scale search is weighted by (query_moments.py),
+        # made at the first step
+        self.query_moments: QueryMoments | None = None
         window, sliding = sliding_layers(config)
         self.window_pages = WindowPages(sum(sliding), window, self.zipage_config.page_size) if any(sliding) else None
         layers: list[ZipageLayer | SlidingLayer] = []
@@ -421,6 +425,11 @@ class ZipageCache(Cache):
         cfg = self.zipage_config
         first = self.full[0]
         stored = first.stored
+        if self.query_moments is not None:  # (the queries of the forwards before this one)
+            self.query_moments.refresh()
+        elif first.seen == 0 and query_weighting(cfg.kv_cache_dtype, key_states.shape[-1]):
+            self.query_moments = QueryMoments(len(self.full), key_states.shape[1], key_states.shape[-1],
+                                              key_states.device)
         if self.window_pages is not None:
             self.window_pages.begin(batch, q, first.seen, key_states)
         after = self._stored_after_compression(stored, q)
@@ -523,9 +532,12 @@ class ZipageCache(Cache):
             store_rows(*layer.head_major_views(), index, key_states, value_states)
         else:
             rot = self._rotation(key_states)
+            weights = None if self.query_moments is None else self.query_moments.weights[layer.index]
+            if weights is not None and weights.device != key_states.device:  # (a model split over devices)
+                weights = weights.to(key_states.device)
             store_kv(layer.keys, self._step_slots, rotate(key_states, rot).transpose(1, 2), layer.values,
                      rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales,
-                     layer.value_scales, span_start=after)
+                     layer.value_scales, span_start=after, key_weights=weights)
         layer.stored = stored
         layer.seen += q
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
@@ -640,6 +652,10 @@ class ZipageCache(Cache):
                 layer.valid[:, layer.stored - q :] = read[1]
                 read = (read[0], read[1], layer.valid)
             self._mask_read = read
+        if q > 1 and self.query_moments is not None:  # a prompt's queries (in the pages' basis), not its padding
+            dev = self.query_moments.sums.device
+            self.query_moments.add(layer.index, query.transpose(1, 2).to(dev),
+                                   layer.valid[:, layer.stored - q:layer.stored].to(dev))
         if q > 1 and not self.padding_gap and _has_gap(layer.valid):
             # Padding inside a sequence: the mask the model builds covers the last ``stored`` positions,
             # which stop matching the stored tokens once a compression has run, and the paged kernel
@@ -777,6 +793,7 @@ class ZipageCache(Cache):
         self.padding_gap = False
         self.all_real = True
         self._head_major = None
+        self.query_moments = None
 
     @property
     def batch_size(self) -> int:

@@ -34,11 +34,12 @@ from ..compress import LayerPages, attention_scale, compress_layers, layer_batch
 from ..config import ZipageConfig
 from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels.exact_tail import exact_tail_merge
-from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, rotate, value_pool
+from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, query_weighting, rotate, value_pool
 from ..kernels._triton import use_triton
 from ..kernels.paged_decode_fp8 import DEFAULT_BLOCK_N as DECODE_TILE
 from ..kernels.paged_prefill import DEQUANTIZE_LIMIT_BYTES, dequantize_pages
 from ..memory.window_blocks import WindowBlocks
+from ..query_moments import QueryMoments
 from ..scoring import Scorer, get_scorer
 from .fusion import ModelFusion
 from .positions import KeptPositions, kept_positions
@@ -151,7 +152,11 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             ks, vs = r.k_scale[j], r.v_scale[j]
         if r.rotation is not None:  # rotated 8-bit pages: keys, values and queries in that basis (fp8.py)
             q, k, v = rotate(q, r.rotation, q.dtype), rotate(k, r.rotation), rotate(v, r.rotation)
-        store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs)
+        moments = r.query_moments
+        store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs,
+                 key_weights=None if moments is None else moments.weights[j])
+        if moments is not None and meta.num_prefill_tokens:  # (the keys of later forwards are searched by them)
+            moments.add(j, q[:meta.num_prefill_tokens])
         if r.state_pool is not None:
             r.state_pool[j].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
         if r.q_cache is not None:  # the queries' ring rows, stored as tokens into one-row pages (no host values,
@@ -305,6 +310,8 @@ class ModelRunner:
             self.k_scale = torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device)
             self.v_scale = torch.zeros_like(self.k_scale)
         self.rotation = kv_rotation(kv_cache_dtype, D, self.device)  # INT8 (FP8 if asked): stored rotated
+        # FP8 pages: the keys' scale search weighted by the moments of the prompts' queries (query_moments.py)
+        self.query_moments = QueryMoments(L, Hkv, D, self.device) if query_weighting(kv_cache_dtype, D) else None
         self.state_pool = None
         self.q_cache = None
         self.kept: KeptPositions | None = None
@@ -470,7 +477,10 @@ class ModelRunner:
         if e:
             self._exact_meta(meta, prefill, decode, exact, position_ids[0, n_p:])
         keep = torch.tensor(last, dtype=torch.long, device=dev)
-        return self._model_call(meta, input_ids, position_ids, keep)[0]
+        logits = self._model_call(meta, input_ids, position_ids, keep)[0]
+        if n_p and self.query_moments is not None:
+            self.query_moments.refresh()
+        return logits
 
     def _exact_meta(self, meta: StepMeta, prefill: list[tuple[Sequence, int]], decode: list[Sequence],
                     exact: list[int], decode_pos: torch.Tensor) -> None:

@@ -1,0 +1,316 @@
+"""FP8 keys' query-weighted scale search (``kernels/fp8.py``, ``src/zipage/query_moments.py``): the weights from
+the queries' moments, the search against a brute force over the same candidates, the store kernel against the
+reference byte for byte, and the moments generate() and the engine count against the queries the model computed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CUDA, requires_triton, tiny_model
+from test_engine import prompts_of
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+import zipage.cache
+import zipage.engine.runner
+from zipage import LLM, SamplingParams
+from zipage.kernels import dequantize_reference, quantize_reference, store_kv_reference, store_kv_triton
+from zipage.kernels.fp8 import (
+    FP8,
+    FP8_MAX,
+    MAX_WEIGHTED_DIM,
+    SCALE_STEPS,
+    U_MAX,
+    V_MAX,
+    WEIGHT_BITS,
+    WEIGHTED_ERROR_BITS,
+    WEIGHTED_WEIGHT_BITS,
+    check_weights,
+    query_weighting,
+    query_weights,
+    scale_steps_table,
+    value_pool,
+)
+from zipage.query_moments import QueryMoments
+
+pytestmark = pytest.mark.fp8_scale_search  # (the weights act through the scale search)
+cpu_only = pytest.mark.skipif(CUDA, reason="interpreter case (the GPU runs the gpu cases)")
+
+
+def moments_of(q: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sums of the queries ``[N, H_q, D]`` of each KV head's group and of their squares (float64), and how many."""
+    x = q.double().reshape(q.shape[0], heads, -1, q.shape[-1])
+    return x.sum(dim=(0, 2)), (x * x).sum(dim=(0, 2)), x.shape[0] * x.shape[2]
+
+
+def queries(n: int, heads: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """Queries with a large shared mean (as a head's queries have) and channels of unequal spread."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(heads, dim, generator=g) * 2
+    return mean + torch.randn(n, heads, dim, generator=g) * torch.rand(dim, generator=g) * 2
+
+
+# ----------------------------------------------------------------------------- the weights
+def test_query_weights_are_the_mean_and_variance_scaled_together():
+    q = queries(4000, 3, 64)
+    s, sq, n = moments_of(q, 3)
+    w = query_weights(s, sq, n)
+    assert w.dtype == torch.int64 and w.shape == (2, 3, 64)
+    u, v = w[0].double(), w[1].double()
+    mean, var = s / n, sq / n - (s / n) ** 2
+    for h in range(3):
+        # one factor z per head: u = round(mean * sqrt(z)), v = round(var * z), the larger term at its range's top
+        z = min(U_MAX**2 / mean[h].abs().max() ** 2, V_MAX / var[h].max())
+        assert torch.equal(u[h], torch.round(mean[h] * z**0.5))
+        assert torch.equal(v[h], torch.round(var[h] * z))
+        assert u[h].abs().max() == U_MAX or v[h].max() == V_MAX
+    assert (u.abs() <= U_MAX).all() and (v >= 0).all() and (v <= V_MAX).all()
+    # what the search compares is unchanged by a common factor of the queries (a softmax temperature)
+    assert torch.equal(query_weights(s * 4, sq * 16, n), w)
+    # batched over layers, and before any query: u = 0, v = 1 (the plain squared error)
+    both = query_weights(torch.stack([s, torch.zeros_like(s)]), torch.stack([sq, torch.zeros_like(sq)]),
+                         torch.tensor([float(n), 0.0])[:, None, None])
+    assert torch.equal(both[0], w)
+    assert not both[1, 0].any() and (both[1, 1] == 1).all()
+
+
+def test_query_weights_are_checked(monkeypatch):
+    w = torch.zeros(2, 3, 64, dtype=torch.int64)
+    check_weights("t", w, (3, 64))
+    for bad in (w.int(), w[:, :2], w[:1]):
+        with pytest.raises(ValueError, match="query weights must be int64 of shape"):
+            check_weights("t", bad, (3, 64))
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        check_weights("t", torch.zeros(2, 1, 512, dtype=torch.int64), (1, 512))
+    with pytest.raises(ValueError, match="query weights must be"):
+        quantize_reference(torch.randn(4, 3, 64), FP8, w[:, :2])
+    assert query_weighting("fp8", 128) and not query_weighting("int8", 128) and not query_weighting("auto", 128)
+    assert not query_weighting("fp8", 512)
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "0")
+    assert not query_weighting("fp8", 128)
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "yes")
+    with pytest.raises(ValueError, match="ZIPAGE_FP8_QUERY_WEIGHTS='yes'"):
+        query_weighting("fp8", 128)
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "1")
+    monkeypatch.setenv("ZIPAGE_FP8_SCALE_STEPS", "1")  # one scale per row: nothing to weight
+    assert not query_weighting("fp8", 128)
+
+
+def test_the_weighted_error_cannot_overflow():
+    """The largest error the weighted search can count, in Python's exact integers, stays below 2^63: every
+    element half of e4m3's widest step (16 codes) off, the weights at their largest, the largest candidate."""
+    e = 16 * 2**WEIGHTED_ERROR_BITS
+    _, weight = scale_steps_table(64, "cpu")
+    top = int(weight.max()) >> (WEIGHT_BITS - WEIGHTED_WEIGHT_BITS)
+    worst = (V_MAX * e * e * MAX_WEIGHTED_DIM + (U_MAX * e * MAX_WEIGHTED_DIM) ** 2) * top
+    assert worst < 2**63
+
+
+# ----------------------------------------------------------------------------- the search
+def test_the_weighted_search_picks_the_least_logit_error():
+    """Each row's scale is the candidate whose codes have the least ``e^T (u u^T + diag(v)) e`` (brute force
+    with torch's e4m3 cast, in float64), and over the queries the weights came from, the logits move far less
+    than with the plain squared error's choice."""
+    torch.manual_seed(0)
+    H, D = 3, 64
+    x = torch.randn(200, H, D) * torch.exp(torch.randn(200, H, 1))
+    q = queries(2000, H, D, seed=1)
+    w = query_weights(*moments_of(q, H))
+    codes, scales = quantize_reference(x, FP8, w)
+    plain_codes, plain_scales = quantize_reference(x)
+    base = x.abs().amax(-1) / FP8_MAX
+    u, v = w[0].double(), w[1].double()
+    errs = []
+    for i in range(SCALE_STEPS):
+        s = (base * torch.tensor(2.0 ** (i / SCALE_STEPS))).double()
+        c = (x.double() / s[..., None]).clamp(-FP8_MAX, FP8_MAX)
+        e = c.float().to(FP8).double() - c  # in codes
+        errs.append(((v * e * e).sum(-1) + (u * e).sum(-1) ** 2) * (2 ** (i / SCALE_STEPS)) ** 2)
+    errs = torch.stack(errs, -1)
+    chosen = torch.round(torch.log2(scales.double() / base.double()) * SCALE_STEPS).long()
+    assert torch.equal(scales, (base * (2.0 ** (chosen.float() / SCALE_STEPS))).float())
+    got = errs.gather(-1, chosen[..., None]).squeeze(-1)
+    # (the search counts errors in 2^-6 codes: a near-tie may go either way)
+    assert (got <= errs.min(-1).values * 1.02 + 1e-9).all()
+    assert (chosen == errs.argmin(-1)).float().mean() > 0.9
+    def shift(c, s):  # every query's logit shift by every row's rounding
+        return torch.einsum("nhd,thd->nth", q.double(), dequantize_reference(c, s).double() - x.double())
+
+    weighted, plain = shift(codes, scales).pow(2).mean(), shift(plain_codes, plain_scales).pow(2).mean()
+    assert weighted < 0.5 * plain
+    # the plain error grows a little: the search trades it for the logits'
+    l2 = lambda c, s: (dequantize_reference(c, s) - x).pow(2).sum()  # noqa: E731
+    assert l2(plain_codes, plain_scales) < l2(codes, scales) < 2 * l2(plain_codes, plain_scales)
+
+
+def test_uniform_weights_search_by_the_squared_error():
+    """Before any query (u = 0, v = 1) the weighted search chooses as the plain one does, but for near-ties the
+    coarser units may decide otherwise."""
+    torch.manual_seed(2)
+    x = torch.randn(500, 2, 64) * 3
+    uniform = query_weights(torch.zeros(2, 64), torch.zeros(2, 64), 0)
+    _, s1 = quantize_reference(x, FP8, uniform)
+    _, s0 = quantize_reference(x)
+    assert (s1 == s0).float().mean() > 0.97
+
+
+@cpu_only
+@requires_triton
+@pytest.mark.parametrize("dtype, D", [(torch.bfloat16, 128), (torch.float32, 256), (torch.float16, 80)])
+def test_store_kernel_weighs_keys_as_the_reference(dtype, D):
+    """The store kernel's weighted search against the reference's, byte for byte, on hard rows (tiny, huge, e4m3
+    subnormals beside normals, all zero), 16-bit inputs, a head dim that is not a power of two; values (searched
+    by the plain error) in the dimension-major layout, and the weights changing the keys' choice."""
+    torch.manual_seed(D)
+    N, H, page = 12, 3, 8
+    mag = torch.tensor([1e-30, 1e-6, 1.0, 3e4, 1e30, 1.0])[torch.arange(N * H) % 6].view(N, 1, H, 1)
+    k = torch.randn(N, 1, H, D) * mag
+    k[2, 0, 1, : D // 2] *= 1e-4
+    k[4, 0, 0] = 0.0
+    v = torch.randn(N, 1, H, D)
+    if dtype != torch.float32:
+        k, v = k.clamp(-6e4, 6e4).to(dtype), v.to(dtype)
+    w = query_weights(*moments_of(queries(500, H, D, seed=D), H))
+    slots = torch.randperm(4 * page)[:N].view(N, 1)
+    kc, kss = torch.zeros(4, page, H, D, dtype=FP8), torch.zeros(4, page, H)
+    vc, vss = value_pool((4, page, H, D), FP8, "cpu"), torch.zeros(4, page, H)
+    want = [kc.clone(), vc.clone(), kss.clone(), vss.clone()]
+    store_kv_reference(want[0], slots, k, want[2], w)
+    store_kv_reference(want[1], slots, v, want[3])
+    store_kv_triton(kc, slots, k, vc, v, kss, vss, key_weights=w)
+    for got, ref in ((kc, want[0]), (vc, want[1]), (kss, want[2]), (vss, want[3])):
+        assert torch.equal(got.contiguous().view(torch.uint8), ref.contiguous().view(torch.uint8))
+    plain = torch.zeros_like(kss)
+    store_kv_reference(torch.zeros_like(kc), slots, k, plain)
+    assert not torch.equal(plain, kss)  # (the weights decide something here)
+
+
+# ----------------------------------------------------------------------------- the moments
+def test_query_moments_count_the_real_queries():
+    m = QueryMoments(2, 2, 16, "cpu")
+    assert not m.weights[:, 0].any() and (m.weights[:, 1] == 1).all()
+    q = queries(24, 4, 16, seed=3).view(2, 12, 4, 16)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, :5] = False  # left padding
+    m.add(1, q, valid)
+    m.add(1, q[1, :3])
+    assert m.stale and (m.weights[1, 1] == 1).all()  # (until refreshed)
+    m.refresh()
+    real = torch.cat([q[valid], q[1, :3]])
+    s, sq, n = moments_of(real, 2)
+    torch.testing.assert_close(m.sums[1, 0], s, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(m.sums[1, 1], sq, rtol=1e-6, atol=1e-9)
+    assert m.count[1] == n == (19 + 3) * 2 and m.count[0] == 0
+    assert torch.equal(m.weights[1], query_weights(m.sums[1, 0], m.sums[1, 1], m.count[1]))
+    assert not m.weights[0, 0].any() and (m.weights[0, 1] == 1).all()
+    with pytest.raises(ValueError, match="3 query heads do not group onto 2 KV heads"):
+        m.add(0, torch.randn(5, 3, 16))
+
+
+class Recorder:
+    """The model's attention with its queries recorded: ``calls`` holds (layer, queries ``[B, H_q, q, D]``)."""
+
+    def __init__(self, model) -> None:
+        self.calls: list[tuple[int, torch.Tensor]] = []
+        name = f"record_queries_{id(self)}"
+        AttentionInterface.register(name, self)
+        AttentionMaskInterface.register(name, sdpa_mask)  # (the masks sdpa gets: padding included)
+        model.set_attn_implementation(name)
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        self.calls.append((module.layer_idx, query.detach().clone()))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+class StoreSpy:
+    """``store_kv`` of a module, recording every quantizing call's keys, key weights and where they went."""
+
+    def __init__(self, monkeypatch, module) -> None:
+        self.calls: list[dict] = []
+        real = module.store_kv
+
+        def spy(cache, slots, values, *args, key_weights=None, **kw):
+            real(cache, slots, values, *args, key_weights=key_weights, **kw)
+            if cache.dtype == FP8 and len(args) >= 3:  # (the keys of a layer's store)
+                self.calls.append(dict(cache=cache, scales=args[2], slots=slots, values=values.detach().clone(),
+                                       weights=None if key_weights is None else key_weights.clone(), **kw))
+
+        monkeypatch.setattr(module, "store_kv", spy)
+
+
+def test_generate_weighs_keys_by_the_prompt_queries(monkeypatch):
+    """generate(): the prompt (left-padded rows) is stored with the plain error; the moments are its real tokens'
+    queries as the model computed them; every later key is stored with the weights of those moments, codes and
+    scales as the reference quantizes them."""
+    model = tiny_model("qwen3")
+    rec = Recorder(model)
+    spy = StoreSpy(monkeypatch, zipage.cache)
+    ids = torch.tensor([[7] * 5 + prompts_of((15,), seed=4)[0], prompts_of((20,), seed=5)[0]])
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding (a token whose queries are not zero: padding must be left out)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, cache_implementation="zipage", return_dict_in_generate=True,
+                         cache_config={"budget": 64, "page_size": 4, "kv_cache_dtype": "fp8"})
+    cache = out.past_key_values
+    m = cache.query_moments
+    heads = model.config.num_key_value_heads
+    for layer in range(model.config.num_hidden_layers):
+        prompt_q = [q for i, q in rec.calls if i == layer and q.shape[2] > 1]
+        assert len(prompt_q) == 1
+        real = prompt_q[0].transpose(1, 2)[mask.bool()]  # [real tokens, H_q, D]
+        s, sq, n = moments_of(real, heads)
+        torch.testing.assert_close(m.sums[layer, 0], s, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.sums[layer, 1], sq, rtol=1e-5, atol=1e-6)
+        assert m.count[layer] == n == 35 * 2
+    weights = query_weights(m.sums[:, 0], m.sums[:, 1], m.count[:, None, None])
+    L = model.config.num_hidden_layers
+    assert len(spy.calls) == 6 * L  # the prompt, then 5 decode steps (the last token is never stored)
+    for i, call in enumerate(spy.calls):
+        layer = i % L
+        w = call["weights"]
+        if i < L:
+            assert not w[0].any() and (w[1] == 1).all()
+        else:
+            assert torch.equal(w, weights[layer])
+            start, n = call["span_start"], call["values"].shape[1]
+            codes, scales = quantize_reference(call["values"], FP8, w)
+            assert torch.equal(call["cache"][:, start:start + n].view(torch.uint8), codes.view(torch.uint8))
+            assert torch.equal(call["scales"][:, start:start + n], scales)
+
+
+def test_engine_weighs_keys_by_the_prompt_queries(monkeypatch):
+    """The engine: its first prompt is stored with the plain error, every later store with the weights of the
+    prompt queries counted so far (prefill tokens only), which are generate()'s for the same prompt; and both
+    give the same tokens."""
+    model = tiny_model("qwen3")
+    spy = StoreSpy(monkeypatch, zipage.engine.runner)
+    prompts = prompts_of((21, 9), seed=6)
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    llm = LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    first = llm.generate(prompts[:1], sp, use_tqdm=False)[0]
+    m = llm.runner.query_moments
+    L, g = model.config.num_hidden_layers, model.config.num_attention_heads // model.config.num_key_value_heads
+    assert (m.count == 21 * g).all()
+    uniform = query_weights(torch.zeros(2, 16), torch.zeros(2, 16), 0)
+    assert all(torch.equal(c["weights"], uniform) for c in spy.calls[:L])
+    assert all(torch.equal(c["weights"], m.weights[i % L]) for i, c in enumerate(spy.calls[L:]))
+    assert torch.equal(m.weights, query_weights(m.sums[:, 0], m.sums[:, 1], m.count[:, None, None]))
+    want = model.generate(torch.tensor([prompts[0]]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, cache_implementation="zipage", return_dict_in_generate=True,
+                          cache_config={"budget": 4096, "page_size": 4, "kv_cache_dtype": "fp8"})
+    torch.testing.assert_close(m.sums, want.past_key_values.query_moments.sums, rtol=1e-5, atol=1e-6)
+    assert first.outputs[0].token_ids == want.sequences[0, 21:].tolist()
+    llm.generate(prompts[1:], sp, use_tqdm=False)  # a second prompt adds its queries
+    assert (m.count == 30 * g).all()
+
+
+def test_query_weights_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "0")
+    model = tiny_model("qwen3")
+    llm = LLM(model, budget=None, page_size=4, num_pages=16, kv_cache_dtype="fp8")
+    assert llm.runner.query_moments is None
+    out = model.generate(torch.tensor([prompts_of((9,))[0]]), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                         cache_implementation="zipage", return_dict_in_generate=True,
+                         cache_config={"budget": 64, "kv_cache_dtype": "fp8"})
+    assert out.past_key_values.query_moments is None
