@@ -144,9 +144,11 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
     ``code - x / s`` is exact in float32, then counted in ``2 ** -ERROR_BITS`` code units), so the store
     kernel and this reference pick the same scale whatever order they add in.
 
-    ``weights`` (FP8 keys, :func:`query_weights`): int64 ``[2, H, D]`` for rows ``[..., H, D]``, the
-    error a row's candidates are compared by is then what it does to attention logits, ``e^T C e`` with
-    ``C = u u^T + diag(v)`` per head (the queries' mean and variance), in place of ``|e|^2``."""
+    ``weights`` (FP8 keys, :func:`query_weights`): int64 ``[2, H, D]`` for rows ``[..., H, D]`` (the head
+    dim second to last): a row's candidates are then compared by what their rounding does to attention
+    logits, ``(u . e)^2 + sum(v e^2)`` per head (the queries' mean and variances), in place of ``|e|^2``,
+    counted in ``2 ** -WEIGHTED_ERROR_BITS`` code units and with the candidates' weights in
+    ``2 ** -WEIGHTED_WEIGHT_BITS`` (so that it fits int64)."""
     if dtype not in CODE_MAX:
         raise ValueError(f"quantize_reference: codes are {FP8} or {INT8}, not {dtype}")
     if weights is not None:
@@ -166,14 +168,15 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
     codes, chosen = torch.empty(rows.shape, dtype=FP8, device=xf.device), torch.empty_like(scales)
     heads = None if weights is None else torch.arange(rows.shape[0], device=xf.device) % weights.shape[1]
     for a in range(0, rows.shape[0], chunk):
-        w = None if heads is None else weights[:, heads[a:a + chunk]].to(xf.device)  # [2, rows, D]
+        w = None if heads is None else weights.to(xf.device)[:, heads[a:a + chunk]]  # [2, rows, D]
         codes[a:a + chunk], chosen[a:a + chunk] = _search(rows[a:a + chunk], scales[a:a + chunk], mult, weight, w)
     return codes.view(xf.shape), chosen.view(scale.shape)
 
 
 # Query-weighted search (keys): a code's error in units of 2 ** -WEIGHTED_ERROR_BITS codes (at most 16 codes,
 # half of e4m3's widest step, so at most 2 ** 10 units), u within +-U_MAX, v within 0..V_MAX and a candidate's
-# weight in 2 ** -WEIGHTED_WEIGHT_BITS: over up to MAX_WEIGHTED_DIM elements the error stays below 2 ** 63.
+# weight in 2 ** -WEIGHTED_WEIGHT_BITS: over up to MAX_WEIGHTED_DIM elements the error stays below 2 ** 63, and
+# each element's terms u e and v e^2 (and u . e) below 2 ** 31.
 WEIGHTED_ERROR_BITS = 6
 WEIGHTED_WEIGHT_BITS = 10
 U_MAX = 127
@@ -185,10 +188,11 @@ def query_weights(q_sum: torch.Tensor, q_sq_sum: torch.Tensor, count: torch.Tens
     """Integer weights for the query-weighted scale search of keys, from the moments of the queries that
     read them: ``q_sum`` and ``q_sq_sum`` ``[..., H, D]`` (sums of the queries of each KV head's group, and
     of their squares, over ``count`` queries) -> int64 ``[..., 2, H, D]``: ``u`` (the mean query) and ``v`` (each
-    channel's variance), scaled per head together (a common factor changes no choice) so that the larger
-    of ``max|u|`` and ``sqrt(max v)`` uses the range. A key's rounding error ``e`` shifts a query ``q``'s
-    logit by ``q . e``, whose mean square over the queries is ``e^T (m m^T + diag(var)) e``. Before any
-    query (``count`` 0): ``u = 0``, ``v = 1``, the plain squared error."""
+    channel's variance), scaled per head by one factor (which changes no choice) that brings ``max|u|`` to
+    ``U_MAX`` or ``max v`` to ``V_MAX``, whichever it reaches first. A key's rounding error ``e`` shifts a
+    query ``q``'s logit by ``q . e``, whose mean square over the queries is ``(m . e)^2 + e^T S e`` (``m`` their
+    mean, ``S`` their covariance); the search takes ``S`` diagonal: ``(u . e)^2 + sum(v e^2)``. Before any
+    query (``count`` 0), or where the moments are not finite: ``u = 0``, ``v = 1``, the squared error."""
     n = torch.as_tensor(count, dtype=torch.float64, device=q_sum.device).clamp(min=1.0)
     mean = q_sum.double() / n
     var = (q_sq_sum.double() / n - mean * mean).clamp(min=0.0)
@@ -197,7 +201,7 @@ def query_weights(q_sum: torch.Tensor, q_sq_sum: torch.Tensor, count: torch.Tens
     z = torch.minimum(U_MAX ** 2 / top_u.clamp(min=1e-300), V_MAX / top_v.clamp(min=1e-300))
     u = torch.round(mean * z.sqrt()).clamp(-U_MAX, U_MAX)
     v = torch.round(var * z).clamp(0, V_MAX)
-    empty = (top_u + top_v) <= 0  # no query yet (or all zero): the plain squared error
+    empty = ~((top_u + top_v) > 0) | ~torch.isfinite(top_u + top_v)  # no query yet (or all zero), or inf / NaN
     u = torch.where(empty, 0.0, u)
     v = torch.where(empty, 1.0, v)
     return torch.stack([u, v], dim=-3).to(torch.int64)
@@ -214,15 +218,17 @@ def query_weighting(kv_cache_dtype: str, head_dim: int) -> bool:
     return value == "1" and kv_cache_dtype == "fp8" and scale_steps() > 1 and head_dim <= MAX_WEIGHTED_DIM
 
 
-def check_weights(name: str, weights: torch.Tensor, shape) -> None:
+def check_weights(name: str, weights: torch.Tensor, shape, device=None) -> None:
     """Query weights (:func:`query_weights`) for rows of ``shape`` ``(H, D)``: int64 ``[2, H, D]``, D at most
-    ``MAX_WEIGHTED_DIM``."""
+    ``MAX_WEIGHTED_DIM``, on ``device`` if given."""
     H, D = shape
     if weights.dtype != torch.int64 or tuple(weights.shape) != (2, H, D):
         raise ValueError(f"{name}: query weights must be int64 of shape (2, {H}, {D}), got {weights.dtype} "
                          f"{tuple(weights.shape)}")
     if D > MAX_WEIGHTED_DIM:
         raise ValueError(f"{name}: query weights take head dims up to {MAX_WEIGHTED_DIM}, not {D}")
+    if device is not None and weights.device != torch.device(device):
+        raise ValueError(f"{name}: query weights are on {weights.device}, the keys on {device}")
 
 
 SEARCH_CHUNK_ELEMENTS = 1 << 22  # the reference's scale search tries this many elements at once (bounds its memory)

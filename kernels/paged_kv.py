@@ -113,11 +113,13 @@ if HAS_TRITON:
     def _candidate_error(q, c, weight, qu, qv, HAS_QW: tl.constexpr, ERROR_UNIT: tl.constexpr,
                          QW_UNIT: tl.constexpr, QW_SHIFT: tl.constexpr):
         """One candidate scale's error per head, in int64 as ``fp8._search`` counts it: ``sum(e^2)``, or with
-        query weights ``sum(v e^2) + (sum(u e))^2`` in coarser units; times the candidate's weight."""
+        query weights ``sum(v e^2) + (sum(u e))^2`` in coarser units; times the candidate's weight. (The
+        weighted terms ``u e``, ``v e^2`` and ``sum(u e)`` fit int32, fp8.py's bounds; only their sums and the
+        square need int64.)"""
         if HAS_QW:
-            e = ((q - c) * QW_UNIT).to(tl.int32).to(tl.int64)  # q - c is exact; then truncated
-            r = tl.sum(qu * e, 1)
-            return (tl.sum(qv * e * e, 1) + r * r) * (weight >> QW_SHIFT)
+            e = ((q - c) * QW_UNIT).to(tl.int32)  # q - c is exact; then truncated
+            r = tl.sum(qu * e, 1).to(tl.int64)
+            return (tl.sum((qv * e * e).to(tl.int64), 1) + r * r) * (weight >> QW_SHIFT)
         e = ((q - c) * ERROR_UNIT).to(tl.int32).to(tl.int64)
         return tl.sum(e * e, 1) * weight
 
@@ -156,8 +158,8 @@ if HAS_TRITON:
             qv = None
             if HAS_QW:
                 w = h[:, None] * D + d[None, :]
-                qu = tl.load(QW + w, mask=m, other=0)
-                qv = tl.load(QW + H * D + w, mask=m, other=0)
+                qu = tl.load(QW + w, mask=m, other=0).to(tl.int32)
+                qv = tl.load(QW + H * D + w, mask=m, other=0).to(tl.int32)
             best_err = _candidate_error(q, c, tl.load(WEIGHT), qu, qv, HAS_QW, ERROR_UNIT, QW_UNIT, QW_SHIFT)
             for i in tl.static_range(1, STEPS):
                 si = base * tl.load(MULT + i)
@@ -223,7 +225,7 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, w
     mult, weight = scale_steps_table(steps, cache.device)
     has_qw = weights is not None and steps > 1
     if has_qw:
-        check_weights("store_kv", weights, (H, D))
+        check_weights("store_kv", weights, (H, D), cache.device)
         weights = weights.contiguous()
     _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
         cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots, mult, weight,

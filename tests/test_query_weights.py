@@ -26,12 +26,15 @@ from zipage.kernels.fp8 import (
     WEIGHT_BITS,
     WEIGHTED_ERROR_BITS,
     WEIGHTED_WEIGHT_BITS,
+    _hadamard,
     check_weights,
     query_weighting,
     query_weights,
+    rotate,
     scale_steps_table,
     value_pool,
 )
+from zipage.kernels.paged_kv import read_slots
 from zipage.query_moments import QueryMoments
 
 pytestmark = pytest.mark.fp8_scale_search  # (the weights act through the scale search)
@@ -188,24 +191,39 @@ def test_store_kernel_weighs_keys_as_the_reference(dtype, D):
 
 # ----------------------------------------------------------------------------- the moments
 def test_query_moments_count_the_real_queries():
-    m = QueryMoments(2, 2, 16, "cpu")
+    m = QueryMoments(2, 2, 16, "cpu", limit=38)
     assert not m.weights[:, 0].any() and (m.weights[:, 1] == 1).all()
+    assert m.layer_weights[1].data_ptr() == m.weights[1].data_ptr()  # (views: captured graphs see updates)
     q = queries(24, 4, 16, seed=3).view(2, 12, 4, 16)
     valid = torch.ones(2, 12, dtype=torch.bool)
     valid[0, :5] = False  # left padding
-    m.add(1, q, valid)
-    m.add(1, q[1, :3])
-    assert m.stale and (m.weights[1, 1] == 1).all()  # (until refreshed)
-    m.refresh()
+    assert m.add(1, q, valid) and m.add(1, q[1, :3])
     real = torch.cat([q[valid], q[1, :3]])
     s, sq, n = moments_of(real, 2)
     torch.testing.assert_close(m.sums[1, 0], s, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(m.sums[1, 1], sq, rtol=1e-6, atol=1e-9)
     assert m.count[1] == n == (19 + 3) * 2 and m.count[0] == 0
-    assert torch.equal(m.weights[1], query_weights(m.sums[1, 0], m.sums[1, 1], m.count[1]))
+    assert torch.equal(m.layer_weights[1], query_weights(s, sq, n))
     assert not m.weights[0, 0].any() and (m.weights[0, 1] == 1).all()
+    # 27 tokens offered (padding included), then 12: past the limit of 38 a layer's moments stay as they are
+    assert m.tokens == [0, 27] and m.wants(1) and m.add(1, q[1]) and not m.wants(1)
+    before = m.weights.clone()
+    assert not m.add(1, q[0]) and torch.equal(m.weights, before) and m.count[1] == n + 24
     with pytest.raises(ValueError, match="3 query heads do not group onto 2 KV heads"):
         m.add(0, torch.randn(5, 3, 16))
+
+
+def test_query_moments_of_16_bit_queries():
+    """fp16 queries whose squares pass fp16's range count in float32; moments that are not finite (a broken
+    forward) give the plain error, never garbage weights."""
+    m = QueryMoments(2, 1, 8, "cpu")
+    q = torch.full((3, 2, 8), 300.0, dtype=torch.float16)
+    q[:, :, 0] = -500.0
+    m.add(0, q)
+    assert torch.equal(m.weights[0], query_weights(*moments_of(q.float(), 1)))
+    assert m.weights[0, 0].abs().max() == U_MAX and (m.weights[0, 1] >= 0).all()
+    m.add(1, torch.full((2, 2, 8), float("inf")))
+    assert not m.weights[1, 0].any() and (m.weights[1, 1] == 1).all()
 
 
 class Recorder:
@@ -224,25 +242,44 @@ class Recorder:
 
 
 class StoreSpy:
-    """``store_kv`` of a module, recording every quantizing call's keys, key weights and where they went."""
+    """``store_kv`` of a module: every store of FP8 keys recorded (the keys, their weights), and what it wrote
+    checked against the reference quantization of those keys with those weights."""
 
     def __init__(self, monkeypatch, module) -> None:
         self.calls: list[dict] = []
         real = module.store_kv
 
-        def spy(cache, slots, values, *args, key_weights=None, **kw):
-            real(cache, slots, values, *args, key_weights=key_weights, **kw)
-            if cache.dtype == FP8 and len(args) >= 3:  # (the keys of a layer's store)
-                self.calls.append(dict(cache=cache, scales=args[2], slots=slots, values=values.detach().clone(),
-                                       weights=None if key_weights is None else key_weights.clone(), **kw))
+        def spy(cache, slots, values, *args, key_weights=None, span_start=None, **kw):
+            real(cache, slots, values, *args, key_weights=key_weights, span_start=span_start, **kw)
+            if cache.dtype != FP8:
+                return
+            scales = args[2] if len(args) >= 3 else kw["scale"]
+            codes, want = quantize_reference(values, FP8, key_weights)
+            if span_start is not None and cache.dim() == 4 and slots is None:  # generate()'s rows, on a CPU
+                n = values.shape[1]
+                got_codes, got = cache[:, span_start:span_start + n], scales[:, span_start:span_start + n]
+            else:
+                got_codes, got = read_slots(cache, slots), scales.view(-1, scales.shape[-1])[slots]
+            assert torch.equal(got_codes.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(got, want)
+            self.calls.append(dict(values=values.detach().clone(), keys_only=len(args) < 1,
+                                   weights=None if key_weights is None else key_weights.clone()))
 
         monkeypatch.setattr(module, "store_kv", spy)
 
 
-def test_generate_weighs_keys_by_the_prompt_queries(monkeypatch):
-    """generate(): the prompt (left-padded rows) is stored with the plain error; the moments are its real tokens'
-    queries as the model computed them; every later key is stored with the weights of those moments, codes and
-    scales as the reference quantizes them."""
+def rotated_if(queries: torch.Tensor, rotation: bool) -> torch.Tensor:
+    return rotate(queries, _hadamard(queries.shape[-1], "cpu")) if rotation else queries.float()
+
+
+UNIFORM = query_weights(torch.zeros(2, 16), torch.zeros(2, 16), 0)
+
+
+@pytest.mark.parametrize("rotation, tail", [("0", 0), ("1", 0), ("0", 4)])
+def test_generate_weighs_keys_by_the_prompt_queries(rotation, tail, monkeypatch):
+    """generate(): the moments are the real (not padding) prompt tokens' queries as the model computed them, in
+    the pages' basis; the prompt's keys, first stored with the plain error, are stored again with their weights
+    once the layer's queries are counted, and every later key with them."""
+    monkeypatch.setenv("ZIPAGE_FP8_ROTATION", rotation)
     model = tiny_model("qwen3")
     rec = Recorder(model)
     spy = StoreSpy(monkeypatch, zipage.cache)
@@ -251,38 +288,33 @@ def test_generate_weighs_keys_by_the_prompt_queries(monkeypatch):
     mask[0, :5] = 0  # left padding (a token whose queries are not zero: padding must be left out)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                          eos_token_id=None, cache_implementation="zipage", return_dict_in_generate=True,
-                         cache_config={"budget": 64, "page_size": 4, "kv_cache_dtype": "fp8"})
-    cache = out.past_key_values
-    m = cache.query_moments
-    heads = model.config.num_key_value_heads
-    for layer in range(model.config.num_hidden_layers):
+                         cache_config={"budget": 64, "page_size": 4, "kv_cache_dtype": "fp8", "exact_tail": tail})
+    m = out.past_key_values.query_moments
+    L, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    for layer in range(L):
         prompt_q = [q for i, q in rec.calls if i == layer and q.shape[2] > 1]
         assert len(prompt_q) == 1
-        real = prompt_q[0].transpose(1, 2)[mask.bool()]  # [real tokens, H_q, D]
+        real = rotated_if(prompt_q[0].transpose(1, 2)[mask.bool()], rotation == "1")  # [real tokens, H_q, D]
         s, sq, n = moments_of(real, heads)
         torch.testing.assert_close(m.sums[layer, 0], s, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(m.sums[layer, 1], sq, rtol=1e-5, atol=1e-6)
         assert m.count[layer] == n == 35 * 2
     weights = query_weights(m.sums[:, 0], m.sums[:, 1], m.count[:, None, None])
-    L = model.config.num_hidden_layers
-    assert len(spy.calls) == 6 * L  # the prompt, then 5 decode steps (the last token is never stored)
+    assert [c["keys_only"] for c in spy.calls] == [False, True] * L + [False] * 5 * L  # (the last token: not stored)
     for i, call in enumerate(spy.calls):
-        layer = i % L
-        w = call["weights"]
-        if i < L:
-            assert not w[0].any() and (w[1] == 1).all()
+        layer = i // 2 if i < 2 * L else i % L
+        if i < 2 * L and not call["keys_only"]:
+            assert torch.equal(call["weights"], UNIFORM[:, :heads])
         else:
-            assert torch.equal(w, weights[layer])
-            start, n = call["span_start"], call["values"].shape[1]
-            codes, scales = quantize_reference(call["values"], FP8, w)
-            assert torch.equal(call["cache"][:, start:start + n].view(torch.uint8), codes.view(torch.uint8))
-            assert torch.equal(call["scales"][:, start:start + n], scales)
+            assert torch.equal(call["weights"], weights[layer])
 
 
-def test_engine_weighs_keys_by_the_prompt_queries(monkeypatch):
-    """The engine: its first prompt is stored with the plain error, every later store with the weights of the
-    prompt queries counted so far (prefill tokens only), which are generate()'s for the same prompt; and both
-    give the same tokens."""
+@pytest.mark.parametrize("rotation", ["0", "1"])
+def test_engine_weighs_keys_by_the_prompt_queries(rotation, monkeypatch):
+    """The engine counts a step's prompt queries before its store, so every key, the first prompt's included,
+    is stored with the weights of the prompt queries counted so far (codes and scales as the reference gives
+    them); they are generate()'s for the same prompt, and both give the same tokens."""
+    monkeypatch.setenv("ZIPAGE_FP8_ROTATION", rotation)
     model = tiny_model("qwen3")
     spy = StoreSpy(monkeypatch, zipage.engine.runner)
     prompts = prompts_of((21, 9), seed=6)
@@ -291,15 +323,14 @@ def test_engine_weighs_keys_by_the_prompt_queries(monkeypatch):
     first = llm.generate(prompts[:1], sp, use_tqdm=False)[0]
     m = llm.runner.query_moments
     L, g = model.config.num_hidden_layers, model.config.num_attention_heads // model.config.num_key_value_heads
-    assert (m.count == 21 * g).all()
-    uniform = query_weights(torch.zeros(2, 16), torch.zeros(2, 16), 0)
-    assert all(torch.equal(c["weights"], uniform) for c in spy.calls[:L])
-    assert all(torch.equal(c["weights"], m.weights[i % L]) for i, c in enumerate(spy.calls[L:]))
-    assert torch.equal(m.weights, query_weights(m.sums[:, 0], m.sums[:, 1], m.count[:, None, None]))
+    assert (m.count == 21 * g).all() and len(spy.calls) == 12 * L
+    assert all(torch.equal(c["weights"], m.weights[i % L]) for i, c in enumerate(spy.calls))
+    assert not any(torch.equal(c["weights"], UNIFORM) for c in spy.calls)
     want = model.generate(torch.tensor([prompts[0]]), max_new_tokens=12, do_sample=False, pad_token_id=0,
                           eos_token_id=None, cache_implementation="zipage", return_dict_in_generate=True,
                           cache_config={"budget": 4096, "page_size": 4, "kv_cache_dtype": "fp8"})
     torch.testing.assert_close(m.sums, want.past_key_values.query_moments.sums, rtol=1e-5, atol=1e-6)
+    assert torch.equal(m.weights, want.past_key_values.query_moments.weights)
     assert first.outputs[0].token_ids == want.sequences[0, 21:].tolist()
     llm.generate(prompts[1:], sp, use_tqdm=False)  # a second prompt adds its queries
     assert (m.count == 30 * g).all()

@@ -95,6 +95,7 @@ class ZipageLayer(CacheLayerMixin):
         # keeps them there, but for padding it evicts from the window: ``realign_tail``).
         self.tail: tuple[torch.Tensor, torch.Tensor] | None = None
         self.step_exact: tuple[torch.Tensor, torch.Tensor] | None = None  # exact_recent's, for a paged decode step
+        self.restore: tuple | None = None  # a prompt step's keys to store again (ZipageCache._restore_keys)
         self.valid: torch.Tensor | None = None  # [B, S] bool, False for padding
         self.window_queries: torch.Tensor | None = None  # [B, Hq, <=w, D]
         self.prefix_positions: torch.Tensor | None = None  # [B, H_kv, budget] logical positions of slots < budget
@@ -226,7 +227,7 @@ class ZipageLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen = self.stored = 0
         self.valid = self.window_queries = self.prefix_positions = None
-        self.keys = self.values = self.state = self.key_scales = self.value_scales = self.tail = None
+        self.keys = self.values = self.state = self.key_scales = self.value_scales = self.tail = self.restore = None
         self._transposed = None
         self.paged_ok = self.paged_step = self.captured = False
         self.is_initialized = False
@@ -425,9 +426,7 @@ class ZipageCache(Cache):
         cfg = self.zipage_config
         first = self.full[0]
         stored = first.stored
-        if self.query_moments is not None:  # (the queries of the forwards before this one)
-            self.query_moments.refresh()
-        elif first.seen == 0 and query_weighting(cfg.kv_cache_dtype, key_states.shape[-1]):
+        if self.query_moments is None and not first.seen and query_weighting(cfg.kv_cache_dtype, key_states.shape[-1]):
             self.query_moments = QueryMoments(len(self.full), key_states.shape[1], key_states.shape[-1],
                                               key_states.device)
         if self.window_pages is not None:
@@ -532,12 +531,14 @@ class ZipageCache(Cache):
             store_rows(*layer.head_major_views(), index, key_states, value_states)
         else:
             rot = self._rotation(key_states)
-            weights = None if self.query_moments is None else self.query_moments.weights[layer.index]
-            if weights is not None and weights.device != key_states.device:  # (a model split over devices)
-                weights = weights.to(key_states.device)
-            store_kv(layer.keys, self._step_slots, rotate(key_states, rot).transpose(1, 2), layer.values,
+            rows = rotate(key_states, rot).transpose(1, 2)
+            weights = self._key_weights(layer, key_states.device)
+            store_kv(layer.keys, self._step_slots, rows, layer.values,
                      rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales,
                      layer.value_scales, span_start=after, key_weights=weights)
+            # a prompt's keys once more when its queries are counted (_on_attention): (rows, first slot, what to patch)
+            wanted = q > 1 and weights is not None and self.query_moments.wants(layer.index)
+            layer.restore = (rows, after) if wanted else None
         layer.stored = stored
         layer.seen += q
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.
@@ -578,6 +579,8 @@ class ZipageCache(Cache):
             return layer.stored_kv(stored)
         # 8-bit pages: read back (rotated back, for the model's own attention)
         keys, values = layer.read_back(0, stored, rot, self._rotation(value_states), key_states.dtype)
+        if layer.restore is not None and not self.zipage_config.exact_tail:  # (with one, a step reads its own exactly)
+            layer.restore += (keys,)
         if self.zipage_config.exact_tail:  # the last tokens as the model computed them
             exact_k, exact_v = layer.exact_recent(key_states, value_states, self.zipage_config.exact_tail - 1)
             keys[:, :, -exact_k.shape[2]:] = exact_k
@@ -603,6 +606,27 @@ class ZipageCache(Cache):
         if layer is self.full[-1] and self.cudnn_hold.held:  # (it gives cuDNN back after its attention)
             capture.arm(self, layer.layer_idx, self.model_config)
         return stored_view(keys, stored), stored_view(values, stored)
+
+    def _key_weights(self, layer: ZipageLayer, device) -> torch.Tensor | None:
+        """The query weights of ``layer``'s key store (on ``device``), or None."""
+        if self.query_moments is None:
+            return None
+        weights = self.query_moments.layer_weights[layer.index]
+        return weights if weights.device == device else weights.to(device)  # (a model split over devices)
+
+    def _restore_keys(self, layer: ZipageLayer) -> None:
+        """A prompt step's keys stored again, with the weights its own queries now give (``layer.restore``);
+        where the layer's attention reads them from the pages' values, the tensor it reads is patched too."""
+        rows, after, *patch = layer.restore
+        layer.restore = None
+        store_kv(layer.keys, self._step_slots, rows, scale=layer.key_scales, span_start=after,
+                 key_weights=self._key_weights(layer, rows.device))
+        if patch:
+            keys = patch[0]
+            codes = layer.keys[:, after:after + rows.shape[1]].transpose(1, 2)
+            scales = layer.key_scales[:, after:after + rows.shape[1]].transpose(1, 2)
+            keys[:, :, after:after + rows.shape[1]] = rotate(dequantize_reference(codes, scales),
+                                                              self._rotation(keys), keys.dtype)
 
     def _rotation(self, states: torch.Tensor) -> torch.Tensor | None:
         """The rotation the pages store ``states``' head dim in (INT8 pages; FP8 if asked), or None."""
@@ -654,8 +678,10 @@ class ZipageCache(Cache):
             self._mask_read = read
         if q > 1 and self.query_moments is not None:  # a prompt's queries (in the pages' basis), not its padding
             dev = self.query_moments.sums.device
-            self.query_moments.add(layer.index, query.transpose(1, 2).to(dev),
-                                   layer.valid[:, layer.stored - q:layer.stored].to(dev))
+            added = self.query_moments.add(layer.index, query.transpose(1, 2).to(dev),
+                                           layer.valid[:, layer.stored - q:layer.stored].to(dev))
+            if added and layer.restore is not None:
+                self._restore_keys(layer)
         if q > 1 and not self.padding_gap and _has_gap(layer.valid):
             # Padding inside a sequence: the mask the model builds covers the last ``stored`` positions,
             # which stop matching the stored tokens once a compression has run, and the paged kernel

@@ -153,10 +153,10 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         if r.rotation is not None:  # rotated 8-bit pages: keys, values and queries in that basis (fp8.py)
             q, k, v = rotate(q, r.rotation, q.dtype), rotate(k, r.rotation), rotate(v, r.rotation)
         moments = r.query_moments
+        if moments is not None and meta.num_prefill_tokens:  # (before the store: a prompt's keys are weighted by
+            moments.add(j, q[:meta.num_prefill_tokens])       # its own queries too; query_moments.py)
         store_kv(kp, meta.slot_mapping, k, vp, v, ks, vs,
-                 key_weights=None if moments is None else moments.weights[j])
-        if moments is not None and meta.num_prefill_tokens:  # (the keys of later forwards are searched by them)
-            moments.add(j, q[:meta.num_prefill_tokens])
+                 key_weights=None if moments is None else moments.layer_weights[j])
         if r.state_pool is not None:
             r.state_pool[j].view(-1, r.state_pool.shape[-1]).index_fill_(0, meta.slot_mapping, 0.0)
         if r.q_cache is not None:  # the queries' ring rows, stored as tokens into one-row pages (no host values,
@@ -477,10 +477,7 @@ class ModelRunner:
         if e:
             self._exact_meta(meta, prefill, decode, exact, position_ids[0, n_p:])
         keep = torch.tensor(last, dtype=torch.long, device=dev)
-        logits = self._model_call(meta, input_ids, position_ids, keep)[0]
-        if n_p and self.query_moments is not None:
-            self.query_moments.refresh()
-        return logits
+        return self._model_call(meta, input_ids, position_ids, keep)[0]
 
     def _exact_meta(self, meta: StepMeta, prefill: list[tuple[Sequence, int]], decode: list[Sequence],
                     exact: list[int], decode_pos: torch.Tensor) -> None:
