@@ -345,3 +345,44 @@ def test_query_weights_can_be_switched_off(monkeypatch):
                          cache_implementation="zipage", return_dict_in_generate=True,
                          cache_config={"budget": 64, "kv_cache_dtype": "fp8"})
     assert out.past_key_values.query_moments is None
+
+
+def _engine_and_generate_keys(device: str, weighted: bool, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dequantized keys ``[positions, layers, H, D]`` of one prompt and its first decoded tokens, as the
+    engine's pages (mid-run) and as generate()'s cache hold them."""
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "1" if weighted else "0")
+    model = tiny_model("qwen3").to(device)
+    prompt, n = prompts_of((21,), seed=9)[0], 30
+    llm = LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    rid = llm.add_request(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    seq = llm.requests[rid]
+    while seq.stored < n:
+        llm.step()
+    slots = torch.tensor([p * 4 + i for p in seq.pages for i in range(4)][:n], device=device)
+    r = llm.runner
+    engine = torch.stack([dequantize_reference(read_slots(r.k_pool[j], slots), r.k_scale[j].flatten(0, 1)[slots])
+                          for j in range(r.k_pool.shape[0])], 1)
+    out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, cache_implementation="zipage", return_dict_in_generate=True,
+                         cache_config={"budget": 4096, "page_size": 4, "kv_cache_dtype": "fp8"})
+    cache = out.past_key_values
+    gen = torch.stack([dequantize_reference(lay.keys[0, :n], lay.key_scales[0, :n]) for lay in cache.full], 1)
+    return engine, gen
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The share of rows equal up to float noise (keys computed by two implementations differ in the last bits,
+    and so do their scales; another scale choice moves elements by about the rounding error, percents)."""
+    return torch.isclose(a, b, rtol=1e-4, atol=1e-6).all(-1).float().mean().item()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU")])])
+def test_engine_pages_hold_generates_weighted_keys(device, monkeypatch):
+    """Every key the engine stores, the prompt's and the decoded tokens' (on a GPU through captured CUDA
+    graphs, which must read the weights as the prompt left them), is the one generate() stores for the same
+    prompt (but for rows that are near-ties of two scales); and the test can tell the weights from none."""
+    engine, gen = _engine_and_generate_keys(device, True, monkeypatch)
+    _, plain = _engine_and_generate_keys(device, False, monkeypatch)
+    assert _same_rows(engine, gen) > 0.97
+    assert _same_rows(gen, plain) < 0.7
