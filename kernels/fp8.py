@@ -11,7 +11,9 @@ sits, so which elements land near a code, the largest ones above all, depends on
 it cuts the squared rounding error of Gaussian rows by a fifth to a quarter, and what FP8 pages cost in
 next-token KL by 21-44% on SmolLM2 and 5-10% on Gemma 3 (``benchmarks/results/fp8/``). It costs the
 store 16 trial roundings of each row, and nothing where pages are read. ``ZIPAGE_FP8_SCALE_STEPS=1``
-gives the plain ``max|x| / 448`` (for comparisons). Quantizing read-back values again is no longer an
+gives the plain ``max|x| / 448`` (for comparisons). Keys are compared by what their rounding does to the
+logits of the queries that read them rather than by the squared error (:func:`query_weights`, from the
+queries' moments that ``zipage.query_moments`` counts; ``ZIPAGE_FP8_QUERY_WEIGHTS=0``: the squared error). Quantizing read-back values again is no longer an
 identity (their best scale is another one): whatever moves stored tokens moves codes and scales as they
 are, never through values.
 
