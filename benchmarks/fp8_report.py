@@ -212,13 +212,26 @@ def fp8_section(results: Path) -> str:
                   "generate() decoding one token a step (`--decode step`: a forward of several tokens would read them "
                   "all exactly), each query reading its last 16 tokens in the model's dtype; the bf16 row is run the "
                   "same way (its figures equal the chunked runs', the same cache states).")
-                 for rot in ("", "_rotated") for b in ("1_8", "1_4"))]
+                 for rot in ("", "_rotated") for b in ("1_8", "1_4")),
+               *((f"quality_fp8_qweights_exact_tail_{b}.md",
+                  f"FP8 pages with the query-weighted search and exact tails of 16 and 32, budget {b.replace('_', '/')} "
+                  "(quality report)",
+                  "FP8 pages as they are stored now (16 scales searched per row, keys weighted by the queries' "
+                  "moments); generate() decoding one token a step.") for b in ("1_8", "1_4")),
+               *((f"quality_fp8{rot}_qweights_exact_tail64_control.md",
+                  f"Full KV in FP8 pages{', rotated,' if rot else ''} with the query-weighted search and a 64-token "
+                  "exact tail (quality report)",
+                  "Nothing evicted: what the page type alone costs, scored at the positions of 1/4 (the compressed "
+                  "row is the same pages at a budget of 1/4).") for rot in ("", "_rotated"))]
     parts += ["FP8 pages search each stored row's scale (16 scales from `max |x| / 448` to 1.92 times that, the least "
               "rounding error; `kernels/fp8.py`). The FP8 quality reports measured before that, every one "
               "below and every `quality_fp8*` file without `search` in its name, stored one scale `max |x| / 448` per "
               "row: their commands reproduce them with `ZIPAGE_FP8_SCALE_STEPS=1`. "
               "`quality_fp8_search_exact_tail64_control.md` against `quality_fp8_plain_exact_tail64_control.md` "
-              "compares the two on the same rows.", ""]
+              "compares the two on the same rows. Since then keys' scales are compared by what their rounding does "
+              "to the logits of the queries that read them (`zipage/query_moments.py`): the files with `qweights` "
+              "in their name measure that, the `search` ones the squared error "
+              "(`ZIPAGE_FP8_QUERY_WEIGHTS=0` gives it back).", ""]
     for name, title, note in reports:
         quality = results / name
         if quality.exists():

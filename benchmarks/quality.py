@@ -1249,7 +1249,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch threads {torch.get_num_threads()}")
     result: dict[str, Any] = {
         "command": "".join(f"{k}={os.environ[k]} " for k in ("ZIPAGE_FP8_ROTATION", "ZIPAGE_INT8_ROTATION",
-                                                                  "ZIPAGE_FP8_SCALE_STEPS")
+                                                                  "ZIPAGE_FP8_SCALE_STEPS", "ZIPAGE_FP8_QUERY_WEIGHTS")
                            if k in os.environ)  # (settings that change what the pages store)
                    + "python benchmarks/quality.py"
                    + ("" if argv is None and len(sys.argv) <= 1

@@ -135,7 +135,9 @@ class ZipageConfig:
             pages lose 1.4 points of top-1 agreement instead of 3.2 (``benchmarks/results/fp8/``); with
             eviction 0.25 / 0.95 instead of 0.84 / 1.72 at budgets of 1/8 / 1/4 of the length, and with 32
             0.22 / 0.49; with FP8 pages' scale search (``kernels/fp8.py``) 0.39 / 0.42 with 16 and 0.23 /
-            0.27 with 32 (the setting to use with FP8 pages). The cache
+            0.27 with 32, and with the keys' search weighted by the queries (the default now) 0.10 / 0.24 with
+            16 and 0.17 / 0.49 with 32 (32, within half a point with every search so far, is the setting to use
+            with FP8 pages). The cache
             keeps the last ``exact_tail - 1`` tokens' keys and values beside the pages, and every compression
             keeps those tokens, as it keeps the observation window (``kept_last``; with a longer tail than
             the window, a scorer's choice among the rest is made without them; where a compression evicts
