@@ -249,9 +249,16 @@ def _search(rows: torch.Tensor, base: torch.Tensor, mult: torch.Tensor, weight: 
         e = ((q - c) * 2.0 ** ERROR_BITS).to(torch.int64)  # q - c is exact; then truncated
         err = (e * e).sum(dim=-1) * weight
     else:  # (coarser units, so that the rank-one term's square fits: see WEIGHTED_ERROR_BITS)
-        e = ((q - c) * 2.0 ** WEIGHTED_ERROR_BITS).to(torch.int64)
-        u, v = qw[0][:, None, :], qw[1][:, None, :]
-        err = ((v * e * e).sum(dim=-1) + (u * e).sum(dim=-1) ** 2) * (weight >> (WEIGHT_BITS - WEIGHTED_WEIGHT_BITS))
+        shift = weight >> (WEIGHT_BITS - WEIGHTED_WEIGHT_BITS)
+        if c.numel() >= 1 << 15:  # whole numbers below 2 ** 53 until the candidates' weights: float64 sums
+            e = ((q - c) * 2.0 ** WEIGHTED_ERROR_BITS).trunc().double()  # them exactly (as matrix products)
+            u, v = qw[0].double(), qw[1].double()  # [R, D]
+            terms = torch.einsum("rsd,rd->rs", e * e, v) + torch.einsum("rsd,rd->rs", e, u) ** 2
+            err = terms.to(torch.int64) * shift
+        else:  # (few rows: fewer operations)
+            e = ((q - c) * 2.0 ** WEIGHTED_ERROR_BITS).to(torch.int64)
+            u, v = qw[0][:, None, :], qw[1][:, None, :]
+            err = ((v * e * e).sum(dim=-1) + (u * e).sum(dim=-1) ** 2) * shift
     best = err.argmin(dim=-1, keepdim=True)  # [R, 1], the first of equal errors
     codes = q.gather(1, best[..., None].expand(-1, 1, q.shape[-1])).squeeze(1)
     return codes.to(FP8), s.gather(1, best).squeeze(1)

@@ -537,7 +537,7 @@ class ZipageCache(Cache):
                      rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales,
                      layer.value_scales, span_start=after, key_weights=weights)
             # a prompt's keys once more when its queries are counted (_on_attention): (rows, first slot, what to patch)
-            wanted = q > 1 and weights is not None and self.query_moments.wants(layer.index)
+            wanted = q > 1 and self.query_moments is not None and self.query_moments.wants(layer.index)
             layer.restore = (rows, after) if wanted else None
         layer.stored = stored
         layer.seen += q
@@ -608,8 +608,9 @@ class ZipageCache(Cache):
         return stored_view(keys, stored), stored_view(values, stored)
 
     def _key_weights(self, layer: ZipageLayer, device) -> torch.Tensor | None:
-        """The query weights of ``layer``'s key store (on ``device``), or None."""
-        if self.query_moments is None:
+        """The query weights of ``layer``'s key store (on ``device``), or None (none, or no query counted yet:
+        the plain squared error)."""
+        if self.query_moments is None or not self.query_moments.tokens[layer.index]:
             return None
         weights = self.query_moments.layer_weights[layer.index]
         return weights if weights.device == device else weights.to(device)  # (a model split over devices)

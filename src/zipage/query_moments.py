@@ -4,8 +4,8 @@ A key's rounding error ``e`` moves the logit of a query ``q`` by ``q . e``, whos
 that read the key is ``(m . e)^2 + e^T S e`` (``m`` their mean, ``S`` their covariance). Every query of a head
 shares a large part of its mean, so that first term weighs most. FP8 pages choose each key's scale (among 16)
 by ``(m . e)^2 + sum(var * e^2)`` (``S`` taken diagonal, the channels' variances) instead of ``|e|^2``; values
-keep the plain error. Rounding SmolLM2's keys and values through e4m3 this way cuts the next-token KL by 35-40%
-against the plain search, Gemma 3 270M's by a quarter (``benchmarks/fp8_key_rounding.py``,
+keep the plain error. Rounding SmolLM2's keys and values through e4m3 this way cuts the next-token KL by 29-35%
+against the squared-error search, Gemma 3 270M's by 21-40% (``benchmarks/fp8_key_rounding.py``,
 ``benchmarks/results/fp8/``).
 
 ``QueryMoments`` keeps, per full-attention layer and KV head, the sums of the queries of the head's group and
