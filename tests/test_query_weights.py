@@ -350,6 +350,44 @@ def test_engine_weighs_keys_by_the_prompt_queries(rotation, monkeypatch):
     assert (m.count == 30 * g).all()
 
 
+def test_engine_counts_prompt_queries_of_mixed_steps_only(monkeypatch):
+    """A prompt prefilled in steps that also decode another request, in chunks: its queries count, the decoding
+    rows' do not; every key stored is the reference's for its weights."""
+    model = tiny_model("qwen3")
+    spy = StoreSpy(monkeypatch, zipage.engine.runner)
+    llm = LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8", enable_prefix_caching=False,
+              max_num_batched_tokens=8)
+    a, b = prompts_of((6, 19), seed=10)
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    llm.add_request(a, sp)
+    llm.step()  # a's prompt
+    llm.add_request(b, sp)
+    mixed = 0
+    while llm.has_unfinished():
+        mixed += len(llm.scheduler.running) > 1
+        llm.step()
+    g = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert mixed and (llm.runner.query_moments.count == (6 + 19) * g).all() and len(spy.calls) > 20
+
+
+def test_generate_restores_prompt_keys_through_compressions_and_beams(monkeypatch):
+    """generate() with beam search and compressions from the first decode step: every key stored (restored
+    prompt keys included) is the reference's for its weights, and the moments count the prompt's real tokens."""
+    model = tiny_model("qwen3")
+    spy = StoreSpy(monkeypatch, zipage.cache)
+    ids = torch.tensor([[7] * 3 + prompts_of((21,), seed=11)[0], prompts_of((24,), seed=12)[0]])
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=2, pad_token_id=0,
+                         eos_token_id=None, cache_implementation="zipage", return_dict_in_generate=True,
+                         cache_config={"budget": 12, "page_size": 4, "buffer": 4, "window": 4, "kv_cache_dtype": "fp8",
+                                       "exact_tail": 4})
+    cache = out.past_key_values
+    g = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert cache.num_compressions > 0 and sum(c["keys_only"] for c in spy.calls) == model.config.num_hidden_layers
+    assert (cache.query_moments.count == 2 * (21 + 24) * g).all()  # (beams: every prompt row twice)
+
+
 def test_query_weights_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "0")
     model = tiny_model("qwen3")

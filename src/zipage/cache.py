@@ -311,6 +311,7 @@ class ZipageCache(Cache):
         # FP8 pages: the moments of the prompt queries the keys' scale search is weighted by (query_moments.py),
         # made at the first step
         self.query_moments: QueryMoments | None = None
+        self._restores = False  # a layer holds a prompt step's keys to store again (ZipageLayer.restore)
         window, sliding = sliding_layers(config)
         self.window_pages = WindowPages(sum(sliding), window, self.zipage_config.page_size) if any(sliding) else None
         layers: list[ZipageLayer | SlidingLayer] = []
@@ -426,6 +427,10 @@ class ZipageCache(Cache):
         cfg = self.zipage_config
         first = self.full[0]
         stored = first.stored
+        if self._restores:  # (a layer whose attention never reached the capture: nothing to hold on to)
+            for layer in self.full:
+                layer.restore = None
+            self._restores = False
         if self.query_moments is None and not first.seen and query_weighting(cfg.kv_cache_dtype, key_states.shape[-1]):
             self.query_moments = QueryMoments(len(self.full), key_states.shape[1], key_states.shape[-1],
                                               key_states.device)
@@ -537,8 +542,10 @@ class ZipageCache(Cache):
                      rotate(value_states, self._rotation(value_states)).transpose(1, 2), layer.key_scales,
                      layer.value_scales, span_start=after, key_weights=weights)
             # a prompt's keys once more when its queries are counted (_on_attention): (rows, first slot, what to patch)
-            wanted = q > 1 and self.query_moments is not None and self.query_moments.wants(layer.index)
+            wanted = q > 1 and self.capture_ok and self.query_moments is not None and self.query_moments.wants(
+                layer.index)
             layer.restore = (rows, after) if wanted else None
+            self._restores |= wanted
         layer.stored = stored
         layer.seen += q
         # Assume real tokens; the capture wrapper overwrites this with what the attention mask says.

@@ -14,10 +14,10 @@ seen, and the integer weights derived from them (``fp8.query_weights``). A promp
 own keys are stored (the engine adds a step's prompt queries before its store; generate() stores a prompt,
 then, once the layer's attention has its queries, stores its keys again with the new weights), so the first
 prompt is weighted by itself. Decode queries are not counted (a graph-captured decode step has padding rows,
-and a prompt's queries describe a head well: moments from other text did as well as a sequence's own). After
-``limit`` prompt tokens a layer's moments stop changing: in a long-running engine they are then fixed, and no
-more work is spent on them. Until then, which prompts came first moves what later keys are rounded by (as the
-scale search's near-ties do, by about the rounding error).
+and a prompt's queries describe a head well: moments from other text did almost as well as a sequence's own).
+After ``limit`` query tokens (every row's, padding included) a layer's moments stop changing: in a long-running
+engine they are then fixed, and no more work is spent on them. Until then, which prompts came first moves what
+later keys are rounded by (as the scale search's near-ties do, by about the rounding error).
 """
 
 from __future__ import annotations
