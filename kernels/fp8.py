@@ -169,8 +169,9 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
     chunk = max(1, SEARCH_CHUNK_ELEMENTS // (steps * max(1, rows.shape[-1])))  # rows tried at once
     codes, chosen = torch.empty(rows.shape, dtype=FP8, device=xf.device), torch.empty_like(scales)
     heads = None if weights is None else torch.arange(rows.shape[0], device=xf.device) % weights.shape[1]
+    weights = None if weights is None else weights.to(xf.device)
     for a in range(0, rows.shape[0], chunk):
-        w = None if heads is None else weights.to(xf.device)[:, heads[a:a + chunk]]  # [2, rows, D]
+        w = None if heads is None else weights[:, heads[a:a + chunk]]  # [2, rows, D]
         codes[a:a + chunk], chosen[a:a + chunk] = _search(rows[a:a + chunk], scales[a:a + chunk], mult, weight, w)
     return codes.view(xf.shape), chosen.view(scale.shape)
 

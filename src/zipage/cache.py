@@ -171,11 +171,15 @@ class ZipageLayer(CacheLayerMixin):
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots ``lo..hi-1`` of every row of 8-bit pages as ``[B, H_kv, hi - lo, D]`` keys and values in ``dtype``,
         rotated back from the basis the pages store them in."""
-        keys, values = self.stored_kv(hi)
-        return (rotate(dequantize_reference(keys[:, :, lo:], self.key_scales[:, lo:hi].transpose(1, 2)), key_rotation,
-                       dtype),
+        values = self.stored_kv(hi)[1]
+        return (self.read_back_keys(lo, hi, key_rotation, dtype),
                 rotate(dequantize_reference(values[:, :, lo:], self.value_scales[:, lo:hi].transpose(1, 2)),
                        value_rotation, dtype))
+
+    def read_back_keys(self, lo: int, hi: int, rotation: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """``read_back``'s keys alone."""
+        keys = self.stored_kv(hi)[0]
+        return rotate(dequantize_reference(keys[:, :, lo:], self.key_scales[:, lo:hi].transpose(1, 2)), rotation, dtype)
 
     def realign_tail(self, keep: torch.Tensor, stored: int, key_rotation: torch.Tensor | None,
                      value_rotation: torch.Tensor | None) -> None:
@@ -630,11 +634,8 @@ class ZipageCache(Cache):
         store_kv(layer.keys, self._step_slots, rows, scale=layer.key_scales, span_start=after,
                  key_weights=self._key_weights(layer, rows.device))
         if patch:
-            keys = patch[0]
-            codes = layer.keys[:, after:after + rows.shape[1]].transpose(1, 2)
-            scales = layer.key_scales[:, after:after + rows.shape[1]].transpose(1, 2)
-            keys[:, :, after:after + rows.shape[1]] = rotate(dequantize_reference(codes, scales),
-                                                              self._rotation(keys), keys.dtype)
+            keys, hi = patch[0], after + rows.shape[1]
+            keys[:, :, after:hi] = layer.read_back_keys(after, hi, self._rotation(keys), keys.dtype)
 
     def _rotation(self, states: torch.Tensor) -> torch.Tensor | None:
         """The rotation the pages store ``states``' head dim in (INT8 pages; FP8 if asked), or None."""
