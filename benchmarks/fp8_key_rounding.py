@@ -134,6 +134,7 @@ VARIANTS = {
         lambda k, v: (mean_offset(k, 16, False, lambda x: rotated(x, e4m3)), rotated(v, e4m3)),
     "keys and values in bf16 (for scale)": lambda k, v: (k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)),
     "keys and values e4m3, query-weighted keys": lambda k, v: (e4m3_weighted(k, "calibration"), e4m3(v)),
+    "query-weighted keys (values exact)": lambda k, v: (e4m3_weighted(k, "calibration"), v),
     "keys and values e4m3, query-weighted keys (own queries)": lambda k, v: (e4m3_weighted(k, "own"), e4m3(v)),
     "keys and values rotated, e4m3, query-weighted keys":
         lambda k, v: (rotated(k, lambda x: e4m3_weighted(x, "calibration", "rotated")), rotated(v, e4m3)),
@@ -144,12 +145,16 @@ VARIANTS = {
 # quantized. Name: "<variant>, last W exact".
 RECENT = {f"{base}, last {w} exact": (base, w, 0)
           for base in ("keys and values e4m3", "keys and values rotated, e4m3", "keys and values e4m3, query-weighted "
-                       "keys", "keys and values rotated, e4m3, query-weighted keys") for w in (1, 2, 4, 8, 16, 64, 256)}
+                       "keys", "keys and values rotated, e4m3, query-weighted keys") for w in (1, 2, 4, 8, 16, 64, 128, 256)}
 # ... and the first ``F`` tokens of the sequence exact too (where attention sinks sit): "<variant>, first F and
 # last W exact"
 RECENT.update({f"{base}, first {f} and last {w} exact": (base, w, f)
                for base in ("keys and values e4m3", "keys and values rotated, e4m3") for f in (1, 4, 16)
                for w in (0, 16)})
+RECENT.update({f"{base}, last 64 exact": (base, 64, 0) for base in ("values", "query-weighted keys (values exact)")})
+RECENT.update({f"{base}, first {f} and last 64 exact": (base, 64, f)
+               for base in ("keys and values e4m3, query-weighted keys",
+                            "keys and values rotated, e4m3, query-weighted keys") for f in (1, 4, 16)})
 
 
 def recent_exact_attention(q, k, v, mask, scaling, rounded, w, first=0):
@@ -191,6 +196,9 @@ def main() -> None:
                     help="what every variant is scored against: the model's float32 keys and values (default), or "
                          "keys and values rounded to bf16, what a bf16 deployment stores (every variant then rounds "
                          "the bf16 keys and values, and its exact tokens are the bf16 ones)")
+    ap.add_argument("--layers", default="",
+                    help="round only in these layers (comma-separated indices; default: every layer), or 'each': "
+                         "every variant once per layer, that layer alone rounded")
     args = ap.parse_args()
     model, tok = load(args.model, args.threads)
     ids, _ = quality.build_sequences(tok, args.seqs, args.seq_len)
@@ -198,6 +206,10 @@ def main() -> None:
     moments: dict = {}  # (layer, basis) -> the calibration text's query moments
 
     def attention(module, q, k, v, mask, **kw):
+        if state.get("layers") is not None and module.layer_idx not in state["layers"]:
+            if args.reference == "bf16":
+                k, v = k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)
+            return sdpa_attention_forward(module, q, k, v, mask, **kw)
         if args.reference == "bf16":
             k, v = k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)
         if state["calibrating"] or "query-weighted" in (state["variant"] or ""):
@@ -241,11 +253,20 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS and n not in RECENT]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS) + list(RECENT)}")
-    for name in names:
+    if args.layers == "each":
+        runs = [(f"{name}, layer {i} alone", name, {i}) for name in names
+                for i in range(model.config.num_hidden_layers)]
+    elif args.layers:
+        only = {int(i) for i in args.layers.split(",")}
+        runs = [(f"{name}, layers {args.layers}", name, only) for name in names]
+    else:
+        runs = [(name, name, None) for name in names]
+    for label, name, layers in runs:
+        state["layers"] = layers
         lp = log_probs(name)
         top1 = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
         kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
-        print(f"| {name} | {100 * top1:.2f}% | {kl:.5f} |")
+        print(f"| {label} | {100 * top1:.2f}% | {kl:.5f} |")
 
 
 if __name__ == "__main__":
