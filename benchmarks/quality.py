@@ -323,11 +323,41 @@ class Reference:
     nll: torch.Tensor  # [b, N] (nll of token t+1 at position t; last position NaN)
 
 
+def bf16_pages():
+    """A full-KV cache that stores a float32 model's keys and values rounded to bf16, as pages in bf16 hold them
+    (attention and everything else stay float32): the baseline FP8 pages replace in a bf16 deployment."""
+    from transformers import DynamicCache
+
+    class Bf16Pages(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            k = key_states.bfloat16().to(key_states.dtype)
+            v = value_states.bfloat16().to(value_states.dtype)
+            return super().update(k, v, layer_idx, *args, **kwargs)
+
+    return Bf16Pages()
+
+
+class Fan:
+    """Several trackers updated by one run (one run scored against several references)."""
+
+    def __init__(self, *trackers: "Tracker") -> None:
+        self.trackers = trackers
+
+    def update(self, logits: torch.Tensor, s: int, e: int) -> None:
+        for t in self.trackers:
+            t.update(logits, s, e)
+
+
 @torch.inference_mode()
-def reference(model, ids: torch.Tensor) -> Reference:
+def reference(model, ids: torch.Tensor, kv_bf16: bool = False) -> Reference:
+    """One forward over each whole sequence: full KV in the model's dtype, or (``kv_bf16``) with its keys and
+    values rounded to bf16 (``bf16_pages``)."""
     rows = []
     for r in range(ids.shape[0]):
-        logits = model(input_ids=ids[r : r + 1], use_cache=False).logits[0].float()
+        if kv_bf16:
+            logits = model(input_ids=ids[r : r + 1], past_key_values=bf16_pages(), use_cache=True).logits[0].float()
+        else:
+            logits = model(input_ids=ids[r : r + 1], use_cache=False).logits[0].float()
         rows.append(torch.log_softmax(logits, dim=-1))
         del logits
     logp = torch.stack(rows)
@@ -535,6 +565,8 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
     runs: dict[tuple[str, Fraction], dict] = {}
     control_parts: dict[Fraction, list] = {}
     fp8_parts: dict[tuple[str, Fraction], list] = {}
+    bf16_parts: dict[Fraction, list] = {}  # full KV in bf16 pages, against full KV in the model's dtype
+    fp8_bf16_parts: dict[tuple[str, Fraction], list] = {}  # full KV in 8-bit pages, against bf16 pages
     kinds = [k for k in QUANTIZED if any(fields.get("kv_cache_dtype") == k for _, fields in rows)]
     tail = getattr(args, "exact_tail", 0)  # (callers that build their own argument namespace may leave these out)
     if getattr(args, "no_fp8_control", False):
@@ -554,16 +586,30 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         run_full_chunked(model, ids, ctrl, start, args.buffer)
         for f, B in budget_tokens.items():
             control_parts.setdefault(f, []).append(ctrl.summary(B + args.buffer, N - 1))
+        ref16 = None
+        if kinds and model.dtype == torch.float32:  # bf16 pages: the baseline 8-bit pages replace on a GPU
+            t0 = time.perf_counter()
+            ref16 = reference(model, ids, kv_bf16=True)
+            t_ref += time.perf_counter() - t0
+            ctrl16 = Tracker(ids, ref)
+            run_full_chunked(model, ids, ctrl16, start, args.buffer, bf16_pages())
+            for f, B in budget_tokens.items():
+                bf16_parts.setdefault(f, []).append(ctrl16.summary(B + args.buffer, N - 1))
         for kind in kinds:  # full KV in FP8 (INT8) pages: a ZipageCache whose budget is never reached
             ctrl8 = Tracker(ids, ref)
+            ctrl8b = Tracker(ids, ref16) if ref16 is not None else None  # (the same run against bf16 pages)
             cache8 = zipage.ZipageCache(config=model.config, budget=N, page_size=args.page_size, kv_cache_dtype=kind,
                                         exact_tail=tail)
             # (exact tails: one token a forward, as decoding reads them; a chunk would read its own tokens exactly)
-            run_full_chunked(model, ids, ctrl8, start, 1 if tail else args.buffer, cache8)
+            run_full_chunked(model, ids, Fan(ctrl8, *([ctrl8b] if ctrl8b else [])), start, 1 if tail else args.buffer,
+                             cache8)
             assert cache8.num_compressions == 0
             del cache8
             for f, B in budget_tokens.items():
                 fp8_parts.setdefault((kind, f), []).append(ctrl8.summary(B + args.buffer, N - 1))
+                if ctrl8b is not None:
+                    fp8_bf16_parts.setdefault((kind, f), []).append(ctrl8b.summary(B + args.buffer, N - 1))
+        del ref16
         for f in budgets:
             B = budget_tokens[f]
             prefilled: dict[tuple[int, str], Any] = {}
@@ -628,11 +674,18 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         {"config": f"full KV, {kind.upper()} pages{f' (exact_tail={tail})' if tail else ''} "
                    "(no eviction, control)", "kv_cache_dtype": kind, "exact_tail": tail,
          "budget_frac": frac_label(f), "budget_fraction": float(f), "budget": budget_tokens[f],
-         **_merge(fp8_parts[(kind, f)])}
+         **_merge(fp8_parts[(kind, f)]),
+         **({"against_bf16": _merge(fp8_bf16_parts[(kind, f)])} if (kind, f) in fp8_bf16_parts else {})}
         for kind in kinds for f in budgets
+    ]
+    control_bf16 = [
+        {"config": "full KV, bf16 pages (no eviction, control)", "budget_frac": frac_label(f),
+         "budget_fraction": float(f), "budget": budget_tokens[f], **_merge(bf16_parts[f])}
+        for f in budgets if f in bf16_parts
     ]
     return {
         "sequences": seq_info, "seq_len": N, "rows": out_rows, "control": control, "control_fp8": control_fp8,
+        "control_bf16": control_bf16,
         "verification": checks, "seconds_reference": t_ref, "seconds_runs": t_runs,
     }
 
@@ -862,16 +915,27 @@ def fp8_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
             "value": f"top1 {100 * r['top1']:.2f}% vs {100 * twin['top1']:.2f}% ({cost:+.2f} points lost), "
                      f"ppl x{r['ppl_ratio']:.4f} vs x{twin['ppl_ratio']:.4f}, KL {r['kl']:.4f} vs {twin['kl']:.4f}",
         })
+    bf16 = {c["budget_frac"]: c for c in tf.get("control_bf16", [])}
     for c in tf.get("control_fp8", []):
         kind = c.get("kv_cache_dtype", "fp8").upper()
         if c.get("exact_tail"):
             kind += f" (exact_tail={c['exact_tail']})"
         out.append({
             "target": f"full KV in {kind} pages, positions of {c['budget_frac']}: top-1 within {FP8_TOP1_POINTS} points "
-                      "of full KV",
+                      "of full KV in the model's dtype",
             "passed": 100 * (1 - c["top1"]) <= FP8_TOP1_POINTS,
             "value": f"top1 {100 * c['top1']:.2f}%, ppl x{c['ppl_ratio']:.4f}, KL {c['kl']:.4f}",
         })
+        b, a = bf16.get(c["budget_frac"]), c.get("against_bf16")
+        if a is not None and b is not None:
+            out.append({
+                "target": f"full KV in {kind} pages, positions of {c['budget_frac']}: top-1 within {FP8_TOP1_POINTS} "
+                          "points of full KV in bf16 pages",
+                "passed": 100 * (1 - a["top1"]) <= FP8_TOP1_POINTS,
+                "value": f"top1 {100 * a['top1']:.2f}% against bf16 pages (KL {a['kl']:.5f}); against the model's "
+                         f"dtype {100 * c['top1']:.2f}%, bf16 pages {100 * b['top1']:.2f}% "
+                         f"({100 * (b['top1'] - c['top1']):+.2f} points lost)",
+            })
     return out
 
 
@@ -956,16 +1020,31 @@ def markdown(result: dict[str, Any]) -> str:
         ctrls8 = {}
         for r in tf.get("control_fp8", []):
             ctrls8.setdefault(r.get("kv_cache_dtype", "fp8"), {})[r["budget_frac"]] = r
+        ctrl16 = {r["budget_frac"]: r for r in tf.get("control_bf16", [])}
+        if ctrl16:
+            lines.append("| full KV, bf16 pages (no eviction) | " + " | ".join(
+                f"{100 * ctrl16[fl]['top1']:.2f}% / {ctrl16[fl]['ppl_ratio']:.4f} / {ctrl16[fl]['kl']:.5f}"
+                for fl in fracs) + " |")
         for kind, ctrl8 in ctrls8.items():
             lines.append(f"| full KV, {kind.upper()} pages (no eviction) | " + " | ".join(
                 f"{100 * ctrl8[fl]['top1']:.2f}% / {ctrl8[fl]['ppl_ratio']:.4f} / {ctrl8[fl]['kl']:.4f}" for fl in fracs)
                 + " |")
+            if all("against_bf16" in ctrl8[fl] for fl in fracs):
+                lines.append(f"| full KV, {kind.upper()} pages, scored against bf16 pages | " + " | ".join(
+                    f"{100 * ctrl8[fl]['against_bf16']['top1']:.2f}% / {ctrl8[fl]['against_bf16']['ppl_ratio']:.4f} / "
+                    f"{ctrl8[fl]['against_bf16']['kl']:.5f}" for fl in fracs) + " |")
         lines.append("")
         if ctrls8:
             lines.append("FP8 rows (`kv_cache_dtype=fp8`: e4m3 pages with a float32 scale per token and KV head) and "
                          "INT8 rows (`kv_cache_dtype=int8`: int8 codes, the same bytes) are scored against the same "
                          "full KV in the model's dtype as every other row; their controls keep every token, so they "
                          "show what the page type alone costs.")
+            if ctrl16:
+                lines[-1] += (" The bf16 pages row is full KV with its keys and values rounded to bf16 as they are "
+                             "stored (what a bf16 deployment's pages hold; attention stays float32), and the 8-bit "
+                             "controls are scored against it too (`scored against bf16 pages`: the reference is then "
+                             "one forward over each sequence with bf16 keys and values): what 8-bit pages cost against "
+                             "the bf16 pages they replace.")
             lines.append("")
         lines.append("Full-KV perplexity over the scored positions: " + ", ".join(
             f"{fl}: {ctrl[fl]['ppl_full']:.3f}" for fl in fracs) + ".")

@@ -66,9 +66,43 @@ def test_quantized_page_rows_are_checked_against_their_twins(quality):
     assert got == {
         "zipage[kv_cache_dtype=fp8] at 1/8: top-1 within 0.5 points of zipage": False,
         "zipage[kv_cache_dtype=int8] at 1/8: top-1 within 0.5 points of zipage": True,
-        "full KV in FP8 pages, positions of 1/8: top-1 within 0.5 points of full KV": False,
-        "full KV in INT8 pages, positions of 1/8: top-1 within 0.5 points of full KV": True,
+        "full KV in FP8 pages, positions of 1/8: top-1 within 0.5 points of full KV in the model's dtype": False,
+        "full KV in INT8 pages, positions of 1/8: top-1 within 0.5 points of full KV in the model's dtype": True,
     }
+    # with a bf16-pages control, each 8-bit control is also held to its agreement with bf16 pages
+    tf["control_bf16"] = [{"budget_frac": "1/8", "top1": 0.997, "ppl_ratio": 1.0, "kl": 0.0}]
+    for c, top1 in zip(tf["control_fp8"], (0.994, 0.996)):
+        c["against_bf16"] = {"top1": top1, "ppl_ratio": 1.0, "kl": 0.0}
+    got = {t["target"]: t["passed"] for t in quality.fp8_targets(tf) if "bf16" in t["target"]}
+    assert got == {
+        "full KV in FP8 pages, positions of 1/8: top-1 within 0.5 points of full KV in bf16 pages": False,
+        "full KV in INT8 pages, positions of 1/8: top-1 within 0.5 points of full KV in bf16 pages": True,
+    }
+
+
+def test_bf16_pages_store_keys_and_values_rounded_to_bf16(quality, smollm2):
+    """The bf16-pages baseline: a float32 model whose cache hands attention its keys and values rounded to bf16,
+    and the reference forward that reads them."""
+    from transformers import DynamicCache
+
+    model, tok = smollm2
+    ids, _ = quality.build_sequences(tok, 1, 64)
+    full, b16 = DynamicCache(), quality.bf16_pages()
+    with torch.inference_mode():
+        lf = model(input_ids=ids, past_key_values=full, use_cache=True).logits.float()
+        lb = model(input_ids=ids, past_key_values=b16, use_cache=True).logits.float()
+    # the first layer reads the same hidden states either way: its stored keys and values are the rounded ones
+    for got, exact in ((b16.layers[0].keys, full.layers[0].keys), (b16.layers[0].values, full.layers[0].values)):
+        assert got.dtype == torch.float32
+        assert torch.equal(got, exact.bfloat16().float()) and not torch.equal(got, exact)
+    ref16 = quality.reference(model, ids, kv_bf16=True)
+    torch.testing.assert_close(ref16.logp[0], torch.log_softmax(lb[0], -1), rtol=0, atol=1e-5)
+    assert not torch.equal(lf, lb)  # (rounding moved the logits, a little)
+    assert (lf.argmax(-1) == lb.argmax(-1)).float().mean() > 0.9
+    # Fan: one run, several trackers
+    a, b = quality.Tracker(ids, quality.reference(model, ids)), quality.Tracker(ids, ref16)
+    quality.Fan(a, b).update(lb, 0, 63)
+    assert b.kl[0, :63].abs().max() < 1e-5 and a.kl[0, :63].max() > 0
 
 
 def test_chunked_decoding_matches_token_by_token(quality, smollm2):
