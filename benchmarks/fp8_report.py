@@ -218,11 +218,14 @@ def fp8_section(results: Path) -> str:
                   "(quality report)",
                   "FP8 pages as they are stored now (16 scales searched per row, keys weighted by the queries' "
                   "moments); generate() decoding one token a step.") for b in ("1_8", "1_4")),
-               *((f"quality_fp8{rot}_qweights_exact_tail64_control.md",
-                  f"Full KV in FP8 pages{', rotated,' if rot else ''} with the query-weighted search and a 64-token "
+               *((f"quality_fp8{rot}_qweights_exact_tail{tail}_control.md",
+                  f"Full KV in FP8 pages{', rotated,' if rot else ''} with the query-weighted search and a {tail}-token "
                   "exact tail (quality report)",
                   "Nothing evicted: what the page type alone costs, scored at the positions of 1/4 (the compressed "
-                  "row is the same pages at a budget of 1/4).") for rot in ("", "_rotated"))]
+                  "row is the same pages at a budget of 1/4). Where a `bf16 pages` row is shown, the FP8 pages are "
+                  "also held to what they replace on a GPU: full KV with keys and values stored in bf16 (points "
+                  "lost: the bf16 pages' top-1 against full KV in the model's dtype minus the FP8 pages').")
+                 for tail in (64, 128) for rot in ("", "_rotated"))]
     parts += ["FP8 pages search each stored row's scale (16 scales from `max |x| / 448` to 1.92 times that, the least "
               "rounding error; `kernels/fp8.py`). The FP8 quality reports measured before that, every one "
               "below and every `quality_fp8*` file without `search` in its name, stored one scale `max |x| / 448` per "
