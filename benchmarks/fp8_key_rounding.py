@@ -138,7 +138,25 @@ VARIANTS = {
     "keys and values e4m3, query-weighted keys (own queries)": lambda k, v: (e4m3_weighted(k, "own"), e4m3(v)),
     "keys and values rotated, e4m3, query-weighted keys":
         lambda k, v: (rotated(k, lambda x: e4m3_weighted(x, "calibration", "rotated")), rotated(v, e4m3)),
+    "keys and values e4m3, query-weighted keys, rotated where it helps": lambda k, v: (
+        (rotated(k, lambda x: e4m3_weighted(x, "calibration", "rotated")), rotated(v, e4m3)) if WEIGHTS["rotate"]
+        else (e4m3_weighted(k, "calibration"), e4m3(v))),
 }
+
+
+def logit_error(q: torch.Tensor, k: torch.Tensor, rounded: torch.Tensor, scaling: float) -> float:
+    """What ``rounded`` keys do to causal attention of the queries ``q`` (``[B, Hq, S, D]``, the keys ``[B, Hkv, S,
+    D]``): the variance, under each query's attention weights ``p``, of the change ``d`` of its logits, averaged
+    over the queries (``sum p d^2 - (sum p d)^2``: to first order twice the KL the rounding puts between a query's
+    attention weights and the exact ones)."""
+    g = q.shape[1] // k.shape[1]
+    kk, e = k.repeat_interleave(g, dim=1).float(), (rounded - k).repeat_interleave(g, dim=1).float()
+    qf = q.float()
+    S = q.shape[2]
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    p = torch.softmax((qf @ kk.transpose(-1, -2) * scaling).masked_fill(~causal, float("-inf")), dim=-1)
+    d = (qf @ e.transpose(-1, -2)) * scaling
+    return ((p * d * d).sum(-1) - (p * d).sum(-1).pow(2)).mean().item()
 
 # Variants whose last ``W`` tokens before each query (itself included) stay exact, the rest rounded as
 # the named variant: pages that keep a short tail of recent tokens in the model's dtype until it is
@@ -151,7 +169,8 @@ RECENT = {f"{base}, last {w} exact": (base, w, 0)
 RECENT.update({f"{base}, first {f} and last {w} exact": (base, w, f)
                for base in ("keys and values e4m3", "keys and values rotated, e4m3") for f in (1, 4, 16)
                for w in (0, 16)})
-RECENT.update({f"{base}, last 64 exact": (base, 64, 0) for base in ("values", "query-weighted keys (values exact)")})
+RECENT.update({f"{base}, last 64 exact": (base, 64, 0) for base in ("values", "query-weighted keys (values exact)",
+               "keys and values e4m3, query-weighted keys, rotated where it helps")})
 RECENT.update({f"{base}, first {f} and last 64 exact": (base, 64, f)
                for base in ("keys and values e4m3, query-weighted keys",
                             "keys and values rotated, e4m3, query-weighted keys") for f in (1, 4, 16)})
@@ -204,6 +223,7 @@ def main() -> None:
     ids, _ = quality.build_sequences(tok, args.seqs, args.seq_len)
     state = {"variant": None, "calibrating": False}
     moments: dict = {}  # (layer, basis) -> the calibration text's query moments
+    rotate_layer: dict = {}  # layer -> whether its calibration keys round better rotated (by their logit error)
 
     def attention(module, q, k, v, mask, **kw):
         if state.get("layers") is not None and module.layer_idx not in state["layers"]:
@@ -221,9 +241,16 @@ def main() -> None:
                 own = (rows.sum(dim=(0, 2)), (rows * rows).sum(dim=(0, 2)), rows.shape[0] * rows.shape[2])
                 if state["calibrating"]:
                     moments[(module.layer_idx, basis)] = own
+                    WEIGHTS[("calibration", basis)] = query_weights(*own)
                 else:
                     WEIGHTS[("own", basis)] = query_weights(*own)
                     WEIGHTS[("calibration", basis)] = query_weights(*moments[(module.layer_idx, basis)])
+            if state["calibrating"]:  # rotate this layer's pages where that rounds the calibration keys better
+                scaling = kw.get("scaling") or module.scaling
+                plain = logit_error(q, k, e4m3_weighted(k, "calibration"), scaling)
+                rot = logit_error(q, k, rotated(k, lambda x: e4m3_weighted(x, "calibration", "rotated")), scaling)
+                rotate_layer[module.layer_idx] = rot < plain
+            WEIGHTS["rotate"] = rotate_layer.get(module.layer_idx, False)
         if state["variant"] in RECENT:
             base, w, first = RECENT[state["variant"]]
             scaling = kw.get("scaling") or module.scaling
@@ -243,6 +270,7 @@ def main() -> None:
     state["calibrating"] = True
     log_probs(None, quality.build_sequences(tok, 2, 1024, args.calibration)[0])  # (every layer's query moments)
     state["calibrating"] = False
+    print(f"layers whose calibration keys round better rotated: {sorted(i for i, r in rotate_layer.items() if r)}")
     ref = log_probs(None)
     against = "keys and values in bf16" if args.reference == "bf16" else "float32 keys and values"
     print(f"{MODELS[args.model]}, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted; "
