@@ -36,7 +36,9 @@ any ZipageConfig field, e.g. ``zipage[redundancy=none]`` or ``zipage[use_global=
 ``--fp8`` adds an FP8-pages twin of every teacher-forced row (``name[...,kv_cache_dtype=fp8]``)
 and a full-KV FP8 control (FP8 pages, nothing evicted), and checks that FP8 costs at most 0.5
 points of top-1 against the same row in the model's dtype; ``--int8`` does the same with INT8
-pages (``kv_cache_dtype=int8``).
+pages (``kv_cache_dtype=int8``). With a float32 model the full-KV controls also get a bf16-pages
+control (keys and values rounded to bf16 as stored, what the 8-bit pages replace on a GPU), and each
+8-bit control is held to it as well.
 
     python benchmarks/quality.py              # default: 4 sequences, 12 rows, 56 prompts (~35 min, 2 cores)
     python benchmarks/quality.py --quick      # a few minutes: 1 sequence, 7 rows, 8 prompts
@@ -1254,7 +1256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_PRESET])")
     p.add_argument("--replot", default=None, metavar="JSON",
-                   help="only rewrite the .md and .png of a results JSON (default: run the benchmark)")
+                   help="only rewrite the .md and .png of a results JSON, and its targets as this version measures "
+                        "them (default: run the benchmark)")
     return p
 
 
