@@ -226,12 +226,10 @@ def main() -> None:
     rotate_layer: dict = {}  # layer -> whether its calibration keys round better rotated (by their logit error)
 
     def attention(module, q, k, v, mask, **kw):
-        if state.get("layers") is not None and module.layer_idx not in state["layers"]:
-            if args.reference == "bf16":
-                k, v = k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)
-            return sdpa_attention_forward(module, q, k, v, mask, **kw)
         if args.reference == "bf16":
             k, v = k.bfloat16().to(k.dtype), v.bfloat16().to(v.dtype)
+        if state.get("layers") is not None and module.layer_idx not in state["layers"]:
+            return sdpa_attention_forward(module, q, k, v, mask, **kw)
         if state["calibrating"] or "query-weighted" in (state["variant"] or ""):
             from zipage.kernels.fp8 import _hadamard, query_weights
 
@@ -245,7 +243,7 @@ def main() -> None:
                 else:
                     WEIGHTS[("own", basis)] = query_weights(*own)
                     WEIGHTS[("calibration", basis)] = query_weights(*moments[(module.layer_idx, basis)])
-            if state["calibrating"]:  # rotate this layer's pages where that rounds the calibration keys better
+            if state["calibrating"] and choose_rotation:  # rotate this layer where that rounds calibration keys better
                 scaling = kw.get("scaling") or module.scaling
                 plain = logit_error(q, k, e4m3_weighted(k, "calibration"), scaling)
                 rot = logit_error(q, k, rotated(k, lambda x: e4m3_weighted(x, "calibration", "rotated")), scaling)
@@ -267,25 +265,33 @@ def main() -> None:
         with torch.inference_mode():
             return torch.log_softmax(model(tokens).logits.float(), -1)
 
+    names = [n.strip() for n in args.variants.split(";") if n.strip()] or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS and n not in RECENT]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS) + list(RECENT)}")
+    count = model.config.num_hidden_layers
+    if args.layers and args.layers != "each":
+        try:
+            only = {int(i) for i in args.layers.split(",")}
+        except ValueError:
+            raise SystemExit(f"--layers {args.layers!r}: expected 'each' or comma-separated layer indices") from None
+        if not only or min(only) < 0 or max(only) >= count:
+            raise SystemExit(f"--layers {args.layers!r}: the model has layers 0 to {count - 1}")
+    choose_rotation = any("rotated where it helps" in n for n in names)  # (the per-layer choice, only if asked)
     state["calibrating"] = True
     log_probs(None, quality.build_sequences(tok, 2, 1024, args.calibration)[0])  # (every layer's query moments)
     state["calibrating"] = False
-    print(f"layers whose calibration keys round better rotated: {sorted(i for i, r in rotate_layer.items() if r)}")
+    if choose_rotation:
+        print(f"layers whose calibration keys round better rotated: {sorted(i for i, r in rotate_layer.items() if r)}")
     ref = log_probs(None)
     against = "keys and values in bf16" if args.reference == "bf16" else "float32 keys and values"
     print(f"{MODELS[args.model]}, float32, {args.seqs} x {args.seq_len} tokens of MATH-500 solutions, nothing evicted; "
           f"scored against {against}\n")
     print("| rounded | top-1 agreement | mean KL (nats) |")
     print("|---|---|---|")
-    names = [n.strip() for n in args.variants.split(";") if n.strip()] or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS and n not in RECENT]
-    if unknown:
-        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS) + list(RECENT)}")
     if args.layers == "each":
-        runs = [(f"{name}, layer {i} alone", name, {i}) for name in names
-                for i in range(model.config.num_hidden_layers)]
+        runs = [(f"{name}, layer {i} alone", name, {i}) for name in names for i in range(count)]
     elif args.layers:
-        only = {int(i) for i in args.layers.split(",")}
         runs = [(f"{name}, layers {args.layers}", name, only) for name in names]
     else:
         runs = [(name, name, None) for name in names]
