@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+EIGHT_BIT_REPORTS = ("quality_fp8", "quality_int8")  # the quality reports of 8-bit pages: shown in this section
+
 
 def _engine_table(paths: list[Path]) -> list[str]:
     lines = ["| run | system | time limit (s) | running (mean) | mean output | tok/s | decode step (ms) | floor (ms) "
@@ -242,6 +244,17 @@ def fp8_section(results: Path) -> str:
                       "Teacher-forced fidelity of the default scorer with each page type against full KV in the "
                       f"model's dtype (`benchmarks/results/{name}`; its command is in the file). {note}", ""]
             parts += _quality_rows(quality.read_text()) + [""]
+    index = _quality_index(results)
+    if index:
+        parts += ["### Every 8-bit quality run", "",
+                  "Each 8-bit target of every `quality_fp8*` and `quality_int8*` report under `benchmarks/results/` "
+                  "(SmolLM2-135M-Instruct, 4 x 2,048 tokens of MATH-500 and GSM8K, float32 on the CPU), as its "
+                  "JSON records it, by file name. *Pages as stored* follows from the environment its command names and "
+                  "from when it ran: files named `plain`, and those older than the scale search (every FP8 file "
+                  "without `search` or `qweights` in its name), stored one scale `max |x| / 448` per row. Budget "
+                  "rows are held to the same budget in the model's dtype; full-KV rows (`full KV in ... pages`) to "
+                  "full KV in the model's dtype or, where the report has that control, to full KV in bf16 pages.", ""]
+        parts += index + [""]
     roundings = sorted(folder.glob("fp8_key_rounding*.md"))
     if roundings:
         parts += ["### Where 8-bit pages lose quality", "",
@@ -271,3 +284,40 @@ def _quality_rows(text: str) -> list[str]:
                     and row.startswith("|")]
             break
     return out
+
+
+def _pages_as_stored(stem: str, command: str, target: str) -> str:
+    """How a quality report's 8-bit pages were stored, from its file name, its command's environment and the
+    target's page type (see the index's caption)."""
+    env = command.split(" python", 1)[0] if " python" in command else ""
+    if "int8" in target.lower():
+        rotated = "ZIPAGE_INT8_ROTATION=0" not in env and stem != "quality_fp8"  # (quality_fp8: before rotation)
+        return "INT8, " + ("rotated" if rotated else "unrotated")
+    if "ZIPAGE_FP8_SCALE_STEPS=1" in env or "plain" in stem or not any(w in stem for w in ("search", "qweights")):
+        scale = "one scale max/448"
+    elif "qweights" in stem and "ZIPAGE_FP8_QUERY_WEIGHTS=0" not in env:
+        scale = "16 scales searched, keys query-weighted"
+    else:
+        scale = "16 scales searched (squared error)"
+    return f"FP8, {scale}" + (", rotated" if "ZIPAGE_FP8_ROTATION=1" in env else "")
+
+
+def _quality_index(results: Path) -> list[str]:
+    """One row per 8-bit target of every 8-bit quality report (``EIGHT_BIT_REPORTS``): report, pages as
+    stored, target, value, verdict."""
+    rows = []
+    for path in sorted(p for p in results.glob("quality*.json") if p.stem.startswith(EIGHT_BIT_REPORTS)):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        command = data.get("command", "")
+        for t in data.get("targets", []):
+            name = t.get("target", "")
+            if "kv_cache_dtype=" not in name and " pages" not in name:
+                continue  # (the bf16 budget targets each report repeats)
+            rows.append(f"| `{path.stem}` | {_pages_as_stored(path.stem, command, name)} | {name} | "
+                        f"{t.get('value', '')} | {'pass' if t.get('passed') else '**miss**'} |")
+    if not rows:
+        return []
+    return ["| report | pages as stored | target | measured | verdict |", "|---|---|---|---|---|", *rows]

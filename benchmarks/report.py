@@ -19,11 +19,11 @@ import shutil
 from pathlib import Path
 
 try:
-    from .fp8_report import fp8_section
+    from .fp8_report import EIGHT_BIT_REPORTS, fp8_section
     from .generate_report import generate_sections
     from .prefill_report import prefill_section
 except ImportError:  # run as a script from benchmarks/
-    from fp8_report import fp8_section
+    from fp8_report import EIGHT_BIT_REPORTS, fp8_section
     from generate_report import generate_sections
     from prefill_report import prefill_section
 
@@ -372,9 +372,9 @@ def scorers_section(md_path: Path) -> str:
 
 
 def _quality_files(results: Path) -> list[Path]:
-    """quality.json first, then the presets (quality_quick, quality_ablations, quality_full, ...);
-    quality_fp8 (the page types' report) is shown in the FP8 section instead."""
-    files = sorted((p for p in results.glob("quality*.json") if p.stem != "quality_fp8"),
+    """quality.json first, then the presets (quality_quick, quality_ablations, quality_full, ...); the
+    8-bit page types' reports (``quality_fp8*``, ``quality_int8*``) are shown in the FP8 section instead."""
+    files = sorted((p for p in results.glob("quality*.json") if not p.stem.startswith(EIGHT_BIT_REPORTS)),
                    key=lambda p: (p.stem != "quality", p.stem))
     good = []
     for p in files:

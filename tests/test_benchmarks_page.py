@@ -1,0 +1,54 @@
+"""The benchmarks page's quality sections (benchmarks/report.py, benchmarks/fp8_report.py): the Quality section
+shows the main report and its presets once each, and every 8-bit report appears in the FP8 section's index,
+each target with the pages as that report stored them."""
+
+from __future__ import annotations
+
+import json
+
+from zipage.bench.fp8_report import _quality_index
+from zipage.bench.report import _quality_files
+
+
+def _report(folder, stem, command, targets):
+    (folder / f"{stem}.json").write_text(json.dumps(dict(command=command, targets=[
+        dict(target=t, value=v, passed=ok) for t, v, ok in targets])))
+
+
+def test_quality_section_leaves_8bit_reports_to_the_fp8_section(tmp_path):
+    bf16 = ("zipage at 1/4: top-1 >= 97% and ppl ratio <= 1.015", "top1 97.5%", True)
+    _report(tmp_path, "quality", "python benchmarks/quality.py", [bf16])
+    _report(tmp_path, "quality_quick", "python benchmarks/quality.py --quick", [bf16])
+    _report(tmp_path, "quality_fp8", "python benchmarks/quality.py --fp8 --int8", [
+        bf16,
+        ("zipage[kv_cache_dtype=fp8] at 1/4: top-1 within 0.5 points of zipage", "top1 93.93% (+1.72)", False),
+        ("full KV in INT8 pages, positions of 1/4: top-1 within 0.5 points of full KV", "top1 99.05%", False)])
+    _report(tmp_path, "quality_fp8_rotated_qweights_exact_tail64_control",
+            "ZIPAGE_FP8_ROTATION=1 python benchmarks/quality.py --exact-tail 64", [
+                ("full KV in FP8 (exact_tail=64) pages, positions of 1/4: top-1 within 0.5 points of full KV in "
+                 "bf16 pages", "top1 99.35% vs 99.75% (+0.39 points lost)", True)])
+    _report(tmp_path, "quality_fp8_plain_exact_tail64_control", "ZIPAGE_FP8_SCALE_STEPS=1 python benchmarks/quality.py",
+            [("full KV in FP8 (exact_tail=64) pages, positions of 1/4: top-1 within 0.5 points of full KV",
+              "top1 98.79%", False)])
+    _report(tmp_path, "quality_int8_rotated", "python benchmarks/quality.py --int8", [
+        ("zipage[kv_cache_dtype=int8] at 1/8: top-1 within 0.5 points of zipage", "top1 92.24% (+0.22)", True)])
+    (tmp_path / "quality_broken.json").write_text("{not json")
+
+    assert [p.stem for p in _quality_files(tmp_path)] == ["quality", "quality_quick"]
+
+    rows = _quality_index(tmp_path)
+    assert rows[0].startswith("| report | pages as stored | target | measured | verdict |")
+    body = rows[2:]
+    assert len(body) == 5  # the 8-bit targets only: the bf16 budget target each report repeats is left out
+    by_file = {}
+    for row in body:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        by_file.setdefault(cells[0].strip("`"), []).append(cells)
+    assert [c[1] for c in by_file["quality_fp8"]] == ["FP8, one scale max/448", "INT8, unrotated"]
+    assert [c[4] for c in by_file["quality_fp8"]] == ["**miss**", "**miss**"]
+    assert by_file["quality_fp8_rotated_qweights_exact_tail64_control"][0][1] == \
+        "FP8, 16 scales searched, keys query-weighted, rotated"
+    assert by_file["quality_fp8_rotated_qweights_exact_tail64_control"][0][4] == "pass"
+    assert by_file["quality_fp8_plain_exact_tail64_control"][0][1] == "FP8, one scale max/448"
+    assert by_file["quality_int8_rotated"][0][1] == "INT8, rotated"
+    assert "+0.39 points lost" in by_file["quality_fp8_rotated_qweights_exact_tail64_control"][0][3]
