@@ -75,6 +75,9 @@
 #              zipage-2048, zipage-2048-fp8 and zipage-2048-fp8-tail32, the same run
 #   PART=vedge the 8-bit decode kernel's partial-tile value rows (zeroed as bytes, after conversion, or left with
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
+#   PART=fullkv8 full KV in FP8 pages against full KV in bf16 pages (the "full-KV fp8 against full-KV bf16"):
+#              zipage-fullkv and zipage-fullkv-fp8, Qwen3-8B shapes, 512 requests of up to 4,096 forced tokens, the
+#              same 80 GiB of KV, TIME_LIMIT s each (default 100), then the FP8 engine tests
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -261,6 +264,12 @@ for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weigh
         --systems zipage-2048,zipage-2048-fp8,zipage-2048-fp8-tail32 --out "$OUT/throughput_qwen3-8b_fp8_tail32.json" \
         2>&1 | tail -5
     fi ;;
+  fullkv8)
+    timeout 420 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+      --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-100}" --systems zipage-fullkv,zipage-fullkv-fp8 \
+      --out "$OUT/throughput_qwen3-8b_zzzzzz_fullkv_fp8.json" 2>&1 | tail -5
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_engine.py 2>&1 \
+      | tee "$OUT/gpu_tests_fullkv8.log" | tail -3 ;;
   smallops_pairs)
     for tree in .before .; do
       tag=$([ "$tree" = . ] && echo after || echo before)
