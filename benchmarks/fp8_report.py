@@ -249,9 +249,10 @@ def fp8_section(results: Path) -> str:
         parts += ["### Every 8-bit quality run", "",
                   "Each 8-bit target of every `quality_fp8*` and `quality_int8*` report under `benchmarks/results/` "
                   "(SmolLM2-135M-Instruct, 4 x 2,048 tokens of MATH-500 and GSM8K, float32 on the CPU), as its "
-                  "JSON records it, by file name. *Pages as stored* follows from the environment its command names and "
-                  "from when it ran: files named `plain`, and those older than the scale search (every FP8 file "
-                  "without `search` or `qweights` in its name), stored one scale `max |x| / 448` per row. Budget "
+                  "JSON records it, by file name. *Pages as stored* is the report's own record of the FP8 store where it has "
+                  "one (`fp8_store`), else follows from the environment its command names and from when it ran: "
+                  "files named `plain`, and those older than the scale search (every FP8 file without `search` or "
+                  "`qweights` in its name), stored one scale `max |x| / 448` per row. Budget "
                   "rows are held to the same budget in the model's dtype; full-KV rows (`full KV in ... pages`) to "
                   "full KV in the model's dtype or, where the report has that control, to full KV in bf16 pages.", ""]
         parts += index + [""]
@@ -286,20 +287,31 @@ def _quality_rows(text: str) -> list[str]:
     return out
 
 
-def _pages_as_stored(stem: str, command: str, target: str) -> str:
-    """How a quality report's 8-bit pages were stored, from its file name, its command's environment and the
-    target's page type (see the index's caption)."""
+def _pages_as_stored(stem: str, command: str, target: str, store: dict | None = None) -> str:
+    """How a quality report's 8-bit pages were stored: from its record of the FP8 store (``store``, reports
+    since it was kept) or else its file name, its command's environment and the target's page type (see the
+    index's caption)."""
     env = command.split(" python", 1)[0] if " python" in command else ""
     if "int8" in target.lower():
         rotated = "ZIPAGE_INT8_ROTATION=0" not in env and stem != "quality_fp8"  # (quality_fp8: before rotation)
+        if "kv_rotation=" in target:  # (a row's own setting, then the controls' --kv-rotation)
+            rotated = "kv_rotation=True" in target
+        elif "full KV" in target and "--kv-rotation" in command:
+            rotated = "--kv-rotation on" in command
         return "INT8, " + ("rotated" if rotated else "unrotated")
-    if "ZIPAGE_FP8_SCALE_STEPS=1" in env or "plain" in stem or not any(w in stem for w in ("search", "qweights")):
+    if store is not None:
+        scale = ("one scale max/448" if store.get("scale_steps", 16) == 1 else
+                 f"{store.get('scale_steps')} scales searched" + (", keys query-weighted" if store.get("query_weights")
+                                                                   else " (squared error)"))
+    elif "ZIPAGE_FP8_SCALE_STEPS=1" in env or "plain" in stem or not any(w in stem for w in ("search", "qweights")):
         scale = "one scale max/448"
     elif "qweights" in stem and "ZIPAGE_FP8_QUERY_WEIGHTS=0" not in env:
         scale = "16 scales searched, keys query-weighted"
     else:
         scale = "16 scales searched (squared error)"
-    return f"FP8, {scale}" + (", rotated" if "ZIPAGE_FP8_ROTATION=1" in env else "")
+    rotated = ("kv_rotation=True" in target if "kv_rotation=" in target else "--kv-rotation on" in command
+               if "full KV" in target and "--kv-rotation" in command else "ZIPAGE_FP8_ROTATION=1" in env)
+    return f"FP8, {scale}" + (", rotated" if rotated else "")
 
 
 def _quality_index(results: Path) -> list[str]:
@@ -316,7 +328,8 @@ def _quality_index(results: Path) -> list[str]:
             name = t.get("target", "")
             if "kv_cache_dtype=" not in name and " pages" not in name:
                 continue  # (the bf16 budget targets each report repeats)
-            rows.append(f"| `{path.stem}` | {_pages_as_stored(path.stem, command, name)} | {name} | "
+            pages = _pages_as_stored(path.stem, command, name, data.get("fp8_store"))
+            rows.append(f"| `{path.stem}` | {pages} | {name} | "
                         f"{t.get('value', '')} | {'pass' if t.get('passed') else '**miss**'} |")
     if not rows:
         return []

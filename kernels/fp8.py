@@ -40,9 +40,11 @@ before the token's scale is taken, so the other channels keep their precision. O
 unrounded attention on 97.80% of next tokens rotated against 93.02% not; on SmolLM2 99.61%
 against 98.97% (``benchmarks/fp8_key_rounding.py``). e4m3 codes keep a relative precision per
 element, which a rotation does not improve (90.48% against 92.58% on Gemma 3), so FP8 pages are
-not rotated. ``ZIPAGE_INT8_ROTATION=0`` stores INT8 pages unrotated (for comparisons);
-``ZIPAGE_FP8_ROTATION=1`` stores FP8 pages rotated (with eviction on SmolLM2 it halves what FP8
-pages cost in top-1, while on Gemma 3 a rotation makes e4m3 rounding worse).
+not rotated by default. ``kv_rotation`` (``ZipageConfig``, ``LLM``, ``zipage serve --kv-rotation``) sets it
+per engine or cache: True rotates FP8 pages too (on SmolLM2, with the query-weighted search and a 128-token
+exact tail, full KV in rotated FP8 pages loses 0.25 points of top-1 against bf16 pages where unrotated ones
+lose 0.51; on Gemma 3 a rotation makes e4m3 rounding worse), False stores INT8 pages unrotated. Left at
+None, ``ZIPAGE_INT8_ROTATION=0`` and ``ZIPAGE_FP8_ROTATION=1`` change the defaults (for comparisons).
 """
 
 from __future__ import annotations
@@ -294,19 +296,32 @@ def check_scales(name: str, codes: torch.Tensor, scales: torch.Tensor | None) ->
         raise ValueError(f"{name}: scales are for FP8 or INT8 KV only, the pool is {codes.dtype}")
 
 
-def kv_rotation(kv_cache_dtype: str, head_dim: int, device) -> torch.Tensor | None:
-    """The float32 rotation ``H`` ``[D, D]`` that pages of this type store keys and values in (INT8
-    pages with a power-of-two head dim, unless ``ZIPAGE_INT8_ROTATION=0``; FP8 pages only with
-    ``ZIPAGE_FP8_ROTATION=1``), or None."""
-    if kv_cache_dtype not in ("int8", "fp8") or head_dim < 2 or head_dim & (head_dim - 1):
+def kv_rotation(kv_cache_dtype: str, head_dim: int, device, rotate: bool | None = None) -> torch.Tensor | None:
+    """The float32 rotation ``H`` ``[D, D]`` that pages of this type store keys and values in, or None.
+
+    ``rotate`` is the ``kv_rotation`` setting (``ZipageConfig``, ``LLM``, ``--kv-rotation``): True rotates
+    8-bit pages (a power-of-two head dim is required), False stores them as they are, None takes the page
+    type's default: INT8 pages rotated where the head dim is a power of two (unless
+    ``ZIPAGE_INT8_ROTATION=0``), FP8 pages not (unless ``ZIPAGE_FP8_ROTATION=1``). Pages in the model's
+    dtype are never rotated."""
+    if rotate is not None and not isinstance(rotate, bool):
+        raise TypeError(f"kv_rotation={rotate!r} is invalid: expected True, False or None")
+    if kv_cache_dtype not in ("int8", "fp8"):
+        if rotate:
+            raise ValueError(f"kv_rotation=True applies to 8-bit pages (kv_cache_dtype='fp8' or 'int8'), got "
+                             f"kv_cache_dtype={kv_cache_dtype!r}")
         return None
-    name = f"ZIPAGE_{kv_cache_dtype.upper()}_ROTATION"
-    value = os.environ.get(name, "1" if kv_cache_dtype == "int8" else "0").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{name}={value!r}: expected 1 (store {kv_cache_dtype} pages rotated) or 0 (as they are)")
-    if value == "0":
-        return None
-    return _hadamard(head_dim, str(device))
+    power_of_two = head_dim >= 2 and not head_dim & (head_dim - 1)
+    if rotate is None:
+        name = f"ZIPAGE_{kv_cache_dtype.upper()}_ROTATION"
+        value = os.environ.get(name, "1" if kv_cache_dtype == "int8" else "0").strip()
+        if value not in ("0", "1"):
+            raise ValueError(f"{name}={value!r}: expected 1 (store {kv_cache_dtype} pages rotated) or 0 (as they are)")
+        rotate = value == "1" and power_of_two
+    elif rotate and not power_of_two:
+        raise ValueError(f"kv_rotation=True: the Hadamard rotation needs a power-of-two head dim, this model's is "
+                         f"{head_dim}; give kv_rotation=None or False")
+    return _hadamard(head_dim, str(device)) if rotate else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -192,6 +192,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-tail", type=int, default=0,
                    help="with --kv-cache-dtype fp8 or int8: each query reads its last N tokens in the model's dtype, "
                    "older ones from the pages, and compressions keep the last N - 1 (0: none)")
+    p.add_argument("--kv-rotation", default=None, choices=["on", "off"],
+                   help="with --kv-cache-dtype fp8 or int8: store the pages in a Hadamard-rotated basis (on) or as "
+                   "they are (off); default: INT8 rotated, FP8 not")
     p.add_argument("--scorer", default=None, help="which tokens to keep (default: zipage; `zipage info` lists them)")
     p.add_argument("--max-budget", type=int, default=None,
                    help="largest budget a request may ask for; full KV is refused then too (default: no limit)")

@@ -10,9 +10,9 @@ from zipage.bench.fp8_report import _quality_index
 from zipage.bench.report import _quality_files
 
 
-def _report(folder, stem, command, targets):
+def _report(folder, stem, command, targets, **extra):
     (folder / f"{stem}.json").write_text(json.dumps(dict(command=command, targets=[
-        dict(target=t, value=v, passed=ok) for t, v, ok in targets])))
+        dict(target=t, value=v, passed=ok) for t, v, ok in targets], **extra)))
 
 
 def test_quality_section_leaves_8bit_reports_to_the_fp8_section(tmp_path):
@@ -52,3 +52,16 @@ def test_quality_section_leaves_8bit_reports_to_the_fp8_section(tmp_path):
     assert by_file["quality_fp8_plain_exact_tail64_control"][0][1] == "FP8, one scale max/448"
     assert by_file["quality_int8_rotated"][0][1] == "INT8, rotated"
     assert "+0.39 points lost" in by_file["quality_fp8_rotated_qweights_exact_tail64_control"][0][3]
+
+
+def test_index_reads_the_rotation_setting(tmp_path):
+    """Rows that set ``kv_rotation`` (and controls run with ``--kv-rotation``) are labelled by it, whatever the
+    environment's default."""
+    _report(tmp_path, "quality_fp8_setting", "python benchmarks/quality.py --kv-rotation on --exact-tail 64", [
+        ("zipage[kv_cache_dtype=fp8,kv_rotation=True] at 1/4: top-1 within 0.5 points of zipage", "x", True),
+        ("zipage[kv_cache_dtype=int8,kv_rotation=False] at 1/4: top-1 within 0.5 points of zipage", "x", True),
+        ("full KV in FP8 (exact_tail=64) pages, positions of 1/4: top-1 within 0.5 points of full KV", "x", False)],
+        fp8_store={"scale_steps": 16, "query_weights": True})  # (its own record, whatever the file's name)
+    pages = [row.split("|")[2].strip() for row in _quality_index(tmp_path)[2:]]
+    assert pages == ["FP8, 16 scales searched, keys query-weighted, rotated", "INT8, unrotated",
+                     "FP8, 16 scales searched, keys query-weighted, rotated"]

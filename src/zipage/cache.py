@@ -638,8 +638,9 @@ class ZipageCache(Cache):
             keys[:, :, after:hi] = layer.read_back_keys(after, hi, self._rotation(keys), keys.dtype)
 
     def _rotation(self, states: torch.Tensor) -> torch.Tensor | None:
-        """The rotation the pages store ``states``' head dim in (INT8 pages; FP8 if asked), or None."""
-        return kv_rotation(self.zipage_config.kv_cache_dtype, states.shape[-1], states.device)
+        """The rotation the pages store ``states``' head dim in (``ZipageConfig.kv_rotation``), or None."""
+        zc = self.zipage_config
+        return kv_rotation(zc.kv_cache_dtype, states.shape[-1], states.device, zc.kv_rotation)
 
     def _on_attention(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling, kwargs: dict):
         """Called by the capture wrapper with the layer's queries and mask, right after its update.

@@ -27,7 +27,7 @@ import torch
 
 from ..attention_checks import sliding_layers
 from ..cache import check_model_config
-from ..config import ZipageConfig, check_kv_cache_dtype
+from ..config import ZipageConfig, check_kv_cache_dtype, check_kv_rotation
 from ..memory.block_manager import BlockManager
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import get_scorer
@@ -101,7 +101,7 @@ class LLM:
             own (``SamplingParams.budget``: smaller, larger, or ``None`` for full KV). ``None``
             runs a plain full-KV paged engine (the baseline), which has no compression machinery
             and refuses per-request budgets (of the ``ZipageConfig`` fields it takes ``page_size`` and, with
-            8-bit pages, ``exact_tail``, of any length: nothing is evicted). Other ``ZipageConfig`` fields
+            8-bit pages, ``exact_tail``, of any length: nothing is evicted, and ``kv_rotation``). Other ``ZipageConfig`` fields
             (``page_size``, ``buffer``, ``window``, ``scorer``, ...) are accepted as keyword arguments too.
         enable_prefix_caching: share full prompt pages between requests with the same prefix (off for
             models with sliding-window layers: those keep only their window, so a cached prefix
@@ -145,7 +145,8 @@ class LLM:
             Hadamard-rotated basis (attention unchanged): the same bytes, with far less rounding in
             the attention logits than e4m3. ``exact_tail=N`` (a ``ZipageConfig`` field; full KV too)
             keeps each query slot's last N keys and values in the model's dtype, read exactly by every query
-            (see the engine guide, "Exact tails").
+            (see the engine guide, "Exact tails"). ``kv_rotation=True`` (a ``ZipageConfig`` field; full KV
+            too) stores FP8 pages in the rotated basis as well, ``False`` INT8 pages unrotated.
         tensor_parallel_size: split the model over this many ranks (GPUs from the model's, or
             CPU processes): each holds its share of every projection and the KV pages of its
             heads, which must divide by it. The engine starts ranks 1..N-1 itself (spawned
@@ -194,7 +195,7 @@ class LLM:
             if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1024 or (
                     page_size & (page_size - 1)):
                 raise ValueError(f"LLM(page_size={page_size!r}) is invalid: expected a power of two in 1..1024")
-            unknown = set(zipage_fields) - {"page_size", "exact_tail"}
+            unknown = set(zipage_fields) - {"page_size", "exact_tail", "kv_rotation"}
             if unknown:
                 raise ValueError(f"budget=None (full KV) takes no compression settings, got {sorted(unknown)}")
             exact_tail = zipage_fields.get("exact_tail", 0)
@@ -203,6 +204,7 @@ class LLM:
             if exact_tail and kv_cache_dtype not in ("fp8", "int8"):
                 raise ValueError(f"LLM(exact_tail={exact_tail}) applies to 8-bit pages (kv_cache_dtype='fp8' or "
                                  f"'int8'), got kv_cache_dtype={kv_cache_dtype!r}, whose pages are exact already")
+            kv_rotation = check_kv_rotation(zipage_fields.get("kv_rotation"), kv_cache_dtype, "LLM(kv_rotation)")
             self.zipage_config = None
             scorer = None
         else:
@@ -210,6 +212,7 @@ class LLM:
                                                          "kv_cache_dtype": kv_cache_dtype})
             scorer = get_scorer(self.zipage_config.scorer, self.zipage_config)
             exact_tail = self.zipage_config.exact_tail
+            kv_rotation = self.zipage_config.kv_rotation
         trained = getattr(config, "max_position_embeddings", None)
         reach = _rope_reach(config, trained)
         if (max_model_len is not None and isinstance(reach, int) and max_model_len > reach
@@ -256,12 +259,12 @@ class LLM:
         if self.ranks is None:
             runner = ModelRunner(model, num_pages, page_size, self.zipage_config, scorer, scheduler.num_slots,
                                  fuse_ops=fuse_ops, kv_cache_dtype=kv_cache_dtype, window_blocks=window_blocks,
-                                 exact_tail=exact_tail)
+                                 exact_tail=exact_tail, kv_rotation=kv_rotation)
         else:
             from .tensor_parallel import driver_runner
 
             runner = driver_runner(self.ranks, model, num_pages, page_size, self.zipage_config, scorer,
-                                   scheduler.num_slots, fuse_ops, kv_cache_dtype, exact_tail)
+                                   scheduler.num_slots, fuse_ops, kv_cache_dtype, exact_tail, kv_rotation)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)

@@ -34,7 +34,8 @@ from ..compress import LayerPages, attention_scale, compress_layers, layer_batch
 from ..config import ZipageConfig
 from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels.exact_tail import exact_tail_merge
-from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, kv_rotation, query_weighting, rotate, value_pool
+from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, query_weighting, rotate, value_pool
+from ..kernels.fp8 import kv_rotation as rotation_for
 from ..kernels._triton import use_triton
 from ..kernels.paged_decode_fp8 import DEFAULT_BLOCK_N as DECODE_TILE
 from ..kernels.paged_prefill import DEQUANTIZE_LIMIT_BYTES, dequantize_pages
@@ -264,7 +265,8 @@ class ModelRunner:
 
     def __init__(self, model, num_pages: int, page_size: int, zipage_config: ZipageConfig | None,
                  scorer: Scorer | None, num_slots: int, fuse_ops: bool = True, kv_cache_dtype: str = "auto",
-                 tp_size: int = 1, window_blocks: WindowBlocks | None = None, exact_tail: int = 0) -> None:
+                 tp_size: int = 1, window_blocks: WindowBlocks | None = None, exact_tail: int = 0,
+                 kv_rotation: bool | None = None) -> None:
         check_model(model)
         register_attention()
         self.model = model
@@ -309,7 +311,10 @@ class ModelRunner:
         if kv_cache_dtype in QUANTIZED_KV:
             self.k_scale = torch.zeros(shape[:-1], dtype=SCALE_DTYPE, device=self.device)
             self.v_scale = torch.zeros_like(self.k_scale)
-        self.rotation = kv_rotation(kv_cache_dtype, D, self.device)  # INT8 (FP8 if asked): stored rotated
+        # 8-bit pages stored in a rotated basis (INT8 by default, FP8 if asked; a full-KV engine, which has no
+        # ZipageConfig, takes the setting as ``kv_rotation``)
+        setting = zipage_config.kv_rotation if zipage_config is not None else kv_rotation
+        self.rotation = rotation_for(kv_cache_dtype, D, self.device, setting)
         # FP8 pages: the keys' scale search weighted by the moments of the prompts' queries (query_moments.py)
         self.query_moments = QueryMoments(L, Hkv, D, self.device) if query_weighting(kv_cache_dtype, D) else None
         self.state_pool = None

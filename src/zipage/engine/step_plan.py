@@ -171,7 +171,8 @@ def serve(ranks: Ranks, model: torch.nn.Module) -> None:
     scorer = get_scorer(cfg.scorer, cfg) if cfg is not None else None
     runner = ModelRunner(model, setup["num_pages"], setup["page_size"], cfg, scorer, setup["num_slots"],
                          fuse_ops=setup["fuse_ops"], kv_cache_dtype=setup["kv_cache_dtype"], tp_size=ranks.size,
-                         exact_tail=setup["exact_tail"])
+                         exact_tail=setup["exact_tail"],
+                         kv_rotation=setup["kv_rotation"])
     ranks.gather(None)  # built: rank 0 goes on
     while True:
         message = _receive(ranks)

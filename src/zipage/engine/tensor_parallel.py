@@ -52,13 +52,14 @@ def start_ranks(model: torch.nn.Module, source: Any, dtype: Any, device: Any, si
 
 def driver_runner(ranks: Ranks, model: torch.nn.Module, num_pages: int, page_size: int, zipage_config: Any,
                   scorer: Any, num_slots: int, fuse_ops: bool, kv_cache_dtype: str = "auto",
-                  exact_tail: int = 0) -> DriverRunner:
+                  exact_tail: int = 0, kv_rotation: bool | None = None) -> DriverRunner:
     """Rank 0's runner, once every rank has built its own pools (rank 0 chose their size)."""
     with ranks.guard("building the runners"):
         ranks.send(("setup", {"num_pages": num_pages, "page_size": page_size, "zipage_config": zipage_config,
                               "num_slots": num_slots, "fuse_ops": fuse_ops, "kv_cache_dtype": kv_cache_dtype,
-                              "exact_tail": exact_tail}))
+                              "exact_tail": exact_tail, "kv_rotation": kv_rotation}))
         runner = DriverRunner(model, num_pages, page_size, zipage_config, scorer, num_slots, fuse_ops=fuse_ops,
-                              kv_cache_dtype=kv_cache_dtype, ranks=ranks, exact_tail=exact_tail)
+                              kv_cache_dtype=kv_cache_dtype, ranks=ranks, exact_tail=exact_tail,
+                              kv_rotation=kv_rotation)
         ranks.gather(None)
     return runner

@@ -58,6 +58,8 @@ def engine_from_args(model: Any, tokenizer: Any, args: argparse.Namespace) -> LL
         fields["scorer"] = args.scorer
     if getattr(args, "exact_tail", 0):
         fields["exact_tail"] = args.exact_tail
+    if getattr(args, "kv_rotation", None) is not None:
+        fields["kv_rotation"] = args.kv_rotation == "on"
     tp = getattr(args, "tensor_parallel_size", 1)
     if tp > 1 and isinstance(model, str):  # every rank loads it (see load)
         device, dtype = _placement(args)
@@ -97,6 +99,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--exact-tail {exact_tail} is invalid: expected an int >= 0"
     if exact_tail and args.budget is None and args.kv_cache_dtype not in ("fp8", "int8"):
         return f"--exact-tail {exact_tail}: it applies to 8-bit pages (--kv-cache-dtype fp8 or int8)"
+    if getattr(args, "kv_rotation", None) == "on" and args.kv_cache_dtype not in ("fp8", "int8"):
+        return "--kv-rotation on: it applies to 8-bit pages (--kv-cache-dtype fp8 or int8)"
     try:
         if args.budget is not None:
             ZipageConfig(budget=args.budget, page_size=args.page_size, kv_cache_dtype=args.kv_cache_dtype,
