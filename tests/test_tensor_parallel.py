@@ -133,15 +133,20 @@ def test_a_rank_that_fails_stops_the_engine(engines):
         two.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
 
 
-def test_full_kv_fp8_two_ranks_then_close_stops_every_rank():
-    """FP8 pages scale per token and KV head, so each rank quantizes its heads as one process does."""
+@pytest.mark.parametrize("kv_rotation", [None, True])
+def test_full_kv_fp8_two_ranks_then_close_stops_every_rank(kv_rotation):
+    """FP8 pages scale per token and KV head, so each rank quantizes its heads as one process does (stored
+    rotated on every rank with ``kv_rotation=True``, which a full-KV engine takes without a ZipageConfig)."""
     prompts = prompts_of((10, 19), seed=8)
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    kw = dict(budget=None, page_size=8, num_pages=32, max_num_seqs=2, kv_cache_dtype="fp8")
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    kw = dict(budget=None, page_size=8, num_pages=32, max_num_seqs=2, kv_cache_dtype="fp8", kv_rotation=kv_rotation)
     ref = LLM(tiny_model("llama"), **kw)
+    want = ref.generate(prompts, params, use_tqdm=False)
     with LLM(tiny_model("llama"), tensor_parallel_size=2, **kw) as two:
-        assert [o.token_ids for o in two.generate(prompts, params, use_tqdm=False)] == \
-            [o.token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
+        got = two.generate(prompts, params, use_tqdm=False)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        for a, b in zip(got, want):
+            assert [x.logprob for x in a.logprobs] == pytest.approx([y.logprob for y in b.logprobs], abs=1e-4)
         worker = two.ranks.procs[0]
     assert worker.exitcode == 0  # a clean stop, not a kill
     with pytest.raises(TensorParallelError, match="closed"):
