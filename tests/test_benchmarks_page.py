@@ -65,3 +65,29 @@ def test_index_reads_the_rotation_setting(tmp_path):
     pages = [row.split("|")[2].strip() for row in _quality_index(tmp_path)[2:]]
     assert pages == ["FP8, 16 scales searched, keys query-weighted, rotated", "INT8, unrotated",
                      "FP8, 16 scales searched, keys query-weighted, rotated"]
+
+
+def test_targets_table_reads_the_newest_pair_and_names_what_is_missing(tmp_path):
+    from zipage.bench.fp8_report import targets_table
+
+    def system(tok_s, running, pages, step=30.0, floor=24.0):
+        return dict(tokens_per_s=tok_s, mean_running=running, kv_pages=pages, page_size=256,
+                    median_decode_step_ms=step, decode_compute_floor_ms=floor, step_over_compute_floor=step / floor,
+                    step_over_floor=step / 18.0)
+
+    (tmp_path / "fp8").mkdir()
+    (tmp_path / "fp8" / "throughput_a.json").write_text(json.dumps(dict(systems={
+        "zipage-2048": system(1000.0, 250, 1000), "zipage-2048-fp8": system(1700.0, 500, 1950, 29.0)})))
+    (tmp_path / "fp8" / "throughput_b.json").write_text(json.dumps(dict(systems={  # the newer pair
+        "zipage-2048": system(1000.0, 250, 1000), "zipage-2048-fp8": system(1400.0, 490, 1940, 33.6)})))
+    rows = targets_table(tmp_path)
+    speed = next(r for r in rows if r.startswith("| zipage-2048-fp8 >= 1.6x"))
+    assert "1.40x" in speed and "**miss**" in speed and "throughput_b.json" in speed
+    assert "1.94x the pages" in next(r for r in rows if r.startswith("| twice the requests"))
+    step = next(r for r in rows if r.startswith("| the FP8 decode step"))
+    assert "1.40x its floor" in step and "**miss**" in step
+    assert "**missing**" in next(r for r in rows if r.startswith("| full-KV FP8 against full-KV bf16"))
+    (tmp_path / "fp8" / "throughput_c.json").write_text(json.dumps(dict(systems={
+        "zipage-fullkv": system(500.0, 100, 1000), "zipage-fullkv-fp8": system(800.0, 200, 1940)})))
+    full = next(r for r in targets_table(tmp_path) if r.startswith("| full-KV FP8 against full-KV bf16"))
+    assert "1.60x" in full and "reported" in full
