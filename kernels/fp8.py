@@ -159,7 +159,10 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
         check_weights("quantize_reference", weights, x.shape[-2:])
     xf = x.float()
     top = CODE_MAX[dtype]
-    scale = (xf.abs().amax(dim=-1) / top).clamp(min=MIN_SCALE)
+    amax = xf.abs().amax(dim=-1)
+    # (divided by a tensor: CUDA divides by a Python number as a product with its reciprocal, which may land one
+    # ulp from the IEEE quotient the store kernel takes, and so tip the scale search to another candidate)
+    scale = (amax / torch.full_like(amax, top)).clamp(min=MIN_SCALE)
     steps = scale_steps() if dtype == FP8 else 1
     if steps == 1:
         c = (xf / scale[..., None]).clamp(-top, top)
