@@ -32,7 +32,9 @@ def _engine_table(paths: list[Path]) -> list[str]:
                 rate = _decode_rate(r)
                 base_rate = _decode_rate(systems[bf16])
                 decode_ratio = f"{rate / base_rate:.2f}x" if rate and base_rate and name != bf16 else ""
-                lines.append(f"| `{path.name}` | {name} | {limit} | {r['mean_running']:.0f} | "
+                device = data.get("device", "")
+                where = f" ({device.replace('NVIDIA ', '').split()[0]})" if device else ""
+                lines.append(f"| `{path.name}`{where} | {name} | {limit} | {r['mean_running']:.0f} | "
                              f"{r['mean_output_tokens']:,.0f} | {r['tokens_per_s']:,.0f} | "
                              f"{r['median_decode_step_ms']:.1f} | {r['decode_floor_ms']:.1f} | "
                              f"{r['step_over_floor']:.2f} | {f'{cfloor:.1f}' if cfloor else ''} | "
@@ -129,7 +131,10 @@ def fp8_section(results: Path) -> str:
              "`throughput_qwen3-8b_zzzz_fp8_smallops_steady.json` the same pair after the cuts to the "
              "step's small kernels (`PART=final32`, below); `throughput_qwen3-8b_zzzzz_fp8_tail32.json` 100 s, "
              "bf16, FP8, and FP8 with `exact_tail=32` (`PART=longtail STAGE=b`; the ring of exact tokens, 2.4 GB "
-             "here, is beside the 80 GiB of pages).", "",
+             "here, is beside the 80 GiB of pages); `throughput_qwen3-8b_zzzzzz_fullkv_fp8_h100.json` full KV in FP8 "
+             "against bf16 pages (the issue's full-KV pair) on an H100, whose 80 GB hold 40 GiB of KV beside the "
+             "weights, 80 s each (`PART=fullkv8` with `--kv-gib 40`; `benchmarks/results/issue15/s40/`): with no "
+             "eviction both run past what their pages hold and preempt (recompute) the newest requests.", "",
              "What holds the FP8 step above its floor is the decode kernel on FP8 pages, at 0.69 of the copy "
              "bandwidth where the bf16 kernel reaches 1.0. Nsight Compute (`PART=ncu`, "
              "`benchmarks/results/issue15/s30/`) finds it bound neither by memory (DRAM 63%) nor by issue slots "
@@ -400,8 +405,12 @@ def targets_table(results: Path) -> list[str]:
     full = _pair(folder, "zipage-fullkv")
     if full:
         path, a, b = full
+        data = json.loads(path.read_text())
         row("full-KV FP8 against full-KV bf16, reported", f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x "
-            f"({b['tokens_per_s']:,.0f} against {a['tokens_per_s']:,.0f} tok/s)", "reported", f"`fp8/{path.name}`")
+            f"({b['tokens_per_s']:,.0f} against {a['tokens_per_s']:,.0f} tok/s; {b['mean_running']:.0f} against "
+            f"{a['mean_running']:.0f} requests at once, {b.get('preemptions', 0):,} against {a.get('preemptions', 0):,} "
+            f"preemptions; {data.get('device', 'GPU')}, {data.get('kv_gib', '?')} GiB of KV)", "reported",
+            f"`fp8/{path.name}`")
     else:
         row("full-KV FP8 against full-KV bf16, reported", "not measured yet (`PART=fullkv8` of "
             "`benchmarks/gpu_session.sh` is ready)", "**missing**", "")
