@@ -10,7 +10,8 @@ squared error; :func:`quantize_reference`). e4m3 keeps 4 significant bits of eac
 sits, so which elements land near a code, the largest ones above all, depends on the scale; picking
 it cuts the squared rounding error of Gaussian rows by a fifth to a quarter, and what FP8 pages cost in
 next-token KL by 21-44% on SmolLM2 and 5-10% on Gemma 3 (``benchmarks/results/fp8/``). It costs the
-store 16 trial roundings of each row, and nothing where pages are read. ``ZIPAGE_FP8_SCALE_STEPS=1``
+store 16 trial roundings of each row (on an H100 the store kernel's 11.8 us a layer become 41-46, 8% of the
+engine's FP8 decode step at 175 requests: ``benchmarks/results/issue15/s40/``), and nothing where pages are read. ``ZIPAGE_FP8_SCALE_STEPS=1``
 gives the plain ``max|x| / 448`` (for comparisons). Keys are compared by what their rounding does to the
 logits of the queries that read them rather than by the squared error (:func:`query_weights`, from the
 queries' moments that ``zipage.query_moments`` counts; ``ZIPAGE_FP8_QUERY_WEIGHTS=0``: the squared error). Quantizing read-back values again is no longer an
