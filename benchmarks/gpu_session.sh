@@ -77,7 +77,12 @@
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 #   PART=fullkv8 full KV in FP8 pages against full KV in bf16 pages (the "full-KV fp8 against full-KV bf16"):
 #              zipage-fullkv and zipage-fullkv-fp8, Qwen3-8B shapes, 512 requests of up to 4,096 forced tokens, the
-#              same 80 GiB of KV, TIME_LIMIT s each (default 100), then the FP8 engine tests
+#              same KV_GIB GiB of KV (default 80: an H200; 40 on an H100), TIME_LIMIT s each (default 100), then the FP8
+#              engine tests
+#   PART=storelaunch the quantizing store's launch (ZIPAGE_STORE_LAUNCH: KV heads a program, keys and values apart,
+#              warps), which the scale search made 8% of the FP8 decode step on an H100 (session 40): the store GPU
+#              tests (the weighted bf16 case failed in session 40; its reference fixed since), store_bench over
+#              launches, then the engine's FP8 decode step with the default launch and LAUNCH (default heads=2,split=1)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -264,9 +269,22 @@ for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weigh
         --systems zipage-2048,zipage-2048-fp8,zipage-2048-fp8-tail32 --out "$OUT/throughput_qwen3-8b_fp8_tail32.json" \
         2>&1 | tail -5
     fi ;;
+  storelaunch)
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_kernels.py -k store 2>&1 \
+      | tee "$OUT/gpu_tests_storelaunch.log" | tail -3
+    timeout 200 python3 benchmarks/store_bench.py --requests 490 --out "$OUT/store_launches.json" \
+      --launches "default;heads=2,split=1;heads=1,split=1;heads=2,split=1,warps=2;heads=1,split=1,warps=1;split=1" \
+      2>&1 | grep -a "fp8\|int8"
+    for launch in "" "${LAUNCH:-heads=2,split=1}"; do
+      tag=$(echo "${launch:-default}" | tr '=,' '-_')  # (plain file names: they come back from the machine)
+      ZIPAGE_STORE_LAUNCH="$launch" timeout 120 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
+        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_launch_$tag.json" \
+        > "$OUT/profile_launch_$tag.txt" 2>&1
+      echo "launch '${launch:-default}':"; grep -a 'engine step\|device time\|_store_fp8' "$OUT/profile_launch_$tag.txt"
+    done ;;
   fullkv8)
     timeout 420 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
-      --max-tokens 4096 --kv-gib 80 --time-limit "${TIME_LIMIT:-100}" --systems zipage-fullkv,zipage-fullkv-fp8 \
+      --max-tokens 4096 --kv-gib "${KV_GIB:-80}" --time-limit "${TIME_LIMIT:-100}" --systems zipage-fullkv,zipage-fullkv-fp8 \
       --out "$OUT/throughput_qwen3-8b_zzzzzz_fullkv_fp8.json" 2>&1 | tail -5
     timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_engine.py 2>&1 \
       | tee "$OUT/gpu_tests_fullkv8.log" | tail -3 ;;

@@ -10,12 +10,17 @@ queries' moments (``fp8.query_weights``, what the engine's FP8 pages do once a p
 table and writes JSON:
 
     python benchmarks/store_bench.py [--requests 490] [--out benchmarks/results/store_bench.json]
+
+``--launches 'default;heads=2,split=1;...'`` repeats the 8-bit rows under each ``ZIPAGE_STORE_LAUNCH`` (how the
+store's programs are cut: KV heads a program, keys and values in programs of their own, warps; the codes are the
+same whatever the launch, ``tests/test_fp8_kernels.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -30,7 +35,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results/store_bench.json")
+    ap.add_argument("--launches", default="default",
+                    help="';'-separated ZIPAGE_STORE_LAUNCH settings for the 8-bit rows ('default': unset)")
     args = ap.parse_args()
+    launches = [x.strip() for x in args.launches.split(";") if x.strip()]
     H, D, page, L = 8, 128, 256, args.layers
     rows = []
     for B in map(int, args.requests.split(",")):
@@ -38,12 +46,16 @@ def main() -> None:
         v = torch.randn_like(k)
         q = torch.randn(256, H, D, device="cuda") + torch.randn(H, D, device="cuda") * 2
         qw = query_weights(q.sum(0), (q * q).sum(0), 256)
-        for name, dtype, vdim, with_values in (("bf16", torch.bfloat16, False, True),
-                                               ("fp8 values token-major", FP8, False, True),
-                                               ("fp8 values dimension-major", FP8, True, True),
-                                               ("fp8 query-weighted keys", FP8, True, True),
-                                               ("int8 values dimension-major", INT8, True, True),
-                                               ("fp8 keys only", FP8, False, False)):
+        cases = (("bf16", torch.bfloat16, False, True), ("fp8 values token-major", FP8, False, True),
+                 ("fp8 values dimension-major", FP8, True, True), ("fp8 query-weighted keys", FP8, True, True),
+                 ("int8 values dimension-major", INT8, True, True), ("fp8 keys only", FP8, False, False))
+        for launch, (name, dtype, vdim, with_values) in [(x, c) for x in launches for c in cases]:
+            if launch != launches[0] and dtype == torch.bfloat16:
+                continue  # (bf16 pages take the plain store: no launch choices)
+            if launch == "default":
+                os.environ.pop("ZIPAGE_STORE_LAUNCH", None)
+            else:
+                os.environ["ZIPAGE_STORE_LAUNCH"] = launch
             kw = dict(key_weights=qw) if "query-weighted" in name else {}
             kp = [torch.zeros(B, page, H, D, device="cuda", dtype=dtype) for _ in range(L)]
             vp = [value_pool((B, page, H, D), dtype, "cuda") if vdim else torch.zeros(B, page, H, D, device="cuda",
@@ -80,9 +92,10 @@ def main() -> None:
             # check the last step's tokens landed (the codes of one request and layer, against a direct read)
             got = vp[-1][:, 1 + args.steps] if with_values else kp[-1][:, 1 + args.steps]
             ok = bool(got.float().abs().sum() > 0)
-            rows.append(dict(requests=B, pages=name, us_per_layer=round(us, 2), ms_per_step=round(us * L / 1000, 3),
-                             stored=ok))
-            print(f"{B:>5} {name:>28} {us:8.2f} us/layer {us * L / 1000:7.3f} ms/step  stored={ok}", flush=True)
+            rows.append(dict(requests=B, pages=name, launch=launch, us_per_layer=round(us, 2),
+                             ms_per_step=round(us * L / 1000, 3), stored=ok))
+            print(f"{B:>5} {name:>28} {launch:>24} {us:8.2f} us/layer {us * L / 1000:7.3f} ms/step  stored={ok}",
+                  flush=True)
             del kp, vp, ks, vs
             torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

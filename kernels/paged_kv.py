@@ -10,6 +10,10 @@ quantizes each new token and head and writes its codes and its scale in the same
 
 from __future__ import annotations
 
+import functools
+import os
+from typing import NamedTuple
+
 import torch
 
 from ._triton import HAS_TRITON, interpreting, next_pow2, use_triton
@@ -19,6 +23,39 @@ from .fp8 import (ERROR_BITS, INT8, WEIGHT_BITS, WEIGHTED_ERROR_BITS, WEIGHTED_W
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+
+class StoreLaunch(NamedTuple):
+    """How the quantizing store is launched (``ZIPAGE_STORE_LAUNCH``, for measuring): ``heads`` KV heads a
+    program (0: as many as fit 2,048 elements, every head of a token at Qwen3-8B's shapes), ``split`` keys and
+    values in programs of their own (else one program stores both, one after the other), ``warps`` a program."""
+
+    heads: int = 0
+    split: bool = False
+    warps: int = 4
+
+
+def store_launch() -> StoreLaunch:
+    """The store's launch from ``ZIPAGE_STORE_LAUNCH`` (``heads=N,split=0|1,warps=N``; unset: the default)."""
+    return _parse_launch(os.environ.get("ZIPAGE_STORE_LAUNCH", "").strip())
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_launch(raw: str) -> StoreLaunch:
+    launch = StoreLaunch()
+    for part in filter(None, (x.strip() for x in raw.split(","))):
+        key, _, value = part.partition("=")
+        if key not in StoreLaunch._fields:
+            raise ValueError(f"ZIPAGE_STORE_LAUNCH: unknown key {key!r} (heads, split, warps)")
+        if not value.isdigit():
+            raise ValueError(f"ZIPAGE_STORE_LAUNCH: {key}={value!r} must be a whole number")
+        number = int(value)
+        if (key == "split" and number not in (0, 1)) or (key == "warps" and number not in (1, 2, 4, 8)) or (
+                key == "heads" and number & (number - 1)):
+            raise ValueError(f"ZIPAGE_STORE_LAUNCH: {key}={value} is invalid (heads: 0 or a power of two; split: 0 "
+                             "or 1; warps: 1, 2, 4 or 8)")
+        launch = launch._replace(**{key: bool(number) if key == "split" else number})
+    return launch
 
 
 def slot_indices(page_table: torch.Tensor, start: int, end: int, page_size: int) -> torch.Tensor:
@@ -184,16 +221,25 @@ if HAS_TRITON:
         PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_B: tl.constexpr, ROUND_FIRST: tl.constexpr, INT8: tl.constexpr, STEPS: tl.constexpr,
         ERROR_UNIT: tl.constexpr, HAS_QW: tl.constexpr, QW_UNIT: tl.constexpr, QW_SHIFT: tl.constexpr,
+        SPLIT: tl.constexpr = False,
     ):
         n = tl.program_id(0)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         slot = tl.load(SLOTS + n).to(tl.int64)
-        _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, a_p, a_t, a_h, a_d, MULT, WEIGHT,
-                       QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, HAS_QW, QW_UNIT, QW_SHIFT)
-        if HAS_B:  # (values: never query-weighted)
-            _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, b_p, b_t, b_h, b_d, MULT,
-                           WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, False, QW_UNIT, QW_SHIFT)
+        if SPLIT:  # (the grid's third axis: program 0 stores the keys, 1 the values)
+            if tl.program_id(2) == 0:
+                _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, a_p, a_t, a_h, a_d, MULT,
+                               WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, HAS_QW, QW_UNIT, QW_SHIFT)
+            else:
+                _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, b_p, b_t, b_h, b_d, MULT,
+                               WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, False, QW_UNIT, QW_SHIFT)
+        else:
+            _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, a_p, a_t, a_h, a_d, MULT,
+                           WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, HAS_QW, QW_UNIT, QW_SHIFT)
+            if HAS_B:  # (values: never query-weighted)
+                _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, b_p, b_t, b_h, b_d, MULT,
+                               WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, False, QW_UNIT, QW_SHIFT)
 
 
 def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, weights=None) -> None:
@@ -215,8 +261,10 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, w
     if src_b.stride(-1) != 1:
         src_b = src_b.contiguous()
     block_d = next_pow2(D)
-    block_h = min(next_pow2(H), max(1, 2048 // block_d))
+    launch = store_launch()
+    block_h = min(next_pow2(H), launch.heads or max(1, 2048 // block_d))
     has_b = cache_b is not None
+    split = launch.split and has_b
     for c in (cache, cache_b) if has_b else (cache,):
         if not (c.is_contiguous() or dim_major(c)):
             raise ValueError("store_kv: 8-bit pools must be contiguous or dimension-major (fp8.value_pool)")
@@ -227,13 +275,14 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, w
     if has_qw:
         check_weights("store_kv", weights, (H, D), cache.device)
         weights = weights.contiguous()
-    _store_fp8_kernel[(n, triton.cdiv(H, block_h))](
+    _store_fp8_kernel[(n, triton.cdiv(H, block_h), 2 if split else 1)](
         cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots, mult, weight,
         weights if has_qw else weight, src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
         *cache.stride(), *other.stride(), PAGE=cache.shape[1], H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d,
         HAS_B=has_b, ROUND_FIRST=interpreting(),
         INT8=cache.dtype == INT8, STEPS=steps, ERROR_UNIT=float(2**ERROR_BITS), HAS_QW=has_qw,
-        QW_UNIT=float(2**WEIGHTED_ERROR_BITS), QW_SHIFT=WEIGHT_BITS - WEIGHTED_WEIGHT_BITS, num_warps=4,
+        QW_UNIT=float(2**WEIGHTED_ERROR_BITS), QW_SHIFT=WEIGHT_BITS - WEIGHTED_WEIGHT_BITS, SPLIT=split,
+        num_warps=launch.warps,
     )
 
 
