@@ -153,7 +153,9 @@ def fp8_section(results: Path) -> str:
     if targets:
         parts += ["### Where the FP8 targets stand", "",
                   "Each target of the FP8 issue against the newest result on this page (the sections below have the "
-                  "runs, their commands and the reasons for each miss).", "", *targets, ""]
+                  "runs, their commands and the reasons for each miss). The zipage-2048 pair ran before FP8 pages "
+                  "searched their scales, which costs the FP8 decode step about 8% on an H100 at 175 requests "
+                  "(`benchmarks/results/issue15/s40/`); it has not been rerun on an H200 since.", "", *targets, ""]
     engine = _engine_table(sorted(folder.glob("throughput_*.json")))
     parts += engine + [""] if engine else ["(no engine pair yet)", ""]
     profile = _step_profile_table(folder)
