@@ -108,7 +108,8 @@ def fp8_section(results: Path) -> str:
     if not folder.is_dir():
         return ""
     parts = ["## FP8 and INT8 KV pages", "",
-             "Random-weight Qwen3-8B on the H200, the same 80 GiB of KV for every page type, 512 requests of up to "
+             "Random-weight Qwen3-8B on the H200 unless the run is marked otherwise, the same 80 GiB of KV for every "
+             "page type, 512 requests of up to "
              "4,096 forced tokens, each system run for the time limit shown "
              "(`benchmarks/throughput.py --systems zipage-2048,zipage-2048-fp8,zipage-2048-int8 --time-limit 60`); "
              "the floor is the step's bytes (weights and KV, scales included) at the copy bandwidth. It leaves out "
@@ -133,7 +134,8 @@ def fp8_section(results: Path) -> str:
              "bf16, FP8, and FP8 with `exact_tail=32` (`PART=longtail STAGE=b`; the ring of exact tokens, 2.4 GB "
              "here, is beside the 80 GiB of pages); `throughput_qwen3-8b_zzzzzz_fullkv_fp8_h100.json` full KV in FP8 "
              "against bf16 pages (the issue's full-KV pair) on an H100, whose 80 GB hold 40 GiB of KV beside the "
-             "weights, 80 s each (`PART=fullkv8` with `--kv-gib 40`; `benchmarks/results/issue15/s40/`): with no "
+             "weights, 80 s each (`KV_GIB=40 TIME_LIMIT=80 PART=fullkv8`, run as its command by hand; "
+             "`benchmarks/results/issue15/s40/`): with no "
              "eviction both run past what their pages hold and preempt (recompute) the newest requests.", "",
              "What holds the FP8 step above its floor is the decode kernel on FP8 pages, at 0.69 of the copy "
              "bandwidth where the bf16 kernel reaches 1.0. Nsight Compute (`PART=ncu`, "
@@ -261,7 +263,7 @@ def fp8_section(results: Path) -> str:
     if index:
         parts += ["### Every 8-bit quality run", "",
                   "Each 8-bit target of every `quality_fp8*` and `quality_int8*` report under `benchmarks/results/` "
-                  "(SmolLM2-135M-Instruct, 4 x 2,048 tokens of MATH-500 and GSM8K, float32 on the CPU), as its "
+                  "(SmolLM2-135M-Instruct, 4 x 2,048 tokens of MATH-500 solutions, float32 on the CPU), as its "
                   "JSON records it, by file name. *Pages as stored* is the report's own record of the FP8 store where it has "
                   "one (`fp8_store`), else follows from the environment its command names and from when it ran: "
                   "files named `plain`, and those older than the scale search (every FP8 file without `search` or "
@@ -300,17 +302,19 @@ def _quality_rows(text: str) -> list[str]:
     return out
 
 
-def _pages_as_stored(stem: str, command: str, target: str, store: dict | None = None) -> str:
+def _pages_as_stored(stem: str, command: str, target: str, store: dict | None = None,
+                     settings: dict | None = None) -> str:
     """How a quality report's 8-bit pages were stored: from its record of the FP8 store (``store``, reports
     since it was kept) or else its file name, its command's environment and the target's page type (see the
     index's caption)."""
     env = command.split(" python", 1)[0] if " python" in command else ""
     if "int8" in target.lower():
         rotated = "ZIPAGE_INT8_ROTATION=0" not in env and stem != "quality_fp8"  # (quality_fp8: before rotation)
+        control = _control_rotation(target, settings)
         if "kv_rotation=" in target:  # (a row's own setting, then the controls' --kv-rotation)
             rotated = "kv_rotation=True" in target
-        elif "full KV" in target and "--kv-rotation" in command:
-            rotated = "--kv-rotation on" in command
+        elif control is not None:
+            rotated = control
         return "INT8, " + ("rotated" if rotated else "unrotated")
     if store is not None:
         scale = ("one scale max/448" if store.get("scale_steps", 16) == 1 else
@@ -322,9 +326,17 @@ def _pages_as_stored(stem: str, command: str, target: str, store: dict | None = 
         scale = "16 scales searched, keys query-weighted"
     else:
         scale = "16 scales searched (squared error)"
-    rotated = ("kv_rotation=True" in target if "kv_rotation=" in target else "--kv-rotation on" in command
-               if "full KV" in target and "--kv-rotation" in command else "ZIPAGE_FP8_ROTATION=1" in env)
+    control = _control_rotation(target, settings)
+    rotated = ("kv_rotation=True" in target if "kv_rotation=" in target else control if control is not None
+               else "ZIPAGE_FP8_ROTATION=1" in env)
     return f"FP8, {scale}" + (", rotated" if rotated else "")
+
+
+def _control_rotation(target: str, settings: dict | None) -> bool | None:
+    """A full-KV control's ``kv_rotation`` as its report ran it (``--kv-rotation``: ``settings``), or None."""
+    if not target.startswith("full KV") or not settings or settings.get("kv_rotation") is None:
+        return None
+    return settings["kv_rotation"] == "on"
 
 
 def _quality_index(results: Path) -> list[str]:
@@ -341,7 +353,7 @@ def _quality_index(results: Path) -> list[str]:
             name = t.get("target", "")
             if "kv_cache_dtype=" not in name and " pages" not in name:
                 continue  # (the bf16 budget targets each report repeats)
-            pages = _pages_as_stored(path.stem, command, name, data.get("fp8_store"))
+            pages = _pages_as_stored(path.stem, command, name, data.get("fp8_store"), data.get("settings"))
             rows.append(f"| `{path.stem}` | {pages} | {name} | "
                         f"{t.get('value', '')} | {'pass' if t.get('passed') else '**miss**'} |")
     if not rows:
@@ -350,13 +362,16 @@ def _quality_index(results: Path) -> list[str]:
 
 
 def _pair(folder: Path, bf16: str) -> tuple[Path, dict, dict] | None:
-    """The newest throughput file (by name) with ``bf16`` and ``bf16-fp8`` both measured: path, bf16, FP8."""
-    for path in sorted(folder.glob("throughput_*.json"), reverse=True):
-        systems = json.loads(path.read_text()).get("systems", {})
+    """The newest throughput file with ``bf16`` and ``bf16-fp8`` both measured (by the ``date`` a run records,
+    then by name for runs from before it was recorded): path, bf16, FP8."""
+    found = []
+    for path in folder.glob("throughput_*.json"):
+        data = json.loads(path.read_text())
+        systems = data.get("systems", {})
         a, b = systems.get(bf16, {}), systems.get(f"{bf16}-fp8", {})
         if "tokens_per_s" in a and "tokens_per_s" in b:
-            return path, a, b
-    return None
+            found.append(((data.get("date", ""), path.name), path, a, b))
+    return max(found, key=lambda f: f[0])[1:] if found else None
 
 
 def _lost(results: Path, name: str, must: str) -> list[tuple[str, float, bool]]:
@@ -421,7 +436,8 @@ def targets_table(results: Path) -> list[str]:
         lost = _lost(results, name, "kv_cache_dtype=fp8")
         if lost:
             tails = ", ".join(f"`{_tail(t)}`: {v:+.2f}" for t, v, _ in lost)
-            row(f"FP8 costs <= 0.5 points of top-1 against bf16 at the same budget ({what} of the length)",
+            row(f"FP8 costs <= 0.5 points of top-1 against the same budget in the model's dtype (the issue's bf16; "
+                f"float32 on the CPU), {what} of the length",
                 f"points lost: {tails}", "pass" if all(ok for *_, ok in lost) else "**miss**", f"`{name[:-5]}`")
     best = []
     for name in ("quality_fp8_qweights_exact_tail64_control.json",

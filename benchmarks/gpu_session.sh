@@ -77,7 +77,8 @@
 #              NaN codes read as finite) and values stored dimension-major: GPU tests, then the kernel rows (tma)
 #   PART=fullkv8 full KV in FP8 pages against full KV in bf16 pages (the "full-KV fp8 against full-KV bf16"):
 #              zipage-fullkv and zipage-fullkv-fp8, Qwen3-8B shapes, 512 requests of up to 4,096 forced tokens, the
-#              same KV_GIB GiB of KV (default 80: an H200; 40 on an H100), TIME_LIMIT s each (default 100), then the FP8
+#              same KV_GIB GiB of KV (default: 80 on a card of over 100 GB, an H200; else 40), TIME_LIMIT s each
+#              (default 100), then the FP8
 #              engine tests
 #   PART=storelaunch the quantizing store's launch (ZIPAGE_STORE_LAUNCH: KV heads a program, keys and values apart,
 #              warps), which the scale search made 8% of the FP8 decode step on an H100 (session 40): the store GPU
@@ -284,7 +285,8 @@ for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weigh
     done ;;
   fullkv8)
     timeout 420 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
-      --max-tokens 4096 --kv-gib "${KV_GIB:-80}" --time-limit "${TIME_LIMIT:-100}" --systems zipage-fullkv,zipage-fullkv-fp8 \
+      --max-tokens 4096 --kv-gib "${KV_GIB:-$(python3 -c 'import torch; print(80 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 40)')}" \
+      --time-limit "${TIME_LIMIT:-100}" --systems zipage-fullkv,zipage-fullkv-fp8 \
       --out "$OUT/throughput_qwen3-8b_zzzzzz_fullkv_fp8.json" 2>&1 | tail -5
     timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_engine.py 2>&1 \
       | tee "$OUT/gpu_tests_fullkv8.log" | tail -3 ;;
@@ -604,5 +606,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "$n" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  *) echo "PART must be fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill or longsteps" >&2; exit 2 ;;
+  *) echo "PART must be one of: ncu, vdim, vdim2, final32, vdimab, vdimtune, smallops, smallops2, ladder, querykeep, nanstore, exacttail, scalesearch, longtail, storelaunch, fullkv8, smallops_pairs, storetune, vdimlong, stepprofile, vedge, int8ptx, cfloor, hm, fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill, longsteps" >&2; exit 2 ;;
 esac

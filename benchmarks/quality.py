@@ -431,7 +431,7 @@ def clone_prefilled(prefilled, model, zcfg):
     import zipage
 
     src = prefilled.zipage_config
-    for name in ("budget", "buffer", "page_size", "kv_cache_dtype"):
+    for name in ("budget", "buffer", "page_size", "kv_cache_dtype", "kv_rotation", "exact_tail"):  # (what it stored)
         if getattr(src, name) != getattr(zcfg, name):
             raise ValueError(f"clone_prefilled: the prefill has {name}={getattr(src, name)!r}, the run "
                              f"{name}={getattr(zcfg, name)!r}")
@@ -461,11 +461,13 @@ def clone_prefilled(prefilled, model, zcfg):
 
 def prefill_config(zcfg, window: int):
     """``zcfg`` with a ``window``-query window and a stateless scorer that reads queries: a prefill
-    with it keeps the last ``window`` queries, which ``clone_prefilled`` hands to any scorer."""
+    with it keeps the last ``window`` queries, which ``clone_prefilled`` hands to any scorer. The pages are
+    stored as ``zcfg``'s are (page type, rotation, exact tail)."""
     import zipage
 
     return zipage.ZipageConfig(budget=zcfg.budget, buffer=zcfg.buffer, page_size=zcfg.page_size,
-                               kv_cache_dtype=zcfg.kv_cache_dtype, window=window, scorer="snapkv")
+                               kv_cache_dtype=zcfg.kv_cache_dtype, kv_rotation=zcfg.kv_rotation,
+                               exact_tail=zcfg.exact_tail, window=window, scorer="snapkv")
 
 
 @torch.inference_mode()
@@ -630,7 +632,8 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
                     if args.no_reuse_prefill:
                         cache = prefill(model, ids, zcfg, first)
                     else:
-                        key = (first, zcfg.kv_cache_dtype)  # one prefill per budget and KV dtype,
+                        # one prefill per budget and way of storing the pages,
+                        key = (first, zcfg.kv_cache_dtype, zcfg.kv_rotation, zcfg.exact_tail)
                         if key not in prefilled:  # with the widest window of the rows
                             widest = max(zcfg.window, *(fl.get("window", args.window) for _, fl in rows))
                             prefilled[key] = prefill(model, ids, prefill_config(zcfg, widest), first)
@@ -929,8 +932,11 @@ def fp8_targets(tf: dict[str, Any]) -> list[dict[str, Any]]:
     bf16 = {c["budget_frac"]: c for c in tf.get("control_bf16", [])}
     for c in tf.get("control_fp8", []):
         kind = c.get("kv_cache_dtype", "fp8").upper()
-        if c.get("exact_tail"):
-            kind += f" (exact_tail={c['exact_tail']})"
+        details = [f"exact_tail={c['exact_tail']}"] if c.get("exact_tail") else []
+        if c.get("kv_rotation") is not None:  # (controls run with --kv-rotation)
+            details.append("rotated" if c["kv_rotation"] else "unrotated")
+        if details:
+            kind += f" ({', '.join(details)})"
         out.append({
             "target": f"full KV in {kind} pages, positions of {c['budget_frac']}: top-1 within {FP8_TOP1_POINTS} points "
                       "of full KV in the model's dtype",

@@ -39,6 +39,13 @@ def main() -> None:
                     help="';'-separated ZIPAGE_STORE_LAUNCH settings for the 8-bit rows ('default': unset)")
     args = ap.parse_args()
     launches = [x.strip() for x in args.launches.split(";") if x.strip()]
+    from zipage.kernels.paged_kv import _parse_launch
+
+    for launch in launches:  # (refused before any row runs)
+        if launch != "default":
+            _parse_launch(launch)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     H, D, page, L = 8, 128, 256, args.layers
     rows = []
     for B in map(int, args.requests.split(",")):
@@ -52,6 +59,8 @@ def main() -> None:
         for launch, (name, dtype, vdim, with_values) in [(x, c) for x in launches for c in cases]:
             if launch != launches[0] and dtype == torch.bfloat16:
                 continue  # (bf16 pages take the plain store: no launch choices)
+            if not with_values and "split=1" in launch:
+                continue  # (keys alone: nothing to split, the same launch as without the split)
             if launch == "default":
                 os.environ.pop("ZIPAGE_STORE_LAUNCH", None)
             else:
@@ -96,10 +105,10 @@ def main() -> None:
                              ms_per_step=round(us * L / 1000, 3), stored=ok))
             print(f"{B:>5} {name:>28} {launch:>24} {us:8.2f} us/layer {us * L / 1000:7.3f} ms/step  stored={ok}",
                   flush=True)
+            out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")  # (each row: a time limit keeps what ran)
             del kp, vp, ks, vs
             torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -553,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
                    device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
                    torch=torch.__version__, transformers=transformers.__version__,
                    prefill_kernel=os.environ.get("ZIPAGE_PREFILL_KERNEL", "v2"),
+                   date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # (which of several runs is the newest)
                    command="python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv), systems={})
     results = summary["systems"]
     for name in args.systems.split(","):

@@ -324,7 +324,8 @@ def kv_rotation(kv_cache_dtype: str, head_dim: int, device, rotate: bool | None 
         rotate = value == "1" and power_of_two
     elif rotate and not power_of_two:
         raise ValueError(f"kv_rotation=True: the Hadamard rotation needs a power-of-two head dim, this model's is "
-                         f"{head_dim}; give kv_rotation=None or False")
+                         f"{head_dim}; store its pages unrotated (kv_rotation None or False; zipage serve: "
+                         "--kv-rotation off or unset)")
     return _hadamard(head_dim, str(device)) if rotate else None
 
 

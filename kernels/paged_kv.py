@@ -243,8 +243,9 @@ if HAS_TRITON:
 
 
 def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, weights=None) -> None:
-    """The quantizing store: one program per (token, group of heads), keys with values (``weights``: the
-    query weights of ``cache``'s search, :func:`fp8.query_weights`)."""
+    """The quantizing store: one program per token and group of heads, storing its keys and then its values
+    (``ZIPAGE_STORE_LAUNCH``'s ``split``: keys and values in programs of their own; :func:`store_launch`)
+    (``weights``: the query weights of ``cache``'s search, :func:`fp8.query_weights`)."""
     H, D = cache.shape[2], cache.shape[3]
     if cache_b is not None and cache_b.dtype != cache.dtype:
         raise ValueError(f"store_kv: keys and values must share one page type, got {cache.dtype} and {cache_b.dtype}")

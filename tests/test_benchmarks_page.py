@@ -61,7 +61,8 @@ def test_index_reads_the_rotation_setting(tmp_path):
         ("zipage[kv_cache_dtype=fp8,kv_rotation=True] at 1/4: top-1 within 0.5 points of zipage", "x", True),
         ("zipage[kv_cache_dtype=int8,kv_rotation=False] at 1/4: top-1 within 0.5 points of zipage", "x", True),
         ("full KV in FP8 (exact_tail=64) pages, positions of 1/4: top-1 within 0.5 points of full KV", "x", False)],
-        fp8_store={"scale_steps": 16, "query_weights": True})  # (its own record, whatever the file's name)
+        fp8_store={"scale_steps": 16, "query_weights": True},  # (its own record, whatever the file's name)
+        settings={"kv_rotation": "on"})
     pages = [row.split("|")[2].strip() for row in _quality_index(tmp_path)[2:]]
     assert pages == ["FP8, 16 scales searched, keys query-weighted, rotated", "INT8, unrotated",
                      "FP8, 16 scales searched, keys query-weighted, rotated"]
@@ -91,3 +92,20 @@ def test_targets_table_reads_the_newest_pair_and_names_what_is_missing(tmp_path)
         "zipage-fullkv": system(500.0, 100, 1000), "zipage-fullkv-fp8": system(800.0, 200, 1940)})))
     full = next(r for r in targets_table(tmp_path) if r.startswith("| full-KV FP8 against full-KV bf16"))
     assert "1.60x" in full and "reported" in full
+
+
+def test_targets_table_takes_the_newest_run_by_its_date(tmp_path):
+    """A run that records its date is newer than every run that does not, whatever the file names say."""
+    from zipage.bench.fp8_report import targets_table
+
+    def pair(tok_s, date=None):
+        systems = {"zipage-fullkv": dict(tokens_per_s=500.0, mean_running=100),
+                   "zipage-fullkv-fp8": dict(tokens_per_s=tok_s, mean_running=200)}
+        return json.dumps(dict(systems=systems, **({"date": date} if date else {})))
+
+    (tmp_path / "fp8").mkdir()
+    (tmp_path / "fp8" / "throughput_zz_old.json").write_text(pair(600.0))
+    (tmp_path / "fp8" / "throughput_a_new.json").write_text(pair(700.0, "2026-12-06T10:00:00Z"))
+    (tmp_path / "fp8" / "throughput_b_newer.json").write_text(pair(800.0, "2026-12-07T10:00:00Z"))
+    full = next(r for r in targets_table(tmp_path) if r.startswith("| full-KV FP8 against full-KV bf16"))
+    assert "1.60x" in full and "throughput_b_newer.json" in full

@@ -48,7 +48,7 @@ def test_config_and_llm_refuse_a_bad_setting_by_name():
     with pytest.raises(TypeError, match=r"ZipageConfig.kv_rotation='yes' is invalid"):
         ZipageConfig(kv_cache_dtype="int8", kv_rotation="yes")
     model = tiny_model("qwen3")
-    with pytest.raises(ValueError, match=r"LLM\(kv_rotation\)=True applies to 8-bit pages"):
+    with pytest.raises(ValueError, match=r"LLM\(kv_rotation=True\) applies to 8-bit pages"):
         LLM(model, budget=None, page_size=4, num_pages=16, kv_rotation=True)
     with pytest.raises(ValueError, match=r"ZipageConfig.kv_rotation=True applies to 8-bit pages"):
         LLM(model, budget=16, page_size=4, num_pages=16, kv_rotation=True)

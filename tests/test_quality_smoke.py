@@ -177,3 +177,27 @@ def test_smollm2_engine_with_fp8_exact_tails_gives_generates_tokens(smollm2):
     want = model.generate(torch.tensor([ids]), max_new_tokens=80, do_sample=False, pad_token_id=0, eos_token_id=None,
                           cache_implementation="zipage", cache_config=cfg)[0, len(ids):].tolist()
     assert got.token_ids == want
+
+
+def test_a_cloned_prefill_stores_the_pages_the_run_asks_for(quality):
+    """8-bit rows share a prefill only with rows that store pages the same way: a clone of a prefill with
+    rotated FP8 pages predicts as a fresh prefill does, and a prefill stored another way is refused by name."""
+    import zipage
+    from conftest import tiny_model
+
+    model = tiny_model("qwen3")
+    torch.manual_seed(3)
+    ids = torch.randint(3, model.config.vocab_size, (1, 64))
+    ref = quality.reference(model, ids)
+    zcfg = zipage.ZipageConfig(budget=16, page_size=4, buffer=8, window=4, kv_cache_dtype="fp8", kv_rotation=True)
+    first, N = zcfg.budget + zcfg.buffer, ids.shape[1]
+    pre = quality.prefill(model, ids, quality.prefill_config(zcfg, 8), first)
+    assert pre.zipage_config.kv_rotation is True
+    cloned, fresh = quality.Tracker(ids, ref), quality.Tracker(ids, ref)
+    meta = quality.run_chunked(model, ids, zcfg, cloned, quality.clone_prefilled(pre, model, zcfg))
+    assert meta["compressions"] > 0
+    quality.run_chunked(model, ids, zcfg, fresh, quality.prefill(model, ids, zcfg, first))
+    torch.testing.assert_close(cloned.kl[:, first : N - 1], fresh.kl[:, first : N - 1], rtol=0, atol=1e-6)
+    plain = zipage.ZipageConfig(budget=16, page_size=4, buffer=8, window=4, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="the prefill has kv_rotation=True, the run kv_rotation=None"):
+        quality.clone_prefilled(pre, model, plain)

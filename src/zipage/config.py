@@ -39,13 +39,14 @@ def check_kv_cache_dtype(value: Any, where: str = "ZipageConfig.kv_cache_dtype")
     return value
 
 
-def check_kv_rotation(value: Any, kv_cache_dtype: str, where: str = "ZipageConfig.kv_rotation") -> bool | None:
+def check_kv_rotation(value: Any, kv_cache_dtype: str, where: str = "ZipageConfig.kv_rotation={}") -> bool | None:
     """``value`` if it is a ``kv_rotation`` setting for pages of ``kv_cache_dtype`` (None or False; True for
-    8-bit pages only), else a TypeError or ValueError naming ``where``."""
+    8-bit pages only), else a TypeError or ValueError naming ``where`` (the setting's name, ``{}`` its value)."""
     if value is not None and not isinstance(value, bool):
-        raise TypeError(f"{where}={value!r} is invalid: expected True, False or None (the page type's default)")
+        raise TypeError(f"{where.format(repr(value))} is invalid: expected True, False or None (the page type's "
+                        "default)")
     if value and kv_cache_dtype not in ("fp8", "int8"):
-        raise ValueError(f"{where}=True applies to 8-bit pages (kv_cache_dtype='fp8' or 'int8'), got "
+        raise ValueError(f"{where.format(True)} applies to 8-bit pages (kv_cache_dtype='fp8' or 'int8'), got "
                          f"kv_cache_dtype={kv_cache_dtype!r}, whose pages are stored as they are")
     return value
 

@@ -101,7 +101,7 @@ class LLM:
             own (``SamplingParams.budget``: smaller, larger, or ``None`` for full KV). ``None``
             runs a plain full-KV paged engine (the baseline), which has no compression machinery
             and refuses per-request budgets (of the ``ZipageConfig`` fields it takes ``page_size`` and, with
-            8-bit pages, ``exact_tail``, of any length: nothing is evicted, and ``kv_rotation``). Other ``ZipageConfig`` fields
+            8-bit pages, ``kv_rotation`` and ``exact_tail``, the latter of any length: nothing is evicted). Other ``ZipageConfig`` fields
             (``page_size``, ``buffer``, ``window``, ``scorer``, ...) are accepted as keyword arguments too.
         enable_prefix_caching: share full prompt pages between requests with the same prefix (off for
             models with sliding-window layers: those keep only their window, so a cached prefix
@@ -204,7 +204,7 @@ class LLM:
             if exact_tail and kv_cache_dtype not in ("fp8", "int8"):
                 raise ValueError(f"LLM(exact_tail={exact_tail}) applies to 8-bit pages (kv_cache_dtype='fp8' or "
                                  f"'int8'), got kv_cache_dtype={kv_cache_dtype!r}, whose pages are exact already")
-            kv_rotation = check_kv_rotation(zipage_fields.get("kv_rotation"), kv_cache_dtype, "LLM(kv_rotation)")
+            kv_rotation = check_kv_rotation(zipage_fields.get("kv_rotation"), kv_cache_dtype, "LLM(kv_rotation={})")
             self.zipage_config = None
             scorer = None
         else:
