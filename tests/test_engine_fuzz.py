@@ -199,11 +199,12 @@ def draw(seed: int) -> Case:
         stop_at = rnd.randrange(kw["max_tokens"]) if "n" not in kw and rnd.random() < 0.15 else None
         requests.append(Request(prompt, SamplingParams(temperature=0, ignore_eos=True, **kw), stop_at))
     if cfg is not None and not any(_compresses(cfg, r.prompt, r.params, r.params.max_tokens) for r in requests):
-        # one request long enough to be compressed at least once
+        # one request long enough to be compressed at least once (at the engine's budget if its own is None)
         r = requests[rnd.randrange(len(requests))]
-        own = cfg if r.params.budget is _ENGINE or r.params.budget is None else cfg.replace(budget=r.params.budget)
+        budget = _ENGINE if r.params.budget is None else r.params.budget
+        own = cfg if budget is _ENGINE else cfg.replace(budget=budget)
         need = own.next_compression(len(r.prompt)) - len(r.prompt) + 2
-        r.params = dataclasses.replace(r.params, max_tokens=max(r.params.max_tokens, need))
+        r.params = dataclasses.replace(r.params, max_tokens=max(r.params.max_tokens, need), budget=budget)
         r.stop_at = None
     cut = rnd.randint(1, len(requests) - 1) if len(requests) > 1 and rnd.random() < 0.5 else len(requests)
     case.rounds = [requests[:cut], requests[cut:]] if cut < len(requests) else [requests]
@@ -290,7 +291,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-SEEDS = list(range(16))
+# Seeds 0-699 of this draw all passed when it was written (a scratch sweep, with 300 more drawn with longer outputs,
+# repeated prompts and up to 8 requests at once); these 20 cover every feature (prefix-cache hits, preemptions,
+# chunked prefill, 8-bit pages and exact tails, sliding-window models, stops, n=2, per-request budgets) in about
+# 15 s on a CPU.
+SEEDS = [0, 1, 2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 17, 20, 22, 26, 28, 34]
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda s: draw(s).name)
