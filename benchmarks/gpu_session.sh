@@ -83,7 +83,8 @@
 #   PART=storelaunch the quantizing store's launch (ZIPAGE_STORE_LAUNCH: KV heads a program, keys and values apart,
 #              warps), which the scale search made 8% of the FP8 decode step on an H100 (session 40): the store GPU
 #              tests (the weighted bf16 case failed in session 40; its reference fixed since), store_bench over
-#              launches, then the engine's FP8 decode step with the default launch and LAUNCH (default heads=2,split=1)
+#              launches, then the engine's FP8 decode step with the default launch and LAUNCH (default heads=2,split=1),
+#              and a compression's token selection (stable sort, ties to the earlier tokens) against topk
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -282,7 +283,19 @@ for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weigh
         --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_launch_$tag.json" \
         > "$OUT/profile_launch_$tag.txt" 2>&1
       echo "launch '${launch:-default}':"; grep -a 'engine step\|device time\|_store_fp8' "$OUT/profile_launch_$tag.txt"
-    done ;;
+    done
+    # a compression's selection: the stable sort that breaks exact ties by position (session 40) against topk
+    timeout 60 python3 -c "
+import torch
+for rows, S, k in ((8, 2304, 2048), (64, 2304, 2048), (8 * 36, 2304, 2048)):
+    s = torch.randn(rows, S, device='cuda')
+    for name, f in (('topk', lambda: torch.topk(s, k, dim=-1, sorted=False).indices.sort(dim=-1).values),
+                    ('stable sort', lambda: torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k].sort(dim=-1).values)):
+        f(); torch.cuda.synchronize(); a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(50): f()
+        b.record(); torch.cuda.synchronize(); print(f'select {rows} rows x {S} keep {k}: {name} {a.elapsed_time(b) / 50 * 1000:.1f} us')
+" ;;
   fullkv8)
     timeout 420 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(python3 -c 'import torch; print(80 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 40)')}" \

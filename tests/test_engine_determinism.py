@@ -82,6 +82,23 @@ def test_tokens_do_not_depend_on_a_neighbour_taking_pages(llama):
     assert_pool_clean(together)
 
 
+def test_tokens_do_not_depend_on_neighbours_through_tied_scores():
+    """knorm scores a repeated token's keys equal to the last bit: which of the tied tokens a compression keeps
+    must not move with the requests decoding beside it (it did while the selection was topk's)."""
+    from conftest import tiny_model
+
+    model = tiny_model("mistral")
+    p = [22, 29, 54, 83, 73, 3, 54, 68, 88, 90, 78, 93, 65, 62, 68, 75, 3, 51, 85, 33, 28, 34, 76]
+    cfg = dict(budget=6, page_size=8, buffer=6, window=3, scorer="knorm")
+    params = SamplingParams(max_tokens=23, temperature=0, ignore_eos=True)
+    want = reference(model, p, 23, cfg)
+    for batch in ([p], [p, [5], [5]]):
+        llm = LLM(model, num_pages=64, max_num_seqs=3, enable_prefix_caching=False, **cfg)
+        assert llm.generate(batch, params, use_tqdm=False)[0].token_ids == want, len(batch)
+        assert llm.stats()["compressions"] > 0
+        assert_pool_clean(llm)
+
+
 # ------------------------------------------------------------------------------ 2. preemption
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_preempting_a_sequence_due_for_compression_keeps_its_tokens(llama, async_scheduling):

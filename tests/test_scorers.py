@@ -466,6 +466,21 @@ def test_select_keep_matches_reference(B, H, S, window, sinks, k_frac):
     assert keep.tolist() == exp
 
 
+def test_select_keep_keeps_the_earlier_of_equal_scores():
+    """Exact ties (a repeated token's key norm is equal to the last bit) go to the earlier tokens, whatever the
+    other scores and however many rows and heads are selected together (topk's choice among ties moved with
+    them, so a request's compression depended on the requests batched beside it)."""
+    tie = torch.tensor([0.5, -1.0, 2.0, -1.0, -1.0, 3.0, -1.0, -1.0, 0.0, 1.0])
+    scores = torch.stack([tie, tie.flip(0)])[None].expand(3, 2, 10).clone()
+    scores[1:, :, 9] = 5.0  # other scores around the ties change, the tie-break must not
+    key_mask = torch.ones(3, 10, dtype=torch.bool)
+    keep = select_keep(scores, key_mask, 6, 0, 0)
+    assert keep[0, 0].tolist() == [0, 1, 2, 5, 8, 9]  # 3.0, 2.0, 1.0, 0.5, 0.0 and the first of the -1.0s
+    assert keep[0, 1].tolist() == [0, 1, 2, 4, 7, 9]  # (the flipped row: its first -1.0 is at 2)
+    for b in (1, 2):
+        assert keep[b, 0].tolist() == [0, 1, 2, 5, 8, 9]
+
+
 def test_select_keep_protects_window_and_sinks_against_low_scores():
     S = 12
     scores = torch.linspace(1.0, 0.0, S).repeat(2, 3, 1)  # lower and lower towards the end

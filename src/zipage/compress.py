@@ -27,7 +27,8 @@ def select_keep(
 
     The last ``window`` tokens and the first ``sinks`` real tokens are always kept;
     padding (``key_mask`` False) goes first, so real tokens never lose their place to it,
-    whatever the scores (an infinite or NaN score ranks among the real tokens).
+    whatever the scores (an infinite or NaN score ranks among the real tokens). Among equal scores
+    the earlier tokens are kept.
 
     Args:
         scores: ``[B, H, S]``; key_mask: ``[B, S]`` bool.
@@ -47,7 +48,10 @@ def select_keep(
         rank = key_mask.long().cumsum(dim=1)
         s = s.masked_fill((key_mask & (rank <= sinks))[:, None, :], float("inf"))
     s = s.masked_fill(~key_mask[:, None, :], float("-inf"))
-    keep = torch.topk(s, k, dim=-1, sorted=False).indices
+    # exactly equal scores keep the earlier tokens: a stable sort, not topk, whose choice among ties is unspecified
+    # and moves with the other scores (a repeated token's key norm is the same to the last bit, so a knorm
+    # compression of one request would otherwise depend on the requests batched beside it)
+    keep = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
     return keep.sort(dim=-1).values
 
 
