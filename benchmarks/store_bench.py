@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -39,11 +38,10 @@ def main() -> None:
                     help="';'-separated ZIPAGE_STORE_LAUNCH settings for the 8-bit rows ('default': unset)")
     args = ap.parse_args()
     launches = [x.strip() for x in args.launches.split(";") if x.strip()]
-    from zipage.kernels.paged_kv import _parse_launch
+    from zipage.kernels.paged_kv import set_store_launch
 
     for launch in launches:  # (refused before any row runs)
-        if launch != "default":
-            _parse_launch(launch)
+        set_store_launch("" if launch == "default" else launch)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     H, D, page, L = 8, 128, 256, args.layers
@@ -61,10 +59,7 @@ def main() -> None:
                 continue  # (bf16 pages take the plain store: no launch choices)
             if not with_values and "split=1" in launch:
                 continue  # (keys alone: nothing to split, the same launch as without the split)
-            if launch == "default":
-                os.environ.pop("ZIPAGE_STORE_LAUNCH", None)
-            else:
-                os.environ["ZIPAGE_STORE_LAUNCH"] = launch
+            set_store_launch("" if launch == "default" else launch)
             kw = dict(key_weights=qw) if "query-weighted" in name else {}
             kp = [torch.zeros(B, page, H, D, device="cuda", dtype=dtype) for _ in range(L)]
             vp = [value_pool((B, page, H, D), dtype, "cuda") if vdim else torch.zeros(B, page, H, D, device="cuda",

@@ -35,9 +35,23 @@ class StoreLaunch(NamedTuple):
     warps: int = 4
 
 
+_launch: StoreLaunch | None = None  # (read once: every store call asks, and an environment lookup is not free)
+
+
 def store_launch() -> StoreLaunch:
-    """The store's launch from ``ZIPAGE_STORE_LAUNCH`` (``heads=N,split=0|1,warps=N``; unset: the default)."""
-    return _parse_launch(os.environ.get("ZIPAGE_STORE_LAUNCH", "").strip())
+    """The store's launch from ``ZIPAGE_STORE_LAUNCH`` (``heads=N,split=0|1,warps=N``; unset: the default), read
+    at the first store of the process; :func:`set_store_launch` changes it later (benchmarks, tests)."""
+    global _launch
+    if _launch is None:
+        _launch = _parse_launch(os.environ.get("ZIPAGE_STORE_LAUNCH", "").strip())
+    return _launch
+
+
+def set_store_launch(raw: str | None) -> StoreLaunch:
+    """Launch the store as ``raw`` says (``ZIPAGE_STORE_LAUNCH``'s form; None: read the variable again)."""
+    global _launch
+    _launch = None if raw is None else _parse_launch(raw.strip())
+    return store_launch()
 
 
 @functools.lru_cache(maxsize=None)

@@ -525,23 +525,34 @@ def test_fp8_prefill_gpu(dtype, page, codes):
 def test_store_launches_write_the_same_bytes(launch, monkeypatch):
     """``ZIPAGE_STORE_LAUNCH`` changes how the store's programs are cut (heads a program, keys and values apart,
     warps), never what it writes: the reference's codes and scales, byte for byte, weighted keys included."""
-    monkeypatch.setenv("ZIPAGE_STORE_LAUNCH", launch)
+    from zipage.kernels.paged_kv import set_store_launch
+
     monkeypatch.setenv("ZIPAGE_FP8_SCALE_STEPS", "")
-    _store_case("cpu", torch.float32, 9, 3, 20, 4, FP8, weighted=True)
-    _store_case("cpu", torch.float16, 5, 2, 16, 8, INT8)
+    set_store_launch(launch)
+    try:
+        _store_case("cpu", torch.float32, 9, 3, 20, 4, FP8, weighted=True)
+        _store_case("cpu", torch.float16, 5, 2, 16, 8, INT8)
+    finally:
+        set_store_launch(None)
 
 
 @pytest.mark.parametrize("raw, message", [("heads=3", "heads=3 is invalid"), ("split=2", "split=2 is invalid"),
                                           ("warps=x", "warps='x' must be a whole number"),
                                           ("blocks=2", "unknown key 'blocks'")])
 def test_store_launch_refuses_a_bad_setting_by_name(raw, message, monkeypatch):
-    from zipage.kernels.paged_kv import StoreLaunch, store_launch
+    from zipage.kernels.paged_kv import StoreLaunch, set_store_launch
 
-    monkeypatch.setenv("ZIPAGE_STORE_LAUNCH", "heads=2, split=1")
-    assert store_launch() == StoreLaunch(heads=2, split=True, warps=4)
-    monkeypatch.setenv("ZIPAGE_STORE_LAUNCH", raw)
-    with pytest.raises(ValueError, match=f"ZIPAGE_STORE_LAUNCH: {re.escape(message)}"):
-        store_launch()
+    try:
+        monkeypatch.setenv("ZIPAGE_STORE_LAUNCH", "heads=2, split=1")
+        assert set_store_launch(None) == StoreLaunch(heads=2, split=True, warps=4)  # (the variable, read again)
+        monkeypatch.setenv("ZIPAGE_STORE_LAUNCH", raw)
+        with pytest.raises(ValueError, match=f"ZIPAGE_STORE_LAUNCH: {re.escape(message)}"):
+            set_store_launch(None)
+        with pytest.raises(ValueError, match=f"ZIPAGE_STORE_LAUNCH: {re.escape(message)}"):
+            set_store_launch(raw)
+    finally:
+        monkeypatch.delenv("ZIPAGE_STORE_LAUNCH")
+        set_store_launch(None)
 
 
 @gpu
@@ -553,10 +564,15 @@ def test_store_launch_refuses_a_bad_setting_by_name(raw, message, monkeypatch):
 def test_fp8_store_gpu(dtype, codes, steps, launch, monkeypatch):
     # FP8: the default scale search, none, and the search weighted by queries' moments (keys); the default launch
     # and programs of two heads with keys and values apart
+    from zipage.kernels.paged_kv import set_store_launch
+
     monkeypatch.setenv("ZIPAGE_FP8_SCALE_STEPS", "" if steps == "weighted" else steps)
-    monkeypatch.setenv("ZIPAGE_STORE_LAUNCH", launch)
-    _store_case("cuda", dtype, 4096, 8, 128, 256, codes, weighted=steps == "weighted")
-    _store_case("cuda", dtype, 300, 3, 64, 16, codes, weighted=steps == "weighted")
+    set_store_launch(launch)
+    try:
+        _store_case("cuda", dtype, 4096, 8, 128, 256, codes, weighted=steps == "weighted")
+        _store_case("cuda", dtype, 300, 3, 64, 16, codes, weighted=steps == "weighted")
+    finally:
+        set_store_launch(None)
 
 
 @gpu
