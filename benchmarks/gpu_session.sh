@@ -80,6 +80,8 @@
 #              same KV_GIB GiB of KV (default: 80 on a card of over 100 GB, an H200; else 40), TIME_LIMIT s each
 #              (default 100), then the FP8
 #              engine tests
+#   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
+#              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store's launch (ZIPAGE_STORE_LAUNCH: KV heads a program, keys and values apart,
 #              warps), which the scale search made 8% of the FP8 decode step on an H100 (session 40): the store GPU
 #              tests (the weighted bf16 case failed in session 40; its reference fixed since), store_bench over
@@ -90,6 +92,8 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+# $1 on a card of over 100 GB (an H200), else $2 (an H100's 80 GB)
+big_card() { python3 -c "import torch; print('$1' if torch.cuda.get_device_properties(0).total_memory > 100e9 else '$2')"; }
 # zipage-2048-fp8 with 8-bit values dimension-major, then token-major, the same GPU: time limit, timeout, file tag
 fp8_value_layouts() {
   for dm in 1 0; do
@@ -279,8 +283,8 @@ for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weigh
       2>&1 | grep -a "fp8\|int8"
     for launch in "" "${LAUNCH:-heads=2,split=1}"; do
       tag=$(echo "${launch:-default}" | tr '=,' '-_')  # (plain file names: they come back from the machine)
-      ZIPAGE_STORE_LAUNCH="$launch" timeout 120 python3 benchmarks/profile_step.py --requests 490 --prompt-tokens 1024 \
-        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_490_launch_$tag.json" \
+      ZIPAGE_STORE_LAUNCH="$launch" timeout 120 python3 benchmarks/profile_step.py --requests "$(big_card 490 175)" --prompt-tokens 1024 \
+        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_launch_$tag.json" \
         > "$OUT/profile_launch_$tag.txt" 2>&1
       echo "launch '${launch:-default}':"; grep -a 'engine step\|device time\|_store_fp8' "$OUT/profile_launch_$tag.txt"
     done
@@ -296,9 +300,13 @@ for rows, S, k in ((8, 2304, 2048), (64, 2304, 2048), (8 * 36, 2304, 2048)):
         for _ in range(50): f()
         b.record(); torch.cuda.synchronize(); print(f'select {rows} rows x {S} keep {k}: {name} {a.elapsed_time(b) / 50 * 1000:.1f} us')
 " ;;
+  fp8pair)
+    timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+      --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
+      --systems zipage-2048,zipage-2048-fp8 --out "$OUT/throughput_qwen3-8b_fp8_search.json" 2>&1 | tail -5 ;;
   fullkv8)
     timeout 420 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
-      --max-tokens 4096 --kv-gib "${KV_GIB:-$(python3 -c 'import torch; print(80 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 40)')}" \
+      --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" \
       --time-limit "${TIME_LIMIT:-100}" --systems zipage-fullkv,zipage-fullkv-fp8 \
       --out "$OUT/throughput_qwen3-8b_zzzzzz_fullkv_fp8.json" 2>&1 | tail -5
     timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_engine.py 2>&1 \
@@ -619,5 +627,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "$n" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  *) echo "PART must be one of: ncu, vdim, vdim2, final32, vdimab, vdimtune, smallops, smallops2, ladder, querykeep, nanstore, exacttail, scalesearch, longtail, storelaunch, fullkv8, smallops_pairs, storetune, vdimlong, stepprofile, vedge, int8ptx, cfloor, hm, fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill, longsteps" >&2; exit 2 ;;
+  *) echo "PART must be one of: fp8pair, ncu, vdim, vdim2, final32, vdimab, vdimtune, smallops, smallops2, ladder, querykeep, nanstore, exacttail, scalesearch, longtail, storelaunch, fullkv8, smallops_pairs, storetune, vdimlong, stepprofile, vedge, int8ptx, cfloor, hm, fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill, longsteps" >&2; exit 2 ;;
 esac
