@@ -82,11 +82,11 @@
 #              engine tests
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
-#   PART=storelaunch the quantizing store's launch (ZIPAGE_STORE_LAUNCH: KV heads a program, keys and values apart,
-#              warps), which the scale search made 8% of the FP8 decode step on an H100 (session 40): the store GPU
-#              tests (the weighted bf16 case failed in session 40; its reference fixed since), store_bench over
-#              launches, then the engine's FP8 decode step with the default launch and LAUNCH (default heads=2,split=1),
-#              and a compression's token selection (stable sort, ties to the earlier tokens) against topk
+#   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
+#              before (.before, carried) and after its candidates' codes became products (one division a row):
+#              STAGE=a the store and query-weight GPU tests, store_bench over launches (ZIPAGE_STORE_LAUNCH: KV
+#              heads a program, keys and values apart, warps) in both trees, and a compression's stable sort
+#              against topk; STAGE=b the engine's FP8 decode step: before, after, and after with LAUNCH
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -276,20 +276,21 @@ for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weigh
         2>&1 | tail -5
     fi ;;
   storelaunch)
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_kernels.py -k store 2>&1 \
-      | tee "$OUT/gpu_tests_storelaunch.log" | tail -3
-    timeout 200 python3 benchmarks/store_bench.py --requests 490 --out "$OUT/store_launches.json" \
-      --launches "default;heads=2,split=1;heads=1,split=1;heads=2,split=1,warps=2;heads=1,split=1,warps=1;split=1" \
-      2>&1 | grep -a "fp8\|int8"
-    for launch in "" "${LAUNCH:-heads=2,split=1}"; do
-      tag=$(echo "${launch:-default}" | tr '=,' '-_')  # (plain file names: they come back from the machine)
-      ZIPAGE_STORE_LAUNCH="$launch" timeout 120 python3 benchmarks/profile_step.py --requests "$(big_card 490 175)" --prompt-tokens 1024 \
-        --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_launch_$tag.json" \
-        > "$OUT/profile_launch_$tag.txt" 2>&1
-      echo "launch '${launch:-default}':"; grep -a 'engine step\|device time\|_store_fp8' "$OUT/profile_launch_$tag.txt"
-    done
-    # a compression's selection: the stable sort that breaks exact ties by position (session 40) against topk
-    timeout 60 python3 -c "
+    if [ "${STAGE:-a}" = a ]; then
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_kernels.py tests/test_query_weights.py \
+        -k "store or weights" 2>&1 | tee "$OUT/gpu_tests_storelaunch.log" | tail -3
+      timeout 200 python3 benchmarks/store_bench.py --requests 490 --out "$OUT/store_launches.json" \
+        --launches "default;heads=1,split=1,warps=1;heads=1,warps=1;heads=2,split=1,warps=1;heads=2,split=1,warps=2;heads=1,split=1,warps=2;heads=4,split=1,warps=4" \
+        2>&1 | grep -a "fp8\|int8"
+      if [ -d .before ]; then  # (the tree before the change, carried: its store_bench, default and one launch)
+        python3 -m pip install -q --no-deps --no-build-isolation -e .before >> "$OUT/install.log" 2>&1
+        echo "before:"
+        (cd .before && timeout 120 python3 benchmarks/store_bench.py --requests 490 --out "$OUT/store_launches_before.json" \
+          --launches "default;heads=1,split=1,warps=1" 2>&1 | grep -a "fp8\|int8")
+        python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
+      fi
+      # a compression's selection: the stable sort that breaks exact ties by position (session 40) against topk
+      timeout 60 python3 -c "
 import torch
 for rows, S, k in ((8, 2304, 2048), (64, 2304, 2048), (8 * 36, 2304, 2048)):
     s = torch.randn(rows, S, device='cuda')
@@ -299,7 +300,21 @@ for rows, S, k in ((8, 2304, 2048), (64, 2304, 2048), (8 * 36, 2304, 2048)):
         a.record()
         for _ in range(50): f()
         b.record(); torch.cuda.synchronize(); print(f'select {rows} rows x {S} keep {k}: {name} {a.elapsed_time(b) / 50 * 1000:.1f} us')
-" ;;
+"
+    else  # the engine's FP8 decode step: the tree before (default launch), then this tree's default and LAUNCH
+      reqs=$(big_card 490 175)
+      for run in before: after: "after:${LAUNCH:-heads=1,split=1,warps=1}"; do
+        tree=$([ "${run%%:*}" = before ] && echo .before || echo .); launch=${run#*:}
+        [ -d "$tree" ] || continue
+        tag=${run%%:*}_$(echo "${launch:-default}" | tr '=,' '-_')  # (plain file names: they come back from the machine)
+        python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+        (cd "$tree" && ZIPAGE_STORE_LAUNCH="$launch" timeout 150 python3 benchmarks/profile_step.py --requests "$reqs" \
+          --prompt-tokens 1024 --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_$tag.json" \
+          > "$OUT/profile_$tag.txt" 2>&1)
+        echo "$run:"; grep -a 'engine step\|device time\|_store_fp8' "$OUT/profile_$tag.txt"
+      done
+      python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
+    fi ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \

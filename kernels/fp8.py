@@ -121,13 +121,15 @@ def _parse_steps(raw: str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def scale_steps_table(steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The FP8 scale search's candidates: float32 multipliers ``2 ** (i / steps)`` of ``max|x| / 448``
-    and int64 weights ``round(m_i ** 2 * 2 ** WEIGHT_BITS)`` (a candidate's squared error is measured in
-    its own code units, so it is weighted by its scale squared)."""
+def scale_steps_table(steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FP8 scale search's candidates: float32 multipliers ``m_i = 2 ** (i / steps)`` of ``max|x| / 448``,
+    int64 weights ``round(m_i ** 2 * 2 ** WEIGHT_BITS)`` (a candidate's squared error is measured in
+    its own code units, so it is weighted by its scale squared) and float32 factors ``2 ** (-i / steps)``
+    that take the first candidate's codes to candidate ``i``'s (a product in place of a division)."""
     mult = torch.tensor([2.0 ** (i / steps) for i in range(steps)], dtype=torch.float32)
     weight = torch.round(mult.double() ** 2 * 2.0 ** WEIGHT_BITS).to(torch.int64)
-    return mult.to(device), weight.to(device)
+    recip = torch.tensor([2.0 ** (-i / steps) for i in range(steps)], dtype=torch.float32)
+    return mult.to(device), weight.to(device), recip.to(device)
 
 
 SCALE_STEPS = 16  # scales an FP8 row's quantization tries (see quantize_reference)
@@ -170,7 +172,7 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
         if dtype == INT8:  # to the nearest integer, halves away from zero (what the store kernel does)
             c = torch.where(c < 0, -torch.floor(0.5 - c), torch.floor(c + 0.5))
         return c.to(dtype), scale
-    mult, weight = scale_steps_table(steps, xf.device)
+    mult, weight, recip = scale_steps_table(steps, xf.device)
     rows, scales = xf.reshape(-1, xf.shape[-1]), scale.reshape(-1)
     chunk = max(1, SEARCH_CHUNK_ELEMENTS // (steps * max(1, rows.shape[-1])))  # rows tried at once
     codes, chosen = torch.empty(rows.shape, dtype=FP8, device=xf.device), torch.empty_like(scales)
@@ -178,7 +180,7 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
     weights = None if weights is None else weights.to(xf.device)
     for a in range(0, rows.shape[0], chunk):
         w = None if heads is None else weights[:, heads[a:a + chunk]]  # [2, rows, D]
-        codes[a:a + chunk], chosen[a:a + chunk] = _search(rows[a:a + chunk], scales[a:a + chunk], mult, weight, w)
+        codes[a:a + chunk], chosen[a:a + chunk] = _search(rows[a:a + chunk], scales[a:a + chunk], mult, weight, recip, w)
     return codes.view(xf.shape), chosen.view(scale.shape)
 
 
@@ -243,13 +245,16 @@ def check_weights(name: str, weights: torch.Tensor, shape, device=None) -> None:
 SEARCH_CHUNK_ELEMENTS = 1 << 22  # the reference's scale search tries this many elements at once (bounds its memory)
 
 
-def _search(rows: torch.Tensor, base: torch.Tensor, mult: torch.Tensor, weight: torch.Tensor,
+def _search(rows: torch.Tensor, base: torch.Tensor, mult: torch.Tensor, weight: torch.Tensor, recip: torch.Tensor,
             qw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` ``[R, D]`` float32 with their ``max|x| / 448`` scales ``base`` ``[R]``: every candidate scale
     tried at once, the codes and scale with the least weighted error kept (the first among equals). ``qw``
-    ``[2, R, D]``: each row's query weights (``u``, ``v``), the error then ``v . e^2 + (u . e)^2``."""
+    ``[2, R, D]``: each row's query weights (``u``, ``v``), the error then ``v . e^2 + (u . e)^2``.
+    Candidate ``i``'s unrounded codes are ``(x / base) * recip[i]`` (one division a row, then products; the
+    store kernel computes them the same way), its scale ``base * mult[i]``."""
     s = base[:, None] * mult  # [R, steps]
-    c = (rows[:, None, :] / s[..., None]).clamp(-FP8_MAX, FP8_MAX)  # [R, steps, D]
+    c0 = (rows / base[:, None]).clamp(-FP8_MAX, FP8_MAX)  # [R, D]
+    c = (c0[:, None, :] * recip[:, None]).clamp(-FP8_MAX, FP8_MAX)  # [R, steps, D]
     # the nearest e4m3 values (the cast's rounding; on CPUs a large cast is slow, the arithmetic is not)
     q = round_to_e4m3(c) if c.device.type == "cpu" and c.numel() >= 1 << 15 else c.to(FP8).float()
     if qw is None:

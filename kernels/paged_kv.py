@@ -175,7 +175,7 @@ if HAS_TRITON:
         return tl.sum(e * e, 1) * weight
 
     @triton.jit
-    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, dst_p, dst_t, dst_h, dst_d, MULT, WEIGHT, QW,
+    def _quantize_rows(DST, SCALE, SRC, stride_h, slot, h, d, dst_p, dst_t, dst_h, dst_d, MULT, WEIGHT, RECIP, QW,
                        PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, ROUND_FIRST: tl.constexpr,
                        INT8: tl.constexpr, STEPS: tl.constexpr, ERROR_UNIT: tl.constexpr, HAS_QW: tl.constexpr,
                        QW_UNIT: tl.constexpr, QW_SHIFT: tl.constexpr):
@@ -203,7 +203,8 @@ if HAS_TRITON:
                 c = _round_to_e4m3(c)
         else:
             base = s
-            c = tl.minimum(tl.maximum(tl.math.div_rn(x, base[:, None] + tl.zeros_like(x)), -top), top)
+            c0 = tl.minimum(tl.maximum(tl.math.div_rn(x, base[:, None] + tl.zeros_like(x)), -top), top)
+            c = c0
             q = _e4m3_value(c, ROUND_FIRST)
             qu = None
             qv = None
@@ -214,7 +215,9 @@ if HAS_TRITON:
             best_err = _candidate_error(q, c, tl.load(WEIGHT), qu, qv, HAS_QW, ERROR_UNIT, QW_UNIT, QW_SHIFT)
             for i in tl.static_range(1, STEPS):
                 si = base * tl.load(MULT + i)
-                ci = tl.minimum(tl.maximum(tl.math.div_rn(x, si[:, None] + tl.zeros_like(x)), -top), top)
+                # candidate i's codes as a product, not a division: ``fp8._search`` takes the same product (and
+                # the clamp keeps the compiler from fusing the product into the subtraction in the error)
+                ci = tl.minimum(tl.maximum(c0 * tl.load(RECIP + i), -top), top)
                 qi = _e4m3_value(ci, ROUND_FIRST)
                 err = _candidate_error(qi, ci, tl.load(WEIGHT + i), qu, qv, HAS_QW, ERROR_UNIT, QW_UNIT, QW_SHIFT)
                 better = err < best_err  # the first of equal errors stays
@@ -229,7 +232,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_fp8_kernel(
-        DST_A, SCALE_A, SRC_A, DST_B, SCALE_B, SRC_B, SLOTS, MULT, WEIGHT, QW,
+        DST_A, SCALE_A, SRC_A, DST_B, SCALE_B, SRC_B, SLOTS, MULT, WEIGHT, RECIP, QW,
         stride_at, stride_ah, stride_bt, stride_bh,
         a_p, a_t, a_h, a_d, b_p, b_t, b_h, b_d,
         PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -244,16 +247,16 @@ if HAS_TRITON:
         if SPLIT:  # (the grid's third axis: program 0 stores the keys, 1 the values)
             if tl.program_id(2) == 0:
                 _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, a_p, a_t, a_h, a_d, MULT,
-                               WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, HAS_QW, QW_UNIT, QW_SHIFT)
+                               WEIGHT, RECIP, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, HAS_QW, QW_UNIT, QW_SHIFT)
             else:
                 _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, b_p, b_t, b_h, b_d, MULT,
-                               WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, False, QW_UNIT, QW_SHIFT)
+                               WEIGHT, RECIP, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, False, QW_UNIT, QW_SHIFT)
         else:
             _quantize_rows(DST_A, SCALE_A, SRC_A + n * stride_at, stride_ah, slot, h, d, a_p, a_t, a_h, a_d, MULT,
-                           WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, HAS_QW, QW_UNIT, QW_SHIFT)
+                           WEIGHT, RECIP, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, HAS_QW, QW_UNIT, QW_SHIFT)
             if HAS_B:  # (values: never query-weighted)
                 _quantize_rows(DST_B, SCALE_B, SRC_B + n * stride_bt, stride_bh, slot, h, d, b_p, b_t, b_h, b_d, MULT,
-                               WEIGHT, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, False, QW_UNIT, QW_SHIFT)
+                               WEIGHT, RECIP, QW, PAGE, H, D, ROUND_FIRST, INT8, STEPS, ERROR_UNIT, False, QW_UNIT, QW_SHIFT)
 
 
 def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, weights=None) -> None:
@@ -285,13 +288,13 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, w
             raise ValueError("store_kv: 8-bit pools must be contiguous or dimension-major (fp8.value_pool)")
     other = cache_b if has_b else cache
     steps = 1 if cache.dtype == INT8 else scale_steps()
-    mult, weight = scale_steps_table(steps, cache.device)
+    mult, weight, recip = scale_steps_table(steps, cache.device)
     has_qw = weights is not None and steps > 1
     if has_qw:
         check_weights("store_kv", weights, (H, D), cache.device)
         weights = weights.contiguous()
     _store_fp8_kernel[(n, triton.cdiv(H, block_h), 2 if split else 1)](
-        cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots, mult, weight,
+        cache, scale, src_a, other, scale_b if has_b else scale, src_b, flat_slots, mult, weight, recip,
         weights if has_qw else weight, src_a.stride(0), src_a.stride(1), src_b.stride(0), src_b.stride(1),
         *cache.stride(), *other.stride(), PAGE=cache.shape[1], H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d,
         HAS_B=has_b, ROUND_FIRST=interpreting(),

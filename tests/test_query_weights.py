@@ -104,7 +104,7 @@ def test_the_weighted_error_cannot_overflow():
     """The largest error the weighted search can count, in Python's exact integers, stays below 2^63: every
     element half of e4m3's widest step (16 codes) off, the weights at their largest, the largest candidate."""
     e = 16 * 2**WEIGHTED_ERROR_BITS
-    _, weight = scale_steps_table(64, "cpu")
+    _, weight, _ = scale_steps_table(64, "cpu")
     top = int(weight.max()) >> (WEIGHT_BITS - WEIGHTED_WEIGHT_BITS)
     worst = (V_MAX * e * e * MAX_WEIGHTED_DIM + (U_MAX * e * MAX_WEIGHTED_DIM) ** 2) * top
     assert worst < 2**63
