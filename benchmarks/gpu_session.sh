@@ -301,9 +301,19 @@ for rows, S, k in ((8, 2304, 2048), (64, 2304, 2048), (8 * 36, 2304, 2048)):
         for _ in range(50): f()
         b.record(); torch.cuda.synchronize(); print(f'select {rows} rows x {S} keep {k}: {name} {a.elapsed_time(b) / 50 * 1000:.1f} us')
 "
+      # the fastest launch of the engine's case (values dimension-major, keys query-weighted), for STAGE=b
+      python3 -c "
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))['rows'] if r['pages'] == 'fp8 query-weighted keys']
+best = min(rows, key=lambda r: r['us_per_layer'])
+print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launches.json" > /tmp/zipage_best_launch \
+        && echo "fastest launch: '$(cat /tmp/zipage_best_launch)'"
     else  # the engine's FP8 decode step: the tree before (default launch), then this tree's default and LAUNCH
+      # (LAUNCH unset: STAGE=a's fastest on this machine, else heads=1,split=1,warps=1)
+      LAUNCH=${LAUNCH:-$(cat /tmp/zipage_best_launch 2>/dev/null)}
       reqs=$(big_card 490 175)
       for run in before: after: "after:${LAUNCH:-heads=1,split=1,warps=1}"; do
+        [ "$run" = "after:default" ] && continue
         tree=$([ "${run%%:*}" = before ] && echo .before || echo .); launch=${run#*:}
         [ -d "$tree" ] || continue
         tag=${run%%:*}_$(echo "${launch:-default}" | tr '=,' '-_')  # (plain file names: they come back from the machine)
