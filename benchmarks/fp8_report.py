@@ -136,7 +136,11 @@ def fp8_section(results: Path) -> str:
              "against bf16 pages (the issue's full-KV pair) on an H100, whose 80 GB hold 40 GiB of KV beside the "
              "weights, 80 s each (`KV_GIB=40 TIME_LIMIT=80 PART=fullkv8`, run as its command by hand; "
              "`benchmarks/results/issue15/s40/`): with no "
-             "eviction both run past what their pages hold and preempt (recompute) the newest requests.", "",
+             "eviction both run past what their pages hold and preempt (recompute) the newest requests; "
+             "`throughput_qwen3-8b_zzzzzzz_fp8_search.json` 100 s, bf16 against FP8 pages as they are stored now "
+             "(16 scales searched, keys weighted by the queries, the candidates' codes as products, the store "
+             "launched as two heads a program with keys and values apart: `ZIPAGE_STORE_LAUNCH=heads=2,split=1,"
+             "warps=2`, the default since; `PART=fp8pair`, `benchmarks/results/issue15/s41/`).", "",
              "What holds the FP8 step above its floor is the decode kernel on FP8 pages, at 0.69 of the copy "
              "bandwidth where the bf16 kernel reaches 1.0. Nsight Compute (`PART=ncu`, "
              "`benchmarks/results/issue15/s30/`) finds it bound neither by memory (DRAM 63%) nor by issue slots "
@@ -155,9 +159,9 @@ def fp8_section(results: Path) -> str:
     if targets:
         parts += ["### Where the FP8 targets stand", "",
                   "Each target of the FP8 issue against the newest result on this page (the sections below have the "
-                  "runs, their commands and the reasons for each miss). The zipage-2048 pair ran before FP8 pages "
-                  "searched their scales, which costs the FP8 decode step about 8% on an H100 at 175 requests "
-                  "(`benchmarks/results/issue15/s40/`); it has not been rerun on an H200 since.", "", *targets, ""]
+                  "runs, their commands and the reasons for each miss). The zipage-2048 pair is the newest run, "
+                  "on an H200 with FP8 pages' scale search (`benchmarks/results/issue15/s41/`); before the search "
+                  "the same pair gave 1.40x (`throughput_qwen3-8b_zzzzz_fp8_tail32.json`).", "", *targets, ""]
     engine = _engine_table(sorted(folder.glob("throughput_*.json")))
     parts += engine + [""] if engine else ["(no engine pair yet)", ""]
     profile = _step_profile_table(folder)

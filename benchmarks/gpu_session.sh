@@ -83,7 +83,7 @@
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
-#              before (.before, carried) and after its candidates' codes became products (one division a row):
+#              before (.before, carried) and after its candidates' codes became products (a division an element for the first candidate only):
 #              STAGE=a the store and query-weight GPU tests, store_bench over launches (ZIPAGE_STORE_LAUNCH: KV
 #              heads a program, keys and values apart, warps) in both trees, and a compression's stable sort
 #              against topk; STAGE=b the engine's FP8 decode step: before, after, and after with LAUNCH
@@ -325,6 +325,32 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       done
       python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
     fi ;;
+  storeprompt)  # a prompt's quantizing store (8,192 tokens a layer): the tree before, then this tree's launches
+    for run in .before:default .:default .:heads=0,split=0,warps=4; do
+      tree=${run%%:*}; launch=${run#*:}; [ "$launch" = default ] && launch=""
+      python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+      (cd "$tree" && ZIPAGE_STORE_LAUNCH="$launch" timeout 60 python3 -c "
+import torch
+from zipage.kernels import store_kv
+from zipage.kernels.fp8 import FP8, value_pool, query_weights
+N, H, D, page = 8192, 8, 128, 256
+k = torch.randn(N, H, D, device='cuda', dtype=torch.bfloat16); v = torch.randn_like(k)
+kp = torch.zeros(N // page, page, H, D, device='cuda', dtype=FP8); vp = value_pool((N // page, page, H, D), FP8, 'cuda')
+ks = torch.zeros(N // page, page, H, device='cuda'); vs = torch.zeros_like(ks)
+slots = torch.arange(N, device='cuda')
+q = torch.randn(256, H, D, device='cuda') + 2 * torch.randn(H, D, device='cuda')
+for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weights(q.sum(0), (q * q).sum(0), 256)))):
+    store_kv(kp, slots, k, vp, v, ks, vs, **kw); torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20): store_kv(kp, slots, k, vp, v, ks, vs, **kw)
+    b.record(); torch.cuda.synchronize()
+    print(f'$run prompt store, 8192 tokens x 8 heads x 128{name}: {a.elapsed_time(b) / 20 * 1000:.1f} us per layer')
+")
+    done
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_kernels.py tests/test_fp8_engine.py \
+      tests/test_query_weights.py tests/test_exact_tail_engine.py 2>&1 | tee "$OUT/gpu_tests_storeprompt.log" | tail -3 ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
@@ -652,5 +678,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "$n" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  *) echo "PART must be one of: fp8pair, ncu, vdim, vdim2, final32, vdimab, vdimtune, smallops, smallops2, ladder, querykeep, nanstore, exacttail, scalesearch, longtail, storelaunch, fullkv8, smallops_pairs, storetune, vdimlong, stepprofile, vedge, int8ptx, cfloor, hm, fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill, longsteps" >&2; exit 2 ;;
+  *) echo "PART must be one of: storeprompt, fp8pair, ncu, vdim, vdim2, final32, vdimab, vdimtune, smallops, smallops2, ladder, querykeep, nanstore, exacttail, scalesearch, longtail, storelaunch, fullkv8, smallops_pairs, storetune, vdimlong, stepprofile, vedge, int8ptx, cfloor, hm, fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill, longsteps" >&2; exit 2 ;;
 esac

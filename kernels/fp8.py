@@ -10,8 +10,10 @@ squared error; :func:`quantize_reference`). e4m3 keeps 4 significant bits of eac
 sits, so which elements land near a code, the largest ones above all, depends on the scale; picking
 it cuts the squared rounding error of Gaussian rows by a fifth to a quarter, and what FP8 pages cost in
 next-token KL by 21-44% on SmolLM2 and 5-10% on Gemma 3 (``benchmarks/results/fp8/``). It costs the
-store 16 trial roundings of each row (on an H100 the store kernel's 11.8 us a layer become 41-46, 8% of the
-engine's FP8 decode step at 175 requests: ``benchmarks/results/issue15/s40/``), and nothing where pages are read. ``ZIPAGE_FP8_SCALE_STEPS=1``
+store 16 trial roundings of each row, an IEEE division an element for the first candidate and products for the
+rest (candidate ``i``'s codes are the first's times ``2 ** (-i / 16)``), and nothing where pages are read: on an
+H200 at 490 requests about 8 us a layer over a store without the search, 0.3 ms of the engine's 25 ms FP8 decode
+step (a division an element for every candidate, as the search first took, cost 18 us; ``benchmarks/results/issue15/s40/``, ``s41/``). ``ZIPAGE_FP8_SCALE_STEPS=1``
 gives the plain ``max|x| / 448`` (for comparisons). Keys are compared by what their rounding does to the
 logits of the queries that read them rather than by the squared error (:func:`query_weights`, from the
 queries' moments that ``zipage.query_moments`` counts; ``ZIPAGE_FP8_QUERY_WEIGHTS=0``: the squared error). Quantizing read-back values again is no longer an
@@ -250,8 +252,8 @@ def _search(rows: torch.Tensor, base: torch.Tensor, mult: torch.Tensor, weight: 
     """``rows`` ``[R, D]`` float32 with their ``max|x| / 448`` scales ``base`` ``[R]``: every candidate scale
     tried at once, the codes and scale with the least weighted error kept (the first among equals). ``qw``
     ``[2, R, D]``: each row's query weights (``u``, ``v``), the error then ``v . e^2 + (u . e)^2``.
-    Candidate ``i``'s unrounded codes are ``(x / base) * recip[i]`` (one division a row, then products; the
-    store kernel computes them the same way), its scale ``base * mult[i]``."""
+    Candidate ``i``'s unrounded codes are ``(x / base) * recip[i]`` (the first candidate's quotients, then
+    products; the store kernel computes them the same way), its scale ``base * mult[i]``."""
     s = base[:, None] * mult  # [R, steps]
     c0 = (rows / base[:, None]).clamp(-FP8_MAX, FP8_MAX)  # [R, D]
     c = (c0[:, None, :] * recip[:, None]).clamp(-FP8_MAX, FP8_MAX)  # [R, steps, D]

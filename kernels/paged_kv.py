@@ -28,11 +28,16 @@ if HAS_TRITON:
 class StoreLaunch(NamedTuple):
     """How the quantizing store is launched (``ZIPAGE_STORE_LAUNCH``, for measuring): ``heads`` KV heads a
     program (0: as many as fit 2,048 elements, every head of a token at Qwen3-8B's shapes), ``split`` keys and
-    values in programs of their own (else one program stores both, one after the other), ``warps`` a program."""
+    values in programs of their own (else one program stores both, one after the other), ``warps`` a program.
+    The default, two heads with keys and values apart in two warps, keeps each head's row of the scale search
+    within fewer warps than the earlier one program of a token's 8 heads in 4 warps (whose sums crossed warps
+    through shared memory every candidate): on an H200 at 490 requests the engine's FP8 store kernel took 40.9
+    against 45.5 us a layer, while an 8,192-token prompt's store took 294 against 277 us
+    (``benchmarks/results/issue15/s41/``)."""
 
-    heads: int = 0
-    split: bool = False
-    warps: int = 4
+    heads: int = 2
+    split: bool = True
+    warps: int = 2
 
 
 _launch: StoreLaunch | None = None  # (read once: every store call asks, and an environment lookup is not free)
