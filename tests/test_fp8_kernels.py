@@ -519,7 +519,7 @@ def test_fp8_prefill_gpu(dtype, page, codes):
 
 @cpu_only
 @requires_triton
-@pytest.mark.parametrize("launch", ["heads=1", "heads=2,split=1,warps=1", "split=1,warps=8"])
+@pytest.mark.parametrize("launch", ["heads=1", "heads=2,split=1,warps=1", "split=1,warps=8", "heads=0,split=0,warps=4"])
 def test_store_launches_write_the_same_bytes(launch, monkeypatch):
     """``ZIPAGE_STORE_LAUNCH`` changes how the store's programs are cut (heads a program, keys and values apart,
     warps), never what it writes: the reference's codes and scales, byte for byte, weighted keys included."""
@@ -541,8 +541,9 @@ def test_store_launch_refuses_a_bad_setting_by_name(raw, message, monkeypatch):
     from zipage.kernels.paged_kv import StoreLaunch, set_store_launch
 
     try:
-        monkeypatch.setenv("ZIPAGE_STORE_LAUNCH", "heads=2, split=1")
-        assert set_store_launch(None) == StoreLaunch(heads=2, split=True, warps=4)  # (the variable, read again)
+        assert StoreLaunch() == StoreLaunch(heads=2, split=True, warps=2)  # (the default, measured in session 41)
+        monkeypatch.setenv("ZIPAGE_STORE_LAUNCH", "heads=4, split=0")
+        assert set_store_launch(None) == StoreLaunch(heads=4, split=False, warps=2)  # (the variable, read again)
         monkeypatch.setenv("ZIPAGE_STORE_LAUNCH", raw)
         with pytest.raises(ValueError, match=f"ZIPAGE_STORE_LAUNCH: {re.escape(message)}"):
             set_store_launch(None)
@@ -555,7 +556,7 @@ def test_store_launch_refuses_a_bad_setting_by_name(raw, message, monkeypatch):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("launch", ["", "heads=2,split=1", "heads=1,split=1,warps=1"])
+@pytest.mark.parametrize("launch", ["", "heads=0,split=0,warps=4", "heads=1,split=1,warps=1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @CODES
 @pytest.mark.parametrize("steps", ["", "1", "weighted"])
