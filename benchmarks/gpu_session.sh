@@ -90,6 +90,7 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # (absolute: parts that run the tree before, carried as .before, cd into it)
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 # $1 on a card of over 100 GB (an H200), else $2 (an H100's 80 GB)
@@ -283,7 +284,8 @@ for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weigh
         --launches "default;heads=1,split=1,warps=1;heads=1,warps=1;heads=2,split=1,warps=1;heads=2,split=1,warps=2;heads=1,split=1,warps=2;heads=4,split=1,warps=4" \
         2>&1 | grep -a "fp8\|int8"
       if [ -d .before ]; then  # (the tree before the change, carried: its store_bench, default and one launch)
-        python3 -m pip install -q --no-deps --no-build-isolation -e .before >> "$OUT/install.log" 2>&1
+        python3 -m pip install -q --no-deps --no-build-isolation -e .before >> "$OUT/install.log" 2>&1 \
+          || { echo "installing .before failed: $OUT/install.log"; exit 1; }
         echo "before:"
         (cd .before && timeout 120 python3 benchmarks/store_bench.py --requests 490 --out "$OUT/store_launches_before.json" \
           --launches "default;heads=1,split=1,warps=1" 2>&1 | grep -a "fp8\|int8")
@@ -309,15 +311,15 @@ best = min(rows, key=lambda r: r['us_per_layer'])
 print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launches.json" > /tmp/zipage_best_launch \
         && echo "fastest launch: '$(cat /tmp/zipage_best_launch)'"
     else  # the engine's FP8 decode step: the tree before (default launch), then this tree's default and LAUNCH
-      # (LAUNCH unset: STAGE=a's fastest on this machine, else heads=1,split=1,warps=1)
+      # (the old launch, heads=0,split=0,warps=4, and LAUNCH if set or STAGE=a found one on this machine)
       LAUNCH=${LAUNCH:-$(cat /tmp/zipage_best_launch 2>/dev/null)}
       reqs=$(big_card 490 175)
-      for run in before: after: "after:${LAUNCH:-heads=1,split=1,warps=1}"; do
-        [ "$run" = "after:default" ] && continue
+      for run in before: after: after:heads=0,split=0,warps=4 ${LAUNCH:+"after:$LAUNCH"}; do
         tree=$([ "${run%%:*}" = before ] && echo .before || echo .); launch=${run#*:}
         [ -d "$tree" ] || continue
         tag=${run%%:*}_$(echo "${launch:-default}" | tr '=,' '-_')  # (plain file names: they come back from the machine)
-        python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+        python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1 \
+          || { echo "installing $tree failed: $OUT/install.log"; exit 1; }
         (cd "$tree" && ZIPAGE_STORE_LAUNCH="$launch" timeout 150 python3 benchmarks/profile_step.py --requests "$reqs" \
           --prompt-tokens 1024 --kv-cache-dtype fp8 --default-only --out "$OUT/profile_fp8_$tag.json" \
           > "$OUT/profile_$tag.txt" 2>&1)
@@ -328,7 +330,9 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
   storeprompt)  # a prompt's quantizing store (8,192 tokens a layer): the tree before, then this tree's launches
     for run in .before:default .:default .:heads=0,split=0,warps=4; do
       tree=${run%%:*}; launch=${run#*:}; [ "$launch" = default ] && launch=""
-      python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1
+      [ -d "$tree" ] || continue
+      python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1 \
+        || { echo "installing $tree failed: $OUT/install.log"; exit 1; }
       (cd "$tree" && ZIPAGE_STORE_LAUNCH="$launch" timeout 60 python3 -c "
 import torch
 from zipage.kernels import store_kv
@@ -346,7 +350,7 @@ for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weigh
     for _ in range(20): store_kv(kp, slots, k, vp, v, ks, vs, **kw)
     b.record(); torch.cuda.synchronize()
     print(f'$run prompt store, 8192 tokens x 8 heads x 128{name}: {a.elapsed_time(b) / 20 * 1000:.1f} us per layer')
-")
+") | tee -a "$OUT/storeprompt.txt"
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_kernels.py tests/test_fp8_engine.py \

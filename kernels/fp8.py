@@ -3,7 +3,7 @@
 A pool of keys (or values) in FP8 is a pair: the codes, ``[num_pages, page_size, H, D]`` in
 ``torch.float8_e4m3fn``, and their scales, ``[num_pages, page_size, H]`` float32, on the same
 pages and slots, so whatever moves a token (compaction, prefix sharing) moves its scale with it.
-A stored vector ``x`` (one token, one head) becomes ``codes = round(x / s)`` and reads back as
+A stored vector ``x`` (one token, one head) becomes ``codes ~= round(x / s)`` and reads back as
 ``codes * s``. The scale is searched: of ``s = max|x| / 448 * 2 ** (i / 16)``, ``i = 0..15`` (448 is
 e4m3's largest finite value, so none clips), the one whose codes read back closest to ``x`` (least
 squared error; :func:`quantize_reference`). e4m3 keeps 4 significant bits of each element wherever it
@@ -12,8 +12,10 @@ it cuts the squared rounding error of Gaussian rows by a fifth to a quarter, and
 next-token KL by 21-44% on SmolLM2 and 5-10% on Gemma 3 (``benchmarks/results/fp8/``). It costs the
 store 16 trial roundings of each row, an IEEE division an element for the first candidate and products for the
 rest (candidate ``i``'s codes are the first's times ``2 ** (-i / 16)``), and nothing where pages are read: on an
-H200 at 490 requests about 8 us a layer over a store without the search, 0.3 ms of the engine's 25 ms FP8 decode
-step (a division an element for every candidate, as the search first took, cost 18 us; ``benchmarks/results/issue15/s40/``, ``s41/``). ``ZIPAGE_FP8_SCALE_STEPS=1``
+H200 at 490 requests about 8 us a layer over a store without the search (``benchmarks/store_bench.py``), 0.3 ms of
+the engine's 25 ms FP8 decode step at a context of 1,081 tokens (a division an element for every candidate, as the
+search first took, cost 18 us with the store's earlier launch, where products cost 10;
+``benchmarks/results/issue15/s40/``, ``s41/``). ``ZIPAGE_FP8_SCALE_STEPS=1``
 gives the plain ``max|x| / 448`` (for comparisons). Keys are compared by what their rounding does to the
 logits of the queries that read them rather than by the squared error (:func:`query_weights`, from the
 queries' moments that ``zipage.query_moments`` counts; ``ZIPAGE_FP8_QUERY_WEIGHTS=0``: the squared error). Quantizing read-back values again is no longer an
@@ -149,9 +151,11 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
     ``steps`` scales ``max|x| / 448 * 2 ** (i / steps)`` (none clips) and keeps the one whose codes
     read back closest to the row in squared error, the smallest ``i`` among equals. On SmolLM2's keys
     and values this cuts the next-token KL that e4m3 pages cost by 21-44%, on Gemma 3's by 5-10%
-    (``benchmarks/fp8_key_rounding.py``). The error is summed exactly in integers (every code's error
-    ``code - x / s`` is exact in float32, then counted in ``2 ** -ERROR_BITS`` code units), so the store
-    kernel and this reference pick the same scale whatever order they add in.
+    (``benchmarks/fp8_key_rounding.py``). Candidate ``i``'s unrounded codes are ``(x / base) * 2 ** (-i / steps)``
+    (an IEEE division an element for the first candidate, products for the rest, as the store kernel takes them).
+    The error is summed exactly in integers (every code's error, its rounded code minus its unrounded one, is
+    exact in float32, then counted in ``2 ** -ERROR_BITS`` code units), so the store kernel and this reference
+    pick the same scale whatever order they add in.
 
     ``weights`` (FP8 keys, :func:`query_weights`): int64 ``[2, H, D]`` for rows ``[..., H, D]`` (the head
     dim second to last): a row's candidates are then compared by what their rounding does to attention

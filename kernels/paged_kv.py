@@ -186,7 +186,8 @@ if HAS_TRITON:
                        QW_UNIT: tl.constexpr, QW_SHIFT: tl.constexpr):
         """Heads ``h`` of one token: scale = max|x| / 448 per head (INT8: / 127), codes = x / scale
         (INT8: rounded to the nearest integer, halves away from zero), both stored. FP8 with ``STEPS > 1``:
-        the scale is the one of ``max|x| / 448 * MULT[i]`` whose codes have the least squared error (with
+        the scale is the one of ``max|x| / 448 * MULT[i]`` (its codes ``(x / (max|x| / 448)) * RECIP[i]``)
+        whose codes have the least squared error (with
         ``HAS_QW``, the least error weighted by the queries' moments ``QW`` ``[2, H, D]``), counted exactly
         in integers as ``fp8.quantize_reference`` counts it (so both pick the same)."""
         hmask = h < H

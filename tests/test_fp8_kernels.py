@@ -291,8 +291,8 @@ def _store_case(device, dtype, N, H, D, page, codes=FP8, weighted=False):
     store_kv_reference(want[1], slots, v, want[3])
     store_kv_triton(kc, slots, k, vc, v, kss, vss, key_weights=w)
     written = slots.flatten()  # (shares of the rows stored, not of the whole pool)
-    # the same bytes on either device: the kernel and the reference take the same IEEE operations (a division a
-    # row, then products) and count the candidates' errors exactly in integers
+    # the same bytes on either device: the kernel and the reference take the same IEEE operations (a division an
+    # element for the first candidate, then products) and count the candidates' errors exactly in integers
     for got, ref in ((kss, want[2]), (vss, want[3])):
         got, ref = got.view(-1, H)[written], ref.view(-1, H)[written]
         assert torch.equal(got, ref), f"{(got != ref).float().mean().item():.3%} of the scales differ"
@@ -532,6 +532,50 @@ def test_store_launches_write_the_same_bytes(launch, monkeypatch):
         _store_case("cpu", torch.float16, 5, 2, 16, 8, INT8)
     finally:
         set_store_launch(None)
+
+
+def _division_search(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale search as it first was: candidate ``i``'s codes ``x / (base * 2 ** (i / 16))``, an IEEE division
+    for every candidate (the store now takes the first candidate's quotients times ``2 ** (-i / 16)``)."""
+    from zipage.kernels.fp8 import ERROR_BITS, scale_steps_table
+
+    mult, weight, _ = scale_steps_table(16, rows.device)
+    base = (rows.abs().amax(-1) / torch.full_like(rows[:, 0], FP8_MAX)).clamp(min=MIN_SCALE)
+    s = base[:, None] * mult
+    c = (rows[:, None, :] / s[..., None]).clamp(-FP8_MAX, FP8_MAX)
+    q = c.to(FP8).float()
+    e = ((q - c) * 2.0**ERROR_BITS).to(torch.int64)
+    best = ((e * e).sum(-1) * weight).argmin(-1)
+    return q[torch.arange(len(rows)), best].to(FP8), s[torch.arange(len(rows)), best]
+
+
+@requires_triton
+def test_store_takes_the_products_the_reference_takes(monkeypatch):
+    """Rows whose codes differ between dividing by every candidate's scale and multiplying the first candidate's
+    quotients: the store kernel (under the interpreter) writes the reference's bytes, so a kernel that still
+    divided, or a reference that did, fails here and not only on a GPU (a few rows in 80,000 Gaussian ones tell them apart)."""
+    from zipage.kernels.fp8 import quantize_reference
+
+    monkeypatch.setenv("ZIPAGE_FP8_SCALE_STEPS", "")
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(80000, 128, generator=gen).to(torch.bfloat16).float()
+    want_codes, want_scales = quantize_reference(rows)
+    old_codes, old_scales = _division_search(rows)
+    apart = ((want_codes.view(torch.uint8) != old_codes.view(torch.uint8)).any(-1) | (want_scales != old_scales))
+    rows = rows[apart][:8]
+    assert len(rows) >= 2, "too few rows tell the two searches apart"
+    H, n = 2, len(rows) // 2
+    kc, vc = torch.zeros(n, 16, H, 128, dtype=FP8), torch.zeros(n, 16, H, 128, dtype=FP8)
+    ks, vs = torch.zeros(n, 16, H), torch.zeros(n, 16, H)
+    x = rows[: 2 * n].view(n, H, 128)
+    slots = torch.arange(n) * 16 + 3
+    store_kv_triton(kc, slots, x, vc, x.clone(), ks, vs)
+    ref_codes, ref_scales = quantize_reference(x)
+    got = kc.view(-1, H, 128)[slots]
+    assert torch.equal(got.view(torch.uint8), ref_codes.view(torch.uint8))
+    assert torch.equal(ks.view(-1, H)[slots], ref_scales)
+    div_codes, _ = _division_search(x.reshape(-1, 128))
+    assert not torch.equal(got.view(torch.uint8), div_codes.view(-1, H, 128).view(torch.uint8))
 
 
 @pytest.mark.parametrize("raw, message", [("heads=3", "heads=3 is invalid"), ("split=2", "split=2 is invalid"),
