@@ -229,25 +229,7 @@ case "${PART:-final}" in
       [ "${STAGE:-a}" = a ] || continue
       ZIPAGE_FP8_SCALE_STEPS=$steps timeout 80 python3 benchmarks/store_bench.py --requests 490 \
         --out "$OUT/store_steps$steps.json" 2>&1 | grep -a fp8
-      ZIPAGE_FP8_SCALE_STEPS=$steps timeout 60 python3 -c "
-import torch
-from zipage.kernels import store_kv
-from zipage.kernels.fp8 import FP8, value_pool
-N, H, D, page = 8192, 8, 128, 256
-k = torch.randn(N, H, D, device='cuda', dtype=torch.bfloat16); v = torch.randn_like(k)
-kp = torch.zeros(N // page, page, H, D, device='cuda', dtype=FP8); vp = value_pool((N // page, page, H, D), FP8, 'cuda')
-ks = torch.zeros(N // page, page, H, device='cuda'); vs = torch.zeros_like(ks)
-slots = torch.arange(N, device='cuda')
-from zipage.kernels.fp8 import query_weights
-q = torch.randn(256, H, D, device='cuda') + 2 * torch.randn(H, D, device='cuda')
-for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weights(q.sum(0), (q * q).sum(0), 256)))):
-    store_kv(kp, slots, k, vp, v, ks, vs, **kw); torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(20): store_kv(kp, slots, k, vp, v, ks, vs, **kw)
-    b.record(); torch.cuda.synchronize()
-    print(f'prompt store, 8192 tokens x 8 heads x 128, steps $steps{name}: {a.elapsed_time(b) / 20 * 1000:.1f} us per layer')
-"
+      ZIPAGE_FP8_SCALE_STEPS=$steps timeout 60 python3 benchmarks/store_prompt_bench.py --label "steps $steps: "
     done
     for run in 1:0 16:0 16:1; do  # (scales tried : keys weighted by the queries' moments)
       [ "${STAGE:-a}" = b ] || continue
@@ -333,24 +315,8 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       [ -d "$tree" ] || continue
       python3 -m pip install -q --no-deps --no-build-isolation -e "$tree" >> "$OUT/install.log" 2>&1 \
         || { echo "installing $tree failed: $OUT/install.log"; exit 1; }
-      (cd "$tree" && ZIPAGE_STORE_LAUNCH="$launch" timeout 60 python3 -c "
-import torch
-from zipage.kernels import store_kv
-from zipage.kernels.fp8 import FP8, value_pool, query_weights
-N, H, D, page = 8192, 8, 128, 256
-k = torch.randn(N, H, D, device='cuda', dtype=torch.bfloat16); v = torch.randn_like(k)
-kp = torch.zeros(N // page, page, H, D, device='cuda', dtype=FP8); vp = value_pool((N // page, page, H, D), FP8, 'cuda')
-ks = torch.zeros(N // page, page, H, device='cuda'); vs = torch.zeros_like(ks)
-slots = torch.arange(N, device='cuda')
-q = torch.randn(256, H, D, device='cuda') + 2 * torch.randn(H, D, device='cuda')
-for name, kw in (('', {}), (' query-weighted keys', dict(key_weights=query_weights(q.sum(0), (q * q).sum(0), 256)))):
-    store_kv(kp, slots, k, vp, v, ks, vs, **kw); torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(20): store_kv(kp, slots, k, vp, v, ks, vs, **kw)
-    b.record(); torch.cuda.synchronize()
-    print(f'$run prompt store, 8192 tokens x 8 heads x 128{name}: {a.elapsed_time(b) / 20 * 1000:.1f} us per layer')
-") | tee -a "$OUT/storeprompt.txt"
+      ZIPAGE_STORE_LAUNCH="$launch" timeout 60 python3 benchmarks/store_prompt_bench.py --label "$run " \
+        | tee -a "$OUT/storeprompt.txt"  # (this tree's script times the tree installed)
     done
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_kernels.py tests/test_fp8_engine.py \
