@@ -549,6 +549,7 @@ def _division_search(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q[torch.arange(len(rows)), best].to(FP8), s[torch.arange(len(rows)), best]
 
 
+@cpu_only
 @requires_triton
 def test_store_takes_the_products_the_reference_takes(monkeypatch):
     """Rows whose codes differ between dividing by every candidate's scale and multiplying the first candidate's
