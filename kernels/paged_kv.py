@@ -29,10 +29,10 @@ class StoreLaunch(NamedTuple):
     """How the quantizing store is launched (``ZIPAGE_STORE_LAUNCH``, for measuring): ``heads`` KV heads a
     program (0: as many as fit 2,048 elements, every head of a token at Qwen3-8B's shapes), ``split`` keys and
     values in programs of their own (else one program stores both, one after the other), ``warps`` a program.
-    The default, two heads with keys and values apart in two warps, keeps each head's row of the scale search
-    within fewer warps than the earlier one program of a token's 8 heads in 4 warps (whose sums crossed warps
-    through shared memory every candidate): on an H200 at 490 requests the engine's FP8 store kernel took 40.9
-    against 45.5 us a layer, while an 8,192-token prompt's store took 294 against 277 us
+    The default, two heads with keys and values apart in two warps, was the fastest of seven launches for the
+    engine's FP8 case on an H200 at 490 requests (``benchmarks/store_bench.py``: 38.2 us a layer against 40.3 for
+    the earlier default, a token's heads in one program of 4 warps, ``heads=0,split=0,warps=4``); in the engine the
+    store kernel took 40.9 against 45.5 us a layer, while an 8,192-token prompt's store took 294 against 277 us
     (``benchmarks/results/issue15/s41/``)."""
 
     heads: int = 2
