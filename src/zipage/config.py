@@ -148,8 +148,10 @@ class ZipageConfig:
             eviction 0.25 / 0.95 instead of 0.84 / 1.72 at budgets of 1/8 / 1/4 of the length, and with 32
             0.22 / 0.49; with FP8 pages' scale search (``kernels/fp8.py``) 0.39 / 0.42 with 16 and 0.23 /
             0.27 with 32, and with the keys' search weighted by the queries (the default now) 0.10 / 0.24 with
-            16 and 0.17 / 0.49 with 32 (32, within half a point with every search so far, is the setting to use
-            with FP8 pages). The cache
+            16 and 0.17 / 0.49 with 32. Those ran 4 sequences, where one flipped rounding moves the figure at
+            1/4 by a third of a point; on 8, with the store as it is now, 16 loses 0.05 / 0.53 and at 1/4 32
+            loses 0.32 and 64 0.20 (``benchmarks/results/quality_fp8_qweights_products_8seq_*``): 32, within
+            half a point in every run so far, is the setting to use with FP8 pages. The cache
             keeps the last ``exact_tail - 1`` tokens' keys and values beside the pages, and every compression
             keeps those tokens, as it keeps the observation window (``kept_last``; with a longer tail than
             the window, a scorer's choice among the rest is made without them; where a compression evicts
