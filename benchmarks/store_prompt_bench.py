@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--label", default="", help="text put before each line (which tree, which launch)")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
+    if args.tokens < 1 or args.repeats < 1:
+        ap.error(f"--tokens {args.tokens} and --repeats {args.repeats} must both be at least 1")
     H, D, page = 8, 128, 256
     n = args.tokens
     pages = -(-n // page)
