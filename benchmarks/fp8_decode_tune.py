@@ -170,6 +170,13 @@ def main() -> None:
                     variants.append((kv, f"{kv}/fp16/hf1/tma/none/vdim/r{cap}", dict(
                         block_n=128, num_warps=4, num_stages=3), dict(
                             convert="fp16", head_fast=1, load="tma", v_edge="none", v_dim_major=True, maxnreg=cap)))
+            # stale value rows converted as any other (v_edge="plain": pools that hold no NaN code), FP8's launches
+            for block_n, warps, stages, cap in ((128, 4, 3, None), (128, 4, 2, None), (128, 4, 4, None),
+                                                (128, 8, 3, None), (128, 4, 3, 128)):
+                variants.append(("fp8", "fp8/fp16/hf1/tma/plain/vdim" + (f"/r{cap}" if cap else ""), dict(
+                    block_n=block_n, num_warps=warps, num_stages=stages), dict(
+                        convert="fp16", head_fast=1, load="tma", v_edge="plain", v_dim_major=True,
+                        **({"maxnreg": cap} if cap else {}))))
         if args.match:
             keys = args.match.split(",")
             variants = [x for x in variants if x[1] == "general" or any(m in x[1] for m in keys)]

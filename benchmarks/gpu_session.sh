@@ -80,6 +80,8 @@
 #              same KV_GIB GiB of KV (default: 80 on a card of over 100 GB, an H200; else 40), TIME_LIMIT s each
 #              (default 100), then the FP8
 #              engine tests
+#   PART=vplain the FP8 decode kernel with stale value rows converted plainly (v_edge=plain) against the default:
+#              kernel rows, the engine's FP8 decode step both ways (ZIPAGE_FP8_DECODE), the 8-bit decode GPU tests
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
@@ -321,6 +323,20 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1
     timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_kernels.py tests/test_fp8_engine.py \
       tests/test_query_weights.py tests/test_exact_tail_engine.py 2>&1 | tee "$OUT/gpu_tests_storeprompt.log" | tail -3 ;;
+  vplain)  # the FP8 decode kernel with a partial tile's stale value rows converted as any other (v_edge=plain, for
+           # pools that hold no NaN code) against the default (NaN codes read as +-448): kernel rows at 490 and 512
+           # requests, then the engine's FP8 decode step (profile_step.py) both ways, then the 8-bit decode GPU tests
+    timeout 240 python3 benchmarks/fp8_decode_tune.py --match "tma/none/vdim,tma/plain/vdim" --batches "$(big_card 490 175),512" \
+      --ctx 1088,2176 --out "$OUT/fp8_decode_vplain.json" 2>&1 | grep -a "vdim\|general\|ctx"
+    reqs=$(big_card 490 175)
+    for edge in none plain; do
+      ZIPAGE_FP8_DECODE="convert=fp16,head_fast=1,load=tma,v_edge=$edge,block_n=128,num_warps=4,num_stages=3" \
+        timeout 150 python3 benchmarks/profile_step.py --requests "$reqs" --prompt-tokens 1024 --kv-cache-dtype fp8 \
+        --default-only --out "$OUT/profile_fp8_$edge.json" > "$OUT/profile_$edge.txt" 2>&1
+      echo "v_edge=$edge:"; grep -a 'engine step\|device time\|_decode_split_fp8\|_store_fp8' "$OUT/profile_$edge.txt"
+    done
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
+      2>&1 | tee "$OUT/gpu_tests_vplain.log" | tail -3 ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
@@ -648,5 +664,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "$n" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  *) echo "PART must be one of: storeprompt, fp8pair, ncu, vdim, vdim2, final32, vdimab, vdimtune, smallops, smallops2, ladder, querykeep, nanstore, exacttail, scalesearch, longtail, storelaunch, fullkv8, smallops_pairs, storetune, vdimlong, stepprofile, vedge, int8ptx, cfloor, hm, fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill, longsteps" >&2; exit 2 ;;
+  *) echo "PART must be one of: vplain, storeprompt, fp8pair, ncu, vdim, vdim2, final32, vdimab, vdimtune, smallops, smallops2, ladder, querykeep, nanstore, exacttail, scalesearch, longtail, storelaunch, fullkv8, smallops_pairs, storetune, vdimlong, stepprofile, vedge, int8ptx, cfloor, hm, fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill, longsteps" >&2; exit 2 ;;
 esac

@@ -92,7 +92,7 @@ if HAS_TRITON:
 CONVERTS = ("bf16", "fp16", "bits", "fp8mma")
 INT8_CONVERTS = ("bf16", "fp16")  # int8 codes are exact in both; "bits" and "fp8mma" are e4m3's
 LOADS = ("gather", "page", "tma")
-V_EDGES = ("bytes", "none", "operand")  # load="tma": how a partial tile's outside value rows are cleared
+V_EDGES = ("bytes", "none", "operand", "plain")  # load="tma": how a partial tile's outside value rows are cleared
 TWO_POW_120 = 2.0 ** 120  # "bits": a code's bf16 image is the code times 2^-120
 
 if HAS_TRITON:
