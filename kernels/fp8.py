@@ -177,7 +177,7 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
         c = (xf / scale[..., None]).clamp(-top, top)
         if dtype == INT8:  # to the nearest integer, halves away from zero (what the store kernel does)
             c = torch.where(c < 0, -torch.floor(0.5 - c), torch.floor(c + 0.5))
-        return c.to(dtype), scale
+        return _mark_bad_rows(xf, c.to(dtype), scale)
     mult, weight, recip = scale_steps_table(steps, xf.device)
     rows, scales = xf.reshape(-1, xf.shape[-1]), scale.reshape(-1)
     chunk = max(1, SEARCH_CHUNK_ELEMENTS // (steps * max(1, rows.shape[-1])))  # rows tried at once
@@ -187,7 +187,16 @@ def quantize_reference(x: torch.Tensor, dtype: torch.dtype = FP8,
     for a in range(0, rows.shape[0], chunk):
         w = None if heads is None else weights[:, heads[a:a + chunk]]  # [2, rows, D]
         codes[a:a + chunk], chosen[a:a + chunk] = _search(rows[a:a + chunk], scales[a:a + chunk], mult, weight, recip, w)
-    return codes.view(xf.shape), chosen.view(scale.shape)
+    return _mark_bad_rows(xf, codes.view(xf.shape), chosen.view(scale.shape))
+
+
+def _mark_bad_rows(xf: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row with a NaN or an infinity: zero codes under a NaN scale, as the store kernel writes it. It reads back
+    as NaN, and no NaN code ever reaches a pool, so a kernel may convert a stale slot's codes without checking them
+    (``paged_decode_fp8``'s ``v_edge="plain"``)."""
+    bad = ~torch.isfinite(xf).all(dim=-1)  # (no branch on it: no host sync on a GPU)
+    bits = codes.view(torch.uint8 if codes.dtype == FP8 else codes.dtype)  # (FP8 tensors take no masked_fill)
+    return bits.masked_fill(bad[..., None], 0).view(codes.dtype), scales.masked_fill(bad, float("nan"))
 
 
 # Query-weighted search (keys): a code's error in units of 2 ** -WEIGHTED_ERROR_BITS codes (at most 16 codes,

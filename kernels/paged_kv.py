@@ -197,16 +197,18 @@ if HAS_TRITON:
         # IEEE divisions (``/`` compiles to an approximate one), so codes and scales match the reference
         amax = tl.max(tl.abs(x), 1)
         s = tl.maximum(tl.math.div_rn(amax, tl.full(amax.shape, top, tl.float32)), 1e-12)  # MIN_SCALE
-        # a NaN or an infinity: the row reads back as NaN, as the reference's does (the max and the clamps
-        # below would drop a NaN and store the rest as finite codes under a finite scale)
+        # a NaN or an infinity: the row reads back as NaN, as the reference's does, through a NaN scale over zero
+        # codes (the max and the clamps below would drop a NaN and store the rest as finite codes under a finite
+        # scale); no NaN code ever reaches a pool, so kernels may read a stale slot's codes (fp8.quantize_reference)
         bad = tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), 1) > 0
         if INT8 or STEPS == 1:
-            s = tl.where(bad, float("nan"), s)
             c = tl.minimum(tl.maximum(tl.math.div_rn(x, s[:, None] + tl.zeros_like(x)), -top), top)
             if INT8:
                 c = tl.where(c < 0, -tl.floor(0.5 - c), tl.floor(c + 0.5))
             elif ROUND_FIRST:
                 c = _round_to_e4m3(c)
+            s = tl.where(bad, float("nan"), s)
+            c = tl.where(bad[:, None], 0.0, c)
         else:
             base = s
             c0 = tl.minimum(tl.maximum(tl.math.div_rn(x, base[:, None] + tl.zeros_like(x)), -top), top)
@@ -231,7 +233,7 @@ if HAS_TRITON:
                 s = tl.where(better, si, s)
                 q = tl.where(better[:, None], qi, q)
             s = tl.where(bad, float("nan"), s)
-            c = tl.where(bad[:, None], float("nan"), q)
+            c = tl.where(bad[:, None], 0.0, q)
         row = (slot // PAGE) * dst_p + (slot % PAGE) * dst_t  # (the pool's strides: values may be dimension-major)
         tl.store(DST + row + h[:, None] * dst_h + d[None, :] * dst_d, c.to(DST.dtype.element_ty), mask=m)
         tl.store(SCALE + slot * H + h, s, mask=hmask)

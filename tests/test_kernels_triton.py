@@ -305,6 +305,14 @@ def _nan_case(dev):
         want = dequantize_reference(*quantize_reference(x, codes_dtype))
         bad = torch.isnan(want)
         assert torch.equal(bad, torch.isnan(got)) and bad[0, 1].all() and bad[2, 0].all() and not bad[1].any()
+        # through a NaN scale over zero codes: no NaN code reaches the pool (kernels may read stale slots' codes)
+        ref_codes, ref_scales = quantize_reference(x, codes_dtype)
+        stored = cache.view(8, 2, 8)[[1, 2, 6]]
+        for row in ((0, 1), (2, 0)):
+            assert torch.isnan(ref_scales[row]) and torch.isnan(scale.view(8, 2)[[1, 2, 6]][row])
+            assert torch.equal(ref_codes[row].view(torch.uint8), torch.zeros(8, dtype=torch.uint8))
+            assert torch.equal(stored[row].view(torch.uint8), torch.zeros(8, dtype=torch.uint8))
+        assert torch.isfinite(cache.float()).all()
         # the other rows as the reference stores them (compiled, a code may round the other way at a tie)
         assert ((got[~bad] - want[~bad]).norm() / want[~bad].norm()).item() < 2e-2
 
