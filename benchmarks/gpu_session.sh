@@ -335,8 +335,9 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
         --default-only --out "$OUT/profile_fp8_$edge.json" > "$OUT/profile_$edge.txt" 2>&1
       echo "v_edge=$edge:"; grep -a 'engine step\|device time\|_decode_split_fp8\|_store_fp8' "$OUT/profile_$edge.txt"
     done
-    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py \
-      2>&1 | tee "$OUT/gpu_tests_vplain.log" | tail -3 ;;
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_kernels.py \
+      2>&1 | tee "$OUT/gpu_tests_vplain.log" | tail -3
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k nan 2>&1 | tail -1 ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
