@@ -172,7 +172,8 @@ def main() -> None:
                             convert="fp16", head_fast=1, load="tma", v_edge="none", v_dim_major=True, maxnreg=cap)))
             # stale value rows converted as any other (v_edge="plain": pools that hold no NaN code), FP8's launches
             for block_n, warps, stages, cap in ((128, 4, 3, None), (128, 4, 2, None), (128, 4, 4, None),
-                                                (128, 8, 3, None), (128, 4, 3, 128)):
+                                                (128, 8, 3, None), (128, 4, 3, 128), (128, 2, 3, None),
+                                                (128, 2, 2, None), (128, 2, 4, None)):
                 variants.append(("fp8", "fp8/fp16/hf1/tma/plain/vdim" + (f"/r{cap}" if cap else ""), dict(
                     block_n=block_n, num_warps=warps, num_stages=stages), dict(
                         convert="fp16", head_fast=1, load="tma", v_edge="plain", v_dim_major=True,

@@ -326,15 +326,17 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
   vplain)  # the FP8 decode kernel with a partial tile's stale value rows converted as any other (v_edge=plain, for
            # pools that hold no NaN code) against the default (NaN codes read as +-448): kernel rows at 490 and 512
            # requests, then the engine's FP8 decode step (profile_step.py) both ways, then the 8-bit decode GPU tests
-    timeout 240 python3 benchmarks/fp8_decode_tune.py --match "tma/none/vdim,tma/plain/vdim" --batches "$(big_card 490 175),512" \
+    timeout 240 python3 benchmarks/fp8_decode_tune.py --match "${MATCH:-tma/none/vdim,tma/plain/vdim}" --batches "$(big_card 490 175),512" \
       --ctx 1088,2176 --out "$OUT/fp8_decode_vplain.json" 2>&1 | grep -a "vdim\|general\|ctx"
     reqs=$(big_card 490 175)
-    for edge in none plain; do
-      ZIPAGE_FP8_DECODE="convert=fp16,head_fast=1,load=tma,v_edge=$edge,block_n=128,num_warps=4,num_stages=3" \
+    for edge in ${EDGES:-none plain}; do  # v_edge[/num_warps]
+      w=${edge#*/}; [ "$w" = "$edge" ] && w=4; edge=${edge%/*}
+      ZIPAGE_FP8_DECODE="convert=fp16,head_fast=1,load=tma,v_edge=$edge,block_n=128,num_warps=$w,num_stages=3" \
         timeout 150 python3 benchmarks/profile_step.py --requests "$reqs" --prompt-tokens 1024 --kv-cache-dtype fp8 \
-        --default-only --out "$OUT/profile_fp8_$edge.json" > "$OUT/profile_$edge.txt" 2>&1
-      echo "v_edge=$edge:"; grep -a 'engine step\|device time\|_decode_split_fp8\|_store_fp8' "$OUT/profile_$edge.txt"
+        --default-only --out "$OUT/profile_fp8_${edge}_w$w.json" > "$OUT/profile_${edge}_w$w.txt" 2>&1
+      echo "v_edge=$edge num_warps=$w:"; grep -a 'engine step\|device time\|_decode_split_fp8\|_store_fp8' "$OUT/profile_${edge}_w$w.txt"
     done
+    [ -n "${SKIP_TESTS:-}" ] && exit 0
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_kernels.py \
       2>&1 | tee "$OUT/gpu_tests_vplain.log" | tail -3
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k nan 2>&1 | tail -1 ;;
