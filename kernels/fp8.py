@@ -91,7 +91,9 @@ def value_pool(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     8-bit decode tiles then reach the value dot's operand layout without a transpose through shared
     memory (``kernels/paged_decode_fp8.py``). The tensor returned is a view with the logical shape, so
     indexing code needs no change; kernels read its strides, and flattening the page and slot dims into
-    one slot dim is not a view (``.view`` refuses it; ``kernels/paged_kv.py`` indexes pages and slots apart)."""
+    one slot dim is not a view (``.view`` refuses it; ``kernels/paged_kv.py`` indexes pages and slots apart).
+    Zeroed, and zipage's stores never write a NaN code into it (:func:`quantize_reference`), so the decode kernel
+    converts a tile's stale rows as any other (``paged_decode_fp8.default_v_edge``)."""
     *lead, pages, page, heads, dim = shape
     n = len(lead)
     storage = torch.zeros(*lead, pages, heads, dim, page, dtype=dtype, device=device)

@@ -30,7 +30,11 @@ speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
 * ``v_edge`` (``load="tma"``): a partial tile's outside value rows zeroed as bytes before conversion
   (``"bytes"``), after it (``"operand"``), or left in place (``"none"``: their probabilities and value
   scales are 0, INT8 codes are all finite, and FP8 value codes are converted in PTX with e4m3's two NaN
-  codes read as +-448, so no stale byte reaches the output).
+  codes read as +-448, so no stale byte reaches the output; ``"plain"``: left in place and converted as any
+  other, for pools that hold no NaN code, as zipage's own: zeroed when made, and its stores write a row with a
+  NaN or an infinity as zero codes under a NaN scale, ``fp8.quantize_reference``). ``"plain"`` drops the
+  NaN check's 5 integer operations per 4 value codes (934 -> 786 instructions in the compiled tile loop); on
+  the H200 the engine's step at 490 requests ran its decode kernel in 325 us against 336 (``benchmarks/results/issue15/s42/``).
 * Values stored dimension-major (``fp8.value_pool``: each page ``[H_kv, D, page]``, seen through strides as
   the usual ``[page, H_kv, D]``), detected from the pool's strides: tensor-descriptor tiles then read values
   as ``[D, block_n]``, already in the layout the value dot's operand needs (two consecutive tokens of one
@@ -60,8 +64,11 @@ registers and 75 KB of shared memory a program).
 
 INT8 pages take the ``"fp16"`` and ``"bf16"`` conversions (every int8 code is exact in both).
 :func:`default_choice` is what the engine uses on a GPU: fp16 dots, heads side by side, 128-token
-tiles through tensor descriptors where they apply (else from one page); the launch leaves stale value rows
-in place when values are stored dimension-major (``v_edge=None``), whoever chose the rest. Token-major,
+tiles through tensor descriptors where they apply (else from one page), two warps a program (four until
+session 42: on the H200 two were 3-9% faster at 490-512 requests, the engine's step 24.21 against 24.71 ms of
+device time with ``v_edge="plain"``, ``benchmarks/results/issue15/s42/``); the launch leaves stale value rows
+in place when values are stored dimension-major (``v_edge=None``: ``"plain"``, since such a pool is zipage's
+own, :func:`default_v_edge`), whoever chose the rest. Token-major,
 that moved 0.69 of the copy bandwidth on the H200
 at 512 requests against 0.48 for the general kernel (``benchmarks/results/issue15/fp8_decode_tma.json``);
 dimension-major, 0.85.
@@ -320,11 +327,13 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
     ``int8_ptx``: INT8 codes to fp16 four at a time in PTX (compiled launches; the interpreter and
     ``int8_ptx=False`` use the per-element form, which gives the same operands).
 
-    ``v_edge`` (``load="tma"``, whose partial tiles hold rows of other slots; None: ``"none"`` where values are
-    stored dimension-major and the codes allow it, the fastest there, else ``"bytes"``): ``"bytes"`` zeroes those rows'
-    codes before conversion; ``"operand"`` zeroes them after conversion; ``"none"`` leaves them: their probabilities and
-    value scales are 0, every INT8 code is finite, and FP8 value codes are converted with e4m3's two NaN codes
-    read as +-448 (``convert="fp16"`` only), so a stale slot's bytes never reach the output.
+    ``v_edge`` (``load="tma"``, whose partial tiles hold rows of other slots; None: :func:`default_v_edge`):
+    ``"bytes"`` zeroes those rows' codes before conversion; ``"operand"`` zeroes them after conversion; ``"none"``
+    leaves them: their probabilities and value scales are 0, every INT8 code is finite, and FP8 value codes are
+    converted with e4m3's two NaN codes read as +-448 (``convert="fp16"`` only), so a stale slot's bytes never
+    reach the output; ``"plain"`` leaves them and converts them as any other code, exact only where the pools
+    hold no NaN code (zipage's: zeroed when made, and its stores never write one); a NaN code in a stale row
+    would make the output NaN.
 
     ``maxnreg``: a register cap per thread for the compiled kernel (more programs per multiprocessor, possibly
     spilling); the interpreter ignores it."""
@@ -387,10 +396,11 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
 
 def default_v_edge(load: str, convert: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str:
     """The launch's ``v_edge`` when none is given: the measured-fastest exact choice for the pools' layout,
-    ``"none"`` for dimension-major values through tensor descriptors (INT8 codes, or FP8 with fp16 dots),
-    ``"bytes"`` otherwise."""
-    leave = load == "tma" and dim_major(v_cache) and (k_cache.dtype == torch.int8 or convert == "fp16")
-    return "none" if leave else "bytes"
+    ``"plain"`` for dimension-major values through tensor descriptors, ``"bytes"`` otherwise. A dimension-major
+    value pool is zipage's own layout (``fp8.value_pool``: zeroed when made; zipage's stores write no NaN code
+    and compaction moves stored codes), so its stale rows hold finite codes. A pool of other origin whose free
+    slots may hold NaN codes takes ``v_edge="none"`` (FP8 with fp16 dots) or ``"bytes"``."""
+    return "plain" if load == "tma" and dim_major(v_cache) else "bytes"
 
 
 def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
@@ -418,4 +428,4 @@ def default_choice(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if k_cache.shape[1] % DEFAULT_BLOCK_N:
         return None
     load = "tma" if tma_problem(k_cache, v_cache) is None else "page"
-    return dict(convert="fp16", head_fast=1, load=load, block_n=DEFAULT_BLOCK_N, num_warps=4, num_stages=3)
+    return dict(convert="fp16", head_fast=1, load=load, block_n=DEFAULT_BLOCK_N, num_warps=2, num_stages=3)

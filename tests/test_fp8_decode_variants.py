@@ -47,14 +47,16 @@ def _case(dtype, choice, *, Hq=8, Hkv=2, D=32, page=8, lens=(37, 5, 64), starts=
         k[..., : D // 4] = (torch.rand(P, page, Hkv, D // 4) * 0.015).to(k.dtype)
         v[..., : D // 4] = (torch.rand(P, page, Hkv, D // 4) * 0.015).to(v.dtype)
     table = torch.randperm(P)[: B * per_row].view(B, per_row).to(torch.int32)
-    if poison:  # every slot no sequence reads holds NaN codes (0x7f) and a NaN scale
+    if poison:  # every slot no sequence reads holds NaN codes (0x7f; "finite": e4m3's largest, +-448) and a NaN scale
         used = torch.zeros(P, page, dtype=torch.bool)
         for b, n in enumerate(lens):
             s0 = (starts or [0] * B)[b]
             pos = torch.arange(s0, n)
             used[table[b, pos // page].long(), pos % page] = True
         for t in (k, v):
-            t.view(torch.uint8)[~used] = 0x7F
+            t.view(torch.uint8)[~used] = 0x7F if poison != "finite" else 0x7E
+            if poison == "finite":
+                t.view(torch.uint8)[~used, :, ::2] = 0xFE
         ks[~used] = float("nan")
         vs[~used] = float("nan")
     k, v, ks, vs, table = (t.to(DEVICE) for t in (k, v, ks, vs, table))
@@ -154,26 +156,31 @@ def test_page_and_tma_loads_on_the_gpu(load, convert, codes):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("v_edge", ["operand", "none"])
+@pytest.mark.parametrize("v_edge", ["operand", "none", "plain"])
 @pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
 def test_stale_value_rows_never_reach_the_output(v_edge, codes):
     """Tensor-descriptor tiles whose outside value rows are zeroed after conversion (``operand``) or left
-    in place (``none``: INT8 codes are finite, FP8 NaN codes read as +-448, their probabilities are 0),
-    with every slot outside the sequences poisoned with NaN codes and NaN scales."""
+    in place (``none``: INT8 codes are finite, FP8 NaN codes read as +-448, their probabilities are 0;
+    ``plain``: converted as any other, for pools without NaN codes), with every slot outside the sequences
+    poisoned with NaN scales and NaN codes (``plain``: e4m3's largest codes, +-448)."""
     _case(torch.bfloat16, dict(convert="fp16", head_fast=1, block_n=128, num_stages=3, load="tma", v_edge=v_edge),
-          Hq=32, Hkv=8, D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True, codes=codes)
+          Hq=32, Hkv=8, D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100],
+          poison="finite" if v_edge == "plain" else True, codes=codes)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("v_edge", ["bytes", "none", None])
+@pytest.mark.parametrize("v_edge", ["bytes", "none", "plain", None])
+@pytest.mark.parametrize("num_warps", [2, 4])
 @pytest.mark.parametrize("codes", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
-def test_values_stored_dimension_major(v_edge, codes):
+def test_values_stored_dimension_major(v_edge, num_warps, codes):
     """Values stored ``[pages, H_kv, D, page]`` (``v_dim_major``, read as ``[D, block_n]`` tiles): the
-    reference's attention, with partial tiles over NaN-poisoned slots."""
+    reference's attention, with partial tiles over poisoned slots (NaN codes; where stale rows are converted as
+    any other, ``plain`` and the default here, e4m3's largest codes, as no zipage pool holds a NaN code)."""
     _case(torch.bfloat16, dict(convert="fp16", head_fast=1, block_n=128, num_stages=3, load="tma", v_edge=v_edge,
-                               v_dim_major=True),
-          Hq=32, Hkv=8, D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100], poison=True, codes=codes)
+                               num_warps=num_warps, v_dim_major=True),
+          Hq=32, Hkv=8, D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100],
+          poison=True if v_edge in ("bytes", "none") else "finite", codes=codes)
 
 
 @pytest.mark.gpu
@@ -321,16 +328,17 @@ def test_bad_v_edge_is_named():
 
 
 def test_default_v_edge_follows_the_value_layout():
-    """With no ``v_edge``, stale value rows are left in place only where that is exact and measured fastest:
-    dimension-major values through tensor descriptors, INT8 codes or FP8 with fp16 dots."""
+    """With no ``v_edge``, stale value rows are left in place and converted as any other only where that is exact
+    and measured fastest: dimension-major values (zipage's own pools, which hold no NaN code) through tensor
+    descriptors."""
     from zipage.kernels.fp8 import value_pool
     from zipage.kernels.paged_decode_fp8 import default_v_edge
 
     for codes in (torch.float8_e4m3fn, torch.int8):
         k = torch.zeros(2, 16, 1, 16, dtype=codes)
         v_dm, v_tm = value_pool(tuple(k.shape), codes, "cpu"), torch.zeros_like(k)
-        assert default_v_edge("tma", "fp16", k, v_dm) == "none"
+        assert default_v_edge("tma", "fp16", k, v_dm) == "plain"
         assert default_v_edge("tma", "fp16", k, v_tm) == "bytes"
         assert default_v_edge("page", "fp16", k, v_dm) == "bytes"  # (only tensor-descriptor tiles read v_edge)
     k8 = torch.zeros(2, 16, 1, 16, dtype=torch.float8_e4m3fn)
-    assert default_v_edge("tma", "bits", k8, value_pool(tuple(k8.shape), k8.dtype, "cpu")) == "bytes"
+    assert default_v_edge("tma", "bits", k8, value_pool(tuple(k8.shape), k8.dtype, "cpu")) == "plain"
