@@ -36,7 +36,7 @@ except ImportError:  # a checkout without the package installed
     from kernels import paged_decode_fp8 as fp8
 
 HQ, HKV, D, PAGE = 32, 8, 128, 256
-LAUNCHES = ("fp16/tma/128/4/3/none/vdim", "fp16/tma/128/4/3", "fp16/page/128/4/3",
+LAUNCHES = ("fp16/tma/128/2/3/plain/vdim", "fp16/tma/128/4/3/none/vdim", "fp16/tma/128/4/3", "fp16/page/128/4/3",
             "fp16/gather/128/4/3")  # convert/load/block_n/warps/stages[/v_edge][/vdim: values dimension-major]
 NOT_ALIGNED = ("stride_st", "stride_sh")  # a scale pool's token stride is the KV head count (8): no 16 hint
 

@@ -31,7 +31,7 @@ speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
   (``"bytes"``), after it (``"operand"``), or left in place (``"none"``: their probabilities and value
   scales are 0, INT8 codes are all finite, and FP8 value codes are converted in PTX with e4m3's two NaN
   codes read as +-448, so no stale byte reaches the output; ``"plain"``: left in place and converted as any
-  other, for pools that hold no NaN code, as zipage's own: zeroed when made, and its stores write a row with a
+  other, for pools that hold no NaN code, as the engine's: zeroed when made, and zipage's stores write a row with a
   NaN or an infinity as zero codes under a NaN scale, ``fp8.quantize_reference``). ``"plain"`` drops the
   NaN check's 5 integer operations per 4 value codes (934 -> 786 instructions in the compiled tile loop); on
   the H200 the engine's step at 490 requests ran its decode kernel in 325 us against 336 (``benchmarks/results/issue15/s42/``).
@@ -64,11 +64,13 @@ registers and 75 KB of shared memory a program).
 
 INT8 pages take the ``"fp16"`` and ``"bf16"`` conversions (every int8 code is exact in both).
 :func:`default_choice` is what the engine uses on a GPU: fp16 dots, heads side by side, 128-token
-tiles through tensor descriptors where they apply (else from one page), two warps a program (four until
-session 42: on the H200 two were 3-9% faster at 490-512 requests, the engine's step 24.21 against 24.71 ms of
-device time with ``v_edge="plain"``, ``benchmarks/results/issue15/s42/``); the launch leaves stale value rows
-in place when values are stored dimension-major (``v_edge=None``: ``"plain"``, since such a pool is zipage's
-own, :func:`default_v_edge`), whoever chose the rest. Token-major,
+tiles through tensor descriptors where they apply (else from one page), two warps a program where the tiles
+come through tensor descriptors and values are stored dimension-major (four until session 42: on the H200 two
+were 3-9% faster at 490-512 requests, the engine's step 24.21 against 24.71 ms of device time with
+``v_edge="plain"``, ``benchmarks/results/issue15/s42/``; the other launches keep four, which compiled for sm_90
+spill no registers where two would); the launch leaves stale value rows in place when values are stored
+dimension-major (``v_edge=None``: ``"plain"``, since such a pool is the engine's own, :func:`default_v_edge`),
+whoever chose the rest. Token-major,
 that moved 0.69 of the copy bandwidth on the H200
 at 512 requests against 0.48 for the general kernel (``benchmarks/results/issue15/fp8_decode_tma.json``);
 dimension-major, 0.85.
@@ -332,8 +334,8 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
     leaves them: their probabilities and value scales are 0, every INT8 code is finite, and FP8 value codes are
     converted with e4m3's two NaN codes read as +-448 (``convert="fp16"`` only), so a stale slot's bytes never
     reach the output; ``"plain"`` leaves them and converts them as any other code, exact only where the pools
-    hold no NaN code (zipage's: zeroed when made, and its stores never write one); a NaN code in a stale row
-    would make the output NaN.
+    hold no NaN code (the engine's: zeroed when made, and zipage's stores never write one); a NaN code in a stale
+    row would make the output NaN.
 
     ``maxnreg``: a register cap per thread for the compiled kernel (more programs per multiprocessor, possibly
     spilling); the interpreter ignores it."""
@@ -396,11 +398,13 @@ def launch_decode_split_fp8(q, k_cache, v_cache, k_scale, v_scale, page_table, k
 
 def default_v_edge(load: str, convert: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> str:
     """The launch's ``v_edge`` when none is given: the measured-fastest exact choice for the pools' layout,
-    ``"plain"`` for dimension-major values through tensor descriptors, ``"bytes"`` otherwise. A dimension-major
-    value pool is zipage's own layout (``fp8.value_pool``: zeroed when made; zipage's stores write no NaN code
-    and compaction moves stored codes), so its stale rows hold finite codes. A pool of other origin whose free
+    ``"plain"`` for dimension-major values through tensor descriptors (INT8 codes, or FP8 with fp16 dots: what
+    was timed), ``"bytes"`` otherwise. A dimension-major value pool is the engine's own layout
+    (``fp8.value_pool``: zeroed when made; zipage's stores write no NaN code and compaction moves stored codes),
+    so its stale rows hold finite codes. A pool of other origin whose free
     slots may hold NaN codes takes ``v_edge="none"`` (FP8 with fp16 dots) or ``"bytes"``."""
-    return "plain" if load == "tma" and dim_major(v_cache) else "bytes"
+    leave = load == "tma" and dim_major(v_cache) and (k_cache.dtype == torch.int8 or convert == "fp16")
+    return "plain" if leave else "bytes"
 
 
 def tma_problem(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
@@ -428,4 +432,7 @@ def default_choice(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if k_cache.shape[1] % DEFAULT_BLOCK_N:
         return None
     load = "tma" if tma_problem(k_cache, v_cache) is None else "page"
-    return dict(convert="fp16", head_fast=1, load=load, block_n=DEFAULT_BLOCK_N, num_warps=2, num_stages=3)
+    # two warps where they were timed (tensor-descriptor tiles, values dimension-major: the engine's pools on Hopper);
+    # compiled for sm_90 the other launches spill registers with two (per-page loads: 560 bytes against 24)
+    warps = 2 if load == "tma" and dim_major(v_cache) else 4
+    return dict(convert="fp16", head_fast=1, load=load, block_n=DEFAULT_BLOCK_N, num_warps=warps, num_stages=3)

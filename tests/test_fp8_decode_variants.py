@@ -196,6 +196,10 @@ def test_the_default_on_the_gpu(codes, monkeypatch):
     pool = torch.zeros(2, 256, 8, 128, device="cuda", dtype=codes)
     choice = default_choice(q, pool, pool)
     assert choice is not None and choice["convert"] == "fp16"
+    # two warps only where they were timed: tensor-descriptor tiles over dimension-major values (the engine's pools)
+    assert choice["load"] == "tma" and choice["num_warps"] == 4
+    from zipage.kernels.fp8 import value_pool
+    assert default_choice(q, pool, value_pool(tuple(pool.shape), codes, "cuda"))["num_warps"] == 2
     for window in (None, 300):
         _case(torch.bfloat16, {}, Hq=32, Hkv=8, D=128, page=256, lens=(3000, 1, 257, 2304), starts=[0, 0, 7, 100],
               poison=True, codes=codes, window=window)
@@ -284,17 +288,18 @@ def test_8bit_decode_kernel_compiles_for_hopper_without_a_gpu():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_compile.py"
-    r = subprocess.run([sys.executable, str(script), "--launches", "fp16/tma/128/4/3,fp16/tma/128/4/3/none/vdim"],
+    engine = "fp16/tma/128/2/3/plain/vdim"  # (default_choice on the engine's pools: two warps, stale rows plain)
+    r = subprocess.run([sys.executable, str(script), "--launches", f"fp16/tma/128/4/3,{engine}"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {(line.split()[0], line.split()[1]): line.split() for line in r.stdout.splitlines()
             if line.startswith("fp16/tma")}
-    assert set(rows) == {(launch, codes) for launch in ("fp16/tma/128/4/3", "fp16/tma/128/4/3/none/vdim")
+    assert set(rows) == {(launch, codes) for launch in ("fp16/tma/128/4/3", engine)
                          for codes in ("fp8", "int8")}, r.stdout
     for (launch, _), row in rows.items():
         assert int(row[5]) > 0 and int(row[6]) >= 1, r.stdout  # shared memory, and at least one tile buffer
-        if launch.endswith("vdim"):  # the engine's launch: no 16-bit round trip, no byte loads for the values
-            assert row[7] == "no" and int(row[8]) == 0, r.stdout
+        if launch == engine:  # no register spilled, no 16-bit round trip, no byte loads for the values
+            assert int(row[4]) == 0 and row[7] == "no" and int(row[8]) == 0, r.stdout
     bad = subprocess.run([sys.executable, str(script), "--launches", "fp16/tma/128"], capture_output=True, text=True)
     assert bad.returncode == 2 and "convert/load/block_n/warps/stages" in bad.stderr
 
@@ -329,8 +334,8 @@ def test_bad_v_edge_is_named():
 
 def test_default_v_edge_follows_the_value_layout():
     """With no ``v_edge``, stale value rows are left in place and converted as any other only where that is exact
-    and measured fastest: dimension-major values (zipage's own pools, which hold no NaN code) through tensor
-    descriptors."""
+    and measured fastest: dimension-major values (the engine's own pools, which hold no NaN code) through tensor
+    descriptors, INT8 codes or FP8 with fp16 dots."""
     from zipage.kernels.fp8 import value_pool
     from zipage.kernels.paged_decode_fp8 import default_v_edge
 
@@ -341,4 +346,4 @@ def test_default_v_edge_follows_the_value_layout():
         assert default_v_edge("tma", "fp16", k, v_tm) == "bytes"
         assert default_v_edge("page", "fp16", k, v_dm) == "bytes"  # (only tensor-descriptor tiles read v_edge)
     k8 = torch.zeros(2, 16, 1, 16, dtype=torch.float8_e4m3fn)
-    assert default_v_edge("tma", "bits", k8, value_pool(tuple(k8.shape), k8.dtype, "cpu")) == "plain"
+    assert default_v_edge("tma", "bits", k8, value_pool(tuple(k8.shape), k8.dtype, "cpu")) == "bytes"
