@@ -82,6 +82,8 @@
 #              engine tests
 #   PART=vplain the FP8 decode kernel with stale value rows converted plainly (v_edge=plain) against the default:
 #              kernel rows, the engine's FP8 decode step both ways (ZIPAGE_FP8_DECODE), the 8-bit decode GPU tests
+#   PART=plaincheck the GPU tests of the FP8 decode default (two warps, plain stale rows on the engine's pools) and the
+#              NaN store case, then PART=fp8pair (prepared in session 42, not yet run)
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
@@ -340,6 +342,12 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_kernels.py \
       2>&1 | tee "$OUT/gpu_tests_vplain.log" | tail -3
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k nan 2>&1 | tail -1 ;;
+  plaincheck)  # prepared in session 42, not yet run (its device time ran out): the GPU tests of the FP8 decode default as
+              # it is now (two warps and plain stale rows on the engine's pools), the NaN store case, then the FP8 pair
+    timeout 220 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_decode_variants.py tests/test_fp8_engine.py \
+      2>&1 | tee "$OUT/gpu_tests_plaincheck.log" | tail -3
+    timeout 30 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k nan 2>&1 | tail -1
+    PART=fp8pair bash "$0" ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
@@ -667,5 +675,5 @@ and x['kv']=='fp8' and x['kernel']=='general']; print(int('best' in d and r and 
       --out "$OUT/generate_steps_b1_p16384.json" 2>&1 | tail -1
     timeout 150 python3 benchmarks/generate_steps.py --model qwen3-8b --batch 16 --prompt 4096 --new "$n" \
       --out "$OUT/generate_steps_8b_b16_p4096.json" 2>&1 | tail -1 ;;
-  *) echo "PART must be one of: vplain, storeprompt, fp8pair, ncu, vdim, vdim2, final32, vdimab, vdimtune, smallops, smallops2, ladder, querykeep, nanstore, exacttail, scalesearch, longtail, storelaunch, fullkv8, smallops_pairs, storetune, vdimlong, stepprofile, vedge, int8ptx, cfloor, hm, fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill, longsteps" >&2; exit 2 ;;
+  *) echo "PART must be one of: plaincheck, vplain, storeprompt, fp8pair, ncu, vdim, vdim2, final32, vdimab, vdimtune, smallops, smallops2, ladder, querykeep, nanstore, exacttail, scalesearch, longtail, storelaunch, fullkv8, smallops_pairs, storetune, vdimlong, stepprofile, vedge, int8ptx, cfloor, hm, fp8, final, fp8kernel, last, int8, tma, tma2, int8fast, gen, steady, gen8b, profile, flash, probe, nocudnn, dense, dense2, batch1, genlong, genlong2, gen4k, peak1, host, host2, steps, lean, pastbudget, afterfix, fp8prefill, longsteps" >&2; exit 2 ;;
 esac
