@@ -417,6 +417,42 @@ QUALITY_TARGET_REPORTS = {
 }
 
 
+# the same for the full-KV controls (nothing evicted) against bf16 pages
+CONTROL_TARGET_REPORTS = (
+    ("quality_fp8_qweights_products_8seq_control_tail32.json", "quality_fp8_qweights_products_8seq_control_tail64.json",
+     "quality_fp8_rotated_qweights_products_8seq_control_tail128.json"),
+    ("quality_fp8_qweights_exact_tail64_control.json", "quality_fp8_rotated_qweights_exact_tail128_control.json"),
+)
+
+
+def _setting(target: str, name: str) -> str:
+    """A quality target's pages as a row names them: its exact tail, and rotated if its report was."""
+    return _tail(target) + (", rotated" if "rotated" in name else "")
+
+
+def _newest_group(results: Path, groups: tuple, must: str) -> tuple[str, str, str] | None:
+    """(measured, verdict, files) for one quality target row: the first group of reports with a result decides
+    (each setting it measured, with its verdict), the later groups are shown as earlier results."""
+    found = [[(name, lost) for name in group if (lost := _lost(results, name, must))] for group in groups]
+    found = [group for group in found if group]
+    if not found:
+        return None
+    current, earlier = found[0], found[1:]
+    lost = [(_setting(t, name), v, ok) for name, group_lost in current for t, v, ok in group_lost]
+    seqs = {json.loads((results / name).read_text()).get("settings", {}).get("seqs") for name, _ in current}
+    measured = "points lost: " + ", ".join(f"`{s}`: {v:+.2f}" for s, v, _ in lost) + (
+        f" ({seqs.pop()} sequences of 2,048 tokens)" if len(seqs) == 1 and None not in seqs else "")
+    for group in earlier:
+        for old, old_lost in group:
+            measured += ("; earlier, " + ", ".join(f"`{_setting(t, old)}`: {v:+.2f}" for t, v, _ in old_lost)
+                         + f" (`{old[:-5]}`)")
+    passed = [f"`{s}`" for s, _, ok in lost if ok]
+    missed = [f"`{s}`" for s, _, ok in lost if not ok]
+    verdict = ("pass" if not missed else "**miss**" if not passed
+               else f"pass with {', '.join(passed)}; **miss** with {', '.join(missed)}")
+    return measured, verdict, ", ".join(f"`{name[:-5]}`" for name, _ in current)
+
+
 def targets_table(results: Path) -> list[str]:
     """Where each target of the FP8 issue stands, from the newest results this page shows (one row a target)."""
     folder = results / "fp8"
@@ -456,35 +492,13 @@ def targets_table(results: Path) -> list[str]:
         row("full-KV FP8 against full-KV bf16, reported", "not measured yet (`PART=fullkv8` of "
             "`benchmarks/gpu_session.sh` is ready)", "**missing**", "")
     for what, groups in QUALITY_TARGET_REPORTS.items():
-        found = [[(name, lost) for name in group if (lost := _lost(results, name, "kv_cache_dtype=fp8"))]
-                 for group in groups]
-        found = [group for group in found if group]
-        if not found:
-            continue
-        current, earlier = found[0], found[1:]
-        lost = [x for _, group_lost in current for x in group_lost]
-        seqs = {json.loads((results / name).read_text()).get("settings", {}).get("seqs") for name, _ in current}
-        measured = "points lost: " + ", ".join(f"`{_tail(t)}`: {v:+.2f}" for t, v, _ in lost) + (
-            f" ({seqs.pop()} sequences of 2,048 tokens)" if len(seqs) == 1 and None not in seqs else "")
-        for group in earlier:
-            for old, old_lost in group:
-                measured += ("; earlier, " + ", ".join(f"`{_tail(t)}`: {v:+.2f}" for t, v, _ in old_lost)
-                             + f" (`{old[:-5]}`)")
-        passed = [f"`{_tail(t)}`" for t, _, ok in lost if ok]
-        missed = [f"`{_tail(t)}`" for t, _, ok in lost if not ok]
-        verdict = ("pass" if not missed else "**miss**" if not passed
-                   else f"pass with {', '.join(passed)}; **miss** with {', '.join(missed)}")
-        row(f"FP8 costs <= 0.5 points of top-1 against the same budget in the model's dtype (the issue's bf16; "
-            f"float32 on the CPU), {what} of the length", measured, verdict,
-            ", ".join(f"`{name[:-5]}`" for name, _ in current))
-    best = []
-    for name in ("quality_fp8_qweights_exact_tail64_control.json",
-                 "quality_fp8_rotated_qweights_exact_tail128_control.json"):
-        best += [(name, v, ok) for _, v, ok in _lost(results, name, "in bf16 pages")]
-    if best:
-        row("the same for full KV (nothing evicted), against full KV in bf16 pages",
-            "; ".join(f"{v:+.2f} (`{n[:-5]}`)" for n, v, _ in best), "pass" if all(ok for *_, ok in best)
-            else "**miss**", "")
+        found = _newest_group(results, groups, "kv_cache_dtype=fp8")
+        if found:
+            row(f"FP8 costs <= 0.5 points of top-1 against the same budget in the model's dtype (the issue's bf16; "
+                f"float32 on the CPU), {what} of the length", *found)
+    found = _newest_group(results, CONTROL_TARGET_REPORTS, "in bf16 pages")
+    if found:
+        row("the same for full KV (nothing evicted), against full KV in bf16 pages", *found)
     tune = results / "prefill" / "prefill_tune.json"
     if tune.exists():
         ratios = []
