@@ -109,3 +109,27 @@ def test_targets_table_takes_the_newest_run_by_its_date(tmp_path):
     (tmp_path / "fp8" / "throughput_b_newer.json").write_text(pair(800.0, "2026-12-07T10:00:00Z"))
     full = next(r for r in targets_table(tmp_path) if r.startswith("| full-KV FP8 against full-KV bf16"))
     assert "1.60x" in full and "throughput_b_newer.json" in full
+
+
+def test_full_kv_quality_row_takes_the_newest_reports_and_names_each_setting(tmp_path):
+    """The full-KV FP8 row of the targets table: the newest group of control reports decides, each setting with its
+    own verdict (rotated ones named so); the older reports are shown as earlier results, not counted."""
+    from zipage.bench.fp8_report import targets_table
+
+    def report(name, tail, lost, passed, seqs):
+        target = (f"full KV in FP8 (exact_tail={tail}) pages, positions of 1/4: top-1 within 0.5 points of full KV "
+                  "in bf16 pages")
+        (tmp_path / name).write_text(json.dumps(dict(settings=dict(seqs=seqs), targets=[
+            dict(target=target, passed=passed, value=f"top1 99.1% vs 99.75% (+{lost:.2f} points lost)")])))
+
+    report("quality_fp8_qweights_products_8seq_control_tail32.json", 32, 0.65, False, 8)
+    report("quality_fp8_rotated_qweights_products_8seq_control_tail128.json", 128, 0.30, True, 8)
+    report("quality_fp8_qweights_exact_tail64_control.json", 64, 0.48, True, 4)
+    row = next(r for r in targets_table(tmp_path) if r.startswith("| the same for full KV"))
+    assert "`exact_tail=32`: +0.65, `exact_tail=128, rotated`: +0.30 (8 sequences" in row, row
+    assert "earlier, `exact_tail=64`: +0.48 (`quality_fp8_qweights_exact_tail64_control`)" in row, row
+    assert "pass with `exact_tail=128, rotated`; **miss** with `exact_tail=32`" in row, row
+    (tmp_path / "quality_fp8_qweights_products_8seq_control_tail32.json").unlink()
+    (tmp_path / "quality_fp8_rotated_qweights_products_8seq_control_tail128.json").unlink()
+    row = next(r for r in targets_table(tmp_path) if r.startswith("| the same for full KV"))
+    assert "| pass |" in row and "+0.48" in row and "earlier" not in row, row
