@@ -170,7 +170,9 @@ def fp8_section(results: Path) -> str:
                   "earlier 4-sequence reports beside them ran the store before that change, which moves a code "
                   "only where a product lands an ulp from the quotient, yet moved top-1 at 1/4 from 0.24 to 0.60 "
                   "points lost on those 4 sequences: a difference of a few tenths of a point is within what one "
-                  "flipped rounding does to which tokens a compression keeps.", "", *targets, ""]
+                  "flipped rounding does to which tokens a compression keeps. The full-KV row's newest reports ran 8 "
+                  "sequences with the store as it is now; only rotated pages with a 128-token tail stay within half a "
+                  "point of bf16 pages there (4 sequences had given 0.48 points for a 64-token tail).", "", *targets, ""]
     engine = _engine_table(sorted(folder.glob("throughput_*.json")))
     parts += engine + [""] if engine else ["(no engine pair yet)", ""]
     profile = _step_profile_table(folder)
