@@ -155,7 +155,7 @@ def fp8_section(results: Path) -> str:
              "reads 8-bit pages at 0.85 of the copy bandwidth (0.65 ms at 512 requests, against 0.79), and the "
              "engine's FP8 decode step past the budget fell from 35.9 to 34.4 ms, 1.55x to 1.44x its floor with "
              "products (`benchmarks/results/issue15/s31/`). Converting those stale rows as any other code "
-             "(`/plain`: zipage's pools hold no NaN code, so the NaN check's 5 integer operations per 4 value codes "
+             "(`/plain`: the engine's pools hold no NaN code, so the NaN check's 5 integer operations per 4 value codes "
              "go; 934 to 786 instructions in the compiled tile loop) with two warps a program instead of four "
              "took the kernel in the engine's step at 490 requests from 336 to 312 us a layer, and the step from "
              "25.18 to 24.21 ms of device time (`fp8_decode_vplain.json`, `benchmarks/results/issue15/s42/`).", ""]
@@ -228,7 +228,7 @@ def fp8_section(results: Path) -> str:
                   "and removed since; `/noptx`: INT8 codes converted per element, as before they were converted four "
                   "at a time in PTX; `/bytes`, `/operand`, `/none`: a partial tile's stale value rows zeroed as "
                   "bytes, zeroed after conversion, or left in place (FP8's NaN codes read as +-448); `/plain`: left "
-                  "in place and converted as any other code, for pools that hold no NaN code (zipage's), the "
+                  "in place and converted as any other code, for pools that hold no NaN code (the engine's), the "
                   "default since session 42 with two warps; `/vdim`: values stored dimension-major, the "
                   "engine's layout since).", ""]
         parts += _kernel_table(path) + [""]
