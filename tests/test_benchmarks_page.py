@@ -94,6 +94,35 @@ def test_targets_table_reads_the_newest_pair_and_names_what_is_missing(tmp_path)
     assert "1.60x" in full and "reported" in full
 
 
+def test_targets_table_gives_the_newest_pair_on_each_card_the_h200_first(tmp_path):
+    """The FP8 targets name the H200; a newer pair on another card gets rows of its own, after the H200's, and
+    never hides the H200's verdict."""
+    from zipage.bench.fp8_report import targets_table
+
+    def pair(fp8_tok_s, device, date, over):
+        def system(tok_s, running):
+            return dict(tokens_per_s=tok_s, mean_running=running, median_decode_running=running, kv_pages=1000,
+                        page_size=256, median_decode_step_ms=30.0, decode_compute_floor_ms=30.0 / over,
+                        step_over_compute_floor=over, step_over_floor=over)
+        return json.dumps(dict(device=device, date=date, kv_gib=40.0, systems={
+            "zipage-2048": system(1000.0, 250), "zipage-2048-fp8": system(fp8_tok_s, 490)}))
+
+    (tmp_path / "fp8").mkdir()
+    (tmp_path / "fp8" / "throughput_h200_old.json").write_text(pair(1300.0, "NVIDIA H200", "2026-12-01T00:00:00Z", 1.4))
+    (tmp_path / "fp8" / "throughput_h200.json").write_text(pair(1380.0, "NVIDIA H200", "2026-12-02T00:00:00Z", 1.34))
+    (tmp_path / "fp8" / "throughput_h100.json").write_text(pair(1540.0, "NVIDIA H100 80GB HBM3",
+                                                                 "2026-12-03T00:00:00Z", 1.21))
+    rows = targets_table(tmp_path)
+    speed = [r for r in rows if r.startswith("| zipage-2048-fp8 >= 1.6x")]
+    assert len(speed) == 2
+    assert "1.38x (H200," in speed[0] and "throughput_h200.json" in speed[0] and "**miss**" in speed[0]
+    assert "1.54x (H100," in speed[1] and "throughput_h100.json" in speed[1]
+    step = [r for r in rows if r.startswith("| the FP8 decode step")]
+    assert "1.34x" in step[0] and "H200, 490 requests" in step[0] and "**miss**" in step[0]
+    assert "1.21x" in step[1] and "H100" in step[1] and "| pass |" in step[1]
+    assert "throughput_h100.json" in next(r for r in rows if r.startswith("| twice the requests"))  # (the newest)
+
+
 def test_targets_table_takes_the_newest_run_by_its_date(tmp_path):
     """A run that records its date is newer than every run that does not, whatever the file names say."""
     from zipage.bench.fp8_report import targets_table
