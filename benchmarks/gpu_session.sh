@@ -84,6 +84,7 @@
 #              kernel rows, the engine's FP8 decode step both ways (ZIPAGE_FP8_DECODE), the 8-bit decode GPU tests
 #   PART=plaincheck the GPU tests of the FP8 decode default (two warps, plain stale rows on the engine's pools) and the
 #              NaN store case, then PART=fp8pair (prepared in session 42, not yet run)
+#   PART=allgpu every GPU test of the suite (TEST_LIMIT s at most), the slowest 15 named
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
@@ -348,6 +349,9 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       2>&1 | tee "$OUT/gpu_tests_plaincheck.log" | tail -3
     timeout 30 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py -k nan 2>&1 | tail -1
     PART=fp8pair bash "$0" ;;
+  allgpu)  # every GPU test of the suite, the slowest 15 named (a check of the whole tree on one card)
+    timeout "${TEST_LIMIT:-520}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --durations=15 2>&1 \
+      | tee "$OUT/gpu_tests_all.log" | tail -25 ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
