@@ -343,3 +343,106 @@ def test_chat_with_token_ids_is_refused():
     with pytest.raises(ValueError, match="chat=True"):
         llm.add_request([5, 6, 7], SamplingParams(max_tokens=2), chat=True)
     assert not llm.requests
+
+
+@pytest.mark.parametrize("by", ["stop_token_ids", "eos"])
+def test_the_token_that_stops_a_request_is_left_out_of_its_text(model, by):
+    """vLLM's meaning: a request ended by a token (one of ``stop_token_ids``, or EOS) has that token's id in
+    ``token_ids`` but not its text in ``text``, unless ``include_stop_str_in_output``."""
+    tok = SpecialLetterTokenizer()
+    llm = LLM(model, tok, budget=None, page_size=4, num_pages=64)
+    prompt = prompts_of((9,), seed=2)[0]
+    free = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                        use_tqdm=False)[0].token_ids
+    end = free[5]
+    at = free.index(end)
+    original = model.generation_config.eos_token_id
+    try:
+        if by == "eos":
+            model.generation_config.eos_token_id = end
+            llm = LLM(model, tok, budget=None, page_size=4, num_pages=64)
+        for include in (False, True):
+            params = SamplingParams(max_tokens=40, temperature=0, skip_special_tokens=False,
+                                    include_stop_str_in_output=include,
+                                    stop_token_ids=[end] if by == "stop_token_ids" else [])
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            assert out.finish_reason == "stop" and out.token_ids == free[: at + 1]
+            kept = free[: at + 1] if include else free[:at]
+            assert out.text == out.outputs[0].text == tok.decode(kept, skip_special_tokens=False)
+    finally:
+        model.generation_config.eos_token_id = original
+    assert_pool_clean(llm)
+
+
+def test_a_running_request_s_outputs_carry_its_text_so_far(model):
+    """``step()``'s outputs of a running request hold the text of its tokens so far (vLLM's), decoded only when
+    read, and, with stop strings set, less the characters where a stop string may still start."""
+    tok = LetterTokenizer()
+    decoded = []
+    tok.decode = (lambda f: lambda ids, skip_special_tokens=True: (decoded.append(len(ids)), f(ids))[1])(tok.decode)
+    llm = LLM(model, tok, budget=None, page_size=4, num_pages=64, async_scheduling=False)
+    prompt = prompts_of((9,), seed=2)[0]
+    for stop in ([], ["zzz", "yyyy"]):
+        rid = llm.add_request(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop=stop))
+        seen = []
+        while llm.has_unfinished():
+            decoded.clear()
+            outs = [o for o in llm.step() if o.request_id == rid]
+            if not stop:  # nothing decoded for a running output until its text is read
+                assert not decoded or outs and outs[0].finished
+            seen += outs
+        assert len(seen) == 8 and seen[-1].finished
+        hold = 3 if stop else 0
+        for o in seen[:-1]:
+            ids = list(o.token_ids)
+            whole = tok.decode(ids)
+            assert o.text == o.outputs[0].text == whole[: len(whole) - hold] and not o.finished
+        assert seen[-1].text == tok.decode(seen[-1].token_ids)
+        llm.forget(rid)
+    assert_pool_clean(llm)
+
+
+def test_prompt_dicts_as_vllm_takes_them(model):
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    prompt = prompts_of((9,), seed=2)[0]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+    assert llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].token_ids == want
+    outs = llm.generate([{"prompt_token_ids": prompt}, prompt], sampling_params=params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [want, want]
+    for bad, words in (({"role": "user", "content": "hi"}, "chat=True"), ({"prompt_token_ids": "abc"}, "token ids"),
+                       ({"prompt": prompt}, "'prompt' is a string"), ({}, "exactly one of"),
+                       ({"prompt": "a", "prompt_token_ids": prompt}, "exactly one of")):
+        with pytest.raises(TypeError, match=words):
+            llm.generate(bad, params, use_tqdm=False)
+    with pytest.raises(TypeError, match="both params and sampling_params"):
+        llm.generate([prompt], params, sampling_params=params, use_tqdm=False)
+    assert_pool_clean(llm)
+
+
+def test_max_tokens_none_runs_to_what_the_request_may_take(model):
+    llm = LLM(model, budget=None, page_size=4, num_pages=16, max_model_len=40)
+    prompt = prompts_of((9,), seed=2)[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.token_ids) == 40 - 9 and out.finish_reason == "length"
+    with pytest.raises(ValueError, match="min_tokens"):
+        llm.generate([prompt], SamplingParams(max_tokens=None, min_tokens=50), use_tqdm=False)
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == []
+    sp = SamplingParams()
+    sp.stop = "y"  # (set after construction, as vLLM users do)
+    sp.validate()
+    assert sp.stop == ["y"]
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("name", ["enable_prefix_caching", "async_scheduling", "async_compression", "enforce_eager",
+                                  "fuse_ops"])
+def test_llm_flags_are_bools(model, name):
+    with pytest.raises(TypeError, match=f"LLM\\({name}='false'\\) is invalid"):
+        LLM(model, budget=None, page_size=4, num_pages=8, **{name: "false"})
+
+
+@pytest.mark.parametrize("share", [0, 1.5, "x", True, float("nan")])
+def test_gpu_memory_utilization_is_a_share(model, share):
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        LLM(model, budget=None, page_size=4, num_pages=8, gpu_memory_utilization=share)

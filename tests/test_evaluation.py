@@ -216,6 +216,7 @@ def test_serve_options_are_checked_before_anything_loads():
                                                                   "--exact-tail -1"),
                          (["--budget", "none", "--exact-tail", "4"], "8-bit pages"),
                          (["--budget", "none", "--exact-tail", "-2"], "--exact-tail -2"),
+                         (["--budget", "none", "--scorer", "snapkv"], "--scorer snapkv needs a budget"),
                          (["--budget", "64", "--kv-cache-dtype", "fp8", "--exact-tail", "66"], "exact_tail <= 65")):
         problem = check_args(serve_parser().parse_args(flags))
         assert problem is not None and words in problem, (flags, problem)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,9 +22,13 @@ def is_token(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's TextPrompt and TokensPrompt
+
+
 def as_prompt_list(prompts: Any) -> list[Any]:
-    """``generate()``'s prompts as a list: one prompt (a string, token ids, a 1-D tensor) or many."""
-    if isinstance(prompts, str) or (is_array(prompts) and prompts.ndim <= 1) or (
+    """``generate()``'s prompts as a list: one prompt (a string, token ids, a 1-D tensor, a ``{"prompt": ...}``
+    or ``{"prompt_token_ids": ...}`` dict) or many."""
+    if isinstance(prompts, (str, Mapping)) or (is_array(prompts) and prompts.ndim <= 1) or (
         isinstance(prompts, (list, tuple)) and prompts and is_token(prompts[0])
     ):
         return [prompts]
@@ -34,8 +39,27 @@ def as_prompt_list(prompts: Any) -> list[Any]:
                         f"({type(prompts).__name__})") from None
 
 
+def unwrap_prompt(prompt: Any) -> Any:
+    """A ``{"prompt": text}`` or ``{"prompt_token_ids": ids}`` dict (vLLM's prompt dicts) as its text or ids."""
+    if not isinstance(prompt, Mapping):
+        return prompt
+    keys = [k for k in prompt if k in PROMPT_KEYS]
+    other = sorted(str(k) for k in prompt if k not in PROMPT_KEYS)
+    if len(keys) != 1 or other:
+        hint = " (chat messages: pass the user's text with chat=True)" if "content" in prompt else ""
+        raise TypeError(f"a prompt dict holds exactly one of {list(PROMPT_KEYS)}, got keys {sorted(map(str, prompt))}"
+                        f"{hint}")
+    value = prompt[keys[0]]
+    if keys[0] == "prompt" and not isinstance(value, str):
+        raise TypeError(f"a prompt dict's 'prompt' is a string, got {type(value).__name__}")
+    if keys[0] == "prompt_token_ids" and isinstance(value, str):
+        raise TypeError("a prompt dict's 'prompt_token_ids' is a list of token ids, got a string")
+    return value
+
+
 def tokenize(tokenizer: Any, prompt: Any, chat: bool) -> tuple[list[int], str | None]:
     """Token ids of a prompt, and its text when it was a string."""
+    prompt = unwrap_prompt(prompt)
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("string prompts need a tokenizer: LLM(model, tokenizer) or pass token ids")

@@ -168,6 +168,15 @@ class LLM:
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, tensor_parallel_timeout: float = 600.0,
                  **zipage_fields: Any) -> None:
         check_kv_cache_dtype(kv_cache_dtype, "LLM(kv_cache_dtype)")
+        for name, value in (("enable_prefix_caching", enable_prefix_caching), ("enforce_eager", enforce_eager),
+                            ("async_compression", async_compression), ("async_scheduling", async_scheduling),
+                            ("fuse_ops", fuse_ops)):
+            if not isinstance(value, bool):  # (a string such as "false" would read as True)
+                raise TypeError(f"LLM({name}={value!r}) is invalid: expected True or False")
+        if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, numbers.Real) or not (
+                0 < gpu_memory_utilization <= 1):
+            raise ValueError(f"LLM(gpu_memory_utilization={gpu_memory_utilization!r}) is invalid: expected a number "
+                             "in (0, 1], the share of the GPU's memory the model and the pools may take")
         source = model
         if isinstance(model, (str, os.PathLike)):
             from .loading import load_model
@@ -337,6 +346,9 @@ class LLM:
         check_request(ids, params, request_id, vocab=self.model.config.get_text_config(decoder=True).vocab_size,
                       max_model_len=self.max_model_len, has_tokenizer=self.tokenizer is not None)
         budget = resolve_budget(params, self.zipage_config)
+        if params.max_tokens is None:  # as many as the request may take (vLLM's None)
+            params.max_tokens = max(1, self.max_new_tokens(len(ids), params))
+            params.validate()  # (min_tokens against it)
         rid = request_id
         while rid is None or (request_id is None and rid in self.requests):
             rid = str(next(self._ids))  # an automatic id never takes one the caller chose (or one still known)
@@ -346,7 +358,8 @@ class LLM:
         for i in range(params.n):
             seq = Sequence(request_id=rid if i == 0 else f"{rid}#{i}", prompt_token_ids=ids, params=params,
                            prompt=text, arrival=next(self._arrivals), budget=budget,
-                           parent=rid if params.n > 1 else None, index=i, leader=seqs[0] if seqs else None)
+                           parent=rid if params.n > 1 else None, index=i, leader=seqs[0] if seqs else None,
+                           decode=self.core.outputs.partial_text if self.tokenizer is not None else None)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seqs.append(seq)
@@ -432,9 +445,15 @@ class LLM:
 
     # ----------------------------------------------------------------------------- front ends
     def generate(self, prompts: Any, params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True, chat: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = True, chat: bool = False, *,
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; one output per prompt, in order. A prompt is a string,
-        a list of token ids or a 1-D tensor / array of them; a 2-D one is a batch of prompts."""
+        a list of token ids, a 1-D tensor / array of them (a 2-D one is a batch of prompts), or vLLM's
+        ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``. ``sampling_params`` is vLLM's name for ``params``."""
+        if sampling_params is not None:
+            if params is not None:
+                raise TypeError("generate() got both params and sampling_params (the same argument): pass one")
+            params = sampling_params
         prompts = as_prompt_list(prompts)
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .sampling import SamplingParams
 from .sequence import Sequence, TokenLogprobs
 
 _UNFINISHED = "\ufffd"  # what a tokenizer decodes the first bytes of a multi-byte character to
@@ -62,6 +63,13 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.generated_tokens = 0
 
+    def partial_text(self, ids: list[int], params: SamplingParams) -> str:
+        """A running request's text so far: its tokens decoded, less the last ``len(longest stop) - 1``
+        characters while stop strings are set (a stop string may still start there; vLLM holds them back too)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        return text[: len(text) - hold] if hold else text
+
     def suppressed(self, seq: Sequence) -> list[int] | None:
         """Token ids the next token of ``seq`` may not be (EOS and stop ids before ``min_tokens``)."""
         p = seq.params
@@ -94,7 +102,7 @@ class OutputProcessor:
         if reason is None and (n >= p.max_tokens or len(seq.prompt_token_ids) + n >= self.max_model_len):
             reason = "length"
         if reason is not None and self.tokenizer is not None:
-            seq.text = self._final_text(seq, stop_at)
+            seq.text = self._final_text(seq, stop_at, by_token=stop_at is None and reason == "stop")
         return reason
 
     def finished(self, seq: Sequence) -> None:
@@ -124,8 +132,13 @@ class OutputProcessor:
         hits = [i for i in (window.find(s, max(0, len(overlap) - len(s) + 1)) for s in seq.params.stop) if i >= 0]
         return before - len(overlap) + min(hits) if hits else None
 
-    def _final_text(self, seq: Sequence, stop_at: int | None) -> str:
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+    def _final_text(self, seq: Sequence, stop_at: int | None, by_token: bool = False) -> str:
+        """The finished request's text. A request stopped by a token (EOS or one of ``stop_token_ids``) leaves that
+        token's text out unless ``include_stop_str_in_output`` (its id stays in ``token_ids``), as vLLM does."""
+        ids = seq.output_ids
+        if by_token and not seq.params.include_stop_str_in_output:
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
         if stop_at is None:
             return text
         # the whole decode and the incremental one agree but for rare tokenizer clean-ups: cut at

@@ -44,7 +44,8 @@ class SamplingParams:
     """How to pick tokens and when to stop.
 
     Args:
-        max_tokens: tokens to generate at most (>= 1).
+        max_tokens: tokens to generate at most (>= 1); None: as many as the request may take (what
+            ``max_model_len`` leaves after the prompt and, for full KV, what the KV pool holds), as in vLLM.
         temperature: 0 for greedy decoding (so is any temperature below 1e-5); finite.
         top_p, top_k: nucleus and top-k filtering (top_k=-1 or 0 disables).
         seed: per-request seed: the same seed gives the same tokens whatever else runs alongside.
@@ -64,14 +65,16 @@ class SamplingParams:
         logprobs: report the sampled token's log-probability and the ``logprobs`` most likely
             tokens' (0: the sampled one only; None: nothing). They are the model's own
             distribution, before penalties, temperature and filtering (vLLM's default).
-        include_stop_str_in_output: keep the stop string that ended the output in its text.
+        include_stop_str_in_output: keep the stop string that ended the output in its text (and the
+            text of the token that ended it: EOS or one of ``stop_token_ids``, which ``token_ids`` hold
+            either way).
         skip_special_tokens: leave special tokens (end of turn, ...) out of the output's text
             (stop strings are searched in that text); ``token_ids`` hold every token either way.
         budget: tokens kept in this request's KV cache after a compression; None for full KV
             (never compressed); by default the engine's budget.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -91,8 +94,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
         self.validate()
 
     def validate(self) -> None:
@@ -121,7 +122,8 @@ class SamplingParams:
             if not ok(float(value)):  # (NaN fails every range check)
                 bad(name, f"must be {what}")
 
-        check_int("max_tokens", 1, "an int >= 1")
+        if self.max_tokens is not None:  # (None: the engine fills in the most the request may take)
+            check_int("max_tokens", 1, "an int >= 1, or None for as many as the request may take")
         check_real("temperature", lambda t: math.isfinite(t) and t >= 0, "a finite number >= 0 (0 is greedy)")
         check_real("top_p", lambda p: 0 < p <= 1, "a number in (0, 1]")
         check_int("top_k", -1, "an int >= -1 (-1 or 0 disables)")
@@ -129,6 +131,12 @@ class SamplingParams:
             bad("seed", "expected an int or None", TypeError)
         if self.seed is not None:
             self.seed = int(self.seed)
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "expected a string or a list of non-empty strings", TypeError)
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(integral(t) for t in self.stop_token_ids):
@@ -142,7 +150,7 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 bad(name, "expected a bool", TypeError)
         check_int("min_tokens", 0, "an int >= 0")
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens={self.max_tokens}")
         check_int("n", 1, "an int >= 1")
         # sample i of n seeds a torch.Generator with seed + i, which takes a 64-bit integer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,13 +29,37 @@ class TokenLogprobs:
 
 @dataclass
 class CompletionOutput:
-    """One sample of a request (vLLM's name): a request with ``n`` samples has ``n`` of them."""
+    """One sample of a request (vLLM's name): a request with ``n`` samples has ``n`` of them. While it runs,
+    ``text`` is the text of its tokens so far, decoded when first read (with stop strings set, less their
+    longest's length minus one characters, where a stop string may still start), as vLLM's is."""
 
     index: int
     token_ids: list[int]
     text: str | None
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None = None
+    text_source: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+
+
+def _lazy_text(cls: type) -> type:
+    """``cls.text`` read through ``text_source`` (decoded at the first read, then kept) while it is None."""
+
+    def get(self) -> str | None:
+        text = self.__dict__.get("_text")
+        source = self.__dict__.get("text_source")
+        if text is None and source is not None:
+            text = self.__dict__["_text"] = source()
+            self.__dict__["text_source"] = None
+        return text
+
+    def put(self, value: str | None) -> None:
+        self.__dict__["_text"] = value
+
+    cls.text = property(get, put)  # (after the dataclass is made: its __init__ assigns through the property)
+    return cls
+
+
+_lazy_text(CompletionOutput)
 
 
 @dataclass
@@ -56,6 +80,7 @@ class RequestOutput:
     error: str | None = None  # why the engine ended it, when it did (finish_reason "error")
     logprobs: list[TokenLogprobs] | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
+    text_source: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, seqs: list[Sequence]) -> RequestOutput:
@@ -68,13 +93,17 @@ class RequestOutput:
             prompt=first.prompt,
             prompt_token_ids=list(first.prompt_token_ids) if done else ListView(first.prompt_token_ids),
             token_ids=outputs[0].token_ids,
-            text=outputs[0].text,
+            text=outputs[0].__dict__.get("_text"),  # (not read here: a running sample's text decodes when read)
             finish_reason=outputs[0].finish_reason,
             finished=done,
             error=next((s.error for s in seqs if s.error is not None), None),
             logprobs=outputs[0].logprobs,
             outputs=outputs,
+            text_source=(lambda: outputs[0].text) if outputs[0].text_source is not None else None,
         )
+
+
+_lazy_text(RequestOutput)
 
 
 @dataclass(eq=False)
@@ -110,6 +139,7 @@ class Sequence:
     generator: torch.Generator | None = None
     streamed: int = 0  # output tokens already handed to a stream
     detokenizer: Any = None  # the incremental text, while stop strings are checked (outputs.IncrementalText)
+    decode: Callable[[list[int], SamplingParams], str] | None = None  # a running sample's text (with a tokenizer)
     stop_from: int | None = None  # characters of text before stop strings count (those of the first min_tokens)
     error: str | None = None  # why the scheduler ended it (finish_reason "error")
     # tokens kept after a compression; None: full KV (never compressed); the scheduler resolves the default
@@ -144,12 +174,16 @@ class Sequence:
 
     def completion(self) -> CompletionOutput:
         """This sample's output: views of its lists while it runs (a step reports every running
-        request; copies would cost O(n) each time), plain lists once it is finished."""
+        request; copies would cost O(n) each time), plain lists once it is finished. A running
+        sample's text is decoded only when read (``decode``)."""
         if self.finished:
             return CompletionOutput(self.index, list(self.output_ids), self.text, self.finish_reason,
                                     list(self.logprobs) if self.logprobs is not None else None)
-        return CompletionOutput(self.index, ListView(self.output_ids), self.text, self.finish_reason,
-                                ListView(self.logprobs) if self.logprobs is not None else None)
+        ids = ListView(self.output_ids)
+        decode = self.decode
+        return CompletionOutput(self.index, ids, self.text, self.finish_reason,
+                                ListView(self.logprobs) if self.logprobs is not None else None,
+                                text_source=(lambda: decode(ids[:], self.params)) if decode is not None else None)
 
     def output(self) -> RequestOutput:
         return RequestOutput.of([self])

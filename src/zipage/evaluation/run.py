@@ -59,7 +59,7 @@ def run_configuration(model: Any, tokenizer: Any, prompts: list[list[int]], para
     try:
         if warmup:
             length = (config.budget or 256) + (llm.zipage_config.buffer if llm.zipage_config else 0) + 16
-            warm = SamplingParams(max_tokens=min(length, params.max_tokens), temperature=0, ignore_eos=True)
+            warm = SamplingParams(max_tokens=min(length, params.max_tokens or length), temperature=0, ignore_eos=True)
             llm.generate(prompts[:2], warm, use_tqdm=False)
         n = params.n
         seeded = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i * n)

@@ -54,7 +54,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
 def engine_from_args(model: Any, tokenizer: Any, args: argparse.Namespace) -> LLM:
     fields = {"page_size": args.page_size}
-    if args.budget is not None and args.scorer is not None:
+    if args.scorer is not None:  # (check_args refuses a scorer without a budget)
         fields["scorer"] = args.scorer
     if getattr(args, "exact_tail", 0):
         fields["exact_tail"] = args.exact_tail
@@ -111,6 +111,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--budget {args.budget} / --page-size {args.page_size} / --exact-tail {exact_tail}: {e}"
     if args.scorer is not None and args.scorer not in list_scorers():
         return f"--scorer {args.scorer!r} is unknown: choose one of {list_scorers()}"
+    if args.scorer is not None and args.budget is None:
+        return f"--scorer {args.scorer} needs a budget (--budget none serves full KV: nothing is scored)"
     if args.max_budget is not None and args.budget is None:
         return "--max-budget needs an engine with a budget (--budget none serves full KV only)"
     if args.max_budget is not None and args.budget > args.max_budget:
