@@ -236,12 +236,16 @@ def test_logprobs(client, offline, checkpoint):
                                   extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx([e.logprob for e in want.logprobs], abs=1e-5)
-    assert [len(t) for t in lp.top_logprobs] == [len({tok.decode([i]) for i, _ in e.top}) for e in want.logprobs]
-    assert lp.tokens == [tok.decode([t]) for t in want.token_ids]
+    assert [len(t) for t in lp.top_logprobs] == [len(e.top) for e in want.logprobs]  # (a key a token, bytes too)
+    # each token's string is its text, or vLLM's bytes:\xNN form for part of a character: joined, the text
+    raw = [bytes.fromhex(t[6:].replace("\\x", "")) if t.startswith("bytes:") else t.encode() for t in lp.tokens]
+    assert b"".join(raw).decode("utf-8", errors="replace") == r.choices[0].text == want.text
+    assert len(lp.tokens) == len(want.token_ids)
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], max_tokens=5,
                                        temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
     content = r.choices[0].logprobs.content
     assert len(content) == 5 and all(len(c.top_logprobs) == 2 for c in content)
+    assert b"".join(bytes(c.bytes) for c in content).decode("utf-8", errors="replace") == r.choices[0].message.content
     assert all(c.logprob <= max(t.logprob for t in c.top_logprobs) + 1e-6 for c in content)
 
 
@@ -322,6 +326,11 @@ BAD = [  # (body, status, param); the model is added where missing
     ({}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "x", "stream_options": {"include_usage": "maybe"}}, 400, "stream_options"),
+    ({"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),  # (vLLM's fields zipage does not implement)
+    ({"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ({"prompt": "x", "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
+    ({"prompt": "x", "structured_outputs": {"choice": ["yes"]}}, 400, "structured_outputs"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
 ]
 BAD_CHAT = [
     ({"messages": []}, 400, "messages"),
@@ -332,11 +341,32 @@ BAD_CHAT = [
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
      "response_format"),
     ({"messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, 400, "functions"),
+    ({"messages": [{"role": "user", "content": "x"}], "function_call": {"name": "f"}}, 400, "function_call"),
+    ({"messages": [{"role": "user", "content": "x"}], "guided_json": {"type": "object"}}, 400, "guided_json"),
 ]
 
 
+def test_token_strings_bytes_and_offsets_split_characters_right(checkpoint):
+    """A token holding part of a character (the tiny tokenizer has one token a byte) gets its own bytes, a string
+    of vLLM's ``bytes:\\xNN`` form, and the text offset of the character it is part of."""
+    from zipage.serve.choices import ChoiceState, TokenStrings
+
+    tok = checkpoint[1]
+    text = "a\u00e9\U0001f37d b"  # a, e-acute (2 bytes), an emoji (4 bytes), space, b
+    ids = tok(text)["input_ids"]
+    assert len(ids) == 9
+    strings = TokenStrings(tok)
+    assert b"".join(strings.bytes(t) for t in ids) == text.encode()
+    assert [strings(t) for t in ids] == ["a", "bytes:\\xc3", "bytes:\\xa9", "bytes:\\xf0", "bytes:\\x9f",
+                                         "bytes:\\x8d", "bytes:\\xbd", " ", "b"]
+    choice = ChoiceState(tok, [])
+    choice.token_ids = list(ids)
+    assert choice.offsets(0) == [0, 1, 1, 2, 2, 2, 2, 3, 4] and choice.offsets(7) == [3, 4]
+
+
 def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(server, client):
-    url, _, config = server
+    url, engine, config = server
     headers = {"Authorization": f"Bearer {KEY}"}
     config.max_budget = 256
     for path, cases in (("completions", BAD), ("chat/completions", BAD_CHAT)):
@@ -353,12 +383,23 @@ def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(server, client):
         assert r.status_code == 400 and "error" in r.json(), raw
     assert httpx.get(f"{url}/v1/nothing", headers=headers).status_code == 404
     assert httpx.get(f"{url}/v1/completions", headers=headers).status_code == 405
-    config.max_waiting = 0  # a full waiting queue
+    config.max_waiting = 2
+    engine._incoming += 2  # two adds in flight: a full waiting queue (429: retry later)
     try:
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x"}, headers=headers)
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
     finally:
+        engine._incoming -= 2
+    try:  # a request of more samples than the queue holds can never fit: 400, not a retry
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "n": 3}, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    finally:
         config.max_waiting = None
+    for path, body in (("completions", {"prompt": "x"}), ("chat/completions", {"messages": [{"role": "user",
+                                                                                            "content": "x"}]})):
+        r = httpx.post(f"{url}/v1/{path}", json={"model": NAME, **body, "stream_options": {"include_usage": True}},
+                       headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options", r.text
     r = client.completions.create(model=NAME, prompt="still here", max_tokens=3, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length"
     assert metrics(url)["zipage:kv_pages_used"] == 0

@@ -8,6 +8,7 @@ is never sent. The final text comes from the engine (cut at the stop string, or 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..engine.outputs import IncrementalText
@@ -18,22 +19,67 @@ from .protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLog
 LOWEST_LOGPROB = -9999.0  # JSON has no -inf
 
 
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's, which Llama 3, Qwen and SmolLM2 tokenizers use): each byte is a
+    printable character, itself where it is printable and not a space, else 256 + its rank among the rest."""
+    kept = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = {b: chr(b) for b in kept}
+    for rank, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + rank)
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_LEVEL = _byte_level_table()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
 class TokenStrings:
-    """The text of single tokens (for log-probabilities), cached."""
+    """The text and the bytes of single tokens (for log-probabilities), cached. A token holding part of a
+    character (one byte of an emoji) has no text of its own: its string is vLLM's ``bytes:\\xNN...`` form and
+    its bytes are its own, so a choice's tokens' bytes join into the text's UTF-8."""
 
     def __init__(self, tokenizer: Any, size: int = 1 << 16) -> None:
         self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
+        self.cache: dict[int, tuple[str, bytes]] = {}
         self.size = size
 
     def __call__(self, token: int) -> str:
-        s = self.cache.get(token)
-        if s is None:
-            s = self.tokenizer.decode([token])
+        return self.entry(token)[0]
+
+    def bytes(self, token: int) -> bytes:
+        return self.entry(token)[1]
+
+    def entry(self, token: int) -> tuple[str, bytes]:
+        e = self.cache.get(token)
+        if e is None:
+            e = self._entry(token)
             if len(self.cache) >= self.size:
                 self.cache.clear()
-            self.cache[token] = s
-        return s
+            self.cache[token] = e
+        return e
+
+    def _entry(self, token: int) -> tuple[str, bytes]:
+        text = self.tokenizer.decode([token])
+        if "\ufffd" not in text:
+            return text, text.encode()
+        raw = None
+        piece = None
+        if hasattr(self.tokenizer, "convert_ids_to_tokens"):
+            piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str) and piece:
+            m = _BYTE_TOKEN.fullmatch(piece)
+            if m:
+                raw = bytes([int(m.group(1), 16)])
+            elif all(c in _BYTE_LEVEL for c in piece):
+                candidate = bytes(_BYTE_LEVEL[c] for c in piece)
+                if candidate.decode("utf-8", errors="replace") == text:  # (the tokenizer is byte-level)
+                    raw = candidate
+        if raw is None:  # (a real U+FFFD, or bytes this tokenizer does not show)
+            return text, text.encode()
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
 
 class ChoiceState:
@@ -50,6 +96,8 @@ class ChoiceState:
         self.sent = 0  # characters sent
         self.finish_reason: str | None = None
         self.text = ""  # the final text, once finished
+        self._offsets: list[int] = []  # characters of text before each token (log-probabilities' text_offset)
+        self._offset_text = IncrementalText()
 
     def add(self, delta: Delta) -> str:
         """Take a step's delta; returns the text to send now."""
@@ -80,21 +128,30 @@ class ChoiceState:
     def since(self, start: int) -> list[TokenLogprobs]:
         return self.logprobs[start:]
 
+    def offsets(self, start: int) -> list[int]:
+        """The characters of text before each token from ``start`` on (a token that completes a character
+        counts from where that character starts; decoded one token at a time, linear work over a choice)."""
+        while len(self._offsets) < len(self.token_ids):
+            i = len(self._offsets)
+            before = self._offset_text.length
+            self._offset_text.add(self.tokenizer, self.token_ids[: i + 1], self.skip_special_tokens)
+            self._offsets.append(before)
+        return self._offsets[start:]
+
 
 def _lp(x: float) -> float:
     return max(x, LOWEST_LOGPROB)
 
 
-def completion_logprobs(entries: list[TokenLogprobs], strings: TokenStrings, offset: int) -> CompletionLogprobs:
-    """The completions API's log-probabilities (``text_offset`` counts characters from ``offset``)."""
+def completion_logprobs(entries: list[TokenLogprobs], strings: TokenStrings, offsets: list[int]) -> CompletionLogprobs:
+    """The completions API's log-probabilities; ``offsets``: each token's ``text_offset`` (``ChoiceState.offsets``)."""
     out = CompletionLogprobs()
-    for e in entries:
+    for e, offset in zip(entries, offsets):
         token = strings(e.token_id)
         out.tokens.append(token)
         out.token_logprobs.append(_lp(e.logprob))
         out.top_logprobs.append({strings(t): _lp(v) for t, v in e.top} or None)
         out.text_offset.append(offset)
-        offset += len(token)
     return out
 
 
@@ -103,7 +160,7 @@ def chat_logprobs(entries: list[TokenLogprobs], strings: TokenStrings) -> ChatLo
     content = []
     for e in entries:
         token = strings(e.token_id)
-        top = [TopLogprob(token=strings(t), logprob=_lp(v), bytes=list(strings(t).encode())) for t, v in e.top]
-        content.append(ChatTokenLogprob(token=token, logprob=_lp(e.logprob), bytes=list(token.encode()),
+        top = [TopLogprob(token=strings(t), logprob=_lp(v), bytes=list(strings.bytes(t))) for t, v in e.top]
+        content.append(ChatTokenLogprob(token=token, logprob=_lp(e.logprob), bytes=list(strings.bytes(e.token_id)),
                                         top_logprobs=top))
     return ChatLogprobs(content=content)

@@ -65,7 +65,7 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: AsyncE
                 choices[i, d.index].add(d)
     out = []
     for (i, k), c in sorted(choices.items()):
-        lp = completion_logprobs(c.logprobs, strings, 0) if req.logprobs is not None else None
+        lp = completion_logprobs(c.logprobs, strings, c.offsets(0)) if req.logprobs is not None else None
         out.append(CompletionChoice(index=i * n + k, text=c.text, logprobs=lp, finish_reason=c.finish_reason,
                                     token_ids=c.token_ids if req.return_token_ids else None))
     completion_tokens = sum(len(c.token_ids) for c in choices.values())
@@ -80,7 +80,6 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: AsyncE
 async def _stream(req: CompletionRequest, raw: Request, streams, choices: dict, strings: TokenStrings, model: str,
                   n: int, prompt_tokens: int) -> AsyncIterator[str]:
     cid, created = random_id("cmpl"), int(time.time())
-    offsets = {key: 0 for key in choices}
     # with include_usage every chunk has a usage field, null until the last (OpenAI's stream)
     keep = frozenset({"usage"}) if req.stream_options is not None and req.stream_options.include_usage else frozenset()
     try:
@@ -93,8 +92,7 @@ async def _stream(req: CompletionRequest, raw: Request, streams, choices: dict, 
                     text = c.add(d)
                     lp = None
                     if req.logprobs is not None:
-                        lp = completion_logprobs(c.since(seen), strings, offsets[i, d.index])
-                        offsets[i, d.index] += sum(len(t) for t in lp.tokens)
+                        lp = completion_logprobs(c.since(seen), strings, c.offsets(seen))
                     ids = d.token_ids if req.return_token_ids else None
                     if text or lp is not None or d.finish_reason is not None or ids:
                         out.append(CompletionChoice(index=i * n + d.index, text=text, logprobs=lp,

@@ -44,6 +44,8 @@ def sampling_params(req: SamplingFields, config: ServeConfig, max_tokens: int, l
     field = req.unsupported()
     if field is not None:
         raise APIError(400, f"`{field}` is not supported by this server", param=field, code="unsupported")
+    if req.stream_options is not None and not req.stream:  # (as OpenAI's API and vLLM's server)
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
     budget: Any = ENGINE_BUDGET
     if "budget" in req.model_fields_set:
         budget = req.budget
@@ -79,6 +81,9 @@ async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[i
     if engine.dead is not None:
         raise APIError(503, f"the engine is not running: {engine.dead}")
     samples = sum(p.n for p in params)
+    if config.max_waiting is not None and samples > config.max_waiting:  # (never fits: a retry cannot help)
+        raise APIError(400, f"the request has {samples} samples (prompts x n) but the server queues at most "
+                            f"{config.max_waiting} (--max-waiting)", param="n")
     if config.max_waiting is not None and engine.waiting + samples > config.max_waiting:
         raise APIError(429, f"the server's waiting queue is full ({config.max_waiting} requests); retry later",
                        code="queue_full")

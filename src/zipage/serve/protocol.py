@@ -1,8 +1,10 @@
 """The OpenAI API's request and response bodies, field by field (pydantic models).
 
-Requests accept the fields OpenAI's clients send. Fields zipage does not implement are refused
-with a 400 naming them (``unsupported``) rather than silently ignored; unknown fields are ignored,
-as OpenAI's own server ignores them. vLLM's extra sampling fields (``top_k``, ``min_p``,
+Requests accept the fields OpenAI's clients send. Fields of OpenAI's API or vLLM's server that
+change what a request means and that zipage does not implement (tools and functions, structured
+or guided outputs, beam search, prompt log-probabilities, ...) are refused with a 400 naming them
+(``unsupported``) rather than silently ignored; other unknown fields are ignored, as vLLM's server
+ignores them. vLLM's extra sampling fields (``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``,
 ``include_stop_str_in_output``, ``return_token_ids``) and zipage's ``budget`` come through the
 client's ``extra_body``, as top-level fields.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,11 +87,27 @@ class SamplingFields(OpenAIModel):
     return_token_ids: bool = False
     # zipage: tokens of KV kept per sample after a compression; null for full KV; absent: the server's
     budget: int | None = Field(default=None, ge=1)
+    # fields of OpenAI's API or vLLM's server that zipage does not implement: refused when set
+    use_beam_search: Any = None
+    prompt_logprobs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    logits_processors: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+
+    UNIMPLEMENTED: ClassVar[tuple[str, ...]] = ("logit_bias", "use_beam_search", "prompt_logprobs", "guided_json", "guided_regex",
+                     "guided_choice", "guided_grammar", "structured_outputs", "logits_processors", "bad_words",
+                     "allowed_token_ids")
 
     def unsupported(self) -> str | None:
-        """The first field set to something zipage does not implement."""
-        if self.logit_bias:
-            return "logit_bias"
+        """The first field set to something zipage does not implement (left out, null, false or empty: unset)."""
+        for name in self.UNIMPLEMENTED:
+            if getattr(self, name, None) not in (None, False, [], {}, ""):
+                return name
         return None
 
 
@@ -99,8 +117,11 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
+    response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> str | None:
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format"
         if self.echo:
             return "echo"
         if self.suffix:
@@ -138,9 +159,18 @@ class ChatCompletionRequest(SamplingFields):
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
+    functions: Any = None
+    function_call: Any = None
+    prediction: Any = None
+    audio: Any = None
+
+    UNIMPLEMENTED: ClassVar[tuple[str, ...]] = SamplingFields.UNIMPLEMENTED + ("functions", "prediction", "audio")
+
     def unsupported(self) -> str | None:
         if self.tools:
             return "tools"
+        if self.function_call not in (None, "none"):
+            return "function_call"
         if self.tool_choice not in (None, "none"):
             return "tool_choice"
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
