@@ -446,3 +446,40 @@ def test_llm_flags_are_bools(model, name):
 def test_gpu_memory_utilization_is_a_share(model, share):
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         LLM(model, budget=None, page_size=4, num_pages=8, gpu_memory_utilization=share)
+
+
+def metaspace_tokenizer(vocab_size):
+    """A SentencePiece-like tokenizer (Llama 2, Mistral, Gemma): every token a ``▁word``, whose ``▁`` decodes to a
+    space except at the very start of what is decoded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"\u2581w{i}": i for i in range(vocab_size)}, unk_token="\u2581w0"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_output_text_keeps_the_space_its_first_sentencepiece_token_starts_with(model):
+    """An output's text is what its tokens add after the prompt (vLLM's): `` w7 w3``, not ``w7 w3`` as its tokens
+    decoded alone give, in the final text, with stop strings, and in a running request's outputs."""
+    tok = metaspace_tokenizer(model.config.vocab_size)
+    llm = LLM(model, tok, budget=None, page_size=4, num_pages=64, async_scheduling=False)
+    prompt = prompts_of((9,), seed=2)[0]
+    params = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    out = llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0]
+    pieces = tok.convert_ids_to_tokens(out.token_ids)
+    want = "".join(p.replace("\u2581", " ") for p in pieces)  # (every piece a word after a space)
+    assert want.startswith(" w") and out.text == want
+    stop = want[: want.index(" ", 1) + 3]  # the first word and the start of the second, across tokens
+    stopped = llm.generate([prompt], SamplingParams(stop=["zzz", stop], include_stop_str_in_output=True, **params),
+                           use_tqdm=False)[0]
+    assert stopped.finish_reason == "stop" and stopped.text == stop
+    rid = llm.add_request(prompt, SamplingParams(**params))
+    texts = [o.text for o in llm.step() if o.request_id == rid]
+    texts += [o.text for o in llm.step() if o.request_id == rid]
+    assert texts == [want[: len(" " + pieces[0][1:])], want[: len(" " + pieces[0][1:] + " " + pieces[1][1:])]]
+    llm.cancel(rid)
+    assert llm.output(rid).text == "".join(p.replace("\u2581", " ") for p in pieces[: len(llm.output(rid).token_ids)])
+    llm.forget(rid)
+    assert_pool_clean(llm)

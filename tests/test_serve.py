@@ -365,6 +365,25 @@ def test_token_strings_bytes_and_offsets_split_characters_right(checkpoint):
     assert choice.offsets(0) == [0, 1, 1, 2, 2, 2, 2, 3, 4] and choice.offsets(7) == [3, 4]
 
 
+def test_streamed_text_keeps_the_space_a_first_sentencepiece_token_starts_with():
+    """A choice's streamed text is decoded after the prompt's last tokens, as the engine's final text is: a
+    SentencePiece ``▁word`` first token keeps its space, and what is streamed is a prefix of the final text."""
+    from test_engine_requests import metaspace_tokenizer
+
+    from zipage.engine.outputs import decode_output
+    from zipage.serve.choices import ChoiceState
+    from zipage.serve.engine_client import Delta
+
+    tok = metaspace_tokenizer(64)
+    prompt, out = [5, 9, 17], [7, 3, 12, 40]
+    final = decode_output(tok, prompt, out)
+    assert final == " w7 w3 w12 w40"
+    choice = ChoiceState(tok, [], True, prompt)
+    sent = "".join(choice.add(Delta(0, [t], None, None)) for t in out[:-1])
+    sent += choice.add(Delta(0, out[-1:], None, "length", final))
+    assert sent == final and choice.offsets(0) == [0, 3, 6, 10]
+
+
 def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(server, client):
     url, engine, config = server
     headers = {"Authorization": f"Bearer {KEY}"}

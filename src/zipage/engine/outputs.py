@@ -5,36 +5,69 @@ starts a few tokens back, so a word split over tokens and multi-byte characters 
 and stop strings are searched only in the new text plus the tail of the old one that a stop
 string could straddle. A 32K-token output therefore costs O(n), not O(n^2). The final text is
 decoded once, whole, when the request finishes.
+
+An output's text is decoded after the last few tokens of its prompt (``CONTEXT``), then cut after
+their text, as vLLM does: a SentencePiece tokenizer (Llama 2, Mistral, Gemma) drops the space a
+``▁word`` token starts with when that token comes first, so ``" Paris"`` after ``"... is"`` would
+come out as ``"Paris"`` decoded alone.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .sampling import SamplingParams
 from .sequence import Sequence, TokenLogprobs
 
 _UNFINISHED = "\ufffd"  # what a tokenizer decodes the first bytes of a multi-byte character to
+CONTEXT = 5  # prompt tokens an output's text is decoded after (vLLM's initial offset)
+
+
+def decode_output(tokenizer: Any, prompt_ids: Any, ids: Any, skip_special_tokens: bool = True) -> str:
+    """The text of output tokens ``ids``, decoded after the prompt's last ``CONTEXT`` tokens and cut after
+    their text (decoded alone where that cut does not hold: a character split between prompt and output)."""
+    context = list(prompt_ids[-CONTEXT:]) if prompt_ids is not None and len(prompt_ids) else []
+    if not context:
+        return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    head = tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
+    whole = tokenizer.decode(context + list(ids), skip_special_tokens=skip_special_tokens)
+    if head.endswith(_UNFINISHED):  # the prompt ends inside a character (IncrementalText does the same)
+        return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    return whole[len(head) :]
 
 
 class IncrementalText:
-    """A request's output text, decoded a few tokens at a time."""
+    """A request's output text, decoded a few tokens at a time (after ``context``, the prompt's last tokens,
+    whose own text is not part of it: see ``decode_output``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, context: Any = ()) -> None:
         self.pieces: list[str] = []
+        self.context = list(context)[-CONTEXT:] if len(context) else []
+        # offsets count the context's tokens, then the output's: the first piece decodes after the context
         self.prefix_offset = 0  # tokens decoded only as the context of the next piece
-        self.read_offset = 0  # tokens whose text is already in ``pieces``
+        self.read_offset = len(self.context)  # tokens whose text is already in ``pieces`` (or the context's)
         self.length = 0  # characters in ``pieces``
+
+    def _span(self, ids: list[int], start: int, stop: int | None = None) -> list[int]:
+        """Tokens ``start:stop`` of the context followed by ``ids``."""
+        n = len(self.context)
+        stop = n + len(ids) if stop is None else stop
+        if start >= n:
+            return ids[start - n : stop - n]
+        return self.context[start:stop] + ids[: max(0, stop - n)]
 
     def add(self, tokenizer: Any, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Decode what ``ids`` (the whole output so far) adds; returns the new text ('' while a
         character is still incomplete)."""
-        prefix = tokenizer.decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip_special_tokens)
-        full = tokenizer.decode(ids[self.prefix_offset :], skip_special_tokens=skip_special_tokens)
+        prefix = tokenizer.decode(self._span(ids, self.prefix_offset, self.read_offset),
+                                  skip_special_tokens=skip_special_tokens)
+        if self.context and self.read_offset == len(self.context) and prefix.endswith(_UNFINISHED):
+            # the prompt ends inside a character: the output is decoded alone (as decode_output does)
+            self.context, self.prefix_offset, self.read_offset, prefix = [], 0, 0, ""
+        full = tokenizer.decode(self._span(ids, self.prefix_offset), skip_special_tokens=skip_special_tokens)
         if len(full) <= len(prefix) or full.endswith(_UNFINISHED):
             return ""
         new = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.context) + len(ids)
         self.pieces.append(new)
         self.length += len(new)
         return new
@@ -63,10 +96,11 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.generated_tokens = 0
 
-    def partial_text(self, ids: list[int], params: SamplingParams) -> str:
+    def partial_text(self, seq: Sequence, ids: list[int]) -> str:
         """A running request's text so far: its tokens decoded, less the last ``len(longest stop) - 1``
         characters while stop strings are set (a stop string may still start there; vLLM holds them back too)."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        params = seq.params
+        text = decode_output(self.tokenizer, seq.prompt_token_ids, ids, params.skip_special_tokens)
         hold = max((len(s) for s in params.stop), default=1) - 1
         return text[: len(text) - hold] if hold else text
 
@@ -110,14 +144,15 @@ class OutputProcessor:
         request failed by its own tokens' decode keeps the text decoded so far (its tokens stay whole)."""
         if seq.text is None and self.tokenizer is not None:
             try:
-                seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=seq.params.skip_special_tokens)
+                seq.text = decode_output(self.tokenizer, seq.prompt_token_ids, seq.output_ids,
+                                         seq.params.skip_special_tokens)
             except Exception:  # (this runs while finishing, with other requests' tokens still to book)
                 seq.text = seq.detokenizer.text() if seq.detokenizer is not None else ""
 
     def _find_stop(self, seq: Sequence, may_stop: bool) -> int | None:
         """Decode the new token's text; the index in the whole text where a stop string starts."""
         if seq.detokenizer is None:
-            seq.detokenizer = IncrementalText()
+            seq.detokenizer = IncrementalText(seq.prompt_token_ids)
         d = seq.detokenizer
         longest = max(len(s) for s in seq.params.stop)
         before = d.length
@@ -138,7 +173,7 @@ class OutputProcessor:
         ids = seq.output_ids
         if by_token and not seq.params.include_stop_str_in_output:
             ids = ids[:-1]
-        text = self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
+        text = decode_output(self.tokenizer, seq.prompt_token_ids, ids, seq.params.skip_special_tokens)
         if stop_at is None:
             return text
         # the whole decode and the incremental one agree but for rare tokenizer clean-ups: cut at

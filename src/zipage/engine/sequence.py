@@ -139,7 +139,7 @@ class Sequence:
     generator: torch.Generator | None = None
     streamed: int = 0  # output tokens already handed to a stream
     detokenizer: Any = None  # the incremental text, while stop strings are checked (outputs.IncrementalText)
-    decode: Callable[[list[int], SamplingParams], str] | None = None  # a running sample's text (with a tokenizer)
+    decode: Callable[[Sequence, list[int]], str] | None = None  # a running sample's text (with a tokenizer)
     stop_from: int | None = None  # characters of text before stop strings count (those of the first min_tokens)
     error: str | None = None  # why the scheduler ended it (finish_reason "error")
     # tokens kept after a compression; None: full KV (never compressed); the scheduler resolves the default
@@ -183,7 +183,7 @@ class Sequence:
         decode = self.decode
         return CompletionOutput(self.index, ids, self.text, self.finish_reason,
                                 ListView(self.logprobs) if self.logprobs is not None else None,
-                                text_source=(lambda: decode(ids[:], self.params)) if decode is not None else None)
+                                text_source=(lambda: decode(self, ids[:])) if decode is not None else None)
 
     def output(self) -> RequestOutput:
         return RequestOutput.of([self])

@@ -58,7 +58,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
     check_length(prompt, params, config, "messages")
     streams = await add_all(engine, config, [prompt], [params], "messages")
     model = req.model or config.model_names[0]
-    choices = [ChoiceState(config.tokenizer, params.stop, params.skip_special_tokens) for _ in range(params.n)]
+    choices = [ChoiceState(config.tokenizer, params.stop, params.skip_special_tokens, prompt)
+               for _ in range(params.n)]
     strings = TokenStrings(config.tokenizer)
     if req.stream:
         return StreamingResponse(_stream(req, raw, streams, choices, strings, model, len(prompt)),

@@ -85,19 +85,21 @@ class TokenStrings:
 class ChoiceState:
     """Tokens, text sent so far and log-probabilities of one choice."""
 
-    def __init__(self, tokenizer: Any, stop: list[str], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str], skip_special_tokens: bool = True,
+                 prompt_ids: list[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
-        self.detokenizer = IncrementalText()
+        self.prompt_ids = list(prompt_ids)  # (the text is decoded after the prompt's last tokens, as the engine's)
+        self.detokenizer = IncrementalText(self.prompt_ids)
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.unsent = ""  # decoded, not sent yet (held back for a stop string)
         self.sent = 0  # characters sent
         self.finish_reason: str | None = None
         self.text = ""  # the final text, once finished
         self._offsets: list[int] = []  # characters of text before each token (log-probabilities' text_offset)
-        self._offset_text = IncrementalText()
+        self._offset_text = IncrementalText(self.prompt_ids)
 
     def add(self, delta: Delta) -> str:
         """Take a step's delta; returns the text to send now."""

@@ -52,7 +52,7 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: AsyncE
     streams = await add_all(engine, config, prompts, [params] * len(prompts), "prompt")
     model = req.model or config.model_names[0]
     n = params.n
-    choices = {(i, k): ChoiceState(config.tokenizer, params.stop, params.skip_special_tokens)
+    choices = {(i, k): ChoiceState(config.tokenizer, params.stop, params.skip_special_tokens, prompts[i])
                for i in range(len(prompts)) for k in range(n)}
     strings = TokenStrings(config.tokenizer)
     prompt_tokens = sum(len(p) for p in prompts)
