@@ -51,7 +51,11 @@ def parse_budgets(text: str) -> list[int | None]:
     return out
 
 
-def configurations(budgets: list[int | None], scorers: str, page_size: int | None) -> list:
+ENGINE_FIELDS = {"budget": "--budgets", "kv_cache_dtype": "--kv-cache-dtype", "page_size": "--page-size"}
+
+
+def configurations(budgets: list[int | None], scorers: str, page_size: int | None,
+                   kv_cache_dtype: str = "auto") -> list:
     """Full KV first (when ``none`` is among the budgets), then every budget with every scorer row."""
     import zipage
     from zipage.evaluation.run import Configuration
@@ -62,13 +66,21 @@ def configurations(budgets: list[int | None], scorers: str, page_size: int | Non
         from .quality import parse_row, split_rows
 
     rows = [parse_row(s) for s in split_rows(scorers)]
+    for label, fields in rows:
+        for name, option in ENGINE_FIELDS.items():
+            if name in fields:
+                raise ValueError(f"--scorers {label}: {name} is set for every configuration by {option}, "
+                                 "not per scorer row")
+    if page_size is not None and (page_size < 1 or page_size > 1024 or page_size & (page_size - 1)):
+        raise ValueError(f"--page-size {page_size}: expected a power of two in 1..1024")
     if not rows and any(b is not None for b in budgets):
         raise ValueError("--scorers: give at least one scorer for the budgets")
     paging = {} if page_size is None else {"page_size": page_size}
     out = [Configuration("full KV", None, paging)] if None in budgets else []
     for budget in sorted(b for b in budgets if b is not None):
         for label, fields in rows:
-            cfg = zipage.ZipageConfig.from_dict({**paging, **fields, "budget": budget})  # refuses bad fields here
+            cfg = zipage.ZipageConfig.from_dict({**paging, **fields, "budget": budget,  # refuses bad fields here
+                                                 "kv_cache_dtype": kv_cache_dtype})
             zipage.get_scorer(cfg.scorer, cfg)
             out.append(Configuration(f"{label}@{budget}", budget, {**paging, **fields}))
     return out
@@ -117,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV pages in the model's dtype (auto), FP8 or INT8, in every configuration")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="an untimed run through a compression before each configuration (default: on with CUDA)")
+                   help="an untimed run through a compression before each configuration, so that the first "
+                   "one timed does not pay for first calls (default: on)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on a CPU (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None, help="output stem (default: benchmarks/results/eval_MODEL_DATASET)")
@@ -164,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every argument is checked before the model loads: a mistake costs nothing.
     try:
-        for name in ("n", "max_tokens", "max_num_seqs"):
-            if getattr(args, name) < 1:
+        for name in ("n", "max_tokens", "max_num_seqs", "num_pages", "threads"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
         budgets = parse_budgets(args.budgets)
-        configs = configurations(budgets, args.scorers, args.page_size)
+        configs = configurations(budgets, args.scorers, args.page_size, args.kv_cache_dtype)
         problems = load_problems(args.dataset, args.num_prompts, args.answer_check)
         params = zipage.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                        n=args.n, seed=args.seed)
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = pathlib.Path(args.out) if args.out else RESULTS / f"eval_{_slug(args.model)}_{_slug(args.dataset)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     engine = engine_settings(args, model, prompts)
-    warmup = device.type == "cuda" if args.warmup is None else args.warmup
+    warmup = True if args.warmup is None else args.warmup  # (first calls cost on a CPU too: see run_configuration)
     result: dict[str, Any] = {
         "command": "zipage eval " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model, "model_source": source, "dtype": str(model.dtype).replace("torch.", ""),
@@ -206,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         result["configurations"] = rows
         _write(stem, result, figure=False)
 
-    rows = evaluate(model, tokenizer, problems, prompts, configs, params, engine, warmup, not args.no_progress, partial)
+    try:
+        rows = evaluate(model, tokenizer, problems, prompts, configs, params, engine, warmup, not args.no_progress,
+                        partial)
+    except ValueError as error:  # what the engine refuses for this model (its pool, its context, ...)
+        print(f"zipage eval: {error}", file=sys.stderr)
+        return 2
     result["configurations"] = rows
     result["wall_seconds"] = time.perf_counter() - t_start
     print(_write(stem, result))

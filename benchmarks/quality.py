@@ -230,7 +230,10 @@ def split_rows(text: str) -> list[str]:
 
 
 def parse_fraction(text: str) -> Fraction:
-    f = Fraction(text.strip())
+    try:
+        f = Fraction(text.strip())
+    except ZeroDivisionError:
+        raise ValueError(f"budget fraction {text!r} divides by zero") from None
     if not 0 < f < 1:
         raise ValueError(f"budget fraction {text!r} must lie in (0, 1)")
     return f
@@ -1330,6 +1333,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--gen-budgets {args.gen_budgets!r}: expected token counts such as 128,256") from None
         if any(b < 1 for b in gen_budgets):
             raise ValueError(f"--gen-budgets {args.gen_budgets!r}: budgets must be >= 1")
+        for name, low in (("tf_batch", 1), ("seq_len", 2), ("gen_n", 0), ("threads", 1)):
+            value = getattr(args, name, None)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be >= {low}")
+        if args.verify_budget:
+            parse_fraction(args.verify_budget)
         if not args.no_tf:
             if args.seqs < 1:
                 raise ValueError(f"--seqs {args.seqs}: at least one teacher-forced sequence is needed (or --no-tf)")
@@ -1347,7 +1356,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     # (the default model is not passed: tests replace load_model with a one-argument stand-in)
     model, tok = load_model(args.threads) if args.model == "smollm2" else load_model(args.threads, args.model)
-    stem = pathlib.Path(args.out) if args.out else RESULTS / ("quality" if preset == "default" else f"quality_{preset}")
+    name = "quality" if preset == "default" else f"quality_{preset}"
+    if args.model != "smollm2":  # (never the committed SmolLM2 reports)
+        name += "_" + re.sub(r"[^A-Za-z0-9.]+", "-", pathlib.Path(args.model.rstrip("/")).name).strip("-").lower()
+    stem = pathlib.Path(args.out) if args.out else RESULTS / name
     stem.parent.mkdir(parents=True, exist_ok=True)
     log(f"preset {preset}: {len(rows)} rows x {len(budgets)} budgets x {args.seqs} sequences of {args.seq_len} "
         f"(decode={args.decode}); generation {args.gen_n} prompts x {len(gen_rows)} rows x {len(gen_budgets)} budgets; "
@@ -1381,10 +1393,11 @@ def main(argv: list[str] | None = None) -> int:
         result["generation"] = generation(model, tok, args, gen_rows, gen_budgets)
         result["generation"]["seconds"] = time.perf_counter() - t0
     result["wall_seconds"] = time.perf_counter() - t_start
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    # (the stem may hold a dot, "fid_qwen3-0.6b": the suffixes are added, never swapped in)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    plot(result, stem.with_suffix(".png"))
+    stem.with_name(stem.name + ".md").write_text(md)
+    plot(result, stem.with_name(stem.name + ".png"))
     print(md)
     log(f"wrote {stem}.json, .md, .png in {result['wall_seconds']:.0f} s")
     return 0

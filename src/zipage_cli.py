@@ -38,20 +38,34 @@ EVAL_MODES = {"accuracy": "accuracy", "fidelity": "quality"}  # zipage eval --mo
 
 
 def eval_module(argv: list[str]) -> str:
-    """Which script ``zipage eval ARGV`` runs: ``--mode`` says; without it, accuracy when ``--dataset`` is
-    given (or only ``--help`` is asked), else the teacher-forced fidelity benchmark (``zipage eval`` as it
-    always was)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    """Which script ``zipage eval ARGV`` runs: ``--mode`` says; without it, accuracy when an option only the
+    accuracy benchmark has is given (``--dataset``, ``--num-prompts``, ``--n``, ...; or only ``--help`` is
+    asked), else the teacher-forced fidelity benchmark (``zipage eval`` as it always was)."""
+    for a in argv:
+        name = a.split("=", 1)[0]
+        if name.startswith("--") and len(name) > 2 and name != "--mode" and "--mode".startswith(name):
+            raise SystemExit(f"zipage eval: {name} is ambiguous here: write --mode (or --model) in full")
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--mode", choices=sorted(EVAL_MODES), default=None)
     pre.add_argument("--dataset", default=None)
     pre.add_argument("--replot", default=None)
     args, _ = pre.parse_known_args(argv)
     if args.mode is None:
         asks_help = any(a in ("-h", "--help") for a in argv)
-        args.mode = "accuracy" if args.dataset is not None or (asks_help and len(argv) == 1) else "fidelity"
+        given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+        accuracy = args.dataset is not None or (asks_help and len(argv) == 1) or bool(given & _accuracy_only())
+        args.mode = "accuracy" if accuracy else "fidelity"
         if args.replot is not None and _accuracy_result(args.replot):  # the result says which benchmark made it
             args.mode = "accuracy"
     return EVAL_MODES[args.mode]
+
+
+def _accuracy_only() -> set[str]:
+    """The options of the accuracy benchmark that the fidelity benchmark does not have."""
+    accuracy = importlib.import_module("zipage.bench.accuracy").build_parser()
+    fidelity = importlib.import_module("zipage.bench.quality").build_parser()
+    names = lambda parser: {o for action in parser._actions for o in action.option_strings}  # noqa: E731
+    return names(accuracy) - names(fidelity)
 
 
 def _accuracy_result(path: str) -> bool:

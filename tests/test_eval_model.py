@@ -104,10 +104,11 @@ def test_fidelity_mode_on_a_local_model(folder, tmp_path):
     tiny = tmp_path / "tiny"
     model.save_pretrained(tiny)
     tok.save_pretrained(tiny)
-    stem = tmp_path / "fidelity"
+    stem = tmp_path / "fidelity_v0.1"  # (a dot in the stem: its files are fidelity_v0.1.json, .md, .png)
     assert main(["eval", "--mode", "fidelity", "--model", str(tiny), "--seq-len", "160", "--seqs", "1",
                  "--budgets", "1/4", "--buffer", "32", "--scorers", "zipage,streaming", "--no-gen",
                  "--out", str(stem)]) == 0
+    stem = tmp_path / "fidelity_v0.1.x"  # (with_suffix of this gives the files' names)
     data = json.loads(stem.with_suffix(".json").read_text())
     assert data["model"] == f"{tiny}, float32" and data["settings"]["model"] == str(tiny)
     assert [r["config"] for r in data["teacher_forced"]["rows"]] == ["zipage", "streaming"]

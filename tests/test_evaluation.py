@@ -189,6 +189,13 @@ def test_eval_mode_is_chosen_from_the_arguments():
     assert eval_module([]) == "quality"  # `zipage eval` as it always was: teacher-forced fidelity
     assert eval_module(["--quick"]) == "quality"
     assert eval_module(["--mode", "fidelity", "--dataset", "x.jsonl"]) == "quality"
+    # an option only the accuracy benchmark has says which one is meant (its help's gsm8k default applies)
+    assert eval_module(["--model", "smollm2", "--num-prompts", "2", "--n", "1"]) == "accuracy"
+    assert eval_module(["--max-tokens=16", "--budgets", "64"]) == "accuracy"
+    assert eval_module(["--model", "smollm2", "--budgets", "64"]) == "quality"  # (options both have)
+    for short in ("--mo", "--mod", "--mo=fidelity"):  # never read as --model
+        with pytest.raises(SystemExit, match="ambiguous"):
+            eval_module([short, "fidelity"] if "=" not in short else [short])
 
 
 def test_replot_goes_to_the_benchmark_that_wrote_the_result(tmp_path):
@@ -199,6 +206,48 @@ def test_replot_goes_to_the_benchmark_that_wrote_the_result(tmp_path):
     assert eval_module(["--replot", str(fidelity)]) == "quality"
     assert eval_module(["--replot", str(tmp_path / "missing.json")]) == "quality"
     assert eval_module(["--mode", "fidelity", "--replot", str(accuracy)]) == "quality"
+
+
+def test_eval_rows_take_the_run_s_page_type_and_refuse_what_options_set():
+    from zipage.bench.accuracy import configurations
+
+    rows = configurations([64, None], "zipage[exact_tail=16]", 16, "fp8")  # (an 8-bit-only field, FP8 pages)
+    assert [c.label for c in rows] == ["full KV", "zipage[exact_tail=16]@64"]
+    with pytest.raises(ValueError, match="exact_tail"):
+        configurations([64], "zipage[exact_tail=16]", 16, "auto")
+    for row, option in (("zipage[budget=32]", "--budgets"), ("zipage[kv_cache_dtype=fp8]", "--kv-cache-dtype"),
+                        ("zipage[page_size=8]", "--page-size")):
+        with pytest.raises(ValueError, match=option):
+            configurations([64], row, None)
+    with pytest.raises(ValueError, match="power of two"):
+        configurations([None], "zipage", 3)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--num-pages", "0"], "--num-pages 0"), (["--threads", "-1"], "--threads -1"), (["--threads", "0"], "--threads 0"),
+    (["--budgets", "none", "--page-size", "0"], "--page-size 0")])
+def test_eval_options_are_checked_before_the_model_loads(tmp_path, capsys, flags, words):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n')
+    with pytest.raises(SystemExit):
+        main(["eval", "--dataset", str(data), "--model", "no/such-model", *flags])
+    assert words in capsys.readouterr().err
+
+
+def test_an_empty_reference_answer_is_refused_with_its_line(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "  "}\n')
+    with pytest.raises(ValueError, match="p.jsonl:2: 'answer' is empty"):
+        load_problems(str(data), None, None)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--budgets", "1/0"], "divides by zero"), (["--tf-batch", "0"], "--tf-batch 0"), (["--seq-len", "0"], "--seq-len 0"),
+    (["--gen-n", "-1"], "--gen-n -1"), (["--verify-budget", "1/0"], "divides by zero")])
+def test_fidelity_options_are_checked_before_the_model_loads(capsys, flags, words):
+    with pytest.raises(SystemExit):
+        main(["eval", "--mode", "fidelity", "--quick", "--model", "no/such-model", *flags])
+    assert words in capsys.readouterr().err
 
 
 def test_serve_options_are_checked_before_anything_loads():

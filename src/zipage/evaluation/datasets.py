@@ -95,6 +95,9 @@ def _problem(row: Any, kind: str, index: int, where: str) -> Problem:
     answer = row.get("answer")
     if answer is not None and not isinstance(answer, (str, int, float)):
         raise ValueError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
+    if isinstance(answer, str) and not answer.strip():
+        raise ValueError(f"{where}: 'answer' is empty: give the reference answer, or leave the field out to only "
+                         "generate (no accuracy is scored then)")
     if answer is not None:
         answer = str(answer)
         if "prompt" not in row and "question" in row and "####" in answer:  # a GSM8K line

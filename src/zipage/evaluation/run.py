@@ -51,16 +51,20 @@ def run_configuration(model: Any, tokenizer: Any, prompts: list[list[int]], para
 
     Request ``i`` is seeded ``params.seed + i * n`` (its samples ``+ 0 .. n-1``), so that every
     configuration draws from the same random streams. ``bar`` (a tqdm) advances once per finished
-    sample. ``warmup`` first runs two prompts through a compression, untimed (kernel compilation and
-    CUDA-graph capture would otherwise count against the first configuration's tokens/s)."""
+    sample. ``warmup`` first runs two prompts through a compression, untimed (kernel compilation,
+    CUDA-graph capture and a CPU's first calls would otherwise count against the first configuration's
+    tokens/s); reversed, so that no page of theirs is in the prefix cache for the timed run, whose counters
+    (compressions, evictions, cache hits, preemptions) count its own work only."""
     kwargs = dict(engine_kwargs or {})
     llm = LLM(model, tokenizer, budget=config.budget, **config.fields, **kwargs)
     device = llm.runner.device
+    before: dict[str, Any] = {}
     try:
         if warmup:
             length = (config.budget or 256) + (llm.zipage_config.buffer if llm.zipage_config else 0) + 16
             warm = SamplingParams(max_tokens=min(length, params.max_tokens or length), temperature=0, ignore_eos=True)
-            llm.generate(prompts[:2], warm, use_tqdm=False)
+            llm.generate([list(reversed(p)) for p in prompts[:2]], warm, use_tqdm=False)
+        before = llm.stats()
         n = params.n
         seeded = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i * n)
                   for i in range(len(prompts))]
@@ -97,8 +101,9 @@ def run_configuration(model: Any, tokenizer: Any, prompts: list[list[int]], para
             lengths=[[len(c.token_ids) for c in o.outputs] for o in outs],
             finish_reasons=[[c.finish_reason for c in o.outputs] for o in outs],
             wall_s=wall, output_tokens=produced, tokens_per_s=produced / max(wall, 1e-9),
-            stats={k: stats[k] for k in ("total_pages", "page_size", "max_concurrency", "preemptions",
-                                         "compressions", "evicted_tokens", "prefix_cache_hits")},
+            stats={**{k: stats[k] for k in ("total_pages", "page_size", "max_concurrency")},
+                   **{k: stats[k] - before.get(k, 0) for k in ("preemptions", "compressions", "evicted_tokens",
+                                                               "prefix_cache_hits")}},
         )
     finally:
         del llm
