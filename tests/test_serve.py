@@ -487,3 +487,24 @@ def test_stream_events_stay_one_line_for_splitlines_readers():
     assert len(lines) == 1 and lines[0].startswith("data: ")
     assert json.loads(lines[0][6:])["choices"][0]["text"] == text
     assert json.loads(sse({"text": text})[6:])["text"] == text
+
+
+def test_an_add_racing_the_engine_loop_s_end_is_refused_not_left_waiting(checkpoint):
+    """A handler that saw the engine alive but submits after the loop's last drain gets EngineDead (it waited
+    forever before: nothing was left to answer it)."""
+    import asyncio
+
+    from zipage.serve.engine_client import AsyncEngine, EngineDead
+
+    model, tok = checkpoint
+    engine = AsyncEngine(LLM(model, tok, budget=None, page_size=16, num_pages=16))
+    engine.start()
+    engine.shutdown()
+    assert not engine.thread.is_alive()
+    engine.dead = None  # (as a handler saw it a moment before the loop ended)
+
+    async def add():
+        return await asyncio.wait_for(engine.add([5, 6, 7], SamplingParams(max_tokens=2)), timeout=10)
+
+    with pytest.raises(EngineDead):
+        asyncio.run(add())

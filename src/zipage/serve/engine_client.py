@@ -105,6 +105,7 @@ class AsyncEngine:
         self._incoming = 0  # adds submitted and not yet applied (read by the handlers for --max-waiting)
         self._lock = threading.Lock()
         self._stopping = False
+        self._closed = False  # the loop has ended and drained its queue: adds are refused
         self.dead: str | None = None  # why the loop stopped
         self.stats: dict[str, Any] = llm.stats()  # published after every step, read by /metrics
         self.thread = threading.Thread(target=self._run, name="zipage-engine", daemon=True)
@@ -138,9 +139,12 @@ class AsyncEngine:
             raise EngineDead(self.dead)
         req = _Request(f"req-{next(self._ids)}", asyncio.get_running_loop(), asyncio.Queue(), params.n,
                        time.monotonic())
-        with self._lock:
+        with self._lock:  # (the loop's last drain holds it too: an add is either drained and answered, or refused)
+            if self._closed:
+                raise EngineDead(self.dead or "the server is shutting down")
             self._incoming += 1
-        self._submit(("add", req, prompt, params))
+            self._ops.put(("add", req, prompt, params))
+        self._wake.set()
         try:
             answer = await req.queue.get()  # None (taken), or why not
         except BaseException:  # (cancelled while waiting for the engine thread)
@@ -185,13 +189,15 @@ class AsyncEngine:
         finally:
             self.dead = self.dead or "the server is shutting down"
             self._end_all(None)
-            while True:  # anything submitted meanwhile is refused
-                try:
-                    op = self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if op[0] == "add":
-                    self._send(op[1], EngineDead(self.dead))
+            with self._lock:  # anything submitted meanwhile is refused, and nothing is submitted after
+                self._closed = True
+                while True:
+                    try:
+                        op = self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    if op[0] == "add":
+                        self._send(op[1], EngineDead(self.dead))
 
     def _apply_ops(self) -> None:
         while True:
