@@ -415,7 +415,7 @@ def _pairs_by_card(folder: Path, bf16: str) -> list[tuple[str, Path, dict, dict]
         a, b = systems.get(bf16, {}), systems.get(f"{bf16}-fp8", {})
         if "tokens_per_s" not in a or "tokens_per_s" not in b:
             continue
-        card = data.get("device", "").replace("NVIDIA ", "").split(" ")[0]
+        card = (data.get("device") or "").replace("NVIDIA ", "").split(" ")[0]
         key = _run_key(path)
         if card not in newest or key > newest[card][0]:
             newest[card] = (key, path, a, b)

@@ -53,19 +53,26 @@ def eval_module(argv: list[str]) -> str:
     if args.mode is None:
         asks_help = any(a in ("-h", "--help") for a in argv)
         given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-        accuracy = args.dataset is not None or (asks_help and len(argv) == 1) or bool(given & _accuracy_only())
+        accuracy = args.dataset is not None or (asks_help and len(argv) == 1) or bool(given & _accuracy_only(given))
         args.mode = "accuracy" if accuracy else "fidelity"
         if args.replot is not None and _accuracy_result(args.replot):  # the result says which benchmark made it
             args.mode = "accuracy"
     return EVAL_MODES[args.mode]
 
 
-def _accuracy_only() -> set[str]:
-    """The options of the accuracy benchmark that the fidelity benchmark does not have."""
+def _accuracy_only(given: set[str]) -> set[str]:
+    """Which of ``given`` (options as typed) name an option only the accuracy benchmark has: in full, or as
+    the unique prefix of one among both benchmarks' options (``--data`` for ``--dataset``, as argparse reads it)."""
     accuracy = importlib.import_module("zipage.bench.accuracy").build_parser()
     fidelity = importlib.import_module("zipage.bench.quality").build_parser()
     names = lambda parser: {o for action in parser._actions for o in action.option_strings}  # noqa: E731
-    return names(accuracy) - names(fidelity)
+    every, only = names(accuracy) | names(fidelity), names(accuracy) - names(fidelity)
+    out = set()
+    for name in given:
+        full = [name] if name in every else [o for o in every if o.startswith(name)]
+        if len(full) == 1 and full[0] in only:
+            out.add(name)
+    return out
 
 
 def _accuracy_result(path: str) -> bool:

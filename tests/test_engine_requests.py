@@ -3,12 +3,16 @@ budgets (each admitted by its own worst case), penalties, log-probabilities and 
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
+
 import pytest
 import torch
 from conftest import tiny_model
 from test_engine import assert_pool_clean, prompts_of, reference
 
 from zipage import LLM, SamplingParams
+from zipage.engine.sequence import RequestOutput
 
 
 @pytest.fixture(scope="module")
@@ -395,8 +399,12 @@ def test_a_running_request_s_outputs_carry_its_text_so_far(model):
         hold = 3 if stop else 0
         for o in seen[:-1]:
             ids = list(o.token_ids)
-            whole = tok.decode(ids)
-            assert o.text == o.outputs[0].text == whole[: len(whole) - hold] and not o.finished
+            whole = tok.decode(ids)  # (one letter a token: the first outputs are shorter than the hold)
+            want = whole[: len(whole) - hold] if len(whole) > hold else ""
+            assert o.text == o.outputs[0].text == want and not o.finished
+            again = pickle.loads(pickle.dumps(o))  # (as a plain RequestOutput, its text decoded)
+            assert type(again) is RequestOutput and again.text == want and again.outputs[0].text == want
+            assert dataclasses.replace(o, finished=False).text == want
         assert seen[-1].text == tok.decode(seen[-1].token_ids)
         llm.forget(rid)
     assert_pool_clean(llm)
@@ -482,4 +490,37 @@ def test_output_text_keeps_the_space_its_first_sentencepiece_token_starts_with(m
     llm.cancel(rid)
     assert llm.output(rid).text == "".join(p.replace("\u2581", " ") for p in pieces[: len(llm.output(rid).token_ids)])
     llm.forget(rid)
+    assert_pool_clean(llm)
+
+
+def test_a_running_text_never_ends_inside_a_character():
+    """A running output's text holds back a character whose bytes have not all come (byte-level tokens of an
+    emoji), so each step's text is a prefix of the next one's."""
+    from zipage.engine.outputs import OutputProcessor
+    from zipage.engine.sequence import Sequence
+    from zipage.serve.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids = tok("a \U0001f37d b")["input_ids"]  # a, space, 4 bytes of an emoji, space, b
+    seq = Sequence(request_id="0", prompt_token_ids=tok("Q:")["input_ids"], params=SamplingParams())
+    texts = [OutputProcessor(tok, set(), 64).partial_text(seq, ids[:n]) for n in range(1, len(ids) + 1)]
+    assert texts == ["a", "a ", "a ", "a ", "a ", "a \U0001f37d", "a \U0001f37d ", "a \U0001f37d b"]
+
+
+def test_a_stop_string_its_stopping_token_completes_does_not_cut_the_text(model):
+    """vLLM leaves the stopping token's text out before it looks for stop strings: a stop string that only that
+    token's text completes does not cut the text before it."""
+    tok = LetterTokenizer()
+    llm = LLM(model, tok, budget=None, page_size=4, num_pages=64)
+    prompt = prompts_of((9,), seed=2)[0]
+    free = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                        use_tqdm=False)[0].token_ids
+    whole = tok.decode(free)
+    at = next(i for i in range(2, len(free)) if free[i] not in free[:i])  # a token first seen at i
+    stop = whole[at - 1 : at + 1]  # ends in that token's letter
+    if whole.find(stop) != at - 1:
+        pytest.skip("the stop string comes earlier in this output")
+    out = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop],
+                                                stop_token_ids=[free[at]]), use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[: at + 1] and out.text == whole[:at]
     assert_pool_clean(llm)

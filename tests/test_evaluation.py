@@ -192,6 +192,7 @@ def test_eval_mode_is_chosen_from_the_arguments():
     # an option only the accuracy benchmark has says which one is meant (its help's gsm8k default applies)
     assert eval_module(["--model", "smollm2", "--num-prompts", "2", "--n", "1"]) == "accuracy"
     assert eval_module(["--max-tokens=16", "--budgets", "64"]) == "accuracy"
+    assert eval_module(["--data", "x.jsonl"]) == "accuracy"  # (argparse's prefix of --dataset)
     assert eval_module(["--model", "smollm2", "--budgets", "64"]) == "quality"  # (options both have)
     for short in ("--mo", "--mod", "--mo=fidelity"):  # never read as --model
         with pytest.raises(SystemExit, match="ambiguous"):

@@ -171,7 +171,7 @@ class LLM:
         for name, value in (("enable_prefix_caching", enable_prefix_caching), ("enforce_eager", enforce_eager),
                             ("async_compression", async_compression), ("async_scheduling", async_scheduling),
                             ("fuse_ops", fuse_ops)):
-            if not isinstance(value, bool):  # (a string such as "false" would read as True)
+            if not isinstance(value, bool) and type(value).__name__ != "bool_":  # ("false" would read as True)
                 raise TypeError(f"LLM({name}={value!r}) is invalid: expected True or False")
         if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, numbers.Real) or not (
                 0 < gpu_memory_utilization <= 1):

@@ -101,8 +101,10 @@ class OutputProcessor:
         characters while stop strings are set (a stop string may still start there; vLLM holds them back too)."""
         params = seq.params
         text = decode_output(self.tokenizer, seq.prompt_token_ids, ids, params.skip_special_tokens)
+        while text.endswith(_UNFINISHED):  # (a character still incomplete: never shown, as vLLM's)
+            text = text[:-1]
         hold = max((len(s) for s in params.stop), default=1) - 1
-        return text[: len(text) - hold] if hold else text
+        return text[: max(0, len(text) - hold)]
 
     def suppressed(self, seq: Sequence) -> list[int] | None:
         """Token ids the next token of ``seq`` may not be (EOS and stop ids before ``min_tokens``)."""
@@ -129,7 +131,8 @@ class OutputProcessor:
         if n > p.min_tokens and ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids):
             reason = "stop"
         stop_at = None
-        if self.tokenizer is not None and p.stop:
+        # a token that stops the request, its text left out, ends it whatever stop string its text would complete
+        if self.tokenizer is not None and p.stop and not (reason == "stop" and not p.include_stop_str_in_output):
             stop_at = self._find_stop(seq, n >= p.min_tokens)
             if stop_at is not None:
                 reason = "stop"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -38,28 +38,37 @@ class CompletionOutput:
     text: str | None
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None = None
-    text_source: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
 
-def _lazy_text(cls: type) -> type:
-    """``cls.text`` read through ``text_source`` (decoded at the first read, then kept) while it is None."""
+class _RunningCompletionOutput(CompletionOutput):
+    """A running sample's output whose text is decoded at the first read (``step()`` reports every running
+    request each step: most of those texts are never read). Pickles, copies and ``dataclasses.replace``s as a
+    plain ``CompletionOutput`` with its text."""
 
-    def get(self) -> str | None:
+    @classmethod
+    def make(cls, index: int, token_ids: Any, logprobs: Any, source: tuple) -> _RunningCompletionOutput:
+        out = cls.__new__(cls)
+        out.__dict__.update(index=index, token_ids=token_ids, finish_reason=None, logprobs=logprobs, _text=None,
+                            _source=source)
+        return out
+
+    @property
+    def text(self) -> str | None:
         text = self.__dict__.get("_text")
-        source = self.__dict__.get("text_source")
+        source = self.__dict__.get("_source")
         if text is None and source is not None:
-            text = self.__dict__["_text"] = source()
-            self.__dict__["text_source"] = None
+            decode, seq, ids = source
+            text = self.__dict__["_text"] = decode(seq, ids[:])
+            self.__dict__["_source"] = None
         return text
 
-    def put(self, value: str | None) -> None:
+    @text.setter
+    def text(self, value: str | None) -> None:
         self.__dict__["_text"] = value
+        self.__dict__["_source"] = None
 
-    cls.text = property(get, put)  # (after the dataclass is made: its __init__ assigns through the property)
-    return cls
-
-
-_lazy_text(CompletionOutput)
+    def __reduce__(self) -> tuple:
+        return CompletionOutput, (self.index, self.token_ids, self.text, self.finish_reason, self.logprobs)
 
 
 @dataclass
@@ -80,7 +89,6 @@ class RequestOutput:
     error: str | None = None  # why the engine ended it, when it did (finish_reason "error")
     logprobs: list[TokenLogprobs] | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
-    text_source: Callable[[], str] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, seqs: list[Sequence]) -> RequestOutput:
@@ -88,22 +96,45 @@ class RequestOutput:
         first = seqs[0]
         outputs = [s.completion() for s in seqs]
         done = all(s.finished for s in seqs)
+        lazy = isinstance(outputs[0], _RunningCompletionOutput)
+        if lazy and cls is RequestOutput:
+            cls = _RunningRequestOutput
         return cls(
             request_id=first.parent if first.parent is not None else first.request_id,
             prompt=first.prompt,
             prompt_token_ids=list(first.prompt_token_ids) if done else ListView(first.prompt_token_ids),
             token_ids=outputs[0].token_ids,
-            text=outputs[0].__dict__.get("_text"),  # (not read here: a running sample's text decodes when read)
+            text=outputs[0].__dict__.get("_text", None) if lazy else outputs[0].text,  # (not decoded here)
             finish_reason=outputs[0].finish_reason,
             finished=done,
             error=next((s.error for s in seqs if s.error is not None), None),
             logprobs=outputs[0].logprobs,
             outputs=outputs,
-            text_source=(lambda: outputs[0].text) if outputs[0].text_source is not None else None,
         )
 
 
-_lazy_text(RequestOutput)
+class _RunningRequestOutput(RequestOutput):
+    """A running request's output: its ``text`` is its first sample's, decoded at the first read. Pickles,
+    copies and ``dataclasses.replace``s as a plain ``RequestOutput`` with its text."""
+
+    @property
+    def text(self) -> str | None:
+        text = self.__dict__.get("_text")
+        if text is None and self.outputs:
+            text = self.__dict__["_text"] = self.outputs[0].text
+        return text
+
+    @text.setter
+    def text(self, value: str | None) -> None:
+        self.__dict__["_text"] = value
+
+    def __reduce__(self) -> tuple:
+        state = {f.name: getattr(self, f.name) for f in fields(RequestOutput)}
+        return _plain_request_output, (state,)
+
+
+def _plain_request_output(state: dict) -> RequestOutput:
+    return RequestOutput(**state)
 
 
 @dataclass(eq=False)
@@ -180,10 +211,10 @@ class Sequence:
             return CompletionOutput(self.index, list(self.output_ids), self.text, self.finish_reason,
                                     list(self.logprobs) if self.logprobs is not None else None)
         ids = ListView(self.output_ids)
-        decode = self.decode
-        return CompletionOutput(self.index, ids, self.text, self.finish_reason,
-                                ListView(self.logprobs) if self.logprobs is not None else None,
-                                text_source=(lambda: decode(self, ids[:])) if decode is not None else None)
+        logprobs = ListView(self.logprobs) if self.logprobs is not None else None
+        if self.decode is None or self.text is not None:
+            return CompletionOutput(self.index, ids, self.text, self.finish_reason, logprobs)
+        return _RunningCompletionOutput.make(self.index, ids, logprobs, (self.decode, self, ids))
 
     def output(self) -> RequestOutput:
         return RequestOutput.of([self])

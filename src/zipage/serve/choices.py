@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from ..engine.outputs import IncrementalText
+from ..engine.views import ListView
 from ..engine.sequence import TokenLogprobs
 from .engine_client import Delta
 from .protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
@@ -136,7 +137,7 @@ class ChoiceState:
         while len(self._offsets) < len(self.token_ids):
             i = len(self._offsets)
             before = self._offset_text.length
-            self._offset_text.add(self.tokenizer, self.token_ids[: i + 1], self.skip_special_tokens)
+            self._offset_text.add(self.tokenizer, ListView(self.token_ids, i + 1), self.skip_special_tokens)
             self._offsets.append(before)
         return self._offsets[start:]
 

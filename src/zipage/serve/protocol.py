@@ -106,8 +106,10 @@ class SamplingFields(OpenAIModel):
     def unsupported(self) -> str | None:
         """The first field set to something zipage does not implement (left out, null, false or empty: unset)."""
         for name in self.UNIMPLEMENTED:
-            if getattr(self, name, None) not in (None, False, [], {}, ""):
-                return name
+            value = getattr(self, name, None)
+            if value is None or value is False or (isinstance(value, (str, list, dict)) and not value):
+                continue  # (0 is set: prompt_logprobs=0 asks for the prompt's own log-probabilities)
+            return name
         return None
 
 
