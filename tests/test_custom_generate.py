@@ -57,6 +57,29 @@ def test_settings_as_one_config_and_sampling():
     assert torch.equal(out, ref)
 
 
+def test_settings_from_a_generation_config_as_model_generate_reads_them():
+    """zipage settings carried by a GenerationConfig (passed, or the model's own) are the ones used, as
+    ``model.generate(generation_config=...)`` uses them: not the default budget."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama")
+    config = GenerationConfig(max_new_tokens=30, do_sample=False, cache_implementation="zipage",
+                              cache_config={"budget": 16, "page_size": 4})
+    ref = model.generate(PROMPT, generation_config=copy.deepcopy(config), return_dict_in_generate=True)
+    out = model.generate(PROMPT, generation_config=copy.deepcopy(config), return_dict_in_generate=True,
+                         custom_generate=str(REPO), trust_remote_code=True)
+    assert out.past_key_values.zipage_config.budget == 16 and out.past_key_values.stats()["compressions"] >= 2
+    assert torch.equal(out.sequences, ref.sequences)
+    model.generation_config.cache_implementation = "zipage"
+    model.generation_config.cache_config = {"budget": 20, "page_size": 4}
+    out = model.generate(PROMPT, max_new_tokens=30, do_sample=False, return_dict_in_generate=True,
+                         custom_generate=str(REPO), trust_remote_code=True)
+    assert out.past_key_values.zipage_config.budget == 20
+    assert torch.equal(out.sequences, _reference(model, PROMPT, budget=20, page_size=4).sequences)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(budget=0), "budget"), (dict(page_size=12), "page_size"), (dict(scorer="nope"), "nope"),

@@ -68,6 +68,33 @@ def test_greedy_side_by_side_is_generate():
     assert 0 < stats["memory_saved"] < 1
 
 
+def test_each_step_may_run_on_another_thread():
+    """A UI serving the generator (Gradio) may take each step on another worker thread: the run still
+    finishes, with the tokens of a run on one thread (no step left outside inference mode)."""
+    import threading
+
+    settings = Settings(budget=16, page_size=4, max_new_tokens=20)
+    model, one = _run(settings)
+    steps = side_by_side(model, None, PROMPT, settings)
+    snaps, errors = [], []
+
+    def step():
+        try:
+            snaps.append(next(steps))
+        except StopIteration:
+            snaps.append(None)
+        except Exception as e:  # (reported below)
+            errors.append(e)
+
+    while not errors and (not snaps or snaps[-1] is not None):
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()
+    assert not errors, errors
+    last = snaps[-2]
+    assert last.finished and last.full.ids == one.full.ids and last.zipage.ids == one.zipage.ids
+
+
 def test_sampling_draws_both_runs_from_one_seed():
     """With a budget that evicts nothing, sampled answers are identical (same seed, same logits),
     and a different seed gives a different answer."""
@@ -276,5 +303,22 @@ def test_space_in_a_browser(space_app, tmp_path):
             assert error.first.is_visible()
             page.screenshot(path=str(shots / "space_error.png"))
             assert "Traceback" not in page.content()
+
+            # Stop: a long run ends at once and its answers stop growing; the page then runs again.
+            _set(page, "budget", "48")
+            _set(page, "max-new-tokens", "1024")
+            page.locator("#generate").click()
+            page.locator("#heatmap img").wait_for(state="detached", timeout=60_000)  # (this run's panels cleared)
+            page.wait_for_function(
+                "() => document.querySelector('#full-answer textarea').value.length > 0", timeout=120_000)
+            page.locator("#stop").click()
+            page.wait_for_timeout(3_000)
+            stopped = page.locator("#full-answer textarea").input_value()
+            page.wait_for_timeout(3_000)
+            assert page.locator("#full-answer textarea").input_value() == stopped
+            assert page.locator("#heatmap img").count() == 0  # (the run never reached its end)
+            _set(page, "max-new-tokens", "8")
+            page.locator("#generate").click()
+            page.locator("#heatmap img").wait_for(timeout=180_000)
         finally:
             browser.close()

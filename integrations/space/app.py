@@ -107,6 +107,7 @@ def compare(model_id, prompt, budget, scorer, page_size, max_new_tokens, decodin
 
     text = lambda run: tokenizer.decode(run.ids, skip_special_tokens=True)  # noqa: E731
     last_plot = 0.0
+    cleared = False  # (the kept-positions panels show the previous run's until this one's are ready)
     try:
         for snap in side_by_side(model, tokenizer, ids, settings):
             now = time.monotonic()
@@ -115,7 +116,9 @@ def compare(model_id, prompt, budget, scorer, page_size, max_new_tokens, decodin
                 if now - last_plot >= PLOT_EVERY_S:
                     plot, last_plot = memory_figure(snap), now
                 stats = stats_markdown(snap.stats(), snap, tokenizer)
-                yield text(snap.full), text(snap.zipage), plot, gr.skip(), gr.skip(), stats
+                panels = (gr.skip(), gr.skip()) if cleared else (None, None)
+                cleared = True
+                yield text(snap.full), text(snap.zipage), plot, *panels, stats
     except (TypeError, ValueError, RuntimeError) as error:  # e.g. a model zipage refuses
         raise gr.Error(str(error)) from None
     mask = kept_mask(snap.zipage.cache)
@@ -140,7 +143,9 @@ with gr.Blocks(title="zipage: Compressed PagedAttention, side by side") as demo:
                                 value=f"{EXAMPLES['GSM8K test #0']}\n\n{DEFAULT_INSTRUCTION}")
             gr.Examples([[f"{q}\n\n{DEFAULT_INSTRUCTION}"] for q in EXAMPLES.values()], inputs=[prompt],
                         example_labels=list(EXAMPLES), label="GSM8K / MATH-500")
-            run = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
         with gr.Column(scale=2):
             model_id = gr.Textbox(label="model (a Hub id where the Hub is reachable)", value=OFFLINE_MODEL,
                                   elem_id="model")
@@ -161,11 +166,12 @@ with gr.Blocks(title="zipage: Compressed PagedAttention, side by side") as demo:
     stats = gr.Markdown(elem_id="stats")
     kept_tokens = gr.HTML(label="tokens shaded by the share of heads that keep them", elem_id="kept-tokens")
 
-    run.click(
+    running = run.click(
         compare,
         inputs=[model_id, prompt, budget, scorer, page_size, max_new_tokens, decoding, seed],
         outputs=[full_answer, zipage_answer, memory_plot, heatmap, kept_tokens, stats],
     )
+    stop.click(None, cancels=[running])  # (the generator is closed: the model is left as it was)
 
 if __name__ == "__main__":
     demo.queue().launch()

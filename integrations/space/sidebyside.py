@@ -135,12 +135,15 @@ def pick(logits: torch.Tensor, settings: Settings, generator: torch.Generator) -
 
 def _feed(model, run: Run, ids: torch.Tensor, settings: Settings) -> None:
     """Run the model on ``ids`` with the run's cache, pick the next token, record memory and compressions."""
-    before = run.cache.stats()["compressions"] if isinstance(run.cache, zipage.ZipageCache) else 0
-    logits = model(input_ids=ids, past_key_values=run.cache, use_cache=True).logits[0, -1]
-    run.pending = pick(logits, settings, run.generator)
-    run.kv_bytes.append(_kv_bytes(run))
-    if isinstance(run.cache, zipage.ZipageCache) and run.cache.stats()["compressions"] > before:
-        run.compressions_at.append(len(run.ids))
+    # (inference mode for this step alone: a UI serving the generator may run each step on another thread,
+    # and a mode entered on one thread does not hold on the next)
+    with torch.inference_mode():
+        before = run.cache.stats()["compressions"] if isinstance(run.cache, zipage.ZipageCache) else 0
+        logits = model(input_ids=ids, past_key_values=run.cache, use_cache=True).logits[0, -1]
+        run.pending = pick(logits, settings, run.generator)
+        run.kv_bytes.append(_kv_bytes(run))
+        if isinstance(run.cache, zipage.ZipageCache) and run.cache.stats()["compressions"] > before:
+            run.compressions_at.append(len(run.ids))
 
 
 def side_by_side(model, tokenizer, prompt_ids: list[int], settings: Settings) -> Iterator[Snapshot]:
@@ -155,20 +158,19 @@ def side_by_side(model, tokenizer, prompt_ids: list[int], settings: Settings) ->
     ]
     stop = eos_ids(model, tokenizer)
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    with torch.inference_mode():
+    for run in runs:
+        _feed(model, run, prompt, settings)
+    while not all(run.done for run in runs):
         for run in runs:
-            _feed(model, run, prompt, settings)
-        while not all(run.done for run in runs):
-            for run in runs:
-                if run.done:
-                    continue
-                token = run.pending
-                run.ids.append(token)
-                if token in stop or len(run.ids) >= settings.max_new_tokens:
-                    run.done = True
-                    continue
-                _feed(model, run, torch.tensor([[token]], device=device), settings)
-            yield Snapshot(list(prompt_ids), runs[0], runs[1], config, finished=False)
+            if run.done:
+                continue
+            token = run.pending
+            run.ids.append(token)
+            if token in stop or len(run.ids) >= settings.max_new_tokens:
+                run.done = True
+                continue
+            _feed(model, run, torch.tensor([[token]], device=device), settings)
+        yield Snapshot(list(prompt_ids), runs[0], runs[1], config, finished=False)
     yield Snapshot(list(prompt_ids), runs[0], runs[1], config, finished=True)
 
 

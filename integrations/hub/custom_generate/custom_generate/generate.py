@@ -19,13 +19,19 @@ from transformers import GenerationMixin
 ZIPAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(zipage.ZipageConfig))
 
 
-def _zipage_config(kwargs: dict[str, Any]) -> zipage.ZipageConfig:
-    """Take the zipage arguments out of ``kwargs`` (in place) and build their validated config."""
+def _zipage_config(kwargs: dict[str, Any], model: Any = None) -> zipage.ZipageConfig:
+    """Take the zipage arguments out of ``kwargs`` (in place) and build their validated config. With none
+    given as ``zipage_config=`` / ``cache_config=``, a generation config asking for the zipage cache (the
+    ``generation_config=`` argument, else the model's) gives its ``cache_config``, as ``model.generate`` reads it."""
     given = kwargs.pop("zipage_config", None)
     if kwargs.get("cache_config") is not None:  # generate()'s own spelling of the same thing
         if given is not None:
             raise TypeError("give the zipage settings as zipage_config= or cache_config=, not both")
         given = kwargs.pop("cache_config")
+    if given is None:
+        generation = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        if getattr(generation, "cache_implementation", None) == "zipage":
+            given = getattr(generation, "cache_config", None)
     keywords = {name: kwargs.pop(name) for name in sorted(ZIPAGE_FIELDS & kwargs.keys())}
     if given is None:
         return zipage.ZipageConfig.from_dict(keywords)
@@ -41,7 +47,7 @@ def _zipage_config(kwargs: dict[str, Any]) -> zipage.ZipageConfig:
 
 def generate(model, *args, **kwargs):
     """``model.generate`` with a zipage cache: the same arguments, plus zipage's (see the module docstring)."""
-    config = _zipage_config(kwargs)  # a bad field raises here, named
+    config = _zipage_config(kwargs, model)  # a bad field raises here, named
     if kwargs.get("past_key_values") is not None:
         raise ValueError("custom_generate='zipage' builds its own ZipageCache: do not pass past_key_values "
                          "(or call model.generate(past_key_values=zipage.ZipageCache(...)) directly)")
