@@ -508,3 +508,39 @@ def test_an_add_racing_the_engine_loop_s_end_is_refused_not_left_waiting(checkpo
 
     with pytest.raises(EngineDead):
         asyncio.run(add())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_sample_the_engine_fails_answers_with_its_error(checkpoint, stream):
+    """A sample the engine ends with reason "error" (its state lost: a failed compression, a dead device) is not
+    a 200 with an odd finish reason: the request gets a 500 naming why (a stream, an error event then [DONE]);
+    its pages come back and the server goes on."""
+    model, tok = checkpoint
+    llm = LLM(model, tok, **ENGINE)
+    schedule = llm.scheduler.schedule
+    marked = tok("FAIL ME")["input_ids"]
+
+    def failing_schedule():
+        for seq in list(llm.scheduler.running):
+            if seq.prompt_token_ids[: len(marked)] == marked and len(seq.output_ids) >= 2:
+                seq.error = "injected: its pages were lost"
+                llm.core.fail(seq)
+        return schedule()
+
+    llm.scheduler.schedule = failing_schedule
+    config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
+    with thread_server(llm, config) as (url, engine):
+        body = {"model": NAME, "prompt": "FAIL ME please", "max_tokens": 12, "ignore_eos": True, "stream": stream}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        if stream:
+            assert r.status_code == 200  # (the stream had started)
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+        else:
+            assert r.status_code == 500
+            error = r.json()["error"]
+        assert "injected: its pages were lost" in error["message"] and error["code"] == "engine_error"
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "fine", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        wait_for(lambda: metrics(url)["zipage:kv_pages_used"] == 0)

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from .choices import ChoiceState, TokenStrings, chat_logprobs
 from .engine_client import AsyncEngine
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, error_body
 from .generation import DONE, ServeConfig, add_all, check_length, check_model, merged, sampling_params, sse
 from .protocol import (
     AssistantMessage,
@@ -114,5 +114,5 @@ async def _stream(req: ChatCompletionRequest, raw: Request, streams, choices: li
             yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                   total_tokens=prompt_tokens + completion_tokens))
     except APIError as e:  # the engine stopped mid-stream: say so in the stream
-        yield sse({"error": {"message": e.message, "type": "service_unavailable", "param": None, "code": None}})
+        yield sse(error_body(e.status, e.message, None, e.code))
     yield DONE

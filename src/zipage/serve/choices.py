@@ -15,6 +15,7 @@ from ..engine.outputs import IncrementalText
 from ..engine.views import ListView
 from ..engine.sequence import TokenLogprobs
 from .engine_client import Delta
+from .errors import APIError
 from .protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 LOWEST_LOGPROB = -9999.0  # JSON has no -inf
@@ -117,6 +118,8 @@ class ChoiceState:
             self.sent += len(out)
             return out
         self.finish_reason = delta.finish_reason
+        if delta.error is not None:  # (the engine failed this sample: the request answers with a 500)
+            raise APIError(500, f"the engine failed this request: {delta.error}", code="engine_error")
         if delta.text is not None:
             final = delta.text
         else:  # (aborted or cancelled: no final text from the engine) what decodes so far

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from .choices import ChoiceState, TokenStrings, completion_logprobs
 from .engine_client import AsyncEngine
-from .errors import APIError
+from .errors import APIError, error_body
 from .generation import DONE, ServeConfig, add_all, check_length, check_model, merged, sampling_params, sse
 from .protocol import (
     CompletionChoice,
@@ -106,5 +106,5 @@ async def _stream(req: CompletionRequest, raw: Request, streams, choices: dict, 
                           total_tokens=prompt_tokens + completion_tokens)
             yield sse(CompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage), keep)
     except APIError as e:  # the engine stopped mid-stream: say so in the stream
-        yield sse({"error": {"message": e.message, "type": "service_unavailable", "param": None, "code": None}})
+        yield sse(error_body(e.status, e.message, None, e.code))
     yield DONE

@@ -39,6 +39,7 @@ class Delta:
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None  # set on the sample's last delta
     text: str | None = None  # the sample's final text (stop strings cut), on its last delta
+    error: str | None = None  # why the engine ended the sample, when its finish reason is "error"
 
 
 @dataclass
@@ -251,7 +252,8 @@ class AsyncEngine:
             req.last[c.index] = now
             req.ended[c.index] = c.finish_reason is not None
             per_request.setdefault(req.rid, []).append(
-                Delta(c.index, new, lps, c.finish_reason, c.text if c.finish_reason is not None else None))
+                Delta(c.index, new, lps, c.finish_reason, c.text if c.finish_reason is not None else None,
+                      (out.error or "unknown") if c.finish_reason == "error" else None))
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for rid, deltas in per_request.items():
             req = self._requests[rid]
