@@ -95,6 +95,26 @@ def test_each_step_may_run_on_another_thread():
     assert last.finished and last.full.ids == one.full.ids and last.zipage.ids == one.zipage.ids
 
 
+def test_shaded_tokens_show_characters_split_over_tokens_and_word_spaces():
+    """Each shaded token shows what it adds to the text: an emoji split over byte tokens shows whole (not as
+    "\ufffd" pieces), and SentencePiece words keep their spaces."""
+    import html as html_lib
+
+    from test_engine_requests import metaspace_tokenizer
+    from views import tokens_html
+
+    from zipage.serve.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids = tok("a \U0001f37d b")["input_ids"]
+    page = html_lib.unescape(tokens_html(tok, ids[:2], ids[2:], torch.ones(len(ids))))
+    assert "\ufffd" not in page and "\U0001f37d" in page
+    tok = metaspace_tokenizer(64)
+    page = tokens_html(tok, [5, 9], [7, 3], torch.ones(4))
+    spans = re.findall(r">([^<]*)</span>", page)
+    assert spans == ["w5", " w9", " w7", " w3"]
+
+
 def test_sampling_draws_both_runs_from_one_seed():
     """With a budget that evicts nothing, sampled answers are identical (same seed, same logits),
     and a different seed gives a different answer."""

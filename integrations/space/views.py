@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from zipage.engine.outputs import IncrementalText
+from zipage.engine.views import ListView
 
 FULL_COLOR, ZIPAGE_COLOR, MARK_COLOR = "#6b7280", "#2563eb", "#dc2626"
 KEPT_RGB = (37, 99, 235)
@@ -64,8 +66,12 @@ def heatmap_figure(mask: torch.Tensor | None, prompt_len: int) -> Figure:
     return fig
 
 
-def _piece(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+def _pieces(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds to what comes before it: a character split over several tokens (bytes of an
+    emoji) goes with the token that completes it, and a SentencePiece ``▁word`` keeps its space (each token
+    decoded alone would give "\ufffd" pieces and words run together)."""
+    text = IncrementalText()
+    return [text.add(tokenizer, ListView(ids, i + 1), skip_special_tokens=False) for i in range(len(ids))]
 
 
 def tokens_html(tokenizer, prompt_ids: list[int], answer_ids: list[int], share: torch.Tensor | None) -> str:
@@ -76,11 +82,12 @@ def tokens_html(tokenizer, prompt_ids: list[int], answer_ids: list[int], share: 
     if share is None:
         return "<p>Kept positions are not available from this zipage version.</p>"
     spans = []
-    for pos, token_id in enumerate(prompt_ids + answer_ids):
+    pieces = _pieces(tokenizer, prompt_ids + answer_ids)
+    for pos, piece in enumerate(pieces):
         s = float(share[pos]) if pos < share.shape[0] else 1.0
         if pos == len(prompt_ids):
             spans.append('<hr style="margin:6px 0">')
-        text = html.escape(_piece(tokenizer, token_id))
+        text = html.escape(piece)
         style = f"background:rgba{KEPT_RGB + (round(0.08 + 0.72 * s, 3),)};" if s > 0 else "color:#9ca3af;"
         spans.append(f'<span title="{s:.0%} of heads keep this token" style="{style}">{text}</span>')
     legend = (
