@@ -544,3 +544,25 @@ def test_a_sample_the_engine_fails_answers_with_its_error(checkpoint, stream):
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "fine", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
         wait_for(lambda: metrics(url)["zipage:kv_pages_used"] == 0)
+
+
+def test_an_add_in_the_shutdown_window_is_refused(checkpoint):
+    """A request that reaches the engine loop after stop() was asked (the loop ends after this round) is refused
+    with EngineDead (a 503), not added and aborted at once (a 200 with empty text)."""
+    import asyncio
+
+    from zipage.serve.engine_client import AsyncEngine, EngineDead
+
+    model, tok = checkpoint
+    engine = AsyncEngine(LLM(model, tok, budget=None, page_size=16, num_pages=16))
+    engine.start()
+    wait_for(lambda: not engine.llm.has_unfinished())
+    engine._stopping = True  # (stop() without its wake-up: the add below wakes the loop)
+
+    async def add():
+        return await asyncio.wait_for(engine.add([5, 6, 7], SamplingParams(max_tokens=2)), timeout=10)
+
+    with pytest.raises(EngineDead, match="shutting down"):
+        asyncio.run(add())
+    engine.shutdown()
+    assert not engine.thread.is_alive()

@@ -210,6 +210,9 @@ class AsyncEngine:
                 _, req, prompt, params = op
                 with self._lock:
                     self._incoming -= 1
+                if self._stopping:  # (the loop ends after this: a 503 now, not a 200 aborted at once)
+                    self._send(req, EngineDead("the server is shutting down"))
+                    continue
                 try:
                     self.llm.add_request(prompt, params, request_id=req.rid)
                 except Exception as e:  # a bad request: its handler answers 400
