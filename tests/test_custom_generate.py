@@ -78,6 +78,13 @@ def test_settings_from_a_generation_config_as_model_generate_reads_them():
                          custom_generate=str(REPO), trust_remote_code=True)
     assert out.past_key_values.zipage_config.budget == 20
     assert torch.equal(out.sequences, _reference(model, PROMPT, budget=20, page_size=4).sequences)
+    # a keyword overrides the carried settings; a passed config that names no cache leaves the model's
+    out = model.generate(PROMPT, max_new_tokens=30, do_sample=False, return_dict_in_generate=True,
+                         custom_generate=str(REPO), trust_remote_code=True, budget=24)
+    assert (out.past_key_values.zipage_config.budget, out.past_key_values.zipage_config.page_size) == (24, 4)
+    out = model.generate(PROMPT, generation_config=GenerationConfig(max_new_tokens=30, do_sample=False),
+                         return_dict_in_generate=True, custom_generate=str(REPO), trust_remote_code=True)
+    assert out.past_key_values.zipage_config.budget == 20
 
 
 @pytest.mark.parametrize(

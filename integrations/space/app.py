@@ -107,7 +107,9 @@ def compare(model_id, prompt, budget, scorer, page_size, max_new_tokens, decodin
 
     text = lambda run: tokenizer.decode(run.ids, skip_special_tokens=True)  # noqa: E731
     last_plot = 0.0
-    cleared = False  # (the kept-positions panels show the previous run's until this one's are ready)
+    # the previous run's answers and kept-positions panels go at once (not after the prompt's prefill, nor stay
+    # beside these inputs if this run fails or is stopped)
+    yield "", "", gr.skip(), None, None, gr.skip()
     try:
         for snap in side_by_side(model, tokenizer, ids, settings):
             now = time.monotonic()
@@ -116,9 +118,7 @@ def compare(model_id, prompt, budget, scorer, page_size, max_new_tokens, decodin
                 if now - last_plot >= PLOT_EVERY_S:
                     plot, last_plot = memory_figure(snap), now
                 stats = stats_markdown(snap.stats(), snap, tokenizer)
-                panels = (gr.skip(), gr.skip()) if cleared else (None, None)
-                cleared = True
-                yield text(snap.full), text(snap.zipage), plot, *panels, stats
+                yield text(snap.full), text(snap.zipage), plot, gr.skip(), gr.skip(), stats
     except (TypeError, ValueError, RuntimeError) as error:  # e.g. a model zipage refuses
         raise gr.Error(str(error)) from None
     mask = kept_mask(snap.zipage.cache)

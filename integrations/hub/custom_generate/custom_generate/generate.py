@@ -28,12 +28,21 @@ def _zipage_config(kwargs: dict[str, Any], model: Any = None) -> zipage.ZipageCo
         if given is not None:
             raise TypeError("give the zipage settings as zipage_config= or cache_config=, not both")
         given = kwargs.pop("cache_config")
-    if given is None:
-        generation = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-        if getattr(generation, "cache_implementation", None) == "zipage":
-            given = getattr(generation, "cache_config", None)
     keywords = {name: kwargs.pop(name) for name in sorted(ZIPAGE_FIELDS & kwargs.keys())}
     if given is None:
+        # the generation config's, as model.generate reads it: the one passed where it names a cache, else the
+        # model's own; keywords override its fields (as they would a cache_config given to model.generate)
+        for generation in (kwargs.get("generation_config"), getattr(model, "generation_config", None)):
+            implementation = getattr(generation, "cache_implementation", None)
+            if implementation is None:
+                continue
+            if implementation == "zipage" and getattr(generation, "cache_config", None) is not None:
+                carried = generation.cache_config
+                if isinstance(carried, zipage.ZipageConfig):
+                    return carried.replace(**keywords) if keywords else carried
+                if isinstance(carried, dict):
+                    return zipage.ZipageConfig.from_dict({**carried, **keywords})
+            break
         return zipage.ZipageConfig.from_dict(keywords)
     if isinstance(given, zipage.ZipageConfig):
         return given.replace(**keywords) if keywords else given
