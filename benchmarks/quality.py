@@ -581,6 +581,10 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         kinds = []
     checks: list[dict[str, Any]] = []
     t_ref = t_runs = 0.0
+    # every row and every control of a budget is scored over the same positions: from the largest capacity
+    # (budget + buffer) among them, so that a row giving its own buffer is not compared over other positions
+    score_from = {f: max([B + args.buffer] + [zipage.ZipageConfig(**{**base, **fields, "budget": B}).capacity
+                                              for _, fields in rows]) for f, B in budget_tokens.items()}
     groups = [list(range(i, min(i + args.tf_batch, len(seqs)))) for i in range(0, len(seqs), args.tf_batch)]
     for gi, group in enumerate(groups):
         ids = seqs[group]
@@ -593,7 +597,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
         ctrl = Tracker(ids, ref)
         run_full_chunked(model, ids, ctrl, start, args.buffer)
         for f, B in budget_tokens.items():
-            control_parts.setdefault(f, []).append(ctrl.summary(B + args.buffer, N - 1))
+            control_parts.setdefault(f, []).append(ctrl.summary(score_from[f], N - 1))
         ref16 = None
         if kinds and model.dtype == torch.float32:  # bf16 pages: the baseline 8-bit pages replace on a GPU
             t0 = time.perf_counter()
@@ -602,7 +606,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
             ctrl16 = Tracker(ids, ref)
             run_full_chunked(model, ids, ctrl16, start, args.buffer, bf16_pages())
             for f, B in budget_tokens.items():
-                bf16_parts.setdefault(f, []).append(ctrl16.summary(B + args.buffer, N - 1))
+                bf16_parts.setdefault(f, []).append(ctrl16.summary(score_from[f], N - 1))
         for kind in kinds:  # full KV in FP8 (INT8) pages: a ZipageCache whose budget is never reached
             ctrl8 = Tracker(ids, ref)
             ctrl8b = Tracker(ids, ref16) if ref16 is not None else None  # (the same run against bf16 pages)
@@ -614,9 +618,9 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
             assert cache8.num_compressions == 0
             del cache8
             for f, B in budget_tokens.items():
-                fp8_parts.setdefault((kind, f), []).append(ctrl8.summary(B + args.buffer, N - 1))
+                fp8_parts.setdefault((kind, f), []).append(ctrl8.summary(score_from[f], N - 1))
                 if ctrl8b is not None:
-                    fp8_bf16_parts.setdefault((kind, f), []).append(ctrl8b.summary(B + args.buffer, N - 1))
+                    fp8_bf16_parts.setdefault((kind, f), []).append(ctrl8b.summary(score_from[f], N - 1))
         del ref16
         for f in budgets:
             B = budget_tokens[f]
@@ -624,7 +628,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
             for label, fields in rows:
                 zcfg = zipage.ZipageConfig(**{**base, **fields, "budget": B})
                 first = zcfg.capacity
-                if first >= N - 1:
+                if score_from[f] >= N - 1:
                     raise SystemExit(f"budget {B} + buffer {zcfg.buffer} leaves no position to score in {N} tokens")
                 check = gi == 0 and f == verify_budget and (verify_all or label in verify)
                 tracker = Tracker(ids, ref, keep_row0=check)
@@ -645,7 +649,7 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
                     del cache
                 dt = time.perf_counter() - t0
                 t_runs += dt
-                summ = tracker.summary(first, N - 1)
+                summ = tracker.summary(score_from[f], N - 1)
                 parts.setdefault((label, f), []).append(summ)
                 if positions is not None:
                     positions.setdefault((label, frac_label(f)), []).append({

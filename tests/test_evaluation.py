@@ -124,6 +124,18 @@ def test_pass_at_1_averages_samples_then_problems():
             metrics.pass_at_1(bad)
 
 
+def test_one_scored_problem_has_no_standard_error_and_its_row_is_strict_json():
+    from zipage.evaluation.datasets import Problem
+    from zipage.evaluation.evaluate import summarize
+    from zipage.evaluation.run import Configuration, RunResult
+
+    run = RunResult(texts=[["\\boxed{4}", "5"]], lengths=[[3, 2]], finish_reasons=[["stop", "stop"]], wall_s=1.0,
+                    output_tokens=5, tokens_per_s=5.0, stats={"compressions": 0, "preemptions": 0})
+    row = summarize(Configuration("full KV", None, {}), [Problem("2+2?", "4", "number", 0)], run)
+    assert row["pass@1"] == 0.5 and row["stderr"] is None
+    json.dumps(row, allow_nan=False)  # (NaN is not JSON)
+
+
 def test_pass_at_k_and_the_standard_error():
     assert metrics.pass_at_k(4, 1, 1) == pytest.approx(0.25)  # pass@1 is the share right
     assert metrics.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)

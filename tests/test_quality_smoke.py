@@ -144,14 +144,17 @@ def test_end_to_end_tiny_run(quality, smollm2, tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "load_model", lambda threads: smollm2)
     stem = tmp_path / "q"
     quality.main([
-        "--seq-len", "160", "--seqs", "1", "--budgets", "1/4", "--buffer", "32", "--scorers", "zipage,random",
+        "--seq-len", "160", "--seqs", "1", "--budgets", "1/4", "--buffer", "32", "--scorers",
+        "zipage,random,zipage[buffer=48]",
         "--verify", "", "--gen-n", "2", "--gen-batch", "2", "--gen-budgets", "32", "--max-new-tokens", "4",
         "--gen-scorers", "zipage", "--out", str(stem),
     ])
     data = json.loads(stem.with_suffix(".json").read_text())
     rows = data["teacher_forced"]["rows"]
-    assert [r["config"] for r in rows] == ["zipage", "random"]
-    assert all(r["positions"] == 160 - 1 - (40 + 32) for r in rows)
+    assert [r["config"] for r in rows] == ["zipage", "random", "zipage[buffer=48]"]
+    # every row and the control over the same positions: from the largest budget + buffer among them
+    assert all(r["positions"] == 160 - 1 - (40 + 48) for r in rows)
+    assert data["teacher_forced"]["control"][0]["positions"] == 160 - 1 - (40 + 48)
     assert data["teacher_forced"]["control"][0]["top1"] > 0.99
     assert data["generation"]["rows"][0]["config"].startswith("full KV")
     assert stem.with_suffix(".md").read_text().startswith("# zipage quality")

@@ -61,7 +61,7 @@ def summarize(config: Configuration, problems: Sequence[Problem], run: RunResult
         "scorer": config.fields.get("scorer", "zipage") if config.budget is not None else None,
         "fields": {k: v for k, v in config.fields.items() if k != "scorer"},
         "pass@1": pass_at_1(scored) if scored else None,
-        "stderr": standard_error(scored) if scored else None,
+        "stderr": standard_error(scored) if len(scored) >= 2 else None,  # (null, not NaN: JSON has no NaN)
         "problems_scored": len(scored),
         "mean_output_tokens": sum(lengths) / len(lengths),
         "max_output_tokens": max(lengths),
