@@ -767,3 +767,34 @@ def test_generate_in_two_threads_on_one_model():
     assert not errors, errors
     assert len(results) == 4 and all(torch.equal(r, want) for r in results)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_an_update_that_raises_leaves_no_capture_armed():
+    """An update that raised after arming its layer's capture (an out-of-memory in its store, an interrupt) puts
+    the model's attention name back: the next forward in this thread, with any cache, never routes a layer's
+    attention to the failed cache."""
+    import zipage.capture as capture_mod
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    base = model.generate(ids, attention_mask=mask, max_new_tokens=8, **GREEDY)
+    cache = zipage.ZipageCache(config=model.config, budget=64, page_size=4)
+    update, calls, routed = cache._update_layer, [], []
+
+    def failing_update(*a, **kw):
+        out = update(*a, **kw)
+        calls.append(1)
+        if len(calls) == 5:  # (its capture is armed by now)
+            raise MemoryError("injected after the update armed its capture")
+        return out
+
+    cache._update_layer = failing_update
+    on_attention = cache._on_attention
+    cache._on_attention = lambda *a, **kw: (routed.append(1), on_attention(*a, **kw))[1]
+    with pytest.raises(MemoryError, match="injected"):
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5, **GREEDY)
+    assert capture_mod.pending_layer(cache) is None
+    assert not model.config._attn_implementation.startswith(capture_mod.PREFIX)
+    routed.clear()
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, **GREEDY), base)
+    assert routed == []

@@ -216,7 +216,15 @@ class ZipageLayer(CacheLayerMixin):
         return keep
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return self.cache._update_layer(self, key_states, value_states)
+        try:
+            return self.cache._update_layer(self, key_states, value_states)
+        except BaseException:
+            # an update that raised after it armed the capture: its attention will not run, so the model's
+            # attention name goes back now (else the next forward in this thread, with any cache, would route
+            # that layer's attention to this cache)
+            if capture.pending_layer(self.cache) is not None:
+                capture.disarm()
+            raise
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         stored = self.cache._stored_after_compression(self.stored, query_length)
