@@ -29,10 +29,9 @@ def decode_output(tokenizer: Any, prompt_ids: Any, ids: Any, skip_special_tokens
     if not context:
         return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
     head = tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
-    whole = tokenizer.decode(context + list(ids), skip_special_tokens=skip_special_tokens)
     if head.endswith(_UNFINISHED):  # the prompt ends inside a character (IncrementalText does the same)
         return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-    return whole[len(head) :]
+    return tokenizer.decode(context + list(ids), skip_special_tokens=skip_special_tokens)[len(head) :]
 
 
 class IncrementalText:
@@ -41,7 +40,7 @@ class IncrementalText:
 
     def __init__(self, context: Any = ()) -> None:
         self.pieces: list[str] = []
-        self.context = list(context)[-CONTEXT:] if len(context) else []
+        self.context = list(context[-CONTEXT:]) if len(context) else []
         # offsets count the context's tokens, then the output's: the first piece decodes after the context
         self.prefix_offset = 0  # tokens decoded only as the context of the next piece
         self.read_offset = len(self.context)  # tokens whose text is already in ``pieces`` (or the context's)

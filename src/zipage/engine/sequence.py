@@ -104,7 +104,7 @@ class RequestOutput:
             prompt=first.prompt,
             prompt_token_ids=list(first.prompt_token_ids) if done else ListView(first.prompt_token_ids),
             token_ids=outputs[0].token_ids,
-            text=outputs[0].__dict__.get("_text", None) if lazy else outputs[0].text,  # (not decoded here)
+            text=None if lazy else outputs[0].text,  # (a running sample's text is decoded when read)
             finish_reason=outputs[0].finish_reason,
             finished=done,
             error=next((s.error for s in seqs if s.error is not None), None),

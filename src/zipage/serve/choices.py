@@ -12,8 +12,8 @@ import re
 from typing import Any
 
 from ..engine.outputs import IncrementalText
-from ..engine.views import ListView
 from ..engine.sequence import TokenLogprobs
+from ..engine.views import ListView
 from .engine_client import Delta
 from .errors import APIError
 from .protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
@@ -93,15 +93,15 @@ class ChoiceState:
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
-        self.prompt_ids = list(prompt_ids)  # (the text is decoded after the prompt's last tokens, as the engine's)
-        self.detokenizer = IncrementalText(self.prompt_ids)
+        # (the text is decoded after the prompt's last tokens, as the engine's: IncrementalText keeps those)
+        self.detokenizer = IncrementalText(prompt_ids)
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.unsent = ""  # decoded, not sent yet (held back for a stop string)
         self.sent = 0  # characters sent
         self.finish_reason: str | None = None
         self.text = ""  # the final text, once finished
         self._offsets: list[int] = []  # characters of text before each token (log-probabilities' text_offset)
-        self._offset_text = IncrementalText(self.prompt_ids)
+        self._offset_text = IncrementalText(prompt_ids)
 
     def add(self, delta: Delta) -> str:
         """Take a step's delta; returns the text to send now."""

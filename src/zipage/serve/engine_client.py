@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,20 +192,20 @@ class AsyncEngine:
             self._end_all(None)
             with self._lock:  # anything submitted meanwhile is refused, and nothing is submitted after
                 self._closed = True
-                while True:
-                    try:
-                        op = self._ops.get_nowait()
-                    except queue.Empty:
-                        break
+                for op in self._queued_ops():
                     if op[0] == "add":
                         self._send(op[1], EngineDead(self.dead))
 
-    def _apply_ops(self) -> None:
+    def _queued_ops(self) -> Iterator[tuple]:
+        """The operations submitted so far, taken off the queue."""
         while True:
             try:
-                op = self._ops.get_nowait()
+                yield self._ops.get_nowait()
             except queue.Empty:
                 return
+
+    def _apply_ops(self) -> None:
+        for op in self._queued_ops():
             if op[0] == "add":
                 _, req, prompt, params = op
                 with self._lock:

@@ -99,9 +99,9 @@ class SamplingFields(OpenAIModel):
     bad_words: Any = None
     allowed_token_ids: Any = None
 
-    UNIMPLEMENTED: ClassVar[tuple[str, ...]] = ("logit_bias", "use_beam_search", "prompt_logprobs", "guided_json", "guided_regex",
-                     "guided_choice", "guided_grammar", "structured_outputs", "logits_processors", "bad_words",
-                     "allowed_token_ids")
+    UNIMPLEMENTED: ClassVar[tuple[str, ...]] = (
+        "logit_bias", "use_beam_search", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
+        "guided_grammar", "structured_outputs", "logits_processors", "bad_words", "allowed_token_ids")
 
     def unsupported(self) -> str | None:
         """The first field set to something zipage does not implement (left out, null, false or empty: unset)."""
