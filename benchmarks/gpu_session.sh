@@ -84,6 +84,8 @@
 #              kernel rows, the engine's FP8 decode step both ways (ZIPAGE_FP8_DECODE), the 8-bit decode GPU tests
 #   PART=plaincheck the GPU tests of the FP8 decode default (two warps, plain stale rows on the engine's pools) and the
 #              NaN store case, then PART=fp8pair (prepared in session 42, not yet run)
+#   PART=prefilllazy the GPU tests allgpu's limit cut and those of the engine and generate(), then the prefill
+#              sweep with lazily rescaled sums
 #   PART=allgpu every GPU test of the suite (TEST_LIMIT s at most), the slowest 15 named
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
@@ -352,6 +354,13 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
   allgpu)  # every GPU test of the suite, the slowest 15 named (a check of the whole tree on one card)
     timeout "${TEST_LIMIT:-520}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/ --durations=15 2>&1 \
       | tee "$OUT/gpu_tests_all.log" | tail -25 ;;
+  prefilllazy)  # session 44: the GPU tests the last full run did not reach and those of the engine and generate()
+    # (host-side changes since), then the prefill sweep with lazily rescaled sums (-lazy) and two-stage 128 x 128 tiles
+    timeout "${TEST_LIMIT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_paged_prefill.py \
+      tests/test_query_weights.py tests/test_sampler.py tests/test_sliding_engine.py tests/test_engine_gpu.py \
+      tests/test_generate_gpu.py tests/test_engine_requests.py tests/test_custom_generate.py --durations=8 2>&1 \
+      | tee "$OUT/gpu_tests_s44.log" | tail -14
+    timeout 200 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" 2>&1 | tail -12 ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
