@@ -84,8 +84,8 @@
 #              kernel rows, the engine's FP8 decode step both ways (ZIPAGE_FP8_DECODE), the 8-bit decode GPU tests
 #   PART=plaincheck the GPU tests of the FP8 decode default (two warps, plain stale rows on the engine's pools) and the
 #              NaN store case, then PART=fp8pair (prepared in session 42, not yet run)
-#   PART=prefilllazy the GPU tests allgpu's limit cut and those of the engine and generate(), then the prefill
-#              sweep with lazily rescaled sums
+#   PART=prefilllazy (session 44; the -lazy variant it timed is removed since) the GPU tests allgpu's limit cut and
+#              those of the engine and generate(), then the prefill sweep
 #   PART=allgpu every GPU test of the suite (TEST_LIMIT s at most), the slowest 15 named
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each

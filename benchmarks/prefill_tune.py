@@ -60,9 +60,6 @@ VARIANTS = {name: v2.parse_config(name) for name in (
     "m128n32w8s3",
     "m128n64w8s3-nopack",  # ablations of the default: no GQA packing; no mask-free tiles and in-order blocks
     "m128n64w8s3-nosplit-inorder",
-    "m64n64w4s3-tma-lazy",  # the running sums rescaled only when a row's max grows by over 2^8
-    "m128n128w8s3-tma-lazy",
-    "m128n128w8s2-tma",
 )}
 
 # (name, batch, context, queries per sequence); queries are each sequence's last tokens

@@ -32,6 +32,13 @@ bf16 dots (0.772 against 0.744 ms at 128 x 64 tiles, 0.758 against 0.736 at 64 x
 long-prompt TTFT on FP8 pages did not move (9.74-9.79 s against 9.63 s): the conversion's instructions
 are not what makes 8-bit pages' prefill slower than 16-bit ones (``benchmarks/results/issue15/s29/call2/``;
 the variant is commit 554d229).
+
+Tried and removed: lazy rescaling (mask-free tiles rescale the running sums only when some row's maximum grew
+by over 2^8, the rest of the time they skip the accumulator's multiply). On the H100 it was 2-10% slower than
+rescaling every tile (whole prompts of 512-4,096 tokens: 0.66 / 0.67 / 0.64 / 0.57x of gather + SDPA against
+0.68 / 0.70 / 0.69 / 0.63x at 64 x 64 tiles): the block-wide maximum that decides the branch costs a
+cross-warp reduction and a barrier on every tile, more than the multiply it saves
+(``benchmarks/results/issue15/s44/call1/``; the variant is commit f799643).
 """
 
 from __future__ import annotations
@@ -77,7 +84,6 @@ class PrefillConfig:
     longest_first: bool = True  # launch the query blocks with the most keys first
     tma: bool = False  # key/value tiles through tensor descriptors (where a tile lies in one page)
     dequantize: bool = True  # 8-bit pages, 16-bit queries: dequantize the step's pages first (see dequantizes)
-    lazy: bool = False  # mask-free tiles rescale the running sums only when a row's max grew by over 2^8 (see _attend_tile)
 
     def validate(self) -> None:
         for name in ("block_m", "block_n"):
@@ -91,17 +97,17 @@ class PrefillConfig:
 
 def parse_config(name: str) -> PrefillConfig:
     """A config from its name, ``m<block_m>n<block_n>w<warps>s<stages>`` and any of the suffixes
-    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma``, ``-codes``, ``-lazy`` (what :func:`config_name` writes;
-    ``-codes``: 8-bit pages read as codes by the kernel, not dequantized first)."""
-    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma|-codes|-lazy)*)", name)
+    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma``, ``-codes`` (what :func:`config_name` writes; ``-codes``:
+    8-bit pages read as codes by the kernel, not dequantized first)."""
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma|-codes)*)", name)
     if m is None:
         raise ValueError(f"prefill config {name!r}: expected m<block_m>n<block_n>w<warps>s<stages>[-nopack]"
-                         "[-nosplit][-inorder][-tma][-codes][-lazy], e.g. m128n64w8s3")
+                         "[-nosplit][-inorder][-tma][-codes], e.g. m128n64w8s3")
     flags = m.group(5)
     cfg = PrefillConfig(block_m=int(m.group(1)), block_n=int(m.group(2)), num_warps=int(m.group(3)),
                         num_stages=int(m.group(4)), pack_gqa="-nopack" not in flags,
                         split_mask="-nosplit" not in flags, longest_first="-inorder" not in flags,
-                        tma="-tma" in flags, dequantize="-codes" not in flags, lazy="-lazy" in flags)
+                        tma="-tma" in flags, dequantize="-codes" not in flags)
     cfg.validate()
     return cfg
 
@@ -109,7 +115,7 @@ def parse_config(name: str) -> PrefillConfig:
 def config_name(cfg: PrefillConfig) -> str:
     return (f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + ("" if cfg.pack_gqa else "-nopack")
             + ("" if cfg.split_mask else "-nosplit") + ("" if cfg.longest_first else "-inorder")
-            + ("-tma" if cfg.tma else "") + ("" if cfg.dequantize else "-codes") + ("-lazy" if cfg.lazy else ""))
+            + ("-tma" if cfg.tma else "") + ("" if cfg.dequantize else "-codes"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -301,29 +307,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t, qpos, start, hi, scale_log2, PRECISION: tl.constexpr,
-                     FP8: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP_LOG2: tl.constexpr,
-                     LAZY: tl.constexpr = False):
+                     FP8: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP_LOG2: tl.constexpr):
         """One key tile of flash attention (log2 domain). Unmasked tiles skip the mask and the
         empty-row guard (every row sees a finite logit there). Plain logits keep the scale out of
         the row max (a max of raw logits times the scale) so that each element costs one fused
-        multiply-add before its exp2.
-
-        ``LAZY`` (unmasked tiles of plain logits): the sums stay relative to the row maxima they were last
-        rescaled to until some row's maximum grows by more than 8 (log2 units), so most tiles skip the
-        accumulator's rescaling; the probabilities of a tile are then at most 2^8, exact enough in bf16 and
-        far from float32's range. The returned maxima are the ones the sums are relative to."""
+        multiply-add before its exp2."""
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)
-        if LAZY and not MASKED and not FP8 and SOFTCAP_LOG2 == 0:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-            if tl.max(m_new - m_i, 0) > 8.0:  # (the first tile: m_i = -inf, a rescale by 0)
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            p = tl.math.exp2(qk * scale_log2 - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-            return m_i, l_i, acc
         if MASKED:
             allowed = ((t < hi) & (t >= start))[None, :] & (t[None, :] <= qpos[:, None])
             if WINDOW > 0:
@@ -372,7 +361,7 @@ if HAS_TRITON:
         G: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
         FP8: tl.constexpr, TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
-        TMA: tl.constexpr, LAZY: tl.constexpr,
+        TMA: tl.constexpr,
         WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         # rows are (query, head) pairs, query-major: BLOCK_Q = BLOCK_M / P queries x P heads
@@ -437,7 +426,7 @@ if HAS_TRITON:
                                     stride_vh, stride_vd, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False,
                                     BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
-                                         PRECISION, FP8, False, WINDOW, SOFTCAP_LOG2, LAZY)
+                                         PRECISION, FP8, False, WINDOW, SOFTCAP_LOG2)
         for t0 in range(full_hi, hi, BLOCK_N):  # the diagonal
             k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
                                     hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
@@ -520,8 +509,7 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         G=G, P=P, D=D, BLOCK_D=max(16, next_pow2(D)), PAGE=page, BLOCK_M=cfg.block_m, BLOCK_Q=block_q,
         BLOCK_N=cfg.block_n,
         PRECISION=dot_precision(q.dtype), FP8=fp8, TILE_IN_PAGE=tile_in_page,
-        SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, TMA=kd is not k_cache, LAZY=cfg.lazy,
-        WINDOW=int(window or 0),
+        SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, TMA=kd is not k_cache, WINDOW=int(window or 0),
         HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if q.is_cuda else 1,
     )
