@@ -80,6 +80,24 @@ def test_admission_sets_aside_each_request_s_worst_case(model):
     assert_pool_clean(llm)
 
 
+def test_a_request_that_ends_before_its_budget_sets_aside_only_its_length(model):
+    """Prompt + max_tokens below budget + buffer: the request is never compressed, so its worst case is its
+    length (2 pages here), not the budget's 129 pages: all 12 run at once, and a budget larger than the pool
+    is no reason to refuse a short request."""
+    llm = LLM(model, budget=512, page_size=4, buffer=4, num_pages=40, max_num_seqs=64)
+    prompts = prompts_of([4] * 12, seed=2)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    outs, most = run(llm, prompts, [params] * len(prompts))
+    assert most == 12 and all(len(o.token_ids) == 4 for o in outs)
+    for budget in (1000, None):
+        out = llm.generate([prompts[0]], dataclasses.replace(params, budget=budget), use_tqdm=False)[0]
+        assert out.token_ids == outs[0].token_ids
+    with pytest.raises(ValueError, match="needs up to 129 pages"):  # a long request still cannot pass the pool
+        llm.add_request(prompts[0], dataclasses.replace(params, max_tokens=600))
+    assert llm.stats()["compressions"] == 0
+    assert_pool_clean(llm)
+
+
 def test_budgets_are_checked(model):
     full = LLM(model, budget=None, page_size=4, num_pages=32)
     with pytest.raises(ValueError, match="budget=16.*built with budget=None"):

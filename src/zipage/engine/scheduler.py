@@ -128,11 +128,14 @@ class Scheduler:
         return self.budget(seq) is not None and seq.stored >= self.compress_at(seq)
 
     def worst_case_pages(self, seq: Sequence) -> int:
-        """Pages set aside for ``seq`` while it runs: with a budget, ``budget + buffer`` tokens or its
-        prompt, whichever is longer; full KV, its whole length (prompt + ``max_tokens``)."""
+        """Pages set aside for ``seq`` while it runs: its whole length (prompt + ``max_tokens``, within
+        ``max_model_len``), and with a budget no more than ``budget + buffer`` tokens or its prompt, whichever
+        is longer (a request that ends before its budget is reached is never compressed: it needs only its
+        length)."""
+        whole = min(len(seq.prompt_token_ids) + seq.params.max_tokens, self.max_model_len)
         if self.budget(seq) is None:
-            return self.pages_for(min(len(seq.prompt_token_ids) + seq.params.max_tokens, self.max_model_len))
-        return max(self.pages_for(len(seq.prompt_token_ids) + 1), self.pages_for(seq.budget + self.cfg.buffer))
+            return self.pages_for(whole)
+        return self.pages_for(min(whole, max(len(seq.prompt_token_ids) + 1, seq.budget + self.cfg.buffer)))
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's pages and query slot."""
