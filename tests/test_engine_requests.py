@@ -98,6 +98,31 @@ def test_a_request_that_ends_before_its_budget_sets_aside_only_its_length(model)
     assert_pool_clean(llm)
 
 
+def test_dtype_and_device_with_a_loaded_model_are_checked(model):
+    """They load a model given by name; with a loaded one they are refused unless they name what it is."""
+    for kw, match in ((dict(dtype=torch.float16), "dtype=torch.float16.*float32"), (dict(dtype="bogus"), "bogus"),
+                      (dict(device="meta"), "device='meta'.*cpu"), (dict(device="nowhere"), "invalid")):
+        with pytest.raises(ValueError, match=match):
+            LLM(model, budget=None, page_size=4, num_pages=8, **kw)
+    llm = LLM(model, budget=None, page_size=4, num_pages=8, dtype="float32", device="cpu")  # what it is: fine
+    assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)[0].token_ids
+
+
+def test_running_outputs_token_lists_copy_to_lists(model):
+    llm = LLM(model, budget=None, page_size=4, num_pages=16)
+    llm.add_request([5, 6, 7, 8], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    llm.step()
+    out = llm.step()[0]
+    assert not out.finished
+    ids = out.outputs[0].token_ids.copy()
+    n = len(ids)
+    assert type(ids) is list and ids == out.outputs[0].token_ids and n >= 1
+    ids.append(1)  # a copy: the engine's list is untouched
+    assert len(out.outputs[0].token_ids) == n and out.prompt_token_ids.copy() == [5, 6, 7, 8]
+    while llm.has_unfinished():
+        llm.step()
+
+
 def test_budgets_are_checked(model):
     full = LLM(model, budget=None, page_size=4, num_pages=32)
     with pytest.raises(ValueError, match="budget=16.*built with budget=None"):

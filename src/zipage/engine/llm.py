@@ -89,6 +89,27 @@ def _own_copy(params: Any) -> Any:
     return own
 
 
+def check_loaded_model_args(model: Any, dtype: Any, device: Any) -> None:
+    """``dtype`` and ``device`` load a model given by name; with a loaded model they are refused unless they
+    name what it already is (the engine does not convert or move a model it was handed)."""
+    params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    if dtype is not None and dtype != "auto":
+        want = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(want, torch.dtype) or (params is not None and want != params.dtype):
+            raise ValueError(f"LLM(dtype={dtype!r}) applies when model is a Hub id or a folder; the model given is "
+                             f"{getattr(params, 'dtype', 'not a torch module')}: convert it first "
+                             "(model.to(dtype)) or leave dtype out")
+    if device is not None:
+        try:
+            want = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"LLM(device={device!r}) is invalid: {err}") from None
+        have = getattr(params, "device", None)
+        if have is None or want.type != have.type or (want.index is not None and want.index != have.index):
+            raise ValueError(f"LLM(device={device!r}) applies when model is a Hub id or a folder; the model given "
+                             f"is on {have}: move it first (model.to(device)) or leave device out")
+
+
 class LLM:
     """A continuous-batching engine with Compressed PagedAttention.
 
@@ -157,7 +178,8 @@ class LLM:
             engine stops with ``TensorParallelError``.
         dtype: with a Hub id or a folder for ``model``, the weights' dtype (default: the checkpoint's).
         device: with a Hub id or a folder, where the weights load (``"cuda"`` for the GPU; default:
-            the CPU).
+            the CPU). With a loaded model, ``dtype`` and ``device`` are refused unless they name what the
+            model already is (the engine neither converts nor moves it).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, budget: int | None = 2048,
@@ -183,6 +205,8 @@ class LLM:
 
             model, tokenizer = load_model(model, tokenizer, dtype=dtype,
                                           device=device if tensor_parallel_size == 1 else None)
+        else:
+            check_loaded_model_args(model, dtype, device)
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LLM({name}={value!r}) is invalid: expected an int >= 1")

@@ -15,7 +15,8 @@ from typing import Any
 
 class ListView(Sequence):
     """The first ``n`` items of an append-only list, read-only. Compares equal to a list or tuple
-    with the same items; slicing gives a list; ``list(view)`` copies."""
+    with the same items; slicing gives a list; ``list(view)`` and ``view.copy()`` copy (a view is no
+    ``list`` instance: ``json.dumps`` takes the copy)."""
 
     __slots__ = ("_items", "_n")
 
@@ -47,6 +48,10 @@ class ListView(Sequence):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  (like a list)
+
+    def copy(self) -> list:
+        """The items as a new list (as ``list.copy``)."""
+        return self._items[: self._n]
 
     def __add__(self, other: Any) -> list:
         return list(self) + list(other)
