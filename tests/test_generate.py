@@ -798,3 +798,64 @@ def test_an_update_that_raises_leaves_no_capture_armed():
     routed.clear()
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=8, **GREEDY), base)
     assert routed == []
+
+
+def test_gpt2_upcast_attention_is_the_path_it_takes_without_zipage():
+    """GPT-2 with ``reorder_and_upcast_attn`` takes its float32-logit path only while its attention name reads
+    "eager"; under the capture's name it used to get the plain eager function (bf16 logits 0.02 apart and
+    different greedy tokens). With nothing evicted the logits are DynamicCache's, bit for bit, and the path runs
+    on every step."""
+    import transformers as T
+
+    cfg = T.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=256, reorder_and_upcast_attn=True,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)  # (sharp logits: the two paths' roundings show)
+    model = model.to(torch.bfloat16)
+    ids, mask = left_padded_batch(lengths=(12, 7, 10), vocab=96)
+    attn, calls = model.transformer.h[0].attn, []
+    upcast = attn._upcast_and_reordered_attn
+    attn._upcast_and_reordered_attn = lambda *a, **kw: (calls.append(1), upcast(*a, **kw))[1]
+    kw = dict(attention_mask=mask, max_new_tokens=30, return_dict_in_generate=True, output_logits=True, **GREEDY)
+    ref = model.generate(ids, **kw)
+    assert len(calls) == 30
+    calls.clear()
+    out = model.generate(ids, **kw, cache_implementation="zipage")
+    assert len(calls) == 30
+    assert torch.equal(torch.stack(out.logits), torch.stack(ref.logits))
+    assert torch.equal(out.sequences, ref.sequences)
+    calls.clear()  # compressed: still the model's own path
+    model.generate(ids, attention_mask=mask, max_new_tokens=30, cache_implementation="zipage",
+                   cache_config={"budget": 16, "page_size": 4, "buffer": 4, "window": 4}, **GREEDY)
+    assert len(calls) == 30
+
+
+def test_an_attention_function_registered_again_is_the_one_called():
+    """A custom attention function registered again under its name after a zipage call: the next zipage call
+    runs the new one, as a plain call does (the old one was kept, cached by name)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    calls = []
+
+    def named(tag):
+        return lambda *a, **kw: (calls.append(tag), sdpa_attention_forward(*a, **kw))[1]
+
+    AttentionInterface.register("zipage_test_custom", named("A"))
+    AttentionMaskInterface.register("zipage_test_custom", sdpa_mask)
+    model = tiny_model("llama")
+    model.set_attn_implementation("zipage_test_custom")
+    ids, mask = left_padded_batch()
+    base = model.generate(ids, attention_mask=mask, max_new_tokens=3, **GREEDY)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, cache_implementation="zipage", **GREEDY)
+    assert set(calls) == {"A"}
+    AttentionInterface.register("zipage_test_custom", named("B"))
+    calls.clear()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, cache_implementation="zipage", **GREEDY)
+    assert set(calls) == {"B"} and torch.equal(out, base)

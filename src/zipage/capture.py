@@ -27,7 +27,9 @@ PREFIX = "zipage_capture:"
 
 _pending = threading.local()
 _registered: set[str] = set()
-_originals: dict[tuple[type, str | None], Callable] = {}
+# (module type, None) -> its eager function; (module type, name) -> (the function registered under name, what
+# the model gets for it)
+_originals: dict[tuple[type, str | None], Any] = {}
 _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> what it last passed the checks with
 _last_vars: tuple = (None, None)  # (config, its __dict__): every layer of a forward arms the same config
 
@@ -85,16 +87,47 @@ def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dro
     return out, weights
 
 
+def _upcast_and_reordered(module, query, key, value, attention_mask, **kwargs):
+    """The eager path of GPT-2-style attention with ``reorder_and_upcast_attn`` (float32 logits), which such
+    a model takes only while its attention name reads ``"eager"`` (not under the capture's name)."""
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., : key.shape[-2]]
+    return module._upcast_and_reordered_attn(query, key, value, attention_mask)
+
+
 def _original_function(module, name: str | None) -> Callable:
-    key = (type(module), name)
-    fn = _originals.get(key)
-    if fn is None:
+    """The attention function the model would call under ``name``: its module's eager function for
+    ``"eager"`` (GPT-2's upcast path where the module asks for it), else the one registered now under
+    ``name`` (looked up again when the registration changes)."""
+    if name is None or name == "eager":
+        if module.__dict__.get("reorder_and_upcast_attn") and hasattr(module, "_upcast_and_reordered_attn"):
+            return _upcast_and_reordered
+        key = (type(module), None)
+        fn = _originals.get(key)
+        if fn is None:
+            fn = _originals[key] = _eager_default(module)
+        return fn
+    current = _attention_functions().get(name)
+    cached = _originals.get((type(module), name))
+    if cached is None or cached[0] is not current:
+        cached = (current, _attention_functions().get_interface(name, _eager_default(module)))
+        _originals[(type(module), name)] = cached
+    return cached[1]
+
+
+def _eager_default(module) -> Callable:
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", _eager_fallback)
+
+
+_interfaces: list = []  # transformers' ALL_ATTENTION_FUNCTIONS, imported at the first use
+
+
+def _attention_functions():
+    if not _interfaces:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        default = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", _eager_fallback)
-        fn = default if name is None or name == "eager" else ALL_ATTENTION_FUNCTIONS.get_interface(name, default)
-        _originals[key] = fn
-    return fn
+        _interfaces.append(ALL_ATTENTION_FUNCTIONS)
+    return _interfaces[0]
 
 
 def _check_call(module, kwargs: dict) -> None:
