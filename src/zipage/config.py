@@ -118,7 +118,9 @@ class ZipageConfig:
             over neighbouring positions.
         pooling_kernel: odd pooling width.
         pooling_scope: ``"first"`` (the paper: pool only at a sequence's first compression) or
-            ``"all"`` (pool the window attention at every compression).
+            ``"all"`` (pool the window attention at every compression). In ``generate()`` the rows of a
+            batch are compressed together, so "first" is the batch's first compression: a left-padded row
+            whose first compression evicted only padding is not pooled at its next one.
         group_reduce: how the zipage scorer reduces the query heads of a GQA group: ``"mean"``
             (default; measured 0.1-0.2 points of top-1 better at 1/16 to 1/4 of the length) or
             ``"max"`` (the paper).
