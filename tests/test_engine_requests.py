@@ -123,6 +123,23 @@ def test_running_outputs_token_lists_copy_to_lists(model):
         llm.step()
 
 
+def test_vllm_step_loop_names(model):
+    """``abort_request`` (one id or a list; unknown and finished ids skipped) and ``has_unfinished_requests``."""
+    llm = LLM(model, budget=None, page_size=4, num_pages=32)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    a, b, c = (llm.add_request(p, params) for p in prompts_of((6, 7, 8), seed=9))
+    llm.step()
+    llm.abort_request([a, "no such id"])
+    llm.abort_request(b)
+    assert llm.has_unfinished_requests()
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert [llm.output(r).outputs[0].finish_reason for r in (a, b, c)] == ["cancelled", "cancelled", "length"]
+    llm.abort_request(c)  # finished: nothing to do
+    assert llm.output(c).outputs[0].finish_reason == "length"
+    assert_pool_clean(llm)
+
+
 def test_budgets_are_checked(model):
     full = LLM(model, budget=None, page_size=4, num_pages=32)
     with pytest.raises(ValueError, match="budget=16.*built with budget=None"):

@@ -420,6 +420,13 @@ class LLM:
         for seq in self.samples(request_id):
             self.core.cancel(seq)
 
+    def abort_request(self, request_id: str | Seq[str]) -> None:
+        """vLLM's name: :meth:`cancel` each of one id or a list of ids; ids that are unknown or already
+        finished are skipped (as vLLM does), not an error."""
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            if rid in self.requests and not all(s.finished for s in self.samples(rid)):
+                self.cancel(rid)
+
     def forget(self, request_id: str) -> None:
         """Drop a finished request whose output was taken (``generate`` and ``agenerate`` do this
         themselves; a loop over ``step()`` calls it to keep ``requests`` from growing)."""
@@ -443,6 +450,8 @@ class LLM:
 
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
+
+    has_unfinished_requests = has_unfinished  # (vLLM's name)
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do with one rank). The engine cannot
