@@ -194,6 +194,10 @@ async def run_stages(url: str, model: str, stages: list[tuple[float, float]], *,
         def judge(k: int, now: float) -> bool:
             mine = [r for r in results if r.stage == k]
             w1 = start + ends[k] + (drain if extend_last and k == last_stage else 0.0)
+            if extend_last and k == last_stage and tasks and all(t.done() for t in tasks):
+                # every request ended before the drain did: the window closes at the last token, not after
+                # the idle rest of the drain (which would dilute the throughput)
+                w1 = min(w1, max(max(r.times, default=r.sent) for r in results) + 1e-6)
             row = summarize(stages[k][0], mine, start + ends[k] - stages[k][1], min(w1, now), now, ttft_slo_s,
                             samples, start)
             row = window_figures(row, results)
@@ -234,7 +238,13 @@ async def run_stages(url: str, model: str, stages: list[tuple[float, float]], *,
             end = start + ends[last_stage] + drain
             while judged <= last_stage:
                 due = start + ends[judged] + (ttft_slo_s if judged < last_stage else drain)
-                await asyncio.sleep(max(0.0, min(due, end) - time.perf_counter()))
+                now = time.perf_counter()
+                if (extend_last and judged == last_stage and now >= start + ends[judged]
+                        and all(t.done() for t in tasks)):  # nothing left to drain
+                    judge(judged, now)
+                    judged += 1
+                    break
+                await asyncio.sleep(max(0.0, min(due, end, now + 0.5) - now))
                 if not await judge_due(time.perf_counter() - start + 1e-6):
                     break
         poller.cancel()

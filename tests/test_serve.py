@@ -322,7 +322,8 @@ BAD = [  # (body, status, param); the model is added where missing
     ({"prompt": [10**6]}, 400, "prompt"),
     ({"prompt": [-1]}, 400, "prompt"),
     ({"prompt": {"a": 1}}, 400, "prompt"),
-    ({"prompt": "x" * 5000}, 400, "max_tokens"),  # beyond the context with the completion
+    ({"prompt": "x" * 5000}, 400, "prompt"),  # beyond the context on its own
+    ({"prompt": "x" * 4000, "max_tokens": 200}, 400, "max_tokens"),  # beyond the context with the completion
     ({}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "x", "stream_options": {"include_usage": "maybe"}}, 400, "stream_options"),
@@ -345,6 +346,54 @@ BAD_CHAT = [
     ({"messages": [{"role": "user", "content": "x"}], "function_call": {"name": "f"}}, 400, "function_call"),
     ({"messages": [{"role": "user", "content": "x"}], "guided_json": {"type": "object"}}, 400, "guided_json"),
 ]
+
+
+def test_nulls_mean_the_defaults_text_parts_join_by_lines_and_a_model_can_be_retrieved(server, client, checkpoint):
+    """The openai client sends null for an argument given as None: null is the field's default (a 400 before);
+    the text parts of a message reach the template joined by newlines (as vLLM's server joins them); GET
+    /v1/models/{id} (``client.models.retrieve``); a prompt the tokenizer cannot take is a 400 naming it."""
+    url, tok = server[0], checkpoint[1]
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, n=None,
+                                       stream=None, logprobs=None, presence_penalty=None, frequency_penalty=None,
+                                       extra_body={"ignore_eos": True, "min_p": None, "repetition_penalty": None})
+    assert len(r.choices) == 1 and r.usage.completion_tokens == 3
+    r = client.completions.create(model=NAME, prompt="Hi", max_tokens=2, n=None, echo=None, stream=None,
+                                  presence_penalty=None, extra_body={"ignore_eos": True})
+    assert len(r.choices) == 1 and r.usage.completion_tokens == 2
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{url}/v1/completions", headers=headers, timeout=30,
+                      json={"model": NAME, "prompt": "Hi", "max_tokens": 2, "stream": True,
+                            "stream_options": {"include_usage": None}}) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert resp.status_code == 200 and events[-1] == "data: [DONE]"
+    assert all(json.loads(e[6:]).get("usage") is None for e in events[:-1])  # include_usage null: false
+    r = httpx.post(f"{url}/v1/completions", headers=headers, json={"model": NAME, "prompt": "Hi", "budget": None,
+                                                                   "max_tokens": 2})
+    assert r.status_code == 200  # (budget null stays full KV, not the server's budget: no --max-budget here)
+    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello"}]
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": parts}], max_tokens=1,
+                                       extra_body={"return_token_ids": True})
+    want = tok.apply_chat_template([{"role": "user", "content": "Say\nhello"}], add_generation_prompt=True,
+                                   tokenize=True)["input_ids"]
+    assert r.prompt_token_ids == want
+    card = client.models.retrieve("alias")
+    assert card.id == "alias" and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    for stream in ("false", "true"):
+        raw = ('{"model": "tiny", "prompt": "\\ud800", "stream": %s}' % stream).encode()
+        r = httpx.post(f"{url}/v1/completions", content=raw, headers={**headers, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_serve_with_a_model_path_that_is_not_there_says_so_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "no-such-model")
+    p = subprocess.run([sys.executable, "-m", "zipage", "serve", missing], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"zipage serve: could not load the model {missing!r}")
 
 
 def test_token_strings_bytes_and_offsets_split_characters_right(checkpoint):

@@ -23,6 +23,10 @@ def test_serving_benchmark_smoke_run(tmp_path):
         assert row["requests"] > 0 and row["errors"] == 0, row
         assert row["finished"] == row["requests"]  # a tiny model keeps up with 6 requests/s
         assert row["output_tokens"] == 12 * row["requests"]
+        # every request ended long before the 5 s drain did: the window closes at the last token (2 s of
+        # arrivals and their last tokens), so the idle rest of the drain does not dilute the throughput
+        assert 2 <= row["wall_s"] < 4.5, row["wall_s"]
+        assert row["throughput_tok_s"] == pytest.approx(row["output_tokens"] / row["wall_s"], rel=0.02)
         assert row["itl_p50_ms"] <= row["itl_p99_ms"] and row["ttft_p50_ms"] <= row["ttft_p99_ms"]
         assert report["highest_sustained_rate"][system] == (6 if row["sustained"] else None)
     merged = tmp_path / "merged.json"

@@ -19,7 +19,7 @@ from .chat import create_chat_completion
 from .completions import create_completion
 from .engine_client import AsyncEngine
 from .errors import error_response, install
-from .generation import ServeConfig
+from .generation import ServeConfig, check_model
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 
@@ -84,6 +84,11 @@ def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, root=args.model_root, max_model_len=args.max_model_len)
                                for name in args.model_names])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        check_model(args, model_id)
+        return ModelCard(id=model_id, root=args.model_root, max_model_len=args.max_model_len)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

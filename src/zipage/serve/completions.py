@@ -39,7 +39,10 @@ def prompt_ids(req: CompletionRequest, tokenizer) -> list[list[int]]:
     else:
         raise APIError(400, "prompt must be a string, a list of strings, token ids or a list of token id lists",
                        param="prompt")
-    return [list(tokenizer(t)["input_ids"]) for t in texts]
+    try:
+        return [list(tokenizer(t)["input_ids"]) for t in texts]
+    except Exception as e:  # (text the tokenizer cannot take: a lone surrogate, ...)
+        raise APIError(400, f"prompt could not be tokenized: {type(e).__name__}: {e}"[:500], param="prompt") from None
 
 
 async def create_completion(req: CompletionRequest, raw: Request, engine: AsyncEngine,

@@ -69,10 +69,13 @@ def sampling_params(req: SamplingFields, config: ServeConfig, max_tokens: int, l
 
 
 def check_length(prompt: list[int], params: SamplingParams, config: ServeConfig, prompt_field: str) -> None:
+    """A 400 when prompt + max_tokens passes the context, naming the prompt's field when the prompt alone
+    leaves no room for a token, else ``max_tokens``."""
     if len(prompt) + params.max_tokens > config.max_model_len:
         raise APIError(400, f"this model's maximum context length is {config.max_model_len} tokens; the request "
                             f"asks for {len(prompt) + params.max_tokens} ({len(prompt)} in the {prompt_field}, "
-                            f"{params.max_tokens} in the completion)", param="max_tokens")
+                            f"{params.max_tokens} in the completion)",
+                       param=prompt_field if len(prompt) >= config.max_model_len else "max_tokens")
 
 
 async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[int]],

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -25,6 +25,20 @@ def random_id(prefix: str) -> str:
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """``null`` for a field whose default is not null means the default (OpenAI's fields are nullable and its
+        clients send ``null`` for an argument given as ``None``); fields whose default is null keep it (``budget``:
+        null is full KV, left out the server's)."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            nulls = [k for k, v in data.items()
+                     if v is None and k in fields and not fields[k].is_required() and fields[k].default is not None]
+            if nulls:
+                data = {k: v for k, v in data.items() if k not in nulls}
+        return data
 
 
 # ----------------------------------------------------------------------------- errors
@@ -148,7 +162,7 @@ class ChatMessage(OpenAIModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # (as vLLM's server joins text parts)
 
 
 class ChatCompletionRequest(SamplingFields):

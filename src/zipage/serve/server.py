@@ -142,7 +142,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"zipage serve: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    model, tokenizer, root = load(args)
+    try:
+        model, tokenizer, root = load(args)
+    except (OSError, ValueError) as e:  # a path that is not there, a Hub id not found, a checkpoint it cannot read
+        print(f"zipage serve: could not load the model {args.model!r}: {e}", file=sys.stderr)
+        return 2
     try:
         llm = engine_from_args(model, tokenizer, args)
     except (TypeError, ValueError) as e:  # an option this model cannot take (its context, its heads, ...)
