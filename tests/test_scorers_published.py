@@ -181,6 +181,19 @@ def test_bad_knobs_are_refused_when_the_scorer_is_built(extra, error):
         zipage.ZipageCache(config=model.config, budget=16, page_size=4, scorer=name, extra=extra)
 
 
+def test_settings_a_scorer_does_not_read_are_refused():
+    """A misspelled knob (``rkv_lamda``) or one of another scorer's left the default in force unseen."""
+    for name, extra in (("rkv", {"rkv_lamda": 0.9}), ("zipage", {"rkv_lambda": 0.5}),
+                        ("expected_attention", {"ea_covariance": True, "rkv_retain": 1})):
+        bad = next(k for k in extra if k not in get_scorer(name, ZipageConfig()).knobs)
+        with pytest.raises(ValueError, match=f"does not read \\['{bad}'\\]"):
+            get_scorer(name, ZipageConfig(extra=extra))
+    with pytest.raises(ValueError, match="rkv_lamda"):
+        zipage.ZipageCache(config=tiny_model("llama").config, budget=16, page_size=4, scorer="rkv",
+                           extra={"rkv_lamda": 0.9})
+    assert get_scorer("rkv", ZipageConfig(extra={"rkv_lambda": 0.9})).lam == 0.9
+
+
 @pytest.mark.parametrize("scorer", NEW)
 def test_engine_matches_generate(scorer):
     """The engine (all layers of a batch of requests scored at once) and generate() keep the same tokens."""

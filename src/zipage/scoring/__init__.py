@@ -47,10 +47,26 @@ def get_scorer(spec: Any, config=None) -> Scorer:
         if config is not None and getattr(spec, "follows_cache_config", False) and spec.config is not config:
             bound = copy.copy(spec)
             bound.config = config
-            return bound
-        return spec
+            return check_extra(bound)
+        return check_extra(spec)
     cls = spec if isinstance(spec, type) else _REGISTRY[spec]
-    return cls(config)
+    return check_extra(cls(config))
+
+
+def check_extra(scorer: Scorer) -> Scorer:
+    """Refuse settings in ``ZipageConfig.extra`` that ``scorer`` does not read (a misspelled ``rkv_lamda`` would
+    leave the default in force unseen): a scorer's ``knobs`` name what it reads. A scorer defined outside zipage
+    that declares no knobs is not checked (it may read ``extra`` its own way)."""
+    extra = getattr(getattr(scorer, "config", None), "extra", None) or {}
+    known = type(scorer).knobs
+    if not extra or (not known and not type(scorer).__module__.startswith("zipage.")):
+        return scorer
+    unknown = sorted(k for k in extra if k not in known)
+    if unknown:
+        name = scorer.name or type(scorer).__name__
+        raise ValueError(f"ZipageConfig.extra={extra!r} is invalid: the {name} scorer does not read {unknown} (its "
+                         f"settings: {list(known) if known else 'none'}; see zipage.scoring's scorer docs)")
+    return scorer
 
 
 from . import expected_attention, h2o, keydiff, knorm, random, rkv, snapkv, streaming, zipage  # noqa: E402,F401,I001  (registers the built-ins)
