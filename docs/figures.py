@@ -274,7 +274,7 @@ def memory_over_time() -> None:
     fig, ax = plt.subplots(figsize=(8, 3.2), dpi=110)
     ax.plot(mib(data["full_kv_bytes"]), color=GREY, lw=2, label="full KV (DynamicCache)")
     ax.plot(mib(data["zipage_kv_bytes"]), color=BLUE, lw=2,
-            label=f"zipage, budget {data['budget']}, pages of {data['page_size']} (pages in use)")
+            label=f"zipage, budget {data['budget']}, pages of {data['page_size']} (storage held)")
     marks = data["compressions_at"]
     ax.plot(marks, [data["zipage_kv_bytes"][t] / 2**20 for t in marks], "v", color=RED, ms=4,
             label=f"compressions ({len(marks)})")

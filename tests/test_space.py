@@ -66,6 +66,11 @@ def test_greedy_side_by_side_is_generate():
     assert snap.zipage.compressions_at[0] == 1  # the prompt is compressed at the first decode step
     assert stats["first_difference"] == sidebyside.common_prefix_length(full, compressed)
     assert 0 < stats["memory_saved"] < 1
+    # the memory zipage's storage takes (its rows at their capacity), not only its stored tokens, against what
+    # the full cache measured after as many tokens
+    held = snap.zipage.cache.stats()["capacity_tokens"] * per_token
+    assert snap.zipage.kv_bytes[-1] == held > snap.zipage.cache.stats()["tokens_stored"] * per_token
+    assert stats["memory_saved"] == pytest.approx(1 - held / snap.full.kv_bytes[len(snap.zipage.kv_bytes) - 1])
 
 
 def test_each_step_may_run_on_another_thread():
@@ -129,7 +134,8 @@ def test_sampling_draws_both_runs_from_one_seed():
 @pytest.mark.parametrize(
     "change, message",
     [({"budget": 0}, "budget"), ({"page_size": 12}, "page_size"), ({"max_new_tokens": 0}, "max new tokens"),
-     ({"scorer": "nope"}, "nope"), ({"sample": True, "top_p": 0.0}, "top_p")],
+     ({"scorer": "nope"}, "nope"), ({"sample": True, "top_p": 0.0}, "top_p"), ({"seed": 2**70}, "seed"),
+     ({"seed": -1}, "seed")],
 )
 def test_bad_settings_name_the_problem(change, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -342,3 +348,38 @@ def test_space_in_a_browser(space_app, tmp_path):
             page.locator("#heatmap img").wait_for(timeout=180_000)
         finally:
             browser.close()
+
+
+def test_prepare_writes_a_space_folder_that_installs_from_its_own_wheel(tmp_path):
+    """``integrations/space/prepare.py``: the app's files, a zipage wheel built from the checkout, and a
+    requirements.txt that names the wheel instead of ``zipage`` (not on PyPI yet); front matter's app_file there."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.spec_from_file_location("space_prepare", SPACE / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    out = tmp_path / "space"
+    wheel = prepare.prepare(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["app.py", "sidebyside.py", "views.py", "README.md",
+                                                            "requirements.txt", wheel.name])
+    reqs = [line for line in (out / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert f"./{wheel.name}" in reqs and "zipage" not in reqs
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    assert "zipage/__init__.py" in names and any(n.startswith("zipage/kernels/") for n in names)
+    assert "app_file: app.py" in (out / "README.md").read_text()
+
+
+def test_number_boxes_name_a_decimal_instead_of_rounding_it():
+    """The budget and seed boxes hold what was typed (no ``precision=0`` rounding before the check): a decimal is
+    named, not run as its nearest integer."""
+    gr = pytest.importorskip("gradio")
+    import app
+
+    for name, value in (("budget", 48.7), ("seed", 1.5)):
+        with pytest.raises(gr.Error, match=f"{name} must be a whole number"):
+            app._whole(value, name)
+    assert app._whole(48.0, "budget") == 48
+    boxes = {b.elem_id: b for b in app.demo.blocks.values() if isinstance(b, gr.Number)}
+    assert {"budget", "seed"} <= set(boxes) and all(boxes[k].precision is None for k in ("budget", "seed"))

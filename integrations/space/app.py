@@ -21,7 +21,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 import zipage  # noqa: E402
-from sidebyside import Settings, kept_mask, side_by_side  # noqa: E402
+from sidebyside import Settings, first_full_layer, kept_mask, side_by_side  # noqa: E402
 from views import heatmap_figure, memory_figure, stats_markdown, tokens_html  # noqa: E402
 from zipage.demo import DEFAULT_INSTRUCTION  # noqa: E402
 
@@ -107,9 +107,9 @@ def compare(model_id, prompt, budget, scorer, page_size, max_new_tokens, decodin
 
     text = lambda run: tokenizer.decode(run.ids, skip_special_tokens=True)  # noqa: E731
     last_plot = 0.0
-    # the previous run's answers and kept-positions panels go at once (not after the prompt's prefill, nor stay
-    # beside these inputs if this run fails or is stopped)
-    yield "", "", gr.skip(), None, None, gr.skip()
+    # the previous run's answers, plot, stats and kept-positions panels go at once (not after the prompt's prefill,
+    # nor stay beside these inputs if this run fails or is stopped)
+    yield "", "", None, None, None, ""
     try:
         for snap in side_by_side(model, tokenizer, ids, settings):
             now = time.monotonic()
@@ -124,7 +124,7 @@ def compare(model_id, prompt, budget, scorer, page_size, max_new_tokens, decodin
     mask = kept_mask(snap.zipage.cache)
     share = mask.float().mean(dim=(0, 1)) if mask is not None else None
     yield (
-        text(snap.full), text(snap.zipage), memory_figure(snap), heatmap_figure(mask, len(ids)),
+        text(snap.full), text(snap.zipage), memory_figure(snap), heatmap_figure(mask, len(ids), first_full_layer(snap.zipage.cache)),
         tokens_html(tokenizer, ids, snap.zipage.ids, share), stats_markdown(snap.stats(), snap, tokenizer),
     )
 
@@ -150,13 +150,13 @@ with gr.Blocks(title="zipage: Compressed PagedAttention, side by side") as demo:
             model_id = gr.Textbox(label="model (a Hub id where the Hub is reachable)", value=OFFLINE_MODEL,
                                   elem_id="model")
             with gr.Row():
-                budget = gr.Number(label="budget (tokens kept per head)", value=128, precision=0, elem_id="budget")
+                budget = gr.Number(label="budget (tokens kept per head)", value=128, elem_id="budget")
                 page_size = gr.Dropdown([16, 32, 64, 128, 256], value=16, label="page size", elem_id="page-size")
             scorer = gr.Dropdown(zipage.list_scorers(), value="zipage", label="scorer", elem_id="scorer")
             max_new_tokens = gr.Slider(1, 1024, value=192, step=1, label="max new tokens", elem_id="max-new-tokens")
             with gr.Row():
                 decoding = gr.Radio(["greedy", "sampled"], value="greedy", label="decoding", elem_id="decoding")
-                seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")
+                seed = gr.Number(label="seed", value=0, elem_id="seed")
     with gr.Row():
         full_answer = gr.Textbox(label="full KV cache", lines=10, elem_id="full-answer")
         zipage_answer = gr.Textbox(label="zipage", lines=10, elem_id="zipage-answer")

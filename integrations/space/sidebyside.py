@@ -46,6 +46,8 @@ class Settings:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
         if self.sample and not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
 
 @dataclass
@@ -82,7 +84,10 @@ class Snapshot:
         s = self.zipage.cache.stats()
         full_now = self.full.kv_bytes[-1] if self.full.kv_bytes else 0
         zip_now = self.zipage.kv_bytes[-1] if self.zipage.kv_bytes else 0
-        same_tokens = s["kv_bytes_full"]  # what a full cache holds for as many tokens as zipage has seen
+        n = len(self.zipage.kv_bytes)  # what the full cache held after as many tokens as zipage has now (measured;
+        # past the full run's end, what a full cache's layers would hold)
+        same_tokens = (self.full.kv_bytes[n - 1] if 0 < n <= len(self.full.kv_bytes)
+                       else s["kv_bytes_full"] + s.get("window_kv_bytes_full", 0))
         return {
             "compressions": s["compressions"],
             "pages_in_use": s["pages_in_use"],
@@ -107,9 +112,18 @@ def dynamic_cache_bytes(cache: DynamicCache) -> int:
 
 
 def _kv_bytes(run: Run) -> int:
+    """The memory each cache's keys and values take now: a ``DynamicCache``'s tensors; zipage's storage as held
+    (its rows at their capacity, the sliding layers' window pool, any exact tail), not only its stored tokens."""
     if isinstance(run.cache, zipage.ZipageCache):
-        return int(run.cache.stats()["kv_bytes_in_use"])
+        stats = run.cache.stats()
+        return int(stats.get("kv_bytes_held", stats["kv_bytes_in_use"]))  # (older zipage: the stored tokens)
     return dynamic_cache_bytes(run.cache)
+
+
+def first_full_layer(cache: zipage.ZipageCache) -> int:
+    """The first layer that attends the whole context (not a sliding window): the one whose kept positions
+    say what the budget keeps."""
+    return next((i for i, layer in enumerate(cache.layers) if not getattr(layer, "is_sliding", False)), 0)
 
 
 def eos_ids(model, tokenizer) -> set[int]:

@@ -43,8 +43,9 @@ def memory_figure(snapshot) -> Figure:
     return fig
 
 
-def heatmap_figure(mask: torch.Tensor | None, prompt_len: int) -> Figure:
-    """Which logical positions (columns) each layer and KV head (rows) keeps; None: a note instead."""
+def heatmap_figure(mask: torch.Tensor | None, prompt_len: int, full_layer: int = 0) -> Figure:
+    """Which logical positions (columns) each layer and KV head (rows) keeps; None: a note instead. The title
+    counts what ``full_layer`` (a layer that sees the whole context, not a sliding window) keeps."""
     fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
     if mask is None:
@@ -61,7 +62,7 @@ def heatmap_figure(mask: torch.Tensor | None, prompt_len: int) -> Figure:
     ax.set_yticks([l * heads for l in range(0, layers, step)], [f"L{l}" for l in range(0, layers, step)], fontsize=7)
     ax.set_xlabel("logical position (prompt | answer, split by the red line)")
     ax.set_ylabel(f"layer x KV head ({heads} per layer)")
-    kept = int(mask[0, 0].sum())
+    kept = int(mask[full_layer, 0].sum())
     ax.set_title(f"positions kept by each layer and KV head at the end: {kept} of {seen} (blue)", fontsize=10)
     return fig
 

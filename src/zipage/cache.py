@@ -377,7 +377,11 @@ class ZipageCache(Cache):
 
     def stats(self) -> dict[str, int | float]:
         """Memory accounting: tokens seen vs stored, and KV bytes stored, held and at most held, against
-        a full cache. ``pages_in_use`` counts pages of the config's ``page_size`` over the stored tokens."""
+        a full cache. ``pages_in_use`` counts pages of the config's ``page_size`` over the stored tokens.
+        ``kv_bytes_held`` is the memory the cache's storage takes now: every full layer's rows at their
+        capacity (``kv_bytes_pool``, with 8-bit scales), the sliding layers' window pool and the exact
+        tail; what a memory comparison against a full cache should use (``kv_bytes_in_use`` counts only
+        the stored tokens)."""
         layer = self.full[0]
         bytes_per_token = full_per_token = full_layer = 0  # a full cache holds the model's dtype
         if layer.keys is not None:
@@ -390,12 +394,15 @@ class ZipageCache(Cache):
             full_per_token = full_layer * len(self.full)
         page = self.zipage_config.page_size
         rows = max(self.batch_size_, 1)
-        window = {}
+        window, window_held = {}, 0
         if self.window_pages is not None:  # sliding layers: their window's pages, in bytes too
             w, n = self.window_pages, len(self.layers) - len(self.full)
             window = {"window_pages_in_use": w.pool.num_used, "window_pages_total": w.pool.num_pages,
                       "window_kv_bytes_in_use": w.pool.num_used * page * full_layer * n,
                       "window_kv_bytes_full": rows * layer.seen * full_layer * n}
+            if w.k_pool is not None:
+                window_held = (w.k_pool.numel() + w.v_pool.numel()) * w.k_pool.element_size()
+        tail = rows * (layer.tail[0].shape[2] if layer.tail is not None else 0) * full_per_token
         return {**window,
             "batch_size": self.batch_size_,
             "tokens_seen": layer.seen,
@@ -408,8 +415,9 @@ class ZipageCache(Cache):
             "kv_bytes_full": rows * layer.seen * full_per_token,
             "kv_bytes_pool": rows * self.capacity_ * bytes_per_token,
             "kv_bytes_peak": rows * self.peak_capacity * bytes_per_token,
+            "kv_bytes_held": rows * self.capacity_ * bytes_per_token + window_held + tail,
             # (ZipageConfig.exact_tail: the last tokens' keys and values kept beside the pages, the model's dtype)
-            "exact_tail_bytes": rows * (layer.tail[0].shape[2] if layer.tail is not None else 0) * full_per_token,
+            "exact_tail_bytes": tail,
         }
 
     # ------------------------------------------------------------------ the update path

@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m zipage.demo")
         else f"{min(stored)}..{max(stored)} (across {len(stored)} layers)"
     )
     same = common_prefix_length(full_ids, zip_ids)
-    zip_bytes = stats["kv_bytes_in_use"]
+    zip_bytes = stats["kv_bytes_held"]  # the memory its storage takes (rows at their capacity), not only its tokens
     # What a full cache holds after the same number of tokens as run (b):
     full_same_len = stats["kv_bytes_full"]
     saved = 100.0 * (1.0 - zip_bytes / full_same_len) if full_same_len else 0.0
@@ -224,8 +224,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m zipage.demo")
     print(f"  KV bytes for {stats['tokens_seen']} tokens: full cache {_mib(full_same_len)}, zipage {_mib(zip_bytes)}")
     if saved >= 0:
         print(f"  -> {saved:.1f}% of the KV memory saved")
-    else:  # too short to evict: whole pages hold a few more bytes than the tokens need
-        print(f"  -> no KV memory saved (whole pages hold {-saved:.1f}% more than the tokens need; nothing to evict yet)")
+    else:  # too short to evict: the storage grown ahead of the tokens holds a few more bytes than they need
+        print(f"  -> no KV memory saved (the storage, grown ahead of the tokens, holds {-saved:.1f}% more than they "
+              "need; nothing to evict yet)")
     print(f"  compressions: {stats['compressions']} ({cache.tokens_evicted} tokens evicted from every layer)")
     print(f"  identical leading generated tokens: {same} of {min(len(full_ids), len(zip_ids))}")
     print(_rule())
