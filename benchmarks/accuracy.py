@@ -143,12 +143,35 @@ def _slug(text: str) -> str:
                   pathlib.Path(text.rstrip("/")).name or text).strip("-").lower()
 
 
-def _write(stem: pathlib.Path, result: dict[str, Any], figure: bool = True) -> str:
-    from zipage.evaluation.report import markdown, plot
+def read_result(parser: argparse.ArgumentParser, name: str, key: str) -> tuple[pathlib.Path, dict[str, Any]]:
+    """``--replot NAME``: the path of a result JSON a run wrote and its contents, or ``parser.error`` saying why
+    not (no such file, not a ``.json`` (its stem would name other files), not JSON, no ``key`` in it)."""
+    path = pathlib.Path(name)
+    if not path.is_file():
+        parser.error(f"--replot {name}: no such file")
+    if path.suffix != ".json":
+        parser.error(f"--replot {name}: expected the .json a run wrote (its .md and .png go beside it)")
+    try:
+        result = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        parser.error(f"--replot {name}: not JSON ({error})")
+    if not isinstance(result, dict) or key not in result:
+        parser.error(f"--replot {name}: not a result of this benchmark (no {key!r} in it)")
+    return path, result
 
+
+def markdown_of(result: dict[str, Any]) -> str:
+    from zipage.evaluation.report import markdown
+
+    return markdown(result)
+
+
+def _write(stem: pathlib.Path, result: dict[str, Any], figure: bool = True, md: str | None = None) -> str:
+    from zipage.evaluation.report import plot
+
+    md = markdown_of(result) if md is None else md  # (before any file is written: a bad result writes nothing)
     # (a stem may hold dots, e.g. "eval_qwen3-0.6b": add the suffixes, never replace one)
     stem.with_name(stem.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
     stem.with_name(stem.name + ".md").write_text(md)
     if figure:
         plot(result, stem.with_name(stem.name + ".png"))
@@ -161,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "fidelity":
         parser.error("--mode fidelity runs benchmarks/quality.py: use `zipage eval --mode fidelity ...`")
     if args.replot:
-        path = pathlib.Path(args.replot)
-        if not path.is_file():
-            parser.error(f"--replot {args.replot}: no such file")
-        print(_write(path.with_suffix(""), json.loads(path.read_text())))
+        path, result = read_result(parser, args.replot, "configurations")
+        try:
+            md = markdown_of(result)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            parser.error(f"--replot {args.replot}: not a complete zipage eval result ({type(error).__name__}: {error})")
+        print(_write(path.with_suffix(""), result, md=md))
         return 0
     t_start = time.perf_counter()
     import torch
@@ -201,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     stem = pathlib.Path(args.out) if args.out else RESULTS / f"eval_{_slug(args.model)}_{_slug(args.dataset)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     engine = engine_settings(args, model, prompts)
+    short = sum(len(p) + args.max_tokens > engine["max_model_len"] for p in prompts)
+    if short:  # their samples end at the context, and count as cut at max_tokens
+        print(f"zipage eval: warning: {short} of {len(prompts)} prompts leave fewer than --max-tokens "
+              f"{args.max_tokens} tokens before the model's context ({engine['max_model_len']} tokens): their "
+              "samples can end there, counted as cut at max_tokens", file=sys.stderr)
     warmup = True if args.warmup is None else args.warmup  # (first calls cost on a CPU too: see run_configuration)
     result: dict[str, Any] = {
         "command": "zipage eval " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -215,16 +245,27 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["settings"]["budgets"] = budgets
 
-    def partial(rows: list[dict[str, Any]]) -> None:  # after every configuration: a run cut short keeps what it measured
-        result["configurations"] = rows
-        _write(stem, result, figure=False)
+    done: list[dict[str, Any]] = []
 
+    def partial(rows: list[dict[str, Any]]) -> None:  # after every configuration: a run cut short keeps what it measured
+        done[:] = rows
+        result["configurations"] = rows
+        result["incomplete"] = f"{len(rows)} of {len(configs)} configurations"
+        _write(stem, result, figure=False)
+        stem.with_name(stem.name + ".png").unlink(missing_ok=True)  # (an earlier run's chart would sit beside it)
+
+    partial([])  # (from now on the files are this run's, an interrupted one's included)
     try:
         rows = evaluate(model, tokenizer, problems, prompts, configs, params, engine, warmup, not args.no_progress,
                         partial)
     except ValueError as error:  # what the engine refuses for this model (its pool, its context, ...)
         print(f"zipage eval: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nzipage eval: interrupted; {stem}.json and .md hold the {len(done)} of {len(configs)} configurations "
+              "that finished (marked incomplete)", file=sys.stderr)
+        return 130
+    result.pop("incomplete", None)
     result["configurations"] = rows
     result["wall_seconds"] = time.perf_counter() - t_start
     print(_write(stem, result))

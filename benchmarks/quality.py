@@ -1290,14 +1290,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.replot:
-        path = pathlib.Path(args.replot)
-        if not path.is_file():
-            parser.error(f"--replot {args.replot}: no such file")
-        result = json.loads(path.read_text())
+        try:
+            from .accuracy import read_result
+        except ImportError:  # run as a script from benchmarks/
+            from accuracy import read_result
+
+        path, result = read_result(parser, args.replot, "settings")
+        try:
+            md = markdown(result)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            parser.error(f"--replot {args.replot}: not a complete fidelity result ({type(error).__name__}: {error})")
         if result.get("teacher_forced") and "targets" in result:  # (the targets as this version measures them)
             result["targets"] = check_targets(result["teacher_forced"])
             path.write_text(json.dumps(result, indent=1) + "\n")
-        path.with_suffix(".md").write_text(markdown(result))
+            md = markdown(result)
+        path.with_suffix(".md").write_text(md)
         plot(result, path.with_suffix(".png"))
         print(markdown(result))
         return 0

@@ -513,8 +513,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in args.systems.split(","):
             check_system(name)
-    except ValueError as error:
-        parser.error(str(error))
+            if name.startswith("zipage-"):  # the budget against the config's rules (the window, ...), before loading
+                budget, options = system_options(name, args.kv_cache_dtype)
+                if budget is not None:
+                    zipage.ZipageConfig(budget=budget, **({"page_size": args.page_size} if args.page_size else {}),
+                                        kv_cache_dtype=options["kv_cache_dtype"],
+                                        exact_tail=options.get("exact_tail", 0))
+    except (ValueError, TypeError) as error:
+        parser.error(f"--systems {args.systems}: {error}")
     try:
         lengths = parse_prompt_len(args.prompt_len)
     except ValueError as error:

@@ -49,6 +49,11 @@ needs_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is Non
     ("First \\boxed{3}, final \\boxed{7}", "7", True),
     ("First \\boxed{3}, final \\boxed{7}", "3", False),
     ("answer is 0.5", ".5", True),
+    ("So the team won by 21-14", "14", True),  # a hyphen after a digit is no minus sign
+    ("It takes 3-5 days", "5", True),
+    ("from 2023-2024", "2024", True),
+    ("The change is -7", "-7", True),
+    ("x=-3", "-3", True),
 ])
 def test_gsm8k_answers_are_exact_numbers(output, reference, right):
     assert answers.is_correct(output, reference, "number") is right
@@ -182,6 +187,17 @@ def test_malformed_jsonl_is_refused_with_its_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_problems(str(path))
+
+
+def test_jsonl_with_a_byte_order_mark_a_line_separator_in_a_string_or_not_utf8(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "a\u2028b", "answer": "1"}\r\n{"prompt": "c"}\n'.encode())
+    assert [p.prompt for p in load_problems(str(path))] == ["a\u2028b", "c"]
+    path.write_bytes(b'{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match="bom.jsonl: not UTF-8"):
+        load_problems(str(path))
+    with pytest.raises(ValueError, match="is a folder"):
+        load_problems(str(tmp_path))
 
 
 def test_unknown_datasets_are_refused(tmp_path):
@@ -328,6 +344,7 @@ def test_eval_refuses_bad_input_before_loading_the_model(args, message, capsys, 
     (["--model", "/no/such/model", "--device", "cpu", "--dataset", "{jsonl}"], "does not exist"),
     (["--model", "smollm2", "--device", "cpu", "--dataset", "nope"], "unknown dataset 'nope'"),
     (["--model", "smollm2", "--device", "cpu", "--n", "0"], "--n 0"),
+    (["--model", "/no/such/model", "--device", "cpu", "--systems", "zipage-8"], "observation window"),
 ])
 def test_bench_refuses_bad_input(args, message, capsys, tmp_path):
     path = tmp_path / "p.jsonl"
@@ -337,3 +354,92 @@ def test_bench_refuses_bad_input(args, message, capsys, tmp_path):
         main(["bench", *args, "--out", str(tmp_path / "b.json")])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_model_folder_without_a_tokenizer_is_one_line(tmp_path, capsys):
+    """``zipage eval`` / ``bench`` on a folder holding weights but no tokenizer files: a usage error naming --model
+    (transformers' ValueError used to end in a traceback suggesting to install sentencepiece)."""
+    import shutil
+
+    from zipage.serve.tiny import save_tiny
+
+    full = save_tiny(tmp_path / "tiny")
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for f in full.iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            shutil.copy(f, bare / f.name)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    for cmd in (["eval", "--dataset", str(data), "--budgets", "none", "--n", "1", "--out", str(tmp_path / "r")],
+                ["bench", "--out", str(tmp_path / "b.json")]):
+        with pytest.raises(SystemExit) as e:
+            main([cmd[0], "--model", str(bare), "--device", "cpu", *cmd[1:]])
+        assert e.value.code == 2
+        assert "no tokenizer could be loaded" in capsys.readouterr().err
+
+
+def test_another_seed_draws_other_streams():
+    """Problem i's request seed under --seed s (its n samples: + 0 .. n-1): no stream of one seed is a stream of
+    another (``s + i * n`` gave seed 1 all but one of seed 0's samples, one problem over)."""
+    from zipage.evaluation.run import request_seed
+
+    n, problems = 8, 50
+    streams = {s: {request_seed(s, i) + j for i in range(problems) for j in range(n)} for s in range(4)}
+    assert all(len(v) == n * problems for v in streams.values())
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not streams[a] & streams[b]
+    assert request_seed(0, 3) == request_seed(0, 3) and all(0 <= x < 2**62 for v in streams.values() for x in v)
+
+
+def test_max_tokens_past_the_model_s_context_is_warned(tmp_path, capsys):
+    """Samples that end at the model's context count as cut at max_tokens: the run says so up front."""
+    from zipage.serve.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    assert main(["eval", "--model", str(folder), "--dataset", str(data), "--budgets", "none", "--n", "1",
+                 "--max-tokens", "200", "--temperature", "0", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert "warning: 1 of 1 prompts leave fewer than --max-tokens 200 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", [[], ["--mode", "accuracy"]])
+def test_replot_of_what_no_run_wrote_is_one_line_and_writes_nothing(tmp_path, capsys, mode):
+    cases = {"garbage.json": ("not json", "not JSON"), "other.json": ('{"a": 1}', "not a result of this benchmark"),
+             "run.v1": ('{"a": 1}', "expected the .json a run wrote")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(SystemExit) as e:
+            main(["eval", *mode, "--replot", str(tmp_path / name)])
+        assert e.value.code == 2 and message in capsys.readouterr().err, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases)  # no .md, .png or rewritten stem
+
+
+def test_an_interrupted_eval_says_so_and_leaves_no_earlier_chart(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: a one-line note and exit 130, not a traceback; the .json and .md are this run's, marked incomplete,
+    and an earlier run's chart under the same name is gone (it sat beside the new numbers)."""
+    import zipage.evaluation.evaluate as evaluate_module
+    from zipage.serve.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    stem = tmp_path / "r"
+    stem.with_suffix(".png").write_bytes(b"an earlier run's chart")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "evaluate", interrupted)
+    code = main(["eval", "--model", str(folder), "--dataset", str(data), "--budgets", "32,none", "--n", "1",
+                 "--max-tokens", "4", "--device", "cpu", "--no-progress", "--out", str(stem)])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert result["configurations"] == [] and result["incomplete"] == "0 of 2 configurations"
+    assert "Incomplete run" in stem.with_suffix(".md").read_text() and not stem.with_suffix(".png").exists()

@@ -43,7 +43,13 @@ def load_model(name: str | os.PathLike, tokenizer: Any = None, *, dtype: Any = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = str(local) if local.exists() else str(name)
-    if with_tokenizer:
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(source)
+    if with_tokenizer and tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:  # no tokenizer files there, or ones transformers cannot read
+            said = " ".join(str(error).split()) or type(error).__name__
+            said = said if len(said) <= 160 else said[:157] + "..."
+            raise ValueError(f"no tokenizer could be loaded from {source!r} (give one with tokenizer=..., or use a "
+                             f"folder that holds the tokenizer's files); transformers said: {said}") from error
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", device_map=device)
     return model, tokenizer

@@ -20,7 +20,8 @@ from fractions import Fraction
 
 from ..models import last_boxed
 
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+# (a minus right after a digit is a hyphen: "won 21-14", "3-5 days", "2023-2024" end on 14, 5, 2024)
+_NUMBER = re.compile(r"(?:(?<!\d)-)?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 _PLAIN = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 _FRACTION = re.compile(r"(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}|(-?[\d.,]+)/(-?[\d.,]+)")
 # a unit written as text, with any power after it (``25\text{ m}^2``), and other marks around a number

@@ -50,6 +50,8 @@ def load_problems(dataset: str, limit: int | None = None, kind: str | None = Non
     if not path.suffix == ".jsonl" and not path.exists():
         raise ValueError(f"unknown dataset {dataset!r}: give gsm8k, math500 or the path of a .jsonl file "
                          "whose lines hold a 'prompt' (and an 'answer')")
+    if path.is_dir():
+        raise ValueError(f"dataset {str(path)!r} is a folder: give the path of a .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
     problems = read_jsonl(path, kind or "math")
@@ -72,15 +74,18 @@ def read_jsonl(path: pathlib.Path, kind: str) -> list[Problem]:
     """Every line of ``path`` as a Problem; a line that is not a JSON object with a prompt is refused
     with its line number."""
     problems: list[Problem] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            problems.append(_problem(row, kind, len(problems), f"{path}:{number}"))
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark before the first line is no JSON error)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for number, line in enumerate(text.split("\n"), 1):  # (not splitlines: U+2028 may sit inside a JSON string)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        problems.append(_problem(row, kind, len(problems), f"{path}:{number}"))
     if not problems:
         raise ValueError(f"{path} holds no problems (expected one JSON object a line)")
     return problems

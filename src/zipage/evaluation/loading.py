@@ -61,6 +61,9 @@ def load_for_cli(parser, name: str, device: torch.device, dtype: str = "auto") -
         model, tokenizer, source = load(name, device, dtype)
     except OSError as error:  # a path that is not there, a folder without a model, an id not on the Hub
         parser.error(f"--model {name}: {error}")
+    except ValueError as error:  # no tokenizer there (load_model names it), a config transformers refuses, ...
+        lines = str(error).strip().splitlines()
+        parser.error(f"--model {name}: {lines[0] if lines else type(error).__name__}")
     if tokenizer is None:
         parser.error(f"--model {name}: no tokenizer found next to the model")
     return model, tokenizer, source

@@ -31,6 +31,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{'-' if se is None or math.isnan(se) else f'{100 * se:.1f}'} | {r['mean_output_tokens']:.0f} | "
             f"{_pct(r['cut_at_max_tokens'])} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.1f} | "
             f"{r['engine']['compressions']} | {r['engine']['preemptions']} |")
+    if result.get("incomplete"):
+        lines += ["", f"**Incomplete run**: {result['incomplete']} finished (interrupted, or still running)."]
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,13 +45,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def request_seed(seed: int, i: int) -> int:
+    """The seed of problem ``i``'s request under ``--seed seed`` (its ``n`` samples take it ``+ 0 .. n-1``): a hash
+    of both, below 2**62, so that the streams of one seed share none with another's (``seed + i * n`` gave seed
+    1 all but one of the samples of seed 0, shifted by one problem)."""
+    digest = hashlib.blake2b(f"zipage-eval:{seed}:{i}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 2
+
+
 def run_configuration(model: Any, tokenizer: Any, prompts: list[list[int]], params: SamplingParams,
                       config: Configuration, engine_kwargs: dict[str, Any] | None = None, bar: Any = None,
                       warmup: bool = False) -> RunResult:
     """Generate ``params.n`` samples of every prompt with one engine built for ``config``.
 
-    Request ``i`` is seeded ``params.seed + i * n`` (its samples ``+ 0 .. n-1``), so that every
-    configuration draws from the same random streams. ``bar`` (a tqdm) advances once per finished
+    Request ``i`` is seeded ``request_seed(params.seed, i)`` (its samples ``+ 0 .. n-1``), so that every
+    configuration draws from the same random streams, and another ``--seed`` from other streams. ``bar`` (a tqdm) advances once per finished
     sample. ``warmup`` first runs two prompts through a compression, untimed (kernel compilation,
     CUDA-graph capture and a CPU's first calls would otherwise count against the first configuration's
     tokens/s); reversed, so that no page of theirs is in the prefix cache for the timed run, whose counters
@@ -65,8 +74,7 @@ def run_configuration(model: Any, tokenizer: Any, prompts: list[list[int]], para
             warm = SamplingParams(max_tokens=min(length, params.max_tokens or length), temperature=0, ignore_eos=True)
             llm.generate([list(reversed(p)) for p in prompts[:2]], warm, use_tqdm=False)
         before = llm.stats()
-        n = params.n
-        seeded = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i * n)
+        seeded = [dataclasses.replace(params, seed=None if params.seed is None else request_seed(params.seed, i))
                   for i in range(len(prompts))]
         _sync(device)
         first = llm.generated_tokens
