@@ -86,6 +86,7 @@
 #              NaN store case, then PART=fp8pair (prepared in session 42, not yet run)
 #   PART=prefilllazy (session 44; the -lazy variant it timed is removed since) the GPU tests allgpu's limit cut and
 #              those of the engine and generate(), then the prefill sweep
+#   PART=s44final the GPU tests of the engine, generate(), exact tails, FP8 engine and kept positions
 #   PART=allgpu every GPU test of the suite (TEST_LIMIT s at most), the slowest 15 named
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
@@ -361,6 +362,12 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       tests/test_generate_gpu.py tests/test_engine_requests.py tests/test_custom_generate.py --durations=8 2>&1 \
       | tee "$OUT/gpu_tests_s44.log" | tail -14
     timeout 200 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" 2>&1 | tail -12 ;;
+  s44final)  # session 44's last call: the GPU tests of the engine, generate(), exact tails, FP8 engine and kept
+    # positions after its host-side changes (admission by a request's length, the capture's attention lookup)
+    timeout "${TEST_LIMIT:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py \
+      tests/test_engine_requests.py tests/test_generate_gpu.py tests/test_generate_memory.py tests/test_kept_positions.py \
+      tests/test_exact_tail_engine.py tests/test_fp8_engine.py tests/test_sliding_engine.py tests/test_query_weights.py \
+      --durations=8 2>&1 | tee "$OUT/gpu_tests_s44_final.log" | tail -14 ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
