@@ -579,7 +579,8 @@ def test_a_sample_the_engine_fails_answers_with_its_error(checkpoint, stream):
     llm.scheduler.schedule = failing_schedule
     config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
     with thread_server(llm, config) as (url, engine):
-        body = {"model": NAME, "prompt": "FAIL ME please", "max_tokens": 12, "ignore_eos": True, "stream": stream}
+        body = {"model": NAME, "prompt": "FAIL ME please", "max_tokens": 12, "ignore_eos": True, "stream": stream,
+                "n": 2}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         if stream:
             assert r.status_code == 200  # (the stream had started)
@@ -593,6 +594,10 @@ def test_a_sample_the_engine_fails_answers_with_its_error(checkpoint, stream):
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "fine", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
         wait_for(lambda: metrics(url)["zipage:kv_pages_used"] == 0)
+        # the request counts as an error (its other sample, cancelled after it, does not make it "cancelled")
+        finished = {k: v for k, v in metrics(url).items() if k.startswith("zipage:request_success_total{")}
+        assert sum(v for k, v in finished.items() if 'finished_reason="error"' in k) == 1, finished
+        assert not any('"cancelled"' in k and v for k, v in finished.items()), finished
 
 
 def test_an_add_in_the_shutdown_window_is_refused(checkpoint):

@@ -54,6 +54,7 @@ class _Request:
     ended: list[bool] = field(default_factory=list)  # samples finished
     first_token: bool = False  # the request's first token was delivered (time to first token)
     cancelled: bool = False
+    errored: bool = False  # a sample ended with "error" (its siblings are then cancelled: counted as an error)
 
 
 class RequestStream:
@@ -254,6 +255,7 @@ class AsyncEngine:
             req.sent[c.index] += len(new)
             req.last[c.index] = now
             req.ended[c.index] = c.finish_reason is not None
+            req.errored |= c.finish_reason == "error"
             per_request.setdefault(req.rid, []).append(
                 Delta(c.index, new, lps, c.finish_reason, c.text if c.finish_reason is not None else None,
                       (out.error or "unknown") if c.finish_reason == "error" else None))
@@ -263,7 +265,7 @@ class AsyncEngine:
             by_loop.setdefault(req.loop, []).append((req.queue, deltas))
             if all(req.ended):
                 if self.metrics is not None:
-                    self.metrics.request_finished(deltas[-1].finish_reason, now - req.arrival)
+                    self.metrics.request_finished("error" if req.errored else deltas[-1].finish_reason, now - req.arrival)
                 self._forget(req)
         for loop, items in by_loop.items():
             _call(loop, _put_all, items)
@@ -271,7 +273,8 @@ class AsyncEngine:
     def _maybe_forget(self, req: _Request) -> None:
         if all(s.finished for s in self.llm.samples(req.rid)):
             if self.metrics is not None:
-                self.metrics.request_finished("cancelled", time.monotonic() - req.arrival)
+                self.metrics.request_finished("error" if req.errored else "cancelled",
+                                              time.monotonic() - req.arrival)
             self._forget(req)
 
     def _forget(self, req: _Request) -> None:
