@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = pathlib.Path(args.out) if args.out else RESULTS / f"eval_{_slug(args.model)}_{_slug(args.dataset)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     engine = engine_settings(args, model, prompts)
+    if args.temperature == 0 and args.n > 1:
+        print(f"zipage eval: warning: --temperature 0 is greedy: the --n {args.n} samples of a problem are the same "
+              "output (--n 1 gives the same pass@1 in 1/n of the time)", file=sys.stderr)
     short = sum(len(p) + args.max_tokens > engine["max_model_len"] for p in prompts)
     if short:  # their samples end at the context, and count as cut at max_tokens
         print(f"zipage eval: warning: {short} of {len(prompts)} prompts leave fewer than --max-tokens "
