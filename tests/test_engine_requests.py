@@ -584,3 +584,58 @@ def test_a_stop_string_its_stopping_token_completes_does_not_cut_the_text(model)
                                                 stop_token_ids=[free[at]]), use_tqdm=False)[0]
     assert out.finish_reason == "stop" and out.token_ids == free[: at + 1] and out.text == whole[:at]
     assert_pool_clean(llm)
+
+
+def test_two_engines_on_one_model_in_two_threads_take_turns_and_leave_the_model_as_it_was(model):
+    """The engine's attention name is set on the shared config for the length of a forward: two engines on one
+    model stepping from two threads used to save and restore each other's name (the model then kept the engine's
+    for good, or a step's layers went unserved). Each gets the tokens it gets alone; the model's name comes back."""
+    import sys
+    import threading
+
+    prompts = prompts_of([5 + (i * 7) % 40 for i in range(6)], seed=1)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    alone = [o.token_ids for o in LLM(model, budget=None, page_size=4, num_pages=256).generate(prompts, params,
+                                                                                               use_tqdm=False)]
+    engines = [LLM(model, budget=None, page_size=4, num_pages=256) for _ in range(2)]
+    got, errors = {}, []
+
+    def run(i):
+        try:
+            for _ in range(2):
+                got[i] = [o.token_ids for o in engines[i].generate(prompts, params, use_tqdm=False)]
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(repr(e))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # (threads switch often: the interleavings that broke it)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        sys.setswitchinterval(switch)
+    assert errors == [] and got == {0: alone, 1: alone}
+    assert model.config._attn_implementation == "sdpa"
+    assert model(torch.tensor([[5, 6, 7]])).logits.shape[1] == 3  # the model's own forward works
+
+
+def test_a_stream_left_early_cancels_its_request_and_a_closed_engine_refuses(model):
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    rid = llm.add_request([5, 6, 7, 8], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    for i, _ in enumerate(llm.stream(rid)):
+        if i == 2:
+            break  # the consumer leaves (a client gone)
+    assert llm.output(rid).outputs[0].finish_reason == "cancelled" and not llm.has_unfinished()
+    assert_pool_clean(llm)
+    llm.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.step()
+    with LLM(model, budget=None, page_size=4, num_pages=64) as other:
+        assert other.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)[0].token_ids
+    with pytest.raises(RuntimeError, match="closed"):
+        other.add_request([5, 6, 7])

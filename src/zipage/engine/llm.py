@@ -269,6 +269,7 @@ class LLM:
             raise ValueError("tensor_parallel_size > 1 is not supported for models with sliding-window layers "
                              f"({type(model).__name__}): run them on one GPU")
         self.ranks = None
+        self.closed = False  # (close(): no step or request afterwards)
         if tensor_parallel_size > 1:  # from here on this process is rank 0 (the other ranks never get here)
             from .tensor_parallel import start_ranks
 
@@ -364,6 +365,7 @@ class LLM:
         leave every request in flight untouched. A request with ``n > 1`` runs as ``n`` samples
         that share the prompt's pages: the first computes the prompt, the others then find its
         pages in the prefix cache."""
+        self._check_open()
         # (a copy: a caller reusing or changing its object must not change requests already in flight)
         params = _own_copy(params) if params is not None else SamplingParams()
         ids, text = tokenize(self.tokenizer, prompt, chat)
@@ -454,10 +456,21 @@ class LLM:
     has_unfinished_requests = has_unfinished  # (vLLM's name)
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks (nothing to do with one rank). The engine cannot
-        step afterwards. Also done when the engine is garbage-collected or the process exits."""
+        """Stop the engine, and its other tensor-parallel ranks if it has some. The engine cannot
+        step afterwards, nor take requests (both raise). Also done when the engine is garbage-collected or
+        the process exits."""
+        self.closed = True
         if self.ranks is not None:
             self.ranks.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            message = "this engine was closed (LLM.close(), or the end of its with block): build a new one"
+            if self.ranks is not None:  # (as its ranks say it: a TensorParallelError, a RuntimeError)
+                from .parallel import TensorParallelError
+
+                raise TensorParallelError(message)
+            raise RuntimeError(message)
 
     def __enter__(self) -> LLM:
         return self
@@ -474,6 +487,7 @@ class LLM:
         collects that compression. Steps never overlap: a call made while another thread is inside
         ``step()`` waits for it. A step that raises is undone (see ``EngineCore.step``): the next
         ``step()`` goes on and produces the same tokens."""
+        self._check_open()
         return self.core.step()
 
     # ----------------------------------------------------------------------------- front ends
@@ -538,19 +552,25 @@ class LLM:
     def stream(self, request_id: str) -> Iterator[list[int]]:
         """New token ids of one request as they come, driving the engine (other requests advance too).
         A request with ``n > 1`` samples has no single stream: drive ``step()`` and read each
-        output's ``outputs[0].index``."""
+        output's ``outputs[0].index``. A consumer that stops before the request finishes (``break``, a
+        closed or collected generator) or a step that raises cancels the request, as a client gone does:
+        its pages go back to the pool."""
         seq = self._get(request_id)
         if request_id in self._samples:
             raise ValueError(f"request {request_id!r} has n={seq.params.n} samples: stream() follows one; "
                              "drive step() and read each output's outputs[0].index")
-        while True:
-            if seq.streamed < len(seq.output_ids):
-                new = seq.output_ids[seq.streamed :]
-                seq.streamed = len(seq.output_ids)
-                yield new
-            if seq.finished:
-                return
-            self.step()
+        try:
+            while True:
+                if seq.streamed < len(seq.output_ids):
+                    new = seq.output_ids[seq.streamed :]
+                    seq.streamed = len(seq.output_ids)
+                    yield new
+                if seq.finished:
+                    return
+                self.step()
+        finally:
+            if not seq.finished:
+                self.core.cancel(seq)
 
     def output(self, request_id: str) -> RequestOutput:
         return RequestOutput.of(self.samples(request_id))
@@ -620,8 +640,11 @@ class LLM:
         """Which logical positions (prompt tokens first, then outputs) request ``request_id`` keeps in layer
         ``layer_idx``: ``[kv_heads, stored]`` int64 on the engine's device, per KV head in slot order.
         Available between steps while the request waits or runs; a finished request (its pages are gone),
-        or one whose asynchronous compression is in flight, raises ValueError."""
-        return self.runner.kept_positions(self._get(request_id), layer_idx)
+        or one whose asynchronous compression is in flight, raises ValueError. A call made while another
+        thread is inside ``step()`` waits for that step (with several ranks, its messages would otherwise
+        interleave with the step's)."""
+        with self.core.lock:
+            return self.runner.kept_positions(self._get(request_id), layer_idx)
 
 
 def _available_ram() -> int:

@@ -48,6 +48,19 @@ from .sequence import Sequence
 
 ATTENTION_NAME = "zipage_engine"
 _context = threading.local()
+# One lock per model config: the engine's attention name is set on the (shared) config for the length of a
+# forward, so two engines on one model, driven from two threads, take turns instead of saving and restoring
+# each other's name (which left the model with the engine's name for good, or a step's layers unserved).
+_config_locks: dict[int, threading.Lock] = {}
+_config_locks_guard = threading.Lock()
+
+
+def _config_lock(cfg) -> threading.Lock:
+    with _config_locks_guard:
+        lock = _config_locks.get(id(cfg))
+        if lock is None:
+            lock = _config_locks[id(cfg)] = threading.Lock()
+        return lock
 
 
 def dim_major_values(kv_cache_dtype: str, page_size: int, head_dim: int,
@@ -125,7 +138,13 @@ class StepMeta:
 def engine_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """transformers attention function for packed engine steps (batch dim 1)."""
     meta: StepMeta | None = getattr(_context, "meta", None)
-    r = meta.runner if meta is not None else None
+    if meta is None:  # this thread is no engine step: the model's own forward, while an engine steps in another
+        raise RuntimeError(
+            f"{type(module).__name__} of layer {getattr(module, 'layer_idx', '?')} was called outside a zipage engine "
+            "step while an engine on the same model is stepping in another thread: the model's attention name is "
+            "the engine's for the length of its forward; run the model's own forward (or generate()) when no "
+            "engine on it is stepping, or on a copy of the model")
+    r = meta.runner
     layer = module.layer_idx
     sliding = r is not None and layer in r.window_index
     check_attention_call(module, kwargs, "the zipage engine", r.window if sliding else None)
@@ -514,17 +533,18 @@ class ModelRunner:
     def _model_call(self, meta: StepMeta, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
         """The model's own forward with the engine attention in place (restored afterwards)."""
         cfg = self.config
-        original = cfg._attn_implementation
         meta.tail = None  # (each forward makes its own, a captured one included)
-        _context.meta = meta
-        cfg._attn_implementation_internal = ATTENTION_NAME
-        try:
-            with torch.inference_mode(), self.fusion.applied():
-                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                 logits_to_keep=logits_to_keep)
-        finally:
-            cfg._attn_implementation_internal = original
-            _context.meta = None
+        with _config_lock(cfg):  # (another engine on this model, in another thread, waits for this forward)
+            original = cfg._attn_implementation
+            _context.meta = meta
+            cfg._attn_implementation_internal = ATTENTION_NAME
+            try:
+                with torch.inference_mode(), self.fusion.applied():
+                    out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                     logits_to_keep=logits_to_keep)
+            finally:
+                cfg._attn_implementation_internal = original
+                _context.meta = None
         missing = sorted(set(range(cfg.num_hidden_layers)) - meta.layers)
         if missing:  # its attention ran the model's own code: over the packed tokens, not the pages
             raise NotImplementedError(
