@@ -85,3 +85,46 @@ def test_sliding_layers_are_not_refused_and_all_sliding_models_are():
         zipage.ZipageCache(config=MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=32,
                                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                                 max_position_embeddings=256, sliding_window=16), budget=32)
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prompt_longer_than_the_window_leaves_no_pages_held_and_reset_starts_small(family):
+    """The sliding layers' pool held every page a long prompt needed for the rest of the run (50 pages where
+    3 are in use): past the budget zipage then held about twice a DynamicCache's bytes. Its pages in use now
+    move to a smaller pool; the tokens are the same; reset() starts from an empty pool."""
+    model = tiny_sliding_model(family)
+    ids = torch.randint(3, 96, (1, 200), generator=torch.Generator().manual_seed(3))
+    cfg = dict(budget=16, page_size=4, buffer=4, window=2)
+    ref_cache = DynamicCache(config=model.config)
+    model.generate(ids, past_key_values=ref_cache, max_new_tokens=20, **KW)
+    dynamic = _tensor_bytes(t for layer in ref_cache.layers for t in (layer.keys, layer.values))
+    cache = zipage.ZipageCache(config=model.config, **cfg)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=20, **KW)
+    w = cache.window_pages
+    assert w.pool.num_pages <= 2 * w.pool.num_used + 2 and w.k_pool.shape[1] == w.pool.num_pages
+    held = _tensor_bytes([w.k_pool, w.v_pool] + [t for layer in cache.full for t in (layer.keys, layer.values)])
+    assert held == cache.stats()["kv_bytes_held"] < dynamic / 2
+    # the same tokens as a cache whose pool never shrank (no compaction of the window's pages)
+    keep = zipage.ZipageCache(config=model.config, **cfg)
+    keep.window_pages._shrink = lambda: None
+    assert torch.equal(model.generate(ids, past_key_values=keep, max_new_tokens=20, **KW), out)
+    assert keep.window_pages.pool.num_pages >= 50
+    cache.reset()
+    short = ids[:, :8]
+    model.generate(short, past_key_values=cache, max_new_tokens=4, **KW)
+    assert cache.window_pages.pool.num_pages <= 4
+
+
+def test_a_cache_built_for_another_model_is_refused():
+    from conftest import tiny_model
+
+    llama, gemma = tiny_model("llama", num_hidden_layers=4), tiny_sliding_model("gemma3")
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    for model, other in ((llama, gemma), (gemma, llama), (tiny_model("llama", num_hidden_layers=2), llama)):
+        cache = zipage.ZipageCache(config=other.config, budget=256, page_size=4)
+        with pytest.raises(ValueError, match="this ZipageCache was built for .* but the model has"):
+            model.generate(ids, past_key_values=cache, max_new_tokens=3, **KW)

@@ -335,6 +335,23 @@ class ZipageCache(Cache):
         self.full: list[ZipageLayer] = [lyr for lyr in layers if isinstance(lyr, ZipageLayer)]  # compressed
         super().__init__(layers=layers)
 
+    def bind_model_config(self, config: Any) -> None:
+        """Read the attention through ``config`` (the object the model's attention modules hold: ``generate()``
+        passes it), after checking that it describes the layers this cache was built for. A cache built from
+        another model's config would serve its layers wrongly (a full layer given a sliding window) or fail
+        late with an unclear error."""
+        window, sliding = sliding_layers(config)
+        mine = [isinstance(layer, SlidingLayer) for layer in self.layers]
+        theirs = [bool(s) for s in sliding]
+        mine_window = self.window_pages.window if self.window_pages is not None else None
+        if theirs != mine or (any(theirs) and window != mine_window):
+            describe = lambda flags, w: (f"{len(flags)} layers" + (f", {sum(flags)} of them sliding (window {w})"  # noqa: E731
+                                                                   if any(flags) else ""))
+            raise ValueError(f"this ZipageCache was built for {describe(mine, mine_window)}, but the model has "
+                             f"{describe(theirs, window)}: build the cache with config=model.config of the model "
+                             "that uses it")
+        self.model_config = config
+
     @property
     def max_cache_len(self) -> int | None:
         """The most tokens the cache will see (None: unknown); bounds how far its storage grows."""

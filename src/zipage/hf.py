@@ -77,7 +77,7 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     max_cache_len = _max_cache_length(generation_config, args, kwargs)
     if isinstance(user_cache, ZipageCache):
         # The cache captures queries through the config object the attention modules read.
-        user_cache.model_config = text_config
+        user_cache.bind_model_config(text_config)
         user_cache.max_cache_len = max_cache_len
         if not wants_zipage:
             return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)

@@ -60,6 +60,8 @@ class WindowPages:
             for pages in self.rows:
                 self.pool.free(pages[:drop])
                 del pages[:drop]
+            if self.k_pool is not None and self.pool.num_pages > 2 * self.pool.num_used + 2:
+                self._shrink()  # (a long prompt's pages left the window: hold what the window needs, not them)
         self.offset = offset
         end = seen + q - offset
         need = -(-end // self.page_size) - len(self.rows[0])
@@ -80,6 +82,20 @@ class WindowPages:
         elif n > self.k_pool.shape[1]:
             grow = lambda t: torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], dim=1)  # noqa: E731
             self.k_pool, self.v_pool = grow(self.k_pool), grow(self.v_pool)
+
+    def _shrink(self) -> None:
+        """Move the pages in use to the front of new, smaller pools (ids renumbered in every row): the freed pages
+        of a prompt longer than the window would otherwise stay allocated for the rest of the run, and the
+        sliding layers would hold more than a full cache's (which keeps only the window)."""
+        live = [p for pages in self.rows for p in pages]
+        index = torch.tensor(live, dtype=torch.long, device=self.k_pool.device)
+        self.k_pool = self.k_pool.index_select(1, index)
+        self.v_pool = self.v_pool.index_select(1, index)
+        self.pool = PagePool(len(live), growable=True)
+        self.pool.allocate(len(live))  # ids 0 .. len(live) - 1, in the order of ``live``
+        renumber = {old: new for new, old in enumerate(live)}
+        self.rows = [[renumber[p] for p in pages] for pages in self.rows]
+        self.table = None  # (rebuilt by begin)
 
     def store(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's ``q`` new keys and values (``[B, H, q, D]``) after its kept ones; returns
@@ -103,8 +119,7 @@ class WindowPages:
             flat[:, slots] = flat[:, slots].index_select(1, idx.to(slots.device))
 
     def reset(self) -> None:
-        for pages in self.rows:
-            self.pool.free(pages)
+        self.pool = PagePool(0, growable=True)  # (a new pool: the next run allocates what it needs, not this one's)
         self.rows, self.table, self.slots, self.offset = [], None, None, 0
         self.k_pool = self.v_pool = None
 
