@@ -90,6 +90,13 @@ def test_cache_kept_positions_follow_reordered_rows_and_reset():
         assert torch.equal(cache.kept_positions(layer), before[layer][order])
     with pytest.raises(IndexError, match="layer_idx=2"):
         cache.kept_positions(2)
+    import numpy as np
+
+    assert torch.equal(cache.kept_positions(np.int64(0)), cache.kept_positions(0))  # numpy / torch integers taken
+    assert cache.stored_length(torch.tensor(0)) == cache.stored_length(0)
+    for bad in (-1, 2, 1.0):
+        with pytest.raises(IndexError, match="out of range"):
+            cache.stored_length(bad)
     cache.reset()
     assert cache.kept_positions(0).shape == (0, 2, 0)
 

@@ -30,6 +30,7 @@ steps never touch it).
 
 from __future__ import annotations
 
+import operator
 import os
 import weakref
 from typing import Any
@@ -367,8 +368,19 @@ class ZipageCache(Cache):
     def stored_length(self, layer_idx: int | None = None) -> int:
         """Tokens physically stored per row (and per KV head) in ``layer_idx`` (default: the first
         full-attention layer; a sliding-window layer stores its window)."""
-        layer = self.full[0] if layer_idx is None else self.layers[layer_idx]
+        layer = self.full[0] if layer_idx is None else self.layers[self._layer_index(layer_idx)]
         return layer.stored() if isinstance(layer, SlidingLayer) else layer.stored
+
+    def _layer_index(self, layer_idx: Any) -> int:
+        """``layer_idx`` as an int in range (numpy and 0-d torch integers taken), else an IndexError naming it."""
+        try:
+            i = operator.index(layer_idx) if not isinstance(layer_idx, bool) else None
+        except TypeError:
+            i = None
+        if i is None or not 0 <= i < len(self.layers):
+            raise IndexError(f"layer_idx={layer_idx!r} is out of range: the model has {len(self.layers)} layers "
+                             f"(0 .. {len(self.layers) - 1})")
+        return i
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """Which logical positions layer ``layer_idx`` keeps: ``[batch, kv_heads, stored]`` int64, per KV
@@ -379,8 +391,7 @@ class ZipageCache(Cache):
         per generated token), left padding included: position ``p`` of row ``b`` is padding where that
         column of the attention mask is 0. Padding is evicted before any real token, and the padding that
         is kept (a budget larger than the real tokens) is masked out of the attention all the same."""
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
-            raise IndexError(f"layer_idx={layer_idx!r} is out of range: the model has {len(self.layers)} layers")
+        layer_idx = self._layer_index(layer_idx)
         layer = self.layers[layer_idx]
         first = self.full[0]
         if first.keys is None:
