@@ -186,7 +186,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None,
                    help="a Hub id or a local folder (default: the offline SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on (default: 8000)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="the name(s) clients give as 'model' (default: MODEL)")
     p.add_argument("--api-key", default=None,
