@@ -124,7 +124,8 @@ def compare(model_id, prompt, budget, scorer, page_size, max_new_tokens, decodin
     mask = kept_mask(snap.zipage.cache)
     share = mask.float().mean(dim=(0, 1)) if mask is not None else None
     yield (
-        text(snap.full), text(snap.zipage), memory_figure(snap), heatmap_figure(mask, len(ids), first_full_layer(snap.zipage.cache)),
+        text(snap.full), text(snap.zipage), memory_figure(snap),
+        heatmap_figure(mask, len(ids), first_full_layer(snap.zipage.cache)),
         tokens_html(tokenizer, ids, snap.zipage.ids, share), stats_markdown(snap.stats(), snap, tokenizer),
     )
 

@@ -346,8 +346,9 @@ class ZipageCache(Cache):
         theirs = [bool(s) for s in sliding]
         mine_window = self.window_pages.window if self.window_pages is not None else None
         if theirs != mine or (any(theirs) and window != mine_window):
-            describe = lambda flags, w: (f"{len(flags)} layers" + (f", {sum(flags)} of them sliding (window {w})"  # noqa: E731
-                                                                   if any(flags) else ""))
+            def describe(flags: list[bool], w: int | None) -> str:
+                return f"{len(flags)} layers" + (f", {sum(flags)} of them sliding (window {w})" if any(flags) else "")
+
             raise ValueError(f"this ZipageCache was built for {describe(mine, mine_window)}, but the model has "
                              f"{describe(theirs, window)}: build the cache with config=model.config of the model "
                              "that uses it")

@@ -59,7 +59,8 @@ def run_configuration(model: Any, tokenizer: Any, prompts: list[list[int]], para
     """Generate ``params.n`` samples of every prompt with one engine built for ``config``.
 
     Request ``i`` is seeded ``request_seed(params.seed, i)`` (its samples ``+ 0 .. n-1``), so that every
-    configuration draws from the same random streams, and another ``--seed`` from other streams. ``bar`` (a tqdm) advances once per finished
+    configuration draws from the same random streams, and another ``--seed`` from other
+    streams. ``bar`` (a tqdm) advances once per finished
     sample. ``warmup`` first runs two prompts through a compression, untimed (kernel compilation,
     CUDA-graph capture and a CPU's first calls would otherwise count against the first configuration's
     tokens/s); reversed, so that no page of theirs is in the prefix cache for the timed run, whose counters

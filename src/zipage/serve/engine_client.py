@@ -265,7 +265,8 @@ class AsyncEngine:
             by_loop.setdefault(req.loop, []).append((req.queue, deltas))
             if all(req.ended):
                 if self.metrics is not None:
-                    self.metrics.request_finished("error" if req.errored else deltas[-1].finish_reason, now - req.arrival)
+                    reason = "error" if req.errored else deltas[-1].finish_reason
+                    self.metrics.request_finished(reason, now - req.arrival)
                 self._forget(req)
         for loop, items in by_loop.items():
             _call(loop, _put_all, items)
