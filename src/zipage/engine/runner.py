@@ -138,13 +138,7 @@ class StepMeta:
 def engine_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """transformers attention function for packed engine steps (batch dim 1)."""
     meta: StepMeta | None = getattr(_context, "meta", None)
-    if meta is None:  # this thread is no engine step: the model's own forward, while an engine steps in another
-        raise RuntimeError(
-            f"{type(module).__name__} of layer {getattr(module, 'layer_idx', '?')} was called outside a zipage engine "
-            "step while an engine on the same model is stepping in another thread: the model's attention name is "
-            "the engine's for the length of its forward; run the model's own forward (or generate()) when no "
-            "engine on it is stepping, or on a copy of the model")
-    r = meta.runner
+    r = meta.runner if meta is not None else None
     layer = module.layer_idx
     sliding = r is not None and layer in r.window_index
     check_attention_call(module, kwargs, "the zipage engine", r.window if sliding else None)
@@ -153,6 +147,12 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             f"the zipage engine serves plain causal softmax attention only; layer {module.layer_idx} "
             f"({type(module).__name__}) received an attention mask or additive bias the engine did not build"
         )
+    if meta is None:  # this thread is no engine step: the model's own forward, while an engine steps in another
+        raise RuntimeError(
+            f"{type(module).__name__} of layer {layer} was called outside a zipage engine step while an engine on "
+            "the same model is stepping in another thread: the model's attention name is the engine's for the "
+            "length of its forward; run the model's own forward (or generate()) when no engine on it is stepping, "
+            "or on a copy of the model")
     meta.layers.add(layer)
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     k = key[0].transpose(0, 1)
