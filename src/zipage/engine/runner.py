@@ -290,6 +290,7 @@ class ModelRunner:
         register_attention()
         self.model = model
         self.config = model.config.get_text_config(decoder=True)
+        self._forward_lock = _config_lock(self.config)  # (shared with every engine on this model: see _model_call)
         cfg = self.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -534,7 +535,7 @@ class ModelRunner:
         """The model's own forward with the engine attention in place (restored afterwards)."""
         cfg = self.config
         meta.tail = None  # (each forward makes its own, a captured one included)
-        with _config_lock(cfg):  # (another engine on this model, in another thread, waits for this forward)
+        with self._forward_lock:  # (another engine on this model, in another thread, waits for this forward)
             original = cfg._attn_implementation
             _context.meta = meta
             cfg._attn_implementation_internal = ATTENTION_NAME
