@@ -88,6 +88,7 @@
 #              those of the engine and generate(), then the prefill sweep
 #   PART=s44final the GPU tests of the engine, generate(), exact tails, FP8 engine and kept positions
 #   PART=allgpu every GPU test of the suite (TEST_LIMIT s at most), the slowest 15 named
+#   PART=s45a  the prefill sweep with bucketed cuDNN for whole prompts and -ws launches, then (H200) fp8pair
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
@@ -368,6 +369,12 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       tests/test_engine_requests.py tests/test_generate_gpu.py tests/test_generate_memory.py tests/test_kept_positions.py \
       tests/test_exact_tail_engine.py tests/test_fp8_engine.py tests/test_sliding_engine.py tests/test_query_weights.py \
       --durations=8 2>&1 | tee "$OUT/gpu_tests_s44_final.log" | tail -14 ;;
+  s45a)  # session 45: the prefill sweep with whole prompts through bucketed, batched cuDNN (kernels/fresh_prefill.py)
+    # and the mask-free loop warp-specialized by the compiler (-ws); then, on an H200, the FP8 pair
+    timeout 200 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" --budget-s 150 \
+      --variants m64n64w4s3-tma,m128n128w8s3-tma,m64n64w4s3-tma-ws,m128n128w8s3-tma-ws \
+      --fp8-variants m64n64w4s3-tma 2>&1 | tail -22
+    [ "$(big_card 1 0)" = 1 ] && PART=fp8pair bash "$0" ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \

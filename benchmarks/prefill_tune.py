@@ -38,11 +38,13 @@ import torch.nn.functional as F
 try:
     from zipage.kernels import paged_attention as v1
     from zipage.kernels import paged_prefill as v2
+    from zipage.kernels import fresh_prefill as fresh
     from zipage.kernels.fp8 import quantize_reference
 except ImportError:  # a checkout without the package installed: the kernels folder is self-contained
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import paged_attention as v1
     from kernels import paged_prefill as v2
+    from kernels import fresh_prefill as fresh
     from kernels.fp8 import quantize_reference
 
 HQ, HKV, D, PAGE = 32, 8, 128, 256
@@ -70,6 +72,8 @@ CASES = [
     ("prompt 4096 x4", 4, 4096, 4096),
     ("prefix 4K q2K x4", 4, 4096, 2048),
 ]
+# whole prompts of mixed lengths (seeded), each its own shape for the baseline's SDPA
+RAGGED = [("ragged 384-640 x16", 16, 384, 640), ("ragged 1.5K-2.5K x4", 4, 1536, 2560)]
 MIXED = ("chunk 2K + 64x1", 4096, 2048, 64, 2048)  # name, chunk context, chunk queries, rows, row ctx
 FP8_CASE = ("fp8 prompt 2K x4", 4, 2048, 2048)
 # launches timed on FP8 pages: dequantized first (the default, then the 16-bit launches), and read as codes
@@ -79,9 +83,10 @@ FP8_VARIANTS = ("m64n64w4s3-tma", "m128n128w8s3-tma", "m128n64w8s3-tma-codes", "
 def smoke_setup() -> None:
     """``--smoke``: the same script at toy sizes on the CPU (Triton's interpreter, float32, one timed call
     each), so CI checks its plumbing; the numbers mean nothing."""
-    global HQ, HKV, D, PAGE, DT, DEVICE, CASES, MIXED, FP8_CASE, VARIANTS, FP8_VARIANTS, bench
+    global HQ, HKV, D, PAGE, DT, DEVICE, CASES, RAGGED, MIXED, FP8_CASE, VARIANTS, FP8_VARIANTS, bench
     HQ, HKV, D, PAGE, DT, DEVICE = 4, 2, 16, 16, torch.float32, "cpu"
     CASES = [("prompt 24 x2", 2, 24, 24), ("prefix 24 x2 (q 12)", 2, 24, 12)]
+    RAGGED = []
     MIXED = ("chunk 12@24 + 2x1@16", 24, 12, 2, 16)
     FP8_CASE = ("fp8 prompt 16 x1", 1, 16, 16)
     VARIANTS = {n: v2.parse_config(n) for n in ("m32n16w4s1", "m16n16w4s1-nopack-nosplit-inorder")}
@@ -233,6 +238,14 @@ class Step:
                                                       scale=self.scale)[0].transpose(0, 1)
         return out
 
+    def run_bucketed(self, backend=None):
+        """``kernels/fresh_prefill.py``: prompts padded to length buckets, batched, one SDPA call per batch over
+        the step's own K/V (the plan made on the host, outside the timing; held to ``backend`` if given)."""
+        k, v = self.fresh_kv()
+        if not hasattr(self, "_plan"):
+            self._plan = fresh.plan_fresh(self.q_lens_list, self.cu_host[:-1])
+        return fresh.fresh_prefill_attention(self.q, k, v, self._plan, self.scale, backend=backend)
+
     def run_cudnn_varlen(self):
         """cuDNN attention over the packed step in one launch (its ragged, cumulative-length form)."""
         k, v = self.fresh_kv()
@@ -295,6 +308,27 @@ def measure(name: str, step: Step, kernels: dict, deadline: float, flops: float)
     return row
 
 
+def first_calls() -> list[dict]:
+    """The bucketed cuDNN path's first call on shapes no case used (cuDNN builds a plan for each new shape),
+    then its second call: wall milliseconds, synchronized."""
+    from torch.nn.attention import SDPBackend
+
+    res = []
+    for n, L in ((2, 1152), (1, 2304), (8, 640)):
+        q = torch.randn(n * L, HQ, D, device=DEVICE, dtype=DT)
+        k, v = (torch.randn(n * L, HKV, D, device=DEVICE, dtype=DT) for _ in range(2))
+        plan = fresh.plan_fresh([L] * n, [i * L for i in range(n)])
+        ms = []
+        for _ in range(2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fresh.fresh_prefill_attention(q, k, v, plan, D**-0.5, backend=SDPBackend.CUDNN_ATTENTION)
+            torch.cuda.synchronize()
+            ms.append(1000 * (time.perf_counter() - t))
+        res.append(dict(batch=n, length=L, first_ms=ms[0], second_ms=ms[1]))
+    return res
+
+
 def causal_flops(kv_lens, q_lens) -> float:
     """Multiply-adds x 2 of QK^T and PV over the allowed (query, key) pairs."""
     pairs = sum(nq * (n - nq) + nq * (nq + 1) / 2 for n, nq in zip(kv_lens, q_lens))
@@ -339,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     mname, n_c, q_c, rows_n, ctx_r = MIXED
     fname, fb, fn, fq = FP8_CASE
     cases = [(name, [n] * B, [nq] * B, False) for name, B, n, nq in CASES]
+    gen = torch.Generator().manual_seed(0)
+    for name, B, lo, hi in RAGGED:
+        lens = torch.randint(lo, hi + 1, (B,), generator=gen).tolist()
+        cases.append((name, lens, lens, False))
     cases += [(mname, [n_c] + [ctx_r] * rows_n, [q_c] + [1] * rows_n, False), (fname, [fn] * fb, [fq] * fb, True)]
     for name, kv_lens, q_lens, fp8 in cases:
         step = Step(kv_lens, q_lens, fp8=fp8)
@@ -352,10 +390,20 @@ def main(argv: list[str] | None = None) -> int:
             kernels["flash-fresh"] = step.run_flash_fresh
             kernels["sdpa-fresh"] = step.run_sdpa_fresh
             kernels["cudnn-varlen"] = step.run_cudnn_varlen
+            from torch.nn.attention import SDPBackend
+
+            kernels["sdpa-bucket"] = step.run_bucketed
+            kernels["cudnn-bucket"] = lambda step=step: step.run_bucketed(SDPBackend.CUDNN_ATTENTION)
         rows.append(measure(name, step, kernels, deadline, causal_flops(kv_lens, q_lens)))
         print(f"{time.perf_counter() - t0:5.1f} s  {name}", flush=True)
         save()
         del step
+    if not args.smoke:
+        summary["first_calls"] = first_calls()
+        save()
+        print("bucketed cuDNN, first and second call of a new shape (host + device ms):",
+              "; ".join(f"{c['batch']} x {c['length']}: {c['first_ms']:.1f} then {c['second_ms']:.2f}"
+                        for c in summary["first_calls"]))
     print(table(rows))
     print(f"{summary['seconds']:.0f} s on {device}, triton {triton.__version__}")
     return 0

@@ -84,6 +84,7 @@ class PrefillConfig:
     longest_first: bool = True  # launch the query blocks with the most keys first
     tma: bool = False  # key/value tiles through tensor descriptors (where a tile lies in one page)
     dequantize: bool = True  # 8-bit pages, 16-bit queries: dequantize the step's pages first (see dequantizes)
+    warp_specialize: bool = False  # the mask-free loop as tl.range(..., warp_specialize=True) (a probe)
 
     def validate(self) -> None:
         for name in ("block_m", "block_n"):
@@ -97,9 +98,10 @@ class PrefillConfig:
 
 def parse_config(name: str) -> PrefillConfig:
     """A config from its name, ``m<block_m>n<block_n>w<warps>s<stages>`` and any of the suffixes
-    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma``, ``-codes`` (what :func:`config_name` writes; ``-codes``:
-    8-bit pages read as codes by the kernel, not dequantized first)."""
-    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma|-codes)*)", name)
+    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma``, ``-codes``, ``-ws`` (what :func:`config_name` writes; ``-codes``:
+    8-bit pages read as codes by the kernel, not dequantized first; ``-ws``: the mask-free key loop warp-specialized
+    by the compiler)."""
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma|-codes|-ws)*)", name)
     if m is None:
         raise ValueError(f"prefill config {name!r}: expected m<block_m>n<block_n>w<warps>s<stages>[-nopack]"
                          "[-nosplit][-inorder][-tma][-codes], e.g. m128n64w8s3")
@@ -107,7 +109,7 @@ def parse_config(name: str) -> PrefillConfig:
     cfg = PrefillConfig(block_m=int(m.group(1)), block_n=int(m.group(2)), num_warps=int(m.group(3)),
                         num_stages=int(m.group(4)), pack_gqa="-nopack" not in flags,
                         split_mask="-nosplit" not in flags, longest_first="-inorder" not in flags,
-                        tma="-tma" in flags, dequantize="-codes" not in flags)
+                        tma="-tma" in flags, dequantize="-codes" not in flags, warp_specialize="-ws" in flags)
     cfg.validate()
     return cfg
 
@@ -115,7 +117,7 @@ def parse_config(name: str) -> PrefillConfig:
 def config_name(cfg: PrefillConfig) -> str:
     return (f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + ("" if cfg.pack_gqa else "-nopack")
             + ("" if cfg.split_mask else "-nosplit") + ("" if cfg.longest_first else "-inorder")
-            + ("-tma" if cfg.tma else "") + ("" if cfg.dequantize else "-codes"))
+            + ("-tma" if cfg.tma else "") + ("" if cfg.dequantize else "-codes") + ("-ws" if cfg.warp_specialize else ""))
 
 
 @functools.lru_cache(maxsize=16)
@@ -362,7 +364,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
         FP8: tl.constexpr, TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
         TMA: tl.constexpr,
-        WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
+        WINDOW: tl.constexpr = 0, WS: tl.constexpr = False, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         # rows are (query, head) pairs, query-major: BLOCK_Q = BLOCK_M / P queries x P heads
         hg = tl.program_id(0)  # group of P query heads (one KV head)
@@ -420,7 +422,7 @@ if HAS_TRITON:
                                     BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
-        for t0 in range(full_lo, full_hi, BLOCK_N):  # tiles every row sees whole: no mask
+        for t0 in tl.range(full_lo, full_hi, BLOCK_N, warp_specialize=WS):  # tiles every row sees whole: no mask
             k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
                                     hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
                                     stride_vh, stride_vd, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False,
@@ -510,7 +512,7 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         BLOCK_N=cfg.block_n,
         PRECISION=dot_precision(q.dtype), FP8=fp8, TILE_IN_PAGE=tile_in_page,
         SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, TMA=kd is not k_cache, WINDOW=int(window or 0),
-        HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E,
+        HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, WS=cfg.warp_specialize and q.is_cuda,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if q.is_cuda else 1,
     )
     return out
