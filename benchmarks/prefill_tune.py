@@ -73,7 +73,8 @@ CASES = [
     ("prefix 4K q2K x4", 4, 4096, 2048),
 ]
 # whole prompts of mixed lengths (seeded), each its own shape for the baseline's SDPA
-RAGGED = [("ragged 384-640 x16", 16, 384, 640), ("ragged 1.5K-2.5K x4", 4, 1536, 2560)]
+RAGGED = [("ragged 384-640 x16", 16, 384, 640), ("ragged 1.5K-2.5K x4", 4, 1536, 2560),
+          ("ragged 3K-5K x4", 4, 3072, 5120), ("ragged 6K-10K x2", 2, 6144, 10240)]
 MIXED = ("chunk 2K + 64x1", 4096, 2048, 64, 2048)  # name, chunk context, chunk queries, rows, row ctx
 FP8_CASE = ("fp8 prompt 2K x4", 4, 2048, 2048)
 # launches timed on FP8 pages: dequantized first (the default, then the 16-bit launches), and read as codes
@@ -243,7 +244,7 @@ class Step:
         the step's own K/V (the plan made on the host, outside the timing; held to ``backend`` if given)."""
         k, v = self.fresh_kv()
         if not hasattr(self, "_plan"):
-            self._plan = fresh.plan_fresh(self.q_lens_list, self.cu_host[:-1])
+            self._plan = fresh.plan_fresh(self.q_lens_list, self.cu_host[:-1], DEVICE)
         return fresh.fresh_prefill_attention(self.q, k, v, self._plan, self.scale, backend=backend)
 
     def run_cudnn_varlen(self):
@@ -317,7 +318,7 @@ def first_calls() -> list[dict]:
     for n, L in ((2, 1152), (1, 2304), (8, 640)):
         q = torch.randn(n * L, HQ, D, device=DEVICE, dtype=DT)
         k, v = (torch.randn(n * L, HKV, D, device=DEVICE, dtype=DT) for _ in range(2))
-        plan = fresh.plan_fresh([L] * n, [i * L for i in range(n)])
+        plan = fresh.plan_fresh([L] * n, [i * L for i in range(n)], DEVICE)
         ms = []
         for _ in range(2):
             torch.cuda.synchronize()

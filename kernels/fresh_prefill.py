@@ -40,41 +40,58 @@ def bucket_length(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class FreshBatch:
-    """One fused-attention call: ``seqs`` (indices into the step's prompts), padded to ``length``.
-    ``first_row`` is set when the batch is read in place: its prompts fill the bucket exactly and lie
-    one after another from that packed row."""
+    """One fused-attention call: prompts ``seqs`` (indices into the step's prompts), padded to ``length``.
+    ``first_row`` is set when the batch is read in place: its prompts fill the bucket exactly and lie one
+    after another from that packed row. Otherwise ``src`` holds the prompts' packed rows, in order, and
+    ``dst`` their rows in the zero-padded ``[len(seqs) * length]`` batch (int64 tensors on the step's device)."""
 
     seqs: tuple[int, ...]
     length: int
     first_row: int | None
-    src: tuple[int, ...] = ()  # (copied batches) packed rows of the prompts, in order
-    dst: tuple[int, ...] = ()  # (copied batches) their rows in the padded [len(seqs) * length] batch
+    src: torch.Tensor | None = None
+    dst: torch.Tensor | None = None
 
 
-def plan_fresh(q_lens: list[int], starts: list[int], max_batch: int = MAX_BATCH) -> list[FreshBatch]:
+def plan_fresh(q_lens: list[int], starts: list[int], device: torch.device | str = "cpu", copy_min: int = 0,
+               max_batch: int = MAX_BATCH) -> list[FreshBatch]:
     """The calls for prompts of ``q_lens`` tokens whose queries start at packed rows ``starts``: by bucket,
-    longest first, each bucket's prompts in batches of a power of two (largest first)."""
+    longest first, each bucket's prompts (those that fill it first) in batches of a power of two (largest first). A batch that must be
+    copied (not read in place) is planned only if its bucket is ``copy_min`` tokens or longer; the prompts
+    of the batches left out are not in the plan. One host-to-device copy for every batch's rows."""
     if len(q_lens) != len(starts):
         raise ValueError(f"plan_fresh: {len(q_lens)} lengths for {len(starts)} starts")
+    if max_batch < 1:
+        raise ValueError(f"plan_fresh: max_batch={max_batch} (must be >= 1)")
     by_bucket: dict[int, list[int]] = {}
     for i, n in enumerate(q_lens):
         by_bucket.setdefault(bucket_length(n), []).append(i)
-    batches = []
+    planned, rows, bounds = [], [], []  # (seqs, length, first_row); every copied batch's src + dst rows
+    groups = []  # each bucket's prompts that fill it (they may batch in place), then the others
     for length in sorted(by_bucket, reverse=True):
-        seqs = by_bucket[length]
+        for fill in (True, False):
+            groups.append((length, [i for i in by_bucket[length] if (q_lens[i] == length) == fill]))
+    for length, seqs in groups:
         while seqs:
             size = min(1 << (len(seqs).bit_length() - 1), max_batch)
-            take, seqs = seqs[:size], seqs[size:]
-            in_place = all(q_lens[i] == length for i in take) and all(
-                starts[b] == starts[a] + length for a, b in zip(take, take[1:]))
-            if in_place:
-                batches.append(FreshBatch(tuple(take), length, starts[take[0]]))
-                continue
-            src, dst = [], []
-            for j, i in enumerate(take):
-                src += range(starts[i], starts[i] + q_lens[i])
-                dst += range(j * length, j * length + q_lens[i])
-            batches.append(FreshBatch(tuple(take), length, None, tuple(src), tuple(dst)))
+            take, seqs = tuple(seqs[:size]), seqs[size:]
+            if all(q_lens[i] == length for i in take) and all(
+                    starts[b] == starts[a] + length for a, b in zip(take, take[1:])):
+                planned.append((take, length, starts[take[0]]))
+            elif length >= copy_min:
+                src = [r for i in take for r in range(starts[i], starts[i] + q_lens[i])]
+                dst = [r for j, i in enumerate(take) for r in range(j * length, j * length + q_lens[i])]
+                bounds.append((len(rows), len(src)))
+                rows += src + dst
+                planned.append((take, length, None))
+    flat = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True) if rows else None
+    batches, k = [], 0
+    for take, length, first in planned:
+        if first is not None:
+            batches.append(FreshBatch(take, length, first))
+            continue
+        a, n = bounds[k]
+        k += 1
+        batches.append(FreshBatch(take, length, None, flat[a:a + n], flat[a + n:a + 2 * n]))
     return batches
 
 
@@ -102,7 +119,7 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     whole = len(batches) == 1 and batches[0].first_row == 0 and len(batches[0].seqs) * batches[0].length == len(q)
     if out is None and whole:
         n, L = len(batches[0].seqs), batches[0].length
-        o = _attend(q.view(n, L, Hq, D), k.view(n, L, Hkv, D), v.view(n, L, Hkv, D), scale, backend)
+        o = _attend(q.reshape(n, L, Hq, D), k.reshape(n, L, Hkv, D), v.reshape(n, L, Hkv, D), scale, backend)
         return o.transpose(1, 2).reshape(n * L, Hq, D)
     if out is None:
         out = torch.empty_like(q)
@@ -110,12 +127,11 @@ def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
         n = len(b.seqs)
         if b.first_row is not None:
             rows = slice(b.first_row, b.first_row + n * b.length)
-            o = _attend(q[rows].view(n, b.length, Hq, D), k[rows].view(n, b.length, Hkv, D),
-                        v[rows].view(n, b.length, Hkv, D), scale, backend)
+            o = _attend(q[rows].reshape(n, b.length, Hq, D), k[rows].reshape(n, b.length, Hkv, D),
+                        v[rows].reshape(n, b.length, Hkv, D), scale, backend)
             out[rows] = o.transpose(1, 2).reshape(n * b.length, Hq, D)
             continue
-        src = torch.tensor(b.src, dtype=torch.long).to(q.device, non_blocking=True)
-        dst = torch.tensor(b.dst, dtype=torch.long).to(q.device, non_blocking=True)
+        src, dst = b.src, b.dst
         padded = []
         for x, h in ((q, Hq), (k, Hkv), (v, Hkv)):
             p = x.new_zeros(n * b.length, h, D)

@@ -34,6 +34,7 @@ from ..compress import LayerPages, attention_scale, compress_layers, layer_batch
 from ..config import ZipageConfig
 from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels.exact_tail import exact_tail_merge
+from ..kernels.fresh_prefill import FreshBatch, fresh_prefill_attention, plan_fresh
 from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, query_weighting, rotate, value_pool
 from ..kernels.fp8 import kv_rotation as rotation_for
 from ..kernels._triton import use_triton
@@ -83,6 +84,40 @@ def dim_major_values(kv_cache_dtype: str, page_size: int, head_dim: int,
     return capability[0] >= 9 and page_size % DECODE_TILE == 0 and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
+# Whole prompts (nothing stored before them) go to PyTorch's fused attention over their own keys and values
+# (kernels/fresh_prefill.py): prompts batched in place always, prompts copied into a padded batch from a bucket
+# of this many tokens (below it the copies cost more than the faster attention saves)
+FRESH_COPY_MIN = 4096
+
+
+def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether whole prompts go to PyTorch's fused attention instead of the paged prefill kernel: on CUDA GPUs
+    of compute capability 9.0 or newer (where cuDNN's attention was measured faster than the Triton kernel),
+    16-bit models, head dims up to 256. ``ZIPAGE_FRESH_PREFILL=1`` / ``0`` decides instead (1 also on a CPU,
+    where SDPA's math runs: tests)."""
+    value = os.environ.get("ZIPAGE_FRESH_PREFILL", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"ZIPAGE_FRESH_PREFILL={value!r}: expected 1 (whole prompts through PyTorch's fused "
+                         "attention), 0 (the paged prefill kernel) or unset (1 on compute capability 9.0+)")
+    if value:
+        return value == "1"
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256)
+
+
+@dataclass
+class FreshRest:
+    """The prefill sequences a step's fresh plan leaves to the paged kernel: their page table, stored lengths and
+    query runs (``cu`` in the step's packed rows when ``rows`` is a slice of them; else ``rows`` indexes the
+    packed rows they gather, and ``cu`` counts from 0)."""
+
+    rows: slice | torch.Tensor
+    cu: torch.Tensor
+    table: torch.Tensor
+    lens: torch.Tensor
+    max_q_len: int
+
+
 @dataclass
 class Feed:
     """Tokens sampled by a step that are still on the device: ``tokens[rows[id(seq)]]`` is the
@@ -123,6 +158,10 @@ class StepMeta:
     decode_pos: torch.Tensor | None = None  # [Bd]
     decode_exact: torch.Tensor | None = None  # [Bd] int32
     tail: tuple | None = None  # (made by the first layer of each forward: first ring rows, paged lens)
+    # whole prompts through PyTorch's fused attention (full layers without window, sinks or softcap): the plan's
+    # calls, and the prefill sequences left to the paged kernel (None: none left)
+    fresh: list[FreshBatch] | None = None
+    fresh_rest: FreshRest | None = None
     layers: set[int] = field(default_factory=set)  # the layers whose attention ran through the engine
 
     def decode_tail(self, r: ModelRunner) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,10 +241,24 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
             k_scale=ks, v_scale=vs, **features
         )
+    fresh = meta.fresh if n_p and not sliding and not any(v is not None for v in features.values()) else None
+    if fresh is not None and decode is None and meta.fresh_rest is None:  # every row from the fused attention
+        out = fresh_prefill_attention(q0, k0, v0, fresh, scale)  # (its output as it is, where it is one batch)
+        return out[None], None
     if n_p:
         out = torch.empty_like(q)
         if exact:  # (in the model's basis)
             _prefill_with_exact_tails(meta, q0[:n_p], k0, v0, before, kp, vp, ks, vs, rot, scale, features, out)
+        elif fresh is not None:  # the prompts the plan leaves, through the paged kernel
+            rest = meta.fresh_rest
+            if rest is not None and isinstance(rest.rows, slice):  # (one run of rows: the packed queries as they are, cu in their rows)
+                out[rest.rows] = paged_prefill_attention(
+                    q[:n_p], kp, vp, rest.table, rest.cu, rest.lens, scale, max_q_len=rest.max_q_len,
+                    k_scale=ks, v_scale=vs)[rest.rows]
+            elif rest is not None:
+                out.index_copy_(0, rest.rows, paged_prefill_attention(
+                    q.index_select(0, rest.rows), kp, vp, rest.table, rest.cu, rest.lens, scale,
+                    max_q_len=rest.max_q_len, k_scale=ks, v_scale=vs))
         else:
             out[:n_p] = paged_prefill_attention(
                 q[:n_p], kp, vp, tables[0], meta.cu_seqlens_q, tables[1], scale, max_q_len=meta.max_q_len,
@@ -217,6 +270,8 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
         out = decode
     if rot is not None and not exact:  # the output back from the rotated basis
         out = rotate(out, rot, out.dtype)
+    if fresh is not None:  # (in the model's basis: its own keys and values, never stored)
+        fresh_prefill_attention(q0, k0, v0, fresh, scale, out=out)
     return out[None], None
 
 
@@ -365,6 +420,9 @@ class ModelRunner:
         # the model's RMSNorms and RoPE as fused kernels inside the engine's forwards, its q/k/v and
         # gate/up GEMMs merged (the weights become slices of one tensor), SiLU-gate fused (CUDA only)
         self.fusion = ModelFusion.find(model) if fuse_ops and use_triton(self.k_pool) else ModelFusion()
+        # whole prompts through PyTorch's fused attention (not with exact tails, whose prefill reads the rings)
+        self.fresh_prefill = not self.exact_tail and fresh_prefill_default(self.device, self.dtype, D)
+        self.fresh_prefill_tokens = 0  # prompt tokens the fused attention has served (host count)
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool, kv_cache_dtype: str = "auto",
@@ -486,6 +544,8 @@ class ModelRunner:
             decode_table=self._table([s.pages for s in decode]) if decode else None,
             max_decode_len=max((s.stored + 1 for s in decode), default=0),
         )
+        if prefill and self.fresh_prefill:
+            self._fresh_meta(meta, prefill)
         if wb is not None:
             i32 = dict(dtype=torch.int32, device=dev)
             meta.window_slots = torch.tensor(wslots, dtype=torch.long, device=dev)
@@ -503,6 +563,42 @@ class ModelRunner:
             self._exact_meta(meta, prefill, decode, exact, position_ids[0, n_p:])
         keep = torch.tensor(last, dtype=torch.long, device=dev)
         return self._model_call(meta, input_ids, position_ids, keep)[0]
+
+    def _fresh_meta(self, meta: StepMeta, prefill: list[tuple[Sequence, int]]) -> None:
+        """Plan the step's whole prompts (nothing stored or computed before the chunk) for PyTorch's fused
+        attention (``StepMeta.fresh``) and describe the prefill sequences it leaves (``StepMeta.fresh_rest``)."""
+        starts, a = [], 0
+        for _, n in prefill:
+            starts.append(a)
+            a += n
+        whole = [b for b, (seq, _) in enumerate(prefill) if seq.stored == 0 and seq.num_computed == 0]
+        if not whole:
+            return
+        plan = plan_fresh([prefill[b][1] for b in whole], [starts[b] for b in whole], self.device,
+                          copy_min=FRESH_COPY_MIN)
+        if not plan:
+            return
+        # the plan's sequence indices, into the step's prefill list
+        meta.fresh = [FreshBatch(tuple(whole[i] for i in f.seqs), f.length, f.first_row, f.src, f.dst) for f in plan]
+        served = {b for f in meta.fresh for b in f.seqs}
+        self.fresh_prefill_tokens += sum(prefill[b][1] for b in served)
+        rest = [b for b in range(len(prefill)) if b not in served]
+        if not rest:
+            return
+        idx = torch.tensor(rest, device=self.device)
+        table, lens = meta.prefill_table.index_select(0, idx), meta.prefill_lens.index_select(0, idx)
+        max_q = max(prefill[b][1] for b in rest)
+        if rest == list(range(rest[0], rest[-1] + 1)):  # one run of sequences, so of rows
+            rows = slice(starts[rest[0]], starts[rest[-1]] + prefill[rest[-1]][1])
+            meta.fresh_rest = FreshRest(rows, meta.cu_seqlens_q[rest[0]:rest[-1] + 2], table, lens, max_q)
+            return
+        src, cu = [], [0]
+        for b in rest:
+            src += range(starts[b], starts[b] + prefill[b][1])
+            cu.append(cu[-1] + prefill[b][1])
+        dev = self.device
+        meta.fresh_rest = FreshRest(torch.tensor(src, dtype=torch.long, device=dev),
+                                    torch.tensor(cu, dtype=torch.int32, device=dev), table, lens, max_q)
 
     def _exact_meta(self, meta: StepMeta, prefill: list[tuple[Sequence, int]], decode: list[Sequence],
                     exact: list[int], decode_pos: torch.Tensor) -> None:
