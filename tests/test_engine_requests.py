@@ -244,7 +244,7 @@ def test_stop_strings_count_only_past_min_tokens(model):
     stop, again = whole[early], whole.find(whole[early], 8)
     params = dict(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop, "zzzzz"], min_tokens=early + 2)
     out = llm.generate([prompt], SamplingParams(**params), use_tqdm=False)[0]
-    first_after = whole.find(stop, early + 1)  # one character a token: the min_tokens-th may stop
+    first_after = whole.find(stop, early + 2)  # one character a token: the (min_tokens + 1)-th is the first to stop
     assert out.finish_reason == "stop" and first_after <= again
     assert out.text == whole[:first_after] == tok.decode(out.token_ids[:first_after])
     # a stop string only the first min_tokens tokens hold: the output runs to its length

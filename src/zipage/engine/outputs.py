@@ -132,7 +132,7 @@ class OutputProcessor:
         stop_at = None
         # a token that stops the request, its text left out, ends it whatever stop string its text would complete
         if self.tokenizer is not None and p.stop and not (reason == "stop" and not p.include_stop_str_in_output):
-            stop_at = self._find_stop(seq, n >= p.min_tokens)
+            stop_at = self._find_stop(seq, n > p.min_tokens)  # (as EOS: past the first min_tokens)
             if stop_at is not None:
                 reason = "stop"
         if reason is None and (n >= p.max_tokens or len(seq.prompt_token_ids) + n >= self.max_model_len):
