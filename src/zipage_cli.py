@@ -221,6 +221,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="largest budget a request may ask for; full KV is refused then too (default: no limit)")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="waiting requests beyond which new ones get a 429 (default: no limit)")
+    p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
+                   help="defaults of the sampling fields a request leaves out (temperature, top_p, top_k, min_p, "
+                   "repetition_penalty): auto, those the model's generation_config sets; vllm, the API's own "
+                   "(temperature 1, no filters)")
     return p
 
 

@@ -620,3 +620,41 @@ def test_an_add_in_the_shutdown_window_is_refused(checkpoint):
         asyncio.run(add())
     engine.shutdown()
     assert not engine.thread.is_alive()
+
+
+def test_sampling_fields_left_out_take_the_model_s_generation_config(checkpoint):
+    """As vLLM's ``--generation-config auto``: temperature / top_p / top_k / min_p / repetition_penalty a request
+    leaves out come from the model's generation_config (``vllm``: the API's own defaults); a field the request
+    sets wins."""
+    import argparse
+
+    from transformers import GenerationConfig
+
+    from zipage.serve.generation import model_sampling_defaults
+    from zipage.serve.server import config_from_args
+
+    gen = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, top_k=1, repetition_penalty=1.0)
+    assert model_sampling_defaults(gen) == {"temperature": 0.6, "top_p": 0.95, "top_k": 1, "repetition_penalty": 1.0}
+    assert model_sampling_defaults(GenerationConfig()) == {} and model_sampling_defaults(None) == {}
+    model, tok = checkpoint
+    llm = LLM(model, tok, **ENGINE)
+    saved = model.generation_config
+    model.generation_config = gen
+    try:
+        args = argparse.Namespace(served_model_name=None, model="tiny-folder", api_key=None, max_waiting=None,
+                                  max_budget=None, generation_config="auto")
+        config = config_from_args(llm, "tiny-folder", args)
+        assert config.sampling_defaults == model_sampling_defaults(gen)
+        assert config_from_args(llm, "tiny-folder", argparse.Namespace(
+            **{**vars(args), "generation_config": "vllm"})).sampling_defaults == {}
+    finally:
+        model.generation_config = saved
+    config.model_names = [NAME]
+    with thread_server(llm, config) as (url, engine):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        kw = dict(model=NAME, prompt="Hello", max_tokens=12, n=4, seed=3, extra_body={"ignore_eos": True})
+        texts = {c.text for c in client.completions.create(**kw).choices}
+        assert len(texts) == 1  # top_k=1 from the model: every sample the greedy one
+        kw["extra_body"] = {"ignore_eos": True, "top_k": -1}  # the request's own top_k wins
+        kw["temperature"] = 1.5
+        assert len({c.text for c in client.completions.create(**kw).choices}) > 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
@@ -31,6 +31,20 @@ class ServeConfig:
     api_key: str | None = None
     max_waiting: int | None = None  # requests (samples) waiting beyond which new ones get a 429
     max_budget: int | None = None  # largest per-request budget; full KV (null) is then refused too
+    # defaults of the sampling fields a request leaves out, from the model's generation_config (--generation-config)
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def model_sampling_defaults(generation_config: Any) -> dict[str, Any]:
+    """The sampling fields a model's ``generation_config`` sets away from transformers' defaults (as vLLM's
+    ``--generation-config auto`` reads them): they become the defaults of requests that leave them out."""
+    if generation_config is None:
+        return {}
+    diff = generation_config.to_diff_dict()
+    return {k: diff[k] for k in SAMPLING_DEFAULT_FIELDS if diff.get(k) is not None}
 
 
 def check_model(config: ServeConfig, model: str | None) -> None:
@@ -53,13 +67,21 @@ def sampling_params(req: SamplingFields, config: ServeConfig, max_tokens: int, l
             asked = "full KV (null)" if budget is None else str(budget)
             raise APIError(400, f"budget {asked} is above this server's --max-budget={config.max_budget}",
                            param="budget")
+    given, defaults = req.model_fields_set, config.sampling_defaults
+
+    def pick(name: str, api_default: Any) -> Any:  # the request's value; else the model's default; else the API's
+        value = getattr(req, name)
+        if name in given and value is not None:
+            return value
+        return defaults.get(name, api_default)
+
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=-1 if req.top_k is None else req.top_k,
+            max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", -1),
             seed=req.seed, stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-            n=req.n, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+            n=req.n, min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output, budget=budget,
             skip_special_tokens=req.skip_special_tokens,

@@ -18,7 +18,7 @@ import torch
 from ..engine import LLM
 from .app import build_app
 from .engine_client import AsyncEngine
-from .generation import ServeConfig
+from .generation import ServeConfig, model_sampling_defaults
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 log = logging.getLogger("zipage.serve")
@@ -72,11 +72,32 @@ def engine_from_args(model: Any, tokenizer: Any, args: argparse.Namespace) -> LL
                **fields)
 
 
+def sampling_defaults(llm: LLM, root: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``--generation-config auto``: the sampling defaults the model's generation_config sets (logged, as vLLM
+    does); ``vllm``: none."""
+    if getattr(args, "generation_config", "auto") != "auto":
+        return {}
+    gen = getattr(getattr(llm, "model", None), "generation_config", None)
+    if gen is None and args.model is not None:  # (tensor-parallel ranks hold the model: read the checkpoint's file)
+        try:
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(root)
+        except (OSError, ValueError):
+            gen = None
+    defaults = model_sampling_defaults(gen)
+    if defaults:
+        log.info("sampling defaults from the model's generation_config (--generation-config vllm for the API's "
+                 "own): %s", defaults)
+    return defaults
+
+
 def config_from_args(llm: LLM, root: str, args: argparse.Namespace) -> ServeConfig:
     names = args.served_model_name or [root if args.model is not None else DEFAULT_NAME]
     return ServeConfig(model_names=list(names), model_root=root, tokenizer=llm.tokenizer,
                        max_model_len=llm.max_model_len, api_key=args.api_key or os.environ.get("ZIPAGE_API_KEY"),
-                       max_waiting=args.max_waiting, max_budget=args.max_budget)
+                       max_waiting=args.max_waiting, max_budget=args.max_budget,
+                       sampling_defaults=sampling_defaults(llm, root, args))
 
 
 def check_args(args: argparse.Namespace) -> str | None:
