@@ -192,10 +192,21 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             "the same model is stepping in another thread: the model's attention name is the engine's for the "
             "length of its forward; run the model's own forward (or generate()) when no engine on it is stepping, "
             "or on a copy of the model")
+    if layer in meta.layers:  # (its second call would store over the first call's keys and values)
+        raise NotImplementedError(
+            f"{type(module).__name__} of layer {layer} called attention twice in one forward (two attentions a "
+            "layer, as differential attention has): the zipage engine stores one set of keys and values per layer "
+            "and step, so it cannot serve this model")
     meta.layers.add(layer)
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
+    pool = r.window_k_pool if sliding else r.k_pool
+    if k.shape[1:] != pool.shape[-2:] or v.shape[1:] != pool.shape[-2:]:
+        raise NotImplementedError(
+            f"{type(module).__name__} of layer {layer} gave keys {tuple(k.shape[1:])} and values "
+            f"{tuple(v.shape[1:])} (heads, head dim) where the config gives {tuple(pool.shape[-2:])}: a model that "
+            "repeats or reshapes its key/value heads before attention cannot be paged by the zipage engine")
     scale = attention_scale(scaling, q.shape[-1])
     q0, k0, v0 = q, k, v  # in the model's basis: what exact tails keep and read, rotated pages or not
     ks = vs = before = None
@@ -631,6 +642,7 @@ class ModelRunner:
         """The model's own forward with the engine attention in place (restored afterwards)."""
         cfg = self.config
         meta.tail = None  # (each forward makes its own, a captured one included)
+        meta.layers = set()
         with self._forward_lock:  # (another engine on this model, in another thread, waits for this forward)
             original = cfg._attn_implementation
             _context.meta = meta
@@ -639,6 +651,12 @@ class ModelRunner:
                 with torch.inference_mode(), self.fusion.applied():
                     out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                      logits_to_keep=logits_to_keep)
+            except Exception as e:
+                if not meta.layers and hasattr(e, "add_note"):  # (no layer's attention reached the engine)
+                    e.add_note(f"zipage: the forward failed before any layer's attention reached the engine; a "
+                               f"{type(self.model).__name__} whose attention does not go through transformers' "
+                               "AttentionInterface (its own attention code) cannot be served by the zipage engine")
+                raise
             finally:
                 cfg._attn_implementation_internal = original
                 _context.meta = None
