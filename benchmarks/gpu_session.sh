@@ -89,6 +89,8 @@
 #   PART=s44final the GPU tests of the engine, generate(), exact tails, FP8 engine and kept positions
 #   PART=allgpu every GPU test of the suite (TEST_LIMIT s at most), the slowest 15 named
 #   PART=s45a  the prefill sweep with bucketed cuDNN for whole prompts and -ws launches, then (H200) fp8pair
+#   PART=s45b  GPU tests with whole prompts through the fused attention, and the prefill sweep with ragged cases
+#   PART=s45c  the long-prompt TTFT with whole prompts through the fused attention and through the paged kernel
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
@@ -375,6 +377,23 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       --variants m64n64w4s3-tma,m128n128w8s3-tma,m64n64w4s3-tma-ws,m128n128w8s3-tma-ws \
       --fp8-variants m64n64w4s3-tma 2>&1 | tail -22
     [ "$(big_card 1 0)" = 1 ] && PART=fp8pair bash "$0" ;;
+  s45b)  # session 45: the GPU tests of the engine with whole prompts through the fused attention (the default on
+    # this card now) and of the fresh-prefill kernel, then the prefill sweep (ragged cases, the host plan per step)
+    timeout "${TEST_LIMIT:-330}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fresh_prefill.py \
+      tests/test_engine_gpu.py tests/test_engine_requests.py tests/test_fp8_engine.py tests/test_sliding_engine.py \
+      tests/test_exact_tail_engine.py tests/test_query_weights.py tests/test_kept_positions.py --durations=6 2>&1 \
+      | tee "$OUT/gpu_tests_s45b.log" | tail -12
+    timeout 170 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" --budget-s 120 \
+      --variants m64n64w4s3-tma --fp8-variants m64n64w4s3-tma 2>&1 | tail -22 ;;
+  s45c)  # session 45: the long-prompt workload's time to first token, whole prompts through the fused attention
+    # or the paged kernel, twice each in turn (bf16 pages)
+    lp="--workload long-prompt --requests 16 --max-tokens 64 --kv-gib 40"
+    for run in 1 2; do
+      for fresh in 0 1; do
+        ZIPAGE_FRESH_PREFILL=$fresh timeout 120 python3 benchmarks/throughput.py $lp --systems zipage-2048 \
+          --out "$OUT/longprompt_fresh${fresh}_$run.json" 2>&1 | tail -1
+      done
+    done ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
