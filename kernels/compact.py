@@ -8,7 +8,9 @@ overwrites a token it still has to read: the Triton kernel does exactly that
 in place, one program per (sequence, head), a barrier between each chunk's
 loads and stores, and each program taking a slice of the head dim (columns
 never interact, so the cursor argument holds per column). ``dst_slots`` may point elsewhere (fresh pages, when the
-source pages are shared through prefix caching).
+source pages are shared through prefix caching). ``compact_triton`` checks that ``keep`` ascends where it is
+on the CPU (the interpreter); on a GPU that would take a device sync, so there it is the caller's promise (the
+scorers' selection sorts it, ``compress.select_keep``): out of order, in place, it reads slots it already wrote.
 
 FP8 pools are moved as bytes, and their scale pools (``[num_pages, page_size, H]``) are just more
 caches in the list: a token's scale goes wherever its codes go.
@@ -117,6 +119,9 @@ def compact_triton(caches: list[torch.Tensor], slots: torch.Tensor, keep: torch.
     B, H, K = keep.shape
     if K == 0 or B == 0:
         return
+    if keep.device.type == "cpu" and not (bool((keep[..., 1:] > keep[..., :-1]).all()) and int(keep.min()) >= 0
+                                          and int(keep.max()) < slots.shape[1]):
+        raise ValueError(f"compact: keep must be ascending per (sequence, head), within 0 .. {slots.shape[1] - 1}")
     slots = slots if slots.stride(-1) == 1 else slots.contiguous()  # (the kernel takes the row strides only)
     dst = dst_slots if dst_slots is not None else slots
     dst = dst if dst.stride(-1) == 1 else dst.contiguous()

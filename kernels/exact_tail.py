@@ -6,7 +6,7 @@ query slot's ring of exact keys and values: ``tail`` rows from ``first``, positi
 ``first + t % tail``, so row ``r`` holds one of the row's last ``count`` positions when
 ``(pos - r) mod tail < count`` (``pos``: the row's own position, stored already). :func:`exact_tail_merge`
 takes the paged part's output and log-sum-exp and returns the row's attention output: the softmax over the
-valid ring rows (``softcap`` applied to their logits), merged with the paged part and the sink logits
+valid ring rows (``softcap``, positive or None, applied to their logits), merged with the paged part and the sink logits
 (``sinks``, once). The Triton kernel runs one program per row and KV head, the query heads of the group
 together (padded to 16 rows), over the ring rows as tiles of up to 64 with two dots (tensor cores for 16-bit
 inputs); the reference is ``merge_attention([(out, lse), exact_attention(...)], sinks)`` from
@@ -22,7 +22,7 @@ import os
 import torch
 
 from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
-from .paged_attention import exact_attention, merge_attention
+from .paged_attention import check_features, exact_attention, merge_attention
 
 MAX_BLOCK_ROWS = 64  # ring or tail rows one tile reads (longer tails: several tiles)
 # The launch (``benchmarks/merge_tune.py`` sweeps it): on the H200, 490 rows x 8 KV heads, 2 warps took 22 us at a tail
@@ -119,6 +119,7 @@ def exact_tail_merge_reference(q, out, lse, ring_k, ring_v, first, pos, count, t
 
 def _launch(q, out, lse, keys, values, strides_k, strides_v, tail, scale, softcap, sinks, first=None, pos=None,
             count=None, valid=None) -> torch.Tensor:
+    check_features(None, softcap)  # (positive or None, as in the reference's exact_attention)
     B, Hq, D = q.shape
     H = keys.shape[1]  # (a ring [rows, H_kv, D] or tails [B, H_kv, n, D])
     if Hq % H or keys.shape[-1] != D or values.shape != keys.shape:

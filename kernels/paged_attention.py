@@ -19,7 +19,14 @@ the kernels): ``window`` (a sliding window of that many keys: the query at posit
 ``p - window + 1 .. p`` only, as in ``sliding_attention`` layers), ``sinks`` (``[Hq]`` float32
 learned sink logits, one per query head: a column that joins every softmax's denominator and
 contributes no value, as in GPT-OSS) and ``softcap`` (logits become ``softcap * tanh(logits /
-softcap)`` before the softmax, as in Gemma 2).
+softcap)`` before the softmax, as in Gemma 2). None turns a feature off; a ``window`` below 1 or a
+``softcap`` that is not positive (0 included) is refused by every entry, reference and Triton alike.
+
+Argument checks: shapes (the host knows them) everywhere; the index tensors' values (``kv_lens`` within the
+page table's rows, the page ids those lengths read, a ``max_q_len`` hint at least the longest query run) only
+where those tensors are on the CPU (the references, Triton's interpreter): on a GPU reading them would cost a
+device sync (and break CUDA-graph capture), so there they are the caller's to get right, and a bad one reads
+other sequences' pages or leaves output rows unwritten.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import os
 import torch
 
 from ._triton import HAS_TRITON, dot_precision, next_pow2, use_triton
-from .fp8 import FP8, check_scales, dequantize_reference, dim_major
+from .fp8 import FP8, check_scales, dequantize_reference, dim_major, is_quantized
 from .paged_decode_fp8 import default_choice as default_fp8_choice
 from .paged_decode_fp8 import launch_decode_split_fp8
 
@@ -48,6 +55,8 @@ def _dense_kv(k_cache, v_cache, page_table, b: int, length: int, k_scale=None, v
     page = k_cache.shape[1]
     pos = torch.arange(length, device=k_cache.device)
     pages, slots = page_table[b, pos // page].long(), pos % page
+    if pages.device.type == "cpu" and pages.numel() and int(pages.min()) < 0:  # (-1 would wrap to the last page)
+        raise IndexError(f"paged attention: page id {int(pages.min())} in row {b} of the page table")
     at = lambda t: t[pages, slots] if t is not None else None  # noqa: E731  (any layout: no flat view needed)
     return dequantize_reference(at(k_cache), at(k_scale)), dequantize_reference(at(v_cache), at(v_scale))
 
@@ -77,6 +86,7 @@ def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, s
     ``[B, Hq]`` float32 (natural log; -inf where nothing is attended), without sinks."""
     check_scales("paged attention", k_cache, k_scale)
     check_scales("paged attention", v_cache, v_scale)
+    check_features(window, softcap)
     _check_lse(return_lse, sinks)
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -97,6 +107,16 @@ def paged_decode_attention_reference(q, k_cache, v_cache, page_table, kv_lens, s
         out[b] = torch.einsum("hl,lhd->hd", _softmax(logits, sinks), v).to(q.dtype)
         lse[b] = torch.logsumexp(logits, dim=-1)
     return (out, lse) if return_lse else out
+
+
+def check_features(window: int | None, softcap: float | None) -> None:
+    """``window`` (keys a query sees, itself included) at least 1 and ``softcap`` positive, or None for none:
+    the kernels read 0 as off and a negative value as off too, the references a negative softcap as its
+    magnitude and a negative window as no key at all, so any such value is refused, 0 included."""
+    if window is not None and not window >= 1:
+        raise ValueError(f"window={window}: must be >= 1 (or None for no window)")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap={softcap}: must be > 0 (or None for no softcapping)")
 
 
 def _check_lse(return_lse: bool, sinks: torch.Tensor | None) -> None:
@@ -123,6 +143,7 @@ def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, v
                     scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per row ``q`` [B, Hq, D] over a few keys and values ``[B, H_kv, n, D]`` (``valid`` ``[B, n]``
     bool, or None for all): ``(output [B, Hq, D], lse [B, Hq])`` for ``merge_attention``."""
+    check_features(None, softcap)
     B, Hq, D = q.shape
     G = Hq // keys.shape[1]
     qg = q.float().view(B, keys.shape[1], G, D)
@@ -144,6 +165,7 @@ def paged_prefill_attention_reference(q, k_cache, v_cache, page_table, cu_seqlen
     to the last ``window`` of them only)."""
     check_scales("paged attention", k_cache, k_scale)
     check_scales("paged attention", v_cache, v_scale)
+    check_features(window, softcap)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = torch.zeros_like(q)
@@ -386,6 +408,59 @@ def _check_paged(q, k_cache, v_cache, page_table):
                          "stored dimension-major, fp8.value_pool)")
     if page_table.dim() != 2:
         raise ValueError(f"page_table must be [B, max_pages], got {tuple(page_table.shape)}")
+    if k_cache.dtype != v_cache.dtype or not (is_quantized(k_cache) or k_cache.dtype == q.dtype):
+        raise ValueError(f"q is {q.dtype} and the pools {k_cache.dtype} / {v_cache.dtype}: 16- and 32-bit pools "
+                         "take queries of their own dtype (8-bit pools, 16- or 32-bit queries), keys and values "
+                         "one dtype")
+
+
+def check_index_rows(rows: int, page_table, kv_lens, kv_starts=None) -> None:
+    """The per-sequence index tensors hold ``rows`` sequences (decode: the queries' rows)."""
+    if kv_lens.dim() != 1 or kv_lens.shape[0] != rows:
+        raise ValueError(f"kv_lens must be [{rows}] (one length per sequence), got {tuple(kv_lens.shape)}")
+    if page_table.shape[0] != rows:
+        raise ValueError(f"page_table has {page_table.shape[0]} rows for {rows} sequences")
+    if kv_starts is not None and tuple(kv_starts.shape) != (rows,):
+        raise ValueError(f"kv_starts must be [{rows}] (one start per sequence), got {tuple(kv_starts.shape)}")
+
+
+def _check_index_values(k_cache, page_table, kv_lens) -> None:
+    """``kv_lens`` within the page table's rows and the page ids they read within the pool, for CPU index
+    tensors only (on a GPU this would be a device sync: there the values are the caller's to get right)."""
+    if page_table.device.type != "cpu" or kv_lens.device.type != "cpu" or not kv_lens.numel():
+        return
+    num_pages, page = k_cache.shape[:2]
+    width = page_table.shape[1] * page
+    lo, hi = int(kv_lens.min()), int(kv_lens.max())
+    if lo < 0 or hi > width:
+        raise IndexError(f"kv_lens must lie in [0, {width}] (page_table rows of {page_table.shape[1]} pages of "
+                         f"{page}), got {lo} .. {hi}")
+    read = page_table[torch.arange(page_table.shape[1]) * page < kv_lens[:, None]]  # (the pages the lengths reach)
+    if read.numel() and (int(read.min()) < 0 or int(read.max()) >= num_pages):
+        raise IndexError(f"the page ids read must lie in [0, {num_pages}), got {int(read.min())} .. "
+                         f"{int(read.max())}")
+
+
+def check_prefill_args(q, k_cache, page_table, cu_seqlens_q, kv_lens, kv_starts=None, max_q_len=None, *,
+                       window=None, softcap=None) -> None:
+    """The prefill wrappers' checks beside ``_check_paged`` (both kernels): ``window`` and ``softcap``, the
+    index tensors' shapes, and on CPU index tensors their values, ``max_q_len`` against the longest run of
+    queries included (on a GPU that would be a device sync: a hint below it leaves rows unwritten)."""
+    check_features(window, softcap)
+    B = kv_lens.shape[0]
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] != B + 1:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries for {B} sequences (expected {B + 1})")
+    check_index_rows(B, page_table, kv_lens, kv_starts)
+    if cu_seqlens_q.device.type == "cpu" and B:
+        runs = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        if int(runs.min()) < 0 or int(cu_seqlens_q[0]) < 0 or int(cu_seqlens_q[-1]) > q.shape[0]:
+            raise IndexError(f"cu_seqlens_q must rise from 0 or more to at most the {q.shape[0]} query rows, got "
+                             f"{cu_seqlens_q.tolist()}")
+        longest = int(runs.max())
+        if max_q_len is not None and max_q_len < longest:
+            raise ValueError(f"max_q_len={max_q_len} is less than the longest run of queries ({longest}): the rows "
+                             "past it would be left unwritten")
+    _check_index_values(k_cache, page_table, kv_lens)
 
 
 def index_args(page_table, *vectors):
@@ -414,10 +489,20 @@ def paged_decode_attention_triton(q, k_cache, v_cache, page_table, kv_lens, scal
     ``num_stages``);
     None reads ``ZIPAGE_FP8_DECODE`` (e.g. ``convert=fp16,head_fast=1,load=tma,block_n=128``;
     ``convert=general`` keeps the general kernel) and, when that is unset, takes that kernel's
-    tuned default on a GPU (``paged_decode_fp8.default_choice``), the general kernel elsewhere."""
+    tuned default on a GPU (``paged_decode_fp8.default_choice``), the general kernel elsewhere.
+
+    ``kv_lens`` / ``kv_starts`` / ``page_table`` hold one row per query row; on CPU index tensors (the
+    interpreter) each length is checked to fit its row of the page table and the page ids it reads to be
+    in the pool, while on a GPU (no device sync) that is the caller's promise: a longer length reads the
+    next row's pages. ``num_splits``: at least 1 (None picks it from the length hint)."""
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
     _check_lse(return_lse, sinks)
+    check_features(window, softcap)
+    check_index_rows(q.shape[0], page_table, kv_lens, kv_starts)
+    _check_index_values(k_cache, page_table, kv_lens)
+    if num_splits is not None and not num_splits >= 1:
+        raise ValueError(f"num_splits={num_splits}: must be >= 1 (or None to pick it from the length hint)")
     page_table, kv_lens, kv_starts, sinks = index_args(page_table, kv_lens, kv_starts, sinks)
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)
     if fp8 and fp8_kernel is None:  # 8-bit pages: ZIPAGE_FP8_DECODE, else the tuned default on a GPU
@@ -529,8 +614,13 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q
                                    max_q_len: int | None = None, block_m: int | None = None, block_n: int = 64,
                                    k_scale=None, v_scale=None, *, window: int | None = None,
                                    sinks: torch.Tensor | None = None, softcap: float | None = None):
+    """Packed queries against paged KV (the contract of ``paged_prefill_attention_reference``).
+    ``max_q_len``: the longest run of queries (None: read from ``cu_seqlens_q``); a hint below it leaves
+    rows unwritten, so on CPU index tensors it is checked, and on a GPU (no device sync) it must hold."""
     _check_paged(q, k_cache, v_cache, page_table)
     _check_sinks(sinks, q.shape[1])
+    check_prefill_args(q, k_cache, page_table, cu_seqlens_q, kv_lens, kv_starts, max_q_len, window=window,
+                       softcap=softcap)
     page_table, cu_seqlens_q, kv_lens, kv_starts, sinks = index_args(page_table, cu_seqlens_q, kv_lens, kv_starts,
                                                                      sinks)
     ks, vs, stride_sp, stride_st, fp8 = _scale_args(k_cache, v_cache, k_scale, v_scale)

@@ -113,6 +113,8 @@ def store_kv_reference(cache: torch.Tensor, slots: torch.Tensor, values: torch.T
     into an FP8 ``cache``, their codes, and their per-token, per-head scales into ``scale`` (``weights``: the
     query weights of the scale search, ``fp8.query_weights``)."""
     check_scales("store_kv", cache, scale)
+    if slots.device.type == "cpu" and slots.numel() and int(slots.min()) < 0:  # (-1 would wrap to the last slot)
+        raise IndexError(f"store_kv: slot {int(slots.min())} is negative")
     if scale is None:
         write_slots(cache, slots, values.to(cache.dtype))
         return
@@ -312,6 +314,15 @@ def _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, w
     )
 
 
+def _check_values(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    """``values`` ``[*slots.shape, H, ...]`` exactly (the kernels read them flat: another layout of as many
+    elements would be stored scrambled)."""
+    want = (*slots.shape, *cache.shape[2:])
+    if values is None or tuple(values.shape) != want:
+        raise ValueError(f"store_kv: values must be {want} (slots {tuple(slots.shape)}, a pool's token "
+                         f"{tuple(cache.shape[2:])}), got {None if values is None else tuple(values.shape)}")
+
+
 def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
                     cache_b: torch.Tensor | None = None, values_b: torch.Tensor | None = None,
                     scale: torch.Tensor | None = None, scale_b: torch.Tensor | None = None,
@@ -320,8 +331,10 @@ def store_kv_triton(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tens
     FP8 pools are quantized on the way, their scales written to ``scale`` / ``scale_b`` (``key_weights``:
     the query weights of ``cache``'s scale search, ``fp8.query_weights``)."""
     check_scales("store_kv", cache, scale)
+    _check_values(cache, slots, values)
     if cache_b is not None:
         check_scales("store_kv", cache_b, scale_b)
+        _check_values(cache_b, slots, values_b)
     if scale is not None:
         _store_fp8_triton(cache, slots, values, scale, cache_b, values_b, scale_b, key_weights)
         return

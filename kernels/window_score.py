@@ -206,6 +206,8 @@ def window_scores_triton(queries, keys, key_mask, query_mask, scaling, group_red
     if next_pow2(w) != w:
         raise ValueError(f"window_scores (Triton) needs a power-of-two window, got {w}")
     check_scales("window_scores", keys, key_scales)
+    if B * Hkv * S == 0:  # nothing to score (an empty batch): the reference's empty result, no launch
+        return torch.zeros(B, Hkv, S, dtype=torch.float32, device=keys.device)
     ks = key_scales if key_scales is not None else keys  # (not read without FP8)
     ks_strides = key_scales.stride() if key_scales is not None else (0, 0, 0)
     G = Hq // Hkv

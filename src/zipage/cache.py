@@ -336,6 +336,13 @@ class ZipageCache(Cache):
         self.full: list[ZipageLayer] = [lyr for lyr in layers if isinstance(lyr, ZipageLayer)]  # compressed
         super().__init__(layers=layers)
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """``Cache.update`` with ``layer_idx`` checked first: one of the model's layers, counted from 0 (an
+        IndexError naming it otherwise, not another layer's update or an index into the list)."""
+        if type(layer_idx) is not int or not 0 <= layer_idx < len(self.layers):  # (the common case: one test)
+            layer_idx = self._layer_index(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def bind_model_config(self, config: Any) -> None:
         """Read the attention through ``config`` (the object the model's attention modules hold: ``generate()``
         passes it), after checking that it describes the layers this cache was built for. A cache built from

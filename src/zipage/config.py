@@ -201,6 +201,9 @@ class ZipageConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        # A buffer left to its default follows the page size (``replace``); one given, even equal to it, stays.
+        # (An attribute, not a field: repr, equality and the fields' list are as before.)
+        self._buffer_follows = self.buffer is None
         if self.buffer is None:
             self.buffer = self.page_size if isinstance(self.page_size, int) else 0
         self.validate()
@@ -311,7 +314,9 @@ class ZipageConfig:
 
     def replace(self, **changes: Any) -> ZipageConfig:
         """A copy with ``changes``. A buffer that follows the page size (the default, one page) follows
-        a new ``page_size`` too, as it would in a config built with that page size."""
-        if "page_size" in changes and "buffer" not in changes and self.buffer == self.page_size:
+        a new ``page_size`` too, as it would in a config built with that page size; a buffer that was given
+        (even one equal to the page size) is kept."""
+        follows = getattr(self, "_buffer_follows", True) and self.buffer == self.page_size
+        if "buffer" not in changes and follows:
             changes["buffer"] = None
         return dataclasses.replace(self, **changes)
