@@ -372,9 +372,9 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       tests/test_exact_tail_engine.py tests/test_fp8_engine.py tests/test_sliding_engine.py tests/test_query_weights.py \
       --durations=8 2>&1 | tee "$OUT/gpu_tests_s44_final.log" | tail -14 ;;
   s45a)  # session 45: the prefill sweep with whole prompts through bucketed, batched cuDNN (kernels/fresh_prefill.py)
-    # and the mask-free loop warp-specialized by the compiler (-ws); then, on an H200, the FP8 pair
+    # and (removed since) the mask-free loop warp-specialized by the compiler (-ws); then, on an H200, the FP8 pair
     timeout 200 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" --budget-s 150 \
-      --variants m64n64w4s3-tma,m128n128w8s3-tma,m64n64w4s3-tma-ws,m128n128w8s3-tma-ws \
+      --variants m64n64w4s3-tma,m128n128w8s3-tma \
       --fp8-variants m64n64w4s3-tma 2>&1 | tail -22
     [ "$(big_card 1 0)" = 1 ] && PART=fp8pair bash "$0" ;;
   s45b)  # session 45: the GPU tests of the engine with whole prompts through the fused attention (the default on
@@ -393,6 +393,11 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
         ZIPAGE_FRESH_PREFILL=$fresh timeout 120 python3 benchmarks/throughput.py $lp --systems zipage-2048 \
           --out "$OUT/longprompt_fresh${fresh}_$run.json" 2>&1 | tail -1
       done
+    done
+    for fresh in 0 1; do  # prompts of one length, 4,096 tokens (two a step at 8,192 batched tokens)
+      ZIPAGE_FRESH_PREFILL=$fresh timeout 100 python3 benchmarks/throughput.py --workload long-prompt \
+        --prompt-len 4096,4096 --requests 32 --max-tokens 64 --kv-gib 40 --systems zipage-2048 \
+        --out "$OUT/prompt4096_fresh${fresh}.json" 2>&1 | tail -1
     done ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \

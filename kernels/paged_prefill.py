@@ -39,6 +39,12 @@ rescaling every tile (whole prompts of 512-4,096 tokens: 0.66 / 0.67 / 0.64 / 0.
 0.68 / 0.70 / 0.69 / 0.63x at 64 x 64 tiles): the block-wide maximum that decides the branch costs a
 cross-warp reduction and a barrier on every tile, more than the multiply it saves
 (``benchmarks/results/issue15/s44/call1/``; the variant is commit f799643).
+
+Tried and removed: the mask-free key loop as ``tl.range(..., warp_specialize=True)`` (Triton's automatic warp
+specialization). With Triton 3.6 on the H100 the 64 x 64 launch fails to compile (an assertion in the
+warp-specialization pass) and the 128 x 128 one compiles to the same speed as without it (0.62-0.70x of gather +
+SDPA on whole prompts, 1.56x on a cached prefix; ``benchmarks/results/issue15/s45/call1/``; the variant is commit
+b4440f8). Whole prompts go to PyTorch's fused attention instead where it is faster (``fresh_prefill.py``).
 """
 
 from __future__ import annotations
@@ -84,7 +90,6 @@ class PrefillConfig:
     longest_first: bool = True  # launch the query blocks with the most keys first
     tma: bool = False  # key/value tiles through tensor descriptors (where a tile lies in one page)
     dequantize: bool = True  # 8-bit pages, 16-bit queries: dequantize the step's pages first (see dequantizes)
-    warp_specialize: bool = False  # the mask-free loop as tl.range(..., warp_specialize=True) (a probe)
 
     def validate(self) -> None:
         for name in ("block_m", "block_n"):
@@ -98,10 +103,9 @@ class PrefillConfig:
 
 def parse_config(name: str) -> PrefillConfig:
     """A config from its name, ``m<block_m>n<block_n>w<warps>s<stages>`` and any of the suffixes
-    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma``, ``-codes``, ``-ws`` (what :func:`config_name` writes; ``-codes``:
-    8-bit pages read as codes by the kernel, not dequantized first; ``-ws``: the mask-free key loop warp-specialized
-    by the compiler)."""
-    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma|-codes|-ws)*)", name)
+    ``-nopack``, ``-nosplit``, ``-inorder``, ``-tma``, ``-codes`` (what :func:`config_name` writes; ``-codes``:
+    8-bit pages read as codes by the kernel, not dequantized first)."""
+    m = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)((?:-nopack|-nosplit|-inorder|-tma|-codes)*)", name)
     if m is None:
         raise ValueError(f"prefill config {name!r}: expected m<block_m>n<block_n>w<warps>s<stages>[-nopack]"
                          "[-nosplit][-inorder][-tma][-codes], e.g. m128n64w8s3")
@@ -109,7 +113,7 @@ def parse_config(name: str) -> PrefillConfig:
     cfg = PrefillConfig(block_m=int(m.group(1)), block_n=int(m.group(2)), num_warps=int(m.group(3)),
                         num_stages=int(m.group(4)), pack_gqa="-nopack" not in flags,
                         split_mask="-nosplit" not in flags, longest_first="-inorder" not in flags,
-                        tma="-tma" in flags, dequantize="-codes" not in flags, warp_specialize="-ws" in flags)
+                        tma="-tma" in flags, dequantize="-codes" not in flags)
     cfg.validate()
     return cfg
 
@@ -117,7 +121,7 @@ def parse_config(name: str) -> PrefillConfig:
 def config_name(cfg: PrefillConfig) -> str:
     return (f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + ("" if cfg.pack_gqa else "-nopack")
             + ("" if cfg.split_mask else "-nosplit") + ("" if cfg.longest_first else "-inorder")
-            + ("-tma" if cfg.tma else "") + ("" if cfg.dequantize else "-codes") + ("-ws" if cfg.warp_specialize else ""))
+            + ("-tma" if cfg.tma else "") + ("" if cfg.dequantize else "-codes"))
 
 
 @functools.lru_cache(maxsize=16)
@@ -364,7 +368,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
         FP8: tl.constexpr, TILE_IN_PAGE: tl.constexpr, SPLIT_MASK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
         TMA: tl.constexpr,
-        WINDOW: tl.constexpr = 0, WS: tl.constexpr = False, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
+        WINDOW: tl.constexpr = 0, HAS_SINKS: tl.constexpr = False, SOFTCAP_LOG2: tl.constexpr = 0.0,
     ):
         # rows are (query, head) pairs, query-major: BLOCK_Q = BLOCK_M / P queries x P heads
         hg = tl.program_id(0)  # group of P query heads (one KV head)
@@ -422,7 +426,7 @@ if HAS_TRITON:
                                     BLOCK_D == D, TMA)
             m_i, l_i, acc = _attend_tile(q, k, v, ks, vs, m_i, l_i, acc, t0 + offs_n, qpos, first, hi, scale_log2,
                                          PRECISION, FP8, True, WINDOW, SOFTCAP_LOG2)
-        for t0 in tl.range(full_lo, full_hi, BLOCK_N, warp_specialize=WS):  # tiles every row sees whole: no mask
+        for t0 in range(full_lo, full_hi, BLOCK_N):  # tiles every row sees whole: no mask
             k, v, ks, vs = _kv_tile(K, V, KS, VS, KD, VD, PT, b, hk, t0, offs_n, d, dmask, k_off, v_off, first,
                                     hi, stride_ptb, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt,
                                     stride_vh, stride_vd, stride_sp, stride_st, PAGE, D, TILE_IN_PAGE, FP8, False,
@@ -460,6 +464,9 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
     _check_sinks(sinks, q.shape[1])
     page_table, cu_seqlens_q, kv_lens, kv_starts, sinks = index_args(page_table, cu_seqlens_q, kv_lens, kv_starts,
                                                                      sinks)
+    from .paged_attention import check_prefill_args  # (the checks the first kernel's wrapper makes too)
+    check_prefill_args(q, k_cache, page_table, cu_seqlens_q, kv_lens, kv_starts, max_q_len, window=window,
+                       softcap=softcap)
     T, Hq, D = q.shape
     if D > MAX_HEAD_DIM:  # explicit fallback: the first kernel tiles any head dim
         return paged_prefill_attention_triton(q, k_cache, v_cache, page_table, cu_seqlens_q, kv_lens, scale,
@@ -512,7 +519,7 @@ def paged_prefill_attention_v2(q, k_cache, v_cache, page_table, cu_seqlens_q, kv
         BLOCK_N=cfg.block_n,
         PRECISION=dot_precision(q.dtype), FP8=fp8, TILE_IN_PAGE=tile_in_page,
         SPLIT_MASK=cfg.split_mask, LONGEST_FIRST=cfg.longest_first, TMA=kd is not k_cache, WINDOW=int(window or 0),
-        HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E, WS=cfg.warp_specialize and q.is_cuda,
+        HAS_SINKS=sinks is not None, SOFTCAP_LOG2=float(softcap or 0.0) * LOG2E,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages if q.is_cuda else 1,
     )
     return out
