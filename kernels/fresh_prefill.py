@@ -2,16 +2,21 @@
 
 A prompt with nothing stored before it (no cached prefix, not a later chunk) attends only to its own
 keys and values, which the step holds packed ``[T, H_kv, D]`` beside its queries: it needs no page
-reads. PyTorch's fused attention (cuDNN on Hopper) runs such prompts faster than a Triton kernel can
-when it gets them as one batched call of equal lengths; one call per sequence, or its ragged form,
-builds a new cuDNN plan for every new shape (tens of milliseconds of host time each).
+reads. PyTorch's fused attention (cuDNN on Hopper) runs such prompts faster than the Triton prefill kernel
+when it gets them as one batched call of equal lengths; one call per sequence, or its ragged form, builds a
+new cuDNN plan for every new shape (50-75 ms of host time each on the H100).
 
-So prompts are grouped by a length *bucket* (:func:`bucket_length`: a multiple of 128 tokens below 1,024,
+So prompts are grouped by a length *bucket* (:func:`bucket_length`: a multiple of 128 tokens up to 1,024,
 then eight buckets to each doubling, at most 1/8 of padding), each group split into batches of a power of
 two, and each batch padded at the end to its bucket: the shapes a server meets stay few (a plan each,
 built once), and causal attention keeps a real query from ever seeing a padded key (padding follows
 every real token). A batch whose prompts all fill their bucket exactly and lie one after another in the
 packed rows is read in place (views); others are copied into a zero-padded batch.
+
+Measured on the H100 against gather + SDPA (``benchmarks/prefill_tune.py``, ``benchmarks/results/issue15/s45/``):
+batches read in place 1.06-1.33x (prompts of 512-4,096 tokens, one length a case; the Triton kernel 0.64-0.69x);
+copied batches slower than the Triton kernel at every length tried (ragged prompts of 384 to 10,240 tokens). The
+engine uses this only where ``ZIPAGE_FRESH_PREFILL=1`` asks, and then for batches read in place (``runner.py``).
 
 :func:`plan_fresh` makes the groups on the host from the prompts' lengths (no device sync);
 :func:`fresh_prefill_attention` runs them. :func:`fresh_prefill_reference` is the dense PyTorch math.
@@ -52,12 +57,13 @@ class FreshBatch:
     dst: torch.Tensor | None = None
 
 
-def plan_fresh(q_lens: list[int], starts: list[int], device: torch.device | str = "cpu", copy_min: int = 0,
+def plan_fresh(q_lens: list[int], starts: list[int], device: torch.device | str = "cpu", copy_min: int | None = 0,
                max_batch: int = MAX_BATCH) -> list[FreshBatch]:
     """The calls for prompts of ``q_lens`` tokens whose queries start at packed rows ``starts``: by bucket,
-    longest first, each bucket's prompts (those that fill it first) in batches of a power of two (largest first). A batch that must be
-    copied (not read in place) is planned only if its bucket is ``copy_min`` tokens or longer; the prompts
-    of the batches left out are not in the plan. One host-to-device copy for every batch's rows."""
+    longest first, each bucket's prompts (those that fill it first) in batches of a power of two (largest first).
+    A batch that must be copied (not read in place) is planned only if its bucket is ``copy_min`` tokens or
+    longer (``None``: never); the prompts of the batches left out are not in the plan. One host-to-device copy
+    for every batch's rows."""
     if len(q_lens) != len(starts):
         raise ValueError(f"plan_fresh: {len(q_lens)} lengths for {len(starts)} starts")
     if max_batch < 1:
@@ -77,7 +83,7 @@ def plan_fresh(q_lens: list[int], starts: list[int], device: torch.device | str 
             if all(q_lens[i] == length for i in take) and all(
                     starts[b] == starts[a] + length for a, b in zip(take, take[1:])):
                 planned.append((take, length, starts[take[0]]))
-            elif length >= copy_min:
+            elif copy_min is not None and length >= copy_min:
                 src = [r for i in take for r in range(starts[i], starts[i] + q_lens[i])]
                 dst = [r for j, i in enumerate(take) for r in range(j * length, j * length + q_lens[i])]
                 bounds.append((len(rows), len(src)))

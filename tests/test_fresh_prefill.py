@@ -45,6 +45,8 @@ def test_plan_reads_exact_contiguous_batches_in_place_and_copies_the_rest():
     # copy_min leaves copied batches of shorter buckets out of the plan (in-place ones stay)
     plan = plan_fresh(lens, [sum(lens[:i]) for i in range(len(lens))], copy_min=1200)
     assert sorted(s for b in plan for s in b.seqs) == [0, 1, 2, 4]
+    plan = plan_fresh(lens, [sum(lens[:i]) for i in range(len(lens))], copy_min=None)  # in place only
+    assert sorted(s for b in plan for s in b.seqs) == [0, 1, 2] and all(b.first_row is not None for b in plan)
     with pytest.raises(ValueError, match="3 lengths for 2 starts"):
         plan_fresh([1, 2, 3], [0, 1])
 
@@ -107,7 +109,10 @@ def test_fresh_prefill_setting_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="ZIPAGE_FRESH_PREFILL='yes'"):
         LLM(tiny_model("llama"), budget=None, page_size=8, num_pages=32)
     monkeypatch.delenv("ZIPAGE_FRESH_PREFILL")
-    assert not runner_mod.fresh_prefill_default(torch.device("cpu"), torch.bfloat16, 128)  # on by default: Hopper
+    assert not runner_mod.fresh_prefill_default(torch.device("cpu"), torch.bfloat16, 128)  # off unless asked
+    monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "1")
+    assert runner_mod.fresh_prefill_default(torch.device("cpu"), torch.float32, 128)
+    assert not runner_mod.fresh_prefill_default(torch.device("cpu"), torch.float32, 512)  # (head dims past 256)
 
 
 def test_sliding_layers_keep_the_paged_kernel(monkeypatch):

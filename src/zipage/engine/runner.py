@@ -84,25 +84,26 @@ def dim_major_values(kv_cache_dtype: str, page_size: int, head_dim: int,
     return capability[0] >= 9 and page_size % DECODE_TILE == 0 and head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-# Whole prompts (nothing stored before them) go to PyTorch's fused attention over their own keys and values
-# (kernels/fresh_prefill.py): prompts batched in place always, prompts copied into a padded batch from a bucket
-# of this many tokens (below it the copies cost more than the faster attention saves)
-FRESH_COPY_MIN = 4096
+# ZIPAGE_FRESH_PREFILL=1: whole prompts (nothing stored before them) go to PyTorch's fused attention over their own
+# keys and values (kernels/fresh_prefill.py) in batches read in place (prompts that fill their length bucket, one
+# after another); a bucket batch that must be copied is planned only from this many tokens (None: never; copied
+# batches were slower than the paged kernel at every length measured, 384 to 10,240 tokens, on the H100)
+FRESH_COPY_MIN: int | None = None
 
 
 def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether whole prompts go to PyTorch's fused attention instead of the paged prefill kernel: on CUDA GPUs
-    of compute capability 9.0 or newer (where cuDNN's attention was measured faster than the Triton kernel),
-    16-bit models, head dims up to 256. ``ZIPAGE_FRESH_PREFILL=1`` / ``0`` decides instead (1 also on a CPU,
-    where SDPA's math runs: tests)."""
+    """Whether whole prompts go to PyTorch's fused attention instead of the paged prefill kernel: only where
+    ``ZIPAGE_FRESH_PREFILL=1`` asks (on a CPU SDPA's math runs it: tests). Off by default: on the H100 cuDNN's
+    attention over prompts of one length, batched, beats the Triton kernel 1.06-1.33x (512-4,096 tokens), but in
+    the engine the attention is a small share of a prompt's prefill and each new batch shape costs cuDNN a plan
+    (~75 ms, once): time to first token did not improve (long prompts: 6.89 s against 6.77 s; 32 prompts of
+    4,096 tokens: 2.15 against 2.05 s; ``benchmarks/results/issue15/s45/``). ``device``, ``dtype`` and
+    ``head_dim`` must suit it too (16-bit or float32 on a CPU, head dims up to 256)."""
     value = os.environ.get("ZIPAGE_FRESH_PREFILL", "").strip()
     if value not in ("", "0", "1"):
         raise ValueError(f"ZIPAGE_FRESH_PREFILL={value!r}: expected 1 (whole prompts through PyTorch's fused "
-                         "attention), 0 (the paged prefill kernel) or unset (1 on compute capability 9.0+)")
-    if value:
-        return value == "1"
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-            and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256)
+                         "attention), 0 or unset (the paged prefill kernel)")
+    return value == "1" and head_dim <= 256 and (device.type == "cpu" or dtype in (torch.float16, torch.bfloat16))
 
 
 @dataclass
