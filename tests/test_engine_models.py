@@ -56,3 +56,31 @@ def test_a_model_the_engine_serves_still_matches_transformers():
     model = build(T.LlamaConfig, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     ref = model.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False)[0, len(PROMPT):].tolist()
     assert engine_tokens(model) == ref
+
+
+@pytest.mark.parametrize("new_arch", [True, False])
+def test_generate_on_a_model_that_picks_its_attention_by_name_matches_dynamic_cache(new_arch):
+    """Falcon picks its attention code by comparing the config's attention name with "sdpa": arming the query
+    capture renamed it, so its prompt step took the eager branch with SDPA's boolean mask as a bias (wrong
+    tokens from the second on, no error). Query-free scorers now leave the name alone; others say why."""
+    torch.manual_seed(0)
+    cfg = T.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=False,
+                         new_decoder_architecture=new_arch, num_kv_heads=2, max_position_embeddings=512,
+                         pad_token_id=0)
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.15)
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    ref = model.generate(ids, **kw)
+    out = model.generate(ids, **kw, cache_implementation="zipage",
+                         cache_config={"budget": 512, "page_size": 16, "scorer": "streaming"})
+    assert torch.equal(out, ref)
+    with pytest.raises(RuntimeError, match="could not capture the queries of layer 0"):
+        model.generate(ids, **{**kw, "max_new_tokens": 40}, cache_implementation="zipage",
+                       cache_config={"budget": 16, "page_size": 4})

@@ -627,6 +627,14 @@ class ZipageCache(Cache):
                         f"{self.scorer.name!r} needs them. Use a scorer that reads no queries "
                         "(e.g. 'streaming' or 'knorm') with this model."
                     )
+        if self.capture_ok and not layer.captured and capture.runs_own_attention(capture._calling_module()):
+            self.capture_ok = False  # (its attention is its own code, chosen by the attention's name: never renamed)
+            if self.scorer.needs_queries:
+                raise RuntimeError(
+                    f"zipage could not capture the queries of layer {layer.layer_idx}: this model's attention is its "
+                    "own code (it does not go through transformers' AttentionInterface), and the scorer "
+                    f"{self.scorer.name!r} needs them. Use a scorer that reads no queries "
+                    "(e.g. 'streaming' or 'knorm') with this model.")
         if self.capture_ok and (self._capture_all or not layer.captured or (
                 self.cudnn_hold.held and layer is self.full[-1])):  # (the last full layer gives cuDNN back)
             capture.arm(self, layer.layer_idx, self.model_config)

@@ -251,6 +251,41 @@ def _register(original: str | None) -> str:
 _wrapper_names: dict[str | None, str] = {}  # the model's attention name -> its registered wrapper's
 
 
+def _calling_module(depth: int = 12):
+    """The ``torch.nn.Module`` whose method called into the cache (the attention module that called
+    ``update``), found among the callers' frames; None if none is."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module):
+            return owner
+    return None
+
+
+_own_attention: dict[type, bool] = {}
+
+
+def runs_own_attention(module) -> bool:
+    """Whether ``module``'s forward picks its attention code by comparing the config's attention name (as
+    Falcon's does: ``_attn_implementation == "sdpa"``) and never looks it up in transformers'
+    ``AttentionInterface``: renaming the attention to arm the capture would switch its code path (Falcon's then
+    adds an SDPA-style boolean mask as a bias: wrong attention, no error), and no capture could run anyway."""
+    cls = type(module)
+    if cls not in _own_attention:
+        import inspect
+
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _own_attention[cls] = "_attn_implementation" in src and "ALL_ATTENTION_FUNCTIONS" not in src and \
+            "attention_interface" not in src
+    return _own_attention[cls]
+
+
 def arm(cache, layer_idx: int, config) -> None:
     """Route the next attention lookup of ``config`` (for ``layer_idx``) through the capture wrapper."""
     attrs = _config_vars(config)
