@@ -639,3 +639,22 @@ def test_a_stream_left_early_cancels_its_request_and_a_closed_engine_refuses(mod
         assert other.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)[0].token_ids
     with pytest.raises(RuntimeError, match="closed"):
         other.add_request([5, 6, 7])
+
+
+def test_a_request_without_params_takes_the_model_s_generation_config(model):
+    """vLLM's offline default: SamplingParams from the model's generation_config (get_default_sampling_params)."""
+    from transformers import GenerationConfig
+
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(do_sample=True, temperature=0.6, top_k=1)
+    try:
+        p = llm.get_default_sampling_params()
+        assert (p.temperature, p.top_k, p.top_p) == (0.6, 1, 1.0)
+        prompt = prompts_of((9,), seed=2)[0]
+        outs = [llm.generate([prompt], use_tqdm=False)[0].token_ids for _ in range(3)]  # top_k=1: greedy
+        greedy = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)[0].token_ids
+        assert outs[0] == outs[1] == outs[2] == greedy[:len(outs[0])]
+    finally:
+        model.generation_config = saved
+    assert llm.get_default_sampling_params() == SamplingParams()

@@ -35,7 +35,7 @@ from .core import EngineCore
 from .inputs import as_prompt_list, check_request, resolve_budget, tokenize
 from .outputs import OutputProcessor
 from .runner import ModelRunner
-from .sampling import SamplingParams
+from .sampling import SamplingParams, model_sampling_defaults
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 from .sharding import check_tensor_parallel
@@ -359,6 +359,12 @@ class LLM:
         return int(available // page_bytes)
 
     # ----------------------------------------------------------------------------- requests
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a request without SamplingParams runs with (vLLM's name): the sampling fields the model's
+        ``generation_config`` sets (temperature, top_p, top_k, min_p, repetition_penalty), the rest
+        SamplingParams' defaults."""
+        return SamplingParams(**model_sampling_defaults(getattr(self.model, "generation_config", None)))
+
     def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
                     chat: bool = False) -> str:
         """Queue a request (string or token ids); returns its id. Bad requests raise here and
@@ -367,7 +373,7 @@ class LLM:
         pages in the prefix cache."""
         self._check_open()
         # (a copy: a caller reusing or changing its object must not change requests already in flight)
-        params = _own_copy(params) if params is not None else SamplingParams()
+        params = _own_copy(params) if params is not None else self.get_default_sampling_params()
         ids, text = tokenize(self.tokenizer, prompt, chat)
         check_request(ids, params, request_id, vocab=self.model.config.get_text_config(decoder=True).vocab_size,
                       max_model_len=self.max_model_len, has_tokenizer=self.tokenizer is not None)

@@ -174,3 +174,15 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Whether the logits depend on the tokens seen so far."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def model_sampling_defaults(generation_config: Any) -> dict[str, Any]:
+    """The sampling fields a model's ``generation_config`` sets away from transformers' defaults (as vLLM's
+    ``generation_config="auto"`` reads them): the defaults of requests that leave them out."""
+    if generation_config is None:
+        return {}
+    diff = generation_config.to_diff_dict()
+    return {k: diff[k] for k in SAMPLING_DEFAULT_FIELDS if diff.get(k) is not None}

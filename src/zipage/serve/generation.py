@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from ..engine import SamplingParams
-from ..engine.sampling import ENGINE_BUDGET
+from ..engine.sampling import ENGINE_BUDGET, model_sampling_defaults  # noqa: F401  (the server's import)
 from .engine_client import AsyncEngine, Delta, EngineDead, RequestStream
 from .errors import APIError, bad_request
 from .protocol import SamplingFields
@@ -33,18 +33,6 @@ class ServeConfig:
     max_budget: int | None = None  # largest per-request budget; full KV (null) is then refused too
     # defaults of the sampling fields a request leaves out, from the model's generation_config (--generation-config)
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
-
-
-SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def model_sampling_defaults(generation_config: Any) -> dict[str, Any]:
-    """The sampling fields a model's ``generation_config`` sets away from transformers' defaults (as vLLM's
-    ``--generation-config auto`` reads them): they become the defaults of requests that leave them out."""
-    if generation_config is None:
-        return {}
-    diff = generation_config.to_diff_dict()
-    return {k: diff[k] for k in SAMPLING_DEFAULT_FIELDS if diff.get(k) is not None}
 
 
 def check_model(config: ServeConfig, model: str | None) -> None:
