@@ -91,6 +91,7 @@
 #   PART=s45a  the prefill sweep with bucketed cuDNN for whole prompts and -ws launches, then (H200) fp8pair
 #   PART=s45b  GPU tests with whole prompts through the fused attention, and the prefill sweep with ragged cases
 #   PART=s45c  the long-prompt TTFT with whole prompts through the fused attention and through the paged kernel
+#   PART=s45d  the fresh-prefill GPU tests, then (H200) fp8pair
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
@@ -399,6 +400,10 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
         --prompt-len 4096,4096 --requests 32 --max-tokens 64 --kv-gib 40 --systems zipage-2048 \
         --out "$OUT/prompt4096_fresh${fresh}.json" 2>&1 | tail -1
     done ;;
+  s45d)  # session 45: the fresh-prefill GPU tests (the engine's path through cuDNN), then on an H200 the FP8 pair
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fresh_prefill.py tests/test_engine_models.py \
+      2>&1 | tee "$OUT/gpu_tests_s45d.log" | tail -4
+    [ "$(big_card 1 0)" = 1 ] && PART=fp8pair bash "$0" ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \

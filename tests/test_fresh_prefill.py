@@ -133,3 +133,16 @@ def test_fresh_attention_on_the_gpu_matches_dense_math(lens):
     ref = fresh_prefill_reference(q, k, v, lens, 128**-0.5)
     out = fresh_prefill_attention(q, k, v, plan, 128**-0.5)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_on_the_gpu_with_whole_prompts_through_fused_attention(monkeypatch):
+    """bf16 on CUDA: the prompts' batches through cuDNN in place; the first tokens as the paged kernel's (the two
+    attentions round differently in bf16, so a near-tie may flip one)."""
+    model = tiny_model("qwen3").to("cuda", torch.bfloat16)
+    prompts = prompts_of([128] * 6 + [256, 256], seed=7)
+    base, _ = run_engine(monkeypatch, False, model, prompts, budget=None)
+    got, r = run_engine(monkeypatch, True, model, prompts, budget=None)
+    assert r.fresh_prefill_tokens == 6 * 128 + 2 * 256
+    assert sum(a[0] == b[0] for a, b in zip(base, got)) >= 7
