@@ -263,7 +263,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             _prefill_with_exact_tails(meta, q0[:n_p], k0, v0, before, kp, vp, ks, vs, rot, scale, features, out)
         elif fresh is not None:  # the prompts the plan leaves, through the paged kernel
             rest = meta.fresh_rest
-            if rest is not None and isinstance(rest.rows, slice):  # (one run of rows: the packed queries as they are, cu in their rows)
+            if rest is not None and isinstance(rest.rows, slice):  # (one run of rows: the queries as they are)
                 out[rest.rows] = paged_prefill_attention(
                     q[:n_p], kp, vp, rest.table, rest.cu, rest.lens, scale, max_q_len=rest.max_q_len,
                     k_scale=ks, v_scale=vs)[rest.rows]
