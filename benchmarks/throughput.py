@@ -11,8 +11,10 @@ adds exact tails of N tokens (``zipage-2048-fp8-tail16``: ``exact_tail=16``).
 
 ``--workload long-prompt`` swaps the prompts for long documents (``--prompt-len MIN,MAX`` random
 tokens, default 8K-32K, drawn uniformly per request) followed by ``--max-tokens`` outputs (a few
-hundred): prefill-bound, and every engine system reports time to first token (mean, p50, p99,
-from submission to the first output token the host sees) beside tokens/s.
+hundred): prefill-bound, and every engine system reports time to first token (mean, p50, p99 and max,
+from each request's ``add_request`` to the step that hands the host its first output token; p99 is the
+nearest rank, which below 100 requests is the max) beside tokens/s, with how many requests had one
+(``ttft_count``) and how many had none when a ``--time-limit`` cut the run (``ttft_missing``).
 
 Every system gets the same KV memory (``--kv-gib``, pages and state included). The workload is
 chosen so that full KV cannot hold every request at once while zipage can: with ``--kv-gib 8``
@@ -134,23 +136,26 @@ def long_prompts(n: int, vocab: int, lengths: tuple[int, int], seed: int = 0) ->
                           generator=g).tolist() for _ in range(n)]
 
 
-def first_tokens(running, waiting: set, ttft: dict, elapsed: float) -> None:
-    """Book ``elapsed`` as the time to first token of every request in ``waiting`` that has one of
-    its samples among ``running`` with an output token on the host now."""
-    for s in running:
-        rid = s.parent or s.request_id
-        if rid in waiting and s.output_ids:
-            waiting.discard(rid)
-            ttft[rid] = elapsed
+def first_tokens(outputs, samples, waiting: dict, ttft: dict, now: float) -> None:
+    """Book the time to first token of every request in ``waiting`` (request id -> its submission time) that
+    one of ``outputs`` (what a step returned) names and that has an output token on the host now (``samples``:
+    request id -> its sequences). A request whose first token also finished it (one-token outputs) has left the
+    running list by then, which is why the step's outputs are read rather than the running requests."""
+    for rid in {o.request_id for o in outputs}:
+        if rid in waiting and any(s.output_ids for s in samples(rid)):
+            ttft[rid] = now - waiting.pop(rid)
 
 
-def ttft_stats(values) -> dict:
-    """Mean, median and 99th percentile of times to first token (seconds), and how many were seen."""
+def ttft_stats(values, missing: int = 0) -> dict:
+    """Mean, median, 99th percentile (nearest rank: the max below 100 values) and max of times to first token
+    (seconds), how many were seen and how many requests had none (``missing``: a run cut by its time limit)."""
     v = sorted(values)
     if not v:
-        return dict(ttft_mean_s=math.nan, ttft_p50_s=math.nan, ttft_p99_s=math.nan, ttft_count=0)
+        return dict(ttft_mean_s=math.nan, ttft_p50_s=math.nan, ttft_p99_s=math.nan, ttft_max_s=math.nan,
+                    ttft_count=0, ttft_missing=missing)
     pick = lambda q: v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]  # noqa: E731  (nearest rank)
-    return dict(ttft_mean_s=sum(v) / len(v), ttft_p50_s=pick(0.5), ttft_p99_s=pick(0.99), ttft_count=len(v))
+    return dict(ttft_mean_s=sum(v) / len(v), ttft_p50_s=pick(0.5), ttft_p99_s=pick(0.99), ttft_max_s=v[-1],
+                ttft_count=len(v), ttft_missing=missing)
 
 
 def copy_bandwidth() -> float:
@@ -184,6 +189,57 @@ def matmul_tflops() -> float:
 
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def decode_weight_bytes(model, running: int) -> int:
+    """Bytes of weights a decode step of ``running`` requests reads: every parameter once, except an input
+    embedding table not tied to the output layer, of which the step reads only the ``running`` rows of its
+    tokens (a tied table is read whole as the output layer). Qwen3-8B (untied): 16.38e9 bytes of parameters,
+    15.14e9 read by a step (its 1.245e9-byte embedding table left out)."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed
+    row = embed.shape[-1] * embed.element_size()
+    return weight_bytes(model) - (0 if tied else embed.numel() * embed.element_size()) + running * row
+
+
+def exact_tail_bytes_per_request(runner) -> int:
+    """Bytes of the exact-tail ring (``exact_tail``: the last keys and values unquantized) a decode step reads
+    for each request, over all layers: its slot's ``exact_tail`` rows of keys and of values; 0 without tails."""
+    if getattr(runner, "exact_k", None) is None:
+        return 0
+    k = runner.exact_k  # [layers, (slots + 1) * exact_tail, 1, kv heads, head dim]
+    return 2 * k.shape[0] * runner.exact_tail * math.prod(k.shape[2:]) * k.element_size()
+
+
+def decode_steps(log: list[tuple], async_scheduling: bool) -> list[tuple]:
+    """The decode steps of a run's ``log`` (per ``step()`` call: milliseconds, prompt tokens it scheduled,
+    requests it decoded, their stored tokens): steps that scheduled no prompt token and decoded at least one
+    request. With ``async_scheduling`` a call's time ends when the previous step's tokens reach the host, so the
+    previous call must have scheduled no prompt token either (its prefill would be part of the time)."""
+    out = []
+    for i, (ms, prefill, running, stored) in enumerate(log):
+        if prefill or not running or (async_scheduling and (i == 0 or log[i - 1][1])):
+            continue
+        out.append((ms, running, stored))
+    return out
+
+
+def median(values, empty=math.nan):
+    v = sorted(values)
+    return v[len(v) // 2] if v else empty
+
+
+def warmup_prompts(prompts: list[list[int]], chunk_tokens: int, count: int = 2) -> list[list[int]]:
+    """Prompts of the untimed warm-up that share no page with ``prompts``: the first ``count`` reversed (a
+    prompt's pages are cached by their tokens from its start, so a reversed one hits none of them in the
+    timed run), and where some prompt is longer than a step's ``chunk_tokens`` (chunked prefill), the longest
+    one reversed and cut to ``chunk_tokens + 1`` tokens: a prefill in two chunks, the shapes the run will use."""
+    warm = [p[::-1] for p in prompts[:count]]
+    longest = max(prompts, key=len)
+    if len(longest) > chunk_tokens:
+        warm.append(longest[::-1][: chunk_tokens + 1])
+    return warm
 
 
 def linear_weights(model) -> tuple[int, int]:
@@ -220,7 +276,9 @@ def kv_pages(model, kv_gib: float, page_size: int, stateful: bool, kv_cache_dtyp
 
 
 def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num_seqs=256, time_limit=None,
-               tokenizer=None, kv_cache_dtype: str = "auto", tflops: float = math.nan, **kw) -> dict:
+               tokenizer=None, kv_cache_dtype: str = "auto", tflops: float = math.nan, warmup: bool | None = None,
+               **kw) -> dict:
+    """One engine system over the workload. ``warmup`` (default: on CUDA) runs the untimed warm-up first."""
     prompts, max_tokens = work.prompts, work.max_tokens
     device = next(model.parameters()).device
     cfg = zipage.ZipageConfig(budget=budget, page_size=page_size) if budget is not None else None
@@ -243,37 +301,51 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
         e.record()
         events.append((s, e))
 
-    # warm-up outside the timing: kernel compilation and CUDA-graph capture (a compression included;
-    # a CPU has neither)
-    if device.type == "cuda":
+    # warm-up outside the timing: kernel compilation and CUDA-graph capture (a compression included, and a
+    # chunked prefill where the prompts need one; a CPU has neither), on prompts that share no page with the
+    # timed ones, so that the timed run finds none of its prompts in the prefix cache
+    if warmup if warmup is not None else device.type == "cuda":
         warm = zipage.SamplingParams(max_tokens=min(max_tokens, (budget or 256) + 300), temperature=0,
                                      ignore_eos=True)
-        llm.generate(prompts[:2], warm, use_tqdm=False)
+        llm.generate(warmup_prompts(prompts, llm.scheduler.max_num_batched_tokens), warm, use_tqdm=False)
+        sync(device)
     llm.scheduler.compressions = 0
     llm.scheduler.preemptions = 0
+    hits_before = llm.stats()["prefix_cache_hits"]
     llm.runner.compress = timed
-    ids = [llm.add_request(p, dataclasses.replace(work.params(), seed=work.seed + i * work.n))
-           for i, p in enumerate(prompts)]
+    plan: list = []  # what the scheduler handed the step now running: prompt tokens, decoded requests
+    schedule = llm.scheduler.schedule
+
+    def scheduled():
+        step = schedule()
+        plan[:] = [sum(n for _, n in step.prefill), list(step.decode)]
+        return step
+
+    llm.scheduler.schedule = scheduled
+    waiting_first, ttft = {}, {}  # request id -> its submission time, until its first token; time to it (s)
+    ids = []
+    for i, p in enumerate(prompts):
+        submitted = time.perf_counter()
+        ids.append(llm.add_request(p, dataclasses.replace(work.params(), seed=work.seed + i * work.n)))
+        waiting_first[ids[-1]] = submitted
     reset_peak(device)
-    running, steps, decode_ms, stored, decode_running = [], 0, [], [], []
+    running, steps = [], 0
+    log: list[tuple] = []  # per step: ms, prompt tokens scheduled, requests decoded, their stored tokens after it
     first_token = llm.generated_tokens
     start = last = report = time.perf_counter()
-    waiting_first, ttft = set(ids), {}  # requests without an output token yet; time to first token (s)
     truncated = False
     while llm.has_unfinished():
         if time_limit is not None and last - start > time_limit:
             truncated = True  # out of time: tokens/s over the part that ran, the rest cancelled
             break
-        llm.step()  # (no device sync here: with async scheduling the next step's host work overlaps this one's GPU work)
+        plan[:] = [0, []]
+        outs = llm.step()  # (no device sync here: with async scheduling the next step's host work overlaps this one's GPU work)
         now = time.perf_counter()
         r = llm.scheduler.running
         if waiting_first:
-            first_tokens(r, waiting_first, ttft, now - start)
+            first_tokens(outs, llm.samples, waiting_first, ttft, now)
         running.append(len(r))
-        if r and all(not s.in_prefill for s in r):
-            decode_ms.append((now - last) * 1000)
-            stored.append(sum(s.stored for s in r))
-            decode_running.append(len(r))
+        log.append(((now - last) * 1000, plan[0], len(plan[1]), sum(s.stored for s in plan[1])))
         last = now
         steps += 1
         if now - report > 60:
@@ -282,6 +354,7 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
                   f"{len(llm.scheduler.waiting)} waiting", flush=True)
     sync(device)
     wall = time.perf_counter() - start
+    llm.scheduler.schedule = schedule
     produced = llm.generated_tokens - first_token
     if truncated:
         for i in ids:
@@ -299,21 +372,37 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
     stats = llm.stats()
     assert stats["free_pages"] == stats["total_pages"], "pages lost"
     compress_ms = (sum(events) * 1000 if device.type != "cuda" else sum(s.elapsed_time(e) for s, e in events))
-    med = sorted(decode_ms)[len(decode_ms) // 2] if decode_ms else math.nan
-    med_stored = sorted(stored)[len(stored) // 2] if stored else 0
-    floor_ms = (weight_bytes(model) + med_stored * kv_bytes_per_token(model, kv_cache_dtype)) / (bw * 1e9) * 1000
-    med_running = sorted(decode_running)[len(decode_running) // 2] if decode_running else 0
-    cfloor_ms = compute_floor_ms(floor_ms, med_running, *linear_weights(model), bw, tflops)
+    # decode steps: those that scheduled no prompt token (``decode_steps``), each against the floor of what it
+    # read: the weights (``decode_weight_bytes``), its requests' stored KV and their exact-tail rings
+    dec = decode_steps(log, llm.async_scheduling)
+    kv_token, tail = kv_bytes_per_token(model, kv_cache_dtype), exact_tail_bytes_per_request(llm.runner)
+    flops, linear = linear_weights(model)
+
+    def floor(n: int, stored: int) -> float:  # ms of a step of n requests holding ``stored`` tokens
+        return (decode_weight_bytes(model, n) + stored * kv_token + n * tail) / (bw * 1e9) * 1000
+
+    med = median(ms for ms, _, _ in dec)
+    med_stored = median((stored for _, _, stored in dec), 0)
+    med_running = median((n for _, n, _ in dec), 0)
+    floor_ms = floor(med_running, med_stored)
+    cfloor_ms = compute_floor_ms(floor_ms, med_running, flops, linear, bw, tflops)
+    # the same steps' times over their own floors (a step's time and its stored tokens paired)
+    ratios = [ms / floor(n, st) for ms, n, st in dec]
+    cratios = [ms / compute_floor_ms(floor(n, st), n, flops, linear, bw, tflops) for ms, n, st in dec]
     res = dict(tokens_per_s=produced / wall, wall_s=wall, output_tokens=produced, truncated=truncated, requests=len(prompts), max_tokens=max_tokens,
                n=work.n, mean_output_tokens=produced / (len(prompts) * work.n),
                kv_pages=num_pages, page_size=page_size, kv_cache_dtype=kv_cache_dtype, peak_gib=peak_gib(device),
                mean_running=sum(running) / len(running), max_running=max(running), steps=steps,
-               median_decode_step_ms=med, median_decode_kv_tokens=med_stored,
-               decode_floor_ms=floor_ms, step_over_floor=med / floor_ms if decode_ms else math.nan,
+               decode_steps=len(dec), median_decode_step_ms=med, median_decode_kv_tokens=med_stored,
+               decode_floor_ms=floor_ms, step_over_floor=med / floor_ms if dec else math.nan,
+               median_step_over_floor=median(ratios), exact_tail_bytes_per_request=tail,
                median_decode_running=med_running, decode_compute_floor_ms=cfloor_ms,
-               step_over_compute_floor=med / cfloor_ms if decode_ms else math.nan,
+               step_over_compute_floor=med / cfloor_ms if dec else math.nan,
+               median_step_over_compute_floor=median(cratios),
                compression_share=compress_ms / 1000 / wall, compression_gpu_s=compress_ms / 1000,
-               preemptions=stats["preemptions"], compressions=stats["compressions"], **ttft_stats(ttft.values()),
+               preemptions=stats["preemptions"], compressions=stats["compressions"],
+               prefix_cache_hits=stats["prefix_cache_hits"] - hits_before,
+               **ttft_stats(ttft.values(), missing=len(waiting_first)),
                async_compression=llm.async_compression, async_scheduling=llm.async_scheduling,
                zipage_config=None if llm.zipage_config is None else dataclasses.asdict(llm.zipage_config),
                fused_ops=bool(llm.runner.fusion.norms) or llm.runner.fusion.rope_module is not None)
@@ -589,13 +678,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(summary: dict) -> str:
+    """One line per system. ``x``: the median decode step over its floor (ratio of the medians); ``ttft``: mean,
+    p50, p99 (nearest rank: the max below 100 requests) and max, over ``n`` requests that had a first token
+    (``+m``: m more had none when the time limit cut the run)."""
     lines = [f"{'system':18s} {'req x tok':>11s} {'mean out':>8s} {'tok/s':>8s} {'peak GiB':>8s} {'conc':>5s} {'max':>4s} "
              f"{'step ms':>8s} {'floor':>6s} {'x':>5s} {'cfloor':>6s} {'x':>5s} {'compr%':>6s} {'preempt':>7s} {'ttft s':>7s} {'p50':>6s} "
-             f"{'p99':>6s}"]
+             f"{'p99':>6s} {'max':>6s} {'n':>7s}"]
     for name, r in summary["systems"].items():
         if "error" in r:
             lines.append(f"{name:18s} {r['error'][:100]}")
             continue
+        count = f"{r['ttft_count']}" + (f"+{r['ttft_missing']}" if r.get("ttft_missing") else "") if "ttft_count" in r else ""
         lines.append(
             f"{name:18s} {str(r['requests']) + 'x' + str(r['max_tokens']):>11s} "
             f"{r.get('mean_output_tokens', r['max_tokens']):8.0f} {r['tokens_per_s']:8.0f} "
@@ -604,7 +697,7 @@ def table(summary: dict) -> str:
             f"{r.get('step_over_floor', math.nan):5.2f} {r.get('decode_compute_floor_ms', math.nan):6.1f} "
             f"{r.get('step_over_compute_floor', math.nan):5.2f} {100 * r.get('compression_share', 0):6.1f} "
             f"{r.get('preemptions', 0):7d} {r.get('ttft_mean_s', math.nan):7.2f} {r.get('ttft_p50_s', math.nan):6.2f} "
-            f"{r.get('ttft_p99_s', math.nan):6.2f}")
+            f"{r.get('ttft_p99_s', math.nan):6.2f} {r.get('ttft_max_s', math.nan):6.2f} {count:>7s}")
     return "\n".join(lines)
 
 
