@@ -14,8 +14,28 @@ try:
 except ImportError:  # run as a script from benchmarks/
     from generate_speed import table
 
-COMMAND = {"cpu": "python benchmarks/generate_speed.py cpu", "gpu": "python benchmarks/generate_speed.py gpu"}
 KEY = ("model", "batch", "prompt", "new_tokens", "cache")
+
+
+DEFAULT_REPEATS = {"cpu": 2, "gpu": 1}  # generate_speed.py's --repeats when none is given
+
+
+def command(meta: dict, device: str, path: Path) -> str:
+    """The command that wrote a results file: the one it stored, else one built from the settings it recorded
+    (repeats, threads, label, output file), so that the command shown matches the numbers beside it."""
+    if meta.get("command"):
+        return meta["command"]
+    kind = "cpu" if device == "cpu" else "gpu"
+    parts = ["python benchmarks/generate_speed.py", kind]
+    if meta.get("repeats") is not None and meta["repeats"] != DEFAULT_REPEATS[kind]:
+        parts.append(f"--repeats {meta['repeats']}")
+    if kind == "cpu" and meta.get("threads") not in (None, 1):
+        parts.append(f"--threads {meta['threads']}")
+    if meta.get("label"):
+        parts.append(f"--label {meta['label']}")
+    if path.name != f"generate_speed_{kind}.json":
+        parts.append(f"--out benchmarks/results/{path.name}")
+    return " ".join(parts)
 
 
 def _before_after(rows: list[dict], before: list[dict], device: str) -> str:
@@ -138,7 +158,7 @@ def generate_sections(results: Path) -> list[str]:
         memory = ("peak of the tensor storage the call allocates (`StoragePeak`)" if device == "cpu"
                   else "`torch.cuda.max_memory_allocated` above the weights")
         parts += [f"### generate(): zipage against DynamicCache, {meta['device']}: {_shape(rows)}", "",
-                  f"`{meta.get('command') or COMMAND.get(device, path.name)}` ({meta['threads']} thread(s), torch {meta['torch']}, "
+                  f"`{command(meta, device, path)}` ({meta['threads']} thread(s), torch {meta['torch']}, "
                   f"transformers {meta['transformers']}). Same prompts and the same number of new tokens for "
                   f"every cache; tok/s: new tokens per second of {speed}, prefill included; peak: {memory}.", "",
                   table(rows, device), ""]

@@ -42,6 +42,12 @@ def prefill_section(results: Path) -> str:
     return "\n".join(lines + [""] + torch_rows(results) + engine_rows(results) + fp8_rows(results))
 
 
+def _best(kernel: dict) -> float:
+    """A kernel's speed against the baseline's fastest formulation (``ratio_best``), as the first table's; a
+    sweep that recorded only the ratio to the explicit-mask formulation gives that."""
+    return kernel.get("ratio_best", kernel["ratio"])
+
+
 TORCH_RUN = "issue15/s24/call2/prefill_tune.json"  # the sweep run with PyTorch's own attention beside the kernel
 
 
@@ -70,7 +76,7 @@ def torch_rows(results: Path) -> list[str]:
         cells = []
         for n in names:
             k = r["kernels"].get(n, {})
-            cells.append(f"{k['ratio']:.2f}x ({k['ms']:.3f} ms)" if "ms" in k else "-")
+            cells.append(f"{_best(k):.2f}x ({k['ms']:.3f} ms)" if "ms" in k else "-")
         lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -127,7 +133,7 @@ def fp8_rows(results: Path) -> list[str]:
         for name, k in r["kernels"].items():
             if "ms" in k and name != "v1":
                 kind = "codes in the kernel" if name.endswith("-codes") else "dequantized first"
-                lines.append(f"| {r['case']} | {name} ({kind}) | {k['ms']:.3f} | {k['ratio']:.2f}x |")
+                lines.append(f"| {r['case']} | {name} ({kind}) | {k['ms']:.3f} | {_best(k):.2f}x |")
     runs = []
     for name in FP8_ORDER:
         path = folder / f"{name}.json"

@@ -1,8 +1,9 @@
 """Throughput of zipage against full-KV systems, same model, same GPU, same KV memory, same run.
 
 Reasoning-shaped workload: short prompts (100-300 tokens, every fourth sharing a 128-token
-prefix) and long forced outputs (EOS ignored), on a random-weight model built from a real
-config. Systems: zipage at two budgets, zipage's own full-KV paged engine (budget=None),
+prefix, which at 256-token pages shares no page: ``engine_run.workload``) and long forced outputs
+(EOS ignored), on a random-weight model built from a real config. Systems: zipage at two budgets,
+zipage's own full-KV paged engine (budget=None),
 transformers' continuous batching (``generate_batch``) and plain ``generate`` with a
 DynamicCache at the largest batch whose full KV fits the same memory (one batch, timed).
 Any engine system takes ``-fp8`` (``zipage-2048-fp8``, ``zipage-fullkv-fp8``): FP8 KV pages, so
@@ -15,6 +16,13 @@ hundred): prefill-bound, and every engine system reports time to first token (me
 from each request's ``add_request`` to the step that hands the host its first output token; p99 is the
 nearest rank, which below 100 requests is the max) beside tokens/s, with how many requests had one
 (``ttft_count``) and how many had none when a ``--time-limit`` cut the run (``ttft_missing``).
+
+Each engine system first runs an untimed warm-up (CUDA: compilation, graph capture) on prompts sharing no
+page with the timed ones; ``prefix_cache_hits`` counts the prompt pages the timed run found cached. Decode
+steps are the steps that scheduled no prompt token; each is set against the floor of the bytes it read (the
+weights less an untied input embedding table, whose rows of the step's tokens it reads, the stored KV of its
+requests and their exact-tail rings): ``step_over_floor`` is the median step over the floor at the median
+requests and KV, ``median_step_over_floor`` the median of the steps' own ratios.
 
 Every system gets the same KV memory (``--kv-gib``, pages and state included). The workload is
 chosen so that full KV cannot hold every request at once while zipage can: with ``--kv-gib 8``
@@ -339,7 +347,8 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
             truncated = True  # out of time: tokens/s over the part that ran, the rest cancelled
             break
         plan[:] = [0, []]
-        outs = llm.step()  # (no device sync here: with async scheduling the next step's host work overlaps this one's GPU work)
+        # (no device sync here: with async scheduling the next step's host work overlaps this one's GPU work)
+        outs = llm.step()
         now = time.perf_counter()
         r = llm.scheduler.running
         if waiting_first:
@@ -688,7 +697,8 @@ def table(summary: dict) -> str:
         if "error" in r:
             lines.append(f"{name:18s} {r['error'][:100]}")
             continue
-        count = f"{r['ttft_count']}" + (f"+{r['ttft_missing']}" if r.get("ttft_missing") else "") if "ttft_count" in r else ""
+        count = "" if "ttft_count" not in r else f"{r['ttft_count']}" + (
+            f"+{r['ttft_missing']}" if r.get("ttft_missing") else "")
         lines.append(
             f"{name:18s} {str(r['requests']) + 'x' + str(r['max_tokens']):>11s} "
             f"{r.get('mean_output_tokens', r['max_tokens']):8.0f} {r['tokens_per_s']:8.0f} "
