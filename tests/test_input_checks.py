@@ -240,3 +240,20 @@ def test_config_replace_keeps_an_explicit_buffer():
     assert default.replace(budget=128).replace(page_size=32).buffer == 32  # still following after a copy
     assert default.replace(page_size=32, buffer=8).buffer == 8
     assert repr(explicit) == repr(default) and explicit == default
+
+
+def test_reorder_cache_takes_one_source_row_per_row():
+    """A beam_idx of the wrong length was taken: the rows' tensors changed length and the next update failed
+    far from the cause."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                      intermediate_size=64, vocab_size=100)
+    cache = zipage.ZipageCache(config=cfg, budget=16, page_size=4, window=4, scorer="streaming")
+    k = torch.randn(2, 2, 5, 16)
+    for layer in range(2):
+        cache.update(k, k, layer)
+    with pytest.raises(ValueError, match="one source row for each of the cache's 2 rows"):
+        cache.reorder_cache(torch.tensor([0]))
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert cache.get_seq_length() == 5

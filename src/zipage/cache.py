@@ -852,6 +852,9 @@ class ZipageCache(Cache):
         """Beam search: row ``i`` becomes old row ``beam_idx[i]`` (all rows store the same length)."""
         if not self.batch_size_:
             return
+        if beam_idx.dim() != 1 or beam_idx.shape[0] != self.batch_size_:
+            raise ValueError(f"reorder_cache: beam_idx must hold one source row for each of the cache's "
+                             f"{self.batch_size_} rows, got shape {tuple(beam_idx.shape)}")
         if self.window_pages is not None:
             self.window_pages.reorder(beam_idx.to(self.full[0].keys.device))
         moved = lambda t: t if t is None else (  # noqa: E731  (FP8 moved as bytes)

@@ -273,13 +273,15 @@ def runs_own_attention(module) -> bool:
     Falcon's does: ``_attn_implementation == "sdpa"``) and never looks it up in transformers'
     ``AttentionInterface``: renaming the attention to arm the capture would switch its code path (Falcon's then
     adds an SDPA-style boolean mask as a bias: wrong attention, no error), and no capture could run anyway."""
+    if module is None:  # (an update called from no module: nothing to compare)
+        return False
     cls = type(module)
     if cls not in _own_attention:
         import inspect
 
         try:
             src = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
+        except (OSError, TypeError, AttributeError):
             src = ""
         _own_attention[cls] = "_attn_implementation" in src and "ALL_ATTENTION_FUNCTIONS" not in src and \
             "attention_interface" not in src
