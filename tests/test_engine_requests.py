@@ -658,3 +658,51 @@ def test_a_request_without_params_takes_the_model_s_generation_config(model):
     finally:
         model.generation_config = saved
     assert llm.get_default_sampling_params() == SamplingParams()
+
+
+def test_finished_requests_never_taken_are_bounded(model, monkeypatch):
+    """stream() consumers and aborted requests never forget theirs: requests held only the newest KEEP_FINISHED
+    finished ones (every request ever run stayed before); running ones are never dropped."""
+    import zipage.engine.llm as llm_mod
+
+    monkeypatch.setattr(llm_mod, "KEEP_FINISHED", 3)
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    running = llm.add_request(prompts_of((6,), seed=9)[0], SamplingParams(max_tokens=60, ignore_eos=True))
+    ids = []
+    for i, prompt in enumerate(prompts_of([5] * 12, seed=3)):
+        ids.append(llm.add_request(prompt, params))
+        if i % 3 == 2:
+            llm.abort_request(ids[-1])
+        else:
+            for _ in llm.stream(ids[-1]):
+                pass
+        assert len(llm.requests) <= 2 * 3 + 2
+    assert running in llm.requests  # (still running: kept)
+    assert llm.output(ids[-1]).finished and ids[0] not in llm.requests
+    llm.abort_request(running)
+
+
+def test_agenerate_from_many_event_loops_keeps_no_closed_loop(model):
+    """A lock that waited holds its event loop, so the weak-keyed table kept every loop ever used."""
+    import asyncio
+
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    prompts = prompts_of((5, 6), seed=4)
+
+    async def both():
+        return await asyncio.gather(*(llm.agenerate(p, params) for p in prompts))
+
+    for _ in range(4):
+        asyncio.run(both())
+    assert len(llm._async_locks) <= 1
+
+
+def test_scorers_of_per_request_budgets_are_bounded(model):
+    llm = LLM(model, budget=32, page_size=4, buffer=4, num_pages=64)
+    first = llm.runner.scorer_for(40)
+    assert llm.runner.scorer_for(40) is first
+    for b in range(41, 141):
+        llm.runner.scorer_for(b)
+    assert len(llm.runner._scorers) <= 64 and llm.runner.scorer_for(140).config.budget == 140

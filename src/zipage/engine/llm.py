@@ -110,6 +110,12 @@ def check_loaded_model_args(model: Any, dtype: Any, device: Any) -> None:
                              f"is on {have}: move it first (model.to(device)) or leave device out")
 
 
+# Finished requests whose outputs were never taken (``forget``, ``generate`` and ``agenerate`` drop theirs) are kept
+# readable through ``output()``, the newest this many of them; older ones are dropped (a long-running engine fed
+# through ``stream()`` or a step loop that never forgets would otherwise keep every request it ever ran)
+KEEP_FINISHED = 4096
+
+
 class LLM:
     """A continuous-batching engine with Compressed PagedAttention.
 
@@ -405,6 +411,8 @@ class LLM:
         self.requests[rid] = seqs[0]
         if len(seqs) > 1:
             self._samples[rid] = seqs
+        if len(self.requests) > 2 * KEEP_FINISHED:
+            self._drop_oldest_finished()
         for seq in seqs:
             self.scheduler.add(seq)
         return rid
@@ -450,6 +458,14 @@ class LLM:
         if seq in seqs and self.requests.get(rid) is seqs[0]:
             del self.requests[rid]
             self._samples.pop(rid, None)
+
+    def _drop_oldest_finished(self) -> None:
+        """Forget the oldest finished requests beyond the newest :data:`KEEP_FINISHED` (their outputs were never
+        taken: a ``stream()`` consumer, an aborted request, a step loop that does not ``forget``); running ones
+        are never dropped. Runs when ``requests`` passes twice that, so its cost is spread over the adds."""
+        finished = [rid for rid, seq in self.requests.items() if all(s.finished for s in self.samples(rid))]
+        for rid in finished[:max(0, len(finished) - KEEP_FINISHED)]:
+            self._forget(self.samples(rid)[0])
 
     def _get(self, request_id: str) -> Sequence:
         if request_id not in self.requests:
@@ -606,6 +622,8 @@ class LLM:
     def _loop_lock(self) -> asyncio.Lock:
         """The running event loop's lock (an asyncio.Lock is bound to the loop it first waited in)."""
         loop = asyncio.get_running_loop()
+        for old in [x for x in self._async_locks if x.is_closed()]:  # (a lock that waited holds its loop: the
+            del self._async_locks[old]                                 # weak key alone would never let it go)
         lock = self._async_locks.get(loop)
         if lock is None:
             lock = self._async_locks[loop] = asyncio.Lock()

@@ -820,9 +820,13 @@ class ModelRunner:
         tokens it always keeps)."""
         if budget == self.zipage_config.budget:
             return self.scorer
-        if budget not in self._scorers:
-            self._scorers[budget] = get_scorer(self.zipage_config.scorer, self.zipage_config.replace(budget=budget))
-        return self._scorers[budget]
+        scorer = self._scorers.pop(budget, None)  # (re-inserted: the dict's order is least recently used first)
+        if scorer is None:
+            scorer = get_scorer(self.zipage_config.scorer, self.zipage_config.replace(budget=budget))
+            if len(self._scorers) >= 64:  # (a server's requests may each ask for a budget of their own)
+                del self._scorers[next(iter(self._scorers))]
+        self._scorers[budget] = scorer
+        return scorer
 
     def compress(self, seqs: list[Sequence], dst_pages: list[list[int]] | None, first: bool) -> None:
         """Compress ``seqs`` (same stored length, same budget) in every layer to their budget, in place
