@@ -93,6 +93,7 @@
 #   PART=s45c  the long-prompt TTFT with whole prompts through the fused attention and through the paged kernel
 #   PART=s45d  the fresh-prefill GPU tests, then (H200) fp8pair
 #   PART=s45e  the fresh-prefill GPU tests, the FP8 pair briefly and the prefill sweep after the benchmarks' fixes
+#   PART=s45f  the engine's GPU tests after the session's host-side engine changes
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
@@ -415,6 +416,11 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       --systems zipage-2048,zipage-2048-fp8 --out "$OUT/throughput_qwen3-8b_fp8_s45.json" 2>&1 | tail -5
     timeout 120 python3 benchmarks/prefill_tune.py --out "$OUT/prefill_tune.json" --budget-s 80 \
       --variants m64n64w4s3-tma --fp8-variants m64n64w4s3-tma 2>&1 | tail -20 ;;
+  s45f)  # session 45's last call: the engine's GPU tests (CUDA graphs) after its host-side changes (a layer's
+    # attention seen twice refused, the KV heads checked, finished requests bounded, scorers per budget bounded)
+    timeout "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py \
+      tests/test_engine_requests.py tests/test_fresh_prefill.py tests/test_sliding_engine.py --durations=5 2>&1 \
+      | tee "$OUT/gpu_tests_s45f.log" | tail -10 ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
