@@ -630,12 +630,14 @@ def test_sampling_fields_left_out_take_the_model_s_generation_config(checkpoint)
 
     from transformers import GenerationConfig
 
-    from zipage.serve.generation import model_sampling_defaults
+    from zipage.engine.sampling import model_sampling_defaults
     from zipage.serve.server import config_from_args
 
     gen = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.95, top_k=1, repetition_penalty=1.0)
     assert model_sampling_defaults(gen) == {"temperature": 0.6, "top_p": 0.95, "top_k": 1, "repetition_penalty": 1.0}
     assert model_sampling_defaults(GenerationConfig()) == {} and model_sampling_defaults(None) == {}
+    with pytest.raises(ValueError, match="generation_config sets sampling defaults SamplingParams refuses"):
+        model_sampling_defaults(GenerationConfig(do_sample=True, top_p=1.5))
     model, tok = checkpoint
     llm = LLM(model, tok, **ENGINE)
     saved = model.generation_config

@@ -253,7 +253,9 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
             q[n_p:].contiguous(), kp, vp, tables[2], tables[3], scale, max_len_hint=meta.max_decode_len,
             k_scale=ks, v_scale=vs, **features
         )
-    fresh = meta.fresh if n_p and not sliding and not any(v is not None for v in features.values()) else None
+    fresh = meta.fresh  # (None unless ZIPAGE_FRESH_PREFILL planned some: the features are looked at only then)
+    if fresh is not None and (sliding or any(v is not None for v in features.values())):
+        fresh = None
     if fresh is not None and decode is None and meta.fresh_rest is None:  # every row from the fused attention
         out = fresh_prefill_attention(q0, k0, v0, fresh, scale)  # (its output as it is, where it is one batch)
         return out[None], None

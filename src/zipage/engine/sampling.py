@@ -185,4 +185,10 @@ def model_sampling_defaults(generation_config: Any) -> dict[str, Any]:
     if generation_config is None:
         return {}
     diff = generation_config.to_diff_dict()
-    return {k: diff[k] for k in SAMPLING_DEFAULT_FIELDS if diff.get(k) is not None}
+    defaults = {k: diff[k] for k in SAMPLING_DEFAULT_FIELDS if diff.get(k) is not None}
+    try:
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the model's generation_config sets sampling defaults SamplingParams refuses "
+                         f"({defaults}): {e}") from None
+    return defaults

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from ..engine import SamplingParams
-from ..engine.sampling import ENGINE_BUDGET, model_sampling_defaults  # noqa: F401  (the server's import)
+from ..engine.sampling import ENGINE_BUDGET
 from .engine_client import AsyncEngine, Delta, EngineDead, RequestStream
 from .errors import APIError, bad_request
 from .protocol import SamplingFields

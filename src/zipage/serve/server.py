@@ -18,7 +18,8 @@ import torch
 from ..engine import LLM
 from .app import build_app
 from .engine_client import AsyncEngine
-from .generation import ServeConfig, model_sampling_defaults
+from ..engine.sampling import model_sampling_defaults
+from .generation import ServeConfig
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 log = logging.getLogger("zipage.serve")
@@ -173,7 +174,12 @@ def main(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:  # an option this model cannot take (its context, its heads, ...)
         print(f"zipage serve: {e}", file=sys.stderr)
         return 2
-    config = config_from_args(llm, root, args)
+    try:
+        config = config_from_args(llm, root, args)
+    except ValueError as e:  # the model's generation_config sets defaults SamplingParams refuses
+        print(f"zipage serve: {e} (--generation-config vllm serves the API's own defaults)", file=sys.stderr)
+        llm.close()
+        return 2
     stats = llm.stats()
     budget = "full KV" if args.budget is None else f"budget {args.budget}"
     log.info("serving %s (%s) on %s: %s, %d KV pages of %d tokens, up to %d requests at the budget",
