@@ -94,6 +94,7 @@
 #   PART=s45d  the fresh-prefill GPU tests, then (H200) fp8pair
 #   PART=s45e  the fresh-prefill GPU tests, the FP8 pair briefly and the prefill sweep after the benchmarks' fixes
 #   PART=s45f  the engine's GPU tests after the session's host-side engine changes
+#   PART=s46fp8 the FP8 pair (zipage-2048-fp8, then zipage-2048) run to completion, 512 x 4,096 tokens
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
 #   PART=storelaunch the quantizing store, whose scale search was 8% of the FP8 decode step on an H100 (session 40),
@@ -421,6 +422,11 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     timeout "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py \
       tests/test_engine_requests.py tests/test_fresh_prefill.py tests/test_sliding_engine.py --durations=5 2>&1 \
       | tee "$OUT/gpu_tests_s45f.log" | tail -10 ;;
+  s46fp8)  # session 46: the issue's FP8 pair run to completion (no time-limit window), FP8 first (the shorter run),
+    # 512 requests x 4,096 tokens, Qwen3-8B shapes, KV_GIB of KV (80 on an H200), then the kernel benchmark's rows
+    timeout 540 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
+      --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-290}" \
+      --systems zipage-2048-fp8,zipage-2048 --out "$OUT/throughput_qwen3-8b_fp8_full.json" 2>&1 | tail -6 ;;
   fp8pair)
     timeout 300 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
       --max-tokens 4096 --kv-gib "${KV_GIB:-$(big_card 80 40)}" --time-limit "${TIME_LIMIT:-100}" \
