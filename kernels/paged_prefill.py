@@ -45,6 +45,12 @@ specialization). With Triton 3.6 on the H100 the 64 x 64 launch fails to compile
 warp-specialization pass) and the 128 x 128 one compiles to the same speed as without it (0.62-0.70x of gather +
 SDPA on whole prompts, 1.56x on a cached prefix; ``benchmarks/results/issue15/s45/call1/``; the variant is commit
 b4440f8). Whole prompts go to PyTorch's fused attention instead where it is faster (``fresh_prefill.py``).
+
+Tried and dropped before timing: the next key tile's dot issued before this tile's softmax (its result carried to
+the next iteration, so the tensor cores could run it beside the softmax). Compiled for sm_90 by
+``benchmarks/prefill_compile.py`` (Triton 3.9), every warp-group MMA of both versions is followed by a
+``wgmma.wait_group 0``: the compiler keeps no dot in flight across the softmax either way, so nothing could overlap,
+and the 64 x 64 launch went from 183 to 230 registers (128 x 128: 144 bytes spilled).
 """
 
 from __future__ import annotations
