@@ -233,8 +233,9 @@ if HAS_TRITON:
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8:
-            pv = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+        if FP8:  # p * vs over the tile's largest value scale: in [0, 1], never below fp16's normal range
+            vs_max = tl.maximum(tl.max(vs, 0), 1e-30)
+            pv = tl.dot((p * (vs / vs_max)[None, :]).to(q.dtype), v.to(q.dtype), input_precision=PRECISION) * vs_max
         else:
             pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         acc = acc * alpha[:, None] + pv

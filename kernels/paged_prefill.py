@@ -354,8 +354,9 @@ if HAS_TRITON:
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if FP8:
-            acc = tl.dot((p * vs[None, :]).to(q.dtype), v.to(q.dtype), acc, input_precision=PRECISION)
+        if FP8:  # p * vs over the tile's largest value scale: in [0, 1], never below fp16's normal range
+            vs_max = tl.maximum(tl.max(vs, 0), 1e-30)
+            acc += tl.dot((p * (vs / vs_max)[None, :]).to(q.dtype), v.to(q.dtype), input_precision=PRECISION) * vs_max
         else:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         return m_new, l_i, acc
