@@ -706,3 +706,48 @@ def test_scorers_of_per_request_budgets_are_bounded(model):
     for b in range(41, 141):
         llm.runner.scorer_for(b)
     assert len(llm.runner._scorers) <= 64 and llm.runner.scorer_for(140).config.budget == 140
+
+
+@pytest.mark.parametrize("during_compression", [False, True])
+def test_cancel_is_reported_only_when_it_lands_later(model, during_compression):
+    """A request cancelled between steps finishes inside ``cancel()`` and no step reports it; one cancelled while
+    its asynchronous compression is in flight finishes when that compression lands, and the step that collects
+    it reports it once, finish_reason "cancelled" (the server forgets such a request on that report)."""
+    llm = LLM(model, page_size=4, num_pages=30, budget=16, buffer=4, window=4, async_compression=True,
+              enforce_eager=True)
+    p = prompts_of([10, 12], seed=4)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    rid = llm.add_request(p[0], params)
+    llm.add_request(p[1], params)
+    seq = llm.requests[rid]
+    while not (seq.compressing if during_compression else len(seq.output_ids) > 3):
+        llm.step()
+    llm.cancel(rid)
+    assert seq.finished != during_compression
+    reported = []
+    while llm.has_unfinished():
+        reported += [o.outputs[0].finish_reason for o in llm.step() if o.request_id == rid]
+    assert reported == (["cancelled"] if during_compression else [])
+    assert llm.output(rid).outputs[0].finish_reason == "cancelled"
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("how", ["stop", "stream"])
+def test_an_idle_engine_holds_no_token_flight(model, how):
+    """With asynchronous scheduling a request stopped by a token has run one more step, whose tokens nobody
+    reads; once every request of that flight has finished (a stop, a stream left early) the engine drops it
+    rather than keeping the last batch's tensors and requests until a next step."""
+    llm = LLM(model, budget=None, page_size=4, num_pages=40, async_scheduling=True)
+    p = prompts_of([10], seed=3)[0]
+    if how == "stop":
+        first = llm.generate([p], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+        stop = first[0].outputs[0].token_ids[4]
+        out = llm.generate([p], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop]), use_tqdm=False)
+        assert out[0].outputs[0].finish_reason == "stop"
+    else:
+        rid = llm.add_request(p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        for i, _ in enumerate(llm.stream(rid)):
+            if i == 3:
+                break
+    assert not llm.has_unfinished() and llm.core.inflight is None
+    assert_pool_clean(llm)

@@ -225,6 +225,26 @@ def test_engine_kept_positions_errors_and_uncompressed_requests():
     assert torch.equal(full.kept_positions(rb, 0), torch.arange(len(b) + 1).expand(2, -1))
 
 
+def test_maps_of_budgets_of_their_own_go_with_their_requests():
+    """A request with a budget of its own keeps its positions in a map of its own width; the map goes when the
+    request's query slot is given back (it stayed, one per slot, after every such request had ended)."""
+    model = tiny_model("llama")
+    llm = LLM(model, **CFG, num_pages=200, max_num_seqs=4)
+    a, b = shared_prefix_prompts(8)
+    params = [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, budget=budget) for budget in (16, 32, 40)]
+    rids = [llm.add_request(p, sp) for p, sp in zip((a, b, a), params)]
+    seen = 0
+    while llm.has_unfinished():
+        llm.step()
+        seen = max(seen, len(llm.runner.kept.own))
+        for rid in rids:
+            seq = llm.requests[rid]
+            if seq.compressions and not seq.finished and not seq.compressing:
+                assert llm.kept_positions(rid, 0).shape == (2, seq.stored)
+    assert seen == 3 and all(llm.requests[r].compressions for r in rids)
+    assert llm.runner.kept.own == {}
+
+
 # ------------------------------------------------------------------------------ bf16 on the GPU
 GPU_CFG = dict(budget=48, page_size=16, buffer=16, window=8)
 

@@ -51,6 +51,9 @@ class EngineCore:
         self.runner = runner
         self.outputs = outputs
         scheduler.on_finish = outputs.finished  # cancelled and failed requests get their text too
+        kept = getattr(runner, "kept", None)
+        if kept is not None:  # a slot's map of a budget of its own goes with the request (compressions landed)
+            scheduler.on_release = kept.release
         self.async_compression = async_compression
         self.async_scheduling = async_scheduling
         self.use_graphs = use_graphs
@@ -88,6 +91,7 @@ class EngineCore:
                         seq.cancel_requested = True
                     elif not seq.finished:
                         self.scheduler.finish(seq, "cancelled")
+                self._drop_dead_flight()
             finally:
                 self.lock.release()
 
@@ -109,11 +113,7 @@ class EngineCore:
         if not self.lock.acquire(blocking=False):
             return
         try:
-            flight = self.inflight
-            if flight is not None and all(s.finished for s in flight.seqs):
-                self.inflight = None  # their tokens are dropped anyway: nothing to wait for
-                for seq in flight.seqs:
-                    seq.pending -= 1
+            self._drop_dead_flight()
             self.compressions.drop_cancelled()
             self.undelivered = [o for o in self.undelivered if o.request_id in known]
         except Exception:  # (a dead device): the next step deals with it; the original error goes up
@@ -135,8 +135,18 @@ class EngineCore:
             changed = self.undelivered
             self._step(changed)
             self.undelivered = []
+            self._drop_dead_flight()
         self.apply_cancels()
         return changed
+
+    def _drop_dead_flight(self) -> None:
+        """Let go of a token flight whose every request has finished (a stop seen in the step before it): their
+        tokens are dropped anyway, and the engine may go idle holding it."""
+        flight = self.inflight
+        if flight is not None and all(s.finished for s in flight.seqs):
+            self.inflight = None
+            for seq in flight.seqs:
+                seq.pending -= 1
 
     def _step(self, changed: list[RequestOutput]) -> None:
         changed += [s.output() for s in self.compressions.collect(block=False)]

@@ -506,7 +506,9 @@ class LLM:
         With ``async_scheduling`` outputs arrive one step late, and a request stopped by a token
         (EOS, a stop id or string) has run one more step, whose token is dropped. A request stopped
         while its (asynchronous) compression is in flight is reported finished by the step that
-        collects that compression. Steps never overlap: a call made while another thread is inside
+        collects that compression, and so is one cancelled then (``finish_reason="cancelled"``: the
+        signal that its pages are back); a request cancelled otherwise finishes within ``cancel()``
+        and is not reported. Steps never overlap: a call made while another thread is inside
         ``step()`` waits for it. A step that raises is undone (see ``EngineCore.step``): the next
         ``step()`` goes on and produces the same tokens."""
         self._check_open()

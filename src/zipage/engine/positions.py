@@ -5,7 +5,8 @@ past the compacted prefix ``[0, budget)`` hold one new token each, so slot ``j >
 position ``num_computed - stored + j``. Only the compacted prefix needs a map: one
 ``[L, H_kv, budget]`` int32 map per query slot, gathered with the kept indices at every
 compression (on the stream the compression runs on), never touched by a decode step. A request
-with a budget of its own (``SamplingParams.budget``) keeps its map apart, of its own width.
+with a budget of its own (``SamplingParams.budget``) keeps its map apart, of its own width, until its query
+slot is given back.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class KeptPositions:
             L, _, H, _ = self.map.shape
             own = self.own[seq.slot] = torch.zeros(L, H, seq.budget, dtype=self.map.dtype, device=self.map.device)
         return own
+
+    def release(self, slot: int) -> None:
+        """Drop the map of a budget of its own that ``slot``'s request held (called as the slot is given back,
+        after the request's compressions landed: no kernel writes it any more)."""
+        self.own.pop(slot, None)
 
     @staticmethod
     def bytes_per_slot(config, budget: int) -> int:

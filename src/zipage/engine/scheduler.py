@@ -80,6 +80,7 @@ class Scheduler:
         self.cfg = zipage_config
         self.page = blocks.page_size
         self.on_finish: Callable[[Sequence], None] | None = None  # (the engine's: the text of every finished one)
+        self.on_release: Callable[[int], None] | None = None  # a query slot given back (the runner's per-slot state)
         self.max_num_batched_tokens = max_num_batched_tokens
         if zipage_config is not None:
             n_max = -(-zipage_config.capacity // self.page)
@@ -141,6 +142,8 @@ class Scheduler:
         """Give back a sequence's pages and query slot."""
         self.blocks.free(seq)
         if seq.slot >= 0:
+            if self.on_release is not None:
+                self.on_release(seq.slot)
             self.free_slots.append(seq.slot)
             seq.slot = -1
 
