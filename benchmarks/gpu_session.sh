@@ -94,7 +94,7 @@
 #   PART=s45d  the fresh-prefill GPU tests, then (H200) fp8pair
 #   PART=s45e  the fresh-prefill GPU tests, the FP8 pair briefly and the prefill sweep after the benchmarks' fixes
 #   PART=s45f  the engine's GPU tests after the session's host-side engine changes
-#   PART=s46a  the kernel benchmark (benchmarks/kernels.py) with its plot
+#   PART=s46a  the kernel benchmark (benchmarks/kernels.py) with its plot, then the GPU tests of the kernels
 #   PART=s46fp8 the FP8 pair (zipage-2048-fp8, then zipage-2048) run to completion, 512 x 4,096 tokens
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
@@ -424,8 +424,11 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       tests/test_engine_requests.py tests/test_fresh_prefill.py tests/test_sliding_engine.py --durations=5 2>&1 \
       | tee "$OUT/gpu_tests_s45f.log" | tail -10 ;;
   s46a)  # session 46: the kernel benchmark after session 45's fixes to it (its first GPU run since), with its plot
-    timeout 330 python3 benchmarks/kernels.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" 2>&1 \
-      | tee "$OUT/kernels_stdout.txt" | tail -45 ;;
+    timeout 300 python3 benchmarks/kernels.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" 2>&1 \
+      | tee "$OUT/kernels_stdout.txt" | tail -45
+    # then the GPU tests of the kernels that fold FP8 value scales into the probabilities (scaled per tile since)
+    timeout "${TEST_LIMIT:-220}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_kernels.py \
+      tests/test_paged_prefill.py tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_tests_s46a.log" | tail -6 ;;
   s46fp8)  # session 46: the issue's FP8 pair run to completion (no time-limit window), FP8 first (the shorter run),
     # 512 requests x 4,096 tokens, Qwen3-8B shapes, KV_GIB of KV (80 on an H200), then the kernel benchmark's rows
     timeout 540 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
