@@ -119,6 +119,19 @@ def test_kept_positions_gather_every_rank_heads(engines):
         llm.forget("k")
 
 
+def test_budgets_of_their_own_match_one_process_and_their_maps_go(engines):
+    """Requests with budgets of their own keep positions in maps of their own on every rank; those go with the
+    requests (rank 0 tells the others), and the ranks stay in step for the requests after them."""
+    prompts = prompts_of((26, 20, 31), seed=9)
+    params = [SamplingParams(max_tokens=36, temperature=0, ignore_eos=True, budget=b) for b in (24, 32, None)]
+    outs = [llm.generate(prompts, params, use_tqdm=False) for llm in engines]
+    assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
+    for llm in engines:
+        assert llm.runner.kept.own == {}
+    again = [llm.generate(prompts[:1], params[:1], use_tqdm=False)[0].token_ids for llm in engines]
+    assert again[0] == again[1] == outs[0][0].token_ids
+
+
 def test_a_rank_that_fails_stops_the_engine(engines):
     """A rank that raises mid-step reports its traceback; rank 0 stops at once (no hang) and refuses
     every later step. (This kills the module's two-rank engine: it runs last.)"""

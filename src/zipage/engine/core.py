@@ -51,9 +51,7 @@ class EngineCore:
         self.runner = runner
         self.outputs = outputs
         scheduler.on_finish = outputs.finished  # cancelled and failed requests get their text too
-        kept = getattr(runner, "kept", None)
-        if kept is not None:  # a slot's map of a budget of its own goes with the request (compressions landed)
-            scheduler.on_release = kept.release
+        scheduler.on_release = runner.release_slot  # (per-slot state of the runner that outlives no request)
         self.async_compression = async_compression
         self.async_scheduling = async_scheduling
         self.use_graphs = use_graphs

@@ -473,6 +473,12 @@ class ModelRunner:
         tail = full * exact_tail * (Hkv // tp_size) * D * 2 * elem
         return ring + tail + KeptPositions.bytes_per_slot(config, budget) // tp_size
 
+    def release_slot(self, slot: int) -> None:
+        """A query slot given back (its request finished or was preempted, its compressions landed): the map
+        of a budget of its own that its request held goes."""
+        if self.kept is not None:
+            self.kept.release(slot)
+
     def kept_positions(self, seq: Sequence, layer_idx: int) -> torch.Tensor:
         """``[H_kv, stored]`` logical positions that ``seq`` keeps in layer ``layer_idx`` (see ``LLM``); a
         sliding-window layer: the window its last query attended, ``[H_kv, <= window]``."""

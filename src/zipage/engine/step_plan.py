@@ -111,6 +111,12 @@ class DriverRunner(ModelRunner):
             self.ranks.send(("compress", [Replica.pack(s) for s in seqs], dst_pages, first))
             super().compress(seqs, dst_pages, first)
 
+    def release_slot(self, slot):
+        if self.kept is not None and slot in self.kept.own:  # (the other ranks hold such a map too)
+            with self.ranks.guard("a slot's release"):
+                self.ranks.send(("release", slot))
+        super().release_slot(slot)
+
     def kept_positions(self, seq, layer_idx):
         mine = super().kept_positions(seq, layer_idx)  # (a bad request raises here, before any message)
         with self.ranks.guard("kept_positions"):
@@ -195,5 +201,7 @@ def serve(ranks: Ranks, model: torch.nn.Module) -> None:
             runner.compress([Replica.unpack(s) for s in seqs], dst_pages, first)
         elif kind == "kept":
             ranks.gather(runner.kept_positions(Replica.unpack(message[1]), message[2]).cpu())
+        elif kind == "release":
+            runner.release_slot(message[1])
         else:
             raise RuntimeError(f"unknown message {kind!r} from rank 0")
