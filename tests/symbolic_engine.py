@@ -116,6 +116,7 @@ class SymbolicRunner(ModelRunner):
         self.device = torch.device("cpu")
         self.graphs = {}
         self.exact_k = self.exact_v = None  # (exact tails: none here)
+        self.kept = None  # (no kept-position maps either)
         self.kv: list[tuple[int, int] | None] = [None] * ((num_pages + 1) * page_size)
         w = zipage_config.window if zipage_config is not None else 1
         self.ring: list[list[tuple[int, int] | None]] = [[None] * w for _ in range(num_slots + 1)]

@@ -280,7 +280,10 @@ def test_random_operations_keep_the_engine_consistent(monkeypatch, stub_model):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: NoStream())
     total, stats, reasons, injected = drive(stub_model, range(100), 120, symbolic=True)
     assert total >= 12_000
-    assert all(v > 0 for v in stats.values()) and all(v > 0 for v in injected.values()), (stats, injected)
+    # (a compressed request sitting out a step for want of pages, "waits", is rare here since cancelled requests'
+    # compressions land within cancel(): tests/test_scheduler.py makes one on purpose)
+    assert all(v > 0 for k, v in stats.items() if k != "waits") and all(v > 0 for v in injected.values()), (
+        stats, injected)
     assert reasons == REASONS
 
 

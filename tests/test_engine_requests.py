@@ -708,26 +708,34 @@ def test_scorers_of_per_request_budgets_are_bounded(model):
     assert len(llm.runner._scorers) <= 64 and llm.runner.scorer_for(140).config.budget == 140
 
 
-@pytest.mark.parametrize("during_compression", [False, True])
-def test_cancel_is_reported_only_when_it_lands_later(model, during_compression):
-    """A request cancelled between steps finishes inside ``cancel()`` and no step reports it; one cancelled while
-    its asynchronous compression is in flight finishes when that compression lands, and the step that collects
-    it reports it once, finish_reason "cancelled" (the server forgets such a request on that report)."""
+@pytest.mark.parametrize("when", ["between steps", "compressing alone", "compressing beside another"])
+def test_cancel_is_reported_only_when_it_lands_later(model, when):
+    """A cancelled request finishes inside ``cancel()`` and no step reports it: between steps, and while its
+    asynchronous compression is in flight alone (``cancel()`` lands it: an ``agenerate`` cancelled then left
+    the engine holding its pages until some other call stepped). One whose compression is in flight beside a
+    running request's finishes when the step collects them, which reports it once, finish_reason "cancelled"
+    (the server forgets such a request on that report)."""
     llm = LLM(model, page_size=4, num_pages=30, budget=16, buffer=4, window=4, async_compression=True,
               enforce_eager=True)
     p = prompts_of([10, 12], seed=4)
+    if when == "compressing beside another":
+        p[1] = p[1][:10]  # the same length: compressed in the same group
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     rid = llm.add_request(p[0], params)
-    llm.add_request(p[1], params)
+    other = llm.add_request(p[1], params)
     seq = llm.requests[rid]
-    while not (seq.compressing if during_compression else len(seq.output_ids) > 3):
+    while not (seq.compressing if when != "between steps" else len(seq.output_ids) > 3):
         llm.step()
+    assert llm.requests[other].compressing == (when == "compressing beside another")
     llm.cancel(rid)
-    assert seq.finished != during_compression
+    later = when == "compressing beside another"
+    assert seq.finished != later
+    if not later:
+        assert llm.stats()["free_pages"] == 30 - len(llm.requests[other].pages)
     reported = []
     while llm.has_unfinished():
         reported += [o.outputs[0].finish_reason for o in llm.step() if o.request_id == rid]
-    assert reported == (["cancelled"] if during_compression else [])
+    assert reported == (["cancelled"] if later else [])
     assert llm.output(rid).outputs[0].finish_reason == "cancelled"
     assert_pool_clean(llm)
 
@@ -750,4 +758,31 @@ def test_an_idle_engine_holds_no_token_flight(model, how):
             if i == 3:
                 break
     assert not llm.has_unfinished() and llm.core.inflight is None
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_cancel_made_inside_the_stepping_thread_waits_for_the_step(model, async_scheduling):
+    """A ``stream()`` generator or ``agenerate`` coroutine collected by the garbage collector during a step cancels
+    its request from inside that step's thread (the engine's lock is re-entrant): the cancel waits for the step's
+    end, as another thread's does (it freed the pages of a request the step had scheduled: IndexError)."""
+    llm = LLM(model, budget=None, page_size=4, num_pages=64, async_scheduling=async_scheduling)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    a = llm.add_request([5, 6, 7, 8], params)
+    b = llm.add_request([9, 10, 11], params)
+    real, fired = llm.runner.forward, []
+
+    def forward(*args, **kwargs):
+        if not fired:
+            fired.append(1)
+            llm.cancel(b)  # (what the collector's run of the abandoned consumer's clean-up does)
+            assert not llm.requests[b].finished
+        return real(*args, **kwargs)
+
+    llm.runner.forward = forward
+    while llm.has_unfinished():
+        llm.step()
+    assert fired and llm.requests[b].finish_reason == "cancelled"
+    ref = LLM(model, budget=None, page_size=4, num_pages=64).generate([[5, 6, 7, 8]], params, use_tqdm=False)
+    assert llm.output(a).outputs[0].token_ids == ref[0].outputs[0].token_ids
     assert_pool_clean(llm)

@@ -64,6 +64,9 @@ class EngineCore:
         self.history = TokenHistory(runner.device)  # token counts of the requests with penalties
         # One step at a time, whichever thread (agenerate's workers, a server loop) drives the engine.
         self.lock = threading.RLock()
+        # the thread inside step(): its own cancels (a stream or agenerate collected by the garbage collector in
+        # the middle of the step) wait for the step's end, as another thread's do (the lock is re-entrant)
+        self.stepper: int | None = None
         self.to_cancel: list[Sequence] = []  # cancellations waiting for the step in progress to end
         # the outputs of the step in progress, as they come; those of a step that raised stay for the next
         self.undelivered: list[RequestOutput] = []
@@ -81,6 +84,8 @@ class EngineCore:
     def apply_cancels(self) -> None:
         """Carry out the queued cancellations unless another thread is stepping (it does them when
         it is done: every full release of the lock is followed by this call)."""
+        if self.stepper == threading.get_ident():
+            return  # (called inside this thread's own step: its end does them)
         while self.to_cancel and self.lock.acquire(blocking=False):
             try:
                 while self.to_cancel:
@@ -89,6 +94,10 @@ class EngineCore:
                         seq.cancel_requested = True
                     elif not seq.finished:
                         self.scheduler.finish(seq, "cancelled")
+                try:  # compressions of cancelled requests only: land them now (nobody may step again for them)
+                    self.compressions.drop_cancelled()
+                except Exception:  # (a dead device): the next step deals with it
+                    pass
                 self._drop_dead_flight()
             finally:
                 self.lock.release()
@@ -130,10 +139,14 @@ class EngineCore:
         device) is finished with reason ``"error"`` and its pages are freed. Outputs the failed
         step had already produced are returned by the next step."""
         with self.lock:
-            changed = self.undelivered
-            self._step(changed)
-            self.undelivered = []
-            self._drop_dead_flight()
+            outer, self.stepper = self.stepper, threading.get_ident()
+            try:
+                changed = self.undelivered
+                self._step(changed)
+                self.undelivered = []
+            finally:
+                self.stepper = outer
+                self._drop_dead_flight()
         self.apply_cancels()
         return changed
 

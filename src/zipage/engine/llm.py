@@ -440,8 +440,13 @@ class LLM:
         """vLLM's name: :meth:`cancel` each of one id or a list of ids; ids that are unknown or already
         finished are skipped (as vLLM does), not an error."""
         for rid in [request_id] if isinstance(request_id, str) else list(request_id):
-            if rid in self.requests and not all(s.finished for s in self.samples(rid)):
-                self.cancel(rid)
+            try:  # (another thread's agenerate may forget the request between any two lines here)
+                seqs = self.samples(rid)
+            except KeyError:
+                continue
+            for seq in seqs:
+                if not seq.finished:
+                    self.core.cancel(seq)
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request whose output was taken (``generate`` and ``agenerate`` do this
@@ -506,9 +511,10 @@ class LLM:
         With ``async_scheduling`` outputs arrive one step late, and a request stopped by a token
         (EOS, a stop id or string) has run one more step, whose token is dropped. A request stopped
         while its (asynchronous) compression is in flight is reported finished by the step that
-        collects that compression, and so is one cancelled then (``finish_reason="cancelled"``: the
-        signal that its pages are back); a request cancelled otherwise finishes within ``cancel()``
-        and is not reported. Steps never overlap: a call made while another thread is inside
+        collects that compression. A cancelled request finishes within ``cancel()`` (or as the other
+        thread's step in progress returns) and is not reported, unless its compression was in flight
+        beside those of requests still running: then the step that collects it reports it
+        (``finish_reason="cancelled"``: the signal that its pages are back). Steps never overlap: a call made while another thread is inside
         ``step()`` waits for it. A step that raises is undone (see ``EngineCore.step``): the next
         ``step()`` goes on and produces the same tokens."""
         self._check_open()
