@@ -186,6 +186,12 @@ def test_the_engine_refuses_an_exact_tail_it_cannot_keep():
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, budget=8), use_tqdm=False)[0].token_ids
     with pytest.raises(ValueError, match="8-bit pages"):
         LLM(tiny_model("qwen3"), budget=16, page_size=4, window=4, num_pages=16, exact_tail=4)
+    with pytest.raises(ValueError, match="exact_tail=65\\) is longer than max_model_len=64"):  # full KV: any length
+        LLM(tiny_model("qwen3"), budget=None, page_size=4, num_pages=16, kv_cache_dtype="int8", exact_tail=65,
+            max_model_len=64)
+    r = LLM(tiny_model("qwen3"), budget=None, page_size=4, num_pages=16, kv_cache_dtype="int8", exact_tail=64,
+            max_model_len=64).runner
+    assert r.exact_k.shape[1] == 64 * (r.num_slots + 1)  # (a ring per query slot, and the scratch ring)
 
 
 @pytest.mark.gpu

@@ -261,6 +261,10 @@ class LLM:
                              "past them were never trained and its answers there may be wrong; set "
                              "ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN=1 to allow it anyway")
         self.max_model_len = int(max_model_len) if max_model_len is not None else trained or 1 << 30
+        if exact_tail > self.max_model_len:  # (full KV: a budget bounds it otherwise)
+            raise ValueError(f"LLM(exact_tail={exact_tail}) is longer than max_model_len={self.max_model_len}: the "
+                             "ring of exact tokens is allocated for every query slot and never holds more than a "
+                             "request's length; give at most max_model_len")
         switching = _switching_rope(config, trained)
         if switching is not None and self.max_model_len > switching[1]:
             # (generate() runs one batch at a time; the engine packs every running request into one forward)
