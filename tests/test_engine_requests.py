@@ -786,3 +786,34 @@ def test_a_cancel_made_inside_the_stepping_thread_waits_for_the_step(model, asyn
     ref = LLM(model, budget=None, page_size=4, num_pages=64).generate([[5, 6, 7, 8]], params, use_tqdm=False)
     assert llm.output(a).outputs[0].token_ids == ref[0].outputs[0].token_ids
     assert_pool_clean(llm)
+
+
+def test_chat_takes_conversations_through_the_chat_template(tmp_path):
+    """vLLM's ``LLM.chat``: one conversation or a list of them, rendered by the tokenizer's chat template; the
+    same tokens as generate() on the template's ids, the rendered text as each output's prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zipage.serve.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    llm = LLM(model, tok, budget=None, page_size=4, num_pages=128)
+    assert llm.get_tokenizer() is tok
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    second = [{"role": "user", "content": "Count to three"}]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outs = llm.chat([first, second], params, use_tqdm=False)
+    for conv, out in zip((first, second), outs):
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)["input_ids"]
+        assert out.prompt_token_ids == list(ids)
+        assert out.prompt == tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        assert out.token_ids == llm.generate([list(ids)], params, use_tqdm=False)[0].token_ids
+    assert llm.chat(second, params, use_tqdm=False)[0].token_ids == outs[1].token_ids  # one conversation
+    for bad, words in (("hi", "a conversation"), ([], "a conversation"), ([first, "x"], "conversation 1"),
+                       ([[{"content": "x"}]], "string 'role'"), ([[{"role": "user"}]], "no 'content'")):
+        with pytest.raises(TypeError, match=words):
+            llm.chat(bad, params, use_tqdm=False)
+    plain = LLM(model, None, budget=None, page_size=4, num_pages=32)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        plain.chat(first, params, use_tqdm=False)
+    assert not llm.requests and not plain.requests

@@ -86,6 +86,44 @@ def tokenize(tokenizer: Any, prompt: Any, chat: bool) -> tuple[list[int], str | 
                     f"got prompt={prompt!r:.80} ({type(prompt).__name__})")
 
 
+def chat_conversations(messages: Any) -> list[list[Mapping]]:
+    """``LLM.chat``'s messages as a list of conversations: one conversation (a list of ``{"role", "content"}``
+    dicts) or a list of them. Every message is checked here, each error naming where it is."""
+    if isinstance(messages, (str, Mapping)) or not isinstance(messages, (list, tuple)) or not messages:
+        raise TypeError("chat() takes a conversation (a non-empty list of {'role': ..., 'content': ...} dicts) or a "
+                        f"list of conversations, got messages={messages!r:.80}")
+    conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
+    for c, conv in enumerate(conversations):
+        if isinstance(conv, (str, Mapping)) or not isinstance(conv, (list, tuple)) or not conv:
+            raise TypeError(f"chat() conversation {c} must be a non-empty list of message dicts, got {conv!r:.80}")
+        for m, msg in enumerate(conv):
+            where = f"chat() conversation {c}, message {m}"
+            if not isinstance(msg, Mapping):
+                raise TypeError(f"{where} must be a dict with 'role' and 'content', got {msg!r:.80}")
+            if not isinstance(msg.get("role"), str):
+                raise TypeError(f"{where} needs a string 'role' (system, user, assistant, ...), got {msg!r:.80}")
+            if "content" not in msg:
+                raise TypeError(f"{where} has no 'content': {msg!r:.80}")
+    return [list(conv) for conv in conversations]
+
+
+def render_chat(tokenizer: Any, conversation: list[Mapping], add_generation_prompt: bool, chat_template: str | None,
+                template_kwargs: dict) -> tuple[list[int], str]:
+    """A conversation through the tokenizer's chat template: its token ids and its text (the ids are the text's
+    encoding without special tokens added, as the template writes them itself)."""
+    if tokenizer is None:
+        raise ValueError("chat() needs a tokenizer: LLM(model, tokenizer)")
+    if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this tokenizer has no chat template: pass chat_template=..., or use generate()")
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                             tokenize=False, chat_template=chat_template, **template_kwargs)
+    except Exception as e:  # a template that refuses these messages (roles out of order, ...)
+        raise ValueError(f"the chat template refused the messages: {e}") from e
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [int(t) for t in ids], text
+
+
 def check_request(ids: list[int], params: Any, request_id: Any, *, vocab: int, max_model_len: int,
                   has_tokenizer: bool) -> None:
     """Refuse a request before it touches the engine; every error names what is wrong."""

@@ -32,7 +32,7 @@ from ..memory.block_manager import BlockManager
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import get_scorer
 from .core import EngineCore
-from .inputs import as_prompt_list, check_request, resolve_budget, tokenize
+from .inputs import as_prompt_list, chat_conversations, check_request, render_chat, resolve_budget, tokenize
 from .outputs import OutputProcessor
 from .runner import ModelRunner
 from .sampling import SamplingParams, model_sampling_defaults
@@ -582,6 +582,23 @@ class LLM:
         for seqs in groups:
             self._forget(seqs[0])
         return outs
+
+    def chat(self, messages: Any, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, add_generation_prompt: bool = True, chat_template: str | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: one conversation (a list of ``{"role": ..., "content": ...}`` dicts) or a list of
+        them, each through the tokenizer's chat template (or ``chat_template``, with ``chat_template_kwargs``
+        such as ``enable_thinking``), then :meth:`generate`. One output per conversation, in order; its
+        ``prompt`` is the rendered text."""
+        conversations = chat_conversations(messages)
+        rendered = [render_chat(self.tokenizer, conv, add_generation_prompt, chat_template,
+                                dict(chat_template_kwargs or {})) for conv in conversations]
+        outs = self.generate([{"prompt_token_ids": ids} for ids, _ in rendered], sampling_params, use_tqdm=use_tqdm)
+        return [dataclasses.replace(o, prompt=text) for o, (_, text) in zip(outs, rendered)]
+
+    def get_tokenizer(self) -> Any:
+        """The tokenizer the engine was given (vLLM's name), or None."""
+        return self.tokenizer
 
     def stream(self, request_id: str) -> Iterator[list[int]]:
         """New token ids of one request as they come, driving the engine (other requests advance too).
