@@ -98,6 +98,11 @@ def test_number_checks_need_number_references_before_any_run(tmp_path):
     ("\\boxed{2\\sqrt{2}}", "2\\sqrt{3}", False),
     ("\\boxed{x^2-1}", "x^2+1", False),
     ("no answer here", "5", False),
+    # no box: the answer phrase, else the last number; never an expression the output stopped on
+    ("I ran out of tokens while computing 12 + 5", "17", False),
+    ("The answer is 17.", "17", True),
+    ("So the answer is $\\frac{1}{2}$.", "0.5", True),
+    ("The answer is 7. (Not 5.)", "5", False),
     # the last box is the answer (math-verify alone would take every box as one set)
     ("First \\boxed{3}, final \\boxed{7}", "7", True),
     ("Step 1 gives \\boxed{12}. ... the final answer is \\boxed{6}.", "6", True),

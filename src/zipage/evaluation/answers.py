@@ -4,11 +4,11 @@
   fraction of two, the right side of an ``=``, units in text after it; anything else is no number),
   else its last number; it is right when it is the same number as the reference (commas, ``$`` and
   trailing zeros do not matter: ``1,000`` = ``1000`` = ``1000.00``).
-* ``math``: the reference and the output's last ``\\boxed{}`` (the whole output if it has none) are
-  parsed by ``math-verify`` (Hugging Face's answer checker: LaTeX and plain expressions to sympy) and
-  compared symbolically, so
-  ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` are one answer. It needs the ``eval`` extra:
-  ``pip install 'zipage[eval]'``.
+* ``math``: the reference and the output's last ``\\boxed{}`` (without one: what follows its last "answer is"
+  or "answer:", else its last number; an expression left mid-way, as in an output cut off at ``max_tokens``,
+  is no answer) are parsed by ``math-verify`` (Hugging Face's answer checker: LaTeX and plain expressions to
+  sympy) and compared symbolically, so ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` are one answer. It needs
+  the ``eval`` extra: ``pip install 'zipage[eval]'``.
 """
 
 from __future__ import annotations
@@ -108,10 +108,29 @@ def math_equal(output: str, reference: str) -> bool:
     if not gold:
         gold = parse(reference, parsing_timeout=timeout)
     boxed = last_boxed(output)  # the last box only: math-verify would take every box of the output as one set
-    pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else output, parsing_timeout=timeout)
+    if boxed is None:  # (the whole text would let it evaluate whatever expression the output stopped on)
+        boxed = _unboxed_answer(output)
+        if boxed is None:
+            return False
+    pred = parse(f"\\boxed{{{boxed}}}", parsing_timeout=timeout)
     if not gold or not pred:
         return False
     return bool(verify(gold, pred, timeout_seconds=timeout))
+
+
+_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
+
+
+def _unboxed_answer(output: str) -> str | None:
+    """An output's answer without a ``\\boxed{}``: the rest of the line after its last "answer is" / "answer:"
+    (up to a sentence's end), else its last number; None when it has neither."""
+    found = _ANSWER_PHRASE.findall(output)
+    if found:
+        answer = re.split(r"\.(?=\s|$)|\n", found[-1].strip())[0].strip().strip("$").strip()
+        if answer:
+            return answer
+    numbers = _NUMBER.findall(output.replace("$", "").replace("\\!", "").replace("{,}", ",").replace("\u2212", "-"))
+    return numbers[-1] if numbers else None
 
 
 def is_correct(output: str, reference: str, kind: str) -> bool:
