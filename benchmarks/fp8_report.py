@@ -43,6 +43,14 @@ def _engine_table(paths: list[Path]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def _decoded_in_chunks(path) -> bool:
+    """Whether a quality report's teacher-forced rows were decoded in chunks (its recorded ``decode`` setting)."""
+    try:
+        return json.loads(path.read_text()).get("settings", {}).get("decode") == "chunk"
+    except (OSError, ValueError):
+        return False
+
+
 def _decode_rate(r: dict) -> float | None:
     """Tokens a millisecond of the median decode step: the requests it runs over its time (runs that record
     ``median_decode_running``)."""
@@ -277,6 +285,13 @@ def fp8_section(results: Path) -> str:
               "to the logits of the queries that read them (`zipage/query_moments.py`): the files with `qweights` "
               "in their name measure that, the `search` ones the squared error "
               "(`ZIPAGE_FP8_QUERY_WEIGHTS=0` gives it back).", ""]
+    chunked = sorted(f.stem for f in results.glob("quality_*8*.json") if _decoded_in_chunks(f))
+    if chunked:
+        parts += ["Decoded in chunks (`--decode chunk`): " + ", ".join(f"`{n}`" for n in chunked) + ". A forward of "
+                  "several tokens reads its own keys and values unrounded and counts its queries in the FP8 keys' "
+                  "weights, which generate()'s one-token steps do not, so these do not measure what 8-bit pages cost "
+                  "in generate(); the targets are read from the reports decoded a token a step, and `benchmarks/quality.py` now decodes 8-bit "
+                  "rows only that way.", ""]
     for name, title, note in reports:
         quality = results / name
         if quality.exists():

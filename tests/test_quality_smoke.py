@@ -44,9 +44,11 @@ def test_row_specs_and_answers(quality):
     assert fields == {"scorer": "zipage", "redundancy": "none", "use_global": False, "sinks": 4}
     assert label == "zipage[redundancy=none,use_global=False,sinks=4]"
     assert quality.split_rows("snapkv,zipage[a=1,b=2],random") == ["snapkv", "zipage[a=1,b=2]", "random"]
-    assert quality.last_number("so 3 + 4 = 7. The answer is $1,234.") == "1234"
+    assert quality.is_correct("so 3 + 4 = 7. The answer is $1,234.", "1234", "gsm8k")
     assert quality.is_correct("The answer is 18.", "18", "gsm8k")
     assert not quality.is_correct("The answer is 17", "18", "gsm8k")
+    assert not quality.is_correct("the score was 21-14", "-14", "gsm8k")  # (a hyphen, not a minus)
+    assert not quality.is_correct("12,5", "125", "gsm8k")
     assert quality.common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
 
 
@@ -204,3 +206,13 @@ def test_a_cloned_prefill_stores_the_pages_the_run_asks_for(quality):
     plain = zipage.ZipageConfig(budget=16, page_size=4, buffer=8, window=4, kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="the prefill has kv_rotation=True, the run kv_rotation=None"):
         quality.clone_prefilled(pre, model, plain)
+
+
+def test_8bit_rows_refuse_chunked_decoding(quality, capsys):
+    """A forward of several tokens reads its own keys and values unrounded (and counts its queries in the FP8 keys'
+    weights), which generate()'s one-token steps do not: 8-bit rows decode a token a step, chunks are refused."""
+    for argv in (["--fp8", "--decode", "chunk"], ["--scorers", "zipage[kv_cache_dtype=int8]", "--decode", "chunk"]):
+        with pytest.raises(SystemExit) as exit_info:
+            quality.main([*argv, "--no-gen", "--seq-len", "160", "--seqs", "1", "--budgets", "1/4"])
+        assert exit_info.value.code == 2
+        assert "8-bit pages need --decode step" in capsys.readouterr().err
