@@ -7,10 +7,43 @@ import json
 import re
 from pathlib import Path
 
+try:
+    from .prefill_report import fresh_ranges
+except ImportError:  # run as a script from benchmarks/
+    from prefill_report import fresh_ranges
+
 EIGHT_BIT_REPORTS = ("quality_fp8", "quality_int8")  # the quality reports of 8-bit pages: shown in this section
+# engine pairs kept beside their session's other results (paths under benchmarks/results/), listed after fp8/'s
+ENGINE_RUNS_ELSEWHERE = ("issue15/s45/call4/throughput_qwen3-8b_fp8_s45.json",)
+S45_RUN = ENGINE_RUNS_ELSEWHERE[0]  # the first pair with the corrected floor (``PART=s45e``)
+S43_H100_RUN = "throughput_qwen3-8b_zzzzzzzzz_fp8_plain_h100.json"  # the same pair on the H100 before it, 100 s
+# the input embedding table (vocabulary x hidden size, 2 bytes a bf16 weight) of the random-weight models the
+# engine pairs ran: untied, it was read whole by the floors of runs before session 45's review of throughput.py,
+# which reads only the step's rows of it since
+EMBEDDING_TABLES = {"qwen3-8b": (151_936, 4_096, 2)}
 
 
-def _engine_table(paths: list[Path]) -> list[str]:
+def _new_floor(r: dict) -> bool:
+    """Whether a run's floor reads the step's embedding rows, not the untied table (runs since session 45's
+    review of ``benchmarks/throughput.py``, which also record ``exact_tail_bytes_per_request``)."""
+    return "exact_tail_bytes_per_request" in r
+
+
+def _corrected_over(data: dict, r: dict) -> float | None:
+    """An earlier run's step over its floor with the products, against that floor as it is computed now (the
+    step's embedding rows read, not the whole untied table); None where it already is or the table is unknown."""
+    table = EMBEDDING_TABLES.get(data.get("model"))
+    bw = data.get("copy_bandwidth_gbps")
+    running = r.get("median_decode_running")
+    if _new_floor(r) or not table or not bw or not running or not r.get("decode_compute_floor_ms"):
+        return None
+    vocab, hidden, size = table
+    less_ms = (vocab - running) * hidden * size / (bw * 1e9) * 1000
+    return r["median_decode_step_ms"] / (r["decode_compute_floor_ms"] - less_ms)
+
+
+def _engine_table(paths: list[Path], names: dict[Path, str] | None = None) -> list[str]:
+    """One row per system of each engine pair in ``paths``, shown by file name (or as ``names`` gives it)."""
     lines = ["| run | system | time limit (s) | running (mean) | mean output | tok/s | decode step (ms) | floor (ms) "
              "| step / floor | floor with products (ms) | step / that floor | 8-bit / bf16 tok/s "
              "| 8-bit / bf16 decode tok/s |",
@@ -33,8 +66,11 @@ def _engine_table(paths: list[Path]) -> list[str]:
                 base_rate = _decode_rate(systems[bf16])
                 decode_ratio = f"{rate / base_rate:.2f}x" if rate and base_rate and name != bf16 else ""
                 device = data.get("device", "")
-                where = f" ({device.replace('NVIDIA ', '').split()[0]})" if device else ""
-                lines.append(f"| `{path.name}`{where} | {name} | {limit} | {r['mean_running']:.0f} | "
+                card = device.replace('NVIDIA ', '').split()[0] if device else ""
+                marks = [m for m in (card, "new floor" if _new_floor(r) else "") if m]
+                where = f" ({', '.join(marks)})" if marks else ""
+                shown = (names or {}).get(path, path.name)
+                lines.append(f"| `{shown}`{where} | {name} | {limit} | {r['mean_running']:.0f} | "
                              f"{r['mean_output_tokens']:,.0f} | {r['tokens_per_s']:,.0f} | "
                              f"{r['median_decode_step_ms']:.1f} | {r['decode_floor_ms']:.1f} | "
                              f"{r['step_over_floor']:.2f} | {f'{cfloor:.1f}' if cfloor else ''} | "
@@ -111,6 +147,33 @@ def _kernel_table(path: Path) -> list[str]:
     return lines
 
 
+def _s45_note(results: Path) -> str:
+    """The intro's sentences on the session-45 pair (its floor, decode steps and warm-up as measured since),
+    against the H100 pair before it; empty without both files."""
+    path, before = results / S45_RUN, results / "fp8" / S43_H100_RUN
+    if not (path.exists() and before.exists()):
+        return ""
+    data, old = json.loads(path.read_text()), json.loads(before.read_text())
+    a, b = data["systems"]["zipage-2048"], data["systems"]["zipage-2048-fp8"]
+    oa, ob = old["systems"]["zipage-2048"], old["systems"]["zipage-2048-fp8"]
+    corrected = _corrected_over(old, ob)
+    vocab, hidden, size = EMBEDDING_TABLES[data["model"]]
+    table = vocab * hidden * size
+    limit = _time_limit(data.get("command", ""))
+    return (f" The `s45` rows (`PART=s45e`, {data['kv_gib']:.0f} GiB of KV, {limit} s each) ran after a review of "
+            "`benchmarks/throughput.py`: its floor now reads the embedding rows the step uses instead of the whole "
+            f"untied input embedding table ({table / 1e9:.3f} GB less for Qwen3-8B: "
+            f"~{table / (data['copy_bandwidth_gbps'] * 1e9) * 1000:.1f} ms on the H100, so every earlier step / floor "
+            f"here is understated by about that; the s43 H100 FP8 run's {ob['step_over_compute_floor']:.2f}x is "
+            f"{corrected:.2f}x against it), its decode steps are the steps that scheduled no prompt tokens, and its "
+            "warm-up no longer leaves the timed run's first two prompts in the prefix cache. Their "
+            f"{limit} s window is the ramp (mean output {b['mean_output_tokens']:,.0f} tokens for FP8: few "
+            f"compressions yet, small steps), so {b['tokens_per_s'] / a['tokens_per_s']:.2f}x against the "
+            f"{_time_limit(old.get('command', ''))} s window's {ob['tokens_per_s'] / oa['tokens_per_s']:.2f}x says "
+            "that the ratio moves with the window, both runs being cut by their time limit; neither is a run to "
+            "completion.")
+
+
 def fp8_section(results: Path) -> str:
     folder = results / "fp8"
     if not folder.is_dir():
@@ -154,7 +217,7 @@ def fp8_section(results: Path) -> str:
              "PART=fp8pair`, `benchmarks/results/issue15/s43/call3`; at 40 GiB, 245 against 126 requests, two runs "
              "gave 1.51x and 1.57x, `call1` and `call2`). An H100's 80 GB cannot hold the H200's 80 GiB of KV, "
              "and at its ~300 requests the linear layers are less bound by the tensor cores than at 490, so its "
-             "ratio is not the H200's.", "",
+             "ratio is not the H200's." + _s45_note(results), "",
              "What holds the FP8 step above its floor is the decode kernel on FP8 pages, at 0.69 of the copy "
              "bandwidth where the bf16 kernel reaches 1.0. Nsight Compute (`PART=ncu`, "
              "`benchmarks/results/issue15/s30/`) finds it bound neither by memory (DRAM 63%) nor by issue slots "
@@ -189,7 +252,9 @@ def fp8_section(results: Path) -> str:
                   "flipped rounding does to which tokens a compression keeps. The full-KV row's newest reports ran 8 "
                   "sequences with the store as it is now; only rotated pages with a 128-token tail stay within half a "
                   "point of bf16 pages there (4 sequences had given 0.48 points for a 64-token tail).", "", *targets, ""]
-    engine = _engine_table(sorted(folder.glob("throughput_*.json")))
+    elsewhere = sorted((results / name for name in ENGINE_RUNS_ELSEWHERE if (results / name).exists()), key=_run_key)
+    engine = _engine_table(sorted(folder.glob("throughput_*.json")) + elsewhere,
+                           {path: str(path.relative_to(results)) for path in elsewhere})
     parts += engine + [""] if engine else ["(no engine pair yet)", ""]
     profile = _step_profile_table(folder)
     if profile:
@@ -526,16 +591,26 @@ def targets_table(results: Path) -> list[str]:
         row("twice the requests fit in the same memory", f"{pages:.2f}x the pages ({b['kv_pages']:,} against "
             f"{a['kv_pages']:,} of {a['page_size']} tokens); the float32 scales take the rest (4 bytes a 128-byte "
             "row)", "pass, but for the scales" if pages >= 1.9 else "**miss**", f"`fp8/{path.name}`")
+    steps = []
     for card, path, a, b in pairs:
         over = b.get("step_over_compute_floor")
         if over:
             running = b.get("median_decode_running")
             at = f"{card}, " if card else ""
             at += f"{running:.0f} requests: " if running else ""
-            row("the FP8 decode step within 1.25x of its own floor", f"{over:.2f}x its floor with the linear "
-                f"layers' products ({at}{b['median_decode_step_ms']:.1f} against {b['decode_compute_floor_ms']:.1f} "
-                f"ms; {b['step_over_floor']:.2f}x the bytes-only floor)", "pass" if over <= 1.25 else "**miss**",
-                f"`fp8/{path.name}`")
+            steps.append((f"{over:.2f}x its floor with the linear layers' products ({at}"
+                          f"{b['median_decode_step_ms']:.1f} against {b['decode_compute_floor_ms']:.1f} ms; "
+                          f"{b['step_over_floor']:.2f}x the bytes-only floor)",
+                          _corrected_over(json.loads(path.read_text()), b), over, path))
+    # runs from before session 45 also against the floor as computed since; the last such row says what changed
+    last = max((i for i, step in enumerate(steps) if step[1]), default=None)
+    for i, (measured, corrected, over, path) in enumerate(steps):
+        if corrected:
+            measured += f"; {corrected:.2f}x against the " + (
+                "floor corrected in session 45 (the embedding rows read, not the whole table)" if i == last
+                else "corrected floor")
+        row("the FP8 decode step within 1.25x of its own floor", measured, "pass" if over <= 1.25 else "**miss**",
+            f"`fp8/{path.name}`")
     full = _pair(folder, "zipage-fullkv")
     if full:
         path, a, b = full
@@ -565,7 +640,25 @@ def targets_table(results: Path) -> list[str]:
                 done = [v["ms"] for n, v in r["kernels"].items() if v.get("ok") and "ms" in v and not n.startswith("v1")]
                 if done:
                     ratios.append(base / min(done))
-        if ratios:
+        fresh = fresh_ranges(results)
+        if ratios and fresh and fresh["bucket"] and fresh["ragged"]:
+            # the kernel over both sweeps; whole prompts through SDPA in length buckets (session 45, opt-in)
+            kernel, bucket, ragged = ratios + fresh["kernel"], fresh["bucket"], fresh["ragged"]
+            verdicts = [("the kernel", min(kernel) >= 1.0), ("ragged prompts", min(ragged) >= 1.0),
+                        ("prompts of one length (opt-in)", min(bucket) >= 1.0)]
+            missed = [what for what, ok in verdicts if not ok]
+            passed = [what for what, ok in verdicts if ok]
+            verdict = "; ".join(([f"**miss** for {' and '.join(missed)}"] if missed else [])
+                                + ([f"pass for {' and '.join(passed)}"] if passed else []))
+            on = f" ({fresh['card']})" if fresh["card"] else ""
+            row("prefill over paged KV >= 1.0x gather + SDPA, 512-4,096-token prompts", f"Triton kernel: "
+                f"{min(kernel):.2f}-{max(kernel):.2f}x on whole prompts (cached prefixes and chunked steps: above "
+                "1.0x); whole prompts of one length batched through cuDNN in place (`kernels/fresh_prefill.py`, "
+                f"opt-in `ZIPAGE_FRESH_PREFILL=1`): {min(bucket):.2f}-{max(bucket):.2f}x{on}; ragged prompts copied "
+                f"into length buckets: {min(ragged):.2f}-{max(ragged):.2f}x; the engine's time to first token no "
+                "better with it (below: whole prompts through PyTorch's fused attention)", verdict,
+                "`prefill/prefill_tune.json`, `issue15/s45/`")
+        elif ratios:
             row("prefill over paged KV >= 1.0x gather + SDPA, 512-4,096-token prompts", f"{min(ratios):.2f}-"
                 f"{max(ratios):.2f}x whole prompts (cached prefixes and chunked steps: above 1.0x; below: PyTorch's "
                 "own attention on whole prompts, the long-prompt TTFT)", "pass" if min(ratios) >= 1.0 else "**miss**",

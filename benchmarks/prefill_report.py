@@ -39,7 +39,8 @@ def prefill_section(results: Path) -> str:
         note = " (codes in the kernel; dequantized first, the default since: below)" if r["case"].startswith("fp8") else ""
         lines.append(f"| {r['case']} | {base:.3f} | {base / v1['ms']:.2f}x | {best}: {base / done[best]['ms']:.2f}x "
                      f"({done[best]['ms']:.3f} ms){note} | {v1['ms'] / done[best]['ms']:.2f}x |")
-    return "\n".join(lines + [""] + torch_rows(results) + engine_rows(results) + fp8_rows(results))
+    return "\n".join(lines + [""] + torch_rows(results) + fresh_rows(results) + engine_rows(results)
+                     + fp8_rows(results))
 
 
 def _best(kernel: dict) -> float:
@@ -79,6 +80,125 @@ def torch_rows(results: Path) -> list[str]:
             cells.append(f"{_best(k):.2f}x ({k['ms']:.3f} ms)" if "ms" in k else "-")
         lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+FRESH_RUN = "issue15/s45/call2/prefill_tune.json"  # whole prompts through SDPA in length buckets (session 45)
+FRESH_TTFT = "issue15/s45/call3"  # the engine's time to first token with the fused attention off and on
+# (paged kernel file, fused attention file, note) per workload, each pair run one after the other in one call
+FRESH_TTFT_PAIRS = (("longprompt_fresh0_2", "longprompt_fresh1_2", " (second pair: the first paid the compiles)"),
+                    ("prompt4096_fresh0", "prompt4096_fresh1", ""))
+FRESH_TITLE = "Whole prompts through PyTorch's fused attention"
+FRESH_NAMES = ("m64n64w4s3-tma", "sdpa-fresh", "sdpa-bucket", "cudnn-bucket")
+FRESH_LABEL = {"m64n64w4s3-tma": "Triton kernel (m64n64w4s3-tma)", "sdpa-fresh": "SDPA per sequence",
+               "sdpa-bucket": "sdpa-bucket", "cudnn-bucket": "cudnn-bucket"}
+TARGET_MIN_PROMPT = 512  # the prefill target's prompts are 512 tokens and longer
+
+
+def _card(device: str) -> str:
+    """``H100`` for ``NVIDIA H100 80GB HBM3``."""
+    return device.replace("NVIDIA ", "").split()[0] if device else ""
+
+
+def fresh_ranges(results: Path) -> dict | None:
+    """The session-45 sweep's figures behind the prefill target's row (ratios against the explicit baseline the
+    sweep's table shows): the Triton kernel on whole prompts of one length, the better of the two bucketed SDPA
+    launches on them (read in place), and on ragged prompts of the target's lengths (copied into buckets); the
+    card. None without the sweep."""
+    path = results / FRESH_RUN
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    kernel, bucket, ragged = [], [], []
+    for r in d["rows"]:
+        k = r["kernels"]
+        buckets = [k[n]["ratio"] for n in ("sdpa-bucket", "cudnn-bucket") if "ratio" in k.get(n, {})]
+        if r["case"].startswith("prompt "):
+            if "ratio" in k.get("m64n64w4s3-tma", {}):
+                kernel.append(k["m64n64w4s3-tma"]["ratio"])
+            if buckets:
+                bucket.append(max(buckets))
+        elif r["case"].startswith("ragged ") and buckets and min(r["kv_lens"]) >= TARGET_MIN_PROMPT:
+            ragged.append(max(buckets))
+    return dict(card=_card(d["summary"].get("device", "")), kernel=kernel, bucket=bucket, ragged=ragged)
+
+
+def fresh_ttft(results: Path) -> list[tuple[str, dict, dict, dict]]:
+    """The session-45 TTFT pairs: (note, the run's settings, paged kernel's system, fused attention's system)."""
+    folder = results / FRESH_TTFT
+    out = []
+    for off, on, note in FRESH_TTFT_PAIRS:
+        if (folder / f"{off}.json").exists() and (folder / f"{on}.json").exists():
+            a, b = (json.loads((folder / f"{n}.json").read_text()) for n in (off, on))
+            out.append((note, a, next(iter(a["systems"].values())), next(iter(b["systems"].values()))))
+    return out
+
+
+def fresh_rows(results: Path) -> list[str]:
+    """Whole prompts padded to length buckets and batched through SDPA (``kernels/fresh_prefill.py``): the
+    session-45 sweep's cases, then the engine's time to first token with it off and on."""
+    path = results / FRESH_RUN
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    s = d["summary"]
+    rel = path.relative_to(results.parent.parent)
+    plans = [c for c in s.get("first_calls", []) if c["first_ms"] >= 1.0]  # (calls that built a cuDNN plan)
+    first = sorted(int(c["first_ms"]) for c in plans)  # (whole milliseconds)
+    after = max((c["second_ms"] for c in plans), default=0.0)
+    built = f" ({first[0]}-{first[-1]} ms on first use, {after:.1f} ms after)" if first else ""
+    once = f" (~{first[0]} ms before the first tokens)" if first else ""
+    rows = [r for r in d["rows"] if r["case"].startswith(("prompt ", "ragged "))]
+    in_place = [r["kernels"]["m64n64w4s3-tma"]["ms"] / r["kernels"]["cudnn-bucket"]["ms"] for r in rows
+                if r["case"].startswith("prompt ") and all("ms" in r["kernels"].get(n, {})
+                                                           for n in ("m64n64w4s3-tma", "cudnn-bucket"))]
+    lines = [f"### {FRESH_TITLE}, in length buckets", "",
+             f"{s['device']}, torch {s['torch']}, triton {s['triton']}, the same shapes and baseline (`PART=s45b bash\n"
+             f"benchmarks/gpu_session.sh`, `{rel}`). `kernels/fresh_prefill.py`\n"
+             "pads each whole prompt to a length bucket (a multiple of 128 tokens up to 1,024, then eight buckets to a "
+             "doubling)\nand batches the prompts of a bucket, a power of two at a time, into one SDPA call over the "
+             "step's own keys and\nvalues: the shapes stay few, so cuDNN builds a plan for each once"
+             f"{built}. A batch whose\n"
+             "prompts fill their bucket and lie one after another is read in place; others are copied into a "
+             "zero-padded batch.\n`sdpa-bucket` lets PyTorch pick the backend (cuDNN here), `cudnn-bucket` holds it "
+             "to cuDNN; `SDPA per sequence`\ncalls it once a prompt at its own length (a new plan for every new "
+             "length). The ragged cases draw each prompt's\nlength at random; their baseline runs one SDPA call per "
+             "length.", "",
+             "| case | baseline ms | " + " | ".join(FRESH_LABEL[n] for n in FRESH_NAMES) + " |",
+             "|---|---|" + "---|" * len(FRESH_NAMES)]
+    for r in rows:  # (ratios against the baseline shown, the sweep's explicit formulation)
+        cells = []
+        for n in FRESH_NAMES:
+            k = r["kernels"].get(n, {})
+            cells.append(f"{k['ratio']:.2f}x ({k['ms']:.3f} ms)" if "ms" in k else "-")
+        lines.append(f"| {r['case']} | {r['baseline_ms']:.3f} | " + " | ".join(cells) + " |")
+    faster = (f"Batched in place, cuDNN is {min(in_place):.1f}-{max(in_place):.1f}x the Triton kernel. "
+              if in_place else "")
+    lines += ["", f"{faster}Copied (ragged lengths), the index copies in and out cost\nmore than the faster "
+              "attention saves at every length tried, and SDPA per sequence pays a plan for every new length."
+              "\nSo the engine sends only batches read in place, and only where asked (`ZIPAGE_FRESH_PREFILL=1`): "
+              "in the engine the\nattention "
+              "is a small share of a prompt's prefill, and time to first token did not improve (random-weight "
+              "Qwen3-8B,\nbf16, budget 2048, one process each, `PART=s45c`, "
+              f"`{(results / FRESH_TTFT).relative_to(results.parent.parent)}/`; each run's warm-up\n"
+              "left its first two prompts in the prefix cache, alike for both):", ""]
+    pairs = fresh_ttft(results)
+    if pairs:
+        lines += ["| workload | paged kernel: TTFT mean / p50 (s), tok/s | fused attention: TTFT mean / p50 (s), "
+                  "tok/s |", "|---|---|---|"]
+        for note, run, off, on in pairs:
+            lo, hi = run["prompt_len"]
+            tokens = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+            lines.append(f"| {run['requests']} prompts of {tokens} tokens, {run['max_tokens']} new{note} | "
+                         + " | ".join(f"{r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f}, {r['tokens_per_s']:.0f}"
+                                      for r in (off, on)) + " |")
+        lines.append("")
+    lines += ["The long prompts' chunks after the first read a cached prefix (the kernel's 1.5x case); a 4,096-token "
+              "prompt's\nattention is ~7% of its prefill's arithmetic, and each run pays its plans once"
+              f"{once}.\nTriton's automatic warp specialization (`tl.range(..., "
+              "warp_specialize=True)`) on the kernel's mask-free loop was\ntried in the same session: Triton 3.6 "
+              "fails to compile the 64 x 64 launch with it and the 128 x 128 one is no faster\n"
+              f"(`{(results / FRESH_RUN).parent.parent.relative_to(results.parent.parent)}/call1/`).", ""]
+    return lines
 
 
 def engine_rows(results: Path) -> list[str]:
@@ -152,4 +272,17 @@ def fp8_rows(results: Path) -> list[str]:
             how = "-" if "fp8" not in system else ("codes in the kernel" if "codes" in name else "dequantized first")
             lines.append(f"| {i} | {system} | {how} | {r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f} / "
                          f"{r['ttft_p99_s']:.2f} | {r['tokens_per_s']:.0f} | {r['wall_s']:.1f} |")
+        bf16 = [i for i, (_, _, (system, _)) in enumerate(runs, 1) if "fp8" not in system]
+        # warm bf16 runs of the same workload: session 45's TTFT pair on the long prompts (both runs compiled)
+        warm = [(run, off, on) for _, run, off, on in fresh_ttft(results)
+                if run["prompt_len"] == d0["prompt_len"] and run["requests"] == d0["requests"]]
+        if bf16 and warm:
+            run, off, on = warm[0]
+            lo, hi = sorted((off["ttft_mean_s"], on["ttft_mean_s"]))
+            lines += ["", f"Run {bf16[0]} was the call's first run on 16-bit pages, so it too compiled its kernels "
+                      "(the 16-bit store and decode\npaths the FP8 runs do not use): it is no warm bf16 figure. Warm "
+                      f"bf16 runs of the same workload on an {_card(run['device'])} took\n{lo:.2f}-{hi:.2f} s (session "
+                      f"45, \"{FRESH_TITLE}\" above). Each of these runs also\nwarmed up on its first two prompts, "
+                      "which left them in the prefix cache for the timed run (fixed since in\n"
+                      "`benchmarks/throughput.py`): every run here had the same head start."]
     return lines + [""]
