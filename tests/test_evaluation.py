@@ -103,6 +103,13 @@ def test_number_checks_need_number_references_before_any_run(tmp_path):
     ("The answer is 17.", "17", True),
     ("So the answer is $\\frac{1}{2}$.", "0.5", True),
     ("The answer is 7. (Not 5.)", "5", False),
+    ("**Answer:** 42", "42", True),
+    ("The answer is $5$, since 2+3=5.", "5", True),
+    ("The answer is 5, because 2 + 3 = 5.", "5", True),
+    ("Therefore, the answer is 12 apples.", "12", True),
+    ("The answer is:\n\\[\n\\frac{1}{2}\n\\]", "\\frac{1}{2}", True),
+    ("Thus $x = \\frac{1}{2}$.", "\\frac{1}{2}", True),
+    ("Final answer: (2, 3)", "(2,3)", True),
     # the last box is the answer (math-verify alone would take every box as one set)
     ("First \\boxed{3}, final \\boxed{7}", "7", True),
     ("Step 1 gives \\boxed{12}. ... the final answer is \\boxed{6}.", "6", True),

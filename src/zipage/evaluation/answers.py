@@ -5,10 +5,11 @@
   else its last number; it is right when it is the same number as the reference (commas, ``$`` and
   trailing zeros do not matter: ``1,000`` = ``1000`` = ``1000.00``).
 * ``math``: the reference and the output's last ``\\boxed{}`` (without one: what follows its last "answer is"
-  or "answer:", else its last number; an expression left mid-way, as in an output cut off at ``max_tokens``,
-  is no answer) are parsed by ``math-verify`` (Hugging Face's answer checker: LaTeX and plain expressions to
-  sympy) and compared symbolically, so ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` are one answer. It needs
-  the ``eval`` extra: ``pip install 'zipage[eval]'``.
+  or "answer:", else its last ``$...$`` / ``\\(...\\)`` / ``\\[...\\]``, else its last number; an expression
+  left mid-way, as in an output cut off at ``max_tokens``, is no answer) are parsed by ``math-verify``
+  (Hugging Face's answer checker: LaTeX and plain expressions to sympy) and compared symbolically, so
+  ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` are one answer. It needs the ``eval`` extra:
+  ``pip install 'zipage[eval]'``.
 """
 
 from __future__ import annotations
@@ -118,18 +119,37 @@ def math_equal(output: str, reference: str) -> bool:
     return bool(verify(gold, pred, timeout_seconds=timeout))
 
 
-_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
+_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:)\s*:?", re.IGNORECASE)
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+# where a plain-text answer after "answer is" ends: a sentence's end, a clause ("5, because ..."), a line's end
+_ANSWER_END = re.compile(r"\.(?=\s|$)|,\s+(?=[A-Za-z])|\s+(?:since|because|as|so|which)\b|;|\n")
+_NUMBER_AND_WORDS = re.compile(r"(-?[\d.,/]+)\s+[A-Za-z][A-Za-z\s]*")  # "5 cm", "12 apples"
 
 
 def _unboxed_answer(output: str) -> str | None:
-    """An output's answer without a ``\\boxed{}``: the rest of the line after its last "answer is" / "answer:"
-    (up to a sentence's end), else its last number; None when it has neither."""
-    found = _ANSWER_PHRASE.findall(output)
-    if found:
-        answer = re.split(r"\.(?=\s|$)|\n", found[-1].strip())[0].strip().strip("$").strip()
+    """An output's answer without a ``\\boxed{}``: after its last "answer is" / "answer:", the math span that
+    follows (``$...$``, ``\\(...\\)``, ``\\[...\\]``) or the text up to the sentence's or clause's end (a
+    number followed by words: the number); without the phrase, the output's last closed math span; else its last
+    number. None when it has none of these (an expression a cut-off output stopped on is no closed span)."""
+    text = output.replace("**", "")  # (markdown bold around "Answer:")
+    phrases = list(_ANSWER_PHRASE.finditer(text))
+    if phrases:
+        rest = text[phrases[-1].end():]
+        span = _MATH_SPAN.match(rest.lstrip())
+        if span:
+            answer = next(g for g in span.groups() if g is not None).strip()
+        else:
+            answer = _ANSWER_END.split(rest.strip(), maxsplit=1)[0].strip()
+            words = _NUMBER_AND_WORDS.fullmatch(answer)
+            answer = words.group(1) if words else answer
         if answer:
             return answer
-    numbers = _NUMBER.findall(output.replace("$", "").replace("\\!", "").replace("{,}", ",").replace("\u2212", "-"))
+    spans = _MATH_SPAN.findall(text)
+    if spans:
+        answer = next(g for g in spans[-1] if g).strip()
+        if answer:
+            return answer
+    numbers = _NUMBER.findall(text.replace("$", "").replace("\\!", "").replace("{,}", ",").replace("\u2212", "-"))
     return numbers[-1] if numbers else None
 
 
