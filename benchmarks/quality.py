@@ -1311,6 +1311,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("8-bit pages need --decode step: a forward of several tokens reads its own keys and "
                              "values unrounded and counts their queries in the FP8 keys' weights, which one-token "
                              "decoding (generate()) does not")
+        if not args.no_gen and not args.gen_dataset.startswith("gsm8k"):  # (MATH answers: checked symbolically)
+            try:
+                import math_verify  # noqa: F401
+            except ImportError:
+                raise ValueError("--gen-dataset math500 checks answers with math-verify: "
+                                 "pip install 'zipage[eval]'") from None
         if (args.exact_tail or any(f.get("exact_tail") for _, f in rows)) and args.decode != "step":
             raise ValueError("--exact-tail needs --decode step: a forward of several tokens reads all of them "
                              "exactly, which one-token decode steps do not")

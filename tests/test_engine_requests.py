@@ -813,7 +813,64 @@ def test_chat_takes_conversations_through_the_chat_template(tmp_path):
                        ([[{"content": "x"}]], "string 'role'"), ([[{"role": "user"}]], "no 'content'")):
         with pytest.raises(TypeError, match=words):
             llm.chat(bad, params, use_tqdm=False)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Count"}, {"type": "text", "text": "to three"}]}]
+    joined = [{"role": "user", "content": "Count\nto three"}]
+    assert llm.chat(parts, params, use_tqdm=False)[0].prompt == llm.chat(joined, params, use_tqdm=False)[0].prompt
+    with pytest.raises(TypeError, match="content part 0 is 'image_url'"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], params,
+                 use_tqdm=False)
+    with pytest.raises(ValueError, match="sets these itself"):
+        llm.chat(first, params, use_tqdm=False, chat_template_kwargs={"tokenize": False})
     plain = LLM(model, None, budget=None, page_size=4, num_pages=32)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         plain.chat(first, params, use_tqdm=False)
     assert not llm.requests and not plain.requests
+
+
+def test_a_cancel_made_inside_a_step_that_fails_still_lands(model):
+    """The deferred cancel of the test above takes effect when the step raises too (the step's failure leaves
+    the other request to the next step, as any failed step does)."""
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    a = llm.add_request([5, 6, 7, 8], params)
+    b = llm.add_request([9, 10, 11], params)
+    real, fired = llm.runner.forward, []
+
+    def forward(*args, **kwargs):
+        if not fired:
+            fired.append(1)
+            llm.cancel(b)
+            raise RuntimeError("the step fails")
+        return real(*args, **kwargs)
+
+    llm.runner.forward = forward
+    with pytest.raises(RuntimeError, match="the step fails"):
+        llm.step()
+    assert llm.requests[b].finish_reason == "cancelled" and not llm.core.to_cancel and not llm.requests[b].pages
+    while llm.has_unfinished():
+        llm.step()
+    ref = LLM(model, budget=None, page_size=4, num_pages=64).generate([[5, 6, 7, 8]], params, use_tqdm=False)
+    assert llm.output(a).outputs[0].token_ids == ref[0].outputs[0].token_ids
+    assert_pool_clean(llm)
+
+
+def test_a_release_hook_that_raises_still_finishes_the_request(model):
+    """A slot's release tells the other tensor-parallel ranks; when that raises (a rank gone), the request is
+    finished all the same: its slot and pages back, its status FINISHED (it was left half-finished)."""
+    llm = LLM(model, page_size=4, num_pages=64, budget=16, buffer=4, window=4, enforce_eager=True)
+    rid = llm.add_request(list(range(3, 40)), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                             budget=12))
+    seq = llm.requests[rid]
+    while not seq.compressions:
+        llm.step()
+
+    def gone(slot):
+        raise RuntimeError("rank 1 exited")
+
+    llm.scheduler.on_release = gone
+    slots = len(llm.scheduler.free_slots)
+    with pytest.raises(RuntimeError, match="rank 1 exited"):
+        llm.abort_request(rid)
+    assert seq.finished and seq.finish_reason == "cancelled" and seq.slot == -1 and not seq.pages
+    assert len(llm.scheduler.free_slots) == slots + 1 and not llm.has_unfinished()
+    assert_pool_clean(llm)

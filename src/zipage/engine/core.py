@@ -13,7 +13,9 @@ stopped by a token (EOS, a stop id or string) has run one more step, whose token
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,9 +66,10 @@ class EngineCore:
         self.history = TokenHistory(runner.device)  # token counts of the requests with penalties
         # One step at a time, whichever thread (agenerate's workers, a server loop) drives the engine.
         self.lock = threading.RLock()
-        # the thread inside step(): its own cancels (a stream or agenerate collected by the garbage collector in
-        # the middle of the step) wait for the step's end, as another thread's do (the lock is re-entrant)
-        self.stepper: int | None = None
+        # the thread holding the lock through ``holding()`` (a step, kept_positions): its own cancels (a stream or
+        # agenerate collected by the garbage collector meanwhile) wait until it lets go, as another thread's do
+        # (the lock is re-entrant; with several ranks a cancel's message would land inside the holder's exchange)
+        self.holder: int | None = None
         self.to_cancel: list[Sequence] = []  # cancellations waiting for the step in progress to end
         # the outputs of the step in progress, as they come; those of a step that raised stay for the next
         self.undelivered: list[RequestOutput] = []
@@ -84,8 +87,8 @@ class EngineCore:
     def apply_cancels(self) -> None:
         """Carry out the queued cancellations unless another thread is stepping (it does them when
         it is done: every full release of the lock is followed by this call)."""
-        if self.stepper == threading.get_ident():
-            return  # (called inside this thread's own step: its end does them)
+        if self.holder == threading.get_ident():
+            return  # (called while this thread holds the lock in a step or an exchange: its end does them)
         while self.to_cancel and self.lock.acquire(blocking=False):
             try:
                 while self.to_cancel:
@@ -138,17 +141,27 @@ class EngineCore:
         state cannot be restored (its compression failed half-way, its tokens were lost with the
         device) is finished with reason ``"error"`` and its pages are freed. Outputs the failed
         step had already produced are returned by the next step."""
-        with self.lock:
-            outer, self.stepper = self.stepper, threading.get_ident()
-            try:
-                changed = self.undelivered
-                self._step(changed)
-                self.undelivered = []
-            finally:
-                self.stepper = outer
-                self._drop_dead_flight()
-        self.apply_cancels()
+        try:
+            with self.holding():
+                try:
+                    changed = self.undelivered
+                    self._step(changed)
+                    self.undelivered = []
+                finally:
+                    self._drop_dead_flight()
+        finally:  # (a step that raised too: cancels made meanwhile take effect)
+            self.apply_cancels()
         return changed
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """The lock, with this thread named as its holder until the outermost ``holding()`` ends."""
+        with self.lock:
+            outer, self.holder = self.holder, threading.get_ident()
+            try:
+                yield
+            finally:
+                self.holder = outer
 
     def _drop_dead_flight(self) -> None:
         """Let go of a token flight whose every request has finished (a stop seen in the step before it): their

@@ -104,7 +104,24 @@ def chat_conversations(messages: Any) -> list[list[Mapping]]:
                 raise TypeError(f"{where} needs a string 'role' (system, user, assistant, ...), got {msg!r:.80}")
             if "content" not in msg:
                 raise TypeError(f"{where} has no 'content': {msg!r:.80}")
-    return [list(conv) for conv in conversations]
+    return [[_text_message(msg, f"chat() conversation {c}, message {m}") for m, msg in enumerate(conv)]
+            for c, conv in enumerate(conversations)]
+
+
+def _text_message(msg: Mapping, where: str) -> Mapping:
+    """A message whose content is a list of OpenAI-style parts (``{"type": "text", "text": ...}``) as one whose
+    content is their text joined by newlines, as the server does; other part types are refused (text only)."""
+    content = msg["content"]
+    if not isinstance(content, (list, tuple)):
+        return msg
+    texts = []
+    for i, part in enumerate(content):
+        if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise TypeError(f"{where}: content part {i} is {kind!r}; only text parts "
+                            "({'type': 'text', 'text': ...}) are taken")
+        texts.append(part["text"])
+    return {**msg, "content": "\n".join(texts)}
 
 
 def render_chat(tokenizer: Any, conversation: list[Mapping], add_generation_prompt: bool, chat_template: str | None,
@@ -113,6 +130,11 @@ def render_chat(tokenizer: Any, conversation: list[Mapping], add_generation_prom
     encoding without special tokens added, as the template writes them itself)."""
     if tokenizer is None:
         raise ValueError("chat() needs a tokenizer: LLM(model, tokenizer)")
+    taken = sorted({"tokenize", "add_generation_prompt", "conversation", "chat_template", "return_dict"}
+                   & set(template_kwargs))
+    if taken:
+        raise ValueError(f"chat_template_kwargs {taken}: chat() sets these itself (add_generation_prompt and "
+                         "chat_template are chat()'s own arguments)")
     if chat_template is None and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("this tokenizer has no chat template: pass chat_template=..., or use generate()")
     try:

@@ -661,7 +661,7 @@ class LLM:
     def _step_for(self, seqs: list[Sequence]) -> None:
         """A worker thread's step, unless ``seqs`` finished meanwhile. Holding the step lock while
         it runs, a step abandoned by a cancelled ``agenerate`` still blocks the next one."""
-        with self.core.lock:
+        with self.core.holding():
             if not all(s.finished for s in seqs):
                 self.step()
         self.core.apply_cancels()
@@ -696,8 +696,11 @@ class LLM:
         or one whose asynchronous compression is in flight, raises ValueError. A call made while another
         thread is inside ``step()`` waits for that step (with several ranks, its messages would otherwise
         interleave with the step's)."""
-        with self.core.lock:
-            return self.runner.kept_positions(self._get(request_id), layer_idx)
+        try:
+            with self.core.holding():
+                return self.runner.kept_positions(self._get(request_id), layer_idx)
+        finally:
+            self.core.apply_cancels()
 
 
 def _available_ram() -> int:

@@ -142,10 +142,10 @@ class Scheduler:
         """Give back a sequence's pages and query slot."""
         self.blocks.free(seq)
         if seq.slot >= 0:
-            if self.on_release is not None:
-                self.on_release(seq.slot)
-            self.free_slots.append(seq.slot)
-            seq.slot = -1
+            slot, seq.slot = seq.slot, -1
+            self.free_slots.append(slot)
+            if self.on_release is not None:  # (after the slot is back: a hook that raises loses nothing)
+                self.on_release(slot)
 
     def _unreserve(self, seq: Sequence) -> None:
         self.reserved -= seq.reserved
@@ -157,11 +157,13 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.release(seq)
-        seq.status = Status.FINISHED
-        seq.finish_reason = reason
-        if self.on_finish is not None:
-            self.on_finish(seq)
+        try:
+            self.release(seq)
+        finally:  # (a release hook that raised, a tensor-parallel group gone: the request is finished all the same)
+            seq.status = Status.FINISHED
+            seq.finish_reason = reason
+            if self.on_finish is not None:
+                self.on_finish(seq)
 
     def preempt(self, seq: Sequence) -> None:
         """Free an uncompressed sequence; it is recomputed from its tokens when readmitted."""

@@ -112,7 +112,8 @@ class DriverRunner(ModelRunner):
             super().compress(seqs, dst_pages, first)
 
     def release_slot(self, slot):
-        if self.kept is not None and slot in self.kept.own:  # (the other ranks hold such a map too)
+        # (the other ranks hold such a map too; a stopped group has no ranks left to tell)
+        if self.kept is not None and slot in self.kept.own and self.ranks.dead is None:
             with self.ranks.guard("a slot's release"):
                 self.ranks.send(("release", slot))
         super().release_slot(slot)
