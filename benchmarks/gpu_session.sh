@@ -96,6 +96,7 @@
 #   PART=s45f  the engine's GPU tests after the session's host-side engine changes
 #   PART=s46a  the kernel benchmark (benchmarks/kernels.py) with its plot, then the GPU tests of the kernels
 #   PART=s46b  the engine's GPU tests after the session's engine changes
+#   PART=s46c  the kernel benchmark (prefill rows: the engine's prefill), then PART=s46b
 #   PART=s46fp8 the FP8 pair (zipage-2048-fp8, then zipage-2048) run to completion, 512 x 4,096 tokens
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
@@ -435,6 +436,11 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     timeout "${TEST_LIMIT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py \
       tests/test_engine_requests.py tests/test_kept_positions.py tests/test_fp8_engine.py tests/test_sliding_engine.py \
       tests/test_exact_tail_engine.py --durations=5 2>&1 | tee "$OUT/gpu_tests_s46b.log" | tail -12 ;;
+  s46c)  # session 46: the kernel benchmark with its prefill rows timing the engine's prefill, then the engine's GPU
+    # tests after the second round of engine changes (cancels deferred while the lock is held, release hooks)
+    timeout 150 python3 benchmarks/kernels.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" 2>&1 \
+      | tee "$OUT/kernels_stdout.txt" | grep -E "prefill|copy bandwidth"
+    PART=s46b bash "$0" ;;
   s46fp8)  # session 46: the FP8 pair run to completion (no time-limit window), FP8 first (the shorter run),
     # 512 requests x 4,096 tokens, Qwen3-8B shapes, KV_GIB of KV (80 on an H200), then the kernel benchmark's rows
     timeout 540 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
