@@ -41,7 +41,8 @@ def test_identical_to_dynamic_cache_above_the_budget_and_with_full_kv(family):
     refs = [dynamic(model, p, GREEDY.max_tokens) for p in ps]
     for engine in (dict(budget=128, page_size=4, buffer=4, window=2), dict(budget=None, page_size=4)):
         llm = LLM(model, max_num_batched_tokens=16, max_num_seqs=8, **engine)  # prompts in chunks
-        assert not llm.blocks.enable_prefix_caching  # (a cached prefix would lack the sliding layers' KV)
+        assert not llm.blocks.enable_prefix_caching and llm.stats()["prefix_caching"] is False  # (a cached
+        # prefix would lack the sliding layers' KV: off, and the stats say so)
         assert [o.token_ids for o in llm.generate(ps, GREEDY, use_tqdm=False)] == refs
         assert llm.blocks.window.pool.num_used == 0 and llm.blocks.num_used == 0  # all given back
 

@@ -683,6 +683,7 @@ class LLM:
             "compressions": s.compressions,
             "evicted_tokens": s.evicted_tokens,
             "prefix_cache_hits": self.blocks.hits,
+            "prefix_caching": self.blocks.enable_prefix_caching,  # (off for models with sliding-window layers)
             # the ring of exact keys and values of each query slot (exact_tail), on this rank
             "exact_tail_bytes": sum(x.numel() * x.element_size() for x in (r.exact_k, r.exact_v) if x is not None),
             "generated_tokens": self.generated_tokens,
