@@ -859,3 +859,33 @@ def test_an_attention_function_registered_again_is_the_one_called():
     calls.clear()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=3, cache_implementation="zipage", **GREEDY)
     assert set(calls) == {"B"} and torch.equal(out, base)
+
+
+def test_a_generation_config_with_a_zipage_config_saves_and_reloads(tmp_path):
+    """A ``GenerationConfig`` whose ``cache_config`` is a ``ZipageConfig`` is saved with its fields (transformers
+    wrote null for it: a reloaded generate() quietly ran budget 2048) and generates as before once reloaded."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    cfg = GenerationConfig(cache_implementation="zipage", max_new_tokens=40, do_sample=False, pad_token_id=0,
+                           cache_config=zipage.ZipageConfig(budget=16, page_size=8, window=4))
+    cfg.save_pretrained(tmp_path)
+    loaded = GenerationConfig.from_pretrained(tmp_path)
+    assert zipage.ZipageConfig.from_dict(loaded.cache_config) == cfg.cache_config
+    kwargs = dict(attention_mask=mask, return_dict_in_generate=True)
+    a = model.generate(ids, generation_config=cfg, **kwargs)
+    b = model.generate(ids, generation_config=loaded, **kwargs)
+    assert torch.equal(a.sequences, b.sequences) and a.past_key_values.stats()["compressions"] > 0
+    assert b.past_key_values.zipage_config.budget == 16
+
+
+def test_use_cache_false_runs_without_a_cache_as_transformers_does():
+    """A model whose generation_config selects zipage, called with use_cache=False: no cache, as transformers does
+    for any cache_implementation (it raised)."""
+    model = tiny_model("llama")
+    ids, mask = left_padded_batch()
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=4, use_cache=False, **GREEDY)
+    model.generation_config.cache_implementation = "zipage"
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, use_cache=False, **GREEDY)
+    assert torch.equal(plain, out)

@@ -18,6 +18,7 @@ hold the compression trigger that ``generate()`` and the engine share.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -306,6 +307,17 @@ class ZipageConfig:
         if unknown:
             raise ValueError(f"unknown ZipageConfig field(s) {unknown}; valid fields: {sorted(names - {'extra'})}")
         return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict :meth:`from_dict` takes back (a buffer that follows the page size as None).
+        transformers calls it to save a ``GenerationConfig`` whose ``cache_config`` is a ``ZipageConfig``
+        (without it the config was saved as null and a reloaded generate() ran the defaults)."""
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if getattr(self, "_buffer_follows", True) and self.buffer == self.page_size:
+            values["buffer"] = None
+        if not values["extra"]:
+            del values["extra"]
+        return values
 
     @classmethod
     def paper(cls, **changes: Any) -> ZipageConfig:

@@ -70,6 +70,9 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     wants_zipage = generation_config.cache_implementation == CACHE_IMPLEMENTATION
     if not wants_zipage and not isinstance(user_cache, ZipageCache):
         return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
+    if wants_zipage and user_cache is None and generation_config.use_cache is False:
+        # no cache asked for: transformers then runs without one whatever cache_implementation says
+        return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     check_transformers_version()
     _check_mode(generation_mode)
     check_model(self)
@@ -85,8 +88,6 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
         raise ValueError(
             "Passing both cache_implementation='zipage' and past_key_values is unsupported; use one of the two"
         )
-    if generation_config.use_cache is False:
-        raise ValueError("cache_implementation='zipage' needs use_cache=True")
     zipage_config = _zipage_config_from(generation_config.cache_config)
     model_kwargs["past_key_values"] = ZipageCache(
         config=text_config, zipage_config=zipage_config, max_cache_len=max_cache_len
