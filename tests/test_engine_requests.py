@@ -761,11 +761,12 @@ def test_an_idle_engine_holds_no_token_flight(model, how):
     assert_pool_clean(llm)
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_a_cancel_made_inside_the_stepping_thread_waits_for_the_step(model, async_scheduling):
+@pytest.mark.parametrize("async_scheduling, fails", [(False, False), (True, False), (False, True)])
+def test_a_cancel_made_inside_the_stepping_thread_waits_for_the_step(model, async_scheduling, fails):
     """A ``stream()`` generator or ``agenerate`` coroutine collected by the garbage collector during a step cancels
     its request from inside that step's thread (the engine's lock is re-entrant): the cancel waits for the step's
-    end, as another thread's does (it freed the pages of a request the step had scheduled: IndexError)."""
+    end, as another thread's does (it freed the pages of a request the step had scheduled: IndexError), and lands
+    when the step raises too (the other request goes on with the next step, as after any failed step)."""
     llm = LLM(model, budget=None, page_size=4, num_pages=64, async_scheduling=async_scheduling)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     a = llm.add_request([5, 6, 7, 8], params)
@@ -777,78 +778,18 @@ def test_a_cancel_made_inside_the_stepping_thread_waits_for_the_step(model, asyn
             fired.append(1)
             llm.cancel(b)  # (what the collector's run of the abandoned consumer's clean-up does)
             assert not llm.requests[b].finished
+            if fails:
+                raise RuntimeError("the step fails")
         return real(*args, **kwargs)
 
     llm.runner.forward = forward
+    if fails:
+        with pytest.raises(RuntimeError, match="the step fails"):
+            llm.step()
+        assert llm.requests[b].finish_reason == "cancelled" and not llm.core.to_cancel and not llm.requests[b].pages
     while llm.has_unfinished():
         llm.step()
     assert fired and llm.requests[b].finish_reason == "cancelled"
-    ref = LLM(model, budget=None, page_size=4, num_pages=64).generate([[5, 6, 7, 8]], params, use_tqdm=False)
-    assert llm.output(a).outputs[0].token_ids == ref[0].outputs[0].token_ids
-    assert_pool_clean(llm)
-
-
-def test_chat_takes_conversations_through_the_chat_template(tmp_path):
-    """vLLM's ``LLM.chat``: one conversation or a list of them, rendered by the tokenizer's chat template; the
-    same tokens as generate() on the template's ids, the rendered text as each output's prompt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from zipage.serve.tiny import save_tiny
-
-    folder = save_tiny(tmp_path / "tiny")
-    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    llm = LLM(model, tok, budget=None, page_size=4, num_pages=128)
-    assert llm.get_tokenizer() is tok
-    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    second = [{"role": "user", "content": "Count to three"}]
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    outs = llm.chat([first, second], params, use_tqdm=False)
-    for conv, out in zip((first, second), outs):
-        ids = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)["input_ids"]
-        assert out.prompt_token_ids == list(ids)
-        assert out.prompt == tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        assert out.token_ids == llm.generate([list(ids)], params, use_tqdm=False)[0].token_ids
-    assert llm.chat(second, params, use_tqdm=False)[0].token_ids == outs[1].token_ids  # one conversation
-    for bad, words in (("hi", "a conversation"), ([], "a conversation"), ([first, "x"], "conversation 1"),
-                       ([[{"content": "x"}]], "string 'role'"), ([[{"role": "user"}]], "no 'content'")):
-        with pytest.raises(TypeError, match=words):
-            llm.chat(bad, params, use_tqdm=False)
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Count"}, {"type": "text", "text": "to three"}]}]
-    joined = [{"role": "user", "content": "Count\nto three"}]
-    assert llm.chat(parts, params, use_tqdm=False)[0].prompt == llm.chat(joined, params, use_tqdm=False)[0].prompt
-    with pytest.raises(TypeError, match="content part 0 is 'image_url'"):
-        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], params,
-                 use_tqdm=False)
-    with pytest.raises(ValueError, match="sets these itself"):
-        llm.chat(first, params, use_tqdm=False, chat_template_kwargs={"tokenize": False})
-    plain = LLM(model, None, budget=None, page_size=4, num_pages=32)
-    with pytest.raises(ValueError, match="needs a tokenizer"):
-        plain.chat(first, params, use_tqdm=False)
-    assert not llm.requests and not plain.requests
-
-
-def test_a_cancel_made_inside_a_step_that_fails_still_lands(model):
-    """The deferred cancel of the test above takes effect when the step raises too (the step's failure leaves
-    the other request to the next step, as any failed step does)."""
-    llm = LLM(model, budget=None, page_size=4, num_pages=64)
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    a = llm.add_request([5, 6, 7, 8], params)
-    b = llm.add_request([9, 10, 11], params)
-    real, fired = llm.runner.forward, []
-
-    def forward(*args, **kwargs):
-        if not fired:
-            fired.append(1)
-            llm.cancel(b)
-            raise RuntimeError("the step fails")
-        return real(*args, **kwargs)
-
-    llm.runner.forward = forward
-    with pytest.raises(RuntimeError, match="the step fails"):
-        llm.step()
-    assert llm.requests[b].finish_reason == "cancelled" and not llm.core.to_cancel and not llm.requests[b].pages
-    while llm.has_unfinished():
-        llm.step()
     ref = LLM(model, budget=None, page_size=4, num_pages=64).generate([[5, 6, 7, 8]], params, use_tqdm=False)
     assert llm.output(a).outputs[0].token_ids == ref[0].outputs[0].token_ids
     assert_pool_clean(llm)
