@@ -97,6 +97,7 @@
 #   PART=s46a  the kernel benchmark (benchmarks/kernels.py) with its plot, then the GPU tests of the kernels
 #   PART=s46b  the engine's GPU tests after the session's engine changes
 #   PART=s46c  the kernel benchmark (prefill rows: the engine's prefill), then PART=s46b
+#   PART=s46d  the GPU tests of generate(), fresh prefill, FP8 decode variants, query weights, sampler
 #   PART=s46fp8 the FP8 pair (zipage-2048-fp8, then zipage-2048) run to completion, 512 x 4,096 tokens
 #   PART=fp8pair the FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
@@ -441,6 +442,11 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     timeout 150 python3 benchmarks/kernels.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" 2>&1 \
       | tee "$OUT/kernels_stdout.txt" | grep -E "prefill|copy bandwidth"
     PART=s46b bash "$0" ;;
+  s46d)  # session 46: the GPU tests of generate() (after its cache_config and use_cache changes), fresh prefill,
+    # the FP8 decode variants, query weights and the sampler
+    timeout "${TEST_LIMIT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py \
+      tests/test_generate_memory.py tests/test_fresh_prefill.py tests/test_fp8_decode_variants.py \
+      tests/test_query_weights.py tests/test_sampler.py --durations=5 2>&1 | tee "$OUT/gpu_tests_s46d.log" | tail -10 ;;
   s46fp8)  # session 46: the FP8 pair run to completion (no time-limit window), FP8 first (the shorter run),
     # 512 requests x 4,096 tokens, Qwen3-8B shapes, KV_GIB of KV (80 on an H200), then the kernel benchmark's rows
     timeout 540 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 --max-num-seqs 512 \
