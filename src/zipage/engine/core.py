@@ -85,8 +85,9 @@ class EngineCore:
         self.apply_cancels()
 
     def apply_cancels(self) -> None:
-        """Carry out the queued cancellations unless another thread is stepping (it does them when
-        it is done: every full release of the lock is followed by this call)."""
+        """Carry out the queued cancellations unless a step or an exchange holds the lock, in another thread
+        or in this one (the holder does them when it is done: every full release of the lock is followed by
+        this call); then land compressions of cancelled requests only and drop a finished token flight."""
         if self.holder == threading.get_ident():
             return  # (called while this thread holds the lock in a step or an exchange: its end does them)
         while self.to_cancel and self.lock.acquire(blocking=False):

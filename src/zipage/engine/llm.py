@@ -518,8 +518,8 @@ class LLM:
         collects that compression. A cancelled request finishes within ``cancel()`` (or as the other
         thread's step in progress returns) and is not reported, unless its compression was in flight
         beside those of requests still running: then the step that collects it reports it
-        (``finish_reason="cancelled"``: the signal that its pages are back). Steps never overlap: a call made while another thread is inside
-        ``step()`` waits for it. A step that raises is undone (see ``EngineCore.step``): the next
+        (``finish_reason="cancelled"``: the signal that its pages are back). Steps never overlap: a
+        call made while another thread is inside ``step()`` waits for it. A step that raises is undone (see ``EngineCore.step``): the next
         ``step()`` goes on and produces the same tokens."""
         self._check_open()
         return self.core.step()

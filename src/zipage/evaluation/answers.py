@@ -65,8 +65,13 @@ def final_number(text: str) -> Decimal | Fraction | None:
     boxed = last_boxed(text)
     if boxed is not None:
         return _boxed_number(boxed)
-    found = _NUMBER.findall(text.replace("$", "").replace("\\!", "").replace("{,}", ",").replace("\u2212", "-"))
+    found = _numbers(text)
     return as_number(found[-1]) if found else None
+
+
+def _numbers(text: str) -> list[str]:
+    """The plain numbers written in ``text``, in order (``$``, ``\\!`` and ``{,}`` marks dropped)."""
+    return _NUMBER.findall(text.replace("$", "").replace("\\!", "").replace("{,}", ",").replace("\u2212", "-"))
 
 
 def as_number(text: str) -> Decimal | None:
@@ -149,7 +154,7 @@ def _unboxed_answer(output: str) -> str | None:
         answer = next(g for g in spans[-1] if g).strip()
         if answer:
             return answer
-    numbers = _NUMBER.findall(text.replace("$", "").replace("\\!", "").replace("{,}", ",").replace("\u2212", "-"))
+    numbers = _numbers(text)
     return numbers[-1] if numbers else None
 
 
