@@ -289,7 +289,25 @@ def test_api_key(server):
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     r = httpx.post(f"{server[0]}/v1/completions", json={"model": NAME, "prompt": "x"})
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    error = r.json()["error"]
+    assert r.status_code == 401 and error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    for header in (f"bearer {KEY}", f"BEARER  {KEY}"):  # (the scheme is case-insensitive)
+        assert httpx.get(f"{server[0]}/v1/models", headers={"Authorization": header}).status_code == 200, header
+    for header in (KEY, f"Basic {KEY}", f"Bearer {KEY}x", "Bearer"):
+        assert httpx.get(f"{server[0]}/v1/models", headers={"Authorization": header}).status_code == 401, header
+
+
+def test_an_unknown_model_is_openai_s_404_even_with_characters_utf8_cannot_encode(server):
+    """A lone surrogate (valid JSON) in the model's name: the 404 names it escaped (its body could not be
+    written: a 500)."""
+    url = server[0]
+    raw = b'{"model": "\\ud800x", "prompt": "x"}'.replace(b"\\\\", b"\\")
+    r = httpx.post(f"{url}/v1/completions", content=raw,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error == {**error, "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    assert "\\ud800x" in error["message"]
 
 
 BAD = [  # (body, status, param); the model is added where missing
@@ -412,6 +430,12 @@ def test_token_strings_bytes_and_offsets_split_characters_right(checkpoint):
     choice = ChoiceState(tok, [])
     choice.token_ids = list(ids)
     assert choice.offsets(0) == [0, 1, 1, 2, 2, 2, 2, 3, 4] and choice.offsets(7) == [3, 4]
+    # a byte that never becomes a character comes out as U+FFFD with the next token, which starts after it
+    of = {strings.bytes(t): t for t in range(256)}
+    choice = ChoiceState(tok, [])
+    choice.token_ids = [of[b"I"], of[b"\xf1"], of[b"\x08"], of[b"\xea"], of[b"a"]]
+    assert tok.decode(choice.token_ids) == "I\ufffd\x08\ufffda"
+    assert choice.offsets(0) == [0, 1, 2, 3, 4]
 
 
 def test_streamed_text_keeps_the_space_a_first_sentencepiece_token_starts_with():

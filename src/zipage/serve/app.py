@@ -36,7 +36,8 @@ class APIKey:
         key = self.config.api_key
         if key and scope["type"] == "http" and scope["path"].startswith("/v1"):
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+            scheme, _, token = given.strip().partition(b" ")  # (the scheme is case-insensitive: RFC 9110)
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode()):
                 what = "Missing" if not given else "Incorrect"
                 response = error_response(401, f"{what} API key: send 'Authorization: Bearer <key>'",
                                           code="invalid_api_key")

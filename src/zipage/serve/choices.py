@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..engine.outputs import IncrementalText
+from ..engine.outputs import _UNFINISHED, IncrementalText
 from ..engine.sequence import TokenLogprobs
 from ..engine.views import ListView
 from .engine_client import Delta
@@ -137,10 +137,17 @@ class ChoiceState:
     def offsets(self, start: int) -> list[int]:
         """The characters of text before each token from ``start`` on (a token that completes a character
         counts from where that character starts; decoded one token at a time, linear work over a choice)."""
+        text = self._offset_text
         while len(self._offsets) < len(self.token_ids):
             i = len(self._offsets)
-            before = self._offset_text.length
-            self._offset_text.add(self.tokenizer, ListView(self.token_ids, i + 1), self.skip_special_tokens)
+            before = text.length
+            held = text.read_offset < len(text.context) + i  # earlier tokens' bytes not yet a character
+            new = text.add(self.tokenizer, ListView(self.token_ids, i + 1), self.skip_special_tokens)
+            if held and new:  # held bytes that never became a character came out (as U+FFFD) with this
+                # token: it starts after them when its own text ends what came out
+                own = self.tokenizer.decode([self.token_ids[i]], skip_special_tokens=self.skip_special_tokens)
+                if own and not own.endswith(_UNFINISHED) and len(own) < len(new) and new.endswith(own):
+                    before += len(new) - len(own)
             self._offsets.append(before)
         return self._offsets[start:]
 

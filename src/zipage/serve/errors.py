@@ -20,9 +20,10 @@ from .protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("zipage.serve")
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+# OpenAI's error types: a wrong key and an unknown model are invalid requests too (their codes tell them apart)
+TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-         500: "internal_error", 503: "service_unavailable"}
+         500: "server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -36,9 +37,15 @@ class APIError(Exception):
         self.code = code
 
 
+def _encodable(text: str | None) -> str | None:
+    """``text`` with what UTF-8 cannot encode (lone surrogates a client sent as JSON escapes) escaped: the
+    error's body must still be written."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return ErrorResponse(error=ErrorInfo(message=message, type=TYPES.get(status, "invalid_request_error"),
-                                         param=param, code=code)).model_dump()
+    return ErrorResponse(error=ErrorInfo(message=_encodable(message), type=TYPES.get(status, "invalid_request_error"),
+                                         param=_encodable(param), code=code)).model_dump()
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
