@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,9 +27,18 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     ``ZIPAGE_DISABLE_TRITON=1`` forces the references everywhere. (The CPU tests call the
     Triton launchers directly, under ``TRITON_INTERPRET=1``.)
     """
-    if not HAS_TRITON or os.environ.get("ZIPAGE_DISABLE_TRITON", "0") == "1":
+    if not HAS_TRITON or _disabled(os.environ.get("ZIPAGE_DISABLE_TRITON", "0")):
         return False
     return all(t.is_cuda for t in tensors)
+
+
+@functools.lru_cache(maxsize=8)
+def _disabled(raw: str) -> bool:
+    """(parsed once per distinct value: every kernel dispatch asks)"""
+    value = raw.strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"ZIPAGE_DISABLE_TRITON={raw!r}: expected 1 (the PyTorch references everywhere) or 0")
+    return value == "1"
 
 
 def next_pow2(n: int) -> int:

@@ -175,7 +175,7 @@ def exact_merge(q, out, lse, keys, values, valid, scale: float, softcap: float |
 
 
 def _choice() -> str:
-    choice = os.environ.get("ZIPAGE_EXACT_TAIL_KERNEL", "triton")
+    choice = os.environ.get("ZIPAGE_EXACT_TAIL_KERNEL", "triton").strip()
     if choice not in ("triton", "torch"):
         raise ValueError(f"ZIPAGE_EXACT_TAIL_KERNEL={choice!r}: expected triton (the kernel on a GPU) or torch "
                          "(the PyTorch reference everywhere)")

@@ -42,6 +42,7 @@ from . import capture
 from .attention_checks import check_model_config, sink_logits, sliding_layers
 from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
+from .environment import check_environment
 from .kernels import dequantize_reference, exact_merge, kv_dtype, paged_decode_attention, store_kv
 from .kernels._triton import use_triton
 from .kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, is_quantized, kv_rotation, query_weighting, rotate
@@ -274,6 +275,7 @@ class ZipageCache(Cache):
                  max_cache_len: int | None = None, **fields: Any) -> None:
         if config is None:
             raise TypeError("ZipageCache needs the model config: ZipageCache(config=model.config, ...)")
+        check_environment()
         if zipage_config is not None and fields:
             raise TypeError(f"give ZipageCache either zipage_config= or its fields, not both (got {sorted(fields)})")
         if zipage_config is not None and not isinstance(zipage_config, ZipageConfig):

@@ -171,6 +171,7 @@ class ZipageConfig:
             cost in top-1 (full KV with ``exact_tail=128``: 0.25 points against bf16 pages, 0.51 unrotated),
             while on Gemma 3 270M it makes e4m3 rounding worse (``benchmarks/results/fp8/``); it needs a
             power-of-two head dim. False stores INT8 pages unrotated.
+        extra: settings of a scorer of your own, by name (its ``knobs``; see the guide "Writing a scorer").
     """
 
     budget: int = 2048
@@ -305,7 +306,7 @@ class ZipageConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown ZipageConfig field(s) {unknown}; valid fields: {sorted(names - {'extra'})}")
+            raise ValueError(f"unknown ZipageConfig field(s) {unknown}; valid fields: {sorted(names)}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import torch
 from ..attention_checks import sliding_layers
 from ..cache import check_model_config
 from ..config import ZipageConfig, check_kv_cache_dtype, check_kv_rotation
+from ..environment import check_environment
 from ..memory.block_manager import BlockManager
 from ..memory.window_blocks import WindowBlocks
 from ..scoring import get_scorer
@@ -195,6 +196,7 @@ class LLM:
                  device: Any = None, fuse_ops: bool = True, async_scheduling: bool = True,
                  kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1, tensor_parallel_timeout: float = 600.0,
                  **zipage_fields: Any) -> None:
+        check_environment()
         check_kv_cache_dtype(kv_cache_dtype, "LLM(kv_cache_dtype)")
         for name, value in (("enable_prefix_caching", enable_prefix_caching), ("enforce_eager", enforce_eager),
                             ("async_compression", async_compression), ("async_scheduling", async_scheduling),
@@ -255,7 +257,7 @@ class LLM:
         trained = getattr(config, "max_position_embeddings", None)
         reach = _rope_reach(config, trained)
         if (max_model_len is not None and isinstance(reach, int) and max_model_len > reach
-                and os.environ.get("ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN", "") != "1"):
+                and os.environ.get("ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN", "").strip() != "1"):
             raise ValueError(f"LLM(max_model_len={max_model_len}) is beyond the {reach} positions the model "
                              f"takes (max_position_embeddings={trained}, with its RoPE scaling if any): positions "
                              "past them were never trained and its answers there may be wrong; set "

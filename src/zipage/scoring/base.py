@@ -33,7 +33,7 @@ class ScoreInputs:
         state: ``[B, H_kv, S]`` float32 per-token state of a stateful scorer (0 for tokens that arrived
             since the last compression), or None.
         first: True at the first compression of these sequences.
-        layer_idx: the layer being compressed.
+        layer_idx: the layer being compressed (-1 when several layers are scored as one batch).
         key_scales, value_scales: ``[B, H_kv, S]`` float32 when the cache stores FP8 and the scorer
             reads it (``Scorer.reads_fp8``): ``keys`` and ``values`` are then e4m3 codes and
             ``codes * scale`` their values (``dense_keys()`` / ``dense_values()``). Any other
