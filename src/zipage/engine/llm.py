@@ -682,6 +682,7 @@ class LLM:
             "page_size": self.blocks.page_size,
             "max_concurrency": s.max_concurrency,
             "preemptions": s.preemptions,
+            "page_waits": s.waits,  # times a compressed request sat out a step for want of pages
             "compressions": s.compressions,
             "evicted_tokens": s.evicted_tokens,
             "prefix_cache_hits": self.blocks.hits,
