@@ -815,3 +815,24 @@ def test_a_release_hook_that_raises_still_finishes_the_request(model):
     assert seq.finished and seq.finish_reason == "cancelled" and seq.slot == -1 and not seq.pages
     assert len(llm.scheduler.free_slots) == slots + 1 and not llm.has_unfinished()
     assert_pool_clean(llm)
+
+
+def test_prefix_cache_hits_count_pages_a_request_was_served_once(model):
+    """A request whose cached prefix is matched while the pool is full waits (its matched pages go back): the
+    pages count as hits once, when it is admitted, not once for every step it waited."""
+    prompt = list(range(3, 23))  # 5 pages of 4 tokens, 4 of them reusable (the last token is computed again)
+    llm = LLM(model, budget=None, page_size=4, num_pages=8, async_scheduling=False)
+    greedy = dict(temperature=0, ignore_eos=True)
+    llm.add_request(prompt, SamplingParams(max_tokens=12, **greedy), request_id="a")
+    while llm.blocks.num_free > 0:
+        llm.step()
+    llm.add_request(prompt, SamplingParams(max_tokens=4, **greedy), request_id="b")
+    waited = 0
+    while llm.scheduler.waiting:
+        llm.step()
+        waited += 1
+    assert waited > 1 and llm.stats()["prefix_cache_hits"] == 4
+    while llm.has_unfinished():
+        llm.step()
+    assert llm.stats()["prefix_cache_hits"] == 4
+    assert_pool_clean(llm)

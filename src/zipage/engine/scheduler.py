@@ -247,6 +247,7 @@ class Scheduler:
             n = self._chunk(seq, budget_tokens)
             if n == 0:
                 if seq.pages:  # waiting sequences hold no pages: give back the prefix it just found
+                    self.blocks.hits -= seq.cached_pages  # (they served nobody: counted again when they do)
                     self.release(seq)
                     seq.num_computed = seq.stored = 0
                 break
