@@ -191,6 +191,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="the name(s) clients give as 'model' (default: MODEL)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $ZIPAGE_API_KEY, else open)")
+    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="origins (such as http://localhost:3000, or *) whose browser pages may call the API: CORS "
+                   "headers and preflights for them (default: none, unlike vLLM's *)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights and KV (auto: the checkpoint's on CUDA, float32 on a CPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")

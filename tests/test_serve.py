@@ -684,3 +684,36 @@ def test_sampling_fields_left_out_take_the_model_s_generation_config(checkpoint)
         kw["extra_body"] = {"ignore_eos": True, "top_k": -1}  # the request's own top_k wins
         kw["temperature"] = 1.5
         assert len({c.text for c in client.completions.create(**kw).choices}) > 1
+
+
+def test_cors_only_for_the_allowed_origins(checkpoint):
+    """``--allowed-origins``: a browser's preflight from an allowed origin is answered (before the key is asked
+    for) and answers carry the CORS header; other origins, and servers without the option, get none."""
+    from zipage.serve.server import config_from_args
+    from zipage_cli import serve_parser
+
+    model, tok = checkpoint
+    llm = LLM(model, tok, **ENGINE)
+    args = serve_parser().parse_args(["tiny-folder", "--allowed-origins", "http://ok.example", "*"])
+    assert config_from_args(llm, "tiny-folder", args).allowed_origins == ["http://ok.example", "*"]
+    assert config_from_args(llm, "tiny-folder", serve_parser().parse_args([])).allowed_origins is None
+    for allowed in (["http://ok.example"], None):
+        config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok,
+                             max_model_len=llm.max_model_len, api_key=KEY, allowed_origins=allowed)
+        with thread_server(llm, config) as (url, _):
+            preflight = {"Origin": "http://ok.example", "Access-Control-Request-Method": "POST",
+                         "Access-Control-Request-Headers": "authorization, content-type"}
+            r = httpx.options(f"{url}/v1/chat/completions", headers=preflight)
+            got = httpx.get(f"{url}/v1/models", headers={"Origin": "http://ok.example",
+                                                         "Authorization": f"Bearer {KEY}"})
+            other = httpx.get(f"{url}/v1/models", headers={"Origin": "http://other.example",
+                                                           "Authorization": f"Bearer {KEY}"})
+            assert got.status_code == 200 and "access-control-allow-origin" not in other.headers
+            if allowed:
+                assert r.status_code == 200, r.text
+                assert r.headers["access-control-allow-origin"] == "http://ok.example"
+                assert "POST" in r.headers["access-control-allow-methods"]
+                assert got.headers["access-control-allow-origin"] == "http://ok.example"
+            else:
+                assert r.status_code in (401, 405) and "access-control-allow-origin" not in r.headers
+                assert "access-control-allow-origin" not in got.headers

@@ -66,6 +66,11 @@ def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     install(app)
 
     app.add_middleware(APIKey, config=args)
+    if args.allowed_origins:  # (added last, so it runs first: a preflight is answered before the key is asked for)
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(args.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.get("/health")
     async def health() -> Response:

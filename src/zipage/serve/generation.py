@@ -33,6 +33,8 @@ class ServeConfig:
     max_budget: int | None = None  # largest per-request budget; full KV (null) is then refused too
     # defaults of the sampling fields a request leaves out, from the model's generation_config (--generation-config)
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    # origins whose browser pages may call the API (CORS; "*": any); None: no CORS headers (--allowed-origins)
+    allowed_origins: list[str] | None = None
 
 
 def check_model(config: ServeConfig, model: str | None) -> None:

@@ -98,7 +98,8 @@ def config_from_args(llm: LLM, root: str, args: argparse.Namespace) -> ServeConf
     return ServeConfig(model_names=list(names), model_root=root, tokenizer=llm.tokenizer,
                        max_model_len=llm.max_model_len, api_key=args.api_key or os.environ.get("ZIPAGE_API_KEY"),
                        max_waiting=args.max_waiting, max_budget=args.max_budget,
-                       sampling_defaults=sampling_defaults(llm, root, args))
+                       sampling_defaults=sampling_defaults(llm, root, args),
+                       allowed_origins=getattr(args, "allowed_origins", None))
 
 
 def check_args(args: argparse.Namespace) -> str | None:
