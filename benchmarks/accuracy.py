@@ -167,14 +167,18 @@ def markdown_of(result: dict[str, Any]) -> str:
 
 
 def _write(stem: pathlib.Path, result: dict[str, Any], figure: bool = True, md: str | None = None) -> str:
+    """Write the result's .json, .md and (``figure``: where matplotlib is installed) .png beside ``stem``;
+    returns the markdown."""
     from zipage.evaluation.report import plot
 
     md = markdown_of(result) if md is None else md  # (before any file is written: a bad result writes nothing)
     # (a stem may hold dots, e.g. "eval_qwen3-0.6b": add the suffixes, never replace one)
     stem.with_name(stem.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_name(stem.name + ".md").write_text(md)
+    png = stem.with_name(stem.name + ".png")
+    png.unlink(missing_ok=True)  # (an earlier run's chart must not sit beside a result it does not show)
     if figure:
-        plot(result, stem.with_name(stem.name + ".png"))
+        plot(result, png)
     return md
 
 
@@ -255,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         result["configurations"] = rows
         result["incomplete"] = f"{len(rows)} of {len(configs)} configurations"
         _write(stem, result, figure=False)
-        stem.with_name(stem.name + ".png").unlink(missing_ok=True)  # (an earlier run's chart would sit beside it)
 
     partial([])  # (from now on the files are this run's, an interrupted one's included)
     try:
@@ -272,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     result["configurations"] = rows
     result["wall_seconds"] = time.perf_counter() - t_start
     print(_write(stem, result))
-    print(f"wrote {stem}.json, .md, .png in {result['wall_seconds']:.0f} s", file=sys.stderr)
+    png = ", .png" if stem.with_name(stem.name + ".png").exists() else ""
+    print(f"wrote {stem}.json, .md{png} in {result['wall_seconds']:.0f} s", file=sys.stderr)
     return 0
 
 

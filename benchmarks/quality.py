@@ -1400,9 +1400,11 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_name(stem.name + ".json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
     stem.with_name(stem.name + ".md").write_text(md)
-    plot(result, stem.with_name(stem.name + ".png"))
+    png = stem.with_name(stem.name + ".png")
+    png.unlink(missing_ok=True)  # (an earlier run's chart must not sit beside a result it does not show)
+    plot(result, png)
     print(md)
-    log(f"wrote {stem}.json, .md, .png in {result['wall_seconds']:.0f} s")
+    log(f"wrote {stem}.json, .md{', .png' if png.exists() else ''} in {result['wall_seconds']:.0f} s")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -38,7 +39,7 @@ def dataset(tmp_path):
     return str(path)
 
 
-def test_eval_on_a_local_model(folder, dataset, tmp_path, capsys):
+def test_eval_on_a_local_model(folder, dataset, tmp_path, capsys, monkeypatch):
     stem = tmp_path / "eval"
     code = main(["eval", "--model", folder, "--dataset", dataset, "--budgets", "32,none", "--scorers",
                  "zipage,streaming", "--n", "2", "--temperature", "0", "--max-tokens", "8", "--page-size", "16",
@@ -64,6 +65,10 @@ def test_eval_on_a_local_model(folder, dataset, tmp_path, capsys):
     assert "| full KV | full |" in md and "| zipage@32 | 32 |" in md
     assert stem.with_suffix(".png").stat().st_size > 1000
     assert "| streaming@32 | 32 |" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (the eval extra does not install it)
+    assert main(["eval", "--replot", str(stem.with_suffix(".json"))]) == 0
+    assert not stem.with_suffix(".png").exists()  # (nor the last chart, which it might not match)
+    assert "matplotlib is not installed: no chart eval.png" in capsys.readouterr().err
 
 
 def test_bench_on_a_local_model(folder, dataset, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import sys
 from typing import Any
 
 
@@ -37,10 +38,15 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: pathlib.Path) -> None:
+def plot(result: dict[str, Any], path: pathlib.Path) -> bool:
     """Two panels against the budget (log scale): pass@1 and tokens/s, one line per scorer; full KV is
-    a dashed line across."""
-    import matplotlib
+    a dashed line across. Without matplotlib, says so on stderr and draws nothing (returns False)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no chart {path.name} (pip install matplotlib; then --replot the .json)",
+              file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -77,3 +83,4 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
