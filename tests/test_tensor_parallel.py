@@ -212,6 +212,33 @@ def test_under_torchrun_every_rank_builds_the_engine(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "SAME TOKENS" in run.stdout
 
+@pytest.mark.parametrize("then", ["generate", "close"])
+def test_a_stuck_rank_stops_the_engine_within_the_timeout(then):
+    """A rank that is stuck (alive, its sockets open: here stopped by SIGSTOP between steps) never takes rank 0's
+    next message: rank 0 gives up after ``tensor_parallel_timeout`` and kills it, for a step as for ``close()``
+    (rank 0, its close and the interpreter's exit waited on it forever)."""
+    import signal
+    import time
+
+    llm = LLM(tiny_model("qwen3"), tensor_parallel_size=2, tensor_parallel_timeout=3, **SETTINGS)
+    worker = llm.ranks.procs[0]
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
+    os.kill(worker.pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        if then == "generate":
+            with pytest.raises(TensorParallelError, match="did not take part within 3 s"):
+                llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
+        llm.close()
+    finally:
+        if worker.exitcode is None:
+            os.kill(worker.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 30
+    worker.join(timeout=10)
+    assert worker.exitcode is not None
+    with pytest.raises(TensorParallelError):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
+
 
 # ------------------------------------------------------------------------------------ bad sizes
 @pytest.mark.parametrize("size", [0, -2, True, 2.0])
@@ -223,6 +250,21 @@ def test_invalid_sizes_are_refused(size):
 def test_an_invalid_timeout_is_refused():
     with pytest.raises(ValueError, match="tensor_parallel_timeout=0 is invalid"):
         LLM(tiny_model("qwen3"), num_pages=8, tensor_parallel_size=2, tensor_parallel_timeout=0)
+    with pytest.raises(ValueError, match="tensor_parallel_timeout=inf is invalid"):
+        LLM(tiny_model("qwen3"), num_pages=8, tensor_parallel_size=2, tensor_parallel_timeout=float("inf"))
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "3", "RANK": "0"}, "tensor_parallel_size=2 but the launcher started 3 processes"),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two'"),
+    ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK='x'"),
+])
+def test_a_launcher_s_environment_that_does_not_fit_is_refused_before_the_rendezvous(monkeypatch, env, message):
+    """(the rendezvous would wait for processes that never come, until the timeout)"""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        LLM(tiny_model("qwen3"), num_pages=8, tensor_parallel_size=2)
 
 
 def test_heads_must_divide_by_the_size():

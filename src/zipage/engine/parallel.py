@@ -9,7 +9,9 @@ rank 0 sends (``step_plan.py``). Two process groups join the ranks:
   its ``timeout`` bounds how long a rank waits inside a step.
 * ``control``: gloo, for rank 0's messages. Workers wait on it without a deadline (an engine may
   idle for hours), so a dead rank 0 is noticed by its closed sockets and, for spawned workers, by a
-  thread watching the parent process.
+  thread watching the parent process. Rank 0 runs its side on a thread of its own and waits for it at
+  most ``timeout``: a rank that is stuck (alive, its sockets open, never taking the message) stops the
+  engine instead of holding rank 0, its ``close()`` and the interpreter's exit forever.
 
 A rank that fails reports its traceback (spawned workers, through a queue) and exits; rank 0 then
 raises ``TensorParallelError`` naming it, stops the other ranks and refuses every later step.
@@ -53,18 +55,42 @@ class Ranks:
     reports: Any = None  # rank 0 of a spawned group: a queue of (kind, rank, text) from the workers
     owns_default: bool = False  # this group initialised torch.distributed (and destroys it)
     dead: str | None = None  # why the group stopped
+    timeout: float = 600.0  # seconds rank 0 waits for the other ranks to take part in a control message
+    _jobs: Any = None  # rank 0: the queue of its control thread (started at the first message)
 
     # ----------------------------------------------------------------------------- rank 0's side
     def send(self, message: Any) -> None:
         """Broadcast ``message`` (picklable) to every worker."""
         self.check()
-        dist.broadcast_object_list([message], src=0, group=self.control)
+        self._control(lambda: dist.broadcast_object_list([message], src=0, group=self.control),
+                      f"message {message[0]!r}" if isinstance(message, tuple) and message else "message")
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` on rank 0 (rank order); None on the workers."""
         out = [None] * self.size if self.rank == 0 else None
-        dist.gather_object(value, out, dst=0, group=self.control)
+        self._control(lambda: dist.gather_object(value, out, dst=0, group=self.control), "gather")
         return out
+
+    def _control(self, fn: Any, what: str, seconds: float | None = None) -> Any:
+        """``fn()``, a collective of the control group: on a worker as it is (it waits for rank 0 without a
+        deadline); on rank 0 on its control thread, waited for ``seconds`` (``timeout``) at most, after which
+        the group is stopped (the workers killed, which ends the collective) and ``TensorParallelError`` raised."""
+        if self.rank != 0:
+            return fn()
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(target=_run_jobs, args=(self._jobs,), name="zipage-tp-control", daemon=True).start()
+        seconds = self.timeout if seconds is None else seconds
+        done, box = threading.Event(), []
+        self._jobs.put((fn, box, done))
+        if not done.wait(seconds):
+            self.fail(f"tensor-parallel {what}: the other ranks did not take part within {seconds:.0f} s "
+                      "(tensor_parallel_timeout); a rank is stuck, the engine stopped every rank")
+            raise TensorParallelError(self.dead)
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def check(self) -> None:
         """Raise if the group stopped or a spawned worker exited."""
@@ -131,10 +157,15 @@ class Ranks:
         torch.distributed as it was before the engine."""
         if self.rank == 0 and self.dead is None:
             with contextlib.suppress(Exception):
-                dist.broadcast_object_list([("stop",)], src=0, group=self.control)
-            self.dead = "the engine was closed"
+                self._control(lambda: dist.broadcast_object_list([("stop",)], src=0, group=self.control), "stop",
+                              min(self.timeout, 10.0))
+            if self.dead is None:
+                self.dead = "the engine was closed"
         self._stop_workers(grace=10.0)
         self._release(abort=False)
+        if self._jobs is not None:
+            self._jobs.put((None, None, None))  # (the control thread ends)
+            self._jobs = None
 
     def _release(self, abort: bool) -> None:
         """Tear down the process groups this engine made (an NCCL group with a dead peer is aborted:
@@ -171,6 +202,19 @@ class Ranks:
                 p.join(timeout=5.0)
 
 
+def _run_jobs(jobs: queue.SimpleQueue) -> None:
+    """Rank 0's control thread: runs each ``(fn, box, done)`` in order, its result or error into ``box``."""
+    while True:
+        fn, box, done = jobs.get()
+        if fn is None:
+            return
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # (handed to the waiting caller)
+            box.append((False, e))
+        done.set()
+
+
 # ----------------------------------------------------------------------------------------- startup
 def free_port() -> int:
     with socket.socket() as s:
@@ -198,7 +242,16 @@ def check_devices(base: torch.device, size: int) -> None:
 def under_torchrun() -> bool:
     """True when this process is one of several started by torchrun (or another launcher that sets
     ``RANK`` / ``WORLD_SIZE``)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    return _env_int("WORLD_SIZE", "1") > 1 and "RANK" in os.environ
+
+
+def _env_int(name: str, default: str) -> int:
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} (set by torchrun or another launcher): "
+                         "expected a whole number") from None
 
 
 def _init(rank: int, size: int, device: torch.device, timeout: float, init_method: str | None) -> Ranks:
@@ -215,13 +268,17 @@ def _init(rank: int, size: int, device: torch.device, timeout: float, init_metho
                          "processes: give tensor_parallel_size equal to torchrun's --nproc-per-node")
     data = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout))
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return Ranks(rank, size, device, data, control, owns_default=owns)
+    return Ranks(rank, size, device, data, control, owns_default=owns, timeout=timeout)
 
 
 def join_torchrun(size: int, base: torch.device, timeout: float) -> Ranks:
     """This process's place in a group torchrun started (every rank constructs the engine)."""
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
+    rank = _env_int("RANK", "0")
+    local = _env_int("LOCAL_RANK", str(rank))
+    world = _env_int("WORLD_SIZE", "1")
+    if world != size:  # (every rank would wait for the others at the rendezvous until the timeout)
+        raise ValueError(f"tensor_parallel_size={size} but the launcher started {world} processes (WORLD_SIZE): give "
+                         "tensor_parallel_size equal to torchrun's --nproc-per-node")
     device = torch.device("cuda", local) if base.type == "cuda" else torch.device("cpu")
     if base.type == "cuda":
         check_devices(torch.device("cuda", 0), local + 1)

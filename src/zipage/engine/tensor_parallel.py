@@ -21,8 +21,8 @@ def start_ranks(model: torch.nn.Module, source: Any, dtype: Any, device: Any, si
 
     ``source`` is what the caller gave ``LLM``: a Hub id or folder (each spawned rank loads it; rank 0
     loaded ``model`` from it on the CPU, and ``device`` says where the ranks run) or the model itself."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"tensor_parallel_timeout={timeout!r} is invalid: expected seconds > 0")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 10**7:
+        raise ValueError(f"tensor_parallel_timeout={timeout!r} is invalid: expected seconds > 0 (and finite)")
     by_name = isinstance(source, (str, os.PathLike))
     base = torch.device(device or "cpu") if by_name else next(model.parameters()).device
     if base.type == "cuda" and base.index is None:
