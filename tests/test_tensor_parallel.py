@@ -267,6 +267,21 @@ def test_a_launcher_s_environment_that_does_not_fit_is_refused_before_the_rendez
         LLM(tiny_model("qwen3"), num_pages=8, tensor_parallel_size=2)
 
 
+def test_a_failed_start_leaves_the_process_able_to_start_an_engine(monkeypatch):
+    """A launcher's variables without its rendezvous address: the start fails (torch.distributed counted a group
+    by then); the next engine of the process starts, its spawned ranks naming their groups as rank 0 does."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises((ValueError, RuntimeError), match="MASTER_ADDR"):
+        LLM(tiny_model("qwen3"), num_pages=8, tensor_parallel_size=2)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    with LLM(tiny_model("qwen3"), tensor_parallel_size=2, tensor_parallel_timeout=60, **SETTINGS) as two:
+        assert two.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)[0].token_ids
+
+
 def test_heads_must_divide_by_the_size():
     with pytest.raises(ValueError, match="does not divide the model's 2 KV heads"):
         LLM(tiny_model("qwen3", num_attention_heads=6, num_key_value_heads=2), num_pages=8, tensor_parallel_size=3)

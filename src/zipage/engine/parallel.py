@@ -260,14 +260,26 @@ def _init(rank: int, size: int, device: torch.device, timeout: float, init_metho
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout))
-    elif dist.get_world_size() != size:
-        raise ValueError(f"tensor_parallel_size={size} but torch.distributed runs {dist.get_world_size()} "
-                         "processes: give tensor_parallel_size equal to torchrun's --nproc-per-node")
-    data = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout))
-    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    world = getattr(dist.distributed_c10d, "_world", None)
+    count = getattr(world, "group_count", None)
+    try:
+        if owns:
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                                    timeout=timedelta(seconds=timeout))
+        elif dist.get_world_size() != size:
+            raise ValueError(f"tensor_parallel_size={size} but torch.distributed runs {dist.get_world_size()} "
+                             "processes: give tensor_parallel_size equal to torchrun's --nproc-per-node")
+        data = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout))
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    except BaseException:
+        if owns:  # leave torch.distributed as it was: a failed start counted a group, and the next engine's
+            # ranks (new processes, counting from 0) would wait for group names this process no longer uses
+            if dist.is_initialized():
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
+            if count is not None and not dist.is_initialized():
+                world.group_count = count
+        raise
     return Ranks(rank, size, device, data, control, owns_default=owns, timeout=timeout)
 
 
