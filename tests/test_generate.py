@@ -178,6 +178,15 @@ def test_continue_generation_from_returned_cache():
     first = model.generate(ids, past_key_values=cache, max_new_tokens=10, **GREEDY)
     second = model.generate(first, past_key_values=cache, max_new_tokens=10, **GREEDY)
     assert torch.equal(second, full)
+    # the cache has seen all of ``second`` but its last token: an input no longer than that would be fed again
+    # at positions the cache has passed (silently wrong tokens): refused
+    for ids in (second[:, :-1], second[:, :5]):
+        mask = torch.ones_like(ids)
+        for kw in ({}, {"attention_mask": mask.index_fill(1, torch.tensor([0]), 0)}):  # (a mask of ones is dropped)
+            with pytest.raises(ValueError, match=f"got {ids.shape[1]} tokens with a ZipageCache that has seen 29"):
+                model.generate(ids, past_key_values=cache, max_new_tokens=3, **kw, **GREEDY)
+    assert torch.equal(model.generate(second, past_key_values=cache, max_new_tokens=5, **GREEDY),
+                       model.generate(second, max_new_tokens=5, **GREEDY))
 
 
 def _keep_every_query(monkeypatch):
@@ -889,3 +898,27 @@ def test_use_cache_false_runs_without_a_cache_as_transformers_does():
     model.generation_config.cache_implementation = "zipage"
     out = model.generate(ids, attention_mask=mask, max_new_tokens=4, use_cache=False, **GREEDY)
     assert torch.equal(plain, out)
+
+
+def test_a_deep_copy_of_the_cache_goes_on_as_the_original_outside_generate():
+    """A copy reads the model config object the original reads (the queries are captured through it): a forward
+    loop of its own gives the original's tokens, compressions included (a copied config lost the queries)."""
+    import copy
+
+    model = tiny_model("llama")
+    cache = zipage.ZipageCache(config=model.config, budget=16, page_size=8, window=4)
+    ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(5))
+    model.generate(ids, past_key_values=cache, max_new_tokens=8, eos_token_id=None, **GREEDY)
+    twin = copy.deepcopy(cache)
+    assert twin.model_config is cache.model_config and twin.full[0].keys is not cache.full[0].keys
+    runs = []
+    for c in (cache, twin):
+        seen, x, tokens = c.get_seq_length(), torch.tensor([[7]]), []
+        with torch.no_grad():
+            for _ in range(12):
+                logits = model(input_ids=x, past_key_values=c, position_ids=torch.tensor([[seen]])).logits
+                seen += 1
+                x = logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(x))
+        runs.append((tokens, c.num_compressions))
+    assert runs[0] == runs[1] and runs[0][1] > 1

@@ -30,6 +30,7 @@ steps never touch it).
 
 from __future__ import annotations
 
+import copy
 import operator
 import os
 import weakref
@@ -345,6 +346,16 @@ class ZipageCache(Cache):
             layer_idx = self._layer_index(layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def __deepcopy__(self, memo: dict) -> ZipageCache:
+        """A copy of the stored keys, values and state that reads the same model config object (the queries
+        are captured through the config the model's attention modules hold: a copied config would lose them)."""
+        memo[id(self.model_config)] = self.model_config
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        return new
+
     def bind_model_config(self, config: Any) -> None:
         """Read the attention through ``config`` (the object the model's attention modules hold: ``generate()``
         passes it), after checking that it describes the layers this cache was built for. A cache built from
@@ -627,7 +638,9 @@ class ZipageCache(Cache):
                         f"zipage could not capture the queries of layer {stale}: this model's attention does not "
                         "go through transformers' AttentionInterface, and the scorer "
                         f"{self.scorer.name!r} needs them. Use a scorer that reads no queries "
-                        "(e.g. 'streaming' or 'knorm') with this model."
+                        "(e.g. 'streaming' or 'knorm') with this model. (Or the cache reads another config "
+                        "object than the model's attention: a cache loaded with torch.load and run outside "
+                        "generate() needs cache.bind_model_config(model.config) first.)"
                     )
         if self.capture_ok and not layer.captured and capture.runs_own_attention(capture._calling_module()):
             self.capture_ok = False  # (its attention is its own code, chosen by the attention's name: never renamed)

@@ -82,6 +82,17 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
         # The cache captures queries through the config object the attention modules read.
         user_cache.bind_model_config(text_config)
         user_cache.max_cache_len = max_cache_len
+        # the input's length: its attention mask's (transformers drops a mask of ones and keeps its length)
+        mask = model_kwargs.get("attention_mask")
+        length = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
+        seen = user_cache.get_seq_length()
+        if seen and length is not None and length <= seen:
+            # transformers would feed the last input tokens again as new ones (or all of them, at the
+            # same length), at positions the cache has passed: wrong tokens, silently
+            raise ValueError(
+                f"generate() got {length} tokens with a ZipageCache that has seen "
+                f"{seen}: pass the whole conversation, the tokens the cache has seen followed by new ones (a "
+                "cache cannot go back: it may have evicted them)")
         if not wants_zipage:
             return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     if user_cache is not None:
