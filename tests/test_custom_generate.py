@@ -102,3 +102,22 @@ def test_needs_trust_remote_code():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="trust_remote_code"):
         model.generate(PROMPT, custom_generate=str(REPO), max_new_tokens=4, budget=16)
+
+
+def test_a_model_repo_that_carries_it_takes_the_inputs_positionally(tmp_path):
+    """In a model repo loaded with trust_remote_code, transformers binds this function as ``model.generate``
+    with ``model=`` as a keyword: ``model.generate(input_ids, ...)`` must read ``input_ids`` as the inputs (it
+    was taken for the model: "got multiple values for argument 'model'")."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    shutil.copytree(REPO / "custom_generate", tmp_path / "custom_generate")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    settings = dict(budget=16, page_size=8, window=4)
+    ref = _reference(model, PROMPT, **settings).sequences
+    kw = dict(max_new_tokens=30, do_sample=False, **settings)
+    assert torch.equal(loaded.generate(PROMPT, **kw), ref)
+    assert torch.equal(loaded.generate(input_ids=PROMPT, **kw), ref)

@@ -54,8 +54,14 @@ def _zipage_config(kwargs: dict[str, Any], model: Any = None) -> zipage.ZipageCo
     raise TypeError(f"zipage_config must be a dict or a zipage.ZipageConfig, got {type(given).__name__}")
 
 
-def generate(model, *args, **kwargs):
-    """``model.generate`` with a zipage cache: the same arguments, plus zipage's (see the module docstring)."""
+def generate(*args, model=None, **kwargs):
+    """``model.generate`` with a zipage cache: the same arguments, plus zipage's (see the module docstring).
+    ``model`` is a keyword (transformers passes it so, and a repo loaded with trust_remote_code binds it so),
+    which leaves the first positional argument to the inputs, as in ``model.generate(input_ids, ...)``."""
+    if model is None:
+        if not args or not isinstance(args[0], GenerationMixin):
+            raise TypeError("generate() needs the model: generate(input_ids, model=model, ...)")
+        model, args = args[0], args[1:]  # (called as generate(model, input_ids, ...))
     config = _zipage_config(kwargs, model)  # a bad field raises here, named
     if kwargs.get("past_key_values") is not None:
         raise ValueError("custom_generate='zipage' builds its own ZipageCache: do not pass past_key_values "
