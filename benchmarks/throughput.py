@@ -17,8 +17,8 @@ from each request's ``add_request`` to the step that hands the host its first ou
 nearest rank, which below 100 requests is the max) beside tokens/s, with how many requests had one
 (``ttft_count``) and how many had none when a ``--time-limit`` cut the run (``ttft_missing``).
 
-Each engine system first runs an untimed warm-up (CUDA: compilation, graph capture) on prompts sharing no
-page with the timed ones; ``prefix_cache_hits`` counts the prompt pages the timed run found cached. Decode
+Each engine system first runs an untimed warm-up (CUDA: compilation, graph capture; a CPU: first calls) on
+prompts sharing no page with the timed ones; ``prefix_cache_hits`` counts the prompt pages the timed run found cached. Decode
 steps are the steps that scheduled no prompt token; each is set against the floor of the bytes it read (the
 weights less an untied input embedding table, whose rows of the step's tokens it reads, the stored KV of its
 requests and their exact-tail rings): ``step_over_floor`` is the median step over the floor at the median
@@ -57,6 +57,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -286,7 +287,7 @@ def kv_pages(model, kv_gib: float, page_size: int, stateful: bool, kv_cache_dtyp
 def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num_seqs=256, time_limit=None,
                tokenizer=None, kv_cache_dtype: str = "auto", tflops: float = math.nan, warmup: bool | None = None,
                **kw) -> dict:
-    """One engine system over the workload. ``warmup`` (default: on CUDA) runs the untimed warm-up first."""
+    """One engine system over the workload. ``warmup`` (default: on) runs the untimed warm-up first."""
     prompts, max_tokens = work.prompts, work.max_tokens
     device = next(model.parameters()).device
     cfg = zipage.ZipageConfig(budget=budget, page_size=page_size) if budget is not None else None
@@ -310,9 +311,9 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
         events.append((s, e))
 
     # warm-up outside the timing: kernel compilation and CUDA-graph capture (a compression included, and a
-    # chunked prefill where the prompts need one; a CPU has neither), on prompts that share no page with the
-    # timed ones, so that the timed run finds none of its prompts in the prefix cache
-    if warmup if warmup is not None else device.type == "cuda":
+    # chunked prefill where the prompts need one), first calls' allocations and caches on a CPU too, on prompts
+    # that share no page with the timed ones, so that the timed run finds none of its prompts in the prefix cache
+    if warmup if warmup is not None else True:
         warm = zipage.SamplingParams(max_tokens=min(max_tokens, (budget or 256) + 300), temperature=0,
                                      ignore_eos=True)
         llm.generate(warmup_prompts(prompts, llm.scheduler.max_num_batched_tokens), warm, use_tqdm=False)
@@ -476,8 +477,7 @@ def run_generate(model, work: Workload, max_tokens, kv_gib, full_tokens) -> dict
         sampling.update(temperature=work.temperature, top_p=work.top_p)
     if work.ignore_eos:
         sampling["min_new_tokens"] = max_tokens
-    if device.type == "cuda":  # warm-up
-        model.generate(ids, attention_mask=mask, max_new_tokens=8, **{**sampling, "min_new_tokens": 0})
+    model.generate(ids, attention_mask=mask, max_new_tokens=8, **{**sampling, "min_new_tokens": 0})  # warm-up
     sync(device)
     reset_peak(device)
     start = time.perf_counter()
@@ -658,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
                    torch=torch.__version__, transformers=transformers.__version__,
                    prefill_kernel=os.environ.get("ZIPAGE_PREFILL_KERNEL", "v2"),
                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # (which of several runs is the newest)
-                   command="python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv), systems={})
+                   command=("python benchmarks/throughput.py " + " ".join(sys.argv[1:])) if argv is None
+                   else "zipage bench " + " ".join(argv), systems={})
     results = summary["systems"]
     for name in args.systems.split(","):
         t = time.perf_counter()
@@ -681,9 +682,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {time.perf_counter() - t:.0f} s {results[name]}", flush=True)
         free_memory(device)
         with open(args.out, "w") as f:  # after every system: a run cut short keeps what it measured
-            json.dump(summary, f, indent=1)
+            json.dump(finite(summary), f, indent=1)
     print(table(summary))
     return 0
+
+
+def finite(x: Any) -> Any:
+    """``x`` with every float that is not finite (a CPU's bandwidth and floors: NaN) as None (JSON's null;
+    JSON has no NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
+def _rate(x: float) -> str:
+    """Tokens/s in 8 columns: whole numbers from 100 up, a decimal below (a CPU's 0.5 must not read 0)."""
+    return f"{x:8.0f}" if x >= 100 else f"{x:8.1f}"
+
+
+def _num(x: Any, width: int, decimals: int) -> str:
+    """``x`` in ``width`` columns, or ``-`` where it was not measured (absent, NaN)."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return f"{'-':>{width}s}"
+    return f"{x:{width}.{decimals}f}"
 
 
 def table(summary: dict) -> str:
@@ -701,8 +726,9 @@ def table(summary: dict) -> str:
             f"+{r['ttft_missing']}" if r.get("ttft_missing") else "")
         lines.append(
             f"{name:18s} {str(r['requests']) + 'x' + str(r['max_tokens']):>11s} "
-            f"{r.get('mean_output_tokens', r['max_tokens']):8.0f} {r['tokens_per_s']:8.0f} "
-            f"{r['peak_gib']:8.1f} {r.get('mean_running', r.get('batch', 0)):5.1f} {r.get('max_running', r.get('batch', 0)):4d} "
+            f"{r.get('mean_output_tokens', r['max_tokens']):8.0f} {_rate(r['tokens_per_s'])} "
+            f"{_num(r.get('peak_gib'), 8, 1)} {_num(r.get('mean_running', r.get('batch')), 5, 1)} "
+            f"{_num(r.get('max_running', r.get('batch')), 4, 0)} "
             f"{r.get('median_decode_step_ms', math.nan):8.1f} {r.get('decode_floor_ms', math.nan):6.1f} "
             f"{r.get('step_over_floor', math.nan):5.2f} {r.get('decode_compute_floor_ms', math.nan):6.1f} "
             f"{r.get('step_over_compute_floor', math.nan):5.2f} {100 * r.get('compression_share', 0):6.1f} "

@@ -223,3 +223,18 @@ def test_engine_run_workload_and_warmup_prompts():
     hits = llm.stats()["prefix_cache_hits"]
     llm.generate(prompts[:2], zipage.SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     assert llm.stats()["prefix_cache_hits"] == hits  # (the warm-up left none of their pages cached)
+
+
+def test_bench_json_is_strict_and_its_table_marks_what_was_not_measured():
+    """A CPU has no copy bandwidth or floors (NaN): the JSON holds null (JSON has no NaN), the table a dash; a
+    CPU's tokens/s keep a decimal (0.5 and 1.4 tok/s printed 0 and 1)."""
+    summary = {"copy_bandwidth_gbps": math.nan, "systems": {
+        "zipage-32": dict(requests=2, max_tokens=8, mean_output_tokens=8.0, tokens_per_s=0.49, peak_gib=math.nan,
+                          mean_running=2.0, max_running=2, preemptions=0),
+        "hf-generate_batch": dict(requests=2, max_tokens=8, tokens_per_s=1234.5, peak_gib=math.nan)}}
+    text = json.dumps(tp.finite(summary), allow_nan=False)
+    assert json.loads(text)["copy_bandwidth_gbps"] is None
+    assert json.loads(text)["systems"]["zipage-32"]["peak_gib"] is None
+    rows = tp.table(summary).splitlines()
+    assert rows[1].split()[:6] == ["zipage-32", "2x8", "8", "0.5", "-", "2.0"]
+    assert rows[2].split()[:7] == ["hf-generate_batch", "2x8", "8", "1234", "-", "-", "-"]

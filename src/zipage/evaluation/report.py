@@ -30,12 +30,17 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['label']} | {r['budget'] if r['budget'] is not None else 'full'} | {_pct(r['pass@1'])} | "
             f"{'-' if se is None or math.isnan(se) else f'{100 * se:.1f}'} | {r['mean_output_tokens']:.0f} | "
-            f"{_pct(r['cut_at_max_tokens'])} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.1f} | "
+            f"{_pct(r['cut_at_max_tokens'])} | {_rate(r['tokens_per_s'])} | {r['wall_s']:.1f} | "
             f"{r['engine']['compressions']} | {r['engine']['preemptions']} |")
     if result.get("incomplete"):
         lines += ["", f"**Incomplete run**: {result['incomplete']} finished (interrupted, or still running)."]
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
+
+
+def _rate(x: float) -> str:
+    """Tokens/s: whole numbers from 100 up, a decimal below (a CPU's 1.0 and 1.5 must not both read 1)."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
 def plot(result: dict[str, Any], path: pathlib.Path) -> bool:
