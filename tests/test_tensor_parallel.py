@@ -212,6 +212,26 @@ def test_under_torchrun_every_rank_builds_the_engine(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "SAME TOKENS" in run.stdout
 
+def test_the_random_scorer_keeps_what_one_process_keeps():
+    """Each rank draws every head's numbers and keeps its own heads' (each drew its heads from the start of the
+    stream: rank 1's heads kept what rank 0's did)."""
+    kw = dict(SETTINGS, scorer="random")
+    prompt = prompts_of((30,), seed=4)[0]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    kept = []
+    for size in (1, 2):
+        with LLM(tiny_model("qwen3"), tensor_parallel_size=size, **kw) as llm:
+            llm.add_request(prompt, params, request_id="r")
+            while llm.stats()["compressions"] < 2:
+                llm.step()
+            kept.append([llm.kept_positions("r", layer) for layer in range(2)])
+            while llm.has_unfinished():
+                llm.step()
+    for one, two in zip(*kept):
+        assert torch.equal(one, two)
+    assert not torch.equal(kept[0][0][0], kept[0][0][1])  # (heads keep different positions: a random choice each)
+
+
 @pytest.mark.parametrize("then", ["generate", "close"])
 def test_a_stuck_rank_stops_the_engine_within_the_timeout(then):
     """A rank that is stuck (alive, its sockets open: here stopped by SIGSTOP between steps) never takes rank 0's

@@ -80,6 +80,8 @@ class DriverRunner(ModelRunner):
     def __init__(self, *args: Any, ranks: Ranks, **kwargs: Any) -> None:
         super().__init__(*args, tp_size=ranks.size, **kwargs)
         self.ranks = ranks
+        if self.scorer is not None:
+            self.scorer.head_shard = (ranks.rank, ranks.size)
 
     def _share_feed(self, decode: list, feed: Feed | None) -> None:
         if feed_rows(decode, feed) is not None:
@@ -176,6 +178,8 @@ def serve(ranks: Ranks, model: torch.nn.Module) -> None:
     setup = message[1]
     cfg = setup["zipage_config"]
     scorer = get_scorer(cfg.scorer, cfg) if cfg is not None else None
+    if scorer is not None:
+        scorer.head_shard = (ranks.rank, ranks.size)
     runner = ModelRunner(model, setup["num_pages"], setup["page_size"], cfg, scorer, setup["num_slots"],
                          fuse_ops=setup["fuse_ops"], kv_cache_dtype=setup["kv_cache_dtype"], tp_size=ranks.size,
                          exact_tail=setup["exact_tail"],

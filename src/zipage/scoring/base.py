@@ -89,6 +89,9 @@ class Scorer:
 
     def __init__(self, config: ZipageConfig | None = None) -> None:
         self.config = config if config is not None else ZipageConfig()
+        # (rank, ranks): this process scores shard ``rank`` of ``ranks`` equal shards of the KV heads (tensor
+        # parallelism sets it); a scorer whose scores depend on more than its inputs (a random draw) uses it
+        self.head_shard = (0, 1)
         # built without a config: a cache or engine given this object binds a copy to its own config
         self.follows_cache_config = config is None
 

@@ -18,5 +18,7 @@ class RandomScorer(Scorer):
         self.generator = torch.Generator().manual_seed(self.config.seed)
 
     def score(self, x: ScoreInputs):
-        s = torch.rand(x.keys.shape[:3], generator=self.generator)
+        B, H, S = x.keys.shape[:3]
+        rank, ranks = self.head_shard  # (tensor parallelism: every rank draws all heads' numbers, keeps its own)
+        s = torch.rand((B, H * ranks, S), generator=self.generator)[:, rank * H:(rank + 1) * H]
         return s.to(x.keys.device)
