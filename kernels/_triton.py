@@ -36,7 +36,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def _disabled(raw: str) -> bool:
     """(parsed once per distinct value: every kernel dispatch asks)"""
     value = raw.strip()
-    if value not in ("0", "1"):
+    if value not in ("", "0", "1"):
         raise ValueError(f"ZIPAGE_DISABLE_TRITON={raw!r}: expected 1 (the PyTorch references everywhere) or 0")
     return value == "1"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -177,6 +178,16 @@ def _budget(text: str) -> int | None:
     return value
 
 
+def _origins(text: str) -> list[str]:
+    """``--allowed-origins``: ``*`` or comma-separated ``scheme://host[:port]`` origins."""
+    origins = [o.strip() for o in text.split(",") if o.strip()]
+    bad = [o for o in origins if o != "*" and not re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s]+", o)]
+    if not origins or bad:
+        raise argparse.ArgumentTypeError(f"expected '*' or origins such as http://localhost:3000 (scheme://host"
+                                         f"[:port], no path), comma-separated; got {text!r}")
+    return origins
+
+
 def serve_parser() -> argparse.ArgumentParser:
     """``zipage serve``'s options (vLLM's names where vLLM has the option)."""
     p = argparse.ArgumentParser(
@@ -191,9 +202,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="the name(s) clients give as 'model' (default: MODEL)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $ZIPAGE_API_KEY, else open)")
-    p.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
-                   help="origins (such as http://localhost:3000, or *) whose browser pages may call the API: CORS "
-                   "headers and preflights for them (default: none, unlike vLLM's *)")
+    p.add_argument("--allowed-origins", type=_origins, default=None, metavar="ORIGINS",
+                   help="comma-separated origins (such as http://localhost:3000, or *) whose browser pages may call "
+                   "the API: CORS headers and preflights for them (default: none, unlike vLLM's *)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights and KV (auto: the checkpoint's on CUDA, float32 on a CPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")

@@ -28,7 +28,7 @@ GOOD = {
     "ZIPAGE_EXACT_TAIL_KERNEL": ["triton", "torch"],
     "ZIPAGE_GENERATE_ATTENTION": ["auto", "paged", "dense"],
     "ZIPAGE_DENSE_CUDNN": ["0", "1"],
-    "ZIPAGE_DISABLE_TRITON": ["0", "1"],
+    "ZIPAGE_DISABLE_TRITON": ["", "0", "1"],
     "ZIPAGE_CACHE": ["/tmp/anything"],
     "ZIPAGE_API_KEY": ["any key"],
 }

@@ -185,6 +185,10 @@ def test_continue_generation_from_returned_cache():
         for kw in ({}, {"attention_mask": mask.index_fill(1, torch.tensor([0]), 0)}):  # (a mask of ones is dropped)
             with pytest.raises(ValueError, match=f"got {ids.shape[1]} tokens with a ZipageCache that has seen 29"):
                 model.generate(ids, past_key_values=cache, max_new_tokens=3, **kw, **GREEDY)
+    embeds = model.get_input_embeddings()(second[:, :5])  # (embeddings: their length, whatever the mask's)
+    with pytest.raises(ValueError, match="got 5 tokens with a ZipageCache that has seen 29"):
+        model.generate(inputs_embeds=embeds, attention_mask=torch.ones(1, 40, dtype=torch.long), past_key_values=cache,
+                       max_new_tokens=3, **GREEDY)
     assert torch.equal(model.generate(second, past_key_values=cache, max_new_tokens=5, **GREEDY),
                        model.generate(second, max_new_tokens=5, **GREEDY))
 
@@ -911,6 +915,8 @@ def test_a_deep_copy_of_the_cache_goes_on_as_the_original_outside_generate():
     model.generate(ids, past_key_values=cache, max_new_tokens=8, eos_token_id=None, **GREEDY)
     twin = copy.deepcopy(cache)
     assert twin.model_config is cache.model_config and twin.full[0].keys is not cache.full[0].keys
+    model_copy, cache_copy = copy.deepcopy((model, cache))  # copied together: the copy reads the copy's config
+    assert cache_copy.model_config is model_copy.config and model_copy.config is not model.config
     runs = []
     for c in (cache, twin):
         seen, x, tokens = c.get_seq_length(), torch.tensor([[7]]), []

@@ -694,9 +694,13 @@ def test_cors_only_for_the_allowed_origins(checkpoint):
 
     model, tok = checkpoint
     llm = LLM(model, tok, **ENGINE)
-    args = serve_parser().parse_args(["tiny-folder", "--allowed-origins", "http://ok.example", "*"])
+    args = serve_parser().parse_args(["--allowed-origins", "http://ok.example, *", "tiny-folder"])
+    assert args.model == "tiny-folder"  # (the model after the option is not taken for an origin)
     assert config_from_args(llm, "tiny-folder", args).allowed_origins == ["http://ok.example", "*"]
     assert config_from_args(llm, "tiny-folder", serve_parser().parse_args([])).allowed_origins is None
+    for bad in ("", "ok.example", "http://ok.example/path"):
+        with pytest.raises(SystemExit):
+            serve_parser().parse_args(["--allowed-origins", bad])
     for allowed in (["http://ok.example"], None):
         config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok,
                              max_model_len=llm.max_model_len, api_key=KEY, allowed_origins=allowed)
@@ -708,12 +712,15 @@ def test_cors_only_for_the_allowed_origins(checkpoint):
                                                          "Authorization": f"Bearer {KEY}"})
             other = httpx.get(f"{url}/v1/models", headers={"Origin": "http://other.example",
                                                            "Authorization": f"Bearer {KEY}"})
+            refused = httpx.get(f"{url}/v1/models", headers={"Origin": "http://ok.example"})  # (no key: a 401)
+            assert refused.status_code == 401
             assert got.status_code == 200 and "access-control-allow-origin" not in other.headers
             if allowed:
                 assert r.status_code == 200, r.text
                 assert r.headers["access-control-allow-origin"] == "http://ok.example"
                 assert "POST" in r.headers["access-control-allow-methods"]
                 assert got.headers["access-control-allow-origin"] == "http://ok.example"
+                assert refused.headers["access-control-allow-origin"] == "http://ok.example"  # (the page can read why)
             else:
                 assert r.status_code in (401, 405) and "access-control-allow-origin" not in r.headers
                 assert "access-control-allow-origin" not in got.headers

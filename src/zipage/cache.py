@@ -349,11 +349,16 @@ class ZipageCache(Cache):
     def __deepcopy__(self, memo: dict) -> ZipageCache:
         """A copy of the stored keys, values and state that reads the same model config object (the queries
         are captured through the config the model's attention modules hold: a copied config would lose them)."""
-        memo[id(self.model_config)] = self.model_config
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for name, value in self.__dict__.items():
-            setattr(new, name, copy.deepcopy(value, memo))
+            if name == "model_config":  # (a copy made beside the model's, in the same deepcopy, is the one to read)
+                new.model_config = memo.get(id(value), value)
+            elif name == "cudnn_hold":  # (a switch this cache holds is its own to give back, not the copy's)
+                new.cudnn_hold = capture.CudnnHold()
+                weakref.finalize(new, new.cudnn_hold.give)
+            else:
+                setattr(new, name, copy.deepcopy(value, memo))
         return new
 
     def bind_model_config(self, config: Any) -> None:

@@ -70,7 +70,7 @@ VARIABLES: dict[str, Callable[[str, str], None]] = {
     "ZIPAGE_EXACT_TAIL_KERNEL": _choices("triton", "torch"),
     "ZIPAGE_GENERATE_ATTENTION": _choices("auto", "paged", "dense", strip=False),
     "ZIPAGE_DENSE_CUDNN": _choices("0", "1", strip=False),
-    "ZIPAGE_DISABLE_TRITON": _choices("0", "1"),
+    "ZIPAGE_DISABLE_TRITON": _choices("", "0", "1"),
 }
 # read by the test suite, the benchmarks and the Space, not by the library: known, not checked here
 ELSEWHERE = frozenset({"ZIPAGE_CACHE_DIR", "ZIPAGE_GEMMA3_DIR", "ZIPAGE_SCREENSHOT_DIR",

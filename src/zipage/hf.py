@@ -79,12 +79,11 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     text_config = self.config.get_text_config(decoder=True)
     max_cache_len = _max_cache_length(generation_config, args, kwargs)
     if isinstance(user_cache, ZipageCache):
-        # The cache captures queries through the config object the attention modules read.
-        user_cache.bind_model_config(text_config)
-        user_cache.max_cache_len = max_cache_len
-        # the input's length: its attention mask's (transformers drops a mask of ones and keeps its length)
-        mask = model_kwargs.get("attention_mask")
-        length = mask.shape[-1] if mask is not None else getattr(generation_config, "_mask_length", None)
+        # the input's length: its embeddings' where given, else its attention mask's (transformers drops a mask
+        # of ones and keeps its length)
+        mask, embeds = model_kwargs.get("attention_mask"), model_kwargs.get("inputs_embeds")
+        length = (embeds.shape[1] if embeds is not None else mask.shape[-1] if mask is not None
+                  else getattr(generation_config, "_mask_length", None))
         seen = user_cache.get_seq_length()
         if seen and length is not None and length <= seen:
             # transformers would feed the last input tokens again as new ones (or all of them, at the
@@ -93,6 +92,8 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
                 f"generate() got {length} tokens with a ZipageCache that has seen "
                 f"{seen}: pass the whole conversation, the tokens the cache has seen followed by new ones (a "
                 "cache cannot go back: it may have evicted them)")
+        user_cache.bind_model_config(text_config)  # (its queries are captured through the modules' config object)
+        user_cache.max_cache_len = max_cache_len
         if not wants_zipage:
             return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     if user_cache is not None:

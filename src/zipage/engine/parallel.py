@@ -21,6 +21,7 @@ NVLink multicast (NVLS) stays off unless the environment says otherwise: ``NCCL_
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import socket
@@ -65,10 +66,13 @@ class Ranks:
         self._control(lambda: dist.broadcast_object_list([message], src=0, group=self.control),
                       f"message {message[0]!r}" if isinstance(message, tuple) and message else "message")
 
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value`` on rank 0 (rank order); None on the workers."""
+    def gather(self, value: Any, startup: bool = False) -> list[Any]:
+        """Every rank's ``value`` on rank 0 (rank order); None on the workers. ``startup``: rank 0 waits without a
+        deadline (a spawned rank loading a large checkpoint may take longer than ``timeout``; a rank that
+        exits is still noticed by its closed sockets)."""
         out = [None] * self.size if self.rank == 0 else None
-        self._control(lambda: dist.gather_object(value, out, dst=0, group=self.control), "gather")
+        self._control(lambda: dist.gather_object(value, out, dst=0, group=self.control), "gather",
+                      math.inf if startup else None)
         return out
 
     def _control(self, fn: Any, what: str, seconds: float | None = None) -> Any:
@@ -83,9 +87,11 @@ class Ranks:
         seconds = self.timeout if seconds is None else seconds
         done, box = threading.Event(), []
         self._jobs.put((fn, box, done))
-        if not done.wait(seconds):
+        if not done.wait(None if math.isinf(seconds) else seconds):
+            stopped = ("the engine stopped every rank" if self.procs else
+                       "rank 0 stopped (the launcher must stop the ranks it started)")
             self.fail(f"tensor-parallel {what}: the other ranks did not take part within {seconds:.0f} s "
-                      "(tensor_parallel_timeout); a rank is stuck, the engine stopped every rank")
+                      f"(tensor_parallel_timeout); a rank is stuck, {stopped}")
             raise TensorParallelError(self.dead)
         ok, value = box[0]
         if not ok:

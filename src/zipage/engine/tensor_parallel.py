@@ -40,7 +40,7 @@ def start_ranks(model: torch.nn.Module, source: Any, dtype: Any, device: Any, si
     try:
         prepare(model, ranks)
         with ranks.guard("sharding the model"):
-            ranks.gather(None)  # every rank holds its shard
+            ranks.gather(None, startup=True)  # every rank holds its shard (spawned ranks may load a checkpoint)
         if ranks.device.type == "cuda":  # a model object sent by CUDA IPC: its full weights are free now
             torch.cuda.ipc_collect()
             torch.cuda.empty_cache()
@@ -61,5 +61,5 @@ def driver_runner(ranks: Ranks, model: torch.nn.Module, num_pages: int, page_siz
         runner = DriverRunner(model, num_pages, page_size, zipage_config, scorer, num_slots, fuse_ops=fuse_ops,
                               kv_cache_dtype=kv_cache_dtype, ranks=ranks, exact_tail=exact_tail,
                               kv_rotation=kv_rotation)
-        ranks.gather(None)
+        ranks.gather(None, startup=True)  # (every rank allocates its pools)
     return runner

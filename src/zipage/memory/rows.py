@@ -10,8 +10,9 @@ values as ``[B, capacity, H, D]`` with row ``b``'s tokens at ``[b, :S]``, in ord
   through a page table that only counts (``row_page_table``).
 
 Where no paged kernel reads them (the CPU, and 16-bit rows on CUDA, which SDPA attends), keys and
-values are ``[B, H, capacity, D]`` in memory and the layer holds them as the ``[B, capacity, H, D]`` view of that (``resized(..., head_major=True)``):
-the same indexing, but attention reads each head's ``[:S]`` as one block, as from a ``DynamicCache``.
+values are ``[B, H, capacity, D]`` in memory and the layer holds them as the ``[B, capacity, H, D]``
+view of that (``resized(..., head_major=True)``): the same indexing, but attention reads each head's
+``[:S]`` as one block, as from a ``DynamicCache``.
 
 How much to hold (``plan_capacity``): a row never stores more than ``budget + buffer`` tokens
 once its prompt is in (a longer prompt is compressed before the next token), nor more than the
