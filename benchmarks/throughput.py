@@ -18,10 +18,10 @@ nearest rank, which below 100 requests is the max) beside tokens/s, with how man
 (``ttft_count``) and how many had none when a ``--time-limit`` cut the run (``ttft_missing``).
 
 Each engine system first runs an untimed warm-up (CUDA: compilation, graph capture; a CPU: first calls) on
-prompts sharing no page with the timed ones; ``prefix_cache_hits`` counts the prompt pages the timed run found cached. Decode
-steps are the steps that scheduled no prompt token; each is set against the floor of the bytes it read (the
-weights less an untied input embedding table, whose rows of the step's tokens it reads, the stored KV of its
-requests and their exact-tail rings): ``step_over_floor`` is the median step over the floor at the median
+prompts sharing no page with the timed ones; ``prefix_cache_hits`` counts the prompt pages the timed run found
+cached. Decode steps are the steps that scheduled no prompt token; each is set against the floor of the bytes
+it read (the weights less an untied input embedding table, whose rows of the step's tokens it reads, the stored
+KV of its requests and their exact-tail rings): ``step_over_floor`` is the median step over the floor at the median
 requests and KV, ``median_step_over_floor`` the median of the steps' own ratios.
 
 Every system gets the same KV memory (``--kv-gib``, pages and state included). The workload is
