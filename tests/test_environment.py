@@ -106,6 +106,6 @@ def test_the_guide_s_table_lists_the_variables_the_library_reads():
         for path in (ROOT / folder).rglob("*.py"):
             source = path.read_text()
             read |= set(re.findall(r"environ\.get\(\s*\"(ZIPAGE_[A-Z0-9_]+)\"", source))
-            read |= set(re.findall(r"_env_choice\(\s*\"(ZIPAGE_[A-Z0-9_]+)\"", source))
+            read |= set(re.findall(r"environment\.value\(\s*\"(ZIPAGE_[A-Z0-9_]+)\"", source))
     read |= {"ZIPAGE_INT8_ROTATION", "ZIPAGE_FP8_ROTATION", "ZIPAGE_CACHE"}  # (names built from parts, a constant)
     assert read == set(VARIABLES)

@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import copy
 import operator
-import os
 import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import capture
+from . import capture, environment
 from .attention_checks import check_model_config, sink_logits, sliding_layers
 from .compress import LayerPages, attention_scale, compress_layer
 from .config import ZipageConfig
@@ -62,18 +61,10 @@ from .scoring import get_scorer
 from .sliding_cache import SlidingLayer, WindowPages
 
 
-def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-    """The value of environment variable ``name`` (``default`` when unset), refused by name unless in ``choices``."""
-    value = os.environ.get(name, default)
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: expected {', '.join(choices[:-1])} or {choices[-1]}")
-    return value
-
-
 def _avoid_cudnn() -> bool:
     """``ZIPAGE_DENSE_CUDNN``: 0 (default) holds the model's SDPA off cuDNN on dense CUDA decode steps; 1 lets
     torch choose (to compare)."""
-    return _env_choice("ZIPAGE_DENSE_CUDNN", "0", ("0", "1")) == "0"
+    return environment.value("ZIPAGE_DENSE_CUDNN", "0") == "0"
 
 
 class ZipageLayer(CacheLayerMixin):
@@ -554,7 +545,7 @@ class ZipageCache(Cache):
         against 28.6 paged and 22.1 for DynamicCache; benchmarks/results/issue15/s24). 8-bit rows stay paged
         (SDPA would read a dequantized copy), as does float32 (no FlashAttention). ``ZIPAGE_GENERATE_ATTENTION``:
         ``auto`` (this), ``paged`` or ``dense``."""
-        choice = _env_choice("ZIPAGE_GENERATE_ATTENTION", "auto", ("auto", "paged", "dense"))
+        choice = environment.value("ZIPAGE_GENERATE_ATTENTION", "auto")
         if choice != "auto":
             return choice == "dense"
         return key_states.dtype in (torch.float16, torch.bfloat16) and (

@@ -77,6 +77,15 @@ ELSEWHERE = frozenset({"ZIPAGE_CACHE_DIR", "ZIPAGE_GEMMA3_DIR", "ZIPAGE_SCREENSH
                        "ZIPAGE_SPACE_MAX_NEW_TOKENS", "ZIPAGE_TEST_LOG"})
 
 
+def value(name: str, default: str = "") -> str:
+    """Variable ``name``'s value (``default`` when unset), stripped, refused by name as :func:`check_environment`
+    refuses it (the library's own readers of the variables in :data:`VARIABLES`; the kernels folder, which
+    stands alone, reads its own)."""
+    raw = os.environ.get(name, default)
+    VARIABLES[name](name, raw)
+    return raw.strip()
+
+
 def check_environment(environ: Mapping[str, str] | None = None) -> None:
     """Refuse a bad value of any ``ZIPAGE_*`` variable that is set (``ValueError`` naming it); warn about
     ``ZIPAGE_`` names no part of zipage reads, with the nearest known name. ``environ``: ``os.environ``

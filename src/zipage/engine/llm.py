@@ -28,6 +28,7 @@ import torch
 from ..attention_checks import sliding_layers
 from ..cache import check_model_config
 from ..config import ZipageConfig, check_kv_cache_dtype, check_kv_rotation
+from .. import environment
 from ..environment import check_environment
 from ..memory.block_manager import BlockManager
 from ..memory.window_blocks import WindowBlocks
@@ -257,7 +258,7 @@ class LLM:
         trained = getattr(config, "max_position_embeddings", None)
         reach = _rope_reach(config, trained)
         if (max_model_len is not None and isinstance(reach, int) and max_model_len > reach
-                and os.environ.get("ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN", "").strip() != "1"):
+                and environment.value("ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN") != "1"):
             raise ValueError(f"LLM(max_model_len={max_model_len}) is beyond the {reach} positions the model "
                              f"takes (max_position_embeddings={trained}, with its RoPE scaling if any): positions "
                              "past them were never trained and its answers there may be wrong; set "

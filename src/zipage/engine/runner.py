@@ -23,12 +23,12 @@ rank among the full layers. Learned sink logits (``s_aux``) go to the kernels as
 from __future__ import annotations
 
 import gc
-import os
 import threading
 from dataclasses import dataclass, field
 
 import torch
 
+from .. import environment
 from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
@@ -73,10 +73,7 @@ def dim_major_values(kv_cache_dtype: str, page_size: int, head_dim: int,
     ``capability``: the CUDA device's, None off CUDA. ``ZIPAGE_DIM_MAJOR_VALUES=1`` / ``0`` decides instead."""
     if kv_cache_dtype not in QUANTIZED_KV:
         return False
-    value = os.environ.get("ZIPAGE_DIM_MAJOR_VALUES", "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"ZIPAGE_DIM_MAJOR_VALUES={value!r}: expected 1 (8-bit values dimension-major), 0 "
-                         "(token-major) or unset (dimension-major where tensor-descriptor tiles read them)")
+    value = environment.value("ZIPAGE_DIM_MAJOR_VALUES")
     if value:
         return value == "1"
     if capability is None:
@@ -99,11 +96,7 @@ def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: in
     (~75 ms, once): time to first token did not improve (long prompts: 6.89 s against 6.77 s; 32 prompts of
     4,096 tokens: 2.15 against 2.05 s; ``benchmarks/results/issue15/s45/``). ``device``, ``dtype`` and
     ``head_dim`` must suit it too (16-bit or float32 on a CPU, head dims up to 256)."""
-    value = os.environ.get("ZIPAGE_FRESH_PREFILL", "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"ZIPAGE_FRESH_PREFILL={value!r}: expected 1 (whole prompts through PyTorch's fused "
-                         "attention), 0 or unset (the paged prefill kernel)")
-    return value == "1" and head_dim <= 256 and (device.type == "cpu" or dtype in (torch.float16, torch.bfloat16))
+    return environment.value("ZIPAGE_FRESH_PREFILL") == "1" and head_dim <= 256 and (device.type == "cpu" or dtype in (torch.float16, torch.bfloat16))
 
 
 @dataclass
