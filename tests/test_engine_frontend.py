@@ -13,7 +13,7 @@ import torch
 from test_engine import assert_pool_clean
 
 from zipage import LLM, SamplingParams
-from zipage.engine.sampler import sample_tensor
+from zipage.engine.sampler import sample
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
@@ -218,7 +218,7 @@ def test_sampler_falls_back_to_argmax_on_non_finite_logits():
     logits[2, 7] = math.inf
     params = [SamplingParams(temperature=0.7, seed=1)] * 3
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    tokens = sample_tensor(logits, params, gens).tolist()  # raised: probability tensor contains nan
+    tokens = sample(logits, params, gens).tokens.tolist()  # raised: probability tensor contains nan
     assert tokens[1] == 4 and tokens[2] == 7 and 0 <= tokens[0] < 11
 
 

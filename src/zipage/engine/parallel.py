@@ -103,11 +103,11 @@ class Ranks:
         if self.dead is None:
             for r, p in enumerate(self.procs, start=1):
                 if p.exitcode is not None:
-                    self.fail(f"tensor-parallel rank {r} exited (code {p.exitcode}){self._report(r)}")
+                    self.fail(f"tensor-parallel rank {r} exited (code {p.exitcode}){self._report()}")
         if self.dead is not None:
             raise TensorParallelError(self.dead)
 
-    def _report(self, rank: int, wait: float = 0.0) -> str:
+    def _report(self, wait: float = 0.0) -> str:
         """The traceback a worker sent before exiting, if any."""
         if self.reports is None:
             return ""
@@ -134,7 +134,7 @@ class Ranks:
                 dead = self._exited(wait=2.0 if self.procs else 0.0)
                 if dead:
                     why = ", ".join(f"rank {r} exited (code {c})" for r, c in dead)
-                    self.fail(f"tensor-parallel {why} during {what}{self._report(dead[0][0], wait=2.0)}")
+                    self.fail(f"tensor-parallel {why} during {what}{self._report(wait=2.0)}")
                 else:
                     self.fail(f"tensor-parallel {what} failed ({type(e).__name__}: {e}); the engine stopped "
                               "every rank")

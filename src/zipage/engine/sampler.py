@@ -40,13 +40,6 @@ class Sampled:
     top_logprobs: torch.Tensor | None = None  # [n, k] float32
 
 
-def sample_tensor(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None],
-                  suppress: list[list[int] | None] | None = None) -> torch.Tensor:
-    """``[n]`` int64 token ids on ``logits``' device (``sample`` without penalties or log-probabilities)."""
-    return sample(logits, params, generators, suppress).tokens
-
-
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            suppress: list[list[int] | None] | None = None, penalties: Penalties | None = None) -> Sampled:
     """One token per row of ``logits`` ([n, V]). ``suppress[i]`` lists token ids row ``i`` may not take
