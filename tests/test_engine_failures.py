@@ -337,3 +337,103 @@ def test_an_interrupt_inside_the_scheduler_loses_no_page_and_no_sample(model, mo
     assert all(s.finish_reason == "length" and len(s.output_ids) == 6 for s in llm.samples(first))
     assert llm.output(late).finish_reason == "length"
     assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("async_compression", [True, False])
+def test_a_compression_whose_booking_raises_fails_its_requests_only(model, monkeypatch, async_compression):
+    """Booking a compression raises (an interrupt while the first of its groups lands): that group's request
+    finishes with "error" naming the cause; the groups landing after it in the same step are still booked (they
+    were left compressing for ever: pages leaked, the engine never finished) and give an undisturbed run's tokens."""
+    cfg = dict(budget=8, page_size=4, buffer=4, window=2, num_pages=64, max_num_batched_tokens=64,
+               async_compression=async_compression, async_scheduling=False, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    prompts = prompts_of((16, 14, 12), seed=1)
+    expected = LLM(model, **cfg).generate(prompts, params, use_tqdm=False)
+    llm = LLM(model, **cfg)
+    compacted, calls = llm.blocks.compacted, []
+
+    def failing(seq, kept, fresh):
+        calls.append(seq.request_id)
+        if len(calls) == 1:
+            raise Injected(f"interrupted while booking {seq.request_id}")
+        return compacted(seq, kept, fresh)
+
+    monkeypatch.setattr(llm.blocks, "compacted", failing)
+    outs, _ = drive(llm, prompts, params=params)
+    failed = [i for i, o in enumerate(outs) if o.finish_reason == "error"]
+    assert failed == [0]
+    assert outs[0].error == "Injected: interrupted while booking 0"
+    for out, exp in zip(outs[1:], expected[1:]):
+        assert out.finish_reason == "length" and out.token_ids == exp.token_ids and out.error is None
+    assert_pool_clean(llm)
+
+
+@pytest.mark.parametrize("async_compression", [True, False])
+def test_the_only_request_a_failed_step_ends_is_reported(model, monkeypatch, async_compression):
+    """The step that fails the only request raises; its "error" output (naming the cause) still comes from a
+    later step(): has_unfinished() says so until then (a `while has_unfinished(): step()` loop, and the
+    server's, never saw it: a client waited for ever)."""
+    llm = LLM(model, budget=8, page_size=4, buffer=4, window=2, num_pages=64, async_compression=async_compression)
+
+    def failing(*a, **kw):
+        raise Injected("the scorer failed")
+
+    monkeypatch.setattr(llm.runner.scorer, "score", failing)
+    rid = llm.add_request(prompts_of((30,))[0], PARAMS)
+    reported, raised = [], 0
+    for _ in range(50):
+        if not llm.has_unfinished():
+            break
+        try:
+            reported += [o for o in llm.step() if o.finished]
+        except Injected:
+            raised += 1
+    assert raised == 1
+    assert [(o.request_id, o.finish_reason, o.error) for o in reported] == [(rid, "error", "Injected: the scorer failed")]
+    assert_pool_clean(llm)
+
+
+def test_agenerate_and_stream_of_a_request_beside_a_failed_one_go_on(model, monkeypatch):
+    """Request A's compression fails in a step request B's call happens to drive: B's agenerate() (and its
+    stream()) finishes B undisturbed instead of raising A's error and cancelling B; A comes back with "error"
+    and the cause."""
+    import asyncio
+
+    cfg = dict(budget=8, page_size=4, buffer=4, window=2, num_pages=64, max_num_batched_tokens=64)
+    a, b = prompts_of((30, 5), seed=4)
+    expected = LLM(model, **cfg).generate([a, b], PARAMS, use_tqdm=False)
+
+    def engine_failing_once():
+        llm = LLM(model, **cfg)
+        score, calls = llm.runner.scorer.score, []
+
+        def failing(x):
+            calls.append(1)
+            if len(calls) == 1:
+                raise Injected("A's compression failed")
+            return score(x)
+
+        monkeypatch.setattr(llm.runner.scorer, "score", failing)
+        return llm
+
+    llm = engine_failing_once()
+
+    async def both():
+        return await asyncio.gather(llm.agenerate(a, PARAMS), llm.agenerate(b, PARAMS), return_exceptions=True)
+
+    out_a, out_b = asyncio.run(both())
+    assert not isinstance(out_b, BaseException), out_b
+    assert out_b.finish_reason == "length" and out_b.token_ids == expected[1].token_ids
+    assert out_a.finish_reason == "error" and out_a.error == "Injected: A's compression failed"
+    assert_pool_clean(llm)
+
+    llm = engine_failing_once()
+    ra, rb = llm.add_request(a, PARAMS), llm.add_request(b, PARAMS)
+    streamed = [t for new in llm.stream(rb) for t in new]
+    assert streamed == expected[1].token_ids and llm.output(rb).finish_reason == "length"
+    assert llm.output(ra).finish_reason == "error"
+    with pytest.raises(RuntimeError, match="A's compression failed"):
+        list(llm.stream(ra))  # (ended by a step it did not drive: its stream names the cause)
+    while llm.has_unfinished():
+        llm.step()
+    assert_pool_clean(llm)

@@ -584,6 +584,39 @@ def test_an_add_racing_the_engine_loop_s_end_is_refused_not_left_waiting(checkpo
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_the_only_request_whose_compression_fails_gets_its_answer(checkpoint, stream):
+    """The lone request in flight is ended by a compression that raises: the client gets the error naming the
+    cause at once (its output waited, undelivered, until some other request came) and the server goes on."""
+    model, tok = checkpoint
+    llm = LLM(model, tok, budget=16, page_size=4, buffer=4, window=2, num_pages=128)
+    score, failures = llm.runner.scorer.score, [1]
+
+    def failing(x):
+        if failures:
+            failures.pop()
+            raise RuntimeError("injected: the scorer failed")
+        return score(x)
+
+    llm.runner.scorer.score = failing
+    config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
+    with thread_server(llm, config) as (url, engine):
+        body = {"model": NAME, "prompt": "x" * 40, "max_tokens": 8, "ignore_eos": True, "stream": stream}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        if stream:
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert r.status_code == 200 and events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+        else:
+            assert r.status_code == 500
+            error = r.json()["error"]
+        assert "RuntimeError: injected: the scorer failed" in error["message"] and error["code"] == "engine_error"
+        assert not failures
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "fine", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200
+        wait_for(lambda: metrics(url)["zipage:kv_pages_used"] == 0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_sample_the_engine_fails_answers_with_its_error(checkpoint, stream):
     """A sample the engine ends with reason "error" (its state lost: a failed compression, a dead device) is not
     a 200 with an odd finish reason: the request gets a 500 naming why (a stream, an error event then [DONE]);

@@ -32,7 +32,7 @@ class Compressions:
     """Runs the plan's compressions and books them when they land."""
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, blocks: BlockManager,
-                 side_stream: Any, on_error: Callable[[Sequence], None]) -> None:
+                 side_stream: Any, on_error: Callable[[Sequence, BaseException | None], None]) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.blocks = blocks
@@ -66,8 +66,8 @@ class Compressions:
             try:
                 self._compress(group)
                 self._landed(group)
-            except BaseException:
-                self.abort(groups[k : k + 1], groups[k + 1 :])
+            except BaseException as e:
+                self.abort(groups[k : k + 1], groups[k + 1 :], e)
                 raise
 
     def launch(self, plan: Step) -> None:
@@ -90,15 +90,15 @@ class Compressions:
                 if side is not None:
                     event = torch.cuda.Event()
                     event.record(side)
-        except BaseException:
-            self.abort(groups[launched : launched + 1], groups[launched + 1 :])
+        except BaseException as e:
+            self.abort(groups[launched : launched + 1], groups[launched + 1 :], e)
             if side is not None:
                 try:  # pages just freed are reused on the main stream only after the side stream's work
                     torch.cuda.current_stream().wait_stream(side)
                     event = torch.cuda.Event()
                     event.record(side)
                 except BaseException:  # (a dead device): the launched ones cannot be trusted either
-                    self.abort(groups[:launched], [])
+                    self.abort(groups[:launched], [], e)
                     launched = 0
             if launched:  # the groups launched before the failure land as usual
                 self.pending.append((event, groups[:launched]))
@@ -114,7 +114,8 @@ class Compressions:
         """Book the compressions whose event completed (or all of them, with ``block``); returns the
         sequences that could only finish now (stopped or cancelled while compressing). An entry leaves
         ``pending`` as it lands, before anything that may raise, so that no compression lands twice; a
-        sequence that fails to finish does not keep the others from finishing (the first error is raised)."""
+        group whose booking raises is failed (its pages may be compacted already) and a sequence that fails
+        to finish does not keep the others from landing and finishing (the first error is raised)."""
         finished: list[Sequence] = []
         error = None
         i = 0
@@ -129,7 +130,14 @@ class Compressions:
             for group in groups:
                 for seq in group[0]:
                     seq.compressing = False
-                self._landed(group)
+                try:
+                    self._landed(group)
+                except BaseException as e:  # (e.g. Ctrl-C): its requests cannot go on; the other groups still land
+                    error = error if error is not None else e
+                    try:
+                        self.abort([group], [], e)
+                    except BaseException:  # (finishing them failed too: the first error goes up)
+                        pass
             if event is not None:  # the main stream must see the compacted pages before using them
                 torch.cuda.current_stream().wait_event(event)
             for seq in (seq for group in groups for seq in group[0]):
@@ -156,9 +164,9 @@ class Compressions:
             seq.compressions += 1
         self.scheduler.compressions += len(seqs)
 
-    def abort(self, failed: list[Group], skipped: list[Group]) -> None:
-        """Compressions that raised (``failed``: pages possibly compacted half-way, the sequences are
-        failed) or never ran (``skipped``: planned again by a later step)."""
+    def abort(self, failed: list[Group], skipped: list[Group], cause: BaseException | None = None) -> None:
+        """Compressions that raised ``cause`` (``failed``: pages possibly compacted half-way, the sequences
+        are failed) or never ran (``skipped``: planned again by a later step)."""
         for groups, fail in ((failed, True), (skipped, False)):
             for seqs, _, fresh in groups:
                 for seq in seqs:
@@ -166,7 +174,7 @@ class Compressions:
                     if fresh is not None and fresh[id(seq)] is not seq.pages:
                         self.blocks.release(fresh[id(seq)])  # not handed to the sequence yet
                     if fail:
-                        self.on_error(seq)
+                        self.on_error(seq, cause)
 
     def drop_cancelled(self) -> None:
         """Land at once compressions whose every sequence was cancelled (nobody waits for them)."""

@@ -76,7 +76,8 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         s = self.scheduler
-        return bool(s.waiting or s.running or self.compressions or self.to_cancel)
+        # (a failed request's output waiting for the next step counts: it is reported by that step)
+        return bool(s.waiting or s.running or self.compressions or self.to_cancel or self.undelivered)
 
     # ----------------------------------------------------------------------------- cancellation
     def cancel(self, seq: Sequence) -> None:
@@ -106,11 +107,13 @@ class EngineCore:
             finally:
                 self.lock.release()
 
-    def fail(self, seq: Sequence) -> None:
-        """Finish a request a failure left in an unknown state (reason "error"; its pages freed); its
-        output goes with the step's."""
+    def fail(self, seq: Sequence, cause: BaseException | None = None) -> None:
+        """Finish a request a failure (``cause``) left in an unknown state (reason "error", ``cause`` named in its
+        output's ``error``; its pages freed); its output goes with the step's."""
         if seq.finished or seq.cancel_requested or seq.finish_requested is not None:
             return  # finishing anyway
+        if cause is not None and seq.error is None:
+            seq.error = describe_error(cause)
         if seq.compressing:  # its pages are still being read and written on the side stream
             seq.finish_requested = "error"
             return
@@ -284,10 +287,10 @@ class EngineCore:
                 flight.event.synchronize()
             tokens = flight.host.tolist()
             logprobs = _logprobs(flight.logprobs, [s.params.logprobs for s in flight.seqs])
-        except BaseException:  # the tokens are lost: their requests cannot go on
+        except BaseException as e:  # the tokens are lost: their requests cannot go on
             for seq in flight.seqs:
                 seq.pending -= 1
-                self._fail_booking(seq)
+                self._fail_booking(seq, e)
             raise
         error = None
         for seq, token, lp in zip(flight.seqs, tokens, logprobs):
@@ -304,15 +307,15 @@ class EngineCore:
                 changed.append(seq.output())
             except BaseException as e:  # (e.g. the tokenizer's decode): this request only
                 error = error if error is not None else e
-                error = self._fail_booking(seq) or error
+                error = self._fail_booking(seq, e) or error
         if error is not None:
             raise error
 
-    def _fail_booking(self, seq: Sequence) -> BaseException | None:
-        """``fail(seq)`` while a flight is booked: what it raises is returned, not raised, so that the other
-        requests' tokens are still booked."""
+    def _fail_booking(self, seq: Sequence, cause: BaseException) -> BaseException | None:
+        """``fail(seq, cause)`` while a flight is booked: what it raises is returned, not raised, so that the
+        other requests' tokens are still booked."""
         try:
-            self.fail(seq)
+            self.fail(seq, cause)
         except BaseException as e:
             return e
         return None
@@ -324,6 +327,12 @@ class EngineCore:
             self.blocks.release(plan.fresh_pages.pop(id(seq), []))
         plan.decode = [s for s in plan.decode if not s.finished]
         plan.prefill = [(s, n) for s, n in plan.prefill if not s.finished]
+
+
+def describe_error(e: BaseException) -> str:
+    """A failure as a request's ``error`` reports it: the exception's type and message."""
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,9 @@ from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
 from .sharding import check_tensor_parallel
 
+# consecutive steps that raise before agenerate() or stream() gives up on its request (a step that fails another
+# request, or one rolled back whole, is tried again)
+MAX_FAILED_STEPS = 3
 CPU_MEMORY_SHARE = 0.2  # of the available RAM, at most, for a default-sized pool on a CPU
 
 
@@ -607,21 +610,32 @@ class LLM:
         """New token ids of one request as they come, driving the engine (other requests advance too).
         A request with ``n > 1`` samples has no single stream: drive ``step()`` and read each
         output's ``outputs[0].index``. A consumer that stops before the request finishes (``break``, a
-        closed or collected generator) or a step that raises cancels the request, as a client gone does:
-        its pages go back to the pool."""
+        closed or collected generator) cancels the request, as a client gone does: its pages go back to
+        the pool. A step that raises is tried again (it failed another request, or rolled back) unless it
+        ended this request or ``MAX_FAILED_STEPS`` steps in a row raised: then the exception goes up and the
+        request ends (one another thread's step failed raises RuntimeError naming the cause)."""
         seq = self._get(request_id)
         if request_id in self._samples:
             raise ValueError(f"request {request_id!r} has n={seq.params.n} samples: stream() follows one; "
                              "drive step() and read each output's outputs[0].index")
         try:
+            failures = 0
             while True:
                 if seq.streamed < len(seq.output_ids):
                     new = seq.output_ids[seq.streamed :]
                     seq.streamed = len(seq.output_ids)
                     yield new
                 if seq.finished:
+                    if seq.finish_reason == "error":
+                        raise RuntimeError(f"request {request_id!r} failed: {seq.error or 'a step failed'}")
                     return
-                self.step()
+                try:
+                    self.step()
+                    failures = 0
+                except Exception:
+                    failures += 1  # (another request's failure, or one the step rolled back: go on)
+                    if seq.finished or failures >= MAX_FAILED_STEPS:
+                        raise
         finally:
             if not seq.finished:
                 self.core.cancel(seq)
@@ -633,15 +647,25 @@ class LLM:
         """Await one request; steps run in a worker thread so the event loop stays free. Several
         concurrent ``agenerate`` calls share the engine (one step at a time), from one event loop
         or several in turn. A cancelled call cancels its request (its pages go back to the pool
-        once the step in progress, if any, returns)."""
+        once the step in progress, if any, returns). A request a failure ended comes back with
+        ``finish_reason == "error"`` and ``error`` naming the cause, whichever call's step failed; a
+        step that raises without ending this request is tried again, up to ``MAX_FAILED_STEPS`` in a
+        row (then the exception goes up and the request is cancelled)."""
         rid = self.add_request(prompt, params, chat=chat)
         seqs = self.samples(rid)
         try:
             lock = self._loop_lock()
+            failures = 0
             while not all(s.finished for s in seqs):
                 async with lock:  # one worker thread at a time per loop; the core's lock orders the rest
                     if not all(s.finished for s in seqs):
-                        await asyncio.to_thread(self._step_for, seqs)
+                        try:
+                            await asyncio.to_thread(self._step_for, seqs)
+                            failures = 0
+                        except Exception:
+                            failures += 1  # (another request's failure, or one the step rolled back: go on)
+                            if failures >= MAX_FAILED_STEPS and not all(s.finished for s in seqs):
+                                raise
                 await asyncio.sleep(0)
             return RequestOutput.of(seqs)
         except BaseException:  # cancelled (client gone, timeout) or failed: the request goes too
