@@ -198,3 +198,35 @@ def test_mixed_sliding_and_full_layers_sinks_and_softcapping_are_served(model_cl
     assert out == ref.tolist()
     mine = model.generate(torch.tensor([prompt]), cache_implementation="zipage", cache_config=big, **kw)[0, 14:]
     assert torch.equal(mine, ref)
+
+
+def test_layers_of_other_head_shapes_are_refused_by_the_engine_by_name():
+    """A config whose layers differ in KV heads or head dim (Gemma 4's full layers: dim 512 against 256) is refused
+    by the engine naming the layers (it failed inside transformers' config with an error about zipage's reads),
+    and values of another head dim than the keys (MiMo-V2) by both the engine and the cache."""
+    from transformers import CONFIG_MAPPING
+
+    from zipage.attention_checks import check_engine_config, check_model_config
+
+    if "gemma4_text" in CONFIG_MAPPING:
+        cfg = CONFIG_MAPPING["gemma4_text"](vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=128, sliding_window=8,
+                                            layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+        if hasattr(cfg, "per_layer_config"):
+            with pytest.raises(ValueError, match=r"layers 0-1: 2 KV heads of dim \d+; layer 2: 2 KV heads of dim"):
+                check_engine_config(cfg)
+    if "mimo_v2_flash" in CONFIG_MAPPING:
+        cfg = CONFIG_MAPPING["mimo_v2_flash"](vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2)
+        cfg.head_dim, cfg.v_head_dim = 192, 128
+        with pytest.raises(ValueError, match=r"v_head_dim=128, head_dim=192"):
+            check_model_config(cfg)
+
+    class Fake:  # (what either names, whatever the transformers version)
+        num_hidden_layers, num_attention_heads, head_dim, v_head_dim = 2, 4, 64, 32
+
+    with pytest.raises(ValueError, match=r"v_head_dim=32, head_dim=64"):
+        check_model_config(Fake())
+    check_engine_config(Fake())  # (one shape for the model)
+    Fake.v_head_dim = 64
+    check_model_config(Fake())

@@ -652,3 +652,44 @@ def test_scorer_object_without_config_follows_the_cache_config():
 
     cache_scorer = zipage.ZipageCache(config=tiny_model("llama").config, zipage_config=model_cfg).scorer
     assert cache_scorer.config is model_cfg and cache_scorer.stateful
+
+
+def test_a_scorer_setting_the_scorer_does_not_read_is_refused():
+    """ZipageConfig's scorer settings are read by some scorers only: one set away from its default for a scorer
+    that ignores it is refused by name when the scorer is built (it ran as if unset); the settings a scorer
+    reads, defaults, and scorers that declare nothing pass."""
+    from zipage.config import SCORER_FIELDS
+
+    for name in list_scorers():
+        reads = type(get_scorer(name, ZipageConfig())).config_fields
+        assert reads is not None and set(reads) <= set(SCORER_FIELDS), name
+    with pytest.raises(ValueError, match=r"use_global=True: the snapkv scorer does not read"):
+        get_scorer("snapkv", ZipageConfig(scorer="snapkv", use_global=True))
+    with pytest.raises(ValueError, match=r"pooling='none', recent=0: the h2o scorer"):
+        get_scorer("h2o", ZipageConfig(pooling="none", recent=0))
+    with pytest.raises(ValueError, match=r"seed=3: the zipage scorer .*SamplingParams\(seed="):
+        get_scorer("zipage", ZipageConfig(seed=3))  # (LLM(seed=3) is not vLLM's sampling seed here)
+    get_scorer("random", ZipageConfig(seed=3))
+    get_scorer("snapkv", ZipageConfig(pooling_kernel=7))
+    get_scorer("zipage", ZipageConfig.paper(recent=0, value_weight=True))
+
+    class Mine(Scorer):  # (a scorer of one's own that says nothing is not checked)
+        def score(self, x):
+            return x.keys.float().norm(dim=-1)
+
+    get_scorer(Mine, ZipageConfig(use_global=True))
+
+    class Declared(Mine):
+        config_fields = ("pooling_kernel",)
+
+    with pytest.raises(ValueError, match="use_global"):
+        get_scorer(Declared, ZipageConfig(use_global=True))
+    # where the cache and the engine build their scorer
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="window_reduce='max': the knorm scorer"):
+        zipage.LLM(model, budget=16, page_size=4, scorer="knorm", window_reduce="max")
+    with pytest.raises(ValueError, match="use_global=True: the keydiff scorer"):
+        zipage.ZipageCache(config=model.config, zipage_config=ZipageConfig(budget=16, page_size=4, scorer="keydiff",
+                                                                           use_global=True))

@@ -180,6 +180,46 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(server, checkpoint):
                 assert c["text"] == tok.decode(c["token_ids"], skip_special_tokens=skip)
 
 
+def test_chat_template_kwargs_and_continue_final_message(checkpoint):
+    """vLLM's chat fields: chat_template_kwargs reach the template (enable_thinking changes the prompt; they were
+    ignored), continue_final_message leaves the last message open; a template of the request's own, echo, both
+    continue_final_message and add_generation_prompt, or kwargs naming the template's own arguments are refused."""
+    import copy
+
+    model, tok = checkpoint
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "{% if not (continue_final_message and loop.last) %}<|im_end|>\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                         "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}")
+    llm = LLM(model, tok, **ENGINE)
+    config = ServeConfig(model_names=[NAME], model_root="tiny", tokenizer=tok, max_model_len=llm.max_model_len)
+    user = [{"role": "user", "content": "hi"}]
+    partial = user + [{"role": "assistant", "content": "Hel"}]
+
+    def ids(messages, **kw):
+        out = tok.apply_chat_template(messages, tokenize=True, **kw)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    with thread_server(llm, config) as (url, _):
+        def post(**body):
+            return httpx.post(f"{url}/v1/chat/completions", json={"model": NAME, "max_tokens": 1,
+                                                                   "return_token_ids": True, **body}, timeout=60)
+
+        plain = post(messages=user).json()["prompt_token_ids"]
+        thinking_off = post(messages=user, chat_template_kwargs={"enable_thinking": False}).json()["prompt_token_ids"]
+        assert plain == ids(user, add_generation_prompt=True)
+        assert thinking_off == ids(user, add_generation_prompt=True, enable_thinking=False) != plain
+        cont = post(messages=partial, add_generation_prompt=False, continue_final_message=True).json()
+        assert cont["prompt_token_ids"] == ids(partial, continue_final_message=True)
+        assert tok.decode(cont["prompt_token_ids"]).endswith("Hel")
+        for body, param in ((dict(continue_final_message=True), "continue_final_message"),
+                            (dict(chat_template_kwargs={"tokenize": False}), "chat_template_kwargs"),
+                            (dict(chat_template="{{ 'X' }}"), "chat_template"), (dict(echo=True), "echo")):
+            r = post(messages=partial, **body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
 def test_chat_without_max_tokens_gets_what_the_full_kv_pool_holds(checkpoint):
     """A full-KV server whose pool holds fewer tokens than the context: a chat request without max_tokens
     is given what the pool holds (not refused for a max_tokens it never sent)."""

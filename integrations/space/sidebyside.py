@@ -34,7 +34,8 @@ class Settings:
     seed: int = 0
 
     def zipage_config(self) -> zipage.ZipageConfig:
-        return zipage.ZipageConfig(budget=self.budget, page_size=self.page_size, scorer=self.scorer, seed=self.seed)
+        return zipage.ZipageConfig(budget=self.budget, page_size=self.page_size, scorer=self.scorer,
+                                   seed=self.seed if self.scorer == "random" else 0)  # (the random scorer's)
 
     def check(self) -> None:
         """Raise ValueError/TypeError naming the first bad setting."""

@@ -85,7 +85,59 @@ def config_features(config: Any) -> list[str]:
     for attr in ("kv_lora_rank", "num_kv_shared_layers"):
         if getattr(config, attr, None):
             found.append(f"latent or shared KV ({attr}={getattr(config, attr)})")
+    v_dim, k_dim = getattr(config, "v_head_dim", None), _safe(config, "head_dim")
+    if v_dim is not None and k_dim is not None and v_dim != k_dim:
+        found.append(f"values of another head dim than the keys (v_head_dim={v_dim}, head_dim={k_dim}: the KV "
+                     "pages hold keys and values of one shape)")
     return found
+
+
+def _safe(config: Any, attr: str) -> Any:
+    """``config.attr``, or None where it is missing or differs from layer to layer (transformers raises then)."""
+    try:
+        return getattr(config, attr, None)
+    except Exception:
+        return None
+
+
+def layer_shapes(config: Any) -> dict[tuple[Any, Any], list[int]]:
+    """The layers of each (KV heads, head dim) where a config gives them per layer (``per_layer_config``, as
+    Gemma 4's full and sliding layers differ); {} where it gives one value for the model."""
+    per_layer = getattr(config, "per_layer_config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if per_layer is None or not isinstance(layers, int):
+        return {}
+    shapes: dict[tuple[Any, Any], list[int]] = {}
+    for i in range(layers):
+        try:
+            layer = per_layer[i]
+            shape = (getattr(layer, "num_key_value_heads", None), getattr(layer, "head_dim", None))
+        except Exception:
+            return {}
+        shapes.setdefault(shape, []).append(i)
+    return shapes
+
+
+def check_engine_config(config: Any) -> None:
+    """Raise ValueError for a model the engine cannot page: its layers must share one number of KV heads and one
+    head dim (``generate(cache_implementation="zipage")`` keeps each layer's own)."""
+    shapes = layer_shapes(config)
+    if len(shapes) > 1:
+        text = "; ".join(f"layer{'s' if len(ids) > 1 else ''} {_ranges(ids)}: {h} KV heads of dim {d}"
+                        for (h, d), ids in shapes.items())
+        raise ValueError(f"zipage.LLM needs one KV-head count and head dim in every layer, and "
+                         f"{type(config).__name__} gives them per layer ({text}); "
+                         "generate(cache_implementation='zipage') serves such a model")
+
+
+def _ranges(ids: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    parts, start = [], ids[0]
+    for a, b in zip(ids, ids[1:] + [None]):
+        if b != a + 1:
+            parts.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(parts)
 
 
 def check_model_config(config: Any) -> None:

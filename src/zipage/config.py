@@ -134,7 +134,9 @@ class ZipageConfig:
             accumulation).
         value_weight: multiply the zipage attention score of a token by the L2 norm of its value
             (a token that draws attention but writes a tiny value matters little).
-        seed: seed of the ``random`` scorer.
+        seed: seed of the ``random`` scorer (one stream of draws per cache or engine). The settings from
+            ``use_global`` to ``seed`` are scorer settings (``SCORER_FIELDS``): each built-in scorer reads some
+            (``Scorer.config_fields``) and refuses the others set away from their defaults.
         layer_stride: layers compressed together in one batch of kernel launches. None (default)
             takes as many as fit in ``compress_scratch_bytes`` of gathered keys; fewer layers per
             batch bound the scratch memory (the paper uses 8), more cut launch overhead.
@@ -333,3 +335,13 @@ class ZipageConfig:
         if "buffer" not in changes and follows:
             changes["buffer"] = None
         return dataclasses.replace(self, **changes)
+
+
+# The settings of ZipageConfig that only some scorers read (each built-in names its own in ``Scorer.config_fields``),
+# with their defaults: a scorer is refused a setting of these it does not read, set away from its default.
+SCORER_FIELDS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(ZipageConfig)
+    if f.name in ("use_global", "global_decay", "global_mode", "redundancy", "redundancy_lambda", "redundancy_tau",
+                  "similarity_threshold", "pooling", "pooling_kernel", "pooling_scope", "group_reduce", "window_reduce",
+                  "recent", "value_weight", "seed")
+}

@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m zipage.demo")
     try:  # bad options are reported as the command's usage errors (exit status 2), before any loading
         zipage_config = zipage.ZipageConfig(
             budget=args.budget, page_size=args.page_size, buffer=args.buffer, scorer=args.scorer,
-            window=args.window, seed=args.seed, kv_cache_dtype=args.kv_cache_dtype,
+            window=args.window, seed=args.seed if args.scorer == "random" else 0, kv_cache_dtype=args.kv_cache_dtype,
         )
         question, reference, source = _problem(args)
     except (TypeError, ValueError) as error:

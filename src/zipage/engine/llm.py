@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..attention_checks import sliding_layers
+from ..attention_checks import check_engine_config, sliding_layers
 from ..cache import check_model_config
 from ..config import ZipageConfig, check_kv_cache_dtype, check_kv_rotation
 from .. import environment
@@ -142,7 +142,9 @@ class LLM:
             the whole forward, captured for a ladder of batch sizes at the first decode step.
         async_compression: compress on a side CUDA stream while the other requests decode; the
             requests being compressed sit out the steps until their compression event completes.
-            On a CPU the same bookkeeping runs with compressions that complete at once.
+            On a CPU the same bookkeeping runs with compressions that complete at once. With
+            ``budget=None`` nothing compresses: the setting has no effect (``llm.async_compression``
+            reads False).
         max_num_seqs: most sequences running at once (the budget may lower it further).
         max_num_batched_tokens: most tokens in one step (chunked prefill).
         gpu_memory_utilization: share of the GPU memory the model + pools may take (CUDA).
@@ -231,6 +233,7 @@ class LLM:
                              "the pool from the memory")
         config = model.config.get_text_config(decoder=True)
         check_model_config(config)
+        check_engine_config(config)
         check_tensor_parallel(model.config, tensor_parallel_size)
         self.tensor_parallel_size = tensor_parallel_size
         self.model = model.eval()

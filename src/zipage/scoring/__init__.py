@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from ..config import SCORER_FIELDS
 from .base import Scorer, ScoreInputs
 
 _REGISTRY: dict[str, type[Scorer]] = {}
@@ -47,10 +48,29 @@ def get_scorer(spec: Any, config=None) -> Scorer:
         if config is not None and getattr(spec, "follows_cache_config", False) and spec.config is not config:
             bound = copy.copy(spec)
             bound.config = config
-            return check_extra(bound)
-        return check_extra(spec)
+            return check_fields(check_extra(bound))
+        return check_fields(check_extra(spec))
     cls = spec if isinstance(spec, type) else _REGISTRY[spec]
-    return check_extra(cls(config))
+    return check_fields(check_extra(cls(config)))
+
+
+def check_fields(scorer: Scorer) -> Scorer:
+    """Refuse a scorer setting of ``ZipageConfig`` (``SCORER_FIELDS``) set away from its default that ``scorer``
+    does not read (``scorer="snapkv", use_global=True`` would run SnapKV as it is): its ``config_fields`` name
+    what it reads; a scorer that names none (None) is not checked."""
+    reads = type(scorer).config_fields
+    config = getattr(scorer, "config", None)
+    if reads is None or config is None:
+        return scorer
+    ignored = [f for f in SCORER_FIELDS if f not in reads and getattr(config, f, None) != SCORER_FIELDS[f]]
+    if ignored:
+        name = scorer.name or type(scorer).__name__
+        settings = ", ".join(f"{f}={getattr(config, f)!r}" for f in ignored)
+        hint = " (sampling seeds are SamplingParams(seed=...))" if "seed" in ignored else ""
+        raise ValueError(f"{settings}: the {name} scorer does not read {'this setting' if len(ignored) == 1 else 'these'}"
+                         f"{hint}; it reads {list(reads) if reads else 'none of the scorer settings'} (leave the "
+                         "others at their defaults, or pick the scorer that reads them: see zipage.scoring)")
+    return scorer
 
 
 def check_extra(scorer: Scorer) -> Scorer:

@@ -83,6 +83,10 @@ class Scorer:
     needs_queries: ClassVar[bool] = False
     needs_values: ClassVar[bool] = True  # built-ins that never read values set False (saves a copy)
     knobs: ClassVar[tuple[str, ...]] = ()  # the scorer's own settings in ZipageConfig.extra (rkv_lambda, ...)
+    # The scorer settings of ZipageConfig (``config.SCORER_FIELDS``: pooling, use_global, seed, ...) it reads; one
+    # it does not read, set away from its default, is refused (it would be accepted and do nothing). None: not
+    # checked (a scorer defined outside zipage that does not say).
+    config_fields: ClassVar[tuple[str, ...] | None] = None
     # True: a scorer takes FP8 keys and values as codes plus ``key_scales`` / ``value_scales`` (its
     # kernels dequantize in registers); otherwise it gets them dequantized to the model's dtype.
     reads_fp8: ClassVar[bool] = False

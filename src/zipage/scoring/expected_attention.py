@@ -56,6 +56,7 @@ def expected_attention(queries: torch.Tensor, query_mask: torch.Tensor, keys: to
 @register_scorer
 class ExpectedAttentionScorer(Scorer):
     name = "expected_attention"
+    config_fields = ("group_reduce",)
     knobs = ("ea_covariance", "ea_value_norm", "ea_epsilon")
     needs_queries = True
 

@@ -13,6 +13,7 @@ class H2OScorer(Scorer):
     compression it survived (mean over the GQA group), so heavy hitters accumulate."""
 
     name = "h2o"
+    config_fields = ()
     needs_values = False
     stateful = True
     needs_queries = True

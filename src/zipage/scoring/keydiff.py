@@ -24,6 +24,7 @@ class KeyDiffScorer(Scorer):
     """``-cos(k_i, mean_j k_j / |k_j|)`` over the real (unpadded) stored tokens of each row and head."""
 
     name = "keydiff"
+    config_fields = ()
     needs_values = False
 
     def score(self, x: ScoreInputs) -> torch.Tensor:

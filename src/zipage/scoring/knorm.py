@@ -9,6 +9,7 @@ from .base import Scorer, ScoreInputs
 @register_scorer
 class KNormScorer(Scorer):
     name = "knorm"
+    config_fields = ()
     needs_values = False
 
     def score(self, x: ScoreInputs):

@@ -11,6 +11,7 @@ from .base import Scorer, ScoreInputs
 @register_scorer
 class RandomScorer(Scorer):
     name = "random"
+    config_fields = ("seed",)
     needs_values = False
 
     def __init__(self, config=None) -> None:

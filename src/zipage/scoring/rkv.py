@@ -67,6 +67,7 @@ def rkv_redundancy(keys: torch.Tensor, key_mask: torch.Tensor, threshold: float,
 @register_scorer
 class RKVScorer(Scorer):
     name = "rkv"
+    config_fields = ("pooling", "pooling_kernel", "group_reduce")
     knobs = ("rkv_lambda", "rkv_retain", "rkv_threshold")
     needs_values = False
     needs_queries = True

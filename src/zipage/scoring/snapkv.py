@@ -10,6 +10,7 @@ from .base import Scorer, ScoreInputs
 @register_scorer
 class SnapKVScorer(Scorer):
     name = "snapkv"
+    config_fields = ("pooling_kernel",)
     needs_values = False
     needs_queries = True
 

@@ -14,6 +14,7 @@ class StreamingScorer(Scorer):
     tokens (4 when the config sets none) score above everything."""
 
     name = "streaming"
+    config_fields = ()
     needs_values = False
 
     def score(self, x: ScoreInputs):

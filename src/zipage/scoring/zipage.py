@@ -18,6 +18,11 @@ class ZipageScorer(Scorer):
     pages): ``lambda * attn - (1 - lambda) * redundancy``."""
 
     name = "zipage"
+    config_fields = (
+        "pooling", "pooling_kernel", "pooling_scope", "use_global", "global_decay", "global_mode", "group_reduce",
+        "recent", "redundancy", "redundancy_lambda", "redundancy_tau", "similarity_threshold", "value_weight",
+        "window_reduce"
+    )
     needs_queries = True
     reads_fp8 = True  # its window-score and redundancy kernels dequantize FP8 keys in registers
 

@@ -26,13 +26,28 @@ from .protocol import (
 )
 
 
+# apply_chat_template's own arguments, which chat_template_kwargs may not set
+TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message",
+                                "chat_template", "return_dict", "return_tensors", "tools", "documents", "padding",
+                                "truncation", "max_length", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
 def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
     """The messages as token ids, through the tokenizer's chat template."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions", param="messages")
     messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    kwargs = dict(req.chat_template_kwargs or {})
+    taken = sorted(TEMPLATE_ARGUMENTS & set(kwargs))
+    if taken:
+        raise APIError(400, f"chat_template_kwargs may not set {taken}: the request's own fields and the server set "
+                            "these", param="chat_template_kwargs")
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: set "
+                            "add_generation_prompt to false to continue the last message", param="continue_final_message")
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=True,
+                                            continue_final_message=req.continue_final_message, **kwargs)
     except Exception as e:  # a template that refuses these messages (roles out of order, ...)
         raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids

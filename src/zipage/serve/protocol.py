@@ -174,13 +174,19 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    # vLLM's: the last message is left open and the answer continues it (with add_generation_prompt: false)
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the template (enable_thinking)
 
     functions: Any = None
     function_call: Any = None
     prediction: Any = None
     audio: Any = None
+    chat_template: Any = None  # (vLLM's: a template given by the request; refused, as vLLM does by default)
+    echo: Any = None  # (vLLM's: the last message repeated in the answer)
 
-    UNIMPLEMENTED: ClassVar[tuple[str, ...]] = SamplingFields.UNIMPLEMENTED + ("functions", "prediction", "audio")
+    UNIMPLEMENTED: ClassVar[tuple[str, ...]] = SamplingFields.UNIMPLEMENTED + (
+        "functions", "prediction", "audio", "chat_template", "echo")
 
     def unsupported(self) -> str | None:
         if self.tools:
