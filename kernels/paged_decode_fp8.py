@@ -10,7 +10,9 @@ speed, so ``benchmarks/fp8_decode_tune.py`` can time them side by side:
 * ``convert``: how codes become dot operands.
   ``"bf16"``: Triton's cast (e4m3 -> f16 -> bf16). ``"fp16"``: the codes become fp16 (one
   hardware conversion per pair of codes; e4m3 is exact in fp16) and the queries are cast to fp16
-  once per program, so both dots run on fp16 tensor cores. ``"bits"``: the code's bits are moved
+  once per program, so both dots run on fp16 tensor cores (a bf16 query element beyond fp16's range,
+  65,504, would become inf there and its head's output NaN; no model measured comes near it, and
+  scaling each head's query first would cost a multiply per logit in the loop, not measured yet). ``"bits"``: the code's bits are moved
   into a bf16's (sign to the top bit, exponent and mantissa shifted by 4): that bf16 is exactly
   the code times 2^-120 (e4m3's subnormals land on bf16 subnormals), and 2^120 is folded into the
   scales: integer shifts instead of float conversions. ``"fp8mma"``: no key or value is

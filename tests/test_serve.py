@@ -797,3 +797,64 @@ def test_cors_only_for_the_allowed_origins(checkpoint):
             else:
                 assert r.status_code in (401, 405) and "access-control-allow-origin" not in r.headers
                 assert "access-control-allow-origin" not in got.headers
+
+
+def test_max_waiting_holds_for_samples_and_for_requests_arriving_together(checkpoint):
+    """--max-waiting counts samples (an n=2 request counted one) and holds for handlers checking at once (each saw
+    the queue before the others' adds, and requests just handed to the engine were counted nowhere until its
+    step ended): the samples in the engine's waiting queue never exceed the limit; the rest get a 429."""
+    import asyncio
+    import threading
+    import time
+
+    from zipage.serve.engine_client import AsyncEngine
+    from zipage.serve.errors import APIError
+    from zipage.serve.generation import add_all
+
+    model, tok = checkpoint
+    for n, prompts, concurrent in ((2, 1, 6), (1, 3, 4), (1, 1, 8)):
+        llm = LLM(model, tok, budget=32, page_size=16, num_pages=256, max_num_seqs=1, async_scheduling=False)
+        step = llm.step
+
+        def slow_step(step=step):
+            time.sleep(0.2)  # (a long prefill step)
+            return step()
+
+        llm.step = slow_step
+        engine = AsyncEngine(llm)
+        engine.start()
+        config = ServeConfig(model_names=[NAME], model_root="tiny", tokenizer=tok, max_model_len=llm.max_model_len,
+                             max_waiting=4)
+        peak, stop = [0], threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                peak[0] = max(peak[0], len(llm.scheduler.waiting))
+                time.sleep(0.0005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+
+        async def one(i, n=n, prompts=prompts, engine=engine, config=config):
+            await asyncio.sleep(0.02 * i if prompts == 1 and n == 1 else 0)
+            params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, n=n)
+            try:
+                streams = await add_all(engine, config, [[5, 6, 7]] * prompts, [params] * prompts, "prompt")
+            except APIError as e:
+                return e.status
+            for s in streams:
+                s.close()
+            return 200
+
+        async def everyone(concurrent=concurrent, one=one):
+            return await asyncio.gather(*(one(i) for i in range(concurrent)))
+
+        try:
+            answers = asyncio.run(everyone())
+        finally:
+            time.sleep(0.3)
+            stop.set()
+            watcher.join()
+            engine.shutdown()
+        assert set(answers) == {200, 429}, answers
+        assert peak[0] <= 4, (n, prompts, peak[0], answers)

@@ -203,12 +203,14 @@ class Scheduler:
         # none left to free, the pages are held by compressions in flight: the newest compressed
         # sequence that needs a page sits out this step, keeping its pages, and no request is admitted.
         need = self._plan_pages(decoding, step)
+        # ``deferred``: no request is admitted this step, as a sequence sits out for want of pages or one was
+        # preempted (readmitted at once, the victim would take back the pages just freed and be preempted again)
         deferred = False
         while sum(need.values()) > self.blocks.num_free:
             victim = self._victim(step)
+            deferred = True
             if victim is None:
                 victim = max((s for s in decoding if need[id(s)]), key=lambda s: s.arrival)
-                deferred = True
                 self.waits += 1
             else:
                 self.preempt(victim)
@@ -233,14 +235,17 @@ class Scheduler:
             if n:
                 step.prefill.append((seq, n))
                 budget_tokens -= n
-        # ``held``: samples waiting for their first sibling's prompt pages
-        while self.waiting and not deferred and budget_tokens > 0 and self.free_slots:
+        # ``held``: samples waiting for their first sibling's prompt pages. Their turn comes first: requests
+        # behind them are admitted only with a slot and pages left over for them (``held_pages``)
+        held_pages = 0
+        while self.waiting and not deferred and budget_tokens > 0 and len(self.free_slots) > len(held):
             seq = self.waiting[0]
+            worst = self.worst_case_pages(seq) if self.cfg is not None else 0
             if self._held(seq):
                 held.append(self.waiting.popleft())
+                held_pages += worst
                 continue
-            worst = self.worst_case_pages(seq) if self.cfg is not None else 0
-            if self.reserved + worst > self.blocks.num_pages:
+            if self.reserved + held_pages + worst > self.blocks.num_pages:
                 break  # admitted, it might not finish: it waits for running requests to end
             if seq.num_computed == 0 and not seq.pages:
                 self.blocks.match_prefix(seq, self.recompute_tail)

@@ -104,7 +104,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._requests: dict[str, _Request] = {}  # engine thread only
         self._ids = itertools.count()
-        self._incoming = 0  # adds submitted and not yet applied (read by the handlers for --max-waiting)
+        # samples of adds submitted (or reserved by ``reserve``) and not yet applied: read by the handlers for
+        # --max-waiting, with the published stats' waiting samples (republished as soon as adds are applied)
+        self._incoming = 0
         self._lock = threading.Lock()
         self._stopping = False
         self._closed = False  # the loop has ended and drained its queue: adds are refused
@@ -133,10 +135,24 @@ class AsyncEngine:
         """Requests queued and not running yet (their samples counted one by one)."""
         return self.stats.get("waiting", 0) + self._incoming
 
+    def reserve(self, samples: int, limit: int | None) -> bool:
+        """Count ``samples`` as waiting now, unless that would make more than ``limit`` wait (False: nothing
+        counted). The adds that follow pass ``reserved=True``; what is never added goes back by ``unreserve``."""
+        with self._lock:
+            if limit is not None and self.waiting + samples > limit:
+                return False
+            self._incoming += samples
+            return True
+
+    def unreserve(self, samples: int) -> None:
+        with self._lock:
+            self._incoming -= samples
+
     # ----------------------------------------------------------------------------- the asyncio side
-    async def add(self, prompt: list[int], params: SamplingParams) -> RequestStream:
+    async def add(self, prompt: list[int], params: SamplingParams, reserved: bool = False) -> RequestStream:
         """Queue a request; returns its stream once the engine took it, or raises what
-        ``LLM.add_request`` raised for a bad request (``ValueError``, ``TypeError``)."""
+        ``LLM.add_request`` raised for a bad request (``ValueError``, ``TypeError``). ``reserved``: its
+        samples were counted by ``reserve`` already."""
         if self.dead is not None:
             raise EngineDead(self.dead)
         req = _Request(f"req-{next(self._ids)}", asyncio.get_running_loop(), asyncio.Queue(), params.n,
@@ -144,7 +160,8 @@ class AsyncEngine:
         with self._lock:  # (the loop's last drain holds it too: an add is either drained and answered, or refused)
             if self._closed:
                 raise EngineDead(self.dead or "the server is shutting down")
-            self._incoming += 1
+            if not reserved:
+                self._incoming += params.n
             self._ops.put(("add", req, prompt, params))
         self._wake.set()
         try:
@@ -206,11 +223,11 @@ class AsyncEngine:
                 return
 
     def _apply_ops(self) -> None:
+        added = 0  # samples handed to the engine: counted by the stats from here on (published below)
         for op in self._queued_ops():
             if op[0] == "add":
                 _, req, prompt, params = op
-                with self._lock:
-                    self._incoming -= 1
+                added += params.n
                 if self._stopping:  # (the loop ends after this: a 503 now, not a 200 aborted at once)
                     self._send(req, EngineDead("the server is shutting down"))
                     continue
@@ -230,6 +247,10 @@ class AsyncEngine:
                     req.cancelled = True
                     self.llm.cancel(req.rid)
                     self._maybe_forget(req)
+        if added:  # (published first: a handler reading meanwhile counts them twice, never zero times)
+            self._publish()
+            with self._lock:
+                self._incoming -= added
 
     def _deliver(self, outs: list[RequestOutput]) -> None:
         now = time.monotonic()

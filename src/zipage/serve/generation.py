@@ -99,13 +99,15 @@ async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[i
     if config.max_waiting is not None and samples > config.max_waiting:  # (never fits: a retry cannot help)
         raise APIError(400, f"the request has {samples} samples (prompts x n) but the server queues at most "
                             f"{config.max_waiting} (--max-waiting)", param="n")
-    if config.max_waiting is not None and engine.waiting + samples > config.max_waiting:
+    if not engine.reserve(samples, config.max_waiting):  # (all the request's samples at once, or none)
         raise APIError(429, f"the server's waiting queue is full ({config.max_waiting} requests); retry later",
                        code="queue_full")
     streams: list[RequestStream] = []
+    submitted = 0  # samples whose add reached the engine's queue (it un-counts them as it applies them)
     try:
         for prompt, p in zip(prompts, params):
-            streams.append(await engine.add(prompt, p))
+            submitted += p.n
+            streams.append(await engine.add(prompt, p, reserved=True))
     except (ValueError, TypeError) as e:
         close_all(streams)
         raise bad_request(e, prompt_field) from None
@@ -115,6 +117,8 @@ async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[i
     except BaseException:
         close_all(streams)
         raise
+    finally:
+        engine.unreserve(samples - submitted)  # (the prompts never submitted)
     return streams
 
 
