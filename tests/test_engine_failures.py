@@ -437,3 +437,83 @@ def test_agenerate_and_stream_of_a_request_beside_a_failed_one_go_on(model, monk
     while llm.has_unfinished():
         llm.step()
     assert_pool_clean(llm)
+
+
+def test_a_request_that_stopped_while_compressing_is_reported_when_a_booking_beside_it_raises(model):
+    """B reaches its stop token while its compression is in flight; as that compression lands, the booking of
+    another group raises. B finishes "stop" and its output still comes from a step (it was finished and never
+    reported: a client waited for ever)."""
+    params_a = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    cfg = dict(budget=8, page_size=4, buffer=4, window=2, num_pages=64, max_num_batched_tokens=64,
+               async_compression=True, enable_prefix_caching=False)
+    pa, pb = prompts_of((16, 14), seed=1)
+    ref = LLM(model, **cfg).generate([pb], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                                     use_tqdm=False)[0].token_ids
+    for stop_at in range(1, 30):
+        if ref[stop_at] in ref[:stop_at]:
+            continue
+        llm = LLM(model, **cfg)
+        comps, compacted = llm.core.compressions, llm.blocks.compacted
+        state = {"victim": None, "stopped": None, "fired": False}
+
+        def collect(block, changed=None, collect=comps.collect, comps=comps, state=state):
+            if not state["fired"]:
+                groups = [g for _, gs in comps.pending for g in gs]
+                stopped = [s for g in groups for s in g[0] if s.finish_requested not in (None, "error")]
+                if stopped and groups[0][0][0] is not stopped[0]:
+                    state["stopped"], state["victim"] = stopped[0], groups[0][0][0]
+            return collect(block, changed)
+
+        def failing(seq, kept, fresh, compacted=compacted, state=state):
+            if seq is state["victim"] and not state["fired"]:
+                state["fired"] = True
+                raise Injected(f"booking {seq.request_id} failed")
+            return compacted(seq, kept, fresh)
+
+        comps.collect, llm.blocks.compacted = collect, failing
+        ra = llm.add_request(pa, params_a)
+        rb = llm.add_request(pb, SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[ref[stop_at]]))
+        reported = {}
+        for _ in range(300):
+            if not llm.has_unfinished():
+                break
+            try:
+                reported.update({o.request_id: o.finish_reason for o in llm.step() if o.finished})
+            except Injected:
+                pass
+        if state["fired"]:
+            break
+    else:
+        pytest.fail("no case where a stopped request landed beside a failing booking")
+    stopped = state["stopped"].request_id
+    assert reported[stopped] == "stop" and llm.output(stopped).token_ids == ref[: stop_at + 1]
+    assert reported[state["victim"].request_id] == "error" and set(reported) == {ra, rb}
+    assert_pool_clean(llm)
+
+
+def test_stream_of_a_request_finishing_in_a_step_that_failed_another_ends_normally(model, monkeypatch):
+    """The step that books B's last token fails A (A's token cannot be booked): B's stream yields every token and
+    ends (it raised A's error and dropped B's last token)."""
+    cfg = dict(budget=None, page_size=4, num_pages=64)
+    a, b = prompts_of((12, 5), seed=4)
+    params_a = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    params_b = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = LLM(model, **cfg).generate([b], params_b, use_tqdm=False)[0].token_ids
+    llm = LLM(model, **cfg)
+    ra, rb = llm.add_request(a, params_a), llm.add_request(b, params_b)
+    A, B = llm.requests[ra], llm.requests[rb]
+    append, fired = llm.core.outputs.append, []
+
+    def failing(seq, token, lp):
+        if seq is A and not fired and len(B.output_ids) + 1 == B.params.max_tokens:
+            fired.append(1)
+            raise Injected("A's token could not be booked")
+        return append(seq, token, lp)
+
+    monkeypatch.setattr(llm.core.outputs, "append", failing)
+    assert [t for new in llm.stream(rb) for t in new] == expected and fired
+    assert llm.output(rb).finish_reason == "length"
+    assert llm.output(ra).finish_reason == "error" and llm.output(ra).error == "Injected: A's token could not be booked"
+    # (the failed step's outputs, A's and B's last, come from the step after it)
+    assert sorted(o.request_id for o in llm.step()) == sorted([ra, rb])
+    assert_pool_clean(llm)

@@ -390,11 +390,18 @@ def test_no_request_is_admitted_in_a_step_that_preempted(monkeypatch, stub_model
                         SamplingParams(temperature=0, ignore_eos=True, max_tokens=rng.randint(10, 60)))
     schedule, preempt, victims, admitted_after = llm.scheduler.schedule, llm.scheduler.preempt, [], []
 
-    def watched():
-        victims.clear()
-        waiting = {id(s) for s in llm.scheduler.waiting}
-        step = schedule()
-        if victims:  # (this step preempted: nothing that waited, the victims included, may start)
+    depth = []
+
+    def watched():  # (called again from inside a schedule() that preempted a request stuck in its prefill)
+        if not depth:
+            victims.clear()
+        depth.append(1)
+        try:
+            waiting = {id(s) for s in llm.scheduler.waiting}
+            step = schedule()
+        finally:
+            depth.pop()
+        if victims and not depth:  # (this step preempted: nothing that waited, the victims included, may start)
             admitted_after.append([s.request_id for s, _ in step.prefill if id(s) in waiting or s in victims])
         return step
 

@@ -684,6 +684,11 @@ def test_a_scorer_setting_the_scorer_does_not_read_is_refused():
 
     with pytest.raises(ValueError, match="use_global"):
         get_scorer(Declared, ZipageConfig(use_global=True))
+
+    class Derived(type(get_scorer("snapkv", ZipageConfig()))):  # (reads more than its parent: not checked)
+        pass
+
+    get_scorer(Derived, ZipageConfig(group_reduce="max"))
     # where the cache and the engine build their scorer
     from conftest import tiny_model
 

@@ -85,10 +85,6 @@ def config_features(config: Any) -> list[str]:
     for attr in ("kv_lora_rank", "num_kv_shared_layers"):
         if getattr(config, attr, None):
             found.append(f"latent or shared KV ({attr}={getattr(config, attr)})")
-    v_dim, k_dim = getattr(config, "v_head_dim", None), _safe(config, "head_dim")
-    if v_dim is not None and k_dim is not None and v_dim != k_dim:
-        found.append(f"values of another head dim than the keys (v_head_dim={v_dim}, head_dim={k_dim}: the KV "
-                     "pages hold keys and values of one shape)")
     return found
 
 
@@ -120,7 +116,13 @@ def layer_shapes(config: Any) -> dict[tuple[Any, Any], list[int]]:
 
 def check_engine_config(config: Any) -> None:
     """Raise ValueError for a model the engine cannot page: its layers must share one number of KV heads and one
-    head dim (``generate(cache_implementation="zipage")`` keeps each layer's own)."""
+    head dim, and its values the keys' head dim (``generate(cache_implementation="zipage")`` keeps each layer's
+    keys and values in their own shapes)."""
+    v_dim, k_dim = getattr(config, "v_head_dim", None), _safe(config, "head_dim")
+    if v_dim is not None and k_dim is not None and v_dim != k_dim:
+        raise ValueError(f"zipage.LLM needs values of the keys' head dim, and {type(config).__name__} has "
+                         f"v_head_dim={v_dim}, head_dim={k_dim} (the engine's KV pages hold keys and values of one "
+                         "shape); generate(cache_implementation='zipage') serves such a model")
     shapes = layer_shapes(config)
     if len(shapes) > 1:
         text = "; ".join(f"layer{'s' if len(ids) > 1 else ''} {_ranges(ids)}: {h} KV heads of dim {d}"

@@ -110,13 +110,13 @@ class Compressions:
         self.runner.compress(seqs, [fresh[id(s)] for s in seqs] if fresh else None, first)
 
     # ----------------------------------------------------------------------------- landing
-    def collect(self, block: bool) -> list[Sequence]:
-        """Book the compressions whose event completed (or all of them, with ``block``); returns the
-        sequences that could only finish now (stopped or cancelled while compressing). An entry leaves
+    def collect(self, block: bool, changed: list | None = None) -> None:
+        """Book the compressions whose event completed (or all of them, with ``block``); the outputs of the
+        sequences that could only finish now (stopped or cancelled while compressing) go to ``changed`` as they
+        finish (so a raise below loses none of them; None: not wanted). An entry leaves
         ``pending`` as it lands, before anything that may raise, so that no compression lands twice; a
         group whose booking raises is failed (its pages may be compacted already) and a sequence that fails
         to finish does not keep the others from landing and finishing (the first error is raised)."""
-        finished: list[Sequence] = []
         error = None
         i = 0
         while i < len(self.pending):
@@ -151,10 +151,10 @@ class Compressions:
                 except BaseException as e:
                     error = error if error is not None else e
                     continue
-                finished.append(seq)
+                if changed is not None:
+                    changed.append(seq.output())
         if error is not None:
             raise error
-        return finished
 
     def _landed(self, group: Group) -> None:
         seqs, _, fresh = group

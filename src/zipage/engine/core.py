@@ -177,7 +177,7 @@ class EngineCore:
                 seq.pending -= 1
 
     def _step(self, changed: list[RequestOutput]) -> None:
-        changed += [s.output() for s in self.compressions.collect(block=False)]
+        self.compressions.collect(False, changed)
         plan = self.scheduler.schedule()
         if self.scheduler.ended:  # requests the scheduler itself had to end (reason "error")
             changed += [s.output() for s in self.scheduler.ended]
@@ -202,7 +202,7 @@ class EngineCore:
                 flight, self.inflight = self.inflight, None
                 self._resolve(flight, changed)
             elif self.compressions:  # nothing else to run: wait for a compression to land
-                changed += [s.output() for s in self.compressions.collect(block=True)]
+                self.compressions.collect(True, changed)
             return
         previous = self.inflight
         launched = self._forward_and_sample(plan, previous)

@@ -614,9 +614,9 @@ class LLM:
         A request with ``n > 1`` samples has no single stream: drive ``step()`` and read each
         output's ``outputs[0].index``. A consumer that stops before the request finishes (``break``, a
         closed or collected generator) cancels the request, as a client gone does: its pages go back to
-        the pool. A step that raises is tried again (it failed another request, or rolled back) unless it
-        ended this request or ``MAX_FAILED_STEPS`` steps in a row raised: then the exception goes up and the
-        request ends (one another thread's step failed raises RuntimeError naming the cause)."""
+        the pool. A step that raises is tried again (it failed another request, or rolled back) until
+        ``MAX_FAILED_STEPS`` steps in a row raised: then the exception goes up and the request ends. A request
+        a failure ended raises RuntimeError naming the cause, once its tokens are out."""
         seq = self._get(request_id)
         if request_id in self._samples:
             raise ValueError(f"request {request_id!r} has n={seq.params.n} samples: stream() follows one; "
@@ -637,8 +637,8 @@ class LLM:
                     failures = 0
                 except Exception:
                     failures += 1  # (another request's failure, or one the step rolled back: go on)
-                    if seq.finished or failures >= MAX_FAILED_STEPS:
-                        raise
+                    if failures >= MAX_FAILED_STEPS and not seq.finished:
+                        raise  # (finished: its last tokens go out above, and a failure that ended it is named)
         finally:
             if not seq.finished:
                 self.core.cancel(seq)

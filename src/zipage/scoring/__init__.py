@@ -58,7 +58,8 @@ def check_fields(scorer: Scorer) -> Scorer:
     """Refuse a scorer setting of ``ZipageConfig`` (``SCORER_FIELDS``) set away from its default that ``scorer``
     does not read (``scorer="snapkv", use_global=True`` would run SnapKV as it is): its ``config_fields`` name
     what it reads; a scorer that names none (None) is not checked."""
-    reads = type(scorer).config_fields
+    cls = type(scorer)  # (a scorer of one's own checks only what its own class declares, not what it inherits)
+    reads = cls.config_fields if cls.__module__.startswith("zipage.") else vars(cls).get("config_fields")
     config = getattr(scorer, "config", None)
     if reads is None or config is None:
         return scorer

@@ -154,11 +154,15 @@ class AsyncEngine:
         ``LLM.add_request`` raised for a bad request (``ValueError``, ``TypeError``). ``reserved``: its
         samples were counted by ``reserve`` already."""
         if self.dead is not None:
+            if reserved:  # (never queued: its samples are not waiting)
+                self.unreserve(params.n)
             raise EngineDead(self.dead)
         req = _Request(f"req-{next(self._ids)}", asyncio.get_running_loop(), asyncio.Queue(), params.n,
                        time.monotonic())
         with self._lock:  # (the loop's last drain holds it too: an add is either drained and answered, or refused)
             if self._closed:
+                if reserved:
+                    self._incoming -= params.n
                 raise EngineDead(self.dead or "the server is shutting down")
             if not reserved:
                 self._incoming += params.n

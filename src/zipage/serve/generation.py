@@ -103,7 +103,7 @@ async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[i
         raise APIError(429, f"the server's waiting queue is full ({config.max_waiting} requests); retry later",
                        code="queue_full")
     streams: list[RequestStream] = []
-    submitted = 0  # samples whose add reached the engine's queue (it un-counts them as it applies them)
+    submitted = 0  # samples handed to engine.add (which un-counts them, as it refuses them or applies them)
     try:
         for prompt, p in zip(prompts, params):
             submitted += p.n
