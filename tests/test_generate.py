@@ -902,6 +902,11 @@ def test_use_cache_false_runs_without_a_cache_as_transformers_does():
     model.generation_config.cache_implementation = "zipage"
     out = model.generate(ids, attention_mask=mask, max_new_tokens=4, use_cache=False, **GREEDY)
     assert torch.equal(plain, out)
+    # a cache given with use_cache=False would be fed the whole sequence at every step: refused by name
+    model.generation_config.cache_implementation = None
+    cache = zipage.ZipageCache(config=model.config, zipage_config=zipage.ZipageConfig(budget=16, page_size=4))
+    with pytest.raises(ValueError, match="use_cache=False.*ZipageCache"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, use_cache=False, past_key_values=cache, **GREEDY)
 
 
 def test_a_deep_copy_of_the_cache_goes_on_as_the_original_outside_generate():

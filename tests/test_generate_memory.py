@@ -128,3 +128,38 @@ def test_queries_are_kept_only_within_a_window_of_a_compression(model, max_cache
             else:
                 expected = t + 1 > 40 - 16 and (t + 1) + (40 - (t + 1)) + 1 <= max_cache_len
             assert (kept is not None) == expected, t
+
+
+def test_a_stale_length_bound_does_not_resize_every_step(monkeypatch):
+    """A generate() call's bound on the tokens it feeds stays on a cache the caller keeps: a loop of forwards after
+    it (or a conversation continued with only its new tokens and a full mask) passed the bound, and every step
+    then resized every layer's rows to exactly what it needed (a copy of the whole cache a step). Past the
+    bound, rows grow geometrically as they do with no bound; the tokens are the same."""
+    import zipage.cache as cache_mod
+    from zipage import ZipageCache, ZipageConfig
+
+    resizes = []
+    resize = cache_mod.ZipageLayer.resize
+    monkeypatch.setattr(cache_mod.ZipageLayer, "resize", lambda self, cap: (resizes.append(cap), resize(self, cap))[1])
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    ids = torch.randint(3, 96, (1, 200), generator=torch.Generator().manual_seed(0))
+    tokens = {}
+    for after_generate in (True, False):
+        cache = ZipageCache(config=model.config, zipage_config=ZipageConfig(budget=4096, page_size=16))
+        with torch.no_grad():
+            if after_generate:
+                tok = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)[:, -1:]
+            else:
+                out = model.generate(ids, max_new_tokens=5, do_sample=False)
+                tok = out[:, -1:]
+                cache = ZipageCache(config=model.config, zipage_config=ZipageConfig(budget=4096, page_size=16))
+                model(out[:, :-1], past_key_values=cache)
+            resizes.clear()
+            steps = []
+            for _ in range(100):
+                tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+                steps.append(tok.item())
+        tokens[after_generate] = steps
+        assert len(resizes) <= 2 * len(cache.layers), (after_generate, len(resizes))
+    assert tokens[True] == tokens[False]

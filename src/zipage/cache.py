@@ -507,7 +507,10 @@ class ZipageCache(Cache):
             self._waited = 0
         elif cfg.compresses(stored, q):  # (waiting for the window queries)
             self._waited += 1
-        remaining = None if self.max_cache_len is None else self.max_cache_len - first.seen
+        # (a bound the input has passed is stale, e.g. a generate() call's kept for a loop of forwards after it, or
+        # counting only the new tokens of a conversation: unknown then, rows grow geometrically)
+        known = self.max_cache_len is not None and first.seen + q <= self.max_cache_len
+        remaining = self.max_cache_len - first.seen if known else None
         limit = stored_limit(after, q, cfg.capacity, remaining)
         if self._head_major is None:
             self._head_major = not use_triton(key_states) or self._dense_on_gpu(key_states)
@@ -887,10 +890,12 @@ class ZipageCache(Cache):
                 layer.tail = tuple(t.index_select(0, idx) for t in layer.tail)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("ZipageCache cannot change its batch size after it has been filled")
+        raise NotImplementedError("ZipageCache cannot change its batch size (contrastive search re-batches the cache: "
+                                  "use greedy, sampling or beam search)")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("ZipageCache cannot change its batch size after it has been filled")
+        raise NotImplementedError("ZipageCache cannot change its batch size (contrastive search re-batches the cache: "
+                                  "use greedy, sampling or beam search)")
 
     def reset(self) -> None:
         self.cudnn_hold.give()

@@ -73,6 +73,10 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     if wants_zipage and user_cache is None and generation_config.use_cache is False:
         # no cache asked for: transformers then runs without one whatever cache_implementation says
         return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
+    if isinstance(user_cache, ZipageCache) and generation_config.use_cache is False:
+        # (transformers would feed the whole sequence again at every step into the cache: garbage, silently)
+        raise ValueError("generate(use_cache=False) was given past_key_values=ZipageCache: drop use_cache=False "
+                         "(the cache is used), or the cache")
     check_transformers_version()
     _check_mode(generation_mode)
     check_model(self)
