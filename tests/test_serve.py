@@ -357,6 +357,9 @@ BAD = [  # (body, status, param); the model is added where missing
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
     ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "stop": ["."] * 65}, 400, "stop"),  # (a stop list of thousands held the engine for minutes)
+    ({"prompt": "x", "stop_token_ids": [1] * 1025}, 400, "stop_token_ids"),
+    ({"prompt": ["x"] * 33, "n": 128}, 400, "prompt"),  # (4,224 samples in one request)
     ({"prompt": "x", "n": "many"}, 400, "n"),
     ({"prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ({"prompt": "x", "stop": 5}, 400, "stop"),
@@ -514,7 +517,8 @@ def test_bad_input_gets_its_4xx_and_the_server_keeps_serving(server, client):
         r = httpx.post(f"{url}/v1/completions", content=raw, headers={**headers, "content-type": "application/json"})
         assert r.status_code == 400 and "error" in r.json(), raw
     assert httpx.get(f"{url}/v1/nothing", headers=headers).status_code == 404
-    assert httpx.get(f"{url}/v1/completions", headers=headers).status_code == 405
+    r = httpx.get(f"{url}/v1/completions", headers=headers)
+    assert r.status_code == 405 and r.headers["allow"] == "POST"  # (RFC 9110: a 405 names what is allowed)
     config.max_waiting = 2
     engine._incoming += 2  # two adds in flight: a full waiting queue (429: retry later)
     try:

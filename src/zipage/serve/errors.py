@@ -98,7 +98,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
         message = e.detail if isinstance(e.detail, str) else HTTPStatus(e.status_code).phrase
-        return error_response(e.status_code, message)
+        return error_response(e.status_code, message, headers=getattr(e, "headers", None))  # (a 405's Allow)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:

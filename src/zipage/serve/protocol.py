@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -73,6 +73,12 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+# Bounds on what one request may ask the engine thread to check at every token (a stop list of thousands held
+# the engine, and every other request with it, for minutes)
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 1024
+
+
 class SamplingFields(OpenAIModel):
     """What both endpoints share: OpenAI's sampling fields, vLLM's extras and zipage's budget."""
 
@@ -95,9 +101,16 @@ class SamplingFields(OpenAIModel):
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+        return value
     return_token_ids: bool = False
     # zipage: tokens of KV kept per sample after a compression; null for full KV; absent: the server's
     budget: int | None = Field(default=None, ge=1)
