@@ -359,7 +359,7 @@ BAD = [  # (body, status, param); the model is added where missing
     ({"prompt": "x", "n": 0}, 400, "n"),
     ({"prompt": "x", "stop": ["."] * 65}, 400, "stop"),  # (a stop list of thousands held the engine for minutes)
     ({"prompt": "x", "stop_token_ids": [1] * 1025}, 400, "stop_token_ids"),
-    ({"prompt": ["x"] * 33, "n": 128}, 400, "prompt"),  # (4,224 samples in one request)
+    ({"prompt": ["x"] * 33, "n": 128}, 400, "prompt"),  # (4,224 samples in one request: refused before tokenizing)
     ({"prompt": "x", "n": "many"}, 400, "n"),
     ({"prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ({"prompt": "x", "stop": 5}, 400, "stop"),

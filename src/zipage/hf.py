@@ -75,8 +75,9 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
         return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     if isinstance(user_cache, ZipageCache) and generation_config.use_cache is False:
         # (transformers would feed the whole sequence again at every step into the cache: garbage, silently)
-        raise ValueError("generate(use_cache=False) was given past_key_values=ZipageCache: drop use_cache=False "
-                         "(the cache is used), or the cache")
+        raise ValueError("generate() was given past_key_values=ZipageCache with use_cache=False (passed, or the "
+                         "model's generation_config.use_cache, e.g. from a checkpoint saved without a cache): pass "
+                         "use_cache=True, or no cache")
     check_transformers_version()
     _check_mode(generation_mode)
     check_model(self)
