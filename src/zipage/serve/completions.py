@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from .choices import ChoiceState, TokenStrings, completion_logprobs
 from .engine_client import AsyncEngine
 from .errors import APIError, error_body
-from .generation import (DONE, MAX_REQUEST_SAMPLES, ServeConfig, add_all, check_length, check_model, merged,
+from .generation import (DONE, ServeConfig, add_all, check_length, check_model, check_samples, merged,
                          sampling_params, sse)
 from .protocol import (
     CompletionChoice,
@@ -51,9 +51,7 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: AsyncE
     check_model(config, req.model)
     p = req.prompt  # (a list of prompts: counted before any is tokenized, which holds the event loop)
     count = len(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else 1
-    if count * req.n > MAX_REQUEST_SAMPLES:
-        raise APIError(400, f"the request has {count * req.n} samples (prompts x n); one request may have at most "
-                            f"{MAX_REQUEST_SAMPLES}: send the prompts in several requests", param="prompt")
+    check_samples(count * req.n, "prompt")
     prompts = prompt_ids(req, config.tokenizer)
     params = sampling_params(req, config, req.max_tokens or DEFAULT_MAX_TOKENS, req.logprobs)
     for ids in prompts:

@@ -93,6 +93,13 @@ def check_length(prompt: list[int], params: SamplingParams, config: ServeConfig,
 MAX_REQUEST_SAMPLES = 4096  # samples (prompts x n) one request may add, whatever --max-waiting says
 
 
+def check_samples(samples: int, prompt_field: str) -> None:
+    """Refuse a request of more than ``MAX_REQUEST_SAMPLES`` samples (one small body made 128,000)."""
+    if samples > MAX_REQUEST_SAMPLES:
+        raise APIError(400, f"the request has {samples} samples (prompts x n); one request may have at most "
+                            f"{MAX_REQUEST_SAMPLES}: send the prompts in several requests", param=prompt_field)
+
+
 async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[int]],
                   params: list[SamplingParams], prompt_field: str) -> list[RequestStream]:
     """Add every prompt of a request (all or none: a refused one cancels those already added)."""
@@ -102,9 +109,7 @@ async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[i
     if config.max_waiting is not None and samples > config.max_waiting:  # (never fits: a retry cannot help)
         raise APIError(400, f"the request has {samples} samples (prompts x n) but the server queues at most "
                             f"{config.max_waiting} (--max-waiting)", param="n")
-    if samples > MAX_REQUEST_SAMPLES:  # (without --max-waiting too: one small body made 128,000 samples)
-        raise APIError(400, f"the request has {samples} samples (prompts x n); one request may have at most "
-                            f"{MAX_REQUEST_SAMPLES}: send the prompts in several requests", param=prompt_field)
+    check_samples(samples, prompt_field)  # (without --max-waiting too)
     if not engine.reserve(samples, config.max_waiting):  # (all the request's samples at once, or none)
         raise APIError(429, f"the server's waiting queue is full ({config.max_waiting} requests); retry later",
                        code="queue_full")
