@@ -235,6 +235,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="largest budget a request may ask for; full KV is refused then too (default: no limit)")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="waiting requests beyond which new ones get a 429 (default: no limit)")
+    p.add_argument("--max-request-bytes", type=int, default=32 << 20,
+                   help="largest request body; a larger one gets a 413 before it is read whole (default: 32 MiB)")
     p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                    help="defaults of the sampling fields a request leaves out (temperature, top_p, top_k, min_p, "
                    "repetition_penalty): auto, those the model's generation_config sets; vllm, the API's own "

@@ -119,7 +119,7 @@ def test_help_imports_neither_torch_nor_the_library(argv):
         for flag in ("--served-model-name", "--api-key", "--max-num-seqs", "--enable-prefix-caching",
                      "--no-enable-prefix-caching", "--enforce-eager", "--budget", "--page-size", "--scorer",
                      "--max-budget", "--max-waiting", "--gpu-memory-utilization", "--num-pages", "--dtype",
-                     "--allowed-origins"):
+                     "--allowed-origins", "--max-request-bytes"):
             assert flag in r.stdout, flag
 
 

@@ -300,6 +300,7 @@ def test_serve_options_are_checked_before_anything_loads():
                          (["--max-num-seqs", "0"], "--max-num-seqs 0"), (["--num-pages", "0"], "--num-pages 0"),
                          (["--max-model-len", "0"], "--max-model-len 0"), (["--port", "99999"], "--port 99999"),
                          (["--max-waiting", "0"], "--max-waiting 0"), (["--budget", "8"], "observation window"),
+                         (["--max-request-bytes", "0"], "--max-request-bytes 0"),
                          (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization"),
                          (["--budget", "none", "--page-size", "0"], "page_size"),
                          (["--exact-tail", "4"], "8-bit pages"), (["--kv-cache-dtype", "fp8", "--exact-tail", "-1"],

@@ -358,6 +358,8 @@ BAD = [  # (body, status, param); the model is added where missing
     ({"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
     ({"prompt": "x", "n": 0}, 400, "n"),
     ({"prompt": "x", "stop": ["."] * 65}, 400, "stop"),  # (a stop list of thousands held the engine for minutes)
+    ({"prompt": "x", "stop": ["a" * 9000, "b" * 9000]}, 400, "stop"),  # (16,384 characters in all at most)
+    ({"prompt": "x", "stop": "a" * 16385}, 400, "stop"),
     ({"prompt": "x", "stop_token_ids": [1] * 1025}, 400, "stop_token_ids"),
     ({"prompt": ["x"] * 33, "n": 128}, 400, "prompt"),  # (4,224 samples in one request: refused before tokenizing)
     ({"prompt": "x", "n": "many"}, 400, "n"),
@@ -862,3 +864,139 @@ def test_max_waiting_holds_for_samples_and_for_requests_arriving_together(checkp
             engine.shutdown()
         assert set(answers) == {200, 429}, answers
         assert peak[0] <= 4, (n, prompts, peak[0], answers)
+
+
+class _Connected:
+    """A request whose client never goes away (``merged``'s disconnect check)."""
+
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_a_consumer_that_falls_behind_gets_its_backlog_as_one_delta(checkpoint, offline, logprobs):
+    """A stream whose consumer stops taking deltas (a client that stays connected but stops reading) does not
+    queue one event per step for when it comes back: what came meanwhile is joined into one delta per sample,
+    with every token and log-probability in order (the same as the request run offline)."""
+    import asyncio
+
+    from zipage.serve.engine_client import AsyncEngine
+    from zipage.serve.generation import merged
+
+    model, tok = checkpoint
+    engine = AsyncEngine(LLM(model, tok, **ENGINE))
+    engine.start()
+    prompt = tok("the backlog")["input_ids"]
+    params = dict(max_tokens=40, temperature=0, ignore_eos=True, n=2, logprobs=logprobs)
+
+    async def slow_reader():
+        stream = await engine.add(prompt, SamplingParams(**params))
+        got = []
+        async for _, deltas in merged([stream], _Connected()):
+            got.append(deltas)
+            if len(got) == 1:  # falls behind until the engine has finished the request
+                while engine.llm.has_unfinished():
+                    await asyncio.sleep(0.01)
+        return got
+
+    try:
+        got = asyncio.run(asyncio.wait_for(slow_reader(), timeout=120))
+    finally:
+        engine.shutdown()
+    assert len(got) <= 3, [[(d.index, len(d.token_ids)) for d in ds] for ds in got]  # (not ~40 steps' events)
+    want = run_offline(offline, prompt, **params)
+    for k in range(2):
+        tokens = [t for ds in got for d in ds if d.index == k for t in d.token_ids]
+        assert tokens == list(want.outputs[k].token_ids)
+        ends = [d.finish_reason for ds in got for d in ds if d.index == k and d.finish_reason is not None]
+        assert ends == ["length"]
+        if logprobs is not None:
+            lps = [e for ds in got for d in ds if d.index == k for e in d.logprobs]
+            assert [e.token_id for e in lps] == tokens
+            assert [e.logprob for e in lps] == pytest.approx([e.logprob for e in want.outputs[k].logprobs], abs=1e-5)
+        else:
+            assert all(d.logprobs is None for ds in got for d in ds if d.index == k)
+
+
+def test_join_deltas_keeps_each_sample_s_order_and_its_ending():
+    from zipage.serve.engine_client import Delta, join_deltas
+
+    a = [Delta(0, [1], None, None), Delta(1, [7], None, None)]
+    b = [Delta(1, [8, 9], None, None), Delta(2, [4], None, None)]
+    c = [Delta(0, [2], None, "stop", text="xy"), Delta(2, [], None, "error", error="boom")]
+    joined = join_deltas(join_deltas(a, b), c)
+    assert [(d.index, d.token_ids, d.finish_reason, d.text, d.error) for d in joined] == [
+        (0, [1, 2], "stop", "xy", None), (1, [7, 8, 9], None, None, None), (2, [4], "error", None, "boom")]
+    assert a[0].token_ids == [1]  # (the deltas joined are left as they were)
+
+
+def test_a_body_over_the_limit_gets_a_413_and_a_stranger_s_body_is_not_read(checkpoint):
+    """--max-request-bytes: a body whose Content-Length passes it gets a 413 at once, one sent in chunks as soon
+    as it passes it; a body at the limit is served; without the key, a 401 comes first."""
+    model, tok = checkpoint
+    llm = LLM(model, tok, **ENGINE)
+    body = json.dumps({"model": NAME, "prompt": "fits", "max_tokens": 2}).encode()
+    config = ServeConfig(model_names=[NAME], model_root="tiny", tokenizer=tok, max_model_len=llm.max_model_len,
+                         api_key=KEY, max_request_bytes=len(body))
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    with thread_server(llm, config) as (url, engine):
+        r = httpx.post(f"{url}/v1/completions", content=body, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        big = body[:-1] + b" }"
+        r = httpx.post(f"{url}/v1/completions", content=big, headers=headers, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        assert f"limit of {len(body)} bytes" in r.json()["error"]["message"]
+
+        def chunks():  # (no Content-Length: the limit is found while reading)
+            yield big[:10]
+            yield big[10:]
+
+        r = httpx.post(f"{url}/v1/completions", content=chunks(), headers=headers, timeout=30)
+        assert "content-length" not in r.request.headers
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+        r = httpx.post(f"{url}/v1/completions", content=big, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 401
+        r = httpx.post(f"{url}/v1/completions", content=body, headers=headers, timeout=30)
+        assert r.status_code == 200 and metrics(url)["zipage:kv_pages_used"] == 0
+
+
+def test_a_prompt_is_tokenized_off_the_event_loop(checkpoint):
+    """Tokenizing a prompt (here made to take a second) does not hold the event loop: /health answers meanwhile,
+    and the request is answered as it would be."""
+    import threading
+    import time
+
+    model, tok = checkpoint
+
+    class SlowTokenizer:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, *a, **kw):
+            time.sleep(1.5)
+            return self.inner(*a, **kw)
+
+        def apply_chat_template(self, *a, **kw):
+            time.sleep(1.5)
+            return self.inner.apply_chat_template(*a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    llm = LLM(model, tok, **ENGINE)
+    config = ServeConfig(model_names=[NAME], model_root="tiny", tokenizer=SlowTokenizer(tok),
+                         max_model_len=llm.max_model_len)
+    with thread_server(llm, config) as (url, engine):
+        for path, body in (("completions", {"prompt": "slow to tokenize"}),
+                           ("chat/completions", {"messages": [{"role": "user", "content": "slow"}]})):
+            answers = {}
+            request = threading.Thread(target=lambda: answers.update(r=httpx.post(
+                f"{url}/v1/{path}", json={"model": NAME, "max_tokens": 3, "ignore_eos": True, **body}, timeout=60)))
+            request.start()
+            time.sleep(0.3)  # (the request is tokenizing)
+            start = time.monotonic()
+            assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+            waited = time.monotonic() - start
+            request.join()
+            assert answers["r"].status_code == 200 and answers["r"].json()["usage"]["completion_tokens"] == 3
+            assert waited < 0.9, f"/health waited {waited:.2f} s for the tokenizer"

@@ -45,6 +45,47 @@ class APIKey:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """A request body over ``config.max_request_bytes`` gets a 413: at once when its Content-Length says so,
+    else as soon as the bytes read pass the limit (the body is read here, whole, before the app sees it)."""
+
+    def __init__(self, app, config: ServeConfig) -> None:
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.config.max_request_bytes
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = length.isdigit() and int(length) > limit
+        first: list[dict] = []
+        if not too_large:
+            body, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # (the client went: the app hears it)
+                    first.append(message)
+                    break
+                body.append(message.get("body", b""))
+                size += len(body[-1])
+                if size > limit:
+                    too_large = True
+                    break
+                if not message.get("more_body", False):
+                    first.append({"type": "http.request", "body": b"".join(body), "more_body": False})
+                    break
+        if too_large:
+            response = error_response(413, f"the request body is larger than this server's limit of {limit} bytes "
+                                           "(--max-request-bytes)", code="request_too_large")
+            return await response(scope, receive, send)
+
+        async def replay():
+            return first.pop() if first else await receive()
+
+        await self.app(scope, replay, send)
+
+
 def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     """An app serving ``engine`` (whose loop it starts and stops) as ``args.model_names``."""
     if engine.metrics is None:
@@ -65,6 +106,7 @@ def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     app.state.config = args
     install(app)
 
+    app.add_middleware(BodyLimit, config=args)  # (runs after the key check: a stranger's body is never read)
     app.add_middleware(APIKey, config=args)
     if args.allowed_origins:  # (added last, so it runs first: a preflight is answered before the key is asked for)
         from starlette.middleware.cors import CORSMiddleware

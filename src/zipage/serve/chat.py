@@ -12,7 +12,8 @@ from fastapi.responses import StreamingResponse
 from .choices import ChoiceState, TokenStrings, chat_logprobs
 from .engine_client import AsyncEngine
 from .errors import APIError, bad_request, error_body
-from .generation import DONE, ServeConfig, add_all, check_length, check_model, merged, sampling_params, sse
+from .generation import (DONE, ServeConfig, add_all, check_length, check_model, merged, off_loop,
+                         sampling_params, sse)
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -57,7 +58,7 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engine: AsyncEngine,
                                  config: ServeConfig) -> ChatCompletionResponse | StreamingResponse:
     check_model(config, req.model)
-    prompt = chat_prompt(req, config.tokenizer)
+    prompt = await off_loop(chat_prompt, req, config.tokenizer)
     asked = req.max_completion_tokens or req.max_tokens
     max_tokens = asked or max(1, config.max_model_len - len(prompt))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

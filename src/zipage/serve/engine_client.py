@@ -57,6 +57,19 @@ class _Request:
     errored: bool = False  # a sample ended with "error" (its siblings are then cancelled: counted as an error)
 
 
+def join_deltas(first: list[Delta], then: list[Delta]) -> list[Delta]:
+    """Two steps' deltas of one request as one: per sample, the tokens of both, the second's ending."""
+    out = {d.index: d for d in first}
+    for d in then:
+        prev = out.get(d.index)
+        if prev is not None:
+            logprobs = None if prev.logprobs is None and d.logprobs is None else [*(prev.logprobs or ()),
+                                                                                   *(d.logprobs or ())]
+            d = Delta(d.index, prev.token_ids + d.token_ids, logprobs, d.finish_reason, d.text, d.error)
+        out[d.index] = d
+    return list(out.values())
+
+
 class RequestStream:
     """One request's deltas as they come (``async for``). ``close()`` cancels it unless it finished:
     call it when the consumer goes away (a ``finally`` around the iteration)."""
@@ -67,14 +80,27 @@ class RequestStream:
         self.done = 0  # samples finished (seen by this side)
         self.finished = False
         self.closed = False
+        self._held: BaseException | None = None  # an error taken off the queue behind deltas, for the next call
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> list[Delta]:
+        """The next deltas: all those delivered since the last call, one delta per sample (a consumer
+        slower than the engine, such as a client that stops reading, gets its backlog joined into one
+        event, not as many events as there were steps)."""
         if self.finished:
             raise StopAsyncIteration
-        item = await self.req.queue.get()
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self.req.queue.get()
+        while not isinstance(item, BaseException) and not self.req.queue.empty():
+            more = self.req.queue.get_nowait()
+            if isinstance(more, BaseException):  # (the deltas before it come now, the error on the next call)
+                self._held = more
+                break
+            item = join_deltas(item, more)
         if isinstance(item, BaseException):
             self.finished = True  # the engine has let go of it already
             raise item

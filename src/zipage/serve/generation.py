@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -17,7 +18,19 @@ from .engine_client import AsyncEngine, Delta, EngineDead, RequestStream
 from .errors import APIError, bad_request
 from .protocol import SamplingFields
 
+T = TypeVar("T")
+
 DISCONNECT_POLL_S = 0.5  # how often a request waiting for tokens checks that its client is still there
+MAX_REQUEST_BYTES = 32 << 20  # the default largest request body (--max-request-bytes)
+
+# Prompts are tokenized (and chat templates applied) here, one request at a time, not on the event loop: a
+# prompt of megabytes held every other request's stream, and /health, for seconds
+_TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zipage-tokenize")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the tokenizing thread, the event loop free meanwhile; what it raises is raised here."""
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_THREAD, fn, *args)
 
 
 @dataclass
@@ -35,6 +48,7 @@ class ServeConfig:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     # origins whose browser pages may call the API (CORS; "*": any); None: no CORS headers (--allowed-origins)
     allowed_origins: list[str] | None = None
+    max_request_bytes: int = MAX_REQUEST_BYTES  # a larger request body gets a 413 (--max-request-bytes)
 
 
 def check_model(config: ServeConfig, model: str | None) -> None:
@@ -141,14 +155,19 @@ def close_all(streams: list[RequestStream]) -> None:
 async def merged(streams: list[RequestStream], raw: Request) -> AsyncIterator[tuple[int, list[Delta]]]:
     """``(prompt index, deltas)`` of several streams as they come. Every stream is cancelled when the
     iteration ends early: the client went away (checked every ``DISCONNECT_POLL_S``), the consumer
-    stopped or was cancelled."""
+    stopped or was cancelled. A stream is read again only once the consumer has taken its last deltas and
+    comes back for more, so what a slow consumer (a client that stops reading) has not taken waits in the
+    stream, where it is joined into one delta per sample."""
     inbox: asyncio.Queue = asyncio.Queue()
+    wanted = [asyncio.Event() for _ in streams]  # set: the consumer has taken the stream's last deltas
     gone = object()
 
     async def pump(i: int, stream: RequestStream) -> None:
         try:
             async for deltas in stream:
+                wanted[i].clear()
                 inbox.put_nowait((i, deltas))
+                await wanted[i].wait()
             inbox.put_nowait((i, None))
         except BaseException as e:  # (EngineDead, or cancelled below)
             inbox.put_nowait((i, e))
@@ -174,6 +193,7 @@ async def merged(streams: list[RequestStream], raw: Request) -> AsyncIterator[tu
                 raise APIError(503, str(item)) if isinstance(item, EngineDead) else item
             else:
                 yield i, item
+                wanted[i].set()
     finally:
         close_all(streams)
         for t in tasks:

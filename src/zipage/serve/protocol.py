@@ -76,6 +76,7 @@ class StreamOptions(OpenAIModel):
 # Bounds on what one request may ask the engine thread to check at every token (a stop list of thousands held
 # the engine, and every other request with it, for minutes)
 MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 16384  # characters of all the stop strings together
 MAX_STOP_TOKEN_IDS = 1024
 
 
@@ -110,6 +111,9 @@ class SamplingFields(OpenAIModel):
     def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+        chars = len(value) if isinstance(value, str) else sum(len(s) for s in value or ())
+        if chars > MAX_STOP_CHARS:
+            raise ValueError(f"at most {MAX_STOP_CHARS} characters of stop strings in all, got {chars}")
         return value
     return_token_ids: bool = False
     # zipage: tokens of KV kept per sample after a compression; null for full KV; absent: the server's

@@ -19,7 +19,7 @@ from ..engine import LLM
 from .app import build_app
 from .engine_client import AsyncEngine
 from ..engine.sampling import model_sampling_defaults
-from .generation import ServeConfig
+from .generation import MAX_REQUEST_BYTES, ServeConfig
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 log = logging.getLogger("zipage.serve")
@@ -99,7 +99,8 @@ def config_from_args(llm: LLM, root: str, args: argparse.Namespace) -> ServeConf
                        max_model_len=llm.max_model_len, api_key=args.api_key or os.environ.get("ZIPAGE_API_KEY"),
                        max_waiting=args.max_waiting, max_budget=args.max_budget,
                        sampling_defaults=sampling_defaults(llm, root, args),
-                       allowed_origins=getattr(args, "allowed_origins", None))
+                       allowed_origins=getattr(args, "allowed_origins", None),
+                       max_request_bytes=getattr(args, "max_request_bytes", MAX_REQUEST_BYTES))
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -108,7 +109,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--tensor-parallel-size {args.tensor_parallel_size} is invalid: expected an int >= 1"
     if not 0 <= args.port <= 65535:
         return f"--port {args.port} is invalid: expected a port number, 0..65535"
-    for name in ("max_num_seqs", "max_num_batched_tokens", "num_pages", "max_model_len", "max_budget", "max_waiting"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "num_pages", "max_model_len", "max_budget", "max_waiting",
+                 "max_request_bytes"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')} {value} is invalid: expected an int >= 1"
