@@ -933,3 +933,32 @@ def test_a_deep_copy_of_the_cache_goes_on_as_the_original_outside_generate():
                 tokens.append(int(x))
         runs.append((tokens, c.num_compressions))
     assert runs[0] == runs[1] and runs[0][1] > 1
+
+
+def test_early_initialization_gives_the_same_tokens_and_a_mismatch_is_named():
+    """``Cache.early_initialization`` (transformers' export recipes): layers made for the model's batch size and
+    dtype give the tokens the cache gives when it makes them itself; made for another batch size or dtype, the
+    first step says which (index_copy_ and SDPA failed with messages naming neither)."""
+    if not hasattr(zipage.ZipageCache, "early_initialization"):
+        pytest.skip("this transformers has no Cache.early_initialization")
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 9, 14, 3, 7, 11, 2, 8, 6, 4]])
+    kv = model.config.num_key_value_heads
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    fields = dict(budget=16, page_size=4, buffer=4, window=2)
+
+    def run(cache):
+        return model.generate(ids, past_key_values=cache, max_new_tokens=30, min_new_tokens=30, **GREEDY)
+
+    want = run(zipage.ZipageCache(config=model.config, **fields))
+    cache = zipage.ZipageCache(config=model.config, **fields)
+    cache.early_initialization(1, kv, dim, torch.float32, torch.device("cpu"))
+    assert torch.equal(run(cache), want)
+    for batch, dtype, words in ((3, torch.float32, "batch size 3, torch.float32 on cpu, but the model's first step "
+                                                   "gives batch size 1"),
+                                (1, torch.float16, "batch size 1, torch.float16 on cpu, but the model's first step "
+                                                   "gives batch size 1, torch.float32")):
+        cache = zipage.ZipageCache(config=model.config, **fields)
+        cache.early_initialization(batch, kv, dim, dtype, torch.device("cpu"))
+        with pytest.raises(ValueError, match=words):
+            run(cache)

@@ -481,11 +481,27 @@ class ZipageCache(Cache):
         return not self.scorer.needs_queries or all(
             layer.window_queries is not None and layer.window_queries.shape[2] >= w for layer in self.full)
 
+    def _check_early_layers(self, key_states: torch.Tensor) -> None:
+        """Layers made before the first step (``early_initialization``) must match what the model stores."""
+        got = (key_states.shape[0], key_states.dtype, key_states.device)
+        for layer in self.layers:
+            keys = getattr(layer, "keys", None)
+            if keys is None or not getattr(layer, "is_initialized", False):
+                continue
+            made = (keys.shape[0], getattr(layer, "dtype", keys.dtype), keys.device)
+            if made != got:
+                raise ValueError(
+                    f"ZipageCache's layers were made (early_initialization) for batch size {made[0]}, {made[1]} on "
+                    f"{made[2]}, but the model's first step gives batch size {got[0]}, {got[1]} on {got[2]}: call "
+                    "early_initialization with the model's batch size, dtype and device, or leave it out (the "
+                    "cache makes its layers at the first step)")
+
     def _begin_step(self, batch: int, q: int, key_states: torch.Tensor) -> None:
         """Before the first layer stores a step: compress every layer if due, and decide how many
         tokens per row every layer holds for this step (each layer resizes in its own update)."""
         self.cudnn_hold.give()  # (held only if the last step's forward raised between its first and last layers)
         if not self.batch_size_:
+            self._check_early_layers(key_states)
             self.batch_size_ = batch
         elif batch != self.batch_size_:
             raise ValueError(f"ZipageCache was filled with batch size {self.batch_size_}, got {batch} now")
