@@ -146,7 +146,9 @@ class LLM:
             ``budget=None`` nothing compresses: the setting has no effect (``llm.async_compression``
             reads False).
         max_num_seqs: most sequences running at once (the budget may lower it further).
-        max_num_batched_tokens: most tokens in one step (chunked prefill).
+        max_num_batched_tokens: most tokens in one step (chunked prefill). Every running request decodes its
+            token at every step, so with more than this many running a step carries one token each and
+            no prompt tokens (vLLM refuses ``max_num_batched_tokens < max_num_seqs``; zipage allows it).
         gpu_memory_utilization: share of the GPU memory the model + pools may take (CUDA).
         num_pages: explicit pool size in pages (of the full-attention layers; sliding-window layers,
             which keep only their window, get a pool of their own sized for ``max_num_seqs``
