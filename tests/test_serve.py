@@ -873,15 +873,19 @@ class _Connected:
         return False
 
 
-@pytest.mark.parametrize("logprobs", [None, 2])
-def test_a_consumer_that_falls_behind_gets_its_backlog_as_one_delta(checkpoint, offline, logprobs):
+@pytest.mark.parametrize("logprobs,join", [(None, 1024), (2, 1024), (2, 16)])
+def test_a_consumer_that_falls_behind_gets_its_backlog_joined(checkpoint, offline, logprobs, join, monkeypatch):
     """A stream whose consumer stops taking deltas (a client that stays connected but stops reading) does not
     queue one event per step for when it comes back: what came meanwhile is joined into one delta per sample,
-    with every token and log-probability in order (the same as the request run offline)."""
+    up to JOIN_TOKENS tokens an event, with every token and log-probability in order (the same as the request
+    run offline)."""
     import asyncio
 
+    from zipage.serve import engine_client
     from zipage.serve.engine_client import AsyncEngine
     from zipage.serve.generation import merged
+
+    monkeypatch.setattr(engine_client, "JOIN_TOKENS", join)
 
     model, tok = checkpoint
     engine = AsyncEngine(LLM(model, tok, **ENGINE))
@@ -903,7 +907,11 @@ def test_a_consumer_that_falls_behind_gets_its_backlog_as_one_delta(checkpoint, 
         got = asyncio.run(asyncio.wait_for(slow_reader(), timeout=120))
     finally:
         engine.shutdown()
-    assert len(got) <= 3, [[(d.index, len(d.token_ids)) for d in ds] for ds in got]  # (not ~40 steps' events)
+    sizes = [sum(len(d.token_ids) for d in ds) for ds in got]
+    if join > 80:
+        assert len(got) <= 3, sizes  # (not ~40 steps' events)
+    else:  # a backlog of 80 tokens in events of at most 16 (and the one step that passes 16)
+        assert 5 <= len(got) <= 10 and max(sizes) <= join + 2, sizes
     want = run_offline(offline, prompt, **params)
     for k in range(2):
         tokens = [t for ds in got for d in ds if d.index == k for t in d.token_ids]
@@ -924,7 +932,7 @@ def test_join_deltas_keeps_each_sample_s_order_and_its_ending():
     a = [Delta(0, [1], None, None), Delta(1, [7], None, None)]
     b = [Delta(1, [8, 9], None, None), Delta(2, [4], None, None)]
     c = [Delta(0, [2], None, "stop", text="xy"), Delta(2, [], None, "error", error="boom")]
-    joined = join_deltas(join_deltas(a, b), c)
+    joined = join_deltas([a, b, c])
     assert [(d.index, d.token_ids, d.finish_reason, d.text, d.error) for d in joined] == [
         (0, [1, 2], "stop", "xy", None), (1, [7, 8, 9], None, None, None), (2, [4], "error", None, "boom")]
     assert a[0].token_ids == [1]  # (the deltas joined are left as they were)
@@ -956,24 +964,29 @@ def test_a_body_over_the_limit_gets_a_413_and_a_stranger_s_body_is_not_read(chec
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
         r = httpx.post(f"{url}/v1/completions", content=big, headers={"content-type": "application/json"}, timeout=30)
         assert r.status_code == 401
+        r = httpx.post(f"{url}/health", content=b"x" * (4 << 20), timeout=30)  # (a route that reads no body)
+        assert r.status_code == 405
         r = httpx.post(f"{url}/v1/completions", content=body, headers=headers, timeout=30)
         assert r.status_code == 200 and metrics(url)["zipage:kv_pages_used"] == 0
 
 
 def test_a_prompt_is_tokenized_off_the_event_loop(checkpoint):
-    """Tokenizing a prompt (here made to take a second) does not hold the event loop: /health answers meanwhile,
-    and the request is answered as it would be."""
+    """Tokenizing a prompt (here made to take a second and a half) does not hold the event loop: /health answers
+    meanwhile, and the request is answered as it would be. Prompts whose clients went away while they waited for
+    the tokenizing thread are never tokenized."""
     import threading
     import time
 
     model, tok = checkpoint
+    calls, delay = [], [1.5]
 
     class SlowTokenizer:
         def __init__(self, inner):
             self.inner = inner
 
         def __call__(self, *a, **kw):
-            time.sleep(1.5)
+            calls.append(a[0] if a else None)
+            time.sleep(delay[0])
             return self.inner(*a, **kw)
 
         def apply_chat_template(self, *a, **kw):
@@ -1000,3 +1013,16 @@ def test_a_prompt_is_tokenized_off_the_event_loop(checkpoint):
             request.join()
             assert answers["r"].status_code == 200 and answers["r"].json()["usage"]["completion_tokens"] == 3
             assert waited < 0.9, f"/health waited {waited:.2f} s for the tokenizer"
+        calls.clear()
+        delay[0] = 4.0  # (the first abandoned prompt holds the thread while the others' clients go)
+
+        def abandoned(i):  # (the client gives up while its prompt waits behind the first's)
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": f"gone {i}"}, timeout=0.3)
+
+        for i in range(3):
+            abandoned(i)
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "kept", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+        assert calls == ["gone 0", "kept"], calls  # (gone 1 and gone 2 left the queue with their clients)
+        assert metrics(url)["zipage:kv_pages_used"] == 0

@@ -46,15 +46,18 @@ class APIKey:
 
 
 class BodyLimit:
-    """A request body over ``config.max_request_bytes`` gets a 413: at once when its Content-Length says so,
-    else as soon as the bytes read pass the limit (the body is read here, whole, before the app sees it)."""
+    """A generation request's body over ``config.max_request_bytes`` gets a 413: at once when its Content-Length
+    says so, else as soon as the bytes read pass the limit (the body is read here, whole, before the endpoint,
+    which would read it whole too). Bodies sent to other routes are never read: their 404 or 405 comes without."""
+
+    READ = frozenset({"/v1/completions", "/v1/chat/completions"})  # (the POST routes: those that read a body)
 
     def __init__(self, app, config: ServeConfig) -> None:
         self.app = app
         self.config = config
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.READ:
             return await self.app(scope, receive, send)
         limit = self.config.max_request_bytes
         length = dict(scope["headers"]).get(b"content-length", b"")
@@ -106,7 +109,7 @@ def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     app.state.config = args
     install(app)
 
-    app.add_middleware(BodyLimit, config=args)  # (runs after the key check: a stranger's body is never read)
+    app.add_middleware(BodyLimit, config=args)  # (after the key check: a stranger's body is not read)
     app.add_middleware(APIKey, config=args)
     if args.allowed_origins:  # (added last, so it runs first: a preflight is answered before the key is asked for)
         from starlette.middleware.cors import CORSMiddleware

@@ -58,7 +58,7 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
 async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engine: AsyncEngine,
                                  config: ServeConfig) -> ChatCompletionResponse | StreamingResponse:
     check_model(config, req.model)
-    prompt = await off_loop(chat_prompt, req, config.tokenizer)
+    prompt = await off_loop(raw, chat_prompt, req, config.tokenizer)
     asked = req.max_completion_tokens or req.max_tokens
     max_tokens = asked or max(1, config.max_model_len - len(prompt))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

@@ -24,6 +24,7 @@ from ..engine.sequence import TokenLogprobs
 
 log = logging.getLogger("zipage.serve")
 MAX_FAILED_STEPS = 3  # consecutive failing steps before the in-flight requests are ended with an error
+JOIN_TOKENS = 1024  # tokens (all samples') beyond which a slow consumer's backlog is joined no further
 
 
 class EngineDead(RuntimeError):
@@ -57,17 +58,19 @@ class _Request:
     errored: bool = False  # a sample ended with "error" (its siblings are then cancelled: counted as an error)
 
 
-def join_deltas(first: list[Delta], then: list[Delta]) -> list[Delta]:
-    """Two steps' deltas of one request as one: per sample, the tokens of both, the second's ending."""
-    out = {d.index: d for d in first}
-    for d in then:
-        prev = out.get(d.index)
-        if prev is not None:
-            logprobs = None if prev.logprobs is None and d.logprobs is None else [*(prev.logprobs or ()),
-                                                                                   *(d.logprobs or ())]
-            d = Delta(d.index, prev.token_ids + d.token_ids, logprobs, d.finish_reason, d.text, d.error)
-        out[d.index] = d
-    return list(out.values())
+def join_deltas(steps: list[list[Delta]]) -> list[Delta]:
+    """Several steps' deltas of one request as one step's: per sample, the tokens (and log-probabilities) of
+    all, in order, and the last one's ending (linear in the tokens)."""
+    tokens: dict[int, list[int]] = {}
+    logprobs: dict[int, list[TokenLogprobs]] = {}
+    last: dict[int, Delta] = {}
+    for deltas in steps:
+        for d in deltas:
+            tokens.setdefault(d.index, []).extend(d.token_ids)
+            if d.logprobs is not None:
+                logprobs.setdefault(d.index, []).extend(d.logprobs)
+            last[d.index] = d
+    return [Delta(i, tokens[i], logprobs.get(i), d.finish_reason, d.text, d.error) for i, d in last.items()]
 
 
 class RequestStream:
@@ -86,21 +89,26 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> list[Delta]:
-        """The next deltas: all those delivered since the last call, one delta per sample (a consumer
-        slower than the engine, such as a client that stops reading, gets its backlog joined into one
-        event, not as many events as there were steps)."""
+        """The next deltas: those delivered since the last call, joined into one delta per sample up to
+        ``JOIN_TOKENS`` tokens (a consumer slower than the engine, such as a client that stops reading, gets
+        its backlog in a few large events, not one per step; each small enough to leave the event loop free
+        between them)."""
         if self.finished:
             raise StopAsyncIteration
         if self._held is not None:
             item, self._held = self._held, None
         else:
             item = await self.req.queue.get()
-        while not isinstance(item, BaseException) and not self.req.queue.empty():
-            more = self.req.queue.get_nowait()
-            if isinstance(more, BaseException):  # (the deltas before it come now, the error on the next call)
-                self._held = more
-                break
-            item = join_deltas(item, more)
+        if not isinstance(item, BaseException) and not self.req.queue.empty():
+            steps, tokens = [item], sum(len(d.token_ids) for d in item)
+            while tokens < JOIN_TOKENS and not self.req.queue.empty():
+                more = self.req.queue.get_nowait()
+                if isinstance(more, BaseException):  # (the deltas before it come now, the error on the next call)
+                    self._held = more
+                    break
+                steps.append(more)
+                tokens += sum(len(d.token_ids) for d in more)
+            item = join_deltas(steps) if len(steps) > 1 else item
         if isinstance(item, BaseException):
             self.finished = True  # the engine has let go of it already
             raise item

@@ -28,9 +28,18 @@ MAX_REQUEST_BYTES = 32 << 20  # the default largest request body (--max-request-
 _TOKENIZER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zipage-tokenize")
 
 
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on the tokenizing thread, the event loop free meanwhile; what it raises is raised here."""
-    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_THREAD, fn, *args)
+async def off_loop(raw: Request, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the tokenizing thread, the event loop free meanwhile; what it raises is raised here. A
+    client that goes away meanwhile (checked every ``DISCONNECT_POLL_S``) takes its job off the thread's queue
+    (one started runs to its end, unread) and gets a 499."""
+    job = asyncio.get_running_loop().run_in_executor(_TOKENIZER_THREAD, fn, *args)
+    while True:
+        done, _ = await asyncio.wait({job}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return job.result()
+        if await raw.is_disconnected():
+            job.cancel()
+            raise APIError(499, "the client went away before its prompt was tokenized", code="client_closed")
 
 
 @dataclass
