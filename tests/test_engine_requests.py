@@ -164,6 +164,25 @@ def test_repetition_penalty_matches_transformers(model):
     assert plain.token_ids != out.token_ids
 
 
+def test_logit_bias_matches_transformers_sequence_bias_beside_an_unbiased_request(model):
+    """A request's logit_bias moves its tokens as transformers' ``sequence_bias`` of single tokens does, and only
+    its own: the request beside it in the same steps gets its plain tokens."""
+    a, b = prompts_of((15, 11), seed=8)
+    plain = reference(model, a, 20)
+    bias = {plain[0]: -100.0, plain[3]: 3.0, 7: 1.5}
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    outs, _ = run(llm, [a, b], [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logit_bias=bias),
+                               SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)])
+    want = reference(model, a, 20, sequence_bias={(t,): v for t, v in bias.items()})
+    assert outs[0].outputs[0].token_ids == want != plain
+    assert plain[0] not in want
+    assert outs[1].outputs[0].token_ids == reference(model, b, 20)
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"logit_bias is invalid: token id {vocab} is outside the vocabulary"):
+        llm.add_request(a, SamplingParams(logit_bias={vocab: 1.0}))
+    assert_pool_clean(llm)
+
+
 def test_presence_and_frequency_penalties_count_the_output_only(model):
     prompt = prompts_of((10,), seed=5)[0]
     llm = LLM(model, budget=None, page_size=4, num_pages=64)

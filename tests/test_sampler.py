@@ -17,6 +17,8 @@ def reference_row(logits, p: SamplingParams, gen, suppress=(), prompt=(), output
     the inverse of the cumulative distribution at a uniform number from the row's own generator."""
     x = logits.float().clone()
     V = x.shape[0]
+    for t, b in (p.logit_bias or {}).items():
+        x[t] += b
     for t in suppress:
         x[t] = -math.inf
     counts = Counter(output)
@@ -55,6 +57,8 @@ PARAMS = [
     SamplingParams(temperature=0, repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.3),
     SamplingParams(temperature=1.1, repetition_penalty=0.8, frequency_penalty=-0.5, top_p=0.95, seed=6),
     SamplingParams(temperature=0.6, presence_penalty=1.5, seed=7),
+    SamplingParams(temperature=0, logit_bias={4: 9.5, 11: -100, 3: 100}),  # (3: also suppressed on some rows)
+    SamplingParams(temperature=0.9, top_p=0.9, seed=8, logit_bias={0: 2.5, 49: -3}, repetition_penalty=1.3),
 ]
 
 # every sampled row has a top_k: the sampler ranks only the best max(top_k) tokens
@@ -63,6 +67,7 @@ ALL_TOP_K = [
     SamplingParams(temperature=0.9, top_k=4, seed=1),
     SamplingParams(temperature=1.2, top_k=20, top_p=0.7, seed=2),
     SamplingParams(temperature=0.7, top_k=9, min_p=0.1, repetition_penalty=1.2, seed=3),
+    SamplingParams(temperature=1.0, top_k=3, seed=4, logit_bias={7: 4.0}),
 ]
 
 
@@ -195,3 +200,29 @@ def test_batched_sampler_matches_the_per_row_reference_on_cuda():
             continue  # (unseeded rows draw from the global generator)
         want = reference_row(logits[i], p, ref_gens[i], (), prompts[i] if p.penalized else ())
         assert got[i] == want, (i, p)
+
+
+def test_logit_bias_forces_bans_and_shifts_tokens():
+    """A bias of 100 makes a token all but certain, -100 all but impossible; a greedy row's bias moves its
+    argmax to the best biased logit; log-probabilities stay the model's own."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 40)
+    best = int(logits[1].argmax())
+    params = [SamplingParams(temperature=1.0, seed=0, logit_bias={17: 100}),
+              SamplingParams(temperature=0, logit_bias={best: -100}, logprobs=1),
+              SamplingParams(temperature=0, logit_bias={5: float(logits[2].max() - logits[2, 5]) + 0.5})]
+    for step in range(20):
+        gens = [torch.Generator().manual_seed(step), None, None]
+        got = sample(logits, params, gens)
+        assert got.tokens.tolist()[0] == 17
+        assert got.tokens.tolist()[1] == int(logits[1].topk(2).indices[1])
+        assert got.tokens.tolist()[2] == 5
+    assert got.logprobs[1] == pytest.approx(float(torch.log_softmax(logits[1], -1)[got.tokens[1]]))
+
+
+@pytest.mark.parametrize("bias,error", [({"3": 1.0}, TypeError), ({3: "x"}, TypeError), ([3], TypeError),
+                                        ({-1: 1.0}, ValueError), ({3: 100.5}, ValueError),
+                                        ({3: float("nan")}, ValueError), ({True: 1.0}, TypeError)])
+def test_bad_logit_bias_is_refused_by_name(bias, error):
+    with pytest.raises(error, match="SamplingParams.logit_bias"):
+        SamplingParams(logit_bias=bias)

@@ -309,6 +309,23 @@ def test_per_request_budget(server, client, offline, checkpoint):
     assert metrics(server[0])["zipage:compressions_total"] > before
 
 
+def test_logit_bias_is_the_engine_s(client, offline, checkpoint):
+    """OpenAI's logit_bias ({"token id": bias}) on both endpoints: the tokens the engine gives with the same
+    bias offline; 100 forces a token."""
+    _, tok = checkpoint
+    prompt = "bias me"
+    ids = tok(prompt)["input_ids"]
+    want = run_offline(offline, ids, max_tokens=8, temperature=0, ignore_eos=True, logit_bias={11: 4.0, 12: -100})
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0,
+                                  logit_bias={"11": 4.0, "12": -100}, extra_body={"ignore_eos": True,
+                                                                                   "return_token_ids": True})
+    assert r.choices[0].token_ids == list(want.outputs[0].token_ids)
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                       logit_bias={"9": 100}, extra_body={"ignore_eos": True,
+                                                                         "return_token_ids": True})
+    assert r.choices[0].token_ids == [9] * 6
+
+
 def test_stop_strings(client):
     kw = dict(model=NAME, prompt="Hello", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
     whole = client.completions.create(**kw).choices[0].text
@@ -377,7 +394,11 @@ BAD = [  # (body, status, param); the model is added where missing
     ({"prompt": "x", "budget": 0}, 400, "budget"),
     ({"prompt": "x", "budget": 10_000}, 400, "budget"),  # above --max-budget (256 here)
     ({"prompt": "x", "budget": None}, 400, "budget"),  # full KV is above --max-budget too
-    ({"prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"five": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"-5": 1}}, 400, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),  # (outside the vocabulary)
+    ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}, 400, "logit_bias"),
     ({"prompt": "x", "echo": True}, 400, "echo"),
     ({"prompt": "x", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
     ({"prompt": ""}, 400, "prompt"),

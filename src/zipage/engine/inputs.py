@@ -166,6 +166,10 @@ def check_request(ids: list[int], params: Any, request_id: Any, *, vocab: int, m
     if outside:
         raise ValueError(f"SamplingParams.stop_token_ids={params.stop_token_ids!r} is invalid: "
                          f"token id {outside[0]} is outside the vocabulary 0..{vocab - 1}")
+    outside = [t for t in params.logit_bias or () if t >= vocab]
+    if outside:
+        raise ValueError(f"SamplingParams.logit_bias is invalid: token id {outside[0]} is outside the vocabulary "
+                         f"0..{vocab - 1}")
     if len(ids) >= max_model_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {max_model_len}")
     if params.logprobs is not None and params.logprobs > vocab:

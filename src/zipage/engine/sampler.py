@@ -1,6 +1,6 @@
 """The sampler: every row of a step in one batched pass on the device.
 
-Per row, in vLLM's order: ``min_tokens`` masks, penalties (repetition over prompt + output,
+Per row, in vLLM's order: ``logit_bias``, ``min_tokens`` masks, penalties (repetition over prompt + output,
 presence and frequency over the output), then greedy rows take the argmax; sampled rows are
 divided by their temperature, filtered by ``min_p``, ``top_k`` and ``top_p`` (one sort of the
 rows that filter by rank, or a top-k when every row has a ``top_k``) and drawn by inverting their
@@ -44,11 +44,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            suppress: list[list[int] | None] | None = None, penalties: Penalties | None = None) -> Sampled:
     """One token per row of ``logits`` ([n, V]). ``suppress[i]`` lists token ids row ``i`` may not take
     (EOS and stop ids before ``min_tokens``)."""
-    if all(p.greedy and p.logprobs is None for p in params) and penalties is None and not (suppress and any(suppress)):
+    if (all(p.greedy and p.logprobs is None and not p.logit_bias for p in params) and penalties is None
+            and not (suppress and any(suppress))):
         return Sampled(logits.argmax(dim=-1))  # (each float upcast is exact: the same argmax, without a copy)
     raw = logits.float()
     dev = raw.device
     x = raw
+    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        rows = [i for i, bias in biased for _ in bias]
+        cols = [t for _, bias in biased for t in bias]
+        values = [b for _, bias in biased for b in bias.values()]
+        x = x.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                        torch.tensor(values, device=dev), accumulate=True)
     if suppress is not None and any(suppress):
         rows = [i for i, ids in enumerate(suppress) if ids for _ in ids]
         cols = [t for ids in suppress if ids for t in ids]

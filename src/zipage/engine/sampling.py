@@ -72,6 +72,9 @@ class SamplingParams:
             (stop strings are searched in that text); ``token_ids`` hold every token either way.
         budget: tokens kept in this request's KV cache after a compression; None for full KV
             (never compressed); by default the engine's budget.
+        logit_bias: ``{token id: bias}`` added to those tokens' logits before penalties, temperature and
+            filtering (OpenAI's and vLLM's ``logit_bias``; -100..100, where -100 all but bans a token and 100
+            all but forces it). Log-probabilities stay the model's own.
     """
 
     max_tokens: int | None = 16
@@ -92,6 +95,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     budget: Any = ENGINE_BUDGET
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -164,6 +168,17 @@ class SamplingParams:
             check_int("logprobs", 0, "an int >= 0, or None")
         if self.budget is not ENGINE_BUDGET and self.budget is not None:
             check_int("budget", 1, "an int >= 1, None for full KV, or left out for the engine's")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(integral(t) and real(b)
+                                                                for t, b in self.logit_bias.items()):
+                bad("logit_bias", "expected a dict of token id (int) -> bias (number)", TypeError)
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
+            negative = [t for t in self.logit_bias if t < 0]
+            if negative:
+                bad("logit_bias", f"token ids are >= 0, got {negative[0]}")
+            outside = [b for b in self.logit_bias.values() if not -100 <= b <= 100]  # (NaN too)
+            if outside:
+                bad("logit_bias", f"biases lie in [-100, 100], got {outside[0]}")
 
     @property
     def greedy(self) -> bool:

@@ -88,6 +88,13 @@ def sampling_params(req: SamplingFields, config: ServeConfig, max_tokens: int, l
             return value
         return defaults.get(name, api_default)
 
+    bias = {} if req.logit_bias else None
+    for token, value in (req.logit_bias or {}).items():
+        try:
+            bias[int(token)] = value
+        except ValueError:
+            raise APIError(400, f"logit_bias maps token ids (strings such as \"50256\") to biases; got the key "
+                                f"{token[:40]!r}", param="logit_bias") from None
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0),
@@ -97,7 +104,7 @@ def sampling_params(req: SamplingFields, config: ServeConfig, max_tokens: int, l
             n=req.n, min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output, budget=budget,
-            skip_special_tokens=req.skip_special_tokens,
+            skip_special_tokens=req.skip_special_tokens, logit_bias=bias,
         )
     except (ValueError, TypeError) as e:
         raise bad_request(e, "prompt") from None

@@ -78,6 +78,7 @@ class StreamOptions(OpenAIModel):
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 16384  # characters of all the stop strings together
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias
 
 
 class SamplingFields(OpenAIModel):
@@ -95,7 +96,7 @@ class SamplingFields(OpenAIModel):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     seed: int | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)  # {"token id": bias}
     # vLLM's extra sampling fields
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float = Field(default=0.0, ge=0, le=1)
@@ -131,7 +132,7 @@ class SamplingFields(OpenAIModel):
     allowed_token_ids: Any = None
 
     UNIMPLEMENTED: ClassVar[tuple[str, ...]] = (
-        "logit_bias", "use_beam_search", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
+        "use_beam_search", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
         "guided_grammar", "structured_outputs", "logits_processors", "bad_words", "allowed_token_ids")
 
     def unsupported(self) -> str | None:
