@@ -954,11 +954,13 @@ def test_early_initialization_gives_the_same_tokens_and_a_mismatch_is_named():
     cache = zipage.ZipageCache(config=model.config, **fields)
     cache.early_initialization(1, kv, dim, torch.float32, torch.device("cpu"))
     assert torch.equal(run(cache), want)
-    for batch, dtype, words in ((3, torch.float32, "batch size 3, torch.float32 on cpu, but the model's first step "
-                                                   "gives batch size 1"),
-                                (1, torch.float16, "batch size 1, torch.float16 on cpu, but the model's first step "
-                                                   "gives batch size 1, torch.float32")):
+    step = f"but the model's first step gives batch size 1, {kv} KV heads of dim {dim}, torch.float32 on cpu"
+    for batch, heads, size, dtype, words in (
+            (3, kv, dim, torch.float32, f"batch size 3, {kv} KV heads of dim {dim}, torch.float32 on cpu, {step}"),
+            (1, kv, dim, torch.float16, f"batch size 1, {kv} KV heads of dim {dim}, torch.float16 on cpu, {step}"),
+            (1, kv * 2, dim, torch.float32, f"batch size 1, {kv * 2} KV heads of dim {dim}, torch.float32 on cpu"),
+            (1, kv, dim * 2, torch.float32, f"batch size 1, {kv} KV heads of dim {dim * 2}, torch.float32 on cpu")):
         cache = zipage.ZipageCache(config=model.config, **fields)
-        cache.early_initialization(batch, kv, dim, dtype, torch.device("cpu"))
+        cache.early_initialization(batch, heads, size, dtype, torch.device("cpu"))
         with pytest.raises(ValueError, match=words):
             run(cache)

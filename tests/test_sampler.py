@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zipage import SamplingParams
-from zipage.engine.sampler import Penalties, sample
+from zipage.engine.sampler import Bias, Penalties, sample
 
 
 def reference_row(logits, p: SamplingParams, gen, suppress=(), prompt=(), output=()):
@@ -218,6 +218,11 @@ def test_logit_bias_forces_bans_and_shifts_tokens():
         assert got.tokens.tolist()[1] == int(logits[1].topk(2).indices[1])
         assert got.tokens.tolist()[2] == 5
     assert got.logprobs[1] == pytest.approx(float(torch.log_softmax(logits[1], -1)[got.tokens[1]]))
+    made = [Bias.of(p.logit_bias, logits.device) for p in params]  # (the engine's: made once per request)
+    for step in range(5):
+        gens, again = torch.Generator().manual_seed(step), torch.Generator().manual_seed(step)
+        assert torch.equal(sample(logits, params, [gens, None, None], biases=made).tokens,
+                           sample(logits, params, [again, None, None]).tokens)
 
 
 @pytest.mark.parametrize("bias,error", [({"3": 1.0}, TypeError), ({3: "x"}, TypeError), ([3], TypeError),

@@ -483,18 +483,21 @@ class ZipageCache(Cache):
 
     def _check_early_layers(self, key_states: torch.Tensor) -> None:
         """Layers made before the first step (``early_initialization``) must match what the model stores."""
-        got = (key_states.shape[0], key_states.dtype, key_states.device)
+        def said(b, h, d, dtype, device) -> str:
+            return f"batch size {b}, {h} KV heads of dim {d}, {dtype} on {device}"
+
+        B, H, _, D = key_states.shape
+        got = (B, H, D, key_states.dtype, key_states.device)
         for layer in self.layers:
             keys = getattr(layer, "keys", None)
             if keys is None or not getattr(layer, "is_initialized", False):
                 continue
-            made = (keys.shape[0], getattr(layer, "dtype", keys.dtype), keys.device)
+            made = (keys.shape[0], keys.shape[2], keys.shape[3], getattr(layer, "dtype", keys.dtype), keys.device)
             if made != got:
                 raise ValueError(
-                    f"ZipageCache's layers were made (early_initialization) for batch size {made[0]}, {made[1]} on "
-                    f"{made[2]}, but the model's first step gives batch size {got[0]}, {got[1]} on {got[2]}: call "
-                    "early_initialization with the model's batch size, dtype and device, or leave it out (the "
-                    "cache makes its layers at the first step)")
+                    f"ZipageCache's layers were made (early_initialization) for {said(*made)}, but the model's first "
+                    f"step gives {said(*got)}: call early_initialization with the model's shapes, dtype and device, "
+                    "or leave it out (the cache makes its layers at the first step)")
 
     def _begin_step(self, batch: int, q: int, key_states: torch.Tensor) -> None:
         """Before the first layer stores a step: compress every layer if due, and decide how many

@@ -40,23 +40,40 @@ class Sampled:
     top_logprobs: torch.Tensor | None = None  # [n, k] float32
 
 
+@dataclass
+class Bias:
+    """A request's ``logit_bias`` on the device, made once (the engine keeps it on the request)."""
+
+    tokens: torch.Tensor  # [k] int64
+    values: torch.Tensor  # [k] float32
+
+    @classmethod
+    def of(cls, logit_bias: dict[int, float], device: torch.device) -> Bias:
+        return cls(torch.tensor(list(logit_bias), dtype=torch.int64, device=device),
+                   torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=device))
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           suppress: list[list[int] | None] | None = None, penalties: Penalties | None = None) -> Sampled:
+           suppress: list[list[int] | None] | None = None, penalties: Penalties | None = None,
+           biases: list[Bias | None] | None = None) -> Sampled:
     """One token per row of ``logits`` ([n, V]). ``suppress[i]`` lists token ids row ``i`` may not take
-    (EOS and stop ids before ``min_tokens``)."""
+    (EOS and stop ids before ``min_tokens``). ``biases[i]``: row ``i``'s ``logit_bias`` made already
+    (``Bias.of``); left out, it is made here from the params."""
     if (all(p.greedy and p.logprobs is None and not p.logit_bias for p in params) and penalties is None
             and not (suppress and any(suppress))):
         return Sampled(logits.argmax(dim=-1))  # (each float upcast is exact: the same argmax, without a copy)
     raw = logits.float()
     dev = raw.device
     x = raw
-    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
-    if biased:
-        rows = [i for i, bias in biased for _ in bias]
-        cols = [t for _, bias in biased for t in bias]
-        values = [b for _, bias in biased for b in bias.values()]
-        x = x.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
-                        torch.tensor(values, device=dev), accumulate=True)
+    if biases is None and any(p.logit_bias for p in params):
+        biases = [Bias.of(p.logit_bias, dev) if p.logit_bias else None for p in params]
+    biased = [(i, b) for i, b in enumerate(biases or ()) if b is not None]
+    if biased:  # (one index_put for every biased row: the rows' token ids and values joined on the device)
+        sizes = [len(b.tokens) for _, b in biased]
+        rows = torch.repeat_interleave(torch.tensor([i for i, _ in biased], device=dev),
+                                       torch.tensor(sizes, device=dev), output_size=sum(sizes))
+        x = x.index_put((rows, torch.cat([b.tokens for _, b in biased])), torch.cat([b.values for _, b in biased]),
+                        accumulate=True)
     if suppress is not None and any(suppress):
         rows = [i for i, ids in enumerate(suppress) if ids for _ in ids]
         cols = [t for ids in suppress if ids for t in ids]

@@ -180,6 +180,7 @@ class Sequence:
     index: int = 0  # which sample of its request
     leader: Sequence | None = None  # the sample whose prompt pages this one waits for (n > 1)
     logprobs: list[TokenLogprobs] | None = None
+    bias: Any = None  # params.logit_bias as (token ids, biases) on the device, made at its first step (sampler.Bias)
 
     @property
     def tokens(self) -> list[int]:

@@ -52,9 +52,9 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: AsyncE
     p = req.prompt  # (a list of prompts: counted before any is tokenized, which holds the event loop)
     count = len(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else 1
     check_samples(count * req.n, "prompt")
+    params = sampling_params(req, config, req.max_tokens or DEFAULT_MAX_TOKENS, req.logprobs)  # (a 400 before tokenizing)
     text = isinstance(p, str) or (isinstance(p, list) and bool(p) and isinstance(p[0], str))
     prompts = await off_loop(raw, prompt_ids, req, config.tokenizer) if text else prompt_ids(req, config.tokenizer)
-    params = sampling_params(req, config, req.max_tokens or DEFAULT_MAX_TOKENS, req.logprobs)
     for ids in prompts:
         check_length(ids, params, config, "prompt")
     streams = await add_all(engine, config, prompts, [params] * len(prompts), "prompt")

@@ -24,7 +24,7 @@ from ..engine.sequence import TokenLogprobs
 
 log = logging.getLogger("zipage.serve")
 MAX_FAILED_STEPS = 3  # consecutive failing steps before the in-flight requests are ended with an error
-JOIN_TOKENS = 1024  # tokens (all samples') beyond which a slow consumer's backlog is joined no further
+JOIN_TOKENS = 1024  # the most tokens (all samples') of a slow consumer's backlog joined into one event
 
 
 class EngineDead(RuntimeError):
@@ -83,16 +83,16 @@ class RequestStream:
         self.done = 0  # samples finished (seen by this side)
         self.finished = False
         self.closed = False
-        self._held: BaseException | None = None  # an error taken off the queue behind deltas, for the next call
+        self._held: list[Delta] | BaseException | None = None  # taken off the queue, for the next call
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> list[Delta]:
-        """The next deltas: those delivered since the last call, joined into one delta per sample up to
-        ``JOIN_TOKENS`` tokens (a consumer slower than the engine, such as a client that stops reading, gets
-        its backlog in a few large events, not one per step; each small enough to leave the event loop free
-        between them)."""
+        """The next deltas: those delivered since the last call, joined into one delta per sample, at most
+        ``JOIN_TOKENS`` tokens unless one step brings more. A consumer slower than the engine (a client that
+        stops reading) gets its backlog in a few large events, not one per step, each small enough to leave
+        the event loop free between them."""
         if self.finished:
             raise StopAsyncIteration
         if self._held is not None:
@@ -101,10 +101,10 @@ class RequestStream:
             item = await self.req.queue.get()
         if not isinstance(item, BaseException) and not self.req.queue.empty():
             steps, tokens = [item], sum(len(d.token_ids) for d in item)
-            while tokens < JOIN_TOKENS and not self.req.queue.empty():
+            while not self.req.queue.empty():
                 more = self.req.queue.get_nowait()
-                if isinstance(more, BaseException):  # (the deltas before it come now, the error on the next call)
-                    self._held = more
+                if isinstance(more, BaseException) or tokens + sum(len(d.token_ids) for d in more) > JOIN_TOKENS:
+                    self._held = more  # (the deltas before it come now, it on the next call)
                     break
                 steps.append(more)
                 tokens += sum(len(d.token_ids) for d in more)
