@@ -4,9 +4,9 @@ Each seed draws an engine (a tiny model family, a budget or full KV, page size, 
 scorer and its knobs, 16-bit / FP8 / INT8 pages with or without a rotation, exact tails, prefix caching,
 ``max_num_seqs``, chunked prefill, a roomy or a tight pool, synchronous or asynchronous scheduling and
 compression) and a set of requests (prompts some of which share a prefix, their own ``max_tokens``, some a
-budget of their own, some ``n=2`` greedy samples, sent in one or two ``generate()`` calls so later prompts find
-earlier ones' pages cached). Every sample's tokens must be those of batch-1 greedy ``generate()`` on the same
-prompt with the same ``cache_config``, the pool must be clean afterwards, and a request whose stored length
+budget of their own, some ``n=2`` greedy samples, some a ``logit_bias``, sent in one or two ``generate()`` calls so
+later prompts find earlier ones' pages cached). Every sample's tokens must be those of batch-1 greedy ``generate()``
+on the same prompt with the same ``cache_config`` (and the bias as ``sequence_bias``), the pool must be clean afterwards, and a request whose stored length
 passes ``next_compression`` must have been compressed.
 
 Only combinations the other tests and the docs say are equal are drawn:
@@ -72,7 +72,8 @@ class Request:
     def label(self) -> str:
         sp = self.params
         return (f"{len(self.prompt)}x{sp.max_tokens}" + (f"b{sp.budget}" if sp.budget is not _ENGINE else "")
-                + (f"n{sp.n}" if sp.n > 1 else "") + (f"stop{self.stop_at}" if self.stop_at is not None else ""))
+                + (f"n{sp.n}" if sp.n > 1 else "") + (f"stop{self.stop_at}" if self.stop_at is not None else "")
+                + (f"bias{len(sp.logit_bias)}" if sp.logit_bias else ""))
 
 
 @dataclasses.dataclass
@@ -212,6 +213,14 @@ def draw(seed: int) -> Case:
         worst = max(_worst_pages(case, r.prompt, r.params) for r in requests)
         engine["num_pages"] = worst * rnd.randint(1, 3) + rnd.randint(0, 4)
         case.tight = True
+    # a logit_bias on some requests, from a stream of its own (the draws above stay what they were)
+    brnd = random.Random(f"logit_bias {seed}")
+    for requests in case.rounds:
+        for req in requests:
+            if brnd.random() < 0.25:
+                bias = {brnd.randrange(3, 96): brnd.choice((-100.0, -3.5, 1.25, 4.0, 100.0))
+                        for _ in range(brnd.randint(1, 3))}
+                req.params = dataclasses.replace(req.params, logit_bias=bias)
     return case
 
 
@@ -253,10 +262,13 @@ def run_case(case: Case, model=None, refs: dict | None = None) -> tuple[list[tup
         wants, params = [], []
         for req in requests:
             cc = case.cache_config(req.params)
+            bias = req.params.logit_bias
             key = (case.family, tuple(req.prompt), req.params.max_tokens,
-                   None if cc is None else tuple(sorted(cc.items())))
+                   None if cc is None else tuple(sorted(cc.items())), None if not bias else tuple(sorted(bias.items())))
             if key not in refs:
                 kw = {} if cc is None else {"cache_implementation": "zipage", "cache_config": cc}
+                if bias:  # (transformers' bias of one-token sequences: the same logits processing)
+                    kw["sequence_bias"] = {(t,): b for t, b in bias.items()}
                 refs[key] = reference(model, req.prompt, req.params.max_tokens, **kw)
             want, sp = refs[key], req.params
             if req.stop_at is not None:
