@@ -4,10 +4,11 @@ Each seed draws an engine (a tiny model family, a budget or full KV, page size, 
 scorer and its knobs, 16-bit / FP8 / INT8 pages with or without a rotation, exact tails, prefix caching,
 ``max_num_seqs``, chunked prefill, a roomy or a tight pool, synchronous or asynchronous scheduling and
 compression) and a set of requests (prompts some of which share a prefix, their own ``max_tokens``, some a
-budget of their own, some ``n=2`` greedy samples, some a ``logit_bias``, sent in one or two ``generate()`` calls so
-later prompts find earlier ones' pages cached). Every sample's tokens must be those of batch-1 greedy ``generate()``
-on the same prompt with the same ``cache_config`` (and the bias as ``sequence_bias``), the pool must be clean afterwards, and a request whose stored length
-passes ``next_compression`` must have been compressed.
+budget of their own, some ``n=2`` greedy samples, some a ``logit_bias`` or ``allowed_token_ids``, sent in one or
+two ``generate()`` calls so later prompts find earlier ones' pages cached). Every sample's tokens must be those of
+batch-1 greedy ``generate()`` on the same prompt with the same ``cache_config`` (the bias as ``sequence_bias``,
+the tokens not allowed as ``suppress_tokens``), the pool must be clean afterwards, and a request whose stored
+length passes ``next_compression`` must have been compressed.
 
 Only combinations the other tests and the docs say are equal are drawn:
 - exact tails only with whole prompts in one chunk, no prefix cache and no preemption (docs/guide/engine.md,
@@ -73,7 +74,8 @@ class Request:
         sp = self.params
         return (f"{len(self.prompt)}x{sp.max_tokens}" + (f"b{sp.budget}" if sp.budget is not _ENGINE else "")
                 + (f"n{sp.n}" if sp.n > 1 else "") + (f"stop{self.stop_at}" if self.stop_at is not None else "")
-                + (f"bias{len(sp.logit_bias)}" if sp.logit_bias else ""))
+                + (f"bias{len(sp.logit_bias)}" if sp.logit_bias else "")
+                + (f"allow{len(sp.allowed_token_ids)}" if sp.allowed_token_ids else ""))
 
 
 @dataclasses.dataclass
@@ -221,6 +223,12 @@ def draw(seed: int) -> Case:
                 bias = {brnd.randrange(3, 96): brnd.choice((-100.0, -3.5, 1.25, 4.0, 100.0))
                         for _ in range(brnd.randint(1, 3))}
                 req.params = dataclasses.replace(req.params, logit_bias=bias)
+    arnd = random.Random(f"allowed_token_ids {seed}")  # (and some allowed_token_ids, from a third)
+    for requests in case.rounds:
+        for req in requests:
+            if arnd.random() < 0.15:
+                allowed = sorted(arnd.sample(range(3, 96), arnd.randint(1, 12)))
+                req.params = dataclasses.replace(req.params, allowed_token_ids=allowed)
     return case
 
 
@@ -262,13 +270,16 @@ def run_case(case: Case, model=None, refs: dict | None = None) -> tuple[list[tup
         wants, params = [], []
         for req in requests:
             cc = case.cache_config(req.params)
-            bias = req.params.logit_bias
+            bias, allowed = req.params.logit_bias, req.params.allowed_token_ids
             key = (case.family, tuple(req.prompt), req.params.max_tokens,
-                   None if cc is None else tuple(sorted(cc.items())), None if not bias else tuple(sorted(bias.items())))
+                   None if cc is None else tuple(sorted(cc.items())), None if not bias else tuple(sorted(bias.items())),
+                   None if allowed is None else tuple(allowed))
             if key not in refs:
                 kw = {} if cc is None else {"cache_implementation": "zipage", "cache_config": cc}
                 if bias:  # (transformers' bias of one-token sequences: the same logits processing)
                     kw["sequence_bias"] = {(t,): b for t, b in bias.items()}
+                if allowed is not None:  # (every other token suppressed)
+                    kw["suppress_tokens"] = [t for t in range(model.config.vocab_size) if t not in allowed]
                 refs[key] = reference(model, req.prompt, req.params.max_tokens, **kw)
             want, sp = refs[key], req.params
             if req.stop_at is not None:

@@ -183,6 +183,25 @@ def test_logit_bias_matches_transformers_sequence_bias_beside_an_unbiased_reques
     assert_pool_clean(llm)
 
 
+def test_allowed_token_ids_match_transformers_suppressing_the_others(model):
+    """allowed_token_ids (vLLM's) leaves a request only those tokens, before its logit_bias: transformers'
+    ``suppress_tokens`` of every other token, with the bias as ``sequence_bias``, gives the same tokens."""
+    a, b = prompts_of((13, 9), seed=9)
+    vocab = model.config.vocab_size
+    allowed, bias = [5, 17, 30, 41, 63], {17: -100.0, 30: 2.0}
+    llm = LLM(model, budget=None, page_size=4, num_pages=64)
+    outs, _ = run(llm, [a, b], [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
+                                               allowed_token_ids=allowed, logit_bias=bias),
+                               SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)])
+    want = reference(model, a, 16, suppress_tokens=[t for t in range(vocab) if t not in allowed],
+                     sequence_bias={(t,): v for t, v in bias.items()})
+    assert outs[0].outputs[0].token_ids == want and set(want) <= set(allowed) - {17}
+    assert outs[1].outputs[0].token_ids == reference(model, b, 16)
+    with pytest.raises(ValueError, match=f"allowed_token_ids is invalid: token id {vocab} is outside"):
+        llm.add_request(a, SamplingParams(allowed_token_ids=[1, vocab]))
+    assert_pool_clean(llm)
+
+
 def test_presence_and_frequency_penalties_count_the_output_only(model):
     prompt = prompts_of((10,), seed=5)[0]
     llm = LLM(model, budget=None, page_size=4, num_pages=64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zipage import SamplingParams
-from zipage.engine.sampler import Bias, Penalties, sample
+from zipage.engine.sampler import LogitEdits, Penalties, sample
 
 
 def reference_row(logits, p: SamplingParams, gen, suppress=(), prompt=(), output=()):
@@ -17,6 +17,8 @@ def reference_row(logits, p: SamplingParams, gen, suppress=(), prompt=(), output
     the inverse of the cumulative distribution at a uniform number from the row's own generator."""
     x = logits.float().clone()
     V = x.shape[0]
+    if p.allowed_token_ids:
+        x[[t for t in range(V) if t not in p.allowed_token_ids]] = -math.inf
     for t, b in (p.logit_bias or {}).items():
         x[t] += b
     for t in suppress:
@@ -59,6 +61,8 @@ PARAMS = [
     SamplingParams(temperature=0.6, presence_penalty=1.5, seed=7),
     SamplingParams(temperature=0, logit_bias={4: 9.5, 11: -100, 3: 100}),  # (3: also suppressed on some rows)
     SamplingParams(temperature=0.9, top_p=0.9, seed=8, logit_bias={0: 2.5, 49: -3}, repetition_penalty=1.3),
+    SamplingParams(temperature=0, allowed_token_ids=[2, 9, 31, 44]),
+    SamplingParams(temperature=1.2, seed=9, allowed_token_ids=[3, 5, 6, 40, 41], logit_bias={5: 2.0, 7: 100}),
 ]
 
 # every sampled row has a top_k: the sampler ranks only the best max(top_k) tokens
@@ -218,11 +222,18 @@ def test_logit_bias_forces_bans_and_shifts_tokens():
         assert got.tokens.tolist()[1] == int(logits[1].topk(2).indices[1])
         assert got.tokens.tolist()[2] == 5
     assert got.logprobs[1] == pytest.approx(float(torch.log_softmax(logits[1], -1)[got.tokens[1]]))
-    made = [Bias.of(p.logit_bias, logits.device) for p in params]  # (the engine's: made once per request)
+    made = [LogitEdits.of(p, logits.device) for p in params]  # (the engine's: made once per request)
     for step in range(5):
         gens, again = torch.Generator().manual_seed(step), torch.Generator().manual_seed(step)
-        assert torch.equal(sample(logits, params, [gens, None, None], biases=made).tokens,
+        assert torch.equal(sample(logits, params, [gens, None, None], edits=made).tokens,
                            sample(logits, params, [again, None, None]).tokens)
+
+
+@pytest.mark.parametrize("ids,error", [([], ValueError), ([-1], ValueError), ("12", TypeError), ([1.5], TypeError),
+                                       ([True], TypeError)])
+def test_bad_allowed_token_ids_are_refused_by_name(ids, error):
+    with pytest.raises(error, match="SamplingParams.allowed_token_ids"):
+        SamplingParams(allowed_token_ids=ids)
 
 
 @pytest.mark.parametrize("bias,error", [({"3": 1.0}, TypeError), ({3: "x"}, TypeError), ([3], TypeError),

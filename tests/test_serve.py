@@ -324,6 +324,10 @@ def test_logit_bias_is_the_engine_s(client, offline, checkpoint):
                                        logit_bias={"9": 100}, extra_body={"ignore_eos": True,
                                                                          "return_token_ids": True})
     assert r.choices[0].token_ids == [9] * 6
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=1.0, seed=3,
+                                  extra_body={"allowed_token_ids": [20, 21, 22], "ignore_eos": True,
+                                              "return_token_ids": True})
+    assert len(r.choices[0].token_ids) == 12 and set(r.choices[0].token_ids) <= {20, 21, 22}
 
 
 def test_stop_strings(client):
@@ -399,6 +403,9 @@ BAD = [  # (body, status, param); the model is added where missing
     ({"prompt": "x", "logit_bias": {"-5": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),  # (outside the vocabulary)
     ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(1025)}}, 400, "logit_bias"),
+    ({"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": [99999999]}, 400, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": ["a"]}, 400, "allowed_token_ids"),
     ({"prompt": "x", "echo": True}, 400, "echo"),
     ({"prompt": "x", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
     ({"prompt": ""}, 400, "prompt"),

@@ -25,7 +25,7 @@ from ..memory.block_manager import BlockManager
 from .compressions import Compressions
 from .outputs import OutputProcessor
 from .runner import Feed, ModelRunner
-from .sampler import Bias, Sampled, TokenHistory, sample
+from .sampler import LogitEdits, Sampled, TokenHistory, edits_logits, sample
 from .scheduler import Scheduler, Step
 from .sequence import RequestOutput, Sequence, TokenLogprobs
 
@@ -258,14 +258,14 @@ class EngineCore:
         saved = [(g, g.get_state()) for g in gens if g is not None]
         try:
             history = self.history.penalties(seqs, logits.shape[-1])
-            biases = None
-            if any(s.params.logit_bias for s in seqs):
+            edits = None
+            if any(edits_logits(s.params) for s in seqs):
                 for s in seqs:
-                    if s.params.logit_bias and s.bias is None:
-                        s.bias = Bias.of(s.params.logit_bias, logits.device)
-                biases = [s.bias for s in seqs]
+                    if s.logit_edits is None and edits_logits(s.params):
+                        s.logit_edits = LogitEdits.of(s.params, logits.device)
+                edits = [s.logit_edits for s in seqs]
             sampled = sample(logits, [s.params for s in seqs], gens, [self.outputs.suppressed(s) for s in seqs],
-                             history[0] if history is not None else None, biases)
+                             history[0] if history is not None else None, edits)
             tokens = sampled.tokens
             host, logprobs, event = _to_host(tokens), None, None
             if sampled.logprobs is not None:

@@ -166,6 +166,10 @@ def check_request(ids: list[int], params: Any, request_id: Any, *, vocab: int, m
     if outside:
         raise ValueError(f"SamplingParams.stop_token_ids={params.stop_token_ids!r} is invalid: "
                          f"token id {outside[0]} is outside the vocabulary 0..{vocab - 1}")
+    outside = [t for t in params.allowed_token_ids or () if t >= vocab]
+    if outside:
+        raise ValueError(f"SamplingParams.allowed_token_ids is invalid: token id {outside[0]} is outside the "
+                         f"vocabulary 0..{vocab - 1}")
     outside = [t for t in params.logit_bias or () if t >= vocab]
     if outside:
         raise ValueError(f"SamplingParams.logit_bias is invalid: token id {outside[0]} is outside the vocabulary "

@@ -1,6 +1,6 @@
 """The sampler: every row of a step in one batched pass on the device.
 
-Per row, in vLLM's order: ``logit_bias``, ``min_tokens`` masks, penalties (repetition over prompt + output,
+Per row, in vLLM's order: ``allowed_token_ids``, ``logit_bias``, ``min_tokens`` masks, penalties (repetition over prompt + output,
 presence and frequency over the output), then greedy rows take the argmax; sampled rows are
 divided by their temperature, filtered by ``min_p``, ``top_k`` and ``top_p`` (one sort of the
 rows that filter by rank, or a top-k when every row has a ``top_k``) and drawn by inverting their
@@ -41,38 +41,61 @@ class Sampled:
 
 
 @dataclass
-class Bias:
-    """A request's ``logit_bias`` on the device, made once (the engine keeps it on the request)."""
+class LogitEdits:
+    """A request's ``allowed_token_ids`` and ``logit_bias`` on the device, made once (the engine keeps them on
+    the request)."""
 
-    tokens: torch.Tensor  # [k] int64
-    values: torch.Tensor  # [k] float32
+    allowed: torch.Tensor | None  # [a] int64: the only tokens it may take
+    tokens: torch.Tensor | None  # [k] int64: biased tokens
+    values: torch.Tensor | None  # [k] float32: their biases
 
     @classmethod
-    def of(cls, logit_bias: dict[int, float], device: torch.device) -> Bias:
-        return cls(torch.tensor(list(logit_bias), dtype=torch.int64, device=device),
-                   torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=device))
+    def of(cls, params: SamplingParams, device: torch.device) -> LogitEdits:
+        allowed = bias = None
+        if params.allowed_token_ids:
+            allowed = torch.tensor(params.allowed_token_ids, dtype=torch.int64, device=device)
+        if params.logit_bias:
+            bias = (torch.tensor(list(params.logit_bias), dtype=torch.int64, device=device),
+                    torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device))
+        return cls(allowed, *(bias or (None, None)))
+
+
+def edits_logits(params: SamplingParams) -> bool:
+    return bool(params.logit_bias or params.allowed_token_ids)
+
+
+def _row_index(rows: list[int], sizes: list[int], device: torch.device) -> torch.Tensor:
+    """``rows[j]`` repeated ``sizes[j]`` times, on the device (without a wait for the sizes)."""
+    return torch.repeat_interleave(torch.tensor(rows, device=device), torch.tensor(sizes, device=device),
+                                   output_size=sum(sizes))
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            suppress: list[list[int] | None] | None = None, penalties: Penalties | None = None,
-           biases: list[Bias | None] | None = None) -> Sampled:
+           edits: list[LogitEdits | None] | None = None) -> Sampled:
     """One token per row of ``logits`` ([n, V]). ``suppress[i]`` lists token ids row ``i`` may not take
-    (EOS and stop ids before ``min_tokens``). ``biases[i]``: row ``i``'s ``logit_bias`` made already
-    (``Bias.of``); left out, it is made here from the params."""
-    if (all(p.greedy and p.logprobs is None and not p.logit_bias for p in params) and penalties is None
+    (EOS and stop ids before ``min_tokens``). ``edits[i]``: row ``i``'s ``allowed_token_ids`` and
+    ``logit_bias`` made already (``LogitEdits.of``); left out, they are made here from the params."""
+    if (all(p.greedy and p.logprobs is None and not edits_logits(p) for p in params) and penalties is None
             and not (suppress and any(suppress))):
         return Sampled(logits.argmax(dim=-1))  # (each float upcast is exact: the same argmax, without a copy)
     raw = logits.float()
     dev = raw.device
     x = raw
-    if biases is None and any(p.logit_bias for p in params):
-        biases = [Bias.of(p.logit_bias, dev) if p.logit_bias else None for p in params]
-    biased = [(i, b) for i, b in enumerate(biases or ()) if b is not None]
+    if edits is None and any(edits_logits(p) for p in params):
+        edits = [LogitEdits.of(p, dev) if edits_logits(p) else None for p in params]
+    picked = [(i, e) for i, e in enumerate(edits or ()) if e is not None]
+    allowed = [(i, e.allowed) for i, e in picked if e.allowed is not None]
+    if allowed:  # every other token of those rows -inf (the rows' allowed logits kept, the rows filled, put back)
+        rows = _row_index([i for i, _ in allowed], [len(a) for _, a in allowed], dev)
+        cols = torch.cat([a for _, a in allowed])
+        kept = x[rows, cols]
+        x = x.index_fill(0, torch.tensor([i for i, _ in allowed], device=dev), float("-inf"))
+        x = x.index_put((rows, cols), kept)
+    biased = [(i, e) for i, e in picked if e.tokens is not None]
     if biased:  # (one index_put for every biased row: the rows' token ids and values joined on the device)
-        sizes = [len(b.tokens) for _, b in biased]
-        rows = torch.repeat_interleave(torch.tensor([i for i, _ in biased], device=dev),
-                                       torch.tensor(sizes, device=dev), output_size=sum(sizes))
-        x = x.index_put((rows, torch.cat([b.tokens for _, b in biased])), torch.cat([b.values for _, b in biased]),
+        rows = _row_index([i for i, _ in biased], [len(e.tokens) for _, e in biased], dev)
+        x = x.index_put((rows, torch.cat([e.tokens for _, e in biased])), torch.cat([e.values for _, e in biased]),
                         accumulate=True)
     if suppress is not None and any(suppress):
         rows = [i for i, ids in enumerate(suppress) if ids for _ in ids]

@@ -75,6 +75,8 @@ class SamplingParams:
         logit_bias: ``{token id: bias}`` added to those tokens' logits before penalties, temperature and
             filtering (OpenAI's and vLLM's ``logit_bias``; -100..100, where -100 all but bans a token and 100
             all but forces it). Log-probabilities stay the model's own.
+        allowed_token_ids: the only tokens the request may sample (vLLM's ``allowed_token_ids``): every other
+            token's logit is -inf before the bias and the rest (log-probabilities stay the model's own).
     """
 
     max_tokens: int | None = 16
@@ -96,6 +98,7 @@ class SamplingParams:
     budget: Any = ENGINE_BUDGET
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -179,6 +182,16 @@ class SamplingParams:
             outside = [b for b in self.logit_bias.values() if not -100 <= b <= 100]  # (NaN too)
             if outside:
                 bad("logit_bias", f"biases lie in [-100, 100], got {outside[0]}")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not all(
+                    integral(t) for t in self.allowed_token_ids):
+                bad("allowed_token_ids", "expected a list of ints, or None", TypeError)
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+            if not self.allowed_token_ids:
+                bad("allowed_token_ids", "expected at least one token id (None: every token)")
+            negative = [t for t in self.allowed_token_ids if t < 0]
+            if negative:
+                bad("allowed_token_ids", f"token ids are >= 0, got {negative[0]}")
 
     @property
     def greedy(self) -> bool:

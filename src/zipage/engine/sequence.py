@@ -180,7 +180,7 @@ class Sequence:
     index: int = 0  # which sample of its request
     leader: Sequence | None = None  # the sample whose prompt pages this one waits for (n > 1)
     logprobs: list[TokenLogprobs] | None = None
-    bias: Any = None  # params.logit_bias as (token ids, biases) on the device, made at its first step (sampler.Bias)
+    logit_edits: Any = None  # its allowed_token_ids and logit_bias on the device (sampler.LogitEdits), made once
 
     @property
     def tokens(self) -> list[int]:

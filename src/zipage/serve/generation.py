@@ -104,7 +104,7 @@ def sampling_params(req: SamplingFields, config: ServeConfig, max_tokens: int, l
             n=req.n, min_p=pick("min_p", 0.0), repetition_penalty=pick("repetition_penalty", 1.0),
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output, budget=budget,
-            skip_special_tokens=req.skip_special_tokens, logit_bias=bias,
+            skip_special_tokens=req.skip_special_tokens, logit_bias=bias, allowed_token_ids=req.allowed_token_ids,
         )
     except (ValueError, TypeError) as e:
         raise bad_request(e, "prompt") from None

@@ -97,6 +97,7 @@ class SamplingFields(OpenAIModel):
     seed: int | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)  # {"token id": bias}
+    allowed_token_ids: list[int] | None = None  # vLLM's: the only tokens a sample may take
     # vLLM's extra sampling fields
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float = Field(default=0.0, ge=0, le=1)
@@ -129,11 +130,10 @@ class SamplingFields(OpenAIModel):
     structured_outputs: Any = None
     logits_processors: Any = None
     bad_words: Any = None
-    allowed_token_ids: Any = None
 
     UNIMPLEMENTED: ClassVar[tuple[str, ...]] = (
         "use_beam_search", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
-        "guided_grammar", "structured_outputs", "logits_processors", "bad_words", "allowed_token_ids")
+        "guided_grammar", "structured_outputs", "logits_processors", "bad_words")
 
     def unsupported(self) -> str | None:
         """The first field set to something zipage does not implement (left out, null, false or empty: unset)."""
