@@ -25,7 +25,7 @@ from ..memory.block_manager import BlockManager
 from .compressions import Compressions
 from .outputs import OutputProcessor
 from .runner import Feed, ModelRunner
-from .sampler import LogitEdits, Sampled, TokenHistory, edits_logits, sample
+from .sampler import LogitEdits, Sampled, TokenHistory, sample
 from .scheduler import Scheduler, Step
 from .sequence import RequestOutput, Sequence, TokenLogprobs
 
@@ -258,10 +258,10 @@ class EngineCore:
         saved = [(g, g.get_state()) for g in gens if g is not None]
         try:
             history = self.history.penalties(seqs, logits.shape[-1])
-            edits = None
-            if any(edits_logits(s.params) for s in seqs):
+            edits = []  # (each request's allowed_token_ids and logit_bias on the device, made once)
+            if any(s.params.logit_bias or s.params.allowed_token_ids for s in seqs):
                 for s in seqs:
-                    if s.logit_edits is None and edits_logits(s.params):
+                    if s.logit_edits is None and (s.params.logit_bias or s.params.allowed_token_ids):
                         s.logit_edits = LogitEdits.of(s.params, logits.device)
                 edits = [s.logit_edits for s in seqs]
             sampled = sample(logits, [s.params for s in seqs], gens, [self.outputs.suppressed(s) for s in seqs],

@@ -60,10 +60,6 @@ class LogitEdits:
         return cls(allowed, *(bias or (None, None)))
 
 
-def edits_logits(params: SamplingParams) -> bool:
-    return bool(params.logit_bias or params.allowed_token_ids)
-
-
 def _row_index(rows: list[int], sizes: list[int], device: torch.device) -> torch.Tensor:
     """``rows[j]`` repeated ``sizes[j]`` times, on the device (without a wait for the sizes)."""
     return torch.repeat_interleave(torch.tensor(rows, device=device), torch.tensor(sizes, device=device),
@@ -75,16 +71,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            edits: list[LogitEdits | None] | None = None) -> Sampled:
     """One token per row of ``logits`` ([n, V]). ``suppress[i]`` lists token ids row ``i`` may not take
     (EOS and stop ids before ``min_tokens``). ``edits[i]``: row ``i``'s ``allowed_token_ids`` and
-    ``logit_bias`` made already (``LogitEdits.of``); left out, they are made here from the params."""
-    if (all(p.greedy and p.logprobs is None and not edits_logits(p) for p in params) and penalties is None
+    ``logit_bias`` made already (``LogitEdits.of``), or ``[]`` when no row has either; left out (None), they
+    are made here from the params."""
+    if edits is None:
+        edits = [LogitEdits.of(p, logits.device) if p.logit_bias or p.allowed_token_ids else None
+                 for p in params] if any(p.logit_bias or p.allowed_token_ids for p in params) else []
+    if (not edits and all(p.greedy and p.logprobs is None for p in params) and penalties is None
             and not (suppress and any(suppress))):
         return Sampled(logits.argmax(dim=-1))  # (each float upcast is exact: the same argmax, without a copy)
     raw = logits.float()
     dev = raw.device
     x = raw
-    if edits is None and any(edits_logits(p) for p in params):
-        edits = [LogitEdits.of(p, dev) if edits_logits(p) else None for p in params]
-    picked = [(i, e) for i, e in enumerate(edits or ()) if e is not None]
+    picked = [(i, e) for i, e in enumerate(edits) if e is not None]
     allowed = [(i, e.allowed) for i, e in picked if e.allowed is not None]
     if allowed:  # every other token of those rows -inf (the rows' allowed logits kept, the rows filled, put back)
         rows = _row_index([i for i, _ in allowed], [len(a) for _, a in allowed], dev)
