@@ -199,6 +199,17 @@ def test_allowed_token_ids_match_transformers_suppressing_the_others(model):
     assert outs[1].outputs[0].token_ids == reference(model, b, 16)
     with pytest.raises(ValueError, match=f"allowed_token_ids is invalid: token id {vocab} is outside"):
         llm.add_request(a, SamplingParams(allowed_token_ids=[1, vocab]))
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    # every allowed token ends the output and min_tokens forbids that: nothing could be sampled (token 0 came out)
+    for params in (SamplingParams(allowed_token_ids=[eos], min_tokens=2),
+                   SamplingParams(allowed_token_ids=[eos, 7, 7], stop_token_ids=[7], min_tokens=1)):
+        with pytest.raises(ValueError, match="every allowed token ends the output"):
+            llm.add_request(a, params)
+    out = llm.generate([a], SamplingParams(allowed_token_ids=[eos], min_tokens=2, ignore_eos=True, max_tokens=3,
+                                           temperature=0), use_tqdm=False)[0]  # (EOS does not end it: allowed)
+    assert out.outputs[0].token_ids == [eos] * 3
+    assert SamplingParams(allowed_token_ids=[5, 5, 3, 5]).allowed_token_ids == [5, 3]
     assert_pool_clean(llm)
 
 

@@ -406,6 +406,8 @@ BAD = [  # (body, status, param); the model is added where missing
     ({"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ({"prompt": "x", "allowed_token_ids": [99999999]}, 400, "allowed_token_ids"),
     ({"prompt": "x", "allowed_token_ids": ["a"]}, 400, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": [True, 5]}, 400, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": [5] * 262145}, 400, "allowed_token_ids"),
     ({"prompt": "x", "echo": True}, 400, "echo"),
     ({"prompt": "x", "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
     ({"prompt": ""}, 400, "prompt"),

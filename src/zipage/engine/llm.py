@@ -398,6 +398,12 @@ class LLM:
         ids, text = tokenize(self.tokenizer, prompt, chat)
         check_request(ids, params, request_id, vocab=self.model.config.get_text_config(decoder=True).vocab_size,
                       max_model_len=self.max_model_len, has_tokenizer=self.tokenizer is not None)
+        if params.allowed_token_ids and params.min_tokens:  # (its first tokens would have nothing left to take)
+            ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.core.outputs.eos_ids))
+            if ends.issuperset(params.allowed_token_ids):
+                raise ValueError(f"SamplingParams.allowed_token_ids={params.allowed_token_ids} is invalid with "
+                                 f"min_tokens={params.min_tokens}: every allowed token ends the output (EOS or a stop "
+                                 "id), and none may be taken before min_tokens")
         budget = resolve_budget(params, self.zipage_config)
         if params.max_tokens is None:  # as many as the request may take (vLLM's None)
             params.max_tokens = max(1, self.max_new_tokens(len(ids), params))

@@ -186,7 +186,7 @@ class SamplingParams:
             if not isinstance(self.allowed_token_ids, (list, tuple)) or not all(
                     integral(t) for t in self.allowed_token_ids):
                 bad("allowed_token_ids", "expected a list of ints, or None", TypeError)
-            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+            self.allowed_token_ids = list(dict.fromkeys(int(t) for t in self.allowed_token_ids))  # (once each)
             if not self.allowed_token_ids:
                 bad("allowed_token_ids", "expected at least one token id (None: every token)")
             negative = [t for t in self.allowed_token_ids if t < 0]

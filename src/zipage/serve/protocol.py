@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -79,6 +79,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 16384  # characters of all the stop strings together
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024  # tokens a request may bias
+MAX_ALLOWED_TOKEN_IDS = 1 << 18  # tokens a request may allow (more than any vocabulary)
 
 
 class SamplingFields(OpenAIModel):
@@ -97,7 +98,7 @@ class SamplingFields(OpenAIModel):
     seed: int | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)  # {"token id": bias}
-    allowed_token_ids: list[int] | None = None  # vLLM's: the only tokens a sample may take
+    allowed_token_ids: list[StrictInt] | None = Field(default=None, max_length=MAX_ALLOWED_TOKEN_IDS)  # vLLM's
     # vLLM's extra sampling fields
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float = Field(default=0.0, ge=0, le=1)
