@@ -82,15 +82,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     raw = logits.float()
     dev = raw.device
     x = raw
-    picked = [(i, e) for i, e in enumerate(edits) if e is not None]
-    allowed = [(i, e.allowed) for i, e in picked if e.allowed is not None]
+    edited = [(i, e) for i, e in enumerate(edits) if e is not None]
+    allowed = [(i, e.allowed) for i, e in edited if e.allowed is not None]
     if allowed:  # every other token of those rows -inf (the rows' allowed logits kept, the rows filled, put back)
         rows = _row_index([i for i, _ in allowed], [len(a) for _, a in allowed], dev)
         cols = torch.cat([a for _, a in allowed])
         kept = x[rows, cols]
         x = x.index_fill(0, torch.tensor([i for i, _ in allowed], device=dev), float("-inf"))
         x = x.index_put((rows, cols), kept)
-    biased = [(i, e) for i, e in picked if e.tokens is not None]
+    biased = [(i, e) for i, e in edited if e.tokens is not None]
     if biased:  # (one index_put for every biased row: the rows' token ids and values joined on the device)
         rows = _row_index([i for i, _ in biased], [len(e.tokens) for _, e in biased], dev)
         x = x.index_put((rows, torch.cat([e.tokens for _, e in biased])), torch.cat([e.values for _, e in biased]),
