@@ -5,7 +5,7 @@ change what a request means and that zipage does not implement (tools and functi
 or guided outputs, beam search, prompt log-probabilities, ...) are refused with a 400 naming them
 (``unsupported``) rather than silently ignored; other unknown fields are ignored, as vLLM's server
 ignores them. vLLM's extra sampling fields (``top_k``, ``min_p``,
-``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``,
+``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``, ``allowed_token_ids``,
 ``include_stop_str_in_output``, ``return_token_ids``) and zipage's ``budget`` come through the
 client's ``extra_body``, as top-level fields.
 """
