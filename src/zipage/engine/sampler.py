@@ -1,10 +1,10 @@
 """The sampler: every row of a step in one batched pass on the device.
 
-Per row, in vLLM's order: ``allowed_token_ids``, ``logit_bias``, ``min_tokens`` masks, penalties (repetition over prompt + output,
-presence and frequency over the output), then greedy rows take the argmax; sampled rows are
-divided by their temperature, filtered by ``min_p``, ``top_k`` and ``top_p`` (one sort of the
-rows that filter by rank, or a top-k when every row has a ``top_k``) and drawn by inverting their
-cumulative distribution at one uniform number per row. A seeded row draws its number from its
+Per row, in vLLM's order: ``allowed_token_ids``, ``logit_bias``, ``min_tokens`` masks, penalties
+(repetition over prompt + output, presence and frequency over the output), then greedy rows take the
+argmax; sampled rows are divided by their temperature, filtered by ``min_p``, ``top_k`` and ``top_p``
+(one sort of the rows that filter by rank, or a top-k when every row has a ``top_k``) and drawn by
+inverting their cumulative distribution at one uniform number per row. A seeded row draws its number from its
 own generator (one draw per step whatever else runs beside it, so its tokens do not depend on
 the batch); unseeded rows share one batched draw. The only Python loop left runs over the
 seeded rows, to call their generators. (An exponential race, ``argmax(probs / E)``, would need

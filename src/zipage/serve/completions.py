@@ -26,20 +26,23 @@ from .protocol import (
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
-def prompt_ids(req: CompletionRequest, tokenizer) -> list[list[int]]:
-    """Token ids of each prompt: a string, a list of strings, token ids, or a list of token id lists."""
+def prompt_parts(req: CompletionRequest) -> tuple[list[str] | None, list[list[int]] | None]:
+    """``(texts, None)`` or ``(None, token ids)`` of the prompts: a string, a list of strings, token ids, or a
+    list of token id lists."""
     p = req.prompt
     if isinstance(p, str):
-        texts = [p]
-    elif p and all(isinstance(x, int) for x in p):
-        return [list(p)]
-    elif p and all(isinstance(x, str) for x in p):
-        texts = list(p)
-    elif p and all(isinstance(x, list) for x in p):
-        return [list(x) for x in p]
-    else:
-        raise APIError(400, "prompt must be a string, a list of strings, token ids or a list of token id lists",
-                       param="prompt")
+        return [p], None
+    if p and all(isinstance(x, int) for x in p):
+        return None, [list(p)]
+    if p and all(isinstance(x, str) for x in p):
+        return list(p), None
+    if p and all(isinstance(x, list) for x in p):
+        return None, [list(x) for x in p]
+    raise APIError(400, "prompt must be a string, a list of strings, token ids or a list of token id lists",
+                   param="prompt")
+
+
+def tokenize_all(texts: list[str], tokenizer) -> list[list[int]]:
     try:
         return [list(tokenizer(t)["input_ids"]) for t in texts]
     except Exception as e:  # (text the tokenizer cannot take: a lone surrogate, ...)
@@ -49,12 +52,11 @@ def prompt_ids(req: CompletionRequest, tokenizer) -> list[list[int]]:
 async def create_completion(req: CompletionRequest, raw: Request, engine: AsyncEngine,
                             config: ServeConfig) -> CompletionResponse | StreamingResponse:
     check_model(config, req.model)
-    p = req.prompt  # (a list of prompts: counted before any is tokenized, which holds the event loop)
-    count = len(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else 1
-    check_samples(count * req.n, "prompt")
-    params = sampling_params(req, config, req.max_tokens or DEFAULT_MAX_TOKENS, req.logprobs)  # (a 400 before tokenizing)
-    text = isinstance(p, str) or (isinstance(p, list) and bool(p) and isinstance(p[0], str))
-    prompts = await off_loop(raw, prompt_ids, req, config.tokenizer) if text else prompt_ids(req, config.tokenizer)
+    texts, prompts = prompt_parts(req)
+    check_samples(len(texts or prompts) * req.n, "prompt")  # (before tokenizing: counting is cheap)
+    params = sampling_params(req, config, req.max_tokens or DEFAULT_MAX_TOKENS, req.logprobs)
+    if texts is not None:  # (on the tokenizing thread: token ids need none)
+        prompts = await off_loop(raw, tokenize_all, texts, config.tokenizer)
     for ids in prompts:
         check_length(ids, params, config, "prompt")
     streams = await add_all(engine, config, prompts, [params] * len(prompts), "prompt")
