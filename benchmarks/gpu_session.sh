@@ -99,7 +99,7 @@
 #   PART=s46c  the kernel benchmark (prefill rows: the engine's prefill), then PART=s46b
 #   PART=s46d  the GPU tests of generate(), fresh prefill, FP8 decode variants, query weights, sampler
 #   PART=s48   the engine's GPU tests after session 48's failure-handling and scheduler changes
-#   PART=s49    session 49's GPU tests (logit_bias in the sampler and the engine, generate() on CUDA)
+#   PART=s49    session 49's GPU tests (logit_bias and allowed_token_ids in the sampler, the engine, generate())
 #   PART=s46fp8 the FP8 pair (zipage-2048-fp8, then zipage-2048) run to completion, 512 x 4,096 tokens
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
@@ -449,8 +449,8 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     timeout "${TEST_LIMIT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_generate_gpu.py \
       tests/test_generate_memory.py tests/test_fresh_prefill.py tests/test_fp8_decode_variants.py \
       tests/test_query_weights.py tests/test_sampler.py --durations=5 2>&1 | tee "$OUT/gpu_tests_s46d.log" | tail -10 ;;
-  s49)  # session 49: the GPU tests after its changes: the sampler's logit_bias rows against the per-row reference on
-    # CUDA, the engine's requests (logit_bias beside an unbiased request), generate() on CUDA
+  s49)  # session 49: the GPU tests after its changes: the sampler's rows with logit_bias and allowed_token_ids
+    # against the per-row reference on CUDA, the engine's requests on CUDA, generate() on CUDA
     timeout "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_sampler.py \
       tests/test_engine_requests.py tests/test_generate_gpu.py tests/test_engine_gpu.py --durations=5 2>&1 \
       | tee "$OUT/gpu_tests_s49.log" | tail -8 ;;
