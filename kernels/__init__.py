@@ -8,35 +8,39 @@ requests, page tables' owners or scorers' policies (which model modules the engi
 through them is ``zipage.engine.fusion``'s business).
 """
 
-from .compact import compact, compact_reference, compact_triton
-from .fp8 import FP8, INT8, dequantize_reference, kv_dtype, quantize_reference
-from .exact_tail import (exact_merge, exact_merge_reference, exact_merge_triton, exact_tail_merge,
-                         exact_tail_merge_reference, exact_tail_merge_triton)
-from .paged_attention import (
-    exact_attention,
-    merge_attention,
-    paged_decode_attention,
-    paged_decode_attention_reference,
-    paged_decode_attention_triton,
-    paged_prefill_attention,
-    paged_prefill_attention_reference,
-    paged_prefill_attention_triton,
-)
-from .paged_kv import (
-    gather_kv,
-    gather_kv_reference,
-    slot_indices,
-    store_kv,
-    store_kv_reference,
-    store_kv_span_reference,
-    store_kv_triton,
-)
-from .pooling import pool_scores, pool_scores_reference
-from .redundancy import lightning_redundancy_triton, redundancy_scores, redundancy_scores_reference
-from .rmsnorm import rms_norm, rms_norm_reference, rms_norm_triton
-from .rope import rope, rope_reference, rope_triton
-from .silu_mul import silu_mul, silu_mul_reference, silu_mul_triton
-from .window_score import window_scores, window_scores_reference, window_scores_triton
+from ._toplevel import handed_over
+
+# (imported as zipage.kernels, or as top-level ``kernels`` where no other package has that name: see _toplevel.py)
+if not handed_over(__name__, __file__):
+    from .compact import compact, compact_reference, compact_triton
+    from .fp8 import FP8, INT8, dequantize_reference, kv_dtype, quantize_reference
+    from .exact_tail import (exact_merge, exact_merge_reference, exact_merge_triton, exact_tail_merge,
+                             exact_tail_merge_reference, exact_tail_merge_triton)
+    from .paged_attention import (
+        exact_attention,
+        merge_attention,
+        paged_decode_attention,
+        paged_decode_attention_reference,
+        paged_decode_attention_triton,
+        paged_prefill_attention,
+        paged_prefill_attention_reference,
+        paged_prefill_attention_triton,
+    )
+    from .paged_kv import (
+        gather_kv,
+        gather_kv_reference,
+        slot_indices,
+        store_kv,
+        store_kv_reference,
+        store_kv_span_reference,
+        store_kv_triton,
+    )
+    from .pooling import pool_scores, pool_scores_reference
+    from .redundancy import lightning_redundancy_triton, redundancy_scores, redundancy_scores_reference
+    from .rmsnorm import rms_norm, rms_norm_reference, rms_norm_triton
+    from .rope import rope, rope_reference, rope_triton
+    from .silu_mul import silu_mul, silu_mul_reference, silu_mul_triton
+    from .window_score import window_scores, window_scores_reference, window_scores_triton
 
 __all__ = [
     "FP8",
