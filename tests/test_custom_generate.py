@@ -121,3 +121,14 @@ def test_a_model_repo_that_carries_it_takes_the_inputs_positionally(tmp_path):
     kw = dict(max_new_tokens=30, do_sample=False, **settings)
     assert torch.equal(loaded.generate(PROMPT, **kw), ref)
     assert torch.equal(loaded.generate(input_ids=PROMPT, **kw), ref)
+
+
+def test_a_cache_of_the_caller_s_is_refused_by_name():
+    """The repo builds its own ZipageCache: a cache passed beside it (``past_key_values=``, which transformers 5.24
+    renamed ``cache=`` before the repo's function sees it) is refused, naming the argument."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"builds its own ZipageCache: do not pass (past_key_values|cache)"):
+        model.generate(PROMPT, custom_generate=str(REPO), trust_remote_code=True, max_new_tokens=4,
+                       past_key_values=DynamicCache(config=model.config), budget=16, page_size=4)

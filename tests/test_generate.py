@@ -333,7 +333,8 @@ def test_unsupported_transformers_version_is_a_clear_error(monkeypatch):
 
     from zipage import hf
 
-    with pytest.raises(RuntimeError, match="supports transformers >=5.17.0,<5.24.0"):
+    expected = r"supports transformers >=5.17.0,<5.26.0; found 5.12.0\. .*pip install 'transformers>=5.17.0,<5.26.0'"
+    with pytest.raises(RuntimeError, match=expected):
         hf.check_transformers_version(Version("5.12.0"))
     monkeypatch.setattr(hf, "transformers_version", lambda: Version("6.0.0"))
     model = tiny_model("llama")

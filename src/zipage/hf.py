@@ -5,7 +5,7 @@ the name against ``generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS``
 and builds the cache in ``GenerationMixin._prepare_cache_for_generation``.
 ``import zipage`` adds "zipage" to that tuple and wraps that method (once,
 reversibly); everything else in ``generate`` is untouched. The hook is
-checked against transformers 5.17 through 5.23.
+checked against transformers 5.17 through 5.25.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .cache import ZipageCache
 from .config import ZipageConfig
 
 CACHE_IMPLEMENTATION = "zipage"
-MIN_VERSION, MAX_VERSION = Version("5.17.0"), Version("5.24.0")  # [min, max)
+MIN_VERSION, MAX_VERSION = Version("5.17.0"), Version("5.26.0")  # [min, max)
 _ORIGINAL: dict[str, Any] = {}
 
 # Modes that roll the cache back or change its batch size: an evicting cache cannot serve them.
@@ -38,13 +38,21 @@ def transformers_version() -> Version:
     return Version(Version(transformers.__version__).base_version)
 
 
+def cache_kwarg() -> str:
+    """The name generate() keeps the cache under among its model kwargs (and models take it by): ``cache`` from
+    transformers 5.24, which renamed ``past_key_values`` (still taken by ``generate`` and the models' forwards,
+    deprecated), ``past_key_values`` before."""
+    return "cache" if transformers_version() >= Version("5.24.0") else "past_key_values"
+
+
 def check_transformers_version(version: Version | None = None) -> None:
     """Raise RuntimeError unless transformers is a version the generate() hook was checked against."""
+    found = str(version) if version is not None else transformers.__version__
     version = version if version is not None else transformers_version()
     if not MIN_VERSION <= version < MAX_VERSION:
         raise RuntimeError(
-            f"zipage's generate() integration supports transformers >={MIN_VERSION},<{MAX_VERSION}; found "
-            f"{transformers.__version__}. Install a supported version (pip install 'transformers>=5.17,<5.24')."
+            f"zipage's generate() integration supports transformers >={MIN_VERSION},<{MAX_VERSION}; found {found}. "
+            f"Install a supported version (pip install 'transformers>={MIN_VERSION},<{MAX_VERSION}')."
         )
 
 
@@ -66,7 +74,8 @@ def _check_mode(generation_mode: Any) -> None:
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs):
     original = _ORIGINAL["prepare"]
-    user_cache = model_kwargs.get("past_key_values")
+    key = cache_kwarg()
+    user_cache = model_kwargs.get(key)
     wants_zipage = generation_config.cache_implementation == CACHE_IMPLEMENTATION
     if not wants_zipage and not isinstance(user_cache, ZipageCache):
         return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
@@ -75,7 +84,7 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
         return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     if isinstance(user_cache, ZipageCache) and generation_config.use_cache is False:
         # (transformers would feed the whole sequence again at every step into the cache: garbage, silently)
-        raise ValueError("generate() was given past_key_values=ZipageCache with use_cache=False (passed, or the "
+        raise ValueError(f"generate() was given {key}=ZipageCache with use_cache=False (passed, or the "
                          "model's generation_config.use_cache, e.g. from a checkpoint saved without a cache): pass "
                          "use_cache=True, or no cache")
     check_transformers_version()
@@ -103,10 +112,10 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
             return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     if user_cache is not None:
         raise ValueError(
-            "Passing both cache_implementation='zipage' and past_key_values is unsupported; use one of the two"
+            f"Passing both cache_implementation='zipage' and {key} is unsupported; use one of the two"
         )
     zipage_config = _zipage_config_from(generation_config.cache_config)
-    model_kwargs["past_key_values"] = ZipageCache(
+    model_kwargs[key] = ZipageCache(
         config=text_config, zipage_config=zipage_config, max_cache_len=max_cache_len
     )
 

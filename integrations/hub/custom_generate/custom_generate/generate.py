@@ -63,9 +63,10 @@ def generate(*args, model=None, **kwargs):
             raise TypeError("generate() needs the model: generate(input_ids, model=model, ...)")
         model, args = args[0], args[1:]  # (called as generate(model, input_ids, ...))
     config = _zipage_config(kwargs, model)  # a bad field raises here, named
-    if kwargs.get("past_key_values") is not None:
-        raise ValueError("custom_generate='zipage' builds its own ZipageCache: do not pass past_key_values "
-                         "(or call model.generate(past_key_values=zipage.ZipageCache(...)) directly)")
+    for name in ("past_key_values", "cache"):  # (transformers 5.24 renamed the first the second)
+        if kwargs.get(name) is not None:
+            raise ValueError(f"custom_generate='zipage' builds its own ZipageCache: do not pass {name} "
+                             f"(or call model.generate({name}=zipage.ZipageCache(...)) directly)")
     if kwargs.get("cache_implementation") not in (None, "zipage"):
         raise ValueError(f"custom_generate='zipage' uses cache_implementation='zipage', got "
                          f"{kwargs['cache_implementation']!r}")
