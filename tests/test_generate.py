@@ -965,3 +965,28 @@ def test_early_initialization_gives_the_same_tokens_and_a_mismatch_is_named():
         cache.early_initialization(batch, heads, size, dtype, torch.device("cpu"))
         with pytest.raises(ValueError, match=words):
             run(cache)
+
+
+def test_forwards_with_autograd_on_continue_a_cache_generate_filled():
+    """After generate() (no_grad), the model called with autograd on over the same ZipageCache: it raised (an
+    in-place store into rows whose views were made under no_grad); now the cache stores outside the graph, the
+    tokens are those of the same steps under no_grad, and the logits still backpropagate to the weights."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(0))
+    caches = [zipage.ZipageCache(config=model.config, budget=16, page_size=4) for _ in range(2)]
+    outs = [model.generate(ids, past_key_values=c, max_new_tokens=30, **GREEDY) for c in caches]
+    tokens = []
+    for cache, out, grad in zip(caches, outs, (True, False)):
+        tok, seen = out[:, -1:], []
+        with torch.set_grad_enabled(grad):
+            for _ in range(20):
+                logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+                assert logits.requires_grad == grad
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                seen.append(tok)
+        tokens.append(torch.cat(seen, 1))
+        if grad:
+            logits.sum().backward()
+            assert model.lm_head.weight.grad is not None
+    assert torch.equal(tokens[0], tokens[1])
+    assert caches[0].stats()["compressions"] == caches[1].stats()["compressions"] > 2

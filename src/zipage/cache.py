@@ -335,6 +335,12 @@ class ZipageCache(Cache):
         IndexError naming it otherwise, not another layer's update or an index into the list)."""
         if type(layer_idx) is not int or not 0 <= layer_idx < len(self.layers):  # (the common case: one test)
             layer_idx = self._layer_index(layer_idx)
+        if torch.is_grad_enabled():
+            # (a forward outside generate() with autograd on: the stored keys and values are kept out of the graph,
+            # as evicted tokens could not be differentiated anyway; the rows' views, made under generate()'s
+            # no_grad, refused an in-place store under grad mode)
+            with torch.no_grad():
+                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> ZipageCache:
