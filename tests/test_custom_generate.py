@@ -23,6 +23,11 @@ def _reference(model, inputs, **settings):
 def test_layout_is_what_transformers_loads():
     assert (REPO / "custom_generate" / "generate.py").is_file()
     assert (REPO / "custom_generate" / "requirements.txt").is_file()
+    # the repo asks for the transformers versions zipage takes (pyproject.toml's range)
+    requirements = (REPO / "custom_generate" / "requirements.txt").read_text().split()
+    wanted = [line for line in requirements if "transformers" in line]
+    pyproject = (REPO.parents[2] / "pyproject.toml").read_text()
+    assert len(wanted) == 1 and f'"{wanted[0]}",' in pyproject, wanted
     readme = (REPO / "README.md").read_text()
     front = readme.split("---")[1]
     assert "custom_generate" in front and "library_name: transformers" in front

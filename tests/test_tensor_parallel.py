@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_model
 from test_engine import prompts_of
 
@@ -313,6 +314,16 @@ def test_a_model_without_a_tensor_parallel_plan_is_refused():
     model = tiny_model("llama")
     model.config.base_model_tp_plan = None
     with pytest.raises(NotImplementedError, match="no tensor-parallel plan"):
+        LLM(model, num_pages=8, tensor_parallel_size=2)
+
+
+def test_a_mixture_of_experts_is_refused_naming_its_experts():
+    """transformers 5.25's Qwen3-MoE plan no longer lists its experts: the check does not rest on the plan."""
+    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(NotImplementedError, match=r"mixture of experts \(num_experts=4\).*every expert whole"):
         LLM(model, num_pages=8, tensor_parallel_size=2)
 
 

@@ -69,7 +69,7 @@ def load(model_id: str):
             name = HUB_SMOLLM2 if model_id == OFFLINE_MODEL else model_id
             tokenizer = AutoTokenizer.from_pretrained(name)
             dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_kernels=False).eval()
         _models.clear()  # one model at a time
         _models[model_id] = (model.to(DEVICE), tokenizer)
     return _models[model_id]

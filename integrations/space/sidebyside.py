@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 import zipage
+from zipage.hf import cache_kwarg
 from zipage.models import common_prefix_length
 
 
@@ -154,7 +155,7 @@ def _feed(model, run: Run, ids: torch.Tensor, settings: Settings) -> None:
     # and a mode entered on one thread does not hold on the next)
     with torch.inference_mode():
         before = run.cache.stats()["compressions"] if isinstance(run.cache, zipage.ZipageCache) else 0
-        logits = model(input_ids=ids, past_key_values=run.cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=ids, **{cache_kwarg(): run.cache}, use_cache=True).logits[0, -1]
         run.pending = pick(logits, settings, run.generator)
         run.kv_bytes.append(_kv_bytes(run))
         if isinstance(run.cache, zipage.ZipageCache) and run.cache.stats()["compressions"] > before:

@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m zipage.demo")
 
     import zipage
 
+    from .hf import cache_kwarg
     from .models import common_prefix_length, convert_smollm2, load_smollm2
 
     try:  # bad options are reported as the command's usage errors (exit status 2), before any loading
@@ -176,13 +177,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m zipage.demo")
         full_out = model.generate(**inputs, **gen_kwargs, return_dict_in_generate=True)
         full_s = time.perf_counter() - start
         full_ids = full_out.sequences[0, prompt_len:].tolist()
-        full_cache = full_out.past_key_values
+        full_cache = getattr(full_out, cache_kwarg())  # (``cache`` from transformers 5.24, ``past_key_values`` before)
         full_bytes = _dynamic_cache_bytes(full_cache)
         full_seen = full_cache.get_seq_length()
 
         cache = zipage.ZipageCache(config=model.config, zipage_config=zipage_config)
         start = time.perf_counter()
-        zip_out = model.generate(**inputs, **gen_kwargs, past_key_values=cache)
+        zip_out = model.generate(**inputs, **gen_kwargs, **{cache_kwarg(): cache})
         zip_s = time.perf_counter() - start
         zip_ids = zip_out[0, prompt_len:].tolist()
 

@@ -138,7 +138,7 @@ def _load_gguf(folder: pathlib.Path, gguf_name: str):
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_name, local_files_only=True, dtype=torch.float32
+        folder, gguf_file=gguf_name, local_files_only=True, dtype=torch.float32, use_kernels=False
     )
     return model.eval(), tokenizer
 
@@ -228,7 +228,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLik
 
     folder = convert_smollm2(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    # (use_kernels=False: transformers 5.25 would fetch Hub kernels at load time; see engine/loading.py)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, use_kernels=False)
     return model.eval(), tokenizer
 
 

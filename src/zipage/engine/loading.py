@@ -51,5 +51,7 @@ def load_model(name: str | os.PathLike, tokenizer: Any = None, *, dtype: Any = N
             said = said if len(said) <= 160 else said[:157] + "..."
             raise ValueError(f"no tokenizer could be loaded from {source!r} (give one with tokenizer=..., or use a "
                              f"folder that holds the tokenizer's files); transformers said: {said}") from error
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", device_map=device)
+    # use_kernels=False: transformers 5.25 swaps in Hugging Face Hub kernels by default (fetched at load time), which
+    # replace the modules' forwards the engine fuses (its own RMSNorm, SiLU, RoPE); before 5.25 it was the default
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto", device_map=device, use_kernels=False)
     return model, tokenizer

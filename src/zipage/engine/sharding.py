@@ -32,6 +32,10 @@ def head_counts(config) -> tuple[int, int, int]:
     return hq, hkv, d
 
 
+# a text config's expert count, by the names transformers' mixture-of-experts configs give it
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
 def check_tensor_parallel(config, size: int) -> None:
     """Refuse, before any process starts, a size the model cannot be split into."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -48,6 +52,14 @@ def check_tensor_parallel(config, size: int) -> None:
     inter = getattr(cfg, "intermediate_size", None)
     if isinstance(inter, int) and inter % size:
         raise ValueError(f"tensor_parallel_size={size} does not divide the model's intermediate_size {inter}")
+    experts = next(((name, n) for name in EXPERT_COUNTS if isinstance(n := getattr(cfg, name, None), int) and n > 1),
+                   None)
+    if experts is not None:
+        # (transformers 5.24 and earlier list the experts in the plan with styles refused below; 5.25's plans of
+        # Qwen3-MoE and Mixtral leave them out, which would have copied every expert whole onto every rank)
+        raise NotImplementedError(f"{type(config).__name__} is a mixture of experts ({experts[0]}={experts[1]}): "
+                                  "the zipage engine splits attention heads and dense MLP projections only, so every "
+                                  "rank would hold every expert whole; run it in one process (tensor_parallel_size=1)")
     plan = tp_plan(config)
     odd = sorted({style for style in plan.values() if style not in (COLWISE, ROWWISE)
                   and not style.startswith("replicated")})
