@@ -11,5 +11,5 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -m gpu -q -p no:cacheprovider ${TESTS:-tests/} ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  python3 benchmarks/kernels.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | tail -45
+  python3 benchmarks/kernel_bench.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/kernels.log" | tail -45
 fi

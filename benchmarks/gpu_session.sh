@@ -94,7 +94,7 @@
 #   PART=s45d  the fresh-prefill GPU tests, then (H200) fp8pair
 #   PART=s45e  the fresh-prefill GPU tests, the FP8 pair briefly and the prefill sweep after the benchmarks' fixes
 #   PART=s45f  the engine's GPU tests after the session's host-side engine changes
-#   PART=s46a  the kernel benchmark (benchmarks/kernels.py) with its plot, then the GPU tests of the kernels
+#   PART=s46a  the kernel benchmark (benchmarks/kernel_bench.py) with its plot, then the GPU tests of the kernels
 #   PART=s46b  the engine's GPU tests after the session's engine changes
 #   PART=s46c  the kernel benchmark (prefill rows: the engine's prefill), then PART=s46b
 #   PART=s46d  the GPU tests of generate(), fresh prefill, FP8 decode variants, query weights, sampler
@@ -429,7 +429,7 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       tests/test_engine_requests.py tests/test_fresh_prefill.py tests/test_sliding_engine.py --durations=5 2>&1 \
       | tee "$OUT/gpu_tests_s45f.log" | tail -10 ;;
   s46a)  # session 46: the kernel benchmark after session 45's fixes to it (its first GPU run since), with its plot
-    timeout 300 python3 benchmarks/kernels.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" 2>&1 \
+    timeout 300 python3 benchmarks/kernel_bench.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" 2>&1 \
       | tee "$OUT/kernels_stdout.txt" | tail -45
     # then the GPU tests of the kernels that fold FP8 value scales into the probabilities (scaled per tile since)
     timeout "${TEST_LIMIT:-220}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fp8_kernels.py \
@@ -441,7 +441,7 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       tests/test_exact_tail_engine.py --durations=5 2>&1 | tee "$OUT/gpu_tests_s46b.log" | tail -12 ;;
   s46c)  # session 46: the kernel benchmark with its prefill rows timing the engine's prefill, then the engine's GPU
     # tests after the second round of engine changes (cancels deferred while the lock is held, release hooks)
-    timeout 150 python3 benchmarks/kernels.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" 2>&1 \
+    timeout 150 python3 benchmarks/kernel_bench.py --out "$OUT/kernels.json" --plot "$OUT/kernels.png" 2>&1 \
       | tee "$OUT/kernels_stdout.txt" | grep -E "prefill|copy bandwidth"
     PART=s46b bash "$0" ;;
   s46d)  # session 46: the GPU tests of generate() (after its cache_config and use_cache changes), fresh prefill,

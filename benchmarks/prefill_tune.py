@@ -12,7 +12,7 @@ values with no gather (what a prefill with nothing stored before it could call i
 sequence) and ``cudnn-varlen`` (cuDNN's ragged form, one launch). The baseline gathers each sequence's pages into contiguous K/V and runs
 ``torch.nn.functional.scaled_dot_product_attention`` (``is_causal`` for whole prompts, an explicit
 mask where queries are the last tokens of a longer context), gather included, as
-``benchmarks/kernels.py`` does: one SDPA call per distinct length, so ragged cases also time ``padded`` (every
+``benchmarks/kernel_bench.py`` does: one SDPA call per distinct length, so ragged cases also time ``padded`` (every
 prompt padded to the longest, an explicit causal and padding mask, one SDPA call). Every kernel's output is
 checked against the baseline's: the relative error over the whole output (``rel_err`` below 2e-2) and that of
 its worst query row and head (``row_rel_err`` below ``ROW_TOL``: a masking error confined to a few rows barely

@@ -4,7 +4,7 @@
 
 Reads, when present, under benchmarks/results/: every throughput*.json (benchmarks/throughput.py; a
 table and a bar chart each), quality*.json with the .md and .png that benchmarks/quality.py writes next
-to it, kernels.json + kernels.png (benchmarks/kernels.py), and the serving reports that compare zipage
+to it, kernels.json + kernels.png (benchmarks/kernel_bench.py), and the serving reports that compare zipage
 with full KV (serving_*.json with both systems and the .png beside it, benchmarks/serving.py), and
 generate_speed_*.json (benchmarks/generate_speed.py, via generate_report.py). Missing files or keys
 leave their part out.
@@ -42,7 +42,7 @@ def kernels_section(path: Path) -> str:
         "(32 query heads, 8 KV heads, head dim 128), bf16, medians of `triton.testing.do_bench`.",
         "",
         "```bash",
-        "bash benchmarks/gpu_check.sh   # GPU tests, then python benchmarks/kernels.py",
+        "bash benchmarks/gpu_check.sh   # GPU tests, then python benchmarks/kernel_bench.py",
         "```",
         "",
         "![kernel benchmark](assets/kernels.png)",
@@ -406,7 +406,7 @@ What is measured:
   real model (SmolLM2-135M-Instruct) and real text (MATH-500, GSM8K): teacher-forced top-1 agreement,
   perplexity ratio and KL divergence at budgets that are fractions of the sequence length, and free
   greedy generation at fixed token budgets; the other scorers run in the same table.
-- **Kernels** (`benchmarks/kernels.py`, a CUDA GPU): the Triton kernels against their PyTorch
+- **Kernels** (`benchmarks/kernel_bench.py`, a CUDA GPU): the Triton kernels against their PyTorch
   references, and against the device's copy bandwidth.
 
 How the throughput workload is chosen. Every system gets the same KV memory (`--kv-gib`, pages and

@@ -1,4 +1,4 @@
-"""What the benchmark scripts measure and count (benchmarks/throughput.py, prefill_tune.py, kernels.py,
+"""What the benchmark scripts measure and count (benchmarks/throughput.py, prefill_tune.py, kernel_bench.py,
 engine_run.py, generate_report.py): warm-ups that leave the timed prompts uncached, decode steps told apart by
 what they scheduled, the bytes a decode step reads, time to first token of every request, and correctness checks
 that a wrong row fails. Tiny models on the CPU."""
@@ -147,7 +147,7 @@ def test_prefill_check_fails_a_wrong_tile_of_rows():
 
 
 def test_kernels_check_fails_a_wrong_tile_of_rows():
-    kb = load_bench("kernels")
+    kb = load_bench("kernel_bench")
     bad, ref = _masking_bug()
     got = kb.check(bad, ref)
     assert got["rel_err"] < kb.REL_TOL and not got["ok"]
@@ -157,7 +157,7 @@ def test_kernels_check_fails_a_wrong_tile_of_rows():
 def test_kernels_weights_floor_leaves_out_the_embedding_table():
     """Qwen3-8B: 16.38e9 bytes of bf16 parameters, of which a step of 128 reads 15.14e9 (the untied 1.245e9-byte
     embedding table but its 128 rows); the 16.4e9 constant counted the table whole."""
-    kb = load_bench("kernels")
+    kb = load_bench("kernel_bench")
     got = kb.decode_weight_bytes_qwen3_8b(128)
     embed = 151936 * 4096 * 2
     assert got == pytest.approx(16.38e9 - embed + 128 * 4096 * 2, rel=1e-3)

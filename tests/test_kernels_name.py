@@ -57,3 +57,21 @@ def test_without_another_kernels_package_the_folder_stays_itself():
     out = run_from_root(None)
     assert out["top_is_ours"] and Path(out["top"]).resolve() == ROOT / "kernels" / "__init__.py"
     assert out["ours_compact"]
+
+
+def test_no_script_of_the_checkout_shadows_an_installed_module():
+    """Scripts run as ``python benchmarks/<name>.py`` (and the tests, whose folders go on ``sys.path``) put their
+    folder first on ``sys.path``: a file there named like an installed module shadows it for every import, as
+    ``benchmarks/kernels.py`` did Hugging Face's ``kernels`` (transformers 5.25 failed to import in every
+    benchmark script, and in tensor-parallel ranks started after a test had loaded a benchmark)."""
+    import importlib.machinery
+
+    outside = [p for p in sys.path if p and not Path(p).resolve().is_relative_to(ROOT)]
+    for folder in ("benchmarks", "tests"):
+        for script in sorted((ROOT / folder).glob("*.py")):
+            name = script.stem
+            if name == "__init__":
+                continue
+            assert name not in sys.stdlib_module_names, f"{folder}/{script.name} shadows the standard library's {name}"
+            found = importlib.machinery.PathFinder.find_spec(name, outside)
+            assert found is None, f"{folder}/{script.name} shadows the installed module {name} ({found.origin})"

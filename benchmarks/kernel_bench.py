@@ -8,7 +8,7 @@ output and of its worst row); a failed check is marked in the table and the JSON
 1, after the results are written. The whole-model compression rows take tens of milliseconds a call, so they
 are timed over a fixed number of calls (``bench_calls``) rather than ``do_bench``'s time budget.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels.json --plot benchmarks/results/kernels.png
+    python benchmarks/kernel_bench.py --out benchmarks/results/kernels.json --plot benchmarks/results/kernels.png
 """
 
 from __future__ import annotations
