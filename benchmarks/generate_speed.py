@@ -126,7 +126,7 @@ def run_once(model, ids, variant: Variant, budget, measure_memory: bool) -> dict
             row["peak_requested_bytes"] = stats["requested_bytes.all.peak"] - requested
     elif tracker is not None:
         row["peak_bytes"] = tracker.peak
-    cache = out.past_key_values
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # (transformers 5.24 renamed the field)
     row["stored"] = cache.get_seq_length() if budget is None else cache.stored_length()
     row["compressions"] = getattr(cache, "num_compressions", 0)
     del out, cache

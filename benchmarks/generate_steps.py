@@ -25,7 +25,10 @@ import torch
 from transformers import DynamicCache
 
 import zipage
+from zipage.hf import cache_kwarg
 from generate_speed import load
+
+CACHE = cache_kwarg()  # the models' cache argument: cache from transformers 5.24, past_key_values before
 
 
 def run(model, ids, steps: int, budget: int, timed: bool, fields: dict | None = None) -> dict:
@@ -38,7 +41,7 @@ def run(model, ids, steps: int, budget: int, timed: bool, fields: dict | None = 
     with torch.inference_mode():
         nxt = None
         for name, cache in caches.items():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **{CACHE: cache}, use_cache=True, logits_to_keep=1)
             if nxt is None:
                 nxt = out.logits[:, -1:].argmax(-1)
         tokens = [nxt]
@@ -46,7 +49,7 @@ def run(model, ids, steps: int, budget: int, timed: bool, fields: dict | None = 
             for name, cache in caches.items():
                 sync()
                 t = time.perf_counter()
-                out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=tokens[-1], **{CACHE: cache}, use_cache=True, logits_to_keep=1)
                 sync()
                 times[name].append(time.perf_counter() - t)
                 if name == "full":

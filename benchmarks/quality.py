@@ -72,6 +72,10 @@ from typing import Any
 
 import torch
 
+from zipage.hf import cache_kwarg
+
+CACHE = cache_kwarg()  # the models' cache argument: cache from transformers 5.24, past_key_values before
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 INSTRUCTION = "Solve this problem step by step, then state the final answer."
 
@@ -337,7 +341,7 @@ def reference(model, ids: torch.Tensor, kv_bf16: bool = False) -> Reference:
     rows = []
     for r in range(ids.shape[0]):
         if kv_bf16:
-            logits = model(input_ids=ids[r : r + 1], past_key_values=bf16_pages(), use_cache=True).logits[0].float()
+            logits = model(input_ids=ids[r : r + 1], **{CACHE: bf16_pages()}, use_cache=True).logits[0].float()
         else:
             logits = model(input_ids=ids[r : r + 1], use_cache=False).logits[0].float()
         rows.append(torch.log_softmax(logits, dim=-1))
@@ -455,7 +459,7 @@ def prefill(model, ids: torch.Tensor, zcfg, n: int):
     import zipage
 
     cache = zipage.ZipageCache(config=model.config, zipage_config=zcfg)
-    model(input_ids=ids[:, :n], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[:, :n], **{CACHE: cache}, use_cache=True, logits_to_keep=1)
     return cache
 
 
@@ -469,7 +473,7 @@ def run_chunked(model, ids, zcfg, tracker: Tracker, cache) -> dict[str, Any]:
     pos, peak = first, 0
     while pos < N - 1:
         end = min(pos + zcfg.buffer, N - 1)
-        out = model(input_ids=ids[:, pos:end], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, pos:end], **{CACHE: cache}, use_cache=True)
         tracker.update(out.logits, pos, end)
         peak = max(peak, cache.stored_length())
         pos = end
@@ -484,11 +488,11 @@ def run_stepwise(model, ids, zcfg, tracker: Tracker, prefix: int) -> dict[str, A
     N = ids.shape[1]
     cache = zipage.ZipageCache(config=model.config, zipage_config=zcfg)
     prefix = min(prefix, zcfg.capacity)
-    model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[:, :prefix], **{CACHE: cache}, use_cache=True, logits_to_keep=1)
     first = zcfg.capacity
     peak = 0
     for t in range(prefix, N - 1):
-        out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, t : t + 1], **{CACHE: cache}, use_cache=True)
         if t >= first:
             tracker.update(out.logits, t, t + 1)
         peak = max(peak, cache.stored_length())
@@ -502,11 +506,11 @@ def run_full_chunked(model, ids, tracker: Tracker, start: int, chunk: int, cache
     from transformers import DynamicCache
 
     cache = DynamicCache() if cache is None else cache
-    model(input_ids=ids[:, :start], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[:, :start], **{CACHE: cache}, use_cache=True, logits_to_keep=1)
     N, pos = ids.shape[1], start
     while pos < N - 1:
         end = min(pos + chunk, N - 1)
-        out = model(input_ids=ids[:, pos:end], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, pos:end], **{CACHE: cache}, use_cache=True)
         tracker.update(out.logits, pos, end)
         pos = end
 
@@ -771,7 +775,7 @@ def generation(model, tok, args, rows: list[tuple[str, dict]], budgets: list[int
             t0 = time.perf_counter()
             kw = dict(gen_kwargs)
             if cache is not None:
-                kw["past_key_values"] = cache
+                kw[CACHE] = cache
             seq = model.generate(**enc, **kw)
             seconds += time.perf_counter() - t0
             P = enc.input_ids.shape[1]

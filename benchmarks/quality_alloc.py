@@ -194,7 +194,7 @@ def run(model, ids, budget: int, policy: str, alpha: float, tracker: Q.Tracker) 
     do_merge = policy.startswith("merge")
     cache = DynamicCache()
     first = budget + buffer
-    model(input_ids=ids[:, :first], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[:, :first], **{Q.CACHE: cache}, use_cache=True, logits_to_keep=1)
     pos, ncomp, counts = first, 0, []
     while pos < N - 1:
         # Compress to the budget (per head on average).
@@ -227,7 +227,7 @@ def run(model, ids, budget: int, policy: str, alpha: float, tracker: Q.Tracker) 
         counts.append(torch.stack([Sim.alive[layer][:, :, :n].sum(-1).float() for layer in range(L)]))  # [L, B, H]
         ncomp += 1
         end = min(pos + buffer, N - 1)
-        out = model(input_ids=ids[:, pos:end], past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids[:, pos:end], **{Q.CACHE: cache}, use_cache=True)
         tracker.update(out.logits, pos, end)
         pos = end
     c = torch.stack(counts).mean(0)  # [L, B, H]

@@ -62,14 +62,14 @@ def check(model, ids: torch.Tensor, budget: int, buffer: int, page_size: int) ->
     out["zipage_no_eviction"] = {**_summary(keep_all, first, N - 1), "compressions": cache.num_compressions}
 
     cache, dyn = Q.prefill(model, ids, zcfg, first), DynamicCache(config=model.config)
-    model(input_ids=ids[:, :first], past_key_values=dyn, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[:, :first], **{Q.CACHE: dyn}, use_cache=True, logits_to_keep=1)
     before_full = types.index("full_attention") if "full_attention" in types else len(types)
     tracker, pos, worst, most = Q.Tracker(ids, ref), first, 0.0, 0
     pages = cache.window_pages
     while pos < N - 1:
         end = min(pos + buffer, N - 1)
-        tracker.update(model(input_ids=ids[:, pos:end], past_key_values=cache, use_cache=True).logits, pos, end)
-        model(input_ids=ids[:, pos:end], past_key_values=dyn, use_cache=True, logits_to_keep=1)
+        tracker.update(model(input_ids=ids[:, pos:end], **{Q.CACHE: cache}, use_cache=True).logits, pos, end)
+        model(input_ids=ids[:, pos:end], **{Q.CACHE: dyn}, use_cache=True, logits_to_keep=1)
         for i in sliding:
             layer = cache.layers[i]
             if layer.seen != end or pages.offset != pages.offset_for(pos) or layer.stored() != end - pages.offset:
