@@ -990,3 +990,22 @@ def test_forwards_with_autograd_on_continue_a_cache_generate_filled():
             assert model.lm_head.weight.grad is not None
     assert torch.equal(tokens[0], tokens[1])
     assert caches[0].stats()["compressions"] == caches[1].stats()["compressions"] > 2
+
+
+@pytest.mark.parametrize("version,name", [("5.17.0", "past_key_values"), ("5.23.0", "past_key_values"),
+                                          ("5.24.0", "cache"), ("5.25.0", "cache")])
+def test_the_cache_goes_under_the_name_the_installed_transformers_gives_it(monkeypatch, version, name):
+    """transformers 5.24 renamed generate()'s model kwarg past_key_values to cache: the hook reads the user's
+    cache and writes its own under that name (on the installed version, the returned output carries it)."""
+    from packaging.version import Version
+
+    from zipage import hf
+
+    monkeypatch.setattr(hf, "transformers_version", lambda: Version(version))
+    assert hf.cache_kwarg() == name
+    monkeypatch.undo()
+    model = tiny_model("llama")
+    ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(3))
+    out = model.generate(ids, max_new_tokens=4, cache_implementation="zipage", cache_config={"budget": 64},
+                         return_dict_in_generate=True, **GREEDY)
+    assert isinstance(getattr(out, hf.cache_kwarg()), zipage.ZipageCache)
