@@ -23,17 +23,18 @@ def handed_over(name: str, init_file: str) -> bool:
     executed and put in ``sys.modules`` in this one's place, which the import statement returns)."""
     if name != "kernels":
         return False
-    folder = os.path.dirname(os.path.realpath(init_file))
-    root = os.path.dirname(folder)
-    path = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
+    # every sys.path entry that holds a zipage kernels folder is left out (this checkout's, and another checkout's
+    # or worktree's: two copies handing the import to each other would recurse)
+    path = [p for p in sys.path if not os.path.isfile(os.path.join(p or os.getcwd(), "kernels", "_toplevel.py"))]
     spec = importlib.machinery.PathFinder.find_spec("kernels", path)
-    if spec is None or spec.origin is None or os.path.dirname(os.path.realpath(spec.origin)) == folder:
+    if spec is None or spec.origin is None:
         return False
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module
+    sys.modules.pop("kernels._toplevel", None)  # (this module, under the other package's name)
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules["kernels"]
+        sys.modules.pop("kernels", None)
         raise
     return True

@@ -969,8 +969,9 @@ def test_early_initialization_gives_the_same_tokens_and_a_mismatch_is_named():
 
 def test_forwards_with_autograd_on_continue_a_cache_generate_filled():
     """After generate() (no_grad), the model called with autograd on over the same ZipageCache: it raised (an
-    in-place store into rows whose views were made under no_grad); now the cache stores outside the graph, the
-    tokens are those of the same steps under no_grad, and the logits still backpropagate to the weights."""
+    in-place store into rows whose views were made under no_grad); now the cache stores outside the graph and
+    attention reads detached copies: the tokens are those of the same steps under no_grad, and the logits
+    backpropagate to the weights (but through the cached keys and values)."""
     model = tiny_model("llama")
     ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(0))
     caches = [zipage.ZipageCache(config=model.config, budget=16, page_size=4) for _ in range(2)]
@@ -990,6 +991,17 @@ def test_forwards_with_autograd_on_continue_a_cache_generate_filled():
             assert model.lm_head.weight.grad is not None
     assert torch.equal(tokens[0], tokens[1])
     assert caches[0].stats()["compressions"] == caches[1].stats()["compressions"] > 2
+    # a fresh cache over 30 steps with autograd on, compressing: one backward over all of them (the rows the
+    # attention of a step read are not changed under it by the next step's store)
+    model.zero_grad(set_to_none=True)
+    cache, x, total = zipage.ZipageCache(config=model.config, budget=16, page_size=4), ids, 0
+    for _ in range(30):
+        logits = model(input_ids=x, past_key_values=cache, use_cache=True).logits
+        total, x = total + logits.sum(), logits[:, -1].argmax(-1, keepdim=True)
+    total.backward()
+    assert cache.stats()["compressions"] > 2
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].self_attn.k_proj.weight.grad is None  # (documented: not through the cache)
 
 
 @pytest.mark.parametrize("version,name", [("5.17.0", "past_key_values"), ("5.23.0", "past_key_values"),

@@ -344,3 +344,11 @@ def test_serve_takes_a_tensor_parallel_size():
     assert serve_parser().parse_args(["m"]).tensor_parallel_size == 1
     assert serve_parser().parse_args(["m", "--tensor-parallel-size", "2"]).tensor_parallel_size == 2
     assert "--tensor-parallel-size 0 is invalid" in check_args(serve_parser().parse_args(["m", "-tp", "0"]))
+
+
+def test_an_expert_count_of_another_name_is_refused_too():
+    """Aria names its count moe_num_experts (transformers 5.25's Aria plan lists no experts either)."""
+    from zipage.engine.sharding import check_tensor_parallel
+
+    with pytest.raises(NotImplementedError, match=r"mixture of experts \(moe_num_experts=\d+\)"):
+        check_tensor_parallel(transformers.AutoConfig.for_model("aria_text"), 2)

@@ -336,11 +336,14 @@ class ZipageCache(Cache):
         if type(layer_idx) is not int or not 0 <= layer_idx < len(self.layers):  # (the common case: one test)
             layer_idx = self._layer_index(layer_idx)
         if torch.is_grad_enabled():
-            # (a forward outside generate() with autograd on: the stored keys and values are kept out of the graph,
-            # as evicted tokens could not be differentiated anyway; the rows' views, made under generate()'s
-            # no_grad, refused an in-place store under grad mode)
+            # A forward with autograd on (generate() runs under no_grad): the cache stores and reads outside the
+            # graph and attention gets detached copies of the keys and values (gradients reach every weight but
+            # through them). Tracked, the rows' views made under generate()'s no_grad refused the in-place store;
+            # and the rows themselves, saved by attention for its backward, were changed by the next step's store
+            # (a backward over several steps failed).
             with torch.no_grad():
-                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+                keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+                return keys.clone(), values.clone()
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> ZipageCache:

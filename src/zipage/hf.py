@@ -142,7 +142,8 @@ def register() -> None:
     ):
         raise RuntimeError(
             f"transformers {transformers.__version__} lacks the generate() internals zipage hooks into; "
-            f"supported: >={MIN_VERSION},<{MAX_VERSION}. ZipageCache itself still works passed as past_key_values= (cache= from 5.24)."
+            f"supported: >={MIN_VERSION},<{MAX_VERSION}. ZipageCache itself still works passed as past_key_values= "
+            "(cache= from 5.24)."
         )
     _ORIGINAL["all_cache_implementations"] = gen_cfg.ALL_CACHE_IMPLEMENTATIONS
     _ORIGINAL["prepare"] = GenerationMixin._prepare_cache_for_generation
