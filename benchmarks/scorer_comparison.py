@@ -103,7 +103,8 @@ def load(name: str, threads: int | None):
 
         gguf = gemma3_gguf()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     use_kernels=False)
         return model.eval(), tok
     raise ValueError(f"--model {name!r}: expected one of {sorted(MODELS)}")
 

@@ -6,7 +6,8 @@ importable as ``kernels``, a name that belongs to the Hugging Face ``kernels`` d
 imports whenever it is installed (from 5.25 it always is): transformers then got this folder and failed
 (``cannot import name 'CUDAProperties' from 'kernels'``). So under that name the folder hands the import over to
 any other ``kernels`` on ``sys.path``; where there is none, it stays itself (scripts in ``benchmarks/`` import it
-so from a checkout without zipage installed).
+so from a checkout without zipage installed: with transformers 5.25, which always installs Hugging Face's, those
+scripts need zipage installed).
 """
 
 from __future__ import annotations

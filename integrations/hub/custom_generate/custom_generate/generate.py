@@ -15,6 +15,7 @@ from typing import Any
 
 import zipage  # registers cache_implementation="zipage"
 from transformers import GenerationMixin
+from zipage.hf import cache_kwarg
 
 ZIPAGE_FIELDS = frozenset(f.name for f in dataclasses.fields(zipage.ZipageConfig))
 
@@ -66,7 +67,7 @@ def generate(*args, model=None, **kwargs):
     for name in ("past_key_values", "cache"):  # (transformers 5.24 renamed the first the second)
         if kwargs.get(name) is not None:
             raise ValueError(f"custom_generate='zipage' builds its own ZipageCache: do not pass {name} "
-                             f"(or call model.generate({name}=zipage.ZipageCache(...)) directly)")
+                             f"(or call model.generate({cache_kwarg()}=zipage.ZipageCache(...)) directly)")
     if kwargs.get("cache_implementation") not in (None, "zipage"):
         raise ValueError(f"custom_generate='zipage' uses cache_implementation='zipage', got "
                          f"{kwargs['cache_implementation']!r}")
