@@ -100,6 +100,7 @@
 #   PART=s46d  the GPU tests of generate(), fresh prefill, FP8 decode variants, query weights, sampler
 #   PART=s48   the engine's GPU tests after session 48's failure-handling and scheduler changes
 #   PART=s49    session 49's GPU tests (logit_bias and allowed_token_ids in the sampler, the engine, generate())
+#   PART=s51    session 51: the FP8 pair, s49's GPU tests, then the CPU tests of generate()'s hook on 5.17
 #   PART=s46fp8 the FP8 pair (zipage-2048-fp8, then zipage-2048) run to completion, 512 x 4,096 tokens
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
@@ -454,6 +455,15 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     timeout "${TEST_LIMIT:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_sampler.py \
       tests/test_engine_requests.py tests/test_generate_gpu.py tests/test_engine_gpu.py --durations=5 2>&1 \
       | tee "$OUT/gpu_tests_s49.log" | tail -8 ;;
+  s51)  # session 51: what stops 49 and 50 owed: the FP8 pair (TIME_LIMIT s each), the GPU tests after the sampler,
+    # generate()-hook and cache grad-mode changes, then the CPU tests those changes touched on this machine's
+    # transformers (the GPU machine's version, the range's floor)
+    PART=s46fp8 TIME_LIMIT="${TIME_LIMIT:-100}" bash "$0"
+    PART=s49 TEST_LIMIT="${TEST_LIMIT:-150}" bash "$0"
+    python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
+    timeout "${CPU_TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider -x tests/test_generate.py \
+      tests/test_generate_padding.py tests/test_custom_generate.py tests/test_kernels_name.py tests/test_loading.py \
+      tests/test_engine_models.py 2>&1 | tee "$OUT/cpu_tests_s51.log" | tail -6 ;;
   s48)  # session 48: the engine's GPU tests after its failure-handling and scheduler changes (a compression whose
     # booking raises, held samples, no admission in a step that preempted), the booking failure on CUDA included
     timeout "${TEST_LIMIT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_failures.py \
