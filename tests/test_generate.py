@@ -1004,18 +1004,30 @@ def test_forwards_with_autograd_on_continue_a_cache_generate_filled():
     assert model.model.layers[0].self_attn.k_proj.weight.grad is None  # (documented: not through the cache)
 
 
-@pytest.mark.parametrize("version,name", [("5.17.0", "past_key_values"), ("5.23.0", "past_key_values"),
-                                          ("5.24.0", "cache"), ("5.25.0", "cache")])
-def test_the_cache_goes_under_the_name_the_installed_transformers_gives_it(monkeypatch, version, name):
+@pytest.mark.parametrize("version,names,name", [
+    ("5.17.0", None, "past_key_values"), ("5.23.0", None, "past_key_values"), ("5.24.0", None, "cache"),
+    ("5.25.0", None, "cache"), ("5.23.0", ["past_key_values", "cache_params", "state"], "past_key_values"),
+    ("5.25.0", ["cache", "state", "mems"], "cache"),
+    # a development build of 5.24 from before the rename: its list, not its version, decides
+    ("5.24.0.dev0", ["past_key_values", "cache_params"], "past_key_values"),
+    ("5.24.0", ["something_else"], "cache")])
+def test_the_cache_goes_under_the_name_the_installed_transformers_gives_it(version, names, name):
     """transformers 5.24 renamed generate()'s model kwarg past_key_values to cache: the hook reads the user's
     cache and writes its own under that name (on the installed version, the returned output carries it)."""
     from packaging.version import Version
+    from transformers.generation import utils as generation_utils
 
     from zipage import hf
 
-    monkeypatch.setattr(hf, "transformers_version", lambda: Version(version))
-    assert hf.cache_kwarg() == name
-    monkeypatch.undo()
+    assert hf.cache_kwarg_for(Version(version), names) == name
+    installed = getattr(generation_utils, "ALL_CACHE_NAMES", None)
+    if installed:
+        assert hf.cache_kwarg() == installed[0]
+
+
+def test_generate_returns_the_cache_under_the_installed_name():
+    from zipage import hf
+
     model = tiny_model("llama")
     ids = torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(3))
     out = model.generate(ids, max_new_tokens=4, cache_implementation="zipage", cache_config={"budget": 64},

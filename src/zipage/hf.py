@@ -38,11 +38,23 @@ def transformers_version() -> Version:
     return Version(Version(transformers.__version__).base_version)
 
 
+def cache_kwarg_for(version: Version, cache_names: Any = None) -> str:
+    """The cache's model-kwarg name for transformers ``version`` whose ``generation.utils.ALL_CACHE_NAMES`` is
+    ``cache_names`` (None where it has none): that list's first name, which generate() stores the cache under,
+    where it is one of the two known names (exact for development builds too); else by version."""
+    if cache_names and cache_names[0] in ("cache", "past_key_values"):
+        return cache_names[0]
+    return "cache" if version >= Version("5.24.0") else "past_key_values"
+
+
+@functools.cache
 def cache_kwarg() -> str:
     """The name generate() keeps the cache under among its model kwargs (and models take it by): ``cache`` from
     transformers 5.24, which renamed ``past_key_values`` (still taken by ``generate`` and the models' forwards,
-    deprecated), ``past_key_values`` before."""
-    return "cache" if transformers_version() >= Version("5.24.0") else "past_key_values"
+    deprecated), ``past_key_values`` before. Read once from the installed transformers."""
+    from transformers.generation import utils as generation_utils
+
+    return cache_kwarg_for(transformers_version(), getattr(generation_utils, "ALL_CACHE_NAMES", None))
 
 
 def check_transformers_version(version: Version | None = None) -> None:
