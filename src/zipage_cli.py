@@ -237,6 +237,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="waiting requests beyond which new ones get a 429 (default: no limit)")
     p.add_argument("--max-request-bytes", type=int, default=32 << 20,
                    help="largest request body; a larger one gets a 413 before it is read whole (default: 32 MiB)")
+    p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                   help="return a reasoning model's thinking (between <think> and </think>) in the chat message's "
+                   "reasoning field, apart from its content: deepseek_r1, thinking until the first </think>; qwen3, "
+                   "thinking inside a block the output or the prompt opens (default: all of it is content)")
     p.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
                    help="defaults of the sampling fields a request leaves out (temperature, top_p, top_k, min_p, "
                    "repetition_penalty): auto, those the model's generation_config sets; vllm, the API's own "

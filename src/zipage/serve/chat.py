@@ -25,6 +25,7 @@ from .protocol import (
     Usage,
     random_id,
 )
+from .reasoning import ReasoningSplitter, prompt_leaves_thinking_open
 
 
 # apply_chat_template's own arguments, which chat_template_kwargs may not set
@@ -77,8 +78,11 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
     choices = [ChoiceState(config.tokenizer, params.stop, params.skip_special_tokens, prompt)
                for _ in range(params.n)]
     strings = TokenStrings(config.tokenizer)
+    parser = config.reasoning_parser
+    prompt_open = parser is not None and prompt_leaves_thinking_open(config.tokenizer, prompt)
     if req.stream:
-        return StreamingResponse(_stream(req, raw, streams, choices, strings, model, len(prompt)),
+        splitters = [ReasoningSplitter(parser, prompt_open) if parser else None for _ in choices]
+        return StreamingResponse(_stream(req, raw, streams, choices, strings, model, len(prompt), splitters),
                                  media_type="text/event-stream")
     async with aclosing(merged(streams, raw)) as deltas_of:
         async for _, deltas in deltas_of:
@@ -87,7 +91,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
     completion_tokens = sum(len(c.token_ids) for c in choices)
     return ChatCompletionResponse(
         model=model,
-        choices=[ChatChoice(index=k, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+        choices=[ChatChoice(index=k, message=_message(c.text, parser, prompt_open), finish_reason=c.finish_reason,
                             logprobs=chat_logprobs(c.logprobs, strings) if req.logprobs else None,
                             token_ids=c.token_ids if req.return_token_ids else None)
                  for k, c in enumerate(choices)],
@@ -97,8 +101,27 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
     )
 
 
+def _message(text: str, parser: str | None, prompt_open: bool) -> AssistantMessage:
+    if parser is None:
+        return AssistantMessage(content=text)
+    reasoning, content = ReasoningSplitter.split(parser, text, prompt_open)
+    return AssistantMessage(content=content, reasoning=reasoning, reasoning_content=reasoning)
+
+
+def _delta(text: str, splitter: ReasoningSplitter | None, finished: bool) -> DeltaMessage:
+    """A chunk's delta for ``text``, the choice's new text (its thinking apart where a parser splits it)."""
+    if splitter is None:
+        return DeltaMessage(content=text or None)
+    reasoning, content = splitter.feed(text)
+    if finished:
+        more = splitter.finish()
+        reasoning, content = reasoning + more[0], content + more[1]
+    return DeltaMessage(content=content or None, reasoning=reasoning or None, reasoning_content=reasoning or None)
+
+
 async def _stream(req: ChatCompletionRequest, raw: Request, streams, choices: list[ChoiceState],
-                  strings: TokenStrings, model: str, prompt_tokens: int) -> AsyncIterator[str]:
+                  strings: TokenStrings, model: str, prompt_tokens: int,
+                  splitters: list[ReasoningSplitter | None]) -> AsyncIterator[str]:
     cid, created = random_id("chatcmpl"), int(time.time())
 
     # with include_usage every chunk has a usage field, null until the last (OpenAI's stream)
@@ -116,11 +139,11 @@ async def _stream(req: ChatCompletionRequest, raw: Request, streams, choices: li
                 for d in deltas:
                     c = choices[d.index]
                     seen = len(c.logprobs)
-                    text = c.add(d)
+                    delta = _delta(c.add(d), splitters[d.index], d.finish_reason is not None)
                     lp = chat_logprobs(c.since(seen), strings) if req.logprobs and d.token_ids else None
                     ids = d.token_ids if req.return_token_ids else None
-                    if text or lp is not None or d.finish_reason is not None or ids:
-                        out.append(ChatStreamChoice(index=d.index, delta=DeltaMessage(content=text or None),
+                    if delta.content or delta.reasoning or lp is not None or d.finish_reason is not None or ids:
+                        out.append(ChatStreamChoice(index=d.index, delta=delta,
                                                     logprobs=lp, finish_reason=d.finish_reason,
                                                     token_ids=ids))
                 if out:

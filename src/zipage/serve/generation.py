@@ -17,6 +17,7 @@ from ..engine.sampling import ENGINE_BUDGET
 from .engine_client import AsyncEngine, Delta, EngineDead, RequestStream
 from .errors import APIError, bad_request
 from .protocol import SamplingFields
+from .reasoning import check_parser
 
 T = TypeVar("T")
 
@@ -58,6 +59,11 @@ class ServeConfig:
     # origins whose browser pages may call the API (CORS; "*": any); None: no CORS headers (--allowed-origins)
     allowed_origins: list[str] | None = None
     max_request_bytes: int = MAX_REQUEST_BYTES  # a larger request body gets a 413 (--max-request-bytes)
+    # the chat endpoint's thinking apart from its answer (reasoning.py's PARSERS); None: all of it is content
+    reasoning_parser: str | None = None
+
+    def __post_init__(self) -> None:
+        check_parser(self.reasoning_parser)
 
 
 def check_model(config: ServeConfig, model: str | None) -> None:
@@ -224,7 +230,8 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 # Fields left out of a stream chunk when they are null: zipage's extras, the chunk's usage unless the
 # request asked for it, a delta's role and content. Every other null is sent as OpenAI sends it
 # (a choice's ``finish_reason`` and ``logprobs``).
-_OMITTED_WHEN_NULL = frozenset({"token_ids", "prompt_token_ids", "usage", "role", "content"})
+_OMITTED_WHEN_NULL = frozenset({"token_ids", "prompt_token_ids", "usage", "role", "content", "reasoning",
+                                "reasoning_content"})
 
 
 def _prune(value: Any, keep: frozenset) -> Any:

@@ -20,6 +20,7 @@ from .app import build_app
 from .engine_client import AsyncEngine
 from ..engine.sampling import model_sampling_defaults
 from .generation import MAX_REQUEST_BYTES, ServeConfig
+from .reasoning import tags_survive_decoding
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 log = logging.getLogger("zipage.serve")
@@ -100,7 +101,17 @@ def config_from_args(llm: LLM, root: str, args: argparse.Namespace) -> ServeConf
                        max_waiting=args.max_waiting, max_budget=args.max_budget,
                        sampling_defaults=sampling_defaults(llm, root, args),
                        allowed_origins=getattr(args, "allowed_origins", None),
-                       max_request_bytes=getattr(args, "max_request_bytes", MAX_REQUEST_BYTES))
+                       max_request_bytes=getattr(args, "max_request_bytes", MAX_REQUEST_BYTES),
+                       reasoning_parser=reasoning_parser(llm, args))
+
+
+def reasoning_parser(llm: LLM, args: argparse.Namespace) -> str | None:
+    """``--reasoning-parser``, with a warning where this tokenizer drops the tags it reads."""
+    name = getattr(args, "reasoning_parser", None)
+    if name is not None and not tags_survive_decoding(llm.tokenizer):
+        log.warning("--reasoning-parser %s: this tokenizer drops <think> or </think> from decoded text (special "
+                    "tokens): requests see their thinking split only with skip_special_tokens: false", name)
+    return name
 
 
 def check_args(args: argparse.Namespace) -> str | None:
