@@ -1033,3 +1033,42 @@ def test_generate_returns_the_cache_under_the_installed_name():
     out = model.generate(ids, max_new_tokens=4, cache_implementation="zipage", cache_config={"budget": 64},
                          return_dict_in_generate=True, **GREEDY)
     assert isinstance(getattr(out, hf.cache_kwarg()), zipage.ZipageCache)
+
+
+def _phi3_longrope(switch: int = 32):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     original_max_position_embeddings=switch, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                     rope_scaling={"type": "longrope", "short_factor": [1.0] * 8,
+                                   "long_factor": [1.0, 3, 9, 27, 81, 243, 729, 2187]})
+    return Phi3ForCausalLM(cfg).eval()
+
+
+def test_phi3_longrope_switch_restarts_the_zipage_cache_instead_of_replacing_it():
+    """Phi-3 (and PhiMoE, Phi-4-multimodal) drop the cache when the sequence passes
+    original_max_position_embeddings, to recompute it with LongRoPE's long factors; generate() then went on
+    with a DynamicCache it made, uncompressed. The ZipageCache restarts from the whole sequence instead: with
+    nothing evicted the tokens are DynamicCache's; evicting, it stays within its budget to the end (and a
+    cache the caller passed is the one that goes on)."""
+    from zipage import hf
+
+    model = _phi3_longrope()
+    prompt = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=60, min_new_tokens=60, return_dict_in_generate=True, **GREEDY)
+    full = model.generate(prompt, **kw)
+    big = model.generate(prompt, cache_implementation="zipage", cache_config={"budget": 512}, **kw)
+    assert torch.equal(big.sequences, full.sequences)
+    cache = getattr(big, hf.cache_kwarg())
+    assert isinstance(cache, zipage.ZipageCache) and cache.get_seq_length() == 79
+    small = dict(budget=16, page_size=4, buffer=4, window=4)
+    out = model.generate(prompt, cache_implementation="zipage", cache_config=small, **kw)
+    cache = getattr(out, hf.cache_kwarg())
+    assert isinstance(cache, zipage.ZipageCache)
+    assert cache.get_seq_length() == 79 and cache.stored_length() <= 16 + 4 and cache.stats()["compressions"] > 0
+    mine = zipage.ZipageCache(model.config, zipage.ZipageConfig(**small))
+    out2 = model.generate(prompt, **{hf.cache_kwarg(): mine}, **kw)
+    assert getattr(out2, hf.cache_kwarg()) is mine and mine.get_seq_length() == 79 and mine.stored_length() <= 20
+    assert torch.equal(out2.sequences, out.sequences)

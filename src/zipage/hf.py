@@ -102,6 +102,7 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     check_transformers_version()
     _check_mode(generation_mode)
     check_model(self)
+    _keep_cache_through_prepare_inputs(type(self))
     text_config = self.config.get_text_config(decoder=True)
     max_cache_len = _max_cache_length(generation_config, args, kwargs)
     if isinstance(user_cache, ZipageCache):
@@ -130,6 +131,39 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     model_kwargs[key] = ZipageCache(
         config=text_config, zipage_config=zipage_config, max_cache_len=max_cache_len
     )
+
+
+def _keep_cache_through_prepare_inputs(cls: type) -> None:
+    """Wrap ``cls.prepare_inputs_for_generation`` where the model class has its own (once per class) so that a
+    ZipageCache it drops is restarted instead of replaced.
+
+    Phi-3's, PhiMoE's and Phi-4-multimodal's drop the cache once the sequence passes
+    ``original_max_position_embeddings`` (LongRoPE switches to its long factors there, which changes every
+    position's rotation), so that the model recomputes the whole sequence into a cache it makes itself: a
+    DynamicCache, which generate() would carry on with, uncompressed, for the rest of the run (and a
+    ZipageCache the caller passed would be left behind). Wrapped, the ZipageCache is emptied and given the
+    whole sequence again, as a prompt (compressed to its budget as prompts are); what it had evicted comes
+    back from the input ids. Other models' inputs pass through untouched."""
+    from transformers.generation.utils import GenerationMixin
+
+    owner = next((c for c in cls.__mro__ if "prepare_inputs_for_generation" in c.__dict__), GenerationMixin)
+    prepare = owner.__dict__.get("prepare_inputs_for_generation")
+    if owner is GenerationMixin or not callable(prepare) or hasattr(prepare, "_zipage"):
+        return
+
+    @functools.wraps(prepare)
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        key = cache_kwarg()
+        given = kwargs.get(key)
+        inputs = prepare(self, *args, **kwargs)
+        if isinstance(given, ZipageCache) and inputs.get(key) is None:
+            given.reset()  # (the model recomputes the whole sequence: it starts over as from a prompt)
+            inputs[key] = given
+        return inputs
+
+    prepare_inputs_for_generation._zipage = prepare
+    _ORIGINAL.setdefault("prepare_inputs", {})[owner] = prepare
+    owner.prepare_inputs_for_generation = prepare_inputs_for_generation
 
 
 def _max_cache_length(generation_config, args: tuple, kwargs: dict) -> int | None:
@@ -174,3 +208,5 @@ def unregister() -> None:
 
     gen_cfg.ALL_CACHE_IMPLEMENTATIONS = _ORIGINAL.pop("all_cache_implementations")
     GenerationMixin._prepare_cache_for_generation = _ORIGINAL.pop("prepare")
+    for cls, prepare in _ORIGINAL.pop("prepare_inputs", {}).items():
+        cls.prepare_inputs_for_generation = prepare
