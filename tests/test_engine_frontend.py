@@ -288,6 +288,41 @@ def test_rope_scaling_stretches_the_positions_a_model_takes():
     assert _rope_reach(SimpleNamespace(rope_scaling={"rope_type": "llama3", "factor": 8.0}), 131072) == 131072
     assert _rope_reach(SimpleNamespace(rope_scaling=None), 2048) == 2048
     assert _rope_reach(SimpleNamespace(), None) is None
+    per_layer = {"full_attention": {"rope_type": "linear", "factor": 8.0}, "sliding_attention": {"rope_type": "default"}}
+    assert _rope_reach(SimpleNamespace(rope_parameters=per_layer), 2048) == 2048  # (the fewest of its layer types)
+    per_layer["sliding_attention"] = {"rope_type": "linear", "factor": 2.0}
+    assert _rope_reach(SimpleNamespace(rope_parameters=per_layer), 2048) == 4096
+
+
+def test_a_switching_rope_is_found_in_a_config_with_one_per_layer_type():
+    """A dynamic or LongRoPE RoPE picks its frequencies from a forward's largest position: found whether the
+    config gives one RoPE or one per layer type (Gemma 3's form), the fewest positions of any."""
+    from types import SimpleNamespace
+
+    from zipage.engine.llm import _switching_rope
+
+    longrope = {"rope_type": "longrope", "original_max_position_embeddings": 32, "short_factor": [1.0],
+                "long_factor": [2.0]}
+    assert _switching_rope(SimpleNamespace(rope_parameters=longrope), 128) == ("longrope", 32)
+    per_layer = {"full_attention": longrope, "sliding_attention": {"rope_type": "default"}}
+    assert _switching_rope(SimpleNamespace(rope_parameters=per_layer), 128) == ("longrope", 32)
+    per_layer["sliding_attention"] = {"rope_type": "dynamic", "factor": 2.0}
+    assert _switching_rope(SimpleNamespace(rope_parameters=per_layer), 16) == ("dynamic", 16)
+    assert _switching_rope(SimpleNamespace(rope_parameters={"full_attention": {"rope_type": "default"}}), 16) is None
+
+
+def test_the_engine_refuses_a_per_layer_type_longrope_past_its_switch():
+    """Gemma 3 with LongRoPE on its full layers: a max_model_len past the switch would let one request's
+    frequencies depend on the others' lengths in a packed forward, so it is refused as a flat LongRoPE is."""
+    from conftest import tiny_sliding_model
+
+    rope = {"full_attention": {"rope_type": "longrope", "short_factor": [1.0] * 8, "original_max_position_embeddings": 32,
+                               "long_factor": [1.0, 3, 9, 27, 81, 243, 729, 2187], "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    model = tiny_sliding_model("gemma3", max_position_embeddings=128, rope_parameters=rope)
+    with pytest.raises(ValueError, match="longrope RoPE .* past 32 positions"):
+        LLM(model, None, budget=None, page_size=4, num_pages=64, device="cpu")
+    assert LLM(model, None, budget=None, page_size=4, num_pages=64, device="cpu", max_model_len=32).max_model_len == 32
 
 
 def test_a_bad_prompt_in_generate_leaves_nothing_behind(llama):

@@ -48,38 +48,49 @@ MAX_FAILED_STEPS = 3
 CPU_MEMORY_SHARE = 0.2  # of the available RAM, at most, for a default-sized pool on a CPU
 
 
-def _rope(config: Any) -> dict:
+def _ropes(config: Any) -> list[dict]:
+    """The config's RoPE parameters: one dict, or one per layer type where the config gives them so (Gemma 3's
+    ``{"full_attention": {...}, "sliding_attention": {...}}``)."""
     rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
-    return rope if isinstance(rope, dict) else {}
+    if not isinstance(rope, dict) or not rope:
+        return []
+    if "rope_type" not in rope and "type" not in rope and all(isinstance(v, dict) for v in rope.values()):
+        return list(rope.values())
+    return [rope]
 
 
 def _switching_rope(config: Any, trained: Any) -> tuple[str, int] | None:
     """``(rope type, positions)`` for a RoPE whose frequencies transformers picks per forward from the largest
-    position in it (dynamic NTK, LongRoPE) past a number of positions; None for any other."""
-    rope = _rope(config)
-    kind = rope.get("rope_type", rope.get("type"))
-    if kind not in ("dynamic", "longrope"):
-        return None
-    # (dynamic: it grows past max_position_embeddings; longrope: long factors past the original length)
-    original = trained if kind == "dynamic" else rope.get(
-        "original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
-    if not isinstance(original, int) or isinstance(original, bool):
-        return None
-    return kind, original
+    position in it (dynamic NTK, LongRoPE) past a number of positions, the fewest of any layer type's; None
+    where no layer's RoPE does."""
+    found = None
+    for rope in _ropes(config):
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in ("dynamic", "longrope"):
+            continue
+        # (dynamic: it grows past max_position_embeddings; longrope: long factors past the original length)
+        original = trained if kind == "dynamic" else rope.get(
+            "original_max_position_embeddings", getattr(config, "original_max_position_embeddings", None))
+        if isinstance(original, int) and not isinstance(original, bool) and (found is None or original < found[1]):
+            found = kind, original
+    return found
 
 
 def _rope_reach(config: Any, trained: Any) -> int | None:
     """The positions a model takes: ``max_position_embeddings``, times a RoPE scaling factor that stretches
-    it (YaRN, linear, dynamic; llama3's and longrope's configs state the stretched length already)."""
+    it (YaRN, linear, dynamic; llama3's and longrope's configs state the stretched length already); with a RoPE
+    per layer type, the fewest any of them takes."""
     if not isinstance(trained, int) or isinstance(trained, bool):
         return None
-    rope = _rope(config)
-    if rope:
+    reach = None
+    for rope in _ropes(config) or [{}]:
         kind, factor = rope.get("rope_type", rope.get("type")), rope.get("factor")
+        this = trained
         if kind in ("yarn", "linear", "dynamic") and isinstance(factor, (int, float)) and factor > 1:
             base = rope.get("original_max_position_embeddings", trained)
-            return max(trained, int(base * factor))
-    return trained
+            this = max(trained, int(base * factor))
+        reach = this if reach is None else min(reach, this)
+    return reach
 
 
 def _own_copy(params: Any) -> Any:
