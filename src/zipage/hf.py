@@ -11,6 +11,7 @@ checked against transformers 5.17 through 5.25.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import transformers
@@ -92,7 +93,11 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
     if not wants_zipage and not isinstance(user_cache, ZipageCache):
         return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     if wants_zipage and user_cache is None and generation_config.use_cache is False:
-        # no cache asked for: transformers then runs without one whatever cache_implementation says
+        # no cache asked for: transformers then runs without one whatever cache_implementation says (said, since
+        # a checkpoint saved with use_cache=False, MPT's default, would otherwise run uncompressed unawares)
+        warnings.warn("cache_implementation='zipage' has no effect with use_cache=False (passed, or the model's "
+                      "generation_config.use_cache): generate() runs with no cache at all; pass use_cache=True to "
+                      "compress", UserWarning, stacklevel=4)
         return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     if isinstance(user_cache, ZipageCache) and generation_config.use_cache is False:
         # (transformers would feed the whole sequence again at every step into the cache: garbage, silently)
