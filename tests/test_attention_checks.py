@@ -101,7 +101,7 @@ def without_config_checks(monkeypatch):
     """Switch the build-time checks off: what is left to refuse a model is the attention call."""
     for module, name in ((llm_mod, "check_model_config"), (runner_mod, "check_model"),
                          (zipage.cache, "check_model_config"), (zipage.hf, "check_model")):
-        monkeypatch.setattr(module, name, lambda _: None, raising=False)
+        monkeypatch.setattr(module, name, lambda *_: None, raising=False)
 
 
 @pytest.mark.parametrize("name, words", [

@@ -85,6 +85,9 @@ def config_features(config: Any) -> list[str]:
     for attr in ("kv_lora_rank", "num_kv_shared_layers"):
         if getattr(config, attr, None):
             found.append(f"latent or shared KV ({attr}={getattr(config, attr)})")
+    if getattr(config, "cross_attention_layers", None):  # (Mllama: its image keys and values in the cache)
+        found.append(f"cross-attention layers (cross_attention_layers={list(config.cross_attention_layers)[:8]}): "
+                     "their keys and values are an encoder's, not the tokens'")
     return found
 
 
@@ -142,13 +145,18 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(parts)
 
 
-def check_model_config(config: Any) -> None:
-    """Raise ValueError for a model config whose attention zipage cannot serve correctly."""
+def check_model_config(config: Any, top: Any = None) -> None:
+    """Raise ValueError for a model config whose attention zipage cannot serve correctly (``config``: the text
+    decoder's; ``top``: the model's own, where it differs, as an encoder-decoder's whose decoder config says
+    nothing of an encoder)."""
     name = type(config).__name__
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"zipage supports decoder-only models; {name} is an encoder-decoder")
+    for c in (config, top):
+        if c is not None and getattr(c, "is_encoder_decoder", False):
+            raise ValueError(f"zipage supports decoder-only models; {type(c).__name__} is an encoder-decoder")
     if getattr(config, "num_hidden_layers", None) is None or getattr(config, "num_attention_heads", None) is None:
-        raise ValueError(f"zipage needs num_hidden_layers and num_attention_heads in the model config ({name})")
+        raise ValueError(f"zipage needs num_hidden_layers and num_attention_heads in the model config ({name}): "
+                         "it compresses the keys and values of attention layers, and a model without them "
+                         "(a state-space or recurrent model such as Mamba or RWKV) has none")
     found = config_features(config)
     if found:
         raise ValueError(f"zipage does not support {name}: its attention uses {'; '.join(found)}. zipage serves "
@@ -159,7 +167,7 @@ def check_model(model: Any) -> None:
     """``check_model_config`` on the model's text config, then its modules: sink logits must be one per
     query head (what the kernels take)."""
     config = model.config.get_text_config(decoder=True)
-    check_model_config(config)
+    check_model_config(config, model.config)
     heads = config.num_attention_heads
     for path, module in model.named_modules():
         sinks = getattr(module, "sinks", None)

@@ -669,7 +669,14 @@ class ModelRunner:
                 f"{type(self.model).__name__} does not go through transformers' AttentionInterface, so the "
                 "zipage engine cannot serve it"
             )
-        return out.logits
+        logits = out.logits
+        if isinstance(logits_to_keep, torch.Tensor) and logits.shape[1] != logits_to_keep.numel():
+            # (a model that takes no logits_to_keep, such as WhisperForCausalLM, gives every row's logits)
+            if logits.shape[1] != input_ids.shape[1]:
+                raise RuntimeError(f"{type(self.model).__name__} gave logits for {logits.shape[1]} rows of a "
+                                   f"{input_ids.shape[1]}-token forward")
+            logits = logits[:, logits_to_keep]
+        return logits
 
     # ----------------------------------------------------------------------------- CUDA graphs
     # Batch sizes with a captured decode graph; a step runs the smallest that holds its batch, padded. A finer
