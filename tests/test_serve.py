@@ -1056,3 +1056,28 @@ def test_a_prompt_is_tokenized_off_the_event_loop(checkpoint):
         assert r.status_code == 200
         assert calls == ["gone 0", "kept"], calls  # (gone 1 and gone 2 left the queue with their clients)
         assert metrics(url)["zipage:kv_pages_used"] == 0
+
+
+def test_a_whole_answer_is_serialized_off_the_event_loop(server, monkeypatch):
+    """A non-streamed answer (n samples of thousands of tokens with log-probabilities: megabytes) is made into
+    JSON on a worker thread, not on the event loop that every stream shares; the body is the answer's JSON."""
+    import threading
+
+    from zipage.serve import protocol
+
+    threads = []
+    dump = protocol.ChatCompletionResponse.model_dump_json
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return dump(self, *args, **kwargs)
+
+    monkeypatch.setattr(protocol.ChatCompletionResponse, "model_dump_json", recording)
+    url, engine, _ = server
+    r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] == 3
+    assert len(threads) == 1 and threads[0] is not engine.thread
+    assert threads[0].name.startswith("asyncio")  # (the loop's default executor, not the loop's own thread)

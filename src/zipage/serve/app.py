@@ -8,11 +8,14 @@ what is still in flight. Every ``/v1`` route needs the API key when one is set.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from .. import __version__
 from .chat import create_chat_completion
@@ -89,6 +92,16 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+async def rendered(result: Any) -> Any:
+    """A whole (non-streamed) answer as JSON bytes made on a worker thread: ``n`` samples of thousands of tokens
+    with log-probabilities make tens of megabytes, which serialized on the event loop would hold every stream
+    for as long."""
+    if not isinstance(result, BaseModel):
+        return result  # (a stream)
+    body = await asyncio.to_thread(result.model_dump_json)
+    return Response(body, media_type="application/json")
+
+
 def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     """An app serving ``engine`` (whose loop it starts and stops) as ``args.model_names``."""
     if engine.metrics is None:
@@ -143,10 +156,10 @@ def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
-        return await create_completion(req, raw, engine, args)
+        return await rendered(await create_completion(req, raw, engine, args))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
-        return await create_chat_completion(req, raw, engine, args)
+        return await rendered(await create_chat_completion(req, raw, engine, args))
 
     return app
