@@ -237,6 +237,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="waiting requests beyond which new ones get a 429 (default: no limit)")
     p.add_argument("--max-request-bytes", type=int, default=32 << 20,
                    help="largest request body; a larger one gets a 413 before it is read whole (default: 32 MiB)")
+    p.add_argument("--chat-template", default=None,
+                   help="the chat template of /v1/chat/completions: a Jinja file's path, or the template itself "
+                   "(default: the tokenizer's); for a model without one, or to change it")
     p.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
                    help="return a reasoning model's thinking (between <think> and </think>) in the chat message's "
                    "reasoning field, apart from its content: deepseek_r1, thinking until the first </think>; qwen3, "

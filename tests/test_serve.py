@@ -1081,3 +1081,39 @@ def test_a_whole_answer_is_serialized_off_the_event_loop(server, monkeypatch):
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] == 3
     assert len(threads) == 1 and threads[0] is not engine.thread
     assert threads[0].name.startswith("asyncio")  # (the loop's default executor, not the loop's own thread)
+
+
+def test_chat_template_option_reads_a_file_or_the_template_and_refuses_what_is_neither(tmp_path):
+    from zipage.serve.server import chat_template_of, check_args
+    from zipage_cli import serve_parser
+
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    assert chat_template_of(str(path)) == path.read_text()
+    assert chat_template_of("{{ messages[0]['content'] }}") == "{{ messages[0]['content'] }}"
+    assert chat_template_of(None) is None
+    with pytest.raises(ValueError, match="no such file, and not a template"):
+        chat_template_of(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        chat_template_of("{% for m in messages %}{{ m }}")  # (no endfor)
+    assert "no such file" in check_args(serve_parser().parse_args(["--chat-template", "nope.jinja"]))
+    assert check_args(serve_parser().parse_args(["--chat-template", str(path)])) is None
+
+
+def test_zipage_serve_chat_template_replaces_the_tokenizer_s(tmp_path):
+    """``zipage serve --chat-template FILE``: the chat prompt is that template's rendering (as the prompt's token
+    ids the server returns show), not the tokenizer's own."""
+    folder = save_tiny(tmp_path / "tiny")
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    args = [str(folder), "--served-model-name", "tiny", "--budget", "32", "--page-size", "16", "--num-pages", "64",
+            "--max-num-seqs", "4", "--chat-template", str(template)]
+    with subprocess_server(args) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           extra_body={"return_token_ids": True})
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert r.model_extra["prompt_token_ids"] == tok.encode("user: hi\nassistant:", add_special_tokens=False)

@@ -114,8 +114,38 @@ def reasoning_parser(llm: LLM, args: argparse.Namespace) -> str | None:
     return name
 
 
+def chat_template_of(value: str | None) -> str | None:
+    """``--chat-template``: a file's text where ``value`` names a file, else ``value`` itself if it reads as a
+    template (it holds ``{{``, ``{%`` or a newline); the template must parse as Jinja. ValueError says why not."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template {value}: cannot read it ({e})") from None
+    elif "{{" in value or "{%" in value or "\n" in value:
+        text = value
+    else:
+        raise ValueError(f"--chat-template {value}: no such file, and not a template itself (a template holds "
+                         "{{ ... }} or {% ... %})")
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template {value if len(value) < 80 else value[:77] + '...'}: not a valid Jinja "
+                         f"template (line {e.lineno}: {e.message})") from None
+    return text
+
+
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with the options, before anything loads."""
+    try:
+        chat_template_of(getattr(args, "chat_template", None))
+    except ValueError as e:
+        return str(e)
     if getattr(args, "tensor_parallel_size", 1) < 1:
         return f"--tensor-parallel-size {args.tensor_parallel_size} is invalid: expected an int >= 1"
     if not 0 <= args.port <= 65535:
@@ -188,6 +218,9 @@ def main(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:  # an option this model cannot take (its context, its heads, ...)
         print(f"zipage serve: {e}", file=sys.stderr)
         return 2
+    template = chat_template_of(getattr(args, "chat_template", None))  # (checked above: it reads and parses)
+    if template is not None:
+        llm.tokenizer.chat_template = template
     try:
         config = config_from_args(llm, root, args)
     except ValueError as e:  # the model's generation_config sets defaults SamplingParams refuses
