@@ -288,7 +288,8 @@ def test_rope_scaling_stretches_the_positions_a_model_takes():
     assert _rope_reach(SimpleNamespace(rope_scaling={"rope_type": "llama3", "factor": 8.0}), 131072) == 131072
     assert _rope_reach(SimpleNamespace(rope_scaling=None), 2048) == 2048
     assert _rope_reach(SimpleNamespace(), None) is None
-    per_layer = {"full_attention": {"rope_type": "linear", "factor": 8.0}, "sliding_attention": {"rope_type": "default"}}
+    per_layer = {"full_attention": {"rope_type": "linear", "factor": 8.0},
+                 "sliding_attention": {"rope_type": "default"}}
     assert _rope_reach(SimpleNamespace(rope_parameters=per_layer), 2048) == 2048  # (the fewest of its layer types)
     per_layer["sliding_attention"] = {"rope_type": "linear", "factor": 2.0}
     assert _rope_reach(SimpleNamespace(rope_parameters=per_layer), 2048) == 4096
@@ -316,7 +317,8 @@ def test_the_engine_refuses_a_per_layer_type_longrope_past_its_switch():
     frequencies depend on the others' lengths in a packed forward, so it is refused as a flat LongRoPE is."""
     from conftest import tiny_sliding_model
 
-    rope = {"full_attention": {"rope_type": "longrope", "short_factor": [1.0] * 8, "original_max_position_embeddings": 32,
+    rope = {"full_attention": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                               "original_max_position_embeddings": 32,
                                "long_factor": [1.0, 3, 9, 27, 81, 243, 729, 2187], "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
     model = tiny_sliding_model("gemma3", max_position_embeddings=128, rope_parameters=rope)

@@ -1117,3 +1117,38 @@ def test_zipage_serve_chat_template_replaces_the_tokenizer_s(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(folder)
     assert r.model_extra["prompt_token_ids"] == tok.encode("user: hi\nassistant:", add_special_tokens=False)
+
+
+def test_tokenize_and_detokenize_are_the_tokenizer_s(server, checkpoint):
+    """vLLM's /tokenize (a prompt, or messages through the chat template as /v1/chat/completions renders them)
+    and /detokenize, against the tokenizer itself; the key guards them; bad input is a 400 naming the field."""
+    _, tok = checkpoint
+    url, _, config = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{url}/tokenize", headers=auth, json={"model": NAME, "prompt": "héllo", "return_token_strs": True})
+    want = tok("héllo")["input_ids"]
+    assert r.status_code == 200, r.text
+    assert r.json() == {"count": len(want), "max_model_len": config.max_model_len, "tokens": want,
+                        "token_strs": tok.convert_ids_to_tokens(want)}
+    messages = [{"role": "user", "content": "hi"}]
+    r = httpx.post(f"{url}/tokenize", headers=auth, json={"messages": messages})
+    chat = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    chat = chat["input_ids"] if hasattr(chat, "keys") else chat
+    assert r.json()["tokens"] == list(chat) and r.json()["token_strs"] is None
+    # the prompt the chat endpoint runs is the same
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    c = client.chat.completions.create(model=NAME, messages=messages, max_tokens=1,
+                                       extra_body={"return_token_ids": True})
+    assert c.model_extra["prompt_token_ids"] == list(chat)
+    r = httpx.post(f"{url}/detokenize", headers=auth, json={"tokens": want})
+    assert r.json() == {"prompt": tok.decode(want)}
+    assert httpx.post(f"{url}/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.post(f"{url}/detokenize", json={"tokens": [1]}).status_code == 401
+    for path, body, param in [("/tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+                              ("/tokenize", {}, "messages"),
+                              ("/detokenize", {"tokens": [len(tok)]}, "tokens"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens"),
+                              ("/tokenize", {"prompt": "x", "model": "nope"}, "model")]:
+        r = httpx.post(f"{url}{path}", headers=auth, json=body)
+        assert r.status_code in (400, 404), (path, body, r.text)
+        assert r.json()["error"]["param"] == param, (path, body, r.text)

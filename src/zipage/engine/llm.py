@@ -111,7 +111,8 @@ def check_positions_are_taken(model: Any, config: Any) -> None:
     for c in (config, model.config):
         for key, value in (c.to_dict() if hasattr(c, "to_dict") else {}).items():
             if key.endswith(("token_id", "token_index", "token_ids")):
-                special.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+                values = value if isinstance(value, (list, tuple)) else [value]
+                special.update(v for v in values if isinstance(v, int))
     ids = [t for t in range(vocab // 2, vocab) if t not in special][:3]
     name = type(model).__name__
     logits = []

@@ -3,7 +3,7 @@
     app = build_app(AsyncEngine(llm), ServeConfig(model_names=["m"], ...))
 
 The app starts the engine loop when it starts (lifespan) and stops it when it stops, aborting
-what is still in flight. Every ``/v1`` route needs the API key when one is set.
+what is still in flight. Every ``/v1`` route, ``/tokenize`` and ``/detokenize`` need the API key when one is set.
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ from .errors import error_response, install
 from .generation import ServeConfig, check_model
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, detokenize, tokenize
+
+
+TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize"})  # (vLLM's, outside /v1; the key guards them too)
 
 
 class APIKey:
-    """Every ``/v1`` route needs ``Authorization: Bearer KEY`` when the server has a key (a plain ASGI
-    middleware: FastAPI's ``@app.middleware`` would hide client disconnects from the handlers)."""
+    """Every ``/v1`` route (and ``/tokenize``, ``/detokenize``) needs ``Authorization: Bearer KEY`` when the server
+    has a key (a plain ASGI middleware: FastAPI's ``@app.middleware`` would hide client disconnects from the
+    handlers)."""
 
     def __init__(self, app, config: ServeConfig) -> None:
         self.app = app
@@ -37,7 +42,7 @@ class APIKey:
 
     async def __call__(self, scope, receive, send) -> None:
         key = self.config.api_key
-        if key and scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if key and scope["type"] == "http" and (scope["path"].startswith("/v1") or scope["path"] in TOKENIZER_PATHS):
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.strip().partition(b" ")  # (the scheme is case-insensitive: RFC 9110)
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode()):
@@ -53,7 +58,8 @@ class BodyLimit:
     says so, else as soon as the bytes read pass the limit (the body is read here, whole, before the endpoint,
     which would read it whole too). Bodies sent to other routes are never read: their 404 or 405 comes without."""
 
-    READ = frozenset({"/v1/completions", "/v1/chat/completions"})  # (the POST routes: those that read a body)
+    READ = frozenset({"/v1/completions", "/v1/chat/completions", *TOKENIZER_PATHS})  # (the POST routes: those
+    # that read a body)
 
     def __init__(self, app, config: ServeConfig) -> None:
         self.app = app
@@ -161,5 +167,13 @@ def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request):
         return await rendered(await create_chat_completion(req, raw, engine, args))
+
+    @app.post("/tokenize")
+    async def tokenize_route(req: TokenizeRequest, raw: Request) -> TokenizeResponse:
+        return await tokenize(req, raw, args)
+
+    @app.post("/detokenize")
+    async def detokenize_route(req: DetokenizeRequest, raw: Request) -> DetokenizeResponse:
+        return await detokenize(req, raw, args)
 
     return app

@@ -16,7 +16,8 @@ The parsers (:data:`PARSERS`):
   ``chat_template_kwargs: {"enable_thinking": false}`` closes an empty block in the prompt).
 
 Whitespace around the tags is not part of either field: the thinking is stripped, the content loses the
-whitespace that follows ``</think>`` (an output with no block is its content unchanged). Only the first block counts; tags after it stay in the content.
+whitespace that follows ``</think>`` (an output with no block is its content unchanged). Only the first block
+counts; tags after it stay in the content.
 """
 
 from __future__ import annotations
