@@ -901,8 +901,9 @@ def test_use_cache_false_runs_without_a_cache_as_transformers_does():
     ids, mask = left_padded_batch()
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=4, use_cache=False, **GREEDY)
     model.generation_config.cache_implementation = "zipage"
-    with pytest.warns(UserWarning, match="'zipage' has no effect with use_cache=False"):
+    with pytest.warns(UserWarning, match="'zipage' has no effect with use_cache=False") as caught:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=4, use_cache=False, **GREEDY)
+    assert caught[0].filename == __file__  # (the caller's line, through whatever wraps generate())
     assert torch.equal(plain, out)
     # a cache given with use_cache=False would be fed the whole sequence at every step: refused by name
     model.generation_config.cache_implementation = None

@@ -56,6 +56,10 @@ def test_the_engine_refuses_a_decoder_that_makes_its_own_positions(kind):
     model = _decoder(kind)
     with pytest.raises(NotImplementedError, match="ignores the position_ids"):
         zipage.LLM(model, None, budget=None, page_size=16)
+    model.train()  # (dropout on: two forwards differ by chance; the engine puts the model in eval before probing)
+    with pytest.raises(NotImplementedError, match="ignores the position_ids"):
+        zipage.LLM(model, None, budget=None, page_size=16)
+    assert not model.training
     prompts = _prompts()
     want = _transformers(model, prompts)
     got = [model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, cache_implementation="zipage",

@@ -113,6 +113,14 @@ def test_the_prompt_s_open_block_and_the_tags_decoding_are_read_from_the_tokeniz
     assert prompt_leaves_thinking_open(tok, ids)
     assert not prompt_leaves_thinking_open(tok, tok.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n"))
     assert not prompt_leaves_thinking_open(tok, tok.encode("<|im_start|>assistant\n"))
+    # a user's question about the tag is text, not an open block
+    asked = tok.encode("<|im_start|>user\nWhat does <think> do?<|im_end|>\n<|im_start|>assistant\n")
+    assert not prompt_leaves_thinking_open(tok, asked)
+    # an assistant message continued after a long thought it opened: open, however long
+    thought = "<think>\n" + "Let me see. " * 40
+    continued = tok.encode("<|im_start|>assistant\n" + thought)
+    assert prompt_leaves_thinking_open(tok, continued, continued=thought)
+    assert not prompt_leaves_thinking_open(tok, continued, continued=thought + "</think> 4")
     assert tags_survive_decoding(tok)
     assert not tags_survive_decoding(think_tokenizer(special=True))  # (skip_special_tokens drops them)
 
@@ -211,3 +219,38 @@ def test_without_a_parser_the_tags_stay_in_the_content(checkpoint):
         assert r.choices[0].message.model_extra.get("reasoning") is None
         reasoning, content, _ = streamed(ask(client, tok, [{"role": "user", "content": "2 + 2?"}], 0, stream=True))
         assert (reasoning, content) == (None, text)
+
+
+def test_a_user_s_think_tag_does_not_open_a_block(checkpoint):
+    """A question that mentions <think> (the prompt holds the tag, the template opened no block): the answer is
+    content under the qwen3 parser, not thinking with no content."""
+    _, tok = checkpoint
+    messages = [{"role": "user", "content": "What does the <think> tag do?"}]
+    with serve(checkpoint, "qwen3") as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        r = ask(client, tok, messages, 0)
+    text = tok.decode(r.choices[0].model_extra["token_ids"], skip_special_tokens=True)
+    msg = r.choices[0].message
+    assert (msg.model_extra.get("reasoning"), msg.content) == (None, text)
+
+
+def test_an_earlier_answer_s_thinking_reaches_the_template(checkpoint):
+    """An assistant message sent back with the reasoning_content (or reasoning) the server gave it: the chat
+    template gets it (Qwen3's renders it), as vLLM passes it."""
+    model, tok = checkpoint
+    tok = think_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}:{% if m.reasoning_content %}<think>"
+                         "{{ m.reasoning_content }}</think>{% endif %}{{ m['content'] }}\n{% endfor %}")
+    llm = LLM(model, tok, **ENGINE)
+    config = ServeConfig(model_names=["tiny"], model_root="tiny", tokenizer=tok, max_model_len=llm.max_model_len,
+                         api_key=KEY, reasoning_parser="qwen3")
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", "reasoning_content": "adding"},
+                {"role": "assistant", "content": "5", "reasoning": "again"}]
+    with thread_server(llm, config) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
+                                           extra_body={"return_token_ids": True})
+    want = tok.encode("user:2+2?\nassistant:<think>adding</think>4\nassistant:<think>again</think>5\n",
+                      add_special_tokens=False)
+    assert r.model_extra["prompt_token_ids"] == want

@@ -97,7 +97,7 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, generat
         # a checkpoint saved with use_cache=False, MPT's default, would otherwise run uncompressed unawares)
         warnings.warn("cache_implementation='zipage' has no effect with use_cache=False (passed, or the model's "
                       "generation_config.use_cache): generate() runs with no cache at all; pass use_cache=True to "
-                      "compress", UserWarning, stacklevel=4)
+                      "compress", UserWarning, stacklevel=_caller_level())
         return original(self, generation_config, model_kwargs, generation_mode, *args, **kwargs)
     if isinstance(user_cache, ZipageCache) and generation_config.use_cache is False:
         # (transformers would feed the whole sequence again at every step into the cache: garbage, silently)
@@ -169,6 +169,17 @@ def _keep_cache_through_prepare_inputs(cls: type) -> None:
     prepare_inputs_for_generation._zipage = prepare
     _ORIGINAL.setdefault("prepare_inputs", {})[owner] = prepare
     owner.prepare_inputs_for_generation = prepare_inputs_for_generation
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that names the first frame outside transformers, torch and zipage (the user's call of
+    generate(), whatever decorators a version wraps it in)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("transformers", "torch", "zipage"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _max_cache_length(generation_config, args: tuple, kwargs: dict) -> int | None:

@@ -288,6 +288,7 @@ class LLM:
         check_engine_config(config)
         check_tensor_parallel(model.config, tensor_parallel_size)
         if tensor_parallel_size == 1:
+            model.eval()  # (as the engine runs it: dropout would make the probe's two forwards differ by chance)
             check_positions_are_taken(model, config)
         self.tensor_parallel_size = tensor_parallel_size
         self.model = model.eval()

@@ -38,7 +38,9 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
     """The messages as token ids, through the tokenizer's chat template."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions", param="messages")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {}),
+                 **({"reasoning_content": m.reasoning_content or m.reasoning}
+                    if m.reasoning_content or m.reasoning else {})} for m in req.messages]
     kwargs = dict(req.chat_template_kwargs or {})
     taken = sorted(TEMPLATE_ARGUMENTS & set(kwargs))
     if taken:
@@ -79,7 +81,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
                for _ in range(params.n)]
     strings = TokenStrings(config.tokenizer)
     parser = config.reasoning_parser
-    prompt_open = parser is not None and prompt_leaves_thinking_open(config.tokenizer, prompt)
+    continued = req.messages[-1].text() if req.continue_final_message else None
+    prompt_open = parser is not None and prompt_leaves_thinking_open(config.tokenizer, prompt, continued)
     if req.stream:
         splitters = [ReasoningSplitter(parser, prompt_open) if parser else None for _ in choices]
         return StreamingResponse(_stream(req, raw, streams, choices, strings, model, len(prompt), splitters),

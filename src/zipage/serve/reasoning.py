@@ -33,12 +33,16 @@ def check_parser(name: str | None) -> None:
         raise ValueError(f"unknown reasoning parser {name!r}: expected one of {', '.join(PARSERS)}")
 
 
-def prompt_leaves_thinking_open(tokenizer: Any, prompt_ids: list[int], tail: int = 32) -> bool:
-    """Whether the prompt's last tokens open a think block they do not close (the template put ``<think>``
-    after the assistant's turn start, so the output begins inside the block)."""
-    text = tokenizer.decode(prompt_ids[-tail:], skip_special_tokens=False)
-    opened = text.rfind(OPEN)
-    return opened >= 0 and text.find(CLOSE, opened) < 0
+def prompt_leaves_thinking_open(tokenizer: Any, prompt_ids: list[int], continued: str | None = None) -> bool:
+    """Whether the output begins inside a think block: the prompt ends with ``<think>`` (a template that opens
+    the block after the assistant's turn start), or ``continued``, the text of an assistant message the answer
+    continues (``continue_final_message``), opened a block it did not close. A ``<think>`` anywhere else in
+    the prompt (a user's question about the tag, an earlier turn) is text, not an open block."""
+    if continued is not None:
+        opened = continued.rfind(OPEN)
+        if opened >= 0 and continued.find(CLOSE, opened) < 0:
+            return True
+    return tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False).rstrip().endswith(OPEN)
 
 
 def tags_survive_decoding(tokenizer: Any) -> bool:
