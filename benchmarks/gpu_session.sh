@@ -100,7 +100,7 @@
 #   PART=s46d  the GPU tests of generate(), fresh prefill, FP8 decode variants, query weights, sampler
 #   PART=s48   the engine's GPU tests after session 48's failure-handling and scheduler changes
 #   PART=s49    session 49's GPU tests (logit_bias and allowed_token_ids in the sampler, the engine, generate())
-#   PART=s51    session 51: the FP8 pair, s49's GPU tests, then the CPU tests of generate()'s hook on 5.17
+#   PART=s51    session 51: the FP8 pair, then s51h: s49's GPU tests and this session's CPU tests on 5.17
 #   PART=s46fp8 the FP8 pair (zipage-2048-fp8, then zipage-2048) run to completion, 512 x 4,096 tokens
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
 #              zipage-2048-fp8, Qwen3-8B shapes, 512 requests, KV_GIB of KV (80 on an H200, else 40), TIME_LIMIT s each
@@ -459,11 +459,15 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     # generate()-hook and cache grad-mode changes, then the CPU tests those changes touched on this machine's
     # transformers (the GPU machine's version, the range's floor)
     PART=s46fp8 TIME_LIMIT="${TIME_LIMIT:-100}" bash "$0"
+    PART=s51h bash "$0" ;;
+  s51h)  # session 51 without the FP8 pair (any card): the GPU tests (the engine's position probe runs at every
+    # LLM built on CUDA), then the CPU tests of this session's changes on this machine's transformers
     PART=s49 TEST_LIMIT="${TEST_LIMIT:-150}" bash "$0"
     python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
-    timeout "${CPU_TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider -x tests/test_generate.py \
+    timeout "${CPU_TEST_LIMIT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_generate.py \
       tests/test_generate_padding.py tests/test_custom_generate.py tests/test_kernels_name.py tests/test_loading.py \
-      tests/test_engine_models.py 2>&1 | tee "$OUT/cpu_tests_s51.log" | tail -6 ;;
+      tests/test_engine_models.py tests/test_model_families.py tests/test_attention_checks.py \
+      tests/test_engine_frontend.py 2>&1 | tee "$OUT/cpu_tests_s51.log" | tail -6 ;;
   s48)  # session 48: the engine's GPU tests after its failure-handling and scheduler changes (a compression whose
     # booking raises, held samples, no admission in a step that preempted), the booking failure on CUDA included
     timeout "${TEST_LIMIT:-400}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_failures.py \
