@@ -117,3 +117,36 @@ def test_a_model_without_attention_layers_is_refused_as_such():
     model = T.MambaForCausalLM._from_config(cfg).eval()
     with pytest.raises(ValueError, match="state-space or recurrent model"):
         zipage.LLM(model, None, budget=None, page_size=16)
+
+
+def test_the_position_probe_waits_for_another_engine_s_forward_on_the_model():
+    """An engine on this model stepping in another thread switches the model's attention to the engine's for the
+    length of its forward; the probe of a second engine built meanwhile takes its turn instead of running into
+    it (it would have failed, and refused a model it serves)."""
+    import threading
+    import time
+
+    from conftest import tiny_model
+
+    from zipage.engine.runner import ATTENTION_NAME, _config_lock
+
+    model = tiny_model("llama")
+    cfg = model.config.get_text_config(decoder=True)
+    holding, done = threading.Event(), threading.Event()
+
+    def stepping():  # (what an engine's forward does with the model's config, held a while)
+        with _config_lock(cfg):
+            original = cfg._attn_implementation
+            cfg._attn_implementation_internal = ATTENTION_NAME
+            holding.set()
+            time.sleep(0.5)
+            cfg._attn_implementation_internal = original
+        done.set()
+
+    t = threading.Thread(target=stepping)
+    t.start()
+    holding.wait(10)
+    llm = zipage.LLM(model, None, budget=None, page_size=16, num_pages=16)
+    assert done.is_set()  # (it waited for the other forward)
+    t.join()
+    assert llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids

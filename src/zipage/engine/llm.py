@@ -36,7 +36,7 @@ from ..scoring import get_scorer
 from .core import EngineCore
 from .inputs import as_prompt_list, chat_conversations, check_request, render_chat, resolve_budget, tokenize
 from .outputs import OutputProcessor
-from .runner import ModelRunner
+from .runner import ModelRunner, _config_lock
 from .sampling import SamplingParams, model_sampling_defaults
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence
@@ -116,8 +116,8 @@ def check_positions_are_taken(model: Any, config: Any) -> None:
     ids = [t for t in range(vocab // 2, vocab) if t not in special][:3]
     name = type(model).__name__
     logits = []
-    try:
-        with torch.inference_mode():
+    try:  # (another engine on this model may be stepping in another thread: its forwards and this one take turns)
+        with _config_lock(config), torch.inference_mode():
             for pos in ((0, 1, 2), (0, 3, 9)):
                 out = model(input_ids=torch.tensor([ids], device=p.device),
                             position_ids=torch.tensor([pos], device=p.device), use_cache=False)
