@@ -150,3 +150,40 @@ def test_the_position_probe_waits_for_another_engine_s_forward_on_the_model():
     assert done.is_set()  # (it waited for the other forward)
     t.join()
     assert llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_the_position_probe_gives_up_with_why_where_the_turn_never_comes(monkeypatch):
+    """Built from inside an engine forward on the same model (a forward hook, say), the probe's turn would never
+    come: it says so after PROBE_WAIT_S instead of hanging; the config's lock goes with its config."""
+    import gc
+    import threading
+
+    from conftest import tiny_model
+
+    from zipage.engine import llm as llm_mod
+    from zipage.engine.runner import _config_lock, _config_locks
+
+    monkeypatch.setattr(llm_mod, "PROBE_WAIT_S", 0.2)
+    model = tiny_model("llama")
+    cfg = model.config.get_text_config(decoder=True)
+    held, release = threading.Event(), threading.Event()
+
+    def holding():
+        with _config_lock(cfg):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holding)
+    t.start()
+    held.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="did not end in 0.2 s"):
+            zipage.LLM(model, None, budget=None, page_size=16, num_pages=16)
+    finally:
+        release.set()
+        t.join()
+    key = id(cfg)
+    assert key in _config_locks
+    del model, cfg
+    gc.collect()
+    assert key not in _config_locks

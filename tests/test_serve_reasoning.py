@@ -121,6 +121,8 @@ def test_the_prompt_s_open_block_and_the_tags_decoding_are_read_from_the_tokeniz
     continued = tok.encode("<|im_start|>assistant\n" + thought)
     assert prompt_leaves_thinking_open(tok, continued, continued=thought)
     assert not prompt_leaves_thinking_open(tok, continued, continued=thought + "</think> 4")
+    # a continued message that mentions the tag rather than starting with it opens nothing
+    assert not prompt_leaves_thinking_open(tok, continued, continued="The <think> tag marks")
     assert tags_survive_decoding(tok)
     assert not tags_survive_decoding(think_tokenizer(special=True))  # (skip_special_tokens drops them)
 
@@ -240,17 +242,29 @@ def test_an_earlier_answer_s_thinking_reaches_the_template(checkpoint):
     model, tok = checkpoint
     tok = think_tokenizer()
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}:{% if m.reasoning_content %}<think>"
-                         "{{ m.reasoning_content }}</think>{% endif %}{{ m['content'] }}\n{% endfor %}")
+                         "{{ m.reasoning_content }}</think>{% endif %}{% if m.reasoning %}[{{ m.reasoning }}]"
+                         "{% endif %}{{ m['content'] }}\n{% endfor %}")
     llm = LLM(model, tok, **ENGINE)
     config = ServeConfig(model_names=["tiny"], model_root="tiny", tokenizer=tok, max_model_len=llm.max_model_len,
                          api_key=KEY, reasoning_parser="qwen3")
-    messages = [{"role": "user", "content": "2+2?"},
+    messages = [{"role": "user", "content": "2+2?", "reasoning_content": "not an answer's"},
                 {"role": "assistant", "content": "4", "reasoning_content": "adding"},
                 {"role": "assistant", "content": "5", "reasoning": "again"}]
     with thread_server(llm, config) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
                                            extra_body={"return_token_ids": True})
-    want = tok.encode("user:2+2?\nassistant:<think>adding</think>4\nassistant:<think>again</think>5\n",
-                      add_special_tokens=False)
+    want = tok.encode("user:2+2?\nassistant:<think>adding</think>[adding]4\n"
+                      "assistant:<think>again</think>[again]5\n", add_special_tokens=False)
     assert r.model_extra["prompt_token_ids"] == want
+
+
+def test_a_continued_user_message_opens_no_block(checkpoint):
+    """continue_final_message on a user message holding <think>: that is the user's text, not the answer's block."""
+    _, tok = checkpoint
+    messages = [{"role": "user", "content": "<think> what?"}]
+    with serve(checkpoint, "qwen3") as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        r = ask(client, tok, messages, 0, add_generation_prompt=False, continue_final_message=True)
+    text = tok.decode(r.choices[0].model_extra["token_ids"], skip_special_tokens=True)
+    assert (r.choices[0].message.model_extra.get("reasoning"), r.choices[0].message.content) == (None, text)

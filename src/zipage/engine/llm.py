@@ -93,6 +93,9 @@ def _rope_reach(config: Any, trained: Any) -> int | None:
     return reach
 
 
+PROBE_WAIT_S = 120  # the longest the position probe waits for another engine's forward on the same model
+
+
 def check_positions_are_taken(model: Any, config: Any) -> None:
     """Raise NotImplementedError for a model whose forward ignores the ``position_ids`` it is given.
 
@@ -116,8 +119,12 @@ def check_positions_are_taken(model: Any, config: Any) -> None:
     ids = [t for t in range(vocab // 2, vocab) if t not in special][:3]
     name = type(model).__name__
     logits = []
-    try:  # (another engine on this model may be stepping in another thread: its forwards and this one take turns)
-        with _config_lock(config), torch.inference_mode():
+    lock = _config_lock(config)  # (another engine on this model may be stepping: its forwards and this take turns)
+    if not lock.acquire(timeout=PROBE_WAIT_S):
+        raise RuntimeError(f"LLM(): an engine forward on this {name} did not end in {PROBE_WAIT_S} s (is this LLM "
+                           "built from inside one, such as a forward hook? build it outside)")
+    try:
+        with torch.inference_mode():
             for pos in ((0, 1, 2), (0, 3, 9)):
                 out = model(input_ids=torch.tensor([ids], device=p.device),
                             position_ids=torch.tensor([pos], device=p.device), use_cache=False)
@@ -125,6 +132,8 @@ def check_positions_are_taken(model: Any, config: Any) -> None:
     except Exception as e:
         raise NotImplementedError(f"the zipage engine runs a model on token ids and positions alone, and this "
                                   f"{name}'s forward fails so ({type(e).__name__}: {e})") from e
+    finally:
+        lock.release()
     if torch.equal(logits[0], logits[1]):
         raise NotImplementedError(
             f"this {name} ignores the position_ids it is given (its positions come from the input's own order, or "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,10 @@ def _config_lock(cfg) -> threading.Lock:
         lock = _config_locks.get(id(cfg))
         if lock is None:
             lock = _config_locks[id(cfg)] = threading.Lock()
+            try:  # (the entry goes with its config: no growth, and no stale entry for a later object's id)
+                weakref.finalize(cfg, _config_locks.pop, id(cfg), None)
+            except TypeError:  # pragma: no cover - a config that takes no weak references stays
+                pass
         return lock
 
 

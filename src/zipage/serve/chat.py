@@ -34,13 +34,21 @@ TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tokenize", "add_gen
                                 "truncation", "max_length", "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
-    """The messages as token ids, through the tokenizer's chat template."""
+def _template_message(m) -> dict:
+    """A message as the chat template gets it: an assistant's earlier thinking under both names templates read
+    (``reasoning_content``, Qwen3's; ``reasoning``), as vLLM passes it."""
+    out = {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+    thinking = m.reasoning_content or m.reasoning
+    if thinking and m.role == "assistant":
+        out["reasoning_content"] = out["reasoning"] = thinking
+    return out
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer, tokenize: bool = True) -> list[int] | str:
+    """The messages as token ids (as text, with ``tokenize=False``), through the tokenizer's chat template."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions", param="messages")
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {}),
-                 **({"reasoning_content": m.reasoning_content or m.reasoning}
-                    if m.reasoning_content or m.reasoning else {})} for m in req.messages]
+    messages = [_template_message(m) for m in req.messages]
     kwargs = dict(req.chat_template_kwargs or {})
     taken = sorted(TEMPLATE_ARGUMENTS & set(kwargs))
     if taken:
@@ -50,10 +58,13 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer) -> list[int]:
         raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true: set "
                             "add_generation_prompt to false to continue the last message", param="continue_final_message")
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=True,
-                                            continue_final_message=req.continue_final_message, **kwargs)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                            tokenize=tokenize, continue_final_message=req.continue_final_message,
+                                            **kwargs)
     except Exception as e:  # a template that refuses these messages (roles out of order, ...)
         raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
+    if not tokenize:
+        return ids
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     return [int(t) for t in ids]
 
@@ -81,7 +92,8 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
                for _ in range(params.n)]
     strings = TokenStrings(config.tokenizer)
     parser = config.reasoning_parser
-    continued = req.messages[-1].text() if req.continue_final_message else None
+    last = req.messages[-1]
+    continued = last.text() if req.continue_final_message and last.role == "assistant" else None
     prompt_open = parser is not None and prompt_leaves_thinking_open(config.tokenizer, prompt, continued)
     if req.stream:
         splitters = [ReasoningSplitter(parser, prompt_open) if parser else None for _ in choices]

@@ -36,13 +36,13 @@ def check_parser(name: str | None) -> None:
 def prompt_leaves_thinking_open(tokenizer: Any, prompt_ids: list[int], continued: str | None = None) -> bool:
     """Whether the output begins inside a think block: the prompt ends with ``<think>`` (a template that opens
     the block after the assistant's turn start), or ``continued``, the text of an assistant message the answer
-    continues (``continue_final_message``), opened a block it did not close. A ``<think>`` anywhere else in
+    continues (``continue_final_message``), begins with a block it did not close. A ``<think>`` anywhere else in
     the prompt (a user's question about the tag, an earlier turn) is text, not an open block."""
     if continued is not None:
-        opened = continued.rfind(OPEN)
-        if opened >= 0 and continued.find(CLOSE, opened) < 0:
+        head = continued.lstrip()
+        if head.startswith(OPEN) and CLOSE not in head:  # (the rule the output's own block follows)
             return True
-    return tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False).rstrip().endswith(OPEN)
+    return tokenizer.decode(prompt_ids[-32:], skip_special_tokens=False).rstrip().endswith(OPEN)
 
 
 def tags_survive_decoding(tokenizer: Any) -> bool:

@@ -116,7 +116,8 @@ def reasoning_parser(llm: LLM, args: argparse.Namespace) -> str | None:
 
 def chat_template_of(value: str | None) -> str | None:
     """``--chat-template``: a file's text where ``value`` names a file, else ``value`` itself if it reads as a
-    template (it holds ``{{``, ``{%`` or a newline); the template must parse as Jinja. ValueError says why not."""
+    template (it holds ``{``, ``}`` or a newline, as vLLM tells them apart); the template must compile as
+    transformers compiles chat templates. ValueError says why not."""
     if value is None:
         return None
     if os.path.isfile(value):
@@ -125,15 +126,20 @@ def chat_template_of(value: str | None) -> str | None:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--chat-template {value}: cannot read it ({e})") from None
-    elif "{{" in value or "{%" in value or "\n" in value:
+    elif any(c in value for c in "{}\n"):  # (vLLM's rule: a path holds none of these)
         text = value
     else:
         raise ValueError(f"--chat-template {value}: no such file, and not a template itself (a template holds "
                          "{{ ... }} or {% ... %})")
     import jinja2
 
+    try:  # (transformers' own environment: its extensions, such as {% generation %}, and filters)
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # pragma: no cover - a transformers without it: the syntax alone
+        def _compile_jinja_template(t):
+            return jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(t)
     try:
-        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+        _compile_jinja_template(text)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"--chat-template {value if len(value) < 80 else value[:77] + '...'}: not a valid Jinja "
                          f"template (line {e.lineno}: {e.message})") from None

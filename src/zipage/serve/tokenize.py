@@ -31,6 +31,9 @@ class TokenizeRequest(OpenAIModel):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
+    # what the chat endpoint refuses, refused here too (a count without them would not be the chat's prompt)
+    tools: list[Any] | None = None
+    chat_template: Any = None
 
 
 class TokenizeResponse(BaseModel):
@@ -60,11 +63,16 @@ def _tokens(req: TokenizeRequest, tokenizer: Any) -> list[int]:
 
         chat = ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
                                      continue_final_message=req.continue_final_message,
-                                     chat_template_kwargs=req.chat_template_kwargs)
-        ids = chat_prompt(chat, tokenizer)
-        if req.add_special_tokens:  # (vLLM's meaning: the tokenizer's own BOS/EOS around the rendered chat)
-            ids = list(tokenizer.build_inputs_with_special_tokens(ids))
-        return ids
+                                     chat_template_kwargs=req.chat_template_kwargs, tools=req.tools,
+                                     chat_template=req.chat_template)
+        field = chat.unsupported()
+        if field is not None:
+            raise APIError(400, f"`{field}` is not supported by this server", param=field, code="unsupported")
+        if not req.add_special_tokens:
+            return chat_prompt(chat, tokenizer)
+        # (vLLM's meaning: the rendered chat tokenized with the tokenizer's own special tokens added)
+        text = chat_prompt(chat, tokenizer, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
     try:
         return list(tokenizer(req.prompt, add_special_tokens=req.add_special_tokens is not False)["input_ids"])
     except Exception as e:  # (text the tokenizer cannot take: a lone surrogate, ...)
