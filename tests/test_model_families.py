@@ -168,12 +168,12 @@ def test_the_position_probe_gives_up_with_why_where_the_turn_never_comes(monkeyp
     cfg = model.config.get_text_config(decoder=True)
     held, release = threading.Event(), threading.Event()
 
-    def holding():
-        with _config_lock(cfg):
+    def holding(c):
+        with _config_lock(c):
             held.set()
             release.wait(10)
 
-    t = threading.Thread(target=holding)
+    t = threading.Thread(target=holding, args=(cfg,))
     t.start()
     held.wait(10)
     try:
