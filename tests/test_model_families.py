@@ -187,3 +187,17 @@ def test_the_position_probe_gives_up_with_why_where_the_turn_never_comes(monkeyp
     del model, cfg
     gc.collect()
     assert key not in _config_locks
+
+
+def test_a_probe_that_runs_out_of_memory_says_so(monkeypatch):
+    """Memory short during the probe's forward is no verdict on the model: the error is the memory's."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+
+    def short(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(model, "forward", short)
+    with pytest.raises(torch.OutOfMemoryError):
+        zipage.LLM(model, None, budget=None, page_size=16, num_pages=16)

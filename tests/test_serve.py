@@ -1079,6 +1079,8 @@ def test_a_whole_answer_is_serialized_by_pydantic_s_serializer(server, monkeypat
     body = r.json()
     assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] == 3
     assert len(calls) == 1 and body == json.loads(dump(calls[0]))
+    # a server without a reasoning parser sends no thinking fields
+    assert set(body["choices"][0]["message"]) == {"role", "content"}
 
 
 def test_chat_template_option_reads_a_file_or_the_template_and_refuses_what_is_neither(tmp_path):
@@ -1090,6 +1092,8 @@ def test_chat_template_option_reads_a_file_or_the_template_and_refuses_what_is_n
     assert chat_template_of(str(path)) == path.read_text()
     assert chat_template_of("{{ messages[0]['content'] }}") == "{{ messages[0]['content'] }}"
     assert chat_template_of("{# c #}<s>") == "{# c #}<s>"  # (vLLM's rule: a path holds no brace or newline)
+    # escapes typed on a command line are decoded as vLLM decodes them; other text stays as it is
+    assert chat_template_of("{{ 'é' }}\\n{{ 'x' }}") == "{{ 'é' }}\n{{ 'x' }}"
     # transformers' own template extensions ({% generation %} for assistant masks) compile
     gen = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
     assert chat_template_of(gen) == gen
@@ -1142,10 +1146,6 @@ def test_tokenize_and_detokenize_are_the_tokenizer_s(server, checkpoint):
     c = client.chat.completions.create(model=NAME, messages=messages, max_tokens=1,
                                        extra_body={"return_token_ids": True})
     assert c.model_extra["prompt_token_ids"] == list(chat)
-    # messages with add_special_tokens: the rendered chat tokenized with the tokenizer's own special tokens
-    r = httpx.post(f"{url}/tokenize", headers=auth, json={"messages": messages, "add_special_tokens": True})
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert r.status_code == 200 and r.json()["tokens"] == tok(text, add_special_tokens=True)["input_ids"]
     # what the chat endpoint refuses is refused here too, by name
     for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                          ({"chat_template": "{{ 1 }}"}, "chat_template")):
@@ -1163,3 +1163,31 @@ def test_tokenize_and_detokenize_are_the_tokenizer_s(server, checkpoint):
         r = httpx.post(f"{url}{path}", headers=auth, json=body)
         assert r.status_code in (400, 404), (path, body, r.text)
         assert r.json()["error"]["param"] == param, (path, body, r.text)
+
+
+def test_tokenize_adds_the_tokenizer_s_special_tokens_as_asked(checkpoint):
+    """With a tokenizer that adds a BOS: a prompt gets it by default (add_special_tokens: true, as the completions
+    endpoint tokenizes), not with false; messages get it only with add_special_tokens: true (the template's own
+    tokens otherwise), on top of the rendered chat."""
+    from tokenizers import processors
+
+    from zipage.serve.tiny import tiny_tokenizer
+
+    model, _ = checkpoint
+    tok = tiny_tokenizer()
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                  special_tokens=[("<|im_start|>", bos)])
+    assert tok("hi")["input_ids"][0] == bos
+    llm = LLM(model, tok, **ENGINE)
+    config = ServeConfig(model_names=[NAME], model_root="tiny", tokenizer=tok, max_model_len=llm.max_model_len)
+    messages = [{"role": "user", "content": "hi"}]
+    with thread_server(llm, config) as (url, _):
+        default = httpx.post(f"{url}/tokenize", json={"prompt": "hi"}).json()["tokens"]
+        without = httpx.post(f"{url}/tokenize", json={"prompt": "hi", "add_special_tokens": False}).json()["tokens"]
+        chat = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()["tokens"]
+        chat_bos = httpx.post(f"{url}/tokenize", json={"messages": messages, "add_special_tokens": True}).json()
+    assert default == [bos, *without] and without == tok("hi", add_special_tokens=False)["input_ids"]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat == tok(text, add_special_tokens=False)["input_ids"]
+    assert chat_bos["tokens"] == [bos, *chat] and chat_bos["count"] == len(chat) + 1

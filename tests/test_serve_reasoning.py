@@ -121,8 +121,12 @@ def test_the_prompt_s_open_block_and_the_tags_decoding_are_read_from_the_tokeniz
     continued = tok.encode("<|im_start|>assistant\n" + thought)
     assert prompt_leaves_thinking_open(tok, continued, continued=thought)
     assert not prompt_leaves_thinking_open(tok, continued, continued=thought + "</think> 4")
-    # a continued message that mentions the tag rather than starting with it opens nothing
+    # a continued message that mentions the tag rather than starting with it opens nothing, even at its end;
+    # nor does a continued message not the assistant's ("": chat.py's value for one)
     assert not prompt_leaves_thinking_open(tok, continued, continued="The <think> tag marks")
+    ends = tok.encode("<|im_start|>assistant\nThe tag is <think>")
+    assert prompt_leaves_thinking_open(tok, ends) and not prompt_leaves_thinking_open(tok, ends, "The tag is <think>")
+    assert not prompt_leaves_thinking_open(tok, tok.encode("<|im_start|>user\nComplete: <think>"), "")
     assert tags_survive_decoding(tok)
     assert not tags_survive_decoding(think_tokenizer(special=True))  # (skip_special_tokens drops them)
 

@@ -172,12 +172,13 @@ def _keep_cache_through_prepare_inputs(cls: type) -> None:
 
 
 def _caller_level() -> int:
-    """The ``stacklevel`` that names the first frame outside transformers, torch and zipage (the user's call of
+    """The ``stacklevel`` that names the first frame outside transformers, torch, peft and zipage (the user's call of
     generate(), whatever decorators a version wraps it in)."""
     import sys
 
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("transformers", "torch", "zipage"):
+    wrappers = ("transformers", "torch", "zipage", "peft")
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in wrappers:
         frame, level = frame.f_back, level + 1
     return level
 

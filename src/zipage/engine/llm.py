@@ -129,9 +129,11 @@ def check_positions_are_taken(model: Any, config: Any) -> None:
                 out = model(input_ids=torch.tensor([ids], device=p.device),
                             position_ids=torch.tensor([pos], device=p.device), use_cache=False)
                 logits.append(out.logits[0, -1].float())
+    except torch.OutOfMemoryError:
+        raise  # (no verdict on the model: the memory was short)
     except Exception as e:
         raise NotImplementedError(f"the zipage engine runs a model on token ids and positions alone, and this "
-                                  f"{name}'s forward fails so ({type(e).__name__}: {e})") from e
+                                  f"{name}'s forward failed so when LLM() tried it ({type(e).__name__}: {e})") from e
     finally:
         lock.release()
     if torch.equal(logits[0], logits[1]):

@@ -93,7 +93,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
     strings = TokenStrings(config.tokenizer)
     parser = config.reasoning_parser
     last = req.messages[-1]
-    continued = last.text() if req.continue_final_message and last.role == "assistant" else None
+    continued = (last.text() if last.role == "assistant" else "") if req.continue_final_message else None
     prompt_open = parser is not None and prompt_leaves_thinking_open(config.tokenizer, prompt, continued)
     if req.stream:
         splitters = [ReasoningSplitter(parser, prompt_open) if parser else None for _ in choices]

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
 
 
 def random_id(prefix: str) -> str:
@@ -271,9 +271,18 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
-    # --reasoning-parser: the thinking (reasoning_content: the same, under the name older clients read)
+    # --reasoning-parser: the thinking (reasoning_content: the same, under the name older clients read); left out
+    # of the JSON where null, so a server without a parser answers as before
     reasoning: str | None = None
     reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_null_thinking(self, handler):
+        out = handler(self)
+        for key in ("reasoning", "reasoning_content"):
+            if out.get(key, "") is None:
+                del out[key]
+        return out
 
 
 class ChatChoice(BaseModel):

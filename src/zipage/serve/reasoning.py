@@ -35,13 +35,13 @@ def check_parser(name: str | None) -> None:
 
 def prompt_leaves_thinking_open(tokenizer: Any, prompt_ids: list[int], continued: str | None = None) -> bool:
     """Whether the output begins inside a think block: the prompt ends with ``<think>`` (a template that opens
-    the block after the assistant's turn start), or ``continued``, the text of an assistant message the answer
-    continues (``continue_final_message``), begins with a block it did not close. A ``<think>`` anywhere else in
+    the block after the assistant's turn start); or, where the answer continues a message
+    (``continue_final_message``, ``continued`` its text: ``""`` for one not the assistant's), that message begins
+    with a block it did not close. A ``<think>`` anywhere else in
     the prompt (a user's question about the tag, an earlier turn) is text, not an open block."""
-    if continued is not None:
+    if continued is not None:  # (the message the answer continues decides alone: the rule the output's block follows)
         head = continued.lstrip()
-        if head.startswith(OPEN) and CLOSE not in head:  # (the rule the output's own block follows)
-            return True
+        return head.startswith(OPEN) and CLOSE not in head
     return tokenizer.decode(prompt_ids[-32:], skip_special_tokens=False).rstrip().endswith(OPEN)
 
 

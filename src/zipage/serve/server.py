@@ -127,7 +127,8 @@ def chat_template_of(value: str | None) -> str | None:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--chat-template {value}: cannot read it ({e})") from None
     elif any(c in value for c in "{}\n"):  # (vLLM's rule: a path holds none of these)
-        text = value
+        # (escapes typed on a command line, such as \n, decoded as vLLM decodes them; other text kept as it is)
+        text = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     else:
         raise ValueError(f"--chat-template {value}: no such file, and not a template itself (a template holds "
                          "{{ ... }} or {% ... %})")
