@@ -1063,14 +1063,18 @@ def test_phi3_longrope_switch_restarts_the_zipage_cache_instead_of_replacing_it(
     full = model.generate(prompt, **kw)
     big = model.generate(prompt, cache_implementation="zipage", cache_config={"budget": 512}, **kw)
     assert torch.equal(big.sequences, full.sequences)
+    # what transformers itself keeps after the switch: the whole sequence recomputed (79 tokens); transformers
+    # 5.17's Phi-3 feeds only the last token to the new cache at each step after it, and zipage follows it there
+    seen = getattr(full, hf.cache_kwarg()).get_seq_length()
     cache = getattr(big, hf.cache_kwarg())
-    assert isinstance(cache, zipage.ZipageCache) and cache.get_seq_length() == 79
+    assert isinstance(cache, zipage.ZipageCache) and cache.get_seq_length() == seen
     small = dict(budget=16, page_size=4, buffer=4, window=4)
     out = model.generate(prompt, cache_implementation="zipage", cache_config=small, **kw)
     cache = getattr(out, hf.cache_kwarg())
-    assert isinstance(cache, zipage.ZipageCache)
-    assert cache.get_seq_length() == 79 and cache.stored_length() <= 16 + 4 and cache.stats()["compressions"] > 0
+    assert isinstance(cache, zipage.ZipageCache) and cache.get_seq_length() == seen
     mine = zipage.ZipageCache(model.config, zipage.ZipageConfig(**small))
     out2 = model.generate(prompt, **{hf.cache_kwarg(): mine}, **kw)
-    assert getattr(out2, hf.cache_kwarg()) is mine and mine.get_seq_length() == 79 and mine.stored_length() <= 20
+    assert getattr(out2, hf.cache_kwarg()) is mine and mine.get_seq_length() == seen
     assert torch.equal(out2.sequences, out.sequences)
+    if seen == 79:  # (a whole recompute: compressed to the budget again)
+        assert cache.stored_length() <= 16 + 4 and cache.stats()["compressions"] > 0 and mine.stored_length() <= 20
