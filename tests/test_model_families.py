@@ -77,6 +77,15 @@ def test_the_engine_serves_a_model_that_gives_every_row_s_logits():
     assert got == _transformers(model, prompts)
 
 
+def _refused_by_both(model, words: str) -> None:
+    """generate(cache_implementation="zipage") and zipage.LLM both refuse ``model`` with ``words``."""
+    ids = torch.tensor([list(range(10, 31))])
+    with pytest.raises(ValueError, match=words):
+        model.generate(ids, max_new_tokens=4, cache_implementation="zipage", cache_config={"budget": 16})
+    with pytest.raises(ValueError, match=words):
+        zipage.LLM(model, None, budget=None, page_size=16)
+
+
 def test_an_encoder_decoder_whose_decoder_config_says_nothing_of_it_is_refused():
     """T5Gemma's text config is its decoder's, which is not marked encoder-decoder: the model's own config is."""
     tt = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -85,11 +94,7 @@ def test_an_encoder_decoder_whose_decoder_config_says_nothing_of_it_is_refused()
     cfg = T.AutoConfig.for_model("t5gemma", encoder=dict(tt, model_type="t5gemma_module"),
                                  decoder=dict(tt, model_type="t5gemma_module"), vocab_size=V)
     model = T.T5GemmaForConditionalGeneration._from_config(cfg).eval()
-    ids = torch.tensor([list(range(10, 31))])
-    with pytest.raises(ValueError, match="decoder-only models; T5GemmaConfig is an encoder-decoder"):
-        model.generate(ids, max_new_tokens=4, cache_implementation="zipage", cache_config={"budget": 256})
-    with pytest.raises(ValueError, match="decoder-only models; T5GemmaConfig is an encoder-decoder"):
-        zipage.LLM(model, None, budget=None, page_size=16)
+    _refused_by_both(model, "decoder-only models; T5GemmaConfig is an encoder-decoder")
 
 
 def test_cross_attention_layers_are_refused_by_name():
@@ -105,11 +110,7 @@ def test_cross_attention_layers_are_refused_by_name():
                            attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64,
                            intermediate_layers_indices=[0], max_num_tiles=1, supported_aspect_ratios=[[1, 1]]))
     model = T.MllamaForConditionalGeneration._from_config(cfg).eval()
-    ids = torch.tensor([list(range(10, 31))])
-    with pytest.raises(ValueError, match="cross-attention layers"):
-        model.generate(ids, max_new_tokens=4, cache_implementation="zipage", cache_config={"budget": 16})
-    with pytest.raises(ValueError, match="cross-attention layers"):
-        zipage.LLM(model, None, budget=None, page_size=16)
+    _refused_by_both(model, "cross-attention layers")
 
 
 def test_a_model_without_attention_layers_is_refused_as_such():

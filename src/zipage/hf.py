@@ -148,7 +148,8 @@ def _keep_cache_through_prepare_inputs(cls: type) -> None:
     DynamicCache, which generate() would carry on with, uncompressed, for the rest of the run (and a
     ZipageCache the caller passed would be left behind). Wrapped, the ZipageCache is emptied and given the
     whole sequence again, as a prompt (compressed to its budget as prompts are); what it had evicted comes
-    back from the input ids. Other models' inputs pass through untouched."""
+    back from the input ids. (transformers 5.17's Phi-3 feeds the new cache only the last token after the switch;
+    the ZipageCache then gets what a DynamicCache would.) Other models' inputs pass through untouched."""
     from transformers.generation.utils import GenerationMixin
 
     owner = next((c for c in cls.__mro__ if "prepare_inputs_for_generation" in c.__dict__), GenerationMixin)

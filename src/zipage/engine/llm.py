@@ -298,11 +298,10 @@ class LLM:
         check_model_config(config, model.config)
         check_engine_config(config)
         check_tensor_parallel(model.config, tensor_parallel_size)
+        self.model = model.eval()  # (before the probe: dropout would make its two forwards differ by chance)
         if tensor_parallel_size == 1:
-            model.eval()  # (as the engine runs it: dropout would make the probe's two forwards differ by chance)
             check_positions_are_taken(model, config)
         self.tensor_parallel_size = tensor_parallel_size
-        self.model = model.eval()
         self.tokenizer = tokenizer
         page_size = zipage_fields.get("page_size", ZipageConfig.page_size)
         if budget is None:  # (with a budget ZipageConfig checks it)

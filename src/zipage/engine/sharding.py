@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..attention_checks import _safe  # (getattr, None where a per-layer config raises for a differing value)
+
 COLWISE, ROWWISE = "colwise", "rowwise"
 
 
@@ -34,15 +36,6 @@ def head_counts(config) -> tuple[int, int, int]:
 
 # a text config's expert count, by the names transformers' mixture-of-experts configs give it
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
-def _attribute(cfg, name: str):
-    """``getattr(cfg, name, None)``, None too where the config raises something else than AttributeError (per-layer
-    configs of transformers 5.25 raise for a value that differs between layers)."""
-    try:
-        return getattr(cfg, name, None)
-    except Exception:
-        return None
 
 
 def check_tensor_parallel(config, size: int) -> None:
@@ -61,7 +54,7 @@ def check_tensor_parallel(config, size: int) -> None:
     inter = getattr(cfg, "intermediate_size", None)
     if isinstance(inter, int) and inter % size:
         raise ValueError(f"tensor_parallel_size={size} does not divide the model's intermediate_size {inter}")
-    experts = next(((name, n) for name in EXPERT_COUNTS if isinstance(n := _attribute(cfg, name), int) and n > 1),
+    experts = next(((name, n) for name in EXPERT_COUNTS if isinstance(n := _safe(cfg, name), int) and n > 1),
                    None)
     if experts is not None:
         # (transformers 5.24 and earlier list the experts in the plan with styles refused below; 5.25's plans of

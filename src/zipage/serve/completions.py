@@ -42,9 +42,9 @@ def prompt_parts(req: CompletionRequest) -> tuple[list[str] | None, list[list[in
                    param="prompt")
 
 
-def tokenize_all(texts: list[str], tokenizer) -> list[list[int]]:
+def tokenize_all(texts: list[str], tokenizer, add_special_tokens: bool = True) -> list[list[int]]:
     try:
-        return [list(tokenizer(t)["input_ids"]) for t in texts]
+        return [list(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts]
     except Exception as e:  # (text the tokenizer cannot take: a lone surrogate, ...)
         raise APIError(400, f"prompt could not be tokenized: {type(e).__name__}: {e}"[:500], param="prompt") from None
 

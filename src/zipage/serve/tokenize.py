@@ -15,9 +15,10 @@ from fastapi import Request
 from pydantic import BaseModel, Field
 
 from .chat import chat_prompt
+from .completions import tokenize_all
 from .errors import APIError
 from .generation import ServeConfig, check_model, off_loop
-from .protocol import ChatMessage, OpenAIModel
+from .protocol import ChatCompletionRequest, ChatMessage, OpenAIModel
 
 MAX_TOKENS = 1 << 22  # ids one /detokenize request may send
 
@@ -59,8 +60,6 @@ def _tokens(req: TokenizeRequest, tokenizer: Any) -> list[int]:
     if req.messages is not None:
         if not req.messages:
             raise APIError(400, "messages is empty", param="messages")
-        from .protocol import ChatCompletionRequest
-
         chat = ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
                                      continue_final_message=req.continue_final_message,
                                      chat_template_kwargs=req.chat_template_kwargs, tools=req.tools,
@@ -71,12 +70,8 @@ def _tokens(req: TokenizeRequest, tokenizer: Any) -> list[int]:
         if not req.add_special_tokens:
             return chat_prompt(chat, tokenizer)
         # (vLLM's meaning: the rendered chat tokenized with the tokenizer's own special tokens added)
-        text = chat_prompt(chat, tokenizer, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    try:
-        return list(tokenizer(req.prompt, add_special_tokens=req.add_special_tokens is not False)["input_ids"])
-    except Exception as e:  # (text the tokenizer cannot take: a lone surrogate, ...)
-        raise APIError(400, f"prompt could not be tokenized: {type(e).__name__}: {e}"[:500], param="prompt") from None
+        return tokenize_all([chat_prompt(chat, tokenizer, tokenize=False)], tokenizer)[0]
+    return tokenize_all([req.prompt], tokenizer, add_special_tokens=req.add_special_tokens is not False)[0]
 
 
 async def tokenize(req: TokenizeRequest, raw: Request, config: ServeConfig) -> TokenizeResponse:
