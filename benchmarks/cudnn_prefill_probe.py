@@ -113,7 +113,28 @@ def main(argv=None) -> int:
             extra[str(lens)] = dict(ok=ok, new_graphs=len(prefill.graphs) - before, **err)
     except Exception as e:
         extra["error"] = "".join(traceback.format_exception(e))[-1500:]
-    print("reuse / zero length:", json.dumps(extra), flush=True)
+    try:  # sequences with other rows between them (an engine step's other prompts): read and written in place
+        lens, gaps = [800, 1000, 300], [0, 400, 77]
+        step = pt.Step(lens, lens)
+        k, v = step.fresh_kv()
+        rows, starts = [], []
+        a = 0
+        for n, gap in zip(lens, gaps):
+            a += gap
+            starts.append(a)
+            rows.append(torch.arange(a, a + n))
+            a += n
+        rows = torch.cat(rows).cuda()
+        spread = lambda x: x.new_zeros(a, *x.shape[1:]).index_copy_(0, rows, x)  # noqa: E731
+        out = torch.full((a, pt.HQ, pt.D), 7.0, dtype=pt.DT, device="cuda")
+        prefill(spread(step.q), spread(k), spread(v), torch.tensor(starts + [a], dtype=torch.int32, device="cuda"),
+                torch.tensor(lens, dtype=torch.int32, device="cuda"), max(lens), out=out)
+        ok, err = pt.agrees(out[rows], step.packed(step.baseline()))
+        untouched = bool((out[~torch.isin(torch.arange(a, device="cuda"), rows)] == 7).all())
+        extra["gaps"] = dict(ok=ok, untouched=untouched, **err)
+    except Exception as e:
+        extra["gaps_error"] = "".join(traceback.format_exception(e))[-1500:]
+    print("reuse / zero length / gaps:", json.dumps(extra), flush=True)
     info.update(graphs=len(prefill.graphs), build_seconds=prefill.build_seconds, extra=extra)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(info=info, rows=rows), indent=1))

@@ -59,10 +59,12 @@ def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
 class CudnnPrefill:
     """Causal attention of whole prompts packed in a step, through cuDNN's ragged attention.
 
-    ``prefill(q, k, v, cu_seqlens, lens, max_len)``: ``q`` ``[T, H_q, D]``, ``k``/``v`` ``[T, H_kv, D]`` (the
-    step's packed rows, a sequence's rows ``cu_seqlens[b]:cu_seqlens[b + 1]``), ``lens`` ``[B]`` int32 (the
-    same run lengths), ``max_len`` the longest on the host. Returns ``[T, H_q, D]``. Graphs are cached per
-    (B, length bucket, strides); building one takes tens of milliseconds, once."""
+    ``prefill(q, k, v, starts, lens, max_len)``: ``q`` ``[T, H_q, D]``, ``k``/``v`` ``[T, H_kv, D]`` (the
+    step's packed rows), sequence ``b`` the ``lens[b]`` rows from ``starts[b]`` (``starts`` ``[B + 1]``, rising,
+    its last entry the row after the last sequence: the cumulative lengths where the prompts lie one after
+    another; other rows between them are neither read nor written), ``max_len`` the longest on the host.
+    Writes the sequences' rows of ``out`` (``[T, H_q, D]`` contiguous, new if not given) and returns it. Graphs
+    are cached per (B, length bucket, row strides); building one takes tens of milliseconds, once."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, scale: float,
                  device: torch.device) -> None:
@@ -127,7 +129,7 @@ class CudnnPrefill:
             self.build_seconds += time.perf_counter() - t0
             return got
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
                  lens: torch.Tensor, max_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
         for name, t, h in (("q", q, self.hq), ("k", k, self.hkv), ("v", v, self.hkv)):
             if t.dim() != 3 or t.shape[1:] != (h, self.d) or t.dtype != self.dtype or t.stride(2) != 1 \
@@ -140,7 +142,10 @@ class CudnnPrefill:
         g, t = self._graph(b, length_bucket(max_len), q.stride(0), k.stride(0))
         if out is None:
             out = torch.empty(q.shape[0], self.hq, self.d, dtype=self.dtype, device=q.device)
-        cu = cu_seqlens.to(torch.int32)
+        elif out.shape != (q.shape[0], self.hq, self.d) or out.dtype != self.dtype or not out.is_contiguous():
+            raise ValueError(f"CudnnPrefill: out {tuple(out.shape)} {out.dtype}: expected a contiguous "
+                             f"[{q.shape[0]}, {self.hq}, {self.d}] {self.dtype}")
+        cu = starts.to(torch.int32)
         lens4 = lens.to(torch.int32).view(b, 1, 1, 1)
         pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["lens"]: lens4,
                 t["q_off"]: (cu * q.stride(0)).view(b + 1, 1, 1, 1),
