@@ -96,3 +96,119 @@ def test_stop_strings_are_checked_in_linear_work_and_found_across_tokens(model):
     # linear: a few tokens decoded per token, plus the one whole decode at the end (n^2/2 before)
     n = len(out.token_ids)
     assert tok.decoded <= 8 * n, (tok.decoded, n)
+
+
+class ByteTokenizer:
+    """Tokens of byte strings, decoded as byte-level BPE decodes them (the bytes joined, each invalid byte run a
+    U+FFFD). ``byte_fallback``: as Llama 2's byte-fallback decoder, a run of single-byte tokens that is not all
+    valid UTF-8 comes out one U+FFFD per byte, the characters before its bad bytes included."""
+
+    SPECIAL = 0
+
+    def __init__(self, pieces: dict[int, bytes], byte_fallback: bool = False, sentencepiece: dict | None = None):
+        self.pieces, self.byte_fallback, self.sentencepiece = pieces, byte_fallback, sentencepiece or {}
+        self.decoded = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = [t for t in ids if not (t == self.SPECIAL and skip_special_tokens)]
+        self.decoded += len(ids)
+        if not self.byte_fallback:
+            text = b"".join(self.pieces.get(t, b"<s>") for t in ids).decode("utf-8", errors="replace")
+        else:
+            text, run = "", b""
+            for t in ids + [None]:
+                piece = self.pieces.get(t, b"<s>") if t is not None else None
+                if piece is not None and len(piece) == 1:
+                    run += piece
+                    continue
+                try:
+                    text += run.decode("utf-8")
+                except UnicodeDecodeError:
+                    text += "\ufffd" * len(run)
+                run = b""
+                text += piece.decode() if piece is not None else ""
+        return text.removeprefix(" ") if ids and ids[0] in self.sentencepiece else text
+
+    def convert_ids_to_tokens(self, token):
+        return self.sentencepiece.get(token, "x")
+
+
+def _process(tok, ids, prompt=(7,), **params):
+    from zipage.engine.outputs import OutputProcessor
+    from zipage.engine.sequence import Sequence
+
+    seq = Sequence(request_id="0", prompt_token_ids=list(prompt), params=SamplingParams(**params))
+    proc = OutputProcessor(tok, {ByteTokenizer.SPECIAL}, 1 << 20)
+    reasons = [proc.append(seq, t) for t in ids]
+    return seq, reasons, proc
+
+
+def test_a_stop_string_before_a_last_token_ending_inside_a_character_cuts_the_text():
+    """A last token holding a space and an emoji's first bytes adds no text token by token (its character is
+    incomplete), so the incremental search never saw the stop string its space completes; the whole decode at
+    the end shows it: the text is cut there and the request stopped, cut by max_tokens or followed by EOS."""
+    tok = ByteTokenizer({1: b" Hello", 2: b" \xf0\x9f", 3: b"\x8d", 4: b"\xbd", 7: b"Q:"})
+    seq, reasons, _ = _process(tok, [1, 2], max_tokens=2, stop=["o "])
+    assert reasons[-1] == "stop" and seq.text == " Hell"
+    seq, reasons, _ = _process(tok, [1, 2, 0], max_tokens=9, stop=["o "])
+    assert reasons[-1] == "stop" and seq.text == " Hell"
+    seq, reasons, _ = _process(tok, [1, 2], max_tokens=2, stop=["o "], include_stop_str_in_output=True)
+    assert reasons[-1] == "stop" and seq.text == " Hello "
+    seq, reasons, _ = _process(tok, [1, 2, 3, 4], max_tokens=4, stop=["zz"])  # (no stop string: as it was)
+    assert reasons[-1] == "length" and seq.text == " Hello \U0001f37d"
+
+
+def test_tokens_that_add_no_text_leave_the_decoding_window():
+    """A run of skipped special tokens (EOS repeated under ignore_eos) costs a few tokens' decoding each, not
+    the whole run again per token; the text is the whole decode's."""
+    from zipage.engine.outputs import IncrementalText
+
+    tok = CountingTokenizer()
+    for n in (500, 2000):
+        text, ids = IncrementalText([5, 6]), [3]
+        tok.decoded = 0
+        for _ in range(n):
+            ids.append(0)
+            text.add(tok, ids)
+        ids.append(4)
+        text.add(tok, ids)
+        assert text.text() == tok.decode([5, 6] + ids)[2:] and tok.decoded <= 10 * n, (n, tok.decoded)
+
+
+def test_a_running_text_keeps_characters_a_byte_fallback_decoder_hides():
+    """Llama 2's byte-fallback decoder turns a whole run of byte tokens into U+FFFD while its last character is
+    incomplete: a running output's text still only grows, keeping the characters before that one."""
+    chars = "語の".encode()
+    tok = ByteTokenizer({1: b" there", 7: b"Q:", **{10 + i: bytes([b]) for i, b in enumerate(chars)}},
+                        byte_fallback=True)
+    ids = [1] + [10 + i for i in range(len(chars))]
+    from zipage.engine.outputs import OutputProcessor
+    from zipage.engine.sequence import Sequence
+
+    seq = Sequence(request_id="0", prompt_token_ids=[7], params=SamplingParams())
+    texts = [OutputProcessor(tok, set(), 64).partial_text(seq, ids[:n]) for n in range(1, len(ids) + 1)]
+    assert texts == [" there"] * 3 + [" there語"] * 3 + [" there語の"]
+
+
+def test_text_offsets_of_tokens_completing_a_character_after_a_space():
+    """``text_offset`` of a token that completes a character is where that character starts, after the space
+    the token before carried with the character's first bytes (a Korean word in byte-level tokens)."""
+    from zipage.serve.choices import ChoiceState
+
+    word = " 텍스".encode()  # a space, then 3 + 3 bytes
+    tok = ByteTokenizer({1: b" a", 2: word[:3], 3: word[3:5], 4: word[5:6], 5: word[6:], 7: b"Q:"})
+    state = ChoiceState(tok, [], prompt_ids=[7])
+    state.token_ids = [1, 2, 3, 4, 5]
+    assert tok.decode(state.token_ids) == " a 텍스"
+    assert state.offsets(0) == [0, 2, 3, 4, 4]
+
+
+def test_logprob_token_strings_keep_a_sentencepiece_word_s_space():
+    """A ``▁word`` token decoded alone loses its space (SentencePiece's decoder strips the first one): its
+    log-probability string keeps it, so the tokens' strings and bytes join into the text."""
+    from zipage.serve.choices import TokenStrings
+
+    tok = ByteTokenizer({1: b" w7", 2: b" w12"}, sentencepiece={1: "\u2581w7", 2: "\u2581w12"})
+    strings = TokenStrings(tok)
+    assert tok.decode([1]) == "w7" and [strings(1), strings(2)] == [" w7", " w12"]
+    assert strings.bytes(1) + strings.bytes(2) == " w7 w12".encode()

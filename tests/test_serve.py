@@ -727,9 +727,9 @@ def test_a_sample_the_engine_fails_answers_with_its_error(checkpoint, stream):
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "fine", "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
         wait_for(lambda: metrics(url)["zipage:kv_pages_used"] == 0)
-        # the request counts as an error (its other sample, cancelled after it, does not make it "cancelled")
+        # each of its samples counts as an error (the other sample, cancelled after it, is not "cancelled")
         finished = {k: v for k, v in metrics(url).items() if k.startswith("zipage:request_success_total{")}
-        assert sum(v for k, v in finished.items() if 'finished_reason="error"' in k) == 1, finished
+        assert sum(v for k, v in finished.items() if 'finished_reason="error"' in k) == 2, finished
         assert not any('"cancelled"' in k and v for k, v in finished.items()), finished
 
 
@@ -1191,3 +1191,151 @@ def test_tokenize_adds_the_tokenizer_s_special_tokens_as_asked(checkpoint):
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert chat == tok(text, add_special_tokens=False)["input_ids"]
     assert chat_bos["tokens"] == [bos, *chat] and chat_bos["count"] == len(chat) + 1
+
+
+def _success(url: str) -> dict[str, float]:
+    """request_success_total by finish reason."""
+    m = metrics(url)
+    out = {}
+    for k, v in m.items():
+        if k.startswith("zipage:request_success_total{"):
+            out[k.split('finished_reason="')[1].split('"')[0]] = v
+    return out
+
+
+def test_health_is_503_while_every_step_fails_and_200_once_one_runs(checkpoint):
+    """A forward that keeps failing (a broken device) ends what is in flight with a 503, counted as "error"
+    (not "abort"); the engine's own one-token request fails too, so /health says 503 (a load balancer stops
+    sending), until a step runs again."""
+    model, tok = checkpoint
+    llm = LLM(model, tok, **ENGINE)
+    layer = llm.model.model.layers[0]
+    forward, broken = layer.forward, {"on": False}
+
+    def maybe_broken(*args, **kw):
+        if broken["on"]:
+            raise RuntimeError("injected: the device is gone")
+        return forward(*args, **kw)
+
+    layer.forward = maybe_broken
+    config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
+    try:
+        with thread_server(llm, config) as (url, engine):
+            body = {"model": NAME, "prompt": "hello", "max_tokens": 4}
+            assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+            broken["on"] = True
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 503 and "injected: the device is gone" in r.json()["error"]["message"]
+            health = httpx.get(f"{url}/health")
+            assert health.status_code == 503 and "keep failing" in health.json()["error"]["message"]
+            assert _success(url) == {"length": 1.0, "error": 1.0}
+            assert metrics(url)["zipage:kv_pages_used"] == 0 and not engine.llm.requests
+            broken["on"] = False
+            assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+            assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        layer.forward = forward
+
+
+def test_a_request_that_breaks_its_steps_leaves_the_server_healthy(checkpoint):
+    """Steps failing because of one request (not the engine) end it with a 503; the engine's own one-token
+    request runs, so /health stays 200 and the next request is served."""
+    model, tok = checkpoint
+    llm = LLM(model, tok, **ENGINE)
+    step = llm.step
+    poison = tok("POISON")["input_ids"]
+
+    def failing_step():
+        if any(s.prompt_token_ids[: len(poison)] == poison for s in llm.scheduler.running + list(llm.scheduler.waiting)):
+            raise RuntimeError("injected: this request breaks its steps")
+        return step()
+
+    llm.step = failing_step
+    config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
+    with thread_server(llm, config) as (url, engine):
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "POISON x", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 503
+        assert httpx.get(f"{url}/health").status_code == 200
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "fine", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and _success(url) == {"error": 1.0, "length": 1.0}
+
+
+def test_cancelled_requests_whose_compressions_were_in_flight_are_all_counted_and_forgotten(checkpoint):
+    """With asynchronous compression, cancelling one request lands the compressions in flight of others
+    cancelled before it, finishing them with no output: every cancelled request is still counted once and
+    forgotten (one stayed in the engine for good, its deltas' queue with it)."""
+    import asyncio
+    import time as _time
+
+    from zipage.serve.engine_client import AsyncEngine, _Request
+    from zipage.serve.metrics import ServerMetrics
+
+    model, tok = checkpoint
+    llm = LLM(model, tok, budget=16, page_size=16, num_pages=256, max_num_seqs=8, async_compression=True)
+    engine = AsyncEngine(llm)
+    engine.metrics = ServerMetrics(lambda: engine.stats, NAME)
+    loop = asyncio.new_event_loop()  # (never run: the deltas only queue up)
+    try:
+        reqs = [_Request(f"req-{i}", loop, asyncio.Queue(), 1, _time.monotonic()) for i in range(2)]
+        for i, r in enumerate(reqs):
+            engine._ops.put(("add", r, [65 + i] * 20, SamplingParams(max_tokens=500, ignore_eos=True)))
+        engine._apply_ops()
+        for _ in range(200):
+            engine._deliver(llm.step())
+            if all(llm.samples(r.rid)[0].compressing for r in reqs):
+                break
+        else:
+            pytest.skip("the two compressions were never in flight together")
+        for r in reqs:
+            engine._ops.put(("cancel", r))
+            engine._apply_ops()
+        assert not engine._requests and not llm.requests and not llm.has_unfinished()
+        text = engine.metrics.render().decode()
+        assert 'zipage:request_success_total{finished_reason="cancelled",model_name="tiny"} 2.0' in text
+    finally:
+        loop.close()
+
+
+def test_success_counts_each_sample_by_its_reason_and_a_refused_request_counts_nothing(server):
+    """n > 1: each sample counts by its own finish reason (one stopped early, one ran to max_tokens), as vLLM
+    counts them; a request of several prompts refused with a 400 (a bad token id in its second prompt) counts
+    nothing: no prompt tokens, no cancelled first prompt."""
+    url, _, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    before = _success(url)
+    found = None
+    for seed in range(40):  # a seed whose two samples end differently
+        r = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60, json={
+            "model": NAME, "prompt": "a", "max_tokens": 10, "n": 2, "temperature": 1.0, "seed": seed})
+        reasons = sorted(c["finish_reason"] for c in r.json()["choices"])
+        if reasons == ["length", "stop"]:
+            found = seed
+            break
+    after = _success(url)
+    counted = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    if found is None:
+        pytest.skip("no seed gave one sample each way")
+    assert counted.get("length", 0) >= 1 and counted.get("stop", 0) >= 1
+    assert sum(counted.values()) == 2 * (found + 1)
+    m0 = metrics(url)
+    r = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60, json={
+        "model": NAME, "prompt": [[5, 6, 7], [5, 10 ** 9]], "max_tokens": 3, "n": 2})
+    assert r.status_code == 400 and "prompt token ids" in r.json()["error"]["message"]
+    m1 = metrics(url)
+    for name in ("zipage:prompt_tokens_total", "zipage:request_success_total", "zipage:e2e_request_latency_seconds_count"):
+        assert m1.get(name, 0) == m0.get(name, 0), name
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client, chat):
+    """vLLM's ``stream_options.continuous_usage_stats``: every chunk carries the usage so far (it rises to the
+    final usage, which the last chunk has as with include_usage alone)."""
+    kw = dict(model=NAME, max_tokens=6, stream=True, extra_body={"ignore_eos": True},
+              stream_options={"include_usage": True, "continuous_usage_stats": True})
+    if chat:
+        chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw))
+    else:
+        chunks = list(client.completions.create(prompt="hi", **kw))
+    used = [c.usage.completion_tokens for c in chunks]
+    assert all(c.usage is not None for c in chunks) and used == sorted(used) and used[-1] == 6
+    assert len({c.usage.prompt_tokens for c in chunks}) == 1

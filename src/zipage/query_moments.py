@@ -17,7 +17,9 @@ prompt is weighted by itself. Decode queries are not counted (a graph-captured d
 and a prompt's queries describe a head well: moments from other text did almost as well as a sequence's own).
 After ``limit`` query tokens (every row's, padding included) a layer's moments stop changing: in a long-running
 engine they are then fixed, and no more work is spent on them. Until then, which prompts came first moves what
-later keys are rounded by (as the scale search's near-ties do, by about the rounding error).
+later keys are rounded by, and so a request's compressions and tokens depend on the engine's other and earlier
+requests (by more than float near-ties: measured in the engine guide); ``ZIPAGE_FP8_QUERY_WEIGHTS=0`` makes FP8
+results a function of the request alone.
 """
 
 from __future__ import annotations

@@ -36,40 +36,86 @@ def decode_output(tokenizer: Any, prompt_ids: Any, ids: Any, skip_special_tokens
 
 class IncrementalText:
     """A request's output text, decoded a few tokens at a time (after ``context``, the prompt's last tokens,
-    whose own text is not part of it: see ``decode_output``)."""
+    whose own text is not part of it: see ``decode_output``).
+
+    The tokens decoded for the next piece are a window: the last piece's tokens (decoded only as context, so a
+    word split over tokens and a ``▁word`` token's space come out right), then the tokens whose text is not out
+    yet (``holding``: bytes of a character still incomplete). A token that adds no text (a special token
+    skipped) leaves the window, as vLLM leaves skipped tokens out, so a run of them costs no more per token
+    than text does. Where the window ends inside a character, the text of the tokens before that character
+    comes out (a run of byte tokens streams character by character)."""
 
     def __init__(self, context: Any = ()) -> None:
         self.pieces: list[str] = []
         self.context = list(context[-CONTEXT:]) if len(context) else []
-        # offsets count the context's tokens, then the output's: the first piece decodes after the context
-        self.prefix_offset = 0  # tokens decoded only as the context of the next piece
-        self.read_offset = len(self.context)  # tokens whose text is already in ``pieces`` (or the context's)
+        self.window = list(self.context)
+        self.prefix = 0  # window tokens decoded only as the next piece's context (from the window's head)
+        self.read = len(self.window)  # window tokens whose text is out (or the context's)
+        self.prefix_text: str | None = None  # the text of window[prefix:read] (None: not decoded yet)
+        self.consumed = 0  # output tokens taken (into the window, or left out as adding no text)
         self.length = 0  # characters in ``pieces``
 
-    def _span(self, ids: list[int], start: int, stop: int | None = None) -> list[int]:
-        """Tokens ``start:stop`` of the context followed by ``ids``."""
-        n = len(self.context)
-        stop = n + len(ids) if stop is None else stop
-        if start >= n:
-            return ids[start - n : stop - n]
-        return self.context[start:stop] + ids[: max(0, stop - n)]
+    @property
+    def holding(self) -> bool:
+        """Whether tokens were taken whose text is not out yet (a character's first bytes)."""
+        return self.read < len(self.window)
 
-    def add(self, tokenizer: Any, ids: list[int], skip_special_tokens: bool = True) -> str:
-        """Decode what ``ids`` (the whole output so far) adds; returns the new text ('' while a
-        character is still incomplete)."""
-        prefix = tokenizer.decode(self._span(ids, self.prefix_offset, self.read_offset),
-                                  skip_special_tokens=skip_special_tokens)
-        if self.context and self.read_offset == len(self.context) and prefix.endswith(_UNFINISHED):
-            # the prompt ends inside a character: the output is decoded alone (as decode_output does)
-            self.context, self.prefix_offset, self.read_offset, prefix = [], 0, 0, ""
-        full = tokenizer.decode(self._span(ids, self.prefix_offset), skip_special_tokens=skip_special_tokens)
-        if len(full) <= len(prefix) or full.endswith(_UNFINISHED):
-            return ""
-        new = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.context) + len(ids)
+    def _decode(self, tokenizer: Any, stop: int | None, skip_special_tokens: bool) -> str:
+        return tokenizer.decode(self.window[self.prefix:stop], skip_special_tokens=skip_special_tokens)
+
+    def _emit(self, new: str, read: int) -> str:
+        """``new`` is the text of the window's tokens up to ``read``: out; they become the next piece's context."""
+        del self.window[: self.prefix]
+        self.read, read = self.read - self.prefix, read - self.prefix
+        self.prefix, self.read, self.prefix_text = self.read, read, None
         self.pieces.append(new)
         self.length += len(new)
         return new
+
+    def add(self, tokenizer: Any, ids: Any, skip_special_tokens: bool = True) -> str:
+        """Decode what ``ids`` (the whole output so far) adds; returns the new text ('' while a
+        character is still incomplete)."""
+        self.window += ids[self.consumed:]
+        self.consumed = len(ids)
+        if self.prefix_text is None:
+            self.prefix_text = self._decode(tokenizer, self.read, skip_special_tokens)
+        prefix = self.prefix_text
+        if self.context and self.prefix == 0 and self.read == len(self.context) and not self.pieces \
+                and prefix.endswith(_UNFINISHED):
+            # the prompt ends inside a character: the output is decoded alone (as decode_output does)
+            del self.window[: len(self.context)]
+            self.context, self.read, self.prefix_text = [], 0, ""
+            prefix = ""
+        full = self._decode(tokenizer, None, skip_special_tokens)
+        if full.endswith(_UNFINISHED):
+            # the text of the tokens before the incomplete character, where it adds to the prefix's
+            for stop in range(len(self.window) - 1, max(self.read, len(self.window) - 4) - 1, -1):
+                part = self._decode(tokenizer, stop, skip_special_tokens)
+                if not part.endswith(_UNFINISHED):
+                    if len(part) > len(prefix) and part.startswith(prefix):
+                        return self._emit(part[len(prefix):], stop)
+                    break
+            return ""
+        if len(full) <= len(prefix):
+            if full == prefix and prefix:  # the new tokens add no text: they leave the window
+                del self.window[self.read:]
+            return ""
+        return self._emit(full[len(prefix):], len(self.window))
+
+    def held_text(self, tokenizer: Any, skip_special_tokens: bool = True) -> int:
+        """Characters of complete text the held tokens decode to before their incomplete character (the
+        space a ``Ġ`` token carries before a character's first bytes), 0 when not ``holding``."""
+        if not self.holding:
+            return 0
+        prefix = self.prefix_text if self.prefix_text is not None else self._decode(tokenizer, self.read,
+                                                                                      skip_special_tokens)
+        full = self._decode(tokenizer, None, skip_special_tokens).rstrip(_UNFINISHED)
+        best = len(full) - len(prefix) if full.startswith(prefix) else 0
+        for stop in range(len(self.window) - 1, self.read - 1, -1):  # byte-fallback decoders: a token fewer
+            part = self._decode(tokenizer, stop, skip_special_tokens)
+            if not part.endswith(_UNFINISHED):
+                return max(best, len(part) - len(prefix), 0)
+        return max(best, 0)
 
     def tail(self, n: int) -> str:
         """The last ``n`` characters of the text so far."""
@@ -100,8 +146,18 @@ class OutputProcessor:
         characters while stop strings are set (a stop string may still start there; vLLM holds them back too)."""
         params = seq.params
         text = decode_output(self.tokenizer, seq.prompt_token_ids, ids, params.skip_special_tokens)
-        while text.endswith(_UNFINISHED):  # (a character still incomplete: never shown, as vLLM's)
-            text = text[:-1]
+        if text.endswith(_UNFINISHED):  # (a character still incomplete: never shown, as vLLM's)
+            # the longer of: the text less its trailing U+FFFD (a token holding a space and a character's first
+            # bytes), and the text without the last tokens (byte-fallback decoders turn a whole run of byte
+            # tokens into U+FFFD while its last character is incomplete, characters before it included)
+            best = text.rstrip(_UNFINISHED)
+            for k in range(1, min(4, len(ids))):
+                part = decode_output(self.tokenizer, seq.prompt_token_ids, ids[: len(ids) - k],
+                                     params.skip_special_tokens)
+                if not part.endswith(_UNFINISHED):
+                    best = max(best, part, key=len)
+                    break
+            text = best
         hold = max((len(s) for s in params.stop), default=1) - 1
         return text[: max(0, len(text) - hold)]
 
@@ -139,6 +195,12 @@ class OutputProcessor:
             reason = "length"
         if reason is not None and self.tokenizer is not None:
             seq.text = self._final_text(seq, stop_at, by_token=stop_at is None and reason == "stop")
+            if stop_at is None and p.stop and (seq.stop_from is not None or n > p.min_tokens):
+                # a stop string the incremental search could not see: it ends in the complete part of a last
+                # token that ends inside a character (its text held back), which the whole decode shows
+                cut = self._cut_at_stop(seq, seq.text)
+                if cut is not None:
+                    seq.text, reason = cut, "stop"
         return reason
 
     def finished(self, seq: Sequence) -> None:
@@ -168,6 +230,17 @@ class OutputProcessor:
         window = overlap + new
         hits = [i for i in (window.find(s, max(0, len(overlap) - len(s) + 1)) for s in seq.params.stop) if i >= 0]
         return before - len(overlap) + min(hits) if hits else None
+
+    def _cut_at_stop(self, seq: Sequence, text: str) -> str | None:
+        """``text`` cut at its first stop string that ends where stop strings count, or None if none does."""
+        start = seq.stop_from
+        if start is None:  # (no text came since they count: all the text so far is the first min_tokens')
+            start = seq.detokenizer.length if seq.detokenizer is not None else 0
+        hits = [(i, s) for i, s in ((text.find(s, max(0, start - len(s) + 1)), s) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return None
+        at, stop = min(hits, key=lambda h: (h[0], -len(h[1])))
+        return text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
 
     def _final_text(self, seq: Sequence, stop_at: int | None, by_token: bool = False) -> str:
         """The finished request's text. A request stopped by a token (EOS or one of ``stop_token_ids``) leaves that

@@ -139,6 +139,8 @@ def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
     async def health() -> Response:
         if engine.dead is not None or not engine.thread.is_alive():
             return error_response(503, f"the engine is not running: {engine.dead or 'not started'}")
+        if engine.failing is not None:
+            return error_response(503, f"the engine is not healthy: {engine.failing}")
         return Response(status_code=200)
 
     @app.get("/version")

@@ -142,7 +142,13 @@ async def _stream(req: ChatCompletionRequest, raw: Request, streams, choices: li
     # with include_usage every chunk has a usage field, null until the last (OpenAI's stream)
     keep = frozenset({"usage"}) if req.stream_options is not None and req.stream_options.include_usage else frozenset()
 
+    # with continuous_usage_stats too (vLLM's), every chunk's usage counts the tokens so far
+    continuous = bool(keep) and req.stream_options.continuous_usage_stats
+
     def chunk(out: list[ChatStreamChoice], usage: Usage | None = None) -> str:
+        if usage is None and continuous:
+            done = sum(len(c.token_ids) for c in choices)
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
         return sse(ChatCompletionChunk(id=cid, created=created, model=model, choices=out, usage=usage), keep)
 
     yield chunk([ChatStreamChoice(index=k, delta=DeltaMessage(role="assistant", content=""))

@@ -8,6 +8,7 @@ is never sent. The final text comes from the engine (cut at the stop string, or 
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -18,6 +19,7 @@ from .engine_client import Delta
 from .errors import APIError
 from .protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
+logger = logging.getLogger("zipage.serve")
 LOWEST_LOGPROB = -9999.0  # JSON has no -inf
 
 
@@ -62,12 +64,14 @@ class TokenStrings:
 
     def _entry(self, token: int) -> tuple[str, bytes]:
         text = self.tokenizer.decode([token])
-        if "\ufffd" not in text:
-            return text, text.encode()
-        raw = None
         piece = None
         if hasattr(self.tokenizer, "convert_ids_to_tokens"):
             piece = self.tokenizer.convert_ids_to_tokens(token)
+        if "\ufffd" not in text:
+            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+                text = " " + text  # (SentencePiece's decoder drops the space of a ▁word token decoded alone)
+            return text, text.encode()
+        raw = None
         if isinstance(piece, str) and piece:
             m = _BYTE_TOKEN.fullmatch(piece)
             if m:
@@ -102,6 +106,8 @@ class ChoiceState:
         self.text = ""  # the final text, once finished
         self._offsets: list[int] = []  # characters of text before each token (log-probabilities' text_offset)
         self._offset_text = IncrementalText(prompt_ids)
+        self._held = 0  # characters of complete text the offsets' held tokens decode to
+        self._warned = False
 
     def add(self, delta: Delta) -> str:
         """Take a step's delta; returns the text to send now."""
@@ -127,8 +133,15 @@ class ChoiceState:
                 self.unsent += self.detokenizer.add(self.tokenizer, self.token_ids, self.skip_special_tokens)
             final = self.detokenizer.text()
         self.text = final
+        sent = self.detokenizer.text()[: self.sent]
+        if not final.startswith(sent) and not self._warned:
+            # (bytes that are no UTF-8, or a tokenizer's clean-up of spaces, decode differently whole than
+            # token by token: what was streamed stands, and the rest of the final text follows it)
+            self._warned = True
+            logger.warning("a streamed choice's text differs from its final decode (streamed %r, final %r): the "
+                           "stream keeps what it sent", sent[-40:], final[: len(sent)][-40:])
         out = final[self.sent:]
-        self.sent = len(final)
+        self.sent = max(self.sent, len(final))
         return out
 
     def since(self, start: int) -> list[TokenLogprobs]:
@@ -140,14 +153,17 @@ class ChoiceState:
         text = self._offset_text
         while len(self._offsets) < len(self.token_ids):
             i = len(self._offsets)
-            before = text.length
-            held = text.read_offset < len(text.context) + i  # earlier tokens' bytes not yet a character
+            held = text.holding  # earlier tokens' bytes not yet a character
+            # (the held tokens' complete text, a space before the character's first bytes, comes first)
+            before = text.length + (self._held if held else 0)
+            length = text.length
             new = text.add(self.tokenizer, ListView(self.token_ids, i + 1), self.skip_special_tokens)
             if held and new:  # held bytes that never became a character came out (as U+FFFD) with this
                 # token: it starts after them when its own text ends what came out
                 own = self.tokenizer.decode([self.token_ids[i]], skip_special_tokens=self.skip_special_tokens)
                 if own and not own.endswith(_UNFINISHED) and len(own) < len(new) and new.endswith(own):
-                    before += len(new) - len(own)
+                    before = length + len(new) - len(own)
+            self._held = text.held_text(self.tokenizer, self.skip_special_tokens) if text.holding else 0
             self._offsets.append(before)
         return self._offsets[start:]
 

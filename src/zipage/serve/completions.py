@@ -92,6 +92,8 @@ async def _stream(req: CompletionRequest, raw: Request, streams, choices: dict, 
     cid, created = random_id("cmpl"), int(time.time())
     # with include_usage every chunk has a usage field, null until the last (OpenAI's stream)
     keep = frozenset({"usage"}) if req.stream_options is not None and req.stream_options.include_usage else frozenset()
+    # with continuous_usage_stats too (vLLM's), every chunk's usage counts the tokens so far
+    continuous = bool(keep) and req.stream_options.continuous_usage_stats
     try:
         async with aclosing(merged(streams, raw)) as deltas_of:
             async for i, deltas in deltas_of:
@@ -109,7 +111,12 @@ async def _stream(req: CompletionRequest, raw: Request, streams, choices: dict, 
                                                     finish_reason=d.finish_reason,
                                                     token_ids=ids))
                 if out:
-                    yield sse(CompletionChunk(id=cid, created=created, model=model, choices=out), keep)
+                    usage = None
+                    if continuous:
+                        done = sum(len(c.token_ids) for c in choices.values())
+                        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=done,
+                                      total_tokens=prompt_tokens + done)
+                    yield sse(CompletionChunk(id=cid, created=created, model=model, choices=out, usage=usage), keep)
         if req.stream_options is not None and req.stream_options.include_usage:
             completion_tokens = sum(len(c.token_ids) for c in choices.values())
             usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import LLM, RequestOutput, SamplingParams
+from ..engine.inputs import check_request
 from ..engine.sequence import TokenLogprobs
 
 log = logging.getLogger("zipage.serve")
@@ -53,6 +54,7 @@ class _Request:
     sent: list[int] = field(default_factory=list)  # tokens delivered per sample
     last: list[float] = field(default_factory=list)  # when each sample last got tokens
     ended: list[bool] = field(default_factory=list)  # samples finished
+    reasons: list[str | None] = field(default_factory=list)  # each sample's finish reason, once it finished
     first_token: bool = False  # the request's first token was delivered (time to first token)
     cancelled: bool = False
     errored: bool = False  # a sample ended with "error" (its siblings are then cancelled: counted as an error)
@@ -128,7 +130,7 @@ class AsyncEngine:
     Args:
         llm: the engine (nothing else may touch it once this starts).
         metrics: an object with ``request_added(prompt_tokens)``, ``tokens(n, ttft, itl)`` and
-            ``request_finished(reason, seconds)`` (``metrics.ServerMetrics``), or None.
+            ``request_finished(reasons, seconds)`` (``metrics.ServerMetrics``; a finish reason per sample), or None.
     """
 
     def __init__(self, llm: LLM, metrics: Any = None) -> None:
@@ -145,6 +147,9 @@ class AsyncEngine:
         self._stopping = False
         self._closed = False  # the loop has ended and drained its queue: adds are refused
         self.dead: str | None = None  # why the loop stopped
+        # why the engine is not healthy while it runs: its steps kept failing and a one-token request failed too
+        # (cleared by the next step that runs); /health answers 503 meanwhile
+        self.failing: str | None = None
         self.stats: dict[str, Any] = llm.stats()  # published after every step, read by /metrics
         self.thread = threading.Thread(target=self._run, name="zipage-engine", daemon=True)
 
@@ -183,6 +188,14 @@ class AsyncEngine:
             self._incoming -= samples
 
     # ----------------------------------------------------------------------------- the asyncio side
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise what ``LLM.add_request`` raises for a bad prompt or parameters (token ids outside the vocabulary,
+        a prompt too long), without queueing anything: a request of several prompts is checked whole first, so a
+        bad one refuses it before any of its prompts reaches the engine (or its metrics)."""
+        llm = self.llm
+        check_request(list(prompt), params, None, vocab=llm.model.config.get_text_config(decoder=True).vocab_size,
+                      max_model_len=llm.max_model_len, has_tokenizer=llm.tokenizer is not None)
+
     async def add(self, prompt: list[int], params: SamplingParams, reserved: bool = False) -> RequestStream:
         """Queue a request; returns its stream once the engine took it, or raises what
         ``LLM.add_request`` raised for a bad request (``ValueError``, ``TypeError``). ``reserved``: its
@@ -231,12 +244,18 @@ class AsyncEngine:
                 try:
                     outs = self.llm.step()
                     failures = 0
+                    self.failing = None
                 except Exception as e:  # the step is undone; a few in a row end what is in flight
                     failures += 1
                     log.exception("engine step failed (%d in a row)", failures)
                     if failures >= MAX_FAILED_STEPS:
                         self._end_all(EngineDead(f"the engine's steps keep failing: {e!r}"))
                         failures = 0
+                        # a request of its own tells a broken engine from requests that break it
+                        why = self._probe()
+                        self.failing = None if why is None else f"the engine's steps keep failing: {why}"
+                        if why is not None:
+                            log.error("the engine failed a one-token request too: unhealthy until a step runs")
                     continue
                 self._deliver(outs)
                 self._publish()
@@ -244,8 +263,9 @@ class AsyncEngine:
             self.dead = f"the engine loop stopped: {e!r}"
             log.exception("engine loop stopped")
         finally:
+            crashed = self.dead is not None
             self.dead = self.dead or "the server is shutting down"
-            self._end_all(None)
+            self._end_all(EngineDead(self.dead) if crashed else None)
             with self._lock:  # anything submitted meanwhile is refused, and nothing is submitted after
                 self._closed = True
                 for op in self._queued_ops():
@@ -262,6 +282,7 @@ class AsyncEngine:
 
     def _apply_ops(self) -> None:
         added = 0  # samples handed to the engine: counted by the stats from here on (published below)
+        cancelled = False
         for op in self._queued_ops():
             if op[0] == "add":
                 _, req, prompt, params = op
@@ -276,6 +297,7 @@ class AsyncEngine:
                     continue
                 self._requests[req.rid] = req
                 req.sent, req.last, req.ended = [0] * req.n, [0.0] * req.n, [False] * req.n
+                req.reasons = [None] * req.n
                 self._send(req, None)
                 if self.metrics is not None:
                     self.metrics.request_added(len(prompt))
@@ -284,7 +306,10 @@ class AsyncEngine:
                 if self._requests.get(req.rid) is req:
                     req.cancelled = True
                     self.llm.cancel(req.rid)
-                    self._maybe_forget(req)
+                    cancelled = True
+        if cancelled:  # (after all of them: cancelling one may land another's compression and finish it)
+            for req in [r for r in self._requests.values() if r.cancelled]:
+                self._maybe_forget(req)
         if added:  # (published first: a handler reading meanwhile counts them twice, never zero times)
             self._publish()
             with self._lock:
@@ -314,6 +339,7 @@ class AsyncEngine:
             req.sent[c.index] += len(new)
             req.last[c.index] = now
             req.ended[c.index] = c.finish_reason is not None
+            req.reasons[c.index] = c.finish_reason
             req.errored |= c.finish_reason == "error"
             per_request.setdefault(req.rid, []).append(
                 Delta(c.index, new, lps, c.finish_reason, c.text if c.finish_reason is not None else None,
@@ -324,8 +350,7 @@ class AsyncEngine:
             by_loop.setdefault(req.loop, []).append((req.queue, deltas))
             if all(req.ended):
                 if self.metrics is not None:
-                    reason = "error" if req.errored else deltas[-1].finish_reason
-                    self.metrics.request_finished(reason, now - req.arrival)
+                    self.metrics.request_finished(req.reasons, now - req.arrival)
                 self._forget(req)
         for loop, items in by_loop.items():
             _call(loop, _put_all, items)
@@ -333,8 +358,8 @@ class AsyncEngine:
     def _maybe_forget(self, req: _Request) -> None:
         if all(s.finished for s in self.llm.samples(req.rid)):
             if self.metrics is not None:
-                self.metrics.request_finished("error" if req.errored else "cancelled",
-                                              time.monotonic() - req.arrival)
+                other = "error" if req.errored else "cancelled"
+                self.metrics.request_finished([r or other for r in req.reasons], time.monotonic() - req.arrival)
             self._forget(req)
 
     def _forget(self, req: _Request) -> None:
@@ -355,7 +380,10 @@ class AsyncEngine:
                 aborted = [Delta(i, [], None, "abort") for i in range(req.n) if not req.ended[i]]
                 self._send(req, error if error is not None else aborted)
                 if self.metrics is not None:
-                    self.metrics.request_finished("abort", time.monotonic() - req.arrival)
+                    other = "error" if error is not None else "abort"
+                    self.metrics.request_finished([r or other for r in req.reasons], time.monotonic() - req.arrival)
+            elif self.metrics is not None:  # (cancelled, its compression still in flight: counted now)
+                self.metrics.request_finished([r or "cancelled" for r in req.reasons], time.monotonic() - req.arrival)
             del self._requests[req.rid]
         try:  # let compressions in flight land so every page is back
             for _ in range(1000):
@@ -367,6 +395,30 @@ class AsyncEngine:
         except Exception:
             log.exception("draining the engine failed")
         self._publish()
+
+    def _probe(self) -> str | None:
+        """Run a one-token request of the engine's own (nothing else is in flight): None if it runs, else why."""
+        rid = f"health-check-{next(self._ids)}"
+        try:
+            self.llm.add_request([0], SamplingParams(max_tokens=1, temperature=0.0), request_id=rid)
+            for _ in range(100):
+                if all(s.finished for s in self.llm.samples(rid)):
+                    return None
+                self.llm.step()
+            return "a one-token request did not finish in 100 steps"
+        except Exception as e:
+            return repr(e)
+        finally:
+            try:
+                self.llm.abort_request(rid)  # (unknown or finished: nothing to do)
+                for _ in range(100):  # (a compression in flight lands first)
+                    if not self.llm.has_unfinished():
+                        break
+                    self.llm.step()
+            except Exception:
+                pass
+            for r in [r for r, seq in self.llm.requests.items() if seq.finished]:  # (every request ended)
+                self.llm.forget(r)
 
     def _send(self, req: _Request, item: Any) -> None:
         _call(req.loop, req.queue.put_nowait, item)

@@ -146,6 +146,12 @@ async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[i
         raise APIError(400, f"the request has {samples} samples (prompts x n) but the server queues at most "
                             f"{config.max_waiting} (--max-waiting)", param="n")
     check_samples(samples, prompt_field)  # (without --max-waiting too)
+    if len(prompts) > 1:  # (all or none: a bad prompt refuses the request before any other is added)
+        try:
+            for prompt, p in zip(prompts, params):
+                engine.check(prompt, p)
+        except (ValueError, TypeError) as e:
+            raise bad_request(e, prompt_field) from None
     if not engine.reserve(samples, config.max_waiting):  # (all the request's samples at once, or none)
         raise APIError(429, f"the server's waiting queue is full ({config.max_waiting} requests); retry later",
                        code="queue_full")

@@ -63,7 +63,7 @@ class ServerMetrics:
         labels = dict(labelnames=["model_name"], registry=self.registry)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of the requests taken.", **labels)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", **labels)
-        self.success = Counter(PREFIX + "request_success", "Requests finished, by finish reason.",
+        self.success = Counter(PREFIX + "request_success", "Samples finished (each of a request's n), by finish reason.",
                                labelnames=["model_name", "finished_reason"], registry=self.registry)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to the first token.",
                               buckets=LATENCY_BUCKETS, **labels)
@@ -88,8 +88,10 @@ class ServerMetrics:
             for _ in range(n):
                 h.observe(itl)
 
-    def request_finished(self, reason: str | None, seconds: float) -> None:
-        self.success.labels(self.model_name, reason or "unknown").inc()
+    def request_finished(self, reasons: list[str | None], seconds: float) -> None:
+        """A request ended: each of its samples (``n``) by its own finish reason, as vLLM counts them."""
+        for reason in reasons:
+            self.success.labels(self.model_name, reason or "unknown").inc()
         self.e2e.labels(self.model_name).observe(seconds)
 
     def render(self) -> bytes:

@@ -71,6 +71,7 @@ class ModelList(BaseModel):
 # ----------------------------------------------------------------------------- requests
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # (vLLM's: with include_usage, every chunk carries the usage so far)
 
 
 # Bounds on what one request may ask the engine thread to check at every token (a stop list of thousands held

@@ -235,10 +235,15 @@ def main(args: argparse.Namespace) -> int:
         llm.close()
         return 2
     stats = llm.stats()
-    budget = "full KV" if args.budget is None else f"budget {args.budget}"
-    log.info("serving %s (%s) on %s: %s, %d KV pages of %d tokens, up to %d requests at the budget",
-             config.model_names[0], root, llm.runner.device, budget, stats["total_pages"], stats["page_size"],
-             stats["max_concurrency"])
+    pool = f"{stats['total_pages']} KV pages of {stats['page_size']} tokens"
+    if args.budget is None:  # (no budget: how many run at once depends on their lengths)
+        log.info("serving %s (%s) on %s: full KV, %s (%d tokens in all), at most %d requests at once "
+                 "(--max-num-seqs; as many as their tokens fit)",
+                 config.model_names[0], root, llm.runner.device, pool, stats["total_pages"] * stats["page_size"],
+                 stats["max_concurrency"])
+    else:
+        log.info("serving %s (%s) on %s: budget %d, %s, up to %d requests at the budget", config.model_names[0],
+                 root, llm.runner.device, args.budget, pool, stats["max_concurrency"])
     try:
         serve(llm, config, args.host, args.port)
     finally:
