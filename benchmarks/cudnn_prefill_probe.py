@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
         return 1
     rows = []
-    prefill = cp.CudnnPrefill(pt.HQ, pt.HKV, pt.D, pt.DT, pt.D**-0.5, torch.device("cuda"))
+    prefill = cp.CudnnPrefill(torch.device("cuda"))
     gen = torch.Generator().manual_seed(0)
     cases = [(name, [n] * B) for name, B, n, nq in pt.CASES if n == nq]
     for name, B, lo, hi in pt.RAGGED:
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         step = pt.Step(lens, lens)
         k, v = step.fresh_kv()
         lens_t = step.lens
-        run = lambda: prefill(step.q, k, v, step.cu, lens_t, step.max_q)  # noqa: E731
+        run = lambda: prefill(step.q, k, v, step.cu, lens_t, step.max_q, step.scale)  # noqa: E731
         ref = step.packed(step.baseline())
         row = dict(case=name, lens=lens, baseline_ms=pt.bench(step.baseline))
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
             lt = torch.tensor(lens, dtype=torch.int32, device="cuda")
             before = len(prefill.graphs)
-            out = prefill(step.q, k, v, cu, lt, max(lens))
+            out = prefill(step.q, k, v, cu, lt, max(lens), pt.D**-0.5)
             ok, err = pt.agrees(out, step.packed(step.baseline()))
             extra[str(lens)] = dict(ok=ok, new_graphs=len(prefill.graphs) - before, **err)
     except Exception as e:
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         spread = lambda x: x.new_zeros(a, *x.shape[1:]).index_copy_(0, rows, x)  # noqa: E731
         out = torch.full((a, pt.HQ, pt.D), 7.0, dtype=pt.DT, device="cuda")
         prefill(spread(step.q), spread(k), spread(v), torch.tensor(starts + [a], dtype=torch.int32, device="cuda"),
-                torch.tensor(lens, dtype=torch.int32, device="cuda"), max(lens), out=out)
+                torch.tensor(lens, dtype=torch.int32, device="cuda"), max(lens), pt.D**-0.5, out=out)
         ok, err = pt.agrees(out[rows], step.packed(step.baseline()))
         untouched = bool((out[~torch.isin(torch.arange(a, device="cuda"), rows)] == 7).all())
         extra["gaps"] = dict(ok=ok, untouched=untouched, **err)
