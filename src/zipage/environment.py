@@ -58,7 +58,7 @@ VARIABLES: dict[str, Callable[[str, str], None]] = {
     "ZIPAGE_CACHE": _any,
     "ZIPAGE_API_KEY": _any,
     "ZIPAGE_ALLOW_LONG_MAX_MODEL_LEN": _choices("", "0", "1"),
-    "ZIPAGE_FRESH_PREFILL": _choices("", "0", "1"),
+    "ZIPAGE_FRESH_PREFILL": _choices("", "0", "1", "cudnn"),
     "ZIPAGE_PREFILL_KERNEL": _prefill_kernel,
     "ZIPAGE_FP8_DECODE": _fp8_decode,
     "ZIPAGE_DIM_MAJOR_VALUES": _choices("", "0", "1"),

@@ -35,6 +35,7 @@ from ..compress import LayerPages, attention_scale, compress_layers, layer_batch
 from ..config import ZipageConfig
 from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels.exact_tail import exact_tail_merge
+from ..kernels import cudnn_prefill
 from ..kernels.fresh_prefill import FreshBatch, fresh_prefill_attention, plan_fresh
 from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, query_weighting, rotate, value_pool
 from ..kernels.fp8 import kv_rotation as rotation_for
@@ -93,15 +94,34 @@ def dim_major_values(kv_cache_dtype: str, page_size: int, head_dim: int,
 FRESH_COPY_MIN: int | None = None
 
 
-def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether whole prompts go to PyTorch's fused attention instead of the paged prefill kernel: only where
-    ``ZIPAGE_FRESH_PREFILL=1`` asks (on a CPU SDPA's math runs it: tests). Off by default: on the H100 cuDNN's
-    attention over prompts of one length, batched, beats the Triton kernel 1.06-1.33x (512-4,096 tokens), but in
-    the engine the attention is a small share of a prompt's prefill and each new batch shape costs cuDNN a plan
-    (~75 ms, once): time to first token did not improve (long prompts: 6.89 s against 6.77 s; 32 prompts of
-    4,096 tokens: 2.15 against 2.05 s; ``benchmarks/results/issue15/s45/``). ``device``, ``dtype`` and
-    ``head_dim`` must suit it too (16-bit or float32 on a CPU, head dims up to 256)."""
-    return environment.value("ZIPAGE_FRESH_PREFILL") == "1" and head_dim <= 256 and (device.type == "cpu" or dtype in (torch.float16, torch.bfloat16))
+# whether whole prompts go to cuDNN's ragged attention by default where the cuDNN frontend is installed
+CUDNN_PREFILL_DEFAULT = False
+
+
+def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """How whole prompts (nothing stored before them) are attended, instead of the paged prefill kernel:
+    ``"cudnn"`` (cuDNN's ragged attention over the step's own keys and values, ``kernels/cudnn_prefill.py``:
+    ``ZIPAGE_FRESH_PREFILL=cudnn``, which needs the cuDNN frontend and fails where it cannot run), ``"sdpa"``
+    (PyTorch's fused attention in length buckets, ``kernels/fresh_prefill.py``: ``ZIPAGE_FRESH_PREFILL=1``; on a
+    CPU SDPA's math runs it: tests) or None (the paged kernel; ``ZIPAGE_FRESH_PREFILL=0``, and the default).
+    SDPA's buckets: on the H100 cuDNN's attention over prompts of one length, batched, beats the Triton kernel
+    1.06-1.33x (512-4,096 tokens), but in the engine the attention is a small share of a prompt's prefill and
+    each new batch shape costs cuDNN a plan (~75 ms, once): time to first token did not improve (long prompts:
+    6.89 s against 6.77 s; 32 prompts of 4,096 tokens: 2.15 against 2.05 s; ``benchmarks/results/issue15/s45/``).
+    ``device``, ``dtype`` and ``head_dim`` must suit it too (16-bit or float32 on a CPU, head dims up to 256)."""
+    value = environment.value("ZIPAGE_FRESH_PREFILL")
+    if value == "cudnn":
+        if not cudnn_prefill.available(device, dtype, head_dim):
+            raise RuntimeError(
+                f"ZIPAGE_FRESH_PREFILL=cudnn: cuDNN's ragged attention cannot run here ({device}, {dtype}, head dim "
+                f"{head_dim}): it needs `pip install nvidia-cudnn-frontend`, a CUDA GPU of compute capability 8.0 "
+                "or above, 16-bit activations and a head dim that is a multiple of 8 up to 128")
+        return "cudnn"
+    if value == "" and CUDNN_PREFILL_DEFAULT and cudnn_prefill.available(device, dtype, head_dim):
+        return "cudnn"
+    if value == "1" and head_dim <= 256 and (device.type == "cpu" or dtype in (torch.float16, torch.bfloat16)):
+        return "sdpa"
+    return None
 
 
 @dataclass
@@ -115,6 +135,37 @@ class FreshRest:
     table: torch.Tensor
     lens: torch.Tensor
     max_q_len: int
+
+
+@dataclass
+class CudnnWhole:
+    """A step's whole prompts for cuDNN's ragged attention: their indices in the step's prefill list, the packed
+    row each starts at (``starts`` ``[B + 1]`` int32, the last entry the row after the last), their lengths."""
+
+    seqs: tuple[int, ...]
+    starts: torch.Tensor
+    lens: torch.Tensor
+    max_len: int
+
+
+def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    fresh: list[FreshBatch] | CudnnWhole, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The planned whole prompts' attention over their own keys and values, into their rows of ``out`` (new if
+    not given): cuDNN's ragged attention or PyTorch's fused attention in length buckets."""
+    if not isinstance(fresh, CudnnWhole):
+        return fresh_prefill_attention(q, k, v, fresh, scale, out=out)
+    rows = [t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous() for t in (q, k, v)]
+    if rows[1].stride(0) != rows[2].stride(0):
+        rows[1], rows[2] = rows[1].contiguous(), rows[2].contiguous()
+    target = out
+    if out is not None and not (out.stride(2) == 1 and out.stride(1) == out.shape[2]):
+        target = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    got = r.cudnn_prefill(*rows, fresh.starts, fresh.lens, fresh.max_len, scale, out=target)
+    if out is not None and target is not out:
+        for b, a in zip(fresh.lens.tolist(), fresh.starts.tolist()):  # (never expected: the step's rows as made)
+            out[a:a + b] = got[a:a + b]
+        return out
+    return got
 
 
 @dataclass
@@ -159,7 +210,7 @@ class StepMeta:
     tail: tuple | None = None  # (made by the first layer of each forward: first ring rows, paged lens)
     # whole prompts through PyTorch's fused attention (full layers without window, sinks or softcap): the plan's
     # calls, and the prefill sequences left to the paged kernel (None: none left)
-    fresh: list[FreshBatch] | None = None
+    fresh: list[FreshBatch] | CudnnWhole | None = None
     fresh_rest: FreshRest | None = None
     layers: set[int] = field(default_factory=set)  # the layers whose attention ran through the engine
 
@@ -255,7 +306,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     if fresh is not None and (sliding or any(v is not None for v in features.values())):
         fresh = None
     if fresh is not None and decode is None and meta.fresh_rest is None:  # every row from the fused attention
-        out = fresh_prefill_attention(q0, k0, v0, fresh, scale)  # (its output as it is, where it is one batch)
+        out = fresh_attention(r, q0, k0, v0, fresh, scale)  # (its output as it is, where it is one batch)
         return out[None], None
     if n_p:
         out = torch.empty_like(q)
@@ -283,7 +334,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     if rot is not None and not exact:  # the output back from the rotated basis
         out = rotate(out, rot, out.dtype)
     if fresh is not None:  # (in the model's basis: its own keys and values, never stored)
-        fresh_prefill_attention(q0, k0, v0, fresh, scale, out=out)
+        fresh_attention(r, q0, k0, v0, fresh, scale, out=out)
     return out[None], None
 
 
@@ -433,7 +484,8 @@ class ModelRunner:
         # gate/up GEMMs merged (the weights become slices of one tensor), SiLU-gate fused (CUDA only)
         self.fusion = ModelFusion.find(model) if fuse_ops and use_triton(self.k_pool) else ModelFusion()
         # whole prompts through PyTorch's fused attention (not with exact tails, whose prefill reads the rings)
-        self.fresh_prefill = not self.exact_tail and fresh_prefill_default(self.device, self.dtype, D)
+        self.fresh_prefill = None if self.exact_tail else fresh_prefill_default(self.device, self.dtype, D)
+        self.cudnn_prefill = cudnn_prefill.CudnnPrefill(self.device) if self.fresh_prefill == "cudnn" else None
         self.fresh_prefill_tokens = 0  # prompt tokens the fused attention has served (host count)
 
     @staticmethod
@@ -592,13 +644,21 @@ class ModelRunner:
         whole = [b for b, (seq, _) in enumerate(prefill) if seq.stored == 0 and seq.num_computed == 0]
         if not whole:
             return
-        plan = plan_fresh([prefill[b][1] for b in whole], [starts[b] for b in whole], self.device,
-                          copy_min=FRESH_COPY_MIN)
-        if not plan:
-            return
-        # the plan's sequence indices, into the step's prefill list
-        meta.fresh = [FreshBatch(tuple(whole[i] for i in f.seqs), f.length, f.first_row, f.src, f.dst) for f in plan]
-        served = {b for f in meta.fresh for b in f.seqs}
+        if self.fresh_prefill == "cudnn":  # every whole prompt, where it lies in the step's rows
+            rows, lens = [starts[b] for b in whole], [prefill[b][1] for b in whole]
+            i32 = dict(dtype=torch.int32, device=self.device)
+            meta.fresh = CudnnWhole(tuple(whole), torch.tensor(rows + [rows[-1] + lens[-1]], **i32),
+                                    torch.tensor(lens, **i32), max(lens))
+            served = set(whole)
+        else:
+            plan = plan_fresh([prefill[b][1] for b in whole], [starts[b] for b in whole], self.device,
+                              copy_min=FRESH_COPY_MIN)
+            if not plan:
+                return
+            # the plan's sequence indices, into the step's prefill list
+            meta.fresh = [FreshBatch(tuple(whole[i] for i in f.seqs), f.length, f.first_row, f.src, f.dst)
+                          for f in plan]
+            served = {b for f in meta.fresh for b in f.seqs}
         self.fresh_prefill_tokens += sum(prefill[b][1] for b in served)
         rest = [b for b in range(len(prefill)) if b not in served]
         if not rest:

@@ -1,0 +1,131 @@
+"""Whole prompts through cuDNN's ragged attention (kernels/cudnn_prefill.py) and the engine's use of it: the engine's
+routing on a CPU with the dense reference standing in for cuDNN, the kernel itself on a GPU with the frontend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import zipage.engine.runner as runner_mod
+from zipage import LLM, SamplingParams
+from zipage.kernels import cudnn_prefill
+from zipage.kernels.cudnn_prefill import length_bucket, ragged_prefill_reference
+from zipage.kernels.fresh_prefill import fresh_prefill_reference
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+
+def test_length_buckets_are_powers_of_two_from_128():
+    assert [length_bucket(n) for n in (1, 128, 129, 1000, 1024, 1025, 32768)] == [128, 128, 256, 1024, 1024, 2048,
+                                                                                   32768]
+    with pytest.raises(ValueError, match="at least one token"):
+        length_bucket(0)
+
+
+def test_the_reference_attends_each_sequence_where_it_lies_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    lens, gaps = [5, 9, 3], [2, 4, 1]
+    T = sum(lens) + sum(gaps) + 2
+    q, k, v = (torch.randn(T, h, 8, generator=g) for h in (4, 2, 2))
+    starts, a = [], 0
+    for n, gap in zip(lens, gaps):
+        a += gap
+        starts.append(a)
+        a += n
+    out = torch.full_like(q, 7.0)
+    ragged_prefill_reference(q, k, v, starts, lens, 0.4, out=out)
+    rows = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
+    packed = [x[rows] for x in (q, k, v)]
+    torch.testing.assert_close(out[rows], fresh_prefill_reference(*packed, lens, 0.4))
+    others = torch.ones(T, dtype=torch.bool)
+    others[rows] = False
+    assert (out[others] == 7).all()
+
+
+class StandIn:
+    """cuDNN's ragged attention as the engine calls it, run by the dense reference (checks the call's form)."""
+
+    calls: list = []
+
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, q, k, v, starts, lens, max_len, scale, out=None):
+        assert starts.dtype == lens.dtype == torch.int32 and starts.numel() == lens.numel() + 1
+        s, n = starts.tolist(), lens.tolist()
+        assert max_len == max(n) and all(a + m <= b for a, m, b in zip(s, n, s[1:])) and s[-1] <= q.shape[0]
+        for t in (q, k, v) + ((out,) if out is not None else ()):
+            assert t.stride(2) == 1 and t.stride(1) == t.shape[2]
+        StandIn.calls.append(n)
+        return ragged_prefill_reference(q, k, v, s[:-1], n, scale, out=out)
+
+
+def run(monkeypatch, model, prompts, route, **kw):
+    monkeypatch.setattr(runner_mod, "fresh_prefill_default", lambda *a: route)
+    monkeypatch.setattr(cudnn_prefill, "CudnnPrefill", StandIn)
+    llm = LLM(model, page_size=8, num_pages=256, **kw)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    return [o.token_ids for o in outs], llm.runner
+
+
+def prompts_of(lengths, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("budget", [None, 32])
+def test_engine_gives_the_same_tokens_with_whole_prompts_through_the_ragged_route(monkeypatch, budget):
+    """Mixed steps (whole prompts of every length, one after a cached prefix, chunks after the first, decode rows):
+    the whole prompts go to the ragged call, wherever they lie among the step's rows, and the tokens are the
+    paged kernel's."""
+    model = tiny_model("qwen3")
+    shared = prompts_of((40,), seed=3)[0]
+    prompts = prompts_of((37, 128, 5, 90, 128, 200, 60), seed=1) + prompts_of((20, 9), seed=2, prefix=shared)
+    kw = dict(budget=budget, max_num_batched_tokens=320, max_num_seqs=4)
+    if budget is not None:
+        kw.update(buffer=8)
+    StandIn.calls = []
+    base, r0 = run(monkeypatch, model, prompts, None, **kw)
+    assert not StandIn.calls and r0.fresh_prefill_tokens == 0
+    got, r1 = run(monkeypatch, model, prompts, "cudnn", **kw)
+    assert got == base
+    served = [n for call in StandIn.calls for n in call]
+    assert r1.fresh_prefill_tokens >= 37 + 128 + 5 and 37 in served and 5 in served
+    assert any(len(call) > 1 for call in StandIn.calls)  # (several prompts of a step in one call)
+
+
+def test_asking_for_cudnn_where_it_cannot_run_says_what_it_needs(monkeypatch):
+    monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "cudnn")
+    with pytest.raises(RuntimeError, match="pip install nvidia-cudnn-frontend"):
+        LLM(tiny_model("llama"), budget=None, page_size=8, num_pages=32)
+    monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "0")
+    assert runner_mod.fresh_prefill_default(torch.device("cpu"), torch.bfloat16, 128) is None
+    assert not cudnn_prefill.available(torch.device("cpu"), torch.bfloat16, 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cudnn_ragged_attention_matches_dense_math(dtype):
+    if not cudnn_prefill.available(torch.device("cuda"), dtype, 128):
+        pytest.skip("needs `pip install nvidia-cudnn-frontend`")
+    lens, gaps = [300, 1024, 77, 2049], [0, 50, 3, 200]
+    T = sum(lens) + sum(gaps) + 5
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(T, h, 128, device="cuda", dtype=dtype, generator=g) for h in (32, 8, 8))
+    starts, a = [], 0
+    for n, gap in zip(lens, gaps):
+        a += gap
+        starts.append(a)
+        a += n
+    prefill = cudnn_prefill.CudnnPrefill(torch.device("cuda"))
+    out = torch.full_like(q, 7.0)
+    s = torch.tensor(starts + [a], dtype=torch.int32, device="cuda")
+    prefill(q, k, v, s, torch.tensor(lens, dtype=torch.int32, device="cuda"), max(lens), 128**-0.5, out=out)
+    ref = ragged_prefill_reference(q, k, v, starts, lens, 128**-0.5)
+    rows = torch.cat([torch.arange(st, st + n, device="cuda") for st, n in zip(starts, lens)])
+    torch.testing.assert_close(out[rows].float(), ref[rows].float(), atol=2e-2, rtol=2e-2)
+    others = torch.ones(T, dtype=torch.bool, device="cuda")
+    others[rows] = False
+    assert (out[others] == 7).all()
