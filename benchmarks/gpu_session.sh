@@ -100,7 +100,8 @@
 #   PART=s46d  the GPU tests of generate(), fresh prefill, FP8 decode variants, query weights, sampler
 #   PART=s48   the engine's GPU tests after session 48's failure-handling and scheduler changes
 #   PART=s49    session 49's GPU tests (logit_bias and allowed_token_ids in the sampler, the engine, generate())
-#   PART=s52    session 52: cuDNN's ragged attention on whole prompts (frontend wheel in .whl/), then on an H200 the FP8 pair
+#   PART=s52    session 52: cuDNN's ragged attention on whole prompts (frontend wheel in .whl/), in the engine too
+#   PART=s52f   session 52: the FP8 pair (an H200)
 #   PART=s51    session 51: the FP8 pair, then s51h: s49's GPU tests and this session's CPU tests on 5.17
 #   PART=s46fp8 the FP8 pair (zipage-2048-fp8, then zipage-2048) run to completion, 512 x 4,096 tokens
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
@@ -457,12 +458,21 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       tests/test_engine_requests.py tests/test_generate_gpu.py tests/test_engine_gpu.py --durations=5 2>&1 \
       | tee "$OUT/gpu_tests_s49.log" | tail -8 ;;
   s52)  # session 52: whole prompts through cuDNN's ragged attention (kernels/cudnn_prefill.py; the frontend's wheel
-    # carried in .whl/) against gather + SDPA and the Triton kernel, then the FP8 pair where the card is an H200
+    # carried in .whl/): the probe against gather + SDPA and the Triton kernel, its GPU tests, then the engine's
+    # time to first token on ragged prompts of 512-4,096 tokens, the paged kernel against the ragged route
     python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
       || tail -3 "$OUT/install.log"
     timeout "${PROBE_LIMIT:-200}" python3 benchmarks/cudnn_prefill_probe.py --out "$OUT/cudnn_prefill_probe.json" 2>&1 \
-      | tee "$OUT/cudnn_prefill_probe.log" | tail -40
-    [ "$(big_card h200 h100)" = h200 ] && [ -z "${NO_FP8:-}" ] && PART=s46fp8 TIME_LIMIT="${TIME_LIMIT:-100}" bash "$0" ;;
+      | tee "$OUT/cudnn_prefill_probe.log" | tail -30
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py 2>&1 \
+      | tee "$OUT/gpu_tests_s52.log" | tail -4
+    for fresh in 0 cudnn; do
+      ZIPAGE_FRESH_PREFILL=$fresh timeout 110 python3 benchmarks/throughput.py --workload long-prompt \
+        --prompt-len 512,4096 --requests 64 --max-tokens 64 --kv-gib 40 --systems zipage-2048 \
+        --out "$OUT/ragged_prompts_fresh_$fresh.json" 2>&1 | tail -1
+    done ;;
+  s52f)  # session 52: the FP8 pair (TIME_LIMIT s each) on an H200
+    PART=s46fp8 TIME_LIMIT="${TIME_LIMIT:-100}" bash "$0" ;;
   s51)  # session 51: what stops 49 and 50 owed: the FP8 pair (TIME_LIMIT s each), the GPU tests after the sampler,
     # generate()-hook and cache grad-mode changes, then the CPU tests those changes touched on this machine's
     # transformers (the GPU machine's version, the range's floor)
