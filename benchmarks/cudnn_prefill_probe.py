@@ -134,7 +134,17 @@ def main(argv=None) -> int:
         extra["gaps"] = dict(ok=ok, untouched=untouched, **err)
     except Exception as e:
         extra["gaps_error"] = "".join(traceback.format_exception(e))[-1500:]
-    print("reuse / zero length / gaps:", json.dumps(extra), flush=True)
+    try:  # the batch padded to a power of two with empty sequences (one graph per doubling of B)
+        padded = cp.CudnnPrefill(torch.device("cuda"), pad_batch=True)
+        for lens in ([1000, 1024, 5], [700, 300, 513, 90, 1024], [64]):
+            step = pt.Step(lens, lens)
+            k, v = step.fresh_kv()
+            out = padded(step.q, k, v, step.cu, step.lens, max(lens), pt.D**-0.5)
+            ok, err = pt.agrees(out, step.packed(step.baseline()))
+            extra[f"padded {lens}"] = dict(ok=ok, graphs=len(padded.graphs), **err)
+    except Exception as e:
+        extra["padded_error"] = "".join(traceback.format_exception(e))[-1500:]
+    print("reuse / zero length / gaps / padded:", json.dumps(extra), flush=True)
     info.update(graphs=len(prefill.graphs), build_seconds=prefill.build_seconds, extra=extra)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(info=info, rows=rows), indent=1))

@@ -76,12 +76,14 @@ class CudnnPrefill:
     given) and returns it. Graphs are cached per (B, length bucket, heads, dtype, row strides, scale);
     building one takes tens of milliseconds, once."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, pad_batch: bool = False) -> None:
         self.cudnn = _module()
         if self.cudnn is None:
             raise RuntimeError("CudnnPrefill needs NVIDIA's cuDNN frontend (pip install nvidia-cudnn-frontend) "
                                "and a CUDA build of torch")
         self.device = torch.device(device)
+        # the sequences padded to a power of two with empty ones (fewer graphs to build: one per doubling)
+        self.pad_batch = pad_batch
         self.graphs: dict[tuple, tuple] = {}
         self.lock = threading.Lock()
         with torch.cuda.device(self.device):
@@ -146,6 +148,11 @@ class CudnnPrefill:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         _check("out", out, hq)
         b = lens.numel()
+        if self.pad_batch and b & (b - 1):
+            extra = (1 << b.bit_length()) - b  # empty sequences at the end (each starts where the last ends)
+            starts = torch.cat([starts.to(torch.int32), starts[-1:].to(torch.int32).expand(extra)])
+            lens = torch.cat([lens.to(torch.int32), lens.new_zeros(extra, dtype=torch.int32)])
+            b += extra
         key = (b, length_bucket(max_len), hq, k.shape[1], d, q.dtype, q.stride(0), k.stride(0), out.stride(0),
                float(scale))
         g, t = self._graph(key)
