@@ -175,6 +175,27 @@ def test_tokens_that_add_no_text_leave_the_decoding_window():
         assert text.text() == tok.decode([5, 6] + ids)[2:] and tok.decoded <= 10 * n, (n, tok.decoded)
 
 
+def test_skipped_special_tokens_and_bytes_that_are_no_utf8_keep_the_work_per_token_bounded():
+    """A run of skipped special tokens with no text before it (an empty context), one after a character's
+    first byte, and a run of bytes that never make a character (a continuation byte forced again and again):
+    each costs a few tokens' decoding per token, and the text is the whole decode's."""
+    from zipage.engine.outputs import IncrementalText
+
+    class Specials(ByteTokenizer):
+        all_special_ids = [ByteTokenizer.SPECIAL]
+
+    tok = Specials({1: b"a", 2: b"\xe3", 3: b"\x81", 4: b"\x82", 5: b"\x80", 7: b"Q:"})
+    for first, run, last in (([], 0, [1]), ([1, 2], 0, [3, 4]), ([1], 5, [1])):
+        for n in (400, 1600):
+            ids, text = [], IncrementalText()
+            tok.decoded = 0
+            for t in first + [run] * n + last:
+                ids.append(t)
+                text.add(tok, ids)
+            assert text.text() == tok.decode(ids), (first, run)
+            assert tok.decoded <= 40 * n, (first, run, n, tok.decoded)
+
+
 def test_a_running_text_keeps_characters_a_byte_fallback_decoder_hides():
     """Llama 2's byte-fallback decoder turns a whole run of byte tokens into U+FFFD while its last character is
     incomplete: a running output's text still only grows, keeping the characters before that one."""
@@ -212,3 +233,34 @@ def test_logprob_token_strings_keep_a_sentencepiece_word_s_space():
     strings = TokenStrings(tok)
     assert tok.decode([1]) == "w7" and [strings(1), strings(2)] == [" w7", " w12"]
     assert strings.bytes(1) + strings.bytes(2) == " w7 w12".encode()
+
+
+def test_an_output_cut_inside_a_byte_fallback_character_keeps_what_was_streamed():
+    """Cut by max_tokens after the first byte of a character, a byte-fallback decoder turns the whole byte run
+    into U+FFFD; the final text keeps the characters before it (the stream sent them), then one U+FFFD, and
+    the streamed pieces join into it."""
+    from zipage.serve.choices import ChoiceState
+    from zipage.serve.engine_client import Delta
+
+    chars = "語の".encode()
+    tok = ByteTokenizer({1: b" there", 7: b"Q:", **{10 + i: bytes([b]) for i, b in enumerate(chars)}},
+                        byte_fallback=True)
+    ids = [1] + [10 + i for i in range(4)]  # 語, then the first byte of の
+    seq, reasons, _ = _process(tok, ids, max_tokens=4 + 1)
+    assert reasons[-1] == "length" and seq.text == " there語\ufffd"
+    state = ChoiceState(tok, [], prompt_ids=[7])
+    sent = "".join(state.add(Delta(0, [t], None, None)) for t in ids)
+    sent += state.add(Delta(0, [], None, "length", seq.text))
+    assert sent == seq.text
+
+
+def test_logprob_strings_of_a_token_of_several_sentencepiece_spaces():
+    from zipage.serve.choices import TokenStrings
+
+    class Strip(ByteTokenizer):
+        def decode(self, ids, skip_special_tokens=True):  # (the first space of a decode dropped, as SentencePiece)
+            return super().decode(ids, skip_special_tokens).removeprefix(" ")
+
+    tok = Strip({1: b"    ", 2: b" return"}, sentencepiece={1: "\u2581" * 4, 2: "\u2581return"})
+    strings = TokenStrings(tok)
+    assert [strings(1), strings(2)] == ["    ", " return"]

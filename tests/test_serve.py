@@ -1255,9 +1255,35 @@ def test_a_request_that_breaks_its_steps_leaves_the_server_healthy(checkpoint):
     with thread_server(llm, config) as (url, engine):
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "POISON x", "max_tokens": 4}, timeout=60)
         assert r.status_code == 503
-        assert httpx.get(f"{url}/health").status_code == 200
+        assert wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, timeout=30)  # (after its own request)
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "fine", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and _success(url) == {"error": 1.0, "length": 1.0}
+
+
+def test_an_engine_whose_decode_steps_fail_is_unhealthy(checkpoint, monkeypatch):
+    """Steps that decode fail (prefills run): the engine's own request decodes a token too, so it fails and
+    /health says 503; with no traffic the request is tried again now and then, and /health is 200 once it
+    runs."""
+    import zipage.serve.engine_client as client_mod
+
+    monkeypatch.setattr(client_mod, "PROBE_INTERVAL_S", 0.2)
+    model, tok = checkpoint
+    llm = LLM(model, tok, **ENGINE)
+    step, broken = llm.step, {"on": True}
+
+    def failing_step():
+        if broken["on"] and any(s.output_ids for s in llm.scheduler.running):
+            raise RuntimeError("injected: decoding fails")
+        return step()
+
+    llm.step = failing_step
+    config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
+    with thread_server(llm, config) as (url, engine):
+        r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 503 and httpx.get(f"{url}/health").status_code == 503
+        broken["on"] = False
+        assert wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, timeout=30)
+        assert not engine.llm.requests and metrics(url)["zipage:kv_pages_used"] == 0
 
 
 def test_cancelled_requests_whose_compressions_were_in_flight_are_all_counted_and_forgotten(checkpoint):
@@ -1324,6 +1350,27 @@ def test_success_counts_each_sample_by_its_reason_and_a_refused_request_counts_n
     m1 = metrics(url)
     for name in ("zipage:prompt_tokens_total", "zipage:request_success_total", "zipage:e2e_request_latency_seconds_count"):
         assert m1.get(name, 0) == m0.get(name, 0), name
+
+
+def test_a_multi_prompt_request_whose_second_prompt_needs_more_pages_than_the_pool_counts_nothing(checkpoint):
+    """Every check of the engine's (here: the KV pages a full-KV request may need) runs on every prompt before
+    the first is added."""
+    model, tok = checkpoint
+    llm = LLM(model, tok, budget=None, page_size=16, num_pages=16)
+    config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
+    with thread_server(llm, config) as (url, engine):
+        m0 = metrics(url)
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": NAME, "prompt": [[5, 6, 7], [5] * 200], "max_tokens": 3})
+        assert r.status_code == 200  # (both fit)
+        m0 = metrics(url)
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": NAME, "prompt": [[5, 6, 7], [5] * 250], "max_tokens": 40})
+        assert r.status_code == 400 and "pages" in r.json()["error"]["message"]
+        m1 = metrics(url)
+        for name in ("zipage:prompt_tokens_total", "zipage:request_success_total",
+                     "zipage:e2e_request_latency_seconds_count"):
+            assert m1.get(name, 0) == m0.get(name, 0), name
 
 
 @pytest.mark.parametrize("chat", [False, True])

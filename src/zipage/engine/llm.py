@@ -455,6 +455,21 @@ class LLM:
         leave every request in flight untouched. A request with ``n > 1`` runs as ``n`` samples
         that share the prompt's pages: the first computes the prompt, the others then find its
         pages in the prefix cache."""
+        rid, seqs = self._prepare_request(prompt, params, request_id, chat)
+        self._samples.pop(rid, None)
+        self.requests[rid] = seqs[0]
+        if len(seqs) > 1:
+            self._samples[rid] = seqs
+        if len(self.requests) > 2 * KEEP_FINISHED:
+            self._drop_oldest_finished()
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return rid
+
+    def _prepare_request(self, prompt: Any, params: SamplingParams | None, request_id: str | None = None,
+                         chat: bool = False) -> tuple[str, list[Sequence]]:
+        """Every check ``add_request`` makes, and the request's samples; nothing is queued (the server checks
+        every prompt of a request this way before it adds any)."""
         self._check_open()
         # (a copy: a caller reusing or changing its object must not change requests already in flight)
         params = _own_copy(params) if params is not None else self.get_default_sampling_params()
@@ -491,15 +506,7 @@ class LLM:
                 f"this request needs up to {peak} pages of {self.blocks.page_size} tokens but the KV pool has "
                 f"{self.blocks.num_pages}: shorten it, lower max_tokens or its budget, or give the engine more pages"
             )
-        self._samples.pop(rid, None)
-        self.requests[rid] = seqs[0]
-        if len(seqs) > 1:
-            self._samples[rid] = seqs
-        if len(self.requests) > 2 * KEEP_FINISHED:
-            self._drop_oldest_finished()
-        for seq in seqs:
-            self.scheduler.add(seq)
-        return rid
+        return rid, seqs
 
     def max_new_tokens(self, prompt_len: int, params: SamplingParams | None = None) -> int:
         """The most tokens a request with a ``prompt_len``-token prompt may ask for (``max_tokens``): what

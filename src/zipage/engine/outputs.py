@@ -24,7 +24,23 @@ CONTEXT = 5  # prompt tokens an output's text is decoded after (vLLM's initial o
 
 def decode_output(tokenizer: Any, prompt_ids: Any, ids: Any, skip_special_tokens: bool = True) -> str:
     """The text of output tokens ``ids``, decoded after the prompt's last ``CONTEXT`` tokens and cut after
-    their text (decoded alone where that cut does not hold: a character split between prompt and output)."""
+    their text (decoded alone where that cut does not hold: a character split between prompt and output).
+    Where the output ends inside a character, the characters before it are kept and the incomplete one is one
+    U+FFFD (a byte-fallback decoder, Llama 2's, turns a whole run of byte tokens into U+FFFD while its last
+    character is incomplete, characters before it included; the stream has sent those characters)."""
+    text = _decode_output(tokenizer, prompt_ids, ids, skip_special_tokens)
+    if text.endswith(_UNFINISHED) and len(ids) > 1:
+        ids = list(ids)
+        for k in range(1, min(4, len(ids))):  # (a character is at most 4 bytes)
+            part = _decode_output(tokenizer, prompt_ids, ids[: len(ids) - k], skip_special_tokens)
+            if not part.endswith(_UNFINISHED):
+                if len(part) > len(text.rstrip(_UNFINISHED)):
+                    return part + _UNFINISHED
+                break
+    return text
+
+
+def _decode_output(tokenizer: Any, prompt_ids: Any, ids: Any, skip_special_tokens: bool) -> str:
     context = list(prompt_ids[-CONTEXT:]) if prompt_ids is not None and len(prompt_ids) else []
     if not context:
         return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -43,7 +59,11 @@ class IncrementalText:
     yet (``holding``: bytes of a character still incomplete). A token that adds no text (a special token
     skipped) leaves the window, as vLLM leaves skipped tokens out, so a run of them costs no more per token
     than text does. Where the window ends inside a character, the text of the tokens before that character
-    comes out (a run of byte tokens streams character by character)."""
+    comes out (a run of byte tokens streams character by character), and tokens more than ``MAX_HELD`` from the
+    window's end come out whatever they decode to (bytes that are no UTF-8: their U+FFFD cannot change), so the
+    held tokens, and the work per token, stay bounded."""
+
+    MAX_HELD = 4  # a character's bytes: at most 4 tokens
 
     def __init__(self, context: Any = ()) -> None:
         self.pieces: list[str] = []
@@ -54,6 +74,7 @@ class IncrementalText:
         self.prefix_text: str | None = None  # the text of window[prefix:read] (None: not decoded yet)
         self.consumed = 0  # output tokens taken (into the window, or left out as adding no text)
         self.length = 0  # characters in ``pieces``
+        self._special: frozenset[int] | None = None  # the tokenizer's special ids (skipped: never in the window)
 
     @property
     def holding(self) -> bool:
@@ -75,8 +96,16 @@ class IncrementalText:
     def add(self, tokenizer: Any, ids: Any, skip_special_tokens: bool = True) -> str:
         """Decode what ``ids`` (the whole output so far) adds; returns the new text ('' while a
         character is still incomplete)."""
-        self.window += ids[self.consumed:]
+        new_ids = ids[self.consumed:]
         self.consumed = len(ids)
+        if skip_special_tokens:
+            if self._special is None:
+                self._special = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
+            if self._special:
+                new_ids = [t for t in new_ids if t not in self._special]
+            if not new_ids:
+                return ""
+        self.window += new_ids
         if self.prefix_text is None:
             self.prefix_text = self._decode(tokenizer, self.read, skip_special_tokens)
         prefix = self.prefix_text
@@ -89,12 +118,17 @@ class IncrementalText:
         full = self._decode(tokenizer, None, skip_special_tokens)
         if full.endswith(_UNFINISHED):
             # the text of the tokens before the incomplete character, where it adds to the prefix's
-            for stop in range(len(self.window) - 1, max(self.read, len(self.window) - 4) - 1, -1):
+            for stop in range(len(self.window) - 1, max(self.read, len(self.window) - self.MAX_HELD) - 1, -1):
                 part = self._decode(tokenizer, stop, skip_special_tokens)
                 if not part.endswith(_UNFINISHED):
                     if len(part) > len(prefix) and part.startswith(prefix):
                         return self._emit(part[len(prefix):], stop)
                     break
+            stop = len(self.window) - self.MAX_HELD
+            if stop > self.read:  # bytes no later token can complete: out as they decode (U+FFFD)
+                part = self._decode(tokenizer, stop, skip_special_tokens)
+                if len(part) > len(prefix) and part.startswith(prefix) and full.startswith(part):
+                    return self._emit(part[len(prefix):], stop)
             return ""
         if len(full) <= len(prefix):
             if full == prefix and prefix:  # the new tokens add no text: they leave the window
@@ -111,7 +145,8 @@ class IncrementalText:
                                                                                       skip_special_tokens)
         full = self._decode(tokenizer, None, skip_special_tokens).rstrip(_UNFINISHED)
         best = len(full) - len(prefix) if full.startswith(prefix) else 0
-        for stop in range(len(self.window) - 1, self.read - 1, -1):  # byte-fallback decoders: a token fewer
+        # (byte-fallback decoders: a token fewer; at most a character's bytes back)
+        for stop in range(len(self.window) - 1, max(self.read, len(self.window) - self.MAX_HELD) - 1, -1):
             part = self._decode(tokenizer, stop, skip_special_tokens)
             if not part.endswith(_UNFINISHED):
                 return max(best, len(part) - len(prefix), 0)
@@ -145,19 +180,8 @@ class OutputProcessor:
         """A running request's text so far: its tokens decoded, less the last ``len(longest stop) - 1``
         characters while stop strings are set (a stop string may still start there; vLLM holds them back too)."""
         params = seq.params
-        text = decode_output(self.tokenizer, seq.prompt_token_ids, ids, params.skip_special_tokens)
-        if text.endswith(_UNFINISHED):  # (a character still incomplete: never shown, as vLLM's)
-            # the longer of: the text less its trailing U+FFFD (a token holding a space and a character's first
-            # bytes), and the text without the last tokens (byte-fallback decoders turn a whole run of byte
-            # tokens into U+FFFD while its last character is incomplete, characters before it included)
-            best = text.rstrip(_UNFINISHED)
-            for k in range(1, min(4, len(ids))):
-                part = decode_output(self.tokenizer, seq.prompt_token_ids, ids[: len(ids) - k],
-                                     params.skip_special_tokens)
-                if not part.endswith(_UNFINISHED):
-                    best = max(best, part, key=len)
-                    break
-            text = best
+        # (a character still incomplete is never shown, as vLLM's; decode_output keeps the characters before it)
+        text = decode_output(self.tokenizer, seq.prompt_token_ids, ids, params.skip_special_tokens).rstrip(_UNFINISHED)
         hold = max((len(s) for s in params.stop), default=1) - 1
         return text[: max(0, len(text) - hold)]
 

@@ -68,8 +68,10 @@ class TokenStrings:
         if hasattr(self.tokenizer, "convert_ids_to_tokens"):
             piece = self.tokenizer.convert_ids_to_tokens(token)
         if "\ufffd" not in text:
-            if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
-                text = " " + text  # (SentencePiece's decoder drops the space of a ▁word token decoded alone)
+            if isinstance(piece, str) and piece.startswith("\u2581"):
+                # (SentencePiece's decoder drops the first space of a ▁word token decoded alone)
+                missing = (len(piece) - len(piece.lstrip("\u2581"))) - (len(text) - len(text.lstrip(" ")))
+                text = " " * max(0, missing) + text
             return text, text.encode()
         raw = None
         if isinstance(piece, str) and piece:

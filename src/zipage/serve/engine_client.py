@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import LLM, RequestOutput, SamplingParams
-from ..engine.inputs import check_request
 from ..engine.sequence import TokenLogprobs
 
 log = logging.getLogger("zipage.serve")
 MAX_FAILED_STEPS = 3  # consecutive failing steps before the in-flight requests are ended with an error
+PROBE_INTERVAL_S = 10.0  # while unhealthy and idle: how often the engine's own request is tried again
 JOIN_TOKENS = 1024  # the most tokens (all samples') of a slow consumer's backlog joined into one event
 
 
@@ -188,13 +188,22 @@ class AsyncEngine:
             self._incoming -= samples
 
     # ----------------------------------------------------------------------------- the asyncio side
-    def check(self, prompt: list[int], params: SamplingParams) -> None:
-        """Raise what ``LLM.add_request`` raises for a bad prompt or parameters (token ids outside the vocabulary,
-        a prompt too long), without queueing anything: a request of several prompts is checked whole first, so a
-        bad one refuses it before any of its prompts reaches the engine (or its metrics)."""
-        llm = self.llm
-        check_request(list(prompt), params, None, vocab=llm.model.config.get_text_config(decoder=True).vocab_size,
-                      max_model_len=llm.max_model_len, has_tokenizer=llm.tokenizer is not None)
+    async def check_all(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        """Raise what ``LLM.add_request`` would raise for any of ``prompts`` (token ids outside the vocabulary, a
+        prompt too long or needing more pages than the pool has, ...), queueing nothing: a request of several
+        prompts is checked whole on the engine thread first, so a bad one refuses it before any of its prompts
+        reaches the engine (or its metrics)."""
+        if self.dead is not None:
+            raise EngineDead(self.dead)
+        req = _Request("check", asyncio.get_running_loop(), asyncio.Queue(), 0, time.monotonic())
+        with self._lock:
+            if self._closed:
+                raise EngineDead(self.dead or "the server is shutting down")
+            self._ops.put(("check", req, prompts, params))
+        self._wake.set()
+        answer = await req.queue.get()
+        if isinstance(answer, BaseException):
+            raise answer
 
     async def add(self, prompt: list[int], params: SamplingParams, reserved: bool = False) -> RequestStream:
         """Queue a request; returns its stream once the engine took it, or raises what
@@ -238,7 +247,10 @@ class AsyncEngine:
                     break
                 if not self.llm.has_unfinished():
                     self._publish()
-                    self._wake.wait()
+                    # (while unhealthy with nothing to run, the engine's own request is tried again now and then)
+                    if not self._wake.wait(PROBE_INTERVAL_S if self.failing is not None else None):
+                        why = self._probe()
+                        self.failing = None if why is None else f"the engine's steps keep failing: {why}"
                     self._wake.clear()
                     continue
                 try:
@@ -249,13 +261,14 @@ class AsyncEngine:
                     failures += 1
                     log.exception("engine step failed (%d in a row)", failures)
                     if failures >= MAX_FAILED_STEPS:
-                        self._end_all(EngineDead(f"the engine's steps keep failing: {e!r}"))
+                        self.failing = f"the engine's steps keep failing: {e!r}"  # (before the requests hear it)
+                        self._end_all(EngineDead(self.failing))
                         failures = 0
                         # a request of its own tells a broken engine from requests that break it
                         why = self._probe()
                         self.failing = None if why is None else f"the engine's steps keep failing: {why}"
                         if why is not None:
-                            log.error("the engine failed a one-token request too: unhealthy until a step runs")
+                            log.error("the engine failed a request of its own too: unhealthy until one runs")
                     continue
                 self._deliver(outs)
                 self._publish()
@@ -269,7 +282,7 @@ class AsyncEngine:
             with self._lock:  # anything submitted meanwhile is refused, and nothing is submitted after
                 self._closed = True
                 for op in self._queued_ops():
-                    if op[0] == "add":
+                    if op[0] in ("add", "check"):
                         self._send(op[1], EngineDead(self.dead))
 
     def _queued_ops(self) -> Iterator[tuple]:
@@ -301,6 +314,15 @@ class AsyncEngine:
                 self._send(req, None)
                 if self.metrics is not None:
                     self.metrics.request_added(len(prompt))
+            elif op[0] == "check":
+                _, req, prompts, params = op
+                try:
+                    for prompt, p in zip(prompts, params):
+                        self.llm._prepare_request(prompt, p)
+                except Exception as e:  # (a bad request: its handler answers 400)
+                    self._send(req, e)
+                else:
+                    self._send(req, None)
             elif op[0] == "cancel":
                 req = op[1]
                 if self._requests.get(req.rid) is req:
@@ -383,7 +405,8 @@ class AsyncEngine:
                     other = "error" if error is not None else "abort"
                     self.metrics.request_finished([r or other for r in req.reasons], time.monotonic() - req.arrival)
             elif self.metrics is not None:  # (cancelled, its compression still in flight: counted now)
-                self.metrics.request_finished([r or "cancelled" for r in req.reasons], time.monotonic() - req.arrival)
+                other = "error" if req.errored else "cancelled"
+                self.metrics.request_finished([r or other for r in req.reasons], time.monotonic() - req.arrival)
             del self._requests[req.rid]
         try:  # let compressions in flight land so every page is back
             for _ in range(1000):
@@ -397,10 +420,11 @@ class AsyncEngine:
         self._publish()
 
     def _probe(self) -> str | None:
-        """Run a one-token request of the engine's own (nothing else is in flight): None if it runs, else why."""
+        """Run a two-token request of the engine's own (a prefill and a decode step; nothing else is in
+        flight): None if it runs, else why."""
         rid = f"health-check-{next(self._ids)}"
         try:
-            self.llm.add_request([0], SamplingParams(max_tokens=1, temperature=0.0), request_id=rid)
+            self.llm.add_request([0], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), request_id=rid)
             for _ in range(100):
                 if all(s.finished for s in self.llm.samples(rid)):
                     return None
@@ -418,7 +442,10 @@ class AsyncEngine:
             except Exception:
                 pass
             for r in [r for r, seq in self.llm.requests.items() if seq.finished]:  # (every request ended)
-                self.llm.forget(r)
+                try:
+                    self.llm.forget(r)
+                except (KeyError, ValueError):  # (a sample still running: left to the loop)
+                    log.exception("forgetting %s failed", r)
 
     def _send(self, req: _Request, item: Any) -> None:
         _call(req.loop, req.queue.put_nowait, item)

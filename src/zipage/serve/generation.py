@@ -148,10 +148,11 @@ async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[i
     check_samples(samples, prompt_field)  # (without --max-waiting too)
     if len(prompts) > 1:  # (all or none: a bad prompt refuses the request before any other is added)
         try:
-            for prompt, p in zip(prompts, params):
-                engine.check(prompt, p)
+            await engine.check_all(prompts, params)
         except (ValueError, TypeError) as e:
             raise bad_request(e, prompt_field) from None
+        except EngineDead as e:
+            raise APIError(503, str(e)) from None
     if not engine.reserve(samples, config.max_waiting):  # (all the request's samples at once, or none)
         raise APIError(429, f"the server's waiting queue is full ({config.max_waiting} requests); retry later",
                        code="queue_full")
