@@ -50,17 +50,25 @@ def _module():
 
 def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether :class:`CudnnPrefill` can run here: the cuDNN frontend installed, a CUDA device of compute
-    capability 8.0 or above, 16-bit activations, a head dim that is a multiple of 8 up to 128."""
+    capability 9.0 or above (8.x with a cuDNN library of 9.18.1 or later: ragged layouts before Hopper), 16-bit
+    activations, a head dim that is a multiple of 8 up to 128."""
     device = torch.device(device)
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    if head_dim % 8 or head_dim > 128 or torch.cuda.get_device_capability(device)[0] < 8:
+    major = torch.cuda.get_device_capability(device)[0]
+    if head_dim % 8 or head_dim > 128 or major < 8:
         return False
-    return _module() is not None
+    cudnn = _module()
+    return cudnn is not None and (major >= 9 or cudnn.backend_version() >= 91801)
+
+
+def rows_of_heads(t: torch.Tensor) -> bool:
+    """Whether ``t`` ``[T, H, D]`` holds each row's heads contiguous (one head: any head stride)."""
+    return t.dim() == 3 and t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2])
 
 
 def _check(name: str, t: torch.Tensor, heads: int | None = None) -> None:
-    if t.dim() != 3 or t.stride(2) != 1 or t.stride(1) != t.shape[2] or (heads is not None and t.shape[1] != heads):
+    if not rows_of_heads(t) or (heads is not None and t.shape[1] != heads):
         raise ValueError(f"CudnnPrefill: {name} {tuple(t.shape)} strides {t.stride()}: expected [T, H, D] rows "
                          "with each row's heads contiguous")
 
@@ -97,24 +105,25 @@ class CudnnPrefill:
             got = self.graphs.get(key)
             if got is not None:
                 return got
-            b, s, hq, hkv, d, dtype, q_row, kv_row, o_row, scale = key
+            b, s, hq, hkv, d, dtype, q_row, k_row, v_row, o_row, scale, wide = key
             t0 = time.perf_counter()
             cudnn = self.cudnn
             io = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
             g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
                               compute_data_type=cudnn.data_type.FLOAT, handle=self.handle)
             i32 = cudnn.data_type.INT32
+            off_type = cudnn.data_type.INT64 if wide else i32  # (offsets in elements: int64 past 2^31)
 
             def offsets(name):
-                return g.tensor(name=name, dim=[b + 1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32)
+                return g.tensor(name=name, dim=[b + 1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=off_type)
 
-            q_off, kv_off, o_off = offsets("q_off"), offsets("kv_off"), offsets("o_off")
+            q_off, k_off, v_off, o_off = offsets("q_off"), offsets("k_off"), offsets("v_off"), offsets("o_off")
             q = g.tensor(name="q", dim=[b, hq, s, d], stride=[s * q_row, d, q_row, 1], data_type=io,
                          ragged_offset=q_off)
-            k = g.tensor(name="k", dim=[b, hkv, s, d], stride=[s * kv_row, d, kv_row, 1], data_type=io,
-                         ragged_offset=kv_off)
-            v = g.tensor(name="v", dim=[b, hkv, s, d], stride=[s * kv_row, d, kv_row, 1], data_type=io,
-                         ragged_offset=kv_off)
+            k = g.tensor(name="k", dim=[b, hkv, s, d], stride=[s * k_row, d, k_row, 1], data_type=io,
+                         ragged_offset=k_off)
+            v = g.tensor(name="v", dim=[b, hkv, s, d], stride=[s * v_row, d, v_row, 1], data_type=io,
+                         ragged_offset=v_off)
             lens = g.tensor(name="lens", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32)
             o, _ = g.sdpa(name="sdpa", q=q, k=k, v=v, generate_stats=False, attn_scale=scale,
                           use_causal_mask=True, use_padding_mask=True, seq_len_q=lens, seq_len_kv=lens)
@@ -122,13 +131,15 @@ class CudnnPrefill:
             o.set_ragged_offset(o_off)
             g.validate()
             g.build_operation_graph()
+            if hasattr(g, "deselect_engines"):  # (the frontend's own Python kernels rebuild ragged offsets from the
+                g.deselect_engines(["sdpa_fwd_prefill"])  # lengths, which gaps between sequences break)
             g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
             g.check_support()
             g.build_plans()
             size = g.get_workspace_size()
             if size > self.workspace.numel():
                 self.workspace = torch.empty(size, dtype=torch.uint8, device=self.device)
-            got = (g, dict(q=q, k=k, v=v, o=o, lens=lens, q_off=q_off, kv_off=kv_off, o_off=o_off))
+            got = (g, dict(q=q, k=k, v=v, o=o, lens=lens, q_off=q_off, k_off=k_off, v_off=v_off, o_off=o_off))
             self.graphs[key] = got
             self.build_seconds += time.perf_counter() - t0
             return got
@@ -139,26 +150,30 @@ class CudnnPrefill:
         hq, d = q.shape[1:]
         _check("k", k)
         _check("v", v, k.shape[1])
-        if k.shape[2] != d or v.shape[2] != d or hq % k.shape[1] or k.stride(0) != v.stride(0) \
-                or not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
+        if starts.numel() != lens.numel() + 1:
+            raise ValueError(f"CudnnPrefill: {starts.numel()} starts for {lens.numel()} sequences (expected one more)")
+        if k.shape[2] != d or v.shape[2] != d or hq % k.shape[1] or not (q.dtype == k.dtype == v.dtype) \
+                or q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"CudnnPrefill: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
                              f"({q.dtype}, {k.dtype}, {v.dtype}): expected 16-bit tensors of one head dim, query "
-                             "heads a multiple of KV heads, keys' and values' rows equally far apart")
+                             "heads a multiple of KV heads")
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         _check("out", out, hq)
         b = lens.numel()
         if self.pad_batch and b & (b - 1):
             extra = (1 << b.bit_length()) - b  # empty sequences at the end (each starts where the last ends)
-            starts = torch.cat([starts.to(torch.int32), starts[-1:].to(torch.int32).expand(extra)])
+            starts = torch.cat([starts.to(torch.int64), starts[-1:].to(torch.int64).expand(extra)])
             lens = torch.cat([lens.to(torch.int32), lens.new_zeros(extra, dtype=torch.int32)])
             b += extra
-        key = (b, length_bucket(max_len), hq, k.shape[1], d, q.dtype, q.stride(0), k.stride(0), out.stride(0),
-               float(scale))
+        rows = (q.stride(0), k.stride(0), v.stride(0), out.stride(0))
+        wide = max(q.shape[0], k.shape[0], v.shape[0], out.shape[0]) * max(rows) >= 2**31
+        key = (b, length_bucket(max_len), hq, k.shape[1], d, q.dtype, *rows, float(scale), wide)
         g, t = self._graph(key)
-        cu = starts.to(torch.int32).view(b + 1, 1, 1, 1)
+        cu = starts.to(torch.int64 if wide else torch.int32).view(b + 1, 1, 1, 1)
         pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["lens"]: lens.to(torch.int32).view(b, 1, 1, 1),
-                t["q_off"]: cu * q.stride(0), t["kv_off"]: cu * k.stride(0), t["o_off"]: cu * out.stride(0)}
+                t["q_off"]: cu * rows[0], t["k_off"]: cu * rows[1], t["v_off"]: cu * rows[2],
+                t["o_off"]: cu * rows[3]}
         self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
         g.execute(pack, self.workspace, handle=self.handle)
         return out

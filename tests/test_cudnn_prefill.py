@@ -48,7 +48,7 @@ class StandIn:
 
     calls: list = []
 
-    def __init__(self, device):
+    def __init__(self, device, pad_batch=False):
         self.device = device
 
     def __call__(self, q, k, v, starts, lens, max_len, scale, out=None):
@@ -56,7 +56,7 @@ class StandIn:
         s, n = starts.tolist(), lens.tolist()
         assert max_len == max(n) and all(a + m <= b for a, m, b in zip(s, n, s[1:])) and s[-1] <= q.shape[0]
         for t in (q, k, v) + ((out,) if out is not None else ()):
-            assert t.stride(2) == 1 and t.stride(1) == t.shape[2]
+            assert cudnn_prefill.rows_of_heads(t)
         StandIn.calls.append(n)
         return ragged_prefill_reference(q, k, v, s[:-1], n, scale, out=out)
 
@@ -106,20 +106,29 @@ def test_asking_for_cudnn_where_it_cannot_run_says_what_it_needs(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cudnn_ragged_attention_matches_dense_math(dtype):
+@pytest.mark.parametrize("dtype, lens, pad", [(torch.bfloat16, [300, 1024, 77, 2049], False),
+                                              (torch.float16, [300, 1024, 77, 2049], False),
+                                              (torch.bfloat16, [300, 1000, 77], True)])
+def test_cudnn_ragged_attention_matches_dense_math(dtype, lens, pad):
+    """Sequences with other rows between them and after the last, keys and values as views of one fused
+    projection (row strides of their own), NaN rows past the step's rows: each sequence's rows as dense math,
+    no other row written; with the batch padded by empty sequences too."""
     if not cudnn_prefill.available(torch.device("cuda"), dtype, 128):
         pytest.skip("needs `pip install nvidia-cudnn-frontend`")
-    lens, gaps = [300, 1024, 77, 2049], [0, 50, 3, 200]
+    gaps = [0, 50, 3, 200][: len(lens)]
     T = sum(lens) + sum(gaps) + 5
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(T, h, 128, device="cuda", dtype=dtype, generator=g) for h in (32, 8, 8))
+    fused = torch.full((T + 64, (32 + 8 + 8) * 128), float("nan"), device="cuda", dtype=dtype)
+    fused[:T] = torch.randn(T, fused.shape[1], device="cuda", dtype=dtype, generator=g)
+    q = fused[:T, : 32 * 128].view(T, 32, 128)
+    k = fused[:T, 32 * 128 : 40 * 128].view(T, 8, 128)
+    v = fused[:T, 40 * 128 :].view(T, 8, 128)
     starts, a = [], 0
     for n, gap in zip(lens, gaps):
         a += gap
         starts.append(a)
         a += n
-    prefill = cudnn_prefill.CudnnPrefill(torch.device("cuda"))
+    prefill = cudnn_prefill.CudnnPrefill(torch.device("cuda"), pad_batch=pad)
     out = torch.full_like(q, 7.0)
     s = torch.tensor(starts + [a], dtype=torch.int32, device="cuda")
     prefill(q, k, v, s, torch.tensor(lens, dtype=torch.int32, device="cuda"), max(lens), 128**-0.5, out=out)

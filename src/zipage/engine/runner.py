@@ -154,11 +154,9 @@ def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.T
     not given): cuDNN's ragged attention or PyTorch's fused attention in length buckets."""
     if not isinstance(fresh, CudnnWhole):
         return fresh_prefill_attention(q, k, v, fresh, scale, out=out)
-    rows = [t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous() for t in (q, k, v)]
-    if rows[1].stride(0) != rows[2].stride(0):
-        rows[1], rows[2] = rows[1].contiguous(), rows[2].contiguous()
+    rows = [t if cudnn_prefill.rows_of_heads(t) else t.contiguous() for t in (q, k, v)]
     target = out
-    if out is not None and not (out.stride(2) == 1 and out.stride(1) == out.shape[2]):
+    if out is not None and not cudnn_prefill.rows_of_heads(out):
         target = torch.empty(out.shape, dtype=out.dtype, device=out.device)
     got = r.cudnn_prefill(*rows, fresh.starts, fresh.lens, fresh.max_len, scale, out=target)
     if out is not None and target is not out:
@@ -485,7 +483,8 @@ class ModelRunner:
         self.fusion = ModelFusion.find(model) if fuse_ops and use_triton(self.k_pool) else ModelFusion()
         # whole prompts through PyTorch's fused attention (not with exact tails, whose prefill reads the rings)
         self.fresh_prefill = None if self.exact_tail else fresh_prefill_default(self.device, self.dtype, D)
-        self.cudnn_prefill = cudnn_prefill.CudnnPrefill(self.device) if self.fresh_prefill == "cudnn" else None
+        self.cudnn_prefill = (cudnn_prefill.CudnnPrefill(self.device, pad_batch=True) if self.fresh_prefill == "cudnn"
+                              else None)
         self.fresh_prefill_tokens = 0  # prompt tokens the fused attention has served (host count)
 
     @staticmethod
