@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from test_fresh_prefill import mixed_steps, prompts_of
 
 import zipage.engine.runner as runner_mod
 from zipage import LLM, SamplingParams
@@ -69,11 +70,6 @@ def run(monkeypatch, model, prompts, route, **kw):
     return [o.token_ids for o in outs], llm.runner
 
 
-def prompts_of(lengths, seed=0, prefix=()):
-    g = torch.Generator().manual_seed(seed)
-    return [list(prefix) + torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
-
-
 @pytest.mark.parametrize("budget", [None, 32])
 def test_engine_gives_the_same_tokens_with_whole_prompts_through_the_ragged_route(monkeypatch, budget):
     """Mixed steps (whole prompts of every length, one after a cached prefix, chunks after the first, decode rows):
@@ -82,9 +78,7 @@ def test_engine_gives_the_same_tokens_with_whole_prompts_through_the_ragged_rout
     model = tiny_model("qwen3")
     shared = prompts_of((40,), seed=3)[0]
     prompts = prompts_of((37, 128, 5, 90, 128, 200, 60), seed=1) + prompts_of((20, 9), seed=2, prefix=shared)
-    kw = dict(budget=budget, max_num_batched_tokens=320, max_num_seqs=4)
-    if budget is not None:
-        kw.update(buffer=8)
+    kw = mixed_steps(budget)
     StandIn.calls = []
     base, r0 = run(monkeypatch, model, prompts, None, **kw)
     assert not StandIn.calls and r0.fresh_prefill_tokens == 0

@@ -85,6 +85,11 @@ def prompts_of(lengths, seed=0, prefix=()):
     return [list(prefix) + torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
 
 
+def mixed_steps(budget):
+    """Engine settings whose steps mix whole prompts, chunks and decode rows (a buffer of 8 with a budget)."""
+    return dict(budget=budget, max_num_batched_tokens=320, max_num_seqs=4, **({} if budget is None else dict(buffer=8)))
+
+
 @pytest.mark.parametrize("budget, copy_min", [(None, None), (None, 0), (32, 0)])
 def test_engine_gives_the_same_tokens_with_whole_prompts_through_fused_attention(monkeypatch, budget, copy_min):
     """Mixed steps: whole prompts (in place and copied), a cached prefix, chunks after the first, decode rows."""
@@ -92,9 +97,7 @@ def test_engine_gives_the_same_tokens_with_whole_prompts_through_fused_attention
     shared = prompts_of((40,), seed=3)[0]
     # step 1: 37, 128, 128 and 27 of 90 tokens (the fused attention's batch between two the kernel serves), ...
     prompts = prompts_of((37, 128, 128, 90, 128, 200, 60), seed=1) + prompts_of((20, 9), seed=2, prefix=shared)
-    kw = dict(budget=budget, max_num_batched_tokens=320, max_num_seqs=4)
-    if budget is not None:
-        kw.update(buffer=8)
+    kw = mixed_steps(budget)
     base, r0 = run_engine(monkeypatch, False, model, prompts, **kw)
     got, r1 = run_engine(monkeypatch, True, model, prompts, copy_min=copy_min, **kw)
     assert r0.fresh_prefill_tokens == 0 and not r0.fresh_prefill

@@ -1237,20 +1237,26 @@ def test_health_is_503_while_every_step_fails_and_200_once_one_runs(checkpoint):
         layer.forward = forward
 
 
+def failing_steps(llm, when, message):
+    """``llm.step`` raises ``message`` while ``when(the running and waiting sequences)`` holds."""
+    step = llm.step
+
+    def failing_step():
+        if when(llm.scheduler.running + list(llm.scheduler.waiting)):
+            raise RuntimeError(message)
+        return step()
+
+    llm.step = failing_step
+
+
 def test_a_request_that_breaks_its_steps_leaves_the_server_healthy(checkpoint):
     """Steps failing because of one request (not the engine) end it with a 503; the engine's own one-token
     request runs, so /health stays 200 and the next request is served."""
     model, tok = checkpoint
     llm = LLM(model, tok, **ENGINE)
-    step = llm.step
     poison = tok("POISON")["input_ids"]
-
-    def failing_step():
-        if any(s.prompt_token_ids[: len(poison)] == poison for s in llm.scheduler.running + list(llm.scheduler.waiting)):
-            raise RuntimeError("injected: this request breaks its steps")
-        return step()
-
-    llm.step = failing_step
+    failing_steps(llm, lambda seqs: any(s.prompt_token_ids[: len(poison)] == poison for s in seqs),
+                  "injected: this request breaks its steps")
     config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
     with thread_server(llm, config) as (url, engine):
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "POISON x", "max_tokens": 4}, timeout=60)
@@ -1269,14 +1275,8 @@ def test_an_engine_whose_decode_steps_fail_is_unhealthy(checkpoint, monkeypatch)
     monkeypatch.setattr(client_mod, "PROBE_INTERVAL_S", 0.2)
     model, tok = checkpoint
     llm = LLM(model, tok, **ENGINE)
-    step, broken = llm.step, {"on": True}
-
-    def failing_step():
-        if broken["on"] and any(s.output_ids for s in llm.scheduler.running):
-            raise RuntimeError("injected: decoding fails")
-        return step()
-
-    llm.step = failing_step
+    broken = {"on": True}
+    failing_steps(llm, lambda seqs: broken["on"] and any(s.output_ids for s in seqs), "injected: decoding fails")
     config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
     with thread_server(llm, config) as (url, engine):
         r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "x", "max_tokens": 4}, timeout=60)
