@@ -466,7 +466,7 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
       | tee "$OUT/cudnn_prefill_probe.log" | tail -30
     timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py 2>&1 \
       | tee "$OUT/gpu_tests_s52.log" | tail -4
-    for fresh in 0 cudnn; do
+    [ -n "${NO_ENGINE:-}" ] || for fresh in 0 cudnn; do  # (NO_ENGINE=1: the probe and the tests only)
       ZIPAGE_FRESH_PREFILL=$fresh timeout 110 python3 benchmarks/throughput.py --workload long-prompt \
         --prompt-len 512,4096 --requests 64 --max-tokens 64 --kv-gib 40 --systems zipage-2048 \
         --out "$OUT/ragged_prompts_fresh_$fresh.json" 2>&1 | tail -1
