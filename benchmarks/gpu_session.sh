@@ -112,6 +112,10 @@
 #              heads a program, keys and values apart, warps) in both trees, and a compression's stable sort
 #              against topk; STAGE=b the engine's FP8 decode step: before, after, and after with LAUNCH
 set -uo pipefail
+if [ -z "${PART:-}" ]; then  # (an old part run by mistake costs a session's GPU time: name the one you want)
+  echo "gpu_session.sh: set PART to one of the parts listed at the top of this file (e.g. PART=s52)" >&2
+  exit 2
+fi
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # (absolute: parts that run the tree before, carried as .before, cd into it)
@@ -127,7 +131,7 @@ fp8_value_layouts() {
       --out "$OUT/throughput_qwen3-8b_$3_dm$dm.json" 2>&1 | tail -3
   done
 }
-case "${PART:-final}" in
+case "$PART" in
   ncu)
     for kind in ${KINDS:-fp8 bf16}; do  # (the reports stay on the machine: only text comes back)
       if [ $kind = fp8 ]; then K="regex:_decode_split_fp8"; else K="regex:^_decode_split_kernel"; fi
