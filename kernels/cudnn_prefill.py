@@ -6,18 +6,20 @@ shapes: ``kernels/fresh_prefill.py``) takes such a batch in *ragged* form: every
 ``[B, H, S_max, D]`` with a device tensor of each sequence's first element (its ragged offset) and each
 sequence's length (a padding mask), so ragged prompts need no padding copy, and the prompts need not lie one
 after another (other rows of the step between them are neither read nor written). PyTorch's own ragged cuDNN
-call builds a new plan on every call (~40 ms on the H100); here a graph is built once per (sequences, length
+call builds a new plan on every call (34-49 ms on the H100); here a graph is built once per (sequences, length
 bucket, shapes) and reused: the lengths and offsets are device tensors the plan reads at run time.
 
 This needs NVIDIA's cuDNN frontend for Python (``pip install nvidia-cudnn-frontend``, the ``cudnn`` module),
 which reuses the cuDNN library PyTorch loads. Without it, or off CUDA, :func:`available` is false and the
-engine keeps the Triton prefill kernel. :func:`ragged_prefill_reference` is the dense math, on any device.
+engine refuses ``ZIPAGE_FRESH_PREFILL=cudnn`` saying why (:func:`unavailable`).
+:func:`ragged_prefill_reference` is the dense math, on any device.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 import threading
 import time
 
@@ -48,18 +50,33 @@ def _module():
     return cudnn
 
 
-def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether :class:`CudnnPrefill` can run here: the cuDNN frontend installed, a CUDA device of compute
-    capability 9.0 or above (8.x with a cuDNN library of 9.18.1 or later: ragged layouts before Hopper), 16-bit
-    activations, a head dim that is a multiple of 8 up to 128."""
+def unavailable(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why :class:`CudnnPrefill` cannot run here, or None if it can: it needs the cuDNN frontend 1.13 or later
+    installed, a CUDA device of compute capability 9.0 or above (8.x with a cuDNN library of 9.18.1 or later:
+    ragged layouts before Hopper), 16-bit activations and a head dim that is a multiple of 8 up to 128."""
     device = torch.device(device)
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return False
-    major = torch.cuda.get_device_capability(device)[0]
-    if head_dim % 8 or head_dim > 128 or major < 8:
-        return False
+    if device.type != "cuda":
+        return f"it runs on CUDA devices, not {device}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"it takes 16-bit activations, not {dtype}"
+    if head_dim % 8 or head_dim > 128:
+        return f"it takes head dims that are multiples of 8 up to 128, not {head_dim}"
     cudnn = _module()
-    return cudnn is not None and (major >= 9 or cudnn.backend_version() >= 91801)
+    if cudnn is None:
+        return "NVIDIA's cuDNN frontend is not installed (pip install -e \".[cudnn]\") or finds no cuDNN library"
+    version = tuple(int(x) for x in re.findall(r"\d+", getattr(cudnn, "__version__", "0"))[:2])
+    if version < (1, 13):
+        return f"it needs the cuDNN frontend 1.13 or later, not {cudnn.__version__}"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major < 9 and (major < 8 or cudnn.backend_version() < 91801):
+        return (f"ragged attention needs a GPU of compute capability 9.0 or above, or 8.x with cuDNN 9.18.1 or "
+                f"later (this one: {major}.x, cuDNN {cudnn.backend_version()})")
+    return None
+
+
+def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether :class:`CudnnPrefill` can run here (:func:`unavailable` says why not)."""
+    return unavailable(device, dtype, head_dim) is None
 
 
 def rows_of_heads(t: torch.Tensor) -> bool:
@@ -100,7 +117,8 @@ class CudnnPrefill:
         self.build_seconds = 0.0
 
     def _graph(self, key: tuple):
-        """The built graph of ``key`` (B, S_max, H_q, H_kv, D, dtype, row strides of q, k/v and out, scale)."""
+        """The built graph of ``key`` (B, S_max, H_q, H_kv, D, dtype, row strides of q, k, v and out, scale,
+        whether offsets are int64)."""
         with self.lock:
             got = self.graphs.get(key)
             if got is not None:
@@ -160,6 +178,8 @@ class CudnnPrefill:
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         _check("out", out, hq)
+        if out.dtype != q.dtype:
+            raise ValueError(f"CudnnPrefill: out is {out.dtype}, the queries {q.dtype}")
         b = lens.numel()
         if self.pad_batch and b & (b - 1):
             extra = (1 << b.bit_length()) - b  # empty sequences at the end (each starts where the last ends)

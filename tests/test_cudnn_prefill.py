@@ -89,10 +89,16 @@ def test_engine_gives_the_same_tokens_with_whole_prompts_through_the_ragged_rout
     assert any(len(call) > 1 for call in StandIn.calls)  # (several prompts of a step in one call)
 
 
-def test_asking_for_cudnn_where_it_cannot_run_says_what_it_needs(monkeypatch):
+def test_asking_for_cudnn_where_it_cannot_run_says_why(monkeypatch):
     monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "cudnn")
-    with pytest.raises(RuntimeError, match="pip install nvidia-cudnn-frontend"):
+    with pytest.raises(RuntimeError, match="cannot run here: it runs on CUDA devices, not cpu"):
         LLM(tiny_model("llama"), budget=None, page_size=8, num_pages=32)
+    cuda = torch.device("cuda")  # (the reasons before any CUDA call: no GPU needed)
+    assert "16-bit activations, not torch.float32" in cudnn_prefill.unavailable(cuda, torch.float32, 128)
+    assert "head dims that are multiples of 8 up to 128, not 256" in cudnn_prefill.unavailable(cuda, torch.bfloat16,
+                                                                                                256)
+    monkeypatch.setattr(cudnn_prefill, "_module", lambda: None)
+    assert 'pip install -e ".[cudnn]"' in cudnn_prefill.unavailable(cuda, torch.bfloat16, 128)
     monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "0")
     assert runner_mod.fresh_prefill_default(torch.device("cpu"), torch.bfloat16, 128) is None
     assert not cudnn_prefill.available(torch.device("cpu"), torch.bfloat16, 128)

@@ -1205,7 +1205,7 @@ def _success(url: str) -> dict[str, float]:
 
 def test_health_is_503_while_every_step_fails_and_200_once_one_runs(checkpoint):
     """A forward that keeps failing (a broken device) ends what is in flight with a 503, counted as "error"
-    (not "abort"); the engine's own one-token request fails too, so /health says 503 (a load balancer stops
+    (not "abort"); the engine's own request fails too, so /health says 503 (a load balancer stops
     sending), until a step runs again."""
     model, tok = checkpoint
     llm = LLM(model, tok, **ENGINE)
@@ -1250,7 +1250,7 @@ def failing_steps(llm, when, message):
 
 
 def test_a_request_that_breaks_its_steps_leaves_the_server_healthy(checkpoint):
-    """Steps failing because of one request (not the engine) end it with a 503; the engine's own one-token
+    """Steps failing because of one request (not the engine) end it with a 503; the engine's own
     request runs, so /health stays 200 and the next request is served."""
     model, tok = checkpoint
     llm = LLM(model, tok, **ENGINE)
@@ -1348,7 +1348,8 @@ def test_success_counts_each_sample_by_its_reason_and_a_refused_request_counts_n
         "model": NAME, "prompt": [[5, 6, 7], [5, 10 ** 9]], "max_tokens": 3, "n": 2})
     assert r.status_code == 400 and "prompt token ids" in r.json()["error"]["message"]
     m1 = metrics(url)
-    for name in ("zipage:prompt_tokens_total", "zipage:request_success_total", "zipage:e2e_request_latency_seconds_count"):
+    for name in ("zipage:prompt_tokens_total", "zipage:request_success_total",
+                 "zipage:e2e_request_latency_seconds_count"):
         assert m1.get(name, 0) == m0.get(name, 0), name
 
 

@@ -31,7 +31,7 @@ def decode_output(tokenizer: Any, prompt_ids: Any, ids: Any, skip_special_tokens
     text = _decode_output(tokenizer, prompt_ids, ids, skip_special_tokens)
     if text.endswith(_UNFINISHED) and len(ids) > 1:
         ids = list(ids)
-        for k in range(1, min(4, len(ids))):  # (a character is at most 4 bytes)
+        for k in range(1, min(IncrementalText.MAX_HELD, len(ids))):  # (a character is at most 4 bytes)
             part = _decode_output(tokenizer, prompt_ids, ids[: len(ids) - k], skip_special_tokens)
             if not part.endswith(_UNFINISHED):
                 if len(part) > len(text.rstrip(_UNFINISHED)):
@@ -94,8 +94,8 @@ class IncrementalText:
         return new
 
     def add(self, tokenizer: Any, ids: Any, skip_special_tokens: bool = True) -> str:
-        """Decode what ``ids`` (the whole output so far) adds; returns the new text ('' while a
-        character is still incomplete)."""
+        """Decode what ``ids`` (the whole output so far) adds; returns the new text: '' while nothing new is
+        complete (the text of the tokens before an incomplete character comes out)."""
         new_ids = ids[self.consumed:]
         self.consumed = len(ids)
         if skip_special_tokens:
@@ -103,8 +103,8 @@ class IncrementalText:
                 self._special = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
             if self._special:
                 new_ids = [t for t in new_ids if t not in self._special]
-            if not new_ids:
-                return ""
+        if not new_ids:
+            return ""
         self.window += new_ids
         if self.prefix_text is None:
             self.prefix_text = self._decode(tokenizer, self.read, skip_special_tokens)
@@ -136,7 +136,7 @@ class IncrementalText:
             return ""
         return self._emit(full[len(prefix):], len(self.window))
 
-    def held_text(self, tokenizer: Any, skip_special_tokens: bool = True) -> int:
+    def held_chars(self, tokenizer: Any, skip_special_tokens: bool = True) -> int:
         """Characters of complete text the held tokens decode to before their incomplete character (the
         space a ``Ġ`` token carries before a character's first bytes), 0 when not ``holding``."""
         if not self.holding:

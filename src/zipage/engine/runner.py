@@ -94,7 +94,8 @@ def dim_major_values(kv_cache_dtype: str, page_size: int, head_dim: int,
 FRESH_COPY_MIN: int | None = None
 
 
-# whether whole prompts go to cuDNN's ragged attention by default where the cuDNN frontend is installed
+# whether whole prompts go to cuDNN's ragged attention by default where the cuDNN frontend is installed (a switch
+# for when a GPU has measured it: off until then)
 CUDNN_PREFILL_DEFAULT = False
 
 
@@ -111,11 +112,9 @@ def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: in
     ``device``, ``dtype`` and ``head_dim`` must suit it too (16-bit or float32 on a CPU, head dims up to 256)."""
     value = environment.value("ZIPAGE_FRESH_PREFILL")
     if value == "cudnn":
-        if not cudnn_prefill.available(device, dtype, head_dim):
-            raise RuntimeError(
-                f"ZIPAGE_FRESH_PREFILL=cudnn: cuDNN's ragged attention cannot run here ({device}, {dtype}, head dim "
-                f"{head_dim}): it needs `pip install nvidia-cudnn-frontend`, a CUDA GPU of compute capability 8.0 "
-                "or above, 16-bit activations and a head dim that is a multiple of 8 up to 128")
+        why = cudnn_prefill.unavailable(device, dtype, head_dim)
+        if why is not None:
+            raise RuntimeError(f"ZIPAGE_FRESH_PREFILL=cudnn: cuDNN's ragged attention cannot run here: {why}")
         return "cudnn"
     if value == "" and CUDNN_PREFILL_DEFAULT and cudnn_prefill.available(device, dtype, head_dim):
         return "cudnn"
@@ -139,29 +138,29 @@ class FreshRest:
 
 @dataclass
 class CudnnWhole:
-    """A step's whole prompts for cuDNN's ragged attention: their indices in the step's prefill list, the packed
-    row each starts at (``starts`` ``[B + 1]`` int32, the last entry the row after the last), their lengths."""
+    """A step's whole prompts for cuDNN's ragged attention: the packed row each starts at (``starts`` ``[B + 1]``
+    int32, the last entry the row after the last), their lengths."""
 
-    seqs: tuple[int, ...]
     starts: torch.Tensor
     lens: torch.Tensor
     max_len: int
 
 
 def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    fresh: list[FreshBatch] | CudnnWhole, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                    fresh: list[FreshBatch] | CudnnWhole, scale: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """The planned whole prompts' attention over their own keys and values, into their rows of ``out`` (new if
     not given): cuDNN's ragged attention or PyTorch's fused attention in length buckets."""
     if not isinstance(fresh, CudnnWhole):
         return fresh_prefill_attention(q, k, v, fresh, scale, out=out)
-    rows = [t if cudnn_prefill.rows_of_heads(t) else t.contiguous() for t in (q, k, v)]
+    qkv = [t if cudnn_prefill.rows_of_heads(t) else t.contiguous() for t in (q, k, v)]
     target = out
     if out is not None and not cudnn_prefill.rows_of_heads(out):
         target = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    got = r.cudnn_prefill(*rows, fresh.starts, fresh.lens, fresh.max_len, scale, out=target)
+    got = r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=target)
     if out is not None and target is not out:
-        for b, a in zip(fresh.lens.tolist(), fresh.starts.tolist()):  # (never expected: the step's rows as made)
-            out[a:a + b] = got[a:a + b]
+        for n, a in zip(fresh.lens.tolist(), fresh.starts.tolist()):  # (never expected: the step's rows as made)
+            out[a:a + n] = got[a:a + n]
         return out
     return got
 
@@ -206,8 +205,8 @@ class StepMeta:
     decode_pos: torch.Tensor | None = None  # [Bd]
     decode_exact: torch.Tensor | None = None  # [Bd] int32
     tail: tuple | None = None  # (made by the first layer of each forward: first ring rows, paged lens)
-    # whole prompts through PyTorch's fused attention (full layers without window, sinks or softcap): the plan's
-    # calls, and the prefill sequences left to the paged kernel (None: none left)
+    # whole prompts through PyTorch's fused attention or cuDNN's ragged attention (full layers without window, sinks
+    # or softcap): the plan's calls (or the ragged call's rows), and the prefill sequences left to the paged kernel
     fresh: list[FreshBatch] | CudnnWhole | None = None
     fresh_rest: FreshRest | None = None
     layers: set[int] = field(default_factory=set)  # the layers whose attention ran through the engine
@@ -481,11 +480,12 @@ class ModelRunner:
         # the model's RMSNorms and RoPE as fused kernels inside the engine's forwards, its q/k/v and
         # gate/up GEMMs merged (the weights become slices of one tensor), SiLU-gate fused (CUDA only)
         self.fusion = ModelFusion.find(model) if fuse_ops and use_triton(self.k_pool) else ModelFusion()
-        # whole prompts through PyTorch's fused attention (not with exact tails, whose prefill reads the rings)
+        # whole prompts through PyTorch's fused attention or cuDNN's ragged attention ("sdpa", "cudnn" or None; not
+        # with exact tails, whose prefill reads the rings)
         self.fresh_prefill = None if self.exact_tail else fresh_prefill_default(self.device, self.dtype, D)
-        self.cudnn_prefill = (cudnn_prefill.CudnnPrefill(self.device, pad_batch=True) if self.fresh_prefill == "cudnn"
-                              else None)
-        self.fresh_prefill_tokens = 0  # prompt tokens the fused attention has served (host count)
+        self.cudnn_prefill = (cudnn_prefill.CudnnPrefill(self.device, pad_batch=True)
+                              if self.fresh_prefill == "cudnn" else None)
+        self.fresh_prefill_tokens = 0  # prompt tokens those routes have served (host count)
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool, kv_cache_dtype: str = "auto",
@@ -635,7 +635,8 @@ class ModelRunner:
 
     def _fresh_meta(self, meta: StepMeta, prefill: list[tuple[Sequence, int]]) -> None:
         """Plan the step's whole prompts (nothing stored or computed before the chunk) for PyTorch's fused
-        attention (``StepMeta.fresh``) and describe the prefill sequences it leaves (``StepMeta.fresh_rest``)."""
+        attention or cuDNN's ragged attention (``StepMeta.fresh``) and describe the prefill sequences left to the
+        paged kernel (``StepMeta.fresh_rest``)."""
         starts, a = [], 0
         for _, n in prefill:
             starts.append(a)
@@ -646,8 +647,8 @@ class ModelRunner:
         if self.fresh_prefill == "cudnn":  # every whole prompt, where it lies in the step's rows
             rows, lens = [starts[b] for b in whole], [prefill[b][1] for b in whole]
             i32 = dict(dtype=torch.int32, device=self.device)
-            meta.fresh = CudnnWhole(tuple(whole), torch.tensor(rows + [rows[-1] + lens[-1]], **i32),
-                                    torch.tensor(lens, **i32), max(lens))
+            meta.fresh = CudnnWhole(torch.tensor(rows + [rows[-1] + lens[-1]], **i32), torch.tensor(lens, **i32),
+                                    max(lens))
             served = set(whole)
         else:
             plan = plan_fresh([prefill[b][1] for b in whole], [starts[b] for b in whole], self.device,

@@ -165,7 +165,7 @@ class ChoiceState:
                 own = self.tokenizer.decode([self.token_ids[i]], skip_special_tokens=self.skip_special_tokens)
                 if own and not own.endswith(_UNFINISHED) and len(own) < len(new) and new.endswith(own):
                     before = length + len(new) - len(own)
-            self._held = text.held_text(self.tokenizer, self.skip_special_tokens) if text.holding else 0
+            self._held = text.held_chars(self.tokenizer, self.skip_special_tokens) if text.holding else 0
             self._offsets.append(before)
         return self._offsets[start:]
 

@@ -147,7 +147,7 @@ class AsyncEngine:
         self._stopping = False
         self._closed = False  # the loop has ended and drained its queue: adds are refused
         self.dead: str | None = None  # why the loop stopped
-        # why the engine is not healthy while it runs: its steps kept failing and a one-token request failed too
+        # why the engine is not healthy while it runs: its steps kept failing and a request of its own failed too
         # (cleared by the next step that runs); /health answers 503 meanwhile
         self.failing: str | None = None
         self.stats: dict[str, Any] = llm.stats()  # published after every step, read by /metrics
@@ -429,7 +429,7 @@ class AsyncEngine:
                 if all(s.finished for s in self.llm.samples(rid)):
                     return None
                 self.llm.step()
-            return "a one-token request did not finish in 100 steps"
+            return "the engine's own request did not finish in 100 steps"
         except Exception as e:
             return repr(e)
         finally:
@@ -439,13 +439,14 @@ class AsyncEngine:
                     if not self.llm.has_unfinished():
                         break
                     self.llm.step()
-            except Exception:
-                pass
-            for r in [r for r, seq in self.llm.requests.items() if seq.finished]:  # (every request ended)
-                try:
-                    self.llm.forget(r)
-                except (KeyError, ValueError):  # (a sample still running: left to the loop)
-                    log.exception("forgetting %s failed", r)
+                self.llm.forget(rid)
+            except Exception as e:  # (a failing engine may not let it finish: the next probe forgets it)
+                log.debug("the engine's own request %s was not forgotten: %r", rid, e)
+                for r in [r for r in self.llm.requests if r.startswith("health-check-")]:
+                    try:
+                        self.llm.forget(r)
+                    except (KeyError, ValueError):
+                        pass
 
     def _send(self, req: _Request, item: Any) -> None:
         _call(req.loop, req.queue.put_nowait, item)

@@ -63,7 +63,8 @@ class ServerMetrics:
         labels = dict(labelnames=["model_name"], registry=self.registry)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of the requests taken.", **labels)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", **labels)
-        self.success = Counter(PREFIX + "request_success", "Samples finished (each of a request's n), by finish reason.",
+        self.success = Counter(PREFIX + "request_success",
+                               "Samples finished (each of a request's n), by finish reason.",
                                labelnames=["model_name", "finished_reason"], registry=self.registry)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to the first token.",
                               buckets=LATENCY_BUCKETS, **labels)
