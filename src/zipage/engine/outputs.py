@@ -255,16 +255,16 @@ class OutputProcessor:
         hits = [i for i in (window.find(s, max(0, len(overlap) - len(s) + 1)) for s in seq.params.stop) if i >= 0]
         return before - len(overlap) + min(hits) if hits else None
 
-    def _cut_at_stop(self, seq: Sequence, text: str) -> str | None:
-        """``text`` cut at its first stop string that ends where stop strings count, or None if none does."""
-        start = seq.stop_from
-        if start is None:  # (no text came since they count: all the text so far is the first min_tokens')
+    @staticmethod
+    def _cut_at_stop(seq: Sequence, text: str, start: int | None = None) -> str | None:
+        """``text`` cut at its first stop string that ends past ``start`` (where stop strings count: by default
+        ``seq.stop_from``, or all the text decoded so far where no text came since they count), None if none does."""
+        if start is None:
+            start = seq.stop_from
+        if start is None:
             start = seq.detokenizer.length if seq.detokenizer is not None else 0
         hits = [(i, s) for i, s in ((text.find(s, max(0, start - len(s) + 1)), s) for s in seq.params.stop) if i >= 0]
-        if not hits:
-            return None
-        at, stop = min(hits, key=lambda h: (h[0], -len(h[1])))
-        return text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
+        return _cut(seq, text, hits) if hits else None
 
     def _final_text(self, seq: Sequence, stop_at: int | None, by_token: bool = False) -> str:
         """The finished request's text. A request stopped by a token (EOS or one of ``stop_token_ids``) leaves that
@@ -278,10 +278,16 @@ class OutputProcessor:
         # the whole decode and the incremental one agree but for rare tokenizer clean-ups: cut at
         # the first stop string of the whole text that ends where stop strings count (past the text
         # of the first ``min_tokens`` tokens), and at the incremental position otherwise
-        start = seq.stop_from or 0  # (a stop string must end past it)
-        hits = [(i, s) for i, s in ((text.find(s, max(0, start - len(s) + 1)), s) for s in seq.params.stop) if i >= 0]
-        if not hits:
-            text = seq.detokenizer.text()
-            hits = [(stop_at, s) for s in seq.params.stop if text.startswith(s, stop_at)] or [(stop_at, "")]
-        at, stop = min(hits, key=lambda h: (h[0], -len(h[1])))  # the first; the longest of those starting there
-        return text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]
+        cut = self._cut_at_stop(seq, text, seq.stop_from or 0)
+        if cut is not None:
+            return cut
+        text = seq.detokenizer.text()
+        hits = [(stop_at, s) for s in seq.params.stop if text.startswith(s, stop_at)]
+        return _cut(seq, text, hits or [(stop_at, "")])
+
+
+def _cut(seq: Sequence, text: str, hits: list[tuple[int, str]]) -> str:
+    """``text`` cut at the first of ``hits`` (position, stop string; the longest of those starting there), the stop
+    string kept with ``include_stop_str_in_output``."""
+    at, stop = min(hits, key=lambda h: (h[0], -len(h[1])))
+    return text[: at + len(stop)] if seq.params.include_stop_str_in_output else text[:at]

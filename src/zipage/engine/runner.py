@@ -33,9 +33,8 @@ from .. import environment
 from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
-from ..kernels import kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
+from ..kernels import cudnn_prefill, kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
 from ..kernels.exact_tail import exact_tail_merge
-from ..kernels import cudnn_prefill
 from ..kernels.fresh_prefill import FreshBatch, fresh_prefill_attention, plan_fresh
 from ..kernels.fp8 import QUANTIZED_KV, SCALE_DTYPE, query_weighting, rotate, value_pool
 from ..kernels.fp8 import kv_rotation as rotation_for
@@ -149,20 +148,15 @@ class CudnnWhole:
 def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     fresh: list[FreshBatch] | CudnnWhole, scale: float,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """The planned whole prompts' attention over their own keys and values, into their rows of ``out`` (new if
-    not given): cuDNN's ragged attention or PyTorch's fused attention in length buckets."""
+    """The planned whole prompts' attention over their own keys and values, written into their rows of ``out``
+    (new if not given; a copy if its rows do not hold their heads contiguous): cuDNN's ragged attention or
+    PyTorch's fused attention in length buckets. Returns ``out``."""
     if not isinstance(fresh, CudnnWhole):
         return fresh_prefill_attention(q, k, v, fresh, scale, out=out)
     qkv = [t if cudnn_prefill.rows_of_heads(t) else t.contiguous() for t in (q, k, v)]
-    target = out
     if out is not None and not cudnn_prefill.rows_of_heads(out):
-        target = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    got = r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=target)
-    if out is not None and target is not out:
-        for n, a in zip(fresh.lens.tolist(), fresh.starts.tolist()):  # (never expected: the step's rows as made)
-            out[a:a + n] = got[a:a + n]
-        return out
-    return got
+        out = out.contiguous()  # (never expected: the step's rows as made)
+    return r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out)
 
 
 @dataclass
@@ -331,7 +325,7 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     if rot is not None and not exact:  # the output back from the rotated basis
         out = rotate(out, rot, out.dtype)
     if fresh is not None:  # (in the model's basis: its own keys and values, never stored)
-        fresh_attention(r, q0, k0, v0, fresh, scale, out=out)
+        out = fresh_attention(r, q0, k0, v0, fresh, scale, out=out)
     return out[None], None
 
 

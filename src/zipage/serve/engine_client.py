@@ -249,8 +249,7 @@ class AsyncEngine:
                     self._publish()
                     # (while unhealthy with nothing to run, the engine's own request is tried again now and then)
                     if not self._wake.wait(PROBE_INTERVAL_S if self.failing is not None else None):
-                        why = self._probe()
-                        self.failing = None if why is None else f"the engine's steps keep failing: {why}"
+                        self._check_health()
                     self._wake.clear()
                     continue
                 try:
@@ -264,10 +263,8 @@ class AsyncEngine:
                         self.failing = f"the engine's steps keep failing: {e!r}"  # (before the requests hear it)
                         self._end_all(EngineDead(self.failing))
                         failures = 0
-                        # a request of its own tells a broken engine from requests that break it
-                        why = self._probe()
-                        self.failing = None if why is None else f"the engine's steps keep failing: {why}"
-                        if why is not None:
+                        self._check_health()  # (a request of its own tells a broken engine from breaking requests)
+                        if self.failing is not None:
                             log.error("the engine failed a request of its own too: unhealthy until one runs")
                     continue
                 self._deliver(outs)
@@ -379,9 +376,7 @@ class AsyncEngine:
 
     def _maybe_forget(self, req: _Request) -> None:
         if all(s.finished for s in self.llm.samples(req.rid)):
-            if self.metrics is not None:
-                other = "error" if req.errored else "cancelled"
-                self.metrics.request_finished([r or other for r in req.reasons], time.monotonic() - req.arrival)
+            self._count(req, "error" if req.errored else "cancelled")
             self._forget(req)
 
     def _forget(self, req: _Request) -> None:
@@ -401,12 +396,9 @@ class AsyncEngine:
             if not req.cancelled:
                 aborted = [Delta(i, [], None, "abort") for i in range(req.n) if not req.ended[i]]
                 self._send(req, error if error is not None else aborted)
-                if self.metrics is not None:
-                    other = "error" if error is not None else "abort"
-                    self.metrics.request_finished([r or other for r in req.reasons], time.monotonic() - req.arrival)
-            elif self.metrics is not None:  # (cancelled, its compression still in flight: counted now)
-                other = "error" if req.errored else "cancelled"
-                self.metrics.request_finished([r or other for r in req.reasons], time.monotonic() - req.arrival)
+                self._count(req, "error" if error is not None else "abort")
+            else:  # (cancelled, its compression still in flight: counted now)
+                self._count(req, "error" if req.errored else "cancelled")
             del self._requests[req.rid]
         try:  # let compressions in flight land so every page is back
             for _ in range(1000):
@@ -419,34 +411,37 @@ class AsyncEngine:
             log.exception("draining the engine failed")
         self._publish()
 
-    def _probe(self) -> str | None:
-        """Run a two-token request of the engine's own (a prefill and a decode step; nothing else is in
-        flight): None if it runs, else why."""
+    def _count(self, req: _Request, other: str) -> None:
+        """Count ``req`` as finished: each sample by its own finish reason, ``other`` for those without one."""
+        if self.metrics is not None:
+            self.metrics.request_finished([r or other for r in req.reasons], time.monotonic() - req.arrival)
+
+    def _check_health(self) -> None:
+        """Run a two-token request of the engine's own (a prefill and a decode step; nothing else is in flight)
+        and set ``failing`` from it: None if it runs, else why."""
         rid = f"health-check-{next(self._ids)}"
+        why = None
         try:
             self.llm.add_request([0], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), request_id=rid)
             for _ in range(100):
                 if all(s.finished for s in self.llm.samples(rid)):
-                    return None
+                    break
                 self.llm.step()
-            return "the engine's own request did not finish in 100 steps"
+            else:
+                why = "the engine's own request did not finish in 100 steps"
         except Exception as e:
-            return repr(e)
-        finally:
-            try:
-                self.llm.abort_request(rid)  # (unknown or finished: nothing to do)
-                for _ in range(100):  # (a compression in flight lands first)
-                    if not self.llm.has_unfinished():
-                        break
-                    self.llm.step()
-                self.llm.forget(rid)
-            except Exception as e:  # (a failing engine may not let it finish: the next probe forgets it)
-                log.debug("the engine's own request %s was not forgotten: %r", rid, e)
-                for r in [r for r in self.llm.requests if r.startswith("health-check-")]:
-                    try:
-                        self.llm.forget(r)
-                    except (KeyError, ValueError):
-                        pass
+            why = repr(e)
+        try:
+            self.llm.abort_request(rid)  # (unknown or finished: nothing to do)
+            for _ in range(100):  # (a compression in flight lands first)
+                if not self.llm.has_unfinished():
+                    break
+                self.llm.step()
+        except Exception as e:
+            log.debug("the engine's own request %s did not end: %r", rid, e)
+        for r in [r for r, seq in self.llm.requests.items() if r.startswith("health-check-") and seq.finished]:
+            self.llm.forget(r)  # (this one, and any an earlier failing check left)
+        self.failing = None if why is None else f"the engine's steps keep failing: {why}"
 
     def _send(self, req: _Request, item: Any) -> None:
         _call(req.loop, req.queue.put_nowait, item)
