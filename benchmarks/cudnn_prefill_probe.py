@@ -117,20 +117,20 @@ def main(argv=None) -> int:
         lens, gaps = [800, 1000, 300], [0, 400, 77]
         step = pt.Step(lens, lens)
         k, v = step.fresh_kv()
-        rows, starts = [], []
+        spots, starts = [], []
         a = 0
         for n, gap in zip(lens, gaps):
             a += gap
             starts.append(a)
-            rows.append(torch.arange(a, a + n))
+            spots.append(torch.arange(a, a + n))
             a += n
-        rows = torch.cat(rows).cuda()
-        spread = lambda x: x.new_zeros(a, *x.shape[1:]).index_copy_(0, rows, x)  # noqa: E731
+        spots = torch.cat(spots).cuda()
+        spread = lambda x: x.new_zeros(a, *x.shape[1:]).index_copy_(0, spots, x)  # noqa: E731
         out = torch.full((a, pt.HQ, pt.D), 7.0, dtype=pt.DT, device="cuda")
         prefill(spread(step.q), spread(k), spread(v), torch.tensor(starts + [a], dtype=torch.int32, device="cuda"),
                 torch.tensor(lens, dtype=torch.int32, device="cuda"), max(lens), pt.D**-0.5, out=out)
-        ok, err = pt.agrees(out[rows], step.packed(step.baseline()))
-        untouched = bool((out[~torch.isin(torch.arange(a, device="cuda"), rows)] == 7).all())
+        ok, err = pt.agrees(out[spots], step.packed(step.baseline()))
+        untouched = bool((out[~torch.isin(torch.arange(a, device="cuda"), spots)] == 7).all())
         extra["gaps"] = dict(ok=ok, untouched=untouched, **err)
     except Exception as e:
         extra["gaps_error"] = "".join(traceback.format_exception(e))[-1500:]

@@ -102,6 +102,9 @@
 #   PART=s49    session 49's GPU tests (logit_bias and allowed_token_ids in the sampler, the engine, generate())
 #   PART=s52    session 52: cuDNN's ragged attention on whole prompts (frontend wheel in .whl/), in the engine too
 #   PART=s52f   session 52: the FP8 pair (an H200)
+#   PART=s53    session 53: s52's probe again (its JSON), the cuDNN GPU tests, then the engine's time to first token
+#              paged kernel against cuDNN's ragged route after a warm-up run, in the order A B B A, on ragged prompts
+#              (512-4,096) and on 32 prompts of 4,096; then engine GPU tests with ZIPAGE_FRESH_PREFILL=cudnn
 #   PART=s51    session 51: the FP8 pair, then s51h: s49's GPU tests and this session's CPU tests on 5.17
 #   PART=s46fp8 the FP8 pair (zipage-2048-fp8, then zipage-2048) run to completion, 512 x 4,096 tokens
 #   PART=fp8pair the issue's FP8 throughput pair with the scale search (session 40): zipage-2048 against
@@ -475,6 +478,30 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
         --prompt-len 512,4096 --requests 64 --max-tokens 64 --kv-gib 40 --systems zipage-2048 \
         --out "$OUT/ragged_prompts_fresh_$fresh.json" 2>&1 | tail -1
     done ;;
+  s53)  # session 53: s52 measured once, cold: its first engine run paid the Triton compiles (and the machine's
+    # caches) that its second did not, so here a warm-up run goes first and the routes alternate A B B A
+    python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
+      || tail -3 "$OUT/install.log"
+    timeout "${PROBE_LIMIT:-150}" python3 benchmarks/cudnn_prefill_probe.py --out "$OUT/cudnn_prefill_probe.json" 2>&1 \
+      | tee "$OUT/cudnn_prefill_probe.log" | tail -12
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py tests/test_fresh_prefill.py \
+      2>&1 | tee "$OUT/gpu_tests_s53.log" | tail -4
+    ttft_run() {  # route, file tag, extra arguments
+      echo -n "$2: "
+      ZIPAGE_FRESH_PREFILL=$1 timeout 100 python3 benchmarks/throughput.py --workload long-prompt --max-tokens 64 \
+        --kv-gib 40 --systems zipage-2048 --out "$OUT/ttft_$2.json" "${@:3}" 2>&1 | tail -1
+    }
+    ttft_run cudnn warmup --prompt-len 512,4096 --requests 16
+    for rep in a b; do
+      order="0 cudnn"; [ $rep = b ] && order="cudnn 0"
+      for fresh in $order; do
+        ttft_run $fresh "ragged_${fresh}_$rep" --prompt-len 512,4096 --requests 64
+        ttft_run $fresh "p4096_${fresh}_$rep" --prompt-len 4096,4096 --requests 32
+      done
+    done
+    ZIPAGE_FRESH_PREFILL=cudnn timeout "${TEST_LIMIT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -x \
+      tests/test_engine_gpu.py tests/test_sliding_engine.py tests/test_fp8_engine.py tests/test_engine_requests.py \
+      2>&1 | tee "$OUT/gpu_tests_s53_cudnn_engine.log" | tail -6 ;;
   s52f)  # session 52: the FP8 pair (TIME_LIMIT s each) on an H200
     PART=s46fp8 TIME_LIMIT="${TIME_LIMIT:-100}" bash "$0" ;;
   s51)  # session 51: what stops 49 and 50 owed: the FP8 pair (TIME_LIMIT s each), the GPU tests after the sampler,

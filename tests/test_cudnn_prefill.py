@@ -138,3 +138,25 @@ def test_cudnn_ragged_attention_matches_dense_math(dtype, lens, pad):
     others = torch.ones(T, dtype=torch.bool, device="cuda")
     others[rows] = False
     assert (out[others] == 7).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_on_the_gpu_with_whole_prompts_through_cudnn(monkeypatch):
+    """bf16 on CUDA, the real frontend: ragged whole prompts of a step in cuDNN's ragged attention (lengths that
+    share no bucket, a cached prefix, chunks and decode rows beside them); the first tokens as the paged kernel's
+    (the two attentions round differently in bf16, so a near-tie may flip one)."""
+    if not cudnn_prefill.available(torch.device("cuda"), torch.bfloat16, 16):
+        pytest.skip("needs `pip install nvidia-cudnn-frontend`")
+    model = tiny_model("qwen3").to("cuda", torch.bfloat16)
+    shared = prompts_of((40,), seed=3)[0]
+    prompts = prompts_of((37, 128, 5, 90, 300, 200, 60), seed=1) + prompts_of((20, 9), seed=2, prefix=shared)
+    kw = mixed_steps(None)
+    outs = {}
+    for route in ("0", "cudnn"):
+        monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", route)
+        llm = LLM(model, page_size=16, num_pages=256, **kw)
+        outs[route] = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        if route == "cudnn":
+            assert llm.runner.fresh_prefill == "cudnn" and llm.runner.fresh_prefill_tokens >= 37 + 128 + 5
+    assert sum(a[0] == b[0] for a, b in zip(outs["0"], outs["cudnn"])) >= len(prompts) - 1
