@@ -102,6 +102,8 @@
 #   PART=s49    session 49's GPU tests (logit_bias and allowed_token_ids in the sampler, the engine, generate())
 #   PART=s52    session 52: cuDNN's ragged attention on whole prompts (frontend wheel in .whl/), in the engine too
 #   PART=s52f   session 52: the FP8 pair (an H200)
+#   PART=s53b   session 53: cuDNN graph builds per key: fixed graphs, dynamic shapes with a kernel cache, one graph
+#              with shape overrides (benchmarks/cudnn_graph_builds.py)
 #   PART=s53    session 53: s52's probe again (its JSON), the cuDNN GPU tests, then the engine's time to first token
 #              paged kernel against cuDNN's ragged route after a warm-up run, in the order A B B A, on ragged prompts
 #              (512-4,096) and on 32 prompts of 4,096; then engine GPU tests with ZIPAGE_FRESH_PREFILL=cudnn
@@ -502,6 +504,11 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     ZIPAGE_FRESH_PREFILL=cudnn timeout "${TEST_LIMIT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -x \
       tests/test_engine_gpu.py tests/test_sliding_engine.py tests/test_fp8_engine.py tests/test_engine_requests.py \
       2>&1 | tee "$OUT/gpu_tests_s53_cudnn_engine.log" | tail -6 ;;
+  s53b)  # session 53: what a graph build costs, three ways (the frontend's wheel carried in .whl/)
+    python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
+      || tail -3 "$OUT/install.log"
+    timeout "${PROBE_LIMIT:-240}" python3 benchmarks/cudnn_graph_builds.py --out "$OUT/cudnn_graph_builds.json" 2>&1 \
+      | tee "$OUT/cudnn_graph_builds.log" | tail -40 ;;
   s52f)  # session 52: the FP8 pair (TIME_LIMIT s each) on an H200
     PART=s46fp8 TIME_LIMIT="${TIME_LIMIT:-100}" bash "$0" ;;
   s51)  # session 51: what stops 49 and 50 owed: the FP8 pair (TIME_LIMIT s each), the GPU tests after the sampler,

@@ -101,7 +101,7 @@ class CudnnPrefill:
     given) and returns it. Graphs are cached per (B, length bucket, heads, dtype, row strides, scale);
     building one takes tens of milliseconds, once."""
 
-    def __init__(self, device: torch.device, pad_batch: bool = False) -> None:
+    def __init__(self, device: torch.device, pad_batch: bool = False, dynamic: bool = False) -> None:
         self.cudnn = _module()
         if self.cudnn is None:
             raise RuntimeError("CudnnPrefill needs NVIDIA's cuDNN frontend (pip install nvidia-cudnn-frontend) "
@@ -115,6 +115,11 @@ class CudnnPrefill:
             self.handle = self.cudnn.create_handle()
         self.workspace = torch.empty(0, dtype=torch.uint8, device=self.device)
         self.build_seconds = 0.0
+        # graphs built with cuDNN's dynamic shapes, sharing one kernel cache (a new shape reuses the kernels
+        # an earlier one compiled)
+        self.graph_kwargs = {}
+        if dynamic:
+            self.graph_kwargs = dict(is_dynamic_shape_enabled=True, kernel_cache=self.cudnn.create_kernel_cache())
 
     def _graph(self, key: tuple):
         """The built graph of ``key`` (B, S_max, H_q, H_kv, D, dtype, row strides of q, k, v and out, scale,
@@ -128,7 +133,7 @@ class CudnnPrefill:
             cudnn = self.cudnn
             io = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
             g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
-                              compute_data_type=cudnn.data_type.FLOAT, handle=self.handle)
+                              compute_data_type=cudnn.data_type.FLOAT, handle=self.handle, **self.graph_kwargs)
             i32 = cudnn.data_type.INT32
             off_type = cudnn.data_type.INT64 if wide else i32  # (offsets in elements: int64 past 2^31)
 
