@@ -7,10 +7,13 @@ prompts that cost outweighed the faster attention (session 53). This measures, o
 prompts of up to 4,096 tokens can meet:
 
 - ``fixed``: the current graphs: build ms per key (first call, wall, the run included), agreement;
-- ``dynamic``: the same keys with cuDNN's dynamic shapes and one shared kernel cache;
+- ``dynamic``: the same keys with cuDNN's dynamic shapes and one shared kernel cache (session 53, cuDNN 9.19:
+  builds of ~14 ms instead of ~84, but WRONG outputs for two sequences or more, so the route does not use it);
 - ``override``: ONE graph built for the largest key with shape overrides enabled, every key then run through
   it with its own shapes and strides given at execution (no build per key), if cuDNN supports that for this
-  graph; agreement and kernel ms against ``fixed``.
+  graph; agreement and kernel ms against ``fixed`` (session 53: cuDNN 9.19 declines, it needs 9.21);
+- ``min_bucket``: graphs of a larger S_max for every prompt up to it (``CudnnPrefill(min_bucket=...)``: one
+  graph per batch size), kernel ms against the exact buckets': what the empty tiles cost.
 
     python3 benchmarks/cudnn_graph_builds.py --out $OUT/cudnn_graph_builds.json
 """
@@ -137,7 +140,9 @@ def main(argv=None) -> int:
     for mode in ("fixed", "dynamic"):
         row = dict(build_ms={}, ok={}, kernel_ms={})
         try:
-            prefill = cp.CudnnPrefill(torch.device("cuda"), dynamic=mode == "dynamic")
+            prefill = cp.CudnnPrefill(torch.device("cuda"))
+            if mode == "dynamic":
+                prefill.graph_kwargs = dict(is_dynamic_shape_enabled=True, kernel_cache=cudnn.create_kernel_cache())
             warm = pt.Step([64], [64])
             wk, wv = warm.fresh_kv()
             _, row["init_ms"] = timed(lambda: prefill(warm.q, wk, wv, warm.cu, warm.lens, 64, warm.scale))
@@ -176,7 +181,29 @@ def main(argv=None) -> int:
         row["error"] = "".join(traceback.format_exception(e))[-2000:]
         print(row["error"], flush=True)
     result["modes"]["override"] = row
-    print("override", json.dumps({k: x for k, x in row.items() if k not in ("ok", "first_ms")}), flush=True)
+    print("override", json.dumps({k: x for k, x in row.items() if k not in ("ok", "first_ms", "error")}), flush=True)
+    # the empty tiles of a larger S_max: kernel ms per (batch, longest prompt), each min_bucket's over the exact one's
+    cases = [(b, n) for b in (1, 4, 16, 32) for n in (128, 512, 2048, 4096)]
+    table = {}
+    for mb in (128, 2048, 4096, 8192, 16384):
+        try:
+            prefill = cp.CudnnPrefill(torch.device("cuda"), pad_batch=True, min_bucket=mb)
+            for key in cases:
+                step, k, v, ref = steps[key]
+                run = lambda: prefill(step.q, k, v, step.cu, step.lens, step.max_q, step.scale)  # noqa: B023, E731
+                ok = pt.agrees(run(), ref)[0]
+                table.setdefault(str(key), {})[mb] = (pt.bench(run), ok)
+        except Exception as e:
+            table.setdefault("error", {})[mb] = "".join(traceback.format_exception(e))[-1500:]
+            print(table["error"][mb], flush=True)
+    result["min_bucket"] = table
+    print(f"{'(B, longest)':14s}" + "".join(f"{mb:>10d}" for mb in (128, 2048, 4096, 8192, 16384)))
+    for key in cases:
+        got = table.get(str(key), {})
+        base = got.get(128, (float("nan"), True))[0]
+        print(f"{str(key):14s}" + "".join(f"{got[mb][0] / base:9.2f}{'' if got[mb][1] else '!'}" if mb in got
+                                          else f"{'-':>10s}" for mb in (128, 2048, 4096, 8192, 16384)))
+    print("(kernel ms over the exact bucket's; ! = disagrees with the baseline)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

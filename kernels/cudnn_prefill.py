@@ -101,7 +101,7 @@ class CudnnPrefill:
     given) and returns it. Graphs are cached per (B, length bucket, heads, dtype, row strides, scale);
     building one takes tens of milliseconds, once."""
 
-    def __init__(self, device: torch.device, pad_batch: bool = False, dynamic: bool = False) -> None:
+    def __init__(self, device: torch.device, pad_batch: bool = False, min_bucket: int = MIN_BUCKET) -> None:
         self.cudnn = _module()
         if self.cudnn is None:
             raise RuntimeError("CudnnPrefill needs NVIDIA's cuDNN frontend (pip install nvidia-cudnn-frontend) "
@@ -115,11 +115,12 @@ class CudnnPrefill:
             self.handle = self.cudnn.create_handle()
         self.workspace = torch.empty(0, dtype=torch.uint8, device=self.device)
         self.build_seconds = 0.0
-        # graphs built with cuDNN's dynamic shapes, sharing one kernel cache (a new shape reuses the kernels
-        # an earlier one compiled)
-        self.graph_kwargs = {}
-        if dynamic:
-            self.graph_kwargs = dict(is_dynamic_shape_enabled=True, kernel_cache=self.cudnn.create_kernel_cache())
+        # the shortest S_max a graph is built with (a power of two): larger, fewer graphs (a step's prompts up to it
+        # share one per batch size), each over more empty tiles
+        if min_bucket < MIN_BUCKET or min_bucket & (min_bucket - 1):
+            raise ValueError(f"CudnnPrefill: min_bucket={min_bucket}: expected a power of two >= {MIN_BUCKET}")
+        self.min_bucket = min_bucket
+        self.graph_kwargs: dict = {}  # (more arguments of the frontend's graphs: benchmarks/cudnn_graph_builds.py)
 
     def _graph(self, key: tuple):
         """The built graph of ``key`` (B, S_max, H_q, H_kv, D, dtype, row strides of q, k, v and out, scale,
@@ -193,7 +194,7 @@ class CudnnPrefill:
             b += extra
         rows = (q.stride(0), k.stride(0), v.stride(0), out.stride(0))
         wide = max(q.shape[0], k.shape[0], v.shape[0], out.shape[0]) * max(rows) >= 2**31
-        key = (b, length_bucket(max_len), hq, k.shape[1], d, q.dtype, *rows, float(scale), wide)
+        key = (b, max(self.min_bucket, length_bucket(max_len)), hq, k.shape[1], d, q.dtype, *rows, float(scale), wide)
         g, t = self._graph(key)
         cu = starts.to(torch.int64 if wide else torch.int32).view(b + 1, 1, 1, 1)
         pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["lens"]: lens.to(torch.int32).view(b, 1, 1, 1),

@@ -97,6 +97,10 @@ FRESH_COPY_MIN: int | None = None
 # for when a GPU has measured it: off until then)
 CUDNN_PREFILL_DEFAULT = False
 
+# the shortest length bucket (S_max) of cuDNN's ragged graphs: each new (batch size, bucket) costs a graph build of
+# ~84 ms on the H100, inside the step that first meets it (benchmarks/cudnn_graph_builds.py)
+CUDNN_MIN_BUCKET = 128
+
 
 def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """How whole prompts (nothing stored before them) are attended, instead of the paged prefill kernel:
@@ -477,7 +481,7 @@ class ModelRunner:
         # whole prompts through PyTorch's fused attention or cuDNN's ragged attention ("sdpa", "cudnn" or None; not
         # with exact tails, whose prefill reads the rings)
         self.fresh_prefill = None if self.exact_tail else fresh_prefill_default(self.device, self.dtype, D)
-        self.cudnn_prefill = (cudnn_prefill.CudnnPrefill(self.device, pad_batch=True)
+        self.cudnn_prefill = (cudnn_prefill.CudnnPrefill(self.device, pad_batch=True, min_bucket=CUDNN_MIN_BUCKET)
                               if self.fresh_prefill == "cudnn" else None)
         self.fresh_prefill_tokens = 0  # prompt tokens those routes have served (host count)
 
