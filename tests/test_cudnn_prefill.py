@@ -49,7 +49,7 @@ class StandIn:
 
     calls: list = []
 
-    def __init__(self, device, pad_batch=False):
+    def __init__(self, device, pad_batch=False, min_bucket=cudnn_prefill.MIN_BUCKET):
         self.device = device
 
     def __call__(self, q, k, v, starts, lens, max_len, scale, out=None):
