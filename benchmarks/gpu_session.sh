@@ -102,6 +102,8 @@
 #   PART=s49    session 49's GPU tests (logit_bias and allowed_token_ids in the sampler, the engine, generate())
 #   PART=s52    session 52: cuDNN's ragged attention on whole prompts (frontend wheel in .whl/), in the engine too
 #   PART=s52f   session 52: the FP8 pair (an H200)
+#   PART=s53t   session 53: the engine's GPU tests with the cuDNN frontend installed (so whole prompts of bf16/fp16
+#              models take cuDNN's ragged attention, the default where it can run)
 #   PART=s53b   session 53: cuDNN graph builds per key: fixed graphs, dynamic shapes with a kernel cache, one graph
 #              with shape overrides (benchmarks/cudnn_graph_builds.py)
 #   PART=s53    session 53: s52's probe again (its JSON), the cuDNN GPU tests, then the engine's time to first token
@@ -504,6 +506,15 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     ZIPAGE_FRESH_PREFILL=cudnn timeout "${TEST_LIMIT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -x \
       tests/test_engine_gpu.py tests/test_sliding_engine.py tests/test_fp8_engine.py tests/test_engine_requests.py \
       2>&1 | tee "$OUT/gpu_tests_s53_cudnn_engine.log" | tail -6 ;;
+  s53t)  # session 53: the engine's GPU tests through cuDNN's ragged route, now the default where it can run
+    python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
+      || tail -3 "$OUT/install.log"
+    python3 -c "import torch, zipage.engine.runner as r; from zipage.kernels import cudnn_prefill as c
+print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), torch.bfloat16, 128))"
+    timeout "${TEST_LIMIT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py \
+      tests/test_fresh_prefill.py tests/test_engine_gpu.py tests/test_sliding_engine.py tests/test_fp8_engine.py \
+      tests/test_engine_requests.py tests/test_exact_tail_engine.py tests/test_kept_positions.py \
+      tests/test_query_weights.py tests/test_engine_failures.py 2>&1 | tee "$OUT/gpu_tests_s53t.log" | tail -8 ;;
   s53b)  # session 53: what a graph build costs, three ways (the frontend's wheel carried in .whl/); SKIP_BUILDS=1:
     # the engine runs only
     python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \

@@ -102,6 +102,8 @@ class CudnnPrefill:
     building one takes tens of milliseconds, once."""
 
     def __init__(self, device: torch.device, pad_batch: bool = False, min_bucket: int = MIN_BUCKET) -> None:
+        if min_bucket < MIN_BUCKET or min_bucket & (min_bucket - 1):
+            raise ValueError(f"CudnnPrefill: min_bucket={min_bucket}: expected a power of two >= {MIN_BUCKET}")
         self.cudnn = _module()
         if self.cudnn is None:
             raise RuntimeError("CudnnPrefill needs NVIDIA's cuDNN frontend (pip install nvidia-cudnn-frontend) "
@@ -117,8 +119,6 @@ class CudnnPrefill:
         self.build_seconds = 0.0
         # the shortest S_max a graph is built with (a power of two): larger, fewer graphs (a step's prompts up to it
         # share one per batch size), each over more empty tiles
-        if min_bucket < MIN_BUCKET or min_bucket & (min_bucket - 1):
-            raise ValueError(f"CudnnPrefill: min_bucket={min_bucket}: expected a power of two >= {MIN_BUCKET}")
         self.min_bucket = min_bucket
         self.graph_kwargs: dict = {}  # (more arguments of the frontend's graphs: benchmarks/cudnn_graph_builds.py)
 
@@ -167,6 +167,14 @@ class CudnnPrefill:
             self.graphs[key] = got
             self.build_seconds += time.perf_counter() - t0
             return got
+
+    def warm(self, hq: int, hkv: int, d: int, dtype: torch.dtype) -> None:
+        """One call over a one-token sequence: cuDNN's first graph build (0.8-1.4 s on the H100, its libraries
+        loaded; later builds 47-84 ms) happens here rather than in a request's step."""
+        q = torch.zeros(1, hq, d, dtype=dtype, device=self.device)
+        kv = torch.zeros(1, hkv, d, dtype=dtype, device=self.device)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self(q, kv, kv, torch.tensor([0, 1], **i32), torch.tensor([1], **i32), 1, 1.0)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
                  lens: torch.Tensor, max_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -51,6 +51,10 @@ class StandIn:
 
     def __init__(self, device, pad_batch=False, min_bucket=cudnn_prefill.MIN_BUCKET):
         self.device = device
+        StandIn.warmed = []
+
+    def warm(self, hq, hkv, d, dtype):
+        StandIn.warmed.append((hq, hkv, d, dtype))
 
     def __call__(self, q, k, v, starts, lens, max_len, scale, out=None):
         assert starts.dtype == lens.dtype == torch.int32 and starts.numel() == lens.numel() + 1
@@ -84,6 +88,8 @@ def test_engine_gives_the_same_tokens_with_whole_prompts_through_the_ragged_rout
     assert not StandIn.calls and r0.fresh_prefill_tokens == 0
     got, r1 = run(monkeypatch, model, prompts, "cudnn", **kw)
     assert got == base
+    cfg = model.config  # (cuDNN's first graph built when the engine starts, at the model's heads)
+    assert StandIn.warmed == [(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, model.dtype)]
     served = [n for call in StandIn.calls for n in call]
     assert r1.fresh_prefill_tokens >= 37 + 128 + 5 and 37 in served and 5 in served
     assert any(len(call) > 1 for call in StandIn.calls)  # (several prompts of a step in one call)
@@ -102,6 +108,20 @@ def test_asking_for_cudnn_where_it_cannot_run_says_why(monkeypatch):
     monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "0")
     assert runner_mod.fresh_prefill_default(torch.device("cpu"), torch.bfloat16, 128) is None
     assert not cudnn_prefill.available(torch.device("cpu"), torch.bfloat16, 128)
+
+
+def test_whole_prompts_go_to_cudnn_by_default_only_where_it_can_run(monkeypatch):
+    monkeypatch.delenv("ZIPAGE_FRESH_PREFILL", raising=False)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(cudnn_prefill, "available", lambda *a: True)
+    assert runner_mod.fresh_prefill_default(cuda, torch.bfloat16, 128) == "cudnn"
+    monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "0")  # (the paged kernel when asked)
+    assert runner_mod.fresh_prefill_default(cuda, torch.bfloat16, 128) is None
+    monkeypatch.delenv("ZIPAGE_FRESH_PREFILL")
+    monkeypatch.setattr(cudnn_prefill, "available", lambda *a: False)  # (no frontend, a CPU, float32, ...)
+    assert runner_mod.fresh_prefill_default(cuda, torch.bfloat16, 128) is None
+    with pytest.raises(ValueError, match="min_bucket=1000: expected a power of two >= 128"):
+        cudnn_prefill.CudnnPrefill.__init__(object.__new__(cudnn_prefill.CudnnPrefill), cuda, min_bucket=1000)
 
 
 @pytest.mark.gpu

@@ -93,13 +93,15 @@ def dim_major_values(kv_cache_dtype: str, page_size: int, head_dim: int,
 FRESH_COPY_MIN: int | None = None
 
 
-# whether whole prompts go to cuDNN's ragged attention by default where the cuDNN frontend is installed (a switch
-# for when a GPU has measured it: off until then)
-CUDNN_PREFILL_DEFAULT = False
+# whether whole prompts go to cuDNN's ragged attention by default where it can run (the cuDNN frontend installed,
+# the `cudnn` extra): on the H100 its attention was 1.00-5.2x gather + SDPA's and the engine's time to first token
+# the paged kernel's within noise (benchmarks/results/issue15/s53/)
+CUDNN_PREFILL_DEFAULT = True
 
-# the shortest length bucket (S_max) of cuDNN's ragged graphs: each new (batch size, bucket) costs a graph build of
-# ~84 ms on the H100, inside the step that first meets it (benchmarks/cudnn_graph_builds.py)
-CUDNN_MIN_BUCKET = 128
+# the shortest length bucket (S_max) of cuDNN's ragged graphs: each new (batch size, bucket) costs a graph build
+# (47-84 ms on the H100) inside the step that first meets it; from 2,048 a step's prompts up to 2,048 tokens share
+# one graph per batch size, their attention as fast as with exact buckets (benchmarks/cudnn_graph_builds.py)
+CUDNN_MIN_BUCKET = 2048
 
 
 def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -107,7 +109,8 @@ def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: in
     ``"cudnn"`` (cuDNN's ragged attention over the step's own keys and values, ``kernels/cudnn_prefill.py``:
     ``ZIPAGE_FRESH_PREFILL=cudnn``, which needs the cuDNN frontend and fails where it cannot run), ``"sdpa"``
     (PyTorch's fused attention in length buckets, ``kernels/fresh_prefill.py``: ``ZIPAGE_FRESH_PREFILL=1``; on a
-    CPU SDPA's math runs it: tests) or None (the paged kernel; ``ZIPAGE_FRESH_PREFILL=0``, and the default).
+    CPU SDPA's math runs it: tests) or None (the paged kernel; ``ZIPAGE_FRESH_PREFILL=0``). Unset: ``"cudnn"``
+    where it can run (:data:`CUDNN_PREFILL_DEFAULT`), else None.
     SDPA's buckets: on the H100 cuDNN's attention over prompts of one length, batched, beats the Triton kernel
     1.06-1.33x (512-4,096 tokens), but in the engine the attention is a small share of a prompt's prefill and
     each new batch shape costs cuDNN a plan (~75 ms, once): time to first token did not improve (long prompts:
@@ -481,8 +484,10 @@ class ModelRunner:
         # whole prompts through PyTorch's fused attention or cuDNN's ragged attention ("sdpa", "cudnn" or None; not
         # with exact tails, whose prefill reads the rings)
         self.fresh_prefill = None if self.exact_tail else fresh_prefill_default(self.device, self.dtype, D)
-        self.cudnn_prefill = (cudnn_prefill.CudnnPrefill(self.device, pad_batch=True, min_bucket=CUDNN_MIN_BUCKET)
-                              if self.fresh_prefill == "cudnn" else None)
+        self.cudnn_prefill = None
+        if self.fresh_prefill == "cudnn":  # (its first graph here: cuDNN's first build costs ~1 s, not a request's)
+            self.cudnn_prefill = cudnn_prefill.CudnnPrefill(self.device, pad_batch=True, min_bucket=CUDNN_MIN_BUCKET)
+            self.cudnn_prefill.warm(Hq, Hkv, D, self.dtype)
         self.fresh_prefill_tokens = 0  # prompt tokens those routes have served (host count)
 
     @staticmethod
