@@ -39,8 +39,8 @@ def prefill_section(results: Path) -> str:
         note = " (codes in the kernel; dequantized first, the default since: below)" if r["case"].startswith("fp8") else ""
         lines.append(f"| {r['case']} | {base:.3f} | {base / v1['ms']:.2f}x | {best}: {base / done[best]['ms']:.2f}x "
                      f"({done[best]['ms']:.3f} ms){note} | {v1['ms'] / done[best]['ms']:.2f}x |")
-    return "\n".join(lines + [""] + torch_rows(results) + fresh_rows(results) + engine_rows(results)
-                     + fp8_rows(results))
+    return "\n".join(lines + [""] + torch_rows(results) + fresh_rows(results) + cudnn_rows(results)
+                     + engine_rows(results) + fp8_rows(results))
 
 
 def _best(kernel: dict) -> float:
@@ -198,6 +198,113 @@ def fresh_rows(results: Path) -> list[str]:
               "warp_specialize=True)`) on the kernel's mask-free loop was\ntried in the same session: Triton 3.6 "
               "fails to compile the 64 x 64 launch with it and the 128 x 128 one is no faster\n"
               f"(`{(results / FRESH_RUN).parent.parent.relative_to(results.parent.parent)}/call1/`).", ""]
+    return lines
+
+
+CUDNN_RUN = "issue15/s53"  # whole prompts through cuDNN's ragged attention (session 53, one H100)
+CUDNN_PROBE = "s53/cudnn_prefill_probe.json"  # benchmarks/cudnn_prefill_probe.py
+CUDNN_BUILDS = "s53c/cudnn_graph_builds.json"  # benchmarks/cudnn_graph_builds.py
+# the engine's time to first token: (file, route), in the order they ran, after an untimed warm-up run
+CUDNN_TTFT = (("s53d/ttft_paged_a", "paged kernel"), ("s53d/ttft_cudnn128_a", "cuDNN, buckets from 128"),
+              ("s53d/ttft_cudnn2048_a", "cuDNN, buckets from 2,048"),
+              ("s53d/ttft_cudnn2048_b", "cuDNN, buckets from 2,048"),
+              ("s53d/ttft_cudnn128_b", "cuDNN, buckets from 128"), ("s53d/ttft_paged_b", "paged kernel"))
+
+
+def cudnn_ranges(results: Path) -> dict | None:
+    """The ragged route's probe behind the prefill target's row: its ratios against the baseline's fastest
+    formulation on the target's cases (prompts of 512 tokens and longer), whether every case agreed, the card.
+    None without the probe."""
+    path = results / CUDNN_RUN / CUDNN_PROBE
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    rows = [r for r in d["rows"] if "ratio_cudnn" in r and min(r["lens"]) >= TARGET_MIN_PROMPT * 3 // 4]
+    return dict(card=_card(d["info"].get("device", "")), ratios=[r["ratio_cudnn"] for r in rows],
+                ok=all(r.get("ok") for r in d["rows"]), path=path)
+
+
+def cudnn_rows(results: Path) -> list[str]:
+    """Whole prompts through cuDNN's ragged attention (``kernels/cudnn_prefill.py``): the probe's cases, what a
+    graph build costs, and the engine's time to first token with each route."""
+    path = results / CUDNN_RUN / CUDNN_PROBE
+    if not path.exists():
+        return []
+    d = json.loads(path.read_text())
+    info = d["info"]
+    rel = lambda p: p.relative_to(results.parent.parent)  # noqa: E731
+    first = [r["first_call_ms"] for r in d["rows"] if "first_call_ms" in r]
+    built = sorted(ms for ms in first if ms >= 5.0)  # (first calls that built a graph; the first, the library's too)
+    lines = ["### Whole prompts through cuDNN's ragged attention", "",
+             f"{info['device']}, torch {info['torch']}, cuDNN {info['backend']}, cuDNN frontend {info['frontend']}; "
+             f"the same shapes and baseline (`PART=s53 bash benchmarks/gpu_session.sh`, `{rel(path)}`). "
+             "`kernels/cudnn_prefill.py` hands every whole prompt of a step to one cuDNN call in ragged form: each "
+             "sequence's first row and length are device tensors, so ragged prompts need no padding and no copy, "
+             "wherever they lie among the step's rows. A graph is built per (number of prompts, rounded up to a "
+             "power of two; length bucket) and reused. The engine takes this route by default where it can run "
+             "(`pip install -e \".[cudnn]\"`, CUDA, 16-bit activations, head dims up to 128); "
+             "`ZIPAGE_FRESH_PREFILL=0` keeps the paged kernel. Ratios are against the baseline's fastest "
+             "formulation; the host time is one call's, queued.", "",
+             "| case | baseline ms | Triton kernel | cuDNN, ragged | host µs a call | agrees |",
+             "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if "cudnn_ms" not in r:
+            lines.append(f"| {r['case']} | {r['best_baseline_ms']:.3f} | {r['ratio_triton']:.2f}x | failed | - | - |")
+            continue
+        lines.append(f"| {r['case']} | {r['best_baseline_ms']:.3f} | {r['ratio_triton']:.2f}x ({r['triton_ms']:.3f} "
+                     f"ms) | {r['ratio_cudnn']:.2f}x ({r['cudnn_ms']:.3f} ms) | {r['cudnn_host_us']:.0f} | "
+                     f"{'yes' if r.get('ok') else '**no**'} |")
+    extra = info.get("extra", {})
+    checks = [k for k, v in extra.items() if isinstance(v, dict) and v.get("ok") and v.get("untouched", True)]
+    lines += ["", f"On prompts of one length both sides run cuDNN's attention, so the two are at parity; on ragged "
+              "prompts the baseline calls it once a length and the route once a step. The probe also checked a "
+              f"graph reused for other lengths of its bucket, a zero-length sequence, other rows between the "
+              f"sequences (left untouched) and batches padded to a power of two with empty sequences "
+              f"({len(checks)} of {len(extra)} checks agreed)." + (
+                  f" A call that built a graph took {built[0]:.0f}-{built[-2]:.0f} ms (the process's first: "
+                  f"{built[-1]:,.0f} ms, the library loaded), later calls the times above." if len(built) > 1 else ""),
+              ""]
+    builds = results / CUDNN_RUN / CUDNN_BUILDS
+    if builds.exists():
+        b = json.loads(builds.read_text())
+        fixed, dyn, over = (b["modes"].get(m, {}) for m in ("fixed", "dynamic", "override"))
+        mbs = sorted({int(mb) for v in b["min_bucket"].values() for mb in v})
+        lines += [f"What a graph costs (`benchmarks/cudnn_graph_builds.py`, `{rel(builds)}`): over {len(b['keys'])} "
+                  f"keys (1-32 prompts, buckets of 128-4,096 tokens) a build took {fixed['build_ms_median']:.0f} ms "
+                  f"(median; 84 ms on the machine of an earlier call, `{rel(results / CUDNN_RUN)}/s53b/`), the "
+                  f"process's first {fixed['init_ms']:,.0f} ms. cuDNN's dynamic shapes with a shared kernel cache "
+                  f"built in {dyn.get('build_ms_median', float('nan')):.0f} ms but gave "
+                  f"{'wrong outputs for two prompts or more' if dyn.get('all_ok') is False else 'the outputs above'}, "
+                  "and one graph run with shape overrides needs cuDNN 9.21 (this one declined), so the route keeps "
+                  "a graph per key and has fewer keys: the engine builds its graphs with S_max at least 2,048 "
+                  "(`min_bucket`), so prompts up to 2,048 tokens share one graph per batch size, and builds its first "
+                  "when it starts. The kernel time of each `min_bucket` over the exact bucket's (the empty tiles "
+                  "past each prompt):", "",
+                  "| prompts, longest | " + " | ".join(f"S_max >= {mb:,}" for mb in mbs) + " |",
+                  "|---|" + "---|" * len(mbs)]
+        for key, got in b["min_bucket"].items():
+            base = got.get("128", [float("nan")])[0]
+            lines.append(f"| {key} | " + " | ".join(f"{got[str(mb)][0] / base:.2f}x ({got[str(mb)][0] * 1000:.0f} µs)"
+                                                     if str(mb) in got else "-" for mb in mbs) + " |")
+        lines.append("")
+    runs = [(label, json.loads((results / CUDNN_RUN / f"{name}.json").read_text()))
+            for name, label in CUDNN_TTFT if (results / CUDNN_RUN / f"{name}.json").exists()]
+    if runs:
+        d0 = runs[0][1]
+        lo, hi = d0["prompt_len"]
+        lines += [f"The engine's time to first token, {d0['device']}, random-weight {d0['model']}, bf16, budget 2048: "
+                  f"{d0['requests']} prompts of {lo:,}-{hi:,} tokens (mean {d0['mean_prompt_tokens']:,.0f}), "
+                  f"{d0['max_tokens']} new each, one process a run, in the order shown, after an untimed warm-up run "
+                  f"(`PART=s53b SKIP_BUILDS=1`, `{rel(results / CUDNN_RUN)}/s53d/`):", "",
+                  "| run | route | TTFT mean / p50 / p99 (s) | tok/s |", "|---|---|---|---|"]
+        for i, (label, d) in enumerate(runs, 1):
+            r = next(iter(d["systems"].values()))
+            lines.append(f"| {i} | {label} | {r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
+                         f"{r['tokens_per_s']:.0f} |")
+        lines += ["", "The routes are within the runs' spread: a prompt's attention is a small share of its prefill "
+                  "(the linear layers dominate), so the faster attention moves time to first token by a few percent "
+                  "at most. An earlier pair in one process order (`s53/`) showed the first run of a machine paying "
+                  "the compiles: compare runs after the warm-up only.", ""]
     return lines
 
 

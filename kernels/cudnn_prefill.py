@@ -10,8 +10,9 @@ call builds a new plan on every call (34-49 ms on the H100); here a graph is bui
 bucket, shapes) and reused: the lengths and offsets are device tensors the plan reads at run time.
 
 This needs NVIDIA's cuDNN frontend for Python (``pip install nvidia-cudnn-frontend``, the ``cudnn`` module),
-which reuses the cuDNN library PyTorch loads. Without it, or off CUDA, :func:`available` is false and the
-engine refuses ``ZIPAGE_FRESH_PREFILL=cudnn`` saying why (:func:`unavailable`).
+which reuses the cuDNN library PyTorch loads. The engine sends whole prompts here by default where
+:func:`available` (``ZIPAGE_FRESH_PREFILL=0`` opts out); without the frontend, or off CUDA, it keeps the paged
+kernel, and refuses ``ZIPAGE_FRESH_PREFILL=cudnn`` saying why (:func:`unavailable`).
 :func:`ragged_prefill_reference` is the dense math, on any device.
 """
 

@@ -162,3 +162,45 @@ def test_full_kv_quality_row_takes_the_newest_reports_and_names_each_setting(tmp
     (tmp_path / "quality_fp8_rotated_qweights_products_8seq_control_tail128.json").unlink()
     row = next(r for r in targets_table(tmp_path) if r.startswith("| the same for full KV"))
     assert "| pass |" in row and "+0.48" in row and "earlier" not in row, row
+
+
+def _probe(folder, ratios, ok=True):
+    """A cuDNN ragged-route probe (benchmarks/cudnn_prefill_probe.py's JSON) with these ratios on 1,024-token cases."""
+    rows = [dict(case=f"prompt 1024 x{i}", lens=[1024] * 2, baseline_ms=1.0, best_baseline_ms=1.0, triton_ms=1.5,
+                 ratio_triton=0.67, cudnn_ms=1.0 / x, cudnn_host_us=90.0, first_call_ms=40.0 + i, ok=ok,
+                 ratio_cudnn=x) for i, x in enumerate(ratios)]
+    rows.append(dict(case="prompt 128 x16", lens=[128] * 16, baseline_ms=1.0, best_baseline_ms=1.0, triton_ms=1.0,
+                     ratio_triton=1.0, cudnn_ms=2.0, cudnn_host_us=90.0, first_call_ms=900.0, ok=True,
+                     ratio_cudnn=0.5))  # (below the target's prompts: not counted)
+    path = folder / "issue15" / "s53" / "s53" / "cudnn_prefill_probe.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(info=dict(device="NVIDIA H100 80GB HBM3", torch="2.11", backend=91900,
+                                              frontend="1.32.0", extra={}), rows=rows)))
+
+
+def test_prefill_target_reads_the_ragged_route_probe(tmp_path):
+    """The prefill target's row: the Triton kernel's miss alone; with the ragged route's probe, its range over
+    the target's prompts (512 tokens and longer), parity named as such, a disagreeing case a miss."""
+    from zipage.bench.fp8_report import targets_table
+    from zipage.bench.prefill_report import cudnn_rows
+
+    (tmp_path / "prefill").mkdir()
+    (tmp_path / "prefill" / "prefill_tune.json").write_text(json.dumps(dict(rows=[dict(
+        case="prompt 1024 x8", baseline_ms=1.0, kernels={"m64": dict(ms=1.5, ok=True)})])))
+
+    def prefill_row():
+        return next(r for r in targets_table(tmp_path) if r.startswith("| prefill over paged KV"))
+
+    assert "| **miss** |" in prefill_row() and "0.67-0.67x" in prefill_row()  # (the kernel alone)
+    _probe(tmp_path, [1.2, 3.0])
+    row = prefill_row()
+    assert "1.20-3.00x (H100), every case agreeing" in row and "| pass with cuDNN's ragged route" in row
+    assert "**miss** for the Triton kernel alone" in row
+    _probe(tmp_path, [0.995, 1.3])
+    assert "pass at parity" in prefill_row() and "min 0.995x" in prefill_row()
+    _probe(tmp_path, [0.95, 1.3])
+    assert "| **miss** |" in prefill_row()
+    _probe(tmp_path, [1.2, 1.3], ok=False)
+    assert "a case disagreeing" in prefill_row() and "**miss**: the ragged route disagreed" in prefill_row()
+    table = "\n".join(cudnn_rows(tmp_path))
+    assert "| prompt 1024 x0 | 1.000 | 0.67x (1.500 ms) | 1.20x (0.833 ms) | 90 | **no** |" in table
