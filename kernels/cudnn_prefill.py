@@ -214,6 +214,22 @@ class CudnnPrefill:
         return out
 
 
+def ragged_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int], lens: list[int],
+                        scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch's fused causal attention one sequence at a time (``lens[b]`` rows from ``starts[b]``) over its own
+    keys and values, written into those rows of ``out`` (new if not given; other rows untouched): the engine's
+    fallback for a step whose cuDNN graph failed."""
+    if out is None:
+        out = torch.zeros_like(q)
+    for a, n in zip(starts, lens):
+        if n:
+            qs, ks, vs = (x[a:a + n].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, n, D]
+            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                                 enable_gqa=k.shape[1] != q.shape[1])
+            out[a:a + n] = o[0].transpose(0, 1)
+    return out
+
+
 def ragged_prefill_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int], lens: list[int],
                              scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense float32 causal attention of each sequence (``lens[b]`` rows from ``starts[b]``) over its own keys and

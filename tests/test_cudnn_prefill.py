@@ -11,7 +11,7 @@ from test_fresh_prefill import mixed_steps, prompts_of
 import zipage.engine.runner as runner_mod
 from zipage import LLM, SamplingParams
 from zipage.kernels import cudnn_prefill
-from zipage.kernels.cudnn_prefill import length_bucket, ragged_prefill_reference
+from zipage.kernels.cudnn_prefill import length_bucket, ragged_prefill_reference, ragged_prefill_sdpa
 from zipage.kernels.fresh_prefill import fresh_prefill_reference
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -42,6 +42,17 @@ def test_the_reference_attends_each_sequence_where_it_lies_and_nothing_else():
     others = torch.ones(T, dtype=torch.bool)
     others[rows] = False
     assert (out[others] == 7).all()
+
+
+@pytest.mark.parametrize("hkv", [2, 4])
+def test_the_fallback_attends_each_sequence_as_the_reference(hkv):
+    g = torch.Generator().manual_seed(1)
+    lens, starts = [5, 0, 9, 3], [1, 6, 8, 20]
+    q, k, v = (torch.randn(24, h, 8, generator=g) for h in (4, hkv, hkv))
+    out = torch.full_like(q, 7.0)
+    ragged_prefill_sdpa(q, k, v, starts, lens, 0.4, out=out)
+    ref = ragged_prefill_reference(q, k, v, starts, lens, 0.4, out=torch.full_like(q, 7.0))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # (rows of no sequence untouched in both)
 
 
 class StandIn:
@@ -93,6 +104,50 @@ def test_engine_gives_the_same_tokens_with_whole_prompts_through_the_ragged_rout
     served = [n for call in StandIn.calls for n in call]
     assert r1.fresh_prefill_tokens >= 37 + 128 + 5 and 37 in served and 5 in served
     assert any(len(call) > 1 for call in StandIn.calls)  # (several prompts of a step in one call)
+
+
+class Failing(StandIn):
+    """cuDNN's route failing: at its warm-up (``fail_at=0``) or at its ``fail_at``-th call in a step."""
+
+    fail_at = 0
+
+    def warm(self, hq, hkv, d, dtype):
+        if Failing.fail_at == 0:
+            raise RuntimeError("no engine proposed a plan for this graph")
+
+    def __call__(self, *args, **kw):
+        if len(StandIn.calls) + 1 >= Failing.fail_at:
+            raise RuntimeError("graph execution failed")
+        return super().__call__(*args, **kw)
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 3])
+def test_a_failing_cudnn_route_loses_no_prompt(monkeypatch, fail_at):
+    """A graph cuDNN cannot build (at the engine's start) or run (at a step's first layer, or a later one): one
+    warning saying why, that step's whole prompts through PyTorch's fused attention, later steps the paged
+    kernel's; every request's tokens as the paged kernel's alone."""
+    model = tiny_model("qwen3")
+    prompts = prompts_of((37, 128, 5, 90, 128), seed=1)
+    kw = mixed_steps(None)
+    base, _ = run(monkeypatch, model, prompts, None, **kw)
+    StandIn.calls, Failing.fail_at = [], fail_at
+    monkeypatch.setattr(runner_mod, "fresh_prefill_default", lambda *a: "cudnn")
+    monkeypatch.setattr(cudnn_prefill, "CudnnPrefill", Failing)
+    with pytest.warns(RuntimeWarning, match="cuDNN's ragged attention failed .*RuntimeError: "
+                      + ("no engine proposed" if fail_at == 0 else "graph execution failed")):
+        llm = LLM(model, page_size=8, num_pages=256, **kw)
+        got = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert got == base
+    r = llm.runner
+    assert r.fresh_prefill is None and r.cudnn_prefill is None and "RuntimeError" in r.cudnn_error
+    assert len(StandIn.calls) == max(fail_at - 1, 0)  # (the layers before the failure, then none)
+    if fail_at:
+        assert r.fresh_prefill_tokens > 0  # (the failing step's prompts were planned for the route)
+    monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "cudnn")  # asked for: a failing start refuses the LLM, saying why
+    Failing.fail_at = 0
+    with pytest.raises(RuntimeError, match="ZIPAGE_FRESH_PREFILL=cudnn: cuDNN's ragged attention failed here: "
+                       "RuntimeError: no engine proposed"):
+        LLM(model, page_size=8, num_pages=256, **kw)
 
 
 def test_asking_for_cudnn_where_it_cannot_run_says_why(monkeypatch):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -163,7 +164,13 @@ def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.T
     qkv = [t if cudnn_prefill.rows_of_heads(t) else t.contiguous() for t in (q, k, v)]
     if out is not None and not cudnn_prefill.rows_of_heads(out):
         out = out.contiguous()  # (never expected: the step's rows as made)
-    return r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out)
+    if r.cudnn_prefill is not None:
+        try:
+            return r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out)
+        except Exception as e:  # (a graph cuDNN cannot build or run here: no step's prompts are lost to it)
+            r.cudnn_failed(e)
+    starts = fresh.starts.tolist()
+    return cudnn_prefill.ragged_prefill_sdpa(*qkv, starts[:-1], fresh.lens.tolist(), scale, out=out)
 
 
 @dataclass
@@ -485,10 +492,29 @@ class ModelRunner:
         # with exact tails, whose prefill reads the rings)
         self.fresh_prefill = None if self.exact_tail else fresh_prefill_default(self.device, self.dtype, D)
         self.cudnn_prefill = None
+        self.cudnn_error: str | None = None  # why the cuDNN route was given up, if it was
         if self.fresh_prefill == "cudnn":  # (its first graph here: cuDNN's first build costs ~1 s, not a request's)
-            self.cudnn_prefill = cudnn_prefill.CudnnPrefill(self.device, pad_batch=True, min_bucket=CUDNN_MIN_BUCKET)
-            self.cudnn_prefill.warm(Hq, Hkv, D, self.dtype)
+            try:
+                self.cudnn_prefill = cudnn_prefill.CudnnPrefill(self.device, pad_batch=True,
+                                                                min_bucket=CUDNN_MIN_BUCKET)
+                self.cudnn_prefill.warm(Hq, Hkv, D, self.dtype)
+            except Exception as e:
+                if environment.value("ZIPAGE_FRESH_PREFILL") == "cudnn":  # (asked for: refused, saying why)
+                    raise RuntimeError(f"ZIPAGE_FRESH_PREFILL=cudnn: cuDNN's ragged attention failed here: "
+                                       f"{type(e).__name__}: {e}") from e
+                self.cudnn_failed(e)
         self.fresh_prefill_tokens = 0  # prompt tokens those routes have served (host count)
+
+    def cudnn_failed(self, error: Exception) -> None:
+        """Give up cuDNN's ragged attention after ``error`` (a graph it could not build or run): the step under
+        way finishes its whole prompts through PyTorch's fused attention, later steps through the paged kernel;
+        one warning says why (``cudnn_error``)."""
+        self.cudnn_error = f"{type(error).__name__}: {error}"
+        warnings.warn(f"cuDNN's ragged attention failed ({self.cudnn_error}); whole prompts go to the paged "
+                      "prefill kernel from now on (ZIPAGE_FRESH_PREFILL=0 skips the route)", RuntimeWarning,
+                      stacklevel=2)
+        self.cudnn_prefill = None
+        self.fresh_prefill = None
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool, kv_cache_dtype: str = "auto",
