@@ -104,6 +104,8 @@
 #   PART=s52f   session 52: the FP8 pair (an H200)
 #   PART=s53t   session 53: the engine's GPU tests with the cuDNN frontend installed (so whole prompts of bf16/fp16
 #              models take cuDNN's ragged attention, the default where it can run)
+#   PART=s53u   session 53: the cuDNN route's GPU tests after the review (the check at start, head layouts, the
+#              engine's buckets), then the engine's GPU tests with the frontend installed
 #   PART=s53b   session 53: cuDNN graph builds per key: fixed graphs, dynamic shapes with a kernel cache, one graph
 #              with shape overrides (benchmarks/cudnn_graph_builds.py)
 #   PART=s53    session 53: s52's probe again (its JSON), the cuDNN GPU tests, then the engine's time to first token
@@ -515,6 +517,14 @@ print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), t
       tests/test_fresh_prefill.py tests/test_engine_gpu.py tests/test_sliding_engine.py tests/test_fp8_engine.py \
       tests/test_engine_requests.py tests/test_exact_tail_engine.py tests/test_kept_positions.py \
       tests/test_query_weights.py tests/test_engine_failures.py 2>&1 | tee "$OUT/gpu_tests_s53t.log" | tail -8 ;;
+  s53u)  # session 53: the ragged route's GPU tests after the review, then the engine's through it
+    python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
+      || tail -3 "$OUT/install.log"
+    timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py 2>&1 \
+      | tee "$OUT/gpu_tests_s53u_cudnn.log" | tail -6
+    timeout "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fresh_prefill.py \
+      tests/test_engine_gpu.py tests/test_engine_requests.py tests/test_sliding_engine.py tests/test_fp8_engine.py \
+      2>&1 | tee "$OUT/gpu_tests_s53u_engine.log" | tail -6 ;;
   s53b)  # session 53: what a graph build costs, three ways (the frontend's wheel carried in .whl/); SKIP_BUILDS=1:
     # the engine runs only
     python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \

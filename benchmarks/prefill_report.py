@@ -71,7 +71,8 @@ def torch_rows(results: Path) -> list[str]:
              "here only because each case repeats one length, so its plans are built once: cuDNN builds a plan "
              "for every new shape (34-49 ms of host time, the ragged column and `benchmarks/sdpa_host.py`), "
              "which an engine's prompts, each of its own length, would pay every time. "
-             "The engine keeps the Triton kernel.", "",
+             "The engine keeps the Triton kernel for these (whole prompts where cuDNN's frontend is installed: "
+             "its ragged attention, below).", "",
              "| case | " + " | ".join(label[n] for n in names) + " |", "|---|" + "---|" * len(names)]
     for r in rows:
         cells = []
@@ -209,103 +210,191 @@ CUDNN_TTFT = (("s53d/ttft_paged_a", "paged kernel"), ("s53d/ttft_cudnn128_a", "c
               ("s53d/ttft_cudnn2048_a", "cuDNN, buckets from 2,048"),
               ("s53d/ttft_cudnn2048_b", "cuDNN, buckets from 2,048"),
               ("s53d/ttft_cudnn128_b", "cuDNN, buckets from 128"), ("s53d/ttft_paged_b", "paged kernel"))
+TARGET_MAX_PROMPT = 4096  # ... and 4,096 tokens or shorter
+SPREAD = 0.05  # time-to-first-token means this close (relative) count as the same, within runs' spread
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _in_target(r: dict) -> bool:
+    """Whether a probe case's prompts are all of the target's lengths (512-4,096 tokens)."""
+    lens = [n for n in r.get("lens", []) if n]
+    return bool(lens) and min(lens) >= TARGET_MIN_PROMPT and max(lens) <= TARGET_MAX_PROMPT
 
 
 def cudnn_ranges(results: Path) -> dict | None:
-    """The ragged route's probe behind the prefill target's row: its ratios against the baseline's fastest
-    formulation on the target's cases (prompts of 512 tokens and longer), whether every case agreed, the card.
-    None without the probe."""
+    """The ragged route's probe behind the prefill target's row, over the target's cases (every prompt 512-4,096
+    tokens): the route's and the Triton kernel's ratios against the baseline's fastest formulation, the case of
+    the route's lowest, whether every case of the probe ran and agreed, the card, and whether the engine's time
+    to first token (``CUDNN_TTFT``) had the routes within ``SPREAD``. None without the probe."""
     path = results / CUDNN_RUN / CUDNN_PROBE
-    if not path.exists():
+    d = _json(path)
+    if d is None or not d.get("rows"):
         return None
-    d = json.loads(path.read_text())
-    rows = [r for r in d["rows"] if "ratio_cudnn" in r and min(r["lens"]) >= TARGET_MIN_PROMPT * 3 // 4]
-    return dict(card=_card(d["info"].get("device", "")), ratios=[r["ratio_cudnn"] for r in rows],
-                ok=all(r.get("ok") for r in d["rows"]), path=path)
+    rows = [r for r in d["rows"] if _in_target(r) and "ratio_cudnn" in r]
+    lowest = min(rows, key=lambda r: r["ratio_cudnn"]) if rows else None
+    ttft = cudnn_ttft(results)
+    by_route = {}
+    for label, r in ttft:
+        by_route.setdefault(label.startswith("cuDNN"), []).append(r["ttft_mean_s"])
+    same = None
+    if len(by_route) == 2:
+        means = [sum(v) / len(v) for v in by_route.values()]
+        same = abs(means[0] - means[1]) <= SPREAD * min(means)
+    return dict(card=_card(d.get("info", {}).get("device", "")), ratios=[r["ratio_cudnn"] for r in rows],
+                triton=[r["ratio_triton"] for r in rows if "ratio_triton" in r],
+                lowest=lowest["case"] if lowest else None,
+                ok=all(r.get("ok") is True for r in d["rows"]), ttft_same=same, path=path)
+
+
+def cudnn_ttft(results: Path) -> list[tuple[str, dict]]:
+    """The engine's time-to-first-token runs of ``CUDNN_TTFT`` present: (route, the run's system)."""
+    runs = []
+    for name, label in CUDNN_TTFT:
+        d = _json(results / CUDNN_RUN / f"{name}.json")
+        systems = list((d or {}).get("systems", {}).values())
+        if systems and "ttft_mean_s" in systems[0]:
+            runs.append((label, dict(systems[0], run=d)))
+    return runs
 
 
 def cudnn_rows(results: Path) -> list[str]:
     """Whole prompts through cuDNN's ragged attention (``kernels/cudnn_prefill.py``): the probe's cases, what a
-    graph build costs, and the engine's time to first token with each route."""
+    graph build costs, and the engine's time to first token with each route. Parts whose files or keys are
+    missing are left out."""
     path = results / CUDNN_RUN / CUDNN_PROBE
-    if not path.exists():
+    d = _json(path)
+    if d is None or not d.get("rows"):
         return []
-    d = json.loads(path.read_text())
-    info = d["info"]
+    info = d.get("info", {})
     rel = lambda p: p.relative_to(results.parent.parent)  # noqa: E731
-    first = [r["first_call_ms"] for r in d["rows"] if "first_call_ms" in r]
-    built = sorted(ms for ms in first if ms >= 5.0)  # (first calls that built a graph; the first, the library's too)
+    versions = ", ".join(f"{what} {info[k]}" for k, what in (("torch", "torch"), ("backend", "cuDNN"),
+                                                           ("frontend", "cuDNN frontend")) if k in info)
     lines = ["### Whole prompts through cuDNN's ragged attention", "",
-             f"{info['device']}, torch {info['torch']}, cuDNN {info['backend']}, cuDNN frontend {info['frontend']}; "
-             f"the same shapes and baseline (`PART=s53 bash benchmarks/gpu_session.sh`, `{rel(path)}`). "
+             f"{info.get('device', 'one GPU')}{', ' + versions if versions else ''}; the same shapes and baseline "
+             f"(`PART=s53 bash benchmarks/gpu_session.sh`, `{rel(path)}`). "
              "`kernels/cudnn_prefill.py` hands every whole prompt of a step to one cuDNN call in ragged form: each "
              "sequence's first row and length are device tensors, so ragged prompts need no padding and no copy, "
              "wherever they lie among the step's rows. A graph is built per (number of prompts, rounded up to a "
              "power of two; length bucket) and reused. The engine takes this route by default where it can run "
-             "(`pip install -e \".[cudnn]\"`, CUDA, 16-bit activations, head dims up to 128); "
-             "`ZIPAGE_FRESH_PREFILL=0` keeps the paged kernel. Ratios are against the baseline's fastest "
-             "formulation; the host time is one call's, queued.", "",
+             "(`pip install -e \".[cudnn]\"`, a GPU of compute capability 9.0 or above, 16-bit activations, head "
+             "dims that are multiples of 8 up to 128); `ZIPAGE_FRESH_PREFILL=0` keeps the paged kernel. Ratios are "
+             "against the baseline's fastest formulation; the host time is one call's, queued.", "",
              "| case | baseline ms | Triton kernel | cuDNN, ragged | host µs a call | agrees |",
              "|---|---|---|---|---|---|"]
+    timed = []
     for r in d["rows"]:
-        if "cudnn_ms" not in r:
-            lines.append(f"| {r['case']} | {r['best_baseline_ms']:.3f} | {r['ratio_triton']:.2f}x | failed | - | - |")
+        base = r.get("best_baseline_ms", r.get("baseline_ms"))
+        if base is None:
             continue
-        lines.append(f"| {r['case']} | {r['best_baseline_ms']:.3f} | {r['ratio_triton']:.2f}x ({r['triton_ms']:.3f} "
-                     f"ms) | {r['ratio_cudnn']:.2f}x ({r['cudnn_ms']:.3f} ms) | {r['cudnn_host_us']:.0f} | "
-                     f"{'yes' if r.get('ok') else '**no**'} |")
-    extra = info.get("extra", {})
-    checks = [k for k, v in extra.items() if isinstance(v, dict) and v.get("ok") and v.get("untouched", True)]
-    lines += ["", f"On prompts of one length both sides run cuDNN's attention, so the two are at parity; on ragged "
-              "prompts the baseline calls it once a length and the route once a step. The probe also checked a "
-              f"graph reused for other lengths of its bucket, a zero-length sequence, other rows between the "
-              f"sequences (left untouched) and batches padded to a power of two with empty sequences "
-              f"({len(checks)} of {len(extra)} checks agreed)." + (
-                  f" A call that built a graph took {built[0]:.0f}-{built[-2]:.0f} ms (the process's first: "
-                  f"{built[-1]:,.0f} ms, the library loaded), later calls the times above." if len(built) > 1 else ""),
-              ""]
-    builds = results / CUDNN_RUN / CUDNN_BUILDS
-    if builds.exists():
-        b = json.loads(builds.read_text())
-        fixed, dyn, over = (b["modes"].get(m, {}) for m in ("fixed", "dynamic", "override"))
-        mbs = sorted({int(mb) for v in b["min_bucket"].values() for mb in v})
-        lines += [f"What a graph costs (`benchmarks/cudnn_graph_builds.py`, `{rel(builds)}`): over {len(b['keys'])} "
-                  f"keys (1-32 prompts, buckets of 128-4,096 tokens) a build took {fixed['build_ms_median']:.0f} ms "
-                  f"(median; 84 ms on the machine of an earlier call, `{rel(results / CUDNN_RUN)}/s53b/`), the "
-                  f"process's first {fixed['init_ms']:,.0f} ms. cuDNN's dynamic shapes with a shared kernel cache "
-                  f"built in {dyn.get('build_ms_median', float('nan')):.0f} ms but gave "
-                  f"{'wrong outputs for two prompts or more' if dyn.get('all_ok') is False else 'the outputs above'}, "
-                  "and one graph run with shape overrides needs cuDNN 9.21 (this one declined), so the route keeps "
-                  "a graph per key and has fewer keys: the engine builds its graphs with S_max at least 2,048 "
-                  "(`min_bucket`), so prompts up to 2,048 tokens share one graph per batch size, and builds its first "
-                  "when it starts. The kernel time of each `min_bucket` over the exact bucket's (the empty tiles "
-                  "past each prompt):", "",
-                  "| prompts, longest | " + " | ".join(f"S_max >= {mb:,}" for mb in mbs) + " |",
-                  "|---|" + "---|" * len(mbs)]
-        for key, got in b["min_bucket"].items():
-            base = got.get("128", [float("nan")])[0]
-            lines.append(f"| {key} | " + " | ".join(f"{got[str(mb)][0] / base:.2f}x ({got[str(mb)][0] * 1000:.0f} µs)"
-                                                     if str(mb) in got else "-" for mb in mbs) + " |")
-        lines.append("")
-    runs = [(label, json.loads((results / CUDNN_RUN / f"{name}.json").read_text()))
-            for name, label in CUDNN_TTFT if (results / CUDNN_RUN / f"{name}.json").exists()]
+        triton = (f"{r['ratio_triton']:.2f}x ({r['triton_ms']:.3f} ms)"
+                  if "ratio_triton" in r and "triton_ms" in r else "-")
+        if "ratio_cudnn" in r and "cudnn_ms" in r:
+            timed.append(r)
+            host = f"{r['cudnn_host_us']:.0f}" if "cudnn_host_us" in r else "-"
+            lines.append(f"| {r['case']} | {base:.3f} | {triton} | {r['ratio_cudnn']:.2f}x ({r['cudnn_ms']:.3f} ms) "
+                         f"| {host} | {'yes' if r.get('ok') else '**no**'} |")
+        else:
+            lines.append(f"| {r['case']} | {base:.3f} | {triton} | failed | - | - |")
+    one = [r["ratio_cudnn"] for r in timed if r["case"].startswith("prompt ")]
+    ragged = [r["ratio_cudnn"] for r in timed if r["case"].startswith("ragged ")]
+    notes = []
+    if one:
+        notes.append(f"On prompts of one length both sides run cuDNN's attention: {min(one):.3f}-{max(one):.3f}x, "
+                     "parity.")
+    if ragged:
+        notes.append(f"On ragged prompts the baseline calls it once a length and the route once a step: "
+                     f"{min(ragged):.2f}-{max(ragged):.2f}x (the most where the prompts are many and short).")
+    extra = {k: v for k, v in info.get("extra", {}).items() if isinstance(v, dict)}
+    if extra:
+        agreed = sum(bool(v.get("ok")) and v.get("untouched", True) for v in extra.values())
+        notes.append("The probe also checked a graph reused for other lengths of its bucket, a zero-length "
+                     "sequence, other rows between the sequences (left untouched) and batches padded to a power of "
+                     f"two with empty sequences: {agreed} of {len(extra)} checks agreed.")
+    built = sorted(r["first_call_ms"] for r in d["rows"] if r.get("first_call_ms", 0.0) >= 5.0)
+    if len(built) > 1:  # (first calls that built a graph; the largest, the process's first, loaded the library)
+        notes.append(f"A call that built a graph took {built[0]:.0f}-{built[-2]:.0f} ms (the process's first: "
+                     f"{built[-1]:,.0f} ms, the library loaded), later calls the times above.")
+    lines += ["", " ".join(notes), ""] if notes else [""]
+    lines += _build_rows(results, rel)
+    runs = cudnn_ttft(results)
     if runs:
-        d0 = runs[0][1]
-        lo, hi = d0["prompt_len"]
-        lines += [f"The engine's time to first token, {d0['device']}, random-weight {d0['model']}, bf16, budget 2048: "
-                  f"{d0['requests']} prompts of {lo:,}-{hi:,} tokens (mean {d0['mean_prompt_tokens']:,.0f}), "
-                  f"{d0['max_tokens']} new each, one process a run, in the order shown, after an untimed warm-up run "
-                  f"(`PART=s53b SKIP_BUILDS=1`, `{rel(results / CUDNN_RUN)}/s53d/`):", "",
+        d0 = runs[0][1]["run"]
+        lo, hi = d0.get("prompt_len", (0, 0))
+        lines += [f"The engine's time to first token, {d0.get('device', '')}, random-weight {d0.get('model', '')}, "
+                  f"bf16, budget 2048: {d0.get('requests')} prompts of {lo:,}-{hi:,} tokens (mean "
+                  f"{d0.get('mean_prompt_tokens', 0):,.0f}), {d0.get('max_tokens')} new each, one process a run, in "
+                  f"the order shown, after an untimed warm-up run through the route (`PART=s53b SKIP_BUILDS=1`, "
+                  f"`{rel(results / CUDNN_RUN)}/s53d/`):", "",
                   "| run | route | TTFT mean / p50 / p99 (s) | tok/s |", "|---|---|---|---|"]
-        for i, (label, d) in enumerate(runs, 1):
-            r = next(iter(d["systems"].values()))
-            lines.append(f"| {i} | {label} | {r['ttft_mean_s']:.2f} / {r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
-                         f"{r['tokens_per_s']:.0f} |")
-        lines += ["", "The routes are within the runs' spread: a prompt's attention is a small share of its prefill "
-                  "(the linear layers dominate), so the faster attention moves time to first token by a few percent "
-                  "at most. An earlier pair in one process order (`s53/`) showed the first run of a machine paying "
-                  "the compiles: compare runs after the warm-up only.", ""]
+        for i, (label, r) in enumerate(runs, 1):
+            lines.append(f"| {i} | {label} | {r['ttft_mean_s']:.2f} / {r.get('ttft_p50_s', float('nan')):.2f} / "
+                         f"{r.get('ttft_p99_s', float('nan')):.2f} | {r.get('tokens_per_s', float('nan')):.0f} |")
+        same = (cudnn_ranges(results) or {}).get("ttft_same")
+        if same is not None:
+            lines += ["", ("The routes' means are within 5% of each other" if same else
+                           "The routes' means differ by more than 5%") + ": a prompt's attention is a small share "
+                      "of its prefill (the linear layers dominate), so the faster attention moves time to first "
+                      "token by a few percent at most."]
+        printed = results / CUDNN_RUN / "s53" / "ttft_printed.txt"
+        if printed.exists():
+            lines += ["", f"An earlier call (`{rel(printed)}`, its printed lines: the runs' JSONs did not come back), "
+                      "warmed up through the route only, had the paged kernel's first run slow (3.71 s; its second 2.26 "
+                      "s, the cause not established) and then the paged kernel at 2.26 s against the route's 2.37 s "
+                      "on the same ragged prompts, and at 2.23-2.29 s against 2.19 s on 32 prompts of 4,096 tokens."]
+        lines.append("")
     return lines
+
+
+def _build_rows(results: Path, rel) -> list[str]:
+    """What a graph build costs (``benchmarks/cudnn_graph_builds.py``): per key, with cuDNN's dynamic shapes, one
+    graph with shape overrides, and the kernel time of each ``min_bucket``; parts without their keys left out."""
+    path = results / CUDNN_RUN / CUDNN_BUILDS
+    b = _json(path)
+    if b is None:
+        return []
+    modes = b.get("modes", {})
+    fixed, dyn, over = (modes.get(m, {}) for m in ("fixed", "dynamic", "override"))
+    said = []
+    if "build_ms_median" in fixed:
+        said.append(f"over {len(b.get('keys', []))} keys (1-32 prompts, buckets of 128-4,096 tokens) a build took "
+                     f"{fixed['build_ms_median']:.0f} ms (median)" + (
+                         f", the process's first {fixed['init_ms']:,.0f} ms" if "init_ms" in fixed else ""))
+    if dyn.get("ok"):
+        multi = {k: v for k, v in dyn["ok"].items() if not k.startswith("(1,")}
+        wrong = sum(not v for v in multi.values())
+        said.append(f"cuDNN's dynamic shapes with a shared kernel cache built in "
+                    f"{dyn.get('build_ms_median', float('nan')):.0f} ms" + (
+                        f" but gave wrong outputs for {wrong} of {len(multi)} keys of two prompts or more" if wrong
+                        else ", every output agreeing"))
+    if over.get("error"):
+        reason = next((m for m in ("requires cudnn 9.21", "requires cuDNN 9.21") if m.lower() in
+                       over["error"].lower()), None)
+        said.append("one graph run with shape overrides " + ("needs cuDNN 9.21 (this one declined)" if reason
+                                                              else "failed (the JSON holds the error)"))
+    table = b.get("min_bucket", {})
+    mbs = sorted({int(mb) for v in table.values() for mb in v})
+    if not said and not table:
+        return []
+    text = (f"What a graph costs (`benchmarks/cudnn_graph_builds.py`, `{rel(path)}`): " + "; ".join(said)
+            + ". So the route keeps a graph per key and has fewer keys: the engine builds its graphs with S_max at "
+            "least 2,048 (`min_bucket`), so prompts up to 2,048 tokens share one graph per batch size, and builds "
+            "its first when it starts.")
+    if not (table and 128 in mbs):
+        return [text, ""]
+    lines = [text + " The kernel time of each `min_bucket` over the exact bucket's (the empty tiles past each "
+             "prompt):", "", "| prompts, longest | " + " | ".join(f"S_max >= {mb:,}" for mb in mbs) + " |",
+             "|---|" + "---|" * len(mbs)]
+    for key, got in table.items():
+        base = got.get("128", [float("nan")])[0]
+        lines.append(f"| {key} | " + " | ".join(f"{got[str(mb)][0] / base:.2f}x ({got[str(mb)][0] * 1000:.0f} µs)"
+                                                 if str(mb) in got else "-" for mb in mbs) + " |")
+    return lines + [""]
 
 
 def engine_rows(results: Path) -> list[str]:

@@ -414,6 +414,11 @@ def run_engine(model, work: Workload, budget, bw, kv_gib, page_size=256, max_num
                prefix_cache_hits=stats["prefix_cache_hits"] - hits_before,
                **ttft_stats(ttft.values(), missing=len(waiting_first)),
                async_compression=llm.async_compression, async_scheduling=llm.async_scheduling,
+               # how whole prompts were attended ("cudnn", "sdpa" or None: the paged kernel; the route given up
+               # after cudnn_error, if any) and how many prompt tokens the fresh routes served
+               fresh_prefill=getattr(llm.runner, "fresh_prefill", None),
+               fresh_prefill_tokens=getattr(llm.runner, "fresh_prefill_tokens", 0),
+               cudnn_error=getattr(llm.runner, "cudnn_error", None),
                zipage_config=None if llm.zipage_config is None else dataclasses.asdict(llm.zipage_config),
                fused_ops=bool(llm.runner.fusion.norms) or llm.runner.fusion.rope_module is not None)
     del llm

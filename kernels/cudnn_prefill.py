@@ -126,7 +126,7 @@ class CudnnPrefill:
     def _graph(self, key: tuple):
         """The built graph of ``key`` (B, S_max, H_q, H_kv, D, dtype, row strides of q, k, v and out, scale,
         whether offsets are int64)."""
-        with self.lock:
+        with self.lock, torch.cuda.device(self.device):  # (the handle's device, whichever is current)
             got = self.graphs.get(key)
             if got is not None:
                 return got
@@ -161,6 +161,10 @@ class CudnnPrefill:
             g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
             g.check_support()
             g.build_plans()
+            engine = getattr(g, "selected_engine", None)
+            if engine is not None:  # (only cuDNN's own engines are known to honour offsets with gaps between rows)
+                raise RuntimeError(f"the cuDNN frontend chose its Python engine {getattr(engine, 'name', engine)!r} "
+                                   "for the ragged graph, not cuDNN's own")
             size = g.get_workspace_size()
             if size > self.workspace.numel():
                 self.workspace = torch.empty(size, dtype=torch.uint8, device=self.device)
@@ -170,12 +174,27 @@ class CudnnPrefill:
             return got
 
     def warm(self, hq: int, hkv: int, d: int, dtype: torch.dtype) -> None:
-        """One call over a one-token sequence: cuDNN's first graph build (0.8-1.4 s on the H100, its libraries
-        loaded; later builds 47-84 ms) happens here rather than in a request's step."""
-        q = torch.zeros(1, hq, d, dtype=dtype, device=self.device)
-        kv = torch.zeros(1, hkv, d, dtype=dtype, device=self.device)
+        """A check before any request: two sequences with rows between them and after them, in the layout of one
+        fused q/k/v projection, at the scale ``d ** -0.5``, against :func:`ragged_prefill_sdpa`; raises
+        RuntimeError where cuDNN's answer differs (or its graph fails to build or run). cuDNN's first graph build
+        (0.8-1.4 s on the H100, its libraries loaded; later builds 47-84 ms) happens here rather than in a
+        request's step."""
+        lens, starts, rows = [37, 70], [3, 45], 120
+        g = torch.Generator(device=self.device).manual_seed(0)
+        fused = torch.randn(rows, (hq + 2 * hkv) * d, generator=g, device=self.device).to(dtype)
+        q = fused[:, : hq * d].view(rows, hq, d)
+        k = fused[:, hq * d : (hq + hkv) * d].view(rows, hkv, d)
+        v = fused[:, (hq + hkv) * d :].view(rows, hkv, d)
         i32 = dict(dtype=torch.int32, device=self.device)
-        self(q, kv, kv, torch.tensor([0, 1], **i32), torch.tensor([1], **i32), 1, 1.0)
+        out = torch.zeros_like(q)
+        self(q, k, v, torch.tensor(starts + [starts[-1] + lens[-1]], **i32), torch.tensor(lens, **i32), max(lens),
+             d**-0.5, out=out)
+        ref = ragged_prefill_sdpa(q, k, v, starts, lens, d**-0.5, out=torch.zeros_like(q))
+        torch.cuda.synchronize(self.device)
+        err = (out.float() - ref.float()).abs().max().item()
+        if not err <= 0.05:  # (bf16 rounding of softmax-weighted means of unit normals: ~1e-2 at most)
+            raise RuntimeError(f"cuDNN's ragged attention differs from PyTorch's on a check at start (max abs "
+                               f"error {err:.3g})")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
                  lens: torch.Tensor, max_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,15 +221,19 @@ class CudnnPrefill:
             lens = torch.cat([lens.to(torch.int32), lens.new_zeros(extra, dtype=torch.int32)])
             b += extra
         rows = (q.stride(0), k.stride(0), v.stride(0), out.stride(0))
-        wide = max(q.shape[0], k.shape[0], v.shape[0], out.shape[0]) * max(rows) >= 2**31
-        key = (b, max(self.min_bucket, length_bucket(max_len)), hq, k.shape[1], d, q.dtype, *rows, float(scale), wide)
+        s_max = max(self.min_bucket, length_bucket(max_len))
+        # (int64 offsets where an element's index may pass 2^31: in the tensors, or in the [B, H, S_max, D] shapes
+        # the graph declares)
+        wide = max(q.shape[0], k.shape[0], v.shape[0], out.shape[0], b * s_max) * max(rows) >= 2**31
+        key = (b, s_max, hq, k.shape[1], d, q.dtype, *rows, float(scale), wide)
         g, t = self._graph(key)
         cu = starts.to(torch.int64 if wide else torch.int32).view(b + 1, 1, 1, 1)
         pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["lens"]: lens.to(torch.int32).view(b, 1, 1, 1),
                 t["q_off"]: cu * rows[0], t["k_off"]: cu * rows[1], t["v_off"]: cu * rows[2],
                 t["o_off"]: cu * rows[3]}
-        self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
-        g.execute(pack, self.workspace, handle=self.handle)
+        with torch.cuda.device(self.device):
+            self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+            g.execute(pack, self.workspace, handle=self.handle)
         return out
 
 

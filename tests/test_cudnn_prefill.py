@@ -3,6 +3,8 @@ routing on a CPU with the dense reference standing in for cuDNN, the kernel itse
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -121,26 +123,31 @@ class Failing(StandIn):
         return super().__call__(*args, **kw)
 
 
-@pytest.mark.parametrize("fail_at", [0, 1, 3])
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 5])
 def test_a_failing_cudnn_route_loses_no_prompt(monkeypatch, fail_at):
-    """A graph cuDNN cannot build (at the engine's start) or run (at a step's first layer, or a later one): one
-    warning saying why, that step's whole prompts through PyTorch's fused attention, later steps the paged
-    kernel's; every request's tokens as the paged kernel's alone."""
+    """A graph cuDNN cannot build (at the engine's start) or run: at a step's first layer, at its second (the
+    tiny model's last: the step split between cuDNN and the fallback) or in a later step whose whole prompts lie
+    among chunks and decode rows. One warning saying why, that step's whole prompts through PyTorch's fused
+    attention, later steps the paged kernel's; every request's tokens as the paged kernel's alone."""
     model = tiny_model("qwen3")
-    prompts = prompts_of((37, 128, 5, 90, 128), seed=1)
-    kw = mixed_steps(None)
+    assert model.config.num_hidden_layers == 2
+    shared = prompts_of((40,), seed=3)[0]
+    prompts = prompts_of((37, 128, 5, 90, 128, 200, 60), seed=1) + prompts_of((20, 9), seed=2, prefix=shared)
+    kw = mixed_steps(32)
     base, _ = run(monkeypatch, model, prompts, None, **kw)
     StandIn.calls, Failing.fail_at = [], fail_at
     monkeypatch.setattr(runner_mod, "fresh_prefill_default", lambda *a: "cudnn")
     monkeypatch.setattr(cudnn_prefill, "CudnnPrefill", Failing)
-    with pytest.warns(RuntimeWarning, match="cuDNN's ragged attention failed .*RuntimeError: "
-                      + ("no engine proposed" if fail_at == 0 else "graph execution failed")):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         llm = LLM(model, page_size=8, num_pages=256, **kw)
         got = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    said = [str(w.message) for w in caught if "cuDNN's ragged attention failed" in str(w.message)]
+    assert len(said) == 1 and ("no engine proposed" if fail_at == 0 else "graph execution failed") in said[0]
     assert got == base
     r = llm.runner
     assert r.fresh_prefill is None and r.cudnn_prefill is None and "RuntimeError" in r.cudnn_error
-    assert len(StandIn.calls) == max(fail_at - 1, 0)  # (the layers before the failure, then none)
+    assert len(StandIn.calls) == max(fail_at - 1, 0)  # (the calls before the failure, then none)
     if fail_at:
         assert r.fresh_prefill_tokens > 0  # (the failing step's prompts were planned for the route)
     monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "cudnn")  # asked for: a failing start refuses the LLM, saying why
@@ -169,7 +176,17 @@ def test_whole_prompts_go_to_cudnn_by_default_only_where_it_can_run(monkeypatch)
     monkeypatch.delenv("ZIPAGE_FRESH_PREFILL", raising=False)
     cuda = torch.device("cuda")
     monkeypatch.setattr(cudnn_prefill, "available", lambda *a: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert runner_mod.fresh_prefill_default(cuda, torch.bfloat16, 128) == "cudnn"
+    for kv in ("fp8", "int8"):  # (8-bit pages: the paged kernel reads a prompt's own keys as stored)
+        assert runner_mod.fresh_prefill_default(cuda, torch.bfloat16, 128, kv) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # (not measured there: asked only)
+    assert runner_mod.fresh_prefill_default(cuda, torch.bfloat16, 128) is None
+    monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "cudnn")
+    monkeypatch.setattr(cudnn_prefill, "unavailable", lambda *a: None)
+    assert runner_mod.fresh_prefill_default(cuda, torch.bfloat16, 128) == "cudnn"
+    monkeypatch.delenv("ZIPAGE_FRESH_PREFILL")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setenv("ZIPAGE_FRESH_PREFILL", "0")  # (the paged kernel when asked)
     assert runner_mod.fresh_prefill_default(cuda, torch.bfloat16, 128) is None
     monkeypatch.delenv("ZIPAGE_FRESH_PREFILL")
@@ -181,33 +198,37 @@ def test_whole_prompts_go_to_cudnn_by_default_only_where_it_can_run(monkeypatch)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype, lens, pad", [(torch.bfloat16, [300, 1024, 77, 2049], False),
-                                              (torch.float16, [300, 1024, 77, 2049], False),
-                                              (torch.bfloat16, [300, 1000, 77], True)])
-def test_cudnn_ragged_attention_matches_dense_math(dtype, lens, pad):
+@pytest.mark.parametrize("dtype, lens, pad, heads, d, min_bucket", [
+    (torch.bfloat16, [300, 1024, 77, 2049], False, (32, 8), 128, 128),
+    (torch.float16, [300, 1024, 77, 2049], False, (32, 8), 128, 128),
+    (torch.bfloat16, [300, 1000, 77], True, (32, 8), 128, 2048),  # (the engine's: padded, buckets from 2,048)
+    (torch.bfloat16, [5, 700, 130], True, (16, 1), 64, 2048),  # (one KV head)
+    (torch.bfloat16, [900, 33], True, (12, 12), 96, 2048)])  # (as many KV heads as query heads)
+def test_cudnn_ragged_attention_matches_dense_math(dtype, lens, pad, heads, d, min_bucket):
     """Sequences with other rows between them and after the last, keys and values as views of one fused
     projection (row strides of their own), NaN rows past the step's rows: each sequence's rows as dense math,
-    no other row written; with the batch padded by empty sequences too."""
-    if not cudnn_prefill.available(torch.device("cuda"), dtype, 128):
+    no other row written; with the batch padded by empty sequences too, and the engine's length buckets."""
+    if not cudnn_prefill.available(torch.device("cuda"), dtype, d):
         pytest.skip("needs `pip install nvidia-cudnn-frontend`")
+    hq, hkv = heads
     gaps = [0, 50, 3, 200][: len(lens)]
     T = sum(lens) + sum(gaps) + 5
     g = torch.Generator(device="cuda").manual_seed(0)
-    fused = torch.full((T + 64, (32 + 8 + 8) * 128), float("nan"), device="cuda", dtype=dtype)
+    fused = torch.full((T + 64, (hq + 2 * hkv) * d), float("nan"), device="cuda", dtype=dtype)
     fused[:T] = torch.randn(T, fused.shape[1], device="cuda", dtype=dtype, generator=g)
-    q = fused[:T, : 32 * 128].view(T, 32, 128)
-    k = fused[:T, 32 * 128 : 40 * 128].view(T, 8, 128)
-    v = fused[:T, 40 * 128 :].view(T, 8, 128)
+    q = fused[:T, : hq * d].view(T, hq, d)
+    k = fused[:T, hq * d : (hq + hkv) * d].view(T, hkv, d)
+    v = fused[:T, (hq + hkv) * d :].view(T, hkv, d)
     starts, a = [], 0
     for n, gap in zip(lens, gaps):
         a += gap
         starts.append(a)
         a += n
-    prefill = cudnn_prefill.CudnnPrefill(torch.device("cuda"), pad_batch=pad)
+    prefill = cudnn_prefill.CudnnPrefill(torch.device("cuda"), pad_batch=pad, min_bucket=min_bucket)
     out = torch.full_like(q, 7.0)
     s = torch.tensor(starts + [a], dtype=torch.int32, device="cuda")
-    prefill(q, k, v, s, torch.tensor(lens, dtype=torch.int32, device="cuda"), max(lens), 128**-0.5, out=out)
-    ref = ragged_prefill_reference(q, k, v, starts, lens, 128**-0.5)
+    prefill(q, k, v, s, torch.tensor(lens, dtype=torch.int32, device="cuda"), max(lens), d**-0.5, out=out)
+    ref = ragged_prefill_reference(q, k, v, starts, lens, d**-0.5)
     rows = torch.cat([torch.arange(st, st + n, device="cuda") for st, n in zip(starts, lens)])
     torch.testing.assert_close(out[rows].float(), ref[rows].float(), atol=2e-2, rtol=2e-2)
     others = torch.ones(T, dtype=torch.bool, device="cuda")
@@ -235,3 +256,23 @@ def test_engine_on_the_gpu_with_whole_prompts_through_cudnn(monkeypatch):
         if route == "cudnn":
             assert llm.runner.fresh_prefill == "cudnn" and llm.runner.fresh_prefill_tokens >= 37 + 128 + 5
     assert sum(a[0] == b[0] for a, b in zip(outs["0"], outs["cudnn"])) >= len(prompts) - 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_check_at_start_passes_and_catches_a_wrong_answer(monkeypatch):
+    """``warm``: cuDNN's answer on two sequences with rows between them agrees with PyTorch's; an answer that
+    differs (here: every output row zeroed after the call) is refused with the error it measured."""
+    if not cudnn_prefill.available(torch.device("cuda"), torch.bfloat16, 128):
+        pytest.skip("needs `pip install nvidia-cudnn-frontend`")
+    prefill = cudnn_prefill.CudnnPrefill(torch.device("cuda"), pad_batch=True, min_bucket=2048)
+    prefill.warm(32, 8, 128, torch.bfloat16)
+    assert prefill.graphs and prefill.build_seconds > 0
+    real = cudnn_prefill.CudnnPrefill.__call__
+
+    def wrong(self, *args, out=None, **kw):
+        return real(self, *args, out=out, **kw).zero_()
+
+    monkeypatch.setattr(cudnn_prefill.CudnnPrefill, "__call__", wrong)
+    with pytest.raises(RuntimeError, match="differs from PyTorch's on a check at start"):
+        prefill.warm(32, 8, 128, torch.bfloat16)

@@ -95,8 +95,9 @@ FRESH_COPY_MIN: int | None = None
 
 
 # whether whole prompts go to cuDNN's ragged attention by default where it can run (the cuDNN frontend installed,
-# the `cudnn` extra): on the H100 its attention was 1.00-5.2x gather + SDPA's and the engine's time to first token
-# the paged kernel's within noise (benchmarks/results/issue15/s53/)
+# the `cudnn` extra) on a GPU of compute capability 9.0 or above: on the H100 its attention was 0.999-1.31x gather
+# + SDPA's on 512-4,096-token prompts (parity on one length) and the engine's time to first token within 5% of the
+# paged kernel's (benchmarks/results/issue15/s53/)
 CUDNN_PREFILL_DEFAULT = True
 
 # the shortest length bucket (S_max) of cuDNN's ragged graphs: each new (batch size, bucket) costs a graph build
@@ -105,13 +106,17 @@ CUDNN_PREFILL_DEFAULT = True
 CUDNN_MIN_BUCKET = 2048
 
 
-def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: int,
+                          kv_cache_dtype: str = "auto") -> str | None:
     """How whole prompts (nothing stored before them) are attended, instead of the paged prefill kernel:
     ``"cudnn"`` (cuDNN's ragged attention over the step's own keys and values, ``kernels/cudnn_prefill.py``:
     ``ZIPAGE_FRESH_PREFILL=cudnn``, which needs the cuDNN frontend and fails where it cannot run), ``"sdpa"``
     (PyTorch's fused attention in length buckets, ``kernels/fresh_prefill.py``: ``ZIPAGE_FRESH_PREFILL=1``; on a
     CPU SDPA's math runs it: tests) or None (the paged kernel; ``ZIPAGE_FRESH_PREFILL=0``). Unset: ``"cudnn"``
-    where it can run (:data:`CUDNN_PREFILL_DEFAULT`), else None.
+    where it can run on a GPU of compute capability 9.0 or above (:data:`CUDNN_PREFILL_DEFAULT`) and the pages
+    hold the model's dtype, else None: with 8-bit pages (``kv_cache_dtype``) the paged kernel reads a prompt's
+    own keys and values as stored, as it reads every later token's, where the fresh routes would attend to them
+    unquantized (asked for, they do).
     SDPA's buckets: on the H100 cuDNN's attention over prompts of one length, batched, beats the Triton kernel
     1.06-1.33x (512-4,096 tokens), but in the engine the attention is a small share of a prompt's prefill and
     each new batch shape costs cuDNN a plan (~75 ms, once): time to first token did not improve (long prompts:
@@ -123,7 +128,9 @@ def fresh_prefill_default(device: torch.device, dtype: torch.dtype, head_dim: in
         if why is not None:
             raise RuntimeError(f"ZIPAGE_FRESH_PREFILL=cudnn: cuDNN's ragged attention cannot run here: {why}")
         return "cudnn"
-    if value == "" and CUDNN_PREFILL_DEFAULT and cudnn_prefill.available(device, dtype, head_dim):
+    if value == "" and CUDNN_PREFILL_DEFAULT and kv_cache_dtype not in QUANTIZED_KV \
+            and cudnn_prefill.available(device, dtype, head_dim) \
+            and torch.cuda.get_device_capability(device)[0] >= 9:  # (measured on Hopper; asked for, 8.x too)
         return "cudnn"
     if value == "1" and head_dim <= 256 and (device.type == "cpu" or dtype in (torch.float16, torch.bfloat16)):
         return "sdpa"
@@ -167,6 +174,8 @@ def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if r.cudnn_prefill is not None:
         try:
             return r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out)
+        except torch.AcceleratorError:  # (a sticky CUDA error: nothing after it can run; not cuDNN's to take)
+            raise
         except Exception as e:  # (a graph cuDNN cannot build or run here: no step's prompts are lost to it)
             r.cudnn_failed(e)
     starts = fresh.starts.tolist()
@@ -490,7 +499,8 @@ class ModelRunner:
         self.fusion = ModelFusion.find(model) if fuse_ops and use_triton(self.k_pool) else ModelFusion()
         # whole prompts through PyTorch's fused attention or cuDNN's ragged attention ("sdpa", "cudnn" or None; not
         # with exact tails, whose prefill reads the rings)
-        self.fresh_prefill = None if self.exact_tail else fresh_prefill_default(self.device, self.dtype, D)
+        self.fresh_prefill = (None if self.exact_tail
+                              else fresh_prefill_default(self.device, self.dtype, D, kv_cache_dtype))
         self.cudnn_prefill = None
         self.cudnn_error: str | None = None  # why the cuDNN route was given up, if it was
         if self.fresh_prefill == "cudnn":  # (its first graph here: cuDNN's first build costs ~1 s, not a request's)
@@ -510,11 +520,11 @@ class ModelRunner:
         way finishes its whole prompts through PyTorch's fused attention, later steps through the paged kernel;
         one warning says why (``cudnn_error``)."""
         self.cudnn_error = f"{type(error).__name__}: {error}"
+        self.cudnn_prefill = None  # (before the warning, which a filter may turn into an error)
+        self.fresh_prefill = None
         warnings.warn(f"cuDNN's ragged attention failed ({self.cudnn_error}); whole prompts go to the paged "
                       "prefill kernel from now on (ZIPAGE_FRESH_PREFILL=0 skips the route)", RuntimeWarning,
                       stacklevel=2)
-        self.cudnn_prefill = None
-        self.fresh_prefill = None
 
     @staticmethod
     def bytes_per_page(config, page_size: int, dtype: torch.dtype, stateful: bool, kv_cache_dtype: str = "auto",
