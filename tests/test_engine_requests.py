@@ -885,3 +885,32 @@ def test_prefix_cache_hits_count_pages_a_request_was_served_once(model):
         llm.step()
     assert llm.stats()["prefix_cache_hits"] == 4
     assert_pool_clean(llm)
+
+
+def test_add_requests_queues_all_or_none():
+    """``LLM.add_requests``: every prompt checked before any is queued (a bad one names its index and leaves the
+    engine as it was); ids given once each; the outputs as ``add_request`` one by one gives them."""
+    model = tiny_model("llama")
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    llm = LLM(model, budget=None, page_size=8, num_pages=64)
+    with pytest.raises(ValueError, match=r"^prompt 1: .*token ids"):
+        llm.add_requests([[5, 6, 7], [5, 10 ** 9], [8, 9]], greedy)
+    assert not llm.requests and not llm.has_unfinished()
+    with pytest.raises(ValueError, match=r"request ids given more than once: \['a'\]"):
+        llm.add_requests([[5], [6], [7]], greedy, request_ids=["a", None, "a"])
+    with pytest.raises(ValueError, match="3 prompts, 2 SamplingParams and 3 request ids"):
+        llm.add_requests([[5], [6], [7]], [greedy, greedy])
+    with pytest.raises(ValueError) as one:  # (one prompt: the message as add_request's, no index)
+        llm.add_requests([[10 ** 9]], greedy)
+    assert str(one.value).startswith("prompt token ids must lie in")
+    assert not llm.requests
+    rids = llm.add_requests([[5, 6, 7], [8, 9], [10]], [greedy, None, greedy], request_ids=[None, "b", None])
+    assert rids[1] == "b" and len(set(rids)) == 3 and list(llm.requests) == rids
+    got = {}
+    while llm.has_unfinished():
+        for out in llm.step():
+            if out.finished:
+                got[out.request_id] = list(out.outputs[0].token_ids)
+    one = LLM(model, budget=None, page_size=8, num_pages=64)
+    for prompt, rid in zip([[5, 6, 7], [10]], [rids[0], rids[2]]):
+        assert one.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids == got[rid]

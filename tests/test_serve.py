@@ -1304,7 +1304,7 @@ def test_cancelled_requests_whose_compressions_were_in_flight_are_all_counted_an
     try:
         reqs = [_Request(f"req-{i}", loop, asyncio.Queue(), 1, _time.monotonic()) for i in range(2)]
         for i, r in enumerate(reqs):
-            engine._ops.put(("add", r, [65 + i] * 20, SamplingParams(max_tokens=500, ignore_eos=True)))
+            engine._ops.put(("add", [r], [[65 + i] * 20], [SamplingParams(max_tokens=500, ignore_eos=True)]))
         engine._apply_ops()
         for _ in range(200):
             engine._deliver(llm.step())
@@ -1387,3 +1387,27 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client, chat
     used = [c.usage.completion_tokens for c in chunks]
     assert all(c.usage is not None for c in chunks) and used == sorted(used) and used[-1] == 6
     assert len({c.usage.prompt_tokens for c in chunks}) == 1
+
+
+def test_a_multi_prompt_request_enters_the_engine_in_one_round(checkpoint):
+    """The prompts of one request reach the engine in one ``LLM.add_requests`` call (checked whole, started in
+    the same step), and a bad one among them names its index."""
+    model, tok = checkpoint
+    llm = LLM(model, tok, budget=None, page_size=16, num_pages=64)
+    calls, real = [], llm.add_requests
+
+    def recording(prompts, *a, **kw):
+        calls.append(len(prompts))
+        return real(prompts, *a, **kw)
+
+    llm.add_requests = recording
+    config = ServeConfig(model_names=[NAME], model_root="tiny-folder", tokenizer=tok, max_model_len=llm.max_model_len)
+    with thread_server(llm, config) as (url, engine):
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": NAME, "prompt": [[5, 6, 7], [8, 9], [10, 11, 12, 13]], "max_tokens": 3, "n": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 6
+        assert calls == [3]
+        r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": NAME, "prompt": [[5, 6, 7], [8, 9], [5, 10 ** 9]], "max_tokens": 3})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt 2: ")
+        assert calls == [3, 3] and not engine._requests

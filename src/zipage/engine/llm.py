@@ -456,6 +456,45 @@ class LLM:
         that share the prompt's pages: the first computes the prompt, the others then find its
         pages in the prefix cache."""
         rid, seqs = self._prepare_request(prompt, params, request_id, chat)
+        self._queue(rid, seqs)
+        return rid
+
+    def add_requests(self, prompts: list[Any], params: SamplingParams | list[SamplingParams | None] | None = None,
+                     request_ids: list[str | None] | None = None, chat: bool = False) -> list[str]:
+        """Queue several requests at once, all or none: every one is checked as :meth:`add_request` checks
+        before any is queued, so a bad one raises (naming its index) and leaves the engine as it was. ``params``:
+        one for all, or one per prompt; ``request_ids``: one per prompt (None: automatic), distinct. Returns
+        their ids; they are scheduled in the order given."""
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        ids = [None] * len(prompts) if request_ids is None else list(request_ids)
+        if len(params) != len(prompts) or len(ids) != len(prompts):
+            raise ValueError(f"add_requests: {len(prompts)} prompts, {len(params)} SamplingParams and {len(ids)} "
+                             "request ids (expected one each, or one SamplingParams for all)")
+        chosen = [i for i in ids if i is not None]
+        if len(set(chosen)) != len(chosen):
+            twice = sorted({i for i in chosen if chosen.count(i) > 1})
+            raise ValueError(f"add_requests: request ids given more than once: {twice}")
+        prepared, taken = [], set(chosen)
+        for i, (prompt, p, rid) in enumerate(zip(prompts, params, ids)):
+            try:
+                got, seqs = self._prepare_request(prompt, p, rid, chat)
+                while rid is None and got in taken:  # (an automatic id is not one given for a later prompt)
+                    got, seqs = self._prepare_request(prompt, p, rid, chat)
+            except (ValueError, TypeError) as e:
+                if len(prompts) == 1:
+                    raise
+                raise (TypeError if isinstance(e, TypeError) else ValueError)(f"prompt {i}: {e}") from e
+            taken.add(got)
+            prepared.append((got, seqs))
+        for rid, seqs in prepared:
+            self._queue(rid, seqs)
+        return [rid for rid, _ in prepared]
+
+    def _queue(self, rid: str, seqs: list[Sequence]) -> None:
+        """Hand a prepared request's samples to the scheduler."""
         self._samples.pop(rid, None)
         self.requests[rid] = seqs[0]
         if len(seqs) > 1:
@@ -464,7 +503,6 @@ class LLM:
             self._drop_oldest_finished()
         for seq in seqs:
             self.scheduler.add(seq)
-        return rid
 
     def _prepare_request(self, prompt: Any, params: SamplingParams | None, request_id: str | None = None,
                          chat: bool = False) -> tuple[str, list[Sequence]]:

@@ -188,50 +188,43 @@ class AsyncEngine:
             self._incoming -= samples
 
     # ----------------------------------------------------------------------------- the asyncio side
-    async def check_all(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
-        """Raise what ``LLM.add_request`` would raise for any of ``prompts`` (token ids outside the vocabulary, a
-        prompt too long or needing more pages than the pool has, ...), queueing nothing: a request of several
-        prompts is checked whole on the engine thread first, so a bad one refuses it before any of its prompts
-        reaches the engine (or its metrics)."""
-        if self.dead is not None:
-            raise EngineDead(self.dead)
-        req = _Request("check", asyncio.get_running_loop(), asyncio.Queue(), 0, time.monotonic())
-        with self._lock:
-            if self._closed:
-                raise EngineDead(self.dead or "the server is shutting down")
-            self._ops.put(("check", req, prompts, params))
-        self._wake.set()
-        answer = await req.queue.get()
-        if isinstance(answer, BaseException):
-            raise answer
-
     async def add(self, prompt: list[int], params: SamplingParams, reserved: bool = False) -> RequestStream:
         """Queue a request; returns its stream once the engine took it, or raises what
         ``LLM.add_request`` raised for a bad request (``ValueError``, ``TypeError``). ``reserved``: its
         samples were counted by ``reserve`` already."""
+        return (await self.add_many([prompt], [params], reserved))[0]
+
+    async def add_many(self, prompts: list[list[int]], params: list[SamplingParams],
+                       reserved: bool = False) -> list[RequestStream]:
+        """Queue several requests at once, all or none (``LLM.add_requests`` on the engine thread, in one of its
+        rounds: a bad prompt refuses them all before any reaches the engine or its metrics, and they start in
+        the same step); returns their streams, or raises what the engine raised (``ValueError``, ``TypeError``,
+        naming the prompt's index). ``reserved``: their samples were counted by ``reserve`` already."""
+        samples = sum(p.n for p in params)
         if self.dead is not None:
             if reserved:  # (never queued: its samples are not waiting)
-                self.unreserve(params.n)
+                self.unreserve(samples)
             raise EngineDead(self.dead)
-        req = _Request(f"req-{next(self._ids)}", asyncio.get_running_loop(), asyncio.Queue(), params.n,
-                       time.monotonic())
+        loop, now = asyncio.get_running_loop(), time.monotonic()
+        reqs = [_Request(f"req-{next(self._ids)}", loop, asyncio.Queue(), p.n, now) for p in params]
         with self._lock:  # (the loop's last drain holds it too: an add is either drained and answered, or refused)
             if self._closed:
                 if reserved:
-                    self._incoming -= params.n
+                    self._incoming -= samples
                 raise EngineDead(self.dead or "the server is shutting down")
             if not reserved:
-                self._incoming += params.n
-            self._ops.put(("add", req, prompt, params))
+                self._incoming += samples
+            self._ops.put(("add", reqs, prompts, params))
         self._wake.set()
         try:
-            answer = await req.queue.get()  # None (taken), or why not
+            answer = await reqs[0].queue.get()  # None (taken), or why not: the first request's queue answers
         except BaseException:  # (cancelled while waiting for the engine thread)
-            self._submit(("cancel", req))
+            for req in reqs:
+                self._submit(("cancel", req))
             raise
         if isinstance(answer, BaseException):
             raise answer
-        return RequestStream(self, req)
+        return [RequestStream(self, req) for req in reqs]
 
     def _submit(self, op: tuple) -> None:
         self._ops.put(op)
@@ -279,8 +272,8 @@ class AsyncEngine:
             with self._lock:  # anything submitted meanwhile is refused, and nothing is submitted after
                 self._closed = True
                 for op in self._queued_ops():
-                    if op[0] in ("add", "check"):
-                        self._send(op[1], EngineDead(self.dead))
+                    if op[0] == "add":
+                        self._send(op[1][0], EngineDead(self.dead))
 
     def _queued_ops(self) -> Iterator[tuple]:
         """The operations submitted so far, taken off the queue."""
@@ -295,31 +288,23 @@ class AsyncEngine:
         cancelled = False
         for op in self._queued_ops():
             if op[0] == "add":
-                _, req, prompt, params = op
-                added += params.n
+                _, reqs, prompts, params = op
+                added += sum(p.n for p in params)
                 if self._stopping:  # (the loop ends after this: a 503 now, not a 200 aborted at once)
-                    self._send(req, EngineDead("the server is shutting down"))
+                    self._send(reqs[0], EngineDead("the server is shutting down"))
                     continue
-                try:
-                    self.llm.add_request(prompt, params, request_id=req.rid)
+                try:  # (all or none: every prompt checked before any is queued)
+                    self.llm.add_requests(prompts, params, request_ids=[req.rid for req in reqs])
                 except Exception as e:  # a bad request: its handler answers 400
-                    self._send(req, e)
+                    self._send(reqs[0], e)
                     continue
-                self._requests[req.rid] = req
-                req.sent, req.last, req.ended = [0] * req.n, [0.0] * req.n, [False] * req.n
-                req.reasons = [None] * req.n
-                self._send(req, None)
-                if self.metrics is not None:
-                    self.metrics.request_added(len(prompt))
-            elif op[0] == "check":
-                _, req, prompts, params = op
-                try:
-                    for prompt, p in zip(prompts, params):
-                        self.llm._prepare_request(prompt, p)
-                except Exception as e:  # (a bad request: its handler answers 400)
-                    self._send(req, e)
-                else:
-                    self._send(req, None)
+                for req, prompt in zip(reqs, prompts):
+                    self._requests[req.rid] = req
+                    req.sent, req.last, req.ended = [0] * req.n, [0.0] * req.n, [False] * req.n
+                    req.reasons = [None] * req.n
+                    if self.metrics is not None:
+                        self.metrics.request_added(len(prompt))
+                self._send(reqs[0], None)
             elif op[0] == "cancel":
                 req = op[1]
                 if self._requests.get(req.rid) is req:

@@ -138,7 +138,7 @@ def check_samples(samples: int, prompt_field: str) -> None:
 
 async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[int]],
                   params: list[SamplingParams], prompt_field: str) -> list[RequestStream]:
-    """Add every prompt of a request (all or none: a refused one cancels those already added)."""
+    """Add every prompt of a request, all or none, in one round of the engine thread (``AsyncEngine.add_many``)."""
     if engine.dead is not None:
         raise APIError(503, f"the engine is not running: {engine.dead}")
     samples = sum(p.n for p in params)
@@ -146,34 +146,15 @@ async def add_all(engine: AsyncEngine, config: ServeConfig, prompts: list[list[i
         raise APIError(400, f"the request has {samples} samples (prompts x n) but the server queues at most "
                             f"{config.max_waiting} (--max-waiting)", param="n")
     check_samples(samples, prompt_field)  # (without --max-waiting too)
-    if len(prompts) > 1:  # (all or none: a bad prompt refuses the request before any other is added)
-        try:
-            await engine.check_all(prompts, params)
-        except (ValueError, TypeError) as e:
-            raise bad_request(e, prompt_field) from None
-        except EngineDead as e:
-            raise APIError(503, str(e)) from None
     if not engine.reserve(samples, config.max_waiting):  # (all the request's samples at once, or none)
         raise APIError(429, f"the server's waiting queue is full ({config.max_waiting} requests); retry later",
                        code="queue_full")
-    streams: list[RequestStream] = []
-    submitted = 0  # samples handed to engine.add (which un-counts them, as it refuses them or applies them)
-    try:
-        for prompt, p in zip(prompts, params):
-            submitted += p.n
-            streams.append(await engine.add(prompt, p, reserved=True))
+    try:  # (one engine round: a bad prompt refuses the request before any is added; they start together)
+        return await engine.add_many(prompts, params, reserved=True)  # (which un-counts the reserved samples)
     except (ValueError, TypeError) as e:
-        close_all(streams)
         raise bad_request(e, prompt_field) from None
     except EngineDead as e:
-        close_all(streams)
         raise APIError(503, str(e)) from None
-    except BaseException:
-        close_all(streams)
-        raise
-    finally:
-        engine.unreserve(samples - submitted)  # (the prompts never submitted)
-    return streams
 
 
 def close_all(streams: list[RequestStream]) -> None:
