@@ -58,42 +58,16 @@ def timed(fn) -> tuple[object, float]:
 
 
 class Override:
-    """One ragged-attention graph at (B_max, S_max), run for smaller batches with per-call shape overrides."""
+    """One ragged-attention graph at (B_max, S_max) (``CudnnPrefill``'s, built with shape overrides enabled), run
+    for smaller batches with per-call shape overrides."""
 
     def __init__(self, b_max: int, s_max: int, scale: float):
-        cudnn = cp._module()
-        self.cudnn = cudnn
-        self.handle = cudnn.create_handle()
-        io = cudnn.data_type.BFLOAT16
-        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=cudnn.data_type.FLOAT,
-                          compute_data_type=cudnn.data_type.FLOAT, handle=self.handle,
-                          is_override_shape_enabled=True)
-        i32 = cudnn.data_type.INT32
-        b, s, hq, hkv, d = b_max, s_max, pt.HQ, pt.HKV, pt.D
-        self.rows = dict(q=hq * d, k=hkv * d, v=hkv * d, o=hq * d)
-        self.heads = dict(q=hq, k=hkv, v=hkv, o=hq)
-        t = {n: g.tensor(name=n, dim=[b + 1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32)
-             for n in ("q_off", "k_off", "v_off", "o_off")}
-        for n in ("q", "k", "v"):
-            r = self.rows[n]
-            t[n] = g.tensor(name=n, dim=[b, self.heads[n], s, d], stride=[s * r, d, r, 1], data_type=io,
-                            ragged_offset=t[n + "_off"])
-        t["lens"] = g.tensor(name="lens", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32)
-        o, _ = g.sdpa(name="sdpa", q=t["q"], k=t["k"], v=t["v"], generate_stats=False, attn_scale=scale,
-                      use_causal_mask=True, use_padding_mask=True, seq_len_q=t["lens"], seq_len_kv=t["lens"])
-        r = self.rows["o"]
-        o.set_output(True).set_dim([b, hq, s, d]).set_stride([s * r, d, r, 1]).set_data_type(io)
-        o.set_ragged_offset(t["o_off"])
-        t["o"] = o
-        g.validate()
-        g.build_operation_graph()
-        if hasattr(g, "deselect_engines"):
-            g.deselect_engines(["sdpa_fwd_prefill"])
-        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        g.check_support()
-        g.build_plans()
-        self.g, self.t = g, t
-        self.workspace = torch.empty(g.get_workspace_size(), dtype=torch.uint8, device="cuda")
+        self.prefill = cp.CudnnPrefill(torch.device("cuda"))
+        self.prefill.graph_kwargs = dict(is_override_shape_enabled=True)
+        self.heads = dict(q=pt.HQ, k=pt.HKV, v=pt.HKV, o=pt.HQ)
+        self.rows = {n: h * pt.D for n, h in self.heads.items()}  # (the probe's packed tensors)
+        rows = [self.rows[n] for n in ("q", "k", "v", "o")]
+        self.g, self.t = self.prefill._graph((b_max, s_max, pt.HQ, pt.HKV, pt.D, pt.DT, *rows, float(scale), False))
 
     def __call__(self, q, k, v, starts, lens, max_len, out):
         b, s, d = lens.numel(), cp.length_bucket(max_len), pt.D
@@ -110,8 +84,9 @@ class Override:
         uids.append(t["lens"].get_uid())
         shapes.append([b, 1, 1, 1])
         strides.append([1, 1, 1, 1])
-        self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream().cuda_stream)
-        self.g.execute(pack, self.workspace, handle=self.handle, override_uids=uids, override_shapes=shapes,
+        p = self.prefill
+        p.cudnn.set_stream(handle=p.handle, stream=torch.cuda.current_stream().cuda_stream)
+        self.g.execute(pack, p.workspace, handle=p.handle, override_uids=uids, override_shapes=shapes,
                        override_strides=strides)
         return out
 
@@ -136,7 +111,6 @@ def main(argv=None) -> int:
         k, v = step.fresh_kv()
         steps[b, s] = (step, k, v, step.packed(step.baseline()))
     result = dict(info=info, keys=keys, modes={})
-    routes = {}
     for mode in ("fixed", "dynamic"):
         row = dict(build_ms={}, ok={}, kernel_ms={})
         try:
@@ -153,7 +127,6 @@ def main(argv=None) -> int:
                 row["ok"][str(key)] = pt.agrees(out, ref)[0]
                 if key[0] in (4, 32) and key[1] in (512, 4096):
                     row["kernel_ms"][str(key)] = pt.bench(run)
-            routes[mode] = prefill
         except Exception as e:
             row["error"] = "".join(traceback.format_exception(e))[-2000:]
             print(row["error"], flush=True)

@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 try:
-    from .prefill_report import cudnn_ranges, fresh_ranges
+    from .prefill_report import SPREAD, cudnn_ranges, fresh_ranges
 except ImportError:  # run as a script from benchmarks/
-    from prefill_report import cudnn_ranges, fresh_ranges
+    from prefill_report import SPREAD, cudnn_ranges, fresh_ranges
 
 EIGHT_BIT_REPORTS = ("quality_fp8", "quality_int8")  # the quality reports of 8-bit pages: shown in this section
 # engine pairs kept beside their session's other results (paths under benchmarks/results/), listed after fp8/'s
@@ -657,12 +657,14 @@ def targets_table(results: Path) -> list[str]:
                 verdict = f"**miss** ({low}: {lo:.3f}x with cuDNN's ragged route)"
             on = f" ({ragged_route['card']})" if ragged_route["card"] else ""
             triton = ragged_route["triton"]
-            same = {True: "; the engine's time to first token the same within 5% (below: whole prompts through "
-                          "cuDNN's ragged attention)",
-                    False: "; the engine's time to first token differs by more than 5% (below)", None: ""}
+            same = {True: f"; the engine's time to first token the same within {SPREAD:.0%} (below: whole prompts "
+                          "through cuDNN's ragged attention)",
+                    False: f"; the engine's time to first token differs by more than {SPREAD:.0%} (below)",
+                    None: ""}
             row("prefill over paged KV >= 1.0x gather + SDPA, 512-4,096-token prompts",
                 f"whole prompts through cuDNN's ragged attention (`kernels/cudnn_prefill.py`, the engine's default "
-                f"where `pip install -e \".[cudnn]\"` installed the frontend): {lo:.3f}-{max(got):.2f}x{on} over "
+                f"where `pip install -e \".[cudnn]\"` installed the frontend, on Hopper with pages in the model's "
+                f"dtype): {lo:.3f}-{max(got):.2f}x{on} over "
                 f"the probe's cases whose prompts are all 512-4,096 tokens, "
                 f"{'every case agreeing' if ragged_route['ok'] else 'a case failing or disagreeing'}; the Triton "
                 "kernel alone: "

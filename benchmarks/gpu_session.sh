@@ -140,6 +140,21 @@ fp8_value_layouts() {
       --out "$OUT/throughput_qwen3-8b_$3_dm$dm.json" 2>&1 | tail -3
   done
 }
+# the cuDNN frontend's wheel, carried in .whl/ (run's carry: [".whl"])
+cudnn_frontend() {
+  python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
+    || tail -3 "$OUT/install.log"
+}
+# benchmarks/throughput.py's long-prompt workload, its summary row printed after a tag: whole prompts through
+# ZIPAGE_FRESH_PREFILL=$1, cuDNN's length buckets from $2 (runner.CUDNN_MIN_BUCKET), results in ttft_$3.json,
+# more arguments after those
+engine_ttft() {
+  echo -n "$3: "
+  ZIPAGE_FRESH_PREFILL=$1 timeout 100 python3 -c "import runpy, sys; import zipage.engine.runner as r
+r.CUDNN_MIN_BUCKET = $2; sys.argv = ['throughput.py'] + sys.argv[1:]; sys.path.insert(0, 'benchmarks')
+runpy.run_path('benchmarks/throughput.py', run_name='__main__')" --workload long-prompt --max-tokens 64 \
+    --kv-gib 40 --systems zipage-2048 --out "$OUT/ttft_$3.json" "${@:4}" 2>&1 | tail -1
+}
 case "$PART" in
   ncu)
     for kind in ${KINDS:-fp8 bf16}; do  # (the reports stay on the machine: only text comes back)
@@ -473,8 +488,7 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
   s52)  # session 52: whole prompts through cuDNN's ragged attention (kernels/cudnn_prefill.py; the frontend's wheel
     # carried in .whl/): the probe against gather + SDPA and the Triton kernel, its GPU tests, then the engine's
     # time to first token on ragged prompts of 512-4,096 tokens, the paged kernel against the ragged route
-    python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
-      || tail -3 "$OUT/install.log"
+    cudnn_frontend
     timeout "${PROBE_LIMIT:-200}" python3 benchmarks/cudnn_prefill_probe.py --out "$OUT/cudnn_prefill_probe.json" 2>&1 \
       | tee "$OUT/cudnn_prefill_probe.log" | tail -30
     timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py 2>&1 \
@@ -486,40 +500,30 @@ print(best['launch'] if best['launch'] != 'default' else '')" "$OUT/store_launch
     done ;;
   s53)  # session 53: s52 measured once, cold: its first engine run paid the Triton compiles (and the machine's
     # caches) that its second did not, so here a warm-up run goes first and the routes alternate A B B A
-    python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
-      || tail -3 "$OUT/install.log"
+    cudnn_frontend
     timeout "${PROBE_LIMIT:-150}" python3 benchmarks/cudnn_prefill_probe.py --out "$OUT/cudnn_prefill_probe.json" 2>&1 \
       | tee "$OUT/cudnn_prefill_probe.log" | tail -12
-    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py tests/test_fresh_prefill.py \
-      2>&1 | tee "$OUT/gpu_tests_s53.log" | tail -4
-    ttft_run() {  # route, file tag, extra arguments
-      echo -n "$2: "
-      ZIPAGE_FRESH_PREFILL=$1 timeout 100 python3 benchmarks/throughput.py --workload long-prompt --max-tokens 64 \
-        --kv-gib 40 --systems zipage-2048 --out "$OUT/ttft_$2.json" "${@:3}" 2>&1 | tail -1
-    }
-    ttft_run cudnn warmup --prompt-len 512,4096 --requests 16
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py \
+      tests/test_fresh_prefill.py 2>&1 | tee "$OUT/gpu_tests_s53.log" | tail -4
+    # (the engine's buckets then started at 128)
+    engine_ttft cudnn 128 warmup --prompt-len 512,4096 --requests 16
     for rep in a b; do
       order="0 cudnn"; [ $rep = b ] && order="cudnn 0"
       for fresh in $order; do
-        ttft_run $fresh "ragged_${fresh}_$rep" --prompt-len 512,4096 --requests 64
-        ttft_run $fresh "p4096_${fresh}_$rep" --prompt-len 4096,4096 --requests 32
+        engine_ttft $fresh 128 "ragged_${fresh}_$rep" --prompt-len 512,4096 --requests 64
+        engine_ttft $fresh 128 "p4096_${fresh}_$rep" --prompt-len 4096,4096 --requests 32
       done
-    done
-    ZIPAGE_FRESH_PREFILL=cudnn timeout "${TEST_LIMIT:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -x \
-      tests/test_engine_gpu.py tests/test_sliding_engine.py tests/test_fp8_engine.py tests/test_engine_requests.py \
-      2>&1 | tee "$OUT/gpu_tests_s53_cudnn_engine.log" | tail -6 ;;
+    done ;;
   s53t)  # session 53: the engine's GPU tests through cuDNN's ragged route, now the default where it can run
-    python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
-      || tail -3 "$OUT/install.log"
-    python3 -c "import torch, zipage.engine.runner as r; from zipage.kernels import cudnn_prefill as c
+    cudnn_frontend
+    python3 -c "import torch, zipage.engine.runner as r
 print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), torch.bfloat16, 128))"
     timeout "${TEST_LIMIT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py \
       tests/test_fresh_prefill.py tests/test_engine_gpu.py tests/test_sliding_engine.py tests/test_fp8_engine.py \
       tests/test_engine_requests.py tests/test_exact_tail_engine.py tests/test_kept_positions.py \
       tests/test_query_weights.py tests/test_engine_failures.py 2>&1 | tee "$OUT/gpu_tests_s53t.log" | tail -8 ;;
   s53u)  # session 53: the ragged route's GPU tests after the review, then the engine's through it
-    python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
-      || tail -3 "$OUT/install.log"
+    cudnn_frontend
     timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_cudnn_prefill.py 2>&1 \
       | tee "$OUT/gpu_tests_s53u_cudnn.log" | tail -6
     timeout "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fresh_prefill.py \
@@ -527,22 +531,15 @@ print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), t
       2>&1 | tee "$OUT/gpu_tests_s53u_engine.log" | tail -6 ;;
   s53b)  # session 53: what a graph build costs, three ways (the frontend's wheel carried in .whl/); SKIP_BUILDS=1:
     # the engine runs only
-    python3 -m pip install -q --no-deps .whl/nvidia_cudnn_frontend-*-cp312-*.whl >> "$OUT/install.log" 2>&1 \
-      || tail -3 "$OUT/install.log"
-    [ -n "${SKIP_BUILDS:-}" ] || timeout "${PROBE_LIMIT:-240}" python3 benchmarks/cudnn_graph_builds.py --out "$OUT/cudnn_graph_builds.json" 2>&1 \
-      | tee "$OUT/cudnn_graph_builds.log" | tail -30
+    cudnn_frontend
+    [ -n "${SKIP_BUILDS:-}" ] || timeout "${PROBE_LIMIT:-240}" python3 benchmarks/cudnn_graph_builds.py \
+      --out "$OUT/cudnn_graph_builds.json" 2>&1 | tee "$OUT/cudnn_graph_builds.log" | tail -30
     [ -n "${NO_ENGINE:-}" ] || {  # time to first token: paged kernel (0), cuDNN route with length buckets from 128,
       # and from 2048 (fewer graphs: 3 buckets a batch size here), after a warm-up run, in the order A B C C B A
-      ttft() {  # route, min bucket, file tag
-        echo -n "$3: "
-        ZIPAGE_FRESH_PREFILL=$1 timeout 100 python3 -c "import runpy, sys; import zipage.engine.runner as r
-r.CUDNN_MIN_BUCKET = $2; sys.argv = ['throughput.py'] + sys.argv[1:]; sys.path.insert(0, 'benchmarks')
-runpy.run_path('benchmarks/throughput.py', run_name='__main__')" --workload long-prompt --max-tokens 64 \
-          --kv-gib 40 --systems zipage-2048 --prompt-len 512,4096 --requests 64 --out "$OUT/ttft_$3.json" 2>&1 | tail -1
-      }
-      ttft cudnn 2048 warmup
-      ttft 0 128 paged_a; ttft cudnn 128 cudnn128_a; ttft cudnn 2048 cudnn2048_a
-      ttft cudnn 2048 cudnn2048_b; ttft cudnn 128 cudnn128_b; ttft 0 128 paged_b
+      set -- --prompt-len 512,4096 --requests 64
+      engine_ttft cudnn 2048 warmup "$@"
+      engine_ttft 0 128 paged_a "$@"; engine_ttft cudnn 128 cudnn128_a "$@"; engine_ttft cudnn 2048 cudnn2048_a "$@"
+      engine_ttft cudnn 2048 cudnn2048_b "$@"; engine_ttft cudnn 128 cudnn128_b "$@"; engine_ttft 0 128 paged_b "$@"
     } ;;
   s52f)  # session 52: the FP8 pair (TIME_LIMIT s each) on an H200
     PART=s46fp8 TIME_LIMIT="${TIME_LIMIT:-100}" bash "$0" ;;

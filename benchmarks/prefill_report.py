@@ -283,7 +283,8 @@ def cudnn_rows(results: Path) -> list[str]:
              "wherever they lie among the step's rows. A graph is built per (number of prompts, rounded up to a "
              "power of two; length bucket) and reused. The engine takes this route by default where it can run "
              "(`pip install -e \".[cudnn]\"`, a GPU of compute capability 9.0 or above, 16-bit activations, head "
-             "dims that are multiples of 8 up to 128); `ZIPAGE_FRESH_PREFILL=0` keeps the paged kernel. Ratios are "
+             "dims that are multiples of 8 up to 128) and the pages hold the model's dtype (not FP8 or INT8); "
+             "`ZIPAGE_FRESH_PREFILL=0` keeps the paged kernel. Ratios are "
              "against the baseline's fastest formulation; the host time is one call's, queued.", "",
              "| case | baseline ms | Triton kernel | cuDNN, ragged | host µs a call | agrees |",
              "|---|---|---|---|---|---|"]
@@ -337,18 +338,47 @@ def cudnn_rows(results: Path) -> list[str]:
                          f"{r.get('ttft_p99_s', float('nan')):.2f} | {r.get('tokens_per_s', float('nan')):.0f} |")
         same = (cudnn_ranges(results) or {}).get("ttft_same")
         if same is not None:
-            lines += ["", ("The routes' means are within 5% of each other" if same else
-                           "The routes' means differ by more than 5%") + ": a prompt's attention is a small share "
-                      "of its prefill (the linear layers dominate), so the faster attention moves time to first "
-                      "token by a few percent at most."]
+            lines += ["", (f"The routes' means are within {SPREAD:.0%} of each other" if same else
+                           f"The routes' means differ by more than {SPREAD:.0%}") + ": a prompt's attention is a "
+                      "small share of its prefill (the linear layers dominate), so the faster attention moves time "
+                      "to first token by a few percent at most."]
         printed = results / CUDNN_RUN / "s53" / "ttft_printed.txt"
-        if printed.exists():
-            lines += ["", f"An earlier call (`{rel(printed)}`, its printed lines: the runs' JSONs did not come back), "
-                      "warmed up through the route only, had the paged kernel's first run slow (3.71 s; its second 2.26 "
-                      "s, the cause not established) and then the paged kernel at 2.26 s against the route's 2.37 s "
-                      "on the same ragged prompts, and at 2.23-2.29 s against 2.19 s on 32 prompts of 4,096 tokens."]
+        means = _printed_ttft(printed) if printed.exists() else {}
+        tags = ("ragged_0_a", "ragged_0_b", "ragged_cudnn_a", "ragged_cudnn_b", "p4096_0_a", "p4096_0_b",
+                "p4096_cudnn_a", "p4096_cudnn_b")
+        if all(t in means for t in tags):
+            m = {t: f"{means[t]:.2f}" for t in tags}
+            lines += ["", f"An earlier call (`{rel(printed)}`, its printed lines: the runs' JSONs did not come "
+                      "back), warmed up through the route only, in the order paged, route, route, paged: 64 ragged "
+                      f"prompts {m['ragged_0_a']} s (the paged kernel's first run, the cause of its slowness not "
+                      f"established), {m['ragged_cudnn_a']}, {m['ragged_cudnn_b']}, {m['ragged_0_b']} s; 32 prompts "
+                      f"of 4,096 tokens {m['p4096_0_a']}, {m['p4096_cudnn_a']}, {m['p4096_cudnn_b']}, "
+                      f"{m['p4096_0_b']} s."]
         lines.append("")
     return lines
+
+
+def _engine_min_bucket() -> int:
+    """The engine's shortest length bucket (``runner.CUDNN_MIN_BUCKET``; 2,048 where zipage does not import)."""
+    try:
+        from zipage.engine.runner import CUDNN_MIN_BUCKET
+    except ImportError:
+        return 2048
+    return CUDNN_MIN_BUCKET
+
+
+def _printed_ttft(path: Path) -> dict[str, float]:
+    """``ttft_printed.txt``: each run's tag to its mean time to first token (the fifth number from the end of
+    ``benchmarks/throughput.py``'s summary row: mean, p50, p99, max, count)."""
+    means = {}
+    for line in path.read_text().splitlines():
+        tag, sep, row = line.partition(": ")
+        if sep and not tag.startswith("#"):
+            try:
+                means[tag] = float(row.split()[-5])
+            except (IndexError, ValueError):
+                continue
+    return means
 
 
 def _build_rows(results: Path, rel) -> list[str]:
@@ -377,14 +407,16 @@ def _build_rows(results: Path, rel) -> list[str]:
                        over["error"].lower()), None)
         said.append("one graph run with shape overrides " + ("needs cuDNN 9.21 (this one declined)" if reason
                                                               else "failed (the JSON holds the error)"))
-    table = b.get("min_bucket", {})
+    table = {k: v for k, v in b.get("min_bucket", {}).items() if k != "error"}  # ("error": buckets that failed)
+    failed = sorted(int(mb) for mb in b.get("min_bucket", {}).get("error", {}))
     mbs = sorted({int(mb) for v in table.values() for mb in v})
     if not said and not table:
         return []
     text = (f"What a graph costs (`benchmarks/cudnn_graph_builds.py`, `{rel(path)}`): " + "; ".join(said)
             + ". So the route keeps a graph per key and has fewer keys: the engine builds its graphs with S_max at "
-            "least 2,048 (`min_bucket`), so prompts up to 2,048 tokens share one graph per batch size, and builds "
-            "its first when it starts.")
+            f"least {_engine_min_bucket():,} (`min_bucket`), so prompts up to that share one graph per batch size."
+            + (f" (Graphs from S_max {', '.join(f'{mb:,}' for mb in failed)} failed: the JSON holds the errors.)"
+               if failed else ""))
     if not (table and 128 in mbs):
         return [text, ""]
     lines = [text + " The kernel time of each `min_bucket` over the exact bucket's (the empty tiles past each "

@@ -11,8 +11,9 @@ bucket, shapes) and reused: the lengths and offsets are device tensors the plan 
 
 This needs NVIDIA's cuDNN frontend for Python (``pip install nvidia-cudnn-frontend``, the ``cudnn`` module),
 which reuses the cuDNN library PyTorch loads. The engine sends whole prompts here by default where
-:func:`available` (``ZIPAGE_FRESH_PREFILL=0`` opts out); without the frontend, or off CUDA, it keeps the paged
-kernel, and refuses ``ZIPAGE_FRESH_PREFILL=cudnn`` saying why (:func:`unavailable`).
+:func:`available` on a GPU of compute capability 9.0 or above with pages in the model's dtype
+(``runner.fresh_prefill_default``; ``ZIPAGE_FRESH_PREFILL=0`` opts out); elsewhere it keeps the paged kernel,
+and refuses ``ZIPAGE_FRESH_PREFILL=cudnn`` where the route cannot run, saying why (:func:`unavailable`).
 :func:`ragged_prefill_reference` is the dense math, on any device.
 """
 
@@ -175,10 +176,10 @@ class CudnnPrefill:
 
     def warm(self, hq: int, hkv: int, d: int, dtype: torch.dtype) -> None:
         """A check before any request: two sequences with rows between them and after them, in the layout of one
-        fused q/k/v projection, at the scale ``d ** -0.5``, against :func:`ragged_prefill_sdpa`; raises
-        RuntimeError where cuDNN's answer differs (or its graph fails to build or run). cuDNN's first graph build
-        (0.8-1.4 s on the H100, its libraries loaded; later builds 47-84 ms) happens here rather than in a
-        request's step."""
+        fused q/k/v projection, at the scale ``d ** -0.5`` (not necessarily the model's: the graph a step uses
+        is built at its first use), against :func:`ragged_prefill_sdpa`; raises RuntimeError where cuDNN's
+        answer differs (or its graph fails to build or run). cuDNN's first graph build (0.8-1.4 s on the H100,
+        its libraries loaded; later builds 47-84 ms) happens here rather than in a request's step."""
         lens, starts, rows = [37, 70], [3, 45], 120
         g = torch.Generator(device=self.device).manual_seed(0)
         fused = torch.randn(rows, (hq + 2 * hkv) * d, generator=g, device=self.device).to(dtype)

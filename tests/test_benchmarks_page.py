@@ -206,3 +206,25 @@ def test_prefill_target_reads_the_ragged_route_probe(tmp_path):
     assert "a case failing or disagreeing" in prefill_row() and "**miss**: a probe case failed" in prefill_row()
     table = "\n".join(cudnn_rows(tmp_path))
     assert "| prompt 1024 x0 | 1.000 | 0.67x (1.500 ms) | 1.20x (0.833 ms) | 90 | **no** |" in table
+
+
+def test_ragged_route_section_leaves_out_what_its_files_lack(tmp_path):
+    """The cuDNN section: a graph-build run whose min_bucket part failed for a bucket (an "error" entry), runs
+    without modes, a probe row without timings: the page says what failed and renders the rest, never crashes."""
+    from zipage.bench.prefill_report import CUDNN_BUILDS, CUDNN_RUN, cudnn_rows
+
+    _probe(tmp_path, [1.2])
+    builds = tmp_path / CUDNN_RUN / CUDNN_BUILDS
+    builds.parent.mkdir(parents=True, exist_ok=True)
+    builds.write_text(json.dumps(dict(keys=[[1, 128]], modes={"fixed": dict(error="boom")}, min_bucket={
+        "(1, 128)": {"128": [0.01, True], "2048": [0.02, True]}, "error": {"4096": "Traceback ..."}})))
+    page = "\n".join(cudnn_rows(tmp_path))
+    assert "| (1, 128) | 1.00x (10 µs) | 2.00x (20 µs) |" in page
+    assert "Graphs from S_max 4,096 failed" in page
+    builds.write_text(json.dumps(dict(keys=[])))
+    assert "What a graph costs" not in "\n".join(cudnn_rows(tmp_path))
+    probe = tmp_path / CUDNN_RUN / "s53" / "cudnn_prefill_probe.json"
+    d = json.loads(probe.read_text())
+    d["rows"][0] = dict(case="prompt 1024 x0", lens=[1024], baseline_ms=1.0, error="graph failed")
+    probe.write_text(json.dumps(d))
+    assert "| prompt 1024 x0 | 1.000 | - | failed | - | - |" in "\n".join(cudnn_rows(tmp_path))

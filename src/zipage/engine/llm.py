@@ -464,8 +464,9 @@ class LLM:
         """Queue several requests at once, all or none: every one is checked as :meth:`add_request` checks
         before any is queued, so a bad one raises (naming its index) and leaves the engine as it was. ``params``:
         one for all, or one per prompt; ``request_ids``: one per prompt (None: automatic), distinct. Returns
-        their ids; they are scheduled in the order given."""
-        prompts = list(prompts)
+        their ids; they are scheduled in the order given. A prompt is what :meth:`generate` takes (one prompt
+        alone is one request)."""
+        prompts = as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         params = list(params)
@@ -506,8 +507,8 @@ class LLM:
 
     def _prepare_request(self, prompt: Any, params: SamplingParams | None, request_id: str | None = None,
                          chat: bool = False) -> tuple[str, list[Sequence]]:
-        """Every check ``add_request`` makes, and the request's samples; nothing is queued (the server checks
-        every prompt of a request this way before it adds any)."""
+        """Every check ``add_request`` makes, and the request's samples; nothing is queued (``add_requests``
+        checks every prompt this way before it queues any)."""
         self._check_open()
         # (a copy: a caller reusing or changing its object must not change requests already in flight)
         params = _own_copy(params) if params is not None else self.get_default_sampling_params()

@@ -508,6 +508,8 @@ class ModelRunner:
                 self.cudnn_prefill = cudnn_prefill.CudnnPrefill(self.device, pad_batch=True,
                                                                 min_bucket=CUDNN_MIN_BUCKET)
                 self.cudnn_prefill.warm(Hq, Hkv, D, self.dtype)
+            except torch.AcceleratorError:  # (a sticky CUDA error: nothing after it can run; not cuDNN's to take)
+                raise
             except Exception as e:
                 if environment.value("ZIPAGE_FRESH_PREFILL") == "cudnn":  # (asked for: refused, saying why)
                     raise RuntimeError(f"ZIPAGE_FRESH_PREFILL=cudnn: cuDNN's ragged attention failed here: "

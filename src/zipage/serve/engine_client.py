@@ -200,6 +200,8 @@ class AsyncEngine:
         rounds: a bad prompt refuses them all before any reaches the engine or its metrics, and they start in
         the same step); returns their streams, or raises what the engine raised (``ValueError``, ``TypeError``,
         naming the prompt's index). ``reserved``: their samples were counted by ``reserve`` already."""
+        if not prompts:
+            return []
         samples = sum(p.n for p in params)
         if self.dead is not None:
             if reserved:  # (never queued: its samples are not waiting)
