@@ -906,6 +906,9 @@ def test_add_requests_queues_all_or_none():
     assert not llm.requests
     rids = llm.add_requests([[5, 6, 7], [8, 9], [10]], [greedy, None, greedy], request_ids=[None, "b", None])
     assert rids[1] == "b" and len(set(rids)) == 3 and list(llm.requests) == rids
+    fresh = LLM(model, budget=None, page_size=8, num_pages=64)  # (an automatic id never takes a later given one)
+    assert fresh.add_requests([[5], [6], [7]], greedy, request_ids=[None, "0", "1"])[1:] == ["0", "1"]
+    assert len(fresh.requests) == 3
     got = {}
     while llm.has_unfinished():
         for out in llm.step():

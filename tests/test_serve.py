@@ -1406,8 +1406,39 @@ def test_a_multi_prompt_request_enters_the_engine_in_one_round(checkpoint):
         r = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "model": NAME, "prompt": [[5, 6, 7], [8, 9], [10, 11, 12, 13]], "max_tokens": 3, "n": 2})
         assert r.status_code == 200 and len(r.json()["choices"]) == 6
-        assert calls == [3]
+        assert calls == [3] and engine.waiting == 0
         r = httpx.post(f"{url}/v1/completions", timeout=60, json={
             "model": NAME, "prompt": [[5, 6, 7], [8, 9], [5, 10 ** 9]], "max_tokens": 3})
         assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt 2: ")
-        assert calls == [3, 3] and not engine._requests
+        assert calls == [3, 3] and not engine._requests and engine.waiting == 0
+
+
+def test_a_multi_prompt_add_cancelled_while_it_waits_leaves_nothing_behind(checkpoint):
+    """The handler of a three-prompt request (n=2) goes away while its add waits for the engine thread: the add
+    is applied, then every prompt cancelled (not the first alone), each sample counted once as cancelled, nothing
+    left waiting or in the engine."""
+    import asyncio
+
+    from zipage.serve.engine_client import AsyncEngine
+    from zipage.serve.metrics import ServerMetrics
+
+    model, tok = checkpoint
+    llm = LLM(model, tok, budget=None, page_size=16, num_pages=64)
+    engine = AsyncEngine(llm)  # (not started: the engine thread's rounds run here, by hand)
+    engine.metrics = ServerMetrics(lambda: engine.stats, NAME)
+    params = [SamplingParams(max_tokens=5, n=2) for _ in range(3)]
+
+    async def main():
+        task = asyncio.create_task(engine.add_many([[5, 6], [7], [8, 9, 10]], params))
+        await asyncio.sleep(0)  # (submitted, waiting for its answer)
+        assert engine.waiting == 6
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        engine._apply_ops()  # the add, then the three cancels
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert engine._incoming == 0 and not engine._requests and not llm.requests and not llm.has_unfinished()
+    text = engine.metrics.render().decode()
+    assert 'zipage:request_success_total{finished_reason="cancelled",model_name="tiny"} 6.0' in text

@@ -197,9 +197,11 @@ class AsyncEngine:
     async def add_many(self, prompts: list[list[int]], params: list[SamplingParams],
                        reserved: bool = False) -> list[RequestStream]:
         """Queue several requests at once, all or none (``LLM.add_requests`` on the engine thread, in one of its
-        rounds: a bad prompt refuses them all before any reaches the engine or its metrics, and they start in
-        the same step); returns their streams, or raises what the engine raised (``ValueError``, ``TypeError``,
+        rounds: a bad prompt refuses them all before any reaches the engine or its metrics, and they are queued
+        together); returns their streams, or raises what the engine raised (``ValueError``, ``TypeError``,
         naming the prompt's index). ``reserved``: their samples were counted by ``reserve`` already."""
+        if len(prompts) != len(params):
+            raise ValueError(f"add_many: {len(prompts)} prompts and {len(params)} SamplingParams")
         if not prompts:
             return []
         samples = sum(p.n for p in params)
@@ -275,6 +277,7 @@ class AsyncEngine:
                 self._closed = True
                 for op in self._queued_ops():
                     if op[0] == "add":
+                        self._incoming -= sum(p.n for p in op[3])  # (never applied: no longer waiting)
                         self._send(op[1][0], EngineDead(self.dead))
 
     def _queued_ops(self) -> Iterator[tuple]:
