@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prefill_tune as pt  # noqa: E402
+from cudnn_prefill_probe import versions  # noqa: E402
 
 try:
     from zipage.kernels import cudnn_prefill as cp
@@ -95,10 +96,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/cudnn_graph_builds.json")
     args = ap.parse_args(argv)
-    cudnn = cp._module()
-    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                frontend=getattr(cudnn, "__version__", None) if cudnn else None,
-                backend=cudnn.backend_version() if cudnn else None)
+    cudnn, info = versions()
     print(info, flush=True)
     if cudnn is None:
         return 1

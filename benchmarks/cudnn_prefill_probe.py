@@ -43,15 +43,21 @@ def host_us(fn, n: int = 50) -> float:
     return dt / n * 1e6
 
 
+def versions():
+    """The ``cudnn`` module (None where it does not load) and what ran: the GPU, torch, cuDNN as torch sees it,
+    the frontend and the cuDNN library it calls."""
+    cudnn = cp._module()
+    return cudnn, dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                       torch_cudnn=torch.backends.cudnn.version(),
+                       frontend=getattr(cudnn, "__version__", None) if cudnn else None,
+                       backend=cudnn.backend_version() if cudnn else None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/cudnn_prefill_probe.json")
     args = ap.parse_args(argv)
-    cudnn = cp._module()
-    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                torch_cudnn=torch.backends.cudnn.version(),
-                frontend=getattr(cudnn, "__version__", None) if cudnn else None,
-                backend=cudnn.backend_version() if cudnn else None)
+    cudnn, info = versions()
     print(info, flush=True)
     if cudnn is None:
         import importlib
