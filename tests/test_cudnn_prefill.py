@@ -3,6 +3,7 @@ routing on a CPU with the dense reference standing in for cuDNN, the kernel itse
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -58,12 +59,15 @@ def test_the_fallback_attends_each_sequence_as_the_reference(hkv):
 
 
 class StandIn:
-    """cuDNN's ragged attention as the engine calls it, run by the dense reference (checks the call's form)."""
+    """cuDNN's ragged attention as the engine calls it, run by the dense reference (checks the call's form);
+    a "graph" per (sequences rounded up to a power of two, length bucket), as the real one keys them."""
 
     calls: list = []
 
     def __init__(self, device, pad_batch=False, min_bucket=cudnn_prefill.MIN_BUCKET):
         self.device = device
+        self.min_bucket = min_bucket
+        self.graphs = {}
         StandIn.warmed = []
 
     def warm(self, hq, hkv, d, dtype):
@@ -76,7 +80,22 @@ class StandIn:
         for t in (q, k, v) + ((out,) if out is not None else ()):
             assert cudnn_prefill.rows_of_heads(t)
         StandIn.calls.append(n)
+        self.graphs.setdefault((1 << (len(n) - 1).bit_length(), max(self.min_bucket, length_bucket(max(n)))), None)
         return ragged_prefill_reference(q, k, v, s[:-1], n, scale, out=out)
+
+
+class WrongOnce(StandIn):
+    """A new graph whose answer is wrong (its rows zeroed), at the ``wrong_at``-th graph built."""
+
+    wrong_at = 2
+
+    def __call__(self, q, k, v, starts, lens, max_len, scale, out=None):
+        built = len(self.graphs)
+        got = super().__call__(q, k, v, starts, lens, max_len, scale, out=out)
+        if len(self.graphs) > built and len(self.graphs) == WrongOnce.wrong_at:
+            for a, n in zip(starts.tolist(), lens.tolist()):
+                got[a:a + n] = 0
+        return got
 
 
 def run(monkeypatch, model, prompts, route, **kw):
@@ -155,6 +174,41 @@ def test_a_failing_cudnn_route_loses_no_prompt(monkeypatch, fail_at):
     with pytest.raises(RuntimeError, match="ZIPAGE_FRESH_PREFILL=cudnn: cuDNN's ragged attention failed here: "
                        "RuntimeError: no engine proposed"):
         LLM(model, page_size=8, num_pages=256, **kw)
+
+
+@pytest.mark.parametrize("wrong_at", [1, 2])
+def test_a_new_graph_s_wrong_answer_is_caught(monkeypatch, wrong_at):
+    """Every new graph's first answer is checked against PyTorch's attention: one that differs (the first graph
+    of the run, or a later one) gives the route up with one warning naming the error, its step's prompts are
+    answered by PyTorch's, and every request's tokens are the paged kernel's."""
+    model = tiny_model("qwen3")
+    shared = prompts_of((40,), seed=3)[0]
+    prompts = prompts_of((37, 128, 5, 90, 128, 200, 60), seed=1) + prompts_of((20, 9), seed=2, prefix=shared)
+    kw = mixed_steps(None)
+    base, _ = run(monkeypatch, model, prompts, None, **kw)
+    StandIn.calls, WrongOnce.wrong_at = [], wrong_at
+    monkeypatch.setattr(runner_mod, "fresh_prefill_default", lambda *a: "cudnn")
+    monkeypatch.setattr(cudnn_prefill, "CudnnPrefill", WrongOnce)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = LLM(model, page_size=8, num_pages=256, **kw)
+        got = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    said = [str(w.message) for w in caught if "cuDNN's ragged attention failed" in str(w.message)]
+    err = re.search(r"a new graph's answer differs from PyTorch's attention \(error ([\d.e+-]+) of the", said[0])
+    assert len(said) == 1 and err and float(err.group(1)) > runner_mod.CUDNN_CHECK_TOLERANCE
+    assert got == base and llm.runner.cudnn_prefill is None
+
+
+def test_the_engine_checks_each_new_graph_once(monkeypatch):
+    """A graph's first answer is compared with PyTorch's, later calls of the same graph are not."""
+    model = tiny_model("qwen3")
+    checked = []
+    real = cudnn_prefill.ragged_error
+    monkeypatch.setattr(cudnn_prefill, "ragged_error", lambda *a: checked.append(1) or real(*a))
+    _, runner = run(monkeypatch, model, prompts_of((37, 128, 5, 90, 128, 200, 60), seed=1), "cudnn",
+                    **mixed_steps(None))
+    assert runner.cudnn_prefill is not None and len(checked) == len(runner.cudnn_prefill.graphs) >= 2
+    assert len(StandIn.calls) > len(checked)  # (the model's layers after the first: no check)
 
 
 def test_asking_for_cudnn_where_it_cannot_run_says_why(monkeypatch):

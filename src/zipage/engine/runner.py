@@ -100,6 +100,10 @@ FRESH_COPY_MIN: int | None = None
 # paged kernel's (benchmarks/results/issue15/s53/)
 CUDNN_PREFILL_DEFAULT = True
 
+# the largest difference, relative to the largest output, between a new cuDNN graph's first answer and PyTorch's
+# attention over the same rows that the engine accepts (16-bit rounding gives ~1e-2 at most; a wrong graph ~1)
+CUDNN_CHECK_TOLERANCE = 0.05
+
 # the shortest length bucket (S_max) of cuDNN's ragged graphs: each new (batch size, bucket) costs a graph build
 # (47-84 ms on the H100) inside the step that first meets it; from 2,048 a step's prompts up to 2,048 tokens share
 # one graph per batch size, their attention as fast as with exact buckets (benchmarks/cudnn_graph_builds.py)
@@ -172,8 +176,20 @@ def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if out is not None and not cudnn_prefill.rows_of_heads(out):
         out = out.contiguous()  # (never expected: the step's rows as made)
     if r.cudnn_prefill is not None:
+        built = len(r.cudnn_prefill.graphs)
         try:
-            return r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out)
+            got = r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out)
+            if len(r.cudnn_prefill.graphs) == built:
+                return got
+            # a graph's first answer, checked against PyTorch's (once a graph: a wrong one is given up, its
+            # step's prompts answered by PyTorch's)
+            starts, lens = fresh.starts.tolist()[:-1], fresh.lens.tolist()
+            ref = cudnn_prefill.ragged_prefill_sdpa(*qkv, starts, lens, scale)
+            err = cudnn_prefill.ragged_error(got, ref, starts, lens)
+            if err <= CUDNN_CHECK_TOLERANCE:
+                return got
+            raise RuntimeError(f"a new graph's answer differs from PyTorch's attention (error {err:.3g} of the "
+                               f"largest output, over {len(lens)} prompts of up to {max(lens)} tokens)")
         except torch.AcceleratorError:  # (a sticky CUDA error: nothing after it can run; not cuDNN's to take)
             raise
         except Exception as e:  # (a graph cuDNN cannot build or run here: no step's prompts are lost to it)
