@@ -187,14 +187,33 @@ class CudnnPrefill:
         k = fused[:, hq * d : (hq + hkv) * d].view(rows, hkv, d)
         v = fused[:, (hq + hkv) * d :].view(rows, hkv, d)
         i32 = dict(dtype=torch.int32, device=self.device)
-        out = torch.zeros_like(q)
+        out = torch.full_like(q, float("nan"))  # (rows outside the sequences must stay so)
         self(q, k, v, torch.tensor(starts + [starts[-1] + lens[-1]], **i32), torch.tensor(lens, **i32), max(lens),
              d**-0.5, out=out)
-        ref = ragged_prefill_sdpa(q, k, v, starts, lens, d**-0.5, out=torch.zeros_like(q))
-        err = ragged_error(out, ref, starts, lens)
-        if not err <= 0.05:  # (bf16 rounding of softmax-weighted means of unit normals: ~1e-2 at most)
+        ref = ragged_prefill_sdpa(q, k, v, starts, lens, d**-0.5)
+        err = ragged_error(out, ref, starts, lens, untouched=True)
+        if not err <= 0.05:  # (bf16 rounding of softmax-weighted means: ~1e-2 of a sequence's largest at most)
             raise RuntimeError(f"cuDNN's ragged attention differs from PyTorch's on a check at start (error "
-                               f"{err:.3g} of the largest output)")
+                               f"{err:.3g} of a sequence's largest output, inf: rows outside the sequences "
+                               "written)")
+
+    def _key(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, max_len: int, scale: float,
+             out: torch.Tensor | None) -> tuple:
+        """The graph key of a call over ``b`` sequences (padded already, or here where ``pad_batch``)."""
+        if self.pad_batch and b & (b - 1):
+            b = 1 << b.bit_length()
+        o_rows, o_row = (out.shape[0], out.stride(0)) if out is not None else (q.shape[0], q.shape[1] * q.shape[2])
+        rows = (q.stride(0), k.stride(0), v.stride(0), o_row)
+        s_max = max(self.min_bucket, length_bucket(max_len))
+        # (int64 offsets where an element's index may pass 2^31: in the tensors, or in the [B, H, S_max, D] shapes
+        # the graph declares)
+        wide = max(q.shape[0], k.shape[0], v.shape[0], o_rows, b * s_max) * max(rows) >= 2**31
+        return (b, s_max, q.shape[1], k.shape[1], q.shape[2], q.dtype, *rows, float(scale), wide)
+
+    def builds(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, max_len: int, scale: float,
+               out: torch.Tensor | None = None) -> bool:
+        """Whether a call over ``n`` sequences of these tensors would build a new graph."""
+        return self._key(q, k, v, n, max_len, scale, out) not in self.graphs
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
                  lens: torch.Tensor, max_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,12 +239,8 @@ class CudnnPrefill:
             starts = torch.cat([starts.to(torch.int64), starts[-1:].to(torch.int64).expand(extra)])
             lens = torch.cat([lens.to(torch.int32), lens.new_zeros(extra, dtype=torch.int32)])
             b += extra
-        rows = (q.stride(0), k.stride(0), v.stride(0), out.stride(0))
-        s_max = max(self.min_bucket, length_bucket(max_len))
-        # (int64 offsets where an element's index may pass 2^31: in the tensors, or in the [B, H, S_max, D] shapes
-        # the graph declares)
-        wide = max(q.shape[0], k.shape[0], v.shape[0], out.shape[0], b * s_max) * max(rows) >= 2**31
-        key = (b, s_max, hq, k.shape[1], d, q.dtype, *rows, float(scale), wide)
+        key = self._key(q, k, v, b, max_len, scale, out)
+        rows, wide = key[6:10], key[-1]
         g, t = self._graph(key)
         cu = starts.to(torch.int64 if wide else torch.int32).view(b + 1, 1, 1, 1)
         pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["lens"]: lens.to(torch.int32).view(b, 1, 1, 1),
@@ -253,14 +268,25 @@ def ragged_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start
     return out
 
 
-def ragged_error(out: torch.Tensor, ref: torch.Tensor, starts: list[int], lens: list[int]) -> float:
-    """The largest absolute difference between ``out`` and ``ref`` over the sequences' rows, over the largest
-    ``|ref|`` there (at least 1): 0 where they agree, about 1 where one is wrong; a NaN or inf counts as wrong."""
-    rows = torch.cat([torch.arange(a, a + n, device=out.device) for a, n in zip(starts, lens) if n])
-    if rows.numel() == 0:
+def ragged_error(out: torch.Tensor, ref: torch.Tensor, starts: list[int], lens: list[int],
+                 untouched: bool = False) -> float:
+    """How far ``out`` is from ``ref`` on the sequences' rows: the largest, over the sequences, of the largest
+    absolute difference in a sequence's rows over that sequence's largest ``|ref|`` (0 where they agree, 1 where
+    a sequence's rows are zeroed); a NaN or inf counts as infinitely wrong. ``untouched``: ``out`` was filled with
+    NaN before the call, and a row outside the sequences that is no longer NaN is infinitely wrong too. One host
+    synchronization; a sequence at a time."""
+    errs, inside = [], torch.zeros(out.shape[0], dtype=torch.bool, device=out.device)
+    for a, n in zip(starts, lens):
+        if n:
+            o, r = out[a:a + n], ref[a:a + n]
+            diff = (o.float() - r.float()).abs().amax()
+            errs.append(diff / r.float().abs().amax().clamp(min=1e-6))
+            inside[a:a + n] = True
+    if untouched:
+        errs.append(torch.where(torch.isnan(out[~inside]).all(), 0.0, float("inf")).to(out.device))
+    if not errs:
         return 0.0
-    o, r = out.index_select(0, rows).float(), ref.index_select(0, rows).float()
-    err = ((o - r).abs().max() / r.abs().max().clamp(min=1.0)).item()
+    err = torch.stack([e.reshape(()) for e in errs]).amax().item()
     return err if err == err and err != float("inf") else float("inf")
 
 

@@ -58,6 +58,27 @@ def test_the_fallback_attends_each_sequence_as_the_reference(hkv):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # (rows of no sequence untouched in both)
 
 
+def test_the_error_measure_is_each_sequence_s_own():
+    """``ragged_error``: a sequence of small outputs zeroed beside one of large outputs is as wrong as any (1.0,
+    not hidden by the other's scale); a row outside the sequences written after a NaN fill is infinitely wrong;
+    a NaN inside is too."""
+    ref = torch.zeros(12, 2, 4)
+    ref[0:5] = 100.0 * torch.randn(5, 2, 4, generator=torch.Generator().manual_seed(0))
+    ref[6:10] = 0.01
+    out = ref.clone()
+    out[11] = float("nan")
+    starts, lens = [0, 6], [5, 4]
+    assert cudnn_prefill.ragged_error(out, ref, starts, lens) == 0.0
+    out[6:10] = 0
+    assert cudnn_prefill.ragged_error(out, ref, starts, lens) == pytest.approx(1.0)
+    out[6:10], out[5], out[10] = ref[6:10], float("nan"), float("nan")
+    assert cudnn_prefill.ragged_error(out, ref, starts, lens, untouched=True) == 0.0  # (rows 5, 10, 11 untouched)
+    out[10] = 0.0
+    assert cudnn_prefill.ragged_error(out, ref, starts, lens, untouched=True) == float("inf")
+    out[10], out[7] = float("nan"), float("nan")
+    assert cudnn_prefill.ragged_error(out, ref, starts, lens) == float("inf")
+
+
 class StandIn:
     """cuDNN's ragged attention as the engine calls it, run by the dense reference (checks the call's form);
     a "graph" per (sequences rounded up to a power of two, length bucket), as the real one keys them."""
@@ -80,21 +101,36 @@ class StandIn:
         for t in (q, k, v) + ((out,) if out is not None else ()):
             assert cudnn_prefill.rows_of_heads(t)
         StandIn.calls.append(n)
-        self.graphs.setdefault((1 << (len(n) - 1).bit_length(), max(self.min_bucket, length_bucket(max(n)))), None)
+        self.graphs.setdefault(self.key(len(n), max_len), None)
         return ragged_prefill_reference(q, k, v, s[:-1], n, scale, out=out)
+
+    def key(self, n, max_len):
+        return 1 << (n - 1).bit_length(), max(self.min_bucket, length_bucket(max_len))
+
+    def builds(self, q, k, v, n, max_len, scale, out=None):
+        return self.key(n, max_len) not in self.graphs
 
 
 class WrongOnce(StandIn):
-    """A new graph whose answer is wrong (its rows zeroed), at the ``wrong_at``-th graph built."""
+    """A new graph whose first answer is wrong: the prompts' rows zeroed (``how="zero"``) or the first row outside
+    them written (``"spill"``: a decode row's or a chunk's); at the first new graph (``where="first"``) or at the
+    first whose step has other rows than the whole prompts' (``"mixed"``: decode rows, chunks)."""
 
-    wrong_at = 2
+    how, where, done = "zero", "first", False
 
     def __call__(self, q, k, v, starts, lens, max_len, scale, out=None):
-        built = len(self.graphs)
+        new = self.builds(q, k, v, lens.numel(), max_len, scale, out)
         got = super().__call__(q, k, v, starts, lens, max_len, scale, out=out)
-        if len(self.graphs) > built and len(self.graphs) == WrongOnce.wrong_at:
-            for a, n in zip(starts.tolist(), lens.tolist()):
-                got[a:a + n] = 0
+        s, n = starts.tolist(), lens.tolist()
+        if new and not WrongOnce.done and (WrongOnce.where == "first" or sum(n) < q.shape[0]):
+            WrongOnce.done = True
+            inside = torch.zeros(q.shape[0], dtype=torch.bool)
+            for a, m in zip(s, n):
+                inside[a:a + m] = True
+            if WrongOnce.how == "zero":
+                got[inside] = 0
+            else:
+                got[int((~inside).nonzero()[0])] = 0
         return got
 
 
@@ -176,17 +212,19 @@ def test_a_failing_cudnn_route_loses_no_prompt(monkeypatch, fail_at):
         LLM(model, page_size=8, num_pages=256, **kw)
 
 
-@pytest.mark.parametrize("wrong_at", [1, 2])
-def test_a_new_graph_s_wrong_answer_is_caught(monkeypatch, wrong_at):
-    """Every new graph's first answer is checked against PyTorch's attention: one that differs (the first graph
-    of the run, or a later one) gives the route up with one warning naming the error, its step's prompts are
-    answered by PyTorch's, and every request's tokens are the paged kernel's."""
+@pytest.mark.parametrize("how, where", [("zero", "first"), ("zero", "mixed"), ("spill", "mixed")])
+def test_a_new_graph_s_wrong_answer_is_caught(monkeypatch, how, where):
+    """Every new graph's first answer is checked against PyTorch's attention: one whose prompts' rows differ, or
+    that writes a row outside them (the first graph of the run, or one in a step with decode rows and chunks,
+    whose rows it must leave alone) gives the route up with one warning naming the error, its step's prompts
+    are answered by PyTorch's, and every request's tokens are the paged kernel's."""
     model = tiny_model("qwen3")
     shared = prompts_of((40,), seed=3)[0]
     prompts = prompts_of((37, 128, 5, 90, 128, 200, 60), seed=1) + prompts_of((20, 9), seed=2, prefix=shared)
     kw = mixed_steps(None)
     base, _ = run(monkeypatch, model, prompts, None, **kw)
-    StandIn.calls, WrongOnce.wrong_at = [], wrong_at
+    StandIn.calls, WrongOnce.how, WrongOnce.where, WrongOnce.done = [], how, where, False
+    monkeypatch.setattr(runner_mod, "CUDNN_MIN_BUCKET", 128)  # (graphs per length bucket too: one new in step 3)
     monkeypatch.setattr(runner_mod, "fresh_prefill_default", lambda *a: "cudnn")
     monkeypatch.setattr(cudnn_prefill, "CudnnPrefill", WrongOnce)
     with warnings.catch_warnings(record=True) as caught:
@@ -194,8 +232,9 @@ def test_a_new_graph_s_wrong_answer_is_caught(monkeypatch, wrong_at):
         llm = LLM(model, page_size=8, num_pages=256, **kw)
         got = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
     said = [str(w.message) for w in caught if "cuDNN's ragged attention failed" in str(w.message)]
-    err = re.search(r"a new graph's answer differs from PyTorch's attention \(error ([\d.e+-]+) of the", said[0])
-    assert len(said) == 1 and err and float(err.group(1)) > runner_mod.CUDNN_CHECK_TOLERANCE
+    err = re.search(r"a new graph's answer differs from PyTorch's attention \(error ([\d.e+-]+|inf) of", said[0])
+    assert WrongOnce.done and len(said) == 1 and err and float(err.group(1)) > runner_mod.CUDNN_CHECK_TOLERANCE
+    assert (err.group(1) == "inf") == (how == "spill")
     assert got == base and llm.runner.cudnn_prefill is None
 
 
@@ -204,7 +243,7 @@ def test_the_engine_checks_each_new_graph_once(monkeypatch):
     model = tiny_model("qwen3")
     checked = []
     real = cudnn_prefill.ragged_error
-    monkeypatch.setattr(cudnn_prefill, "ragged_error", lambda *a: checked.append(1) or real(*a))
+    monkeypatch.setattr(cudnn_prefill, "ragged_error", lambda *a, **kw: checked.append(1) or real(*a, **kw))
     _, runner = run(monkeypatch, model, prompts_of((37, 128, 5, 90, 128, 200, 60), seed=1), "cudnn",
                     **mixed_steps(None))
     assert runner.cudnn_prefill is not None and len(checked) == len(runner.cudnn_prefill.graphs) >= 2

@@ -100,8 +100,9 @@ FRESH_COPY_MIN: int | None = None
 # paged kernel's (benchmarks/results/issue15/s53/)
 CUDNN_PREFILL_DEFAULT = True
 
-# the largest difference, relative to the largest output, between a new cuDNN graph's first answer and PyTorch's
-# attention over the same rows that the engine accepts (16-bit rounding gives ~1e-2 at most; a wrong graph ~1)
+# the largest difference, relative to a prompt's largest output, between a new cuDNN graph's first answer and
+# PyTorch's attention over the same rows that the engine accepts (16-bit rounding gives ~1e-2 at most; a prompt's
+# rows zeroed, 1; cudnn_prefill.ragged_error)
 CUDNN_CHECK_TOLERANCE = 0.05
 
 # the shortest length bucket (S_max) of cuDNN's ragged graphs: each new (batch size, bucket) costs a graph build
@@ -157,11 +158,14 @@ class FreshRest:
 @dataclass
 class CudnnWhole:
     """A step's whole prompts for cuDNN's ragged attention: the packed row each starts at (``starts`` ``[B + 1]``
-    int32, the last entry the row after the last), their lengths."""
+    int32, the last entry the row after the last), their lengths; both as host lists too (``rows``, ``counts``:
+    ``B`` each)."""
 
     starts: torch.Tensor
     lens: torch.Tensor
     max_len: int
+    rows: list[int]
+    counts: list[int]
 
 
 def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -176,26 +180,40 @@ def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if out is not None and not cudnn_prefill.rows_of_heads(out):
         out = out.contiguous()  # (never expected: the step's rows as made)
     if r.cudnn_prefill is not None:
-        built = len(r.cudnn_prefill.graphs)
         try:
-            got = r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out)
-            if len(r.cudnn_prefill.graphs) == built:
-                return got
-            # a graph's first answer, checked against PyTorch's (once a graph: a wrong one is given up, its
-            # step's prompts answered by PyTorch's)
-            starts, lens = fresh.starts.tolist()[:-1], fresh.lens.tolist()
-            ref = cudnn_prefill.ragged_prefill_sdpa(*qkv, starts, lens, scale)
-            err = cudnn_prefill.ragged_error(got, ref, starts, lens)
-            if err <= CUDNN_CHECK_TOLERANCE:
-                return got
-            raise RuntimeError(f"a new graph's answer differs from PyTorch's attention (error {err:.3g} of the "
-                               f"largest output, over {len(lens)} prompts of up to {max(lens)} tokens)")
+            if not r.cudnn_prefill.builds(*qkv, len(fresh.counts), fresh.max_len, scale, out):
+                return r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out)
+            return _checked_first_call(r, qkv, fresh, scale, out)
         except torch.AcceleratorError:  # (a sticky CUDA error: nothing after it can run; not cuDNN's to take)
             raise
         except Exception as e:  # (a graph cuDNN cannot build or run here: no step's prompts are lost to it)
             r.cudnn_failed(e)
-    starts = fresh.starts.tolist()
-    return cudnn_prefill.ragged_prefill_sdpa(*qkv, starts[:-1], fresh.lens.tolist(), scale, out=out)
+    return cudnn_prefill.ragged_prefill_sdpa(*qkv, fresh.rows, fresh.counts, scale, out=out)
+
+
+def _checked_first_call(r: ModelRunner, qkv: list[torch.Tensor], fresh: CudnnWhole, scale: float,
+                        out: torch.Tensor | None) -> torch.Tensor:
+    """A new graph's first call, into a NaN-filled scratch of ``out``'s layout (the same graph), against PyTorch's
+    attention over the same rows: the prompts' rows must agree (``CUDNN_CHECK_TOLERANCE``) and no other row may
+    be written. Then its rows go to ``out``; otherwise the route is given up (``cudnn_failed``) and PyTorch's
+    rows go there instead (computed once)."""
+    q = qkv[0]
+    like = out if out is not None else q
+    scratch = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+    scratch.fill_(float("nan"))
+    r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=scratch)
+    ref = cudnn_prefill.ragged_prefill_sdpa(*qkv, fresh.rows, fresh.counts, scale)
+    err = cudnn_prefill.ragged_error(scratch, ref, fresh.rows, fresh.counts, untouched=True)
+    good = err <= CUDNN_CHECK_TOLERANCE
+    if not good:
+        r.cudnn_failed(RuntimeError(
+            f"a new graph's answer differs from PyTorch's attention (error {err:.3g} of a prompt's largest output; "
+            f"inf: rows outside the prompts written), over {len(fresh.counts)} prompts of up to {fresh.max_len} "
+            "tokens"))
+    if out is None:
+        out = torch.zeros_like(q)
+    rows = torch.cat([torch.arange(a, a + n, device=q.device) for a, n in zip(fresh.rows, fresh.counts) if n])
+    return out.index_copy_(0, rows, (scratch if good else ref).index_select(0, rows))
 
 
 @dataclass
@@ -705,7 +723,7 @@ class ModelRunner:
             rows, lens = [starts[b] for b in whole], [prefill[b][1] for b in whole]
             i32 = dict(dtype=torch.int32, device=self.device)
             meta.fresh = CudnnWhole(torch.tensor(rows + [rows[-1] + lens[-1]], **i32), torch.tensor(lens, **i32),
-                                    max(lens))
+                                    max(lens), rows, lens)
             served = set(whole)
         else:
             plan = plan_fresh([prefill[b][1] for b in whole], [starts[b] for b in whole], self.device,
