@@ -163,6 +163,18 @@ def test_engine_gives_the_same_tokens_with_whole_prompts_through_the_ragged_rout
     assert any(len(call) > 1 for call in StandIn.calls)  # (several prompts of a step in one call)
 
 
+def run_warned(monkeypatch, model, prompts, stand_in, **kw):
+    """The engine through ``stand_in`` for cuDNN's route: the LLM, every request's tokens, and the warnings it
+    gave that the route failed."""
+    monkeypatch.setattr(runner_mod, "fresh_prefill_default", lambda *a: "cudnn")
+    monkeypatch.setattr(cudnn_prefill, "CudnnPrefill", stand_in)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = LLM(model, page_size=8, num_pages=256, **kw)
+        got = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    return llm, got, [str(w.message) for w in caught if "cuDNN's ragged attention failed" in str(w.message)]
+
+
 class Failing(StandIn):
     """cuDNN's route failing: at its warm-up (``fail_at=0``) or at its ``fail_at``-th call in a step."""
 
@@ -191,13 +203,7 @@ def test_a_failing_cudnn_route_loses_no_prompt(monkeypatch, fail_at):
     kw = mixed_steps(32)
     base, _ = run(monkeypatch, model, prompts, None, **kw)
     StandIn.calls, Failing.fail_at = [], fail_at
-    monkeypatch.setattr(runner_mod, "fresh_prefill_default", lambda *a: "cudnn")
-    monkeypatch.setattr(cudnn_prefill, "CudnnPrefill", Failing)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        llm = LLM(model, page_size=8, num_pages=256, **kw)
-        got = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    said = [str(w.message) for w in caught if "cuDNN's ragged attention failed" in str(w.message)]
+    llm, got, said = run_warned(monkeypatch, model, prompts, Failing, **kw)
     assert len(said) == 1 and ("no engine proposed" if fail_at == 0 else "graph execution failed") in said[0]
     assert got == base
     r = llm.runner
@@ -225,13 +231,7 @@ def test_a_new_graph_s_wrong_answer_is_caught(monkeypatch, how, where):
     base, _ = run(monkeypatch, model, prompts, None, **kw)
     StandIn.calls, WrongOnce.how, WrongOnce.where, WrongOnce.done = [], how, where, False
     monkeypatch.setattr(runner_mod, "CUDNN_MIN_BUCKET", 128)  # (graphs per length bucket too: one new in step 3)
-    monkeypatch.setattr(runner_mod, "fresh_prefill_default", lambda *a: "cudnn")
-    monkeypatch.setattr(cudnn_prefill, "CudnnPrefill", WrongOnce)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        llm = LLM(model, page_size=8, num_pages=256, **kw)
-        got = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-    said = [str(w.message) for w in caught if "cuDNN's ragged attention failed" in str(w.message)]
+    llm, got, said = run_warned(monkeypatch, model, prompts, WrongOnce, **kw)
     err = re.search(r"a new graph's answer differs from PyTorch's attention \(error ([\d.e+-]+|inf) of", said[0])
     assert WrongOnce.done and len(said) == 1 and err and float(err.group(1)) > runner_mod.CUDNN_CHECK_TOLERANCE
     assert (err.group(1) == "inf") == (how == "spill")
