@@ -100,8 +100,9 @@ class CudnnPrefill:
     ``starts[b]`` (``starts`` ``[B + 1]`` int32 on the device, rising, its last entry the row after the last
     sequence: the cumulative lengths where the prompts lie one after another), ``max_len`` the longest (a host
     int). Writes the sequences' rows of ``out`` (``[T, H_q, D]``, each row's heads contiguous; new if not
-    given) and returns it. Graphs are cached per (B, length bucket, heads, dtype, row strides, scale);
-    building one takes tens of milliseconds, once."""
+    given) and returns it. Graphs are cached per (B, length bucket, heads, dtype, row strides, scale):
+    :meth:`key`, which a caller that computed it passes as ``key``; building one takes tens of milliseconds,
+    once."""
 
     def __init__(self, device: torch.device, pad_batch: bool = False, min_bucket: int = MIN_BUCKET) -> None:
         if min_bucket < MIN_BUCKET or min_bucket & (min_bucket - 1):
@@ -197,9 +198,10 @@ class CudnnPrefill:
                                f"{err:.3g} of a sequence's largest output, inf: rows outside the sequences "
                                "written)")
 
-    def _key(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, max_len: int, scale: float,
-             out: torch.Tensor | None) -> tuple:
-        """The graph key of a call over ``b`` sequences (padded already, or here where ``pad_batch``)."""
+    def key(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: int, max_len: int, scale: float,
+            out: torch.Tensor | None = None) -> tuple:
+        """The graph key of a call over ``b`` sequences (padded already, or here where ``pad_batch``); a call
+        builds a new graph where it is not in ``graphs``. ``out`` None: the contiguous output a call makes."""
         if self.pad_batch and b & (b - 1):
             b = 1 << b.bit_length()
         o_rows, o_row = (out.shape[0], out.stride(0)) if out is not None else (q.shape[0], q.shape[1] * q.shape[2])
@@ -210,13 +212,9 @@ class CudnnPrefill:
         wide = max(q.shape[0], k.shape[0], v.shape[0], o_rows, b * s_max) * max(rows) >= 2**31
         return (b, s_max, q.shape[1], k.shape[1], q.shape[2], q.dtype, *rows, float(scale), wide)
 
-    def builds(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, max_len: int, scale: float,
-               out: torch.Tensor | None = None) -> bool:
-        """Whether a call over ``n`` sequences of these tensors would build a new graph."""
-        return self._key(q, k, v, n, max_len, scale, out) not in self.graphs
-
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
-                 lens: torch.Tensor, max_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                 lens: torch.Tensor, max_len: int, scale: float, out: torch.Tensor | None = None,
+                 key: tuple | None = None) -> torch.Tensor:
         _check("q", q)
         hq, d = q.shape[1:]
         _check("k", k)
@@ -239,7 +237,7 @@ class CudnnPrefill:
             starts = torch.cat([starts.to(torch.int64), starts[-1:].to(torch.int64).expand(extra)])
             lens = torch.cat([lens.to(torch.int32), lens.new_zeros(extra, dtype=torch.int32)])
             b += extra
-        key = self._key(q, k, v, b, max_len, scale, out)
+        key = key if key is not None else self.key(q, k, v, b, max_len, scale, out)  # (given: the caller's)
         rows, wide = key[6:10], key[-1]
         g, t = self._graph(key)
         cu = starts.to(torch.int64 if wide else torch.int32).view(b + 1, 1, 1, 1)

@@ -94,21 +94,20 @@ class StandIn:
     def warm(self, hq, hkv, d, dtype):
         StandIn.warmed.append((hq, hkv, d, dtype))
 
-    def __call__(self, q, k, v, starts, lens, max_len, scale, out=None):
+    def __call__(self, q, k, v, starts, lens, max_len, scale, out=None, key=None):
+        assert key is None or key == self.key(q, k, v, lens.numel(), max_len, scale, out)
         assert starts.dtype == lens.dtype == torch.int32 and starts.numel() == lens.numel() + 1
         s, n = starts.tolist(), lens.tolist()
         assert max_len == max(n) and all(a + m <= b for a, m, b in zip(s, n, s[1:])) and s[-1] <= q.shape[0]
         for t in (q, k, v) + ((out,) if out is not None else ()):
             assert cudnn_prefill.rows_of_heads(t)
         StandIn.calls.append(n)
-        self.graphs.setdefault(self.key(len(n), max_len), None)
+        self.graphs.setdefault(self.key(q, k, v, len(n), max_len, scale, out), None)
         return ragged_prefill_reference(q, k, v, s[:-1], n, scale, out=out)
 
-    def key(self, n, max_len):
-        return 1 << (n - 1).bit_length(), max(self.min_bucket, length_bucket(max_len))
-
-    def builds(self, q, k, v, n, max_len, scale, out=None):
-        return self.key(n, max_len) not in self.graphs
+    def key(self, q, k, v, n, max_len, scale, out=None):  # (the output's row stride: None makes a contiguous one)
+        row = out.stride(0) if out is not None else q.shape[1] * q.shape[2]
+        return 1 << (n - 1).bit_length(), max(self.min_bucket, length_bucket(max_len)), row
 
 
 class WrongOnce(StandIn):
@@ -118,9 +117,9 @@ class WrongOnce(StandIn):
 
     how, where, done = "zero", "first", False
 
-    def __call__(self, q, k, v, starts, lens, max_len, scale, out=None):
-        new = self.builds(q, k, v, lens.numel(), max_len, scale, out)
-        got = super().__call__(q, k, v, starts, lens, max_len, scale, out=out)
+    def __call__(self, q, k, v, starts, lens, max_len, scale, out=None, key=None):
+        new = self.key(q, k, v, lens.numel(), max_len, scale, out) not in self.graphs
+        got = super().__call__(q, k, v, starts, lens, max_len, scale, out=out, key=key)
         s, n = starts.tolist(), lens.tolist()
         if new and not WrongOnce.done and (WrongOnce.where == "first" or sum(n) < q.shape[0]):
             WrongOnce.done = True

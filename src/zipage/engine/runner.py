@@ -181,9 +181,10 @@ def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.T
         out = out.contiguous()  # (never expected: the step's rows as made)
     if r.cudnn_prefill is not None:
         try:
-            if not r.cudnn_prefill.builds(*qkv, len(fresh.counts), fresh.max_len, scale, out):
-                return r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out)
-            return _checked_first_call(r, qkv, fresh, scale, out)
+            key = r.cudnn_prefill.key(*qkv, len(fresh.counts), fresh.max_len, scale, out)
+            if key in r.cudnn_prefill.graphs:
+                return r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=out, key=key)
+            return _checked_first_call(r, qkv, fresh, scale, out, key)
         except torch.AcceleratorError:  # (a sticky CUDA error: nothing after it can run; not cuDNN's to take)
             raise
         except Exception as e:  # (a graph cuDNN cannot build or run here: no step's prompts are lost to it)
@@ -192,16 +193,17 @@ def fresh_attention(r: ModelRunner, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 def _checked_first_call(r: ModelRunner, qkv: list[torch.Tensor], fresh: CudnnWhole, scale: float,
-                        out: torch.Tensor | None) -> torch.Tensor:
-    """A new graph's first call, into a NaN-filled scratch of ``out``'s layout (the same graph), against PyTorch's
+                        out: torch.Tensor | None, key: tuple) -> torch.Tensor:
+    """A new graph's (``key``'s) first call, into a NaN-filled scratch of ``out``'s layout (contiguous where
+    ``out`` is None, as the calls after it make theirs: the same graph), against PyTorch's
     attention over the same rows: the prompts' rows must agree (``CUDNN_CHECK_TOLERANCE``) and no other row may
     be written. Then its rows go to ``out``; otherwise the route is given up (``cudnn_failed``) and PyTorch's
     rows go there instead (computed once)."""
     q = qkv[0]
-    like = out if out is not None else q
-    scratch = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+    scratch = (torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None
+               else torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device))
     scratch.fill_(float("nan"))
-    r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=scratch)
+    r.cudnn_prefill(*qkv, fresh.starts, fresh.lens, fresh.max_len, scale, out=scratch, key=key)
     ref = cudnn_prefill.ragged_prefill_sdpa(*qkv, fresh.rows, fresh.counts, scale)
     err = cudnn_prefill.ragged_error(scratch, ref, fresh.rows, fresh.counts, untouched=True)
     good = err <= CUDNN_CHECK_TOLERANCE
