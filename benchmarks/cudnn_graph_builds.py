@@ -20,7 +20,6 @@ prompts of up to 4,096 tokens can meet:
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prefill_tune as pt  # noqa: E402
-from cudnn_prefill_probe import versions  # noqa: E402
+from cudnn_prefill_probe import start  # noqa: E402
 
 try:
     from zipage.kernels import cudnn_prefill as cp
@@ -93,11 +92,7 @@ class Override:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/cudnn_graph_builds.json")
-    args = ap.parse_args(argv)
-    cudnn, info = versions()
-    print(info, flush=True)
+    args, cudnn, info = start(__doc__, "benchmarks/results/cudnn_graph_builds.json", argv)
     if cudnn is None:
         return 1
     gen = torch.Generator().manual_seed(0)

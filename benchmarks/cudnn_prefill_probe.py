@@ -53,12 +53,19 @@ def versions():
                        backend=cudnn.backend_version() if cudnn else None)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/cudnn_prefill_probe.json")
+def start(doc: str, out: str, argv=None):
+    """A cuDNN benchmark's opening: its ``--out`` (default ``out``) parsed, the versions printed; returns
+    ``(args, cudnn, info)``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", default=out)
     args = ap.parse_args(argv)
     cudnn, info = versions()
     print(info, flush=True)
+    return args, cudnn, info
+
+
+def main(argv=None) -> int:
+    args, cudnn, info = start(__doc__, "benchmarks/results/cudnn_prefill_probe.json", argv)
     if cudnn is None:
         import importlib
 
