@@ -108,6 +108,9 @@
 #              engine's buckets), then the engine's GPU tests with the frontend installed
 #   PART=s53b   session 53: cuDNN graph builds per key: fixed graphs, dynamic shapes with a kernel cache, one graph
 #              with shape overrides (benchmarks/cudnn_graph_builds.py)
+#   PART=s54    session 54: s53u's GPU tests (the cuDNN route's checks after review, never run on a GPU), the autotuned
+#              graphs' test, then the probe with every cuDNN plan timed (CudnnPrefill(autotune=True)) and the
+#              baseline, default plan and fastest plan alternated three times a case
 #   PART=s53    session 53: s52's probe again (its JSON), the cuDNN GPU tests, then the engine's time to first token
 #              paged kernel against cuDNN's ragged route after a warm-up run, in the order A B B A, on ragged prompts
 #              (512-4,096) and on 32 prompts of 4,096; then engine GPU tests with ZIPAGE_FRESH_PREFILL=cudnn
@@ -529,6 +532,10 @@ print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), t
     timeout "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fresh_prefill.py \
       tests/test_engine_gpu.py tests/test_engine_requests.py tests/test_sliding_engine.py tests/test_fp8_engine.py \
       2>&1 | tee "$OUT/gpu_tests_s53u_engine.log" | tail -6 ;;
+  s54)  # session 54: s53u (its tests, the autotuned ones among them), then the probe with the plans timed
+    PART=s53u bash "$0"
+    timeout "${PROBE_LIMIT:-200}" python3 benchmarks/cudnn_prefill_probe.py --out "$OUT/cudnn_prefill_probe.json" 2>&1 \
+      | tee "$OUT/cudnn_prefill_probe.log" | tail -16 ;;
   s53b)  # session 53: what a graph build costs, three ways (the frontend's wheel carried in .whl/); SKIP_BUILDS=1:
     # the engine runs only
     cudnn_frontend

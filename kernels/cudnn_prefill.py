@@ -104,7 +104,8 @@ class CudnnPrefill:
     :meth:`key`, which a caller that computed it passes as ``key``; building one takes tens of milliseconds,
     once."""
 
-    def __init__(self, device: torch.device, pad_batch: bool = False, min_bucket: int = MIN_BUCKET) -> None:
+    def __init__(self, device: torch.device, pad_batch: bool = False, min_bucket: int = MIN_BUCKET,
+                 autotune: bool = False) -> None:
         if min_bucket < MIN_BUCKET or min_bucket & (min_bucket - 1):
             raise ValueError(f"CudnnPrefill: min_bucket={min_bucket}: expected a power of two >= {MIN_BUCKET}")
         self.cudnn = _module()
@@ -124,6 +125,11 @@ class CudnnPrefill:
         # share one per batch size), each over more empty tiles
         self.min_bucket = min_bucket
         self.graph_kwargs: dict = {}  # (more arguments of the frontend's graphs: benchmarks/cudnn_graph_builds.py)
+        # autotune: each new graph times every plan cuDNN offers for it (on rows of its own shapes) and keeps the
+        # fastest, where otherwise the first that builds is kept; plan_times[key]: {plan name: ms, or the error}
+        self.autotune = autotune
+        self.tune_rows = 16384
+        self.plan_times: dict[tuple, dict] = {}
 
     def _graph(self, key: tuple):
         """The built graph of ``key`` (B, S_max, H_q, H_kv, D, dtype, row strides of q, k, v and out, scale,
@@ -162,7 +168,11 @@ class CudnnPrefill:
                 g.deselect_engines(["sdpa_fwd_prefill"])  # lengths, which gaps between sequences break)
             g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
             g.check_support()
-            g.build_plans()
+            tensors = dict(q=q, k=k, v=v, o=o, lens=lens, q_off=q_off, k_off=k_off, v_off=v_off, o_off=o_off)
+            if self.autotune:
+                g.build_plan_at_index(self._fastest_plan(g, tensors, key))
+            else:
+                g.build_plans()
             engine = getattr(g, "selected_engine", None)
             if engine is not None:  # (only cuDNN's own engines are known to honour offsets with gaps between rows)
                 raise RuntimeError(f"the cuDNN frontend chose its Python engine {getattr(engine, 'name', engine)!r} "
@@ -170,10 +180,67 @@ class CudnnPrefill:
             size = g.get_workspace_size()
             if size > self.workspace.numel():
                 self.workspace = torch.empty(size, dtype=torch.uint8, device=self.device)
-            got = (g, dict(q=q, k=k, v=v, o=o, lens=lens, q_off=q_off, k_off=k_off, v_off=v_off, o_off=o_off))
+            got = (g, tensors)
             self.graphs[key] = got
             self.build_seconds += time.perf_counter() - t0
             return got
+
+    def _fastest_plan(self, g, t: dict, key: tuple, reps: int = 5) -> int:
+        """The index of the fastest of ``g``'s plans (cuDNN's own engines only), each run ``reps`` times after one
+        untimed run on random rows of the key's shapes: ``b`` sequences of the bucket's length, or of as many rows
+        as ``tune_rows`` hold. Records each plan's median ms (or why it was skipped) in ``plan_times[key]``."""
+        b, s, hq, hkv, d, dtype, q_row, k_row, v_row, o_row, scale, wide = key
+        n = max(1, min(s, self.tune_rows // b))
+        rows = b * n
+        gen = torch.Generator(device=self.device).manual_seed(0)
+
+        def rand(row, heads):
+            return torch.randn(rows, row, generator=gen, device=self.device, dtype=dtype)[:, : heads * d].view(
+                rows, heads, d)
+
+        q, k, v = rand(q_row, hq), rand(k_row, hkv), rand(v_row, hkv)
+        out = torch.empty(rows, o_row, dtype=dtype, device=self.device)[:, : hq * d].view(rows, hq, d)
+        cu = torch.arange(0, rows + 1, n, device=self.device, dtype=torch.int64 if wide else torch.int32)
+        cu = cu.view(b + 1, 1, 1, 1)
+        pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out,
+                t["lens"]: torch.full((b, 1, 1, 1), n, dtype=torch.int32, device=self.device),
+                t["q_off"]: cu * q_row, t["k_off"]: cu * k_row, t["v_off"]: cu * v_row, t["o_off"]: cu * o_row}
+        stream = torch.cuda.current_stream(self.device)
+        self.cudnn.set_stream(handle=self.handle, stream=stream.cuda_stream)
+        times: dict[str, float | str] = {}
+        best, best_ms = None, float("inf")
+        for i in range(g.get_execution_plan_count()):
+            name = f"{i}"
+            try:
+                name = f"{i}: {g.get_plan_name_at_index(i)}"
+                g.build_plan_at_index(i)
+                if getattr(g, "selected_engine", None) is not None:
+                    times[name] = "the frontend's Python engine (skipped)"
+                    continue
+                size = g.get_workspace_size_plan_at_index(i)
+                ws = self.workspace if size <= self.workspace.numel() else torch.empty(
+                    size, dtype=torch.uint8, device=self.device)
+                g.execute_plan_at_index(pack, ws, index=i, handle=self.handle)
+                ms = []
+                for _ in range(reps):
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record(stream)
+                    g.execute_plan_at_index(pack, ws, index=i, handle=self.handle)
+                    e1.record(stream)
+                    e1.synchronize()
+                    ms.append(e0.elapsed_time(e1))
+            except Exception as e:  # (a plan that does not build or run for this graph is one not to choose)
+                if isinstance(e, torch.AcceleratorError):
+                    raise
+                times[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
+            times[name] = sorted(ms)[reps // 2]
+            if times[name] < best_ms:
+                best, best_ms = i, times[name]
+        self.plan_times[key] = times
+        if best is None:
+            raise RuntimeError(f"no cuDNN plan of the ragged graph ran: {times}")
+        return best
 
     def warm(self, hq: int, hkv: int, d: int, dtype: torch.dtype) -> None:
         """A check before any request: two sequences with rows between them and after them, in the layout of one

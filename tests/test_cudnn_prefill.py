@@ -290,13 +290,15 @@ def test_whole_prompts_go_to_cudnn_by_default_only_where_it_can_run(monkeypatch)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype, lens, pad, heads, d, min_bucket", [
-    (torch.bfloat16, [300, 1024, 77, 2049], False, (32, 8), 128, 128),
-    (torch.float16, [300, 1024, 77, 2049], False, (32, 8), 128, 128),
-    (torch.bfloat16, [300, 1000, 77], True, (32, 8), 128, 2048),  # (the engine's: padded, buckets from 2,048)
-    (torch.bfloat16, [5, 700, 130], True, (16, 1), 64, 2048),  # (one KV head)
-    (torch.bfloat16, [900, 33], True, (12, 12), 96, 2048)])  # (as many KV heads as query heads)
-def test_cudnn_ragged_attention_matches_dense_math(dtype, lens, pad, heads, d, min_bucket):
+@pytest.mark.parametrize("dtype, lens, pad, heads, d, min_bucket, autotune", [
+    (torch.bfloat16, [300, 1024, 77, 2049], False, (32, 8), 128, 128, False),
+    (torch.float16, [300, 1024, 77, 2049], False, (32, 8), 128, 128, False),
+    (torch.bfloat16, [300, 1000, 77], True, (32, 8), 128, 2048, False),  # (the engine's: padded, from 2,048)
+    (torch.bfloat16, [5, 700, 130], True, (16, 1), 64, 2048, False),  # (one KV head)
+    (torch.bfloat16, [900, 33], True, (12, 12), 96, 2048, False),  # (as many KV heads as query heads)
+    (torch.bfloat16, [300, 1024, 77, 2049], False, (32, 8), 128, 128, True),  # (every plan timed, the fastest kept)
+    (torch.bfloat16, [5, 700, 130], True, (16, 1), 64, 2048, True)])
+def test_cudnn_ragged_attention_matches_dense_math(dtype, lens, pad, heads, d, min_bucket, autotune):
     """Sequences with other rows between them and after the last, keys and values as views of one fused
     projection (row strides of their own), NaN rows past the step's rows: each sequence's rows as dense math,
     no other row written; with the batch padded by empty sequences too, and the engine's length buckets."""
@@ -316,7 +318,8 @@ def test_cudnn_ragged_attention_matches_dense_math(dtype, lens, pad, heads, d, m
         a += gap
         starts.append(a)
         a += n
-    prefill = cudnn_prefill.CudnnPrefill(torch.device("cuda"), pad_batch=pad, min_bucket=min_bucket)
+    prefill = cudnn_prefill.CudnnPrefill(torch.device("cuda"), pad_batch=pad, min_bucket=min_bucket,
+                                         autotune=autotune)
     out = torch.full_like(q, 7.0)
     s = torch.tensor(starts + [a], dtype=torch.int32, device="cuda")
     prefill(q, k, v, s, torch.tensor(lens, dtype=torch.int32, device="cuda"), max(lens), d**-0.5, out=out)
@@ -326,6 +329,9 @@ def test_cudnn_ragged_attention_matches_dense_math(dtype, lens, pad, heads, d, m
     others = torch.ones(T, dtype=torch.bool, device="cuda")
     others[rows] = False
     assert (out[others] == 7).all()
+    if autotune:  # (each plan timed or the reason it was skipped; at least one ran)
+        (times,) = prefill.plan_times.values()
+        assert any(isinstance(x, float) and x > 0 for x in times.values()), times
 
 
 @pytest.mark.gpu
