@@ -131,9 +131,10 @@ class CudnnPrefill:
         self.tune_rows = 16384
         self.plan_times: dict[tuple, dict] = {}
 
-    def _graph(self, key: tuple):
+    def _graph(self, key: tuple, pack_of=None):
         """The built graph of ``key`` (B, S_max, H_q, H_kv, D, dtype, row strides of q, k, v and out, scale,
-        whether offsets are int64)."""
+        whether offsets are int64); ``pack_of(tensors)``: the calling step's inputs, which an autotuned build
+        times its plans on."""
         with self.lock, torch.cuda.device(self.device):  # (the handle's device, whichever is current)
             got = self.graphs.get(key)
             if got is not None:
@@ -170,7 +171,7 @@ class CudnnPrefill:
             g.check_support()
             tensors = dict(q=q, k=k, v=v, o=o, lens=lens, q_off=q_off, k_off=k_off, v_off=v_off, o_off=o_off)
             if self.autotune:
-                g.build_plan_at_index(self._fastest_plan(g, tensors, key))
+                g.build_plan_at_index(self._fastest_plan(g, tensors, key, pack_of))
             else:
                 g.build_plans()
             engine = getattr(g, "selected_engine", None)
@@ -185,26 +186,31 @@ class CudnnPrefill:
             self.build_seconds += time.perf_counter() - t0
             return got
 
-    def _fastest_plan(self, g, t: dict, key: tuple, reps: int = 5) -> int:
+    def _fastest_plan(self, g, t: dict, key: tuple, pack_of=None, reps: int = 5) -> int:
         """The index of the fastest of ``g``'s plans (cuDNN's own engines only), each run ``reps`` times after one
-        untimed run on random rows of the key's shapes: ``b`` sequences of the bucket's length, or of as many rows
-        as ``tune_rows`` hold. Records each plan's median ms (or why it was skipped) in ``plan_times[key]``."""
-        b, s, hq, hkv, d, dtype, q_row, k_row, v_row, o_row, scale, wide = key
-        n = max(1, min(s, self.tune_rows // b))
-        rows = b * n
-        gen = torch.Generator(device=self.device).manual_seed(0)
+        untimed run: on the calling step's inputs (``pack_of(t)``: its output written by each plan in turn, then
+        by the plan chosen), or with none given on random rows of the key's shapes (``b`` sequences of the
+        bucket's length, or of as many rows as ``tune_rows`` hold). Records each plan's median ms (or why it was
+        skipped) in ``plan_times[key]``."""
+        if pack_of is not None:
+            pack = pack_of(t)
+        else:
+            b, s, hq, hkv, d, dtype, q_row, k_row, v_row, o_row, scale, wide = key
+            n = max(1, min(s, self.tune_rows // b))
+            rows = b * n
+            gen = torch.Generator(device=self.device).manual_seed(0)
 
-        def rand(row, heads):
-            return torch.randn(rows, row, generator=gen, device=self.device, dtype=dtype)[:, : heads * d].view(
-                rows, heads, d)
+            def rand(row, heads):
+                return torch.randn(rows, row, generator=gen, device=self.device, dtype=dtype)[:, : heads * d].view(
+                    rows, heads, d)
 
-        q, k, v = rand(q_row, hq), rand(k_row, hkv), rand(v_row, hkv)
-        out = torch.empty(rows, o_row, dtype=dtype, device=self.device)[:, : hq * d].view(rows, hq, d)
-        cu = torch.arange(0, rows + 1, n, device=self.device, dtype=torch.int64 if wide else torch.int32)
-        cu = cu.view(b + 1, 1, 1, 1)
-        pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out,
-                t["lens"]: torch.full((b, 1, 1, 1), n, dtype=torch.int32, device=self.device),
-                t["q_off"]: cu * q_row, t["k_off"]: cu * k_row, t["v_off"]: cu * v_row, t["o_off"]: cu * o_row}
+            q, k, v = rand(q_row, hq), rand(k_row, hkv), rand(v_row, hkv)
+            out = torch.empty(rows, o_row, dtype=dtype, device=self.device)[:, : hq * d].view(rows, hq, d)
+            cu = torch.arange(0, rows + 1, n, device=self.device, dtype=torch.int64 if wide else torch.int32)
+            cu = cu.view(b + 1, 1, 1, 1)
+            pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out,
+                    t["lens"]: torch.full((b, 1, 1, 1), n, dtype=torch.int32, device=self.device),
+                    t["q_off"]: cu * q_row, t["k_off"]: cu * k_row, t["v_off"]: cu * v_row, t["o_off"]: cu * o_row}
         stream = torch.cuda.current_stream(self.device)
         self.cudnn.set_stream(handle=self.handle, stream=stream.cuda_stream)
         times: dict[str, float | str] = {}
@@ -306,11 +312,15 @@ class CudnnPrefill:
             b += extra
         key = key if key is not None else self.key(q, k, v, b, max_len, scale, out)  # (given: the caller's)
         rows, wide = key[6:10], key[-1]
-        g, t = self._graph(key)
         cu = starts.to(torch.int64 if wide else torch.int32).view(b + 1, 1, 1, 1)
-        pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["lens"]: lens.to(torch.int32).view(b, 1, 1, 1),
-                t["q_off"]: cu * rows[0], t["k_off"]: cu * rows[1], t["v_off"]: cu * rows[2],
-                t["o_off"]: cu * rows[3]}
+        lens = lens.to(torch.int32).view(b, 1, 1, 1)
+
+        def pack_of(t: dict) -> dict:
+            return {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out, t["lens"]: lens, t["q_off"]: cu * rows[0],
+                    t["k_off"]: cu * rows[1], t["v_off"]: cu * rows[2], t["o_off"]: cu * rows[3]}
+
+        g, t = self._graph(key, pack_of)
+        pack = pack_of(t)
         with torch.cuda.device(self.device):
             self.cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
             g.execute(pack, self.workspace, handle=self.handle)
