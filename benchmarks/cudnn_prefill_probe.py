@@ -112,12 +112,13 @@ def main(argv=None) -> int:
             alt: dict[str, list] = {"baseline": [], "cudnn": [], "tuned": []}
             base = step.baseline if row["baseline_ms"] <= row["baseline_cudnn_ms"] else lambda: step.baseline("cudnn")
             for _ in range(3):
-                for name, fn in (("baseline", base), ("cudnn", run), ("tuned", run_t)):
-                    alt[name].append(pt.bench(fn, rep=60))
-            row["alternated_ms"] = {name: sorted(x)[1] for name, x in alt.items()}
+                for how, fn in (("baseline", base), ("cudnn", run), ("tuned", run_t)):
+                    alt[how].append(pt.bench(fn, rep=60))
+            row["alternated_ms"] = {how: sorted(x)[1] for how, x in alt.items()}
             row["alt_ratio_cudnn"] = row["alternated_ms"]["baseline"] / row["alternated_ms"]["cudnn"]
             row["alt_ratio_tuned"] = row["alternated_ms"]["baseline"] / row["alternated_ms"]["tuned"]
-            row["plans"] = tuned.plan_times[tuned.key(step.q, k, v, len(lens), step.max_q, step.scale)]
+            key = tuned.key(step.q, k, v, len(lens), step.max_q, step.scale)
+            row.update(plans=tuned.plan_times[key], chosen_plan=tuned.chosen_plan[key])
         except Exception as e:
             row["error"] = "".join(traceback.format_exception(e))[-1500:]
             print(row["error"], flush=True)

@@ -125,11 +125,12 @@ class CudnnPrefill:
         # share one per batch size), each over more empty tiles
         self.min_bucket = min_bucket
         self.graph_kwargs: dict = {}  # (more arguments of the frontend's graphs: benchmarks/cudnn_graph_builds.py)
-        # autotune: each new graph times every plan cuDNN offers for it (on rows of its own shapes) and keeps the
-        # fastest, where otherwise the first that builds is kept; plan_times[key]: {plan name: ms, or the error}
+        # autotune: each new graph times every plan cuDNN offers for it (on the inputs of the call that builds it)
+        # and keeps the fastest, where otherwise the first that builds is kept; plan_times[key]: {plan name: ms,
+        # or why it was skipped}
         self.autotune = autotune
-        self.tune_rows = 16384
         self.plan_times: dict[tuple, dict] = {}
+        self.chosen_plan: dict[tuple, str] = {}
 
     def _graph(self, key: tuple, pack_of=None):
         """The built graph of ``key`` (B, S_max, H_q, H_kv, D, dtype, row strides of q, k, v and out, scale,
@@ -171,7 +172,11 @@ class CudnnPrefill:
             g.check_support()
             tensors = dict(q=q, k=k, v=v, o=o, lens=lens, q_off=q_off, k_off=k_off, v_off=v_off, o_off=o_off)
             if self.autotune:
-                g.build_plan_at_index(self._fastest_plan(g, tensors, key, pack_of))
+                if pack_of is None or not hasattr(g, "select_plan"):
+                    raise RuntimeError("CudnnPrefill(autotune=True) times plans on a call's inputs, with cuDNN "
+                                       "frontend 1.32 or later (pygraph.select_plan)")
+                g.select_plan(self._fastest_plan(g, tensors, key, pack_of))  # (pinned: build_plans builds it)
+                g.build_plans()
             else:
                 g.build_plans()
             engine = getattr(g, "selected_engine", None)
@@ -186,31 +191,13 @@ class CudnnPrefill:
             self.build_seconds += time.perf_counter() - t0
             return got
 
-    def _fastest_plan(self, g, t: dict, key: tuple, pack_of=None, reps: int = 5) -> int:
-        """The index of the fastest of ``g``'s plans (cuDNN's own engines only), each run ``reps`` times after one
-        untimed run: on the calling step's inputs (``pack_of(t)``: its output written by each plan in turn, then
-        by the plan chosen), or with none given on random rows of the key's shapes (``b`` sequences of the
-        bucket's length, or of as many rows as ``tune_rows`` hold). Records each plan's median ms (or why it was
-        skipped) in ``plan_times[key]``."""
-        if pack_of is not None:
-            pack = pack_of(t)
-        else:
-            b, s, hq, hkv, d, dtype, q_row, k_row, v_row, o_row, scale, wide = key
-            n = max(1, min(s, self.tune_rows // b))
-            rows = b * n
-            gen = torch.Generator(device=self.device).manual_seed(0)
-
-            def rand(row, heads):
-                return torch.randn(rows, row, generator=gen, device=self.device, dtype=dtype)[:, : heads * d].view(
-                    rows, heads, d)
-
-            q, k, v = rand(q_row, hq), rand(k_row, hkv), rand(v_row, hkv)
-            out = torch.empty(rows, o_row, dtype=dtype, device=self.device)[:, : hq * d].view(rows, hq, d)
-            cu = torch.arange(0, rows + 1, n, device=self.device, dtype=torch.int64 if wide else torch.int32)
-            cu = cu.view(b + 1, 1, 1, 1)
-            pack = {t["q"]: q, t["k"]: k, t["v"]: v, t["o"]: out,
-                    t["lens"]: torch.full((b, 1, 1, 1), n, dtype=torch.int32, device=self.device),
-                    t["q_off"]: cu * q_row, t["k_off"]: cu * k_row, t["v_off"]: cu * v_row, t["o_off"]: cu * o_row}
+    def _fastest_plan(self, g, t: dict, key: tuple, pack_of, reps: int = 5) -> int:
+        """The index of the fastest of ``g``'s plans (cuDNN's own engines only) on the calling step's inputs
+        (``pack_of(t)``: its output written by each plan in turn, then by the plan chosen; the engine's first
+        call of a graph writes a scratch, which it checks): one untimed run, then ``reps`` runs queued between
+        two events (their mean: no host time between them). Records each plan's ms (or why it was skipped) in
+        ``plan_times[key]`` and the one chosen in ``chosen_plan[key]``."""
+        pack = pack_of(t)
         stream = torch.cuda.current_stream(self.device)
         self.cudnn.set_stream(handle=self.handle, stream=stream.cuda_stream)
         times: dict[str, float | str] = {}
@@ -227,25 +214,25 @@ class CudnnPrefill:
                 ws = self.workspace if size <= self.workspace.numel() else torch.empty(
                     size, dtype=torch.uint8, device=self.device)
                 g.execute_plan_at_index(pack, ws, index=i, handle=self.handle)
-                ms = []
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(1_000_000)  # (the GPU kept busy while the runs are queued: ~0.5 ms)
+                e0.record(stream)
                 for _ in range(reps):
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record(stream)
                     g.execute_plan_at_index(pack, ws, index=i, handle=self.handle)
-                    e1.record(stream)
-                    e1.synchronize()
-                    ms.append(e0.elapsed_time(e1))
+                e1.record(stream)
+                e1.synchronize()
             except Exception as e:  # (a plan that does not build or run for this graph is one not to choose)
                 if isinstance(e, torch.AcceleratorError):
                     raise
                 times[name] = f"{type(e).__name__}: {str(e)[:200]}"
                 continue
-            times[name] = sorted(ms)[reps // 2]
+            times[name] = e0.elapsed_time(e1) / reps
             if times[name] < best_ms:
-                best, best_ms = i, times[name]
+                best, best_ms, best_name = i, times[name], name
         self.plan_times[key] = times
         if best is None:
             raise RuntimeError(f"no cuDNN plan of the ragged graph ran: {times}")
+        self.chosen_plan[key] = best_name
         return best
 
     def warm(self, hq: int, hkv: int, d: int, dtype: torch.dtype) -> None:
