@@ -210,7 +210,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", default="", help="variant names separated by ';' (default: all of VARIANTS)")
     ap.add_argument("--calibration", default="math_train",
-                    help="the text whose queries' moments weight the query-weighted variants (2 x 1,024 tokens)")
+                    help="the text whose queries' moments weight the query-weighted variants (2 x 1,024 tokens of "
+                         "a split of MATH), or 'zipage': the engine's fixed calibration text "
+                         "(ZIPAGE_FP8_QUERY_WEIGHTS=calibrated; zipage/calibration.py)")
     ap.add_argument("--reference", default="float32", choices=["float32", "bf16"],
                     help="what every variant is scored against: the model's float32 keys and values (default), or "
                          "keys and values rounded to bf16, what a bf16 deployment stores (every variant then rounds "
@@ -279,7 +281,14 @@ def main() -> None:
             raise SystemExit(f"--layers {args.layers!r}: the model has layers 0 to {count - 1}")
     choose_rotation = any("rotated where it helps" in n for n in names)  # (the per-layer choice, only if asked)
     state["calibrating"] = True
-    log_probs(None, quality.build_sequences(tok, 2, 1024, args.calibration)[0])  # (every layer's query moments)
+    if args.calibration == "zipage":  # (the engine's: zipage.calibration, one sequence)
+        from zipage.calibration import calibration_ids
+
+        calibration = torch.tensor([calibration_ids(tok, model.config.vocab_size, 1 << 16)])
+    else:
+        calibration = quality.build_sequences(tok, 2, 1024, args.calibration)[0]
+    print(f"calibration: {args.calibration}, {calibration.numel()} tokens")
+    log_probs(None, calibration)  # (every layer's query moments)
     state["calibrating"] = False
     if choose_rotation:
         print(f"layers whose calibration keys round better rotated: {sorted(i for i, r in rotate_layer.items() if r)}")

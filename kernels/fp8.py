@@ -235,15 +235,24 @@ def query_weights(q_sum: torch.Tensor, q_sq_sum: torch.Tensor, count: torch.Tens
     return torch.stack([u, v], dim=-3).to(torch.int64)
 
 
+def query_weights_mode() -> str:
+    """``ZIPAGE_FP8_QUERY_WEIGHTS``: ``"1"`` (the default: FP8 keys' scale search weighted by the moments of the
+    prompt queries seen so far), ``"calibrated"`` (the engine's moments counted once, at its start, over a fixed
+    text and frozen: zipage/query_moments.py) or ``"0"`` (the plain squared error)."""
+    value = os.environ.get("ZIPAGE_FP8_QUERY_WEIGHTS", "1").strip()
+    if value not in ("0", "1", "calibrated"):
+        raise ValueError(f"ZIPAGE_FP8_QUERY_WEIGHTS={value!r}: expected 1 (weight FP8 keys' scale search by the "
+                         "queries), calibrated (by the queries of a fixed text, counted once at the engine's start) "
+                         "or 0 (the plain squared error)")
+    return value
+
+
 def query_weighting(kv_cache_dtype: str, head_dim: int) -> bool:
     """Whether pages of this type search their keys' scales by the queries' moments: FP8 pages whose scale is
     searched (``ZIPAGE_FP8_SCALE_STEPS`` not 1) with a head dim up to ``MAX_WEIGHTED_DIM``, unless
     ``ZIPAGE_FP8_QUERY_WEIGHTS=0`` (the plain squared error, for comparisons)."""
-    value = os.environ.get("ZIPAGE_FP8_QUERY_WEIGHTS", "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"ZIPAGE_FP8_QUERY_WEIGHTS={value!r}: expected 1 (weight FP8 keys' scale search by the "
-                         "queries) or 0 (the plain squared error)")
-    return value == "1" and kv_cache_dtype == "fp8" and scale_steps() > 1 and head_dim <= MAX_WEIGHTED_DIM
+    return query_weights_mode() != "0" and kv_cache_dtype == "fp8" and scale_steps() > 1 \
+        and head_dim <= MAX_WEIGHTED_DIM
 
 
 def check_weights(name: str, weights: torch.Tensor, shape, device=None) -> None:

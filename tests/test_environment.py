@@ -22,7 +22,7 @@ GOOD = {
     "ZIPAGE_DIM_MAJOR_VALUES": ["", "0", "1"],
     "ZIPAGE_STORE_LAUNCH": ["", "heads=2,split=1,warps=4"],
     "ZIPAGE_FP8_SCALE_STEPS": ["", "1", "64"],
-    "ZIPAGE_FP8_QUERY_WEIGHTS": ["0", "1"],
+    "ZIPAGE_FP8_QUERY_WEIGHTS": ["0", "1", "calibrated"],
     "ZIPAGE_INT8_ROTATION": ["0", "1"],
     "ZIPAGE_FP8_ROTATION": ["0", "1"],
     "ZIPAGE_EXACT_TAIL_KERNEL": ["triton", "torch"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CUDA, requires_triton, tiny_model
+from conftest import CUDA, requires_triton, tiny_model, tiny_sliding_model
 from test_engine import prompts_of
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -14,6 +14,7 @@ from transformers.masking_utils import sdpa_mask
 
 import zipage.cache
 import zipage.engine.runner
+from zipage.calibration import CALIBRATION_TEXT, calibration_ids
 from zipage import LLM, SamplingParams
 from zipage.kernels import dequantize_reference, quantize_reference, store_kv_reference, store_kv_triton
 from zipage.kernels.fp8 import (
@@ -438,3 +439,89 @@ def test_engine_pages_hold_generates_weighted_keys(device, monkeypatch):
     _, plain = _engine_and_generate_keys(device, False, monkeypatch)
     assert _same_rows(engine, gen) > 0.97
     assert _same_rows(gen, plain) < 0.7
+
+
+# ----------------------------------------------------------------------------- calibrated once
+def _request_keys(mode: str, before: list[list[int]], monkeypatch) -> torch.Tensor:
+    """The FP8 key codes ``[layers, 30, H, D]`` (bytes) the engine stores for one prompt and its first decoded
+    tokens, in a new engine that first served ``before``."""
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", mode)
+    llm = LLM(tiny_model("qwen3"), budget=None, page_size=4, num_pages=128, kv_cache_dtype="fp8",
+              enable_prefix_caching=False)
+    if before:
+        llm.generate(before, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+    rid = llm.add_request(prompts_of((21,), seed=9)[0], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    seq = llm.requests[rid]
+    while seq.stored < 30:
+        llm.step()
+    slots = torch.tensor([p * 4 + i for p in seq.pages for i in range(4)][:30])
+    r = llm.runner
+    return torch.stack([read_slots(r.k_pool[j], slots).view(torch.uint8) for j in range(r.k_pool.shape[0])])
+
+
+def test_calibrated_weights_round_a_request_s_keys_whatever_ran_before(monkeypatch):
+    """ZIPAGE_FP8_QUERY_WEIGHTS=calibrated: a request's FP8 keys are the same bytes in a new engine and in one
+    that served other prompts first; with the moments that follow the traffic (1) they are not."""
+    before = [[3] * 40, prompts_of((33,), seed=2)[0]]
+    assert torch.equal(_request_keys("calibrated", [], monkeypatch), _request_keys("calibrated", before, monkeypatch))
+    adaptive = _request_keys("1", [], monkeypatch), _request_keys("1", before, monkeypatch)
+    assert (adaptive[0] != adaptive[1]).float().mean() > 0.1
+
+
+@pytest.mark.parametrize("family, rotation", [("qwen3", "0"), ("qwen3", "1"), ("gemma3", "0")])
+def test_calibrated_moments_are_the_fixed_text_s_queries_and_stay(family, rotation, monkeypatch):
+    """The engine's calibrated moments are those of the calibration ids' queries as the model's own forward
+    computes them (in the pages' basis; a sliding-window model's full layers, over at most one window of
+    tokens); serving requests leaves them as they are, and every key is stored with them."""
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
+    monkeypatch.setenv("ZIPAGE_FP8_ROTATION", rotation)
+    model = tiny_model("qwen3") if family == "qwen3" else tiny_sliding_model("gemma3")
+    spy = StoreSpy(monkeypatch, zipage.engine.runner)
+    llm = LLM(model, budget=None, page_size=4, num_pages=128, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    m = llm.runner.query_moments
+    cfg = model.config
+    limit = min(512, getattr(cfg, "sliding_window", None) or 512)
+    ids = calibration_ids(None, cfg.vocab_size, limit)
+    assert len(ids) == limit and ids == calibration_ids(None, cfg.vocab_size, limit)  # (fixed)
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    assert (m.count == limit * g).all() and not any(m.wants(j) for j in range(len(m.tokens)))
+    rec = Recorder(model)  # (the model's own forward through SDPA, its queries recorded)
+    with torch.no_grad():
+        model(torch.tensor([ids]), use_cache=False)
+    full = llm.runner.full_index
+    assert set(full) == {i for i, _ in rec.calls} - set(llm.runner.window_index) and len(full) == len(m.tokens)
+    for layer, q in rec.calls:
+        if layer in full:
+            s, sq, n = moments_of(rotated_if(q[0].transpose(0, 1), rotation == "1"), cfg.num_key_value_heads)
+            torch.testing.assert_close(m.sums[full[layer], 0], s, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(m.sums[full[layer], 1], sq, rtol=1e-5, atol=1e-5)
+    weights = m.weights.clone()
+    spy.calls.clear()
+    llm.generate(prompts_of((21, 9), seed=6), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                 use_tqdm=False)
+    assert torch.equal(m.weights, weights) and (m.count == limit * g).all()
+    assert spy.calls and all(torch.equal(c["weights"], weights[i % len(weights)]) for i, c in enumerate(spy.calls))
+
+
+def test_calibration_ids_come_from_the_tokenizer_or_a_fixed_draw():
+    class Tok:
+        def __call__(self, text, add_special_tokens=True):
+            assert text == CALIBRATION_TEXT and not add_special_tokens
+            return {"input_ids": list(range(len(text.split())))}
+
+    words = len(CALIBRATION_TEXT.split())
+    assert words > 500 and calibration_ids(Tok(), None, 10_000) == list(range(words))
+    assert calibration_ids(Tok(), None, 7) == list(range(7))
+    drawn = calibration_ids(None, 50, 10_000)
+    assert len(drawn) == 512 and max(drawn) < 50 and len(set(drawn)) == 50
+    with pytest.raises(ValueError, match="no tokenizer and no vocab_size"):
+        calibration_ids(None, None, 10)
+    with pytest.raises(ValueError, match="limit=0"):
+        calibration_ids(None, 50, 0)
+
+
+def test_calibrated_weights_need_one_process(monkeypatch):
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
+    with pytest.raises(ValueError, match="calibrated is not supported with tensor_parallel_size > 1"):
+        LLM(tiny_model("qwen3"), budget=None, page_size=4, num_pages=16, kv_cache_dtype="fp8",
+            tensor_parallel_size=2)

@@ -64,7 +64,7 @@ VARIABLES: dict[str, Callable[[str, str], None]] = {
     "ZIPAGE_DIM_MAJOR_VALUES": _choices("", "0", "1"),
     "ZIPAGE_STORE_LAUNCH": _store_launch,
     "ZIPAGE_FP8_SCALE_STEPS": _scale_steps,
-    "ZIPAGE_FP8_QUERY_WEIGHTS": _choices("0", "1"),
+    "ZIPAGE_FP8_QUERY_WEIGHTS": _choices("0", "1", "calibrated"),
     "ZIPAGE_INT8_ROTATION": _choices("0", "1"),
     "ZIPAGE_FP8_ROTATION": _choices("0", "1"),
     "ZIPAGE_EXACT_TAIL_KERNEL": _choices("triton", "torch"),

@@ -18,8 +18,10 @@ and a prompt's queries describe a head well: moments from other text did almost 
 After ``limit`` query tokens (every row's, padding included) a layer's moments stop changing: in a long-running
 engine they are then fixed, and no more work is spent on them. Until then, which prompts came first moves what
 later keys are rounded by, and so a request's compressions and tokens depend on the engine's other and earlier
-requests (by more than float near-ties: measured in the engine guide); ``ZIPAGE_FP8_QUERY_WEIGHTS=0`` makes FP8
-results a function of the request alone.
+requests (by more than float near-ties: measured in the engine guide). ``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``
+counts a fixed text's queries once at the engine's start and freezes them (``zipage/calibration.py``,
+``ModelRunner.calibrate_query_moments``), and ``ZIPAGE_FP8_QUERY_WEIGHTS=0`` searches by the squared error: either
+makes FP8 results a function of the request alone.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class QueryMoments:
         self.weights[:, 1] = 1
         self.layer_weights = list(self.weights.unbind(0))
         self.tokens = [0] * layers  # tokens offered to each layer (padding included): host-side, for ``limit``
+
+    def freeze(self) -> None:
+        """Stop counting: every layer's moments and weights stay as they are (``wants`` False from now on)."""
+        self.tokens = [max(t, self.limit) for t in self.tokens]
 
     def wants(self, layer: int) -> bool:
         """Whether ``add`` would still count ``layer``'s queries."""

@@ -50,6 +50,7 @@ from .positions import KeptPositions, kept_positions
 from .sequence import Sequence
 
 ATTENTION_NAME = "zipage_engine"
+CALIBRATION_NAME = "zipage_calibration"  # (the attention of the forward that calibrates FP8 keys' query weights)
 _context = threading.local()
 # One lock per model config: the engine's attention name is set on the (shared) config for the length of a
 # forward, so two engines on one model, driven from two threads, take turns instead of saving and restoring
@@ -435,15 +436,37 @@ def _prefill_with_exact_tails(meta: StepMeta, q, k, v, before, kp, vp, ks, vs, r
                                             **features)
 
 
+def calibration_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers attention function for :meth:`ModelRunner.calibrate_query_moments`: PyTorch's SDPA (masks
+    as transformers makes them for SDPA, sliding windows included), each full-attention layer's queries counted
+    into the runner's moments first, in the pages' basis."""
+    r = getattr(_context, "calibrating", None)
+    if r is None:
+        raise RuntimeError(f"{type(module).__name__} of layer {module.layer_idx} was called with the engine's "
+                           "calibration attention outside ModelRunner.calibrate_query_moments")
+    layer = module.layer_idx
+    if layer not in r.window_index:
+        q = query[0].transpose(0, 1)  # [T, Hq, D]
+        if r.rotation is not None:
+            q = rotate(q, r.rotation, q.dtype)
+        r.query_moments.add(r.full_index[layer], q)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 _registered = False
 
 
 def register_attention() -> None:
     global _registered
     if not _registered:
-        from transformers.modeling_utils import AttentionInterface
+        from transformers.masking_utils import sdpa_mask
+        from transformers import AttentionInterface, AttentionMaskInterface
 
         AttentionInterface.register(ATTENTION_NAME, engine_attention)
+        AttentionInterface.register(CALIBRATION_NAME, calibration_attention)
+        AttentionMaskInterface.register(CALIBRATION_NAME, sdpa_mask)
         _registered = True
 
 
@@ -781,6 +804,29 @@ class ModelRunner:
     def _exact_count(self, seq: Sequence) -> int:
         """How many of its last tokens a decoding ``seq`` reads from its ring (itself included)."""
         return min(seq.num_computed - seq.ring_from + 1, self.exact_tail)
+
+    def calibrate_query_moments(self, ids: list[int]) -> None:
+        """Count the prompt queries of ``ids`` (one sequence, positions from 0) into the FP8 keys' moments and
+        freeze them (``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``): one forward of the model's own, its attention
+        PyTorch's SDPA with each full-attention layer's queries counted as a prompt's are in an engine step (the
+        fused ops applied, rotated pages' basis); nothing is stored and no page is touched."""
+        if self.query_moments is None:
+            raise RuntimeError("calibrate_query_moments: these pages weigh no keys by their queries (FP8 pages "
+                               "with the scale search and ZIPAGE_FP8_QUERY_WEIGHTS not 0)")
+        cfg = self.config
+        dev = self.device
+        with self._forward_lock:
+            original = cfg._attn_implementation
+            _context.calibrating = self
+            cfg._attn_implementation_internal = CALIBRATION_NAME
+            try:
+                with torch.inference_mode(), self.fusion.applied():
+                    self.model(input_ids=torch.tensor([ids], device=dev), use_cache=False, logits_to_keep=1,
+                               position_ids=torch.arange(len(ids), device=dev)[None])
+            finally:
+                cfg._attn_implementation_internal = original
+                _context.calibrating = None
+        self.query_moments.freeze()
 
     def _model_call(self, meta: StepMeta, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
         """The model's own forward with the engine attention in place (restored afterwards)."""
