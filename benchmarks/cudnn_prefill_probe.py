@@ -185,7 +185,8 @@ def main(argv=None) -> int:
               f"{r.get('cudnn_host_us', float('nan')):8.1f} {r.get('first_call_ms', float('nan')):8.1f}  "
               f"{r['ratio_triton']:.2f}x / {r.get('ratio_cudnn', float('nan')):.3f}x / "
               f"{r.get('ratio_tuned', float('nan')):.3f}x (alternated {r.get('alt_ratio_cudnn', float('nan')):.3f}x / "
-              f"{r.get('alt_ratio_tuned', float('nan')):.3f}x) {'' if r.get('ok') and r.get('tuned_ok') else 'DISAGREES/ERROR'}"
+              f"{r.get('alt_ratio_tuned', float('nan')):.3f}x) "
+              f"{'' if r.get('ok') and r.get('tuned_ok') else 'DISAGREES/ERROR'}"
               f" {r.get('plans')}")
     return 0
 

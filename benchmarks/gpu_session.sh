@@ -109,8 +109,9 @@
 #   PART=s53b   session 53: cuDNN graph builds per key: fixed graphs, dynamic shapes with a kernel cache, one graph
 #              with shape overrides (benchmarks/cudnn_graph_builds.py)
 #   PART=s54    session 54: s53u's GPU tests (the cuDNN route's checks after review, never run on a GPU), the autotuned
-#              graphs' test, then the probe with every cuDNN plan timed (CudnnPrefill(autotune=True)) and the
-#              baseline, default plan and fastest plan alternated three times a case
+#              graphs' test, the query weights' GPU tests (calibrated once: ZIPAGE_FP8_QUERY_WEIGHTS=calibrated),
+#              then the probe with every cuDNN plan timed (CudnnPrefill(autotune=True)) and the baseline, default
+#              plan and fastest plan alternated three times a case
 #   PART=s53    session 53: s52's probe again (its JSON), the cuDNN GPU tests, then the engine's time to first token
 #              paged kernel against cuDNN's ragged route after a warm-up run, in the order A B B A, on ragged prompts
 #              (512-4,096) and on 32 prompts of 4,096; then engine GPU tests with ZIPAGE_FRESH_PREFILL=cudnn
@@ -534,6 +535,8 @@ print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), t
       2>&1 | tee "$OUT/gpu_tests_s53u_engine.log" | tail -6 ;;
   s54)  # session 54: s53u (its tests, the autotuned ones among them), then the probe with the plans timed
     PART=s53u bash "$0"
+    timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_query_weights.py 2>&1 \
+      | tee "$OUT/gpu_tests_s54_query_weights.log" | tail -3  # (FP8 keys' query weights, calibrated ones among them)
     timeout "${PROBE_LIMIT:-200}" python3 benchmarks/cudnn_prefill_probe.py --out "$OUT/cudnn_prefill_probe.json" 2>&1 \
       | tee "$OUT/cudnn_prefill_probe.log" | tail -16 ;;
   s53b)  # session 53: what a graph build costs, three ways (the frontend's wheel carried in .whl/); SKIP_BUILDS=1:

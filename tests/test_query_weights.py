@@ -442,11 +442,11 @@ def test_engine_pages_hold_generates_weighted_keys(device, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- calibrated once
-def _request_keys(mode: str, before: list[list[int]], monkeypatch) -> torch.Tensor:
+def _request_keys(mode: str, before: list[list[int]], monkeypatch, device: str = "cpu") -> torch.Tensor:
     """The FP8 key codes ``[layers, 30, H, D]`` (bytes) the engine stores for one prompt and its first decoded
     tokens, in a new engine that first served ``before``."""
     monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", mode)
-    llm = LLM(tiny_model("qwen3"), budget=None, page_size=4, num_pages=128, kv_cache_dtype="fp8",
+    llm = LLM(tiny_model("qwen3").to(device), budget=None, page_size=4, num_pages=128, kv_cache_dtype="fp8",
               enable_prefix_caching=False)
     if before:
         llm.generate(before, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
@@ -454,28 +454,36 @@ def _request_keys(mode: str, before: list[list[int]], monkeypatch) -> torch.Tens
     seq = llm.requests[rid]
     while seq.stored < 30:
         llm.step()
-    slots = torch.tensor([p * 4 + i for p in seq.pages for i in range(4)][:30])
+    slots = torch.tensor([p * 4 + i for p in seq.pages for i in range(4)][:30], device=device)
     r = llm.runner
     return torch.stack([read_slots(r.k_pool[j], slots).view(torch.uint8) for j in range(r.k_pool.shape[0])])
 
 
-def test_calibrated_weights_round_a_request_s_keys_whatever_ran_before(monkeypatch):
+CUDA_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+ON_DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_ONLY)]
+
+
+@pytest.mark.parametrize("device", ON_DEVICES)
+def test_calibrated_weights_round_a_request_s_keys_whatever_ran_before(device, monkeypatch):
     """ZIPAGE_FP8_QUERY_WEIGHTS=calibrated: a request's FP8 keys are the same bytes in a new engine and in one
-    that served other prompts first; with the moments that follow the traffic (1) they are not."""
+    that served other prompts first (on a GPU with the fused ops and captured decode graphs); with the moments
+    that follow the traffic (1) they are not."""
     before = [[3] * 40, prompts_of((33,), seed=2)[0]]
-    assert torch.equal(_request_keys("calibrated", [], monkeypatch), _request_keys("calibrated", before, monkeypatch))
-    adaptive = _request_keys("1", [], monkeypatch), _request_keys("1", before, monkeypatch)
+    calibrated = [_request_keys("calibrated", b, monkeypatch, device) for b in ([], before)]
+    assert torch.equal(*calibrated)
+    adaptive = _request_keys("1", [], monkeypatch, device), _request_keys("1", before, monkeypatch, device)
     assert (adaptive[0] != adaptive[1]).float().mean() > 0.1
 
 
-@pytest.mark.parametrize("family, rotation", [("qwen3", "0"), ("qwen3", "1"), ("gemma3", "0")])
-def test_calibrated_moments_are_the_fixed_text_s_queries_and_stay(family, rotation, monkeypatch):
+@pytest.mark.parametrize("family, rotation, device", [
+    ("qwen3", "0", "cpu"), ("qwen3", "1", "cpu"), ("gemma3", "0", "cpu"), pytest.param("qwen3", "1", "cuda", marks=CUDA_ONLY)])
+def test_calibrated_moments_are_the_fixed_text_s_queries_and_stay(family, rotation, device, monkeypatch):
     """The engine's calibrated moments are those of the calibration ids' queries as the model's own forward
     computes them (in the pages' basis; a sliding-window model's full layers, over at most one window of
     tokens); serving requests leaves them as they are, and every key is stored with them."""
     monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
     monkeypatch.setenv("ZIPAGE_FP8_ROTATION", rotation)
-    model = tiny_model("qwen3") if family == "qwen3" else tiny_sliding_model("gemma3")
+    model = (tiny_model("qwen3") if family == "qwen3" else tiny_sliding_model("gemma3")).to(device)
     spy = StoreSpy(monkeypatch, zipage.engine.runner)
     llm = LLM(model, budget=None, page_size=4, num_pages=128, kv_cache_dtype="fp8", enable_prefix_caching=False)
     m = llm.runner.query_moments
@@ -487,14 +495,15 @@ def test_calibrated_moments_are_the_fixed_text_s_queries_and_stay(family, rotati
     assert (m.count == limit * g).all() and not any(m.wants(j) for j in range(len(m.tokens)))
     rec = Recorder(model)  # (the model's own forward through SDPA, its queries recorded)
     with torch.no_grad():
-        model(torch.tensor([ids]), use_cache=False)
+        model(torch.tensor([ids], device=device), use_cache=False)
     full = llm.runner.full_index
     assert set(full) == {i for i, _ in rec.calls} - set(llm.runner.window_index) and len(full) == len(m.tokens)
     for layer, q in rec.calls:
         if layer in full:
-            s, sq, n = moments_of(rotated_if(q[0].transpose(0, 1), rotation == "1"), cfg.num_key_value_heads)
-            torch.testing.assert_close(m.sums[full[layer], 0], s, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(m.sums[full[layer], 1], sq, rtol=1e-5, atol=1e-5)
+            s, sq, n = moments_of(rotated_if(q[0].transpose(0, 1).cpu(), rotation == "1"), cfg.num_key_value_heads)
+            tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=1e-3, atol=1e-3)  # (fused kernels)
+            torch.testing.assert_close(m.sums[full[layer], 0].cpu(), s, **tol)
+            torch.testing.assert_close(m.sums[full[layer], 1].cpu(), sq, **tol)
     weights = m.weights.clone()
     spy.calls.clear()
     llm.generate(prompts_of((21, 9), seed=6), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
