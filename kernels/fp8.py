@@ -236,10 +236,11 @@ def query_weights(q_sum: torch.Tensor, q_sq_sum: torch.Tensor, count: torch.Tens
 
 
 def query_weights_mode() -> str:
-    """``ZIPAGE_FP8_QUERY_WEIGHTS``: ``"1"`` (the default: FP8 keys' scale search weighted by the moments of the
-    prompt queries seen so far), ``"calibrated"`` (the engine's moments counted once, at its start, over a fixed
-    text and frozen: zipage/query_moments.py) or ``"0"`` (the plain squared error)."""
-    value = os.environ.get("ZIPAGE_FP8_QUERY_WEIGHTS", "1").strip()
+    """``ZIPAGE_FP8_QUERY_WEIGHTS``: ``"calibrated"`` (the default: FP8 keys' scale search weighted by the moments
+    of a fixed text's queries, which the engine counts once at its start and freezes; ``generate()`` counts its
+    call's own prompts: zipage/query_moments.py), ``"1"`` (the moments of the prompt queries seen so far, in the
+    engine too) or ``"0"`` (the plain squared error)."""
+    value = os.environ.get("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated").strip()
     if value not in ("0", "1", "calibrated"):
         raise ValueError(f"ZIPAGE_FP8_QUERY_WEIGHTS={value!r}: expected 1 (weight FP8 keys' scale search by the "
                          "queries), calibrated (by the queries of a fixed text, counted once at the engine's start) "

@@ -165,11 +165,14 @@ def test_end_to_end_tiny_run(quality, smollm2, tmp_path, monkeypatch):
 
 @needs_real
 @pytest.mark.fp8_scale_search  # (the real model, FP8 pages as shipped)
-def test_smollm2_engine_with_fp8_exact_tails_gives_generates_tokens(smollm2):
+def test_smollm2_engine_with_fp8_exact_tails_gives_generates_tokens(smollm2, monkeypatch):
     """The real model: the engine on FP8 pages with exact_tail=32 (longer than the window: compressions keep
     the tail), compressions included, gives the tokens of generate(cache_implementation="zipage") with the same
-    settings (whole prompts in one chunk)."""
+    settings (whole prompts in one chunk; the keys weighted by the prompt's own queries in both, as generate()
+    weighs them: ZIPAGE_FP8_QUERY_WEIGHTS=1)."""
     from zipage import LLM, SamplingParams
+
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "1")
 
     model, tok = smollm2
     cfg = dict(budget=64, page_size=16, buffer=16, window=16, kv_cache_dtype="fp8", exact_tail=32)

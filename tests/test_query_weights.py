@@ -328,7 +328,9 @@ def test_generate_weighs_keys_by_the_prompt_queries(rotation, tail, monkeypatch)
 def test_engine_weighs_keys_by_the_prompt_queries(rotation, monkeypatch):
     """The engine counts a step's prompt queries before its store, so every key, the first prompt's included,
     is stored with the weights of the prompt queries counted so far (codes and scales as the reference gives
-    them); they are generate()'s for the same prompt, and both give the same tokens."""
+    them); they are generate()'s for the same prompt, and both give the same tokens (ZIPAGE_FP8_QUERY_WEIGHTS=1:
+    the moments that follow the prompts served; the default counts a fixed text once, below)."""
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "1")
     monkeypatch.setenv("ZIPAGE_FP8_ROTATION", rotation)
     model = tiny_model("qwen3")
     spy = StoreSpy(monkeypatch, zipage.engine.runner)
@@ -353,7 +355,8 @@ def test_engine_weighs_keys_by_the_prompt_queries(rotation, monkeypatch):
 
 def test_engine_counts_prompt_queries_of_mixed_steps_only(monkeypatch):
     """A prompt prefilled in steps that also decode another request, in chunks: its queries count, the decoding
-    rows' do not; every key stored is the reference's for its weights."""
+    rows' do not; every key stored is the reference's for its weights (the moments that follow the prompts)."""
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "1")
     model = tiny_model("qwen3")
     spy = StoreSpy(monkeypatch, zipage.engine.runner)
     llm = LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8", enable_prefix_caching=False,
@@ -485,7 +488,8 @@ def test_calibrated_moments_are_the_fixed_text_s_queries_and_stay(family, rotati
     monkeypatch.setenv("ZIPAGE_FP8_ROTATION", rotation)
     model = (tiny_model("qwen3") if family == "qwen3" else tiny_sliding_model("gemma3")).to(device)
     spy = StoreSpy(monkeypatch, zipage.engine.runner)
-    llm = LLM(model, budget=None, page_size=4, num_pages=128, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    llm = LLM(model, budget=None, page_size=4, num_pages=128, kv_cache_dtype="fp8", enable_prefix_caching=False,
+              enforce_eager=True)  # (the spy checks each store on the host: no graph capture)
     m = llm.runner.query_moments
     cfg = model.config
     limit = min(512, getattr(cfg, "sliding_window", None) or 512)
@@ -529,8 +533,33 @@ def test_calibration_ids_come_from_the_tokenizer_or_a_fixed_draw():
         calibration_ids(None, 50, 0)
 
 
-def test_calibrated_weights_need_one_process(monkeypatch):
-    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
-    with pytest.raises(ValueError, match="calibrated is not supported with tensor_parallel_size > 1"):
-        LLM(tiny_model("qwen3"), budget=None, page_size=4, num_pages=16, kv_cache_dtype="fp8",
-            tensor_parallel_size=2)
+def test_a_failing_calibration_falls_back_by_default_and_is_refused_when_asked_for(monkeypatch):
+    """The calibration forward failing partway (here at the second layer, after the first counted its queries):
+    with the mode left to its default, one warning names the error and the moments start from nothing and follow
+    the prompts served; asked for by name, the engine is refused, saying why."""
+    from transformers import AttentionInterface
+
+    runner_mod = zipage.engine.runner
+    runner_mod.register_attention()
+
+    def failing(module, *args, **kwargs):
+        if module.layer_idx == 1:
+            raise ValueError("no calibration at layer 1")
+        return runner_mod.calibration_attention(module, *args, **kwargs)
+
+    AttentionInterface.register(runner_mod.CALIBRATION_NAME, failing)
+    try:
+        monkeypatch.delenv("ZIPAGE_FP8_QUERY_WEIGHTS", raising=False)
+        model = tiny_model("qwen3")
+        with pytest.warns(RuntimeWarning, match="calibration forward failed .*no calibration at layer 1"):
+            llm = LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8")
+        m = llm.runner.query_moments
+        assert (m.count == 0).all() and m.wants(0) and torch.equal(m.weights[0], UNIFORM.expand_as(m.weights[0]))
+        llm.generate(prompts_of((21,), seed=6), SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+        g = model.config.num_attention_heads // model.config.num_key_value_heads
+        assert (m.count == 21 * g).all()
+        monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
+        with pytest.raises(RuntimeError, match="calibrated: the calibration forward failed .*layer 1"):
+            LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8")
+    finally:
+        AttentionInterface.register(runner_mod.CALIBRATION_NAME, runner_mod.calibration_attention)

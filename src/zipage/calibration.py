@@ -1,5 +1,5 @@
 """The fixed text whose prompt queries calibrate FP8 keys' scale search once, at an engine's start
-(``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``; ``zipage/query_moments.py``).
+(``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``, the default; ``zipage/query_moments.py``).
 
 Counted once and frozen, the moments no longer follow the engine's traffic, so a request's FP8 keys are rounded
 the same way whatever ran before or beside it. The text is plain English with some worked arithmetic, the kind of

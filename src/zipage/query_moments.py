@@ -15,13 +15,12 @@ own keys are stored (the engine adds a step's prompt queries before its store; g
 then, once the layer's attention has its queries, stores its keys again with the new weights), so the first
 prompt is weighted by itself. Decode queries are not counted (a graph-captured decode step has padding rows,
 and a prompt's queries describe a head well: moments from other text did almost as well as a sequence's own).
-After ``limit`` query tokens (every row's, padding included) a layer's moments stop changing: in a long-running
-engine they are then fixed, and no more work is spent on them. Until then, which prompts came first moves what
-later keys are rounded by, and so a request's compressions and tokens depend on the engine's other and earlier
-requests (by more than float near-ties: measured in the engine guide). ``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``
-counts a fixed text's queries once at the engine's start and freezes them (``zipage/calibration.py``,
-``ModelRunner.calibrate_query_moments``), and ``ZIPAGE_FP8_QUERY_WEIGHTS=0`` searches by the squared error: either
-makes FP8 results a function of the request alone.
+After ``limit`` query tokens (every row's, padding included) a layer's moments stop changing. Which prompts come
+first would move what later keys are rounded by, and so a request's compressions and tokens would depend on the
+engine's other and earlier requests (by more than float near-ties: measured in the engine guide); so by default
+(``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``) the engine counts a fixed text's queries once, at its start, and freezes
+them (``zipage/calibration.py``, ``ModelRunner.calibrate_query_moments``). ``ZIPAGE_FP8_QUERY_WEIGHTS=1`` lets them
+follow the prompts served, and ``0`` searches by the squared error. ``generate()`` counts its own call's prompts.
 """
 
 from __future__ import annotations
@@ -49,6 +48,14 @@ class QueryMoments:
         self.weights[:, 1] = 1
         self.layer_weights = list(self.weights.unbind(0))
         self.tokens = [0] * layers  # tokens offered to each layer (padding included): host-side, for ``limit``
+
+    def reset(self) -> None:
+        """Back to no query counted: the squared error until the next ``add``."""
+        self.sums.zero_()
+        self.count.zero_()
+        self.weights.zero_()
+        self.weights[:, 1] = 1
+        self.tokens = [0] * len(self.tokens)
 
     def freeze(self) -> None:
         """Stop counting: every layer's moments and weights stay as they are (``wants`` False from now on)."""

@@ -352,9 +352,6 @@ class LLM:
                 "every request in one forward, so a request's tokens would depend on the others'; give "
                 f"max_model_len <= {switching[1]} (or use model.generate())")
         window, sliding = sliding_layers(config)
-        if tensor_parallel_size > 1 and kv_cache_dtype == "fp8" and query_weights_mode() == "calibrated":
-            raise ValueError("ZIPAGE_FP8_QUERY_WEIGHTS=calibrated is not supported with tensor_parallel_size > 1 "
-                             "(its calibration forward runs on one process): use 1 or 0 there")
         if any(sliding) and tensor_parallel_size > 1:
             raise ValueError("tensor_parallel_size > 1 is not supported for models with sliding-window layers "
                              f"({type(model).__name__}): run them on one GPU")
@@ -390,9 +387,11 @@ class LLM:
             runner = driver_runner(self.ranks, model, num_pages, page_size, self.zipage_config, scorer,
                                    scheduler.num_slots, fuse_ops, kv_cache_dtype, exact_tail, kv_rotation)
         if getattr(runner, "query_moments", None) is not None and query_weights_mode() == "calibrated":
-            # FP8 keys weighted by a fixed text's queries, counted once (a sliding layer's window covers it)
+            # FP8 keys weighted by a fixed text's queries, counted once (a sliding layer's window covers it; every
+            # rank counts its heads' in the same forward)
             limit = min(self.max_model_len, QUERY_MOMENTS_LIMIT, window or QUERY_MOMENTS_LIMIT)
-            runner.calibrate_query_moments(calibration_ids(tokenizer, getattr(config, "vocab_size", None), limit))
+            runner.calibrate_query_moments(calibration_ids(tokenizer, getattr(config, "vocab_size", None), limit),
+                                           fallback="ZIPAGE_FP8_QUERY_WEIGHTS" not in os.environ)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)

@@ -805,12 +805,16 @@ class ModelRunner:
         """How many of its last tokens a decoding ``seq`` reads from its ring (itself included)."""
         return min(seq.num_computed - seq.ring_from + 1, self.exact_tail)
 
-    def calibrate_query_moments(self, ids: list[int]) -> None:
+    def calibrate_query_moments(self, ids: list[int], fallback: bool = False) -> None:
         """Count the prompt queries of ``ids`` (one sequence, positions from 0) into the FP8 keys' moments and
-        freeze them (``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``): one forward of the model's own, its attention
-        PyTorch's SDPA with each full-attention layer's queries counted as a prompt's are in an engine step (the
-        fused ops applied, rotated pages' basis); nothing is stored and no page is touched."""
-        if self.query_moments is None:
+        freeze them (``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``, the default): one forward of the model's own, its
+        attention PyTorch's SDPA with each full-attention layer's queries counted as a prompt's are in an engine
+        step (the fused ops applied, rotated pages' basis); nothing is stored and no page is touched. Where the
+        forward fails (a sticky CUDA error aside) and ``fallback`` (the mode not asked for by name), the moments
+        are cleared and follow the prompts the engine serves (as ``ZIPAGE_FP8_QUERY_WEIGHTS=1``), with one
+        warning naming the error; otherwise the error is raised."""
+        m = self.query_moments
+        if m is None:
             raise RuntimeError("calibrate_query_moments: these pages weigh no keys by their queries (FP8 pages "
                                "with the scale search and ZIPAGE_FP8_QUERY_WEIGHTS not 0)")
         cfg = self.config
@@ -823,10 +827,22 @@ class ModelRunner:
                 with torch.inference_mode(), self.fusion.applied():
                     self.model(input_ids=torch.tensor([ids], device=dev), use_cache=False, logits_to_keep=1,
                                position_ids=torch.arange(len(ids), device=dev)[None])
+            except torch.AcceleratorError:
+                raise
+            except Exception as e:
+                if not fallback:
+                    raise RuntimeError(f"ZIPAGE_FP8_QUERY_WEIGHTS=calibrated: the calibration forward failed "
+                                       f"({type(e).__name__}: {e}); set ZIPAGE_FP8_QUERY_WEIGHTS=1 or 0") from e
+                m.reset()
+                warnings.warn(f"FP8 keys' query weights: the calibration forward failed ({type(e).__name__}: {e}); "
+                              "the weights follow the prompts this engine serves instead, so a request's FP8 "
+                              "results may depend on the others' (ZIPAGE_FP8_QUERY_WEIGHTS=1 or 0 silences this)",
+                              RuntimeWarning, stacklevel=3)
+                return
             finally:
                 cfg._attn_implementation_internal = original
                 _context.calibrating = None
-        self.query_moments.freeze()
+        m.freeze()
 
     def _model_call(self, meta: StepMeta, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
         """The model's own forward with the engine attention in place (restored afterwards)."""

@@ -103,6 +103,11 @@ class DriverRunner(ModelRunner):
             self._share_feed(decode, feed)
             return super().decode_with_graph(decode, feed)
 
+    def calibrate_query_moments(self, ids, fallback=False):
+        with self.ranks.guard("the query weights' calibration"):
+            self.ranks.send(("calibrate", ids, fallback))
+            super().calibrate_query_moments(ids, fallback)
+
     def capture_graphs(self, max_batch: int, table_width: int) -> None:
         with self.ranks.guard("the CUDA graph capture"):
             self.ranks.send(("capture", max_batch, table_width))
@@ -201,6 +206,8 @@ def serve(ranks: Ranks, model: torch.nn.Module) -> None:
                 raise RuntimeError("rank 0 replayed a decode graph this rank does not have")
         elif kind == "capture":
             runner.capture_graphs(message[1], message[2])
+        elif kind == "calibrate":
+            runner.calibrate_query_moments(message[1], message[2])
         elif kind == "compress":
             _, seqs, dst_pages, first = message
             runner.compress([Replica.unpack(s) for s in seqs], dst_pages, first)
