@@ -112,6 +112,9 @@
 #              graphs' test, the query weights' GPU tests (calibrated once: ZIPAGE_FP8_QUERY_WEIGHTS=calibrated),
 #              then the probe with every cuDNN plan timed (CudnnPrefill(autotune=True)) and the baseline, default
 #              plan and fastest plan alternated three times a case
+#   PART=s54b   session 54: with FP8 keys' query weights calibrated once by default, the GPU tests of the FP8 engine,
+#              query weights, exact tails, rotated pages and sliding layers; then zipage-2048-fp8 (Qwen3-8B shapes,
+#              KV_GIB of KV, TIME_LIMIT s) with the calibrated default and with ZIPAGE_FP8_QUERY_WEIGHTS=1
 #   PART=s53    session 53: s52's probe again (its JSON), the cuDNN GPU tests, then the engine's time to first token
 #              paged kernel against cuDNN's ragged route after a warm-up run, in the order A B B A, on ragged prompts
 #              (512-4,096) and on 32 prompts of 4,096; then engine GPU tests with ZIPAGE_FRESH_PREFILL=cudnn
@@ -539,6 +542,16 @@ print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), t
       | tee "$OUT/gpu_tests_s54_query_weights.log" | tail -3  # (FP8 keys' query weights, calibrated ones among them)
     timeout "${PROBE_LIMIT:-200}" python3 benchmarks/cudnn_prefill_probe.py --out "$OUT/cudnn_prefill_probe.json" 2>&1 \
       | tee "$OUT/cudnn_prefill_probe.log" | tail -16 ;;
+  s54b)  # session 54: the FP8 engine's GPU tests with the calibrated query weights, then its throughput both ways
+    timeout "${TEST_LIMIT:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_query_weights.py \
+      tests/test_fp8_engine.py tests/test_exact_tail_engine.py tests/test_kv_rotation.py tests/test_sliding_engine.py \
+      2>&1 | tee "$OUT/gpu_tests_s54b.log" | tail -4
+    for weights in calibrated 1; do
+      echo -n "ZIPAGE_FP8_QUERY_WEIGHTS=$weights: "
+      ZIPAGE_FP8_QUERY_WEIGHTS=$weights timeout 150 python3 benchmarks/throughput.py --model qwen3-8b --requests 512 \
+        --max-num-seqs 512 --max-tokens 4096 --kv-gib "${KV_GIB:-50}" --time-limit "${TIME_LIMIT:-60}" \
+        --systems zipage-2048-fp8 --out "$OUT/throughput_qwen3-8b_fp8_weights_$weights.json" 2>&1 | tail -1
+    done ;;
   s53b)  # session 53: what a graph build costs, three ways (the frontend's wheel carried in .whl/); SKIP_BUILDS=1:
     # the engine runs only
     cudnn_frontend
