@@ -164,15 +164,20 @@ def test_full_kv_quality_row_takes_the_newest_reports_and_names_each_setting(tmp
     assert "| pass |" in row and "+0.48" in row and "earlier" not in row, row
 
 
-def _probe(folder, ratios, ok=True):
-    """A cuDNN ragged-route probe (benchmarks/cudnn_prefill_probe.py's JSON) with these ratios on 1,024-token cases."""
+def _probe(folder, ratios, ok=True, alternated=None):
+    """A cuDNN ragged-route probe (benchmarks/cudnn_prefill_probe.py's JSON) with these ratios on 1,024-token cases
+    (and these alternated ones, where given)."""
     rows = [dict(case=f"prompt 1024 x{i}", lens=[1024] * 2, baseline_ms=1.0, best_baseline_ms=1.0, triton_ms=1.5,
                  ratio_triton=0.67, cudnn_ms=1.0 / x, cudnn_host_us=90.0, first_call_ms=40.0 + i, ok=ok,
                  ratio_cudnn=x) for i, x in enumerate(ratios)]
+    for row, alt in zip(rows, alternated or []):
+        row.update(alt_ratio_cudnn=alt, alt_ratio_tuned=alt + 0.01, tuned_ok=True)
     rows.append(dict(case="prompt 128 x16", lens=[128] * 16, baseline_ms=1.0, best_baseline_ms=1.0, triton_ms=1.0,
                      ratio_triton=1.0, cudnn_ms=2.0, cudnn_host_us=90.0, first_call_ms=900.0, ok=True,
                      ratio_cudnn=0.5))  # (below the target's prompts: not counted)
-    path = folder / "issue15" / "s53" / "s53" / "cudnn_prefill_probe.json"
+    from zipage.bench.prefill_report import CUDNN_PROBE
+
+    path = folder / CUDNN_PROBE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(info=dict(device="NVIDIA H100 80GB HBM3", torch="2.11", backend=91900,
                                               frontend="1.32.0", extra={}), rows=rows)))
@@ -198,20 +203,24 @@ def test_prefill_target_reads_the_ragged_route_probe(tmp_path):
            "agreeing" in row and "| pass with cuDNN's ragged route" in row  # (not the 128-token case's 0.5x)
     assert "**miss** for the Triton kernel alone" in row and "0.67-0.67x in the same probe" in row
     _probe(tmp_path, [1.3, 0.995])
-    assert "| **miss**, at parity with cuDNN's ragged route (prompt 1024 x1: 0.995x where both sides run " \
-           "cuDNN's kernel" in prefill_row()
+    assert "| **miss**, at parity with cuDNN's ragged route (1 of 2 cases below 1.0x, the lowest prompt 1024 x1: " \
+           "0.995x where both sides run cuDNN's kernel" in prefill_row()
+    _probe(tmp_path, [1.3, 1.01], alternated=[1.29, 0.993])  # (a case's alternated median lower than its window)
+    assert "0.993-1.29x (H100)" in prefill_row() and "the lowest prompt 1024 x1: 0.993x" in prefill_row()
+    table = "\n".join(cudnn_rows(tmp_path))
+    assert "| prompt 1024 x1 | 1.000 | 0.67x (1.500 ms) | 1.010x (0.990 ms) | 0.993x / 1.003x | 90 | yes |" in table
     _probe(tmp_path, [0.95, 1.3])
     assert "| **miss** (prompt 1024 x0: 0.950x with cuDNN's ragged route) |" in prefill_row()
     _probe(tmp_path, [1.2, 1.3], ok=False)
     assert "a case failing or disagreeing" in prefill_row() and "**miss**: a probe case failed" in prefill_row()
     table = "\n".join(cudnn_rows(tmp_path))
-    assert "| prompt 1024 x0 | 1.000 | 0.67x (1.500 ms) | 1.20x (0.833 ms) | 90 | **no** |" in table
+    assert "| prompt 1024 x0 | 1.000 | 0.67x (1.500 ms) | 1.200x (0.833 ms) | - | 90 | **no** |" in table
 
 
 def test_ragged_route_section_leaves_out_what_its_files_lack(tmp_path):
     """The cuDNN section: a graph-build run whose min_bucket part failed for a bucket (an "error" entry), runs
     without modes, a probe row without timings: the page says what failed and renders the rest, never crashes."""
-    from zipage.bench.prefill_report import CUDNN_BUILDS, CUDNN_RUN, cudnn_rows
+    from zipage.bench.prefill_report import CUDNN_BUILDS, CUDNN_PROBE, CUDNN_RUN, cudnn_rows
 
     _probe(tmp_path, [1.2])
     builds = tmp_path / CUDNN_RUN / CUDNN_BUILDS
@@ -223,8 +232,8 @@ def test_ragged_route_section_leaves_out_what_its_files_lack(tmp_path):
     assert "Graphs from S_max 4,096 failed" in page
     builds.write_text(json.dumps(dict(keys=[])))
     assert "What a graph costs" not in "\n".join(cudnn_rows(tmp_path))
-    probe = tmp_path / CUDNN_RUN / "s53" / "cudnn_prefill_probe.json"
+    probe = tmp_path / CUDNN_PROBE
     d = json.loads(probe.read_text())
     d["rows"][0] = dict(case="prompt 1024 x0", lens=[1024], baseline_ms=1.0, error="graph failed")
     probe.write_text(json.dumps(d))
-    assert "| prompt 1024 x0 | 1.000 | - | failed | - | - |" in "\n".join(cudnn_rows(tmp_path))
+    assert "| prompt 1024 x0 | 1.000 | - | failed | - | - | - |" in "\n".join(cudnn_rows(tmp_path))
