@@ -492,7 +492,7 @@ def test_calibrated_moments_are_the_fixed_text_s_queries_and_stay(family, rotati
               enforce_eager=True)  # (the spy checks each store on the host: no graph capture)
     m = llm.runner.query_moments
     cfg = model.config
-    limit = min(512, getattr(cfg, "sliding_window", None) or 512)
+    limit = 512  # (the tiny models' positions; past a sliding model's window of 6)
     ids = calibration_ids(None, cfg.vocab_size, limit)
     assert len(ids) == limit and ids == calibration_ids(None, cfg.vocab_size, limit)  # (fixed)
     g = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -518,8 +518,8 @@ def test_calibrated_moments_are_the_fixed_text_s_queries_and_stay(family, rotati
 
 def test_calibration_ids_come_from_the_tokenizer_or_a_fixed_draw():
     class Tok:
-        def __call__(self, text, add_special_tokens=True):
-            assert text == CALIBRATION_TEXT and not add_special_tokens
+        def __call__(self, text, add_special_tokens=True):  # (a prompt's tokenization: its specials added)
+            assert text == CALIBRATION_TEXT and add_special_tokens
             return {"input_ids": list(range(len(text.split())))}
 
     words = len(CALIBRATION_TEXT.split())
@@ -563,3 +563,36 @@ def test_a_failing_calibration_falls_back_by_default_and_is_refused_when_asked_f
             LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8")
     finally:
         AttentionInterface.register(runner_mod.CALIBRATION_NAME, runner_mod.calibration_attention)
+
+
+def test_calibration_runs_the_model_s_own_attention_sinks_included(monkeypatch):
+    """A model whose attention has learned sink logits and runs eager (GPT-OSS): the calibration forward goes
+    through the model's own eager attention, so each full layer's queries, which follow the earlier layers'
+    outputs, are those of the model's own forward (recorded from its modeling module's eager attention)."""
+    import sys
+
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
+    model = tiny_sliding_model("gpt_oss")
+    llm = LLM(model, budget=None, page_size=4, num_pages=128, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    m, full = llm.runner.query_moments, llm.runner.full_index
+    attn = next(mod for mod in model.modules() if getattr(mod, "sinks", None) is not None)
+    modeling = sys.modules[type(attn).__module__]
+    real, calls = modeling.eager_attention_forward, []
+
+    def recorded(module, query, *args, **kwargs):
+        calls.append((module.layer_idx, query.detach().clone()))
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recorded)
+    cfg = model.config
+    ids = calibration_ids(None, cfg.vocab_size, 512)
+    with torch.no_grad():
+        model(torch.tensor([ids]), use_cache=False)
+    assert (m.count == len(ids) * cfg.num_attention_heads // cfg.num_key_value_heads).all()
+    later = [(layer, q) for layer, q in calls if layer in full and layer > min(full)]
+    assert later  # (a full layer after another layer: its queries depend on the sinks before it)
+    for layer, q in calls:
+        if layer in full:
+            s, sq, n = moments_of(q[0].transpose(0, 1), cfg.num_key_value_heads)
+            torch.testing.assert_close(m.sums[full[layer], 0], s, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(m.sums[full[layer], 1], sq, rtol=1e-5, atol=1e-5)

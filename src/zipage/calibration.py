@@ -57,12 +57,13 @@ slightly too large, as expected since we ignored a positive term. Therefore the 
 
 def calibration_ids(tokenizer, vocab_size: int, limit: int) -> list[int]:
     """The calibration prompt's token ids, at most ``limit`` of them: :data:`CALIBRATION_TEXT` through
-    ``tokenizer`` (no special tokens added), or without one 512 ids drawn from ``range(vocab_size)`` by a
-    fixed seed."""
+    ``tokenizer`` as a prompt is tokenized (its special tokens added: a BOS where the tokenizer adds one), or
+    without one 512 ids drawn from ``range(vocab_size)`` by a fixed seed (so an engine built from a model object
+    without its tokenizer calibrates on other ids than one built by name)."""
     if limit < 1:
         raise ValueError(f"calibration_ids: limit={limit}: expected at least one token")
     if tokenizer is not None:
-        ids = list(tokenizer(CALIBRATION_TEXT, add_special_tokens=False)["input_ids"])
+        ids = list(tokenizer(CALIBRATION_TEXT)["input_ids"])
         if ids:
             return ids[:limit]
     if not vocab_size or vocab_size < 1:

@@ -19,6 +19,7 @@ import itertools
 import numbers
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence as Seq
 from typing import Any
@@ -387,11 +388,24 @@ class LLM:
             runner = driver_runner(self.ranks, model, num_pages, page_size, self.zipage_config, scorer,
                                    scheduler.num_slots, fuse_ops, kv_cache_dtype, exact_tail, kv_rotation)
         if getattr(runner, "query_moments", None) is not None and query_weights_mode() == "calibrated":
-            # FP8 keys weighted by a fixed text's queries, counted once (a sliding layer's window covers it; every
-            # rank counts its heads' in the same forward)
-            limit = min(self.max_model_len, QUERY_MOMENTS_LIMIT, window or QUERY_MOMENTS_LIMIT)
-            runner.calibrate_query_moments(calibration_ids(tokenizer, getattr(config, "vocab_size", None), limit),
-                                           fallback="ZIPAGE_FP8_QUERY_WEIGHTS" not in os.environ)
+            # FP8 keys weighted by a fixed text's queries, counted once (every rank counts its heads' in the same
+            # forward); the positions the model has, whatever max_model_len says
+            positions = next((getattr(config, a) for a in ("max_position_embeddings", "max_target_positions",
+                                                           "n_positions") if getattr(config, a, None)), None)
+            limit = min(self.max_model_len, QUERY_MOMENTS_LIMIT, positions or QUERY_MOMENTS_LIMIT)
+            # (left to its default on one process, a failing calibration falls back with a warning; asked for by
+            # name, or on several ranks, which could not agree on falling back, it refuses to start)
+            fallback = "ZIPAGE_FP8_QUERY_WEIGHTS" not in os.environ and self.ranks is None
+            try:
+                ids = calibration_ids(tokenizer, getattr(config, "vocab_size", None), limit)
+            except Exception as e:
+                if not fallback:
+                    raise
+                ids = None
+                warnings.warn(f"FP8 keys' query weights: no calibration text ({type(e).__name__}: {e}); the weights "
+                              "follow the prompts this engine serves instead", RuntimeWarning, stacklevel=2)
+            if ids is not None:
+                runner.calibrate_query_moments(ids, fallback=fallback)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)

@@ -437,9 +437,10 @@ def _prefill_with_exact_tails(meta: StepMeta, q, k, v, before, kp, vp, ks, vs, r
 
 
 def calibration_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers attention function for :meth:`ModelRunner.calibrate_query_moments`: PyTorch's SDPA (masks
-    as transformers makes them for SDPA, sliding windows included), each full-attention layer's queries counted
-    into the runner's moments first, in the pages' basis."""
+    """transformers attention function for :meth:`ModelRunner.calibrate_query_moments`: each full-attention
+    layer's queries counted into the runner's moments (in the pages' basis), then the model's own attention (its
+    configured implementation, with the masks transformers makes for it: sliding windows, softcaps and sinks as the
+    model computes them)."""
     r = getattr(_context, "calibrating", None)
     if r is None:
         raise RuntimeError(f"{type(module).__name__} of layer {module.layer_idx} was called with the engine's "
@@ -450,9 +451,31 @@ def calibration_attention(module, query, key, value, attention_mask, **kwargs):
         if r.rotation is not None:
             q = rotate(q, r.rotation, q.dtype)
         r.query_moments.add(r.full_index[layer], q)
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return _own_attention(module, _context.calibration_of)(module, query, key, value, attention_mask, **kwargs)
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+def _own_attention(module: torch.nn.Module, name: str):
+    """The attention function of the model's implementation ``name``: transformers' registered one, or for
+    "eager" (or a name transformers does not register) the modeling module's ``eager_attention_forward``."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"the query weights' calibration found no {name!r} attention for "
+                                  f"{type(module).__name__} (its modeling module has no eager_attention_forward)")
+    return eager
+
+
+def _own_masks(name: str):
+    """The mask function transformers makes masks with for the implementation ``name`` (eager's for others)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    return ALL_MASK_ATTENTION_FUNCTIONS[name] if name != "eager" and name in ALL_MASK_ATTENTION_FUNCTIONS \
+        else eager_mask
 
 
 _registered = False
@@ -461,12 +484,10 @@ _registered = False
 def register_attention() -> None:
     global _registered
     if not _registered:
-        from transformers.masking_utils import sdpa_mask
-        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers import AttentionInterface
 
         AttentionInterface.register(ATTENTION_NAME, engine_attention)
         AttentionInterface.register(CALIBRATION_NAME, calibration_attention)
-        AttentionMaskInterface.register(CALIBRATION_NAME, sdpa_mask)
         _registered = True
 
 
@@ -807,9 +828,9 @@ class ModelRunner:
 
     def calibrate_query_moments(self, ids: list[int], fallback: bool = False) -> None:
         """Count the prompt queries of ``ids`` (one sequence, positions from 0) into the FP8 keys' moments and
-        freeze them (``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``, the default): one forward of the model's own, its
-        attention PyTorch's SDPA with each full-attention layer's queries counted as a prompt's are in an engine
-        step (the fused ops applied, rotated pages' basis); nothing is stored and no page is touched. Where the
+        freeze them (``ZIPAGE_FP8_QUERY_WEIGHTS=calibrated``, the default): one forward of the model's own, through
+        its own attention implementation, with each full-attention layer's queries counted as a prompt's are in an
+        engine step (the fused ops applied, rotated pages' basis); nothing is stored and no page is touched. Where the
         forward fails (a sticky CUDA error aside) and ``fallback`` (the mode not asked for by name), the moments
         are cleared and follow the prompts the engine serves (as ``ZIPAGE_FP8_QUERY_WEIGHTS=1``), with one
         warning naming the error; otherwise the error is raised."""
@@ -821,9 +842,13 @@ class ModelRunner:
         dev = self.device
         with self._forward_lock:
             original = cfg._attn_implementation
-            _context.calibrating = self
-            cfg._attn_implementation_internal = CALIBRATION_NAME
             try:
+                from transformers import AttentionMaskInterface
+
+                AttentionMaskInterface.register(CALIBRATION_NAME, _own_masks(original))  # (the model's own masks)
+                _context.calibration_of = original
+                _context.calibrating = self
+                cfg._attn_implementation_internal = CALIBRATION_NAME
                 with torch.inference_mode(), self.fusion.applied():
                     self.model(input_ids=torch.tensor([ids], device=dev), use_cache=False, logits_to_keep=1,
                                position_ids=torch.arange(len(ids), device=dev)[None])
@@ -841,7 +866,7 @@ class ModelRunner:
                 return
             finally:
                 cfg._attn_implementation_internal = original
-                _context.calibrating = None
+                _context.calibrating = _context.calibration_of = None
         m.freeze()
 
     def _model_call(self, meta: StepMeta, input_ids, position_ids, logits_to_keep) -> torch.Tensor:
