@@ -596,3 +596,29 @@ def test_calibration_runs_the_model_s_own_attention_sinks_included(monkeypatch):
             s, sq, n = moments_of(q[0].transpose(0, 1), cfg.num_key_value_heads)
             torch.testing.assert_close(m.sums[full[layer], 0], s, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(m.sums[full[layer], 1], sq, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_runs_a_registered_implementation_under_its_own_name(monkeypatch):
+    """A model on an attention implementation registered by name (as flash attention's is): the calibration
+    forward calls it with the masks made for it, and it sees its own name in the config (flash attention's
+    loader reads it), not the engine's; the moments are those of the queries it was given."""
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
+    model = tiny_model("qwen3")
+    rec = Recorder(model)
+    seen = []
+    real = rec.__call__
+
+    def call(module, *args, **kwargs):
+        seen.append(module.config._attn_implementation)
+        return real(module, *args, **kwargs)
+
+    AttentionInterface.register(f"record_queries_{id(rec)}", call)
+    llm = LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    m, cfg = llm.runner.query_moments, model.config
+    assert seen and set(seen) == {f"record_queries_{id(rec)}"}
+    calibration = [(layer, q) for layer, q in rec.calls if q.shape[2] == 512]  # (not the position probe's 3 tokens)
+    assert len(calibration) == cfg.num_hidden_layers
+    for layer, q in calibration:
+        s, sq, n = moments_of(q[0].transpose(0, 1), cfg.num_key_value_heads)
+        torch.testing.assert_close(m.sums[layer, 0], s, rtol=1e-5, atol=1e-5)
+        assert m.count[layer] == n

@@ -390,8 +390,8 @@ class LLM:
         if getattr(runner, "query_moments", None) is not None and query_weights_mode() == "calibrated":
             # FP8 keys weighted by a fixed text's queries, counted once (every rank counts its heads' in the same
             # forward); the positions the model has, whatever max_model_len says
-            positions = next((getattr(config, a) for a in ("max_position_embeddings", "max_target_positions",
-                                                           "n_positions") if getattr(config, a, None)), None)
+            positions = next((int(getattr(config, a)) for a in ("max_position_embeddings", "max_target_positions",
+                                                                "n_positions") if getattr(config, a, None)), None)
             limit = min(self.max_model_len, QUERY_MOMENTS_LIMIT, positions or QUERY_MOMENTS_LIMIT)
             # (left to its default on one process, a failing calibration falls back with a warning; asked for by
             # name, or on several ranks, which could not agree on falling back, it refuses to start)

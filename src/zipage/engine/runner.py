@@ -32,6 +32,7 @@ import torch
 
 from .. import environment
 from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
+from ..capture import _original_function
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import cudnn_prefill, kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
@@ -451,23 +452,13 @@ def calibration_attention(module, query, key, value, attention_mask, **kwargs):
         if r.rotation is not None:
             q = rotate(q, r.rotation, q.dtype)
         r.query_moments.add(r.full_index[layer], q)
-    return _own_attention(module, _context.calibration_of)(module, query, key, value, attention_mask, **kwargs)
-
-
-def _own_attention(module: torch.nn.Module, name: str):
-    """The attention function of the model's implementation ``name``: transformers' registered one, or for
-    "eager" (or a name transformers does not register) the modeling module's ``eager_attention_forward``."""
-    import sys
-
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
-        return ALL_ATTENTION_FUNCTIONS[name]
-    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if eager is None:
-        raise NotImplementedError(f"the query weights' calibration found no {name!r} attention for "
-                                  f"{type(module).__name__} (its modeling module has no eager_attention_forward)")
-    return eager
+    own = _context.calibration_of
+    cfg = getattr(module, "config", None) or r.config
+    cfg._attn_implementation_internal = own  # (functions that read the name, flash attention's loader, see its own)
+    try:
+        return _original_function(module, own)(module, query, key, value, attention_mask, **kwargs)
+    finally:
+        cfg._attn_implementation_internal = CALIBRATION_NAME
 
 
 def _own_masks(name: str):
@@ -478,16 +469,23 @@ def _own_masks(name: str):
         else eager_mask
 
 
+def calibration_masks(*args, **kwargs):
+    """The masks of the calibrating thread's model: those its own implementation takes (per thread, so two engines
+    calibrating at once in two threads each get their own)."""
+    return _own_masks(_context.calibration_of)(*args, **kwargs)
+
+
 _registered = False
 
 
 def register_attention() -> None:
     global _registered
     if not _registered:
-        from transformers import AttentionInterface
+        from transformers import AttentionInterface, AttentionMaskInterface
 
         AttentionInterface.register(ATTENTION_NAME, engine_attention)
         AttentionInterface.register(CALIBRATION_NAME, calibration_attention)
+        AttentionMaskInterface.register(CALIBRATION_NAME, calibration_masks)
         _registered = True
 
 
@@ -843,10 +841,7 @@ class ModelRunner:
         with self._forward_lock:
             original = cfg._attn_implementation
             try:
-                from transformers import AttentionMaskInterface
-
-                AttentionMaskInterface.register(CALIBRATION_NAME, _own_masks(original))  # (the model's own masks)
-                _context.calibration_of = original
+                _context.calibration_of = original  # (its own attention and masks: calibration_attention, calibration_masks)
                 _context.calibrating = self
                 cfg._attn_implementation_internal = CALIBRATION_NAME
                 with torch.inference_mode(), self.fusion.applied():
