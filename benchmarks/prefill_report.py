@@ -293,8 +293,8 @@ def cudnn_rows(results: Path) -> list[str]:
              "against the baseline's fastest formulation; the host time is one call's, queued. `alternated`: the "
              "baseline, the route and the route with its fastest plan (below) timed in turn, three rounds of 60 ms "
              "each, medians.", "",
-             "| case | baseline ms | Triton kernel | cuDNN, ragged | alternated: route / fastest plan | host µs a call "
-             "| agrees |",
+             "| case | baseline ms | Triton kernel | cuDNN, ragged | alternated: route / fastest plan "
+             "| host µs a call | agrees |",
              "|---|---|---|---|---|---|---|"]
     timed = []
     for r in d["rows"]:

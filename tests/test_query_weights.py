@@ -479,7 +479,8 @@ def test_calibrated_weights_round_a_request_s_keys_whatever_ran_before(device, m
 
 
 @pytest.mark.parametrize("family, rotation, device", [
-    ("qwen3", "0", "cpu"), ("qwen3", "1", "cpu"), ("gemma3", "0", "cpu"), pytest.param("qwen3", "1", "cuda", marks=CUDA_ONLY)])
+    ("qwen3", "0", "cpu"), ("qwen3", "1", "cpu"), ("gemma3", "0", "cpu"),
+    pytest.param("qwen3", "1", "cuda", marks=CUDA_ONLY)])
 def test_calibrated_moments_are_the_fixed_text_s_queries_and_stay(family, rotation, device, monkeypatch):
     """The engine's calibrated moments are those of the calibration ids' queries as the model's own forward
     computes them (in the pages' basis; a sliding-window model's full layers, over at most one window of

@@ -841,7 +841,8 @@ class ModelRunner:
         with self._forward_lock:
             original = cfg._attn_implementation
             try:
-                _context.calibration_of = original  # (its own attention and masks: calibration_attention, calibration_masks)
+                # (its own attention and masks: calibration_attention, calibration_masks)
+                _context.calibration_of = original
                 _context.calibrating = self
                 cfg._attn_implementation_internal = CALIBRATION_NAME
                 with torch.inference_mode(), self.fusion.applied():
