@@ -176,9 +176,7 @@ class CudnnPrefill:
                     raise RuntimeError("CudnnPrefill(autotune=True) times plans on a call's inputs, with cuDNN "
                                        "frontend 1.32 or later (pygraph.select_plan)")
                 g.select_plan(self._fastest_plan(g, tensors, key, pack_of))  # (pinned: build_plans builds it)
-                g.build_plans()
-            else:
-                g.build_plans()
+            g.build_plans()
             engine = getattr(g, "selected_engine", None)
             if engine is not None:  # (only cuDNN's own engines are known to honour offsets with gaps between rows)
                 raise RuntimeError(f"the cuDNN frontend chose its Python engine {getattr(engine, 'name', engine)!r} "

@@ -623,3 +623,33 @@ def test_calibration_runs_a_registered_implementation_under_its_own_name(monkeyp
         s, sq, n = moments_of(q[0].transpose(0, 1), cfg.num_key_value_heads)
         torch.testing.assert_close(m.sums[layer, 0], s, rtol=1e-5, atol=1e-5)
         assert m.count[layer] == n
+
+
+def test_no_calibration_text_falls_back_by_default_and_is_refused_when_asked_for(monkeypatch):
+    """No tokenizer and no vocab size to draw ids from: left to its default, one warning and the runner is not
+    calibrated (its moments follow the prompts); asked for by name, or on several ranks, the error is raised."""
+    from types import SimpleNamespace
+
+    from zipage.calibration import calibrate_engine
+
+    class Runner:
+        calls = []
+
+        def calibrate_query_moments(self, ids, fallback=False):
+            Runner.calls.append((ids, fallback))
+
+    config = SimpleNamespace(max_position_embeddings=64, vocab_size=None)
+    monkeypatch.delenv("ZIPAGE_FP8_QUERY_WEIGHTS", raising=False)
+    with pytest.warns(RuntimeWarning, match="no calibration text .*no tokenizer and no vocab_size"):
+        calibrate_engine(Runner(), None, config, 1 << 30, single_process=True)
+    assert Runner.calls == []
+    with pytest.raises(ValueError, match="no tokenizer and no vocab_size"):
+        calibrate_engine(Runner(), None, config, 1 << 30, single_process=False)
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
+    with pytest.raises(ValueError, match="no tokenizer and no vocab_size"):
+        calibrate_engine(Runner(), None, config, 1 << 30, single_process=True)
+    config.vocab_size = 50  # (the ids: at most the model's 64 positions, and the fallback only by default)
+    calibrate_engine(Runner(), None, config, 1 << 30, single_process=True)
+    monkeypatch.delenv("ZIPAGE_FP8_QUERY_WEIGHTS")
+    calibrate_engine(Runner(), None, config, 40, single_process=True)
+    assert [(len(ids), fallback) for ids, fallback in Runner.calls] == [(64, False), (40, True)]

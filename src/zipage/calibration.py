@@ -9,6 +9,9 @@ instead.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 CALIBRATION_TEXT = """\
@@ -70,3 +73,26 @@ def calibration_ids(tokenizer, vocab_size: int, limit: int) -> list[int]:
         raise ValueError("calibration_ids: no tokenizer and no vocab_size to draw token ids from")
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab_size, (min(512, limit),), generator=gen).tolist()
+
+
+def calibrate_engine(runner, tokenizer, config, max_model_len: int, single_process: bool) -> None:
+    """At an engine's start, with FP8 keys weighted by a fixed text's queries (``runner.query_moments`` set and
+    ``ZIPAGE_FP8_QUERY_WEIGHTS`` calibrated): count :func:`calibration_ids` (at most the model's positions, whatever
+    ``max_model_len`` says) and freeze them (``runner.calibrate_query_moments``; every rank counts its heads' in the
+    same forward). Left to its default on one process, a failure falls back to the moments of the prompts served,
+    with a warning; asked for by name, or on several ranks (which could not agree on falling back), it raises."""
+    from .query_moments import LIMIT
+
+    positions = next((int(getattr(config, a)) for a in ("max_position_embeddings", "max_target_positions",
+                                                        "n_positions") if getattr(config, a, None)), None)
+    limit = min(max_model_len, LIMIT, positions or LIMIT)
+    fallback = "ZIPAGE_FP8_QUERY_WEIGHTS" not in os.environ and single_process
+    try:
+        ids = calibration_ids(tokenizer, getattr(config, "vocab_size", None), limit)
+    except Exception as e:
+        if not fallback:
+            raise
+        warnings.warn(f"FP8 keys' query weights: no calibration text ({type(e).__name__}: {e}); the weights follow "
+                      "the prompts this engine serves instead", RuntimeWarning, stacklevel=3)
+        return
+    runner.calibrate_query_moments(ids, fallback=fallback)

@@ -19,7 +19,6 @@ import itertools
 import numbers
 import os
 import time
-import warnings
 import weakref
 from collections.abc import Iterator, Sequence as Seq
 from typing import Any
@@ -28,14 +27,13 @@ import torch
 
 from ..attention_checks import check_engine_config, sliding_layers
 from ..cache import check_model_config
-from ..calibration import calibration_ids
+from ..calibration import calibrate_engine
 from ..config import ZipageConfig, check_kv_cache_dtype, check_kv_rotation
 from .. import environment
 from ..environment import check_environment
-from ..memory.block_manager import BlockManager
 from ..kernels.fp8 import query_weights_mode
+from ..memory.block_manager import BlockManager
 from ..memory.window_blocks import WindowBlocks
-from ..query_moments import LIMIT as QUERY_MOMENTS_LIMIT
 from ..scoring import get_scorer
 from .core import EngineCore
 from .inputs import as_prompt_list, chat_conversations, check_request, render_chat, resolve_budget, tokenize
@@ -388,24 +386,7 @@ class LLM:
             runner = driver_runner(self.ranks, model, num_pages, page_size, self.zipage_config, scorer,
                                    scheduler.num_slots, fuse_ops, kv_cache_dtype, exact_tail, kv_rotation)
         if getattr(runner, "query_moments", None) is not None and query_weights_mode() == "calibrated":
-            # FP8 keys weighted by a fixed text's queries, counted once (every rank counts its heads' in the same
-            # forward); the positions the model has, whatever max_model_len says
-            positions = next((int(getattr(config, a)) for a in ("max_position_embeddings", "max_target_positions",
-                                                                "n_positions") if getattr(config, a, None)), None)
-            limit = min(self.max_model_len, QUERY_MOMENTS_LIMIT, positions or QUERY_MOMENTS_LIMIT)
-            # (left to its default on one process, a failing calibration falls back with a warning; asked for by
-            # name, or on several ranks, which could not agree on falling back, it refuses to start)
-            fallback = "ZIPAGE_FP8_QUERY_WEIGHTS" not in os.environ and self.ranks is None
-            try:
-                ids = calibration_ids(tokenizer, getattr(config, "vocab_size", None), limit)
-            except Exception as e:
-                if not fallback:
-                    raise
-                ids = None
-                warnings.warn(f"FP8 keys' query weights: no calibration text ({type(e).__name__}: {e}); the weights "
-                              "follow the prompts this engine serves instead", RuntimeWarning, stacklevel=2)
-            if ids is not None:
-                runner.calibrate_query_moments(ids, fallback=fallback)
+            calibrate_engine(runner, tokenizer, config, self.max_model_len, single_process=self.ranks is None)
         gen = getattr(model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
         eos = eos if eos is not None else getattr(config, "eos_token_id", None)

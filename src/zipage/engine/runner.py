@@ -858,7 +858,7 @@ class ModelRunner:
                 warnings.warn(f"FP8 keys' query weights: the calibration forward failed ({type(e).__name__}: {e}); "
                               "the weights follow the prompts this engine serves instead, so a request's FP8 "
                               "results may depend on the others' (ZIPAGE_FP8_QUERY_WEIGHTS=1 or 0 silences this)",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=4)
                 return
             finally:
                 cfg._attn_implementation_internal = original
