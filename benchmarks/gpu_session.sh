@@ -115,6 +115,8 @@
 #   PART=s54b   session 54: with FP8 keys' query weights calibrated once by default, the GPU tests of the FP8 engine,
 #              query weights, exact tails, rotated pages and sliding layers; then zipage-2048-fp8 (Qwen3-8B shapes,
 #              KV_GIB of KV, TIME_LIMIT s) with the calibrated default and with ZIPAGE_FP8_QUERY_WEIGHTS=1
+#   PART=s55    session 55: s54b's GPU tests after the calibration's final form, with the
+#              cuDNN frontend; then the FP8 pair on an H200, else zipage-2048-fp8 with both query-weight modes
 #   PART=s53    session 53: s52's probe again (its JSON), the cuDNN GPU tests, then the engine's time to first token
 #              paged kernel against cuDNN's ragged route after a warm-up run, in the order A B B A, on ragged prompts
 #              (512-4,096) and on 32 prompts of 4,096; then engine GPU tests with ZIPAGE_FRESH_PREFILL=cudnn
@@ -552,6 +554,21 @@ print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), t
         --max-num-seqs 512 --max-tokens 4096 --kv-gib "${KV_GIB:-50}" --time-limit "${TIME_LIMIT:-60}" \
         --systems zipage-2048-fp8 --out "$OUT/throughput_qwen3-8b_fp8_weights_$weights.json" 2>&1 | tail -1
     done ;;
+  s55)  # session 55: the calibration's final form (the model's own attention, per-thread masks) on a GPU: s54b's
+    # tests with the cuDNN frontend installed; then on an H200 the issue's FP8 pair, else s54b's two modes
+    cudnn_frontend
+    timeout "${TEST_LIMIT:-220}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_query_weights.py \
+      tests/test_fp8_engine.py tests/test_exact_tail_engine.py tests/test_kv_rotation.py tests/test_sliding_engine.py \
+      2>&1 | tee "$OUT/gpu_tests_s55.log" | tail -4
+    if [ "$(big_card 1 0)" = 1 ]; then PART=fp8pair bash "$0"; else
+      for weights in calibrated 1; do
+        echo -n "ZIPAGE_FP8_QUERY_WEIGHTS=$weights: "
+        ZIPAGE_FP8_QUERY_WEIGHTS=$weights timeout 150 python3 benchmarks/throughput.py --model qwen3-8b \
+          --requests 512 --max-num-seqs 512 --max-tokens 4096 --kv-gib "${KV_GIB:-50}" --time-limit \
+          "${TIME_LIMIT:-60}" --systems zipage-2048-fp8 --out "$OUT/throughput_qwen3-8b_fp8_weights_$weights.json" \
+          2>&1 | tail -1
+      done
+    fi ;;
   s53b)  # session 53: what a graph build costs, three ways (the frontend's wheel carried in .whl/); SKIP_BUILDS=1:
     # the engine runs only
     cudnn_frontend
