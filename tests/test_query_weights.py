@@ -653,3 +653,44 @@ def test_no_calibration_text_falls_back_by_default_and_is_refused_when_asked_for
     monkeypatch.delenv("ZIPAGE_FP8_QUERY_WEIGHTS")
     calibrate_engine(Runner(), None, config, 40, single_process=True)
     assert [(len(ids), fallback) for ids, fallback in Runner.calls] == [(64, False), (40, True)]
+
+
+def test_two_engines_calibrating_at_once_in_two_threads_each_get_their_own_masks(monkeypatch):
+    """Two engines on two models, one eager and one SDPA, calibrating at the same time in two threads: each
+    forward makes its masks after the other thread has started its own calibration (the eager model's after the
+    SDPA model's), and each engine's moments are still those it gets calibrating alone (masks picked per thread:
+    the eager model given SDPA's masks, or none, would attend to later tokens)."""
+    import threading
+
+    monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
+    models = tiny_model("qwen3", attn="eager"), tiny_model("qwen3", seed=1)
+    llms = [LLM(m, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8", enable_prefix_caching=False)
+            for m in models]
+    alone = [llm.runner.query_moments.sums.clone() for llm in llms]
+    ids = calibration_ids(None, models[0].config.vocab_size, 512)
+    started = [threading.Event(), threading.Event()]
+    for i, model in enumerate(models):  # (each calibration's forward, its state set, waits for the other's)
+        def forward(*args, __i=i, __real=model.forward, **kwargs):
+            started[__i].set()
+            assert started[1 - __i].wait(30)
+            return __real(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", forward)
+    errors = []
+
+    def calibrate(i):
+        try:
+            llms[i].runner.query_moments.reset()
+            llms[i].runner.calibrate_query_moments(ids)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=calibrate, args=(i,)) for i in (0, 1)]
+    threads[0].start()
+    assert started[0].wait(30)  # (the SDPA engine sets its calibration up after the eager one)
+    threads[1].start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for llm, sums in zip(llms, alone):
+        torch.testing.assert_close(llm.runner.query_moments.sums, sums, rtol=1e-5, atol=1e-5)
