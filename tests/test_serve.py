@@ -1442,3 +1442,56 @@ def test_a_multi_prompt_add_cancelled_while_it_waits_leaves_nothing_behind(check
     assert engine._incoming == 0 and not engine._requests and not llm.requests and not llm.has_unfinished()
     text = engine.metrics.render().decode()
     assert 'zipage:request_success_total{finished_reason="cancelled",model_name="tiny"} 6.0' in text
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_whole_answer_gives_the_loop_back_between_its_choices(n):
+    """A non-streamed answer of several choices is serialized a choice at a time, the event loop given back
+    between two (another task runs between each two choices' serializations), into exactly the bytes of the
+    whole answer's own JSON (non-finite log-probabilities null, null thinking fields left out)."""
+    import asyncio
+
+    from zipage.serve import protocol
+    from zipage.serve.app import rendered
+
+    def choice(i):
+        content = [protocol.ChatTokenLogprob(token=f"t{j}", logprob=float("-inf") if j == 1 else -0.5 * j,
+                                             top_logprobs=[protocol.TopLogprob(token='"choices":[]', logprob=-1.0)])
+                   for j in range(4)]
+        return protocol.ChatChoice(index=i, message=protocol.AssistantMessage(content=f'ans"wer {i}'),
+                                   logprobs=protocol.ChatLogprobs(content=content), finish_reason="length")
+
+    answer = protocol.ChatCompletionResponse(model=NAME, choices=[choice(i) for i in range(n)],
+                                             usage=protocol.Usage(prompt_tokens=2, completion_tokens=4 * n,
+                                                                  total_tokens=2 + 4 * n))
+    ticks, seen = [0], []
+    real = protocol.ChatChoice.model_dump_json
+
+    def dump(self, *args, **kwargs):
+        seen.append(ticks[0])
+        return real(self, *args, **kwargs)
+
+    async def main():
+        async def ticker():
+            while True:
+                ticks[0] += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        try:
+            return await rendered(answer)
+        finally:
+            task.cancel()
+
+    protocol.ChatChoice.model_dump_json = dump
+    try:
+        response = asyncio.run(main())
+    finally:
+        protocol.ChatChoice.model_dump_json = real
+    assert response.body.decode() == answer.model_dump_json()
+    body = json.loads(response.body)
+    assert [c["message"]["content"] for c in body["choices"]] == [f'ans"wer {i}' for i in range(n)]
+    assert body["choices"][0]["logprobs"]["content"][1]["logprob"] is None
+    if n > 1:
+        assert len(seen) == n and all(a < b for a, b in zip(seen, seen[1:])), seen

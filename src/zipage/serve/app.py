@@ -8,6 +8,7 @@ what is still in flight. Every ``/v1`` route, ``/tokenize`` and ``/detokenize`` 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from contextlib import asynccontextmanager
 from typing import Any
@@ -101,10 +102,24 @@ async def rendered(result: Any) -> Any:
     """A whole (non-streamed) answer as JSON by pydantic's own serializer: ``n`` samples of thousands of tokens
     with log-probabilities make tens of megabytes, which FastAPI's generic encoding took seconds over on the
     event loop, holding every stream meanwhile (31.6 MB: ~16 s against ~0.4 s; a worker thread would not free
-    the loop, the serializer holds the GIL). Non-finite numbers become null, as in the streams."""
+    the loop, the serializer holds the GIL). Each choice is serialized on its own, with the loop given back
+    between two, so other requests' streams wait for one choice at most (8 choices of 4,000 tokens with 20 top
+    log-probabilities, 31.5 MB: the loop's longest hold 0.35 s whole, 0.044 s a choice at a time). Non-finite numbers become null, as in
+    the streams."""
     if not isinstance(result, BaseModel):
         return result  # (a stream)
-    return Response(result.model_dump_json(), media_type="application/json")
+    choices = getattr(result, "choices", None)
+    if not isinstance(choices, list) or len(choices) < 2:
+        return Response(result.model_dump_json(), media_type="application/json")
+    parts = []
+    for choice in choices:
+        parts.append(choice.model_dump_json())
+        await asyncio.sleep(0)  # (the loop serves others between two choices)
+    head = result.model_copy(update={"choices": []}).model_dump_json()
+    empty = '"choices":[]'  # (a key: the same text inside a string value has its quotes escaped)
+    at = head.index(empty)
+    body = "".join((head[:at], '"choices":[', ",".join(parts), "]", head[at + len(empty):]))
+    return Response(body, media_type="application/json")
 
 
 def build_app(engine: AsyncEngine, args: ServeConfig) -> FastAPI:
