@@ -104,8 +104,8 @@ async def rendered(result: Any) -> Any:
     event loop, holding every stream meanwhile (31.6 MB: ~16 s against ~0.4 s; a worker thread would not free
     the loop, the serializer holds the GIL). Each choice is serialized on its own, with the loop given back
     between two, so other requests' streams wait for one choice at most (8 choices of 4,000 tokens with 20 top
-    log-probabilities, 31.5 MB: the loop's longest hold 0.35 s whole, 0.044 s a choice at a time). Non-finite numbers become null, as in
-    the streams."""
+    log-probabilities, 31.5 MB: the loop's longest hold 0.35 s whole, 0.044 s a choice at a time). Non-finite
+    numbers become null, as in the streams."""
     if not isinstance(result, BaseModel):
         return result  # (a stream)
     choices = getattr(result, "choices", None)
