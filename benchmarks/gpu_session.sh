@@ -559,7 +559,7 @@ print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), t
     cudnn_frontend
     timeout "${TEST_LIMIT:-220}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_query_weights.py \
       tests/test_fp8_engine.py tests/test_exact_tail_engine.py tests/test_kv_rotation.py tests/test_sliding_engine.py \
-      2>&1 | tee "$OUT/gpu_tests_s55.log" | tail -4
+      tests/test_fused_ops.py 2>&1 | tee "$OUT/gpu_tests_s55.log" | tail -4
     if [ "$(big_card 1 0)" = 1 ]; then PART=fp8pair bash "$0"; else
       for weights in calibrated 1; do
         echo -n "ZIPAGE_FP8_QUERY_WEIGHTS=$weights: "

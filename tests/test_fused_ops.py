@@ -183,6 +183,7 @@ def test_rope_swap_covers_the_model_and_falls_back_elsewhere():
         ref = model(ids).logits
         with fused_rope(module, kernel=counting):
             assert modeling_qwen3.apply_rotary_pos_emb is not original
+            assert fusable_rope(model) is modeling_qwen3  # (another engine built meanwhile finds it fusable too)
             out = model(ids).logits
             q, cos, sin = _rope_inputs(1, 2, 3, 16, torch.float32)
             q = q.transpose(1, 2)  # [B, T, H, D] with unsqueeze_dim=2: not covered, the original runs
@@ -191,6 +192,62 @@ def test_rope_swap_covers_the_model_and_falls_back_elsewhere():
     assert modeling_qwen3.apply_rotary_pos_emb is original
     assert len(calls) == 2 * cfg.num_hidden_layers  # q and k of every layer, nothing else
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_swap_is_per_thread_and_restored_when_no_thread_is_inside():
+    """Two engines on models of one family (one modeling module) in two threads, their forwards overlapping
+    (A's block opened first and closed first): B's forward after A left still runs B's kernel, a third thread
+    outside any block runs the module's own function meanwhile, a model checked for fusion then sees the module's
+    own function, and once neither is inside, the module has its own function back."""
+    import threading
+    import types
+
+    mod = types.ModuleType("zipage_test_fake_modeling")
+
+    def original(q, k, cos, sin, *args, **kwargs):
+        calls.append(("own", threading.current_thread().name))
+        return q, k
+
+    def kernel_of(tag):
+        def kernel(x, cos, sin):
+            calls.append((tag, threading.current_thread().name))
+            return x
+
+        return kernel
+
+    mod.apply_rotary_pos_emb = original
+    calls = []
+    q, cos, sin = _rope_inputs(1, 2, 3, 16, torch.float32)
+    a_in, b_in, a_out, b_done = (threading.Event() for _ in range(4))
+
+    def engine_a():
+        with fused_rope(mod, kernel=kernel_of("a")):
+            a_in.set()
+            assert b_in.wait(30)
+            mod.apply_rotary_pos_emb(q, q, cos, sin)
+        a_out.set()
+
+    def engine_b():
+        assert a_in.wait(30)
+        with fused_rope(mod, kernel=kernel_of("b")):
+            b_in.set()
+            assert a_out.wait(30)
+            mod.apply_rotary_pos_emb(q, q, cos, sin)  # (A's block closed: B's still open)
+            other = threading.Thread(target=mod.apply_rotary_pos_emb, args=(q, q, cos, sin), name="plain")
+            other.start()
+            other.join(30)
+            assert getattr(mod.apply_rotary_pos_emb, "zipage_original", None) is original
+        b_done.set()
+
+    threads = [threading.Thread(target=engine_a, name="A"), threading.Thread(target=engine_b, name="B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    assert b_done.is_set()
+    assert calls == [("a", "A"), ("a", "A"), ("b", "B"), ("b", "B"), ("own", "plain")]
+    assert mod.apply_rotary_pos_emb is original
 
 
 # ----------------------------------------------------------------------------- merged projections

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -102,17 +103,50 @@ def _covered(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
             and cos.stride() == sin.stride() and t.stride(-1) == 1 and cos.stride(-1) == 1)
 
 
+def _fused_call(original, kernel, q, k, cos, sin, *args, **kwargs):
+    unsqueeze = kwargs.get("unsqueeze_dim", args[0] if args else 1)
+    if unsqueeze != 1 or len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} \
+            or not (_covered(q, cos, sin) and _covered(k, cos, sin)):
+        return original(q, k, cos, sin, *args, **kwargs)
+    return kernel(q, cos, sin), kernel(k, cos, sin)
+
+
 def make_fused_apply(original, kernel=rope_triton):
     """An ``apply_rotary_pos_emb`` that runs ``kernel`` where it applies and ``original`` elsewhere."""
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        unsqueeze = kwargs.get("unsqueeze_dim", args[0] if args else 1)
-        if unsqueeze != 1 or len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} \
-                or not (_covered(q, cos, sin) and _covered(k, cos, sin)):
-            return original(q, k, cos, sin, *args, **kwargs)
-        return kernel(q, cos, sin), kernel(k, cos, sin)
+        return _fused_call(original, kernel, q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.zipage_fused = True
+    apply_rotary_pos_emb.zipage_original = original
+    return apply_rotary_pos_emb
+
+
+# The modeling module's function is shared by every model of its family, which engines in other threads (or
+# plain transformers use) may be running at the same time: it is replaced once, while any thread is inside a
+# fused_rope block for it, by one that runs the kernel of the calling thread's innermost block, and the
+# module's own function for threads outside any.
+_rope_lock = threading.Lock()
+_rope_patched: dict[str, list] = {}  # module name -> [its own function, blocks open in all threads]
+_rope_local = threading.local()  # .kernels: module name -> this thread's open blocks' kernels
+
+
+def _thread_kernels() -> dict[str, list]:
+    kernels = getattr(_rope_local, "kernels", None)
+    if kernels is None:
+        kernels = _rope_local.kernels = {}
+    return kernels
+
+
+def _dispatching_apply(original, name: str):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        stack = _thread_kernels().get(name)
+        if not stack:  # (a thread outside any block: the model's own function)
+            return original(q, k, cos, sin, *args, **kwargs)
+        return _fused_call(original, stack[-1], q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.zipage_fused = True
+    apply_rotary_pos_emb.zipage_original = original
     return apply_rotary_pos_emb
 
 
@@ -120,6 +154,7 @@ def fusable_rope(model: torch.nn.Module, kernel=rope_triton) -> ModuleType | Non
     """The modeling module of ``model`` when its ``apply_rotary_pos_emb`` matches ``kernel``."""
     module = sys.modules.get(type(model).__module__)
     original = getattr(module, "apply_rotary_pos_emb", None)
+    original = getattr(original, "zipage_original", original)  # (another engine's forward in another thread)
     if module is None or not callable(original) or getattr(original, "zipage_fused", False):
         return None
     cfg = model.config.get_text_config(decoder=True)
@@ -145,16 +180,31 @@ def fusable_rope(model: torch.nn.Module, kernel=rope_triton) -> ModuleType | Non
 
 @contextlib.contextmanager
 def fused_rope(module: ModuleType | None, kernel=rope_triton) -> Iterator[None]:
-    """Inside the block, ``module.apply_rotary_pos_emb`` runs the fused kernel."""
+    """Inside the block, ``module.apply_rotary_pos_emb`` runs ``kernel`` in this thread (where it applies);
+    other threads outside such a block keep the module's own function, and the module has it back once no
+    thread is inside one."""
     if module is None:
         yield
         return
-    original = module.apply_rotary_pos_emb
-    module.apply_rotary_pos_emb = make_fused_apply(original, kernel)
+    name = module.__name__
+    with _rope_lock:
+        entry = _rope_patched.get(name)
+        if entry is None:
+            original = module.apply_rotary_pos_emb
+            entry = _rope_patched[name] = [original, 0]
+            module.apply_rotary_pos_emb = _dispatching_apply(original, name)
+        entry[1] += 1
+    stack = _thread_kernels().setdefault(name, [])
+    stack.append(kernel)
     try:
         yield
     finally:
-        module.apply_rotary_pos_emb = original
+        stack.pop()
+        with _rope_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                module.apply_rotary_pos_emb = entry[0]
+                del _rope_patched[name]
 
 
 # ------------------------------------------------------------------------------ merged projections
