@@ -691,6 +691,7 @@ def test_two_engines_calibrating_at_once_in_two_threads_each_get_their_own_masks
     threads[1].start()
     for t in threads:
         t.join(60)
+        assert not t.is_alive()
     assert not errors, errors
     for llm, sums in zip(llms, alone):
         torch.testing.assert_close(llm.runner.query_moments.sums, sums, rtol=1e-5, atol=1e-5)

@@ -119,6 +119,7 @@ async def rendered(result: Any) -> Any:
     empty = '"choices":[]'  # (a key: the same text inside a string value has its quotes escaped)
     at = head.index(empty)
     body = "".join((head[:at], '"choices":[', ",".join(parts), "]", head[at + len(empty):]))
+    del parts  # (not held while the response encodes the body)
     return Response(body, media_type="application/json")
 
 
