@@ -562,6 +562,9 @@ def test_a_failing_calibration_falls_back_by_default_and_is_refused_when_asked_f
         monkeypatch.setenv("ZIPAGE_FP8_QUERY_WEIGHTS", "calibrated")
         with pytest.raises(RuntimeError, match="calibrated: the calibration forward failed .*layer 1"):
             LLM(model, budget=None, page_size=4, num_pages=64, kv_cache_dtype="fp8")
+        with pytest.raises(RuntimeError, match="calibration forward failed"):  # (layer 0 counted, then refused)
+            llm.runner.calibrate_query_moments(list(range(5, 30)))
+        assert (m.count == 0).all() and m.wants(0)  # (no partial counts left behind)
     finally:
         AttentionInterface.register(runner_mod.CALIBRATION_NAME, runner_mod.calibration_attention)
 

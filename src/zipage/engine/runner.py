@@ -831,7 +831,8 @@ class ModelRunner:
         engine step (the fused ops applied, rotated pages' basis); nothing is stored and no page is touched. Where the
         forward fails (a sticky CUDA error aside) and ``fallback`` (the mode not asked for by name), the moments
         are cleared and follow the prompts the engine serves (as ``ZIPAGE_FP8_QUERY_WEIGHTS=1``), with one
-        warning naming the error; otherwise the error is raised."""
+        warning naming the error; otherwise the error is raised (the moments cleared too: no layer's partial
+        count is left)."""
         m = self.query_moments
         if m is None:
             raise RuntimeError("calibrate_query_moments: these pages weigh no keys by their queries (FP8 pages "
@@ -851,10 +852,10 @@ class ModelRunner:
             except torch.AcceleratorError:
                 raise
             except Exception as e:
+                m.reset()  # (no layers' partial counts left behind, whichever way it goes)
                 if not fallback:
                     raise RuntimeError(f"ZIPAGE_FP8_QUERY_WEIGHTS=calibrated: the calibration forward failed "
                                        f"({type(e).__name__}: {e}); set ZIPAGE_FP8_QUERY_WEIGHTS=1 or 0") from e
-                m.reset()
                 warnings.warn(f"FP8 keys' query weights: the calibration forward failed ({type(e).__name__}: {e}); "
                               "the weights follow the prompts this engine serves instead, so a request's FP8 "
                               "results may depend on the others' (ZIPAGE_FP8_QUERY_WEIGHTS=1 or 0 silences this)",
