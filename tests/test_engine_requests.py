@@ -671,6 +671,81 @@ def test_two_engines_on_one_model_in_two_threads_take_turns_and_leave_the_model_
     assert model(torch.tensor([[5, 6, 7]])).logits.shape[1] == 3  # the model's own forward works
 
 
+def test_a_zipage_generate_while_an_engine_on_its_config_steps_is_refused_and_leaves_nothing_behind(monkeypatch):
+    """A zipage generate() in one thread on a model that shares its config object with a model an engine is
+    stepping in another (the engine's attention name on the config, mid-forward): the generate() is refused,
+    saying why, before arming anything. Had it armed its capture on the engine's name and the engine's forward
+    then ended (here forced: the generate() waits right after arming), the engine would put the model's name back
+    under it and the capture's release would then set the engine's name for good. The engine's step ends as it
+    would alone, and the config has the model's own name back, so both models' own forwards and a later zipage
+    generate() work."""
+    import threading
+
+    from transformers import Qwen3ForCausalLM
+
+    import zipage.capture as capture
+
+    a = tiny_model("qwen3")
+    b = Qwen3ForCausalLM(a.config).eval()  # (another model, the same config object)
+    assert b.config is a.config
+    prompt = [5, 6, 7, 8, 9]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    alone = LLM(a, budget=None, page_size=4, num_pages=64).generate([prompt], params, use_tqdm=False)[0].token_ids
+    llm = LLM(a, budget=None, page_size=4, num_pages=64)
+    in_forward, tried, engine_done = threading.Event(), threading.Event(), threading.Event()
+    stepping = []
+
+    def pause(module, args):  # (the engine's first forward waits, mid-forward, for the generate() to arm)
+        if threading.current_thread() in stepping and not in_forward.is_set():
+            in_forward.set()
+            assert tried.wait(30)
+
+    real_arm = capture.arm
+
+    def arm(*args):
+        if threading.current_thread() in stepping or tried.is_set():
+            return real_arm(*args)
+        try:
+            real_arm(*args)
+        finally:
+            tried.set()
+        assert engine_done.wait(30)  # (armed: its attention looked up only after the engine's step ended)
+
+    monkeypatch.setattr(capture, "arm", arm)
+    hook = a.model.layers[0].register_forward_pre_hook(pause)
+    got, errors = [], []
+
+    def engine():
+        stepping.append(threading.current_thread())
+        try:
+            got.append(llm.generate([prompt], params, use_tqdm=False)[0].token_ids)
+        finally:
+            engine_done.set()
+
+    def other():
+        assert in_forward.wait(30)
+        try:
+            b.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False, cache_implementation="zipage")
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=engine), threading.Thread(target=other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive()
+    hook.remove()
+    assert len(errors) == 1 and "ZipageCache forward was run while a zipage engine" in errors[0], errors
+    assert got == [alone]
+    assert a.config._attn_implementation == "sdpa" and id(a.config) not in capture._armed
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for m in (a, b):
+        assert m(ids).logits.shape[1] == 4
+    out = b.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="zipage")
+    assert torch.equal(out, b.generate(ids, max_new_tokens=3, do_sample=False))
+
+
 def test_a_stream_left_early_cancels_its_request_and_a_closed_engine_refuses(model):
     llm = LLM(model, budget=None, page_size=4, num_pages=64)
     rid = llm.add_request([5, 6, 7, 8], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))

@@ -24,6 +24,10 @@ from .attention_checks import check_attention_call
 from .compress import attention_scale
 
 PREFIX = "zipage_capture:"
+# The names the zipage engine sets on a model's config for the length of its forwards (its steps, its FP8
+# calibration): a ZipageCache update that finds one is another thread's generate() on that model mid-step.
+ENGINE_ATTENTION = "zipage_engine"
+CALIBRATION_ATTENTION = "zipage_calibration"
 
 _pending = threading.local()
 _registered: set[str] = set()
@@ -292,6 +296,11 @@ def arm(cache, layer_idx: int, config) -> None:
     """Route the next attention lookup of ``config`` (for ``layer_idx``) through the capture wrapper."""
     attrs = _config_vars(config)
     original = attrs.get("_attn_implementation_internal")
+    if original in (ENGINE_ATTENTION, CALIBRATION_ATTENTION):  # (refused before anything is armed or set)
+        raise RuntimeError(
+            "a ZipageCache forward was run while a zipage engine on the same model (or on a model sharing its "
+            "config object) is stepping in another thread: the model's attention name is the engine's for the "
+            "length of its forward; run generate() when no engine on the model is stepping, or on a copy of it")
     name = _wrapper_names.get(original)
     if name is None:
         if original is not None and original.startswith(PREFIX):

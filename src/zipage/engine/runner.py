@@ -32,7 +32,7 @@ import torch
 
 from .. import environment
 from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
-from ..capture import _original_function
+from ..capture import CALIBRATION_ATTENTION, ENGINE_ATTENTION, _original_function
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import cudnn_prefill, kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
@@ -50,8 +50,8 @@ from .fusion import ModelFusion
 from .positions import KeptPositions, kept_positions
 from .sequence import Sequence
 
-ATTENTION_NAME = "zipage_engine"
-CALIBRATION_NAME = "zipage_calibration"  # (the attention of the forward that calibrates FP8 keys' query weights)
+ATTENTION_NAME = ENGINE_ATTENTION
+CALIBRATION_NAME = CALIBRATION_ATTENTION  # (the attention of the forward that calibrates FP8 keys' query weights)
 _context = threading.local()
 # One lock per model config: the engine's attention name is set on the (shared) config for the length of a
 # forward, so two engines on one model, driven from two threads, take turns instead of saving and restoring
@@ -291,9 +291,9 @@ def engine_attention(module, query, key, value, attention_mask, scaling=None, **
     if meta is None:  # this thread is no engine step: the model's own forward, while an engine steps in another
         raise RuntimeError(
             f"{type(module).__name__} of layer {layer} was called outside a zipage engine step while an engine on "
-            "the same model is stepping in another thread: the model's attention name is the engine's for the "
-            "length of its forward; run the model's own forward (or generate()) when no engine on it is stepping, "
-            "or on a copy of the model")
+            "the same model (or on a model sharing its config object) is stepping in another thread: the model's "
+            "attention name is the engine's for the length of its forward; run the model's own forward (or "
+            "generate()) when no engine on it is stepping, or on a copy of the model")
     if layer in meta.layers:  # (its second call would store over the first call's keys and values)
         raise NotImplementedError(
             f"{type(module).__name__} of layer {layer} called attention twice in one forward (two attentions a "
