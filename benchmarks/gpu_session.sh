@@ -117,6 +117,7 @@
 #              KV_GIB of KV, TIME_LIMIT s) with the calibrated default and with ZIPAGE_FP8_QUERY_WEIGHTS=1
 #   PART=s55    session 55: s54b's GPU tests after the calibration's final form, with the
 #              cuDNN frontend; then the FP8 pair on an H200, else zipage-2048-fp8 with both query-weight modes
+#              (TESTS_ONLY=1: the tests alone)
 #   PART=s53    session 53: s52's probe again (its JSON), the cuDNN GPU tests, then the engine's time to first token
 #              paged kernel against cuDNN's ragged route after a warm-up run, in the order A B B A, on ragged prompts
 #              (512-4,096) and on 32 prompts of 4,096; then engine GPU tests with ZIPAGE_FRESH_PREFILL=cudnn
@@ -560,7 +561,7 @@ print('cudnn route by default:', r.fresh_prefill_default(torch.device('cuda'), t
     timeout "${TEST_LIMIT:-220}" python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_query_weights.py \
       tests/test_fp8_engine.py tests/test_exact_tail_engine.py tests/test_kv_rotation.py tests/test_sliding_engine.py \
       tests/test_fused_ops.py 2>&1 | tee "$OUT/gpu_tests_s55.log" | tail -4
-    if [ "$(big_card 1 0)" = 1 ]; then PART=fp8pair bash "$0"; else
+    if [ -n "${TESTS_ONLY:-}" ]; then :; elif [ "$(big_card 1 0)" = 1 ]; then PART=fp8pair bash "$0"; else
       for weights in calibrated 1; do
         echo -n "ZIPAGE_FP8_QUERY_WEIGHTS=$weights: "
         ZIPAGE_FP8_QUERY_WEIGHTS=$weights timeout 150 python3 benchmarks/throughput.py --model qwen3-8b \
