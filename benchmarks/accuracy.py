@@ -66,6 +66,10 @@ def configurations(budgets: list[int | None], scorers: str, page_size: int | Non
         from .quality import parse_row, split_rows
 
     rows = [parse_row(s) for s in split_rows(scorers)]
+    labels = [label for label, _ in rows]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"--scorers {scorers!r}: {', '.join(repeated)} repeated (each row runs once a budget)")
     for label, fields in rows:
         for name, option in ENGINE_FIELDS.items():
             if name in fields:
@@ -230,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     stem = pathlib.Path(args.out) if args.out else RESULTS / f"eval_{_slug(args.model)}_{_slug(args.dataset)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     engine = engine_settings(args, model, prompts)
+    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if context and any(b is not None and b >= context for b in budgets):
+        parser.error(f"--budgets {args.budgets}: {max(b for b in budgets if b is not None)} is not below the "
+                     f"model's context ({context} tokens): no token would ever be evicted; give smaller budgets, "
+                     "or 'none' for full KV")
+    idle = [b for b in budgets if b is not None and b >= engine["max_model_len"]]
+    if idle:
+        print(f"zipage eval: warning: budget(s) {', '.join(map(str, idle))} not below this run's longest request "
+              f"({engine['max_model_len']} tokens: the longest prompt and --max-tokens): those rows evict nothing",
+              file=sys.stderr)
     if args.temperature == 0 and args.n > 1:
         print(f"zipage eval: warning: --temperature 0 is greedy: the --n {args.n} samples of a problem are the same "
               "output (--n 1 gives the same pass@1 in 1/n of the time)", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import threading
 from decimal import Decimal
 
@@ -275,6 +276,45 @@ def test_eval_options_are_checked_before_the_model_loads(tmp_path, capsys, flags
     assert words in capsys.readouterr().err
 
 
+def test_jsonl_number_answers_keep_their_digits_and_math_lines_take_the_boxed_answer(tmp_path):
+    """A number answer is its digits, never exponent notation (which the math check reads as e - 5); a MATH
+    line without an answer takes its solution's last boxed answer (as the built-in MATH sets do); answers
+    that are no number or string, or not finite, and an empty GSM8K answer are refused with their line."""
+    from zipage.evaluation.answers import is_correct
+
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "a", "answer": 0.00001}, {"prompt": "b", "answer": 1e16}, {"prompt": "c", "answer": -2.50},
+            {"prompt": "d", "answer": 10 ** 20},
+            {"problem": "e", "solution": "So $x=\\boxed{3}$, or \\boxed{\\frac{1}{2}}."}, {"problem": "f"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = load_problems(str(path))
+    assert [p.answer for p in problems] == ["0.00001", "10000000000000000", "-2.5", "1" + "0" * 20, "\\frac{1}{2}",
+                                            None]
+    assert is_correct("\\boxed{0.00001}", problems[0].answer, "math")
+    assert is_correct("\\boxed{0.5}", problems[4].answer, "math")
+    for line, message in [('{"prompt": "a", "answer": true}', "'answer' must be a string or a number, got bool"),
+                          ('{"prompt": "a", "answer": NaN}', "'answer' must be a finite number"),
+                          ('{"question": "a", "answer": "work ####  "}', "the answer after '####' is empty")]:
+        path.write_text('{"prompt": "z", "answer": "1"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=f"p.jsonl:2: {re.escape(message)}"):
+            load_problems(str(path))
+
+
+def test_a_budget_past_the_model_s_context_is_refused_and_one_past_the_run_warned(tmp_path, capsys):
+    from zipage.serve.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")  # (4,096 positions)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    args = ["eval", "--model", str(folder), "--dataset", str(data), "--n", "1", "--max-tokens", "4",
+            "--temperature", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit):
+        main([*args, "--budgets", "1000000000,none"])
+    assert "1000000000 is not below the model's context (4096 tokens)" in capsys.readouterr().err
+    assert main([*args, "--budgets", "2048,none"]) == 0
+    assert "budget(s) 2048 not below this run's longest request" in capsys.readouterr().err
+
+
 def test_an_empty_reference_answer_is_refused_with_its_line(tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "  "}\n')
@@ -333,6 +373,7 @@ def no_model_load(monkeypatch):
     (["--dataset", "gsm8k", "--budgets", "0,none"], "budgets must be >= 1"),
     (["--dataset", "gsm8k", "--budgets", ","], "at least one budget"),
     (["--dataset", "gsm8k", "--budgets", "512,512"], "repeated"),
+    (["--dataset", "gsm8k", "--scorers", "zipage, streaming,zipage"], "zipage repeated"),
     (["--dataset", "gsm8k", "--scorers", "nope"], "unknown scorer"),
     (["--dataset", "gsm8k", "--scorers", "zipage[budgett=3]"], "unknown ZipageConfig field"),
     (["--dataset", "gsm8k", "--n", "0"], "--n 0"),

