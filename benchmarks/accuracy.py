@@ -235,10 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     stem.parent.mkdir(parents=True, exist_ok=True)
     engine = engine_settings(args, model, prompts)
     context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if context and any(b is not None and b >= context for b in budgets):
-        parser.error(f"--budgets {args.budgets}: {max(b for b in budgets if b is not None)} is not below the "
-                     f"model's context ({context} tokens): no token would ever be evicted; give smaller budgets, "
-                     "or 'none' for full KV")
+    past = sorted(b for b in budgets if context and b is not None and b > context)
+    if past:  # (nothing to evict, and a budget's per-request maps would be sized by it: left out)
+        configs = [c for c in configs if c.budget is None or c.budget <= context]
+        budgets = [b for b in budgets if b is None or b <= context]
+        if not configs:
+            parser.error(f"--budgets {args.budgets}: every budget is above the model's context ({context} tokens), "
+                         "where nothing is evicted; give smaller budgets, or 'none' for full KV")
+        print(f"zipage eval: warning: budget(s) {', '.join(map(str, past))} above the model's context ({context} "
+              "tokens) left out: nothing would be evicted", file=sys.stderr)
     idle = [b for b in budgets if b is not None and b >= engine["max_model_len"]]
     if idle:
         print(f"zipage eval: warning: budget(s) {', '.join(map(str, idle))} not below this run's longest request "

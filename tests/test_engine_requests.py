@@ -746,6 +746,73 @@ def test_a_zipage_generate_while_an_engine_on_its_config_steps_is_refused_and_le
     assert torch.equal(out, b.generate(ids, max_new_tokens=3, do_sample=False))
 
 
+def test_a_capture_armed_just_before_an_engine_forward_leaves_the_engine_s_name_alone(monkeypatch):
+    """A zipage generate() armed (its wrapper already looked up) just before an engine's forward on a model
+    sharing its config begins, its capture released once that forward is under way: the release leaves the
+    engine's name alone (it had put the model's name back mid-forward, so the engine's later layers ran plain
+    attention and its step failed): the engine gets the tokens it gets alone, the generate() its own or, where
+    its next layer armed during the engine's forward, the refusal; the model's name is back after."""
+    import threading
+
+    from transformers import Qwen3ForCausalLM
+
+    import zipage.capture as capture
+
+    a = tiny_model("qwen3")
+    b = Qwen3ForCausalLM(a.config).eval()
+    prompt = [5, 6, 7, 8, 9]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    alone = LLM(a, budget=None, page_size=4, num_pages=64).generate([prompt], params, use_tqdm=False)[0].token_ids
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = b.generate(ids, max_new_tokens=3, do_sample=False)
+    llm = LLM(a, budget=None, page_size=4, num_pages=64)
+    releasing, in_forward, released = threading.Event(), threading.Event(), threading.Event()
+    real_release = capture._release
+
+    def release(config, original):  # (the first release waits until the engine's forward is under way)
+        if releasing.is_set():
+            return real_release(config, original)
+        releasing.set()
+        assert in_forward.wait(30)
+        real_release(config, original)
+        released.set()
+
+    monkeypatch.setattr(capture, "_release", release)
+
+    def pause(module, args):
+        if threading.current_thread().name == "engine" and not in_forward.is_set():
+            in_forward.set()
+            assert released.wait(30)
+
+    hook = a.model.layers[0].register_forward_pre_hook(pause)
+    got = {}
+
+    def engine():
+        assert releasing.wait(30)
+        got["engine"] = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+
+    def other():
+        try:
+            got["generate"] = b.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="zipage")
+        except RuntimeError as e:  # (its next layer armed while the engine's forward ran: refused, saying so)
+            got["generate"] = str(e)
+
+    threads = [threading.Thread(target=engine, name="engine"), threading.Thread(target=other, name="generate")]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive()
+    finally:
+        hook.remove()
+    assert got["engine"] == alone
+    g = got["generate"]
+    assert torch.equal(g, plain) if isinstance(g, torch.Tensor) else "zipage engine on the same model" in g
+    assert a.config._attn_implementation == "sdpa" and id(a.config) not in capture._armed
+    assert torch.equal(b.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="zipage"), plain)
+
+
 def test_a_stream_left_early_cancels_its_request_and_a_closed_engine_refuses(model):
     llm = LLM(model, budget=None, page_size=4, num_pages=64)
     rid = llm.add_request([5, 6, 7, 8], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))

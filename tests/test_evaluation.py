@@ -300,19 +300,32 @@ def test_jsonl_number_answers_keep_their_digits_and_math_lines_take_the_boxed_an
             load_problems(str(path))
 
 
-def test_a_budget_past_the_model_s_context_is_refused_and_one_past_the_run_warned(tmp_path, capsys):
+def test_budgets_past_the_model_s_context_are_left_out_and_one_past_the_run_warned(tmp_path, capsys):
+    """A budget above the model's context evicts nothing and would size each request's maps by itself (a 1e9
+    budget ended in a traceback from the pool's sizing): left out with a warning, refused when it is all there
+    is; one at the context (2,048 on a 2,048-token model: the default budgets) runs, warned that it evicts
+    nothing in this run."""
     from zipage.serve.tiny import save_tiny
 
-    folder = save_tiny(tmp_path / "tiny")  # (4,096 positions)
+    folder = save_tiny(tmp_path / "tiny")
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 2048
+    (folder / "config.json").write_text(json.dumps(config))
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    out = tmp_path / "r"
     args = ["eval", "--model", str(folder), "--dataset", str(data), "--n", "1", "--max-tokens", "4",
-            "--temperature", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "r")]
+            "--temperature", "0", "--device", "cpu", "--no-progress", "--out", str(out)]
     with pytest.raises(SystemExit):
-        main([*args, "--budgets", "1000000000,none"])
-    assert "1000000000 is not below the model's context (4096 tokens)" in capsys.readouterr().err
-    assert main([*args, "--budgets", "2048,none"]) == 0
-    assert "budget(s) 2048 not below this run's longest request" in capsys.readouterr().err
+        main([*args, "--budgets", "1000000000"])
+    assert "every budget is above the model's context (2048 tokens)" in capsys.readouterr().err
+    assert main([*args, "--budgets", "2048,1000000000,none"]) == 0
+    err = capsys.readouterr().err
+    assert "budget(s) 1000000000 above the model's context (2048 tokens) left out" in err
+    assert "budget(s) 2048 not below this run's longest request" in err
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["label"] for r in result["configurations"]] == ["full KV", "zipage@2048"]
+    assert result["settings"]["budgets"] == [2048, None]
 
 
 def test_an_empty_reference_answer_is_refused_with_its_line(tmp_path):

@@ -250,6 +250,30 @@ def test_rope_swap_is_per_thread_and_restored_when_no_thread_is_inside():
     assert mod.apply_rotary_pos_emb is original
 
 
+def test_rope_swap_tells_two_modules_of_one_name_apart():
+    """Two modeling modules of one name (a module reloaded, remote code loaded twice), their blocks overlapping:
+    each runs its own block's kernel and gets its own function back."""
+    import types
+
+    q, cos, sin = _rope_inputs(1, 2, 3, 16, torch.float32)
+    mods = [types.ModuleType("zipage_test_same_name") for _ in range(2)]
+    owns = []
+    for i, mod in enumerate(mods):
+        def own(q, k, cos, sin, *args, __i=i, **kwargs):
+            return ("own", __i)
+
+        mod.apply_rotary_pos_emb = own
+        owns.append(own)
+    kernels = [lambda x, c, s: "k0", lambda x, c, s: "k1"]
+    first, second = fused_rope(mods[0], kernel=kernels[0]), fused_rope(mods[1], kernel=kernels[1])
+    first.__enter__()
+    second.__enter__()
+    assert [m.apply_rotary_pos_emb(q, q, cos, sin) for m in mods] == [("k0", "k0"), ("k1", "k1")]
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert [m.apply_rotary_pos_emb for m in mods] == owns
+
+
 # ----------------------------------------------------------------------------- merged projections
 
 

@@ -71,7 +71,21 @@ def _release_locked(config, original: str | None) -> None:
         _armed[id(config)] = left
         return
     _armed.pop(id(config), None)
-    _set_attn(config, original)
+    current = _config_vars(config).get("_attn_implementation_internal")
+    if not (isinstance(current, str) and current in (ENGINE_ATTENTION, CALIBRATION_ATTENTION)):
+        _set_attn(config, original)
+    # (else an engine's forward began after this capture was armed and set its own name: left alone, the engine
+    # puts back the name it found, which settled_name turns into the model's own now that none is armed)
+
+
+def settled_name(config, name: str | None) -> str | None:
+    """The name an engine's forward puts back on ``config`` when it found ``name`` there: a capture's wrapper
+    name whose armed captures all ran (or were released) meanwhile is the model's own name again."""
+    if isinstance(name, str) and name.startswith(PREFIX):
+        with _armed_lock:
+            if id(config) not in _armed:
+                return name[len(PREFIX):]
+    return name
 
 
 def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

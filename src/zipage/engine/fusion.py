@@ -127,20 +127,20 @@ def make_fused_apply(original, kernel=rope_triton):
 # fused_rope block for it, by one that runs the kernel of the calling thread's innermost block, and the
 # module's own function for threads outside any.
 _rope_lock = threading.Lock()
-_rope_patched: dict[str, list] = {}  # module name -> [its own function, blocks open in all threads]
-_rope_local = threading.local()  # .kernels: module name -> this thread's open blocks' kernels
+_rope_patched: dict[int, list] = {}  # id(module) -> [module, its own function, blocks open in all threads]
+_rope_local = threading.local()  # .kernels: id(module) -> this thread's open blocks' kernels
 
 
-def _thread_kernels() -> dict[str, list]:
+def _thread_kernels() -> dict[int, list]:
     kernels = getattr(_rope_local, "kernels", None)
     if kernels is None:
         kernels = _rope_local.kernels = {}
     return kernels
 
 
-def _dispatching_apply(original, name: str):
+def _dispatching_apply(original, key: int):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        stack = _thread_kernels().get(name)
+        stack = _thread_kernels().get(key)
         if not stack:  # (a thread outside any block: the model's own function)
             return original(q, k, cos, sin, *args, **kwargs)
         return _fused_call(original, stack[-1], q, k, cos, sin, *args, **kwargs)
@@ -186,25 +186,25 @@ def fused_rope(module: ModuleType | None, kernel=rope_triton) -> Iterator[None]:
     if module is None:
         yield
         return
-    name = module.__name__
+    key = id(module)  # (not its name: a module reloaded, or remote code loaded twice, is another object)
     with _rope_lock:
-        entry = _rope_patched.get(name)
+        entry = _rope_patched.get(key)
         if entry is None:
             original = module.apply_rotary_pos_emb
-            entry = _rope_patched[name] = [original, 0]
-            module.apply_rotary_pos_emb = _dispatching_apply(original, name)
-        entry[1] += 1
-    stack = _thread_kernels().setdefault(name, [])
+            entry = _rope_patched[key] = [module, original, 0]  # (the module kept: its id stays its own)
+            module.apply_rotary_pos_emb = _dispatching_apply(original, key)
+        entry[2] += 1
+    stack = _thread_kernels().setdefault(key, [])
     stack.append(kernel)
     try:
         yield
     finally:
         stack.pop()
         with _rope_lock:
-            entry[1] -= 1
-            if entry[1] == 0:
-                module.apply_rotary_pos_emb = entry[0]
-                del _rope_patched[name]
+            entry[2] -= 1
+            if entry[2] == 0:
+                module.apply_rotary_pos_emb = entry[1]
+                del _rope_patched[key]
 
 
 # ------------------------------------------------------------------------------ merged projections

@@ -32,7 +32,7 @@ import torch
 
 from .. import environment
 from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
-from ..capture import CALIBRATION_ATTENTION, ENGINE_ATTENTION, _original_function
+from ..capture import CALIBRATION_ATTENTION, ENGINE_ATTENTION, _original_function, settled_name
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import cudnn_prefill, kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
@@ -862,7 +862,7 @@ class ModelRunner:
                               RuntimeWarning, stacklevel=4)
                 return
             finally:
-                cfg._attn_implementation_internal = original
+                cfg._attn_implementation_internal = settled_name(cfg, original)
                 _context.calibrating = _context.calibration_of = None
         m.freeze()
 
@@ -886,7 +886,7 @@ class ModelRunner:
                                "AttentionInterface (its own attention code) cannot be served by the zipage engine")
                 raise
             finally:
-                cfg._attn_implementation_internal = original
+                cfg._attn_implementation_internal = settled_name(cfg, original)
                 _context.meta = None
         missing = sorted(set(range(cfg.num_hidden_layers)) - meta.layers)
         if missing:  # its attention ran the model's own code: over the packed tokens, not the pages
