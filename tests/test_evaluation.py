@@ -300,19 +300,25 @@ def test_jsonl_number_answers_keep_their_digits_and_math_lines_take_the_boxed_an
             load_problems(str(path))
 
 
+def tiny_with_context(tmp_path, context: int):
+    """The tiny test model saved with ``context`` positions, and a one-problem JSONL file."""
+    from zipage.serve.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = context
+    (folder / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    return folder, data
+
+
 def test_budgets_past_the_model_s_context_are_left_out_and_one_past_the_run_warned(tmp_path, capsys):
     """A budget above the model's context evicts nothing and would size each request's maps by itself (a 1e9
     budget ended in a traceback from the pool's sizing): left out with a warning, refused when it is all there
     is; one at the context (2,048 on a 2,048-token model: the default budgets) runs, warned that it evicts
     nothing in this run."""
-    from zipage.serve.tiny import save_tiny
-
-    folder = save_tiny(tmp_path / "tiny")
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 2048
-    (folder / "config.json").write_text(json.dumps(config))
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    folder, data = tiny_with_context(tmp_path, 2048)
     out = tmp_path / "r"
     args = ["eval", "--model", str(folder), "--dataset", str(data), "--n", "1", "--max-tokens", "4",
             "--temperature", "0", "--device", "cpu", "--no-progress", "--out", str(out)]
@@ -462,14 +468,7 @@ def test_another_seed_draws_other_streams():
 
 def test_max_tokens_past_the_model_s_context_is_warned(tmp_path, capsys):
     """Samples that end at the model's context count as cut at max_tokens: the run says so up front."""
-    from zipage.serve.tiny import save_tiny
-
-    folder = save_tiny(tmp_path / "tiny")
-    config = json.loads((folder / "config.json").read_text())
-    config["max_position_embeddings"] = 64
-    (folder / "config.json").write_text(json.dumps(config))
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "1+1?", "answer": "2"}\n')
+    folder, data = tiny_with_context(tmp_path, 64)
     assert main(["eval", "--model", str(folder), "--dataset", str(data), "--budgets", "none", "--n", "1",
                  "--max-tokens", "200", "--temperature", "0", "--device", "cpu", "--no-progress",
                  "--out", str(tmp_path / "r")]) == 0
