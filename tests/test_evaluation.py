@@ -334,6 +334,17 @@ def test_budgets_past_the_model_s_context_are_left_out_and_one_past_the_run_warn
     assert result["settings"]["budgets"] == [2048, None]
 
 
+def test_the_table_says_how_many_problems_pass_at_1_is_over(tmp_path):
+    """Lines without an answer are generated, not scored: the table's pass@1 says it is over the others."""
+    folder, data = tiny_with_context(tmp_path, 4096)
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "Say hi."}\n{"prompt": "2+2?", "answer": "4"}\n')
+    out = tmp_path / "r"
+    assert main(["eval", "--model", str(folder), "--dataset", str(data), "--budgets", "none", "--n", "1",
+                 "--max-tokens", "2", "--temperature", "0", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    table = out.with_suffix(".md").read_text()
+    assert "3 problems x 1 samples" in table and "averaged over the 2 problems with a reference answer" in table
+
+
 def test_an_empty_reference_answer_is_refused_with_its_line(tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "  "}\n')

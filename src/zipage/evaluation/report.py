@@ -14,12 +14,15 @@ def _pct(x: float | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
+    scored = {r.get("problems_scored") for r in result["configurations"]} - {None}
+    over = "problems" if scored <= {0, result["problems"]} else \
+        f"the {'/'.join(map(str, sorted(scored)))} problems with a reference answer"
     lines = [
         f"# zipage eval: {result['model']} on {s['dataset']}",
         "",
         f"{result['problems']} problems x {s['n']} samples (temperature {s['temperature']}, top_p {s['top_p']}, "
         f"max_tokens {s['max_tokens']}), {result['device']}. pass@1: the share of right samples, averaged over "
-        "problems (± its standard error over problems).",
+        f"{over} (± its standard error over them).",
         "",
         "| configuration | budget | pass@1 | ± | mean output tokens | cut at max_tokens | tokens/s | wall s "
         "| compressions | preemptions |",
