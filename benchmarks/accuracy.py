@@ -90,10 +90,15 @@ def configurations(budgets: list[int | None], scorers: str, page_size: int | Non
     return out
 
 
+def model_context(model: Any) -> int | None:
+    """The model's positions (``max_position_embeddings``; None where its config gives none)."""
+    return getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+
+
 def engine_settings(args: argparse.Namespace, model: Any, prompts: list[list[int]]) -> dict[str, Any]:
     """``zipage.LLM`` options for this run: ``max_model_len`` is its longest request and ``max_num_seqs`` at
     most its samples (a pool on a CPU is sized by them, not by the model's whole context)."""
-    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30
+    context = model_context(model) or 1 << 30
     return dict(max_num_seqs=min(args.max_num_seqs, len(prompts) * args.n), num_pages=args.num_pages,
                 enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, max_model_len=min(max(map(len, prompts)) + args.max_tokens, context))
 
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = pathlib.Path(args.out) if args.out else RESULTS / f"eval_{_slug(args.model)}_{_slug(args.dataset)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     engine = engine_settings(args, model, prompts)
-    context = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    context = model_context(model)
     past = sorted(b for b in budgets if context and b is not None and b > context)
     if past:  # (nothing to evict, and a budget's per-request maps would be sized by it: left out)
         configs = [c for c in configs if c.budget is None or c.budget <= context]

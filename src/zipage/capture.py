@@ -78,13 +78,18 @@ def _release_locked(config, original: str | None) -> None:
     # puts back the name it found, which settled_name turns into the model's own now that none is armed)
 
 
+def own_name(name: str | None) -> str | None:
+    """The model's own attention name behind ``name`` (a capture wrapper's name without its prefix)."""
+    return name[len(PREFIX):] if isinstance(name, str) and name.startswith(PREFIX) else name
+
+
 def settled_name(config, name: str | None) -> str | None:
     """The name an engine's forward puts back on ``config`` when it found ``name`` there: a capture's wrapper
     name whose armed captures all ran (or were released) meanwhile is the model's own name again."""
-    if isinstance(name, str) and name.startswith(PREFIX):
+    if own_name(name) != name:
         with _armed_lock:
             if id(config) not in _armed:
-                return name[len(PREFIX):]
+                return own_name(name)
     return name
 
 
@@ -176,8 +181,7 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs) -> A
                 return _without_cudnn(fn, module, query, key, value, attention_mask, kwargs)
             return _with_cudnn_held(cache, layer_idx, fn, module, query, key, value, attention_mask, kwargs)
     else:
-        impl = getattr(getattr(module, "config", None), "_attn_implementation", None) or ""
-        original = impl[len(PREFIX) :] if impl.startswith(PREFIX) else impl
+        original = own_name(getattr(getattr(module, "config", None), "_attn_implementation", None) or "")
     return _original_function(module, original or None)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -317,10 +321,9 @@ def arm(cache, layer_idx: int, config) -> None:
             "length of its forward; run generate() when no engine on the model is stepping, or on a copy of it")
     name = _wrapper_names.get(original)
     if name is None:
-        if original is not None and original.startswith(PREFIX):
-            # A previous update's attention never ran (an exception, or a model that bypasses the
-            # AttentionInterface): restore the original name from the prefixed one.
-            original = original[len(PREFIX) :]
+        # (a previous update's attention never ran, an exception or a model that bypasses the AttentionInterface:
+        # the original name from the prefixed one)
+        original = own_name(original)
         name = _register(original)
         _wrapper_names[original] = name
     with _armed_lock:

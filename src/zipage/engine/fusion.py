@@ -111,17 +111,6 @@ def _fused_call(original, kernel, q, k, cos, sin, *args, **kwargs):
     return kernel(q, cos, sin), kernel(k, cos, sin)
 
 
-def make_fused_apply(original, kernel=rope_triton):
-    """An ``apply_rotary_pos_emb`` that runs ``kernel`` where it applies and ``original`` elsewhere."""
-
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        return _fused_call(original, kernel, q, k, cos, sin, *args, **kwargs)
-
-    apply_rotary_pos_emb.zipage_fused = True
-    apply_rotary_pos_emb.zipage_original = original
-    return apply_rotary_pos_emb
-
-
 # The modeling module's function is shared by every model of its family, which engines in other threads (or
 # plain transformers use) may be running at the same time: it is replaced once, while any thread is inside a
 # fused_rope block for it, by one that runs the kernel of the calling thread's innermost block, and the

@@ -32,7 +32,7 @@ import torch
 
 from .. import environment
 from ..attention_checks import check_attention_call, check_model, sink_logits, sliding_layers
-from ..capture import CALIBRATION_ATTENTION, ENGINE_ATTENTION, _original_function, settled_name
+from ..capture import CALIBRATION_ATTENTION, ENGINE_ATTENTION, _original_function, own_name, settled_name
 from ..compress import LayerPages, attention_scale, compress_layers, layer_batches
 from ..config import ZipageConfig
 from ..kernels import cudnn_prefill, kv_dtype, paged_decode_attention, paged_prefill_attention, store_kv
@@ -843,7 +843,7 @@ class ModelRunner:
             original = cfg._attn_implementation
             try:
                 # (its own attention and masks: calibration_attention, calibration_masks)
-                _context.calibration_of = original
+                _context.calibration_of = own_name(original)  # (not a capture's wrapper another thread armed)
                 _context.calibrating = self
                 cfg._attn_implementation_internal = CALIBRATION_NAME
                 with torch.inference_mode(), self.fusion.applied():
